@@ -1,0 +1,107 @@
+"""Input validation shared by the public functions.
+
+Shape checks always run (shapes are static, also under ``jax.jit``). Value checks (NaN/Inf, probabilities
+summing to one, ...) run where the inputs are concrete arrays and are skipped under tracing, so every public
+function also works inside a user's own ``jax.jit``; wrap a call in ``jax.experimental.checkify`` to keep
+value checks there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nlis_jax._types import PyTree
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values now (not a tracer inside ``jit``/``vmap``/``grad``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def all_concrete(tree: PyTree) -> bool:
+    return all(is_concrete(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def check_floating(name: str, tree: PyTree) -> None:
+    """Raise ``TypeError`` unless every leaf of ``tree`` is a floating-point array."""
+    for leaf in jax.tree.leaves(tree):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(f"{name} must hold floating-point arrays, got dtype {jnp.result_type(leaf)}.")
+
+
+def check_finite(name: str, tree: PyTree) -> None:
+    """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
+    for leaf in jax.tree.leaves(tree):
+        if not is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        # Reduce where the data lives (device arrays stay on device; sharded arrays reduce per shard).
+        # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly.
+        with jax.ensure_compile_time_eval():
+            finite = jnp.isfinite(leaf) if isinstance(leaf, jax.Array) else np.isfinite(leaf)
+            ok = bool(finite.all())
+        if not ok:
+            bad = int(np.size(leaf) - int(np.sum(np.asarray(finite))))
+            raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
+
+
+def check_leading_axis(name: str, x, *, min_ndim: int = 1) -> int:
+    """Return ``x.shape[0]``; raise if ``x`` has fewer than ``min_ndim`` axes or an empty leading axis."""
+    shape = jnp.shape(x)
+    if len(shape) < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} axis (examples first), got shape {shape}.")
+    if shape[0] == 0:
+        raise ValueError(f"{name} has no examples (leading axis of size 0), shape {shape}.")
+    return shape[0]
+
+
+def check_same_length(name_a: str, n_a: int, name_b: str, n_b: int) -> None:
+    if n_a != n_b:
+        raise ValueError(f"{name_a} has {n_a} examples but {name_b} has {n_b}; they must agree.")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a Python int, got {value!r}.")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}.")
+    return int(value)
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {sorted(allowed)}.")
+
+
+def check_matrix(name: str, a) -> tuple[int, int]:
+    """Require a 2-D floating array with at least one row; return its shape."""
+    shape = jnp.shape(a)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D (n, p) matrix, got shape {shape}.")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {shape}.")
+    check_floating(name, a)
+    check_finite(name, a)
+    return shape
+
+
+def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int:
+    """Require a 1-D probability vector: non-negative, finite, summing to one. Returns its length."""
+    shape = jnp.shape(probs)
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be a 1-D probability vector, got shape {shape}.")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty.")
+    check_floating(name, probs)
+    if is_concrete(probs):
+        arr = np.asarray(probs, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} contains NaN or Inf.")
+        if np.any(arr < 0):
+            raise ValueError(f"{name} has {int(np.sum(arr < 0))} negative entries (min {arr.min():.3g}).")
+        tol = atol if atol is not None else (1e-3 if np.asarray(probs).dtype == np.float32 else 1e-8)
+        total = float(arr.sum())
+        if abs(total - 1.0) > tol:
+            raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}).")
+    return shape[0]

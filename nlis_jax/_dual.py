@@ -1,0 +1,156 @@
+r"""The nonlinear dual matrix ``F̃(θ) = [F*(θ) | f(0) − y]`` and its matrix-free operator.
+
+With ``θ̃ = [θ; 1]`` the residual is ``r = F̃(θ) θ̃`` and the loss ``L(θ) = ‖F̃(θ) θ̃‖²``: the nonlinear
+analogue of ``‖[X, −y][θ; 1]‖²``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nlis_jax._adjoint import _adjoint_flat, flatten_model, model_outputs, validate_path_args
+from nlis_jax._checks import check_finite, check_floating, check_positive_int
+from nlis_jax._quadrature import gauss_legendre
+from nlis_jax._types import ApplyFn, Array, PyTree
+
+
+def _check_ys(model, ys) -> None:
+    if ys is None:
+        return
+    expected = (model.n,) + model.out_shape
+    if jnp.shape(ys) != expected:
+        raise ValueError(
+            f"ys has shape {jnp.shape(ys)} but the model gives outputs of shape {expected} "
+            f"(n examples × outputs); they must agree."
+        )
+    check_floating("ys", ys)
+    check_finite("ys", ys)
+
+
+def _offset_column(model, xs, ys) -> Array:
+    """``f(0; x_i) − y_i`` (or ``f(0; x_i)`` without a response): shape ``(n,) + out_shape``."""
+    f0 = model_outputs(model, xs, jnp.zeros_like(model.theta))
+    if ys is None:
+        return f0
+    return f0 - jnp.asarray(ys).astype(f0.dtype)
+
+
+def dual_matrix(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: PyTree,
+    ys: Array | None = None,
+    *,
+    num_nodes: int = 16,
+    mode: str = "auto",
+    batch_size: int | None = None,
+) -> Array:
+    r"""The nonlinear dual matrix :math:`\tilde F(\theta) = [F^*(\theta) \mid f(0) - y]`.
+
+    Args:
+      apply_fn: ``apply_fn(params, x)`` for ONE example, scalar or ``(k,)`` output.
+      params: pytree with ``p`` entries in total.
+      xs: inputs ``(n, ...)``.
+      ys: responses ``(n,)`` (or ``(n, k)``); ``None`` makes the last column ``f(0)``.
+      num_nodes, mode, batch_size: as in :func:`nlis_jax.adjoint`.
+
+    Returns:
+      ``(n, p + 1)`` (or ``(n, k, p + 1)`` for ``k`` outputs). With ``θ̃ = [θ; 1]``,
+      ``F̃ θ̃ = f(θ; x) − y``, the residual.
+    """
+    validate_path_args(num_nodes, mode, batch_size)
+    model = flatten_model(apply_fn, params, xs)
+    _check_ys(model, ys)
+    return _dual_matrix_jit(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "batch_size"))
+def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, batch_size):
+    model = flatten_model(apply_fn, params, xs, check_values=False)
+    offset = _offset_column(model, xs, ys)
+    adj = _adjoint_flat(model, xs, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+    return jnp.concatenate([adj, offset[..., None].astype(adj.dtype)], axis=-1)
+
+
+class DualOperator(NamedTuple):
+    r"""Matrix-free :math:`\tilde F(\theta)`: never forms the ``n × (p+1)`` matrix.
+
+    Attributes:
+      mv: ``v (p+1,) -> F̃ v``, shape ``(n,)`` (or ``(n, k)``): one ``jax.jvp`` of the vmapped model per
+        quadrature node, vmapped over the nodes.
+      rmv: ``u (n,) or (n, k) -> F̃ᵀ u``, shape ``(p+1,)``: one ``jax.vjp`` per node.
+      shape: ``(n, p + 1)`` (or ``(n, k, p + 1)``).
+      dtype: dtype of the products.
+      theta_tilde: ``[θ; 1]``, shape ``(p+1,)``; ``mv(theta_tilde)`` is the residual.
+    """
+
+    mv: Callable[[Array], Array]
+    rmv: Callable[[Array], Array]
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+    theta_tilde: Array
+
+
+def dual_operator(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: PyTree,
+    ys: Array | None = None,
+    *,
+    num_nodes: int = 16,
+) -> DualOperator:
+    r"""Matrix-free dual operator with :math:`F^*(\theta) v = \sum_k w_k\,\mathrm{jvp}(F, t_k\theta, v)`
+    and :math:`F^*(\theta)^\top u = \sum_k w_k\,\mathrm{vjp}(F, t_k\theta)(u)`.
+
+    Args:
+      apply_fn, params, xs, ys, num_nodes: as in :func:`dual_matrix`.
+
+    Returns:
+      A :class:`DualOperator`; ``mv``/``rmv`` are jitted and reuse one compilation across calls.
+    """
+    check_positive_int("num_nodes", num_nodes)
+    model = flatten_model(apply_fn, params, xs)
+    _check_ys(model, ys)
+    theta, p = model.theta, model.theta.shape[0]
+    dtype = theta.dtype
+    offset = _offset_column(model, xs, ys).astype(dtype)
+    nodes, weights = gauss_legendre(num_nodes, dtype)
+    out_shape = (model.n,) + model.out_shape
+
+    # Arrays enter the jitted products as arguments, never as closed-over constants (XLA would
+    # constant-fold products of large captured arrays at compile time).
+    def outputs(u, xs):  # F(u) = [f(u; x_1), ..., f(u; x_n)]
+        return jax.vmap(model.fn, in_axes=(None, 0))(u, xs)
+
+    @jax.jit
+    def _mv(theta, xs, offset, nodes, weights, v):
+        tangents = jax.vmap(lambda t: jax.jvp(lambda u: outputs(u, xs), (t * theta,), (v[:p],))[1])(nodes)
+        return jnp.tensordot(weights, tangents, axes=1) + offset * v[p]
+
+    @jax.jit
+    def _rmv(theta, xs, offset, nodes, weights, u):
+        def node(t):
+            return jax.vjp(lambda w: outputs(w, xs), t * theta)[1](u)[0]
+
+        cotangents = jax.vmap(node)(nodes)
+        return jnp.concatenate([weights @ cotangents, jnp.sum(offset * u)[None]])
+
+    def mv(v):
+        v = jnp.asarray(v, dtype)
+        if v.shape != (p + 1,):
+            raise ValueError(f"mv expects a vector of shape ({p + 1},), got {v.shape}.")
+        return _mv(theta, xs, offset, nodes, weights, v)
+
+    def rmv(u):
+        u = jnp.asarray(u, dtype)
+        if u.shape != out_shape:
+            raise ValueError(f"rmv expects an array of shape {out_shape}, got {u.shape}.")
+        return _rmv(theta, xs, offset, nodes, weights, u)
+
+    shape = out_shape + (p + 1,)
+    return DualOperator(mv, rmv, shape, dtype, jnp.concatenate([theta, jnp.ones((1,), dtype)]))

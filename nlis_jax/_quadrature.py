@@ -1,0 +1,35 @@
+"""Gauss-Legendre quadrature on ``[0, 1]``."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+from nlis_jax._checks import check_positive_int
+
+
+@functools.lru_cache(maxsize=64)
+def _nodes_and_weights_f64(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    x, w = np.polynomial.legendre.leggauss(num_nodes)
+    return (x + 1.0) / 2.0, w / 2.0
+
+
+def gauss_legendre(num_nodes: int, dtype=jnp.float64) -> tuple[jnp.ndarray, jnp.ndarray]:
+    r"""Gauss-Legendre nodes ``t_k`` and weights ``w_k`` mapped to ``[0, 1]``.
+
+    .. math:: \int_0^1 g(t)\,dt \approx \sum_{k=1}^{q} w_k\, g(t_k),
+
+    exact for polynomials of degree ``2q - 1``.
+
+    Args:
+      num_nodes: ``q``, the number of nodes (a static Python int).
+      dtype: floating dtype of the returned arrays.
+
+    Returns:
+      ``(nodes, weights)``, each of shape ``(q,)``; the weights sum to one.
+    """
+    check_positive_int("num_nodes", num_nodes)
+    t, w = _nodes_and_weights_f64(int(num_nodes))
+    return jnp.asarray(t, dtype=dtype), jnp.asarray(w, dtype=dtype)

@@ -1,0 +1,78 @@
+"""Adapters from Flax modules to the pure ``apply_fn(params, x)`` convention of nlis_jax.
+
+This module imports flax; ``import nlis_jax`` does not.
+
+Both adapters return ``(apply_fn, params)`` where ``apply_fn(params, x)`` evaluates the module on ONE
+example ``x``. Flax layers usually accept any leading batch shape, so a single example works as is; with
+``batched=True`` the adapter adds a batch axis of size 1 before the call and removes it after (for
+modules that require a batch axis, e.g. ones using ``nn.BatchNorm`` over axis 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen, nnx
+
+from nlis_jax._types import ApplyFn, PyTree
+
+
+def _squeeze_output(out, squeeze: bool):
+    out = jnp.asarray(out)
+    if squeeze and out.ndim >= 1 and out.shape[-1] == 1:
+        out = out[..., 0]
+    return out
+
+
+def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) -> tuple[ApplyFn, Any]:
+    """Split an ``nnx.Module`` into a pure ``apply_fn`` and its ``nnx.Param`` state.
+
+    Args:
+      model: the module; it is split once here and never mutated.
+      batched: add and remove a batch axis of size 1 around each call.
+      squeeze: drop a trailing output axis of size 1, so a ``Linear(..., 1)`` head gives a scalar.
+
+    Returns:
+      ``(apply_fn, params)``: ``params`` is an ``nnx.State`` of the ``nnx.Param`` leaves (a pytree that
+      ``ravel_pytree`` and optax accept); other state (e.g. batch statistics) is frozen in ``apply_fn``.
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"from_nnx expects an nnx.Module, got {type(model).__name__}.")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(params, x):
+        module = nnx.merge(graphdef, params, rest)
+        out = module(x[None] if batched else x)
+        return _squeeze_output(out[0] if batched else out, squeeze)
+
+    return apply_fn, params
+
+
+def from_linen(
+    module: linen.Module,
+    variables: Mapping[str, PyTree],
+    *,
+    batched: bool = False,
+    squeeze: bool = True,
+) -> tuple[ApplyFn, PyTree]:
+    """Turn a Linen module and its ``variables`` into ``(apply_fn, params)``.
+
+    Args:
+      module: a ``flax.linen`` module.
+      variables: the dict from ``module.init``; its ``"params"`` collection becomes ``params``, the other
+        collections stay fixed inside ``apply_fn``.
+      batched, squeeze: as in :func:`from_nnx`.
+    """
+    if not isinstance(module, linen.Module):
+        raise TypeError(f"from_linen expects a flax.linen.Module, got {type(module).__name__}.")
+    if "params" not in variables:
+        raise ValueError(f"variables has no 'params' collection (found {sorted(variables)}).")
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def apply_fn(params, x):
+        out = module.apply({**rest, "params": params}, x[None] if batched else x)
+        return _squeeze_output(out[0] if batched else out, squeeze)
+
+    return apply_fn, variables["params"]
