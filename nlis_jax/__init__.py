@@ -5,6 +5,7 @@ The adjoint ``f*(θ) = ∫_0^1 ∇f(tθ) dt`` of a nonlinear model, stacked over
 guarantees. ``import nlis_jax`` does not import flax (see :mod:`nlis_jax.models`).
 """
 
+from nlis_jax import projections as projections
 from nlis_jax._adjoint import FORWARD_MAX_PARAMS as FORWARD_MAX_PARAMS
 from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._closed_forms import bounded_swish as bounded_swish
@@ -28,11 +29,28 @@ from nlis_jax._scores import mix_with_uniform as mix_with_uniform
 from nlis_jax._scores import norm_scores as norm_scores
 from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
+from nlis_jax._train import FitResult as FitResult
+from nlis_jax._train import TrainState as TrainState
+from nlis_jax._train import fit as fit
+from nlis_jax._train import make_train_step as make_train_step
+from nlis_jax._train import weighted_loss as weighted_loss
+from nlis_jax.projections import box as box
+from nlis_jax.projections import l2_ball as l2_ball
+from nlis_jax.projections import project_params as project_params
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORWARD_MAX_PARAMS",
+    "FitResult",
+    "TrainState",
+    "box",
+    "fit",
+    "l2_ball",
+    "make_train_step",
+    "project_params",
+    "projections",
+    "weighted_loss",
     "ROUTES",
     "DualOperator",
     "adjoint",

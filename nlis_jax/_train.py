@@ -1,0 +1,544 @@
+r"""Projected-gradient training on a weighted sample, built on Optax.
+
+The problem (DESIGN.md, "Training on a sample") is
+
+.. math::
+
+    \min_{\theta \in C} \; L_w(\theta) = \sum_{i=1}^n w_i \, \ell\big(f(\theta; x_i), y_i\big),
+
+with importance weights :math:`w_i \ge 0` (all ones for the full data) and a closed convex set
+:math:`C` given by its projection :math:`\Pi_C` (:mod:`nlis_jax.projections`). Each step is
+
+.. math::
+
+    \theta \leftarrow \Pi_C\big(\texttt{optax.apply\_updates}(\theta, u)\big), \qquad
+    u = \texttt{optimizer.update}(\nabla J(\theta), \ldots),
+
+where the optimised objective is the weighted MEAN :math:`J(\theta) = L_w(\theta) / \sum_i w_i`:
+dividing by the positive constant :math:`\sum_i w_i` leaves the minimiser unchanged, and keeps
+learning rates meaningful across sample sizes and weight scales.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nlis_jax._checks import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_leading_axis,
+    check_positive_int,
+    check_same_length,
+    is_concrete,
+)
+from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
+from nlis_jax.projections import Projection, identity
+
+#: A per-example loss ``loss(pred, y) -> scalar`` for ONE example.
+LossFn = Callable[[Array, Array], Array]
+
+#: Default ``progress``: a bar is shown only for runs of at least this many steps.
+PROGRESS_MIN_STEPS = 2000
+
+
+class TrainState(NamedTuple):
+    """State of the projected-gradient loop: parameters and the optimizer state."""
+
+    params: PyTree
+    opt_state: optax.OptState
+
+
+class FitResult(NamedTuple):
+    r"""What :func:`fit` returns.
+
+    Attributes:
+        params: final parameters :math:`\theta_T` (same pytree structure and dtypes as the input).
+        losses: shape ``(num_steps,)``; ``losses[t]`` is
+            :math:`L_w(\theta_t) = \sum_i w_i \ell_i(\theta_t)` (the SUM form, not divided by
+            :math:`\sum w`) at the parameters BEFORE update ``t``, where :math:`\theta_0` is the
+            projected initial point. In minibatch mode it is the unbiased estimate
+            :math:`\frac{n}{b}\sum_{i \in B_t} w_i \ell_i(\theta_t)` from that step's batch.
+        opt_state: final optimizer state (pass it back to :func:`fit` to continue training).
+        final_loss: :math:`L_w(\theta_T)` on ALL the given data, exact also in minibatch mode.
+        normalizer: :math:`\sum_i w_i`; the optimised objective is ``loss / normalizer``.
+    """
+
+    params: PyTree
+    losses: Array
+    opt_state: optax.OptState
+    final_loss: Array
+    normalizer: Array
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-example losses
+
+
+def _squared(pred: Array, y: Array) -> Array:
+    pred, y = jnp.asarray(pred), jnp.asarray(y)
+    if pred.shape != y.shape:
+        raise ValueError(
+            f'loss="squared": apply_fn returns shape {pred.shape} per example but each ys[i] has '
+            f"shape {y.shape}; they must match."
+        )
+    return jnp.sum(jnp.square(pred - y))
+
+
+def _cross_entropy(logits: Array, label: Array) -> Array:
+    logits, label = jnp.asarray(logits), jnp.asarray(label)
+    if logits.ndim != 1:
+        raise ValueError(
+            f'loss="cross_entropy": apply_fn must return a vector of k logits per example, '
+            f"got shape {logits.shape}."
+        )
+    if label.shape != () or not jnp.issubdtype(label.dtype, jnp.integer):
+        raise ValueError(
+            f'loss="cross_entropy": each ys[i] must be an integer class label (shape ()), '
+            f"got shape {label.shape} and dtype {label.dtype}."
+        )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+
+
+def _logistic(logit: Array, label: Array) -> Array:
+    logit, label = jnp.asarray(logit), jnp.asarray(label)
+    if logit.shape != () or label.shape != ():
+        raise ValueError(
+            f'loss="logistic": apply_fn must return one logit per example and ys[i] be a scalar in '
+            f"[0, 1]; got shapes {logit.shape} and {label.shape}."
+        )
+    return optax.sigmoid_binary_cross_entropy(logit, label.astype(logit.dtype))
+
+
+#: Built-in per-example losses, selectable by name.
+LOSSES: dict[str, LossFn] = {
+    "squared": _squared,
+    "cross_entropy": _cross_entropy,
+    "logistic": _logistic,
+}
+
+
+def _resolve_loss(loss: str | LossFn) -> LossFn:
+    if isinstance(loss, str):
+        check_choice("loss", loss, LOSSES)
+        return LOSSES[loss]
+    if callable(loss):
+        return loss
+    names = sorted(LOSSES)
+    raise TypeError(f"loss must be one of {names} or a callable loss(pred, y), got {loss!r}.")
+
+
+def _per_example_losses(
+    apply_fn: ApplyFn, loss_fn: LossFn, params: PyTree, xs: Array, ys: Array, chunk_size=None
+) -> Array:
+    """``(n,)`` losses :math:`\\ell(f(\\theta; x_i), y_i)`, vmapped (or chunked with lax.map)."""
+
+    def one(x, y):
+        value = loss_fn(apply_fn(params, x), y)
+        if jnp.shape(value) != ():
+            shape = jnp.shape(value)
+            raise ValueError(f"loss must return a scalar per example, got shape {shape}.")
+        return value
+
+    if chunk_size is None:
+        return jax.vmap(one)(xs, ys)
+    return jax.lax.map(lambda xy: one(*xy), (xs, ys), batch_size=chunk_size)
+
+
+def _weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None) -> Array:
+    losses = _per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
+    if weights is None:
+        return jnp.sum(losses)
+    return jnp.sum(weights.astype(losses.dtype) * losses)
+
+
+_weighted_sum_jit = jax.jit(_weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size",))
+
+
+def _hashable(*objs) -> bool:
+    try:
+        hash(objs)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_data(params: PyTree, xs, ys, weights) -> int:
+    """Shape and value checks shared by :func:`weighted_loss` and :func:`fit`; returns ``n``."""
+    if not jax.tree.leaves(params):
+        raise ValueError("params has no array leaves.")
+    check_floating("params", params)
+    n = check_leading_axis("xs", xs)
+    n_y = check_leading_axis("ys", ys)
+    check_same_length("xs", n, "ys", n_y)
+    check_finite("params", params)
+    check_finite("xs", xs)
+    check_finite("ys", ys)
+    if weights is not None:
+        if jnp.shape(weights) != (n,):
+            shape = jnp.shape(weights)
+            raise ValueError(f"weights must have shape ({n},) (one per example), got {shape}.")
+        check_finite("weights", weights)
+        if is_concrete(weights) and np.any(np.asarray(weights) < 0):
+            neg = int(np.sum(np.asarray(weights) < 0))
+            raise ValueError(f"weights must be non-negative; {neg} are negative.")
+    return n
+
+
+def weighted_loss(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: Array,
+    ys: Array,
+    weights: Array | None = None,
+    *,
+    loss: str | LossFn = "squared",
+    chunk_size: int | None = None,
+) -> Array:
+    r"""Weighted sum of per-example losses, :math:`L_w(\theta) = \sum_i w_i\,\ell_i(\theta)`.
+
+    With ``weights=None`` this is the full-data loss :math:`L(\theta) = \sum_i \ell_i(\theta)`
+    (for ``loss="squared"``, :math:`\sum_i r_i(\theta)^2` of DESIGN.md), where
+    :math:`\ell_i(\theta) = \ell(f(\theta; x_i), y_i)`. It is jit-, grad- and vmap-friendly;
+    called on concrete arrays it runs a cached compiled kernel (keyed on ``apply_fn``, ``loss`` and
+    ``chunk_size``).
+
+    Args:
+        apply_fn: ``apply_fn(params, x)`` for ONE example: a scalar, or ``(k,)`` logits.
+        params: pytree of floating-point arrays.
+        xs: inputs, shape ``(n, ...)``.
+        ys: targets, shape ``(n, ...)``: same per-example shape as the output for ``"squared"``,
+            integer labels ``(n,)`` for ``"cross_entropy"``, labels in ``[0, 1]`` ``(n,)`` for
+            ``"logistic"``.
+        weights: non-negative ``(n,)`` weights, e.g. ``1/(s p_i)`` from ``sample``; ``None`` means
+            ones.
+        loss: ``"squared"`` :math:`(f - y)^2` (summed over output entries),
+            ``"cross_entropy"`` :math:`\operatorname{logsumexp}(z) - z_y` (``k`` logits ``z``),
+            ``"logistic"`` :math:`\log(1 + e^{z}) - y z`, or a callable ``loss(pred, y) -> scalar``.
+        chunk_size: if given, evaluate the examples ``chunk_size`` at a time (``lax.map``) to bound
+            memory; the result is the same up to summation order.
+
+    Returns:
+        Scalar array: :math:`\sum_i w_i \ell_i(\theta)`.
+    """
+    loss_fn = _resolve_loss(loss)
+    _check_data(params, xs, ys, weights)
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    weights = None if weights is None else jnp.asarray(weights)
+    if _hashable(apply_fn, loss_fn):
+        return _weighted_sum_jit(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=chunk_size)
+    return _weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# The projected step
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    projection: Callable[[PyTree], PyTree] | None = None,
+    *,
+    has_aux: bool = False,
+) -> Callable[[TrainState, Any], tuple[TrainState, Any]]:
+    r"""One projected-gradient step, :math:`\theta \leftarrow \Pi_C(\theta + u)`.
+
+    .. code-block:: python
+
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = projection(optax.apply_updates(params, updates))
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+        optimizer: an ``optax.GradientTransformation``.
+        projection: ``tree -> tree`` onto the constraint set; ``None`` means unconstrained.
+        has_aux: whether ``loss_fn`` also returns auxiliary data.
+
+    Returns:
+        A pure function ``step(state, batch) -> (state, loss)`` (``loss`` is ``(loss, aux)`` with
+        ``has_aux``), where ``loss`` is evaluated at the parameters BEFORE the update.
+    """
+    proj = identity if projection is None else projection
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = proj(optax.apply_updates(state.params, updates))
+        return TrainState(params, opt_state), value
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
+# fit: jitted lax.scan segments, cached on the static objects
+
+
+_CACHE_SIZE = 64
+_SEGMENT_CACHE: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
+
+
+def _tree_all_finite(tree: PyTree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _build_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len):
+    """A jitted function running ``segment_len`` scan steps (steps ``>= num_steps`` are skipped)."""
+
+    def segment(carry, data, inv_total, dyn_projection, step0, num_steps, keys):
+        projection = static_projection if static_projection is not None else dyn_projection
+        n = data[0].shape[0]
+        ratio = 1.0 if batch_size is None else n / batch_size
+        dtype = carry[2].dtype
+
+        def objective(params, batch):
+            xb, yb, wb = batch
+            estimate = (_weighted_sum(apply_fn, loss_fn, params, xb, yb, wb) * ratio).astype(dtype)
+            return estimate * inv_total, estimate
+
+        step = make_train_step(objective, optimizer, projection, has_aux=True)
+
+        def body(carry, inp):
+            state, bad_step, bad_value = carry
+            t, key = inp
+            active = (t < num_steps) & (bad_step < 0)
+
+            def run(state):
+                if batch_size is None:
+                    batch = data
+                else:
+                    idx = jax.random.choice(key, n, (batch_size,), replace=False)
+                    batch = jax.tree.map(lambda a: a[idx], data)
+                new_state, (_, estimate) = step(state, batch)
+                ok = jnp.isfinite(estimate) & _tree_all_finite(new_state.params)
+                # Freeze on failure: nothing non-finite leaves the loop.
+                new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+                return new_state, estimate, ok
+
+            def skip(state):
+                return state, jnp.full((), jnp.nan, dtype), jnp.array(True)
+
+            state, estimate, ok = jax.lax.cond(active, run, skip, state)
+            failed = active & ~ok
+            bad_step = jnp.where(failed, t, bad_step)
+            bad_value = jnp.where(failed, estimate, bad_value)
+            return (state, bad_step, bad_value), estimate
+
+        steps = step0 + jnp.arange(segment_len, dtype=jnp.int32)
+        return jax.lax.scan(body, carry, (steps, keys))
+
+    return jax.jit(segment)
+
+
+def _get_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len):
+    args = (apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len)
+    if not _hashable(*args):  # cannot cache: build afresh (compiles on every call)
+        return _build_segment(*args)
+    if args in _SEGMENT_CACHE:
+        _SEGMENT_CACHE.move_to_end(args)
+        return _SEGMENT_CACHE[args]
+    fn = _build_segment(*args)
+    _SEGMENT_CACHE[args] = fn
+    if len(_SEGMENT_CACHE) > _CACHE_SIZE:
+        _SEGMENT_CACHE.popitem(last=False)
+    return fn
+
+
+def fit(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: Array,
+    ys: Array,
+    weights: Array | None = None,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    projection: Callable[[PyTree], PyTree] | None = None,
+    loss: str | LossFn = "squared",
+    batch_size: int | None = None,
+    key: PRNGKey | None = None,
+    progress: bool | None = None,
+    num_segments: int | None = None,
+    opt_state: optax.OptState | None = None,
+) -> FitResult:
+    r"""Projected-gradient minimisation of :math:`\sum_i w_i \ell_i(\theta)` over :math:`C`.
+
+    Runs ``num_steps`` steps of
+    :math:`\theta_{t+1} = \Pi_C(\texttt{optax.apply\_updates}(\theta_t, u_t))`, with :math:`u_t` the
+    ``optimizer``'s update for the gradient of the normalised objective
+
+    .. math::
+
+        J(\theta) = \frac{1}{\sum_i w_i} \sum_{i=1}^n w_i\, \ell_i(\theta)
+
+    (same minimiser as the sum; learning rates do not depend on ``n`` or the weight scale). In
+    minibatch mode the sum is replaced at each step by the unbiased estimate
+    :math:`\frac{n}{b}\sum_{i\in B_t} w_i \ell_i(\theta)` over ``b = batch_size`` examples drawn
+    uniformly WITHOUT replacement with that step's key (``jax.random.split(key, num_steps)``).
+    The initial point is projected first (:math:`\theta_0 = \Pi_C(\text{params})`), so every
+    iterate lies in :math:`C`.
+
+    The loop is a ``lax.scan`` under ``jax.jit``, split into ``num_segments`` segments of equal
+    length (one compiled function for all segments). The compiled function is cached on
+    ``(apply_fn, optimizer, projection, loss, batch_size, segment length)``: calling ``fit`` again
+    with the same objects and shapes but new array values does not retrace. Build those objects
+    once (a fresh ``lambda`` or ``optax.adam(1e-2)`` per call recompiles). Projections from
+    :mod:`nlis_jax.projections` are passed as data, so a new radius or box also reuses the cache.
+
+    ``fit`` itself drives the segments from Python (it is not meant to be called under ``jit``).
+
+    Args:
+        apply_fn: ``apply_fn(params, x)`` for ONE example: a scalar, or ``(k,)`` logits.
+        params: initial pytree of floating-point arrays (float32 and float64 both work; the output
+            keeps their dtypes).
+        xs: inputs, shape ``(n, ...)``.
+        ys: targets, shape ``(n, ...)`` (see :func:`weighted_loss`).
+        weights: non-negative ``(n,)`` importance weights, not all zero; ``None`` means ones.
+        optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.sgd(0.1)``).
+        num_steps: number of steps (positive).
+        projection: ``tree -> tree`` onto the constraint set (:func:`nlis_jax.projections.l2_ball`,
+            ``box``, ...); ``None`` means unconstrained.
+        loss: ``"squared"``, ``"cross_entropy"``, ``"logistic"`` or ``loss(pred, y) -> scalar``.
+        batch_size: ``None`` for full-batch steps, else the minibatch size in ``[1, n]`` (then
+            ``key`` is required).
+        key: PRNG key for the minibatches (required with ``batch_size``, ignored without).
+        progress: show a tqdm bar over segments; default: only when ``num_steps >= 2000``.
+        num_segments: scan segments (NaN checks and the progress bar update between segments);
+            default ``max(1, min(20, num_steps // 100))``.
+        opt_state: optimizer state to resume from; default ``optimizer.init(params)``.
+
+    Returns:
+        :class:`FitResult` with ``params``, ``losses`` of shape ``(num_steps,)`` (the SUM form
+        :math:`L_w(\theta_t)` before each update, see :class:`FitResult`), ``opt_state``,
+        ``final_loss`` and ``normalizer`` :math:`= \sum_i w_i`.
+
+    Raises:
+        ValueError, TypeError: on bad inputs, before any work.
+        FloatingPointError: when the loss (or the updated parameters) becomes NaN or Inf; the
+            message names the step, and its ``state`` attribute is the :class:`TrainState` of the
+            last finite iterate (nothing non-finite is kept). Checked after each segment; later
+            steps do not run.
+    """
+    # ---- validation, before any work
+    loss_fn = _resolve_loss(loss)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
+    if projection is not None and not callable(projection):
+        raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+    num_steps = check_positive_int("num_steps", num_steps)
+    n = _check_data(params, xs, ys, weights)
+    if batch_size is not None:
+        batch_size = check_positive_int("batch_size", batch_size)
+        if batch_size > n:
+            raise ValueError(f"batch_size must be at most n = {n}, got {batch_size}.")
+        if key is None:
+            raise ValueError("batch_size requires an explicit PRNG key (key=jax.random.key(seed)).")
+    if num_segments is None:
+        num_segments = max(1, min(20, num_steps // 100))
+    num_segments = check_positive_int("num_segments", num_segments)
+    params = jax.tree.map(jnp.asarray, params)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    if weights is None:
+        w = jnp.ones((n,), dtype)
+        total = float(n)
+    else:
+        w = jnp.asarray(weights)
+        total = float(np.sum(np.asarray(w, dtype=np.float64)))
+        if not total > 0:
+            raise ValueError("weights must not all be zero.")
+    if progress is None:
+        progress = num_steps >= PROGRESS_MIN_STEPS
+
+    # ---- setup
+    segment_len = math.ceil(num_steps / num_segments)
+    num_segments = math.ceil(num_steps / segment_len)
+    if _is_data_projection(projection):  # numbers travel as traced data: no recompile per radius
+        static_projection, dyn_projection = None, projection
+    else:
+        static_projection, dyn_projection = (identity if projection is None else projection), None
+    segment = _get_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len)
+
+    proj = identity if projection is None else projection
+    params = proj(params)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    data = (jnp.asarray(xs), jnp.asarray(ys), w)
+    inv_total = jnp.asarray(1.0 / total, dtype)
+    keys = None if batch_size is None else jax.random.split(key, num_steps)
+    carry = (TrainState(params, opt_state), jnp.asarray(-1, jnp.int32), jnp.zeros((), dtype))
+
+    # ---- the loop over segments
+    chunks = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_steps, desc="fit", unit="step", leave=False)
+    try:
+        for s in range(num_segments):
+            start = s * segment_len
+            seg_keys = None
+            if keys is not None:
+                seg_keys = keys[np.minimum(np.arange(start, start + segment_len), num_steps - 1)]
+            args = (data, inv_total, dyn_projection, start, num_steps, seg_keys)
+            carry, seg_losses = segment(carry, *args)
+            chunks.append(seg_losses)
+            bad_step = int(carry[1])
+            if bad_step >= 0:
+                err = _non_finite_error(bad_step, float(carry[2]), chunks)
+                err.state = carry[0]  # the last finite iterate (a TrainState)
+                raise err
+            if bar is not None:
+                done = min(segment_len, num_steps - start)
+                bar.update(done)
+                bar.set_postfix(loss=f"{float(seg_losses[done - 1]):.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    state = carry[0]
+    losses = jnp.concatenate(chunks)[:num_steps] if len(chunks) > 1 else chunks[0][:num_steps]
+    final_fn = _weighted_sum_jit if _hashable(apply_fn, loss_fn) else _weighted_sum
+    final = final_fn(apply_fn, loss_fn, state.params, data[0], data[1], w)
+    return FitResult(
+        params=state.params,
+        losses=losses,
+        opt_state=state.opt_state,
+        final_loss=final,
+        normalizer=jnp.asarray(total, dtype),
+    )
+
+
+def _is_data_projection(projection) -> bool:
+    """A projection of this module whose leaves are all numbers/arrays (so it can be a jit arg)."""
+    if not isinstance(projection, Projection):
+        return False
+    leaves = jax.tree.leaves(projection)
+    return bool(leaves) and all(isinstance(l, (int, float, np.ndarray, jax.Array)) for l in leaves)
+
+
+def _non_finite_error(step: int, value: float, chunks) -> FloatingPointError:
+    last = None
+    if step > 0:
+        flat = np.concatenate([np.asarray(c) for c in chunks])
+        last = float(flat[step - 1])
+    before = f" (the previous step's loss was {last:.6g})" if last is not None else ""
+    if not np.isfinite(value):
+        what = f"the loss is {value} at step {step} (evaluated before that step's update)"
+    else:
+        what = f"the update at step {step} made the parameters non-finite (loss there {value:.6g})"
+    return FloatingPointError(
+        f"fit stopped: {what}{before}. The exception's .state holds the last finite iterate; "
+        "lower the learning rate, rescale the data, or check apply_fn for overflow."
+    )

@@ -1,0 +1,256 @@
+r"""Projections onto constraint sets, for projected-gradient training.
+
+A *projection* here is any callable ``projection(tree) -> tree`` that maps a parameter pytree to the
+nearest point (in the Euclidean norm over all leaves) of a closed convex set :math:`C`:
+
+.. math::
+
+    \Pi_C(\theta) = \operatorname{argmin}_{u \in C} \|u - \theta\|_2 .
+
+This module re-exports the functional projections of :mod:`optax.projections` (each takes the tree
+first and the set's size as a keyword, e.g. ``projection_l2_ball(tree, scale=r)``) and adds small
+builders that return a ready-made projection, built once:
+
+* :func:`l2_ball` (``radius``), :func:`box` (``lower``, ``upper``) and :data:`identity`.
+
+The builders return frozen dataclasses registered as JAX pytrees whose numbers (radius, bounds) are
+*leaves*. So ``l2_ball(1.0) == l2_ball(1.0)``, and :func:`nlis_jax.fit` passes the numbers as traced
+arguments: training again with another radius reuses the compiled code. Every projection returns
+leaves of the same dtypes as its input (float32 stays float32).
+
+:func:`project_params` turns a projection into an :class:`optax.GradientTransformation`, to be
+used as the LAST link of an :func:`optax.chain`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax.projections import (
+    projection_box,
+    projection_halfspace,
+    projection_hypercube,
+    projection_hyperplane,
+    projection_l1_ball,
+    projection_l1_sphere,
+    projection_l2_ball,
+    projection_l2_sphere,
+    projection_linf_ball,
+    projection_non_negative,
+    projection_simplex,
+    projection_vector,
+)
+
+from nlis_jax._checks import is_concrete
+from nlis_jax._types import PyTree
+
+__all__ = [
+    "Projection",
+    "L2Ball",
+    "Box",
+    "l2_ball",
+    "box",
+    "identity",
+    "project_params",
+    # re-exported from optax.projections
+    "projection_box",
+    "projection_halfspace",
+    "projection_hypercube",
+    "projection_hyperplane",
+    "projection_l1_ball",
+    "projection_l1_sphere",
+    "projection_l2_ball",
+    "projection_l2_sphere",
+    "projection_linf_ball",
+    "projection_non_negative",
+    "projection_simplex",
+    "projection_vector",
+]
+
+
+def _cast_like(new: PyTree, old: PyTree) -> PyTree:
+    """Cast each leaf of ``new`` to the dtype of the matching leaf of ``old``."""
+    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(jnp.result_type(b)), new, old)
+
+
+def identity(tree: PyTree) -> PyTree:
+    """The trivial projection (no constraint): returns ``tree`` unchanged."""
+    return tree
+
+
+class Projection:
+    """Base class of the projections built by this module (pytree-registered frozen dataclasses)."""
+
+    def __call__(self, tree: PyTree) -> PyTree:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class L2Ball(Projection):
+    r"""Projection onto :math:`\{\theta : \|\theta\|_2 \le \text{radius}\}` (norm over all leaves).
+
+    Implemented by :func:`optax.projections.projection_l2_ball`:
+    :math:`\Pi(\theta) = \theta \cdot r / \max(\|\theta\|_2, r)` (no branch, so jit-friendly).
+    """
+
+    radius: Any
+
+    def __call__(self, tree: PyTree) -> PyTree:
+        return _cast_like(projection_l2_ball(tree, scale=self.radius), tree)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Box(Projection):
+    r"""Projection onto the box :math:`\{\theta : \text{lower} \le \theta \le \text{upper}\}`.
+
+    ``lower`` and ``upper`` are each a scalar (the same bound for every entry) or a pytree with the
+    structure of the parameters (leaves broadcastable to the parameter leaves). Implemented by
+    :func:`optax.projections.projection_box` (an elementwise clip).
+    """
+
+    lower: Any
+    upper: Any
+
+    def __call__(self, tree: PyTree) -> PyTree:
+        lower = _broadcast_bound(self.lower, tree, "lower")
+        upper = _broadcast_bound(self.upper, tree, "upper")
+        return _cast_like(projection_box(tree, lower, upper), tree)
+
+
+def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
+    """A bound as a pytree with the structure of ``tree``, each leaf in that leaf's dtype."""
+    tree_def = jax.tree.structure(tree)
+    if jax.tree.structure(bound) == tree_def:
+        return jax.tree.map(lambda b, x: jnp.asarray(b, dtype=jnp.result_type(x)), bound, tree)
+    leaves = jax.tree.leaves(bound)
+    if len(leaves) == 1 and jax.tree.structure(bound).num_nodes == 1:
+        return jax.tree.map(lambda x: jnp.asarray(bound, dtype=jnp.result_type(x)), tree)
+    raise ValueError(
+        f"box: {name} must be a scalar or a pytree with the structure of the parameters "
+        f"({tree_def}), got {jax.tree.structure(bound)}."
+    )
+
+
+def _as_number(name: str, value: Any) -> Any:
+    """Python float for a concrete scalar (keeps builders hashable); tracers pass through."""
+    if not is_concrete(value):
+        return value
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+    out = float(value)
+    if not np.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}.")
+    return out
+
+
+def l2_ball(radius: float) -> L2Ball:
+    r"""Projection onto the l2 ball of the given radius, over the whole parameter pytree.
+
+    Args:
+        radius: positive radius :math:`R`.
+
+    Returns:
+        A callable ``tree -> tree`` computing
+        :math:`\Pi(\theta) = \theta \cdot R / \max(\|\theta\|_2, R)`, where
+        :math:`\|\theta\|_2^2` sums the squares of every leaf.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> proj = l2_ball(1.0)
+        >>> out = proj({"w": jnp.array([3.0, 4.0])})
+        >>> [round(float(v), 6) for v in out["w"]]
+        [0.6, 0.8]
+    """
+    radius = _as_number("radius", radius)
+    if is_concrete(radius) and radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}.")
+    return L2Ball(radius)
+
+
+def _as_bound(name: str, bound: Any) -> Any:
+    """Python float for a concrete scalar bound (keeps builders hashable); rejects NaN."""
+    leaves = jax.tree.leaves(bound)
+    if not leaves:
+        raise ValueError(f"box: {name} is empty.")
+    if jax.tree.structure(bound).num_nodes == 1 and np.ndim(bound) == 0 and is_concrete(bound):
+        bound = float(bound)
+        leaves = [bound]
+    for leaf in leaves:
+        if is_concrete(leaf) and np.any(np.isnan(np.asarray(leaf))):
+            raise ValueError(f"box: {name} contains NaN (infinite bounds are fine).")
+    return bound
+
+
+def box(lower: Any, upper: Any) -> Box:
+    r"""Projection onto the box ``lower <= theta <= upper`` (elementwise clip).
+
+    Args:
+        lower: scalar, or a pytree with the structure of the parameters (``-inf`` allowed).
+        upper: scalar, or a pytree with the structure of the parameters (``+inf`` allowed).
+
+    Returns:
+        A callable ``tree -> tree`` computing
+        :math:`\min(\max(\theta, \text{lower}), \text{upper})`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out = box(-1.0, 1.0)({"w": jnp.array([-3.0, 0.5, 2.0])})
+        >>> [float(v) for v in out["w"]]
+        [-1.0, 0.5, 1.0]
+    """
+    lower, upper = _as_bound("lower", lower), _as_bound("upper", upper)
+    lo, hi = jax.tree.leaves(lower), jax.tree.leaves(upper)
+    if len(lo) == 1:
+        pairs = [(lo[0], b) for b in hi]
+    elif len(hi) == 1:
+        pairs = [(a, hi[0]) for a in lo]
+    elif jax.tree.structure(lower) == jax.tree.structure(upper):
+        pairs = list(zip(lo, hi, strict=True))
+    else:
+        raise ValueError("box: lower and upper must be scalars or pytrees of the same structure.")
+    for a, b in pairs:
+        if is_concrete(a) and is_concrete(b):
+            a, b = np.asarray(a), np.asarray(b)
+            np.broadcast_shapes(a.shape, b.shape)
+            if np.any(a > b):
+                raise ValueError("box: lower must be <= upper everywhere.")
+    return Box(lower, upper)
+
+
+def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
+    r"""The projection as an :class:`optax.GradientTransformation`; put it LAST in a chain.
+
+    Its update maps the incoming updates :math:`u` to :math:`\Pi(\theta + u) - \theta`, so that
+    ``optax.apply_updates(params, updates)`` lands on :math:`\Pi(\theta + u)`:
+    ``tx = optax.chain(optax.adam(1e-2), project_params(l2_ball(1.0)))``. Any link placed after it
+    would rescale the step and could leave the set again.
+
+    Args:
+        projection: callable ``tree -> tree`` (e.g. :func:`l2_ball`), or ``None`` for no constraint.
+
+    Returns:
+        A stateless ``GradientTransformation`` whose ``update`` requires ``params``.
+    """
+    proj = identity if projection is None else projection
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("project_params needs params: call tx.update(grads, state, params).")
+        new_params = proj(optax.apply_updates(params, updates))
+        delta = lambda new, old: (new - old).astype(jnp.result_type(old))
+        deltas = jax.tree.map(delta, new_params, params)
+        return deltas, state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,656 @@
+"""Tests of the projected-gradient trainer (nlis_jax._train) and nlis_jax.projections.
+
+References are independent of the code under test: numpy/scipy closed forms and solvers (ridge path
++ root finding, ``scipy.optimize.lsq_linear``, SLSQP, ``logsumexp``), exact integer arithmetic, and
+KKT conditions. Sizes are tiny (n = 40, p <= 6); objects that fix the compiled function (model,
+optimizer, loss) are built once at module level so the tests share compiled code.
+"""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import optimize, special
+
+from nlis_jax._train import (
+    LOSSES,
+    FitResult,
+    TrainState,
+    fit,
+    make_train_step,
+    weighted_loss,
+)
+from nlis_jax.projections import (
+    Box,
+    L2Ball,
+    box,
+    identity,
+    l2_ball,
+    project_params,
+    projection_l2_ball,
+)
+
+N, D = 40, 5
+
+
+def linear(params, x):
+    return x @ params["w"]
+
+
+def single_index(params, x):
+    return jnp.tanh(x @ params["w"])
+
+
+def affine(params, x):  # a two-leaf pytree
+    return x @ params["w"] + params["b"]
+
+
+def softmax_model(params, x):  # k = 3 logits
+    return params["W"] @ x + params["b"]
+
+
+def logit_model(params, x):
+    return x @ params["w"] + params["b"]
+
+
+ADAM = optax.adam(0.05)
+SGD_FAST = optax.sgd(0.3)
+
+
+def norm(tree):
+    squares = [np.sum(np.asarray(l, np.float64) ** 2) for l in jax.tree.leaves(tree)]
+    return float(np.sqrt(sum(squares)))
+
+
+@pytest.fixture(scope="module")
+def ls_data():
+    """Linear least squares with a constraint that is active: R = half the unconstrained norm."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N, D))
+    theta_true = np.array([1.0, -2.0, 0.5, 1.5, -1.0])
+    y = X @ theta_true + 0.1 * rng.normal(size=N)
+    theta_ls = np.linalg.lstsq(X, y, rcond=None)[0]
+    R = 0.5 * np.linalg.norm(theta_ls)
+    return X, y, R
+
+
+def constrained_ls_reference(X, y, R):
+    r"""argmin ||X t - y||^2 s.t. ||t|| <= R (active).
+
+    t(lam) = (X'X + lam I)^-1 X'y with lam > 0 found by root finding so that ||t(lam)|| = R.
+    """
+    G, b = X.T @ X, X.T @ y
+    theta = lambda lam: np.linalg.solve(G + lam * np.eye(G.shape[0]), b)
+    assert np.linalg.norm(theta(0.0)) > R  # the constraint is active
+    hi = 1.0
+    while np.linalg.norm(theta(hi)) > R:
+        hi *= 2.0
+    lam = optimize.brentq(lambda l: np.linalg.norm(theta(l)) - R, 0.0, hi, xtol=1e-14, rtol=1e-15)
+    t = theta(lam)
+    return t, float(np.sum((X @ t - y) ** 2)), lam
+
+
+# ---------------------------------------------------------------------------------------------
+# projections
+
+
+def test_projection_builders_basic():
+    tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}
+    out = l2_ball(1.0)(tree)
+    np.testing.assert_allclose(norm(out), 1.0, rtol=1e-15)
+    np.testing.assert_allclose(out["a"], [0.6, 0.0], rtol=1e-15)
+    inside = {"a": jnp.array([0.3, -0.1]), "b": jnp.array(0.2)}
+    chex.assert_trees_all_equal(l2_ball(1.0)(inside), inside)  # interior points are fixed exactly
+    # Same as optax's own function; equal builders compare equal (hashable, cache-friendly).
+    chex.assert_trees_all_close(out, projection_l2_ball(tree, scale=1.0), rtol=1e-15)
+    assert l2_ball(1.0) == l2_ball(1.0) and hash(l2_ball(2)) == hash(l2_ball(2.0))
+    assert identity(tree) is tree
+    clipped = box(-1.0, 1.0)({"a": jnp.array([-3.0, 0.5]), "b": jnp.array(2.0)})
+    np.testing.assert_array_equal(clipped["a"], [-1.0, 0.5])
+    assert float(clipped["b"]) == 1.0
+
+
+def test_projections_keep_dtypes():
+    tree = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones((), jnp.float64) * 5}
+    for proj in (l2_ball(1.0), box(-0.5, 0.5), box({"a": -jnp.ones(3), "b": 0.0}, 1.0)):
+        out = proj(tree)
+        assert out["a"].dtype == jnp.float32 and out["b"].dtype == jnp.float64
+
+
+def test_projection_builders_reject_bad_input():
+    with pytest.raises(ValueError, match="positive"):
+        l2_ball(0.0)
+    with pytest.raises(ValueError, match="finite"):
+        l2_ball(float("nan"))
+    with pytest.raises(ValueError, match="lower must be <= upper"):
+        box(1.0, -1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        box(float("nan"), 1.0)
+    with pytest.raises(ValueError, match="needs params"):
+        project_params(l2_ball(1.0)).update({"w": jnp.ones(2)}, optax.EmptyState())
+
+
+def test_projections_are_pytrees():
+    leaves, treedef = jax.tree.flatten(l2_ball(2.0))
+    assert leaves == [2.0] and jax.tree.unflatten(treedef, [3.0]) == L2Ball(3.0)
+    assert isinstance(box(0.0, 1.0), Box)
+    # Usable as a traced argument (how fit passes them).
+    out = jax.jit(lambda p, t: p(t))(l2_ball(0.5), {"w": jnp.array([3.0, 4.0])})
+    np.testing.assert_allclose(norm(out), 0.5, rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feasibility and the projected step
+
+
+def test_iterates_stay_in_l2_ball(ls_data):
+    X, y, R = ls_data
+    start = {"w": 10.0 * jnp.ones(D)}  # infeasible: fit projects the initial point first
+    for num_steps in (1, 2, 5):
+        # num_segments = num_steps: one compiled one-step segment serves every num_steps.
+        res = fit(
+            linear,
+            start,
+            X,
+            y,
+            optimizer=SGD_FAST,
+            num_steps=num_steps,
+            projection=l2_ball(R),
+            num_segments=num_steps,
+        )
+        assert res.losses.shape == (num_steps,)
+        assert norm(res.params) <= R + 1e-12
+    # A per-step record with make_train_step: every iterate is in the ball.
+    proj = l2_ball(R)
+    loss_fn = lambda p, batch: jnp.mean((batch[0] @ p["w"] - batch[1]) ** 2)
+    step = make_train_step(loss_fn, SGD_FAST, proj)
+
+    def body(state, _):
+        state, loss = step(state, (X, y))
+        return state, (optax.tree.norm(state.params), loss)
+
+    p0 = proj(start)
+    _, (norms, losses) = jax.lax.scan(body, TrainState(p0, SGD_FAST.init(p0)), length=30)
+    assert float(jnp.max(norms)) <= R + 1e-12
+    assert float(losses[-1]) < float(losses[0])
+
+
+def test_chain_with_project_params_matches_explicit_projection(ls_data):
+    X, y, R = ls_data
+    proj = l2_ball(R)
+    p0 = {"w": jnp.zeros(D)}  # feasible start, so both variants see the same theta_0
+    explicit = fit(linear, p0, X, y, optimizer=ADAM, num_steps=60, projection=proj)
+    chained = fit(linear, p0, X, y, optimizer=optax.chain(ADAM, project_params(proj)), num_steps=60)
+    # Identical maths; the chain only adds (new - old) + old, a rounding of ~1e-16 per step.
+    chex.assert_trees_all_close(chained.params, explicit.params, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(chained.losses, explicit.losses, rtol=1e-10)
+    assert norm(chained.params) <= R + 1e-12
+
+
+def test_plain_callable_projection_matches_builder(ls_data):
+    X, y, R = ls_data
+    # A user's own callable takes the static (closed-over) path; the builder travels as data.
+    own = functools.partial(projection_l2_ball, scale=R)
+    a = fit(linear, {"w": jnp.ones(D)}, X, y, optimizer=ADAM, num_steps=20, projection=own)
+    b = fit(linear, {"w": jnp.ones(D)}, X, y, optimizer=ADAM, num_steps=20, projection=l2_ball(R))
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-13, atol=1e-15)
+    assert norm(a.params) <= R + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Convergence to the constrained optimum, against independent references
+
+
+def test_constrained_least_squares_matches_ridge_root_finding(ls_data):
+    X, y, R = ls_data
+    theta_ref, loss_ref, lam = constrained_ls_reference(X, y, R)
+    assert lam > 0  # active constraint
+    # Projected GD with step 1/L on J = ||X t - y||^2 / n, L = 2 lmax(X'X)/n, contracts the
+    # distance to the optimum by (1 - 1/kappa) per step (strongly convex). 400 steps leave < 1e-20
+    # of the start, so only rounding (~1e-15) and the reference's root finding (xtol 1e-14)
+    # remain: rtol 1e-10.
+    eig = np.linalg.eigvalsh(X.T @ X)
+    kappa = eig[-1] / eig[0]
+    num_steps = 400
+    assert (1 - 1 / kappa) ** num_steps < 1e-20
+    opt = optax.sgd(N / (2 * eig[-1]))
+    res = fit(
+        linear,
+        {"w": jnp.zeros(D)},
+        X,
+        y,
+        optimizer=opt,
+        num_steps=num_steps,
+        projection=l2_ball(R),
+    )
+    atol = 1e-10 * np.linalg.norm(theta_ref)
+    np.testing.assert_allclose(res.params["w"], theta_ref, rtol=0, atol=atol)
+    full = weighted_loss(linear, res.params, X, y)
+    np.testing.assert_allclose(full, loss_ref, rtol=1e-10)
+    np.testing.assert_allclose(res.final_loss, full, rtol=1e-14)
+    np.testing.assert_allclose(norm(res.params), R, rtol=1e-12)
+    # losses[t] is the SUM-form objective before update t; the last one is one step from the end.
+    np.testing.assert_allclose(res.losses[-1], loss_ref, rtol=1e-10)
+    assert float(res.normalizer) == N
+    assert np.all(np.diff(np.asarray(res.losses)) <= 1e-12 * loss_ref)  # monotone for step 1/L
+
+
+def test_box_constrained_least_squares_matches_lsq_linear(ls_data):
+    X, y, _ = ls_data
+    lo, hi = -0.5, 0.8
+    ref = optimize.lsq_linear(X, y, bounds=(lo, hi), method="bvls", tol=1e-14)
+    assert np.any(np.isclose(ref.x, lo)) and np.any(np.isclose(ref.x, hi))  # both bounds active
+    eig = np.linalg.eigvalsh(X.T @ X)
+    res = fit(
+        linear,
+        {"w": jnp.zeros(D)},
+        X,
+        y,
+        optimizer=optax.sgd(N / (2 * eig[-1])),
+        num_steps=400,
+        projection=box(lo, hi),
+    )
+    w = np.asarray(res.params["w"])
+    assert np.all(w >= lo) and np.all(w <= hi)  # a clip: exact
+    # Same contraction argument as the l2 case; bvls is an exact active-set solver.
+    np.testing.assert_allclose(w, ref.x, atol=1e-10)
+    np.testing.assert_allclose(res.final_loss, np.sum((X @ ref.x - y) ** 2), rtol=1e-10)
+
+
+def test_box_with_pytree_bounds_on_two_leaf_params(ls_data):
+    X, y, _ = ls_data
+    lower = {"w": jnp.full(D, -0.3), "b": 0.0}
+    upper = {"w": jnp.full(D, 0.3), "b": 0.05}
+    res = fit(
+        affine,
+        {"w": jnp.zeros(D), "b": jnp.zeros(())},
+        X,
+        y + 1.0,
+        optimizer=ADAM,
+        num_steps=50,
+        projection=box(lower, upper),
+    )
+    assert np.all(np.abs(np.asarray(res.params["w"])) <= 0.3)
+    assert 0.0 <= float(res.params["b"]) <= 0.05
+    assert float(res.params["b"]) == 0.05  # y + 1 pushes the bias to its upper bound
+
+
+@pytest.fixture(scope="module")
+def tanh_data():
+    rng = np.random.default_rng(1)
+    X = 0.7 * rng.normal(size=(N, 3))
+    theta_true = np.array([1.5, -1.0, 0.5])
+    y = np.tanh(X @ theta_true) + 0.05 * rng.normal(size=N)
+    return X, y, 1.0
+
+
+def test_nonlinear_single_index_matches_slsqp_and_kkt(tanh_data):
+    X, y, R = tanh_data
+
+    def L(t):
+        return np.sum((np.tanh(X @ t) - y) ** 2)
+
+    def grad(t):
+        z = np.tanh(X @ t)
+        return X.T @ (2 * (z - y) * (1 - z**2))
+
+    ref = optimize.minimize(
+        L,
+        np.zeros(3),
+        jac=grad,
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 1000},
+        constraints=[{"type": "ineq", "fun": lambda t: R**2 - t @ t, "jac": lambda t: -2 * t}],
+    )
+    assert ref.success and np.linalg.norm(ref.x) > R - 1e-8  # constraint active
+    lmax = np.linalg.eigvalsh(X.T @ X)[-1]
+    res = fit(
+        single_index,
+        {"w": jnp.zeros(3)},
+        X,
+        y,
+        optimizer=optax.sgd(N / (2 * lmax)),
+        num_steps=400,
+        projection=l2_ball(R),
+    )
+    theta = np.asarray(res.params["w"])
+    np.testing.assert_allclose(norm(res.params), R, rtol=1e-12)
+    # SLSQP stops when f changes by < ftol = 1e-12 (relative), so its loss is good to ~1e-12 and its
+    # point to ~sqrt(1e-12) = 1e-6 in the worst case (measured: they agree to ~1e-13 / ~1e-9).
+    np.testing.assert_allclose(float(res.final_loss), ref.fun, rtol=1e-10)
+    np.testing.assert_allclose(theta, ref.x, atol=1e-6)
+    # KKT at the trainer's point: grad L = -mu * theta with mu > 0 (no tangential component).
+    g = grad(theta)
+    tangential = g - (g @ theta) / (theta @ theta) * theta
+    assert g @ theta < 0
+    assert np.linalg.norm(tangential) <= 1e-9 * np.linalg.norm(g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and losses
+
+
+def test_integer_weights_equal_duplicated_rows_exactly():
+    rng = np.random.default_rng(2)
+    X = rng.integers(-3, 4, size=(12, 3)).astype(np.float64)
+    y = rng.integers(-5, 6, size=12).astype(np.float64)
+    w = rng.integers(0, 4, size=12)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}  # dyadic: every residual and square is exact
+    rep = np.repeat(np.arange(12), w)
+    weighted = weighted_loss(linear, params, X, y, w.astype(np.float64))
+    duplicated = weighted_loss(linear, params, X[rep], y[rep])
+    assert float(weighted) == float(duplicated)
+    assert float(weighted_loss(linear, params, X, y)) == float(
+        weighted_loss(linear, params, X, y, np.ones(12))
+    )
+    # The same through training (nonlinear model): only the summation order differs.
+    a = fit(
+        single_index,
+        {"w": jnp.zeros(3)},
+        X,
+        y / 5,
+        w.astype(np.float64),
+        optimizer=ADAM,
+        num_steps=50,
+        projection=l2_ball(1.0),
+    )
+    b = fit(
+        single_index,
+        {"w": jnp.zeros(3)},
+        X[rep],
+        y[rep] / 5,
+        optimizer=ADAM,
+        num_steps=50,
+        projection=l2_ball(1.0),
+    )
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-11)
+    assert float(a.normalizer) == float(b.normalizer) == w.sum()
+
+
+def test_objective_is_normalised_by_weight_sum(ls_data):
+    X, y, R = ls_data
+    w = np.random.default_rng(3).uniform(0.5, 2.0, size=N)
+    kw = dict(optimizer=ADAM, num_steps=30, projection=l2_ball(R))
+    a = fit(linear, {"w": jnp.zeros(D)}, X, y, w, **kw)
+    b = fit(
+        linear,
+        {"w": jnp.zeros(D)},
+        X,
+        y,
+        1000 * w,
+        optimizer=ADAM,
+        num_steps=30,
+        projection=l2_ball(R),
+    )
+    # Scaling all weights leaves J = L_w / sum(w), hence the iterates, unchanged ...
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-12, atol=1e-14)
+    # ... while `losses` reports the sum form L_w, which scales.
+    np.testing.assert_allclose(b.losses, 1000 * a.losses, rtol=1e-12)
+    np.testing.assert_allclose(a.losses[0], np.sum(w * y**2), rtol=1e-13)  # theta_0 = 0
+
+
+def test_cross_entropy_and_logistic_match_numpy():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(N, 4))
+    w = rng.uniform(0.1, 3.0, size=N)
+    params = {"W": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=3))}
+    labels = rng.integers(0, 3, size=N)
+    z = X @ np.asarray(params["W"]).T + np.asarray(params["b"])
+    ce_ref = np.sum(w * (special.logsumexp(z, axis=1) - z[np.arange(N), labels]))
+    got = weighted_loss(softmax_model, params, X, labels, w, loss="cross_entropy")
+    np.testing.assert_allclose(got, ce_ref, rtol=1e-12)
+
+    p2 = {"w": jnp.asarray(rng.normal(size=4)), "b": jnp.asarray(0.3)}
+    y01 = rng.integers(0, 2, size=N).astype(np.float64)
+    s = X @ np.asarray(p2["w"]) + 0.3
+    log_ref = np.sum(w * (np.logaddexp(0.0, s) - y01 * s))  # -y log sig(s) - (1-y) log(1-sig(s))
+    got = weighted_loss(logit_model, p2, X, y01, w, loss="logistic")
+    np.testing.assert_allclose(got, log_ref, rtol=1e-12)
+    # A callable per-example loss, and chunked evaluation.
+    absolute = lambda pred, t: jnp.abs(pred - t)
+    got = weighted_loss(logit_model, p2, X, y01, w, loss=absolute, chunk_size=7)
+    np.testing.assert_allclose(got, np.sum(w * np.abs(s - y01)), rtol=1e-12)
+    assert set(LOSSES) == {"squared", "cross_entropy", "logistic"}
+
+
+def test_weighted_loss_under_jit_and_grad(ls_data):
+    X, y, _ = ls_data
+    params = {"w": jnp.ones(D)}
+    val, g = jax.jit(jax.value_and_grad(lambda p: weighted_loss(linear, p, X, y)))(params)
+    np.testing.assert_allclose(val, np.sum((X @ np.ones(D) - y) ** 2), rtol=1e-13)
+    np.testing.assert_allclose(g["w"], 2 * X.T @ (X @ np.ones(D) - y), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minibatches, segments, resuming
+
+
+@pytest.fixture(scope="module")
+def class_data():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(N, 4))
+    W = rng.normal(size=(3, 4)) * 2
+    labels = np.argmax(X @ W.T + 0.3 * rng.normal(size=(N, 3)), axis=1)
+    params = {"W": jnp.zeros((3, 4)), "b": jnp.zeros(3)}
+    return X, labels, params
+
+
+def test_minibatch_decreases_loss_and_is_reproducible(class_data):
+    X, labels, params = class_data
+    kw = dict(optimizer=ADAM, num_steps=80, loss="cross_entropy", batch_size=8)
+    kw["projection"] = l2_ball(5.0)
+    a = fit(softmax_model, params, X, labels, key=jax.random.key(0), **kw)
+    b = fit(softmax_model, params, X, labels, key=jax.random.key(0), **kw)
+    c = fit(softmax_model, params, X, labels, key=jax.random.key(1), **kw)
+    start = float(weighted_loss(softmax_model, params, X, labels, loss="cross_entropy"))
+    np.testing.assert_allclose(start, N * np.log(3.0), rtol=1e-14)  # uniform softmax
+    assert float(a.final_loss) < 0.5 * start
+    chex.assert_trees_all_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert not np.allclose(np.asarray(a.params["W"]), np.asarray(c.params["W"]))
+    # losses[0] is the unbiased (n/b) * batch-sum estimate at theta_0, where every loss is log 3.
+    np.testing.assert_allclose(a.losses[0], N * np.log(3.0), rtol=1e-14)
+
+
+def test_segments_and_padding_do_not_change_the_result(ls_data):
+    X, y, R = ls_data
+    kw = dict(optimizer=ADAM, num_steps=7, projection=l2_ball(R))
+    mb = dict(batch_size=10, key=jax.random.key(3))
+    one = fit(linear, {"w": jnp.zeros(D)}, X, y, num_segments=1, **kw, **mb)
+    # 3 segments of 3 steps: the last 2 are skipped.
+    three = fit(linear, {"w": jnp.zeros(D)}, X, y, num_segments=3, **kw, **mb)
+    chex.assert_trees_all_close(one.params, three.params, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(one.losses, three.losses, rtol=1e-13)
+    # batch_size = n draws a permutation: the full-batch gradient up to summation order.
+    full = fit(linear, {"w": jnp.zeros(D)}, X, y, **kw)
+    perm = fit(linear, {"w": jnp.zeros(D)}, X, y, batch_size=N, key=jax.random.key(4), **kw)
+    chex.assert_trees_all_close(full.params, perm.params, rtol=1e-12, atol=1e-14)
+
+
+def test_resume_from_opt_state_equals_one_long_run(ls_data):
+    X, y, _ = ls_data
+    p0 = {"w": jnp.zeros(D)}
+    long = fit(linear, p0, X, y, optimizer=ADAM, num_steps=20, num_segments=2)
+    first = fit(linear, p0, X, y, optimizer=ADAM, num_steps=10, num_segments=1)
+    second = fit(
+        linear,
+        first.params,
+        X,
+        y,
+        optimizer=ADAM,
+        num_steps=10,
+        num_segments=1,
+        opt_state=first.opt_state,
+    )
+    # Same compiled 10-step segment, same inputs: bit-for-bit equal.
+    chex.assert_trees_all_equal(second.params, long.params)
+    np.testing.assert_array_equal(np.concatenate([first.losses, second.losses]), long.losses)
+
+
+def test_progress_bar_shows_only_when_asked(ls_data, capsys):
+    X, y, _ = ls_data
+    fit(
+        linear,
+        {"w": jnp.zeros(D)},
+        X,
+        y,
+        optimizer=ADAM,
+        num_steps=4,
+        num_segments=2,
+        progress=True,
+    )
+    assert "fit" in capsys.readouterr().err
+    fit(linear, {"w": jnp.zeros(D)}, X, y, optimizer=ADAM, num_steps=4, num_segments=2)
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+def nan_above_six(params, x):
+    t = params["w"][0]
+    return jnp.where(t > 6.0, jnp.nan, t * x[0])
+
+
+def test_nan_loss_raises_naming_the_step():
+    # J = (t - 10)^2, sgd(0.25): t_{k+1} = t_k + (10 - t_k)/2 -> 0, 5, 7.5: NaN from step 2 on.
+    xs, ys = np.ones((4, 1)), np.full(4, 10.0)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2\b") as info:
+        fit(
+            nan_above_six,
+            {"w": jnp.zeros(1)},
+            xs,
+            ys,
+            optimizer=optax.sgd(0.25),
+            num_steps=50,
+            num_segments=25,
+        )
+    # Frozen at the last finite iterate, t_2 = 7.5 (the update from step 2 was discarded).
+    assert float(info.value.state.params["w"][0]) == 7.5
+
+
+def test_overflow_raises():
+    xs, ys = np.ones((4, 1)), np.ones(4)
+    exp_model = lambda p, x: jnp.exp(x @ p["w"])
+    # w_0 = -1: gradient 2(e^-1 - 1)e^-1 ~ -0.47, so w_1 ~ 465 and the loss (e^465)^2 overflows.
+    with pytest.raises(FloatingPointError, match=r"loss is inf at step 1\b"):
+        fit(exp_model, {"w": -jnp.ones(1)}, xs, ys, optimizer=optax.sgd(1e3), num_steps=20)
+
+
+BAD_INPUTS = [
+    (dict(ys=np.zeros(N - 1)), ValueError, "examples"),
+    (dict(xs=np.full((N, D), np.nan)), ValueError, "xs contains"),
+    (dict(ys=np.full(N, np.inf)), ValueError, "ys contains"),
+    (dict(params={"w": jnp.full(D, jnp.nan)}), ValueError, "params contains"),
+    (dict(weights=np.full(N, np.nan)), ValueError, "weights contains"),
+    (dict(weights=-np.ones(N)), ValueError, "non-negative"),
+    (dict(weights=np.zeros(N)), ValueError, "all be zero"),
+    (dict(weights=np.ones(N + 1)), ValueError, "shape"),
+    (dict(weights=np.ones((N, 1))), ValueError, "shape"),
+    (dict(num_steps=0), ValueError, "num_steps"),
+    (dict(num_steps=2.5), TypeError, "num_steps"),
+    (dict(batch_size=0, key=jax.random.key(0)), ValueError, "batch_size"),
+    (dict(batch_size=N + 1, key=jax.random.key(0)), ValueError, "batch_size"),
+    (dict(batch_size=4), ValueError, "key"),
+    (dict(loss="hinge"), ValueError, "Unknown loss"),
+    (dict(loss=3), TypeError, "loss"),
+    (dict(optimizer="adam"), TypeError, "optimizer"),
+    (dict(num_segments=0), ValueError, "num_segments"),
+    (dict(params={"w": jnp.zeros(D, jnp.int32)}), TypeError, "floating"),
+]
+
+
+@pytest.mark.parametrize("change, exc, match", BAD_INPUTS)
+def test_bad_inputs_raise_before_work(ls_data, change, exc, match):
+    X, y, _ = ls_data
+    args = dict(params={"w": jnp.zeros(D)}, xs=X, ys=y, weights=None, optimizer=ADAM, num_steps=5)
+    args.update(change)
+    params, xs, ys, weights = (args.pop(k) for k in ("params", "xs", "ys", "weights"))
+    calls = []
+    counting = lambda p, x: calls.append(1) or linear(p, x)
+    with pytest.raises(exc, match=match):
+        fit(counting, params, xs, ys, weights, **args)
+    assert not calls  # nothing was traced or run
+
+
+def test_bad_model_output_shapes_raise(ls_data):
+    X, y, _ = ls_data
+    with pytest.raises(ValueError, match="squared"):
+        weighted_loss(lambda p, x: jnp.stack([x @ p["w"]] * 2), {"w": jnp.zeros(D)}, X, y)
+    with pytest.raises(ValueError, match="integer class label"):
+        params = {"W": jnp.zeros((3, D)), "b": jnp.zeros(3)}
+        weighted_loss(softmax_model, params, X, y, loss="cross_entropy")
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted_loss(linear, {"w": jnp.zeros(D)}, X, y, -np.ones(N))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dtypes and compilation
+
+
+def test_float32_inputs_give_float32_params(ls_data):
+    X, y, R = ls_data
+    X32, y32 = X.astype(np.float32), y.astype(np.float32)
+    lmax = np.linalg.eigvalsh(X.T @ X)[-1]
+    res = fit(
+        linear,
+        {"w": jnp.zeros(D, jnp.float32)},
+        X32,
+        y32,
+        optimizer=optax.sgd(float(N / (2 * lmax))),
+        num_steps=400,
+        projection=l2_ball(R),
+    )
+    assert res.params["w"].dtype == jnp.float32
+    assert res.losses.dtype == jnp.float32 and res.final_loss.dtype == jnp.float32
+    _, loss_ref, _ = constrained_ls_reference(X, y, R)
+    # float32 eps ~ 6e-8; a sum of 40 squares and a well-conditioned (kappa ~ 4) problem: 1e-5.
+    np.testing.assert_allclose(float(res.final_loss), loss_ref, rtol=1e-5)
+    assert norm(res.params) <= R * (1 + 1e-6)
+
+
+def test_second_call_with_new_values_does_not_retrace(ls_data):
+    X, y, R = ls_data
+    traces = []
+
+    def model(params, x):  # a fresh function: its own cache entries
+        traces.append(1)
+        return jnp.tanh(x @ params["w"])
+
+    opt = optax.adam(0.1)
+    kw = dict(optimizer=opt, num_steps=12, batch_size=10)
+    fit(model, {"w": jnp.zeros(D)}, X, y, key=jax.random.key(0), projection=l2_ball(R), **kw)
+    first = len(traces)
+    assert first > 0
+    # New data, params, weights, key and even radius (projections are data): no new trace.
+    fit(
+        model,
+        {"w": jnp.ones(D) * 0.1},
+        X + 1.0,
+        y * 2,
+        np.full(N, 0.5),
+        key=jax.random.key(1),
+        projection=l2_ball(R / 2),
+        **kw,
+    )
+    assert len(traces) == first
+    weighted_loss(model, {"w": jnp.ones(D)}, X, y)
+    n_wl = len(traces)
+    weighted_loss(model, {"w": jnp.zeros(D)}, X * 2, y, np.ones(N))
+    weighted_loss(model, {"w": jnp.zeros(D)}, X * 3, y, np.full(N, 2.0))
+    assert len(traces) - n_wl <= 1  # weights=None vs array is one more signature, then cached
+
+
+def test_fit_result_fields(ls_data):
+    X, y, _ = ls_data
+    res = fit(linear, {"w": jnp.zeros(D)}, X, y, optimizer=ADAM, num_steps=3)
+    assert isinstance(res, FitResult) and res.losses.shape == (3,)
+    chex.assert_tree_all_finite(res)
+    assert math.isclose(float(res.normalizer), N)
