@@ -21,11 +21,13 @@ matrix: ``κ(G) ≈ 2.7e12 ≫ 1/eps``); the spectrum test sends such input to r
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._checks import check_finite, check_floating, check_positive_int, is_concrete
+from nlis_jax._checks import check_choice, check_finite, check_floating, check_positive_int, is_concrete
 from nlis_jax._types import Array
 
 #: Names of the routes, indexed by the ``route`` output of :func:`orthonormal_basis`.
@@ -48,49 +50,58 @@ def _default_rtol(shape, dtype) -> float:
     return max(shape) * float(jnp.finfo(dtype).eps)
 
 
-def _gram_step(F: Array, lam: Array, V: Array, rtol) -> tuple[Array, Array]:
-    """``F V Λ^{-1/2}`` over the eigenpairs above ``rtol² λ_max``; returns ``(U, rank)``."""
+def inverse_sqrt_basis(lam: Array, V: Array, rtol) -> tuple[Array, Array]:
+    """``M = V Λ^{-1/2}`` over eigenpairs with ``λ > rtol² λ_max`` (others zeroed); returns ``(M, rank)``."""
     keep = lam > (rtol**2) * lam[-1]
     scale = jnp.where(keep, lax.rsqrt(jnp.where(keep, lam, 1)), 0)
-    return F @ (V * scale), jnp.sum(keep)
+    return V * scale[None, :], jnp.sum(keep)
+
+
+def choose_route(lam: Array) -> Array:
+    """Index into :data:`ROUTES` from the ascending eigenvalues of the Gram matrix (see module docstring)."""
+    eps = jnp.finfo(lam.dtype).eps
+    ratio = lam[0] / lam[-1]  # 1/κ(G); <= 0 or tiny when rank-deficient
+    return jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2))
 
 
 def _gram(F: Array) -> Array:
     return jnp.einsum("np,nq->pq", F, F)
 
 
-@jax.jit
-def _basis(F: Array, rtol: Array) -> tuple[Array, Array, Array]:
-    dtype = F.dtype
-    eps = jnp.finfo(dtype).eps
+@functools.partial(jax.jit, static_argnames=("route",))
+def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Array, Array]:
     lam, V = jnp.linalg.eigh(_gram(F))  # ascending
-    ratio = lam[0] / lam[-1]  # 1/κ(G); <= 0 or tiny when rank-deficient
-    route = jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2))
+    branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
 
     def one_pass(F):
-        return _gram_step(F, lam, V, rtol)
+        M, rank = inverse_sqrt_basis(lam, V, rtol)
+        return F @ M, rank
 
     def two_pass(F):
-        U, _ = _gram_step(F, lam, V, rtol)
+        U, _ = one_pass(F)
         lam2, V2 = jnp.linalg.eigh(_gram(U))
-        return _gram_step(U, lam2, V2, rtol)
+        M, rank = inverse_sqrt_basis(lam2, V2, rtol)
+        return U @ M, rank
 
     def stable(F):
         Q, R = jnp.linalg.qr(F)
         W, s, _ = jnp.linalg.svd(R)
         keep = s > rtol * s[0]
-        return Q @ (W * keep), jnp.sum(keep)
+        return Q @ (W * keep[None, :]), jnp.sum(keep)
 
-    U, rank = lax.switch(route, (one_pass, two_pass, stable), F)
-    return U, rank.astype(jnp.int32), route
+    U, rank = lax.switch(branch, (one_pass, two_pass, stable), F)
+    return U, rank.astype(jnp.int32), branch
 
 
-def orthonormal_basis(F: Array, *, rtol: float | None = None) -> tuple[Array, Array, Array]:
+def orthonormal_basis(
+    F: Array, *, rtol: float | None = None, route: str | None = None
+) -> tuple[Array, Array, Array]:
     r"""An orthonormal basis ``U`` of ``range(F)``, its rank, and the route taken.
 
     Args:
       F: ``(n, m)`` matrix (or ``(n, k, m)``, treated as ``n·k`` rows).
       rtol: relative tolerance on singular values for the rank (default ``max(n, m)·eps``, numpy's).
+      route: force ``"gram"``, ``"gram2"`` or ``"stable"``; default chooses from ``κ(FᵀF)``.
 
     Returns:
       ``(U, rank, route)``: ``U`` of shape ``(n·k, m)`` whose first ``rank`` columns span ``range(F)``
@@ -98,9 +109,11 @@ def orthonormal_basis(F: Array, *, rtol: float | None = None) -> tuple[Array, Ar
       :data:`ROUTES`.
     """
     rows, _ = _as_rows(F)
+    if route is not None:
+        check_choice("route", route, ROUTES)
     if rtol is None:
         rtol = _default_rtol(rows.shape, rows.dtype)
-    return _basis(rows, jnp.asarray(rtol, rows.dtype))
+    return _basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
 
 
 def leverage(F: Array, *, rtol: float | None = None, ridge: float = 0.0) -> tuple[Array, Array]:
@@ -115,7 +128,7 @@ def leverage(F: Array, *, rtol: float | None = None, ridge: float = 0.0) -> tupl
         raise ValueError(f"ridge must be non-negative, got {ridge}.")
     if ridge > 0:
         lam, V = jnp.linalg.eigh(_gram(rows))
-        h = jnp.sum(jnp.square(rows @ V) / (jnp.maximum(lam, 0) + ridge), axis=1)
+        h = jnp.sum(jnp.square(rows @ V) / (jnp.maximum(lam, 0) + ridge)[None, :], axis=1)
         h = h.reshape(lead).sum(axis=tuple(range(1, len(lead))))
         return h, jnp.sum(h)
     U, rank, _ = orthonormal_basis(rows, rtol=rtol)
