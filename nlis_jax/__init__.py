@@ -29,6 +29,8 @@ from nlis_jax._scores import mix_with_uniform as mix_with_uniform
 from nlis_jax._scores import norm_scores as norm_scores
 from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
+from nlis_jax._sketch import sketched_leverage as sketched_leverage
+from nlis_jax._sketch import sketched_leverage_scores as sketched_leverage_scores
 from nlis_jax._streaming import streaming_leverage as streaming_leverage
 from nlis_jax._streaming import streaming_leverage_scores as streaming_leverage_scores
 from nlis_jax._train import FitResult as FitResult
@@ -74,6 +76,8 @@ __all__ = [
     "sample",
     "sample_size",
     "single_index_adjoint",
+    "sketched_leverage",
+    "sketched_leverage_scores",
     "streaming_leverage",
     "streaming_leverage_scores",
     "uniform_scores",

@@ -96,6 +96,33 @@ class DualOperator(NamedTuple):
     theta_tilde: Array
 
 
+# Module-level jitted products keyed on ``apply_fn`` (static): a second operator for the same model and
+# shapes reuses the compilation. Arrays enter as arguments, never as closed-over constants (XLA would
+# constant-fold products of large captured arrays at compile time).
+def _path_outputs(apply_fn, params, xs):
+    model = flatten_model(apply_fn, params, xs, check_values=False)
+
+    def outputs(u):  # F(u) = [f(u; x_1), ..., f(u; x_n)]
+        return jax.vmap(model.fn, in_axes=(None, 0))(u, xs)
+
+    return model.theta, outputs
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
+    theta, outputs = _path_outputs(apply_fn, params, xs)
+    p = theta.shape[0]
+    tangents = jax.vmap(lambda t: jax.jvp(outputs, (t * theta,), (v[:p],))[1])(nodes)
+    return jnp.tensordot(weights, tangents, axes=1) + offset * v[p]
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _dual_rmv(apply_fn, params, xs, offset, nodes, weights, u):
+    theta, outputs = _path_outputs(apply_fn, params, xs)
+    cotangents = jax.vmap(lambda t: jax.vjp(outputs, t * theta)[1](u)[0])(nodes)
+    return jnp.concatenate([weights @ cotangents, jnp.sum(offset * u)[None]])
+
+
 def dual_operator(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -111,7 +138,8 @@ def dual_operator(
       apply_fn, params, xs, ys, num_nodes: as in :func:`dual_matrix`.
 
     Returns:
-      A :class:`DualOperator`; ``mv``/``rmv`` are jitted and reuse one compilation across calls.
+      A :class:`DualOperator`; ``mv``/``rmv`` are jitted once per ``apply_fn`` and shapes (also across
+      operators), and can be ``jax.vmap``-ed over a batch of vectors.
     """
     check_positive_int("num_nodes", num_nodes)
     model = flatten_model(apply_fn, params, xs)
@@ -122,35 +150,19 @@ def dual_operator(
     nodes, weights = gauss_legendre(num_nodes, dtype)
     out_shape = (model.n,) + model.out_shape
 
-    # Arrays enter the jitted products as arguments, never as closed-over constants (XLA would
-    # constant-fold products of large captured arrays at compile time).
-    def outputs(u, xs):  # F(u) = [f(u; x_1), ..., f(u; x_n)]
-        return jax.vmap(model.fn, in_axes=(None, 0))(u, xs)
-
-    @jax.jit
-    def _mv(theta, xs, offset, nodes, weights, v):
-        tangents = jax.vmap(lambda t: jax.jvp(lambda u: outputs(u, xs), (t * theta,), (v[:p],))[1])(nodes)
-        return jnp.tensordot(weights, tangents, axes=1) + offset * v[p]
-
-    @jax.jit
-    def _rmv(theta, xs, offset, nodes, weights, u):
-        def node(t):
-            return jax.vjp(lambda w: outputs(w, xs), t * theta)[1](u)[0]
-
-        cotangents = jax.vmap(node)(nodes)
-        return jnp.concatenate([weights @ cotangents, jnp.sum(offset * u)[None]])
+    args = (apply_fn, params, xs, offset, nodes, weights)
 
     def mv(v):
         v = jnp.asarray(v, dtype)
         if v.shape != (p + 1,):
             raise ValueError(f"mv expects a vector of shape ({p + 1},), got {v.shape}.")
-        return _mv(theta, xs, offset, nodes, weights, v)
+        return _dual_mv(*args, v)
 
     def rmv(u):
         u = jnp.asarray(u, dtype)
         if u.shape != out_shape:
             raise ValueError(f"rmv expects an array of shape {out_shape}, got {u.shape}.")
-        return _rmv(theta, xs, offset, nodes, weights, u)
+        return _dual_rmv(*args, u)
 
     shape = out_shape + (p + 1,)
     return DualOperator(mv, rmv, shape, dtype, jnp.concatenate([theta, jnp.ones((1,), dtype)]))
