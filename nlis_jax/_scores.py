@@ -14,6 +14,9 @@ Leverage of row ``i`` of ``F`` (shape ``(n, m)``, rank ``r``):
 3. **stable** (otherwise: ill-conditioned or rank-deficient): Householder QR of ``F`` followed by an
    SVD of ``R``; rank = number of singular values above ``rtol · σ_max``.
 
+All three work on the column-equilibrated ``F D^{-1}`` (``D`` the column norms; same range, so the same
+leverage), which makes the route and the rank independent of the scale of each parameter.
+
 The Gram routes cost about the floor of two BLAS passes; QR/SVD cost ~17× that on a CPU. Gram +
 Cholesky alone would be silently wrong on an ill-conditioned float32 matrix (a ``κ(F) ≈ 1.6e6`` MLP dual
 matrix: ``κ(G) ≈ 2.7e12 ≫ 1/eps``); the spectrum test sends such input to route 3.
@@ -47,7 +50,12 @@ def _as_rows(F: Array, name: str = "F") -> tuple[Array, tuple[int, ...]]:
 
 
 def _default_rtol(shape, dtype) -> float:
-    return max(shape) * float(jnp.finfo(dtype).eps)
+    # 10·eps, independent of n: the trailing singular values of exactly rank-deficient inputs come out at
+    # 0.06-2.2·eps·σ_max (measured for float32, n up to 20,000, m up to 600), so 10·eps separates them,
+    # while numpy's max(n, m)·eps grows with n and, in float32, drops genuine directions (n = 20,000:
+    # rtol = 2.4e-3 would truncate any κ > 417; a κ ≈ 3e5 MLP dual matrix lost 9 of 74 directions).
+    del shape
+    return 10.0 * float(jnp.finfo(dtype).eps)
 
 
 def inverse_sqrt_basis(lam: Array, V: Array, rtol) -> tuple[Array, Array]:
@@ -70,12 +78,19 @@ def _gram(F: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("route",))
 def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Array, Array]:
-    lam, V = jnp.linalg.eigh(_gram(F))  # ascending
+    # range(F) is unchanged by scaling columns, so rank and route are decided on the column-equilibrated
+    # F D^{-1} (D = column norms, read off the Gram diagonal: no extra pass). Columns of a dual matrix differ
+    # in scale by orders of magnitude between layers; unscaled, a float32 MLP dual matrix with κ ≈ 1.4e6 but
+    # κ(F D^{-1}) ≈ 5e4 had its smallest singular value at 6·eps·σ_max and lost genuine directions.
+    G = _gram(F)
+    d = jnp.sqrt(jnp.diagonal(G))
+    d = jnp.where(d > 0, d, jnp.ones_like(d))
+    lam, V = jnp.linalg.eigh(G / (d[:, None] * d[None, :]))  # ascending
     branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
 
     def one_pass(F):
         M, rank = inverse_sqrt_basis(lam, V, rtol)
-        return F @ M, rank
+        return F @ (M / d[:, None]), rank
 
     def two_pass(F):
         U, _ = one_pass(F)
@@ -84,8 +99,8 @@ def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Arra
         return U @ M, rank
 
     def stable(F):
-        Q, R = jnp.linalg.qr(F)
-        W, s, _ = jnp.linalg.svd(R)
+        Q, R = jnp.linalg.qr(F)  # R D^{-1} is the R factor of F D^{-1}: same Q, same range
+        W, s, _ = jnp.linalg.svd(R / d[None, :])
         keep = s > rtol * s[0]
         return Q @ (W * keep[None, :]), jnp.sum(keep)
 
@@ -100,7 +115,8 @@ def orthonormal_basis(
 
     Args:
       F: ``(n, m)`` matrix (or ``(n, k, m)``, treated as ``n·k`` rows).
-      rtol: relative tolerance on singular values for the rank (default ``max(n, m)·eps``, numpy's).
+      rtol: relative tolerance on the singular values of the column-equilibrated ``F`` for the rank
+        (default ``10·eps`` of the dtype).
       route: force ``"gram"``, ``"gram2"`` or ``"stable"``; default chooses from ``κ(FᵀF)``.
 
     Returns:
@@ -142,7 +158,8 @@ def leverage_scores(F: Array, *, rtol: float | None = None, ridge: float = 0.0) 
     Args:
       F: the dual matrix ``(n, p+1)``, or a block dual matrix ``(n, k, p+1)`` (block leverage: the sum
         of each example's ``k`` row leverages).
-      rtol: rank tolerance relative to the largest singular value (default ``max(n, m)·eps``).
+      rtol: rank tolerance relative to the largest singular value of the column-equilibrated ``F``
+        (default ``10·eps`` of the dtype).
       ridge: ``λ ≥ 0``; with ``λ > 0`` ridge leverage normalised by the effective dimension.
 
     Returns:

@@ -1,0 +1,71 @@
+"""Small models and independent numpy references shared by the core tests."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from nlis_jax import nets
+
+
+def normal(seed, *shape, dtype=np.float64):
+    """Standard normal test data from numpy (jax.random would compile a sampler for every shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+def mlp_params(seed, sizes, *, dtype=np.float64, bias_scale=0.5, weight_scale=1.0):
+    """Params in the layout of ``nets.mlp_init`` (list of ``{"w": (out, in), "b": (out,)}``), LeCun-normal
+    weights and NON-zero biases (so bias gradients and ``f(0)`` are exercised)."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+        w = weight_scale * rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)
+        b = bias_scale * rng.standard_normal(d_out)
+        params.append({"w": jnp.asarray(w.astype(dtype)), "b": jnp.asarray(b.astype(dtype))})
+    return params
+
+
+def sigmoid_head_mlp(params, x):
+    """A tanh MLP followed by a sigmoid: a scalar model with ``f(0) = 1/2 ≠ 0``."""
+    return jax.nn.sigmoid(nets.mlp(jnp.tanh)(params, x))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def outputs(apply_fn, params, xs):
+    """``f(θ; x_i)`` for every example, by an explicit ``vmap`` (jitted: one compilation, not one per op)."""
+    return jax.vmap(apply_fn, in_axes=(None, 0))(params, xs)
+
+
+def outputs_at_zero(apply_fn, params, xs):
+    return outputs(apply_fn, jax.tree.map(jnp.zeros_like, params), xs)
+
+
+def flat_theta(params):
+    return ravel_pytree(params)[0]
+
+
+def svd_leverage(F, rank=None):
+    """Raw leverage ``h_i = ‖U_i‖²`` from numpy's SVD (first ``rank`` left singular vectors)."""
+    F = np.asarray(F, np.float64)
+    U, s, _ = np.linalg.svd(F, full_matrices=False)
+    if rank is None:
+        rank = int(np.sum(s > max(F.shape) * np.finfo(np.float64).eps * s[0]))
+    return np.sum(U[:, :rank] ** 2, axis=1), rank
+
+
+def matrix_with_condition(rng, n, m, kappa, heavy_rows=True):
+    """``Q diag(σ) Wᵀ`` with ``σ`` log-spaced from 1 to ``1/kappa``; returns ``(F, Q)``.
+
+    With ``heavy_rows`` the rows of ``Q`` come from a t(2) scaling, so the leverage spans a wide range.
+    """
+    G = rng.standard_normal((n, m))
+    if heavy_rows:
+        G = G * rng.standard_t(2, size=(n, 1))
+    Q, _ = np.linalg.qr(G)
+    W, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    sigma = np.logspace(0.0, -np.log10(kappa), m)
+    return (Q * sigma[None, :]) @ W.T, Q

@@ -1,0 +1,254 @@
+"""Compile guard: entry points do not retrace ``apply_fn`` or recompile on a second call with new values of
+the same shapes; every public function also works inside a user's own ``jax.jit`` (shape checks still
+raise there).
+
+Compiles are counted with ``jax.monitoring`` (the backend-compile event that every XLA compilation emits,
+eager single-op dispatch included); traces of ``apply_fn`` with a Python counter inside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nlis_jax as nj
+
+N, D = 36, 3
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_events():
+    counts = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        counts[event] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _make_model():
+    """A fresh ``apply_fn`` (new function object, so a new cache key) and its trace counter."""
+    traces = collections.Counter()
+
+    def apply_fn(params, x):
+        traces["apply_fn"] += 1
+        return jnp.tanh(x @ params["w"] + params["b"])
+
+    return apply_fn, traces
+
+
+def _data(seed):
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.standard_normal(D)), "b": jnp.asarray(rng.standard_normal())}
+    return params, jnp.asarray(rng.standard_normal((N, D))), jnp.asarray(rng.standard_normal(N))
+
+
+def _second_call_is_free(fn, first_args, second_args, traces=None, expect_first_compile=True):
+    with count_events() as first:
+        a = jax.block_until_ready(fn(*first_args))
+    before = dict(traces or {})
+    with count_events() as second:
+        b = jax.block_until_ready(fn(*second_args))
+    if expect_first_compile:
+        assert first[COMPILE_EVENT] >= 1  # the guard is not vacuous
+    assert second[COMPILE_EVENT] == 0, f"recompiled {second[COMPILE_EVENT]} time(s) on the second call"
+    if traces is not None:
+        assert dict(traces) == before, "apply_fn was traced again on the second call"
+    return a, b
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_adjoint_no_recompile(mode):
+    apply_fn, traces = _make_model()
+    p1, x1, _ = _data(0)
+    p2, x2, _ = _data(1)
+    a, b = _second_call_is_free(
+        lambda p, x: nj.adjoint(apply_fn, p, x, mode=mode), (p1, x1), (p2, x2), traces
+    )
+    assert traces["apply_fn"] >= 1 and not np.allclose(a, b)
+
+
+def test_dual_matrix_and_leverage_no_recompile():
+    apply_fn, traces = _make_model()
+    (p1, x1, y1), (p2, x2, y2) = _data(2), _data(3)
+    _second_call_is_free(
+        lambda p, x, y: nj.dual_matrix(apply_fn, p, x, y), (p1, x1, y1), (p2, x2, y2), traces
+    )
+    F1, F2 = nj.dual_matrix(apply_fn, p1, x1, y1), nj.dual_matrix(apply_fn, p2, x2, y2)
+    _second_call_is_free(nj.leverage_scores, (F1,), (F2,), expect_first_compile=False)
+    _second_call_is_free(nj.norm_scores, (F1,), (F2,), expect_first_compile=False)
+
+
+def test_dual_operator_no_recompile():
+    apply_fn, traces = _make_model()
+    (p1, x1, y1), (p2, x2, y2) = _data(4), _data(5)
+    op1 = nj.dual_operator(apply_fn, p1, x1, y1)
+    v1, v2 = jnp.arange(D + 2.0), jnp.ones(D + 2)
+    u1, u2 = jnp.arange(float(N)), jnp.ones(N)
+    _second_call_is_free(op1.mv, (v1,), (v2,), traces)
+    _second_call_is_free(op1.rmv, (u1,), (u2,), traces)
+    # a new operator for new data of the same shapes reuses the compiled products
+    op2 = nj.dual_operator(apply_fn, p2, x2, y2)
+    before = dict(traces)
+    with count_events() as counts:
+        jax.block_until_ready((op2.mv(v1), op2.rmv(u1)))
+    assert counts[COMPILE_EVENT] == 0 and dict(traces) == before
+
+
+def test_sample_and_distortion_no_recompile():
+    rng = np.random.default_rng(0)
+    F1, F2 = (jnp.asarray(rng.standard_normal((N, 4))) for _ in range(2))
+    p1, p2 = nj.leverage_scores(F1), nj.leverage_scores(F2)
+    for replace in (True, False):
+        _second_call_is_free(
+            lambda k, p, replace=replace: nj.sample(k, p, 7, replace=replace),
+            (jax.random.key(0), p1),
+            (jax.random.key(1), p2),
+            expect_first_compile=False,
+        )
+    U1, U2 = nj.orthonormal_basis(F1)[0], nj.orthonormal_basis(F2)[0]
+    i1, w1 = nj.sample(jax.random.key(2), p1, 7)
+    i2, w2 = nj.sample(jax.random.key(3), p2, 7)
+    _second_call_is_free(
+        lambda U, i, w: nj.distortion(None, i, w, basis=U),
+        (U1, i1, w1),
+        (U2, i2, w2),
+        expect_first_compile=False,
+    )
+    _second_call_is_free(
+        lambda F, i, w: nj.distortion(F, i, w), (F1, i1, w1), (F2, i2, w2), expect_first_compile=False
+    )
+
+
+def test_user_jit_traces_once():
+    """``@jax.jit`` over ``@chex.assert_max_traces(n=1)``: a user's pipeline is traced once."""
+    apply_fn, _ = _make_model()
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def pipeline(params, xs, ys, key):
+        F = nj.dual_matrix(apply_fn, params, xs, ys)
+        probs = nj.mix_with_uniform(nj.leverage_scores(F), 0.1)
+        idx, w = nj.sample(key, probs, 8)
+        return probs, idx, w, nj.distortion(F, idx, w)
+
+    (p1, x1, y1), (p2, x2, y2) = _data(6), _data(7)
+    pipeline(p1, x1, y1, jax.random.key(0))
+    with count_events() as counts:
+        jax.block_until_ready(pipeline(p2, x2, y2, jax.random.key(1)))
+    assert counts[COMPILE_EVENT] == 0
+
+
+def _svd_h(A):
+    U, sv, _ = np.linalg.svd(A, full_matrices=False)
+    r = int(np.sum(sv > 1e-12 * sv[0]))
+    return np.sum(U[:, :r] ** 2, axis=1), r, U[:, :r]
+
+
+def test_public_functions_inside_user_jit():
+    """Each public function, called inside one ``jax.jit``, matches an independent numpy reference.
+
+    (32 quadrature nodes: with 16 the tanh adjoint at |z| ≈ 5 is off by 4e-10 relative.)
+    """
+    apply_fn, _ = _make_model()  # tanh(<w, x> + b): θ = [b, w] (ravel order), z = <θ, [1, x]>
+    params, xs, ys = _data(8)
+    theta = jnp.array([0.5, -1.0, 0.3])
+    cases = {
+        "adjoint": lambda p, x, y: nj.adjoint(apply_fn, p, x, num_nodes=32, mode="forward"),
+        "dual_matrix": lambda p, x, y: nj.dual_matrix(apply_fn, p, x, y, num_nodes=32),
+        "dual_operator": lambda p, x, y: nj.dual_operator(apply_fn, p, x, y, num_nodes=32).rmv(y),
+        "single_index_adjoint": lambda p, x, y: nj.single_index_adjoint(jnp.tanh, theta, x),
+        "homogeneous_adjoint": lambda p, x, y: nj.homogeneous_adjoint(
+            lambda q, z: q["w"] @ z * q["b"], p, x, degree=2.0, g=jnp.tanh
+        ),
+        "bounded_swish": lambda p, x, y: nj.bounded_swish(x),
+        "leverage_scores": lambda p, x, y: nj.leverage_scores(x),
+        "leverage": lambda p, x, y: nj.leverage(x),
+        "ridge": lambda p, x, y: nj.leverage_scores(x, ridge=0.5),
+        "orthonormal_basis": lambda p, x, y: nj.orthonormal_basis(x)[:2],
+        "norm_scores": lambda p, x, y: nj.norm_scores(x),
+        "linear_leverage_scores": lambda p, x, y: nj.linear_leverage_scores(x, y, bias=True),
+        "linear_norm_scores": lambda p, x, y: nj.linear_norm_scores(x, y, bias=True),
+        "uniform_scores": lambda p, x, y: nj.uniform_scores(x.shape[0]),
+        "mix_with_uniform": lambda p, x, y: nj.mix_with_uniform(nj.norm_scores(x), 0.2),
+        "sample": lambda p, x, y: nj.sample(jax.random.key(0), nj.norm_scores(x), 5),
+        "sample_no_replace": lambda p, x, y: nj.sample(
+            jax.random.key(0), nj.norm_scores(x), 5, replace=False
+        ),
+        "distortion": lambda p, x, y: nj.distortion(x, jnp.arange(5), jnp.ones(5)),
+    }
+
+    def everything(p, x, y):
+        return {name: fn(p, x, y) for name, fn in cases.items()}
+
+    got = jax.jit(everything)(params, xs, ys)  # one compilation for all of them
+
+    X, y, b, w = np.asarray(xs), np.asarray(ys), float(params["b"]), np.asarray(params["w"])
+    ones = np.ones((N, 1))
+    z = b + X @ w
+    adj = (np.tanh(z) / z)[:, None] * np.concatenate([ones, X], axis=1)
+    dual = np.concatenate([adj, -y[:, None]], axis=1)  # f(0) = tanh(0) = 0
+    zs = X @ np.asarray(theta)
+    h = (X @ w) * b
+    grad_h = np.concatenate([(X @ w)[:, None], b * X], axis=1)  # ∂h/∂b, ∂h/∂w
+    lev_x, rank_x, U_x = _svd_h(X)
+    design = np.concatenate([X, ones, -y[:, None]], axis=1)
+    norm_x = np.sum(X**2, axis=1) / np.sum(X**2)
+    ridge = np.einsum("ij,ji->i", X, np.linalg.solve(X.T @ X + 0.5 * np.eye(D), X.T))
+    expected = {
+        "adjoint": adj,
+        "dual_matrix": dual,
+        "dual_operator": dual.T @ y,
+        "single_index_adjoint": (np.tanh(zs) / zs)[:, None] * X,
+        "homogeneous_adjoint": (np.tanh(h) / (2 * h))[:, None] * grad_h,
+        "bounded_swish": X * (1 + (np.sqrt(2) - 1) / (1 + np.exp(-X))),
+        "leverage_scores": lev_x / rank_x,
+        "leverage": (lev_x, rank_x),
+        "ridge": ridge / ridge.sum(),
+        "norm_scores": norm_x,
+        "linear_leverage_scores": _svd_h(design)[0] / design.shape[1],
+        "linear_norm_scores": np.sum(design**2, axis=1) / np.sum(design**2),
+        "uniform_scores": np.full(N, 1 / N),
+        "mix_with_uniform": 0.8 * norm_x + 0.2 / N,
+        "distortion": np.linalg.norm(U_x[:5].T @ U_x[:5] - np.eye(rank_x), 2),
+    }
+    for name, value in expected.items():
+        chex.assert_trees_all_close(got[name], value, rtol=1e-10, atol=1e-13, custom_message=name)
+    U, rank = got["orthonormal_basis"]
+    assert int(rank) == rank_x
+    np.testing.assert_allclose(np.sum(np.asarray(U) ** 2, axis=1), lev_x, atol=1e-12)
+    # sampling: same key inside and outside jit gives the same draw
+    eager_probs = nj.norm_scores(xs)
+    for name, replace in (("sample", True), ("sample_no_replace", False)):
+        idx, wts = nj.sample(jax.random.key(0), eager_probs, 5, replace=replace)
+        np.testing.assert_array_equal(got[name][0], idx)
+        np.testing.assert_allclose(got[name][1], wts, rtol=1e-12)
+
+
+def test_shape_checks_raise_inside_user_jit():
+    apply_fn, _ = _make_model()
+    params, xs, ys = _data(9)
+    with pytest.raises(ValueError, match=r"ys has shape \(36, 1\)"):
+        jax.jit(lambda p, x, y: nj.dual_matrix(apply_fn, p, x, y[:, None]))(params, xs, ys)
+    with pytest.raises(ValueError, match=r"xs has 36 examples but another leaf of xs has 35"):
+        jax.jit(lambda p, x: nj.adjoint(apply_fn, p, {"a": x, "b": x[1:]}))(params, xs)
+    with pytest.raises(ValueError, match=r"probs must be a 1-D probability vector"):
+        jax.jit(lambda x: nj.sample(jax.random.key(0), nj.norm_scores(x)[:, None], 3))(xs)
+    with pytest.raises(ValueError, match=r"F must be a matrix \(n, m\) or a block matrix"):
+        jax.jit(nj.leverage_scores)(ys)
+    with pytest.raises(ValueError, match=r"mv expects a vector of shape \(5,\)"):
+        jax.jit(lambda p, x, y: nj.dual_operator(apply_fn, p, x, y).mv(jnp.ones(3)))(params, xs, ys)
+    with pytest.raises(ValueError, match=r"indices and weights must be matching vectors"):
+        jax.jit(lambda x: nj.distortion(x, jnp.arange(4), jnp.ones(3)))(xs)

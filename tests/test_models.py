@@ -1,0 +1,126 @@
+"""Flax adapters (nnx and linen) against hand-written apply functions with the same weights, and the
+adjoint identity on them; ``import nlis_jax`` must not import flax."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+from helpers import flat_theta, normal, outputs, outputs_at_zero
+
+import nlis_jax as nj
+from nlis_jax.models import from_linen, from_nnx
+
+N, D, H = 25, 3, 5
+NODES = 32
+
+
+def _xs():
+    return normal(0, N, D)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs, out=1):
+        kw = dict(param_dtype=jnp.float64, bias_init=nnx.initializers.normal(0.5), rngs=rngs)
+        self.hidden = nnx.Linear(D, H, **kw)
+        self.head = nnx.Linear(H, out, **kw)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.hidden(x)))
+
+
+class LinenMLP(linen.Module):
+    out: int = 1
+
+    @linen.compact
+    def __call__(self, x):
+        kw = dict(param_dtype=jnp.float64, bias_init=linen.initializers.normal(0.5))
+        h = jnp.tanh(linen.Dense(H, **kw)(x))
+        return linen.Dense(self.out, **kw)(h)
+
+
+def _hand_written(w1, b1, w2, b2):
+    def apply_fn(_, x):
+        return jnp.tanh(x @ w1 + b1) @ w2 + b2
+
+    return apply_fn
+
+
+def _check_identity(apply_fn, params, xs, ys):
+    theta = flat_theta(params)
+    adj = nj.adjoint(apply_fn, params, xs, num_nodes=NODES)
+    lhs = jnp.tensordot(adj, theta, axes=1) + outputs_at_zero(apply_fn, params, xs)
+    np.testing.assert_allclose(lhs, outputs(apply_fn, params, xs), rtol=1e-10, atol=1e-12)
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=NODES)
+    assert F.shape == adj.shape[:-1] + (theta.shape[0] + 1,)
+    residual = jnp.tensordot(F, jnp.concatenate([theta, jnp.ones(1)]), axes=1)
+    np.testing.assert_allclose(residual, outputs(apply_fn, params, xs) - ys, rtol=0, atol=1e-12)
+    return adj
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_from_nnx(batched):
+    module = NnxMLP(nnx.Rngs(1))
+    apply_fn, params = from_nnx(module, batched=batched)
+    xs = _xs()
+    w1, b1 = module.hidden.kernel[...], module.hidden.bias[...]
+    w2, b2 = module.head.kernel[...][:, 0], module.head.bias[...][0]
+    assert float(jnp.max(jnp.abs(b1))) > 0  # non-zero biases
+    ref = _hand_written(w1, b1, w2, b2)
+    np.testing.assert_allclose(outputs(apply_fn, params, xs), outputs(ref, None, xs), rtol=1e-14)
+    assert flat_theta(params).shape == (D * H + H + H + 1,)
+    if not batched:  # the batched adapter computes the same function: one identity check suffices
+        _check_identity(apply_fn, params, xs, normal(2, N))
+    # the module is left as it was
+    np.testing.assert_array_equal(module.hidden.kernel[...], w1)
+
+
+def test_from_nnx_vector_output_and_no_squeeze():
+    module = NnxMLP(nnx.Rngs(3), out=2)
+    apply_fn, params = from_nnx(module)
+    xs = _xs()
+    ys = normal(4, N, 2)
+    adj = _check_identity(apply_fn, params, xs, ys)
+    assert adj.shape == (N, 2, D * H + H + 2 * H + 2)
+    one = NnxMLP(nnx.Rngs(5))
+    fn_keep, p_keep = from_nnx(one, squeeze=False)
+    assert outputs(fn_keep, p_keep, xs).shape == (N, 1)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_from_linen(batched):
+    module = LinenMLP()
+    xs = _xs()
+    variables = module.init(jax.random.key(6), xs[0])
+    apply_fn, params = from_linen(module, variables, batched=batched)
+    p = variables["params"]
+    ref = _hand_written(
+        p["Dense_0"]["kernel"], p["Dense_0"]["bias"], p["Dense_1"]["kernel"][:, 0], p["Dense_1"]["bias"][0]
+    )
+    np.testing.assert_allclose(outputs(apply_fn, params, xs), outputs(ref, None, xs), rtol=1e-14)
+    if not batched:
+        _check_identity(apply_fn, params, xs, normal(7, N))
+
+
+def test_adapters_reject_wrong_types():
+    with pytest.raises(TypeError, match="from_nnx expects an nnx.Module"):
+        from_nnx(LinenMLP())
+    with pytest.raises(TypeError, match="from_linen expects a flax.linen.Module"):
+        from_linen(NnxMLP(nnx.Rngs(0)), {"params": {}})
+    with pytest.raises(ValueError, match="no 'params' collection"):
+        from_linen(LinenMLP(), {"batch_stats": {}})
+
+
+def test_import_does_not_import_flax():
+    code = (
+        "import sys, nlis_jax; print(sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,0 +1,98 @@
+"""Row sharding on a 4-device CPU mesh: results equal the unsharded ones and stay sharded by example."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import matrix_with_condition, mlp_params, normal
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import nlis_jax as nj
+from nlis_jax import nets
+
+N, D = 48, 3  # n divisible by the 4 devices
+
+
+@functools.cache
+def _mesh():
+    devices = jax.devices("cpu")
+    if len(devices) < 4:
+        pytest.skip("needs 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    return jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:4])
+
+
+def _rows(x):
+    return jax.device_put(x, NamedSharding(_mesh(), P("data")))
+
+
+def _assert_row_sharded(a):
+    expected = NamedSharding(_mesh(), P("data"))
+    assert a.sharding.is_equivalent_to(expected, a.ndim), a.sharding
+    assert len(a.sharding.device_set) == 4
+
+
+@functools.cache
+def _case(k_out):
+    params = mlp_params(k_out, (D, 4, k_out))
+    xs = normal(10 + k_out, N, D)
+    ys = normal(20 + k_out, *((N,) if k_out == 1 else (N, k_out)))
+    return params, xs, ys
+
+
+def test_mesh_has_four_cpu_devices():
+    assert len(_mesh().devices.ravel()) == 4
+    assert {d.platform for d in _mesh().devices.ravel()} == {"cpu"}
+
+
+@pytest.mark.parametrize(("k_out", "mode"), [(1, "forward"), (2, "reverse")])
+def test_dual_matrix_and_scores_sharded(k_out, mode):
+    params, xs, ys = _case(k_out)
+    apply_fn = nets.mlp(jnp.tanh)
+    F = nj.dual_matrix(apply_fn, params, xs, ys, mode=mode)
+    xs_s, ys_s = _rows(xs), _rows(ys)
+    _assert_row_sharded(xs_s)
+    Fs = nj.dual_matrix(apply_fn, params, xs_s, ys_s, mode=mode)
+    np.testing.assert_allclose(Fs, F, rtol=1e-12, atol=1e-14)
+    _assert_row_sharded(Fs)
+    _assert_row_sharded(nj.adjoint(apply_fn, params, xs_s, mode=mode))
+
+    for score in (nj.leverage_scores, nj.norm_scores):
+        h, hs = score(F), score(Fs)
+        assert hs.shape == (N,)
+        np.testing.assert_allclose(hs, h, rtol=1e-12, atol=1e-14)
+        _assert_row_sharded(hs)
+
+
+def test_basis_routes_sharded():
+    """Gram, two-pass Gram and QR routes all give the unsharded leverage on row-sharded input."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((N, 5))
+    matrices = {
+        "gram": A,
+        "gram2": matrix_with_condition(rng, N, 5, 1e4)[0],
+        "stable": A[:, :2] @ rng.standard_normal((2, 5)),
+    }
+    for route, F in matrices.items():
+        U, rank, idx = nj.orthonormal_basis(_rows(jnp.asarray(F)))
+        assert nj.ROUTES[int(idx)] == route
+        _assert_row_sharded(U)
+        hs = nj.leverage_scores(_rows(jnp.asarray(F)))
+        np.testing.assert_allclose(hs, nj.leverage_scores(jnp.asarray(F)), rtol=1e-12, atol=1e-14)
+        _assert_row_sharded(hs)
+
+
+def test_dual_operator_sharded():
+    params, xs, ys = _case(1)
+    apply_fn = nets.mlp(jnp.tanh)
+    F = nj.dual_matrix(apply_fn, params, xs, ys)
+    op = nj.dual_operator(apply_fn, params, _rows(xs), _rows(ys))
+    v = jnp.linspace(-1.0, 1.0, F.shape[1])
+    mv = op.mv(v)
+    np.testing.assert_allclose(mv, F @ v, rtol=0, atol=1e-12)
+    _assert_row_sharded(mv)
+    np.testing.assert_allclose(op.rmv(_rows(ys)), F.T @ ys, rtol=0, atol=1e-12)

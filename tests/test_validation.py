@@ -1,0 +1,196 @@
+"""Bad inputs raise clear exceptions naming the problem; inputs are never modified."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nlis_jax as nj
+
+N, D = 12, 3
+
+
+def apply_fn(params, x):
+    return jnp.tanh(x @ params["w"] + params["b"])
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(D), "b": np.asarray(0.3)}
+    return params, rng.standard_normal((N, D)), rng.standard_normal(N)
+
+
+def _with_bad(value, where):
+    params, xs, ys = _inputs()
+    if where == "params":
+        params["w"][1] = value
+    elif where == "xs":
+        xs[2, 1] = value
+    else:
+        ys[5] = value
+    return params, xs, ys
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["params", "xs", "ys"])
+def test_non_finite_inputs(value, where):
+    params, xs, ys = _with_bad(value, where)
+    match = rf"{where} contains 1 NaN or Inf"
+    with pytest.raises(ValueError, match=match):
+        nj.dual_matrix(apply_fn, params, xs, ys)
+    with pytest.raises(ValueError, match=match):
+        nj.dual_operator(apply_fn, params, xs, ys)
+    if where != "ys":
+        with pytest.raises(ValueError, match=match):
+            nj.adjoint(apply_fn, params, xs)
+
+
+def test_non_finite_matrices_and_probs():
+    F = np.random.default_rng(1).standard_normal((N, 4))
+    F[3, 2] = np.nan
+    for fn in (nj.leverage_scores, nj.norm_scores, nj.orthonormal_basis):
+        with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
+            fn(F)
+    with pytest.raises(ValueError, match=r"theta contains 1 NaN or Inf"):
+        nj.single_index_adjoint(jnp.tanh, np.array([1.0, np.inf, 0.0, 1.0]), np.ones((N, 4)))
+    with pytest.raises(ValueError, match=r"xs contains 1 NaN or Inf"):
+        nj.single_index_adjoint(jnp.tanh, np.ones(4), F)
+
+
+def test_shape_mismatches():
+    params, xs, ys = _inputs()
+    with pytest.raises(
+        ValueError, match=r"ys has shape \(11,\) but the model gives outputs of shape \(12,\)"
+    ):
+        nj.dual_matrix(apply_fn, params, xs, ys[:-1])
+    with pytest.raises(
+        ValueError, match=r"ys has shape \(12, 1\) but the model gives outputs of shape \(12,\)"
+    ):
+        nj.dual_matrix(apply_fn, params, xs, ys[:, None])
+    with pytest.raises(ValueError, match=r"ys has shape \(12, 1\)"):
+        nj.dual_operator(apply_fn, params, xs, ys[:, None])
+    with pytest.raises(ValueError, match=r"xs has 12 examples but another leaf of xs has 11"):
+        nj.adjoint(lambda p, x: apply_fn(p, x["a"]) * x["b"], params, {"a": xs, "b": ys[:-1]})
+    with pytest.raises(ValueError, match=r"theta \(d\) has 3 examples but xs columns has 4"):
+        nj.single_index_adjoint(jnp.tanh, np.ones(3), np.ones((N, 4)))
+    with pytest.raises(ValueError, match=r"theta must be a vector of shape \(d,\)"):
+        nj.single_index_adjoint(jnp.tanh, np.ones((3, 1)), np.ones((N, 3)))
+    with pytest.raises(ValueError, match=r"ys must have shape \(12,\) to match xs"):
+        nj.linear_leverage_scores(xs, ys[:-1])
+    with pytest.raises(ValueError, match=r"F must be a matrix \(n, m\) or a block matrix"):
+        nj.leverage_scores(ys)
+    with pytest.raises(ValueError, match=r"xs has no examples"):
+        nj.adjoint(apply_fn, params, xs[:0])
+
+
+def test_apply_fn_returning_a_matrix():
+    params, xs, _ = _inputs()
+    with pytest.raises(ValueError, match=r"must return a scalar or a vector of k outputs for ONE example"):
+        nj.adjoint(lambda p, x: jnp.outer(x, x) * p["b"], params, xs)
+    with pytest.raises(ValueError, match=r"must return a scalar or a vector"):
+        nj.dual_matrix(lambda p, x: jnp.outer(x, x) * p["b"], params, xs)
+    with pytest.raises(TypeError, match=r"apply_fn must be callable"):
+        nj.adjoint("not a function", params, xs)
+    with pytest.raises(TypeError, match=r"params must hold floating-point arrays"):
+        nj.adjoint(apply_fn, {"w": np.ones(D, np.int32), "b": np.asarray(0.0)}, xs)
+
+
+@pytest.mark.parametrize(
+    ("probs", "match"),
+    [
+        (np.array([0.5, -0.1, 0.6]), r"probs has 1 negative entries"),
+        (np.array([0.5, 0.4, 0.05]), r"probs must sum to 1, got sum 0.95"),
+        (np.array([0.5, np.nan, 0.5]), r"probs contains NaN or Inf"),
+        (np.array([[0.5, 0.5]]), r"probs must be a 1-D probability vector, got shape \(1, 2\)"),
+        (np.array([]), r"probs must be a 1-D probability vector|probs is empty"),
+    ],
+)
+def test_bad_probs(probs, match):
+    with pytest.raises(ValueError, match=match):
+        nj.sample(jax.random.key(0), probs, 2)
+    with pytest.raises(ValueError, match=match):
+        nj.mix_with_uniform(probs, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "error", "match"),
+    [
+        (0, ValueError, r"num_samples must be a positive integer, got 0"),
+        (-3, ValueError, r"num_samples must be a positive integer, got -3"),
+        (2.0, TypeError, r"num_samples must be a Python int, got 2.0"),
+        (True, TypeError, r"num_samples must be a Python int, got True"),
+    ],
+)
+def test_bad_num_samples(num_samples, error, match):
+    with pytest.raises(error, match=match):
+        nj.sample(jax.random.key(0), np.full(4, 0.25), num_samples)
+
+
+def test_without_replacement_too_many():
+    with pytest.raises(ValueError, match=r"num_samples=5 exceeds n=4: cannot sample without replacement"):
+        nj.sample(jax.random.key(0), np.full(4, 0.25), 5, replace=False)
+    with pytest.raises(ValueError, match=r"exceeds the 2 rows with positive probability"):
+        nj.sample(jax.random.key(0), np.array([0.5, 0.5, 0.0, 0.0]), 3, replace=False)
+
+
+def test_bad_path_arguments():
+    params, xs, ys = _inputs()
+    with pytest.raises(ValueError, match=r"Unknown mode 'backward'; expected one of"):
+        nj.adjoint(apply_fn, params, xs, mode="backward")
+    with pytest.raises(ValueError, match=r"Unknown mode 'sideways'"):
+        nj.dual_matrix(apply_fn, params, xs, ys, mode="sideways")
+    for nodes in (0, -2):
+        with pytest.raises(ValueError, match=rf"num_nodes must be a positive integer, got {nodes}"):
+            nj.adjoint(apply_fn, params, xs, num_nodes=nodes)
+        with pytest.raises(ValueError, match=r"num_nodes must be a positive integer"):
+            nj.dual_operator(apply_fn, params, xs, num_nodes=nodes)
+        with pytest.raises(ValueError, match=r"num_nodes must be a positive integer"):
+            nj.gauss_legendre(nodes)
+    with pytest.raises(TypeError, match=r"num_nodes must be a Python int, got 4.5"):
+        nj.dual_matrix(apply_fn, params, xs, num_nodes=4.5)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
+        nj.adjoint(apply_fn, params, xs, batch_size=0)
+
+
+def test_bad_scalars():
+    with pytest.raises(ValueError, match=r"epsilon must lie in \(0, 1\)"):
+        nj.sample_size(1.5, 0.1, 3)
+    with pytest.raises(ValueError, match=r"delta must lie in \(0, 1\)"):
+        nj.sample_size(0.5, 0.0, 3)
+    with pytest.raises(ValueError, match=r"rank must be a positive integer"):
+        nj.sample_size(0.5, 0.1, 0)
+    with pytest.raises(ValueError, match=r"beta must lie in \(0, 1\]"):
+        nj.sample_size(0.5, 0.1, 3, beta=2.0)
+    with pytest.raises(ValueError, match=r"ridge must be non-negative"):
+        nj.leverage_scores(np.eye(3), ridge=-1.0)
+    with pytest.raises(ValueError, match=r"degree must be positive"):
+        nj.homogeneous_adjoint(apply_fn, _inputs()[0], _inputs()[1], degree=0)
+    with pytest.raises(ValueError, match=r"norm_scores: F is all zeros"):
+        nj.norm_scores(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"indices out of range \[0, 3\)"):
+        nj.distortion(np.eye(3), np.array([0, 3]), np.ones(2))
+
+
+def test_inputs_are_not_modified():
+    params, xs, ys = _inputs()
+    copies = jax.tree.map(np.copy, (params, xs, ys))
+    F = np.asarray(nj.dual_matrix(apply_fn, params, xs, ys))
+    F_copy = F.copy()
+    op = nj.dual_operator(apply_fn, params, xs, ys)
+    v, u = np.linspace(0, 1, D + 2), np.linspace(-1, 1, N)
+    v_copy, u_copy = v.copy(), u.copy()
+    op.mv(v), op.rmv(u)
+    probs = np.asarray(nj.leverage_scores(F))
+    probs_copy = probs.copy()
+    nj.norm_scores(F), nj.linear_leverage_scores(xs, ys, bias=True), nj.mix_with_uniform(probs, 0.3)
+    idx, w = nj.sample(jax.random.key(0), probs, 5)
+    nj.sample(jax.random.key(0), probs, 5, replace=False)
+    idx, w = np.asarray(idx), np.asarray(w)
+    idx_copy, w_copy = idx.copy(), w.copy()
+    nj.distortion(F, idx, w)
+    for a, b in zip(jax.tree.leaves((params, xs, ys)), jax.tree.leaves(copies), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in ((F, F_copy), (v, v_copy), (u, u_copy), (probs, probs_copy), (idx, idx_copy), (w, w_copy)):
+        np.testing.assert_array_equal(a, b)
