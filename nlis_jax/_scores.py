@@ -15,7 +15,8 @@ Leverage of row ``i`` of ``F`` (shape ``(n, m)``, rank ``r``):
    SVD of ``R``; rank = number of singular values above ``rtol · σ_max``.
 
 All three work on the column-equilibrated ``F D^{-1}`` (``D`` the column norms; same range, so the same
-leverage), which makes the route and the rank independent of the scale of each parameter.
+leverage), which makes the route and the rank independent of the scale of each parameter; exactly-zero
+columns are set aside (see :func:`equilibrated_eigh`).
 
 The Gram routes cost about the floor of two BLAS passes; QR/SVD cost ~17× that on a CPU. Gram +
 Cholesky alone would be silently wrong on an ill-conditioned float32 matrix (a ``κ(F) ≈ 1.6e6`` MLP dual
@@ -76,21 +77,37 @@ def _gram(F: Array) -> Array:
     return jnp.einsum("np,nq->pq", F, F)
 
 
+def equilibrated_eigh(G: Array) -> tuple[Array, Array, Array, Array]:
+    """Eigendecomposition of the column-equilibrated Gram matrix ``D⁻¹ G D⁻¹`` (``D`` = column norms).
+
+    ``range(F)`` is unchanged by scaling columns, so rank and route are decided on ``F D⁻¹`` (the norms
+    are read off the Gram diagonal: no extra pass). Columns of a dual matrix differ in scale by orders of
+    magnitude between layers; unscaled, a float32 MLP dual matrix with ``κ ≈ 1.4e6`` but
+    ``κ(F D⁻¹) ≈ 5e4`` had its smallest singular value at ``6·eps·σ_max`` and lost genuine directions.
+    Exactly-zero columns (dead ReLU units, a zero offset column) get a unit diagonal: they then add an
+    isolated eigenvalue 1 whose basis column ``F e_j`` is zero, so they neither count in the rank nor
+    push a well-conditioned matrix off the fast route.
+
+    Returns:
+      ``(lam, V, d, num_zero)``: ascending eigenvalues and eigenvectors, the column norms ``d`` (1 for
+      zero columns) and the number of zero columns.
+    """
+    norms = jnp.sqrt(jnp.diagonal(G))
+    zero = norms == 0
+    d = jnp.where(zero, jnp.ones_like(norms), norms)
+    Geq = G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype))
+    lam, V = jnp.linalg.eigh(Geq)
+    return lam, V, d, jnp.sum(zero)
+
+
 @functools.partial(jax.jit, static_argnames=("route",))
 def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Array, Array]:
-    # range(F) is unchanged by scaling columns, so rank and route are decided on the column-equilibrated
-    # F D^{-1} (D = column norms, read off the Gram diagonal: no extra pass). Columns of a dual matrix differ
-    # in scale by orders of magnitude between layers; unscaled, a float32 MLP dual matrix with κ ≈ 1.4e6 but
-    # κ(F D^{-1}) ≈ 5e4 had its smallest singular value at 6·eps·σ_max and lost genuine directions.
-    G = _gram(F)
-    d = jnp.sqrt(jnp.diagonal(G))
-    d = jnp.where(d > 0, d, jnp.ones_like(d))
-    lam, V = jnp.linalg.eigh(G / (d[:, None] * d[None, :]))  # ascending
+    lam, V, d, num_zero = equilibrated_eigh(_gram(F))
     branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
 
     def one_pass(F):
         M, rank = inverse_sqrt_basis(lam, V, rtol)
-        return F @ (M / d[:, None]), rank
+        return F @ (M / d[:, None]), rank - num_zero
 
     def two_pass(F):
         U, _ = one_pass(F)

@@ -3,7 +3,8 @@ r"""Leverage scores of a dual matrix too large to hold: stream the examples in c
 Memory ``O(chunk·p + p²)``, time linear in ``n``. The dual rows of each chunk are recomputed on every
 pass (adjoints are cheap next to holding ``n × (p+1)``), following :mod:`nlis_jax._scores`:
 
-- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (a ``lax.scan`` over chunks; on a sharded
+- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (decisions are made on its column-equilibrated
+  form, as in :func:`nlis_jax.leverage_scores`) (a ``lax.scan`` over chunks; on a sharded
   ``xs`` each chunk's product becomes an all-reduce) and takes ``G = V Λ Vᵀ``;
 - well-conditioned (``κ(G) ≤ eps^{-1/4}``): pass 2 scores each chunk, ``h = ‖F̃_c V Λ^{-1/2}‖²`` by row;
 - moderately ill-conditioned (``κ(G) ≤ 1/(1000 eps)``): one more Gram pass on ``F̃_c V Λ^{-1/2}``
@@ -25,7 +26,7 @@ from jax import lax
 from nlis_jax._adjoint import _adjoint_flat, flatten_model, model_outputs, validate_path_args
 from nlis_jax._checks import check_choice, check_positive_int
 from nlis_jax._dual import _check_ys
-from nlis_jax._scores import ROUTES, _gram, choose_route, inverse_sqrt_basis
+from nlis_jax._scores import ROUTES, _default_rtol, _gram, choose_route, equilibrated_eigh, inverse_sqrt_basis
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -72,14 +73,15 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
         return lax.scan(body, jnp.zeros((M.shape[1],) * 2, dtype), jnp.arange(m))[0]
 
     eye = jnp.eye(p + 1, dtype=dtype)
-    lam, V = jnp.linalg.eigh(gram_pass(eye))
+    lam, V, d, num_zero = equilibrated_eigh(gram_pass(eye))
     branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
 
     def one_pass():
-        return inverse_sqrt_basis(lam, V, rtol)
+        M, rank = inverse_sqrt_basis(lam, V, rtol)
+        return M / d[:, None], rank - num_zero
 
     def two_pass():
-        M1, _ = inverse_sqrt_basis(lam, V, rtol)
+        M1, _ = one_pass()
         lam2, V2 = jnp.linalg.eigh(gram_pass(M1))
         M2, rank = inverse_sqrt_basis(lam2, V2, rtol)
         return M1 @ M2, rank
@@ -89,9 +91,11 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
             return jnp.linalg.qr(jnp.concatenate([R, dual_rows(i)]), mode="r"), None
 
         R = lax.scan(body, jnp.zeros((p + 1, p + 1), dtype), jnp.arange(m))[0]
-        _, s, Vt = jnp.linalg.svd(R)
+        # F D⁻¹ = Q (R D⁻¹) = Q W S Vᵀ, so F · D⁻¹ V S⁻¹ = Q W is an orthonormal basis.
+        _, s, Vt = jnp.linalg.svd(R / d[None, :])
         keep = s > rtol * s[0]
-        return Vt.T * jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)[None, :], jnp.sum(keep)
+        inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
+        return (Vt.T * inv_s[None, :]) / d[:, None], jnp.sum(keep)
 
     M, rank = lax.switch(branch, (one_pass, two_pass, stable))
 
@@ -120,7 +124,8 @@ def streaming_leverage(
     Args:
       apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`.
       chunk_size: examples per chunk (static); memory is ``O(chunk_size·k·p + p²)``.
-      rtol: rank tolerance on singular values relative to the largest (default ``max(n·k, p+1)·eps``).
+      rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
+        the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
       route: force ``"gram"``, ``"gram2"`` or ``"stable"`` (default: chosen from ``κ(G)``).
 
     Returns:
@@ -133,10 +138,9 @@ def streaming_leverage(
         check_choice("route", route, ROUTES)
     model = flatten_model(apply_fn, params, xs)
     _check_ys(model, ys)
-    rows = model.n * math.prod(model.out_shape)
     dtype = model.theta.dtype
     if rtol is None:
-        rtol = max(rows, model.theta.shape[0] + 1) * float(jnp.finfo(dtype).eps)
+        rtol = _default_rtol(None, dtype)
     return _streaming_jit(
         apply_fn,
         params,

@@ -63,3 +63,17 @@ def test_streaming_bad_input(problem):
         nj.streaming_leverage(apply_fn, params, xs, ys, route="cholesky")
     with pytest.raises(ValueError, match="ys has shape"):
         nj.streaming_leverage(apply_fn, params, xs, ys[:-1])
+
+
+def test_streaming_zero_offset_column_is_not_counted():
+    # Without ys and with zero biases, the last dual column f(0) is exactly zero: rank p, fast route.
+    apply_fn = mlp()
+    params = mlp_init(jax.random.key(5), (3, 4, 1), dtype=jnp.float64)  # zero biases: f(0) = 0
+    xs = jax.random.normal(jax.random.key(6), (120, 3), jnp.float64)
+    F = nj.dual_matrix(apply_fn, params, xs)
+    assert float(jnp.max(jnp.abs(F[:, -1]))) == 0.0
+    ref, r = _svd_leverage(F)
+    h, rank, taken = nj.streaming_leverage(apply_fn, params, xs, chunk_size=50)
+    assert int(rank) == r == F.shape[1] - 1
+    assert nj.ROUTES[int(taken)] != "stable"
+    np.testing.assert_allclose(h, ref, rtol=1e-10)
