@@ -31,18 +31,21 @@ def check_floating(name: str, tree: PyTree) -> None:
             raise TypeError(f"{name} must hold floating-point arrays, got dtype {jnp.result_type(leaf)}.")
 
 
+@jax.jit
+def _count_nonfinite(x):
+    return jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x))
+
+
 def check_finite(name: str, tree: PyTree) -> None:
     """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
     for leaf in jax.tree.leaves(tree):
         if not is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
-        # Reduce where the data lives (device arrays stay on device; sharded arrays reduce per shard).
-        # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly.
+        # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly;
+        # one jitted reduction (one compile per shape) runs where the data lives, device or host.
         with jax.ensure_compile_time_eval():
-            finite = jnp.isfinite(leaf) if isinstance(leaf, jax.Array) else np.isfinite(leaf)
-            ok = bool(finite.all())
-        if not ok:
-            bad = int(np.size(leaf) - int(np.sum(np.asarray(finite))))
+            bad = int(_count_nonfinite(leaf))
+        if bad:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 

@@ -9,6 +9,7 @@ with the limit ``g'(0)/α · ∇h`` as ``h → 0``. The single-index model ``ϕ(
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -89,9 +90,12 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     check_finite("theta", theta)
     check_finite("xs", xs)
     dtype = jnp.result_type(theta, xs)
-    theta, xs = theta.astype(dtype), xs.astype(dtype)
-    z = xs @ theta
-    return difference_quotient(phi, z)[:, None] * xs
+    return _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("phi",))
+def _single_index_jit(phi, theta, xs):
+    return difference_quotient(phi, xs @ theta)[:, None] * xs
 
 
 def homogeneous_adjoint(
