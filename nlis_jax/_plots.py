@@ -1,0 +1,133 @@
+"""Plots of a study summary (``nlis_jax.experiments.run_study(...).summary``), rendered with Agg.
+
+Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas directly, so no pyplot state or
+interactive backend is involved (safe in tests, on servers and inside notebooks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_STYLES = {
+    "uniform": ("tab:gray", "o", "-"),
+    "linear_leverage": ("tab:blue", "s", "-"),
+    "nonlinear_leverage": ("tab:red", "D", "-"),
+    "nonlinear_norm": ("tab:orange", "^", "-"),
+    "pilot_leverage": ("tab:green", "v", "--"),
+    "refined_leverage": ("tab:purple", "P", "--"),
+}
+
+
+def _figure(figsize=(6.4, 4.4)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(summary: dict, method: str, field: str, transform=lambda v: v):
+    rows = summary["methods"][method]["results"]
+    sizes = np.array([r["size"] for r in rows], dtype=float)
+
+    def get(key):  # None marks a diverged (infinite) quantile: not drawn
+        return np.array([np.nan if r[field][key] is None else transform(r[field][key]) for r in rows])
+
+    return sizes, get("median"), get("q25"), get("q75")
+
+
+def _draw(ax, summary: dict, field: str, transform=lambda v: v, positive: bool = False) -> None:
+    for method in summary["methods"]:
+        color, marker, line = _STYLES.get(method, (None, "o", "-"))
+        sizes, med, lo, hi = _series(summary, method, field, transform)
+        if positive:  # keep only points that a log axis can show
+            keep = np.nan_to_num(med) > 0
+            sizes, med, lo, hi = sizes[keep], med[keep], np.maximum(lo[keep], med[keep] * 1e-3), hi[keep]
+            if not sizes.size:
+                continue
+        ax.plot(sizes, med, line, color=color, marker=marker, label=method.replace("_", " "))
+        ax.fill_between(sizes, lo, hi, color=color, alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    _plain_x(ax, [r["size"] for m in summary["methods"].values() for r in m["results"]])
+    ax.set_xlabel(f"sample size s (rows of n = {summary['n']:,})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _plain_ticks(ax) -> None:
+    """Plain numbers (1.2, not 1.2×10⁰) on a log y axis whose range is narrow."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+
+
+def _plain_x(ax, sizes) -> None:
+    """Sample sizes as plain numbers on the log x axis (minor labels too when the span is short)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    short = len(sizes) > 0 and max(sizes) / min(sizes) <= 8
+    ax.xaxis.set_minor_formatter(plain if short else NullFormatter())
+    if not short:
+        ax.set_xticks(sorted(set(sizes)))
+
+
+def _title(summary: dict) -> str:
+    info = summary.get("info", {})
+    radius = info.get("radius")
+    constraint = "" if radius is None else f", ‖θ‖ ≤ {radius}"
+    return f"{summary['dataset']}: n = {summary['n']:,}, p = {summary['p']}{constraint}"
+
+
+def plot_study(summary: dict, out_dir: str | Path) -> list[Path]:
+    """Write the study's figures into ``out_dir`` and return their paths.
+
+    * ``ratio.png``: ``L(θ_S)/L(θ*)`` against ``s`` (log-log), median and interquartile band per scheme;
+    * ``excess.png``: the excess ``L(θ_S)/L(θ*) − 1`` (log-log; where positive), whose slope reads the
+      rate in ``s``;
+    * ``accuracy.png`` (classification): test accuracy against ``s``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    _draw(ax, summary, "ratio")
+    ax.set_yscale("log")
+    _plain_ticks(ax)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("L(θ_S) / L(θ*) on the full data")
+    ax.set_title(_title(summary), fontsize="medium")
+    paths.append(out / "ratio.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    _draw(ax, summary, "ratio", transform=lambda v: v - 1.0, positive=True)
+    ax.set_yscale("log")
+    ax.set_ylabel("L(θ_S) / L(θ*) − 1")
+    ax.set_title(_title(summary), fontsize="medium")
+    paths.append(out / "excess.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    first = next(iter(summary["methods"].values()))["results"]
+    if first and "test_accuracy" in first[0]:
+        fig = _figure()
+        ax = fig.add_subplot()
+        _draw(ax, summary, "test_accuracy")
+        full = summary.get("full", {}).get("test_accuracy")
+        if full is not None:
+            ax.axhline(full, color="black", linewidth=0.8, linestyle=":", label="full data")
+            ax.legend(fontsize="small")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(_title(summary), fontsize="medium")
+        paths.append(out / "accuracy.png")
+        fig.savefig(paths[-1], dpi=120)
+    return paths

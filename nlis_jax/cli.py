@@ -1,0 +1,387 @@
+"""The ``nlis-jax`` command line.
+
+``nlis-jax run`` compares uniform, linear leverage, nonlinear leverage and norm sampling (oracle scores at
+θ*) and the practical pilot and refinement schemes over a grid of sample sizes with repeats, prints the
+table of ``L(θ_S)/L(θ*)`` on the full data, and writes ``results.json`` and plots. With no options it runs
+the California Housing study at a size that takes a few minutes on two CPU cores.
+
+``nlis-jax outliers`` runs the outlier study of :mod:`nlis_jax.outliers` (when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from nlis_jax.experiments._configs import CONFIGS, METHODS, OPTIMIZERS, shrink
+
+#: Exit code for a usage error or a missing data set (argparse's convention).
+EXIT_USAGE = 2
+
+_EPILOG = """\
+examples:
+  nlis-jax run                                   # California Housing, default grid
+  nlis-jax run --sizes 0.005,0.01,0.02 --repeats 50 --out results/cal
+  nlis-jax run --dataset synthetic --n 1000000 --sizes 0.001,0.01 --repeats 5
+  nlis-jax run --dataset synthetic --n 1000000 --correlation 0.95 --tails 3
+  nlis-jax run --dataset fashion-mnist --classes all --n 4000
+  nlis-jax run --dataset digits
+
+data: California Housing is read from scikit-learn's cache (cal_housing_py3.pkz) in --data-home or
+$SCIKIT_LEARN_DATA; Fashion-MNIST from the four IDX files in --data-home/fashion-mnist,
+$NLIS_FASHION_MNIST, ~/scikit_learn_data/fashion-mnist or /usr/share/datasets/fashion-mnist. Nothing is
+downloaded unless --download is given.
+
+environment: NLIS_SMALL=1 shrinks the defaults to a smoke-test size (2 repeats, 2 sizes, 50 steps,
+at most 2,000 rows, no wall-time comparison); explicit options still apply.
+"""
+
+
+def _sizes(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes must be a comma list of numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive numbers, got {text!r}")
+    if any(v >= 1 and v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"a size >= 1 counts rows and must be a whole number: {text!r}")
+    return tuple(int(v) if v >= 1 else v for v in values)
+
+
+#: What an option given as 'none' parses to (``None`` itself means "not given").
+NONE = "none"
+
+
+def _size_or_none(text: str):
+    if text.lower() in ("none", "off"):
+        return NONE
+    return _sizes(text)[0]
+
+
+def _float_or_none(text: str):
+    if text.lower() in ("none", "off"):
+        return NONE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in values if v not in METHODS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+    return values
+
+
+def _classes(text: str):
+    if text.lower() in ("all", "none"):
+        return NONE
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"classes must be 'all' or a comma list of labels: {text!r}"
+        ) from None
+
+
+def _int_or_none(text: str):
+    return NONE if text.lower() in ("none", "off") else _positive_int(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# option dest -> (config field, data sets it applies to; None = all)
+_FIELDS = {
+    "sizes": ("sizes", None),
+    "repeats": ("repeats", None),
+    "methods": ("methods", None),
+    "steps": ("num_steps", None),
+    "full_steps": ("full_steps", None),
+    "optimizer": ("optimizer", None),
+    "lr": ("learning_rate", None),
+    "radius": ("radius", None),
+    "mix": ("mix", None),
+    "pilot_size": ("pilot_size", None),
+    "timing_size": ("timing_size", None),
+    "num_nodes": ("num_nodes", None),
+    "n": ("n", ("synthetic", "fashion-mnist")),
+    "d": ("d", ("synthetic",)),
+    "noise": ("noise", ("synthetic",)),
+    "tails": ("tails", ("synthetic",)),
+    "correlation": ("correlation", ("synthetic",)),
+    "data_seed": ("data_seed", ("synthetic", "fashion-mnist", "digits")),
+    "classes": ("classes", ("fashion-mnist", "digits")),
+    "hidden": ("hidden", ("fashion-mnist", "digits")),
+    "pool": ("pool", ("fashion-mnist",)),
+    "components": ("components", ("fashion-mnist", "digits")),
+    "data_home": ("data_home", ("california", "fashion-mnist")),
+    "download": ("download", ("california", "fashion-mnist")),
+}
+
+
+def build_parser(outliers_module=None) -> argparse.ArgumentParser:
+    """The ``nlis-jax`` parser; ``outliers_module`` (:mod:`nlis_jax.outliers`) adds the outlier options."""
+    parser = argparse.ArgumentParser(
+        prog="nlis-jax",
+        description="Importance sampling of training data for nonlinear models: sampling studies.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,outliers}")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="compare sampling schemes over sample sizes (default: California Housing)",
+        description=(
+            "Compare sampling schemes over a grid of sample sizes with repeats: L(θ_S)/L(θ*) on the full "
+            "data (median and quartiles), scoring and training wall times, and a wall-time comparison of "
+            "practical schemes against full-data training to the same loss. Prints the table, writes "
+            "OUT/results.json and OUT/*.png. Options left out take the data set's defaults "
+            "(nlis_jax.experiments.*Config)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    g = run.add_argument_group("study")
+    g.add_argument(
+        "--dataset", choices=sorted(CONFIGS), default="california", help="data set (default: california)"
+    )
+    g.add_argument(
+        "--sizes",
+        type=_sizes,
+        help="comma list of sample sizes: values < 1 are fractions of n (0.005,0.01), values >= 1 row counts",
+    )
+    g.add_argument("--repeats", type=_positive_int, help="independent samples per scheme and size")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed: jax.random.key(seed) (default 0)")
+    g.add_argument(
+        "--out",
+        default="nlis_results",
+        help="output folder for results.json and plots (default nlis_results)",
+    )
+    g.add_argument(
+        "--methods", type=_methods, help=f"comma list of schemes among {','.join(METHODS)} (default: all)"
+    )
+    g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    g = run.add_argument_group("training")
+    g.add_argument("--steps", type=_positive_int, help="projected-gradient steps of every sample fit")
+    g.add_argument("--full-steps", type=_positive_int, help="steps of the full-data fit (default: --steps)")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="gd: projected Nesterov GD with step lr/L̂ (L̂ a curvature bound; single-index models); "
+        "adam: Adam with cosine decay (networks)",
+    )
+    g.add_argument("--lr", type=float, help="step multiplier (gd) or initial learning rate (adam)")
+    g.add_argument("--radius", type=_float_or_none, help="l2-ball radius of the constraint, or 'none'")
+    g.add_argument("--mix", type=float, help="mix non-uniform scores with uniform: (1-α)p + α/n")
+    g.add_argument(
+        "--pilot-size", type=lambda t: _sizes(t)[0], help="uniform pilot sample (fraction or rows)"
+    )
+    g.add_argument(
+        "--timing-size",
+        type=_size_or_none,
+        help="sample size of the wall-time comparison with full-data training, or 'none' to skip it",
+    )
+    g.add_argument(
+        "--num-nodes", type=_positive_int, help="Gauss-Legendre nodes of the quadrature adjoint (networks)"
+    )
+
+    g = run.add_argument_group("data")
+    g.add_argument(
+        "--n", type=_positive_int, help="rows: generated (synthetic) or subsampled (fashion-mnist)"
+    )
+    g.add_argument("--d", type=_positive_int, help="features of the synthetic data")
+    g.add_argument("--noise", type=float, help="noise standard deviation of the synthetic data")
+    g.add_argument(
+        "--tails",
+        type=_float_or_none,
+        help="synthetic: multivariate-t rows with this many degrees of freedom",
+    )
+    g.add_argument("--correlation", type=float, help="synthetic: AR(1) feature correlation ρ in (-1, 1)")
+    g.add_argument("--data-seed", type=int, help="seed of data generation / subsampling / train-test split")
+    g.add_argument(
+        "--classes", type=_classes, help="fashion-mnist/digits: 'all' or a comma list of labels, e.g. 0,6"
+    )
+    g.add_argument("--hidden", type=_positive_int, help="hidden width of the ReLU network")
+    g.add_argument(
+        "--components",
+        type=_int_or_none,
+        help="fashion-mnist/digits: project the inputs on this many principal axes, or 'none'",
+    )
+    g.add_argument(
+        "--pool", type=_positive_int, help="fashion-mnist: average-pooling block (4: 7x7 = 49 features)"
+    )
+    g.add_argument(
+        "--data-home", help="folder with the data (scikit-learn's data home; fashion-mnist/ inside it)"
+    )
+    g.add_argument(
+        "--download", action="store_true", default=None, help="allow downloading a missing data set"
+    )
+
+    out = sub.add_parser(
+        "outliers",
+        help="flip labels, rank the data by score, measure how well scores find them (nlis_jax.outliers)",
+        description=(
+            "Outlier study of nlis_jax.outliers: flip a share of Fashion-MNIST labels, fit a ReLU network, "
+            "rank the examples by nonlinear leverage and baselines, report AUROC and precision."
+        ),
+    )
+    out.add_argument("--seed", type=int, default=None, help="PRNG seed (default 0)")
+    out.add_argument("--out", default="nlis_outliers", help="output folder (default nlis_outliers)")
+    if outliers_module is not None and hasattr(outliers_module, "add_arguments"):
+        outliers_module.add_arguments(out)  # the study's own options (skips --seed/--out, defined above)
+    out.epilog = "Options not listed here are passed on to nlis_jax.outliers.run(args) as args.extra."
+    return parser
+
+
+def _load_outliers():
+    """``nlis_jax.outliers``, imported on demand; ``None`` when this install does not have it."""
+    import importlib
+
+    try:
+        return importlib.import_module("nlis_jax.outliers")
+    except ImportError as exc:
+        if getattr(exc, "name", None) not in ("nlis_jax.outliers", None):
+            raise  # the module exists but one of its imports failed: show that
+        return None
+
+
+def make_config(args: argparse.Namespace):
+    """The study config of the parsed ``run`` options (defaults of the data set's config class)."""
+    cls = CONFIGS[args.dataset]
+    base = shrink(cls()) if os.environ.get("NLIS_SMALL", "") not in ("", "0") else cls()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    overrides = {}
+    for dest, (field, datasets) in _FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if datasets is not None and args.dataset not in datasets:
+            raise ValueError(f"--{dest.replace('_', '-')} does not apply to --dataset {args.dataset}.")
+        if field in fields:
+            overrides[field] = None if value == NONE else value
+    return dataclasses.replace(base, **overrides)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.dataset in ("california", "synthetic"):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # float64 studies; set before any array exists
+    import jax
+
+    from nlis_jax import datasets, experiments
+
+    try:
+        config = make_config(args)
+    except (ValueError, TypeError) as exc:
+        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    t0 = time.perf_counter()
+    try:
+        problem = experiments.make_problem(config)
+    except datasets.DatasetNotFoundError as exc:
+        print(
+            f"nlis-jax run: data set {args.dataset!r} not found.\n{exc}\n"
+            "On the command line: --data-home FOLDER points at the data (scikit-learn's data home; "
+            "Fashion-MNIST in FOLDER/fashion-mnist), --download lets nlis-jax fetch it (needs internet).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    load_s = time.perf_counter() - t0
+    result = experiments.run_study(
+        config, jax.random.key(args.seed), problem=problem, progress=not args.no_progress
+    )
+    summary = dict(result.summary)
+    summary["seed"] = args.seed
+    summary["argv"] = list(argv)
+    summary["load_s"] = load_s
+    summary["wall_s"] = time.perf_counter() - t0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    written = [out / "results.json"]
+    if not args.no_plots:
+        from nlis_jax._plots import plot_study
+
+        written += plot_study(summary, out)
+    print(experiments.format_table(summary))
+    print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _outliers(args: argparse.Namespace, outliers) -> int:
+    run = None if outliers is None else getattr(outliers, "run", None)
+    if run is None:
+        print(
+            "nlis-jax outliers: not available: the outlier study (nlis_jax.outliers with run(args)) is not "
+            "part of this installation of nlis_jax.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from nlis_jax import datasets
+
+    try:
+        code = run(args)
+    except datasets.DatasetNotFoundError as exc:
+        print(f"nlis-jax outliers: data set not found.\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0 if code is None else int(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nlis-jax`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    outliers = _load_outliers() if command == "outliers" else None
+    parser = build_parser(outliers)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "outliers":
+        args.extra = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "run":
+        return _run(args, argv)
+    if args.command == "outliers":
+        return _outliers(args, outliers)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

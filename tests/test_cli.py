@@ -1,0 +1,157 @@
+"""End-to-end tests of the ``nlis-jax`` command line at tiny size."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from nlis_jax import cli
+
+#: The same study as tests/test_experiments.py's TINY config (shared compiled kernels).
+TINY = [
+    "run",
+    "--dataset",
+    "synthetic",
+    "--n",
+    "200",
+    "--d",
+    "4",
+    "--sizes",
+    "20,40",
+    "--repeats",
+    "2",
+    "--steps",
+    "50",
+    "--pilot-size",
+    "20",
+    "--timing-size",
+    "20",
+]
+
+
+def test_run_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert cli.main(TINY + ["--out", str(out), "--seed", "3"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["dataset"] == "synthetic" and summary["n"] == 200 and summary["p"] == 4
+    assert summary["seed"] == 3 and summary["config"]["repeats"] == 2
+    assert summary["full"]["loss"] > 0 and summary["full"]["time_s"] > 0
+    for method in ("uniform", "linear_leverage", "nonlinear_leverage", "nonlinear_norm"):
+        records = summary["methods"][method]["results"]
+        assert [r["size"] for r in records] == [20, 40]
+        assert {"median", "q25", "q75"} <= set(records[0]["ratio"])
+        assert records[0]["train_s"] > 0 and "score_s" in records[0]
+    assert (out / "ratio.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "L(θ_S)/L(θ*)" in printed and "nonlinear_leverage" in printed
+
+
+def test_run_options_reach_the_config(tmp_path):
+    args = cli.build_parser().parse_args(
+        [
+            "run",
+            "--dataset",
+            "synthetic",
+            "--radius",
+            "none",
+            "--tails",
+            "3",
+            "--sizes",
+            "0.01,100",
+            "--methods",
+            "uniform,nonlinear_leverage",
+            "--timing-size",
+            "none",
+            "--lr",
+            "0.5",
+        ]
+    )
+    config = cli.make_config(args)
+    assert config.radius is None and config.tails == 3.0 and config.timing_size is None
+    assert config.sizes == (0.01, 100) and config.methods == ("uniform", "nonlinear_leverage")
+    assert config.learning_rate == 0.5
+    args = cli.build_parser().parse_args(
+        ["run", "--dataset", "digits", "--components", "none", "--classes", "3,8"]
+    )
+    config = cli.make_config(args)
+    assert config.components is None and config.classes == (3, 8)
+    args = cli.build_parser().parse_args(["run", "--dataset", "fashion-mnist", "--classes", "all"])
+    assert cli.make_config(args).classes is None  # all ten classes (the default is a binary pair)
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--dataset",
+        "--sizes",
+        "--repeats",
+        "--seed",
+        "--out",
+        "--steps",
+        "--methods",
+        "--radius",
+        "--n",
+        "--data-home",
+        "--download",
+        "--timing-size",
+        "--pilot-size",
+        "--classes",
+    ):
+        assert option in text, option
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "outliers" in capsys.readouterr().out
+
+
+def test_missing_data_set_message(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = cli.main(["run", "--data-home", str(empty), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "cal_housing_py3.pkz" in err and "SCIKIT_LEARN_DATA" in err
+    assert "--data-home" in err and "--download" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_option_for_another_data_set_is_an_error(capsys):
+    assert cli.main(["run", "--dataset", "california", "--d", "3"]) == 2
+    assert "--d does not apply" in capsys.readouterr().err
+
+
+def test_bad_option_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--sizes", "0.1,abc"])
+    assert info.value.code == 2
+
+
+def test_outliers_not_available(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nlis_jax.outliers", None)  # as if the module were absent
+    assert cli.main(["outliers"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_outliers_help_lists_the_study_options(capsys):
+    pytest.importorskip("nlis_jax.outliers")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["outliers", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--seed" in text and "--out" in text and "--flip-fraction" in text
+
+
+def test_outliers_delegates_to_module(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("nlis_jax.outliers")
+    fake.run = lambda args: seen.setdefault("args", args) and 0
+    monkeypatch.setitem(sys.modules, "nlis_jax.outliers", fake)
+    assert cli.main(["outliers", "--seed", "5", "--top", "10"]) == 0
+    assert seen["args"].seed == 5 and seen["args"].extra == ["--top", "10"]

@@ -1,0 +1,272 @@
+"""Tests of nlis_jax.experiments: study structure, optimality of θ*, kernels against references.
+
+Sizes are tiny. The synthetic config below is shared with tests/test_cli.py (same shapes), so the
+compiled kernels (a module-level cache in nlis_jax.experiments._study) are reused across both files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+import nlis_jax as nj
+from nlis_jax import experiments as ex
+from nlis_jax.datasets import DatasetNotFoundError
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: The tiny synthetic study (also run through the CLI in tests/test_cli.py).
+TINY = ex.SyntheticConfig(
+    n=200,
+    d=4,
+    sizes=(20, 40),
+    repeats=2,
+    num_steps=50,
+    pilot_size=20,
+    timing_size=20,
+)
+
+
+def _california_home() -> str:
+    for folder in (SHARED_DATA / "scikit_learn_data", os.environ.get("SCIKIT_LEARN_DATA")):
+        if folder and (Path(folder) / "cal_housing_py3.pkz").is_file():
+            return str(folder)
+    pytest.skip("California Housing cache (cal_housing_py3.pkz) not found")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    problem = ex.make_problem(TINY)
+    result = ex.run_study(TINY, jax.random.key(0), problem=problem)
+    return problem, result
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_resolve_sizes():
+    assert ex.resolve_sizes((0.1, 20, 0.05), 200) == (10, 20)
+    assert ex.resolve_size(0.001, 200) == 1
+    with pytest.raises(ValueError, match="more than n"):
+        ex.resolve_size(300, 200)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sizes=()), "non-empty"),
+        (dict(sizes=(0.5, 2.5)), "whole number"),
+        (dict(methods=("magic",)), "unknown method"),
+        (dict(repeats=0), "repeats"),
+        (dict(optimizer="sgd"), "optimizer"),
+        (dict(mix=1.5), "mix"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ex.SyntheticConfig(**kwargs)
+
+
+def test_configs_are_hashable():
+    assert hash(TINY) == hash(dataclasses.replace(TINY))
+    assert {ex.CaliforniaConfig(), ex.CaliforniaConfig()} == {ex.CaliforniaConfig()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def test_study_structure(tiny):
+    problem, result = tiny
+    s = result.summary
+    json.dumps(s, allow_nan=False)  # plain JSON
+    assert s["dataset"] == "synthetic" and s["n"] == 200 and s["p"] == 4
+    assert s["sizes"] == [20, 40] and result.sizes == (20, 40)
+    assert list(s["methods"]) == list(ex.METHODS)
+    for method in ex.METHODS:
+        assert result.ratios[method].shape == (2, 2)
+        records = s["methods"][method]["results"]
+        assert [r["size"] for r in records] == [20, 40]
+        for r in records:
+            q = r["ratio"]
+            assert q["min"] <= q["q25"] <= q["median"] <= q["q75"] <= q["max"]
+            assert len(r["values"]) == TINY.repeats
+            assert r["score_s"] >= 0 and r["train_s"] > 0 and r["sample_s"] >= 0
+    assert s["full"]["constraint_active"] is True
+    assert s["full"]["theta_norm"] == pytest.approx(TINY.radius, rel=1e-9)
+    timing = s["timing"]
+    assert timing["size"] == 20
+    for method in ("pilot_leverage", "linear_leverage", "uniform"):
+        t = timing["methods"][method]
+        assert len(t["runs"]) == 3 and t["total_s"] >= t["total_converged_s"] > 0
+    assert "uniform" in ex.format_table(s)
+
+
+def test_ratios_at_least_one(tiny):
+    """θ* minimises L over the ball, so L(θ_S)/L(θ*) >= 1 up to the convergence of the full fit."""
+    _, result = tiny
+    assert result.full.rel_change < 1e-10
+    for method, ratios in result.ratios.items():
+        assert np.all(np.isfinite(ratios)), method
+        assert np.all(ratios >= 1 - 1e-9), (method, ratios.min())
+
+
+def test_study_is_reproducible_and_does_not_recompile(tiny):
+    problem, first = tiny
+    again = ex.run_study(TINY, jax.random.key(0), problem=problem)
+    assert again.summary["compile"]["count"] == 0  # same shapes: every kernel comes from the cache
+    for method in ex.METHODS:
+        np.testing.assert_array_equal(again.ratios[method], first.ratios[method])
+    other = ex.run_study(dataclasses.replace(TINY, timing_size=None), jax.random.key(1), problem=problem)
+    assert other.summary["compile"]["count"] == 0  # a new key is new data, not new code
+    assert not np.array_equal(other.ratios["uniform"], first.ratios["uniform"])
+
+
+def test_method_subset_keeps_draws(tiny):
+    """A scheme's samples at a size do not depend on which other schemes run."""
+    problem, first = tiny
+    subset = dataclasses.replace(TINY, methods=("linear_leverage",), timing_size=None)
+    result = ex.run_study(subset, jax.random.key(0), problem=problem)
+    np.testing.assert_array_equal(result.ratios["linear_leverage"], first.ratios["linear_leverage"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces against references
+
+
+def test_scores_against_library(tiny):
+    problem, result = tiny
+    theta = result.full.params
+    design = np.concatenate([np.asarray(problem.xs), -np.asarray(problem.ys)[:, None]], axis=1)
+    np.testing.assert_allclose(ex.score("linear_leverage", problem), nj.leverage_scores(design), rtol=1e-10)
+    np.testing.assert_allclose(ex.score("uniform", problem), np.full(200, 1 / 200), rtol=0)
+    # Closed-form dual (single_index_adjoint) against the library's quadrature dual matrix.
+    quad = nj.dual_matrix(problem.apply_fn, theta, problem.xs, problem.ys, num_nodes=32)
+    np.testing.assert_allclose(problem.dual_fn(theta, problem.xs, problem.ys), quad, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        ex.score("nonlinear_leverage", problem, theta), nj.leverage_scores(quad), rtol=1e-8
+    )
+    np.testing.assert_allclose(ex.score("nonlinear_norm", problem, theta), nj.norm_scores(quad), rtol=1e-8)
+    mixed = ex.score("nonlinear_leverage", problem, theta, mix=0.5)
+    np.testing.assert_allclose(mixed.sum(), 1.0, rtol=1e-12)
+    assert float(mixed.min()) >= 0.5 / 200
+    with pytest.raises(ValueError, match="pass params"):
+        ex.score("pilot_leverage", problem)
+
+
+def test_draw_weights(tiny):
+    problem, _ = tiny
+    probs = ex.score("linear_leverage", problem)
+    (idx, w), _ = ex.draw(jax.random.split(jax.random.key(3), 4), probs, 25)
+    assert idx.shape == w.shape == (4, 25)
+    np.testing.assert_allclose(w, 1.0 / (25 * np.asarray(probs)[np.asarray(idx)]), rtol=1e-12)
+
+
+def test_sample_kernel_matches_trainer(tiny):
+    """The vmapped sample fit with every row at weight 1 is the full-data iteration of nlis_jax.fit."""
+    problem, result = tiny
+    n = problem.n
+    idx = jnp.arange(n)[None]
+    w = jnp.ones((1, n), problem.dtype)
+    params0 = problem.init(jax.random.key(0))
+    (params, trace), _ = ex.fit_samples(problem, params0, idx, w, num_steps=TINY.num_steps)
+    np.testing.assert_allclose(params[0], result.full.params, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(trace[0] * n, result.full.losses, rtol=1e-10)
+    losses, _ = ex.full_losses(problem, params)
+    np.testing.assert_allclose(losses[0], result.full.loss, rtol=1e-12)
+
+
+def test_steps_to_loss_and_convergence():
+    losses = np.array([5.0, 3.0, 2.0, 1.5, 1.2])
+    assert ex.steps_to_loss(losses, 2.0) == 2
+    assert ex.steps_to_loss(losses, 1.0) is None
+    assert ex.steps_to_loss(losses, 9.0) == 0
+    trace = np.array([5.0, 1.0, 3.0, 2.0 + 1e-9, 2.0, 2.0])
+    assert ex.steps_to_converge(trace) == 3
+    assert ex.steps_to_converge(np.full(4, 2.0)) == 0
+
+
+def test_heavy_tails_and_correlation_keep_noise():
+    base = ex.make_problem(ex.SyntheticConfig(n=300, d=3))
+    hard = ex.make_problem(ex.SyntheticConfig(n=300, d=3, tails=3.0, correlation=0.9))
+    phi = ex.single_index_model().phi
+    theta = jnp.asarray(base.info["theta_true"])
+    noise = lambda p: np.asarray(p.ys - phi(p.xs @ theta))
+    np.testing.assert_allclose(noise(hard), noise(base), atol=1e-12)
+    assert np.abs(np.asarray(hard.xs)).max() > np.abs(np.asarray(base.xs)).max()
+
+
+def test_classification_study():
+    config = ex.DigitsConfig(
+        classes=(0, 1),
+        components=6,
+        hidden=3,
+        sizes=(30,),
+        repeats=2,
+        num_steps=30,
+        methods=("uniform", "nonlinear_norm"),
+        timing_size=None,
+    )
+    result = ex.run_study(config, jax.random.key(0))
+    s = result.summary
+    assert s["p"] == 6 * 3 + 3 + 3 + 1 and s["info"]["k"] == 1
+    assert 0.0 <= s["full"]["test_accuracy"] <= 1.0
+    for method in config.methods:
+        record = s["methods"][method]["results"][0]
+        assert 0.0 <= record["test_accuracy"]["median"] <= 1.0
+        assert np.all(np.isfinite(result.accuracies[method]))
+    json.dumps(s, allow_nan=False)
+
+
+def test_plots(tiny, tmp_path):
+    from nlis_jax._plots import plot_study
+
+    _, result = tiny
+    paths = plot_study(result.summary, tmp_path)
+    assert [p.name for p in paths] == ["ratio.png", "excess.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer reaches the constrained optimum on California Housing
+
+
+def test_california_full_fit_matches_slsqp():
+    """θ* from nlis_jax.fit (projected Nesterov GD, step 1/L̂) against SciPy's SLSQP with the ball."""
+    config = ex.CaliforniaConfig(data_home=_california_home(), num_steps=300)
+    try:
+        problem = ex.make_problem(config)
+    except DatasetNotFoundError:  # pragma: no cover - guarded by _california_home
+        pytest.skip("California Housing not available")
+    assert problem.xs.dtype == jnp.float64 and problem.n == 20640
+    full = ex.fit_full(problem, problem.init(jax.random.key(0)), num_steps=config.num_steps)
+
+    X, y = np.asarray(problem.xs), np.asarray(problem.ys)
+    phi = ex.single_index_model(config.c1, config.c2).phi
+    value_and_grad = jax.jit(jax.value_and_grad(lambda t: jnp.sum((phi(X @ t) - y) ** 2)))
+
+    def fun(t):
+        v, g = value_and_grad(jnp.asarray(t))
+        return float(v), np.asarray(g)
+
+    radius = config.radius
+    ball = {"type": "ineq", "fun": lambda t: radius**2 - t @ t, "jac": lambda t: -2 * t}
+    ref = optimize.minimize(
+        fun, np.zeros(X.shape[1]), jac=True, method="SLSQP", constraints=[ball], options={"ftol": 1e-15}
+    )
+    assert ref.success, ref.message
+    assert abs(full.loss - ref.fun) <= 1e-4 * ref.fun
+    assert float(jnp.linalg.norm(full.params)) <= radius * (1 + 1e-12)
+    assert full.rel_change < 1e-12
+    # The constraint is active: the unconstrained optimum lies outside the ball.
+    free = optimize.minimize(fun, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B", options={"gtol": 1e-10})
+    assert np.linalg.norm(free.x) > 1.1 * radius and free.fun < full.loss
