@@ -32,9 +32,11 @@ from nlis_jax._quadrature import gauss_legendre
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 MODES = ("auto", "forward", "reverse")
-#: ``mode="auto"`` takes forward mode when ``p <= FORWARD_MAX_PARAMS * k`` (see benchmarks/README.md for
-#: the measured crossover): forward costs about ``p`` tangent passes per node, reverse about ``3 k``.
-FORWARD_MAX_PARAMS = 8
+#: ``mode="auto"`` takes forward mode when ``p <= FORWARD_MAX_PARAMS * k``. Forward costs about ``p``
+#: tangent passes per node and reverse about ``3 k``, but measured on a CPU (benchmarks/bench_adjoint.py,
+#: benchmarks/README.md) reverse was never slower: 4x faster at ``p = k`` and a tie for single-index
+#: models with ``p <= 8``; linear scaling puts the break-even near ``p = k/4``.
+FORWARD_MAX_PARAMS = 0.25
 #: Default memory budget (array elements) of one chunk of examples: ``batch_size * k * p <= budget``.
 CHUNK_ELEMENTS = 1 << 23
 
@@ -146,7 +148,7 @@ def adjoint(
       num_nodes: number of Gauss-Legendre nodes ``q`` (exact for integrands of degree ``2q - 1`` in t).
       mode: ``"forward"`` (one ``jax.jvp`` per tangent direction, vmapped: ~``p`` passes per node),
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
-        when ``p <= 8 k``).
+        when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).
       batch_size: examples per chunk (bounds memory at ``batch_size * k * p`` per node); default
         keeps a chunk under ``2**23`` elements.
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU check, as one prepared script (run on a lent GPU machine from the repo root; CI never has a GPU).
+# Runs the numerical core tests on the GPU in float64, then the benchmarks at full size, and writes the
+# logs and JSON records to $OUT (default ./gpu_out). Uses the machine's own jax/optax/flax (no install):
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import jax, jaxlib, optax, flax, chex; print('jax', jax.__version__, jax.devices())" | tee "$OUT/env.txt"
+# Core numerics on the GPU (x64 via tests/conftest.py). Warnings are not errors here: the GPU image's
+# packages may warn about things CI never sees.
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= \
+  tests/test_adjoint.py tests/test_dual.py tests/test_closed_forms.py tests/test_scores.py \
+  tests/test_streaming.py tests/test_sketch.py tests/test_sampling.py 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
+timeout 150 python3 benchmarks/bench_scores.py --quiet --out "$OUT/bench_scores_gpu.json" 2>&1 | tail -5
+timeout 150 python3 benchmarks/bench_adjoint.py --quiet --out "$OUT/bench_adjoint_gpu.json" 2>&1 | tail -5
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    rec = json.loads(f.read_text())
+    print(f.name, json.dumps({k: v for k, v in rec.items() if k in ("device", "checks", "timings", "ratio")})[:1500])
+PY

@@ -1,0 +1,71 @@
+"""Every benchmark script runs end to end at a tiny size: its checks pass and its JSON record is written.
+
+The scripts are not a package; they are loaded from ``benchmarks/`` by path, with that folder on
+``sys.path`` for their shared ``_common`` module. ``bench_torch`` needs the benchmark-only extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+TORCH_MISSING = "torch not installed (benchmark-only extra: pip install -e .[bench])"
+
+
+def load(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(name: str, args: list[str], tmp_path, monkeypatch) -> dict:
+    out = tmp_path / f"{name}.json"
+    record = load(name, monkeypatch).main([*args, "--reps", "1", "--quiet", "--out", str(out)])
+    assert out.exists()
+    assert json.loads(out.read_text())["bench"] == name
+    failed = {k: v for k, v in record["checks"].items() if not v["ok"]} if "checks" in record else {}
+    assert record["ok"], failed
+    env = record["environment"]
+    assert env["device"]["platform"] and env["versions"]["jax"] and env["machine"]["cpu_count"]
+    return record
+
+
+def test_bench_scores(tmp_path, monkeypatch):
+    args = ["--n", "64", "--d", "4", "--svd-reps", "1"]
+    record = run_bench("bench_scores", args, tmp_path, monkeypatch)
+    assert record["checks"]["scores_vs_svd_max_rel"]["ok"]
+    assert record["route"] in ("gram", "gram2", "stable")
+    assert record["timings"]["floor_numpy"]["floor_s"] > 0
+    assert "OPENBLAS_CORETYPE" in record["environment"]["blas"]
+
+
+def test_bench_adjoint(tmp_path, monkeypatch):
+    args = ["--n", "64", "--d", "3", "--hidden", "4,4", "--nodes", "8", "--sweep-n", "32"]
+    args += ["--widths", "2", "--index-dims", "4", "--output-dims", "1"]
+    record = run_bench("bench_adjoint", args, tmp_path, monkeypatch)
+    main = record["main"]
+    assert all(main["checks"][f"{m}_vs_loop_max_rel"]["ok"] for m in ("reverse", "forward", "auto"))
+    assert set(main["timings"]) == {"loop_baseline", "reverse", "forward", "auto"}
+    assert len(record["sweep"]["points"]) == 3  # one per model family
+    assert "recommended_FORWARD_MAX_PARAMS" in record["sweep"]["threshold"]
+
+
+def test_bench_torch(tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason=TORCH_MISSING)
+    args = ["--n", "64", "--d", "3", "--hidden", "3,3", "--nodes", "2"]
+    record = run_bench("bench_torch", args, tmp_path, monkeypatch)
+    assert record["checks"]["torch_dict_dual_vs_jax_max_rel"]["ok"]
+    assert record["environment"]["versions"]["torch"]
+
+
+def test_bench_torch_without_torch_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(SystemExit, match=r"pip install -e \.\[bench\]"):
+        load("bench_torch", monkeypatch).main(["--n", "8"])
