@@ -28,6 +28,7 @@ from nlis_jax._checks import (
     check_positive_int,
     check_same_length,
 )
+from nlis_jax._precision import highest_precision
 from nlis_jax._quadrature import gauss_legendre
 from nlis_jax._types import ApplyFn, Array, PyTree
 
@@ -173,6 +174,7 @@ def validate_path_args(num_nodes, mode, batch_size) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "batch_size"))
+@highest_precision
 def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, batch_size):
     model = flatten_model(apply_fn, params, xs, check_values=False)
     return _adjoint_flat(model, xs, num_nodes=num_nodes, mode=mode, batch_size=batch_size)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from nlis_jax._adjoint import flatten_model, model_outputs
 from nlis_jax._checks import check_finite, check_floating, check_same_length
+from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -94,10 +95,12 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
 
 
 @functools.partial(jax.jit, static_argnames=("phi",))
+@highest_precision
 def _single_index_jit(phi, theta, xs):
     return difference_quotient(phi, xs @ theta)[:, None] * xs
 
 
+@highest_precision
 def homogeneous_adjoint(
     h_fn: ApplyFn,
     params: PyTree,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from nlis_jax._adjoint import _adjoint_flat, flatten_model, model_outputs, validate_path_args
 from nlis_jax._checks import check_finite, check_floating, check_positive_int
+from nlis_jax._precision import highest_precision
 from nlis_jax._quadrature import gauss_legendre
 from nlis_jax._types import ApplyFn, Array, PyTree
 
@@ -70,6 +71,7 @@ def dual_matrix(
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "batch_size"))
+@highest_precision
 def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, batch_size):
     model = flatten_model(apply_fn, params, xs, check_values=False)
     offset = _offset_column(model, xs, ys)
@@ -109,6 +111,7 @@ def _path_outputs(apply_fn, params, xs):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
+@highest_precision
 def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
     theta, outputs = _path_outputs(apply_fn, params, xs)
     p = theta.shape[0]
@@ -117,6 +120,7 @@ def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
+@highest_precision
 def _dual_rmv(apply_fn, params, xs, offset, nodes, weights, u):
     theta, outputs = _path_outputs(apply_fn, params, xs)
     cotangents = jax.vmap(lambda t: jax.vjp(outputs, t * theta)[1](u)[0])(nodes)

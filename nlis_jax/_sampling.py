@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nlis_jax._checks import check_positive_int, check_probs, is_concrete
+from nlis_jax._precision import highest_precision
 from nlis_jax._scores import orthonormal_basis
 from nlis_jax._types import Array, PRNGKey
 
@@ -113,6 +114,7 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
 
 
 @jax.jit
+@highest_precision
 def _distortion_from_basis(U, indices, weights):
     Us = U[indices]
     M = jnp.einsum("sr,s,sq->rq", Us, weights.astype(U.dtype), Us)

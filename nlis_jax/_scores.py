@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax._checks import check_choice, check_finite, check_floating, check_positive_int, is_concrete
+from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array
 
 #: Names of the routes, indexed by the ``route`` output of :func:`orthonormal_basis`.
@@ -104,6 +105,7 @@ def equilibrated_eigh(G: Array) -> tuple[Array, Array, Array, Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("route",))
+@highest_precision
 def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Array, Array]:
     lam, V, d, num_zero = equilibrated_eigh(_gram(F))
     branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
@@ -182,6 +184,7 @@ def leverage(F: Array, *, rtol: float | None = None, ridge: float = 0.0) -> tupl
 
 
 @functools.partial(jax.jit, static_argnames=("lead", "use_ridge"))
+@highest_precision
 def _leverage_jit(rows, rtol, ridge, lead, use_ridge):
     if use_ridge:
         lam, V = jnp.linalg.eigh(_gram(rows))

@@ -26,6 +26,7 @@ from jax import lax
 from nlis_jax._adjoint import _adjoint_flat, flatten_model, model_outputs, validate_path_args
 from nlis_jax._checks import check_choice, check_positive_int
 from nlis_jax._dual import _check_ys
+from nlis_jax._precision import highest_precision
 from nlis_jax._scores import ROUTES, _default_rtol, _gram, choose_route, equilibrated_eigh, inverse_sqrt_basis
 from nlis_jax._types import ApplyFn, Array, PyTree
 
@@ -44,6 +45,7 @@ def _pad_chunks(tree, n: int, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
+@highest_precision
 def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
     model = flatten_model(apply_fn, params, xs, check_values=False)
     n, p = model.n, model.theta.shape[0]
