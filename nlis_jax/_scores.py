@@ -104,21 +104,97 @@ def equilibrated_eigh(G: Array) -> tuple[Array, Array, Array, Array]:
     return lam, V, d, jnp.sum(zero)
 
 
-@functools.partial(jax.jit, static_argnames=("route",))
+def equilibrate(G: Array) -> tuple[Array, Array, Array]:
+    """``(D⁻¹ G D⁻¹ + E, d, num_zero)``, as in :func:`equilibrated_eigh` (``E``: ones on zero columns)."""
+    norms = jnp.sqrt(jnp.diagonal(G))
+    zero = norms == 0
+    d = jnp.where(zero, jnp.ones_like(norms), norms)
+    return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
+
+
+def _extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
+    """``(λ_max, λ_min)`` of an SPD ``G = L Lᵀ`` by power and inverse iteration (Rayleigh quotients).
+
+    Pure XLA (matrix-vector products and triangular solves on ``m``-vectors): no LAPACK call, which on
+    a CPU costs ~20 ms after a large matrix product (thread hand-over), as much as a whole BLAS pass.
+    """
+    m = G.shape[0]
+    x0 = 1.0 + jnp.arange(m, dtype=G.dtype) / m  # not orthogonal to any eigenvector in practice
+    x0 = x0 / jnp.linalg.norm(x0)
+
+    def power(x, _):
+        y = G @ x
+        return y / jnp.linalg.norm(y), None
+
+    def inverse(x, _):
+        y = jax.scipy.linalg.solve_triangular(L, x, lower=True)
+        y = jax.scipy.linalg.solve_triangular(L, y, lower=True, trans=1)
+        return y / jnp.linalg.norm(y), None
+
+    top = lax.scan(power, x0, None, length=iters)[0]
+    bottom = lax.scan(inverse, x0, None, length=iters)[0]
+    return top @ (G @ top), bottom @ (G @ bottom)
+
+
+def _lower_inverse_t(L: Array) -> Array:
+    """``L⁻ᵀ`` of a lower-triangular ``(m, m)`` ``L`` by forward substitution, row by row (``O(m³)``).
+
+    A ``lax.fori_loop`` of vector operations rather than ``solve_triangular`` on the identity: on a CPU
+    the latter is a BLAS call that, right after a large matrix product, waits ~40 ms for its threads.
+    """
+    m = L.shape[0]
+    eye = jnp.eye(m, dtype=L.dtype)
+
+    def row(i, X):  # rows >= i of X are still zero, so L[i] @ X only sees rows < i
+        return X.at[i].set((eye[i] - L[i] @ X) / L[i, i])
+
+    return lax.fori_loop(0, m, row, jnp.zeros_like(L)).T
+
+
+@functools.partial(jax.jit, static_argnames=("route", "row_norms"))
 @highest_precision
-def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Array, Array]:
-    lam, V, d, num_zero = equilibrated_eigh(_gram(F))
-    branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
+def _basis(
+    F: Array, rtol: Array, route: str | None = None, row_norms: bool = False
+) -> tuple[Array, Array, Array]:
+    """``(U, rank, route)``, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
+
+    Every route ends in a product ``U = A M`` (``A`` an ``(n, m)`` matrix, ``M`` small). For leverage only
+    the row norms of ``U`` are needed: ``sum((A @ M)², axis=1)`` fuses into the product, so ``U`` is never
+    written to memory (writing it costs as much as a whole BLAS pass).
+    """
+    # Fast routes: Cholesky of the equilibrated Gram matrix G_eq = L Lᵀ, and U = F D⁻¹ L⁻ᵀ. The route
+    # comes from κ(G_eq) estimated by power/inverse iteration; a failed Cholesky means "stable".
+    Geq, d, num_zero = equilibrate(_gram(F))
+    m = Geq.shape[0]
+    L = jnp.linalg.cholesky(Geq)
+    chol_ok = jnp.all(jnp.isfinite(L))
+    L = jnp.where(chol_ok, L, jnp.eye(m, dtype=L.dtype))
+    lam_max, lam_min = _extreme_eigenvalues(Geq, L)
+    ratio = jnp.where(chol_ok & (lam_min > 0), lam_min / lam_max, 0.0)
+    if route is None:
+        branch = choose_route(jnp.stack([ratio, jnp.ones_like(ratio)]))
+    else:
+        branch = jnp.asarray(ROUTES.index(route))
+
+    def finish(A, M):
+        return jnp.sum(jnp.square(A @ M), axis=1) if row_norms else A @ M
+
+    def refine(U1, rank):  # one CholeskyQR step: U1 spans the range; make it orthonormal to O(eps)
+        G2, d2, _ = equilibrate(_gram(U1))  # columns dropped by the rank tolerance are exactly zero
+        L2 = jnp.linalg.cholesky(G2)
+        ok = jnp.all(jnp.isfinite(L2))  # U1 is near-orthonormal, so this holds but for a broken input
+        M2 = jnp.where(
+            ok,
+            _lower_inverse_t(jnp.where(ok, L2, jnp.eye(m, dtype=L2.dtype))) / d2[:, None],
+            jnp.eye(m, dtype=L2.dtype),
+        )
+        return finish(U1, M2), rank
 
     def one_pass(F):
-        M, rank = inverse_sqrt_basis(lam, V, rtol)
-        return F @ (M / d[:, None]), rank - num_zero
+        return finish(F, _lower_inverse_t(L) / d[:, None]), m - num_zero
 
     def two_pass(F):
-        U, _ = one_pass(F)
-        lam2, V2 = jnp.linalg.eigh(_gram(U))
-        M, rank = inverse_sqrt_basis(lam2, V2, rtol)
-        return U @ M, rank
+        return refine(F @ (_lower_inverse_t(L) / d[:, None]), m - num_zero)
 
     def stable(F):
         if F.dtype == jnp.float64:
@@ -126,7 +202,7 @@ def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Arra
             Q, R = jnp.linalg.qr(F)  # R D⁻¹ is the R factor of F D⁻¹: same Q, same range
             W, s, _ = jnp.linalg.svd(R / d[None, :])
             keep = s > rtol * s[0]
-            return Q @ (W * keep[None, :]), jnp.sum(keep)
+            return finish(Q, W * keep[None, :]), jnp.sum(keep)
         # Lower precision: the input's own rounding already moves leverage by ~eps·κ, so the R factor
         # alone (forming Q costs ~15x more on a CPU) is as good: F D⁻¹ = Q (R D⁻¹) = Q W S Vᵀ gives the
         # basis F D⁻¹ V S⁻¹ = Q W over the kept singular values, orthonormal to ~eps·κ; one SVQB step
@@ -135,13 +211,10 @@ def _basis(F: Array, rtol: Array, route: str | None = None) -> tuple[Array, Arra
         _, s, Vt = jnp.linalg.svd(R / d[None, :])
         keep = s > rtol * s[0]
         inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
-        U = F @ ((Vt.T * inv_s[None, :]) / d[:, None])
-        lam2, V2 = jnp.linalg.eigh(_gram(U))
-        M2, _ = inverse_sqrt_basis(lam2, V2, jnp.asarray(0.5, lam2.dtype))
-        return U @ M2, jnp.sum(keep)
+        return refine(F @ ((Vt.T * inv_s[None, :]) / d[:, None]), jnp.sum(keep))
 
-    U, rank = lax.switch(branch, (one_pass, two_pass, stable), F)
-    return U, rank.astype(jnp.int32), branch
+    out, rank = lax.switch(branch, (one_pass, two_pass, stable), F)
+    return out, rank.astype(jnp.int32), branch
 
 
 def orthonormal_basis(
@@ -191,9 +264,8 @@ def _leverage_jit(rows, rtol, ridge, lead, use_ridge):
         h = jnp.sum(jnp.square(rows @ V) / (jnp.maximum(lam, 0) + ridge)[None, :], axis=1)
         h = h.reshape(lead).sum(axis=tuple(range(1, len(lead))))
         return h, jnp.sum(h)
-    U, rank, _ = _basis(rows, rtol)
-    h = jnp.sum(jnp.square(U), axis=1).reshape(lead)
-    return h.sum(axis=tuple(range(1, len(lead)))), rank
+    h, rank, _ = _basis(rows, rtol, row_norms=True)
+    return h.reshape(lead).sum(axis=tuple(range(1, len(lead)))), rank
 
 
 def leverage_scores(F: Array, *, rtol: float | None = None, ridge: float = 0.0) -> Array:

@@ -34,8 +34,9 @@ examples:
 
 data: California Housing is read from scikit-learn's cache (cal_housing_py3.pkz) in --data-home or
 $SCIKIT_LEARN_DATA; Fashion-MNIST from the four IDX files in --data-home/fashion-mnist,
-$NLIS_FASHION_MNIST, ~/scikit_learn_data/fashion-mnist or /usr/share/datasets/fashion-mnist. Nothing is
-downloaded unless --download is given.
+$NLIS_FASHION_MNIST, ~/scikit_learn_data/fashion-mnist or /usr/share/datasets/fashion-mnist. A missing
+data set is downloaded once into that cache, as scikit-learn does (--no-download: never; offline, point
+SCIKIT_LEARN_DATA at an existing cache).
 
 environment: NLIS_SMALL=1 shrinks the defaults to a smoke-test size (2 repeats, 2 sizes, 50 steps,
 at most 2,000 rows, no wall-time comparison); explicit options still apply.
@@ -234,7 +235,10 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
         "--data-home", help="folder with the data (scikit-learn's data home; fashion-mnist/ inside it)"
     )
     g.add_argument(
-        "--download", action="store_true", default=None, help="allow downloading a missing data set"
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download a missing data set once into the cache (default) or, with --no-download, never",
     )
 
     out = sub.add_parser(
@@ -315,7 +319,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(
             f"nlis-jax run: data set {args.dataset!r} not found.\n{exc}\n"
             "On the command line: --data-home FOLDER points at the data (scikit-learn's data home; "
-            "Fashion-MNIST in FOLDER/fashion-mnist), --download lets nlis-jax fetch it (needs internet).",
+            "Fashion-MNIST in FOLDER/fashion-mnist); without --no-download nlis-jax fetches a missing set "
+            "once (needs internet).",
             file=sys.stderr,
         )
         return EXIT_USAGE

@@ -113,11 +113,11 @@ def test_help_lists_every_option(capsys):
 def test_missing_data_set_message(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code = cli.main(["run", "--data-home", str(empty), "--out", str(tmp_path / "o")])
+    code = cli.main(["run", "--data-home", str(empty), "--no-download", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err
     assert "not found" in err and "cal_housing_py3.pkz" in err and "SCIKIT_LEARN_DATA" in err
-    assert "--data-home" in err and "--download" in err
+    assert "--data-home" in err and "--no-download" in err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
 

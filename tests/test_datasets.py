@@ -54,9 +54,7 @@ def fake_split(n: int, seed: int, h: int = 4, w: int = 3) -> tuple[np.ndarray, n
     return images, labels
 
 
-def write_fake_fashion(
-    folder: Path, *, gz: bool = True, n_train: int = 30, n_test: int = 20
-) -> dict:
+def write_fake_fashion(folder: Path, *, gz: bool = True, n_train: int = 30, n_test: int = 20) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     sfx = ".gz" if gz else ""
     out = {}
@@ -84,9 +82,7 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(
-            f"real data folder {SHARED_DATA} (../shared/data beside the checkout) is missing"
-        )
+        pytest.skip(f"real data folder {SHARED_DATA} (../shared/data beside the checkout) is missing")
     return SHARED_DATA
 
 
@@ -282,10 +278,7 @@ def test_fashion_mnist_missing_raises_helpful_error(isolated):
     msg = str(info.value)
     assert str(empty) in msg
     assert "t10k-images-idx3-ubyte.gz" in msg
-    assert (
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz"
-        in msg
-    )
+    assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz" in msg
     assert "dataset-fashion-mnist" in msg and "/usr/share/datasets/fashion-mnist" in msg
     assert "NLIS_FASHION_MNIST" in msg
 
@@ -435,9 +428,7 @@ def test_single_index_deterministic_and_consistent():
     np.testing.assert_allclose(np.linalg.norm(a.theta_star), 2.0, rtol=1e-12)
     np.testing.assert_allclose(a.y, np.tanh(a.x @ a.theta_star), rtol=1e-12)
     # theta_star depends only on the seed
-    np.testing.assert_array_equal(
-        D.make_single_index(3, 7, 4, theta_norm=2.0).theta_star, a.theta_star
-    )
+    np.testing.assert_array_equal(D.make_single_index(3, 7, 4, theta_norm=2.0).theta_star, a.theta_star)
     assert not np.allclose(D.make_single_index(4, 50, 4).theta_star, a.theta_star)
 
 
@@ -450,9 +441,7 @@ def test_single_index_links_noise_and_keys():
 
     custom = D.make_single_index(0, 10, 3, phi=jax.numpy.sin, noise=0.0, dtype=np.float32)
     assert custom.x.dtype == custom.y.dtype == custom.theta_star.dtype == np.float32
-    np.testing.assert_allclose(
-        custom.y, D.make_single_index(0, 10, 3, phi="sin", noise=0.0).y, rtol=1e-5
-    )
+    np.testing.assert_allclose(custom.y, D.make_single_index(0, 10, 3, phi="sin", noise=0.0).y, rtol=1e-5)
 
     k1 = D.make_single_index(jax.random.key(7), 5, 2)
     k2 = D.make_single_index(jax.random.PRNGKey(7), 5, 2)

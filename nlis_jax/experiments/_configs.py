@@ -120,7 +120,7 @@ class CaliforniaConfig(StudyConfig):
     c1: float = 1.0
     c2: float = 2.0
     data_home: str | None = None
-    download: bool = False
+    download: bool = True
     dtype: str = "float64"
 
 
@@ -180,7 +180,7 @@ class FashionMNISTConfig(StudyConfig):
     data_seed: int = 0
     path: str | None = None
     data_home: str | None = None
-    download: bool = False
+    download: bool = True
     sizes: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
     repeats: int = 5
     num_steps: int = 2000
