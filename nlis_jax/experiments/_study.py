@@ -735,20 +735,17 @@ def format_table(summary: dict) -> str:
     lines.append("L(θ_S)/L(θ*) on the full data: median [q25, q75] over repeats; s = sample rows")
     width = 26
     header = f"{'s':>7} {'s/n':>7}  " + "".join(f"{m:>{width}}" for m in methods)
-    lines.append(header)
-    for i, s in enumerate(summary["sizes"]):
-        row = f"{s:>7d} {s / summary['n']:>7.4f}  "
-        for m in methods:
-            row += _cell(summary["methods"][m]["results"][i]["ratio"], width)
-        lines.append(row)
-    if classification:
-        lines.append("test accuracy: median [q25, q75]")
+
+    def table(key):  # one row per sample size, one column per method
         lines.append(header)
         for i, s in enumerate(summary["sizes"]):
-            row = f"{s:>7d} {s / summary['n']:>7.4f}  "
-            for m in methods:
-                row += _cell(summary["methods"][m]["results"][i]["test_accuracy"], width)
-            lines.append(row)
+            cells = "".join(_cell(summary["methods"][m]["results"][i][key], width) for m in methods)
+            lines.append(f"{s:>7d} {s / summary['n']:>7.4f}  " + cells)
+
+    table("ratio")
+    if classification:
+        lines.append("test accuracy: median [q25, q75]")
+        table("test_accuracy")
     lines.append("seconds per repeat at the largest size: scoring (incl. pilot) + training")
     for m in methods:
         r = summary["methods"][m]["results"][-1]
