@@ -4,26 +4,31 @@ Leverage of row ``i`` of ``F`` (shape ``(n, m)``, rank ``r``):
 
 .. math:: h_i = \|U_i\|^2 = \langle e_i, F F^\dagger e_i \rangle,\qquad \tau_i = h_i / r,
 
-``U`` an orthonormal basis of ``range(F)``. Three exact routes, chosen at run time from the spectrum of the
-``m × m`` Gram matrix ``G = FᵀF = V Λ Vᵀ`` (computed once, ``eigh`` is ``O(m³)``):
+``U`` an orthonormal basis of ``range(F)``. Three exact routes, chosen at run time from the conditioning
+of the ``m × m`` column-equilibrated Gram matrix ``G = D⁻¹FᵀFD⁻¹ = L Lᵀ`` (``κ(G)`` estimated by power and
+inverse iteration; a failed Cholesky counts as singular):
 
-1. **one Gram pass** (``κ(G) ≤ eps^{-1/4}``): ``U = F V Λ^{-1/2}``. Two BLAS passes over ``F`` (``FᵀF``
-   and ``F·M``), orthogonality error ``~ eps·κ(G)`` (``≤ 2e-12`` in float64).
-2. **two Gram passes** (``κ(G) ≤ 1/(1000·eps)``): the same step again on ``U`` (CholeskyQR2 / SVQB,
-   Stathopoulos & Wu 2002), which restores orthogonality to ``O(eps)`` whenever ``eps·κ(F)² < 1``.
+1. **one Gram pass** (``κ(G) ≤ eps^{-1/4}``): ``U = F D⁻¹ L⁻ᵀ``. Two BLAS passes over ``F`` (``FᵀF`` and
+   ``F·M``, the row norms fused into the second), orthogonality error ``~ eps·κ(G)`` (``≤ 2e-12`` in
+   float64).
+2. **two Gram passes** (``κ(G) ≤ 1/(1000·eps)``): one more CholeskyQR step on ``U`` (CholeskyQR2,
+   Fukaya et al. 2014), which restores orthogonality to ``O(eps)`` whenever ``eps·κ(F)² < 1``.
 3. **stable** (otherwise: ill-conditioned or rank-deficient): a Householder QR ``F = QR`` and an SVD
    ``R = W S Vᵀ``; ``U = Q W`` over the singular values above ``rtol · σ_max`` (rank = their number). In
    float32 and below ``Q`` is never formed (that costs ~15× the ``R`` factor on a CPU):
-   ``U = F V S^{-1}`` followed by one SVQB step, whose extra error ``~eps·κ`` is the size of the error
-   the input's own rounding already causes.
+   ``U = F V S^{-1}`` followed by one CholeskyQR step, whose extra error ``~eps·κ`` is the size of the
+   error the input's own rounding already causes.
+
+The fast routes call no LAPACK routine after the Gram product (on a CPU such a call waits 20–40 ms for its
+threads, as long as a whole pass): the Cholesky factor, the ``κ`` estimate and ``L⁻ᵀ`` are pure XLA.
 
 All three work on the column-equilibrated ``F D^{-1}`` (``D`` the column norms; same range, so the same
 leverage), which makes the route and the rank independent of the scale of each parameter; exactly-zero
-columns are set aside (see :func:`equilibrated_eigh`).
+columns are set aside (see :func:`equilibrate`).
 
 The Gram routes cost about the floor of two BLAS passes; QR/SVD cost ~17× that on a CPU. Gram +
 Cholesky alone would be silently wrong on an ill-conditioned float32 matrix (a ``κ(F) ≈ 1.6e6`` MLP dual
-matrix: ``κ(G) ≈ 2.7e12 ≫ 1/eps``); the spectrum test sends such input to route 3.
+matrix: ``κ(G) ≈ 2.7e12 ≫ 1/eps``); the conditioning test sends such input to route 3.
 """
 
 from __future__ import annotations
@@ -70,10 +75,9 @@ def inverse_sqrt_basis(lam: Array, V: Array, rtol) -> tuple[Array, Array]:
     return V * scale[None, :], jnp.sum(keep)
 
 
-def choose_route(lam: Array) -> Array:
-    """Index into :data:`ROUTES` from the ascending eigenvalues of the Gram matrix (see module docstring)."""
-    eps = jnp.finfo(lam.dtype).eps
-    ratio = lam[0] / lam[-1]  # 1/κ(G); <= 0 or tiny when rank-deficient
+def choose_route(ratio: Array) -> Array:
+    """Index into :data:`ROUTES` from ``1/κ(G) = λ_min/λ_max`` of the equilibrated Gram (0: singular)."""
+    eps = jnp.finfo(ratio.dtype).eps
     return jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2))
 
 
@@ -81,35 +85,28 @@ def _gram(F: Array) -> Array:
     return jnp.einsum("np,nq->pq", F, F)
 
 
-def equilibrated_eigh(G: Array) -> tuple[Array, Array, Array, Array]:
-    """Eigendecomposition of the column-equilibrated Gram matrix ``D⁻¹ G D⁻¹`` (``D`` = column norms).
+def equilibrate(G: Array) -> tuple[Array, Array, Array]:
+    """Column-equilibrate a Gram matrix: ``(D⁻¹ G D⁻¹ + E, d, num_zero)``, ``D`` = column norms.
 
     ``range(F)`` is unchanged by scaling columns, so rank and route are decided on ``F D⁻¹`` (the norms
     are read off the Gram diagonal: no extra pass). Columns of a dual matrix differ in scale by orders of
     magnitude between layers; unscaled, a float32 MLP dual matrix with ``κ ≈ 1.4e6`` but
     ``κ(F D⁻¹) ≈ 5e4`` had its smallest singular value at ``6·eps·σ_max`` and lost genuine directions.
-    Exactly-zero columns (dead ReLU units, a zero offset column) get a unit diagonal: they then add an
-    isolated eigenvalue 1 whose basis column ``F e_j`` is zero, so they neither count in the rank nor
-    push a well-conditioned matrix off the fast route.
-
-    Returns:
-      ``(lam, V, d, num_zero)``: ascending eigenvalues and eigenvectors, the column norms ``d`` (1 for
-      zero columns) and the number of zero columns.
+    Exactly-zero columns (dead ReLU units, a zero offset column) get a unit diagonal ``E``: they then add
+    an isolated eigenvalue 1 whose basis column ``F e_j`` is zero, so they neither count in the rank nor
+    push a well-conditioned matrix off the fast route. ``d`` is 1 for zero columns.
     """
     norms = jnp.sqrt(jnp.diagonal(G))
     zero = norms == 0
     d = jnp.where(zero, jnp.ones_like(norms), norms)
-    Geq = G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype))
-    lam, V = jnp.linalg.eigh(Geq)
-    return lam, V, d, jnp.sum(zero)
-
-
-def equilibrate(G: Array) -> tuple[Array, Array, Array]:
-    """``(D⁻¹ G D⁻¹ + E, d, num_zero)``, as in :func:`equilibrated_eigh` (``E``: ones on zero columns)."""
-    norms = jnp.sqrt(jnp.diagonal(G))
-    zero = norms == 0
-    d = jnp.where(zero, jnp.ones_like(norms), norms)
     return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
+
+
+def equilibrated_eigh(G: Array) -> tuple[Array, Array, Array, Array]:
+    """``(lam, V, d, num_zero)``: ascending eigenpairs of :func:`equilibrate`'s matrix, and its extras."""
+    Geq, d, num_zero = equilibrate(G)
+    lam, V = jnp.linalg.eigh(Geq)
+    return lam, V, d, num_zero
 
 
 def _extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
@@ -171,10 +168,7 @@ def _basis(
     L = jnp.where(chol_ok, L, jnp.eye(m, dtype=L.dtype))
     lam_max, lam_min = _extreme_eigenvalues(Geq, L)
     ratio = jnp.where(chol_ok & (lam_min > 0), lam_min / lam_max, 0.0)
-    if route is None:
-        branch = choose_route(jnp.stack([ratio, jnp.ones_like(ratio)]))
-    else:
-        branch = jnp.asarray(ROUTES.index(route))
+    branch = choose_route(ratio) if route is None else jnp.asarray(ROUTES.index(route))
 
     def finish(A, M):
         return jnp.sum(jnp.square(A @ M), axis=1) if row_norms else A @ M

@@ -76,7 +76,7 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
 
     eye = jnp.eye(p + 1, dtype=dtype)
     lam, V, d, num_zero = equilibrated_eigh(gram_pass(eye))
-    branch = choose_route(lam) if route is None else jnp.asarray(ROUTES.index(route))
+    branch = choose_route(lam[0] / lam[-1]) if route is None else jnp.asarray(ROUTES.index(route))
 
     def one_pass():
         M, rank = inverse_sqrt_basis(lam, V, rtol)
