@@ -74,6 +74,11 @@ def dual_matrix(
 @highest_precision
 def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, batch_size):
     model = flatten_model(apply_fn, params, xs, check_values=False)
+    return dual_block(model, xs, ys, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+
+
+def dual_block(model, xs, ys, *, num_nodes, mode, batch_size) -> Array:
+    """``[F* | f(0) − y]`` of a validated model on ``xs``: ``(n,) + out_shape + (p + 1,)``."""
     offset = _offset_column(model, xs, ys)
     adj = _adjoint_flat(model, xs, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
     return jnp.concatenate([adj, offset[..., None].astype(adj.dtype)], axis=-1)

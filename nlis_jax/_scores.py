@@ -39,7 +39,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._checks import check_choice, check_finite, check_floating, check_positive_int, is_concrete
+from nlis_jax._checks import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_positive_int,
+    check_probs,
+    is_concrete,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array
 
@@ -59,12 +66,11 @@ def _as_rows(F: Array, name: str = "F") -> tuple[Array, tuple[int, ...]]:
     return F.reshape(-1, F.shape[-1]), F.shape[:-1]
 
 
-def _default_rtol(shape, dtype) -> float:
+def _default_rtol(dtype) -> float:
     # 10·eps, independent of n: the trailing singular values of exactly rank-deficient inputs come out at
     # 0.06-2.2·eps·σ_max (measured for float32, n up to 20,000, m up to 600), so 10·eps separates them,
     # while numpy's max(n, m)·eps grows with n and, in float32, drops genuine directions (n = 20,000:
     # rtol = 2.4e-3 would truncate any κ > 417; a κ ≈ 3e5 MLP dual matrix lost 9 of 74 directions).
-    del shape
     return 10.0 * float(jnp.finfo(dtype).eps)
 
 
@@ -231,7 +237,7 @@ def orthonormal_basis(
     if route is not None:
         check_choice("route", route, ROUTES)
     if rtol is None:
-        rtol = _default_rtol(rows.shape, rows.dtype)
+        rtol = _default_rtol(rows.dtype)
     return _basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
 
 
@@ -246,7 +252,7 @@ def leverage(F: Array, *, rtol: float | None = None, ridge: float = 0.0) -> tupl
     if ridge < 0:
         raise ValueError(f"ridge must be non-negative, got {ridge}.")
     if rtol is None:
-        rtol = _default_rtol(rows.shape, rows.dtype)
+        rtol = _default_rtol(rows.dtype)
     return _leverage_jit(rows, jnp.asarray(rtol, rows.dtype), jnp.asarray(ridge, rows.dtype), lead, ridge > 0)
 
 
@@ -331,8 +337,6 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
       probs: ``(n,)`` probabilities.
       alpha: mixing weight in ``[0, 1]``.
     """
-    from nlis_jax._checks import check_probs
-
     check_probs(probs)
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")

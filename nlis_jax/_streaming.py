@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._adjoint import _adjoint_flat, flatten_model, model_outputs, validate_path_args
+from nlis_jax._adjoint import flatten_model, validate_path_args
 from nlis_jax._checks import check_choice, check_positive_int
-from nlis_jax._dual import _check_ys
+from nlis_jax._dual import _check_ys, dual_block
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import ROUTES, _default_rtol, _gram, choose_route, equilibrated_eigh, inverse_sqrt_basis
 from nlis_jax._types import ApplyFn, Array, PyTree
@@ -59,11 +59,8 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     def dual_rows(i):
         """Rows of chunk ``i`` of the dual matrix, ``(chunk·k, p+1)``; padding rows are zero."""
         xc = jax.tree.map(lambda a: a[i], xs_c)
-        adj = _adjoint_flat(model, xc, num_nodes=num_nodes, mode=mode, batch_size=chunk)
-        off = model_outputs(model, xc, jnp.zeros_like(model.theta))
-        if ys_c is not None:
-            off = off - ys_c[i]
-        block = jnp.concatenate([adj, off[..., None].astype(dtype)], axis=-1)
+        yc = None if ys_c is None else ys_c[i]
+        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, batch_size=chunk)
         block = block * valid[i].reshape((chunk,) + (1,) * (block.ndim - 1))
         return block.reshape(chunk * k, p + 1)
 
@@ -142,7 +139,7 @@ def streaming_leverage(
     _check_ys(model, ys)
     dtype = model.theta.dtype
     if rtol is None:
-        rtol = _default_rtol(None, dtype)
+        rtol = _default_rtol(dtype)
     return _streaming_jit(
         apply_fn,
         params,
