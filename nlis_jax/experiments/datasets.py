@@ -33,6 +33,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nlis_jax.experiments import features
+from nlis_jax.experiments.checks import positive_int
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES",
@@ -97,30 +100,11 @@ class DatasetNotFoundError(FileNotFoundError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
-    return int(value)
-
-
 def _check_float_dtype(dtype) -> np.dtype:
     dt = np.dtype(dtype)
     if dt.kind != "f":
         raise TypeError(f"dtype must be a floating-point type, got {dt}.")
     return dt
-
-
-def _standardize_columns(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(x - mean) / std`` per column (``ddof=0``), and the mean and std used.
-
-    Constant columns (std 0) are only centred: their std is reported as 1.
-    """
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    return (x - mean) / std, mean, std
 
 
 def _append_bias(x: np.ndarray) -> np.ndarray:
@@ -444,7 +428,7 @@ def load_fashion_mnist(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     dt = _check_float_dtype(dtype)
     if limit is not None:
-        limit = _positive_int("limit", limit)
+        limit = positive_int("limit", limit)
 
     if path is not None:
         dirs = [(Path(path).expanduser(), "path argument")]
@@ -555,7 +539,7 @@ def load_california(
     names = tuple(bunch.feature_names)
     scaling = None
     if standardize:
-        x, x_mean, x_std = _standardize_columns(x)
+        x, x_mean, x_std = features.standardize(x)
         y_mean, y_std = float(y.mean()), float(y.std())
         y = (y - y_mean) / y_std
         scaling = {"x_mean": x_mean, "x_std": x_std, "y_mean": y_mean, "y_std": y_std}
@@ -596,7 +580,7 @@ def load_digits(
     """
     dt = _check_float_dtype(dtype)
     if limit is not None:
-        limit = _positive_int("limit", limit)
+        limit = positive_int("limit", limit)
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
@@ -608,7 +592,7 @@ def load_digits(
         x, y = x[:limit], y[:limit]
     scaling = None
     if standardize:
-        x, x_mean, x_std = _standardize_columns(x)
+        x, x_mean, x_std = features.standardize(x)
         scaling = {"x_mean": x_mean, "x_std": x_std}
     names = tuple(bunch.feature_names)
     if add_bias:
@@ -704,8 +688,8 @@ def make_single_index(
     Returns:
         A :class:`Dataset` with ``x`` ``(n, d)``, ``y`` ``(n,)`` and ``theta_star`` ``(d,)``.
     """
-    n = _positive_int("n", n)
-    d = _positive_int("d", d)
+    n = positive_int("n", n)
+    d = positive_int("d", d)
     dt = _check_float_dtype(dtype)
     if isinstance(phi, str):
         if phi not in _LINKS:
