@@ -1,4 +1,4 @@
-"""Tests for nlis_jax.experiments.outliers: metrics, label flips, the score decomposition, and small studies."""
+"""Tests for nlis_jax.experiments.outliers: metrics, label flips, score decomposition, small studies."""
 
 from __future__ import annotations
 
