@@ -162,7 +162,7 @@ class FashionMNISTConfig(StudyConfig):
     principal components, ``p = 24·16 + 16 + 16·10 + 10 = 570``, a ``30000 × 571`` dual (69 MB). The
     float32 dual of a ReLU network is ill-conditioned, so its leverage takes the QR + SVD route,
     ``O(n k p²)``: this, not memory, bounds ``n k`` and ``p`` (49 pooled inputs for ten classes,
-    ``p = 970``, take ~4× longer per score).
+    ``p = 970``, take longer per score).
 
     Training: projected Nesterov GD in the l2 ball of ``radius = 3`` (active: the fits end on the
     sphere) with a fixed step, ``learning_rate = None`` meaning 0.02 for two classes and 0.1 for ten

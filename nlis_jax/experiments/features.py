@@ -11,7 +11,7 @@ import numpy as np
 
 from nlis_jax.experiments.checks import positive_int
 
-__all__ = ["pool_images", "prepare_features", "principal_components", "standardize"]
+__all__ = ["label_targets", "pool_images", "prepare_features", "principal_components", "standardize"]
 
 
 def pool_images(images, pool: int) -> np.ndarray:
@@ -90,3 +90,12 @@ def prepare_features(images, *others, pool: int = 1, pca: int | None = None, dty
         arrays = list(standardize(*arrays)[: len(arrays)])
     out = tuple(x.astype(dtype) for x in arrays)
     return out[0] if not others else out
+
+
+def label_targets(labels, num_classes: int, dtype=np.float32) -> np.ndarray:
+    """Squared-loss targets of integer labels: ``±1`` ``(n,)`` for two classes (label 1 -> +1), one-hot
+    ``(n, K)`` otherwise."""
+    labels = np.asarray(labels)
+    if num_classes == 2:
+        return (2.0 * labels - 1.0).astype(dtype)
+    return np.eye(num_classes, dtype=dtype)[labels]

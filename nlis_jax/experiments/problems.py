@@ -26,7 +26,7 @@ from nlis_jax.experiments.configs import (
     StudyConfig,
     SyntheticConfig,
 )
-from nlis_jax.experiments.features import prepare_features
+from nlis_jax.experiments.features import label_targets, prepare_features
 
 #: Nesterov momentum of the ``"gd"`` optimizer.
 MOMENTUM = 0.9
@@ -277,34 +277,11 @@ def relu_network(num_nodes: int):
     return apply_fn, dual_fn
 
 
-def _classification_problem(config, name, x, labels, x_test, labels_test, num_classes, info) -> Problem:
-    dtype = np.float32
-    components = config.components
-    if components == "auto":
-        components = None if num_classes == 2 else 24
-    pool = getattr(config, "pool", 1)
-    x, x_test = prepare_features(x, x_test, pool=pool, pca=components, dtype=np.float64)
-    binary = num_classes == 2
-    if binary:
-        targets = np.where(labels == 1, 1.0, -1.0)
-        k = 1
-    else:
-        targets = np.eye(num_classes)[labels]
-        k = num_classes
+def _classification_info(config, info, x, x_test, num_classes, components, learning_rate) -> dict:
+    k = 1 if num_classes == 2 else num_classes
     d = x.shape[1]
-    apply_fn, dual_fn = relu_network(config.num_nodes)
-    learning_rate = config.learning_rate
-    if learning_rate is None:
-        learning_rate = 0.02 if binary else 0.1
-    sizes = (d, config.hidden, k)
-
-    def init(key):
-        return nets.mlp_init(key, sizes, dtype=dtype)
-
     p = d * config.hidden + config.hidden + config.hidden * k + k
-    xs = jnp.asarray(x, dtype)
-    design = jnp.concatenate([xs, jnp.ones((xs.shape[0], 1), dtype)], axis=1)
-    info = dict(
+    return dict(
         info,
         n=int(x.shape[0]),
         n_test=int(x_test.shape[0]),
@@ -316,29 +293,49 @@ def _classification_problem(config, name, x, labels, x_test, labels_test, num_cl
         pca_components=components,
         dtype="float32",
         model=f"MLP {d}-{config.hidden}-{k}, ReLU, biases",
-        loss="squared on ±1 targets" if binary else "squared on one-hot targets (block leverage)",
+        loss="squared on ±1 targets" if k == 1 else "squared on one-hot targets (block leverage)",
         radius=config.radius,
         optimizer=config.optimizer,
         learning_rate=float(learning_rate),
         linear_design="[X, 1]",
         dual_bytes=int(x.shape[0] * k * (p + 1) * 4),
     )
+
+
+def _classification_problem(config, name, x, labels, x_test, labels_test, num_classes, info) -> Problem:
+    dtype = np.float32
+    components = config.components
+    if components == "auto":
+        components = None if num_classes == 2 else 24
+    pool = getattr(config, "pool", 1)
+    x, x_test = prepare_features(x, x_test, pool=pool, pca=components, dtype=np.float64)
+    k = 1 if num_classes == 2 else num_classes
+    apply_fn, dual_fn = relu_network(config.num_nodes)
+    learning_rate = config.learning_rate
+    if learning_rate is None:
+        learning_rate = 0.02 if num_classes == 2 else 0.1
+    sizes = (x.shape[1], config.hidden, k)
+
+    def init(key):
+        return nets.mlp_init(key, sizes, dtype=dtype)
+
+    xs = jnp.asarray(x, dtype)
     return Problem(
         name=name,
         task="classification",
         apply_fn=apply_fn,
         init=init,
         xs=xs,
-        ys=jnp.asarray(targets, dtype),
+        ys=jnp.asarray(label_targets(labels, num_classes, dtype)),
         dual_fn=dual_fn,
-        linear_design=design,
+        linear_design=jnp.concatenate([xs, jnp.ones((xs.shape[0], 1), dtype)], axis=1),
         curvature=None,
         projection=None if config.radius is None else nj.l2_ball(config.radius),
         optimizer=config.optimizer,
         learning_rate=float(learning_rate),
         x_test=jnp.asarray(x_test, dtype),
         labels_test=jnp.asarray(labels_test, jnp.int32),
-        info=info,
+        info=_classification_info(config, info, x, x_test, num_classes, components, learning_rate),
     )
 
 

@@ -55,6 +55,28 @@ def _cell(q: dict, width: int) -> str:
     return f"{f(q['median'], '>10.4f')} [{f(q['q25'], '.3f')}, {f(q['q75'], '.3f')}]".rjust(width)
 
 
+def _timing_lines(timing: dict | None) -> list[str]:
+    """Lines of the wall-time comparison (none without one)."""
+    if not timing:
+        return []
+    lines = []
+    runs = len(next(iter(timing["methods"].values()))["runs"])
+    lines.append(
+        f"wall time at s = {timing['size']} (one sample, compiled; medians of {runs} runs) vs full-data "
+        f"training to the same loss ({timing['full']['step_s'] * 1e3:.3f} ms/step):"
+    )
+    for m, t in timing["methods"].items():
+        full_t = "not reached" if t["full_time_to_loss_s"] is None else f"{t['full_time_to_loss_s']:.4f} s"
+        speed = ""
+        if t["speedup"] is not None:
+            speed = f", speed-up {t['speedup']:.2f}x ({t['speedup_converged']:.2f}x)"
+        lines.append(
+            f"  {m:<20} total {t['total_s']:.4f} s ({t['total_converged_s']:.4f} s to convergence), "
+            f"ratio {t['ratio']:.4f}; full data to that loss: {full_t}{speed}"
+        )
+    return lines
+
+
 def format_table(summary: dict) -> str:
     """The study summary as a plain-text table (one row per size, one column block per scheme)."""
     methods = list(summary["methods"])
@@ -91,24 +113,7 @@ def format_table(summary: dict) -> str:
         lines.append(
             f"  {m:<20} score {r['score_s']:.4f} s, sample {r['sample_s']:.4f} s, train {r['train_s']:.4f} s"
         )
-    timing = summary.get("timing")
-    if timing:
-        runs = len(next(iter(timing["methods"].values()))["runs"])
-        lines.append(
-            f"wall time at s = {timing['size']} (one sample, compiled; medians of {runs} runs) vs full-data "
-            f"training to the same loss ({timing['full']['step_s'] * 1e3:.3f} ms/step):"
-        )
-        for m, t in timing["methods"].items():
-            full_t = (
-                "not reached" if t["full_time_to_loss_s"] is None else f"{t['full_time_to_loss_s']:.4f} s"
-            )
-            speed = ""
-            if t["speedup"] is not None:
-                speed = f", speed-up {t['speedup']:.2f}x ({t['speedup_converged']:.2f}x)"
-            lines.append(
-                f"  {m:<20} total {t['total_s']:.4f} s ({t['total_converged_s']:.4f} s to convergence), "
-                f"ratio {t['ratio']:.4f}; full data to that loss: {full_t}{speed}"
-            )
+    lines += _timing_lines(summary.get("timing"))
     comp = summary["compile"]
     lines.append(f"compilations: {comp['count']} ({comp['seconds']:.1f} s, not in the times above)")
     return "\n".join(lines)

@@ -123,7 +123,7 @@ class _Grid:
         self.records[method].append(record)
 
 
-def _draw_and_fit(run: _Run, keys, probs, size: int, score_s: float) -> _Fit:
+def _draw_and_fit(keys, run: _Run, probs, size: int, score_s: float) -> _Fit:
     (idx, w), draw_s = draw(keys, probs, size)
     (params, trace), fit_s = fit_samples(run.problem, run.params0, idx, w, num_steps=run.config.num_steps)
     return _Fit(params, trace, score_s, draw_s, fit_s)
@@ -147,13 +147,13 @@ def _shared_scores(run: _Run) -> tuple[dict, dict]:
     return probs, seconds
 
 
-def _pilot(run: _Run, key) -> tuple[jax.Array, float]:
+def _pilot(key, run: _Run) -> tuple[jax.Array, float]:
     """One pilot per repeat: uniform sample, fit, leverage at its solution -> ``((R, n), s per repeat)``."""
     run.log("pilot")
     problem, R = run.problem, run.config.repeats
     pilot_size = resolve_size(run.config.pilot_size, problem.n)
     uniform = nj.uniform_scores(problem.n, problem.dtype)
-    fit = _draw_and_fit(run, jax.random.split(key, R), uniform, pilot_size, 0.0)
+    fit = _draw_and_fit(jax.random.split(key, R), run, uniform, pilot_size, 0.0)
     probs, score_s = score_batch(problem, fit.params, kind="leverage", mix=run.config.mix)
     return probs, (fit.draw_s + fit.fit_s + score_s) / R
 
@@ -163,13 +163,13 @@ def _practical_fits(run: _Run, size: int, pilot_probs, pilot_cost: float) -> dic
     scheme's sample solution θ_S of the same repeat)."""
     R, methods = run.config.repeats, run.config.methods
     pkeys = jax.random.split(jax.random.fold_in(run.method_keys["pilot_leverage"], size), R)
-    pilot = _draw_and_fit(run, pkeys, pilot_probs, size, pilot_cost)
+    pilot = _draw_and_fit(pkeys, run, pilot_probs, size, pilot_cost)
     fits = {"pilot_leverage": pilot}
     if "refined_leverage" in methods:
         probs, rescore_s = score_batch(run.problem, pilot.params, kind="leverage", mix=run.config.mix)
         keys = jax.random.split(jax.random.fold_in(run.method_keys["refined_leverage"], size), R)
         refine_cost = pilot_cost + (pilot.draw_s + pilot.fit_s + rescore_s) / R
-        fits["refined_leverage"] = _draw_and_fit(run, keys, probs, size, refine_cost)
+        fits["refined_leverage"] = _draw_and_fit(keys, run, probs, size, refine_cost)
     return fits
 
 
@@ -183,7 +183,7 @@ def _run_grid(run: _Run, shared: tuple[dict, dict], pilot, bar) -> _Grid:
             run.log(f"{method} s={size}")
             if method in shared_probs:
                 keys = jax.random.split(jax.random.fold_in(run.method_keys[method], size), run.config.repeats)
-                fit = _draw_and_fit(run, keys, shared_probs[method], size, shared_s[method])
+                fit = _draw_and_fit(keys, run, shared_probs[method], size, shared_s[method])
             else:
                 practical = practical or _practical_fits(run, size, *pilot)
                 fit = practical[method]
@@ -290,7 +290,7 @@ def run_study(
     probs, score_s = _shared_scores(run)
     pilot = (None, 0.0)
     if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
-        pilot = _pilot(run, k_pilot)
+        pilot = _pilot(k_pilot, run)
         score_s["pilot_leverage"] = pilot[1]
     grid = _run_grid(run, (probs, score_s), pilot, bar)
     if bar is not None:

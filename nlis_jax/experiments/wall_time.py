@@ -17,7 +17,7 @@ __all__ = ["compare_wall_time"]
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 
-def _scheme_probs(method: str, key, problem: Problem, params0, config: StudyConfig) -> tuple:
+def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConfig) -> tuple:
     """``(probs, score_s, pilot_s, pilot_converged_s)`` of one run of a practical scheme."""
     uniform = nj.uniform_scores(problem.n, problem.dtype)
     if method == "uniform":
@@ -35,10 +35,10 @@ def _scheme_probs(method: str, key, problem: Problem, params0, config: StudyConf
     raise ValueError(f"compare_wall_time: {method!r} is not a practical scheme here.")
 
 
-def _one_run(method: str, key, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
+def _one_run(key, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
     """Pilot, score, draw and train once (``R = 1``); the full-data time to the same loss."""
     k_pilot, k_sample = jax.random.split(key)
-    probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(method, k_pilot, problem, params0, config)
+    probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config)
     (idx, w), sample_s = draw(k_sample[None], probs, size)
     (params, trace), train_s = fit_samples(problem, params0, idx, w, num_steps=config.num_steps)
     loss = float(full_losses(problem, params)[0][0])
@@ -115,7 +115,7 @@ def compare_wall_time(
     }
     for method, mkey in zip(methods, jax.random.split(key, len(methods)), strict=True):
         rows = [
-            _one_run(method, rkey, problem, full, params0, size, config)
+            _one_run(rkey, method, problem, full, params0, size, config)
             for rkey in jax.random.split(mkey, runs)
         ]
         out["methods"][method] = _medians(rows)

@@ -49,7 +49,7 @@ from nlis_jax.experiments.outliers.config import (
     NONLINEAR_SCORES,
     OutlierConfig,
 )
-from nlis_jax.experiments.outliers.data import flip_labels, load_data, targets
+from nlis_jax.experiments.outliers.data import flip_labels, load_data
 from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
 from nlis_jax.experiments.outliers.options import add_arguments, config_from_args, format_table, run
@@ -75,5 +75,4 @@ __all__ = [
     "run",
     "run_outlier_study",
     "save_score_grid",
-    "targets",
 ]

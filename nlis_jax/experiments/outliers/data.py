@@ -8,7 +8,7 @@ import numpy as np
 from nlis_jax.experiments import datasets
 from nlis_jax.experiments.outliers.config import OutlierConfig
 
-__all__ = ["flip_labels", "load_data", "targets"]
+__all__ = ["flip_labels", "load_data"]
 
 
 def flip_labels(
@@ -55,13 +55,6 @@ def flip_labels(
     flipped = np.zeros(n, dtype=bool)
     flipped[idx] = True
     return noisy, flipped
-
-
-def targets(labels: np.ndarray, num_classes: int, dtype) -> np.ndarray:
-    """``±1`` targets ``(n,)`` for two classes, one-hot ``(n, K)`` otherwise."""
-    if num_classes == 2:
-        return (2.0 * labels - 1.0).astype(dtype)
-    return np.eye(num_classes, dtype=dtype)[labels]
 
 
 def load_data(config: OutlierConfig, data=None) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...] | None]:

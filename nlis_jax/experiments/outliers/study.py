@@ -18,9 +18,9 @@ import optax
 
 import nlis_jax as nj
 from nlis_jax.experiments import nets
-from nlis_jax.experiments.features import prepare_features
+from nlis_jax.experiments.features import label_targets, prepare_features
 from nlis_jax.experiments.outliers.config import BASELINE_SCORES, NONLINEAR_SCORES, OutlierConfig
-from nlis_jax.experiments.outliers.data import flip_labels, load_data, targets
+from nlis_jax.experiments.outliers.data import flip_labels, load_data
 from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
 from nlis_jax.experiments.outliers.scores import outlier_scores
@@ -60,7 +60,7 @@ def _prepare(key, config: OutlierConfig, data) -> _Data:
     images, labels, num_classes, class_names = load_data(config, data)
     noisy, flipped = flip_labels(key, labels, num_classes, fraction=config.flip_fraction)
     xs = jnp.asarray(prepare_features(images, pool=config.pool, pca=config.pca, dtype=dtype))
-    ts = jnp.asarray(targets(noisy, num_classes, dtype))
+    ts = jnp.asarray(label_targets(noisy, num_classes, dtype))
     return _Data(images, labels, noisy, flipped, num_classes, class_names, xs, ts)
 
 
