@@ -381,6 +381,34 @@ def _download_fashion_mnist(target: Path) -> None:
                 ) from None
 
 
+def _locate_fashion_mnist(path, data_home, split: str, download_if_missing: bool) -> tuple[Path, Path]:
+    """``(images, labels)`` files of ``split``: from ``path``, else the search folders, else downloaded."""
+    if path is not None:
+        dirs = [(Path(path).expanduser(), "path argument")]
+        target = dirs[0][0]
+    else:
+        dirs = fashion_mnist_search_dirs(data_home)
+        target = _sklearn_data_home(data_home) / "fashion-mnist"
+    found = None
+    for folder, _ in dirs:
+        found = _find_split(folder, split)
+        if found is not None:
+            break
+    if found is None and download_if_missing:
+        _download_fashion_mnist(target)
+        found = _find_split(target, split)
+    if found is None:
+        looked = "\n".join(
+            f"  - {folder} ({why}{'' if folder.is_dir() else ', does not exist'})" for folder, why in dirs
+        )
+        hint = "" if download_if_missing else " and download_if_missing=False"
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST {split!r} split not found{hint}. Looked in:\n{looked}\n"
+            + _how_to_get_fashion_mnist(target)
+        )
+    return found
+
+
 def load_fashion_mnist(
     path: str | os.PathLike | None = None,
     *,
@@ -430,31 +458,7 @@ def load_fashion_mnist(
     if limit is not None:
         limit = positive_int("limit", limit)
 
-    if path is not None:
-        dirs = [(Path(path).expanduser(), "path argument")]
-        target = dirs[0][0]
-    else:
-        dirs = fashion_mnist_search_dirs(data_home)
-        target = _sklearn_data_home(data_home) / "fashion-mnist"
-    found = None
-    for folder, _ in dirs:
-        found = _find_split(folder, split)
-        if found is not None:
-            break
-    if found is None and download_if_missing:
-        _download_fashion_mnist(target)
-        found = _find_split(target, split)
-    if found is None:
-        looked = "\n".join(
-            f"  - {folder} ({why}{'' if folder.is_dir() else ', does not exist'})" for folder, why in dirs
-        )
-        hint = "" if download_if_missing else " and download_if_missing=False"
-        raise DatasetNotFoundError(
-            f"Fashion-MNIST {split!r} split not found{hint}. Looked in:\n{looked}\n"
-            + _how_to_get_fashion_mnist(target)
-        )
-
-    images_path, labels_path = found
+    images_path, labels_path = _locate_fashion_mnist(path, data_home, split, download_if_missing)
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
