@@ -64,11 +64,13 @@ def check_same_length(name_a: str, n_a: int, name_b: str, n_b: int) -> None:
         raise ValueError(f"{name_a} has {n_a} examples but {name_b} has {n_b}; they must agree.")
 
 
-def check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    """Return ``int(value)``; ``TypeError`` unless an int, ``ValueError`` unless ``> 0`` (``>= 0``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be a Python int, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value}.")
     return int(value)
 
 

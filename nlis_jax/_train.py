@@ -1,6 +1,6 @@
 r"""Projected-gradient training on a weighted sample, built on Optax.
 
-The problem (DESIGN.md, "Training on a sample") is
+The problem is
 
 .. math::
 
@@ -55,6 +55,20 @@ class TrainState(NamedTuple):
 
     params: PyTree
     opt_state: optax.OptState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """:func:`fit` stopped because the loss or the updated parameters became NaN or Inf.
+
+    Attributes:
+        state: the :class:`TrainState` of the last finite iterate (the failing update is discarded).
+        step: the step at which the loss (evaluated before that step's update) or the update failed.
+    """
+
+    def __init__(self, message: str, *, state: TrainState, step: int):
+        super().__init__(message)
+        self.state = state
+        self.step = step
 
 
 class FitResult(NamedTuple):
@@ -136,10 +150,10 @@ def _resolve_loss(loss: str | LossFn) -> LossFn:
     raise TypeError(f"loss must be one of {names} or a callable loss(pred, y), got {loss!r}.")
 
 
-def _per_example_losses(
+def per_example_losses(
     apply_fn: ApplyFn, loss_fn: LossFn, params: PyTree, xs: Array, ys: Array, chunk_size=None
 ) -> Array:
-    """``(n,)`` losses :math:`\\ell(f(\\theta; x_i), y_i)`, vmapped (or chunked with lax.map)."""
+    """``(n,)`` losses :math:`\\ell(f(\\theta; x_i), y_i)` (traceable), vmapped or chunked with lax.map."""
 
     def one(x, y):
         value = loss_fn(apply_fn(params, x), y)
@@ -153,14 +167,16 @@ def _per_example_losses(
     return jax.lax.map(lambda xy: one(*xy), (xs, ys), batch_size=chunk_size)
 
 
-def _weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None) -> Array:
-    losses = _per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
+def weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None) -> Array:
+    """``Σ_i w_i ℓ_i`` (plain sum with ``weights=None``), traceable."""
+    losses = per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
     if weights is None:
         return jnp.sum(losses)
     return jnp.sum(weights.astype(losses.dtype) * losses)
 
 
-_weighted_sum_jit = jax.jit(_weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size",))
+_weighted_sum_jit = jax.jit(weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size",))
+_per_example_jit = jax.jit(per_example_losses, static_argnums=(0, 1), static_argnames=("chunk_size",))
 
 
 def _hashable(*objs) -> bool:
@@ -206,7 +222,7 @@ def weighted_loss(
     r"""Weighted sum of per-example losses, :math:`L_w(\theta) = \sum_i w_i\,\ell_i(\theta)`.
 
     With ``weights=None`` this is the full-data loss :math:`L(\theta) = \sum_i \ell_i(\theta)`
-    (for ``loss="squared"``, :math:`\sum_i r_i(\theta)^2` of DESIGN.md), where
+    (for ``loss="squared"``, :math:`\sum_i r_i(\theta)^2`, the squared residuals), where
     :math:`\ell_i(\theta) = \ell(f(\theta; x_i), y_i)`. It is jit-, grad- and vmap-friendly;
     called on concrete arrays it runs a cached compiled kernel (keyed on ``apply_fn``, ``loss`` and
     ``chunk_size``).
@@ -237,7 +253,39 @@ def weighted_loss(
     weights = None if weights is None else jnp.asarray(weights)
     if _hashable(apply_fn, loss_fn):
         return _weighted_sum_jit(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=chunk_size)
-    return _weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size)
+    return weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size)
+
+
+def per_example_loss(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: Array,
+    ys: Array,
+    *,
+    loss: str | LossFn = "squared",
+    chunk_size: int | None = None,
+) -> Array:
+    r"""Per-example losses :math:`\ell_i(\theta) = \ell(f(\theta; x_i), y_i)`, shape ``(n,)``.
+
+    Jit-, grad- and vmap-friendly; on concrete arrays a cached compiled kernel runs (keyed on
+    ``apply_fn``, ``loss`` and ``chunk_size``). ``weighted_loss(..., weights=w)`` equals
+    ``sum(w * per_example_loss(...))`` up to summation order.
+
+    Args:
+        apply_fn, params, xs, ys, loss: as in :func:`weighted_loss`.
+        chunk_size: if given, evaluate ``chunk_size`` examples at a time (``lax.map``) to bound memory.
+
+    Returns:
+        ``(n,)`` array of losses in the dtype of the model's output.
+    """
+    loss_fn = _resolve_loss(loss)
+    _check_data(params, xs, ys, None)
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    if _hashable(apply_fn, loss_fn):
+        return _per_example_jit(apply_fn, loss_fn, params, xs, ys, chunk_size=chunk_size)
+    return per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +352,7 @@ def _build_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, 
 
         def objective(params, batch):
             xb, yb, wb = batch
-            estimate = (_weighted_sum(apply_fn, loss_fn, params, xb, yb, wb) * ratio).astype(dtype)
+            estimate = (weighted_sum(apply_fn, loss_fn, params, xb, yb, wb) * ratio).astype(dtype)
             return estimate * inv_total, estimate
 
         step = make_train_step(objective, optimizer, projection, has_aux=True)
@@ -496,9 +544,7 @@ def fit(
             chunks.append(seg_losses)
             bad_step = int(carry[1])
             if bad_step >= 0:
-                err = _non_finite_error(bad_step, float(carry[2]), chunks)
-                err.state = carry[0]  # the last finite iterate (a TrainState)
-                raise err
+                raise _non_finite_error(bad_step, float(carry[2]), chunks, carry[0])
             if bar is not None:
                 done = min(segment_len, num_steps - start)
                 bar.update(done)
@@ -509,7 +555,7 @@ def fit(
 
     state = carry[0]
     losses = jnp.concatenate(chunks)[:num_steps] if len(chunks) > 1 else chunks[0][:num_steps]
-    final_fn = _weighted_sum_jit if _hashable(apply_fn, loss_fn) else _weighted_sum
+    final_fn = _weighted_sum_jit if _hashable(apply_fn, loss_fn) else weighted_sum
     final = final_fn(apply_fn, loss_fn, state.params, data[0], data[1], w)
     return FitResult(
         params=state.params,
@@ -528,7 +574,7 @@ def _is_data_projection(projection) -> bool:
     return bool(leaves) and all(isinstance(l, (int, float, np.ndarray, jax.Array)) for l in leaves)
 
 
-def _non_finite_error(step: int, value: float, chunks) -> FloatingPointError:
+def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> NonFiniteLossError:
     last = None
     if step > 0:
         flat = np.concatenate([np.asarray(c) for c in chunks])
@@ -538,7 +584,9 @@ def _non_finite_error(step: int, value: float, chunks) -> FloatingPointError:
         what = f"the loss is {value} at step {step} (evaluated before that step's update)"
     else:
         what = f"the update at step {step} made the parameters non-finite (loss there {value:.6g})"
-    return FloatingPointError(
+    return NonFiniteLossError(
         f"fit stopped: {what}{before}. The exception's .state holds the last finite iterate; "
-        "lower the learning rate, rescale the data, or check apply_fn for overflow."
+        "lower the learning rate, rescale the data, or check apply_fn for overflow.",
+        state=state,
+        step=step,
     )
