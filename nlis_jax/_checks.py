@@ -49,6 +49,21 @@ def check_finite(name: str, tree: PyTree) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 
+@jax.jit
+def _count_negative(x):
+    return jnp.count_nonzero(x < 0)
+
+
+def check_nonnegative(name: str, x) -> None:
+    """Raise ``ValueError`` if a concrete ``x`` has negative entries (skipped under tracing)."""
+    if not is_concrete(x):
+        return
+    with jax.ensure_compile_time_eval():
+        bad = int(_count_negative(jnp.asarray(x)))
+    if bad:
+        raise ValueError(f"{name} must be non-negative; {bad} are negative.")
+
+
 def check_leading_axis(name: str, x, *, min_ndim: int = 1) -> int:
     """Return ``x.shape[0]``; raise if ``x`` has fewer than ``min_ndim`` axes or an empty leading axis."""
     shape = jnp.shape(x)
