@@ -49,6 +49,21 @@ def check_finite(name: str, tree: PyTree) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 
+@jax.jit
+def _count_negative(x):
+    return jnp.count_nonzero(x < 0)
+
+
+def check_nonnegative(name: str, x) -> None:
+    """Raise ``ValueError`` if a concrete ``x`` has negative entries (skipped under tracing)."""
+    if not is_concrete(x):
+        return
+    with jax.ensure_compile_time_eval():
+        bad = int(_count_negative(jnp.asarray(x)))
+    if bad:
+        raise ValueError(f"{name} must be non-negative; {bad} are negative.")
+
+
 def check_leading_axis(name: str, x, *, min_ndim: int = 1) -> int:
     """Return ``x.shape[0]``; raise if ``x`` has fewer than ``min_ndim`` axes or an empty leading axis."""
     shape = jnp.shape(x)
@@ -64,11 +79,13 @@ def check_same_length(name_a: str, n_a: int, name_b: str, n_b: int) -> None:
         raise ValueError(f"{name_a} has {n_a} examples but {name_b} has {n_b}; they must agree.")
 
 
-def check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    """Return ``int(value)``; ``TypeError`` unless an int, ``ValueError`` unless ``> 0`` (``>= 0``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be a Python int, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value}.")
     return int(value)
 
 
