@@ -124,7 +124,7 @@ class CaliforniaConfig(StudyConfig):
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig(StudyConfig):
-    """Synthetic ``y = ϕ(<θ_true, x>) + noise·ε`` (:func:`nlis_jax.datasets.make_single_index`).
+    """Synthetic ``y = ϕ(<θ_true, x>) + noise·ε`` (:func:`nlis_jax.experiments.datasets.make_single_index`).
 
     ϕ is the bounded Swish (the fitted model is well specified), ``x ~ N(0, I_d)``. Two options make
     the design harder, with the same θ_true and noise draws: ``correlation = ρ`` maps the rows to

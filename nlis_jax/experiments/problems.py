@@ -222,7 +222,8 @@ def california_problem(config: CaliforniaConfig) -> Problem:
 
 
 def synthetic_problem(config: SyntheticConfig) -> Problem:
-    """Synthetic single-index data from :func:`nlis_jax.datasets.make_single_index` (bounded Swish)."""
+    """Synthetic single-index data (bounded Swish) from
+    :func:`nlis_jax.experiments.datasets.make_single_index`."""
 
     def link(z):
         return np.asarray(nj.bounded_swish(jnp.asarray(z), config.c1, config.c2), np.float64)
@@ -268,7 +269,7 @@ def synthetic_problem(config: SyntheticConfig) -> Problem:
 
 @functools.lru_cache(maxsize=16)
 def relu_network(num_nodes: int):
-    """``(apply_fn, dual_fn)`` of a one-hidden-layer ReLU MLP (from :func:`nlis_jax.nets.mlp`)."""
+    """``(apply_fn, dual_fn)`` of a one-hidden-layer ReLU MLP (from :func:`nlis_jax.experiments.nets.mlp`)."""
     apply_fn = nets.mlp(jax.nn.relu)
 
     def dual_fn(params, xs, ys):
@@ -392,8 +393,8 @@ def make_problem(config: StudyConfig) -> Problem:
     """Build the :class:`Problem` of a config (loads or generates the data).
 
     Raises:
-        nlis_jax.datasets.DatasetNotFoundError: the data set is not on disk (the message says where to
-            put it and how to get it).
+        nlis_jax.experiments.datasets.DatasetNotFoundError: the data set is not on disk (the message says
+            where to put it and how to get it).
     """
     if isinstance(config, CaliforniaConfig):
         return california_problem(config)
