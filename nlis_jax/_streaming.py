@@ -5,11 +5,13 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
 :func:`nlis_jax.leverage_scores` on the same matrix, decided by the same code (:mod:`nlis_jax.routes`):
 
 - pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (a ``lax.scan`` over chunks; on a sharded
-  ``xs`` each chunk's product becomes an all-reduce) and :func:`nlis_jax.routes.decide` picks the route;
+  ``xs`` each chunk's product becomes an all-reduce) and :func:`nlis_jax.routes.transform_from_passes`
+  picks the route and asks for the passes it needs;
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([R; F̃_c]).R``, then ``R D⁻¹ = W S Vᵀ`` and
-  ``h = ‖F̃_c D⁻¹ V S^{-1}‖²`` over the singular values above ``rtol·s_max``: backward stable.
+  ``h = ‖F̃_c D⁻¹ V S^{-1}‖²`` over the singular values above ``rtol·s_max`` (below float64 after one
+  more CholeskyQR pass, as the dense route): backward stable.
 """
 
 from __future__ import annotations
@@ -75,35 +77,27 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     )
     dim, dtype = model.theta.shape[0] + 1, model.theta.dtype
 
-    def gram_pass(M):
+    def gram_pass(M=None):
         def body(G, i):
-            return G + routes.gram(dual_rows(i) @ M), None
+            rows = dual_rows(i)
+            return G + routes.gram(rows if M is None else rows @ M), None
 
-        return lax.scan(body, jnp.zeros((M.shape[1],) * 2, dtype), jnp.arange(m))[0]
+        return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
 
-    dec = routes.decide(gram_pass(jnp.eye(dim, dtype=dtype)), route)
-
-    def one_pass():
-        return dec.transform, dec.rank
-
-    def two_pass():
-        return dec.transform @ routes.refine_transform(gram_pass(dec.transform)), dec.rank
-
-    def stable():
+    def r_factor():
         def body(R, i):
             return jnp.linalg.qr(jnp.concatenate([R, dual_rows(i)]), mode="r"), None
 
-        R = lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
-        return routes.stable_transform(R, dec.scale, rtol)
+        return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
 
-    M, rank = lax.switch(dec.route, (one_pass, two_pass, stable))
+    transform = routes.transform_from_passes(gram_pass(), gram_pass, r_factor, rtol, route)
 
     def score_chunk(i):
-        h = routes.transform_rows(dual_rows(i), M, row_norms=True)
+        h = routes.apply_transform(dual_rows(i), transform, row_norms=True)
         return h.reshape(-1, math.prod(model.out_shape)).sum(axis=1)
 
     h = lax.map(score_chunk, jnp.arange(m)).reshape(-1)[: model.n]
-    return h, rank, dec.route
+    return h, transform.rank, transform.route
 
 
 def streaming_leverage_scores(

@@ -514,21 +514,10 @@ def fit(
             :class:`TrainState` of the last finite iterate (nothing non-finite is kept). Checked
             after each segment; later steps do not run.
     """
-    plan = _plan_fit(
-        apply_fn,
-        params,
-        xs,
-        ys,
-        weights,
-        optimizer,
-        projection,
-        loss,
-        num_steps,
-        batch_size,
-        key,
-        progress,
-        num_segments,
-    )
+    loss_fn = _resolve_loss(loss)
+    _check_optimizer_and_projection(optimizer, projection)
+    n = _check_data(params, xs, ys, weights)
+    plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)
     params = jax.tree.map(jnp.asarray, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     w, total = _weights_and_total(weights, plan.n, dtype)
@@ -555,29 +544,16 @@ def fit(
     return FitResult(state.params, losses, state.opt_state, final, jnp.asarray(total, dtype))
 
 
-def _plan_fit(
-    apply_fn,
-    params,
-    xs,
-    ys,
-    weights,
-    optimizer,
-    projection,
-    loss,
-    num_steps,
-    batch_size,
-    key,
-    progress,
-    num_segments,
-) -> _Plan:
-    """Every check of :func:`fit`'s arguments, before any work; the static plan of the run."""
-    loss_fn = _resolve_loss(loss)
+def _check_optimizer_and_projection(optimizer, projection) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
     if projection is not None and not callable(projection):
         raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+
+
+def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -> _Plan:
+    """Check the run's sizes (before any work) and fix its static plan."""
     num_steps = check_positive_int("num_steps", num_steps)
-    n = _check_data(params, xs, ys, weights)
     if batch_size is not None:
         batch_size = check_positive_int("batch_size", batch_size)
         if batch_size > n:

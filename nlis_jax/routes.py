@@ -17,6 +17,10 @@ on the Cholesky factor (a failed Cholesky counts as singular):
    a streaming TSQR), ``R D⁻¹ = W S Vᵀ`` and ``M = D⁻¹ V S⁻¹`` over the singular values above
    ``rtol · σ_max`` (rank = their number), see :func:`stable_transform`.
 
+Entry points: :func:`basis` / :func:`row_leverage` for a row matrix held whole (dense scores, the
+sketched ``Y = F̃V``, a projected ``F̃Ω``); :func:`transform_from_passes` and :func:`apply_transform` for a
+row matrix seen only through passes over chunks of rows (streaming), from the accumulated Gram matrix.
+
 The fast routes call no LAPACK routine after the Gram product: the Cholesky factor, the ``κ`` estimate
 and ``L⁻ᵀ`` are pure XLA (see benchmarks/README.md for the measurements behind this choice).
 Exactly-zero columns (dead ReLU units, a zero offset column) are set aside by the equilibration: they
@@ -26,6 +30,7 @@ count neither in the rank nor against the conditioning.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -181,6 +186,62 @@ def stable_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array]
     keep = s > rtol * s[0]
     inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
     return (Vt.T * inv_s[None, :]) / scale[:, None], jnp.sum(keep).astype(jnp.int32)
+
+
+class Transform(NamedTuple):
+    """``U = A first`` (``refine`` false) or ``(A first) second``: an orthonormal basis of ``range(A)``."""
+
+    first: Array  # (m, m)
+    second: Array  # (m, m): the CholeskyQR refinement (route "gram2", or "stable" below float64)
+    refine: Array  # bool: apply ``second``
+    rank: Array  # int32
+    route: Array  # int32 index into ROUTES
+
+
+def transform_from_passes(
+    G: Array,
+    gram_pass: Callable[[Array], Array],
+    r_factor: Callable[[], Array],
+    rtol: Array,
+    route: str | None = None,
+) -> Transform:
+    """The route and its :class:`Transform` for a row matrix ``A`` seen only through passes over its rows.
+
+    ``G = AᵀA`` decides the route (:func:`decide`); ``gram_pass(M)`` must return ``(A M)ᵀ(A M)`` (one
+    more pass, taken on route ``"gram2"``, and on ``"stable"`` below float64) and ``r_factor()`` an R
+    factor of ``A`` (a TSQR pass, route ``"stable"`` only). :func:`apply_transform` then gives the
+    basis or the leverage of any rows of ``A``: the route, rank and arithmetic of :func:`basis` on
+    ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs all of ``A``).
+    """
+    dec = decide(G, route)
+    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    no, yes = jnp.asarray(False), jnp.asarray(True)
+
+    def one_pass():
+        return dec.transform, eye, no, dec.rank
+
+    def two_pass():
+        return dec.transform, refine_transform(gram_pass(dec.transform)), yes, dec.rank
+
+    def stable():
+        M, rank = stable_transform(r_factor(), dec.scale, rtol)
+        if G.dtype == jnp.float64:
+            return M, eye, no, rank
+        return M, refine_transform(gram_pass(M)), yes, rank
+
+    first, second, refine, rank = lax.switch(dec.route, (one_pass, two_pass, stable))
+    return Transform(first, second, refine, rank, dec.route)
+
+
+def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
+    """Rows ``A`` mapped to the basis, ``(A first) second`` (or their squared norms)."""
+    U1 = A @ t.first
+    return lax.cond(
+        t.refine,
+        lambda U: transform_rows(U, t.second, row_norms),
+        lambda U: jnp.sum(jnp.square(U), axis=1) if row_norms else U,
+        U1,
+    )
 
 
 def transform_rows(A: Array, M: Array, row_norms: bool = False) -> Array:

@@ -83,6 +83,32 @@ def test_all_routes_exercised_and_agree():
         np.testing.assert_allclose(np.sum(np.asarray(U) ** 2, axis=1), h_ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(MATRICES))
+def test_pass_based_transform_takes_the_dense_route(name):
+    """The Gram-based entry (chunks of rows, as streaming sees them) takes the route of the dense call
+    on the same matrix and gives the same leverage (same tolerance as against the SVD)."""
+    F, rank, route = MATRICES[name]
+    A = jnp.asarray(F)
+    chunks = A.reshape(8, N // 8, M)  # 8 chunks of 25 rows
+
+    def gram_pass(T=None):
+        return sum(nj.routes.gram(c if T is None else c @ T) for c in chunks)
+
+    def r_factor():
+        R = jnp.zeros((M, M))
+        for c in chunks:  # 8 static chunks (a TSQR over the rows)
+            R = jnp.linalg.qr(jnp.concatenate([R, c]), mode="r")
+        return R
+
+    rtol = jnp.asarray(nj.routes.default_rtol(A.dtype))
+    t = nj.routes.transform_from_passes(gram_pass(), gram_pass, r_factor, rtol)
+    dense = nj.leverage_scores(A, return_info=True)
+    assert nj.routes.ROUTES[int(t.route)] == route == nj.routes.ROUTES[int(dense.route)]
+    assert int(t.rank) == rank == int(dense.rank)
+    h = np.asarray(nj.routes.apply_transform(A, t, row_norms=True))
+    np.testing.assert_allclose(h, svd_leverage(F, rank)[0], rtol=0, atol=ATOL_H)
+
+
 def test_block_leverage_and_block_norm():
     rng = np.random.default_rng(1)
     n, k, m = N // 4, 4, M  # the (n·k, m) row matrix has the shape of the others: no new compilation

@@ -27,7 +27,8 @@ def _svd_leverage(F):
 @pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
 def test_streaming_matches_materialised(problem, route):
     apply_fn, params, xs, ys = problem
-    ref, r = _svd_leverage(nj.dual_matrix(apply_fn, params, xs, ys))
+    F = nj.dual_matrix(apply_fn, params, xs, ys)
+    ref, r = _svd_leverage(F)
     # chunk of 50 does not divide n = 203: the padded rows must not leak into the Gram matrix.
     _, h, rank, taken = nj.streaming_leverage_scores(
         apply_fn, params, xs, ys, chunk_size=50, route=route, return_info=True
@@ -35,6 +36,8 @@ def test_streaming_matches_materialised(problem, route):
     assert int(rank) == r
     if route is not None:
         assert nj.routes.ROUTES[int(taken)] == route
+    else:  # the route the dense call takes on the materialised matrix
+        assert int(taken) == int(nj.leverage_scores(F, return_info=True).route)
     # gram route error ~ eps·κ(G); this MLP dual has κ(G) ~ 1e4, so ~1e-11; the others are ~1e-14.
     tol = 1e-10 if route == "gram" else 1e-12
     np.testing.assert_allclose(h, ref, rtol=tol)
@@ -54,6 +57,7 @@ def test_streaming_rank_deficient_and_block():
     assert r < F.shape[-1]
     _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, xs, chunk_size=32, return_info=True)
     assert int(rank) == r and nj.routes.ROUTES[int(taken)] == "stable"
+    assert int(nj.leverage_scores(F, return_info=True).route) == int(taken)
     np.testing.assert_allclose(h, ref_rows.reshape(97, 2).sum(axis=1), rtol=1e-10, atol=1e-13)
 
 
