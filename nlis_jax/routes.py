@@ -149,8 +149,8 @@ def lower_inverse_t(L: Array) -> Array:
 def decide(G: Array, route: str | None = None) -> GramDecision:
     """The route (chosen from ``κ(G_eq)``, or forced by name) and the Cholesky transform ``D⁻¹L⁻ᵀ``.
 
-    The entry point for any path that has the Gram matrix ``G = AᵀA`` (accumulated in chunks, say) but
-    not ``A`` itself; :func:`transform_rows` then applies a transform to rows of ``A``.
+    Shared by :func:`basis` (``A`` held whole) and :func:`transform_from_passes` (only the Gram matrix
+    ``G = AᵀA``, accumulated over chunks of rows), so both take the same route for the same matrix.
     """
     Geq, d, num_zero = equilibrate(G)
     m = Geq.shape[0]

@@ -85,8 +85,8 @@ def test_all_routes_exercised_and_agree():
 
 @pytest.mark.parametrize("name", sorted(MATRICES))
 def test_pass_based_transform_takes_the_dense_route(name):
-    """The Gram-based entry (chunks of rows, as streaming sees them) takes the route of the dense call
-    on the same matrix and gives the same leverage (same tolerance as against the SVD)."""
+    """The Gram-based entry (chunks of rows, as streaming sees them) takes the route and rank of the
+    dense call on the same matrix, and gives its leverage."""
     F, rank, route = MATRICES[name]
     A = jnp.asarray(F)
     chunks = A.reshape(8, N // 8, M)  # 8 chunks of 25 rows
@@ -106,7 +106,11 @@ def test_pass_based_transform_takes_the_dense_route(name):
     assert nj.routes.ROUTES[int(t.route)] == route == nj.routes.ROUTES[int(dense.route)]
     assert int(t.rank) == rank == int(dense.rank)
     h = np.asarray(nj.routes.apply_transform(A, t, row_norms=True))
-    np.testing.assert_allclose(h, svd_leverage(F, rank)[0], rtol=0, atol=ATOL_H)
+    # Without the whole matrix there is no Householder Q: the stable route forms A·D⁻¹VS⁻¹, accurate to
+    # the ~eps·κ (κ = σ_1/σ_rank) to which the data determine leverage at all (2e-8 measured at κ = 1e9).
+    s = np.linalg.svd(F, compute_uv=False)
+    atol = ATOL_H if route != "stable" else max(ATOL_H, 10 * np.finfo(F.dtype).eps * s[0] / s[rank - 1])
+    np.testing.assert_allclose(h, svd_leverage(F, rank)[0], rtol=0, atol=atol)
 
 
 def test_block_leverage_and_block_norm():
