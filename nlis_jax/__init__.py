@@ -6,6 +6,17 @@ guarantees. ``import nlis_jax`` does not import flax (see :mod:`nlis_jax.models`
 """
 
 from nlis_jax import projections as projections
+from nlis_jax._active import ActiveConfig as ActiveConfig
+from nlis_jax._active import ActiveResult as ActiveResult
+from nlis_jax._active import ActiveState as ActiveState
+from nlis_jax._active import Query as Query
+from nlis_jax._active import active_learning as active_learning
+from nlis_jax._active import estimator_weights as estimator_weights
+from nlis_jax._active import init_state as init_state
+from nlis_jax._active import label_free_leverage_scores as label_free_leverage_scores
+from nlis_jax._active import pool_probabilities as pool_probabilities
+from nlis_jax._active import query as query
+from nlis_jax._active import record as record
 from nlis_jax._adjoint import FORWARD_MAX_PARAMS as FORWARD_MAX_PARAMS
 from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._closed_forms import bounded_swish as bounded_swish
@@ -45,6 +56,19 @@ from nlis_jax.projections import project_params as project_params
 __version__ = "0.1.0"
 
 __all__ = [
+    # active learning
+    "ActiveConfig",
+    "ActiveResult",
+    "ActiveState",
+    "Query",
+    "active_learning",
+    "estimator_weights",
+    "init_state",
+    "label_free_leverage_scores",
+    "pool_probabilities",
+    "query",
+    "record",
+    # core
     "FORWARD_MAX_PARAMS",
     "FitResult",
     "TrainState",
