@@ -103,7 +103,7 @@ class Query(NamedTuple):
 
 
 class ActiveState(NamedTuple):
-    """Bookkeeping of the labelled set for the unbiased weights (see the module docstring).
+    r"""Bookkeeping of the labelled set for the unbiased weights (see the module docstring).
 
     Attributes:
       labelled: ``(n,)`` bool, whether each point has a label.

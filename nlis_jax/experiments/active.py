@@ -181,8 +181,9 @@ _MLP = mlp(jax.nn.relu)
 
 
 def _radius(config: ActiveStudyConfig, default: float):
+    """``(projection, radius)``; an infinite radius means no constraint (recorded as ``None``)."""
     r = default if config.radius is None else config.radius
-    return None if math.isinf(r) else nj.l2_ball(r), r
+    return (None, None) if math.isinf(r) else (nj.l2_ball(r), r)
 
 
 def _regression(config, name, x, y, info) -> ActiveProblem:
@@ -416,7 +417,7 @@ def run_active_study(key: jax.Array, config: ActiveStudyConfig) -> dict:
     Returns:
       ``{"dataset", "n", "budgets", "strategies": {name: {"median", "q25", "q75"}}, "settings"}``:
       quartiles over repeats of ``L(θ)/L(θ*)`` at each budget; ``settings`` records the configuration,
-      the problem, ``L(θ*)`` and wall times.
+      the problem, ``L(θ*)`` and wall times (``radius: None`` when unconstrained; strict JSON).
     """
     if not isinstance(config, ActiveStudyConfig):
         raise TypeError(f"config must be an ActiveStudyConfig, got {type(config).__name__}.")
@@ -460,9 +461,8 @@ def format_active_table(result: dict) -> str:
 def plot_active(result: dict, out_dir: str | os.PathLike) -> Path:
     """Median ``L(θ)/L(θ*)`` against the label budget, with the interquartile band; returns the PNG path."""
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     budgets = np.asarray(result["budgets"])
@@ -472,10 +472,13 @@ def plot_active(result: dict, out_dir: str | os.PathLike) -> Path:
         ax.fill_between(budgets, to_array(q["q25"]), to_array(q["q75"]), color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labels")
     ax.set_ylabel(r"$L(\theta)/L(\theta^*)$ on the full data")
     radius = result.get("settings", {}).get("radius")
-    ax.set_title(f"active learning: {result['dataset']} (n = {result['n']}, radius {radius})")
+    constraint = "unconstrained" if radius is None else f"l2 radius {radius}"
+    ax.set_title(f"active learning: {result['dataset']} (n = {result['n']}, {constraint})")
     ax.legend()
     path = Path(out_dir) / f"active_{result['dataset']}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
