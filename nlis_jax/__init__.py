@@ -7,10 +7,11 @@ guarantees. The data flow: ``apply_fn`` → :func:`adjoint` → :func:`dual_matr
 :func:`sketched_leverage_scores` without the matrix) → :func:`sample` → :func:`fit` on the weighted sample.
 
 Submodules: :mod:`nlis_jax.routes` (the leverage routes), :mod:`nlis_jax.quadrature`,
-:mod:`nlis_jax.closed_forms`, :mod:`nlis_jax.projections`, and :mod:`nlis_jax.models` (Flax adapters;
-imports flax, so ``import nlis_jax`` does not import it).
+:mod:`nlis_jax.closed_forms`, :mod:`nlis_jax.projections`, :mod:`nlis_jax.active` (choosing which points
+to label), and :mod:`nlis_jax.models` (Flax adapters; imports flax, so ``import nlis_jax`` does not import it).
 """
 
+from nlis_jax import active as active
 from nlis_jax import closed_forms as closed_forms
 from nlis_jax import projections as projections
 from nlis_jax import quadrature as quadrature
@@ -39,6 +40,10 @@ from nlis_jax._train import fit as fit
 from nlis_jax._train import make_train_step as make_train_step
 from nlis_jax._train import per_example_loss as per_example_loss
 from nlis_jax._train import weighted_loss as weighted_loss
+from nlis_jax.active import ActiveConfig as ActiveConfig
+from nlis_jax.active import active_learning as active_learning
+from nlis_jax.active import label_free_leverage_scores as label_free_leverage_scores
+from nlis_jax.active import query as query
 from nlis_jax.closed_forms import bounded_swish as bounded_swish
 from nlis_jax.closed_forms import homogeneous_adjoint as homogeneous_adjoint
 from nlis_jax.closed_forms import single_index_adjoint as single_index_adjoint
@@ -48,11 +53,14 @@ from nlis_jax.projections import l2_ball as l2_ball
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveConfig",
     "DualOperator",
     "FitResult",
     "Leverage",
     "NonFiniteLossError",
     "TrainState",
+    "active",
+    "active_learning",
     "adjoint",
     "bounded_swish",
     "box",
@@ -63,6 +71,7 @@ __all__ = [
     "fit",
     "homogeneous_adjoint",
     "l2_ball",
+    "label_free_leverage_scores",
     "leverage_scores",
     "linear_leverage_scores",
     "linear_norm_scores",
@@ -73,6 +82,7 @@ __all__ = [
     "per_example_loss",
     "projections",
     "quadrature",
+    "query",
     "routes",
     "sample",
     "sample_size",

@@ -245,6 +245,17 @@ def _add_outliers_parser(sub, outliers_module) -> None:
     out.epilog = "Options not listed here are passed on to the study's run(args) as args.extra."
 
 
+def _add_active_parser(sub) -> None:
+    from nlis_jax.experiments.active import add_active_arguments
+
+    active = sub.add_parser(
+        "active",
+        help="active learning: label-free leverage chooses which points to label",
+        description="Active-learning study of nlis_jax.experiments.active: L(θ)/L(θ*) against the label budget.",
+    )
+    add_active_arguments(active)
+
+
 def build_parser(outliers_module=None) -> argparse.ArgumentParser:
     """The ``nlis-jax`` parser; ``outliers_module`` (:mod:`nlis_jax.experiments.outliers`) adds the
     outlier options."""
@@ -254,10 +265,11 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,outliers}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,outliers,active}")
     sub.required = True
     _add_run_parser(sub)
     _add_outliers_parser(sub, outliers_module)
+    _add_active_parser(sub)
     return parser
 
 
@@ -400,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, argv)
     if args.command == "outliers":
         return _outliers(args, outliers)
+    if args.command == "active":
+        from nlis_jax.experiments.active import run_active
+
+        return run_active(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return EXIT_USAGE
 
