@@ -8,7 +8,8 @@ guarantees. The data flow: ``apply_fn`` → :func:`adjoint` → :func:`dual_matr
 
 Submodules: :mod:`nlis_jax.routes` (the leverage routes), :mod:`nlis_jax.quadrature`,
 :mod:`nlis_jax.closed_forms`, :mod:`nlis_jax.projections`, :mod:`nlis_jax.active` (choosing which points
-to label), and :mod:`nlis_jax.models` (Flax adapters; imports flax, so ``import nlis_jax`` does not import it).
+to label), and :mod:`nlis_jax.models` (Flax adapters; imports flax, so ``import nlis_jax`` does not
+import it).
 """
 
 from nlis_jax import active as active

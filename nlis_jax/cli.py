@@ -251,7 +251,7 @@ def _add_active_parser(sub) -> None:
     active = sub.add_parser(
         "active",
         help="active learning: label-free leverage chooses which points to label",
-        description="Active-learning study of nlis_jax.experiments.active: L(θ)/L(θ*) against the label budget.",
+        description="Active-learning study (nlis_jax.experiments.active): L(θ)/L(θ*) against labels.",
     )
     add_active_arguments(active)
 
