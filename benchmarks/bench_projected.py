@@ -1,0 +1,235 @@
+"""Projected leverage (issue #9): time and peak anonymous memory against p, with exact and old baselines.
+
+Model: a ``d–h–1`` tanh MLP (``p = (d + 2)·h + 1``; ``784–256–1`` gives ``p = 201,217``) on synthetic
+image-like inputs (uniform on [0, 1]) with Gaussian responses, float32. For each hidden width ``h`` of
+``--widths``: ``projected_leverage_scores`` with the sparse sign embedding (and the dense Gaussian
+embedding when ``--gaussian-max-p`` allows), timed as one compiled function (compile and steady state
+apart, median of ``--reps``), and the peak ``RssAnon`` of this process sampled every 5 ms in a thread
+while it runs. Baselines in the same process: exact ``dual_matrix`` + ``leverage_scores`` where the
+``n × (p+1)`` matrix stays under ``--exact-max-elements``, and the range-finder ``sketched_leverage_scores``
+at a small size (``--sketch-n``, the first width).
+
+Correctness first (float64, small): the projection with ``dim ≥ p + 1`` against the exact scores (target
+max relative error 1e-8), and the rank of a projection below the rank (must equal ``dim``).
+
+    python benchmarks/bench_projected.py                                  # n = 10,000, widths 2,16,256
+    python benchmarks/bench_projected.py --n 500 --widths 2,4 --reps 1
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import (
+    Compiled,
+    all_ok,
+    base_parser,
+    check,
+    environment,
+    report_failures,
+    time_eager,
+    write_record,
+)
+
+import nlis_jax as nj
+from nlis_jax import nets
+from nlis_jax._projected import projected_leverage_scores
+
+jax.config.update("jax_enable_x64", True)  # the correctness check runs in float64; timings in float32
+
+NAME = "bench_projected"
+EXACT_RTOL = 1e-8
+MODEL = nets.mlp(jnp.tanh)  # one object: a static argument of the library's jits
+
+
+def parse_args(argv):
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="examples")
+    parser.add_argument("--d", type=int, default=784, help="input features")
+    parser.add_argument("--widths", default="2,16,256", help="hidden widths h (p = (d + 2)·h + 1)")
+    parser.add_argument("--dim", type=int, default=256, help="columns of the embedding")
+    parser.add_argument("--chunk", type=int, default=None, help="chunk_size (default: library's)")
+    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes")
+    parser.add_argument("--sparsity", default="1", help="sparsities of the sparse embedding to time")
+    parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
+    parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
+    parser.add_argument("--sketch-n", type=int, default=2000, help="n of the range-finder baseline (0: off)")
+    parser.add_argument("--sketch-size", type=int, default=100, help="test vectors of the range finder")
+    return parser.parse_args(argv)
+
+
+class PeakRss:
+    """Peak ``RssAnon`` (bytes) of this process while the ``with`` block runs, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+
+    @staticmethod
+    def read() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.before = self.read()
+        self.peak = self.before
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def as_dict(self) -> dict:
+        return {"rss_before_bytes": self.before, "rss_peak_bytes": self.peak}
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+@functools.partial(jax.jit, static_argnames=("n", "d", "h", "dtype"))
+def make_problem(key, *, n, d, h, dtype):
+    kp, kx, ky = jax.random.split(key, 3)
+    params = nets.mlp_init(kp, (d, h, 1), dtype=dtype)
+    params = [dict(layer, b=0.1 * jnp.ones_like(layer["b"])) for layer in params]  # f(0) ≠ 0
+    xs = jax.random.uniform(kx, (n, d), dtype)
+    ys = jax.random.normal(ky, (n,), dtype)
+    return params, xs, ys
+
+
+def num_params(d: int, h: int) -> int:
+    return (d + 2) * h + 1
+
+
+def correctness(key) -> dict:
+    """float64, small: ``dim ≥ p + 1`` is exact; below the rank the projection keeps ``dim`` directions."""
+    params, xs, ys = make_problem(key, n=300, d=6, h=4, dtype=jnp.float64)  # p + 1 = 34
+    ref = nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys))
+    checks = {}
+    for embedding, dim in (("sparse", 34), ("gaussian", 34)):
+        probs = projected_leverage_scores(key, MODEL, params, xs, ys, dim=dim, embedding=embedding)
+        err = float(np.max(np.abs(np.asarray(probs) - np.asarray(ref)) / np.asarray(ref)))
+        checks[f"{embedding}_full_dim_max_rel"] = check(err, EXACT_RTOL)
+    info = projected_leverage_scores(key, MODEL, params, xs, ys, dim=20, return_info=True)
+    checks["rank_below_full"] = check(abs(int(info.rank) - 20), 0)
+    return checks
+
+
+def measure(fn, *args, reps: int) -> dict:
+    """Compile, warm-up and steady state of ``jax.jit(fn)(*args)`` with the peak RssAnon of all of it."""
+    with PeakRss() as rss:
+        compiled = Compiled(fn, *args)
+        out = compiled()
+        timing = compiled.time(reps=reps)
+    return {"out": out, "timing": timing.as_dict(), **rss.as_dict()}
+
+
+def measure_eager(fn, *args, reps: int) -> dict:
+    """For code that cannot be jitted whole: first call (compiles its pieces), then the median of ``reps``."""
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        first_s = time.perf_counter() - t0
+        timing = time_eager(lambda: fn(*args), reps=reps)
+    timing = timing._replace(compile_s=first_s - timing.median_s)  # first call minus a steady one
+    return {"out": out, "timing": timing.as_dict(), **rss.as_dict()}
+
+
+def projected_fn(dim, chunk, nodes, embedding, sparsity):
+    def fn(key, params, xs, ys):
+        return projected_leverage_scores(
+            key, MODEL, params, xs, ys, dim=dim, chunk_size=chunk, num_nodes=nodes,
+            embedding=embedding, sparsity=sparsity,
+        )  # fmt: skip
+
+    return fn
+
+
+def exact_fn(nodes):
+    def fn(params, xs, ys):
+        return nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys, num_nodes=nodes))
+
+    return fn
+
+
+def tv(a, b) -> float:
+    return 0.5 * float(np.sum(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def one_width(args, key, h: int, sparsities) -> dict:
+    p = num_params(args.d, h)
+    params, xs, ys = make_problem(key, n=args.n, d=args.d, h=h, dtype=jnp.float32)
+    point = {"h": h, "p": p, "cases": {}}
+    cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities]
+    if p <= args.gaussian_max_p:
+        cases.append(("gaussian", "gaussian", 1))
+    for name, embedding, s in cases:
+        fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
+        point["cases"][name] = measure(fn, key, params, xs, ys, reps=args.reps)
+    if args.n * (p + 1) <= args.exact_max_elements:
+        point["cases"]["exact"] = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
+        ref = point["cases"]["exact"]["out"]
+        for name, _, _ in cases:
+            point["cases"][name]["tv_vs_exact"] = tv(point["cases"][name]["out"], ref)
+    for case in point["cases"].values():
+        case.pop("out")
+    return point
+
+
+def sketch_baseline(args, key, h: int) -> dict:
+    """Range finder against projected and exact at ``n = --sketch-n`` (float32, same model)."""
+    n = args.sketch_n
+    params, xs, ys = make_problem(key, n=n, d=args.d, h=h, dtype=jnp.float32)
+    s = args.sketch_size
+
+    def sketched(key, params, xs, ys):
+        return nj.sketched_leverage_scores(key, MODEL, params, xs, ys, sketch_size=s, num_nodes=args.nodes)
+
+    out = {"n": n, "p": num_params(args.d, h), "dim": s}
+    exact = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
+    projected = projected_fn(s, args.chunk, args.nodes, "sparse", 1)
+    for name, fn in (("sketched", sketched), ("projected", projected)):
+        res = (measure_eager if name == "sketched" else measure)(fn, key, params, xs, ys, reps=args.reps)
+        res["tv_vs_exact"] = tv(res.pop("out"), exact["out"])
+        out[name] = res
+    exact.pop("out")
+    out["exact"] = exact
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    key = jax.random.key(args.seed)
+    widths = [int(w) for w in args.widths.split(",")]
+    sparsities = [int(s) for s in args.sparsity.split(",")]
+    checks = correctness(key)
+    record = {"bench": NAME, "args": vars(args), "checks": checks, "environment": environment()}
+    record["environment"]["xla_flags"] = os.environ.get("XLA_FLAGS")
+    if not all_ok(checks):
+        report_failures(checks)
+        record["ok"] = False
+        write_record(record, args.out, NAME, quiet=args.quiet)
+        return record
+    record["points"] = [one_width(args, key, h, sparsities) for h in widths]
+    if args.sketch_n:
+        record["sketch_baseline"] = sketch_baseline(args, key, widths[0])
+    record["ok"] = True
+    write_record(record, args.out, NAME, quiet=args.quiet)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
