@@ -5,9 +5,11 @@ image-like inputs (uniform on [0, 1]) with Gaussian responses, float32. For each
 ``--widths``: ``projected_leverage_scores`` with the sparse sign embedding (and the dense Gaussian
 embedding when ``--gaussian-max-p`` allows), timed as one compiled function (compile and steady state
 apart, median of ``--reps``), and the peak ``RssAnon`` of this process sampled every 5 ms in a thread
-while it runs. Baselines in the same process: exact ``dual_matrix`` + ``leverage_scores`` where the
-``n × (p+1)`` matrix stays under ``--exact-max-elements``, and the range-finder ``sketched_leverage_scores``
-at a small size (``--sketch-n``, the first width).
+while it runs; the process CPU time (all threads) per steady-state run is recorded too, a figure that
+a machine shared with other jobs disturbs less than wall time. Baselines in the same process: exact
+``dual_matrix`` + ``leverage_scores`` where the ``n × (p+1)`` matrix stays under
+``--exact-max-elements``, and the range-finder ``sketched_leverage_scores`` at a small size
+(``--sketch-n``, the first width).
 
 Correctness first (float64, small): the projection with ``dim ≥ p + 1`` against the exact scores (target
 max relative error 1e-8), and the rank of a projection below the rank (must equal ``dim``).
@@ -133,8 +135,10 @@ def measure(fn, *args, reps: int) -> dict:
     with PeakRss() as rss:
         compiled = Compiled(fn, *args)
         out = compiled()
+        cpu0 = time.process_time()
         timing = compiled.time(reps=reps)
-    return {"out": out, "timing": timing.as_dict(), **rss.as_dict()}
+        cpu_s = (time.process_time() - cpu0) / timing.reps
+    return {"out": out, "timing": timing.as_dict(), "cpu_s_per_run": cpu_s, **rss.as_dict()}
 
 
 def measure_eager(fn, *args, reps: int) -> dict:
