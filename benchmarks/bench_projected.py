@@ -44,6 +44,11 @@ import nlis_jax as nj
 from nlis_jax import nets
 from nlis_jax._projected import projected_leverage_scores
 
+try:  # the public home of the quadrature after the "house" refactor
+    from nlis_jax.quadrature import gauss_legendre
+except ImportError:
+    from nlis_jax import gauss_legendre
+
 jax.config.update("jax_enable_x64", True)  # the correctness check runs in float64; timings in float32
 
 NAME = "bench_projected"
@@ -62,6 +67,7 @@ def parse_args(argv):
     parser.add_argument("--sparsity", default="1", help="sparsities of the sparse embedding to time")
     parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
     parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
+    parser.add_argument("--cases", default="sparse,gaussian,outer_product,exact", help="cases to time")
     parser.add_argument("--sketch-n", type=int, default=2000, help="n of the range-finder baseline (0: off)")
     parser.add_argument("--sketch-size", type=int, default=100, help="test vectors of the range finder")
     return parser.parse_args(argv)
@@ -127,6 +133,7 @@ def correctness(key) -> dict:
         checks[f"{embedding}_full_dim_max_rel"] = check(err, EXACT_RTOL)
     info = projected_leverage_scores(key, MODEL, params, xs, ys, dim=20, return_info=True)
     checks["rank_below_full"] = check(abs(int(info.rank) - 20), 0)
+    checks["outer_product_vs_explicit_max_rel"] = check(outer_product_check(key), 1e-12)
     return checks
 
 
@@ -169,6 +176,65 @@ def exact_fn(nodes):
     return fn
 
 
+def count_sketch_matrix(buckets, signs, dim):
+    """Explicit ``(m, dim)`` matrix of a CountSketch (for checks at small size)."""
+    return jax.nn.one_hot(buckets, dim, dtype=signs.dtype) * signs[:, None]
+
+
+def outer_product_sketch(key, params, xs, ys, dim):
+    """The outer-product form for the one-hidden-layer tanh MLP, by hand: ``Y = F̃ Ω`` in ``O(d·h)``/row.
+
+    ``f = w₂·tanh(W₁x + b₁) + b₂``; along the ray ``z_t = t·z``, ``z = W₁x + b₁``, so the adjoint's
+    ``W₁`` block is the rank-one ``δ̄ ⊗ x`` with ``δ̄ = Σ_k w_k t_k w₂ ⊙ sech²(t_k z)``. ``Ω`` is a
+    TensorSketch on that block (bucket ``(h₁(i) + h₂(j)) mod dim``, sign ``s₁(i)s₂(j)``: the sketch of
+    ``δ̄ ⊗ x`` is the circular convolution of the CountSketches of ``δ̄`` and ``x``, by FFT) and a
+    CountSketch on the other ``2h + 2`` coordinates. Returns ``(Y, (h₁, s₁, h₂, s₂, h₃, s₃))``.
+    """
+    (l1, l2) = params
+    h, d = l1["w"].shape
+    dtype = l1["w"].dtype
+    keys = jax.random.split(key, 6)
+    sizes = (h, d, 2 * h + 2)
+    h1, h2, h3 = (jax.random.randint(k, (m,), 0, dim) for k, m in zip(keys[:3], sizes, strict=True))
+    s1, s2, s3 = (jax.random.rademacher(k, (m,), dtype) for k, m in zip(keys[3:], sizes, strict=True))
+    t, w = gauss_legendre(16, dtype)
+    w2 = l2["w"][0]
+
+    def row(x, y):
+        z = l1["w"] @ x + l1["b"]
+        tz = t[:, None] * z[None, :]
+        delta = jnp.einsum("k,kh->h", w * t, w2[None, :] / jnp.cosh(tz) ** 2)
+        adj_w2 = jnp.einsum("k,kh->h", w, jnp.tanh(tz))
+        rest = jnp.concatenate([delta, jnp.ones((1,), dtype), adj_w2, -y[None]])  # b₁, b₂, w₂, offset
+        cs1 = jax.ops.segment_sum(delta * s1, h1, num_segments=dim)
+        cs2 = jax.ops.segment_sum(x * s2, h2, num_segments=dim)
+        ts = jnp.fft.irfft(jnp.fft.rfft(cs1) * jnp.fft.rfft(cs2), n=dim)
+        return ts + jax.ops.segment_sum(rest * s3, h3, num_segments=dim)
+
+    return jax.vmap(row)(xs, ys), (h1, s1, h2, s2, h3, s3)
+
+
+def outer_product_scores(key, params, xs, ys, *, dim):
+    h, rank = nj.leverage(outer_product_sketch(key, params, xs, ys, dim)[0])
+    return h / rank.astype(h.dtype)
+
+
+def outer_product_check(key) -> float:
+    """max |Y − F̃ Ω| / max |Y| of :func:`outer_product_sketch` against the dual matrix (float64)."""
+    params, xs, ys = make_problem(key, n=50, d=5, h=3, dtype=jnp.float64)
+    dim = 16
+    Y, (h1, s1, h2, s2, h3, s3) = outer_product_sketch(key, params, xs, ys, dim)
+    F = np.asarray(nj.dual_matrix(MODEL, params, xs, ys))  # columns: b₁ (h), W₁ (h·d), b₂, w₂ (h), offset
+    h, d = params[0]["w"].shape
+    ts = jnp.einsum("ib,jc->ijbc", jax.nn.one_hot(h1, dim), jax.nn.one_hot(h2, dim))
+    conv = jax.nn.one_hot((jnp.arange(dim)[:, None] + jnp.arange(dim)[None, :]) % dim, dim)
+    omega_w1 = jnp.einsum("ijbc,bce,i,j->ije", ts, conv, s1, s2).reshape(h * d, dim)
+    omega_rest = count_sketch_matrix(h3, s3, dim)
+    cols_rest = np.r_[np.arange(h), h + h * d + np.arange(h + 2)]
+    ref = F[:, h : h + h * d] @ np.asarray(omega_w1) + F[:, cols_rest] @ np.asarray(omega_rest)
+    return float(np.max(np.abs(np.asarray(Y) - ref)) / np.max(np.abs(ref)))
+
+
 def tv(a, b) -> float:
     return 0.5 * float(np.sum(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
@@ -177,13 +243,18 @@ def one_width(args, key, h: int, sparsities) -> dict:
     p = num_params(args.d, h)
     params, xs, ys = make_problem(key, n=args.n, d=args.d, h=h, dtype=jnp.float32)
     point = {"h": h, "p": p, "cases": {}}
-    cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities]
-    if p <= args.gaussian_max_p:
+    wanted = args.cases.split(",")
+    cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities] if "sparse" in wanted else []
+    if p <= args.gaussian_max_p and "gaussian" in wanted:
         cases.append(("gaussian", "gaussian", 1))
     for name, embedding, s in cases:
         fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
         point["cases"][name] = measure(fn, key, params, xs, ys, reps=args.reps)
-    if args.n * (p + 1) <= args.exact_max_elements:
+    if args.nodes == 16 and "outer_product" in wanted:
+        cases.append(("outer_product", None, None))
+        fn = functools.partial(outer_product_scores, dim=args.dim)
+        point["cases"]["outer_product"] = measure(fn, key, params, xs, ys, reps=args.reps)
+    if args.n * (p + 1) <= args.exact_max_elements and "exact" in wanted:
         point["cases"]["exact"] = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
         ref = point["cases"]["exact"]["out"]
         for name, _, _ in cases:
