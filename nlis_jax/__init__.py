@@ -15,6 +15,8 @@ from nlis_jax._closed_forms import single_index_adjoint as single_index_adjoint
 from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
 from nlis_jax._dual import dual_operator as dual_operator
+from nlis_jax._projected import projected_dual_matrix as projected_dual_matrix
+from nlis_jax._projected import projected_leverage_scores as projected_leverage_scores
 from nlis_jax._quadrature import gauss_legendre as gauss_legendre
 from nlis_jax._sampling import distortion as distortion
 from nlis_jax._sampling import sample as sample
@@ -73,6 +75,8 @@ __all__ = [
     "mix_with_uniform",
     "norm_scores",
     "orthonormal_basis",
+    "projected_dual_matrix",
+    "projected_leverage_scores",
     "sample",
     "sample_size",
     "single_index_adjoint",
