@@ -254,7 +254,9 @@ def one_width(args, key, h: int, sparsities) -> dict:
         cases.append(("outer_product", None, None))
         fn = functools.partial(outer_product_scores, dim=args.dim)
         point["cases"]["outer_product"] = measure(fn, key, params, xs, ys, reps=args.reps)
-    if args.n * (p + 1) <= args.exact_max_elements and "exact" in wanted:
+    # The dense routes take tall matrices only (n ≥ p + 1): wider ones are scored by the projection.
+    fits = args.n * (p + 1) <= args.exact_max_elements and p + 1 <= args.n
+    if fits and "exact" in wanted:
         point["cases"]["exact"] = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
         ref = point["cases"]["exact"]["out"]
         for name, _, _ in cases:
