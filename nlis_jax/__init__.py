@@ -21,6 +21,8 @@ from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
 from nlis_jax._dual import dual_operator as dual_operator
+from nlis_jax._projected import projected_dual_matrix as projected_dual_matrix
+from nlis_jax._projected import projected_leverage_scores as projected_leverage_scores
 from nlis_jax._sampling import distortion as distortion
 from nlis_jax._sampling import sample as sample
 from nlis_jax._sampling import sample_size as sample_size
@@ -82,6 +84,8 @@ __all__ = [
     "orthonormal_basis",
     "per_example_loss",
     "projections",
+    "projected_dual_matrix",
+    "projected_leverage_scores",
     "quadrature",
     "query",
     "routes",
