@@ -6,10 +6,10 @@ image-like inputs (uniform on [0, 1]) with Gaussian responses, float32. For each
 embedding when ``--gaussian-max-p`` allows), timed as one compiled function (compile and steady state
 apart, median of ``--reps``), and the peak ``RssAnon`` of this process sampled every 5 ms in a thread
 while it runs; the process CPU time (all threads) per steady-state run is recorded too, a figure that
-a machine shared with other jobs disturbs less than wall time. Baselines in the same process: exact
+a machine shared with other jobs disturbs less than wall time. Baseline in the same process: exact
 ``dual_matrix`` + ``leverage_scores`` where the ``n × (p+1)`` matrix stays under
-``--exact-max-elements``, and the range-finder ``sketched_leverage_scores`` at a small size
-(``--sketch-n``, the first width).
+``--exact-max-elements``. (The range-finder route this replaced was retired after its measurement:
+benchmarks/records/bench_projected_sweep_cpu.json and benchmarks/README.md.)
 
 Correctness first (float64, small): the projection with ``dim ≥ p + 1`` against the exact scores (target
 max relative error 1e-8), and the rank of a projection below the rank (must equal ``dim``).
@@ -67,8 +67,6 @@ def parse_args(argv):
     parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
     parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
     parser.add_argument("--cases", default="sparse,gaussian,outer_product,exact", help="cases to time")
-    parser.add_argument("--sketch-n", type=int, default=2000, help="n of the range-finder baseline (0: off)")
-    parser.add_argument("--sketch-size", type=int, default=100, help="test vectors of the range finder")
     return parser.parse_args(argv)
 
 
@@ -265,27 +263,6 @@ def one_width(args, key, h: int, sparsities) -> dict:
     return point
 
 
-def sketch_baseline(args, key, h: int) -> dict:
-    """Range finder against projected and exact at ``n = --sketch-n`` (float32, same model)."""
-    n = args.sketch_n
-    params, xs, ys = make_problem(key, n=n, d=args.d, h=h, dtype=jnp.float32)
-    s = args.sketch_size
-
-    def sketched(key, params, xs, ys):
-        return nj.sketched_leverage_scores(key, MODEL, params, xs, ys, sketch_size=s, num_nodes=args.nodes)
-
-    out = {"n": n, "p": num_params(args.d, h), "dim": s}
-    exact = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
-    projected = projected_fn(s, args.chunk, args.nodes, "sparse", 1)
-    for name, fn in (("sketched", sketched), ("projected", projected)):
-        res = (measure_eager if name == "sketched" else measure)(fn, key, params, xs, ys, reps=args.reps)
-        res["tv_vs_exact"] = tv(res.pop("out"), exact["out"])
-        out[name] = res
-    exact.pop("out")
-    out["exact"] = exact
-    return out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     key = jax.random.key(args.seed)
@@ -300,8 +277,6 @@ def main(argv=None) -> dict:
         write_record(record, args.out, NAME, quiet=args.quiet)
         return record
     record["points"] = [one_width(args, key, h, sparsities) for h in widths]
-    if args.sketch_n:
-        record["sketch_baseline"] = sketch_baseline(args, key, widths[0])
     record["ok"] = True
     write_record(record, args.out, NAME, quiet=args.quiet)
     return record
