@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -19,7 +20,12 @@ from pathlib import Path
 
 import jax
 
-from nlis_jax.experiments.flights_study import FlightsStudyConfig, format_flights_tables, run_flights_study
+from nlis_jax.experiments.flights_study import (
+    FlightsStudyConfig,
+    format_flights_tables,
+    format_wall_time,
+    run_flights_study,
+)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -49,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="flights_results")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--report", metavar="JSON", help="only re-render the tables and plot of a record")
     return ap.parse_args(argv)
 
 
@@ -90,21 +97,38 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def _run(args: argparse.Namespace) -> dict:
     config = config_from(args)
     t0 = time.perf_counter()
+
+    def log(text):
+        print(f"[{time.perf_counter() - t0:7.1f} s] {text}", file=sys.stderr, flush=True)
+
     with jax.enable_x64(config.model == "single_index"):
-        summary = run_flights_study(
-            config, jax.random.key(args.seed), log=lambda t: print(t, file=sys.stderr)
-        )
+        summary = run_flights_study(config, jax.random.key(args.seed), log=log)
     summary["wall_s"] = time.perf_counter() - t0
-    summary["environment"] = {"python": platform.python_version(), "machine": platform.machine()}
+    summary["environment"] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    return summary
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.report:  # re-render the tables and plot of an existing record
+        summary = json.loads(Path(args.report).read_text())
+    else:
+        summary = _run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"flights_{config.model}"
+    stem = f"flights_{summary['config']['model']}"
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-    tables = format_flights_tables(summary)
+    tables = format_flights_tables(summary) + "\n\nWall time (protocol "
+    tables += ("pilot" if "pilot" in summary["grids"] else next(iter(summary["grids"]))) + "):\n\n"
+    tables += format_wall_time(summary)
     (out / f"{stem}.md").write_text(tables + "\n")
     if not args.no_plot:
         plot(summary, out / f"{stem}.png")

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -152,7 +153,9 @@ def _sum_squares(apply_fn, params, xs, ys):
 
 @functools.lru_cache(maxsize=8)
 def _lm_kernel(num_steps: int):
-    """Jitted ``(theta0, xs (R, s, d), ys (R, s), w (R, s)) -> (theta (R, d), rel_change (R,))``.
+    """Jitted ``(theta0, xs (R, s, d), ys (R, s), w (R, s)) -> (theta (R, d), losses (R, num_steps + 1))``.
+
+    ``losses[:, k]`` is the weighted loss after ``k`` accepted-or-rejected steps.
 
     Levenberg-Marquardt on ``Σ w (ϕ(<θ, x>) − y)²``: step ``(JᵀWJ + μ·tr(JᵀWJ)/d·I)^{-1} JᵀW r``,
     accepted when it lowers the loss (then ``μ /= 3``), else ``μ *= 4``.
@@ -180,7 +183,7 @@ def _lm_kernel(num_steps: int):
 
         start = (theta0, jnp.asarray(1e-3, xb.dtype), loss(theta0, xb, yb, wb))
         (theta, _, final), trace = lax.scan(body, start, None, length=num_steps)
-        return theta, jnp.abs(trace[-num_steps // 10 - 1] - final) / final
+        return theta, jnp.concatenate([trace, final[None]])
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
@@ -288,8 +291,9 @@ def _fit(setup: _Setup, params0, idx, w, key, *, shared: bool = True, learning_r
     """
     xb, yb = setup.xs[idx], setup.ys[idx]
     if not setup.mlp:
-        (params, change), seconds = _run_aot(_lm_kernel(setup.config.lm_steps), params0, xb, yb, w)
-        return params, seconds, float(jnp.max(change))
+        (params, losses), seconds = _run_aot(_lm_kernel(setup.config.lm_steps), params0, xb, yb, w)
+        tail = losses[:, -(losses.shape[1] // 10) - 1]
+        return params, seconds, float(jnp.max(jnp.abs(tail - losses[:, -1]) / losses[:, -1]))
     cfg = setup.config
     batch = min(cfg.batch_size, idx.shape[1])
     kernel = _adam_kernel(
@@ -338,6 +342,47 @@ def _dual_leverage(setup: _Setup, params) -> tuple[jax.Array, float]:
     return probs, time.perf_counter() - t0
 
 
+@functools.lru_cache(maxsize=4)
+def _jacobian_kernel(apply_fn):
+    """Jitted ``(params, xs) -> (n, p)`` per-example gradients (the Jacobian of the fitted values)."""
+
+    def row(params, x):
+        return jax.flatten_util.ravel_pytree(jax.grad(apply_fn)(params, x))[0]
+
+    return jax.jit(lambda params, xs: lax.map(lambda x: row(params, x), xs, batch_size=4096))
+
+
+def first_order_excess(setup: _Setup, params, probs: dict) -> dict:
+    r"""First-order prediction of the excess loss of sample fits (exact fits, sampling with replacement).
+
+    Linearising at θ*, a sample of ``s`` draws with probabilities ``p`` gives
+    :math:`E[L(θ_S)]/L(θ^*) - 1 ≈ A_p / s`, :math:`A_p = \sum_i h_i r_i^2 / (p_i L(θ^*))`, with ``h`` the
+    leverage of the Jacobian ``J(θ*)`` (ridge leverage for the MLP) and ``r`` the residuals at θ*. Leverage
+    sampling ``p = h/d`` gives ``A = d`` whatever the data; uniform gives ``d`` times the residual-weighted
+    mean of ``n h / d``, so uniform is only worse when the large residuals sit on high-leverage rows; the
+    optimum ``p ∝ √h |r|`` gives ``A = (Σ √h |r|)² / L``. Returns ``{scheme: A}``, ``"optimal"`` and
+    ``"dim"`` (the rank, or the effective dimension with a ridge).
+    """
+    r = jax.vmap(setup.apply_fn, in_axes=(None, 0))(params, setup.xs) - setup.ys
+    if setup.mlp:
+        J = _jacobian_kernel(setup.apply_fn)(params, setup.xs)
+        h, dim = nj.leverage(J, ridge=setup.config.ridge * float(jnp.sum(J * J)) / J.shape[1])
+        del J
+    else:
+        J = jax.vmap(jax.grad(_phi))(setup.xs @ params)[:, None] * setup.xs
+        h, dim = nj.leverage(J)
+    h, r2 = np.asarray(h, np.float64), np.asarray(r, np.float64) ** 2
+    loss = r2.sum()
+    out = {}
+    for method, p in probs.items():
+        with np.errstate(divide="ignore"):
+            value = float(np.sum(np.where(h * r2 > 0, h * r2 / np.asarray(p, np.float64), 0.0)) / loss)
+        out[method] = value if math.isfinite(value) else None
+    out["optimal"] = float(np.sum(np.sqrt(h * r2)) ** 2 / loss)
+    out["dim"] = float(dim)
+    return out
+
+
 def _mix(probs, alpha: float):
     return probs if alpha == 0 else nj.mix_with_uniform(probs, alpha)
 
@@ -383,17 +428,17 @@ def _index(params_batch, i: int):
 def _full_fit(setup: _Setup, params0, key) -> dict:
     """Full-data training: LM to convergence (single index) or ``epochs`` of minibatch Adam (MLP).
 
-    The MLP's ``trace`` lists ``(seconds, L)`` after each epoch; seconds exclude compilation and the
-    loss evaluations.
+    ``trace`` lists ``(seconds, L)``: after each LM step (seconds pro rata) or after each epoch (MLP; the
+    seconds exclude compilation and the loss evaluations).
     """
     if not setup.mlp:
-        rows = jnp.arange(setup.n)[None]
-        params, seconds, change = _fit(
-            setup, params0, rows, jnp.ones((1, setup.n), setup.xs.dtype), key, learning_rate=1.0
-        )
-        params = _index(params, 0)
-        trace = [(seconds, float(_losses(setup, _batch1(params))[0]))]
-        return {"params": params, "time_s": seconds, "trace": trace, "rel_change": change}
+        steps, ones = setup.config.lm_steps, jnp.ones((1, setup.n), setup.xs.dtype)
+        kernel = _lm_kernel(steps)
+        (params, losses), seconds = _run_aot(kernel, params0, setup.xs[None], setup.ys[None], ones)
+        losses = np.asarray(losses[0], np.float64)
+        trace = [(k * seconds / steps, float(v)) for k, v in enumerate(losses)]
+        rel = abs(losses[-(steps // 10) - 1] - losses[-1]) / losses[-1]
+        return {"params": _index(params, 0), "time_s": seconds, "trace": trace, "rel_change": rel}
     cfg = setup.config
     per_epoch = -(-setup.n // cfg.batch_size)
     optimizer = _optimizer(cfg.learning_rate, cfg.epochs * per_epoch)
@@ -504,6 +549,8 @@ def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -
     probs, costs, starts = _scores(setup, full, k_pilot, k_refine)
     leverage = np.asarray(probs["nonlinear_leverage"], np.float64)
     top = np.sort(leverage)[::-1][: max(1, setup.n // 100)].sum()
+    say("first-order prediction")
+    first_order = first_order_excess(setup, full["params"], probs)
     protocols = config.protocols if setup.mlp else ("converged",)
     grids = {}
     for protocol in protocols:
@@ -528,6 +575,7 @@ def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -
         },
         "noise_floor": floor,
         "costs": costs,
+        "first_order": first_order,
         "oracle_leverage": {"n_max": float(setup.n * leverage.max()), "top1pct_mass": float(top)},
         "grids": grids,
         "backend": jax.default_backend(),
@@ -574,10 +622,103 @@ def format_flights_tables(summary: dict) -> str:
             ]
             lines.append(f"| {rec['size']:,} | {100 * rec['fraction']:.2f}% | " + " | ".join(cells) + " |")
         lines.append("")
+    fo = summary.get("first_order")
+    if fo:
+        lines.append(
+            "First-order prediction at θ* (exact fits): L(θ_S)/L(θ*) ≈ 1 + A/s with A = "
+            + ", ".join(f"{m} {v:.0f}" for m, v in fo.items() if m != "dim" and v is not None)
+            + f" (dimension {fo['dim']:.0f})."
+        )
+        lines.append("")
     costs = summary["costs"]
     lines.append(
         "Costs (s): "
         + ", ".join(f"{k} {v:.3f}" for k, v in costs.items() if k.endswith("_s"))
         + f"; pilot L(θ̂)/L(θ*) = {costs['pilot_ratio']:.4f}"
     )
+    return "\n".join(lines)
+
+
+def _time_to_loss(trace, target: float) -> float | None:
+    """Seconds until the full-data training curve ``[(seconds, L), ...]`` first reaches ``target``
+    (linear interpolation between recorded points), or ``None`` if it never does."""
+    (t_prev, l_prev), *rest = trace
+    if l_prev <= target:
+        return t_prev
+    for t, value in rest:
+        if value <= target:
+            return t_prev + (t - t_prev) * (l_prev - target) / (l_prev - value)
+        t_prev, l_prev = t, value
+    return None
+
+
+def _one_off(method: str, protocol: str, costs: dict) -> float:
+    """Seconds spent once before the sample fits: pilot fit (if used), scoring, refinement."""
+    score = costs.get("oracle_score_s", 0.0)  # steady-state dual scoring (the pilot's first call compiles)
+    pilot = costs["pilot_fit_s"] if protocol == "pilot" or method.endswith("_leverage") else 0.0
+    if method == "uniform":
+        return costs["pilot_fit_s"] if protocol == "pilot" else 0.0
+    if method == "linear_leverage":
+        return costs["linear_score_s"] + (costs["pilot_fit_s"] if protocol == "pilot" else 0.0)
+    if method == "pilot_leverage":
+        return pilot + score
+    return pilot + 2 * score + costs["refine_fit_s"]
+
+
+def wall_time_summary(summary: dict, *, protocol: str | None = None, sweep: int = 20) -> list[dict]:
+    """Wall time of practical sampling against full-data training to the same loss, per scheme and size.
+
+    For each practical scheme and size of the ``protocol`` grid (default: ``"pilot"`` or the only one):
+    ``target`` = the median ``L(θ_S)``; ``full_s`` = seconds the full-data training run needs to reach it
+    (its recorded curve; ``None`` if it never does); ``one_off_s`` = pilot fit + scoring (+ refinement)
+    and ``fit_s`` = one sample fit; ``speedup`` = ``full_s / (one_off_s + fit_s)``; ``break_even`` = the
+    number of training runs (a hyper-parameter sweep reusing the scores) from which sampling is faster,
+    ``one_off_s / (full_s − fit_s)`` rounded up (``None`` if a sample fit is not faster than ``full_s``);
+    ``sweep_s`` = ``(sampled, full)`` seconds of a ``sweep``-configuration sweep.
+    """
+    grids = summary["grids"]
+    protocol = protocol or ("pilot" if "pilot" in grids else next(iter(grids)))
+    loss, trace, costs = summary["full"]["loss"], summary["full"]["trace"], summary["costs"]
+    rows = []
+    for method, recs in grids[protocol].items():
+        if method == "nonlinear_leverage":
+            continue
+        one_off = _one_off(method, protocol, costs)
+        for rec in recs:
+            ratio = rec["ratio"]["median"]
+            full_s = _time_to_loss(trace, ratio * loss)
+            total = one_off + rec["fit_s"]
+            gain = None if full_s is None else full_s - rec["fit_s"]
+            rows.append(
+                {
+                    "method": method,
+                    "size": rec["size"],
+                    "ratio": ratio,
+                    "full_s": full_s,
+                    "one_off_s": one_off,
+                    "fit_s": rec["fit_s"],
+                    "speedup": None if full_s is None else full_s / total,
+                    "break_even": None if not gain or gain <= 0 else max(1, math.ceil(one_off / gain)),
+                    "sweep_s": (one_off + sweep * rec["fit_s"], None if full_s is None else sweep * full_s),
+                }
+            )
+    return rows
+
+
+def format_wall_time(summary: dict, *, protocol: str | None = None, sweep: int = 20) -> str:
+    """:func:`wall_time_summary` as a Markdown table."""
+    lines = [
+        f"| scheme | s | L(θ_S)/L(θ*) | full data to that loss (s) | one-off (s) | sample fit (s) | speed-up "
+        f"(1 run) | break-even runs | {sweep}-run sweep: sampled / full (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    fmt = lambda v, spec=".1f": "—" if v is None else format(v, spec)  # noqa: E731
+    for r in wall_time_summary(summary, protocol=protocol, sweep=sweep):
+        sampled, full = r["sweep_s"]
+        lines.append(
+            f"| {r['method']} | {r['size']:,} | {r['ratio']:.4f} | {fmt(r['full_s'])} "
+            f"| {fmt(r['one_off_s'])} | {fmt(r['fit_s'], '.2f')} | {fmt(r['speedup'], '.2f')} "
+            f"| {fmt(r['break_even'], 'd')} "
+            f"| {sampled:.0f} / {fmt(full, '.0f')} |"
+        )
     return "\n".join(lines)
