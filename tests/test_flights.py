@@ -156,6 +156,7 @@ def test_mlp_study_protocols_tiny():
     out = run_flights_study(cfg, jax.random.key(1))
     assert out["p"] == 23 * 4 + 4 + 4 + 1
     assert set(out["grids"]) == {"common", "pilot", "star"} and len(out["noise_floor"]["ratio"]) == 1
+    assert set(out["same_steps_full_data"]) == {"common", "pilot", "star"}
     for grid in out["grids"].values():
         for recs in grid.values():
             assert np.all(np.isfinite(recs[0]["values"])) and recs[0]["size"] == 200
