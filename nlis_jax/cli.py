@@ -68,9 +68,12 @@ def _float_or_none(text: str):
 
 def _methods(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in values if v not in METHODS]
+    from nlis_jax.experiments.flights import FLIGHTS_METHODS
+
+    known = METHODS + tuple(m for m in FLIGHTS_METHODS if m not in METHODS)
+    unknown = [v for v in values if v not in known]
     if unknown or not values:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(known)}")
     return values
 
 
@@ -139,7 +142,10 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         help="output folder for results.json and plots (default nlis_results)",
     )
     g.add_argument(
-        "--methods", type=_methods, help=f"comma list of schemes among {','.join(METHODS)} (default: all)"
+        "--methods",
+        type=_methods,
+        help=f"comma list of schemes among {','.join(METHODS)} (default: all); flights: "
+        "uniform,linear_leverage,pilot_leverage,refined_leverage,nonlinear_leverage,residual_leverage",
     )
     g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
