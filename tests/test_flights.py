@@ -149,7 +149,7 @@ def test_mlp_study_protocols_tiny():
         sample_steps=10,
         refits=1,
         protocols=("common", "pilot", "star"),
-        methods=("uniform", "pilot_leverage", "nonlinear_leverage"),
+        methods=("uniform", "pilot_leverage", "nonlinear_leverage", "residual_leverage"),
         pilot_size=100,
         refine_size=100,
     )

@@ -17,6 +17,7 @@ _STYLES = {
     "nonlinear_norm": ("tab:orange", "^", "-"),
     "pilot_leverage": ("tab:green", "v", "--"),
     "refined_leverage": ("tab:purple", "P", "--"),
+    "residual_leverage": ("tab:cyan", "X", "--"),
 }
 
 
@@ -150,10 +151,14 @@ def plot_flights(summary: dict, path) -> Path:
             lo, hi = ([r["ratio"][q] - 1 for r in recs] for q in ("q25", "q75"))
             ax.fill_between(sizes, lo, hi, color=color, alpha=0.15, linewidth=0)
         if floor:
-            gap = [abs(r - 1) for r in floor["ratio"]]
-            ax.axhspan(1e-5, max(gap + [1e-5]), color="grey", alpha=0.25, label="refit noise floor")
+            gap = max([abs(r - 1) for r in floor["ratio"]] + [1e-4])
+            ax.axhspan(1e-4, gap, color="grey", alpha=0.25, label="refit noise floor |L/L* − 1|")
+        same = (summary.get("same_steps_full_data") or {}).get(protocol)
+        if same and same["ratio"]["median"] > 1:
+            ax.axhline(same["ratio"]["median"] - 1, color="k", lw=1.2, label="full data, same recipe")
         ax.axhline(0.05, color="k", lw=0.7, ls=":")
         ax.set_xscale("log")
+        _plain_x(ax, [r["size"] for recs in grid.values() for r in recs])
         ax.set_yscale("log")
         ax.set_xlabel(f"sample size s (rows of n = {summary['n']:,})")
         ax.set_ylabel("L(θ_S)/L(θ*) − 1 (training data)")
