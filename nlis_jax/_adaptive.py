@@ -196,17 +196,21 @@ def _map_examples(fn: Callable, data: PyTree, n: int, chunk: int):
     return lax.map(fn, data, batch_size=chunk)
 
 
-def _relative(err: Array, value: Array) -> tuple[Array, Array]:
-    """``(err_i / ‖value_i‖, ‖value_i‖)`` (0 where the error is 0)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(value).reshape(value.shape[0], -1), axis=1))
-    return jnp.where(err == 0, 0, err / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)), norm
+def _norms(value: Array) -> Array:
+    return jnp.sqrt(jnp.sum(jnp.square(value).reshape(value.shape[0], -1), axis=1))
+
+
+def _relative(err: Array, norm: Array) -> Array:
+    """``err_i / ‖I_i‖`` (0 where the error is 0)."""
+    return jnp.where(err == 0, 0, err / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
 
 
 class _State(NamedTuple):
     value: Array  # (n, ...) integrals
-    error: Array  # (n,) absolute error estimates
-    residual: Array  # (n,)
+    error: Array  # (n,) estimated error relative to ‖value_i‖
+    residual: Array  # (n,) check residual
     panels: Array  # (n,) int32
+    norm: Array  # (n,) ‖value_i‖
 
 
 def _first_pass(g, check, params, data, directions, *, n: int, chunk: int) -> _State:
@@ -218,53 +222,50 @@ def _first_pass(g, check, params, data, directions, *, n: int, chunk: int) -> _S
         return value, err, residual
 
     value, err, residual = _map_examples(one, data, n, chunk)
-    return _State(value, err, residual, jnp.ones((n,), jnp.int32))
+    norm = _norms(value)
+    return _State(value, _relative(err, norm), residual, jnp.ones((n,), jnp.int32), norm)
 
 
 def _converged(state: _State, rtol, check_tol) -> Array:
-    rel, _ = _relative(state.error, state.value)
-    return (rel <= rtol) & (state.residual <= check_tol)
+    return (state.error <= rtol) & (state.residual <= check_tol)
 
 
-def _refine_bucket(g, check, params, data, state: _State, idx, rtol, directions, *, max_panels, depth):
-    """Refine the examples ``idx`` (``n`` marks padding) and scatter the results into ``state``."""
-    n = state.value.shape[0]
-    safe = jnp.minimum(idx, n - 1)
+def _refine_bucket(g, check, params, data, norm, idx, rtol, directions, *, max_panels, depth) -> _State:
+    """Refine the examples ``idx`` (``n`` marks padding) to ``rtol · norm[idx]``; the bucket's results."""
+    safe = jnp.minimum(idx, norm.shape[0] - 1)
     xs = jax.tree.map(lambda a: a[safe], data)
-    _, norm = _relative(state.error[safe], state.value[safe])
-    tol = rtol * norm
 
     def one(x, tol_i):
         s = _refine_one(g, params, x, tol_i, directions, max_panels=max_panels, depth=depth)
         residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(s.err.dtype)
         return s.acc, s.err, residual, s.count
 
-    value, err, residual, count = jax.vmap(one)(xs, tol)
-    put = lambda a, b: a.at[idx].set(b, mode="drop")  # noqa: E731
-    return _State(
-        put(state.value, value),
-        put(state.error, err),
-        put(state.residual, residual),
-        put(state.panels, count),
-    )
+    value, err, residual, count = jax.vmap(one)(xs, rtol * norm[safe])
+    new_norm = _norms(value)
+    return _State(value, _relative(err, new_norm), residual, count, new_norm)
+
+
+def _scatter(state: _State, idx, bucket: _State) -> _State:
+    return jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), state, bucket)
+
+
+_scatter_jit = jax.jit(_scatter, donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "check", "chunk"))
 @highest_precision
-def _first_pass_jit(g, check, params, data, rtol, check_tol, *, chunk):
+def _first_pass_jit(g, check, params, data, *, chunk):
     directions = _directions(g, params, data)
-    state = _first_pass(g, check, params, data, directions, n=_num_examples(data), chunk=chunk)
-    return state, _converged(state, rtol, check_tol)
+    return _first_pass(g, check, params, data, directions, n=_num_examples(data), chunk=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "check", "max_panels", "depth"))
 @highest_precision
-def _refine_jit(g, check, params, data, state, idx, rtol, check_tol, *, max_panels, depth):
+def _refine_jit(g, check, params, data, norm, idx, rtol, *, max_panels, depth):
     directions = _directions(g, params, data)
-    state = _refine_bucket(
-        g, check, params, data, state, idx, rtol, directions, max_panels=max_panels, depth=depth
+    return _refine_bucket(
+        g, check, params, data, norm, idx, rtol, directions, max_panels=max_panels, depth=depth
     )
-    return state, _converged(state, rtol, check_tol)
 
 
 def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth, bucket):
@@ -277,13 +278,11 @@ def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth
     def body(carry):
         state, remaining = carry
         idx = jnp.nonzero(remaining, size=bucket, fill_value=n)[0]
-        state = _refine_bucket(
-            g, check, params, data, state, idx, rtol, directions, max_panels=max_panels, depth=depth
-        )
-        return state, remaining.at[idx].set(False, mode="drop")
+        kw = dict(max_panels=max_panels, depth=depth)
+        found = _refine_bucket(g, check, params, data, state.norm, idx, rtol, directions, **kw)
+        return _scatter(state, idx, found), remaining.at[idx].set(False, mode="drop")
 
-    state, _ = lax.while_loop(lambda c: jnp.any(c[1]), body, (state, remaining))
-    return state, _converged(state, rtol, check_tol)
+    return lax.while_loop(lambda c: jnp.any(c[1]), body, (state, remaining))[0]
 
 
 def _num_examples(data: PyTree) -> int:
@@ -311,6 +310,12 @@ def _directions(g, params, data) -> Array:
 
 def _next_pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
+
+
+def _bucket_size(m: int) -> int:
+    """``m`` rounded up to a multiple of an eighth of its power-of-two octave (few distinct sizes)."""
+    step = max(1, _next_pow2(m) // 8)
+    return -(-m // step) * step
 
 
 def integrate(
@@ -348,45 +353,47 @@ def integrate(
     chunk = n if chunk_size is None else min(int(chunk_size), n)
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
     depth = max_depth(dtype)
-    args = (jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype))
+    rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
     if not all_concrete((params, data)):
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
-        state, conv = _traced(
-            g, check, params, data, *args, chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket
-        )
-        jax.debug.callback(
-            functools.partial(_warn, rtol=rtol, max_panels=max_panels), state.error, state.value, conv
-        )
+        kw = dict(chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket)
+        state = _traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
+        conv = _converged(state, rtol_arr, check_tol_arr)
+        jax.debug.callback(functools.partial(_warn, rtol=rtol, max_panels=max_panels), state.error, conv)
         return state.value, _info(state, conv)
-    state, conv = _first_pass_jit(g, check, params, data, *args, chunk=chunk)
-    failing = np.flatnonzero(~np.asarray(conv))
+    state = _first_pass_jit(g, check, params, data, chunk=chunk)
+    failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
     for start in range(0, failing.size, bucket_limit):  # groups of examples, each one vectorised call
         group = failing[start : start + bucket_limit]
-        idx = np.full(_next_pow2(group.size), n, np.int32)
+        idx = np.full(_bucket_size(group.size), n, np.int32)
         idx[: group.size] = group
-        state, conv = _refine_jit(
-            g, check, params, data, state, jnp.asarray(idx), *args, max_panels=max_panels, depth=depth
+        idx = jnp.asarray(idx)
+        found = _refine_jit(
+            g, check, params, data, state.norm, idx, rtol_arr, max_panels=max_panels, depth=depth
         )
-    if failing.size:
-        _warn(state.error, state.value, conv, rtol=rtol, max_panels=max_panels)
-    return state.value, _info(state, conv)
+        state = _scatter_jit(state, idx, found)
+    conv = _converged(_host(state), rtol, check_tol)
+    _warn(state.error, conv, rtol=rtol, max_panels=max_panels)
+    return state.value, _info(state, jnp.asarray(conv))
+
+
+def _host(state: _State) -> _State:
+    """The per-example scalars of ``state`` as numpy arrays (``value`` stays on the device)."""
+    return state._replace(error=np.asarray(state.error), residual=np.asarray(state.residual))
 
 
 def _info(state: _State, conv: Array) -> QuadratureInfo:
-    rel, _ = _relative(state.error, state.value)
-    return QuadratureInfo(rel, state.residual, state.panels, conv)
+    return QuadratureInfo(state.error, state.residual, state.panels, conv)
 
 
-def _warn(error, value, conv, *, rtol, max_panels) -> None:
+def _warn(error, conv, *, rtol, max_panels) -> None:
     conv = np.asarray(conv)
     if conv.all():
         return
-    value = np.asarray(value).reshape(conv.size, -1)
-    rel = np.asarray(error) / np.maximum(np.linalg.norm(value, axis=1), np.finfo(value.dtype).tiny)
     warnings.warn(
         QuadratureWarning(
             f"adaptive quadrature missed rtol={rtol:.1e} for {int((~conv).sum())} of {conv.size} examples "
-            f"(worst estimated relative error {float(rel.max()):.2e}) within max_panels={max_panels}; "
+            f"(worst estimated relative error {float(np.max(error)):.2e}) within max_panels={max_panels}; "
             f"raise max_panels, loosen rtol, or check the model for non-finite gradients."
         ),
         stacklevel=3,
