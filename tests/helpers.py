@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from nlis_jax import nets
+from nlis_jax.experiments.nets import mlp, mlp_init  # noqa: F401  (re-exported for the core tests)
 
 
 def normal(seed, *shape, dtype=np.float64):
@@ -18,7 +18,7 @@ def normal(seed, *shape, dtype=np.float64):
 
 
 def mlp_params(seed, sizes, *, dtype=np.float64, bias_scale=0.5, weight_scale=1.0):
-    """Params in the layout of ``nets.mlp_init`` (list of ``{"w": (out, in), "b": (out,)}``), LeCun-normal
+    """Params in the layout of ``mlp_init`` (list of ``{"w": (out, in), "b": (out,)}``), LeCun-normal
     weights and NON-zero biases (so bias gradients and ``f(0)`` are exercised)."""
     rng = np.random.default_rng(seed)
     params = []
@@ -31,7 +31,7 @@ def mlp_params(seed, sizes, *, dtype=np.float64, bias_scale=0.5, weight_scale=1.
 
 def sigmoid_head_mlp(params, x):
     """A tanh MLP followed by a sigmoid: a scalar model with ``f(0) = 1/2 ≠ 0``."""
-    return jax.nn.sigmoid(nets.mlp(jnp.tanh)(params, x))
+    return jax.nn.sigmoid(mlp(jnp.tanh)(params, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)
