@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nlis_jax._checks import all_concrete
+from nlis_jax._checks import is_concrete
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array, PyTree
 
@@ -312,10 +312,13 @@ def _next_pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def _bucket_size(m: int) -> int:
-    """``m`` rounded up to a multiple of an eighth of its power-of-two octave (few distinct sizes)."""
-    step = max(1, _next_pow2(m) // 8)
-    return -(-m // step) * step
+def _bucket_size(m: int, limit: int) -> int:
+    """Padded size of a bucket of ``m`` examples: a power of two from 8 to 64, then a multiple of an
+    eighth of ``m``'s octave (few distinct sizes, little padding); at most ``max(m, limit)``."""
+    if m <= 64:
+        return min(max(8, _next_pow2(m)), max(m, limit))
+    step = _next_pow2(m) // 8
+    return min(-(-m // step) * step, max(m, limit))
 
 
 def integrate(
@@ -354,7 +357,7 @@ def integrate(
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
     depth = max_depth(dtype)
     rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
-    if not all_concrete((params, data)):
+    if not all(is_concrete(leaf) for leaf in jax.tree.leaves((params, data))):
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
         kw = dict(chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket)
         state = _traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
@@ -365,7 +368,7 @@ def integrate(
     failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
     for start in range(0, failing.size, bucket_limit):  # groups of examples, each one vectorised call
         group = failing[start : start + bucket_limit]
-        idx = np.full(_bucket_size(group.size), n, np.int32)
+        idx = np.full(_bucket_size(group.size, bucket_limit), n, np.int32)
         idx[: group.size] = group
         idx = jnp.asarray(idx)
         found = _refine_jit(
