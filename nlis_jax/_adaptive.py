@@ -24,10 +24,11 @@ each step halves one panel and accepts a half whose estimate is at most ``tol ·
 (``tol = rtol · ‖I_i‖``), so smooth pieces are accepted by the width share of their error and the panels
 around a kink (a jump of the gradient, as in ReLU networks) are bisected until their error is a small
 share of the tolerance. Called eagerly, the failing examples are gathered on the host into padded
-power-of-two buckets (the common case costs the single pass); traced under a user's ``jax.jit`` they are
-compacted on the device (``jnp.nonzero`` with a static size) and refined group by group in a
-``lax.while_loop``. A budget of ``max_panels`` panels per example bounds the work; examples left above
-the tolerance raise a :class:`QuadratureWarning`.
+buckets (powers of two up to 64, then multiples of an eighth of the octave: few compilations, little
+padding), so the common case costs the single pass; traced under a user's ``jax.jit`` they are compacted
+on the device (``jnp.nonzero`` with a static size) and refined group by group in a ``lax.while_loop``.
+A budget of ``max_panels`` panels per example bounds the work; examples left above the tolerance raise a
+:class:`QuadratureWarning`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class QuadratureInfo(NamedTuple):
       error: ``(n,)`` estimated error relative to ``‖I_i‖`` (Frobenius norm over the integrand's shape).
       residual: ``(n,)`` the ``check`` residual (for adjoints: the relative residual of the identity
         ``⟨f*, θ⟩ + f(0) = f(θ)``), or zeros without a check.
-      panels: ``(n,)`` int32 panels used (``PANEL_NODES`` integrand evaluations each).
+      panels: ``(n,)`` int32 panels evaluated (the first pass: ``PANEL_NODES`` integrand evaluations;
+        each refined panel: ``PANEL_NODES + 2``, its ends included).
       converged: ``(n,)`` bool, ``error <= rtol`` and ``residual <= check_tol``.
     """
 
@@ -186,7 +188,8 @@ def _refine_one(g, params, x, tol, directions, *, max_panels: int, depth: int) -
             top = top + push.astype(top.dtype)
         return _Dfs(starts, widths, top, acc, err, count)
 
-    return lax.while_loop(lambda s: s.top > 0, body, state)
+    # The first bisection is taken outside the loop: most refined examples are done after it.
+    return lax.while_loop(lambda s: s.top > 0, body, body(state))
 
 
 def _map_examples(fn: Callable, data: PyTree, n: int, chunk: int):
@@ -362,7 +365,8 @@ def integrate(
         kw = dict(chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket)
         state = _traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         conv = _converged(state, rtol_arr, check_tol_arr)
-        jax.debug.callback(functools.partial(_warn, rtol=rtol, max_panels=max_panels), state.error, conv)
+        warn = functools.partial(_warn, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
+        jax.debug.callback(warn, state.error, state.residual, conv)
         return state.value, _info(state, conv)
     state = _first_pass_jit(g, check, params, data, chunk=chunk)
     failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
@@ -376,7 +380,7 @@ def integrate(
         )
         state = _scatter_jit(state, idx, found)
     conv = _converged(_host(state), rtol, check_tol)
-    _warn(state.error, conv, rtol=rtol, max_panels=max_panels)
+    _warn(state.error, state.residual, conv, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
     return state.value, _info(state, jnp.asarray(conv))
 
 
@@ -389,14 +393,18 @@ def _info(state: _State, conv: Array) -> QuadratureInfo:
     return QuadratureInfo(state.error, state.residual, state.panels, conv)
 
 
-def _warn(error, conv, *, rtol, max_panels) -> None:
+def _warn(error, residual, conv, *, rtol, check_tol, max_panels) -> None:
     conv = np.asarray(conv)
     if conv.all():
         return
+    missed = ~conv
+    worst_error = float(np.max(np.asarray(error)[missed]))
+    worst_residual = float(np.max(np.asarray(residual)[missed]))
     warnings.warn(
         QuadratureWarning(
-            f"adaptive quadrature missed rtol={rtol:.1e} for {int((~conv).sum())} of {conv.size} examples "
-            f"(worst estimated relative error {float(np.max(error)):.2e}) within max_panels={max_panels}; "
+            f"adaptive quadrature missed its tolerance for {int(missed.sum())} of {conv.size} examples "
+            f"within max_panels={max_panels}: worst estimated relative error {worst_error:.2e} "
+            f"(rtol={rtol:.1e}), worst check residual {worst_residual:.2e} (check_tol={check_tol:.1e}); "
             f"raise max_panels, loosen rtol, or check the model for non-finite gradients."
         ),
         stacklevel=3,
