@@ -21,6 +21,7 @@ from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
 from nlis_jax._dual import dual_operator as dual_operator
+from nlis_jax._host import gather_rows as gather_rows
 from nlis_jax._sampling import distortion as distortion
 from nlis_jax._sampling import sample as sample
 from nlis_jax._sampling import sample_size as sample_size
@@ -34,6 +35,7 @@ from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
 from nlis_jax._sketch import sketched_leverage_scores as sketched_leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores as streaming_leverage_scores
+from nlis_jax._streaming import streaming_norm_scores as streaming_norm_scores
 from nlis_jax._train import FitResult as FitResult
 from nlis_jax._train import NonFiniteLossError as NonFiniteLossError
 from nlis_jax._train import TrainState as TrainState
@@ -70,6 +72,7 @@ __all__ = [
     "dual_matrix",
     "dual_operator",
     "fit",
+    "gather_rows",
     "homogeneous_adjoint",
     "l2_ball",
     "label_free_leverage_scores",
@@ -90,6 +93,7 @@ __all__ = [
     "single_index_adjoint",
     "sketched_leverage_scores",
     "streaming_leverage_scores",
+    "streaming_norm_scores",
     "uniform_scores",
     "weighted_loss",
 ]

@@ -1,0 +1,149 @@
+"""Streaming scores of host data (numpy, memmap, chunk sources): same scores, bounded anonymous memory."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import mlp_params
+
+import nlis_jax as nj
+from nlis_jax.experiments import nets
+
+N, D = 300, 3
+MLP = nets.mlp(jnp.tanh)
+
+
+def _data(dtype=np.float64):
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((N, D)).astype(dtype), rng.standard_normal(N).astype(dtype)
+
+
+@pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
+def test_numpy_input_matches_dense_scores(route):
+    """Host path (a Python loop over chunks) = dense leverage of the dual matrix, on every route."""
+    params = mlp_params(0, (D, 4, 1))
+    xs, ys = _data()
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys))
+    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64, route=route)  # 300 = 4·64 + 44
+    assert isinstance(h, jax.Array) and h.shape == (N,)
+    # float64, rows and Gram sums in another order than the dense route: rounding only
+    np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_chunk_source_of_uneven_pieces_and_block_outputs():
+    """A callable of (x, y) pieces of any sizes (regrouped into chunks); k = 2 outputs (block leverage)."""
+    params = mlp_params(1, (D, 4, 2))
+    xs, _ = _data()
+    ys = np.random.default_rng(6).standard_normal((N, 2))
+    bounds = [0, 1, 70, 71, 200, N]
+    calls = []
+
+    def source():
+        calls.append(1)
+        return ((xs[a:b], ys[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys))
+    h = nj.streaming_leverage_scores(MLP, params, source, chunk_size=64)
+    np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
+    assert len(calls) >= 2  # one call per pass
+
+
+def test_float32_follows_params_and_matches_device_path():
+    params = mlp_params(2, (D, 4, 1), dtype=np.float32)
+    xs, ys = _data(np.float32)
+    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64)
+    h_dev = nj.streaming_leverage_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64)
+    assert h.dtype == jnp.float32
+    np.testing.assert_allclose(h, h_dev, rtol=1e-5, atol=1e-7)  # same sums, chunk by chunk
+
+
+def test_bad_host_input_named():
+    params = mlp_params(0, (D, 4, 1))
+    xs, ys = _data()
+    bad = xs.copy()
+    bad[N - 1, 0] = np.nan  # in the last, padded chunk
+    with pytest.raises(ValueError, match="1 NaN or Inf"):
+        nj.streaming_leverage_scores(MLP, params, bad, ys, chunk_size=64)
+    with pytest.raises(ValueError, match="examples first"):
+        nj.streaming_leverage_scores(MLP, params, xs, ys[:-1], chunk_size=64)
+    with pytest.raises(ValueError, match=r"ys has shape \(300, 1\) but the model gives outputs of shape"):
+        nj.streaming_leverage_scores(MLP, params, xs, ys[:, None], chunk_size=64)
+    with pytest.raises(ValueError, match="pass ys=None"):
+        nj.streaming_leverage_scores(MLP, params, lambda: iter([]), ys)
+    with pytest.raises(ValueError, match="yielded no examples"):
+        nj.streaming_leverage_scores(MLP, params, lambda: iter([]))
+    with pytest.raises(TypeError, match=r"\(x_chunk, y_chunk\) pairs"):
+        nj.streaming_leverage_scores(MLP, params, lambda: iter([xs]))
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def _peak_growth(fn) -> tuple[int, object]:
+    """Peak RssAnon growth while ``fn`` runs, sampled every 2 ms in a thread."""
+    base = peak = _rss_anon()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_anon())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, _rss_anon()) - base, result
+
+
+def _single_index(theta, x):
+    return jnp.tanh(x @ theta)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memmap_scores_in_bounded_anonymous_memory(tmp_path):
+    """A 128 MB float32 memmap: anonymous memory grows by the (n,) scores and a few chunks, not the array.
+
+    Copying the array to the device, as the jax-array path does, grows it by at least 128 MiB (measured
+    312 MiB with the padded chunk copy). The host path keeps the scores (n·4 bytes) on the host, once
+    more as a jax array and once as probabilities, plus a few chunks of 4096 rows: bound 3·n·4 + 16 MiB.
+    """
+    n, d, chunk = 2_000_000, 16, 4096
+    xs = np.lib.format.open_memmap(tmp_path / "xs.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 1 << 18):  # written in pieces: the test itself stays in bounded memory
+        stop = min(n, start + (1 << 18))
+        xs[start:stop] = rng.standard_normal((stop - start, d), dtype=np.float32)
+    xs.flush()
+    del xs
+    xs = np.load(tmp_path / "xs.npy", mmap_mode="r")
+    theta = jnp.full((d,), 0.1, jnp.float32)
+    small = np.ascontiguousarray(xs[: 2 * chunk + 7])  # compiles the same chunk shapes first
+    expected_small = nj.leverage_scores(nj.dual_matrix(_single_index, theta, small))
+    got_small = nj.streaming_leverage_scores(_single_index, theta, small, chunk_size=chunk, route="gram")
+    np.testing.assert_allclose(got_small, expected_small, rtol=2e-3, atol=1e-8)
+
+    growth, h = _peak_growth(
+        lambda: nj.streaming_leverage_scores(_single_index, theta, xs, chunk_size=chunk, route="gram")
+    )
+    bound = 3 * n * 4 + (16 << 20)
+    assert growth <= bound, f"anonymous memory grew by {growth / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+    assert h.shape == (n,) and h.dtype == jnp.float32
+    # probabilities (correctness against dense scores: the tests above, on the same code path)
+    assert np.all(np.asarray(h) >= 0)
+    assert abs(float(jnp.sum(h.astype(jnp.float64))) - 1.0) < 1e-3
