@@ -37,6 +37,7 @@ def _count_nonfinite(x):
 def check_finite(name: str, tree: PyTree) -> None:
     """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
     for leaf in jax.tree.leaves(tree):
+        check_auto_axes(name, leaf)
         if not is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
         # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly;

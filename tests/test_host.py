@@ -147,3 +147,79 @@ def test_memmap_scores_in_bounded_anonymous_memory(tmp_path):
     # probabilities (correctness against dense scores: the tests above, on the same code path)
     assert np.all(np.asarray(h) >= 0)
     assert abs(float(jnp.sum(h.astype(jnp.float64))) - 1.0) < 1e-3
+
+
+def test_norm_scores_host_and_device_match_dense(tmp_path):
+    """One pass of squared block norms: host numpy, chunk source, device arrays and an out= memmap."""
+    params = mlp_params(3, (D, 4, 2))
+    xs, _ = _data()
+    ys = np.random.default_rng(7).standard_normal((N, 2))
+    ref = nj.norm_scores(nj.dual_matrix(MLP, params, xs, ys))
+    host = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64)
+    dev = nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64)
+    src = nj.streaming_norm_scores(MLP, params, lambda: iter([(xs[:100], ys[:100]), (xs[100:], ys[100:])]))
+    out = np.lib.format.open_memmap(tmp_path / "norms.npy", mode="w+", dtype=np.float64, shape=(N,))
+    got = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64, out=out)
+    assert got is out
+    for h in (host, dev, src, np.load(tmp_path / "norms.npy")):
+        np.testing.assert_allclose(h, ref, rtol=1e-12, atol=1e-15)  # float64, summation order only
+    with pytest.raises(ValueError, match="out must be a writable numpy array"):
+        nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(N - 1))
+    with pytest.raises(ValueError, match="out= is for host data"):
+        nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), out=np.empty(N))
+
+
+def test_leverage_into_memmap_then_sample_and_gather(tmp_path):
+    """Scores written to a memmap, indices drawn from them, the sampled rows read back from the store."""
+    params = mlp_params(0, (D, 4, 1))
+    xs, ys = _data()
+    np.save(tmp_path / "xs.npy", xs)
+    np.save(tmp_path / "ys.npy", ys)
+    xs_m, ys_m = np.load(tmp_path / "xs.npy", mmap_mode="r"), np.load(tmp_path / "ys.npy", mmap_mode="r")
+    out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float64, shape=(N,))
+    info = nj.streaming_leverage_scores(MLP, params, xs_m, ys_m, chunk_size=64, out=out, return_info=True)
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys), return_info=True)
+    assert info.probs is out and info.leverage is None and int(info.rank) == int(ref.rank)
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), ref.probs, rtol=1e-10, atol=1e-13)
+    key = jax.random.key(0)
+    idx, w = nj.sample(key, out, 50)
+    idx_ref, w_ref = nj.sample(key, ref.probs, 50)
+    np.testing.assert_array_equal(idx, idx_ref)  # same probabilities (to 1e-13), same key
+    np.testing.assert_allclose(w, w_ref, rtol=1e-9)
+    xs_s, ys_s = nj.gather_rows((xs_m, ys_m), idx)
+    np.testing.assert_array_equal(xs_s, xs[np.asarray(idx)])  # order of idx, repeats kept
+    np.testing.assert_array_equal(ys_s, ys[np.asarray(idx)])
+    with pytest.raises(ValueError, match="out of range"):
+        nj.gather_rows(xs_m, np.array([0, N]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        nj.gather_rows(xs_m, np.array([0.5]))
+
+
+@pytest.mark.parametrize("loss", ["squared", "logistic"])
+def test_full_data_loss_of_host_data(loss):
+    """weighted_loss / per_example_loss over host chunks = the device functions (float64 rounding)."""
+    params = mlp_params(4, (D, 4, 1))
+    xs, ys = _data()
+    if loss == "logistic":
+        ys = (ys > 0).astype(np.float64)
+    w = np.random.default_rng(8).uniform(0, 2, N)
+    kw = dict(loss=loss)
+    ref = nj.weighted_loss(MLP, params, jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(w), **kw)
+    got = nj.weighted_loss(MLP, params, xs, ys, w, chunk_size=64, **kw)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    ref_each = nj.per_example_loss(MLP, params, jnp.asarray(xs), jnp.asarray(ys), **kw)
+    np.testing.assert_allclose(
+        nj.per_example_loss(MLP, params, xs, ys, chunk_size=64, **kw), ref_each, rtol=1e-12
+    )
+    pairs = lambda: iter([(xs[:7], ys[:7]), (xs[7:], ys[7:])])  # noqa: E731
+    np.testing.assert_allclose(
+        nj.weighted_loss(MLP, params, pairs, None, **kw), jnp.sum(ref_each), rtol=1e-12
+    )
+    bad = w.copy()
+    bad[-1] = -1.0
+    with pytest.raises(ValueError, match="non-negative; 1 are negative"):
+        nj.weighted_loss(MLP, params, xs, ys, bad, chunk_size=64)
+    bad_x = xs.copy()
+    bad_x[-1, 0] = np.inf
+    with pytest.raises(ValueError, match="contain 1 NaN or Inf"):
+        nj.weighted_loss(MLP, params, bad_x, ys)
