@@ -158,6 +158,7 @@ def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
         "first_call_small_s": first_s,
         "seconds": seconds,
         "rows_per_s": xs.shape[0] / seconds,
+        "input_bytes_per_s": xs.nbytes / seconds,
         "peak_rss_anon_growth_mib": growth / 2**20,
         "floor": floor,
         "ratio_to_floor": seconds / floor["floor_s"],

@@ -42,8 +42,14 @@ from nlis_jax._precision import highest_precision
 Source = Callable[[], Iterator]
 
 
-def is_host_data(xs) -> bool:
-    """True for a callable chunk source, or for a pytree of numpy arrays (memmaps included)."""
+def is_host_data(xs, params=None) -> bool:
+    """True for a callable chunk source, or a pytree of numpy arrays (memmaps included), with concrete params.
+
+    Under a trace of ``params`` (a user's ``jit``/``grad``) numpy inputs take the device path instead:
+    the host loop fetches values between chunks.
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params)):
+        return False
     if callable(xs):
         return True
     leaves = jax.tree.leaves(xs)

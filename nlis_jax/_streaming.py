@@ -143,7 +143,7 @@ def streaming_leverage_scores(
     check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
-    if is_host_data(xs):  # before check_model, which would read a memmap whole
+    if is_host_data(xs, params):  # before check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)
     if out is not None:
@@ -213,7 +213,7 @@ def streaming_norm_scores(
     """
     check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
-    if is_host_data(xs):
+    if is_host_data(xs, params):
         kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, out=out)
         return host_norm_scores(apply_fn, params, xs, ys, **kwargs)
     if out is not None:

@@ -269,7 +269,7 @@ def weighted_loss(
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
-    if is_host_data(xs):  # numpy, memmap, chunk source: to the device one chunk at a time
+    if is_host_data(xs, params):  # numpy, memmap, chunk source: to the device one chunk at a time
         return _host_loss(apply_fn, loss_fn, params, xs, ys, weights, chunk_size, per_example=False)
     _check_data(params, xs, ys, weights)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
@@ -304,7 +304,7 @@ def per_example_loss(
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
-    if is_host_data(xs):
+    if is_host_data(xs, params):
         return _host_loss(apply_fn, loss_fn, params, xs, ys, None, chunk_size, per_example=True)
     _check_data(params, xs, ys, None)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
