@@ -89,7 +89,18 @@ def _cases(params, params2):
         xs, ys = _data()["xs"][rows], _data()["ys"][rows]
         return nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=8, route=route)
 
+    def host_norms_and_loss(d):
+        """Norm scores and the full-data loss, each process streaming its numpy block on the global side."""
+        if d["xs"].is_fully_addressable:
+            xs, ys = d["xs"], d["ys"]
+        else:
+            rows = distributed.process_rows(N)
+            xs, ys = _data()["xs"][rows], _data()["ys"][rows]
+        norms = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=8)
+        return norms, nj.weighted_loss(MLP, params, xs, ys, chunk_size=8)
+
     return {
+        "streaming_host_norms_and_loss": host_norms_and_loss,
         "streaming_host_blocks": lambda d: host_blocks(d, None),
         "streaming_host_blocks_stable": lambda d: host_blocks(d, "stable"),
         "adjoint_reverse": lambda d: nj.adjoint(MLP, params, d["xs"], mode="reverse"),

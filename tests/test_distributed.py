@@ -37,6 +37,7 @@ CASES = (
     "streaming_leverage_scores",
     "streaming_host_blocks",
     "streaming_host_blocks_stable",
+    "streaming_host_norms_and_loss",
     "sample_distortion",
     "sample_without_replacement",
     "weighted_loss",
