@@ -345,9 +345,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
         state["n"] += valid
         return sq
 
-    n_local = None if callable(xs) else check_host_arrays(apply_fn, params, xs, ys, out_check=False)
-    sq = output_vector(out, n_local, dtype) if n_local is not None else None
-    sq = _collect_growing(one, source, chunk) if sq is None else (collect(one, source, chunk, sq), sq)[1]
+    sq = per_example_values(one, source, chunk, xs, out, dtype)
     total, bad = state["carry"]
     stats = across_processes(jnp.asarray([state["n"], int(bad)]), lambda a: a.sum(0))
     if int(stats[1]):
@@ -357,6 +355,20 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
         raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
     divide_in_place(sq, total, chunk)
     return sq if out is not None else global_vector(sq, int(stats[0]))
+
+
+def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.ndarray:
+    """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector."""
+    if callable(xs):  # length unknown until the source is exhausted
+        values = _collect_growing(step, source, chunk)
+        if out is None:
+            return values
+        target = output_vector(out, values.shape[0], dtype)
+        target[:] = values
+        return target
+    target = output_vector(out, jax.tree.leaves(xs)[0].shape[0], dtype)
+    collect(step, source, chunk, target)
+    return target
 
 
 def _collect_growing(step, source, chunk) -> np.ndarray:
@@ -420,15 +432,11 @@ def host_losses(losses_fn, apply_fn, loss_fn, params, xs, ys, weights, *, chunk_
         losses, state["carry"] = step(state["carry"], piece, valid)
         return losses
 
-    if not per_example:
+    if per_example:
+        values = per_example_values(one, source, chunk, xs, out, dtype)
+    else:
         for piece, valid in staged(source, chunk):
             one(piece, valid)
-        values = None
-    elif callable(xs):
-        values = _collect_growing(one, source, chunk)
-    else:
-        values = output_vector(out, jax.tree.leaves(xs)[0].shape[0], dtype)
-        collect(one, source, chunk, values)
     total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     if int(bad):
         raise ValueError(f"xs, ys or weights contain {int(bad)} NaN or Inf value(s); clean the input first.")

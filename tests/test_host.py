@@ -161,7 +161,9 @@ def test_norm_scores_host_and_device_match_dense(tmp_path):
     out = np.lib.format.open_memmap(tmp_path / "norms.npy", mode="w+", dtype=np.float64, shape=(N,))
     got = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64, out=out)
     assert got is out
-    for h in (host, dev, src, np.load(tmp_path / "norms.npy")):
+    from_source = np.empty(N)
+    assert nj.streaming_norm_scores(MLP, params, lambda: iter([(xs, ys)]), out=from_source) is from_source
+    for h in (host, dev, src, np.load(tmp_path / "norms.npy"), from_source):
         np.testing.assert_allclose(h, ref, rtol=1e-12, atol=1e-15)  # float64, summation order only
     with pytest.raises(ValueError, match="out must be a writable numpy array"):
         nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(N - 1))
