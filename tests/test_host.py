@@ -225,3 +225,35 @@ def test_full_data_loss_of_host_data(loss):
     bad_x[-1, 0] = np.inf
     with pytest.raises(ValueError, match="contain 1 NaN or Inf"):
         nj.weighted_loss(MLP, params, bad_x, ys)
+
+
+def test_second_host_call_does_not_recompile():
+    """New values of the same shapes reuse every compiled step (counted by jax.monitoring)."""
+    import collections
+
+    event = "/jax/core/compile/backend_compile_duration"
+    counts = collections.Counter()
+
+    def listener(name, duration, **kwargs):
+        counts[name] += 1
+
+    params = mlp_params(5, (D, 4, 1))
+    (xs, ys), rng = _data(), np.random.default_rng(11)
+    xs2, ys2 = rng.standard_normal((N, D)), rng.standard_normal(N)
+    params2 = jax.tree.map(lambda a: a * 1.1, params)
+
+    def calls(p, x, y):
+        return (
+            nj.streaming_leverage_scores(MLP, p, x, y, chunk_size=64),
+            nj.streaming_norm_scores(MLP, p, x, y, chunk_size=64),
+            nj.weighted_loss(MLP, p, x, y, chunk_size=64),
+        )
+
+    first = jax.block_until_ready(calls(params, xs, ys))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = jax.block_until_ready(calls(params2, xs2, ys2))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[event] == 0, f"recompiled {counts[event]} time(s)"
+    assert not np.allclose(first[0], second[0])
