@@ -4,7 +4,7 @@ The adjoint ``f*(θ) = ∫_0^1 ∇f(tθ) dt`` of a nonlinear model, stacked over
 ``F̃(θ) = [F*(θ) | f(0) − y]``, gives leverage and row-norm sampling probabilities with ``(1 ± ε)`` loss
 guarantees. The data flow: ``apply_fn`` → :func:`adjoint` → :func:`dual_matrix` (or :func:`dual_operator`)
 → :func:`leverage_scores` / :func:`norm_scores` (or :func:`streaming_leverage_scores`,
-:func:`sketched_leverage_scores` without the matrix) → :func:`sample` → :func:`fit` on the weighted sample.
+:func:`projected_leverage_scores` without the matrix) → :func:`sample` → :func:`fit` on the weighted sample.
 
 Submodules: :mod:`nlis_jax.routes` (the leverage routes), :mod:`nlis_jax.quadrature`,
 :mod:`nlis_jax.closed_forms`, :mod:`nlis_jax.projections`, :mod:`nlis_jax.active` (choosing which points
@@ -22,6 +22,8 @@ from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
 from nlis_jax._dual import dual_operator as dual_operator
 from nlis_jax._host import gather_rows as gather_rows
+from nlis_jax._projected import projected_dual_matrix as projected_dual_matrix
+from nlis_jax._projected import projected_leverage_scores as projected_leverage_scores
 from nlis_jax._sampling import distortion as distortion
 from nlis_jax._sampling import sample as sample
 from nlis_jax._sampling import sample_size as sample_size
@@ -33,7 +35,6 @@ from nlis_jax._scores import mix_with_uniform as mix_with_uniform
 from nlis_jax._scores import norm_scores as norm_scores
 from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
-from nlis_jax._sketch import sketched_leverage_scores as sketched_leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores as streaming_leverage_scores
 from nlis_jax._streaming import streaming_norm_scores as streaming_norm_scores
 from nlis_jax._train import FitResult as FitResult
@@ -85,13 +86,14 @@ __all__ = [
     "orthonormal_basis",
     "per_example_loss",
     "projections",
+    "projected_dual_matrix",
+    "projected_leverage_scores",
     "quadrature",
     "query",
     "routes",
     "sample",
     "sample_size",
     "single_index_adjoint",
-    "sketched_leverage_scores",
     "streaming_leverage_scores",
     "streaming_norm_scores",
     "uniform_scores",
