@@ -19,6 +19,15 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= \
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 timeout 120 python3 benchmarks/bench_scores.py --quiet --svd-reps 1 --out "$OUT/bench_scores_gpu.json" 2>&1 | tail -5
 timeout 150 python3 benchmarks/bench_adjoint.py --quiet --budget 5 --out "$OUT/bench_adjoint_gpu.json" 2>&1 | tail -5
+# Out of core: a 10^7-row float32 file (2.56 GB, written in chunks to $OUT/stream, then deleted) streamed
+# host -> GPU; the record has rows/s and input bytes/s, to set against the card's memory bandwidth
+# (gpu.txt) and the host->device link.
+# Two runs, so that a timeout at 10^7 still leaves the 10^6 record.
+timeout 150 python3 benchmarks/bench_streaming.py --quiet --n 1000000 --dir "$OUT/stream" \
+  --out "$OUT/bench_streaming_gpu.json" 2>&1 | tail -5
+timeout 240 python3 benchmarks/bench_streaming.py --quiet --n 10000000 --dir "$OUT/stream" \
+  --out "$OUT/bench_streaming_1e7_gpu.json" 2>&1 | tail -5
+rm -rf "$OUT/stream"
 [ -f gpu_diag.py ] && timeout 60 python3 gpu_diag.py 2>&1 | tail -20
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

@@ -23,6 +23,7 @@ from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
 from nlis_jax._dual import dual_operator as dual_operator
+from nlis_jax._host import gather_rows as gather_rows
 from nlis_jax._projected import projected_dual_matrix as projected_dual_matrix
 from nlis_jax._projected import projected_leverage_scores as projected_leverage_scores
 from nlis_jax._sampling import distortion as distortion
@@ -37,6 +38,7 @@ from nlis_jax._scores import norm_scores as norm_scores
 from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
 from nlis_jax._streaming import streaming_leverage_scores as streaming_leverage_scores
+from nlis_jax._streaming import streaming_norm_scores as streaming_norm_scores
 from nlis_jax._train import FitResult as FitResult
 from nlis_jax._train import NonFiniteLossError as NonFiniteLossError
 from nlis_jax._train import TrainState as TrainState
@@ -75,6 +77,7 @@ __all__ = [
     "dual_matrix",
     "dual_operator",
     "fit",
+    "gather_rows",
     "homogeneous_adjoint",
     "l2_ball",
     "label_free_leverage_scores",
@@ -96,6 +99,7 @@ __all__ = [
     "sample_size",
     "single_index_adjoint",
     "streaming_leverage_scores",
+    "streaming_norm_scores",
     "uniform_scores",
     "weighted_loss",
 ]

@@ -34,6 +34,7 @@ examples:
   nlis-jax run --dataset synthetic --n 1000000 --correlation 0.95 --tails 3
   nlis-jax run --dataset fashion-mnist --classes all --n 4000
   nlis-jax run --dataset digits
+  nlis-jax score --x X.npy --y Y.npy --model mlp --out scores.npy   # your own files, out of core
   nlis-jax run --dataset flights --repeats 10   # single-index model; --model mlp for the network
 
 data: California Housing is read from scikit-learn's cache (cal_housing_py3.pkz) in --data-home or
@@ -269,6 +270,18 @@ def _add_active_parser(sub) -> None:
     add_active_arguments(active)
 
 
+def _add_score_parser(sub) -> None:
+    from nlis_jax.experiments.score import add_score_arguments
+
+    score = sub.add_parser(
+        "score",
+        help="sampling scores of your own .npy files (out of core, written to a .npy memmap)",
+        description="Leverage or norm scores of X.npy (and Y.npy) under a single-index model or an MLP; "
+        "the files are read as memmaps chunk by chunk and the scores written to --out.",
+    )
+    add_score_arguments(score)
+
+
 def build_parser(outliers_module=None) -> argparse.ArgumentParser:
     """The ``nlis-jax`` parser; ``outliers_module`` (:mod:`nlis_jax.experiments.outliers`) adds the
     outlier options."""
@@ -278,11 +291,12 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,outliers,active}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,outliers,active,score}")
     sub.required = True
     _add_run_parser(sub)
     _add_outliers_parser(sub, outliers_module)
     _add_active_parser(sub)
+    _add_score_parser(sub)
     return parser
 
 
@@ -438,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         from nlis_jax.experiments.active import run_active
 
         return run_active(args)
+    if args.command == "score":
+        from nlis_jax.experiments.score import run_score
+
+        return run_score(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return EXIT_USAGE
 
