@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 
 import jax
@@ -69,3 +71,22 @@ def matrix_with_condition(rng, n, m, kappa, heavy_rows=True):
     W, _ = np.linalg.qr(rng.standard_normal((m, m)))
     sigma = np.logspace(0.0, -np.log10(kappa), m)
     return (Q * sigma[None, :]) @ W.T, Q
+
+
+#: jax.monitoring event of one XLA compilation.
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_events():
+    """Count jax.monitoring duration events (e.g. :data:`COMPILE_EVENT`) inside the ``with`` block."""
+    counts = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        counts[event] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -8,8 +8,6 @@ error is small enough for the bound to catch a bias of a few percent).
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -19,27 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import COMPILE_EVENT, count_events
 
 import nlis_jax as nj
 from nlis_jax.experiments import active as study
 from nlis_jax.experiments import datasets
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_active_learning.ipynb"
-
-
-@contextlib.contextmanager
-def count_compiles():
-    counts = collections.Counter()
-
-    def listener(event, duration, **kwargs):
-        counts[event] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _pool(seed, n=40, labelled=10):
@@ -186,11 +170,11 @@ def test_query_batch_must_be_positive_int():
 def test_second_query_with_new_values_does_not_recompile(strategy):
     s1, m1 = _pool(11)
     s2, m2 = _pool(12)
-    with count_compiles() as first:
+    with count_events() as first:
         a = jax.block_until_ready(nj.query(jax.random.key(1), s1, m1, 5, strategy=strategy, alpha=0.2))
         st = jax.block_until_ready(nj.active.record(nj.active.init_state(40), a))
         jax.block_until_ready(nj.active.estimator_weights(st))
-    with count_compiles() as second:
+    with count_events() as second:
         b = jax.block_until_ready(nj.query(jax.random.key(2), s2, m2, 5, strategy=strategy, alpha=0.3))
         st = jax.block_until_ready(nj.active.record(nj.active.init_state(40), b))
         jax.block_until_ready(nj.active.estimator_weights(st))

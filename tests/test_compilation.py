@@ -9,32 +9,17 @@ eager single-op dispatch included); traces of ``apply_fn`` with a Python counter
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import COMPILE_EVENT, count_events
 
 import nlis_jax as nj
 
 N, D = 36, 3
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def count_events():
-    counts = collections.Counter()
-
-    def listener(event, duration, **kwargs):
-        counts[event] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _make_model():
