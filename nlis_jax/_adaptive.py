@@ -395,11 +395,14 @@ def _info(state: _State, conv: Array) -> QuadratureInfo:
 
 def _warn(error, residual, conv, *, rtol, check_tol, max_panels) -> None:
     conv = np.asarray(conv)
-    if conv.all():
+    error, residual = np.asarray(error), np.asarray(residual)
+    # Non-finite values are not a quadrature failure: they come from non-finite inputs or gradients, which
+    # the callers' value checks report (the host path counts them in its first pass and raises there).
+    missed = ~conv & np.isfinite(error) & np.isfinite(residual)
+    if not missed.any():
         return
-    missed = ~conv
-    worst_error = float(np.max(np.asarray(error)[missed]))
-    worst_residual = float(np.max(np.asarray(residual)[missed]))
+    worst_error = float(np.max(error[missed]))
+    worst_residual = float(np.max(residual[missed]))
     warnings.warn(
         QuadratureWarning(
             f"adaptive quadrature missed its tolerance for {int(missed.sum())} of {conv.size} examples "

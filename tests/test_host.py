@@ -150,25 +150,34 @@ def test_memmap_scores_in_bounded_anonymous_memory(tmp_path):
 
 
 def test_norm_scores_host_and_device_match_dense(tmp_path):
-    """One pass of squared block norms: host numpy, chunk source, device arrays and an out= memmap."""
+    """One pass of squared block norms: host numpy, chunk source, device arrays and an out= memmap.
+
+    A fixed 16-node rule on every side: the adaptive default refines examples per chunk, so two chunkings
+    agree only to the quadrature tolerance; this test is about the plumbing (summation order only).
+    """
     params = mlp_params(3, (D, 4, 2))
     xs, _ = _data()
     ys = np.random.default_rng(7).standard_normal((N, 2))
-    ref = nj.norm_scores(nj.dual_matrix(MLP, params, xs, ys))
-    host = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64)
-    dev = nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64)
-    src = nj.streaming_norm_scores(MLP, params, lambda: iter([(xs[:100], ys[:100]), (xs[100:], ys[100:])]))
+    ref = nj.norm_scores(nj.dual_matrix(MLP, params, xs, ys, num_nodes=16))
+    host = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64, num_nodes=16)
+    dev = nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64, num_nodes=16)
+    src = nj.streaming_norm_scores(
+        MLP, params, lambda: iter([(xs[:100], ys[:100]), (xs[100:], ys[100:])]), num_nodes=16
+    )
     out = np.lib.format.open_memmap(tmp_path / "norms.npy", mode="w+", dtype=np.float64, shape=(N,))
-    got = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64, out=out)
+    got = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64, out=out, num_nodes=16)
     assert got is out
     from_source = np.empty(N)
-    assert nj.streaming_norm_scores(MLP, params, lambda: iter([(xs, ys)]), out=from_source) is from_source
+    assert (
+        nj.streaming_norm_scores(MLP, params, lambda: iter([(xs, ys)]), out=from_source, num_nodes=16)
+        is from_source
+    )
     for h in (host, dev, src, np.load(tmp_path / "norms.npy"), from_source):
         np.testing.assert_allclose(h, ref, rtol=1e-12, atol=1e-15)  # float64, summation order only
     with pytest.raises(ValueError, match="out must be a writable numpy array"):
-        nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(N - 1))
+        nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(N - 1), num_nodes=16)
     with pytest.raises(ValueError, match="out= is for host data"):
-        nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), out=np.empty(N))
+        nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), out=np.empty(N), num_nodes=16)
 
 
 def test_leverage_into_memmap_then_sample_and_gather(tmp_path):
