@@ -9,8 +9,8 @@ identity ``<f*(θ), θ> + f(0) = f(θ)``.
 
 Then a sweep over the parameter count ``p``: one-hidden-layer MLPs of growing width and single-index
 models ``tanh(<θ, x>)`` with ``d = p``, and ``k = 10``-output models ``tanh(W x)`` (``p = k·d``), timing
-forward against reverse mode, to locate the crossover in ``p/k`` that ``nj.FORWARD_MAX_PARAMS`` (forward
-when ``p <= FORWARD_MAX_PARAMS · k``) should match.
+forward against reverse mode, to locate the crossover in ``p/k`` that
+``nlis_jax._adjoint.FORWARD_MAX_PARAMS`` (forward when ``p <= FORWARD_MAX_PARAMS · k``) should match.
 
     python benchmarks/bench_adjoint.py                     # float32, the sizes above (forward: minutes)
     python benchmarks/bench_adjoint.py --dtype float64
@@ -43,7 +43,8 @@ from _common import (
 from jax.flatten_util import ravel_pytree
 
 import nlis_jax as nj
-from nlis_jax import nets
+from nlis_jax._adjoint import FORWARD_MAX_PARAMS
+from nlis_jax.experiments import nets
 
 NAME = "bench_adjoint"
 MODES = ("reverse", "forward", "auto")
@@ -118,7 +119,7 @@ def adjoint_fn(model, *, mode: str, num_nodes: int):
 
 def auto_choice(p: int, k: int = 1) -> str:
     """The mode ``"auto"`` takes (nlis_jax: forward when ``p <= FORWARD_MAX_PARAMS · k``)."""
-    return "forward" if p <= nj.FORWARD_MAX_PARAMS * k else "reverse"
+    return "forward" if p <= FORWARD_MAX_PARAMS * k else "reverse"
 
 
 # ------------------------------------------------------------------------------------------- baseline
@@ -132,7 +133,7 @@ class LoopBaseline:
     def __init__(self, model, params, xs, num_nodes: int):
         self.theta, unravel = ravel_pytree(params)
         self.xs = xs
-        nodes, weights = nj.gauss_legendre(num_nodes, self.theta.dtype)
+        nodes, weights = nj.quadrature.gauss_legendre(num_nodes, self.theta.dtype)
         self.nodes_weights = list(zip(nodes, weights, strict=True))
         per_example_grad = jax.vmap(jax.grad(lambda flat, x: model(unravel(flat), x)), in_axes=(None, 0))
         self.grad = Compiled(per_example_grad, self.theta, xs)
@@ -263,7 +264,7 @@ def threshold_verdict(points: list[dict], crossovers: dict, *, slack: float = 1.
     wrong = [{key: pt[key] for key in keys} for pt in timed_points if pt["auto_over_best"] > slack]
     estimates = [c["forward_max_p_per_output"] for c in crossovers.values()]
     return {
-        "FORWARD_MAX_PARAMS": nj.FORWARD_MAX_PARAMS,
+        "FORWARD_MAX_PARAMS": FORWARD_MAX_PARAMS,
         "slack": slack,
         "mismatches": wrong,
         "matches": not wrong,

@@ -45,7 +45,7 @@ from _common import (
 from jax.flatten_util import ravel_pytree
 
 import nlis_jax as nj
-from nlis_jax import nets
+from nlis_jax.experiments import nets
 
 NAME = "bench_torch"
 TORCH_MISSING = "torch not installed (benchmark-only extra: pip install -e .[bench])"
@@ -129,7 +129,7 @@ class TorchScores:
         self.sizes = [v.size for v in values]
         self.theta = torch.cat([v.reshape(-1) for v in self.params.values()])
         self.xs, self.ys = torch.from_numpy(np.array(xs)), torch.from_numpy(np.array(ys))  # writable copies
-        nodes, weights = nj.gauss_legendre(num_nodes, jnp.float32)
+        nodes, weights = nj.quadrature.gauss_legendre(num_nodes, jnp.float32)
         self.nodes_weights = [(float(t), float(w)) for t, w in zip(nodes, weights, strict=True)]
         self.grad_dict = func.vmap(func.grad(self.f_dict), in_dims=(None, 0))
         self.grad_flat = func.vmap(func.grad(self.f_flat), in_dims=(None, 0))
@@ -250,7 +250,7 @@ def run(args, torch) -> dict:
 def basis_info(F: np.ndarray) -> dict:
     """Rank and route of ``nj.orthonormal_basis`` (the scores divide by that rank)."""
     _, rank, route = nj.orthonormal_basis(jnp.asarray(F))
-    return {"rank": int(rank), "columns": F.shape[1], "route": nj.ROUTES[int(route)]}
+    return {"rank": int(rank), "columns": F.shape[1], "route": nj.routes.ROUTES[int(route)]}
 
 
 def main(argv=None) -> dict:

@@ -29,16 +29,15 @@ from nlis_jax._checks import (
     check_same_length,
 )
 from nlis_jax._precision import highest_precision
-from nlis_jax._quadrature import gauss_legendre
 from nlis_jax._types import ApplyFn, Array, PyTree
+from nlis_jax.quadrature import gauss_legendre
 
 MODES = ("auto", "forward", "reverse")
-#: ``mode="auto"`` takes forward mode when ``p <= FORWARD_MAX_PARAMS * k``. Forward costs about ``p``
-#: tangent passes per node and reverse about ``3 k``, but measured on a CPU (benchmarks/bench_adjoint.py,
-#: benchmarks/README.md) reverse was never slower: 4x faster at ``p = k`` and a tie for single-index
-#: models with ``p <= 8``; linear scaling puts the break-even near ``p = k/4``.
+#: ``mode="auto"`` takes forward mode when ``p <= FORWARD_MAX_PARAMS * k`` (forward costs about ``p``
+#: tangent passes per node, reverse about ``3 k``; the measurements behind the value are in
+#: benchmarks/README.md).
 FORWARD_MAX_PARAMS = 0.25
-#: Default memory budget (array elements) of one chunk of examples: ``batch_size * k * p <= budget``.
+#: Default memory budget (array elements) of one chunk of examples: ``chunk_size * k * p <= budget``.
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -50,6 +49,19 @@ class FlatModel(NamedTuple):
     unravel: Callable[[Array], PyTree]
     n: int
     out_shape: tuple[int, ...]  # () or (k,)
+
+
+class ModelShape(NamedTuple):
+    """What validation learns from shapes alone (:func:`check_model`): no flattening, no model call."""
+
+    n: int
+    p: int
+    out_shape: tuple[int, ...]  # () or (k,)
+    dtype: jnp.dtype  # of the flattened parameters
+
+
+def _ravel(tree: PyTree) -> Array:
+    return ravel_pytree(tree)[0]
 
 
 def _first_example(xs: PyTree) -> PyTree:
@@ -67,22 +79,19 @@ def num_examples(xs: PyTree, name: str = "xs") -> int:
     return n
 
 
-def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, *, check_values: bool = True):
-    """Validate ``(params, xs)`` and return a :class:`FlatModel` over ``ravel_pytree(params)``."""
+def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None = None) -> ModelShape:
+    """Validate ``(apply_fn, params, xs[, ys])`` from shapes (``jax.eval_shape``) and concrete values.
+
+    Nothing is flattened or computed here; the values of concrete inputs are checked for NaN/Inf (one
+    reduction each, on the device). ``ys``, if given, must have shape ``(n,) + out_shape``.
+    """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
     n = num_examples(xs)
     check_floating("params", params)
-    if check_values:
-        check_finite("params", params)
-        check_finite("xs", xs)
-    theta, unravel = ravel_pytree(params)
+    theta = jax.eval_shape(_ravel, params)
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
-
-    def fn(flat, x):
-        return apply_fn(unravel(flat), x)
-
     out = jax.eval_shape(apply_fn, params, _first_example(xs))
     if len(out.shape) > 1:
         raise ValueError(
@@ -91,7 +100,30 @@ def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, *, check_values
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"apply_fn must return floating values, got dtype {out.dtype}.")
-    return FlatModel(fn, theta, unravel, n, tuple(out.shape))
+    shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype)
+    check_finite("params", params)
+    check_finite("xs", xs)
+    if ys is not None:
+        expected = (n,) + shape.out_shape
+        if jnp.shape(ys) != expected:
+            raise ValueError(
+                f"ys has shape {jnp.shape(ys)} but the model gives outputs of shape {expected} "
+                f"(n examples × outputs); they must agree."
+            )
+        check_floating("ys", ys)
+        check_finite("ys", ys)
+    return shape
+
+
+def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> FlatModel:
+    """A :class:`FlatModel` over ``ravel_pytree(params)``, built under a trace (validate first)."""
+    theta, unravel = ravel_pytree(params)
+    out = jax.eval_shape(apply_fn, params, _first_example(xs))
+
+    def fn(flat, x):
+        return apply_fn(unravel(flat), x)
+
+    return FlatModel(fn, theta, unravel, num_examples(xs), tuple(out.shape))
 
 
 def resolve_mode(mode: str, p: int, k: int) -> str:
@@ -102,15 +134,16 @@ def resolve_mode(mode: str, p: int, k: int) -> str:
     return "forward" if p <= FORWARD_MAX_PARAMS * k else "reverse"
 
 
-def default_batch_size(n: int, p: int, k: int) -> int:
+def default_chunk_size(n: int, p: int, k: int) -> int:
+    """Examples per chunk keeping one chunk's ``chunk · k · p`` under :data:`CHUNK_ELEMENTS`."""
     return max(1, min(n, CHUNK_ELEMENTS // max(1, p * k)))
 
 
-def chunked_map(fn: Callable, xs: PyTree, n: int, batch_size: int) -> Array:
-    """``vmap(fn)(xs)`` over the leading axis, ``batch_size`` examples at a time (``lax.map``)."""
-    if batch_size >= n:
+def chunked_map(fn: Callable, xs: PyTree, n: int, chunk_size: int) -> Array:
+    """``vmap(fn)(xs)`` over the leading axis, ``chunk_size`` examples at a time (``lax.map``)."""
+    if chunk_size >= n:
         return jax.vmap(fn)(xs)
-    return lax.map(fn, xs, batch_size=batch_size)
+    return lax.map(fn, xs, batch_size=chunk_size)
 
 
 def _point_jacobian(fn, mode: str, p: int, dtype) -> Callable[[Array, PyTree], Array]:
@@ -133,13 +166,13 @@ def adjoint(
     *,
     num_nodes: int = 16,
     mode: str = "auto",
-    batch_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> Array:
     r"""Per-example adjoints :math:`f_i^*(\theta) = \int_0^1 \nabla f(t\theta; x_i)\,dt`.
 
     Gauss-Legendre quadrature with ``num_nodes`` nodes on ``[0, 1]``; the gradient at each node is taken
     at the point ``t_k θ``, accumulated over nodes in a ``lax.scan`` carry, vmapped over examples and
-    chunked ``batch_size`` examples at a time.
+    chunked ``chunk_size`` examples at a time.
 
     Args:
       apply_fn: ``apply_fn(params, x)`` for ONE example ``x``, returning a scalar or a ``(k,)`` vector.
@@ -150,8 +183,8 @@ def adjoint(
       mode: ``"forward"`` (one ``jax.jvp`` per tangent direction, vmapped: ~``p`` passes per node),
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
         when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).
-      batch_size: examples per chunk (bounds memory at ``batch_size * k * p`` per node); default
-        keeps a chunk under ``2**23`` elements.
+      chunk_size: examples per memory chunk (bounds memory at ``chunk_size * k * p`` per node);
+        default keeps a chunk under ``2**23`` elements.
 
     Returns:
       Array of shape ``(n, p)`` for scalar models or ``(n, k, p)`` for ``k`` outputs, in the dtype of
@@ -159,28 +192,30 @@ def adjoint(
 
     Raises:
       ValueError: on NaN/Inf in ``params`` or ``xs`` (when concrete), inconsistent leading axes,
-        a model output of rank > 1, an unknown ``mode`` or a non-positive ``num_nodes``/``batch_size``.
+        a model output of rank > 1, an unknown ``mode`` or a non-positive ``num_nodes``/``chunk_size``.
     """
-    validate_path_args(num_nodes, mode, batch_size)
-    flatten_model(apply_fn, params, xs)  # shape and value checks, before any work
-    return _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+    check_path_args(num_nodes, mode, chunk_size)
+    check_model(apply_fn, params, xs)
+    return _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
-def validate_path_args(num_nodes, mode, batch_size) -> None:
+def check_path_args(num_nodes, mode, chunk_size) -> None:
+    """Validate the quadrature/mode/chunk arguments shared by the path-based functions."""
     check_choice("mode", mode, MODES)
     check_positive_int("num_nodes", num_nodes)
-    if batch_size is not None:
-        check_positive_int("batch_size", batch_size)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
-def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, batch_size):
-    model = flatten_model(apply_fn, params, xs, check_values=False)
-    return _adjoint_flat(model, xs, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, chunk_size):
+    model = flatten_model(apply_fn, params, xs)
+    return flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
-def _adjoint_flat(model: FlatModel, xs, *, num_nodes, mode, batch_size) -> Array:
+def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
+    """Adjoints of a :class:`FlatModel` on ``xs`` (traced): ``(n,) + out_shape + (p,)``."""
     theta, p = model.theta, model.theta.shape[0]
     k = math.prod(model.out_shape)
     jac = _point_jacobian(model.fn, resolve_mode(mode, p, k), p, theta.dtype)
@@ -194,9 +229,9 @@ def _adjoint_flat(model: FlatModel, xs, *, num_nodes, mode, batch_size) -> Array
         acc0 = jnp.zeros(model.out_shape + (p,), theta.dtype)
         return lax.scan(body, acc0, (nodes, weights))[0]
 
-    if batch_size is None:
-        batch_size = default_batch_size(model.n, p, k)
-    return chunked_map(one_example, xs, model.n, batch_size)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(model.n, p, k)
+    return chunked_map(one_example, xs, model.n, chunk_size)
 
 
 def model_outputs(model: FlatModel, xs, theta: Array | None = None) -> Array:

@@ -20,10 +20,6 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def all_concrete(tree: PyTree) -> bool:
-    return all(is_concrete(leaf) for leaf in jax.tree.leaves(tree))
-
-
 def check_floating(name: str, tree: PyTree) -> None:
     """Raise ``TypeError`` unless every leaf of ``tree`` is a floating-point array."""
     for leaf in jax.tree.leaves(tree):
@@ -49,6 +45,21 @@ def check_finite(name: str, tree: PyTree) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 
+@jax.jit
+def _count_negative(x):
+    return jnp.count_nonzero(x < 0)
+
+
+def check_nonnegative(name: str, x) -> None:
+    """Raise ``ValueError`` if a concrete ``x`` has negative entries (skipped under tracing)."""
+    if not is_concrete(x):
+        return
+    with jax.ensure_compile_time_eval():
+        bad = int(_count_negative(jnp.asarray(x)))
+    if bad:
+        raise ValueError(f"{name} must be non-negative; {bad} are negative.")
+
+
 def check_leading_axis(name: str, x, *, min_ndim: int = 1) -> int:
     """Return ``x.shape[0]``; raise if ``x`` has fewer than ``min_ndim`` axes or an empty leading axis."""
     shape = jnp.shape(x)
@@ -64,11 +75,13 @@ def check_same_length(name_a: str, n_a: int, name_b: str, n_b: int) -> None:
         raise ValueError(f"{name_a} has {n_a} examples but {name_b} has {n_b}; they must agree.")
 
 
-def check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    """Return ``int(value)``; ``TypeError`` unless an int, ``ValueError`` unless ``> 0`` (``>= 0``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be a Python int, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value}.")
     return int(value)
 
 
@@ -77,34 +90,48 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {sorted(allowed)}.")
 
 
-def check_matrix(name: str, a) -> tuple[int, int]:
-    """Require a 2-D floating array with at least one row; return its shape."""
-    shape = jnp.shape(a)
-    if len(shape) != 2:
-        raise ValueError(f"{name} must be a 2-D (n, p) matrix, got shape {shape}.")
-    if shape[0] == 0 or shape[1] == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {shape}.")
-    check_floating(name, a)
-    check_finite(name, a)
-    return shape
+@jax.jit
+def _probs_summary(p):
+    """``(#non-finite, #negative, min, sum in float64 where enabled, #positive)`` in one reduction pass."""
+    finite = jnp.isfinite(p)
+    return (
+        jnp.size(p) - jnp.count_nonzero(finite),
+        jnp.count_nonzero(p < 0),
+        jnp.min(p),
+        jnp.sum(p.astype(jnp.result_type(float))),
+        jnp.count_nonzero(p > 0),
+    )
+
+
+def probs_summary(probs) -> tuple[int, int, float, float, int] | None:
+    """Scalars of :func:`_probs_summary` fetched to the host, or ``None`` under tracing."""
+    if not is_concrete(probs):
+        return None
+    with jax.ensure_compile_time_eval():
+        bad, neg, low, total, pos = _probs_summary(jnp.asarray(probs))
+    return int(bad), int(neg), float(low), float(total), int(pos)
 
 
 def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int:
-    """Require a 1-D probability vector: non-negative, finite, summing to one. Returns its length."""
+    """Require a 1-D probability vector: non-negative, finite, summing to one. Returns its length.
+
+    The value checks are one device reduction (a few scalars come back, never the vector).
+    """
     shape = jnp.shape(probs)
     if len(shape) != 1:
         raise ValueError(f"{name} must be a 1-D probability vector, got shape {shape}.")
     if shape[0] == 0:
         raise ValueError(f"{name} is empty.")
     check_floating(name, probs)
-    if is_concrete(probs):
-        arr = np.asarray(probs, dtype=np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} contains NaN or Inf.")
-        if np.any(arr < 0):
-            raise ValueError(f"{name} has {int(np.sum(arr < 0))} negative entries (min {arr.min():.3g}).")
-        tol = atol if atol is not None else (1e-3 if np.asarray(probs).dtype == np.float32 else 1e-8)
-        total = float(arr.sum())
-        if abs(total - 1.0) > tol:
-            raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}).")
+    summary = probs_summary(probs)
+    if summary is None:
+        return shape[0]
+    bad, neg, low, total, _ = summary
+    if bad:
+        raise ValueError(f"{name} contains NaN or Inf.")
+    if neg:
+        raise ValueError(f"{name} has {neg} negative entries (min {low:.3g}).")
+    tol = atol if atol is not None else (1e-3 if jnp.result_type(probs) == jnp.float32 else 1e-8)
+    if abs(total - 1.0) > tol:
+        raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}).")
     return shape[0]

@@ -13,24 +13,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nlis_jax._adjoint import _adjoint_flat, flatten_model, model_outputs, validate_path_args
-from nlis_jax._checks import check_finite, check_floating, check_positive_int
+from nlis_jax._adjoint import check_model, check_path_args, flat_adjoint, flatten_model, model_outputs
+from nlis_jax._checks import check_positive_int
 from nlis_jax._precision import highest_precision
-from nlis_jax._quadrature import gauss_legendre
 from nlis_jax._types import ApplyFn, Array, PyTree
-
-
-def _check_ys(model, ys) -> None:
-    if ys is None:
-        return
-    expected = (model.n,) + model.out_shape
-    if jnp.shape(ys) != expected:
-        raise ValueError(
-            f"ys has shape {jnp.shape(ys)} but the model gives outputs of shape {expected} "
-            f"(n examples × outputs); they must agree."
-        )
-    check_floating("ys", ys)
-    check_finite("ys", ys)
+from nlis_jax.quadrature import gauss_legendre
 
 
 def _offset_column(model, xs, ys) -> Array:
@@ -49,7 +36,7 @@ def dual_matrix(
     *,
     num_nodes: int = 16,
     mode: str = "auto",
-    batch_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> Array:
     r"""The nonlinear dual matrix :math:`\tilde F(\theta) = [F^*(\theta) \mid f(0) - y]`.
 
@@ -58,29 +45,28 @@ def dual_matrix(
       params: pytree with ``p`` entries in total.
       xs: inputs ``(n, ...)``.
       ys: responses ``(n,)`` (or ``(n, k)``); ``None`` makes the last column ``f(0)``.
-      num_nodes, mode, batch_size: as in :func:`nlis_jax.adjoint`.
+      num_nodes, mode, chunk_size: as in :func:`nlis_jax.adjoint`.
 
     Returns:
       ``(n, p + 1)`` (or ``(n, k, p + 1)`` for ``k`` outputs). With ``θ̃ = [θ; 1]``,
       ``F̃ θ̃ = f(θ; x) − y``, the residual.
     """
-    validate_path_args(num_nodes, mode, batch_size)
-    model = flatten_model(apply_fn, params, xs)
-    _check_ys(model, ys)
-    return _dual_matrix_jit(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+    check_path_args(num_nodes, mode, chunk_size)
+    check_model(apply_fn, params, xs, ys)
+    return _dual_matrix_jit(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
-def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, batch_size):
-    model = flatten_model(apply_fn, params, xs, check_values=False)
-    return dual_block(model, xs, ys, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, chunk_size):
+    model = flatten_model(apply_fn, params, xs)
+    return dual_block(model, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
-def dual_block(model, xs, ys, *, num_nodes, mode, batch_size) -> Array:
-    """``[F* | f(0) − y]`` of a validated model on ``xs``: ``(n,) + out_shape + (p + 1,)``."""
+def dual_block(model, xs, ys, *, num_nodes, mode, chunk_size) -> Array:
+    """``[F* | f(0) − y]`` of a validated model on ``xs`` (traced): ``(n,) + out_shape + (p + 1,)``."""
     offset = _offset_column(model, xs, ys)
-    adj = _adjoint_flat(model, xs, num_nodes=num_nodes, mode=mode, batch_size=batch_size)
+    adj = flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
     return jnp.concatenate([adj, offset[..., None].astype(adj.dtype)], axis=-1)
 
 
@@ -107,7 +93,7 @@ class DualOperator(NamedTuple):
 # shapes reuses the compilation. Arrays enter as arguments, never as closed-over constants (XLA would
 # constant-fold products of large captured arrays at compile time).
 def _path_outputs(apply_fn, params, xs):
-    model = flatten_model(apply_fn, params, xs, check_values=False)
+    model = flatten_model(apply_fn, params, xs)
 
     def outputs(u):  # F(u) = [f(u; x_1), ..., f(u; x_n)]
         return jax.vmap(model.fn, in_axes=(None, 0))(u, xs)
@@ -151,13 +137,11 @@ def dual_operator(
       operators), and can be ``jax.vmap``-ed over a batch of vectors.
     """
     check_positive_int("num_nodes", num_nodes)
-    model = flatten_model(apply_fn, params, xs)
-    _check_ys(model, ys)
-    theta, p = model.theta, model.theta.shape[0]
-    dtype = theta.dtype
-    offset = _offset_column(model, xs, ys).astype(dtype)
+    shape = check_model(apply_fn, params, xs, ys)
+    p, dtype = shape.p, shape.dtype
+    theta_tilde, offset = _operator_data(apply_fn, params, xs, ys)
     nodes, weights = gauss_legendre(num_nodes, dtype)
-    out_shape = (model.n,) + model.out_shape
+    out_shape = (shape.n,) + shape.out_shape
 
     args = (apply_fn, params, xs, offset, nodes, weights)
 
@@ -173,5 +157,14 @@ def dual_operator(
             raise ValueError(f"rmv expects an array of shape {out_shape}, got {u.shape}.")
         return _dual_rmv(*args, u)
 
-    shape = out_shape + (p + 1,)
-    return DualOperator(mv, rmv, shape, dtype, jnp.concatenate([theta, jnp.ones((1,), dtype)]))
+    return DualOperator(mv, rmv, out_shape + (p + 1,), dtype, theta_tilde)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+@highest_precision
+def _operator_data(apply_fn, params, xs, ys):
+    """``([θ; 1], f(0) − y)`` of the operator, flattened under the trace."""
+    model = flatten_model(apply_fn, params, xs)
+    theta = model.theta
+    offset = _offset_column(model, xs, ys).astype(theta.dtype)
+    return jnp.concatenate([theta, jnp.ones((1,), theta.dtype)]), offset

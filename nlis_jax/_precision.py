@@ -1,10 +1,10 @@
 """Full-precision matrix products for the library's own numerics.
 
 On GPUs and TPUs, JAX's default precision for float32 matrix products is reduced (TF32 or bf16 passes),
-which moves leverage scores of an ill-conditioned float32 dual matrix by 100% and adjoints by ~1e-3,
-silently. Every kernel of nlis_jax (adjoints, dual products, scores, distortion) therefore traces under
-``jax.default_matmul_precision("highest")``; on CPUs this changes nothing. The user's own training code
-keeps whatever precision the user chose.
+which silently moves leverage scores of an ill-conditioned float32 dual matrix and adjoints (the
+measurements are in benchmarks/README.md). Every kernel of nlis_jax (adjoints, dual products, scores,
+distortion) therefore traces under ``jax.default_matmul_precision("highest")``; on CPUs this changes
+nothing. The user's own training code keeps whatever precision the user chose.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlis_jax._checks import check_positive_int, check_probs, is_concrete
+from nlis_jax._checks import check_positive_int, check_probs, is_concrete, probs_summary
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import orthonormal_basis
 from nlis_jax._types import Array, PRNGKey
@@ -67,8 +67,9 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
     if not replace:
         if s > n:
             raise ValueError(f"num_samples={s} exceeds n={n}: cannot sample without replacement.")
-        if is_concrete(probs):
-            positive = int(np.count_nonzero(np.asarray(probs) > 0))
+        summary = probs_summary(probs)
+        if summary is not None:
+            positive = summary[-1]
             if s > positive:
                 raise ValueError(
                     f"num_samples={s} exceeds the {positive} rows with positive probability; "

@@ -1,17 +1,17 @@
 r"""Leverage scores of a dual matrix too large to hold: stream the examples in chunks.
 
 Memory ``O(chunk·p + p²)``, time linear in ``n``. The dual rows of each chunk are recomputed on every
-pass (adjoints are cheap next to holding ``n × (p+1)``), following :mod:`nlis_jax._scores`:
+pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one of
+:func:`nlis_jax.leverage_scores` on the same matrix, decided by the same code (:mod:`nlis_jax.routes`):
 
-- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (decisions are made on its column-equilibrated
-  form, as in :func:`nlis_jax.leverage_scores`) (a ``lax.scan`` over chunks; on a sharded
-  ``xs`` each chunk's product becomes an all-reduce) and takes ``G = V Λ Vᵀ``;
-- well-conditioned (``κ(G) ≤ eps^{-1/4}``): pass 2 scores each chunk, ``h = ‖F̃_c V Λ^{-1/2}‖²`` by row;
-- moderately ill-conditioned (``κ(G) ≤ 1/(1000 eps)``): one more Gram pass on ``F̃_c V Λ^{-1/2}``
-  (CholeskyQR2 / SVQB), then the scoring pass;
-- otherwise (ill-conditioned or rank-deficient): a streaming TSQR pass,
-  ``R ← qr([R; F̃_c]).R``, then ``R = W S Vᵀ`` and ``h = ‖F̃_c V S^{-1}‖²`` over the singular values
-  above ``rtol·s_max``: backward stable, the same accuracy as a Householder QR of the whole matrix.
+- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (a ``lax.scan`` over chunks; on a sharded
+  ``xs`` each chunk's product becomes an all-reduce) and :func:`nlis_jax.routes.transform_from_passes`
+  picks the route and asks for the passes it needs;
+- ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
+- ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
+- ``"stable"``: a streaming TSQR pass, ``R ← qr([R; F̃_c]).R``, then ``R D⁻¹ = W S Vᵀ`` and
+  ``h = ‖F̃_c D⁻¹ V S^{-1}‖²`` over the singular values above ``rtol·s_max`` (below float64 after one
+  more CholeskyQR pass, as the dense route): backward stable.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._adjoint import flatten_model, validate_path_args
-from nlis_jax._checks import check_choice, check_positive_int
-from nlis_jax._dual import _check_ys, dual_block
+from nlis_jax import routes
+from nlis_jax._adjoint import check_model, check_path_args, flatten_model
+from nlis_jax._checks import check_positive_int
+from nlis_jax._dual import dual_block
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import ROUTES, _default_rtol, _gram, choose_route, equilibrated_eigh, inverse_sqrt_basis
+from nlis_jax._scores import Leverage, as_leverage
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -44,10 +45,12 @@ def _pad_chunks(tree, n: int, chunk: int):
     return jax.tree.map(one, tree), m
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
-@highest_precision
-def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
-    model = flatten_model(apply_fn, params, xs, check_values=False)
+def _chunked_dual_rows(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
+    """``(dual_rows, num_chunks, model)``: ``dual_rows(i)`` are the ``(chunk·k, p+1)`` rows of chunk ``i``.
+
+    Padding rows (past ``n``) are zero, so they add nothing to a Gram matrix or an R factor.
+    """
+    model = flatten_model(apply_fn, params, xs)
     n, p = model.n, model.theta.shape[0]
     k = math.prod(model.out_shape)
     dtype = model.theta.dtype
@@ -57,56 +60,47 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     valid = (jnp.arange(m * chunk) < n).reshape(m, chunk).astype(dtype)
 
     def dual_rows(i):
-        """Rows of chunk ``i`` of the dual matrix, ``(chunk·k, p+1)``; padding rows are zero."""
         xc = jax.tree.map(lambda a: a[i], xs_c)
         yc = None if ys_c is None else ys_c[i]
-        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, batch_size=chunk)
+        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
         block = block * valid[i].reshape((chunk,) + (1,) * (block.ndim - 1))
         return block.reshape(chunk * k, p + 1)
 
-    def gram_pass(M):
+    return dual_rows, m, model
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
+@highest_precision
+def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
+    dual_rows, m, model = _chunked_dual_rows(
+        apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
+    )
+    dim, dtype = model.theta.shape[0] + 1, model.theta.dtype
+
+    def gram_pass(M=None):
         def body(G, i):
-            Y = dual_rows(i) @ M
-            return G + _gram(Y), None
+            rows = dual_rows(i)
+            return G + routes.gram(rows if M is None else rows @ M), None
 
-        return lax.scan(body, jnp.zeros((M.shape[1],) * 2, dtype), jnp.arange(m))[0]
+        return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
 
-    eye = jnp.eye(p + 1, dtype=dtype)
-    lam, V, d, num_zero = equilibrated_eigh(gram_pass(eye))
-    branch = choose_route(lam[0] / lam[-1]) if route is None else jnp.asarray(ROUTES.index(route))
-
-    def one_pass():
-        M, rank = inverse_sqrt_basis(lam, V, rtol)
-        return M / d[:, None], rank - num_zero
-
-    def two_pass():
-        M1, _ = one_pass()
-        lam2, V2 = jnp.linalg.eigh(gram_pass(M1))
-        M2, rank = inverse_sqrt_basis(lam2, V2, rtol)
-        return M1 @ M2, rank
-
-    def stable():
+    def r_factor():
         def body(R, i):
             return jnp.linalg.qr(jnp.concatenate([R, dual_rows(i)]), mode="r"), None
 
-        R = lax.scan(body, jnp.zeros((p + 1, p + 1), dtype), jnp.arange(m))[0]
-        # F D⁻¹ = Q (R D⁻¹) = Q W S Vᵀ, so F · D⁻¹ V S⁻¹ = Q W is an orthonormal basis.
-        _, s, Vt = jnp.linalg.svd(R / d[None, :])
-        keep = s > rtol * s[0]
-        inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
-        return (Vt.T * inv_s[None, :]) / d[:, None], jnp.sum(keep)
+        return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
 
-    M, rank = lax.switch(branch, (one_pass, two_pass, stable))
+    transform = routes.transform_from_passes(gram_pass(), gram_pass, r_factor, rtol, route)
 
     def score_chunk(i):
-        h = jnp.sum(jnp.square(dual_rows(i) @ M), axis=1)
-        return h.reshape(chunk, k).sum(axis=1)
+        h = routes.apply_transform(dual_rows(i), transform, row_norms=True)
+        return h.reshape(-1, math.prod(model.out_shape)).sum(axis=1)
 
-    h = lax.map(score_chunk, jnp.arange(m)).reshape(-1)[:n]
-    return h, rank.astype(jnp.int32), branch
+    h = lax.map(score_chunk, jnp.arange(m)).reshape(-1)[: model.n]
+    return h, transform.rank, transform.route
 
 
-def streaming_leverage(
+def streaming_leverage_scores(
     apply_fn: ApplyFn,
     params: PyTree,
     xs: PyTree,
@@ -117,30 +111,30 @@ def streaming_leverage(
     mode: str = "auto",
     rtol: float | None = None,
     route: str | None = None,
-) -> tuple[Array, Array, Array]:
-    r"""Leverage of the dual matrix ``[F*(θ) | f(0) − y]`` without materialising it.
+    return_info: bool = False,
+) -> Array | Leverage:
+    r"""Leverage-score probabilities of the dual matrix ``[F*(θ) | f(0) − y]``, streamed in chunks.
+
+    Same result as ``leverage_scores(dual_matrix(apply_fn, params, xs, ys))`` (to rounding, and by the
+    same route) with memory ``O(chunk_size·k·p + p²)``; the dual matrix is never materialised.
 
     Args:
       apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`.
-      chunk_size: examples per chunk (static); memory is ``O(chunk_size·k·p + p²)``.
+      chunk_size: examples per memory chunk (static).
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
         the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
-      route: force ``"gram"``, ``"gram2"`` or ``"stable"`` (default: chosen from ``κ(G)``).
+      route: force ``"gram"``, ``"gram2"`` or ``"stable"`` (default: chosen from the conditioning).
+      return_info: return a :class:`nlis_jax.Leverage` (probabilities, raw block leverage, rank, route).
 
     Returns:
-      ``(h, rank, route)``: raw (block) leverage ``h`` of shape ``(n,)`` with ``Σ h = rank``, the rank
-      (int32), and the index of the route taken in :data:`nlis_jax.ROUTES`.
+      ``(n,)`` probabilities summing to 1, or a :class:`nlis_jax.Leverage`.
     """
-    validate_path_args(num_nodes, mode, None)
+    check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
-    if route is not None:
-        check_choice("route", route, ROUTES)
-    model = flatten_model(apply_fn, params, xs)
-    _check_ys(model, ys)
-    dtype = model.theta.dtype
-    if rtol is None:
-        rtol = _default_rtol(dtype)
-    return _streaming_jit(
+    routes.check_route(route)
+    dtype = check_model(apply_fn, params, xs, ys).dtype
+    rtol = routes.default_rtol(dtype) if rtol is None else rtol
+    h, rank, taken = _streaming_jit(
         apply_fn,
         params,
         xs,
@@ -151,13 +145,4 @@ def streaming_leverage(
         mode=mode,
         route=route,
     )
-
-
-def streaming_leverage_scores(apply_fn, params, xs, ys=None, **kwargs) -> Array:
-    r"""Leverage-score probabilities ``h_i / rank`` of the dual matrix, streamed in chunks.
-
-    Same result as ``leverage_scores(dual_matrix(apply_fn, params, xs, ys))`` (to rounding) with memory
-    ``O(chunk_size·p + p²)``; keyword arguments as in :func:`streaming_leverage`. Returns shape ``(n,)``.
-    """
-    h, rank, _ = streaming_leverage(apply_fn, params, xs, ys, **kwargs)
-    return h / rank.astype(h.dtype)
+    return as_leverage(h, rank, taken, return_info)

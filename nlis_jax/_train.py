@@ -1,6 +1,6 @@
 r"""Projected-gradient training on a weighted sample, built on Optax.
 
-The problem (DESIGN.md, "Training on a sample") is
+The problem is
 
 .. math::
 
@@ -21,8 +21,9 @@ learning rates meaningful across sample sizes and weight scales.
 
 from __future__ import annotations
 
-import collections
+import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,9 +37,9 @@ from nlis_jax._checks import (
     check_finite,
     check_floating,
     check_leading_axis,
+    check_nonnegative,
     check_positive_int,
     check_same_length,
-    is_concrete,
 )
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Projection, identity
@@ -55,6 +56,20 @@ class TrainState(NamedTuple):
 
     params: PyTree
     opt_state: optax.OptState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """:func:`fit` stopped because the loss or the updated parameters became NaN or Inf.
+
+    Attributes:
+        state: the :class:`TrainState` of the last finite iterate (the failing update is discarded).
+        step: the step at which the loss (evaluated before that step's update) or the update failed.
+    """
+
+    def __init__(self, message: str, *, state: TrainState, step: int):
+        super().__init__(message)
+        self.state = state
+        self.step = step
 
 
 class FitResult(NamedTuple):
@@ -136,10 +151,37 @@ def _resolve_loss(loss: str | LossFn) -> LossFn:
     raise TypeError(f"loss must be one of {names} or a callable loss(pred, y), got {loss!r}.")
 
 
-def _per_example_losses(
+class _Static:
+    """Hash-by-identity wrapper for a static argument that is not hashable (cached per object)."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and other.obj is self.obj
+
+
+def _static(obj: Any) -> Any:
+    """``obj`` itself when hashable (equal objects share a compilation), else :class:`_Static`."""
+    try:
+        hash(obj)
+    except TypeError:
+        return _Static(obj)
+    return obj
+
+
+def _unwrap(obj: Any) -> Any:
+    return obj.obj if isinstance(obj, _Static) else obj
+
+
+def per_example_losses(
     apply_fn: ApplyFn, loss_fn: LossFn, params: PyTree, xs: Array, ys: Array, chunk_size=None
 ) -> Array:
-    """``(n,)`` losses :math:`\\ell(f(\\theta; x_i), y_i)`, vmapped (or chunked with lax.map)."""
+    """``(n,)`` losses :math:`\\ell(f(\\theta; x_i), y_i)` (traceable), vmapped or chunked with lax.map."""
+    apply_fn, loss_fn = _unwrap(apply_fn), _unwrap(loss_fn)
 
     def one(x, y):
         value = loss_fn(apply_fn(params, x), y)
@@ -153,22 +195,16 @@ def _per_example_losses(
     return jax.lax.map(lambda xy: one(*xy), (xs, ys), batch_size=chunk_size)
 
 
-def _weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None) -> Array:
-    losses = _per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
+def weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None) -> Array:
+    """``Σ_i w_i ℓ_i`` (plain sum with ``weights=None``), traceable."""
+    losses = per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
     if weights is None:
         return jnp.sum(losses)
     return jnp.sum(weights.astype(losses.dtype) * losses)
 
 
-_weighted_sum_jit = jax.jit(_weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size",))
-
-
-def _hashable(*objs) -> bool:
-    try:
-        hash(objs)
-    except TypeError:
-        return False
-    return True
+_weighted_sum_jit = jax.jit(weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size",))
+_per_example_jit = jax.jit(per_example_losses, static_argnums=(0, 1), static_argnames=("chunk_size",))
 
 
 def _check_data(params: PyTree, xs, ys, weights) -> int:
@@ -187,9 +223,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
             shape = jnp.shape(weights)
             raise ValueError(f"weights must have shape ({n},) (one per example), got {shape}.")
         check_finite("weights", weights)
-        if is_concrete(weights) and np.any(np.asarray(weights) < 0):
-            neg = int(np.sum(np.asarray(weights) < 0))
-            raise ValueError(f"weights must be non-negative; {neg} are negative.")
+        check_nonnegative("weights", weights)
     return n
 
 
@@ -206,7 +240,7 @@ def weighted_loss(
     r"""Weighted sum of per-example losses, :math:`L_w(\theta) = \sum_i w_i\,\ell_i(\theta)`.
 
     With ``weights=None`` this is the full-data loss :math:`L(\theta) = \sum_i \ell_i(\theta)`
-    (for ``loss="squared"``, :math:`\sum_i r_i(\theta)^2` of DESIGN.md), where
+    (for ``loss="squared"``, :math:`\sum_i r_i(\theta)^2`, the squared residuals), where
     :math:`\ell_i(\theta) = \ell(f(\theta; x_i), y_i)`. It is jit-, grad- and vmap-friendly;
     called on concrete arrays it runs a cached compiled kernel (keyed on ``apply_fn``, ``loss`` and
     ``chunk_size``).
@@ -235,9 +269,39 @@ def weighted_loss(
         chunk_size = check_positive_int("chunk_size", chunk_size)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     weights = None if weights is None else jnp.asarray(weights)
-    if _hashable(apply_fn, loss_fn):
-        return _weighted_sum_jit(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=chunk_size)
-    return _weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size)
+    return _weighted_sum_jit(
+        _static(apply_fn), _static(loss_fn), params, xs, ys, weights, chunk_size=chunk_size
+    )
+
+
+def per_example_loss(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: Array,
+    ys: Array,
+    *,
+    loss: str | LossFn = "squared",
+    chunk_size: int | None = None,
+) -> Array:
+    r"""Per-example losses :math:`\ell_i(\theta) = \ell(f(\theta; x_i), y_i)`, shape ``(n,)``.
+
+    Jit-, grad- and vmap-friendly; on concrete arrays a cached compiled kernel runs (keyed on
+    ``apply_fn``, ``loss`` and ``chunk_size``). ``weighted_loss(..., weights=w)`` equals
+    ``sum(w * per_example_loss(...))`` up to summation order.
+
+    Args:
+        apply_fn, params, xs, ys, loss: as in :func:`weighted_loss`.
+        chunk_size: if given, evaluate ``chunk_size`` examples at a time (``lax.map``) to bound memory.
+
+    Returns:
+        ``(n,)`` array of losses in the dtype of the model's output.
+    """
+    loss_fn = _resolve_loss(loss)
+    _check_data(params, xs, ys, None)
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    return _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,11 +345,19 @@ def make_train_step(
 
 
 # --------------------------------------------------------------------------------------------------
-# fit: jitted lax.scan segments, cached on the static objects
+# fit: a module-level jitted lax.scan segment, with the static objects as static arguments
 
 
-_CACHE_SIZE = 64
-_SEGMENT_CACHE: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
+class _Plan(NamedTuple):
+    """The validated, static side of a :func:`fit` call."""
+
+    loss_fn: Any
+    n: int
+    batch_size: int | None
+    num_steps: int
+    segment_len: int
+    num_segments: int
+    progress: bool
 
 
 def _tree_all_finite(tree: PyTree) -> Array:
@@ -293,66 +365,76 @@ def _tree_all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _build_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len):
-    """A jitted function running ``segment_len`` scan steps (steps ``>= num_steps`` are skipped)."""
+def _guarded_step(step, data, batch_size, dtype):
+    """``run(state, key) -> (state, estimate, ok)``: one step that freezes the state on a failure."""
+    n = data[0].shape[0]
 
-    def segment(carry, data, inv_total, dyn_projection, step0, num_steps, keys):
-        projection = static_projection if static_projection is not None else dyn_projection
-        n = data[0].shape[0]
-        ratio = 1.0 if batch_size is None else n / batch_size
-        dtype = carry[2].dtype
+    def run(state, key):
+        if batch_size is None:
+            batch = data
+        else:
+            idx = jax.random.choice(key, n, (batch_size,), replace=False)
+            batch = jax.tree.map(lambda a: a[idx], data)
+        new_state, (_, estimate) = step(state, batch)
+        ok = jnp.isfinite(estimate) & _tree_all_finite(new_state.params)
+        # Freeze on failure: nothing non-finite leaves the loop.
+        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+        return new_state, estimate.astype(dtype), ok
 
-        def objective(params, batch):
-            xb, yb, wb = batch
-            estimate = (_weighted_sum(apply_fn, loss_fn, params, xb, yb, wb) * ratio).astype(dtype)
-            return estimate * inv_total, estimate
-
-        step = make_train_step(objective, optimizer, projection, has_aux=True)
-
-        def body(carry, inp):
-            state, bad_step, bad_value = carry
-            t, key = inp
-            active = (t < num_steps) & (bad_step < 0)
-
-            def run(state):
-                if batch_size is None:
-                    batch = data
-                else:
-                    idx = jax.random.choice(key, n, (batch_size,), replace=False)
-                    batch = jax.tree.map(lambda a: a[idx], data)
-                new_state, (_, estimate) = step(state, batch)
-                ok = jnp.isfinite(estimate) & _tree_all_finite(new_state.params)
-                # Freeze on failure: nothing non-finite leaves the loop.
-                new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
-                return new_state, estimate, ok
-
-            def skip(state):
-                return state, jnp.full((), jnp.nan, dtype), jnp.array(True)
-
-            state, estimate, ok = jax.lax.cond(active, run, skip, state)
-            failed = active & ~ok
-            bad_step = jnp.where(failed, t, bad_step)
-            bad_value = jnp.where(failed, estimate, bad_value)
-            return (state, bad_step, bad_value), estimate
-
-        steps = step0 + jnp.arange(segment_len, dtype=jnp.int32)
-        return jax.lax.scan(body, carry, (steps, keys))
-
-    return jax.jit(segment)
+    return run
 
 
-def _get_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len):
-    args = (apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len)
-    if not _hashable(*args):  # cannot cache: build afresh (compiles on every call)
-        return _build_segment(*args)
-    if args in _SEGMENT_CACHE:
-        _SEGMENT_CACHE.move_to_end(args)
-        return _SEGMENT_CACHE[args]
-    fn = _build_segment(*args)
-    _SEGMENT_CACHE[args] = fn
-    if len(_SEGMENT_CACHE) > _CACHE_SIZE:
-        _SEGMENT_CACHE.popitem(last=False)
-    return fn
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "optimizer", "static_projection", "loss_fn", "batch_size", "segment_len"),
+)
+def _segment(
+    carry,
+    data,
+    inv_total,
+    dyn_projection,
+    step0,
+    num_steps,
+    keys,
+    *,
+    apply_fn,
+    optimizer,
+    static_projection,
+    loss_fn,
+    batch_size,
+    segment_len,
+):
+    """``segment_len`` scan steps from ``step0`` (steps ``>= num_steps`` are skipped): ``(carry, losses)``.
+
+    ``carry = (state, bad_step, bad_value)``: the first failing step (``-1`` if none) and its loss.
+    """
+    apply_fn, optimizer, loss_fn = _unwrap(apply_fn), _unwrap(optimizer), _unwrap(loss_fn)
+    projection = dyn_projection if static_projection is None else _unwrap(static_projection)
+    ratio = 1.0 if batch_size is None else data[0].shape[0] / batch_size
+    dtype = carry[2].dtype
+
+    def objective(params, batch):
+        estimate = (weighted_sum(apply_fn, loss_fn, params, *batch) * ratio).astype(dtype)
+        return estimate * inv_total, estimate
+
+    step = make_train_step(objective, optimizer, projection, has_aux=True)
+    run = _guarded_step(step, data, batch_size, dtype)
+
+    def skip(state, key):
+        return state, jnp.full((), jnp.nan, dtype), jnp.array(True)
+
+    def body(carry, inp):
+        state, bad_step, bad_value = carry
+        t, key = inp
+        active = (t < num_steps) & (bad_step < 0)
+        state, estimate, ok = jax.lax.cond(active, run, skip, state, key)
+        failed = active & ~ok
+        bad_step = jnp.where(failed, t, bad_step)
+        bad_value = jnp.where(failed, estimate, bad_value)
+        return (state, bad_step, bad_value), estimate
+
+    steps = step0 + jnp.arange(segment_len, dtype=jnp.int32)
+    return jax.lax.scan(body, carry, (steps, keys))
 
 
 def fit(
@@ -413,7 +495,9 @@ def fit(
         batch_size: ``None`` for full-batch steps, else the minibatch size in ``[1, n]`` (then
             ``key`` is required).
         key: PRNG key for the minibatches (required with ``batch_size``, ignored without).
-        progress: show a tqdm bar over segments; default: only when ``num_steps >= 2000``.
+        progress: ``True`` shows a tqdm bar over segments, ``False`` never; the default ``None``
+            shows one only when stderr is a terminal and ``num_steps >= 2000`` (library calls
+            from scripts, logs and notebooks stay quiet).
         num_segments: scan segments (NaN checks and the progress bar update between segments);
             default ``max(1, min(20, num_steps // 100))``.
         opt_state: optimizer state to resume from; default ``optimizer.init(params)``.
@@ -425,19 +509,51 @@ def fit(
 
     Raises:
         ValueError, TypeError: on bad inputs, before any work.
-        FloatingPointError: when the loss (or the updated parameters) becomes NaN or Inf; the
-            message names the step, and its ``state`` attribute is the :class:`TrainState` of the
-            last finite iterate (nothing non-finite is kept). Checked after each segment; later
-            steps do not run.
+        NonFiniteLossError: (a ``FloatingPointError``) when the loss (or the updated parameters)
+            becomes NaN or Inf; the message names the step, ``.step`` holds it and ``.state`` is the
+            :class:`TrainState` of the last finite iterate (nothing non-finite is kept). Checked
+            after each segment; later steps do not run.
     """
-    # ---- validation, before any work
     loss_fn = _resolve_loss(loss)
+    _check_optimizer_and_projection(optimizer, projection)
+    n = _check_data(params, xs, ys, weights)
+    plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)
+    params = jax.tree.map(jnp.asarray, params)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    w, total = _weights_and_total(weights, plan.n, dtype)
+    params = (identity if projection is None else projection)(params)
+    state = TrainState(params, optimizer.init(params) if opt_state is None else opt_state)
+    data = (jnp.asarray(xs), jnp.asarray(ys), w)
+    static_projection, dyn_projection = _split_projection(projection)
+    segment = functools.partial(
+        _segment,
+        data=data,
+        inv_total=jnp.asarray(1.0 / total, dtype),
+        dyn_projection=dyn_projection,
+        num_steps=plan.num_steps,
+        apply_fn=_static(apply_fn),
+        optimizer=_static(optimizer),
+        static_projection=static_projection,
+        loss_fn=_static(plan.loss_fn),
+        batch_size=plan.batch_size,
+        segment_len=plan.segment_len,
+    )
+    keys = None if plan.batch_size is None else jax.random.split(key, plan.num_steps)
+    state, losses = _run_segments(segment, plan, state, keys, dtype)
+    final = _weighted_sum_jit(_static(apply_fn), _static(plan.loss_fn), state.params, data[0], data[1], w)
+    return FitResult(state.params, losses, state.opt_state, final, jnp.asarray(total, dtype))
+
+
+def _check_optimizer_and_projection(optimizer, projection) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
     if projection is not None and not callable(projection):
         raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+
+
+def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -> _Plan:
+    """Check the run's sizes (before any work) and fix its static plan."""
     num_steps = check_positive_int("num_steps", num_steps)
-    n = _check_data(params, xs, ys, weights)
     if batch_size is not None:
         batch_size = check_positive_int("batch_size", batch_size)
         if batch_size > n:
@@ -446,78 +562,63 @@ def fit(
             raise ValueError("batch_size requires an explicit PRNG key (key=jax.random.key(seed)).")
     if num_segments is None:
         num_segments = max(1, min(20, num_steps // 100))
-    num_segments = check_positive_int("num_segments", num_segments)
-    params = jax.tree.map(jnp.asarray, params)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
+    segment_len = math.ceil(num_steps / check_positive_int("num_segments", num_segments))
+    if progress is None:  # a bar only when a person watches and the run is long
+        progress = sys.stderr.isatty() and num_steps >= PROGRESS_MIN_STEPS
+    return _Plan(
+        loss_fn, n, batch_size, num_steps, segment_len, math.ceil(num_steps / segment_len), bool(progress)
+    )
+
+
+def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
+    """The weights as an array (ones for ``None``) and their sum, which must be positive."""
     if weights is None:
-        w = jnp.ones((n,), dtype)
-        total = float(n)
-    else:
-        w = jnp.asarray(weights)
-        total = float(np.sum(np.asarray(w, dtype=np.float64)))
-        if not total > 0:
-            raise ValueError("weights must not all be zero.")
-    if progress is None:
-        progress = num_steps >= PROGRESS_MIN_STEPS
+        return jnp.ones((n,), dtype), float(n)
+    w = jnp.asarray(weights)
+    total = float(jnp.sum(w))
+    if not total > 0:
+        raise ValueError("weights must not all be zero.")
+    return w, total
 
-    # ---- setup
-    segment_len = math.ceil(num_steps / num_segments)
-    num_segments = math.ceil(num_steps / segment_len)
-    if _is_data_projection(projection):  # numbers travel as traced data: no recompile per radius
-        static_projection, dyn_projection = None, projection
-    else:
-        static_projection, dyn_projection = (identity if projection is None else projection), None
-    segment = _get_segment(apply_fn, optimizer, static_projection, loss_fn, batch_size, segment_len)
 
-    proj = identity if projection is None else projection
-    params = proj(params)
-    if opt_state is None:
-        opt_state = optimizer.init(params)
-    data = (jnp.asarray(xs), jnp.asarray(ys), w)
-    inv_total = jnp.asarray(1.0 / total, dtype)
-    keys = None if batch_size is None else jax.random.split(key, num_steps)
-    carry = (TrainState(params, opt_state), jnp.asarray(-1, jnp.int32), jnp.zeros((), dtype))
+def _split_projection(projection) -> tuple[Any, Any]:
+    """``(static, dynamic)``: projections of this module travel as traced data (no recompile per radius)."""
+    if _is_data_projection(projection):
+        return None, projection
+    return _static(identity if projection is None else projection), None
 
-    # ---- the loop over segments
+
+def _run_segments(segment, plan: _Plan, state: TrainState, keys, dtype) -> tuple[TrainState, Array]:
+    """Run the segments, checking for a failure after each; returns the final state and the losses."""
+    carry = (state, jnp.asarray(-1, jnp.int32), jnp.zeros((), dtype))
     chunks = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_steps, desc="fit", unit="step", leave=False)
+    bar = _progress_bar(plan.num_steps) if plan.progress else None
     try:
-        for s in range(num_segments):
-            start = s * segment_len
+        for s in range(plan.num_segments):
+            start = s * plan.segment_len
             seg_keys = None
             if keys is not None:
-                seg_keys = keys[np.minimum(np.arange(start, start + segment_len), num_steps - 1)]
-            args = (data, inv_total, dyn_projection, start, num_steps, seg_keys)
-            carry, seg_losses = segment(carry, *args)
+                seg_keys = keys[np.minimum(np.arange(start, start + plan.segment_len), plan.num_steps - 1)]
+            carry, seg_losses = segment(carry, step0=start, keys=seg_keys)
             chunks.append(seg_losses)
             bad_step = int(carry[1])
             if bad_step >= 0:
-                err = _non_finite_error(bad_step, float(carry[2]), chunks)
-                err.state = carry[0]  # the last finite iterate (a TrainState)
-                raise err
+                raise _non_finite_error(bad_step, float(carry[2]), chunks, carry[0])
             if bar is not None:
-                done = min(segment_len, num_steps - start)
+                done = min(plan.segment_len, plan.num_steps - start)
                 bar.update(done)
                 bar.set_postfix(loss=f"{float(seg_losses[done - 1]):.4g}")
     finally:
         if bar is not None:
             bar.close()
+    losses = jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    return carry[0], losses[: plan.num_steps]
 
-    state = carry[0]
-    losses = jnp.concatenate(chunks)[:num_steps] if len(chunks) > 1 else chunks[0][:num_steps]
-    final_fn = _weighted_sum_jit if _hashable(apply_fn, loss_fn) else _weighted_sum
-    final = final_fn(apply_fn, loss_fn, state.params, data[0], data[1], w)
-    return FitResult(
-        params=state.params,
-        losses=losses,
-        opt_state=state.opt_state,
-        final_loss=final,
-        normalizer=jnp.asarray(total, dtype),
-    )
+
+def _progress_bar(total: int):
+    from tqdm import tqdm  # imported only when a bar is shown: `import nlis_jax` stays free of tqdm
+
+    return tqdm(total=total, desc="fit", unit="step", leave=False)
 
 
 def _is_data_projection(projection) -> bool:
@@ -528,7 +629,7 @@ def _is_data_projection(projection) -> bool:
     return bool(leaves) and all(isinstance(l, (int, float, np.ndarray, jax.Array)) for l in leaves)
 
 
-def _non_finite_error(step: int, value: float, chunks) -> FloatingPointError:
+def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> NonFiniteLossError:
     last = None
     if step > 0:
         flat = np.concatenate([np.asarray(c) for c in chunks])
@@ -538,7 +639,9 @@ def _non_finite_error(step: int, value: float, chunks) -> FloatingPointError:
         what = f"the loss is {value} at step {step} (evaluated before that step's update)"
     else:
         what = f"the update at step {step} made the parameters non-finite (loss there {value:.6g})"
-    return FloatingPointError(
+    return NonFiniteLossError(
         f"fit stopped: {what}{before}. The exception's .state holds the last finite iterate; "
-        "lower the learning rate, rescale the data, or check apply_fn for overflow."
+        "lower the learning rate, rescale the data, or check apply_fn for overflow.",
+        state=state,
+        step=step,
     )

@@ -5,7 +5,9 @@
 table of ``L(θ_S)/L(θ*)`` on the full data, and writes ``results.json`` and plots. With no options it runs
 the California Housing study at a size that takes a few minutes on two CPU cores.
 
-``nlis-jax outliers`` runs the outlier study of :mod:`nlis_jax.outliers` (when installed).
+``nlis-jax outliers`` runs the outlier study of :mod:`nlis_jax.experiments.outliers` (when installed).
+
+This module only parses options; the studies live in :mod:`nlis_jax.experiments`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from nlis_jax.experiments._configs import CONFIGS, METHODS, OPTIMIZERS, shrink
+from nlis_jax.experiments.checks import positive_int_arg, sizes_arg
+from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, shrink
 
 #: Exit code for a usage error or a missing data set (argparse's convention).
 EXIT_USAGE = 2
@@ -43,18 +46,6 @@ at most 2,000 rows, no wall-time comparison); explicit options still apply.
 """
 
 
-def _sizes(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sizes must be a comma list of numbers, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"sizes must be positive numbers, got {text!r}")
-    if any(v >= 1 and v != int(v) for v in values):
-        raise argparse.ArgumentTypeError(f"a size >= 1 counts rows and must be a whole number: {text!r}")
-    return tuple(int(v) if v >= 1 else v for v in values)
-
-
 #: What an option given as 'none' parses to (``None`` itself means "not given").
 NONE = "none"
 
@@ -62,7 +53,7 @@ NONE = "none"
 def _size_or_none(text: str):
     if text.lower() in ("none", "off"):
         return NONE
-    return _sizes(text)[0]
+    return sizes_arg(text)[0]
 
 
 def _float_or_none(text: str):
@@ -94,17 +85,7 @@ def _classes(text: str):
 
 
 def _int_or_none(text: str):
-    return NONE if text.lower() in ("none", "off") else _positive_int(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return NONE if text.lower() in ("none", "off") else positive_int_arg(text)
 
 
 # option dest -> (config field, data sets it applies to; None = all)
@@ -136,17 +117,100 @@ _FIELDS = {
 }
 
 
-def build_parser(outliers_module=None) -> argparse.ArgumentParser:
-    """The ``nlis-jax`` parser; ``outliers_module`` (:mod:`nlis_jax.outliers`) adds the outlier options."""
-    parser = argparse.ArgumentParser(
-        prog="nlis-jax",
-        description="Importance sampling of training data for nonlinear models: sampling studies.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_EPILOG,
+def _add_study_options(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("study")
+    g.add_argument(
+        "--dataset", choices=sorted(CONFIGS), default="california", help="data set (default: california)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,outliers}")
-    sub.required = True
+    g.add_argument(
+        "--sizes",
+        type=sizes_arg,
+        help="comma list of sample sizes: values < 1 are fractions of n (0.005,0.01), values >= 1 row counts",
+    )
+    g.add_argument("--repeats", type=positive_int_arg, help="independent samples per scheme and size")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed: jax.random.key(seed) (default 0)")
+    g.add_argument(
+        "--out",
+        default="nlis_results",
+        help="output folder for results.json and plots (default nlis_results)",
+    )
+    g.add_argument(
+        "--methods", type=_methods, help=f"comma list of schemes among {','.join(METHODS)} (default: all)"
+    )
+    g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
+
+def _add_training_options(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("training")
+    g.add_argument("--steps", type=positive_int_arg, help="projected-gradient steps of every sample fit")
+    g.add_argument(
+        "--full-steps", type=positive_int_arg, help="steps of the full-data fit (default: --steps)"
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="gd: projected Nesterov GD with step lr/L̂ (L̂ a curvature bound; single-index models); "
+        "adam: Adam with cosine decay (networks)",
+    )
+    g.add_argument("--lr", type=float, help="step multiplier (gd) or initial learning rate (adam)")
+    g.add_argument("--radius", type=_float_or_none, help="l2-ball radius of the constraint, or 'none'")
+    g.add_argument("--mix", type=float, help="mix non-uniform scores with uniform: (1-α)p + α/n")
+    g.add_argument(
+        "--pilot-size", type=lambda t: sizes_arg(t)[0], help="uniform pilot sample (fraction or rows)"
+    )
+    g.add_argument(
+        "--timing-size",
+        type=_size_or_none,
+        help="sample size of the wall-time comparison with full-data training, or 'none' to skip it",
+    )
+    g.add_argument(
+        "--num-nodes", type=positive_int_arg, help="Gauss-Legendre nodes of the quadrature adjoint (networks)"
+    )
+
+
+def _add_synthetic_options(g) -> None:
+    g.add_argument(
+        "--n", type=positive_int_arg, help="rows: generated (synthetic) or subsampled (fashion-mnist)"
+    )
+    g.add_argument("--d", type=positive_int_arg, help="features of the synthetic data")
+    g.add_argument("--noise", type=float, help="noise standard deviation of the synthetic data")
+    g.add_argument(
+        "--tails",
+        type=_float_or_none,
+        help="synthetic: multivariate-t rows with this many degrees of freedom",
+    )
+    g.add_argument("--correlation", type=float, help="synthetic: AR(1) feature correlation ρ in (-1, 1)")
+    g.add_argument("--data-seed", type=int, help="seed of data generation / subsampling / train-test split")
+
+
+def _add_data_options(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("data")
+    _add_synthetic_options(g)
+    g.add_argument(
+        "--classes", type=_classes, help="fashion-mnist/digits: 'all' or a comma list of labels, e.g. 0,6"
+    )
+    g.add_argument("--hidden", type=positive_int_arg, help="hidden width of the ReLU network")
+    g.add_argument(
+        "--components",
+        type=_int_or_none,
+        help="fashion-mnist/digits: project the inputs on this many principal axes, or 'none'",
+    )
+    g.add_argument(
+        "--pool", type=positive_int_arg, help="fashion-mnist: average-pooling block (4: 7x7 = 49 features)"
+    )
+    g.add_argument(
+        "--data-home", help="folder with the data (scikit-learn's data home; fashion-mnist/ inside it)"
+    )
+    g.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download a missing data set once into the cache (default) or, with --no-download, never",
+    )
+
+
+def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
         help="compare sampling schemes over sample sizes (default: California Housing)",
@@ -160,111 +224,55 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    g = run.add_argument_group("study")
-    g.add_argument(
-        "--dataset", choices=sorted(CONFIGS), default="california", help="data set (default: california)"
-    )
-    g.add_argument(
-        "--sizes",
-        type=_sizes,
-        help="comma list of sample sizes: values < 1 are fractions of n (0.005,0.01), values >= 1 row counts",
-    )
-    g.add_argument("--repeats", type=_positive_int, help="independent samples per scheme and size")
-    g.add_argument("--seed", type=int, default=0, help="PRNG seed: jax.random.key(seed) (default 0)")
-    g.add_argument(
-        "--out",
-        default="nlis_results",
-        help="output folder for results.json and plots (default nlis_results)",
-    )
-    g.add_argument(
-        "--methods", type=_methods, help=f"comma list of schemes among {','.join(METHODS)} (default: all)"
-    )
-    g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_study_options(run)
+    _add_training_options(run)
+    _add_data_options(run)
 
-    g = run.add_argument_group("training")
-    g.add_argument("--steps", type=_positive_int, help="projected-gradient steps of every sample fit")
-    g.add_argument("--full-steps", type=_positive_int, help="steps of the full-data fit (default: --steps)")
-    g.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        help="gd: projected Nesterov GD with step lr/L̂ (L̂ a curvature bound; single-index models); "
-        "adam: Adam with cosine decay (networks)",
-    )
-    g.add_argument("--lr", type=float, help="step multiplier (gd) or initial learning rate (adam)")
-    g.add_argument("--radius", type=_float_or_none, help="l2-ball radius of the constraint, or 'none'")
-    g.add_argument("--mix", type=float, help="mix non-uniform scores with uniform: (1-α)p + α/n")
-    g.add_argument(
-        "--pilot-size", type=lambda t: _sizes(t)[0], help="uniform pilot sample (fraction or rows)"
-    )
-    g.add_argument(
-        "--timing-size",
-        type=_size_or_none,
-        help="sample size of the wall-time comparison with full-data training, or 'none' to skip it",
-    )
-    g.add_argument(
-        "--num-nodes", type=_positive_int, help="Gauss-Legendre nodes of the quadrature adjoint (networks)"
-    )
 
-    g = run.add_argument_group("data")
-    g.add_argument(
-        "--n", type=_positive_int, help="rows: generated (synthetic) or subsampled (fashion-mnist)"
-    )
-    g.add_argument("--d", type=_positive_int, help="features of the synthetic data")
-    g.add_argument("--noise", type=float, help="noise standard deviation of the synthetic data")
-    g.add_argument(
-        "--tails",
-        type=_float_or_none,
-        help="synthetic: multivariate-t rows with this many degrees of freedom",
-    )
-    g.add_argument("--correlation", type=float, help="synthetic: AR(1) feature correlation ρ in (-1, 1)")
-    g.add_argument("--data-seed", type=int, help="seed of data generation / subsampling / train-test split")
-    g.add_argument(
-        "--classes", type=_classes, help="fashion-mnist/digits: 'all' or a comma list of labels, e.g. 0,6"
-    )
-    g.add_argument("--hidden", type=_positive_int, help="hidden width of the ReLU network")
-    g.add_argument(
-        "--components",
-        type=_int_or_none,
-        help="fashion-mnist/digits: project the inputs on this many principal axes, or 'none'",
-    )
-    g.add_argument(
-        "--pool", type=_positive_int, help="fashion-mnist: average-pooling block (4: 7x7 = 49 features)"
-    )
-    g.add_argument(
-        "--data-home", help="folder with the data (scikit-learn's data home; fashion-mnist/ inside it)"
-    )
-    g.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="download a missing data set once into the cache (default) or, with --no-download, never",
-    )
-
+def _add_outliers_parser(sub, outliers_module) -> None:
     out = sub.add_parser(
         "outliers",
-        help="flip labels, rank the data by score, measure how well scores find them (nlis_jax.outliers)",
+        help="flip labels, rank the data by score, measure how well scores find them",
         description=(
-            "Outlier study of nlis_jax.outliers: flip a share of Fashion-MNIST labels, fit a ReLU network, "
-            "rank the examples by nonlinear leverage and baselines, report AUROC and precision."
+            "Outlier study of nlis_jax.experiments.outliers: flip a share of Fashion-MNIST labels, fit a "
+            "ReLU network, rank the examples by nonlinear leverage and baselines, report AUROC and precision."
         ),
     )
     out.add_argument("--seed", type=int, default=None, help="PRNG seed (default 0)")
     out.add_argument("--out", default="nlis_outliers", help="output folder (default nlis_outliers)")
     if outliers_module is not None and hasattr(outliers_module, "add_arguments"):
         outliers_module.add_arguments(out)  # the study's own options (skips --seed/--out, defined above)
-    out.epilog = "Options not listed here are passed on to nlis_jax.outliers.run(args) as args.extra."
+    out.epilog = "Options not listed here are passed on to the study's run(args) as args.extra."
+
+
+def build_parser(outliers_module=None) -> argparse.ArgumentParser:
+    """The ``nlis-jax`` parser; ``outliers_module`` (:mod:`nlis_jax.experiments.outliers`) adds the
+    outlier options."""
+    parser = argparse.ArgumentParser(
+        prog="nlis-jax",
+        description="Importance sampling of training data for nonlinear models: sampling studies.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,outliers}")
+    sub.required = True
+    _add_run_parser(sub)
+    _add_outliers_parser(sub, outliers_module)
     return parser
 
 
+#: The module of the outlier study, imported on demand.
+OUTLIERS_MODULE = "nlis_jax.experiments.outliers"
+
+
 def _load_outliers():
-    """``nlis_jax.outliers``, imported on demand; ``None`` when this install does not have it."""
+    """The outlier study's module, imported on demand; ``None`` when this install does not have it."""
     import importlib
 
     try:
-        return importlib.import_module("nlis_jax.outliers")
+        return importlib.import_module(OUTLIERS_MODULE)
     except ImportError as exc:
-        if getattr(exc, "name", None) not in ("nlis_jax.outliers", None):
+        if getattr(exc, "name", None) not in (OUTLIERS_MODULE, None):
             raise  # the module exists but one of its imports failed: show that
         return None
 
@@ -298,23 +306,13 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.dataset in ("california", "synthetic"):
-        import jax
-
-        jax.config.update("jax_enable_x64", True)  # float64 studies; set before any array exists
-    import jax
-
-    from nlis_jax import datasets, experiments
+def _problem(args: argparse.Namespace, config):
+    """The study's problem, or ``None`` after printing why not (missing data set, bad option)."""
+    from nlis_jax import experiments
+    from nlis_jax.experiments import datasets
 
     try:
-        config = make_config(args)
-    except (ValueError, TypeError) as exc:
-        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    t0 = time.perf_counter()
-    try:
-        problem = experiments.make_problem(config)
+        return experiments.make_problem(config)
     except datasets.DatasetNotFoundError as exc:
         print(
             f"nlis-jax run: data set {args.dataset!r} not found.\n{exc}\n"
@@ -323,28 +321,46 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             "once (needs internet).",
             file=sys.stderr,
         )
-        return EXIT_USAGE
     except ValueError as exc:
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    load_s = time.perf_counter() - t0
-    result = experiments.run_study(
-        config, jax.random.key(args.seed), problem=problem, progress=not args.no_progress
-    )
-    summary = dict(result.summary)
-    summary["seed"] = args.seed
-    summary["argv"] = list(argv)
-    summary["load_s"] = load_s
-    summary["wall_s"] = time.perf_counter() - t0
+    return None
 
+
+def _write(args: argparse.Namespace, summary: dict) -> list[Path]:
+    """``OUT/results.json`` and, unless ``--no-plots``, the study's plots."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
     written = [out / "results.json"]
     if not args.no_plots:
-        from nlis_jax._plots import plot_study
+        from nlis_jax.experiments.plots import plot_study
 
         written += plot_study(summary, out)
+    return written
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    import jax
+
+    if args.dataset in ("california", "synthetic"):
+        jax.config.update("jax_enable_x64", True)  # float64 studies; set before any array exists
+    from nlis_jax import experiments
+
+    try:
+        config = make_config(args)
+    except (ValueError, TypeError) as exc:
+        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    t0 = time.perf_counter()
+    problem = _problem(args, config)
+    if problem is None:
+        return EXIT_USAGE
+    load_s = time.perf_counter() - t0
+    key = jax.random.key(args.seed)
+    result = experiments.run_study(key, config, problem=problem, progress=not args.no_progress)
+    summary = dict(result.summary, seed=args.seed, argv=list(argv), load_s=load_s)
+    summary["wall_s"] = time.perf_counter() - t0
+    written = _write(args, summary)
     print(experiments.format_table(summary))
     print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -354,12 +370,12 @@ def _outliers(args: argparse.Namespace, outliers) -> int:
     run = None if outliers is None else getattr(outliers, "run", None)
     if run is None:
         print(
-            "nlis-jax outliers: not available: the outlier study (nlis_jax.outliers with run(args)) is not "
+            f"nlis-jax outliers: not available: the outlier study ({OUTLIERS_MODULE} with run(args)) is not "
             "part of this installation of nlis_jax.",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    from nlis_jax import datasets
+    from nlis_jax.experiments import datasets
 
     try:
         code = run(args)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# The real data sets live in ../shared/data beside the checkout (DESIGN.md section 4); point scikit-learn's
+# The real data sets live in ../shared/data beside the checkout; point scikit-learn's
 # cache there unless the caller already chose a data home.
 _SHARED_SKLEARN = Path(__file__).resolve().parents[2] / "shared" / "data" / "scikit_learn_data"
 if "SCIKIT_LEARN_DATA" not in os.environ and _SHARED_SKLEARN.is_dir():

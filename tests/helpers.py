@@ -9,7 +9,32 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from nlis_jax import nets
+
+def mlp_init(key, sizes, *, bias=True, dtype=jnp.float32):
+    """Params of an MLP with widths ``sizes = (d_in, ..., d_out)``, LeCun-normal weights, zero biases:
+    a list of ``{"w": (d_out, d_in), "b": (d_out,)}`` dicts."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    layers = []
+    for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
+        layer = {"w": jax.random.normal(k, (d_out, d_in), dtype) / jnp.sqrt(jnp.asarray(d_in, dtype))}
+        if bias:
+            layer["b"] = jnp.zeros((d_out,), dtype)
+        layers.append(layer)
+    return layers
+
+
+def mlp(activation=jnp.tanh, *, squeeze=True):
+    """``apply_fn(params, x)`` of an MLP in the layout of :func:`mlp_init`; scalar when ``d_out == 1``."""
+
+    def apply_fn(params, x):
+        h = jnp.ravel(x)
+        for i, layer in enumerate(params):
+            h = layer["w"] @ h + layer["b"] if "b" in layer else layer["w"] @ h
+            if i < len(params) - 1:
+                h = activation(h)
+        return h[0] if squeeze and h.shape == (1,) else h
+
+    return apply_fn
 
 
 def normal(seed, *shape, dtype=np.float64):
@@ -18,7 +43,7 @@ def normal(seed, *shape, dtype=np.float64):
 
 
 def mlp_params(seed, sizes, *, dtype=np.float64, bias_scale=0.5, weight_scale=1.0):
-    """Params in the layout of ``nets.mlp_init`` (list of ``{"w": (out, in), "b": (out,)}``), LeCun-normal
+    """Params in the layout of ``mlp_init`` (list of ``{"w": (out, in), "b": (out,)}``), LeCun-normal
     weights and NON-zero biases (so bias gradients and ``f(0)`` are exercised)."""
     rng = np.random.default_rng(seed)
     params = []
@@ -31,7 +56,7 @@ def mlp_params(seed, sizes, *, dtype=np.float64, bias_scale=0.5, weight_scale=1.
 
 def sigmoid_head_mlp(params, x):
     """A tanh MLP followed by a sigmoid: a scalar model with ``f(0) = 1/2 ≠ 0``."""
-    return jax.nn.sigmoid(nets.mlp(jnp.tanh)(params, x))
+    return jax.nn.sigmoid(mlp(jnp.tanh)(params, x))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import flat_theta, mlp_params, normal, outputs, outputs_at_zero, sigmoid_head_mlp
+from helpers import flat_theta, mlp, mlp_init, mlp_params, normal, outputs, outputs_at_zero, sigmoid_head_mlp
 from jax.flatten_util import ravel_pytree
 
 import nlis_jax as nj
 import nlis_jax._adjoint as adjoint_module
-from nlis_jax import nets
 
 N, D = 40, 3
 NODES = 32
@@ -42,7 +41,7 @@ def params():
     return _data()[0]
 
 
-MODELS = {"tanh_mlp": nets.mlp(jnp.tanh), "sigmoid_head": sigmoid_head_mlp}
+MODELS = {"tanh_mlp": mlp(jnp.tanh), "sigmoid_head": sigmoid_head_mlp}
 
 
 def _identity_error(apply_fn, params, xs, adj):
@@ -99,7 +98,7 @@ def test_hand_written_pytree_model(xs):
 
 def test_resolve_mode_rule():
     """``mode="auto"`` -> forward iff ``p <= FORWARD_MAX_PARAMS * k`` (the docstring's rule)."""
-    assert nj.FORWARD_MAX_PARAMS == 0.25  # from benchmarks/bench_adjoint.py's sweep (benchmarks/README.md)
+    assert adjoint_module.FORWARD_MAX_PARAMS == 0.25  # from bench_adjoint.py (benchmarks/README.md)
     for p, k, expected in [(1, 4, "forward"), (2, 4, "reverse"), (2, 8, "forward"), (1, 1, "reverse")]:
         assert adjoint_module.resolve_mode("auto", p, k) == expected
     assert adjoint_module.resolve_mode("forward", 1000, 1) == "forward"
@@ -128,9 +127,9 @@ def test_auto_mode_picks_documented_route(monkeypatch, p_target, k, expected):
     assert seen == [(expected, p_target)]
 
 
-def test_nets_mlp_init_layout_and_identity(xs):
-    """``nets.mlp_init`` params (float64 here) have the documented layout and satisfy the identity."""
-    params = nets.mlp_init(jax.random.key(0), (D, 4, 1), dtype=jnp.float64)
+def test_mlp_init_layout_and_identity(xs):
+    """``mlp_init`` params (float64 here) have the documented layout and satisfy the identity."""
+    params = mlp_init(jax.random.key(0), (D, 4, 1), dtype=jnp.float64)
     assert [sorted(layer) for layer in params] == [["b", "w"], ["b", "w"]]
     assert params[0]["w"].shape == (4, D) and params[1]["b"].shape == (1,)
     params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero biases
@@ -143,7 +142,7 @@ def test_nets_mlp_init_layout_and_identity(xs):
 def test_vector_outputs(xs, mode):
     k = 3
     params = mlp_params(3, (D, 5, k))
-    apply_fn = nets.mlp(jnp.tanh)
+    apply_fn = mlp(jnp.tanh)
     adj = nj.adjoint(apply_fn, params, xs, num_nodes=NODES, mode=mode)
     p = flat_theta(params).shape[0]
     assert adj.shape == (N, k, p)
@@ -189,9 +188,9 @@ def test_adjoint_equals_jacrev_for_linear_in_params(xs):
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 def test_chunking_gives_identical_results(params, xs, mode):
-    """``batch_size = 7`` does not divide n = 40; results equal the unchunked ones."""
+    """``chunk_size = 7`` does not divide n = 40; results equal the unchunked ones."""
     full = _mlp_adjoint("tanh_mlp", mode)
-    chunked = nj.adjoint(MODELS["tanh_mlp"], params, xs, num_nodes=NODES, mode=mode, batch_size=7)
+    chunked = nj.adjoint(MODELS["tanh_mlp"], params, xs, num_nodes=NODES, mode=mode, chunk_size=7)
     assert chunked.shape == full.shape
     np.testing.assert_allclose(chunked, full, rtol=1e-14, atol=1e-15)
 
@@ -231,7 +230,7 @@ def test_wrong_integrand_fails_the_identity(params, xs):
     """Guard: integrating ``d/dθ f(tθ) = t ∇f(tθ)`` (the published code's mistake) breaks the identity."""
     apply_fn = sigmoid_head_mlp
     theta, unravel = ravel_pytree(params)
-    nodes, weights = nj.gauss_legendre(NODES)
+    nodes, weights = nj.quadrature.gauss_legendre(NODES)
 
     @jax.jit
     def wrong_adjoint(xs):
@@ -253,7 +252,7 @@ def test_wrong_integrand_fails_the_identity(params, xs):
 
 def test_gauss_legendre_exact_for_degree_2q_minus_1():
     for q in (1, 3, 8):
-        t, w = (np.asarray(a) for a in nj.gauss_legendre(q))
+        t, w = (np.asarray(a) for a in nj.quadrature.gauss_legendre(q))
         assert t.shape == w.shape == (q,)
         assert np.all((t > 0) & (t < 1))
         for deg in range(2 * q):

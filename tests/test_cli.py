@@ -134,13 +134,13 @@ def test_bad_option_value_exits_2(capsys):
 
 
 def test_outliers_not_available(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "nlis_jax.outliers", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "nlis_jax.experiments.outliers", None)  # as if the module were absent
     assert cli.main(["outliers"]) == 2
     assert "not available" in capsys.readouterr().err
 
 
 def test_outliers_help_lists_the_study_options(capsys):
-    pytest.importorskip("nlis_jax.outliers")
+    pytest.importorskip("nlis_jax.experiments.outliers")
     with pytest.raises(SystemExit) as info:
         cli.main(["outliers", "--help"])
     assert info.value.code == 0
@@ -150,8 +150,8 @@ def test_outliers_help_lists_the_study_options(capsys):
 
 def test_outliers_delegates_to_module(monkeypatch):
     seen = {}
-    fake = types.ModuleType("nlis_jax.outliers")
+    fake = types.ModuleType("nlis_jax.experiments.outliers")
     fake.run = lambda args: seen.setdefault("args", args) and 0
-    monkeypatch.setitem(sys.modules, "nlis_jax.outliers", fake)
+    monkeypatch.setitem(sys.modules, "nlis_jax.experiments.outliers", fake)
     assert cli.main(["outliers", "--seed", "5", "--top", "10"]) == 0
     assert seen["args"].seed == 5 and seen["args"].extra == ["--top", "10"]

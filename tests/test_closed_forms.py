@@ -77,7 +77,7 @@ def test_naive_quotient_would_fail_the_reference():
     z = 1e-9
     naive = (float(jax.nn.sigmoid(z)) - 0.5) / z
     assert abs(naive - np.tanh(z / 2) / (2 * z)) / 0.25 > 1e-10
-    dq = float(nj.difference_quotient(jax.nn.sigmoid, jnp.asarray(z)))
+    dq = float(nj.closed_forms.difference_quotient(jax.nn.sigmoid, jnp.asarray(z)))
     assert abs(dq - np.tanh(z / 2) / (2 * z)) / 0.25 < 1e-14
 
 
@@ -89,7 +89,7 @@ def test_difference_quotient_float32():
     would still use the direct formula, its error would be ~1e-3.
     """
     z = np.array([0.0, 1e-7, 1e-4, 0.0185, 0.0187, 0.5, -3.0], np.float32)
-    got = nj.difference_quotient(jax.nn.sigmoid, jnp.asarray(z))
+    got = nj.closed_forms.difference_quotient(jax.nn.sigmoid, jnp.asarray(z))
     assert got.dtype == jnp.float32
     z64 = z.astype(np.float64)
     ref = np.where(z64 == 0, 0.25, np.tanh(z64 / 2) / (2 * np.where(z64 == 0, 1.0, z64)))

@@ -1,4 +1,4 @@
-"""Tests for nlis_jax.datasets: IDX reader, data loaders, synthetic single-index data."""
+"""Tests for nlis_jax.experiments.datasets: IDX reader, data loaders, synthetic single-index data."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nlis_jax import datasets as D
+from nlis_jax.experiments import datasets as D
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -12,10 +12,9 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import flat_theta, mlp_params, normal, outputs, outputs_at_zero, sigmoid_head_mlp
+from helpers import flat_theta, mlp, mlp_params, normal, outputs, outputs_at_zero, sigmoid_head_mlp
 
 import nlis_jax as nj
-from nlis_jax import nets
 
 N, D, K = 30, 3, 3
 NODES = 32
@@ -35,7 +34,7 @@ def _vector_case():
     return params, xs, ys
 
 
-VECTOR_FN = nets.mlp(jnp.tanh)
+VECTOR_FN = mlp(jnp.tanh)
 
 
 @functools.cache
@@ -95,7 +94,7 @@ def test_dual_matrix_k_outputs():
 def test_dual_matrix_chunked_and_modes_agree():
     params, xs, ys = _scalar_case()
     F = _scalar_dual(True)
-    G = nj.dual_matrix(sigmoid_head_mlp, params, xs, ys, num_nodes=NODES, mode="forward", batch_size=7)
+    G = nj.dual_matrix(sigmoid_head_mlp, params, xs, ys, num_nodes=NODES, mode="forward", chunk_size=7)
     np.testing.assert_allclose(G, F, rtol=1e-12, atol=1e-14)
 
 

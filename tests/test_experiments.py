@@ -1,7 +1,7 @@
 """Tests of nlis_jax.experiments: study structure, optimality of θ*, kernels against references.
 
 Sizes are tiny. The synthetic config below is shared with tests/test_cli.py (same shapes), so the
-compiled kernels (a module-level cache in nlis_jax.experiments._study) are reused across both files.
+compiled kernels (module-level jitted kernels in nlis_jax.experiments.kernels) are reused across both files.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from scipy import optimize
 
 import nlis_jax as nj
 from nlis_jax import experiments as ex
-from nlis_jax.datasets import DatasetNotFoundError
+from nlis_jax.experiments.datasets import DatasetNotFoundError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -45,7 +45,7 @@ def _california_home() -> str:
 @pytest.fixture(scope="module")
 def tiny():
     problem = ex.make_problem(TINY)
-    result = ex.run_study(TINY, jax.random.key(0), problem=problem)
+    result = ex.run_study(jax.random.key(0), TINY, problem=problem)
     return problem, result
 
 
@@ -122,11 +122,11 @@ def test_ratios_at_least_one(tiny):
 
 def test_study_is_reproducible_and_does_not_recompile(tiny):
     problem, first = tiny
-    again = ex.run_study(TINY, jax.random.key(0), problem=problem)
+    again = ex.run_study(jax.random.key(0), TINY, problem=problem)
     assert again.summary["compile"]["count"] == 0  # same shapes: every kernel comes from the cache
     for method in ex.METHODS:
         np.testing.assert_array_equal(again.ratios[method], first.ratios[method])
-    other = ex.run_study(dataclasses.replace(TINY, timing_size=None), jax.random.key(1), problem=problem)
+    other = ex.run_study(jax.random.key(1), dataclasses.replace(TINY, timing_size=None), problem=problem)
     assert other.summary["compile"]["count"] == 0  # a new key is new data, not new code
     assert not np.array_equal(other.ratios["uniform"], first.ratios["uniform"])
 
@@ -135,7 +135,7 @@ def test_method_subset_keeps_draws(tiny):
     """A scheme's samples at a size do not depend on which other schemes run."""
     problem, first = tiny
     subset = dataclasses.replace(TINY, methods=("linear_leverage",), timing_size=None)
-    result = ex.run_study(subset, jax.random.key(0), problem=problem)
+    result = ex.run_study(jax.random.key(0), subset, problem=problem)
     np.testing.assert_array_equal(result.ratios["linear_leverage"], first.ratios["linear_leverage"])
 
 
@@ -216,7 +216,7 @@ def test_classification_study():
         methods=("uniform", "nonlinear_norm"),
         timing_size=None,
     )
-    result = ex.run_study(config, jax.random.key(0))
+    result = ex.run_study(jax.random.key(0), config)
     s = result.summary
     assert s["p"] == 6 * 3 + 3 + 3 + 1 and s["info"]["k"] == 1
     assert 0.0 <= s["full"]["test_accuracy"] <= 1.0
@@ -228,7 +228,7 @@ def test_classification_study():
 
 
 def test_plots(tiny, tmp_path):
-    from nlis_jax._plots import plot_study
+    from nlis_jax.experiments.plots import plot_study
 
     _, result = tiny
     paths = plot_study(result.summary, tmp_path)

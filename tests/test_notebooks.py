@@ -1,4 +1,4 @@
-"""Execute every ``notebooks/*.ipynb`` top to bottom (STYLE.md B8), so that no notebook rots unseen.
+"""Execute every ``notebooks/*.ipynb`` top to bottom, so that no notebook rots unseen.
 
 Each notebook runs in a fresh IPython kernel with ``NLIS_SMALL=1`` (tiny sizes) and ``MPLBACKEND=Agg``
 (headless); a cell that raises fails the test with that cell's traceback. The kernel is this interpreter

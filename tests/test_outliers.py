@@ -1,4 +1,4 @@
-"""Tests for nlis_jax.outliers: metrics, label flips, the score decomposition, and small studies."""
+"""Tests for nlis_jax.experiments.outliers: metrics, label flips, score decomposition, small studies."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import nlis_jax as nj
-from nlis_jax import datasets, nets
-from nlis_jax import outliers as O
+from nlis_jax.experiments import datasets, nets
+from nlis_jax.experiments import outliers as O
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FASHION_DIR = SHARED_DATA / "fashion-mnist"
@@ -259,9 +259,9 @@ def test_add_arguments_keeps_existing_options():
     O.add_arguments(parser)
     args = parser.parse_args(["--classes", "all", "--hidden", "8,4", "--pca", "none"])
     assert args.seed == 7 and args.n is None and args.progress is None
-    config = O._config_from_args(args)
+    config = O.config_from_args(args)
     assert config.classes is None and config.hidden == (8, 4) and config.pca is None and config.seed == 7
-    assert O._config_from_args(argparse.Namespace()) == O.OutlierConfig()
+    assert O.config_from_args(argparse.Namespace()) == O.OutlierConfig()
 
 
 @needs_fashion

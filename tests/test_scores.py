@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from helpers import matrix_with_condition, mlp_params, normal, svd_leverage
+from helpers import matrix_with_condition, mlp, mlp_params, normal, svd_leverage
 
 import nlis_jax as nj
-from nlis_jax import nets
+from nlis_jax._scores import linear_design
 
 N, M = 200, 8
 ATOL_H = 1e-10
@@ -47,7 +47,7 @@ def test_leverage_matches_svd(name):
     F, rank, route = MATRICES[name]
     cond = np.linalg.cond(F[:, np.linalg.norm(F, axis=0) > 0])
     h_ref, r_ref = svd_leverage(F, rank)
-    h, r = nj.leverage(jnp.asarray(F))
+    _, h, r, _ = nj.leverage_scores(jnp.asarray(F), return_info=True)
     assert int(r) == rank
     assert np.max(np.abs(np.asarray(h) - h_ref)) <= ATOL_H, f"{name}: κ = {cond:.1e}"
     tau = np.asarray(nj.leverage_scores(jnp.asarray(F)))
@@ -61,7 +61,7 @@ def test_leverage_matches_svd(name):
 def test_orthonormal_basis_routes(name):
     F, rank, route = MATRICES[name]
     U, r, idx = nj.orthonormal_basis(jnp.asarray(F))
-    assert nj.ROUTES[int(idx)] == route
+    assert nj.routes.ROUTES[int(idx)] == route
     U = np.asarray(U)
     assert U.shape == F.shape and int(r) == rank
     used = np.linalg.norm(U, axis=0) > 0.5
@@ -75,12 +75,42 @@ def test_all_routes_exercised_and_agree():
     """Each route, forced on one well-conditioned matrix, gives the same leverage."""
     F, rank, _ = MATRICES["well_conditioned"]
     h_ref, _ = svd_leverage(F, rank)
-    seen = {nj.ROUTES[int(nj.orthonormal_basis(jnp.asarray(MATRICES[k][0]))[2])] for k in MATRICES}
-    assert seen == set(nj.ROUTES)
-    for route in nj.ROUTES:
+    seen = {nj.routes.ROUTES[int(nj.orthonormal_basis(jnp.asarray(MATRICES[k][0]))[2])] for k in MATRICES}
+    assert seen == set(nj.routes.ROUTES)
+    for route in nj.routes.ROUTES:
         U, r, idx = nj.orthonormal_basis(jnp.asarray(F), route=route)
-        assert nj.ROUTES[int(idx)] == route and int(r) == rank
+        assert nj.routes.ROUTES[int(idx)] == route and int(r) == rank
         np.testing.assert_allclose(np.sum(np.asarray(U) ** 2, axis=1), h_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MATRICES))
+def test_pass_based_transform_takes_the_dense_route(name):
+    """The Gram-based entry (chunks of rows, as streaming sees them) takes the route and rank of the
+    dense call on the same matrix, and gives its leverage."""
+    F, rank, route = MATRICES[name]
+    A = jnp.asarray(F)
+    chunks = A.reshape(8, N // 8, M)  # 8 chunks of 25 rows
+
+    def gram_pass(T=None):
+        return sum(nj.routes.gram(c if T is None else c @ T) for c in chunks)
+
+    def r_factor():
+        R = jnp.zeros((M, M))
+        for c in chunks:  # 8 static chunks (a TSQR over the rows)
+            R = jnp.linalg.qr(jnp.concatenate([R, c]), mode="r")
+        return R
+
+    rtol = jnp.asarray(nj.routes.default_rtol(A.dtype))
+    t = nj.routes.transform_from_passes(gram_pass(), gram_pass, r_factor, rtol)
+    dense = nj.leverage_scores(A, return_info=True)
+    assert nj.routes.ROUTES[int(t.route)] == route == nj.routes.ROUTES[int(dense.route)]
+    assert int(t.rank) == rank == int(dense.rank)
+    h = np.asarray(nj.routes.apply_transform(A, t, row_norms=True))
+    # Without the whole matrix there is no Householder Q: the stable route forms A·D⁻¹VS⁻¹, accurate to
+    # the ~eps·κ (κ = σ_1/σ_rank) to which the data determine leverage at all (2e-8 measured at κ = 1e9).
+    s = np.linalg.svd(F, compute_uv=False)
+    atol = ATOL_H if route != "stable" else max(ATOL_H, 10 * np.finfo(F.dtype).eps * s[0] / s[rank - 1])
+    np.testing.assert_allclose(h, svd_leverage(F, rank)[0], rtol=0, atol=atol)
 
 
 def test_block_leverage_and_block_norm():
@@ -107,7 +137,7 @@ def test_norm_scores():
 def test_ridge_leverage(lam):
     F = MATRICES["kappa_1e4"][0] * 10.0
     ref = np.einsum("ij,ji->i", F, np.linalg.solve(F.T @ F + lam * np.eye(M), F.T))
-    h, eff_dim = nj.leverage(jnp.asarray(F), ridge=lam)
+    _, h, eff_dim, _ = nj.leverage_scores(jnp.asarray(F), ridge=lam, return_info=True)
     np.testing.assert_allclose(h, ref, rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(eff_dim, ref.sum(), rtol=1e-12)
     np.testing.assert_allclose(nj.leverage_scores(jnp.asarray(F), ridge=lam), ref / ref.sum(), rtol=1e-9)
@@ -118,7 +148,7 @@ def test_linear_baselines():
     X = rng.standard_normal((N, M - 2)) * rng.standard_t(3, size=(N, 1))
     y = rng.standard_normal(N)
     design = np.concatenate([X, np.ones((N, 1)), -y[:, None]], axis=1)
-    np.testing.assert_array_equal(nj.linear_design(jnp.asarray(X), jnp.asarray(y), bias=True), design)
+    np.testing.assert_array_equal(linear_design(jnp.asarray(X), jnp.asarray(y), bias=True), design)
     h_ref, r = svd_leverage(design, M)
     np.testing.assert_allclose(
         nj.linear_leverage_scores(jnp.asarray(X), jnp.asarray(y), bias=True), h_ref / r, atol=ATOL_H / r
@@ -177,7 +207,7 @@ def test_uniform_and_mixing():
 # ---------------------------------------------------------------------------------------------------------
 # float32 on an ill-conditioned MLP dual matrix
 
-MLP = nets.mlp(jnp.tanh)
+MLP = mlp(jnp.tanh)
 #: (params seed, xs seed, ys seed) of two tanh MLP (3, 6, 6, 1) dual matrices, n = 300, p + 1 = 74:
 #: κ(F) = 1.9e6 and 8.8e6; κ of the column-equilibrated F: 2.2e5 and 7.6e4.
 ILL_CONDITIONED = [(0, 1, 2), (2, 102, 202)]

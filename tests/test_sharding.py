@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import matrix_with_condition, mlp_params, normal
+from helpers import matrix_with_condition, mlp, mlp_params, normal
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nlis_jax as nj
-from nlis_jax import nets
 
 N, D = 48, 3  # n divisible by the 4 devices
 
@@ -52,7 +51,7 @@ def test_mesh_has_four_cpu_devices():
 @pytest.mark.parametrize(("k_out", "mode"), [(1, "forward"), (2, "reverse")])
 def test_dual_matrix_and_scores_sharded(k_out, mode):
     params, xs, ys = _case(k_out)
-    apply_fn = nets.mlp(jnp.tanh)
+    apply_fn = mlp(jnp.tanh)
     F = nj.dual_matrix(apply_fn, params, xs, ys, mode=mode)
     xs_s, ys_s = _rows(xs), _rows(ys)
     _assert_row_sharded(xs_s)
@@ -79,7 +78,7 @@ def test_basis_routes_sharded():
     }
     for route, F in matrices.items():
         U, rank, idx = nj.orthonormal_basis(_rows(jnp.asarray(F)))
-        assert nj.ROUTES[int(idx)] == route
+        assert nj.routes.ROUTES[int(idx)] == route
         _assert_row_sharded(U)
         hs = nj.leverage_scores(_rows(jnp.asarray(F)))
         np.testing.assert_allclose(hs, nj.leverage_scores(jnp.asarray(F)), rtol=1e-12, atol=1e-14)
@@ -88,7 +87,7 @@ def test_basis_routes_sharded():
 
 def test_dual_operator_sharded():
     params, xs, ys = _case(1)
-    apply_fn = nets.mlp(jnp.tanh)
+    apply_fn = mlp(jnp.tanh)
     F = nj.dual_matrix(apply_fn, params, xs, ys)
     op = nj.dual_operator(apply_fn, params, _rows(xs), _rows(ys))
     v = jnp.linspace(-1.0, 1.0, F.shape[1])

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mlp, mlp_init
 
 import nlis_jax as nj
-from nlis_jax.nets import mlp, mlp_init
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,10 @@ def test_full_sketch_is_exact(problem):
     # s = p + 1 test vectors span the row space almost surely, so range(F̃ V) = range(F̃) exactly.
     apply_fn, params, xs, ys = problem
     F = nj.dual_matrix(apply_fn, params, xs, ys)
-    ref, rank = nj.leverage(F)
-    h, r = nj.sketched_leverage(jax.random.key(3), apply_fn, params, xs, ys, sketch_size=F.shape[1])
+    _, ref, rank, _ = nj.leverage_scores(F, return_info=True)
+    _, h, r, _ = nj.sketched_leverage_scores(
+        jax.random.key(3), apply_fn, params, xs, ys, sketch_size=F.shape[1], return_info=True
+    )
     assert int(r) == int(rank)
     np.testing.assert_allclose(h, ref, rtol=1e-9)
     probs = nj.sketched_leverage_scores(jax.random.key(3), apply_fn, params, xs, ys, sketch_size=F.shape[1])
@@ -46,7 +48,9 @@ def test_low_rank_sketch_finds_dominant_subspace():
     F = nj.dual_matrix(linear, theta, xs)  # = [X | 0]
     u, _, _ = np.linalg.svd(np.asarray(F), full_matrices=False)
     ref = np.sum(u[:, :s] ** 2, axis=1)
-    h, r = nj.sketched_leverage(jax.random.key(6), linear, theta, xs, sketch_size=s, power_iters=1)
+    _, h, r, _ = nj.sketched_leverage_scores(
+        jax.random.key(6), linear, theta, xs, sketch_size=s, power_iters=1, return_info=True
+    )
     assert int(r) == s
     np.testing.assert_allclose(h, ref, atol=1e-4 * ref.max())
 
@@ -56,11 +60,13 @@ def test_block_outputs_and_bad_input(problem):
     params = mlp_init(jax.random.key(7), (3, 4, 2), dtype=jnp.float64)
     xs = problem[2]
     F = nj.dual_matrix(apply_fn, params, xs)
-    ref, rank = nj.leverage(F)
-    h, r = nj.sketched_leverage(jax.random.key(8), apply_fn, params, xs, sketch_size=F.shape[-1])
+    _, ref, rank, _ = nj.leverage_scores(F, return_info=True)
+    _, h, r, _ = nj.sketched_leverage_scores(
+        jax.random.key(8), apply_fn, params, xs, sketch_size=F.shape[-1], return_info=True
+    )
     assert h.shape == (xs.shape[0],) and int(r) == int(rank)
     np.testing.assert_allclose(h, ref, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="sketch_size"):
-        nj.sketched_leverage(jax.random.key(0), apply_fn, params, xs, sketch_size=F.shape[-1] + 1)
+        nj.sketched_leverage_scores(jax.random.key(0), apply_fn, params, xs, sketch_size=F.shape[-1] + 1)
     with pytest.raises(ValueError, match="power_iters"):
-        nj.sketched_leverage(jax.random.key(0), apply_fn, params, xs, sketch_size=2, power_iters=-1)
+        nj.sketched_leverage_scores(jax.random.key(0), apply_fn, params, xs, sketch_size=2, power_iters=-1)

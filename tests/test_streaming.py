@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mlp, mlp_init
 
 import nlis_jax as nj
-from nlis_jax.nets import mlp, mlp_init
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,17 @@ def _svd_leverage(F):
 @pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
 def test_streaming_matches_materialised(problem, route):
     apply_fn, params, xs, ys = problem
-    ref, r = _svd_leverage(nj.dual_matrix(apply_fn, params, xs, ys))
+    F = nj.dual_matrix(apply_fn, params, xs, ys)
+    ref, r = _svd_leverage(F)
     # chunk of 50 does not divide n = 203: the padded rows must not leak into the Gram matrix.
-    h, rank, taken = nj.streaming_leverage(apply_fn, params, xs, ys, chunk_size=50, route=route)
+    _, h, rank, taken = nj.streaming_leverage_scores(
+        apply_fn, params, xs, ys, chunk_size=50, route=route, return_info=True
+    )
     assert int(rank) == r
     if route is not None:
-        assert nj.ROUTES[int(taken)] == route
+        assert nj.routes.ROUTES[int(taken)] == route
+    else:  # the route the dense call takes on the materialised matrix
+        assert int(taken) == int(nj.leverage_scores(F, return_info=True).route)
     # gram route error ~ eps·κ(G); this MLP dual has κ(G) ~ 1e4, so ~1e-11; the others are ~1e-14.
     tol = 1e-10 if route == "gram" else 1e-12
     np.testing.assert_allclose(h, ref, rtol=tol)
@@ -50,19 +55,20 @@ def test_streaming_rank_deficient_and_block():
     F = nj.dual_matrix(apply_fn, params, xs)  # (97, 2, p + 1)
     ref_rows, r = _svd_leverage(F)
     assert r < F.shape[-1]
-    h, rank, taken = nj.streaming_leverage(apply_fn, params, xs, chunk_size=32)
-    assert int(rank) == r and nj.ROUTES[int(taken)] == "stable"
+    _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, xs, chunk_size=32, return_info=True)
+    assert int(rank) == r and nj.routes.ROUTES[int(taken)] == "stable"
+    assert int(nj.leverage_scores(F, return_info=True).route) == int(taken)
     np.testing.assert_allclose(h, ref_rows.reshape(97, 2).sum(axis=1), rtol=1e-10, atol=1e-13)
 
 
 def test_streaming_bad_input(problem):
     apply_fn, params, xs, ys = problem
     with pytest.raises(ValueError, match="chunk_size"):
-        nj.streaming_leverage(apply_fn, params, xs, ys, chunk_size=0)
+        nj.streaming_leverage_scores(apply_fn, params, xs, ys, chunk_size=0)
     with pytest.raises(ValueError, match="route"):
-        nj.streaming_leverage(apply_fn, params, xs, ys, route="cholesky")
+        nj.streaming_leverage_scores(apply_fn, params, xs, ys, route="cholesky")
     with pytest.raises(ValueError, match="ys has shape"):
-        nj.streaming_leverage(apply_fn, params, xs, ys[:-1])
+        nj.streaming_leverage_scores(apply_fn, params, xs, ys[:-1])
 
 
 def test_streaming_zero_offset_column_is_not_counted():
@@ -73,7 +79,7 @@ def test_streaming_zero_offset_column_is_not_counted():
     F = nj.dual_matrix(apply_fn, params, xs)
     assert float(jnp.max(jnp.abs(F[:, -1]))) == 0.0
     ref, r = _svd_leverage(F)
-    h, rank, taken = nj.streaming_leverage(apply_fn, params, xs, chunk_size=50)
+    _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, xs, chunk_size=50, return_info=True)
     assert int(rank) == r == F.shape[1] - 1
-    assert nj.ROUTES[int(taken)] != "stable"
+    assert nj.routes.ROUTES[int(taken)] != "stable"
     np.testing.assert_allclose(h, ref, rtol=1e-10)

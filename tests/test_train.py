@@ -17,6 +17,7 @@ import optax
 import pytest
 from scipy import optimize, special
 
+import nlis_jax as nj
 from nlis_jax._train import (
     LOSSES,
     FitResult,
@@ -427,6 +428,28 @@ def test_weighted_loss_under_jit_and_grad(ls_data):
     np.testing.assert_allclose(g["w"], 2 * X.T @ (X @ np.ones(D) - y), rtol=1e-12)
 
 
+def test_per_example_loss_matches_reference(class_data):
+    """Per-example losses against closed forms: squared residuals and softmax cross-entropy."""
+    X, labels, _ = class_data
+    rng = np.random.default_rng(9)
+    p = {"W": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=3))}
+    z = X @ np.asarray(p["W"]).T + np.asarray(p["b"])
+    ce = special.logsumexp(z, axis=1) - z[np.arange(N), labels]
+    for chunk_size in (None, 7):
+        got = nj.per_example_loss(softmax_model, p, X, labels, loss="cross_entropy", chunk_size=chunk_size)
+        assert got.shape == (N,)
+        np.testing.assert_allclose(got, ce, rtol=1e-12)
+    y = rng.normal(size=N)
+    w = {"w": jnp.asarray(rng.normal(size=4))}
+    sq = nj.per_example_loss(linear, w, X, y)
+    np.testing.assert_allclose(sq, (X @ np.asarray(w["w"]) - y) ** 2, rtol=1e-12)
+    # jit-friendly, and consistent with weighted_loss
+    weights = rng.uniform(size=N)
+    jitted = jax.jit(lambda q: nj.per_example_loss(linear, q, X, y))(w)
+    np.testing.assert_allclose(jitted, sq, rtol=1e-13)
+    np.testing.assert_allclose(np.sum(weights * sq), weighted_loss(linear, w, X, y, weights), rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Minibatches, segments, resuming
 
@@ -522,7 +545,7 @@ def nan_above_six(params, x):
 def test_nan_loss_raises_naming_the_step():
     # J = (t - 10)^2, sgd(0.25): t_{k+1} = t_k + (10 - t_k)/2 -> 0, 5, 7.5: NaN from step 2 on.
     xs, ys = np.ones((4, 1)), np.full(4, 10.0)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2\b") as info:
+    with pytest.raises(nj.NonFiniteLossError, match=r"loss is nan at step 2\b") as info:
         fit(
             nan_above_six,
             {"w": jnp.zeros(1)},
@@ -534,6 +557,8 @@ def test_nan_loss_raises_naming_the_step():
         )
     # Frozen at the last finite iterate, t_2 = 7.5 (the update from step 2 was discarded).
     assert float(info.value.state.params["w"][0]) == 7.5
+    assert isinstance(info.value, FloatingPointError) and isinstance(info.value.state, TrainState)
+    assert info.value.step == 2
 
 
 def test_overflow_raises():

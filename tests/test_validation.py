@@ -147,11 +147,11 @@ def test_bad_path_arguments():
         with pytest.raises(ValueError, match=r"num_nodes must be a positive integer"):
             nj.dual_operator(apply_fn, params, xs, num_nodes=nodes)
         with pytest.raises(ValueError, match=r"num_nodes must be a positive integer"):
-            nj.gauss_legendre(nodes)
+            nj.quadrature.gauss_legendre(nodes)
     with pytest.raises(TypeError, match=r"num_nodes must be a Python int, got 4.5"):
         nj.dual_matrix(apply_fn, params, xs, num_nodes=4.5)
-    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
-        nj.adjoint(apply_fn, params, xs, batch_size=0)
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer, got 0"):
+        nj.adjoint(apply_fn, params, xs, chunk_size=0)
 
 
 def test_bad_scalars():

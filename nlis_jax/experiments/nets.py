@@ -7,12 +7,16 @@ example.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from nlis_jax._closed_forms import bounded_swish
-from nlis_jax._types import Array, PRNGKey, PyTree
+from nlis_jax import bounded_swish
+
+Array = jax.Array
+PRNGKey = jax.Array
+PyTree = Any
 
 
 def single_index(phi: Callable[[Array], Array] = bounded_swish) -> Callable[[Array, Array], Array]:

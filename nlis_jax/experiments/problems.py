@@ -17,18 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nlis_jax import datasets
-from nlis_jax._closed_forms import bounded_swish, single_index_adjoint
-from nlis_jax._dual import dual_matrix
-from nlis_jax.experiments._configs import (
+import nlis_jax as nj
+from nlis_jax.experiments import datasets, nets
+from nlis_jax.experiments.configs import (
     CaliforniaConfig,
     DigitsConfig,
     FashionMNISTConfig,
     StudyConfig,
     SyntheticConfig,
 )
-from nlis_jax.nets import mlp, mlp_init
-from nlis_jax.projections import l2_ball
+from nlis_jax.experiments.features import label_targets, prepare_features
 
 #: Nesterov momentum of the ``"gd"`` optimizer.
 MOMENTUM = 0.9
@@ -137,13 +135,12 @@ def single_index_model(c1: float = 1.0, c2: float = 2.0) -> SingleIndexModel:
     c1, c2 = float(c1), float(c2)
 
     def phi(t):
-        return bounded_swish(t, c1, c2)
+        return nj.bounded_swish(t, c1, c2)
 
-    def apply_fn(theta, x):
-        return phi(jnp.dot(x, theta))
+    apply_fn = nets.single_index(phi)
 
     def dual_fn(theta, xs, ys):
-        adj = single_index_adjoint(phi, theta, xs)
+        adj = nj.single_index_adjoint(phi, theta, xs)
         offset = phi(jnp.zeros((), adj.dtype)) - ys.astype(adj.dtype)
         return jnp.concatenate([adj, offset[:, None]], axis=1)
 
@@ -162,7 +159,7 @@ def _regression_problem(config, name, x, y, info) -> Problem:
     xs, ys = jnp.asarray(x), jnp.asarray(y)
     d = xs.shape[1]
     dtype = xs.dtype
-    projection = None if config.radius is None else l2_ball(config.radius)
+    projection = None if config.radius is None else nj.l2_ball(config.radius)
     design = jnp.concatenate([xs, -ys[:, None]], axis=1)
 
     def init(key):
@@ -225,10 +222,11 @@ def california_problem(config: CaliforniaConfig) -> Problem:
 
 
 def synthetic_problem(config: SyntheticConfig) -> Problem:
-    """Synthetic single-index data from :func:`nlis_jax.datasets.make_single_index` (bounded Swish)."""
+    """Synthetic single-index data (bounded Swish) from
+    :func:`nlis_jax.experiments.datasets.make_single_index`."""
 
     def link(z):
-        return np.asarray(bounded_swish(jnp.asarray(z), config.c1, config.c2), np.float64)
+        return np.asarray(nj.bounded_swish(jnp.asarray(z), config.c1, config.c2), np.float64)
 
     ds = datasets.make_single_index(
         config.data_seed,
@@ -271,60 +269,20 @@ def synthetic_problem(config: SyntheticConfig) -> Problem:
 
 @functools.lru_cache(maxsize=16)
 def relu_network(num_nodes: int):
-    """``(apply_fn, dual_fn)`` of a one-hidden-layer ReLU MLP (from :func:`nlis_jax.nets.mlp`)."""
-    apply_fn = mlp(jax.nn.relu)
+    """``(apply_fn, dual_fn)`` of a one-hidden-layer ReLU MLP (from :func:`nlis_jax.experiments.nets.mlp`)."""
+    apply_fn = nets.mlp(jax.nn.relu)
 
     def dual_fn(params, xs, ys):
-        return dual_matrix(apply_fn, params, xs, ys, num_nodes=num_nodes, mode="reverse")
+        return nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=num_nodes, mode="reverse")
 
     return apply_fn, dual_fn
 
 
-def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0)
-    return (train - mean) / std, (test - mean) / std
-
-
-def _pca(train: np.ndarray, test: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Project on the leading ``components`` principal axes of the (standardised) training inputs."""
-    if not 0 < components <= train.shape[1]:
-        raise ValueError(f"components must lie in [1, {train.shape[1]}], got {components}.")
-    _, _, vt = np.linalg.svd(train - train.mean(axis=0), full_matrices=False)
-    basis = vt[:components].T
-    return train @ basis, test @ basis
-
-
-def _classification_problem(config, name, x, labels, x_test, labels_test, num_classes, info) -> Problem:
-    dtype = np.float32
-    x, x_test = _standardize(x.astype(np.float64), x_test.astype(np.float64))
-    components = config.components
-    if components == "auto":
-        components = None if num_classes == 2 else 24
-    if components is not None:
-        x, x_test = _standardize(*_pca(x, x_test, components))
-    binary = num_classes == 2
-    if binary:
-        targets = np.where(labels == 1, 1.0, -1.0)
-        k = 1
-    else:
-        targets = np.eye(num_classes)[labels]
-        k = num_classes
+def _classification_info(config, info, x, x_test, num_classes, components, learning_rate) -> dict:
+    k = 1 if num_classes == 2 else num_classes
     d = x.shape[1]
-    apply_fn, dual_fn = relu_network(config.num_nodes)
-    learning_rate = config.learning_rate
-    if learning_rate is None:
-        learning_rate = 0.02 if binary else 0.1
-    sizes = (d, config.hidden, k)
-
-    def init(key):
-        return mlp_init(key, sizes, dtype=dtype)
-
     p = d * config.hidden + config.hidden + config.hidden * k + k
-    xs = jnp.asarray(x, dtype)
-    design = jnp.concatenate([xs, jnp.ones((xs.shape[0], 1), dtype)], axis=1)
-    info = dict(
+    return dict(
         info,
         n=int(x.shape[0]),
         n_test=int(x_test.shape[0]),
@@ -336,38 +294,50 @@ def _classification_problem(config, name, x, labels, x_test, labels_test, num_cl
         pca_components=components,
         dtype="float32",
         model=f"MLP {d}-{config.hidden}-{k}, ReLU, biases",
-        loss="squared on ±1 targets" if binary else "squared on one-hot targets (block leverage)",
+        loss="squared on ±1 targets" if k == 1 else "squared on one-hot targets (block leverage)",
         radius=config.radius,
         optimizer=config.optimizer,
         learning_rate=float(learning_rate),
         linear_design="[X, 1]",
         dual_bytes=int(x.shape[0] * k * (p + 1) * 4),
     )
+
+
+def _classification_problem(config, name, x, labels, x_test, labels_test, num_classes, info) -> Problem:
+    dtype = np.float32
+    components = config.components
+    if components == "auto":
+        components = None if num_classes == 2 else 24
+    pool = getattr(config, "pool", 1)
+    x, x_test = prepare_features(x, x_test, pool=pool, pca=components, dtype=np.float64)
+    k = 1 if num_classes == 2 else num_classes
+    apply_fn, dual_fn = relu_network(config.num_nodes)
+    learning_rate = config.learning_rate
+    if learning_rate is None:
+        learning_rate = 0.02 if num_classes == 2 else 0.1
+    sizes = (x.shape[1], config.hidden, k)
+
+    def init(key):
+        return nets.mlp_init(key, sizes, dtype=dtype)
+
+    xs = jnp.asarray(x, dtype)
     return Problem(
         name=name,
         task="classification",
         apply_fn=apply_fn,
         init=init,
         xs=xs,
-        ys=jnp.asarray(targets, dtype),
+        ys=jnp.asarray(label_targets(labels, num_classes, dtype)),
         dual_fn=dual_fn,
-        linear_design=design,
+        linear_design=jnp.concatenate([xs, jnp.ones((xs.shape[0], 1), dtype)], axis=1),
         curvature=None,
-        projection=None if config.radius is None else l2_ball(config.radius),
+        projection=None if config.radius is None else nj.l2_ball(config.radius),
         optimizer=config.optimizer,
         learning_rate=float(learning_rate),
         x_test=jnp.asarray(x_test, dtype),
         labels_test=jnp.asarray(labels_test, jnp.int32),
-        info=info,
+        info=_classification_info(config, info, x, x_test, num_classes, components, learning_rate),
     )
-
-
-def _pool(images: np.ndarray, pool: int) -> np.ndarray:
-    """Average-pool ``(n, 784)`` 28×28 images by ``pool × pool`` blocks -> ``(n, (28/pool)²)``."""
-    if 28 % pool:
-        raise ValueError(f"pool must divide 28, got {pool}.")
-    m = 28 // pool
-    return images.reshape(-1, m, pool, m, pool).mean(axis=(2, 4)).reshape(-1, m * m)
 
 
 def fashion_mnist_problem(config: FashionMNISTConfig) -> Problem:
@@ -378,8 +348,8 @@ def fashion_mnist_problem(config: FashionMNISTConfig) -> Problem:
         data_home=config.data_home,
         download_if_missing=config.download,
     )
-    train = datasets.load_fashion_mnist(split="train", **common)
-    test = datasets.load_fashion_mnist(split="test", limit=config.n_test, **common)
+    train = datasets.load_fashion_mnist(split="train", flatten=False, **common)
+    test = datasets.load_fashion_mnist(split="test", flatten=False, limit=config.n_test, **common)
     rng = np.random.default_rng(config.data_seed)
     n = config.n
     if n is None:
@@ -387,8 +357,7 @@ def fashion_mnist_problem(config: FashionMNISTConfig) -> Problem:
     if n > train.n_samples:
         raise ValueError(f"n = {n} exceeds the {train.n_samples} training images of these classes.")
     keep = np.sort(rng.permutation(train.n_samples)[:n])
-    x = _pool(train.x[keep], config.pool)
-    x_test = _pool(test.x, config.pool)
+    x, x_test = train.x[keep], test.x  # (n, 28, 28) images, pooled by prepare_features
     num_classes = 10 if config.classes is None else len(config.classes)
     info = dict(
         dataset="fashion-mnist",
@@ -424,8 +393,8 @@ def make_problem(config: StudyConfig) -> Problem:
     """Build the :class:`Problem` of a config (loads or generates the data).
 
     Raises:
-        nlis_jax.datasets.DatasetNotFoundError: the data set is not on disk (the message says where to
-            put it and how to get it).
+        nlis_jax.experiments.datasets.DatasetNotFoundError: the data set is not on disk (the message says
+            where to put it and how to get it).
     """
     if isinstance(config, CaliforniaConfig):
         return california_problem(config)

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from nlis_jax.experiments.checks import check_size, check_sizes, positive_int
+
 #: Every sampling scheme a study can run, in report order.
 #:
 #: * ``uniform``: ``p_i = 1/n``.
@@ -71,9 +73,8 @@ class StudyConfig:
     timing_size: float | None = 0.01
 
     def __post_init__(self):
-        _check_sizes("sizes", self.sizes)
-        if not isinstance(self.repeats, int) or self.repeats < 1:
-            raise ValueError(f"repeats must be a positive int, got {self.repeats!r}.")
+        check_sizes("sizes", self.sizes)
+        positive_int("repeats", self.repeats)
         if not self.methods:
             raise ValueError("methods must name at least one method.")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -81,12 +82,9 @@ class StudyConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct, got {self.methods}.")
-        for name in ("num_steps", "num_nodes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if self.full_steps is not None and (not isinstance(self.full_steps, int) or self.full_steps < 1):
-            raise ValueError(f"full_steps must be a positive int or None, got {self.full_steps!r}.")
+        positive_int("num_steps", self.num_steps)
+        positive_int("num_nodes", self.num_nodes)
+        positive_int("full_steps", self.full_steps, optional=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         lr = self.learning_rate
@@ -96,9 +94,9 @@ class StudyConfig:
             raise ValueError(f"radius must be positive or None, got {self.radius}.")
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {self.mix}.")
-        _check_sizes("pilot_size", (self.pilot_size,))
+        check_size("pilot_size", self.pilot_size)
         if self.timing_size is not None:
-            _check_sizes("timing_size", (self.timing_size,))
+            check_size("timing_size", self.timing_size)
 
     @property
     def steps_full(self) -> int:
@@ -126,7 +124,7 @@ class CaliforniaConfig(StudyConfig):
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig(StudyConfig):
-    """Synthetic ``y = ϕ(<θ_true, x>) + noise·ε`` (:func:`nlis_jax.datasets.make_single_index`).
+    """Synthetic ``y = ϕ(<θ_true, x>) + noise·ε`` (:func:`nlis_jax.experiments.datasets.make_single_index`).
 
     ϕ is the bounded Swish (the fitted model is well specified), ``x ~ N(0, I_d)``. Two options make
     the design harder, with the same θ_true and noise draws: ``correlation = ρ`` maps the rows to
@@ -164,7 +162,7 @@ class FashionMNISTConfig(StudyConfig):
     principal components, ``p = 24·16 + 16 + 16·10 + 10 = 570``, a ``30000 × 571`` dual (69 MB). The
     float32 dual of a ReLU network is ill-conditioned, so its leverage takes the QR + SVD route,
     ``O(n k p²)``: this, not memory, bounds ``n k`` and ``p`` (49 pooled inputs for ten classes,
-    ``p = 970``, take ~4× longer per score).
+    ``p = 970``, take longer per score).
 
     Training: projected Nesterov GD in the l2 ball of ``radius = 3`` (active: the fits end on the
     sphere) with a fixed step, ``learning_rate = None`` meaning 0.02 for two classes and 0.1 for ten
@@ -242,19 +240,9 @@ def shrink(config: StudyConfig) -> StudyConfig:
     return dataclasses.replace(config, **changes)
 
 
-def _check_sizes(name: str, sizes: Sequence[float]) -> None:
-    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
-        raise ValueError(f"{name} must be a non-empty tuple of numbers, got {sizes!r}.")
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"{name}: every size must be a positive number, got {s!r}.")
-        if s >= 1 and float(s) != round(s):
-            raise ValueError(f"{name}: a size >= 1 counts rows and must be a whole number, got {s!r}.")
-
-
 def resolve_size(size: float, n: int) -> int:
     """Rows for one size: ``size < 1`` is a fraction of ``n`` (at least 1 row), else a row count."""
-    _check_sizes("size", (size,))
+    size = check_size("size", size)
     rows = max(1, round(size * n)) if size < 1 else int(round(size))
     if rows > n:
         raise ValueError(f"sample size {size} means {rows} rows, more than n = {n}.")

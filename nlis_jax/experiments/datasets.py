@@ -33,6 +33,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nlis_jax.experiments import features
+from nlis_jax.experiments.checks import positive_int
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES",
@@ -97,30 +100,11 @@ class DatasetNotFoundError(FileNotFoundError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
-    return int(value)
-
-
 def _check_float_dtype(dtype) -> np.dtype:
     dt = np.dtype(dtype)
     if dt.kind != "f":
         raise TypeError(f"dtype must be a floating-point type, got {dt}.")
     return dt
-
-
-def _standardize_columns(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(x - mean) / std`` per column (``ddof=0``), and the mean and std used.
-
-    Constant columns (std 0) are only centred: their std is reported as 1.
-    """
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    return (x - mean) / std, mean, std
 
 
 def _append_bias(x: np.ndarray) -> np.ndarray:
@@ -397,6 +381,34 @@ def _download_fashion_mnist(target: Path) -> None:
                 ) from None
 
 
+def _locate_fashion_mnist(path, data_home, split: str, download_if_missing: bool) -> tuple[Path, Path]:
+    """``(images, labels)`` files of ``split``: from ``path``, else the search folders, else downloaded."""
+    if path is not None:
+        dirs = [(Path(path).expanduser(), "path argument")]
+        target = dirs[0][0]
+    else:
+        dirs = fashion_mnist_search_dirs(data_home)
+        target = _sklearn_data_home(data_home) / "fashion-mnist"
+    found = None
+    for folder, _ in dirs:
+        found = _find_split(folder, split)
+        if found is not None:
+            break
+    if found is None and download_if_missing:
+        _download_fashion_mnist(target)
+        found = _find_split(target, split)
+    if found is None:
+        looked = "\n".join(
+            f"  - {folder} ({why}{'' if folder.is_dir() else ', does not exist'})" for folder, why in dirs
+        )
+        hint = "" if download_if_missing else " and download_if_missing=False"
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST {split!r} split not found{hint}. Looked in:\n{looked}\n"
+            + _how_to_get_fashion_mnist(target)
+        )
+    return found
+
+
 def load_fashion_mnist(
     path: str | os.PathLike | None = None,
     *,
@@ -444,33 +456,9 @@ def load_fashion_mnist(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     dt = _check_float_dtype(dtype)
     if limit is not None:
-        limit = _positive_int("limit", limit)
+        limit = positive_int("limit", limit)
 
-    if path is not None:
-        dirs = [(Path(path).expanduser(), "path argument")]
-        target = dirs[0][0]
-    else:
-        dirs = fashion_mnist_search_dirs(data_home)
-        target = _sklearn_data_home(data_home) / "fashion-mnist"
-    found = None
-    for folder, _ in dirs:
-        found = _find_split(folder, split)
-        if found is not None:
-            break
-    if found is None and download_if_missing:
-        _download_fashion_mnist(target)
-        found = _find_split(target, split)
-    if found is None:
-        looked = "\n".join(
-            f"  - {folder} ({why}{'' if folder.is_dir() else ', does not exist'})" for folder, why in dirs
-        )
-        hint = "" if download_if_missing else " and download_if_missing=False"
-        raise DatasetNotFoundError(
-            f"Fashion-MNIST {split!r} split not found{hint}. Looked in:\n{looked}\n"
-            + _how_to_get_fashion_mnist(target)
-        )
-
-    images_path, labels_path = found
+    images_path, labels_path = _locate_fashion_mnist(path, data_home, split, download_if_missing)
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
@@ -555,7 +543,7 @@ def load_california(
     names = tuple(bunch.feature_names)
     scaling = None
     if standardize:
-        x, x_mean, x_std = _standardize_columns(x)
+        x, x_mean, x_std = features.standardize(x)
         y_mean, y_std = float(y.mean()), float(y.std())
         y = (y - y_mean) / y_std
         scaling = {"x_mean": x_mean, "x_std": x_std, "y_mean": y_mean, "y_std": y_std}
@@ -596,7 +584,7 @@ def load_digits(
     """
     dt = _check_float_dtype(dtype)
     if limit is not None:
-        limit = _positive_int("limit", limit)
+        limit = positive_int("limit", limit)
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
@@ -608,7 +596,7 @@ def load_digits(
         x, y = x[:limit], y[:limit]
     scaling = None
     if standardize:
-        x, x_mean, x_std = _standardize_columns(x)
+        x, x_mean, x_std = features.standardize(x)
         scaling = {"x_mean": x_mean, "x_std": x_std}
     names = tuple(bunch.feature_names)
     if add_bias:
@@ -704,8 +692,8 @@ def make_single_index(
     Returns:
         A :class:`Dataset` with ``x`` ``(n, d)``, ``y`` ``(n,)`` and ``theta_star`` ``(d,)``.
     """
-    n = _positive_int("n", n)
-    d = _positive_int("d", d)
+    n = positive_int("n", n)
+    d = positive_int("d", d)
     dt = _check_float_dtype(dtype)
     if isinstance(phi, str):
         if phi not in _LINKS:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from nlis_jax._adjoint import flatten_model, model_outputs
+from nlis_jax._adjoint import check_model, flatten_model
 from nlis_jax._checks import check_finite, check_floating, check_same_length
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
@@ -100,7 +100,6 @@ def _single_index_jit(phi, theta, xs):
     return difference_quotient(phi, xs @ theta)[:, None] * xs
 
 
-@highest_precision
 def homogeneous_adjoint(
     h_fn: ApplyFn,
     params: PyTree,
@@ -128,9 +127,16 @@ def homogeneous_adjoint(
     """
     if not degree > 0:
         raise ValueError(f"degree must be positive, got {degree}.")
+    shape = check_model(h_fn, params, xs)
+    if shape.out_shape != ():
+        raise ValueError(f"h_fn must return a scalar per example, got shape {shape.out_shape}.")
+    return _homogeneous_jit(h_fn, params, xs, float(degree), g)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@highest_precision
+def _homogeneous_jit(h_fn, params, xs, degree, g):
     model = flatten_model(h_fn, params, xs)
-    if model.out_shape != ():
-        raise ValueError(f"h_fn must return a scalar per example, got shape {model.out_shape}.")
     h, grad_h = jax.vmap(jax.value_and_grad(model.fn), in_axes=(None, 0))(model.theta, xs)
     if g is None:
         coef = jnp.full_like(h, 1.0 / degree)
@@ -139,4 +145,4 @@ def homogeneous_adjoint(
     return coef[:, None] * grad_h
 
 
-__all__ = ["bounded_swish", "single_index_adjoint", "homogeneous_adjoint", "model_outputs"]
+__all__ = ["bounded_swish", "difference_quotient", "homogeneous_adjoint", "single_index_adjoint"]

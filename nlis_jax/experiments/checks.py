@@ -1,0 +1,90 @@
+"""Argument checks shared by the experiments: positive integers and sample sizes, for configs and the CLI.
+
+Each check raises a clear error naming the argument; the ``*_arg`` variants are ``argparse`` types that
+turn the same checks into ``argparse.ArgumentTypeError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["check_size", "check_sizes", "parse_sizes", "positive_int", "positive_int_arg", "sizes_arg"]
+
+
+def positive_int(name: str, value, *, optional: bool = False) -> int | None:
+    """``value`` as an ``int >= 1`` (``None`` passes when ``optional``).
+
+    Raises:
+        TypeError: ``value`` is not an integer (``bool`` is not one).
+        ValueError: ``value < 1``.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        extra = " or None" if optional else ""
+        raise TypeError(f"{name} must be a positive int{extra}, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}.")
+    return int(value)
+
+
+def check_size(name: str, size) -> float | int:
+    """One sample size: a number ``0 < size < 1`` (a fraction of ``n``) or a whole number ``>= 1`` (rows).
+
+    Returns:
+        The size, rows as an ``int``.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, float, np.number)) or not math.isfinite(size):
+        raise ValueError(f"{name}: every size must be a positive number, got {size!r}.")
+    if size <= 0:
+        raise ValueError(f"{name}: every size must be a positive number, got {size!r}.")
+    if size >= 1:
+        if float(size) != round(size):
+            raise ValueError(f"{name}: a size >= 1 counts rows and must be a whole number, got {size!r}.")
+        return int(round(size))
+    return float(size)
+
+
+def check_sizes(name: str, sizes: Sequence[float]) -> tuple[float | int, ...]:
+    """A non-empty sequence of sample sizes (:func:`check_size` each)."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
+        raise ValueError(f"{name} must be a non-empty tuple of numbers, got {sizes!r}.")
+    return tuple(check_size(name, s) for s in sizes)
+
+
+def parse_sizes(text: str) -> tuple[float | int, ...]:
+    """``"0.005,0.01,200"`` -> ``(0.005, 0.01, 200)``, checked by :func:`check_sizes`."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"sizes must be a comma list of numbers, got {text!r}") from None
+    return check_sizes("sizes", values)
+
+
+def _as_arg_error(fn, text: str):
+    try:
+        return fn(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def sizes_arg(text: str) -> tuple[float | int, ...]:
+    """``argparse`` type of a comma list of sample sizes (:func:`parse_sizes`)."""
+    return _as_arg_error(parse_sizes, text)
+
+
+def positive_int_arg(text: str) -> int:
+    """``argparse`` type of a positive integer (:func:`positive_int`)."""
+
+    def parse(t):
+        try:
+            value = int(t)
+        except ValueError:
+            raise ValueError(f"expected a positive integer, got {t!r}") from None
+        return positive_int("value", value)
+
+    return _as_arg_error(parse, text)

@@ -1,0 +1,150 @@
+r"""Compiled kernels of the sampling studies, and their timing apart from compilation.
+
+Every kernel is a module-level ``jax.jit`` with its callables and sizes as static arguments (the study's
+callables are built once per set of options, so they hash equal across calls): repeats, methods, sizes
+and studies of the same shapes reuse one compiled executable. :func:`timed` runs a kernel and reports
+its wall time without the tracing, lowering and compilation that happened during the call (measured by
+JAX's own compile events); :func:`compile_stats` counts the compilations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import nlis_jax as nj
+
+__all__ = [
+    "accuracy_kernel",
+    "compile_stats",
+    "draw_kernel",
+    "dual_score_kernel",
+    "fit_kernel",
+    "loss_kernel",
+    "matrix_score_kernel",
+    "timed",
+]
+
+#: JAX's monitoring events of one compilation: tracing, lowering to MLIR, backend compilation.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_BACKEND_COMPILE = _COMPILE_EVENTS[-1]
+#: Elements per ``lax.map`` batch when evaluating many parameter sets over the full data.
+MAP_ELEMENTS = 4_000_000
+
+_STATS = {"count": 0, "seconds": 0.0}
+
+
+def _on_event(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _STATS["seconds"] += duration
+        _STATS["count"] += event == _BACKEND_COMPILE
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_stats() -> dict:
+    """``{"count": compilations so far, "seconds": time spent tracing, lowering and compiling}``
+    (process-wide, every jitted call included)."""
+    return dict(_STATS)
+
+
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), seconds)``: the result (waited for) and the wall time of the call less
+    the compilation it triggered."""
+    compile0 = _STATS["seconds"]
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    elapsed = time.perf_counter() - t0 - (_STATS["seconds"] - compile0)
+    return out, max(elapsed, 0.0)
+
+
+def _map_batch(n: int, k: int = 1) -> int:
+    """Parameter sets evaluated together by ``lax.map`` (about :data:`MAP_ELEMENTS` elements a batch)."""
+    return max(1, MAP_ELEMENTS // max(1, n * k))
+
+
+def _scores(kind: str, matrix, mix: float):
+    probs = nj.leverage_scores(matrix) if kind == "leverage" else nj.norm_scores(matrix)
+    return probs if mix == 0 else nj.mix_with_uniform(probs, mix)
+
+
+def _fit_one(params0, xb, yb, wb, projection, *, apply_fn, curvature, optimizer, num_steps):
+    """One repeat: projected steps on ``J = Σ w ℓ / Σ w`` (divided by ``L̂`` with a curvature bound)."""
+    dtype = xb.dtype
+    scale = jnp.ones((), dtype) if curvature is None else (1.0 / curvature(xb, wb)).astype(dtype)
+
+    def objective(params, batch):
+        x, y, w, s = batch
+        return nj.weighted_loss(apply_fn, params, x, y, w, loss="squared") / jnp.sum(w) * s
+
+    step = nj.make_train_step(objective, optimizer, projection)
+    params0 = params0 if projection is None else projection(params0)
+    state = nj.TrainState(params0, optimizer.init(params0))
+    state, trace = lax.scan(lambda st, _: step(st, (xb, yb, wb, scale)), state, None, length=num_steps)
+    return state.params, trace / scale
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "curvature", "optimizer", "num_steps"))
+def fit_kernel(params0, xs, ys, idx, w, projection, *, apply_fn, curvature, optimizer, num_steps):
+    """``R`` weighted sample fits at once -> ``(params (R, ...), trace (R, num_steps))``.
+
+    Each repeat minimises the weighted mean ``J = Σ w ℓ / Σ w`` over its sample ``idx[r]`` by projected
+    steps; with a ``curvature`` bound the objective handed to the optimizer is ``J / L̂`` (so plain SGD
+    steps by ``learning_rate / L̂``). ``trace[t]`` is ``J`` before update ``t``.
+    """
+    one = functools.partial(
+        _fit_one, apply_fn=apply_fn, curvature=curvature, optimizer=optimizer, num_steps=num_steps
+    )
+    return jax.vmap(one, in_axes=(None, 0, 0, 0, None))(params0, xs[idx], ys[idx], w, projection)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def loss_kernel(params_batch, xs, ys, *, apply_fn):
+    """``(R,)`` full-data losses ``L(θ_r)`` of ``R`` parameter sets (leading axis)."""
+    batch = _map_batch(xs.shape[0], math.prod(ys.shape[1:]))
+    return lax.map(
+        lambda p: nj.weighted_loss(apply_fn, p, xs, ys, loss="squared"), params_batch, batch_size=batch
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def accuracy_kernel(params_batch, xs, labels, *, apply_fn):
+    """``(R,)`` accuracies: sign of a scalar output, else argmax of the outputs."""
+
+    def one(params):
+        out = jax.vmap(apply_fn, in_axes=(None, 0))(params, xs)
+        guess = (out > 0).astype(labels.dtype) if out.ndim == 1 else jnp.argmax(out, axis=1)
+        return jnp.mean((guess == labels).astype(xs.dtype))
+
+    return lax.map(one, params_batch, batch_size=_map_batch(xs.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=("dual_fn", "kind", "mix"))
+def dual_score_kernel(params_batch, xs, ys, *, dual_fn, kind: str, mix: float):
+    """``(R, n)``: leverage (``kind="leverage"``) or norm scores of the dual matrix at each of ``R``
+    parameter sets, mixed with uniform by ``mix``."""
+    return lax.map(lambda params: _scores(kind, dual_fn(params, xs, ys), mix), params_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "mix"))
+def matrix_score_kernel(design, *, kind: str, mix: float):
+    """``(n,)`` leverage or norm scores of a fixed matrix (the linear baseline), mixed by ``mix``."""
+    return _scores(kind, design, mix)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def draw_kernel(keys, probs, *, num_samples: int):
+    """``R = len(keys)`` samples with replacement -> ``(idx (R, s), weights (R, s))``; ``probs`` is
+    ``(n,)`` (shared) or ``(R, n)`` (one distribution per key)."""
+    in_axes = (0, None if probs.ndim == 1 else 0)
+    return jax.vmap(lambda k, p: nj.sample(k, p, num_samples), in_axes=in_axes)(keys, probs)

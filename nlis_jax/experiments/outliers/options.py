@@ -1,0 +1,138 @@
+"""Command-line options of the outlier study (``nlis-jax outliers``), its table, and :func:`run`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from nlis_jax.experiments.checks import positive_int_arg
+from nlis_jax.experiments.outliers.config import OutlierConfig
+from nlis_jax.experiments.outliers.study import run_outlier_study
+
+__all__ = ["add_arguments", "config_from_args", "format_table", "run"]
+
+
+def _int_tuple(text) -> tuple[int, ...]:
+    if isinstance(text, str):
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    if isinstance(text, int):
+        return (text,)
+    return tuple(int(t) for t in text)
+
+
+def _parse_classes(value) -> tuple[int, ...] | None:
+    """``"all"`` → ``None`` (all 10 classes); ``"7,9"`` / ``[7, 9]`` → ``(7, 9)``."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 1 and str(value[0]).lower() == "all":
+        return None
+    return _int_tuple(value)
+
+
+def _optional_int(text: str) -> int | None:
+    """``'none'``, ``'full'`` or ``'0'`` -> ``None``; else a positive integer."""
+    return None if text.lower() in ("none", "full", "0") else positive_int_arg(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the outlier study's options on ``parser`` (e.g. the ``outliers`` subparser).
+
+    Options already present on ``parser`` (say a shared ``--seed`` or ``--out``) are left as they are.
+    Every option defaults to ``None``; :func:`run` then takes :class:`OutlierConfig`'s default.
+
+    Returns:
+        ``parser``.
+    """
+    options = [
+        (("--n",), dict(type=int, help="training examples (default 12000; the binary task has 12000)")),
+        (
+            ("--classes",),
+            dict(help="comma-separated Fashion-MNIST classes, or 'all' (default 7,9: sneaker vs ankle boot)"),
+        ),
+        (("--flip-fraction",), dict(type=float, help="share of labels flipped (default 0.02)")),
+        (("--hidden",), dict(help="hidden widths, comma-separated (default 8)")),
+        (("--steps",), dict(type=positive_int_arg, help="Adam steps (default 1000)")),
+        (("--lr",), dict(type=float, dest="learning_rate", help="Adam learning rate (default 0.01)")),
+        (("--batch-size",), dict(type=_optional_int, help="minibatch size (default: full batch)")),
+        (
+            ("--pool",),
+            dict(type=positive_int_arg, help="average-pooling factor of the 28×28 images (default 4)"),
+        ),
+        (("--pca",), dict(type=_optional_int, help="PCA components after pooling (default: none)")),
+        (
+            ("--num-nodes",),
+            dict(type=positive_int_arg, help="Gauss-Legendre nodes of the adjoint (default 4)"),
+        ),
+        (("--dtype",), dict(choices=("float32", "float64"), help="default float32")),
+        (("--seed",), dict(type=int, help="PRNG seed (default 0)")),
+        (("--out",), dict(help="output folder for results.json, scores.npz and the PNG grids")),
+        (("--no-progress",), dict(action="store_false", dest="progress", default=None)),
+    ]
+    for flags, kwargs in options:
+        kwargs.setdefault("default", None)
+        try:
+            parser.add_argument(*flags, **kwargs)
+        except argparse.ArgumentError:  # already registered by the caller
+            pass
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> OutlierConfig:
+    """The :class:`OutlierConfig` of parsed options; a missing attribute or ``None`` keeps the default."""
+    fields = {}
+    mapping = {
+        "n": None,
+        "classes": _parse_classes,
+        "flip_fraction": float,
+        "hidden": _int_tuple,
+        "steps": int,
+        "learning_rate": float,
+        "batch_size": None,
+        "pool": int,
+        "pca": None,
+        "num_nodes": int,
+        "dtype": str,
+        "seed": int,
+    }
+    for name, convert in mapping.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        fields[name] = convert(value) if convert is not None else value
+    return OutlierConfig(**fields)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics of a :func:`run_outlier_study` result as a plain-text table."""
+    k = result["num_flipped"]
+    lines = [
+        f"outliers: {result['task']}, n = {result['n']}, p = {result['p']}, {k} flipped labels, "
+        f"{result['timings']['total_s']:.1f} s",
+        f"{'score':<20}{'kind':<11}{'AUROC':>8}{'P@k':>8}{'P@2k':>8}",
+    ]
+    for name, m in result["metrics"].items():
+        lines.append(
+            f"{name:<20}{m['kind']:<11}{m['auroc']:>8.4f}{m['precision_at_k']:>8.3f}{m['precision_at_2k']:>8.3f}"
+        )
+    lines.append(f"best nonlinear: {result['best_nonlinear']}; best overall: {result['best_overall']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``nlis-jax outliers``: run the study from parsed CLI options, print the metrics table, return 0.
+
+    Reads ``args.out`` (folder, or ``None`` to write nothing), ``args.seed``, ``args.n``, ``args.classes``
+    (``None`` for the default pair, ``"all"``, ``"7,9"`` or a list), ``args.progress`` and any option of
+    :func:`add_arguments`; a missing attribute or ``None`` means :class:`OutlierConfig`'s default.
+
+    Raises:
+        nlis_jax.experiments.datasets.DatasetNotFoundError: when Fashion-MNIST is not found.
+    """
+    config = config_from_args(args)
+    progress = getattr(args, "progress", None)
+    out = getattr(args, "out", None)
+    result = run_outlier_study(config, out_dir=out, progress=True if progress is None else bool(progress))
+    print(format_table(result))
+    if out is not None:
+        print(f"wrote {', '.join(result['files'].values())}")
+    return 0

@@ -1,0 +1,240 @@
+"""The outlier study's runner: flip labels, fit, score, measure, and write the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nlis_jax as nj
+from nlis_jax.experiments import nets
+from nlis_jax.experiments.features import label_targets, prepare_features
+from nlis_jax.experiments.outliers.config import BASELINE_SCORES, NONLINEAR_SCORES, OutlierConfig
+from nlis_jax.experiments.outliers.data import flip_labels, load_data
+from nlis_jax.experiments.outliers.grid import save_score_grid
+from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
+from nlis_jax.experiments.outliers.scores import outlier_scores
+
+__all__ = ["run_outlier_study"]
+
+#: The model: ``nets.mlp`` with ReLU, built ONCE so that the compiled kernels (``nj.fit``,
+#: ``nj.dual_matrix``, the baselines), which take ``apply_fn`` as a static argument, are reused.
+APPLY_FN = nets.mlp(jax.nn.relu)
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    """One Adam object per learning rate, so :func:`nlis_jax.fit` reuses its compiled loop."""
+    return optax.adam(learning_rate)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[outliers] {msg}", file=sys.stderr, flush=True)
+
+
+class _Data(NamedTuple):
+    images: np.ndarray
+    labels: np.ndarray  # clean
+    noisy: np.ndarray
+    flipped: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...] | None
+    xs: jax.Array
+    ts: jax.Array
+
+
+def _prepare(key, config: OutlierConfig, data) -> _Data:
+    """Load, flip ``round(flip_fraction · n)`` labels, build features and ``±1`` / one-hot targets."""
+    dtype = np.dtype(config.dtype)
+    images, labels, num_classes, class_names = load_data(config, data)
+    noisy, flipped = flip_labels(key, labels, num_classes, fraction=config.flip_fraction)
+    xs = jnp.asarray(prepare_features(images, pool=config.pool, pca=config.pca, dtype=dtype))
+    ts = jnp.asarray(label_targets(noisy, num_classes, dtype))
+    return _Data(images, labels, noisy, flipped, num_classes, class_names, xs, ts)
+
+
+def _fit(k_init, k_fit, config: OutlierConfig, d: _Data, progress: bool):
+    """Adam on the squared loss of the NOISY targets, from an initialisation drawn with ``k_init``
+    (``k_fit``: the minibatches) -> :class:`nlis_jax.FitResult`."""
+    out_dim = 1 if d.num_classes == 2 else d.num_classes
+    sizes = (d.xs.shape[1], *config.hidden, out_dim)
+    params = nets.mlp_init(k_init, sizes, dtype=np.dtype(config.dtype))
+    minibatch = config.batch_size is not None
+    return nj.fit(
+        APPLY_FN,
+        params,
+        d.xs,
+        d.ts,
+        optimizer=_adam(config.learning_rate),
+        num_steps=config.steps,
+        loss="squared",
+        batch_size=config.batch_size,
+        key=k_fit if minibatch else None,
+        progress=progress,
+    )
+
+
+def _accuracy(params, d: _Data) -> dict[str, float]:
+    preds = np.asarray(jax.vmap(APPLY_FN, in_axes=(None, 0))(params, d.xs))
+    predicted = (preds > 0).astype(np.int32) if d.num_classes == 2 else preds.argmax(axis=1)
+    return {
+        "noisy_labels": float(np.mean(predicted == d.noisy)),
+        "clean_labels": float(np.mean(predicted == d.labels)),
+        "flipped_fitted": float(np.mean(predicted[d.flipped] == d.noisy[d.flipped])),
+    }
+
+
+def _metrics(scores: dict, flipped: np.ndarray) -> dict[str, dict]:
+    """AUROC and precision at ``k`` and ``2k`` (``k`` = number of flipped labels) of every score."""
+    k, n = int(flipped.sum()), flipped.size
+    return {
+        name: {
+            "kind": "nonlinear" if name in NONLINEAR_SCORES else "baseline",
+            "auroc": auroc(scores[name], flipped),
+            "precision_at_k": precision_at_k(scores[name], flipped, k),
+            "precision_at_2k": precision_at_k(scores[name], flipped, min(2 * k, n)),
+        }
+        for name in NONLINEAR_SCORES + BASELINE_SCORES
+    }
+
+
+def _write(out_dir, config: OutlierConfig, result: dict, d: _Data, scores: dict) -> dict[str, str]:
+    """The image grids and ``scores.npz`` in ``out_dir``; returns the files (``results.json`` included)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    metrics, k = result["metrics"], result["num_flipped"]
+    for name in config.grid_scores or tuple(dict.fromkeys((result["best_nonlinear"], "loss"))):
+        m = metrics[name]
+        title = (
+            f"{name}: AUROC {m['auroc']:.3f}, P@k {m['precision_at_k']:.2f} (k = {k}); "
+            f"red = flipped label (row = given label)"
+        )
+        path = save_score_grid(
+            out / f"grid_{name}.png",
+            d.images,
+            d.noisy,
+            d.flipped,
+            scores[name],
+            per_class=config.grid_per_class,
+            class_names=d.class_names,
+            true_labels=d.labels,
+            title=title,
+        )
+        files[f"grid_{name}"] = str(path)
+    np.savez_compressed(
+        out / "scores.npz", flipped=d.flipped, labels=d.labels, noisy_labels=d.noisy, **scores
+    )
+    files["scores"] = str(out / "scores.npz")
+    files["results"] = str(out / "results.json")
+    return files
+
+
+def _result(
+    config: OutlierConfig, d: _Data, fitted, info: dict, metrics: dict, timings: dict, from_disk: bool
+):
+    """The JSON-ready result (``timings`` is kept by reference: later stages add to it)."""
+    n = int(d.labels.shape[0])
+    return {
+        "task": "binary" if d.num_classes == 2 else f"{d.num_classes}-class",
+        "classes": list(config.classes) if (from_disk and config.classes is not None) else None,
+        "class_names": list(d.class_names) if d.class_names is not None else None,
+        "n": n,
+        "p": info["p"],
+        "k": 1 if d.num_classes == 2 else int(d.num_classes),
+        "num_features": int(d.xs.shape[1]),
+        "num_flipped": int(d.flipped.sum()),
+        "metrics": metrics,
+        "best_nonlinear": max(NONLINEAR_SCORES, key=lambda s: metrics[s]["auroc"]),
+        "best_overall": max(metrics, key=lambda s: metrics[s]["auroc"]),
+        "accuracy": _accuracy(fitted.params, d),
+        "final_mean_loss": float(fitted.final_loss) / n,
+        "diagnostics": info,
+        "timings": timings,
+        "config": dataclasses.asdict(config),
+        "environment": {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind,
+        },
+    }
+
+
+def run_outlier_study(
+    config: OutlierConfig | None = None,
+    *,
+    data=None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    r"""Flip labels, fit, score, and measure how well each score finds the flipped labels.
+
+    Steps: load the data (or take ``data``); flip ``round(flip_fraction · n)`` labels
+    (:func:`flip_labels`); features by :func:`~nlis_jax.experiments.features.prepare_features`; fit a ReLU
+    MLP ``d → hidden… → (1 or K)`` with :func:`nlis_jax.fit` (Adam, squared loss on ``±1`` / one-hot
+    targets of the NOISY labels); compute :func:`outlier_scores` at the fitted θ; AUROC, precision at
+    ``k`` and ``2k`` (``k`` = number of flipped labels) of each score against the flipped mask.
+
+    Randomness: ``jax.random.key(config.seed)`` is split into independent keys for the flips, the
+    initialisation and the minibatches.
+
+    Args:
+        config: the study's options (``None``: the defaults of :class:`OutlierConfig`).
+        data: ``None`` to load the Fashion-MNIST train split (``config.classes``, first ``config.n``), or a
+            :class:`nlis_jax.experiments.datasets.Dataset` / a pair ``(x, labels)``: ``x`` of shape
+            ``(n, h, w)`` (images, pooled by ``config.pool``) or ``(n, d)``, ``labels`` integers
+            ``0..K-1`` (``K`` = ``max + 1``); the first ``config.n`` are used.
+        out_dir: if given, write ``results.json``, ``scores.npz`` (every score, the flipped mask and the
+            labels) and one ``grid_<score>.png`` per grid score there.
+        progress: log the stages to stderr and show the fit's progress bar.
+
+    Returns:
+        A JSON-ready dict: ``metrics`` (per score: ``auroc``, ``precision_at_k``, ``precision_at_2k``,
+        ``kind`` = ``"nonlinear"`` or ``"baseline"``), ``best_nonlinear``, ``best_overall``, ``n``, ``p``,
+        ``k`` (outputs), ``num_flipped``, ``accuracy`` (training accuracy on the noisy and on the clean
+        labels), ``diagnostics``, ``timings`` (seconds) and ``config``; plus ``files`` when ``out_dir``
+        is given.
+
+    Raises:
+        nlis_jax.experiments.datasets.DatasetNotFoundError: when ``data`` is ``None`` and Fashion-MNIST is
+            not found.
+    """
+    t_start = time.perf_counter()
+    config = OutlierConfig() if config is None else config
+    if config.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueError('dtype="float64" needs jax.config.update("jax_enable_x64", True).')
+    k_flip, k_init, k_fit = jax.random.split(jax.random.key(config.seed), 3)
+    t0 = time.perf_counter()
+    d = _prepare(k_flip, config, data)
+    timings = {"data_s": time.perf_counter() - t0}
+    _log(
+        progress,
+        f"n = {d.labels.size}, K = {d.num_classes}, {int(d.flipped.sum())} flipped, features {d.xs.shape[1]}",
+    )
+    t0 = time.perf_counter()
+    fitted = jax.block_until_ready(_fit(k_init, k_fit, config, d, progress))
+    timings["fit_s"] = time.perf_counter() - t0
+    scores, info = outlier_scores(APPLY_FN, fitted.params, d.xs, d.ts, num_nodes=config.num_nodes)
+    timings.update(info.pop("timings"))
+    _log(progress, f"fit {timings['fit_s']:.1f}s, scores done, p = {info['p']}")
+    metrics = _metrics(scores, d.flipped)
+    result = _result(config, d, fitted, info, metrics, timings, from_disk=data is None)
+    if out_dir is not None:
+        t0 = time.perf_counter()
+        result["files"] = _write(out_dir, config, result, d, scores)
+        timings["write_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

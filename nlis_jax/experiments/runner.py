@@ -1,0 +1,304 @@
+r"""The sampling study's runner: every scheme at every sample size with repeats, and its summary.
+
+:func:`run_study` names each step: the full-data fit (θ*), the scores shared by a scheme's samples, the
+pilot, the grid of sample fits, the wall-time comparison and the JSON-ready summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+import nlis_jax as nj
+from nlis_jax.experiments import kernels
+from nlis_jax.experiments.configs import METHODS, ORACLE_METHODS, StudyConfig, resolve_size, resolve_sizes
+from nlis_jax.experiments.problems import Problem, make_problem
+from nlis_jax.experiments.report import number, quantiles
+from nlis_jax.experiments.study import (
+    FullFit,
+    batch1,
+    draw,
+    fit_full,
+    fit_samples,
+    full_losses,
+    linear_scores,
+    score_batch,
+    test_accuracy,
+)
+from nlis_jax.experiments.wall_time import compare_wall_time
+
+__all__ = ["StudyResult", "run_study"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Studies
+
+
+class StudyResult(NamedTuple):
+    """A study's results.
+
+    Attributes:
+        summary: JSON-ready dict (see :func:`run_study`).
+        ratios: ``{method: (num_sizes, repeats) array}`` of ``L(θ_S)/L(θ*)``.
+        accuracies: the same layout of test accuracies (classification), else ``None``.
+        sizes: the sample sizes in rows, ascending.
+        full: the :class:`FullFit`.
+    """
+
+    summary: dict
+    ratios: dict
+    accuracies: dict | None
+    sizes: tuple[int, ...]
+    full: FullFit
+
+
+def _rel_change(trace) -> np.ndarray:
+    trace = np.asarray(trace, dtype=np.float64)
+    T = trace.shape[-1]
+    tail = trace[..., int(0.9 * T)] if T >= 10 else trace[..., 0]
+    last = trace[..., -1]
+    return np.abs(tail - last) / np.maximum(np.abs(last), np.finfo(np.float64).tiny)
+
+
+def _config_dict(config: StudyConfig) -> dict:
+    out = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+class _Run(NamedTuple):
+    """What every stage of a study shares: problem, config, sizes, keys, the start point and θ*."""
+
+    problem: Problem
+    config: StudyConfig
+    sizes: tuple[int, ...]
+    method_keys: dict
+    params0: Any
+    full: FullFit
+    log: Any
+
+
+class _Fit(NamedTuple):
+    """``R`` sample fits and their per-call seconds (``score_s`` per repeat)."""
+
+    params: Any
+    trace: Any
+    score_s: float
+    draw_s: float
+    fit_s: float
+
+
+class _Grid:
+    """Results of the grid: ratio and accuracy arrays and per-size records, per scheme."""
+
+    def __init__(self, run: _Run):
+        shape = (len(run.sizes), run.config.repeats)
+        self.run = run
+        self.ratios = {m: np.zeros(shape) for m in run.config.methods}
+        classification = run.problem.task == "classification"
+        self.accuracies = {m: np.zeros(shape) for m in run.config.methods} if classification else None
+        self.records: dict[str, list] = {m: [] for m in run.config.methods}
+
+    def add(self, method: str, i: int, size: int, fit: _Fit) -> None:
+        problem, R = self.run.problem, self.run.config.repeats
+        losses, _ = full_losses(problem, fit.params)
+        ratio = np.asarray(losses, dtype=np.float64) / self.run.full.loss
+        self.ratios[method][i] = ratio
+        record = {
+            "size": int(size),
+            "fraction": size / problem.n,
+            "ratio": quantiles(ratio),
+            "values": [number(v) for v in ratio],
+            "score_s": fit.score_s,
+            "sample_s": fit.draw_s / R,
+            "train_s": fit.fit_s / R,
+            "max_rel_change": number(np.max(_rel_change(fit.trace))),
+        }
+        if self.accuracies is not None:
+            acc, _ = test_accuracy(problem, fit.params)
+            self.accuracies[method][i] = np.asarray(acc)
+            record["test_accuracy"] = quantiles(acc)
+        self.records[method].append(record)
+
+
+def _draw_and_fit(keys, run: _Run, probs, size: int, score_s: float) -> _Fit:
+    (idx, w), draw_s = draw(keys, probs, size)
+    (params, trace), fit_s = fit_samples(run.problem, run.params0, idx, w, num_steps=run.config.num_steps)
+    return _Fit(params, trace, score_s, draw_s, fit_s)
+
+
+def _shared_scores(run: _Run) -> tuple[dict, dict]:
+    """Probabilities computed once per scheme (uniform, linear, oracle) and their seconds."""
+    problem, config, methods = run.problem, run.config, run.config.methods
+    probs: dict[str, jax.Array] = {}
+    seconds: dict[str, float] = {}
+    if "uniform" in methods:
+        probs["uniform"], seconds["uniform"] = nj.uniform_scores(problem.n, problem.dtype), 0.0
+    if "linear_leverage" in methods:
+        probs["linear_leverage"], seconds["linear_leverage"] = linear_scores(problem, mix=config.mix)
+    for method in ORACLE_METHODS:
+        if method in methods:
+            run.log(f"scores {method}")
+            kind = "norm" if method == "nonlinear_norm" else "leverage"
+            batch, seconds[method] = score_batch(problem, batch1(run.full.params), kind=kind, mix=config.mix)
+            probs[method] = batch[0]
+    return probs, seconds
+
+
+def _pilot(key, run: _Run) -> tuple[jax.Array, float]:
+    """One pilot per repeat: uniform sample, fit, leverage at its solution -> ``((R, n), s per repeat)``."""
+    run.log("pilot")
+    problem, R = run.problem, run.config.repeats
+    pilot_size = resolve_size(run.config.pilot_size, problem.n)
+    uniform = nj.uniform_scores(problem.n, problem.dtype)
+    fit = _draw_and_fit(jax.random.split(key, R), run, uniform, pilot_size, 0.0)
+    probs, score_s = score_batch(problem, fit.params, kind="leverage", mix=run.config.mix)
+    return probs, (fit.draw_s + fit.fit_s + score_s) / R
+
+
+def _practical_fits(run: _Run, size: int, pilot_probs, pilot_cost: float) -> dict[str, _Fit]:
+    """``pilot_leverage`` and ``refined_leverage`` at one size (the refinement starts from the pilot
+    scheme's sample solution θ_S of the same repeat)."""
+    R, methods = run.config.repeats, run.config.methods
+    pkeys = jax.random.split(jax.random.fold_in(run.method_keys["pilot_leverage"], size), R)
+    pilot = _draw_and_fit(pkeys, run, pilot_probs, size, pilot_cost)
+    fits = {"pilot_leverage": pilot}
+    if "refined_leverage" in methods:
+        probs, rescore_s = score_batch(run.problem, pilot.params, kind="leverage", mix=run.config.mix)
+        keys = jax.random.split(jax.random.fold_in(run.method_keys["refined_leverage"], size), R)
+        refine_cost = pilot_cost + (pilot.draw_s + pilot.fit_s + rescore_s) / R
+        fits["refined_leverage"] = _draw_and_fit(keys, run, probs, size, refine_cost)
+    return fits
+
+
+def _run_grid(run: _Run, shared: tuple[dict, dict], pilot, bar) -> _Grid:
+    """Every scheme at every size: draw ``R`` samples, fit them, evaluate on the full data."""
+    grid = _Grid(run)
+    shared_probs, shared_s = shared
+    for i, size in enumerate(run.sizes):
+        practical = None
+        for method in run.config.methods:
+            run.log(f"{method} s={size}")
+            if method in shared_probs:
+                keys = jax.random.split(jax.random.fold_in(run.method_keys[method], size), run.config.repeats)
+                fit = _draw_and_fit(keys, run, shared_probs[method], size, shared_s[method])
+            else:
+                practical = practical or _practical_fits(run, size, *pilot)
+                fit = practical[method]
+            grid.add(method, i, size, fit)
+            if bar is not None:
+                bar.update(run.config.repeats)
+    return grid
+
+
+def _full_summary(run: _Run) -> dict:
+    full, radius = run.full, run.config.radius
+    leaves = jax.tree.leaves(full.params)
+    theta_norm = float(np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in leaves)))
+    out = {
+        "loss": full.loss,
+        "time_s": full.time_s,
+        "compile_s": full.compile_s,
+        "num_steps": full.num_steps,
+        "rel_change": full.rel_change,
+        "theta_norm": theta_norm,
+        "constraint_active": None if radius is None else bool(theta_norm >= radius * (1 - 1e-6)),
+    }
+    if run.problem.task == "classification":
+        acc, _ = test_accuracy(run.problem, batch1(full.params))
+        out["test_accuracy"] = float(acc[0])
+    return out
+
+
+def _summary(run: _Run, grid: _Grid, score_s: dict, timing, compile0: dict) -> dict:
+    problem, config, methods = run.problem, run.config, run.config.methods
+    need_pilot = any(m in methods for m in ("pilot_leverage", "refined_leverage"))
+    stats = kernels.compile_stats()
+    return {
+        "dataset": problem.name,
+        "n": problem.n,
+        "p": problem.num_params,
+        "info": problem.info,
+        "config": _config_dict(config),
+        "sizes": list(run.sizes),
+        "pilot_size": resolve_size(config.pilot_size, problem.n) if need_pilot else None,
+        "full": _full_summary(run),
+        "methods": {m: {"score_s": score_s.get(m), "results": grid.records[m]} for m in methods},
+        "timing": timing,
+        "compile": {k: stats[k] - compile0[k] for k in ("count", "seconds")},
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+    }
+
+
+def _progress_bar(run_total: int, name: str, progress: bool):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run_total, desc=name, unit="fit", leave=False)
+
+
+def run_study(
+    key: jax.Array,
+    config: StudyConfig,
+    *,
+    problem: Problem | None = None,
+    progress: bool = False,
+) -> StudyResult:
+    r"""Run every scheme of ``config.methods`` at every size with ``config.repeats`` repeats.
+
+    For each scheme and sample size ``s``: draw ``R`` samples (with replacement, weights ``1/(s p_i)``),
+    fit each from the same initial point with ``config.num_steps`` projected steps (one vmapped call),
+    and report ``L(θ_S)/L(θ*)`` on the full data. Oracle schemes score at θ* (:func:`fit_full`);
+    ``pilot_leverage`` at a pilot fitted on a uniform sample of ``pilot_size`` rows (one pilot per repeat,
+    shared by all sizes); ``refined_leverage`` re-scores at the ``pilot_leverage`` solution of the same
+    repeat and size and fits a fresh sample.
+
+    Keys: ``key`` splits into (init, pilot, draws, timing); the draws of a scheme at size ``s`` come from
+    ``fold_in(split(draws, len(METHODS))[scheme], s)`` split into ``R`` keys, so a scheme's samples at a
+    size do not depend on which other schemes or sizes run. No key is used twice.
+
+    Args:
+        key: ``jax.random.key(seed)``.
+        config: the study (:class:`CaliforniaConfig`, :class:`SyntheticConfig`, ...).
+        problem: a prebuilt :func:`make_problem` (else built from ``config``).
+        progress: tqdm bar over methods × sizes × repeats on stderr.
+
+    Returns:
+        :class:`StudyResult`. ``summary`` holds ``dataset``, ``n``, ``p``, ``info``, ``config``, ``full``
+        (θ*'s loss, time, steps, norm, convergence), ``methods`` (per scheme: ``score_s`` and a list of
+        per-size records with ``size``, ``fraction``, ``ratio`` quantiles and ``values``,
+        ``test_accuracy`` (classification), ``score_s`` / ``sample_s`` / ``train_s`` per repeat (the
+        vmapped wall time divided by ``R``) and ``max_rel_change`` (convergence of the sample fits)),
+        ``timing`` (:func:`compare_wall_time`, when ``config.timing_size``) and ``compile``.
+    """
+    problem = make_problem(config) if problem is None else problem
+    sizes = resolve_sizes(config.sizes, problem.n)
+    compile0 = kernels.compile_stats()
+    k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
+    method_keys = dict(zip(METHODS, jax.random.split(k_draw, len(METHODS)), strict=True))
+    params0 = problem.init(k_init)
+    bar = _progress_bar(len(config.methods) * len(sizes) * config.repeats, problem.name, progress)
+    log = (lambda text: bar.set_postfix_str(text)) if bar is not None else (lambda text: None)
+    log("full-data fit")
+    full = fit_full(problem, params0, num_steps=config.steps_full)
+    run = _Run(problem, config, sizes, method_keys, params0, full, log)
+    probs, score_s = _shared_scores(run)
+    pilot = (None, 0.0)
+    if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
+        pilot = _pilot(k_pilot, run)
+        score_s["pilot_leverage"] = pilot[1]
+    grid = _run_grid(run, (probs, score_s), pilot, bar)
+    if bar is not None:
+        bar.close()
+    timing = None
+    if config.timing_size is not None:
+        log("wall-time comparison")
+        size = resolve_size(config.timing_size, problem.n)
+        timing = compare_wall_time(k_timing, problem, full, params0, size=size, config=config)
+    summary = _summary(run, grid, score_s, timing, compile0)
+    return StudyResult(summary, grid.ratios, grid.accuracies, sizes, full)

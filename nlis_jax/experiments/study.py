@@ -1,0 +1,205 @@
+r"""Sampling studies: ``L(θ_S) / L(θ*)`` on the full data against the sample size, per scheme.
+
+The pieces are pure functions over a :class:`~nlis_jax.experiments.Problem`:
+
+* :func:`fit_full` -- θ*, the full-data solution under the constraint, by :func:`nlis_jax.fit`;
+* :func:`score` -- a scheme's sampling probabilities (uniform, linear leverage, dual leverage or norm);
+* :func:`draw` -- ``R`` independent weighted samples (:func:`nlis_jax.sample`, vmapped over keys);
+* :func:`fit_samples` -- the ``R`` sample fits at once: :func:`nlis_jax.make_train_step` in a
+  ``lax.scan``, vmapped over the repeats, so repeats cost one compiled call;
+* :func:`full_losses` / :func:`test_accuracy` -- evaluation of the ``R`` solutions on the full data;
+
+:func:`~nlis_jax.experiments.run_study` runs them over the grid of schemes × sizes × repeats.
+
+The kernels (:mod:`nlis_jax.experiments.kernels`) are module-level jitted functions: compile time is
+reported apart from run time, and repeats, methods and studies of the same shapes never recompile
+(:func:`~nlis_jax.experiments.compile_stats` counts compilations).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nlis_jax as nj
+from nlis_jax.experiments import kernels
+from nlis_jax.experiments.configs import METHODS
+from nlis_jax.experiments.problems import Problem, make_optimizer
+
+__all__ = [
+    "FullFit",
+    "batch1",
+    "draw",
+    "fit_full",
+    "fit_samples",
+    "full_losses",
+    "linear_scores",
+    "score",
+    "score_batch",
+    "test_accuracy",
+]
+
+DUAL_METHODS = ("nonlinear_leverage", "pilot_leverage", "refined_leverage", "nonlinear_norm")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public pure functions
+
+
+class FullFit(NamedTuple):
+    """The full-data solution θ* and the cost of computing it.
+
+    Attributes:
+        params: θ*.
+        loss: ``L(θ*)`` (sum of squared residuals over the full data).
+        losses: ``(num_steps,)`` NumPy array, ``L(θ_t)`` before each update (the training curve).
+        time_s: wall time of the (compiled) training run.
+        compile_s: wall time of the warm-up that compiled it (one scan segment).
+        num_steps: steps run.
+        rel_change: ``|L_T − L_{0.9T}| / L_T``, a convergence diagnostic.
+    """
+
+    params: Any
+    loss: float
+    losses: np.ndarray
+    time_s: float
+    compile_s: float
+    num_steps: int
+    rel_change: float
+
+
+def batch1(params):
+    """``params`` with a leading axis of length 1 (one repeat)."""
+    return jax.tree.map(lambda a: jnp.asarray(a)[None], params)
+
+
+def _full_optimizer(problem: Problem, num_steps: int):
+    """The optimizer of the full-data fit: the sample fits' iteration with ``w = 1``."""
+    if problem.optimizer == "gd":
+        lr = problem.learning_rate
+        if problem.curvature is not None:
+            ones = jnp.ones((problem.n,), problem.dtype)
+            lr = lr / float(jax.jit(problem.curvature)(problem.xs, ones))
+        return make_optimizer("gd", float(lr), num_steps)
+    return make_optimizer(problem.optimizer, problem.learning_rate, num_steps)
+
+
+def fit_full(problem: Problem, params0, *, num_steps: int, num_segments: int = 10) -> FullFit:
+    r"""θ* by :func:`nlis_jax.fit` on the full data (unit weights), with the study's optimizer.
+
+    ``"gd"`` takes the step ``learning_rate / L̂(X, 1)``, the same iteration as :func:`fit_samples` with
+    unit weights. A warm-up of one scan segment compiles first, so ``time_s`` is steady-state wall time.
+    """
+    optimizer = _full_optimizer(problem, num_steps)
+    num_segments = max(1, min(num_segments, num_steps))
+    segment_len = math.ceil(num_steps / num_segments)
+    common = dict(optimizer=optimizer, projection=problem.projection, loss="squared", progress=False)
+    data = (problem.apply_fn, params0, problem.xs, problem.ys)
+    t0 = time.perf_counter()
+    jax.block_until_ready(nj.fit(*data, num_steps=segment_len, num_segments=1, **common))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(nj.fit(*data, num_steps=num_steps, num_segments=num_segments, **common))
+    time_s = time.perf_counter() - t0
+    losses = np.asarray(result.losses, dtype=np.float64)
+    loss = float(result.final_loss)
+    tail = losses[int(0.9 * num_steps)] if num_steps >= 10 else losses[0]
+    return FullFit(
+        params=result.params,
+        loss=loss,
+        losses=losses,
+        time_s=time_s,
+        compile_s=compile_s,
+        num_steps=num_steps,
+        rel_change=abs(tail - loss) / abs(loss),
+    )
+
+
+def linear_scores(problem: Problem, *, kind: str = "leverage", mix: float = 0.0):
+    """Leverage or norm scores of ``problem.linear_design``: ``((n,) probs, seconds)``."""
+    return kernels.timed(kernels.matrix_score_kernel, problem.linear_design, kind=kind, mix=float(mix))
+
+
+def score(method: str, problem: Problem, params=None, *, mix: float = 0.0) -> jax.Array:
+    r"""Sampling probabilities ``(n,)`` of one scheme.
+
+    Args:
+        method: ``"uniform"``, ``"linear_leverage"`` (leverage of ``problem.linear_design``),
+            ``"linear_norm"``, or a dual-matrix scheme: ``"nonlinear_leverage"``, ``"pilot_leverage"``,
+            ``"refined_leverage"`` (leverage of ``F̃(params)``) or ``"nonlinear_norm"`` (its row norms).
+        problem: the :class:`Problem`.
+        params: the parameters the dual matrix is taken at (θ*, a pilot θ̂ or a sample's θ_S); ignored by
+            uniform and linear scores.
+        mix: ``α`` of :func:`nlis_jax.mix_with_uniform` (not applied to uniform).
+
+    Returns:
+        Probabilities, shape ``(n,)``.
+    """
+    if method == "uniform":
+        return nj.uniform_scores(problem.n, problem.dtype)
+    if method in ("linear_leverage", "linear_norm"):
+        kind = "leverage" if method == "linear_leverage" else "norm"
+        return linear_scores(problem, kind=kind, mix=mix)[0]
+    if method in DUAL_METHODS:
+        if params is None:
+            raise ValueError(f"method {method!r} scores the dual matrix at some params; pass params.")
+        kind = "norm" if method == "nonlinear_norm" else "leverage"
+        return score_batch(problem, batch1(params), kind=kind, mix=mix)[0][0]
+    raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['linear_norm']}.")
+
+
+def score_batch(problem: Problem, params_batch, *, kind: str = "leverage", mix: float = 0.0):
+    """Dual scores at each of ``R`` parameter sets (leading axis): ``((R, n) probs, seconds)``."""
+    kernel = kernels.dual_score_kernel
+    return kernels.timed(
+        kernel, params_batch, problem.xs, problem.ys, dual_fn=problem.dual_fn, kind=kind, mix=float(mix)
+    )
+
+
+def draw(keys: jax.Array, probs: jax.Array, num_samples: int):
+    """``R = len(keys)`` independent samples with replacement: ``((idx (R, s), w (R, s)), seconds)``.
+
+    ``probs`` is ``(n,)`` (shared) or ``(R, n)`` (one distribution per repeat); weights ``1/(s p_i)``.
+    """
+    return kernels.timed(kernels.draw_kernel, keys, probs, num_samples=int(num_samples))
+
+
+def fit_samples(problem: Problem, params0, idx: jax.Array, weights: jax.Array, *, num_steps: int):
+    """Fit ``R`` weighted samples at once (vmapped ``lax.scan`` of projected steps from ``params0``).
+
+    Returns:
+        ``((params (R, ...), trace (R, num_steps)), seconds)``; ``trace`` is the weighted mean sample
+        loss before each update.
+    """
+    return kernels.timed(
+        kernels.fit_kernel,
+        params0,
+        problem.xs,
+        problem.ys,
+        idx,
+        weights,
+        problem.projection,
+        apply_fn=problem.apply_fn,
+        curvature=problem.curvature,
+        optimizer=make_optimizer(problem.optimizer, problem.learning_rate, num_steps),
+        num_steps=num_steps,
+    )
+
+
+def full_losses(problem: Problem, params_batch):
+    """``((R,) full-data losses L(θ_r), seconds)``."""
+    return kernels.timed(kernels.loss_kernel, params_batch, problem.xs, problem.ys, apply_fn=problem.apply_fn)
+
+
+def test_accuracy(problem: Problem, params_batch):
+    """``((R,) test accuracies, seconds)`` (classification problems only)."""
+    if problem.task != "classification":
+        raise ValueError("test_accuracy needs a classification problem.")
+    return kernels.timed(
+        kernels.accuracy_kernel, params_batch, problem.x_test, problem.labels_test, apply_fn=problem.apply_fn
+    )

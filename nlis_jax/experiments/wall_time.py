@@ -1,0 +1,122 @@
+r"""End-to-end wall time of practical sampling schemes against full-data training to the same loss."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import nlis_jax as nj
+from nlis_jax.experiments.configs import StudyConfig, resolve_size
+from nlis_jax.experiments.problems import Problem
+from nlis_jax.experiments.report import steps_to_converge, steps_to_loss
+from nlis_jax.experiments.study import FullFit, draw, fit_samples, full_losses, linear_scores, score_batch
+
+__all__ = ["compare_wall_time"]
+
+#: The schemes :func:`compare_wall_time` knows how to time.
+TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
+
+
+def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConfig) -> tuple:
+    """``(probs, score_s, pilot_s, pilot_converged_s)`` of one run of a practical scheme."""
+    uniform = nj.uniform_scores(problem.n, problem.dtype)
+    if method == "uniform":
+        return uniform, 0.0, 0.0, 0.0
+    if method == "linear_leverage":
+        probs, score_s = linear_scores(problem, mix=config.mix)
+        return probs, score_s, 0.0, 0.0
+    if method == "pilot_leverage":
+        pilot_size = resolve_size(config.pilot_size, problem.n)
+        (idx, w), t_draw = draw(key[None], uniform, pilot_size)
+        (pilot, trace), t_fit = fit_samples(problem, params0, idx, w, num_steps=config.num_steps)
+        converged_s = t_draw + t_fit * steps_to_converge(trace[0]) / config.num_steps
+        probs, score_s = score_batch(problem, pilot, kind="leverage", mix=config.mix)
+        return probs[0], score_s, t_draw + t_fit, converged_s
+    raise ValueError(f"compare_wall_time: {method!r} is not a practical scheme here.")
+
+
+def _one_run(key, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
+    """Pilot, score, draw and train once (``R = 1``); the full-data time to the same loss."""
+    k_pilot, k_sample = jax.random.split(key)
+    probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config)
+    (idx, w), sample_s = draw(k_sample[None], probs, size)
+    (params, trace), train_s = fit_samples(problem, params0, idx, w, num_steps=config.num_steps)
+    loss = float(full_losses(problem, params)[0][0])
+    steps = steps_to_loss(full.losses, loss)
+    train_steps = steps_to_converge(trace[0])
+    step_s = full.time_s / full.num_steps
+    return {
+        "pilot_s": pilot_s,
+        "score_s": score_s,
+        "sample_s": sample_s,
+        "train_s": train_s,
+        "total_s": pilot_s + score_s + sample_s + train_s,
+        "train_steps_to_converge": train_steps,
+        "total_converged_s": pilot_conv_s + score_s + sample_s + train_s * train_steps / config.num_steps,
+        "ratio": loss / full.loss,
+        "full_steps_to_loss": steps,
+        "full_time_to_loss_s": None if steps is None else steps * step_s,
+    }
+
+
+def _medians(rows: list[dict]) -> dict:
+    """Medians over runs and the speed-ups (full-data time to the loss over the scheme's time)."""
+    to_loss = [r["full_time_to_loss_s"] for r in rows if r["full_time_to_loss_s"] is not None]
+    med_total = float(np.median([r["total_s"] for r in rows]))
+    med_conv = float(np.median([r["total_converged_s"] for r in rows]))
+    med_full = float(np.median(to_loss)) if to_loss else None
+    return {
+        "runs": rows,
+        "total_s": med_total,
+        "total_converged_s": med_conv,
+        "full_time_to_loss_s": med_full,
+        "speedup": None if med_full is None or med_total == 0 else med_full / med_total,
+        "speedup_converged": None if med_full is None or med_conv == 0 else med_full / med_conv,
+        "ratio": float(np.median([r["ratio"] for r in rows])),
+    }
+
+
+def compare_wall_time(
+    key: jax.Array,
+    problem: Problem,
+    full: FullFit,
+    params0,
+    *,
+    size: int,
+    config: StudyConfig,
+    methods: tuple[str, ...] = TIMED_METHODS,
+    runs: int = 3,
+) -> dict:
+    r"""End-to-end wall time of practical schemes against full-data training to the same loss.
+
+    For each scheme and each of ``runs`` independent runs (one sample each, ``R = 1``): time the pilot
+    (uniform draw + fit; ``pilot_leverage`` only), the scoring, the draw and the training on ``size``
+    rows, each a compiled call timed apart from its compilation. The sample solution's full-data loss
+    ``L(θ_S)`` sets the target; full-data training (:func:`fit_full`'s run) reaches it after
+    ``t = steps_to_loss(full.losses, L(θ_S))`` steps, which take ``t · full.time_s / full.num_steps``.
+
+    The sample fits run the study's fixed ``num_steps``; as the full-data side is charged only the steps
+    it needs, ``*_converged`` entries also charge the pilot and sample fits only their
+    :func:`steps_to_converge` (objective within ``1e-6`` of its final value), pro rata.
+
+    Returns:
+        JSON-ready dict: ``size``, ``full`` (``time_s``, ``num_steps``, ``step_s``) and per scheme the
+        ``runs`` list (``pilot_s``, ``score_s``, ``sample_s``, ``train_s``, ``total_s``,
+        ``total_converged_s``, ``ratio``, ``full_steps_to_loss``, ``full_time_to_loss_s``) with medians
+        ``total_s``, ``total_converged_s``, ``full_time_to_loss_s``, ``speedup`` and
+        ``speedup_converged`` (full-data time to the loss over the scheme's time).
+    """
+    step_s = full.time_s / full.num_steps
+    out = {
+        "size": int(size),
+        "pilot_size": resolve_size(config.pilot_size, problem.n),
+        "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
+        "methods": {},
+    }
+    for method, mkey in zip(methods, jax.random.split(key, len(methods)), strict=True):
+        rows = [
+            _one_run(rkey, method, problem, full, params0, size, config)
+            for rkey in jax.random.split(mkey, runs)
+        ]
+        out["methods"][method] = _medians(rows)
+    return out

@@ -1,0 +1,317 @@
+r"""The one implementation of the leverage routes: equilibration, rank tolerance, route choice, bases.
+
+Leverage of row ``i`` of an ``(n, m)`` row matrix ``A`` of rank ``r`` is ``h_i = ‖U_i‖²``, ``U`` an
+orthonormal basis of ``range(A)``. Every route writes ``U = A M`` with a small ``(m, m)`` transform ``M``,
+decided on the ``m × m`` Gram matrix ``G = AᵀA`` only, so the same code serves a dense ``A`` (one Gram
+product), a streamed ``A`` (the Gram matrix accumulated chunk by chunk) and a sketched or projected ``A``.
+
+Decisions are made on the column-equilibrated ``G_eq = D⁻¹GD⁻¹ = L Lᵀ`` (``D`` the column norms, read off
+the diagonal of ``G``; see :func:`equilibrate`), with ``κ(G_eq)`` estimated by power and inverse iteration
+on the Cholesky factor (a failed Cholesky counts as singular):
+
+0. ``"gram"`` (``κ(G_eq) ≤ eps^{-1/4}``): ``M = D⁻¹ L⁻ᵀ``; orthogonality error ``~ eps·κ(G_eq)``.
+1. ``"gram2"`` (``κ(G_eq) ≤ 1/(1000·eps)``): one more CholeskyQR step on ``U₁ = A D⁻¹ L⁻ᵀ``
+   (CholeskyQR2, Fukaya et al. 2014), which restores orthogonality to ``O(eps)`` whenever
+   ``eps·κ(A)² < 1``: ``M = M₁ M₂`` with ``M₂`` from the Gram matrix of ``U₁`` (:func:`refine_transform`).
+2. ``"stable"`` (otherwise: ill-conditioned or rank-deficient): an R factor of ``A`` (Householder QR, or
+   a streaming TSQR), ``R D⁻¹ = W S Vᵀ`` and ``M = D⁻¹ V S⁻¹`` over the singular values above
+   ``rtol · σ_max`` (rank = their number), see :func:`stable_transform`.
+
+Entry points: :func:`basis` / :func:`row_leverage` for a row matrix held whole (dense scores, the
+sketched ``Y = F̃V``, a projected ``F̃Ω``); :func:`transform_from_passes` and :func:`apply_transform` for a
+row matrix seen only through passes over chunks of rows (streaming), from the accumulated Gram matrix.
+
+The fast routes call no LAPACK routine after the Gram product: the Cholesky factor, the ``κ`` estimate
+and ``L⁻ᵀ`` are pure XLA (see benchmarks/README.md for the measurements behind this choice).
+Exactly-zero columns (dead ReLU units, a zero offset column) are set aside by the equilibration: they
+count neither in the rank nor against the conditioning.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nlis_jax._checks import check_choice, check_finite, check_floating
+from nlis_jax._precision import highest_precision
+from nlis_jax._types import Array
+
+#: Names of the routes; a ``route`` output is an int32 index into this tuple.
+ROUTES = ("gram", "gram2", "stable")
+
+
+class GramDecision(NamedTuple):
+    """What the Gram matrix decides: the route, the first transform, the rank of the fast routes, ``D``."""
+
+    route: Array  # int32 index into ROUTES
+    transform: Array  # (m, m): U₁ = A @ transform (orthonormal to ~eps·κ on the fast routes)
+    rank: Array  # m minus the exactly-zero columns (the rank on the fast routes)
+    scale: Array  # (m,) column norms D (1 for zero columns)
+
+
+def default_rtol(dtype) -> float:
+    """Rank tolerance relative to ``σ_max`` of the equilibrated matrix: ``10·eps`` of ``dtype``.
+
+    Independent of ``n``: the trailing singular values of exactly rank-deficient inputs come out at
+    a few ``eps·σ_max``, so ``10·eps`` separates them, while ``max(n, m)·eps`` (numpy's default) grows
+    with ``n`` and, in float32, drops genuine directions of ill-conditioned dual matrices.
+    """
+    return 10.0 * float(jnp.finfo(dtype).eps)
+
+
+def check_route(route: str | None) -> None:
+    """Raise ``ValueError`` unless ``route`` is ``None`` or a name in :data:`ROUTES`."""
+    if route is not None:
+        check_choice("route", route, ROUTES)
+
+
+def as_rows(F: Array, name: str = "F") -> tuple[Array, tuple[int, ...]]:
+    """Accept ``(n, m)`` or block ``(n, k, m)``; return the ``(n·k, m)`` row matrix and the leading shape."""
+    F = jnp.asarray(F)
+    if F.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a matrix (n, m) or a block matrix (n, k, m), got shape {F.shape}.")
+    if 0 in F.shape:
+        raise ValueError(f"{name} must be non-empty, got shape {F.shape}.")
+    check_floating(name, F)
+    check_finite(name, F)
+    return F.reshape(-1, F.shape[-1]), F.shape[:-1]
+
+
+def gram(A: Array) -> Array:
+    """``AᵀA`` of an ``(n, m)`` row matrix (trace under :func:`highest_precision`)."""
+    return jnp.einsum("np,nq->pq", A, A)
+
+
+def equilibrate(G: Array) -> tuple[Array, Array, Array]:
+    """Column-equilibrate a Gram matrix: ``(D⁻¹ G D⁻¹ + E, d, num_zero)``, ``D`` = column norms.
+
+    ``range(A)`` is unchanged by scaling columns, so rank and route are decided on ``A D⁻¹``: columns of
+    a dual matrix differ in scale by orders of magnitude between layers, and unscaled their smallest
+    singular values sink under the rank tolerance. Exactly-zero columns get a unit diagonal ``E``: they
+    then add an isolated eigenvalue 1 whose basis column ``A e_j`` is zero, so they neither count in the
+    rank nor push a well-conditioned matrix off the fast route. ``d`` is 1 for zero columns.
+    """
+    norms = jnp.sqrt(jnp.diagonal(G))
+    zero = norms == 0
+    d = jnp.where(zero, jnp.ones_like(norms), norms)
+    return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
+
+
+def choose_route(ratio: Array) -> Array:
+    """Index into :data:`ROUTES` from ``1/κ(G_eq) = λ_min/λ_max`` (0: singular)."""
+    eps = jnp.finfo(ratio.dtype).eps
+    return jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2)).astype(jnp.int32)
+
+
+def extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
+    """``(λ_max, λ_min)`` of an SPD ``G = L Lᵀ`` by power and inverse iteration (Rayleigh quotients).
+
+    Pure XLA (matrix-vector products and triangular solves on ``m``-vectors): no LAPACK call.
+    """
+    m = G.shape[0]
+    x0 = 1.0 + jnp.arange(m, dtype=G.dtype) / m  # not orthogonal to any eigenvector in practice
+    x0 = x0 / jnp.linalg.norm(x0)
+
+    def power(x, _):
+        y = G @ x
+        return y / jnp.linalg.norm(y), None
+
+    def inverse(x, _):
+        y = jax.scipy.linalg.solve_triangular(L, x, lower=True)
+        y = jax.scipy.linalg.solve_triangular(L, y, lower=True, trans=1)
+        return y / jnp.linalg.norm(y), None
+
+    top = lax.scan(power, x0, None, length=iters)[0]
+    bottom = lax.scan(inverse, x0, None, length=iters)[0]
+    return top @ (G @ top), bottom @ (G @ bottom)
+
+
+def lower_inverse_t(L: Array) -> Array:
+    """``L⁻ᵀ`` of a lower-triangular ``(m, m)`` ``L`` by forward substitution, row by row (``O(m³)``).
+
+    A ``lax.fori_loop`` of vector operations rather than ``solve_triangular`` on the identity, which on
+    a CPU is a LAPACK call that waits for its threads right after a large matrix product.
+    """
+    m = L.shape[0]
+    eye = jnp.eye(m, dtype=L.dtype)
+
+    def row(i, X):  # rows >= i of X are still zero, so L[i] @ X only sees rows < i
+        return X.at[i].set((eye[i] - L[i] @ X) / L[i, i])
+
+    return lax.fori_loop(0, m, row, jnp.zeros_like(L)).T
+
+
+def decide(G: Array, route: str | None = None) -> GramDecision:
+    """The route (chosen from ``κ(G_eq)``, or forced by name) and the Cholesky transform ``D⁻¹L⁻ᵀ``.
+
+    Shared by :func:`basis` (``A`` held whole) and :func:`transform_from_passes` (only the Gram matrix
+    ``G = AᵀA``, accumulated over chunks of rows), so both take the same route for the same matrix.
+    """
+    Geq, d, num_zero = equilibrate(G)
+    m = Geq.shape[0]
+    eye = jnp.eye(m, dtype=G.dtype)
+    L = jnp.linalg.cholesky(Geq)
+    chol_ok = jnp.all(jnp.isfinite(L))
+    L = jnp.where(chol_ok, L, eye)
+    lam_max, lam_min = extreme_eigenvalues(Geq, L)
+    ratio = jnp.where(chol_ok & (lam_min > 0), lam_min / lam_max, 0.0)
+    branch = choose_route(ratio) if route is None else jnp.asarray(ROUTES.index(route), jnp.int32)
+    return GramDecision(branch, lower_inverse_t(L) / d[:, None], (m - num_zero).astype(jnp.int32), d)
+
+
+def refine_transform(G2: Array) -> Array:
+    """``M₂`` of one CholeskyQR step: ``U₁ M₂`` is orthonormal to ``O(eps)`` given ``G2 = U₁ᵀU₁``.
+
+    Columns of ``U₁`` dropped by a rank tolerance are exactly zero and stay zero.
+    """
+    Geq, d, _ = equilibrate(G2)
+    eye = jnp.eye(Geq.shape[0], dtype=Geq.dtype)
+    L = jnp.linalg.cholesky(Geq)
+    ok = jnp.all(jnp.isfinite(L))  # U₁ is near-orthonormal, so this holds but for a broken input
+    return jnp.where(ok, lower_inverse_t(jnp.where(ok, L, eye)) / d[:, None], eye)
+
+
+def stable_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array]:
+    """``(M, rank)`` from an R factor of ``A``: ``A D⁻¹ = Q (R D⁻¹) = Q W S Vᵀ``, ``M = D⁻¹ V S⁻¹``.
+
+    ``A M = Q W`` over the singular values above ``rtol · s_max``: orthonormal to ``~eps·κ``; the other
+    columns of ``M`` are zero.
+    """
+    _, s, Vt = jnp.linalg.svd(R / scale[None, :])
+    keep = s > rtol * s[0]
+    inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
+    return (Vt.T * inv_s[None, :]) / scale[:, None], jnp.sum(keep).astype(jnp.int32)
+
+
+class Transform(NamedTuple):
+    """``U = A first`` (``refine`` false) or ``(A first) second``: an orthonormal basis of ``range(A)``."""
+
+    first: Array  # (m, m)
+    second: Array  # (m, m): the CholeskyQR refinement (route "gram2", or "stable" below float64)
+    refine: Array  # bool: apply ``second``
+    rank: Array  # int32
+    route: Array  # int32 index into ROUTES
+
+
+def transform_from_passes(
+    G: Array,
+    gram_pass: Callable[[Array], Array],
+    r_factor: Callable[[], Array],
+    rtol: Array,
+    route: str | None = None,
+) -> Transform:
+    """The route and its :class:`Transform` for a row matrix ``A`` seen only through passes over its rows.
+
+    ``G = AᵀA`` decides the route (:func:`decide`); ``gram_pass(M)`` must return ``(A M)ᵀ(A M)`` (one
+    more pass, taken on route ``"gram2"``, and on ``"stable"`` below float64) and ``r_factor()`` an R
+    factor of ``A`` (a TSQR pass, route ``"stable"`` only). :func:`apply_transform` then gives the
+    basis or the leverage of any rows of ``A``: the route, rank and arithmetic of :func:`basis` on
+    ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs all of ``A``).
+    """
+    dec = decide(G, route)
+    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    no, yes = jnp.asarray(False), jnp.asarray(True)
+
+    def one_pass():
+        return dec.transform, eye, no, dec.rank
+
+    def two_pass():
+        return dec.transform, refine_transform(gram_pass(dec.transform)), yes, dec.rank
+
+    def stable():
+        M, rank = stable_transform(r_factor(), dec.scale, rtol)
+        if G.dtype == jnp.float64:
+            return M, eye, no, rank
+        return M, refine_transform(gram_pass(M)), yes, rank
+
+    first, second, refine, rank = lax.switch(dec.route, (one_pass, two_pass, stable))
+    return Transform(first, second, refine, rank, dec.route)
+
+
+def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
+    """Rows ``A`` mapped to the basis, ``(A first) second`` (or their squared norms)."""
+    U1 = A @ t.first
+    return lax.cond(
+        t.refine,
+        lambda U: transform_rows(U, t.second, row_norms),
+        lambda U: jnp.sum(jnp.square(U), axis=1) if row_norms else U,
+        U1,
+    )
+
+
+def transform_rows(A: Array, M: Array, row_norms: bool = False) -> Array:
+    """``A M``, or its squared row norms ``‖(A M)_i‖²`` (fused: ``A M`` is never written to memory)."""
+    return jnp.sum(jnp.square(A @ M), axis=1) if row_norms else A @ M
+
+
+def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array]:
+    """``(M, eff_dim)`` with ``‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
+
+    ``eff_dim = tr(G (G + λI)^{-1})``, the sum of the ridge leverage.
+    """
+    lam, V = jnp.linalg.eigh(G)
+    lam = jnp.maximum(lam, 0)
+    return V * lax.rsqrt(lam + ridge)[None, :], jnp.sum(lam / (lam + ridge))
+
+
+@functools.partial(jax.jit, static_argnames=("route", "row_norms"))
+@highest_precision
+def basis(
+    A: Array, rtol: Array, route: str | None = None, row_norms: bool = False
+) -> tuple[Array, Array, Array]:
+    """``(U, rank, route)`` of an ``(n, m)`` row matrix, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
+
+    ``route=None`` chooses from ``κ``; a name forces that route. In float64 the stable route forms the
+    Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``); in lower precision the input's own
+    rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
+    more on a CPU) followed by one CholeskyQR step is as good.
+    """
+    dec = decide(gram(A), route)
+
+    def refine(U1, rank):
+        return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
+
+    def one_pass(A):
+        return transform_rows(A, dec.transform, row_norms), dec.rank
+
+    def two_pass(A):
+        return refine(A @ dec.transform, dec.rank)
+
+    def stable(A):
+        if A.dtype == jnp.float64:
+            Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
+            W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
+            keep = s > rtol * s[0]
+            return transform_rows(Q, W * keep[None, :], row_norms), jnp.sum(keep).astype(jnp.int32)
+        M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), dec.scale, rtol)
+        return refine(A @ M, rank)
+
+    out, rank = lax.switch(dec.route, (one_pass, two_pass, stable), A)
+    return out, rank, dec.route
+
+
+def sum_per_example(h: Array, lead: tuple[int, ...]) -> Array:
+    """Values of the ``n·k`` rows summed per example: ``(n,)``; ``lead`` is ``(n,)`` or ``(n, k)``."""
+    return h.reshape(lead).sum(axis=tuple(range(1, len(lead))))
+
+
+@functools.partial(jax.jit, static_argnames=("lead", "route"))
+@highest_precision
+def row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None = None):
+    """``(h, rank, route)``: leverage of the rows of ``A`` summed per example (``lead`` the leading shape)."""
+    h, rank, taken = basis(A, rtol, route=route, row_norms=True)
+    return sum_per_example(h, lead), rank, taken
+
+
+@functools.partial(jax.jit, static_argnames=("lead",))
+@highest_precision
+def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array]:
+    """Ridge leverage of the rows of ``A`` summed per example, and the effective dimension ``Σ h``."""
+    M, _ = ridge_transform(gram(A), ridge)
+    h = sum_per_example(transform_rows(A, M, row_norms=True), lead)
+    return h, jnp.sum(h)
