@@ -34,6 +34,9 @@ from nlis_jax._types import Array
 #: norm): above the rounding of the Cholesky factorisation, small enough to keep ``κ(Y)`` near 1.
 SHIFT = 0.1
 
+#: Tenfold increases of the shift tried when the shifted Cholesky factorisation still fails.
+SHIFT_TRIES = 6
+
 #: Above this size, triangular inverses go to LAPACK (``O(m³)`` flops in one call) rather than a loop
 #: of ``m`` vector-matrix products, which is memory-bound and slower for large ``m``.
 SUBSTITUTION_MAX = 256
@@ -48,20 +51,27 @@ class Preconditioned(NamedTuple):
     ratio: Array  # estimated σ_min/σ_max of the column-equilibrated A (0 when not ok)
 
 
-def unit_equilibrate(G: Array) -> tuple[Array, Array]:
-    """``(D⁻¹ G D⁻¹ + E, d)`` with ``d`` the column norms (1, and ``E_jj = 1``, for zero columns)."""
+def equilibrate(G: Array) -> tuple[Array, Array, Array]:
+    """Column-equilibrate a Gram matrix: ``(D⁻¹ G D⁻¹ + E, d, num_zero)``, ``D`` = column norms.
+
+    ``range(A)`` is unchanged by scaling columns, so rank and route are decided on ``A D⁻¹``: columns of
+    a dual matrix differ in scale by orders of magnitude between layers, and unscaled their smallest
+    singular values sink under the rank tolerance. Exactly-zero columns get a unit diagonal ``E``: they
+    then add an isolated eigenvalue 1 whose basis column ``A e_j`` is zero, so they neither count in the
+    rank nor push a well-conditioned matrix off the fast route. ``d`` is 1 for zero columns.
+    """
     norms = jnp.sqrt(jnp.diagonal(G))
     zero = norms == 0
     d = jnp.where(zero, jnp.ones_like(norms), norms)
-    return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d
+    return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
 
 
 def lower_inverse_t(L: Array) -> Array:
-    """``L⁻ᵀ`` of a lower-triangular ``L``: substitution up to :data:`SUBSTITUTION_MAX`, else LAPACK.
+    """``L⁻ᵀ`` of a lower-triangular ``L``: substitution up to :data:`SUBSTITUTION_MAX` rows, else LAPACK.
 
-    The substitution is a ``lax.fori_loop`` of vector operations: for small ``m`` it avoids a LAPACK call,
-    which on a CPU waits for its threads right after a large matrix product; for large ``m`` its ``m``
-    sequential vector-matrix products are slower than one triangular solve.
+    The substitution is a ``lax.fori_loop`` of vector operations: for small ``m`` it avoids a LAPACK
+    call, which on a CPU waits for its threads right after a large matrix product; for large ``m`` its
+    ``m`` sequential vector-matrix products cost more than one triangular solve.
     """
     m = L.shape[0]
     eye = jnp.eye(m, dtype=L.dtype)
@@ -74,8 +84,8 @@ def lower_inverse_t(L: Array) -> Array:
     return lax.fori_loop(0, m, row, jnp.zeros_like(L)).T
 
 
-def _power(apply: Callable[[Array], Array], m: int, dtype, iters: int) -> Array:
-    """Largest eigenvalue of the SPD operator ``apply`` by power iteration (Rayleigh quotient)."""
+def top_eigenvector(apply: Callable[[Array], Array], m: int, dtype, iters: int = 30) -> Array:
+    """Unit top eigenvector of the SPD operator ``apply`` on ``m``-vectors, by power iteration."""
     x0 = 1.0 + jnp.arange(m, dtype=dtype) / m  # not orthogonal to any eigenvector in practice
     x0 = x0 / jnp.linalg.norm(x0)
 
@@ -83,22 +93,39 @@ def _power(apply: Callable[[Array], Array], m: int, dtype, iters: int) -> Array:
         y = apply(x)
         return y / jnp.linalg.norm(y), None
 
-    x = lax.scan(step, x0, None, length=iters)[0]
+    return lax.scan(step, x0, None, length=iters)[0]
+
+
+def largest_eigenvalue(apply: Callable[[Array], Array], m: int, dtype, iters: int = 30) -> Array:
+    """Largest eigenvalue of the SPD operator ``apply`` (Rayleigh quotient after power iteration)."""
+    x = top_eigenvector(apply, m, dtype, iters)
     return x @ apply(x)
 
 
-def spd_ratio(G: Array, L: Array, iters: int = 30) -> Array:
-    """``λ_min/λ_max`` of an SPD ``G = L Lᵀ`` (power iteration on ``G`` and on ``G⁻¹``); 0 if ``L`` failed."""
-    ok = jnp.all(jnp.isfinite(L))
-    L = jnp.where(ok, L, jnp.eye(G.shape[0], dtype=G.dtype))
+def extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
+    """``(λ_max, λ_min)`` of an SPD ``G = L Lᵀ`` by power and inverse iteration (Rayleigh quotients).
+
+    Pure XLA (matrix-vector products and triangular solves on ``m``-vectors): no LAPACK call.
+    """
 
     def inverse(x):
         y = jax.scipy.linalg.solve_triangular(L, x, lower=True)
         return jax.scipy.linalg.solve_triangular(L, y, lower=True, trans=1)
 
-    lam_max = _power(lambda x: G @ x, G.shape[0], G.dtype, iters)
-    inv_min = _power(inverse, G.shape[0], G.dtype, iters)
-    return jnp.where(ok & (lam_max > 0) & (inv_min > 0), 1 / (inv_min * lam_max), 0.0)
+    bottom = top_eigenvector(inverse, G.shape[0], G.dtype, iters)
+    return largest_eigenvalue(lambda x: G @ x, G.shape[0], G.dtype, iters), bottom @ (G @ bottom)
+
+
+def cholesky_ratio(G: Array) -> tuple[Array, Array]:
+    """``(L, λ_min/λ_max)`` of an SPD ``G``: its Cholesky factor (identity if it failed) and ``1/κ(G)``.
+
+    A failed Cholesky counts as singular (ratio 0).
+    """
+    L = jnp.linalg.cholesky(G)
+    ok = jnp.all(jnp.isfinite(L))
+    L = jnp.where(ok, L, jnp.eye(G.shape[0], dtype=G.dtype))
+    lam_max, lam_min = extreme_eigenvalues(G, L)
+    return L, jnp.where(ok & (lam_min > 0), lam_min / lam_max, 0.0)
 
 
 def inverse_sigma_min_sq(T: Array, d: Array, iters: int = 30) -> Array:
@@ -108,41 +135,58 @@ def inverse_sigma_min_sq(T: Array, d: Array, iters: int = 30) -> Array:
     ``(DT)ᵀ(DT)`` (matrix-vector products only).
     """
     DT = T * d[:, None]
-    return _power(lambda x: DT.T @ (DT @ x), T.shape[0], T.dtype, iters)
+    return largest_eigenvalue(lambda x: DT.T @ (DT @ x), T.shape[0], T.dtype, iters)
+
+
+def shifted_first(G: Array) -> tuple[Array, Array]:
+    """``(first, ok)``: the shifted-Cholesky transform ``D⁻¹L₀⁻ᵀ`` with ``G_eq + s·I = L₀L₀ᵀ``.
+
+    ``s = SHIFT·eps·m``, raised tenfold (at most :data:`SHIFT_TRIES` times, small ``m × m`` work only)
+    while the factorisation fails: how much the rounding of the Gram product moved ``G_eq`` depends on
+    ``n`` and on the data. ``ok`` is false if every try failed.
+    """
+    Geq, d, _ = equilibrate(G)
+    m = Geq.shape[0]
+    eye = jnp.eye(m, dtype=G.dtype)
+    shift0 = SHIFT * jnp.finfo(G.dtype).eps * m
+
+    def attempt(k):
+        return jnp.linalg.cholesky(Geq + shift0 * jnp.asarray(10.0, G.dtype) ** k * eye)
+
+    def failed(state):
+        k, L = state
+        return (k < SHIFT_TRIES) & ~jnp.all(jnp.isfinite(L))
+
+    _, L0 = lax.while_loop(failed, lambda state: (state[0] + 1, attempt(state[0] + 1)), (0, attempt(0)))
+    ok = jnp.all(jnp.isfinite(L0))
+    return lower_inverse_t(jnp.where(ok, L0, eye)) / d[:, None], ok
 
 
 def shifted_transform(
-    G: Array, gram_pass: Callable[[Array], Array], rtol: Array, iters: int = 30
+    G: Array, Gy: Array, first: Array, gram_pass_y: Callable[[Array], Array], rtol: Array
 ) -> Preconditioned:
-    """Shifted CholeskyQR on a row matrix ``A`` seen through its Gram matrix ``G = AᵀA`` and Gram passes.
+    """The CholeskyQR step(s) on ``Y = A first`` (:func:`shifted_first`), given ``Gy = YᵀY``.
 
-    ``gram_pass(M)`` must return ``(A M)ᵀ(A M)``: taken once, or twice when ``YᵀY`` itself is moderately
-    ill-conditioned. ``ok`` is false (use a rank-revealing route instead) when ``A`` is numerically
-    rank-deficient for ``rtol`` or ``Y`` could not be made orthonormal.
+    ``gram_pass_y(M)`` must return ``(Y M)ᵀ(Y M)``; it is taken only when ``YᵀY`` is itself moderately
+    ill-conditioned (a second CholeskyQR step). ``ok`` is false (use a rank-revealing route instead)
+    when ``A`` is numerically rank-deficient for ``rtol`` or ``Y`` could not be made orthonormal.
     """
-    Geq, d = unit_equilibrate(G)
-    m = Geq.shape[0]
-    eye = jnp.eye(m, dtype=G.dtype)
-    shift = SHIFT * jnp.finfo(G.dtype).eps * m
-    L0 = jnp.linalg.cholesky(Geq + shift * eye)
-    ok0 = jnp.all(jnp.isfinite(L0))
-    first = lower_inverse_t(jnp.where(ok0, L0, eye)) / d[:, None]
-    Gy, dy = unit_equilibrate(gram_pass(first))
-    L1 = jnp.linalg.cholesky(Gy)
-    ratio_y = spd_ratio(Gy, L1, iters)
+    Geq, d, _ = equilibrate(G)
     eps = jnp.finfo(G.dtype).eps
-    M1 = lower_inverse_t(jnp.where(jnp.isfinite(L1), L1, eye)) / dy[:, None]
+    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    Gy_eq, dy, _ = equilibrate(Gy)
+    L1, ratio_y = cholesky_ratio(Gy_eq)
+    M1 = lower_inverse_t(L1) / dy[:, None]
 
     def two_steps():
-        G2, d2 = unit_equilibrate(gram_pass(first @ M1))
+        G2, d2, _ = equilibrate(gram_pass_y(M1))
         L2 = jnp.linalg.cholesky(G2)
         good = jnp.all(jnp.isfinite(L2))
         return M1 @ (lower_inverse_t(jnp.where(good, L2, eye)) / d2[:, None]), good
 
     second, ok2 = lax.cond(ratio_y >= eps**0.25, lambda: (M1, jnp.asarray(True)), two_steps)
-    # σ(A D⁻¹) = 1/σ(D T) with T = first @ second: σ_max² from the Gram matrix, σ_min² from D T.
-    lam_max = _power(lambda x: Geq @ x, m, G.dtype, iters)
-    inv_min = inverse_sigma_min_sq(first @ second, d, iters)
-    ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inv_min, 1))
-    ok = ok0 & (ratio_y >= 1000 * eps) & ok2 & (ratio > 2 * rtol)
+    # σ(A D⁻¹): σ_max² = λ_max(G_eq), σ_min² from the transform (see inverse_sigma_min_sq).
+    lam_max = largest_eigenvalue(lambda x: Geq @ x, Geq.shape[0], Geq.dtype)
+    ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first @ second, d), 1))
+    ok = (ratio_y >= 1000 * eps) & ok2 & (ratio > 2 * rtol)
     return Preconditioned(first, second, ok, jnp.where(ok, ratio, 0.0))

@@ -50,7 +50,7 @@ def orthonormal_basis(
       F: ``(n, m)`` matrix (or ``(n, k, m)``, treated as ``n·k`` rows).
       rtol: relative tolerance on the singular values of the column-equilibrated ``F`` for the rank
         (default ``10·eps`` of the dtype).
-      route: force ``"gram"``, ``"gram2"`` or ``"stable"``; default chooses from ``κ(FᵀF)``.
+      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"``; default chooses from ``κ(FᵀF)``.
 
     Returns:
       ``(U, rank, route)``: ``U`` of shape ``(n·k, m)`` whose first ``rank`` columns span ``range(F)``
@@ -80,7 +80,8 @@ def leverage_scores(
         (default ``10·eps`` of the dtype).
       ridge: ``λ ≥ 0``; with ``λ > 0`` ridge leverage ``h_i = [F (FᵀF + λI)^{-1} Fᵀ]_ii`` normalised by
         the effective dimension ``Σ h_i`` (computed from the eigenvalues of ``FᵀF``: route ``"gram"``).
-      route: force ``"gram"``, ``"gram2"`` or ``"stable"`` (default: chosen from the conditioning).
+      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
+        conditioning).
       return_info: return a :class:`Leverage` (probabilities, raw leverage, rank, route) instead.
 
     Returns:
