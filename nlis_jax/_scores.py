@@ -88,7 +88,7 @@ def leverage_scores(
       ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F``; or a :class:`Leverage`.
     """
     routes.check_route(route)
-    rows, lead = routes.as_rows(F)
+    rows, lead = routes.as_rows(F, check_values=ridge > 0)  # NaN/Inf: checked on the result below
     if ridge < 0:
         raise ValueError(f"ridge must be non-negative, got {ridge}.")
     if ridge > 0:
@@ -96,6 +96,7 @@ def leverage_scores(
         return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info)
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
+    routes.raise_if_nonfinite("F", F, h)
     return as_leverage(h, rank, taken, return_info)
 
 

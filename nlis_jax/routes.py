@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._checks import check_choice, check_finite, check_floating
+from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
     equilibrate,
@@ -84,16 +84,42 @@ def check_route(route: str | None) -> None:
         check_choice("route", route, ROUTES)
 
 
-def as_rows(F: Array, name: str = "F") -> tuple[Array, tuple[int, ...]]:
-    """Accept ``(n, m)`` or block ``(n, k, m)``; return the ``(n·k, m)`` row matrix and the leading shape."""
+def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array, tuple[int, ...]]:
+    """Accept ``(n, m)`` or block ``(n, k, m)``; return the ``(n·k, m)`` row matrix and the leading shape.
+
+    ``check_values=False`` skips the NaN/Inf check (a pass over ``F``): for callers that check the
+    result instead (:func:`raise_if_nonfinite`), since every route puts NaN in its output for such input.
+    """
     F = jnp.asarray(F)
     if F.ndim not in (2, 3):
         raise ValueError(f"{name} must be a matrix (n, m) or a block matrix (n, k, m), got shape {F.shape}.")
     if 0 in F.shape:
         raise ValueError(f"{name} must be non-empty, got shape {F.shape}.")
     check_floating(name, F)
-    check_finite(name, F)
+    if check_values:
+        check_finite(name, F)
     return F.reshape(-1, F.shape[-1]), F.shape[:-1]
+
+
+def gram_is_finite(G: Array) -> Array:
+    """False if the row matrix behind ``G = AᵀA`` had a NaN or Inf (it reaches its column's diagonal
+    entry ``Σ_i A_ij²``), or if that sum overflowed: the check of the input, at the cost of ``m`` values."""
+    return jnp.all(jnp.isfinite(jnp.diagonal(G)))
+
+
+def raise_if_nonfinite(name: str, F: Array, out: Array) -> None:
+    """After a route ran on unchecked input (``as_rows(check_values=False)``): raise ``ValueError`` if
+    ``out`` (NaN throughout for such input) says ``F`` held a NaN or Inf, or its Gram matrix overflowed.
+
+    One scalar is read back; the full check of ``F`` (to count the bad values) runs only on failure.
+    Skipped under tracing, like :func:`nlis_jax._checks.check_finite`.
+    """
+    if not is_concrete(out) or not bool(jnp.isnan(out.reshape(-1)[0])):
+        return
+    check_finite(name, F)
+    raise ValueError(
+        f"{name}ᵀ{name} overflows {jnp.result_type(F).name}: rescale {name} (divide it by its largest entry)."
+    )
 
 
 def gram(A: Array) -> Array:
@@ -286,7 +312,14 @@ def basis(
     def fast(branch):
         return lambda A: (*branch(A), dec.route)
 
-    out, rank, taken = lax.switch(dec.route, (fast(one_pass), fast(two_pass), stable, shifted), A)
+    def nonfinite(A):  # NaN or Inf in A (or an overflowing Gram matrix): NaN out, no route run
+        shape = A.shape[:1] if row_norms else A.shape
+        return jnp.full(shape, jnp.nan, A.dtype), jnp.int32(0), dec.route
+
+    def route_taken(A):
+        return lax.switch(dec.route, (fast(one_pass), fast(two_pass), stable, shifted), A)
+
+    out, rank, taken = lax.cond(gram_is_finite(G), route_taken, nonfinite, A)
     return out, rank, jnp.asarray(taken, jnp.int32)
 
 

@@ -142,3 +142,35 @@ def test_lower_inverse_t_substitution_and_lapack(m):
     np.testing.assert_allclose(
         np.asarray(_precondition.lower_inverse_t(jnp.asarray(L))), np.linalg.inv(L).T, atol=1e-14
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The NaN/Inf check of leverage_scores, fused into the Gram pass
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_input_is_named_after_the_gram_pass(dtype, bad):
+    F = np.random.default_rng(8).standard_normal((300, 6)).astype(dtype)
+    F[[5, 200], [1, 4]] = bad
+    with pytest.raises(ValueError, match=r"F contains 2 NaN or Inf value\(s\)"):
+        nj.leverage_scores(F)
+    with pytest.raises(ValueError, match=r"F contains 2 NaN or Inf"):
+        nj.leverage_scores(F.reshape(100, 3, 6))  # block dual matrix
+    assert np.isfinite(F).sum() == F.size - 2  # the input is not modified
+
+
+def test_overflowing_gram_matrix_is_reported():
+    F = np.random.default_rng(9).standard_normal((300, 6)).astype(np.float32)
+    F[:, 2] *= 1e20  # finite entries, but Σ F_i2² overflows float32
+    with pytest.raises(ValueError, match=r"FᵀF overflows float32: rescale F"):
+        nj.leverage_scores(F)
+
+
+@pytest.mark.parametrize("route", [None, *nj.routes.ROUTES])
+def test_nonfinite_input_under_jit_gives_nan_on_every_route(route):
+    """Under a user's jit nothing can raise: every route returns NaN (and runs no factorisation)."""
+    F = np.random.default_rng(10).standard_normal((300, 6))
+    F[7, 3] = np.nan
+    h = jax.jit(lambda A: nj.leverage_scores(A, route=route))(jnp.asarray(F))
+    assert np.all(np.isnan(np.asarray(h)))
