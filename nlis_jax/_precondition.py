@@ -128,6 +128,32 @@ def cholesky_ratio(G: Array) -> tuple[Array, Array]:
     return L, jnp.where(ok & (lam_min > 0), lam_min / lam_max, 0.0)
 
 
+def cholesky_decision_xla(Geq: Array) -> tuple[Array, Array]:
+    """``(L⁻ᵀ, λ_min/λ_max)`` of an SPD ``G_eq = L Lᵀ`` in pure XLA (for CPUs); identity and 0 if it failed.
+
+    Power and inverse iteration for the ratio and substitution for ``L⁻ᵀ`` (:func:`lower_inverse_t`):
+    on a CPU no LAPACK call, which waits for its threads right after a large matrix product.
+    """
+    L, ratio = cholesky_ratio(Geq)
+    return lower_inverse_t(L), ratio
+
+
+def cholesky_decision_solver(Geq: Array) -> tuple[Array, Array]:
+    """The same as :func:`cholesky_decision_xla` with the platform's solvers (for GPUs and TPUs).
+
+    ``eigvalsh`` for the ratio and a triangular solve for ``L⁻ᵀ``: a handful of library kernels instead
+    of the hundreds of tiny sequential ones of the iterations, which dominate on an accelerator.
+    """
+    m = Geq.shape[0]
+    eye = jnp.eye(m, dtype=Geq.dtype)
+    L = jnp.linalg.cholesky(Geq)
+    ok = jnp.all(jnp.isfinite(L))
+    L = jnp.where(ok, L, eye)
+    lam = jnp.linalg.eigvalsh(Geq)
+    ratio = jnp.where(ok & (lam[0] > 0), lam[0] / lam[-1], 0.0)
+    return jax.scipy.linalg.solve_triangular(L, eye, lower=True).T, ratio
+
+
 def inverse_sigma_min_sq(T: Array, d: Array, iters: int = 30) -> Array:
     """``1/σ_min(A D⁻¹)²`` given an orthonormalising transform ``U = A T``: ``σ_max(D T)²``.
 

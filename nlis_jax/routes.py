@@ -46,8 +46,9 @@ from jax import lax
 from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
+    cholesky_decision_solver,
+    cholesky_decision_xla,
     equilibrate,
-    extreme_eigenvalues,
     lower_inverse_t,
     shifted_first,
     shifted_transform,
@@ -141,19 +142,16 @@ def decide(G: Array, route: str | None = None) -> GramDecision:
     """
     Geq, d, num_zero = equilibrate(G)
     m = Geq.shape[0]
-    eye = jnp.eye(m, dtype=G.dtype)
-    L = jnp.linalg.cholesky(Geq)
-    chol_ok = jnp.all(jnp.isfinite(L))
-    L = jnp.where(chol_ok, L, eye)
-    lam_max, lam_min = extreme_eigenvalues(Geq, L)
-    ratio = jnp.where(chol_ok & (lam_min > 0), lam_min / lam_max, 0.0)
+    # CPU: pure-XLA iterations (a LAPACK call right after the Gram product waits for its threads);
+    # GPU/TPU: the vendor solvers (a few hundred tiny sequential kernels cost more there).
+    inv_t, ratio = lax.platform_dependent(Geq, cpu=cholesky_decision_xla, default=cholesky_decision_solver)
     if route is None:
         branch = choose_route(ratio)
         if G.dtype != jnp.float64:  # below float64, try the shifted route before Householder
             branch = jnp.where(branch == STABLE, SHIFTED, branch).astype(jnp.int32)
     else:
         branch = jnp.asarray(ROUTES.index(route), jnp.int32)
-    return GramDecision(branch, lower_inverse_t(L) / d[:, None], (m - num_zero).astype(jnp.int32), d)
+    return GramDecision(branch, inv_t / d[:, None], (m - num_zero).astype(jnp.int32), d)
 
 
 def refine_transform(G2: Array) -> Array:

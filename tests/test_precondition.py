@@ -174,3 +174,28 @@ def test_nonfinite_input_under_jit_gives_nan_on_every_route(route):
     F[7, 3] = np.nan
     h = jax.jit(lambda A: nj.leverage_scores(A, route=route))(jnp.asarray(F))
     assert np.all(np.isnan(np.asarray(h)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels chosen per platform: both branches of the route decision, run here on the CPU
+
+
+@pytest.mark.parametrize("kappa", [1.0, 1e2, 1e5, 1e9])
+def test_platform_branches_of_the_decision_agree(kappa):
+    """``cholesky_decision_xla`` (CPU) and ``cholesky_decision_solver`` (GPU/TPU): the same ``L⁻ᵀ`` and
+    the same route. The solver's ratio is exact (1e-6 against numpy); 30 power/inverse iterations give it
+    to ~1e-5 on these spectra (1e-3 asserted), ample for thresholds orders of magnitude apart."""
+    A = matrix_with_condition(np.random.default_rng(11), 400, 10, kappa)[0] if kappa > 1 else None
+    if A is None:
+        A = np.random.default_rng(11).standard_normal((400, 10))
+    Geq, _, _ = _precondition.equilibrate(jnp.asarray(A.T @ A))
+    inv_x, ratio_x = _precondition.cholesky_decision_xla(Geq)
+    inv_s, ratio_s = _precondition.cholesky_decision_solver(Geq)
+    np.testing.assert_allclose(
+        np.asarray(inv_x), np.asarray(inv_s), rtol=1e-9, atol=1e-12 * np.abs(inv_s).max()
+    )
+    assert int(nj.routes.choose_route(ratio_x)) == int(nj.routes.choose_route(ratio_s))
+    lam = np.linalg.eigvalsh(np.asarray(Geq))
+    if kappa <= 1e5:  # at κ(G) = 1e18 both are rounding-level (route "stable" either way)
+        np.testing.assert_allclose(float(ratio_s), lam[0] / lam[-1], rtol=1e-6)
+        np.testing.assert_allclose(float(ratio_x), float(ratio_s), rtol=1e-3)
