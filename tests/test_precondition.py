@@ -9,6 +9,11 @@ and to the benchmark's targets (TV ≤ 1e-4, ``min τ/τ_ref ≥ 0.999``).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +204,27 @@ def test_platform_branches_of_the_decision_agree(kappa):
     if kappa <= 1e5:  # at κ(G) = 1e18 both are rounding-level (route "stable" either way)
         np.testing.assert_allclose(float(ratio_s), lam[0] / lam[-1], rtol=1e-6)
         np.testing.assert_allclose(float(ratio_x), float(ratio_s), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The main job: jax's persistent compilation cache, opt-in from the CLI
+
+
+def test_cli_compilation_cache_is_written_and_reused(tmp_path):
+    """``--compilation-cache DIR`` fills DIR on the first run; a second run (a new process, as a user's
+    repeated run) finds its programs there and adds (almost) nothing."""
+    from test_cli import TINY
+
+    cache = tmp_path / "cache"
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root)}
+    args = [sys.executable, "-m", "nlis_jax.cli", *TINY, "--no-plots", "--no-progress"]
+    args += ["--compilation-cache", str(cache)]
+    for out in ("a", "b"):
+        if out == "b":
+            first = {p.name for p in cache.iterdir()}
+            assert len(first) > 5, first
+        done = subprocess.run([*args, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    added = {p.name for p in cache.iterdir()} - first
+    assert len(added) <= len(first) // 10, added
