@@ -95,6 +95,16 @@ class Compiled:
         return Timing(self.compile_s, *stats)
 
 
+def xla_gram(F) -> Callable[[], Any]:
+    """``FᵀF`` by XLA, compiled for ``F``: a second floor, for when numpy's threaded BLAS is disturbed.
+
+    On a loaded machine OpenBLAS threads that spin-wait can slow numpy's product by an order of
+    magnitude while XLA's runs near its quiet speed; the ratio to both floors is recorded.
+    """
+    compiled = Compiled(lambda A: A.T @ A, jax.numpy.asarray(F))
+    return compiled
+
+
 def interleaved(calls: dict[str, Callable[[], Any]], *, reps: int) -> dict[str, dict]:
     """Median and minimum of each call, timed in turn (round robin) after one warm-up round.
 

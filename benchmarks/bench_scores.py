@@ -36,6 +36,7 @@ from _common import (
     time_eager,
     timed,
     write_record,
+    xla_gram,
 )
 
 import nlis_jax as nj
@@ -146,6 +147,7 @@ def run(args) -> dict:
     record["timings_interleaved"] = interleaved(
         {
             "numpy_gram": lambda: F_np.T @ F_np,
+            "xla_gram": xla_gram(F_np),
             "leverage_scores": lev,
             "leverage_scores_eager": lambda: nj.leverage_scores(F),
         },
@@ -170,6 +172,9 @@ def run(args) -> dict:
     record["floor_s"] = floor_s
     record["ratio"] = inter["leverage_scores"]["median_s"] / floor_s
     record["ratio_eager"] = inter["leverage_scores_eager"]["median_s"] / floor_s
+    record["floor_xla_s"] = 2 * inter["xla_gram"]["median_s"]
+    record["ratio_xla_floor"] = inter["leverage_scores"]["median_s"] / record["floor_xla_s"]
+    record["ratio_eager_xla_floor"] = inter["leverage_scores_eager"]["median_s"] / record["floor_xla_s"]
     record["ratio_of_minima"] = inter["leverage_scores"]["min_s"] / (2 * inter["numpy_gram"]["min_s"])
     record["ratio_target"] = RATIO_TARGET
     record["ratio_met"] = record["ratio"] <= RATIO_TARGET
