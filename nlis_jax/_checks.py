@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlis_jax._fetch import check_auto_axes
 from nlis_jax._types import PyTree
 
 
@@ -23,6 +24,7 @@ def is_concrete(x) -> bool:
 def check_floating(name: str, tree: PyTree) -> None:
     """Raise ``TypeError`` unless every leaf of ``tree`` is a floating-point array."""
     for leaf in jax.tree.leaves(tree):
+        check_auto_axes(name, leaf)
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(f"{name} must hold floating-point arrays, got dtype {jnp.result_type(leaf)}.")
 
@@ -35,6 +37,7 @@ def _count_nonfinite(x):
 def check_finite(name: str, tree: PyTree) -> None:
     """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
     for leaf in jax.tree.leaves(tree):
+        check_auto_axes(name, leaf)
         if not is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
         # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly;

@@ -29,12 +29,13 @@ from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model
 from nlis_jax._checks import check_positive_int
 from nlis_jax._dual import dual_block
+from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, as_leverage
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
-def _pad_chunks(tree, n: int, chunk: int):
+def pad_chunks(tree, n: int, chunk: int):
     """Reshape every leaf ``(n, ...)`` to ``(m, chunk, ...)``, padding with copies of row 0."""
     m = -(-n // chunk)
     pad = m * chunk - n
@@ -57,8 +58,8 @@ def _chunked_dual_rows(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode)
     k = math.prod(model.out_shape)
     dtype = model.theta.dtype
     chunk = min(chunk_size, n)
-    xs_c, m = _pad_chunks(xs, n, chunk)
-    ys_c = None if ys is None else _pad_chunks(jnp.asarray(ys, dtype), n, chunk)[0]
+    xs_c, m = pad_chunks(xs, n, chunk)
+    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys, dtype), n, chunk)[0]
     valid = (jnp.arange(m * chunk) < n).reshape(m, chunk).astype(dtype)
 
     def dual_rows(i):
@@ -109,11 +110,12 @@ def streaming_leverage_scores(
     ys: Array | None = None,
     *,
     chunk_size: int = 4096,
-    num_nodes: int = 16,
+    num_nodes: int | None = None,
     mode: str = "auto",
     rtol: float | None = None,
     route: str | None = None,
     return_info: bool = False,
+    out=None,
 ) -> Array | Leverage:
     r"""Leverage-score probabilities of the dual matrix ``[F*(θ) | f(0) − y]``, streamed in chunks.
 
@@ -121,13 +123,22 @@ def streaming_leverage_scores(
     same route) with memory ``O(chunk_size·k·p + p²)``; the dual matrix is never materialised.
 
     Args:
-      apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`.
+      apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`. ``xs`` may also be
+        host data that never travels to the device whole (out of core): numpy arrays or
+        ``numpy.memmap`` (``np.load(path, mmap_mode="r")``, with ``ys`` numpy or ``None``), or a
+        callable returning an iterable of ``(x_chunk, y_chunk)`` pairs (then ``ys=None``); chunks are
+        copied one at a time, overlapped with the device's work. Under ``jax.distributed`` each
+        process passes its own block and gets a global array.
       chunk_size: examples per memory chunk (static).
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
         the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
         conditioning).
       return_info: return a :class:`nlis_jax.Leverage` (probabilities, raw block leverage, rank, route).
+      out: host data only: a writable ``(n,)`` numpy array or memmap (``np.lib.format.open_memmap``)
+        that receives the probabilities (this process's block under ``jax.distributed``) and is
+        returned, so the scores need no anonymous memory; with ``return_info`` the
+        :class:`nlis_jax.Leverage` then holds ``out`` as ``probs`` and ``None`` as ``leverage``.
 
     Returns:
       ``(n,)`` probabilities summing to 1, or a :class:`nlis_jax.Leverage`.
@@ -135,6 +146,11 @@ def streaming_leverage_scores(
     check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
+    if is_host_data(xs, params):  # before check_model, which would read a memmap whole
+        args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
+        return _host_leverage(apply_fn, params, xs, ys, *args)
+    if out is not None:
+        raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
     dtype = check_model(apply_fn, params, xs, ys).dtype
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     h, rank, taken = _streaming_jit(
@@ -149,3 +165,65 @@ def streaming_leverage_scores(
         route=route,
     )
     return as_leverage(h, rank, taken, return_info)
+
+
+def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, route, return_info, out):
+    """:func:`streaming_leverage_scores` of host data (:mod:`nlis_jax._host`)."""
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    rtol = routes.default_rtol(dtype) if rtol is None else rtol
+    kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, rtol=rtol, route=route, out=out)
+    h, rank, taken = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs)
+    if out is None:
+        return as_leverage(h, rank, taken, return_info)
+    divide_in_place(out, rank, chunk_size)
+    return Leverage(out, None, rank, taken) if return_info else out
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode"))
+@highest_precision
+def _norm_jit(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
+    dual_rows, m, model = _chunked_dual_rows(
+        apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
+    )
+
+    def chunk_norms(i):
+        sq = jnp.sum(jnp.square(dual_rows(i)), axis=1)
+        return sq.reshape(-1, math.prod(model.out_shape)).sum(axis=1)
+
+    sq = lax.map(chunk_norms, jnp.arange(m)).reshape(-1)[: model.n]
+    return sq, jnp.sum(sq)
+
+
+def streaming_norm_scores(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: PyTree,
+    ys: Array | None = None,
+    *,
+    chunk_size: int = 4096,
+    num_nodes: int = 16,
+    mode: str = "auto",
+    out=None,
+) -> Array:
+    r"""Row-norm probabilities ``‖F̃_i‖² / ‖F̃‖_F²`` of the dual matrix, streamed in chunks (one pass).
+
+    Same result as ``norm_scores(dual_matrix(apply_fn, params, xs, ys))`` with memory
+    ``O(chunk_size·k·p)``. ``xs`` may be host data (numpy, memmap, chunk source) and ``out`` a
+    memmap for the scores, as in :func:`streaming_leverage_scores`.
+
+    Returns:
+      ``(n,)`` probabilities summing to 1 (``out`` when given).
+    """
+    check_path_args(num_nodes, mode, None)
+    check_positive_int("chunk_size", chunk_size)
+    if is_host_data(xs, params):
+        kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, out=out)
+        return host_norm_scores(apply_fn, params, xs, ys, **kwargs)
+    if out is not None:
+        raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
+    check_model(apply_fn, params, xs, ys)
+    kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    sq, total = _norm_jit(apply_fn, params, xs, ys, **kwargs)
+    if not float(total) > 0:
+        raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
+    return sq / total

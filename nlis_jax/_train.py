@@ -41,6 +41,7 @@ from nlis_jax._checks import (
     check_positive_int,
     check_same_length,
 )
+from nlis_jax._host import host_losses, is_host_data
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Projection, identity
 
@@ -49,6 +50,8 @@ LossFn = Callable[[Array, Array], Array]
 
 #: Default ``progress``: a bar is shown only for runs of at least this many steps.
 PROGRESS_MIN_STEPS = 2000
+#: Examples per chunk of the losses of host data (numpy, memmap) when ``chunk_size`` is not given.
+HOST_CHUNK = 4096
 
 
 class TrainState(NamedTuple):
@@ -264,9 +267,11 @@ def weighted_loss(
         Scalar array: :math:`\sum_i w_i \ell_i(\theta)`.
     """
     loss_fn = _resolve_loss(loss)
-    _check_data(params, xs, ys, weights)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
+    if is_host_data(xs, params):  # numpy, memmap, chunk source: to the device one chunk at a time
+        return _host_loss(apply_fn, loss_fn, params, xs, ys, weights, chunk_size, per_example=False)
+    _check_data(params, xs, ys, weights)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     weights = None if weights is None else jnp.asarray(weights)
     return _weighted_sum_jit(
@@ -297,11 +302,29 @@ def per_example_loss(
         ``(n,)`` array of losses in the dtype of the model's output.
     """
     loss_fn = _resolve_loss(loss)
-    _check_data(params, xs, ys, None)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
+    if is_host_data(xs, params):
+        return _host_loss(apply_fn, loss_fn, params, xs, ys, None, chunk_size, per_example=True)
+    _check_data(params, xs, ys, None)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     return _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
+
+
+def _host_loss(apply_fn, loss_fn, params, xs, ys, weights, chunk_size, *, per_example: bool):
+    """The losses of host data (numpy, memmap, chunk source), ``HOST_CHUNK`` examples at a time by default."""
+    chunk = HOST_CHUNK if chunk_size is None else chunk_size
+    return host_losses(
+        per_example_losses,
+        _static(apply_fn),
+        _static(loss_fn),
+        params,
+        xs,
+        ys,
+        weights,
+        chunk_size=chunk,
+        per_example=per_example,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

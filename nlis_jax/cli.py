@@ -34,6 +34,8 @@ examples:
   nlis-jax run --dataset synthetic --n 1000000 --correlation 0.95 --tails 3
   nlis-jax run --dataset fashion-mnist --classes all --n 4000
   nlis-jax run --dataset digits
+  nlis-jax score --x X.npy --y Y.npy --model mlp --out scores.npy   # your own files, out of core
+  nlis-jax run --dataset flights --repeats 10   # single-index model; --model mlp for the network
 
 data: California Housing is read from scikit-learn's cache (cal_housing_py3.pkz) in --data-home or
 $SCIKIT_LEARN_DATA; Fashion-MNIST from the four IDX files in --data-home/fashion-mnist,
@@ -67,9 +69,12 @@ def _float_or_none(text: str):
 
 def _methods(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in values if v not in METHODS]
+    from nlis_jax.experiments.flights import FLIGHTS_METHODS
+
+    known = METHODS + tuple(m for m in FLIGHTS_METHODS if m not in METHODS)
+    unknown = [v for v in values if v not in known]
     if unknown or not values:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(known)}")
     return values
 
 
@@ -120,7 +125,10 @@ _FIELDS = {
 def _add_study_options(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("study")
     g.add_argument(
-        "--dataset", choices=sorted(CONFIGS), default="california", help="data set (default: california)"
+        "--dataset",
+        choices=sorted([*CONFIGS, "flights"]),
+        default="california",
+        help="data set (default: california; flights: nlis_jax.experiments.flights, needs the flights extra)",
     )
     g.add_argument(
         "--sizes",
@@ -135,7 +143,10 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         help="output folder for results.json and plots (default nlis_results)",
     )
     g.add_argument(
-        "--methods", type=_methods, help=f"comma list of schemes among {','.join(METHODS)} (default: all)"
+        "--methods",
+        type=_methods,
+        help=f"comma list of schemes among {','.join(METHODS)} (default: all); flights: "
+        "uniform,linear_leverage,pilot_leverage,refined_leverage,nonlinear_leverage,residual_leverage",
     )
     g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -233,6 +244,9 @@ def _add_run_parser(sub) -> None:
     _add_study_options(run)
     _add_training_options(run)
     _add_data_options(run)
+    from nlis_jax.experiments.flights import add_flights_arguments
+
+    add_flights_arguments(run)
 
 
 def _add_outliers_parser(sub, outliers_module) -> None:
@@ -251,6 +265,29 @@ def _add_outliers_parser(sub, outliers_module) -> None:
     out.epilog = "Options not listed here are passed on to the study's run(args) as args.extra."
 
 
+def _add_active_parser(sub) -> None:
+    from nlis_jax.experiments.active import add_active_arguments
+
+    active = sub.add_parser(
+        "active",
+        help="active learning: label-free leverage chooses which points to label",
+        description="Active-learning study (nlis_jax.experiments.active): L(θ)/L(θ*) against labels.",
+    )
+    add_active_arguments(active)
+
+
+def _add_score_parser(sub) -> None:
+    from nlis_jax.experiments.score import add_score_arguments
+
+    score = sub.add_parser(
+        "score",
+        help="sampling scores of your own .npy files (out of core, written to a .npy memmap)",
+        description="Leverage or norm scores of X.npy (and Y.npy) under a single-index model or an MLP; "
+        "the files are read as memmaps chunk by chunk and the scores written to --out.",
+    )
+    add_score_arguments(score)
+
+
 def build_parser(outliers_module=None) -> argparse.ArgumentParser:
     """The ``nlis-jax`` parser; ``outliers_module`` (:mod:`nlis_jax.experiments.outliers`) adds the
     outlier options."""
@@ -260,10 +297,12 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,outliers}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,outliers,active,score}")
     sub.required = True
     _add_run_parser(sub)
     _add_outliers_parser(sub, outliers_module)
+    _add_active_parser(sub)
+    _add_score_parser(sub)
     return parser
 
 
@@ -357,6 +396,15 @@ def enable_compilation_cache(directory: str) -> None:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import jax
 
+    from nlis_jax.experiments import flights
+
+    if args.dataset == "flights":
+        return flights.run_flights(args, argv)
+    given = [name for name in flights.FLIGHTS_ONLY_OPTIONS if getattr(args, name) is not None]
+    if given:
+        option = given[0].replace("_", "-")
+        print(f"nlis-jax run: error: --{option} needs --dataset flights.", file=sys.stderr)
+        return EXIT_USAGE
     if args.dataset in ("california", "synthetic"):
         jax.config.update("jax_enable_x64", True)  # float64 studies; set before any array exists
     if args.compilation_cache:
@@ -417,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, argv)
     if args.command == "outliers":
         return _outliers(args, outliers)
+    if args.command == "active":
+        from nlis_jax.experiments.active import run_active
+
+        return run_active(args)
+    if args.command == "score":
+        from nlis_jax.experiments.score import run_score
+
+        return run_score(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return EXIT_USAGE
 

@@ -71,3 +71,20 @@ def test_bench_torch_without_torch_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(SystemExit, match=r"pip install -e \.\[bench\]"):
         load("bench_torch", monkeypatch).main(["--n", "8"])
+
+
+def test_bench_quadrature(tmp_path, monkeypatch):
+    args = ["--n", "64", "--hard-n", "8", "--models", "1", "--budget", "0"]
+    record = run_bench("bench_quadrature", args, tmp_path, monkeypatch)
+    assert set(record["mlp"]["timings"]) == {"fixed16", "adaptive", "adaptive_traced"}
+    assert set(record["hard"]) == {"sin_index", "tanh_x25", "relu_biases"}
+    assert record["random_models"]["count"] == 5
+
+
+def test_bench_streaming(tmp_path, monkeypatch):
+    args = ["--n", "3000", "--d", "4", "--hidden", "3", "--nodes", "4", "--chunk-size", "512"]
+    args += ["--check-rows", "600", "--dir", str(tmp_path / "data")]
+    record = run_bench("bench_streaming", args, tmp_path, monkeypatch)
+    assert {r["model"] for r in record["results"]} == {"single-index", "mlp"}
+    for r in record["results"]:
+        assert r["rows_per_s"] > 0 and r["floor"]["floor_s"] > 0 and r["peak_rss_anon_growth_mib"] >= 0

@@ -1,0 +1,486 @@
+r"""Data that stays on the host: numpy arrays, ``numpy.memmap``, streams of chunks (out of core).
+
+The data never travels to the device as a whole: chunks of ``chunk_size`` examples are read, copied to the
+device and consumed one at a time, the next read (and its transfer) overlapping the device's work on the
+current one (JAX dispatches asynchronously), and at most two chunks are in flight. Anonymous memory is
+``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
+the leverage scores are those of :func:`nlis_jax.streaming_leverage_scores`, with the route decided by
+the same code (:mod:`nlis_jax.routes`) from the Gram matrix, as a Python loop over chunks of jitted
+steps (one compilation per chunk shape).
+
+Input forms (``xs`` of the streaming scores and of the losses):
+
+- a numpy array or memmap (or a pytree of them, with ``ys`` and ``weights`` numpy arrays or ``None``):
+  read by slices;
+- a callable returning a fresh iterable of ``(x_chunk, y_chunk)`` pairs (``y_chunk`` may be ``None``) of
+  any sizes, e.g. one per file of shards: it is called once per pass, so it must yield the same data
+  each time.
+
+Non-finite values are found during the first pass, which then raises before any score is computed.
+Under ``jax.distributed`` each process passes its own block of rows: the Gram matrices (and counts) are
+summed across processes and the scores come back as one global array.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nlis_jax import routes
+from nlis_jax._adjoint import flatten_model
+from nlis_jax._checks import check_finite, check_floating
+from nlis_jax._dual import dual_block
+from nlis_jax._precision import highest_precision
+
+Source = Callable[[], Iterator]
+
+
+def is_host_data(xs, params=None) -> bool:
+    """True for a callable chunk source, or a pytree of numpy arrays (memmaps included), with concrete params.
+
+    Under a trace of ``params`` (a user's ``jit``/``grad``) numpy inputs take the device path instead:
+    the host loop fetches values between chunks.
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params)):
+        return False
+    if callable(xs):
+        return True
+    leaves = jax.tree.leaves(xs)
+    return bool(leaves) and all(isinstance(a, np.ndarray) for a in leaves)
+
+
+def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check: bool = True) -> int:
+    """Shape checks of host arrays (no values read); returns ``n``."""
+    first = jax.tree.leaves(xs)[0]
+    n = first.shape[0] if first.ndim else 0
+    if n == 0:
+        raise ValueError(f"xs has no examples (leading axis of size 0), shape {first.shape}.")
+    extra = [np.asarray(a) for a in (ys, weights) if a is not None]  # a memmap stays a view
+    for leaf in jax.tree.leaves(xs) + extra:
+        if leaf.ndim == 0 or leaf.shape[0] != n:
+            raise ValueError(
+                f"every array of xs and ys must have {n} examples first, got shape {leaf.shape}."
+            )
+    if weights is not None and np.shape(weights) != (n,):
+        raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
+    if out_check and ys is not None:
+        out = jax.eval_shape(apply_fn, params, jax.tree.map(lambda a: a[0], xs))
+        if np.shape(ys) != (n,) + out.shape:
+            raise ValueError(
+                f"ys has shape {np.shape(ys)} but the model gives outputs of shape {(n,) + out.shape} "
+                "(n examples × outputs); they must agree."
+            )
+    return n
+
+
+def array_source(tree, n: int, chunk: int) -> Source:
+    """A chunk source reading slices of ``chunk`` rows of every array of ``tree`` (``None`` leaves stay)."""
+
+    def chunks():
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            yield jax.tree.map(lambda a, rows=rows: a[rows], tree)
+
+    return chunks
+
+
+def pair_source(source: Source) -> Source:
+    """A user's chunk source, each item checked to be an ``(x_chunk, y_chunk)`` pair."""
+
+    def chunks():
+        for item in source():
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise TypeError("a chunk source must yield (x_chunk, y_chunk) pairs (y_chunk may be None).")
+            yield item
+
+    return chunks
+
+
+def rechunk(source: Source, chunk: int) -> Iterator:
+    """Pieces of ``chunk`` examples (the last padded with copies of its row 0) and their valid count."""
+    pending, count = [], 0
+    for item in source():
+        pending.append(item)
+        count += jax.tree.leaves(item)[0].shape[0]
+        while count >= chunk:
+            piece, pending, count = _take(pending, chunk)
+            yield piece, chunk
+    if count:
+        piece, _, _ = _take(pending, count)
+        yield jax.tree.map(lambda a: _pad(a, chunk), piece), count
+
+
+def _take(pending: list, size: int):
+    """The first ``size`` examples of the pending items (host copies), and what is left."""
+    tree = jax.tree.map(lambda *a: np.concatenate(a), *pending) if len(pending) > 1 else pending[0]
+    total = jax.tree.leaves(tree)[0].shape[0]
+    head = jax.tree.map(lambda a: np.ascontiguousarray(a[:size]), tree)
+    rest = [] if total == size else [jax.tree.map(lambda a: a[size:], tree)]
+    return head, rest, total - size
+
+
+def _pad(a, size: int):
+    if a.shape[0] == size:
+        return a
+    return np.concatenate([a, np.broadcast_to(a[:1], (size - a.shape[0],) + a.shape[1:])])
+
+
+def staged(source: Source, chunk: int) -> Iterator:
+    """Device copies of the pieces, the next transfer started before the current piece is handed out."""
+    pieces = rechunk(source, chunk)
+
+    def put(item):
+        return None if item is None else (jax.device_put(item[0]), item[1])
+
+    nxt = put(next(pieces, None))
+    while nxt is not None:
+        cur, nxt = nxt, put(next(pieces, None))
+        yield cur
+
+
+def fold(step, carry, source: Source, chunk: int):
+    """``carry = step(carry, piece, valid)`` over the pieces, at most two device steps in flight."""
+    prev = None
+    for piece, valid in staged(source, chunk):
+        carry = step(carry, piece, valid)
+        if prev is not None:
+            jax.block_until_ready(prev)
+        prev = carry
+    return carry
+
+
+def collect(step, source: Source, chunk: int, out: np.ndarray) -> int:
+    """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device)."""
+    start, prev = 0, None
+    for piece, valid in staged(source, chunk):
+        values = step(piece, valid)
+        if prev is not None:
+            start = _store(out, start, *prev)
+        prev = (values, valid)
+    return start if prev is None else _store(out, start, *prev)
+
+
+def _store(out: np.ndarray, start: int, values, valid: int) -> int:
+    if start + valid > out.shape[0]:
+        raise ValueError("the chunk source yielded more examples on a later pass: it must repeat its data.")
+    out[start : start + valid] = np.asarray(values)[:valid]
+    return start + valid
+
+
+def across_processes(x, combine):
+    """``combine`` of the per-process values stacked in process order (the same on every process)."""
+    if jax.process_count() == 1:
+        return x
+    return combine(jnp.asarray(multihost_utils.process_allgather(x)))
+
+
+def global_vector(h: np.ndarray, n: int):
+    """An ``(n,)`` vector: this process's block, or with several processes a global array of all blocks."""
+    if jax.process_count() == 1:
+        return jnp.asarray(h)
+    from nlis_jax.distributed import DATA_AXIS, data_mesh
+
+    sharding = NamedSharding(data_mesh(), PartitionSpec(DATA_AXIS))
+    return jax.make_array_from_process_local_data(sharding, h, (n,))
+
+
+def output_vector(out, n: int, dtype) -> np.ndarray:
+    """``out`` checked (a writable ``(n,)`` numpy array or memmap), or a new host vector."""
+    if out is None:
+        return np.empty((n,), dtype)
+    if not isinstance(out, np.ndarray) or out.shape != (n,) or not out.flags.writeable:
+        shape = getattr(out, "shape", None)
+        raise ValueError(f"out must be a writable numpy array (or memmap) of shape ({n},), got {shape}.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ jitted steps
+STATIC = ("apply_fn", "num_nodes", "mode")
+
+
+def _masked(piece, valid):
+    """Leaves of the piece with padding rows zeroed (for the non-finite count)."""
+    chunk = jax.tree.leaves(piece)[0].shape[0]
+    keep = jnp.arange(chunk) < valid
+    return [jnp.where(keep.reshape((chunk,) + (1,) * (a.ndim - 1)), a, 0) for a in jax.tree.leaves(piece)]
+
+
+def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode):
+    """``(rows (chunk·k, p+1), k, #non-finite inputs)``: dual rows of one piece, padding rows zero."""
+    xc, yc = piece
+    model = flatten_model(apply_fn, params, xc)
+    chunk, p = model.n, model.theta.shape[0]
+    block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
+    mask = (jnp.arange(chunk) < valid).astype(block.dtype)
+    rows = (block * mask.reshape((chunk,) + (1,) * (block.ndim - 1))).reshape(-1, p + 1)
+    bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
+    return rows, math.prod(model.out_shape), bad
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+@highest_precision
+def _gram_step(apply_fn, params, carry, piece, valid, M, *, num_nodes, mode):
+    G, bad = carry
+    rows, _, b = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
+    return G + routes.gram(rows if M is None else rows @ M), bad + b.astype(bad.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+@highest_precision
+def _qr_step(apply_fn, params, R, piece, valid, *, num_nodes, mode):
+    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)[0]
+    return jnp.linalg.qr(jnp.concatenate([R, rows]), mode="r")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+@highest_precision
+def _leverage_step(apply_fn, params, piece, valid, transform, *, num_nodes, mode):
+    rows, k, _ = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
+    return routes.apply_transform(rows, transform, row_norms=True).reshape(-1, k).sum(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+@highest_precision
+def _norm_step(apply_fn, params, carry, piece, valid, *, num_nodes, mode):
+    """Squared block norms of the dual rows of a piece; the carry sums them and the non-finite inputs."""
+    rows, k, bad = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
+    sq = jnp.sum(jnp.square(rows), axis=1).reshape(-1, k).sum(axis=1)
+    total, count = carry
+    return sq, (total + jnp.sum(sq), count + bad.astype(count.dtype))
+
+
+_decide = jax.jit(highest_precision(routes.decide), static_argnames=("route",))
+_refine = jax.jit(highest_precision(routes.refine_transform))
+_stable = jax.jit(highest_precision(routes.stable_transform))
+_qr_combine = jax.jit(highest_precision(lambda a: jnp.linalg.qr(a.reshape(-1, a.shape[-1]), mode="r")))
+
+
+# ------------------------------------------------------------------------------------------- leverage
+def host_transform(G, gram_pass, r_factor, rtol, route: str | None) -> routes.Transform:
+    """:func:`nlis_jax.routes.transform_from_passes` with the passes run from Python (only those needed)."""
+    dec = _decide(G, route=route)
+    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    taken = int(dec.route)
+    if taken == 0:
+        return routes.Transform(dec.transform, eye, jnp.asarray(False), dec.rank, dec.route)
+    if taken == 1:
+        second = _refine(gram_pass(dec.transform))
+        return routes.Transform(dec.transform, second, jnp.asarray(True), dec.rank, dec.route)
+    # Route "shifted" (chosen below float64) calls its passes from traced code; from Python the
+    # rank-revealing route is taken instead, and reported.
+    M, rank = _stable(r_factor(), dec.scale, rtol)
+    stable = jnp.asarray(routes.STABLE, jnp.int32)
+    if G.dtype == jnp.float64:
+        return routes.Transform(M, eye, jnp.asarray(False), rank, stable)
+    return routes.Transform(M, _refine(gram_pass(M)), jnp.asarray(True), rank, stable)
+
+
+def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:
+    """The ``(x, y)`` chunk source of host data (shape checks first) and its chunk length."""
+    check_floating("params", params)
+    check_finite("params", params)
+    if callable(xs):
+        if ys is not None:
+            raise ValueError("with a chunk source, the responses travel in its chunks: pass ys=None.")
+        return pair_source(xs), chunk_size
+    n = check_host_arrays(apply_fn, params, xs, ys)
+    return array_source((xs, ys), n, min(chunk_size, n)), min(chunk_size, n)
+
+
+def first_pass(step, source, chunk, init):
+    """The first fold with the non-finite check: ``(carry, n, n_local)``, summed over processes."""
+    counted = fold(lambda c, piece, valid: (step(c[0], piece, valid), c[1] + valid), (init, 0), source, chunk)
+    carry, n_local = counted
+    stats = across_processes(jnp.asarray([n_local, int(carry[1])]), lambda a: a.sum(0))
+    if int(stats[0]) == 0:
+        raise ValueError("the chunk source yielded no examples.")
+    if int(stats[1]):
+        raise ValueError(f"xs or ys contains {int(stats[1])} NaN or Inf value(s); clean the input first.")
+    return carry, int(stats[0]), n_local
+
+
+def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, rtol, route, out=None):
+    """Streaming leverage of host data (see the module docstring): ``(h, rank, route)``.
+
+    ``h`` is the raw block leverage: a jax array (global under ``jax.distributed``), or ``out`` filled
+    with this process's block when given.
+    """
+    source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    size = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
+    kw = dict(num_nodes=num_nodes, mode=mode)
+    gram = functools.partial(_gram_step, apply_fn, params, **kw)
+    init = (jnp.zeros((size, size), dtype), jnp.zeros((), jnp.int32))
+    (G, _), n, n_local = first_pass(lambda c, pc, v: gram(c, pc, v, None), source, chunk, init)
+    G = across_processes(G, lambda a: a.sum(0))
+
+    def gram_pass(M):
+        G2 = fold(lambda c, pc, v: gram(c, pc, v, M), init, source, chunk)[0]
+        return across_processes(G2, lambda a: a.sum(0))
+
+    def r_factor():
+        R = fold(functools.partial(_qr_step, apply_fn, params, **kw), init[0], source, chunk)
+        return across_processes(R, _qr_combine)
+
+    t = host_transform(G, gram_pass, r_factor, jnp.asarray(rtol, dtype), route)
+    h = output_vector(out, n_local, dtype)
+    step = functools.partial(_leverage_step, apply_fn, params, transform=t, **kw)
+    collect(step, source, chunk, h)
+    return (h if out is not None else global_vector(h, n)), t.rank, t.route
+
+
+def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):
+    """Row-norm probabilities of the dual matrix of host data, one pass (then a division in place)."""
+    source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    step = functools.partial(_norm_step, apply_fn, params, num_nodes=num_nodes, mode=mode)
+    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((), jnp.int32)), "n": 0}
+
+    def one(piece, valid):
+        sq, state["carry"] = step(state["carry"], piece, valid)
+        state["n"] += valid
+        return sq
+
+    sq = per_example_values(one, source, chunk, xs, out, dtype)
+    total, bad = state["carry"]
+    stats = across_processes(jnp.asarray([state["n"], int(bad)]), lambda a: a.sum(0))
+    if int(stats[1]):
+        raise ValueError(f"xs or ys contains {int(stats[1])} NaN or Inf value(s); clean the input first.")
+    total = float(across_processes(total, lambda a: a.sum(0)))
+    if not total > 0:
+        raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
+    divide_in_place(sq, total, chunk)
+    return sq if out is not None else global_vector(sq, int(stats[0]))
+
+
+def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.ndarray:
+    """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector."""
+    if callable(xs):  # length unknown until the source is exhausted
+        values = _collect_growing(step, source, chunk)
+        if out is None:
+            return values
+        target = output_vector(out, values.shape[0], dtype)
+        target[:] = values
+        return target
+    target = output_vector(out, jax.tree.leaves(xs)[0].shape[0], dtype)
+    collect(step, source, chunk, target)
+    return target
+
+
+def _collect_growing(step, source, chunk) -> np.ndarray:
+    """:func:`collect` for a chunk source of unknown length: pieces gathered, then concatenated."""
+    parts = []
+    for piece, valid in staged(source, chunk):
+        parts.append((step(piece, valid), valid))
+    if not parts:
+        raise ValueError("the chunk source yielded no examples.")
+    return np.concatenate([np.asarray(v)[:c] for v, c in parts])
+
+
+def divide_in_place(vec: np.ndarray, total, chunk: int) -> None:
+    """``vec /= total`` slice by slice (a memmap is never read whole into anonymous memory)."""
+    for start in range(0, vec.shape[0], max(chunk, 1 << 16)):
+        stop = min(start + max(chunk, 1 << 16), vec.shape[0])
+        vec[start:stop] = vec[start:stop] / np.asarray(total, vec.dtype)
+
+
+# --------------------------------------------------------------------------------------------- losses
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
+    """Per-example losses of a piece ``(x, y, w)`` (padding rows 0), the weighted sum and bad count."""
+    xc, yc, wc = piece
+    losses = losses_fn(apply_fn, loss_fn, params, xc, yc)
+    losses = jnp.where(jnp.arange(losses.shape[0]) < valid, losses, 0)
+    weighted = losses if wc is None else wc.astype(losses.dtype) * losses
+    bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
+    neg = 0 if wc is None else jnp.count_nonzero(jnp.where(jnp.arange(wc.shape[0]) < valid, wc, 0) < 0)
+    total, count, negative = carry
+    return losses, (total + jnp.sum(weighted), count + bad, negative + neg)
+
+
+def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int) -> tuple[Source, int]:
+    """The ``(x, y, w)`` chunk source of host data for the losses (shape checks first)."""
+    check_floating("params", params)
+    check_finite("params", params)
+    if callable(xs):
+        if ys is not None or weights is not None:
+            raise ValueError("with a chunk source, ys travel in its chunks: pass ys=None and weights=None.")
+        pairs = pair_source(xs)
+        return (lambda: ((x, y, None) for x, y in pairs())), chunk_size
+    if ys is None:
+        raise ValueError("the losses need ys (or a chunk source of (x, y) pairs).")
+    n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
+    return array_source((xs, ys, weights), n, min(chunk_size, n)), min(chunk_size, n)
+
+
+def host_losses(losses_fn, apply_fn, loss_fn, params, xs, ys, weights, *, chunk_size, per_example, out=None):
+    """Full-data loss of host data, chunk by chunk: the weighted sum, or the ``(n,)`` per-example losses.
+
+    ``losses_fn(apply_fn, loss_fn, params, x, y)`` gives the per-example losses of one chunk (traced);
+    ``apply_fn`` and ``loss_fn`` are hashable (static).
+    """
+    source, chunk = loss_source(apply_fn, params, xs, ys, weights, chunk_size)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    step = functools.partial(_loss_step, losses_fn, apply_fn, loss_fn, params)
+    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
+
+    def one(piece, valid):
+        losses, state["carry"] = step(state["carry"], piece, valid)
+        return losses
+
+    if per_example:
+        values = per_example_values(one, source, chunk, xs, out, dtype)
+    else:
+        for piece, valid in staged(source, chunk):
+            one(piece, valid)
+    total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
+    if int(bad):
+        raise ValueError(f"xs, ys or weights contain {int(bad)} NaN or Inf value(s); clean the input first.")
+    if int(negative):
+        raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
+    if not per_example:
+        return total
+    return values if out is not None else jnp.asarray(values)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def gather_rows(store, indices):
+    """Rows ``indices`` of host data (numpy arrays or memmaps, or a pytree of them), as numpy arrays.
+
+    The rows are read in increasing order (a memmap reads only the pages they lie on) and returned in
+    the order of ``indices`` (repeats included): the sampled rows of :func:`nlis_jax.sample`, e.g.
+    ``xs_s, ys_s = nj.gather_rows((xs, ys), indices)``.
+
+    Args:
+      store: a numpy array, ``numpy.memmap`` or pytree of them, examples first.
+      indices: ``(s,)`` integer row indices (numpy or jax).
+
+    Returns:
+      The same pytree of ``(s, ...)`` numpy arrays.
+    """
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"indices must be a 1-D integer vector, got shape {idx.shape}, dtype {idx.dtype}.")
+    leaves = jax.tree.leaves(store)
+    if not leaves or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in leaves):
+        raise TypeError("store must hold numpy arrays or memmaps (examples first).")
+    n = leaves[0].shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"indices out of range [0, {n}).")
+    order = np.argsort(idx, kind="stable")
+    ordered = idx[order]
+
+    def one(a):
+        rows = a[ordered]
+        result = np.empty_like(rows)
+        result[order] = rows
+        return result
+
+    return jax.tree.map(one, store)

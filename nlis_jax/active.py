@@ -1,0 +1,440 @@
+r"""Active learning: choose which unlabelled points to label from response-free nonlinear leverage.
+
+The scores of the dual matrix WITHOUT a response, :math:`[F^*(\theta) \mid f(0)]`, need no labels, so a
+model can rank an unlabelled pool by how much its fit at :math:`\theta` depends on each point
+(:func:`label_free_leverage_scores`). A query picks the next batch from the pool (the points not yet
+labelled) in one of two ways:
+
+* ``strategy="sample"``: draw from the pool probabilities
+  :math:`p_i = (1 - \alpha)\, s_i / \sum_{j \in U} s_j + \alpha / |U|` for :math:`i \in U` (0 on labelled
+  points), with importance weights that make :math:`\sum_j w_j v_{i_j}` unbiased for
+  :math:`\sum_{i \in U} v_i`. With replacement: ``b`` i.i.d. draws, :math:`w_j = 1/(b\, p_{i_j})` (a point
+  drawn twice is labelled once and its weights add up). Without replacement (the default: no label is
+  paid for twice): priority sampling (:func:`nlis_jax.sample` with ``replace=False``), ``b`` distinct
+  points with :math:`w_i = \max(1, \tau / p_i)`.
+* ``strategy="topk"``: the ``b`` pool points of highest score (deterministic; weights are ones, and the
+  weighted loss is NOT an unbiased estimate of the full loss).
+
+**The estimator across rounds.** Round :math:`r` (the seed set is round 0, drawn uniformly) draws
+:math:`b_r` points from the pool :math:`U_r` and gives :math:`E_r = \sum_{i \in L_r} \ell_i +
+\sum_{j} w^{(r)}_j \ell_{i_j}`, with :math:`L_r` the points labelled before round :math:`r` (their loss is
+known exactly). Given the history, :math:`E[E_r] = \sum_{L_r} \ell + \sum_{U_r} \ell = L(\theta)` for any
+fixed :math:`\theta`, even though the probabilities of round :math:`r` depend on the fits of earlier rounds.
+The combination :math:`\hat L = \sum_r c_r E_r` with the fixed coefficients :math:`c_r = b_r / S`,
+:math:`S = \sum_r b_r`, is therefore unbiased, and uses every label. Its weight on a point labelled in round
+:math:`r` is
+
+.. math:: w_i = \frac{m_i + S - S_r}{S}, \qquad m_i = b_r \sum_{\text{draws } j \text{ of } i} w^{(r)}_j,
+
+where :math:`S_r = b_0 + \dots + b_r`: the part :math:`m_i/S` comes from the round that drew :math:`i`
+(:math:`m_i/S = \text{count}_i/(S p_i)` with replacement, the familiar :math:`1/(s p_i)` with ``s`` all
+draws so far), the part :math:`(S - S_r)/S` from the later rounds, in which :math:`i` is an exactly known
+term. With :math:`c_r \propto b_r` the rounds' martingale differences are weighted as one sample of size
+:math:`S` would be. :class:`ActiveState` keeps :math:`m_i`, :math:`S_r` and :math:`S`;
+:func:`estimator_weights` returns :math:`w`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nlis_jax._checks import check_choice, check_positive_int, is_concrete
+from nlis_jax._dual import dual_matrix
+from nlis_jax._sampling import sample
+from nlis_jax._scores import leverage_scores
+from nlis_jax._streaming import streaming_leverage_scores
+from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
+
+#: Ways to choose a batch from the pool.
+STRATEGIES = ("sample", "topk")
+
+
+def label_free_leverage_scores(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: Array,
+    *,
+    num_nodes: int | None = None,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+) -> Array:
+    r"""Response-free nonlinear leverage: leverage-score probabilities of :math:`[F^*(\theta) \mid f(0)]`.
+
+    Args:
+      apply_fn: ``apply_fn(params, x)`` for ONE example (scalar or ``(k,)``; block leverage for ``k``).
+      params: the current parameters :math:`\theta` (pytree).
+      xs: ``(n, ...)`` inputs of every point, labelled or not (no labels are used).
+      num_nodes, mode: quadrature nodes and differentiation mode, as in :func:`nlis_jax.adjoint`.
+      chunk_size: ``None`` materialises the ``(n, p+1)`` dual matrix (:func:`nlis_jax.dual_matrix`); an
+        int streams it ``chunk_size`` rows at a time (:func:`nlis_jax.streaming_leverage_scores`), for
+        pools too large for memory.
+
+    Returns:
+      ``(n,)`` probabilities :math:`h_i / \mathrm{rank}`.
+    """
+    if chunk_size is None:
+        return leverage_scores(dual_matrix(apply_fn, params, xs, None, num_nodes=num_nodes, mode=mode))
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    return streaming_leverage_scores(
+        apply_fn, params, xs, None, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
+    )
+
+
+class Query(NamedTuple):
+    """A chosen batch.
+
+    Attributes:
+      indices: ``(b,)`` int32 pool indices (distinct unless sampled with replacement).
+      weights: ``(b,)`` this round's weights: ``Σ_j weights_j v[indices_j]`` is unbiased for the sum of
+        ``v`` over the pool (``strategy="sample"``); ones for ``"topk"``.
+      probs: ``(n,)`` the pool probabilities the batch was drawn from (0 on labelled points).
+    """
+
+    indices: Array
+    weights: Array
+    probs: Array
+
+
+class ActiveState(NamedTuple):
+    r"""Bookkeeping of the labelled set for the unbiased weights (see the module docstring).
+
+    Attributes:
+      labelled: ``(n,)`` bool, whether each point has a label.
+      mass: ``(n,)`` :math:`m_i = b_r \sum_j w^{(r)}_j` of the round ``r`` that labelled ``i`` (0 if none).
+      labelled_at: ``(n,)`` :math:`S_r`, the draws made up to and including that round (0 if none).
+      draws: scalar :math:`S`, all draws so far.
+    """
+
+    labelled: Array
+    mass: Array
+    labelled_at: Array
+    draws: Array
+
+
+def init_state(n: int, dtype=None) -> ActiveState:
+    """An empty :class:`ActiveState` for a pool of ``n`` points (weights in ``dtype``, default float)."""
+    n = check_positive_int("n", n)
+    dtype = jnp.dtype(dtype or jnp.result_type(float))
+    zeros = jnp.zeros((n,), dtype)
+    return ActiveState(jnp.zeros((n,), bool), zeros, zeros, jnp.zeros((), dtype))
+
+
+def _pool_probs(scores, labelled, alpha):
+    pool = ~labelled
+    s = jnp.where(pool, scores, 0)
+    total = jnp.sum(s)
+    size = jnp.sum(pool).astype(scores.dtype)
+    base = jnp.where(total > 0, s / jnp.where(total > 0, total, 1), pool / size)
+    return jnp.where(pool, (1 - alpha) * base + alpha / size, 0).astype(scores.dtype)
+
+
+def _check_pool(scores, labelled, alpha) -> tuple[int, Array]:
+    """Shape and value checks of ``(scores, labelled, alpha)``; returns ``(pool size or -1, scores)``."""
+    scores = jnp.asarray(scores)
+    labelled = jnp.asarray(labelled)
+    if scores.ndim != 1 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be a non-empty (n,) vector, got shape {scores.shape}.")
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise TypeError(f"scores must be floating point, got {scores.dtype}.")
+    if labelled.shape != scores.shape or labelled.dtype != jnp.bool_:
+        raise ValueError(
+            f"labelled must be a bool mask of shape {scores.shape}, got {labelled.dtype}{labelled.shape}."
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    if not (is_concrete(scores) and is_concrete(labelled)):
+        return -1, scores
+    s, mask = np.asarray(scores), np.asarray(labelled)
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("scores must be finite and non-negative.")
+    pool = int(np.sum(~mask))
+    if pool == 0:
+        raise ValueError("the pool is empty: every point is already labelled.")
+    return pool, scores
+
+
+def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) -> Array:
+    r"""Pool probabilities :math:`p_i = (1 - \alpha) s_i / \sum_{j \in U} s_j + \alpha/|U|` on the pool.
+
+    Args:
+      scores: ``(n,)`` non-negative scores (need not sum to 1), e.g. :func:`label_free_leverage_scores`.
+      labelled: ``(n,)`` bool mask of the labelled points (probability 0).
+      alpha: weight of the uniform distribution on the pool, in ``[0, 1]``; ``α > 0`` keeps every pool
+        point reachable (:math:`p_i \ge \alpha / |U|`). When the pool's scores are all 0 the uniform
+        distribution on the pool is used.
+
+    Returns:
+      ``(n,)`` probabilities, summing to 1 over the pool, 0 on labelled points.
+    """
+    _check_pool(scores, labelled, alpha)
+    return _pool_probs(jnp.asarray(scores), jnp.asarray(labelled), alpha)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "strategy", "replace"))
+def _query(key, scores, labelled, alpha, *, batch, strategy, replace):
+    probs = _pool_probs(scores, labelled, alpha.astype(scores.dtype))
+    if strategy == "topk":
+        _, idx = jax.lax.top_k(jnp.where(labelled, -jnp.inf, probs), batch)
+        return Query(idx.astype(jnp.int32), jnp.ones((batch,), scores.dtype), probs)
+    idx, w = sample(key, probs, batch, replace=replace)
+    return Query(idx.astype(jnp.int32), w.astype(scores.dtype), probs)
+
+
+def query(
+    key: PRNGKey | None,
+    scores: Array,
+    labelled: Array,
+    batch: int,
+    *,
+    strategy: str = "sample",
+    alpha: float = 0.0,
+    replace: bool = False,
+) -> Query:
+    r"""Choose the next ``batch`` points to label from the pool (the points with ``labelled == False``).
+
+    Args:
+      key: PRNG key for ``strategy="sample"`` (used once); ignored (may be ``None``) for ``"topk"``.
+      scores: ``(n,)`` non-negative scores of every point (only the pool's are used).
+      labelled: ``(n,)`` bool mask; labelled points are never chosen.
+      batch: ``b``, points (draws, with replacement) to choose; at most the pool size (static).
+      strategy: ``"sample"`` (by the pool probabilities, unbiased weights) or ``"topk"`` (highest scores).
+      alpha: uniform mixing weight in ``[0, 1]`` (:func:`pool_probabilities`).
+      replace: with ``"sample"``: i.i.d. draws (weights ``1/(b p_i)``) or, by default, ``b`` distinct
+        points by priority sampling (weights ``max(1, τ/p_i)``).
+
+    Returns:
+      :class:`Query` ``(indices (b,), weights (b,), probs (n,))``.
+
+    Raises:
+      ValueError: bad shapes, negative or non-finite scores, ``alpha`` outside ``[0, 1]``, an empty pool, a
+        batch larger than the pool, or (without replacement) fewer pool points of positive probability
+        than ``batch`` (mix with uniform: ``alpha > 0``).
+    """
+    check_choice("strategy", strategy, STRATEGIES)
+    batch = check_positive_int("batch", batch)
+    pool, scores = _check_pool(scores, labelled, alpha)
+    if pool >= 0 and batch > pool:
+        raise ValueError(f"batch={batch} exceeds the {pool} unlabelled points in the pool.")
+    if strategy == "sample":
+        if key is None:
+            raise ValueError('strategy="sample" needs a PRNG key (jax.random.key(seed)).')
+        if pool >= 0 and not replace and alpha == 0:
+            positive = int(np.sum((np.asarray(scores) > 0) & ~np.asarray(labelled)))
+            if 0 < positive < batch:
+                raise ValueError(
+                    f"only {positive} pool points have a positive score, fewer than batch={batch}: "
+                    "sampling without replacement cannot reach the rest (use alpha > 0)."
+                )
+    else:
+        key = jax.random.key(0)  # unused by top-k; keeps one compiled signature
+    alpha = jnp.asarray(alpha, jnp.asarray(scores).dtype)
+    labelled = jnp.asarray(labelled)
+    return _query(key, scores, labelled, alpha, batch=batch, strategy=strategy, replace=replace)
+
+
+@jax.jit
+def record(state: ActiveState, chosen: Query) -> ActiveState:
+    r"""Add a sampled batch to the labelled set: :math:`m_i \mathrel{+}= b\, w_j`, :math:`S \mathrel{+}= b`.
+
+    Args:
+      state: the current :class:`ActiveState`.
+      chosen: a :class:`Query` drawn from the pool of ``state.labelled`` (its indices must be unlabelled).
+
+    Returns:
+      The new state; :func:`estimator_weights` of it is unbiased for the full loss (``"sample"`` queries).
+    """
+    b = chosen.indices.shape[0]
+    dtype = state.mass.dtype
+    mass = state.mass.at[chosen.indices].add(b * chosen.weights.astype(dtype))
+    draws = state.draws + b
+    labelled = state.labelled.at[chosen.indices].set(True)
+    new = labelled & ~state.labelled
+    labelled_at = jnp.where(new, draws, state.labelled_at)
+    return ActiveState(labelled, mass, labelled_at, draws)
+
+
+@jax.jit
+def estimator_weights(state: ActiveState) -> Array:
+    r"""``(n,)`` weights :math:`w_i = (m_i + S - S_{r(i)})/S` on labelled points, 0 elsewhere.
+
+    :math:`\sum_i w_i \ell_i(\theta)` is unbiased for :math:`L(\theta) = \sum_{i=1}^n \ell_i(\theta)` at any
+    fixed :math:`\theta` when every round was a ``"sample"`` query (module docstring).
+    """
+    s = jnp.maximum(state.draws, 1)
+    w = (state.mass + state.draws - state.labelled_at) / s
+    return jnp.where(state.labelled, w, 0).astype(state.mass.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop: seed set -> fit -> score the pool -> query a batch -> refit
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveConfig:
+    """Options of :func:`active_learning` (frozen, hashable).
+
+    Attributes:
+      seed_size: points of the seed set, drawn uniformly without replacement (round 0).
+      batch: points queried per round after the seed.
+      rounds: query rounds after the seed fit (labels at the end: at most ``seed_size + rounds·batch``).
+      strategy: ``"sample"`` or ``"topk"`` (:func:`query`).
+      alpha: uniform mixing weight of every query (:func:`pool_probabilities`).
+      replace: sample with replacement (weights ``1/(b p_i)``; a repeated draw is labelled once).
+      weighted: fit on :func:`estimator_weights` (``True``) or on unit weights. ``"topk"`` always fits
+        on unit weights (a deterministic choice has no unbiased weights).
+    """
+
+    seed_size: int
+    batch: int
+    rounds: int
+    strategy: str = "sample"
+    alpha: float = 0.0
+    replace: bool = False
+    weighted: bool = True
+
+    def __post_init__(self):
+        check_positive_int("seed_size", self.seed_size)
+        check_positive_int("batch", self.batch)
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"rounds must be a non-negative int, got {self.rounds!r}.")
+        check_choice("strategy", self.strategy, STRATEGIES)
+        if isinstance(self.alpha, bool) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}.")
+
+    @property
+    def capacity(self) -> int:
+        """Rows handed to ``fit_fn`` every round: the most labels the loop can hold."""
+        return self.seed_size + self.rounds * self.batch
+
+
+class ActiveResult(NamedTuple):
+    """Outcome of :func:`active_learning`.
+
+    Attributes:
+      params: parameters of the last fit.
+      state: the final :class:`ActiveState` (``state.labelled`` marks the labelled points).
+      labels: ``(n, ...)`` NumPy labels from the oracle, zeros where unlabelled.
+      order: ``(L,)`` NumPy indices in the order they were labelled (each once).
+      weights: ``(n,)`` the weights of the last fit (0 on unlabelled points).
+      history: parameters after each fit (``rounds + 1`` entries: the seed fit, then one per round).
+      num_labels: labels held at each fit (``rounds + 1`` ints).
+    """
+
+    params: PyTree
+    state: ActiveState
+    labels: np.ndarray
+    order: np.ndarray
+    weights: Array
+    history: tuple
+    num_labels: tuple
+
+
+def _new_distinct(indices, labelled) -> np.ndarray:
+    """The distinct, not yet labelled entries of ``indices``, in order of first appearance."""
+    idx = np.asarray(indices)
+    _, first = np.unique(idx, return_index=True)
+    idx = idx[np.sort(first)]
+    return idx[~np.asarray(labelled)[idx]]
+
+
+def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarray:
+    """Call the oracle on ``new`` once; check and store its answers in ``labels`` (allocated on first use)."""
+    answer = np.asarray(oracle(new.copy()))
+    if answer.ndim == 0 or answer.shape[0] != new.shape[0]:
+        raise ValueError(f"oracle returned shape {answer.shape} for {new.shape[0]} indices.")
+    if not np.all(np.isfinite(answer)):
+        raise ValueError("oracle returned non-finite labels.")
+    if labels is None:
+        labels = np.zeros((n,) + answer.shape[1:], answer.dtype)
+    elif answer.shape[1:] != labels.shape[1:]:
+        raise ValueError(f"oracle label shape changed from {labels.shape[1:]} to {answer.shape[1:]}.")
+    labels[new] = answer
+    return labels
+
+
+def _fit_round(fit_fn, params, xs, labels, weights, order, capacity):
+    """``fit_fn`` on the labelled rows, padded to ``capacity`` rows of weight 0 (one shape every round)."""
+    rows = np.zeros((capacity,), np.int64)
+    rows[: order.size] = order
+    w = jnp.where(jnp.arange(capacity) < order.size, jnp.asarray(weights)[rows], 0)
+    return fit_fn(params, xs[rows], jnp.asarray(labels[rows]), w)
+
+
+def active_learning(
+    key: PRNGKey,
+    params: PyTree,
+    xs: Array,
+    oracle: Callable[[np.ndarray], Any],
+    *,
+    fit_fn: Callable[[PyTree, Array, Array, Array], PyTree],
+    scores_fn: Callable[[PyTree, Array], Array],
+    config: ActiveConfig,
+) -> ActiveResult:
+    r"""Pool-based active learning: seed set → fit → score the pool → query a batch → refit.
+
+    Round 0 labels ``config.seed_size`` points drawn uniformly without replacement; then each of
+    ``config.rounds`` rounds scores every point at the current parameters, queries ``config.batch`` pool
+    points (:func:`query`), asks ``oracle`` for their labels and refits (warm-started). No point is
+    labelled twice.
+
+    .. code-block:: python
+
+        tx = optax.sgd(0.1)
+        fit_fn = lambda p, x, y, w: nj.fit(apply_fn, p, x, y, w, optimizer=tx, num_steps=300).params
+        scores_fn = lambda p, x: nj.label_free_leverage_scores(apply_fn, p, x)
+        result = nj.active_learning(key, params0, xs, oracle, fit_fn=fit_fn, scores_fn=scores_fn,
+                                    config=nj.ActiveConfig(seed_size=20, batch=20, rounds=5))
+
+    Args:
+      key: PRNG key (split once per round).
+      params: initial parameters (pytree).
+      xs: ``(n, ...)`` inputs of the whole pool.
+      oracle: ``oracle(indices) -> labels``; called once per round with the NEW distinct indices (a NumPy
+        int array), returns an array with one label per index (leading axis ``len(indices)``).
+      fit_fn: ``fit_fn(params, xs_l, ys_l, weights_l) -> params``, given ``config.capacity`` rows every
+        round (the labelled rows, then padding rows with weight 0), so a jitted fit compiles once.
+      scores_fn: ``scores_fn(params, xs) -> (n,)`` non-negative scores, e.g. response-free leverage
+        (:func:`label_free_leverage_scores`); only the pool's entries are used.
+      config: :class:`ActiveConfig`.
+
+    Returns:
+      :class:`ActiveResult`.
+    """
+    if not isinstance(config, ActiveConfig):
+        raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}.")
+    for name, fn in (("oracle", oracle), ("fit_fn", fit_fn), ("scores_fn", scores_fn)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable, got {fn!r}.")
+    n = int(jnp.shape(xs)[0]) if jnp.ndim(xs) else 0
+    if n < config.capacity:
+        need = config.capacity
+        raise ValueError(f"the pool has n={n} points, fewer than seed_size + rounds·batch = {need}.")
+    x_dtype = jnp.result_type(xs)
+    dtype = x_dtype if jnp.issubdtype(x_dtype, jnp.floating) else None
+    state = init_state(n, dtype)
+    keys = jax.random.split(key, config.rounds + 1)
+    uniform = jnp.ones((n,), state.mass.dtype)
+    chosen = query(keys[0], uniform, state.labelled, config.seed_size, replace=config.replace)
+    labels, order, history, counts = None, np.zeros((0,), np.int64), [], []
+    for r in range(config.rounds + 1):
+        if r > 0:
+            scores = scores_fn(params, xs)
+            chosen = query(keys[r], scores, state.labelled, config.batch, strategy=config.strategy,
+                           alpha=config.alpha, replace=config.replace)  # fmt: skip
+        new = _new_distinct(chosen.indices, state.labelled)
+        labels = _ask(oracle, new, labels, n)
+        order = np.concatenate([order, new])
+        state = record(state, chosen)
+        unbiased = config.weighted and config.strategy == "sample"
+        weights = estimator_weights(state) if unbiased else state.labelled.astype(state.mass.dtype)
+        params = _fit_round(fit_fn, params, xs, labels, weights, order, config.capacity)
+        history.append(params)
+        counts.append(int(order.size))
+    return ActiveResult(params, state, labels, order, weights, tuple(history), tuple(counts))

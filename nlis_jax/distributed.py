@@ -1,0 +1,223 @@
+r"""Several processes and hosts: nlis_jax on JAX's multi-controller runtime (``jax.distributed``).
+
+Every process runs the same script. Each holds its own block of rows, the blocks form global arrays
+sharded by example over a mesh of all devices (``NamedSharding(mesh, P("data"))``), and the public
+functions of :mod:`nlis_jax` take those global arrays as they take local ones: same values, same
+sample for the same key. The Gram matrix of the scores becomes an all-reduce over processes.
+
+Launch ``N`` processes on one machine (a test, a workstation, a CPU cluster node)::
+
+    python -m nlis_jax.distributed --num-processes 2 --cpu-devices 2 my_script.py --my-arg 1
+
+Each process runs ``my_script.py`` with ``NLIS_COORDINATOR_ADDRESS``, ``NLIS_NUM_PROCESSES`` and
+``NLIS_PROCESS_ID`` set; the script calls :func:`initialize` first::
+
+    import numpy as np
+    import nlis_jax as nj
+    from nlis_jax import distributed
+
+    distributed.initialize()  # reads the NLIS_* variables; on a GPU/TPU pod: auto-detected
+    rows = distributed.process_rows(n)  # this process's block of an n-row data set
+    xs, ys = distributed.shard_rows((np.load("xs.npy", mmap_mode="r")[rows], ...))
+    probs = nj.streaming_leverage_scores(apply_fn, params, xs, ys)  # a global (n,) array
+    idx, w = nj.sample(key, probs, 1000)  # the same on every process
+    probs_np = distributed.gather(probs)  # numpy, the whole vector, on every process
+
+On a GPU or TPU pod use the cluster's own launcher (SLURM, Kubernetes, one command per host) and call
+:func:`initialize` with no arguments and no ``NLIS_*`` variables: ``jax.distributed.initialize()``
+detects the cluster. On CPU the cross-process collectives are gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nlis_jax._types import PyTree
+
+ENV_COORDINATOR = "NLIS_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "NLIS_NUM_PROCESSES"
+ENV_PROCESS_ID = "NLIS_PROCESS_ID"
+#: Name of the mesh axis the examples are sharded over.
+DATA_AXIS = "data"
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str = "gloo",
+) -> None:
+    """Join the multi-process runtime (``jax.distributed.initialize``); call before any other JAX work.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0; default ``$NLIS_COORDINATOR_ADDRESS`` (set by the
+        launcher), else auto-detection by JAX (SLURM, cloud TPU, ...).
+      num_processes, process_id: default ``$NLIS_NUM_PROCESSES`` and ``$NLIS_PROCESS_ID``.
+      cpu_collectives: ``jax_cpu_collectives_implementation`` for CPU devices (``"gloo"`` or ``"mpi"``).
+    """
+    env = os.environ
+    if coordinator_address is None:
+        coordinator_address = env.get(ENV_COORDINATOR)
+    if num_processes is None and ENV_NUM_PROCESSES in env:
+        num_processes = int(env[ENV_NUM_PROCESSES])
+    if process_id is None and ENV_PROCESS_ID in env:
+        process_id = int(env[ENV_PROCESS_ID])
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over all devices of all processes, axis ``"data"``, in process order.
+
+    Process order makes each process's devices hold one contiguous block of rows, the block
+    :func:`process_rows` names.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def process_rows(n: int) -> slice:
+    """This process's block of rows of an ``n``-row data set (``n`` divisible by the number of devices)."""
+    devices = jax.device_count()
+    if n % devices:
+        raise ValueError(
+            f"n = {n} rows cannot be split evenly over {devices} devices; drop or pad "
+            f"{n % devices} rows (global arrays are sharded in equal blocks)."
+        )
+    per_process = n // jax.process_count()
+    start = jax.process_index() * per_process
+    return slice(start, start + per_process)
+
+
+def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
+    """Global arrays from each process's block of rows, sharded by example (``P("data")``).
+
+    Args:
+      local: a pytree of host arrays (numpy, memmap slices, jax arrays), this process's rows; every
+        process passes the same number of rows, a multiple of its number of devices.
+      mesh: default :func:`data_mesh`.
+
+    Returns:
+      The same pytree of global ``jax.Array``s whose leading axis is the concatenation, in process
+      order, of every process's rows.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    local_devices = len(sharding.addressable_devices)
+
+    def one(a):
+        a = np.asarray(a)
+        if a.ndim == 0 or a.shape[0] % local_devices:
+            raise ValueError(
+                f"each process's rows must split evenly over its {local_devices} devices, got shape "
+                f"{a.shape}."
+            )
+        global_shape = (a.shape[0] * jax.process_count(),) + a.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, a, global_shape)
+
+    return jax.tree.map(one, local)
+
+
+def gather(tree: PyTree) -> PyTree:
+    """Every leaf as a numpy array holding its whole global value, on every process (a collective).
+
+    A leaf whose values are all on this process (a local array, a numpy array) is returned as it is.
+    """
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return multihost_utils.process_allgather(a, tiled=True)
+        return np.asarray(a)
+
+    return jax.tree.map(one, tree)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_env(base: dict, address: str, num_processes: int, rank: int, cpu_devices: int | None) -> dict:
+    env = dict(base, **{ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes)})
+    env[ENV_PROCESS_ID] = str(rank)
+    if cpu_devices is not None:
+        count = "--xla_force_host_platform_device_count"
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+        env["XLA_FLAGS"] = " ".join([*flags, f"{count}={cpu_devices}"])
+        env["JAX_NUM_CPU_DEVICES"] = str(cpu_devices)
+    return env
+
+
+def launch(
+    command: Sequence[str],
+    num_processes: int,
+    *,
+    cpu_devices: int | None = None,
+    port: int | None = None,
+    timeout: float | None = None,
+    env: dict | None = None,
+) -> int:
+    """Run ``command`` as ``num_processes`` processes on this machine joined through 127.0.0.1.
+
+    Returns 0 when all succeed, else the first non-zero exit status (the other processes are then
+    stopped, as they would wait for the failed one); 124 when ``timeout`` seconds pass first.
+    """
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be at least 1, got {num_processes}.")
+    address = f"127.0.0.1:{port or _free_port()}"
+    base = dict(os.environ if env is None else env)
+    procs = [
+        subprocess.Popen(list(command), env=_process_env(base, address, num_processes, rank, cpu_devices))
+        for rank in range(num_processes)
+    ]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = 0
+    try:
+        while status == 0:
+            codes = [p.poll() for p in procs]  # poll every process, not only up to the first running one
+            status = next((c for c in codes if c not in (None, 0)), 0)
+            if None not in codes:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                status = 124
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nlis_jax.distributed",
+        description="Run a script as several jax.distributed processes on this machine (127.0.0.1).",
+    )
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--cpu-devices", type=int, default=None, help="CPU devices per process")
+    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")
+    parser.add_argument("script", help="Python script each process runs")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
+    ns = parser.parse_args(argv)
+    command = [sys.executable, ns.script, *ns.args]
+    return launch(command, ns.num_processes, cpu_devices=ns.cpu_devices, port=ns.port, timeout=ns.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``nlis-jax score``: sampling scores of a user's own ``.npy`` files, out of core.
+
+The inputs are opened as memmaps (``np.load(path, mmap_mode="r")``) and the ``(n,)`` scores are written to
+a ``.npy`` memmap, so neither the data nor the scores need to fit in memory; chunks travel to the device
+one at a time (:func:`nlis_jax.streaming_leverage_scores` on host data). The model is a single-index model
+``tanh(<θ, x>)`` or a tanh MLP, at parameters read from an ``.npz`` file (``--params``: ``theta`` for the
+single-index model; ``w0, b0, w1, b1, ...`` for the MLP, ``w`` of shape ``(out, in)``) or, without it,
+drawn from ``--seed`` (a label-free pilot: the scores then describe the data and the model family).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+EXIT_USAGE = 2
+MODELS = ("single-index", "mlp")
+METHODS = ("leverage", "norm")
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--x", required=True, help="inputs, an (n, d) .npy file (opened as a memmap)")
+    parser.add_argument("--y", default=None, help="responses, an (n,) .npy file (optional)")
+    parser.add_argument("--model", choices=MODELS, default="single-index")
+    parser.add_argument("--hidden", type=int, default=32, help="MLP hidden width (default 32)")
+    parser.add_argument("--params", default=None, help=".npz of the model's parameters (default: --seed)")
+    parser.add_argument("--method", choices=METHODS, default="leverage")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk (default 4096)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="the (n,) scores, written as a .npy memmap")
+
+
+def model_and_params(args, d: int, dtype):
+    """``(apply_fn, params)`` of the chosen model, from ``--params`` or drawn from ``--seed``."""
+    import jax
+    import jax.numpy as jnp
+
+    from nlis_jax.experiments import nets
+
+    stored = None if args.params is None else dict(np.load(args.params))
+    if args.model == "single-index":
+        apply_fn = nets.single_index(jnp.tanh)
+        if stored is not None:
+            return apply_fn, jnp.asarray(stored["theta"], dtype)
+        return apply_fn, jax.random.normal(jax.random.key(args.seed), (d,), dtype) / np.sqrt(d)
+    apply_fn = nets.mlp(jnp.tanh)
+    if stored is not None:
+        layers = len([k for k in stored if k.startswith("w")])
+        params = [{"w": stored[f"w{i}"], "b": stored[f"b{i}"]} for i in range(layers)]
+        return apply_fn, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    params = nets.mlp_init(jax.random.key(args.seed), (d, args.hidden, 1), dtype=dtype)
+    return apply_fn, jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # non-zero biases
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Score the files; prints a one-line JSON summary. Exit 2 on a bad file."""
+    import nlis_jax as nj
+
+    try:
+        xs = np.load(args.x, mmap_mode="r")
+        ys = None if args.y is None else np.load(args.y, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        print(f"nlis-jax score: error: cannot read the data: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if xs.ndim != 2 or not np.issubdtype(xs.dtype, np.floating):
+        print(
+            f"nlis-jax score: error: --x must be an (n, d) float array, got {xs.shape} {xs.dtype}.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    apply_fn, params = model_and_params(args, xs.shape[1], xs.dtype)
+    out = np.lib.format.open_memmap(args.out, mode="w+", dtype=xs.dtype, shape=(xs.shape[0],))
+    start = time.perf_counter()
+    kwargs = dict(chunk_size=args.chunk_size, out=out)
+    try:
+        if args.method == "norm":
+            nj.streaming_norm_scores(apply_fn, params, xs, ys, **kwargs)
+            rank = None
+        else:
+            rank = int(
+                nj.streaming_leverage_scores(apply_fn, params, xs, ys, return_info=True, **kwargs).rank
+            )
+    except (ValueError, TypeError) as exc:
+        print(f"nlis-jax score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out.flush()
+    seconds = time.perf_counter() - start
+    summary = {"n": int(xs.shape[0]), "d": int(xs.shape[1]), "model": args.model, "method": args.method}
+    summary.update(
+        rank=rank, seconds=round(seconds, 3), rows_per_s=round(xs.shape[0] / seconds), out=args.out
+    )
+    print(json.dumps(summary))
+    return 0

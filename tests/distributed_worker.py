@@ -1,0 +1,184 @@
+"""One process of the 2-process test (tests/test_distributed.py); run through the launcher:
+
+    python -m nlis_jax.distributed --num-processes 2 --cpu-devices 2 tests/distributed_worker.py OUT_DIR
+
+Every public function runs twice: on global arrays sharded by example over all devices of all processes,
+and on this process's own full copy of the data (the one-process reference). The process writes
+``OUT_DIR/process_<i>.json``: for each case the largest absolute difference and the scale of the
+reference, equality of the samples drawn with the same key, and the messages of the input checks that
+must fire on global arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from nlis_jax import distributed
+
+distributed.initialize()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import nlis_jax as nj  # noqa: E402
+from nlis_jax.experiments import nets  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+N, D = 32, 3  # divisible by the 4 devices (2 processes x 2 CPU devices)
+MLP = nets.mlp(jnp.tanh)
+
+
+def _params(seed, sizes):
+    rng = np.random.default_rng(seed)
+    return [
+        {"w": rng.standard_normal((o, i)) / np.sqrt(i), "b": 0.5 * rng.standard_normal(o)}
+        for i, o in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((N, D))
+    ys = rng.standard_normal(N)
+    ys2 = rng.standard_normal((N, 2))
+    deficient = rng.standard_normal((N, 2)) @ rng.standard_normal((2, 5))  # rank 2: the QR route
+    return {"xs": xs, "ys": ys, "ys2": ys2, "deficient": deficient}
+
+
+def _cases(params, params2):
+    """Name -> function of the data dict (local or global) returning a pytree of arrays."""
+    sgd = optax.sgd(0.02)
+
+    def probs(d):
+        return nj.leverage_scores(nj.dual_matrix(MLP, params, d["xs"], d["ys"]))
+
+    def fit_weighted_minibatch(d):
+        fitted = nj.fit(
+            MLP,
+            params,
+            d["xs"],
+            d["ys"],
+            N * probs(d),
+            optimizer=sgd,
+            num_steps=6,
+            batch_size=8,
+            key=jax.random.key(3),
+            num_segments=2,
+        )
+        return fitted.params, fitted.losses, fitted.final_loss, fitted.normalizer
+
+    def sampled(d, replace):
+        idx, w = nj.sample(jax.random.key(7), probs(d), 12, replace=replace)
+        if not replace:
+            return idx, w
+        F = nj.dual_matrix(MLP, params, d["xs"], d["ys"])
+        return idx, w, nj.distortion(F, idx, w), d["xs"][idx]  # the sampled rows, gathered
+
+    def host_blocks(d, route):
+        """Global input: each process streams its own numpy block; local: the device path on all rows."""
+        if d["xs"].is_fully_addressable:
+            return nj.streaming_leverage_scores(MLP, params, d["xs"], d["ys"], chunk_size=8, route=route)
+        rows = distributed.process_rows(N)
+        xs, ys = _data()["xs"][rows], _data()["ys"][rows]
+        return nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=8, route=route)
+
+    def host_norms_and_loss(d):
+        """Norm scores and the full-data loss, each process streaming its numpy block on the global side."""
+        if d["xs"].is_fully_addressable:
+            xs, ys = d["xs"], d["ys"]
+        else:
+            rows = distributed.process_rows(N)
+            xs, ys = _data()["xs"][rows], _data()["ys"][rows]
+        norms = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=8)
+        return norms, nj.weighted_loss(MLP, params, xs, ys, chunk_size=8)
+
+    return {
+        "streaming_host_norms_and_loss": host_norms_and_loss,
+        "streaming_host_blocks": lambda d: host_blocks(d, None),
+        "streaming_host_blocks_stable": lambda d: host_blocks(d, "stable"),
+        "adjoint_reverse": lambda d: nj.adjoint(MLP, params, d["xs"], mode="reverse"),
+        "adjoint_forward_k2": lambda d: nj.adjoint(MLP, params2, d["xs"], mode="forward"),
+        "dual_matrix": lambda d: nj.dual_matrix(MLP, params, d["xs"], d["ys"]),
+        "dual_matrix_k2": lambda d: nj.dual_matrix(MLP, params2, d["xs"], d["ys2"]),
+        "leverage_scores": probs,
+        "leverage_scores_stable": lambda d: nj.leverage_scores(d["deficient"]),
+        "norm_scores": lambda d: nj.norm_scores(nj.dual_matrix(MLP, params, d["xs"], d["ys"])),
+        "streaming_leverage_scores": lambda d: nj.streaming_leverage_scores(
+            MLP, params, d["xs"], d["ys"], chunk_size=8
+        ),
+        "sample_distortion": lambda d: sampled(d, True),
+        "sample_without_replacement": lambda d: sampled(d, False),
+        "weighted_loss": lambda d: nj.weighted_loss(MLP, params, d["xs"], d["ys"]),
+        "weighted_loss_weights": lambda d: nj.weighted_loss(MLP, params, d["xs"], d["ys"], N * probs(d)),
+        "fit_weighted_minibatch": fit_weighted_minibatch,
+    }
+
+
+def _compare(ref, got) -> dict:
+    ref_leaves, got_leaves = jax.tree.leaves(ref), jax.tree.leaves(distributed.gather(got))
+    diff, scale, exact = 0.0, 0.0, True
+    for r, g in zip(ref_leaves, got_leaves, strict=True):
+        r, g = np.asarray(r), np.asarray(g)
+        if r.shape != g.shape:
+            return {"error": f"shape {g.shape} != {r.shape}"}
+        if np.issubdtype(r.dtype, np.integer):
+            exact = exact and bool(np.array_equal(r, g))
+            continue
+        diff = max(diff, float(np.max(np.abs(r - g))))
+        scale = max(scale, float(np.max(np.abs(r))))
+    return {"diff": diff, "scale": scale, "integers_equal": exact}
+
+
+def _expect_error(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _checks(glob, params) -> dict:
+    bad_xs = np.array(_data()["xs"])
+    bad_xs[-1, 0] = np.nan  # on the last process's block
+    rows = distributed.process_rows(N)
+    xs_nan = distributed.shard_rows(bad_xs[rows])
+    w_neg = distributed.shard_rows(np.where(np.arange(N) == N - 1, -1.0, 1.0)[rows])
+    p_bad = distributed.shard_rows(np.full(N, 2.0 / N)[rows])
+    return {
+        "nan_xs": _expect_error(lambda: nj.dual_matrix(MLP, params, xs_nan, glob["ys"])),
+        "negative_weights": _expect_error(
+            lambda: nj.weighted_loss(MLP, params, glob["xs"], glob["ys"], w_neg)
+        ),
+        "probs_sum": _expect_error(lambda: nj.sample(jax.random.key(0), p_bad, 3)),
+    }
+
+
+def main(out_dir: str) -> None:
+    data = _data()
+    rows = distributed.process_rows(N)
+    glob = distributed.shard_rows({k: v[rows] for k, v in data.items()})
+    local = {k: jnp.asarray(v) for k, v in data.items()}
+    params, params2 = _params(1, (D, 4, 1)), _params(2, (D, 4, 2))
+    report = {"process": jax.process_index(), "devices": jax.device_count(), "cases": {}}
+    report["global_input"] = not glob["xs"].is_fully_addressable
+    for name, fn in _cases(params, params2).items():
+        start = time.perf_counter()
+        try:
+            report["cases"][name] = _compare(fn(local), fn(glob))
+            report["cases"][name]["seconds"] = time.perf_counter() - start
+        except Exception:  # noqa: BLE001 - reported to the test, which names the case
+            report["cases"][name] = {"error": traceback.format_exc(limit=4)}
+    report["checks"] = _checks(glob, params)
+    path = Path(out_dir) / f"process_{jax.process_index()}.json"
+    path.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

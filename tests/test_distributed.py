@@ -1,0 +1,146 @@
+"""Two processes joined by jax.distributed (gloo on CPU) give the one-process values and samples.
+
+The launcher (``python -m nlis_jax.distributed``) starts tests/distributed_worker.py as 2 processes of 2 CPU
+devices each on 127.0.0.1; every public function runs on global arrays sharded by example over the 4
+devices and on a local copy, and each process reports the differences (after gathering the global
+results) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import nlis_jax as nj
+from nlis_jax import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+CASES = (
+    "adjoint_reverse",
+    "adjoint_forward_k2",
+    "dual_matrix",
+    "dual_matrix_k2",
+    "leverage_scores",
+    "leverage_scores_stable",
+    "norm_scores",
+    "streaming_leverage_scores",
+    "streaming_host_blocks",
+    "streaming_host_blocks_stable",
+    "streaming_host_norms_and_loss",
+    "sample_distortion",
+    "sample_without_replacement",
+    "weighted_loss",
+    "weighted_loss_weights",
+    "fit_weighted_minibatch",
+)
+# float64 throughout: the sharded programs reduce in another order (per-shard partial sums, then an
+# all-reduce over processes), so results agree to rounding, ~1e-14 relative; 1e-10 is the issue's bound.
+RTOL = 1e-10
+
+
+def _env() -> dict:
+    # XLA's optimisation passes cost the workers more CPU time (compiling ~60 small programs) than
+    # they save on arrays of 32 rows.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env.pop("JAX_ENABLE_X64", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    cmd = [sys.executable, "-m", "nlis_jax.distributed", "--num-processes", "2", "--cpu-devices", "2"]
+    cmd += ["--timeout", "280", str(WORKER), str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"exit {proc.returncode} after {seconds:.0f} s:\n{proc.stderr[-4000:]}"
+    return [json.loads((out / f"process_{i}.json").read_text()) for i in range(2)]
+
+
+def test_two_processes_hold_global_arrays(reports):
+    assert [r["process"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["devices"] == 4
+        assert r["global_input"], "the inputs must span both processes (not fully addressable)"
+        assert sorted(r["cases"]) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_global_arrays_give_one_process_values(reports, case):
+    for r in reports:
+        result = r["cases"][case]
+        assert "error" not in result, f"process {r['process']}: {result['error']}"
+        assert result["diff"] <= RTOL * max(1.0, result["scale"]), result
+        # sample indices (and fit's int step counters) must be identical, not close
+        assert result["integers_equal"], result
+
+
+def test_input_checks_fire_on_global_arrays(reports):
+    for r in reports:
+        checks = r["checks"]
+        assert checks["nan_xs"].startswith("ValueError: xs contains 1 NaN"), checks
+        assert checks["negative_weights"].endswith("non-negative; 1 are negative."), checks
+        assert checks["probs_sum"].startswith("ValueError: probs must sum to 1, got sum 2 "), checks
+
+
+def test_launcher_stops_all_when_one_fails(tmp_path):
+    """Process 1 exits with 3 at once; process 0 would wait 60 s: the launcher returns 3 and stops it."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "assert os.environ['NLIS_NUM_PROCESSES'] == '2'\n"
+        "assert os.environ['NLIS_COORDINATOR_ADDRESS'].startswith('127.0.0.1:')\n"
+        "sys.exit(3) if os.environ['NLIS_PROCESS_ID'] == '1' else time.sleep(60)\n"
+    )
+    start = time.perf_counter()
+    assert distributed.main(["--num-processes", "2", str(script)]) == 3
+    assert time.perf_counter() - start < 30
+
+
+def test_launcher_timeout(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    assert distributed.launch([sys.executable, str(script)], 2, timeout=1.0) == 124
+
+
+def test_one_process_helpers():
+    """With one process the helpers are plain: rows 0..n, sharding over the local devices, gather = value."""
+    devices = jax.device_count()
+    n = 2 * devices
+    assert distributed.process_rows(n) == slice(0, n)
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        distributed.process_rows(n + 1)
+    x = np.arange(2.0 * n).reshape(n, 2)
+    xs = distributed.shard_rows({"x": x})["x"]
+    assert len(xs.sharding.device_set) == devices
+    np.testing.assert_array_equal(distributed.gather(xs), x)
+    expected = np.sum(x**2, 1) / np.sum(x**2)
+    np.testing.assert_allclose(distributed.gather(nj.norm_scores(xs)), expected, rtol=1e-14)
+    if devices > 1:
+        with pytest.raises(ValueError, match="split evenly over its"):
+            distributed.shard_rows(x[:-1])
+
+
+def test_explicit_mesh_axes_are_named_in_an_error():
+    """jax.make_mesh makes Explicit axes by default: a clear error first, not one from deep in XLA."""
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jax.device_put(np.eye(2 * len(devices), 3), NamedSharding(mesh, P("data")))
+    with pytest.raises(ValueError, match=r"F is sharded over a mesh with Explicit axes \('data',\)"):
+        nj.leverage_scores(x)
+    with pytest.raises(ValueError, match="xs is sharded over a mesh with Explicit axes"):
+        nj.weighted_loss(lambda p, x: p @ x, np.ones(3), x, np.ones(x.shape[0]))
+    auto = jax.device_put(np.eye(2 * len(devices), 3), NamedSharding(distributed.data_mesh(), P("data")))
+    assert nj.leverage_scores(auto).shape == (x.shape[0],)

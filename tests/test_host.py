@@ -1,0 +1,259 @@
+"""Streaming scores of host data (numpy, memmap, chunk sources): same scores, bounded anonymous memory."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import mlp_params
+
+import nlis_jax as nj
+from nlis_jax.experiments import nets
+
+N, D = 300, 3
+MLP = nets.mlp(jnp.tanh)
+
+
+def _data(dtype=np.float64):
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((N, D)).astype(dtype), rng.standard_normal(N).astype(dtype)
+
+
+@pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
+def test_numpy_input_matches_dense_scores(route):
+    """Host path (a Python loop over chunks) = dense leverage of the dual matrix, on every route."""
+    params = mlp_params(0, (D, 4, 1))
+    xs, ys = _data()
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys))
+    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64, route=route)  # 300 = 4·64 + 44
+    assert isinstance(h, jax.Array) and h.shape == (N,)
+    # float64, rows and Gram sums in another order than the dense route: rounding only
+    np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_chunk_source_of_uneven_pieces_and_block_outputs():
+    """A callable of (x, y) pieces of any sizes (regrouped into chunks); k = 2 outputs (block leverage)."""
+    params = mlp_params(1, (D, 4, 2))
+    xs, _ = _data()
+    ys = np.random.default_rng(6).standard_normal((N, 2))
+    bounds = [0, 1, 70, 71, 200, N]
+    calls = []
+
+    def source():
+        calls.append(1)
+        return ((xs[a:b], ys[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys))
+    h = nj.streaming_leverage_scores(MLP, params, source, chunk_size=64)
+    np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
+    assert len(calls) >= 2  # one call per pass
+
+
+def test_float32_follows_params_and_matches_device_path():
+    params = mlp_params(2, (D, 4, 1), dtype=np.float32)
+    xs, ys = _data(np.float32)
+    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64)
+    h_dev = nj.streaming_leverage_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64)
+    assert h.dtype == jnp.float32
+    np.testing.assert_allclose(h, h_dev, rtol=1e-5, atol=1e-7)  # same sums, chunk by chunk
+
+
+def test_bad_host_input_named():
+    params = mlp_params(0, (D, 4, 1))
+    xs, ys = _data()
+    bad = xs.copy()
+    bad[N - 1, 0] = np.nan  # in the last, padded chunk
+    with pytest.raises(ValueError, match="1 NaN or Inf"):
+        nj.streaming_leverage_scores(MLP, params, bad, ys, chunk_size=64)
+    with pytest.raises(ValueError, match="examples first"):
+        nj.streaming_leverage_scores(MLP, params, xs, ys[:-1], chunk_size=64)
+    with pytest.raises(ValueError, match=r"ys has shape \(300, 1\) but the model gives outputs of shape"):
+        nj.streaming_leverage_scores(MLP, params, xs, ys[:, None], chunk_size=64)
+    with pytest.raises(ValueError, match="pass ys=None"):
+        nj.streaming_leverage_scores(MLP, params, lambda: iter([]), ys)
+    with pytest.raises(ValueError, match="yielded no examples"):
+        nj.streaming_leverage_scores(MLP, params, lambda: iter([]))
+    with pytest.raises(TypeError, match=r"\(x_chunk, y_chunk\) pairs"):
+        nj.streaming_leverage_scores(MLP, params, lambda: iter([xs]))
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def _peak_growth(fn) -> tuple[int, object]:
+    """Peak RssAnon growth while ``fn`` runs, sampled every 2 ms in a thread."""
+    base = peak = _rss_anon()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_anon())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, _rss_anon()) - base, result
+
+
+def _single_index(theta, x):
+    return jnp.tanh(x @ theta)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memmap_scores_in_bounded_anonymous_memory(tmp_path):
+    """A 128 MB float32 memmap: anonymous memory grows by the (n,) scores and a few chunks, not the array.
+
+    Copying the array to the device, as the jax-array path does, grows it by at least 128 MiB (measured
+    312 MiB with the padded chunk copy). The host path keeps the scores (n·4 bytes) on the host, once
+    more as a jax array and once as probabilities, plus a few chunks of 4096 rows: bound 3·n·4 + 16 MiB.
+    """
+    n, d, chunk = 2_000_000, 16, 4096
+    xs = np.lib.format.open_memmap(tmp_path / "xs.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 1 << 18):  # written in pieces: the test itself stays in bounded memory
+        stop = min(n, start + (1 << 18))
+        xs[start:stop] = rng.standard_normal((stop - start, d), dtype=np.float32)
+    xs.flush()
+    del xs
+    xs = np.load(tmp_path / "xs.npy", mmap_mode="r")
+    theta = jnp.full((d,), 0.1, jnp.float32)
+    small = np.ascontiguousarray(xs[: 2 * chunk + 7])  # compiles the same chunk shapes first
+    expected_small = nj.leverage_scores(nj.dual_matrix(_single_index, theta, small))
+    got_small = nj.streaming_leverage_scores(_single_index, theta, small, chunk_size=chunk, route="gram")
+    np.testing.assert_allclose(got_small, expected_small, rtol=2e-3, atol=1e-8)
+
+    growth, h = _peak_growth(
+        lambda: nj.streaming_leverage_scores(_single_index, theta, xs, chunk_size=chunk, route="gram")
+    )
+    bound = 3 * n * 4 + (16 << 20)
+    assert growth <= bound, f"anonymous memory grew by {growth / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+    assert h.shape == (n,) and h.dtype == jnp.float32
+    # probabilities (correctness against dense scores: the tests above, on the same code path)
+    assert np.all(np.asarray(h) >= 0)
+    assert abs(float(jnp.sum(h.astype(jnp.float64))) - 1.0) < 1e-3
+
+
+def test_norm_scores_host_and_device_match_dense(tmp_path):
+    """One pass of squared block norms: host numpy, chunk source, device arrays and an out= memmap."""
+    params = mlp_params(3, (D, 4, 2))
+    xs, _ = _data()
+    ys = np.random.default_rng(7).standard_normal((N, 2))
+    ref = nj.norm_scores(nj.dual_matrix(MLP, params, xs, ys))
+    host = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64)
+    dev = nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64)
+    src = nj.streaming_norm_scores(MLP, params, lambda: iter([(xs[:100], ys[:100]), (xs[100:], ys[100:])]))
+    out = np.lib.format.open_memmap(tmp_path / "norms.npy", mode="w+", dtype=np.float64, shape=(N,))
+    got = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=64, out=out)
+    assert got is out
+    from_source = np.empty(N)
+    assert nj.streaming_norm_scores(MLP, params, lambda: iter([(xs, ys)]), out=from_source) is from_source
+    for h in (host, dev, src, np.load(tmp_path / "norms.npy"), from_source):
+        np.testing.assert_allclose(h, ref, rtol=1e-12, atol=1e-15)  # float64, summation order only
+    with pytest.raises(ValueError, match="out must be a writable numpy array"):
+        nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(N - 1))
+    with pytest.raises(ValueError, match="out= is for host data"):
+        nj.streaming_norm_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), out=np.empty(N))
+
+
+def test_leverage_into_memmap_then_sample_and_gather(tmp_path):
+    """Scores written to a memmap, indices drawn from them, the sampled rows read back from the store."""
+    params = mlp_params(0, (D, 4, 1))
+    xs, ys = _data()
+    np.save(tmp_path / "xs.npy", xs)
+    np.save(tmp_path / "ys.npy", ys)
+    xs_m, ys_m = np.load(tmp_path / "xs.npy", mmap_mode="r"), np.load(tmp_path / "ys.npy", mmap_mode="r")
+    out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float64, shape=(N,))
+    info = nj.streaming_leverage_scores(MLP, params, xs_m, ys_m, chunk_size=64, out=out, return_info=True)
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys), return_info=True)
+    assert info.probs is out and info.leverage is None and int(info.rank) == int(ref.rank)
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), ref.probs, rtol=1e-10, atol=1e-13)
+    key = jax.random.key(0)
+    idx, w = nj.sample(key, out, 50)
+    idx_ref, w_ref = nj.sample(key, ref.probs, 50)
+    np.testing.assert_array_equal(idx, idx_ref)  # same probabilities (to 1e-13), same key
+    np.testing.assert_allclose(w, w_ref, rtol=1e-9)
+    xs_s, ys_s = nj.gather_rows((xs_m, ys_m), idx)
+    np.testing.assert_array_equal(xs_s, xs[np.asarray(idx)])  # order of idx, repeats kept
+    np.testing.assert_array_equal(ys_s, ys[np.asarray(idx)])
+    with pytest.raises(ValueError, match="out of range"):
+        nj.gather_rows(xs_m, np.array([0, N]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        nj.gather_rows(xs_m, np.array([0.5]))
+
+
+@pytest.mark.parametrize("loss", ["squared", "logistic"])
+def test_full_data_loss_of_host_data(loss):
+    """weighted_loss / per_example_loss over host chunks = the device functions (float64 rounding)."""
+    params = mlp_params(4, (D, 4, 1))
+    xs, ys = _data()
+    if loss == "logistic":
+        ys = (ys > 0).astype(np.float64)
+    w = np.random.default_rng(8).uniform(0, 2, N)
+    kw = dict(loss=loss)
+    ref = nj.weighted_loss(MLP, params, jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(w), **kw)
+    got = nj.weighted_loss(MLP, params, xs, ys, w, chunk_size=64, **kw)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    ref_each = nj.per_example_loss(MLP, params, jnp.asarray(xs), jnp.asarray(ys), **kw)
+    np.testing.assert_allclose(
+        nj.per_example_loss(MLP, params, xs, ys, chunk_size=64, **kw), ref_each, rtol=1e-12
+    )
+    pairs = lambda: iter([(xs[:7], ys[:7]), (xs[7:], ys[7:])])  # noqa: E731
+    np.testing.assert_allclose(
+        nj.weighted_loss(MLP, params, pairs, None, **kw), jnp.sum(ref_each), rtol=1e-12
+    )
+    bad = w.copy()
+    bad[-1] = -1.0
+    with pytest.raises(ValueError, match="non-negative; 1 are negative"):
+        nj.weighted_loss(MLP, params, xs, ys, bad, chunk_size=64)
+    bad_x = xs.copy()
+    bad_x[-1, 0] = np.inf
+    with pytest.raises(ValueError, match="contain 1 NaN or Inf"):
+        nj.weighted_loss(MLP, params, bad_x, ys)
+
+
+def test_second_host_call_does_not_recompile():
+    """New values of the same shapes reuse every compiled step (counted by jax.monitoring)."""
+    import collections
+
+    event = "/jax/core/compile/backend_compile_duration"
+    counts = collections.Counter()
+
+    def listener(name, duration, **kwargs):
+        counts[name] += 1
+
+    params = mlp_params(5, (D, 4, 1))
+    (xs, ys), rng = _data(), np.random.default_rng(11)
+    xs2, ys2 = rng.standard_normal((N, D)), rng.standard_normal(N)
+    params2 = jax.tree.map(lambda a: a * 1.1, params)
+
+    def calls(p, x, y):
+        return (
+            nj.streaming_leverage_scores(MLP, p, x, y, chunk_size=64),
+            nj.streaming_norm_scores(MLP, p, x, y, chunk_size=64),
+            nj.weighted_loss(MLP, p, x, y, chunk_size=64),
+        )
+
+    first = jax.block_until_ready(calls(params, xs, ys))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = jax.block_until_ready(calls(params2, xs2, ys2))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[event] == 0, f"recompiled {counts[event]} time(s)"
+    assert not np.allclose(first[0], second[0])

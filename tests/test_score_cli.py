@@ -1,0 +1,58 @@
+"""``nlis-jax score``: scores of a user's own .npy files, read as memmaps, written to a .npy file."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nlis_jax as nj
+from nlis_jax import cli
+from nlis_jax.experiments import nets
+
+
+def _files(tmp_path, n=200, d=4):
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((n, d)), rng.standard_normal(n)
+    np.save(tmp_path / "x.npy", xs)
+    np.save(tmp_path / "y.npy", ys)
+    return xs, ys
+
+
+def test_score_single_index_matches_library(tmp_path, capsys):
+    xs, ys = _files(tmp_path)
+    theta = np.linspace(-0.5, 0.5, 4)
+    np.savez(tmp_path / "p.npz", theta=theta)
+    args = ["score", "--x", str(tmp_path / "x.npy"), "--y", str(tmp_path / "y.npy"), "--params"]
+    args += [str(tmp_path / "p.npz"), "--chunk-size", "64", "--out", str(tmp_path / "s.npy")]
+    assert cli.main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n"] == 200 and summary["rank"] == 5  # d + 1 columns of the dual matrix, full rank
+    F = nj.dual_matrix(nets.single_index(jnp.tanh), jnp.asarray(theta), xs, ys)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), nj.leverage_scores(F), rtol=1e-9, atol=1e-14)
+
+
+def test_score_mlp_norm_from_seed(tmp_path, capsys):
+    xs, _ = _files(tmp_path)
+    args = ["score", "--x", str(tmp_path / "x.npy"), "--model", "mlp", "--hidden", "3", "--method", "norm"]
+    args += ["--out", str(tmp_path / "s.npy")]
+    assert cli.main(args) == 0
+    s = np.load(tmp_path / "s.npy")
+    assert s.shape == (200,) and abs(s.sum() - 1) < 1e-10 and np.all(s > 0)
+    # the same draw of parameters, scored in memory
+    ns = cli.build_parser().parse_args(args)
+    from nlis_jax.experiments.score import model_and_params
+
+    apply_fn, params = model_and_params(ns, 4, jnp.float64)
+    ref = nj.norm_scores(nj.dual_matrix(apply_fn, params, jnp.asarray(xs)))
+    np.testing.assert_allclose(s, ref, rtol=1e-10)
+    assert jax.tree.leaves(params)[0].dtype == jnp.float64
+
+
+def test_score_bad_file_exits_2(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.arange(10))
+    assert cli.main(["score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npy")]) == 2
+    assert "(n, d) float array" in capsys.readouterr().err
+    assert cli.main(["score", "--x", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "s.npy")]) == 2
