@@ -95,6 +95,38 @@ class Compiled:
         return Timing(self.compile_s, *stats)
 
 
+def xla_gram(F) -> Callable[[], Any]:
+    """``FᵀF`` by XLA, compiled for ``F``: a second floor, for when numpy's threaded BLAS is disturbed.
+
+    On a loaded machine OpenBLAS threads that spin-wait can slow numpy's product by an order of
+    magnitude while XLA's runs near its quiet speed; the ratio to both floors is recorded.
+    """
+    compiled = Compiled(lambda A: A.T @ A, jax.numpy.asarray(F))
+    return compiled
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], *, reps: int) -> dict[str, dict]:
+    """Median and minimum of each call, timed in turn (round robin) after one warm-up round.
+
+    On a shared machine the load drifts over seconds; interleaving puts every call under the same load,
+    so ratios between them (to the floor, before/after) mean something even when absolute times do not.
+    Every result passes through ``jax.block_until_ready``. Returns ``{name: {median_s, min_s, reps,
+    times_s}}``.
+    """
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(max(1, reps)):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"median_s": statistics.median(ts), "min_s": min(ts), "reps": len(ts), "times_s": ts}
+        for name, ts in times.items()
+    }
+
+
 def timed(fn: Callable, *args, reps: int, budget_s: float | None = None) -> Timing:
     """Compile ``jax.jit(fn)`` for ``args``, warm up, and time the steady state (see :class:`Compiled`)."""
     return Compiled(fn, *args).time(reps=reps, budget_s=budget_s)

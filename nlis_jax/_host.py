@@ -273,10 +273,13 @@ def host_transform(G, gram_pass, r_factor, rtol, route: str | None) -> routes.Tr
     if taken == 1:
         second = _refine(gram_pass(dec.transform))
         return routes.Transform(dec.transform, second, jnp.asarray(True), dec.rank, dec.route)
+    # Route "shifted" (chosen below float64) calls its passes from traced code; from Python the
+    # rank-revealing route is taken instead, and reported.
     M, rank = _stable(r_factor(), dec.scale, rtol)
+    stable = jnp.asarray(routes.STABLE, jnp.int32)
     if G.dtype == jnp.float64:
-        return routes.Transform(M, eye, jnp.asarray(False), rank, dec.route)
-    return routes.Transform(M, _refine(gram_pass(M)), jnp.asarray(True), rank, dec.route)
+        return routes.Transform(M, eye, jnp.asarray(False), rank, stable)
+    return routes.Transform(M, _refine(gram_pass(M)), jnp.asarray(True), rank, stable)
 
 
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:

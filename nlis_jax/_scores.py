@@ -50,7 +50,7 @@ def orthonormal_basis(
       F: ``(n, m)`` matrix (or ``(n, k, m)``, treated as ``n·k`` rows).
       rtol: relative tolerance on the singular values of the column-equilibrated ``F`` for the rank
         (default ``10·eps`` of the dtype).
-      route: force ``"gram"``, ``"gram2"`` or ``"stable"``; default chooses from ``κ(FᵀF)``.
+      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"``; default chooses from ``κ(FᵀF)``.
 
     Returns:
       ``(U, rank, route)``: ``U`` of shape ``(n·k, m)`` whose first ``rank`` columns span ``range(F)``
@@ -80,14 +80,15 @@ def leverage_scores(
         (default ``10·eps`` of the dtype).
       ridge: ``λ ≥ 0``; with ``λ > 0`` ridge leverage ``h_i = [F (FᵀF + λI)^{-1} Fᵀ]_ii`` normalised by
         the effective dimension ``Σ h_i`` (computed from the eigenvalues of ``FᵀF``: route ``"gram"``).
-      route: force ``"gram"``, ``"gram2"`` or ``"stable"`` (default: chosen from the conditioning).
+      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
+        conditioning).
       return_info: return a :class:`Leverage` (probabilities, raw leverage, rank, route) instead.
 
     Returns:
       ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F``; or a :class:`Leverage`.
     """
     routes.check_route(route)
-    rows, lead = routes.as_rows(F)
+    rows, lead = routes.as_rows(F, check_values=ridge > 0)  # NaN/Inf: checked on the result below
     if ridge < 0:
         raise ValueError(f"ridge must be non-negative, got {ridge}.")
     if ridge > 0:
@@ -95,6 +96,7 @@ def leverage_scores(
         return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info)
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
+    routes.raise_if_nonfinite("F", F, h)
     return as_leverage(h, rank, taken, return_info)
 
 

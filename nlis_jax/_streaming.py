@@ -11,7 +11,9 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([R; F̃_c]).R``, then ``R D⁻¹ = W S Vᵀ`` and
   ``h = ‖F̃_c D⁻¹ V S^{-1}‖²`` over the singular values above ``rtol·s_max`` (below float64 after one
-  more CholeskyQR pass, as the dense route): backward stable.
+  more CholeskyQR pass, as the dense route): backward stable;
+- ``"shifted"`` (below float64): Gram passes on ``F̃_c D⁻¹ L₀⁻ᵀ`` (shifted Cholesky factor ``L₀``), then
+  the scoring pass; route ``"stable"`` when the matrix is numerically rank-deficient.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def streaming_leverage_scores(
       chunk_size: examples per memory chunk (static).
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
         the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
-      route: force ``"gram"``, ``"gram2"`` or ``"stable"`` (default: chosen from the conditioning).
+      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
+        conditioning).
       return_info: return a :class:`nlis_jax.Leverage` (probabilities, raw block leverage, rank, route).
       out: host data only: a writable ``(n,)`` numpy array or memmap (``np.lib.format.open_memmap``)
         that receives the probabilities (this process's block under ``jax.distributed``) and is

@@ -15,14 +15,20 @@ on the Cholesky factor (a failed Cholesky counts as singular):
    ``eps·κ(A)² < 1``: ``M = M₁ M₂`` with ``M₂`` from the Gram matrix of ``U₁`` (:func:`refine_transform`).
 2. ``"stable"`` (otherwise: ill-conditioned or rank-deficient): an R factor of ``A`` (Householder QR, or
    a streaming TSQR), ``R D⁻¹ = W S Vᵀ`` and ``M = D⁻¹ V S⁻¹`` over the singular values above
-   ``rtol · σ_max`` (rank = their number), see :func:`stable_transform`.
+   ``rtol · σ_max`` (rank = their number), see :func:`stable_transform`. In float64 the default
+   for everything past route 1.
+3. ``"shifted"`` (below float64, the default past route 1): shifted CholeskyQR
+   (:mod:`nlis_jax._precondition`): ``G_eq + s·I = L₀L₀ᵀ`` with a tiny shift, ``Y = A D⁻¹ L₀⁻ᵀ``
+   (``κ(Y)`` small), then one or two CholeskyQR steps on ``Y`` from its Gram matrix: Gram passes only,
+   as accurate as route 2 on a matrix of full numerical rank. When the transform shows ``σ_min/σ_max``
+   under ``2·rtol``, or ``Y`` could not be made orthonormal, route 2 is taken instead (and reported).
 
 Entry points: :func:`basis` / :func:`row_leverage` for a row matrix held whole (dense scores, the
 sketched ``Y = F̃V``, a projected ``F̃Ω``); :func:`transform_from_passes` and :func:`apply_transform` for a
 row matrix seen only through passes over chunks of rows (streaming), from the accumulated Gram matrix.
 
-The fast routes call no LAPACK routine after the Gram product: the Cholesky factor, the ``κ`` estimate
-and ``L⁻ᵀ`` are pure XLA (see benchmarks/README.md for the measurements behind this choice).
+The fast routes call no LAPACK routine after the Gram product for small ``m``: the Cholesky factor, the
+``κ`` estimate and ``L⁻ᵀ`` are pure XLA (see benchmarks/README.md for the measurements behind this choice).
 Exactly-zero columns (dead ReLU units, a zero offset column) are set aside by the equilibration: they
 count neither in the rank nor against the conditioning.
 """
@@ -37,12 +43,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._checks import check_choice, check_finite, check_floating
+from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
 from nlis_jax._precision import highest_precision
+from nlis_jax._precondition import (
+    cholesky_decision_solver,
+    cholesky_decision_xla,
+    equilibrate,
+    lower_inverse_t,
+    shifted_first,
+    shifted_transform,
+)
 from nlis_jax._types import Array
 
 #: Names of the routes; a ``route`` output is an int32 index into this tuple.
-ROUTES = ("gram", "gram2", "stable")
+ROUTES = ("gram", "gram2", "stable", "shifted")
+STABLE, SHIFTED = ROUTES.index("stable"), ROUTES.index("shifted")
 
 
 class GramDecision(NamedTuple):
@@ -70,16 +85,42 @@ def check_route(route: str | None) -> None:
         check_choice("route", route, ROUTES)
 
 
-def as_rows(F: Array, name: str = "F") -> tuple[Array, tuple[int, ...]]:
-    """Accept ``(n, m)`` or block ``(n, k, m)``; return the ``(n·k, m)`` row matrix and the leading shape."""
+def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array, tuple[int, ...]]:
+    """Accept ``(n, m)`` or block ``(n, k, m)``; return the ``(n·k, m)`` row matrix and the leading shape.
+
+    ``check_values=False`` skips the NaN/Inf check (a pass over ``F``): for callers that check the
+    result instead (:func:`raise_if_nonfinite`), since every route puts NaN in its output for such input.
+    """
     F = jnp.asarray(F)
     if F.ndim not in (2, 3):
         raise ValueError(f"{name} must be a matrix (n, m) or a block matrix (n, k, m), got shape {F.shape}.")
     if 0 in F.shape:
         raise ValueError(f"{name} must be non-empty, got shape {F.shape}.")
     check_floating(name, F)
-    check_finite(name, F)
+    if check_values:
+        check_finite(name, F)
     return F.reshape(-1, F.shape[-1]), F.shape[:-1]
+
+
+def gram_is_finite(G: Array) -> Array:
+    """False if the row matrix behind ``G = AᵀA`` had a NaN or Inf (it reaches its column's diagonal
+    entry ``Σ_i A_ij²``), or if that sum overflowed: the check of the input, at the cost of ``m`` values."""
+    return jnp.all(jnp.isfinite(jnp.diagonal(G)))
+
+
+def raise_if_nonfinite(name: str, F: Array, out: Array) -> None:
+    """After a route ran on unchecked input (``as_rows(check_values=False)``): raise ``ValueError`` if
+    ``out`` (NaN throughout for such input) says ``F`` held a NaN or Inf, or its Gram matrix overflowed.
+
+    One scalar is read back; the full check of ``F`` (to count the bad values) runs only on failure.
+    Skipped under tracing, like :func:`nlis_jax._checks.check_finite`.
+    """
+    if not is_concrete(out) or not bool(jnp.isnan(out.reshape(-1)[0])):
+        return
+    check_finite(name, F)
+    raise ValueError(
+        f"{name}ᵀ{name} overflows {jnp.result_type(F).name}: rescale {name} (divide it by its largest entry)."
+    )
 
 
 def gram(A: Array) -> Array:
@@ -87,63 +128,10 @@ def gram(A: Array) -> Array:
     return jnp.einsum("np,nq->pq", A, A)
 
 
-def equilibrate(G: Array) -> tuple[Array, Array, Array]:
-    """Column-equilibrate a Gram matrix: ``(D⁻¹ G D⁻¹ + E, d, num_zero)``, ``D`` = column norms.
-
-    ``range(A)`` is unchanged by scaling columns, so rank and route are decided on ``A D⁻¹``: columns of
-    a dual matrix differ in scale by orders of magnitude between layers, and unscaled their smallest
-    singular values sink under the rank tolerance. Exactly-zero columns get a unit diagonal ``E``: they
-    then add an isolated eigenvalue 1 whose basis column ``A e_j`` is zero, so they neither count in the
-    rank nor push a well-conditioned matrix off the fast route. ``d`` is 1 for zero columns.
-    """
-    norms = jnp.sqrt(jnp.diagonal(G))
-    zero = norms == 0
-    d = jnp.where(zero, jnp.ones_like(norms), norms)
-    return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
-
-
 def choose_route(ratio: Array) -> Array:
     """Index into :data:`ROUTES` from ``1/κ(G_eq) = λ_min/λ_max`` (0: singular)."""
     eps = jnp.finfo(ratio.dtype).eps
     return jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2)).astype(jnp.int32)
-
-
-def extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
-    """``(λ_max, λ_min)`` of an SPD ``G = L Lᵀ`` by power and inverse iteration (Rayleigh quotients).
-
-    Pure XLA (matrix-vector products and triangular solves on ``m``-vectors): no LAPACK call.
-    """
-    m = G.shape[0]
-    x0 = 1.0 + jnp.arange(m, dtype=G.dtype) / m  # not orthogonal to any eigenvector in practice
-    x0 = x0 / jnp.linalg.norm(x0)
-
-    def power(x, _):
-        y = G @ x
-        return y / jnp.linalg.norm(y), None
-
-    def inverse(x, _):
-        y = jax.scipy.linalg.solve_triangular(L, x, lower=True)
-        y = jax.scipy.linalg.solve_triangular(L, y, lower=True, trans=1)
-        return y / jnp.linalg.norm(y), None
-
-    top = lax.scan(power, x0, None, length=iters)[0]
-    bottom = lax.scan(inverse, x0, None, length=iters)[0]
-    return top @ (G @ top), bottom @ (G @ bottom)
-
-
-def lower_inverse_t(L: Array) -> Array:
-    """``L⁻ᵀ`` of a lower-triangular ``(m, m)`` ``L`` by forward substitution, row by row (``O(m³)``).
-
-    A ``lax.fori_loop`` of vector operations rather than ``solve_triangular`` on the identity, which on
-    a CPU is a LAPACK call that waits for its threads right after a large matrix product.
-    """
-    m = L.shape[0]
-    eye = jnp.eye(m, dtype=L.dtype)
-
-    def row(i, X):  # rows >= i of X are still zero, so L[i] @ X only sees rows < i
-        return X.at[i].set((eye[i] - L[i] @ X) / L[i, i])
-
-    return lax.fori_loop(0, m, row, jnp.zeros_like(L)).T
 
 
 def decide(G: Array, route: str | None = None) -> GramDecision:
@@ -154,14 +142,16 @@ def decide(G: Array, route: str | None = None) -> GramDecision:
     """
     Geq, d, num_zero = equilibrate(G)
     m = Geq.shape[0]
-    eye = jnp.eye(m, dtype=G.dtype)
-    L = jnp.linalg.cholesky(Geq)
-    chol_ok = jnp.all(jnp.isfinite(L))
-    L = jnp.where(chol_ok, L, eye)
-    lam_max, lam_min = extreme_eigenvalues(Geq, L)
-    ratio = jnp.where(chol_ok & (lam_min > 0), lam_min / lam_max, 0.0)
-    branch = choose_route(ratio) if route is None else jnp.asarray(ROUTES.index(route), jnp.int32)
-    return GramDecision(branch, lower_inverse_t(L) / d[:, None], (m - num_zero).astype(jnp.int32), d)
+    # CPU: pure-XLA iterations (a LAPACK call right after the Gram product waits for its threads);
+    # GPU/TPU: the vendor solvers (a few hundred tiny sequential kernels cost more there).
+    inv_t, ratio = lax.platform_dependent(Geq, cpu=cholesky_decision_xla, default=cholesky_decision_solver)
+    if route is None:
+        branch = choose_route(ratio)
+        if G.dtype != jnp.float64:  # below float64, try the shifted route before Householder
+            branch = jnp.where(branch == STABLE, SHIFTED, branch).astype(jnp.int32)
+    else:
+        branch = jnp.asarray(ROUTES.index(route), jnp.int32)
+    return GramDecision(branch, inv_t / d[:, None], (m - num_zero).astype(jnp.int32), d)
 
 
 def refine_transform(G2: Array) -> Array:
@@ -208,10 +198,11 @@ def transform_from_passes(
     """The route and its :class:`Transform` for a row matrix ``A`` seen only through passes over its rows.
 
     ``G = AᵀA`` decides the route (:func:`decide`); ``gram_pass(M)`` must return ``(A M)ᵀ(A M)`` (one
-    more pass, taken on route ``"gram2"``, and on ``"stable"`` below float64) and ``r_factor()`` an R
-    factor of ``A`` (a TSQR pass, route ``"stable"`` only). :func:`apply_transform` then gives the
-    basis or the leverage of any rows of ``A``: the route, rank and arithmetic of :func:`basis` on
-    ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs all of ``A``).
+    more pass, taken on routes ``"gram2"`` and ``"shifted"``, and on ``"stable"`` below float64) and
+    ``r_factor()`` an R factor of ``A`` (a TSQR pass, route ``"stable"`` only). :func:`apply_transform`
+    then gives the basis or the leverage of any rows of ``A``: the route, rank and arithmetic of
+    :func:`basis` on ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs
+    all of ``A``).
     """
     dec = decide(G, route)
     eye = jnp.eye(G.shape[0], dtype=G.dtype)
@@ -226,11 +217,21 @@ def transform_from_passes(
     def stable():
         M, rank = stable_transform(r_factor(), dec.scale, rtol)
         if G.dtype == jnp.float64:
-            return M, eye, no, rank
-        return M, refine_transform(gram_pass(M)), yes, rank
+            return M, eye, no, rank, jnp.int32(STABLE)
+        return M, refine_transform(gram_pass(M)), yes, rank, jnp.int32(STABLE)
 
-    first, second, refine, rank = lax.switch(dec.route, (one_pass, two_pass, stable))
-    return Transform(first, second, refine, rank, dec.route)
+    def shifted():
+        first, ok = shifted_first(G)
+        pre = shifted_transform(G, gram_pass(first), first, lambda M: gram_pass(first @ M), rtol)
+        taken = (first, pre.second, yes, dec.rank, jnp.int32(SHIFTED))
+        return lax.cond(ok & pre.ok, lambda: taken, stable)
+
+    def fast(make):
+        return lambda: (*make(), dec.route)
+
+    branches = (fast(one_pass), fast(two_pass), stable, shifted)
+    first, second, refine, rank, taken = lax.switch(dec.route, branches)
+    return Transform(first, second, refine, rank, taken)
 
 
 def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
@@ -271,7 +272,8 @@ def basis(
     rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
     more on a CPU) followed by one CholeskyQR step is as good.
     """
-    dec = decide(gram(A), route)
+    G = gram(A)
+    dec = decide(G, route)
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
@@ -287,12 +289,36 @@ def basis(
             Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
             W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
             keep = s > rtol * s[0]
-            return transform_rows(Q, W * keep[None, :], row_norms), jnp.sum(keep).astype(jnp.int32)
+            return (
+                transform_rows(Q, W * keep[None, :], row_norms),
+                jnp.sum(keep).astype(jnp.int32),
+                jnp.int32(STABLE),
+            )
         M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), dec.scale, rtol)
-        return refine(A @ M, rank)
+        return *refine(A @ M, rank), jnp.int32(STABLE)
 
-    out, rank = lax.switch(dec.route, (one_pass, two_pass, stable), A)
-    return out, rank, dec.route
+    def shifted(A):  # Y = A D⁻¹L₀⁻ᵀ is formed once: its Gram matrix, then its rows
+        first, ok = shifted_first(G)
+        Y = A @ first
+        pre = shifted_transform(G, gram(Y), first, lambda M: gram(Y @ M), rtol)
+
+        def taken():
+            return transform_rows(Y, pre.second, row_norms), dec.rank, jnp.int32(SHIFTED)
+
+        return lax.cond(ok & pre.ok, taken, lambda: stable(A))
+
+    def fast(branch):
+        return lambda A: (*branch(A), dec.route)
+
+    def nonfinite(A):  # NaN or Inf in A (or an overflowing Gram matrix): NaN out, no route run
+        shape = A.shape[:1] if row_norms else A.shape
+        return jnp.full(shape, jnp.nan, A.dtype), jnp.int32(0), dec.route
+
+    def route_taken(A):
+        return lax.switch(dec.route, (fast(one_pass), fast(two_pass), stable, shifted), A)
+
+    out, rank, taken = lax.cond(gram_is_finite(G), route_taken, nonfinite, A)
+    return out, rank, jnp.asarray(taken, jnp.int32)
 
 
 def sum_per_example(h: Array, lead: tuple[int, ...]) -> Array:

@@ -72,11 +72,15 @@ def test_orthonormal_basis_routes(name):
 
 
 def test_all_routes_exercised_and_agree():
-    """Each route, forced on one well-conditioned matrix, gives the same leverage."""
+    """Each route, forced on one well-conditioned matrix, gives the same leverage.
+
+    In float64 no matrix is chosen for ``"shifted"`` (the float32 route for ill-conditioned input,
+    tests/test_precondition.py); forced, it agrees with the others too.
+    """
     F, rank, _ = MATRICES["well_conditioned"]
     h_ref, _ = svd_leverage(F, rank)
     seen = {nj.routes.ROUTES[int(nj.orthonormal_basis(jnp.asarray(MATRICES[k][0]))[2])] for k in MATRICES}
-    assert seen == set(nj.routes.ROUTES)
+    assert seen == set(nj.routes.ROUTES) - {"shifted"}
     for route in nj.routes.ROUTES:
         U, r, idx = nj.orthonormal_basis(jnp.asarray(F), route=route)
         assert nj.routes.ROUTES[int(idx)] == route and int(r) == rank

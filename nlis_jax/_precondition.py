@@ -1,0 +1,218 @@
+r"""Shifted-Cholesky preconditioning: exact leverage of ill-conditioned low-precision matrices in Gram passes.
+
+In float32 the Gram matrix ``G = AᵀA`` of a matrix with ``κ(A) ≳ 3·10³`` has lost its smallest
+eigenvalues to rounding (``eps·κ² > 1``), so a plain Cholesky of ``G`` either fails or gives a basis far
+from orthonormal. Householder QR is backward stable but costs many Gram passes on a CPU. Instead
+(shifted CholeskyQR, Fukaya, Nakatsukasa, Yanagisawa & Yamamoto 2020), the equilibrated
+``G_eq = D⁻¹GD⁻¹`` (unit diagonal) is factored with a small shift, ``G_eq + s·I = L₀L₀ᵀ`` with
+``s = SHIFT·eps·m``, which always succeeds and damps the directions rounding has spoiled. The matrix
+``Y = A D⁻¹ L₀⁻ᵀ`` then has ``κ(Y) ≈ √(s/λ_min)`` (``λ_min`` the smallest eigenvalue of ``G_eq``),
+a few units to a few thousand, so the float32 Gram matrix of ``Y`` (one more pass) is accurate, and
+one CholeskyQR step ``U = Y D_Y⁻¹ L₁⁻ᵀ`` (two when ``κ(YᵀY)`` exceeds ``eps^{-1/4}``) is an orthonormal
+basis of ``range(A)`` to ``O(eps)``. What remains is the rounding of the product ``A D⁻¹ L₀⁻ᵀ`` itself,
+``~eps·κ(A)`` per row: the error the rounding of the input already causes, as with Householder QR.
+
+The route only applies to matrices of full numerical rank. With ``T`` the accumulated transform
+(``U = A T``), ``A D⁻¹ = U (D T)⁻¹``, so the singular values of ``A D⁻¹`` are the reciprocals of those of
+``D T``; :func:`inverse_sigma_min_sq` estimates them by power iteration on ``m``-vectors (no LAPACK
+call, no pass over ``A``), and a matrix whose ``σ_min/σ_max`` falls below the rank tolerance (or whose
+Gram matrix of ``Y`` is still too ill-conditioned) is left to the rank-revealing stable route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nlis_jax._types import Array
+
+#: Shift of the equilibrated Gram matrix, in units of ``eps·m`` (``m`` its size, an upper bound of its
+#: norm): above the rounding of the Cholesky factorisation, small enough to keep ``κ(Y)`` near 1.
+SHIFT = 0.1
+
+#: Tenfold increases of the shift tried when the shifted Cholesky factorisation still fails.
+SHIFT_TRIES = 6
+
+#: Above this size, triangular inverses go to LAPACK (``O(m³)`` flops in one call) rather than a loop
+#: of ``m`` vector-matrix products, which is memory-bound and slower for large ``m``.
+SUBSTITUTION_MAX = 256
+
+
+class Preconditioned(NamedTuple):
+    """``U = (A first) second``: an orthonormal basis of ``range(A)`` when ``ok``."""
+
+    first: Array  # (m, m): Y = A first, κ(Y) small
+    second: Array  # (m, m): the CholeskyQR step(s) on Y
+    ok: Array  # bool: the route applies (full numerical rank, Y well enough conditioned)
+    ratio: Array  # estimated σ_min/σ_max of the column-equilibrated A (0 when not ok)
+
+
+def equilibrate(G: Array) -> tuple[Array, Array, Array]:
+    """Column-equilibrate a Gram matrix: ``(D⁻¹ G D⁻¹ + E, d, num_zero)``, ``D`` = column norms.
+
+    ``range(A)`` is unchanged by scaling columns, so rank and route are decided on ``A D⁻¹``: columns of
+    a dual matrix differ in scale by orders of magnitude between layers, and unscaled their smallest
+    singular values sink under the rank tolerance. Exactly-zero columns get a unit diagonal ``E``: they
+    then add an isolated eigenvalue 1 whose basis column ``A e_j`` is zero, so they neither count in the
+    rank nor push a well-conditioned matrix off the fast route. ``d`` is 1 for zero columns.
+    """
+    norms = jnp.sqrt(jnp.diagonal(G))
+    zero = norms == 0
+    d = jnp.where(zero, jnp.ones_like(norms), norms)
+    return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
+
+
+def lower_inverse_t(L: Array) -> Array:
+    """``L⁻ᵀ`` of a lower-triangular ``L``: substitution up to :data:`SUBSTITUTION_MAX` rows, else LAPACK.
+
+    The substitution is a ``lax.fori_loop`` of vector operations: for small ``m`` it avoids a LAPACK
+    call, which on a CPU waits for its threads right after a large matrix product; for large ``m`` its
+    ``m`` sequential vector-matrix products cost more than one triangular solve.
+    """
+    m = L.shape[0]
+    eye = jnp.eye(m, dtype=L.dtype)
+    if m > SUBSTITUTION_MAX:
+        return jax.scipy.linalg.solve_triangular(L, eye, lower=True).T
+
+    def row(i, X):  # rows >= i of X are still zero, so L[i] @ X only sees rows < i
+        return X.at[i].set((eye[i] - L[i] @ X) / L[i, i])
+
+    return lax.fori_loop(0, m, row, jnp.zeros_like(L)).T
+
+
+def top_eigenvector(apply: Callable[[Array], Array], m: int, dtype, iters: int = 30) -> Array:
+    """Unit top eigenvector of the SPD operator ``apply`` on ``m``-vectors, by power iteration."""
+    x0 = 1.0 + jnp.arange(m, dtype=dtype) / m  # not orthogonal to any eigenvector in practice
+    x0 = x0 / jnp.linalg.norm(x0)
+
+    def step(x, _):
+        y = apply(x)
+        return y / jnp.linalg.norm(y), None
+
+    return lax.scan(step, x0, None, length=iters)[0]
+
+
+def largest_eigenvalue(apply: Callable[[Array], Array], m: int, dtype, iters: int = 30) -> Array:
+    """Largest eigenvalue of the SPD operator ``apply`` (Rayleigh quotient after power iteration)."""
+    x = top_eigenvector(apply, m, dtype, iters)
+    return x @ apply(x)
+
+
+def extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
+    """``(λ_max, λ_min)`` of an SPD ``G = L Lᵀ`` by power and inverse iteration (Rayleigh quotients).
+
+    Pure XLA (matrix-vector products and triangular solves on ``m``-vectors): no LAPACK call.
+    """
+
+    def inverse(x):
+        y = jax.scipy.linalg.solve_triangular(L, x, lower=True)
+        return jax.scipy.linalg.solve_triangular(L, y, lower=True, trans=1)
+
+    bottom = top_eigenvector(inverse, G.shape[0], G.dtype, iters)
+    return largest_eigenvalue(lambda x: G @ x, G.shape[0], G.dtype, iters), bottom @ (G @ bottom)
+
+
+def cholesky_ratio(G: Array) -> tuple[Array, Array]:
+    """``(L, λ_min/λ_max)`` of an SPD ``G``: its Cholesky factor (identity if it failed) and ``1/κ(G)``.
+
+    A failed Cholesky counts as singular (ratio 0).
+    """
+    L = jnp.linalg.cholesky(G)
+    ok = jnp.all(jnp.isfinite(L))
+    L = jnp.where(ok, L, jnp.eye(G.shape[0], dtype=G.dtype))
+    lam_max, lam_min = extreme_eigenvalues(G, L)
+    return L, jnp.where(ok & (lam_min > 0), lam_min / lam_max, 0.0)
+
+
+def cholesky_decision_xla(Geq: Array) -> tuple[Array, Array]:
+    """``(L⁻ᵀ, λ_min/λ_max)`` of an SPD ``G_eq = L Lᵀ`` in pure XLA (for CPUs); identity and 0 if it failed.
+
+    Power and inverse iteration for the ratio and substitution for ``L⁻ᵀ`` (:func:`lower_inverse_t`):
+    on a CPU no LAPACK call, which waits for its threads right after a large matrix product.
+    """
+    L, ratio = cholesky_ratio(Geq)
+    return lower_inverse_t(L), ratio
+
+
+def cholesky_decision_solver(Geq: Array) -> tuple[Array, Array]:
+    """The same as :func:`cholesky_decision_xla` with the platform's solvers (for GPUs and TPUs).
+
+    ``eigvalsh`` for the ratio and a triangular solve for ``L⁻ᵀ``: a handful of library kernels instead
+    of the hundreds of tiny sequential ones of the iterations, which dominate on an accelerator.
+    """
+    m = Geq.shape[0]
+    eye = jnp.eye(m, dtype=Geq.dtype)
+    L = jnp.linalg.cholesky(Geq)
+    ok = jnp.all(jnp.isfinite(L))
+    L = jnp.where(ok, L, eye)
+    lam = jnp.linalg.eigvalsh(Geq)
+    ratio = jnp.where(ok & (lam[0] > 0), lam[0] / lam[-1], 0.0)
+    return jax.scipy.linalg.solve_triangular(L, eye, lower=True).T, ratio
+
+
+def inverse_sigma_min_sq(T: Array, d: Array, iters: int = 30) -> Array:
+    """``1/σ_min(A D⁻¹)²`` given an orthonormalising transform ``U = A T``: ``σ_max(D T)²``.
+
+    ``A D⁻¹ = U (D T)⁻¹`` with ``U`` orthonormal, so ``σ(A D⁻¹) = 1/σ(D T)``: power iteration on
+    ``(DT)ᵀ(DT)`` (matrix-vector products only).
+    """
+    DT = T * d[:, None]
+    return largest_eigenvalue(lambda x: DT.T @ (DT @ x), T.shape[0], T.dtype, iters)
+
+
+def shifted_first(G: Array) -> tuple[Array, Array]:
+    """``(first, ok)``: the shifted-Cholesky transform ``D⁻¹L₀⁻ᵀ`` with ``G_eq + s·I = L₀L₀ᵀ``.
+
+    ``s = SHIFT·eps·m``, raised tenfold (at most :data:`SHIFT_TRIES` times, small ``m × m`` work only)
+    while the factorisation fails: how much the rounding of the Gram product moved ``G_eq`` depends on
+    ``n`` and on the data. ``ok`` is false if every try failed.
+    """
+    Geq, d, _ = equilibrate(G)
+    m = Geq.shape[0]
+    eye = jnp.eye(m, dtype=G.dtype)
+    shift0 = SHIFT * jnp.finfo(G.dtype).eps * m
+
+    def attempt(k):
+        return jnp.linalg.cholesky(Geq + shift0 * jnp.asarray(10.0, G.dtype) ** k * eye)
+
+    def failed(state):
+        k, L = state
+        return (k < SHIFT_TRIES) & ~jnp.all(jnp.isfinite(L))
+
+    _, L0 = lax.while_loop(failed, lambda state: (state[0] + 1, attempt(state[0] + 1)), (0, attempt(0)))
+    ok = jnp.all(jnp.isfinite(L0))
+    return lower_inverse_t(jnp.where(ok, L0, eye)) / d[:, None], ok
+
+
+def shifted_transform(
+    G: Array, Gy: Array, first: Array, gram_pass_y: Callable[[Array], Array], rtol: Array
+) -> Preconditioned:
+    """The CholeskyQR step(s) on ``Y = A first`` (:func:`shifted_first`), given ``Gy = YᵀY``.
+
+    ``gram_pass_y(M)`` must return ``(Y M)ᵀ(Y M)``; it is taken only when ``YᵀY`` is itself moderately
+    ill-conditioned (a second CholeskyQR step). ``ok`` is false (use a rank-revealing route instead)
+    when ``A`` is numerically rank-deficient for ``rtol`` or ``Y`` could not be made orthonormal.
+    """
+    Geq, d, _ = equilibrate(G)
+    eps = jnp.finfo(G.dtype).eps
+    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    Gy_eq, dy, _ = equilibrate(Gy)
+    L1, ratio_y = cholesky_ratio(Gy_eq)
+    M1 = lower_inverse_t(L1) / dy[:, None]
+
+    def two_steps():
+        G2, d2, _ = equilibrate(gram_pass_y(M1))
+        L2 = jnp.linalg.cholesky(G2)
+        good = jnp.all(jnp.isfinite(L2))
+        return M1 @ (lower_inverse_t(jnp.where(good, L2, eye)) / d2[:, None]), good
+
+    second, ok2 = lax.cond(ratio_y >= eps**0.25, lambda: (M1, jnp.asarray(True)), two_steps)
+    # σ(A D⁻¹): σ_max² = λ_max(G_eq), σ_min² from the transform (see inverse_sigma_min_sq).
+    lam_max = largest_eigenvalue(lambda x: Geq @ x, Geq.shape[0], Geq.dtype)
+    ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first @ second, d), 1))
+    ok = (ratio_y >= 1000 * eps) & ok2 & (ratio > 2 * rtol)
+    return Preconditioned(first, second, ok, jnp.where(ok, ratio, 0.0))
