@@ -31,7 +31,9 @@ from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 
 
 def _orth(A: Array) -> Array:
-    return jnp.linalg.qr(A)[0]
+    """Orthonormal columns spanning ``range(A)``, shape of ``A`` (zero columns past ``min(n, s)``)."""
+    Q = jnp.linalg.qr(A)[0]
+    return jnp.pad(Q, ((0, 0), (0, A.shape[1] - Q.shape[1])))
 
 
 def sketched_leverage_scores(

@@ -28,7 +28,7 @@ from nlis_jax._adjoint import check_model, check_path_args, flatten_model
 from nlis_jax._checks import check_positive_int
 from nlis_jax._dual import dual_block
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import Leverage, as_leverage
+from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -132,6 +132,7 @@ def streaming_leverage_scores(
     check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
+    check_tolerances(rtol, 0.0)
     dtype = check_model(apply_fn, params, xs, ys).dtype
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     h, rank, taken = _streaming_jit(

@@ -79,7 +79,33 @@ def as_rows(F: Array, name: str = "F") -> tuple[Array, tuple[int, ...]]:
         raise ValueError(f"{name} must be non-empty, got shape {F.shape}.")
     check_floating(name, F)
     check_finite(name, F)
-    return F.reshape(-1, F.shape[-1]), F.shape[:-1]
+    return F.reshape(-1, F.shape[-1]).astype(compute_dtype(F.dtype)), F.shape[:-1]
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float32 for half precision (float16, bfloat16: no LAPACK kernels, too few digits), else ``dtype``."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def prescale_columns(A: Array) -> Array:
+    """``A`` with each column multiplied by the power of two that brings its max-abs into ``[0.5, 1)``.
+
+    Exact (only exponents change) and leaves ``range(A)`` unchanged, so leverage is too; it keeps the
+    Gram matrix and the column norms of :func:`equilibrate` from overflowing (a column ``×1e154`` in
+    float64) or underflowing (``×1e-160``) when squared. Zero columns stay zero.
+    """
+    _, e = jnp.frexp(jnp.max(jnp.abs(A), axis=0))
+    return jnp.ldexp(A, -e[None, :].astype(jnp.int32))
+
+
+def pad_rows(A: Array) -> Array:
+    """``A`` with zero rows appended up to ``m`` rows when it has fewer (``n < m``), so QR is square.
+
+    Zero rows change neither ``range(Aᵀ)`` nor the R factor's singular values; the caller keeps the
+    first ``n`` rows of ``Q``. The rank is then at most ``n``.
+    """
+    n, m = A.shape
+    return A if n >= m else jnp.concatenate([A, jnp.zeros((m - n, m), A.dtype)])
 
 
 def gram(A: Array) -> Array:
@@ -271,24 +297,26 @@ def basis(
     rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
     more on a CPU) followed by one CholeskyQR step is as good.
     """
+    A = prescale_columns(A)
     dec = decide(gram(A), route)
+    n = A.shape[0]
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
 
     def one_pass(A):
-        return transform_rows(A, dec.transform, row_norms), dec.rank
+        return transform_rows(A, dec.transform, row_norms), jnp.minimum(dec.rank, n)
 
     def two_pass(A):
         return refine(A @ dec.transform, dec.rank)
 
     def stable(A):
         if A.dtype == jnp.float64:
-            Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
+            Q, R = jnp.linalg.qr(pad_rows(A))  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
             W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
             keep = s > rtol * s[0]
-            return transform_rows(Q, W * keep[None, :], row_norms), jnp.sum(keep).astype(jnp.int32)
-        M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), dec.scale, rtol)
+            return transform_rows(Q[:n], W * keep[None, :], row_norms), jnp.sum(keep).astype(jnp.int32)
+        M, rank = stable_transform(jnp.linalg.qr(pad_rows(A), mode="r"), dec.scale, rtol)
         return refine(A @ M, rank)
 
     out, rank = lax.switch(dec.route, (one_pass, two_pass, stable), A)
@@ -312,6 +340,6 @@ def row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None
 @highest_precision
 def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array]:
     """Ridge leverage of the rows of ``A`` summed per example, and the effective dimension ``Σ h``."""
-    M, _ = ridge_transform(gram(A), ridge)
+    M, _ = ridge_transform(gram(A), ridge)  # not prescaled: ridge leverage depends on column scale
     h = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     return h, jnp.sum(h)
