@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._checks import check_positive_int, check_probs, is_concrete
 from nlis_jax._types import Array
@@ -47,7 +48,9 @@ ALL_ZERO_MESSAGE = (
 
 def check_rank(rank: Array) -> None:
     """Raise ``ValueError`` when a concrete rank (or effective dimension) is 0: all-zero input."""
-    if is_concrete(rank) and not float(rank) > 0:
+    if not is_concrete(rank):
+        traced.check(rank > 0, ALL_ZERO_MESSAGE)
+    elif not float(rank) > 0:
         raise ValueError(ALL_ZERO_MESSAGE)
 
 
