@@ -241,6 +241,8 @@ def _check_labels(apply_fn, params, xs, ys, loss) -> None:
     """
     if loss not in ("cross_entropy", "logistic") or not is_concrete(ys) or jnp.size(ys) == 0:
         return
+    if loss == "cross_entropy" and not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
+        return  # the loss itself names the wrong dtype
     with jax.ensure_compile_time_eval():
         low, high = (float(v) for v in _label_range(jnp.asarray(ys)))
     if loss == "logistic":

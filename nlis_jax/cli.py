@@ -420,11 +420,11 @@ def _check_sizes(config, n: int) -> None:
 
 
 def prepare_out(out: str, overwrite: bool) -> Path:
-    """The output folder, checked (and created) before any work.
+    """The output folder, checked before any work (created only when results are written).
 
-    An existing file, or a place that cannot be written, raises ``ValueError``. A folder that already
-    holds files gets a fresh sub-folder ``run-N`` (the first free ``N``) unless ``overwrite``, so an
-    earlier run's results are never overwritten silently.
+    An existing file (or a file where a parent folder should be), or a place this user cannot write,
+    raises ``ValueError``. A folder that already holds files gets a fresh sub-folder ``run-N`` (the
+    first free ``N``) unless ``overwrite``, so an earlier run's results are never overwritten silently.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -434,17 +434,15 @@ def prepare_out(out: str, overwrite: bool) -> Path:
         while (path / f"run-{n}").exists():
             n += 1
         path = path / f"run-{n}"
-        print(
-            f"nlis-jax: {out} holds an earlier run; writing to {path} (--overwrite: into {out})",
-            file=sys.stderr,
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".nlis-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc}).") from None
+        note = f"nlis-jax: {out} holds an earlier run; writing to {path} (--overwrite: into {out})"
+        print(note, file=sys.stderr)
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing} (permission denied).")
     return path
 
 
