@@ -98,14 +98,20 @@ def prescale_columns(A: Array) -> Array:
     return jnp.ldexp(A, -e[None, :].astype(jnp.int32))
 
 
-def pad_rows(A: Array) -> Array:
-    """``A`` with zero rows appended up to ``m`` rows when it has fewer (``n < m``), so QR is square.
+def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Array]:
+    """:func:`basis` of a prescaled ``(n, m)`` row matrix with fewer rows than columns (``n < m``).
 
-    Zero rows change neither ``range(Aᵀ)`` nor the R factor's singular values; the caller keeps the
-    first ``n`` rows of ``Q``. The rank is then at most ``n``.
+    ``range(A) ⊆ Rⁿ``, so no ``m × m`` Gram matrix is formed: ``A D⁻¹ = W S Vᵀ`` (thin SVD, ``O(n²m)``)
+    and ``U = W`` over the singular values above ``rtol · s_max``, padded with zero columns to ``m``
+    (rank ``≤ n``; ``n`` independent rows have leverage 1 each). Reported as route ``"stable"``.
     """
     n, m = A.shape
-    return A if n >= m else jnp.concatenate([A, jnp.zeros((m - n, m), A.dtype)])
+    norms = jnp.linalg.norm(A, axis=0)
+    W, s, _ = jnp.linalg.svd(A / jnp.where(norms > 0, norms, 1)[None, :], full_matrices=False)
+    keep = s > rtol * s[0]
+    U = jnp.pad(W * keep[None, :], ((0, 0), (0, m - n)))
+    out = jnp.sum(jnp.square(U), axis=1) if row_norms else U
+    return out, jnp.sum(keep).astype(jnp.int32), jnp.asarray(ROUTES.index("stable"), jnp.int32)
 
 
 def gram(A: Array) -> Array:
@@ -292,31 +298,33 @@ def basis(
 ) -> tuple[Array, Array, Array]:
     """``(U, rank, route)`` of an ``(n, m)`` row matrix, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
 
-    ``route=None`` chooses from ``κ``; a name forces that route. In float64 the stable route forms the
+    ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
+    :func:`wide_basis`). In float64 the stable route forms the
     Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``); in lower precision the input's own
     rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
     more on a CPU) followed by one CholeskyQR step is as good.
     """
     A = prescale_columns(A)
+    if A.shape[0] < A.shape[1]:
+        return wide_basis(A, rtol, row_norms)
     dec = decide(gram(A), route)
-    n = A.shape[0]
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
 
     def one_pass(A):
-        return transform_rows(A, dec.transform, row_norms), jnp.minimum(dec.rank, n)
+        return transform_rows(A, dec.transform, row_norms), dec.rank
 
     def two_pass(A):
         return refine(A @ dec.transform, dec.rank)
 
     def stable(A):
         if A.dtype == jnp.float64:
-            Q, R = jnp.linalg.qr(pad_rows(A))  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
+            Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
             W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
             keep = s > rtol * s[0]
-            return transform_rows(Q[:n], W * keep[None, :], row_norms), jnp.sum(keep).astype(jnp.int32)
-        M, rank = stable_transform(jnp.linalg.qr(pad_rows(A), mode="r"), dec.scale, rtol)
+            return transform_rows(Q, W * keep[None, :], row_norms), jnp.sum(keep).astype(jnp.int32)
+        M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), dec.scale, rtol)
         return refine(A @ M, rank)
 
     out, rank = lax.switch(dec.route, (one_pass, two_pass, stable), A)
