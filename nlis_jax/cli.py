@@ -467,6 +467,7 @@ def _outliers(args: argparse.Namespace, outliers) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nlis-jax`` console script; returns the exit code."""
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     outliers = _load_outliers() if command == "outliers" else None
@@ -481,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(parser, args, argv, outliers)
     except KeyboardInterrupt:
         print(f"nlis-jax {args.command}: interrupted.", file=sys.stderr)
+        if from_console:  # results are written: skip the interpreter teardown, which can race XLA's
+            sys.stdout.flush()  # compiler threads still running after a Ctrl-C during compilation
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except _data_errors() as exc:
         print(f"nlis-jax {args.command}: error: {exc}", file=sys.stderr)

@@ -348,6 +348,10 @@ def row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None
 @highest_precision
 def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array]:
     """Ridge leverage of the rows of ``A`` summed per example, and the effective dimension ``Σ h``."""
-    M, _ = ridge_transform(gram(A), ridge)  # not prescaled: ridge leverage depends on column scale
+    # A (AᵀA + λI)⁻¹ Aᵀ = (cA)((cA)ᵀ(cA) + c²λI)⁻¹(cA)ᵀ: one power of two c for the whole matrix
+    # (the ridge fixes a scale, so columns cannot be scaled apart) keeps AᵀA from overflowing
+    _, e = jnp.frexp(jnp.max(jnp.abs(A)))
+    A, ridge = jnp.ldexp(A, -e), jnp.ldexp(ridge, -2 * e)
+    M, _ = ridge_transform(gram(A), ridge)
     h = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     return h, jnp.sum(h)

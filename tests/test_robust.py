@@ -118,6 +118,14 @@ def test_whole_matrix_scale_gives_valid_probabilities(dtype, scale):
     np.testing.assert_allclose(nj.norm_scores(G), nj.norm_scores(F), rtol=RTOL[dtype])
 
 
+def test_ridge_leverage_at_extreme_scale():
+    F = _matrix(40, 5, np.float64)
+    ref = nj.leverage_scores(F, ridge=3.0)
+    for j in (500, -500):  # ridge leverage of cF with c²λ equals that of F with λ (c a power of two)
+        got = nj.leverage_scores(np.ldexp(F, j), ridge=float(np.ldexp(3.0, 2 * j)))
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
 def test_all_zero_dual_is_a_clear_error():
     def constant(th, x):  # does not depend on θ; f(0) = y = 0 on every point
         return 0.0 * jnp.sum(th) * jnp.sum(x)
