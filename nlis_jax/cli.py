@@ -479,17 +479,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return _dispatch(parser, args, argv, outliers)
+        code = _dispatch(parser, args, argv, outliers)
     except KeyboardInterrupt:
         print(f"nlis-jax {args.command}: interrupted.", file=sys.stderr)
-        if from_console:  # results are written: skip the interpreter teardown, which can race XLA's
-            sys.stdout.flush()  # compiler threads still running after a Ctrl-C during compilation
-            sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
     except _data_errors() as exc:
         print(f"nlis-jax {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if code == EXIT_INTERRUPTED and from_console:
+        # results are written: skip the interpreter teardown, which can race XLA's compiler threads
+        # still running after a Ctrl-C during compilation
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return code
 
 
 def _dispatch(parser, args: argparse.Namespace, argv: list[str], outliers) -> int:

@@ -320,3 +320,15 @@ def test_ctrl_c_writes_finished_cells_exit_130(tmp_path, monkeypatch, capsys):
     assert summary["partial"] is True
     assert [len(summary["methods"][m]["results"]) for m in ("uniform", "linear_leverage")] == [1, 0]
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_grid_exit_130(tmp_path, monkeypatch, capsys):
+    from nlis_jax import experiments
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "make_problem", interrupt)
+    assert cli.main([*TINY, "--sizes", "10", "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "nlis-jax run: interrupted." in err and "Traceback" not in err
