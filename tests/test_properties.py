@@ -77,7 +77,7 @@ def _assert_probabilities(probs, n, dtype):
     np.testing.assert_allclose(np.sum(probs, dtype=np.float64), 1.0, atol=atol)
 
 
-@settings(derandomize=True, max_examples=8, deadline=None)
+@settings(derandomize=True, max_examples=6, deadline=None)
 @given(models(), st.integers(-30, 30))
 def test_probabilities_always_valid_and_inputs_untouched(model, exponent):
     apply_fn, params, xs, ys = model
@@ -95,7 +95,7 @@ def test_probabilities_always_valid_and_inputs_untouched(model, exponent):
         np.testing.assert_array_equal(a, b)
 
 
-@settings(derandomize=True, max_examples=12, deadline=None)
+@settings(derandomize=True, max_examples=8, deadline=None)
 @given(
     st.integers(1, 12),
     st.integers(1, 6),
