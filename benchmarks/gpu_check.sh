@@ -13,7 +13,7 @@ python3 -c "import jax, jaxlib, optax, flax, chex; print('jax', jax.__version__,
 # packages may warn about things CI never sees.
 timeout 240 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= \
   tests/test_adjoint.py tests/test_dual.py tests/test_closed_forms.py tests/test_scores.py \
-  tests/test_streaming.py tests/test_sketch.py tests/test_sampling.py 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
+  tests/test_streaming.py tests/test_projected.py tests/test_sampling.py 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
 # The benchmarks' baselines are user-style code at JAX's default precision, which is TF32 for float32 on
 # NVIDIA GPUs: run them at full precision so the correctness checks compare like with like.
 export JAX_DEFAULT_MATMUL_PRECISION=highest

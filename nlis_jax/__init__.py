@@ -4,7 +4,7 @@ The adjoint ``f*(θ) = ∫_0^1 ∇f(tθ) dt`` of a nonlinear model, stacked over
 ``F̃(θ) = [F*(θ) | f(0) − y]``, gives leverage and row-norm sampling probabilities with ``(1 ± ε)`` loss
 guarantees. The data flow: ``apply_fn`` → :func:`adjoint` → :func:`dual_matrix` (or :func:`dual_operator`)
 → :func:`leverage_scores` / :func:`norm_scores` (or :func:`streaming_leverage_scores`,
-:func:`sketched_leverage_scores` without the matrix) → :func:`sample` → :func:`fit` on the weighted sample.
+:func:`projected_leverage_scores` without the matrix) → :func:`sample` → :func:`fit` on the weighted sample.
 
 Submodules: :mod:`nlis_jax.routes` (the leverage routes), :mod:`nlis_jax.quadrature`,
 :mod:`nlis_jax.closed_forms`, :mod:`nlis_jax.projections`, :mod:`nlis_jax.active` (choosing which points
@@ -21,6 +21,8 @@ from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
 from nlis_jax._dual import dual_operator as dual_operator
+from nlis_jax._projected import projected_dual_matrix as projected_dual_matrix
+from nlis_jax._projected import projected_leverage_scores as projected_leverage_scores
 from nlis_jax._sampling import distortion as distortion
 from nlis_jax._sampling import sample as sample
 from nlis_jax._sampling import sample_size as sample_size
@@ -32,7 +34,6 @@ from nlis_jax._scores import mix_with_uniform as mix_with_uniform
 from nlis_jax._scores import norm_scores as norm_scores
 from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
-from nlis_jax._sketch import sketched_leverage_scores as sketched_leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores as streaming_leverage_scores
 from nlis_jax._traced import traced_checks as traced_checks
 from nlis_jax._train import FitResult as FitResult
@@ -83,13 +84,14 @@ __all__ = [
     "orthonormal_basis",
     "per_example_loss",
     "projections",
+    "projected_dual_matrix",
+    "projected_leverage_scores",
     "quadrature",
     "query",
     "routes",
     "sample",
     "sample_size",
     "single_index_adjoint",
-    "sketched_leverage_scores",
     "streaming_leverage_scores",
     "traced_checks",
     "uniform_scores",

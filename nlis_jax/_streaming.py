@@ -32,7 +32,7 @@ from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
-def _pad_chunks(tree, n: int, chunk: int):
+def pad_chunks(tree, n: int, chunk: int):
     """Reshape every leaf ``(n, ...)`` to ``(m, chunk, ...)``, padding with copies of row 0."""
     m = -(-n // chunk)
     pad = m * chunk - n
@@ -55,8 +55,8 @@ def _chunked_dual_rows(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode)
     k = math.prod(model.out_shape)
     dtype = model.theta.dtype
     chunk = min(chunk_size, n)
-    xs_c, m = _pad_chunks(xs, n, chunk)
-    ys_c = None if ys is None else _pad_chunks(jnp.asarray(ys, dtype), n, chunk)[0]
+    xs_c, m = pad_chunks(xs, n, chunk)
+    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys, dtype), n, chunk)[0]
     valid = (jnp.arange(m * chunk) < n).reshape(m, chunk).astype(dtype)
 
     def dual_rows(i):

@@ -9,32 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-
-def mlp_init(key, sizes, *, bias=True, dtype=jnp.float32):
-    """Params of an MLP with widths ``sizes = (d_in, ..., d_out)``, LeCun-normal weights, zero biases:
-    a list of ``{"w": (d_out, d_in), "b": (d_out,)}`` dicts."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    layers = []
-    for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
-        layer = {"w": jax.random.normal(k, (d_out, d_in), dtype) / jnp.sqrt(jnp.asarray(d_in, dtype))}
-        if bias:
-            layer["b"] = jnp.zeros((d_out,), dtype)
-        layers.append(layer)
-    return layers
-
-
-def mlp(activation=jnp.tanh, *, squeeze=True):
-    """``apply_fn(params, x)`` of an MLP in the layout of :func:`mlp_init`; scalar when ``d_out == 1``."""
-
-    def apply_fn(params, x):
-        h = jnp.ravel(x)
-        for i, layer in enumerate(params):
-            h = layer["w"] @ h + layer["b"] if "b" in layer else layer["w"] @ h
-            if i < len(params) - 1:
-                h = activation(h)
-        return h[0] if squeeze and h.shape == (1,) else h
-
-    return apply_fn
+from nlis_jax.experiments.nets import mlp, mlp_init  # noqa: F401  (re-exported for the core tests)
 
 
 def normal(seed, *shape, dtype=np.float64):

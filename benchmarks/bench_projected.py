@@ -1,0 +1,286 @@
+"""Projected leverage (issue #9): time and peak anonymous memory against p, with exact and old baselines.
+
+Model: a ``d–h–1`` tanh MLP (``p = (d + 2)·h + 1``; ``784–256–1`` gives ``p = 201,217``) on synthetic
+image-like inputs (uniform on [0, 1]) with Gaussian responses, float32. For each hidden width ``h`` of
+``--widths``: ``projected_leverage_scores`` with the sparse sign embedding (and the dense Gaussian
+embedding when ``--gaussian-max-p`` allows), timed as one compiled function (compile and steady state
+apart, median of ``--reps``), and the peak ``RssAnon`` of this process sampled every 5 ms in a thread
+while it runs; the process CPU time (all threads) per steady-state run is recorded too, a figure that
+a machine shared with other jobs disturbs less than wall time. Baseline in the same process: exact
+``dual_matrix`` + ``leverage_scores`` where the ``n × (p+1)`` matrix stays under
+``--exact-max-elements``. (The range-finder route this replaced was retired after its measurement:
+benchmarks/records/bench_projected_sweep_cpu.json and benchmarks/README.md.)
+
+Correctness first (float64, small): the projection with ``dim ≥ p + 1`` against the exact scores (target
+max relative error 1e-8), and the rank of a projection below the rank (must equal ``dim``).
+
+    python benchmarks/bench_projected.py                                  # n = 10,000, widths 2,16,256
+    python benchmarks/bench_projected.py --n 500 --widths 2,4 --reps 1
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import (
+    Compiled,
+    all_ok,
+    base_parser,
+    check,
+    environment,
+    report_failures,
+    time_eager,
+    write_record,
+)
+
+import nlis_jax as nj
+from nlis_jax.experiments import nets
+
+try:  # the public home of the quadrature after the "house" refactor
+    from nlis_jax.quadrature import gauss_legendre
+except ImportError:
+    from nlis_jax import gauss_legendre
+
+jax.config.update("jax_enable_x64", True)  # the correctness check runs in float64; timings in float32
+
+NAME = "bench_projected"
+EXACT_RTOL = 1e-8
+MODEL = nets.mlp(jnp.tanh)  # one object: a static argument of the library's jits
+
+
+def parse_args(argv):
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="examples")
+    parser.add_argument("--d", type=int, default=784, help="input features")
+    parser.add_argument("--widths", default="2,16,256", help="hidden widths h (p = (d + 2)·h + 1)")
+    parser.add_argument("--dim", type=int, default=256, help="columns of the embedding")
+    parser.add_argument("--chunk", type=int, default=None, help="chunk_size (default: library's)")
+    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes")
+    parser.add_argument("--sparsity", default="1", help="sparsities of the sparse embedding to time")
+    parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
+    parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
+    parser.add_argument("--cases", default="sparse,gaussian,outer_product,exact", help="cases to time")
+    return parser.parse_args(argv)
+
+
+class PeakRss:
+    """Peak ``RssAnon`` (bytes) of this process while the ``with`` block runs, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+
+    @staticmethod
+    def read() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.before = self.read()
+        self.peak = self.before
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def as_dict(self) -> dict:
+        return {"rss_before_bytes": self.before, "rss_peak_bytes": self.peak}
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+@functools.partial(jax.jit, static_argnames=("n", "d", "h", "dtype"))
+def make_problem(key, *, n, d, h, dtype):
+    kp, kx, ky = jax.random.split(key, 3)
+    params = nets.mlp_init(kp, (d, h, 1), dtype=dtype)
+    params = [dict(layer, b=0.1 * jnp.ones_like(layer["b"])) for layer in params]  # f(0) ≠ 0
+    xs = jax.random.uniform(kx, (n, d), dtype)
+    ys = jax.random.normal(ky, (n,), dtype)
+    return params, xs, ys
+
+
+def num_params(d: int, h: int) -> int:
+    return (d + 2) * h + 1
+
+
+def correctness(key) -> dict:
+    """float64, small: ``dim ≥ p + 1`` is exact; below the rank the projection keeps ``dim`` directions."""
+    params, xs, ys = make_problem(key, n=300, d=6, h=4, dtype=jnp.float64)  # p + 1 = 34
+    ref = nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys))
+    checks = {}
+    for embedding, dim in (("sparse", 34), ("gaussian", 34)):
+        probs = nj.projected_leverage_scores(key, MODEL, params, xs, ys, dim=dim, embedding=embedding)
+        err = float(np.max(np.abs(np.asarray(probs) - np.asarray(ref)) / np.asarray(ref)))
+        checks[f"{embedding}_full_dim_max_rel"] = check(err, EXACT_RTOL)
+    info = nj.projected_leverage_scores(key, MODEL, params, xs, ys, dim=20, return_info=True)
+    checks["rank_below_full"] = check(abs(int(info.rank) - 20), 0)
+    checks["outer_product_vs_explicit_max_rel"] = check(outer_product_check(key), 1e-12)
+    return checks
+
+
+def measure(fn, *args, reps: int) -> dict:
+    """Compile, warm-up and steady state of ``jax.jit(fn)(*args)`` with the peak RssAnon of all of it."""
+    with PeakRss() as rss:
+        compiled = Compiled(fn, *args)
+        out = compiled()
+        cpu0 = time.process_time()
+        timing = compiled.time(reps=reps)
+        cpu_s = (time.process_time() - cpu0) / timing.reps
+    return {"out": out, "timing": timing.as_dict(), "cpu_s_per_run": cpu_s, **rss.as_dict()}
+
+
+def measure_eager(fn, *args, reps: int) -> dict:
+    """For code that cannot be jitted whole: first call (compiles its pieces), then the median of ``reps``."""
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        first_s = time.perf_counter() - t0
+        timing = time_eager(lambda: fn(*args), reps=reps)
+    timing = timing._replace(compile_s=first_s - timing.median_s)  # first call minus a steady one
+    return {"out": out, "timing": timing.as_dict(), **rss.as_dict()}
+
+
+def projected_fn(dim, chunk, nodes, embedding, sparsity):
+    def fn(key, params, xs, ys):
+        return nj.projected_leverage_scores(
+            key, MODEL, params, xs, ys, dim=dim, chunk_size=chunk, num_nodes=nodes,
+            embedding=embedding, sparsity=sparsity,
+        )  # fmt: skip
+
+    return fn
+
+
+def exact_fn(nodes):
+    def fn(params, xs, ys):
+        return nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys, num_nodes=nodes))
+
+    return fn
+
+
+def count_sketch_matrix(buckets, signs, dim):
+    """Explicit ``(m, dim)`` matrix of a CountSketch (for checks at small size)."""
+    return jax.nn.one_hot(buckets, dim, dtype=signs.dtype) * signs[:, None]
+
+
+def outer_product_sketch(key, params, xs, ys, dim):
+    """The outer-product form for the one-hidden-layer tanh MLP, by hand: ``Y = F̃ Ω`` in ``O(d·h)``/row.
+
+    ``f = w₂·tanh(W₁x + b₁) + b₂``; along the ray ``z_t = t·z``, ``z = W₁x + b₁``, so the adjoint's
+    ``W₁`` block is the rank-one ``δ̄ ⊗ x`` with ``δ̄ = Σ_k w_k t_k w₂ ⊙ sech²(t_k z)``. ``Ω`` is a
+    TensorSketch on that block (bucket ``(h₁(i) + h₂(j)) mod dim``, sign ``s₁(i)s₂(j)``: the sketch of
+    ``δ̄ ⊗ x`` is the circular convolution of the CountSketches of ``δ̄`` and ``x``, by FFT) and a
+    CountSketch on the other ``2h + 2`` coordinates. Returns ``(Y, (h₁, s₁, h₂, s₂, h₃, s₃))``.
+    """
+    (l1, l2) = params
+    h, d = l1["w"].shape
+    dtype = l1["w"].dtype
+    keys = jax.random.split(key, 6)
+    sizes = (h, d, 2 * h + 2)
+    h1, h2, h3 = (jax.random.randint(k, (m,), 0, dim) for k, m in zip(keys[:3], sizes, strict=True))
+    s1, s2, s3 = (jax.random.rademacher(k, (m,), dtype) for k, m in zip(keys[3:], sizes, strict=True))
+    t, w = gauss_legendre(16, dtype)
+    w2 = l2["w"][0]
+
+    def row(x, y):
+        z = l1["w"] @ x + l1["b"]
+        tz = t[:, None] * z[None, :]
+        delta = jnp.einsum("k,kh->h", w * t, w2[None, :] / jnp.cosh(tz) ** 2)
+        adj_w2 = jnp.einsum("k,kh->h", w, jnp.tanh(tz))
+        rest = jnp.concatenate([delta, jnp.ones((1,), dtype), adj_w2, -y[None]])  # b₁, b₂, w₂, offset
+        cs1 = jax.ops.segment_sum(delta * s1, h1, num_segments=dim)
+        cs2 = jax.ops.segment_sum(x * s2, h2, num_segments=dim)
+        ts = jnp.fft.irfft(jnp.fft.rfft(cs1) * jnp.fft.rfft(cs2), n=dim)
+        return ts + jax.ops.segment_sum(rest * s3, h3, num_segments=dim)
+
+    return jax.vmap(row)(xs, ys), (h1, s1, h2, s2, h3, s3)
+
+
+def outer_product_scores(key, params, xs, ys, *, dim):
+    h, rank = nj.leverage_scores(outer_product_sketch(key, params, xs, ys, dim)[0], return_info=True)[1:3]
+    return h / rank.astype(h.dtype)
+
+
+def outer_product_check(key) -> float:
+    """max |Y − F̃ Ω| / max |Y| of :func:`outer_product_sketch` against the dual matrix (float64)."""
+    params, xs, ys = make_problem(key, n=50, d=5, h=3, dtype=jnp.float64)
+    dim = 16
+    Y, (h1, s1, h2, s2, h3, s3) = outer_product_sketch(key, params, xs, ys, dim)
+    F = np.asarray(nj.dual_matrix(MODEL, params, xs, ys))  # columns: b₁ (h), W₁ (h·d), b₂, w₂ (h), offset
+    h, d = params[0]["w"].shape
+    ts = jnp.einsum("ib,jc->ijbc", jax.nn.one_hot(h1, dim), jax.nn.one_hot(h2, dim))
+    conv = jax.nn.one_hot((jnp.arange(dim)[:, None] + jnp.arange(dim)[None, :]) % dim, dim)
+    omega_w1 = jnp.einsum("ijbc,bce,i,j->ije", ts, conv, s1, s2).reshape(h * d, dim)
+    omega_rest = count_sketch_matrix(h3, s3, dim)
+    cols_rest = np.r_[np.arange(h), h + h * d + np.arange(h + 2)]
+    ref = F[:, h : h + h * d] @ np.asarray(omega_w1) + F[:, cols_rest] @ np.asarray(omega_rest)
+    return float(np.max(np.abs(np.asarray(Y) - ref)) / np.max(np.abs(ref)))
+
+
+def tv(a, b) -> float:
+    return 0.5 * float(np.sum(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def one_width(args, key, h: int, sparsities) -> dict:
+    p = num_params(args.d, h)
+    params, xs, ys = make_problem(key, n=args.n, d=args.d, h=h, dtype=jnp.float32)
+    point = {"h": h, "p": p, "cases": {}}
+    wanted = args.cases.split(",")
+    cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities] if "sparse" in wanted else []
+    if p <= args.gaussian_max_p and "gaussian" in wanted:
+        cases.append(("gaussian", "gaussian", 1))
+    for name, embedding, s in cases:
+        fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
+        point["cases"][name] = measure(fn, key, params, xs, ys, reps=args.reps)
+    if args.nodes == 16 and "outer_product" in wanted:
+        cases.append(("outer_product", None, None))
+        fn = functools.partial(outer_product_scores, dim=args.dim)
+        point["cases"]["outer_product"] = measure(fn, key, params, xs, ys, reps=args.reps)
+    # The dense routes take tall matrices only (n ≥ p + 1): wider ones are scored by the projection.
+    fits = args.n * (p + 1) <= args.exact_max_elements and p + 1 <= args.n
+    if fits and "exact" in wanted:
+        point["cases"]["exact"] = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
+        ref = point["cases"]["exact"]["out"]
+        for name, _, _ in cases:
+            point["cases"][name]["tv_vs_exact"] = tv(point["cases"][name]["out"], ref)
+    for case in point["cases"].values():
+        case.pop("out")
+    return point
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    key = jax.random.key(args.seed)
+    widths = [int(w) for w in args.widths.split(",")]
+    sparsities = [int(s) for s in args.sparsity.split(",")]
+    checks = correctness(key)
+    record = {"bench": NAME, "args": vars(args), "checks": checks, "environment": environment()}
+    record["environment"]["xla_flags"] = os.environ.get("XLA_FLAGS")
+    if not all_ok(checks):
+        report_failures(checks)
+        record["ok"] = False
+        write_record(record, args.out, NAME, quiet=args.quiet)
+        return record
+    record["points"] = [one_width(args, key, h, sparsities) for h in widths]
+    record["ok"] = True
+    write_record(record, args.out, NAME, quiet=args.quiet)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

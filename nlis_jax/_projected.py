@@ -1,0 +1,257 @@
+r"""Projected leverage for models with many parameters: one streaming pass, exact when wide enough.
+
+The dual rows ``F̃_c = [F*_c | f(0) − y_c]`` of each chunk of examples are formed (per-example adjoints at
+the Gauss-Legendre nodes, as in :func:`nlis_jax.dual_matrix`) and at once multiplied by a random
+embedding ``Ω`` of shape ``(p+1) × dim``; only ``Y = F̃ Ω`` (``n × dim``) is kept, and its exact leverage
+is taken with the dense score routes. Memory ``O(chunk·p + n·dim + dim²)``: neither ``n·p`` nor
+``(p+1)²`` is ever held.
+
+Exactness: ``range(F̃ Ω) ⊆ range(F̃)`` always, with equality iff ``rank(F̃ Ω) = rank(F̃)``; then the
+leverage of ``Y`` equals that of ``F̃``. For a Gaussian ``Ω`` this holds almost surely once
+``dim ≥ rank(F̃)``. The default sparse sign embedding is a discrete random matrix, so for
+``rank(F̃) ≤ dim < p + 1`` rank preservation holds with high probability, not almost surely (compare the
+returned ``rank`` with the rank you expect); for ``dim ≥ (p + 1)·sparsity`` its hashing is injective, so
+``Y`` is ``F̃`` with signed, permuted columns and the scores are exact for every key. Below the rank the
+scores are those of a randomly embedded ``F̃`` (an approximation whose quality grows with ``dim``).
+
+Embeddings (``embedding=``):
+
+- ``"sparse"`` (default): a sparse sign embedding (CountSketch for ``sparsity = 1``; OSNAP-style blocks
+  for ``sparsity = s > 1``). The ``dim`` buckets are split into ``s`` blocks of ``dim / s``; in each block
+  every coordinate lands in exactly one bucket with a random sign ``±1/√s``. Buckets are balanced: a
+  random permutation ``π`` of the coordinates gives bucket ``π(i) mod (dim / s)``. Applied as one
+  ``segment_sum`` per block: ``O(chunk·p·s)`` work per chunk, nothing of size ``p·dim``.
+- ``"gaussian"``: dense ``Ω`` with ``N(0, 1/dim)`` entries, ``O(chunk·p·dim)`` work and ``p·dim`` memory:
+  the reference embedding (almost-sure exactness for ``dim ≥ rank``), not the fast one.
+
+Both satisfy ``E[Ω Ωᵀ] = I``, so the ridge leverage of ``Y`` estimates that of ``F̃``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nlis_jax._adjoint import check_model, check_path_args, default_chunk_size, flatten_model
+from nlis_jax._checks import check_choice, check_positive_int
+from nlis_jax._dual import dual_block
+from nlis_jax._precision import highest_precision
+from nlis_jax._scores import Leverage, leverage_scores, orthonormal_basis
+from nlis_jax._streaming import pad_chunks
+from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
+
+EMBEDDINGS = ("sparse", "gaussian")
+
+
+def sparse_embedding(key: PRNGKey, m: int, dim: int, sparsity: int, dtype) -> tuple[Array, Array]:
+    """Buckets and signs of a balanced sparse sign embedding of ``m`` coordinates into ``dim``.
+
+    Returns ``(buckets, signs)``, both of shape ``(sparsity, m)``: in block ``j`` coordinate ``i`` goes
+    to bucket ``buckets[j, i]`` (in ``[j·b, (j+1)·b)``, ``b = dim / sparsity``) with weight
+    ``signs[j, i] = ±1/√sparsity``. Bucket ``π_j(i) mod b`` for a random permutation ``π_j``: every bucket
+    holds ``⌊m/b⌋`` or ``⌈m/b⌉`` coordinates, and for ``b ≥ m`` no two coordinates share one.
+    """
+    b = dim // sparsity
+    kp, ks = jax.random.split(key)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, m))(jax.random.split(kp, sparsity))
+    buckets = perms % b + b * jnp.arange(sparsity, dtype=perms.dtype)[:, None]
+    signs = jax.random.rademacher(ks, (sparsity, m), dtype) / jnp.sqrt(jnp.asarray(sparsity, dtype))
+    return buckets, signs
+
+
+def apply_sparse(F: Array, buckets: Array, signs: Array, dim: int) -> Array:
+    """``F Ω`` for the embedding of :func:`sparse_embedding`: ``(rows, m) -> (rows, dim)``.
+
+    One ``segment_sum`` of the signed columns per block: about ``rows·m·sparsity`` operations.
+    """
+    Ft = F.T
+    out = jnp.zeros((dim, F.shape[0]), F.dtype)
+    for j in range(buckets.shape[0]):  # sparsity ≤ a handful of static blocks, not a loop over data
+        out = out + jax.ops.segment_sum(Ft * signs[j][:, None], buckets[j], num_segments=dim)
+    return out.T
+
+
+def gaussian_embedding(key: PRNGKey, m: int, dim: int, dtype) -> Array:
+    """Dense ``Ω`` of shape ``(m, dim)`` with ``N(0, 1/dim)`` entries."""
+    return jax.random.normal(key, (m, dim), dtype) / jnp.sqrt(jnp.asarray(dim, dtype))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("apply_fn", "dim", "chunk_size", "num_nodes", "mode", "embedding", "sparsity")
+)
+@highest_precision
+def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes, mode, embedding, sparsity):
+    model = flatten_model(apply_fn, params, xs)
+    n, m = model.n, model.theta.shape[0] + 1
+    k = math.prod(model.out_shape)
+    dtype = model.theta.dtype
+    chunk = min(chunk_size or default_chunk_size(n, m, k), n)
+    if embedding == "sparse":
+        buckets, signs = sparse_embedding(key, m, dim, sparsity, dtype)
+
+        def project(rows):
+            return apply_sparse(rows, buckets, signs, dim)
+    else:
+        omega = gaussian_embedding(key, m, dim, dtype)
+
+        def project(rows):
+            return rows @ omega
+
+    def one_chunk(chunk_data):
+        xc, yc = chunk_data
+        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
+        return project(block.reshape(chunk * k, m)).reshape((chunk,) + model.out_shape + (dim,))
+
+    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys).astype(dtype), n, chunk)[0]
+    Y = lax.map(one_chunk, (pad_chunks(xs, n, chunk)[0], ys_c))
+    return Y.reshape((-1,) + Y.shape[2:])[:n]
+
+
+def _check_embedding(dim, chunk_size, embedding, sparsity) -> None:
+    check_positive_int("dim", dim)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    check_choice("embedding", embedding, EMBEDDINGS)
+    check_positive_int("sparsity", sparsity)
+    if embedding == "sparse" and dim % sparsity:
+        raise ValueError(f"dim={dim} must be a multiple of sparsity={sparsity} (equal-size hash blocks).")
+
+
+def _check_ridge(ridge) -> float:
+    ridge = float(ridge)
+    if math.isnan(ridge) or math.isinf(ridge):
+        raise ValueError(f"ridge must be a finite number, got {ridge}.")
+    if ridge < 0:
+        raise ValueError(f"ridge must be non-negative, got {ridge}.")
+    return ridge
+
+
+def projected_dual_matrix(
+    key: PRNGKey,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: PyTree,
+    ys: Array | None = None,
+    *,
+    dim: int,
+    chunk_size: int | None = None,
+    num_nodes: int = 16,
+    mode: str = "auto",
+    embedding: str = "sparse",
+    sparsity: int = 1,
+) -> Array:
+    r"""``Y = F̃(θ) Ω``: the dual matrix times a random ``(p+1) × dim`` embedding, streamed in chunks.
+
+    Args:
+      key: PRNG key of the embedding (used once).
+      apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`.
+      dim: columns of the embedding (``dim ≥ p + 1`` is allowed, and exact for ``"sparse"``).
+      chunk_size: examples whose dual rows are held at once (static; memory ``chunk_size·k·(p+1)``);
+        default keeps a chunk under ``2**23`` elements.
+      embedding: ``"sparse"`` (sparse sign / CountSketch, ``O(p·sparsity)`` per row) or ``"gaussian"``.
+      sparsity: nonzeros per coordinate of the sparse embedding (``dim`` must be a multiple of it).
+
+    Returns:
+      ``(n, dim)``, or ``(n, k, dim)`` for ``k`` outputs, in the dtype of ``params``.
+    """
+    check_path_args(num_nodes, mode, None)
+    _check_embedding(dim, chunk_size, embedding, sparsity)
+    check_model(apply_fn, params, xs, ys)
+    return _projected_jit(
+        key,
+        apply_fn,
+        params,
+        xs,
+        ys,
+        dim=dim,
+        chunk_size=chunk_size,
+        num_nodes=num_nodes,
+        mode=mode,
+        embedding=embedding,
+        sparsity=sparsity,
+    )
+
+
+def projected_leverage_scores(
+    key: PRNGKey,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: PyTree,
+    ys: Array | None = None,
+    *,
+    dim: int,
+    chunk_size: int | None = None,
+    num_nodes: int = 16,
+    mode: str = "auto",
+    ridge: float = 0.0,
+    rtol: float | None = None,
+    embedding: str = "sparse",
+    sparsity: int = 1,
+    return_info: bool = False,
+) -> Array | Leverage:
+    r"""Leverage-score probabilities of the dual matrix from its random projection ``Y = F̃ Ω``.
+
+    One streaming pass forms ``Y`` (:func:`projected_dual_matrix`), then the exact leverage of ``Y``
+    (block leverage, summed over the ``k`` rows of an example, for ``k`` outputs). Exact, i.e. equal to
+    ``leverage_scores(dual_matrix(...))``, whenever ``rank(Y) = rank(F̃)``: almost surely for
+    ``embedding="gaussian"`` and ``dim ≥ rank(F̃)``, for every key with ``"sparse"`` and
+    ``dim ≥ (p + 1)·sparsity``, and with high probability for ``"sparse"`` and ``rank ≤ dim < p + 1``
+    (check the returned rank). Memory ``O(chunk·p + n·dim + dim²)``.
+
+    Args:
+      key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity: as in
+        :func:`projected_dual_matrix`.
+      ridge: ``λ ≥ 0``; with ``λ > 0`` the leverage of ``[Y; √λ I]`` restricted to the data rows,
+        ``diag(Y (YᵀY + λI)^{-1} Yᵀ)``, normalised by the effective dimension (useful when ``p ≥ n`` or
+        the dual matrix is rank-deficient).
+      rtol: rank tolerance of the score routes (default ``10·eps``), on the singular values of ``Y``.
+      return_info: return a :class:`Leverage` ``(probs, leverage, rank, route)`` instead of ``probs``
+        (``route`` indexes :data:`nlis_jax.routes.ROUTES`; ``"gram"`` with ``ridge > 0``).
+
+    Returns:
+      ``(n,)`` probabilities (non-negative, summing to 1), or a :class:`Leverage`.
+    """
+    ridge = _check_ridge(ridge)
+    Y = projected_dual_matrix(
+        key,
+        apply_fn,
+        params,
+        xs,
+        ys,
+        dim=dim,
+        chunk_size=chunk_size,
+        num_nodes=num_nodes,
+        mode=mode,
+        embedding=embedding,
+        sparsity=sparsity,
+    )
+    if ridge > 0:
+        _, h, rank, route = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=True)
+    else:
+        U, rank, route = orthonormal_basis(_tall(Y), rtol=rtol)
+        h = _block_row_norms(U, Y.shape[0])
+        route = jnp.asarray(route, jnp.int32)
+    probs = h / rank.astype(h.dtype)
+    return Leverage(probs, h, rank, route) if return_info else probs
+
+
+@jax.jit
+def _tall(Y: Array) -> Array:
+    """Rows of ``Y`` with at most as many columns as rows and the same range (leverage unchanged).
+
+    A wide ``Y`` (``n·k < dim``, e.g. ``p ≥ n``) becomes ``Rᵀ`` from ``Yᵀ = QR``: ``Y Q = Rᵀ`` and ``Q``
+    spans the row space of ``Y``, so ``range(Rᵀ) = range(Y)``.
+    """
+    rows = Y.reshape(-1, Y.shape[-1])
+    if rows.shape[0] >= rows.shape[1]:
+        return rows
+    return jnp.linalg.qr(rows.T, mode="r").T
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _block_row_norms(U: Array, n: int) -> Array:
+    return jnp.sum(jnp.square(U).reshape(n, -1), axis=1)
