@@ -62,12 +62,12 @@ def _tanh_model():
     return f, params
 
 
-def test_sketch_size_above_n_is_exact():
+def test_projection_dim_above_n_is_exact():
     f, _ = _tanh_model()
     rng = np.random.default_rng(1)
     params = {"w": jnp.asarray(rng.normal(size=(3, 4))), "v": jnp.asarray(rng.normal(size=4))}
-    xs = _matrix(6, 3, np.float64)  # n = 6 < sketch_size = 10 < p + 1 = 17: rank n, every leverage 1
-    info = nj.sketched_leverage_scores(jax.random.key(0), f, params, xs, sketch_size=10, return_info=True)
+    xs = _matrix(6, 3, np.float64)  # n = 6 < dim = 10 < p + 1 = 17: rank n, every leverage 1
+    info = nj.projected_leverage_scores(jax.random.key(0), f, params, xs, dim=10, return_info=True)
     assert int(info.rank) == 6
     np.testing.assert_allclose(info.probs, nj.leverage_scores(nj.dual_matrix(f, params, xs)), rtol=1e-10)
 
