@@ -64,7 +64,7 @@ def _chunked_dual_rows(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode)
         yc = None if ys_c is None else ys_c[i]
         block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
         block = block * valid[i].reshape((chunk,) + (1,) * (block.ndim - 1))
-        return block.reshape(chunk * k, p + 1)
+        return block.reshape(chunk * k, p + 1).astype(routes.compute_dtype(dtype))  # float32 if half
 
     return dual_rows, m, model
 
@@ -75,7 +75,7 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     dual_rows, m, model = _chunked_dual_rows(
         apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
     )
-    dim, dtype = model.theta.shape[0] + 1, model.theta.dtype
+    dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
 
     def gram_pass(M=None):
         def body(G, i):
@@ -140,10 +140,10 @@ def streaming_leverage_scores(
         params,
         xs,
         ys,
-        jnp.asarray(rtol, dtype),
+        jnp.asarray(rtol, routes.compute_dtype(dtype)),
         chunk_size=chunk_size,
         num_nodes=num_nodes,
         mode=mode,
         route=route,
     )
-    return as_leverage(h, rank, taken, return_info)
+    return as_leverage(h, rank, taken, return_info, dtype)

@@ -88,6 +88,10 @@ def test_half_precision_computes_in_float32_returns_input_dtype(dtype):
     np.testing.assert_allclose(np.asarray(probs, np.float32), ref, rtol=1e-2)  # output rounding only
     assert nj.norm_scores(F).dtype == dtype
     assert nj.orthonormal_basis(F)[0].dtype == dtype
+    f, params = _tanh_model()
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    streamed = nj.streaming_leverage_scores(f, params, jnp.asarray(F32[:, :3], dtype), chunk_size=8)
+    assert streamed.dtype == dtype and abs(float(jnp.sum(streamed.astype(jnp.float32))) - 1) < 1e-2
 
 
 # ------------------------------------------------------------------------------------------------
