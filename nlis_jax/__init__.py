@@ -17,6 +17,8 @@ from nlis_jax import closed_forms as closed_forms
 from nlis_jax import projections as projections
 from nlis_jax import quadrature as quadrature
 from nlis_jax import routes as routes
+from nlis_jax._adaptive import QuadratureInfo as QuadratureInfo
+from nlis_jax._adaptive import QuadratureWarning as QuadratureWarning
 from nlis_jax._adjoint import adjoint as adjoint
 from nlis_jax._dual import DualOperator as DualOperator
 from nlis_jax._dual import dual_matrix as dual_matrix
@@ -56,6 +58,8 @@ from nlis_jax.projections import l2_ball as l2_ball
 __version__ = "0.1.0"
 
 __all__ = [
+    "QuadratureInfo",
+    "QuadratureWarning",
     "ActiveConfig",
     "DualOperator",
     "FitResult",

@@ -1,4 +1,6 @@
-r"""Adjoints of a nonlinear model by Gauss-Legendre quadrature along the ray ``tθ``.
+r"""Adjoints of a nonlinear model by quadrature along the ray ``tθ``: adaptive by default, with a
+per-example error estimate and the identity ``f(θ) = f(0) + <f*(θ), θ>`` checked (:mod:`nlis_jax._adaptive`),
+or a fixed Gauss-Legendre rule (``num_nodes=q``).
 
 .. math:: f^*(\theta; x) = \int_0^1 \nabla_u f(u; x)\big|_{u = t\theta}\, dt
           \approx \sum_k w_k\, \nabla f(t_k \theta; x)
@@ -10,6 +12,7 @@ derivative of ``θ ↦ f(tθ)`` would carry an extra factor ``t`` and break the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo, default_rtol, integrate
 from nlis_jax._checks import (
     check_choice,
     check_finite,
@@ -169,47 +173,125 @@ def adjoint(
     params: PyTree,
     xs: PyTree,
     *,
-    num_nodes: int = 16,
+    num_nodes: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
-) -> Array:
+    rtol: float | None = None,
+    max_panels: int = MAX_PANELS,
+    return_info: bool = False,
+) -> Array | tuple[Array, QuadratureInfo]:
     r"""Per-example adjoints :math:`f_i^*(\theta) = \int_0^1 \nabla f(t\theta; x_i)\,dt`.
 
-    Gauss-Legendre quadrature with ``num_nodes`` nodes on ``[0, 1]``; the gradient at each node is taken
-    at the point ``t_k θ``, accumulated over nodes in a ``lax.scan`` carry, vmapped over examples and
-    chunked ``chunk_size`` examples at a time.
+    By default adaptive quadrature to a relative tolerance ``rtol`` per example: 16-node Gauss-Legendre
+    panels with a coefficient-decay error estimate, bisected where the estimate (or the identity
+    ``<f*, θ> + f(0) = f(θ)``, checked a posteriori) misses the tolerance; the common case costs one
+    16-node pass plus the estimate. With ``num_nodes=q``, a fixed ``q``-node Gauss-Legendre rule. The
+    gradient at each node is taken at the point ``t θ``, accumulated over nodes in a ``lax.scan`` carry,
+    vmapped over examples and chunked ``chunk_size`` examples at a time.
 
     Args:
       apply_fn: ``apply_fn(params, x)`` for ONE example ``x``, returning a scalar or a ``(k,)`` vector.
       params: any pytree of floating arrays; flattened by ``jax.flatten_util.ravel_pytree`` to ``p``
         entries (the column order of the result).
       xs: inputs with a leading example axis, shape ``(n, ...)`` (or a pytree of such arrays).
-      num_nodes: number of Gauss-Legendre nodes ``q`` (exact for integrands of degree ``2q - 1`` in t).
+      num_nodes: ``None`` (adaptive) or the number ``q`` of nodes of a fixed Gauss-Legendre rule (exact for
+        integrands of degree ``2q - 1`` in t; no error estimate).
       mode: ``"forward"`` (one ``jax.jvp`` per tangent direction, vmapped: ~``p`` passes per node),
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
         when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).
       chunk_size: examples per memory chunk (bounds memory at ``chunk_size * k * p`` per node);
         default keeps a chunk under ``2**23`` elements.
+      rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
+        float64, ``1e-6`` in float32).
+      max_panels: adaptive budget of panels (16 gradients each) per example; examples still above
+        ``rtol`` then raise a :class:`nlis_jax.QuadratureWarning` naming how many and the error reached.
+      return_info: also return a :class:`nlis_jax.QuadratureInfo` (adaptive only): per-example estimated
+        relative error, relative identity residual, panels used and a convergence flag.
 
     Returns:
       Array of shape ``(n, p)`` for scalar models or ``(n, k, p)`` for ``k`` outputs, in the dtype of
-      the flattened parameters. Row ``i`` satisfies ``<f_i^*(θ), θ> + f_i(0) = f_i(θ)``.
+      the flattened parameters (and the info with ``return_info=True``). Row ``i`` satisfies
+      ``<f_i^*(θ), θ> + f_i(0) = f_i(θ)``.
 
     Raises:
       ValueError: on NaN/Inf in ``params`` or ``xs`` (when concrete), inconsistent leading axes,
         a model output of rank > 1, an unknown ``mode`` or a non-positive ``num_nodes``/``chunk_size``.
     """
-    check_path_args(num_nodes, mode, chunk_size)
-    check_model(apply_fn, params, xs)
+    check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
+    shape = check_model(apply_fn, params, xs)
+    if num_nodes is None:
+        out = adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
+        return out if return_info else out[0]
     return _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
-def check_path_args(num_nodes, mode, chunk_size) -> None:
+def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANELS, return_info=False) -> None:
     """Validate the quadrature/mode/chunk arguments shared by the path-based functions."""
     check_choice("mode", mode, MODES)
-    check_positive_int("num_nodes", num_nodes)
+    if num_nodes is not None:
+        check_positive_int("num_nodes", num_nodes)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
+    check_positive_int("max_panels", max_panels)
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}.")
+    if not isinstance(return_info, bool):
+        raise TypeError(f"return_info must be True or False, got {return_info!r}.")
+    if return_info and num_nodes is not None:
+        raise ValueError(
+            "return_info=True needs the adaptive rule (num_nodes=None); a fixed rule has no estimate."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PathGradient:
+    """The adjoint's integrand ``g(params, t, x) = ∇_u f(u; x)`` at ``u = t·θ``: ``out_shape + (p,)``.
+
+    Hashable by ``(apply_fn, mode)``, so the adaptive integrator's compilations are reused across calls.
+    """
+
+    apply_fn: ApplyFn
+    mode: str  # "forward" or "reverse"
+
+    def __call__(self, params: PyTree, t: Array, x: PyTree) -> Array:
+        theta, unravel = ravel_pytree(params)
+
+        def fn(flat, x):
+            return self.apply_fn(unravel(flat), x)
+
+        return _point_jacobian(fn, self.mode, theta.shape[0], theta.dtype)(t * theta, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityResidual:
+    """``max_k |<f*_k, θ> + f_k(0) − f_k(θ)| / (|f*_k|·|θ| + |f_k(0)| + |f_k(θ)|)`` for one example."""
+
+    apply_fn: ApplyFn
+
+    def __call__(self, params: PyTree, adj: Array, x: PyTree) -> Array:
+        theta, unravel = ravel_pytree(params)
+        f_theta = self.apply_fn(params, x)
+        f_zero = self.apply_fn(unravel(jnp.zeros_like(theta)), x)
+        gap = jnp.abs(adj @ theta + f_zero - f_theta)
+        scale = jnp.abs(adj) @ jnp.abs(theta) + jnp.abs(f_zero) + jnp.abs(f_theta)
+        return jnp.max(jnp.where(gap == 0, 0, gap / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)))
+
+
+def identity_tol(rtol: float, p: int, dtype) -> float:
+    """Tolerance of the identity check: ``rtol``, or the rounding of a length-``p`` dot product if larger."""
+    return max(rtol, 32 * math.sqrt(p) * float(jnp.finfo(dtype).eps))
+
+
+def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels):
+    """Adaptive adjoints ``(adj, info)`` of a validated model, eager or traced (``nlis_jax._adaptive``)."""
+    k = math.prod(shape.out_shape)
+    rtol = default_rtol(shape.dtype) if rtol is None else rtol
+    g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
+    chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size
+    check, check_tol = IdentityResidual(apply_fn), identity_tol(rtol, shape.p, shape.dtype)
+    with jax.default_matmul_precision("highest"):
+        kw = dict(rtol=rtol, max_panels=max_panels, chunk_size=chunk, check=check, check_tol=check_tol)
+        return integrate(g, params, xs, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
@@ -223,6 +305,11 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     """Adjoints of a :class:`FlatModel` on ``xs`` (traced): ``(n,) + out_shape + (p,)``."""
     theta, p = model.theta, model.theta.shape[0]
     k = math.prod(model.out_shape)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(model.n, p, k)
+    if num_nodes is None:  # adaptive, traced: the flat model with θ as its parameters
+        shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
+        return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, None, MAX_PANELS)[0]
     jac = _point_jacobian(model.fn, resolve_mode(mode, p, k), p, theta.dtype)
     nodes, weights = gauss_legendre(num_nodes, theta.dtype)
 
@@ -234,8 +321,6 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
         acc0 = jnp.zeros(model.out_shape + (p,), theta.dtype)
         return lax.scan(body, acc0, (nodes, weights))[0]
 
-    if chunk_size is None:
-        chunk_size = default_chunk_size(model.n, p, k)
     return chunked_map(one_example, xs, model.n, chunk_size)
 
 

@@ -13,7 +13,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nlis_jax._adjoint import check_model, check_path_args, flat_adjoint, flatten_model, model_outputs
+from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo
+from nlis_jax._adjoint import (
+    adaptive_adjoint,
+    check_model,
+    check_path_args,
+    flat_adjoint,
+    flatten_model,
+    model_outputs,
+)
 from nlis_jax._checks import check_positive_int
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
@@ -34,10 +42,13 @@ def dual_matrix(
     xs: PyTree,
     ys: Array | None = None,
     *,
-    num_nodes: int = 16,
+    num_nodes: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
-) -> Array:
+    rtol: float | None = None,
+    max_panels: int = MAX_PANELS,
+    return_info: bool = False,
+) -> Array | tuple[Array, QuadratureInfo]:
     r"""The nonlinear dual matrix :math:`\tilde F(\theta) = [F^*(\theta) \mid f(0) - y]`.
 
     Args:
@@ -45,14 +56,20 @@ def dual_matrix(
       params: pytree with ``p`` entries in total.
       xs: inputs ``(n, ...)``.
       ys: responses ``(n,)`` (or ``(n, k)``); ``None`` makes the last column ``f(0)``.
-      num_nodes, mode, chunk_size: as in :func:`nlis_jax.adjoint`.
+      num_nodes, mode, chunk_size, rtol, max_panels, return_info: as in :func:`nlis_jax.adjoint`
+        (adaptive quadrature unless ``num_nodes`` is given).
 
     Returns:
-      ``(n, p + 1)`` (or ``(n, k, p + 1)`` for ``k`` outputs). With ``θ̃ = [θ; 1]``,
+      ``(n, p + 1)`` (or ``(n, k, p + 1)`` for ``k`` outputs), and the adjoints'
+      :class:`nlis_jax.QuadratureInfo` with ``return_info=True``. With ``θ̃ = [θ; 1]``,
       ``F̃ θ̃ = f(θ; x) − y``, the residual.
     """
-    check_path_args(num_nodes, mode, chunk_size)
-    check_model(apply_fn, params, xs, ys)
+    check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
+    shape = check_model(apply_fn, params, xs, ys)
+    if num_nodes is None:
+        adj, info = adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
+        dual = _append_offset_jit(apply_fn, params, xs, ys, adj)
+        return (dual, info) if return_info else dual
     return _dual_matrix_jit(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
@@ -63,8 +80,15 @@ def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, chunk_size):
     return dual_block(model, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _append_offset_jit(apply_fn, params, xs, ys, adj):
+    offset = _offset_column(flatten_model(apply_fn, params, xs), xs, ys)
+    return jnp.concatenate([adj, offset[..., None].astype(adj.dtype)], axis=-1)
+
+
 def dual_block(model, xs, ys, *, num_nodes, mode, chunk_size) -> Array:
-    """``[F* | f(0) − y]`` of a validated model on ``xs`` (traced): ``(n,) + out_shape + (p + 1,)``."""
+    """``[F* | f(0) − y]`` of a validated model on ``xs`` (traced): ``(n,) + out_shape + (p + 1,)``;
+    ``num_nodes=None``: adaptive adjoints (the traced scheme of ``nlis_jax._adaptive``)."""
     offset = _offset_column(model, xs, ys)
     adj = flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
     return jnp.concatenate([adj, offset[..., None].astype(adj.dtype)], axis=-1)

@@ -107,7 +107,7 @@ def streaming_leverage_scores(
     ys: Array | None = None,
     *,
     chunk_size: int = 4096,
-    num_nodes: int = 16,
+    num_nodes: int | None = None,
     mode: str = "auto",
     rtol: float | None = None,
     route: str | None = None,

@@ -61,7 +61,7 @@ def label_free_leverage_scores(
     params: PyTree,
     xs: Array,
     *,
-    num_nodes: int = 16,
+    num_nodes: int | None = None,
     mode: str = "auto",
     chunk_size: int | None = None,
 ) -> Array:

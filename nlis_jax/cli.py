@@ -36,6 +36,7 @@ examples:
   nlis-jax run --dataset synthetic --n 1000000 --correlation 0.95 --tails 3
   nlis-jax run --dataset fashion-mnist --classes all --n 4000
   nlis-jax run --dataset digits
+  nlis-jax run --dataset flights --repeats 10   # single-index model; --model mlp for the network
 
 data: California Housing is read from scikit-learn's cache (cal_housing_py3.pkz) in --data-home or
 $SCIKIT_LEARN_DATA; Fashion-MNIST from the four IDX files in --data-home/fashion-mnist,
@@ -69,9 +70,12 @@ def _float_or_none(text: str):
 
 def _methods(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in values if v not in METHODS]
+    from nlis_jax.experiments.flights import FLIGHTS_METHODS
+
+    known = METHODS + tuple(m for m in FLIGHTS_METHODS if m not in METHODS)
+    unknown = [v for v in values if v not in known]
     if unknown or not values:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(known)}")
     return values
 
 
@@ -122,7 +126,10 @@ _FIELDS = {
 def _add_study_options(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("study")
     g.add_argument(
-        "--dataset", choices=sorted(CONFIGS), default="california", help="data set (default: california)"
+        "--dataset",
+        choices=sorted([*CONFIGS, "flights"]),
+        default="california",
+        help="data set (default: california; flights: nlis_jax.experiments.flights, needs the flights extra)",
     )
     g.add_argument(
         "--sizes",
@@ -137,7 +144,10 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         help="output folder for results.json and plots (default nlis_results)",
     )
     g.add_argument(
-        "--methods", type=_methods, help=f"comma list of schemes among {','.join(METHODS)} (default: all)"
+        "--methods",
+        type=_methods,
+        help=f"comma list of schemes among {','.join(METHODS)} (default: all); flights: "
+        "uniform,linear_leverage,pilot_leverage,refined_leverage,nonlinear_leverage,residual_leverage",
     )
     _add_overwrite(g)
     g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
@@ -238,6 +248,9 @@ def _add_run_parser(sub) -> None:
     _add_study_options(run)
     _add_training_options(run)
     _add_data_options(run)
+    from nlis_jax.experiments.flights import add_flights_arguments
+
+    add_flights_arguments(run)
 
 
 def _add_outliers_parser(sub, outliers_module) -> None:
@@ -372,6 +385,15 @@ def _write(args: argparse.Namespace, summary: dict) -> list[Path]:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import jax
 
+    from nlis_jax.experiments import flights
+
+    if args.dataset == "flights":
+        return flights.run_flights(args, argv)
+    given = [name for name in flights.FLIGHTS_ONLY_OPTIONS if getattr(args, name) is not None]
+    if given:
+        option = given[0].replace("_", "-")
+        print(f"nlis-jax run: error: --{option} needs --dataset flights.", file=sys.stderr)
+        return EXIT_USAGE
     if args.dataset in ("california", "synthetic"):
         jax.config.update("jax_enable_x64", True)  # float64 studies; set before any array exists
     from nlis_jax import experiments

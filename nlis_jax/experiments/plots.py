@@ -17,6 +17,7 @@ _STYLES = {
     "nonlinear_norm": ("tab:orange", "^", "-"),
     "pilot_leverage": ("tab:green", "v", "--"),
     "refined_leverage": ("tab:purple", "P", "--"),
+    "residual_leverage": ("tab:cyan", "X", "--"),
 }
 
 
@@ -131,3 +132,39 @@ def plot_study(summary: dict, out_dir: str | Path) -> list[Path]:
         paths.append(out / "accuracy.png")
         fig.savefig(paths[-1], dpi=120)
     return paths
+
+
+def plot_flights(summary: dict, path) -> Path:
+    """The flights study (:func:`nlis_jax.experiments.flights.run_flights_study`): ``L(θ_S)/L(θ*)`` on the
+    training data against the sample size, one panel per protocol (median and quartiles), the refit noise
+    floor shaded grey and the 5% line dashed. Writes ``path`` (PNG) and returns it."""
+    grids = summary["grids"]
+    fig = _figure(figsize=(5.2 * len(grids), 4.2))
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    floor = summary.get("noise_floor")
+    for ax, (protocol, grid) in zip(axes, grids.items(), strict=True):
+        for method, recs in grid.items():
+            color, marker, line = _STYLES.get(method, (None, "o", "-"))
+            sizes = [r["size"] for r in recs]
+            med = [r["ratio"]["median"] - 1 for r in recs]
+            ax.plot(sizes, med, line, color=color, marker=marker, label=method.replace("_", " "))
+            lo, hi = ([r["ratio"][q] - 1 for r in recs] for q in ("q25", "q75"))
+            ax.fill_between(sizes, lo, hi, color=color, alpha=0.15, linewidth=0)
+        if floor:
+            gap = max([abs(r - 1) for r in floor["ratio"]] + [1e-4])
+            ax.axhspan(1e-4, gap, color="grey", alpha=0.25, label="refit noise floor |L/L* − 1|")
+        same = (summary.get("same_steps_full_data") or {}).get(protocol)
+        if same and same["ratio"]["median"] > 1:
+            ax.axhline(same["ratio"]["median"] - 1, color="k", lw=1.2, label="full data, same recipe")
+        ax.axhline(0.05, color="k", lw=0.7, ls=":")
+        ax.set_xscale("log")
+        _plain_x(ax, [r["size"] for recs in grid.values() for r in recs])
+        ax.set_yscale("log")
+        ax.set_xlabel(f"sample size s (rows of n = {summary['n']:,})")
+        ax.set_ylabel("L(θ_S)/L(θ*) − 1 (training data)")
+        ax.set_title(f"flights, {summary['model']} (p = {summary['p']}): {protocol}", fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path

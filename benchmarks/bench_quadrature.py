@@ -1,0 +1,189 @@
+"""Adaptive quadrature (the default of ``nj.adjoint``) against the fixed 16-node Gauss-Legendre rule.
+
+Main model: the benchmark MLP of bench_adjoint.py (``8-32-32-1`` tanh with biases, ``p = 1377``,
+``n = 20,000``), where 16 nodes already suffice: the default must stay within 1.25x of the fixed rule.
+Correctness first: the adaptive adjoints agree with the fixed rule (max-norm relative, float64 1e-10,
+float32 1e-5) and satisfy the identity ``<f*, θ> + f(0) = f(θ)``. Timed: ``nj.adjoint(..., num_nodes=16)``
+compiled ahead (``jax.jit``), the adaptive default called eagerly as a user would (its first call holds
+the compilations; median of the steady state), and the adaptive default under a user's ``jax.jit`` (the
+traced, device-compacted scheme).
+
+Hard cases (float64, small ``n``), the issue's measurements of the fixed rule: ``sin(<θ, x>)`` with
+``|<θ, x>|`` up to 60, a tanh MLP with inputs ×25, a 2-layer ReLU MLP with biases, random small models
+(tanh, sigmoid, softplus, sin, bounded Swish; inputs up to ×5). For each: the identity error of the fixed
+rule and of the default, panels used (16 gradients each) and time.
+
+    python benchmarks/bench_quadrature.py                    # float64, the sizes above
+    python benchmarks/bench_quadrature.py --dtype float32
+    python benchmarks/bench_quadrature.py --n 256 --hard-n 8 --models 1   # smoke size
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import (
+    Compiled,
+    all_ok,
+    base_parser,
+    check,
+    environment,
+    max_rel_error,
+    report_failures,
+    time_eager,
+    write_record,
+)
+from bench_adjoint import MLP, identity_error, mlp_params
+
+import nlis_jax as nj
+from nlis_jax.experiments import nets
+
+NAME = "bench_quadrature"
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+HARD_MODELS = {
+    "tanh_x25": nets.mlp(jnp.tanh),
+    "relu_biases": nets.mlp(jax.nn.relu),
+    "sin_index": nets.single_index(jnp.sin),
+}
+RANDOM_ACTIVATIONS = {
+    "tanh": nets.mlp(jnp.tanh),
+    "sigmoid": nets.mlp(jax.nn.sigmoid),
+    "softplus": nets.mlp(jax.nn.softplus),
+    "sin": nets.mlp(jnp.sin),
+    "bounded_swish": nets.mlp(nj.bounded_swish),
+}
+
+
+def parse_args(argv):
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20_000, help="examples (benchmark MLP)")
+    parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case (>= 1 rep)")
+    parser.add_argument("--hard-n", type=int, default=200, help="examples per hard case")
+    parser.add_argument("--models", type=int, default=8, help="random small models per activation")
+    return parser.parse_args(argv)
+
+
+def eager_timing(call, *, reps: int, budget_s: float) -> dict:
+    """The first call (compilations included) and the median of the steady state of an eager call."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - t0
+    timing = time_eager(call, reps=reps, budget_s=budget_s).as_dict()
+    return timing | {"compile_s": max(0.0, first - timing["median_s"]), "first_call_s": first}
+
+
+def benchmark_mlp(args, dtype) -> dict:
+    kp, kx = jax.random.split(jax.random.key(args.seed))
+    params = mlp_params(kp, (8, 32, 32, 1), dtype)
+    xs = jax.random.normal(kx, (args.n, 8), dtype)
+    fixed = Compiled(lambda p, x: nj.adjoint(MLP, p, x, num_nodes=16, mode="reverse"), params, xs)
+    traced = Compiled(lambda p, x: nj.adjoint(MLP, p, x, mode="reverse"), params, xs)
+    ref = fixed()
+    adj, info = nj.adjoint(MLP, params, xs, mode="reverse", return_info=True)
+    tol = TOLERANCE[args.dtype]
+    checks = {
+        "adaptive_vs_fixed16_max_rel": check(max_rel_error(adj, ref), tol),
+        "traced_vs_eager_max_rel": check(max_rel_error(traced(), adj), tol),
+        "identity_max_rel": check(identity_error(MLP, params, xs, adj), tol),
+    }
+    record = {"p": int(adj.shape[1]), "checks": checks, "ok": all_ok(checks)}
+    record["refined_examples"] = int(np.sum(np.asarray(info.panels) > 1))
+    record["max_estimated_error"] = float(np.max(info.error))
+    if not record["ok"]:
+        return record
+    budget = dict(reps=args.reps, budget_s=args.budget)
+    timings = {
+        "fixed16": fixed.time(**budget).as_dict(),
+        "adaptive": eager_timing(lambda: nj.adjoint(MLP, params, xs, mode="reverse"), **budget),
+        "adaptive_traced": traced.time(**budget).as_dict(),
+    }
+    record["timings"] = timings
+    base = timings["fixed16"]["median_s"]
+    record["ratio_adaptive_to_fixed16"] = timings["adaptive"]["median_s"] / base
+    record["ratio_traced_to_fixed16"] = timings["adaptive_traced"]["median_s"] / base
+    return record
+
+
+def hard_cases(args) -> list[tuple[str, object, object, object]]:
+    """``(name, apply_fn, params, xs)`` of the issue's hard cases (float64)."""
+    key = jax.random.key(args.seed + 1)
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    n = args.hard_n
+    theta = jax.random.normal(k1, (8,))
+    xs = jax.random.normal(k2, (n, 8))
+    sin_xs = xs * (60.0 * jnp.linspace(1.0 / n, 1.0, n) / jnp.abs(xs @ theta))[:, None]  # |<θ, x>| <= 60
+    cases = [("sin_index", HARD_MODELS["sin_index"], theta, sin_xs)]
+    tanh_params = mlp_params(k3, (8, 32, 32, 1), jnp.float64)
+    cases.append(("tanh_x25", HARD_MODELS["tanh_x25"], tanh_params, 25 * xs))
+    relu = [layer | {"b": 5 * layer["b"]} for layer in mlp_params(k4, (8, 16, 16, 1), jnp.float64)]
+    cases.append(("relu_biases", HARD_MODELS["relu_biases"], relu, jax.random.normal(k5, (n, 8))))
+    return cases
+
+
+def random_models(args):
+    for name, model in RANDOM_ACTIVATIONS.items():
+        for i in range(args.models):
+            kp, kx, ks = jax.random.split(jax.random.key(1000 * args.seed + i), 3)
+            params = mlp_params(kp, (4, 8, 8, 1), jnp.float64)
+            params = jax.tree.map(lambda a: 2 * a, params)
+            scale = jax.random.uniform(ks, (), minval=1.0, maxval=5.0)
+            yield f"{name}_{i}", model, params, scale * jax.random.normal(kx, (max(4, args.hard_n // 10), 4))
+
+
+def measure_case(args, model, params, xs) -> dict:
+    fixed = nj.adjoint(model, params, xs, num_nodes=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", nj.QuadratureWarning)
+        adj, info = nj.adjoint(model, params, xs, return_info=True)
+    timing = eager_timing(lambda: nj.adjoint(model, params, xs), reps=args.reps, budget_s=args.budget)
+    panels = np.asarray(info.panels)
+    return {
+        "fixed16_identity": identity_error(model, params, xs, fixed),
+        "adaptive_identity": identity_error(model, params, xs, adj),
+        "max_estimated_error": float(np.max(info.error)),
+        "panels_mean": float(panels.mean()),
+        "panels_max": int(panels.max()),
+        "gradients_per_example": 16 + 18 * float(panels.mean() - 1),  # refined panels: 16 nodes + ends
+        "warnings": len(caught),
+        "median_s": timing["median_s"],
+    }
+
+
+def run_hard(args) -> dict:
+    with jax.enable_x64(True):
+        out = {name: measure_case(args, m, p, x) for name, m, p, x in hard_cases(args)}
+        rand = {name: measure_case(args, m, p, x) for name, m, p, x in random_models(args)}
+    summary = {
+        "count": len(rand),
+        "fixed16_missing_1e-9": sum(r["fixed16_identity"] > 1e-9 for r in rand.values()),
+        "fixed16_worst": max(r["fixed16_identity"] for r in rand.values()),
+        "adaptive_worst": max(r["adaptive_identity"] for r in rand.values()),
+        "panels_mean": float(np.mean([r["panels_mean"] for r in rand.values()])),
+    }
+    checks = {f"{k}_identity": check(v["adaptive_identity"], 1e-10) for k, v in out.items()}
+    checks["random_models_identity_worst"] = check(summary["adaptive_worst"], 1e-10)
+    return {"hard": out, "random_models": summary, "checks": checks}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with jax.enable_x64(args.dtype == "float64"):
+        dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
+        record = {"bench": NAME, "params": vars(args), "environment": environment()}
+        record["mlp"] = benchmark_mlp(args, dtype)
+    record |= run_hard(args)
+    record["checks"] = {**record["mlp"]["checks"], **record["checks"]}
+    record["ok"] = all_ok(record["checks"])
+    report_failures(record["checks"])
+    write_record(record, args.out, NAME, quiet=args.quiet)
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["ok"] else 1)

