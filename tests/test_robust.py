@@ -90,7 +90,8 @@ def test_half_precision_computes_in_float32_returns_input_dtype(dtype):
     assert nj.orthonormal_basis(F)[0].dtype == dtype
     f, params = _tanh_model()
     params = jax.tree.map(lambda a: a.astype(dtype), params)
-    streamed = nj.streaming_leverage_scores(f, params, jnp.asarray(F32[:, :3], dtype), chunk_size=8)
+    xs = jnp.asarray(F32[:, :3], dtype)  # a fixed rule: adaptive tolerances are not met in half precision
+    streamed = nj.streaming_leverage_scores(f, params, xs, chunk_size=8, num_nodes=16)
     assert streamed.dtype == dtype and abs(float(jnp.sum(streamed.astype(jnp.float32))) - 1) < 1e-2
 
 
