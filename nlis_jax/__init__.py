@@ -39,6 +39,7 @@ from nlis_jax._scores import orthonormal_basis as orthonormal_basis
 from nlis_jax._scores import uniform_scores as uniform_scores
 from nlis_jax._streaming import streaming_leverage_scores as streaming_leverage_scores
 from nlis_jax._streaming import streaming_norm_scores as streaming_norm_scores
+from nlis_jax._traced import traced_checks as traced_checks
 from nlis_jax._train import FitResult as FitResult
 from nlis_jax._train import NonFiniteLossError as NonFiniteLossError
 from nlis_jax._train import TrainState as TrainState
@@ -100,6 +101,7 @@ __all__ = [
     "single_index_adjoint",
     "streaming_leverage_scores",
     "streaming_norm_scores",
+    "traced_checks",
     "uniform_scores",
     "weighted_loss",
 ]

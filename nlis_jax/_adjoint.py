@@ -77,6 +77,11 @@ def num_examples(xs: PyTree, name: str = "xs") -> int:
     leaves = jax.tree.leaves(xs)
     if not leaves:
         raise ValueError(f"{name} is empty (no arrays).")
+    if isinstance(xs, (list, tuple)) and not any(hasattr(leaf, "shape") for leaf in leaves):
+        raise TypeError(
+            f"{name} is a Python {type(xs).__name__} of numbers, which JAX reads as a pytree of separate "
+            f"scalars; pass an array with examples first, e.g. jnp.asarray({name})."
+        )
     n = check_leading_axis(name, leaves[0])
     for leaf in leaves[1:]:
         check_same_length(name, n, f"another leaf of {name}", check_leading_axis(name, leaf))

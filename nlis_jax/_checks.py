@@ -3,7 +3,7 @@
 Shape checks always run (shapes are static, also under ``jax.jit``). Value checks (NaN/Inf, probabilities
 summing to one, ...) run where the inputs are concrete arrays and are skipped under tracing, so every public
 function also works inside a user's own ``jax.jit``; wrap a call in ``jax.experimental.checkify`` to keep
-value checks there.
+value checks there (inside ``nlis_jax.traced_checks()``, see :mod:`nlis_jax._traced`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlis_jax import _traced as traced
 from nlis_jax._fetch import check_auto_axes
 from nlis_jax._types import PyTree
 
@@ -38,7 +39,10 @@ def check_finite(name: str, tree: PyTree) -> None:
     """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
     for leaf in jax.tree.leaves(tree):
         check_auto_axes(name, leaf)
-        if not is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        if not is_concrete(leaf):
+            traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
             continue
         # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly;
         # one jitted reduction (one compile per shape) runs where the data lives, device or host.
@@ -56,6 +60,7 @@ def _count_negative(x):
 def check_nonnegative(name: str, x) -> None:
     """Raise ``ValueError`` if a concrete ``x`` has negative entries (skipped under tracing)."""
     if not is_concrete(x):
+        traced.check(jnp.all(jnp.asarray(x) >= 0), f"{name} must be non-negative.")
         return
     with jax.ensure_compile_time_eval():
         bad = int(_count_negative(jnp.asarray(x)))
@@ -128,6 +133,7 @@ def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int
     check_floating(name, probs)
     summary = probs_summary(probs)
     if summary is None:
+        check_traced_probs(probs, name)
         return shape[0]
     bad, neg, low, total, _ = summary
     if bad:
@@ -138,3 +144,14 @@ def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int
     if abs(total - 1.0) > tol:
         raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}).")
     return shape[0]
+
+
+def check_traced_probs(probs, name: str) -> None:
+    """The checks of :func:`check_probs` as ``checkify`` checks (inside ``nlis_jax.traced_checks``)."""
+    if not traced.enabled():
+        return
+    bad, neg, _, total, _ = _probs_summary(probs)
+    tol = 1e-3 if jnp.result_type(probs) == jnp.float32 else 1e-8
+    traced.check(bad == 0, f"{name} contains NaN or Inf.")
+    traced.check(neg == 0, f"{name} has negative entries.")
+    traced.check(jnp.abs(total - 1.0) <= tol, f"{name} must sum to 1 (tolerance {tol:g}).")

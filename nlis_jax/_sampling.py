@@ -31,13 +31,16 @@ from nlis_jax._types import Array, PRNGKey
 def _sample_with_replacement(key, probs, num_samples):
     n = probs.shape[0]
     idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=probs)
-    return idx, 1.0 / (num_samples * probs[idx])
+    # choice draws from probs / Σ probs; weights from the same normalised vector (a traced probs
+    # vector is not checked to sum to one)
+    return idx, jnp.sum(probs) / (num_samples * probs[idx])
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _sample_priority(key, probs, num_samples):
     n = probs.shape[0]
     tiny = jnp.finfo(probs.dtype).tiny
+    probs = jnp.where(probs >= tiny, probs, 0)  # denormals count as zero (flushed on most devices)
     u = jax.random.uniform(key, (n,), probs.dtype, minval=tiny, maxval=1.0)
     priority = probs / u
     k = min(num_samples + 1, n)
@@ -45,7 +48,8 @@ def _sample_priority(key, probs, num_samples):
     tau = top[num_samples] if num_samples < n else jnp.zeros((), probs.dtype)
     idx = idx[:num_samples]
     p = probs[idx]
-    return idx, jnp.maximum(1.0, tau / p)
+    # a zero-probability row is kept only when fewer than s rows are positive (traced probs): weight 0
+    return idx, jnp.where(p > 0, jnp.maximum(1.0, tau / jnp.where(p > 0, p, 1)), 0)
 
 
 def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True) -> tuple[Array, Array]:
@@ -111,6 +115,13 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
     if not 0 < beta <= 1:
         raise ValueError(f"beta must lie in (0, 1], got {beta}.")
     m = max(d / beta - 1.0, 1.0)
+    log_s = math.log(2.0 + 2.0 * epsilon / 3.0) - 2.0 * math.log(epsilon) + math.log(m)
+    log_s += math.log(math.log(2.0 * d / delta))
+    if log_s > math.log(2.0**62):
+        raise ValueError(
+            f"epsilon={epsilon:g} asks for about 10^{log_s / math.log(10):.0f} rows (more than 2^62); "
+            "choose a larger epsilon."
+        )
     return int(math.ceil((2.0 / epsilon**2 + 2.0 / (3.0 * epsilon)) * m * math.log(2.0 * d / delta)))
 
 

@@ -10,10 +10,13 @@ from the conditioning of the column-equilibrated Gram matrix (:mod:`nlis_jax.rou
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._checks import check_positive_int, check_probs, is_concrete
 from nlis_jax._types import Array
@@ -35,9 +38,44 @@ class Leverage(NamedTuple):
     route: Array
 
 
-def as_leverage(h: Array, rank: Array, route: Array, return_info: bool) -> Array | Leverage:
-    """Probabilities ``h / rank``, or the whole :class:`Leverage` with ``return_info``."""
+ALL_ZERO_MESSAGE = (
+    "the dual matrix is all zeros (rank 0), so leverage gives no distribution. Its adjoint columns are "
+    "zero, so the model does not depend on θ along the path tθ (constant model, all-zero parameters of a "
+    "bias-free ReLU network, every unit dead), and its last column f(0) − y is zero, so f(0) already "
+    "fits every point exactly. Check the model and params (or score with uniform_scores)."
+)
+
+
+def check_rank(rank: Array) -> None:
+    """Raise ``ValueError`` when a concrete rank (or effective dimension) is 0: all-zero input."""
+    if not is_concrete(rank):
+        traced.check(rank > 0, ALL_ZERO_MESSAGE)
+    elif not float(rank) > 0:
+        raise ValueError(ALL_ZERO_MESSAGE)
+
+
+def check_tolerances(rtol, ridge) -> None:
+    """``rtol`` in ``(0, 1)`` (or ``None``) and ``ridge`` finite and ``≥ 0``: ``ValueError`` otherwise."""
+    if rtol is not None and is_concrete(rtol) and not 0.0 < float(rtol) < 1.0:
+        raise ValueError(f"rtol must lie in (0, 1) (relative to the largest singular value), got {rtol}.")
+    if is_concrete(ridge) and not 0.0 <= float(ridge) < float("inf"):
+        raise ValueError(f"ridge must be non-negative and finite, got {ridge}.")
+
+
+def input_dtype(F) -> jnp.dtype:
+    """The floating dtype results are returned in: that of ``F`` (computed in float32 if lower)."""
+    return F.dtype if hasattr(F, "dtype") else jnp.asarray(F).dtype
+
+
+def as_leverage(h: Array, rank: Array, route: Array, return_info: bool, dtype=None) -> Array | Leverage:
+    """Probabilities ``h / rank``, or the whole :class:`Leverage` with ``return_info`` (in ``dtype``).
+
+    Raises ``ValueError`` (concrete ``rank`` 0: an all-zero matrix) instead of returning NaN.
+    """
+    check_rank(rank)
     probs = h / rank.astype(h.dtype)
+    if dtype is not None:
+        h, probs = h.astype(dtype), probs.astype(dtype)
     return Leverage(probs, h, rank, route) if return_info else probs
 
 
@@ -58,9 +96,12 @@ def orthonormal_basis(
       :data:`nlis_jax.routes.ROUTES`.
     """
     routes.check_route(route)
+    check_tolerances(rtol, 0.0)
     rows, _ = routes.as_rows(F)
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
-    return routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
+    U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
+    check_rank(rank)
+    return U.astype(input_dtype(F)), rank, taken
 
 
 def leverage_scores(
@@ -88,26 +129,32 @@ def leverage_scores(
       ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F``; or a :class:`Leverage`.
     """
     routes.check_route(route)
+    check_tolerances(rtol, ridge)
     rows, lead = routes.as_rows(F, check_values=ridge > 0)  # NaN/Inf: checked on the result below
-    if ridge < 0:
-        raise ValueError(f"ridge must be non-negative, got {ridge}.")
     if ridge > 0:
         h, eff_dim = routes.ridge_row_leverage(rows, jnp.asarray(ridge, rows.dtype), lead)
-        return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info)
+        return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info, input_dtype(F))
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
-    routes.raise_if_nonfinite("F", F, h)
-    return as_leverage(h, rank, taken, return_info)
+    routes.raise_if_nonfinite("F", F, h)  # before the rank test: NaN input is not an all-zero matrix
+    return as_leverage(h, rank, taken, return_info, input_dtype(F))
 
 
 def norm_scores(F: Array) -> Array:
     r"""Row-norm probabilities :math:`\|F_i\|^2 / \|F\|_F^2`; block Frobenius norms for ``(n, k, m)``."""
     rows, lead = routes.as_rows(F)
-    sq = routes.sum_per_example(jnp.sum(jnp.square(rows), axis=1), lead)
+    sq = _row_norms(rows, lead)
     total = jnp.sum(sq)
     if is_concrete(total) and not float(total) > 0:
         raise ValueError("norm_scores: F is all zeros, so row norms give no distribution.")
-    return sq / total
+    return (sq / total).astype(input_dtype(F))
+
+
+@functools.partial(jax.jit, static_argnames=("lead",))
+def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
+    """Squared (block) row norms of ``rows · 2^-e``, ``2^e`` near the max-abs: squares cannot overflow."""
+    _, e = jnp.frexp(jnp.max(jnp.abs(rows)))
+    return routes.sum_per_example(jnp.sum(jnp.square(jnp.ldexp(rows, -e.astype(jnp.int32))), axis=1), lead)
 
 
 def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> Array:

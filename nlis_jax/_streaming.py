@@ -31,7 +31,7 @@ from nlis_jax._checks import check_positive_int
 from nlis_jax._dual import dual_block
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import Leverage, as_leverage
+from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -67,7 +67,7 @@ def _chunked_dual_rows(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode)
         yc = None if ys_c is None else ys_c[i]
         block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
         block = block * valid[i].reshape((chunk,) + (1,) * (block.ndim - 1))
-        return block.reshape(chunk * k, p + 1)
+        return block.reshape(chunk * k, p + 1).astype(routes.compute_dtype(dtype))  # float32 if half
 
     return dual_rows, m, model
 
@@ -78,7 +78,7 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     dual_rows, m, model = _chunked_dual_rows(
         apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
     )
-    dim, dtype = model.theta.shape[0] + 1, model.theta.dtype
+    dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
 
     def gram_pass(M=None):
         def body(G, i):
@@ -146,6 +146,7 @@ def streaming_leverage_scores(
     check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
+    check_tolerances(rtol, 0.0)
     if is_host_data(xs, params):  # before check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)
@@ -158,13 +159,13 @@ def streaming_leverage_scores(
         params,
         xs,
         ys,
-        jnp.asarray(rtol, dtype),
+        jnp.asarray(rtol, routes.compute_dtype(dtype)),
         chunk_size=chunk_size,
         num_nodes=num_nodes,
         mode=mode,
         route=route,
     )
-    return as_leverage(h, rank, taken, return_info)
+    return as_leverage(h, rank, taken, return_info, dtype)
 
 
 def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, route, return_info, out):

@@ -40,6 +40,7 @@ from nlis_jax._checks import (
     check_nonnegative,
     check_positive_int,
     check_same_length,
+    is_concrete,
 )
 from nlis_jax._host import host_losses, is_host_data
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
@@ -230,6 +231,63 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     return n
 
 
+@jax.jit
+def _label_range(ys):
+    return jnp.min(ys), jnp.max(ys)
+
+
+def _check_labels(apply_fn, params, xs, ys, loss) -> None:
+    """Labels in range for the built-in classification losses (a concrete ``ys``), before any work.
+
+    ``"cross_entropy"``: integers in ``[0, k)``, ``k`` the number of logits; ``"logistic"``: labels in
+    ``[0, 1]``. Out of range they give NaN or a wrong loss, which ``fit`` would blame on the step size.
+    """
+    if loss not in ("cross_entropy", "logistic") or not is_concrete(ys) or jnp.size(ys) == 0:
+        return
+    if loss == "cross_entropy" and not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
+        return  # the loss itself names the wrong dtype
+    with jax.ensure_compile_time_eval():
+        low, high = (float(v) for v in _label_range(jnp.asarray(ys)))
+    if loss == "logistic":
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(
+                f'loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1), '
+                f"got values in [{low:g}, {high:g}]."
+            )
+        return
+    out = jax.eval_shape(apply_fn, params, jax.tree.map(lambda a: a[0], xs))
+    k = out.shape[-1] if out.shape else 1
+    if low < 0 or high >= k:
+        raise ValueError(
+            f'loss="cross_entropy": labels must be integers in [0, {k}) for the {k} logits of apply_fn, '
+            f"got values in [{low:g}, {high:g}]."
+        )
+
+
+def _check_optimizer_state(optimizer, params, opt_state) -> None:
+    """``optimizer.init``/``update`` work on ``params`` (traced by shape only), and ``opt_state``
+    (if given) has the structure, shapes and dtypes of ``optimizer.init(params)``."""
+    try:
+        expected = jax.eval_shape(optimizer.init, params)
+        jax.eval_shape(optimizer.update, params, expected, params)[1]
+    except Exception as err:
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); calling its "
+            f"init/update on params failed: {type(err).__name__}: {err}"
+        ) from err
+    if opt_state is None:
+        return
+    got, want = jax.tree.leaves(opt_state), jax.tree.leaves(expected)
+    same = jax.tree.structure(opt_state) == jax.tree.structure(expected) and all(
+        jnp.shape(a) == b.shape for a, b in zip(got, want, strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "opt_state does not match optimizer.init(params) (structure or shapes differ): it comes "
+            "from another optimizer or other params; pass the opt_state of a FitResult of this optimizer."
+        )
+
+
 def weighted_loss(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -272,6 +330,7 @@ def weighted_loss(
     if is_host_data(xs, params):  # numpy, memmap, chunk source: to the device one chunk at a time
         return _host_loss(apply_fn, loss_fn, params, xs, ys, weights, chunk_size, per_example=False)
     _check_data(params, xs, ys, weights)
+    _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     weights = None if weights is None else jnp.asarray(weights)
     return _weighted_sum_jit(
@@ -307,6 +366,7 @@ def per_example_loss(
     if is_host_data(xs, params):
         return _host_loss(apply_fn, loss_fn, params, xs, ys, None, chunk_size, per_example=True)
     _check_data(params, xs, ys, None)
+    _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     return _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
 
@@ -540,6 +600,8 @@ def fit(
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)
+    _check_labels(apply_fn, params, xs, ys, loss)
+    _check_optimizer_state(optimizer, params, opt_state)
     plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)
     params = jax.tree.map(jnp.asarray, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))

@@ -25,6 +25,8 @@ from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, shrink
 
 #: Exit code for a usage error or a missing data set (argparse's convention).
 EXIT_USAGE = 2
+#: Exit code after Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_INTERRUPTED = 130
 
 _EPILOG = """\
 examples:
@@ -148,6 +150,7 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         help=f"comma list of schemes among {','.join(METHODS)} (default: all); flights: "
         "uniform,linear_leverage,pilot_leverage,refined_leverage,nonlinear_leverage,residual_leverage",
     )
+    _add_overwrite(g)
     g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g.add_argument(
@@ -155,6 +158,14 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="keep jax's compiled programs in DIR (persistent compilation cache): a repeated run with the "
         "same shapes skips compilation (opt-in; off by default)",
+    )
+
+
+def _add_overwrite(parser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into --out even if it holds an earlier run (default: a fresh sub-folder run-N)",
     )
 
 
@@ -260,9 +271,9 @@ def _add_outliers_parser(sub, outliers_module) -> None:
     )
     out.add_argument("--seed", type=int, default=None, help="PRNG seed (default 0)")
     out.add_argument("--out", default="nlis_outliers", help="output folder (default nlis_outliers)")
+    _add_overwrite(out)
     if outliers_module is not None and hasattr(outliers_module, "add_arguments"):
         outliers_module.add_arguments(out)  # the study's own options (skips --seed/--out, defined above)
-    out.epilog = "Options not listed here are passed on to the study's run(args) as args.extra."
 
 
 def _add_active_parser(sub) -> None:
@@ -274,6 +285,7 @@ def _add_active_parser(sub) -> None:
         description="Active-learning study (nlis_jax.experiments.active): L(θ)/L(θ*) against labels.",
     )
     add_active_arguments(active)
+    _add_overwrite(active)
 
 
 def _add_score_parser(sub) -> None:
@@ -304,6 +316,12 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
     _add_active_parser(sub)
     _add_score_parser(sub)
     return parser
+
+
+def _data_errors() -> tuple[type, ...]:
+    from nlis_jax.experiments.datasets import DatasetCorruptError
+
+    return (DatasetCorruptError,)
 
 
 #: The module of the outlier study, imported on demand.
@@ -421,14 +439,64 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if problem is None:
         return EXIT_USAGE
     load_s = time.perf_counter() - t0
+    try:
+        _check_sizes(config, problem.n)
+    except ValueError as exc:
+        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     key = jax.random.key(args.seed)
-    result = experiments.run_study(key, config, problem=problem, progress=not args.no_progress)
+    try:
+        result = experiments.run_study(key, config, problem=problem, progress=not args.no_progress)
+    except experiments.StudyInterrupted as stop:
+        summary = dict(stop.summary, seed=args.seed, argv=list(argv), load_s=load_s)
+        args.no_plots = True
+        written = _write(args, summary)
+        print(f"nlis-jax run: interrupted; finished cells written to {written[0]}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     summary = dict(result.summary, seed=args.seed, argv=list(argv), load_s=load_s)
     summary["wall_s"] = time.perf_counter() - t0
     written = _write(args, summary)
     print(experiments.format_table(summary))
     print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _check_sizes(config, n: int) -> None:
+    """``ValueError`` (a usage error) when a sample size of ``config`` asks for more than ``n`` rows."""
+    from nlis_jax.experiments.configs import resolve_size, resolve_sizes
+
+    resolve_sizes(config.sizes, n)
+    for name in ("pilot_size", "timing_size"):
+        value = getattr(config, name, None)
+        if value is not None:
+            resolve_size(value, n)
+
+
+def prepare_out(out: str, overwrite: bool) -> Path:
+    """The output folder, checked before any work (created only when results are written).
+
+    An existing file (or a file where a parent folder should be), or a place this user cannot write,
+    raises ``ValueError``. A folder that already holds files gets a fresh sub-folder ``run-N`` (the
+    first free ``N``) unless ``overwrite``, so an earlier run's results are never overwritten silently.
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        n = 1
+        while (path / f"run-{n}").exists():
+            n += 1
+        path = path / f"run-{n}"
+        note = f"nlis-jax: {out} holds an earlier run; writing to {path} (--overwrite: into {out})"
+        print(note, file=sys.stderr)
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing} (permission denied).")
+    return path
 
 
 def _outliers(args: argparse.Namespace, outliers) -> int:
@@ -452,15 +520,35 @@ def _outliers(args: argparse.Namespace, outliers) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nlis-jax`` console script; returns the exit code."""
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     outliers = _load_outliers() if command == "outliers" else None
     parser = build_parser(outliers)
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "outliers":
-        args.extra = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)  # unknown options are usage errors on every subcommand
+    args.extra = []
+    try:
+        args.out = str(prepare_out(args.out, args.overwrite))
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        code = _dispatch(parser, args, argv, outliers)
+    except KeyboardInterrupt:
+        print(f"nlis-jax {args.command}: interrupted.", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except _data_errors() as exc:
+        print(f"nlis-jax {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if code == EXIT_INTERRUPTED and from_console:
+        # results are written: skip the interpreter teardown, which can race XLA's compiler threads
+        # still running after a Ctrl-C during compilation
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return code
+
+
+def _dispatch(parser, args: argparse.Namespace, argv: list[str], outliers) -> int:
     if args.command == "run":
         return _run(args, argv)
     if args.command == "outliers":

@@ -99,7 +99,39 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
     check_floating(name, F)
     if check_values:
         check_finite(name, F)
-    return F.reshape(-1, F.shape[-1]), F.shape[:-1]
+    return F.reshape(-1, F.shape[-1]).astype(compute_dtype(F.dtype)), F.shape[:-1]
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float32 for half precision (float16, bfloat16: no LAPACK kernels, too few digits), else ``dtype``."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def prescale_columns(A: Array) -> Array:
+    """``A`` with each column multiplied by the power of two that brings its max-abs into ``[0.5, 1)``.
+
+    Exact (only exponents change) and leaves ``range(A)`` unchanged, so leverage is too; it keeps the
+    Gram matrix and the column norms of :func:`equilibrate` from overflowing (a column ``×1e154`` in
+    float64) or underflowing (``×1e-160``) when squared. Zero columns stay zero.
+    """
+    _, e = jnp.frexp(jnp.max(jnp.abs(A), axis=0))
+    return jnp.ldexp(A, -e[None, :].astype(jnp.int32))
+
+
+def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Array]:
+    """:func:`basis` of a prescaled ``(n, m)`` row matrix with fewer rows than columns (``n < m``).
+
+    ``range(A) ⊆ Rⁿ``, so no ``m × m`` Gram matrix is formed: ``A D⁻¹ = W S Vᵀ`` (thin SVD, ``O(n²m)``)
+    and ``U = W`` over the singular values above ``rtol · s_max``, padded with zero columns to ``m``
+    (rank ``≤ n``; ``n`` independent rows have leverage 1 each). Reported as route ``"stable"``.
+    """
+    n, m = A.shape
+    norms = jnp.linalg.norm(A, axis=0)
+    W, s, _ = jnp.linalg.svd(A / jnp.where(norms > 0, norms, 1)[None, :], full_matrices=False)
+    keep = s > rtol * s[0]
+    U = jnp.pad(W * keep[None, :], ((0, 0), (0, m - n)))
+    out = jnp.sum(jnp.square(U), axis=1) if row_norms else U
+    return out, jnp.sum(keep).astype(jnp.int32), jnp.asarray(ROUTES.index("stable"), jnp.int32)
 
 
 def gram_is_finite(G: Array) -> Array:
@@ -267,11 +299,15 @@ def basis(
 ) -> tuple[Array, Array, Array]:
     """``(U, rank, route)`` of an ``(n, m)`` row matrix, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
 
-    ``route=None`` chooses from ``κ``; a name forces that route. In float64 the stable route forms the
+    ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
+    :func:`wide_basis`). In float64 the stable route forms the
     Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``); in lower precision the input's own
     rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
     more on a CPU) followed by one CholeskyQR step is as good.
     """
+    A = prescale_columns(A)
+    if A.shape[0] < A.shape[1]:
+        return wide_basis(A, rtol, row_norms)
     G = gram(A)
     dec = decide(G, route)
 
@@ -338,6 +374,10 @@ def row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None
 @highest_precision
 def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array]:
     """Ridge leverage of the rows of ``A`` summed per example, and the effective dimension ``Σ h``."""
+    # A (AᵀA + λI)⁻¹ Aᵀ = (cA)((cA)ᵀ(cA) + c²λI)⁻¹(cA)ᵀ: one power of two c for the whole matrix
+    # (the ridge fixes a scale, so columns cannot be scaled apart) keeps AᵀA from overflowing
+    _, e = jnp.frexp(jnp.max(jnp.abs(A)))
+    A, ridge = jnp.ldexp(A, -e), jnp.ldexp(ridge, -2 * e)
     M, _ = ridge_transform(gram(A), ridge)
     h = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     return h, jnp.sum(h)

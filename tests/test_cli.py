@@ -148,10 +148,14 @@ def test_outliers_help_lists_the_study_options(capsys):
     assert "--seed" in text and "--out" in text and "--flip-fraction" in text
 
 
-def test_outliers_delegates_to_module(monkeypatch):
+def test_outliers_delegates_to_module(monkeypatch, tmp_path):
     seen = {}
     fake = types.ModuleType("nlis_jax.experiments.outliers")
     fake.run = lambda args: seen.setdefault("args", args) and 0
+    fake.add_arguments = lambda parser: parser.add_argument("--top", type=int)
     monkeypatch.setitem(sys.modules, "nlis_jax.experiments.outliers", fake)
-    assert cli.main(["outliers", "--seed", "5", "--top", "10"]) == 0
-    assert seen["args"].seed == 5 and seen["args"].extra == ["--top", "10"]
+    assert cli.main(["outliers", "--seed", "5", "--top", "10", "--out", str(tmp_path / "o")]) == 0
+    assert seen["args"].seed == 5 and seen["args"].top == 10 and seen["args"].extra == []
+    with pytest.raises(SystemExit) as info:  # unknown options are usage errors (no silent extras)
+        cli.main(["outliers", "--flip-fration", "0.3"])
+    assert info.value.code == 2

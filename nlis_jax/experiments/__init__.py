@@ -42,7 +42,7 @@ from nlis_jax.experiments.configs import (
 from nlis_jax.experiments.kernels import compile_stats
 from nlis_jax.experiments.problems import Problem, make_optimizer, make_problem, single_index_model
 from nlis_jax.experiments.report import format_table, quantiles, steps_to_converge, steps_to_loss
-from nlis_jax.experiments.runner import StudyResult, run_study
+from nlis_jax.experiments.runner import StudyInterrupted, StudyResult, run_study
 from nlis_jax.experiments.study import (
     FullFit,
     draw,
@@ -86,6 +86,7 @@ __all__ = [
     "resolve_size",
     "resolve_sizes",
     "run_study",
+    "StudyInterrupted",
     "score",
     "score_batch",
     "shrink",

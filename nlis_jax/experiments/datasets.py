@@ -108,6 +108,13 @@ class DatasetNotFoundError(FileNotFoundError):
     """
 
 
+class DatasetCorruptError(ValueError):
+    """A data file is on disk but unreadable (truncated download, corrupt cache).
+
+    The message names the file and how to fix it (delete it so that it is fetched again).
+    """
+
+
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
@@ -185,42 +192,42 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         try:
             buf = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(
+            raise DatasetCorruptError(
                 f"{path}: corrupt or truncated gzip stream ({exc}); delete the file and fetch it again."
             ) from None
     else:
         buf = raw
     if len(buf) < 4:
-        raise ValueError(f"{path}: too short for an IDX file ({len(buf)} bytes; header needs 4+).")
+        raise DatasetCorruptError(f"{path}: too short for an IDX file ({len(buf)} bytes; header needs 4+).")
     if buf[0] != 0 or buf[1] != 0:
-        raise ValueError(
+        raise DatasetCorruptError(
             f"{path}: bad IDX magic number 0x{buf[:4].hex()} (must start with two zero bytes); "
             "not an IDX file."
         )
     code, ndim = buf[2], buf[3]
     if code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise ValueError(f"{path}: unknown IDX data type code 0x{code:02X} (known: {known}).")
+        raise DatasetCorruptError(f"{path}: unknown IDX data type code 0x{code:02X} (known: {known}).")
     if ndim < 1:
-        raise ValueError(f"{path}: IDX header declares {ndim} dimensions; need at least 1.")
+        raise DatasetCorruptError(f"{path}: IDX header declares {ndim} dimensions; need at least 1.")
     header = 4 + 4 * ndim
     if len(buf) < header:
-        raise ValueError(
+        raise DatasetCorruptError(
             f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, file has {len(buf)}."
         )
     dims = tuple(int(v) for v in np.frombuffer(buf, dtype=">i4", count=ndim, offset=4))
     if any(v < 0 for v in dims):
-        raise ValueError(f"{path}: negative dimension in IDX header {dims}.")
+        raise DatasetCorruptError(f"{path}: negative dimension in IDX header {dims}.")
     dt = _IDX_DTYPES[code]
     count = int(np.prod(dims, dtype=np.int64))
     expected = header + count * dt.itemsize
     if len(buf) < expected:
-        raise ValueError(
+        raise DatasetCorruptError(
             f"{path}: truncated IDX file: header says shape {dims} of {dt.newbyteorder('=')} "
             f"({expected} bytes), but the file has {len(buf)} bytes."
         )
     if len(buf) > expected:
-        raise ValueError(
+        raise DatasetCorruptError(
             f"{path}: IDX file has {len(buf) - expected} unexpected trailing bytes after shape "
             f"{dims} of {dt.newbyteorder('=')}; the file is corrupt."
         )
@@ -501,6 +508,13 @@ def load_fashion_mnist(
 # ----------------------------------------------------------------------------------------------
 
 
+def _corrupt_cache_message(path: Path, exc: BaseException) -> str:
+    return (
+        f"{path}: the cached data file is truncated or corrupt ({type(exc).__name__}: {exc}). "
+        f"Delete it (rm {path}) and run again: it is downloaded afresh (or copy a good copy there)."
+    )
+
+
 def load_california(
     *,
     data_home: str | os.PathLike | None = None,
@@ -551,6 +565,8 @@ def load_california(
             "  * copy an existing cal_housing_py3.pkz into a folder and pass data_home=<folder> "
             "or set SCIKIT_LEARN_DATA=<folder>."
         ) from None
+    except Exception as exc:  # a truncated or corrupt cache: EOFError, pickle/zlib/KeyError, ...
+        raise DatasetCorruptError(_corrupt_cache_message(where / "cal_housing_py3.pkz", exc)) from None
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target, dtype=np.float64)
     names = tuple(bunch.feature_names)

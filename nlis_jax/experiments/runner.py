@@ -173,9 +173,16 @@ def _practical_fits(run: _Run, size: int, pilot_probs, pilot_cost: float) -> dic
     return fits
 
 
-def _run_grid(run: _Run, shared: tuple[dict, dict], pilot, bar) -> _Grid:
-    """Every scheme at every size: draw ``R`` samples, fit them, evaluate on the full data."""
-    grid = _Grid(run)
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the grid of :func:`run_study`; ``summary`` holds the finished cells (``partial``)."""
+
+    def __init__(self, summary: dict):
+        super().__init__("study interrupted")
+        self.summary = summary
+
+
+def _run_grid(run: _Run, shared: tuple[dict, dict], pilot, bar, grid: _Grid) -> _Grid:
+    """Every scheme at every size: draw ``R`` samples, fit them, evaluate on the full data (into ``grid``)."""
     shared_probs, shared_s = shared
     for i, size in enumerate(run.sizes):
         practical = None
@@ -275,6 +282,9 @@ def run_study(
         ``test_accuracy`` (classification), ``score_s`` / ``sample_s`` / ``train_s`` per repeat (the
         vmapped wall time divided by ``R``) and ``max_rel_change`` (convergence of the sample fits)),
         ``timing`` (:func:`compare_wall_time`, when ``config.timing_size``) and ``compile``.
+
+    Raises:
+        StudyInterrupted: on Ctrl-C during the grid, with the summary of the finished cells.
     """
     problem = make_problem(config) if problem is None else problem
     sizes = resolve_sizes(config.sizes, problem.n)
@@ -292,7 +302,13 @@ def run_study(
     if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
         pilot = _pilot(k_pilot, run)
         score_s["pilot_leverage"] = pilot[1]
-    grid = _run_grid(run, (probs, score_s), pilot, bar)
+    grid = _Grid(run)
+    try:
+        _run_grid(run, (probs, score_s), pilot, bar, grid)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        raise StudyInterrupted(dict(_summary(run, grid, score_s, None, compile0), partial=True)) from None
     if bar is not None:
         bar.close()
     timing = None

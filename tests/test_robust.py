@@ -1,0 +1,339 @@
+"""Issue 7: every shape, every scale, no silent NaN, losses and the trainer, checkify, the command line.
+
+One test (or a parametrised few) per defect; each asserts against a closed form (leverage of ``n``
+independent rows is 1 each; leverage is invariant under column scaling) or an exact message.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.experimental import checkify
+
+import nlis_jax as nj
+from nlis_jax import cli
+
+DTYPES = (jnp.float32, jnp.float64)
+# Tolerances: leverage of a well-conditioned (cond < 10) 6-column matrix moves by ~m·eps·κ.
+RTOL = {jnp.float32: 2e-5, jnp.float64: 1e-12}
+
+
+def _matrix(n, m, dtype, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, m)).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Every shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fewer_rows_than_columns_every_leverage_is_one(dtype):
+    F = _matrix(4, 9, dtype)
+    info = nj.leverage_scores(F, return_info=True)
+    assert int(info.rank) == 4 and info.probs.dtype == dtype
+    np.testing.assert_allclose(info.leverage, 1.0, rtol=RTOL[dtype] * 10)
+    U, rank, _ = nj.orthonormal_basis(F)
+    assert U.shape == (4, 9) and int(rank) == 4
+    np.testing.assert_allclose(U @ U.T, np.eye(4), atol=RTOL[dtype] * 10)
+    # two rows, each leverage 1: sampled with weight 2 the distortion is exactly 1 (eigenvalues 2-1, 0-1)
+    eps = nj.distortion(F, jnp.array([0, 1]), jnp.array([2.0, 2.0], dtype))
+    np.testing.assert_allclose(float(eps), 1.0, rtol=RTOL[dtype] * 10)
+
+
+def test_fewer_rows_rank_deficient():
+    F = _matrix(5, 9, np.float64)
+    F[3] = F[0] + F[1]
+    F[4] = 2 * F[2]  # rank 3: rank ≤ min(n, m)
+    info = nj.leverage_scores(F, return_info=True)
+    assert int(info.rank) == 3
+    np.testing.assert_allclose(np.sum(info.leverage), 3.0, rtol=1e-12)
+
+
+def _tanh_model():
+    def f(th, x):
+        return jnp.tanh(x @ th["w"]) @ th["v"]
+
+    params = {"w": jnp.full((3, 4), 0.3), "v": jnp.full(4, 0.5)}
+    return f, params
+
+
+def test_projection_dim_above_n_is_exact():
+    f, _ = _tanh_model()
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4))), "v": jnp.asarray(rng.normal(size=4))}
+    xs = _matrix(6, 3, np.float64)  # n = 6 < dim = 10 < p + 1 = 17: rank n, every leverage 1
+    info = nj.projected_leverage_scores(jax.random.key(0), f, params, xs, dim=10, return_info=True)
+    assert int(info.rank) == 6
+    np.testing.assert_allclose(info.probs, nj.leverage_scores(nj.dual_matrix(f, params, xs)), rtol=1e-10)
+
+
+def test_xs_python_list_says_what_is_wrong():
+    f, params = _tanh_model()
+    with pytest.raises(TypeError, match=r"Python list of numbers.*jnp.asarray\(xs\)"):
+        nj.dual_matrix(f, params, _matrix(6, 3, np.float32).tolist())
+
+
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16))
+def test_half_precision_computes_in_float32_returns_input_dtype(dtype):
+    F32 = _matrix(30, 4, np.float32)
+    F = jnp.asarray(F32, dtype)
+    probs = nj.leverage_scores(F)
+    assert probs.dtype == dtype
+    ref = nj.leverage_scores(np.asarray(F.astype(jnp.float32)))  # same rounded input, in float32
+    np.testing.assert_allclose(np.asarray(probs, np.float32), ref, rtol=1e-2)  # output rounding only
+    assert nj.norm_scores(F).dtype == dtype
+    assert nj.orthonormal_basis(F)[0].dtype == dtype
+    f, params = _tanh_model()
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    xs = jnp.asarray(F32[:, :3], dtype)  # a fixed rule: adaptive tolerances are not met in half precision
+    streamed = nj.streaming_leverage_scores(f, params, xs, chunk_size=8, num_nodes=16)
+    assert streamed.dtype == dtype and abs(float(jnp.sum(streamed.astype(jnp.float32))) - 1) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Every scale, and never a NaN probability
+
+COLUMN_SCALES = [(jnp.float32, 1e18), (jnp.float32, 1e-20), (jnp.float64, 1e154), (jnp.float64, 1e-160)]
+
+
+@pytest.mark.parametrize(("dtype", "scale"), COLUMN_SCALES)
+def test_column_scale_does_not_change_leverage(dtype, scale):
+    F = _matrix(50, 6, dtype)
+    ref = nj.leverage_scores(F, return_info=True)
+    G = F.copy()
+    G[:, 2] *= dtype(scale)
+    got = nj.leverage_scores(G, return_info=True)
+    assert int(got.rank) == int(ref.rank) == 6
+    np.testing.assert_allclose(got.probs, ref.probs, rtol=RTOL[dtype])
+
+
+WHOLE_SCALES = [(jnp.float32, 1e18), (jnp.float32, 1e-18), (jnp.float64, 1e154), (jnp.float64, 1e-300)]
+
+
+@pytest.mark.parametrize(("dtype", "scale"), WHOLE_SCALES)
+def test_whole_matrix_scale_gives_valid_probabilities(dtype, scale):
+    F = _matrix(50, 6, dtype)
+    G = F * dtype(scale)
+    np.testing.assert_allclose(nj.leverage_scores(G), nj.leverage_scores(F), rtol=RTOL[dtype])
+    np.testing.assert_allclose(nj.norm_scores(G), nj.norm_scores(F), rtol=RTOL[dtype])
+
+
+def test_ridge_leverage_at_extreme_scale():
+    F = _matrix(40, 5, np.float64)
+    ref = nj.leverage_scores(F, ridge=3.0)
+    for j in (500, -500):  # ridge leverage of cF with c²λ equals that of F with λ (c a power of two)
+        got = nj.leverage_scores(np.ldexp(F, j), ridge=float(np.ldexp(3.0, 2 * j)))
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_all_zero_dual_is_a_clear_error():
+    def constant(th, x):  # does not depend on θ; f(0) = y = 0 on every point
+        return 0.0 * jnp.sum(th) * jnp.sum(x)
+
+    F = nj.dual_matrix(constant, jnp.ones(3), jnp.ones((5, 2)), jnp.zeros(5))
+    for fn in (nj.leverage_scores, nj.orthonormal_basis, lambda F: nj.leverage_scores(F, ridge=1.0)):
+        with pytest.raises(ValueError, match=r"all zeros.*does not depend on θ.*fits every point"):
+            fn(F)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rtol": float("nan")}, "rtol must lie in"),
+        ({"rtol": 1.5}, "rtol must lie in"),
+        ({"rtol": 0.0}, "rtol must lie in"),
+        ({"ridge": float("nan")}, "ridge must be non-negative and finite"),
+        ({"ridge": float("inf")}, "ridge must be non-negative and finite"),
+    ],
+)
+def test_bad_tolerances_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nj.leverage_scores(_matrix(10, 3, np.float64), **kwargs)
+
+
+def test_without_replacement_zero_and_denormal_probabilities_no_nan():
+    probs = jnp.array([0.5, 0.5 - 1e-310, 1e-310, 0.0])
+    idx, w = nj.sample(jax.random.key(0), probs, 2, replace=False)
+    assert set(np.asarray(idx)) == {0, 1} and np.all(np.isfinite(w))
+    # traced probs skip the value checks: asking for more rows than are positive gives weight 0, not NaN
+    idx, w = jax.jit(lambda k, p: nj.sample(k, p, 4, replace=False))(jax.random.key(1), probs)
+    assert np.all(np.isfinite(w)) and np.all(np.asarray(w)[np.asarray(idx) >= 2] == 0)
+
+
+def test_sample_size_tiny_epsilon_is_a_clear_error():
+    with pytest.raises(ValueError, match="choose a larger epsilon"):
+        nj.sample_size(1e-300, 0.1, 3)
+    assert nj.sample_size(1e-4, 0.1, 3) > 1e8  # still a (correct) large number
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Losses and the trainer
+
+
+def _softmax(th, x):
+    return x @ th
+
+
+FIT = {"optimizer": optax.sgd(0.1), "num_steps": 2}
+
+
+def test_cross_entropy_labels_out_of_range():
+    xs, params = jnp.ones((5, 3)), jnp.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 4\).*\[0, 4\]"):
+        nj.fit(_softmax, params, xs, jnp.arange(5), **FIT, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 4\)"):
+        nj.weighted_loss(_softmax, params, xs, -jnp.ones(5, jnp.int32), loss="cross_entropy")
+
+
+def test_logistic_labels_outside_the_two_classes():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        ys = jnp.array([0, 1, 2, 1.0])
+        nj.per_example_loss(lambda th, x: x @ th, jnp.zeros(3), jnp.ones((4, 3)), ys, loss="logistic")
+
+
+def test_optimizer_that_is_not_a_transformation():
+    xs, ys = jnp.ones((4, 3)), jnp.zeros(4)
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        nj.fit(lambda th, x: x @ th, jnp.zeros(3), xs, ys, optimizer=optax.sgd, num_steps=2)
+    broken = optax.GradientTransformation(lambda p: None, lambda g, s, p=None: None)
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        nj.fit(lambda th, x: x @ th, jnp.zeros(3), xs, ys, optimizer=broken, num_steps=2)
+
+
+def test_opt_state_from_another_optimizer():
+    xs, ys, params = jnp.ones((4, 3)), jnp.zeros(4), jnp.zeros(3)
+    with pytest.raises(ValueError, match="opt_state does not match"):
+        nj.fit(
+            lambda th, x: x @ th,
+            params,
+            xs,
+            ys,
+            optimizer=optax.sgd(0.1),
+            num_steps=2,
+            opt_state=optax.adam(0.1).init(params),
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Inside a user's jit
+
+
+def _draw(key, F):
+    with nj.traced_checks():
+        return nj.sample(key, nj.leverage_scores(F), 8)
+
+
+def test_checkify_reports_value_errors_under_jit():
+    checked = jax.jit(checkify.checkify(_draw, errors=checkify.user_checks))
+    F = _matrix(20, 3, np.float64)
+    err, (idx, w) = checked(jax.random.key(0), F)
+    assert err.get() is None and idx.shape == (8,)
+    bad = F.copy()
+    bad[0, 0] = np.nan
+    assert "F contains NaN or Inf" in checked(jax.random.key(0), bad)[0].get()
+    assert "all zeros" in checked(jax.random.key(0), 0 * F)[0].get()
+
+    def draw_probs(key, p):
+        with nj.traced_checks():
+            return nj.sample(key, p, 4)
+
+    checked = jax.jit(checkify.checkify(draw_probs, errors=checkify.user_checks))
+    assert "must sum to 1" in checked(jax.random.key(0), jnp.ones(4))[0].get()
+    assert "negative" in checked(jax.random.key(0), jnp.array([-0.5, 1.5]))[0].get()
+    with pytest.raises(Exception, match="checkify"):  # without checkify.checkify: refused, documented
+        jax.jit(_draw)(jax.random.key(0), F)
+
+
+def test_traced_sample_weights_use_the_normalised_vector():
+    probs = jnp.array([0.8, 1.2])  # sums to 2: choice draws from [0.4, 0.6]
+    idx, w = jax.jit(lambda k, p: nj.sample(k, p, 4))(jax.random.key(0), probs)
+    np.testing.assert_allclose(w, 2.0 / (4 * np.asarray(probs)[np.asarray(idx)]), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The command line
+
+TINY = ["run", "--dataset", "synthetic", "--n", "120", "--d", "3", "--repeats", "2", "--steps", "20"]
+TINY += ["--methods", "uniform,linear_leverage", "--timing-size", "none", "--no-plots", "--no-progress"]
+
+
+@pytest.mark.parametrize("command", ["run", "outliers", "active"])
+def test_unknown_options_are_usage_errors(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--flip-fration", "0.3"])
+    assert info.value.code == 2 and "unrecognized arguments: --flip-fration" in capsys.readouterr().err
+
+
+def test_out_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    from nlis_jax import experiments
+
+    monkeypatch.setattr(experiments, "make_problem", lambda *a: pytest.fail("work started"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([*TINY, "--sizes", "10", "--out", str(out)])
+        assert info.value.code == 2 and "not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "keep"
+
+
+def test_earlier_results_are_never_overwritten(tmp_path):
+    out = tmp_path / "res"
+    assert cli.prepare_out(str(out), False) == out  # fresh: used as is (not created yet)
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert cli.prepare_out(str(out), False) == out / "run-1"
+    (out / "run-1").mkdir()
+    assert cli.prepare_out(str(out), False) == out / "run-2"
+    assert cli.prepare_out(str(out), True) == out
+
+
+def test_sizes_above_n_is_a_usage_error(tmp_path, capsys):
+    assert cli.main([*TINY, "--sizes", "500", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "more than n = 120" in err and "Traceback" not in err
+
+
+def test_corrupt_cache_names_the_file_exit_2(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    (tmp_path / "cal_housing_py3.pkz").write_bytes(b"\x78\x9c" + b"\x00" * 300)  # not a valid cache
+    code = cli.main(["run", "--data-home", str(tmp_path), "--no-download", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cal_housing_py3.pkz" in err and "truncated or corrupt" in err and "rm " in err
+
+
+def test_ctrl_c_writes_finished_cells_exit_130(tmp_path, monkeypatch, capsys):
+    from nlis_jax.experiments import runner
+
+    real, calls = runner._draw_and_fit, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_draw_and_fit", interrupt_second)
+    out = tmp_path / "o"
+    assert cli.main([*TINY, "--sizes", "10,20", "--out", str(out)]) == 130
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["partial"] is True
+    assert [len(summary["methods"][m]["results"]) for m in ("uniform", "linear_leverage")] == [1, 0]
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_grid_exit_130(tmp_path, monkeypatch, capsys):
+    from nlis_jax import experiments
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "make_problem", interrupt)
+    assert cli.main([*TINY, "--sizes", "10", "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "nlis-jax run: interrupted." in err and "Traceback" not in err
