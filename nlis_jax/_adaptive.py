@@ -288,6 +288,10 @@ def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth
     return lax.while_loop(lambda c: jnp.any(c[1]), body, (state, remaining))[0]
 
 
+#: :func:`_traced` compiled on its own, for global arrays that span several processes.
+_traced_jit = jax.jit(_traced, static_argnames=("g", "check", "chunk", "max_panels", "depth", "bucket"))
+
+
 def _num_examples(data: PyTree) -> int:
     return jax.tree.leaves(data)[0].shape[0]
 
@@ -360,13 +364,22 @@ def integrate(
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
     depth = max_depth(dtype)
     rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
-    if not all(is_concrete(leaf) for leaf in jax.tree.leaves((params, data))):
+    leaves = jax.tree.leaves((params, data))
+    concrete = all(is_concrete(leaf) for leaf in leaves)
+    spans_processes = concrete and not all(getattr(leaf, "is_fully_addressable", True) for leaf in leaves)
+    if spans_processes or not concrete:
+        # On the device: under a user's jit, or for global arrays of several processes, whose values
+        # this process cannot fetch (the host-driven compaction below needs them).
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
         kw = dict(chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket)
-        state = _traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
+        traced = _traced_jit if spans_processes else _traced
+        state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         conv = _converged(state, rtol_arr, check_tol_arr)
         warn = functools.partial(_warn, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
-        jax.debug.callback(warn, state.error, state.residual, conv)
+        if spans_processes:  # replicated scalar summaries, which every process can read
+            _warn_global(state, conv, warn)
+        else:
+            jax.debug.callback(warn, state.error, state.residual, conv)
         return state.value, _info(state, conv)
     state = _first_pass_jit(g, check, params, data, chunk=chunk)
     failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
@@ -382,6 +395,16 @@ def integrate(
     conv = _converged(_host(state), rtol, check_tol)
     _warn(state.error, state.residual, conv, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
     return state.value, _info(state, jnp.asarray(conv))
+
+
+def _warn_global(state: _State, conv: Array, warn: Callable) -> None:
+    """:func:`_warn` from three replicated reductions of arrays that span several processes."""
+    missed = ~conv & jnp.isfinite(state.error) & jnp.isfinite(state.residual)
+    count = int(jnp.sum(missed))
+    if count:
+        worst = (jnp.max(jnp.where(missed, state.error, 0)), jnp.max(jnp.where(missed, state.residual, 0)))
+        ok = np.arange(conv.shape[0]) >= count  # the same count and worst values as the local warning
+        warn(np.full(conv.shape[0], float(worst[0])), np.full(conv.shape[0], float(worst[1])), ok)
 
 
 def _host(state: _State) -> _State:
