@@ -62,12 +62,11 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     n = first.shape[0] if first.ndim else 0
     if n == 0:
         raise ValueError(f"xs has no examples (leading axis of size 0), shape {first.shape}.")
-    extra = [np.asarray(a) for a in (ys, weights) if a is not None]  # a memmap stays a view
-    for leaf in jax.tree.leaves(xs) + extra:
+    for leaf in jax.tree.leaves(xs):
         if leaf.ndim == 0 or leaf.shape[0] != n:
-            raise ValueError(
-                f"every array of xs and ys must have {n} examples first, got shape {leaf.shape}."
-            )
+            raise ValueError(f"every array of xs must have {n} examples first, got shape {leaf.shape}.")
+    if ys is not None and (np.ndim(ys) == 0 or np.shape(ys)[0] != n):
+        raise ValueError(f"ys has shape {np.shape(ys)} but xs has {n} examples; they must agree.")
     if weights is not None and np.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
     if out_check and ys is not None:
@@ -77,7 +76,17 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
                 f"ys has shape {np.shape(ys)} but the model gives outputs of shape {(n,) + out.shape} "
                 "(n examples × outputs); they must agree."
             )
+    _check_in_memory("xs", xs)
+    _check_in_memory("ys", ys)
     return n
+
+
+def _check_in_memory(name: str, tree) -> None:
+    """NaN/Inf of arrays already in memory, before any work; memmaps are checked chunk by chunk instead."""
+    leaves = jax.tree.leaves(tree)
+    in_memory = [a for a in leaves if isinstance(a, np.ndarray) and not isinstance(a, np.memmap)]
+    if in_memory:
+        check_finite(name, in_memory)
 
 
 def array_source(tree, n: int, chunk: int) -> Source:
