@@ -289,7 +289,7 @@ def _add_active_parser(sub) -> None:
 
 
 def _add_score_parser(sub) -> None:
-    from nlis_jax.experiments.score import add_score_arguments
+    from nlis_jax.experiments.score_files import add_score_arguments
 
     score = sub.add_parser(
         "score",
@@ -558,7 +558,7 @@ def _dispatch(parser, args: argparse.Namespace, argv: list[str], outliers) -> in
 
         return run_active(args)
     if args.command == "score":
-        from nlis_jax.experiments.score import run_score
+        from nlis_jax.experiments.score_files import run_score
 
         return run_score(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first

@@ -43,7 +43,7 @@ def test_score_mlp_norm_from_seed(tmp_path, capsys):
     assert s.shape == (200,) and abs(s.sum() - 1) < 1e-10 and np.all(s > 0)
     # the same draw of parameters, scored in memory
     ns = cli.build_parser().parse_args(args)
-    from nlis_jax.experiments.score import model_and_params
+    from nlis_jax.experiments.score_files import model_and_params
 
     apply_fn, params = model_and_params(ns, 4, jnp.float64)
     ref = nj.norm_scores(nj.dual_matrix(apply_fn, params, jnp.asarray(xs)))
