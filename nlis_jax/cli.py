@@ -527,10 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(outliers)
     args = parser.parse_args(argv)  # unknown options are usage errors on every subcommand
     args.extra = []
-    try:
-        args.out = str(prepare_out(args.out, args.overwrite))
-    except ValueError as exc:
-        parser.error(str(exc))
+    if args.command != "score":  # score's --out is one .npy file, not a results folder
+        try:
+            args.out = str(prepare_out(args.out, args.overwrite))
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         code = _dispatch(parser, args, argv, outliers)
     except KeyboardInterrupt:
