@@ -67,14 +67,18 @@ def test_float32_follows_params_and_matches_device_path():
     np.testing.assert_allclose(h, h_dev, rtol=1e-5, atol=1e-7)  # same sums, chunk by chunk
 
 
-def test_bad_host_input_named():
+def test_bad_host_input_named(tmp_path):
     params = mlp_params(0, (D, 4, 1))
     xs, ys = _data()
     bad = xs.copy()
     bad[N - 1, 0] = np.nan  # in the last, padded chunk
-    with pytest.raises(ValueError, match="1 NaN or Inf"):
+    with pytest.raises(ValueError, match="xs contains 1 NaN or Inf"):  # in memory: checked before any work
         nj.streaming_leverage_scores(MLP, params, bad, ys, chunk_size=64)
-    with pytest.raises(ValueError, match="examples first"):
+    bad_mm = np.lib.format.open_memmap(tmp_path / "bad.npy", mode="w+", dtype=bad.dtype, shape=bad.shape)
+    bad_mm[:] = bad
+    with pytest.raises(ValueError, match="1 NaN or Inf"):  # a memmap: found chunk by chunk, in pass 1
+        nj.streaming_leverage_scores(MLP, params, bad_mm, ys, chunk_size=64)
+    with pytest.raises(ValueError, match=r"ys has shape \(299,\) but xs has 300 examples"):
         nj.streaming_leverage_scores(MLP, params, xs, ys[:-1], chunk_size=64)
     with pytest.raises(ValueError, match=r"ys has shape \(300, 1\) but the model gives outputs of shape"):
         nj.streaming_leverage_scores(MLP, params, xs, ys[:, None], chunk_size=64)
@@ -236,7 +240,7 @@ def test_full_data_loss_of_host_data(loss):
         nj.weighted_loss(MLP, params, xs, ys, bad, chunk_size=64)
     bad_x = xs.copy()
     bad_x[-1, 0] = np.inf
-    with pytest.raises(ValueError, match="contain 1 NaN or Inf"):
+    with pytest.raises(ValueError, match="contains 1 NaN or Inf"):
         nj.weighted_loss(MLP, params, bad_x, ys)
 
 
