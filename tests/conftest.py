@@ -16,3 +16,13 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # closed forms to 1e-10
 jax.config.update("jax_numpy_rank_promotion", "raise")  # catches (n,) vs (n, 1) bugs
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drop compiled programs between test modules: one long process otherwise accumulates thousands of
+    executables (hypothesis and shape sweeps), and we saw XLA crash compiling late in such a run."""
+    yield
+    jax.clear_caches()
