@@ -130,7 +130,8 @@ def leverage_scores(
     """
     routes.check_route(route)
     check_tolerances(rtol, ridge)
-    rows, lead = routes.as_rows(F, check_values=ridge > 0)  # NaN/Inf: checked on the result below
+    # NaN/Inf of concrete input: checked on the result below (one pass fewer); traced input: checkify
+    rows, lead = routes.as_rows(F, check_values=ridge > 0 or not is_concrete(F))
     if ridge > 0:
         h, eff_dim = routes.ridge_row_leverage(rows, jnp.asarray(ridge, rows.dtype), lead)
         return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info, input_dtype(F))
