@@ -47,6 +47,7 @@ import optax
 
 import nlis_jax as nj
 from nlis_jax.experiments import datasets
+from nlis_jax.experiments.checks import positive_int
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
 
 DATASETS = ("california", "flights", "fashion-mnist")
@@ -92,9 +93,7 @@ class ActiveStudyConfig:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list(DATASETS)}.")
         for name in ("batch", "repeats", "num_steps", "full_steps", "num_nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+            positive_int(name, getattr(self, name))
         if not self.budgets or any(
             isinstance(b, bool) or not isinstance(b, int) or b < 1 or b % self.batch for b in self.budgets
         ):

@@ -54,6 +54,7 @@ from jax import lax
 import nlis_jax as nj
 from nlis_jax.experiments.checks import positive_int_arg, sizes_arg
 from nlis_jax.experiments.datasets import load_flights
+from nlis_jax.experiments.report import quantiles
 
 __all__ = [
     "FLIGHTS_METHODS",
@@ -528,18 +529,6 @@ def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, d
     return probs, costs, starts
 
 
-def _quantiles(values) -> dict:
-    v = np.asarray(values, np.float64)
-    q25, med, q75 = np.quantile(v, [0.25, 0.5, 0.75])
-    return {
-        "median": float(med),
-        "q25": float(q25),
-        "q75": float(q75),
-        "min": float(v.min()),
-        "max": float(v.max()),
-    }
-
-
 def _noise_floor(setup: _Setup, full: dict, loss, test_loss, key) -> dict | None:
     """Full-data refits from other initialisations: ``L(θ_refit)/L(θ*)`` (train and held-out)."""
     if not setup.mlp or setup.config.refits == 0:
@@ -570,8 +559,8 @@ def _grid(setup: _Setup, probs: dict, start, protocol: str, key, loss, test_loss
                 {
                     "size": size,
                     "fraction": size / setup.n,
-                    "ratio": _quantiles(ratio),
-                    "test_ratio": _quantiles(test),
+                    "ratio": quantiles(ratio),
+                    "test_ratio": quantiles(test),
                     "values": ratio.tolist(),
                     "test_values": test.tolist(),
                     "fit_s": seconds / cfg.repeats,
@@ -593,7 +582,7 @@ def _same_steps(setup: _Setup, start, protocol: str, key, loss, test_loss) -> di
     params, seconds, _ = _fit(setup, start, rows, ones, key, learning_rate=lr)
     ratio = _losses(setup, params) / loss
     test = _losses(setup, params, test=True) / test_loss
-    return {"ratio": _quantiles(ratio), "test_ratio": _quantiles(test), "fit_s": seconds / cfg.repeats}
+    return {"ratio": quantiles(ratio), "test_ratio": quantiles(test), "fit_s": seconds / cfg.repeats}
 
 
 def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -> dict:
