@@ -1,8 +1,11 @@
 r"""Compiled kernels of the sampling studies, and their timing apart from compilation.
 
-Every kernel is a module-level ``jax.jit`` with its callables and sizes as static arguments (the study's
-callables are built once per set of options, so they hash equal across calls): repeats, methods, sizes
-and studies of the same shapes reuse one compiled executable. :func:`timed` runs a kernel and reports
+Every kernel is a module-level ``jax.jit`` with its callables as static arguments (the study's callables
+are built once per set of options, so they hash equal across calls): repeats, methods and studies of the
+same shapes reuse one compiled executable. The padded kernels (:func:`draw_padded_kernel`,
+:func:`fit_padded_kernel`) take the sample size as a traced value, so one executable serves every size;
+the dual matrix (:func:`dual_kernel`) is scored apart, so one scoring executable serves every scheme.
+:func:`timed` runs a kernel and reports
 its wall time without the tracing, lowering and compilation that happened during the call (measured by
 JAX's own compile events); :func:`compile_stats` counts the compilations.
 """

@@ -287,6 +287,10 @@ def run_study(
     ``fold_in(split(draws, len(METHODS))[scheme], s)`` split into ``R`` keys, so a scheme's samples at a
     size do not depend on which other schemes or sizes run. No key is used twice.
 
+    Every sample is drawn and fitted padded to one width (the largest size or pilot, rounded up to
+    :data:`~nlis_jax.experiments.kernels.FIT_CHUNK`) with weight 0 beyond its size: the same samples and
+    objective as a sample of its own size, and one compiled draw and fit for every size.
+
     Args:
         key: ``jax.random.key(seed)``.
         config: the study (:class:`CaliforniaConfig`, :class:`SyntheticConfig`, ...).
