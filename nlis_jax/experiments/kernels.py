@@ -5,9 +5,9 @@ are built once per set of options, so they hash equal across calls): repeats, me
 same shapes reuse one compiled executable. The padded kernels (:func:`draw_padded_kernel`,
 :func:`fit_padded_kernel`) take the sample size as a traced value, so one executable serves every size;
 the dual matrix (:func:`dual_kernel`) is scored apart, so one scoring executable serves every scheme.
-:func:`timed` runs a kernel and reports
-its wall time without the tracing, lowering and compilation that happened during the call (measured by
-JAX's own compile events); :func:`compile_stats` counts the compilations.
+:func:`timed` runs a kernel and reports its wall time without the tracing, lowering and compilation that
+happened during the call (measured by JAX's own compile events); :func:`compile_stats` counts the
+compilations.
 """
 
 from __future__ import annotations
