@@ -185,6 +185,41 @@ def test_sample_kernel_matches_trainer(tiny):
     np.testing.assert_allclose(losses[0], result.full.loss, rtol=1e-12)
 
 
+def test_padded_draw_and_fit_match_exact(tiny):
+    """A padded draw holds the exact draw's samples (weight 0 beyond them) and the padded, chunked fit
+    is the exact fit up to summation order: the same objective, one compiled program for all sizes."""
+    problem, _ = tiny
+    probs = ex.score("linear_leverage", problem)
+    keys = jax.random.split(jax.random.key(5), 3)
+    params0 = problem.init(jax.random.key(0))
+    for size in (150,):  # two chunks of the 256-row bucket: the first, and one through the loop
+        (idx, w), _ = ex.draw(keys, probs, size)
+        (ip, wp), _ = ex.draw(keys, probs, size, bucket=256)
+        assert ip.shape == wp.shape == (3, 256)
+        np.testing.assert_array_equal(ip[:, :size], idx)
+        np.testing.assert_array_equal(wp[:, :size], w)
+        assert np.all(np.asarray(wp[:, size:]) == 0)
+        (pe, te), _ = ex.fit_samples(problem, params0, idx, w, num_steps=30)
+        (pp, tp), _ = ex.fit_samples(problem, params0, ip, wp, num_steps=30, size=size)
+        np.testing.assert_allclose(pp, pe, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(tp, te, rtol=1e-12)
+    with pytest.raises(ValueError, match="bucket"):
+        ex.draw(keys, probs, 300, bucket=256)
+    with pytest.raises(ValueError, match="size"):
+        ex.fit_samples(problem, params0, ip, wp, num_steps=3, size=300)
+
+
+def test_compilations_do_not_grow_with_sizes():
+    """One compiled draw and fit serve every sample size: a study of four sizes compiles no more than one
+    of two (each on fresh shapes, d = 3 and d = 5, so that neither reuses the other's programs)."""
+    counts = []
+    for d, sizes in ((3, (20, 40)), (5, (10, 20, 40, 60))):
+        config = dataclasses.replace(TINY, d=d, sizes=sizes, methods=("uniform",), timing_size=None)
+        result = ex.run_study(jax.random.key(0), config)
+        counts.append(result.summary["compile"]["count"])
+    assert counts[0] > 0 and counts[1] <= counts[0], counts  # old: one draw and one fit more per size
+
+
 def test_steps_to_loss_and_convergence():
     losses = np.array([5.0, 3.0, 2.0, 1.5, 1.2])
     assert ex.steps_to_loss(losses, 2.0) == 2

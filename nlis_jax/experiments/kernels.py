@@ -1,10 +1,13 @@
 r"""Compiled kernels of the sampling studies, and their timing apart from compilation.
 
-Every kernel is a module-level ``jax.jit`` with its callables and sizes as static arguments (the study's
-callables are built once per set of options, so they hash equal across calls): repeats, methods, sizes
-and studies of the same shapes reuse one compiled executable. :func:`timed` runs a kernel and reports
-its wall time without the tracing, lowering and compilation that happened during the call (measured by
-JAX's own compile events); :func:`compile_stats` counts the compilations.
+Every kernel is a module-level ``jax.jit`` with its callables as static arguments (the study's callables
+are built once per set of options, so they hash equal across calls): repeats, methods and studies of the
+same shapes reuse one compiled executable. The padded kernels (:func:`draw_padded_kernel`,
+:func:`fit_padded_kernel`) take the sample size as a traced value, so one executable serves every size;
+the dual matrix (:func:`dual_kernel`) is scored apart, so one scoring executable serves every scheme.
+:func:`timed` runs a kernel and reports its wall time without the tracing, lowering and compilation that
+happened during the call (measured by JAX's own compile events); :func:`compile_stats` counts the
+compilations.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 import nlis_jax as nj
@@ -23,10 +27,15 @@ __all__ = [
     "accuracy_kernel",
     "compile_stats",
     "draw_kernel",
+    "draw_padded_kernel",
+    "dual_kernel",
     "dual_score_kernel",
     "fit_kernel",
+    "fit_padded_kernel",
     "loss_kernel",
     "matrix_score_kernel",
+    "split_keys",
+    "stack_kernel",
     "timed",
 ]
 
@@ -39,6 +48,9 @@ _COMPILE_EVENTS = (
 _BACKEND_COMPILE = _COMPILE_EVENTS[-1]
 #: Elements per ``lax.map`` batch when evaluating many parameter sets over the full data.
 MAP_ELEMENTS = 4_000_000
+
+#: Rows per chunk of :func:`fit_padded_kernel` (padded sample buckets are multiples of it).
+FIT_CHUNK = 128
 
 _STATS = {"count": 0, "seconds": 0.0}
 
@@ -148,3 +160,111 @@ def draw_kernel(keys, probs, *, num_samples: int):
     ``(n,)`` (shared) or ``(R, n)`` (one distribution per key)."""
     in_axes = (0, None if probs.ndim == 1 else 0)
     return jax.vmap(lambda k, p: nj.sample(k, p, num_samples), in_axes=in_axes)(keys, probs)
+
+
+def _chunked_value_and_grad(objective, params, data, num_chunks, chunk):
+    """``Σ_c value_and_grad(objective)(params, rows of chunk c)`` over the first ``num_chunks`` chunks
+    (``num_chunks >= 1`` traced: the first chunk runs unconditionally, the rest in a ``fori_loop``)."""
+
+    def part(c):
+        return tuple(lax.dynamic_slice_in_dim(a, c * chunk, chunk) for a in data)
+
+    grad_fn = jax.value_and_grad(objective)
+    first = grad_fn(params, part(0))
+
+    def body(c, acc):
+        return jax.tree.map(jnp.add, acc, grad_fn(params, part(c)))
+
+    return lax.fori_loop(1, num_chunks, body, first)
+
+
+def _padded_fit_one(
+    params0, xb, yb, wb, size, projection, *, apply_fn, curvature, optimizer, num_steps, chunk
+):
+    """One repeat on a padded sample (weight 0 from row ``size`` on): the iteration of :func:`_fit_one`
+    with the objective and its gradient summed over the ``ceil(size / chunk)`` chunks that hold rows."""
+    dtype = xb.dtype
+    scale = jnp.ones((), dtype) if curvature is None else (1.0 / curvature(xb, wb)).astype(dtype)
+    total = jnp.sum(wb)
+    proj = (lambda p: p) if projection is None else projection
+
+    def objective(params, batch):
+        x, y, w = batch
+        return nj.weighted_loss(apply_fn, params, x, y, w, loss="squared") / total * scale
+
+    num_chunks = jnp.maximum((size + chunk - 1) // chunk, 1)
+
+    def step(state, _):
+        value, grads = _chunked_value_and_grad(objective, state.params, (xb, yb, wb), num_chunks, chunk)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return nj.TrainState(proj(optax.apply_updates(state.params, updates)), opt_state), value
+
+    params0 = proj(params0)
+    state = nj.TrainState(params0, optimizer.init(params0))
+    state, trace = lax.scan(step, state, None, length=num_steps)
+    return state.params, trace / scale
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "curvature", "optimizer", "num_steps", "chunk"))
+def fit_padded_kernel(
+    params0, xs, ys, idx, w, size, projection, *, apply_fn, curvature, optimizer, num_steps, chunk
+):
+    """:func:`fit_kernel` on padded samples: ``idx``, ``w`` are ``(R, B)``, ``B`` a multiple of ``chunk``,
+    with ``w = 0`` from column ``size`` (traced) on -> ``(params (R, ...), trace (R, num_steps))``.
+
+    The objective is the same weighted mean ``J = Σ w ℓ / Σ w`` (zero weights add nothing), summed chunk
+    by chunk over the ``ceil(size / chunk)`` chunks that hold sampled rows: one compiled program serves
+    every sample size up to ``B``, and a step costs rows up to ``size``, not ``B``.
+    """
+    one = functools.partial(
+        _padded_fit_one,
+        apply_fn=apply_fn,
+        curvature=curvature,
+        optimizer=optimizer,
+        num_steps=num_steps,
+        chunk=chunk,
+    )
+    in_axes = (None, 0, 0, 0, None, None)
+    return jax.vmap(one, in_axes=in_axes)(params0, xs[idx], ys[idx], w, size, projection)
+
+
+@functools.partial(jax.jit, static_argnames=("bucket",))
+def draw_padded_kernel(keys, probs, size, *, bucket: int):
+    """:func:`draw_kernel` with ``size`` traced: ``(idx (R, bucket), weights (R, bucket))`` whose first
+    ``size`` columns are the ``size``-row sample of each key and whose weights are 0 from column ``size``
+    on.
+
+    The indices are those of a ``bucket``-row draw: with threefry's partitionable bits (JAX's default) the
+    first ``s`` uniforms of a ``bucket``-row draw are the ``s`` uniforms of an ``s``-row draw, so the
+    samples equal :func:`draw_kernel`'s; the weights are ``1/(size p_i)`` by the same expression.
+    """
+    keep = jnp.arange(bucket) < size
+
+    def one(key, p):
+        idx, _ = nj.sample(key, p, bucket)
+        w = jnp.sum(p) / (size.astype(p.dtype) * p[idx])
+        return idx, jnp.where(keep, w, jnp.zeros((), p.dtype))
+
+    return jax.vmap(one, in_axes=(0, None if probs.ndim == 1 else 0))(keys, probs)
+
+
+@functools.partial(jax.jit, static_argnames=("dual_fn",))
+def dual_kernel(params_batch, r, xs, ys, *, dual_fn):
+    """The dual matrix at the ``r``-th parameter set of ``params_batch`` (``r`` traced: one program for
+    every repeat)."""
+    params = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), params_batch)
+    return dual_fn(params, xs, ys)
+
+
+@jax.jit
+def stack_kernel(rows):
+    """``jnp.stack(rows)`` as one compiled program per number and shape of rows."""
+    return jnp.stack(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("num", "as_tuple"))
+def split_keys(key, *, num: int, as_tuple: bool = False):
+    """``jax.random.split(key, num)`` as one compiled program per ``num`` (a tuple of keys with
+    ``as_tuple``, so that unpacking compiles nothing more)."""
+    keys = jax.random.split(key, num)
+    return tuple(keys) if as_tuple else keys

@@ -110,9 +110,13 @@ def make_optimizer(name: str, learning_rate: float, num_steps: int) -> optax.Gra
 
 def _max_slope(phi: Callable[[jax.Array], jax.Array]) -> float:
     """``max_t |ϕ'(t)|`` over a fine grid of [-60, 60] (``jax.grad``), with a 0.1% margin for the grid."""
-    t = jnp.linspace(-60.0, 60.0, 120_001)
-    slopes = jax.vmap(jax.grad(phi))(t)
-    return float(jnp.max(jnp.abs(slopes))) * 1.001
+
+    @jax.jit
+    def max_abs_slope():
+        t = jnp.linspace(-60.0, 60.0, 120_001)
+        return jnp.max(jnp.abs(jax.vmap(jax.grad(phi))(t)))
+
+    return float(max_abs_slope()) * 1.001
 
 
 class SingleIndexModel(NamedTuple):

@@ -7,6 +7,7 @@ pilot, the grid of sample fits, the wall-time comparison and the JSON-ready summ
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +26,7 @@ from nlis_jax.experiments.study import (
     fit_samples,
     full_losses,
     linear_scores,
+    pad_rows,
     score_batch,
     test_accuracy,
 )
@@ -55,6 +57,19 @@ class StudyResult(NamedTuple):
     full: FullFit
 
 
+@jax.jit
+def _study_keys(key):
+    """``(init, pilot, timing, draw keys per scheme)`` from ``split(key, 4)``, in one compiled program."""
+    k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
+    return k_init, k_pilot, k_timing, tuple(jax.random.split(k_draw, len(METHODS)))
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def _cell_keys(key, size, *, num: int):
+    """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)``."""
+    return jax.random.split(jax.random.fold_in(key, size), num)
+
+
 def _rel_change(trace) -> np.ndarray:
     trace = np.asarray(trace, dtype=np.float64)
     T = trace.shape[-1]
@@ -69,7 +84,8 @@ def _config_dict(config: StudyConfig) -> dict:
 
 
 class _Run(NamedTuple):
-    """What every stage of a study shares: problem, config, sizes, keys, the start point and θ*."""
+    """What every stage of a study shares: problem, config, sizes, keys, the start point, θ* and the
+    padded width of every sample (one compiled draw and fit for all sizes)."""
 
     problem: Problem
     config: StudyConfig
@@ -78,6 +94,7 @@ class _Run(NamedTuple):
     params0: Any
     full: FullFit
     log: Any
+    bucket: int
 
 
 class _Fit(NamedTuple):
@@ -124,8 +141,9 @@ class _Grid:
 
 
 def _draw_and_fit(keys, run: _Run, probs, size: int, score_s: float) -> _Fit:
-    (idx, w), draw_s = draw(keys, probs, size)
-    (params, trace), fit_s = fit_samples(run.problem, run.params0, idx, w, num_steps=run.config.num_steps)
+    (idx, w), draw_s = draw(keys, probs, size, bucket=run.bucket)
+    steps = run.config.num_steps
+    (params, trace), fit_s = fit_samples(run.problem, run.params0, idx, w, num_steps=steps, size=size)
     return _Fit(params, trace, score_s, draw_s, fit_s)
 
 
@@ -153,7 +171,7 @@ def _pilot(key, run: _Run) -> tuple[jax.Array, float]:
     problem, R = run.problem, run.config.repeats
     pilot_size = resolve_size(run.config.pilot_size, problem.n)
     uniform = nj.uniform_scores(problem.n, problem.dtype)
-    fit = _draw_and_fit(jax.random.split(key, R), run, uniform, pilot_size, 0.0)
+    fit = _draw_and_fit(kernels.split_keys(key, num=R), run, uniform, pilot_size, 0.0)
     probs, score_s = score_batch(problem, fit.params, kind="leverage", mix=run.config.mix)
     return probs, (fit.draw_s + fit.fit_s + score_s) / R
 
@@ -162,12 +180,12 @@ def _practical_fits(run: _Run, size: int, pilot_probs, pilot_cost: float) -> dic
     """``pilot_leverage`` and ``refined_leverage`` at one size (the refinement starts from the pilot
     scheme's sample solution θ_S of the same repeat)."""
     R, methods = run.config.repeats, run.config.methods
-    pkeys = jax.random.split(jax.random.fold_in(run.method_keys["pilot_leverage"], size), R)
+    pkeys = _cell_keys(run.method_keys["pilot_leverage"], size, num=R)
     pilot = _draw_and_fit(pkeys, run, pilot_probs, size, pilot_cost)
     fits = {"pilot_leverage": pilot}
     if "refined_leverage" in methods:
         probs, rescore_s = score_batch(run.problem, pilot.params, kind="leverage", mix=run.config.mix)
-        keys = jax.random.split(jax.random.fold_in(run.method_keys["refined_leverage"], size), R)
+        keys = _cell_keys(run.method_keys["refined_leverage"], size, num=R)
         refine_cost = pilot_cost + (pilot.draw_s + pilot.fit_s + rescore_s) / R
         fits["refined_leverage"] = _draw_and_fit(keys, run, probs, size, refine_cost)
     return fits
@@ -189,7 +207,7 @@ def _run_grid(run: _Run, shared: tuple[dict, dict], pilot, bar, grid: _Grid) -> 
         for method in run.config.methods:
             run.log(f"{method} s={size}")
             if method in shared_probs:
-                keys = jax.random.split(jax.random.fold_in(run.method_keys[method], size), run.config.repeats)
+                keys = _cell_keys(run.method_keys[method], size, num=run.config.repeats)
                 fit = _draw_and_fit(keys, run, shared_probs[method], size, shared_s[method])
             else:
                 practical = practical or _practical_fits(run, size, *pilot)
@@ -269,6 +287,10 @@ def run_study(
     ``fold_in(split(draws, len(METHODS))[scheme], s)`` split into ``R`` keys, so a scheme's samples at a
     size do not depend on which other schemes or sizes run. No key is used twice.
 
+    Every sample is drawn and fitted padded to one width (the largest size or pilot, rounded up to
+    :data:`~nlis_jax.experiments.kernels.FIT_CHUNK`) with weight 0 beyond its size: the same samples and
+    objective as a sample of its own size, and one compiled draw and fit for every size.
+
     Args:
         key: ``jax.random.key(seed)``.
         config: the study (:class:`CaliforniaConfig`, :class:`SyntheticConfig`, ...).
@@ -289,14 +311,15 @@ def run_study(
     problem = make_problem(config) if problem is None else problem
     sizes = resolve_sizes(config.sizes, problem.n)
     compile0 = kernels.compile_stats()
-    k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
-    method_keys = dict(zip(METHODS, jax.random.split(k_draw, len(METHODS)), strict=True))
+    k_init, k_pilot, k_timing, draw_keys = _study_keys(key)
+    method_keys = dict(zip(METHODS, draw_keys, strict=True))
     params0 = problem.init(k_init)
     bar = _progress_bar(len(config.methods) * len(sizes) * config.repeats, problem.name, progress)
     log = (lambda text: bar.set_postfix_str(text)) if bar is not None else (lambda text: None)
     log("full-data fit")
     full = fit_full(problem, params0, num_steps=config.steps_full)
-    run = _Run(problem, config, sizes, method_keys, params0, full, log)
+    bucket = pad_rows(max(*sizes, resolve_size(config.pilot_size, problem.n)))
+    run = _Run(problem, config, sizes, method_keys, params0, full, log, bucket)
     probs, score_s = _shared_scores(run)
     pilot = (None, 0.0)
     if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):

@@ -39,6 +39,7 @@ __all__ = [
     "fit_samples",
     "full_losses",
     "linear_scores",
+    "pad_rows",
     "score",
     "score_batch",
     "test_accuracy",
@@ -154,41 +155,93 @@ def score(method: str, problem: Problem, params=None, *, mix: float = 0.0) -> ja
 
 
 def score_batch(problem: Problem, params_batch, *, kind: str = "leverage", mix: float = 0.0):
-    """Dual scores at each of ``R`` parameter sets (leading axis): ``((R, n) probs, seconds)``."""
-    kernel = kernels.dual_score_kernel
-    return kernels.timed(
-        kernel, params_batch, problem.xs, problem.ys, dual_fn=problem.dual_fn, kind=kind, mix=float(mix)
-    )
+    """Dual scores at each of ``R`` parameter sets (leading axis): ``((R, n) probs, seconds)``.
+
+    Each dual matrix goes through the compiled scoring program of :func:`linear_scores`, one parameter
+    set at a time: matrices of one shape are scored by one compilation, whichever parameters or how many
+    repeats they come from.
+    """
+    num = int(jax.tree.leaves(params_batch)[0].shape[0])
+    xs, ys, mix = problem.xs, problem.ys, float(mix)
+
+    def run():
+        rows = []
+        for r in range(num):
+            dual = kernels.dual_kernel(params_batch, r, xs, ys, dual_fn=problem.dual_fn)
+            rows.append(kernels.matrix_score_kernel(dual, kind=kind, mix=mix))
+        return kernels.stack_kernel(rows)
+
+    return kernels.timed(run)
 
 
-def draw(keys: jax.Array, probs: jax.Array, num_samples: int):
+def pad_rows(rows: int) -> int:
+    """The padded width of samples of up to ``rows`` rows: a multiple of the fit's chunk."""
+    chunk = kernels.FIT_CHUNK
+    return -(-int(rows) // chunk) * chunk
+
+
+def _prefix_draws() -> bool:
+    """Whether a ``b``-row draw starts with the ``s``-row draw of the same key (partitionable threefry)."""
+    impl = str(jax.config.jax_default_prng_impl)
+    return bool(jax.config.jax_threefry_partitionable) and impl == "threefry2x32"
+
+
+def draw(keys: jax.Array, probs: jax.Array, num_samples: int, *, bucket: int | None = None):
     """``R = len(keys)`` independent samples with replacement: ``((idx (R, s), w (R, s)), seconds)``.
 
     ``probs`` is ``(n,)`` (shared) or ``(R, n)`` (one distribution per repeat); weights ``1/(s p_i)``.
+    With ``bucket >= num_samples`` the arrays are ``(R, bucket)``: the same samples, padded with weight 0
+    (for :func:`fit_samples` with ``size=num_samples``); one compiled draw serves every size.
     """
-    return kernels.timed(kernels.draw_kernel, keys, probs, num_samples=int(num_samples))
+    s = int(num_samples)
+    if bucket is None:
+        return kernels.timed(kernels.draw_kernel, keys, probs, num_samples=s)
+    bucket = int(bucket)
+    if bucket < s:
+        raise ValueError(f"bucket = {bucket} is smaller than num_samples = {s}.")
+    if _prefix_draws():
+        size = jnp.asarray(s, jnp.int32)
+        return kernels.timed(kernels.draw_padded_kernel, keys, probs, size, bucket=bucket)
+    (idx, w), seconds = kernels.timed(kernels.draw_kernel, keys, probs, num_samples=s)
+    pad = ((0, 0), (0, bucket - s))
+    return (jnp.pad(idx, pad), jnp.pad(w, pad)), seconds
 
 
-def fit_samples(problem: Problem, params0, idx: jax.Array, weights: jax.Array, *, num_steps: int):
+def fit_samples(
+    problem: Problem,
+    params0,
+    idx: jax.Array,
+    weights: jax.Array,
+    *,
+    num_steps: int,
+    size: int | None = None,
+):
     """Fit ``R`` weighted samples at once (vmapped ``lax.scan`` of projected steps from ``params0``).
+
+    With ``size``, ``idx`` and ``weights`` are padded ``(R, B)`` samples from :func:`draw` with
+    ``bucket=B`` (``B`` a multiple of :data:`~nlis_jax.experiments.kernels.FIT_CHUNK`, or below it):
+    the same objective, summed chunk by chunk over the rows up to ``size``, by one compiled program for
+    every size.
 
     Returns:
         ``((params (R, ...), trace (R, num_steps)), seconds)``; ``trace`` is the weighted mean sample
         loss before each update.
     """
-    return kernels.timed(
-        kernels.fit_kernel,
-        params0,
-        problem.xs,
-        problem.ys,
-        idx,
-        weights,
-        problem.projection,
+    common = dict(
         apply_fn=problem.apply_fn,
         curvature=problem.curvature,
         optimizer=make_optimizer(problem.optimizer, problem.learning_rate, num_steps),
         num_steps=num_steps,
     )
+    data = (params0, problem.xs, problem.ys, idx, weights)
+    if size is None:
+        return kernels.timed(kernels.fit_kernel, *data, problem.projection, **common)
+    width = int(idx.shape[-1])
+    chunk = min(kernels.FIT_CHUNK, width)
+    if width % chunk or not 1 <= int(size) <= width:
+        raise ValueError(f"padded samples need 1 <= size <= width = {width}, a multiple of {chunk}.")
+    size = jnp.asarray(int(size), jnp.int32)
+    return kernels.timed(kernels.fit_padded_kernel, *data, size, problem.projection, chunk=chunk, **common)
 
 
 def full_losses(problem: Problem, params_batch):

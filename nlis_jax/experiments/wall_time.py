@@ -6,10 +6,19 @@ import jax
 import numpy as np
 
 import nlis_jax as nj
+from nlis_jax.experiments import kernels
 from nlis_jax.experiments.configs import StudyConfig, resolve_size
 from nlis_jax.experiments.problems import Problem
 from nlis_jax.experiments.report import steps_to_converge, steps_to_loss
-from nlis_jax.experiments.study import FullFit, draw, fit_samples, full_losses, linear_scores, score_batch
+from nlis_jax.experiments.study import (
+    FullFit,
+    draw,
+    fit_samples,
+    full_losses,
+    linear_scores,
+    pad_rows,
+    score_batch,
+)
 
 __all__ = ["compare_wall_time"]
 
@@ -17,7 +26,16 @@ __all__ = ["compare_wall_time"]
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 
-def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConfig) -> tuple:
+def _draw_and_fit(key, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
+    """One sample (``R = 1``) drawn and fitted by the study's padded kernels (one compilation for the
+    pilot and the timed size): ``(params, trace, draw_s, fit_s)``."""
+    (idx, w), draw_s = draw(key[None], probs, size, bucket=bucket)
+    steps = config.num_steps
+    (params, trace), fit_s = fit_samples(problem, params0, idx, w, num_steps=steps, size=size)
+    return params, trace, draw_s, fit_s
+
+
+def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConfig, bucket: int) -> tuple:
     """``(probs, score_s, pilot_s, pilot_converged_s)`` of one run of a practical scheme."""
     uniform = nj.uniform_scores(problem.n, problem.dtype)
     if method == "uniform":
@@ -27,8 +45,8 @@ def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConf
         return probs, score_s, 0.0, 0.0
     if method == "pilot_leverage":
         pilot_size = resolve_size(config.pilot_size, problem.n)
-        (idx, w), t_draw = draw(key[None], uniform, pilot_size)
-        (pilot, trace), t_fit = fit_samples(problem, params0, idx, w, num_steps=config.num_steps)
+        fit = _draw_and_fit(key, uniform, pilot_size, bucket, problem, params0, config)
+        pilot, trace, t_draw, t_fit = fit
         converged_s = t_draw + t_fit * steps_to_converge(trace[0]) / config.num_steps
         probs, score_s = score_batch(problem, pilot, kind="leverage", mix=config.mix)
         return probs[0], score_s, t_draw + t_fit, converged_s
@@ -37,10 +55,10 @@ def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConf
 
 def _one_run(key, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
     """Pilot, score, draw and train once (``R = 1``); the full-data time to the same loss."""
-    k_pilot, k_sample = jax.random.split(key)
-    probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config)
-    (idx, w), sample_s = draw(k_sample[None], probs, size)
-    (params, trace), train_s = fit_samples(problem, params0, idx, w, num_steps=config.num_steps)
+    k_pilot, k_sample = kernels.split_keys(key, num=2, as_tuple=True)
+    bucket = pad_rows(max(size, resolve_size(config.pilot_size, problem.n)))
+    probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config, bucket)
+    params, trace, sample_s, train_s = _draw_and_fit(k_sample, probs, size, bucket, problem, params0, config)
     loss = float(full_losses(problem, params)[0][0])
     steps = steps_to_loss(full.losses, loss)
     train_steps = steps_to_converge(trace[0])
@@ -113,10 +131,10 @@ def compare_wall_time(
         "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
         "methods": {},
     }
-    for method, mkey in zip(methods, jax.random.split(key, len(methods)), strict=True):
+    for method, mkey in zip(methods, kernels.split_keys(key, num=len(methods), as_tuple=True), strict=True):
         rows = [
             _one_run(rkey, method, problem, full, params0, size, config)
-            for rkey in jax.random.split(mkey, runs)
+            for rkey in kernels.split_keys(mkey, num=runs, as_tuple=True)
         ]
         out["methods"][method] = _medians(rows)
     return out
