@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from nlis_jax.experiments.checks import positive_int_arg
-from nlis_jax.experiments.outliers.config import OutlierConfig
+from nlis_jax.experiments.outliers.config import CORRUPTIONS, OutlierConfig
 from nlis_jax.experiments.outliers.study import run_outlier_study
 
 __all__ = ["add_arguments", "config_from_args", "format_table", "run"]
@@ -34,6 +34,24 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "full", "0") else positive_int_arg(text)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _dims_arg(text: str) -> tuple[int, ...]:
+    """``"64,256,1024"`` -> ``(64, 256, 1024)``, each a positive integer."""
+    parts = [t for t in text.replace(" ", "").split(",") if t]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers, got nothing")
+    return tuple(positive_int_arg(t) for t in parts)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register the outlier study's options on ``parser`` (e.g. the ``outliers`` subparser).
 
@@ -49,7 +67,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             ("--classes",),
             dict(help="comma-separated Fashion-MNIST classes, or 'all' (default 7,9: sneaker vs ankle boot)"),
         ),
-        (("--flip-fraction",), dict(type=float, help="share of labels flipped (default 0.02)")),
+        (
+            ("--flip-fraction", "--outlier-fraction"),
+            dict(
+                type=float,
+                dest="flip_fraction",
+                help="share of examples made outliers: labels flipped or inputs corrupted (default 0.02)",
+            ),
+        ),
+        (
+            ("--corruption",),
+            dict(
+                choices=CORRUPTIONS,
+                help="planted outliers: flip (labels, the default), or with labels kept: invert (1 - x), "
+                "noise (x + noise_scale·z), foreign (an image of a class outside --classes)",
+            ),
+        ),
+        (("--noise-scale",), dict(type=float, help="std of --corruption noise, pixel units (default 0.5)")),
+        (
+            ("--projection-dim",),
+            dict(
+                type=_optional_int,
+                help="score from the projected [F*Ω | c] with this many columns (for large p; "
+                "default none: the dense dual matrix)",
+            ),
+        ),
+        (
+            ("--sweep-dims",),
+            dict(type=_dims_arg, help="extra projection dimensions to score at the same θ, e.g. 64,256,1024"),
+        ),
+        (
+            ("--ridge",),
+            dict(
+                type=_non_negative_float,
+                help="ridge leverage, λ = ridge × mean diagonal of F* F*ᵀ (default 0: exact leverage)",
+            ),
+        ),
         (("--hidden",), dict(help="hidden widths, comma-separated (default 8)")),
         (("--steps",), dict(type=positive_int_arg, help="Adam steps (default 1000)")),
         (("--lr",), dict(type=float, dest="learning_rate", help="Adam learning rate (default 0.01)")),
@@ -93,6 +146,11 @@ def config_from_args(args: argparse.Namespace) -> OutlierConfig:
         "num_nodes": int,
         "dtype": str,
         "seed": int,
+        "corruption": str,
+        "noise_scale": float,
+        "projection_dim": None,
+        "sweep_dims": tuple,
+        "ridge": float,
     }
     for name, convert in mapping.items():
         value = getattr(args, name, None)
@@ -104,18 +162,39 @@ def config_from_args(args: argparse.Namespace) -> OutlierConfig:
 
 def format_table(result: dict[str, Any]) -> str:
     """The metrics of a :func:`run_outlier_study` result as a plain-text table."""
-    k = result["num_flipped"]
+    k, corruption = result.get("num_outliers", result["num_flipped"]), result.get("corruption", "flip")
+    what = "flipped labels" if corruption == "flip" else f"{corruption} inputs"
+    dim = result["diagnostics"].get("projection_dim")
     lines = [
-        f"outliers: {result['task']}, n = {result['n']}, p = {result['p']}, {k} flipped labels, "
-        f"{result['timings']['total_s']:.1f} s",
-        f"{'score':<20}{'kind':<11}{'AUROC':>8}{'P@k':>8}{'P@2k':>8}",
+        f"outliers: {result['task']}, n = {result['n']}, p = {result['p']}, {k} {what}, "
+        f"{'dense' if dim is None else f'projected (dim {dim})'}, {result['timings']['total_s']:.1f} s",
+        f"{'score':<20}{'kind':<11}{'AUROC':>8}{'P@k':>8}{'P@2k':>8}{'wall s':>9}{'peak MiB':>10}",
     ]
+    costs = result["diagnostics"].get("costs", {})
+    shared = [
+        f"{stage} {_cost_cells(costs[stage]).strip()}" for stage in ("fit", "dual_matrix") if stage in costs
+    ]
+    if shared:
+        lines.insert(1, "wall s, peak RssAnon MiB: " + "; ".join(shared))
     for name, m in result["metrics"].items():
-        lines.append(
-            f"{name:<20}{m['kind']:<11}{m['auroc']:>8.4f}{m['precision_at_k']:>8.3f}{m['precision_at_2k']:>8.3f}"
-        )
+        lines.append(f"{name:<20}{m['kind']:<11}" + _metric_cells(m) + _cost_cells(costs.get(name)))
     lines.append(f"best nonlinear: {result['best_nonlinear']}; best overall: {result['best_overall']}")
+    for dim, sweep in result["diagnostics"].get("sweep", {}).items():
+        lines.append(f"projection dim {dim} (dual: {_cost_cells(sweep['costs']['dual_matrix']).strip()}):")
+        for name, m in sweep["metrics"].items():
+            lines.append(f"  {name:<18}{'':<11}" + _metric_cells(m))
     return "\n".join(lines)
+
+
+def _metric_cells(m: dict) -> str:
+    return f"{m['auroc']:>8.4f}{m['precision_at_k']:>8.3f}{m['precision_at_2k']:>8.3f}"
+
+
+def _cost_cells(cost: dict | None) -> str:
+    if not cost:
+        return ""
+    peak = cost.get("rss_peak_mib")
+    return f"{cost['wall_s']:>9.2f}" + (f"{peak:>10.0f}" if peak is not None else f"{'n/a':>10}")
 
 
 def run(args: argparse.Namespace) -> int:
