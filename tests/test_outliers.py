@@ -280,8 +280,8 @@ def test_projected_study_with_corrupted_inputs_and_sweep(tmp_path):
     assert result["corruption"] == "noise" and result["num_outliers"] == 20 and result["num_flipped"] == 0
     diagnostics = result["diagnostics"]
     assert diagnostics["dual_shape"] == [STUDY_N, 17] and diagnostics["projection_dim"] == 16
-    assert set(diagnostics["sweep"]) == {"8"}
-    assert set(diagnostics["sweep"]["8"]["metrics"]) == set(O.NONLINEAR_SCORES)
+    assert [(e["dim"], e["ridge"]) for e in diagnostics["sweep"]] == [(8, 0.0)]
+    assert set(diagnostics["sweep"][0]["metrics"]) == set(O.NONLINEAR_SCORES)
     for stage in ("fit", "loss", "grad_norm", "dual_matrix", "leverage", "adjoint_leverage", "norm"):
         cost = diagnostics["costs"][stage]
         assert cost["wall_s"] >= 0 and cost["rss_peak_mib"] >= cost["rss_before_mib"]

@@ -151,6 +151,7 @@ def test_config_validation_of_the_new_options():
         (dict(projection_dim=0), "projection_dim"),
         (dict(sweep_dims=(64, 0)), "sweep_dims"),
         (dict(sweep_dims=()), "sweep_dims"),
+        (dict(sweep_ridges=(0.1, -1.0)), "sweep_ridges"),
     ]:
         with pytest.raises(ValueError, match=match):
             O.OutlierConfig(**kwargs)
@@ -162,10 +163,11 @@ def test_cli_parses_and_validates_the_new_options(capsys):
     parser = O.add_arguments(argparse.ArgumentParser())
     argv = ["--corruption", "invert", "--outlier-fraction", "0.05", "--projection-dim", "256"]
     argv += ["--sweep-dims", "64,1024", "--ridge", "0.1", "--noise-scale", "0.8", "--hidden", "128"]
+    argv += ["--sweep-ridges", "0,0.5"]
     config = O.config_from_args(parser.parse_args(argv + ["--pool", "1"]))
     assert config.corruption == "invert" and config.flip_fraction == 0.05 and config.projection_dim == 256
     assert config.sweep_dims == (64, 1024) and config.ridge == 0.1 and config.noise_scale == 0.8
-    assert config.hidden == (128,) and config.pool == 1
+    assert config.hidden == (128,) and config.pool == 1 and config.sweep_ridges == (0.0, 0.5)
     assert O.config_from_args(parser.parse_args(["--projection-dim", "none"])).projection_dim is None
     for bad in (
         ["--corruption", "rotate"],
@@ -173,6 +175,7 @@ def test_cli_parses_and_validates_the_new_options(capsys):
         ["--sweep-dims", ","],
         ["--ridge", "-1"],
         ["--ridge", "x"],
+        ["--sweep-ridges", "0.1,-1"],
         ["--projection-dim", "-3"],
     ):
         with pytest.raises(SystemExit):

@@ -59,8 +59,10 @@ class OutlierConfig:
             ``p ≥ n``, where ``F*`` has full row rank and its exact leverage is 1 for every example,
             ``m < n`` gives the leverage in a random ``m``-dimensional view of parameter space instead.
             Exact (the dense scores) when ``m ≥ p + 1``.
-        sweep_dims: extra projection dimensions scored at the same fitted θ (``results["sweep"]``), to
-            show how the metrics vary with ``m``; ``None`` for none.
+        sweep_dims: extra projection dimensions scored at the same fitted θ (``diagnostics["sweep"]``),
+            to show how the metrics vary with ``m``; ``None`` for none.
+        sweep_ridges: ridges ``ρ`` scored at each dimension of the sweep (``sweep_dims``, else
+            ``projection_dim``, else the dense matrix), on the same dual matrix; ``None``: ``ridge`` only.
         ridge: ``ρ ≥ 0``; with ``ρ > 0`` every leverage is the ridge leverage ``diag(A (AᵀA + λI)⁻¹ Aᵀ)``
             with ``λ = ρ · ‖F*‖_F² / (n·k)`` (``ρ`` times the mean diagonal of the kernel ``F* F*ᵀ``,
             measured on the matrix actually scored), another way to get meaningful leverage when
@@ -94,6 +96,7 @@ class OutlierConfig:
     projection_dim: int | None = None
     sweep_dims: tuple[int, ...] | None = None
     ridge: float = 0.0
+    sweep_ridges: tuple[float, ...] | None = None
 
     def __post_init__(self):
         hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(int(h) for h in self.hidden)
@@ -140,3 +143,9 @@ class OutlierConfig:
             object.__setattr__(self, "sweep_dims", tuple(positive_int("sweep_dims", m) for m in dims))
             if not self.sweep_dims:
                 raise ValueError("sweep_dims must name at least one dimension (or be None).")
+        if self.sweep_ridges is not None:
+            ridges = self.sweep_ridges
+            ridges = (ridges,) if isinstance(ridges, (int, float)) else tuple(float(r) for r in ridges)
+            object.__setattr__(self, "sweep_ridges", ridges)
+            if not ridges or not all(math.isfinite(r) and r >= 0 for r in ridges):
+                raise ValueError(f"sweep_ridges must be non-negative numbers, got {self.sweep_ridges}.")

@@ -52,6 +52,14 @@ def _dims_arg(text: str) -> tuple[int, ...]:
     return tuple(positive_int_arg(t) for t in parts)
 
 
+def _ridges_arg(text: str) -> tuple[float, ...]:
+    """``"0.01,0.1"`` -> ``(0.01, 0.1)``, each a finite number ``>= 0``."""
+    parts = [t for t in text.replace(" ", "").split(",") if t]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers >= 0, got nothing")
+    return tuple(_non_negative_float(t) for t in parts)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register the outlier study's options on ``parser`` (e.g. the ``outliers`` subparser).
 
@@ -95,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         (
             ("--sweep-dims",),
             dict(type=_dims_arg, help="extra projection dimensions to score at the same θ, e.g. 64,256,1024"),
+        ),
+        (
+            ("--sweep-ridges",),
+            dict(type=_ridges_arg, help="ridges to score at each sweep dimension, e.g. 0.01,0.1,1"),
         ),
         (
             ("--ridge",),
@@ -151,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> OutlierConfig:
         "projection_dim": None,
         "sweep_dims": tuple,
         "ridge": float,
+        "sweep_ridges": tuple,
     }
     for name, convert in mapping.items():
         value = getattr(args, name, None)
@@ -179,8 +192,10 @@ def format_table(result: dict[str, Any]) -> str:
     for name, m in result["metrics"].items():
         lines.append(f"{name:<20}{m['kind']:<11}" + _metric_cells(m) + _cost_cells(costs.get(name)))
     lines.append(f"best nonlinear: {result['best_nonlinear']}; best overall: {result['best_overall']}")
-    for dim, sweep in result["diagnostics"].get("sweep", {}).items():
-        lines.append(f"projection dim {dim} (dual: {_cost_cells(sweep['costs']['dual_matrix']).strip()}):")
+    for sweep in result["diagnostics"].get("sweep", []):
+        dim = "dense" if sweep["dim"] is None else f"projection dim {sweep['dim']}"
+        ridge = f", ridge {sweep['ridge']:g}" if sweep["ridge"] else ""
+        lines.append(f"{dim}{ridge} (dual: {_cost_cells(sweep['costs']['dual_matrix']).strip()}):")
         for name, m in sweep["metrics"].items():
             lines.append(f"  {name:<18}{'':<11}" + _metric_cells(m))
     return "\n".join(lines)

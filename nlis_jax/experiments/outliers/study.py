@@ -112,29 +112,36 @@ def _metrics(scores: dict, flipped: np.ndarray, names=NONLINEAR_SCORES + BASELIN
     }
 
 
-def _sweep(key, config: OutlierConfig, d: _Data, params) -> dict[str, dict]:
-    """The nonlinear scores' metrics at each of ``config.sweep_dims`` (projected, same θ and key)."""
-    out = {}
-    for dim in config.sweep_dims or ():
-        costs: dict[str, dict] = {}
-        dual = measured(
-            costs,
-            "dual_matrix",
-            projected_dual,
-            key,
-            APPLY_FN,
-            params,
-            d.xs,
-            d.ts,
-            dim=dim,
-            num_nodes=config.num_nodes,
-        )
-        scores, info = dual_scores(dual, ridge=config.ridge, costs=costs)
-        out[str(dim)] = {
-            "metrics": _metrics(scores, d.flipped, NONLINEAR_SCORES),
-            "diagnostics": info,
-            "costs": costs,
-        }
+def _sweep(key, config: OutlierConfig, d: _Data, params) -> list[dict]:
+    """The nonlinear scores' metrics at each dimension of ``config.sweep_dims`` (projected, same θ and key;
+    else ``projection_dim``, else dense) and each ridge of ``config.sweep_ridges`` (else ``config.ridge``):
+    one entry ``{"dim", "ridge", "metrics", "diagnostics", "costs"}`` per pair."""
+    dims = config.sweep_dims or (config.projection_dim,)
+    out = []
+    for dim in dims:
+        cost: dict[str, dict] = {}
+        if dim is None:
+            dual = measured(
+                cost, "dual_matrix", nj.dual_matrix, APPLY_FN, params, d.xs, d.ts, num_nodes=config.num_nodes
+            )
+        else:
+            dual = measured(
+                cost,
+                "dual_matrix",
+                projected_dual,
+                key,
+                APPLY_FN,
+                params,
+                d.xs,
+                d.ts,
+                dim=dim,
+                num_nodes=config.num_nodes,
+            )
+        for ridge in config.sweep_ridges or (config.ridge,):
+            costs = dict(cost)
+            scores, info = dual_scores(dual, ridge=ridge, costs=costs)
+            metrics = _metrics(scores, d.flipped, NONLINEAR_SCORES)
+            out.append({"dim": dim, "ridge": ridge, "metrics": metrics, "diagnostics": info, "costs": costs})
     return out
 
 
@@ -220,7 +227,7 @@ def _score(k_proj, config: OutlierConfig, d: _Data, fitted, timings: dict) -> tu
     )
     timings.update(info.pop("timings"))
     metrics = _metrics(scores, d.flipped)
-    if config.sweep_dims:
+    if config.sweep_dims or config.sweep_ridges:
         t0 = time.perf_counter()
         info["sweep"] = _sweep(k_proj, config, d, fitted.params)
         timings["sweep_s"] = time.perf_counter() - t0
@@ -245,7 +252,7 @@ def run_outlier_study(
     the GIVEN labels); compute :func:`outlier_scores` at the fitted θ (dense, or projected with
     ``config.projection_dim``; ridge leverage with ``config.ridge``); AUROC, precision at ``k`` and ``2k``
     (``k`` = number of outliers) of each score against the outlier mask; the nonlinear scores again at
-    each of ``config.sweep_dims``.
+    each of ``config.sweep_dims`` and ``config.sweep_ridges``.
 
     Randomness: ``jax.random.key(config.seed)`` is split into independent keys for the outliers, the
     initialisation, the minibatches and the embedding.
