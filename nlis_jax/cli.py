@@ -265,9 +265,10 @@ def _add_outliers_parser(sub, outliers_module) -> None:
         "outliers",
         help="plant outliers (flipped labels or corrupted inputs), rank the data by score, measure",
         description=(
-            "Outlier study of nlis_jax.experiments.outliers: flip a share of Fashion-MNIST labels (or "
-            "corrupt inputs: --corruption), fit a ReLU network, rank the examples by nonlinear leverage (dense or "
-            "projected: --projection-dim) and baselines, report AUROC, precision, time and memory."
+            "Outlier study of nlis_jax.experiments.outliers: flip a share of Fashion-MNIST labels "
+            "(or corrupt inputs: --corruption), fit a ReLU network, rank the examples by nonlinear "
+            "leverage (dense or projected: --projection-dim) and baselines, report AUROC, precision, "
+            "time and memory."
         ),
     )
     out.add_argument("--seed", type=int, default=None, help="PRNG seed (default 0)")
