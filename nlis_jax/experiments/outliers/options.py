@@ -60,6 +60,73 @@ def _ridges_arg(text: str) -> tuple[float, ...]:
     return tuple(_non_negative_float(t) for t in parts)
 
 
+#: The study's options: ``(flags, add_argument keywords)``; every default is ``None``.
+_OPTIONS = [
+    (("--n",), dict(type=int, help="training examples (default 12000; the binary task has 12000)")),
+    (
+        ("--classes",),
+        dict(help="comma-separated Fashion-MNIST classes, or 'all' (default 7,9: sneaker vs ankle boot)"),
+    ),
+    (
+        ("--flip-fraction", "--outlier-fraction"),
+        dict(
+            type=float,
+            dest="flip_fraction",
+            help="share of examples made outliers: labels flipped or inputs corrupted (default 0.02)",
+        ),
+    ),
+    (
+        ("--corruption",),
+        dict(
+            choices=CORRUPTIONS,
+            help="planted outliers: flip (labels, the default), or with labels kept: invert (1 - x), "
+            "noise (x + noise_scale·z), foreign (an image of a class outside --classes)",
+        ),
+    ),
+    (("--noise-scale",), dict(type=float, help="std of --corruption noise, pixel units (default 0.5)")),
+    (
+        ("--projection-dim",),
+        dict(
+            type=_optional_int,
+            help="score from the projected [F*Ω | c] with this many columns (for large p; "
+            "default none: the dense dual matrix)",
+        ),
+    ),
+    (
+        ("--sweep-dims",),
+        dict(type=_dims_arg, help="extra projection dimensions to score at the same θ, e.g. 64,256,1024"),
+    ),
+    (
+        ("--sweep-ridges",),
+        dict(type=_ridges_arg, help="ridges to score at each sweep dimension, e.g. 0.01,0.1,1"),
+    ),
+    (
+        ("--ridge",),
+        dict(
+            type=_non_negative_float,
+            help="ridge leverage, λ = ridge × mean diagonal of F* F*ᵀ (default 0: exact leverage)",
+        ),
+    ),
+    (("--hidden",), dict(help="hidden widths, comma-separated (default 8)")),
+    (("--steps",), dict(type=positive_int_arg, help="Adam steps (default 1000)")),
+    (("--lr",), dict(type=float, dest="learning_rate", help="Adam learning rate (default 0.01)")),
+    (("--batch-size",), dict(type=_optional_int, help="minibatch size (default: full batch)")),
+    (
+        ("--pool",),
+        dict(type=positive_int_arg, help="average-pooling factor of the 28×28 images (default 4)"),
+    ),
+    (("--pca",), dict(type=_optional_int, help="PCA components after pooling (default: none)")),
+    (
+        ("--num-nodes",),
+        dict(type=positive_int_arg, help="Gauss-Legendre nodes of the adjoint (default 4)"),
+    ),
+    (("--dtype",), dict(choices=("float32", "float64"), help="default float32")),
+    (("--seed",), dict(type=int, help="PRNG seed (default 0)")),
+    (("--out",), dict(help="output folder for results.json, scores.npz and the PNG grids")),
+    (("--no-progress",), dict(action="store_false", dest="progress", default=None)),
+]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register the outlier study's options on ``parser`` (e.g. the ``outliers`` subparser).
 
@@ -69,72 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Returns:
         ``parser``.
     """
-    options = [
-        (("--n",), dict(type=int, help="training examples (default 12000; the binary task has 12000)")),
-        (
-            ("--classes",),
-            dict(help="comma-separated Fashion-MNIST classes, or 'all' (default 7,9: sneaker vs ankle boot)"),
-        ),
-        (
-            ("--flip-fraction", "--outlier-fraction"),
-            dict(
-                type=float,
-                dest="flip_fraction",
-                help="share of examples made outliers: labels flipped or inputs corrupted (default 0.02)",
-            ),
-        ),
-        (
-            ("--corruption",),
-            dict(
-                choices=CORRUPTIONS,
-                help="planted outliers: flip (labels, the default), or with labels kept: invert (1 - x), "
-                "noise (x + noise_scale·z), foreign (an image of a class outside --classes)",
-            ),
-        ),
-        (("--noise-scale",), dict(type=float, help="std of --corruption noise, pixel units (default 0.5)")),
-        (
-            ("--projection-dim",),
-            dict(
-                type=_optional_int,
-                help="score from the projected [F*Ω | c] with this many columns (for large p; "
-                "default none: the dense dual matrix)",
-            ),
-        ),
-        (
-            ("--sweep-dims",),
-            dict(type=_dims_arg, help="extra projection dimensions to score at the same θ, e.g. 64,256,1024"),
-        ),
-        (
-            ("--sweep-ridges",),
-            dict(type=_ridges_arg, help="ridges to score at each sweep dimension, e.g. 0.01,0.1,1"),
-        ),
-        (
-            ("--ridge",),
-            dict(
-                type=_non_negative_float,
-                help="ridge leverage, λ = ridge × mean diagonal of F* F*ᵀ (default 0: exact leverage)",
-            ),
-        ),
-        (("--hidden",), dict(help="hidden widths, comma-separated (default 8)")),
-        (("--steps",), dict(type=positive_int_arg, help="Adam steps (default 1000)")),
-        (("--lr",), dict(type=float, dest="learning_rate", help="Adam learning rate (default 0.01)")),
-        (("--batch-size",), dict(type=_optional_int, help="minibatch size (default: full batch)")),
-        (
-            ("--pool",),
-            dict(type=positive_int_arg, help="average-pooling factor of the 28×28 images (default 4)"),
-        ),
-        (("--pca",), dict(type=_optional_int, help="PCA components after pooling (default: none)")),
-        (
-            ("--num-nodes",),
-            dict(type=positive_int_arg, help="Gauss-Legendre nodes of the adjoint (default 4)"),
-        ),
-        (("--dtype",), dict(choices=("float32", "float64"), help="default float32")),
-        (("--seed",), dict(type=int, help="PRNG seed (default 0)")),
-        (("--out",), dict(help="output folder for results.json, scores.npz and the PNG grids")),
-        (("--no-progress",), dict(action="store_false", dest="progress", default=None)),
-    ]
-    for flags, kwargs in options:
-        kwargs.setdefault("default", None)
+    for flags, options in _OPTIONS:
+        kwargs = {"default": None, **options}
         try:
             parser.add_argument(*flags, **kwargs)
         except argparse.ArgumentError:  # already registered by the caller
