@@ -263,10 +263,12 @@ def _add_run_parser(sub) -> None:
 def _add_outliers_parser(sub, outliers_module) -> None:
     out = sub.add_parser(
         "outliers",
-        help="flip labels, rank the data by score, measure how well scores find them",
+        help="plant outliers (flipped labels or corrupted inputs), rank the data by score, measure",
         description=(
-            "Outlier study of nlis_jax.experiments.outliers: flip a share of Fashion-MNIST labels, fit a "
-            "ReLU network, rank the examples by nonlinear leverage and baselines, report AUROC and precision."
+            "Outlier study of nlis_jax.experiments.outliers: flip a share of Fashion-MNIST labels "
+            "(or corrupt inputs: --corruption), fit a ReLU network, rank the examples by nonlinear "
+            "leverage (dense or projected: --projection-dim) and baselines, report AUROC, precision, "
+            "time and memory."
         ),
     )
     out.add_argument("--seed", type=int, default=None, help="PRNG seed (default 0)")

@@ -188,6 +188,33 @@ def test_scores_decompose_and_match_definitions():
     np.testing.assert_allclose(scores["grad_norm"], want, rtol=1e-10)
 
 
+def test_projected_scores_equal_dense_when_dim_covers_p():
+    """dim ≥ p + 1: the sparse embedding only signs and permutes the columns of F*, so every score, the
+    decomposition and the baselines equal the dense ones. The shapes of the test above (its compiled score
+    routes are reused), k = 3 outputs, and f(0) = 0.5 ≠ 0 (the offset-free adjoint path)."""
+    key_x, key_p, key_t, key_proj = jax.random.split(jax.random.key(0), 4)
+    n, d, k = 60, 3, 3
+    xs = jax.random.normal(key_x, (n, d), jnp.float64)
+    params = nets.mlp_init(key_p, (d, 4, k), dtype=jnp.float64)
+    params = [{"w": layer["w"], "b": layer["b"] + 0.1} for layer in params]
+    ts = jax.random.normal(key_t, (n, k), jnp.float64)
+    mlp = nets.mlp(jax.nn.relu)
+
+    def apply_fn(p, x):
+        return mlp(p, x) + 0.5
+
+    p = d * 4 + 4 + 4 * k + k
+    dense, info_d = O.outlier_scores(apply_fn, params, xs, ts, num_nodes=4)
+    proj, info_p = O.outlier_scores(apply_fn, params, xs, ts, num_nodes=4, projection_dim=p + 3, key=key_proj)
+    assert info_p["p"] == info_d["p"] == p
+    assert info_p["dual_shape"] == [n, k, p + 4] and info_p["rank_adjoint"] == info_d["rank_adjoint"]
+    for name in O.NONLINEAR_SCORES + O.BASELINE_SCORES:
+        np.testing.assert_allclose(proj[name], dense[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    assert info_p["decomposition_gap"] < 1e-9
+    with pytest.raises(ValueError, match="needs key"):
+        O.outlier_scores(apply_fn, params, xs, ts, projection_dim=8)
+
+
 # ----------------------------------------------------------------------------------------------
 # Studies
 
@@ -231,6 +258,44 @@ def test_synthetic_study_finds_planted_flips(tmp_path):
     # deterministic from the seed
     again = O.run_outlier_study(config, data=blobs(), progress=False)
     assert again["metrics"] == result["metrics"]
+
+
+def test_projected_study_with_corrupted_inputs_and_sweep(tmp_path):
+    """The synthetic study's shapes (its fit kernels are reused), inputs noised instead of labels flipped,
+    scores from the projected [F*Ω | c] and a sweep: results, costs, table and files."""
+    x, labels = blobs()
+    config = O.OutlierConfig(
+        n=None,
+        flip_fraction=0.05,
+        hidden=4,
+        steps=300,
+        seed=1,
+        grid_per_class=3,
+        corruption="noise",
+        noise_scale=3.0,
+        projection_dim=16,
+        sweep_dims=(16,),
+        sweep_ridges=(0.0,),
+    )
+    result = O.run_outlier_study(config, data=(x, labels), out_dir=tmp_path, progress=False)
+    assert result["corruption"] == "noise" and result["num_outliers"] == 20 and result["num_flipped"] == 0
+    diagnostics = result["diagnostics"]
+    assert diagnostics["dual_shape"] == [STUDY_N, 17] and diagnostics["projection_dim"] == 16
+    # the sweep at the main dimension (same key: the same embedding, reusing its compiled kernels)
+    assert [(e["dim"], e["ridge"]) for e in diagnostics["sweep"]] == [(16, 0.0)]
+    assert diagnostics["sweep"][0]["metrics"] == {k: result["metrics"][k] for k in O.NONLINEAR_SCORES}
+    for stage in ("fit", "loss", "grad_norm", "dual_matrix", "leverage", "adjoint_leverage", "norm"):
+        cost = diagnostics["costs"][stage]
+        assert cost["wall_s"] >= 0 and cost["rss_peak_mib"] >= cost["rss_before_mib"]
+    assert result["accuracy"]["noisy_labels"] == result["accuracy"]["clean_labels"]  # labels kept
+    # heavy noise on 16 features: the label-free adjoint leverage sees it
+    assert result["metrics"]["adjoint_leverage"]["auroc"] > 0.9
+    table = O.format_table(result)
+    assert "projected (dim 16)" in table and "projection dim 16" in table and "noise inputs" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["metrics"] == result["metrics"] and saved["corruption"] == "noise"
+    with pytest.raises(ValueError, match="needs foreign"):
+        O.run_outlier_study(O.OutlierConfig(corruption="foreign"), data=(x, labels), progress=False)
 
 
 def test_config_validation():

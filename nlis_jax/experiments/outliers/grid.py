@@ -1,4 +1,4 @@
-"""The outlier study's image grid: per class, the highest- and lowest-scored examples, flips in red."""
+"""The outlier study's image grid: per class, the highest- and lowest-scored examples, outliers in red."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def _chosen(labels, scores, c: int, per_class: int) -> list[tuple[int, int]]:
     return [(j, int(top[j])) for j in range(top.size)] + [
         (per_class + 1 + j, int(bottom[j])) for j in range(bottom.size)
     ]
+
+
+def _caption(i: int, names, true_labels, mark_title: str | None) -> str:
+    if mark_title is not None:
+        return mark_title
+    return f"true: {names[int(true_labels[i])]}" if true_labels is not None else "flipped"
 
 
 def _blank(ax) -> None:
@@ -73,6 +79,7 @@ def save_score_grid(
     class_names: Sequence[str] | None = None,
     true_labels=None,
     title: str = "",
+    mark_title: str | None = None,
 ) -> Path:
     """Save a PNG grid: one row per (given) class, its ``per_class`` highest-scored examples on the left
     and its ``per_class`` lowest-scored on the right. Flipped examples get a red frame and their true
@@ -88,6 +95,8 @@ def save_score_grid(
         class_names: names of the labels ``0..K-1``.
         true_labels: ``(n,)`` clean labels, to name the true class of flipped examples.
         title: figure title.
+        mark_title: the red caption of every marked example (e.g. ``"invert"`` for corrupted inputs);
+            ``None``: ``"true: <class>"`` from ``true_labels``, else ``"flipped"``.
 
     Returns:
         The path written.
@@ -112,8 +121,7 @@ def save_score_grid(
                 imgs[i], cmap="gray_r", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest"
             )
             if flipped[i]:
-                true_name = names[int(true_labels[i])] if true_labels is not None else "flipped"
-                _mark_flipped(axes[c, col], f"true: {true_name}")
+                _mark_flipped(axes[c, col], _caption(i, names, true_labels, mark_title))
         axes[c, 0].set_ylabel(names[c] if c < len(names) else str(c), fontsize=7, rotation=0, ha="right")
     _annotate(fig, axes, per_class, title)
     path = Path(path)

@@ -1,4 +1,5 @@
-"""The outlier study's runner: flip labels, fit, score, measure, and write the results."""
+"""The outlier study's runner: plant outliers (flipped labels or corrupted inputs), fit, score, measure,
+and write the results."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ import optax
 import nlis_jax as nj
 from nlis_jax.experiments import nets
 from nlis_jax.experiments.features import label_targets, prepare_features
+from nlis_jax.experiments.memory import measured
 from nlis_jax.experiments.outliers.config import BASELINE_SCORES, NONLINEAR_SCORES, OutlierConfig
-from nlis_jax.experiments.outliers.data import flip_labels, load_data
+from nlis_jax.experiments.outliers.data import load_data, plant_outliers
 from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
-from nlis_jax.experiments.outliers.scores import outlier_scores
+from nlis_jax.experiments.outliers.scores import dual_scores, outlier_scores, projected_dual
 
 __all__ = ["run_outlier_study"]
 
@@ -44,21 +46,22 @@ def _log(progress: bool, msg: str) -> None:
 
 
 class _Data(NamedTuple):
-    images: np.ndarray
+    images: np.ndarray  # as the model sees them: corrupted inputs included
     labels: np.ndarray  # clean
-    noisy: np.ndarray
-    flipped: np.ndarray
+    noisy: np.ndarray  # given (flipped labels included)
+    flipped: np.ndarray  # the outlier mask: flipped labels or corrupted inputs
     num_classes: int
     class_names: tuple[str, ...] | None
     xs: jax.Array
     ts: jax.Array
 
 
-def _prepare(key, config: OutlierConfig, data) -> _Data:
-    """Load, flip ``round(flip_fraction · n)`` labels, build features and ``±1`` / one-hot targets."""
+def _prepare(key, config: OutlierConfig, data, foreign) -> _Data:
+    """Load, plant ``round(flip_fraction · n)`` outliers (:func:`plant_outliers`), build features and
+    ``±1`` / one-hot targets."""
     dtype = np.dtype(config.dtype)
     images, labels, num_classes, class_names = load_data(config, data)
-    noisy, flipped = flip_labels(key, labels, num_classes, fraction=config.flip_fraction)
+    images, noisy, flipped = plant_outliers(key, config, images, labels, num_classes, foreign)
     xs = jnp.asarray(prepare_features(images, pool=config.pool, pca=config.pca, dtype=dtype))
     ts = jnp.asarray(label_targets(noisy, num_classes, dtype))
     return _Data(images, labels, noisy, flipped, num_classes, class_names, xs, ts)
@@ -91,12 +94,12 @@ def _accuracy(params, d: _Data) -> dict[str, float]:
     return {
         "noisy_labels": float(np.mean(predicted == d.noisy)),
         "clean_labels": float(np.mean(predicted == d.labels)),
-        "flipped_fitted": float(np.mean(predicted[d.flipped] == d.noisy[d.flipped])),
+        "outliers_fitted": float(np.mean(predicted[d.flipped] == d.noisy[d.flipped])),
     }
 
 
-def _metrics(scores: dict, flipped: np.ndarray) -> dict[str, dict]:
-    """AUROC and precision at ``k`` and ``2k`` (``k`` = number of flipped labels) of every score."""
+def _metrics(scores: dict, flipped: np.ndarray, names=NONLINEAR_SCORES + BASELINE_SCORES) -> dict[str, dict]:
+    """AUROC and precision at ``k`` and ``2k`` (``k`` = number of outliers) of every score in ``names``."""
     k, n = int(flipped.sum()), flipped.size
     return {
         name: {
@@ -105,8 +108,41 @@ def _metrics(scores: dict, flipped: np.ndarray) -> dict[str, dict]:
             "precision_at_k": precision_at_k(scores[name], flipped, k),
             "precision_at_2k": precision_at_k(scores[name], flipped, min(2 * k, n)),
         }
-        for name in NONLINEAR_SCORES + BASELINE_SCORES
+        for name in names
     }
+
+
+def _sweep(key, config: OutlierConfig, d: _Data, params) -> list[dict]:
+    """The nonlinear scores' metrics at each dimension of ``config.sweep_dims`` (projected, same θ and key;
+    else ``projection_dim``, else dense) and each ridge of ``config.sweep_ridges`` (else ``config.ridge``):
+    one entry ``{"dim", "ridge", "metrics", "diagnostics", "costs"}`` per pair."""
+    dims = config.sweep_dims or (config.projection_dim,)
+    out = []
+    for dim in dims:
+        cost: dict[str, dict] = {}
+        if dim is None:
+            dual = measured(
+                cost, "dual_matrix", nj.dual_matrix, APPLY_FN, params, d.xs, d.ts, num_nodes=config.num_nodes
+            )
+        else:
+            dual = measured(
+                cost,
+                "dual_matrix",
+                projected_dual,
+                key,
+                APPLY_FN,
+                params,
+                d.xs,
+                d.ts,
+                dim=dim,
+                num_nodes=config.num_nodes,
+            )
+        for ridge in config.sweep_ridges or (config.ridge,):
+            costs = dict(cost)
+            scores, info = dual_scores(dual, ridge=ridge, costs=costs)
+            metrics = _metrics(scores, d.flipped, NONLINEAR_SCORES)
+            out.append({"dim": dim, "ridge": ridge, "metrics": metrics, "diagnostics": info, "costs": costs})
+    return out
 
 
 def _write(out_dir, config: OutlierConfig, result: dict, d: _Data, scores: dict) -> dict[str, str]:
@@ -114,12 +150,14 @@ def _write(out_dir, config: OutlierConfig, result: dict, d: _Data, scores: dict)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    metrics, k = result["metrics"], result["num_flipped"]
+    metrics, k = result["metrics"], result["num_outliers"]
+    flip = config.corruption == "flip"
+    what = "flipped label" if flip else f"{config.corruption} input, label kept"
     for name in config.grid_scores or tuple(dict.fromkeys((result["best_nonlinear"], "loss"))):
         m = metrics[name]
         title = (
             f"{name}: AUROC {m['auroc']:.3f}, P@k {m['precision_at_k']:.2f} (k = {k}); "
-            f"red = flipped label (row = given label)"
+            f"red = {what} (row = given label)"
         )
         path = save_score_grid(
             out / f"grid_{name}.png",
@@ -129,13 +167,14 @@ def _write(out_dir, config: OutlierConfig, result: dict, d: _Data, scores: dict)
             scores[name],
             per_class=config.grid_per_class,
             class_names=d.class_names,
-            true_labels=d.labels,
+            true_labels=d.labels if flip else None,
             title=title,
+            mark_title=None if flip else config.corruption,
         )
         files[f"grid_{name}"] = str(path)
     np.savez_compressed(
         out / "scores.npz", flipped=d.flipped, labels=d.labels, noisy_labels=d.noisy, **scores
-    )
+    )  # "flipped": the outlier mask, whatever the corruption
     files["scores"] = str(out / "scores.npz")
     files["results"] = str(out / "results.json")
     return files
@@ -154,7 +193,9 @@ def _result(
         "p": info["p"],
         "k": 1 if d.num_classes == 2 else int(d.num_classes),
         "num_features": int(d.xs.shape[1]),
-        "num_flipped": int(d.flipped.sum()),
+        "corruption": config.corruption,
+        "num_outliers": int(d.flipped.sum()),
+        "num_flipped": int(d.flipped.sum()) if config.corruption == "flip" else 0,
         "metrics": metrics,
         "best_nonlinear": max(NONLINEAR_SCORES, key=lambda s: metrics[s]["auroc"]),
         "best_overall": max(metrics, key=lambda s: metrics[s]["auroc"]),
@@ -171,23 +212,50 @@ def _result(
     }
 
 
+def _score(k_proj, config: OutlierConfig, d: _Data, fitted, timings: dict) -> tuple[dict, dict, dict]:
+    """Scores at the fitted θ, their metrics, and the sweep over ``config.sweep_dims``:
+    ``(scores, info, metrics)``; ``info["costs"]`` gains the fit and the sweep."""
+    scores, info = outlier_scores(
+        APPLY_FN,
+        fitted.params,
+        d.xs,
+        d.ts,
+        num_nodes=config.num_nodes,
+        projection_dim=config.projection_dim,
+        key=k_proj,
+        ridge=config.ridge,
+    )
+    timings.update(info.pop("timings"))
+    metrics = _metrics(scores, d.flipped)
+    if config.sweep_dims or config.sweep_ridges:
+        t0 = time.perf_counter()
+        info["sweep"] = _sweep(k_proj, config, d, fitted.params)
+        timings["sweep_s"] = time.perf_counter() - t0
+    return scores, info, metrics
+
+
 def run_outlier_study(
     config: OutlierConfig | None = None,
     *,
     data=None,
+    foreign=None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    r"""Flip labels, fit, score, and measure how well each score finds the flipped labels.
+    r"""Plant outliers, fit, score, and measure how well each score finds them.
 
-    Steps: load the data (or take ``data``); flip ``round(flip_fraction · n)`` labels
-    (:func:`flip_labels`); features by :func:`~nlis_jax.experiments.features.prepare_features`; fit a ReLU
-    MLP ``d → hidden… → (1 or K)`` with :func:`nlis_jax.fit` (Adam, squared loss on ``±1`` / one-hot
-    targets of the NOISY labels); compute :func:`outlier_scores` at the fitted θ; AUROC, precision at
-    ``k`` and ``2k`` (``k`` = number of flipped labels) of each score against the flipped mask.
+    Steps: load the data (or take ``data``); plant ``round(flip_fraction · n)`` outliers
+    (:func:`~nlis_jax.experiments.outliers.data.plant_outliers`: flipped labels for
+    ``config.corruption == "flip"``, else inverted, noised or foreign inputs with their labels kept);
+    features by :func:`~nlis_jax.experiments.features.prepare_features`; fit a ReLU MLP
+    ``d → hidden… → (1 or K)`` with :func:`nlis_jax.fit` (Adam, squared loss on ``±1`` / one-hot targets of
+    the GIVEN labels); compute :func:`outlier_scores` at the fitted θ (dense, or projected with
+    ``config.projection_dim``; ridge leverage with ``config.ridge``); AUROC, precision at ``k`` and ``2k``
+    (``k`` = number of outliers) of each score against the outlier mask; the nonlinear scores again at
+    each of ``config.sweep_dims`` and ``config.sweep_ridges``.
 
-    Randomness: ``jax.random.key(config.seed)`` is split into independent keys for the flips, the
-    initialisation and the minibatches.
+    Randomness: ``jax.random.key(config.seed)`` is split into independent keys for the outliers, the
+    initialisation, the minibatches and the embedding.
 
     Args:
         config: the study's options (``None``: the defaults of :class:`OutlierConfig`).
@@ -195,16 +263,19 @@ def run_outlier_study(
             :class:`nlis_jax.experiments.datasets.Dataset` / a pair ``(x, labels)``: ``x`` of shape
             ``(n, h, w)`` (images, pooled by ``config.pool``) or ``(n, d)``, ``labels`` integers
             ``0..K-1`` (``K`` = ``max + 1``); the first ``config.n`` are used.
-        out_dir: if given, write ``results.json``, ``scores.npz`` (every score, the flipped mask and the
-            labels) and one ``grid_<score>.png`` per grid score there.
+        foreign: replacement inputs for ``corruption="foreign"`` (``(m, ...)`` like one example of
+            ``data``); ``None`` loads Fashion-MNIST images of the classes outside ``config.classes``.
+        out_dir: if given, write ``results.json``, ``scores.npz`` (every score, the outlier mask as
+            ``flipped``, and the labels) and one ``grid_<score>.png`` per grid score there.
         progress: log the stages to stderr and show the fit's progress bar.
 
     Returns:
         A JSON-ready dict: ``metrics`` (per score: ``auroc``, ``precision_at_k``, ``precision_at_2k``,
         ``kind`` = ``"nonlinear"`` or ``"baseline"``), ``best_nonlinear``, ``best_overall``, ``n``, ``p``,
-        ``k`` (outputs), ``num_flipped``, ``accuracy`` (training accuracy on the noisy and on the clean
-        labels), ``diagnostics``, ``timings`` (seconds) and ``config``; plus ``files`` when ``out_dir``
-        is given.
+        ``k`` (outputs), ``corruption``, ``num_outliers`` (``num_flipped``: the same for flips, else 0),
+        ``accuracy`` (training accuracy on the given and on the clean labels), ``diagnostics`` (with
+        ``costs``: wall time and peak ``RssAnon`` of every stage, and ``sweep``), ``timings`` (seconds) and
+        ``config``; plus ``files`` when ``out_dir`` is given.
 
     Raises:
         nlis_jax.experiments.datasets.DatasetNotFoundError: when ``data`` is ``None`` and Fashion-MNIST is
@@ -214,21 +285,24 @@ def run_outlier_study(
     config = OutlierConfig() if config is None else config
     if config.dtype == "float64" and not jax.config.read("jax_enable_x64"):
         raise ValueError('dtype="float64" needs jax.config.update("jax_enable_x64", True).')
-    k_flip, k_init, k_fit = jax.random.split(jax.random.key(config.seed), 3)
+    if config.corruption == "foreign" and data is not None and foreign is None:
+        raise ValueError('corruption="foreign" with your own data needs foreign= (replacement inputs).')
+    # split(key, 4)[:3] equals split(key, 3): the first three keys are those of the flip-only study.
+    k_flip, k_init, k_fit, k_proj = jax.random.split(jax.random.key(config.seed), 4)
     t0 = time.perf_counter()
-    d = _prepare(k_flip, config, data)
+    d = _prepare(k_flip, config, data, foreign)
     timings = {"data_s": time.perf_counter() - t0}
+    num = int(d.flipped.sum())
     _log(
         progress,
-        f"n = {d.labels.size}, K = {d.num_classes}, {int(d.flipped.sum())} flipped, features {d.xs.shape[1]}",
+        f"n = {d.labels.size}, K = {d.num_classes}, {num} {config.corruption}, features {d.xs.shape[1]}",
     )
-    t0 = time.perf_counter()
-    fitted = jax.block_until_ready(_fit(k_init, k_fit, config, d, progress))
-    timings["fit_s"] = time.perf_counter() - t0
-    scores, info = outlier_scores(APPLY_FN, fitted.params, d.xs, d.ts, num_nodes=config.num_nodes)
-    timings.update(info.pop("timings"))
+    fit_cost: dict[str, dict] = {}
+    fitted = measured(fit_cost, "fit", _fit, k_init, k_fit, config, d, progress)
+    timings["fit_s"] = fit_cost["fit"]["wall_s"]
+    scores, info, metrics = _score(k_proj, config, d, fitted, timings)
+    info["costs"] = {**fit_cost, **info["costs"]}
     _log(progress, f"fit {timings['fit_s']:.1f}s, scores done, p = {info['p']}")
-    metrics = _metrics(scores, d.flipped)
     result = _result(config, d, fitted, info, metrics, timings, from_disk=data is None)
     if out_dir is not None:
         t0 = time.perf_counter()
