@@ -39,12 +39,22 @@ from jax import lax
 from nlis_jax._adjoint import check_model, check_path_args, default_chunk_size, flatten_model
 from nlis_jax._checks import check_choice, check_positive_int
 from nlis_jax._dual import dual_block
+from nlis_jax._factored import (
+    KHATRI_RAO_COST_RATIO,
+    analyse,
+    default_chunk,
+    khatri_rao_cost,
+    khatri_rao_embedding,
+    project_chunk,
+    zero_outputs,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, leverage_scores, orthonormal_basis
 from nlis_jax._streaming import pad_chunks
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
+from nlis_jax.quadrature import gauss_legendre
 
-EMBEDDINGS = ("sparse", "gaussian")
+EMBEDDINGS = ("auto", "sparse", "gaussian", "khatri_rao")
 
 
 def sparse_embedding(key: PRNGKey, m: int, dim: int, sparsity: int, dtype) -> tuple[Array, Array]:
@@ -88,6 +98,12 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
     model = flatten_model(apply_fn, params, xs)
     n, m = model.n, model.theta.shape[0] + 1
     k = math.prod(model.out_shape)
+    if embedding in ("auto", "khatri_rao") and num_nodes is not None and mode != "forward":
+        fac = analyse(apply_fn, params, xs)
+        cheaper = khatri_rao_cost(fac, k, dim, num_nodes) <= KHATRI_RAO_COST_RATIO * num_nodes * k * m
+        if fac.leaves and (embedding == "khatri_rao" or cheaper):
+            return _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk_size, num_nodes)
+    embedding = {"auto": "sparse", "khatri_rao": "gaussian"}.get(embedding, embedding)
     dtype = model.theta.dtype
     chunk = min(chunk_size or default_chunk_size(n, m, k), n)
     if embedding == "sparse":
@@ -111,13 +127,39 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
     return Y.reshape((-1,) + Y.shape[2:])[:n]
 
 
-def _check_embedding(dim, chunk_size, embedding, sparsity) -> None:
+def _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk, nodes):
+    """``F̃ Ω`` with the Khatri–Rao embedding of :mod:`nlis_jax._factored`, streamed in chunks."""
+    n, k, dtype = model.n, math.prod(model.out_shape), model.theta.dtype
+    leaves = jax.tree.leaves(params)
+    emb = khatri_rao_embedding(key, fac, dim, dtype)
+    t, w = gauss_legendre(nodes, dtype)
+    chunk = min(chunk or default_chunk(fac, n, k, dim), n)
+
+    def one_chunk(chunk_data):
+        xc, yc = chunk_data
+        offset = zero_outputs(fac, leaves, xc).astype(dtype).reshape(chunk, k)
+        if yc is not None:
+            offset = offset - yc.reshape(chunk, k)
+        Yc = project_chunk(fac, emb, leaves, xc, offset, t, w, k)
+        return Yc.reshape((chunk,) + model.out_shape + (dim,))
+
+    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys).astype(dtype), n, chunk)[0]
+    Y = lax.map(one_chunk, (pad_chunks(xs, n, chunk)[0], ys_c))
+    return Y.reshape((-1,) + Y.shape[2:])[:n]
+
+
+def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> None:
     check_positive_int("dim", dim)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     check_choice("embedding", embedding, EMBEDDINGS)
     check_positive_int("sparsity", sparsity)
-    if embedding == "sparse" and dim % sparsity:
+    if embedding == "khatri_rao" and (num_nodes is None or mode == "forward"):
+        raise ValueError(
+            "embedding='khatri_rao' needs a fixed num_nodes and reverse mode (per-example vjps), got "
+            f"num_nodes={num_nodes}, mode={mode!r}."
+        )
+    if embedding in ("sparse", "auto") and dim % sparsity:
         raise ValueError(f"dim={dim} must be a multiple of sparsity={sparsity} (equal-size hash blocks).")
 
 
@@ -141,7 +183,7 @@ def projected_dual_matrix(
     chunk_size: int | None = None,
     num_nodes: int = 16,
     mode: str = "auto",
-    embedding: str = "sparse",
+    embedding: str = "auto",
     sparsity: int = 1,
 ) -> Array:
     r"""``Y = F̃(θ) Ω``: the dual matrix times a random ``(p+1) × dim`` embedding, streamed in chunks.
@@ -159,7 +201,7 @@ def projected_dual_matrix(
       ``(n, dim)``, or ``(n, k, dim)`` for ``k`` outputs, in the dtype of ``params``.
     """
     check_path_args(num_nodes, mode, None)
-    _check_embedding(dim, chunk_size, embedding, sparsity)
+    _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
     return _projected_jit(
         key,
@@ -189,7 +231,7 @@ def projected_leverage_scores(
     mode: str = "auto",
     ridge: float = 0.0,
     rtol: float | None = None,
-    embedding: str = "sparse",
+    embedding: str = "auto",
     sparsity: int = 1,
     return_info: bool = False,
 ) -> Array | Leverage:
