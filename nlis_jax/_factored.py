@@ -41,7 +41,7 @@ from nlis_jax._types import Array, PRNGKey, PyTree
 #: multiply-adds per example (:func:`khatri_rao_cost`) are at most this many times ``q·k·(p+1)``, the
 #: size of the per-node gradients the generic route forms (the measurements behind the value are in
 #: benchmarks/README.md, section (d)).
-KHATRI_RAO_COST_RATIO = 16
+KHATRI_RAO_COST_RATIO = 12
 
 
 class Factored(NamedTuple):
