@@ -34,7 +34,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax._adjoint import CHUNK_ELEMENTS
-from nlis_jax._taps import Program, Tap, evaluate, find_taps, tap_operands, trace_program
+from nlis_jax._taps import (
+    Program,
+    Tap,
+    evaluate,
+    example_activation_size,
+    find_taps,
+    tap_operands,
+    trace_program,
+)
 from nlis_jax._types import Array, PRNGKey, PyTree
 
 #: ``embedding="auto"`` takes the Khatri–Rao route when some weight matrix is tapped and its estimated
@@ -86,12 +94,16 @@ def _num_rest(fac: Factored) -> int:
 
 
 def default_chunk(fac: Factored, n: int, k: int, dim: int) -> int:
-    """Examples per chunk keeping the chunk's carried and temporary arrays near :data:`CHUNK_ELEMENTS`."""
-    per_example = k * (_num_rest(fac) + 1 + dim) + sum(math.prod(a.shape) for a in fac.program.avals.values())
+    """Examples per chunk: the chunk's carried and temporary arrays near ``CHUNK_ELEMENTS / 8``.
+
+    Smaller than the generic route's budget: the products here run faster on cache-sized chunks (a few
+    hundred examples of a 784–256–1 MLP; benchmarks/README.md, section (d)).
+    """
+    per_example = k * (_num_rest(fac) + 1 + dim) + example_activation_size(fac.program)
     for tap in fac.taps:
         s, out, inner = _tap_sizes(fac, tap)
         per_example += s * (k * out + inner + (k + 1) * dim)
-    return max(1, min(n, CHUNK_ELEMENTS // (2 * per_example)))
+    return max(1, min(n, CHUNK_ELEMENTS // (8 * per_example)))
 
 
 class Embedding(NamedTuple):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -139,6 +140,16 @@ def find_taps(program: Program) -> tuple[Tap, ...]:
             depends.update(eqn.outs)
     spoiled.update(views[a][0] for a in program.outvars if _is_var(a) and a in views)
     return tuple(tap for tap in candidates if tap.leaf not in spoiled)
+
+
+def example_activation_size(program: Program) -> int:
+    """Elements of the intermediate values that depend on the example ``x`` (one example's activations)."""
+    depends, size = set(program.invars[program.num_leaves :]), 0
+    for eqn in program.eqns:
+        if any(_is_var(a) and a in depends for a in eqn.ins):
+            depends.update(eqn.outs)
+            size += sum(math.prod(program.avals[o].shape) for o in eqn.outs)
+    return size
 
 
 def _is_var(atom) -> bool:
