@@ -2,17 +2,20 @@
 
 Model: a ``d–h–1`` tanh MLP (``p = (d + 2)·h + 1``; ``784–256–1`` gives ``p = 201,217``) on synthetic
 image-like inputs (uniform on [0, 1]) with Gaussian responses, float32. For each hidden width ``h`` of
-``--widths``: ``projected_leverage_scores`` with the sparse sign embedding (and the dense Gaussian
-embedding when ``--gaussian-max-p`` allows), timed as one compiled function (compile and steady state
-apart, median of ``--reps``), and the peak ``RssAnon`` of this process sampled every 5 ms in a thread
-while it runs; the process CPU time (all threads) per steady-state run is recorded too, a figure that
-a machine shared with other jobs disturbs less than wall time. Baseline in the same process: exact
-``dual_matrix`` + ``leverage_scores`` where the ``n × (p+1)`` matrix stays under
-``--exact-max-elements``. (The range-finder route this replaced was retired after its measurement:
+``--widths``: ``projected_leverage_scores`` with the sparse sign embedding, with the library's
+Khatri–Rao route (``embedding="khatri_rao"``: dense-layer weight blocks projected in outer-product
+form, found in the model's jaxpr), and with the dense Gaussian embedding when ``--gaussian-max-p``
+allows, timed as one compiled function (compile and steady state apart, median of ``--reps``), and
+the peak ``RssAnon`` of this process sampled every 5 ms in a thread while it runs; the process CPU
+time (all threads) per steady-state run is recorded too, a figure that a machine shared with other
+jobs disturbs less than wall time. Baseline in the same process: exact ``dual_matrix`` +
+``leverage_scores`` where the ``n × (p+1)`` matrix stays under ``--exact-max-elements``. (The
+range-finder route this replaced was retired after its measurement:
 benchmarks/records/bench_projected_sweep_cpu.json and benchmarks/README.md.)
 
 Correctness first (float64, small): the projection with ``dim ≥ p + 1`` against the exact scores (target
-max relative error 1e-8), and the rank of a projection below the rank (must equal ``dim``).
+max relative error 1e-8; sparse, Gaussian and Khatri–Rao), the rank of a projection below the rank (must
+equal ``dim``), and the Khatri–Rao projection against ``dual_matrix @ Ω`` with ``Ω`` built explicitly.
 
     python benchmarks/bench_projected.py                                  # n = 10,000, widths 2,16,256
     python benchmarks/bench_projected.py --n 500 --widths 2,4 --reps 1
@@ -41,6 +44,7 @@ from _common import (
 )
 
 import nlis_jax as nj
+from nlis_jax._factored import analyse, embedding_matrix, khatri_rao_embedding  # the explicit Ω check
 from nlis_jax.experiments import nets
 
 try:  # the public home of the quadrature after the "house" refactor
@@ -66,7 +70,9 @@ def parse_args(argv):
     parser.add_argument("--sparsity", default="1", help="sparsities of the sparse embedding to time")
     parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
     parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
-    parser.add_argument("--cases", default="sparse,gaussian,outer_product,exact", help="cases to time")
+    parser.add_argument(
+        "--cases", default="sparse,gaussian,outer_product,khatri_rao,exact", help="cases to time"
+    )
     return parser.parse_args(argv)
 
 
@@ -124,14 +130,24 @@ def correctness(key) -> dict:
     params, xs, ys = make_problem(key, n=300, d=6, h=4, dtype=jnp.float64)  # p + 1 = 34
     ref = nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys))
     checks = {}
-    for embedding, dim in (("sparse", 34), ("gaussian", 34)):
+    for embedding, dim in (("sparse", 34), ("gaussian", 34), ("khatri_rao", 34)):
         probs = nj.projected_leverage_scores(key, MODEL, params, xs, ys, dim=dim, embedding=embedding)
         err = float(np.max(np.abs(np.asarray(probs) - np.asarray(ref)) / np.asarray(ref)))
         checks[f"{embedding}_full_dim_max_rel"] = check(err, EXACT_RTOL)
     info = nj.projected_leverage_scores(key, MODEL, params, xs, ys, dim=20, return_info=True)
     checks["rank_below_full"] = check(abs(int(info.rank) - 20), 0)
     checks["outer_product_vs_explicit_max_rel"] = check(outer_product_check(key), 1e-12)
+    checks["khatri_rao_vs_explicit_max_rel"] = check(khatri_rao_check(key, params, xs, ys), 1e-12)
     return checks
+
+
+def khatri_rao_check(key, params, xs, ys, dim: int = 12) -> float:
+    """max |Y − F̃ Ω| / max |Y| of the library's Khatri–Rao projection, Ω built explicitly (float64)."""
+    Y = nj.projected_dual_matrix(key, MODEL, params, xs, ys, dim=dim, embedding="khatri_rao")
+    fac = analyse(MODEL, params, xs)
+    omega = embedding_matrix(khatri_rao_embedding(key, fac, dim, jnp.float64), fac)
+    ref = np.asarray(nj.dual_matrix(MODEL, params, xs, ys)) @ np.asarray(omega)
+    return float(np.max(np.abs(np.asarray(Y) - ref)) / np.max(np.abs(ref)))
 
 
 def measure(fn, *args, reps: int) -> dict:
@@ -244,6 +260,8 @@ def one_width(args, key, h: int, sparsities) -> dict:
     cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities] if "sparse" in wanted else []
     if p <= args.gaussian_max_p and "gaussian" in wanted:
         cases.append(("gaussian", "gaussian", 1))
+    if "khatri_rao" in wanted:
+        cases.append(("khatri_rao", "khatri_rao", 1))
     for name, embedding, s in cases:
         fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
         point["cases"][name] = measure(fn, key, params, xs, ys, reps=args.reps)
@@ -260,6 +278,12 @@ def one_width(args, key, h: int, sparsities) -> dict:
             point["cases"][name]["tv_vs_exact"] = tv(point["cases"][name]["out"], ref)
     for case in point["cases"].values():
         case.pop("out")
+    if {"khatri_rao", "sparse_s1"} <= set(point["cases"]):  # same process, same moment
+        kr, sp = point["cases"]["khatri_rao"], point["cases"]["sparse_s1"]
+        point["sparse_over_khatri_rao"] = {
+            "cpu": sp["cpu_s_per_run"] / kr["cpu_s_per_run"],
+            "wall": sp["timing"]["median_s"] / kr["timing"]["median_s"],
+        }
     return point
 
 

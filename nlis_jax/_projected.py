@@ -8,7 +8,8 @@ is taken with the dense score routes. Memory ``O(chunk·p + n·dim + dim²)``: n
 
 Exactness: ``range(F̃ Ω) ⊆ range(F̃)`` always, with equality iff ``rank(F̃ Ω) = rank(F̃)``; then the
 leverage of ``Y`` equals that of ``F̃``. For a Gaussian ``Ω`` this holds almost surely once
-``dim ≥ rank(F̃)``. The default sparse sign embedding is a discrete random matrix, so for
+``dim ≥ rank(F̃)``, and equally for the Khatri–Rao embedding (its entries are polynomials in independent
+Gaussians; see :mod:`nlis_jax._factored`). The sparse sign embedding is a discrete random matrix, so for
 ``rank(F̃) ≤ dim < p + 1`` rank preservation holds with high probability, not almost surely (compare the
 returned ``rank`` with the rank you expect); for ``dim ≥ (p + 1)·sparsity`` its hashing is injective, so
 ``Y`` is ``F̃`` with signed, permuted columns and the scores are exact for every key. Below the rank the
@@ -16,7 +17,23 @@ scores are those of a randomly embedded ``F̃`` (an approximation whose quality 
 
 Embeddings (``embedding=``):
 
-- ``"sparse"`` (default): a sparse sign embedding (CountSketch for ``sparsity = 1``; OSNAP-style blocks
+- ``"auto"`` (default): ``"khatri_rao"`` when the model has tapped weight matrices and that route's
+  estimated multiply-adds per example are at most ``KHATRI_RAO_COST_RATIO`` (in
+  :mod:`nlis_jax._factored`) times ``q·k·(p+1)`` (the per-node gradients the generic route forms), with
+  a fixed ``num_nodes`` and ``mode`` other than ``"forward"``; otherwise ``"sparse"``. A model without a
+  tappable weight matrix gets exactly the sparse sign route.
+- ``"khatri_rao"``: the weight matrices ``W`` (``r₀ × r₁``) that the model uses only in matrix products
+  (``dot_general`` with a 2-D parameter leaf, possibly transposed or cast; found by tracing ``apply_fn``
+  to a jaxpr, so pure-JAX models and flax ``nn.Dense`` alike) get Khatri–Rao rows
+  ``Ω_W[(a, b), c] = U[a, c] V[b, c] / √dim`` (``U``, ``V`` Gaussian). Since ``∂f/∂W = Σ_s δ_s ⊗ h_s``
+  (``δ`` the product's output cotangent, ``h`` its other operand, at each node ``t_q θ``), the ``W``-part
+  of a projected row is ``Σ_q w_q Σ_s (δ_qsᵀ U) ⊙ (h_qsᵀ V) / √dim``: ``(r₀ + r₁)·dim`` work per node and
+  example in matrix products, the ``p``-sized gradient never formed (``h`` free of θ, e.g. the input,
+  is shared by the nodes: ``δ`` is summed over them first). Biases, parameters used in any other way and
+  the offset column go through per-example vjps and a dense Gaussian block (``N(0, 1/dim)``). Exact
+  almost surely when ``dim ≥ rank(F̃)``, like ``"gaussian"``; falls back to ``"gaussian"`` when nothing
+  is tapped. Needs a fixed ``num_nodes`` and reverse mode.
+- ``"sparse"``: a sparse sign embedding (CountSketch for ``sparsity = 1``; OSNAP-style blocks
   for ``sparsity = s > 1``). The ``dim`` buckets are split into ``s`` blocks of ``dim / s``; in each block
   every coordinate lands in exactly one bucket with a random sign ``±1/√s``. Buckets are balanced: a
   random permutation ``π`` of the coordinates gives bucket ``π(i) mod (dim / s)``. Applied as one
@@ -24,7 +41,7 @@ Embeddings (``embedding=``):
 - ``"gaussian"``: dense ``Ω`` with ``N(0, 1/dim)`` entries, ``O(chunk·p·dim)`` work and ``p·dim`` memory:
   the reference embedding (almost-sure exactness for ``dim ≥ rank``), not the fast one.
 
-Both satisfy ``E[Ω Ωᵀ] = I``, so the ridge leverage of ``Y`` estimates that of ``F̃``.
+All satisfy ``E[Ω Ωᵀ] = I``, so the ridge leverage of ``Y`` estimates that of ``F̃``.
 """
 
 from __future__ import annotations
@@ -39,12 +56,22 @@ from jax import lax
 from nlis_jax._adjoint import check_model, check_path_args, default_chunk_size, flatten_model
 from nlis_jax._checks import check_choice, check_positive_int
 from nlis_jax._dual import dual_block
+from nlis_jax._factored import (
+    KHATRI_RAO_COST_RATIO,
+    analyse,
+    default_chunk,
+    khatri_rao_cost,
+    khatri_rao_embedding,
+    project_chunk,
+    zero_outputs,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, leverage_scores, orthonormal_basis
 from nlis_jax._streaming import pad_chunks
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
+from nlis_jax.quadrature import gauss_legendre
 
-EMBEDDINGS = ("sparse", "gaussian")
+EMBEDDINGS = ("auto", "sparse", "gaussian", "khatri_rao")
 
 
 def sparse_embedding(key: PRNGKey, m: int, dim: int, sparsity: int, dtype) -> tuple[Array, Array]:
@@ -88,6 +115,12 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
     model = flatten_model(apply_fn, params, xs)
     n, m = model.n, model.theta.shape[0] + 1
     k = math.prod(model.out_shape)
+    if embedding in ("auto", "khatri_rao") and num_nodes is not None and mode != "forward":
+        fac = analyse(apply_fn, params, xs)
+        cheaper = khatri_rao_cost(fac, k, dim, num_nodes) <= KHATRI_RAO_COST_RATIO * num_nodes * k * m
+        if fac.leaves and (embedding == "khatri_rao" or cheaper):
+            return _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk_size, num_nodes)
+    embedding = {"auto": "sparse", "khatri_rao": "gaussian"}.get(embedding, embedding)
     dtype = model.theta.dtype
     chunk = min(chunk_size or default_chunk_size(n, m, k), n)
     if embedding == "sparse":
@@ -111,13 +144,39 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
     return Y.reshape((-1,) + Y.shape[2:])[:n]
 
 
-def _check_embedding(dim, chunk_size, embedding, sparsity) -> None:
+def _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk, nodes):
+    """``F̃ Ω`` with the Khatri–Rao embedding of :mod:`nlis_jax._factored`, streamed in chunks."""
+    n, k, dtype = model.n, math.prod(model.out_shape), model.theta.dtype
+    leaves = jax.tree.leaves(params)
+    emb = khatri_rao_embedding(key, fac, dim, dtype)
+    t, w = gauss_legendre(nodes, dtype)
+    chunk = min(chunk or default_chunk(fac, n, k, dim), n)
+
+    def one_chunk(chunk_data):
+        xc, yc = chunk_data
+        offset = zero_outputs(fac, leaves, xc).astype(dtype).reshape(chunk, k)
+        if yc is not None:
+            offset = offset - yc.reshape(chunk, k)
+        Yc = project_chunk(fac, emb, leaves, xc, offset, t, w, k)
+        return Yc.reshape((chunk,) + model.out_shape + (dim,))
+
+    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys).astype(dtype), n, chunk)[0]
+    Y = lax.map(one_chunk, (pad_chunks(xs, n, chunk)[0], ys_c))
+    return Y.reshape((-1,) + Y.shape[2:])[:n]
+
+
+def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> None:
     check_positive_int("dim", dim)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     check_choice("embedding", embedding, EMBEDDINGS)
     check_positive_int("sparsity", sparsity)
-    if embedding == "sparse" and dim % sparsity:
+    if embedding == "khatri_rao" and (num_nodes is None or mode == "forward"):
+        raise ValueError(
+            "embedding='khatri_rao' needs a fixed num_nodes and reverse mode (per-example vjps), got "
+            f"num_nodes={num_nodes}, mode={mode!r}."
+        )
+    if embedding in ("sparse", "auto") and dim % sparsity:
         raise ValueError(f"dim={dim} must be a multiple of sparsity={sparsity} (equal-size hash blocks).")
 
 
@@ -141,7 +200,7 @@ def projected_dual_matrix(
     chunk_size: int | None = None,
     num_nodes: int = 16,
     mode: str = "auto",
-    embedding: str = "sparse",
+    embedding: str = "auto",
     sparsity: int = 1,
 ) -> Array:
     r"""``Y = F̃(θ) Ω``: the dual matrix times a random ``(p+1) × dim`` embedding, streamed in chunks.
@@ -150,16 +209,19 @@ def projected_dual_matrix(
       key: PRNG key of the embedding (used once).
       apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`.
       dim: columns of the embedding (``dim ≥ p + 1`` is allowed, and exact for ``"sparse"``).
-      chunk_size: examples whose dual rows are held at once (static; memory ``chunk_size·k·(p+1)``);
-        default keeps a chunk under ``2**23`` elements.
-      embedding: ``"sparse"`` (sparse sign / CountSketch, ``O(p·sparsity)`` per row) or ``"gaussian"``.
+      chunk_size: examples whose dual rows are held at once (static; memory ``chunk_size·k·(p+1)``,
+        for ``"khatri_rao"`` about ``chunk_size`` times the model's activations plus the tapped
+        products' ``δ`` and ``h``); default keeps a chunk under ``2**23`` elements.
+      embedding: ``"auto"`` (default), ``"khatri_rao"`` (outer-product form of dense-layer gradients),
+        ``"sparse"`` (sparse sign / CountSketch, ``O(p·sparsity)`` per row) or ``"gaussian"`` (see the
+        module docstring).
       sparsity: nonzeros per coordinate of the sparse embedding (``dim`` must be a multiple of it).
 
     Returns:
       ``(n, dim)``, or ``(n, k, dim)`` for ``k`` outputs, in the dtype of ``params``.
     """
     check_path_args(num_nodes, mode, None)
-    _check_embedding(dim, chunk_size, embedding, sparsity)
+    _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
     return _projected_jit(
         key,
@@ -189,7 +251,7 @@ def projected_leverage_scores(
     mode: str = "auto",
     ridge: float = 0.0,
     rtol: float | None = None,
-    embedding: str = "sparse",
+    embedding: str = "auto",
     sparsity: int = 1,
     return_info: bool = False,
 ) -> Array | Leverage:
@@ -198,9 +260,10 @@ def projected_leverage_scores(
     One streaming pass forms ``Y`` (:func:`projected_dual_matrix`), then the exact leverage of ``Y``
     (block leverage, summed over the ``k`` rows of an example, for ``k`` outputs). Exact, i.e. equal to
     ``leverage_scores(dual_matrix(...))``, whenever ``rank(Y) = rank(F̃)``: almost surely for
-    ``embedding="gaussian"`` and ``dim ≥ rank(F̃)``, for every key with ``"sparse"`` and
+    ``embedding="gaussian"`` or ``"khatri_rao"`` and ``dim ≥ rank(F̃)``, for every key with ``"sparse"`` and
     ``dim ≥ (p + 1)·sparsity``, and with high probability for ``"sparse"`` and ``rank ≤ dim < p + 1``
-    (check the returned rank). Memory ``O(chunk·p + n·dim + dim²)``.
+    (check the returned rank); ``"auto"`` is one of ``"khatri_rao"`` and ``"sparse"`` (module
+    docstring). Memory ``O(chunk·p + n·dim + dim²)``.
 
     Args:
       key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity: as in

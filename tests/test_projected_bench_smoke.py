@@ -22,8 +22,10 @@ def test_bench_projected(tmp_path, monkeypatch):
     assert record["ok"], record["checks"]
     (point,) = record["points"]
     assert point["p"] == (6 + 2) * 2 + 1
-    assert set(point["cases"]) == {"sparse_s1", "gaussian", "outer_product", "exact"}
+    assert set(point["cases"]) == {"sparse_s1", "gaussian", "outer_product", "khatri_rao", "exact"}
     assert record["checks"]["outer_product_vs_explicit_max_rel"]["ok"]
+    assert record["checks"]["khatri_rao_vs_explicit_max_rel"]["ok"]
+    assert point["sparse_over_khatri_rao"]["cpu"] > 0
     for case in point["cases"].values():
         assert case["timing"]["median_s"] > 0 and case["rss_peak_bytes"] >= case["rss_before_bytes"] > 0
     assert 0 <= point["cases"]["sparse_s1"]["tv_vs_exact"] <= 1
