@@ -112,8 +112,10 @@ def projected_dual(
     """
     f0 = _outputs_at_zero(apply_fn, params, xs)
     model = apply_fn if not bool(jnp.any(f0 != 0)) else _without_offset(apply_fn)
+    # The sparse sign embedding, as recorded in docs/outliers.md (embedding="auto" would pick the faster
+    # Khatri-Rao route for dense layers: another random Ω, hence other figures).
     Y = nj.projected_dual_matrix(
-        key, model, params, xs, None, dim=dim, num_nodes=num_nodes, chunk_size=chunk_size
+        key, model, params, xs, None, dim=dim, num_nodes=num_nodes, chunk_size=chunk_size, embedding="sparse"
     )
     c = (f0 - jnp.asarray(ts, f0.dtype)).astype(Y.dtype)
     return jnp.concatenate([Y, c[..., None]], axis=-1)
