@@ -107,15 +107,61 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def column_scales(colmax: Array) -> Array:
+    """``(m,)`` powers of two bringing each column maximum ``colmax`` into ``[0.5, 1)`` (1 for zero)."""
+    _, e = jnp.frexp(colmax)
+    top = jnp.finfo(colmax.dtype).maxexp - 1  # a subnormal column is raised as far as a finite scale goes
+    return jnp.ldexp(jnp.ones_like(colmax), jnp.minimum(-e.astype(jnp.int32), top))
+
+
 def prescale_columns(A: Array) -> Array:
-    """``A`` with each column multiplied by the power of two that brings its max-abs into ``[0.5, 1)``.
+    """``A`` with each column multiplied by the power of two of :func:`column_scales` of its max-abs.
 
     Exact (only exponents change) and leaves ``range(A)`` unchanged, so leverage is too; it keeps the
     Gram matrix and the column norms of :func:`equilibrate` from overflowing (a column ``×1e154`` in
     float64) or underflowing (``×1e-160``) when squared. Zero columns stay zero.
     """
-    _, e = jnp.frexp(jnp.max(jnp.abs(A), axis=0))
-    return jnp.ldexp(A, -e[None, :].astype(jnp.int32))
+    return A * column_scales(jnp.max(jnp.abs(A), axis=0))[None, :]
+
+
+def norms_in_range(diag: Array, n: int) -> Array:
+    """``(m,)``: squared column norms ``diag`` (of ``n`` rows) with which an unscaled Gram matrix is as good
+    as a prescaled one: finite, at most ``eps·max`` (no overflow downstream) and at least ``n·tiny/eps``
+    (products under ``tiny`` lose bits, or are flushed to zero: at most ``n·tiny`` per entry, under
+    ``eps`` relative to norms that large)."""
+    info = jnp.finfo(diag.dtype)
+    low = n * float(info.tiny) / float(info.eps)
+    return jnp.isfinite(diag) & (diag >= low) & (diag <= float(info.max) * float(info.eps))
+
+
+def scaled_gram(A: Array) -> tuple[Array, Array]:
+    """``(G, s)``: the Gram matrix of ``A·diag(s)`` with ``s`` powers of two (see :func:`prescale_columns`).
+
+    Ordinary input takes one product and ``s = 1``: no pass over ``A`` to scale it. A zero diagonal
+    entry (a zero column, or a tiny one flushed to zero) costs one read of ``A`` for its column maxima;
+    only when the unscaled Gram matrix over- or underflows (:func:`norms_in_range`) is ``A`` scaled and
+    multiplied again. Either way ``G`` is that of the prescaled ``A`` up to exact powers of two, which
+    the equilibration removes, and row passes use ``A·(s M)`` for ``(A s)·M`` (the same numbers:
+    scaling by powers of two commutes with rounding).
+    """
+    G0 = gram(A)
+    n, diag = A.shape[0], jnp.diagonal(G0)
+    fine = norms_in_range(diag, n)
+
+    def keep(A):
+        return G0, jnp.ones_like(diag)
+
+    def check_zero_columns(A):
+        colmax = jnp.max(jnp.abs(A), axis=0)
+        ok = jnp.all(fine | (colmax == 0))
+
+        def rescaled(A):
+            s = column_scales(colmax)
+            return gram(A * s[None, :]), s
+
+        return lax.cond(ok, keep, rescaled, A)
+
+    return lax.cond(jnp.all(fine), keep, check_zero_columns, A)
 
 
 def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Array]:
@@ -305,22 +351,22 @@ def basis(
     rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
     more on a CPU) followed by one CholeskyQR step is as good.
     """
-    A = prescale_columns(A)
     if A.shape[0] < A.shape[1]:
-        return wide_basis(A, rtol, row_norms)
-    G = gram(A)
+        return wide_basis(prescale_columns(A), rtol, row_norms)
+    G, cs = scaled_gram(A)  # of A·diag(cs): the transforms below act on A·diag(cs), so scale them by cs
     dec = decide(G, route)
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
 
     def one_pass(A):
-        return transform_rows(A, dec.transform, row_norms), dec.rank
+        return transform_rows(A, cs[:, None] * dec.transform, row_norms), dec.rank
 
     def two_pass(A):
-        return refine(A @ dec.transform, dec.rank)
+        return refine(A @ (cs[:, None] * dec.transform), dec.rank)
 
     def stable(A):
+        A = A * cs[None, :]
         if A.dtype == jnp.float64:
             Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
             W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
@@ -335,7 +381,7 @@ def basis(
 
     def shifted(A):  # Y = A D⁻¹L₀⁻ᵀ is formed once: its Gram matrix, then its rows
         first, ok = shifted_first(G)
-        Y = A @ first
+        Y = A @ (cs[:, None] * first)
         pre = shifted_transform(G, gram(Y), first, lambda M: gram(Y @ M), rtol)
 
         def taken():
