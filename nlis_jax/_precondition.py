@@ -37,9 +37,13 @@ SHIFT = 0.1
 #: Tenfold increases of the shift tried when the shifted Cholesky factorisation still fails.
 SHIFT_TRIES = 6
 
+#: Smallest ``1/κ(YᵀY)``, in units of ``eps``, accepted: two CholeskyQR steps (CholeskyQR2) make ``Y``
+#: orthonormal while ``κ(Y) < eps^{-1/2}``; 16 keeps ``κ(Y)`` under ``eps^{-1/2}/4``.
+Y_RATIO_MIN = 16.0
+
 #: Power iterations of the checks of the shifted route (conditioning of ``YᵀY``, ``σ_min/σ_max``): they
-#: only compare against thresholds orders of magnitude apart (or with a factor-4 margin), so a few suffice.
-CHECK_ITERS = 10
+#: only compare against thresholds orders of magnitude apart (or with a factor-2 margin), so fewer suffice.
+CHECK_ITERS = 15
 
 #: Above this size, triangular inverses go to LAPACK (``O(m³)`` flops in one call) rather than a loop
 #: of ``m`` vector-matrix products, which is memory-bound and slower for large ``m``.
@@ -218,5 +222,5 @@ def shifted_transform(
     # σ(A D⁻¹): σ_max² = λ_max(G_eq), σ_min² from the transform (see inverse_sigma_min_sq).
     lam_max = largest_eigenvalue(lambda x: Geq @ x, Geq.shape[0], Geq.dtype, CHECK_ITERS)
     ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first, second, d, CHECK_ITERS), 1))
-    ok = (ratio_y >= 1000 * eps) & ok2 & (ratio > 4 * rtol)  # power iteration errs high on σ_min
+    ok = (ratio_y >= Y_RATIO_MIN * eps) & ok2 & (ratio > 2 * rtol)
     return Preconditioned(first, second, ok, jnp.where(ok, ratio, 0.0))

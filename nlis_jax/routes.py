@@ -21,7 +21,7 @@ on the Cholesky factor (a failed Cholesky counts as singular):
    (:mod:`nlis_jax._precondition`): ``G_eq + s·I = L₀L₀ᵀ`` with a tiny shift, ``Y = A D⁻¹ L₀⁻ᵀ``
    (``κ(Y)`` small), then one or two CholeskyQR steps on ``Y`` from its Gram matrix: Gram passes only,
    as accurate as route 2 on a matrix of full numerical rank. When the transform shows ``σ_min/σ_max``
-   under ``4·rtol``, or ``Y`` could not be made orthonormal, route 2 is taken instead (and reported).
+   under ``2·rtol``, or ``Y`` could not be made orthonormal, route 2 is taken instead (and reported).
 
 Entry points: :func:`basis` / :func:`row_leverage` for a row matrix held whole (dense scores, the
 sketched ``Y = F̃V``, a projected ``F̃Ω``); :func:`transform_from_passes` and :func:`apply_transform` for a
