@@ -6,8 +6,8 @@ decided on the ``m × m`` Gram matrix ``G = AᵀA`` only, so the same code serve
 product), a streamed ``A`` (the Gram matrix accumulated chunk by chunk) and a sketched or projected ``A``.
 
 Decisions are made on the column-equilibrated ``G_eq = D⁻¹GD⁻¹ = L Lᵀ`` (``D`` the column norms, read off
-the diagonal of ``G``; see :func:`equilibrate`), with ``κ(G_eq)`` estimated by power and inverse iteration
-on the Cholesky factor (a failed Cholesky counts as singular):
+the diagonal of ``G``; see :func:`equilibrate`), with ``κ(G_eq)`` estimated by power iteration on ``G_eq``
+and on ``G_eq⁻¹ = L⁻ᵀL⁻¹`` (a failed Cholesky counts as singular):
 
 0. ``"gram"`` (``κ(G_eq) ≤ eps^{-1/4}``): ``M = D⁻¹ L⁻ᵀ``; orthogonality error ``~ eps·κ(G_eq)``.
 1. ``"gram2"`` (``κ(G_eq) ≤ 1/(1000·eps)``): one more CholeskyQR step on ``U₁ = A D⁻¹ L⁻ᵀ``
