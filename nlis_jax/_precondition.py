@@ -37,6 +37,14 @@ SHIFT = 0.1
 #: Tenfold increases of the shift tried when the shifted Cholesky factorisation still fails.
 SHIFT_TRIES = 6
 
+#: Smallest ``1/κ(YᵀY)``, in units of ``eps``, accepted: two CholeskyQR steps (CholeskyQR2) make ``Y``
+#: orthonormal while ``κ(Y) < eps^{-1/2}``; 16 keeps ``κ(Y)`` under ``eps^{-1/2}/4``.
+Y_RATIO_MIN = 16.0
+
+#: Power iterations of the checks of the shifted route (conditioning of ``YᵀY``, ``σ_min/σ_max``): they
+#: only compare against thresholds orders of magnitude apart (or with a factor-2 margin), so fewer suffice.
+CHECK_ITERS = 15
+
 #: Above this size, triangular inverses go to LAPACK (``O(m³)`` flops in one call) rather than a loop
 #: of ``m`` vector-matrix products, which is memory-bound and slower for large ``m``.
 SUBSTITUTION_MAX = 256
@@ -102,40 +110,35 @@ def largest_eigenvalue(apply: Callable[[Array], Array], m: int, dtype, iters: in
     return x @ apply(x)
 
 
-def extreme_eigenvalues(G: Array, L: Array, iters: int = 30) -> tuple[Array, Array]:
-    """``(λ_max, λ_min)`` of an SPD ``G = L Lᵀ`` by power and inverse iteration (Rayleigh quotients).
+def inverse_and_ratio(G: Array, iters: int = 30) -> tuple[Array, Array]:
+    """``(L⁻ᵀ, λ_min/λ_max)`` of an SPD ``G = L Lᵀ``; identity and ratio 0 if the Cholesky failed.
 
-    Pure XLA (matrix-vector products and triangular solves on ``m``-vectors): no LAPACK call.
+    ``L⁻ᵀ`` by :func:`lower_inverse_t`; ``λ_max`` by power iteration on ``G`` and ``λ_min`` by power
+    iteration on ``G⁻¹ = L⁻ᵀL⁻¹`` (Rayleigh quotient of ``G`` at the result): matrix-vector products
+    only, no triangular solve per iteration (each would be a library call, slow on a CPU right after a
+    large product). Nothing but the failed factorisation runs when the Cholesky fails.
     """
-
-    def inverse(x):
-        y = jax.scipy.linalg.solve_triangular(L, x, lower=True)
-        return jax.scipy.linalg.solve_triangular(L, y, lower=True, trans=1)
-
-    bottom = top_eigenvector(inverse, G.shape[0], G.dtype, iters)
-    return largest_eigenvalue(lambda x: G @ x, G.shape[0], G.dtype, iters), bottom @ (G @ bottom)
-
-
-def cholesky_ratio(G: Array) -> tuple[Array, Array]:
-    """``(L, λ_min/λ_max)`` of an SPD ``G``: its Cholesky factor (identity if it failed) and ``1/κ(G)``.
-
-    A failed Cholesky counts as singular (ratio 0).
-    """
+    m = G.shape[0]
+    eye = jnp.eye(m, dtype=G.dtype)
     L = jnp.linalg.cholesky(G)
     ok = jnp.all(jnp.isfinite(L))
-    L = jnp.where(ok, L, jnp.eye(G.shape[0], dtype=G.dtype))
-    lam_max, lam_min = extreme_eigenvalues(G, L)
-    return L, jnp.where(ok & (lam_min > 0), lam_min / lam_max, 0.0)
+
+    def factored(L):
+        inv_t = lower_inverse_t(L)
+        bottom = top_eigenvector(lambda x: inv_t @ (inv_t.T @ x), m, G.dtype, iters)
+        lam_max, lam_min = largest_eigenvalue(lambda x: G @ x, m, G.dtype, iters), bottom @ (G @ bottom)
+        return inv_t, jnp.where(lam_min > 0, lam_min / lam_max, 0.0).astype(G.dtype)
+
+    return lax.cond(ok, factored, lambda L: (eye, jnp.zeros((), G.dtype)), jnp.where(ok, L, eye))
 
 
 def cholesky_decision_xla(Geq: Array) -> tuple[Array, Array]:
     """``(L⁻ᵀ, λ_min/λ_max)`` of an SPD ``G_eq = L Lᵀ`` in pure XLA (for CPUs); identity and 0 if it failed.
 
-    Power and inverse iteration for the ratio and substitution for ``L⁻ᵀ`` (:func:`lower_inverse_t`):
-    on a CPU no LAPACK call, which waits for its threads right after a large matrix product.
+    :func:`inverse_and_ratio`: on a CPU (for ``m`` up to :data:`SUBSTITUTION_MAX`) no LAPACK call,
+    which waits for its threads right after a large matrix product.
     """
-    L, ratio = cholesky_ratio(Geq)
-    return lower_inverse_t(L), ratio
+    return inverse_and_ratio(Geq)
 
 
 def cholesky_decision_solver(Geq: Array) -> tuple[Array, Array]:
@@ -154,14 +157,19 @@ def cholesky_decision_solver(Geq: Array) -> tuple[Array, Array]:
     return jax.scipy.linalg.solve_triangular(L, eye, lower=True).T, ratio
 
 
-def inverse_sigma_min_sq(T: Array, d: Array, iters: int = 30) -> Array:
-    """``1/σ_min(A D⁻¹)²`` given an orthonormalising transform ``U = A T``: ``σ_max(D T)²``.
+def inverse_sigma_min_sq(first: Array, second: Array, d: Array, iters: int = 30) -> Array:
+    """``1/σ_min(A D⁻¹)²`` given an orthonormalising transform ``U = A T``, ``T = first·second``:
+    ``σ_max(D T)²``.
 
     ``A D⁻¹ = U (D T)⁻¹`` with ``U`` orthonormal, so ``σ(A D⁻¹) = 1/σ(D T)``: power iteration on
-    ``(DT)ᵀ(DT)`` (matrix-vector products only).
+    ``(DT)ᵀ(DT)``, applied factor by factor (matrix-vector products only; ``T`` is never formed).
     """
-    DT = T * d[:, None]
-    return largest_eigenvalue(lambda x: DT.T @ (DT @ x), T.shape[0], T.dtype, iters)
+
+    def apply(x):
+        y = d * (first @ (second @ x))
+        return second.T @ (first.T @ (d * y))
+
+    return largest_eigenvalue(apply, first.shape[0], first.dtype, iters)
 
 
 def shifted_first(G: Array) -> tuple[Array, Array]:
@@ -201,8 +209,8 @@ def shifted_transform(
     eps = jnp.finfo(G.dtype).eps
     eye = jnp.eye(G.shape[0], dtype=G.dtype)
     Gy_eq, dy, _ = equilibrate(Gy)
-    L1, ratio_y = cholesky_ratio(Gy_eq)
-    M1 = lower_inverse_t(L1) / dy[:, None]
+    inv1, ratio_y = inverse_and_ratio(Gy_eq, CHECK_ITERS)
+    M1 = inv1 / dy[:, None]
 
     def two_steps():
         G2, d2, _ = equilibrate(gram_pass_y(M1))
@@ -212,7 +220,7 @@ def shifted_transform(
 
     second, ok2 = lax.cond(ratio_y >= eps**0.25, lambda: (M1, jnp.asarray(True)), two_steps)
     # σ(A D⁻¹): σ_max² = λ_max(G_eq), σ_min² from the transform (see inverse_sigma_min_sq).
-    lam_max = largest_eigenvalue(lambda x: Geq @ x, Geq.shape[0], Geq.dtype)
-    ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first @ second, d), 1))
-    ok = (ratio_y >= 1000 * eps) & ok2 & (ratio > 2 * rtol)
+    lam_max = largest_eigenvalue(lambda x: Geq @ x, Geq.shape[0], Geq.dtype, CHECK_ITERS)
+    ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first, second, d, CHECK_ITERS), 1))
+    ok = (ratio_y >= Y_RATIO_MIN * eps) & ok2 & (ratio > 2 * rtol)
     return Preconditioned(first, second, ok, jnp.where(ok, ratio, 0.0))

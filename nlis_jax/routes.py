@@ -6,8 +6,8 @@ decided on the ``m × m`` Gram matrix ``G = AᵀA`` only, so the same code serve
 product), a streamed ``A`` (the Gram matrix accumulated chunk by chunk) and a sketched or projected ``A``.
 
 Decisions are made on the column-equilibrated ``G_eq = D⁻¹GD⁻¹ = L Lᵀ`` (``D`` the column norms, read off
-the diagonal of ``G``; see :func:`equilibrate`), with ``κ(G_eq)`` estimated by power and inverse iteration
-on the Cholesky factor (a failed Cholesky counts as singular):
+the diagonal of ``G``; see :func:`equilibrate`), with ``κ(G_eq)`` estimated by power iteration on ``G_eq``
+and on ``G_eq⁻¹ = L⁻ᵀL⁻¹`` (a failed Cholesky counts as singular):
 
 0. ``"gram"`` (``κ(G_eq) ≤ eps^{-1/4}``): ``M = D⁻¹ L⁻ᵀ``; orthogonality error ``~ eps·κ(G_eq)``.
 1. ``"gram2"`` (``κ(G_eq) ≤ 1/(1000·eps)``): one more CholeskyQR step on ``U₁ = A D⁻¹ L⁻ᵀ``
@@ -107,15 +107,61 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def column_scales(colmax: Array) -> Array:
+    """``(m,)`` powers of two bringing each column maximum ``colmax`` into ``[0.5, 1)`` (1 for zero)."""
+    _, e = jnp.frexp(colmax)
+    top = jnp.finfo(colmax.dtype).maxexp - 1  # a subnormal column is raised as far as a finite scale goes
+    return jnp.ldexp(jnp.ones_like(colmax), jnp.minimum(-e.astype(jnp.int32), top))
+
+
 def prescale_columns(A: Array) -> Array:
-    """``A`` with each column multiplied by the power of two that brings its max-abs into ``[0.5, 1)``.
+    """``A`` with each column multiplied by the power of two of :func:`column_scales` of its max-abs.
 
     Exact (only exponents change) and leaves ``range(A)`` unchanged, so leverage is too; it keeps the
     Gram matrix and the column norms of :func:`equilibrate` from overflowing (a column ``×1e154`` in
     float64) or underflowing (``×1e-160``) when squared. Zero columns stay zero.
     """
-    _, e = jnp.frexp(jnp.max(jnp.abs(A), axis=0))
-    return jnp.ldexp(A, -e[None, :].astype(jnp.int32))
+    return A * column_scales(jnp.max(jnp.abs(A), axis=0))[None, :]
+
+
+def norms_in_range(diag: Array, n: int) -> Array:
+    """``(m,)``: squared column norms ``diag`` (of ``n`` rows) with which an unscaled Gram matrix is as good
+    as a prescaled one: finite, at most ``eps·max`` (no overflow downstream) and at least ``n·tiny/eps``
+    (products under ``tiny`` lose bits, or are flushed to zero: at most ``n·tiny`` per entry, under
+    ``eps`` relative to norms that large)."""
+    info = jnp.finfo(diag.dtype)
+    low = n * float(info.tiny) / float(info.eps)
+    return jnp.isfinite(diag) & (diag >= low) & (diag <= float(info.max) * float(info.eps))
+
+
+def scaled_gram(A: Array) -> tuple[Array, Array]:
+    """``(G, s)``: the Gram matrix of ``A·diag(s)`` with ``s`` powers of two (see :func:`prescale_columns`).
+
+    Ordinary input takes one product and ``s = 1``: no pass over ``A`` to scale it. A zero diagonal
+    entry (a zero column, or a tiny one flushed to zero) costs one read of ``A`` for its column maxima;
+    only when the unscaled Gram matrix over- or underflows (:func:`norms_in_range`) is ``A`` scaled and
+    multiplied again. Either way ``G`` is that of the prescaled ``A`` up to exact powers of two, which
+    the equilibration removes, and row passes use ``A·(s M)`` for ``(A s)·M`` (the same numbers:
+    scaling by powers of two commutes with rounding).
+    """
+    G0 = gram(A)
+    n, diag = A.shape[0], jnp.diagonal(G0)
+    fine = norms_in_range(diag, n)
+
+    def keep(A):
+        return G0, jnp.ones_like(diag)
+
+    def check_zero_columns(A):
+        colmax = jnp.max(jnp.abs(A), axis=0)
+        ok = jnp.all(fine | (colmax == 0))
+
+        def rescaled(A):
+            s = column_scales(colmax)
+            return gram(A * s[None, :]), s
+
+        return lax.cond(ok, keep, rescaled, A)
+
+    return lax.cond(jnp.all(fine), keep, check_zero_columns, A)
 
 
 def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Array]:
@@ -282,6 +328,27 @@ def transform_rows(A: Array, M: Array, row_norms: bool = False) -> Array:
     return jnp.sum(jnp.square(A @ M), axis=1) if row_norms else A @ M
 
 
+#: From this many columns on, products with an upper-triangular transform skip its zero lower-left block.
+TRIANGULAR_MIN = 512
+
+
+def upper_rows(A: Array, U: Array, row_norms: bool = False) -> Array:
+    """:func:`transform_rows` for an upper-triangular ``U`` (the Cholesky transforms ``D⁻¹L⁻ᵀ``).
+
+    With ``h = m/2``: ``A U = [A₁ U₁₁, A U₋₂]`` (``A₁`` the first ``h`` columns, ``U₋₂`` the last
+    ``m − h`` columns of ``U``), 3/4 of the flops of the full product (the zero block ``U₂₁`` is skipped).
+    From :data:`TRIANGULAR_MIN` columns on; below that the product is not compute-bound.
+    """
+    m = U.shape[0]
+    if m < TRIANGULAR_MIN:
+        return transform_rows(A, U, row_norms)
+    h = m // 2
+    left, right = A[:, :h] @ U[:h, :h], A @ U[:, h:]
+    if row_norms:
+        return jnp.sum(jnp.square(left), axis=1) + jnp.sum(jnp.square(right), axis=1)
+    return jnp.concatenate([left, right], axis=1)
+
+
 def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array]:
     """``(M, eff_dim)`` with ``‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
 
@@ -305,22 +372,22 @@ def basis(
     rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
     more on a CPU) followed by one CholeskyQR step is as good.
     """
-    A = prescale_columns(A)
     if A.shape[0] < A.shape[1]:
-        return wide_basis(A, rtol, row_norms)
-    G = gram(A)
+        return wide_basis(prescale_columns(A), rtol, row_norms)
+    G, cs = scaled_gram(A)  # of A·diag(cs): the transforms below act on A·diag(cs), so scale them by cs
     dec = decide(G, route)
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
 
     def one_pass(A):
-        return transform_rows(A, dec.transform, row_norms), dec.rank
+        return transform_rows(A, cs[:, None] * dec.transform, row_norms), dec.rank
 
     def two_pass(A):
-        return refine(A @ dec.transform, dec.rank)
+        return refine(A @ (cs[:, None] * dec.transform), dec.rank)
 
     def stable(A):
+        A = A * cs[None, :]
         if A.dtype == jnp.float64:
             Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
             W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
@@ -335,11 +402,11 @@ def basis(
 
     def shifted(A):  # Y = A D⁻¹L₀⁻ᵀ is formed once: its Gram matrix, then its rows
         first, ok = shifted_first(G)
-        Y = A @ first
-        pre = shifted_transform(G, gram(Y), first, lambda M: gram(Y @ M), rtol)
+        Y = upper_rows(A, cs[:, None] * first)  # the transforms of this route are upper triangular
+        pre = shifted_transform(G, gram(Y), first, lambda M: gram(upper_rows(Y, M)), rtol)
 
         def taken():
-            return transform_rows(Y, pre.second, row_norms), dec.rank, jnp.int32(SHIFTED)
+            return upper_rows(Y, pre.second, row_norms), dec.rank, jnp.int32(SHIFTED)
 
         return lax.cond(ok & pre.ok, taken, lambda: stable(A))
 

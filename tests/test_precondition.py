@@ -92,6 +92,35 @@ def test_rank_deficient_input_falls_back_to_stable(case):
     np.testing.assert_array_equal(np.asarray(info.leverage), np.asarray(forced.leverage))
 
 
+@pytest.mark.parametrize("case", ["kappa_2e5", "rank5_product"])
+def test_wide_matrices_take_the_triangular_products(case):
+    """``m = TRIANGULAR_MIN`` columns (the products skip the transforms' zero blocks): κ = 2e5 in float32
+    (κ·eps32 = 0.02, near the rank tolerance) meets the targets against float64 leverage on the shifted
+    route; an exactly rank-5 matrix goes on to route ``"stable"`` with rank 5."""
+    rng = np.random.default_rng(6)
+    n, m = 1100, nj.routes.TRIANGULAR_MIN
+    if case == "rank5_product":
+        info, route = _info(rng.standard_normal((n, 5)) @ rng.standard_normal((5, m)))
+        assert route == "stable" and int(info.rank) == 5
+        return
+    A = matrix_with_condition(rng, n, m, 2e5)[0]
+    info, route = _info(A)
+    assert route == "shifted" and int(info.rank) == m
+    tv, beta = _tv_beta(info.leverage, _f32_leverage_ref(A))
+    assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
+
+
+def test_upper_rows_is_the_full_product():
+    """The split product with an upper-triangular transform equals ``A @ U`` (and its row norms)."""
+    rng = np.random.default_rng(7)
+    m = nj.routes.TRIANGULAR_MIN + 3
+    A, U = rng.standard_normal((40, m)), np.triu(rng.standard_normal((m, m)))
+    got = nj.routes.upper_rows(jnp.asarray(A), jnp.asarray(U))
+    np.testing.assert_allclose(np.asarray(got), A @ U, rtol=1e-12, atol=1e-12 * np.abs(A @ U).max())
+    norms = nj.routes.upper_rows(jnp.asarray(A), jnp.asarray(U), row_norms=True)
+    np.testing.assert_allclose(np.asarray(norms), np.sum((A @ U) ** 2, axis=1), rtol=1e-12)
+
+
 def test_zero_columns_are_set_aside():
     rng = np.random.default_rng(3)
     A = matrix_with_condition(rng, N, M, 1e4)[0]
