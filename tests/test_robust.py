@@ -112,6 +112,35 @@ def test_column_scale_does_not_change_leverage(dtype, scale):
     np.testing.assert_allclose(got.probs, ref.probs, rtol=RTOL[dtype])
 
 
+def _tanh_index(theta, x):
+    return jnp.tanh(x @ theta)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), COLUMN_SCALES)
+def test_column_scale_does_not_change_streaming_leverage(dtype, scale):
+    # x_2 · c with θ_2 / c leaves the model unchanged and multiplies column 2 of the dual matrix by c;
+    # ys · c multiplies its last column [f(0) − y] by c (f(0) = 0). Dense, streamed on the device and
+    # streamed from host (numpy) data must all give the unscaled scores. chunk_size=16 over n=40: three
+    # chunks, so the running column exponents of the streaming pass are exercised.
+    rng = np.random.default_rng(3)
+    xs, ys = rng.normal(size=(40, 4)).astype(dtype), rng.normal(size=40).astype(dtype)
+    theta = (0.4 * rng.normal(size=4)).astype(dtype)
+    xs_s, ys_s, theta_s = xs.copy(), ys * dtype(scale), theta.copy()
+    xs_s[:, 2] *= dtype(scale)
+    theta_s[2] /= dtype(scale)
+    q = dict(num_nodes=8)  # a fixed rule: the quadrature is not under test here, and compiles fast
+    ref = nj.leverage_scores(nj.dual_matrix(_tanh_index, theta, xs, ys, **q))
+    kw = dict(chunk_size=16, return_info=True, **q)
+    got = {
+        "dense": nj.leverage_scores(nj.dual_matrix(_tanh_index, theta_s, xs_s, ys_s, **q), return_info=True),
+        "streaming": nj.streaming_leverage_scores(_tanh_index, theta_s, jnp.asarray(xs_s), ys_s, **kw),
+        "host": nj.streaming_leverage_scores(_tanh_index, theta_s, xs_s, ys_s, **kw),
+    }
+    for name, info in got.items():
+        assert int(info.rank) == 5, name
+        np.testing.assert_allclose(info.probs, ref, rtol=RTOL[dtype] * 5, err_msg=name)
+
+
 WHOLE_SCALES = [(jnp.float32, 1e18), (jnp.float32, 1e-18), (jnp.float64, 1e154), (jnp.float64, 1e-300)]
 
 
@@ -337,3 +366,56 @@ def test_ctrl_c_before_the_grid_exit_130(tmp_path, monkeypatch, capsys):
     assert cli.main([*TINY, "--sizes", "10", "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "nlis-jax run: interrupted." in err and "Traceback" not in err
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_outliers_writes_finished_stages_exit_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C while scoring (after the data and the fit): results.json holds those two stages, "partial".
+    # Synthetic data and a stand-in fit keep the test to the command line's plumbing.
+    from collections import namedtuple
+
+    from nlis_jax.experiments.outliers import study
+
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(40, 6)), np.arange(40) % 2)
+    real_prepare = study._prepare
+    fit = namedtuple("Fit", "params final_loss")(None, jnp.asarray(8.0))
+    monkeypatch.setattr(study, "_prepare", lambda key, config, _: real_prepare(key, config, data))
+    monkeypatch.setattr(study, "_fit", lambda *args: fit)
+    monkeypatch.setattr(study, "outlier_scores", _interrupt)
+    out = tmp_path / "o"
+    argv = ["outliers", "--n", "40", "--pca", "none", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 130
+    result = json.loads((out / "results.json").read_text())
+    assert result["partial"] is True and result["stages_done"] == ["data", "fit"]
+    assert result["n"] == 40 and result["final_mean_loss"] == 8.0 / 40 and "metrics" not in result
+    err = capsys.readouterr().err
+    assert "nlis-jax outliers: interrupted" in err and "Traceback" not in err
+
+
+def test_ctrl_c_active_writes_finished_repeats_exit_130(tmp_path, monkeypatch, capsys):
+    # The second repeat is interrupted: the first strategy's finished repeat is written, "partial".
+    pytest.importorskip("sklearn")
+    from nlis_jax.experiments import active
+
+    calls = []
+
+    def one_repeat(keys, strategy, problem, config, loss_star):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return np.full(len(config.budgets), 1.5)
+
+    monkeypatch.setattr(active, "fit_star", lambda problem, config, params0: (params0, 2.0))
+    monkeypatch.setattr(active, "_run_repeat", one_repeat)
+    out = tmp_path / "o"
+    assert cli.main(["active", "--small", "--strategies", "uniform,egl", "--out", str(out)]) == 130
+    result = json.loads((out / "results.json").read_text())
+    assert result["partial"] is True and list(result["strategies"]) == ["uniform"]
+    assert result["strategies"]["uniform"]["repeats_done"] == 1
+    assert result["strategies"]["uniform"]["median"] == [1.5] * 3 and result["settings"]["loss_star"] == 2.0
+    err = capsys.readouterr().err
+    assert "nlis-jax active: interrupted" in err and "Traceback" not in err

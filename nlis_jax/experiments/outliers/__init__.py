@@ -54,7 +54,7 @@ from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
 from nlis_jax.experiments.outliers.options import add_arguments, config_from_args, format_table, run
 from nlis_jax.experiments.outliers.scores import gradient_norms, outlier_scores
-from nlis_jax.experiments.outliers.study import APPLY_FN, run_outlier_study
+from nlis_jax.experiments.outliers.study import APPLY_FN, OutlierStudyInterrupted, run_outlier_study
 
 __all__ = [
     "APPLY_FN",
@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_CLASSES",
     "NONLINEAR_SCORES",
     "OutlierConfig",
+    "OutlierStudyInterrupted",
     "add_arguments",
     "auroc",
     "config_from_args",

@@ -25,7 +25,7 @@ from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
 from nlis_jax.experiments.outliers.scores import outlier_scores
 
-__all__ = ["run_outlier_study"]
+__all__ = ["OutlierStudyInterrupted", "run_outlier_study"]
 
 #: The model: ``nets.mlp`` with ReLU, built ONCE so that the compiled kernels (``nj.fit``,
 #: ``nj.dual_matrix``, the baselines), which take ``apply_fn`` as a static argument, are reused.
@@ -214,10 +214,40 @@ def run_outlier_study(
     config = OutlierConfig() if config is None else config
     if config.dtype == "float64" and not jax.config.read("jax_enable_x64"):
         raise ValueError('dtype="float64" needs jax.config.update("jax_enable_x64", True).')
+    partial = {"stages_done": [], "config": dataclasses.asdict(config), "timings": {}}
+    try:
+        result = _stages(config, data, out_dir, progress, partial)
+    except KeyboardInterrupt:
+        partial["partial"] = True
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            partial["files"] = {"results": str(Path(out_dir) / "results.json")}
+            Path(partial["files"]["results"]).write_text(json.dumps(partial, indent=2) + "\n")
+        raise OutlierStudyInterrupted(partial) from None
+    result["timings"]["total_s"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+class OutlierStudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_outlier_study`; ``result`` holds what the finished stages measured
+    (``stages_done``, ``"partial": true``), and ``results.json`` is written with it when there is a folder."""
+
+    def __init__(self, result: dict):
+        super().__init__("outlier study interrupted")
+        self.result = result
+
+
+def _stages(config: OutlierConfig, data, out_dir, progress: bool, partial: dict) -> dict[str, Any]:
+    """The stages (data, fit, scores, metrics, files); each finished one is recorded in ``partial``."""
     k_flip, k_init, k_fit = jax.random.split(jax.random.key(config.seed), 3)
+    timings, done = partial["timings"], partial["stages_done"]
     t0 = time.perf_counter()
     d = _prepare(k_flip, config, data)
-    timings = {"data_s": time.perf_counter() - t0}
+    timings["data_s"] = time.perf_counter() - t0
+    partial.update(n=int(d.labels.size), num_flipped=int(d.flipped.sum()), num_features=int(d.xs.shape[1]))
+    done.append("data")
     _log(
         progress,
         f"n = {d.labels.size}, K = {d.num_classes}, {int(d.flipped.sum())} flipped, features {d.xs.shape[1]}",
@@ -225,16 +255,18 @@ def run_outlier_study(
     t0 = time.perf_counter()
     fitted = jax.block_until_ready(_fit(k_init, k_fit, config, d, progress))
     timings["fit_s"] = time.perf_counter() - t0
+    partial["final_mean_loss"] = float(fitted.final_loss) / int(d.labels.shape[0])
+    done.append("fit")
     scores, info = outlier_scores(APPLY_FN, fitted.params, d.xs, d.ts, num_nodes=config.num_nodes)
     timings.update(info.pop("timings"))
+    done.append("scores")
     _log(progress, f"fit {timings['fit_s']:.1f}s, scores done, p = {info['p']}")
     metrics = _metrics(scores, d.flipped)
+    partial["metrics"] = metrics
+    done.append("metrics")
     result = _result(config, d, fitted, info, metrics, timings, from_disk=data is None)
     if out_dir is not None:
         t0 = time.perf_counter()
         result["files"] = _write(out_dir, config, result, d, scores)
         timings["write_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    if out_dir is not None:
-        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
