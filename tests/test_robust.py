@@ -7,6 +7,7 @@ independent rows is 1 each; leverage is invariant under column scaling) or an ex
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,30 @@ def test_half_precision_computes_in_float32_returns_input_dtype(dtype):
     assert nj.orthonormal_basis(F)[0].dtype == dtype
     f, params = _tanh_model()
     params = jax.tree.map(lambda a: a.astype(dtype), params)
-    xs = jnp.asarray(F32[:, :3], dtype)  # a fixed rule: adaptive tolerances are not met in half precision
-    streamed = nj.streaming_leverage_scores(f, params, xs, chunk_size=8, num_nodes=16)
+    xs = jnp.asarray(F32[:, :3], dtype)
+    streamed = nj.streaming_leverage_scores(f, params, xs, chunk_size=8, num_nodes=16)  # compiles fast
     assert streamed.dtype == dtype and abs(float(jnp.sum(streamed.astype(jnp.float32))) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16))
+def test_half_precision_adjoint_at_default_is_float32_accurate_without_warning(dtype):
+    # The adaptive rule integrates half-precision models in float32 to float32's tolerance (1e-6), so
+    # the result differs from the float32 adjoint of the same (rounded) inputs by the final rounding
+    # only: half an ulp of the half-precision format, relative to each entry.
+    f, params = _tanh_model()
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    xs = jnp.asarray(_matrix(12, 3, np.float32) * 2, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(f, params, xs, return_info=True)
+        dual = nj.dual_matrix(f, params, xs)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    ref = np.asarray(nj.adjoint(f, params32, xs.astype(jnp.float32)))
+    assert adj.dtype == dual.dtype == dtype and info.error.dtype == jnp.float32
+    assert bool(np.all(info.converged)) and float(np.max(info.error)) <= 1e-6
+    ulp = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(adj, np.float32), ref, rtol=ulp, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(dual[:, :-1]), np.asarray(adj))
 
 
 # ------------------------------------------------------------------------------------------------
