@@ -59,6 +59,11 @@ KINK_SHARE = 1.0 / 64
 #: Default panels per example (each ``PANEL_NODES`` integrand evaluations).
 MAX_PANELS = 2048
 _PROBE_SEED = 0x5EED
+#: On CPUs, the first pass vectorises over batches of at most this many integrand elements (examples
+#: times the integrand's size): a batch's gradients then stay in cache while the rule accumulates them and
+#: the error estimate projects them, instead of being read back from memory once more per node (the
+#: measurements are in benchmarks/README.md). Other platforms take whole memory chunks.
+CACHE_ELEMENTS = 1 << 17
 
 
 class QuadratureWarning(RuntimeWarning):
@@ -319,6 +324,13 @@ def _next_pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
+def _pass_batch(chunk: int, size: int) -> int:
+    """Examples per vectorised batch of the first pass: ``chunk``, on CPUs at most :data:`CACHE_ELEMENTS`."""
+    if jax.default_backend() != "cpu":
+        return chunk
+    return max(1, min(chunk, CACHE_ELEMENTS // max(1, size)))
+
+
 def _bucket_size(m: int, limit: int) -> int:
     """Padded size of a bucket of ``m`` examples: a power of two from 8 to 64, then a multiple of an
     eighth of ``m``'s octave (few distinct sizes, little padding); at most ``max(m, limit)``."""
@@ -362,6 +374,7 @@ def integrate(
     check_tol = rtol if check_tol is None else check_tol
     chunk = n if chunk_size is None else min(int(chunk_size), n)
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
+    pass_chunk = _pass_batch(chunk, math.prod(_output(g, params, data).shape))
     depth = max_depth(dtype)
     rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
     leaves = jax.tree.leaves((params, data))
@@ -371,7 +384,7 @@ def integrate(
         # On the device: under a user's jit, or for global arrays of several processes, whose values
         # this process cannot fetch (the host-driven compaction below needs them).
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
-        kw = dict(chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket)
+        kw = dict(chunk=pass_chunk, max_panels=max_panels, depth=depth, bucket=bucket)
         traced = _traced_jit if spans_processes else _traced
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         conv = _converged(state, rtol_arr, check_tol_arr)
@@ -381,7 +394,7 @@ def integrate(
         else:
             jax.debug.callback(warn, state.error, state.residual, conv)
         return state.value, _info(state, conv)
-    state = _first_pass_jit(g, check, params, data, chunk=chunk)
+    state = _first_pass_jit(g, check, params, data, chunk=pass_chunk)
     failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
     for start in range(0, failing.size, bucket_limit):  # groups of examples, each one vectorised call
         group = failing[start : start + bucket_limit]
