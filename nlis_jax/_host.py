@@ -5,8 +5,9 @@ device and consumed one at a time, the next read (and its transfer) overlapping 
 current one (JAX dispatches asynchronously), and at most two chunks are in flight. Anonymous memory is
 ``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
 the leverage scores are those of :func:`nlis_jax.streaming_leverage_scores`, with the route decided by
-the same code (:mod:`nlis_jax.routes`) from the Gram matrix, as a Python loop over chunks of jitted
-steps (one compilation per chunk shape).
+the same code (:mod:`nlis_jax.routes`) from the Gram matrix of the column-prescaled rows
+(:mod:`nlis_jax._colscale`), as a Python loop over chunks of jitted steps (one compilation per chunk
+shape).
 
 Input forms (``xs`` of the streaming scores and of the losses):
 

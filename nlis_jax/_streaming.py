@@ -4,8 +4,11 @@ Memory ``O(chunk·p + p²)``, time linear in ``n``. The dual rows of each chunk 
 pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one of
 :func:`nlis_jax.leverage_scores` on the same matrix, decided by the same code (:mod:`nlis_jax.routes`):
 
-- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (a ``lax.scan`` over chunks; on a sharded
-  ``xs`` each chunk's product becomes an all-reduce) and :func:`nlis_jax.routes.transform_from_passes`
+- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` of the rows with every column prescaled by a
+  power of two, as the dense route does (the exponents found on the way, :mod:`nlis_jax._colscale`; the
+  later passes scale each chunk alike), so a column ``×1e154`` neither overflows nor drops the rank
+  (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce) and
+  :func:`nlis_jax.routes.transform_from_passes`
   picks the route and asks for the passes it needs;
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
