@@ -117,6 +117,28 @@ def test_half_precision_adjoint_at_default_is_float32_accurate_without_warning(d
     np.testing.assert_array_equal(np.asarray(dual[:, :-1]), np.asarray(adj))
 
 
+def test_float32_adjoint_columns_near_1e19_keep_a_finite_error_estimate():
+    # x ≈ −4.5e23 with W ≈ 2e-22 (pre-activation −95): the W-column of the adjoint is ~1e19, whose square
+    # overflows float32. The error estimate and the norms are scaled, so they stay finite, the identity
+    # check drives the refinement, and the small columns match float64 (they were 7e-5 off, with a NaN
+    # estimate and no warning, when the squares overflowed).
+    def f(th, x):
+        return jax.nn.sigmoid(x @ th["W"] + th["b"]) @ th["V"]
+
+    params = {"W": np.array([[2.0409191e-22]]), "b": np.array([-2.555665]), "V": np.array([[0.418, -0.568]])}
+    xs = np.array([[-4.526493e23]])
+    params32 = jax.tree.map(lambda a: a.astype(np.float32), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(f, params32, xs.astype(np.float32), return_info=True)
+    assert np.all(np.isfinite(info.error)) and bool(np.all(info.converged))
+    ref = nj.adjoint(f, jax.tree.map(lambda a: a.astype(np.float32).astype(np.float64), params), xs)
+    adj = np.asarray(adj, np.float64)
+    np.testing.assert_allclose(adj[..., :2], ref[..., :2], rtol=1e-6)  # the b-columns: 7e-5 off before
+    # the W- and V-columns move with the float32 rounding of x·W + b ≈ −95 itself: ~|z|·eps ≈ 1e-5
+    np.testing.assert_allclose(adj, ref, rtol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Every scale, and never a NaN probability
 
