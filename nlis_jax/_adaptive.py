@@ -59,6 +59,11 @@ KINK_SHARE = 1.0 / 64
 #: Default panels per example (each ``PANEL_NODES`` integrand evaluations).
 MAX_PANELS = 2048
 _PROBE_SEED = 0x5EED
+#: On CPUs, the first pass vectorises over batches of at most this many integrand elements (examples
+#: times the integrand's size): a batch's gradients then stay in cache while the rule accumulates them and
+#: the error estimate projects them, instead of being read back from memory once more per node (the
+#: measurements are in benchmarks/README.md). Other platforms take whole memory chunks.
+CACHE_ELEMENTS = 1 << 17
 
 
 class QuadratureWarning(RuntimeWarning):
@@ -120,7 +125,9 @@ def probes(size: int, dtype) -> Array:
 def panel_error(coefs: Array, h: Array, exponent: float = 8.5) -> Array:
     """Error estimate of a panel of width ``h`` from the 8 highest projected Legendre coefficients
     (shape ``(8, PROBES)``, lowest degree first), extrapolated ``2 · exponent`` degrees."""
-    c = jnp.sqrt(jnp.mean(jnp.square(coefs), axis=-1))  # ‖c_j‖ estimated from the probes
+    top = jnp.max(jnp.abs(coefs))  # scaled: squares of coefficients near 1e19 overflow float32
+    top = jnp.where((top > 0) & jnp.isfinite(top), top, 1)
+    c = top * jnp.sqrt(jnp.mean(jnp.square(coefs / top), axis=-1))  # ‖c_j‖ estimated from the probes
     pairs = jnp.sqrt(jnp.square(c[0::2]) + jnp.square(c[1::2]))[::-1]  # e_1 (degrees 14, 15) first
     e1, e2, e3, e4 = pairs[0], pairs[1], pairs[2], pairs[3]
     tiny = jnp.finfo(coefs.dtype).tiny
@@ -200,7 +207,11 @@ def _map_examples(fn: Callable, data: PyTree, n: int, chunk: int):
 
 
 def _norms(value: Array) -> Array:
-    return jnp.sqrt(jnp.sum(jnp.square(value).reshape(value.shape[0], -1), axis=1))
+    """Frobenius norm of each example's integral, scaled by its largest entry (no overflow when squared)."""
+    flat = value.reshape(value.shape[0], -1)
+    top = jnp.max(jnp.abs(flat), axis=1, keepdims=True)
+    top = jnp.where((top > 0) & jnp.isfinite(top), top, 1)
+    return top[:, 0] * jnp.sqrt(jnp.sum(jnp.square(flat / top), axis=1))
 
 
 def _relative(err: Array, norm: Array) -> Array:
@@ -319,6 +330,13 @@ def _next_pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
+def _pass_batch(chunk: int, size: int) -> int:
+    """Examples per vectorised batch of the first pass: ``chunk``, on CPUs at most :data:`CACHE_ELEMENTS`."""
+    if jax.default_backend() != "cpu":
+        return chunk
+    return max(1, min(chunk, CACHE_ELEMENTS // max(1, size)))
+
+
 def _bucket_size(m: int, limit: int) -> int:
     """Padded size of a bucket of ``m`` examples: a power of two from 8 to 64, then a multiple of an
     eighth of ``m``'s octave (few distinct sizes, little padding); at most ``max(m, limit)``."""
@@ -362,6 +380,7 @@ def integrate(
     check_tol = rtol if check_tol is None else check_tol
     chunk = n if chunk_size is None else min(int(chunk_size), n)
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
+    pass_chunk = _pass_batch(chunk, math.prod(_output(g, params, data).shape))
     depth = max_depth(dtype)
     rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
     leaves = jax.tree.leaves((params, data))
@@ -371,7 +390,7 @@ def integrate(
         # On the device: under a user's jit, or for global arrays of several processes, whose values
         # this process cannot fetch (the host-driven compaction below needs them).
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
-        kw = dict(chunk=chunk, max_panels=max_panels, depth=depth, bucket=bucket)
+        kw = dict(chunk=pass_chunk, max_panels=max_panels, depth=depth, bucket=bucket)
         traced = _traced_jit if spans_processes else _traced
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         conv = _converged(state, rtol_arr, check_tol_arr)
@@ -381,7 +400,7 @@ def integrate(
         else:
             jax.debug.callback(warn, state.error, state.residual, conv)
         return state.value, _info(state, conv)
-    state = _first_pass_jit(g, check, params, data, chunk=chunk)
+    state = _first_pass_jit(g, check, params, data, chunk=pass_chunk)
     failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
     for start in range(0, failing.size, bucket_limit):  # groups of examples, each one vectorised call
         group = failing[start : start + bucket_limit]

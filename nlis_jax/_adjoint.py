@@ -202,7 +202,8 @@ def adjoint(
       chunk_size: examples per memory chunk (bounds memory at ``chunk_size * k * p`` per node);
         default keeps a chunk under ``2**23`` elements.
       rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
-        float64, ``1e-6`` in float32).
+        float64, ``1e-6`` in float32; float16 and bfloat16 models are integrated in float32, to its
+        tolerance, and the adjoints rounded back).
       max_panels: adaptive budget of panels (16 gradients each) per example; examples still above
         ``rtol`` then raise a :class:`nlis_jax.QuadratureWarning` naming how many and the error reached.
       return_info: also return a :class:`nlis_jax.QuadratureInfo` (adaptive only): per-example estimated
@@ -282,8 +283,28 @@ def identity_tol(rtol: float, p: int, dtype) -> float:
     return max(rtol, 32 * math.sqrt(p) * float(jnp.finfo(dtype).eps))
 
 
+def _in_float32(tree: PyTree) -> PyTree:
+    """``tree`` with its half-precision (float16, bfloat16) leaves cast to float32 (exact)."""
+
+    def one(a):
+        half = jnp.issubdtype(jnp.result_type(a), jnp.floating) and jnp.finfo(jnp.result_type(a)).bits < 32
+        return jnp.asarray(a, jnp.float32) if half else a
+
+    return jax.tree.map(one, tree)
+
+
 def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels):
-    """Adaptive adjoints ``(adj, info)`` of a validated model, eager or traced (``nlis_jax._adaptive``)."""
+    """Adaptive adjoints ``(adj, info)`` of a validated model, eager or traced (``nlis_jax._adaptive``).
+
+    Half-precision models (float16, bfloat16) are integrated in float32, to float32's tolerance (the
+    quadrature then adds nothing to the rounding of the result), and the adjoints cast back; the info
+    stays in float32.
+    """
+    if jnp.finfo(shape.dtype).bits < 32:
+        params, xs = _in_float32(params), _in_float32(xs)
+        wide = shape._replace(dtype=jnp.dtype(jnp.float32))
+        adj, info = adaptive_adjoint(apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
+        return adj.astype(shape.dtype), info
     k = math.prod(shape.out_shape)
     rtol = default_rtol(shape.dtype) if rtol is None else rtol
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))

@@ -5,8 +5,9 @@ device and consumed one at a time, the next read (and its transfer) overlapping 
 current one (JAX dispatches asynchronously), and at most two chunks are in flight. Anonymous memory is
 ``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
 the leverage scores are those of :func:`nlis_jax.streaming_leverage_scores`, with the route decided by
-the same code (:mod:`nlis_jax.routes`) from the Gram matrix, as a Python loop over chunks of jitted
-steps (one compilation per chunk shape).
+the same code (:mod:`nlis_jax.routes`) from the Gram matrix of the column-prescaled rows
+(:mod:`nlis_jax._colscale`), as a Python loop over chunks of jitted steps (one compilation per chunk
+shape).
 
 Input forms (``xs`` of the streaming scores and of the losses):
 
@@ -36,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nlis_jax import routes
 from nlis_jax._adjoint import flatten_model
 from nlis_jax._checks import check_finite, check_floating
+from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
 from nlis_jax._dual import dual_block
 from nlis_jax._precision import highest_precision
 
@@ -221,37 +223,47 @@ def _masked(piece, valid):
     return [jnp.where(keep.reshape((chunk,) + (1,) * (a.ndim - 1)), a, 0) for a in jax.tree.leaves(piece)]
 
 
-def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode):
-    """``(rows (chunk·k, p+1), k, #non-finite inputs)``: dual rows of one piece, padding rows zero."""
+def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps=None):
+    """``(rows (chunk·k, p+1), k, #non-finite inputs)``: dual rows of one piece, padding rows zero, their
+    columns scaled by ``2^{-exps}`` when given (:mod:`nlis_jax._colscale`)."""
     xc, yc = piece
     model = flatten_model(apply_fn, params, xc)
     chunk, p = model.n, model.theta.shape[0]
     block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
     mask = (jnp.arange(chunk) < valid).astype(block.dtype)
     rows = (block * mask.reshape((chunk,) + (1,) * (block.ndim - 1))).reshape(-1, p + 1)
+    rows = rows if exps is None else scale_columns(rows, exps)
     bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
     return rows, math.prod(model.out_shape), bad
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
-def _gram_step(apply_fn, params, carry, piece, valid, M, *, num_nodes, mode):
-    G, bad = carry
+def _first_gram_step(apply_fn, params, carry, piece, valid, *, num_nodes, mode):
+    """Pass 1: the Gram matrix of the column-prescaled rows, its exponents, the non-finite count."""
+    (G, exps), bad = carry
     rows, _, b = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
-    return G + routes.gram(rows if M is None else rows @ M), bad + b.astype(bad.dtype)
+    return add_scaled_gram(G, exps, rows), bad + b.astype(bad.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
-def _qr_step(apply_fn, params, R, piece, valid, *, num_nodes, mode):
-    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)[0]
+def _gram_step(apply_fn, params, G, piece, valid, M, exps, *, num_nodes, mode):
+    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps)[0]
+    return G + routes.gram(rows @ M)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+@highest_precision
+def _qr_step(apply_fn, params, R, piece, valid, exps, *, num_nodes, mode):
+    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps)[0]
     return jnp.linalg.qr(jnp.concatenate([R, rows]), mode="r")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
-def _leverage_step(apply_fn, params, piece, valid, transform, *, num_nodes, mode):
-    rows, k, _ = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
+def _leverage_step(apply_fn, params, piece, valid, transform, exps, *, num_nodes, mode):
+    rows, k, _ = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps)
     return routes.apply_transform(rows, transform, row_norms=True).reshape(-1, k).sum(axis=1)
 
 
@@ -325,24 +337,33 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     dtype = jnp.result_type(*jax.tree.leaves(params))
     size = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
     kw = dict(num_nodes=num_nodes, mode=mode)
-    gram = functools.partial(_gram_step, apply_fn, params, **kw)
-    init = (jnp.zeros((size, size), dtype), jnp.zeros((), jnp.int32))
-    (G, _), n, n_local = first_pass(lambda c, pc, v: gram(c, pc, v, None), source, chunk, init)
-    G = across_processes(G, lambda a: a.sum(0))
+    first = functools.partial(_first_gram_step, apply_fn, params, **kw)
+    init = (scaled_gram_start(size, dtype), jnp.zeros((), jnp.int32))
+    ((G, exps), _), n, n_local = first_pass(first, source, chunk, init)
+    G, exps = _combine_scaled_grams(G, exps)
+    zeros = jnp.zeros((size, size), dtype)
 
     def gram_pass(M):
-        G2 = fold(lambda c, pc, v: gram(c, pc, v, M), init, source, chunk)[0]
-        return across_processes(G2, lambda a: a.sum(0))
+        step = functools.partial(_gram_step, apply_fn, params, M=M, exps=exps, **kw)
+        return across_processes(fold(step, zeros, source, chunk), lambda a: a.sum(0))
 
     def r_factor():
-        R = fold(functools.partial(_qr_step, apply_fn, params, **kw), init[0], source, chunk)
+        R = fold(functools.partial(_qr_step, apply_fn, params, exps=exps, **kw), zeros, source, chunk)
         return across_processes(R, _qr_combine)
 
     t = host_transform(G, gram_pass, r_factor, jnp.asarray(rtol, dtype), route)
     h = output_vector(out, n_local, dtype)
-    step = functools.partial(_leverage_step, apply_fn, params, transform=t, **kw)
+    step = functools.partial(_leverage_step, apply_fn, params, transform=t, exps=exps, **kw)
     collect(step, source, chunk, h)
     return (h if out is not None else global_vector(h, n)), t.rank, t.route
+
+
+def _combine_scaled_grams(G, exps):
+    """The prescaled Gram matrices of every process's rows at the common (largest) exponents, summed."""
+    if jax.process_count() == 1:
+        return G, exps
+    top = across_processes(exps, lambda a: a.max(0))
+    return across_processes(rescale_gram(G, exps, top), lambda a: a.sum(0)), top
 
 
 def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):

@@ -4,8 +4,11 @@ Memory ``O(chunk·p + p²)``, time linear in ``n``. The dual rows of each chunk 
 pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one of
 :func:`nlis_jax.leverage_scores` on the same matrix, decided by the same code (:mod:`nlis_jax.routes`):
 
-- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` (a ``lax.scan`` over chunks; on a sharded
-  ``xs`` each chunk's product becomes an all-reduce) and :func:`nlis_jax.routes.transform_from_passes`
+- pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` of the rows with every column prescaled by a
+  power of two, as the dense route does (the exponents found on the way, :mod:`nlis_jax._colscale`; the
+  later passes scale each chunk alike), so a column ``×1e154`` neither overflows nor drops the rank
+  (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce) and
+  :func:`nlis_jax.routes.transform_from_passes`
   picks the route and asks for the passes it needs;
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
@@ -28,6 +31,7 @@ from jax import lax
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model
 from nlis_jax._checks import check_positive_int
+from nlis_jax._colscale import add_scaled_gram, scale_columns, scaled_gram_start
 from nlis_jax._dual import dual_block
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._precision import highest_precision
@@ -80,23 +84,31 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     )
     dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
 
-    def gram_pass(M=None):
+    # Pass 1: the Gram matrix of the rows prescaled by powers of two per column (as the dense route).
+    def first(carry, i):
+        return add_scaled_gram(*carry, dual_rows(i)), None
+
+    G, exps = lax.scan(first, scaled_gram_start(dim, dtype), jnp.arange(m))[0]
+
+    def scaled_rows(i):
+        return scale_columns(dual_rows(i), exps)
+
+    def gram_pass(M):
         def body(G, i):
-            rows = dual_rows(i)
-            return G + routes.gram(rows if M is None else rows @ M), None
+            return G + routes.gram(scaled_rows(i) @ M), None
 
         return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
 
     def r_factor():
         def body(R, i):
-            return jnp.linalg.qr(jnp.concatenate([R, dual_rows(i)]), mode="r"), None
+            return jnp.linalg.qr(jnp.concatenate([R, scaled_rows(i)]), mode="r"), None
 
         return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
 
-    transform = routes.transform_from_passes(gram_pass(), gram_pass, r_factor, rtol, route)
+    transform = routes.transform_from_passes(G, gram_pass, r_factor, rtol, route)
 
     def score_chunk(i):
-        h = routes.apply_transform(dual_rows(i), transform, row_norms=True)
+        h = routes.apply_transform(scaled_rows(i), transform, row_norms=True)
         return h.reshape(-1, math.prod(model.out_shape)).sum(axis=1)
 
     h = lax.map(score_chunk, jnp.arange(m)).reshape(-1)[: model.n]

@@ -76,7 +76,7 @@ def test_bench_torch_without_torch_says_how_to_install(monkeypatch):
 def test_bench_quadrature(tmp_path, monkeypatch):
     args = ["--n", "64", "--hard-n", "8", "--models", "1", "--budget", "0"]
     record = run_bench("bench_quadrature", args, tmp_path, monkeypatch)
-    assert set(record["mlp"]["timings"]) == {"fixed16", "adaptive", "adaptive_traced"}
+    assert set(record["mlp"]["timings"]) == {"fixed16", "adaptive", "fixed16_same_batch", "adaptive_traced"}
     assert set(record["hard"]) == {"sin_index", "tanh_x25", "relu_biases"}
     assert record["random_models"]["count"] == 5
 

@@ -7,6 +7,7 @@ independent rows is 1 each; leverage is invariant under column scaling) or an ex
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,52 @@ def test_half_precision_computes_in_float32_returns_input_dtype(dtype):
     assert nj.orthonormal_basis(F)[0].dtype == dtype
     f, params = _tanh_model()
     params = jax.tree.map(lambda a: a.astype(dtype), params)
-    xs = jnp.asarray(F32[:, :3], dtype)  # a fixed rule: adaptive tolerances are not met in half precision
-    streamed = nj.streaming_leverage_scores(f, params, xs, chunk_size=8, num_nodes=16)
+    xs = jnp.asarray(F32[:, :3], dtype)
+    streamed = nj.streaming_leverage_scores(f, params, xs, chunk_size=8, num_nodes=16)  # compiles fast
     assert streamed.dtype == dtype and abs(float(jnp.sum(streamed.astype(jnp.float32))) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16))
+def test_half_precision_adjoint_at_default_is_float32_accurate_without_warning(dtype):
+    # The adaptive rule integrates half-precision models in float32 to float32's tolerance (1e-6), so
+    # the result differs from the float32 adjoint of the same (rounded) inputs by the final rounding
+    # only: half an ulp of the half-precision format, relative to each entry.
+    f, params = _tanh_model()
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    xs = jnp.asarray(_matrix(12, 3, np.float32) * 2, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(f, params, xs, return_info=True)
+        dual = nj.dual_matrix(f, params, xs)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    ref = np.asarray(nj.adjoint(f, params32, xs.astype(jnp.float32)))
+    assert adj.dtype == dual.dtype == dtype and info.error.dtype == jnp.float32
+    assert bool(np.all(info.converged)) and float(np.max(info.error)) <= 1e-6
+    ulp = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(adj, np.float32), ref, rtol=ulp, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(dual[:, :-1]), np.asarray(adj))
+
+
+def test_float32_adjoint_columns_near_1e19_keep_a_finite_error_estimate():
+    # x ≈ −4.5e23 with W ≈ 2e-22 (pre-activation −95): the W-column of the adjoint is ~1e19, whose square
+    # overflows float32. The error estimate and the norms are scaled, so they stay finite, the identity
+    # check drives the refinement, and the small columns match float64 (they were 7e-5 off, with a NaN
+    # estimate and no warning, when the squares overflowed).
+    def f(th, x):
+        return jax.nn.sigmoid(x @ th["W"] + th["b"]) @ th["V"]
+
+    params = {"W": np.array([[2.0409191e-22]]), "b": np.array([-2.555665]), "V": np.array([[0.418, -0.568]])}
+    xs = np.array([[-4.526493e23]])
+    params32 = jax.tree.map(lambda a: a.astype(np.float32), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(f, params32, xs.astype(np.float32), return_info=True)
+    assert np.all(np.isfinite(info.error)) and bool(np.all(info.converged))
+    ref = nj.adjoint(f, jax.tree.map(lambda a: a.astype(np.float32).astype(np.float64), params), xs)
+    adj = np.asarray(adj, np.float64)
+    np.testing.assert_allclose(adj[..., :2], ref[..., :2], rtol=1e-6)  # the b-columns: 7e-5 off before
+    # the W- and V-columns move with the float32 rounding of x·W + b ≈ −95 itself: ~|z|·eps ≈ 1e-5
+    np.testing.assert_allclose(adj, ref, rtol=2e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,6 +154,35 @@ def test_column_scale_does_not_change_leverage(dtype, scale):
     got = nj.leverage_scores(G, return_info=True)
     assert int(got.rank) == int(ref.rank) == 6
     np.testing.assert_allclose(got.probs, ref.probs, rtol=RTOL[dtype])
+
+
+def _tanh_index(theta, x):
+    return jnp.tanh(x @ theta)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), COLUMN_SCALES)
+def test_column_scale_does_not_change_streaming_leverage(dtype, scale):
+    # x_2 · c with θ_2 / c leaves the model unchanged and multiplies column 2 of the dual matrix by c;
+    # ys · c multiplies its last column [f(0) − y] by c (f(0) = 0). Dense, streamed on the device and
+    # streamed from host (numpy) data must all give the unscaled scores. chunk_size=16 over n=40: three
+    # chunks, so the running column exponents of the streaming pass are exercised.
+    rng = np.random.default_rng(3)
+    xs, ys = rng.normal(size=(40, 4)).astype(dtype), rng.normal(size=40).astype(dtype)
+    theta = (0.4 * rng.normal(size=4)).astype(dtype)
+    xs_s, ys_s, theta_s = xs.copy(), ys * dtype(scale), theta.copy()
+    xs_s[:, 2] *= dtype(scale)
+    theta_s[2] /= dtype(scale)
+    q = dict(num_nodes=8)  # a fixed rule: the quadrature is not under test here, and compiles fast
+    ref = nj.leverage_scores(nj.dual_matrix(_tanh_index, theta, xs, ys, **q))
+    kw = dict(chunk_size=16, return_info=True, **q)
+    got = {
+        "dense": nj.leverage_scores(nj.dual_matrix(_tanh_index, theta_s, xs_s, ys_s, **q), return_info=True),
+        "streaming": nj.streaming_leverage_scores(_tanh_index, theta_s, jnp.asarray(xs_s), ys_s, **kw),
+        "host": nj.streaming_leverage_scores(_tanh_index, theta_s, xs_s, ys_s, **kw),
+    }
+    for name, info in got.items():
+        assert int(info.rank) == 5, name
+        np.testing.assert_allclose(info.probs, ref, rtol=RTOL[dtype] * 5, err_msg=name)
 
 
 WHOLE_SCALES = [(jnp.float32, 1e18), (jnp.float32, 1e-18), (jnp.float64, 1e154), (jnp.float64, 1e-300)]
@@ -337,3 +410,56 @@ def test_ctrl_c_before_the_grid_exit_130(tmp_path, monkeypatch, capsys):
     assert cli.main([*TINY, "--sizes", "10", "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "nlis-jax run: interrupted." in err and "Traceback" not in err
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_outliers_writes_finished_stages_exit_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C while scoring (after the data and the fit): results.json holds those two stages, "partial".
+    # Synthetic data and a stand-in fit keep the test to the command line's plumbing.
+    from collections import namedtuple
+
+    from nlis_jax.experiments.outliers import study
+
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(40, 6)), np.arange(40) % 2)
+    real_prepare = study._prepare
+    fit = namedtuple("Fit", "params final_loss")(None, jnp.asarray(8.0))
+    monkeypatch.setattr(study, "_prepare", lambda key, config, *_: real_prepare(key, config, data, None))
+    monkeypatch.setattr(study, "_fit", lambda *args: fit)
+    monkeypatch.setattr(study, "outlier_scores", _interrupt)
+    out = tmp_path / "o"
+    argv = ["outliers", "--n", "40", "--pca", "none", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 130
+    result = json.loads((out / "results.json").read_text())
+    assert result["partial"] is True and result["stages_done"] == ["data", "fit"]
+    assert result["n"] == 40 and result["final_mean_loss"] == 8.0 / 40 and "metrics" not in result
+    err = capsys.readouterr().err
+    assert "nlis-jax outliers: interrupted" in err and "Traceback" not in err
+
+
+def test_ctrl_c_active_writes_finished_repeats_exit_130(tmp_path, monkeypatch, capsys):
+    # The second repeat is interrupted: the first strategy's finished repeat is written, "partial".
+    pytest.importorskip("sklearn")
+    from nlis_jax.experiments import active
+
+    calls = []
+
+    def one_repeat(keys, strategy, problem, config, loss_star):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return np.full(len(config.budgets), 1.5)
+
+    monkeypatch.setattr(active, "fit_star", lambda problem, config, params0: (params0, 2.0))
+    monkeypatch.setattr(active, "_run_repeat", one_repeat)
+    out = tmp_path / "o"
+    assert cli.main(["active", "--small", "--strategies", "uniform,egl", "--out", str(out)]) == 130
+    result = json.loads((out / "results.json").read_text())
+    assert result["partial"] is True and list(result["strategies"]) == ["uniform"]
+    assert result["strategies"]["uniform"]["repeats_done"] == 1
+    assert result["strategies"]["uniform"]["median"] == [1.5] * 3 and result["settings"]["loss_star"] == 2.0
+    err = capsys.readouterr().err
+    assert "nlis-jax active: interrupted" in err and "Traceback" not in err

@@ -376,23 +376,34 @@ def _quartiles(ratios: np.ndarray) -> dict:
     return {"median": as_list(q[0]), "q25": as_list(q[1]), "q75": as_list(q[2])}
 
 
-def _run_strategy(key, name, problem, config, loss_star) -> np.ndarray:
-    """``(repeats, len(budgets))`` ratios ``L(θ)/L(θ*)`` of one strategy."""
-    scores_fn, active = _strategy(name, problem, config)
-    fit_fn = make_fit_fn(problem, config.num_steps)
+class ActiveInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_active_study`; ``result`` holds the finished repeats (``"partial": true``)."""
+
+    def __init__(self, result: dict):
+        super().__init__("active-learning study interrupted")
+        self.result = result
+
+
+def _run_repeat(keys, strategy, problem, config, loss_star) -> np.ndarray:
+    """``(len(budgets),)`` ratios ``L(θ)/L(θ*)`` of one repeat (``keys``: init, loop) of a strategy
+    ``(scores_fn, active_config, fit_fn)``."""
+    scores_fn, active, fit_fn = strategy
     ys = np.asarray(problem.ys)
-    oracle = lambda idx: ys[idx]
+    params0 = problem.init(keys[0])
+    result = nj.active_learning(
+        keys[1], params0, problem.xs, lambda idx: ys[idx], fit_fn=fit_fn, scores_fn=scores_fn, config=active
+    )
     rounds = [b // config.batch - 1 for b in config.budgets]
-    ratios = np.empty((config.repeats, len(rounds)))
-    for r, (k_init, k_loop) in enumerate(jax.random.split(key, (config.repeats, 2))):
-        params0 = problem.init(k_init)
-        result = nj.active_learning(
-            k_loop, params0, problem.xs, oracle, fit_fn=fit_fn, scores_fn=scores_fn, config=active
-        )
-        for j, t in enumerate(rounds):
-            loss = nj.weighted_loss(problem.apply_fn, result.history[t], problem.xs, problem.ys)
-            ratios[r, j] = float(loss) / loss_star
-    return ratios
+    losses = [nj.weighted_loss(problem.apply_fn, result.history[t], problem.xs, problem.ys) for t in rounds]
+    return np.asarray([float(loss) / loss_star for loss in losses])
+
+
+def _run_strategy(key, name, problem, config, loss_star, rows: list) -> np.ndarray:
+    """``(repeats, len(budgets))`` ratios of one strategy; each finished repeat is appended to ``rows``."""
+    strategy = (*_strategy(name, problem, config), make_fit_fn(problem, config.num_steps))
+    for keys in jax.random.split(key, (config.repeats, 2)):
+        rows.append(_run_repeat(keys, strategy, problem, config, loss_star))
+    return np.stack(rows)
 
 
 def run_active_study(key: jax.Array, config: ActiveStudyConfig) -> dict:
@@ -412,14 +423,26 @@ def run_active_study(key: jax.Array, config: ActiveStudyConfig) -> dict:
     if n < config.budgets[-1]:
         raise ValueError(f"the largest budget {config.budgets[-1]} exceeds the pool size n = {n}.")
     k_star, k_runs = jax.random.split(key)
-    t0 = time.perf_counter()
-    _, loss_star = fit_star(problem, config, problem.init(k_star))
-    seconds = {"theta_star": time.perf_counter() - t0}
-    strategies = {}
-    for name in config.strategies:
+    seconds, strategies, done, loss_star = {}, {}, {}, None
+    try:
         t0 = time.perf_counter()
-        strategies[name] = _quartiles(_run_strategy(k_runs, name, problem, config, loss_star))
-        seconds[name] = time.perf_counter() - t0
+        _, loss_star = fit_star(problem, config, problem.init(k_star))
+        seconds["theta_star"] = time.perf_counter() - t0
+        for name in config.strategies:
+            t0 = time.perf_counter()
+            done[name] = []
+            strategies[name] = _quartiles(_run_strategy(k_runs, name, problem, config, loss_star, done[name]))
+            seconds[name] = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        for name, rows in done.items():  # the finished repeats of the strategy cut short
+            if rows and name not in strategies:
+                strategies[name] = dict(_quartiles(np.stack(rows)), repeats_done=len(rows))
+        result = _active_result(config, problem, n, strategies, loss_star, seconds)
+        raise ActiveInterrupted(dict(result, partial=True)) from None
+    return _active_result(config, problem, n, strategies, loss_star, seconds)
+
+
+def _active_result(config, problem, n: int, strategies: dict, loss_star, seconds: dict) -> dict:
     settings = dict(dataclasses.asdict(config), problem=problem.info, loss_star=loss_star, seconds=seconds)
     settings["radius"] = problem.info["radius"]
     return {
@@ -538,12 +561,20 @@ def run_active(args: argparse.Namespace) -> int:
         return 2
     if config.dataset != "fashion-mnist":
         jax.config.update("jax_enable_x64", True)  # the single-index regressions run in float64
+    out = Path(args.out)
     try:
         result = run_active_study(jax.random.key(args.seed), config)
     except datasets.DatasetNotFoundError as err:
         print(f"nlis-jax active: {err}", file=sys.stderr)
         return 1
-    out = Path(args.out)
+    except ActiveInterrupted as stop:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(stop.result, indent=2))
+        print(
+            f"nlis-jax active: interrupted; finished repeats written to {out / 'results.json'}",
+            file=sys.stderr,
+        )
+        return 130
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot = plot_active(result, out)

@@ -75,7 +75,7 @@ from nlis_jax.experiments.outliers.scores import (
     projected_dual,
     ridge_lambda,
 )
-from nlis_jax.experiments.outliers.study import APPLY_FN, run_outlier_study
+from nlis_jax.experiments.outliers.study import APPLY_FN, OutlierStudyInterrupted, run_outlier_study
 
 __all__ = [
     "APPLY_FN",
@@ -84,6 +84,7 @@ __all__ = [
     "DEFAULT_CLASSES",
     "NONLINEAR_SCORES",
     "OutlierConfig",
+    "OutlierStudyInterrupted",
     "add_arguments",
     "auroc",
     "config_from_args",

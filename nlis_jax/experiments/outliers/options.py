@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from nlis_jax.experiments.checks import positive_int_arg
 from nlis_jax.experiments.outliers.config import CORRUPTIONS, OutlierConfig
-from nlis_jax.experiments.outliers.study import run_outlier_study
+from nlis_jax.experiments.outliers.study import OutlierStudyInterrupted, run_outlier_study
 
 __all__ = ["add_arguments", "config_from_args", "format_table", "run"]
 
@@ -228,7 +229,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     progress = getattr(args, "progress", None)
     out = getattr(args, "out", None)
-    result = run_outlier_study(config, out_dir=out, progress=True if progress is None else bool(progress))
+    try:
+        result = run_outlier_study(config, out_dir=out, progress=True if progress is None else bool(progress))
+    except OutlierStudyInterrupted as stop:
+        where = stop.result.get("files", {}).get("results", "nowhere (no --out)")
+        print(f"nlis-jax outliers: interrupted; finished stages written to {where}", file=sys.stderr)
+        return 130
     print(format_table(result))
     if out is not None:
         print(f"wrote {', '.join(result['files'].values())}")

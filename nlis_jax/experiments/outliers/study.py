@@ -27,7 +27,7 @@ from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
 from nlis_jax.experiments.outliers.scores import dual_scores, outlier_scores, projected_dual
 
-__all__ = ["run_outlier_study"]
+__all__ = ["OutlierStudyInterrupted", "run_outlier_study"]
 
 #: The model: ``nets.mlp`` with ReLU, built ONCE so that the compiled kernels (``nj.fit``,
 #: ``nj.dual_matrix``, the baselines), which take ``apply_fn`` as a static argument, are reused.
@@ -287,12 +287,42 @@ def run_outlier_study(
         raise ValueError('dtype="float64" needs jax.config.update("jax_enable_x64", True).')
     if config.corruption == "foreign" and data is not None and foreign is None:
         raise ValueError('corruption="foreign" with your own data needs foreign= (replacement inputs).')
+    partial = {"stages_done": [], "config": dataclasses.asdict(config), "timings": {}}
+    try:
+        result = _stages(config, data, foreign, out_dir, progress, partial)
+    except KeyboardInterrupt:
+        partial["partial"] = True
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            partial["files"] = {"results": str(Path(out_dir) / "results.json")}
+            Path(partial["files"]["results"]).write_text(json.dumps(partial, indent=2) + "\n")
+        raise OutlierStudyInterrupted(partial) from None
+    result["timings"]["total_s"] = time.perf_counter() - t_start
+    if out_dir is not None:
+        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+class OutlierStudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_outlier_study`; ``result`` holds what the finished stages measured
+    (``stages_done``, ``"partial": true``), and ``results.json`` is written with it when there is a folder."""
+
+    def __init__(self, result: dict):
+        super().__init__("outlier study interrupted")
+        self.result = result
+
+
+def _stages(config: OutlierConfig, data, foreign, out_dir, progress: bool, partial: dict) -> dict[str, Any]:
+    """The stages (data, fit, scores with metrics, files); each finished one is recorded in ``partial``."""
     # split(key, 4)[:3] equals split(key, 3): the first three keys are those of the flip-only study.
     k_flip, k_init, k_fit, k_proj = jax.random.split(jax.random.key(config.seed), 4)
+    timings, done = partial["timings"], partial["stages_done"]
     t0 = time.perf_counter()
     d = _prepare(k_flip, config, data, foreign)
-    timings = {"data_s": time.perf_counter() - t0}
+    timings["data_s"] = time.perf_counter() - t0
     num = int(d.flipped.sum())
+    partial.update(n=int(d.labels.size), num_outliers=num, num_features=int(d.xs.shape[1]))
+    done.append("data")
     _log(
         progress,
         f"n = {d.labels.size}, K = {d.num_classes}, {num} {config.corruption}, features {d.xs.shape[1]}",
@@ -300,15 +330,16 @@ def run_outlier_study(
     fit_cost: dict[str, dict] = {}
     fitted = measured(fit_cost, "fit", _fit, k_init, k_fit, config, d, progress)
     timings["fit_s"] = fit_cost["fit"]["wall_s"]
+    partial["final_mean_loss"] = float(fitted.final_loss) / int(d.labels.shape[0])
+    done.append("fit")
     scores, info, metrics = _score(k_proj, config, d, fitted, timings)
     info["costs"] = {**fit_cost, **info["costs"]}
+    partial["metrics"] = metrics
+    done += ["scores", "metrics"]
     _log(progress, f"fit {timings['fit_s']:.1f}s, scores done, p = {info['p']}")
     result = _result(config, d, fitted, info, metrics, timings, from_disk=data is None)
     if out_dir is not None:
         t0 = time.perf_counter()
         result["files"] = _write(out_dir, config, result, d, scores)
         timings["write_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    if out_dir is not None:
-        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
