@@ -160,10 +160,13 @@ def noise_floor(problem, theta, full_loss, steps) -> dict:
     w = jnp.ones((1, problem.n), problem.xs.dtype)
     (params_r, trace), _ = ex.fit_samples(problem, theta, idx, w, num_steps=steps)
     losses, _ = ex.full_losses(problem, params_r)
-    return {"ratio": float(losses[0] / full_loss), "tail_change": float(tail_change(trace)[0])}
+    ratio = float(losses[0] / full_loss)
+    return {"ratio": ratio, "loss": float(losses[0]), "tail_change": float(tail_change(trace)[0])}
 
 
-def quality(problem, start, probs, full_loss, sizes, repeats, steps, key) -> dict:
+def quality(problem, start, probs, full_loss, sizes, repeats, steps, key, *, refit_loss=None) -> dict:
+    """Per score and size: ``L(θ_S)/L(θ*)`` over the repeats and, with ``refit_loss``, the same ratios
+    against the full-data refit from θ* (``vs_refit``), which removes what the optimiser alone does."""
     out = {}
     for name, pr in probs.items():
         out[name] = {}
@@ -172,6 +175,8 @@ def quality(problem, start, probs, full_loss, sizes, repeats, steps, key) -> dic
             (params_s, trace), _ = ex.fit_samples(problem, start, idx, w, num_steps=steps)
             losses, _ = ex.full_losses(problem, params_s)
             out[name][str(s)] = summary(np.asarray(losses) / full_loss)
+            if refit_loss is not None:
+                out[name][str(s)]["vs_refit"] = summary(np.asarray(losses) / refit_loss)
             out[name][str(s)]["tail_change_max"] = float(np.max(tail_change(trace)))
     return out
 
@@ -208,7 +213,10 @@ def main(argv=None) -> dict:
         record["noise_floor"] = noise_floor(fits, theta, ref_loss, args.steps)
     probs, record["scores"] = scores_at(problem, theta, dims, key_scores)
     t0 = time.perf_counter()
-    record["quality"] = quality(fits, start, probs, ref_loss, sizes, args.repeats, args.steps, key_draw)
+    refit = record.get("noise_floor", {}).get("loss")
+    record["quality"] = quality(
+        fits, start, probs, ref_loss, sizes, args.repeats, args.steps, key_draw, refit_loss=refit
+    )
     record["quality_time_s"] = time.perf_counter() - t0
     record["table"] = table(record)
     record["ok"] = bool(np.isfinite(full.loss))

@@ -52,3 +52,9 @@ def test_study_projected_warm(tmp_path, monkeypatch):
     cell = record["quality"]["exact"]["40"]
     assert cell["q25"] <= cell["median"] <= cell["q75"] and len(cell["ratios"]) == 2
     assert record["scores"]["exact"]["tv_vs_exact"] == 0.0 and record["noise_floor"]["ratio"] > 0
+    plot = BENCH_DIR / "plot_study_projected.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_plot_study_projected", plot)
+    plotter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plotter)
+    png = plotter.main([str(out), "--out", str(tmp_path / "study.png")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
