@@ -1,8 +1,8 @@
 """Plot ``L(θ_S)/L(θ*) − 1`` against the sample size ``s``, one line per score, from study records.
 
 One panel per record written by ``study_projected.py``: the median over the repeats with the
-interquartile range as a band, log–log axes, and the full-data refit (the noise floor) as a dashed
-line where the record has one (warm protocol).
+interquartile range as a band, log–log axes, and ``p / s`` dotted. Where the record has a noise floor
+(warm protocol) the ratios are taken against the full-data refit from θ*, ``L(θ_S)/L(refit) − 1``.
 
     python benchmarks/plot_study_projected.py benchmarks/records/study_projected_warm_california_cpu.json \
         benchmarks/records/study_projected_warm_fmnist_cpu.json --out docs/study_projected.png
@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,19 +26,21 @@ def parse_args(argv):
 
 
 def panel(ax, record) -> None:
+    floor = record.get("noise_floor")
+    scale = 1.0 if floor is None else floor["ratio"]
     for name, cells in record["quality"].items():
         sizes = sorted(cells, key=int)
+        excess = [np.asarray(cells[k]["ratios"]) / scale - 1 for k in sizes]
         s = [int(k) for k in sizes]
-        med = [max(cells[k]["median"] - 1, 1e-6) for k in sizes]
-        lo = [max(cells[k]["q25"] - 1, 1e-6) for k in sizes]
-        hi = [max(cells[k]["q75"] - 1, 1e-6) for k in sizes]
+        lo, med, hi = (np.maximum([np.quantile(e, q) for e in excess], 1e-6) for q in (0.25, 0.5, 0.75))
         (line,) = ax.plot(s, med, marker="o", label=name)
         ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.15)
-    floor = record.get("noise_floor")
-    if floor is not None:
-        ax.axhline(abs(floor["ratio"] - 1), color="k", ls="--", lw=1, label="|full refit − 1| (noise floor)")
+    s_all = np.asarray(sorted({int(k) for c in record["quality"].values() for k in c}), dtype=float)
+    p = record["problem"]["p"]
+    ax.plot(s_all, p / s_all, color="k", ls=":", lw=1, label="p / s")
     problem = record["problem"]
-    ax.set(xscale="log", yscale="log", xlabel="sample size s", ylabel="L(θ_S)/L(θ*) − 1")
+    ylabel = "L(θ_S)/L(θ*) − 1" if floor is None else "L(θ_S)/L(full refit from θ*) − 1"
+    ax.set(xscale="log", yscale="log", xlabel="sample size s", ylabel=ylabel)
     args = record["args"]
     ax.set_title(f"{args['data']}: n = {problem['n']}, p = {problem['p']}, {args['protocol']} protocol")
     ax.legend(fontsize=7)
