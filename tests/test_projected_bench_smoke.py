@@ -51,6 +51,7 @@ def test_study_projected_warm(tmp_path, monkeypatch):
     assert set(record["quality"]) == {"exact", "projected_4", "linear", "uniform"}
     cell = record["quality"]["exact"]["40"]
     assert cell["q25"] <= cell["median"] <= cell["q75"] and len(cell["ratios"]) == 2
+    assert cell["vs_refit"]["median"] > 0 and record["noise_floor"]["loss"] > 0
     assert record["scores"]["exact"]["tv_vs_exact"] == 0.0 and record["noise_floor"]["ratio"] > 0
     plot = BENCH_DIR / "plot_study_projected.py"
     spec = importlib.util.spec_from_file_location("benchmarks_plot_study_projected", plot)
