@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -29,3 +31,33 @@ def test_bench_projected(tmp_path, monkeypatch):
     for case in point["cases"].values():
         assert case["timing"]["median_s"] > 0 and case["rss_peak_bytes"] >= case["rss_before_bytes"] > 0
     assert 0 <= point["cases"]["sparse_s1"]["tv_vs_exact"] <= 1
+
+
+SKLEARN_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scikit_learn_data"
+CALIFORNIA = SKLEARN_DATA / "cal_housing_py3.pkz"
+
+
+@pytest.mark.skipif(not CALIFORNIA.exists(), reason=f"California Housing cache {CALIFORNIA} is missing")
+def test_study_projected_warm(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    path = BENCH_DIR / "study_projected.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_study_projected", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "study_projected.json"
+    args = ["--n", "120", "--hidden", "2", "--full-steps", "20", "--steps", "10", "--repeats", "2"]
+    args += ["--sizes", "40", "--dims", "4", "--quiet", "--out", str(out)]
+    record = module.main(args)
+    assert json.loads(out.read_text())["bench"] == "study_projected" and record["ok"]
+    assert record["problem"]["p"] == 8 * 2 + 2 + 2 * 1 + 1  # 8–2–1 MLP: weights and biases
+    assert set(record["quality"]) == {"exact", "projected_4", "linear", "uniform"}
+    cell = record["quality"]["exact"]["40"]
+    assert cell["q25"] <= cell["median"] <= cell["q75"] and len(cell["ratios"]) == 2
+    assert cell["vs_refit"]["median"] > 0 and record["noise_floor"]["loss"] > 0
+    assert record["scores"]["exact"]["tv_vs_exact"] == 0.0 and record["noise_floor"]["ratio"] > 0
+    plot = BENCH_DIR / "plot_study_projected.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_plot_study_projected", plot)
+    plotter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plotter)
+    png = plotter.main([str(out), "--out", str(tmp_path / "study.png")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
