@@ -223,16 +223,16 @@ def _masked(piece, valid):
     return [jnp.where(keep.reshape((chunk,) + (1,) * (a.ndim - 1)), a, 0) for a in jax.tree.leaves(piece)]
 
 
-def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps=None):
+def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax=None):
     """``(rows (chunk·k, p+1), k, #non-finite inputs)``: dual rows of one piece, padding rows zero, their
-    columns scaled by ``2^{-exps}`` when given (:mod:`nlis_jax._colscale`)."""
+    columns scaled for the column maxima ``colmax`` when given (:mod:`nlis_jax._colscale`)."""
     xc, yc = piece
     model = flatten_model(apply_fn, params, xc)
     chunk, p = model.n, model.theta.shape[0]
     block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
     mask = (jnp.arange(chunk) < valid).astype(block.dtype)
     rows = (block * mask.reshape((chunk,) + (1,) * (block.ndim - 1))).reshape(-1, p + 1)
-    rows = rows if exps is None else scale_columns(rows, exps)
+    rows = rows if colmax is None else scale_columns(rows, colmax)
     bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
     return rows, math.prod(model.out_shape), bad
 
@@ -240,30 +240,30 @@ def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps=None):
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
 def _first_gram_step(apply_fn, params, carry, piece, valid, *, num_nodes, mode):
-    """Pass 1: the Gram matrix of the column-prescaled rows, its exponents, the non-finite count."""
-    (G, exps), bad = carry
+    """Pass 1: the Gram matrix of the column-prescaled rows, the column maxima, the non-finite count."""
+    (G, colmax), bad = carry
     rows, _, b = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
-    return add_scaled_gram(G, exps, rows), bad + b.astype(bad.dtype)
+    return add_scaled_gram(G, colmax, rows), bad + b.astype(bad.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
-def _gram_step(apply_fn, params, G, piece, valid, M, exps, *, num_nodes, mode):
-    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps)[0]
+def _gram_step(apply_fn, params, G, piece, valid, M, colmax, *, num_nodes, mode):
+    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax)[0]
     return G + routes.gram(rows @ M)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
-def _qr_step(apply_fn, params, R, piece, valid, exps, *, num_nodes, mode):
-    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps)[0]
+def _qr_step(apply_fn, params, R, piece, valid, colmax, *, num_nodes, mode):
+    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax)[0]
     return jnp.linalg.qr(jnp.concatenate([R, rows]), mode="r")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 @highest_precision
-def _leverage_step(apply_fn, params, piece, valid, transform, exps, *, num_nodes, mode):
-    rows, k, _ = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, exps)
+def _leverage_step(apply_fn, params, piece, valid, transform, colmax, *, num_nodes, mode):
+    rows, k, _ = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax)
     return routes.apply_transform(rows, transform, row_norms=True).reshape(-1, k).sum(axis=1)
 
 
@@ -339,31 +339,31 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     kw = dict(num_nodes=num_nodes, mode=mode)
     first = functools.partial(_first_gram_step, apply_fn, params, **kw)
     init = (scaled_gram_start(size, dtype), jnp.zeros((), jnp.int32))
-    ((G, exps), _), n, n_local = first_pass(first, source, chunk, init)
-    G, exps = _combine_scaled_grams(G, exps)
+    ((G, colmax), _), n, n_local = first_pass(first, source, chunk, init)
+    G, colmax = _combine_scaled_grams(G, colmax)
     zeros = jnp.zeros((size, size), dtype)
 
     def gram_pass(M):
-        step = functools.partial(_gram_step, apply_fn, params, M=M, exps=exps, **kw)
+        step = functools.partial(_gram_step, apply_fn, params, M=M, colmax=colmax, **kw)
         return across_processes(fold(step, zeros, source, chunk), lambda a: a.sum(0))
 
     def r_factor():
-        R = fold(functools.partial(_qr_step, apply_fn, params, exps=exps, **kw), zeros, source, chunk)
+        R = fold(functools.partial(_qr_step, apply_fn, params, colmax=colmax, **kw), zeros, source, chunk)
         return across_processes(R, _qr_combine)
 
     t = host_transform(G, gram_pass, r_factor, jnp.asarray(rtol, dtype), route)
     h = output_vector(out, n_local, dtype)
-    step = functools.partial(_leverage_step, apply_fn, params, transform=t, exps=exps, **kw)
+    step = functools.partial(_leverage_step, apply_fn, params, transform=t, colmax=colmax, **kw)
     collect(step, source, chunk, h)
     return (h if out is not None else global_vector(h, n)), t.rank, t.route
 
 
-def _combine_scaled_grams(G, exps):
+def _combine_scaled_grams(G, colmax):
     """The prescaled Gram matrices of every process's rows at the common (largest) exponents, summed."""
     if jax.process_count() == 1:
-        return G, exps
-    top = across_processes(exps, lambda a: a.max(0))
-    return across_processes(rescale_gram(G, exps, top), lambda a: a.sum(0)), top
+        return G, colmax
+    top = across_processes(colmax, lambda a: a.max(0))
+    return across_processes(rescale_gram(G, colmax, top), lambda a: a.sum(0)), top
 
 
 def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):

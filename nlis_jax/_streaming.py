@@ -5,7 +5,7 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
 :func:`nlis_jax.leverage_scores` on the same matrix, decided by the same code (:mod:`nlis_jax.routes`):
 
 - pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` of the rows with every column prescaled by a
-  power of two, as the dense route does (the exponents found on the way, :mod:`nlis_jax._colscale`; the
+  power of two, as the dense route does (the column maxima found on the way, :mod:`nlis_jax._colscale`; the
   later passes scale each chunk alike), so a column ``×1e154`` neither overflows nor drops the rank
   (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce) and
   :func:`nlis_jax.routes.transform_from_passes`
@@ -88,10 +88,10 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     def first(carry, i):
         return add_scaled_gram(*carry, dual_rows(i)), None
 
-    G, exps = lax.scan(first, scaled_gram_start(dim, dtype), jnp.arange(m))[0]
+    G, colmax = lax.scan(first, scaled_gram_start(dim, dtype), jnp.arange(m))[0]
 
     def scaled_rows(i):
-        return scale_columns(dual_rows(i), exps)
+        return scale_columns(dual_rows(i), colmax)
 
     def gram_pass(M):
         def body(G, i):
