@@ -125,8 +125,7 @@ def probes(size: int, dtype) -> Array:
 def panel_error(coefs: Array, h: Array, exponent: float = 8.5) -> Array:
     """Error estimate of a panel of width ``h`` from the 8 highest projected Legendre coefficients
     (shape ``(8, PROBES)``, lowest degree first), extrapolated ``2 · exponent`` degrees."""
-    top = jnp.max(jnp.abs(coefs))  # scaled: squares of coefficients near 1e19 overflow float32
-    top = jnp.where((top > 0) & jnp.isfinite(top), top, 1)
+    top = _square_scale(coefs)  # squares of coefficients near 1e19 overflow float32
     c = top * jnp.sqrt(jnp.mean(jnp.square(coefs / top), axis=-1))  # ‖c_j‖ estimated from the probes
     pairs = jnp.sqrt(jnp.square(c[0::2]) + jnp.square(c[1::2]))[::-1]  # e_1 (degrees 14, 15) first
     e1, e2, e3, e4 = pairs[0], pairs[1], pairs[2], pairs[3]
@@ -209,9 +208,15 @@ def _map_examples(fn: Callable, data: PyTree, n: int, chunk: int):
 def _norms(value: Array) -> Array:
     """Frobenius norm of each example's integral, scaled by its largest entry (no overflow when squared)."""
     flat = value.reshape(value.shape[0], -1)
-    top = jnp.max(jnp.abs(flat), axis=1, keepdims=True)
-    top = jnp.where((top > 0) & jnp.isfinite(top), top, 1)
+    top = _square_scale(flat, axis=1)
     return top[:, 0] * jnp.sqrt(jnp.sum(jnp.square(flat / top), axis=1))
+
+
+def _square_scale(x: Array, axis: int | None = None) -> Array:
+    """``max |x|`` over ``axis`` (kept as a size-1 axis; a scalar for ``None``), 1 where that is zero or not
+    finite: divide by it before squaring so that sums of squares neither overflow nor underflow."""
+    top = jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None)
+    return jnp.where((top > 0) & jnp.isfinite(top), top, 1)
 
 
 def _relative(err: Array, norm: Array) -> Array:

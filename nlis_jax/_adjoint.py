@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from nlis_jax import routes
 from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo, default_rtol, integrate
 from nlis_jax._checks import (
     check_choice,
@@ -287,8 +288,8 @@ def _in_float32(tree: PyTree) -> PyTree:
     """``tree`` with its half-precision (float16, bfloat16) leaves cast to float32 (exact)."""
 
     def one(a):
-        half = jnp.issubdtype(jnp.result_type(a), jnp.floating) and jnp.finfo(jnp.result_type(a)).bits < 32
-        return jnp.asarray(a, jnp.float32) if half else a
+        dtype = jnp.result_type(a)
+        return jnp.asarray(a, routes.compute_dtype(dtype)) if jnp.issubdtype(dtype, jnp.floating) else a
 
     return jax.tree.map(one, tree)
 
@@ -300,9 +301,9 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
     quadrature then adds nothing to the rounding of the result), and the adjoints cast back; the info
     stays in float32.
     """
-    if jnp.finfo(shape.dtype).bits < 32:
+    if routes.compute_dtype(shape.dtype) != shape.dtype:
         params, xs = _in_float32(params), _in_float32(xs)
-        wide = shape._replace(dtype=jnp.dtype(jnp.float32))
+        wide = shape._replace(dtype=routes.compute_dtype(shape.dtype))
         adj, info = adaptive_adjoint(apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
         return adj.astype(shape.dtype), info
     k = math.prod(shape.out_shape)
