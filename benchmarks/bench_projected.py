@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 import time
 
 import jax
@@ -46,6 +45,7 @@ from _common import (
 import nlis_jax as nj
 from nlis_jax._factored import analyse, embedding_matrix, khatri_rao_embedding  # the explicit Ω check
 from nlis_jax.experiments import nets
+from nlis_jax.experiments.memory import PeakRss
 
 try:  # the public home of the quadrature after the "house" refactor
     from nlis_jax.quadrature import gauss_legendre
@@ -74,41 +74,6 @@ def parse_args(argv):
         "--cases", default="sparse,gaussian,outer_product,khatri_rao,exact", help="cases to time"
     )
     return parser.parse_args(argv)
-
-
-class PeakRss:
-    """Peak ``RssAnon`` (bytes) of this process while the ``with`` block runs, sampled in a thread."""
-
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
-
-    @staticmethod
-    def read() -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.read())
-            time.sleep(self.interval_s)
-
-    def __enter__(self):
-        self.before = self.read()
-        self.peak = self.before
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def as_dict(self) -> dict:
-        return {"rss_before_bytes": self.before, "rss_peak_bytes": self.peak}
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.read())
 
 
 @functools.partial(jax.jit, static_argnames=("n", "d", "h", "dtype"))
@@ -150,6 +115,10 @@ def khatri_rao_check(key, params, xs, ys, dim: int = 12) -> float:
     return float(np.max(np.abs(np.asarray(Y) - ref)) / np.max(np.abs(ref)))
 
 
+def _rss(rss) -> dict:
+    return {"rss_before_bytes": rss.before, "rss_peak_bytes": rss.peak}
+
+
 def measure(fn, *args, reps: int) -> dict:
     """Compile, warm-up and steady state of ``jax.jit(fn)(*args)`` with the peak RssAnon of all of it."""
     with PeakRss() as rss:
@@ -158,7 +127,7 @@ def measure(fn, *args, reps: int) -> dict:
         cpu0 = time.process_time()
         timing = compiled.time(reps=reps)
         cpu_s = (time.process_time() - cpu0) / timing.reps
-    return {"out": out, "timing": timing.as_dict(), "cpu_s_per_run": cpu_s, **rss.as_dict()}
+    return {"out": out, "timing": timing.as_dict(), "cpu_s_per_run": cpu_s, **_rss(rss)}
 
 
 def measure_eager(fn, *args, reps: int) -> dict:
@@ -169,7 +138,7 @@ def measure_eager(fn, *args, reps: int) -> dict:
         first_s = time.perf_counter() - t0
         timing = time_eager(lambda: fn(*args), reps=reps)
     timing = timing._replace(compile_s=first_s - timing.median_s)  # first call minus a steady one
-    return {"out": out, "timing": timing.as_dict(), **rss.as_dict()}
+    return {"out": out, "timing": timing.as_dict(), **_rss(rss)}
 
 
 def projected_fn(dim, chunk, nodes, embedding, sparsity):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from _common import base_parser, check, environment, max_rel_error, report_failu
 
 import nlis_jax as nj
 from nlis_jax.experiments import nets
+from nlis_jax.experiments.memory import PeakRss
 
 NAME = "bench_streaming"
 #: Rows written per piece when generating the files.
@@ -81,35 +81,13 @@ def models(args) -> dict:
     return {name: table[name] for name in args.models.split(",")}
 
 
-def rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
 def peak_growth(fn):
     """``(result, seconds, peak RssAnon growth in bytes)`` of ``fn()``, sampled every 5 ms."""
-    base = peak = rss_anon()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_anon())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     t0 = time.perf_counter()
-    try:
+    with PeakRss() as rss:
         result = fn()
-    finally:
         seconds = time.perf_counter() - t0
-        done.set()
-        thread.join()
-    return result, seconds, max(peak, rss_anon()) - base
+    return result, seconds, rss.peak - rss.before
 
 
 def floor_seconds(xs: np.ndarray, chunk: int, width: int) -> dict:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ from helpers import mlp_params
 
 import nlis_jax as nj
 from nlis_jax.experiments import nets
+from nlis_jax.experiments.memory import PeakRss
 
 N, D = 300, 3
 MLP = nets.mlp(jnp.tanh)
@@ -90,33 +89,11 @@ def test_bad_host_input_named(tmp_path):
         nj.streaming_leverage_scores(MLP, params, lambda: iter([xs]))
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
 def _peak_growth(fn) -> tuple[int, object]:
     """Peak RssAnon growth while ``fn`` runs, sampled every 2 ms in a thread."""
-    base = peak = _rss_anon()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_anon())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    with PeakRss(0.002) as rss:
         result = fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak, _rss_anon()) - base, result
+    return rss.peak - rss.before, result
 
 
 def _single_index(theta, x):
