@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +92,15 @@ def count_events():
         yield counts
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str, monkeypatch):
+    """The script ``benchmarks/<name>.py`` as a module (its folder on ``sys.path`` for ``_common``)."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

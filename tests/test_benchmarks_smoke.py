@@ -6,30 +6,20 @@ The scripts are not a package; they are loaded from ``benchmarks/`` by path, wit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 import nlis_jax as nj
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 TORCH_MISSING = "torch not installed (benchmark-only extra: pip install -e .[bench])"
-
-
-def load(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_bench(name: str, args: list[str], tmp_path, monkeypatch) -> dict:
     out = tmp_path / f"{name}.json"
-    record = load(name, monkeypatch).main([*args, "--reps", "1", "--quiet", "--out", str(out)])
+    record = load_benchmark(name, monkeypatch).main([*args, "--reps", "1", "--quiet", "--out", str(out)])
     assert out.exists()
     assert json.loads(out.read_text())["bench"] == name
     failed = {k: v for k, v in record["checks"].items() if not v["ok"]} if "checks" in record else {}
@@ -70,7 +60,7 @@ def test_bench_torch(tmp_path, monkeypatch):
 def test_bench_torch_without_torch_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(SystemExit, match=r"pip install -e \.\[bench\]"):
-        load("bench_torch", monkeypatch).main(["--n", "8"])
+        load_benchmark("bench_torch", monkeypatch).main(["--n", "8"])
 
 
 def test_bench_quadrature(tmp_path, monkeypatch):

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+from helpers import load_benchmark
 
 
 def test_bench_projected(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    path = BENCH_DIR / "bench_projected.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_bench_projected", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_projected", monkeypatch)
     out = tmp_path / "bench_projected.json"
     args = ["--n", "120", "--d", "6", "--widths", "2", "--dim", "8"]
     record = module.main([*args, "--reps", "1", "--quiet", "--out", str(out)])
@@ -39,11 +33,7 @@ CALIFORNIA = SKLEARN_DATA / "cal_housing_py3.pkz"
 
 @pytest.mark.skipif(not CALIFORNIA.exists(), reason=f"California Housing cache {CALIFORNIA} is missing")
 def test_study_projected_warm(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    path = BENCH_DIR / "study_projected.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_study_projected", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("study_projected", monkeypatch)
     out = tmp_path / "study_projected.json"
     args = ["--n", "120", "--hidden", "2", "--full-steps", "20", "--steps", "10", "--repeats", "2"]
     args += ["--sizes", "40", "--dims", "4", "--quiet", "--out", str(out)]
@@ -55,9 +45,6 @@ def test_study_projected_warm(tmp_path, monkeypatch):
     assert cell["q25"] <= cell["median"] <= cell["q75"] and len(cell["ratios"]) == 2
     assert cell["vs_refit"]["median"] > 0 and record["noise_floor"]["loss"] > 0
     assert record["scores"]["exact"]["tv_vs_exact"] == 0.0 and record["noise_floor"]["ratio"] > 0
-    plot = BENCH_DIR / "plot_study_projected.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_plot_study_projected", plot)
-    plotter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plotter)
+    plotter = load_benchmark("plot_study_projected", monkeypatch)
     png = plotter.main([str(out), "--out", str(tmp_path / "study.png")])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
