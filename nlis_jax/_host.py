@@ -4,10 +4,10 @@ The data never travels to the device as a whole: chunks of ``chunk_size`` exampl
 device and consumed one at a time, the next read (and its transfer) overlapping the device's work on the
 current one (JAX dispatches asynchronously), and at most two chunks are in flight. Anonymous memory is
 ``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
-the leverage scores are those of :func:`nlis_jax.streaming_leverage_scores`, with the route decided by
-the same code (:mod:`nlis_jax.routes`) from the Gram matrix of the column-prescaled rows
-(:mod:`nlis_jax._colscale`), as a Python loop over chunks of jitted steps (one compilation per chunk
-shape).
+the leverage and norm scores are those of device arrays, written once in :mod:`nlis_jax._passes`; here
+they run as a Python loop over chunks of jitted steps (one compilation per chunk shape and pass), and
+only the passes the route needs are run (:func:`host_transform`: route ``"shifted"``, whose passes are
+called from traced code, becomes ``"stable"``).
 
 Input forms (``xs`` of the streaming scores and of the losses):
 
@@ -25,7 +25,6 @@ summed across processes and the scores come back as one global array.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator
 
 import jax
@@ -37,8 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nlis_jax import routes
 from nlis_jax._adjoint import flatten_model
 from nlis_jax._checks import check_finite, check_floating
-from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
-from nlis_jax._dual import dual_block
+from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 
 Source = Callable[[], Iterator]
@@ -189,7 +187,7 @@ def across_processes(x, combine):
     """``combine`` of the per-process values stacked in process order (the same on every process)."""
     if jax.process_count() == 1:
         return x
-    return combine(jnp.asarray(multihost_utils.process_allgather(x)))
+    return combine(jax.tree.map(jnp.asarray, multihost_utils.process_allgather(x)))
 
 
 def global_vector(h: np.ndarray, n: int):
@@ -223,64 +221,47 @@ def _masked(piece, valid):
     return [jnp.where(keep.reshape((chunk,) + (1,) * (a.ndim - 1)), a, 0) for a in jax.tree.leaves(piece)]
 
 
-def _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax=None):
-    """``(rows (chunk·k, p+1), k, #non-finite inputs)``: dual rows of one piece, padding rows zero, their
-    columns scaled for the column maxima ``colmax`` when given (:mod:`nlis_jax._colscale`)."""
+def _nonfinite(piece, valid):
+    """The number of NaN/Inf values in the valid rows of a piece."""
+    return sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
+
+
+def _rows(apply_fn, params, piece, valid, num_nodes, mode):
+    """The dual rows ``(chunk, k, p+1)`` of an ``(x, y)`` piece (:func:`nlis_jax._passes.chunk_rows`)."""
     xc, yc = piece
     model = flatten_model(apply_fn, params, xc)
-    chunk, p = model.n, model.theta.shape[0]
-    block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
-    mask = (jnp.arange(chunk) < valid).astype(block.dtype)
-    rows = (block * mask.reshape((chunk,) + (1,) * (block.ndim - 1))).reshape(-1, p + 1)
-    rows = rows if colmax is None else scale_columns(rows, colmax)
-    bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
-    return rows, math.prod(model.out_shape), bad
+    return chunk_rows(model, xc, yc, valid, num_nodes=num_nodes, mode=mode)
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(jax.jit, static_argnames=("kernel", *STATIC))
 @highest_precision
-def _first_gram_step(apply_fn, params, carry, piece, valid, *, num_nodes, mode):
-    """Pass 1: the Gram matrix of the column-prescaled rows, the column maxima, the non-finite count."""
-    (G, colmax), bad = carry
-    rows, _, b = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
-    return add_scaled_gram(G, colmax, rows), bad + b.astype(bad.dtype)
+def _reduce_step(apply_fn, params, carry, piece, valid, args, *, kernel, num_nodes, mode):
+    """One step of a pass: ``kernel(carry, rows, *args)`` (:class:`nlis_jax._passes.Pass`)."""
+    return kernel(carry, _rows(apply_fn, params, piece, valid, num_nodes, mode), *args)
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(jax.jit, static_argnames=("kernel", *STATIC))
 @highest_precision
-def _gram_step(apply_fn, params, G, piece, valid, M, colmax, *, num_nodes, mode):
-    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax)[0]
-    return G + routes.gram(rows @ M)
+def _checked_step(apply_fn, params, carry, piece, valid, *, kernel, num_nodes, mode):
+    """A step of the first pass: ``kernel(carry, rows)`` and the count of non-finite inputs."""
+    inner, bad = carry
+    rows = _rows(apply_fn, params, piece, valid, num_nodes, mode)
+    return kernel(inner, rows), bad + _nonfinite(piece, valid).astype(bad.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(jax.jit, static_argnames=("kernel", *STATIC))
 @highest_precision
-def _qr_step(apply_fn, params, R, piece, valid, colmax, *, num_nodes, mode):
-    rows = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax)[0]
-    return jnp.linalg.qr(jnp.concatenate([R, rows]), mode="r")
-
-
-@functools.partial(jax.jit, static_argnames=STATIC)
-@highest_precision
-def _leverage_step(apply_fn, params, piece, valid, transform, colmax, *, num_nodes, mode):
-    rows, k, _ = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode, colmax)
-    return routes.apply_transform(rows, transform, row_norms=True).reshape(-1, k).sum(axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=STATIC)
-@highest_precision
-def _norm_step(apply_fn, params, carry, piece, valid, *, num_nodes, mode):
-    """Squared block norms of the dual rows of a piece; the carry sums them and the non-finite inputs."""
-    rows, k, bad = _dual_rows(apply_fn, params, piece, valid, num_nodes, mode)
-    sq = jnp.sum(jnp.square(rows), axis=1).reshape(-1, k).sum(axis=1)
-    total, count = carry
-    return sq, (total + jnp.sum(sq), count + bad.astype(count.dtype))
+def _values_step(apply_fn, params, carry, piece, valid, args, *, kernel, num_nodes, mode):
+    """Per-example values ``kernel(rows, *args)`` of a piece; the carry sums them and counts the
+    non-finite inputs."""
+    values = kernel(_rows(apply_fn, params, piece, valid, num_nodes, mode), *args)
+    total, bad = carry
+    return values, (total + jnp.sum(values), bad + _nonfinite(piece, valid).astype(bad.dtype))
 
 
 _decide = jax.jit(highest_precision(routes.decide), static_argnames=("route",))
 _refine = jax.jit(highest_precision(routes.refine_transform))
 _stable = jax.jit(highest_precision(routes.stable_transform))
-_qr_combine = jax.jit(highest_precision(lambda a: jnp.linalg.qr(a.reshape(-1, a.shape[-1]), mode="r")))
 
 
 # ------------------------------------------------------------------------------------------- leverage
@@ -327,50 +308,53 @@ def first_pass(step, source, chunk, init):
     return carry, int(stats[0]), n_local
 
 
+def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -> tuple[Chunks, dict]:
+    """The chunks of host data (:mod:`nlis_jax._passes`): Python loops over the pieces of ``source``,
+    one jitted step a piece. The dict gets the global and local example counts of the first pass."""
+    kw = dict(num_nodes=num_nodes, mode=mode)
+    dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
+    counts = {}
+
+    def first(pass_, init):
+        step = functools.partial(_checked_step, apply_fn, params, kernel=pass_.step, **kw)
+        zero = jnp.zeros((), jnp.int32)
+        (carry, _), counts["n"], counts["n_local"] = first_pass(step, source, chunk, (init, zero))
+        return across_processes(carry, pass_.combine)
+
+    def reduce(pass_, init, *args):
+        step = functools.partial(_reduce_step, apply_fn, params, args=args, kernel=pass_.step, **kw)
+        return across_processes(fold(step, init, source, chunk), pass_.combine)
+
+    def scores(kernel, *args):
+        h = output_vector(out, counts["n_local"], dtype)
+        carry = (jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+        step = functools.partial(_values_step, apply_fn, params, args=args, kernel=kernel, **kw)
+        collect(lambda piece, valid: step(carry, piece, valid)[0], source, chunk, h)
+        return h
+
+    return Chunks(first, reduce, scores, host_transform), counts
+
+
 def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, rtol, route, out=None):
     """Streaming leverage of host data (see the module docstring): ``(h, rank, route)``.
 
-    ``h`` is the raw block leverage: a jax array (global under ``jax.distributed``), or ``out`` filled
-    with this process's block when given.
+    ``h`` is the raw block leverage (in the compute dtype, :func:`nlis_jax.routes.compute_dtype`): a jax
+    array (global under ``jax.distributed``), or ``out`` filled with this process's block when given.
     """
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    size = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
-    kw = dict(num_nodes=num_nodes, mode=mode)
-    first = functools.partial(_first_gram_step, apply_fn, params, **kw)
-    init = (scaled_gram_start(size, dtype), jnp.zeros((), jnp.int32))
-    ((G, colmax), _), n, n_local = first_pass(first, source, chunk, init)
-    G, colmax = _combine_scaled_grams(G, colmax)
-    zeros = jnp.zeros((size, size), dtype)
-
-    def gram_pass(M):
-        step = functools.partial(_gram_step, apply_fn, params, M=M, colmax=colmax, **kw)
-        return across_processes(fold(step, zeros, source, chunk), lambda a: a.sum(0))
-
-    def r_factor():
-        R = fold(functools.partial(_qr_step, apply_fn, params, colmax=colmax, **kw), zeros, source, chunk)
-        return across_processes(R, _qr_combine)
-
-    t = host_transform(G, gram_pass, r_factor, jnp.asarray(rtol, dtype), route)
-    h = output_vector(out, n_local, dtype)
-    step = functools.partial(_leverage_step, apply_fn, params, transform=t, colmax=colmax, **kw)
-    collect(step, source, chunk, h)
-    return (h if out is not None else global_vector(h, n)), t.rank, t.route
-
-
-def _combine_scaled_grams(G, colmax):
-    """The prescaled Gram matrices of every process's rows at the common (largest) exponents, summed."""
-    if jax.process_count() == 1:
-        return G, colmax
-    top = across_processes(colmax, lambda a: a.max(0))
-    return across_processes(rescale_gram(G, colmax, top), lambda a: a.sum(0)), top
+    dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
+    dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
+    chunks, counts = host_chunks(apply_fn, params, source, chunk, num_nodes=num_nodes, mode=mode, out=out)
+    h, t = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)
+    return (h if out is not None else global_vector(h, counts["n"])), t.rank, t.route
 
 
 def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):
     """Row-norm probabilities of the dual matrix of host data, one pass (then a division in place)."""
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    step = functools.partial(_norm_step, apply_fn, params, num_nodes=num_nodes, mode=mode)
+    dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
+    kw = dict(args=(), kernel=norm_rows, num_nodes=num_nodes, mode=mode)
+    step = functools.partial(_values_step, apply_fn, params, **kw)
     state = {"carry": (jnp.zeros((), dtype), jnp.zeros((), jnp.int32)), "n": 0}
 
     def one(piece, valid):

@@ -17,12 +17,14 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
   more CholeskyQR pass, as the dense route): backward stable;
 - ``"shifted"`` (below float64): Gram passes on ``F̃_c D⁻¹ L₀⁻ᵀ`` (shifted Cholesky factor ``L₀``), then
   the scoring pass; route ``"stable"`` when the matrix is numerically rank-deficient.
+
+The passes are written once (:mod:`nlis_jax._passes`) for device arrays (here) and host data
+(:mod:`nlis_jax._host`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +33,8 @@ from jax import lax
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model
 from nlis_jax._checks import check_positive_int
-from nlis_jax._colscale import add_scaled_gram, scale_columns, scaled_gram_start
-from nlis_jax._dual import dual_block
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
+from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
@@ -52,66 +53,36 @@ def pad_chunks(tree, n: int, chunk: int):
     return jax.tree.map(one, tree), m
 
 
-def _chunked_dual_rows(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
-    """``(dual_rows, num_chunks, model)``: ``dual_rows(i)`` are the ``(chunk·k, p+1)`` rows of chunk ``i``.
-
-    Padding rows (past ``n``) are zero, so they add nothing to a Gram matrix or an R factor.
-    """
+def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> tuple[Chunks, object]:
+    """The chunks of device arrays (:mod:`nlis_jax._passes`): ``lax.scan`` / ``lax.map`` over a padded
+    copy, padding rows zero (they add nothing to a Gram matrix or an R factor); and the flat model."""
     model = flatten_model(apply_fn, params, xs)
-    n, p = model.n, model.theta.shape[0]
-    k = math.prod(model.out_shape)
-    dtype = model.theta.dtype
+    n = model.n
     chunk = min(chunk_size, n)
     xs_c, m = pad_chunks(xs, n, chunk)
-    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys, dtype), n, chunk)[0]
-    valid = (jnp.arange(m * chunk) < n).reshape(m, chunk).astype(dtype)
+    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys, model.theta.dtype), n, chunk)[0]
 
-    def dual_rows(i):
+    def rows(i):
         xc = jax.tree.map(lambda a: a[i], xs_c)
         yc = None if ys_c is None else ys_c[i]
-        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
-        block = block * valid[i].reshape((chunk,) + (1,) * (block.ndim - 1))
-        return block.reshape(chunk * k, p + 1).astype(routes.compute_dtype(dtype))  # float32 if half
+        return chunk_rows(model, xc, yc, n - i * chunk, num_nodes=num_nodes, mode=mode)
 
-    return dual_rows, m, model
+    def reduce(pass_, init, *args):
+        return lax.scan(lambda c, i: (pass_.step(c, rows(i), *args), None), init, jnp.arange(m))[0]
+
+    def scores(kernel, *args):
+        return lax.map(lambda i: kernel(rows(i), *args), jnp.arange(m)).reshape(-1)[:n]
+
+    return Chunks(reduce, reduce, scores, routes.transform_from_passes), model
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
 @highest_precision
 def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
-    dual_rows, m, model = _chunked_dual_rows(
-        apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
-    )
+    kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    chunks, model = _device_chunks(apply_fn, params, xs, ys, **kw)
     dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
-
-    # Pass 1: the Gram matrix of the rows prescaled by powers of two per column (as the dense route).
-    def first(carry, i):
-        return add_scaled_gram(*carry, dual_rows(i)), None
-
-    G, colmax = lax.scan(first, scaled_gram_start(dim, dtype), jnp.arange(m))[0]
-
-    def scaled_rows(i):
-        return scale_columns(dual_rows(i), colmax)
-
-    def gram_pass(M):
-        def body(G, i):
-            return G + routes.gram(scaled_rows(i) @ M), None
-
-        return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
-
-    def r_factor():
-        def body(R, i):
-            return jnp.linalg.qr(jnp.concatenate([R, scaled_rows(i)]), mode="r"), None
-
-        return lax.scan(body, jnp.zeros((dim, dim), dtype), jnp.arange(m))[0]
-
-    transform = routes.transform_from_passes(G, gram_pass, r_factor, rtol, route)
-
-    def score_chunk(i):
-        h = routes.apply_transform(scaled_rows(i), transform, row_norms=True)
-        return h.reshape(-1, math.prod(model.out_shape)).sum(axis=1)
-
-    h = lax.map(score_chunk, jnp.arange(m)).reshape(-1)[: model.n]
+    h, transform = leverage_passes(chunks, dim, dtype, rtol, route)
     return h, transform.rank, transform.route
 
 
@@ -187,7 +158,7 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, rtol=rtol, route=route, out=out)
     h, rank, taken = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs)
     if out is None:
-        return as_leverage(h, rank, taken, return_info)
+        return as_leverage(h, rank, taken, return_info, dtype)
     divide_in_place(out, rank, chunk_size)
     return Leverage(out, None, rank, taken) if return_info else out
 
@@ -195,15 +166,8 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode"))
 @highest_precision
 def _norm_jit(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
-    dual_rows, m, model = _chunked_dual_rows(
-        apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
-    )
-
-    def chunk_norms(i):
-        sq = jnp.sum(jnp.square(dual_rows(i)), axis=1)
-        return sq.reshape(-1, math.prod(model.out_shape)).sum(axis=1)
-
-    sq = lax.map(chunk_norms, jnp.arange(m)).reshape(-1)[: model.n]
+    kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    sq = _device_chunks(apply_fn, params, xs, ys, **kw)[0].scores(norm_rows)
     return sq, jnp.sum(sq)
 
 
