@@ -243,7 +243,22 @@ def write_record(record: dict, out: str | Path | None, name: str, *, quiet: bool
     return path
 
 
+def run_and_write(name: str, args, run: Callable[[Any], dict], *, x64: bool) -> dict:
+    """The record ``{"bench", "params", "environment"} | run(args)``, made under ``jax.enable_x64(x64)``
+    (scoped: the caller's setting is left as it was), then written (:func:`write_record`)."""
+    with jax.enable_x64(x64):
+        record = {"bench": name, "params": vars(args), "environment": environment()}
+        record |= run(args)
+    write_record(record, args.out, name, quiet=args.quiet)
+    return record
+
+
 # -------------------------------------------------------------------------------------- small helpers
+def int_list(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]`` (an argparse type; empty items skipped)."""
+    return [int(v) for v in text.split(",") if v]
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """An argparse parser with the options every benchmark shares."""
     parser = argparse.ArgumentParser(description=description)

@@ -33,12 +33,12 @@ from _common import (
     all_ok,
     base_parser,
     check,
-    environment,
+    int_list,
     max_rel_error,
     progress,
     report_failures,
+    run_and_write,
     time_eager,
-    write_record,
 )
 from jax.flatten_util import ravel_pytree
 
@@ -52,10 +52,6 @@ SWEEP_MODES = ("forward", "reverse")
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 MLP = nets.mlp(jnp.tanh)  # one object each: a static argument of nj.adjoint's jit
 SINGLE_INDEX = nets.single_index(jnp.tanh)
-
-
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def str_list(text: str) -> list[str]:
@@ -309,11 +305,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    with jax.enable_x64(args.dtype == "float64"):  # scoped: the caller's setting is left as it was
-        record = {"bench": NAME, "params": vars(args), "environment": environment()}
-        record |= run(args)
-    write_record(record, args.out, NAME, quiet=args.quiet)
-    return record
+    return run_and_write(NAME, args, run, x64=args.dtype == "float64")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,14 @@ from _common import (
     all_ok,
     base_parser,
     check,
-    environment,
     gram_floor,
     interleaved,
     max_rel_error,
     progress,
     report_failures,
+    run_and_write,
     time_eager,
     timed,
-    write_record,
     xla_gram,
 )
 
@@ -184,12 +183,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with jax.enable_x64(True):  # data made in float64, then cast (scoped: the caller's setting is kept)
-        record = {"bench": NAME, "params": vars(args), "environment": environment()}
-        record |= run(args)
-    write_record(record, args.out, NAME, quiet=args.quiet)
-    return record
+    return run_and_write(NAME, parse_args(argv), run, x64=True)  # data made in float64, then cast
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from _common import (
     base_parser,
     check,
     environment,
+    int_list,
     interleaved,
     max_rel_error,
     progress,
@@ -63,10 +64,6 @@ def import_torch():
     except ImportError:
         raise SystemExit(f"{TORCH_MISSING}; e.g. /work/venv/bin/pip install torch==2.13.0") from None
     return torch
-
-
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def parse_args(argv):

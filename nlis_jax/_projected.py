@@ -223,19 +223,8 @@ def projected_dual_matrix(
     check_path_args(num_nodes, mode, None)
     _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
-    return _projected_jit(
-        key,
-        apply_fn,
-        params,
-        xs,
-        ys,
-        dim=dim,
-        chunk_size=chunk_size,
-        num_nodes=num_nodes,
-        mode=mode,
-        embedding=embedding,
-        sparsity=sparsity,
-    )
+    kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    return _projected_jit(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
 
 
 def projected_leverage_scores(
@@ -279,19 +268,8 @@ def projected_leverage_scores(
       ``(n,)`` probabilities (non-negative, summing to 1), or a :class:`Leverage`.
     """
     ridge = _check_ridge(ridge)
-    Y = projected_dual_matrix(
-        key,
-        apply_fn,
-        params,
-        xs,
-        ys,
-        dim=dim,
-        chunk_size=chunk_size,
-        num_nodes=num_nodes,
-        mode=mode,
-        embedding=embedding,
-        sparsity=sparsity,
-    )
+    kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    Y = projected_dual_matrix(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
     if ridge > 0:
         _, h, rank, route = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=True)
     else:

@@ -154,16 +154,20 @@ def test_prepare_features_pool_pca_standardise():
 # Scores
 
 
-def test_scores_decompose_and_match_definitions():
-    """float64, k = 3 outputs (block scores): h(F̃) = h(F*) + e²/‖e‖², baselines equal their definitions,
-    scores are probabilities. (The scalar-output path runs in the studies below.)"""
+def block_problem(n: int = 60, d: int = 3, k: int = 3):
+    """A float64 ReLU MLP ``d–4–k`` (its biases shifted by 0.1), ``(n, d)`` inputs, ``(n, k)`` targets."""
     key_x, key_p, key_t = jax.random.split(jax.random.key(0), 3)
-    n, d, k = 60, 3, 3
     xs = jax.random.normal(key_x, (n, d), jnp.float64)
     params = nets.mlp_init(key_p, (d, 4, k), dtype=jnp.float64)
     params = [{"w": layer["w"], "b": layer["b"] + 0.1} for layer in params]
-    ts = jax.random.normal(key_t, (n, k), jnp.float64)
-    apply_fn = nets.mlp(jax.nn.relu)
+    return nets.mlp(jax.nn.relu), params, xs, jax.random.normal(key_t, (n, k), jnp.float64)
+
+
+def test_scores_decompose_and_match_definitions():
+    """float64, k = 3 outputs (block scores): h(F̃) = h(F*) + e²/‖e‖², baselines equal their definitions,
+    scores are probabilities. (The scalar-output path runs in the studies below.)"""
+    apply_fn, params, xs, ts = block_problem()
+    n, k = ts.shape
     scores, info = O.outlier_scores(apply_fn, params, xs, ts, num_nodes=4)
     assert info["rank_dual"] == info["rank_adjoint"] + 1
     assert info["decomposition_gap"] < 1e-9
@@ -192,13 +196,9 @@ def test_projected_scores_equal_dense_when_dim_covers_p():
     """dim ≥ p + 1: the sparse embedding only signs and permutes the columns of F*, so every score, the
     decomposition and the baselines equal the dense ones. The shapes of the test above (its compiled score
     routes are reused), k = 3 outputs, and f(0) = 0.5 ≠ 0 (the offset-free adjoint path)."""
-    key_x, key_p, key_t, key_proj = jax.random.split(jax.random.key(0), 4)
-    n, d, k = 60, 3, 3
-    xs = jax.random.normal(key_x, (n, d), jnp.float64)
-    params = nets.mlp_init(key_p, (d, 4, k), dtype=jnp.float64)
-    params = [{"w": layer["w"], "b": layer["b"] + 0.1} for layer in params]
-    ts = jax.random.normal(key_t, (n, k), jnp.float64)
-    mlp = nets.mlp(jax.nn.relu)
+    mlp, params, xs, ts = block_problem()
+    (n, d), k = xs.shape, ts.shape[1]
+    key_proj = jax.random.key(1)
 
     def apply_fn(p, x):
         return mlp(p, x) + 0.5

@@ -23,6 +23,17 @@ def _outlier_count(n: int, fraction: float | None, count: int | None) -> int:
     return int(count)
 
 
+def _choose(key: jax.Array, n: int, fraction: float | None, count: int | None):
+    """The planted examples, drawn uniformly without replacement with one half of ``key``:
+    ``(indices (count,), mask (n,) bool, the other half of key)``."""
+    count = _outlier_count(n, fraction, count)
+    k_idx, k_rest = jax.random.split(key)
+    idx = np.asarray(jax.random.choice(k_idx, n, (count,), replace=False))
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    return idx, mask, k_rest
+
+
 def flip_labels(
     key: jax.Array,
     labels,
@@ -52,15 +63,10 @@ def flip_labels(
         raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} and dtype {y.dtype}.")
     if num_classes < 2 or y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1} with num_classes ≥ 2.")
-    n = y.size
-    count = _outlier_count(n, fraction, count)
-    k_idx, k_cls = jax.random.split(key)
-    idx = np.asarray(jax.random.choice(k_idx, n, (count,), replace=False))
-    shift = np.asarray(jax.random.randint(k_cls, (count,), 1, num_classes))
+    idx, flipped, k_cls = _choose(key, y.size, fraction, count)
+    shift = np.asarray(jax.random.randint(k_cls, idx.shape, 1, num_classes))
     noisy = y.astype(np.int32).copy()
     noisy[idx] = (noisy[idx] + shift) % num_classes
-    flipped = np.zeros(n, dtype=bool)
-    flipped[idx] = True
     return noisy, flipped
 
 
@@ -102,14 +108,10 @@ def corrupt_inputs(
         raise ValueError(f"inputs must be a numeric array (n, ...), got shape {x.shape}, dtype {x.dtype}.")
     if kind not in ("invert", "noise", "foreign"):
         raise ValueError(f"kind must be 'invert', 'noise' or 'foreign', got {kind!r}.")
-    count = _outlier_count(x.shape[0], fraction, count)
+    idx, mask, k_draw = _choose(key, x.shape[0], fraction, count)
     dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
-    k_idx, k_draw = jax.random.split(key)
-    idx = np.asarray(jax.random.choice(k_idx, x.shape[0], (count,), replace=False))
     out = x.astype(dtype, copy=True)
     out[idx] = _corrupted_rows(k_draw, out[idx], kind, noise_scale, foreign, x.shape[1:])
-    mask = np.zeros(x.shape[0], dtype=bool)
-    mask[idx] = True
     return out, mask
 
 
