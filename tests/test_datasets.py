@@ -407,6 +407,8 @@ def test_real_california(shared_data, monkeypatch):
     np.testing.assert_array_equal(exact.x, bunch.data)
     np.testing.assert_array_equal(exact.y, bunch.target)
     assert exact.feature_names == tuple(bunch.feature_names)
+    standard = D.load_california()  # the layout too: numpy's column sums depend on it
+    np.testing.assert_array_equal(standard.x[:, :8], D.features.standardize(bunch.data)[0])
 
 
 def test_real_fashion_mnist_test_split(shared_data, isolated, monkeypatch):

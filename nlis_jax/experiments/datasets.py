@@ -539,7 +539,7 @@ def _california_arrays(where: Path, data_home, download_if_missing: bool) -> tup
         table = np.asarray(joblib.load(path), dtype=np.float64)  # columns: target, then the features
         if table.ndim != 2 or table.shape[1] != 1 + len(CALIFORNIA_FEATURES):
             raise ValueError(f"expected a table of 9 columns, got shape {table.shape}")
-        target, data = table[:, 0], table[:, 1:].copy()
+        target, data = table[:, 0], table[:, 1:]  # views, as scikit-learn's (numpy's sums follow the layout)
         data[:, 2] /= data[:, 5]  # total rooms -> rooms per household
         data[:, 3] /= data[:, 5]  # total bedrooms -> bedrooms per household
         data[:, 5] = data[:, 4] / data[:, 5]  # households -> occupants per household
