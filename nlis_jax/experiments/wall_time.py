@@ -2,11 +2,12 @@ r"""End-to-end wall time of practical sampling schemes against full-data trainin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
 import nlis_jax as nj
-from nlis_jax.experiments import kernels
 from nlis_jax.experiments.configs import StudyConfig, resolve_size
 from nlis_jax.experiments.problems import Problem
 from nlis_jax.experiments.report import steps_to_converge, steps_to_loss
@@ -26,10 +27,19 @@ __all__ = ["compare_wall_time"]
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 
-def _draw_and_fit(key, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
-    """One sample (``R = 1``) drawn and fitted by the study's padded kernels (one compilation for the
-    pilot and the timed size): ``(params, trace, draw_s, fit_s)``."""
-    (idx, w), draw_s = draw(key[None], probs, size, bucket=bucket)
+@functools.partial(jax.jit, static_argnames=("num_methods", "runs"))
+def _run_keys(key, *, num_methods: int, runs: int):
+    """The keys of every run, in one compiled program: ``keys[m][r] = (pilot, sample)``, each of shape
+    ``(1,)`` (one repeat), from ``split(split(split(key, num_methods)[m], runs)[r], 2)``."""
+    grid = jax.vmap(lambda k: jax.random.split(k, runs))(jax.random.split(key, num_methods))
+    pairs = jax.vmap(jax.vmap(lambda k: jax.random.split(k, 2)))(grid)  # (methods, runs, 2)
+    return tuple(tuple((pairs[m, r, 0:1], pairs[m, r, 1:2]) for r in range(runs)) for m in range(num_methods))
+
+
+def _draw_and_fit(keys, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
+    """One sample (``R = len(keys) = 1``) drawn and fitted by the study's padded kernels (one compilation
+    for the pilot and the timed size): ``(params, trace, draw_s, fit_s)``."""
+    (idx, w), draw_s = draw(keys, probs, size, bucket=bucket)
     steps = config.num_steps
     (params, trace), fit_s = fit_samples(problem, params0, idx, w, num_steps=steps, size=size)
     return params, trace, draw_s, fit_s
@@ -53,9 +63,10 @@ def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConf
     raise ValueError(f"compare_wall_time: {method!r} is not a practical scheme here.")
 
 
-def _one_run(key, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
-    """Pilot, score, draw and train once (``R = 1``); the full-data time to the same loss."""
-    k_pilot, k_sample = kernels.split_keys(key, num=2, as_tuple=True)
+def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
+    """Pilot, score, draw and train once (``R = 1``; ``keys = (pilot, sample)``); the full-data time to
+    the same loss."""
+    k_pilot, k_sample = keys
     bucket = pad_rows(max(size, resolve_size(config.pilot_size, problem.n)))
     probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config, bucket)
     params, trace, sample_s, train_s = _draw_and_fit(k_sample, probs, size, bucket, problem, params0, config)
@@ -131,10 +142,8 @@ def compare_wall_time(
         "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
         "methods": {},
     }
-    for method, mkey in zip(methods, kernels.split_keys(key, num=len(methods), as_tuple=True), strict=True):
-        rows = [
-            _one_run(rkey, method, problem, full, params0, size, config)
-            for rkey in kernels.split_keys(mkey, num=runs, as_tuple=True)
-        ]
+    keys = _run_keys(key, num_methods=len(methods), runs=runs)
+    for method, method_keys in zip(methods, keys, strict=True):
+        rows = [_one_run(rkeys, method, problem, full, params0, size, config) for rkeys in method_keys]
         out["methods"][method] = _medians(rows)
     return out
