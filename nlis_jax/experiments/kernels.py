@@ -4,7 +4,8 @@ Every kernel is a module-level ``jax.jit`` with its callables as static argument
 are built once per set of options, so they hash equal across calls): repeats, methods and studies of the
 same shapes reuse one compiled executable. The padded kernels (:func:`draw_padded_kernel`,
 :func:`fit_padded_kernel`) take the sample size as a traced value, so one executable serves every size;
-the dual matrix (:func:`dual_kernel`) is scored apart, so one scoring executable serves every scheme.
+the dual matrix (:func:`dual_kernel`, one parameter set) is scored apart, so one scoring executable
+serves every scheme.
 :func:`timed` runs a kernel and reports its wall time without the tracing, lowering and compilation that
 happened during the call (measured by JAX's own compile events); :func:`compile_stats` counts the
 compilations.
@@ -34,7 +35,7 @@ __all__ = [
     "fit_padded_kernel",
     "loss_kernel",
     "matrix_score_kernel",
-    "split_keys",
+    "row_kernel",
     "stack_kernel",
     "timed",
 ]
@@ -249,22 +250,19 @@ def draw_padded_kernel(keys, probs, size, *, bucket: int):
 
 
 @functools.partial(jax.jit, static_argnames=("dual_fn",))
-def dual_kernel(params_batch, r, xs, ys, *, dual_fn):
-    """The dual matrix at the ``r``-th parameter set of ``params_batch`` (``r`` traced: one program for
-    every repeat)."""
-    params = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), params_batch)
+def dual_kernel(params, xs, ys, *, dual_fn):
+    """The dual matrix ``dual_fn(params, xs, ys)`` at one parameter set."""
     return dual_fn(params, xs, ys)
+
+
+@jax.jit
+def row_kernel(batch, r):
+    """Row ``r`` (traced) of every leaf of ``batch``: one compiled program per shape of the batch, for
+    every row (indexing with a Python integer compiles one program per index)."""
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), batch)
 
 
 @jax.jit
 def stack_kernel(rows):
     """``jnp.stack(rows)`` as one compiled program per number and shape of rows."""
     return jnp.stack(rows)
-
-
-@functools.partial(jax.jit, static_argnames=("num", "as_tuple"))
-def split_keys(key, *, num: int, as_tuple: bool = False):
-    """``jax.random.split(key, num)`` as one compiled program per ``num`` (a tuple of keys with
-    ``as_tuple``, so that unpacking compiles nothing more)."""
-    keys = jax.random.split(key, num)
-    return tuple(keys) if as_tuple else keys

@@ -28,6 +28,7 @@ from nlis_jax.experiments.study import (
     linear_scores,
     pad_rows,
     score_batch,
+    score_params,
     test_accuracy,
 )
 from nlis_jax.experiments.wall_time import compare_wall_time
@@ -62,8 +63,8 @@ def _study_keys(key, sizes, *, repeats: int):
     """Every key of a study, in one compiled program: ``(init, pilot keys (R,), timing, cells)``.
 
     ``(init, pilot, draws, timing) = split(key, 4)``; the pilot's ``R`` keys are ``split(pilot, R)``;
-    ``cells[m][i]`` are the ``R`` draw keys of scheme ``METHODS[m]`` at ``sizes[i]``:
-    ``split(fold_in(split(draws, len(METHODS))[m], sizes[i]), R)``.
+    row ``m·len(sizes) + i`` of ``cells`` holds the ``R`` draw keys of scheme ``METHODS[m]`` at
+    ``sizes[i]``: ``split(fold_in(split(draws, len(METHODS))[m], sizes[i]), R)``.
     """
     k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
 
@@ -72,7 +73,7 @@ def _study_keys(key, sizes, *, repeats: int):
 
     method_keys = jax.random.split(k_draw, len(METHODS))
     grid = jax.vmap(jax.vmap(cell, in_axes=(None, 0)), in_axes=(0, None))(method_keys, sizes)
-    cells = tuple(tuple(grid[m, i] for i in range(sizes.shape[0])) for m in range(len(METHODS)))
+    cells = grid.reshape(len(METHODS) * sizes.shape[0], repeats)
     return k_init, jax.random.split(k_pilot, repeats), k_timing, cells
 
 
@@ -167,8 +168,7 @@ def _shared_scores(run: _Run) -> tuple[dict, dict]:
         if method in methods:
             run.log(f"scores {method}")
             kind = "norm" if method == "nonlinear_norm" else "leverage"
-            batch, seconds[method] = score_batch(problem, batch1(run.full.params), kind=kind, mix=config.mix)
-            probs[method] = batch[0]
+            probs[method], seconds[method] = score_params(problem, run.full.params, kind=kind, mix=config.mix)
     return probs, seconds
 
 
@@ -319,7 +319,12 @@ def run_study(
     sizes = resolve_sizes(config.sizes, problem.n)
     compile0 = kernels.compile_stats()
     k_init, pilot_keys, k_timing, cells = _study_keys(key, np.array(sizes, np.int32), repeats=config.repeats)
-    cell_keys = {(m, s): cells[i][j] for i, m in enumerate(METHODS) for j, s in enumerate(sizes)}
+    cell_keys = {
+        (m, s): kernels.row_kernel(cells, i * len(sizes) + j)
+        for i, m in enumerate(METHODS)
+        for j, s in enumerate(sizes)
+        if m in config.methods
+    }
     params0 = problem.init(k_init)
     bar = _progress_bar(len(config.methods) * len(sizes) * config.repeats, problem.name, progress)
     log = (lambda text: bar.set_postfix_str(text)) if bar is not None else (lambda text: None)

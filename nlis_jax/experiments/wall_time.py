@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 import nlis_jax as nj
+from nlis_jax.experiments import kernels
 from nlis_jax.experiments.configs import StudyConfig, resolve_size
 from nlis_jax.experiments.problems import Problem
 from nlis_jax.experiments.report import steps_to_converge, steps_to_loss
@@ -18,7 +19,7 @@ from nlis_jax.experiments.study import (
     full_losses,
     linear_scores,
     pad_rows,
-    score_batch,
+    score_params,
 )
 
 __all__ = ["compare_wall_time"]
@@ -29,11 +30,12 @@ TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 @functools.partial(jax.jit, static_argnames=("num_methods", "runs"))
 def _run_keys(key, *, num_methods: int, runs: int):
-    """The keys of every run, in one compiled program: ``keys[m][r] = (pilot, sample)``, each of shape
-    ``(1,)`` (one repeat), from ``split(split(split(key, num_methods)[m], runs)[r], 2)``."""
+    """The keys of every run, in one compiled program: ``(num_methods · runs · 2, 1)``, row
+    ``2(m·runs + r) + j`` the pilot (``j = 0``) or sample (``j = 1``) key of run ``r`` of method ``m``
+    (one repeat), from ``split(split(split(key, num_methods)[m], runs)[r], 2)``."""
     grid = jax.vmap(lambda k: jax.random.split(k, runs))(jax.random.split(key, num_methods))
     pairs = jax.vmap(jax.vmap(lambda k: jax.random.split(k, 2)))(grid)  # (methods, runs, 2)
-    return tuple(tuple((pairs[m, r, 0:1], pairs[m, r, 1:2]) for r in range(runs)) for m in range(num_methods))
+    return pairs.reshape(num_methods * runs * 2, 1)
 
 
 def _draw_and_fit(keys, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
@@ -57,9 +59,10 @@ def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConf
         pilot_size = resolve_size(config.pilot_size, problem.n)
         fit = _draw_and_fit(key, uniform, pilot_size, bucket, problem, params0, config)
         pilot, trace, t_draw, t_fit = fit
-        converged_s = t_draw + t_fit * steps_to_converge(trace[0]) / config.num_steps
-        probs, score_s = score_batch(problem, pilot, kind="leverage", mix=config.mix)
-        return probs[0], score_s, t_draw + t_fit, converged_s
+        converged_s = t_draw + t_fit * steps_to_converge(np.asarray(trace)[0]) / config.num_steps
+        pilot, row_s = kernels.timed(kernels.row_kernel, pilot, 0)
+        probs, score_s = score_params(problem, pilot, kind="leverage", mix=config.mix)
+        return probs, row_s + score_s, t_draw + t_fit, converged_s
     raise ValueError(f"compare_wall_time: {method!r} is not a practical scheme here.")
 
 
@@ -70,9 +73,9 @@ def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: 
     bucket = pad_rows(max(size, resolve_size(config.pilot_size, problem.n)))
     probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config, bucket)
     params, trace, sample_s, train_s = _draw_and_fit(k_sample, probs, size, bucket, problem, params0, config)
-    loss = float(full_losses(problem, params)[0][0])
+    loss = float(np.asarray(full_losses(problem, params)[0])[0])
     steps = steps_to_loss(full.losses, loss)
-    train_steps = steps_to_converge(trace[0])
+    train_steps = steps_to_converge(np.asarray(trace)[0])
     step_s = full.time_s / full.num_steps
     return {
         "pilot_s": pilot_s,
@@ -143,7 +146,10 @@ def compare_wall_time(
         "methods": {},
     }
     keys = _run_keys(key, num_methods=len(methods), runs=runs)
-    for method, method_keys in zip(methods, keys, strict=True):
-        rows = [_one_run(rkeys, method, problem, full, params0, size, config) for rkeys in method_keys]
+    for m, method in enumerate(methods):
+        rows = []
+        for r in range(runs):
+            run_keys = tuple(kernels.row_kernel(keys, 2 * (m * runs + r) + j) for j in (0, 1))
+            rows.append(_one_run(run_keys, method, problem, full, params0, size, config))
         out["methods"][method] = _medians(rows)
     return out
