@@ -397,6 +397,7 @@ def make_train_step(
     projection: Callable[[PyTree], PyTree] | None = None,
     *,
     has_aux: bool = False,
+    value_and_grad: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Any]]:
     r"""One projected-gradient step, :math:`\theta \leftarrow \Pi_C(\theta + u)`.
 
@@ -407,10 +408,14 @@ def make_train_step(
         params = projection(optax.apply_updates(params, updates))
 
     Args:
-        loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+        loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``); with
+            ``value_and_grad=True``, ``loss_fn(params, batch) -> (loss, grads)`` instead.
         optimizer: an ``optax.GradientTransformation``.
         projection: ``tree -> tree`` onto the constraint set; ``None`` means unconstrained.
         has_aux: whether ``loss_fn`` also returns auxiliary data.
+        value_and_grad: ``loss_fn`` returns the loss AND its gradient, in the form of
+            ``jax.value_and_grad(f, has_aux=has_aux)(params, batch)``, and is used as is: for a gradient
+            that ``jax.value_and_grad`` of one loss does not give, e.g. one summed chunk by chunk.
 
     Returns:
         A pure function ``step(state, batch) -> (state, loss)`` (``loss`` is ``(loss, aux)`` with
@@ -418,8 +423,10 @@ def make_train_step(
     """
     proj = identity if projection is None else projection
 
+    grad_fn = loss_fn if value_and_grad else jax.value_and_grad(loss_fn, has_aux=has_aux)
+
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Any]:
-        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, batch)
+        value, grads = grad_fn(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = proj(optax.apply_updates(state.params, updates))
         return TrainState(params, opt_state), value

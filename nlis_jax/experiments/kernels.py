@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 import nlis_jax as nj
@@ -187,7 +186,6 @@ def _padded_fit_one(
     dtype = xb.dtype
     scale = jnp.ones((), dtype) if curvature is None else (1.0 / curvature(xb, wb)).astype(dtype)
     total = jnp.sum(wb)
-    proj = (lambda p: p) if projection is None else projection
 
     def objective(params, batch):
         x, y, w = batch
@@ -195,14 +193,13 @@ def _padded_fit_one(
 
     num_chunks = jnp.maximum((size + chunk - 1) // chunk, 1)
 
-    def step(state, _):
-        value, grads = _chunked_value_and_grad(objective, state.params, (xb, yb, wb), num_chunks, chunk)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return nj.TrainState(proj(optax.apply_updates(state.params, updates)), opt_state), value
+    def value_and_grad(params, batch):
+        return _chunked_value_and_grad(objective, params, batch, num_chunks, chunk)
 
-    params0 = proj(params0)
+    step = nj.make_train_step(value_and_grad, optimizer, projection, value_and_grad=True)
+    params0 = params0 if projection is None else projection(params0)
     state = nj.TrainState(params0, optimizer.init(params0))
-    state, trace = lax.scan(step, state, None, length=num_steps)
+    state, trace = lax.scan(lambda st, _: step(st, (xb, yb, wb)), state, None, length=num_steps)
     return state.params, trace / scale
 
 
