@@ -613,14 +613,13 @@ def fit(
     params = jax.tree.map(jnp.asarray, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     w, total = _weights_and_total(weights, plan.n, dtype)
-    params = (identity if projection is None else projection)(params)
-    state = TrainState(params, optimizer.init(params) if opt_state is None else opt_state)
-    data = (jnp.asarray(xs), jnp.asarray(ys), w)
     static_projection, dyn_projection = _split_projection(projection)
+    state = _start(params, dyn_projection, opt_state, static=static_projection, optimizer=_static(optimizer))
+    data = (jnp.asarray(xs), jnp.asarray(ys), w)
     segment = functools.partial(
         _segment,
         data=data,
-        inv_total=jnp.asarray(1.0 / total, dtype),
+        inv_total=np.asarray(1.0 / total, dtype),
         dyn_projection=dyn_projection,
         num_steps=plan.num_steps,
         apply_fn=_static(apply_fn),
@@ -662,10 +661,18 @@ def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -
     )
 
 
+@functools.partial(jax.jit, static_argnames=("static", "optimizer"))
+def _start(params, dyn_projection, opt_state, *, static, optimizer) -> TrainState:
+    """The projected start point and the optimizer state (``optimizer.init`` unless given), in one
+    compiled program (eagerly, a projection and an ``init`` are a dozen small programs)."""
+    params = (dyn_projection if static is None else _unwrap(static))(params)
+    return TrainState(params, _unwrap(optimizer).init(params) if opt_state is None else opt_state)
+
+
 def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
     """The weights as an array (ones for ``None``) and their sum, which must be positive."""
     if weights is None:
-        return jnp.ones((n,), dtype), float(n)
+        return jax.device_put(np.ones((n,), dtype)), float(n)
     w = jnp.asarray(weights)
     total = float(jnp.sum(w))
     if not total > 0:
@@ -682,7 +689,7 @@ def _split_projection(projection) -> tuple[Any, Any]:
 
 def _run_segments(segment, plan: _Plan, state: TrainState, keys, dtype) -> tuple[TrainState, Array]:
     """Run the segments, checking for a failure after each; returns the final state and the losses."""
-    carry = (state, jnp.asarray(-1, jnp.int32), jnp.zeros((), dtype))
+    carry = (state, np.asarray(-1, np.int32), np.zeros((), dtype))
     chunks = []
     bar = _progress_bar(plan.num_steps) if plan.progress else None
     try:
@@ -703,8 +710,9 @@ def _run_segments(segment, plan: _Plan, state: TrainState, keys, dtype) -> tuple
     finally:
         if bar is not None:
             bar.close()
-    losses = jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    return carry[0], losses[: plan.num_steps]
+    if len(chunks) == 1 and chunks[0].shape[0] == plan.num_steps:
+        return carry[0], chunks[0]
+    return carry[0], jax.device_put(np.concatenate([np.asarray(c) for c in chunks])[: plan.num_steps])
 
 
 def _progress_bar(total: int):
