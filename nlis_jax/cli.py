@@ -397,6 +397,24 @@ def _problem(args: argparse.Namespace, config):
     return None
 
 
+def _preload_plotting() -> None:
+    """Import matplotlib's figure machinery in a background thread while the study runs (the study's
+    compiled programs release the GIL), so that the plots at the end do not wait for it (the import
+    there waits for this one to finish). A failed import is left to the import at plotting time, which
+    reports it."""
+    import threading
+
+    def load():
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+            import matplotlib.ticker  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported by the import in plot_study
+            pass
+
+    threading.Thread(target=load, name="nlis-jax-preload-matplotlib").start()
+
+
 def _write(args: argparse.Namespace, summary: dict) -> list[Path]:
     """``OUT/results.json`` and, unless ``--no-plots``, the study's plots."""
     out = Path(args.out)
@@ -491,6 +509,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     key = jax.random.key(args.seed)
+    if not args.no_plots:
+        _preload_plotting()
     try:
         result = experiments.run_study(key, config, problem=problem, progress=not args.no_progress)
     except experiments.StudyInterrupted as stop:
