@@ -35,6 +35,7 @@ __all__ = [
     "loss_kernel",
     "matrix_score_kernel",
     "row_kernel",
+    "split_keys",
     "stack_kernel",
     "timed",
 ]
@@ -263,3 +264,11 @@ def row_kernel(batch, r):
 def stack_kernel(rows):
     """``jnp.stack(rows)`` as one compiled program per number and shape of rows."""
     return jnp.stack(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("num", "as_tuple"))
+def split_keys(key, *, num: int, as_tuple: bool = False):
+    """``jax.random.split(key, num)`` as one compiled program per ``num`` (a tuple of keys with
+    ``as_tuple``, so that unpacking compiles nothing more)."""
+    keys = jax.random.split(key, num)
+    return tuple(keys) if as_tuple else keys

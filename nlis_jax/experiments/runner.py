@@ -58,23 +58,19 @@ class StudyResult(NamedTuple):
     full: FullFit
 
 
-@functools.partial(jax.jit, static_argnames=("repeats",))
-def _study_keys(key, sizes, *, repeats: int):
-    """Every key of a study, in one compiled program: ``(init, pilot keys (R,), timing, cells)``.
-
-    ``(init, pilot, draws, timing) = split(key, 4)``; the pilot's ``R`` keys are ``split(pilot, R)``;
-    row ``m·len(sizes) + i`` of ``cells`` holds the ``R`` draw keys of scheme ``METHODS[m]`` at
-    ``sizes[i]``: ``split(fold_in(split(draws, len(METHODS))[m], sizes[i]), R)``.
-    """
+@jax.jit
+def _study_keys(key):
+    """``(init, pilot, timing, draw keys per scheme)`` from ``split(key, 4)``, in one compiled program."""
     k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
+    return k_init, k_pilot, k_timing, tuple(jax.random.split(k_draw, len(METHODS)))
 
-    def cell(method_key, size):
-        return jax.random.split(jax.random.fold_in(method_key, size), repeats)
 
-    method_keys = jax.random.split(k_draw, len(METHODS))
-    grid = jax.vmap(jax.vmap(cell, in_axes=(None, 0)), in_axes=(0, None))(method_keys, sizes)
-    cells = grid.reshape(len(METHODS) * sizes.shape[0], repeats)
-    return k_init, jax.random.split(k_pilot, repeats), k_timing, cells
+@functools.partial(jax.jit, static_argnames=("num",))
+def _cell_keys(key, size, *, num: int):
+    """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)`` (one
+    compiled program for every scheme and size; a program holding every cell's keys at once, vmapped,
+    compiled twice as long as these calls)."""
+    return jax.random.split(jax.random.fold_in(key, size), num)
 
 
 def _rel_change(trace) -> np.ndarray:
@@ -91,14 +87,13 @@ def _config_dict(config: StudyConfig) -> dict:
 
 
 class _Run(NamedTuple):
-    """What every stage of a study shares: problem, config, sizes, the draw keys of every scheme and
-    size (``cell_keys[method, size]``), the start point, θ* and the padded width of every sample (one
-    compiled draw and fit for all sizes)."""
+    """What every stage of a study shares: problem, config, sizes, keys, the start point, θ* and the
+    padded width of every sample (one compiled draw and fit for all sizes)."""
 
     problem: Problem
     config: StudyConfig
     sizes: tuple[int, ...]
-    cell_keys: dict
+    method_keys: dict
     params0: Any
     full: FullFit
     log: Any
@@ -172,14 +167,13 @@ def _shared_scores(run: _Run) -> tuple[dict, dict]:
     return probs, seconds
 
 
-def _pilot(keys, run: _Run) -> tuple[jax.Array, float]:
-    """One pilot per repeat (key): uniform sample, fit, leverage at its solution ->
-    ``((R, n), s per repeat)``."""
+def _pilot(key, run: _Run) -> tuple[jax.Array, float]:
+    """One pilot per repeat: uniform sample, fit, leverage at its solution -> ``((R, n), s per repeat)``."""
     run.log("pilot")
     problem, R = run.problem, run.config.repeats
     pilot_size = resolve_size(run.config.pilot_size, problem.n)
     uniform = nj.uniform_scores(problem.n, problem.dtype)
-    fit = _draw_and_fit(keys, run, uniform, pilot_size, 0.0)
+    fit = _draw_and_fit(kernels.split_keys(key, num=R), run, uniform, pilot_size, 0.0)
     probs, score_s = score_batch(problem, fit.params, kind="leverage", mix=run.config.mix)
     return probs, (fit.draw_s + fit.fit_s + score_s) / R
 
@@ -188,11 +182,12 @@ def _practical_fits(run: _Run, size: int, pilot_probs, pilot_cost: float) -> dic
     """``pilot_leverage`` and ``refined_leverage`` at one size (the refinement starts from the pilot
     scheme's sample solution θ_S of the same repeat)."""
     R, methods = run.config.repeats, run.config.methods
-    pilot = _draw_and_fit(run.cell_keys["pilot_leverage", size], run, pilot_probs, size, pilot_cost)
+    pkeys = _cell_keys(run.method_keys["pilot_leverage"], size, num=R)
+    pilot = _draw_and_fit(pkeys, run, pilot_probs, size, pilot_cost)
     fits = {"pilot_leverage": pilot}
     if "refined_leverage" in methods:
         probs, rescore_s = score_batch(run.problem, pilot.params, kind="leverage", mix=run.config.mix)
-        keys = run.cell_keys["refined_leverage", size]
+        keys = _cell_keys(run.method_keys["refined_leverage"], size, num=R)
         refine_cost = pilot_cost + (pilot.draw_s + pilot.fit_s + rescore_s) / R
         fits["refined_leverage"] = _draw_and_fit(keys, run, probs, size, refine_cost)
     return fits
@@ -214,7 +209,7 @@ def _run_grid(run: _Run, shared: tuple[dict, dict], pilot, bar, grid: _Grid) -> 
         for method in run.config.methods:
             run.log(f"{method} s={size}")
             if method in shared_probs:
-                keys = run.cell_keys[method, size]
+                keys = _cell_keys(run.method_keys[method], size, num=run.config.repeats)
                 fit = _draw_and_fit(keys, run, shared_probs[method], size, shared_s[method])
             else:
                 practical = practical or _practical_fits(run, size, *pilot)
@@ -318,24 +313,19 @@ def run_study(
     problem = make_problem(config) if problem is None else problem
     sizes = resolve_sizes(config.sizes, problem.n)
     compile0 = kernels.compile_stats()
-    k_init, pilot_keys, k_timing, cells = _study_keys(key, np.array(sizes, np.int32), repeats=config.repeats)
-    cell_keys = {
-        (m, s): kernels.row_kernel(cells, i * len(sizes) + j)
-        for i, m in enumerate(METHODS)
-        for j, s in enumerate(sizes)
-        if m in config.methods
-    }
+    k_init, k_pilot, k_timing, draw_keys = _study_keys(key)
+    method_keys = dict(zip(METHODS, draw_keys, strict=True))
     params0 = problem.init(k_init)
     bar = _progress_bar(len(config.methods) * len(sizes) * config.repeats, problem.name, progress)
     log = (lambda text: bar.set_postfix_str(text)) if bar is not None else (lambda text: None)
     log("full-data fit")
     full = fit_full(problem, params0, num_steps=config.steps_full)
     bucket = pad_rows(max(*sizes, resolve_size(config.pilot_size, problem.n)))
-    run = _Run(problem, config, sizes, cell_keys, params0, full, log, bucket)
+    run = _Run(problem, config, sizes, method_keys, params0, full, log, bucket)
     probs, score_s = _shared_scores(run)
     pilot = (None, 0.0)
     if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
-        pilot = _pilot(pilot_keys, run)
+        pilot = _pilot(k_pilot, run)
         score_s["pilot_leverage"] = pilot[1]
     grid = _Grid(run)
     try:

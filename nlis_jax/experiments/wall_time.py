@@ -2,8 +2,6 @@ r"""End-to-end wall time of practical sampling schemes against full-data trainin
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 
@@ -28,14 +26,11 @@ __all__ = ["compare_wall_time"]
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 
-@functools.partial(jax.jit, static_argnames=("num_methods", "runs"))
-def _run_keys(key, *, num_methods: int, runs: int):
-    """The keys of every run, in one compiled program: ``(num_methods · runs · 2, 1)``, row
-    ``2(m·runs + r) + j`` the pilot (``j = 0``) or sample (``j = 1``) key of run ``r`` of method ``m``
-    (one repeat), from ``split(split(split(key, num_methods)[m], runs)[r], 2)``."""
-    grid = jax.vmap(lambda k: jax.random.split(k, runs))(jax.random.split(key, num_methods))
-    pairs = jax.vmap(jax.vmap(lambda k: jax.random.split(k, 2)))(grid)  # (methods, runs, 2)
-    return pairs.reshape(num_methods * runs * 2, 1)
+@jax.jit
+def _run_keys(key):
+    """``(pilot, sample)`` keys of one run, each of shape ``(1,)`` (one repeat): ``split(key, 2)``."""
+    keys = jax.random.split(key, 2)
+    return keys[0:1], keys[1:2]
 
 
 def _draw_and_fit(keys, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
@@ -145,11 +140,10 @@ def compare_wall_time(
         "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
         "methods": {},
     }
-    keys = _run_keys(key, num_methods=len(methods), runs=runs)
-    for m, method in enumerate(methods):
-        rows = []
-        for r in range(runs):
-            run_keys = tuple(kernels.row_kernel(keys, 2 * (m * runs + r) + j) for j in (0, 1))
-            rows.append(_one_run(run_keys, method, problem, full, params0, size, config))
+    for method, mkey in zip(methods, kernels.split_keys(key, num=len(methods), as_tuple=True), strict=True):
+        rows = [
+            _one_run(_run_keys(rkey), method, problem, full, params0, size, config)
+            for rkey in kernels.split_keys(mkey, num=runs, as_tuple=True)
+        ]
         out["methods"][method] = _medians(rows)
     return out
