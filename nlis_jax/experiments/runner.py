@@ -68,8 +68,8 @@ def _study_keys(key):
 @functools.partial(jax.jit, static_argnames=("num",))
 def _cell_keys(key, size, *, num: int):
     """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)`` (one
-    compiled program for every scheme and size; a program holding every cell's keys at once, vmapped,
-    compiled twice as long as these calls)."""
+    compiled program for every scheme and size; one vmapped program for every cell's keys at once
+    compiles slower than these calls, see benchmarks/README.md)."""
     return jax.random.split(jax.random.fold_in(key, size), num)
 
 
