@@ -397,6 +397,7 @@ def make_train_step(
     projection: Callable[[PyTree], PyTree] | None = None,
     *,
     has_aux: bool = False,
+    value_and_grad: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Any]]:
     r"""One projected-gradient step, :math:`\theta \leftarrow \Pi_C(\theta + u)`.
 
@@ -407,10 +408,14 @@ def make_train_step(
         params = projection(optax.apply_updates(params, updates))
 
     Args:
-        loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+        loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``); with
+            ``value_and_grad=True``, ``loss_fn(params, batch) -> (loss, grads)`` instead.
         optimizer: an ``optax.GradientTransformation``.
         projection: ``tree -> tree`` onto the constraint set; ``None`` means unconstrained.
         has_aux: whether ``loss_fn`` also returns auxiliary data.
+        value_and_grad: ``loss_fn`` returns the loss AND its gradient, in the form of
+            ``jax.value_and_grad(f, has_aux=has_aux)(params, batch)``, and is used as is: for a gradient
+            that ``jax.value_and_grad`` of one loss does not give, e.g. one summed chunk by chunk.
 
     Returns:
         A pure function ``step(state, batch) -> (state, loss)`` (``loss`` is ``(loss, aux)`` with
@@ -418,8 +423,10 @@ def make_train_step(
     """
     proj = identity if projection is None else projection
 
+    grad_fn = loss_fn if value_and_grad else jax.value_and_grad(loss_fn, has_aux=has_aux)
+
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Any]:
-        value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, batch)
+        value, grads = grad_fn(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = proj(optax.apply_updates(state.params, updates))
         return TrainState(params, opt_state), value
@@ -606,14 +613,13 @@ def fit(
     params = jax.tree.map(jnp.asarray, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     w, total = _weights_and_total(weights, plan.n, dtype)
-    params = (identity if projection is None else projection)(params)
-    state = TrainState(params, optimizer.init(params) if opt_state is None else opt_state)
-    data = (jnp.asarray(xs), jnp.asarray(ys), w)
     static_projection, dyn_projection = _split_projection(projection)
+    state = _start(params, dyn_projection, opt_state, static=static_projection, optimizer=_static(optimizer))
+    data = (jnp.asarray(xs), jnp.asarray(ys), w)
     segment = functools.partial(
         _segment,
         data=data,
-        inv_total=jnp.asarray(1.0 / total, dtype),
+        inv_total=np.asarray(1.0 / total, dtype),
         dyn_projection=dyn_projection,
         num_steps=plan.num_steps,
         apply_fn=_static(apply_fn),
@@ -655,10 +661,18 @@ def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -
     )
 
 
+@functools.partial(jax.jit, static_argnames=("static", "optimizer"))
+def _start(params, dyn_projection, opt_state, *, static, optimizer) -> TrainState:
+    """The projected start point and the optimizer state (``optimizer.init`` unless given), in one
+    compiled program (eagerly, a projection and an ``init`` are a dozen small programs)."""
+    params = (dyn_projection if static is None else _unwrap(static))(params)
+    return TrainState(params, _unwrap(optimizer).init(params) if opt_state is None else opt_state)
+
+
 def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
     """The weights as an array (ones for ``None``) and their sum, which must be positive."""
     if weights is None:
-        return jnp.ones((n,), dtype), float(n)
+        return jax.device_put(np.ones((n,), dtype)), float(n)
     w = jnp.asarray(weights)
     total = float(jnp.sum(w))
     if not total > 0:
@@ -675,7 +689,7 @@ def _split_projection(projection) -> tuple[Any, Any]:
 
 def _run_segments(segment, plan: _Plan, state: TrainState, keys, dtype) -> tuple[TrainState, Array]:
     """Run the segments, checking for a failure after each; returns the final state and the losses."""
-    carry = (state, jnp.asarray(-1, jnp.int32), jnp.zeros((), dtype))
+    carry = (state, np.asarray(-1, np.int32), np.zeros((), dtype))
     chunks = []
     bar = _progress_bar(plan.num_steps) if plan.progress else None
     try:
@@ -696,8 +710,9 @@ def _run_segments(segment, plan: _Plan, state: TrainState, keys, dtype) -> tuple
     finally:
         if bar is not None:
             bar.close()
-    losses = jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    return carry[0], losses[: plan.num_steps]
+    if len(chunks) == 1 and chunks[0].shape[0] == plan.num_steps:
+        return carry[0], chunks[0]
+    return carry[0], jax.device_put(np.concatenate([np.asarray(c) for c in chunks])[: plan.num_steps])
 
 
 def _progress_bar(total: int):

@@ -157,7 +157,13 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         "--compilation-cache",
         metavar="DIR",
         help="keep jax's compiled programs in DIR (persistent compilation cache): a repeated run with the "
-        "same shapes skips compilation (opt-in; off by default)",
+        f"same shapes skips compilation (default: ${CACHE_ENV}, else $XDG_CACHE_HOME/nlis_jax/jax or "
+        "~/.cache/nlis_jax/jax)",
+    )
+    g.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help=f"compile every program afresh and keep none on disk (also {CACHE_ENV}=off)",
     )
 
 
@@ -391,6 +397,24 @@ def _problem(args: argparse.Namespace, config):
     return None
 
 
+def _preload_plotting() -> None:
+    """Import matplotlib's figure machinery in a background thread while the study runs (the study's
+    compiled programs release the GIL), so that the plots at the end do not wait for it (the import
+    there waits for this one to finish). A failed import is left to the import at plotting time, which
+    reports it."""
+    import threading
+
+    def load():
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+            import matplotlib.ticker  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported by the import in plot_study
+            pass
+
+    threading.Thread(target=load, name="nlis-jax-preload-matplotlib").start()
+
+
 def _write(args: argparse.Namespace, summary: dict) -> list[Path]:
     """``OUT/results.json`` and, unless ``--no-plots``, the study's plots."""
     out = Path(args.out)
@@ -404,13 +428,52 @@ def _write(args: argparse.Namespace, summary: dict) -> list[Path]:
     return written
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """jax's persistent compilation cache in ``directory``, for every program however fast it compiled."""
+#: Environment variable naming the compilation cache folder of ``nlis-jax run`` (``off``: none).
+CACHE_ENV = "NLIS_JAX_COMPILATION_CACHE"
+#: Size limit of that cache (jax evicts the least recently used programs beyond it).
+CACHE_MAX_BYTES = 1 << 30
+
+
+def default_compilation_cache() -> Path | None:
+    """The compilation cache folder of ``nlis-jax run`` without ``--compilation-cache``:
+    :data:`CACHE_ENV` (``None`` when it says ``off``), else ``$XDG_CACHE_HOME/nlis_jax/jax``, else
+    ``~/.cache/nlis_jax/jax``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env.lower() in ("off", "none", "0"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path("~", ".cache").expanduser()
+    return Path(base, "nlis_jax", "jax")
+
+
+def enable_compilation_cache(directory: str | os.PathLike) -> bool:
+    """jax's persistent compilation cache in ``directory``, for every program however fast it compiled
+    (the study compiles a few dozen, most in well under a second). Returns ``False``, leaving the cache
+    off, when the folder cannot be created or written."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return True
+
+
+def setup_compilation_cache(args: argparse.Namespace) -> None:
+    """The persistent compilation cache of ``run`` (on by default; ``--no-compilation-cache``: off)."""
+    if args.no_compilation_cache:
+        return
+    where = args.compilation_cache or default_compilation_cache()
+    if where is not None and not enable_compilation_cache(where) and args.compilation_cache:
+        print(f"nlis-jax run: cannot write --compilation-cache {where}; compiling afresh.", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -418,6 +481,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from nlis_jax.experiments import flights
 
+    setup_compilation_cache(args)
     if args.dataset == "flights":
         return flights.run_flights(args, argv)
     given = [name for name in flights.FLIGHTS_ONLY_OPTIONS if getattr(args, name) is not None]
@@ -427,8 +491,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_USAGE
     if args.dataset in ("california", "synthetic"):
         jax.config.update("jax_enable_x64", True)  # float64 studies; set before any array exists
-    if args.compilation_cache:
-        enable_compilation_cache(args.compilation_cache)
     from nlis_jax import experiments
 
     try:
@@ -447,6 +509,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     key = jax.random.key(args.seed)
+    if not args.no_plots:
+        _preload_plotting()
     try:
         result = experiments.run_study(key, config, problem=problem, progress=not args.no_progress)
     except experiments.StudyInterrupted as stop:

@@ -11,6 +11,9 @@ _SHARED_SKLEARN = Path(__file__).resolve().parents[2] / "shared" / "data" / "sci
 if "SCIKIT_LEARN_DATA" not in os.environ and _SHARED_SKLEARN.is_dir():
     os.environ["SCIKIT_LEARN_DATA"] = str(_SHARED_SKLEARN)
 os.environ.setdefault("NLIS_SMALL", "1")  # notebooks and CLI run at a small size under test
+# `nlis-jax run` keeps compiled programs in ~/.cache by default; in-process CLI tests would turn that on
+# for the whole test process (tests of the cache pass their own folder)
+os.environ.setdefault("NLIS_JAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 

@@ -399,6 +399,17 @@ def test_real_california(shared_data, monkeypatch):
     assert raw.x.shape == (20640, 8) and raw.x.dtype == np.float32 and raw.scaling is None
     np.testing.assert_allclose(raw.y, y_raw, rtol=1e-6)
 
+    # the cache is read without scikit-learn: the very arrays fetch_california_housing returns
+    from sklearn.datasets import fetch_california_housing
+
+    bunch = fetch_california_housing(download_if_missing=False)
+    exact = D.load_california(standardize=False, add_bias=False)
+    np.testing.assert_array_equal(exact.x, bunch.data)
+    np.testing.assert_array_equal(exact.y, bunch.target)
+    assert exact.feature_names == tuple(bunch.feature_names)
+    standard = D.load_california()  # the layout too: numpy's column sums depend on it
+    np.testing.assert_array_equal(standard.x[:, :8], D.features.standardize(bunch.data)[0])
+
 
 def test_real_fashion_mnist_test_split(shared_data, isolated, monkeypatch):
     monkeypatch.setenv("SCIKIT_LEARN_DATA", str(shared_data / "scikit_learn_data"))

@@ -211,10 +211,13 @@ def test_padded_draw_and_fit_match_exact(tiny):
 
 def test_compilations_do_not_grow_with_sizes():
     """One compiled draw and fit serve every sample size: a study of four sizes compiles no more than one
-    of two (each on fresh shapes, d = 3 and d = 5, so that neither reuses the other's programs)."""
+    of two (each on fresh shapes, d = 3 and d = 5, 3 repeats, so that neither reuses the other's programs
+    or those of other tests; the keys of all sizes come from one program per number of sizes)."""
     counts = []
     for d, sizes in ((3, (20, 40)), (5, (10, 20, 40, 60))):
-        config = dataclasses.replace(TINY, d=d, sizes=sizes, methods=("uniform",), timing_size=None)
+        config = dataclasses.replace(
+            TINY, d=d, sizes=sizes, repeats=3, methods=("uniform",), timing_size=None
+        )
         result = ex.run_study(jax.random.key(0), config)
         counts.append(result.summary["compile"]["count"])
     assert counts[0] > 0 and counts[1] <= counts[0], counts  # old: one draw and one fit more per size

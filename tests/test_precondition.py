@@ -239,19 +239,19 @@ def test_platform_branches_of_the_decision_agree(kappa):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The main job: jax's persistent compilation cache, opt-in from the CLI
+# The main job: jax's persistent compilation cache, on by default in the CLI
 
 
 def test_cli_compilation_cache_is_written_and_reused(tmp_path):
-    """``--compilation-cache DIR`` fills DIR on the first run; a second run (a new process, as a user's
-    repeated run) finds its programs there and adds (almost) nothing."""
+    """By default ``nlis-jax run`` fills $XDG_CACHE_HOME/nlis_jax/jax on the first run; a second run (a new
+    process, as a user's repeated run) finds its programs there and adds (almost) nothing."""
     from test_cli import TINY
 
-    cache = tmp_path / "cache"
     root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"PYTHONPATH": str(root)}
+    env = {k: v for k, v in os.environ.items() if k != "NLIS_JAX_COMPILATION_CACHE"}
+    env |= {"PYTHONPATH": str(root), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    cache = tmp_path / "xdg" / "nlis_jax" / "jax"
     args = [sys.executable, "-m", "nlis_jax.cli", *TINY, "--no-plots", "--no-progress"]
-    args += ["--compilation-cache", str(cache)]
     for out in ("a", "b"):
         if out == "b":
             first = {p.name for p in cache.iterdir()}
@@ -260,3 +260,43 @@ def test_cli_compilation_cache_is_written_and_reused(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     added = {p.name for p in cache.iterdir()} - first
     assert len(added) <= len(first) // 10, added
+
+
+def test_cli_compilation_cache_options(monkeypatch, tmp_path):
+    """``--compilation-cache DIR`` picks the folder, ``--no-compilation-cache`` (or the environment
+    variable set to ``off``) keeps the cache off."""
+    from nlis_jax import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda where: calls.append(Path(where)) or True)
+    parser = cli.build_parser()
+    monkeypatch.setenv(cli.CACHE_ENV, str(tmp_path / "env"))
+    for argv, expected in (
+        ([], tmp_path / "env"),
+        (["--compilation-cache", str(tmp_path / "opt")], tmp_path / "opt"),
+        (["--no-compilation-cache"], None),
+    ):
+        calls.clear()
+        cli.setup_compilation_cache(parser.parse_args(["run", *argv]))
+        assert calls == ([] if expected is None else [expected]), argv
+    monkeypatch.setenv(cli.CACHE_ENV, "off")
+    calls.clear()
+    cli.setup_compilation_cache(parser.parse_args(["run"]))
+    assert calls == []
+
+
+def test_default_compilation_cache_folder(monkeypatch, tmp_path):
+    from nlis_jax import cli
+
+    monkeypatch.delenv(cli.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.default_compilation_cache() == tmp_path / "nlis_jax" / "jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cli.default_compilation_cache() == Path("~/.cache/nlis_jax/jax").expanduser()
+    monkeypatch.setenv(cli.CACHE_ENV, str(tmp_path / "mine"))
+    assert cli.default_compilation_cache() == tmp_path / "mine"
+    monkeypatch.setenv(cli.CACHE_ENV, "off")
+    assert cli.default_compilation_cache() is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert not cli.enable_compilation_cache(blocked / "jax")  # a file where the folder should be

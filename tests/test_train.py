@@ -181,6 +181,35 @@ def test_iterates_stay_in_l2_ball(ls_data):
     assert float(losses[-1]) < float(losses[0])
 
 
+def test_train_step_takes_a_value_and_grad_function(ls_data):
+    """``value_and_grad=True``: a loss-and-gradient function (here summed over two chunks of rows, as the
+    studies' padded fits do) drives the same projected step as the loss itself, aux included."""
+    X, y, R = ls_data
+    proj = l2_ball(R)
+    loss_fn = lambda p, batch: jnp.sum((batch[0] @ p["w"] - batch[1]) ** 2)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def chunked(p, batch):
+        half = batch[0].shape[0] // 2
+        parts = [grad_fn(p, (batch[0][sl], batch[1][sl])) for sl in (slice(0, half), slice(half, None))]
+        return jax.tree.map(jnp.add, *parts)
+
+    plain = jax.jit(make_train_step(loss_fn, SGD_FAST, proj))
+    given = jax.jit(make_train_step(chunked, SGD_FAST, proj, value_and_grad=True))
+    p0 = proj({"w": jnp.ones(D)})
+    a = b = TrainState(p0, SGD_FAST.init(p0))
+    for _ in range(5):
+        (a, la), (b, lb) = plain(a, (X, y)), given(b, (X, y))
+        np.testing.assert_allclose(lb, la, rtol=1e-13)
+        np.testing.assert_allclose(b.params["w"], a.params["w"], rtol=1e-12)
+    assert norm(b.params) <= R + 1e-12
+    with_aux = lambda p, batch: (loss_fn(p, batch), 2.0)
+    aux_grad = jax.value_and_grad(with_aux, has_aux=True)
+    step = make_train_step(aux_grad, SGD_FAST, has_aux=True, value_and_grad=True)
+    _, (loss, aux) = step(TrainState(p0, SGD_FAST.init(p0)), (X, y))
+    assert aux == 2.0 and np.isclose(loss, loss_fn(p0, (X, y)), rtol=1e-14)
+
+
 def test_chain_with_project_params_matches_explicit_projection(ls_data):
     X, y, R = ls_data
     proj = l2_ball(R)

@@ -51,6 +51,7 @@ from nlis_jax.experiments.study import (
     full_losses,
     score,
     score_batch,
+    score_params,
     test_accuracy,
 )
 from nlis_jax.experiments.wall_time import compare_wall_time
@@ -89,6 +90,7 @@ __all__ = [
     "StudyInterrupted",
     "score",
     "score_batch",
+    "score_params",
     "shrink",
     "single_index_model",
     "steps_to_converge",

@@ -515,6 +515,43 @@ def _corrupt_cache_message(path: Path, exc: BaseException) -> str:
     )
 
 
+#: The features of :func:`load_california` (scikit-learn's names, in its column order).
+CALIFORNIA_FEATURES = (
+    "MedInc",
+    "HouseAge",
+    "AveRooms",
+    "AveBedrms",
+    "Population",
+    "AveOccup",
+    "Latitude",
+    "Longitude",
+)
+
+
+def _california_arrays(where: Path, data_home, download_if_missing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(x (20640, 8), y (20640,))`` float64 as :func:`sklearn.datasets.fetch_california_housing`
+    returns them. A cache file present is read with joblib and the same column arithmetic (importing
+    scikit-learn costs seconds; the arrays are tested equal); otherwise scikit-learn fetches it."""
+    path = where / "cal_housing_py3.pkz"
+    if path.is_file() and importlib.util.find_spec("joblib") is not None:
+        import joblib
+
+        table = np.asarray(joblib.load(path), dtype=np.float64)  # columns: target, then the features
+        if table.ndim != 2 or table.shape[1] != 1 + len(CALIFORNIA_FEATURES):
+            raise ValueError(f"expected a table of 9 columns, got shape {table.shape}")
+        target, data = table[:, 0], table[:, 1:]  # views, as scikit-learn's (numpy's sums follow the layout)
+        data[:, 2] /= data[:, 5]  # total rooms -> rooms per household
+        data[:, 3] /= data[:, 5]  # total bedrooms -> bedrooms per household
+        data[:, 5] = data[:, 4] / data[:, 5]  # households -> occupants per household
+        return data, target / 100000.0
+    from sklearn.datasets import fetch_california_housing
+
+    bunch = fetch_california_housing(
+        data_home=None if data_home is None else os.fspath(where), download_if_missing=download_if_missing
+    )
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.float64)
+
+
 def load_california(
     *,
     data_home: str | os.PathLike | None = None,
@@ -525,9 +562,10 @@ def load_california(
 ) -> Dataset:
     """Load California Housing (Pace & Barry 1997): 20,640 districts, 8 features, regression.
 
-    Uses :func:`sklearn.datasets.fetch_california_housing`, which reads its cache
-    ``cal_housing_py3.pkz`` from ``data_home`` (default ``$SCIKIT_LEARN_DATA``, else
-    ``~/scikit_learn_data``) and otherwise downloads it when ``download_if_missing``.
+    Reads scikit-learn's cache ``cal_housing_py3.pkz`` from ``data_home`` (default
+    ``$SCIKIT_LEARN_DATA``, else ``~/scikit_learn_data``) with joblib and the column arithmetic of
+    :func:`sklearn.datasets.fetch_california_housing` (the same arrays, without importing scikit-learn);
+    without the file, ``fetch_california_housing`` downloads it when ``download_if_missing``.
 
     Args:
         data_home: Folder holding scikit-learn's cache file.
@@ -545,14 +583,9 @@ def load_california(
         DatasetNotFoundError: If the cache is missing and could not be downloaded.
     """
     dt = _check_float_dtype(dtype)
-    from sklearn.datasets import fetch_california_housing
-
     where = _sklearn_data_home(data_home)
     try:
-        bunch = fetch_california_housing(
-            data_home=None if data_home is None else os.fspath(where),
-            download_if_missing=download_if_missing,
-        )
+        x, y = _california_arrays(where, data_home, download_if_missing)
     except OSError as exc:  # includes urllib's URLError/HTTPError and sklearn's "not found"
         raise DatasetNotFoundError(
             f"California Housing not found: scikit-learn looked for its cache file "
@@ -567,9 +600,7 @@ def load_california(
         ) from None
     except Exception as exc:  # a truncated or corrupt cache: EOFError, pickle/zlib/KeyError, ...
         raise DatasetCorruptError(_corrupt_cache_message(where / "cal_housing_py3.pkz", exc)) from None
-    x = np.asarray(bunch.data, dtype=np.float64)
-    y = np.asarray(bunch.target, dtype=np.float64)
-    names = tuple(bunch.feature_names)
+    names = CALIFORNIA_FEATURES
     scaling = None
     if standardize:
         x, x_mean, x_std = features.standardize(x)

@@ -4,7 +4,8 @@ Every kernel is a module-level ``jax.jit`` with its callables as static argument
 are built once per set of options, so they hash equal across calls): repeats, methods and studies of the
 same shapes reuse one compiled executable. The padded kernels (:func:`draw_padded_kernel`,
 :func:`fit_padded_kernel`) take the sample size as a traced value, so one executable serves every size;
-the dual matrix (:func:`dual_kernel`) is scored apart, so one scoring executable serves every scheme.
+the dual matrix (:func:`dual_kernel`, one parameter set) is scored apart, so one scoring executable
+serves every scheme.
 :func:`timed` runs a kernel and reports its wall time without the tracing, lowering and compilation that
 happened during the call (measured by JAX's own compile events); :func:`compile_stats` counts the
 compilations.
@@ -18,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 import nlis_jax as nj
@@ -34,6 +34,7 @@ __all__ = [
     "fit_padded_kernel",
     "loss_kernel",
     "matrix_score_kernel",
+    "row_kernel",
     "split_keys",
     "stack_kernel",
     "timed",
@@ -186,7 +187,6 @@ def _padded_fit_one(
     dtype = xb.dtype
     scale = jnp.ones((), dtype) if curvature is None else (1.0 / curvature(xb, wb)).astype(dtype)
     total = jnp.sum(wb)
-    proj = (lambda p: p) if projection is None else projection
 
     def objective(params, batch):
         x, y, w = batch
@@ -194,14 +194,13 @@ def _padded_fit_one(
 
     num_chunks = jnp.maximum((size + chunk - 1) // chunk, 1)
 
-    def step(state, _):
-        value, grads = _chunked_value_and_grad(objective, state.params, (xb, yb, wb), num_chunks, chunk)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return nj.TrainState(proj(optax.apply_updates(state.params, updates)), opt_state), value
+    def value_and_grad(params, batch):
+        return _chunked_value_and_grad(objective, params, batch, num_chunks, chunk)
 
-    params0 = proj(params0)
+    step = nj.make_train_step(value_and_grad, optimizer, projection, value_and_grad=True)
+    params0 = params0 if projection is None else projection(params0)
     state = nj.TrainState(params0, optimizer.init(params0))
-    state, trace = lax.scan(step, state, None, length=num_steps)
+    state, trace = lax.scan(lambda st, _: step(st, (xb, yb, wb)), state, None, length=num_steps)
     return state.params, trace / scale
 
 
@@ -249,11 +248,16 @@ def draw_padded_kernel(keys, probs, size, *, bucket: int):
 
 
 @functools.partial(jax.jit, static_argnames=("dual_fn",))
-def dual_kernel(params_batch, r, xs, ys, *, dual_fn):
-    """The dual matrix at the ``r``-th parameter set of ``params_batch`` (``r`` traced: one program for
-    every repeat)."""
-    params = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), params_batch)
+def dual_kernel(params, xs, ys, *, dual_fn):
+    """The dual matrix ``dual_fn(params, xs, ys)`` at one parameter set."""
     return dual_fn(params, xs, ys)
+
+
+@jax.jit
+def row_kernel(batch, r):
+    """Row ``r`` (traced) of every leaf of ``batch``: one compiled program per shape of the batch, for
+    every row (indexing with a Python integer compiles one program per index)."""
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), batch)
 
 
 @jax.jit

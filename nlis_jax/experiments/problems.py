@@ -160,15 +160,16 @@ def single_index_model(c1: float = 1.0, c2: float = 2.0) -> SingleIndexModel:
 
 def _regression_problem(config, name, x, y, info) -> Problem:
     model = single_index_model(config.c1, config.c2)
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    x, y = np.asarray(x), np.asarray(y)
+    xs, ys = jax.device_put(x), jax.device_put(y)  # a transfer; jnp.asarray compiles a program per shape
     d = xs.shape[1]
     dtype = xs.dtype
     projection = None if config.radius is None else nj.l2_ball(config.radius)
-    design = jnp.concatenate([xs, -ys[:, None]], axis=1)
+    design = jax.device_put(np.concatenate([x, -y[:, None]], axis=1).astype(dtype))
 
     def init(key):
         del key  # the single-index studies all start at θ = 0 (ϕ'(0) ≠ 0, so the gradient is not 0)
-        return jnp.zeros((d,), dtype)
+        return jax.device_put(np.zeros((d,), dtype))
 
     info = dict(
         info,

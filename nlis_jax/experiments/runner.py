@@ -28,6 +28,7 @@ from nlis_jax.experiments.study import (
     linear_scores,
     pad_rows,
     score_batch,
+    score_params,
     test_accuracy,
 )
 from nlis_jax.experiments.wall_time import compare_wall_time
@@ -66,7 +67,9 @@ def _study_keys(key):
 
 @functools.partial(jax.jit, static_argnames=("num",))
 def _cell_keys(key, size, *, num: int):
-    """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)``."""
+    """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)`` (one
+    compiled program for every scheme and size; one vmapped program for every cell's keys at once
+    compiles slower than these calls, see benchmarks/README.md)."""
     return jax.random.split(jax.random.fold_in(key, size), num)
 
 
@@ -160,8 +163,7 @@ def _shared_scores(run: _Run) -> tuple[dict, dict]:
         if method in methods:
             run.log(f"scores {method}")
             kind = "norm" if method == "nonlinear_norm" else "leverage"
-            batch, seconds[method] = score_batch(problem, batch1(run.full.params), kind=kind, mix=config.mix)
-            probs[method] = batch[0]
+            probs[method], seconds[method] = score_params(problem, run.full.params, kind=kind, mix=config.mix)
     return probs, seconds
 
 

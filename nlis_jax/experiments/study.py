@@ -42,6 +42,7 @@ __all__ = [
     "pad_rows",
     "score",
     "score_batch",
+    "score_params",
     "test_accuracy",
 ]
 
@@ -150,26 +151,38 @@ def score(method: str, problem: Problem, params=None, *, mix: float = 0.0) -> ja
         if params is None:
             raise ValueError(f"method {method!r} scores the dual matrix at some params; pass params.")
         kind = "norm" if method == "nonlinear_norm" else "leverage"
-        return score_batch(problem, batch1(params), kind=kind, mix=mix)[0][0]
+        return score_params(problem, params, kind=kind, mix=mix)[0]
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS) + ['linear_norm']}.")
 
 
-def score_batch(problem: Problem, params_batch, *, kind: str = "leverage", mix: float = 0.0):
-    """Dual scores at each of ``R`` parameter sets (leading axis): ``((R, n) probs, seconds)``.
+def score_params(problem: Problem, params, *, kind: str = "leverage", mix: float = 0.0):
+    """Dual scores at one parameter set: ``((n,) probs, seconds)``.
 
-    Each dual matrix goes through the compiled scoring program of :func:`linear_scores`, one parameter
-    set at a time: matrices of one shape are scored by one compilation, whichever parameters or how many
-    repeats they come from.
+    The dual matrix is built by one compiled program and scored by the compiled program of
+    :func:`linear_scores` (the linear design has the same shape here): one scoring compilation for
+    every scheme, parameter set and repeat.
     """
+    (probs,), seconds = kernels.timed(_score_rows, problem, (params,), kind, float(mix))
+    return probs, seconds
+
+
+def _score_rows(problem: Problem, rows, kind: str, mix: float):
+    """The ``(n,)`` scores at each parameter set of ``rows``, as a list."""
+    xs, ys = problem.xs, problem.ys
+    duals = (kernels.dual_kernel(params, xs, ys, dual_fn=problem.dual_fn) for params in rows)
+    return [kernels.matrix_score_kernel(dual, kind=kind, mix=mix) for dual in duals]
+
+
+def score_batch(problem: Problem, params_batch, *, kind: str = "leverage", mix: float = 0.0):
+    """Dual scores at each of ``R`` parameter sets (leading axis): ``((R, n) probs, seconds)``, by
+    :func:`score_params` one parameter set at a time (whichever parameters or how many repeats they
+    come from, matrices of one shape are scored by one compilation)."""
+
     num = int(jax.tree.leaves(params_batch)[0].shape[0])
-    xs, ys, mix = problem.xs, problem.ys, float(mix)
 
     def run():
-        rows = []
-        for r in range(num):
-            dual = kernels.dual_kernel(params_batch, r, xs, ys, dual_fn=problem.dual_fn)
-            rows.append(kernels.matrix_score_kernel(dual, kind=kind, mix=mix))
-        return kernels.stack_kernel(rows)
+        rows = (kernels.row_kernel(params_batch, r) for r in range(num))
+        return kernels.stack_kernel(_score_rows(problem, rows, kind, float(mix)))
 
     return kernels.timed(run)
 

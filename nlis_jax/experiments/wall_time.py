@@ -17,7 +17,7 @@ from nlis_jax.experiments.study import (
     full_losses,
     linear_scores,
     pad_rows,
-    score_batch,
+    score_params,
 )
 
 __all__ = ["compare_wall_time"]
@@ -26,10 +26,17 @@ __all__ = ["compare_wall_time"]
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 
-def _draw_and_fit(key, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
-    """One sample (``R = 1``) drawn and fitted by the study's padded kernels (one compilation for the
-    pilot and the timed size): ``(params, trace, draw_s, fit_s)``."""
-    (idx, w), draw_s = draw(key[None], probs, size, bucket=bucket)
+@jax.jit
+def _run_keys(key):
+    """``(pilot, sample)`` keys of one run, each of shape ``(1,)`` (one repeat): ``split(key, 2)``."""
+    keys = jax.random.split(key, 2)
+    return keys[0:1], keys[1:2]
+
+
+def _draw_and_fit(keys, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
+    """One sample (``R = len(keys) = 1``) drawn and fitted by the study's padded kernels (one compilation
+    for the pilot and the timed size): ``(params, trace, draw_s, fit_s)``."""
+    (idx, w), draw_s = draw(keys, probs, size, bucket=bucket)
     steps = config.num_steps
     (params, trace), fit_s = fit_samples(problem, params0, idx, w, num_steps=steps, size=size)
     return params, trace, draw_s, fit_s
@@ -47,21 +54,23 @@ def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConf
         pilot_size = resolve_size(config.pilot_size, problem.n)
         fit = _draw_and_fit(key, uniform, pilot_size, bucket, problem, params0, config)
         pilot, trace, t_draw, t_fit = fit
-        converged_s = t_draw + t_fit * steps_to_converge(trace[0]) / config.num_steps
-        probs, score_s = score_batch(problem, pilot, kind="leverage", mix=config.mix)
-        return probs[0], score_s, t_draw + t_fit, converged_s
+        converged_s = t_draw + t_fit * steps_to_converge(np.asarray(trace)[0]) / config.num_steps
+        pilot, row_s = kernels.timed(kernels.row_kernel, pilot, 0)
+        probs, score_s = score_params(problem, pilot, kind="leverage", mix=config.mix)
+        return probs, row_s + score_s, t_draw + t_fit, converged_s
     raise ValueError(f"compare_wall_time: {method!r} is not a practical scheme here.")
 
 
-def _one_run(key, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
-    """Pilot, score, draw and train once (``R = 1``); the full-data time to the same loss."""
-    k_pilot, k_sample = kernels.split_keys(key, num=2, as_tuple=True)
+def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
+    """Pilot, score, draw and train once (``R = 1``; ``keys = (pilot, sample)``); the full-data time to
+    the same loss."""
+    k_pilot, k_sample = keys
     bucket = pad_rows(max(size, resolve_size(config.pilot_size, problem.n)))
     probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config, bucket)
     params, trace, sample_s, train_s = _draw_and_fit(k_sample, probs, size, bucket, problem, params0, config)
-    loss = float(full_losses(problem, params)[0][0])
+    loss = float(np.asarray(full_losses(problem, params)[0])[0])
     steps = steps_to_loss(full.losses, loss)
-    train_steps = steps_to_converge(trace[0])
+    train_steps = steps_to_converge(np.asarray(trace)[0])
     step_s = full.time_s / full.num_steps
     return {
         "pilot_s": pilot_s,
@@ -133,7 +142,7 @@ def compare_wall_time(
     }
     for method, mkey in zip(methods, kernels.split_keys(key, num=len(methods), as_tuple=True), strict=True):
         rows = [
-            _one_run(rkey, method, problem, full, params0, size, config)
+            _one_run(_run_keys(rkey), method, problem, full, params0, size, config)
             for rkey in kernels.split_keys(mkey, num=runs, as_tuple=True)
         ]
         out["methods"][method] = _medians(rows)
