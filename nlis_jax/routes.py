@@ -46,10 +46,16 @@ from jax import lax
 from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
+    CHECK_ITERS,
+    SKETCH_ROWS,
     cholesky_decision_solver,
     cholesky_decision_xla,
+    cholesky_steps,
+    count_sketch,
     equilibrate,
     lower_inverse_t,
+    ratio_from_inverse,
+    shifted_cholesky,
     shifted_first,
     shifted_transform,
 )
@@ -367,13 +373,72 @@ def basis(
     """``(U, rank, route)`` of an ``(n, m)`` row matrix, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
 
     ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
-    :func:`wide_basis`). In float64 the stable route forms the
-    Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``); in lower precision the input's own
-    rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
-    more on a CPU) followed by one CholeskyQR step is as good.
+    :func:`wide_basis`). Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
+    sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`).
     """
     if A.shape[0] < A.shape[1]:
         return wide_basis(prescale_columns(A), rtol, row_norms)
+    if A.dtype != jnp.float64 and A.shape[1] >= SKETCH_MIN and route in (None, "shifted"):
+        return sketched_basis(A, rtol, route, row_norms)
+    return gram_basis(A, rtol, route, row_norms)
+
+
+#: From this many columns on (below float64), route ``"shifted"`` is preconditioned from a sketch.
+SKETCH_MIN = 512
+
+
+def sketched_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
+    """:func:`basis` below float64 for many columns: route ``"shifted"`` preconditioned from a sketch.
+
+    The Gram matrix ``G_s`` of a CountSketch ``S A`` (:func:`count_sketch`, ``SKETCH_ROWS·m`` rows: a
+    small fraction of a Gram pass) replaces ``AᵀA`` in the shifted Cholesky factorisation (randomized
+    preconditioning, Rokhlin & Tygert 2008; Fan, Guo & Lin 2021), equilibrated by the exact column norms
+    of ``A`` (read with its column maxima in one pass): ``Y = A D⁻¹L₀⁻ᵀ`` has ``κ(Y)`` of a few units
+    (the distortion of the sketch times that of the shift), and the CholeskyQR step(s) of
+    :func:`~nlis_jax._precondition.cholesky_steps` on ``YᵀY`` make it orthonormal: three products of
+    ``A``'s size against four when the route starts from ``AᵀA``. Taken (with ``route=None``) when the
+    sketch shows ``κ(G_s) > eps^{-1/4}``, i.e. past route ``"gram"``; otherwise, or when its checks fail
+    (numerical rank deficiency, a sketch that lost a direction, columns whose squares over- or
+    underflow, NaN or Inf), :func:`gram_basis` decides, as it does for every other input.
+    """
+    n, m = A.shape
+    sq, colmax = jnp.sum(jnp.square(A), axis=0), jnp.max(jnp.abs(A), axis=0)
+    zero = sq == 0
+    d = jnp.where(zero, 1, jnp.sqrt(sq))
+    Gs = gram(count_sketch(A, SKETCH_ROWS * m))
+    Gs_eq = Gs / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(A.dtype))
+    L0, inv_t, ok = shifted_cholesky(jnp.where(jnp.isfinite(Gs_eq), Gs_eq, 0))
+    take = ok & jnp.all(jnp.isfinite(Gs)) & jnp.all(norms_in_range(sq, n) | (colmax == 0))
+    if route is None:
+        eps = jnp.finfo(A.dtype).eps
+        take &= ratio_from_inverse(Gs_eq, inv_t, CHECK_ITERS) < eps**0.25
+
+    def sketched(A):
+        first = inv_t / d[:, None]
+        Y = upper_rows(A, first)
+        Gy = gram(Y)
+        steps = cholesky_steps(
+            Gy, first, d, lambda M: gram(upper_rows(Y, M)), lambda x: L0 @ (Gy @ (L0.T @ x)), rtol
+        )
+        return upper_rows(Y, steps.second, row_norms), steps.ok
+
+    def skipped(A):
+        return jnp.zeros(A.shape[:1] if row_norms else A.shape, A.dtype), jnp.asarray(False)
+
+    out, done = lax.cond(take, sketched, skipped, A)
+    rank = (m - jnp.sum(zero)).astype(jnp.int32)
+    return lax.cond(
+        done, lambda A: (out, rank, jnp.int32(SHIFTED)), lambda A: gram_basis(A, rtol, route, row_norms), A
+    )
+
+
+def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
+    """:func:`basis` from the Gram matrix ``AᵀA`` (``n ≥ m``): the route chosen by :func:`decide`.
+
+    In float64 the stable route forms the Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``);
+    in lower precision the input's own rounding already moves leverage by ``~eps·κ``, so the R factor
+    alone (forming ``Q`` costs many times more on a CPU) followed by one CholeskyQR step is as good.
+    """
     G, cs = scaled_gram(A)  # of A·diag(cs): the transforms below act on A·diag(cs), so scale them by cs
     dec = decide(G, route)
 
