@@ -22,6 +22,9 @@ and on ``G_eq⁻¹ = L⁻ᵀL⁻¹`` (a failed Cholesky counts as singular):
    (``κ(Y)`` small), then one or two CholeskyQR steps on ``Y`` from its Gram matrix: Gram passes only,
    as accurate as route 2 on a matrix of full numerical rank. When the transform shows ``σ_min/σ_max``
    under ``2·rtol``, or ``Y`` could not be made orthonormal, route 2 is taken instead (and reported).
+   For a row matrix held whole with at least :data:`SKETCH_MIN` columns, ``L₀`` comes from the Gram
+   matrix of a sparse sketch of ``A`` instead of ``AᵀA`` (:func:`sketched_basis`: one product of
+   ``A``'s size fewer).
 
 Entry points: :func:`basis` / :func:`row_leverage` for a row matrix held whole (dense scores, the
 sketched ``Y = F̃V``, a projected ``F̃Ω``); :func:`transform_from_passes` and :func:`apply_transform` for a
