@@ -184,8 +184,8 @@ def inverse_sigma_min_sq(first: Array, second: Array, d: Array, iters: int = 30)
     return largest_eigenvalue(apply, first.shape[0], first.dtype, iters)
 
 
-def shifted_cholesky(Geq: Array) -> tuple[Array, Array, Array]:
-    """``(L₀, L₀⁻ᵀ, ok)`` with ``G_eq + s·I = L₀L₀ᵀ`` for an equilibrated ``G_eq`` (unit diagonal).
+def shifted_cholesky(Geq: Array) -> tuple[Array, Array]:
+    """``(L₀, ok)`` with ``G_eq + s·I = L₀L₀ᵀ`` for an equilibrated ``G_eq`` (unit diagonal).
 
     ``s = SHIFT·eps·m``, raised tenfold (at most :data:`SHIFT_TRIES` times, small ``m × m`` work only)
     while the factorisation fails: how much the rounding of the Gram product moved ``G_eq`` depends on
@@ -204,15 +204,14 @@ def shifted_cholesky(Geq: Array) -> tuple[Array, Array, Array]:
 
     _, L0 = lax.while_loop(failed, lambda state: (state[0] + 1, attempt(state[0] + 1)), (0, attempt(0)))
     ok = jnp.all(jnp.isfinite(L0))
-    L0 = jnp.where(ok, L0, eye)
-    return L0, lower_inverse_t(L0), ok
+    return jnp.where(ok, L0, eye), ok
 
 
 def shifted_first(G: Array) -> tuple[Array, Array]:
     """``(first, ok)``: the shifted-Cholesky transform ``D⁻¹L₀⁻ᵀ`` (:func:`shifted_cholesky` of ``G_eq``)."""
     Geq, d, _ = equilibrate(G)
-    _, inv_t, ok = shifted_cholesky(Geq)
-    return inv_t / d[:, None], ok
+    L0, ok = shifted_cholesky(Geq)
+    return lower_inverse_t(L0) / d[:, None], ok
 
 
 def shifted_transform(

@@ -49,7 +49,6 @@ from jax import lax
 from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
-    CHECK_ITERS,
     SKETCH_ROWS,
     cholesky_decision_solver,
     cholesky_decision_xla,
@@ -57,7 +56,6 @@ from nlis_jax._precondition import (
     count_sketch,
     equilibrate,
     lower_inverse_t,
-    ratio_from_inverse,
     shifted_cholesky,
     shifted_first,
     shifted_transform,
@@ -440,25 +438,59 @@ def sketched_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) ->
     CholeskyQR transform), against four when the route starts from ``AᵀA``. (Multiplying ``A`` by the
     product of the two transforms instead, without storing ``Y``, doubled the error of the scores.)
 
-    Taken (with ``route=None``) when the sketch shows ``κ(G_s) > eps^{-1/4}``, i.e. past route
-    ``"gram"``; otherwise, or when its checks fail (numerical rank deficiency, a sketch that lost a
+    Taken (with ``route=None``) when :func:`columns_show_ill_conditioning`, i.e. past route ``"gram"``;
+    otherwise, or when its checks fail (numerical rank deficiency, a sketch that lost a
     direction, columns whose squares over- or underflow, NaN or Inf), :func:`gram_basis` decides, as it
     does for every other input.
     """
+    n, m = A.shape
+    take = columns_show_ill_conditioning(A) if route is None else jnp.asarray(True)
+
+    def skipped(A):
+        return jnp.zeros(A.shape[:1] if row_norms else A.shape, A.dtype), jnp.asarray(False), jnp.int32(0)
+
+    out, done, rank = lax.cond(take, lambda A: sketched_rows(A, rtol, row_norms), skipped, A)
+    return lax.cond(
+        done, lambda A: (out, rank, jnp.int32(SHIFTED)), lambda A: gram_basis(A, rtol, route, row_norms), A
+    )
+
+
+#: Columns of the principal submatrix of ``G_eq`` on which :func:`columns_show_ill_conditioning` decides.
+DECISION_COLUMNS = 256
+
+
+def columns_show_ill_conditioning(A: Array) -> Array:
+    """True when ``κ(G_eq) > eps^{-1/4}`` shows on :data:`DECISION_COLUMNS` evenly spaced columns of ``A``.
+
+    By interlacing, the eigenvalues of a principal submatrix of ``G_eq`` lie between its extreme
+    eigenvalues, and so do the squared pivots of the submatrix's Cholesky factor: their ratio is a lower
+    bound of ``κ(G_eq)`` (a failed factorisation: singular). The cost is a Gram product of
+    ``(k/m)²`` of the full one and a ``k × k`` Cholesky factorisation, so well-conditioned input (route
+    ``"gram"``, decided on the full Gram matrix) pays little for the test.
+    """
+    m = A.shape[1]
+    k = min(DECISION_COLUMNS, m)
+    Geq, _, _ = equilibrate(gram(A[:, :: m // k][:, :k]))
+    L = jnp.linalg.cholesky(Geq)
+    pivots = jnp.square(jnp.diagonal(L))
+    eps = jnp.finfo(A.dtype).eps
+    return ~jnp.all(jnp.isfinite(L)) | (jnp.min(pivots) < eps**0.25 * jnp.max(pivots))
+
+
+def sketched_rows(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Array]:
+    """``(out, ok, rank)``: the basis or its row norms by the sketched shifted route (:func:`sketched_basis`);
+    ``ok`` false when a check failed (``out`` is then not an answer)."""
     n, m = A.shape
     sq, colmax = jnp.sum(jnp.square(A), axis=0), jnp.max(jnp.abs(A), axis=0)
     zero = sq == 0
     d = jnp.where(zero, 1, jnp.sqrt(sq))
     Gs = gram(count_sketch(A, SKETCH_ROWS * m))
     Gs_eq = Gs / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(A.dtype))
-    L0, inv_t, ok = shifted_cholesky(jnp.where(jnp.isfinite(Gs_eq), Gs_eq, 0))
-    take = ok & jnp.all(jnp.isfinite(Gs)) & jnp.all(norms_in_range(sq, n) | (colmax == 0))
-    if route is None:
-        eps = jnp.finfo(A.dtype).eps
-        take &= ratio_from_inverse(Gs_eq, inv_t, CHECK_ITERS) < eps**0.25
+    L0, ok = shifted_cholesky(jnp.where(jnp.isfinite(Gs_eq), Gs_eq, 0))
+    ok &= jnp.all(jnp.isfinite(Gs)) & jnp.all(norms_in_range(sq, n) | (colmax == 0))
 
     def sketched(A):  # Y and YᵀY in one pass (upper_gram), then the rows of Y·second
-        first = inv_t / d[:, None]
+        first = lower_inverse_t(L0) / d[:, None]
         Y, Gy = upper_gram(A, first)
         steps = cholesky_steps(
             Gy, first, d, lambda M: gram(upper_rows(Y, M)), lambda x: L0 @ (Gy @ (L0.T @ x)), rtol
@@ -468,11 +500,8 @@ def sketched_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) ->
     def skipped(A):
         return jnp.zeros(A.shape[:1] if row_norms else A.shape, A.dtype), jnp.asarray(False)
 
-    out, done = lax.cond(take, sketched, skipped, A)
-    rank = (m - jnp.sum(zero)).astype(jnp.int32)
-    return lax.cond(
-        done, lambda A: (out, rank, jnp.int32(SHIFTED)), lambda A: gram_basis(A, rtol, route, row_norms), A
-    )
+    out, done = lax.cond(ok, sketched, skipped, A)
+    return out, done, (m - jnp.sum(zero)).astype(jnp.int32)
 
 
 def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
