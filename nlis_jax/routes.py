@@ -443,7 +443,6 @@ def sketched_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) ->
     direction, columns whose squares over- or underflow, NaN or Inf), :func:`gram_basis` decides, as it
     does for every other input.
     """
-    n, m = A.shape
     take = columns_show_ill_conditioning(A) if route is None else jnp.asarray(True)
 
     def skipped(A):
