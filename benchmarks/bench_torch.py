@@ -20,6 +20,7 @@ never imports it.
 
     python benchmarks/bench_torch.py
     python benchmarks/bench_torch.py --n 256 --hidden 4,4 --nodes 4 --reps 1
+    python benchmarks/bench_torch.py --leverage-only --reps 5   # the leverage step alone, without torch
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def parse_args(argv):
     parser.add_argument("--hidden", type=int_list, default=[32, 32], help="hidden widths, comma separated")
     parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--leverage-only",
+        action="store_true",
+        help="only the leverage step of the dual matrix against the floors (no torch, no end to end)",
+    )
     return parser.parse_args(argv)
 
 
@@ -295,13 +301,50 @@ def basis_info(F: np.ndarray) -> dict:
     return {"rank": int(rank), "columns": F.shape[1], "route": nj.routes.ROUTES[int(route)]}
 
 
+def run_leverage(args) -> dict:
+    """``--leverage-only``: ``nj.leverage_scores`` of the dual matrix, checked against its float64
+    leverage, then timed round robin against the floors ``2 × numpy FᵀF`` and ``2 × XLA FᵀF``."""
+    params, xs, ys = make_problem(jax.random.key(args.seed), args.n, (args.d, *args.hidden, 1))
+    F = np.asarray(Compiled(lambda a, b, c: jax_dual(a, b, c, num_nodes=args.nodes), params, xs, ys)())
+    ref, kappa = exact_leverage(F)
+    jx_lev = Compiled(nj.leverage_scores, jnp.asarray(F))
+    agree = score_agreement(jx_lev(), ref)
+    checks = {
+        "nlis_jax_scores_tv": check(agree["tv"], TV_LIMIT["nlis_jax"]),
+        "nlis_jax_scores_beta": check(agree["beta_min_ratio"], BETA_LIMIT["nlis_jax"], at_least=True),
+    }
+    record = {"checks": checks, "ok": all_ok(checks), "score_agreement": {"nlis_jax": agree}}
+    record |= {"condition_number": kappa, "nlis_jax_basis": basis_info(F), "compile_s": jx_lev.compile_s}
+    if not record["ok"]:
+        report_failures(checks)
+        return record
+    F_np = np.ascontiguousarray(F)
+    inter = interleaved(
+        {"numpy_gram": lambda: F_np.T @ F_np, "xla_gram": xla_gram(F_np), "nlis_jax_leverage": jx_lev},
+        reps=args.reps,
+    )
+    med = {k: v["median_s"] for k, v in inter.items()}
+    record["timings_interleaved"] = inter
+    record["floor_s"], record["floor_xla_s"] = 2 * med["numpy_gram"], 2 * med["xla_gram"]
+    record["leverage_ratio_to_floor"] = med["nlis_jax_leverage"] / record["floor_s"]
+    record["leverage_ratio_to_xla_floor"] = med["nlis_jax_leverage"] / record["floor_xla_s"]
+    record["leverage_ratio_target"] = 2.0
+    return record
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    params = vars(args) | {"dtype": "float32"}
+    if args.leverage_only:
+        record = {"bench": NAME, "params": params, "environment": environment()}
+        record |= run_leverage(args)
+        write_record(record, args.out, NAME, quiet=args.quiet)
+        return record
     torch = import_torch()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch_info = {"torch_threads": torch.get_num_threads(), "torch_mkl": torch.backends.mkl.is_available()}
-    params = vars(args) | {"dtype": "float32"} | torch_info
+    params |= torch_info
     record = {"bench": NAME, "params": params, "environment": environment(torch=torch.__version__)}
     record |= run(args, torch)
     write_record(record, args.out, NAME, quiet=args.quiet)

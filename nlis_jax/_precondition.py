@@ -45,6 +45,9 @@ Y_RATIO_MIN = 16.0
 #: only compare against thresholds orders of magnitude apart (or with a factor-2 margin), so fewer suffice.
 CHECK_ITERS = 15
 
+#: Rows of the sparse sketch (:func:`count_sketch`) per column, for the sketched shifted route.
+SKETCH_ROWS = 2
+
 #: Above this size, triangular inverses go to LAPACK (``O(m³)`` flops in one call) rather than a loop
 #: of ``m`` vector-matrix products, which is memory-bound and slower for large ``m``.
 SUBSTITUTION_MAX = 256
@@ -113,10 +116,8 @@ def largest_eigenvalue(apply: Callable[[Array], Array], m: int, dtype, iters: in
 def inverse_and_ratio(G: Array, iters: int = 30) -> tuple[Array, Array]:
     """``(L⁻ᵀ, λ_min/λ_max)`` of an SPD ``G = L Lᵀ``; identity and ratio 0 if the Cholesky failed.
 
-    ``L⁻ᵀ`` by :func:`lower_inverse_t`; ``λ_max`` by power iteration on ``G`` and ``λ_min`` by power
-    iteration on ``G⁻¹ = L⁻ᵀL⁻¹`` (Rayleigh quotient of ``G`` at the result): matrix-vector products
-    only, no triangular solve per iteration (each would be a library call, slow on a CPU right after a
-    large product). Nothing but the failed factorisation runs when the Cholesky fails.
+    ``L⁻ᵀ`` by :func:`lower_inverse_t`, the ratio by :func:`ratio_from_inverse`. Nothing but the failed
+    factorisation runs when the Cholesky fails.
     """
     m = G.shape[0]
     eye = jnp.eye(m, dtype=G.dtype)
@@ -125,11 +126,22 @@ def inverse_and_ratio(G: Array, iters: int = 30) -> tuple[Array, Array]:
 
     def factored(L):
         inv_t = lower_inverse_t(L)
-        bottom = top_eigenvector(lambda x: inv_t @ (inv_t.T @ x), m, G.dtype, iters)
-        lam_max, lam_min = largest_eigenvalue(lambda x: G @ x, m, G.dtype, iters), bottom @ (G @ bottom)
-        return inv_t, jnp.where(lam_min > 0, lam_min / lam_max, 0.0).astype(G.dtype)
+        return inv_t, ratio_from_inverse(G, inv_t, iters)
 
     return lax.cond(ok, factored, lambda L: (eye, jnp.zeros((), G.dtype)), jnp.where(ok, L, eye))
+
+
+def ratio_from_inverse(G: Array, inv_t: Array, iters: int = 30) -> Array:
+    """``λ_min(L Lᵀ)/λ_max(G)`` given ``inv_t = L⁻ᵀ`` (``L Lᵀ = G``, or ``G`` plus a shift).
+
+    ``λ_max`` by power iteration on ``G`` and ``λ_min`` by power iteration on ``(L Lᵀ)⁻¹ = L⁻ᵀL⁻¹``
+    (Rayleigh quotient of ``G`` at the result): matrix-vector products only, no triangular solve per
+    iteration (each would be a library call, slow on a CPU right after a large product).
+    """
+    m = G.shape[0]
+    bottom = top_eigenvector(lambda x: inv_t @ (inv_t.T @ x), m, G.dtype, iters)
+    lam_max, lam_min = largest_eigenvalue(lambda x: G @ x, m, G.dtype, iters), bottom @ (G @ bottom)
+    return jnp.where(lam_min > 0, lam_min / lam_max, 0.0).astype(G.dtype)
 
 
 def cholesky_decision_xla(Geq: Array) -> tuple[Array, Array]:
@@ -172,20 +184,19 @@ def inverse_sigma_min_sq(first: Array, second: Array, d: Array, iters: int = 30)
     return largest_eigenvalue(apply, first.shape[0], first.dtype, iters)
 
 
-def shifted_first(G: Array) -> tuple[Array, Array]:
-    """``(first, ok)``: the shifted-Cholesky transform ``D⁻¹L₀⁻ᵀ`` with ``G_eq + s·I = L₀L₀ᵀ``.
+def shifted_cholesky(Geq: Array) -> tuple[Array, Array]:
+    """``(L₀, ok)`` with ``G_eq + s·I = L₀L₀ᵀ`` for an equilibrated ``G_eq`` (unit diagonal).
 
     ``s = SHIFT·eps·m``, raised tenfold (at most :data:`SHIFT_TRIES` times, small ``m × m`` work only)
     while the factorisation fails: how much the rounding of the Gram product moved ``G_eq`` depends on
-    ``n`` and on the data. ``ok`` is false if every try failed.
+    ``n`` and on the data. ``ok`` is false if every try failed (``L₀`` is then the identity).
     """
-    Geq, d, _ = equilibrate(G)
     m = Geq.shape[0]
-    eye = jnp.eye(m, dtype=G.dtype)
-    shift0 = SHIFT * jnp.finfo(G.dtype).eps * m
+    eye = jnp.eye(m, dtype=Geq.dtype)
+    shift0 = SHIFT * jnp.finfo(Geq.dtype).eps * m
 
     def attempt(k):
-        return jnp.linalg.cholesky(Geq + shift0 * jnp.asarray(10.0, G.dtype) ** k * eye)
+        return jnp.linalg.cholesky(Geq + shift0 * jnp.asarray(10.0, Geq.dtype) ** k * eye)
 
     def failed(state):
         k, L = state
@@ -193,21 +204,46 @@ def shifted_first(G: Array) -> tuple[Array, Array]:
 
     _, L0 = lax.while_loop(failed, lambda state: (state[0] + 1, attempt(state[0] + 1)), (0, attempt(0)))
     ok = jnp.all(jnp.isfinite(L0))
-    return lower_inverse_t(jnp.where(ok, L0, eye)) / d[:, None], ok
+    return jnp.where(ok, L0, eye), ok
+
+
+def shifted_first(G: Array) -> tuple[Array, Array]:
+    """``(first, ok)``: the shifted-Cholesky transform ``D⁻¹L₀⁻ᵀ`` (:func:`shifted_cholesky` of ``G_eq``)."""
+    Geq, d, _ = equilibrate(G)
+    L0, ok = shifted_cholesky(Geq)
+    return lower_inverse_t(L0) / d[:, None], ok
 
 
 def shifted_transform(
     G: Array, Gy: Array, first: Array, gram_pass_y: Callable[[Array], Array], rtol: Array
 ) -> Preconditioned:
-    """The CholeskyQR step(s) on ``Y = A first`` (:func:`shifted_first`), given ``Gy = YᵀY``.
+    """The CholeskyQR step(s) on ``Y = A first`` (:func:`shifted_first`), given ``Gy = YᵀY`` and ``G = AᵀA``.
 
-    ``gram_pass_y(M)`` must return ``(Y M)ᵀ(Y M)``; it is taken only when ``YᵀY`` is itself moderately
-    ill-conditioned (a second CholeskyQR step). ``ok`` is false (use a rank-revealing route instead)
-    when ``A`` is numerically rank-deficient for ``rtol`` or ``Y`` could not be made orthonormal.
+    See :func:`cholesky_steps`, with ``G_eq`` (for ``σ_max``) and ``D`` from the equilibration of ``G``.
     """
     Geq, d, _ = equilibrate(G)
-    eps = jnp.finfo(G.dtype).eps
-    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    return cholesky_steps(Gy, first, d, gram_pass_y, lambda x: Geq @ x, rtol)
+
+
+def cholesky_steps(
+    Gy: Array,
+    first: Array,
+    d: Array,
+    gram_pass_y: Callable[[Array], Array],
+    apply_geq: Callable[[Array], Array],
+    rtol: Array,
+) -> Preconditioned:
+    """The CholeskyQR step(s) on ``Y = A first``, given ``Gy = YᵀY``, ``first = D⁻¹·(upper triangular)``.
+
+    ``gram_pass_y(M)`` must return ``(Y M)ᵀ(Y M)``; it is taken only when ``YᵀY`` is itself moderately
+    ill-conditioned (a second CholeskyQR step). ``apply_geq(x)`` is ``G_eq x`` for the equilibrated Gram
+    matrix ``G_eq = D⁻¹AᵀAD⁻¹`` (its largest eigenvalue is ``σ_max(A D⁻¹)²``). ``ok`` is false (use a
+    rank-revealing route instead) when ``A`` is numerically rank-deficient for ``rtol`` or ``Y`` could not
+    be made orthonormal.
+    """
+    m, dtype = Gy.shape[0], Gy.dtype
+    eps = jnp.finfo(dtype).eps
+    eye = jnp.eye(m, dtype=dtype)
     Gy_eq, dy, _ = equilibrate(Gy)
     inv1, ratio_y = inverse_and_ratio(Gy_eq, CHECK_ITERS)
     M1 = inv1 / dy[:, None]
@@ -220,7 +256,23 @@ def shifted_transform(
 
     second, ok2 = lax.cond(ratio_y >= eps**0.25, lambda: (M1, jnp.asarray(True)), two_steps)
     # σ(A D⁻¹): σ_max² = λ_max(G_eq), σ_min² from the transform (see inverse_sigma_min_sq).
-    lam_max = largest_eigenvalue(lambda x: Geq @ x, Geq.shape[0], Geq.dtype, CHECK_ITERS)
+    lam_max = largest_eigenvalue(apply_geq, m, dtype, CHECK_ITERS)
     ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first, second, d, CHECK_ITERS), 1))
     ok = (ratio_y >= Y_RATIO_MIN * eps) & ok2 & (ratio > 2 * rtol)
     return Preconditioned(first, second, ok, jnp.where(ok, ratio, 0.0))
+
+
+def count_sketch(A: Array, s: int) -> Array:
+    """``S A`` (``s × m``) for a sparse sign embedding ``S`` (CountSketch, Clarkson & Woodruff 2013).
+
+    Row ``i`` of ``A`` is added, with sign ``±1``, to row ``b(i)`` of the sketch: one read of ``A``. ``b``
+    and the signs come from a fixed integer hash of the row index, not a PRNG key: the sketch only
+    preconditions (the leverage is then computed from ``A`` itself and checked), so the result does not
+    depend on it beyond rounding, and the same input always gives the same output.
+    """
+    h = jnp.arange(A.shape[0], dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x85EBCA77)
+    h = h ^ (h >> 13)
+    sign = jnp.where((h >> 7) & 1 == 1, 1.0, -1.0).astype(A.dtype)
+    bucket = ((h >> 8) % jnp.uint32(s)).astype(jnp.int32)
+    return jax.ops.segment_sum(A * sign[:, None], bucket, num_segments=s)

@@ -22,6 +22,9 @@ and on ``G_eq⁻¹ = L⁻ᵀL⁻¹`` (a failed Cholesky counts as singular):
    (``κ(Y)`` small), then one or two CholeskyQR steps on ``Y`` from its Gram matrix: Gram passes only,
    as accurate as route 2 on a matrix of full numerical rank. When the transform shows ``σ_min/σ_max``
    under ``2·rtol``, or ``Y`` could not be made orthonormal, route 2 is taken instead (and reported).
+   For a row matrix held whole with at least :data:`SKETCH_MIN` columns, ``L₀`` comes from the Gram
+   matrix of a sparse sketch of ``A`` instead of ``AᵀA`` (:func:`sketched_basis`: one product of
+   ``A``'s size fewer).
 
 Entry points: :func:`basis` / :func:`row_leverage` for a row matrix held whole (dense scores, the
 sketched ``Y = F̃V``, a projected ``F̃Ω``); :func:`transform_from_passes` and :func:`apply_transform` for a
@@ -46,10 +49,14 @@ from jax import lax
 from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
+    SKETCH_ROWS,
     cholesky_decision_solver,
     cholesky_decision_xla,
+    cholesky_steps,
+    count_sketch,
     equilibrate,
     lower_inverse_t,
+    shifted_cholesky,
     shifted_first,
     shifted_transform,
 )
@@ -202,8 +209,45 @@ def raise_if_nonfinite(name: str, F: Array, out: Array) -> None:
 
 
 def gram(A: Array) -> Array:
-    """``AᵀA`` of an ``(n, m)`` row matrix (trace under :func:`highest_precision`)."""
-    return jnp.einsum("np,nq->pq", A, A)
+    """``AᵀA`` of an ``(n, m)`` row matrix (trace under :func:`highest_precision`).
+
+    From :data:`TRIANGULAR_MIN` columns on, as three products of column halves (``A₁ᵀA₁``, ``A₁ᵀA₂``,
+    ``A₂ᵀA₂``; the fourth block is the transpose of the second): 3/4 of the flops, as BLAS ``syrk``.
+    """
+    m = A.shape[1]
+    if m < TRIANGULAR_MIN:
+        return jnp.einsum("np,nq->pq", A, A)
+    h = m // 2
+    A1, A2 = A[:, :h], A[:, h:]
+    G11, G12, G22 = A1.T @ A1, A1.T @ A2, A2.T @ A2
+    return jnp.block([[G11, G12], [G12.T, G22]])
+
+
+#: Rows per chunk of :func:`upper_gram` (the chunk of ``A M`` stays in cache between its two products).
+GRAM_CHUNK_ROWS = 2048
+
+
+def upper_gram(A: Array, U: Array) -> tuple[Array, Array]:
+    """``(Y, YᵀY)`` with ``Y = A U`` for an upper-triangular ``U``, chunk by chunk.
+
+    Chunks of :data:`GRAM_CHUNK_ROWS` rows (a ``fori_loop`` over slices, then the remainder): each chunk
+    of ``Y`` (:func:`upper_rows`) is written once and its Gram matrix (:func:`gram`) taken while it is
+    still in cache, instead of reading all of ``Y`` back from memory.
+    """
+    n, m = A.shape
+    c = min(GRAM_CHUNK_ROWS, n)
+    k = n // c
+
+    def body(i, state):
+        G, Y = state
+        Yc = upper_rows(lax.dynamic_slice_in_dim(A, i * c, c), U)
+        return G + gram(Yc), lax.dynamic_update_slice_in_dim(Y, Yc, i * c, 0)
+
+    G, Y = lax.fori_loop(0, k, body, (jnp.zeros((m, m), A.dtype), jnp.zeros((n, m), A.dtype)))
+    if k * c < n:
+        Yc = upper_rows(A[k * c :], U)
+        G, Y = G + gram(Yc), lax.dynamic_update_slice_in_dim(Y, Yc, k * c, 0)
+    return Y, G
 
 
 def choose_route(ratio: Array) -> Array:
@@ -367,13 +411,105 @@ def basis(
     """``(U, rank, route)`` of an ``(n, m)`` row matrix, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
 
     ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
-    :func:`wide_basis`). In float64 the stable route forms the
-    Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``); in lower precision the input's own
-    rounding already moves leverage by ``~eps·κ``, so the R factor alone (forming ``Q`` costs many times
-    more on a CPU) followed by one CholeskyQR step is as good.
+    :func:`wide_basis`). Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
+    sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`).
     """
     if A.shape[0] < A.shape[1]:
         return wide_basis(prescale_columns(A), rtol, row_norms)
+    if A.dtype != jnp.float64 and A.shape[1] >= SKETCH_MIN and route in (None, "shifted"):
+        return sketched_basis(A, rtol, route, row_norms)
+    return gram_basis(A, rtol, route, row_norms)
+
+
+#: From this many columns on (below float64), route ``"shifted"`` is preconditioned from a sketch.
+SKETCH_MIN = 512
+
+
+def sketched_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
+    """:func:`basis` below float64 for many columns: route ``"shifted"`` preconditioned from a sketch.
+
+    The Gram matrix ``G_s`` of a CountSketch ``S A`` (:func:`count_sketch`, ``SKETCH_ROWS·m`` rows: a
+    small fraction of a Gram pass) replaces ``AᵀA`` in the shifted Cholesky factorisation (randomized
+    preconditioning, Rokhlin & Tygert 2008; Fan, Guo & Lin 2021), equilibrated by the exact column norms
+    of ``A`` (read with its column maxima in one pass): ``Y = A D⁻¹L₀⁻ᵀ`` has ``κ(Y)`` of a few units
+    (the distortion of the sketch times that of the shift), and the CholeskyQR step(s) of
+    :func:`~nlis_jax._precondition.cholesky_steps` on ``YᵀY`` make it orthonormal. Three products of
+    ``A``'s size (``Y`` and ``YᵀY`` in one pass, :func:`upper_gram`; the rows of ``Y`` times the
+    CholeskyQR transform), against four when the route starts from ``AᵀA``. (Multiplying ``A`` by the
+    product of the two transforms instead, without storing ``Y``, doubled the error of the scores.)
+
+    Taken (with ``route=None``) when :func:`columns_show_ill_conditioning`, i.e. past route ``"gram"``;
+    otherwise, or when its checks fail (numerical rank deficiency, a sketch that lost a
+    direction, columns whose squares over- or underflow, NaN or Inf), :func:`gram_basis` decides, as it
+    does for every other input.
+    """
+    take = columns_show_ill_conditioning(A) if route is None else jnp.asarray(True)
+
+    def skipped(A):
+        return jnp.zeros(A.shape[:1] if row_norms else A.shape, A.dtype), jnp.asarray(False), jnp.int32(0)
+
+    out, done, rank = lax.cond(take, lambda A: sketched_rows(A, rtol, row_norms), skipped, A)
+    return lax.cond(
+        done, lambda A: (out, rank, jnp.int32(SHIFTED)), lambda A: gram_basis(A, rtol, route, row_norms), A
+    )
+
+
+#: Columns of the principal submatrix of ``G_eq`` on which :func:`columns_show_ill_conditioning` decides.
+DECISION_COLUMNS = 256
+
+
+def columns_show_ill_conditioning(A: Array) -> Array:
+    """True when ``κ(G_eq) > eps^{-1/4}`` shows on :data:`DECISION_COLUMNS` evenly spaced columns of ``A``.
+
+    By interlacing, the eigenvalues of a principal submatrix of ``G_eq`` lie between its extreme
+    eigenvalues, and so do the squared pivots of the submatrix's Cholesky factor: their ratio is a lower
+    bound of ``κ(G_eq)`` (a failed factorisation: singular). The cost is a Gram product of
+    ``(k/m)²`` of the full one and a ``k × k`` Cholesky factorisation, so well-conditioned input (route
+    ``"gram"``, decided on the full Gram matrix) pays little for the test.
+    """
+    m = A.shape[1]
+    k = min(DECISION_COLUMNS, m)
+    Geq, _, _ = equilibrate(gram(A[:, :: m // k][:, :k]))
+    L = jnp.linalg.cholesky(Geq)
+    pivots = jnp.square(jnp.diagonal(L))
+    eps = jnp.finfo(A.dtype).eps
+    return ~jnp.all(jnp.isfinite(L)) | (jnp.min(pivots) < eps**0.25 * jnp.max(pivots))
+
+
+def sketched_rows(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Array]:
+    """``(out, ok, rank)``: the basis or its row norms by the sketched shifted route (:func:`sketched_basis`);
+    ``ok`` false when a check failed (``out`` is then not an answer)."""
+    n, m = A.shape
+    sq, colmax = jnp.sum(jnp.square(A), axis=0), jnp.max(jnp.abs(A), axis=0)
+    zero = sq == 0
+    d = jnp.where(zero, 1, jnp.sqrt(sq))
+    Gs = gram(count_sketch(A, SKETCH_ROWS * m))
+    Gs_eq = Gs / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(A.dtype))
+    L0, ok = shifted_cholesky(jnp.where(jnp.isfinite(Gs_eq), Gs_eq, 0))
+    ok &= jnp.all(jnp.isfinite(Gs)) & jnp.all(norms_in_range(sq, n) | (colmax == 0))
+
+    def sketched(A):  # Y and YᵀY in one pass (upper_gram), then the rows of Y·second
+        first = lower_inverse_t(L0) / d[:, None]
+        Y, Gy = upper_gram(A, first)
+        steps = cholesky_steps(
+            Gy, first, d, lambda M: gram(upper_rows(Y, M)), lambda x: L0 @ (Gy @ (L0.T @ x)), rtol
+        )
+        return upper_rows(Y, steps.second, row_norms), steps.ok
+
+    def skipped(A):
+        return jnp.zeros(A.shape[:1] if row_norms else A.shape, A.dtype), jnp.asarray(False)
+
+    out, done = lax.cond(ok, sketched, skipped, A)
+    return out, done, (m - jnp.sum(zero)).astype(jnp.int32)
+
+
+def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
+    """:func:`basis` from the Gram matrix ``AᵀA`` (``n ≥ m``): the route chosen by :func:`decide`.
+
+    In float64 the stable route forms the Householder ``Q`` (orthonormal to ``O(eps)`` whatever ``κ``);
+    in lower precision the input's own rounding already moves leverage by ``~eps·κ``, so the R factor
+    alone (forming ``Q`` costs many times more on a CPU) followed by one CholeskyQR step is as good.
+    """
     G, cs = scaled_gram(A)  # of A·diag(cs): the transforms below act on A·diag(cs), so scale them by cs
     dec = decide(G, route)
 

@@ -57,6 +57,12 @@ def test_bench_torch(tmp_path, monkeypatch):
     assert record["environment"]["versions"]["torch"]
 
 
+def test_bench_torch_leverage_only_needs_no_torch(tmp_path, monkeypatch):
+    args = ["--n", "64", "--d", "3", "--hidden", "3,3", "--nodes", "2", "--leverage-only"]
+    record = run_bench("bench_torch", args, tmp_path, monkeypatch)
+    assert record["checks"]["nlis_jax_scores_tv"]["ok"] and record["leverage_ratio_to_floor"] > 0
+
+
 def test_bench_torch_without_torch_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(SystemExit, match=r"pip install -e \.\[bench\]"):

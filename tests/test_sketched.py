@@ -1,0 +1,138 @@
+r"""Route ``"shifted"`` preconditioned from a CountSketch (``nlis_jax.routes.sketched_basis``).
+
+Below float64 with at least ``routes.SKETCH_MIN`` columns the shifted Cholesky factor comes from the Gram
+matrix of a sparse sketch ``S F`` instead of ``FᵀF``. The threshold is lowered here so that small
+matrices (fast tests) take that path; it is read when ``basis`` is traced, so the caches are cleared
+around this module (and around the tests that replace the fallback). Every test uses one shape, so the
+programs compile once. References: float64 leverage of the float32 data (numpy Householder QR), held
+to the benchmark's targets (total variation ≤ 1e-4, smallest ratio ≥ 0.999).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import COMPILE_EVENT, count_events, matrix_with_condition
+
+import nlis_jax as nj
+from nlis_jax import routes
+
+N, M = 800, 40
+TV_TARGET, BETA_TARGET = 1e-4, 0.999
+
+
+@pytest.fixture(autouse=True, scope="module")
+def small_sketch_threshold():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(routes, "SKETCH_MIN", 16)
+        jax.clear_caches()
+        yield
+    jax.clear_caches()
+
+
+def _ref(A):
+    Q = np.linalg.qr(np.asarray(A, np.float32).astype(np.float64))[0]
+    return np.sum(Q**2, axis=1)
+
+
+def _tv_beta(h, h_ref):
+    tau, ref = np.asarray(h, np.float64) / np.sum(h), h_ref / np.sum(h_ref)
+    return 0.5 * np.sum(np.abs(tau - ref)), np.min(tau / ref)
+
+
+def _info(A, **kw):
+    info = nj.leverage_scores(jnp.asarray(A, jnp.float32), return_info=True, **kw)
+    return info, routes.ROUTES[int(info.route)]
+
+
+def _matrix(seed, kappa):
+    return np.asarray(matrix_with_condition(np.random.default_rng(seed), N, M, kappa)[0], np.float32)
+
+
+def test_sketched_path_answers_without_the_gram_matrix(monkeypatch):
+    """With the fallback (``gram_basis``) replaced by NaN, a finite result came from the sketched path:
+    κ = 1e2 (past route "gram") and 1e5 (past "gram2" in float32) meet the targets; float64 is never
+    sketched."""
+
+    def nan_basis(A, rtol, route, row_norms):
+        shape = A.shape[:1] if row_norms else A.shape
+        return jnp.full(shape, jnp.nan, A.dtype), jnp.int32(-1), jnp.int32(-1)
+
+    monkeypatch.setattr(routes, "gram_basis", nan_basis)
+    jax.clear_caches()
+    try:
+        for kappa in (1e2, 1e5):
+            A = _matrix(1, kappa)
+            h, rank, route = routes.basis(jnp.asarray(A), routes.default_rtol(jnp.float32), row_norms=True)
+            assert routes.ROUTES[int(route)] == "shifted" and int(rank) == M and h.dtype == jnp.float32
+            tv, beta = _tv_beta(h, _ref(A))
+            assert tv <= TV_TARGET and beta >= BETA_TARGET, (kappa, tv, beta)
+        A64 = jnp.asarray(A, jnp.float64)
+        h, _, route = routes.basis(A64, routes.default_rtol(A64.dtype), row_norms=True)
+        assert np.all(np.isnan(np.asarray(h))) and int(route) == -1
+    finally:
+        jax.clear_caches()
+
+
+def test_basis_is_orthonormal_and_columns_scale_out():
+    """The basis (``row_norms=False``) is orthonormal; scaling columns (not by powers of two) changes
+    neither the leverage nor the rank, and a zero column is set aside."""
+    rng = np.random.default_rng(2)
+    A = _matrix(2, 1e4)
+    U, rank, route = nj.orthonormal_basis(jnp.asarray(A))
+    assert routes.ROUTES[int(route)] == "shifted" and int(rank) == M
+    U = np.asarray(U, np.float64)
+    np.testing.assert_allclose(U.T @ U, np.eye(M), atol=1e-4)
+    scaled = A * np.exp(rng.uniform(-6, 6, M)).astype(np.float32)
+    scaled[:, 9] = 0.0  # a dead unit
+    info, route = _info(scaled)
+    assert route == "shifted" and int(info.rank) == M - 1
+    tv, beta = _tv_beta(info.leverage, _ref(np.delete(A, 9, axis=1)))
+    assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
+
+
+@pytest.mark.parametrize("case", ["rank5_product", "kappa_1e8"])
+def test_rank_deficient_input_falls_back_to_stable(case):
+    rng = np.random.default_rng(3)
+    if case == "rank5_product":
+        A, rank = rng.standard_normal((N, 5)) @ rng.standard_normal((5, M)), 5
+    else:  # below the float32 rank tolerance: numerically rank-deficient
+        A, rank = matrix_with_condition(rng, N, M, 1e8)[0], None
+    info, route = _info(A)
+    forced, _ = _info(A, route="stable")
+    assert route == "stable"
+    assert int(info.rank) == int(forced.rank) and (rank is None or int(info.rank) == rank)
+    np.testing.assert_array_equal(np.asarray(info.leverage), np.asarray(forced.leverage))
+
+
+def test_well_conditioned_input_keeps_the_gram_route():
+    """κ(G_s) ≤ eps^{-1/4} on the sketch: the Gram matrix decides (route "gram", one product fewer);
+    forced, the sketched path gives the same scores."""
+    A = np.random.default_rng(4).standard_normal((N, M))
+    info, route = _info(A)
+    assert route == "gram" and int(info.rank) == M
+    forced, route_forced = _info(A, route="shifted")
+    assert route_forced == "shifted"
+    np.testing.assert_allclose(np.asarray(forced.leverage), np.asarray(info.leverage), rtol=1e-4)
+
+
+def test_overflowing_column_and_nonfinite_input_go_to_the_gram_path():
+    A = _matrix(5, 1e3)
+    ref = nj.leverage_scores(A)
+    big = A.copy()
+    big[:, 2] *= 1e20  # Σ F_i2² overflows float32: the sketched path steps aside, the prescaled Gram decides
+    np.testing.assert_allclose(nj.leverage_scores(big), ref, rtol=1e-3)
+    bad = A.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
+        nj.leverage_scores(bad)
+
+
+def test_no_recompilation_for_new_values():
+    A, B = _matrix(7, 1e4), _matrix(8, 1e5)
+    nj.leverage_scores(A).block_until_ready()
+    with count_events() as counts:
+        nj.leverage_scores(B).block_until_ready()
+    assert counts[COMPILE_EVENT] == 0
