@@ -33,7 +33,7 @@ A budget of ``max_panels`` panels per example bounds the work; examples left abo
 **Roundoff.** Where the integrand's own values carry rounding noise above the tolerance (float32 gradients
 of saturated activations: ``1 − tanh²`` has an absolute error of about one ulp), no estimate falls below
 the tolerance and plain bisection would spend the whole budget on noise. As in QUADPACK, a branch whose
-estimate stops falling under bisection (:data:`STALLS` times in a row) while it is within
+estimate stops falling under bisection (:data:`STALLS` times) while it is within
 :data:`NOISE_ULPS` ulps of the integrand's size is accepted at the rounding level; the example's
 ``roundoff`` flag is set, and its error counts what the last bisection changed in the integral (the
 noise's effect on the result, not its amplitude). An unresolved oscillation is never taken for noise: its
@@ -79,7 +79,7 @@ STALL_RATIO = 0.5
 #: panel (rounding noise, not an unresolved feature: an oscillation the rule cannot resolve has an estimate
 #: of the integrand's own size) ...
 NOISE_ULPS = 1024
-#: ... and a branch that stalls this many times in a row is accepted as at the rounding level.
+#: ... and a branch that has stalled this many times is accepted as at the rounding level.
 STALLS = 2
 _PROBE_SEED = 0x5EED
 #: On CPUs, the first pass vectorises over batches of at most this many integrand elements (examples
@@ -182,7 +182,7 @@ class _Dfs(NamedTuple):
     widths: Array  # (capacity,)
     errors: Array  # (capacity,) their error estimates
     integrals: Array  # (capacity, PROBES) their integrals, projected on the probes
-    stalls: Array  # (capacity,) int32 bisections in a row on their branch whose estimate did not fall
+    stalls: Array  # (capacity,) int32 bisections on their branch whose estimate did not fall
     top: Array  # number of panels on the stack
     acc: Array  # accepted integral
     err: Array  # accepted error estimate
@@ -195,7 +195,7 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
     integral): each step halves the panel on top of the stack, accepts the halves within their share of
     ``tol`` and pushes the others.
 
-    Roundoff: a half is also accepted when its branch has stalled :data:`STALLS` times in a row (the
+    Roundoff: a half is also accepted when its branch has stalled :data:`STALLS` times (the
     halves' summed estimate above :data:`STALL_RATIO` times their parent's) while its estimate per unit
     width is within :data:`NOISE_ULPS` ulps of the integrand's size: bisecting further only measures the
     rounding noise of the integrand again (as QUADPACK's roundoff detection), and ``roundoff`` is set.
@@ -230,7 +230,7 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
         count = s.count + 2
         final = (half <= h_min) | (count + 2 > max_panels) | (top + 2 > capacity)
         within = errors <= 0.5 * tol * jnp.maximum(half, KINK_SHARE)
-        stalls = jnp.where(jnp.sum(errors) > STALL_RATIO * s.errors[top], s.stalls[top] + 1, 0)
+        stalls = s.stalls[top] + (jnp.sum(errors) > STALL_RATIO * s.errors[top]).astype(jnp.int32)
         rounding = (stalls >= STALLS) & (errors <= half * noise * sizes) & ~within
         ok = within | rounding | final
         acc = s.acc + jnp.tensordot(ok.astype(values.dtype), values, axes=1)
