@@ -13,6 +13,13 @@ Hard cases (float64, small ``n``), the issue's measurements of the fixed rule: `
 (tanh, sigmoid, softplus, sin, bounded Swish; inputs up to ×5). For each: the identity error of the fixed
 rule and of the default, panels used (16 gradients each) and time.
 
+Roundoff (``--roundoff-n``): the tanh MLP with inputs ×25 in float32, where ``1 − tanh²`` carries rounding
+noise above rtol = 1e-6: panels, examples stopped at the rounding level, warnings, the steady-state time
+of the default and its true error against the float64 adjoint of the same numbers (fixed 16 and 64-node
+rules alongside). Reliability: for the smooth hard cases and 8-32-32-1 MLPs with inputs ×5 (activations
+saturate), how many accepted examples have a true error (against a 128-node rule) above rtol, and the
+worst true error over rtol. ``--probes`` overrides the estimate's number of probes (an experiment).
+
     python benchmarks/bench_quadrature.py                    # float64, the sizes above
     python benchmarks/bench_quadrature.py --dtype float32
     python benchmarks/bench_quadrature.py --n 256 --hard-n 8 --models 1   # smoke size
@@ -42,6 +49,7 @@ from _common import (
 from bench_adjoint import MLP, identity_error, mlp_params
 
 import nlis_jax as nj
+from nlis_jax import _adaptive as adaptive
 from nlis_jax._adaptive import CACHE_ELEMENTS
 from nlis_jax._adjoint import default_chunk_size
 from nlis_jax.experiments import nets
@@ -71,6 +79,10 @@ def parse_args(argv):
     parser.add_argument("--models", type=int, default=8, help="random small models per activation")
     parser.add_argument("--skip-traced", action="store_true", help="do not time the default under jax.jit")
     parser.add_argument("--skip-hard", action="store_true", help="only the benchmark MLP")
+    parser.add_argument("--roundoff-n", type=int, default=200, help="examples of the roundoff case (0: skip)")
+    parser.add_argument(
+        "--probes", type=int, default=None, help="override the estimate's probes (experiment)"
+    )
     return parser.parse_args(argv)
 
 
@@ -157,7 +169,7 @@ def random_models(args):
             yield f"{name}_{i}", model, params, scale * jax.random.normal(kx, (max(4, args.hard_n // 10), 4))
 
 
-def measure_case(args, model, params, xs) -> dict:
+def measure_case(args, model, params, xs, *, smooth: bool = True) -> dict:
     fixed = nj.adjoint(model, params, xs, num_nodes=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", nj.QuadratureWarning)
@@ -173,33 +185,105 @@ def measure_case(args, model, params, xs) -> dict:
         "gradients_per_example": 16 + 18 * float(panels.mean() - 1),  # refined panels: 16 nodes + ends
         "warnings": len(caught),
         "median_s": timing["median_s"],
+        "reliability": estimate_reliability(model, params, xs, adj, info) if smooth else None,
     }
 
 
 def run_hard(args) -> dict:
     with jax.enable_x64(True):
-        out = {name: measure_case(args, m, p, x) for name, m, p, x in hard_cases(args)}
+        out = {
+            name: measure_case(args, m, p, x, smooth=name != "relu_biases")
+            for name, m, p, x in hard_cases(args)
+        }
         rand = {name: measure_case(args, m, p, x) for name, m, p, x in random_models(args)}
+        saturating = {name: measure_case(args, m, p, x) for name, m, p, x in saturating_cases(args)}
     summary = {
         "count": len(rand),
         "fixed16_missing_1e-9": sum(r["fixed16_identity"] > 1e-9 for r in rand.values()),
         "fixed16_worst": max(r["fixed16_identity"] for r in rand.values()),
         "adaptive_worst": max(r["adaptive_identity"] for r in rand.values()),
         "panels_mean": float(np.mean([r["panels_mean"] for r in rand.values()])),
+        "accepted_above_rtol": sum(r["reliability"]["accepted_above_rtol"] for r in rand.values()),
+        "worst_over_rtol": max(r["reliability"]["worst_over_rtol"] for r in rand.values()),
     }
     checks = {f"{k}_identity": check(v["adaptive_identity"], 1e-10) for k, v in out.items()}
     checks["random_models_identity_worst"] = check(summary["adaptive_worst"], 1e-10)
-    return {"hard": out, "random_models": summary, "checks": checks}
+    return {"hard": out, "random_models": summary, "saturating": saturating, "checks": checks}
+
+
+def run_roundoff(args) -> dict:
+    """The float32 tanh MLP with inputs ×25: rounding noise above rtol, against the float64 truth."""
+    kp, kx = jax.random.split(jax.random.key(args.seed + 2))
+    params = mlp_params(kp, (8, 32, 32, 1), jnp.float32)
+    xs = 25 * jax.random.normal(kx, (args.roundoff_n, 8), jnp.float32)
+    with jax.enable_x64(True):
+        to64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+        ref = np.asarray(nj.adjoint(MLP, jax.tree.map(to64, params), to64(xs)))
+
+    def true_error(adj):
+        err = np.linalg.norm(np.asarray(adj, np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        return {"max": float(err.max()), "median": float(np.median(err))}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", nj.QuadratureWarning)
+        adj, info = nj.adjoint(MLP, params, xs, return_info=True)
+    panels = np.asarray(info.panels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nj.QuadratureWarning)
+        timing = eager_timing(lambda: nj.adjoint(MLP, params, xs), reps=args.reps, budget_s=args.budget)
+    out = {
+        "n": args.roundoff_n,
+        "true_error": true_error(adj),
+        "panels_mean": float(panels.mean()),
+        "panels_max": int(panels.max()),
+        "roundoff_examples": int(np.sum(np.asarray(info.roundoff))),
+        "unconverged": int(np.sum(~np.asarray(info.converged))),
+        "warnings": [str(w.message) for w in caught],
+        "median_s": timing["median_s"],
+    }
+    for nodes in (16, 64):
+        out[f"fixed{nodes}_true_error"] = true_error(nj.adjoint(MLP, params, xs, num_nodes=nodes))
+    out["checks"] = {"roundoff_true_error_max": check(out["true_error"]["max"], 1e-5)}
+    return out
+
+
+def estimate_reliability(model, params, xs, adj, info, rtol: float = 1e-12) -> dict:
+    """Accepted examples whose true error (against a 128-node rule: smooth integrands only) exceeds
+    ``rtol``: how many, and the worst true error over ``rtol``."""
+    ref = np.asarray(nj.adjoint(model, params, xs, num_nodes=128))
+    flat = lambda a: np.asarray(a).reshape(a.shape[0], -1)  # noqa: E731
+    true = np.linalg.norm(flat(adj) - flat(ref), axis=1) / np.linalg.norm(flat(ref), axis=1)
+    accepted = np.asarray(info.converged)
+    worst = float(np.max(true[accepted], initial=0.0)) / rtol
+    return {"accepted_above_rtol": int(np.sum(accepted & (true > rtol))), "worst_over_rtol": worst}
+
+
+def saturating_cases(args):
+    """``(name, model, params, xs)``: 8-32-32-1 MLPs with inputs ×5, where activations saturate."""
+    for i, (name, model) in enumerate(RANDOM_ACTIVATIONS.items()):
+        kp, kx = jax.random.split(jax.random.key(2000 * args.seed + i))
+        yield (
+            f"{name}_x5",
+            model,
+            mlp_params(kp, (8, 32, 32, 1), jnp.float64),
+            5 * jax.random.normal(kx, (args.hard_n, 8)),
+        )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.probes is not None:  # before anything is traced: the probes are read at trace time
+        adaptive.PROBES = args.probes
+        jax.clear_caches()
     with jax.enable_x64(args.dtype == "float64"):
         dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
         record = {"bench": NAME, "params": vars(args), "environment": environment()}
         record["mlp"] = benchmark_mlp(args, dtype)
     if not args.skip_hard:
         record |= run_hard(args)
+    if args.roundoff_n:
+        record["roundoff"] = roundoff = run_roundoff(args)
+        record["checks"] = {**record.get("checks", {}), **roundoff["checks"]}
     record["checks"] = {**record["mlp"]["checks"], **record.get("checks", {})}
     record["ok"] = all_ok(record["checks"])
     report_failures(record["checks"])
