@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+import nlis_jax as nj
 from nlis_jax.experiments.nets import mlp, mlp_init  # noqa: F401  (re-exported for the core tests)
 
 
@@ -104,3 +105,36 @@ def load_benchmark(name: str, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def float32_leverage_ref(A) -> np.ndarray:
+    """float64 leverage of the float32-rounded ``A`` (full column rank)."""
+    Q = np.linalg.qr(np.asarray(A, np.float32).astype(np.float64))[0]
+    return np.sum(Q**2, axis=1)
+
+
+def tv_beta(h, h_ref) -> tuple[float, float]:
+    """Total variation between the normalised ``h`` and ``h_ref``, and their smallest ratio."""
+    tau, ref = np.asarray(h, np.float64) / np.sum(h), h_ref / np.sum(h_ref)
+    return 0.5 * np.sum(np.abs(tau - ref)), np.min(tau / ref)
+
+
+def float32_leverage(A, **kw):
+    """``(Leverage, route name)`` of ``A`` in float32."""
+    info = nj.leverage_scores(jnp.asarray(A, jnp.float32), return_info=True, **kw)
+    return info, nj.routes.ROUTES[int(info.route)]
+
+
+def assert_rank_deficient_falls_back_to_stable(case: str, seed: int, n: int, m: int) -> None:
+    """A rank-5 product, or a matrix below the float32 rank tolerance, takes route ``stable`` with its
+    exact result."""
+    rng = np.random.default_rng(seed)
+    if case == "rank5_product":
+        A, rank = rng.standard_normal((n, 5)) @ rng.standard_normal((5, m)), 5
+    else:  # below the float32 rank tolerance: numerically rank-deficient
+        A, rank = matrix_with_condition(rng, n, m, 1e8)[0], None
+    info, route = float32_leverage(A)
+    forced, _ = float32_leverage(A, route="stable")
+    assert route == "stable"
+    assert int(info.rank) == int(forced.rank) and (rank is None or int(info.rank) == rank)
+    np.testing.assert_array_equal(np.asarray(info.leverage), np.asarray(forced.leverage))

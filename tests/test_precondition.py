@@ -18,7 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import matrix_with_condition, mlp, mlp_params, normal
+from helpers import (
+    assert_rank_deficient_falls_back_to_stable,
+    float32_leverage,
+    float32_leverage_ref,
+    matrix_with_condition,
+    mlp,
+    mlp_params,
+    normal,
+    tv_beta,
+)
 
 import nlis_jax as nj
 from nlis_jax import _precondition
@@ -27,33 +36,17 @@ N, M = 2000, 40
 TV_TARGET, BETA_TARGET = 1e-4, 0.999
 
 
-def _f32_leverage_ref(A: np.ndarray) -> np.ndarray:
-    """float64 leverage of the float32-rounded ``A`` (full column rank)."""
-    Q = np.linalg.qr(np.asarray(A, np.float32).astype(np.float64))[0]
-    return np.sum(Q**2, axis=1)
-
-
-def _tv_beta(h, h_ref):
-    tau, ref = np.asarray(h, np.float64) / np.sum(h), h_ref / np.sum(h_ref)
-    return 0.5 * np.sum(np.abs(tau - ref)), np.min(tau / ref)
-
-
-def _info(A, **kw):
-    info = nj.leverage_scores(jnp.asarray(A, jnp.float32), return_info=True, **kw)
-    return info, nj.routes.ROUTES[int(info.route)]
-
-
 @pytest.mark.parametrize("kappa", [1e3, 1e4, 1e5])
 def test_shifted_route_matches_stable_accuracy(kappa):
     A = matrix_with_condition(np.random.default_rng(1), N, M, kappa)[0]
-    ref = _f32_leverage_ref(A)
-    info, route = _info(A)
+    ref = float32_leverage_ref(A)
+    info, route = float32_leverage(A)
     assert route == "shifted" and int(info.rank) == M
     assert info.leverage.dtype == jnp.float32
-    tv, beta = _tv_beta(info.leverage, ref)
-    stable, stable_route = _info(A, route="stable")
+    tv, beta = tv_beta(info.leverage, ref)
+    stable, stable_route = float32_leverage(A, route="stable")
     assert stable_route == "stable"
-    tv_s, beta_s = _tv_beta(stable.leverage, ref)
+    tv_s, beta_s = tv_beta(stable.leverage, ref)
     msg = f"κ = {kappa:.0e}: shifted TV {tv:.2e} β {beta:.6f}; stable TV {tv_s:.2e} β {beta_s:.6f}"
     assert tv <= 2 * tv_s + 1e-6 and 1 - beta <= 2 * (1 - beta_s) + 1e-6, msg
     assert tv <= TV_TARGET and beta >= BETA_TARGET, msg
@@ -67,29 +60,20 @@ def test_ill_conditioned_mlp_dual_float32_dense_and_streaming():
     apply_fn = mlp(jnp.tanh)
     F = np.asarray(nj.dual_matrix(apply_fn, params, xs, ys))
     assert F.dtype == np.float32 and np.linalg.cond(F.astype(np.float64)) > 1e5
-    ref = _f32_leverage_ref(F)
-    info, route = _info(F)
+    ref = float32_leverage_ref(F)
+    info, route = float32_leverage(F)
     assert route == "shifted" and int(info.rank) == F.shape[1]
-    tv, beta = _tv_beta(info.leverage, ref)
+    tv, beta = tv_beta(info.leverage, ref)
     assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
     streamed = nj.streaming_leverage_scores(apply_fn, params, xs, ys, chunk_size=64, return_info=True)
     assert nj.routes.ROUTES[int(streamed.route)] == "shifted" and int(streamed.rank) == F.shape[1]
-    tv_stream, beta_stream = _tv_beta(streamed.leverage, ref)  # its dual rows are recomputed per chunk
+    tv_stream, beta_stream = tv_beta(streamed.leverage, ref)  # its dual rows are recomputed per chunk
     assert tv_stream <= TV_TARGET and beta_stream >= BETA_TARGET, (tv_stream, beta_stream)
 
 
 @pytest.mark.parametrize("case", ["rank5_product", "kappa_1e8"])
 def test_rank_deficient_input_falls_back_to_stable(case):
-    rng = np.random.default_rng(2)
-    if case == "rank5_product":
-        A, rank = rng.standard_normal((N, 5)) @ rng.standard_normal((5, M)), 5
-    else:  # below the float32 rank tolerance: numerically rank-deficient
-        A, rank = matrix_with_condition(rng, N, M, 1e8)[0], None
-    info, route = _info(A)
-    forced, _ = _info(A, route="stable")
-    assert route == "stable"
-    assert int(info.rank) == int(forced.rank) and (rank is None or int(info.rank) == rank)
-    np.testing.assert_array_equal(np.asarray(info.leverage), np.asarray(forced.leverage))
+    assert_rank_deficient_falls_back_to_stable(case, 2, N, M)
 
 
 @pytest.mark.parametrize("case", ["kappa_2e5", "rank5_product"])
@@ -100,13 +84,13 @@ def test_wide_matrices_take_the_triangular_products(case):
     rng = np.random.default_rng(6)
     n, m = 1100, nj.routes.TRIANGULAR_MIN
     if case == "rank5_product":
-        info, route = _info(rng.standard_normal((n, 5)) @ rng.standard_normal((5, m)))
+        info, route = float32_leverage(rng.standard_normal((n, 5)) @ rng.standard_normal((5, m)))
         assert route == "stable" and int(info.rank) == 5
         return
     A = matrix_with_condition(rng, n, m, 2e5)[0]
-    info, route = _info(A)
+    info, route = float32_leverage(A)
     assert route == "shifted" and int(info.rank) == m
-    tv, beta = _tv_beta(info.leverage, _f32_leverage_ref(A))
+    tv, beta = tv_beta(info.leverage, float32_leverage_ref(A))
     assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
 
 
@@ -125,9 +109,9 @@ def test_zero_columns_are_set_aside():
     rng = np.random.default_rng(3)
     A = matrix_with_condition(rng, N, M, 1e4)[0]
     padded = np.insert(A, [3, 17], 0.0, axis=1)  # two dead units
-    info, route = _info(padded)
+    info, route = float32_leverage(padded)
     assert route == "shifted" and int(info.rank) == M
-    tv, beta = _tv_beta(info.leverage, _f32_leverage_ref(A))
+    tv, beta = tv_beta(info.leverage, float32_leverage_ref(A))
     assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
 
 

@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import COMPILE_EVENT, count_events, matrix_with_condition
+from helpers import (
+    COMPILE_EVENT,
+    assert_rank_deficient_falls_back_to_stable,
+    count_events,
+    float32_leverage,
+    float32_leverage_ref,
+    matrix_with_condition,
+    tv_beta,
+)
 
 import nlis_jax as nj
 from nlis_jax import routes
@@ -30,21 +38,6 @@ def small_sketch_threshold():
         jax.clear_caches()
         yield
     jax.clear_caches()
-
-
-def _ref(A):
-    Q = np.linalg.qr(np.asarray(A, np.float32).astype(np.float64))[0]
-    return np.sum(Q**2, axis=1)
-
-
-def _tv_beta(h, h_ref):
-    tau, ref = np.asarray(h, np.float64) / np.sum(h), h_ref / np.sum(h_ref)
-    return 0.5 * np.sum(np.abs(tau - ref)), np.min(tau / ref)
-
-
-def _info(A, **kw):
-    info = nj.leverage_scores(jnp.asarray(A, jnp.float32), return_info=True, **kw)
-    return info, routes.ROUTES[int(info.route)]
 
 
 def _matrix(seed, kappa):
@@ -67,7 +60,7 @@ def test_sketched_path_answers_without_the_gram_matrix(monkeypatch):
             A = _matrix(1, kappa)
             h, rank, route = routes.basis(jnp.asarray(A), routes.default_rtol(jnp.float32), row_norms=True)
             assert routes.ROUTES[int(route)] == "shifted" and int(rank) == M and h.dtype == jnp.float32
-            tv, beta = _tv_beta(h, _ref(A))
+            tv, beta = tv_beta(h, float32_leverage_ref(A))
             assert tv <= TV_TARGET and beta >= BETA_TARGET, (kappa, tv, beta)
         A64 = jnp.asarray(A, jnp.float64)
         h, _, route = routes.basis(A64, routes.default_rtol(A64.dtype), row_norms=True)
@@ -87,33 +80,24 @@ def test_basis_is_orthonormal_and_columns_scale_out():
     np.testing.assert_allclose(U.T @ U, np.eye(M), atol=1e-4)
     scaled = A * np.exp(rng.uniform(-6, 6, M)).astype(np.float32)
     scaled[:, 9] = 0.0  # a dead unit
-    info, route = _info(scaled)
+    info, route = float32_leverage(scaled)
     assert route == "shifted" and int(info.rank) == M - 1
-    tv, beta = _tv_beta(info.leverage, _ref(np.delete(A, 9, axis=1)))
+    tv, beta = tv_beta(info.leverage, float32_leverage_ref(np.delete(A, 9, axis=1)))
     assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
 
 
 @pytest.mark.parametrize("case", ["rank5_product", "kappa_1e8"])
 def test_rank_deficient_input_falls_back_to_stable(case):
-    rng = np.random.default_rng(3)
-    if case == "rank5_product":
-        A, rank = rng.standard_normal((N, 5)) @ rng.standard_normal((5, M)), 5
-    else:  # below the float32 rank tolerance: numerically rank-deficient
-        A, rank = matrix_with_condition(rng, N, M, 1e8)[0], None
-    info, route = _info(A)
-    forced, _ = _info(A, route="stable")
-    assert route == "stable"
-    assert int(info.rank) == int(forced.rank) and (rank is None or int(info.rank) == rank)
-    np.testing.assert_array_equal(np.asarray(info.leverage), np.asarray(forced.leverage))
+    assert_rank_deficient_falls_back_to_stable(case, 3, N, M)
 
 
 def test_well_conditioned_input_keeps_the_gram_route():
     """κ(G_s) ≤ eps^{-1/4} on the sketch: the Gram matrix decides (route "gram", one product fewer);
     forced, the sketched path gives the same scores."""
     A = np.random.default_rng(4).standard_normal((N, M))
-    info, route = _info(A)
+    info, route = float32_leverage(A)
     assert route == "gram" and int(info.rank) == M
-    forced, route_forced = _info(A, route="shifted")
+    forced, route_forced = float32_leverage(A, route="shifted")
     assert route_forced == "shifted"
     np.testing.assert_allclose(np.asarray(forced.leverage), np.asarray(info.leverage), rtol=1e-4)
 
