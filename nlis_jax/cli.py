@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -463,7 +464,8 @@ def enable_compilation_cache(directory: str | os.PathLike) -> bool:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    if importlib.util.find_spec("filelock") is not None:  # jax needs it for the size limit, else no cache
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return True
 
 
