@@ -81,6 +81,9 @@ def parse_args(argv):
     parser.add_argument("--skip-hard", action="store_true", help="only the benchmark MLP")
     parser.add_argument("--roundoff-n", type=int, default=200, help="examples of the roundoff case (0: skip)")
     parser.add_argument(
+        "--saturating", default=",".join(RANDOM_ACTIVATIONS), help="activations of the x5 MLPs ('' for none)"
+    )
+    parser.add_argument(
         "--probes", type=int, default=None, help="override the estimate's probes (experiment)"
     )
     return parser.parse_args(argv)
@@ -260,7 +263,10 @@ def estimate_reliability(model, params, xs, adj, info, rtol: float = 1e-12) -> d
 
 def saturating_cases(args):
     """``(name, model, params, xs)``: 8-32-32-1 MLPs with inputs ×5, where activations saturate."""
+    chosen = {name for name in args.saturating.split(",") if name}
     for i, (name, model) in enumerate(RANDOM_ACTIVATIONS.items()):
+        if name not in chosen:
+            continue
         kp, kx = jax.random.split(jax.random.key(2000 * args.seed + i))
         yield (
             f"{name}_x5",
