@@ -39,10 +39,12 @@ estimate stops falling under bisection (:data:`STALLS` times) while it is within
 noise's effect on the result, not its amplitude). An unresolved oscillation is never taken for noise: its
 estimate is of the integrand's own size.
 
-**Reliability.** Estimates are extrapolations, not bounds. On the benchmark MLP (inputs of unit scale) 2
-of 20,000 examples end above ``rtol`` (at 1.15 ``rtol``); on saturating models (tanh, softplus, GELU with
-inputs scaled by 5 to 25) the extrapolation from 4 probes was measured optimistic by up to ~60× on a few
-examples (benchmarks/README.md). Pass a smaller ``rtol`` where that matters.
+**Reliability.** Estimates are extrapolations, not bounds. With the former 4 probes, the extrapolation
+was measured optimistic by up to ~60× on a few examples of saturating models (tanh, softplus, GELU with
+inputs scaled by 5 to 25); with :data:`PROBES` = 16 no accepted example of the saturating models of
+``bench_quadrature.py`` ended above ``rtol``, while ``sin(<θ, x>)`` with arguments up to 60 still left a few
+at up to 2.8 ``rtol``
+(benchmarks/README.md (e)). Pass a smaller ``rtol`` where that matters.
 """
 
 from __future__ import annotations
