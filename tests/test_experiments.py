@@ -209,6 +209,34 @@ def test_padded_draw_and_fit_match_exact(tiny):
         ex.fit_samples(problem, params0, ip, wp, num_steps=3, size=300)
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_split_repeats_match_one_call(tiny, monkeypatch, workers):
+    """Repeats fitted in parallel slices (5 repeats in 2 or 3 slices, the last padded) give the values
+    of one vmapped call bit for bit, through the padded and the exact-size fit."""
+    from nlis_jax.experiments import kernels
+
+    problem, _ = tiny
+    probs = ex.score("linear_leverage", problem)
+    keys = jax.random.split(jax.random.key(7), 5)
+    params0 = problem.init(jax.random.key(0))
+    (idx, w), _ = ex.draw(keys, probs, 40)
+    (ip, wp), _ = ex.draw(keys, probs, 40, bucket=128)
+    idx_copy, w_copy = np.array(idx), np.array(w)
+    fits = {}
+    for k in (1, workers):
+        monkeypatch.setattr(kernels, "repeat_workers", lambda R, k=k: min(k, R))
+        fits[k] = (
+            ex.fit_samples(problem, params0, idx, w, num_steps=20)[0],
+            ex.fit_samples(problem, params0, ip, wp, num_steps=20, size=40)[0],
+        )
+    for one, split in zip(fits[1], fits[workers], strict=True):
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(split), strict=True):
+            assert a.shape == b.shape and a.shape[0] == 5
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(idx, idx_copy)  # the caller's arrays are not modified
+    np.testing.assert_array_equal(w, w_copy)
+
+
 def test_compilations_do_not_grow_with_sizes():
     """One compiled draw and fit serve every sample size: a study of four sizes compiles no more than one
     of two (each on fresh shapes, d = 3 and d = 5, 3 repeats, so that neither reuses the other's programs

@@ -13,12 +13,15 @@ compilations.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 import nlis_jax as nj
@@ -34,8 +37,10 @@ __all__ = [
     "fit_padded_kernel",
     "loss_kernel",
     "matrix_score_kernel",
+    "repeat_workers",
     "row_kernel",
     "split_keys",
+    "split_repeats",
     "stack_kernel",
     "timed",
 ]
@@ -79,6 +84,55 @@ def timed(fn, *args, **kwargs):
     out = jax.block_until_ready(fn(*args, **kwargs))
     elapsed = time.perf_counter() - t0 - (_STATS["seconds"] - compile0)
     return out, max(elapsed, 0.0)
+
+
+def repeat_workers(num_repeats: int) -> int:
+    """Threads among which :func:`split_repeats` divides ``num_repeats`` independent repeats.
+
+    On a CPU, XLA runs a vmapped fit (a loop of small, memory-bound steps) on one core, while the
+    runtime executes separate calls of a compiled program in parallel from separate threads: one slice
+    of the repeats per core (the process's CPU affinity). On an accelerator one call already fills the
+    device: 1.
+    """
+    if jax.default_backend() != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(num_repeats), cores))
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nlis_jax-repeats")
+
+
+def split_repeats(fn, args: tuple, batched: tuple[int, ...], *, workers: int, **kwargs):
+    """``fn(*args, **kwargs)`` with the arguments at positions ``batched`` (leading axis ``R``, the
+    repeats) cut into ``workers`` slices of equal length, run in parallel threads, outputs concatenated.
+
+    ``fn`` must treat rows of the batched arguments independently (a ``vmap`` over repeats), so the
+    result is that of one call. The slices are cut on the host and padded to equal length by repeating
+    the last row (dropped from the output): every slice has one shape, so ``fn`` compiles once (JAX
+    compiles a program once when several threads first call it together). Returns the pytree of one
+    call: arrays with leading axis ``R``.
+    """
+    host = [np.asarray(args[i]) for i in batched]
+    R = host[0].shape[0]
+    workers = max(1, min(int(workers), R))
+    if workers == 1:
+        return jax.block_until_ready(fn(*args, **kwargs))
+    per = -(-R // workers)
+
+    def part(k: int):
+        call = list(args)
+        for i, a in zip(batched, host, strict=True):
+            rows = a[k * per : (k + 1) * per]
+            if rows.shape[0] < per:
+                rows = np.concatenate([rows, np.repeat(a[-1:], per - rows.shape[0], axis=0)])
+            call[i] = rows
+        return jax.block_until_ready(fn(*call, **kwargs))
+
+    outs = list(_pool(workers).map(part, range(workers)))
+    return jax.tree.map(lambda *xs: jax.device_put(np.concatenate([np.asarray(x) for x in xs])[:R]), *outs)
 
 
 def _map_batch(n: int, k: int = 1) -> int:

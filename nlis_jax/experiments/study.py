@@ -18,6 +18,7 @@ reported apart from run time, and repeats, methods and studies of the same shape
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, NamedTuple
@@ -236,6 +237,9 @@ def fit_samples(
     the same objective, summed chunk by chunk over the rows up to ``size``, by one compiled program for
     every size.
 
+    On a CPU the repeats are cut into one slice per core, fitted in parallel threads
+    (:func:`~nlis_jax.experiments.kernels.split_repeats`): the same values as one call.
+
     Returns:
         ``((params (R, ...), trace (R, num_steps)), seconds)``; ``trace`` is the weighted mean sample
         loss before each update.
@@ -247,14 +251,16 @@ def fit_samples(
         num_steps=num_steps,
     )
     data = (params0, problem.xs, problem.ys, idx, weights)
+    workers = kernels.repeat_workers(idx.shape[0])
+    split = functools.partial(kernels.split_repeats, batched=(3, 4), workers=workers)
     if size is None:
-        return kernels.timed(kernels.fit_kernel, *data, problem.projection, **common)
+        return kernels.timed(split, kernels.fit_kernel, (*data, problem.projection), **common)
     width = int(idx.shape[-1])
     chunk = min(kernels.FIT_CHUNK, width)
     if width % chunk or not 1 <= int(size) <= width:
         raise ValueError(f"padded samples need 1 <= size <= width = {width}, a multiple of {chunk}.")
     size = jnp.asarray(int(size), jnp.int32)
-    return kernels.timed(kernels.fit_padded_kernel, *data, size, problem.projection, chunk=chunk, **common)
+    return kernels.timed(split, kernels.fit_padded_kernel, (*data, size, problem.projection), chunk=chunk, **common)
 
 
 def full_losses(problem: Problem, params_batch):
