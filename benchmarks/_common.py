@@ -154,6 +154,8 @@ def blas_info() -> dict:
     if numpy_blas:
         keys = ("internal_api", "version", "architecture", "num_threads", "threading_layer", "filepath")
         info.update({k: numpy_blas[0].get(k) for k in keys})
+        if info.get("filepath"):  # the library's file name, not where this machine installed it
+            info["filepath"] = os.path.basename(info["filepath"])
     return info
 
 
