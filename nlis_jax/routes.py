@@ -250,6 +250,28 @@ def upper_gram(A: Array, U: Array) -> tuple[Array, Array]:
     return Y, G
 
 
+#: Bytes of ``A`` per chunk of :func:`transformed_gram` (a chunk and its product stay in cache).
+TRANSFORMED_GRAM_BYTES = 1 << 22
+
+
+def transformed_gram(A: Array, T: Array) -> Array:
+    """``(A T)ᵀ(A T)`` of an ``(n, m)`` row matrix without writing ``A T``: chunk by chunk.
+
+    Chunks of about :data:`TRANSFORMED_GRAM_BYTES` of ``A`` (at least :data:`GRAM_CHUNK_ROWS` rows; a
+    ``fori_loop`` over slices, then the remainder): each chunk's product is taken and its Gram matrix
+    added while the chunk is in cache. One read of ``A``, against a read, a write and a read of ``A T``.
+    """
+    n, m = A.shape
+    c = min(n, max(GRAM_CHUNK_ROWS, TRANSFORMED_GRAM_BYTES // (m * A.dtype.itemsize)))
+    k = n // c
+
+    def body(i, G):
+        return G + gram(lax.dynamic_slice_in_dim(A, i * c, c) @ T)
+
+    G = lax.fori_loop(0, k, body, jnp.zeros((T.shape[1],) * 2, A.dtype))
+    return G + gram(A[k * c :] @ T) if k * c < n else G
+
+
 def choose_route(ratio: Array) -> Array:
     """Index into :data:`ROUTES` from ``1/κ(G_eq) = λ_min/λ_max`` (0: singular)."""
     eps = jnp.finfo(ratio.dtype).eps
@@ -520,7 +542,14 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
         return transform_rows(A, cs[:, None] * dec.transform, row_norms), dec.rank
 
     def two_pass(A):
-        return refine(A @ (cs[:, None] * dec.transform), dec.rank)
+        first = cs[:, None] * dec.transform
+        if not row_norms:  # the basis: CholeskyQR2 proper, orthonormal to O(eps)
+            return refine(A @ first, dec.rank)
+        # leverage: U₁ = A T₁ is never written (its Gram matrix by chunks, then the rows of A (T₁ T₂)):
+        # two reads of A fewer; the rows then carry rounding ~eps·κ(A), which the input's own rounding
+        # already causes in the leverage (the basis above stays orthonormal to O(eps) instead)
+        both = first @ refine_transform(transformed_gram(A, first))
+        return transform_rows(A, both, row_norms=True), dec.rank
 
     def stable(A):
         A = A * cs[None, :]

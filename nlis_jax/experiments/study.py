@@ -260,7 +260,9 @@ def fit_samples(
     if width % chunk or not 1 <= int(size) <= width:
         raise ValueError(f"padded samples need 1 <= size <= width = {width}, a multiple of {chunk}.")
     size = jnp.asarray(int(size), jnp.int32)
-    return kernels.timed(split, kernels.fit_padded_kernel, (*data, size, problem.projection), chunk=chunk, **common)
+    return kernels.timed(
+        split, kernels.fit_padded_kernel, (*data, size, problem.projection), chunk=chunk, **common
+    )
 
 
 def full_losses(problem: Problem, params_batch):
