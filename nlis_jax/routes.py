@@ -582,8 +582,15 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
         shape = A.shape[:1] if row_norms else A.shape
         return jnp.full(shape, jnp.nan, A.dtype), jnp.int32(0), dec.route
 
-    def route_taken(A):
-        return lax.switch(dec.route, (fast(one_pass), fast(two_pass), stable, shifted), A)
+    def route_taken(A):  # only the branches this dtype and route can take are compiled
+        branches = (fast(one_pass), fast(two_pass), stable, shifted)
+        if route is not None:  # forced by name
+            return branches[ROUTES.index(route)](A)
+        if A.dtype == jnp.float64:  # decide() sends nothing to "shifted" in float64
+            return lax.switch(dec.route, branches[:SHIFTED], A)
+        # below float64 decide() sends nothing to "stable" (reached from "shifted" when it fails)
+        index = jnp.where(dec.route == SHIFTED, STABLE, dec.route)
+        return lax.switch(index, (*branches[:STABLE], shifted), A)
 
     out, rank, taken = lax.cond(gram_is_finite(G), route_taken, nonfinite, A)
     return out, rank, jnp.asarray(taken, jnp.int32)
