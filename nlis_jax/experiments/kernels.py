@@ -115,11 +115,11 @@ def split_repeats(fn, args: tuple, batched: tuple[int, ...], *, workers: int, **
     compiles a program once when several threads first call it together). Returns the pytree of one
     call: arrays with leading axis ``R``.
     """
-    host = [np.asarray(args[i]) for i in batched]
-    R = host[0].shape[0]
+    R = args[batched[0]].shape[0]
     workers = max(1, min(int(workers), R))
-    if workers == 1:
+    if workers == 1:  # the arrays stay where they are (no copy to the host)
         return jax.block_until_ready(fn(*args, **kwargs))
+    host = [np.asarray(args[i]) for i in batched]
     per = -(-R // workers)
 
     def part(k: int):
