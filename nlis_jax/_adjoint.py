@@ -44,6 +44,9 @@ MODES = ("auto", "forward", "reverse")
 FORWARD_MAX_PARAMS = 0.25
 #: Default memory budget (array elements) of one chunk of examples: ``chunk_size * k * p <= budget``.
 CHUNK_ELEMENTS = 1 << 23
+#: A fixed rule in reverse mode (:func:`_summed_gradient`) chunks examples by this many elements of the
+#: result (at least 64 examples), for cache: 256 examples of the (c) MLP took 0.21 s, 4,096 0.40 s.
+REVERSE_CHUNK_ELEMENTS = 1 << 18
 
 
 class FlatModel(NamedTuple):
@@ -327,13 +330,19 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     """Adjoints of a :class:`FlatModel` on ``xs`` (traced): ``(n,) + out_shape + (p,)``."""
     theta, p = model.theta, model.theta.shape[0]
     k = math.prod(model.out_shape)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(model.n, p, k)
+    chunk_size_default = default_chunk_size(model.n, p, k)
     if num_nodes is None:  # adaptive, traced: the flat model with θ as its parameters
+        chunk_size = chunk_size_default if chunk_size is None else chunk_size
         shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
         return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, None, MAX_PANELS)[0]
-    jac = _point_jacobian(model.fn, resolve_mode(mode, p, k), p, theta.dtype)
+    mode = resolve_mode(mode, p, k)
     nodes, weights = gauss_legendre(num_nodes, theta.dtype)
+    if mode == "reverse":
+        if chunk_size is None:
+            chunk_size = min(chunk_size_default, max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k)))
+        return chunked_map(_summed_gradient(model, nodes, weights), xs, model.n, chunk_size)
+    chunk_size = chunk_size_default if chunk_size is None else chunk_size
+    jac = _point_jacobian(model.fn, mode, p, theta.dtype)
 
     def one_example(x):
         def body(acc, tw):
@@ -344,6 +353,37 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
         return lax.scan(body, acc0, (nodes, weights))[0]
 
     return chunked_map(one_example, xs, model.n, chunk_size)
+
+
+def _summed_gradient(model: FlatModel, nodes: Array, weights: Array) -> Callable[[PyTree], Array]:
+    r"""``x -> Σ_q w_q ∇f(t_q θ; x)`` (``(p,)``, or ``(k, p)``) as ONE reverse pass over all nodes.
+
+    It is the gradient at ``φ = 0`` of ``h(φ) = Σ_q w_q f(t_q θ + φ; x)``, with ``φ`` a perturbation of
+    every parameter array shared by the nodes: the forward pass runs the ``q`` nodes vmapped, and the
+    transpose of sharing ``φ`` sums the nodes inside each layer's gradient product (a weight matrix's
+    gradient ``Σ_q δ_q h_qᵀ`` is one product over the nodes), so no per-node gradient of ``p`` entries is
+    formed and added up (on the 8-32-32-1 MLP of benchmarks/README.md (c): 0.23 s against 0.43–0.50 s for
+    the ``lax.scan`` over nodes). The parameters are perturbed as their pytree (``model.unravel(θ)``)
+    and flattened for ``model.fn``; XLA folds that flattening away.
+    """
+    tree = model.unravel(model.theta)
+
+    def ravel(t: PyTree) -> Array:
+        return ravel_pytree(t)[0]
+
+    def one_example(x):
+        def h(phi):
+            def at(t):
+                return model.fn(ravel(jax.tree.map(lambda a, b: t * a + b, tree, phi)), x)
+
+            return jnp.tensordot(weights, jax.vmap(at)(nodes), axes=1)
+
+        zeros = jax.tree.map(jnp.zeros_like, tree)
+        if not model.out_shape:
+            return ravel(jax.grad(h)(zeros))
+        return jax.vmap(ravel)(jax.jacrev(h)(zeros))
+
+    return one_example
 
 
 def model_outputs(model: FlatModel, xs, theta: Array | None = None) -> Array:
