@@ -190,8 +190,10 @@ def adjoint(
     panels with a coefficient-decay error estimate, bisected where the estimate (or the identity
     ``<f*, θ> + f(0) = f(θ)``, checked a posteriori) misses the tolerance; the common case costs one
     16-node pass plus the estimate. With ``num_nodes=q``, a fixed ``q``-node Gauss-Legendre rule. The
-    gradient at each node is taken at the point ``t θ``, accumulated over nodes in a ``lax.scan`` carry,
-    vmapped over examples and chunked ``chunk_size`` examples at a time.
+    gradient at each node is taken at the point ``t θ``; in forward mode accumulated over nodes in a
+    ``lax.scan`` carry, in reverse mode with a fixed rule taken for all nodes in one reverse pass (the
+    gradient of ``Σ_q w_q f(t_q θ + φ)`` at ``φ = 0``); vmapped over examples and chunked
+    ``chunk_size`` examples at a time.
 
     Args:
       apply_fn: ``apply_fn(params, x)`` for ONE example ``x``, returning a scalar or a ``(k,)`` vector.
@@ -204,7 +206,8 @@ def adjoint(
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
         when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).
       chunk_size: examples per memory chunk (bounds memory at ``chunk_size * k * p`` per node);
-        default keeps a chunk under ``2**23`` elements.
+        default keeps a chunk under ``2**23`` elements (``2**18``, at least 64 examples, for a fixed
+        rule in reverse mode, whose nodes share one reverse pass: see ``_summed_gradient``).
       rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
         float64, ``1e-6`` in float32; float16 and bfloat16 models are integrated in float32, to its
         tolerance, and the adjoints rounded back).
