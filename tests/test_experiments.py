@@ -237,6 +237,32 @@ def test_split_repeats_match_one_call(tiny, monkeypatch, workers):
     np.testing.assert_array_equal(w, w_copy)
 
 
+def test_split_repeats_follow_the_callers_configuration():
+    """jax's config contexts hold per thread: with x64 off globally and on in the caller
+    (``with jax.enable_x64(True)``), float64 slices computed in worker threads keep float64 (a bare
+    worker would canonicalise them to float32 and lose the 1e-12 below)."""
+    from nlis_jax.experiments import kernels
+
+    @jax.jit
+    def fn(rows, scale):
+        return rows * scale
+
+    rows = 1.0 + np.arange(10, dtype=np.float64).reshape(5, 2) * 1e-12
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with jax.enable_x64(True):
+            split = kernels.split_repeats(fn, (rows, np.float64(3.0)), (0,), workers=2)
+            one = kernels.split_repeats(fn, (rows, np.float64(3.0)), (0,), workers=1)
+            split_dtype, one_dtype = split.dtype, one.dtype
+            split, one = np.asarray(split), np.asarray(one)
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    assert split_dtype == one_dtype == jnp.float64
+    np.testing.assert_array_equal(split, one)
+    np.testing.assert_array_equal(one, rows * 3.0)
+
+
 def test_compilations_do_not_grow_with_sizes():
     """One compiled draw and fit serve every sample size: a study of four sizes compiles no more than one
     of two (each on fresh shapes, d = 3 and d = 5, 3 repeats, so that neither reuses the other's programs

@@ -111,9 +111,9 @@ def split_repeats(fn, args: tuple, batched: tuple[int, ...], *, workers: int, **
 
     ``fn`` must treat rows of the batched arguments independently (a ``vmap`` over repeats), so the
     result is that of one call. The slices are cut on the host and padded to equal length by repeating
-    the last row (dropped from the output): every slice has one shape, so ``fn`` compiles once (JAX
-    compiles a program once when several threads first call it together). Returns the pytree of one
-    call: arrays with leading axis ``R``.
+    the last row (dropped from the output): every slice has one shape, so ``fn`` (a ``jax.jit``
+    function; ``kwargs`` its static arguments) is compiled once, in the calling thread, and the threads
+    run that executable. Returns the pytree of one call: arrays with leading axis ``R``.
     """
     R = args[batched[0]].shape[0]
     workers = max(1, min(int(workers), R))
@@ -122,16 +122,23 @@ def split_repeats(fn, args: tuple, batched: tuple[int, ...], *, workers: int, **
     host = [np.asarray(args[i]) for i in batched]
     per = -(-R // workers)
 
-    def part(k: int):
-        call = list(args)
+    shared = [None if i in batched else jax.device_put(a) for i, a in enumerate(args)]
+
+    def part(k: int) -> list:
+        call = list(shared)
         for i, a in zip(batched, host, strict=True):
             rows = a[k * per : (k + 1) * per]
             if rows.shape[0] < per:
                 rows = np.concatenate([rows, np.repeat(a[-1:], per - rows.shape[0], axis=0)])
-            call[i] = rows
-        return jax.block_until_ready(fn(*call, **kwargs))
+            call[i] = jax.device_put(rows)
+        return call
 
-    outs = list(_pool(workers).map(part, range(workers)))
+    # Placed, traced and compiled in this thread, under the caller's configuration (jax's config
+    # contexts, e.g. ``with jax.enable_x64(True)``, hold per thread): the workers only run the
+    # executable (jit's caches make the repeated lowering cheap).
+    calls = [part(k) for k in range(workers)]
+    compiled = fn.lower(*calls[0], **kwargs).compile()
+    outs = list(_pool(workers).map(lambda call: jax.block_until_ready(compiled(*call)), calls))
     return jax.tree.map(lambda *xs: jax.device_put(np.concatenate([np.asarray(x) for x in xs])[:R]), *outs)
 
 
