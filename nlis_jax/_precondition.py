@@ -139,7 +139,7 @@ def ratio_from_inverse(G: Array, inv_t: Array, iters: int = 30) -> Array:
     iteration (each would be a library call, slow on a CPU right after a large product).
     """
     m = G.shape[0]
-    bottom = top_eigenvector(lambda x: inv_t @ (inv_t.T @ x), m, G.dtype, iters)
+    bottom = top_eigenvector(lambda x: inv_t @ (x @ inv_t), m, G.dtype, iters)
     lam_max, lam_min = largest_eigenvalue(lambda x: G @ x, m, G.dtype, iters), bottom @ (G @ bottom)
     return jnp.where(lam_min > 0, lam_min / lam_max, 0.0).astype(G.dtype)
 
@@ -179,7 +179,7 @@ def inverse_sigma_min_sq(first: Array, second: Array, d: Array, iters: int = 30)
 
     def apply(x):
         y = d * (first @ (second @ x))
-        return second.T @ (first.T @ (d * y))
+        return (d * y) @ first @ second
 
     return largest_eigenvalue(apply, first.shape[0], first.dtype, iters)
 

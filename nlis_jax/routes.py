@@ -514,7 +514,7 @@ def sketched_rows(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array,
         first = lower_inverse_t(L0) / d[:, None]
         Y, Gy = upper_gram(A, first)
         steps = cholesky_steps(
-            Gy, first, d, lambda M: gram(upper_rows(Y, M)), lambda x: L0 @ (Gy @ (L0.T @ x)), rtol
+            Gy, first, d, lambda M: gram(upper_rows(Y, M)), lambda x: L0 @ (Gy @ (x @ L0)), rtol
         )
         return upper_rows(Y, steps.second, row_norms), steps.ok
 
