@@ -227,26 +227,35 @@ def gram(A: Array) -> Array:
 GRAM_CHUNK_ROWS = 2048
 
 
+def fold_row_chunks(A: Array, rows: int, step: Callable, init):
+    """Fold ``state = step(state, chunk, start)`` over consecutive chunks of ``rows`` rows of ``A``.
+
+    A ``fori_loop`` over ``dynamic_slice`` chunks of ``min(rows, n)`` rows, then the remainder (a
+    shorter chunk, traced once): one compiled body whatever ``n``, and no padding copy of ``A``.
+    ``start`` is the chunk's first row (traced inside the loop, a Python int for the remainder).
+    """
+    n = A.shape[0]
+    c = min(rows, n)
+    k = n // c
+    state = lax.fori_loop(0, k, lambda i, s: step(s, lax.dynamic_slice_in_dim(A, i * c, c), i * c), init)
+    return step(state, A[k * c :], k * c) if k * c < n else state
+
+
 def upper_gram(A: Array, U: Array) -> tuple[Array, Array]:
     """``(Y, YᵀY)`` with ``Y = A U`` for an upper-triangular ``U``, chunk by chunk.
 
-    Chunks of :data:`GRAM_CHUNK_ROWS` rows (a ``fori_loop`` over slices, then the remainder): each chunk
-    of ``Y`` (:func:`upper_rows`) is written once and its Gram matrix (:func:`gram`) taken while it is
-    still in cache, instead of reading all of ``Y`` back from memory.
+    Chunks of :data:`GRAM_CHUNK_ROWS` rows (:func:`fold_row_chunks`): each chunk of ``Y``
+    (:func:`upper_rows`) is written once and its Gram matrix (:func:`gram`) taken while it is still in
+    cache, instead of reading all of ``Y`` back from memory.
     """
     n, m = A.shape
-    c = min(GRAM_CHUNK_ROWS, n)
-    k = n // c
 
-    def body(i, state):
+    def step(state, chunk, start):
         G, Y = state
-        Yc = upper_rows(lax.dynamic_slice_in_dim(A, i * c, c), U)
-        return G + gram(Yc), lax.dynamic_update_slice_in_dim(Y, Yc, i * c, 0)
+        Yc = upper_rows(chunk, U)
+        return G + gram(Yc), lax.dynamic_update_slice_in_dim(Y, Yc, start, 0)
 
-    G, Y = lax.fori_loop(0, k, body, (jnp.zeros((m, m), A.dtype), jnp.zeros((n, m), A.dtype)))
-    if k * c < n:
-        Yc = upper_rows(A[k * c :], U)
-        G, Y = G + gram(Yc), lax.dynamic_update_slice_in_dim(Y, Yc, k * c, 0)
+    G, Y = fold_row_chunks(A, GRAM_CHUNK_ROWS, step, (jnp.zeros((m, m), A.dtype), jnp.zeros((n, m), A.dtype)))
     return Y, G
 
 
@@ -257,19 +266,13 @@ TRANSFORMED_GRAM_BYTES = 1 << 22
 def transformed_gram(A: Array, T: Array) -> Array:
     """``(A T)ᵀ(A T)`` of an ``(n, m)`` row matrix without writing ``A T``: chunk by chunk.
 
-    Chunks of about :data:`TRANSFORMED_GRAM_BYTES` of ``A`` (at least :data:`GRAM_CHUNK_ROWS` rows; a
-    ``fori_loop`` over slices, then the remainder): each chunk's product is taken and its Gram matrix
-    added while the chunk is in cache. One read of ``A``, against a read, a write and a read of ``A T``.
+    Chunks of about :data:`TRANSFORMED_GRAM_BYTES` of ``A`` (at least :data:`GRAM_CHUNK_ROWS` rows,
+    :func:`fold_row_chunks`): each chunk's product is taken and its Gram matrix added while the chunk is
+    in cache. One read of ``A``, against a read, a write and a read of ``A T``.
     """
-    n, m = A.shape
-    c = min(n, max(GRAM_CHUNK_ROWS, TRANSFORMED_GRAM_BYTES // (m * A.dtype.itemsize)))
-    k = n // c
-
-    def body(i, G):
-        return G + gram(lax.dynamic_slice_in_dim(A, i * c, c) @ T)
-
-    G = lax.fori_loop(0, k, body, jnp.zeros((T.shape[1],) * 2, A.dtype))
-    return G + gram(A[k * c :] @ T) if k * c < n else G
+    rows = max(GRAM_CHUNK_ROWS, TRANSFORMED_GRAM_BYTES // (A.shape[1] * A.dtype.itemsize))
+    init = jnp.zeros((T.shape[1],) * 2, A.dtype)
+    return fold_row_chunks(A, rows, lambda G, chunk, _: G + gram(chunk @ T), init)
 
 
 def choose_route(ratio: Array) -> Array:

@@ -299,3 +299,17 @@ def test_transformed_gram_matches_the_product(monkeypatch):
         monkeypatch.setattr(nj.routes, "TRANSFORMED_GRAM_BYTES", budget)
         G = np.asarray(jax.jit(nj.routes.transformed_gram)(jnp.asarray(A), jnp.asarray(T)))
         np.testing.assert_allclose(G, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
+def test_upper_gram_matches_the_product():
+    """``(Y, YᵀY)`` with ``Y = A U`` by chunks (two full chunks of 2,048 rows and a remainder of 904;
+    and one short chunk for fewer rows than a chunk) equals the products formed at once, ``Y`` row for
+    row (every chunk written at its own offset)."""
+    rng = np.random.default_rng(4)
+    for n in (5000, 300):
+        A = rng.standard_normal((n, 7))
+        U = np.triu(rng.standard_normal((7, 7)))
+        Y, G = jax.jit(nj.routes.upper_gram)(jnp.asarray(A), jnp.asarray(U))
+        np.testing.assert_allclose(np.asarray(Y), A @ U, rtol=1e-12, atol=1e-12 * np.abs(A @ U).max())
+        ref = (A @ U).T @ (A @ U)
+        np.testing.assert_allclose(np.asarray(G), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
