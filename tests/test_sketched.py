@@ -120,3 +120,35 @@ def test_no_recompilation_for_new_values():
     with count_events() as counts:
         nj.leverage_scores(B).block_until_ready()
     assert counts[COMPILE_EVENT] == 0
+
+
+@pytest.mark.parametrize(
+    ("kappa", "route", "expected"),
+    [(1e4, None, "shifted"), (None, None, "gram"), (1e8, None, "stable"), (1e2, "shifted", "shifted")],
+)
+def test_staged_call_matches_the_one_program(kappa, route, expected):
+    """A concrete call runs the sketched case in stages (``routes.staged_sketched_leverage``); under a
+    user's ``jax.jit`` it is the one program of ``routes.basis``. Both take the same route and give the
+    same scores (the same functions, compiled apart: identical here, the tolerance allows a few float32
+    roundings) for input that
+    takes the sketched route, that the test sends to the Gram route, that fails the sketched checks
+    (numerically rank-deficient: route "stable"), and with the route forced."""
+    rng = np.random.default_rng(9)
+    A = rng.standard_normal((N, M)) if kappa is None else matrix_with_condition(rng, N, M, kappa)[0]
+    A = jnp.asarray(A, jnp.float32)
+    staged = nj.leverage_scores(A, route=route, return_info=True)
+    traced = jax.jit(lambda F: nj.leverage_scores(F, route=route, return_info=True))(A)
+    assert routes.ROUTES[int(staged.route)] == routes.ROUTES[int(traced.route)] == expected
+    assert int(staged.rank) == int(traced.rank)
+    np.testing.assert_allclose(np.asarray(staged.probs), np.asarray(traced.probs), rtol=1e-5, atol=0)
+
+
+def test_staged_call_compiles_only_the_stages_it_runs():
+    """Input that the sketched route answers compiles the test and the sketched stage, not the Gram-route
+    fallback (whose branches make most of the one program's compile time)."""
+    jax.clear_caches()
+    nj.leverage_scores(_matrix(10, 1e4)).block_until_ready()
+    assert routes._sketched_rows._cache_size() == 1
+    assert routes._gram_leverage._cache_size() == 0
+    nj.leverage_scores(np.random.default_rng(11).standard_normal((N, M)).astype(np.float32))
+    assert routes._gram_leverage._cache_size() == 1
