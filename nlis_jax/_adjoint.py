@@ -333,18 +333,18 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     """Adjoints of a :class:`FlatModel` on ``xs`` (traced): ``(n,) + out_shape + (p,)``."""
     theta, p = model.theta, model.theta.shape[0]
     k = math.prod(model.out_shape)
-    chunk_size_default = default_chunk_size(model.n, p, k)
+    default = default_chunk_size(model.n, p, k)
     if num_nodes is None:  # adaptive, traced: the flat model with θ as its parameters
-        chunk_size = chunk_size_default if chunk_size is None else chunk_size
+        chunk_size = default if chunk_size is None else chunk_size
         shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
         return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, None, MAX_PANELS)[0]
     mode = resolve_mode(mode, p, k)
     nodes, weights = gauss_legendre(num_nodes, theta.dtype)
+    if chunk_size is None:  # a fixed rule in reverse mode: smaller chunks, for cache
+        reverse = min(default, max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k)))
+        chunk_size = reverse if mode == "reverse" else default
     if mode == "reverse":
-        if chunk_size is None:
-            chunk_size = min(chunk_size_default, max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k)))
         return chunked_map(_summed_gradient(model, nodes, weights), xs, model.n, chunk_size)
-    chunk_size = chunk_size_default if chunk_size is None else chunk_size
     jac = _point_jacobian(model.fn, mode, p, theta.dtype)
 
     def one_example(x):

@@ -441,7 +441,7 @@ def basis(
     """
     if A.shape[0] < A.shape[1]:
         return wide_basis(prescale_columns(A), rtol, row_norms)
-    if A.dtype != jnp.float64 and A.shape[1] >= SKETCH_MIN and route in (None, "shifted"):
+    if takes_sketch(A, route):
         return sketched_basis(A, rtol, route, row_norms)
     return gram_basis(A, rtol, route, row_norms)
 

@@ -130,9 +130,8 @@ def test_staged_call_matches_the_one_program(kappa, route, expected):
     """A concrete call runs the sketched case in stages (``routes.staged_sketched_leverage``); under a
     user's ``jax.jit`` it is the one program of ``routes.basis``. Both take the same route and give the
     same scores (the same functions, compiled apart: identical here, the tolerance allows a few float32
-    roundings) for input that
-    takes the sketched route, that the test sends to the Gram route, that fails the sketched checks
-    (numerically rank-deficient: route "stable"), and with the route forced."""
+    roundings) for input that takes the sketched route, that the test sends to the Gram route, that
+    fails the sketched checks (numerically rank-deficient: route "stable"), and with the route forced."""
     rng = np.random.default_rng(9)
     A = rng.standard_normal((N, M)) if kappa is None else matrix_with_condition(rng, N, M, kappa)[0]
     A = jnp.asarray(A, jnp.float32)
