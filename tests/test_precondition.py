@@ -152,6 +152,21 @@ def test_shift_is_raised_until_cholesky_succeeds(monkeypatch):
     assert bool(ok) and np.all(np.isfinite(np.asarray(first)))
 
 
+@pytest.mark.parametrize("n", [50, 128, 300])
+def test_count_sketch_matches_the_dense_embedding(n):
+    """``count_sketch(A, s)`` equals ``S A`` for the dense ``S`` with ``S[i mod s, i] = ±1``, the sign
+    from the documented hash of ``i`` (fewer rows than ``s``, a multiple of ``s``, and neither)."""
+    s, m = 64, 5
+    A = np.random.default_rng(9).standard_normal((n, m))
+    h = (np.arange(n, dtype=np.uint64) * 0x9E3779B1) & 0xFFFFFFFF
+    h = ((h ^ (h >> 15)) * 0x85EBCA77) & 0xFFFFFFFF
+    h ^= h >> 13
+    S = np.zeros((s, n))
+    S[np.arange(n) % s, np.arange(n)] = np.where((h >> 7) & 1 == 1, 1.0, -1.0)
+    out = jax.jit(_precondition.count_sketch, static_argnums=1)(jnp.asarray(A), s)
+    np.testing.assert_allclose(np.asarray(out), S @ A, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("m", [_precondition.SUBSTITUTION_MAX, _precondition.SUBSTITUTION_MAX + 1])
 def test_lower_inverse_t_substitution_and_lapack(m):
     """Both branches (substitution for small ``m``, LAPACK above) give ``L⁻ᵀ``."""

@@ -86,6 +86,18 @@ def test_basis_is_orthonormal_and_columns_scale_out():
     assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
 
 
+def test_rows_repeating_with_the_sketch_period_are_still_answered():
+    """Rows that repeat with period ``s`` (the sketch folds row ``i`` onto row ``i mod s``): ten tiled
+    copies of one design (κ = 1e5) meet the targets, whichever route the checks let answer."""
+    s = routes.SKETCH_ROWS * M
+    base = np.asarray(matrix_with_condition(np.random.default_rng(8), s, M, 1e5)[0], np.float32)
+    A = np.tile(base, (N // s, 1))
+    info, route = float32_leverage(A)
+    assert int(info.rank) == M, route
+    tv, beta = tv_beta(info.leverage, float32_leverage_ref(A))
+    assert tv <= TV_TARGET and beta >= BETA_TARGET, (route, tv, beta)
+
+
 @pytest.mark.parametrize("case", ["rank5_product", "kappa_1e8"])
 def test_rank_deficient_input_falls_back_to_stable(case):
     assert_rank_deficient_falls_back_to_stable(case, 3, N, M)
