@@ -58,14 +58,14 @@ class StudyResult(NamedTuple):
     full: FullFit
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=kernels.KEY_COMPILER_OPTIONS)
 def _study_keys(key):
     """``(init, pilot, timing, draw keys per scheme)`` from ``split(key, 4)``, in one compiled program."""
     k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
     return k_init, k_pilot, k_timing, tuple(jax.random.split(k_draw, len(METHODS)))
 
 
-@functools.partial(jax.jit, static_argnames=("num",))
+@functools.partial(jax.jit, static_argnames=("num",), compiler_options=kernels.KEY_COMPILER_OPTIONS)
 def _cell_keys(key, size, *, num: int):
     """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)`` (one
     compiled program for every scheme and size; one vmapped program for every cell's keys at once

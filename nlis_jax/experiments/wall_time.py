@@ -2,6 +2,8 @@ r"""End-to-end wall time of practical sampling schemes against full-data trainin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -26,7 +28,7 @@ __all__ = ["compare_wall_time"]
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=kernels.KEY_COMPILER_OPTIONS)
 def _run_keys(key):
     """``(pilot, sample)`` keys of one run, each of shape ``(1,)`` (one repeat): ``split(key, 2)``."""
     keys = jax.random.split(key, 2)
