@@ -56,8 +56,8 @@ _BACKEND_COMPILE = _COMPILE_EVENTS[-1]
 MAP_ELEMENTS = 4_000_000
 
 #: Compiler options of the key programs (:func:`split_keys` and the studies' key splits): they run once
-#: on a few integers, so LLVM's optimisation passes cost more than they save; halves their compile time
-#: (0.2 -> 0.1 s each on a CPU). Integer arithmetic: the keys are the same at every level.
+#: on a few integers, so LLVM's optimisation passes cost more than they save (compile time 0.21-0.22 ->
+#: 0.09-0.16 s each on a CPU). Integer arithmetic: the keys are the same at every level.
 KEY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 #: Rows per chunk of :func:`fit_padded_kernel` (padded sample buckets are multiples of it).

@@ -216,8 +216,8 @@ def draw(keys: jax.Array, probs: jax.Array, num_samples: int, *, bucket: int | N
     if _prefix_draws():
         size = jnp.asarray(s, jnp.int32)
         if probs.ndim == 1 and len(keys) > 1:
-            # shared probabilities as one row per repeat: the per-repeat draw's compiled program
-            # serves both (the same arithmetic per row, so the same samples)
+            # shared probabilities as one row per repeat: the per-repeat draw's compiled program serves
+            # both (the same samples; a weight's Σ p, summed per row, may be one rounding apart)
             probs = jax.device_put(np.broadcast_to(np.asarray(probs), (len(keys), probs.shape[0])))
         return kernels.timed(kernels.draw_padded_kernel, keys, probs, size, bucket=bucket)
     (idx, w), seconds = kernels.timed(kernels.draw_kernel, keys, probs, num_samples=s)
