@@ -267,7 +267,7 @@ def count_sketch(A: Array, s: int) -> Array:
 
     Row ``i`` of ``A`` is added, with sign ``±1``, to row ``i mod s`` of the sketch: one read of ``A``, as
     a sum of its ``s``-row blocks (a loop of fused block additions; a scatter to hashed buckets,
-    ``segment_sum``, took 20× longer on a CPU: 62 against 3–7 ms for 20,000 × 1,378 float32). The signs
+    ``segment_sum``, took 6× longer on a CPU: 62–65 against 11 ms for 20,000 × 1,378 float32). The signs
     come from a fixed integer hash of the row index, not a PRNG key: the sketch only preconditions (the
     leverage is then computed from ``A`` itself and checked), so the result does not depend on it beyond
     rounding, and the same input always gives the same output. Input whose rows repeat with period ``s``
