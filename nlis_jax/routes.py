@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
+from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_cpu
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
     SKETCH_ROWS,
@@ -64,7 +65,7 @@ from nlis_jax._types import Array
 
 #: Names of the routes; a ``route`` output is an int32 index into this tuple.
 ROUTES = ("gram", "gram2", "stable", "shifted")
-STABLE, SHIFTED = ROUTES.index("stable"), ROUTES.index("shifted")
+GRAM, STABLE, SHIFTED = ROUTES.index("gram"), ROUTES.index("stable"), ROUTES.index("shifted")
 
 
 class GramDecision(NamedTuple):
@@ -637,12 +638,30 @@ def staged_sketched_leverage(A: Array, rtol: Array, route: str | None) -> tuple[
     read back between them: the same functions and values, but a first call compiles only the stages it
     runs (the one program of :func:`basis` compiles every branch: at 20,000 × 1,378 in float32, 2.5 s
     against 1.9 s for the test and the sketched route).
+
+    On a CPU (float32 values held by this process, :data:`HOST_FLOAT64_GRAM`), input the test finds
+    ill-conditioned first tries route ``"gram"`` with its Gram matrix in float64, taken by numpy on the
+    host (:mod:`nlis_jax._host_gram`): a float64 ``syrk`` and a float32 ``trmm`` on the host instead of
+    three float32 products of ``A``'s size. It is reported as route ``"gram"``; when its
+    checks fail (rank deficiency for ``rtol``, ``κ`` past its bound) the sketched route follows.
     """
-    if route is not None or bool(_ill_conditioned(A)):
-        h, done, rank = _sketched_rows(A, rtol)
-        if bool(done):
-            return h, rank, jnp.asarray(SHIFTED, jnp.int32)
+    if route is None:
+        if not bool(_ill_conditioned(A)):
+            return _gram_leverage(A, rtol, route)
+        if HOST_FLOAT64_GRAM and on_host_cpu(A):  # route "gram" from a float64 Gram matrix on the host
+            host = float64_gram_transform(A, float(rtol))
+            if host is not None:
+                h = jnp.asarray(host_row_norms(A, host.transform))
+                return h, jnp.asarray(host.rank, jnp.int32), jnp.asarray(GRAM, jnp.int32)
+    h, done, rank = _sketched_rows(A, rtol)
+    if bool(done):
+        return h, rank, jnp.asarray(SHIFTED, jnp.int32)
     return _gram_leverage(A, rtol, route)
+
+
+#: Whether concrete float32 input on a CPU that would take the sketched shifted route tries route
+#: ``"gram"`` with a float64 Gram matrix on the host first (:mod:`nlis_jax._host_gram`).
+HOST_FLOAT64_GRAM = True
 
 
 @jax.jit

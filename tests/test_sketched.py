@@ -3,9 +3,11 @@ r"""Route ``"shifted"`` preconditioned from a CountSketch (``nlis_jax.routes.ske
 Below float64 with at least ``routes.SKETCH_MIN`` columns the shifted Cholesky factor comes from the Gram
 matrix of a sparse sketch ``S F`` instead of ``FᵀF``. The threshold is lowered here so that small
 matrices (fast tests) take that path; it is read when ``basis`` is traced, so the caches are cleared
-around this module (and around the tests that replace the fallback). Every test uses one shape, so the
-programs compile once. References: float64 leverage of the float32 data (numpy Householder QR), held
-to the benchmark's targets (total variation ≤ 1e-4, smallest ratio ≥ 0.999).
+around this module (and around the tests that replace the fallback). The host float64 Gram matrix that
+concrete CPU input tries first is switched off here (it has its own tests, ``test_host_gram.py``).
+Every test uses one shape, so the programs compile once. References: float64 leverage of the float32
+data (numpy Householder QR), held to the benchmark's targets (total variation ≤ 1e-4, smallest ratio
+≥ 0.999).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ TV_TARGET, BETA_TARGET = 1e-4, 0.999
 def small_sketch_threshold():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(routes, "SKETCH_MIN", 16)
+        # the sketched route itself: concrete CPU input would try the host float64 Gram matrix first
+        # (route "gram", tests/test_host_gram.py)
+        mp.setattr(routes, "HOST_FLOAT64_GRAM", False)
         jax.clear_caches()
         yield
     jax.clear_caches()
