@@ -107,6 +107,30 @@ def load_benchmark(name: str, monkeypatch):
     return module
 
 
+#: The benchmark's float32 accuracy targets against float64 leverage: total variation, smallest ratio.
+TV_TARGET, BETA_TARGET = 1e-4, 0.999
+
+
+@contextlib.contextmanager
+def small_matrices_take_the_sketch_stage(*, host_float64_gram: bool):
+    """``routes.SKETCH_MIN`` lowered to 16, so that small float32 matrices take the stage of the sketched
+    route, which starts, for concrete CPU input, with the host float64 Gram matrix when
+    ``host_float64_gram``. Both are read when programs are traced: caches cleared around."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nj.routes, "SKETCH_MIN", 16)
+        mp.setattr(nj.routes, "HOST_FLOAT64_GRAM", host_float64_gram)
+        jax.clear_caches()
+        yield
+    jax.clear_caches()
+
+
+def conditioned_float32(seed: int, kappa: float, n: int = 800, m: int = 40) -> np.ndarray:
+    """A float32 ``(n, m)`` matrix of condition number ``kappa`` (:func:`matrix_with_condition`)."""
+    return np.asarray(matrix_with_condition(np.random.default_rng(seed), n, m, kappa)[0], np.float32)
+
+
 def float32_leverage_ref(A) -> np.ndarray:
     """float64 leverage of the float32-rounded ``A`` (full column rank)."""
     Q = np.linalg.qr(np.asarray(A, np.float32).astype(np.float64))[0]

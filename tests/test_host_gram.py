@@ -9,15 +9,17 @@ smallest ratio ≥ 0.999), and the sketched route on the same input.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    BETA_TARGET,
+    TV_TARGET,
     assert_rank_deficient_falls_back_to_stable,
+    conditioned_float32,
     float32_leverage,
     float32_leverage_ref,
-    matrix_with_condition,
+    small_matrices_take_the_sketch_stage,
     tv_beta,
 )
 
@@ -25,21 +27,16 @@ import nlis_jax as nj
 from nlis_jax import _host_gram, routes
 
 N, M = 800, 40
-TV_TARGET, BETA_TARGET = 1e-4, 0.999
 
 
 @pytest.fixture(autouse=True, scope="module")
 def small_sketch_threshold():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(routes, "SKETCH_MIN", 16)
-        mp.setattr(routes, "HOST_FLOAT64_GRAM", True)
-        jax.clear_caches()
+    with small_matrices_take_the_sketch_stage(host_float64_gram=True):
         yield
-    jax.clear_caches()
 
 
 def _matrix(seed, kappa):
-    return np.asarray(matrix_with_condition(np.random.default_rng(seed), N, M, kappa)[0], np.float32)
+    return conditioned_float32(seed, kappa, N, M)
 
 
 def test_host_gram_is_the_float64_gram_matrix(monkeypatch):

@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    BETA_TARGET,
     COMPILE_EVENT,
+    TV_TARGET,
     assert_rank_deficient_falls_back_to_stable,
+    conditioned_float32,
     count_events,
     float32_leverage,
     float32_leverage_ref,
     matrix_with_condition,
+    small_matrices_take_the_sketch_stage,
     tv_beta,
 )
 
@@ -30,23 +34,18 @@ import nlis_jax as nj
 from nlis_jax import routes
 
 N, M = 800, 40
-TV_TARGET, BETA_TARGET = 1e-4, 0.999
 
 
 @pytest.fixture(autouse=True, scope="module")
 def small_sketch_threshold():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(routes, "SKETCH_MIN", 16)
-        # the sketched route itself: concrete CPU input would try the host float64 Gram matrix first
-        # (route "gram", tests/test_host_gram.py)
-        mp.setattr(routes, "HOST_FLOAT64_GRAM", False)
-        jax.clear_caches()
+    # the sketched route itself: concrete CPU input would try the host float64 Gram matrix first
+    # (route "gram", tests/test_host_gram.py)
+    with small_matrices_take_the_sketch_stage(host_float64_gram=False):
         yield
-    jax.clear_caches()
 
 
 def _matrix(seed, kappa):
-    return np.asarray(matrix_with_condition(np.random.default_rng(seed), N, M, kappa)[0], np.float32)
+    return conditioned_float32(seed, kappa, N, M)
 
 
 def test_sketched_path_answers_without_the_gram_matrix(monkeypatch):
