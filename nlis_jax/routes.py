@@ -640,10 +640,10 @@ def staged_sketched_leverage(A: Array, rtol: Array, route: str | None) -> tuple[
     against 1.9 s for the test and the sketched route).
 
     On a CPU (float32 values held by this process, :data:`HOST_FLOAT64_GRAM`), input the test finds
-    ill-conditioned first tries route ``"gram"`` with its Gram matrix in float64, taken by numpy on the
-    host (:mod:`nlis_jax._host_gram`): a float64 ``syrk`` and a float32 ``trmm`` on the host instead of
-    three float32 products of ``A``'s size. It is reported as route ``"gram"``; when its
-    checks fail (rank deficiency for ``rtol``, ``κ`` past its bound) the sketched route follows.
+    ill-conditioned first tries route ``"gram"`` with its Gram matrix in float64, by BLAS and LAPACK on
+    the host (:mod:`nlis_jax._host_gram`): a float64 ``syrk`` and a float32 ``trmm`` instead of three
+    float32 products of ``A``'s size. It is reported as route ``"gram"``; when its checks fail (NaN or
+    Inf, rank deficiency for ``rtol``, ``κ`` past its bound) the sketched route follows.
     """
     if route is None:
         if not bool(_ill_conditioned(A)):
