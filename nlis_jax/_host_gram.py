@@ -19,8 +19,8 @@ float32 products of ``A``'s size on the sketched route.
 :func:`float64_gram_transform` accepts the result only when ``A D⁻¹`` has full numerical rank for
 ``rtol`` (``σ_min/σ_max > 2·rtol``, as the shifted route asks) and ``eps₆₄·κ(G_eq) ≤ eps^{3/4}`` of
 ``A``'s dtype: the orthogonality error route ``"gram"`` accepts in that dtype. Otherwise (NaN or Inf,
-a failed factorisation, rank deficiency, ``κ`` beyond the bound) it returns ``None`` and the caller goes
-on to the shifted and stable routes.
+column norms whose squares over- or underflow in ``A``'s dtype, a failed factorisation, rank deficiency,
+``κ`` beyond the bound) it returns ``None`` and the caller goes on to the shifted and stable routes.
 """
 
 from __future__ import annotations
@@ -114,6 +114,13 @@ def float64_gram_transform(A, rtol: float) -> HostTransform | None:
         return None
     sq = np.diag(G).copy()
     zero = sq == 0
+    info = np.finfo(A.dtype)
+    # T = R⁻¹ scales like 1/‖column‖ and is applied in A's dtype: the squared column norms must lie where
+    # an unscaled Gram matrix of that dtype is as good as a prescaled one (routes.norms_in_range)
+    if np.any(
+        ~zero & ((sq < A.shape[0] * float(info.tiny) / float(info.eps)) | (sq > float(info.max * info.eps)))
+    ):
+        return None
     G[np.diag_indices_from(G)] = np.where(zero, 1.0, sq)
     d = np.sqrt(np.diag(G))
     R, info = scipy.linalg.lapack.dpotrf(G, lower=0, clean=1, overwrite_a=1)

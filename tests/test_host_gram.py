@@ -114,6 +114,21 @@ def test_conditioning_past_the_bound_is_refused():
     assert 1e-4 < host.ratio < 1e-2  # σ_min/σ_max of the equilibrated matrix
 
 
+@pytest.mark.parametrize("exponent", [-60, 60])
+def test_columns_whose_squares_leave_float32_range_are_refused(exponent):
+    """A column scaled by ``2^±60`` (its squared norm outside ``[n·tiny/eps, max·eps]`` of float32, where
+    ``R⁻¹`` could over- or underflow in float32): no host transform; the other routes answer, to the
+    targets against the float64 leverage of the unscaled matrix (leverage ignores column scales)."""
+    A = _matrix(10, 1e3)
+    scaled = A.copy()
+    scaled[:, 3] *= np.float32(2.0**exponent)
+    assert _host_gram.float64_gram_transform(jnp.asarray(scaled), 1e-6) is None
+    info, route = float32_leverage(scaled)
+    assert route != "gram" and int(info.rank) == M
+    tv, beta = tv_beta(info.leverage, float32_leverage_ref(A))
+    assert tv <= TV_TARGET and beta >= BETA_TARGET, (route, tv, beta)
+
+
 def test_non_finite_input_is_refused_and_reported():
     A = _matrix(5, 1e4)
     A[3, 4] = np.nan
