@@ -28,16 +28,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 import scipy.linalg.lapack
 
+from nlis_jax._precondition import CHECK_ITERS, norms_in_range
+
 #: Bytes of rows per chunk of the host passes (760 float64 rows of 1,378 columns).
 HOST_CHUNK_BYTES = 1 << 23
-
-#: Power iterations of the conditioning estimate (as :data:`nlis_jax._precondition.CHECK_ITERS`).
-HOST_CHECK_ITERS = 15
 
 
 class HostTransform(NamedTuple):
@@ -89,10 +89,11 @@ def host_row_norms(A, T: np.ndarray) -> np.ndarray:
 
 
 def _largest_eigenvalue(apply, m: int) -> float:
-    """Rayleigh quotient after :data:`HOST_CHECK_ITERS` power iterations on the SPD operator ``apply``."""
-    x = 1.0 + np.arange(m, dtype=np.float32) / m  # the start of nlis_jax._precondition.top_eigenvector
+    """Rayleigh quotient after ``CHECK_ITERS`` power iterations on the SPD operator ``apply`` (numpy on
+    the host: the iteration of :func:`nlis_jax._precondition.largest_eigenvalue`, from the same start)."""
+    x = 1.0 + np.arange(m, dtype=np.float32) / m
     x /= np.linalg.norm(x)
-    for _ in range(HOST_CHECK_ITERS):  # iterations on an m-vector (O(m²) each), not over examples
+    for _ in range(CHECK_ITERS):  # iterations on an m-vector (O(m²) each), not over examples
         y = apply(x)
         x = y / np.linalg.norm(y)
     return float(x @ apply(x))
@@ -114,31 +115,28 @@ def float64_gram_transform(A, rtol: float) -> HostTransform | None:
         return None
     sq = np.diag(G).copy()
     zero = sq == 0
-    info = np.finfo(A.dtype)
     # T = R⁻¹ scales like 1/‖column‖ and is applied in A's dtype: the squared column norms must lie where
-    # an unscaled Gram matrix of that dtype is as good as a prescaled one (routes.norms_in_range)
-    if np.any(
-        ~zero & ((sq < A.shape[0] * float(info.tiny) / float(info.eps)) | (sq > float(info.max * info.eps)))
-    ):
+    # an unscaled Gram matrix of that dtype is as good as a prescaled one (cast, they over- or underflow
+    # out of that range)
+    if not np.all(zero | np.asarray(norms_in_range(jnp.asarray(sq, A.dtype), A.shape[0]))):
         return None
     G[np.diag_indices_from(G)] = np.where(zero, 1.0, sq)
-    d = np.sqrt(np.diag(G))
-    R, info = scipy.linalg.lapack.dpotrf(G, lower=0, clean=1, overwrite_a=1)
-    if info != 0:
+    d32 = np.sqrt(np.diag(G)).astype(np.float32)
+    R, status = scipy.linalg.lapack.dpotrf(G, lower=0, clean=1, overwrite_a=1)
+    if status != 0:
         return None
-    Rinv, info = scipy.linalg.lapack.dtrtri(R, lower=0)
-    if info != 0:
+    Rinv, status = scipy.linalg.lapack.dtrtri(R, lower=0)
+    if status != 0:
         return None
     m = R.shape[0]
     # two digits suffice: float32 copies halve what each matrix-vector product reads
-    R32, Rinv32, d32, d2 = R.astype(np.float32), Rinv.astype(np.float32), d.astype(np.float32), sq + zero
-    lam_max = _largest_eigenvalue(lambda x: R32 @ ((x @ R32) / d2.astype(np.float32)), m)  # (RD⁻¹)(RD⁻¹)ᵀ
+    R32, Rinv32, inv_d2 = R.astype(np.float32), Rinv.astype(np.float32), 1 / np.square(d32)
+    lam_max = _largest_eigenvalue(lambda x: R32 @ ((x @ R32) * inv_d2), m)  # (RD⁻¹)(RD⁻¹)ᵀ
     inv_lam_min = _largest_eigenvalue(lambda x: d32 * (Rinv32 @ ((d32 * x) @ Rinv32)), m)  # (DR⁻¹)(DR⁻¹)ᵀ
     kappa = lam_max * inv_lam_min
     if not (np.isfinite(kappa) and kappa > 0):
         return None
-    eps = float(np.finfo(A.dtype).eps)
     ratio = float(1.0 / np.sqrt(kappa))
-    if ratio <= 2 * rtol or np.finfo(np.float64).eps * kappa > eps**0.75:
+    if ratio <= 2 * rtol or np.finfo(np.float64).eps * kappa > float(np.finfo(A.dtype).eps) ** 0.75:
         return None
     return HostTransform(Rinv.astype(A.dtype), int(m - np.sum(zero)), ratio)

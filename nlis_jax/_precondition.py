@@ -62,6 +62,16 @@ class Preconditioned(NamedTuple):
     ratio: Array  # estimated σ_min/σ_max of the column-equilibrated A (0 when not ok)
 
 
+def norms_in_range(diag: Array, n: int) -> Array:
+    """``(m,)``: squared column norms ``diag`` (of ``n`` rows) with which an unscaled Gram matrix is as good
+    as a prescaled one: finite, at most ``eps·max`` (no overflow downstream) and at least ``n·tiny/eps``
+    (products under ``tiny`` lose bits, or are flushed to zero: at most ``n·tiny`` per entry, under
+    ``eps`` relative to norms that large)."""
+    info = jnp.finfo(diag.dtype)
+    low = n * float(info.tiny) / float(info.eps)
+    return jnp.isfinite(diag) & (diag >= low) & (diag <= float(info.max) * float(info.eps))
+
+
 def equilibrate(G: Array) -> tuple[Array, Array, Array]:
     """Column-equilibrate a Gram matrix: ``(D⁻¹ G D⁻¹ + E, d, num_zero)``, ``D`` = column norms.
 

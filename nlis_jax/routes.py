@@ -57,6 +57,7 @@ from nlis_jax._precondition import (
     count_sketch,
     equilibrate,
     lower_inverse_t,
+    norms_in_range,
     shifted_cholesky,
     shifted_first,
     shifted_transform,
@@ -130,16 +131,6 @@ def prescale_columns(A: Array) -> Array:
     float64) or underflowing (``×1e-160``) when squared. Zero columns stay zero.
     """
     return A * column_scales(jnp.max(jnp.abs(A), axis=0))[None, :]
-
-
-def norms_in_range(diag: Array, n: int) -> Array:
-    """``(m,)``: squared column norms ``diag`` (of ``n`` rows) with which an unscaled Gram matrix is as good
-    as a prescaled one: finite, at most ``eps·max`` (no overflow downstream) and at least ``n·tiny/eps``
-    (products under ``tiny`` lose bits, or are flushed to zero: at most ``n·tiny`` per entry, under
-    ``eps`` relative to norms that large)."""
-    info = jnp.finfo(diag.dtype)
-    low = n * float(info.tiny) / float(info.eps)
-    return jnp.isfinite(diag) & (diag >= low) & (diag <= float(info.max) * float(info.eps))
 
 
 def scaled_gram(A: Array) -> tuple[Array, Array]:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    BETA_TARGET,
+    TV_TARGET,
     assert_rank_deficient_falls_back_to_stable,
     float32_leverage,
     float32_leverage_ref,
@@ -33,7 +35,6 @@ import nlis_jax as nj
 from nlis_jax import _precondition
 
 N, M = 2000, 40
-TV_TARGET, BETA_TARGET = 1e-4, 0.999
 
 
 @pytest.mark.parametrize("kappa", [1e3, 1e4, 1e5])
