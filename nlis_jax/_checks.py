@@ -35,6 +35,34 @@ def _count_nonfinite(x):
     return jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x))
 
 
+#: Elements per chunk of a value check on the host (bounds its boolean temporary: 4 MiB).
+HOST_CHECK_ELEMENTS = 1 << 22
+
+
+def host_values(x) -> np.ndarray | None:
+    """``x`` as a numpy array, without a copy, when its values sit in this process's memory: a numpy
+    array or memmap, a numpy or Python scalar, or a ``jax.Array`` on one CPU device; else ``None`` (an
+    accelerator's array, or one sharded over devices or processes, is checked where it lives)."""
+    if isinstance(x, np.ndarray | np.generic | float | int | complex):
+        return np.asarray(x)
+    if isinstance(x, jax.Array) and x.is_fully_addressable and len(x.sharding.device_set) == 1:
+        if next(iter(x.sharding.device_set)).platform == "cpu" and not jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key
+        ):
+            return np.asarray(x)
+    return None
+
+
+def count_failing(a: np.ndarray, test) -> int:
+    """Entries of the host array ``a`` where the elementwise ``test`` is false, over chunks of rows of
+    :data:`HOST_CHECK_ELEMENTS` (a memmap is read chunk by chunk; nothing is copied whole): no
+    compilation, where a jitted reduction compiles one program per shape."""
+    if a.ndim == 0 or a.size == 0:
+        return int(np.count_nonzero(~test(a)))
+    rows = max(1, HOST_CHECK_ELEMENTS // max(1, a.size // a.shape[0]))
+    return sum(int(np.count_nonzero(~test(a[i : i + rows]))) for i in range(0, a.shape[0], rows))
+
+
 def check_finite(name: str, tree: PyTree) -> None:
     """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
     for leaf in jax.tree.leaves(tree):
@@ -44,10 +72,15 @@ def check_finite(name: str, tree: PyTree) -> None:
         if not is_concrete(leaf):
             traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
             continue
-        # ensure_compile_time_eval: a concrete array closed over inside a user's jit is checked eagerly;
-        # one jitted reduction (one compile per shape) runs where the data lives, device or host.
-        with jax.ensure_compile_time_eval():
-            bad = int(_count_nonfinite(leaf))
+        # values in this process's memory are checked there (numpy, nothing compiled); others by one
+        # jitted reduction (one compile per shape) where the data lives. ensure_compile_time_eval: a
+        # concrete array closed over inside a user's jit is checked eagerly.
+        host = host_values(leaf)
+        if host is not None:
+            bad = count_failing(host, np.isfinite)
+        else:
+            with jax.ensure_compile_time_eval():
+                bad = int(_count_nonfinite(leaf))
         if bad:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
@@ -62,8 +95,12 @@ def check_nonnegative(name: str, x) -> None:
     if not is_concrete(x):
         traced.check(jnp.all(jnp.asarray(x) >= 0), f"{name} must be non-negative.")
         return
-    with jax.ensure_compile_time_eval():
-        bad = int(_count_negative(jnp.asarray(x)))
+    host = host_values(x)
+    if host is not None:
+        bad = count_failing(host, lambda a: ~(a < 0))
+    else:
+        with jax.ensure_compile_time_eval():
+            bad = int(_count_negative(jnp.asarray(x)))
     if bad:
         raise ValueError(f"{name} must be non-negative; {bad} are negative.")
 

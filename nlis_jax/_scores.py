@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nlis_jax import _traced as traced
 from nlis_jax import routes
@@ -189,7 +190,7 @@ def uniform_scores(n: int, dtype=None) -> Array:
     """``(n,)`` vector of ``1/n``."""
     check_positive_int("n", n)
     dtype = dtype or jnp.result_type(float)
-    return jnp.full((n,), 1.0 / n, dtype)
+    return jax.device_put(np.full((n,), 1.0 / n, dtype))  # jnp.full would compile a program per n
 
 
 def mix_with_uniform(probs: Array, alpha: float) -> Array:

@@ -13,7 +13,9 @@ This module only parses options; the studies live in :mod:`nlis_jax.experiments`
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -416,13 +418,30 @@ def _preload_plotting() -> None:
     threading.Thread(target=load, name="nlis-jax-preload-matplotlib").start()
 
 
-def _write(args: argparse.Namespace, summary: dict) -> list[Path]:
-    """``OUT/results.json`` and, unless ``--no-plots``, the study's plots."""
+def _start_plots(out: Path, plots: list, grid_summary: dict) -> concurrent.futures.Future:
+    """``run_study``'s ``on_grid``: the study's plots (they show the grid alone) written in a thread
+    while the wall-time comparison compiles its programs (its timed runs wait for them); the future is
+    appended to ``plots``."""
+    from nlis_jax.experiments.plots import plot_study
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlis-jax-plots")
+    plots.append(pool.submit(plot_study, grid_summary, out))
+    pool.shutdown(wait=False)
+    return plots[-1]
+
+
+def _write(
+    args: argparse.Namespace, summary: dict, plots: concurrent.futures.Future | None = None
+) -> list[Path]:
+    """``OUT/results.json`` and, unless ``--no-plots``, the study's plots (those of ``plots``, written
+    already, when given)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
     written = [out / "results.json"]
-    if not args.no_plots:
+    if plots is not None:
+        written += plots.result()
+    elif not args.no_plots:
         from nlis_jax.experiments.plots import plot_study
 
         written += plot_study(summary, out)
@@ -511,10 +530,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     key = jax.random.key(args.seed)
+    plots: list = []  # the future of the plots, once the grid is done
+    on_grid = None
     if not args.no_plots:
         _preload_plotting()
+        on_grid = functools.partial(_start_plots, Path(args.out), plots)
     try:
-        result = experiments.run_study(key, config, problem=problem, progress=not args.no_progress)
+        result = experiments.run_study(
+            key, config, problem=problem, progress=not args.no_progress, on_grid=on_grid
+        )
     except experiments.StudyInterrupted as stop:
         summary = dict(stop.summary, seed=args.seed, argv=list(argv), load_s=load_s)
         args.no_plots = True
@@ -523,7 +547,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     summary = dict(result.summary, seed=args.seed, argv=list(argv), load_s=load_s)
     summary["wall_s"] = time.perf_counter() - t0
-    written = _write(args, summary)
+    written = _write(args, summary, plots[0] if plots else None)
     print(experiments.format_table(summary))
     print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0

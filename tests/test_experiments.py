@@ -131,6 +131,60 @@ def test_study_is_reproducible_and_does_not_recompile(tiny):
     assert not np.array_equal(other.ratios["uniform"], first.ratios["uniform"])
 
 
+def test_on_grid_and_the_timed_runs(tiny, monkeypatch):
+    """``on_grid`` gets the grid's summary before the wall-time comparison; the work it starts runs
+    beside the comparison's warm-up only: every timed run starts after it finished and compiles nothing."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from nlis_jax.experiments import kernels, wall_time
+
+    problem, first = tiny
+    begun, seen, futures, calls = threading.Event(), [], [], []
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def on_grid(summary):
+        seen.append(summary)
+        futures.append(pool.submit(lambda: (begun.wait(10), time.sleep(0.2))))
+        return futures[-1]
+
+    original = wall_time._one_run
+
+    def one_run(*args, **kwargs):
+        begun.set()  # the background work ends 0.2 s after the comparison's first run begins
+        done, before = futures[0].done(), kernels.compile_stats()["count"]
+        out = original(*args, **kwargs)
+        calls.append((done, kernels.compile_stats()["count"] - before))
+        return out
+
+    monkeypatch.setattr(wall_time, "_one_run", one_run)
+    result = ex.run_study(jax.random.key(0), TINY, problem=problem, on_grid=on_grid)
+    pool.shutdown()
+    assert len(seen) == 1 and seen[0]["timing"] is None
+    assert seen[0]["methods"]["uniform"]["results"] == result.summary["methods"]["uniform"]["results"]
+    methods = len(wall_time.TIMED_METHODS)
+    warm, timed = calls[:methods], calls[methods:]
+    assert not warm[0][0]  # the warm-up began beside the background work
+    assert len(timed) == 3 * methods and all(done and compiled == 0 for done, compiled in timed), timed
+    assert set(result.summary["timing"]["methods"]) == set(wall_time.TIMED_METHODS)
+    for method in ex.METHODS:  # the same values as without on_grid
+        np.testing.assert_array_equal(result.ratios[method], first.ratios[method])
+
+
+def test_light_and_full_matrix_score_programs_agree():
+    """Matrices under LIGHT_COLUMNS columns are scored by a program compiled without LLVM's optimisation
+    passes: the same scores as the optimised program (float64, a few roundings)."""
+    from nlis_jax.experiments import kernels
+
+    design = jnp.asarray(np.random.default_rng(4).standard_normal((300, 12)) * np.logspace(0, 3, 12))
+    for kind in ("leverage", "norm"):
+        light = kernels._light_matrix_scores(design, kind=kind, mix=0.1)
+        full = kernels._full_matrix_scores(design, kind=kind, mix=0.1)
+        np.testing.assert_allclose(light, full, rtol=1e-12)
+        np.testing.assert_array_equal(kernels.matrix_score_kernel(design, kind=kind, mix=0.1), light)
+
+
 def test_method_subset_keeps_draws(tiny):
     """A scheme's samples at a size do not depend on which other schemes run."""
     problem, first = tiny

@@ -194,3 +194,32 @@ def test_inputs_are_not_modified():
         np.testing.assert_array_equal(a, b)
     for a, b in ((F, F_copy), (v, v_copy), (u, u_copy), (probs, probs_copy), (idx, idx_copy), (w, w_copy)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_value_checks_on_the_host(tmp_path, monkeypatch):
+    """Values in this process's memory (numpy arrays, memmaps, scalars, single-device CPU arrays) are
+    checked with numpy, chunk by chunk, compiling nothing; the counts match a direct count."""
+    from nlis_jax import _checks
+    from nlis_jax.experiments import kernels
+
+    monkeypatch.setattr(_checks, "HOST_CHECK_ELEMENTS", 64)  # several chunks of rows (10 x 7 = 70 each)
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((1001, 10, 7))
+    a[0, 0, 0], a[500, 3, 2], a[-1, -1, -1] = np.nan, np.inf, -np.inf  # first, middle and last chunks
+    stored = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=a.dtype, shape=a.shape)
+    stored[:] = a
+    stored.flush()
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    before = kernels.compile_stats()["count"]
+    for value in (a, mapped, jax.device_put(a)):
+        assert _checks.host_values(value) is not None
+        with pytest.raises(ValueError, match=r"xs contains 3 NaN or Inf"):
+            _checks.check_finite("xs", {"x": value})
+    _checks.check_finite("s", 1.5)
+    with pytest.raises(ValueError, match=r"s contains 1 NaN or Inf"):
+        _checks.check_finite("s", np.float32("nan"))
+    w = rng.standard_normal(1001)
+    with pytest.raises(ValueError, match=rf"w must be non-negative; {int(np.sum(w < 0))} are negative"):
+        _checks.check_nonnegative("w", w)
+    assert kernels.compile_stats()["count"] == before
+    assert np.isnan(a[0, 0, 0]) and np.isinf(a[500, 3, 2])  # nothing modified

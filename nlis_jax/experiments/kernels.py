@@ -39,7 +39,6 @@ __all__ = [
     "matrix_score_kernel",
     "repeat_workers",
     "row_kernel",
-    "split_keys",
     "split_repeats",
     "stack_kernel",
     "timed",
@@ -54,11 +53,6 @@ _COMPILE_EVENTS = (
 _BACKEND_COMPILE = _COMPILE_EVENTS[-1]
 #: Elements per ``lax.map`` batch when evaluating many parameter sets over the full data.
 MAP_ELEMENTS = 4_000_000
-
-#: Compiler options of the key programs (:func:`split_keys` and the studies' key splits): they run once
-#: on a few integers, so LLVM's optimisation passes cost more than they save (compile time 0.21-0.22 ->
-#: 0.09-0.16 s each on a CPU). Integer arithmetic: the keys are the same at every level.
-KEY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 #: Rows per chunk of :func:`fit_padded_kernel` (padded sample buckets are multiples of it).
 FIT_CHUNK = 128
@@ -215,10 +209,28 @@ def dual_score_kernel(params_batch, xs, ys, *, dual_fn, kind: str, mix: float):
     return lax.map(lambda params: _scores(kind, dual_fn(params, xs, ys), mix), params_batch)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "mix"))
-def matrix_score_kernel(design, *, kind: str, mix: float):
-    """``(n,)`` leverage or norm scores of a fixed matrix (the linear baseline), mixed by ``mix``."""
+def _matrix_scores(design, *, kind: str, mix: float):
     return _scores(kind, design, mix)
+
+
+#: Matrices with fewer columns than this are scored by a program compiled without LLVM's optimisation
+#: passes: their time is in the Gram product and LAPACK calls, which those passes leave as they are, while
+#: the route switch's many small branches compile in 0.55–0.65 s instead of 0.9 s (20,640 × 10 float64;
+#: the same run time, 1.0–1.2 ms). Wider matrices may take the sketched route, whose own loops they speed.
+LIGHT_COLUMNS = 512
+#: The compiler options of such light programs (and of :mod:`nlis_jax.experiments.keys`' fallback).
+LIGHT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+_light_matrix_scores = jax.jit(
+    _matrix_scores, static_argnames=("kind", "mix"), compiler_options=LIGHT_COMPILER_OPTIONS
+)
+_full_matrix_scores = jax.jit(_matrix_scores, static_argnames=("kind", "mix"))
+
+
+def matrix_score_kernel(design, *, kind: str, mix: float):
+    """``(n,)`` leverage or norm scores of a fixed ``(n, m)`` matrix (the linear baseline, a dual matrix),
+    mixed by ``mix``: one compiled program per shape (:data:`LIGHT_COLUMNS`)."""
+    light = design.shape[-1] < LIGHT_COLUMNS
+    return (_light_matrix_scores if light else _full_matrix_scores)(design, kind=kind, mix=mix)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
@@ -330,11 +342,3 @@ def row_kernel(batch, r):
 def stack_kernel(rows):
     """``jnp.stack(rows)`` as one compiled program per number and shape of rows."""
     return jnp.stack(rows)
-
-
-@functools.partial(jax.jit, static_argnames=("num", "as_tuple"), compiler_options=KEY_COMPILER_OPTIONS)
-def split_keys(key, *, num: int, as_tuple: bool = False):
-    """``jax.random.split(key, num)`` as one compiled program per ``num`` (a tuple of keys with
-    ``as_tuple``, so that unpacking compiles nothing more)."""
-    keys = jax.random.split(key, num)
-    return tuple(keys) if as_tuple else keys

@@ -6,8 +6,9 @@ pilot, the grid of sample fits, the wall-time comparison and the JSON-ready summ
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 
 import nlis_jax as nj
 from nlis_jax.experiments import kernels
+from nlis_jax.experiments import keys as prng
 from nlis_jax.experiments.configs import METHODS, ORACLE_METHODS, StudyConfig, resolve_size, resolve_sizes
 from nlis_jax.experiments.problems import Problem, make_problem
 from nlis_jax.experiments.report import number, quantiles
@@ -58,19 +60,16 @@ class StudyResult(NamedTuple):
     full: FullFit
 
 
-@functools.partial(jax.jit, compiler_options=kernels.KEY_COMPILER_OPTIONS)
 def _study_keys(key):
-    """``(init, pilot, timing, draw keys per scheme)`` from ``split(key, 4)``, in one compiled program."""
-    k_init, k_pilot, k_draw, k_timing = jax.random.split(key, 4)
-    return k_init, k_pilot, k_timing, tuple(jax.random.split(k_draw, len(METHODS)))
+    """``(init, pilot, timing, draw keys per scheme)`` from ``split(key, 4)`` (on the host:
+    :mod:`~nlis_jax.experiments.keys`)."""
+    k_init, k_pilot, k_draw, k_timing = prng.split_tuple(key, 4)
+    return k_init, k_pilot, k_timing, prng.split_tuple(k_draw, len(METHODS))
 
 
-@functools.partial(jax.jit, static_argnames=("num",), compiler_options=kernels.KEY_COMPILER_OPTIONS)
-def _cell_keys(key, size, *, num: int):
-    """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)`` (one
-    compiled program for every scheme and size; one vmapped program for every cell's keys at once
-    compiles slower than these calls, see benchmarks/README.md)."""
-    return jax.random.split(jax.random.fold_in(key, size), num)
+def _cell_keys(key, size: int, *, num: int):
+    """The ``num`` draw keys of a scheme at a sample size: ``split(fold_in(key, size), num)``."""
+    return prng.split(prng.fold_in(key, size), num)
 
 
 def _rel_change(trace) -> np.ndarray:
@@ -173,7 +172,7 @@ def _pilot(key, run: _Run) -> tuple[jax.Array, float]:
     problem, R = run.problem, run.config.repeats
     pilot_size = resolve_size(run.config.pilot_size, problem.n)
     uniform = nj.uniform_scores(problem.n, problem.dtype)
-    fit = _draw_and_fit(kernels.split_keys(key, num=R), run, uniform, pilot_size, 0.0)
+    fit = _draw_and_fit(prng.split(key, R), run, uniform, pilot_size, 0.0)
     probs, score_s = score_batch(problem, fit.params, kind="leverage", mix=run.config.mix)
     return probs, (fit.draw_s + fit.fit_s + score_s) / R
 
@@ -275,6 +274,7 @@ def run_study(
     *,
     problem: Problem | None = None,
     progress: bool = False,
+    on_grid: Callable[[dict], concurrent.futures.Future | None] | None = None,
 ) -> StudyResult:
     r"""Run every scheme of ``config.methods`` at every size with ``config.repeats`` repeats.
 
@@ -298,6 +298,10 @@ def run_study(
         config: the study (:class:`CaliforniaConfig`, :class:`SyntheticConfig`, ...).
         problem: a prebuilt :func:`make_problem` (else built from ``config``).
         progress: tqdm bar over methods × sizes × repeats on stderr.
+        on_grid: called with the summary of the grid (``timing`` still ``None``) once the grid is done,
+            before the wall-time comparison. It may return a future of work it started in a thread
+            (``nlis-jax run`` writes the plots): that work runs beside the comparison's warm-up
+            (compilation, untimed) and is waited for before anything is timed.
 
     Returns:
         :class:`StudyResult`. ``summary`` holds ``dataset``, ``n``, ``p``, ``info``, ``config``, ``full``
@@ -336,10 +340,14 @@ def run_study(
         raise StudyInterrupted(dict(_summary(run, grid, score_s, None, compile0), partial=True)) from None
     if bar is not None:
         bar.close()
-    timing = None
+    timing, background = None, None
+    if on_grid is not None:
+        background = on_grid(_summary(run, grid, score_s, None, compile0))
     if config.timing_size is not None:
         log("wall-time comparison")
         size = resolve_size(config.timing_size, problem.n)
-        timing = compare_wall_time(k_timing, problem, full, params0, size=size, config=config)
+        timing = compare_wall_time(
+            k_timing, problem, full, params0, size=size, config=config, wait_for=background
+        )
     summary = _summary(run, grid, score_s, timing, compile0)
     return StudyResult(summary, grid.ratios, grid.accuracies, sizes, full)

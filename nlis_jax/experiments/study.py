@@ -86,7 +86,7 @@ def _full_optimizer(problem: Problem, num_steps: int):
     if problem.optimizer == "gd":
         lr = problem.learning_rate
         if problem.curvature is not None:
-            ones = jnp.ones((problem.n,), problem.dtype)
+            ones = np.ones((problem.n,), problem.dtype)
             lr = lr / float(jax.jit(problem.curvature)(problem.xs, ones))
         return make_optimizer("gd", float(lr), num_steps)
     return make_optimizer(problem.optimizer, problem.learning_rate, num_steps)
@@ -214,7 +214,7 @@ def draw(keys: jax.Array, probs: jax.Array, num_samples: int, *, bucket: int | N
     if bucket < s:
         raise ValueError(f"bucket = {bucket} is smaller than num_samples = {s}.")
     if _prefix_draws():
-        size = jnp.asarray(s, jnp.int32)
+        size = np.int32(s)  # a host scalar (jnp.asarray would compile a conversion)
         if probs.ndim == 1 and len(keys) > 1:
             # shared probabilities as one row per repeat: the per-repeat draw's compiled program serves
             # both (the same samples; a weight's Σ p, summed per row, may be one rounding apart)
@@ -263,7 +263,7 @@ def fit_samples(
     chunk = min(kernels.FIT_CHUNK, width)
     if width % chunk or not 1 <= int(size) <= width:
         raise ValueError(f"padded samples need 1 <= size <= width = {width}, a multiple of {chunk}.")
-    size = jnp.asarray(int(size), jnp.int32)
+    size = np.int32(size)
     return kernels.timed(
         split, kernels.fit_padded_kernel, (*data, size, problem.projection), chunk=chunk, **common
     )

@@ -2,13 +2,14 @@ r"""End-to-end wall time of practical sampling schemes against full-data trainin
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
 
 import jax
 import numpy as np
 
 import nlis_jax as nj
 from nlis_jax.experiments import kernels
+from nlis_jax.experiments import keys as prng
 from nlis_jax.experiments.configs import StudyConfig, resolve_size
 from nlis_jax.experiments.problems import Problem
 from nlis_jax.experiments.report import steps_to_converge, steps_to_loss
@@ -26,13 +27,6 @@ __all__ = ["compare_wall_time"]
 
 #: The schemes :func:`compare_wall_time` knows how to time.
 TIMED_METHODS = ("pilot_leverage", "linear_leverage", "uniform")
-
-
-@functools.partial(jax.jit, compiler_options=kernels.KEY_COMPILER_OPTIONS)
-def _run_keys(key):
-    """``(pilot, sample)`` keys of one run, each of shape ``(1,)`` (one repeat): ``split(key, 2)``."""
-    keys = jax.random.split(key, 2)
-    return keys[0:1], keys[1:2]
 
 
 def _draw_and_fit(keys, probs, size: int, bucket: int, problem: Problem, params0, config: StudyConfig):
@@ -115,6 +109,7 @@ def compare_wall_time(
     config: StudyConfig,
     methods: tuple[str, ...] = TIMED_METHODS,
     runs: int = 3,
+    wait_for: concurrent.futures.Future | None = None,
 ) -> dict:
     r"""End-to-end wall time of practical schemes against full-data training to the same loss.
 
@@ -123,6 +118,11 @@ def compare_wall_time(
     rows, each a compiled call timed apart from its compilation. The sample solution's full-data loss
     ``L(θ_S)`` sets the target; full-data training (:func:`fit_full`'s run) reaches it after
     ``t = steps_to_loss(full.losses, L(θ_S))`` steps, which take ``t · full.time_s / full.num_steps``.
+
+    The first run of each scheme runs once more before the timed runs (a warm-up: every program the
+    timed runs call is compiled then). ``wait_for``, work started in a thread (the study's plots, see
+    :func:`~nlis_jax.experiments.run_study`), may run beside that warm-up; it is waited for before the
+    first timed run.
 
     The sample fits run the study's fixed ``num_steps``; as the full-data side is charged only the steps
     it needs, ``*_converged`` entries also charge the pilot and sample fits only their
@@ -142,10 +142,15 @@ def compare_wall_time(
         "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
         "methods": {},
     }
-    for method, mkey in zip(methods, kernels.split_keys(key, num=len(methods), as_tuple=True), strict=True):
-        rows = [
-            _one_run(_run_keys(rkey), method, problem, full, params0, size, config)
-            for rkey in kernels.split_keys(mkey, num=runs, as_tuple=True)
-        ]
+    run_keys = {  # per scheme and run, the (pilot, sample) keys, each of shape (1,): split(run key, 2)
+        method: [prng.split_tuple(rkey, 2, batched=True) for rkey in prng.split_tuple(mkey, runs)]
+        for method, mkey in zip(methods, prng.split_tuple(key, len(methods)), strict=True)
+    }
+    for method in methods:  # warm-up, untimed: compiles every program of the timed runs
+        _one_run(run_keys[method][0], method, problem, full, params0, size, config)
+    if wait_for is not None:  # nothing runs beside the timed runs
+        concurrent.futures.wait([wait_for])
+    for method in methods:
+        rows = [_one_run(keys, method, problem, full, params0, size, config) for keys in run_keys[method]]
         out["methods"][method] = _medians(rows)
     return out
