@@ -632,7 +632,8 @@ def fit(
     keys = None if plan.batch_size is None else jax.random.split(key, plan.num_steps)
     state, losses = _run_segments(segment, plan, state, keys, dtype)
     final = _weighted_sum_jit(_static(apply_fn), _static(plan.loss_fn), state.params, data[0], data[1], w)
-    return FitResult(state.params, losses, state.opt_state, final, jnp.asarray(total, dtype))
+    normalizer = jax.device_put(np.asarray(total, dtype))  # jnp.asarray would compile a conversion
+    return FitResult(state.params, losses, state.opt_state, final, normalizer)
 
 
 def _check_optimizer_and_projection(optimizer, projection) -> None:

@@ -529,7 +529,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as exc:
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    key = jax.random.key(args.seed)
+    key = experiments.keys.key(args.seed)  # jax.random.key(seed), placed from the host
     plots: list = []  # the future of the plots, once the grid is done
     on_grid = None
     if not args.no_plots:

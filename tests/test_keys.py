@@ -47,6 +47,16 @@ def test_split_and_fold_in_match_jax(seed, num, value):
     np.testing.assert_array_equal(np.stack([data(c) for c in children]), data(jax.random.split(key, num)))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1])
+def test_seeded_key_matches_jax(seed):
+    before = kernels.compile_stats()["count"]
+    key = prng.key(seed)
+    assert kernels.compile_stats()["count"] == before
+    assert key.dtype == jax.random.key(seed).dtype and key.shape == ()
+    np.testing.assert_array_equal(data(key), data(jax.random.key(seed)))
+    np.testing.assert_array_equal(data(prng.key(-1)), data(jax.random.key(-1)))  # outside: jax's own
+
+
 def test_batched_children_and_the_study_derivations():
     key = jax.random.key(7)
     pilot, sample = prng.split_tuple(key, 2, batched=True)

@@ -20,10 +20,11 @@ The pieces are public for custom studies: :func:`make_problem`, :func:`fit_full`
 Submodules: :mod:`~nlis_jax.experiments.datasets` (loaders), :mod:`~nlis_jax.experiments.nets` (small
 models), :mod:`~nlis_jax.experiments.features` (pooling, standardising, PCA),
 :mod:`~nlis_jax.experiments.plots`, :mod:`~nlis_jax.experiments.outliers` (the outlier study),
-:mod:`~nlis_jax.experiments.checks` (argument checks shared with the CLI).
+:mod:`~nlis_jax.experiments.checks` (argument checks shared with the CLI),
+:mod:`~nlis_jax.experiments.keys` (the studies' key derivations, on the host).
 """
 
-from nlis_jax.experiments import checks, datasets, features, nets
+from nlis_jax.experiments import checks, datasets, features, keys, nets
 from nlis_jax.experiments.configs import (
     CONFIGS,
     METHODS,
@@ -80,6 +81,7 @@ __all__ = [
     "fit_samples",
     "format_table",
     "full_losses",
+    "keys",
     "make_optimizer",
     "make_problem",
     "nets",

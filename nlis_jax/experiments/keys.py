@@ -27,7 +27,7 @@ import numpy as np
 
 from nlis_jax.experiments.kernels import LIGHT_COMPILER_OPTIONS
 
-__all__ = ["fold_in", "host_derivable", "split", "split_tuple", "threefry2x32"]
+__all__ = ["fold_in", "host_derivable", "key", "split", "split_tuple", "threefry2x32"]
 
 #: Rotation constants of Threefry-2x32, rounds 1–4 and 5–8 (then repeated).
 ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -49,6 +49,15 @@ def threefry2x32(key: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> tuple[np.nd
         x0 = x0 + schedule[(block + 1) % 3]
         x1 = x1 + schedule[(block + 2) % 3] + np.uint32(block + 1)
     return x0, x1
+
+
+def key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)``: for jax's default implementation ``threefry2x32`` and ``0 ≤ seed < 2³¹``
+    the key words ``(0, seed)`` placed from the host (``jax.random.key`` compiles two small programs)."""
+    seed = int(seed)
+    if str(jax.config.jax_default_prng_impl) != "threefry2x32" or not 0 <= seed < 2**31:
+        return jax.random.key(seed)
+    return jax.random.wrap_key_data(np.array([0, seed], np.uint32), impl="threefry2x32")
 
 
 def host_derivable(key) -> bool:
