@@ -91,3 +91,7 @@ def test_other_implementations_take_jax_random():
         singles = prng.split_tuple(key, 4)
         np.testing.assert_array_equal(np.stack([data(c) for c in singles]), data(jax.random.split(key, 4)))
     assert not prng.host_derivable(jax.random.split(jax.random.key(0), 2))  # a key array, not one key
+    # inside jit the key is traced: jax.random itself
+    traced = jax.jit(lambda k: (prng.split(k, 3), prng.fold_in(k, 4)))(jax.random.key(8))
+    np.testing.assert_array_equal(data(traced[0]), data(jax.random.split(jax.random.key(8), 3)))
+    np.testing.assert_array_equal(data(traced[1]), data(jax.random.fold_in(jax.random.key(8), 4)))

@@ -61,10 +61,11 @@ def key(seed: int) -> jax.Array:
 
 
 def host_derivable(key) -> bool:
-    """Whether :func:`split` and :func:`fold_in` derive ``key``'s children on the host: a single typed
-    key of the ``threefry2x32`` implementation, with ``jax_threefry_partitionable`` on."""
+    """Whether :func:`split` and :func:`fold_in` derive ``key``'s children on the host: a single concrete
+    typed key of the ``threefry2x32`` implementation, with ``jax_threefry_partitionable`` on."""
     return (
         isinstance(key, jax.Array)
+        and not isinstance(key, jax.core.Tracer)  # values now, not inside jit or vmap
         and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
         and key.shape == ()
         and str(jax.random.key_impl(key)) == "threefry2x32"
