@@ -105,24 +105,45 @@ def xla_gram(F) -> Callable[[], Any]:
     return compiled
 
 
+def balanced_orders(k: int) -> list[list[int]]:
+    """Orders of ``k`` calls in which every call comes right after every other call equally often: a
+    Williams design (Williams 1949), ``k`` rows for even ``k`` and those rows and their mirror images
+    (``2k``) for odd ``k``; each call also takes each position equally often. Row ``r`` is
+    ``(first + r) mod k`` with ``first = 0, 1, k−1, 2, k−2, …``."""
+    first, low, high = [0], 1, k - 1
+    for j in range(1, k):
+        if j % 2:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    rows = [[(x + r) % k for x in first] for r in range(k)]
+    return rows + [row[::-1] for row in rows] if k % 2 else rows
+
+
 def interleaved(calls: dict[str, Callable[[], Any]], *, reps: int) -> dict[str, dict]:
     """Median and minimum of each call, timed in turn (round robin) after one warm-up round.
 
     On a shared machine the load drifts over seconds; interleaving puts every call under the same load,
     so ratios between them (to the floor, before/after) mean something even when absolute times do not.
-    The order rotates by one call each round, so every call follows each other call equally often: a
-    call right after numpy's threaded BLAS runs beside its still-spinning threads (measured: an XLA pass
-    of 14 ms took 20 ms right after numpy's ``FᵀF``, and a 65 ms leverage call 1.4–1.8× its time), and
-    with a fixed order that cost fell on one call every round. Every result passes through
-    ``jax.block_until_ready``. Returns ``{name: {median_s, min_s, reps, times_s}}``.
+    A call's time also depends on the call before it: right after numpy's threaded BLAS it runs beside
+    its still-spinning threads (measured: an XLA pass of 14 ms took 20 ms right after numpy's ``FᵀF``,
+    and a 65 ms leverage call 1.4–1.8× its time). Round ``r`` therefore takes row ``r`` of
+    :func:`balanced_orders`: over every ``k`` rounds (``2k`` for an odd number ``k`` of calls) each call
+    follows each other call equally often. (Until 2026-12-01 the order rotated by one call a round,
+    which keeps every call's cyclic predecessor fixed: the jitted leverage call of ``bench_scores.py``
+    always came right after XLA's ``FᵀF``, which always came right after numpy's.) Every result passes
+    through ``jax.block_until_ready``. Returns ``{name: {median_s, min_s, reps, times_s}}``.
     """
     for call in calls.values():
         jax.block_until_ready(call())
     names = list(calls)
+    orders = balanced_orders(len(names))
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(max(1, reps)):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for i in orders[r % len(orders)]:
+            name = names[i]
             t0 = time.perf_counter()
             jax.block_until_ready(calls[name]())
             times[name].append(time.perf_counter() - t0)

@@ -86,3 +86,19 @@ def test_bench_streaming(tmp_path, monkeypatch):
     assert {r["model"] for r in record["results"]} == {"single-index", "mlp"}
     for r in record["results"]:
         assert r["rows_per_s"] > 0 and r["floor"]["floor_s"] > 0 and r["peak_rss_anon_growth_mib"] >= 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_interleaved_orders_balance_predecessors(k, monkeypatch):
+    """``_common.interleaved``'s rounds (a Williams design): every round times each call once, and over
+    the design's rounds each call follows each other call, and takes each position, equally often."""
+    import collections
+
+    common = load_benchmark("_common", monkeypatch)
+    rows = common.balanced_orders(k)
+    assert len(rows) == (2 * k if k % 2 else k)
+    assert all(sorted(row) == list(range(k)) for row in rows)
+    pairs = collections.Counter((row[i - 1], row[i]) for row in rows for i in range(1, k))
+    assert len(pairs) == k * (k - 1) and len(set(pairs.values())) <= 1
+    positions = collections.Counter((i, x) for row in rows for i, x in enumerate(row))
+    assert len(positions) == k * k and len(set(positions.values())) == 1
