@@ -39,17 +39,28 @@ def _count_nonfinite(x):
 HOST_CHECK_ELEMENTS = 1 << 22
 
 
+def held_on_cpu(x) -> bool:
+    """Whether ``x`` is a concrete ``jax.Array`` whose values all sit on this process's CPU devices."""
+    return (
+        isinstance(x, jax.Array)
+        and is_concrete(x)
+        and x.is_fully_addressable
+        and all(d.platform == "cpu" for d in x.sharding.device_set)
+    )
+
+
 def host_values(x) -> np.ndarray | None:
     """``x`` as a numpy array, without a copy, when its values sit in this process's memory: a numpy
     array or memmap, a numpy or Python scalar, or a ``jax.Array`` on one CPU device; else ``None`` (an
     accelerator's array, or one sharded over devices or processes, is checked where it lives)."""
     if isinstance(x, np.ndarray | np.generic | float | int | complex):
         return np.asarray(x)
-    if isinstance(x, jax.Array) and x.is_fully_addressable and len(x.sharding.device_set) == 1:
-        if next(iter(x.sharding.device_set)).platform == "cpu" and not jax.dtypes.issubdtype(
-            x.dtype, jax.dtypes.prng_key
-        ):
-            return np.asarray(x)
+    if (
+        held_on_cpu(x)
+        and len(x.sharding.device_set) == 1
+        and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ):
+        return np.asarray(x)
     return None
 
 

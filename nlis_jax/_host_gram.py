@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 import scipy.linalg.lapack
 
+from nlis_jax._checks import held_on_cpu
 from nlis_jax._precondition import CHECK_ITERS, norms_in_range
 
 #: Bytes of rows per chunk of the host passes (760 float64 rows of 1,378 columns).
@@ -50,12 +50,7 @@ class HostTransform(NamedTuple):
 
 def on_host_cpu(A) -> bool:
     """Whether ``A`` is a float32 ``jax.Array`` whose values all sit on this process's CPU devices."""
-    return (
-        isinstance(A, jax.Array)
-        and A.dtype == np.float32
-        and A.is_fully_addressable
-        and all(d.platform == "cpu" for d in A.sharding.device_set)
-    )
+    return held_on_cpu(A) and A.dtype == np.float32
 
 
 def host_float64_gram(A) -> np.ndarray:

@@ -83,21 +83,29 @@ def _data(key) -> np.ndarray:
     return np.asarray(jax.random.key_data(key), np.uint32)
 
 
+def _host_split(key, num: int) -> np.ndarray | None:
+    """``(num, 2)`` key data of ``split(key, num)`` computed on the host, or ``None`` when ``key`` is not
+    :func:`host_derivable` (or ``num`` is not a positive 32-bit count)."""
+    if not host_derivable(key) or not 0 < num < 2**32:
+        return None
+    return _children(_data(key), np.arange(num, dtype=np.uint32))
+
+
 def split(key, num: int) -> jax.Array:
     """``jax.random.split(key, num)``: a ``(num,)`` key array (on the host for :func:`host_derivable`
     keys, see the module docstring)."""
-    if not host_derivable(key) or not 0 < num < 2**32:
+    children = _host_split(key, num)
+    if children is None:
         return jax.random.split(key, num)
-    children = _children(_data(key), np.arange(num, dtype=np.uint32))
     return jax.random.wrap_key_data(children, impl="threefry2x32")
 
 
 def split_tuple(key, num: int, *, batched: bool = False) -> tuple[jax.Array, ...]:
     """:func:`split` as a tuple of ``num`` keys, each a single key, or with ``batched`` a ``(1,)`` key
     array (a batch of one repeat). Indexing a key array eagerly would compile a program per index."""
-    if not host_derivable(key) or not 0 < num < 2**32:
+    children = _host_split(key, num)
+    if children is None:
         return _split_program(key, num=num, batched=batched)
-    children = _children(_data(key), np.arange(num, dtype=np.uint32))
     if batched:
         children = children[:, None]
     return tuple(jax.random.wrap_key_data(c, impl="threefry2x32") for c in children)  # num keys, not examples
