@@ -77,6 +77,9 @@ def parse_args(argv):
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case (>= 1 rep)")
     parser.add_argument("--hard-n", type=int, default=200, help="examples per hard case")
     parser.add_argument("--models", type=int, default=8, help="random small models per activation")
+    parser.add_argument(
+        "--activations", default=",".join(RANDOM_ACTIVATIONS), help="activations of the random small models"
+    )
     parser.add_argument("--skip-traced", action="store_true", help="do not time the default under jax.jit")
     parser.add_argument("--skip-hard", action="store_true", help="only the benchmark MLP")
     parser.add_argument("--roundoff-n", type=int, default=200, help="examples of the roundoff case (0: skip)")
@@ -163,7 +166,13 @@ def hard_cases(args) -> list[tuple[str, object, object, object]]:
 
 
 def random_models(args):
+    chosen = {name for name in args.activations.split(",") if name}
+    if not chosen or not chosen <= set(RANDOM_ACTIVATIONS):
+        known = ",".join(RANDOM_ACTIVATIONS)
+        raise SystemExit(f"--activations: choose from {known}, got {args.activations!r}")
     for name, model in RANDOM_ACTIVATIONS.items():
+        if name not in chosen:
+            continue
         for i in range(args.models):
             kp, kx, ks = jax.random.split(jax.random.key(1000 * args.seed + i), 3)
             params = mlp_params(kp, (4, 8, 8, 1), jnp.float64)

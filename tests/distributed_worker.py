@@ -82,12 +82,16 @@ def _cases(params, params2):
         return idx, w, nj.distortion(F, idx, w), d["xs"][idx]  # the sampled rows, gathered
 
     def host_blocks(d, route):
-        """Global input: each process streams its own numpy block; local: the device path on all rows."""
+        """Global input: each process streams its own numpy block; local: the device path on all rows.
+        The fixed 16-node rule, as every streaming case: a streaming program holding the adaptive rule
+        compiles for 3-15 s (the adaptive rule on global arrays is the cases ``adjoint_*`` and
+        ``dual_matrix*``)."""
+        kw = dict(chunk_size=8, route=route, num_nodes=16)
         if d["xs"].is_fully_addressable:
-            return nj.streaming_leverage_scores(MLP, params, d["xs"], d["ys"], chunk_size=8, route=route)
+            return nj.streaming_leverage_scores(MLP, params, d["xs"], d["ys"], **kw)
         rows = distributed.process_rows(N)
         xs, ys = _data()["xs"][rows], _data()["ys"][rows]
-        return nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=8, route=route)
+        return nj.streaming_leverage_scores(MLP, params, xs, ys, **kw)
 
     def host_norms_and_loss(d):
         """Norm scores and the full-data loss, each process streaming its numpy block on the global side."""
@@ -111,7 +115,7 @@ def _cases(params, params2):
         "leverage_scores_stable": lambda d: nj.leverage_scores(d["deficient"]),
         "norm_scores": lambda d: nj.norm_scores(nj.dual_matrix(MLP, params, d["xs"], d["ys"])),
         "streaming_leverage_scores": lambda d: nj.streaming_leverage_scores(
-            MLP, params, d["xs"], d["ys"], chunk_size=8
+            MLP, params, d["xs"], d["ys"], chunk_size=8, num_nodes=16
         ),
         "sample_distortion": lambda d: sampled(d, True),
         "sample_without_replacement": lambda d: sampled(d, False),

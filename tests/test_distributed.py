@@ -61,8 +61,8 @@ def _env() -> dict:
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     cmd = [sys.executable, "-m", "nlis_jax.distributed", "--num-processes", "2", "--cpu-devices", "2"]
-    # About 165 s of CPU in all; the other pytest worker shares the 2 cores, hence the wide limit (a hang
-    # still ends the test, with the workers' stderr).
+    # About 130 s of CPU in all (2026-12-01); the other pytest worker shares the 2 cores, hence the wide
+    # limit (a hang still ends the test, with the workers' stderr).
     cmd += ["--timeout", "600", str(WORKER), str(out)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=630)

@@ -28,8 +28,11 @@ def test_numpy_input_matches_dense_scores(route):
     """Host path (a Python loop over chunks) = dense leverage of the dual matrix, on every route."""
     params = mlp_params(0, (D, 4, 1))
     xs, ys = _data()
-    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys))
-    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64, route=route)  # 300 = 4·64 + 44
+    # The default (adaptive) rule once; the forced routes with the fixed 16-node rule on both sides (the
+    # route is static: each would compile the adaptive rule's steps again, ~3 s a step).
+    nodes = None if route is None else 16
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys, num_nodes=nodes))
+    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64, route=route, num_nodes=nodes)
     assert isinstance(h, jax.Array) and h.shape == (N,)
     # float64, rows and Gram sums in another order than the dense route: rounding only
     np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
@@ -47,8 +50,8 @@ def test_chunk_source_of_uneven_pieces_and_block_outputs():
         calls.append(1)
         return ((xs[a:b], ys[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
 
-    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys))
-    h = nj.streaming_leverage_scores(MLP, params, source, chunk_size=64)
+    ref = nj.leverage_scores(nj.dual_matrix(MLP, params, xs, ys, num_nodes=16))  # fixed rule: compiles fast
+    h = nj.streaming_leverage_scores(MLP, params, source, chunk_size=64, num_nodes=16)
     np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
     assert len(calls) >= 2  # one call per pass
 
@@ -58,10 +61,10 @@ def test_float32_follows_params_and_matches_device_path():
     xs, ys = _data(np.float32)
     # This float32 dual matrix is ill-conditioned: the device path would take route "shifted", which
     # host data does not have (it takes "stable"); forced to the same route, the same sums chunk by chunk.
-    h = nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=64, route="stable")
-    h_dev = nj.streaming_leverage_scores(
-        MLP, params, jnp.asarray(xs), jnp.asarray(ys), chunk_size=64, route="stable"
-    )
+    # The fixed 16-node rule: the device path's program with the adaptive rule compiles for 10-15 s.
+    kw = dict(chunk_size=64, route="stable", num_nodes=16)
+    h = nj.streaming_leverage_scores(MLP, params, xs, ys, **kw)
+    h_dev = nj.streaming_leverage_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), **kw)
     assert h.dtype == jnp.float32
     np.testing.assert_allclose(h, h_dev, rtol=1e-5, atol=1e-7)  # same sums, chunk by chunk
 
@@ -119,13 +122,12 @@ def test_memmap_scores_in_bounded_anonymous_memory(tmp_path):
     xs = np.load(tmp_path / "xs.npy", mmap_mode="r")
     theta = jnp.full((d,), 0.1, jnp.float32)
     small = np.ascontiguousarray(xs[: 2 * chunk + 7])  # compiles the same chunk shapes first
-    expected_small = nj.leverage_scores(nj.dual_matrix(_single_index, theta, small))
-    got_small = nj.streaming_leverage_scores(_single_index, theta, small, chunk_size=chunk, route="gram")
+    kw = dict(chunk_size=chunk, route="gram", num_nodes=16)  # the fixed rule: its steps compile fast
+    expected_small = nj.leverage_scores(nj.dual_matrix(_single_index, theta, small, num_nodes=16))
+    got_small = nj.streaming_leverage_scores(_single_index, theta, small, **kw)
     np.testing.assert_allclose(got_small, expected_small, rtol=2e-3, atol=1e-8)
 
-    growth, h = _peak_growth(
-        lambda: nj.streaming_leverage_scores(_single_index, theta, xs, chunk_size=chunk, route="gram")
-    )
+    growth, h = _peak_growth(lambda: nj.streaming_leverage_scores(_single_index, theta, xs, **kw))
     bound = 3 * n * 4 + (16 << 20)
     assert growth <= bound, f"anonymous memory grew by {growth / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
     assert h.shape == (n,) and h.dtype == jnp.float32

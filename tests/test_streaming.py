@@ -27,11 +27,15 @@ def _svd_leverage(F):
 @pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
 def test_streaming_matches_materialised(problem, route):
     apply_fn, params, xs, ys = problem
-    F = nj.dual_matrix(apply_fn, params, xs, ys)
+    # The default (adaptive) rule once; the forced routes with the fixed 16-node rule on both sides: the
+    # routes see the same kind of matrix, and a streaming program holding the adaptive rule compiles for
+    # 10-15 s (one per route: the route is static).
+    nodes = None if route is None else 16
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=nodes)
     ref, r = _svd_leverage(F)
     # chunk of 50 does not divide n = 203: the padded rows must not leak into the Gram matrix.
     _, h, rank, taken = nj.streaming_leverage_scores(
-        apply_fn, params, xs, ys, chunk_size=50, route=route, return_info=True
+        apply_fn, params, xs, ys, chunk_size=50, route=route, return_info=True, num_nodes=nodes
     )
     assert int(rank) == r
     if route is not None:
@@ -41,7 +45,7 @@ def test_streaming_matches_materialised(problem, route):
     # gram route error ~ eps·κ(G); this MLP dual has κ(G) ~ 1e4, so ~1e-11; the others are ~1e-14.
     tol = 1e-10 if route == "gram" else 1e-12
     np.testing.assert_allclose(h, ref, rtol=tol)
-    probs = nj.streaming_leverage_scores(apply_fn, params, xs, ys, chunk_size=50)
+    probs = nj.streaming_leverage_scores(apply_fn, params, xs, ys, chunk_size=50, num_nodes=nodes)
     np.testing.assert_allclose(jnp.sum(probs), 1.0, rtol=1e-12)
 
 
@@ -52,10 +56,12 @@ def test_streaming_rank_deficient_and_block():
     params[0]["w"] = params[0]["w"].at[1].set(params[0]["w"][0])
     params[1]["w"] = params[1]["w"].at[:, 1].set(params[1]["w"][:, 0])
     xs = jax.random.normal(jax.random.key(4), (97, 2), jnp.float64)
-    F = nj.dual_matrix(apply_fn, params, xs)  # (97, 2, p + 1)
+    F = nj.dual_matrix(apply_fn, params, xs, num_nodes=16)  # (97, 2, p + 1); the rule as above
     ref_rows, r = _svd_leverage(F)
     assert r < F.shape[-1]
-    _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, xs, chunk_size=32, return_info=True)
+    _, h, rank, taken = nj.streaming_leverage_scores(
+        apply_fn, params, xs, chunk_size=32, return_info=True, num_nodes=16
+    )
     assert int(rank) == r and nj.routes.ROUTES[int(taken)] == "stable"
     assert int(nj.leverage_scores(F, return_info=True).route) == int(taken)
     np.testing.assert_allclose(h, ref_rows.reshape(97, 2).sum(axis=1), rtol=1e-10, atol=1e-13)
@@ -76,10 +82,12 @@ def test_streaming_zero_offset_column_is_not_counted():
     apply_fn = mlp()
     params = mlp_init(jax.random.key(5), (3, 4, 1), dtype=jnp.float64)  # zero biases: f(0) = 0
     xs = jax.random.normal(jax.random.key(6), (120, 3), jnp.float64)
-    F = nj.dual_matrix(apply_fn, params, xs)
+    F = nj.dual_matrix(apply_fn, params, xs, num_nodes=16)  # the rule as above
     assert float(jnp.max(jnp.abs(F[:, -1]))) == 0.0
     ref, r = _svd_leverage(F)
-    _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, xs, chunk_size=50, return_info=True)
+    _, h, rank, taken = nj.streaming_leverage_scores(
+        apply_fn, params, xs, chunk_size=50, return_info=True, num_nodes=16
+    )
     assert int(rank) == r == F.shape[1] - 1
     assert nj.routes.ROUTES[int(taken)] != "stable"
     np.testing.assert_allclose(h, ref, rtol=1e-10)
