@@ -89,6 +89,12 @@ _PROBE_SEED = 0x5EED
 #: the error estimate projects them, instead of being read back from memory once more per node (the
 #: measurements are in benchmarks/README.md). Other platforms take whole memory chunks.
 CACHE_ELEMENTS = 1 << 17
+#: A refinement bucket of at least this many integrand elements (examples times the integrand's size) takes
+#: its first bisection outside the bisection loop: there, on CPUs, XLA runs it on all cores, inside the loop
+#: it does not (measured on 2 cores, 1,024 examples of 321 elements: 40 ms peeled against 55 ms in the
+#: loop, the same on one core). Smaller buckets keep one copy of the bisection step, which halves the
+#: refinement's program and cuts its compilation by 0.4–0.7 s (benchmarks/README.md (e)).
+PEEL_ELEMENTS = 1 << 17
 
 
 class QuadratureWarning(RuntimeWarning):
@@ -192,10 +198,10 @@ class _Dfs(NamedTuple):
     roundoff: Array  # bool: a panel was accepted above its share of tol, at the integrand's rounding level
 
 
-def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth: int) -> _Dfs:
+def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth: int, peel: bool) -> _Dfs:
     """Depth-first bisection of ``[0, 1]`` for one example (``first``: the first pass's error estimate and
     integral): each step halves the panel on top of the stack, accepts the halves within their share of
-    ``tol`` and pushes the others.
+    ``tol`` and pushes the others; ``peel``: the first step is taken outside the loop (:data:`PEEL_ELEMENTS`).
 
     Roundoff: a half is also accepted when its branch has stalled :data:`STALLS` times (the
     halves' summed estimate above :data:`STALL_RATIO` times their parent's) while its estimate per unit
@@ -247,8 +253,8 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
             top = top + (~ok[j]).astype(top.dtype)
         return _Dfs(*stack, top, acc, err, count, s.roundoff | jnp.any(rounding))
 
-    # The first bisection is taken outside the loop: most refined examples are done after it.
-    return lax.while_loop(lambda s: s.top > 0, body, body(state))
+    # Peeled, the first bisection runs outside the loop (most refined examples are done after it).
+    return lax.while_loop(lambda s: s.top > 0, body, body(state) if peel else state)
 
 
 def _map_examples(fn: Callable, data: PyTree, n: int, chunk: int):
@@ -318,8 +324,11 @@ def _refine_bucket(g, check, params, data, first, idx, rtol, directions, *, max_
     safe = jnp.minimum(idx, norm.shape[0] - 1)
     xs = jax.tree.map(lambda a: a[safe], data)
 
+    peel = idx.shape[0] * directions.shape[0] >= PEEL_ELEMENTS
+
     def one(x, tol_i, first_i):
-        s = _refine_one(g, params, x, tol_i, first_i, directions, max_panels=max_panels, depth=depth)
+        kw = dict(max_panels=max_panels, depth=depth, peel=peel)
+        s = _refine_one(g, params, x, tol_i, first_i, directions, **kw)
         residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(s.err.dtype)
         return s.acc, s.err, residual, s.count, s.roundoff
 

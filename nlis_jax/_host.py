@@ -5,9 +5,10 @@ device and consumed one at a time, the next read (and its transfer) overlapping 
 current one (JAX dispatches asynchronously), and at most two chunks are in flight. Anonymous memory is
 ``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
 the leverage and norm scores are those of device arrays, written once in :mod:`nlis_jax._passes`; here
-they run as a Python loop over chunks of jitted steps (one compilation per chunk shape and pass), and
-only the passes the route needs are run (:func:`host_transform`: route ``"shifted"``, whose passes are
-called from traced code, becomes ``"stable"``).
+they run as a Python loop over chunks of jitted steps, and only the passes the route needs are run
+(:func:`host_transform`: route ``"shifted"``, whose passes are called from traced code, becomes
+``"stable"``). With the adaptive rule a step is two programs: the dual rows of the chunk (compiled once
+per model and chunk shape and shared by every pass) and the pass's small kernel (:func:`_step`).
 
 Input forms (``xs`` of the streaming scores and of the losses):
 
@@ -227,36 +228,74 @@ def _nonfinite(piece, valid):
 
 
 def _rows(apply_fn, params, piece, valid, num_nodes, mode):
-    """The dual rows ``(chunk, k, p+1)`` of an ``(x, y)`` piece (:func:`nlis_jax._passes.chunk_rows`)."""
+    """The dual rows ``(chunk, k, p+1)`` of an ``(x, y)`` piece (:func:`nlis_jax._passes.chunk_rows`) and
+    the number of non-finite inputs in its valid rows."""
     xc, yc = piece
     model = flatten_model(apply_fn, params, xc)
-    return chunk_rows(model, xc, yc, valid, num_nodes=num_nodes, mode=mode)
+    rows = chunk_rows(model, xc, yc, valid, num_nodes=num_nodes, mode=mode)
+    return rows, _nonfinite(piece, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", *STATIC))
-@highest_precision
-def _reduce_step(apply_fn, params, carry, piece, valid, args, *, kernel, num_nodes, mode):
+def _reduce(carry, rows, bad, args, kernel):
     """One step of a pass: ``kernel(carry, rows, *args)`` (:class:`nlis_jax._passes.Pass`)."""
-    return kernel(carry, _rows(apply_fn, params, piece, valid, num_nodes, mode), *args)
+    return kernel(carry, rows, *args)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", *STATIC))
-@highest_precision
-def _checked_step(apply_fn, params, carry, piece, valid, *, kernel, num_nodes, mode):
+def _checked(carry, rows, bad, args, kernel):
     """A step of the first pass: ``kernel(carry, rows)`` and the count of non-finite inputs."""
-    inner, bad = carry
-    rows = _rows(apply_fn, params, piece, valid, num_nodes, mode)
-    return kernel(inner, rows), bad + _nonfinite(piece, valid).astype(bad.dtype)
+    inner, count = carry
+    return kernel(inner, rows), count + bad.astype(count.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", *STATIC))
-@highest_precision
-def _values_step(apply_fn, params, carry, piece, valid, args, *, kernel, num_nodes, mode):
+def _values(carry, rows, bad, args, kernel):
     """Per-example values ``kernel(rows, *args)`` of a piece; the carry sums them and counts the
     non-finite inputs."""
-    values = kernel(_rows(apply_fn, params, piece, valid, num_nodes, mode), *args)
-    total, bad = carry
-    return values, (total + jnp.sum(values), bad + _nonfinite(piece, valid).astype(bad.dtype))
+    values = kernel(rows, *args)
+    total, count = carry
+    return values, (total + jnp.sum(values), count + bad.astype(count.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("combine", "kernel", *STATIC))
+@highest_precision
+def _fused_step(apply_fn, params, carry, piece, valid, args, *, combine, kernel, num_nodes, mode):
+    """A step with a fixed rule: the dual rows and ``combine`` (:func:`_reduce`, :func:`_checked`,
+    :func:`_values`) in one program per pass."""
+    return combine(carry, *_rows(apply_fn, params, piece, valid, num_nodes, mode), args, kernel)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+@highest_precision
+def _rows_step(apply_fn, params, piece, valid, *, num_nodes, mode):
+    """:func:`_rows` as a program of its own, shared by every pass (the adaptive rule)."""
+    return _rows(apply_fn, params, piece, valid, num_nodes, mode)
+
+
+@functools.partial(jax.jit, static_argnames=("combine", "kernel"))
+@highest_precision
+def _kernel_step(carry, rows, bad, args, *, combine, kernel):
+    """``combine`` of the rows of :func:`_rows_step`: a small program per pass."""
+    return combine(carry, rows, bad, args, kernel)
+
+
+def _step(combine, apply_fn, params, carry, piece, valid, args=(), *, kernel, num_nodes, mode):
+    """One step of a pass over the pieces: ``combine`` of the piece's dual rows.
+
+    With the adaptive rule (``num_nodes=None``) the dual rows are a program of their own, compiled once
+    per model and chunk shape and shared by every pass, and each pass adds only its small kernel: the
+    adaptive rule's program compiles for seconds (benchmarks/README.md (e)), and a leverage pass takes up
+    to four passes. A fixed rule compiles in a fraction of a second, so its rows and kernel stay one
+    program per pass, which saves writing the rows out and reading them back (a fifth of the time of a
+    cheap model's step)."""
+    if num_nodes is not None:
+        kw = dict(combine=combine, kernel=kernel, num_nodes=num_nodes, mode=mode)
+        return _fused_step(apply_fn, params, carry, piece, valid, args, **kw)
+    rows, bad = _rows_step(apply_fn, params, piece, valid, num_nodes=num_nodes, mode=mode)
+    return _kernel_step(carry, rows, bad, args, combine=combine, kernel=kernel)
+
+
+_reduce_step = functools.partial(_step, _reduce)
+_checked_step = functools.partial(_step, _checked)
+_values_step = functools.partial(_step, _values)
 
 
 _decide = jax.jit(highest_precision(routes.decide), static_argnames=("route",))

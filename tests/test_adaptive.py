@@ -114,6 +114,26 @@ def test_no_recompile_on_new_values():
     assert counts[COMPILE_EVENT] == 0
 
 
+def test_first_bisection_peeled_or_in_the_loop_gives_the_same_result(monkeypatch):
+    """Buckets of at least PEEL_ELEMENTS integrand elements take their first bisection outside the loop,
+    smaller ones inside it: the same arithmetic, so the same panels and, to rounding, the same integrals.
+    Jumps need many bisections, so the loop itself runs. A fresh ``functools.partial`` per call is a new
+    cache key, so each setting is traced anew."""
+    import functools
+
+    xs = jnp.linspace(0.013, 0.987, 11)
+    runs = {}
+    for peel, threshold in (("peeled", 0), ("loop", 1 << 62)):
+        monkeypatch.setattr(adaptive, "PEEL_ELEMENTS", threshold)
+        runs[peel] = adaptive.integrate(functools.partial(step), jnp.asarray(1.0), xs)
+    (v_peeled, info_peeled), (v_loop, info_loop) = runs["peeled"], runs["loop"]
+    assert int(np.min(info_loop.panels)) > 3
+    np.testing.assert_array_equal(np.asarray(info_peeled.panels), np.asarray(info_loop.panels))
+    np.testing.assert_allclose(np.asarray(v_peeled), np.asarray(v_loop), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(v_loop[:, 0]), 1 - np.asarray(xs), rtol=0, atol=1e-11)
+    assert bool(np.all(info_peeled.converged)) and bool(np.all(info_loop.converged))
+
+
 def test_panel_estimate_is_exact_for_polynomials():
     def cubic(params, t, x):
         return jnp.stack([t**3 * x, params * t**2])

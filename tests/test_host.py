@@ -223,6 +223,28 @@ def test_full_data_loss_of_host_data(loss):
         nj.weighted_loss(MLP, params, bad_x, ys)
 
 
+def test_dual_rows_compile_once_for_all_passes():
+    """With the adaptive rule the passes of the host path share one program for the dual rows of a chunk
+    (the large part of a step); each pass adds only its kernel, which depends on shapes, not on the model.
+    Route "stable" runs three passes here (the Gram pass, the TSQR pass, the scoring pass)."""
+    from nlis_jax import _host
+
+    params = mlp_params(6, (D, 4, 1))
+    xs, ys = _data()
+    for first in (True, False):
+
+        def apply_fn(params, x):  # a new function each time: a new cache key for the rows program
+            return MLP(params, x)
+
+        rows_before, kernels_before = _host._rows_step._cache_size(), _host._kernel_step._cache_size()
+        lev = nj.streaming_leverage_scores(apply_fn, params, xs, ys, chunk_size=64, route="stable")
+        assert _host._rows_step._cache_size() == rows_before + 1
+        if not first:  # the kernels compiled for the first model serve the second
+            assert _host._kernel_step._cache_size() == kernels_before
+    dense = nj.leverage_scores(nj.dual_matrix(apply_fn, params, jnp.asarray(xs), jnp.asarray(ys)))
+    np.testing.assert_allclose(np.asarray(lev), np.asarray(dense), rtol=1e-9, atol=1e-15)
+
+
 def test_second_host_call_does_not_recompile():
     """New values of the same shapes reuse every compiled step (counted by jax.monitoring)."""
     import collections
