@@ -342,34 +342,51 @@ def transform_from_passes(
     then gives the basis or the leverage of any rows of ``A``: the route, rank and arithmetic of
     :func:`basis` on ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs
     all of ``A``).
+
+    Each pass has one call site in the traced program: the routes' passes are staged (the Gram pass after
+    the decision, route ``"shifted"``'s CholeskyQR step, route ``"stable"``, chosen or as the fallback of
+    ``"shifted"``), each under a ``lax.cond`` that runs it only when the route needs it, rather than held by
+    every branch of a switch over the routes. A streamed pass traces the dual rows once per call site, and
+    with the adaptive quadrature rule each copy compiles for seconds (benchmarks/README.md (e)).
     """
     dec = decide(G, route)
-    eye = jnp.eye(G.shape[0], dtype=G.dtype)
+    m, dtype = G.shape[0], G.dtype
+    eye, zeros = jnp.eye(m, dtype=dtype), jnp.zeros((m, m), dtype)
     no, yes = jnp.asarray(False), jnp.asarray(True)
+    two_pass, shifted = dec.route == ROUTES.index("gram2"), dec.route == SHIFTED
 
-    def one_pass():
-        return dec.transform, eye, no, dec.rank
+    # Route "shifted": the shifted-Cholesky preconditioner (m × m work).
+    first_s, ok_s = lax.cond(shifted, lambda: shifted_first(G), lambda: (eye, no))
+    try_shifted = shifted & ok_s
+    # The Gram pass that follows the decision: routes "gram2" and "shifted".
+    G_a = lax.cond(
+        two_pass | try_shifted, gram_pass, lambda M: zeros, jnp.where(two_pass, dec.transform, first_s)
+    )
+    second_2 = lax.cond(two_pass, refine_transform, lambda G2: eye, G_a)
 
-    def two_pass():
-        return dec.transform, refine_transform(gram_pass(dec.transform)), yes, dec.rank
+    def cholesky():  # route "shifted": the CholeskyQR step(s) on A·first (one more pass if needed)
+        pre = shifted_transform(G, G_a, first_s, lambda M: gram_pass(first_s @ M), rtol)
+        return pre.second, pre.ok
+
+    second_s, ok_pre = lax.cond(try_shifted, cholesky, lambda: (eye, no))
+    # Route "stable": chosen, or the fallback of "shifted"; below float64 one CholeskyQR pass follows.
+    need_stable = (dec.route == STABLE) | (shifted & ~(try_shifted & ok_pre))
 
     def stable():
         M, rank = stable_transform(r_factor(), dec.scale, rtol)
-        if G.dtype == jnp.float64:
-            return M, eye, no, rank, jnp.int32(STABLE)
-        return M, refine_transform(gram_pass(M)), yes, rank, jnp.int32(STABLE)
+        if dtype == jnp.float64:
+            return M, eye, no, rank
+        return M, refine_transform(gram_pass(M)), yes, rank
 
-    def shifted():
-        first, ok = shifted_first(G)
-        pre = shifted_transform(G, gram_pass(first), first, lambda M: gram_pass(first @ M), rtol)
-        taken = (first, pre.second, yes, dec.rank, jnp.int32(SHIFTED))
-        return lax.cond(ok & pre.ok, lambda: taken, stable)
-
-    def fast(make):
-        return lambda: (*make(), dec.route)
-
-    branches = (fast(one_pass), fast(two_pass), stable, shifted)
-    first, second, refine, rank, taken = lax.switch(dec.route, branches)
+    stable_out = lax.cond(need_stable, stable, lambda: (eye, eye, no, dec.rank))
+    taken = jnp.where(need_stable, STABLE, dec.route).astype(jnp.int32)
+    outcomes = (  # indexed by ROUTES
+        (dec.transform, eye, no, dec.rank),
+        (dec.transform, second_2, yes, dec.rank),
+        stable_out,
+        (first_s, second_s, yes, dec.rank),
+    )
+    first, second, refine, rank = lax.switch(taken, [lambda o=o: o for o in outcomes])
     return Transform(first, second, refine, rank, taken)
 
 

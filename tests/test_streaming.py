@@ -91,3 +91,30 @@ def test_streaming_zero_offset_column_is_not_counted():
     assert int(rank) == r == F.shape[1] - 1
     assert nj.routes.ROUTES[int(taken)] != "stable"
     np.testing.assert_allclose(h, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, call_sites", [(jnp.float64, 5), (jnp.float32, 6)])
+def test_each_pass_traces_the_dual_rows_once(monkeypatch, problem, dtype, call_sites):
+    """The one streaming program traces the dual rows once per pass call site, not once per route that
+    could need the pass: the first Gram pass, the Gram pass after the decision, route "shifted"'s
+    CholeskyQR pass, route "stable"'s TSQR pass (and, below float64, its CholeskyQR pass), the scoring
+    pass. Held by every branch of a switch over the routes they were 7 and 9 copies, each compiling for
+    seconds with the adaptive rule."""
+    from nlis_jax import _streaming
+
+    model, params, xs, ys = problem
+    params, xs, ys = jax.tree.map(lambda a: a.astype(dtype), (params, xs, ys))
+    traced = []
+
+    def apply_fn(params, x):  # a new function: no trace of an earlier test is reused
+        return model(params, x)
+
+    def counted(*args, **kwargs):
+        traced.append(1)
+        return chunk_rows(*args, **kwargs)
+
+    chunk_rows = _streaming.chunk_rows
+    monkeypatch.setattr(_streaming, "chunk_rows", counted)
+    kw = dict(chunk_size=64, num_nodes=16, mode="auto", route=None)
+    _streaming._streaming_jit.lower(apply_fn, params, xs, ys, jnp.asarray(1e-6, dtype), **kw)
+    assert len(traced) == call_sites
