@@ -304,8 +304,9 @@ _stable = jax.jit(highest_precision(routes.stable_transform))
 
 
 # ------------------------------------------------------------------------------------------- leverage
-def host_transform(G, gram_pass, r_factor, rtol, route: str | None) -> routes.Transform:
-    """:func:`nlis_jax.routes.transform_from_passes` with the passes run from Python (only those needed)."""
+def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) -> routes.Transform:
+    """:func:`nlis_jax.routes.transform_from_passes` with the passes run from Python (only those needed;
+    ``run_pass`` is for traced code and not used)."""
     dec = _decide(G, route=route)
     eye = jnp.eye(G.shape[0], dtype=G.dtype)
     taken = int(dec.route)

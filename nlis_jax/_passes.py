@@ -8,8 +8,10 @@ and differ only in how a pass visits the chunks. A path supplies that as :class:
 - ``first(pass_, init)``: the same, for the first pass (host data also counts the examples and the
   non-finite inputs there, and raises before any score is computed);
 - ``scores(kernel, *args)``: the ``(n,)`` per-example values ``kernel(rows, *args)`` of every chunk;
-- ``transform``: :func:`nlis_jax.routes.transform_from_passes`, or a caller of the same
-  :mod:`nlis_jax.routes` steps that runs only the passes the route needs from Python.
+- ``transform(G, gram_pass, r_factor, run_pass, rtol, route)``: the route's transform. Device arrays
+  take :func:`nlis_jax.routes.transform_from_pass`, which asks for every pass through ``run_pass`` (one
+  call site in the program, so the dual rows are traced once for all of them); host data a caller of the
+  same :mod:`nlis_jax.routes` steps that runs only the passes the route needs from Python.
 
 The device path (:mod:`nlis_jax._streaming`) is one ``jit`` with ``lax.scan`` and ``lax.map`` over the
 chunks of a padded array; the host path (:mod:`nlis_jax._host`) a Python loop over chunks read from
@@ -28,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from nlis_jax import routes
 from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
@@ -87,9 +90,16 @@ def _combine_r(stacked):
     return jnp.linalg.qr(stacked.reshape(-1, stacked.shape[-1]), mode="r")
 
 
+def _any_step(carry, rows, kind, M, colmax):
+    """A step of the pass :func:`nlis_jax.routes.transform_from_pass` asks for: TSQR or Gram of ``A M``."""
+    tsqr = lambda c: _qr_step(c, rows, colmax)  # noqa: E731
+    return lax.cond(kind == routes.PASS_TSQR, tsqr, lambda c: _gram_step(c, rows, M, colmax), carry)
+
+
 SCALED_GRAM = Pass(_scaled_gram_step, _combine_scaled_grams)
 GRAM = Pass(_gram_step, _sum)
 TSQR = Pass(_qr_step, _combine_r)
+ANY = Pass(_any_step, None)  # traced code only (device arrays): one pass of either kind
 
 
 def leverage_rows(rows: Array, transform: routes.Transform, colmax: Array) -> Array:
@@ -123,5 +133,8 @@ def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
     def r_factor():
         return chunks.reduce(TSQR, zeros, colmax)
 
-    transform = chunks.transform(G, gram_pass, r_factor, rtol, route)
+    def run_pass(kind, M):
+        return chunks.reduce(ANY, zeros, kind, M, colmax)
+
+    transform = chunks.transform(G, gram_pass, r_factor, run_pass, rtol, route)
     return chunks.scores(leverage_rows, transform, colmax), transform

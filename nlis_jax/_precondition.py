@@ -251,24 +251,49 @@ def cholesky_steps(
     rank-revealing route instead) when ``A`` is numerically rank-deficient for ``rtol`` or ``Y`` could not
     be made orthonormal.
     """
-    m, dtype = Gy.shape[0], Gy.dtype
-    eps = jnp.finfo(dtype).eps
-    eye = jnp.eye(m, dtype=dtype)
+    start = cholesky_start(Gy)
+    G2 = lax.cond(start.needs_pass, gram_pass_y, jnp.zeros_like, start.M1)
+    return cholesky_finish(start, G2, first, d, apply_geq, rtol)
+
+
+class CholeskyStart(NamedTuple):
+    """The first CholeskyQR step on ``Y`` (:func:`cholesky_start`)."""
+
+    M1: Array  # (m, m): Y M1 is orthonormal to about eps·κ(Y)²
+    ratio_y: Array  # its conditioning estimate (σ_min/σ_max of Y)
+    needs_pass: Array  # bool: a second step, with one more pass (Y M1)ᵀ(Y M1), is needed
+
+
+def cholesky_start(Gy: Array) -> CholeskyStart:
+    """:func:`cholesky_steps` up to its optional pass: ``M1`` from ``Gy = YᵀY``, and whether ``Y M1`` needs
+    a second step (``YᵀY`` itself moderately ill-conditioned)."""
+    eps = jnp.finfo(Gy.dtype).eps
     Gy_eq, dy, _ = equilibrate(Gy)
     inv1, ratio_y = inverse_and_ratio(Gy_eq, CHECK_ITERS)
-    M1 = inv1 / dy[:, None]
+    return CholeskyStart(inv1 / dy[:, None], ratio_y, ~(ratio_y >= eps**0.25))
+
+
+def cholesky_finish(
+    start: CholeskyStart, G2: Array, first: Array, d: Array, apply_geq: Callable[[Array], Array], rtol: Array
+) -> Preconditioned:
+    """:func:`cholesky_steps` after its optional pass: ``G2 = (Y M1)ᵀ(Y M1)`` (used only when
+    ``start.needs_pass``) and the rank check."""
+    m, dtype = G2.shape[0], G2.dtype
+    eps = jnp.finfo(dtype).eps
+    eye = jnp.eye(m, dtype=dtype)
+    M1 = start.M1
 
     def two_steps():
-        G2, d2, _ = equilibrate(gram_pass_y(M1))
-        L2 = jnp.linalg.cholesky(G2)
+        G2_eq, d2, _ = equilibrate(G2)
+        L2 = jnp.linalg.cholesky(G2_eq)
         good = jnp.all(jnp.isfinite(L2))
         return M1 @ (lower_inverse_t(jnp.where(good, L2, eye)) / d2[:, None]), good
 
-    second, ok2 = lax.cond(ratio_y >= eps**0.25, lambda: (M1, jnp.asarray(True)), two_steps)
+    second, ok2 = lax.cond(start.needs_pass, two_steps, lambda: (M1, jnp.asarray(True)))
     # σ(A D⁻¹): σ_max² = λ_max(G_eq), σ_min² from the transform (see inverse_sigma_min_sq).
     lam_max = largest_eigenvalue(apply_geq, m, dtype, CHECK_ITERS)
     ratio = jnp.sqrt(1 / jnp.maximum(lam_max * inverse_sigma_min_sq(first, second, d, CHECK_ITERS), 1))
-    ok = (ratio_y >= Y_RATIO_MIN * eps) & ok2 & (ratio > 2 * rtol)
+    ok = (start.ratio_y >= Y_RATIO_MIN * eps) & ok2 & (ratio > 2 * rtol)
     return Preconditioned(first, second, ok, jnp.where(ok, ratio, 0.0))
 
 

@@ -73,7 +73,10 @@ def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> 
     def scores(kernel, *args):
         return lax.map(lambda i: kernel(rows(i), *args), jnp.arange(m)).reshape(-1)[:n]
 
-    return Chunks(reduce, reduce, scores, routes.transform_from_passes), model
+    def transform(G, gram_pass, r_factor, run_pass, rtol, route):  # every pass through one call site
+        return routes.transform_from_pass(G, run_pass, rtol, route)
+
+    return Chunks(reduce, reduce, scores, transform), model
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))

@@ -51,8 +51,11 @@ from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
     SKETCH_ROWS,
+    CholeskyStart,
     cholesky_decision_solver,
     cholesky_decision_xla,
+    cholesky_finish,
+    cholesky_start,
     cholesky_steps,
     count_sketch,
     equilibrate,
@@ -327,6 +330,10 @@ class Transform(NamedTuple):
     route: Array  # int32 index into ROUTES
 
 
+#: The kinds of pass :func:`transform_from_pass` asks for: ``(A M)ᵀ(A M)``, or an R factor of ``A``.
+PASS_GRAM, PASS_TSQR = 0, 1
+
+
 def transform_from_passes(
     G: Array,
     gram_pass: Callable[[Array], Array],
@@ -341,53 +348,106 @@ def transform_from_passes(
     ``r_factor()`` an R factor of ``A`` (a TSQR pass, route ``"stable"`` only). :func:`apply_transform`
     then gives the basis or the leverage of any rows of ``A``: the route, rank and arithmetic of
     :func:`basis` on ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs
-    all of ``A``).
+    all of ``A``). See :func:`transform_from_pass`, which asks for every pass through one function.
+    """
 
-    Each pass has one call site in the traced program: the routes' passes are staged (the Gram pass after
-    the decision, route ``"shifted"``'s CholeskyQR step, route ``"stable"``, chosen or as the fallback of
-    ``"shifted"``), each under a ``lax.cond`` that runs it only when the route needs it, rather than held by
-    every branch of a switch over the routes. A streamed pass traces the dual rows once per call site, and
-    with the adaptive quadrature rule each copy compiles for seconds (benchmarks/README.md (e)).
+    def run_pass(kind, M):
+        return lax.cond(kind == PASS_TSQR, lambda M: r_factor(), gram_pass, M)
+
+    return transform_from_pass(G, run_pass, rtol, route)
+
+
+class _Stages(NamedTuple):
+    """What the route's stages have found so far (:func:`transform_from_pass`)."""
+
+    G_a: Array  # the Gram pass after the decision (routes "gram2" and "shifted")
+    start: CholeskyStart  # route "shifted": its first CholeskyQR step
+    second_s: Array  # route "shifted": its second transform
+    need_stable: Array  # bool: route "stable", chosen or as the fallback of "shifted"
+    M_st: Array  # route "stable": its transform
+    rank_st: Array
+    kind: Array  # the pass asked for by the last stage, and whether it is needed
+    M: Array
+    active: Array
+
+
+def transform_from_pass(
+    G: Array, run_pass: Callable[[Array, Array], Array], rtol: Array, route: str | None = None
+) -> Transform:
+    """:func:`transform_from_passes` with every pass asked of one function, called from one place.
+
+    ``run_pass(kind, M)`` must return ``(A M)ᵀ(A M)`` for ``kind == PASS_GRAM`` and an R factor of ``A``
+    for ``kind == PASS_TSQR`` (``M`` is then the identity). The routes' passes are stages of a
+    ``lax.fori_loop`` whose body calls ``run_pass`` once (under a ``lax.cond``: only the passes the route
+    needs run): the Gram pass after the decision (routes ``"gram2"`` and ``"shifted"``); route
+    ``"shifted"``'s second CholeskyQR pass when ``YᵀY`` needs it; route ``"stable"``'s TSQR pass, chosen
+    or as the fallback of ``"shifted"``; below float64, its CholeskyQR pass. A streamed pass traces the
+    dual rows once per call site, and with the adaptive quadrature rule each copy compiles for seconds
+    (benchmarks/README.md (e)), so the streaming program holds one copy for all of them.
     """
     dec = decide(G, route)
     m, dtype = G.shape[0], G.dtype
     eye, zeros = jnp.eye(m, dtype=dtype), jnp.zeros((m, m), dtype)
     no, yes = jnp.asarray(False), jnp.asarray(True)
     two_pass, shifted = dec.route == ROUTES.index("gram2"), dec.route == SHIFTED
+    gram_kind, tsqr_kind = jnp.int32(PASS_GRAM), jnp.int32(PASS_TSQR)
 
     # Route "shifted": the shifted-Cholesky preconditioner (m × m work).
     first_s, ok_s = lax.cond(shifted, lambda: shifted_first(G), lambda: (eye, no))
     try_shifted = shifted & ok_s
-    # The Gram pass that follows the decision: routes "gram2" and "shifted".
-    G_a = lax.cond(
-        two_pass | try_shifted, gram_pass, lambda M: zeros, jnp.where(two_pass, dec.transform, first_s)
-    )
-    second_2 = lax.cond(two_pass, refine_transform, lambda G2: eye, G_a)
 
-    def cholesky():  # route "shifted": the CholeskyQR step(s) on A·first (one more pass if needed)
-        pre = shifted_transform(G, G_a, first_s, lambda M: gram_pass(first_s @ M), rtol)
-        return pre.second, pre.ok
+    def ask(st, kind, M, active):
+        return st._replace(kind=kind, M=M, active=active)
 
-    second_s, ok_pre = lax.cond(try_shifted, cholesky, lambda: (eye, no))
-    # Route "stable": chosen, or the fallback of "shifted"; below float64 one CholeskyQR pass follows.
-    need_stable = (dec.route == STABLE) | (shifted & ~(try_shifted & ok_pre))
+    def after_decision(st, _):  # the Gram pass after the decision
+        return ask(st, gram_kind, jnp.where(two_pass, dec.transform, first_s), two_pass | try_shifted)
 
-    def stable():
-        M, rank = stable_transform(r_factor(), dec.scale, rtol)
-        if dtype == jnp.float64:
-            return M, eye, no, rank
-        return M, refine_transform(gram_pass(M)), yes, rank
+    def cholesky_first(st, G_a):  # route "shifted": the first CholeskyQR step on A·first
+        start = lax.cond(try_shifted, cholesky_start, lambda Gy: _no_start(eye), G_a)
+        st = st._replace(G_a=G_a, start=start)
+        return ask(st, gram_kind, first_s @ start.M1, try_shifted & start.needs_pass)
 
-    stable_out = lax.cond(need_stable, stable, lambda: (eye, eye, no, dec.rank))
-    taken = jnp.where(need_stable, STABLE, dec.route).astype(jnp.int32)
+    def cholesky_last(st, G2):  # its second step and rank check; route "stable" if they fail
+        def finish():
+            Geq, d, _ = equilibrate(G)
+            pre = cholesky_finish(st.start, G2, first_s, d, lambda x: Geq @ x, rtol)
+            return pre.second, pre.ok
+
+        second_s, ok_pre = lax.cond(try_shifted, finish, lambda: (eye, no))
+        need_stable = (dec.route == STABLE) | (shifted & ~(try_shifted & ok_pre))
+        return ask(st._replace(second_s=second_s, need_stable=need_stable), tsqr_kind, eye, need_stable)
+
+    def stable_first(st, R):  # route "stable": the transform from R; below float64 a CholeskyQR pass
+        args = (R, dec.scale, rtol)
+        M_st, rank_st = lax.cond(st.need_stable, stable_transform, lambda *a: (eye, dec.rank), *args)
+        st = st._replace(M_st=M_st, rank_st=rank_st)
+        return ask(st, gram_kind, M_st, st.need_stable & (dtype != jnp.float64))
+
+    stages = (after_decision, cholesky_first, cholesky_last, stable_first)
+
+    def body(i, carry):
+        st, out = carry
+        st = lax.switch(i, stages, st, out)
+        return st, lax.cond(st.active, lambda: run_pass(st.kind, st.M), lambda: zeros)
+
+    init = _Stages(zeros, _no_start(eye), eye, no, eye, dec.rank, gram_kind, eye, no)
+    st, G_st = lax.fori_loop(0, len(stages), body, (init, zeros))
+    second_2 = lax.cond(two_pass, refine_transform, lambda G2: eye, st.G_a)
+    refine_st = st.need_stable & (dtype != jnp.float64)
+    second_st = lax.cond(refine_st, refine_transform, lambda G2: eye, G_st)
+    taken = jnp.where(st.need_stable, STABLE, dec.route).astype(jnp.int32)
     outcomes = (  # indexed by ROUTES
         (dec.transform, eye, no, dec.rank),
         (dec.transform, second_2, yes, dec.rank),
-        stable_out,
-        (first_s, second_s, yes, dec.rank),
+        (st.M_st, second_st, refine_st, st.rank_st),
+        (first_s, st.second_s, yes, dec.rank),
     )
     first, second, refine, rank = lax.switch(taken, [lambda o=o: o for o in outcomes])
     return Transform(first, second, refine, rank, taken)
+
+
+def _no_start(eye: Array) -> CholeskyStart:
+    return CholeskyStart(eye, jnp.ones((), eye.dtype), jnp.asarray(False))
 
 
 def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
