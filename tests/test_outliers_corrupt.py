@@ -4,6 +4,7 @@ probe and the new CLI options (nlis_jax.experiments.outliers, nlis_jax.experimen
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -126,8 +127,18 @@ def test_ridge_scores_match_numpy_reference():
 
 
 def test_peak_rss_sees_an_allocation():
+    """The sampler sees a 40 MiB allocation held for 0.2 s. Freed at once, the allocation lived ~20 ms, and
+    on a loaded machine (CI's two test processes) the sampling thread was sometimes not scheduled within
+    that time (growth 0.004 MiB measured once): holding it, and releasing the GIL meanwhile, lets the
+    thread's 5 ms samples see it."""
+
+    def allocate():
+        block = np.ones(40 * 2**20 // 8)  # 40 MiB, above glibc's largest mmap threshold: fresh pages
+        time.sleep(0.2)
+        return block.sum()
+
     records: dict = {}
-    out = memory.measured(records, "alloc", lambda: np.ones(40 * 2**20 // 8).sum())  # 40 MiB
+    out = memory.measured(records, "alloc", allocate)
     assert out == 40 * 2**20 // 8
     r = records["alloc"]
     if r["rss_peak_mib"] is None:
