@@ -92,8 +92,12 @@ def _combine_r(stacked):
 
 def _any_step(carry, rows, kind, M, colmax):
     """A step of the pass :func:`nlis_jax.routes.transform_from_pass` asks for: TSQR or Gram of ``A M``."""
-    tsqr = lambda c: _qr_step(c, rows, colmax)  # noqa: E731
-    return lax.cond(kind == routes.PASS_TSQR, tsqr, lambda c: _gram_step(c, rows, M, colmax), carry)
+    return lax.cond(
+        kind == routes.PASS_TSQR,
+        lambda c: _qr_step(c, rows, colmax),
+        lambda c: _gram_step(c, rows, M, colmax),
+        carry,
+    )
 
 
 SCALED_GRAM = Pass(_scaled_gram_step, _combine_scaled_grams)

@@ -8,8 +8,9 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
   power of two, as the dense route does (the column maxima found on the way, :mod:`nlis_jax._colscale`; the
   later passes scale each chunk alike), so a column ``×1e154`` neither overflows nor drops the rank
   (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce) and
-  :func:`nlis_jax.routes.transform_from_passes`
-  picks the route and asks for the passes it needs;
+  :func:`nlis_jax.routes.transform_from_pass` picks the route and asks for the passes it needs, all
+  through one pass loop (so the program traces the dual rows three times: this pass, that loop and the
+  scoring pass);
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([R; F̃_c]).R``, then ``R D⁻¹ = W S Vᵀ`` and
