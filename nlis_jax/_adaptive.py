@@ -314,7 +314,28 @@ def _first_pass(g, check, params, data, directions, *, n: int, chunk: int) -> _S
 
 
 def _converged(state: _State, rtol, check_tol) -> Array:
-    return (state.error <= rtol) & (state.residual <= check_tol)
+    """Within both tolerances, with a finite integral: a NaN compares false, so it never converges."""
+    return (state.error <= rtol) & (state.residual <= check_tol) & _finite(state)
+
+
+def _finite(state: _State) -> Array:
+    """Per example: the integral (its norm) and the check residual are finite (numpy or jax arrays)."""
+    return (state.norm < math.inf) & (abs(state.residual) < math.inf)
+
+
+def _nonfinite_message(count: str) -> str:
+    """Default message of :func:`integrate` for examples whose integral or check residual is NaN or Inf."""
+    return (
+        f"the integral is NaN or Inf for {count} examples: the integrand is not finite on [0, 1] (or its "
+        f"integral overflows)."
+    )
+
+
+def _raise_nonfinite(host: _State, nonfinite: Callable[[str], str] | None) -> None:
+    """``ValueError`` counting the examples of a host state whose integral or residual is not finite."""
+    bad = int(np.count_nonzero(~_finite(host)))
+    if bad:
+        raise ValueError((nonfinite or _nonfinite_message)(f"{bad} of {host.norm.shape[0]}"))
 
 
 def _refine_bucket(g, check, params, data, first, idx, rtol, directions, *, max_panels, depth) -> _State:
@@ -366,7 +387,7 @@ def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth
     directions = _directions(g, params, data)
     n = _num_examples(data)
     state = _first_pass(g, check, params, data, directions, n=n, chunk=chunk)
-    remaining = ~_converged(state, rtol, check_tol)
+    remaining = ~_converged(state, rtol, check_tol) & _finite(state)  # refining a NaN stays NaN
 
     def body(carry):
         state, remaining = carry
@@ -436,6 +457,7 @@ def integrate(
     chunk_size: int | None = None,
     check: Callable | None = None,
     check_tol: float | None = None,
+    nonfinite: Callable[[str], str] | None = None,
 ) -> tuple[Array, QuadratureInfo]:
     r"""``I_i = ∫_0^1 g(params, t, x_i) dt`` for every example, adaptively, with per-example error estimates.
 
@@ -449,10 +471,19 @@ def integrate(
       chunk_size: examples per vectorised batch (memory); also the largest refinement bucket.
       check: optional ``check(params, I, x) -> scalar`` a-posteriori residual, e.g. a relative identity
         residual; an example converges only when it is at most ``check_tol`` (default ``rtol``).
+      nonfinite: ``nonfinite(count) -> message`` (``count`` e.g. ``"3 of 12"``) of the ``ValueError`` raised,
+        eagerly, for examples whose integral or check residual is NaN or Inf: after the first pass (before
+        any refinement, which would bisect a NaN to the budget) and after the refinement. Traced they are
+        not refined and are reported by the :class:`QuadratureWarning` (``checkify`` cannot wrap this
+        scheme: it refuses a vmapped ``lax.while_loop``).
 
     Returns:
       ``(I, info)``: ``I`` of shape ``(n,) + shape(g)`` and a :class:`QuadratureInfo`. Examples that miss
-      the tolerance raise a :class:`QuadratureWarning` (at run time when traced).
+      the tolerance (non-finite ones included, under tracing) raise a :class:`QuadratureWarning` (at run
+      time when traced).
+
+    Raises:
+      ValueError: called eagerly, when an example's integral or check residual is NaN or Inf.
     """
     n = _num_examples(data)
     dtype = _output(g, params, data).dtype
@@ -473,16 +504,25 @@ def integrate(
         kw = dict(chunk=pass_chunk, max_panels=max_panels, depth=depth, bucket=bucket)
         traced = _traced_jit if spans_processes else _traced
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
+        if spans_processes:  # concrete: a replicated count, which every process can read
+            bad = int(jnp.sum(~_finite(state)))
+            if bad:
+                raise ValueError((nonfinite or _nonfinite_message)(f"{bad} of {n}"))
         conv = _converged(state, rtol_arr, check_tol_arr)
         warn = functools.partial(_warn, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
         if spans_processes:  # replicated scalar summaries, which every process can read
             _warn_global(state, conv, warn)
         else:
-            report = lambda *a: warn(_missed(*map(np.asarray, a), np), n)  # noqa: E731
-            jax.debug.callback(report, state.error, state.residual, conv, state.roundoff)
+            # the library's own traced callers (no ``nonfinite``: the streaming passes) report non-finite
+            # rows themselves, from their inputs' checks; a user's jit gets them in the warning
+            missed = functools.partial(_missed, xp=np, count_nonfinite=nonfinite is not None)
+            report = lambda *a: warn(missed(*map(np.asarray, a)), n)  # noqa: E731
+            jax.debug.callback(report, state.error, state.residual, conv, state.roundoff, _finite(state))
         return state.value, _info(state, conv)
     state = _first_pass_jit(g, check, params, data, chunk=pass_chunk)
-    failing = np.flatnonzero(~_converged(_host(state), rtol, check_tol))
+    host = _host(state)
+    _raise_nonfinite(host, nonfinite)  # before refining: bisecting a NaN would spend the whole budget
+    failing = np.flatnonzero(~_converged(host, rtol, check_tol))
     for start in range(0, failing.size, bucket_limit):  # groups of examples, each one vectorised call
         group = failing[start : start + bucket_limit]
         idx = np.full(_bucket_size(group.size, bucket_limit), n, np.int32)
@@ -492,42 +532,46 @@ def integrate(
         found = _refine_jit(g, check, params, data, first, idx, rtol_arr, max_panels=max_panels, depth=depth)
         state = _scatter_jit(state, idx, found)
     host = _host(state)
+    _raise_nonfinite(host, nonfinite)  # a refined panel's end can be a singular point (t = 0)
     conv = _converged(host, rtol, check_tol)
-    missed = _missed(host.error, host.residual, conv, host.roundoff, np)
+    missed = _missed(host.error, host.residual, conv, host.roundoff, _finite(host), np)
     _warn(missed, n, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
     return state.value, _info(state, jnp.asarray(conv))
 
 
 def _warn_global(state: _State, conv: Array, warn: Callable) -> None:
     """:func:`_warn` from replicated reductions of arrays that span several processes."""
-    warn(_missed(state.error, state.residual, conv, state.roundoff, jnp), conv.shape[0])
+    warn(_missed(state.error, state.residual, conv, state.roundoff, _finite(state), jnp), conv.shape[0])
 
 
 def _host(state: _State) -> _State:
-    """The per-example scalars of ``state`` as numpy arrays (``value`` stays on the device)."""
-    error, residual, roundoff = map(np.asarray, (state.error, state.residual, state.roundoff))
-    return state._replace(error=error, residual=residual, roundoff=roundoff)
+    """The per-example scalars of ``state`` as numpy arrays (``value`` and ``panels`` stay on the device)."""
+    fields = (state.error, state.residual, state.norm, state.roundoff)
+    error, residual, norm, roundoff = map(np.asarray, fields)
+    return state._replace(error=error, residual=residual, norm=norm, roundoff=roundoff)
 
 
 def _info(state: _State, conv: Array) -> QuadratureInfo:
     return QuadratureInfo(state.error, state.residual, state.panels, conv, state.roundoff)
 
 
-def _missed(error, residual, conv, roundoff, xp) -> tuple[tuple[int, float, float], ...]:
-    """``(count, worst error, worst residual)`` of the examples that missed the tolerance, first those
-    stopped at the rounding level, then those out of budget (``xp``: numpy, or jax.numpy for arrays that
-    span processes)."""
-    # Non-finite values are not a quadrature failure: they come from non-finite inputs or gradients, which
-    # the callers' value checks report (the host path counts them in its first pass and raises there).
-    missed = ~conv & xp.isfinite(error) & xp.isfinite(residual)
-    groups = (missed & roundoff, missed & ~roundoff)
+def _missed(
+    error, residual, conv, roundoff, finite, xp, count_nonfinite: bool = True
+) -> tuple[tuple[int, float, float], ...]:
+    """``(count, worst error, worst residual)`` of the examples that missed the tolerance: those stopped at
+    the rounding level, those out of budget, and with ``count_nonfinite`` those with a NaN or Inf integral
+    or residual (``finite`` false: eagerly these raise before; under a user's jit they are reported here;
+    the library's streaming passes report non-finite rows from their own input checks) (``xp``: numpy, or
+    jax.numpy for arrays that span processes). A finite example that missed never hides behind a NaN."""
+    missed = ~conv & finite
+    groups = (missed & roundoff, missed & ~roundoff, ~conv & ~finite & count_nonfinite)
     worst = lambda a, g: float(xp.max(xp.where(g, a, 0)))  # noqa: E731
     return tuple((int(xp.sum(g)), worst(error, g), worst(residual, g)) for g in groups)
 
 
 def _warn(missed, n: int, *, rtol, check_tol, max_panels) -> None:
-    (noisy, noise_err, noise_res), (short, short_err, short_res) = missed
-    if not noisy + short:
+    (noisy, noise_err, noise_res), (short, short_err, short_res), (nonfinite, _, _) = missed
+    if not noisy + short + nonfinite:
         return
     parts = []
     if noisy:
@@ -542,10 +586,15 @@ def _warn(missed, n: int, *, rtol, check_tol, max_panels) -> None:
             f"worst check residual {short_res:.2e}; raise max_panels, loosen rtol, or check the model "
             f"for non-finite gradients"
         )
+    if nonfinite:
+        parts.append(
+            f"{nonfinite} with a NaN or Inf integral or check residual: the integrand is not finite on the "
+            f"path (check the model for non-finite gradients, e.g. sqrt or log singular at t = 0)"
+        )
     warnings.warn(
         QuadratureWarning(
             f"adaptive quadrature missed its tolerance (rtol={rtol:.1e}, check_tol={check_tol:.1e}) for "
-            f"{noisy + short} of {n} examples: " + "; ".join(parts) + "."
+            f"{noisy + short + nonfinite} of {n} examples: " + "; ".join(parts) + "."
         ),
         stacklevel=3,
     )

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -31,9 +32,14 @@ from nlis_jax._checks import (
     check_floating,
     check_leading_axis,
     check_positive_int,
+    check_real,
     check_same_length,
+    count_failing,
+    host_values,
+    is_concrete,
 )
 from nlis_jax._precision import highest_precision
+from nlis_jax._traced import check as traced_check
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
 
@@ -105,7 +111,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     theta = jax.eval_shape(_ravel, params)
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
-    out = jax.eval_shape(apply_fn, params, _first_example(xs))
+    out = _eval_one_example(apply_fn, params, xs)
     if len(out.shape) > 1:
         raise ValueError(
             f"apply_fn(params, x) must return a scalar or a vector of k outputs for ONE example, "
@@ -125,7 +131,66 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
             )
         check_floating("ys", ys)
         check_finite("ys", ys)
+        check_ys_fits(ys, shape.dtype)
     return shape
+
+
+def _eval_one_example(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> jax.ShapeDtypeStruct:
+    """``jax.eval_shape(apply_fn, params, xs[0])``; a failure inside ``apply_fn`` (a wrong width of ``xs``, a
+    missing or misshapen leaf of ``params``) becomes a ``ValueError`` showing the shapes, chained to it."""
+    x0 = _first_example(xs)
+    try:
+        return jax.eval_shape(apply_fn, params, x0)
+    except Exception as err:
+        cause = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"apply_fn(params, x) failed on one example x = xs[0] ({_leaf_shapes('x', x0)}) with params "
+            f"({_leaf_shapes('params', params)}): {type(err).__name__}: {cause}. Check that xs has the "
+            f"examples on its leading axis in the layout apply_fn expects, and that params has every leaf "
+            f"apply_fn reads, with the shape it expects."
+        ) from err
+
+
+def _leaf_shapes(name: str, tree: PyTree, limit: int = 12) -> str:
+    """``"name['w'] shape (3,), ..."`` for the first ``limit`` leaves of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    parts = [f"{name}{jax.tree_util.keystr(path)} shape {jnp.shape(leaf)}" for path, leaf in leaves[:limit]]
+    more = f", ... ({len(leaves)} leaves)" if len(leaves) > limit else ""
+    return ", ".join(parts) + more
+
+
+@jax.jit
+def _count_unrepresentable(ys, like):
+    return jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
+
+
+def check_ys_fits(ys, dtype) -> None:
+    """``ValueError`` if a concrete ``ys`` (finite, floating) has values beyond the range of ``dtype`` (the
+    params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf. Only a ``ys``
+    of a wider dtype is read (on the host without compiling, as ``check_finite``); traced, a ``checkify``
+    check inside ``nlis_jax.traced_checks()``."""
+    ys = ys if hasattr(ys, "dtype") else np.asarray(ys)
+    y_dtype = jnp.result_type(ys)
+    if not jnp.issubdtype(y_dtype, jnp.floating) or jnp.finfo(y_dtype).max <= jnp.finfo(dtype).max:
+        return
+    limit = float(jnp.finfo(dtype).max)
+    message = (
+        f"ys has {{}} value(s) beyond the range of the params' dtype {jnp.dtype(dtype).name} (largest finite "
+        f"value {limit:.4g}): cast to it they become Inf in the offset column f(0) − y. Rescale ys (and the "
+        f"model's outputs), or pass params in a wider dtype."
+    )
+    if not is_concrete(ys):
+        traced_check(jnp.all(jnp.isfinite(ys.astype(dtype))), message.format("some"))
+        return
+    host = host_values(ys)
+    if host is not None:
+        with np.errstate(over="ignore"):
+            bad = count_failing(host, lambda a: np.isfinite(a.astype(dtype)))
+    else:
+        with jax.ensure_compile_time_eval():
+            bad = int(_count_unrepresentable(ys, jnp.zeros((), dtype)))
+    if bad:
+        raise ValueError(message.format(bad))
 
 
 def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> FlatModel:
@@ -223,14 +288,51 @@ def adjoint(
 
     Raises:
       ValueError: on NaN/Inf in ``params`` or ``xs`` (when concrete), inconsistent leading axes,
-        a model output of rank > 1, an unknown ``mode`` or a non-positive ``num_nodes``/``chunk_size``.
+        a model output of rank > 1, an unknown ``mode`` or a non-positive ``num_nodes``/``chunk_size``;
+        when ``apply_fn`` fails on one example (the message shows the shapes); when the adjoint comes out
+        NaN or Inf (a gradient of ``apply_fn`` not finite on the path ``tθ``, e.g. ``sqrt`` or ``log``
+        singular at ``θ = 0``, or overflow), eagerly, or as a ``checkify`` check under a user's ``jit``
+        inside ``nlis_jax.traced_checks()``.
     """
     check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
     shape = check_model(apply_fn, params, xs)
     if num_nodes is None:
-        out = adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
+        args = (apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
+        out = adaptive_adjoint(*args, report=True)
         return out if return_info else out[0]
-    return _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    adj, bad = _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    report_nonfinite(bad, shape.n, nonfinite_adjoint)
+    return adj
+
+
+def nonfinite_adjoint(count: str) -> str:
+    """The error for adjoints that came out NaN or Inf in ``count`` (e.g. ``"3 of 12"``) examples."""
+    return (
+        f"the adjoint is NaN or Inf for {count} examples: the gradient of apply_fn is not finite on the path "
+        f"tθ, t in [0, 1] (or apply_fn itself is not finite at 0 or at θ). Likely causes: a function "
+        f"singular at θ = 0, such as sqrt or log of an argument that vanishes there (sqrt(x @ w), "
+        f"log(x @ w)), an argument outside its domain (sqrt or log of a negative number), or overflow in the "
+        f"params' dtype. "
+        f"The model must be finite and differentiable along the whole ray from 0 to θ (e.g. sqrt(z + eps), "
+        f"softplus)."
+    )
+
+
+def count_bad_examples(a: Array) -> Array:
+    """Number of examples (leading axis) of ``a`` with a NaN or Inf entry, as a scalar (traced)."""
+    finite = jnp.isfinite(a.reshape(a.shape[0], -1))
+    return jnp.sum(~jnp.all(finite, axis=1), dtype=jnp.int32)
+
+
+def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
+    """``ValueError(describe("bad of n"))`` when the count ``bad`` is concrete and positive; under tracing a
+    ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
+    if not is_concrete(bad):
+        traced_check(bad == 0, describe("some"))
+        return
+    bad = int(bad)
+    if bad:
+        raise ValueError(describe(f"{bad} of {n}"))
 
 
 def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANELS, return_info=False) -> None:
@@ -241,7 +343,7 @@ def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANEL
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     check_positive_int("max_panels", max_panels)
-    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+    if rtol is not None and not 0 < check_real("rtol", rtol) < 1:  # NaN fails the comparison too
         raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}.")
     if not isinstance(return_info, bool):
         raise TypeError(f"return_info must be True or False, got {return_info!r}.")
@@ -300,33 +402,50 @@ def _in_float32(tree: PyTree) -> PyTree:
     return jax.tree.map(one, tree)
 
 
-def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels):
+def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels, *, report=False):
     """Adaptive adjoints ``(adj, info)`` of a validated model, eager or traced (``nlis_jax._adaptive``).
 
     Half-precision models (float16, bfloat16) are integrated in float32, to float32's tolerance (the
     quadrature then adds nothing to the rounding of the result), and the adjoints cast back; the info
     stays in float32.
+
+    Adjoints that come out NaN or Inf raise ``ValueError`` when computed eagerly; with ``report`` (a public
+    entry point, in the user's trace) also as a ``checkify`` check under tracing, and an overflow of the
+    cast back to half precision is counted too.
     """
     if routes.compute_dtype(shape.dtype) != shape.dtype:
         params, xs = _in_float32(params), _in_float32(xs)
         wide = shape._replace(dtype=routes.compute_dtype(shape.dtype))
-        adj, info = adaptive_adjoint(apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
-        return adj.astype(shape.dtype), info
+        args = (apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
+        adj, info = adaptive_adjoint(*args, report=report)
+        adj, bad = _narrow(adj, jnp.zeros((), shape.dtype))
+        if report:
+            report_nonfinite(bad, shape.n, nonfinite_adjoint)
+        return adj, info
     k = math.prod(shape.out_shape)
-    rtol = default_rtol(shape.dtype) if rtol is None else rtol
+    rtol = default_rtol(shape.dtype) if rtol is None else float(rtol)
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
     chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size
     check, check_tol = IdentityResidual(apply_fn), identity_tol(rtol, shape.p, shape.dtype)
     with jax.default_matmul_precision("highest"):
         kw = dict(rtol=rtol, max_panels=max_panels, chunk_size=chunk, check=check, check_tol=check_tol)
-        return integrate(g, params, xs, **kw)
+        return integrate(g, params, xs, nonfinite=nonfinite_adjoint if report else None, **kw)
+
+
+@jax.jit
+def _narrow(adj, like):
+    """``adj`` cast to ``like``'s dtype, and the number of examples that overflow there."""
+    narrow = adj.astype(like.dtype)
+    return narrow, count_bad_examples(narrow)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
 def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, chunk_size):
+    """Adjoints by a fixed rule, and the number of examples whose adjoint is NaN or Inf."""
     model = flatten_model(apply_fn, params, xs)
-    return flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    adj = flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    return adj, count_bad_examples(adj)
 
 
 def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:

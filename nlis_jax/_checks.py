@@ -141,6 +141,41 @@ def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a Python bool; ``TypeError`` unless it is a bool (a Python or numpy one): a string
+    such as ``"no"`` or ``None`` would otherwise decide by its truthiness."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_real(name: str, value) -> float:
+    """Return a concrete real scalar as a Python float: a Python, numpy or 0-d array number (``bool`` and
+    strings are refused with ``TypeError``); NaN is returned as is, for the caller's range check."""
+    dtype = getattr(value, "dtype", None)
+    ok = isinstance(value, int | float | np.integer | np.floating) or (
+        dtype is not None and jnp.shape(value) == () and is_concrete(value)
+    )
+    if isinstance(value, bool | np.bool_) or not ok or (dtype is not None and not _is_real_dtype(dtype)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    return float(value)
+
+
+def _is_real_dtype(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_key(name: str, key) -> None:
+    """``TypeError`` unless ``key`` is a PRNG key: a typed key (``jax.random.key``) or a raw ``uint32``
+    key array (``jax.random.PRNGKey``); a plain int is not one (the message says how to make one)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype == jnp.uint32 and jnp.ndim(key) >= 1:
+        return
+    raise TypeError(f"{name} must be a PRNG key, e.g. jax.random.key(0), got {key!r}.")
+
+
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {sorted(allowed)}.")
@@ -168,6 +203,16 @@ def probs_summary(probs) -> tuple[int, int, float, float, int] | None:
     return int(bad), int(neg), float(low), float(total), int(pos)
 
 
+def probs_tolerance(dtype) -> float:
+    """How far from 1 the sum of a probability vector of ``dtype`` may be: 1e-8 in float64; 1e-3 in
+    float32 (a float32 vector summed in float32, the roundoff of n terms); in half precision 4 units of its
+    rounding (float16 3.9e-3, bfloat16 3.1e-2: each entry is rounded once to 8 or 11 bits, and the
+    library's own half-precision scores are such vectors)."""
+    if dtype == jnp.float64:
+        return 1e-8
+    return max(1e-3, 4 * float(jnp.finfo(dtype).eps))
+
+
 def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int:
     """Require a 1-D probability vector: non-negative, finite, summing to one. Returns its length.
 
@@ -188,7 +233,7 @@ def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int
         raise ValueError(f"{name} contains NaN or Inf.")
     if neg:
         raise ValueError(f"{name} has {neg} negative entries (min {low:.3g}).")
-    tol = atol if atol is not None else (1e-3 if jnp.result_type(probs) == jnp.float32 else 1e-8)
+    tol = atol if atol is not None else probs_tolerance(jnp.result_type(probs))
     if abs(total - 1.0) > tol:
         raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}).")
     return shape[0]
@@ -199,7 +244,7 @@ def check_traced_probs(probs, name: str) -> None:
     if not traced.enabled():
         return
     bad, neg, _, total, _ = _probs_summary(probs)
-    tol = 1e-3 if jnp.result_type(probs) == jnp.float32 else 1e-8
+    tol = probs_tolerance(jnp.result_type(probs))
     traced.check(bad == 0, f"{name} contains NaN or Inf.")
     traced.check(neg == 0, f"{name} has negative entries.")
     traced.check(jnp.abs(total - 1.0) <= tol, f"{name} must sum to 1 (tolerance {tol:g}).")

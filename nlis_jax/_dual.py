@@ -12,17 +12,21 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo
 from nlis_jax._adjoint import (
     adaptive_adjoint,
     check_model,
     check_path_args,
+    count_bad_examples,
     flat_adjoint,
     flatten_model,
     model_outputs,
+    nonfinite_adjoint,
+    report_nonfinite,
 )
-from nlis_jax._checks import check_positive_int
+from nlis_jax._checks import check_finite, check_positive_int
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
@@ -34,6 +38,14 @@ def _offset_column(model, xs, ys) -> Array:
     if ys is None:
         return f0
     return f0 - jnp.asarray(ys).astype(f0.dtype)
+
+
+def nonfinite_offset(count: str) -> str:
+    """The error for an offset column ``f(0) − y`` that came out NaN or Inf in ``count`` examples."""
+    return (
+        f"the offset column f(0) − y of the dual matrix is NaN or Inf for {count} examples: apply_fn is not "
+        f"finite at θ = 0 (e.g. log or a division singular there), or f(0) − y overflows the params' dtype."
+    )
 
 
 def dual_matrix(
@@ -63,27 +75,40 @@ def dual_matrix(
       ``(n, p + 1)`` (or ``(n, k, p + 1)`` for ``k`` outputs), and the adjoints'
       :class:`nlis_jax.QuadratureInfo` with ``return_info=True``. With ``θ̃ = [θ; 1]``,
       ``F̃ θ̃ = f(θ; x) − y``, the residual.
+
+    Raises:
+      ValueError: as :func:`nlis_jax.adjoint`; also when ``ys`` holds values beyond the range of the params'
+        dtype, or the offset column ``f(0) − y`` comes out NaN or Inf.
     """
     check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
     shape = check_model(apply_fn, params, xs, ys)
     if num_nodes is None:
-        adj, info = adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
-        dual = _append_offset_jit(apply_fn, params, xs, ys, adj)
+        args = (apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
+        adj, info = adaptive_adjoint(*args, report=True)
+        dual, bad_offset = _append_offset_jit(apply_fn, params, xs, ys, adj)
+        report_nonfinite(bad_offset, shape.n, nonfinite_offset)
         return (dual, info) if return_info else dual
-    return _dual_matrix_jit(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    kw = dict(num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    dual, bad_adjoint, bad_offset = _dual_matrix_jit(apply_fn, params, xs, ys, **kw)
+    report_nonfinite(bad_adjoint, shape.n, nonfinite_adjoint)
+    report_nonfinite(bad_offset, shape.n, nonfinite_offset)
+    return dual
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
 def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, chunk_size):
+    """The dual matrix by a fixed rule, and the numbers of examples with a NaN or Inf adjoint and offset."""
     model = flatten_model(apply_fn, params, xs)
-    return dual_block(model, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    dual = dual_block(model, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    return dual, count_bad_examples(dual[..., :-1]), count_bad_examples(dual[..., -1])
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _append_offset_jit(apply_fn, params, xs, ys, adj):
-    offset = _offset_column(flatten_model(apply_fn, params, xs), xs, ys)
-    return jnp.concatenate([adj, offset[..., None].astype(adj.dtype)], axis=-1)
+    """``[adj | f(0) − y]``, and the number of examples whose offset is NaN or Inf."""
+    offset = _offset_column(flatten_model(apply_fn, params, xs), xs, ys).astype(adj.dtype)
+    return jnp.concatenate([adj, offset[..., None]], axis=-1), count_bad_examples(offset)
 
 
 def dual_block(model, xs, ys, *, num_nodes, mode, chunk_size) -> Array:
@@ -163,32 +188,44 @@ def dual_operator(
     check_positive_int("num_nodes", num_nodes)
     shape = check_model(apply_fn, params, xs, ys)
     p, dtype = shape.p, shape.dtype
-    theta_tilde, offset = _operator_data(apply_fn, params, xs, ys)
+    theta_tilde, offset, bad_offset = _operator_data(apply_fn, params, xs, ys)
+    report_nonfinite(bad_offset, shape.n, nonfinite_offset)
     nodes, weights = gauss_legendre(num_nodes, dtype)
     out_shape = (shape.n,) + shape.out_shape
 
     args = (apply_fn, params, xs, offset, nodes, weights)
 
     def mv(v):
-        v = jnp.asarray(v, dtype)
-        if v.shape != (p + 1,):
-            raise ValueError(f"mv expects a vector of shape ({p + 1},), got {v.shape}.")
+        v = _operand("mv expects a vector", "v", v, (p + 1,), dtype)
         return _dual_mv(*args, v)
 
     def rmv(u):
-        u = jnp.asarray(u, dtype)
-        if u.shape != out_shape:
-            raise ValueError(f"rmv expects an array of shape {out_shape}, got {u.shape}.")
+        u = _operand("rmv expects an array", "u", u, out_shape, dtype)
         return _dual_rmv(*args, u)
 
     return DualOperator(mv, rmv, out_shape + (p + 1,), dtype, theta_tilde)
 
 
+def _operand(expects: str, name: str, a, shape: tuple[int, ...], dtype) -> Array:
+    """``a`` as an array of ``dtype`` after checking its shape (``ValueError``), that it is real
+    (``TypeError``) and, when concrete, finite (``ValueError``: a NaN would spread to every product)."""
+    a = a if hasattr(a, "dtype") else np.asarray(a)
+    method = expects.split()[0]
+    if jnp.shape(a) != shape:
+        raise ValueError(f"{expects} of shape {shape}, got {name} of shape {jnp.shape(a)}.")
+    real = jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == bool
+    if not real:
+        raise TypeError(f"{expects} of real numbers, got {name} of dtype {a.dtype}.")
+    check_finite(f"{method}: {name}", a)
+    return jnp.asarray(a, dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 @highest_precision
 def _operator_data(apply_fn, params, xs, ys):
-    """``([θ; 1], f(0) − y)`` of the operator, flattened under the trace."""
+    """``([θ; 1], f(0) − y)`` of the operator, flattened under the trace, and the number of examples whose
+    offset is NaN or Inf."""
     model = flatten_model(apply_fn, params, xs)
     theta = model.theta
     offset = _offset_column(model, xs, ys).astype(theta.dtype)
-    return jnp.concatenate([theta, jnp.ones((1,), theta.dtype)]), offset
+    return jnp.concatenate([theta, jnp.ones((1,), theta.dtype)]), offset, count_bad_examples(offset)

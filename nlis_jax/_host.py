@@ -16,7 +16,11 @@ Input forms (``xs`` of the streaming scores and of the losses):
   read by slices;
 - a callable returning a fresh iterable of ``(x_chunk, y_chunk)`` pairs (``y_chunk`` may be ``None``) of
   any sizes, e.g. one per file of shards: it is called once per pass, so it must yield the same data
-  each time.
+  each time (not an iterator, which one pass would use up). Each chunk is checked as it arrives
+  (:class:`CheckedSource`: same leading length in ``x_chunk`` and ``y_chunk``, the first chunk's
+  per-example shapes and dtypes, ``y_chunk`` in all chunks or none), every pass must yield as many
+  examples as the first, and the leverage of a chunk source must sum to its rank
+  (:func:`check_leverage_sum`, on the routes where that is exact to working precision).
 
 Non-finite values are found during the first pass, which then raises before any score is computed.
 Under ``jax.distributed`` each process passes its own block of rows: the Gram matrices (and counts) are
@@ -39,6 +43,7 @@ from nlis_jax._adjoint import flatten_model
 from nlis_jax._checks import check_finite, check_floating
 from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
+from nlis_jax._scores import check_rank
 
 Source = Callable[[], Iterator]
 
@@ -46,9 +51,16 @@ Source = Callable[[], Iterator]
 def is_host_data(xs, params=None) -> bool:
     """True for a callable chunk source, or a pytree of numpy arrays (memmaps included), with concrete params.
 
-    Under a trace of ``params`` (a user's ``jit``/``grad``) numpy inputs take the device path instead:
-    the host loop fetches values between chunks.
+    ``TypeError`` for an iterator (a generator object): a chunk source is read once per pass. Under a
+    trace of ``params`` (a user's ``jit``/``grad``) numpy inputs take the device path instead: the host
+    loop fetches values between chunks.
     """
+    if isinstance(xs, Iterator):
+        raise TypeError(
+            f"xs is an iterator ({type(xs).__name__}), which is used up after one pass: pass a function "
+            "that returns a fresh iterator of (x_chunk, y_chunk) pairs instead (each pass calls it again), "
+            "e.g. the generator function itself rather than its call, or lambda: iter(chunks)."
+        )
     if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params)):
         return False
     if callable(xs):
@@ -101,16 +113,144 @@ def array_source(tree, n: int, chunk: int) -> Source:
     return chunks
 
 
-def pair_source(source: Source) -> Source:
-    """A user's chunk source, each item checked to be an ``(x_chunk, y_chunk)`` pair."""
+def host_vector(name: str, value):
+    """``ys`` or ``weights`` of host arrays as a numpy array (a list or a jax array is converted; a numpy
+    array or memmap is kept as is, so a memmap is never read whole)."""
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be a numpy array (examples first), got {type(value).__name__}."
+        ) from err
 
-    def chunks():
-        for item in source():
-            if not (isinstance(item, tuple) and len(item) == 2):
-                raise TypeError("a chunk source must yield (x_chunk, y_chunk) pairs (y_chunk may be None).")
+
+class CheckedSource:
+    """A user's chunk source, each ``(x_chunk, y_chunk)`` pair checked as it arrives (:meth:`_check`).
+
+    Checked: the item is a pair; every array of ``x_chunk`` and ``y_chunk`` has the same leading length;
+    ``y_chunk`` is present in every chunk or in none (present in all when ``need_y``); the per-example
+    shapes and dtypes (and the pytree structure of ``x_chunk``) are those of the first chunk; with
+    ``out_shape`` (a function of one example of ``x_chunk``, as ``jax.ShapeDtypeStruct`` leaves), ``y_chunk``
+    has shape ``(c,) + out_shape(x)``. Every pass (call) must yield as many examples as the first:
+    ``ValueError`` naming both counts otherwise (as soon as a later pass yields more, or at its end).
+    ``on_chunk(index, x_chunk, y_chunk)``, if given, checks the values of a chunk (e.g. labels).
+    """
+
+    def __init__(self, source: Source, *, out_shape=None, need_y: bool = False, on_chunk=None):
+        self.source, self.out_shape, self.need_y, self.on_chunk = source, out_shape, need_y, on_chunk
+        self.spec = None  # (structure of x, per-example (shape, dtype) of x's leaves and of y) of chunk 0
+        self.count = None  # examples of the first complete pass
+        self.passes = 0
+
+    def __call__(self) -> Iterator:
+        items = self.source()
+        try:
+            iterator = iter(items)
+        except TypeError:
+            raise TypeError(
+                "a chunk source must be a function returning an iterable of (x_chunk, y_chunk) pairs, "
+                f"but calling it returned {type(items).__name__}."
+            ) from None
+        self.passes += 1
+        count = 0
+        for index, item in enumerate(iterator):
+            count += self._check(index, item)
+            if self.count is not None and count > self.count:
+                raise ValueError(self._different(f"more than {self.count} examples (at least {count})"))
             yield item
+        if self.count is None:
+            self.count = count
+        elif count != self.count:
+            raise ValueError(self._different(f"{count} examples"))
 
-    return chunks
+    def _different(self, what: str) -> str:
+        return (
+            f"the chunk source yielded {what} on pass {self.passes} but {self.count} on the first pass: "
+            "it must yield the same chunks each time it is called (each pass calls it again)."
+        )
+
+    def _check(self, index: int, item) -> int:
+        """The checks of one item (see the class docstring); returns its number of examples."""
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(
+                f"a chunk source must yield (x_chunk, y_chunk) pairs (y_chunk may be None); item {index} "
+                f"is a {type(item).__name__}."
+            )
+        x, y = item
+        leaves = jax.tree.leaves(x) + ([] if y is None else [y])
+        if not jax.tree.leaves(x):
+            raise TypeError(f"x_chunk of chunk {index} of the chunk source holds no arrays.")
+        for leaf in leaves:
+            if not isinstance(leaf, np.ndarray | jax.Array) or leaf.ndim == 0:
+                got = f"shape {leaf.shape}" if hasattr(leaf, "shape") else type(leaf).__name__
+                raise TypeError(
+                    f"chunk {index} of the chunk source: x_chunk and y_chunk must be numpy arrays (x_chunk "
+                    f"may be a pytree of them) with examples first, got {got}."
+                )
+        shapes = [leaf.shape for leaf in leaves]
+        if any(shape[0] != shapes[0][0] for shape in shapes):
+            raise ValueError(
+                f"chunk {index} of the chunk source: every array of x_chunk and y_chunk must have the same "
+                f"number of examples (leading axis), got shapes {shapes}."
+            )
+        self._check_spec(index, x, y)
+        if self.on_chunk is not None:
+            self.on_chunk(index, x, y)
+        return shapes[0][0]
+
+    def _check_spec(self, index: int, x, y) -> None:
+        """The structure, per-example shapes and dtypes of chunk ``index`` against those of chunk 0."""
+        x_spec = [(leaf.shape[1:], np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(x)]
+        y_spec = None if y is None else (y.shape[1:], np.dtype(y.dtype))
+        spec = (jax.tree.structure(x), x_spec, y_spec)
+        if self.spec is None:
+            self._check_first(index, x, y)
+            self.spec = spec
+            return
+        structure, x_first, y_first = self.spec
+        if (y_spec is None) != (y_first is None):
+            given, first = ("None", "has responses") if y is None else ("given", "has None")
+            raise ValueError(
+                f"chunk {index} of the chunk source has y_chunk {given} but chunk 0 {first}: give y_chunk in "
+                "every chunk or in none."
+            )
+        if spec[0] != structure or x_spec != x_first:
+            raise ValueError(
+                f"x_chunk of chunk {index} of the chunk source has examples of shape and dtype "
+                f"{_specs(x_spec)} but chunk 0 has {_specs(x_first)}: every chunk must have the same "
+                "per-example shape and dtype."
+            )
+        if y_spec != y_first:
+            raise ValueError(
+                f"y_chunk of chunk {index} of the chunk source has examples of shape and dtype "
+                f"{_specs([y_spec])} but chunk 0 has {_specs([y_first])}: every chunk must have the same "
+                "per-example shape and dtype."
+            )
+
+    def _check_first(self, index: int, x, y) -> None:
+        """``y_chunk`` of the first chunk: present when needed, and of the model's output shape."""
+        if y is None:
+            if self.need_y:
+                raise ValueError(
+                    f"chunk {index} of the chunk source has y_chunk None, but the losses need the targets."
+                )
+            return
+        if self.out_shape is None:
+            return
+        out = self.out_shape(example_spec(x))
+        c = y.shape[0]
+        if y.shape[1:] != tuple(out):
+            raise ValueError(
+                f"y_chunk of chunk {index} of the chunk source has shape {y.shape} but the model gives "
+                f"outputs of shape {(c,) + tuple(out)} for its {c} examples; they must agree (1-D for a "
+                "scalar model)."
+            )
+
+
+def _specs(spec) -> str:
+    return ", ".join(f"{tuple(shape)} {dtype}" for shape, dtype in spec)
 
 
 def rechunk(source: Source, chunk: int) -> Iterator:
@@ -166,22 +306,35 @@ def fold(step, carry, source: Source, chunk: int):
     return carry
 
 
-def collect(step, source: Source, chunk: int, out: np.ndarray) -> int:
-    """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device)."""
-    start, prev = 0, None
+def collect(step, source: Source, chunk: int, out: np.ndarray) -> tuple[int, float]:
+    """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device).
+
+    Returns the number of rows written and the sum of their values (in float64, chunk by chunk as they
+    are fetched: a memmap ``out`` is not read back)."""
+    start, total, prev = 0, 0.0, None
     for piece, valid in staged(source, chunk):
         values = step(piece, valid)
         if prev is not None:
-            start = _store(out, start, *prev)
+            start, total = _store(out, start, total, *prev)
         prev = (values, valid)
-    return start if prev is None else _store(out, start, *prev)
+    return (start, total) if prev is None else _store(out, start, total, *prev)
 
 
-def _store(out: np.ndarray, start: int, values, valid: int) -> int:
-    if start + valid > out.shape[0]:
-        raise ValueError("the chunk source yielded more examples on a later pass: it must repeat its data.")
-    out[start : start + valid] = np.asarray(values)[:valid]
-    return start + valid
+def _store(out: np.ndarray, start: int, total: float, values, valid: int) -> tuple[int, float]:
+    if start + valid > out.shape[0]:  # a chunk source is checked as it is read (CheckedSource)
+        raise ValueError(
+            f"the data yielded more than {out.shape[0]} examples on a later pass: it must repeat its data."
+        )
+    part = np.asarray(values)[:valid]
+    if part.size and out.dtype.itemsize < part.dtype.itemsize:  # a float32 out of float64 scores
+        peak = float(np.max(np.abs(part)))
+        if peak > float(np.finfo(out.dtype).max):
+            raise ValueError(
+                f"the scores reach {peak:.4g}, beyond the range of out's dtype {out.dtype}; pass an out of "
+                f"dtype {part.dtype}."
+            )
+    out[start : start + valid] = part
+    return start + valid, total + float(np.sum(part, dtype=np.float64))
 
 
 def across_processes(x, combine):
@@ -201,13 +354,32 @@ def global_vector(h: np.ndarray, n: int):
     return jax.make_array_from_process_local_data(sharding, h, (n,))
 
 
-def output_vector(out, n: int, dtype) -> np.ndarray:
-    """``out`` checked (a writable ``(n,)`` numpy array or memmap), or a new host vector."""
+def output_vector(out, n: int | None, dtype) -> np.ndarray:
+    """``out`` checked, or a new host vector of ``dtype`` (the scores' dtype, float32 or wider).
+
+    ``out`` must be a numpy array or memmap of shape ``(n,)`` (``ValueError``), writable (``ValueError``)
+    and of a floating dtype of at least 32 bits (``TypeError``): an integer ``out`` would truncate every
+    score to 0, and in half precision probabilities below ``6e-8`` round to 0 and squared norms above
+    ``65504`` overflow. A float32 ``out`` for float64 scores is allowed (rounded once on the way in).
+    ``n=None`` (a chunk source, whose length is known after its first pass) checks all but the length.
+    """
     if out is None:
-        return np.empty((n,), dtype)
-    if not isinstance(out, np.ndarray) or out.shape != (n,) or not out.flags.writeable:
-        shape = getattr(out, "shape", None)
-        raise ValueError(f"out must be a writable numpy array (or memmap) of shape ({n},), got {shape}.")
+        return None if n is None else np.empty((n,), dtype)
+    if not isinstance(out, np.ndarray) or (n is not None and out.shape != (n,)) or out.ndim != 1:
+        n = "n" if n is None else n
+        got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out must be a writable numpy array (or memmap) of shape ({n},), got {got}.")
+    if not out.flags.writeable:
+        raise ValueError(
+            "out must be a writable numpy array (or memmap), got a read-only one (open a memmap with "
+            "mode='w+' or 'r+')."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating) or jnp.finfo(out.dtype).bits < 32:
+        raise TypeError(
+            f"out must have dtype float32 or float64 (the scores are {np.dtype(dtype).name}), got "
+            f"{out.dtype}: an integer out truncates the scores to 0, and half precision loses small "
+            "probabilities."
+        )
     return out
 
 
@@ -325,13 +497,15 @@ def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) ->
 
 
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:
-    """The ``(x, y)`` chunk source of host data (shape checks first) and its chunk length."""
+    """The ``(x, y)`` chunk source of host data (shape checks first) and its chunk length; a user's chunk
+    source is checked as it is read (:class:`CheckedSource`)."""
     check_floating("params", params)
     check_finite("params", params)
     if callable(xs):
         if ys is not None:
             raise ValueError("with a chunk source, the responses travel in its chunks: pass ys=None.")
-        return pair_source(xs), chunk_size
+        return CheckedSource(xs, out_shape=lambda x: jax.eval_shape(apply_fn, params, x).shape), chunk_size
+    ys = host_vector("ys", ys)
     n = check_host_arrays(apply_fn, params, xs, ys)
     return array_source((xs, ys), n, min(chunk_size, n)), min(chunk_size, n)
 
@@ -369,7 +543,7 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
         h = output_vector(out, counts["n_local"], dtype)
         carry = (jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
         step = functools.partial(_values_step, apply_fn, params, args=args, kernel=kernel, **kw)
-        collect(lambda piece, valid: step(carry, piece, valid)[0], source, chunk, h)
+        _, counts["sum"] = collect(lambda piece, valid: step(carry, piece, valid)[0], source, chunk, h)
         return h
 
     return Chunks(first, reduce, scores, host_transform), counts
@@ -380,13 +554,47 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
 
     ``h`` is the raw block leverage (in the compute dtype, :func:`nlis_jax.routes.compute_dtype`): a jax
     array (global under ``jax.distributed``), or ``out`` filled with this process's block when given.
+
+    A chunk source must yield the same data on every pass. Each pass is checked to yield as many
+    examples as the first (:class:`CheckedSource`); other values on a later pass are caught by
+    :func:`check_leverage_sum` (``Σh`` against the rank) where the basis is orthonormal to working
+    precision: route chosen automatically (``route=None``) and taken ``"gram"`` or ``"gram2"``, or
+    ``"stable"`` below float64 (refined by a CholeskyQR step). Not checked on the float64 ``"stable"``
+    route (ill-conditioned or rank-deficient input, whose basis is orthonormal only to ``eps·κ``, up to
+    ``0.1`` per column at the rank tolerance) nor for a forced route, and never for data that keeps
+    ``Σh`` (e.g. the same rows in another order).
     """
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
+    if out is not None:  # before the passes (a chunk source's length is known after the first)
+        output_vector(out, None if callable(xs) else jax.tree.leaves(xs)[0].shape[0], dtype)
     dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
     chunks, counts = host_chunks(apply_fn, params, source, chunk, num_nodes=num_nodes, mode=mode, out=out)
     h, t = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)
+    check_rank(t.rank)  # before an out is divided by it
+    if callable(xs) and route is None and (int(t.route) != routes.STABLE or bool(t.refine)):
+        check_leverage_sum(counts["sum"], t.rank)
     return (h if out is not None else global_vector(h, counts["n"])), t.rank, t.route
+
+
+def check_leverage_sum(h_sum: float, rank) -> None:
+    """``ValueError`` unless the raw leverage of a chunk source sums to its rank, to 1 %.
+
+    ``Σh = ‖U‖_F² = tr(UᵀU) = rank`` for an orthonormal basis ``U = A M``; on the routes checked (see
+    :func:`host_streaming_leverage`) ``UᵀU = I`` to ``eps·κ(G_eq) ≤ eps^{3/4}`` (``"gram"``: ``2e-12`` in
+    float64, ``7e-6`` in float32) or to ``O(eps)`` after a CholeskyQR step, and ``h`` is summed in float64,
+    so consistent data stays orders of magnitude inside 1 %. The transform ``M`` comes from the Gram
+    matrix of the first passes; rows that changed since make ``Σh`` differ by ``O(1)`` (``xs`` scaled on
+    every pass gave ``Σh = 2.33·rank``), far outside it.
+    """
+    total = float(across_processes(jnp.asarray(h_sum), lambda a: a.sum(0)))
+    r = int(rank)
+    if r > 0 and not abs(total - r) <= 0.01 * r:
+        raise ValueError(
+            f"the chunk source returned different data on different passes: the raw leverage scores sum to "
+            f"{total:.6g} instead of the rank {r}. A chunk source must yield the same chunks each time it "
+            "is called (each pass calls it again)."
+        )
 
 
 def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):
@@ -410,6 +618,16 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     total = float(across_processes(total, lambda a: a.sum(0)))
     if not total > 0:
         raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
+    if not total <= float(jnp.finfo(sq.dtype).max):  # the division would give zeros
+        fix = (
+            "pass an out of dtype float64"
+            if out is not None and sq.dtype != np.float64
+            else "rescale the data"
+        )
+        raise ValueError(
+            f"norm scores: the squared norms sum to {total:.4g}, beyond the range of {sq.dtype} (the dtype "
+            f"of {'out' if out is not None else 'the scores'}); {fix}."
+        )
     divide_in_place(sq, total, chunk)
     return sq if out is not None else global_vector(sq, int(stats[0]))
 
@@ -417,6 +635,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
 def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.ndarray:
     """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector."""
     if callable(xs):  # length unknown until the source is exhausted
+        output_vector(out, None, dtype)  # all but its length, before the pass
         values = _collect_growing(step, source, chunk)
         if out is None:
             return values
@@ -459,28 +678,83 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     return losses, (total + jnp.sum(weighted), count + bad, negative + neg)
 
 
-def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int) -> tuple[Source, int]:
-    """The ``(x, y, w)`` chunk source of host data for the losses (shape checks first)."""
+def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels=None) -> tuple[Source, int]:
+    """The ``(x, y, w)`` chunk source of host data for the losses (shape checks first).
+
+    ``check_labels(x_example, y_dtype, low, high, where)``, if given, checks the range ``[low, high]`` of
+    the labels (:func:`label_range`): of all of ``ys`` before any work, or of each chunk of a chunk source
+    as it arrives (``where`` names the chunk). ``x_example`` is one example as ``jax.ShapeDtypeStruct``.
+    """
     check_floating("params", params)
     check_finite("params", params)
     if callable(xs):
         if ys is not None or weights is not None:
             raise ValueError("with a chunk source, ys travel in its chunks: pass ys=None and weights=None.")
-        pairs = pair_source(xs)
+        pairs = CheckedSource(xs, need_y=True, on_chunk=_chunk_labels(check_labels))
         return (lambda: ((x, y, None) for x, y in pairs())), chunk_size
+    ys, weights = host_vector("ys", ys), host_vector("weights", weights)
     if ys is None:
         raise ValueError("the losses need ys (or a chunk source of (x, y) pairs).")
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
+    found = None if check_labels is None else label_range(ys, chunk_size)
+    if found is not None:
+        check_labels(example_spec(xs), ys.dtype, *found, "")
     return array_source((xs, ys, weights), n, min(chunk_size, n)), min(chunk_size, n)
 
 
-def host_losses(losses_fn, apply_fn, loss_fn, params, xs, ys, weights, *, chunk_size, per_example, out=None):
+def example_spec(x):
+    """One example of a pytree of arrays (examples first), as ``jax.ShapeDtypeStruct`` leaves."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
+
+
+def label_range(ys, chunk: int) -> tuple[float, float] | None:
+    """``(min, max)`` of a host vector, read slice by slice (a memmap is never read whole); ``None`` when
+    it is empty or holds a NaN or Inf (which the pass over the data reports)."""
+    step = max(chunk, 1 << 16)
+    low, high = np.inf, -np.inf
+    for start in range(0, ys.shape[0], step):
+        part = np.asarray(ys[start : start + step])
+        if part.size == 0:
+            continue
+        if not np.all(np.isfinite(part)):
+            return None
+        low, high = min(low, float(part.min())), max(high, float(part.max()))
+    return None if low > high else (low, high)
+
+
+def _chunk_labels(check_labels):
+    """``on_chunk`` of a :class:`CheckedSource`: the label range of each chunk, or ``None`` (no check)."""
+    if check_labels is None:
+        return None
+
+    def on_chunk(index, x, y):
+        found = label_range(np.asarray(y), y.shape[0])
+        if found is not None:
+            check_labels(example_spec(x), y.dtype, *found, f" (in chunk {index} of the chunk source)")
+
+    return on_chunk
+
+
+def host_losses(
+    losses_fn,
+    apply_fn,
+    loss_fn,
+    params,
+    xs,
+    ys,
+    weights,
+    *,
+    chunk_size,
+    per_example,
+    out=None,
+    check_labels=None,
+):
     """Full-data loss of host data, chunk by chunk: the weighted sum, or the ``(n,)`` per-example losses.
 
     ``losses_fn(apply_fn, loss_fn, params, x, y)`` gives the per-example losses of one chunk (traced);
-    ``apply_fn`` and ``loss_fn`` are hashable (static).
+    ``apply_fn`` and ``loss_fn`` are hashable (static). ``check_labels``: see :func:`loss_source`.
     """
-    source, chunk = loss_source(apply_fn, params, xs, ys, weights, chunk_size)
+    source, chunk = loss_source(apply_fn, params, xs, ys, weights, chunk_size, check_labels)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     step = functools.partial(_loss_step, losses_fn, apply_fn, loss_fn, params)
     state = {"carry": (jnp.zeros((), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
@@ -520,14 +794,23 @@ def gather_rows(store, indices):
       The same pytree of ``(s, ...)`` numpy arrays.
     """
     idx = np.asarray(indices)
+    if idx.size == 0 and not hasattr(indices, "dtype"):  # [] is float64 for numpy
+        idx = idx.astype(np.intp)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"indices must be a 1-D integer vector, got shape {idx.shape}, dtype {idx.dtype}.")
     leaves = jax.tree.leaves(store)
     if not leaves or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in leaves):
         raise TypeError("store must hold numpy arrays or memmaps (examples first).")
     n = leaves[0].shape[0]
+    if any(a.shape[0] != n for a in leaves):
+        shapes = [a.shape for a in leaves]
+        raise ValueError(
+            f"every array of store must have the same number of rows (examples first): {shapes}."
+        )
     if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"indices out of range [0, {n}).")
+        raise ValueError(
+            f"indices out of range [0, {n}) (the rows of store): got values in [{idx.min()}, {idx.max()}]."
+        )
     order = np.argsort(idx, kind="stable")
     ordered = idx[order]
 

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax._adjoint import check_model, check_path_args, default_chunk_size, flatten_model
-from nlis_jax._checks import check_choice, check_positive_int
+from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real
 from nlis_jax._dual import dual_block
 from nlis_jax._factored import (
     KHATRI_RAO_COST_RATIO,
@@ -181,7 +181,7 @@ def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> N
 
 
 def _check_ridge(ridge) -> float:
-    ridge = float(ridge)
+    ridge = check_real("ridge", ridge)
     if math.isnan(ridge) or math.isinf(ridge):
         raise ValueError(f"ridge must be a finite number, got {ridge}.")
     if ridge < 0:
@@ -220,6 +220,7 @@ def projected_dual_matrix(
     Returns:
       ``(n, dim)``, or ``(n, k, dim)`` for ``k`` outputs, in the dtype of ``params``.
     """
+    check_key("key", key)
     check_path_args(num_nodes, mode, None)
     _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
@@ -268,6 +269,7 @@ def projected_leverage_scores(
       ``(n,)`` probabilities (non-negative, summing to 1), or a :class:`Leverage`.
     """
     ridge = _check_ridge(ridge)
+    check_bool("return_info", return_info)
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     Y = projected_dual_matrix(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
     if ridge > 0:

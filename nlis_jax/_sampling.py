@@ -21,7 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlis_jax._checks import check_positive_int, check_probs, is_concrete, probs_summary
+from nlis_jax import _traced as traced
+from nlis_jax._checks import (
+    check_bool,
+    check_finite,
+    check_floating,
+    check_key,
+    check_nonnegative,
+    check_positive_int,
+    check_probs,
+    check_real,
+    host_values,
+    is_concrete,
+    probs_summary,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import orthonormal_basis
 from nlis_jax._types import Array, PRNGKey
@@ -56,15 +69,22 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
     r"""Draw ``num_samples`` row indices by ``probs`` with unbiased importance weights.
 
     Args:
-      key: a ``jax.random`` key (used once; split it yourself for further draws).
-      probs: ``(n,)`` probabilities, non-negative and summing to 1.
+      key: a ``jax.random`` key (used once; split it yourself for further draws): ``jax.random.key(0)``
+        or a raw ``jax.random.PRNGKey(0)``; a plain int is refused (``TypeError``).
+      probs: ``(n,)`` floating probabilities, non-negative and summing to 1 (an array, or a list or tuple
+        of floats).
       num_samples: ``s`` (static). With replacement any ``s ≥ 1``; without, ``1 ≤ s ≤ #{p_i > 0}``.
       replace: ``True``: i.i.d. draws, weights ``1/(s·p_i)``. ``False``: priority sampling, weights
-        ``max(1, τ/p_i)`` (see the module docstring).
+        ``max(1, τ/p_i)`` (see the module docstring). Must be a bool (``TypeError`` otherwise: a string
+        such as ``"no"`` would decide by its truthiness).
 
     Returns:
       ``(indices (s,) int32, weights (s,))``; ``Σ_j weights_j v[indices_j]`` is unbiased for ``Σ_i v_i``.
     """
+    check_key("key", key)
+    replace = check_bool("replace", replace)
+    if isinstance(probs, list | tuple):
+        probs = jnp.asarray(probs)  # as leverage_scores accepts a nested list for F
     n = check_probs(probs)
     s = check_positive_int("num_samples", num_samples)
     probs = jnp.asarray(probs)
@@ -101,17 +121,23 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
     Args:
       epsilon: distortion ``ε`` in ``(0, 1)``.
       delta: failure probability in ``(0, 1)``.
-      rank: ``d ≥ 1``, the rank of the dual matrix.
+      rank: ``d ≥ 1``, the rank of the dual matrix: an int, or a 0-d integer array such as the ``rank``
+        of ``leverage_scores(F, return_info=True)``.
       beta: ``β ∈ (0, 1]`` (1 for exact leverage; ``c1/c2`` for linear scores of a bounded-Swish model).
+
+    ``epsilon``, ``delta`` and ``beta`` must be real numbers (``TypeError`` for strings, arrays, bools).
 
     Returns:
       The smallest integer ``s`` satisfying the bound.
     """
+    epsilon = check_real("epsilon", epsilon)
+    delta = check_real("delta", delta)
+    beta = check_real("beta", beta)
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon}.")
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta}.")
-    d = check_positive_int("rank", int(rank) if isinstance(rank, (np.integer,)) else rank)
+    d = _check_rank(rank)
     if not 0 < beta <= 1:
         raise ValueError(f"beta must lie in (0, 1], got {beta}.")
     m = max(d / beta - 1.0, 1.0)
@@ -125,14 +151,107 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
     return int(math.ceil((2.0 / epsilon**2 + 2.0 / (3.0 * epsilon)) * m * math.log(2.0 * d / delta)))
 
 
-@jax.jit
+def _check_rank(rank) -> int:
+    """``rank`` as a positive Python int: an int, a numpy integer or a concrete 0-d integer array (e.g. the
+    int32 ``Leverage.rank``); ``TypeError`` for floats, bools and other arrays, ``ValueError`` for ``< 1``."""
+    dtype = getattr(rank, "dtype", None)
+    if dtype is not None and not isinstance(rank, np.generic):
+        if not (jnp.shape(rank) == () and is_concrete(rank) and jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(
+                f"rank must be a Python int or a 0-d integer array (such as Leverage.rank), got {rank!r}; "
+                "round an effective dimension up with math.ceil."
+            )
+        rank = int(rank)
+    return check_positive_int("rank", rank)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
 @highest_precision
-def _distortion_from_basis(U, indices, weights):
-    Us = U[indices]
-    M = jnp.einsum("sr,s,sq->rq", Us, weights.astype(U.dtype), Us)
+def _distortion_from_basis(U, indices, weights, k):
+    """``‖U_Sᵀ W U_S − I‖₂`` with ``U`` the basis rows ``(n·k, m)`` (or ``(n, k, m)``) of ``n`` examples of
+    ``k`` rows each: a sampled example contributes all its ``k`` rows, each with the example's weight."""
+    m = U.shape[-1]
+    U = U.reshape(-1, k, m)
+    Us = U[indices].reshape(-1, m)
+    w = jnp.repeat(weights.astype(U.dtype), k)
+    M = jnp.einsum("sr,s,sq->rq", Us, w, Us)
     # Columns of U beyond the rank are zero: compare with the projector onto the used columns.
-    used = (jnp.sum(jnp.square(U), axis=0) > 0.5).astype(U.dtype)
+    used = (jnp.sum(jnp.square(U.reshape(-1, m)), axis=0) > 0.5).astype(U.dtype)
     return jnp.max(jnp.abs(jnp.linalg.eigvalsh(M - jnp.diag(used))))
+
+
+def _check_sample(indices, weights) -> tuple[Array, Array]:
+    """``indices`` and ``weights`` as arrays: matching 1-D vectors, integer indices, real weights (shapes
+    and dtypes always); finite, non-negative weights (values, where concrete)."""
+    indices, weights = jnp.asarray(indices), jnp.asarray(weights)
+    if indices.ndim != 1 or weights.shape != indices.shape:
+        raise ValueError(
+            f"indices and weights must be matching vectors of shape (s,), got {indices.shape} and "
+            f"{weights.shape}."
+        )
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(
+            f"indices must be integer example indices (as returned by sample), got dtype {indices.dtype}."
+        )
+    if not (jnp.issubdtype(weights.dtype, jnp.integer) or jnp.issubdtype(weights.dtype, jnp.floating)):
+        raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
+    check_finite("weights", weights)
+    check_nonnegative("weights", weights)
+    return indices, weights
+
+
+def _basis_blocks(F, rtol, basis) -> tuple[Array, int, int]:
+    """``(U, n, k)``: the orthonormal basis rows ``(n·k, m)`` or ``(n, k, m)`` of ``n`` examples of ``k``
+    rows, from ``F`` or from the given ``basis`` (2-D or 3-D, floating, finite; a 2-D basis is laid out by
+    the leading shape of ``F`` when ``F`` is given too, else one row per example)."""
+    if basis is None:
+        if F is None:
+            raise ValueError("distortion needs F or a precomputed basis; both are None.")
+        U, _, _ = orthonormal_basis(F, rtol=rtol)
+        lead = jnp.shape(F)[:-1]
+        return U, lead[0], (lead[1] if len(lead) == 2 else 1)
+    shape = jnp.shape(basis)
+    if len(shape) not in (2, 3) or 0 in shape:
+        raise ValueError(
+            "basis must be a non-empty (n, m) matrix from orthonormal_basis (or (n, k, m) for a block "
+            f"dual matrix), got shape {shape}."
+        )
+    check_floating("basis", basis)
+    check_finite("basis", basis)
+    n, k = (shape[0], shape[1]) if len(shape) == 3 else (shape[0], 1)
+    if F is not None and len(shape) == 2 and jnp.ndim(F) == 3:
+        n, k = jnp.shape(F)[:2]
+        if n * k != shape[0]:
+            raise ValueError(
+                f"basis has {shape[0]} rows but the block F of shape {jnp.shape(F)} has n·k = {n * k}."
+            )
+    return basis, n, k
+
+
+@jax.jit
+def _index_range(indices):
+    return jnp.min(indices), jnp.max(indices)
+
+
+def _check_index_range(indices: Array, n: int) -> None:
+    """``ValueError`` unless every (concrete) index lies in ``[0, n)``: the examples of ``F``."""
+    if indices.size == 0:
+        return
+    if not is_concrete(indices):
+        if traced.enabled():
+            traced.check((jnp.min(indices) >= 0) & (jnp.max(indices) < n), f"indices out of range [0, {n}).")
+        return
+    host = host_values(indices)
+    if host is not None:
+        low, high = int(host.min()), int(host.max())
+    else:
+        with jax.ensure_compile_time_eval():
+            low, high = (int(v) for v in _index_range(indices))
+    if low < 0 or high >= n:
+        raise ValueError(
+            f"indices out of range [0, {n}): got values from {low} to {high}; indices are example "
+            f"indices, one per example of F (n = {n})."
+        )
 
 
 def distortion(
@@ -143,26 +262,27 @@ def distortion(
     ``U`` is an orthonormal basis of ``range(F)``; ``(1 − ε̂)‖Fv‖² ≤ Σ_j w_j (F v)_{i_j}² ≤
     (1 + ε̂)‖Fv‖²`` for every ``v``.
 
+    For a block dual matrix ``(n, k, m)`` the indices are example indices (as :func:`sample` draws from
+    block leverage scores): a sampled example contributes all its ``k`` rows with its weight.
+
     Args:
-      F: ``(n, m)`` matrix (ignored when ``basis`` is given).
-      indices: ``(s,)`` sampled rows; weights: ``(s,)`` their weights (from :func:`sample`).
+      F: ``(n, m)`` matrix or ``(n, k, m)`` block matrix (only its shape is used when ``basis`` is given;
+        it may then be ``None``).
+      indices: ``(s,)`` integer example indices in ``[0, n)``; weights: ``(s,)`` their finite,
+        non-negative weights (from :func:`sample`).
       rtol: rank tolerance passed to :func:`orthonormal_basis`.
-      basis: optional precomputed ``(n, m)`` basis from :func:`orthonormal_basis` (reuse across samples).
+      basis: optional precomputed basis from :func:`orthonormal_basis` (reuse across samples): ``(n, m)``,
+        or for a block ``F`` its ``(n·k, m)`` rows with ``F`` given too (for its shape) or reshaped to
+        ``(n, k, m)``.
 
     Returns:
       Scalar ``ε̂ ≥ 0``.
+
+    Raises:
+      TypeError: non-integer indices, non-real weights, a non-floating basis.
+      ValueError: mismatched shapes, indices outside ``[0, n)``, NaN/Inf or negative weights, a NaN basis.
     """
-    if basis is None:
-        basis, _, _ = orthonormal_basis(F, rtol=rtol)
-    indices, weights = jnp.asarray(indices), jnp.asarray(weights)
-    if indices.ndim != 1 or weights.shape != indices.shape:
-        raise ValueError(
-            f"indices and weights must be matching vectors, got {indices.shape} and {weights.shape}."
-        )
-    if (
-        is_concrete(indices)
-        and indices.size
-        and (int(jnp.min(indices)) < 0 or int(jnp.max(indices)) >= basis.shape[0])
-    ):
-        raise ValueError(f"indices out of range [0, {basis.shape[0]}).")
-    return _distortion_from_basis(basis, indices, weights)
+    indices, weights = _check_sample(indices, weights)
+    U, n, k = _basis_blocks(F, rtol, basis)
+    _check_index_range(indices, n)
+    return _distortion_from_basis(U, indices, weights, k)

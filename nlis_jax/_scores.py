@@ -19,7 +19,16 @@ import numpy as np
 
 from nlis_jax import _traced as traced
 from nlis_jax import routes
-from nlis_jax._checks import check_positive_int, check_probs, is_concrete
+from nlis_jax._checks import (
+    check_bool,
+    check_finite,
+    check_floating,
+    check_leading_axis,
+    check_positive_int,
+    check_probs,
+    check_real,
+    is_concrete,
+)
 from nlis_jax._types import Array
 
 
@@ -43,7 +52,9 @@ ALL_ZERO_MESSAGE = (
     "the dual matrix is all zeros (rank 0), so leverage gives no distribution. Its adjoint columns are "
     "zero, so the model does not depend on θ along the path tθ (constant model, all-zero parameters of a "
     "bias-free ReLU network, every unit dead), and its last column f(0) − y is zero, so f(0) already "
-    "fits every point exactly. Check the model and params (or score with uniform_scores)."
+    "fits every point exactly. Check the model and params (or score with uniform_scores). Entries below "
+    "the smallest normal number of the dtype (subnormal, e.g. 1e-310 in float64) count as zero on CPUs: "
+    "rescale such a matrix first."
 )
 
 
@@ -57,9 +68,9 @@ def check_rank(rank: Array) -> None:
 
 def check_tolerances(rtol, ridge) -> None:
     """``rtol`` in ``(0, 1)`` (or ``None``) and ``ridge`` finite and ``≥ 0``: ``ValueError`` otherwise."""
-    if rtol is not None and is_concrete(rtol) and not 0.0 < float(rtol) < 1.0:
+    if rtol is not None and is_concrete(rtol) and not 0.0 < check_real("rtol", rtol) < 1.0:
         raise ValueError(f"rtol must lie in (0, 1) (relative to the largest singular value), got {rtol}.")
-    if is_concrete(ridge) and not 0.0 <= float(ridge) < float("inf"):
+    if is_concrete(ridge) and not 0.0 <= check_real("ridge", ridge) < float("inf"):
         raise ValueError(f"ridge must be non-negative and finite, got {ridge}.")
 
 
@@ -131,6 +142,7 @@ def leverage_scores(
     """
     routes.check_route(route)
     check_tolerances(rtol, ridge)
+    check_bool("return_info", return_info)
     # NaN/Inf of concrete input: checked on the result below (one pass fewer); traced input: checkify
     rows, lead = routes.as_rows(F, check_values=ridge > 0 or not is_concrete(F))
     if ridge > 0:
@@ -148,7 +160,10 @@ def norm_scores(F: Array) -> Array:
     sq = _row_norms(rows, lead)
     total = jnp.sum(sq)
     if is_concrete(total) and not float(total) > 0:
-        raise ValueError("norm_scores: F is all zeros, so row norms give no distribution.")
+        raise ValueError(
+            "norm_scores: F is all zeros, so row norms give no distribution (entries below the smallest "
+            "normal number of the dtype, subnormal, count as zero on CPUs: rescale such a matrix first)."
+        )
     return (sq / total).astype(input_dtype(F))
 
 
@@ -161,18 +176,24 @@ def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
 
 def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> Array:
     """The linear baseline's data matrix ``[X, 1?, −y?]`` of shape ``(n, d + bias + (ys given))``."""
+    if jnp.ndim(xs) < 2:
+        raise ValueError(f"xs must have shape (n, d, ...), got {jnp.shape(xs)}.")
+    check_leading_axis("xs", xs)
+    check_floating("xs", xs)
+    check_finite("xs", xs)  # before any cast: finite values beyond float32 are reported as such below
     xs = jnp.asarray(xs)
-    if xs.ndim < 2:
-        raise ValueError(f"xs must have shape (n, d, ...), got {xs.shape}.")
+    check_finite("xs cast to a jax array (finite values beyond its dtype's range)", xs)
     X = xs.reshape(xs.shape[0], -1)
     cols = [X]
     if bias:
         cols.append(jnp.ones((X.shape[0], 1), X.dtype))
     if ys is not None:
-        ys = jnp.asarray(ys)
-        if ys.shape != (X.shape[0],):
-            raise ValueError(f"ys must have shape ({X.shape[0]},) to match xs, got {ys.shape}.")
-        cols.append(-ys.astype(X.dtype)[:, None])
+        if jnp.shape(ys) != (X.shape[0],):
+            raise ValueError(f"ys must have shape ({X.shape[0]},) to match xs, got {jnp.shape(ys)}.")
+        check_finite("ys", ys)
+        cast = jnp.asarray(ys).astype(X.dtype)
+        check_finite(f"ys cast to xs's dtype {X.dtype} (finite ys beyond that dtype's range)", cast)
+        cols.append(-cast[:, None])
     return jnp.concatenate(cols, axis=1)
 
 
@@ -190,6 +211,8 @@ def uniform_scores(n: int, dtype=None) -> Array:
     """``(n,)`` vector of ``1/n``."""
     check_positive_int("n", n)
     dtype = dtype or jnp.result_type(float)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"uniform_scores: dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
     return jax.device_put(np.full((n,), 1.0 / n, dtype))  # jnp.full would compile a program per n
 
 
@@ -201,7 +224,7 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
       alpha: mixing weight in ``[0, 1]``.
     """
     check_probs(probs)
-    if not 0.0 <= float(alpha) <= 1.0:
+    if not 0.0 <= check_real("alpha", alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
     probs = jnp.asarray(probs)
     return (1 - alpha) * probs + alpha / probs.shape[0]

@@ -33,7 +33,7 @@ from jax import lax
 
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model
-from nlis_jax._checks import check_positive_int
+from nlis_jax._checks import check_bool, check_positive_int
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
@@ -115,7 +115,10 @@ def streaming_leverage_scores(
         ``numpy.memmap`` (``np.load(path, mmap_mode="r")``, with ``ys`` numpy or ``None``), or a
         callable returning an iterable of ``(x_chunk, y_chunk)`` pairs (then ``ys=None``); chunks are
         copied one at a time, overlapped with the device's work. Under ``jax.distributed`` each
-        process passes its own block and gets a global array.
+        process passes its own block and gets a global array. A chunk source is called once per pass
+        and must yield the same chunks each time: each chunk is checked as it arrives, every pass must
+        yield as many examples as the first, and with the route chosen automatically the raw leverage
+        must sum to the rank (``ValueError`` otherwise; :func:`nlis_jax._host.check_leverage_sum`).
       chunk_size: examples per memory chunk (static).
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
         the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
@@ -134,6 +137,7 @@ def streaming_leverage_scores(
     check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
+    check_bool("return_info", return_info)
     if is_host_data(xs, params):  # before check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)

@@ -36,6 +36,7 @@ from nlis_jax._checks import (
     check_choice,
     check_finite,
     check_floating,
+    check_key,
     check_leading_axis,
     check_nonnegative,
     check_positive_int,
@@ -242,25 +243,39 @@ def _check_labels(apply_fn, params, xs, ys, loss) -> None:
     ``"cross_entropy"``: integers in ``[0, k)``, ``k`` the number of logits; ``"logistic"``: labels in
     ``[0, 1]``. Out of range they give NaN or a wrong loss, which ``fit`` would blame on the step size.
     """
-    if loss not in ("cross_entropy", "logistic") or not is_concrete(ys) or jnp.size(ys) == 0:
+    if not _has_labels(loss) or not is_concrete(ys) or jnp.size(ys) == 0:
         return
     if loss == "cross_entropy" and not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
         return  # the loss itself names the wrong dtype
     with jax.ensure_compile_time_eval():
         low, high = (float(v) for v in _label_range(jnp.asarray(ys)))
+    example = jax.tree.map(lambda a: a[0], xs)
+    _check_label_range(apply_fn, params, loss, example, jnp.result_type(ys), low, high)
+
+
+def _has_labels(loss) -> bool:
+    return isinstance(loss, str) and loss in ("cross_entropy", "logistic")
+
+
+def _check_label_range(apply_fn, params, loss, example, dtype, low: float, high: float, where="") -> None:
+    """``ValueError`` when labels with values in ``[low, high]`` are out of range for ``loss`` (see
+    :func:`_check_labels`); ``example`` is one example of ``xs`` (its shape gives ``k``), ``where`` is
+    appended to the message. Shared by the device path and host data (all of ``ys``, or one chunk)."""
+    if loss == "cross_entropy" and not jnp.issubdtype(dtype, jnp.integer):
+        return  # the loss itself names the wrong dtype
     if loss == "logistic":
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(
                 f'loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1), '
-                f"got values in [{low:g}, {high:g}]."
+                f"got values in [{low:g}, {high:g}]{where}."
             )
         return
-    out = jax.eval_shape(apply_fn, params, jax.tree.map(lambda a: a[0], xs))
+    out = jax.eval_shape(apply_fn, params, example)
     k = out.shape[-1] if out.shape else 1
     if low < 0 or high >= k:
         raise ValueError(
             f'loss="cross_entropy": labels must be integers in [0, {k}) for the {k} logits of apply_fn, '
-            f"got values in [{low:g}, {high:g}]."
+            f"got values in [{low:g}, {high:g}]{where}."
         )
 
 
@@ -328,7 +343,7 @@ def weighted_loss(
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
     if is_host_data(xs, params):  # numpy, memmap, chunk source: to the device one chunk at a time
-        return _host_loss(apply_fn, loss_fn, params, xs, ys, weights, chunk_size, per_example=False)
+        return _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, per_example=False)
     _check_data(params, xs, ys, weights)
     _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
@@ -364,26 +379,32 @@ def per_example_loss(
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
     if is_host_data(xs, params):
-        return _host_loss(apply_fn, loss_fn, params, xs, ys, None, chunk_size, per_example=True)
+        return _host_loss(apply_fn, loss, params, xs, ys, None, chunk_size, per_example=True)
     _check_data(params, xs, ys, None)
     _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     return _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
 
 
-def _host_loss(apply_fn, loss_fn, params, xs, ys, weights, chunk_size, *, per_example: bool):
-    """The losses of host data (numpy, memmap, chunk source), ``HOST_CHUNK`` examples at a time by default."""
+def _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, *, per_example: bool):
+    """The losses of host data (numpy, memmap, chunk source), ``HOST_CHUNK`` examples at a time by default.
+
+    The labels of the classification losses are checked as on the device path (:func:`_check_labels`):
+    all of ``ys`` before any work (a memmap slice by slice), or each chunk of a chunk source as it comes.
+    """
     chunk = HOST_CHUNK if chunk_size is None else chunk_size
+    labels = functools.partial(_check_label_range, apply_fn, params, loss) if _has_labels(loss) else None
     return host_losses(
         per_example_losses,
         _static(apply_fn),
-        _static(loss_fn),
+        _static(_resolve_loss(loss)),
         params,
         xs,
         ys,
         weights,
         chunk_size=chunk,
         per_example=per_example,
+        check_labels=labels,
     )
 
 
@@ -420,7 +441,14 @@ def make_train_step(
     Returns:
         A pure function ``step(state, batch) -> (state, loss)`` (``loss`` is ``(loss, aux)`` with
         ``has_aux``), where ``loss`` is evaluated at the parameters BEFORE the update.
+
+    Raises:
+        TypeError: ``loss_fn`` or ``projection`` not callable, or ``optimizer`` without ``init`` and
+            ``update`` (e.g. the string ``"sgd"``), at construction.
     """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable loss_fn(params, batch), got {loss_fn!r}.")
+    _check_optimizer_and_projection(optimizer, projection)
     proj = identity if projection is None else projection
 
     grad_fn = loss_fn if value_and_grad else jax.value_and_grad(loss_fn, has_aux=has_aux)
@@ -637,7 +665,9 @@ def fit(
 
 
 def _check_optimizer_and_projection(optimizer, projection) -> None:
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    """``TypeError`` unless ``optimizer`` has ``init`` and ``update`` (an Optax GradientTransformation)
+    and ``projection`` is ``None`` or callable."""
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
     if projection is not None and not callable(projection):
         raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
@@ -652,6 +682,7 @@ def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -
             raise ValueError(f"batch_size must be at most n = {n}, got {batch_size}.")
         if key is None:
             raise ValueError("batch_size requires an explicit PRNG key (key=jax.random.key(seed)).")
+        check_key("key", key)
     if num_segments is None:
         num_segments = max(1, min(20, num_steps // 100))
     segment_len = math.ceil(num_steps / check_positive_int("num_segments", num_segments))

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlis_jax._checks import check_choice, check_positive_int, is_concrete
+from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real, is_concrete
 from nlis_jax._dual import dual_matrix
 from nlis_jax._sampling import sample
 from nlis_jax._scores import leverage_scores
@@ -135,8 +135,18 @@ def _pool_probs(scores, labelled, alpha):
     return jnp.where(pool, (1 - alpha) * base + alpha / size, 0).astype(scores.dtype)
 
 
-def _check_pool(scores, labelled, alpha) -> tuple[int, Array]:
-    """Shape and value checks of ``(scores, labelled, alpha)``; returns ``(pool size or -1, scores)``."""
+def _check_alpha(alpha) -> float:
+    """``alpha`` as a float: a real number (Python, numpy or 0-d array; ``TypeError`` otherwise) in
+    ``[0, 1]`` (``ValueError``, NaN included)."""
+    value = check_real("alpha", alpha)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    return value
+
+
+def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
+    """Shape and value checks of ``(scores, labelled, alpha)``; returns ``(pool size or -1, scores,
+    alpha as a float)``."""
     scores = jnp.asarray(scores)
     labelled = jnp.asarray(labelled)
     if scores.ndim != 1 or scores.shape[0] == 0:
@@ -147,17 +157,16 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array]:
         raise ValueError(
             f"labelled must be a bool mask of shape {scores.shape}, got {labelled.dtype}{labelled.shape}."
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    alpha = _check_alpha(alpha)
     if not (is_concrete(scores) and is_concrete(labelled)):
-        return -1, scores
+        return -1, scores, alpha
     s, mask = np.asarray(scores), np.asarray(labelled)
     if not np.all(np.isfinite(s)) or np.any(s < 0):
         raise ValueError("scores must be finite and non-negative.")
     pool = int(np.sum(~mask))
     if pool == 0:
         raise ValueError("the pool is empty: every point is already labelled.")
-    return pool, scores
+    return pool, scores, alpha
 
 
 def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) -> Array:
@@ -173,7 +182,7 @@ def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) ->
     Returns:
       ``(n,)`` probabilities, summing to 1 over the pool, 0 on labelled points.
     """
-    _check_pool(scores, labelled, alpha)
+    alpha = _check_pool(scores, labelled, alpha)[2]
     return _pool_probs(jnp.asarray(scores), jnp.asarray(labelled), alpha)
 
 
@@ -216,15 +225,19 @@ def query(
       ValueError: bad shapes, negative or non-finite scores, ``alpha`` outside ``[0, 1]``, an empty pool, a
         batch larger than the pool, or (without replacement) fewer pool points of positive probability
         than ``batch`` (mix with uniform: ``alpha > 0``).
+      TypeError: ``alpha`` not a real number, ``replace`` not a bool, or (``"sample"``) ``key`` not a
+        PRNG key.
     """
     check_choice("strategy", strategy, STRATEGIES)
     batch = check_positive_int("batch", batch)
-    pool, scores = _check_pool(scores, labelled, alpha)
+    replace = check_bool("replace", replace)
+    pool, scores, alpha = _check_pool(scores, labelled, alpha)
     if pool >= 0 and batch > pool:
         raise ValueError(f"batch={batch} exceeds the {pool} unlabelled points in the pool.")
     if strategy == "sample":
         if key is None:
             raise ValueError('strategy="sample" needs a PRNG key (jax.random.key(seed)).')
+        check_key("key", key)
         if pool >= 0 and not replace and alpha == 0:
             positive = int(np.sum((np.asarray(scores) > 0) & ~np.asarray(labelled)))
             if 0 < positive < batch:
@@ -305,8 +318,10 @@ class ActiveConfig:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise ValueError(f"rounds must be a non-negative int, got {self.rounds!r}.")
         check_choice("strategy", self.strategy, STRATEGIES)
-        if isinstance(self.alpha, bool) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}.")
+        # stored as Python scalars: a numpy or 0-d array alpha compares and hashes as a float
+        object.__setattr__(self, "alpha", _check_alpha(self.alpha))
+        object.__setattr__(self, "replace", check_bool("replace", self.replace))
+        object.__setattr__(self, "weighted", check_bool("weighted", self.weighted))
 
     @property
     def capacity(self) -> int:
@@ -359,6 +374,17 @@ def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarr
     return labels
 
 
+def _pool_scores(scores_fn, params, xs, n: int) -> Array:
+    """``scores_fn(params, xs)``, refused (naming ``scores_fn``) unless one score per point, ``(n,)``."""
+    scores = scores_fn(params, xs)
+    if jnp.shape(scores) != (n,):
+        raise ValueError(
+            f"scores_fn must return one score per point of xs: expected shape ({n},), got shape "
+            f"{jnp.shape(scores)}."
+        )
+    return scores
+
+
 def _fit_round(fit_fn, params, xs, labels, weights, order, capacity):
     """``fit_fn`` on the labelled rows, padded to ``capacity`` rows of weight 0 (one shape every round)."""
     rows = np.zeros((capacity,), np.int64)
@@ -409,6 +435,7 @@ def active_learning(
     """
     if not isinstance(config, ActiveConfig):
         raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}.")
+    check_key("key", key)
     for name, fn in (("oracle", oracle), ("fit_fn", fit_fn), ("scores_fn", scores_fn)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {fn!r}.")
@@ -425,7 +452,7 @@ def active_learning(
     labels, order, history, counts = None, np.zeros((0,), np.int64), [], []
     for r in range(config.rounds + 1):
         if r > 0:
-            scores = scores_fn(params, xs)
+            scores = _pool_scores(scores_fn, params, xs, n)
             chosen = query(keys[r], scores, state.labelled, config.batch, strategy=config.strategy,
                            alpha=config.alpha, replace=config.replace)  # fmt: skip
         new = _new_distinct(chosen.indices, state.labelled)

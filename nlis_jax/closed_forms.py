@@ -10,13 +10,15 @@ with the limit ``g'(0)/α · ∇h`` as ``h → 0``. The single-index model ``ϕ(
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nlis_jax._adjoint import check_model, flatten_model
-from nlis_jax._checks import check_finite, check_floating, check_same_length
+from nlis_jax._checks import check_finite, check_floating, check_leading_axis, check_real, check_same_length
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 
@@ -35,8 +37,13 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
     Returns:
       Array of the shape and dtype of ``t``.
     """
-    if not (isinstance(c1, (int, float)) and isinstance(c2, (int, float)) and 0 < c1 <= c2):
-        raise ValueError(f"bounded_swish needs 0 < c1 <= c2, got c1={c1}, c2={c2}.")
+    real = all(isinstance(c, int | float | np.integer | np.floating) for c in (c1, c2))
+    real = real and not any(isinstance(c, bool) for c in (c1, c2))
+    if not (real and 0 < c1 <= c2 < math.inf):
+        raise ValueError(f"bounded_swish needs real numbers, finite 0 < c1 <= c2; got c1={c1!r}, c2={c2!r}.")
+    c1, c2 = float(c1), float(c2)
+    if isinstance(zeta, int | float | np.number) and not 0 <= float(zeta) < math.inf:
+        raise ValueError(f"bounded_swish needs a finite zeta >= 0 (the bounds hold then), got {zeta}.")
     t = jnp.asarray(t)
     lo, hi = jnp.sqrt(jnp.asarray(c1, t.dtype)), jnp.sqrt(jnp.asarray(c2, t.dtype))
     return t * (lo + (hi - lo) * jax.nn.sigmoid(zeta * t))
@@ -85,6 +92,7 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
         raise ValueError(f"theta must be a vector of shape (d,), got shape {theta.shape}.")
     if xs.ndim != 2:
         raise ValueError(f"xs must be a matrix of shape (n, d), got shape {xs.shape}.")
+    check_leading_axis("xs", xs)
     check_same_length("theta (d)", theta.shape[0], "xs columns", xs.shape[1])
     check_floating("theta", theta)
     check_floating("xs", xs)
@@ -125,8 +133,8 @@ def homogeneous_adjoint(
     Returns:
       Array of shape ``(n, p)``.
     """
-    if not degree > 0:
-        raise ValueError(f"degree must be positive, got {degree}.")
+    if not 0 < check_real("degree", degree) < math.inf:
+        raise ValueError(f"degree must be positive and finite, got {degree}.")
     shape = check_model(h_fn, params, xs)
     if shape.out_shape != ():
         raise ValueError(f"h_fn must return a scalar per example, got shape {shape.out_shape}.")

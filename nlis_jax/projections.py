@@ -47,7 +47,7 @@ from optax.projections import (
     projection_vector,
 )
 
-from nlis_jax._checks import is_concrete
+from nlis_jax._checks import check_floating, check_real, is_concrete
 from nlis_jax._types import PyTree
 
 __all__ = [
@@ -103,6 +103,7 @@ class L2Ball(Projection):
     radius: Any
 
     def __call__(self, tree: PyTree) -> PyTree:
+        check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
         return _cast_like(projection_l2_ball(tree, scale=self.radius), tree)
 
 
@@ -120,6 +121,7 @@ class Box(Projection):
     upper: Any
 
     def __call__(self, tree: PyTree) -> PyTree:
+        check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
         lower = _broadcast_bound(self.lower, tree, "lower")
         upper = _broadcast_bound(self.upper, tree, "upper")
         return _cast_like(projection_box(tree, lower, upper), tree)
@@ -129,6 +131,17 @@ def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
     """A bound as a pytree with the structure of ``tree``, each leaf in that leaf's dtype."""
     tree_def = jax.tree.structure(tree)
     if jax.tree.structure(bound) == tree_def:
+        leaves = jax.tree_util.tree_leaves_with_path(bound)
+        for (path, b), x in zip(leaves, jax.tree.leaves(tree), strict=True):
+            try:
+                fits = np.broadcast_shapes(np.shape(b), np.shape(x)) == np.shape(x)
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"box: {name}{jax.tree_util.keystr(path)} has shape {np.shape(b)}, which does not "
+                    f"broadcast to the parameter's shape {np.shape(x)}."
+                )
         return jax.tree.map(lambda b, x: jnp.asarray(b, dtype=jnp.result_type(x)), bound, tree)
     leaves = jax.tree.leaves(bound)
     if len(leaves) == 1 and jax.tree.structure(bound).num_nodes == 1:
@@ -145,7 +158,7 @@ def _as_number(name: str, value: Any) -> Any:
         return value
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
-    out = float(value)
+    out = check_real(name, value)
     if not np.isfinite(out):
         raise ValueError(f"{name} must be finite, got {out}.")
     return out

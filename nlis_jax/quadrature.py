@@ -31,5 +31,7 @@ def gauss_legendre(num_nodes: int, dtype=jnp.float64) -> tuple[jnp.ndarray, jnp.
       ``(nodes, weights)``, each of shape ``(q,)``; the weights sum to one.
     """
     check_positive_int("num_nodes", num_nodes)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"gauss_legendre: dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
     t, w = _nodes_and_weights_f64(int(num_nodes))
     return jnp.asarray(t, dtype=dtype), jnp.asarray(w, dtype=dtype)

@@ -1,0 +1,249 @@
+"""Bad host inputs get clear errors: ``out=`` vectors, chunk sources (checked chunk by chunk and pass by
+pass), host ``ys`` lists, ``gather_rows``, labels of host losses, and the optimizer and key of training.
+
+Every test also checks the valid neighbouring input against an independent reference. Tiny models and
+the fixed 4-node rule throughout (the subject is the input handling, not the quadrature).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nlis_jax as nj
+
+N, D = 12, 3
+KW = dict(num_nodes=4, chunk_size=4)
+
+
+def apply_fn(params, x):
+    return jnp.tanh(x @ params["w"] + params["b"])
+
+
+def logits_fn(params, x):
+    return jnp.stack([x @ params["w"], params["b"] + 0 * x[0]])
+
+
+def _setup():
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(D), "b": np.asarray(0.3)}
+    return params, rng.standard_normal((N, D)), rng.standard_normal(N)
+
+
+def _dense(params, xs, ys):
+    """Dense references: leverage and norm probabilities of the dual matrix."""
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=4)
+    return np.asarray(nj.leverage_scores(F)), np.asarray(nj.norm_scores(F))
+
+
+def _source(chunks, calls=None):
+    def source():
+        if calls is not None:
+            calls.append(1)
+        return iter(chunks)
+
+    return source
+
+
+# ------------------------------------------------------------------------------------------------ S4
+@pytest.mark.parametrize("scores", ["leverage", "norm"])
+def test_out_vector_checked(scores):
+    params, xs, ys = _setup()
+    fn = nj.streaming_leverage_scores if scores == "leverage" else nj.streaming_norm_scores
+    ref = _dense(params, xs, ys)[scores == "norm"]
+    with pytest.raises(TypeError, match="out must have dtype float32 or float64 .* got int64"):
+        fn(apply_fn, params, xs, ys, out=np.zeros(N, np.int64), **KW)
+    with pytest.raises(TypeError, match="got float16"):
+        fn(apply_fn, params, xs, ys, out=np.zeros(N, np.float16), **KW)
+    with pytest.raises(ValueError, match=r"of shape \(12,\), got shape \(13,\)"):
+        fn(apply_fn, params, xs, ys, out=np.zeros(N + 1), **KW)
+    read_only = np.zeros(N)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="got a read-only one"):
+        fn(apply_fn, params, xs, ys, out=read_only, **KW)
+    calls = []  # a chunk source: out is checked before its first pass
+    with pytest.raises(TypeError, match="got int64"):
+        fn(apply_fn, params, _source([(xs, ys)], calls), out=np.zeros(N, np.int64), **KW)
+    assert not calls
+    for dtype, rtol in ((np.float64, 1e-10), (np.float32, 1e-6)):
+        out = np.zeros(N, dtype)
+        assert fn(apply_fn, params, xs, ys, out=out, **KW) is out
+        np.testing.assert_allclose(out, ref, rtol=rtol, atol=1e-12)
+
+
+def test_norm_scores_beyond_float32_out():
+    """Squared norms past float32's range: a float32 out would hold Inf, or zeros after the division."""
+    params, xs, ys = _setup()
+    f32 = np.zeros(N, np.float32)
+    with pytest.raises(ValueError, match="the scores reach .*, beyond the range of out's dtype float32"):
+        nj.streaming_norm_scores(apply_fn, params, xs, ys * 1e20, out=f32, **KW)
+    ys = np.full(N, 1e19)  # each squared norm ~1e38 fits float32, their sum ~1.2e39 does not
+    with pytest.raises(ValueError, match=r"sum to .* beyond the range of float32 \(the dtype of out\)"):
+        nj.streaming_norm_scores(apply_fn, params, xs, ys, out=f32, **KW)
+    out = np.zeros(N)
+    nj.streaming_norm_scores(apply_fn, params, xs, ys, out=out, **KW)
+    np.testing.assert_allclose(out, _dense(params, xs, ys)[1], rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ S5
+def test_chunk_source_passes_must_agree():
+    params, xs, ys = _setup()
+    passes = []
+
+    def shrinking():  # one example fewer on each pass
+        passes.append(1)
+        k = N - len(passes) + 1
+        return iter([(xs[:k], ys[:k])])
+
+    with pytest.raises(ValueError, match="yielded 11 examples on pass 2 but 12 on the first pass"):
+        nj.streaming_leverage_scores(apply_fn, params, shrinking, **KW)
+    passes.clear()
+
+    def growing():
+        passes.append(1)
+        k = 6 + len(passes)
+        return iter([(xs[:k], ys[:k])])
+
+    with pytest.raises(ValueError, match=r"more than 7 examples \(at least 8\) on pass 2 but 7 on the first"):
+        nj.streaming_leverage_scores(apply_fn, params, growing, **KW)
+    passes.clear()
+
+    def rescaled():  # the same length, other values on each pass
+        passes.append(1)
+        return iter([(xs * len(passes), ys)])
+
+    with pytest.raises(ValueError, match="returned different data on different passes"):
+        nj.streaming_leverage_scores(apply_fn, params, rescaled, **KW)
+    same = [(xs[:5], ys[:5]), (xs[5:6], ys[5:6]), (xs[6:], ys[6:])]  # consistent: no false alarm
+    info = nj.streaming_leverage_scores(apply_fn, params, _source(same), return_info=True, **KW)
+    np.testing.assert_allclose(info.probs, _dense(params, xs, ys)[0], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(float(jnp.sum(info.leverage)), int(info.rank), rtol=1e-10)
+
+
+def test_consistent_float32_source_passes_the_sum_check():
+    """float32 (larger orthogonality error than float64): consistent data stays far inside 1 %."""
+    params, xs, ys = _setup()
+    p32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    x32, y32 = xs.astype(np.float32), ys.astype(np.float32)
+    got = nj.streaming_leverage_scores(apply_fn, p32, _source([(x32[:7], y32[:7]), (x32[7:], y32[7:])]), **KW)
+    want = nj.streaming_leverage_scores(apply_fn, p32, x32, y32, **KW)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ S6, U5
+@pytest.mark.parametrize("scores", ["leverage", "norm"])
+def test_chunks_checked_as_they_arrive(scores):
+    params, xs, ys = _setup()
+    fn = nj.streaming_leverage_scores if scores == "leverage" else nj.streaming_norm_scores
+
+    def run(chunks):
+        return fn(apply_fn, params, _source(chunks), **KW)
+
+    head, tail = (xs[:5], ys[:5]), (xs[5:], ys[5:])
+    with pytest.raises(ValueError, match=r"x_chunk of chunk 1 .* \(2,\) float64 but chunk 0 has \(3,\)"):
+        run([head, (xs[5:, :2], ys[5:])])
+    with pytest.raises(ValueError, match=r"x_chunk of chunk 1 .* float32 but chunk 0 has \(3,\) float64"):
+        run([head, (xs[5:].astype(np.float32), ys[5:])])
+    with pytest.raises(ValueError, match="chunk 1 of the chunk source has y_chunk None but chunk 0 has"):
+        run([head, (xs[5:], None)])
+    with pytest.raises(ValueError, match=r"y_chunk of chunk 0 .* \(12, 1\) .* \(1-D for a scalar model\)"):
+        run([(xs, ys[:, None])])
+    with pytest.raises(ValueError, match=r"chunk 0 of the chunk source: .* shapes \[\(5, 3\), \(4,\)\]"):
+        run([(xs[:5], ys[:4]), tail])
+    with pytest.raises(ValueError, match="yielded no examples"):
+        run([])
+    with pytest.raises(TypeError, match="item 0 is a list"):
+        run([[xs, ys]])
+    with pytest.raises(TypeError, match="calling it returned int"):
+        fn(apply_fn, params, lambda: 3, **KW)
+    with pytest.raises(TypeError, match="pass a function that returns a fresh iterator"):
+        fn(apply_fn, params, (pair for pair in [(xs, ys)]), **KW)
+    ref = _dense(params, xs, ys)[scores == "norm"]
+    np.testing.assert_allclose(run([head, (xs[5:5], ys[5:5]), tail]), ref, rtol=1e-10, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------- U10
+def test_host_ys_list_converted():
+    params, xs, ys = _setup()
+    ref = _dense(params, xs, ys)
+    got = nj.streaming_leverage_scores(apply_fn, params, xs, ys.tolist(), **KW)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-10, atol=1e-13)
+    got = nj.streaming_norm_scores(apply_fn, params, xs, ys.tolist(), **KW)
+    np.testing.assert_allclose(got, ref[1], rtol=1e-10, atol=1e-13)
+    pred = np.tanh(xs @ params["w"] + params["b"])
+    loss = nj.weighted_loss(apply_fn, params, xs, ys.tolist(), np.ones(N).tolist(), chunk_size=4)
+    np.testing.assert_allclose(loss, np.sum((pred - ys) ** 2), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- U11
+def test_gather_rows_checked():
+    _, xs, ys = _setup()
+    with pytest.raises(ValueError, match=r"same number of rows .* \[\(12, 3\), \(5,\)\]"):
+        nj.gather_rows((xs, ys[:5]), np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"out of range \[0, 12\) .* got values in \[-1, 3\]"):
+        nj.gather_rows(xs, np.array([-1, 3]))
+    with pytest.raises(ValueError, match="1-D integer vector"):
+        nj.gather_rows(xs, np.array([1.0]))
+    assert nj.gather_rows(xs, []).shape == (0, D)
+    idx = np.array([3, 1, 3])
+    got_x, got_y = nj.gather_rows((xs, ys), jnp.asarray(idx))
+    np.testing.assert_array_equal(got_x, xs[idx])
+    np.testing.assert_array_equal(got_y, ys[idx])
+
+
+# ------------------------------------------------------------------------------------------------ S7
+def test_labels_of_host_losses_checked(tmp_path):
+    params, xs, _ = _setup()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] .* got values in \[0, 2\]\.$"):
+        nj.per_example_loss(apply_fn, params, xs, np.r_[np.zeros(N - 1), 2.0], loss="logistic")
+    np.save(tmp_path / "labels.npy", np.full(N, -1.0))
+    labels = np.load(tmp_path / "labels.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] .* got values in \[-1, -1\]"):
+        nj.weighted_loss(apply_fn, params, xs, labels, loss="logistic", chunk_size=4)
+    with pytest.raises(
+        ValueError, match=r"integers in \[0, 2\) for the 2 logits .* got values in \[-1, 1\]\.$"
+    ):
+        nj.weighted_loss(logits_fn, params, xs, np.r_[np.ones(N - 1, int), -1], loss="cross_entropy")
+    bad = _source([(xs[:6], np.zeros(6, int)), (xs[6:], np.full(N - 6, 3))])
+    with pytest.raises(ValueError, match=r"got values in \[3, 3\] \(in chunk 1 of the chunk source\)"):
+        nj.weighted_loss(logits_fn, params, bad, None, loss="cross_entropy")
+    with pytest.raises(ValueError, match="y_chunk None, but the losses need the targets"):
+        nj.weighted_loss(apply_fn, params, _source([(xs, None)]), None)
+    y01 = (np.arange(N) % 2).astype(np.float64)
+    z = np.tanh(xs @ params["w"] + params["b"])
+    ref = np.logaddexp(0.0, z) - y01 * z
+    got = nj.per_example_loss(apply_fn, params, xs, y01, loss="logistic", chunk_size=4)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    labels = np.arange(N) % 2
+    zz = np.stack([xs @ params["w"], np.full(N, 0.3)], axis=1)
+    ref_ce = np.sum(np.logaddexp(zz[:, 0], zz[:, 1]) - zz[np.arange(N), labels])
+    got_ce = nj.weighted_loss(logits_fn, params, _source([(xs, labels)]), None, loss="cross_entropy")
+    np.testing.assert_allclose(got_ce, ref_ce, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ U13, U3
+def test_make_train_step_optimizer_checked():
+    def loss(p, batch):
+        return jnp.sum(p["w"] ** 2)
+
+    with pytest.raises(TypeError, match="optimizer must be an optax.GradientTransformation, got 'sgd'"):
+        nj.make_train_step(loss, "sgd")
+    opt = optax.sgd(0.1)
+    w = np.array([1.0, -2.0])
+    step = nj.make_train_step(loss, opt)
+    state, value = step(nj.TrainState({"w": jnp.asarray(w)}, opt.init({"w": jnp.asarray(w)})), None)
+    np.testing.assert_allclose(value, np.sum(w**2))
+    np.testing.assert_allclose(state.params["w"], w - 0.1 * 2 * w)
+
+
+def test_fit_minibatch_key_checked():
+    params, xs, ys = _setup()
+    kw = dict(optimizer=optax.sgd(0.05), num_steps=3, batch_size=4)
+    with pytest.raises(TypeError, match="key must be a PRNG key, e.g. jax.random.key"):
+        nj.fit(apply_fn, params, xs, ys, key=0, **kw)
+    result = nj.fit(apply_fn, params, xs, ys, key=jax.random.key(0), **kw)
+    pred = np.tanh(xs @ np.asarray(result.params["w"]) + np.asarray(result.params["b"]))
+    np.testing.assert_allclose(result.final_loss, np.sum((pred - ys) ** 2), rtol=1e-12)

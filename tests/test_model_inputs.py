@@ -1,0 +1,287 @@
+"""Bad model inputs of the adjoint, the dual matrix, the dual operator and active learning.
+
+A gradient of ``apply_fn`` that is NaN or Inf on the path ``tθ`` (``sqrt``/``log`` singular at ``θ = 0``, an
+argument out of its domain, overflow) raises instead of returning NaN rows; ``ys`` beyond the range of the
+params' dtype is refused; the operator's ``mv``/``rmv`` refuse NaN or wrong shapes; ``apply_fn`` failing on
+one example names the shapes; numpy scalars pass as ``rtol``/``alpha``; ``replace``/keys/``scores_fn`` are
+checked. Each refusal has a valid neighbour checked against a numpy reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import nlis_jax as nj
+from nlis_jax import _adaptive, _adjoint
+
+N = 6
+W = np.array([1.0, 0.5])
+# x @ W: 1.5, -1.0, 2.0, 0.5, -0.5, 1.25 (two negative rows)
+XS = np.array([[1.0, 1.0], [-1.0, 0.0], [1.5, 1.0], [0.0, 1.0], [0.5, -2.0], [1.0, 0.5]])
+YS = np.linspace(-1.0, 1.0, N)
+
+
+def sqrt_model(params, x):
+    return jnp.sqrt(x @ params["w"])
+
+
+def shifted_sqrt(params, x):  # finite on the whole ray for x @ w > -1
+    return jnp.sqrt(1.0 + x @ params["w"])
+
+
+def linear(params, x):
+    return x @ params["w"] + params["b"]
+
+
+def log_model(params, x):  # log(0) = -inf at θ = 0; the gradient is finite at the nodes
+    return jnp.log(x @ params["w"] + params["b"])
+
+
+def _shifted_sqrt_adjoint(xs, w):
+    """Closed form: ∫_0^1 x / (2 sqrt(1 + t z)) dt = x (sqrt(1 + z) − 1) / z, z = x·w."""
+    z = xs @ w
+    return xs * ((np.sqrt(1.0 + z) - 1.0) / z)[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# S8: a gradient that is not finite on the path
+
+
+@pytest.mark.parametrize("num_nodes", [4, None])
+def test_nonfinite_gradient_on_the_path_raises(num_nodes):
+    with pytest.raises(
+        ValueError, match=r"adjoint is NaN or Inf for 2 of 6 examples: the gradient of apply_fn"
+    ):
+        nj.adjoint(sqrt_model, {"w": W}, XS, num_nodes=num_nodes)
+    with pytest.raises(ValueError, match=r"singular at θ = 0, such as sqrt or log"):
+        nj.dual_matrix(sqrt_model, {"w": W}, XS, YS, num_nodes=num_nodes)
+
+
+def test_singular_at_zero_raises_in_the_adaptive_refinement():
+    """sqrt(x·w) with x·w > 0: finite at the first pass's nodes, Inf at the refined panel's end t = 0."""
+    pos = np.abs(XS) + 0.1
+    with pytest.raises(ValueError, match=r"adjoint is NaN or Inf for 6 of 6 examples"):
+        nj.adjoint(sqrt_model, {"w": W}, pos)
+
+
+def test_overflowing_adjoint_raises():
+    """Finite inputs whose gradient overflows float32 (exp(100) > 3.4e38)."""
+    params = {"w": np.array([100.0, 0.0], np.float32)}
+    xs = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"adjoint is NaN or Inf for 3 of 3 .* or overflow"):
+        nj.adjoint(lambda p, x: jnp.exp(x @ p["w"]), params, xs, num_nodes=4)
+
+
+def test_nonfinite_offset_raises():
+    params = {"w": W, "b": np.asarray(2.0)}
+    with pytest.raises(
+        ValueError, match=r"offset column f\(0\) − y of the dual matrix is NaN or Inf for 6 of 6"
+    ):
+        nj.dual_matrix(log_model, params, XS, YS, num_nodes=4)
+    with pytest.raises(ValueError, match=r"offset column f\(0\) − y"):
+        nj.dual_operator(log_model, params, XS, YS, num_nodes=4)
+
+
+def test_nonfinite_adjoint_under_checkify():
+    def adj(p, x):
+        with nj.traced_checks():
+            return nj.adjoint(sqrt_model, p, x, num_nodes=4)
+
+    checked = jax.jit(checkify.checkify(adj, errors=checkify.user_checks))
+    assert "adjoint is NaN or Inf for some examples" in checked({"w": W}, XS)[0].get()
+    assert checked({"w": W}, np.abs(XS) + 0.1)[0].get() is None
+
+
+def test_nan_error_is_never_converged_and_is_reported():
+    nan, ones = np.array([np.nan, 0.0]), np.ones(2)
+    state = _adaptive._State(None, nan, np.zeros(2), ones, np.array([np.nan, 1.0]), np.zeros(2, bool))
+    conv = _adaptive._converged(state, 1e-6, 1e-6)
+    assert conv.tolist() == [False, True]
+    missed = _adaptive._missed(
+        state.error, state.residual, conv, state.roundoff, _adaptive._finite(state), np
+    )
+    assert [group[0] for group in missed] == [0, 0, 1]
+    with pytest.warns(nj.QuadratureWarning, match=r"1 with a NaN or Inf integral or check residual"):
+        _adaptive._warn(missed, 2, rtol=1e-6, check_tol=1e-6, max_panels=8)
+
+
+@pytest.mark.parametrize("num_nodes", [16, None])
+def test_finite_gradient_on_the_path_is_unchanged(num_nodes):
+    w = np.array([0.3, 0.2])
+    adj = nj.adjoint(shifted_sqrt, {"w": w}, XS, num_nodes=num_nodes)
+    np.testing.assert_allclose(adj, _shifted_sqrt_adjoint(XS, w), rtol=1e-10)
+    dual = nj.dual_matrix(shifted_sqrt, {"w": w}, XS, YS, num_nodes=num_nodes)
+    np.testing.assert_allclose(dual[:, -1], 1.0 - YS, rtol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------
+# S9: ys beyond the range of the params' dtype
+
+
+@pytest.mark.parametrize("as_device", [False, True])
+def test_ys_beyond_the_params_dtype(as_device):
+    params = {"w": W.astype(np.float32), "b": np.asarray(0.5, np.float32)}
+    ys = YS * 1e300
+    ys = jnp.asarray(ys) if as_device else ys
+    with pytest.raises(
+        ValueError, match=r"ys has 6 value\(s\) beyond the range of the params' dtype float32"
+    ):
+        nj.dual_matrix(linear, params, XS.astype(np.float32), ys, num_nodes=4)
+
+
+def test_ys_within_the_params_dtype():
+    params = {"w": W.astype(np.float32), "b": np.asarray(0.5, np.float32)}
+    ys = YS * 1e37  # float64, representable in float32
+    dual = nj.dual_matrix(linear, params, XS.astype(np.float32), ys, num_nodes=4)
+    assert dual.dtype == jnp.float32
+    np.testing.assert_allclose(dual[:, -1], (np.float32(0.5) - ys.astype(np.float32)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# S11: the operator's vectors
+
+
+def test_operator_refuses_bad_vectors():
+    op = nj.dual_operator(linear, {"w": W, "b": np.asarray(0.5)}, XS, YS, num_nodes=4)
+    with pytest.raises(ValueError, match=r"mv: v contains 1 NaN or Inf"):
+        op.mv(np.array([1.0, np.nan, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"rmv: u contains 6 NaN or Inf"):
+        op.rmv(jnp.full(N, jnp.inf))
+    with pytest.raises(ValueError, match=r"mv expects a vector of shape \(4,\), got v of shape \(3,\)"):
+        op.mv(np.ones(3))
+    with pytest.raises(ValueError, match=r"rmv expects an array of shape \(6,\), got u of shape \(6, 1\)"):
+        op.rmv(np.ones((N, 1)))
+    with pytest.raises(TypeError, match=r"mv expects a vector of real numbers, got v of dtype complex"):
+        op.mv(np.ones(4, complex))
+
+
+def test_operator_products_are_unchanged():
+    op = nj.dual_operator(linear, {"w": W, "b": np.asarray(0.5)}, XS, YS, num_nodes=4)
+    dense = np.column_stack([np.ones(N), XS, -YS])  # [1, x | f(0) − y] (ravel order: b, w), f(0) = 0
+    v, u = np.array([1.0, -2.0, 0.5, 3.0]), np.arange(N, dtype=float)
+    np.testing.assert_allclose(op.mv(v), dense @ v, rtol=1e-14)
+    np.testing.assert_allclose(op.rmv(u), dense.T @ u, rtol=1e-14)
+    np.testing.assert_allclose(op.mv(list(v)), dense @ v, rtol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------
+# U2: numpy and 0-d array scalars for rtol and alpha
+
+
+def test_rtol_numpy_scalars():
+    for rtol in (np.float32(1e-3), np.float64(1e-6), jnp.asarray(1e-6), 1e-6):
+        _adjoint.check_path_args(None, "auto", None, rtol)
+    with pytest.raises(TypeError, match=r"rtol must be a real number, got True"):
+        _adjoint.check_path_args(None, "auto", None, True)
+    with pytest.raises(TypeError, match=r"rtol must be a real number, got 'x'"):
+        _adjoint.check_path_args(None, "auto", None, "x")
+    for bad in (np.nan, 0.0, 1.0, np.float32(2.0)):
+        with pytest.raises(ValueError, match=r"rtol must be a number in \(0, 1\)"):
+            _adjoint.check_path_args(None, "auto", None, bad)
+
+
+def test_rtol_numpy_scalar_gives_the_same_adjoint():
+    w = np.array([0.3, 0.2])
+    a = nj.adjoint(shifted_sqrt, {"w": w}, XS, rtol=np.float32(1e-6))
+    b = nj.adjoint(shifted_sqrt, {"w": w}, XS, rtol=float(np.float32(1e-6)))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, _shifted_sqrt_adjoint(XS, w), rtol=1e-5)
+
+
+def _pool():
+    scores = np.array([0.5, 1.0, 2.0, 0.0, 1.5, 1.0])
+    mask = np.array([True, False, False, False, True, False])
+    return scores, mask
+
+
+def test_alpha_numpy_scalars():
+    scores, mask = _pool()
+    pool = ~mask
+    ref = np.where(pool, 0.75 * scores * pool / np.sum(scores * pool) + 0.25 / pool.sum(), 0)
+    for alpha in (np.float32(0.25), jnp.asarray(0.25), 0.25):
+        np.testing.assert_allclose(nj.active.pool_probabilities(scores, mask, alpha=alpha), ref, rtol=1e-15)
+    key = jax.random.key(0)
+    a = nj.query(key, scores, mask, 2, alpha=np.float32(0.1))
+    b = nj.query(key, scores, mask, 2, alpha=float(np.float32(0.1)))
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    config = nj.ActiveConfig(seed_size=2, batch=1, rounds=1, alpha=np.float32(0.5))
+    assert config.alpha == 0.5 and isinstance(config.alpha, float) and hash(config)
+    for bad, error, match in [
+        (np.nan, ValueError, r"alpha must be a number in \[0, 1\], got nan"),
+        (np.float32(1.5), ValueError, r"alpha must be a number in \[0, 1\]"),
+        (True, TypeError, r"alpha must be a real number, got True"),
+        ("x", TypeError, r"alpha must be a real number, got 'x'"),
+    ]:
+        with pytest.raises(error, match=match):
+            nj.query(key, scores, mask, 2, alpha=bad)
+        with pytest.raises(error, match=match):
+            nj.ActiveConfig(seed_size=2, batch=1, rounds=1, alpha=bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# U4: apply_fn failing on one example
+
+
+@pytest.mark.parametrize(
+    "params, xs, shown, cause",
+    [
+        ({"w": W, "b": np.asarray(0.5)}, XS[:, :1], r"x shape \(1,\)", TypeError),  # wrong width
+        ({"w": W, "b": np.asarray(0.5)}, XS[:, 0], r"x shape \(\)", ValueError),  # 1-D xs
+        ({"w": W}, XS, r"params\['w'\] shape \(2,\)\): KeyError: 'b'", KeyError),  # missing leaf
+        ({"w": W[:1], "b": np.asarray(0.5)}, XS, r"params\['w'\] shape \(1,\)", TypeError),  # wrong shape
+    ],
+)
+def test_apply_fn_failing_on_one_example(params, xs, shown, cause):
+    with pytest.raises(ValueError, match=r"apply_fn\(params, x\) failed on one example x = xs\[0\]") as info:
+        nj.adjoint(linear, params, xs, num_nodes=4)
+    assert isinstance(info.value.__cause__, cause)
+    with pytest.raises(ValueError, match=shown):
+        nj.dual_matrix(linear, params, xs, None, num_nodes=4)
+
+
+def test_apply_fn_on_good_inputs_is_unchanged():
+    adj = nj.adjoint(linear, {"w": W, "b": np.asarray(0.5)}, XS, num_nodes=4)
+    np.testing.assert_allclose(adj, np.column_stack([np.ones(N), XS]), rtol=1e-15)  # ravel order: b, w
+
+
+# ------------------------------------------------------------------------------------------------
+# S10, U3, U12: replace, keys, scores_fn
+
+
+def test_query_replace_and_key():
+    scores, mask = _pool()
+    key = jax.random.key(3)
+    with pytest.raises(TypeError, match=r"replace must be True or False, got 'x'"):
+        nj.query(key, scores, mask, 2, replace="x")
+    with pytest.raises(TypeError, match=r"key must be a PRNG key, e.g. jax.random.key\(0\), got 0"):
+        nj.query(0, scores, mask, 2)
+    with pytest.raises(TypeError, match=r"replace must be True or False, got 'no'"):
+        nj.ActiveConfig(seed_size=2, batch=1, rounds=1, replace="no")
+    a = nj.query(key, scores, mask, 2, replace=np.bool_(True))
+    b = nj.query(key, scores, mask, 2, replace=True)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert nj.query(jax.random.PRNGKey(0), scores, mask, 2).indices.shape == (2,)  # raw uint32 key
+
+
+def _loop(key, scores_fn):
+    params = {"w": W, "b": np.asarray(0.5)}
+    config = nj.ActiveConfig(seed_size=2, batch=2, rounds=1)
+    return nj.active_learning(
+        key, params, XS, lambda idx: YS[idx], fit_fn=lambda p, x, y, w: p, scores_fn=scores_fn, config=config
+    )
+
+
+def test_active_learning_key_and_scores_fn():
+    with pytest.raises(TypeError, match=r"key must be a PRNG key"):
+        _loop(0, lambda p, x: jnp.ones(N))
+    match = r"scores_fn must return one score per point of xs: expected shape \(6,\), got shape \(5,\)"
+    with pytest.raises(ValueError, match=match):
+        _loop(jax.random.key(0), lambda p, x: jnp.ones(N - 1))
+    result = _loop(jax.random.key(0), lambda p, x: jnp.ones(N))
+    assert result.order.size == 4 and np.unique(result.order).size == 4
+    np.testing.assert_array_equal(result.labels[result.order], YS[result.order])
