@@ -111,7 +111,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     theta = jax.eval_shape(_ravel, params)
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
-    out = _eval_one_example(apply_fn, params, xs)
+    out = eval_example(apply_fn, params, _first_example(xs))
     if len(out.shape) > 1:
         raise ValueError(
             f"apply_fn(params, x) must return a scalar or a vector of k outputs for ONE example, "
@@ -135,10 +135,10 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     return shape
 
 
-def _eval_one_example(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> jax.ShapeDtypeStruct:
-    """``jax.eval_shape(apply_fn, params, xs[0])``; a failure inside ``apply_fn`` (a wrong width of ``xs``, a
-    missing or misshapen leaf of ``params``) becomes a ``ValueError`` showing the shapes, chained to it."""
-    x0 = _first_example(xs)
+def eval_example(apply_fn: ApplyFn, params: PyTree, x0: PyTree) -> jax.ShapeDtypeStruct:
+    """``jax.eval_shape(apply_fn, params, x0)`` for one example ``x0`` (arrays or ``ShapeDtypeStruct``); a
+    failure inside ``apply_fn`` (a wrong width of ``xs``, a missing or misshapen leaf of ``params``) becomes
+    a ``ValueError`` showing the shapes, chained to it."""
     try:
         return jax.eval_shape(apply_fn, params, x0)
     except Exception as err:

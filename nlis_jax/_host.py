@@ -39,7 +39,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nlis_jax import routes
-from nlis_jax._adjoint import flatten_model
+from nlis_jax._adjoint import (
+    check_ys_fits,
+    count_bad_examples,
+    eval_example,
+    flatten_model,
+    nonfinite_adjoint,
+)
 from nlis_jax._checks import check_finite, check_floating
 from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
@@ -83,7 +89,7 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     if weights is not None and np.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
     if out_check and ys is not None:
-        out = jax.eval_shape(apply_fn, params, jax.tree.map(lambda a: a[0], xs))
+        out = eval_example(apply_fn, params, jax.tree.map(lambda a: a[0], xs))
         if np.shape(ys) != (n,) + out.shape:
             raise ValueError(
                 f"ys has shape {np.shape(ys)} but the model gives outputs of shape {(n,) + out.shape} "
@@ -91,6 +97,8 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
             )
     _check_in_memory("xs", xs)
     _check_in_memory("ys", ys)
+    if ys is not None:  # read slice by slice (a memmap too), only when wider than the params' dtype
+        check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)))
     return n
 
 
@@ -401,11 +409,13 @@ def _nonfinite(piece, valid):
 
 def _rows(apply_fn, params, piece, valid, num_nodes, mode):
     """The dual rows ``(chunk, k, p+1)`` of an ``(x, y)`` piece (:func:`nlis_jax._passes.chunk_rows`) and
-    the number of non-finite inputs in its valid rows."""
+    ``bad``: ``(2,)`` int32, the number of non-finite inputs in its valid rows and the number of its
+    examples whose dual rows are NaN or Inf (padding rows are zero)."""
     xc, yc = piece
     model = flatten_model(apply_fn, params, xc)
     rows = chunk_rows(model, xc, yc, valid, num_nodes=num_nodes, mode=mode)
-    return rows, _nonfinite(piece, valid)
+    rows_bad = count_bad_examples(rows)
+    return rows, jnp.stack([_nonfinite(piece, valid), rows_bad]).astype(jnp.int32)
 
 
 def _reduce(carry, rows, bad, args, kernel):
@@ -414,14 +424,14 @@ def _reduce(carry, rows, bad, args, kernel):
 
 
 def _checked(carry, rows, bad, args, kernel):
-    """A step of the first pass: ``kernel(carry, rows)`` and the count of non-finite inputs."""
+    """A step of the first pass: ``kernel(carry, rows)`` and the counts ``bad`` of :func:`_rows`."""
     inner, count = carry
     return kernel(inner, rows), count + bad.astype(count.dtype)
 
 
 def _values(carry, rows, bad, args, kernel):
-    """Per-example values ``kernel(rows, *args)`` of a piece; the carry sums them and counts the
-    non-finite inputs."""
+    """Per-example values ``kernel(rows, *args)`` of a piece; the carry sums them and the counts ``bad``
+    of :func:`_rows`."""
     values = kernel(rows, *args)
     total, count = carry
     return values, (total + jnp.sum(values), count + bad.astype(count.dtype))
@@ -504,7 +514,7 @@ def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, 
     if callable(xs):
         if ys is not None:
             raise ValueError("with a chunk source, the responses travel in its chunks: pass ys=None.")
-        return CheckedSource(xs, out_shape=lambda x: jax.eval_shape(apply_fn, params, x).shape), chunk_size
+        return CheckedSource(xs, out_shape=lambda x: eval_example(apply_fn, params, x).shape), chunk_size
     ys = host_vector("ys", ys)
     n = check_host_arrays(apply_fn, params, xs, ys)
     return array_source((xs, ys), n, min(chunk_size, n)), min(chunk_size, n)
@@ -514,12 +524,21 @@ def first_pass(step, source, chunk, init):
     """The first fold with the non-finite check: ``(carry, n, n_local)``, summed over processes."""
     counted = fold(lambda c, piece, valid: (step(c[0], piece, valid), c[1] + valid), (init, 0), source, chunk)
     carry, n_local = counted
-    stats = across_processes(jnp.asarray([n_local, int(carry[1])]), lambda a: a.sum(0))
+    stats = across_processes(jnp.asarray([n_local, *map(int, carry[1])]), lambda a: a.sum(0))
     if int(stats[0]) == 0:
         raise ValueError("the chunk source yielded no examples.")
-    if int(stats[1]):
-        raise ValueError(f"xs or ys contains {int(stats[1])} NaN or Inf value(s); clean the input first.")
+    raise_if_bad(stats)
     return carry, int(stats[0]), n_local
+
+
+def raise_if_bad(stats) -> None:
+    """``ValueError`` for the counts ``(n, non-finite input values, examples with non-finite dual rows)``
+    of a pass: the inputs first (their NaN makes the rows NaN too), then the rows of finite inputs."""
+    n, inputs, rows = map(int, stats)
+    if inputs:
+        raise ValueError(f"xs or ys contains {inputs} NaN or Inf value(s); clean the input first.")
+    if rows:
+        raise ValueError("the dual matrix: " + nonfinite_adjoint(f"{rows} of {n}"))
 
 
 def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -> tuple[Chunks, dict]:
@@ -531,7 +550,7 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
 
     def first(pass_, init):
         step = functools.partial(_checked_step, apply_fn, params, kernel=pass_.step, **kw)
-        zero = jnp.zeros((), jnp.int32)
+        zero = jnp.zeros((2,), jnp.int32)
         (carry, _), counts["n"], counts["n_local"] = first_pass(step, source, chunk, (init, zero))
         return across_processes(carry, pass_.combine)
 
@@ -541,7 +560,7 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
 
     def scores(kernel, *args):
         h = output_vector(out, counts["n_local"], dtype)
-        carry = (jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+        carry = (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32))
         step = functools.partial(_values_step, apply_fn, params, args=args, kernel=kernel, **kw)
         _, counts["sum"] = collect(lambda piece, valid: step(carry, piece, valid)[0], source, chunk, h)
         return h
@@ -603,7 +622,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
     kw = dict(args=(), kernel=norm_rows, num_nodes=num_nodes, mode=mode)
     step = functools.partial(_values_step, apply_fn, params, **kw)
-    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((), jnp.int32)), "n": 0}
+    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32)), "n": 0}
 
     def one(piece, valid):
         sq, state["carry"] = step(state["carry"], piece, valid)
@@ -612,9 +631,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
 
     sq = per_example_values(one, source, chunk, xs, out, dtype)
     total, bad = state["carry"]
-    stats = across_processes(jnp.asarray([state["n"], int(bad)]), lambda a: a.sum(0))
-    if int(stats[1]):
-        raise ValueError(f"xs or ys contains {int(stats[1])} NaN or Inf value(s); clean the input first.")
+    stats = across_processes(jnp.asarray([state["n"], *map(int, bad)]), lambda a: a.sum(0))
+    raise_if_bad(stats)
     total = float(across_processes(total, lambda a: a.sum(0)))
     if not total > 0:
         raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")

@@ -43,8 +43,8 @@ def chunk_rows(model, xc, yc, valid, *, num_nodes, mode) -> Array:
     (padding) are zero."""
     chunk = jax.tree.leaves(xc)[0].shape[0]
     block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
-    keep = (jnp.arange(chunk) < valid).astype(model.theta.dtype)
-    block = block * keep.reshape((chunk,) + (1,) * (block.ndim - 1))
+    keep = jnp.arange(chunk) < valid  # where, not a product: a NaN row copied into the padding stays out
+    block = jnp.where(keep.reshape((chunk,) + (1,) * (block.ndim - 1)), block, 0)
     k = math.prod(model.out_shape)
     return block.reshape(chunk, k, block.shape[-1]).astype(routes.compute_dtype(model.theta.dtype))
 

@@ -53,7 +53,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._adjoint import check_model, check_path_args, default_chunk_size, flatten_model
+from nlis_jax._adjoint import (
+    check_model,
+    check_path_args,
+    count_bad_examples,
+    default_chunk_size,
+    flatten_model,
+    nonfinite_adjoint,
+    report_nonfinite,
+)
 from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real
 from nlis_jax._dual import dual_block
 from nlis_jax._factored import (
@@ -225,7 +233,14 @@ def projected_dual_matrix(
     _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
-    return _projected_jit(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
+    Y = _projected_jit(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
+    # a NaN or Inf dual row gives a NaN row of Y (its example only): one small reduction
+    describe = lambda count: "the dual matrix: " + nonfinite_adjoint(count)  # noqa: E731
+    report_nonfinite(_count_bad_jit(Y), Y.shape[0], describe)
+    return Y
+
+
+_count_bad_jit = jax.jit(count_bad_examples)
 
 
 def projected_leverage_scores(

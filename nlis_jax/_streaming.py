@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax import routes
-from nlis_jax._adjoint import check_model, check_path_args, flatten_model
+from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint, report_nonfinite
 from nlis_jax._checks import check_bool, check_positive_int
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
@@ -87,7 +87,7 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     chunks, model = _device_chunks(apply_fn, params, xs, ys, **kw)
     dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
     h, transform = leverage_passes(chunks, dim, dtype, rtol, route)
-    return h, transform.rank, transform.route
+    return h, transform.rank, transform.route, jnp.sum(~jnp.isfinite(h))
 
 
 def streaming_leverage_scores(
@@ -143,9 +143,10 @@ def streaming_leverage_scores(
         return _host_leverage(apply_fn, params, xs, ys, *args)
     if out is not None:
         raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
-    dtype = check_model(apply_fn, params, xs, ys).dtype
+    shape = check_model(apply_fn, params, xs, ys)
+    dtype = shape.dtype
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
-    h, rank, taken = _streaming_jit(
+    h, rank, taken, bad = _streaming_jit(
         apply_fn,
         params,
         xs,
@@ -156,6 +157,8 @@ def streaming_leverage_scores(
         mode=mode,
         route=route,
     )
+    # one NaN row makes the Gram matrix and so every score NaN: the count is of scores, not of examples
+    report_nonfinite(bad, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
     return as_leverage(h, rank, taken, return_info, dtype)
 
 
@@ -176,7 +179,7 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
 def _norm_jit(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     sq = _device_chunks(apply_fn, params, xs, ys, **kw)[0].scores(norm_rows)
-    return sq, jnp.sum(sq)
+    return sq, jnp.sum(sq), jnp.sum(~jnp.isfinite(sq))
 
 
 def streaming_norm_scores(
@@ -206,9 +209,10 @@ def streaming_norm_scores(
         return host_norm_scores(apply_fn, params, xs, ys, **kwargs)
     if out is not None:
         raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
-    check_model(apply_fn, params, xs, ys)
+    n = check_model(apply_fn, params, xs, ys).n
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
-    sq, total = _norm_jit(apply_fn, params, xs, ys, **kwargs)
+    sq, total, bad = _norm_jit(apply_fn, params, xs, ys, **kwargs)
+    report_nonfinite(bad, n, lambda count: "the dual matrix: " + nonfinite_adjoint(count))
     if not float(total) > 0:
         raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
     return sq / total

@@ -285,3 +285,68 @@ def test_active_learning_key_and_scores_fn():
     result = _loop(jax.random.key(0), lambda p, x: jnp.ones(N))
     assert result.order.size == 4 and np.unique(result.order).size == 4
     np.testing.assert_array_equal(result.labels[result.order], YS[result.order])
+
+
+# --- the streaming and projected paths: the dual rows are computed inside the library's own programs ---
+
+SQ = {"w": np.array([1.0, 0.5])}
+XPOS = np.abs(XS) + 0.1  # x @ w > 0: sqrt(t · x @ w) is singular only at t = 0
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_streaming_leverage_of_a_singular_gradient_raises(host):
+    """The adaptive rule reaches t = 0, where the gradient of sqrt(t x @ w) is infinite: the streaming
+    scores name that, on host data (counted per example in the first pass) and on device arrays (the
+    scores of the one program), instead of "the dual matrix is all zeros" or NaN probabilities."""
+    xs, ys = (XPOS, YS) if host else (jnp.asarray(XPOS), jnp.asarray(YS))
+    count = f"{N} of {N}" if host else "some"
+    with pytest.raises(ValueError, match=f"the dual matrix: the adjoint is NaN or Inf for {count} examples"):
+        nj.streaming_leverage_scores(sqrt_model, SQ, xs, ys, chunk_size=4)
+
+
+def log_w(params, x):  # -inf at θ = 0 (the offset column), finite on (0, 1]
+    return jnp.log(x @ params["w"])
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_streaming_norm_scores_of_a_nonfinite_offset_raise(host):
+    """log(x @ w) at θ = 0 is -inf: the offset column f(0) − y is not finite for every example."""
+    xs, ys = (XPOS, YS) if host else (jnp.asarray(XPOS), jnp.asarray(YS))
+    with pytest.raises(ValueError, match=f"the dual matrix: the adjoint is NaN or Inf for {N} of {N}"):
+        nj.streaming_norm_scores(log_w, SQ, xs, ys, chunk_size=4, num_nodes=4)
+
+
+def test_projected_scores_of_a_nonfinite_offset_raise():
+    with pytest.raises(ValueError, match=f"the dual matrix: the adjoint is NaN or Inf for {N} of {N}"):
+        nj.projected_leverage_scores(jax.random.key(0), log_w, SQ, XPOS, YS, dim=3, embedding="gaussian")
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_streaming_scores_of_a_finite_model_are_unchanged(host):
+    """The counts ride along in the same programs: scores equal the dense route's, padding included
+    (n = 6 in chunks of 4)."""
+    xs, ys = (XPOS, YS) if host else (jnp.asarray(XPOS), jnp.asarray(YS))
+    F = np.asarray(nj.dual_matrix(shifted_sqrt, SQ, XPOS, YS, num_nodes=8))
+    U = np.linalg.svd(F, full_matrices=False)[0]
+    lev = np.asarray(nj.streaming_leverage_scores(shifted_sqrt, SQ, xs, ys, chunk_size=4, num_nodes=8))
+    np.testing.assert_allclose(lev, np.sum(U**2, axis=1) / 3, rtol=1e-10)
+    norms = np.asarray(nj.streaming_norm_scores(shifted_sqrt, SQ, xs, ys, chunk_size=4, num_nodes=8))
+    np.testing.assert_allclose(norms, np.sum(F**2, axis=1) / np.sum(F**2), rtol=1e-12)
+
+
+def test_host_ys_beyond_the_params_dtype():
+    params = {"w": W.astype(np.float32)}
+    with pytest.raises(ValueError, match="ys has 2 value.s. beyond the range of the params' dtype float32"):
+        nj.streaming_norm_scores(linear_w, params, XS, np.r_[1e300, -1e300, YS[2:]], num_nodes=4)
+
+
+def linear_w(params, x):
+    return x @ params["w"]
+
+
+def test_chunk_source_of_the_wrong_width_names_the_shapes():
+    def source():
+        yield XS[:3, :1], YS[:3]  # one column where the model reads two
+
+    with pytest.raises(ValueError, match=r"apply_fn\(params, x\) failed on one example"):
+        nj.streaming_leverage_scores(linear_w, {"w": W}, source, num_nodes=4)
