@@ -142,7 +142,7 @@ def eval_example(apply_fn: ApplyFn, params: PyTree, x0: PyTree) -> jax.ShapeDtyp
     try:
         return jax.eval_shape(apply_fn, params, x0)
     except Exception as err:
-        cause = (str(err).strip().splitlines() or [""])[0][:300]
+        cause = (str(err).strip().splitlines() or [""])[0][:300].rstrip(".")
         raise ValueError(
             f"apply_fn(params, x) failed on one example x = xs[0] ({_leaf_shapes('x', x0)}) with params "
             f"({_leaf_shapes('params', params)}): {type(err).__name__}: {cause}. Check that xs has the "

@@ -88,8 +88,8 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
         raise ValueError(f"ys has shape {np.shape(ys)} but xs has {n} examples; they must agree.")
     if weights is not None and np.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
+    out = eval_example(apply_fn, params, example_spec(xs))  # shapes only: a memmap is not read
     if out_check and ys is not None:
-        out = eval_example(apply_fn, params, jax.tree.map(lambda a: a[0], xs))
         if np.shape(ys) != (n,) + out.shape:
             raise ValueError(
                 f"ys has shape {np.shape(ys)} but the model gives outputs of shape {(n,) + out.shape} "

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +60,50 @@ def test_score_bad_file_exits_2(tmp_path, capsys):
     assert cli.main(["score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npy")]) == 2
     assert "(n, d) float array" in capsys.readouterr().err
     assert cli.main(["score", "--x", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "s.npy")]) == 2
+
+
+def test_score_bad_params_hidden_and_out_exit_2(tmp_path, capsys):
+    """Each mistake is a usage error (exit 2) whose message names it, not a traceback."""
+    _files(tmp_path)
+    x = str(tmp_path / "x.npy")
+    out = str(tmp_path / "s.npy")
+    np.savez(tmp_path / "w.npz", w=np.ones(4))
+    np.savez(tmp_path / "theta5.npz", theta=np.ones(5))
+    np.savez(tmp_path / "mlp.npz", w0=np.ones((3, 4)), w1=np.ones((1, 3)), b1=np.ones(1))
+    cases = [
+        (["--params", str(tmp_path / "w.npz")], "needs theta; missing ['theta']"),
+        (["--params", str(tmp_path / "theta5.npz")], "apply_fn(params, x) failed on one example x = xs[0]"),
+        (["--model", "mlp", "--params", str(tmp_path / "mlp.npz")], "missing ['b0']"),
+        (["--params", x], "cannot read --params"),
+        (["--out", str(tmp_path / "no" / "such" / "s.npy")], "No such file or directory"),
+    ]
+    for extra, message in cases:
+        args = ["score", "--x", x, "--out", out] + extra
+        assert cli.main(args) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    try:
+        cli.main(["score", "--x", x, "--model", "mlp", "--hidden", "0", "--out", out])
+    except SystemExit as exit_:  # argparse's own usage error
+        assert exit_.code == 2
+    assert "--hidden: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_score_float64_file_scores_in_float64(tmp_path):
+    """A float64 file is scored in float64 in a fresh process (where jax starts in float32): the scores
+    match the float64 library far below float32's rounding, and jax warns of no truncation."""
+    xs, ys = _files(tmp_path)
+    theta = np.linspace(-0.5, 0.5, 4)
+    np.savez(tmp_path / "p.npz", theta=theta)
+    args = ["score", "--x", str(tmp_path / "x.npy"), "--y", str(tmp_path / "y.npy")]
+    args += ["--params", str(tmp_path / "p.npz"), "--out", str(tmp_path / "s.npy")]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["PYTHONPATH"] = str(Path(nj.__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "nlis_jax.cli", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "truncated to dtype float32" not in done.stderr
+    s = np.load(tmp_path / "s.npy")
+    F = nj.dual_matrix(nets.single_index(jnp.tanh), jnp.asarray(theta), xs, ys)
+    assert s.dtype == np.float64
+    np.testing.assert_allclose(s, nj.leverage_scores(F), rtol=1e-9)

@@ -26,12 +26,43 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--x", required=True, help="inputs, an (n, d) .npy file (opened as a memmap)")
     parser.add_argument("--y", default=None, help="responses, an (n,) .npy file (optional)")
     parser.add_argument("--model", choices=MODELS, default="single-index")
-    parser.add_argument("--hidden", type=int, default=32, help="MLP hidden width (default 32)")
+    parser.add_argument("--hidden", type=_positive_int, default=32, help="MLP hidden width (default 32)")
     parser.add_argument("--params", default=None, help=".npz of the model's parameters (default: --seed)")
     parser.add_argument("--method", choices=METHODS, default="leverage")
     parser.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk (default 4096)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="the (n,) scores, written as a .npy memmap")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _stored_params(path: str | None, model: str) -> dict | None:
+    """The arrays of ``--params`` (``None`` without it); ``ValueError`` naming the file and the keys it
+    must hold when it cannot be read or lacks them."""
+    if path is None:
+        return None
+    need = "theta" if model == "single-index" else "w0, b0, w1, b1, ..."
+    try:
+        with np.load(path) as stored:
+            arrays = dict(stored)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:  # AttributeError: a .npy, not a .npz
+        raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {exc}") from exc
+    keys = ["theta"] if model == "single-index" else [f"{k}{i}" for i in range(_layers(arrays)) for k in "wb"]
+    missing = [k for k in keys if k not in arrays] if keys else ["w0", "b0"]
+    if missing:
+        raise ValueError(
+            f"--params {path} holds {sorted(arrays)} but the {model} model needs {need}; missing {missing}."
+        )
+    return arrays
+
+
+def _layers(arrays: dict) -> int:
+    return len([k for k in arrays if k.startswith("w")])
 
 
 def model_and_params(args, d: int, dtype):
@@ -41,7 +72,7 @@ def model_and_params(args, d: int, dtype):
 
     from nlis_jax.experiments import nets
 
-    stored = None if args.params is None else dict(np.load(args.params))
+    stored = _stored_params(args.params, args.model)
     if args.model == "single-index":
         apply_fn = nets.single_index(jnp.tanh)
         if stored is not None:
@@ -49,8 +80,7 @@ def model_and_params(args, d: int, dtype):
         return apply_fn, jax.random.normal(jax.random.key(args.seed), (d,), dtype) / np.sqrt(d)
     apply_fn = nets.mlp(jnp.tanh)
     if stored is not None:
-        layers = len([k for k in stored if k.startswith("w")])
-        params = [{"w": stored[f"w{i}"], "b": stored[f"b{i}"]} for i in range(layers)]
+        params = [{"w": stored[f"w{i}"], "b": stored[f"b{i}"]} for i in range(_layers(stored))]
         return apply_fn, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     params = nets.mlp_init(jax.random.key(args.seed), (d, args.hidden, 1), dtype=dtype)
     return apply_fn, jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # non-zero biases
@@ -72,8 +102,16 @@ def run_score(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    apply_fn, params = model_and_params(args, xs.shape[1], xs.dtype)
-    out = np.lib.format.open_memmap(args.out, mode="w+", dtype=xs.dtype, shape=(xs.shape[0],))
+    if xs.dtype == np.float64:  # the file's precision: scores in float64 too
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    try:
+        apply_fn, params = model_and_params(args, xs.shape[1], xs.dtype)
+        out = np.lib.format.open_memmap(args.out, mode="w+", dtype=xs.dtype, shape=(xs.shape[0],))
+    except (OSError, ValueError) as exc:
+        print(f"nlis-jax score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     start = time.perf_counter()
     kwargs = dict(chunk_size=args.chunk_size, out=out)
     try:
