@@ -74,7 +74,7 @@ from nlis_jax._factored import (
     zero_outputs,
 )
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import Leverage, leverage_scores, orthonormal_basis
+from nlis_jax._scores import Leverage, leverage_scores
 from nlis_jax._streaming import pad_chunks
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.quadrature import gauss_legendre
@@ -287,29 +287,7 @@ def projected_leverage_scores(
     check_bool("return_info", return_info)
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     Y = projected_dual_matrix(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
-    if ridge > 0:
-        _, h, rank, route = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=True)
-    else:
-        U, rank, route = orthonormal_basis(_tall(Y), rtol=rtol)
-        h = _block_row_norms(U, Y.shape[0])
-        route = jnp.asarray(route, jnp.int32)
+    # the exact (block) leverage of Y; a wide Y (n·k < dim, e.g. p ≥ n) by the thin SVD of routes.wide_basis
+    _, h, rank, route = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=True)
     probs = h / rank.astype(h.dtype)
     return Leverage(probs, h, rank, route) if return_info else probs
-
-
-@jax.jit
-def _tall(Y: Array) -> Array:
-    """Rows of ``Y`` with at most as many columns as rows and the same range (leverage unchanged).
-
-    A wide ``Y`` (``n·k < dim``, e.g. ``p ≥ n``) becomes ``Rᵀ`` from ``Yᵀ = QR``: ``Y Q = Rᵀ`` and ``Q``
-    spans the row space of ``Y``, so ``range(Rᵀ) = range(Y)``.
-    """
-    rows = Y.reshape(-1, Y.shape[-1])
-    if rows.shape[0] >= rows.shape[1]:
-        return rows
-    return jnp.linalg.qr(rows.T, mode="r").T
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _block_row_norms(U: Array, n: int) -> Array:
-    return jnp.sum(jnp.square(U).reshape(n, -1), axis=1)

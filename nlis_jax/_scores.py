@@ -66,6 +66,25 @@ def check_rank(rank: Array) -> None:
         raise ValueError(ALL_ZERO_MESSAGE)
 
 
+def check_forced_route(route: str | None, rank) -> None:
+    """``ValueError`` when ``route`` forced a fast route (``"gram"``, ``"gram2"``) on a matrix that is
+    rank-deficient for ``rtol``: those routes count every non-zero column in the rank, and on such input
+    their basis spans rounding noise. :func:`nlis_jax.routes.decide` then reports the rank as ``-1``
+    (``σ_min/σ_max`` below ``2·rtol``, the margin the automatic choice keeps). Under tracing, a
+    ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
+    if route not in ("gram", "gram2"):
+        return
+    message = (
+        f'route="{route}" was forced on a matrix that is rank-deficient for rtol (σ_min/σ_max below '
+        '2·rtol): that route counts every column in the rank. Use route="stable", or route=None (chosen '
+        "from the conditioning)."
+    )
+    if not is_concrete(rank):
+        traced.check(rank >= 0, message)
+    elif int(rank) < 0:
+        raise ValueError(message)
+
+
 def check_tolerances(rtol, ridge) -> None:
     """``rtol`` in ``(0, 1)`` (or ``None``) and ``ridge`` finite and ``≥ 0``: ``ValueError`` otherwise."""
     if rtol is not None and is_concrete(rtol) and not 0.0 < check_real("rtol", rtol) < 1.0:
@@ -112,6 +131,7 @@ def orthonormal_basis(
     rows, _ = routes.as_rows(F)
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
+    check_forced_route(route, rank)
     check_rank(rank)
     return U.astype(input_dtype(F)), rank, taken
 
@@ -151,6 +171,7 @@ def leverage_scores(
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
     routes.raise_if_nonfinite("F", F, h)  # before the rank test: NaN input is not an all-zero matrix
+    check_forced_route(route, rank)
     return as_leverage(h, rank, taken, return_info, input_dtype(F))
 
 

@@ -77,7 +77,8 @@ class GramDecision(NamedTuple):
 
     route: Array  # int32 index into ROUTES
     transform: Array  # (m, m): U₁ = A @ transform (orthonormal to ~eps·κ on the fast routes)
-    rank: Array  # m minus the exactly-zero columns (the rank on the fast routes)
+    rank: Array  # m minus the exactly-zero columns (the rank on the fast routes); -1 for a fast route
+    #              forced on input rank-deficient for rtol (nlis_jax._scores.check_forced_route raises)
     scale: Array  # (m,) column norms D (1 for zero columns)
 
 
@@ -270,14 +271,24 @@ def transformed_gram(A: Array, T: Array) -> Array:
     return fold_row_chunks(A, rows, lambda G, chunk, _: G + gram(chunk @ T), init)
 
 
-def choose_route(ratio: Array) -> Array:
-    """Index into :data:`ROUTES` from ``1/κ(G_eq) = λ_min/λ_max`` (0: singular)."""
+def choose_route(ratio: Array, rtol: Array | None = None) -> Array:
+    """Index into :data:`ROUTES` from ``1/κ(G_eq) = λ_min/λ_max`` (0: singular).
+
+    The fast routes count every non-zero column in the rank, so they are taken only when
+    ``σ_min/σ_max = √ratio`` is at least ``2·rtol`` (the margin route ``"shifted"`` asks too): a user's
+    ``rtol`` above the smallest singular value ratio sends the matrix to route ``"stable"``, whose rank is
+    the number of singular values above ``rtol·σ_max``. The default ``rtol`` (``10·eps``) never does: the
+    fast routes need ``ratio ≥ 1000·eps`` anyway."""
     eps = jnp.finfo(ratio.dtype).eps
-    return jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2)).astype(jnp.int32)
+    branch = jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2))
+    if rtol is not None:
+        branch = jnp.where(ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype)), branch, 2)
+    return branch.astype(jnp.int32)
 
 
-def decide(G: Array, route: str | None = None) -> GramDecision:
-    """The route (chosen from ``κ(G_eq)``, or forced by name) and the Cholesky transform ``D⁻¹L⁻ᵀ``.
+def decide(G: Array, route: str | None = None, rtol: Array | None = None) -> GramDecision:
+    """The route (chosen from ``κ(G_eq)`` and ``rtol``, or forced by name) and the Cholesky transform
+    ``D⁻¹L⁻ᵀ``.
 
     Shared by :func:`basis` (``A`` held whole) and :func:`transform_from_passes` (only the Gram matrix
     ``G = AᵀA``, accumulated over chunks of rows), so both take the same route for the same matrix.
@@ -288,12 +299,15 @@ def decide(G: Array, route: str | None = None) -> GramDecision:
     # GPU/TPU: the vendor solvers (a few hundred tiny sequential kernels cost more there).
     inv_t, ratio = lax.platform_dependent(Geq, cpu=cholesky_decision_xla, default=cholesky_decision_solver)
     if route is None:
-        branch = choose_route(ratio)
+        branch = choose_route(ratio, rtol)
         if G.dtype != jnp.float64:  # below float64, try the shifted route before Householder
             branch = jnp.where(branch == STABLE, SHIFTED, branch).astype(jnp.int32)
     else:
         branch = jnp.asarray(ROUTES.index(route), jnp.int32)
-    return GramDecision(branch, inv_t / d[:, None], (m - num_zero).astype(jnp.int32), d)
+    rank = (m - num_zero).astype(jnp.int32)
+    if route in ("gram", "gram2") and rtol is not None:  # forced, on input rank-deficient for rtol: -1
+        rank = jnp.where(ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype)), rank, -1)
+    return GramDecision(branch, inv_t / d[:, None], rank, d)
 
 
 def refine_transform(G2: Array) -> Array:
@@ -385,7 +399,7 @@ def transform_from_pass(
     dual rows once per call site, and with the adaptive quadrature rule each copy compiles for seconds
     (benchmarks/README.md (e)), so the streaming program holds one copy for all of them.
     """
-    dec = decide(G, route)
+    dec = decide(G, route, rtol)
     m, dtype = G.shape[0], G.dtype
     eye, zeros = jnp.eye(m, dtype=dtype), jnp.zeros((m, m), dtype)
     no, yes = jnp.asarray(False), jnp.asarray(True)
@@ -605,7 +619,7 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
     alone (forming ``Q`` costs many times more on a CPU) followed by one CholeskyQR step is as good.
     """
     G, cs = scaled_gram(A)  # of A·diag(cs): the transforms below act on A·diag(cs), so scale them by cs
-    dec = decide(G, route)
+    dec = decide(G, route, rtol)
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank

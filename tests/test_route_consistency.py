@@ -1,0 +1,121 @@
+"""Two routes to the same leverage agree (findings of a cross-check audit, 2026-12-02): a user's ``rtol``
+decides the rank whatever route the conditioning suggests; projected leverage of a wide, rank-deficient
+``Y = F̃Ω`` is exact; a fast route forced on input it cannot handle raises instead of giving probabilities
+that do not sum to 1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nlis_jax as nj
+
+RNG = np.random.default_rng(0)
+
+
+def _svd_leverage(A, rtol):
+    """Leverage and rank of the column-equilibrated rows of ``A`` over singular values above
+    ``rtol·σ_max`` (the documented rank), by numpy."""
+    A = np.asarray(A).reshape(-1, np.shape(A)[-1])
+    norms = np.linalg.norm(A, axis=0)
+    U, s, _ = np.linalg.svd(A / np.where(norms > 0, norms, 1), full_matrices=False)
+    keep = s > rtol * s[0]
+    return np.sum(U[:, keep] ** 2, axis=1), int(np.sum(keep))
+
+
+def _spectrum(n, sigmas):
+    Q, _ = np.linalg.qr(RNG.standard_normal((n, len(sigmas))))
+    V, _ = np.linalg.qr(RNG.standard_normal((len(sigmas),) * 2))
+    return Q @ np.diag(sigmas) @ V.T
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-4), (np.float64, 0.05), (np.float32, 1e-2)])
+def test_user_rtol_decides_the_rank_on_every_route(dtype, rtol):
+    """A matrix the fast routes would take (κ small for float64: σ ratio 3e-6 is still route "gram2") with
+    one singular value below ``rtol``: the rank and scores are those of the stable route and of numpy."""
+    F = _spectrum(40, [1.0, 0.5, 0.3, 0.1, rtol / 30]).astype(dtype)
+    want, rank = _svd_leverage(F.astype(np.float64), rtol)
+    assert rank == 4
+    for route in (None, "stable"):
+        info = nj.leverage_scores(F, rtol=rtol, route=route, return_info=True)
+        assert int(info.rank) == 4, route
+        np.testing.assert_allclose(info.leverage, want, atol=1e-5 if dtype == np.float32 else 1e-12)
+    # the default rtol keeps all five directions (the fast routes, unchanged)
+    assert int(nj.leverage_scores(F, return_info=True).rank) == 5
+
+
+def test_streaming_leverage_follows_rtol():
+    """The same rule from a Gram matrix accumulated in chunks (device and host data)."""
+    xs = RNG.standard_normal((30, 4))
+    ys = 1e-7 * RNG.standard_normal(30)  # the offset column nearly in the span of the others
+
+    def f(p, x):
+        return x @ p
+
+    params = np.array([0.3, -0.2, 0.5, 0.1])
+    F = np.asarray(nj.dual_matrix(f, params, xs, ys, num_nodes=4))
+    for rtol in (1e-12, 1e-3):
+        want, rank = _svd_leverage(F, rtol)
+        for data in ((xs, ys), (jnp.asarray(xs), jnp.asarray(ys))):
+            info = nj.streaming_leverage_scores(
+                f, params, *data, chunk_size=8, num_nodes=4, rtol=rtol, return_info=True
+            )
+            assert int(info.rank) == rank
+            np.testing.assert_allclose(info.leverage, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("embedding", ["sparse", "gaussian"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_projected_leverage_of_a_wide_rank_deficient_projection(embedding, k):
+    """``Y = F̃Ω`` with fewer rows than columns (``n·k < dim``) and rank(F̃) < n·k: the leverage of ``Y``
+    equals the exact leverage of F̃ (it was uniform: rounding-noise columns of a QR were counted)."""
+    xs = jnp.asarray(RNG.standard_normal((6, 4)))
+    ys = jnp.asarray(RNG.standard_normal((6,) if k == 1 else (6, 2)))
+
+    def f(p, x):  # p enters through w1 + w2 only: rank(F̃) < p + 1
+        z = x @ (p["w1"] + p["w2"])
+        return jnp.tanh(z) if k == 1 else jnp.stack([jnp.tanh(z), z])
+
+    params = {"w1": jnp.asarray(RNG.standard_normal(4)), "w2": jnp.asarray(RNG.standard_normal(4))}
+    F = nj.dual_matrix(f, params, xs, ys, num_nodes=16)
+    want, rank = _svd_leverage(F, 1e-12)
+    want = want.reshape(6, -1).sum(axis=1)
+    assert rank < 6 * k < 16  # Y = F̃Ω is wide: n·k rows, dim = 16 columns
+    got = nj.projected_leverage_scores(
+        jax.random.key(1), f, params, xs, ys, dim=16, num_nodes=16, embedding=embedding, return_info=True
+    )
+    assert int(got.rank) == rank
+    np.testing.assert_allclose(got.leverage, want, atol=1e-10)
+
+
+def test_forced_fast_route_on_rank_deficient_input_raises():
+    A = RNG.standard_normal((13, 3))
+    F = np.c_[A, A @ RNG.standard_normal((3, 2))]  # rank 3 of 5 columns
+    for route in ("gram", "gram2"):
+        with pytest.raises(
+            ValueError, match=f'route="{route}" was forced on a matrix that is rank-deficient'
+        ):
+            nj.leverage_scores(F, route=route)
+        with pytest.raises(ValueError, match=f'route="{route}" was forced'):
+            nj.orthonormal_basis(F, route=route)
+    want, rank = _svd_leverage(F, 1e-12)
+    info = nj.leverage_scores(F, route="stable", return_info=True)
+    assert int(info.rank) == rank == 3
+    np.testing.assert_allclose(info.leverage, want, atol=1e-12)
+    full = RNG.standard_normal((13, 5))  # full rank, well conditioned: the forced fast routes are exact
+    for route in ("gram", "gram2"):
+        np.testing.assert_allclose(
+            nj.leverage_scores(full, route=route), _svd_leverage(full, 1e-12)[0] / 5, rtol=1e-10
+        )
+
+
+def test_forced_fast_route_in_the_streaming_scores_raises():
+    xs = RNG.standard_normal((20, 2))
+
+    def f(p, x):  # p[2] and p[3] only through their sum: a rank-deficient dual matrix
+        return jnp.tanh(x @ p[:2]) + (p[2] + p[3]) * x[0]
+
+    params = np.array([0.3, -0.2, 0.5, 0.1])
+    for data in (xs, jnp.asarray(xs)):
+        with pytest.raises(ValueError, match='route="gram" was forced'):
+            nj.streaming_leverage_scores(f, params, data, chunk_size=8, num_nodes=4, route="gram")
