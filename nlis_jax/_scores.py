@@ -119,7 +119,8 @@ def orthonormal_basis(
       F: ``(n, m)`` matrix (or ``(n, k, m)``, treated as ``n·k`` rows).
       rtol: relative tolerance on the singular values of the column-equilibrated ``F`` for the rank
         (default ``10·eps`` of the dtype).
-      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"``; default chooses from ``κ(FᵀF)``.
+      route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"``; default chooses from ``κ(FᵀF)``
+        and ``rtol`` (a fast route forced on input rank-deficient for ``rtol`` raises ``ValueError``).
 
     Returns:
       ``(U, rank, route)``: ``U`` of shape ``(n·k, m)`` whose first ``rank`` columns span ``range(F)``
@@ -154,7 +155,8 @@ def leverage_scores(
       ridge: ``λ ≥ 0``; with ``λ > 0`` ridge leverage ``h_i = [F (FᵀF + λI)^{-1} Fᵀ]_ii`` normalised by
         the effective dimension ``Σ h_i`` (computed from the eigenvalues of ``FᵀF``: route ``"gram"``).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
-        conditioning).
+        conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
+        rank: forced on input that is rank-deficient for ``rtol`` they raise ``ValueError``.
       return_info: return a :class:`Leverage` (probabilities, raw leverage, rank, route) instead.
 
     Returns:

@@ -123,7 +123,8 @@ def streaming_leverage_scores(
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
         the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
-        conditioning).
+        conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
+        rank: forced on input that is rank-deficient for ``rtol`` they raise ``ValueError``.
       return_info: return a :class:`nlis_jax.Leverage` (probabilities, raw block leverage, rank, route).
       out: host data only: a writable ``(n,)`` numpy array or memmap (``np.lib.format.open_memmap``)
         that receives the probabilities (this process's block under ``jax.distributed``) and is

@@ -48,7 +48,7 @@ def _source(chunks, calls=None):
     return source
 
 
-# ------------------------------------------------------------------------------------------------ S4
+# ---------------------------------------------------------------------------------------------- out= vectors
 @pytest.mark.parametrize("scores", ["leverage", "norm"])
 def test_out_vector_checked(scores):
     params, xs, ys = _setup()
@@ -88,7 +88,7 @@ def test_norm_scores_beyond_float32_out():
     np.testing.assert_allclose(out, _dense(params, xs, ys)[1], rtol=1e-10)
 
 
-# ------------------------------------------------------------------------------------------------ S5
+# ----------------------------------------------------------------------- chunk sources: passes that disagree
 def test_chunk_source_passes_must_agree():
     params, xs, ys = _setup()
     passes = []
@@ -133,7 +133,7 @@ def test_consistent_float32_source_passes_the_sum_check():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
-# ------------------------------------------------------------------------------------------ S6, U5
+# ------------------------------------------------------------------------- chunk sources: each chunk checked
 @pytest.mark.parametrize("scores", ["leverage", "norm"])
 def test_chunks_checked_as_they_arrive(scores):
     params, xs, ys = _setup()
@@ -165,7 +165,7 @@ def test_chunks_checked_as_they_arrive(scores):
     np.testing.assert_allclose(run([head, (xs[5:5], ys[5:5]), tail]), ref, rtol=1e-10, atol=1e-13)
 
 
-# ----------------------------------------------------------------------------------------------- U10
+# ----------------------------------------------------------------------------------- host ys given as a list
 def test_host_ys_list_converted():
     params, xs, ys = _setup()
     ref = _dense(params, xs, ys)
@@ -178,7 +178,7 @@ def test_host_ys_list_converted():
     np.testing.assert_allclose(loss, np.sum((pred - ys) ** 2), rtol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------- U11
+# ----------------------------------------------------------------------------------------------- gather_rows
 def test_gather_rows_checked():
     _, xs, ys = _setup()
     with pytest.raises(ValueError, match=r"same number of rows .* \[\(12, 3\), \(5,\)\]"):
@@ -194,7 +194,7 @@ def test_gather_rows_checked():
     np.testing.assert_array_equal(got_y, ys[idx])
 
 
-# ------------------------------------------------------------------------------------------------ S7
+# ------------------------------------------------------------------------------------- labels of host losses
 def test_labels_of_host_losses_checked(tmp_path):
     params, xs, _ = _setup()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] .* got values in \[0, 2\]\.$"):
@@ -224,7 +224,7 @@ def test_labels_of_host_losses_checked(tmp_path):
     np.testing.assert_allclose(got_ce, ref_ce, rtol=1e-12)
 
 
-# ------------------------------------------------------------------------------------------ U13, U3
+# ----------------------------------------------------------------------------- optimizer and key of training
 def test_make_train_step_optimizer_checked():
     def loss(p, batch):
         return jnp.sum(p["w"] ** 2)

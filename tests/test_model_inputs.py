@@ -48,7 +48,7 @@ def _shifted_sqrt_adjoint(xs, w):
 
 
 # ------------------------------------------------------------------------------------------------
-# S8: a gradient that is not finite on the path
+# a gradient that is not finite on the path
 
 
 @pytest.mark.parametrize("num_nodes", [4, None])
@@ -119,7 +119,7 @@ def test_finite_gradient_on_the_path_is_unchanged(num_nodes):
 
 
 # ------------------------------------------------------------------------------------------------
-# S9: ys beyond the range of the params' dtype
+# ys beyond the range of the params' dtype
 
 
 @pytest.mark.parametrize("as_device", [False, True])
@@ -142,7 +142,7 @@ def test_ys_within_the_params_dtype():
 
 
 # ------------------------------------------------------------------------------------------------
-# S11: the operator's vectors
+# the operator's vectors
 
 
 def test_operator_refuses_bad_vectors():
@@ -169,7 +169,7 @@ def test_operator_products_are_unchanged():
 
 
 # ------------------------------------------------------------------------------------------------
-# U2: numpy and 0-d array scalars for rtol and alpha
+# numpy and 0-d array scalars for rtol and alpha
 
 
 def test_rtol_numpy_scalars():
@@ -224,7 +224,7 @@ def test_alpha_numpy_scalars():
 
 
 # ------------------------------------------------------------------------------------------------
-# U4: apply_fn failing on one example
+# apply_fn failing on one example
 
 
 @pytest.mark.parametrize(
@@ -250,7 +250,7 @@ def test_apply_fn_on_good_inputs_is_unchanged():
 
 
 # ------------------------------------------------------------------------------------------------
-# S10, U3, U12: replace, keys, scores_fn
+# replace, keys, scores_fn
 
 
 def test_query_replace_and_key():

@@ -48,7 +48,7 @@ def _sample_block():
 
 
 # ------------------------------------------------------------------------------------------------
-# S1: block dual matrix
+# distortion of a block dual matrix
 
 
 def test_block_distortion_of_the_full_sample_is_zero():
@@ -108,7 +108,7 @@ def test_index_range_is_checked_under_checkify():
 
 
 # ------------------------------------------------------------------------------------------------
-# S2 / U8: weights, indices, basis
+# distortion: weights, indices, basis
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,7 @@ def test_inputs_are_not_modified():
 
 
 # ------------------------------------------------------------------------------------------------
-# sample: S10, U3, U9, U1
+# sample: replace, keys, lists, half precision
 
 
 @pytest.mark.parametrize("replace", ["no", None, 0])
@@ -243,7 +243,7 @@ def test_half_precision_probs_from_the_library():
 
 
 # ------------------------------------------------------------------------------------------------
-# sample_size: U14
+# sample_size: numbers and ranks
 
 
 def _reference_size(eps, delta, d, beta=1.0):
