@@ -97,6 +97,21 @@ def check_finite(name: str, tree: PyTree) -> None:
 
 
 @jax.jit
+def _min_max(x):
+    return jnp.min(x), jnp.max(x)
+
+
+def value_range(x) -> tuple:
+    """``(min, max)`` of a concrete non-empty array: with numpy where its values sit in this process's
+    memory (nothing compiled, as :func:`check_finite`), else one jitted reduction where it lives."""
+    host = host_values(x)
+    if host is not None:
+        return host.min(), host.max()
+    with jax.ensure_compile_time_eval():
+        return tuple(_min_max(jnp.asarray(x)))
+
+
+@jax.jit
 def _count_negative(x):
     return jnp.count_nonzero(x < 0)
 

@@ -31,9 +31,9 @@ from nlis_jax._checks import (
     check_positive_int,
     check_probs,
     check_real,
-    host_values,
     is_concrete,
     probs_summary,
+    value_range,
 )
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import orthonormal_basis
@@ -228,11 +228,6 @@ def _basis_blocks(F, rtol, basis) -> tuple[Array, int, int]:
     return basis, n, k
 
 
-@jax.jit
-def _index_range(indices):
-    return jnp.min(indices), jnp.max(indices)
-
-
 def _check_index_range(indices: Array, n: int) -> None:
     """``ValueError`` unless every (concrete) index lies in ``[0, n)``: the examples of ``F``."""
     if indices.size == 0:
@@ -241,12 +236,7 @@ def _check_index_range(indices: Array, n: int) -> None:
         if traced.enabled():
             traced.check((jnp.min(indices) >= 0) & (jnp.max(indices) < n), f"indices out of range [0, {n}).")
         return
-    host = host_values(indices)
-    if host is not None:
-        low, high = int(host.min()), int(host.max())
-    else:
-        with jax.ensure_compile_time_eval():
-            low, high = (int(v) for v in _index_range(indices))
+    low, high = (int(v) for v in value_range(indices))
     if low < 0 or high >= n:
         raise ValueError(
             f"indices out of range [0, {n}): got values from {low} to {high}; indices are example "

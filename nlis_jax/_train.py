@@ -42,6 +42,7 @@ from nlis_jax._checks import (
     check_positive_int,
     check_same_length,
     is_concrete,
+    value_range,
 )
 from nlis_jax._host import host_losses, is_host_data
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
@@ -232,11 +233,6 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     return n
 
 
-@jax.jit
-def _label_range(ys):
-    return jnp.min(ys), jnp.max(ys)
-
-
 def _check_labels(apply_fn, params, xs, ys, loss) -> None:
     """Labels in range for the built-in classification losses (a concrete ``ys``), before any work.
 
@@ -247,8 +243,7 @@ def _check_labels(apply_fn, params, xs, ys, loss) -> None:
         return
     if loss == "cross_entropy" and not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
         return  # the loss itself names the wrong dtype
-    with jax.ensure_compile_time_eval():
-        low, high = (float(v) for v in _label_range(jnp.asarray(ys)))
+    low, high = (float(v) for v in value_range(ys))
     example = jax.tree.map(lambda a: a[0], xs)
     _check_label_range(apply_fn, params, loss, example, jnp.result_type(ys), low, high)
 
