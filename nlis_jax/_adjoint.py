@@ -37,6 +37,7 @@ from nlis_jax._checks import (
     count_failing,
     host_values,
     is_concrete,
+    report_nonfinite,
 )
 from nlis_jax._precision import highest_precision
 from nlis_jax._traced import check as traced_check
@@ -322,17 +323,6 @@ def count_bad_examples(a: Array) -> Array:
     """Number of examples (leading axis) of ``a`` with a NaN or Inf entry, as a scalar (traced)."""
     finite = jnp.isfinite(a.reshape(a.shape[0], -1))
     return jnp.sum(~jnp.all(finite, axis=1), dtype=jnp.int32)
-
-
-def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
-    """``ValueError(describe("bad of n"))`` when the count ``bad`` is concrete and positive; under tracing a
-    ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
-    if not is_concrete(bad):
-        traced_check(bad == 0, describe("some"))
-        return
-    bad = int(bad)
-    if bad:
-        raise ValueError(describe(f"{bad} of {n}"))
 
 
 def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANELS, return_info=False) -> None:

@@ -8,6 +8,8 @@ value checks there (inside ``nlis_jax.traced_checks()``, see :mod:`nlis_jax._tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,17 @@ from nlis_jax._types import PyTree
 def is_concrete(x) -> bool:
     """True when ``x`` holds values now (not a tracer inside ``jit``/``vmap``/``grad``)."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
+    """``ValueError(describe("bad of n"))`` when the count ``bad`` is concrete and positive; under tracing a
+    ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
+    if not is_concrete(bad):
+        traced.check(bad == 0, describe("some"))
+        return
+    bad = int(bad)
+    if bad:
+        raise ValueError(describe(f"{bad} of {n}"))
 
 
 def check_floating(name: str, tree: PyTree) -> None:

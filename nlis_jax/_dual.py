@@ -24,9 +24,8 @@ from nlis_jax._adjoint import (
     flatten_model,
     model_outputs,
     nonfinite_adjoint,
-    report_nonfinite,
 )
-from nlis_jax._checks import check_finite, check_positive_int
+from nlis_jax._checks import check_finite, check_positive_int, report_nonfinite
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
@@ -196,21 +195,21 @@ def dual_operator(
     args = (apply_fn, params, xs, offset, nodes, weights)
 
     def mv(v):
-        v = _operand("mv expects a vector", "v", v, (p + 1,), dtype)
+        v = _operand("mv", "a vector", "v", v, (p + 1,), dtype)
         return _dual_mv(*args, v)
 
     def rmv(u):
-        u = _operand("rmv expects an array", "u", u, out_shape, dtype)
+        u = _operand("rmv", "an array", "u", u, out_shape, dtype)
         return _dual_rmv(*args, u)
 
     return DualOperator(mv, rmv, out_shape + (p + 1,), dtype, theta_tilde)
 
 
-def _operand(expects: str, name: str, a, shape: tuple[int, ...], dtype) -> Array:
+def _operand(method: str, kind: str, name: str, a, shape: tuple[int, ...], dtype) -> Array:
     """``a`` as an array of ``dtype`` after checking its shape (``ValueError``), that it is real
     (``TypeError``) and, when concrete, finite (``ValueError``: a NaN would spread to every product)."""
     a = a if hasattr(a, "dtype") else np.asarray(a)
-    method = expects.split()[0]
+    expects = f"{method} expects {kind}"
     if jnp.shape(a) != shape:
         raise ValueError(f"{expects} of shape {shape}, got {name} of shape {jnp.shape(a)}.")
     real = jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == bool

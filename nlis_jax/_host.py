@@ -49,7 +49,7 @@ from nlis_jax._adjoint import (
 from nlis_jax._checks import check_finite, check_floating
 from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import check_forced_route, check_rank
+from nlis_jax._scores import check_rank
 
 Source = Callable[[], Iterator]
 
@@ -590,8 +590,7 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
     chunks, counts = host_chunks(apply_fn, params, source, chunk, num_nodes=num_nodes, mode=mode, out=out)
     h, t = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)
-    check_forced_route(route, t.rank)
-    check_rank(t.rank)  # before an out is divided by it
+    check_rank(t.rank, route)  # before an out is divided by it
     if callable(xs) and route is None and (int(t.route) != routes.STABLE or bool(t.refine)):
         check_leverage_sum(counts["sum"], t.rank)
     return (h if out is not None else global_vector(h, counts["n"])), t.rank, t.route

@@ -60,9 +60,15 @@ from nlis_jax._adjoint import (
     default_chunk_size,
     flatten_model,
     nonfinite_adjoint,
+)
+from nlis_jax._checks import (
+    check_bool,
+    check_choice,
+    check_key,
+    check_positive_int,
+    check_real,
     report_nonfinite,
 )
-from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real
 from nlis_jax._dual import dual_block
 from nlis_jax._factored import (
     KHATRI_RAO_COST_RATIO,

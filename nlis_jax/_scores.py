@@ -58,8 +58,10 @@ ALL_ZERO_MESSAGE = (
 )
 
 
-def check_rank(rank: Array) -> None:
-    """Raise ``ValueError`` when a concrete rank (or effective dimension) is 0: all-zero input."""
+def check_rank(rank: Array, route: str | None = None) -> None:
+    """Raise ``ValueError`` when a concrete rank (or effective dimension) is 0: all-zero input; or when
+    ``route`` forced a fast route on rank-deficient input (:func:`check_forced_route`)."""
+    check_forced_route(route, rank)
     if not is_concrete(rank):
         traced.check(rank > 0, ALL_ZERO_MESSAGE)
     elif not float(rank) > 0:
@@ -98,12 +100,15 @@ def input_dtype(F) -> jnp.dtype:
     return F.dtype if hasattr(F, "dtype") else jnp.asarray(F).dtype
 
 
-def as_leverage(h: Array, rank: Array, route: Array, return_info: bool, dtype=None) -> Array | Leverage:
+def as_leverage(
+    h: Array, rank: Array, route: Array, return_info: bool, dtype=None, forced: str | None = None
+) -> Array | Leverage:
     """Probabilities ``h / rank``, or the whole :class:`Leverage` with ``return_info`` (in ``dtype``).
 
-    Raises ``ValueError`` (concrete ``rank`` 0: an all-zero matrix) instead of returning NaN.
+    Raises ``ValueError`` (concrete ``rank`` 0: an all-zero matrix) instead of returning NaN, and for a
+    ``forced`` fast route on rank-deficient input (:func:`check_rank`).
     """
-    check_rank(rank)
+    check_rank(rank, forced)
     probs = h / rank.astype(h.dtype)
     if dtype is not None:
         h, probs = h.astype(dtype), probs.astype(dtype)
@@ -132,8 +137,7 @@ def orthonormal_basis(
     rows, _ = routes.as_rows(F)
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
-    check_forced_route(route, rank)
-    check_rank(rank)
+    check_rank(rank, route)
     return U.astype(input_dtype(F)), rank, taken
 
 
@@ -173,8 +177,7 @@ def leverage_scores(
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
     routes.raise_if_nonfinite("F", F, h)  # before the rank test: NaN input is not an all-zero matrix
-    check_forced_route(route, rank)
-    return as_leverage(h, rank, taken, return_info, input_dtype(F))
+    return as_leverage(h, rank, taken, return_info, input_dtype(F), forced=route)
 
 
 def norm_scores(F: Array) -> Array:

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax import routes
-from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint, report_nonfinite
-from nlis_jax._checks import check_bool, check_positive_int
+from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
+from nlis_jax._checks import check_bool, check_positive_int, report_nonfinite
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import Leverage, as_leverage, check_forced_route, check_tolerances
+from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -160,8 +160,7 @@ def streaming_leverage_scores(
     )
     # one NaN row makes the Gram matrix and so every score NaN: the count is of scores, not of examples
     report_nonfinite(bad, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
-    check_forced_route(route, rank)
-    return as_leverage(h, rank, taken, return_info, dtype)
+    return as_leverage(h, rank, taken, return_info, dtype, forced=route)
 
 
 def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, route, return_info, out):

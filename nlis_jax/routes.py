@@ -78,7 +78,7 @@ class GramDecision(NamedTuple):
     route: Array  # int32 index into ROUTES
     transform: Array  # (m, m): U₁ = A @ transform (orthonormal to ~eps·κ on the fast routes)
     rank: Array  # m minus the exactly-zero columns (the rank on the fast routes); -1 for a fast route
-    #              forced on input rank-deficient for rtol (nlis_jax._scores.check_forced_route raises)
+    #              forced on input rank-deficient for rtol (nlis_jax._scores.check_rank raises)
     scale: Array  # (m,) column norms D (1 for zero columns)
 
 
