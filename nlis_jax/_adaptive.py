@@ -23,10 +23,10 @@ refined by bisection, depth first, per example (a ``lax.while_loop`` vmapped ove
 each step halves one panel and accepts a half whose estimate is at most ``tol · max(h, 1/64) / 2``
 (``tol = rtol · ‖I_i‖``), so smooth pieces are accepted by the width share of their error and the panels
 around a kink (a jump of the gradient, as in ReLU networks) are bisected until their error is a small
-share of the tolerance. Called eagerly, the failing examples are gathered on the host into padded
-buckets (powers of two up to 64, then multiples of an eighth of the octave: few compilations, little
-padding), so the common case costs the single pass; traced under a user's ``jax.jit`` they are compacted
-on the device (``jnp.nonzero`` with a static size) and refined group by group in a ``lax.while_loop``.
+share of the tolerance. Called eagerly, the failing examples are gathered on the host into buckets
+padded to powers of two (one compiled program per octave of sizes, whatever the values), so the common
+case costs the single pass; traced under a user's ``jax.jit`` they are compacted on the device
+(``jnp.nonzero`` with a static size) and refined group by group in a ``lax.while_loop``.
 A budget of ``max_panels`` panels per example bounds the work; examples left above the tolerance raise a
 :class:`QuadratureWarning`.
 
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nlis_jax._checks import is_concrete
+from nlis_jax._checks import is_concrete, report_nonfinite
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array, PyTree
 
@@ -331,11 +331,11 @@ def _nonfinite_message(count: str) -> str:
     )
 
 
-def _raise_nonfinite(host: _State, nonfinite: Callable[[str], str] | None) -> None:
-    """``ValueError`` counting the examples of a host state whose integral or residual is not finite."""
-    bad = int(np.count_nonzero(~_finite(host)))
-    if bad:
-        raise ValueError((nonfinite or _nonfinite_message)(f"{bad} of {host.norm.shape[0]}"))
+def _raise_nonfinite(state: _State, nonfinite: Callable[[str], str] | None, xp=np) -> None:
+    """``ValueError`` counting the examples whose integral or residual is not finite, from a host state
+    (``xp=np``) or a replicated device count (``xp=jnp``: global arrays of several processes)."""
+    bad = xp.count_nonzero(~_finite(state))
+    report_nonfinite(bad, state.norm.shape[0], nonfinite or _nonfinite_message)
 
 
 def _refine_bucket(g, check, params, data, first, idx, rtol, directions, *, max_panels, depth) -> _State:
@@ -439,12 +439,12 @@ def _pass_batch(chunk: int, size: int) -> int:
 
 
 def _bucket_size(m: int, limit: int) -> int:
-    """Padded size of a bucket of ``m`` examples: a power of two from 8 to 64, then a multiple of an
-    eighth of ``m``'s octave (few distinct sizes, little padding); at most ``max(m, limit)``."""
-    if m <= 64:
-        return min(max(8, _next_pow2(m)), max(m, limit))
-    step = _next_pow2(m) // 8
-    return min(-(-m // step) * step, max(m, limit))
+    """Padded size of a bucket of ``m`` examples: the power of two from 8 up that holds them, at most
+    ``max(m, limit)``. One program per octave: calls whose counts of refined examples differ (new
+    params, new data) reuse it. Only the last bucket of a call is padded (the others hold ``limit``),
+    and its padding at most doubles that bucket's work; finer sizes (eighths of an octave) compiled a
+    new program (1–2 s) for most new counts (``benchmarks/README.md``, (e))."""
+    return min(max(8, _next_pow2(m)), max(m, limit))
 
 
 def integrate(
@@ -505,9 +505,7 @@ def integrate(
         traced = _traced_jit if spans_processes else _traced
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         if spans_processes:  # concrete: a replicated count, which every process can read
-            bad = int(jnp.sum(~_finite(state)))
-            if bad:
-                raise ValueError((nonfinite or _nonfinite_message)(f"{bad} of {n}"))
+            _raise_nonfinite(state, nonfinite, jnp)
         conv = _converged(state, rtol_arr, check_tol_arr)
         warn = functools.partial(_warn, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
         if spans_processes:  # replicated scalar summaries, which every process can read

@@ -114,6 +114,36 @@ def test_no_recompile_on_new_values():
     assert counts[COMPILE_EVENT] == 0
 
 
+def test_new_counts_of_refined_examples_reuse_the_refinement_program():
+    """The refined examples are padded to a power of two: 70, 90 and 120 jumps inside [0, 1] share the
+    program of 128 (sizes in eighths of an octave compiled 80, 96 and 128: a program per count)."""
+
+    def jumps(m, seed):
+        inside = np.random.default_rng(seed).uniform(0.05, 0.95, m)  # a jump to bisect: refined
+        return jnp.asarray(np.concatenate([inside, np.full(256 - m, 2.0)]))  # no jump: first pass only
+
+    counts = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        counts[event] += 1
+
+    with jax.enable_x64(True):
+        _, info = adaptive.integrate(step, jnp.asarray(1.0), jumps(70, 0))
+        assert int(np.sum(np.asarray(info.panels) > 1)) == 70
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            for m, seed in ((90, 1), (120, 2)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    value, info = adaptive.integrate(step, jnp.asarray(1.0), jumps(m, seed))
+                assert int(np.sum(np.asarray(info.panels) > 1)) == m
+                exact = 1.0 - np.clip(np.asarray(jumps(m, seed)), 0.0, 1.0)  # ∫ 1{t > x} dt
+                np.testing.assert_allclose(np.asarray(value)[:, 0], exact, atol=1e-10)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[COMPILE_EVENT] == 0
+
+
 def test_first_bisection_peeled_or_in_the_loop_gives_the_same_result(monkeypatch):
     """Buckets of at least PEEL_ELEMENTS integrand elements take their first bisection outside the loop,
     smaller ones inside it: the same arithmetic, so the same panels and, to rounding, the same integrals.
