@@ -9,9 +9,11 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, jaxlib, optax, flax, chex; print('jax', jax.__version__, jax.devices())" | tee "$OUT/env.txt"
-# Core numerics on the GPU (x64 via tests/conftest.py). Warnings are not errors here: the GPU image's
-# packages may warn about things CI never sees.
-timeout 240 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= \
+# Core numerics on the GPU (x64 via tests/conftest.py), compiled as users compile them (the suite's
+# default is LLVM -O0, see tests/conftest.py). Warnings are not errors here: the GPU image's packages may
+# warn about things CI never sees. One process (`-o addopts=` drops pyproject's 2 xdist workers: two
+# processes would each preallocate most of the GPU's memory, and the image may lack pytest-xdist).
+JAX_DISABLE_MOST_OPTIMIZATIONS=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= -o addopts= \
   tests/test_adjoint.py tests/test_dual.py tests/test_closed_forms.py tests/test_scores.py \
   tests/test_streaming.py tests/test_projected.py tests/test_sampling.py 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt"
 # The benchmarks' baselines are user-style code at JAX's default precision, which is TF32 for float32 on
