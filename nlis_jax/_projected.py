@@ -294,6 +294,4 @@ def projected_leverage_scores(
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     Y = projected_dual_matrix(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
     # the exact (block) leverage of Y; a wide Y (n·k < dim, e.g. p ≥ n) by the thin SVD of routes.wide_basis
-    _, h, rank, route = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=True)
-    probs = h / rank.astype(h.dtype)
-    return Leverage(probs, h, rank, route) if return_info else probs
+    return leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=return_info)

@@ -74,7 +74,7 @@ def check_forced_route(route: str | None, rank) -> None:
     their basis spans rounding noise. :func:`nlis_jax.routes.decide` then reports the rank as ``-1``
     (``σ_min/σ_max`` below ``2·rtol``, the margin the automatic choice keeps). Under tracing, a
     ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
-    if route not in ("gram", "gram2"):
+    if route not in routes.FAST_ROUTES:
         return
     message = (
         f'route="{route}" was forced on a matrix that is rank-deficient for rtol (σ_min/σ_max below '

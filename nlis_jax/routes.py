@@ -70,6 +70,8 @@ from nlis_jax._types import Array
 #: Names of the routes; a ``route`` output is an int32 index into this tuple.
 ROUTES = ("gram", "gram2", "stable", "shifted")
 GRAM, STABLE, SHIFTED = ROUTES.index("gram"), ROUTES.index("stable"), ROUTES.index("shifted")
+#: The fast routes: their rank counts every non-zero column (no rank decision of their own).
+FAST_ROUTES = ROUTES[:STABLE]
 
 
 class GramDecision(NamedTuple):
@@ -282,8 +284,14 @@ def choose_route(ratio: Array, rtol: Array | None = None) -> Array:
     eps = jnp.finfo(ratio.dtype).eps
     branch = jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2))
     if rtol is not None:
-        branch = jnp.where(ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype)), branch, 2)
+        branch = jnp.where(full_rank_for(ratio, rtol), branch, 2)
     return branch.astype(jnp.int32)
+
+
+def full_rank_for(ratio: Array, rtol) -> Array:
+    """``σ_min/σ_max = √ratio ≥ 2·rtol``: every column counts in the rank for ``rtol``, with the margin
+    the fast routes keep (``ratio = λ_min/λ_max`` of the equilibrated Gram matrix)."""
+    return ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype))
 
 
 def decide(G: Array, route: str | None = None, rtol: Array | None = None) -> GramDecision:
@@ -305,8 +313,8 @@ def decide(G: Array, route: str | None = None, rtol: Array | None = None) -> Gra
     else:
         branch = jnp.asarray(ROUTES.index(route), jnp.int32)
     rank = (m - num_zero).astype(jnp.int32)
-    if route in ("gram", "gram2") and rtol is not None:  # forced, on input rank-deficient for rtol: -1
-        rank = jnp.where(ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype)), rank, -1)
+    if route in FAST_ROUTES and rtol is not None:  # forced, on input rank-deficient for rtol: -1
+        rank = jnp.where(full_rank_for(ratio, rtol), rank, -1)
     return GramDecision(branch, inv_t / d[:, None], rank, d)
 
 
