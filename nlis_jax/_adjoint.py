@@ -218,6 +218,16 @@ def default_chunk_size(n: int, p: int, k: int) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(1, p * k)))
 
 
+def fixed_rule_chunk_size(n: int, p: int, k: int, mode: str) -> int:
+    """Examples per chunk of a fixed rule's adjoints (``mode`` resolved): :func:`default_chunk_size`, and
+    in reverse mode at most ``REVERSE_CHUNK_ELEMENTS / (k·p)`` (at least 64), so that the chunk's gradients
+    stay in cache (:data:`REVERSE_CHUNK_ELEMENTS`)."""
+    default = default_chunk_size(n, p, k)
+    if mode != "reverse":
+        return default
+    return min(default, max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k)))
+
+
 def chunked_map(fn: Callable, xs: PyTree, n: int, chunk_size: int) -> Array:
     """``vmap(fn)(xs)`` over the leading axis, ``chunk_size`` examples at a time (``lax.map``)."""
     if chunk_size >= n:
@@ -442,16 +452,14 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     """Adjoints of a :class:`FlatModel` on ``xs`` (traced): ``(n,) + out_shape + (p,)``."""
     theta, p = model.theta, model.theta.shape[0]
     k = math.prod(model.out_shape)
-    default = default_chunk_size(model.n, p, k)
     if num_nodes is None:  # adaptive, traced: the flat model with θ as its parameters
-        chunk_size = default if chunk_size is None else chunk_size
+        chunk_size = default_chunk_size(model.n, p, k) if chunk_size is None else chunk_size
         shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
         return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, None, MAX_PANELS)[0]
     mode = resolve_mode(mode, p, k)
     nodes, weights = gauss_legendre(num_nodes, theta.dtype)
-    if chunk_size is None:  # a fixed rule in reverse mode: smaller chunks, for cache
-        reverse = min(default, max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k)))
-        chunk_size = reverse if mode == "reverse" else default
+    if chunk_size is None:
+        chunk_size = fixed_rule_chunk_size(model.n, p, k, mode)
     if mode == "reverse":
         return chunked_map(_summed_gradient(model, nodes, weights), xs, model.n, chunk_size)
     jac = _point_jacobian(model.fn, mode, p, theta.dtype)

@@ -47,7 +47,7 @@ from nlis_jax._adjoint import (
     nonfinite_adjoint,
 )
 from nlis_jax._checks import check_finite, check_floating
-from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
+from nlis_jax._passes import Chunks, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import check_rank
 
@@ -437,12 +437,25 @@ def _values(carry, rows, bad, args, kernel):
     return values, (total + jnp.sum(values), count + bad.astype(count.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("combine", "kernel", *STATIC))
+@functools.partial(jax.jit, static_argnames=("combine", "kernel", "blocked", *STATIC))
 @highest_precision
-def _fused_step(apply_fn, params, carry, piece, valid, args, *, combine, kernel, num_nodes, mode):
+def _fused_step(apply_fn, params, carry, piece, valid, args, *, combine, kernel, blocked, num_nodes, mode):
     """A step with a fixed rule: the dual rows and ``combine`` (:func:`_reduce`, :func:`_checked`,
-    :func:`_values`) in one program per pass."""
-    return combine(carry, *_rows(apply_fn, params, piece, valid, num_nodes, mode), args, kernel)
+    :func:`_values`) in one program per pass; ``blocked``: a block of rows at a time, each used while in
+    cache (:func:`nlis_jax._passes.fold_blocks`), for a kernel that is a sum or a map over rows."""
+    if not blocked:
+        return combine(carry, *_rows(apply_fn, params, piece, valid, num_nodes, mode), args, kernel)
+    xc, yc = piece
+    inputs = _nonfinite(piece, valid)
+
+    def body(c, rows, j):  # the inputs are counted with the first block
+        bad = jnp.stack([jnp.where(j == 0, inputs, 0), count_bad_examples(rows)]).astype(jnp.int32)
+        out = combine(c, rows, bad, args, kernel)
+        return (out[1], out[0]) if combine is _values else (out, None)
+
+    model = flatten_model(apply_fn, params, xc)
+    carry, values = fold_blocks(model, xc, yc, valid, body, carry, num_nodes=num_nodes, mode=mode)
+    return (values, carry) if combine is _values else carry
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
@@ -459,7 +472,7 @@ def _kernel_step(carry, rows, bad, args, *, combine, kernel):
     return combine(carry, rows, bad, args, kernel)
 
 
-def _step(combine, apply_fn, params, carry, piece, valid, args=(), *, kernel, num_nodes, mode):
+def _step(combine, apply_fn, params, carry, piece, valid, args=(), *, kernel, blocked=True, num_nodes, mode):
     """One step of a pass over the pieces: ``combine`` of the piece's dual rows.
 
     With the adaptive rule (``num_nodes=None``) the dual rows are a program of their own, compiled once
@@ -469,7 +482,7 @@ def _step(combine, apply_fn, params, carry, piece, valid, args=(), *, kernel, nu
     program per pass, which saves writing the rows out and reading them back (a fifth of the time of a
     cheap model's step)."""
     if num_nodes is not None:
-        kw = dict(combine=combine, kernel=kernel, num_nodes=num_nodes, mode=mode)
+        kw = dict(combine=combine, kernel=kernel, blocked=blocked, num_nodes=num_nodes, mode=mode)
         return _fused_step(apply_fn, params, carry, piece, valid, args, **kw)
     rows, bad = _rows_step(apply_fn, params, piece, valid, num_nodes=num_nodes, mode=mode)
     return _kernel_step(carry, rows, bad, args, combine=combine, kernel=kernel)
@@ -549,13 +562,16 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
     counts = {}
 
     def first(pass_, init):
-        step = functools.partial(_checked_step, apply_fn, params, kernel=pass_.step, **kw)
+        step = functools.partial(
+            _checked_step, apply_fn, params, kernel=pass_.step, blocked=pass_.blocked, **kw
+        )
         zero = jnp.zeros((2,), jnp.int32)
         (carry, _), counts["n"], counts["n_local"] = first_pass(step, source, chunk, (init, zero))
         return across_processes(carry, pass_.combine)
 
     def reduce(pass_, init, *args):
-        step = functools.partial(_reduce_step, apply_fn, params, args=args, kernel=pass_.step, **kw)
+        kernel = dict(kernel=pass_.step, blocked=pass_.blocked)
+        step = functools.partial(_reduce_step, apply_fn, params, args=args, **kernel, **kw)
         return across_processes(fold(step, init, source, chunk), pass_.combine)
 
     def scores(kernel, *args):

@@ -79,9 +79,9 @@ from nlis_jax._factored import (
     project_chunk,
     zero_outputs,
 )
+from nlis_jax._passes import pad_chunks
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, leverage_scores
-from nlis_jax._streaming import pad_chunks
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.quadrature import gauss_legendre
 

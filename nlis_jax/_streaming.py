@@ -35,23 +35,10 @@ from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
 from nlis_jax._checks import check_bool, check_positive_int, report_nonfinite
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
-from nlis_jax._passes import Chunks, chunk_rows, leverage_passes, norm_rows
+from nlis_jax._passes import Chunks, chunk_values, leverage_passes, norm_rows, pad_chunks, reduce_chunk
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
-
-
-def pad_chunks(tree, n: int, chunk: int):
-    """Reshape every leaf ``(n, ...)`` to ``(m, chunk, ...)``, padding with copies of row 0."""
-    m = -(-n // chunk)
-    pad = m * chunk - n
-
-    def one(a):
-        if pad:
-            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])])
-        return a.reshape((m, chunk) + a.shape[1:])
-
-    return jax.tree.map(one, tree), m
 
 
 def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> tuple[Chunks, object]:
@@ -62,17 +49,21 @@ def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> 
     chunk = min(chunk_size, n)
     xs_c, m = pad_chunks(xs, n, chunk)
     ys_c = None if ys is None else pad_chunks(jnp.asarray(ys, model.theta.dtype), n, chunk)[0]
+    kw = dict(num_nodes=num_nodes, mode=mode)
+    chunk_model = model._replace(n=chunk)
 
-    def rows(i):
-        xc = jax.tree.map(lambda a: a[i], xs_c)
-        yc = None if ys_c is None else ys_c[i]
-        return chunk_rows(model, xc, yc, n - i * chunk, num_nodes=num_nodes, mode=mode)
+    def piece(i):  # (x, y, valid) of chunk i
+        return jax.tree.map(lambda a: a[i], xs_c), None if ys_c is None else ys_c[i], n - i * chunk
 
     def reduce(pass_, init, *args):
-        return lax.scan(lambda c, i: (pass_.step(c, rows(i), *args), None), init, jnp.arange(m))[0]
+        def one(c, i):
+            return reduce_chunk(chunk_model, *piece(i), pass_, c, args, **kw), None
+
+        return lax.scan(one, init, jnp.arange(m))[0]
 
     def scores(kernel, *args):
-        return lax.map(lambda i: kernel(rows(i), *args), jnp.arange(m)).reshape(-1)[:n]
+        values = lax.map(lambda i: chunk_values(chunk_model, *piece(i), kernel, args, **kw), jnp.arange(m))
+        return values.reshape(-1)[:n]
 
     def transform(G, gram_pass, r_factor, run_pass, rtol, route):  # every pass through one call site
         return routes.transform_from_pass(G, run_pass, rtol, route)

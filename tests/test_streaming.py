@@ -49,6 +49,50 @@ def test_streaming_matches_materialised(problem, route):
     np.testing.assert_allclose(jnp.sum(probs), 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
+def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
+    """A fixed rule in reverse mode forms and uses a chunk's dual rows a block at a time
+    (_passes.fold_blocks). With blocks made 64 examples (the floor), chunks of 150 take three blocks, the
+    last padded, and the 53-example last chunk leaves two blocks empty: every route, the norm scores and
+    the NaN count of the inputs must be those of the dense matrix."""
+    from nlis_jax import _adjoint, _passes
+
+    model, params, xs, ys = problem
+    monkeypatch.setattr(_adjoint, "REVERSE_CHUNK_ELEMENTS", 1)  # blocks of 64 examples
+    sizes = []
+
+    def counted(model, xc, *args, **kwargs):
+        sizes.append(jax.tree.leaves(xc)[0].shape[0])
+        return chunk_rows(model, xc, *args, **kwargs)
+
+    chunk_rows = _passes.chunk_rows
+    monkeypatch.setattr(_passes, "chunk_rows", counted)
+
+    def apply_fn(params, x):  # a new function: no compiled program of another test is reused
+        return model(params, x)
+
+    data = (np.asarray(xs), np.asarray(ys)) if host else (xs, ys)
+    kw = dict(chunk_size=150, num_nodes=16, mode="reverse", return_info=True)
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=16)
+    ref, r = _svd_leverage(F)
+    for route in ("gram", "gram2", "stable"):
+        _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, *data, route=route, **kw)
+        assert int(rank) == r and nj.routes.ROUTES[int(taken)] == route
+        np.testing.assert_allclose(h, ref, rtol=1e-10 if route == "gram" else 1e-12)
+    assert 64 in sizes  # the rows were formed in blocks
+    norms = nj.streaming_norm_scores(apply_fn, params, *data, chunk_size=150, num_nodes=16, mode="reverse")
+    np.testing.assert_allclose(norms, nj.norm_scores(F), rtol=1e-12)
+    if host:  # one NaN in the third block of the first chunk is counted once, not once per block
+        bad, y = np.asarray(xs).copy(), np.asarray(ys)
+        bad[140, 1] = np.nan
+
+        def source():  # a chunk source: its values are checked as the passes read them
+            return iter([(bad[:150], y[:150]), (bad[150:], y[150:])])
+
+        with pytest.raises(ValueError, match="contains 1 NaN"):
+            nj.streaming_leverage_scores(apply_fn, params, source, **kw)
+
+
 def test_streaming_rank_deficient_and_block():
     # Two identical hidden units make two parameter columns of F* equal: the dual matrix is rank-deficient.
     apply_fn = mlp(squeeze=False)
@@ -99,7 +143,7 @@ def test_each_pass_traces_the_dual_rows_once(monkeypatch, problem, dtype, call_s
     every pass the route asks for (routes.transform_from_pass), the scoring pass. Held by every branch of
     a switch over the routes they were 7 (float64) and 9 (below) copies, each compiling for seconds with
     the adaptive rule."""
-    from nlis_jax import _streaming
+    from nlis_jax import _passes, _streaming
 
     model, params, xs, ys = problem
     params, xs, ys = jax.tree.map(lambda a: a.astype(dtype), (params, xs, ys))
@@ -112,8 +156,8 @@ def test_each_pass_traces_the_dual_rows_once(monkeypatch, problem, dtype, call_s
         traced.append(1)
         return chunk_rows(*args, **kwargs)
 
-    chunk_rows = _streaming.chunk_rows
-    monkeypatch.setattr(_streaming, "chunk_rows", counted)
+    chunk_rows = _passes.chunk_rows
+    monkeypatch.setattr(_passes, "chunk_rows", counted)
     kw = dict(chunk_size=64, num_nodes=16, mode="auto", route=None)
     _streaming._streaming_jit.lower(apply_fn, params, xs, ys, jnp.asarray(1e-6, dtype), **kw)
     assert len(traced) == call_sites
