@@ -218,14 +218,25 @@ def default_chunk_size(n: int, p: int, k: int) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(1, p * k)))
 
 
+def cache_chunk_size(p: int, k: int, mode: str) -> int | None:
+    """Examples per cache-sized chunk of a fixed rule's adjoints (``mode`` resolved), or ``None``.
+
+    In reverse mode on a CPU, ``REVERSE_CHUNK_ELEMENTS / (k·p)`` (at least 64), so that a chunk's
+    gradients stay in cache (:data:`REVERSE_CHUNK_ELEMENTS`). ``None`` in forward mode, and on a GPU or
+    TPU, where one vectorised call over the memory chunk keeps the device busy and ``n / 64``
+    sequential steps of a ``lax.map`` would each launch a few small kernels (as
+    :func:`nlis_jax._adaptive._pass_batch`)."""
+    if mode != "reverse" or jax.default_backend() != "cpu":
+        return None
+    return max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k))
+
+
 def fixed_rule_chunk_size(n: int, p: int, k: int, mode: str) -> int:
-    """Examples per chunk of a fixed rule's adjoints (``mode`` resolved): :func:`default_chunk_size`, and
-    in reverse mode at most ``REVERSE_CHUNK_ELEMENTS / (k·p)`` (at least 64), so that the chunk's gradients
-    stay in cache (:data:`REVERSE_CHUNK_ELEMENTS`)."""
+    """Examples per chunk of a fixed rule's adjoints by default (``mode`` resolved): the memory chunk
+    :func:`default_chunk_size`, or the cache chunk :func:`cache_chunk_size` where it is smaller."""
     default = default_chunk_size(n, p, k)
-    if mode != "reverse":
-        return default
-    return min(default, max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k)))
+    cache = cache_chunk_size(p, k, mode)
+    return default if cache is None else min(default, cache)
 
 
 def chunked_map(fn: Callable, xs: PyTree, n: int, chunk_size: int) -> Array:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax import routes
-from nlis_jax._adjoint import fixed_rule_chunk_size, resolve_mode
+from nlis_jax._adjoint import cache_chunk_size, resolve_mode
 from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
 from nlis_jax._dual import dual_block
 from nlis_jax._types import Array
@@ -61,7 +61,7 @@ def chunk_rows(model, xc, yc, valid, *, num_nodes, mode) -> Array:
     """The dual rows ``(chunk, k, p+1)`` of one chunk of a flat model (traced); rows from ``valid`` on
     (padding) are zero. A fixed rule forms them in pieces of :func:`block_size` examples (``lax.map``)."""
     chunk = jax.tree.leaves(xc)[0].shape[0]
-    inner = chunk if num_nodes is None else None  # None: the fixed rule's own chunk, for cache
+    inner = block_size(model._replace(n=chunk), num_nodes=num_nodes, mode=mode)
     block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=inner)
     keep = jnp.arange(chunk) < valid  # where, not a product: a NaN row copied into the padding stays out
     block = jnp.where(keep.reshape((chunk,) + (1,) * (block.ndim - 1)), block, 0)
@@ -72,20 +72,22 @@ def chunk_rows(model, xc, yc, valid, *, num_nodes, mode) -> Array:
 def block_size(model, *, num_nodes, mode) -> int:
     """Examples per block of a chunk of ``model.n`` whose dual rows are formed and used together.
 
-    A fixed rule takes the chunk of its adjoints (:func:`nlis_jax._adjoint.fixed_rule_chunk_size`: in
-    reverse mode ``2¹⁸ / (k·p)`` examples, so the rows stay in cache between being written and being
-    read by the pass); the adaptive rule the whole chunk (it chunks its own work).
+    A fixed rule in reverse mode on a CPU takes its cache chunk
+    (:func:`nlis_jax._adjoint.cache_chunk_size`, ``2¹⁸ / (k·p)`` examples: the rows stay in cache between
+    being written and being read by the pass); otherwise (forward mode, a GPU or TPU, the adaptive rule,
+    which chunks its own work) the whole chunk.
     """
     if num_nodes is None:
         return model.n
     p, k = model.theta.shape[0], math.prod(model.out_shape)
-    return fixed_rule_chunk_size(model.n, p, k, resolve_mode(mode, p, k))
+    cache = cache_chunk_size(p, k, resolve_mode(mode, p, k))
+    return model.n if cache is None else min(model.n, cache)
 
 
 def fold_blocks(model, xc, yc, valid, body: Callable, init, *, num_nodes, mode):
     """``(carry, values)`` of ``carry, v = body(carry, rows, j)`` over the blocks ``j`` of one chunk.
 
-    The chunk's examples are taken :func:`block_size` at a time (the last block padded), each block's
+    The chunk's examples are taken at most :func:`block_size` at a time (the last block padded), each block's
     dual rows (:func:`chunk_rows`, ``(block, k, p+1)``) formed and consumed by ``body`` while they are
     in cache, instead of writing the rows of the whole chunk to memory and reading them back: on the
     64-8-1 MLP of benchmarks/README.md (f), 8,192 examples, 8 nodes, a Gram pass's step took 41–46 ms
@@ -98,6 +100,7 @@ def fold_blocks(model, xc, yc, valid, body: Callable, init, *, num_nodes, mode):
     kw = dict(num_nodes=num_nodes, mode=mode)
     if size >= chunk:
         return body(init, chunk_rows(model, xc, yc, valid, **kw), 0)
+    size = -(-chunk // -(-chunk // size))  # as many blocks, of equal sizes: the least padding
     blocks, m = pad_chunks((xc, yc), chunk, size)
     valid = jnp.minimum(valid, chunk)  # the padding of the last block is not valid
     block_model = model._replace(n=size)

@@ -52,13 +52,13 @@ def test_streaming_matches_materialised(problem, route):
 @pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
 def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
     """A fixed rule in reverse mode forms and uses a chunk's dual rows a block at a time
-    (_passes.fold_blocks). With blocks made 64 examples (the floor), chunks of 150 take three blocks, the
-    last padded, and the 53-example last chunk leaves two blocks empty: every route, the norm scores and
-    the NaN count of the inputs must be those of the dense matrix."""
+    (_passes.fold_blocks). With blocks of at most 64 examples (the floor), chunks of 130 take three blocks
+    of 44 (the last padded by 2), and the 73-example last chunk leaves the third block empty: every route,
+    the norm scores and the NaN count of the inputs must be those of the dense matrix."""
     from nlis_jax import _adjoint, _passes
 
     model, params, xs, ys = problem
-    monkeypatch.setattr(_adjoint, "REVERSE_CHUNK_ELEMENTS", 1)  # blocks of 64 examples
+    monkeypatch.setattr(_adjoint, "REVERSE_CHUNK_ELEMENTS", 1)  # blocks of at most 64 examples
     sizes = []
 
     def counted(model, xc, *args, **kwargs):
@@ -72,25 +72,42 @@ def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
         return model(params, x)
 
     data = (np.asarray(xs), np.asarray(ys)) if host else (xs, ys)
-    kw = dict(chunk_size=150, num_nodes=16, mode="reverse", return_info=True)
+    kw = dict(chunk_size=130, num_nodes=16, mode="reverse", return_info=True)
     F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=16)
     ref, r = _svd_leverage(F)
     for route in ("gram", "gram2", "stable"):
         _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, *data, route=route, **kw)
         assert int(rank) == r and nj.routes.ROUTES[int(taken)] == route
         np.testing.assert_allclose(h, ref, rtol=1e-10 if route == "gram" else 1e-12)
-    assert 64 in sizes  # the rows were formed in blocks
-    norms = nj.streaming_norm_scores(apply_fn, params, *data, chunk_size=150, num_nodes=16, mode="reverse")
+    assert 44 in sizes  # the rows were formed in blocks
+    norms = nj.streaming_norm_scores(apply_fn, params, *data, chunk_size=130, num_nodes=16, mode="reverse")
     np.testing.assert_allclose(norms, nj.norm_scores(F), rtol=1e-12)
     if host:  # one NaN in the third block of the first chunk is counted once, not once per block
         bad, y = np.asarray(xs).copy(), np.asarray(ys)
-        bad[140, 1] = np.nan
+        bad[120, 1] = np.nan
 
         def source():  # a chunk source: its values are checked as the passes read them
-            return iter([(bad[:150], y[:150]), (bad[150:], y[150:])])
+            return iter([(bad[:130], y[:130]), (bad[130:], y[130:])])
 
         with pytest.raises(ValueError, match="contains 1 NaN"):
             nj.streaming_leverage_scores(apply_fn, params, source, **kw)
+
+
+def test_blocks_only_on_a_cpu(monkeypatch):
+    """Cache-sized chunks and blocks of a fixed rule in reverse mode are for CPUs: on a GPU or TPU the
+    memory chunk stays one vectorised call (n / 64 sequential lax.map steps would each launch kernels)."""
+    from nlis_jax import _adjoint, _passes
+
+    model = _adjoint.FlatModel(None, jnp.zeros(1377), None, 8192, ())
+    kw = dict(num_nodes=8, mode="reverse")
+    memory = _adjoint.default_chunk_size(20_000, 1377, 1)  # 2^23 / 1377 = 6091
+    assert _adjoint.fixed_rule_chunk_size(20_000, 1377, 1, "reverse") == (1 << 18) // 1377 < memory
+    assert _passes.block_size(model, **kw) == (1 << 18) // 1377
+    assert _passes.block_size(model, num_nodes=None, mode="reverse") == 8192  # the adaptive rule
+    assert _adjoint.fixed_rule_chunk_size(20_000, 1377, 1, "forward") == memory
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _adjoint.fixed_rule_chunk_size(20_000, 1377, 1, "reverse") == memory
+    assert _passes.block_size(model, **kw) == 8192
 
 
 def test_streaming_rank_deficient_and_block():
