@@ -480,7 +480,8 @@ def _step(combine, apply_fn, params, carry, piece, valid, args=(), *, kernel, bl
     adaptive rule's program compiles for seconds (benchmarks/README.md (e)), and a leverage pass takes up
     to four passes. A fixed rule compiles in a fraction of a second, so its rows and kernel stay one
     program per pass, which saves writing the rows out and reading them back (a fifth of the time of a
-    cheap model's step)."""
+    cheap model's step); on a CPU the program takes them a cache-sized block at a time (``blocked``:
+    :func:`nlis_jax._passes.fold_blocks`)."""
     if num_nodes is not None:
         kw = dict(combine=combine, kernel=kernel, blocked=blocked, num_nodes=num_nodes, mode=mode)
         return _fused_step(apply_fn, params, carry, piece, valid, args, **kw)

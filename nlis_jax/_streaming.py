@@ -10,7 +10,8 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
   (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce) and
   :func:`nlis_jax.routes.transform_from_pass` picks the route and asks for the passes it needs, all
   through one pass loop (so the program traces the dual rows three times: this pass, that loop and the
-  scoring pass);
+  scoring pass; four when a fixed rule takes blocks on a CPU, the loop's Gram and TSQR passes each
+  tracing their own, :func:`nlis_jax._passes.reduce_chunk`);
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([R; F̃_c]).R``, then ``R D⁻¹ = W S Vᵀ`` and
