@@ -58,10 +58,11 @@ def pad_chunks(tree, n: int, chunk: int):
 
 
 def chunk_rows(model, xc, yc, valid, *, num_nodes, mode) -> Array:
-    """The dual rows ``(chunk, k, p+1)`` of one chunk of a flat model (traced); rows from ``valid`` on
-    (padding) are zero. A fixed rule forms them in pieces of :func:`block_size` examples (``lax.map``)."""
-    chunk = jax.tree.leaves(xc)[0].shape[0]
-    inner = block_size(model._replace(n=chunk), num_nodes=num_nodes, mode=mode)
+    """The dual rows ``(chunk, k, p+1)`` of one chunk of ``model.n`` examples of a flat model (traced);
+    rows from ``valid`` on (padding) are zero. A fixed rule forms them in pieces of :func:`block_size`
+    examples (``lax.map``)."""
+    chunk = model.n
+    inner = block_size(model, num_nodes=num_nodes, mode=mode)
     block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=inner)
     keep = jnp.arange(chunk) < valid  # where, not a product: a NaN row copied into the padding stays out
     block = jnp.where(keep.reshape((chunk,) + (1,) * (block.ndim - 1)), block, 0)
