@@ -185,6 +185,27 @@ def test_light_and_full_matrix_score_programs_agree():
         np.testing.assert_array_equal(kernels.matrix_score_kernel(design, kind=kind, mix=0.1), light)
 
 
+def test_programs_keep_only_the_compiler_options_xla_knows():
+    """A study program's XLA options are probed: one this XLA does not know is left out (an older or newer
+    jaxlib), a long-standing one is kept; the draws, compiled with the CPU's legacy emitters where known,
+    give the values of a plain jit of the same function, bit for bit."""
+    from nlis_jax.experiments import kernels
+
+    options = {"xla_backend_optimization_level": 0, "xla_nlis_jax_no_such_option": True}
+    assert kernels.known_options(options) == {"xla_backend_optimization_level": 0}
+    probs = jnp.asarray(np.random.default_rng(6).dirichlet(np.ones(200), size=3))
+    keys = jax.random.split(jax.random.key(7), 3)
+    size = np.int32(40)
+    ours = kernels.draw_padded_kernel(keys, probs, size, bucket=64)
+    plain = jax.jit(kernels.draw_padded_kernel.__wrapped__, static_argnames="bucket")(
+        keys, probs, size, bucket=64
+    )
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+    wrapped = kernels.program({"xla_nlis_jax_no_such_option": 1})(lambda x: x + 1)
+    assert float(wrapped(np.float32(1))) == 2.0  # compiled without the unknown option
+
+
 def test_method_subset_keeps_draws(tiny):
     """A scheme's samples at a size do not depend on which other schemes run."""
     problem, first = tiny

@@ -213,16 +213,64 @@ def _matrix_scores(design, *, kind: str, mix: float):
     return _scores(kind, design, mix)
 
 
+#: XLA's CPU compiler option for its older loop emitters instead of the MLIR fusion emitters (jax's
+#: default in recent releases). The draws and the light programs below compile 20–60 % faster with them
+#: and run as fast or faster (benchmarks/README.md (h), seventh round); the sample and full-data fits,
+#: whose run times the wall-time comparison sets against each other, keep XLA's defaults. Ignored by other
+#: backends; left out where this jaxlib's XLA does not know it (:func:`known_options`).
+LEGACY_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 #: Matrices with fewer columns than this are scored by a program compiled without LLVM's optimisation
 #: passes: their time is in the Gram product and LAPACK calls, which those passes leave as they are, while
 #: the route switch's many small branches compile in 0.55–0.65 s instead of 0.9 s (20,640 × 10 float64;
 #: the same run time, 1.0–1.2 ms). Wider matrices may take the sketched route, whose own loops they speed.
 LIGHT_COLUMNS = 512
 #: The compiler options of such light programs (and of :mod:`nlis_jax.experiments.keys`' fallback).
-LIGHT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-_light_matrix_scores = jax.jit(
-    _matrix_scores, static_argnames=("kind", "mix"), compiler_options=LIGHT_COMPILER_OPTIONS
-)
+LIGHT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, **LEGACY_EMITTERS}
+
+
+@functools.cache
+def _known(name: str, value) -> bool:
+    try:  # an identity compiles in about 15 ms; an unknown option fails before compiling
+        jax.jit(lambda x: x, compiler_options={name: value}).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:  # "No such compile option": an older or newer XLA
+        return False
+    return True
+
+
+def known_options(options: dict) -> dict:
+    """The entries of ``options`` (XLA compiler options) that this jaxlib's XLA accepts, each probed once
+    per process by compiling an identity with it."""
+    return {name: value for name, value in options.items() if _known(name, value)}
+
+
+class _Program:
+    """``jax.jit(fn, compiler_options=known_options(options), **jit_kwargs)``, built at the first call or
+    ``lower`` (probing options compiles, which initialises the backend: not at import)."""
+
+    def __init__(self, fn, options: dict, **jit_kwargs):
+        functools.update_wrapper(self, fn)
+        self._fn, self._options, self._jit_kwargs = fn, dict(options), jit_kwargs
+        self._jitted = None
+
+    def _program(self):
+        if self._jitted is None:
+            options = known_options(self._options) or None
+            self._jitted = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._program()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._program().lower(*args, **kwargs)
+
+
+def program(options: dict, **jit_kwargs):
+    """Decorator: :class:`_Program` of the function with XLA compiler ``options`` (those XLA knows)."""
+    return lambda fn: _Program(fn, options, **jit_kwargs)
+
+
+_light_matrix_scores = program(LIGHT_COMPILER_OPTIONS, static_argnames=("kind", "mix"))(_matrix_scores)
 _full_matrix_scores = jax.jit(_matrix_scores, static_argnames=("kind", "mix"))
 
 
@@ -233,7 +281,7 @@ def matrix_score_kernel(design, *, kind: str, mix: float):
     return (_light_matrix_scores if light else _full_matrix_scores)(design, kind=kind, mix=mix)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
+@program(LEGACY_EMITTERS, static_argnames=("num_samples",))
 def draw_kernel(keys, probs, *, num_samples: int):
     """``R = len(keys)`` samples with replacement -> ``(idx (R, s), weights (R, s))``; ``probs`` is
     ``(n,)`` (shared) or ``(R, n)`` (one distribution per key)."""
@@ -305,7 +353,7 @@ def fit_padded_kernel(
     return jax.vmap(one, in_axes=in_axes)(params0, xs[idx], ys[idx], w, size, projection)
 
 
-@functools.partial(jax.jit, static_argnames=("bucket",))
+@program(LEGACY_EMITTERS, static_argnames=("bucket",))
 def draw_padded_kernel(keys, probs, size, *, bucket: int):
     """:func:`draw_kernel` with ``size`` traced: ``(idx (R, bucket), weights (R, bucket))`` whose first
     ``size`` columns are the ``size``-row sample of each key and whose weights are 0 from column ``size``
@@ -331,14 +379,14 @@ def dual_kernel(params, xs, ys, *, dual_fn):
     return dual_fn(params, xs, ys)
 
 
-@jax.jit
+@program(LEGACY_EMITTERS)
 def row_kernel(batch, r):
     """Row ``r`` (traced) of every leaf of ``batch``: one compiled program per shape of the batch, for
     every row (indexing with a Python integer compiles one program per index)."""
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), batch)
 
 
-@jax.jit
+@program(LEGACY_EMITTERS)
 def stack_kernel(rows):
     """``jnp.stack(rows)`` as one compiled program per number and shape of rows."""
     return jnp.stack(rows)

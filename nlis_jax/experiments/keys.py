@@ -20,12 +20,10 @@ against published test vectors. Other key implementations, or ``jax_threefry_par
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 
-from nlis_jax.experiments.kernels import LIGHT_COMPILER_OPTIONS
+from nlis_jax.experiments.kernels import LIGHT_COMPILER_OPTIONS, program
 
 __all__ = ["fold_in", "host_derivable", "key", "split", "split_tuple", "threefry2x32"]
 
@@ -113,7 +111,7 @@ def split_tuple(key, num: int, *, batched: bool = False) -> tuple[jax.Array, ...
 
 # The fallback programs run once on a few integers: LLVM's optimisation passes would cost more than they
 # save (a 50-key split compiled in 0.09 s instead of 0.21 s); integer arithmetic, the same keys.
-@functools.partial(jax.jit, static_argnames=("num", "batched"), compiler_options=LIGHT_COMPILER_OPTIONS)
+@program(LIGHT_COMPILER_OPTIONS, static_argnames=("num", "batched"))
 def _split_program(key, *, num: int, batched: bool):
     """:func:`split_tuple` by ``jax.random`` (keys that are not :func:`host_derivable`)."""
     children = jax.random.split(key, num)
