@@ -1,6 +1,7 @@
 r"""Compiled kernels of the sampling studies, and their timing apart from compilation.
 
-Every kernel is a module-level ``jax.jit`` with its callables as static arguments (the study's callables
+Every kernel is a module-level ``jax.jit`` (or :func:`program`: one with XLA compiler options, for the
+draws and the light programs) with its callables as static arguments (the study's callables
 are built once per set of options, so they hash equal across calls): repeats, methods and studies of the
 same shapes reuse one compiled executable. The padded kernels (:func:`draw_padded_kernel`,
 :func:`fit_padded_kernel`) take the sample size as a traced value, so one executable serves every size;
@@ -214,7 +215,7 @@ def _matrix_scores(design, *, kind: str, mix: float):
 
 
 #: XLA's CPU compiler option for its older loop emitters instead of the MLIR fusion emitters (jax's
-#: default in recent releases). The draws and the light programs below compile 20–60 % faster with them
+#: default in recent releases). The draws and the light programs below compile 25–65 % faster with them
 #: and run as fast or faster (benchmarks/README.md (h), seventh round); the sample and full-data fits,
 #: whose run times the wall-time comparison sets against each other, keep XLA's defaults. Ignored by other
 #: backends; left out where this jaxlib's XLA does not know it (:func:`known_options`).
