@@ -251,14 +251,14 @@ class _Program:
     ``lower`` (probing options compiles, which initialises the backend: not at import)."""
 
     def __init__(self, fn, options: dict, **jit_kwargs):
-        functools.update_wrapper(self, fn)
-        self._fn, self._options, self._jit_kwargs = fn, dict(options), jit_kwargs
+        functools.update_wrapper(self, fn)  # fn is self.__wrapped__
+        self._options, self._jit_kwargs = dict(options), jit_kwargs
         self._jitted = None
 
     def _program(self):
         if self._jitted is None:
             options = known_options(self._options) or None
-            self._jitted = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
+            self._jitted = jax.jit(self.__wrapped__, compiler_options=options, **self._jit_kwargs)
         return self._jitted
 
     def __call__(self, *args, **kwargs):
