@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nlis_jax import routes
-from nlis_jax._adjoint import cache_chunk_size, resolve_mode
+from nlis_jax._adjoint import fixed_rule_chunk_size, resolve_mode
 from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
 from nlis_jax._dual import dual_block
 from nlis_jax._types import Array
@@ -73,16 +73,17 @@ def chunk_rows(model, xc, yc, valid, *, num_nodes, mode) -> Array:
 def block_size(model, *, num_nodes, mode) -> int:
     """Examples per block of a chunk of ``model.n`` whose dual rows are formed and used together.
 
-    A fixed rule in reverse mode on a CPU takes its cache chunk
-    (:func:`nlis_jax._adjoint.cache_chunk_size`, ``2¹⁸ / (k·p)`` examples: the rows stay in cache between
-    being written and being read by the pass); otherwise (forward mode, a GPU or TPU, the adaptive rule,
-    which chunks its own work) the whole chunk.
+    A fixed rule takes the adjoint's own chunk (:func:`nlis_jax._adjoint.fixed_rule_chunk_size`): in
+    reverse mode on a CPU the cache chunk (``2¹⁸ / (k·p)`` examples: the rows stay in cache between being
+    written and being read by the pass), and everywhere at most the memory chunk (``2²³ / (k·p)``
+    examples, :func:`nlis_jax._adjoint.default_chunk_size`), so that a large ``p`` never forms one
+    vectorised adjoint call over the whole streaming chunk; the adaptive rule, which chunks its own
+    work, the whole chunk.
     """
     if num_nodes is None:
         return model.n
     p, k = model.theta.shape[0], math.prod(model.out_shape)
-    cache = cache_chunk_size(p, k, resolve_mode(mode, p, k))
-    return model.n if cache is None else min(model.n, cache)
+    return fixed_rule_chunk_size(model.n, p, k, resolve_mode(mode, p, k))
 
 
 def fold_blocks(model, xc, yc, valid, body: Callable, init, *, num_nodes, mode):

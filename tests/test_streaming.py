@@ -95,7 +95,8 @@ def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
 
 def test_blocks_only_on_a_cpu(monkeypatch):
     """Cache-sized chunks and blocks of a fixed rule in reverse mode are for CPUs: on a GPU or TPU the
-    memory chunk stays one vectorised call (n / 64 sequential lax.map steps would each launch kernels)."""
+    memory chunk stays one vectorised call (n / 64 sequential lax.map steps would each launch kernels).
+    Everywhere a block is at most the memory chunk 2^23 / (k·p), never the whole streaming chunk."""
     from nlis_jax import _adjoint, _passes
 
     model = _adjoint.FlatModel(None, jnp.zeros(1377), None, 8192, ())
@@ -105,9 +106,14 @@ def test_blocks_only_on_a_cpu(monkeypatch):
     assert _passes.block_size(model, **kw) == (1 << 18) // 1377
     assert _passes.block_size(model, num_nodes=None, mode="reverse") == 8192  # the adaptive rule
     assert _adjoint.fixed_rule_chunk_size(20_000, 1377, 1, "forward") == memory
+    assert _passes.block_size(model, num_nodes=8, mode="forward") == memory < 8192
+    wide = _adjoint.FlatModel(None, jnp.zeros(200_000), None, 8192, ())  # k·p > 2^17: under 64 examples
+    assert _passes.block_size(wide, **kw) == (1 << 23) // 200_000 == 41
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert _adjoint.fixed_rule_chunk_size(20_000, 1377, 1, "reverse") == memory
-    assert _passes.block_size(model, **kw) == 8192
+    assert _passes.block_size(model, **kw) == memory  # not the streaming chunk of 8,192
+    assert _passes.block_size(model._replace(n=4096), **kw) == 4096
+    assert _passes.block_size(wide, **kw) == 41
 
 
 def test_streaming_rank_deficient_and_block():
