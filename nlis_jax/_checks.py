@@ -181,6 +181,11 @@ def check_real(name: str, value) -> float:
     """Return a concrete real scalar as a Python float: a Python, numpy or 0-d array number (``bool`` and
     strings are refused with ``TypeError``); NaN is returned as is, for the caller's range check."""
     dtype = getattr(value, "dtype", None)
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a concrete real number, not a traced value; under jax.jit close over it or "
+            "make it a static argument."
+        )
     ok = isinstance(value, int | float | np.integer | np.floating) or (
         dtype is not None and jnp.shape(value) == () and is_concrete(value)
     )

@@ -262,26 +262,31 @@ def _specs(spec) -> str:
 
 
 def rechunk(source: Source, chunk: int) -> Iterator:
-    """Pieces of ``chunk`` examples (the last padded with copies of its row 0) and their valid count."""
-    pending, count = [], 0
+    """Pieces of ``chunk`` examples (the last padded with copies of its row 0) and their valid count.
+
+    Whole pieces inside an item are slices of it (copied only where not contiguous); rows carried over
+    to the next item, fewer than ``chunk``, are copied. So an item is never copied whole (a shard of any
+    size costs at most one chunk of memory), and a source may refill its buffers once the next item is
+    asked for: a piece is handed out, and copied to the device, before that.
+    """
+    carried, count = None, 0  # rows of the piece being completed, copies
     for item in source():
-        pending.append(item)
-        count += jax.tree.leaves(item)[0].shape[0]
-        while count >= chunk:
-            piece, pending, count = _take(pending, chunk)
-            yield piece, chunk
+        size, start = jax.tree.leaves(item)[0].shape[0], 0
+        if count:
+            start = min(chunk - count, size)
+            carried = jax.tree.map(lambda a, b, k=start: np.concatenate([a, b[:k]]), carried, item)
+            count += start
+            if count < chunk:
+                continue
+            yield carried, chunk
+            carried, count = None, 0
+        while size - start >= chunk:
+            yield jax.tree.map(lambda a, k=start: np.ascontiguousarray(a[k : k + chunk]), item), chunk
+            start += chunk
+        if start < size:
+            carried, count = jax.tree.map(lambda a, k=start: np.array(a[k:]), item), size - start
     if count:
-        piece, _, _ = _take(pending, count)
-        yield jax.tree.map(lambda a: _pad(a, chunk), piece), count
-
-
-def _take(pending: list, size: int):
-    """The first ``size`` examples of the pending items (host copies), and what is left."""
-    tree = jax.tree.map(lambda *a: np.concatenate(a), *pending) if len(pending) > 1 else pending[0]
-    total = jax.tree.leaves(tree)[0].shape[0]
-    head = jax.tree.map(lambda a: np.ascontiguousarray(a[:size]), tree)
-    rest = [] if total == size else [jax.tree.map(lambda a: a[size:], tree)]
-    return head, rest, total - size
+        yield jax.tree.map(lambda a: _pad(a, chunk), carried), count
 
 
 def _pad(a, size: int):
@@ -534,15 +539,34 @@ def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, 
     return array_source((xs, ys), n, min(chunk_size, n)), min(chunk_size, n)
 
 
-def first_pass(step, source, chunk, init):
-    """The first fold with the non-finite check: ``(carry, n, n_local)``, summed over processes."""
+def first_pass(step, source, chunk, init, *, equal_blocks: bool = True):
+    """The first fold with the non-finite check: ``(carry, n, n_local)``, summed over processes; with
+    ``equal_blocks`` (the result a global array) the per-process counts checked (:func:`check_blocks`)."""
     counted = fold(lambda c, piece, valid: (step(c[0], piece, valid), c[1] + valid), (init, 0), source, chunk)
     carry, n_local = counted
-    stats = across_processes(jnp.asarray([n_local, *map(int, carry[1])]), lambda a: a.sum(0))
+    local = jnp.asarray([[n_local, *map(int, carry[1])]])
+    per_process = np.asarray(across_processes(local, lambda a: a.reshape(-1, local.shape[1])))
+    stats = per_process.sum(0)
     if int(stats[0]) == 0:
         raise ValueError("the chunk source yielded no examples.")
+    if equal_blocks:
+        check_blocks(per_process[:, 0])
     raise_if_bad(stats)
     return carry, int(stats[0]), n_local
+
+
+def check_blocks(counts) -> None:
+    """``ValueError`` unless the per-process example ``counts`` (process order) can form one global
+    array sharded in equal blocks (:func:`global_vector`): the same count everywhere, a multiple of each
+    process's number of devices. Raised on every process, after the first pass, before any score."""
+    counts = [int(c) for c in counts]
+    devices = jax.local_device_count()
+    if len(counts) > 1 and (len(set(counts)) > 1 or counts[0] % devices):
+        raise ValueError(
+            f"under jax.distributed every process must hold the same number of examples, a multiple of "
+            f"its {devices} device(s) (the results are one global array sharded in equal blocks); got "
+            f"{counts} examples per process. Split the rows with nlis_jax.distributed.process_rows."
+        )
 
 
 def raise_if_bad(stats) -> None:
@@ -567,7 +591,9 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
             _checked_step, apply_fn, params, kernel=pass_.step, blocked=pass_.blocked, **kw
         )
         zero = jnp.zeros((2,), jnp.int32)
-        (carry, _), counts["n"], counts["n_local"] = first_pass(step, source, chunk, (init, zero))
+        (carry, _), counts["n"], counts["n_local"] = first_pass(
+            step, source, chunk, (init, zero), equal_blocks=out is None
+        )
         return across_processes(carry, pass_.combine)
 
     def reduce(pass_, init, *args):
@@ -648,8 +674,12 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
 
     sq = per_example_values(one, source, chunk, xs, out, dtype)
     total, bad = state["carry"]
-    stats = across_processes(jnp.asarray([state["n"], *map(int, bad)]), lambda a: a.sum(0))
+    local = jnp.asarray([[state["n"], *map(int, bad)]])
+    per_process = np.asarray(across_processes(local, lambda a: a.reshape(-1, local.shape[1])))
+    stats = per_process.sum(0)
     raise_if_bad(stats)
+    if out is None:
+        check_blocks(per_process[:, 0])
     total = float(across_processes(total, lambda a: a.sum(0)))
     if not total > 0:
         raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
@@ -810,7 +840,11 @@ def host_losses(
         raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
     if not per_example:
         return total
-    return values if out is not None else jnp.asarray(values)
+    if out is not None:
+        return values
+    counts = np.asarray(across_processes(jnp.asarray([values.shape[0]]), lambda a: a.reshape(-1)))
+    check_blocks(counts)
+    return global_vector(values, int(counts.sum()))
 
 
 # ------------------------------------------------------------------------------------------- sampling

@@ -43,10 +43,11 @@ from nlis_jax._types import Array, PRNGKey
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _sample_with_replacement(key, probs, num_samples):
     n = probs.shape[0]
-    idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=probs)
+    idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=probs).astype(jnp.int32)
     # choice draws from probs / Σ probs; weights from the same normalised vector (a traced probs
-    # vector is not checked to sum to one)
-    return idx, jnp.sum(probs) / (num_samples * probs[idx])
+    # vector is not checked to sum to one), at least in float32: s·p_i overflows float16 from s ≈ 65,520
+    wide = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
+    return idx, (jnp.sum(wide) / (num_samples * wide[idx])).astype(probs.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
@@ -170,14 +171,14 @@ def _check_rank(rank) -> int:
 def _distortion_from_basis(U, indices, weights, k):
     """``‖U_Sᵀ W U_S − I‖₂`` with ``U`` the basis rows ``(n·k, m)`` (or ``(n, k, m)``) of ``n`` examples of
     ``k`` rows each: a sampled example contributes all its ``k`` rows, each with the example's weight."""
-    m = U.shape[-1]
-    U = U.reshape(-1, k, m)
+    m, dtype = U.shape[-1], U.dtype
+    U = U.astype(jnp.promote_types(dtype, jnp.float32)).reshape(-1, k, m)  # eigvalsh has no half kernels
     Us = U[indices].reshape(-1, m)
     w = jnp.repeat(weights.astype(U.dtype), k)
     M = jnp.einsum("sr,s,sq->rq", Us, w, Us)
     # Columns of U beyond the rank are zero: compare with the projector onto the used columns.
     used = (jnp.sum(jnp.square(U.reshape(-1, m)), axis=0) > 0.5).astype(U.dtype)
-    return jnp.max(jnp.abs(jnp.linalg.eigvalsh(M - jnp.diag(used))))
+    return jnp.max(jnp.abs(jnp.linalg.eigvalsh(M - jnp.diag(used)))).astype(dtype)
 
 
 def _check_sample(indices, weights) -> tuple[Array, Array]:

@@ -97,7 +97,8 @@ def check_tolerances(rtol, ridge) -> None:
 
 def input_dtype(F) -> jnp.dtype:
     """The floating dtype results are returned in: that of ``F`` (computed in float32 if lower)."""
-    return F.dtype if hasattr(F, "dtype") else jnp.asarray(F).dtype
+    # canonical: a numpy float64 F without jax_enable_x64 is float32, the dtype jax computes it in
+    return jax.dtypes.canonicalize_dtype(F.dtype if hasattr(F, "dtype") else jnp.asarray(F).dtype)
 
 
 def as_leverage(
@@ -170,9 +171,23 @@ def leverage_scores(
     check_tolerances(rtol, ridge)
     check_bool("return_info", return_info)
     # NaN/Inf of concrete input: checked on the result below (one pass fewer); traced input: checkify
+    if not is_concrete(ridge):
+        raise TypeError(
+            "ridge must be a concrete number, not a traced value: it chooses the algorithm (ridge > 0: "
+            "ridge leverage, 0: the rank-revealing routes); under jax.jit close over it or make it static."
+        )
     rows, lead = routes.as_rows(F, check_values=ridge > 0 or not is_concrete(F))
     if ridge > 0:
-        h, eff_dim = routes.ridge_row_leverage(rows, jnp.asarray(ridge, rows.dtype), lead)
+        if float(ridge) > float(jnp.finfo(rows.dtype).max):
+            raise ValueError(f"ridge = {ridge} overflows F's dtype {rows.dtype}.")
+        lam = jnp.asarray(ridge, rows.dtype)
+        h, eff_dim = routes.ridge_row_leverage(rows, lam, lead)
+        if is_concrete(h) and not bool(jnp.all(jnp.isfinite(h))):
+            raise ValueError(
+                f"the ridge leverage of F is not finite in {rows.dtype}: F's Gram matrix plus the ridge "
+                "is out of this dtype's range (columns whose squared norms span more than the range, or a "
+                "ridge far below them); compute in float64 or rescale F's columns."
+            )
         return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info, input_dtype(F))
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
@@ -206,6 +221,7 @@ def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> 
         raise ValueError(f"xs must have shape (n, d, ...), got {jnp.shape(xs)}.")
     check_leading_axis("xs", xs)
     check_floating("xs", xs)
+    bias = check_bool("bias", bias)
     check_finite("xs", xs)  # before any cast: finite values beyond float32 are reported as such below
     xs = jnp.asarray(xs)
     check_finite("xs cast to a jax array (finite values beyond its dtype's range)", xs)
@@ -249,8 +265,13 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
       probs: ``(n,)`` probabilities.
       alpha: mixing weight in ``[0, 1]``.
     """
+    if isinstance(probs, list | tuple):
+        probs = jnp.asarray(probs)  # as sample accepts them
     check_probs(probs)
-    if not 0.0 <= check_real("alpha", alpha) <= 1.0:
+    if is_concrete(alpha) and not 0.0 <= check_real("alpha", alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
     probs = jnp.asarray(probs)
+    if not jnp.issubdtype(jnp.result_type(alpha), jnp.number) or jnp.ndim(alpha) != 0:
+        raise TypeError(f"alpha must be a real scalar, got {alpha!r}.")
+    alpha = jnp.asarray(alpha).astype(probs.dtype)  # probs' dtype, not alpha's
     return (1 - alpha) * probs + alpha / probs.shape[0]

@@ -128,9 +128,13 @@ def init_state(n: int, dtype=None) -> ActiveState:
 
 def _pool_probs(scores, labelled, alpha):
     pool = ~labelled
-    s = jnp.where(pool, scores, 0)
+    # at least float32, and scaled by a power of two near the largest score: large finite scores must
+    # not overflow the sum (a division by the largest score would take its reciprocal, a denormal)
+    s = jnp.where(pool, scores, 0).astype(jnp.promote_types(scores.dtype, jnp.float32))
+    top = jnp.max(s)
+    s = jnp.ldexp(s, -jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1])
     total = jnp.sum(s)
-    size = jnp.sum(pool).astype(scores.dtype)
+    size = jnp.sum(pool).astype(s.dtype)
     base = jnp.where(total > 0, s / jnp.where(total > 0, total, 1), pool / size)
     return jnp.where(pool, (1 - alpha) * base + alpha / size, 0).astype(scores.dtype)
 

@@ -35,7 +35,7 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
       zeta: slope of the sigmoid gate.
 
     Returns:
-      Array of the shape and dtype of ``t``.
+      Array of the shape and dtype of ``t`` (the default float dtype for integer or bool ``t``).
     """
     real = all(isinstance(c, int | float | np.integer | np.floating) for c in (c1, c2))
     real = real and not any(isinstance(c, bool) for c in (c1, c2))
@@ -45,7 +45,10 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
     if isinstance(zeta, int | float | np.number) and not 0 <= float(zeta) < math.inf:
         raise ValueError(f"bounded_swish needs a finite zeta >= 0 (the bounds hold then), got {zeta}.")
     t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.inexact):  # integer or bool t: the default float, not c1 truncated
+        t = t.astype(jnp.result_type(float))
     lo, hi = jnp.sqrt(jnp.asarray(c1, t.dtype)), jnp.sqrt(jnp.asarray(c2, t.dtype))
+    zeta = jnp.asarray(zeta).astype(t.dtype)  # a float64 zeta must not promote float32 t
     return t * (lo + (hi - lo) * jax.nn.sigmoid(zeta * t))
 
 

@@ -96,15 +96,29 @@ class Projection:
 class L2Ball(Projection):
     r"""Projection onto :math:`\{\theta : \|\theta\|_2 \le \text{radius}\}` (norm over all leaves).
 
-    Implemented by :func:`optax.projections.projection_l2_ball`:
-    :math:`\Pi(\theta) = \theta \cdot r / \max(\|\theta\|_2, r)` (no branch, so jit-friendly).
+    :math:`\Pi(\theta) = \theta \cdot r / \max(\|\theta\|_2, r)` (no branch, so jit-friendly), the
+    formula of :func:`optax.projections.projection_l2_ball`, with ``‖θ‖`` taken on ``θ / 2^e`` (``2^e``
+    near the largest ``|θ_j|``): for finite parameters ``‖θ‖²`` cannot overflow or underflow, and in range
+    the result is optax's bit for bit (scaling by a power of two is exact).
     """
 
     radius: Any
 
     def __call__(self, tree: PyTree) -> PyTree:
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
-        return _cast_like(projection_l2_ball(tree, scale=self.radius), tree)
+        leaves = jax.tree.leaves(tree)
+        if not leaves:
+            return tree
+        dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+        top = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
+        e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1]
+        scaled = jax.tree.map(lambda a: jnp.ldexp(jnp.asarray(a), -e), tree)
+        squared = optax.tree.norm(scaled, squared=True)  # ‖θ‖² / 4^e
+        radius = jnp.asarray(self.radius, dtype)
+        outside = squared > jnp.square(jnp.ldexp(radius, -e))  # ‖θ‖ > r
+        factor = radius / jnp.sqrt(squared)  # r / ‖θ‖ · 2^e, applied to θ / 2^e
+        out = jax.tree.map(lambda a, b: jnp.where(outside, a * factor, b), scaled, tree)
+        return _cast_like(out, tree)
 
 
 @jax.tree_util.register_dataclass

@@ -101,7 +101,8 @@ def _cases(params, params2):
             rows = distributed.process_rows(N)
             xs, ys = _data()["xs"][rows], _data()["ys"][rows]
         norms = nj.streaming_norm_scores(MLP, params, xs, ys, chunk_size=8)
-        return norms, nj.weighted_loss(MLP, params, xs, ys, chunk_size=8)
+        losses = nj.per_example_loss(MLP, params, xs, ys, chunk_size=8)  # a global (N,) vector too
+        return norms, nj.weighted_loss(MLP, params, xs, ys, chunk_size=8), losses
 
     return {
         "streaming_host_norms_and_loss": host_norms_and_loss,
@@ -155,7 +156,16 @@ def _checks(glob, params) -> dict:
     xs_nan = distributed.shard_rows(bad_xs[rows])
     w_neg = distributed.shard_rows(np.where(np.arange(N) == N - 1, -1.0, 1.0)[rows])
     p_bad = distributed.shard_rows(np.full(N, 2.0 / N)[rows])
+    # uneven host blocks (process 0 drops 2 rows): named after the first pass, not a raw sharding error
+    uneven = slice(rows.start, rows.stop - 2) if jax.process_index() == 0 else rows
+    xs_u, ys_u = _data()["xs"][uneven], _data()["ys"][uneven]
     return {
+        "uneven_norms": _expect_error(
+            lambda: nj.streaming_norm_scores(MLP, params, xs_u, ys_u, chunk_size=8)
+        ),
+        "uneven_leverage": _expect_error(
+            lambda: nj.streaming_leverage_scores(MLP, params, xs_u, ys_u, chunk_size=8, num_nodes=16)
+        ),
         "nan_xs": _expect_error(lambda: nj.dual_matrix(MLP, params, xs_nan, glob["ys"])),
         "negative_weights": _expect_error(
             lambda: nj.weighted_loss(MLP, params, glob["xs"], glob["ys"], w_neg)

@@ -47,6 +47,7 @@ CASES = (
 # float64 throughout: the sharded programs reduce in another order (per-shard partial sums, then an
 # all-reduce over processes), so results agree to rounding, ~1e-14 relative; 1e-10 is the bound.
 RTOL = 1e-10
+N = 32  # rows of tests/distributed_worker.py
 
 
 def _env() -> dict:
@@ -95,6 +96,9 @@ def test_input_checks_fire_on_global_arrays(reports):
         assert checks["nan_xs"].startswith("ValueError: xs contains 1 NaN"), checks
         assert checks["negative_weights"].endswith("non-negative; 1 are negative."), checks
         assert checks["probs_sum"].startswith("ValueError: probs must sum to 1, got sum 2 "), checks
+        for name in ("uneven_norms", "uneven_leverage"):  # per-process counts of N/2 - 2 and N/2 rows
+            expected = f"got [{N // 2 - 2}, {N // 2}] examples per process"
+            assert checks[name].startswith("ValueError: under jax.distributed") and expected in checks[name]
 
 
 def test_launcher_stops_all_when_one_fails(tmp_path):

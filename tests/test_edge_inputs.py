@@ -1,0 +1,127 @@
+"""Extreme and malformed inputs to the public API found in the twelfth session's review: each was a
+crash, a silent wrong answer or a misleading message before (the observed value is in each docstring)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nlis_jax as nj
+
+
+def test_distortion_of_half_precision_input():
+    """float16/bfloat16: ``NotImplementedError: Unsupported dtype float16`` (eigvalsh) before; now the
+    float32 computation's value, within half precision's rounding of the input."""
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(8, 3))
+    idx, w = np.array([0, 2, 5, 7]), np.full(4, 2.0)
+    ref = float(nj.distortion(F.astype(np.float16).astype(np.float32), idx, w))
+    for dtype in (jnp.float16, jnp.bfloat16):
+        got = nj.distortion(jnp.asarray(F, dtype), idx, jnp.asarray(w, dtype))
+        assert got.dtype == dtype
+        assert abs(float(got) - ref) <= 0.05 * ref
+
+
+def test_half_precision_weights_of_large_samples():
+    """``s·p_i`` overflowed float16 from s = 65,520: every weight was 0. Now ``1/(s·p_i)`` rounded once."""
+    idx, w = nj.sample(jax.random.key(0), nj.uniform_scores(4, jnp.float16), 70_000)
+    assert w.dtype == jnp.float16 and idx.dtype == jnp.int32
+    np.testing.assert_allclose(np.asarray(w, np.float64), 4 / 70_000 / 4 * 4, rtol=2e-3)
+
+
+def test_sample_indices_are_int32_as_documented():
+    """With replacement under x64 the indices were int64 (without: int32), the docstring says int32."""
+    probs = nj.uniform_scores(10, jnp.float64)
+    for replace in (True, False):
+        assert nj.sample(jax.random.key(1), probs, 3, replace=replace)[0].dtype == jnp.int32
+
+
+def test_pool_probabilities_of_large_finite_scores():
+    """Scores near float32's maximum summed to Inf: all-zero probabilities and NaN weights, silently."""
+    labelled = np.zeros(3, bool)
+    scores = np.array([3e38, 3e38, 1.0], np.float32)
+    probs = nj.active.pool_probabilities(scores, labelled)
+    assert probs.dtype == jnp.float32
+    # the third, 1.7e-39, is below float32's smallest normal number: 0 where denormals are flushed
+    np.testing.assert_allclose(probs, [0.5, 0.5, 1 / 6e38], rtol=1e-6, atol=2e-39)
+    w = nj.active.query(jax.random.key(0), scores, labelled, 2, replace=True).weights
+    assert np.all(np.isfinite(w)) and np.all(np.asarray(w) > 0)
+
+
+def test_bounded_swish_of_integer_input_and_wide_zeta():
+    """Integer ``t`` truncated ``c1 = 0.25`` to 0 (values 0); a float64 ``zeta`` promoted float32 ``t``."""
+    np.testing.assert_allclose(
+        nj.bounded_swish(np.array([1, 2]), c1=0.25, c2=0.81),
+        nj.bounded_swish(np.array([1.0, 2.0]), 0.25, 0.81),
+    )
+    assert nj.bounded_swish(np.ones(2, np.float32), zeta=np.float64(2.0)).dtype == jnp.float32
+
+
+def test_ridge_must_be_concrete_and_finite_leverage():
+    """A traced ridge was a ``TracerBoolConversionError``; a ridge beyond float32 and a Gram matrix out of
+    range were both reported as "the dual matrix is all zeros"."""
+    with pytest.raises(TypeError, match="ridge must be a concrete number"):
+        jax.jit(lambda F, r: nj.leverage_scores(F, ridge=r))(np.eye(3), 0.5)
+    F = np.random.default_rng(1).normal(size=(10, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="overflows"):
+        nj.leverage_scores(F, ridge=1e39)
+    F[:, 1] *= 1e20
+    with pytest.raises(ValueError, match="not finite in float32"):
+        nj.leverage_scores(F, ridge=1e-3)
+    np.testing.assert_allclose(  # the same matrix in float64: fine
+        nj.leverage_scores(F.astype(np.float64), ridge=1e-3).sum(), 1.0, rtol=1e-12
+    )
+
+
+def test_linear_scores_check_bias():
+    with pytest.raises(TypeError, match="bias"):
+        nj.linear_leverage_scores(np.ones((4, 2)), bias="no")
+
+
+def test_mix_with_uniform_follows_probs():
+    """A float64 alpha returned float64 from float32 probs; a list was "Cannot determine dtype"; a traced
+    alpha was "alpha must be a real number, got JitTracer"."""
+    p = jnp.asarray([0.25, 0.75], jnp.float32)
+    assert nj.mix_with_uniform(p, np.float64(0.5)).dtype == jnp.float32
+    np.testing.assert_allclose(nj.mix_with_uniform([0.5, 0.5], 0.1), [0.5, 0.5])
+    np.testing.assert_allclose(jax.jit(nj.mix_with_uniform)(p, 0.5), [0.375, 0.625])
+    with pytest.raises(TypeError, match="concrete real number, not a traced value"):
+        jax.jit(lambda a: nj.active.pool_probabilities(np.ones(3), np.zeros(3, bool), alpha=a))(0.5)
+
+
+def test_numpy_float64_without_x64_warns_nothing():
+    """Without x64 a numpy float64 matrix is computed in float32; the scores asked for float64 and jax
+    warned "float64 ... truncated to float32" on every call."""
+    F = np.random.default_rng(2).random((10, 3))
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fn in (nj.leverage_scores, nj.norm_scores):
+            assert fn(F).dtype == jnp.float32
+        assert nj.leverage_scores(F, ridge=1e-3).dtype == jnp.float32
+
+
+def test_l2_ball_of_large_and_small_parameters():
+    """``‖θ‖²`` overflowed for float32 parameters of 3e38 (projected to 0) and underflowed for 1e-30;
+    in range the projection is optax's bit for bit, mixed dtypes included."""
+    big = nj.l2_ball(1.0)({"w": jnp.array([3e38, 3e38], jnp.float32)})["w"]
+    np.testing.assert_allclose(big, [2**-0.5, 2**-0.5], rtol=1e-6)
+    tiny = jnp.array([1e-30, 0.0], jnp.float32)
+    np.testing.assert_array_equal(nj.l2_ball(2.0)([tiny])[0], tiny)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        tree = {
+            "a": jnp.asarray(rng.normal(size=5) * 10 ** rng.uniform(-3, 3)),
+            "b": jnp.asarray((rng.normal(size=3) * 10 ** rng.uniform(-3, 3)).astype(np.float32)),
+        }
+        radius = 10 ** rng.uniform(-2, 2)
+        ours = nj.l2_ball(radius)(tree)
+        theirs = optax.projections.projection_l2_ball(tree, radius)
+        for a, b, leaf in zip(
+            jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(tree), strict=True
+        ):
+            np.testing.assert_array_equal(a, b.astype(leaf.dtype))
