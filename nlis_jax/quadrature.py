@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,7 +26,7 @@ def gauss_legendre(num_nodes: int, dtype=jnp.float64) -> tuple[jnp.ndarray, jnp.
 
     Args:
       num_nodes: ``q``, the number of nodes (a static Python int).
-      dtype: floating dtype of the returned arrays.
+      dtype: floating dtype of the returned arrays (float64 is float32 without ``jax_enable_x64``).
 
     Returns:
       ``(nodes, weights)``, each of shape ``(q,)``; the weights sum to one.
@@ -34,4 +35,5 @@ def gauss_legendre(num_nodes: int, dtype=jnp.float64) -> tuple[jnp.ndarray, jnp.
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"gauss_legendre: dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
     t, w = _nodes_and_weights_f64(int(num_nodes))
+    dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 without x64 is float32, without a warning
     return jnp.asarray(t, dtype=dtype), jnp.asarray(w, dtype=dtype)

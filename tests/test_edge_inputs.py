@@ -125,3 +125,11 @@ def test_l2_ball_of_large_and_small_parameters():
             jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(tree), strict=True
         ):
             np.testing.assert_array_equal(a, b.astype(leaf.dtype))
+
+
+def test_gauss_legendre_default_dtype_without_x64_warns_nothing():
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t, w = nj.quadrature.gauss_legendre(4)
+    assert t.dtype == w.dtype == jnp.float32
+    np.testing.assert_allclose(float(jnp.sum(w)), 1.0, rtol=1e-6)  # nodes on [0, 1]: weights sum to 1
