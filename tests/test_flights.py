@@ -148,15 +148,20 @@ def test_mlp_study_protocols_tiny():
         batch_size=256,
         sample_steps=10,
         refits=1,
-        protocols=("common", "pilot", "star"),
+        protocols=("common", "pilot", "star", "gauss_newton"),
         methods=("uniform", "pilot_leverage", "nonlinear_leverage", "residual_leverage"),
         pilot_size=100,
         refine_size=100,
+        lm_steps=12,
     )
     out = run_flights_study(cfg, jax.random.key(1))
     assert out["p"] == 23 * 4 + 4 + 4 + 1
-    assert set(out["grids"]) == {"common", "pilot", "star"} and len(out["noise_floor"]["ratio"]) == 1
-    assert set(out["same_steps_full_data"]) == {"common", "pilot", "star"}
+    assert set(out["grids"]) == {"common", "pilot", "star", "gauss_newton"}
+    assert len(out["noise_floor"]["ratio"]) == 1
+    assert set(out["same_steps_full_data"]) == {"common", "pilot", "star", "gauss_newton"}
+    assert out["same_steps_full_data"]["gauss_newton"] is None  # O(n·p²) a step: not run
+    for recs in out["grids"]["gauss_newton"].values():
+        assert recs[0]["max_rel_change"] is not None and np.isfinite(recs[0]["max_rel_change"])
     for grid in out["grids"].values():
         for recs in grid.values():
             assert np.all(np.isfinite(recs[0]["values"])) and recs[0]["size"] == 200
@@ -199,3 +204,29 @@ def test_config_validation():
         FlightsStudyConfig(protocols=("cold",))
     with pytest.raises(ValueError, match="sizes"):
         FlightsStudyConfig(sizes=(0.01, 1.5))
+
+
+def test_gauss_newton_kernel_solves_weighted_least_squares_and_never_goes_up():
+    """The MLP protocol's Levenberg-Marquardt kernel: on a linear model (as a pytree) it reaches the
+    weighted least-squares solution (closed form, float64), padding rows of zero weight included
+    (s = 2,500 is not a multiple of the 2,048-row chunk); on a tanh MLP the loss never increases."""
+    import jax.numpy as jnp
+
+    from nlis_jax.experiments import flights as fl
+
+    rng = np.random.default_rng(0)
+    R, s, d = 2, 2500, 5
+    X = rng.standard_normal((R, s, d))
+    Y = X @ rng.standard_normal(d) + 0.1 * rng.standard_normal((R, s))
+    W = rng.uniform(0.5, 2.0, (R, s))
+    linear = lambda params, x: jnp.dot(params["w"], x) + params["b"][0]
+    kernel = fl._gn_kernel(linear, 30)
+    params, losses = kernel({"w": jnp.zeros(d), "b": jnp.zeros(1)}, X, Y, W)
+    for r in range(R):
+        A = np.hstack([X[r], np.ones((s, 1))]) * np.sqrt(W[r])[:, None]
+        ref = np.linalg.lstsq(A, Y[r] * np.sqrt(W[r]), rcond=None)[0]
+        np.testing.assert_allclose(params["w"][r], ref[:d], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(params["b"][r, 0], ref[d], rtol=1e-9, atol=1e-12)
+    mlp = fl._mlp_init(jax.random.key(2), (d, 6, 1), jnp.float64)
+    _, losses = fl._gn_kernel(fl._mlp_apply, 25)(mlp, X[:, :300], Y[:, :300], W[:, :300])
+    assert np.all(np.diff(np.asarray(losses), axis=1) <= 0) and np.all(losses[:, -1] < 0.5 * losses[:, 0])

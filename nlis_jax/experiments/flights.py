@@ -13,7 +13,10 @@ Two models of the arrival delay (:func:`nlis_jax.experiments.datasets.load_fligh
   ``L(θ_refit)/L(θ*)`` is the NOISE FLOOR), and sample fits start, by ``protocol``, from
   ``"common"``: the same initialisation θ₀ as θ* (cold start; sampling + optimisation error),
   ``"pilot"``: the pilot solution θ̂ (warm start; practical), or ``"star"``: θ* itself (oracle warm
-  start; isolates the sampling error).
+  start; isolates the sampling error). The Adam fine-tunes from θ* stop early, which regularises; the
+  fourth protocol, ``"gauss_newton"``, goes towards the sample's own optimum instead: ``lm_steps``
+  Levenberg-Marquardt (damped Gauss-Newton) steps on the weighted sample from θ* over the flattened
+  parameters (``O(s·p²)`` a step; no same-recipe full-data run, whose steps cost ``O(n·p²)``).
 
 Schemes: ``uniform``, ``linear_leverage`` (leverage of ``[X, 1?, −y]``), ``pilot_leverage`` (dual
 leverage at θ̂, fitted on a uniform pilot of ``pilot_size`` rows), ``refined_leverage`` (ONE refinement:
@@ -80,7 +83,7 @@ FLIGHTS_METHODS = (
 )
 #: The default schemes (``residual_leverage`` is opt-in: one more scoring pass).
 DEFAULT_METHODS = FLIGHTS_METHODS[:5]
-_PROTOCOLS = ("common", "pilot", "star")
+_PROTOCOLS = ("common", "pilot", "star", "gauss_newton")
 _MODELS = ("single_index", "mlp")
 
 
@@ -93,7 +96,8 @@ class FlightsStudyConfig:
         sizes: sample sizes, fractions of the training rows (``< 1``) or row counts.
         repeats: independent samples per scheme and size (fitted together under ``vmap``).
         methods: a subset of :data:`FLIGHTS_METHODS`.
-        protocols: MLP sample-fit starts among ``"common"``, ``"pilot"``, ``"star"`` (ignored by the
+        protocols: MLP sample-fit protocols among ``"common"``, ``"pilot"``, ``"star"``,
+            ``"gauss_newton"`` (ignored by the
             single-index model, whose fits converge to the sample optimum from any start).
         mix: ``α`` of :func:`nlis_jax.mix_with_uniform` for the non-uniform schemes.
         pilot_size, refine_size: the uniform pilot sample and the refinement sample (fraction or rows).
@@ -105,7 +109,8 @@ class FlightsStudyConfig:
             refinement, ``"common"`` and ``"pilot"`` starts) or ``sample_lr`` (``"star"``: a fine-tune
             from θ*).
         refits: full-data refits from other initialisations (noise floor of the MLP).
-        lm_steps: Levenberg-Marquardt steps of every single-index fit.
+        lm_steps: Levenberg-Marquardt steps of every single-index fit and of the MLP's
+            ``"gauss_newton"`` sample fits.
         ridge: relative ridge of the MLP's dual leverage.
         num_nodes: Gauss-Legendre nodes of the MLP adjoint.
         test_fraction, data_seed: the held-out split; ``limit``: keep the first rows only (smoke runs).
@@ -219,6 +224,65 @@ def _lm_kernel(num_steps: int):
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
+@functools.lru_cache(maxsize=8)
+def _gn_kernel(apply_fn, num_steps: int, chunk: int = 2048):
+    """Jitted ``(params0, xs (R, s, d), ys (R, s), w (R, s)) -> (params (R, ...), losses (R, steps + 1))``.
+
+    Levenberg-Marquardt on ``Σ w (f(θ; x) − y)²`` over the flattened parameters of any model: step
+    ``(JᵀWJ + μ·tr(JᵀWJ)/p·I)^{-1} JᵀW r`` by Cholesky (a failed factorisation gives a NaN trial, which is
+    rejected), accepted when it lowers the loss (then ``μ /= 3``), else ``μ *= 4``. ``JᵀWJ`` and ``JᵀWr``
+    are summed over row chunks of ``chunk`` examples (``lax.scan``), so memory is ``O(chunk·p + p²)``.
+    """
+
+    def one(params0, xb, yb, wb):
+        theta0, unravel = jax.flatten_util.ravel_pytree(params0)
+        s, p = xb.shape[0], theta0.shape[0]
+        c = min(s, chunk)
+        m = -(-s // c)
+        pad = m * c - s  # zero-weight rows
+        X = jnp.concatenate([xb, jnp.zeros((pad,) + xb.shape[1:], xb.dtype)]).reshape((m, c) + xb.shape[1:])
+        Y = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)]).reshape(m, c)
+        W = jnp.concatenate([wb, jnp.zeros((pad,), wb.dtype)]).reshape(m, c)
+
+        def f(theta, x):
+            return apply_fn(unravel(theta), x)
+
+        def normal_equations(theta):
+            def add(carry, b):
+                H, g, L = carry
+                xc, yc, wc = b
+                J = jax.vmap(jax.grad(f), in_axes=(None, 0))(theta, xc)
+                r = jax.vmap(f, in_axes=(None, 0))(theta, xc) - yc
+                return (H + J.T @ (wc[:, None] * J), g + J.T @ (wc * r), L + jnp.sum(wc * r * r)), None
+
+            zero = (jnp.zeros((p, p), theta.dtype), jnp.zeros((p,), theta.dtype), jnp.zeros((), theta.dtype))
+            return lax.scan(add, zero, (X, Y, W))[0]
+
+        def loss(theta):
+            def add(total, b):
+                r = jax.vmap(f, in_axes=(None, 0))(theta, b[0]) - b[1]
+                return total + jnp.sum(b[2] * r * r), None
+
+            return lax.scan(add, jnp.zeros((), theta.dtype), (X, Y, W))[0]
+
+        def body(carry, _):
+            theta, mu, (H, g, value) = carry
+            damp = mu * jnp.trace(H) / p + jnp.finfo(theta.dtype).tiny
+            factor = jax.scipy.linalg.cho_factor(H + damp * jnp.eye(p, dtype=H.dtype))
+            trial = theta - jax.scipy.linalg.cho_solve(factor, g)
+            new = loss(trial)
+            ok = jnp.isfinite(new) & (new < value)
+            theta = jnp.where(ok, trial, theta)
+            state = lax.cond(ok, normal_equations, lambda t: (H, g, value), theta)
+            return (theta, jnp.where(ok, mu / 3, mu * 4), state), value
+
+        start = (theta0, jnp.asarray(1e-3, theta0.dtype), normal_equations(theta0))
+        (theta, _, (_, _, final)), trace = lax.scan(body, start, None, length=num_steps)
+        return unravel(theta), jnp.concatenate([trace, final[None]])
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+
+
 @functools.lru_cache(maxsize=16)
 def _adam_kernel(apply_fn, optimizer, num_steps: int, batch: int, shared_init: bool):
     """Jitted ``(params0, xs (R, s, d), ys (R, s), w (R, s), keys (R,)) -> params (R, ...)``.
@@ -314,15 +378,20 @@ class _Setup:
         return _mlp_init(key, sizes, self.xs.dtype)
 
 
-def _fit(setup: _Setup, params0, idx, w, key, *, shared: bool = True, learning_rate: float):
+def _fit(
+    setup: _Setup, params0, idx, w, key, *, shared: bool = True, learning_rate: float, newton: bool = False
+):
     """Fit ``R`` weighted samples (rows ``idx (R, s)``, weights ``w (R, s)``) from ``params0``.
 
-    Returns ``(params (R, ...), seconds, max_rel_change)`` (the last is ``None`` for the MLP). The
-    single-index model ignores ``shared`` and ``learning_rate`` (``params0`` is one start for all).
+    Returns ``(params (R, ...), seconds, max_rel_change)`` (the last is ``None`` for Adam fits). The
+    single-index model, and the MLP with ``newton`` (protocol ``"gauss_newton"``), fit by
+    Levenberg-Marquardt and ignore ``shared`` and ``learning_rate`` (``params0`` is one start for all).
     """
     xb, yb = setup.xs[idx], setup.ys[idx]
-    if not setup.mlp:
-        (params, losses), seconds = _run_aot(_lm_kernel(setup.config.lm_steps), params0, xb, yb, w)
+    if not setup.mlp or newton:
+        steps = setup.config.lm_steps
+        kernel = _gn_kernel(_mlp_apply, steps) if newton else _lm_kernel(steps)
+        (params, losses), seconds = _run_aot(kernel, params0, xb, yb, w)
         tail = losses[:, -(losses.shape[1] // 10) - 1]
         return params, seconds, float(jnp.max(jnp.abs(tail - losses[:, -1]) / losses[:, -1]))
     cfg = setup.config
@@ -524,7 +593,7 @@ def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, d
     probs["nonlinear_leverage"], costs["oracle_score_s"] = _dual_leverage(setup, full["params"])
     if "residual_leverage" in cfg.methods:
         probs["residual_leverage"], costs["residual_score_s"] = _residual_leverage(setup, pilot)
-    starts = {"common": setup.theta0, "pilot": pilot, "star": full["params"]}
+    starts = {"common": setup.theta0, "pilot": pilot, "star": full["params"], "gauss_newton": full["params"]}
     costs["pilot_ratio"] = float(_losses(setup, _batch1(pilot))[0]) / full["trace"][-1][1]
     return probs, costs, starts
 
@@ -552,7 +621,8 @@ def _grid(setup: _Setup, probs: dict, start, protocol: str, key, loss, test_loss
         for j, method in enumerate(cfg.methods):
             k = jax.random.fold_in(jax.random.fold_in(key, j), size)
             idx, w = _draw(k, probs[method], size, cfg.repeats)
-            params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr)
+            newton = protocol == "gauss_newton"
+            params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr, newton=newton)
             ratio = _losses(setup, params) / loss
             test = _losses(setup, params, test=True) / test_loss
             out[method].append(
@@ -573,7 +643,7 @@ def _grid(setup: _Setup, probs: dict, start, protocol: str, key, loss, test_loss
 def _same_steps(setup: _Setup, start, protocol: str, key, loss, test_loss) -> dict | None:
     """The baseline a sample fit must beat: the SAME training recipe (steps, batch, rate, start) on the
     full data, i.e. minibatch Adam whose batches are fresh uniform draws from all ``n`` rows (MLP only)."""
-    if not setup.mlp:
+    if not setup.mlp or protocol == "gauss_newton":
         return None
     cfg = setup.config
     lr = cfg.sample_lr if protocol == "star" else cfg.learning_rate
@@ -803,9 +873,11 @@ _CLI_FIELDS = {
     "sizes": "sizes", "repeats": "repeats", "methods": "methods", "mix": "mix", "pilot_size": "pilot_size",
     "steps": "sample_steps", "lr": "learning_rate", "num_nodes": "num_nodes", "data_seed": "data_seed",
     "model": "model", "protocols": "protocols", "epochs": "epochs", "batch_size": "batch_size",
-    "refits": "refits", "refine_size": "refine_size", "sample_lr": "sample_lr",
+    "refits": "refits", "refine_size": "refine_size", "sample_lr": "sample_lr", "lm_steps": "lm_steps",
 }  # fmt: skip
-FLIGHTS_ONLY_OPTIONS = ("model", "protocols", "epochs", "batch_size", "refits", "refine_size", "sample_lr")
+FLIGHTS_ONLY_OPTIONS = (
+    "model", "protocols", "epochs", "batch_size", "refits", "refine_size", "sample_lr", "lm_steps",
+)  # fmt: skip
 
 
 def add_flights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -815,7 +887,13 @@ def add_flights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--protocols",
         type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
-        help="mlp: sample fits start from common (θ₀), pilot (θ̂) and/or star (θ*) (default pilot,star)",
+        help="mlp: sample fits start from common (θ₀), pilot (θ̂) and/or star (θ*) by Adam, or run "
+        "gauss_newton (Levenberg-Marquardt from θ*) (default pilot,star)",
+    )
+    g.add_argument(
+        "--lm-steps",
+        type=positive_int_arg,
+        help="Levenberg-Marquardt steps of the single-index fits and of the mlp's gauss_newton protocol",
     )
     g.add_argument("--epochs", type=positive_int_arg, help="mlp: epochs of full-data minibatch Adam")
     g.add_argument("--batch-size", type=positive_int_arg, help="mlp: minibatch rows (default 1024)")
