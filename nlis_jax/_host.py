@@ -544,8 +544,7 @@ def first_pass(step, source, chunk, init, *, equal_blocks: bool = True):
     ``equal_blocks`` (the result a global array) the per-process counts checked (:func:`check_blocks`)."""
     counted = fold(lambda c, piece, valid: (step(c[0], piece, valid), c[1] + valid), (init, 0), source, chunk)
     carry, n_local = counted
-    local = jnp.asarray([[n_local, *map(int, carry[1])]])
-    per_process = np.asarray(across_processes(local, lambda a: a.reshape(-1, local.shape[1])))
+    per_process = process_table([n_local, *map(int, carry[1])])
     stats = per_process.sum(0)
     if int(stats[0]) == 0:
         raise ValueError("the chunk source yielded no examples.")
@@ -553,6 +552,12 @@ def first_pass(step, source, chunk, init, *, equal_blocks: bool = True):
         check_blocks(per_process[:, 0])
     raise_if_bad(stats)
     return carry, int(stats[0]), n_local
+
+
+def process_table(row) -> np.ndarray:
+    """``(processes, len(row))``: this process's integer ``row`` beside every other's, in process order."""
+    local = jnp.asarray([row])
+    return np.asarray(across_processes(local, lambda a: a.reshape(-1, local.shape[1])))
 
 
 def check_blocks(counts) -> None:
@@ -674,8 +679,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
 
     sq = per_example_values(one, source, chunk, xs, out, dtype)
     total, bad = state["carry"]
-    local = jnp.asarray([[state["n"], *map(int, bad)]])
-    per_process = np.asarray(across_processes(local, lambda a: a.reshape(-1, local.shape[1])))
+    per_process = process_table([state["n"], *map(int, bad)])
     stats = per_process.sum(0)
     raise_if_bad(stats)
     if out is None:
@@ -842,7 +846,7 @@ def host_losses(
         return total
     if out is not None:
         return values
-    counts = np.asarray(across_processes(jnp.asarray([values.shape[0]]), lambda a: a.reshape(-1)))
+    counts = process_table([values.shape[0]])[:, 0]
     check_blocks(counts)
     return global_vector(values, int(counts.sum()))
 
