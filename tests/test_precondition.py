@@ -54,15 +54,22 @@ def test_shifted_route_matches_stable_accuracy(kappa):
 
 
 def test_ill_conditioned_mlp_dual_float32_dense_and_streaming():
-    """A float32 MLP dual matrix with κ(F) > 1e5: the shifted route, dense and streamed, both accurate."""
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), mlp_params(0, (3, 6, 6, 1)))
+    """A float32 MLP dual matrix with κ(F) > 1e6: the shifted route, dense and streamed, both accurate.
+
+    The routes equilibrate columns, so what bounds their accuracy is ``κ(F D⁻¹)`` (``D`` the column norms),
+    7.3e4 here. The targets (TV ≤ 1e-4, β ≥ 0.999) are within float32's reach up to ``κ(F D⁻¹) ≈ 1e5``:
+    at 3e5 every float32 method misses β (synthetic 2000 × 40, three seeds: shifted and Householder both
+    0.9983–0.9987). The network of seed 0, used before, has κ(F) = 1.9e6 but ``κ(F D⁻¹)`` = 2.2e5, where
+    β rests on BLAS rounding: 0.99889 dense on an AMD EPYC host (0.99920–0.99925 on others), Householder
+    0.99941, and even the exact float64 transform applied in float32 only 0.99942 (2026-12-02)."""
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), mlp_params(2, (3, 6, 6, 1)))
     xs = jnp.asarray(normal(1, 300, 3), jnp.float32)
     ys = jnp.asarray(normal(2, 300), jnp.float32)
     apply_fn = mlp(jnp.tanh)
     # the fixed 16-node rule, dense and streamed: a streaming program holding the adaptive rule compiles
     # for 10-15 s, and the routes see the same matrix either way
     F = np.asarray(nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=16))
-    assert F.dtype == np.float32 and np.linalg.cond(F.astype(np.float64)) > 1e5
+    assert F.dtype == np.float32 and np.linalg.cond(F.astype(np.float64)) > 1e6
     ref = float32_leverage_ref(F)
     info, route = float32_leverage(F)
     assert route == "shifted" and int(info.rank) == F.shape[1]
