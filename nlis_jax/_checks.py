@@ -205,6 +205,13 @@ def check_key(name: str, key) -> None:
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return
     if dtype == jnp.uint32 and jnp.ndim(key) >= 1:
+        # the trailing axis is the key data: 2 words for threefry (the default), 4 for rbg
+        words = 2 if jax.config.jax_default_prng_impl == "threefry2x32" else 4
+        if jnp.shape(key)[-1] != words:
+            raise TypeError(
+                f"{name} must be a PRNG key, e.g. jax.random.key(0): a raw uint32 key has {words} words "
+                f"on its last axis, got shape {jnp.shape(key)}."
+            )
         return
     raise TypeError(f"{name} must be a PRNG key, e.g. jax.random.key(0), got {key!r}.")
 

@@ -54,12 +54,13 @@ from nlis_jax._scores import check_rank
 Source = Callable[[], Iterator]
 
 
-def is_host_data(xs, params=None) -> bool:
-    """True for a callable chunk source, or a pytree of numpy arrays (memmaps included), with concrete params.
+def is_host_data(xs, traced=None) -> bool:
+    """True for a callable chunk source, or a pytree of numpy arrays (memmaps included), when nothing in
+    ``traced`` (the call's other array arguments: params, labels, weights) is a tracer.
 
     ``TypeError`` for an iterator (a generator object): a chunk source is read once per pass. Under a
-    trace of ``params`` (a user's ``jit``/``grad``) numpy inputs take the device path instead: the host
-    loop fetches values between chunks.
+    trace of any of them (a user's ``jit``/``grad``/``vmap``) numpy inputs take the device path instead:
+    the host loop fetches values between chunks.
     """
     if isinstance(xs, Iterator):
         raise TypeError(
@@ -67,7 +68,7 @@ def is_host_data(xs, params=None) -> bool:
             "that returns a fresh iterator of (x_chunk, y_chunk) pairs instead (each pass calls it again), "
             "e.g. the generator function itself rather than its call, or lambda: iter(chunks)."
         )
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params)):
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(traced)):
         return False
     if callable(xs):
         return True

@@ -133,7 +133,7 @@ def streaming_leverage_scores(
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
     check_bool("return_info", return_info)
-    if is_host_data(xs, params):  # before check_model, which would read a memmap whole
+    if is_host_data(xs, (params, ys)):  # before check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)
     if out is not None:
@@ -202,7 +202,7 @@ def streaming_norm_scores(
     """
     check_path_args(num_nodes, mode, None)
     check_positive_int("chunk_size", chunk_size)
-    if is_host_data(xs, params):
+    if is_host_data(xs, (params, ys)):
         kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, out=out)
         probs = host_norm_scores(apply_fn, params, xs, ys, **kwargs)
         return probs if out is not None else probs.astype(jnp.result_type(*jax.tree.leaves(params)))

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from nlis_jax._checks import (
+    check_bool,
     check_choice,
     check_finite,
     check_floating,
@@ -228,6 +229,8 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
         if jnp.shape(weights) != (n,):
             shape = jnp.shape(weights)
             raise ValueError(f"weights must have shape ({n},) (one per example), got {shape}.")
+        if jnp.issubdtype(jnp.result_type(weights), jnp.complexfloating):
+            raise TypeError(f"weights must be real numbers, got dtype {jnp.result_type(weights)}.")
         check_finite("weights", weights)
         check_nonnegative("weights", weights)
     return n
@@ -337,7 +340,7 @@ def weighted_loss(
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
-    if is_host_data(xs, params):  # numpy, memmap, chunk source: to the device one chunk at a time
+    if is_host_data(xs, (params, ys, weights)):  # numpy, memmap, chunk source: one chunk at a time
         return _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, per_example=False)
     _check_data(params, xs, ys, weights)
     _check_labels(apply_fn, params, xs, ys, loss)
@@ -373,7 +376,7 @@ def per_example_loss(
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
-    if is_host_data(xs, params):
+    if is_host_data(xs, (params, ys)):
         return _host_loss(apply_fn, loss, params, xs, ys, None, chunk_size, per_example=True)
     _check_data(params, xs, ys, None)
     _check_labels(apply_fn, params, xs, ys, loss)
@@ -683,6 +686,8 @@ def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -
     segment_len = math.ceil(num_steps / check_positive_int("num_segments", num_segments))
     if progress is None:  # a bar only when a person watches and the run is long
         progress = sys.stderr.isatty() and num_steps >= PROGRESS_MIN_STEPS
+    else:
+        progress = check_bool("progress", progress)
     return _Plan(
         loss_fn, n, batch_size, num_steps, segment_len, math.ceil(num_steps / segment_len), bool(progress)
     )
@@ -701,9 +706,12 @@ def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
     if weights is None:
         return jax.device_put(np.ones((n,), dtype)), float(n)
     w = jnp.asarray(weights)
-    total = float(jnp.sum(w))
+    # summed in at least float32: float16 weights of a large sample (1/(s p_i) each) overflow their own sum
+    total = float(jnp.sum(w.astype(jnp.promote_types(w.dtype, jnp.float32))))
     if not total > 0:
         raise ValueError("weights must not all be zero.")
+    if not math.isfinite(total):
+        raise ValueError(f"weights sum to {total} (overflow): scale them down (fit normalises by their sum).")
     return w, total
 
 

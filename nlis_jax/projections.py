@@ -113,7 +113,10 @@ class L2Ball(Projection):
         top = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
         e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1]
         scaled = jax.tree.map(lambda a: jnp.ldexp(jnp.asarray(a), -e), tree)
-        squared = optax.tree.norm(scaled, squared=True)  # ‖θ‖² / 4^e
+        # ‖θ‖² / 4^e, half-precision leaves in float32 (their squares summed over more than 65,504
+        # entries overflow float16); wider leaves as optax sums them
+        widened = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), scaled)
+        squared = optax.tree.norm(widened, squared=True)
         radius = jnp.asarray(self.radius, dtype)
         outside = squared > jnp.square(jnp.ldexp(radius, -e))  # ‖θ‖ > r
         factor = radius / jnp.sqrt(squared)  # r / ‖θ‖ · 2^e, applied to θ / 2^e
@@ -159,6 +162,11 @@ def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
         return jax.tree.map(lambda b, x: jnp.asarray(b, dtype=jnp.result_type(x)), bound, tree)
     leaves = jax.tree.leaves(bound)
     if len(leaves) == 1 and jax.tree.structure(bound).num_nodes == 1:
+        if np.ndim(bound) != 0:  # an array is neither a scalar nor the parameters' structure
+            raise ValueError(
+                f"box: {name} must be a scalar or a pytree with the structure of the parameters "
+                f"({tree_def}), got an array of shape {np.shape(bound)}."
+            )
         return jax.tree.map(lambda x: jnp.asarray(bound, dtype=jnp.result_type(x)), tree)
     raise ValueError(
         f"box: {name} must be a scalar or a pytree with the structure of the parameters "
@@ -266,6 +274,8 @@ def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTran
     Returns:
         A stateless ``GradientTransformation`` whose ``update`` requires ``params``.
     """
+    if projection is not None and not callable(projection):
+        raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
     proj = identity if projection is None else projection
 
     def init_fn(params):

@@ -133,3 +133,86 @@ def test_gauss_legendre_default_dtype_without_x64_warns_nothing():
         t, w = nj.quadrature.gauss_legendre(4)
     assert t.dtype == w.dtype == jnp.float32
     np.testing.assert_allclose(float(jnp.sum(w)), 1.0, rtol=1e-6)  # nodes on [0, 1]: weights sum to 1
+
+
+# Found in the thirteenth session's review of the trainer and the projections.
+
+
+def _linear(p, x):
+    return jnp.dot(p["w"], x) + p["b"]
+
+
+def _linear_data(dtype=np.float32):
+    X = np.random.default_rng(0).normal(size=(200, 3)).astype(dtype)
+    return X, (X @ np.array([1.0, 2.0, 3.0]) + 0.5).astype(dtype)
+
+
+def test_fit_with_half_precision_weights_summing_past_float16():
+    """float16 weights summing to 80,000 overflowed their own sum: normaliser Inf, every gradient 0, the
+    parameters never moved (silently). Now the same fit as with float32 weights."""
+    X, y = _linear_data()
+    p = {"w": jnp.zeros(3, jnp.float32), "b": jnp.zeros((), jnp.float32)}
+    fits = [
+        nj.fit(_linear, p, X, y, np.full(200, 400.0, dtype), optimizer=optax.sgd(0.1), num_steps=50)
+        for dtype in (np.float16, np.float32)
+    ]
+    assert float(fits[0].normalizer) == 80_000.0
+    np.testing.assert_allclose(fits[0].params["w"], fits[1].params["w"], rtol=1e-6)
+    np.testing.assert_allclose(fits[1].params["w"], [1.0, 2.0, 3.0], atol=1e-3)
+    with pytest.raises(ValueError, match="overflow"):
+        nj.fit(_linear, p, X, y, np.full(200, 3e38, np.float32), optimizer=optax.sgd(0.1), num_steps=1)
+
+
+def test_l2_ball_of_many_half_precision_parameters():
+    """float16 leaves: ``‖θ/2^e‖²`` of 300,000 entries overflowed float16, so every parameter became 0."""
+    theta = {"w": jnp.full((300_000,), 0.5, jnp.float16)}  # norm 273.9
+    inside = nj.l2_ball(1000.0)(theta)["w"]
+    assert inside.dtype == jnp.float16 and np.all(np.asarray(inside) == 0.5)
+    projected = nj.l2_ball(100.0)(theta)["w"]
+    assert projected.dtype == jnp.float16
+    assert abs(float(jnp.linalg.norm(projected.astype(jnp.float32))) - 100.0) <= 0.1
+
+
+def test_losses_of_numpy_data_under_a_trace_of_labels_or_weights():
+    """numpy ``xs`` with traced ``weights``/``ys`` (concrete params) went to the host path, which refused
+    the tracers (``TypeError: weights must be a numpy array``). Now the device path's values."""
+    X, y = _linear_data()
+    p = {"w": jnp.ones(3, jnp.float32), "b": jnp.zeros((), jnp.float32)}
+    w = np.linspace(0.5, 1.5, 200).astype(np.float32)
+    ref = float(nj.weighted_loss(_linear, p, jnp.asarray(X), jnp.asarray(y), jnp.asarray(w)))
+    jitted = jax.jit(lambda ww: nj.weighted_loss(_linear, p, X, y, ww))
+    assert float(jitted(w)) == pytest.approx(ref, rel=1e-6)
+    batched = jax.vmap(lambda ww: nj.weighted_loss(_linear, p, X, y, ww))(np.stack([w, 2 * w]))
+    np.testing.assert_allclose(batched, [ref, 2 * ref], rtol=1e-6)
+    grad = jax.grad(lambda yy: nj.weighted_loss(_linear, p, X, yy, w))(y)
+    np.testing.assert_allclose(grad, 2 * w * (y - X @ np.ones(3)), rtol=1e-4, atol=1e-4)
+    per = jax.jit(lambda yy: nj.per_example_loss(_linear, p, X, yy))(y)
+    device = nj.per_example_loss(_linear, p, jnp.asarray(X), jnp.asarray(y))
+    np.testing.assert_allclose(per, device, rtol=1e-6)
+
+
+def test_box_with_an_array_bound_for_several_leaves():
+    """A bare array bound for a dict of parameters was broadcast into every leaf: the scalar ``b`` came out
+    with shape (3,), and ``fit`` then blamed ``apply_fn``."""
+    with pytest.raises(ValueError, match=r"array of shape \(3,\)"):
+        nj.box(np.zeros(3), np.ones(3))({"w": jnp.full(3, 2.0), "b": jnp.array(-1.0)})
+    same_structure = nj.box({"w": np.zeros(3), "b": 0.0}, 1.0)({"w": jnp.full(3, 2.0), "b": jnp.array(-1.0)})
+    np.testing.assert_array_equal(same_structure["w"], np.ones(3))
+    assert float(same_structure["b"]) == 0.0
+
+
+def test_trainer_arguments_of_the_wrong_kind():
+    """``progress="no"`` showed a bar (truthy); complex weights failed in ``float()``; a uint32 array of the
+    wrong length passed as a key failed inside jax; ``project_params("ball")`` failed only at update."""
+    X, y = _linear_data()
+    p = {"w": jnp.zeros(3, jnp.float32), "b": jnp.zeros((), jnp.float32)}
+    kw = dict(optimizer=optax.sgd(0.1), num_steps=2)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        nj.fit(_linear, p, X, y, progress="no", **kw)
+    with pytest.raises(TypeError, match="weights must be real"):
+        nj.fit(_linear, p, X, y, np.ones(200, np.complex64), **kw)
+    with pytest.raises(TypeError, match="2 words"):
+        nj.fit(_linear, p, X, y, batch_size=10, key=np.zeros(3, np.uint32), **kw)
+    nj.fit(_linear, p, X, y, batch_size=10, key=jax.random.PRNGKey(0), **kw)  # a raw key still works
+    with pytest.raises(TypeError, match="projection must be a callable"):
+        nj.projections.project_params("ball")
