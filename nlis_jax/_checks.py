@@ -202,15 +202,18 @@ def check_key(name: str, key) -> None:
     """``TypeError`` unless ``key`` is a PRNG key: a typed key (``jax.random.key``) or a raw ``uint32``
     key array (``jax.random.PRNGKey``); a plain int is not one (the message says how to make one)."""
     dtype = getattr(key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if typed and jnp.ndim(key) == 0:
         return
+    if typed:  # a batch of keys, e.g. jax.random.split(key, 2): the functions draw with one key
+        raise TypeError(f"{name} must be a single PRNG key, got a batch of keys of shape {jnp.shape(key)}.")
     if dtype == jnp.uint32 and jnp.ndim(key) >= 1:
-        # the trailing axis is the key data: 2 words for threefry (the default), 4 for rbg
+        # a raw key's data: 2 words for threefry (the default), 4 for rbg
         words = 2 if jax.config.jax_default_prng_impl == "threefry2x32" else 4
-        if jnp.shape(key)[-1] != words:
+        if jnp.shape(key) != (words,):
             raise TypeError(
-                f"{name} must be a PRNG key, e.g. jax.random.key(0): a raw uint32 key has {words} words "
-                f"on its last axis, got shape {jnp.shape(key)}."
+                f"{name} must be a single PRNG key, e.g. jax.random.key(0): a raw uint32 key has shape "
+                f"({words},), got {jnp.shape(key)}."
             )
         return
     raise TypeError(f"{name} must be a PRNG key, e.g. jax.random.key(0), got {key!r}.")

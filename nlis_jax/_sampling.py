@@ -143,13 +143,14 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
         raise ValueError(f"beta must lie in (0, 1], got {beta}.")
     m = max(d / beta - 1.0, 1.0)
     log_s = math.log(2.0 + 2.0 * epsilon / 3.0) - 2.0 * math.log(epsilon) + math.log(m)
-    log_s += math.log(math.log(2.0 * d / delta))
+    log_term = math.log(2.0 * d) - math.log(delta)  # log(2d/δ): 2d/δ itself overflows for tiny δ
+    log_s += math.log(log_term)
     if log_s > math.log(2.0**62):
         raise ValueError(
-            f"epsilon={epsilon:g} asks for about 10^{log_s / math.log(10):.0f} rows (more than 2^62); "
-            "choose a larger epsilon."
+            f"epsilon={epsilon:g}, delta={delta:g} ask for about 10^{log_s / math.log(10):.0f} rows "
+            "(more than 2^62); choose a larger epsilon."
         )
-    return int(math.ceil((2.0 / epsilon**2 + 2.0 / (3.0 * epsilon)) * m * math.log(2.0 * d / delta)))
+    return int(math.ceil((2.0 / epsilon**2 + 2.0 / (3.0 * epsilon)) * m * log_term))
 
 
 def _check_rank(rank) -> int:

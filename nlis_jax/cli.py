@@ -18,12 +18,13 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from nlis_jax.experiments.checks import positive_int_arg, sizes_arg
+from nlis_jax.experiments.checks import positive_int_arg, seed_arg, sizes_arg
 from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, shrink
 
 #: Exit code for a usage error or a missing data set (argparse's convention).
@@ -72,6 +73,13 @@ def _float_or_none(text: str):
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
+def _tails(text: str):
+    value = _float_or_none(text)
+    if value != NONE and not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"degrees of freedom must be a finite positive number, got {text!r}")
+    return value
+
+
 def _methods(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     from nlis_jax.experiments.flights import FLIGHTS_METHODS
@@ -87,11 +95,14 @@ def _classes(text: str):
     if text.lower() in ("all", "none"):
         return NONE
     try:
-        return tuple(int(v) for v in text.split(","))
+        labels = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"classes must be 'all' or a comma list of labels: {text!r}"
         ) from None
+    if len(labels) < 2:
+        raise argparse.ArgumentTypeError(f"name at least two classes (or 'all'), got {text!r}")
+    return labels
 
 
 def _int_or_none(text: str):
@@ -141,7 +152,7 @@ def _add_study_options(run: argparse.ArgumentParser) -> None:
         help="comma list of sample sizes: values < 1 are fractions of n (0.005,0.01), values >= 1 row counts",
     )
     g.add_argument("--repeats", type=positive_int_arg, help="independent samples per scheme and size")
-    g.add_argument("--seed", type=int, default=0, help="PRNG seed: jax.random.key(seed) (default 0)")
+    g.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed: jax.random.key(seed) (default 0)")
     g.add_argument(
         "--out",
         default="nlis_results",
@@ -214,11 +225,13 @@ def _add_synthetic_options(g) -> None:
     g.add_argument("--noise", type=float, help="noise standard deviation of the synthetic data")
     g.add_argument(
         "--tails",
-        type=_float_or_none,
+        type=_tails,
         help="synthetic: multivariate-t rows with this many degrees of freedom",
     )
     g.add_argument("--correlation", type=float, help="synthetic: AR(1) feature correlation ρ in (-1, 1)")
-    g.add_argument("--data-seed", type=int, help="seed of data generation / subsampling / train-test split")
+    g.add_argument(
+        "--data-seed", type=seed_arg, help="seed of data generation / subsampling / train-test split"
+    )
 
 
 def _add_data_options(run: argparse.ArgumentParser) -> None:
@@ -280,7 +293,7 @@ def _add_outliers_parser(sub, outliers_module) -> None:
             "time and memory."
         ),
     )
-    out.add_argument("--seed", type=int, default=None, help="PRNG seed (default 0)")
+    out.add_argument("--seed", type=seed_arg, default=None, help="PRNG seed (default 0)")
     out.add_argument("--out", default="nlis_outliers", help="output folder (default nlis_outliers)")
     _add_overwrite(out)
     if outliers_module is not None and hasattr(outliers_module, "add_arguments"):

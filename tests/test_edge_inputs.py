@@ -211,8 +211,51 @@ def test_trainer_arguments_of_the_wrong_kind():
         nj.fit(_linear, p, X, y, progress="no", **kw)
     with pytest.raises(TypeError, match="weights must be real"):
         nj.fit(_linear, p, X, y, np.ones(200, np.complex64), **kw)
-    with pytest.raises(TypeError, match="2 words"):
+    with pytest.raises(TypeError, match=r"raw uint32 key has shape \(2,\)"):
         nj.fit(_linear, p, X, y, batch_size=10, key=np.zeros(3, np.uint32), **kw)
     nj.fit(_linear, p, X, y, batch_size=10, key=jax.random.PRNGKey(0), **kw)  # a raw key still works
     with pytest.raises(TypeError, match="projection must be a callable"):
         nj.projections.project_params("ball")
+
+
+# Found in the thirteenth session's review of sampling, active learning and the CLI.
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--dataset", "synthetic", "--seed", str(2**64 + 1)],
+        ["run", "--dataset", "synthetic", "--data-seed", "-1"],
+        ["run", "--dataset", "synthetic", "--tails", "inf"],
+        ["run", "--dataset", "digits", "--classes", "3"],
+        ["active", "--seed", str(2**32)],
+        ["score", "--x", "x.npy", "--out", "s.npy", "--seed", str(2**64)],
+        ["score", "--x", "x.npy", "--out", "s.npy", "--chunk-size", "0"],
+    ],
+)
+def test_cli_usage_errors_before_any_work(argv, capsys):
+    """A seed past 2**32 ended in ``OverflowError`` (or without x64 repeated a smaller seed), ``--tails inf``
+    made NaN data, one class a shape error after loading, ``--chunk-size 0`` wiped ``--out``: now argparse
+    errors (exit 2) naming the option."""
+    from nlis_jax import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    option = next(a for a in argv[::-1] if a.startswith("--"))
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_sample_size_of_a_tiny_delta_and_single_keys():
+    """``2d/δ`` overflowed for δ = 1e-320 (the message then blamed ε); a batch of keys reached jax's
+    internals (``uniform accepts a single key``); ``n`` past the data was cut silently in active studies."""
+    from nlis_jax.experiments import active
+
+    s = nj.sample_size(0.5, 1e-320, 5)
+    expected = (2 / 0.25 + 2 / 1.5) * 4 * (np.log(10.0) - np.log(1e-320))
+    assert s == int(np.ceil(expected))
+    with pytest.raises(TypeError, match="batch of keys"):
+        nj.sample(jax.random.split(jax.random.key(0), 2), nj.uniform_scores(5), 2)
+    with pytest.raises(ValueError, match="more than the 10 rows"):
+        active._subsample(10, 11, 5, 0)
+    assert active._subsample(10, None, 20, 0).size == 10  # the default is capped, as documented

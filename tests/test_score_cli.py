@@ -107,3 +107,41 @@ def test_score_float64_file_scores_in_float64(tmp_path):
     F = nj.dual_matrix(nets.single_index(jnp.tanh), jnp.asarray(theta), xs, ys)
     assert s.dtype == np.float64
     np.testing.assert_allclose(s, nj.leverage_scores(F), rtol=1e-9)
+
+
+def test_score_never_overwrites_its_input_and_writes_only_on_success(tmp_path, capsys):
+    """``--out`` naming ``--x`` truncated the data to zeros and crashed (bus error); a failed run left an
+    existing ``--out`` of earlier scores as zeros. Now a usage error first, and the scores are moved into
+    place only when scoring succeeds."""
+    xs, _ = _files(tmp_path)
+    x, out = str(tmp_path / "x.npy"), str(tmp_path / "s.npy")
+    assert cli.main(["score", "--x", x, "--out", x]) == 2
+    assert "is the file of --x" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(x), xs)
+    assert cli.main(["score", "--x", x, "--out", out]) == 0
+    good = np.load(out)
+    bad = xs.copy()
+    bad[3, 1] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    assert cli.main(["score", "--x", str(tmp_path / "bad.npy"), "--out", out]) == 2
+    assert "NaN" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(out), good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "s.npy", "x.npy", "y.npy"]
+
+
+def test_score_half_precision_file_in_float32(tmp_path, capsys):
+    """A float16 file: the CLI made a float16 ``--out`` and then refused it. Now float32 scores, those of
+    the same data in float32."""
+    xs, _ = _files(tmp_path)
+    np.save(tmp_path / "x16.npy", xs.astype(np.float16))
+    np.save(tmp_path / "x32.npy", xs.astype(np.float16).astype(np.float32))
+    for name in ("x16", "x32"):
+        assert (
+            cli.main(
+                ["score", "--x", str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / f"{name}_s.npy")]
+            )
+            == 0
+        )
+    s16, s32 = np.load(tmp_path / "x16_s.npy"), np.load(tmp_path / "x32_s.npy")
+    assert s16.dtype == np.float32
+    np.testing.assert_allclose(s16, s32, rtol=1e-5)

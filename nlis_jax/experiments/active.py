@@ -47,7 +47,7 @@ import optax
 
 import nlis_jax as nj
 from nlis_jax.experiments import datasets
-from nlis_jax.experiments.checks import positive_int
+from nlis_jax.experiments.checks import positive_int, seed_arg
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
 
 DATASETS = ("california", "flights", "fashion-mnist")
@@ -205,6 +205,8 @@ def _regression(config, name, x, y, info) -> ActiveProblem:
 
 
 def _subsample(n_total: int, n: int | None, default: int, seed: int) -> np.ndarray:
+    if n is not None and n > n_total:
+        raise ValueError(f"n = {n} is more than the {n_total} rows of the data set.")
     n = min(default if n is None else n, n_total)
     return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
 
@@ -529,7 +531,7 @@ def add_active_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--alpha", type=float, default=None, help="uniform mixing of leverage (0.1)")
     parser.add_argument("--strategies", type=lambda t: tuple(t.split(",")), default=None)
     parser.add_argument("--n", type=int, default=None, help="pool size (subsample)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed")
     parser.add_argument("--out", default="active_out", help="output folder (results.json and a plot)")
     parser.add_argument("--small", action="store_true", help="smoke-test size (also NLIS_SMALL=1)")
     return parser

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["check_size", "check_sizes", "parse_sizes", "positive_int", "positive_int_arg", "sizes_arg"]
+__all__ = [
+    "check_size",
+    "check_sizes",
+    "parse_sizes",
+    "positive_int",
+    "positive_int_arg",
+    "seed_arg",
+    "sizes_arg",
+]
 
 
 def positive_int(name: str, value, *, optional: bool = False) -> int | None:
@@ -86,5 +94,25 @@ def positive_int_arg(text: str) -> int:
         except ValueError:
             raise ValueError(f"expected a positive integer, got {t!r}") from None
         return positive_int("value", value)
+
+    return _as_arg_error(parse, text)
+
+
+#: Seeds are 32-bit: ``jax.random.key(seed)`` of a larger seed overflows (``OverflowError``), or without
+#: x64 wraps around (``2**32 + 5`` would give the key of ``5``).
+SEED_LIMIT = 2**32
+
+
+def seed_arg(text: str) -> int:
+    """``argparse`` type of a seed: an integer in ``[0, 2**32)``."""
+
+    def parse(t):
+        try:
+            value = int(t)
+        except ValueError:
+            raise ValueError(f"expected an integer seed, got {t!r}") from None
+        if not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"a seed must lie in [0, 2**32), got {value}")
+        return value
 
     return _as_arg_error(parse, text)

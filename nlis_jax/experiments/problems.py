@@ -251,8 +251,8 @@ def synthetic_problem(config: SyntheticConfig) -> Problem:
             lags = np.abs(np.subtract.outer(np.arange(config.d), np.arange(config.d)))
             x = x @ np.linalg.cholesky(config.correlation**lags).T  # rows ~ N(0, Σ), Σ_ij = ρ^|i-j|
         if config.tails is not None:
-            if not config.tails > 0:
-                raise ValueError(f"tails (degrees of freedom) must be positive, got {config.tails}.")
+            if not (math.isfinite(config.tails) and config.tails > 0):
+                raise ValueError(f"tails (degrees of freedom) must be finite and positive: {config.tails}.")
             rng = np.random.default_rng([config.data_seed, 1])
             x = x / np.sqrt(rng.chisquare(config.tails, size=config.n) / config.tails)[:, None]
         y = link(x @ ds.theta_star) + eps
@@ -308,6 +308,15 @@ def _classification_info(config, info, x, x_test, num_classes, components, learn
     )
 
 
+def _num_classes(config) -> int:
+    """10 for ``classes=None``; else the number of labels named, at least two (one is no classification)."""
+    if config.classes is None:
+        return 10
+    if len(config.classes) < 2:
+        raise ValueError(f"classes must name at least two labels (None: all ten), got {config.classes}.")
+    return len(config.classes)
+
+
 def _classification_problem(config, name, x, labels, x_test, labels_test, num_classes, info) -> Problem:
     dtype = np.float32
     components = config.components
@@ -347,6 +356,7 @@ def _classification_problem(config, name, x, labels, x_test, labels_test, num_cl
 
 def fashion_mnist_problem(config: FashionMNISTConfig) -> Problem:
     """Fashion-MNIST: ``n`` seeded training rows, pooled features, all test rows of the classes."""
+    num_classes = _num_classes(config)  # before the images are read
     common = dict(
         path=config.path,
         classes=config.classes,
@@ -363,7 +373,6 @@ def fashion_mnist_problem(config: FashionMNISTConfig) -> Problem:
         raise ValueError(f"n = {n} exceeds the {train.n_samples} training images of these classes.")
     keep = np.sort(rng.permutation(train.n_samples)[:n])
     x, x_test = train.x[keep], test.x  # (n, 28, 28) images, pooled by prepare_features
-    num_classes = 10 if config.classes is None else len(config.classes)
     info = dict(
         dataset="fashion-mnist",
         class_names=list(train.class_names),
@@ -377,12 +386,12 @@ def fashion_mnist_problem(config: FashionMNISTConfig) -> Problem:
 
 def digits_problem(config: DigitsConfig) -> Problem:
     """scikit-learn digits: seeded train/test split, 64 pixels standardised with training statistics."""
+    num_classes = _num_classes(config)
     ds = datasets.load_digits(standardize=False, classes=config.classes)
     rng = np.random.default_rng(config.data_seed)
     perm = rng.permutation(ds.n_samples)
     n_test = int(math.ceil(config.test_fraction * ds.n_samples))
     test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    num_classes = 10 if config.classes is None else len(config.classes)
     info = dict(
         dataset="digits",
         class_names=list(ds.class_names),

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+
+from nlis_jax.experiments.checks import positive_int_arg, seed_arg
 
 EXIT_USAGE = 2
 MODELS = ("single-index", "mlp")
@@ -29,8 +34,10 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=_positive_int, default=32, help="MLP hidden width (default 32)")
     parser.add_argument("--params", default=None, help=".npz of the model's parameters (default: --seed)")
     parser.add_argument("--method", choices=METHODS, default="leverage")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk (default 4096)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--chunk-size", type=positive_int_arg, default=4096, help="rows per chunk (default 4096)"
+    )
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the drawn parameters (default 0)")
     parser.add_argument("--out", required=True, help="the (n,) scores, written as a .npy memmap")
 
 
@@ -102,30 +109,29 @@ def run_score(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    inputs = [name for name, path in (("--x", args.x), ("--y", args.y)) if _same_file(path, args.out)]
+    if inputs:
+        print(f"nlis-jax score: error: --out {args.out} is the file of {inputs[0]}.", file=sys.stderr)
+        return EXIT_USAGE
     if xs.dtype == np.float64:  # the file's precision: scores in float64 too
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    try:
-        apply_fn, params = model_and_params(args, xs.shape[1], xs.dtype)
-        out = np.lib.format.open_memmap(args.out, mode="w+", dtype=xs.dtype, shape=(xs.shape[0],))
-    except (OSError, ValueError) as exc:
-        print(f"nlis-jax score: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    dtype = np.promote_types(xs.dtype, np.float32)  # half-precision files are scored in float32
     start = time.perf_counter()
-    kwargs = dict(chunk_size=args.chunk_size, out=out)
     try:
-        if args.method == "norm":
-            nj.streaming_norm_scores(apply_fn, params, xs, ys, **kwargs)
-            rank = None
-        else:
-            rank = int(
-                nj.streaming_leverage_scores(apply_fn, params, xs, ys, return_info=True, **kwargs).rank
-            )
-    except (ValueError, TypeError) as exc:
+        apply_fn, params = model_and_params(args, xs.shape[1], dtype)
+        with _written_on_success(args.out, dtype, xs.shape[0]) as out:
+            kwargs = dict(chunk_size=args.chunk_size, out=out)
+            if args.method == "norm":
+                nj.streaming_norm_scores(apply_fn, params, xs, ys, **kwargs)
+                rank = None
+            else:
+                info = nj.streaming_leverage_scores(apply_fn, params, xs, ys, return_info=True, **kwargs)
+                rank = int(info.rank)
+    except (OSError, ValueError, TypeError) as exc:
         print(f"nlis-jax score: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    out.flush()
     seconds = time.perf_counter() - start
     summary = {"n": int(xs.shape[0]), "d": int(xs.shape[1]), "model": args.model, "method": args.method}
     summary.update(
@@ -133,3 +139,42 @@ def run_score(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary))
     return 0
+
+
+def _same_file(path: str | None, out: str) -> bool:
+    """Whether ``out`` names the existing file ``path`` (through links and relative paths too)."""
+    if path is None or not os.path.exists(out):
+        return False
+    try:
+        return os.path.samefile(path, out)
+    except OSError:
+        return Path(path).resolve() == Path(out).resolve()
+
+
+class _written_on_success:
+    """A ``.npy`` memmap of ``n`` scores in a temporary file beside ``path``, moved onto ``path`` only when
+    the block ends without an error (removed otherwise): a failed run leaves an existing ``path`` as it
+    was, and no file of zeros that looks like scores."""
+
+    def __init__(self, path: str, dtype, n: int):
+        self.path, self.dtype, self.n = path, dtype, n
+
+    def __enter__(self) -> np.memmap:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".nlis-score-", suffix=".npy")
+        os.close(fd)
+        try:
+            self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(self.n,))
+        except BaseException:
+            os.unlink(self.tmp)
+            raise
+        return self.out
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self.out.flush()
+        del self.out  # the mapping closed before the file moves
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+        return False

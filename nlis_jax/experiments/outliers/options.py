@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from nlis_jax.experiments.checks import positive_int_arg
+from nlis_jax.experiments.checks import positive_int_arg, seed_arg
 from nlis_jax.experiments.outliers.config import CORRUPTIONS, OutlierConfig
 from nlis_jax.experiments.outliers.study import OutlierStudyInterrupted, run_outlier_study
 
@@ -122,7 +122,7 @@ _OPTIONS = [
         dict(type=positive_int_arg, help="Gauss-Legendre nodes of the adjoint (default 4)"),
     ),
     (("--dtype",), dict(choices=("float32", "float64"), help="default float32")),
-    (("--seed",), dict(type=int, help="PRNG seed (default 0)")),
+    (("--seed",), dict(type=seed_arg, help="PRNG seed (default 0)")),
     (("--out",), dict(help="output folder for results.json, scores.npz and the PNG grids")),
     (("--no-progress",), dict(action="store_false", dest="progress", default=None)),
 ]
