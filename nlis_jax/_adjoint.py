@@ -253,8 +253,11 @@ def _point_jacobian(fn, mode: str, p: int, dtype) -> Callable[[Array, PyTree], A
     basis = jnp.eye(p, dtype=dtype)
 
     def jac(u, x):  # one jvp per tangent direction e_j, vmapped
+        u = u.astype(dtype)  # the point in the params' dtype, as its tangents (a wider t promotes it)
         tangent_out = jax.vmap(lambda v: jax.jvp(lambda w: fn(w, x), (u,), (v,))[1])(basis)
-        return jnp.moveaxis(tangent_out, 0, -1)
+        # in the params' dtype, as reverse mode's gradients are: a model whose output is wider (float64
+        # inputs with float32 params) must not widen the sum over the nodes
+        return jnp.moveaxis(tangent_out, 0, -1).astype(dtype)
 
     return jac
 
@@ -380,7 +383,7 @@ class PathGradient:
         def fn(flat, x):
             return self.apply_fn(unravel(flat), x)
 
-        return _point_jacobian(fn, self.mode, theta.shape[0], theta.dtype)(t * theta, x)
+        return _point_jacobian(fn, self.mode, theta.shape[0], theta.dtype)((t * theta).astype(theta.dtype), x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,3 +259,44 @@ def test_sample_size_of_a_tiny_delta_and_single_keys():
     with pytest.raises(ValueError, match="more than the 10 rows"):
         active._subsample(10, 11, 5, 0)
     assert active._subsample(10, None, 20, 0).size == 10  # the default is capped, as documented
+
+
+# Found in the thirteenth session's review of the adjoints and closed forms.
+
+
+def test_forward_mode_with_wider_inputs_than_params():
+    """float32 params with float64 inputs: forward mode failed inside jax (the scan carry float32 against
+    the float64 tangents; in the adaptive rule ``jvp`` primal and tangent dtypes differed). Now forward
+    and reverse agree, in the params' dtype."""
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    theta = jnp.full(3, 0.3, jnp.float32)
+    xs = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
+    for num_nodes in (8, None):
+        fwd, rev = (nj.adjoint(f, theta, xs, num_nodes=num_nodes, mode=m) for m in ("forward", "reverse"))
+        assert fwd.dtype == rev.dtype == jnp.float32
+        np.testing.assert_allclose(fwd, rev, rtol=1e-6, atol=1e-6)
+    ref = nj.single_index_adjoint(jnp.tanh, theta.astype(jnp.float64), xs)
+    dual = nj.dual_matrix(
+        f, theta, xs, num_nodes=8, mode="forward"
+    )  # the adjoints, then the offset column f(0)
+    np.testing.assert_allclose(dual[:, :3], ref, atol=1e-6)
+    np.testing.assert_array_equal(dual[:, 3], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("phi", "slopes"),
+    [(jax.nn.relu, (1.0, 0.0)), (lambda z: jax.nn.leaky_relu(z, 0.01), (1.0, 0.01)), (jnp.abs, (1.0, -1.0))],
+)
+def test_closed_form_of_activations_with_a_kink_at_zero(phi, slopes):
+    """``(ϕ(z) − ϕ(0))/z`` near 0 came from a Taylor series at 0, wrong for a kink there: relu gave 0 at
+    ``z = 1e-5`` (float64) and at ``z = 0.01`` (float32). Now the one-sided slope, as ``adjoint`` gives."""
+    for dtype, z in ((jnp.float64, 1e-5), (jnp.float32, 0.01)):
+        theta = jnp.asarray([z, 1.0], dtype)
+        xs = jnp.asarray([[1.0, 0.0], [-1.0, 0.0]], dtype)
+        got = nj.single_index_adjoint(phi, theta, xs)[:, 0]
+        # row 1: z > 0, slope on the right; row 2: z < 0, (ϕ(-z) − ϕ(0))/(-z) times x = -1
+        np.testing.assert_allclose(got, [slopes[0], -slopes[1]], rtol=1e-6)
+        np.testing.assert_allclose(got, nj.adjoint(lambda p, x: phi(x @ p), theta, xs)[:, 0], rtol=1e-6)
