@@ -236,7 +236,10 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
         one_half = functools.partial(panel, g, params, x, h=half, directions=directions, endpoints=True)
         values, errors, sizes = jax.vmap(one_half)(halves)
         count = s.count + 2
-        final = (half <= h_min) | (count + 2 > max_panels) | (top + 2 > capacity)
+        # final once pushing the halves could overrun the budget: every panel left on the stack (``top``
+        # below, up to 2 pushed) costs at least one more bisection (2 panels), so the total stays
+        # within ``max_panels``
+        final = (half <= h_min) | (count + 2 * (top + 2) > max_panels) | (top + 2 > capacity)
         within = errors <= 0.5 * tol * jnp.maximum(half, KINK_SHARE)
         stalls = s.stalls[top] + (jnp.sum(errors) > STALL_RATIO * s.errors[top]).astype(jnp.int32)
         rounding = (stalls >= STALLS) & (errors <= half * noise * sizes) & ~within
@@ -576,13 +579,21 @@ def _warn(missed, n: int, *, rtol, check_tol, max_panels) -> None:
         parts.append(
             f"{noisy} stopped at the rounding noise of their integrand's own values (estimated relative "
             f"error up to {noise_err:.2e}, check residual up to {noise_res:.2e}): this is the accuracy the "
-            f"dtype allows here; compute in float64 for more, or pass rtol >= {noise_err:.1e}"
+            f"dtype allows here; compute in a wider dtype (float64, if the model is not already) for more, "
+            f"or pass rtol >= {noise_err:.1e}"
         )
-    if short:
+    if short and short_err <= rtol:  # every estimate met rtol: the a-posteriori check failed them
         parts.append(
-            f"{short} within max_panels={max_panels}: worst estimated relative error {short_err:.2e}, "
-            f"worst check residual {short_res:.2e}; raise max_panels, loosen rtol, or check the model "
-            f"for non-finite gradients"
+            f"{short} whose error estimates met rtol but whose check residual did not (up to "
+            f"{short_res:.2e}): a feature of the integrand narrower than the panels (a kink or a step the "
+            f"rule's nodes straddle) or cancellation (an integral much smaller than its integrand); more "
+            f"panels do not help the estimate see it: check the model, or pass a fixed rule"
+        )
+    elif short:
+        parts.append(
+            f"{short} stopped by the panel budget (max_panels={max_panels}) or the bisection depth: worst "
+            f"estimated relative error {short_err:.2e}, worst check residual {short_res:.2e}; raise "
+            f"max_panels, loosen rtol, or check the model for non-finite gradients"
         )
     if nonfinite:
         parts.append(

@@ -299,8 +299,8 @@ def adjoint(
         default keeps a chunk under ``2**23`` elements (``2**18``, at least 64 examples, for a fixed
         rule in reverse mode, whose nodes share one reverse pass: see ``_summed_gradient``).
       rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
-        float64, ``1e-6`` in float32; float16 and bfloat16 models are integrated in float32, to its
-        tolerance, and the adjoints rounded back).
+        float64, ``1e-6`` in float32, that of the narrowest floating leaf of ``params``; float16 and
+        bfloat16 models are integrated in float32, to its tolerance, and the adjoints rounded back).
       max_panels: adaptive budget of panels (16 gradients each) per example; examples still above
         ``rtol`` then raise a :class:`nlis_jax.QuadratureWarning` naming how many and the error reached.
       return_info: also return a :class:`nlis_jax.QuadratureInfo` (adaptive only): per-example estimated
@@ -364,6 +364,11 @@ def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANEL
     if return_info and num_nodes is not None:
         raise ValueError(
             "return_info=True needs the adaptive rule (num_nodes=None); a fixed rule has no estimate."
+        )
+    if num_nodes is not None and (rtol is not None or max_panels != MAX_PANELS):
+        raise ValueError(
+            "rtol and max_panels set the adaptive rule (num_nodes=None); with num_nodes given they would "
+            "be ignored."
         )
 
 
@@ -437,13 +442,19 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
             report_nonfinite(bad, shape.n, nonfinite_adjoint)
         return adj, info
     k = math.prod(shape.out_shape)
-    rtol = default_rtol(shape.dtype) if rtol is None else float(rtol)
+    if rtol is None:  # the tolerance of the narrowest leaf: its rounding is the integrand's noise
+        rtol = max(default_rtol(shape.dtype), *(default_rtol(leaf.dtype) for leaf in _float_leaves(params)))
+    rtol = float(rtol)
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
     chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size
     check, check_tol = IdentityResidual(apply_fn), identity_tol(rtol, shape.p, shape.dtype)
     with jax.default_matmul_precision("highest"):
         kw = dict(rtol=rtol, max_panels=max_panels, chunk_size=chunk, check=check, check_tol=check_tol)
         return integrate(g, params, xs, nonfinite=nonfinite_adjoint if report else None, **kw)
+
+
+def _float_leaves(params: PyTree) -> list:
+    return [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
 
 
 @jax.jit
