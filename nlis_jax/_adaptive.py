@@ -114,6 +114,8 @@ class QuadratureInfo(NamedTuple):
       roundoff: ``(n,)`` bool, refinement stopped where the estimate no longer fell under bisection and
         was at the rounding level of the integrand's values (the integrand's own float noise, typically
         float32 gradients of saturated activations): ``error`` is then the accuracy the dtype allows.
+        False when a limit (``max_panels``, the bisection depth) also stopped a panel short of its
+        tolerance: the limit is then what the example missed by.
     """
 
     error: Array
@@ -196,6 +198,7 @@ class _Dfs(NamedTuple):
     err: Array  # accepted error estimate
     count: Array  # panels evaluated
     roundoff: Array  # bool: a panel was accepted above its share of tol, at the integrand's rounding level
+    forced: Array  # bool: a panel was accepted above its share of tol by the budget, depth or stack limit
 
 
 def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth: int, peel: bool) -> _Dfs:
@@ -224,6 +227,7 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
         jnp.zeros(shape.shape, shape.dtype),
         jnp.zeros((), dtype),
         jnp.ones((), jnp.int32),  # the first pass's panel
+        jnp.zeros((), bool),
         jnp.zeros((), bool),
     )
     h_min = jnp.asarray(2.0**-depth, dtype)
@@ -254,7 +258,8 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
             pairs = zip(stack, entry, strict=True)
             stack = tuple(a.at[top].set(jnp.where(ok[j], a[top], e)) for a, e in pairs)
             top = top + (~ok[j]).astype(top.dtype)
-        return _Dfs(*stack, top, acc, err, count, s.roundoff | jnp.any(rounding))
+        forced = s.forced | jnp.any(final & ~within & ~rounding)
+        return _Dfs(*stack, top, acc, err, count, s.roundoff | jnp.any(rounding), forced)
 
     # Peeled, the first bisection runs outside the loop (most refined examples are done after it).
     return lax.while_loop(lambda s: s.top > 0, body, body(state) if peel else state)
@@ -354,7 +359,8 @@ def _refine_bucket(g, check, params, data, first, idx, rtol, directions, *, max_
         kw = dict(max_panels=max_panels, depth=depth, peel=peel)
         s = _refine_one(g, params, x, tol_i, first_i, directions, **kw)
         residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(s.err.dtype)
-        return s.acc, s.err, residual, s.count, s.roundoff
+        # stopped at the rounding noise only when no limit stopped it too (the limit is then the cause)
+        return s.acc, s.err, residual, s.count, s.roundoff & ~s.forced
 
     firsts = (error[safe] * norm[safe], value[safe])
     value, err, residual, count, roundoff = jax.vmap(one)(xs, rtol * norm[safe], firsts)

@@ -310,10 +310,13 @@ def test_adaptive_budget_is_a_bound_and_its_arguments_need_the_adaptive_rule():
         return jnp.tanh(200.0 * (x @ p) - 100.0)
 
     theta, xs = jnp.asarray([1.0, 0.5]), jnp.asarray([[1.0, 0.3], [0.7, -0.2], [1.2, 0.1]])
-    for budget in (7, 12, 31):
-        with pytest.warns(nj.QuadratureWarning):
+    for budget in (12,):  # one compiled refinement per budget: one suffices for the bound
+        # the cause named: the budget (it was reported as "the rounding noise" when a panel of the flat
+        # tails had been accepted at the noise level)
+        with pytest.warns(nj.QuadratureWarning, match=f"panel budget \\(max_panels={budget}\\)"):
             _, info = nj.adjoint(steep, theta, xs, max_panels=budget, return_info=True)
         assert int(jnp.max(info.panels)) <= budget, (budget, info.panels)
+        assert not bool(jnp.any(info.roundoff & ~info.converged))
     for kw in ({"rtol": 1e-8}, {"max_panels": 100}):
         with pytest.raises(ValueError, match="ignored"):
             nj.adjoint(steep, theta, xs, num_nodes=8, **kw)
