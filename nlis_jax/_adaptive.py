@@ -74,6 +74,10 @@ RATE_CRITICAL = 0.7
 KINK_SHARE = 1.0 / 64
 #: Default panels per example (each ``PANEL_NODES`` integrand evaluations).
 MAX_PANELS = 2048
+#: Refinement while the check fails but the estimate passes: each round caps the panels' width at
+#: ``1/CHECK_WIDTH_STEP`` of the last round's cap (1, then 1/16, then 1/256), down to ``CHECK_WIDTH_MIN``.
+CHECK_WIDTH_STEP = 16.0
+CHECK_WIDTH_MIN = 1.0 / 256
 #: Roundoff detection: a bisection "stalls" when the halves' summed estimate is above this share of their
 #: parent's estimate (smooth pieces fall by orders of magnitude, a kink's by about half) ...
 STALL_RATIO = 0.5
@@ -201,10 +205,13 @@ class _Dfs(NamedTuple):
     forced: Array  # bool: a panel was accepted above its share of tol by the budget, depth or stack limit
 
 
-def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth: int, peel: bool) -> _Dfs:
+def _refine_one(
+    g, params, x, tol, first, directions, width_max, *, max_panels: int, depth: int, peel: bool
+) -> _Dfs:
     """Depth-first bisection of ``[0, 1]`` for one example (``first``: the first pass's error estimate and
     integral): each step halves the panel on top of the stack, accepts the halves within their share of
-    ``tol`` and pushes the others; ``peel``: the first step is taken outside the loop (:data:`PEEL_ELEMENTS`).
+    ``tol`` and no wider than ``width_max`` (1: any width) and pushes the others; ``peel``: the first step
+    is taken outside the loop (:data:`PEEL_ELEMENTS`).
 
     Roundoff: a half is also accepted when its branch has stalled :data:`STALLS` times (the
     halves' summed estimate above :data:`STALL_RATIO` times their parent's) while its estimate per unit
@@ -244,7 +251,7 @@ def _refine_one(g, params, x, tol, first, directions, *, max_panels: int, depth:
         # below, up to 2 pushed) costs at least one more bisection (2 panels), so the total stays
         # within ``max_panels``
         final = (half <= h_min) | (count + 2 * (top + 2) > max_panels) | (top + 2 > capacity)
-        within = errors <= 0.5 * tol * jnp.maximum(half, KINK_SHARE)
+        within = (errors <= 0.5 * tol * jnp.maximum(half, KINK_SHARE)) & (half <= width_max)
         stalls = s.stalls[top] + (jnp.sum(errors) > STALL_RATIO * s.errors[top]).astype(jnp.int32)
         rounding = (stalls >= STALLS) & (errors <= half * noise * sizes) & ~within
         ok = within | rounding | final
@@ -346,7 +353,9 @@ def _raise_nonfinite(state: _State, nonfinite: Callable[[str], str] | None, xp=n
     report_nonfinite(bad, state.norm.shape[0], nonfinite or _nonfinite_message)
 
 
-def _refine_bucket(g, check, params, data, first, idx, rtol, directions, *, max_panels, depth) -> _State:
+def _refine_bucket(
+    g, check, params, data, first, idx, rtol, check_tol, directions, *, max_panels, depth
+) -> _State:
     """Refine the examples ``idx`` (``n`` marks padding) of the first pass's ``(norm, error, value)`` to
     ``rtol · norm[idx]``; the bucket's results."""
     norm, error, value = first
@@ -357,8 +366,28 @@ def _refine_bucket(g, check, params, data, first, idx, rtol, directions, *, max_
 
     def one(x, tol_i, first_i):
         kw = dict(max_panels=max_panels, depth=depth, peel=peel)
-        s = _refine_one(g, params, x, tol_i, first_i, directions, **kw)
-        residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(s.err.dtype)
+        dtype = directions.dtype
+
+        def run(width):
+            s = _refine_one(g, params, x, tol_i, first_i, directions, width, **kw)
+            residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(dtype)
+            return s, residual
+
+        # Refinement, then again with every panel at most 1/16 as wide while the estimate meets tol_i but
+        # the check does not (a feature between the nodes, which no estimate sees): one loop, so the
+        # refinement is traced once; under vmap its rounds run only while an example needs them.
+        def again(carry):
+            _, _, width, _ = carry
+            return (*run(width), width / CHECK_WIDTH_STEP, jnp.zeros((), bool))
+
+        def needs(carry):
+            s, residual, width, start = carry
+            missed = (s.err <= tol_i) & ~(residual <= check_tol) & jnp.isfinite(residual)
+            return start | (missed & (width >= CHECK_WIDTH_MIN))
+
+        blank = jax.tree.map(jnp.zeros_like, jax.eval_shape(run, jnp.ones((), dtype)))
+        init = (*blank, jnp.ones((), dtype), jnp.ones((), bool))
+        s, residual, _, _ = lax.while_loop(needs, again, init)
         # stopped at the rounding noise only when no limit stopped it too (the limit is then the cause)
         return s.acc, s.err, residual, s.count, s.roundoff & ~s.forced
 
@@ -384,11 +413,10 @@ def _first_pass_jit(g, check, params, data, *, chunk):
 
 @functools.partial(jax.jit, static_argnames=("g", "check", "max_panels", "depth"))
 @highest_precision
-def _refine_jit(g, check, params, data, first, idx, rtol, *, max_panels, depth):
+def _refine_jit(g, check, params, data, first, idx, rtol, check_tol, *, max_panels, depth):
     directions = _directions(g, params, data)
-    return _refine_bucket(
-        g, check, params, data, first, idx, rtol, directions, max_panels=max_panels, depth=depth
-    )
+    kw = dict(max_panels=max_panels, depth=depth)
+    return _refine_bucket(g, check, params, data, first, idx, rtol, check_tol, directions, **kw)
 
 
 def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth, bucket):
@@ -403,7 +431,7 @@ def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth
         idx = jnp.nonzero(remaining, size=bucket, fill_value=n)[0]
         kw = dict(max_panels=max_panels, depth=depth)
         first = (state.norm, state.error, state.value)
-        found = _refine_bucket(g, check, params, data, first, idx, rtol, directions, **kw)
+        found = _refine_bucket(g, check, params, data, first, idx, rtol, check_tol, directions, **kw)
         return _scatter(state, idx, found), remaining.at[idx].set(False, mode="drop")
 
     return lax.while_loop(lambda c: jnp.any(c[1]), body, (state, remaining))[0]
@@ -536,7 +564,8 @@ def integrate(
         idx[: group.size] = group
         idx = jnp.asarray(idx)
         first = (state.norm, state.error, state.value)
-        found = _refine_jit(g, check, params, data, first, idx, rtol_arr, max_panels=max_panels, depth=depth)
+        args = (first, idx, rtol_arr, check_tol_arr)
+        found = _refine_jit(g, check, params, data, *args, max_panels=max_panels, depth=depth)
         state = _scatter_jit(state, idx, found)
     host = _host(state)
     _raise_nonfinite(host, nonfinite)  # a refined panel's end can be a singular point (t = 0)

@@ -341,10 +341,10 @@ def test_mixed_precision_params_take_the_narrow_leaf_tolerance():
     np.testing.assert_allclose(adj, nj.single_index_adjoint(jnp.tanh, theta, wide), rtol=1e-5, atol=1e-6)
 
 
-def test_warning_names_a_failed_identity_check():
+def test_refinement_goes_on_while_the_identity_check_fails():
     """A narrow ramp between the nodes of the first two passes: the estimates pass, the identity check
-    fails (the adjoint comes out 0 against 0.0187); the warning said "raise max_panels", which changes
-    nothing. Now it names the check (the refinement itself still stops there: noted, not fixed)."""
+    fails. The rule bisected once and stopped (adjoint 0 against 0.0187, residual 1.0), and the warning
+    advised raising max_panels. Now it refines with narrower panels while the check fails, jitted too."""
     t = np.asarray(nj.quadrature.gauss_legendre(16)[0])  # the first pass's nodes, then its halves'
     nodes = np.sort(np.r_[t, t / 2, 0.5 + t / 2, 0.0, 0.5, 1.0])
     gap = int(np.argmax(np.diff(nodes)))
@@ -354,5 +354,13 @@ def test_warning_names_a_failed_identity_check():
     def plateau(p, x):
         return jnp.clip(x @ p - lo, 0.0, hi - lo)
 
-    with pytest.warns(nj.QuadratureWarning, match="met rtol but whose check residual"):
-        nj.adjoint(plateau, jnp.asarray([1.0, 0.0]), jnp.asarray([[1.0, 0.0]]))
+    theta, xs = jnp.asarray([1.0, 0.0]), jnp.asarray([[1.0, 0.0], [0.5, 0.0]])
+    ref = nj.single_index_adjoint(lambda z: jnp.clip(z - lo, 0.0, hi - lo), theta, xs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(plateau, theta, xs, return_info=True)
+    assert bool(jnp.all(info.converged))
+    np.testing.assert_allclose(adj, ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        jax.jit(lambda th: nj.adjoint(plateau, th, xs))(theta), ref, rtol=1e-12, atol=1e-15
+    )
