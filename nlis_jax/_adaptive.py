@@ -376,18 +376,17 @@ def _refine_bucket(
         # Refinement, then again with every panel at most 1/16 as wide while the estimate meets tol_i but
         # the check does not (a feature between the nodes, which no estimate sees): one loop, so the
         # refinement is traced once; under vmap its rounds run only while an example needs them.
-        def again(carry):
-            _, _, width, _ = carry
-            return (*run(width), width / CHECK_WIDTH_STEP, jnp.zeros((), bool))
+        def again(carry):  # carry: the last round's (state, residual) and the next round's width cap
+            width = carry[2]
+            return (*run(width), width / CHECK_WIDTH_STEP)
 
-        def needs(carry):
-            s, residual, width, start = carry
+        def needs(carry):  # the first round (cap 1), then while the check alone fails
+            s, residual, width = carry
             missed = (s.err <= tol_i) & ~(residual <= check_tol) & jnp.isfinite(residual)
-            return start | (missed & (width >= CHECK_WIDTH_MIN))
+            return (width == 1) | (missed & (width >= CHECK_WIDTH_MIN))
 
         blank = jax.tree.map(jnp.zeros_like, jax.eval_shape(run, jnp.ones((), dtype)))
-        init = (*blank, jnp.ones((), dtype), jnp.ones((), bool))
-        s, residual, _, _ = lax.while_loop(needs, again, init)
+        s, residual, _ = lax.while_loop(needs, again, (*blank, jnp.ones((), dtype)))
         # stopped at the rounding noise only when no limit stopped it too (the limit is then the cause)
         return s.acc, s.err, residual, s.count, s.roundoff & ~s.forced
 

@@ -253,7 +253,6 @@ def _point_jacobian(fn, mode: str, p: int, dtype) -> Callable[[Array, PyTree], A
     basis = jnp.eye(p, dtype=dtype)
 
     def jac(u, x):  # one jvp per tangent direction e_j, vmapped
-        u = u.astype(dtype)  # the point in the params' dtype, as its tangents (a wider t promotes it)
         tangent_out = jax.vmap(lambda v: jax.jvp(lambda w: fn(w, x), (u,), (v,))[1])(basis)
         # in the params' dtype, as reverse mode's gradients are: a model whose output is wider (float64
         # inputs with float32 params) must not widen the sum over the nodes

@@ -47,7 +47,7 @@ from nlis_jax._checks import (
 )
 from nlis_jax._host import host_losses, is_host_data
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
-from nlis_jax.projections import Projection, identity
+from nlis_jax.projections import Projection, check_projection, identity
 
 #: A per-example loss ``loss(pred, y) -> scalar`` for ONE example.
 LossFn = Callable[[Array, Array], Array]
@@ -667,8 +667,7 @@ def _check_optimizer_and_projection(optimizer, projection) -> None:
     and ``projection`` is ``None`` or callable."""
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
-    if projection is not None and not callable(projection):
-        raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+    check_projection(projection)
 
 
 def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -> _Plan:

@@ -260,6 +260,12 @@ def box(lower: Any, upper: Any) -> Box:
     return Box(lower, upper)
 
 
+def check_projection(projection) -> None:
+    """``TypeError`` unless ``projection`` is ``None`` or callable (``tree -> tree``)."""
+    if projection is not None and not callable(projection):
+        raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+
+
 def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
     r"""The projection as an :class:`optax.GradientTransformation`; put it LAST in a chain.
 
@@ -274,8 +280,7 @@ def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTran
     Returns:
         A stateless ``GradientTransformation`` whose ``update`` requires ``params``.
     """
-    if projection is not None and not callable(projection):
-        raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+    check_projection(projection)
     proj = identity if projection is None else projection
 
     def init_fn(params):

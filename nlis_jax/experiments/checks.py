@@ -85,17 +85,16 @@ def sizes_arg(text: str) -> tuple[float | int, ...]:
     return _as_arg_error(parse_sizes, text)
 
 
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected {what}, got {text!r}") from None
+
+
 def positive_int_arg(text: str) -> int:
     """``argparse`` type of a positive integer (:func:`positive_int`)."""
-
-    def parse(t):
-        try:
-            value = int(t)
-        except ValueError:
-            raise ValueError(f"expected a positive integer, got {t!r}") from None
-        return positive_int("value", value)
-
-    return _as_arg_error(parse, text)
+    return _as_arg_error(lambda t: positive_int("value", _integer(t, "a positive integer")), text)
 
 
 #: Seeds are 32-bit: ``jax.random.key(seed)`` of a larger seed overflows (``OverflowError``), or without
@@ -107,10 +106,7 @@ def seed_arg(text: str) -> int:
     """``argparse`` type of a seed: an integer in ``[0, 2**32)``."""
 
     def parse(t):
-        try:
-            value = int(t)
-        except ValueError:
-            raise ValueError(f"expected an integer seed, got {t!r}") from None
+        value = _integer(t, "an integer seed")
         if not 0 <= value < SEED_LIMIT:
             raise ValueError(f"a seed must lie in [0, 2**32), got {value}")
         return value
