@@ -267,9 +267,12 @@ def rechunk(source: Source, chunk: int) -> Iterator:
 
     Whole pieces inside an item are slices of it (copied only where not contiguous); rows carried over
     to the next item, fewer than ``chunk``, are copied. So an item is never copied whole (a shard of any
-    size costs at most one chunk of memory), and a source may refill its buffers once the next item is
-    asked for: a piece is handed out, and copied to the device, before that.
+    size costs at most one chunk of memory). A user's chunk source (:class:`CheckedSource`) may refill its
+    buffers once the next item is asked for, and the pieces are put on the device one piece ahead
+    (:func:`staged`), where a CPU ``device_put`` may alias the numpy memory instead of copying it: so
+    its whole pieces are copies too (one chunk each). Arrays and memmaps, which nobody refills, are sliced.
     """
+    take = np.array if isinstance(source, CheckedSource) else np.ascontiguousarray
     carried, count = None, 0  # rows of the piece being completed, copies
     for item in source():
         size, start = jax.tree.leaves(item)[0].shape[0], 0
@@ -282,7 +285,7 @@ def rechunk(source: Source, chunk: int) -> Iterator:
             yield carried, chunk
             carried, count = None, 0
         while size - start >= chunk:
-            yield jax.tree.map(lambda a, k=start: np.ascontiguousarray(a[k : k + chunk]), item), chunk
+            yield jax.tree.map(lambda a, k=start: take(a[k : k + chunk]), item), chunk
             start += chunk
         if start < size:
             carried, count = jax.tree.map(lambda a, k=start: np.array(a[k:]), item), size - start

@@ -139,7 +139,15 @@ def orthonormal_basis(
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
     check_rank(rank, route)
-    return U.astype(input_dtype(F)), rank, taken
+    return _nonzero_first(U).astype(input_dtype(F)), rank, taken
+
+
+@jax.jit
+def _nonzero_first(U: Array) -> Array:
+    """``U``'s columns, the orthonormal ones first (a stable order): the Gram routes leave the zero column
+    of an all-zero input column where that column was, so the first ``rank`` columns missed a direction."""
+    zero = jnp.sum(jnp.square(U), axis=0) < 0.25  # an orthonormal column has norm 1, the others 0
+    return U[:, jnp.argsort(zero, stable=True)]
 
 
 def leverage_scores(
@@ -200,11 +208,14 @@ def norm_scores(F: Array) -> Array:
     rows, lead = routes.as_rows(F)
     sq = _row_norms(rows, lead)
     total = jnp.sum(sq)
+    message = (
+        "norm_scores: F is all zeros, so row norms give no distribution (entries below the smallest "
+        "normal number of the dtype, subnormal, count as zero on CPUs: rescale such a matrix first)."
+    )
     if is_concrete(total) and not float(total) > 0:
-        raise ValueError(
-            "norm_scores: F is all zeros, so row norms give no distribution (entries below the smallest "
-            "normal number of the dtype, subnormal, count as zero on CPUs: rescale such a matrix first)."
-        )
+        raise ValueError(message)
+    if not is_concrete(total):  # a checkify check inside nlis_jax.traced_checks(), else nothing
+        traced.check(total > 0, message)
     return (sq / total).astype(input_dtype(F))
 
 
@@ -273,5 +284,7 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
     probs = jnp.asarray(probs)
     if not jnp.issubdtype(jnp.result_type(alpha), jnp.number) or jnp.ndim(alpha) != 0:
         raise TypeError(f"alpha must be a real scalar, got {alpha!r}.")
+    if not is_concrete(alpha):  # a checkify check inside nlis_jax.traced_checks(), else nothing
+        traced.check((alpha >= 0) & (alpha <= 1), "alpha must lie in [0, 1].")
     alpha = jnp.asarray(alpha).astype(probs.dtype)  # probs' dtype, not alpha's
     return (1 - alpha) * probs + alpha / probs.shape[0]

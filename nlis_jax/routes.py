@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
@@ -106,12 +107,23 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
     ``check_values=False`` skips the NaN/Inf check (a pass over ``F``): for callers that check the
     result instead (:func:`raise_if_nonfinite`), since every route puts NaN in its output for such input.
     """
-    F = jnp.asarray(F)
+    given = F
+    with np.errstate(over="ignore"):  # a narrowing cast's overflow is reported below, by name
+        F = jnp.asarray(F)
     if F.ndim not in (2, 3):
         raise ValueError(f"{name} must be a matrix (n, m) or a block matrix (n, k, m), got shape {F.shape}.")
     if 0 in F.shape:
         raise ValueError(f"{name} must be non-empty, got shape {F.shape}.")
     check_floating(name, F)
+    if not isinstance(given, jax.Array) and np.dtype(getattr(given, "dtype", F.dtype)) != F.dtype:
+        # a host array narrowed by the cast (float64 without jax_enable_x64): finite values beyond the
+        # narrower range became Inf; name that, not "F contains Inf" or "FᵀF overflows"
+        check_finite(name, given)
+        check_finite(
+            f"{name} cast to {F.dtype.name} (finite values beyond its range: enable jax_enable_x64 or "
+            "rescale the columns)",
+            F,
+        )
     if check_values:
         check_finite(name, F)
     return F.reshape(-1, F.shape[-1]).astype(compute_dtype(F.dtype)), F.shape[:-1]

@@ -148,6 +148,24 @@ def test_outliers_help_lists_the_study_options(capsys):
     assert "--seed" in text and "--out" in text and "--flip-fraction" in text
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("--flip-fraction", "0.7", "flip"),
+        ("--n", "-5", "n"),
+        ("--noise-scale", "-1", "noise"),
+        ("--lr", "-1", "learning_rate"),
+    ],
+)
+def test_outliers_bad_option_value_is_a_usage_error(option, value, match, tmp_path, capsys):
+    """They raised from the study's config with a traceback (exit 1); now exit 2, naming the value."""
+    pytest.importorskip("nlis_jax.experiments.outliers")
+    assert cli.main(["outliers", option, value, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nlis-jax outliers: error:") and match in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_outliers_delegates_to_module(monkeypatch, tmp_path):
     seen = {}
     fake = types.ModuleType("nlis_jax.experiments.outliers")

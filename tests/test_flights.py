@@ -204,6 +204,10 @@ def test_config_validation():
         FlightsStudyConfig(protocols=("cold",))
     with pytest.raises(ValueError, match="sizes"):
         FlightsStudyConfig(sizes=(0.01, 1.5))
+    with pytest.raises(ValueError, match="methods lists a value twice"):
+        FlightsStudyConfig(methods=("uniform", "uniform"))
+    with pytest.raises(ValueError, match="protocols lists a value twice"):
+        FlightsStudyConfig(protocols=("star", "star"))
 
 
 def test_gauss_newton_kernel_solves_weighted_least_squares_and_never_goes_up():
@@ -230,3 +234,42 @@ def test_gauss_newton_kernel_solves_weighted_least_squares_and_never_goes_up():
     mlp = fl._mlp_init(jax.random.key(2), (d, 6, 1), jnp.float64)
     _, losses = fl._gn_kernel(fl._mlp_apply, 25)(mlp, X[:, :300], Y[:, :300], W[:, :300])
     assert np.all(np.diff(np.asarray(losses), axis=1) <= 0) and np.all(losses[:, -1] < 0.5 * losses[:, 0])
+
+
+def test_cli_refuses_mlp_options_for_the_single_index_model(tmp_path, capsys):
+    """They were accepted, ignored (the grid unchanged) and recorded in results.json as if used."""
+    from nlis_jax import cli
+
+    for option, value in (("--epochs", "1"), ("--lr", "100"), ("--protocols", "common"), ("--hidden", "3")):
+        code = cli.main(["run", "--dataset", "flights", option, value, "--out", str(tmp_path / "x")])
+        assert code == 2 and f"{option} applies to --model mlp only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@needs_data
+def test_cli_refuses_a_sample_size_beyond_the_data_before_any_work(tmp_path, monkeypatch, capsys):
+    """``--sizes 100,5000`` on 1,800 rows ran the full fit and scoring, then failed with a traceback."""
+    from nlis_jax import cli
+    from nlis_jax.experiments import flights as fl
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the full-data fit ran before the sizes were checked")
+
+    monkeypatch.setenv("NLIS_SMALL", "1")
+    monkeypatch.setattr(fl, "_full_fit", no_fit)
+    for option, value in (("--sizes", "100,5000"), ("--pilot-size", "1801"), ("--refine-size", "4000")):
+        argv = ["run", "--dataset", "flights", option, value, "--no-progress", "--out", str(tmp_path)]
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and f"{option}: sample size" in err and "more than n = 1800" in err
+
+
+def test_convergence_check_compares_with_an_earlier_loss():
+    """With fewer than 10 LM steps the check compared the last loss with itself (rel_change 0 while the
+    last step still cut the loss by 22%); the full fit and the sample fits now share one offset."""
+    from nlis_jax.experiments import flights as fl
+
+    assert [fl._tail_offset(s) for s in (1, 2, 9, 10, 19, 20, 500)] == [1, 1, 1, 1, 1, 2, 50]
+    losses = np.array([1800.0, 143.18, 112.13])  # a 2-step trace
+    k = fl._tail_offset(len(losses) - 1)
+    assert abs(losses[-k - 1] - losses[-1]) / losses[-1] > 0.2

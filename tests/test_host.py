@@ -328,6 +328,37 @@ def test_chunk_source_may_reuse_its_buffer():
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
 
 
+def _aligned(shape):
+    """A 64-byte aligned float64 buffer: the alignment at which a CPU ``device_put`` shares numpy memory."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + 8)
+    offset = (-raw.ctypes.data % 64) // 8
+    return raw[offset : offset + size].reshape(shape)
+
+
+def test_chunk_source_may_refill_whole_chunks():
+    """A reader that refills one aligned buffer of exactly ``chunk_size`` rows: each whole piece was a
+    view of it, put on the device (where the CPU aliases it) one piece ahead, so the next refill overwrote
+    it before use (norm scores off by 2.5e-2, leverage off or a false "different data" error). Whole
+    pieces of a chunk source are copies now."""
+    params = mlp_params(3, (D, 4, 1))
+    xs, ys = _data()
+    chunk = 10
+    bx, by = _aligned((chunk, D)), _aligned((chunk,))
+
+    def source():
+        for start in range(0, N - N % chunk, chunk):
+            bx[:], by[:] = xs[start : start + chunk], ys[start : start + chunk]
+            yield bx, by
+
+    n = N - N % chunk
+    dual = nj.dual_matrix(MLP, params, xs[:n], ys[:n], num_nodes=16)
+    got = nj.streaming_norm_scores(MLP, params, source, chunk_size=chunk, num_nodes=16)
+    np.testing.assert_allclose(got, nj.norm_scores(dual), rtol=1e-12, atol=1e-15)
+    got = nj.streaming_leverage_scores(MLP, params, source, chunk_size=chunk, num_nodes=16)
+    np.testing.assert_allclose(got, nj.leverage_scores(dual), rtol=1e-9, atol=1e-12)
+
+
 def test_rechunk_never_copies_a_shard_whole(tmp_path):
     """A shard that does not start on a chunk boundary (after a 10-row shard) is sliced, not copied:
     traced allocations stay about one chunk (measured 16.2 MB, the whole 16 MB shard, before)."""

@@ -285,3 +285,54 @@ def test_sample_size_rank_must_be_an_integer(rank):
 def test_sample_size_rank_zero_array():
     with pytest.raises(ValueError, match=r"rank must be a positive integer, got 0"):
         nj.sample_size(0.5, 0.1, jnp.asarray(0, jnp.int32))
+
+
+def test_traced_alpha_and_all_zero_norms_are_checked_under_checkify():
+    """A traced ``alpha`` outside [0, 1] gave negative probabilities (alpha = 3: -0.65) and a traced
+    all-zero F gave NaN norm scores, with no error even inside ``traced_checks``; both are checks now."""
+
+    def mix(p, alpha):
+        with nj.traced_checks():
+            return nj.mix_with_uniform(p, alpha)
+
+    def norms(F):
+        with nj.traced_checks():
+            return nj.norm_scores(F)
+
+    p = jnp.asarray([0.7, 0.1, 0.1, 0.1])
+    mixed = jax.jit(checkify.checkify(mix, errors=checkify.user_checks))
+    err, value = mixed(p, 0.5)
+    assert err.get() is None
+    np.testing.assert_allclose(value, 0.5 * np.asarray(p) + 0.125, rtol=1e-15)
+    for alpha in (3.0, -0.5):
+        assert "alpha must lie in [0, 1]" in mixed(p, alpha)[0].get()
+    scored = jax.jit(checkify.checkify(norms, errors=checkify.user_checks))
+    err, value = scored(jnp.eye(3))
+    assert err.get() is None
+    np.testing.assert_allclose(value, np.full(3, 1 / 3), rtol=1e-15)
+    assert "F is all zeros" in scored(jnp.zeros((5, 3)))[0].get()
+
+
+@pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
+def test_basis_puts_its_orthonormal_columns_first(route):
+    """An all-zero input column left its zero basis column in place on the Gram routes, so the first
+    ``rank`` columns missed a direction of range(F) (relative residual 0.48 instead of ~1e-16)."""
+    X = np.random.default_rng(15).standard_normal((50, 4))
+    F = np.c_[np.zeros(50), X[:, :2], np.zeros(50), X[:, 2:]]
+    U, rank, _ = nj.orthonormal_basis(F, route=route)
+    U = np.asarray(U)
+    assert int(rank) == 4
+    np.testing.assert_allclose(np.linalg.norm(U, axis=0), [1, 1, 1, 1, 0, 0], atol=1e-12)
+    first = U[:, :4]
+    np.testing.assert_allclose(first.T @ first, np.eye(4), atol=1e-12)
+    assert np.linalg.norm(X - first @ (first.T @ X)) < 1e-12 * np.linalg.norm(X)
+
+
+def test_float64_host_input_beyond_float32_is_named_without_x64():
+    """Without jax_enable_x64 a finite 1e100 column became Inf in the cast, reported as "F contains
+    NaN or Inf" (norm scores) or "FᵀF overflows float32" (leverage); the cast is named now."""
+    F = np.random.default_rng(0).standard_normal((20, 3)) * np.array([1e100, 1, 1])
+    with jax.enable_x64(False):
+        for fn in (nj.leverage_scores, nj.norm_scores):
+            with pytest.raises(ValueError, match="F cast to float32 \\(finite values beyond its range"):
+                fn(F)

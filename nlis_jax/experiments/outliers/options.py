@@ -226,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         nlis_jax.experiments.datasets.DatasetNotFoundError: when Fashion-MNIST is not found.
     """
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except (TypeError, ValueError) as exc:  # a bad option value: a usage error naming it, no traceback
+        print(f"nlis-jax outliers: error: {exc}", file=sys.stderr)
+        return 2
     progress = getattr(args, "progress", None)
     out = getattr(args, "out", None)
     try:
