@@ -344,3 +344,16 @@ def test_cli_tiny_fashion_mnist_study(tmp_path, monkeypatch, capsys):
     assert result["num_features"] == STUDY_D
     assert all(0.0 <= m["auroc"] <= 1.0 for m in result["metrics"].values())
     assert (out / f"grid_{result['best_nonlinear']}.png").is_file() and (out / "grid_loss.png").is_file()
+
+
+def test_foreign_corruption_with_every_class_is_refused_before_loading(monkeypatch):
+    """``--classes all --corruption foreign`` loaded all 60,000 images, then failed in the foreign load."""
+    from nlis_jax.experiments.outliers import config as cfg
+    from nlis_jax.experiments.outliers import study
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the images were loaded before the options were checked")
+
+    monkeypatch.setattr(study, "_stages", no_load)
+    with pytest.raises(ValueError, match="needs a class outside classes"):
+        study.run_outlier_study(cfg.OutlierConfig(classes=None, corruption="foreign"), progress=False)

@@ -287,6 +287,9 @@ def run_outlier_study(
         raise ValueError('dtype="float64" needs jax.config.update("jax_enable_x64", True).')
     if config.corruption == "foreign" and data is not None and foreign is None:
         raise ValueError('corruption="foreign" with your own data needs foreign= (replacement inputs).')
+    if config.corruption == "foreign" and config.classes is None and foreign is None:
+        # every class is in the task, so none is left to load foreign images from: say so before loading
+        raise ValueError('corruption="foreign" needs a class outside classes; all 10 are in the task.')
     partial = {"stages_done": [], "config": dataclasses.asdict(config), "timings": {}}
     try:
         result = _stages(config, data, foreign, out_dir, progress, partial)
