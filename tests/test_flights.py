@@ -273,3 +273,19 @@ def test_convergence_check_compares_with_an_earlier_loss():
     losses = np.array([1800.0, 143.18, 112.13])  # a 2-step trace
     k = fl._tail_offset(len(losses) - 1)
     assert abs(losses[-k - 1] - losses[-1]) / losses[-1] > 0.2
+
+
+def test_wall_time_counts_the_full_fit_for_protocols_that_start_from_theta_star():
+    """A star-only summary charged 0 s of one-off cost to uniform sampling, whose fits start from θ*."""
+    from nlis_jax.experiments import flights as fl
+
+    costs = {"pilot_fit_s": 2.0, "linear_score_s": 0.5, "oracle_score_s": 3.0, "refine_fit_s": 1.0}
+    rec = {"size": 100, "ratio": {"median": 1.01}, "fit_s": 0.1}
+    full = {"loss": 1.0, "time_s": 10.0, "trace": [[0.0, 2.0], [5.0, 1.02], [10.0, 1.0]]}
+    for protocol, extra in (("star", 10.0), ("gauss_newton", 10.0), ("pilot", 0.0), ("common", 0.0)):
+        grids = {protocol: {"uniform": [rec], "pilot_leverage": [rec]}}
+        rows = fl.wall_time_summary({"grids": grids, "full": full, "costs": costs})
+        one_off = {row["method"]: row["one_off_s"] for row in rows}
+        pilot = 2.0 if protocol == "pilot" else 0.0
+        assert one_off["uniform"] == extra + pilot
+        assert one_off["pilot_leverage"] == extra + 2.0 + 3.0
