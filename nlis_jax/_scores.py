@@ -212,10 +212,10 @@ def norm_scores(F: Array) -> Array:
         "norm_scores: F is all zeros, so row norms give no distribution (entries below the smallest "
         "normal number of the dtype, subnormal, count as zero on CPUs: rescale such a matrix first)."
     )
-    if is_concrete(total) and not float(total) > 0:
-        raise ValueError(message)
     if not is_concrete(total):  # a checkify check inside nlis_jax.traced_checks(), else nothing
         traced.check(total > 0, message)
+    elif not float(total) > 0:
+        raise ValueError(message)
     return (sq / total).astype(input_dtype(F))
 
 

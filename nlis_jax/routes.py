@@ -124,7 +124,7 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
             "rescale the columns)",
             F,
         )
-    if check_values:
+    elif check_values:  # (a narrowed array was just checked, under the cast's name)
         check_finite(name, F)
     return F.reshape(-1, F.shape[-1]).astype(compute_dtype(F.dtype)), F.shape[:-1]
 

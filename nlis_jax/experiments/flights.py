@@ -827,14 +827,9 @@ def _time_to_loss(trace, target: float) -> float | None:
 _FROM_STAR = ("star", "gauss_newton")
 
 
-def _one_off(method: str, protocol: str, costs: dict, full_s: float = 0.0) -> float:
-    """Seconds spent once before the sample fits: the full-data fit for a protocol that starts from θ*
-    (``full_s``), plus :func:`_one_off_scores`."""
-    return (full_s if protocol in _FROM_STAR else 0.0) + _one_off_scores(method, protocol, costs)
-
-
-def _one_off_scores(method: str, protocol: str, costs: dict) -> float:
-    """Pilot fit (if used), scoring, refinement."""
+def _one_off(method: str, protocol: str, costs: dict) -> float:
+    """Seconds spent once before the sample fits: pilot fit (if used), scoring, refinement (and, added by
+    :func:`wall_time_summary`, the full-data fit of a protocol in :data:`_FROM_STAR`)."""
     score = costs.get("oracle_score_s", 0.0)  # steady-state dual scoring (the pilot's first call compiles)
     pilot = costs["pilot_fit_s"] if protocol == "pilot" or method.endswith("_leverage") else 0.0
     if method == "uniform":
@@ -864,11 +859,12 @@ def wall_time_summary(summary: dict, *, protocol: str | None = None, sweep: int 
     grids = summary["grids"]
     protocol = protocol or ("pilot" if "pilot" in grids else next(iter(grids)))
     loss, trace, costs = summary["full"]["loss"], summary["full"]["trace"], summary["costs"]
+    full_fit_s = summary["full"]["time_s"]
     rows = []
     for method, recs in grids[protocol].items():
         if method == "nonlinear_leverage":
             continue
-        one_off = _one_off(method, protocol, costs, summary["full"]["time_s"])
+        one_off = _one_off(method, protocol, costs) + (full_fit_s if protocol in _FROM_STAR else 0.0)
         for rec in recs:
             ratio = rec["ratio"]["median"]
             full_s = _time_to_loss(trace, ratio * loss)
