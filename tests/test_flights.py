@@ -289,3 +289,70 @@ def test_wall_time_counts_the_full_fit_for_protocols_that_start_from_theta_star(
         pilot = 2.0 if protocol == "pilot" else 0.0
         assert one_off["uniform"] == extra + pilot
         assert one_off["pilot_leverage"] == extra + 2.0 + 3.0
+
+
+@needs_data
+def test_every_draw_and_fit_gets_its_own_key(monkeypatch):
+    """No key feeds two consumers: a sample draw and the Adam minibatches of the fit on that sample used to
+    share one key (so the batch indices were functions of the draw's randomness)."""
+    import nlis_jax.experiments.flights as fl
+
+    seen = []
+
+    def recording(fn, position):
+        def wrapped(*args, **kwargs):
+            seen.append((fn.__name__, tuple(np.asarray(jax.random.key_data(args[position])).ravel())))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(fl, "_draw", recording(fl._draw, 0))
+    monkeypatch.setattr(fl, "_fit", recording(fl._fit, 4))
+    cfg = fl.FlightsStudyConfig(
+        model="mlp",
+        limit=1500,
+        hidden=(3,),
+        sizes=(100, 200),
+        repeats=2,
+        epochs=1,
+        batch_size=256,
+        sample_steps=4,
+        refits=0,
+        protocols=("common", "pilot"),
+        methods=("uniform", "pilot_leverage"),
+        pilot_size=100,
+        refine_size=100,
+    )
+    fl.run_flights_study(cfg, jax.random.key(3))
+    # pilot and refinement (draw + fit each); 2 sizes x 2 methods drawn once, fitted under each of the
+    # 2 protocols; one full-data same-steps fit per protocol
+    assert len(seen) == 4 + 2 * 2 + 2 * 2 * 2 + 2
+    keys = [k for _, k in seen]
+    assert len(set(keys)) == len(keys), "a key was consumed twice"
+
+
+@needs_data
+def test_ctrl_c_writes_the_finished_steps(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the grid: exit 130 and a results.json marked partial holding the full-data fit, the
+    scores and every cell fitted before the interrupt (the third fit of the grid is interrupted)."""
+    from nlis_jax import cli
+    from nlis_jax.experiments import flights as fl
+
+    fit, calls = fl._fit, []
+
+    def interrupted_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 + 3:  # pilot and refinement fits, then two grid cells
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(fl, "_fit", interrupted_fit)
+    monkeypatch.setenv("NLIS_SMALL", "1")
+    code = cli.main(["run", "--dataset", "flights", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["partial"] is True and record["seed"] == 0 and record["full"]["loss"] > 0
+    assert record["costs"]["pilot_fit_s"] >= 0 and "n_max" in record["oracle_leverage"]
+    cells = [rec for recs in record["grids"]["converged"].values() for rec in recs]
+    assert len(cells) == 2 and all(np.all(np.isfinite(rec["values"])) for rec in cells)
+    assert not (tmp_path / "flights.md").exists()

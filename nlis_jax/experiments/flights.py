@@ -59,6 +59,7 @@ from nlis_jax.experiments import kernels
 from nlis_jax.experiments.checks import positive_int_arg, sizes_arg
 from nlis_jax.experiments.datasets import load_flights
 from nlis_jax.experiments.report import quantiles
+from nlis_jax.experiments.runner import StudyInterrupted
 
 __all__ = [
     "FLIGHTS_METHODS",
@@ -615,14 +616,14 @@ def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, d
         linear = nj.linear_leverage_scores(setup.xs, setup.ys, bias=setup.mlp)
         probs["linear_leverage"] = jax.block_until_ready(_mix(linear, cfg.mix))
     costs = {"linear_score_s": time.perf_counter() - t0}
-    idx, w = _draw(k_pilot, probs["uniform"], _rows(cfg.pilot_size, n), 1)
-    pilot, costs["pilot_fit_s"], _ = _fit(
-        setup, setup.theta0, idx, w, k_pilot, learning_rate=cfg.learning_rate
-    )
+    k_draw, k_fit = jax.random.split(k_pilot)
+    idx, w = _draw(k_draw, probs["uniform"], _rows(cfg.pilot_size, n), 1)
+    pilot, costs["pilot_fit_s"], _ = _fit(setup, setup.theta0, idx, w, k_fit, learning_rate=cfg.learning_rate)
     pilot = _index(pilot, 0)
     probs["pilot_leverage"], costs["pilot_score_s"] = _dual_leverage(setup, pilot)
-    idx, w = _draw(k_refine, probs["pilot_leverage"], _rows(cfg.refine_size, n), 1)
-    refined, costs["refine_fit_s"], _ = _fit(setup, pilot, idx, w, k_refine, learning_rate=cfg.learning_rate)
+    k_draw, k_fit = jax.random.split(k_refine)
+    idx, w = _draw(k_draw, probs["pilot_leverage"], _rows(cfg.refine_size, n), 1)
+    refined, costs["refine_fit_s"], _ = _fit(setup, pilot, idx, w, k_fit, learning_rate=cfg.learning_rate)
     probs["refined_leverage"], costs["refine_score_s"] = _dual_leverage(setup, _index(refined, 0))
     probs["nonlinear_leverage"], costs["oracle_score_s"] = _dual_leverage(setup, full["params"])
     if "residual_leverage" in cfg.methods:
@@ -646,32 +647,47 @@ def _noise_floor(setup: _Setup, full: dict, loss, test_loss, key) -> dict | None
     return {"ratio": train, "test_ratio": test, "time_s": times}
 
 
-def _grid(setup: _Setup, probs: dict, start, protocol: str, key, loss, test_loss) -> dict:
-    """Ratios on the full training data and held out, per scheme and size, from one starting point."""
+def _samples(setup: _Setup, probs: dict, key) -> dict:
+    """``R = repeats`` weighted samples per (scheme, size): ``{(method, size): (idx (R, s), w (R, s))}``.
+
+    Drawn once and fitted under every protocol, so protocols are compared on the same samples.
+    """
+    cfg = setup.config
+    sizes = sorted({_rows(s, setup.n) for s in cfg.sizes})
+    return {
+        (method, size): _draw(
+            jax.random.fold_in(jax.random.fold_in(key, j), size), probs[method], size, cfg.repeats
+        )
+        for size in sizes
+        for j, method in enumerate(cfg.methods)
+    }
+
+
+def _grid(setup: _Setup, samples: dict, start, protocol: str, key, loss, test_loss, *, out: dict) -> None:
+    """Ratios on the full training data and held out, per scheme and size, from one starting point.
+
+    Appends one record per fitted cell to ``out[method]`` as it finishes (an interrupt keeps them).
+    """
     cfg = setup.config
     lr = cfg.sample_lr if protocol == "star" else cfg.learning_rate
-    out = {m: [] for m in cfg.methods}
-    for size in sorted({_rows(s, setup.n) for s in cfg.sizes}):
-        for j, method in enumerate(cfg.methods):
-            k = jax.random.fold_in(jax.random.fold_in(key, j), size)
-            idx, w = _draw(k, probs[method], size, cfg.repeats)
-            newton = protocol == "gauss_newton"
-            params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr, newton=newton)
-            ratio = _losses(setup, params) / loss
-            test = _losses(setup, params, test=True) / test_loss
-            out[method].append(
-                {
-                    "size": size,
-                    "fraction": size / setup.n,
-                    "ratio": quantiles(ratio),
-                    "test_ratio": quantiles(test),
-                    "values": ratio.tolist(),
-                    "test_values": test.tolist(),
-                    "fit_s": seconds / cfg.repeats,
-                    "max_rel_change": change,
-                }
-            )
-    return out
+    for i, ((method, size), (idx, w)) in enumerate(samples.items()):
+        newton = protocol == "gauss_newton"
+        k = jax.random.fold_in(key, i)
+        params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr, newton=newton)
+        ratio = _losses(setup, params) / loss
+        test = _losses(setup, params, test=True) / test_loss
+        out[method].append(
+            {
+                "size": size,
+                "fraction": size / setup.n,
+                "ratio": quantiles(ratio),
+                "test_ratio": quantiles(test),
+                "values": ratio.tolist(),
+                "test_values": test.tolist(),
+                "fit_s": seconds / cfg.repeats,
+                "max_rel_change": change,
+            }
+        )
 
 
 def _same_steps(setup: _Setup, start, protocol: str, key, loss, test_loss) -> dict | None:
@@ -694,33 +710,16 @@ def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -
 
     ``log(text)`` (optional) receives progress messages. Protocols: the single-index model runs one grid
     (``"converged"``: LM to the sample optimum from θ = 0); the MLP one grid per ``config.protocols``.
+
+    Raises:
+        StudyInterrupted: on Ctrl-C after loading, with the summary so far (``"partial": True``): the
+            full-data fit, noise floor and scores once done, and every finished grid cell.
     """
     say = log or (lambda text: None)
     k_init, k_full, k_refit, k_pilot, k_refine, k_grid = jax.random.split(key, 6)
     setup = _Setup(config, k_init)
     _check_sizes(config, setup.n)
-    say(f"flights {setup.model}: n = {setup.n}, p = {setup.p}; full-data fit")
-    full = _full_fit(setup, setup.theta0, k_full)
-    loss = full["trace"][-1][1]
-    test_loss = float(_losses(setup, _batch1(full["params"]), test=True)[0])
-    say("noise floor (full-data refits)")
-    floor = _noise_floor(setup, full, loss, test_loss, k_refit)
-    say("scores")
-    probs, costs, starts = _scores(setup, full, k_pilot, k_refine)
-    leverage = np.asarray(probs["nonlinear_leverage"], np.float64)
-    if 0 < config.mix < 1:  # the diagnostics describe the leverage, not its mix with uniform
-        leverage = (leverage - config.mix / setup.n) / (1 - config.mix)
-    top = np.sort(leverage)[::-1][: max(1, setup.n // 100)].sum()
-    say("first-order prediction")
-    first_order = first_order_excess(setup, full["params"], probs)
-    protocols = config.protocols if setup.mlp else ("converged",)
-    grids, same_steps = {}, {}
-    for protocol in protocols:
-        say(f"grid, protocol {protocol}")
-        start = starts.get(protocol, setup.theta0)
-        same_steps[protocol] = _same_steps(setup, start, protocol, k_grid, loss, test_loss)
-        grids[protocol] = _grid(setup, probs, start, protocol, k_grid, loss, test_loss)
-    return {
+    summary = {
         "dataset": "flights",
         "model": setup.model,
         "n": setup.n,
@@ -728,22 +727,53 @@ def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -
         "p": setup.p,
         "features": setup.features,
         "config": dataclasses.asdict(config),
-        "full": {
-            "loss": loss,
-            "test_loss": test_loss,
-            "time_s": full["time_s"],
-            "rel_change": full["rel_change"],
-            "trace": full["trace"],
-        },
-        "noise_floor": floor,
-        "costs": costs,
-        "first_order": first_order,
-        "oracle_leverage": {"n_max": float(setup.n * leverage.max()), "top1pct_mass": float(top)},
-        "grids": grids,
-        "same_steps_full_data": same_steps,
         "backend": jax.default_backend(),
         "jax": jax.__version__,
     }
+    try:
+        _run_steps(setup, summary, say, k_full, k_refit, k_pilot, k_refine, k_grid)
+    except KeyboardInterrupt:
+        raise StudyInterrupted(dict(summary, partial=True)) from None
+    return summary
+
+
+def _run_steps(setup: _Setup, summary: dict, say, k_full, k_refit, k_pilot, k_refine, k_grid) -> None:
+    """The study's steps after loading; each adds its results to ``summary`` as soon as it finishes."""
+    config = setup.config
+    say(f"flights {setup.model}: n = {setup.n}, p = {setup.p}; full-data fit")
+    full = _full_fit(setup, setup.theta0, k_full)
+    loss = full["trace"][-1][1]
+    test_loss = float(_losses(setup, _batch1(full["params"]), test=True)[0])
+    summary["full"] = {
+        "loss": loss,
+        "test_loss": test_loss,
+        "time_s": full["time_s"],
+        "rel_change": full["rel_change"],
+        "trace": full["trace"],
+    }
+    say("noise floor (full-data refits)")
+    summary["noise_floor"] = _noise_floor(setup, full, loss, test_loss, k_refit)
+    say("scores")
+    probs, summary["costs"], starts = _scores(setup, full, k_pilot, k_refine)
+    leverage = np.asarray(probs["nonlinear_leverage"], np.float64)
+    if 0 < config.mix < 1:  # the diagnostics describe the leverage, not its mix with uniform
+        leverage = (leverage - config.mix / setup.n) / (1 - config.mix)
+    top = np.sort(leverage)[::-1][: max(1, setup.n // 100)].sum()
+    summary["oracle_leverage"] = {"n_max": float(setup.n * leverage.max()), "top1pct_mass": float(top)}
+    say("first-order prediction")
+    summary["first_order"] = first_order_excess(setup, full["params"], probs)
+    protocols = config.protocols if setup.mlp else ("converged",)
+    k_draws, k_fits = jax.random.split(k_grid)
+    samples = _samples(setup, probs, k_draws)
+    grids = summary["grids"] = {}
+    same_steps = summary["same_steps_full_data"] = {}
+    for i, protocol in enumerate(protocols):
+        say(f"grid, protocol {protocol}")
+        start = starts.get(protocol, setup.theta0)
+        k_same, k_protocol = jax.random.split(jax.random.fold_in(k_fits, i))
+        same_steps[protocol] = _same_steps(setup, start, protocol, k_same, loss, test_loss)
+        grids[protocol] = {m: [] for m in config.methods}
+        _grid(setup, samples, start, protocol, k_protocol, loss, test_loss, out=grids[protocol])
 
 
 def _cell(q: dict) -> str:
@@ -978,9 +1008,17 @@ _MLP_ONLY_OPTIONS = (
 )  # fmt: skip
 
 
+def _write_json(out: Path, summary: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path
+
+
 def run_flights(args: argparse.Namespace, argv: list[str]) -> int:
     """``nlis-jax run --dataset flights``: run the study, print the tables, write ``OUT/results.json``,
     ``OUT/flights.md`` and (unless ``--no-plots``) ``OUT/flights.png``; returns the exit code."""
+    from nlis_jax.cli import EXIT_INTERRUPTED
     from nlis_jax.experiments.datasets import DatasetNotFoundError
 
     try:
@@ -1004,10 +1042,14 @@ def run_flights(args: argparse.Namespace, argv: list[str]) -> int:
     except SampleSizeError as exc:  # raised before the full-data fit
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
         return 2
+    except StudyInterrupted as stop:
+        partial = dict(stop.summary, seed=args.seed, argv=list(argv), wall_s=time.perf_counter() - t0)
+        path = _write_json(Path(args.out), partial)
+        print(f"nlis-jax run: interrupted; the finished steps written to {path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     summary.update(seed=args.seed, argv=list(argv), wall_s=time.perf_counter() - t0)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _write_json(out, summary)
     tables = format_flights_tables(summary) + "\n\nWall time:\n\n" + format_wall_time(summary)
     (out / "flights.md").write_text(tables + "\n")
     written = [out / "results.json", out / "flights.md"]
