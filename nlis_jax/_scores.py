@@ -189,14 +189,17 @@ def leverage_scores(
         if float(ridge) > float(jnp.finfo(rows.dtype).max):
             raise ValueError(f"ridge = {ridge} overflows F's dtype {rows.dtype}.")
         lam = jnp.asarray(ridge, rows.dtype)
-        h, eff_dim = routes.ridge_row_leverage(rows, lam, lead)
-        if is_concrete(h) and not bool(jnp.all(jnp.isfinite(h))):
+        probs, h, eff_dim, total = routes.ridge_row_leverage(rows, lam, lead)
+        check_rank(total)  # 0 only for an all-zero F
+        if is_concrete(probs) and not bool(jnp.all(jnp.isfinite(probs))):
             raise ValueError(
                 f"the ridge leverage of F is not finite in {rows.dtype}: F's Gram matrix plus the ridge "
                 "is out of this dtype's range (columns whose squared norms span more than the range, or a "
                 "ridge far below them); compute in float64 or rescale F's columns."
             )
-        return as_leverage(h, eff_dim, jnp.asarray(0, jnp.int32), return_info, input_dtype(F))
+        dtype = input_dtype(F)
+        probs, h = probs.astype(dtype), h.astype(dtype)
+        return Leverage(probs, h, eff_dim.astype(dtype), jnp.asarray(0, jnp.int32)) if return_info else probs
     rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
     routes.raise_if_nonfinite("F", F, h)  # before the rank test: NaN input is not an all-zero matrix

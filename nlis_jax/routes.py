@@ -521,14 +521,19 @@ def upper_rows(A: Array, U: Array, row_norms: bool = False) -> Array:
     return jnp.concatenate([left, right], axis=1)
 
 
-def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array]:
-    """``(M, eff_dim)`` with ``‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
+def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array, Array]:
+    """``(M, scale, eff_dim)``: ``scale·‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
 
-    ``eff_dim = tr(G (G + λI)^{-1})``, the sum of the ridge leverage.
+    With ``G = V diag(λ_j) Vᵀ``, ``M = V diag(w_j)^{1/2}``, ``w_j = (λ_min + λ)/(λ_j + λ) ∈ (0, 1]`` and
+    ``scale = 1/(λ_min + λ)``: the weights are relative to the largest, so ``‖(A M)_i‖²`` keeps full
+    precision (and the probabilities drawn from it) where the leverage itself is subnormal or underflows
+    (``λ ≫ ‖A‖²``, or ``λ = inf`` after scaling). ``eff_dim = Σ_j λ_j/(λ_j + λ) = tr(G (G + λI)^{-1})``.
     """
     lam, V = jnp.linalg.eigh(G)
     lam = jnp.maximum(lam, 0)
-    return V * lax.rsqrt(lam + ridge)[None, :], jnp.sum(lam / (lam + ridge))
+    low = jnp.min(lam) + ridge
+    w = 1 / (1 + (lam - jnp.min(lam)) / low)  # (λ_min + λ)/(λ_j + λ), finite for λ = inf
+    return V * jnp.sqrt(w)[None, :], 1 / low, jnp.sum(lam / (lam + ridge))
 
 
 @functools.partial(jax.jit, static_argnames=("route", "row_norms"))
@@ -786,12 +791,18 @@ def _gram_leverage(A: Array, rtol: Array, route: str | None) -> tuple[Array, Arr
 
 @functools.partial(jax.jit, static_argnames=("lead",))
 @highest_precision
-def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array]:
-    """Ridge leverage of the rows of ``A`` summed per example, and the effective dimension ``Σ h``."""
+def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
+    """``(probs, h, eff_dim, total)``: ridge leverage ``h`` of the rows of ``A`` summed per example, its
+    probabilities ``h/Σh``, the effective dimension ``Σ h`` and ``total``, 0 only for an all-zero ``A``.
+
+    The probabilities come from the relatively weighted row norms of :func:`ridge_transform`, not from
+    ``h``: with a ridge far above ``‖A‖²`` the leverage is subnormal or 0 while they stay exact.
+    """
     # A (AᵀA + λI)⁻¹ Aᵀ = (cA)((cA)ᵀ(cA) + c²λI)⁻¹(cA)ᵀ: one power of two c for the whole matrix
     # (the ridge fixes a scale, so columns cannot be scaled apart) keeps AᵀA from overflowing
     _, e = jnp.frexp(jnp.max(jnp.abs(A)))
     A, ridge = jnp.ldexp(A, -e), jnp.ldexp(ridge, -2 * e)
-    M, _ = ridge_transform(gram(A), ridge)
-    h = sum_per_example(transform_rows(A, M, row_norms=True), lead)
-    return h, jnp.sum(h)
+    M, scale, eff_dim = ridge_transform(gram(A), ridge)
+    rel = sum_per_example(transform_rows(A, M, row_norms=True), lead)
+    total = jnp.sum(rel)
+    return rel / total, rel * scale, eff_dim, total

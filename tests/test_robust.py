@@ -204,6 +204,28 @@ def test_ridge_leverage_at_extreme_scale():
         np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "scale", "ridge"),
+    [
+        (jnp.float32, 1.0, 3e37),
+        (jnp.float32, 1e-3, 1e37),
+        (jnp.float32, 1e-20, 1e-7),
+        (jnp.float64, 1.0, 1e305),
+    ],
+)
+def test_ridge_far_above_the_gram_gives_row_norm_probabilities(dtype, scale, ridge):
+    """As λ/‖F‖² → ∞, F(FᵀF + λI)⁻¹Fᵀ = FFᵀ/λ − O(‖F‖⁴/λ²): the probabilities tend to the row norms.
+    Here λ/‖F‖² ≥ 1e28 and the raw leverage is subnormal or 0; the probabilities used to come from it
+    (relative errors up to 1, a row given probability 0) and must match the row norms to rounding."""
+    F = _matrix(200, 5, np.float64) * scale
+    out = nj.leverage_scores(jnp.asarray(F, dtype), ridge=ridge, return_info=True)
+    ref = np.sum(F * F, axis=1) / np.sum(F * F)
+    np.testing.assert_allclose(np.asarray(out.probs, np.float64), ref, rtol=RTOL[dtype])
+    h, eff = np.asarray(out.leverage, np.float64), float(out.rank)
+    assert out.probs.dtype == dtype and np.all(h >= 0) and 0 <= eff <= 1e-25
+    np.testing.assert_allclose(h, eff * ref, rtol=1e-3, atol=float(np.finfo(dtype).smallest_normal) * 1e-3)
+
+
 def test_all_zero_dual_is_a_clear_error():
     def constant(th, x):  # does not depend on θ; f(0) = y = 0 on every point
         return 0.0 * jnp.sum(th) * jnp.sum(x)
