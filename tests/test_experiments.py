@@ -149,13 +149,14 @@ def test_on_grid_and_the_timed_runs(tiny, monkeypatch):
         futures.append(pool.submit(lambda: (begun.wait(10), time.sleep(0.2))))
         return futures[-1]
 
-    original = wall_time._one_run
+    original, used = wall_time._one_run, []  # used: every (pilot, sample) key the runs consumed
 
     def one_run(*args, **kwargs):
         begun.set()  # the background work ends 0.2 s after the comparison's first run begins
         done, before = futures[0].done(), kernels.compile_stats()["count"]
         out = original(*args, **kwargs)
         calls.append((done, kernels.compile_stats()["count"] - before))
+        used.extend(tuple(np.asarray(jax.random.key_data(k)).ravel().tolist()) for k in args[0])
         return out
 
     monkeypatch.setattr(wall_time, "_one_run", one_run)
@@ -168,6 +169,7 @@ def test_on_grid_and_the_timed_runs(tiny, monkeypatch):
     assert not warm[0][0]  # the warm-up began beside the background work
     assert len(timed) == 3 * methods and all(done and compiled == 0 for done, compiled in timed), timed
     assert set(result.summary["timing"]["methods"]) == set(wall_time.TIMED_METHODS)
+    assert len(used) == 2 * len(calls) == len(set(used))  # the warm-up's keys are not a timed run's
     for method in ex.METHODS:  # the same values as without on_grid
         np.testing.assert_array_equal(result.ratios[method], first.ratios[method])
 

@@ -411,7 +411,9 @@ def _run_strategy(key, name, problem, config, loss_star, rows: list) -> np.ndarr
 def run_active_study(key: jax.Array, config: ActiveStudyConfig) -> dict:
     """Run every strategy of ``config`` for ``config.repeats`` repeats; JSON-ready results.
 
-    The repeats of every strategy share their keys (same seed sets, same initial networks).
+    The repeats of every strategy share their keys on purpose (common random numbers, so strategies are
+    compared on paired runs): the same seed sets, the same initial networks and, in every round, the
+    same random numbers behind each draw; strategies differ only in their probabilities.
 
     Returns:
       ``{"dataset", "n", "budgets", "strategies": {name: {"median", "q25", "q75"}}, "settings"}``:

@@ -142,15 +142,16 @@ def compare_wall_time(
         "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
         "methods": {},
     }
-    run_keys = {  # per scheme and run, the (pilot, sample) keys, each of shape (1,): split(run key, 2)
-        method: [prng.split_tuple(rkey, 2, batched=True) for rkey in prng.split_tuple(mkey, runs)]
+    run_keys = {  # per scheme: each timed run's (pilot, sample) keys, then the warm-up's; each of shape (1,)
+        method: [prng.split_tuple(rkey, 2, batched=True) for rkey in prng.split_tuple(mkey, runs + 1)]
         for method, mkey in zip(methods, prng.split_tuple(key, len(methods)), strict=True)
     }
     for method in methods:  # warm-up, untimed: compiles every program of the timed runs
-        _one_run(run_keys[method][0], method, problem, full, params0, size, config)
+        _one_run(run_keys[method][-1], method, problem, full, params0, size, config)
     if wait_for is not None:  # nothing runs beside the timed runs
         concurrent.futures.wait([wait_for])
     for method in methods:
-        rows = [_one_run(keys, method, problem, full, params0, size, config) for keys in run_keys[method]]
+        timed = run_keys[method][:-1]
+        rows = [_one_run(keys, method, problem, full, params0, size, config) for keys in timed]
         out["methods"][method] = _medians(rows)
     return out
