@@ -751,6 +751,18 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     return losses, (total + jnp.sum(weighted), count + bad, negative + neg)
 
 
+def _losses_dtype(losses_fn, apply_fn, loss_fn, params, xs, ys):
+    """The dtype of ``losses_fn`` on host arrays ``xs``, ``ys`` (as placed on the device), by tracing."""
+
+    def spec(a):
+        return jax.ShapeDtypeStruct((1, *a.shape[1:]), jax.dtypes.canonicalize_dtype(a.dtype))
+
+    def losses(x, y):
+        return losses_fn(apply_fn, loss_fn, params, x, y)
+
+    return jax.eval_shape(losses, jax.tree.map(spec, xs), spec(ys)).dtype
+
+
 def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels=None) -> tuple[Source, int]:
     """The ``(x, y, w)`` chunk source of host data for the losses (shape checks first).
 
@@ -828,12 +840,16 @@ def host_losses(
     ``apply_fn`` and ``loss_fn`` are hashable (static). ``check_labels``: see :func:`loss_source`.
     """
     source, chunk = loss_source(apply_fn, params, xs, ys, weights, chunk_size, check_labels)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
+    # the losses' own dtype, as on the device (the model's output, not the params'); a chunk source's
+    # shows with its first chunk
+    dtype = None if callable(xs) else _losses_dtype(losses_fn, apply_fn, loss_fn, params, xs, ys)
     step = functools.partial(_loss_step, losses_fn, apply_fn, loss_fn, params)
-    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
+    low = jnp.promote_types(dtype or jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+    state = {"carry": (jnp.zeros((), low), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
 
-    def one(piece, valid):
+    def one(piece, valid):  # the running total in at least float32 (a float16 sum drifts over chunks)
         losses, state["carry"] = step(state["carry"], piece, valid)
+        state["dtype"] = losses.dtype
         return losses
 
     if per_example:
@@ -842,6 +858,7 @@ def host_losses(
         for piece, valid in staged(source, chunk):
             one(piece, valid)
     total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
+    total = total.astype(state.get("dtype", total.dtype))
     if int(bad):
         raise ValueError(f"xs, ys or weights contain {int(bad)} NaN or Inf value(s); clean the input first.")
     if int(negative):
