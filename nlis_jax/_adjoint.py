@@ -410,7 +410,7 @@ def identity_tol(rtol: float, p: int, dtype) -> float:
     return max(rtol, 32 * math.sqrt(p) * float(jnp.finfo(dtype).eps))
 
 
-def _in_float32(tree: PyTree) -> PyTree:
+def in_float32(tree: PyTree) -> PyTree:
     """``tree`` with its half-precision (float16, bfloat16) leaves cast to float32 (exact)."""
 
     def one(a):
@@ -432,7 +432,7 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
     cast back to half precision is counted too.
     """
     if routes.compute_dtype(shape.dtype) != shape.dtype:
-        params, xs = _in_float32(params), _in_float32(xs)
+        params, xs = in_float32(params), in_float32(xs)
         wide = shape._replace(dtype=routes.compute_dtype(shape.dtype))
         args = (apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
         adj, info = adaptive_adjoint(*args, report=report)
@@ -481,6 +481,11 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
         shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
         return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, None, MAX_PANELS)[0]
     mode = resolve_mode(mode, p, k)
+    wide = routes.compute_dtype(theta.dtype)
+    if wide != theta.dtype:  # half precision: evaluate and sum the nodes in float32, round back once
+        model = model._replace(theta=theta.astype(wide))  # a one-dtype unravel keeps float32 leaves
+        adj = flat_adjoint(model, in_float32(xs), num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+        return adj.astype(theta.dtype)
     nodes, weights = gauss_legendre(num_nodes, theta.dtype)
     if chunk_size is None:
         chunk_size = fixed_rule_chunk_size(model.n, p, k, mode)

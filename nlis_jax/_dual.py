@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlis_jax import routes
 from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo
 from nlis_jax._adjoint import (
     adaptive_adjoint,
@@ -22,6 +23,7 @@ from nlis_jax._adjoint import (
     count_bad_examples,
     flat_adjoint,
     flatten_model,
+    in_float32,
     model_outputs,
     nonfinite_adjoint,
 )
@@ -189,18 +191,20 @@ def dual_operator(
     p, dtype = shape.p, shape.dtype
     theta_tilde, offset, bad_offset = _operator_data(apply_fn, params, xs, ys)
     report_nonfinite(bad_offset, shape.n, nonfinite_offset)
-    nodes, weights = gauss_legendre(num_nodes, dtype)
     out_shape = (shape.n,) + shape.out_shape
-
+    wide = routes.compute_dtype(dtype)
+    if wide != dtype:  # half precision: products evaluated and summed in float32, rounded back once
+        params, xs, offset = in_float32(params), in_float32(xs), offset.astype(wide)
+    nodes, weights = gauss_legendre(num_nodes, wide)
     args = (apply_fn, params, xs, offset, nodes, weights)
 
     def mv(v):
         v = _operand("mv", "a vector", "v", v, (p + 1,), dtype)
-        return _dual_mv(*args, v)
+        return _dual_mv(*args, v.astype(wide)).astype(dtype)
 
     def rmv(u):
         u = _operand("rmv", "an array", "u", u, out_shape, dtype)
-        return _dual_rmv(*args, u)
+        return _dual_rmv(*args, u.astype(wide)).astype(dtype)
 
     return DualOperator(mv, rmv, out_shape + (p + 1,), dtype, theta_tilde)
 

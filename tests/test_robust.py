@@ -117,6 +117,36 @@ def test_half_precision_adjoint_at_default_is_float32_accurate_without_warning(d
     np.testing.assert_array_equal(np.asarray(dual[:, :-1]), np.asarray(adj))
 
 
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16))
+@pytest.mark.parametrize("mode", ("forward", "reverse"))
+def test_half_precision_fixed_rule_sums_in_float32(dtype, mode):
+    """A fixed rule on a half-precision model evaluates and sums its nodes in float32 and rounds once, as
+    the adaptive rule does. sin(θ·x) near θ·x = π cancels along the path: the half-precision sum was
+    21–33 ulps off; θ·x has the adjoint x exactly, whose half-precision sum of 32 weights gave 0.9922."""
+    sine = lambda th, x: jnp.sin(jnp.dot(th, x))  # noqa: E731
+    rng = np.random.default_rng(21)
+    xs = jnp.asarray(rng.uniform(0.9, 1.1, (20, 4)), dtype)
+    theta = jnp.asarray(np.full(4, np.pi / 4), dtype)
+    ulp = float(jnp.finfo(dtype).eps)
+    for f, q in ((sine, 16), (lambda th, x: jnp.dot(th, x), 32)):
+        adj = nj.adjoint(f, theta, xs, num_nodes=q, mode=mode)
+        dual = nj.dual_matrix(f, theta, xs, jnp.zeros(20, dtype), num_nodes=q, mode=mode)
+        ref = nj.adjoint(f, theta.astype(jnp.float32), xs.astype(jnp.float32), num_nodes=q, mode=mode)
+        assert adj.dtype == dual.dtype == dtype
+        np.testing.assert_allclose(np.asarray(adj, np.float32), ref, rtol=ulp / 2 + 1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(dual[:, :-1]), np.asarray(adj))
+    if mode == "forward":  # the matrix-free operator too: F̃v and F̃ᵀu in float32, rounded once
+        op = nj.dual_operator(sine, theta, xs, num_nodes=16)
+        op32 = nj.dual_operator(sine, theta.astype(jnp.float32), xs.astype(jnp.float32), num_nodes=16)
+        v, u = jnp.asarray(rng.standard_normal(5), dtype), jnp.asarray(rng.standard_normal(20), dtype)
+        for got, ref in (
+            (op.mv(v), op32.mv(v.astype(jnp.float32))),
+            (op.rmv(u), op32.rmv(u.astype(jnp.float32))),
+        ):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=ulp / 2 + 1e-5, atol=1e-5)
+
+
 def test_float32_adjoint_columns_near_1e19_keep_a_finite_error_estimate():
     # x ≈ −4.5e23 with W ≈ 2e-22 (pre-activation −95): the W-column of the adjoint is ~1e19, whose square
     # overflows float32. The error estimate and the norms are scaled, so they stay finite, the identity
