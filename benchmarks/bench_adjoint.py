@@ -206,8 +206,9 @@ def sweep_model(family: str, size: int, args, dtype, key):
 
 def sweep_point(family: str, size: int, args, dtype, key) -> dict:
     """Forward and reverse adjoints of one model: checked against each other, then timed."""
-    model, params, d = sweep_model(family, size, args, dtype, key)
-    xs = jax.random.normal(jax.random.fold_in(key, 1), (args.sweep_n, d), dtype)
+    k_model, k_x = jax.random.split(key)
+    model, params, d = sweep_model(family, size, args, dtype, k_model)
+    xs = jax.random.normal(k_x, (args.sweep_n, d), dtype)
     p = ravel_pytree(params)[0].shape[0]
     k = math.prod(jax.eval_shape(model, params, xs[0]).shape)
     runs = {m: Compiled(adjoint_fn(model, mode=m, num_nodes=args.nodes), params, xs) for m in SWEEP_MODES}

@@ -92,17 +92,23 @@ def num_params(d: int, h: int) -> int:
 
 def correctness(key) -> dict:
     """float64, small: ``dim ≥ p + 1`` is exact; below the rank the projection keeps ``dim`` directions."""
-    params, xs, ys = make_problem(key, n=300, d=6, h=4, dtype=jnp.float64)  # p + 1 = 34
+    k_data, k_emb = jax.random.split(key)
+    k_sparse, k_gaussian, k_kr, k_rank, k_outer, k_kr_check = jax.random.split(k_emb, 6)
+    params, xs, ys = make_problem(k_data, n=300, d=6, h=4, dtype=jnp.float64)  # p + 1 = 34
     ref = nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys))
     checks = {}
-    for embedding, dim in (("sparse", 34), ("gaussian", 34), ("khatri_rao", 34)):
-        probs = nj.projected_leverage_scores(key, MODEL, params, xs, ys, dim=dim, embedding=embedding)
+    for embedding, dim, k in (
+        ("sparse", 34, k_sparse),
+        ("gaussian", 34, k_gaussian),
+        ("khatri_rao", 34, k_kr),
+    ):
+        probs = nj.projected_leverage_scores(k, MODEL, params, xs, ys, dim=dim, embedding=embedding)
         err = float(np.max(np.abs(np.asarray(probs) - np.asarray(ref)) / np.asarray(ref)))
         checks[f"{embedding}_full_dim_max_rel"] = check(err, EXACT_RTOL)
-    info = nj.projected_leverage_scores(key, MODEL, params, xs, ys, dim=20, return_info=True)
+    info = nj.projected_leverage_scores(k_rank, MODEL, params, xs, ys, dim=20, return_info=True)
     checks["rank_below_full"] = check(abs(int(info.rank) - 20), 0)
-    checks["outer_product_vs_explicit_max_rel"] = check(outer_product_check(key), 1e-12)
-    held_out, rank_one = khatri_rao_check(key, params, xs, ys)
+    checks["outer_product_vs_explicit_max_rel"] = check(outer_product_check(k_outer), 1e-12)
+    held_out, rank_one = khatri_rao_check(k_kr_check, params, xs, ys)
     checks["khatri_rao_vs_explicit_max_rel"] = check(held_out, 1e-12)
     checks["khatri_rao_weight_blocks_rank_one"] = check(rank_one, 1e-10)
     return checks
@@ -120,14 +126,16 @@ def khatri_rao_check(key, params, xs, ys, dim: int = 12) -> tuple[float, float]:
     the largest ``σ₂ / σ₁`` over the columns and weight matrices.
     """
 
-    def project(x, y, chunk=None):
+    k_omega, k_x2, k_y2 = jax.random.split(key, 3)
+
+    def project(x, y, chunk=None):  # one key for both calls on purpose: the SAME Ω on both data sets
         kw = dict(dim=dim, embedding="khatri_rao", chunk_size=chunk)
-        return np.asarray(nj.projected_dual_matrix(key, MODEL, params, x, y, **kw))
+        return np.asarray(nj.projected_dual_matrix(k_omega, MODEL, params, x, y, **kw))
 
     F = np.asarray(nj.dual_matrix(MODEL, params, xs, ys))
     omega = np.linalg.lstsq(F, project(xs, ys, 64), rcond=None)[0]
-    xs2 = jax.random.uniform(jax.random.key(7), xs.shape, xs.dtype)
-    ys2 = jax.random.normal(jax.random.key(8), ys.shape, ys.dtype)
+    xs2 = jax.random.uniform(k_x2, xs.shape, xs.dtype)
+    ys2 = jax.random.normal(k_y2, ys.shape, ys.dtype)
     Y2, ref = project(xs2, ys2), np.asarray(nj.dual_matrix(MODEL, params, xs2, ys2)) @ omega
     held_out = float(np.max(np.abs(Y2 - ref)) / np.max(np.abs(Y2)))
     ratios, start = [0.0], 0
@@ -228,9 +236,10 @@ def outer_product_scores(key, params, xs, ys, *, dim):
 
 def outer_product_check(key) -> float:
     """max |Y − F̃ Ω| / max |Y| of :func:`outer_product_sketch` against the dual matrix (float64)."""
-    params, xs, ys = make_problem(key, n=50, d=5, h=3, dtype=jnp.float64)
+    k_data, k_emb = jax.random.split(key)
+    params, xs, ys = make_problem(k_data, n=50, d=5, h=3, dtype=jnp.float64)
     dim = 16
-    Y, (h1, s1, h2, s2, h3, s3) = outer_product_sketch(key, params, xs, ys, dim)
+    Y, (h1, s1, h2, s2, h3, s3) = outer_product_sketch(k_emb, params, xs, ys, dim)
     F = np.asarray(nj.dual_matrix(MODEL, params, xs, ys))  # columns: b₁ (h), W₁ (h·d), b₂, w₂ (h), offset
     h, d = params[0]["w"].shape
     ts = jnp.einsum("ib,jc->ijbc", jax.nn.one_hot(h1, dim), jax.nn.one_hot(h2, dim))
@@ -248,7 +257,8 @@ def tv(a, b) -> float:
 
 def one_width(args, key, h: int, sparsities) -> dict:
     p = num_params(args.d, h)
-    params, xs, ys = make_problem(key, n=args.n, d=args.d, h=h, dtype=jnp.float32)
+    k_data, k_emb = jax.random.split(key)
+    params, xs, ys = make_problem(k_data, n=args.n, d=args.d, h=h, dtype=jnp.float32)
     point = {"h": h, "p": p, "cases": {}}
     wanted = args.cases.split(",")
     cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities] if "sparse" in wanted else []
@@ -256,13 +266,14 @@ def one_width(args, key, h: int, sparsities) -> dict:
         cases.append(("gaussian", "gaussian", 1))
     if "khatri_rao" in wanted:
         cases.append(("khatri_rao", "khatri_rao", 1))
-    for name, embedding, s in cases:
+    for i, (name, embedding, s) in enumerate(cases):  # every embedding its own draw
         fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
-        point["cases"][name] = measure(fn, key, params, xs, ys, reps=args.reps)
+        point["cases"][name] = measure(fn, jax.random.fold_in(k_emb, i), params, xs, ys, reps=args.reps)
     if args.nodes == 16 and "outer_product" in wanted:
+        k_outer = jax.random.fold_in(k_emb, len(cases))
         cases.append(("outer_product", None, None))
         fn = functools.partial(outer_product_scores, dim=args.dim)
-        point["cases"]["outer_product"] = measure(fn, key, params, xs, ys, reps=args.reps)
+        point["cases"]["outer_product"] = measure(fn, k_outer, params, xs, ys, reps=args.reps)
     # The dense routes take tall matrices only (n ≥ p + 1): wider ones are scored by the projection.
     fits = args.n * (p + 1) <= args.exact_max_elements and p + 1 <= args.n
     if fits and "exact" in wanted:
@@ -283,10 +294,10 @@ def one_width(args, key, h: int, sparsities) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    key = jax.random.key(args.seed)
+    k_check, k_width = jax.random.split(jax.random.key(args.seed))
     widths = [int(w) for w in args.widths.split(",")]
     sparsities = [int(s) for s in args.sparsity.split(",")]
-    checks = correctness(key)
+    checks = correctness(k_check)
     record = {"bench": NAME, "args": vars(args), "checks": checks, "environment": environment()}
     record["environment"]["xla_flags"] = os.environ.get("XLA_FLAGS")
     if not all_ok(checks):
@@ -294,7 +305,8 @@ def main(argv=None) -> dict:
         record["ok"] = False
         write_record(record, args.out, NAME, quiet=args.quiet)
         return record
-    record["points"] = [one_width(args, key, h, sparsities) for h in widths]
+    keys = [jax.random.fold_in(k_width, i) for i in range(len(widths))]
+    record["points"] = [one_width(args, k, h, sparsities) for k, h in zip(keys, widths, strict=True)]
     record["ok"] = True
     write_record(record, args.out, NAME, quiet=args.quiet)
     return record

@@ -107,8 +107,8 @@ def pass_batch(n: int, p: int) -> int:
     return chunk if jax.default_backend() != "cpu" else max(1, min(chunk, CACHE_ELEMENTS // p))
 
 
-def benchmark_mlp(args, dtype) -> dict:
-    kp, kx = jax.random.split(jax.random.key(args.seed))
+def benchmark_mlp(args, dtype, key) -> dict:
+    kp, kx = jax.random.split(key)
     params = mlp_params(kp, (8, 32, 32, 1), dtype)
     xs = jax.random.normal(kx, (args.n, 8), dtype)
     fixed = Compiled(lambda p, x: nj.adjoint(MLP, p, x, num_nodes=16, mode="reverse"), params, xs)
@@ -149,9 +149,8 @@ def benchmark_mlp(args, dtype) -> dict:
     return record
 
 
-def hard_cases(args) -> list[tuple[str, object, object, object]]:
+def hard_cases(args, key) -> list[tuple[str, object, object, object]]:
     """``(name, apply_fn, params, xs)`` of the issue's hard cases (float64)."""
-    key = jax.random.key(args.seed + 1)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
     n = args.hard_n
     theta = jax.random.normal(k1, (8,))
@@ -165,16 +164,16 @@ def hard_cases(args) -> list[tuple[str, object, object, object]]:
     return cases
 
 
-def random_models(args):
+def random_models(args, key):
     chosen = {name for name in args.activations.split(",") if name}
     if not chosen or not chosen <= set(RANDOM_ACTIVATIONS):
         known = ",".join(RANDOM_ACTIVATIONS)
         raise SystemExit(f"--activations: choose from {known}, got {args.activations!r}")
-    for name, model in RANDOM_ACTIVATIONS.items():
+    for j, (name, model) in enumerate(RANDOM_ACTIVATIONS.items()):
         if name not in chosen:
             continue
-        for i in range(args.models):
-            kp, kx, ks = jax.random.split(jax.random.key(1000 * args.seed + i), 3)
+        for i in range(args.models):  # model i of each activation: its own weights and inputs
+            kp, kx, ks = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, j), i), 3)
             params = mlp_params(kp, (4, 8, 8, 1), jnp.float64)
             params = jax.tree.map(lambda a: 2 * a, params)
             scale = jax.random.uniform(ks, (), minval=1.0, maxval=5.0)
@@ -201,14 +200,17 @@ def measure_case(args, model, params, xs, *, smooth: bool = True) -> dict:
     }
 
 
-def run_hard(args) -> dict:
+def run_hard(args, root) -> dict:
+    k_hard, k_random, k_saturating = (jax.random.fold_in(root, i) for i in (2, 4, 5))  # see main
     with jax.enable_x64(True):
         out = {
             name: measure_case(args, m, p, x, smooth=name != "relu_biases")
-            for name, m, p, x in hard_cases(args)
+            for name, m, p, x in hard_cases(args, k_hard)
         }
-        rand = {name: measure_case(args, m, p, x) for name, m, p, x in random_models(args)}
-        saturating = {name: measure_case(args, m, p, x) for name, m, p, x in saturating_cases(args)}
+        rand = {name: measure_case(args, m, p, x) for name, m, p, x in random_models(args, k_random)}
+        saturating = {
+            name: measure_case(args, m, p, x) for name, m, p, x in saturating_cases(args, k_saturating)
+        }
     summary = {
         "count": len(rand),
         "fixed16_missing_1e-9": sum(r["fixed16_identity"] > 1e-9 for r in rand.values()),
@@ -223,9 +225,9 @@ def run_hard(args) -> dict:
     return {"hard": out, "random_models": summary, "saturating": saturating, "checks": checks}
 
 
-def run_roundoff(args) -> dict:
+def run_roundoff(args, key) -> dict:
     """The float32 tanh MLP with inputs ×25: rounding noise above rtol, against the float64 truth."""
-    kp, kx = jax.random.split(jax.random.key(args.seed + 2))
+    kp, kx = jax.random.split(key)
     params = mlp_params(kp, (8, 32, 32, 1), jnp.float32)
     xs = 25 * jax.random.normal(kx, (args.roundoff_n, 8), jnp.float32)
     with jax.enable_x64(True):
@@ -270,13 +272,13 @@ def estimate_reliability(model, params, xs, adj, info, rtol: float = 1e-12) -> d
     return {"accepted_above_rtol": int(np.sum(accepted & (true > rtol))), "worst_over_rtol": worst}
 
 
-def saturating_cases(args):
+def saturating_cases(args, key):
     """``(name, model, params, xs)``: 8-32-32-1 MLPs with inputs ×5, where activations saturate."""
     chosen = {name for name in args.saturating.split(",") if name}
     for i, (name, model) in enumerate(RANDOM_ACTIVATIONS.items()):
         if name not in chosen:
             continue
-        kp, kx = jax.random.split(jax.random.key(2000 * args.seed + i))
+        kp, kx = jax.random.split(jax.random.fold_in(key, i))
         yield (
             f"{name}_x5",
             model,
@@ -290,14 +292,17 @@ def main(argv=None) -> dict:
     if args.probes is not None:  # before anything is traced: the probes are read at trace time
         adaptive.PROBES = args.probes
         jax.clear_caches()
+    # One root: split(root) = fold_in(root, 0 and 1) for the benchmark MLP (the same weights and inputs as
+    # bench_adjoint.py's main model); fold_in(root, ·): 2 hard cases, 3 roundoff, 4 random, 5 saturating.
+    root = jax.random.key(args.seed)
     with jax.enable_x64(args.dtype == "float64"):
         dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
         record = {"bench": NAME, "params": vars(args), "environment": environment()}
-        record["mlp"] = benchmark_mlp(args, dtype)
+        record["mlp"] = benchmark_mlp(args, dtype, root)
     if not args.skip_hard:
-        record |= run_hard(args)
+        record |= run_hard(args, root)
     if args.roundoff_n:
-        record["roundoff"] = roundoff = run_roundoff(args)
+        record["roundoff"] = roundoff = run_roundoff(args, jax.random.fold_in(root, 3))
         record["checks"] = {**record.get("checks", {}), **roundoff["checks"]}
     record["checks"] = {**record["mlp"]["checks"], **record.get("checks", {})}
     record["ok"] = all_ok(record["checks"])

@@ -72,9 +72,9 @@ def write_data(folder: Path, n: int, d: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def models(args) -> dict:
-    key = jax.random.key(args.seed)
-    si = (nets.single_index(jnp.tanh), jax.random.normal(key, (args.d,), jnp.float32) / np.sqrt(args.d))
-    params = nets.mlp_init(key, (args.d, args.hidden, 1), dtype=jnp.float32)
+    k_si, k_mlp = jax.random.split(jax.random.key(args.seed))
+    si = (nets.single_index(jnp.tanh), jax.random.normal(k_si, (args.d,), jnp.float32) / np.sqrt(args.d))
+    params = nets.mlp_init(k_mlp, (args.d, args.hidden, 1), dtype=jnp.float32)
     params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)
     mlp = (nets.mlp(jnp.tanh), params)
     table = {"single-index": si, "mlp": mlp}

@@ -168,9 +168,9 @@ def quality(problem, start, probs, full_loss, sizes, repeats, steps, key, *, ref
     """Per score and size: ``L(θ_S)/L(θ*)`` over the repeats and, with ``refit_loss``, the same ratios
     against the full-data refit from θ* (``vs_refit``), which removes what the optimiser alone does."""
     out = {}
-    for name, pr in probs.items():
+    for i, (name, pr) in enumerate(probs.items()):  # every scheme its own draws
         out[name] = {}
-        for s, k in zip(sizes, jax.random.split(key, len(sizes)), strict=True):
+        for s, k in zip(sizes, jax.random.split(jax.random.fold_in(key, i), len(sizes)), strict=True):
             (idx, w), _ = ex.draw(jax.random.split(k, repeats), pr, s)
             (params_s, trace), _ = ex.fit_samples(problem, start, idx, w, num_steps=steps)
             losses, _ = ex.full_losses(problem, params_s)
