@@ -323,8 +323,9 @@ def fold(step, carry, source: Source, chunk: int):
     return carry
 
 
-def collect(step, source: Source, chunk: int, out: np.ndarray) -> tuple[int, float]:
-    """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device).
+def collect(step, source: Source, chunk: int, out) -> tuple[int, float]:
+    """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device);
+    ``out`` a host vector, or ``dtype -> vector``, called once with the dtype of the first values.
 
     Returns the number of rows written and the sum of their values (in float64, chunk by chunk as they
     are fetched: a memmap ``out`` is not read back)."""
@@ -333,6 +334,8 @@ def collect(step, source: Source, chunk: int, out: np.ndarray) -> tuple[int, flo
         values = step(piece, valid)
         if prev is not None:
             start, total = _store(out, start, total, *prev)
+        elif callable(out):
+            out = out(values.dtype)
         prev = (values, valid)
     return (start, total) if prev is None else _store(out, start, total, *prev)
 
@@ -706,7 +709,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
 
 
 def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.ndarray:
-    """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector."""
+    """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector (of
+    ``dtype``; ``None``: of the values' own dtype, allocated when the first chunk's values arrive)."""
     if callable(xs):  # length unknown until the source is exhausted
         output_vector(out, None, dtype)  # all but its length, before the pass
         values = _collect_growing(step, source, chunk)
@@ -715,9 +719,14 @@ def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.n
         target = output_vector(out, values.shape[0], dtype)
         target[:] = values
         return target
-    target = output_vector(out, jax.tree.leaves(xs)[0].shape[0], dtype)
-    collect(step, source, chunk, target)
-    return target
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if out is not None or dtype is not None:
+        target = output_vector(out, n, dtype)
+        collect(step, source, chunk, target)
+        return target
+    made = []
+    collect(step, source, chunk, lambda values_dtype: made.append(np.empty((n,), values_dtype)) or made[0])
+    return made[0]
 
 
 def _collect_growing(step, source, chunk) -> np.ndarray:
@@ -749,18 +758,6 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     neg = 0 if wc is None else jnp.count_nonzero(jnp.where(jnp.arange(wc.shape[0]) < valid, wc, 0) < 0)
     total, count, negative = carry
     return losses, (total + jnp.sum(weighted), count + bad, negative + neg)
-
-
-def _losses_dtype(losses_fn, apply_fn, loss_fn, params, xs, ys):
-    """The dtype of ``losses_fn`` on host arrays ``xs``, ``ys`` (as placed on the device), by tracing."""
-
-    def spec(a):
-        return jax.ShapeDtypeStruct((1, *a.shape[1:]), jax.dtypes.canonicalize_dtype(a.dtype))
-
-    def losses(x, y):
-        return losses_fn(apply_fn, loss_fn, params, x, y)
-
-    return jax.eval_shape(losses, jax.tree.map(spec, xs), spec(ys)).dtype
 
 
 def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels=None) -> tuple[Source, int]:
@@ -840,11 +837,11 @@ def host_losses(
     ``apply_fn`` and ``loss_fn`` are hashable (static). ``check_labels``: see :func:`loss_source`.
     """
     source, chunk = loss_source(apply_fn, params, xs, ys, weights, chunk_size, check_labels)
-    # the losses' own dtype, as on the device (the model's output, not the params'); a chunk source's
-    # shows with its first chunk
-    dtype = None if callable(xs) else _losses_dtype(losses_fn, apply_fn, loss_fn, params, xs, ys)
     step = functools.partial(_loss_step, losses_fn, apply_fn, loss_fn, params)
-    low = jnp.promote_types(dtype or jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
+    if not callable(xs):  # the carry starts in the sum's dtype (no retrace after the first chunk)
+        dtypes += [a.dtype for a in jax.tree.leaves((xs, ys, weights)) if hasattr(a, "dtype")]
+    low = jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
     state = {"carry": (jnp.zeros((), low), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
 
     def one(piece, valid):  # the running total in at least float32 (a float16 sum drifts over chunks)
@@ -852,8 +849,8 @@ def host_losses(
         state["dtype"] = losses.dtype
         return losses
 
-    if per_example:
-        values = per_example_values(one, source, chunk, xs, out, dtype)
+    if per_example:  # in the losses' own dtype, as on the device (the model output's, not the params')
+        values = per_example_values(one, source, chunk, xs, out, None)
     else:
         for piece, valid in staged(source, chunk):
             one(piece, valid)

@@ -190,13 +190,13 @@ def leverage_scores(
             raise ValueError(f"ridge = {ridge} overflows F's dtype {rows.dtype}.")
         lam = jnp.asarray(ridge, rows.dtype)
         probs, h, eff_dim, total = routes.ridge_row_leverage(rows, lam, lead)
-        check_rank(total)  # 0 only for an all-zero F
-        if is_concrete(probs) and not bool(jnp.all(jnp.isfinite(probs))):
+        if is_concrete(probs) and not (bool(total == 0) or bool(jnp.all(jnp.isfinite(probs)))):
             raise ValueError(
                 f"the ridge leverage of F is not finite in {rows.dtype}: F's Gram matrix plus the ridge "
                 "is out of this dtype's range (columns whose squared norms span more than the range, or a "
                 "ridge far below them); compute in float64 or rescale F's columns."
             )
+        check_rank(total)  # 0 only for an all-zero F
         dtype = input_dtype(F)
         probs, h = probs.astype(dtype), h.astype(dtype)
         return Leverage(probs, h, eff_dim.astype(dtype), jnp.asarray(0, jnp.int32)) if return_info else probs

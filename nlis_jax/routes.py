@@ -521,19 +521,19 @@ def upper_rows(A: Array, U: Array, row_norms: bool = False) -> Array:
     return jnp.concatenate([left, right], axis=1)
 
 
-def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array, Array]:
-    """``(M, scale, eff_dim)``: ``scale·‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
+def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array]:
+    """``(M, scale)``: ``scale·‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
 
     With ``G = V diag(λ_j) Vᵀ``, ``M = V diag(w_j)^{1/2}``, ``w_j = (λ_min + λ)/(λ_j + λ) ∈ (0, 1]`` and
     ``scale = 1/(λ_min + λ)``: the weights are relative to the largest, so ``‖(A M)_i‖²`` keeps full
     precision (and the probabilities drawn from it) where the leverage itself is subnormal or underflows
-    (``λ ≫ ‖A‖²``, or ``λ = inf`` after scaling). ``eff_dim = Σ_j λ_j/(λ_j + λ) = tr(G (G + λI)^{-1})``.
+    (``λ ≫ ‖A‖²``, or ``λ = inf`` after scaling).
     """
     lam, V = jnp.linalg.eigh(G)
     lam = jnp.maximum(lam, 0)
     low = jnp.min(lam) + ridge
     w = 1 / (1 + (lam - jnp.min(lam)) / low)  # (λ_min + λ)/(λ_j + λ), finite for λ = inf
-    return V * jnp.sqrt(w)[None, :], 1 / low, jnp.sum(lam / (lam + ridge))
+    return V * jnp.sqrt(w)[None, :], 1 / low
 
 
 @functools.partial(jax.jit, static_argnames=("route", "row_norms"))
@@ -793,7 +793,8 @@ def _gram_leverage(A: Array, rtol: Array, route: str | None) -> tuple[Array, Arr
 @highest_precision
 def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
     """``(probs, h, eff_dim, total)``: ridge leverage ``h`` of the rows of ``A`` summed per example, its
-    probabilities ``h/Σh``, the effective dimension ``Σ h`` and ``total``, 0 only for an all-zero ``A``.
+    probabilities ``h/Σh``, the effective dimension ``Σ h`` and ``total``, 0 only for an all-zero ``A``
+    (NaN or Inf when the Gram matrix plus the ridge is out of the dtype's range).
 
     The probabilities come from the relatively weighted row norms of :func:`ridge_transform`, not from
     ``h``: with a ridge far above ``‖A‖²`` the leverage is subnormal or 0 while they stay exact.
@@ -802,7 +803,7 @@ def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[A
     # (the ridge fixes a scale, so columns cannot be scaled apart) keeps AᵀA from overflowing
     _, e = jnp.frexp(jnp.max(jnp.abs(A)))
     A, ridge = jnp.ldexp(A, -e), jnp.ldexp(ridge, -2 * e)
-    M, scale, eff_dim = ridge_transform(gram(A), ridge)
+    M, scale = ridge_transform(gram(A), ridge)
     rel = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     total = jnp.sum(rel)
-    return rel / total, rel * scale, eff_dim, total
+    return rel / total, rel * scale, total * scale, total
