@@ -777,6 +777,8 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     ys, weights = host_vector("ys", ys), host_vector("weights", weights)
     if ys is None:
         raise ValueError("the losses need ys (or a chunk source of (x, y) pairs).")
+    if weights is not None and not (np.issubdtype(weights.dtype, np.floating) or weights.dtype.kind in "iub"):
+        raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
     found = None if check_labels is None else label_range(ys, chunk_size)
     if found is not None:

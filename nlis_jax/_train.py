@@ -226,6 +226,8 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     check_finite("xs", xs)
     check_finite("ys", ys)
     if weights is not None:
+        if isinstance(weights, list | tuple):  # as the host path takes them (jnp.result_type cannot)
+            weights = np.asarray(weights)
         if jnp.shape(weights) != (n,):
             shape = jnp.shape(weights)
             raise ValueError(f"weights must have shape ({n},) (one per example), got {shape}.")
@@ -291,14 +293,20 @@ def _check_optimizer_state(optimizer, params, opt_state) -> None:
     if opt_state is None:
         return
     got, want = jax.tree.leaves(opt_state), jax.tree.leaves(expected)
-    same = jax.tree.structure(opt_state) == jax.tree.structure(expected) and all(
-        jnp.shape(a) == b.shape for a, b in zip(got, want, strict=True)
-    )
-    if not same:
+    if jax.tree.structure(opt_state) != jax.tree.structure(expected) or any(
+        jnp.shape(a) != b.shape for a, b in zip(got, want, strict=True)
+    ):
         raise ValueError(
             "opt_state does not match optimizer.init(params) (structure or shapes differ): it comes "
             "from another optimizer or other params; pass the opt_state of a FitResult of this optimizer."
         )
+    for a, b in zip(got, want, strict=True):
+        if jnp.result_type(a) != b.dtype:
+            raise ValueError(
+                f"opt_state does not match optimizer.init(params): a leaf of dtype {jnp.result_type(a)} "
+                f"where optimizer.init(params) has {b.dtype} (params of another dtype than the state's "
+                "fit); cast params back, or start without opt_state."
+            )
 
 
 def weighted_loss(
@@ -658,6 +666,14 @@ def fit(
     keys = None if plan.batch_size is None else jax.random.split(key, plan.num_steps)
     state, losses = _run_segments(segment, plan, state, keys, dtype)
     final = _weighted_sum_jit(_static(apply_fn), _static(plan.loss_fn), state.params, data[0], data[1], w)
+    if not bool(jnp.isfinite(final)):  # finite parameters whose loss overflows
+        raise NonFiniteLossError(
+            f"fit stopped: the loss at the final parameters is {float(final)} (they are finite; the last "
+            f"step's loss was {float(losses[-1]):.6g}). The exception's .state holds them; lower the "
+            "learning rate, rescale the data, or check apply_fn for overflow.",
+            state=state,
+            step=plan.num_steps,
+        )
     normalizer = jax.device_put(np.asarray(total, dtype))  # jnp.asarray would compile a conversion
     return FitResult(state.params, losses, state.opt_state, final, normalizer)
 

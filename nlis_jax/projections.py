@@ -110,7 +110,7 @@ class L2Ball(Projection):
         if not leaves:
             return tree
         dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-        top = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
+        top = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0).astype(dtype) for leaf in leaves]))
         e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1]
         scaled = jax.tree.map(lambda a: jnp.ldexp(jnp.asarray(a), -e), tree)
         # ‖θ‖² / 4^e, half-precision leaves in float32 (their squares summed over more than 65,504
@@ -119,7 +119,7 @@ class L2Ball(Projection):
         squared = optax.tree.norm(widened, squared=True)
         radius = jnp.asarray(self.radius, dtype)
         outside = squared > jnp.square(jnp.ldexp(radius, -e))  # ‖θ‖ > r
-        factor = radius / jnp.sqrt(squared)  # r / ‖θ‖ · 2^e, applied to θ / 2^e
+        factor = radius / jnp.sqrt(jnp.where(outside, squared, 1))  # r / ‖θ‖ · 2^e (finite gradient at 0)
         out = jax.tree.map(lambda a, b: jnp.where(outside, a * factor, b), scaled, tree)
         return _cast_like(out, tree)
 

@@ -708,3 +708,61 @@ def test_fit_result_fields(ls_data):
     assert isinstance(res, FitResult) and res.losses.shape == (3,)
     chex.assert_tree_all_finite(res)
     assert math.isclose(float(res.normalizer), N)
+
+
+# --------------------------------------------------------------------------------------------------
+# Review fixes (fifteenth session): each case failed before
+
+
+def _linear_problem(dtype=np.float64):
+    X = np.random.default_rng(0).normal(size=(20, 2)).astype(dtype)
+    return (lambda th, x: x @ th), X, X.sum(1)
+
+
+def test_opt_state_of_another_dtype_is_named():
+    """A float32 fit's Adam state resumed on float64 params was an internal `lax.cond` type error."""
+    model, X, y = _linear_problem()
+    first = fit(model, jnp.zeros(2, jnp.float32), X, y, optimizer=optax.adam(0.1), num_steps=3)
+    with pytest.raises(ValueError, match="opt_state does not match.*dtype float32 where.*float64"):
+        fit(model, first.params.astype(jnp.float64), X, y, optimizer=optax.adam(0.1), num_steps=3,
+            opt_state=first.opt_state)  # fmt: skip
+
+
+def test_complex_weights_refused_on_the_host_path_too():
+    """numpy xs took the host path, which dropped the imaginary part of complex weights (loss 0.0)."""
+    model, X, y = _linear_problem()
+    for xs in (X, jnp.asarray(X)):
+        with pytest.raises(TypeError, match="weights must be real numbers"):
+            weighted_loss(model, jnp.zeros(2), xs, y, 1j * np.ones(20))
+
+
+def test_list_weights_work_on_every_path():
+    """A list of weights: 'Cannot determine dtype' on the device path, a value on the host path."""
+    model, X, y = _linear_problem()
+    w = [0.5] * 20
+    ref = 0.5 * np.sum(y**2)
+    np.testing.assert_allclose(weighted_loss(model, jnp.zeros(2), jnp.asarray(X), y, w), ref, rtol=1e-12)
+    np.testing.assert_allclose(weighted_loss(model, jnp.zeros(2), X, y, w), ref, rtol=1e-12)
+    res = fit(model, jnp.zeros(2), X, y, w, optimizer=optax.sgd(0.01), num_steps=2)
+    assert np.isfinite(float(res.final_loss))
+
+
+def test_final_loss_overflow_is_an_error():
+    """sgd(10) diverges: 15 steps left finite parameters whose loss overflows float32, returned as
+    final_loss = inf with no error (16 steps raised)."""
+    model, X, y = _linear_problem(np.float32)
+    with pytest.raises(nj.NonFiniteLossError, match="loss at the final parameters is inf") as err:
+        fit(model, jnp.zeros(2, jnp.float32), X, y, optimizer=optax.sgd(10.0), num_steps=15)
+    assert err.value.step == 15 and bool(jnp.all(jnp.isfinite(err.value.state.params)))
+
+
+def test_l2_ball_gradient_at_zero_and_empty_leaves():
+    """At θ = 0 the reverse-mode gradient was NaN (optax: the identity); a zero-size leaf raised
+    'zero-size array to reduction operation max'."""
+    grad = jax.grad(lambda t: l2_ball(1.0)(t).sum())(jnp.zeros(2))
+    ref = jax.grad(lambda t: optax.projections.projection_l2_ball(t, 1.0).sum())(jnp.zeros(2))
+    np.testing.assert_array_equal(grad, ref)
+    np.testing.assert_array_equal(grad, np.ones(2))
+    out = l2_ball(1.0)({"e": jnp.zeros(0), "w": jnp.array([3.0, 4.0])})
+    assert out["e"].shape == (0,)
+    np.testing.assert_allclose(out["w"], [0.6, 0.8], rtol=1e-15)
