@@ -39,31 +39,98 @@ from nlis_jax._precision import highest_precision
 from nlis_jax._scores import orthonormal_basis
 from nlis_jax._types import Array, PRNGKey
 
+# ---------------------------------------------------------------------------------------------------
+# Draws with replacement: inverse CDF at a resolution finer than any row's probability.
+#
+# ``jax.random.choice`` searches a float32 uniform in the float32 cumulative sum: a row whose probability
+# is below the sum's rounding near 1 (6e-8) gets an empty interval, so at n = 4·10⁶ (exponential scores)
+# 7.7% of the rows could never be drawn while their weights assumed they could. With x64 the search runs
+# in float64 (53-bit uniforms, resolution 1e-16). Without, the cumulative sum is a double-float (a
+# float32 pair ``hi + lo``, ~48 bits) and so is the uniform (two 24-bit words): resolution 2^-48 ≈ 4e-15.
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _dd_add(x: tuple[Array, Array], y: tuple[Array, Array]) -> tuple[Array, Array]:
+    """Double-float addition of ``(hi, lo)`` pairs, renormalised (``|lo| ≤ ulp(hi)/2``)."""
+    s, e = _two_sum(x[0], y[0])
+    e = e + (x[1] + y[1])
+    hi = s + e
+    return hi, e - (hi - s)
+
+
+def _dd_greater(a: tuple[Array, Array], b: tuple[Array, Array]) -> Array:
+    """``a > b`` for renormalised double-floats (lexicographic on ``(hi, lo)``)."""
+    return (a[0] > b[0]) | ((a[0] == b[0]) & (a[1] > b[1]))
+
+
+def _double_float_draws(key: PRNGKey, probs: Array, num_samples: int) -> Array:
+    """``num_samples`` indices drawn by ``probs`` (float32, non-negative, positive sum): the first row
+    whose double-float cumulative sum exceeds ``u·T``, ``u`` a 48-bit uniform and ``T`` the total."""
+    n = probs.shape[0]
+    p = probs / jnp.sum(probs)  # each entry rounded once (relative 6e-8); the sum T is 1 + O(eps)
+    cdf = jax.lax.associative_scan(_dd_add, (p, jnp.zeros_like(p)))  # log-depth: error O(log n · eps²)
+    bits = jax.random.bits(key, (num_samples, 2), jnp.uint32) >> 8  # two 24-bit words
+    u_hi = bits[:, 0].astype(jnp.float32) * 2.0**-24
+    u_lo = bits[:, 1].astype(jnp.float32) * 2.0**-48
+    delta = (cdf[0][-1] - 1) + cdf[1][-1]  # T − 1, exact to rounding (Sterbenz)
+    target = _dd_add((u_hi, u_lo), (u_hi * delta, jnp.zeros_like(u_hi)))  # u·T = u + u·(T − 1)
+
+    def halve(_, bounds):  # the first index whose cumulative sum exceeds the target
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        above = _dd_greater((cdf[0][mid], cdf[1][mid]), target)
+        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
+
+    start = (jnp.zeros((num_samples,), jnp.int32), jnp.full((num_samples,), n - 1, jnp.int32))
+    idx = jax.lax.fori_loop(0, max(1, n.bit_length()), halve, start)[0]
+    last = n - 1 - jnp.argmax(p[::-1] > 0)  # a target rounded up to T: the last row of positive probability
+    return jnp.minimum(idx, last).astype(jnp.int32)
+
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _sample_with_replacement(key, probs, num_samples):
     n = probs.shape[0]
-    idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=probs).astype(jnp.int32)
-    # choice draws from probs / Σ probs; weights from the same normalised vector (a traced probs
-    # vector is not checked to sum to one), at least in float32: s·p_i overflows float16 from s ≈ 65,520
+    # at least float32 (s·p_i overflows float16 from s ≈ 65,520); weights from the normalised vector,
+    # as the draws (a traced probs vector is not checked to sum to one)
     wide = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
+    if jax.config.jax_enable_x64:
+        wide64 = wide.astype(jnp.float64)
+        idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=wide64).astype(jnp.int32)
+    else:
+        idx = _double_float_draws(key, wide, num_samples)
     return idx, (jnp.sum(wide) / (num_samples * wide[idx])).astype(probs.dtype)
+
+
+def _fine_uniform(key: PRNGKey, shape: tuple[int, ...], dtype) -> Array:
+    """Uniforms in ``(0, 1)`` of relative precision ``eps(dtype)`` down to ``2^-64`` (``dtype`` float32 or
+    wider): ``(k₁ + k₂·2^-32 + ½·2^-32)·2^-32`` from two 32-bit words. ``jax.random.uniform`` spaces its
+    values ``2^-23`` apart, so a float32 priority ``p/u`` could not tell small ``u`` apart."""
+    k = jax.random.bits(key, (2, *shape), jnp.uint32).astype(dtype)
+    return (k[0] + (k[1] + 0.5) * 2.0**-32) * 2.0**-32
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _sample_priority(key, probs, num_samples):
     n = probs.shape[0]
-    tiny = jnp.finfo(probs.dtype).tiny
-    probs = jnp.where(probs >= tiny, probs, 0)  # denormals count as zero (flushed on most devices)
-    u = jax.random.uniform(key, (n,), probs.dtype, minval=tiny, maxval=1.0)
-    priority = probs / u
+    wide = jnp.promote_types(probs.dtype, jnp.float32)  # half-precision probabilities computed in float32
+    p_all = probs.astype(wide)
+    tiny = jnp.finfo(wide).tiny
+    p_all = jnp.where(p_all >= tiny, p_all, 0)  # denormals count as zero (flushed on most devices)
+    priority = p_all / _fine_uniform(key, (n,), wide)
     k = min(num_samples + 1, n)
     top, idx = jax.lax.top_k(priority, k)
-    tau = top[num_samples] if num_samples < n else jnp.zeros((), probs.dtype)
+    tau = top[num_samples] if num_samples < n else jnp.zeros((), wide)
     idx = idx[:num_samples]
-    p = probs[idx]
+    p = p_all[idx]
     # a zero-probability row is kept only when fewer than s rows are positive (traced probs): weight 0
-    return idx, jnp.where(p > 0, jnp.maximum(1.0, tau / jnp.where(p > 0, p, 1)), 0)
+    w = jnp.where(p > 0, jnp.maximum(1.0, tau / jnp.where(p > 0, p, 1)), 0)
+    return idx, w.astype(probs.dtype)
 
 
 def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True) -> tuple[Array, Array]:
@@ -100,8 +167,15 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
                     f"num_samples={s} exceeds the {positive} rows with positive probability; "
                     "sampling without replacement cannot reach the rest (mix with uniform first)."
                 )
-        return _sample_priority(key, probs, s)
-    return _sample_with_replacement(key, probs, s)
+        idx, w = _sample_priority(key, probs, s)
+    else:
+        idx, w = _sample_with_replacement(key, probs, s)
+    if jnp.finfo(probs.dtype).bits < 32 and is_concrete(w) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(
+            f"a weight 1/(s·p_i) overflows {probs.dtype} (beyond {float(jnp.finfo(probs.dtype).max):g}): "
+            "pass probs as float32."
+        )
+    return idx, w
 
 
 def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -> int:

@@ -48,6 +48,65 @@ def test_with_replacement_unbiased():
     assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / s) + 1e-12)
 
 
+def test_with_replacement_without_x64_follows_float32_probs():
+    """Without x64 the draws search a double-float cumulative sum (float32 probs): the same checks."""
+    probs, losses = _probs_and_losses()
+    s = 100_000
+    with jax.enable_x64(False):
+        p32 = jnp.asarray(probs, jnp.float32)
+        idx, w = nj.sample(jax.random.key(5), p32, s)
+        idx, w = np.asarray(idx), np.asarray(w)
+    assert w.dtype == np.float32 and idx.dtype == np.int32 and idx.min() >= 0 and idx.max() < N
+    estimate = np.sum(w.astype(np.float64) * losses[idx])
+    se = (losses[idx] / probs[idx]).std(ddof=1) / math.sqrt(s)
+    assert abs(estimate - losses.sum()) <= 5 * se + 1e-6 * losses.sum(), (estimate, losses.sum(), se)
+    freq = np.bincount(idx, minlength=N) / s
+    assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / s) + 1e-6)
+
+
+def test_rows_below_float32_cumsum_rounding_are_drawn():
+    """float32 probabilities over 2^20 rows (exponential): about 3% of the rows are below the rounding of
+    a float32 cumulative sum near 1 (6e-8), so jax.random.choice never drew them (0 hits) while the
+    weights assumed it could. They hold ~3.7e-4 of the mass: ~97 of 2^18 draws must land there."""
+    n, s = 1 << 20, 1 << 18
+    q = np.random.default_rng(6).exponential(size=n).astype(np.float32)
+    q /= q.sum(dtype=np.float64)
+    with jax.enable_x64(False):
+        p = jnp.asarray(q)
+        dead = np.asarray(jnp.diff(jnp.cumsum(p), prepend=0) == 0)  # empty intervals of a float32 cumsum
+        idx = np.asarray(nj.sample(jax.random.key(7), p, s)[0])
+    expected = s * float(np.sum(q[dead], dtype=np.float64))
+    hits = int(np.sum(dead[idx]))
+    assert expected > 50 and abs(hits - expected) <= 5 * math.sqrt(expected), (hits, expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_probs_reach_every_row(dtype):
+    """float16/bfloat16 probs were searched with half-precision uniforms: of 16,000 uniform rows only
+    ~1,024 (float16) could be drawn with replacement; without replacement 1/n below float16's smallest
+    normal number gave weights 0, and bfloat16 priorities were biased (E[w 1{kept}] far from 1)."""
+    n = 16_000
+    p = nj.uniform_scores(n, dtype)
+    idx, w = nj.sample(jax.random.key(8), p, 200_000)
+    assert len(np.unique(np.asarray(idx))) >= n - 3  # P(a row is never drawn) = e^-12.5
+    idx, w = nj.sample(jax.random.key(9), nj.uniform_scores(20_000, dtype), 10, replace=False)
+    assert w.dtype == dtype and np.all(np.asarray(w, np.float64) > 500)  # about n/s = 2,000
+    probs = jnp.asarray([0.4, 0.05, 0.2, 0.15, 0.1, 0.1], dtype)
+    trials = 40_000
+    keys = jax.random.split(jax.random.key(10), trials)
+    idx, w = jax.jit(jax.vmap(lambda k: nj.sample(k, probs, 2, replace=False)))(keys)
+    kept = np.zeros((trials, 6))
+    np.put_along_axis(kept, np.asarray(idx), np.asarray(w, np.float64), axis=1)
+    se = kept.std(0, ddof=1) / math.sqrt(trials)
+    # each row's E[w 1{kept}] is 1 up to the weights' rounding to the half-precision dtype
+    assert np.all(np.abs(kept.mean(0) - 1) <= 5 * se + float(jnp.finfo(dtype).eps)), kept.mean(0)
+
+
+def test_half_precision_weights_that_overflow_are_named():
+    with pytest.raises(ValueError, match="overflows float16"):
+        nj.sample(jax.random.key(11), nj.uniform_scores(100_000, jnp.float16), 1, replace=False)
+
+
 def _priority_estimates(probs, values, s, trials, key):
     keys = jax.random.split(key, trials)
     idx, w = jax.vmap(lambda k: nj.sample(k, jnp.asarray(probs), s, replace=False))(keys)
