@@ -145,3 +145,35 @@ def test_score_half_precision_file_in_float32(tmp_path, capsys):
     s16, s32 = np.load(tmp_path / "x16_s.npy"), np.load(tmp_path / "x32_s.npy")
     assert s16.dtype == np.float32
     np.testing.assert_allclose(s16, s32, rtol=1e-5)
+
+
+def test_score_review_fixes(tmp_path, capsys):
+    """An .npz as --x was an AttributeError traceback; a big-endian .npy a misleading model error; an
+    (n, 0) --x a numpy reduction error; --out naming a folder left a hidden temporary file behind; the
+    scores were written with mode 0600; the same --seed drew another model for a float64 file."""
+    xs, _ = _files(tmp_path)
+    out = str(tmp_path / "s.npy")
+    np.savez(tmp_path / "x.npz", x=xs)
+    assert cli.main(["score", "--x", str(tmp_path / "x.npz"), "--out", out]) == 2
+    assert ".npz archive, not one .npy array" in capsys.readouterr().err
+    np.save(tmp_path / "big.npy", xs.astype(">f8"))
+    assert cli.main(["score", "--x", str(tmp_path / "big.npy"), "--out", out]) == 2
+    assert "non-native byte order" in capsys.readouterr().err
+    np.save(tmp_path / "empty.npy", np.zeros((5, 0)))
+    assert cli.main(["score", "--x", str(tmp_path / "empty.npy"), "--out", out]) == 2
+    assert "d >= 1" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert cli.main(["score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "folder")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".nlis-score-")]
+    umask = os.umask(0o022)
+    try:
+        assert cli.main(["score", "--x", str(tmp_path / "x.npy"), "--out", out]) == 0
+    finally:
+        os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o644
+    np.save(tmp_path / "x32.npy", xs.astype(np.float32))
+    out32 = str(tmp_path / "s32.npy")
+    assert cli.main(["score", "--x", str(tmp_path / "x32.npy"), "--out", out32]) == 0
+    # the same --seed, the same model: the float64 file's scores match the float32 file's to float32 rounding
+    np.testing.assert_allclose(np.load(out32), np.load(out), rtol=1e-4)

@@ -84,13 +84,17 @@ def model_and_params(args, d: int, dtype):
         apply_fn = nets.single_index(jnp.tanh)
         if stored is not None:
             return apply_fn, jnp.asarray(stored["theta"], dtype)
-        return apply_fn, jax.random.normal(jax.random.key(args.seed), (d,), dtype) / np.sqrt(d)
+        # drawn in float32 whatever the file's dtype: the same --seed, the same model
+        return apply_fn, (
+            jax.random.normal(jax.random.key(args.seed), (d,), jnp.float32) / np.sqrt(d)
+        ).astype(dtype)
     apply_fn = nets.mlp(jnp.tanh)
     if stored is not None:
         params = [{"w": stored[f"w{i}"], "b": stored[f"b{i}"]} for i in range(_layers(stored))]
         return apply_fn, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    params = nets.mlp_init(jax.random.key(args.seed), (d, args.hidden, 1), dtype=dtype)
-    return apply_fn, jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # non-zero biases
+    params = nets.mlp_init(jax.random.key(args.seed), (d, args.hidden, 1), dtype=jnp.float32)
+    params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # non-zero biases
+    return apply_fn, jax.tree.map(lambda a: a.astype(dtype), params)  # float32 draws: --seed's model
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -98,20 +102,24 @@ def run_score(args: argparse.Namespace) -> int:
     import nlis_jax as nj
 
     try:
-        xs = np.load(args.x, mmap_mode="r")
-        ys = None if args.y is None else np.load(args.y, mmap_mode="r")
+        xs = _load_array("--x", args.x)
+        ys = None if args.y is None else _load_array("--y", args.y)
     except (OSError, ValueError) as exc:
         print(f"nlis-jax score: error: cannot read the data: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if xs.ndim != 2 or not np.issubdtype(xs.dtype, np.floating):
+    if xs.ndim != 2 or not np.issubdtype(xs.dtype, np.floating) or xs.shape[1] == 0:
         print(
-            f"nlis-jax score: error: --x must be an (n, d) float array, got {xs.shape} {xs.dtype}.",
+            f"nlis-jax score: error: --x must be an (n, d) float array with d >= 1, got {xs.shape} "
+            f"{xs.dtype}.",
             file=sys.stderr,
         )
         return EXIT_USAGE
     inputs = [name for name, path in (("--x", args.x), ("--y", args.y)) if _same_file(path, args.out)]
     if inputs:
         print(f"nlis-jax score: error: --out {args.out} is the file of {inputs[0]}.", file=sys.stderr)
+        return EXIT_USAGE
+    if os.path.isdir(args.out):
+        print(f"nlis-jax score: error: --out {args.out} is a folder; name the .npy file.", file=sys.stderr)
         return EXIT_USAGE
     if xs.dtype == np.float64:  # the file's precision: scores in float64 too
         import jax
@@ -139,6 +147,21 @@ def run_score(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary))
     return 0
+
+
+def _load_array(option: str, path: str) -> np.ndarray:
+    """The ``.npy`` array at ``path`` as a read-only memmap, in native byte order (``ValueError`` for an
+    ``.npz`` archive or a big-endian file, which the memmap would hand to the device byte-swapped)."""
+    data = np.load(path, mmap_mode="r")
+    if not isinstance(data, np.ndarray):
+        data.close()
+        raise ValueError(f"{option} {path} is an .npz archive, not one .npy array (save it with np.save).")
+    if not data.dtype.isnative:
+        raise ValueError(
+            f"{option} {path} is stored in non-native byte order ({data.dtype.str}): convert it with "
+            f"np.save(path, a.astype(a.dtype.newbyteorder('=')))."
+        )
+    return data
 
 
 def _same_file(path: str | None, out: str) -> bool:
@@ -173,8 +196,15 @@ class _written_on_success:
     def __exit__(self, kind, exc, tb) -> bool:
         self.out.flush()
         del self.out  # the mapping closed before the file moves
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
+        if kind is not None:
             os.unlink(self.tmp)
+            return False
+        umask = os.umask(0)  # mkstemp made the file 0600: give it the mode a new file would have
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)
+        try:
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            os.unlink(self.tmp)
+            raise
         return False
