@@ -524,16 +524,25 @@ def upper_rows(A: Array, U: Array, row_norms: bool = False) -> Array:
 def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array]:
     """``(M, scale)``: ``scale·‖(A M)_i‖² = [A (G + λI)^{-1} Aᵀ]_ii`` (ridge leverage), ``G = AᵀA``.
 
-    With ``G = V diag(λ_j) Vᵀ``, ``M = V diag(w_j)^{1/2}``, ``w_j = (λ_min + λ)/(λ_j + λ) ∈ (0, 1]`` and
-    ``scale = 1/(λ_min + λ)``: the weights are relative to the largest, so ``‖(A M)_i‖²`` keeps full
-    precision (and the probabilities drawn from it) where the leverage itself is subnormal or underflows
-    (``λ ≫ ‖A‖²``, or ``λ = inf`` after scaling).
+    Equilibrated: with ``d = diag(G)``, ``R = S⁻¹ G S⁻¹ + diag(λ/(d_j + λ))``, ``S = diag(√(d_j + λ))``
+    (unit diagonal, so columns of very different scales keep their small directions: an eigendecomposition
+    of ``G`` itself loses them to ``eps·‖G‖``), ``R = V diag(w) Vᵀ`` and ``M = diag(f) V diag(w)^{-1/2}``
+    with ``f_j² = c/(d_j + λ)``, ``scale = 1/c``. ``c = max(1, λ/max d)``: for a ridge far above the
+    Gram matrix ``‖(A M)_i‖²`` stays of order ``‖A_i‖²/max d`` (and the probabilities drawn from it
+    exact) where the leverage itself is subnormal or underflows; every term is finite for ``λ = inf``.
     """
-    lam, V = jnp.linalg.eigh(G)
-    lam = jnp.maximum(lam, 0)
-    low = jnp.min(lam) + ridge
-    w = 1 / (1 + (lam - jnp.min(lam)) / low)  # (λ_min + λ)/(λ_j + λ), finite for λ = inf
-    return V * jnp.sqrt(w)[None, :], 1 / low
+    d = jnp.maximum(jnp.diagonal(G), 0)
+    top = jnp.max(d)
+    top = jnp.where(top > 0, top, 1)
+    big = ridge > top
+    f2 = jnp.where(big, 1 / (top * (1 + d / ridge)), 1 / (d + ridge))  # c/(d_j + λ)
+    s = jnp.sqrt(d + ridge)
+    shrink = 1 - d / (d + ridge)  # λ/(d_j + λ), finite for λ = inf
+    R = G / s[:, None] / s[None, :] + jnp.diag(shrink)
+    w, V = jnp.linalg.eigh(R)
+    w = jnp.maximum(w, jnp.min(shrink))  # Weyl: λ_min(R) ≥ min_j λ/(d_j + λ); rounding only
+    M = jnp.sqrt(f2)[:, None] * V * lax.rsqrt(w)[None, :]
+    return M, jnp.where(big, top / ridge, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("route", "row_norms"))

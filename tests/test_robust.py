@@ -256,6 +256,23 @@ def test_ridge_far_above_the_gram_gives_row_norm_probabilities(dtype, scale, rid
     np.testing.assert_allclose(h, eff * ref, rtol=1e-3, atol=float(np.finfo(dtype).smallest_normal) * 1e-3)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "span", "ridge"), [(jnp.float64, 8, 1.0), (jnp.float64, 20, 1.0), (jnp.float32, 2, 1.0)]
+)
+def test_ridge_leverage_of_columns_of_very_different_scales(dtype, span, ridge):
+    """Columns scaled 10^-span .. 10^span: an eigendecomposition of the raw Gram matrix lost the small
+    directions (float64, span 8: effective dimension 39.55 for 5.98, above the 10 columns). Reference:
+    QR of [A; √λ I] in float64."""
+    A = _matrix(2000, 10, np.float64, seed=1) * np.logspace(-span, span, 10)
+    A = A.astype(dtype).astype(np.float64)
+    Q = np.linalg.qr(np.vstack([A, np.sqrt(ridge) * np.eye(10)]))[0]
+    h = np.sum(Q[:2000] ** 2, axis=1)
+    out = nj.leverage_scores(jnp.asarray(A, dtype), ridge=ridge, return_info=True)
+    rtol = {jnp.float32: 1e-5, jnp.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(np.asarray(out.leverage, np.float64), h, rtol=rtol)
+    np.testing.assert_allclose(float(out.rank), h.sum(), rtol=rtol)
+
+
 def test_all_zero_dual_is_a_clear_error():
     def constant(th, x):  # does not depend on θ; f(0) = y = 0 on every point
         return 0.0 * jnp.sum(th) * jnp.sum(x)
