@@ -21,10 +21,11 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from nlis_jax.experiments.checks import positive_int_arg, seed_arg, sizes_arg
+from nlis_jax.experiments.checks import positive_int_arg, seed_arg, size_arg, sizes_arg
 from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, shrink
 
 #: Exit code for a usage error or a missing data set (argparse's convention).
@@ -61,7 +62,7 @@ NONE = "none"
 def _size_or_none(text: str):
     if text.lower() in ("none", "off"):
         return NONE
-    return sizes_arg(text)[0]
+    return size_arg(text)
 
 
 def _float_or_none(text: str):
@@ -122,7 +123,7 @@ _FIELDS = {
     "mix": ("mix", None),
     "pilot_size": ("pilot_size", None),
     "timing_size": ("timing_size", None),
-    "num_nodes": ("num_nodes", None),
+    "num_nodes": ("num_nodes", ("fashion-mnist", "digits")),  # the network problems' adjoints
     "n": ("n", ("synthetic", "fashion-mnist")),
     "d": ("d", ("synthetic",)),
     "noise": ("noise", ("synthetic",)),
@@ -204,9 +205,7 @@ def _add_training_options(run: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="step multiplier (gd) or initial learning rate (adam)")
     g.add_argument("--radius", type=_float_or_none, help="l2-ball radius of the constraint, or 'none'")
     g.add_argument("--mix", type=float, help="mix non-uniform scores with uniform: (1-α)p + α/n")
-    g.add_argument(
-        "--pilot-size", type=lambda t: sizes_arg(t)[0], help="uniform pilot sample (fraction or rows)"
-    )
+    g.add_argument("--pilot-size", type=size_arg, help="uniform pilot sample (fraction or rows)")
     g.add_argument(
         "--timing-size",
         type=_size_or_none,
@@ -599,8 +598,11 @@ def prepare_out(out: str, overwrite: bool) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot write in {existing} (permission denied).")
+    try:  # a real write (os.access says yes to root everywhere, and to read-only file systems)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write in {existing} ({exc.strerror or exc}).") from None
     return path
 
 

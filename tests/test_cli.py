@@ -155,6 +155,7 @@ def test_outliers_help_lists_the_study_options(capsys):
         ("--n", "-5", "n"),
         ("--noise-scale", "-1", "noise"),
         ("--lr", "-1", "learning_rate"),
+        ("--lr", "inf", "learning_rate"),
     ],
 )
 def test_outliers_bad_option_value_is_a_usage_error(option, value, match, tmp_path, capsys):
@@ -177,3 +178,93 @@ def test_outliers_delegates_to_module(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as info:  # unknown options are usage errors (no silent extras)
         cli.main(["outliers", "--flip-fration", "0.3"])
     assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Fifteenth session's review: each failed before
+
+
+def test_ctrl_c_in_the_wall_time_comparison_keeps_the_grid(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the grid (plots, wall-time comparison) wrote nothing; now the finished cells."""
+    from nlis_jax.experiments import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "compare_wall_time", interrupted)
+    out = tmp_path / "res"
+    assert cli.main(TINY + ["--out", str(out), "--no-plots"]) == cli.EXIT_INTERRUPTED
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["partial"] is True and summary["timing"] is None
+    assert [r["size"] for r in summary["methods"]["uniform"]["results"]] == [20, 40]
+
+
+def test_methods_limit_the_wall_time_comparison(tmp_path, monkeypatch):
+    from nlis_jax.experiments import runner
+
+    seen = {}
+
+    def record(*args, methods, **kwargs):
+        seen["methods"] = methods
+        return None
+
+    monkeypatch.setattr(runner, "compare_wall_time", record)
+    args = TINY + ["--methods", "uniform,nonlinear_leverage", "--no-plots", "--out", str(tmp_path / "r")]
+    assert cli.main(args) == 0
+    assert seen["methods"] == ("uniform",)  # was every timed scheme, whatever --methods said
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--num-nodes", "3"], "--num-nodes does not apply"),  # was accepted and ignored
+        (["--pilot-size", "60,500"], "expected one sample size"),  # kept 60 silently
+        (["--timing-size", "100,300"], "expected one sample size"),
+    ],
+)
+def test_run_option_errors(args, match, capsys):
+    code = None
+    try:
+        code = cli.main(["run", "--dataset", "synthetic", *args])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and match in capsys.readouterr().err
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_work(capsys):
+    """/proc accepts no new files, though os.access says yes to root: the study ran, then a traceback."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--out", "/proc/nlis-no-such-folder"])
+    assert info.value.code == 2 and "cannot write in /proc" in capsys.readouterr().err
+
+
+def test_full_data_steps_to_a_loss_count_the_final_iterate():
+    """A sample fit whose loss the full-data run reaches only after its last update was 'not reached'."""
+    import numpy as np
+
+    from nlis_jax.experiments.study import FullFit
+    from nlis_jax.experiments.wall_time import full_steps_to_loss
+
+    full = FullFit(None, 1.0, np.array([10.0, 5.0]), 1.0, 0.0, 2, 0.0)
+    assert full_steps_to_loss(full, 1.5) == 2 and full_steps_to_loss(full, 7.0) == 1
+    assert full_steps_to_loss(full, 0.5) is None
+
+
+def test_active_n_past_the_data_set_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """A traceback with exit 1 before (and a missing data set exited 1)."""
+    monkeypatch.setenv("NLIS_SMALL", "1")
+    assert cli.main(["active", "--n", "30000", "--out", str(tmp_path / "a")]) == 2
+    assert "30000" in capsys.readouterr().err
+
+
+def test_outliers_n_past_the_chosen_classes_is_a_usage_error(tmp_path, capsys):
+    """--n 20000 of two classes (12,000 images) ran on 12,000 and recorded n = 20000."""
+    from nlis_jax.experiments import datasets
+
+    pytest.importorskip("nlis_jax.experiments.outliers")
+    try:
+        datasets.load_fashion_mnist(flatten=False, classes=(7, 9), limit=10, download_if_missing=False)
+    except datasets.DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST is not in the data folder (CI has it: ../shared/data)")
+    assert cli.main(["outliers", "--n", "20000", "--out", str(tmp_path / "o")]) == 2
+    assert "n = 20000 is more than the 12000 images" in capsys.readouterr().err

@@ -570,7 +570,10 @@ def run_active(args: argparse.Namespace) -> int:
         result = run_active_study(jax.random.key(args.seed), config)
     except datasets.DatasetNotFoundError as err:
         print(f"nlis-jax active: {err}", file=sys.stderr)
-        return 1
+        return 2
+    except ValueError as err:  # options the data decide (--n past the data set)
+        print(f"nlis-jax active: error: {err}", file=sys.stderr)
+        return 2
     except ActiveInterrupted as stop:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(stop.result, indent=2))

@@ -85,6 +85,14 @@ def sizes_arg(text: str) -> tuple[float | int, ...]:
     return _as_arg_error(parse_sizes, text)
 
 
+def size_arg(text: str) -> float | int:
+    """``argparse`` type of ONE sample size (a fraction or a row count): a list is an error, not its head."""
+    sizes = sizes_arg(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one sample size, got {len(sizes)}: {text!r}")
+    return sizes[0]
+
+
 def _integer(text: str, what: str) -> int:
     try:
         return int(text)

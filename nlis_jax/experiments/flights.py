@@ -56,7 +56,7 @@ from jax import lax
 
 import nlis_jax as nj
 from nlis_jax.experiments import kernels
-from nlis_jax.experiments.checks import positive_int_arg, sizes_arg
+from nlis_jax.experiments.checks import positive_int_arg, size_arg
 from nlis_jax.experiments.datasets import load_flights
 from nlis_jax.experiments.report import quantiles
 from nlis_jax.experiments.runner import StudyInterrupted
@@ -973,7 +973,7 @@ def add_flights_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=positive_int_arg, help="mlp: epochs of full-data minibatch Adam")
     g.add_argument("--batch-size", type=positive_int_arg, help="mlp: minibatch rows (default 1024)")
     g.add_argument("--refits", type=int, help="mlp: full-data refits from other inits (noise floor)")
-    g.add_argument("--refine-size", type=lambda t: sizes_arg(t)[0], help="refinement sample (fraction/rows)")
+    g.add_argument("--refine-size", type=size_arg, help="refinement sample (fraction/rows)")
     g.add_argument("--sample-lr", type=float, help="mlp: Adam rate of the fine-tunes from θ* (star)")
 
 

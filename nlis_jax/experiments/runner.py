@@ -33,7 +33,7 @@ from nlis_jax.experiments.study import (
     score_params,
     test_accuracy,
 )
-from nlis_jax.experiments.wall_time import compare_wall_time
+from nlis_jax.experiments.wall_time import TIMED_METHODS, compare_wall_time
 
 __all__ = ["StudyResult", "run_study"]
 
@@ -312,7 +312,8 @@ def run_study(
         ``timing`` (:func:`compare_wall_time`, when ``config.timing_size``) and ``compile``.
 
     Raises:
-        StudyInterrupted: on Ctrl-C during the grid, with the summary of the finished cells.
+        StudyInterrupted: on Ctrl-C after the full-data fit (scores, grid, plots callback, wall-time
+            comparison), with the summary of the finished cells.
     """
     problem = make_problem(config) if problem is None else problem
     sizes = resolve_sizes(config.sizes, problem.n)
@@ -326,28 +327,31 @@ def run_study(
     full = fit_full(problem, params0, num_steps=config.steps_full)
     bucket = pad_rows(max(*sizes, resolve_size(config.pilot_size, problem.n)))
     run = _Run(problem, config, sizes, method_keys, params0, full, log, bucket)
-    probs, score_s = _shared_scores(run)
-    pilot = (None, 0.0)
-    if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
-        pilot = _pilot(k_pilot, run)
-        score_s["pilot_leverage"] = pilot[1]
-    grid = _Grid(run)
-    try:
+    grid, score_s, timing = _Grid(run), {}, None
+    try:  # from here on, Ctrl-C keeps what is finished (scores, grid cells)
+        probs, shared_s = _shared_scores(run)
+        score_s.update(shared_s)
+        pilot = (None, 0.0)
+        if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
+            pilot = _pilot(k_pilot, run)
+            score_s["pilot_leverage"] = pilot[1]
         _run_grid(run, (probs, score_s), pilot, bar, grid)
+        if bar is not None:
+            bar.close()
+        background = None
+        if on_grid is not None:
+            background = on_grid(_summary(run, grid, score_s, None, compile0))
+        methods = tuple(m for m in TIMED_METHODS if m in config.methods)  # the schemes asked for
+        if config.timing_size is not None and methods:
+            log("wall-time comparison")
+            size = resolve_size(config.timing_size, problem.n)
+            timing = compare_wall_time(
+                k_timing, problem, full, params0, size=size, config=config, methods=methods,
+                wait_for=background,
+            )  # fmt: skip
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
         raise StudyInterrupted(dict(_summary(run, grid, score_s, None, compile0), partial=True)) from None
-    if bar is not None:
-        bar.close()
-    timing, background = None, None
-    if on_grid is not None:
-        background = on_grid(_summary(run, grid, score_s, None, compile0))
-    if config.timing_size is not None:
-        log("wall-time comparison")
-        size = resolve_size(config.timing_size, problem.n)
-        timing = compare_wall_time(
-            k_timing, problem, full, params0, size=size, config=config, wait_for=background
-        )
     summary = _summary(run, grid, score_s, timing, compile0)
     return StudyResult(summary, grid.ratios, grid.accuracies, sizes, full)

@@ -57,6 +57,11 @@ def _scheme_probs(key, method: str, problem: Problem, params0, config: StudyConf
     raise ValueError(f"compare_wall_time: {method!r} is not a practical scheme here.")
 
 
+def full_steps_to_loss(full: FullFit, loss: float) -> int | None:
+    """Updates of the full-data run until its loss is at most ``loss`` (its final iterate included)."""
+    return steps_to_loss(np.append(full.losses, full.loss), loss)  # L(θ_t) after t = 0..T updates
+
+
 def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: int, config) -> dict:
     """Pilot, score, draw and train once (``R = 1``; ``keys = (pilot, sample)``); the full-data time to
     the same loss."""
@@ -65,7 +70,7 @@ def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: 
     probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config, bucket)
     params, trace, sample_s, train_s = _draw_and_fit(k_sample, probs, size, bucket, problem, params0, config)
     loss = float(np.asarray(full_losses(problem, params)[0])[0])
-    steps = steps_to_loss(full.losses, loss)
+    steps = full_steps_to_loss(full, loss)
     train_steps = steps_to_converge(np.asarray(trace)[0])
     step_s = full.time_s / full.num_steps
     return {

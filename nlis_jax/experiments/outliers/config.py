@@ -123,8 +123,8 @@ class OutlierConfig:
         positive_int("projection_dim", self.projection_dim, optional=True)
         self._check_outliers()
         positive_int("batch_size", self.batch_size, optional=True)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if not 0 < self.learning_rate < float("inf"):
+            raise ValueError(f"learning_rate must be positive and finite, got {self.learning_rate}.")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
 

@@ -179,6 +179,8 @@ def load_data(config: OutlierConfig, data=None) -> tuple[np.ndarray, np.ndarray,
             download_if_missing=config.download_if_missing,
         )
         num_classes = 10 if config.classes is None else len(config.classes)
+        if config.n is not None and ds.x.shape[0] < config.n:
+            raise ValueError(f"n = {config.n} is more than the {ds.x.shape[0]} images of the chosen classes.")
         return ds.x, ds.y, num_classes, ds.class_names
     if isinstance(data, datasets.Dataset):
         x, y, names = data.x, data.y, data.class_names

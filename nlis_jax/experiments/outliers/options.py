@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+import jax
+
 from nlis_jax.experiments.checks import positive_int_arg, seed_arg
 from nlis_jax.experiments.outliers.config import CORRUPTIONS, OutlierConfig
 from nlis_jax.experiments.outliers.study import OutlierStudyInterrupted, run_outlier_study
@@ -233,8 +235,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     progress = getattr(args, "progress", None)
     out = getattr(args, "out", None)
+    if config.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)  # set before any array exists
     try:
         result = run_outlier_study(config, out_dir=out, progress=True if progress is None else bool(progress))
+    except ValueError as exc:  # options the data decide (classes, --n, --pca, --pool, --batch-size)
+        print(f"nlis-jax outliers: error: {exc}", file=sys.stderr)
+        return 2
     except OutlierStudyInterrupted as stop:
         where = stop.result.get("files", {}).get("results", "nowhere (no --out)")
         print(f"nlis-jax outliers: interrupted; finished stages written to {where}", file=sys.stderr)
