@@ -442,7 +442,7 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
         return adj, info
     k = math.prod(shape.out_shape)
     if rtol is None:  # the tolerance of the narrowest leaf: its rounding is the integrand's noise
-        rtol = max(default_rtol(shape.dtype), *(default_rtol(leaf.dtype) for leaf in _float_leaves(params)))
+        rtol = max(default_rtol(shape.dtype), *(default_rtol(jnp.result_type(a)) for a in _float_leaves(params)))
     rtol = float(rtol)
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
     chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size

@@ -532,3 +532,22 @@ def test_ctrl_c_active_writes_finished_repeats_exit_130(tmp_path, monkeypatch, c
     assert result["strategies"]["uniform"]["median"] == [1.5] * 3 and result["settings"]["loss_star"] == 2.0
     err = capsys.readouterr().err
     assert "nlis-jax active: interrupted" in err and "Traceback" not in err
+
+
+def test_adaptive_rule_with_a_gradient_undefined_only_at_theta_zero_and_float_leaves():
+    """∇‖θ‖ is NaN at θ = 0 only: the refinement panels' end samples (weight 0) put 0·NaN into the
+    integral, so the adaptive rule raised "the adjoint is NaN or Inf" on an exact, smooth integrand
+    (∫₀¹ 30 sech²(30t) dt · θ/‖θ‖ · x = tanh(30) θ/‖θ‖ x). A Python-float leaf of params made the
+    adaptive rule fail ('float' object has no attribute 'dtype')."""
+    f = lambda t, x: jnp.tanh(30 * jnp.linalg.norm(t)) * x[0]  # noqa: E731
+    theta, xs = jnp.array([0.6, 0.8]), jnp.array([[1.0], [2.0]])
+    adj, info = nj.adjoint(f, theta, xs, return_info=True)
+    ref = np.tanh(30.0) * np.outer([1.0, 2.0], [0.6, 0.8])
+    assert bool(np.all(info.converged))
+    np.testing.assert_allclose(adj, ref, rtol=1e-11)
+    params = {"w": jnp.array([0.3, -0.2]), "b": 0.5}
+    g = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])  # noqa: E731
+    X = jnp.asarray(_matrix(4, 2, np.float64))
+    np.testing.assert_allclose(
+        nj.dual_matrix(g, params, X)[:, :-1], nj.adjoint(g, params, X, num_nodes=16), rtol=1e-9
+    )
