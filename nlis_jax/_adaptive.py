@@ -185,14 +185,18 @@ def panel(g: Callable, params: PyTree, x: PyTree, a, h, directions: Array, *, en
     def body(acc, tw):
         t, w = tw
         value = g(params, a + h * t, x)
-        # an end sample (weight 0) never enters the integral: 0·NaN would (∇f undefined at t = 0 only)
-        return acc + jnp.where(w != 0, w * value, 0), value.reshape(-1) @ directions
+        # an end sample (weight 0) that is NaN, ∇f undefined at that point only (∇‖θ‖ at θ = 0), stays out
+        # of the integral (0·NaN would not); an infinite one still makes it NaN: a singular gradient
+        undefined = jnp.isnan(value)
+        return acc + jnp.where((w != 0) | ~undefined, w * value, 0), (
+            value.reshape(-1) @ directions,
+            jnp.any(undefined),
+        )
 
-    acc, projected = lax.scan(body, jnp.zeros(shape.shape, shape.dtype), (nodes, weights))
-    if endpoints:  # a non-finite end sample: the estimate takes its neighbouring node's value instead
+    acc, (projected, undefined) = lax.scan(body, jnp.zeros(shape.shape, shape.dtype), (nodes, weights))
+    if endpoints:  # an undefined end sample: the estimate takes its neighbouring node's value instead
         for end, near in ((0, 1), (-1, -2)):
-            finite = jnp.all(jnp.isfinite(projected[end]))
-            projected = projected.at[end].set(jnp.where(finite, projected[end], projected[near]))
+            projected = projected.at[end].set(jnp.where(undefined[end], projected[near], projected[end]))
     return h * acc, panel_error(coef @ projected, h, exponent), jnp.max(_rms(projected, axis=-1))
 
 

@@ -300,8 +300,9 @@ def adjoint(
       rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
         float64, ``1e-6`` in float32, that of the narrowest floating leaf of ``params``; float16 and
         bfloat16 models are integrated in float32, to its tolerance, and the adjoints rounded back).
-      max_panels: adaptive budget of panels (16 gradients each) per example; examples still above
-        ``rtol`` then raise a :class:`nlis_jax.QuadratureWarning` naming how many and the error reached.
+      max_panels: adaptive budget of panels (16 gradients each) per example, at least 3 (a panel and its
+        first bisection); examples still above ``rtol`` then raise a :class:`nlis_jax.QuadratureWarning`
+        naming how many and the error reached.
       return_info: also return a :class:`nlis_jax.QuadratureInfo` (adaptive only): per-example estimated
         relative error, relative identity residual, panels used and a convergence flag.
 
@@ -316,7 +317,8 @@ def adjoint(
         when ``apply_fn`` fails on one example (the message shows the shapes); when the adjoint comes out
         NaN or Inf (a gradient of ``apply_fn`` not finite on the path ``tθ``, e.g. ``sqrt`` or ``log``
         singular at ``θ = 0``, or overflow), eagerly, or as a ``checkify`` check under a user's ``jit``
-        inside ``nlis_jax.traced_checks()``.
+        inside ``nlis_jax.traced_checks()`` (fixed rule only: ``checkify`` cannot transform the adaptive
+        rule's batched ``while_loop``; pass ``num_nodes`` there).
     """
     check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
     shape = check_model(apply_fn, params, xs)
@@ -355,7 +357,10 @@ def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANEL
         check_positive_int("num_nodes", num_nodes)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
-    check_positive_int("max_panels", max_panels)
+    if check_positive_int("max_panels", max_panels) < 3:  # the first bisection always runs: 1 + 2 panels
+        raise ValueError(
+            f"max_panels must be at least 3 (one panel and its first bisection), got {max_panels}."
+        )
     if rtol is not None and not 0 < check_real("rtol", rtol) < 1:  # NaN fails the comparison too
         raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}.")
     if not isinstance(return_info, bool):
@@ -442,7 +447,9 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
         return adj, info
     k = math.prod(shape.out_shape)
     if rtol is None:  # the tolerance of the narrowest leaf: its rounding is the integrand's noise
-        rtol = max(default_rtol(shape.dtype), *(default_rtol(jnp.result_type(a)) for a in _float_leaves(params)))
+        rtol = max(
+            default_rtol(shape.dtype), *(default_rtol(jnp.result_type(a)) for a in _float_leaves(params))
+        )
     rtol = float(rtol)
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
     chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size
@@ -466,10 +473,16 @@ def _narrow(adj, like):
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
 def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, chunk_size):
-    """Adjoints by a fixed rule, and the number of examples whose adjoint is NaN or Inf."""
+    """Adjoints by a fixed rule, and the number of examples whose adjoint, ``f(0)`` or ``f(θ)`` is NaN or
+    Inf (the rule's interior nodes never see a singularity at ``t = 0``, as of ``log(x·θ)``: the
+    adjoint there diverges while the rule returns finite numbers)."""
     model = flatten_model(apply_fn, params, xs)
     adj = flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
-    return adj, count_bad_examples(adj)
+    ends = jnp.stack([model_outputs(model, xs, jnp.zeros_like(model.theta)), model_outputs(model, xs)], 1)
+    finite = jnp.all(jnp.isfinite(adj.reshape(model.n, -1)), 1) & jnp.all(
+        jnp.isfinite(ends.reshape(model.n, -1)), 1
+    )
+    return adj, jnp.sum(~finite, dtype=jnp.int32)
 
 
 def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:

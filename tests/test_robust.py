@@ -551,3 +551,15 @@ def test_adaptive_rule_with_a_gradient_undefined_only_at_theta_zero_and_float_le
     np.testing.assert_allclose(
         nj.dual_matrix(g, params, X)[:, :-1], nj.adjoint(g, params, X, num_nodes=16), rtol=1e-9
     )
+
+
+def test_fixed_rule_refuses_a_model_not_finite_at_zero_and_max_panels_below_three():
+    """log(x·θ) is -inf at θ = 0, so its adjoint diverges: the fixed rule's interior nodes returned finite
+    numbers that moved with the node count (3.62 with 8 nodes, 6.33 with 64). max_panels = 1 was exceeded
+    (3 panels: the first bisection always runs)."""
+    f = lambda t, x: jnp.log(x @ t)  # noqa: E731
+    theta, xs = jnp.array([0.5, 0.5]), jnp.array([[1.0, 2.0], [0.5, 1.0]])
+    with pytest.raises(ValueError, match="adjoint is NaN or Inf for 2 of 2"):
+        nj.adjoint(f, theta, xs, num_nodes=8)
+    with pytest.raises(ValueError, match="max_panels must be at least 3"):
+        nj.adjoint(lambda t, x: jnp.tanh(x @ t), theta, xs, max_panels=1)
