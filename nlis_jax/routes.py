@@ -194,6 +194,7 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
     keep = s > rtol * s[0]
     U = jnp.pad(W * keep[None, :], ((0, 0), (0, m - n)))
     out = jnp.sum(jnp.square(U), axis=1) if row_norms else U
+    out = jnp.where(jnp.all(jnp.isfinite(norms)), out, jnp.nan)  # NaN/Inf input: NaN out, as gram_basis
     return out, jnp.sum(keep).astype(jnp.int32), jnp.asarray(ROUTES.index("stable"), jnp.int32)
 
 
@@ -557,7 +558,9 @@ def basis(
     sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`).
     """
     if A.shape[0] < A.shape[1]:
-        return wide_basis(prescale_columns(A), rtol, row_norms)
+        out, rank, taken = wide_basis(prescale_columns(A), rtol, row_norms)
+        # fewer rows than columns is rank-deficient: a forced fast route is refused (rank -1), as streamed
+        return out, jnp.int32(-1) if route in FAST_ROUTES else rank, taken
     if takes_sketch(A, route):
         return sketched_basis(A, rtol, route, row_norms)
     return gram_basis(A, rtol, route, row_norms)

@@ -563,3 +563,22 @@ def test_fixed_rule_refuses_a_model_not_finite_at_zero_and_max_panels_below_thre
         nj.adjoint(f, theta, xs, num_nodes=8)
     with pytest.raises(ValueError, match="max_panels must be at least 3"):
         nj.adjoint(lambda t, x: jnp.tanh(x @ t), theta, xs, max_panels=1)
+
+
+def test_routes_review_fixes():
+    """One row holding a NaN was 'the dual matrix is all zeros'; a fast route forced on fewer rows than
+    columns (rank-deficient) ran 'stable' silently, while streaming refused it; a traced rtol outside
+    (0, 1) was unchecked under traced_checks (NaN probabilities, reported as all zeros)."""
+    from jax.experimental import checkify
+
+    with pytest.raises(ValueError, match="F contains 1 NaN or Inf"):
+        nj.leverage_scores(np.array([[1.0, np.nan, 2.0]], np.float32))
+    with pytest.raises(ValueError, match='route="gram" was forced on a matrix that is rank-deficient'):
+        nj.leverage_scores(_matrix(4, 8, np.float64), route="gram")
+
+    def scores(F, rtol):
+        with nj.traced_checks():
+            return nj.leverage_scores(F, rtol=rtol)
+
+    err, _ = jax.jit(checkify.checkify(scores, errors=checkify.user_checks))(_matrix(6, 2, np.float64), 2.0)
+    assert "rtol must lie in (0, 1)" in err.get()
