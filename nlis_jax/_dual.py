@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo
 from nlis_jax._adjoint import (
@@ -27,7 +28,7 @@ from nlis_jax._adjoint import (
     model_outputs,
     nonfinite_adjoint,
 )
-from nlis_jax._checks import check_finite, check_positive_int, report_nonfinite
+from nlis_jax._checks import check_finite, check_positive_int, is_concrete, report_nonfinite
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
@@ -200,13 +201,28 @@ def dual_operator(
 
     def mv(v):
         v = _operand("mv", "a vector", "v", v, (p + 1,), dtype)
-        return _dual_mv(*args, v.astype(wide)).astype(dtype)
+        return _finite("mv", _dual_mv(*args, v.astype(wide)).astype(dtype))
 
     def rmv(u):
         u = _operand("rmv", "an array", "u", u, out_shape, dtype)
-        return _dual_rmv(*args, u.astype(wide)).astype(dtype)
+        return _finite("rmv", _dual_rmv(*args, u.astype(wide)).astype(dtype))
 
     return DualOperator(mv, rmv, out_shape + (p + 1,), dtype, theta_tilde)
+
+
+def _finite(method: str, out: Array) -> Array:
+    """``out``, after a ``ValueError`` (a ``checkify`` check under tracing, inside
+    ``nlis_jax.traced_checks()``) if it holds NaN or Inf: an overflow in the dtype, or a gradient not
+    finite on the path ``tθ``, as :func:`dual_matrix` reports it."""
+    message = (
+        f"dual_operator.{method}: the product is NaN or Inf (a gradient of apply_fn not finite on the path "
+        "tθ, or overflow in the params' dtype: rescale the inputs or the vector)."
+    )
+    if not is_concrete(out):
+        traced.check(jnp.all(jnp.isfinite(out)), message)
+    elif not bool(jnp.all(jnp.isfinite(out))):
+        raise ValueError(message)
+    return out
 
 
 def _operand(method: str, kind: str, name: str, a, shape: tuple[int, ...], dtype) -> Array:

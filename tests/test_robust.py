@@ -582,3 +582,13 @@ def test_routes_review_fixes():
 
     err, _ = jax.jit(checkify.checkify(scores, errors=checkify.user_checks))(_matrix(6, 2, np.float64), 2.0)
     assert "rtol must lie in (0, 1)" in err.get()
+
+
+def test_dual_operator_products_that_overflow_are_named():
+    """mv gave [inf, 4.5] silently where dual_matrix raises."""
+    sq = lambda t, x: (x @ t) ** 2  # noqa: E731
+    op = nj.dual_operator(sq, jnp.array([0.5, 0.5]), jnp.array([[1e200, 1.0], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="dual_operator.mv: the product is NaN or Inf"):
+        op.mv(jnp.ones(3))
+    with pytest.raises(ValueError, match="dual_operator.rmv: the product is NaN or Inf"):
+        op.rmv(jnp.ones(2))
