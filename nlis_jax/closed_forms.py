@@ -17,8 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlis_jax._adjoint import check_model, flatten_model
-from nlis_jax._checks import check_finite, check_floating, check_leading_axis, check_real, check_same_length
+from nlis_jax._adjoint import check_model, count_bad_examples, flatten_model, nonfinite_adjoint
+from nlis_jax._checks import (
+    check_finite,
+    check_floating,
+    check_leading_axis,
+    check_real,
+    check_same_length,
+    report_nonfinite,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
@@ -108,13 +115,16 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     check_finite("theta", theta)
     check_finite("xs", xs)
     dtype = jnp.result_type(theta, xs)
-    return _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype))
+    adj, bad = _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype))
+    report_nonfinite(bad, xs.shape[0], nonfinite_adjoint)
+    return adj
 
 
 @functools.partial(jax.jit, static_argnames=("phi",))
 @highest_precision
 def _single_index_jit(phi, theta, xs):
-    return difference_quotient(phi, xs @ theta)[:, None] * xs
+    adj = difference_quotient(phi, xs @ theta)[:, None] * xs
+    return adj, count_bad_examples(adj)
 
 
 def homogeneous_adjoint(
@@ -147,7 +157,9 @@ def homogeneous_adjoint(
     shape = check_model(h_fn, params, xs)
     if shape.out_shape != ():
         raise ValueError(f"h_fn must return a scalar per example, got shape {shape.out_shape}.")
-    return _homogeneous_jit(h_fn, params, xs, float(degree), g)
+    adj, bad = _homogeneous_jit(h_fn, params, xs, float(degree), g)
+    report_nonfinite(bad, shape.n, nonfinite_adjoint)
+    return adj
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
@@ -159,7 +171,8 @@ def _homogeneous_jit(h_fn, params, xs, degree, g):
         coef = jnp.full_like(h, 1.0 / degree)
     else:
         coef = difference_quotient(g, h) / degree
-    return coef[:, None] * grad_h
+    adj = coef[:, None] * grad_h
+    return adj, count_bad_examples(adj)
 
 
 __all__ = ["bounded_swish", "difference_quotient", "homogeneous_adjoint", "single_index_adjoint"]

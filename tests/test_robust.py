@@ -592,3 +592,13 @@ def test_dual_operator_products_that_overflow_are_named():
         op.mv(jnp.ones(3))
     with pytest.raises(ValueError, match="dual_operator.rmv: the product is NaN or Inf"):
         op.rmv(jnp.ones(2))
+
+
+def test_closed_form_adjoints_that_are_not_finite_are_named():
+    """log at z = <θ, x> ≠ 0 but log(0) = -inf in the quotient (ϕ(z) − ϕ(0))/z: [[inf inf] ...] silently."""
+    with pytest.raises(ValueError, match="adjoint is NaN or Inf for 2 of 2"):
+        nj.single_index_adjoint(jnp.log, jnp.array([0.5, 0.5]), jnp.array([[1.0, 2.0], [0.5, 1.0]]))
+    with pytest.raises(ValueError, match="adjoint is NaN or Inf for 1 of 1"):
+        nj.homogeneous_adjoint(
+            lambda p, x: x @ p, jnp.array([1.0, 1.0]), jnp.ones((1, 2)), degree=1.0, g=jnp.log
+        )
