@@ -478,11 +478,10 @@ def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, chunk_size):
     adjoint there diverges while the rule returns finite numbers)."""
     model = flatten_model(apply_fn, params, xs)
     adj = flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
-    ends = jnp.stack([model_outputs(model, xs, jnp.zeros_like(model.theta)), model_outputs(model, xs)], 1)
-    finite = jnp.all(jnp.isfinite(adj.reshape(model.n, -1)), 1) & jnp.all(
-        jnp.isfinite(ends.reshape(model.n, -1)), 1
-    )
-    return adj, jnp.sum(~finite, dtype=jnp.int32)
+    parts = (adj, model_outputs(model, xs, jnp.zeros_like(model.theta)), model_outputs(model, xs))
+    wide = jnp.result_type(*parts)  # each finite in its own dtype is finite in the widest (exact casts)
+    rows = jnp.concatenate([a.reshape(model.n, -1).astype(wide) for a in parts], axis=1)
+    return adj, count_bad_examples(rows)
 
 
 def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:

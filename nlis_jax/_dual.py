@@ -152,21 +152,29 @@ def _path_outputs(apply_fn, params, xs):
     return model.theta, outputs
 
 
+def _rounded(product, like):
+    """``product`` in ``like``'s dtype (the operator's: products of a half-precision model are computed
+    in float32 and rounded once), and whether all of it is finite there."""
+    out = product.astype(like.dtype)
+    return out, jnp.all(jnp.isfinite(out))
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 @highest_precision
 def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
     theta, outputs = _path_outputs(apply_fn, params, xs)
-    p = theta.shape[0]
-    tangents = jax.vmap(lambda t: jax.jvp(outputs, (t * theta,), (v[:p],))[1])(nodes)
-    return jnp.tensordot(weights, tangents, axes=1) + offset * v[p]
+    p, w = theta.shape[0], v.astype(weights.dtype)
+    tangents = jax.vmap(lambda t: jax.jvp(outputs, (t * theta,), (w[:p],))[1])(nodes)
+    return _rounded(jnp.tensordot(weights, tangents, axes=1) + offset * w[p], v)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 @highest_precision
 def _dual_rmv(apply_fn, params, xs, offset, nodes, weights, u):
     theta, outputs = _path_outputs(apply_fn, params, xs)
-    cotangents = jax.vmap(lambda t: jax.vjp(outputs, t * theta)[1](u)[0])(nodes)
-    return jnp.concatenate([weights @ cotangents, jnp.sum(offset * u)[None]])
+    w = u.astype(weights.dtype)
+    cotangents = jax.vmap(lambda t: jax.vjp(outputs, t * theta)[1](w)[0])(nodes)
+    return _rounded(jnp.concatenate([weights @ cotangents, jnp.sum(offset * w)[None]]), u)
 
 
 def dual_operator(
@@ -200,27 +208,25 @@ def dual_operator(
     args = (apply_fn, params, xs, offset, nodes, weights)
 
     def mv(v):
-        v = _operand("mv", "a vector", "v", v, (p + 1,), dtype)
-        return _finite("mv", _dual_mv(*args, v.astype(wide)).astype(dtype))
+        return _finite("mv", *_dual_mv(*args, _operand("mv", "a vector", "v", v, (p + 1,), dtype)))
 
     def rmv(u):
-        u = _operand("rmv", "an array", "u", u, out_shape, dtype)
-        return _finite("rmv", _dual_rmv(*args, u.astype(wide)).astype(dtype))
+        return _finite("rmv", *_dual_rmv(*args, _operand("rmv", "an array", "u", u, out_shape, dtype)))
 
     return DualOperator(mv, rmv, out_shape + (p + 1,), dtype, theta_tilde)
 
 
-def _finite(method: str, out: Array) -> Array:
+def _finite(method: str, out: Array, finite: Array) -> Array:
     """``out``, after a ``ValueError`` (a ``checkify`` check under tracing, inside
-    ``nlis_jax.traced_checks()``) if it holds NaN or Inf: an overflow in the dtype, or a gradient not
-    finite on the path ``tθ``, as :func:`dual_matrix` reports it."""
+    ``nlis_jax.traced_checks()``) unless ``finite``: NaN or Inf from an overflow in the dtype, or a
+    gradient not finite on the path ``tθ``, as :func:`dual_matrix` reports it."""
     message = (
         f"dual_operator.{method}: the product is NaN or Inf (a gradient of apply_fn not finite on the path "
         "tθ, or overflow in the params' dtype: rescale the inputs or the vector)."
     )
-    if not is_concrete(out):
-        traced.check(jnp.all(jnp.isfinite(out)), message)
-    elif not bool(jnp.all(jnp.isfinite(out))):
+    if not is_concrete(finite):
+        traced.check(finite, message)
+    elif not bool(finite):
         raise ValueError(message)
     return out
 

@@ -670,8 +670,8 @@ def _grid(setup: _Setup, samples: dict, start, protocol: str, key, loss, test_lo
     """
     cfg = setup.config
     lr = cfg.sample_lr if protocol == "star" else cfg.learning_rate
+    newton = protocol == "gauss_newton"
     for i, ((method, size), (idx, w)) in enumerate(samples.items()):
-        newton = protocol == "gauss_newton"
         k = jax.random.fold_in(key, i)
         params, seconds, change = _fit(setup, start, idx, w, k, learning_rate=lr, newton=newton)
         ratio = _losses(setup, params) / loss

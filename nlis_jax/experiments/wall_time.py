@@ -122,10 +122,10 @@ def compare_wall_time(
     (uniform draw + fit; ``pilot_leverage`` only), the scoring, the draw and the training on ``size``
     rows, each a compiled call timed apart from its compilation. The sample solution's full-data loss
     ``L(θ_S)`` sets the target; full-data training (:func:`fit_full`'s run) reaches it after
-    ``t = steps_to_loss(full.losses, L(θ_S))`` steps, which take ``t · full.time_s / full.num_steps``.
+    ``t = full_steps_to_loss(full, L(θ_S))`` steps, which take ``t · full.time_s / full.num_steps``.
 
-    The first run of each scheme runs once more before the timed runs (a warm-up: every program the
-    timed runs call is compiled then). ``wait_for``, work started in a thread (the study's plots, see
+    Each scheme runs once more before the timed runs, with keys of its own (a warm-up: every program
+    the timed runs call is compiled then). ``wait_for``, work started in a thread (the study's plots, see
     :func:`~nlis_jax.experiments.run_study`), may run beside that warm-up; it is waited for before the
     first timed run.
 
