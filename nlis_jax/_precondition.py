@@ -8,9 +8,10 @@ from orthonormal. Householder QR is backward stable but costs many Gram passes o
 ``s = SHIFT·eps·m``, which always succeeds and damps the directions rounding has spoiled. The matrix
 ``Y = A D⁻¹ L₀⁻ᵀ`` then has ``κ(Y) ≈ √(s/λ_min)`` (``λ_min`` the smallest eigenvalue of ``G_eq``),
 a few units to a few thousand, so the float32 Gram matrix of ``Y`` (one more pass) is accurate, and
-one CholeskyQR step ``U = Y D_Y⁻¹ L₁⁻ᵀ`` (two when ``κ(YᵀY)`` exceeds ``eps^{-1/4}``) is an orthonormal
-basis of ``range(A)`` to ``O(eps)``. What remains is the rounding of the product ``A D⁻¹ L₀⁻ᵀ`` itself,
-``~eps·κ(A)`` per row: the error the rounding of the input already causes, as with Householder QR.
+one CholeskyQR step ``U = Y D_Y⁻¹ L₁⁻ᵀ`` (two when ``κ(YᵀY)`` is past :func:`one_step_ratio_min`) is an
+orthonormal basis of ``range(A)`` to ``O(eps)``. What remains is the rounding of the product
+``A D⁻¹ L₀⁻ᵀ`` itself, ``~eps·κ(A)`` per row: the error the rounding of the input already causes, as
+with Householder QR.
 
 The route only applies to matrices of full numerical rank. With ``T`` the accumulated transform
 (``U = A T``), ``A D⁻¹ = U (D T)⁻¹``, so the singular values of ``A D⁻¹`` are the reciprocals of those of
@@ -44,6 +45,27 @@ Y_RATIO_MIN = 16.0
 #: Power iterations of the checks of the shifted route (conditioning of ``YᵀY``, ``σ_min/σ_max``): they
 #: only compare against thresholds orders of magnitude apart (or with a factor-2 margin), so fewer suffice.
 CHECK_ITERS = 15
+
+#: Below float64, the largest first-order orthogonality error ``eps·κ(G_eq)`` accepted from one CholeskyQR
+#: step (route ``"gram"``, and the step on ``Y`` here): ``κ(G_eq) ≤ 840`` in float32. Measured leverage
+#: error ``≈ 0.07·eps·κ(G_eq)``: at ``κ(G_eq) = 841``, at most 7.0e-6 relative, total variation 4.9e-7,
+#: for 20,000 × 65 to 1,378 float32 matrices against the float64 leverage of the same matrices
+#: (benchmarks/README.md (g), "Sixteenth session"), far inside float32's targets (TV ≤ 1e-4, β ≥ 0.999).
+ONE_STEP_ERROR_LOW = 1e-4
+
+
+def one_step_ratio_min(dtype) -> float:
+    """Smallest ``1/κ(G_eq) = λ_min/λ_max`` for which one CholeskyQR step is trusted in ``dtype``.
+
+    Its orthogonality error is ``~eps·κ(G_eq)``. float64: ``κ(G_eq) ≤ eps^{-1/4}`` (error ``≤ eps^{3/4}``,
+    2e-12, for leverage to 1e-10); below float64: ``eps·κ(G_eq) ≤`` :data:`ONE_STEP_ERROR_LOW` (float32:
+    ``κ ≤ 840``; before, ``eps^{-1/4}`` = 54), or ``eps^{-1/4}`` where that admits more (half precision).
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    if jnp.dtype(dtype) == jnp.float64:
+        return eps**0.25
+    return min(eps**0.25, eps / ONE_STEP_ERROR_LOW)
+
 
 #: Rows of the sparse sketch (:func:`count_sketch`) per column, for the sketched shifted route.
 SKETCH_ROWS = 2
@@ -260,17 +282,16 @@ class CholeskyStart(NamedTuple):
     """The first CholeskyQR step on ``Y`` (:func:`cholesky_start`)."""
 
     M1: Array  # (m, m): Y M1 is orthonormal to about eps·κ(Y)²
-    ratio_y: Array  # its conditioning estimate (σ_min/σ_max of Y)
+    ratio_y: Array  # its conditioning estimate (λ_min/λ_max of the equilibrated YᵀY)
     needs_pass: Array  # bool: a second step, with one more pass (Y M1)ᵀ(Y M1), is needed
 
 
 def cholesky_start(Gy: Array) -> CholeskyStart:
     """:func:`cholesky_steps` up to its optional pass: ``M1`` from ``Gy = YᵀY``, and whether ``Y M1`` needs
     a second step (``YᵀY`` itself moderately ill-conditioned)."""
-    eps = jnp.finfo(Gy.dtype).eps
     Gy_eq, dy, _ = equilibrate(Gy)
     inv1, ratio_y = inverse_and_ratio(Gy_eq, CHECK_ITERS)
-    return CholeskyStart(inv1 / dy[:, None], ratio_y, ~(ratio_y >= eps**0.25))
+    return CholeskyStart(inv1 / dy[:, None], ratio_y, ~(ratio_y >= one_step_ratio_min(Gy.dtype)))
 
 
 def cholesky_finish(

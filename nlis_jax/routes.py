@@ -9,7 +9,8 @@ Decisions are made on the column-equilibrated ``G_eq = D⁻¹GD⁻¹ = L Lᵀ`` 
 the diagonal of ``G``; see :func:`equilibrate`), with ``κ(G_eq)`` estimated by power iteration on ``G_eq``
 and on ``G_eq⁻¹ = L⁻ᵀL⁻¹`` (a failed Cholesky counts as singular):
 
-0. ``"gram"`` (``κ(G_eq) ≤ eps^{-1/4}``): ``M = D⁻¹ L⁻ᵀ``; orthogonality error ``~ eps·κ(G_eq)``.
+0. ``"gram"`` (``κ(G_eq) ≤ eps^{-1/4}`` in float64, ``≤ 840`` in float32: :func:`one_step_ratio_min`):
+   ``M = D⁻¹ L⁻ᵀ``; orthogonality error ``~ eps·κ(G_eq)``.
 1. ``"gram2"`` (``κ(G_eq) ≤ 1/(1000·eps)``): one more CholeskyQR step on ``U₁ = A D⁻¹ L⁻ᵀ``
    (CholeskyQR2, Fukaya et al. 2014), which restores orthogonality to ``O(eps)`` whenever
    ``eps·κ(A)² < 1``: ``M = M₁ M₂`` with ``M₂`` from the Gram matrix of ``U₁`` (:func:`refine_transform`).
@@ -62,6 +63,7 @@ from nlis_jax._precondition import (
     equilibrate,
     lower_inverse_t,
     norms_in_range,
+    one_step_ratio_min,
     shifted_cholesky,
     shifted_first,
     shifted_transform,
@@ -303,7 +305,7 @@ def choose_route(ratio: Array, rtol: Array | None = None) -> Array:
     the number of singular values above ``rtol·σ_max``. The default ``rtol`` (``10·eps``) never does: the
     fast routes need ``ratio ≥ 1000·eps`` anyway."""
     eps = jnp.finfo(ratio.dtype).eps
-    branch = jnp.where(ratio >= eps**0.25, 0, jnp.where(ratio >= 1000 * eps, 1, 2))
+    branch = jnp.where(ratio >= one_step_ratio_min(ratio.dtype), 0, jnp.where(ratio >= 1000 * eps, 1, 2))
     if rtol is not None:
         branch = jnp.where(full_rank_for(ratio, rtol), branch, 2)
     return branch.astype(jnp.int32)
@@ -625,6 +627,8 @@ def columns_show_ill_conditioning(A: Array) -> Array:
     Geq, _, _ = equilibrate(gram(A[:, :: m // k][:, :k]))
     L = jnp.linalg.cholesky(Geq)
     pivots = jnp.square(jnp.diagonal(L))
+    # a lower bound of κ, so the screen keeps eps^{-1/4} (54 in float32), stricter than route "gram"'s own
+    # limit below float64 (one_step_ratio_min: 840): what it passes goes to decide()'s full estimate
     eps = jnp.finfo(A.dtype).eps
     return ~jnp.all(jnp.isfinite(L)) | (jnp.min(pivots) < eps**0.25 * jnp.max(pivots))
 

@@ -18,6 +18,7 @@ import scipy.linalg
 from helpers import matrix_with_condition, mlp, mlp_params, normal, svd_leverage
 
 import nlis_jax as nj
+from nlis_jax._precondition import ONE_STEP_ERROR_LOW
 from nlis_jax._scores import linear_design
 
 N, M = 200, 8
@@ -286,6 +287,25 @@ def test_float32_leverage_on_ill_conditioned_mlp_dual(seeds):
     h1 = np.sum((F32np @ (V[:, keep] / np.sqrt(lam[keep])[None, :])).astype(np.float64) ** 2, axis=1)
     rel_g, l1_g = _errors(h1 / h1.sum(), tau64)
     assert np.isfinite(rel_g) and rel_g > F32_REL_TOL and l1_g > F32_L1_TOL, (rel_g, l1_g)
+
+
+@pytest.mark.parametrize(("kappa_g", "route"), [(100.0, "gram"), (600.0, "gram"), (3000.0, "gram2")])
+def test_float32_gram_route_up_to_its_error_bound(kappa_g, route):
+    """float32 takes route ``"gram"`` (one Cholesky factor of the float32 Gram matrix, two passes) while
+    ``eps₃₂·κ(G_eq) ≤ 1e-4`` (``κ(G_eq) ≤ 840``; before, ``eps₃₂^{-1/4}`` = 54 sent these to
+    ``"gram2"``): first-order orthogonality error ``eps·κ(G_eq)``, so each score within 1e-4 relative of
+    the float64 leverage of the same float32 matrix (measured about 0.07·eps·κ: 5e-6 at κ = 600).
+    Columns scaled over three decades (the route equilibrates), jitted and eager."""
+    rng = np.random.default_rng(int(kappa_g))
+    F, _ = matrix_with_condition(rng, 2000, 40, np.sqrt(kappa_g))
+    F32 = np.asarray(F * np.exp(rng.uniform(-3.5, 3.5, 40))[None, :], np.float32)
+    ref = np.asarray(nj.leverage_scores(jnp.asarray(F32, jnp.float64)))  # float64 leverage of those values
+    for call in (nj.leverage_scores, jax.jit(nj.leverage_scores, static_argnames="return_info")):
+        info = call(jnp.asarray(F32), return_info=True)
+        assert nj.routes.ROUTES[int(info.route)] == route and info.probs.dtype == jnp.float32
+        rel = np.max(np.abs(np.asarray(info.probs, np.float64) / ref - 1))
+        assert rel <= ONE_STEP_ERROR_LOW, (kappa_g, route, rel)
+    assert nj.routes.one_step_ratio_min(jnp.float64) == np.finfo(np.float64).eps ** 0.25  # float64 unchanged
 
 
 def test_transformed_gram_matches_the_product(monkeypatch):
