@@ -2,8 +2,10 @@ r"""Mixed precision on the host CPU: the float64 Gram matrix of float32 rows, fo
 
 Leverage of an ill-conditioned float32 row matrix ``A`` (``n × m``) by route ``"gram"`` (one Cholesky
 factor of the Gram matrix, one pass of rows) needs the Gram matrix to more precision than float32: its
-rounding ``eps₃₂·‖G‖`` swamps the small eigenvalues once ``κ(G_eq) > eps₃₂^{-1/4}``, which is why those
-matrices take the three-product shifted route (:mod:`nlis_jax._precondition`). Accumulated in float64
+rounding ``eps₃₂·‖G‖`` moves the leverage by ``~eps₃₂·κ(G_eq)`` (route ``"gram"`` in float32 stops at
+``κ(G_eq)`` = 840, :func:`nlis_jax._precondition.one_step_ratio_min`) and swamps the small eigenvalues
+beyond, which is why wide matrices the column screen flags (``κ(G_eq) > eps₃₂^{-1/4}``) take the
+three-product shifted route (:mod:`nlis_jax._precondition`). Accumulated in float64
 instead (a product of two float32 numbers is exact in float64), ``G`` carries rounding
 ``~eps₆₄·‖G‖``, and ``U = A D⁻¹L⁻ᵀ`` is orthonormal to ``~eps₆₄·κ(G_eq)``.
 
