@@ -168,8 +168,12 @@ def time_eager(call: Callable[[], Any], *, reps: int, budget_s: float | None = N
 
 # ------------------------------------------------------------------------------------------ BLAS floor
 def blas_info() -> dict:
-    """numpy's BLAS as threadpoolctl sees it, and ``OPENBLAS_CORETYPE`` (which overrides its kernels)."""
-    info: dict[str, Any] = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    """numpy's BLAS as threadpoolctl sees it, ``OPENBLAS_CORETYPE`` (which overrides its kernels) and
+    ``OPENBLAS_THREAD_TIMEOUT`` (how long its threads spin after a call, slowing the jax calls that follow
+    in an interleaved round: benchmarks/README.md (g), "Sixteenth session")."""
+    info: dict[str, Any] = {
+        name: os.environ.get(name) for name in ("OPENBLAS_CORETYPE", "OPENBLAS_THREAD_TIMEOUT")
+    }
     try:
         from threadpoolctl import threadpool_info
     except ImportError:  # optional: scikit-learn brings it

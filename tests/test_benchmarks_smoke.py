@@ -31,11 +31,13 @@ def run_bench(name: str, args: list[str], tmp_path, monkeypatch) -> dict:
 
 def test_bench_scores(tmp_path, monkeypatch):
     args = ["--n", "64", "--d", "4", "--svd-reps", "1"]
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")  # read by the record, not by the loaded BLAS
     record = run_bench("bench_scores", args, tmp_path, monkeypatch)
     assert record["checks"]["scores_vs_svd_max_rel"]["ok"]
     assert record["route"] in nj.routes.ROUTES
     assert record["timings"]["floor_numpy"]["floor_s"] > 0
-    assert "OPENBLAS_CORETYPE" in record["environment"]["blas"]
+    blas = record["environment"]["blas"]
+    assert "OPENBLAS_CORETYPE" in blas and blas["OPENBLAS_THREAD_TIMEOUT"] == "4"
 
 
 def test_bench_adjoint(tmp_path, monkeypatch):
