@@ -119,9 +119,17 @@ class ActiveState(NamedTuple):
 
 
 def init_state(n: int, dtype=None) -> ActiveState:
-    """An empty :class:`ActiveState` for a pool of ``n`` points (weights in ``dtype``, default float)."""
+    """An empty :class:`ActiveState` for a pool of ``n`` points, its sums in ``dtype`` (default float).
+
+    Half precision is kept in float32: the running sums ``m_i`` and ``S`` reach the pool size and beyond
+    (float16 overflows at 65,504 and counts draws exactly only to 2,048). ``TypeError`` for a dtype that
+    is not floating point (integer weights would be truncated).
+    """
     n = check_positive_int("n", n)
     dtype = jnp.dtype(dtype or jnp.result_type(float))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating point dtype (the weights' sums), got {dtype}.")
+    dtype = jnp.promote_types(dtype, jnp.float32)
     zeros = jnp.zeros((n,), dtype)
     return ActiveState(jnp.zeros((n,), bool), zeros, zeros, jnp.zeros((), dtype))
 
@@ -191,11 +199,14 @@ def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) ->
     return _pool_probs(jnp.asarray(scores), jnp.asarray(labelled), alpha)
 
 
+_pool_probs_jit = jax.jit(_pool_probs)
+
+
 @functools.partial(jax.jit, static_argnames=("batch", "strategy", "replace"))
 def _query(key, scores, labelled, alpha, *, batch, strategy, replace):
     probs = _pool_probs(scores, labelled, alpha.astype(scores.dtype))
-    if strategy == "topk":
-        _, idx = jax.lax.top_k(jnp.where(labelled, -jnp.inf, probs), batch)
+    if strategy == "topk":  # by the scores themselves: rounded or underflowed probabilities tie
+        _, idx = jax.lax.top_k(jnp.where(labelled, -jnp.inf, scores), batch)
         return Query(idx.astype(jnp.int32), jnp.ones((batch,), scores.dtype), probs)
     idx, w = sample(key, probs, batch, replace=replace)
     return Query(idx.astype(jnp.int32), w.astype(scores.dtype), probs)
@@ -243,12 +254,17 @@ def query(
         if key is None:
             raise ValueError('strategy="sample" needs a PRNG key (jax.random.key(seed)).')
         check_key("key", key)
-        if pool >= 0 and not replace and alpha == 0:
-            positive = int(np.sum((np.asarray(scores) > 0) & ~np.asarray(labelled)))
-            if 0 < positive < batch:
+        if pool >= 0 and not replace:
+            # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0
+            probs = np.asarray(
+                _pool_probs_jit(scores, jnp.asarray(labelled), jnp.asarray(alpha, scores.dtype))
+            )
+            positive = int(np.sum(probs >= np.finfo(probs.dtype).tiny))
+            if positive < batch:
                 raise ValueError(
-                    f"only {positive} pool points have a positive score, fewer than batch={batch}: "
-                    "sampling without replacement cannot reach the rest (use alpha > 0)."
+                    f"only {positive} pool points have a positive probability in {probs.dtype}, fewer than "
+                    f"batch={batch}: sampling without replacement cannot reach the rest (use alpha > 0, or "
+                    "a larger alpha; scores far below the largest round to probability 0)."
                 )
     else:
         key = jax.random.key(0)  # unused by top-k; keeps one compiled signature
@@ -257,7 +273,6 @@ def query(
     return _query(key, scores, labelled, alpha, batch=batch, strategy=strategy, replace=replace)
 
 
-@jax.jit
 def record(state: ActiveState, chosen: Query) -> ActiveState:
     r"""Add a sampled batch to the labelled set: :math:`m_i \mathrel{+}= b\, w_j`, :math:`S \mathrel{+}= b`.
 
@@ -267,7 +282,29 @@ def record(state: ActiveState, chosen: Query) -> ActiveState:
 
     Returns:
       The new state; :func:`estimator_weights` of it is unbiased for the full loss (``"sample"`` queries).
+
+    Raises:
+      ValueError: (concrete input) an index out of range or already labelled, e.g. the same query recorded
+        twice or one drawn from an older mask; the weights would then count those draws twice.
     """
+    if is_concrete(chosen.indices) and is_concrete(state.labelled):
+        idx = np.asarray(chosen.indices)
+        n = state.labelled.shape[0]
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(
+                f"chosen.indices must lie in [0, {n}), got values from {idx.min()} to {idx.max()}."
+            )
+        again = np.unique(idx[np.asarray(state.labelled)[idx]])
+        if again.size:
+            raise ValueError(
+                f"chosen.indices holds {again.size} point(s) already labelled (e.g. {again[:5].tolist()}): "
+                "record each query once, drawn from the current state's pool."
+            )
+    return _record(state, chosen)
+
+
+@jax.jit
+def _record(state: ActiveState, chosen: Query) -> ActiveState:
     b = chosen.indices.shape[0]
     dtype = state.mass.dtype
     mass = state.mass.at[chosen.indices].add(b * chosen.weights.astype(dtype))

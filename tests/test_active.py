@@ -119,6 +119,65 @@ def test_topk_picks_largest_pool_scores_never_labelled():
     np.testing.assert_array_equal(q.weights, np.ones(6))
 
 
+def test_topk_ranks_scores_not_their_rounded_probabilities():
+    """float32: with α = 0.5 the four small scores all round to probability 0.1 (ties, broken by index);
+    with α = 0 scores 1e-10 and 3e-10 underflow to probability 0 beside 1e30. Top-k still takes the
+    highest scores, as documented. Failed before: [4, 0] and [0, 1]."""
+    mask = jnp.zeros(5, bool)
+    scores = jnp.asarray([0.0, 1e-9, 0.0, 5e-9, 1.0], jnp.float32)
+    q = nj.query(None, scores, mask, 2, strategy="topk", alpha=0.5)
+    np.testing.assert_array_equal(q.indices, [4, 3])
+    scores = jnp.asarray([1e30, 1e-10, 3e-10, 2e-10], jnp.float32)
+    q = nj.query(None, scores, jnp.zeros(4, bool), 2, strategy="topk")
+    np.testing.assert_array_equal(q.indices, [0, 2])
+    nan_labelled = jnp.asarray([jnp.nan, 1.0, 3.0, 2.0], jnp.float32)  # a labelled point's score is unused
+    q = nj.query(None, nan_labelled, jnp.asarray([True, False, False, False]), 2, strategy="topk")
+    np.testing.assert_array_equal(q.indices, [2, 3])
+
+
+def test_query_without_replacement_counts_probabilities_that_round_to_zero():
+    """Scores 1e-15 beside 1e30 (float32) are positive but their probabilities are 0, as is α/|U| for
+    α = 1e-46: priority sampling could then only return weight-0 points; a ValueError names it (before:
+    weights [1, 0])."""
+    scores = jnp.asarray([1e30, 1e-15, 1e-15, 1e-15], jnp.float32)
+    mask = jnp.zeros(4, bool)
+    with pytest.raises(ValueError, match="only 1 pool points have a positive probability"):
+        nj.query(jax.random.key(0), scores, mask, 2)
+    with pytest.raises(ValueError, match="only 1 pool points have a positive probability"):
+        nj.query(jax.random.key(0), scores, mask, 2, alpha=1e-46)
+    q = nj.query(jax.random.key(0), scores, mask, 2, alpha=0.5)  # a real mix reaches every point
+    assert np.all(np.asarray(q.weights) > 0)
+
+
+def test_state_sums_in_float32_at_least_and_floating_only():
+    """float16 sums overflow past 65,504 (a pool of 200,000 gave weights inf) and count draws exactly only
+    to 2,048: the state keeps float32. An integer dtype truncated the weights: TypeError."""
+    state = nj.active.init_state(200_000, jnp.float16)
+    assert state.mass.dtype == jnp.float32 and state.draws.dtype == jnp.float32
+    chosen = nj.active.Query(jnp.arange(10, dtype=jnp.int32), jnp.full((10,), 2e4, jnp.float16), None)
+    w = nj.active.estimator_weights(nj.active.record(state, chosen))
+    np.testing.assert_allclose(np.asarray(w)[:10], 2e4 * 10 / 10, rtol=1e-3)
+    with pytest.raises(TypeError, match="floating point"):
+        nj.active.init_state(6, jnp.int32)
+
+
+def test_record_refuses_indices_already_labelled_or_out_of_range():
+    """Recording the same query twice counted its draws twice (weights moved from [2.92, 1.46] to
+    [3.42, 1.96] silently); an index past the pool was dropped by the scatter."""
+    scores, mask = _pool(13)
+    state = nj.active.init_state(40)
+    state = nj.active.record(state, nj.query(jax.random.key(0), scores, state.labelled, 3))
+    chosen = nj.query(jax.random.key(1), scores, state.labelled, 3)
+    state = nj.active.record(state, chosen)
+    with pytest.raises(ValueError, match="already labelled"):
+        nj.active.record(state, chosen)
+    bad = chosen._replace(indices=chosen.indices.at[0].set(40))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 40\)"):
+        nj.active.record(state, bad)
+    traced = jax.jit(nj.active.record)(state, nj.query(jax.random.key(2), scores, state.labelled, 3))
+    assert int(jnp.sum(traced.labelled)) == 9  # under jit: no check, the same update
+
+
 def test_query_float32_follows_input_dtype():
     scores, mask = _pool(8)
     q = nj.query(jax.random.key(0), scores.astype(jnp.float32), mask, 4)
@@ -138,7 +197,7 @@ def test_query_float32_follows_input_dtype():
         (dict(mask="int"), "bool mask"),
         (dict(mask="short"), "bool mask"),
         (dict(mask="full"), "pool is empty"),
-        (dict(scores="sparse"), "positive score"),
+        (dict(scores="sparse"), "positive probability"),
     ],
 )
 def test_query_bad_input(kwargs, match):

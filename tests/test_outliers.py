@@ -357,3 +357,16 @@ def test_foreign_corruption_with_every_class_is_refused_before_loading(monkeypat
     monkeypatch.setattr(study, "_stages", no_load)
     with pytest.raises(ValueError, match="needs a class outside classes"):
         study.run_outlier_study(cfg.OutlierConfig(classes=None, corruption="foreign"), progress=False)
+
+
+@pytest.mark.parametrize("fraction", [-0.5, 0.0, 3.0, float("nan"), float("inf")])
+def test_flip_and_corrupt_name_a_fraction_out_of_range(fraction):
+    """``fraction`` outside (0, 1] flipped one label (-0.5) or failed naming ``count`` (3) or a float
+    conversion (NaN); each is a ValueError naming ``fraction`` now, and nothing is modified."""
+    labels = np.arange(20) % 3
+    before = labels.copy()
+    with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
+        O.flip_labels(jax.random.key(0), labels, 3, fraction=fraction)
+    with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
+        O.corrupt_inputs(jax.random.key(0), np.ones((20, 4), np.float32), "invert", fraction=fraction)
+    np.testing.assert_array_equal(labels, before)

@@ -17,8 +17,11 @@ def _outlier_count(n: int, fraction: float | None, count: int | None) -> int:
     if (fraction is None) == (count is None):
         raise ValueError("give exactly one of fraction and count.")
     if count is None:
-        count = max(1, int(round(fraction * n)))
-    if not 1 <= count <= n:
+        value = float(fraction)
+        if not (np.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
+        count = max(1, int(round(value * n)))
+    elif not 1 <= count <= n:
         raise ValueError(f"count must lie in [1, n = {n}], got {count}.")
     return int(count)
 
