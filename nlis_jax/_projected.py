@@ -59,6 +59,7 @@ from nlis_jax._adjoint import (
     count_bad_examples,
     default_chunk_size,
     flatten_model,
+    in_float32,
     nonfinite_adjoint,
 )
 from nlis_jax._checks import (
@@ -67,6 +68,7 @@ from nlis_jax._checks import (
     check_key,
     check_positive_int,
     check_real,
+    is_concrete,
     report_nonfinite,
 )
 from nlis_jax._dual import dual_block
@@ -126,6 +128,9 @@ def gaussian_embedding(key: PRNGKey, m: int, dim: int, dtype) -> Array:
 )
 @highest_precision
 def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes, mode, embedding, sparsity):
+    # half precision (float16, bfloat16) in float32, as the adjoints: rounding Y to half precision put
+    # noise at 1e-3 of its largest entry, which the float32 rank tolerance counted as rank (88 for 22)
+    params, xs = in_float32(params), in_float32(xs)
     model = flatten_model(apply_fn, params, xs)
     n, m = model.n, model.theta.shape[0] + 1
     k = math.prod(model.out_shape)
@@ -222,7 +227,8 @@ def projected_dual_matrix(
     Args:
       key: PRNG key of the embedding (used once).
       apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`.
-      dim: columns of the embedding (``dim ≥ p + 1`` is allowed, and exact for ``"sparse"``).
+      dim: columns of the embedding (``dim ≥ p + 1`` is allowed; ``"sparse"`` is exact for every key from
+        ``dim ≥ (p + 1)·sparsity``, see :func:`projected_leverage_scores`).
       chunk_size: examples whose dual rows are held at once (static; memory ``chunk_size·k·(p+1)``,
         for ``"khatri_rao"`` about ``chunk_size`` times the model's activations plus the tapped
         products' ``δ`` and ``h``); default keeps a chunk under ``2**23`` elements.
@@ -234,6 +240,23 @@ def projected_dual_matrix(
     Returns:
       ``(n, dim)``, or ``(n, k, dim)`` for ``k`` outputs, in the dtype of ``params``.
     """
+    Y = _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity)
+    out = Y.astype(_params_dtype(params))
+    if out.dtype != Y.dtype and is_concrete(out) and not bool(_all_finite_jit(out)):
+        raise ValueError(
+            f"Y = F̃Ω (computed in {Y.dtype}) overflows the params' dtype {out.dtype}: use "
+            "projected_leverage_scores (which scores Y in float32) or float32 params."
+        )
+    return out
+
+
+def _params_dtype(params) -> jnp.dtype:
+    """The floating dtype of the flattened ``params`` (results of half-precision models are cast to it)."""
+    return jnp.result_type(*jax.tree.leaves(params))
+
+
+def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity):
+    """:func:`projected_dual_matrix` checked and computed, in float32 for half-precision models."""
     check_key("key", key)
     check_path_args(num_nodes, mode, None)
     _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
@@ -247,6 +270,7 @@ def projected_dual_matrix(
 
 
 _count_bad_jit = jax.jit(count_bad_examples)
+_all_finite_jit = jax.jit(lambda a: jnp.all(jnp.isfinite(a)))
 
 
 def projected_leverage_scores(
@@ -291,7 +315,10 @@ def projected_leverage_scores(
     """
     ridge = _check_ridge(ridge)
     check_bool("return_info", return_info)
-    kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
-    Y = projected_dual_matrix(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
+    Y = _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity)
     # the exact (block) leverage of Y; a wide Y (n·k < dim, e.g. p ≥ n) by the thin SVD of routes.wide_basis
-    return leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=return_info)
+    out = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=return_info)
+    dtype = _params_dtype(params)
+    if not return_info:
+        return out.astype(dtype)
+    return out._replace(probs=out.probs.astype(dtype), leverage=out.leverage.astype(dtype))

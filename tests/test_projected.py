@@ -145,6 +145,33 @@ def test_float32_follows_input_dtype(problem):
     np.testing.assert_allclose(probs, ref, rtol=2e-3)
 
 
+@pytest.mark.parametrize("half", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("embedding", ["auto", "gaussian", "khatri_rao", "sparse"])
+def test_half_precision_models_are_projected_in_float32(half, embedding):
+    """A float16/bfloat16 model: Y was formed and rounded in half precision, and the float32 rank
+    tolerance of the score routes counted that rounding as rank (88 for 22; probabilities 30–190% off,
+    the default embedding included). Now Y is formed in float32 from the exactly widened params and
+    inputs: rank 22 and the leverage of the float32 dual matrix of the same values, to half precision's
+    rounding of the returned probabilities (one half ulp: 2^-11 for float16, 2^-8 for bfloat16)."""
+    f = mlp(jnp.tanh)
+    params = [dict(layer, b=layer["b"] + 0.1) for layer in mlp_init(jax.random.key(0), (3, 4, 1), dtype=half)]
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.standard_normal((200, 3)), half)
+    ys = jnp.asarray(rng.standard_normal(200), half)
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), (params, xs, ys))
+    ref = nj.leverage_scores(nj.dual_matrix(f, *wide, num_nodes=16), return_info=True)
+    assert int(ref.rank) == 22
+    rtol = 2.0 ** -(jnp.finfo(half).nmant + 1) + 1e-5
+    for dim in (22, 88):
+        info = projected_leverage_scores(
+            jax.random.key(3), f, params, xs, ys, dim=dim, embedding=embedding, return_info=True
+        )
+        assert int(info.rank) == 22 and info.probs.dtype == half, (dim, int(info.rank))
+        np.testing.assert_allclose(np.float64(info.probs), np.float64(ref.probs), rtol=rtol)
+    Y = projected_dual_matrix(jax.random.key(3), f, params, xs, ys, dim=22, embedding=embedding)
+    assert Y.dtype == half  # the documented dtype: that of params
+
+
 def test_no_recompilation_and_inputs_untouched(problem):
     params, xs, ys = problem
     xs_np = np.array(xs)
