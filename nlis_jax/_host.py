@@ -677,11 +677,21 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
     kw = dict(args=(), kernel=norm_rows, num_nodes=num_nodes, mode=mode)
     step = functools.partial(_values_step, apply_fn, params, **kw)
-    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32)), "n": 0}
+    state = {"carry": (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32)), "n": 0, "scale": None}
+    # an out narrower than the scores (float32 out, float64 model) stores the squared norms scaled by a
+    # power of two from the first chunk (largest near 1) until the division: stored raw, squared norms of
+    # 1e-43 became denormals (3% off) and of 1e-48 zeros (0/0: NaN)
+    narrow = out is not None and np.dtype(out.dtype).itemsize < np.dtype(dtype).itemsize
 
     def one(piece, valid):
         sq, state["carry"] = step(state["carry"], piece, valid)
         state["n"] += valid
+        if narrow:
+            if state["scale"] is None and valid:
+                peak = float(np.max(np.asarray(sq)[:valid]))
+                state["scale"] = 2.0 ** -np.frexp(peak)[1] if np.isfinite(peak) and peak > 0 else None
+            if state["scale"] is not None:
+                sq = sq * jnp.asarray(state["scale"], sq.dtype)
         return sq
 
     sq = per_example_values(one, source, chunk, xs, out, dtype)
@@ -694,7 +704,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     total = float(across_processes(total, lambda a: a.sum(0)))
     if not total > 0:
         raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
-    if not total <= float(jnp.finfo(sq.dtype).max):  # the division would give zeros
+    scaled = total * (state["scale"] or 1.0)  # the stored values' scale (a power of two: exact)
+    if not scaled <= float(jnp.finfo(sq.dtype).max):  # the division would give zeros
         fix = (
             "pass an out of dtype float64"
             if out is not None and sq.dtype != np.float64
@@ -704,7 +715,12 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
             f"norm scores: the squared norms sum to {total:.4g}, beyond the range of {sq.dtype} (the dtype "
             f"of {'out' if out is not None else 'the scores'}); {fix}."
         )
-    divide_in_place(sq, total, chunk)
+    if narrow and not (np.isfinite(scaled) and scaled >= np.finfo(sq.dtype).tiny):
+        raise ValueError(
+            f"norm scores: the squared norms span more than out's dtype {sq.dtype} holds (their sum is "
+            f"{scaled:.4g} after scaling by the first chunk's largest); pass an out of dtype float64."
+        )
+    divide_in_place(sq, scaled, chunk)
     return sq if out is not None else global_vector(sq, int(stats[0]))
 
 
@@ -854,8 +870,12 @@ def host_losses(
     if per_example:  # in the losses' own dtype, as on the device (the model output's, not the params')
         values = per_example_values(one, source, chunk, xs, out, None)
     else:
+        rows = 0
         for piece, valid in staged(source, chunk):
             one(piece, valid)
+            rows += valid
+        if not int(across_processes(jnp.asarray(rows), lambda a: a.sum(0))):
+            raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
     total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     total = total.astype(state.get("dtype", total.dtype))
     if int(bad):

@@ -74,18 +74,48 @@ def test_out_vector_checked(scores):
         np.testing.assert_allclose(out, ref, rtol=rtol, atol=1e-12)
 
 
-def test_norm_scores_beyond_float32_out():
-    """Squared norms past float32's range: a float32 out would hold Inf, or zeros after the division."""
+def test_weighted_loss_of_an_empty_chunk_source_is_an_error():
+    """A source that yields nothing, or only empty chunks, returned a weighted loss of 0.0; like the
+    per-example losses and the scores it is an error, and the same source with its rows gives the sum."""
     params, xs, ys = _setup()
-    f32 = np.zeros(N, np.float32)
+    for chunks in ([], [(xs[:0], ys[:0])]):
+        with pytest.raises(ValueError, match="the chunk source yielded no examples"):
+            nj.weighted_loss(apply_fn, params, _source(chunks), None)
+    ref = float(np.sum(np.square(np.tanh(xs @ params["w"] + params["b"]) - ys)))
+    np.testing.assert_allclose(
+        float(nj.weighted_loss(apply_fn, params, _source([(xs, ys)]), None)), ref, rtol=1e-12
+    )
+
+
+def test_norm_scores_of_any_scale_into_a_float32_out():
+    """float64 data into a float32 out: the squared norms are stored scaled by a power of two from the
+    first chunk, so their scale does not matter (before: ×1e20 was refused, ×1e-24 gave 50 NaN silently,
+    and squares near 1e-43 became denormals 3% off). Norms that span more than float32's range across
+    chunks are still refused, and so is a sum past it."""
+    params, xs, ys = _setup()
+    for scale in (1e20, 1e19, 1e-22, 1e-24):  # squares ~1e40, ~1e38 (their sum past float32), ~1e-44, ~1e-48
+        f32 = np.zeros(N, np.float32)
+        lin = nj.streaming_norm_scores(_linear, params["w"], xs * scale, ys * scale, out=f32, **KW)
+        assert lin is f32 and not np.any(np.isnan(f32))
+        np.testing.assert_allclose(f32, _linear_norms(xs, ys), rtol=1e-6)
+    spread = ys.copy()
+    spread[:4] *= 1e-30  # the first chunk's squares near 1e-60, later ones near 1: 1e60 apart
     with pytest.raises(ValueError, match="the scores reach .*, beyond the range of out's dtype float32"):
-        nj.streaming_norm_scores(apply_fn, params, xs, ys * 1e20, out=f32, **KW)
-    ys = np.full(N, 1e19)  # each squared norm ~1e38 fits float32, their sum ~1.2e39 does not
-    with pytest.raises(ValueError, match=r"sum to .* beyond the range of float32 \(the dtype of out\)"):
-        nj.streaming_norm_scores(apply_fn, params, xs, ys, out=f32, **KW)
+        nj.streaming_norm_scores(_linear, params["w"], xs * 1e-30 * (np.arange(N) >= 4)[:, None] + 0 * xs,
+                                 spread, out=np.zeros(N, np.float32), **KW)  # fmt: skip
     out = np.zeros(N)
-    nj.streaming_norm_scores(apply_fn, params, xs, ys, out=out, **KW)
-    np.testing.assert_allclose(out, _dense(params, xs, ys)[1], rtol=1e-10)
+    nj.streaming_norm_scores(apply_fn, params, xs, ys * 1e20, out=out, **KW)
+    np.testing.assert_allclose(out, _dense(params, xs, ys * 1e20)[1], rtol=1e-10)
+
+
+def _linear(theta, x):
+    return jnp.dot(x, theta)
+
+
+def _linear_norms(xs, ys):
+    """Norm probabilities of the linear model's dual rows ``[x | −y]`` (its adjoint is ``x``)."""
+    sq = np.sum(xs**2, axis=1) + ys**2
+    return sq / sq.sum()
 
 
 # ----------------------------------------------------------------------- chunk sources: passes that disagree
