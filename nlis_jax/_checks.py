@@ -246,6 +246,17 @@ def probs_summary(probs) -> tuple[int, int, float, float, int] | None:
     return int(bad), int(neg), float(low), float(total), int(pos)
 
 
+def as_probs_vector(probs):
+    """``probs`` as given, a list or tuple of floats as an array; a :class:`~nlis_jax.Leverage` (any
+    NamedTuple) is refused with ``TypeError`` naming its ``.probs`` (it is a tuple of arrays)."""
+    if isinstance(probs, tuple) and hasattr(probs, "_fields"):
+        raise TypeError(
+            f"probs must be a probability vector, got a {type(probs).__name__}: pass its .probs (e.g. "
+            "leverage_scores(F, return_info=True).probs)."
+        )
+    return jnp.asarray(probs) if isinstance(probs, list | tuple) else probs
+
+
 def probs_tolerance(dtype) -> float:
     """How far from 1 the sum of a probability vector of ``dtype`` may be: 1e-8 in float64; 1e-3 in
     float32 (a float32 vector summed in float32, the roundoff of n terms); in half precision 4 units of its

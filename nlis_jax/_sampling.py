@@ -23,6 +23,7 @@ import numpy as np
 
 from nlis_jax import _traced as traced
 from nlis_jax._checks import (
+    as_probs_vector,
     check_bool,
     check_finite,
     check_floating,
@@ -47,6 +48,10 @@ from nlis_jax._types import Array, PRNGKey
 # 7.7% of the rows could never be drawn while their weights assumed they could. With x64 the search runs
 # in float64 (53-bit uniforms, resolution 1e-16). Without, the cumulative sum is a double-float (a
 # float32 pair ``hi + lo``, ~48 bits) and so is the uniform (two 24-bit words): resolution 2^-48 ≈ 4e-15.
+
+
+#: The most draws one :func:`sample` call makes (its indices are int32).
+INT32_MAX = 2**31 - 1
 
 
 def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
@@ -151,10 +156,11 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
     """
     check_key("key", key)
     replace = check_bool("replace", replace)
-    if isinstance(probs, list | tuple):
-        probs = jnp.asarray(probs)  # as leverage_scores accepts a nested list for F
+    probs = as_probs_vector(probs)
     n = check_probs(probs)
     s = check_positive_int("num_samples", num_samples)
+    if s > INT32_MAX:  # the indices and the draw's counts are int32
+        raise ValueError(f"num_samples={s} exceeds {INT32_MAX} (2**31 - 1), the most one call draws.")
     probs = jnp.asarray(probs)
     if not replace:
         if s > n:

@@ -20,6 +20,7 @@ import numpy as np
 from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._checks import (
+    as_probs_vector,
     check_bool,
     check_finite,
     check_floating,
@@ -28,6 +29,7 @@ from nlis_jax._checks import (
     check_probs,
     check_real,
     is_concrete,
+    probs_tolerance,
 )
 from nlis_jax._types import Array
 
@@ -250,6 +252,8 @@ def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> 
     if ys is not None:
         if jnp.shape(ys) != (X.shape[0],):
             raise ValueError(f"ys must have shape ({X.shape[0]},) to match xs, got {jnp.shape(ys)}.")
+        if jnp.issubdtype(jnp.result_type(ys), jnp.complexfloating):  # the cast would drop the imaginary part
+            raise TypeError(f"ys must be real, got {jnp.result_type(ys)}.")
         check_finite("ys", ys)
         cast = jnp.asarray(ys).astype(X.dtype)
         check_finite(f"ys cast to xs's dtype {X.dtype} (finite ys beyond that dtype's range)", cast)
@@ -273,7 +277,13 @@ def uniform_scores(n: int, dtype=None) -> Array:
     dtype = dtype or jnp.result_type(float)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"uniform_scores: dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
-    return jax.device_put(np.full((n,), 1.0 / n, dtype))  # jnp.full would compile a program per n
+    value = np.asarray(1.0 / n, dtype)
+    if abs(float(value) * n - 1) > probs_tolerance(jnp.dtype(dtype)):
+        raise ValueError(
+            f"uniform_scores: 1/n = 1/{n} rounds to {float(value):.4g} in {jnp.dtype(dtype)}, whose n copies "
+            "do not sum to 1; use float32 or wider."
+        )
+    return jax.device_put(np.full((n,), value, dtype))  # jnp.full would compile a program per n
 
 
 def mix_with_uniform(probs: Array, alpha: float) -> Array:
@@ -283,8 +293,7 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
       probs: ``(n,)`` probabilities.
       alpha: mixing weight in ``[0, 1]``.
     """
-    if isinstance(probs, list | tuple):
-        probs = jnp.asarray(probs)  # as sample accepts them
+    probs = as_probs_vector(probs)  # a list or tuple of floats, as sample accepts them
     check_probs(probs)
     if is_concrete(alpha) and not 0.0 <= check_real("alpha", alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
@@ -293,5 +302,12 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
         raise TypeError(f"alpha must be a real scalar, got {alpha!r}.")
     if not is_concrete(alpha):  # a checkify check inside nlis_jax.traced_checks(), else nothing
         traced.check((alpha >= 0) & (alpha <= 1), "alpha must lie in [0, 1].")
+    if is_concrete(alpha) and float(alpha) > 0:
+        floor = np.asarray(float(alpha) / probs.shape[0], probs.dtype)
+        if not floor >= np.finfo(probs.dtype).smallest_normal:  # the promise p_i ≥ α/n would fail
+            raise ValueError(
+                f"alpha/n = {float(alpha)}/{probs.shape[0]} is below the smallest normal number of "
+                f"{probs.dtype}: the mixture cannot keep every point reachable; use float32 or wider."
+            )
     alpha = jnp.asarray(alpha).astype(probs.dtype)  # probs' dtype, not alpha's
     return (1 - alpha) * probs + alpha / probs.shape[0]

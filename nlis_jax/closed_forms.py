@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from nlis_jax import _traced as traced
 from nlis_jax._adjoint import check_model, count_bad_examples, flatten_model, nonfinite_adjoint
 from nlis_jax._checks import (
     check_finite,
@@ -24,6 +24,7 @@ from nlis_jax._checks import (
     check_leading_axis,
     check_real,
     check_same_length,
+    is_concrete,
     report_nonfinite,
 )
 from nlis_jax._precision import highest_precision
@@ -45,17 +46,25 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
     Returns:
       Array of the shape and dtype of ``t`` (the default float dtype for integer or bool ``t``).
     """
-    real = all(isinstance(c, int | float | np.integer | np.floating) for c in (c1, c2))
-    real = real and not any(isinstance(c, bool) for c in (c1, c2))
-    if not (real and 0 < c1 <= c2 < math.inf):
-        raise ValueError(f"bounded_swish needs real numbers, finite 0 < c1 <= c2; got c1={c1!r}, c2={c2!r}.")
-    c1, c2 = float(c1), float(c2)
-    if isinstance(zeta, int | float | np.number) and not 0 <= float(zeta) < math.inf:
-        raise ValueError(f"bounded_swish needs a finite zeta >= 0 (the bounds hold then), got {zeta}.")
+    # c1, c2: Python, numpy or 0-d array numbers (check_real); a concrete zeta the same, a traced one a
+    # checkify check inside nlis_jax.traced_checks()
+    message = f"bounded_swish needs real numbers, finite 0 < c1 <= c2; got c1={c1!r}, c2={c2!r}."
+    try:
+        c1, c2 = check_real("c1", c1), check_real("c2", c2)
+    except TypeError:
+        raise ValueError(message) from None
+    if not 0 < c1 <= c2 < math.inf:
+        raise ValueError(message)
+    if is_concrete(zeta):
+        if not 0 <= check_real("zeta", zeta) < math.inf:
+            raise ValueError(f"bounded_swish needs a finite zeta >= 0 (the bounds hold then), got {zeta}.")
+    else:
+        traced.check((zeta >= 0) & jnp.isfinite(zeta), "bounded_swish needs a finite zeta >= 0.")
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.inexact):  # integer or bool t: the default float, not c1 truncated
         t = t.astype(jnp.result_type(float))
-    lo, hi = jnp.sqrt(jnp.asarray(c1, t.dtype)), jnp.sqrt(jnp.asarray(c2, t.dtype))
+    # the square roots in float64, then rounded once: c2 = 1e5 overflowed float16 before its root (√c2 = 316)
+    lo, hi = (jnp.asarray(math.sqrt(c), t.dtype) for c in (c1, c2))
     zeta = jnp.asarray(zeta).astype(t.dtype)  # a float64 zeta must not promote float32 t
     return t * (lo + (hi - lo) * jax.nn.sigmoid(zeta * t))
 

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen, nnx
 
+from nlis_jax._checks import check_bool
 from nlis_jax._types import ApplyFn, PyTree
 
 
@@ -40,6 +41,7 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"from_nnx expects an nnx.Module, got {type(model).__name__}.")
+    batched, squeeze = check_bool("batched", batched), check_bool("squeeze", squeeze)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def apply_fn(params, x):
@@ -67,6 +69,7 @@ def from_linen(
     """
     if not isinstance(module, linen.Module):
         raise TypeError(f"from_linen expects a flax.linen.Module, got {type(module).__name__}.")
+    batched, squeeze = check_bool("batched", batched), check_bool("squeeze", squeeze)
     if "params" not in variables:
         raise ValueError(f"variables has no 'params' collection (found {sorted(variables)}).")
     rest = {k: v for k, v in variables.items() if k != "params"}

@@ -364,3 +364,79 @@ def test_refinement_goes_on_while_the_identity_check_fails():
     np.testing.assert_allclose(
         jax.jit(lambda th: nj.adjoint(plateau, th, xs))(theta), ref, rtol=1e-12, atol=1e-15
     )
+
+
+# ------------------------------------------------------------------ sixteenth session's review
+def test_uniform_scores_and_mixing_refuse_what_half_precision_cannot_hold():
+    """float16: ``uniform_scores(10**6)`` summed to 1.0133 (``sample`` refused it) and ``4·10**7`` gave
+    zeros; ``mix_with_uniform(p, 0.01)`` at ``n = 10**6`` had a minimum of 0 against its promise
+    ``p_i ≥ α/n``. Each is a ValueError naming the dtype; float32 keeps both."""
+    with pytest.raises(ValueError, match="1/n = 1/1000000 rounds to .* in float16"):
+        nj.uniform_scores(1_000_000, jnp.float16)
+    assert float(jnp.sum(nj.uniform_scores(1_000_000, jnp.float32))) == pytest.approx(1.0, abs=1e-3)
+    p = np.zeros(1_000_000, np.float16)
+    p[0] = 1.0
+    with pytest.raises(
+        ValueError, match="alpha/n = 0.01/1000000 is below the smallest normal number of float16"
+    ):
+        nj.mix_with_uniform(jnp.asarray(p), 0.01)
+    mixed = nj.mix_with_uniform(jnp.asarray(p, jnp.float32), 0.01)
+    assert float(jnp.min(mixed)) >= 0.01 / 1_000_000 * (1 - 1e-6)
+
+
+def test_sample_refuses_more_draws_than_int32_indices_hold():
+    """``num_samples ≥ 2**31`` (``sample_size`` gives 4,218,866,444 for ε = 1e-3) was an OverflowError
+    about an internal argument; now a ValueError naming ``num_samples``."""
+    s = nj.sample_size(1e-3, 0.01, 200)
+    assert s > 2**31 - 1
+    with pytest.raises(ValueError, match=r"num_samples=4218866444 exceeds 2147483647"):
+        nj.sample(jax.random.key(0), nj.uniform_scores(4), s)
+
+
+def test_bounded_swish_roots_in_float64_and_zeta_arrays_checked():
+    """float16 ``t`` with ``c2 = 1e5``: the constant overflowed float16 before its square root (316), so
+    the outputs were ±inf and NaN; ``zeta`` given as an array (NaN) was not checked; ``c1``, ``c2`` as
+    0-d arrays were refused."""
+    t = np.array([-1.0, 0.0, 0.5, 1.7])
+    ref = np.asarray(nj.bounded_swish(jnp.asarray(t, jnp.float32), 1.0, 1e5))
+    got = nj.bounded_swish(jnp.asarray(t, jnp.float16), 1.0, 1e5)
+    assert got.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(got, np.float32)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-3)
+    for zeta in (np.array(np.nan), jnp.asarray(-1.0), jnp.asarray(np.inf)):
+        with pytest.raises(ValueError, match="finite zeta >= 0"):
+            nj.bounded_swish(jnp.ones(3), 1.0, 2.0, zeta)
+    np.testing.assert_allclose(
+        nj.bounded_swish(jnp.ones(3), np.asarray(1.0), jnp.asarray(2.0), jnp.asarray(0.5)),
+        nj.bounded_swish(jnp.ones(3), 1.0, 2.0, 0.5),
+    )
+
+
+def test_model_adapters_take_bools_only():
+    """``batched="no"`` and ``squeeze="False"`` acted as True by their truthiness, ``squeeze=None`` as
+    False."""
+    from flax import nnx
+
+    from nlis_jax import models
+
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    for kwargs in (dict(batched="no"), dict(squeeze="False"), dict(squeeze=None)):
+        with pytest.raises(TypeError, match="must be True or False"):
+            models.from_nnx(model, **kwargs)
+    apply_fn, params = models.from_nnx(model, batched=True, squeeze=True)
+    assert apply_fn(params, jnp.ones(3)).shape == ()
+
+
+def test_linear_scores_refuse_complex_ys_and_leverage_tuples_name_probs():
+    """Complex ``ys`` lost its imaginary part in the linear baselines (the scores of ``ys.real``); a
+    ``Leverage`` passed as ``probs`` to ``sample``/``mix_with_uniform`` was "Cannot concatenate arrays"."""
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(20, 3))
+    with pytest.raises(TypeError, match="ys must be real, got complex"):
+        nj.linear_leverage_scores(xs, rng.normal(size=20) + 1j)
+    info = nj.leverage_scores(jnp.asarray(xs), return_info=True)
+    with pytest.raises(TypeError, match=r"got a Leverage: pass its \.probs"):
+        nj.sample(jax.random.key(0), info, 4)
+    with pytest.raises(TypeError, match=r"got a Leverage: pass its \.probs"):
+        nj.mix_with_uniform(info, 0.1)
+    idx, _ = nj.sample(jax.random.key(0), info.probs, 4)
+    assert idx.shape == (4,)
