@@ -51,8 +51,12 @@ class HostTransform(NamedTuple):
 
 
 def on_host_cpu(A) -> bool:
-    """Whether ``A`` is a float32 ``jax.Array`` whose values all sit on this process's CPU devices."""
-    return held_on_cpu(A) and A.dtype == np.float32
+    """Whether ``A`` is a float32 ``jax.Array`` on one CPU device of this process.
+
+    Not an array sharded over several CPU devices: its scores would come back on one device (the
+    routes keep them row-sharded), and its Gram matrix is then an all-reduce of the shards anyway.
+    """
+    return held_on_cpu(A) and len(A.sharding.device_set) == 1 and A.dtype == np.float32
 
 
 def host_float64_gram(A) -> np.ndarray:

@@ -8,7 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import matrix_with_condition, mlp, mlp_params, normal
+from helpers import (
+    BETA_TARGET,
+    TV_TARGET,
+    conditioned_float32,
+    matrix_with_condition,
+    mlp,
+    mlp_params,
+    normal,
+    small_matrices_take_the_sketch_stage,
+    tv_beta,
+)
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -83,6 +93,23 @@ def test_basis_routes_sharded():
         hs = nj.leverage_scores(_rows(jnp.asarray(F)))
         np.testing.assert_allclose(hs, nj.leverage_scores(jnp.asarray(F)), rtol=1e-12, atol=1e-14)
         _assert_row_sharded(hs)
+
+
+def test_ill_conditioned_float32_scores_stay_row_sharded():
+    """The eager host float64 Gram route (wide ill-conditioned float32 input on a CPU) took a matrix
+    sharded over 4 CPU devices to the host and returned its scores on one device; sharded input now
+    keeps the one-program routes, row-sharded, with the unsharded scores to float32's targets."""
+    F = conditioned_float32(3, 1e3, 800, 40)  # κ(G_eq) ≈ 1e6: past route "gram" in float32
+    with small_matrices_take_the_sketch_stage(host_float64_gram=True):
+        ref = nj.leverage_scores(jnp.asarray(F), return_info=True)
+        assert nj.routes.ROUTES[int(ref.route)] == "gram"  # one device: the host float64 Gram route
+        info = nj.leverage_scores(
+            jax.device_put(jnp.asarray(F), NamedSharding(_mesh(), P("data"))), return_info=True
+        )
+    _assert_row_sharded(info.probs)
+    _assert_row_sharded(info.leverage)
+    tv, beta = tv_beta(info.probs, np.asarray(ref.probs, np.float64))
+    assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
 
 
 def test_dual_operator_sharded():
