@@ -57,6 +57,33 @@ def pad_chunks(tree, n: int, chunk: int):
     return jax.tree.map(one, tree), m
 
 
+def strided_chunks(tree, n: int, chunk: int):
+    """Every leaf ``(n, ...)`` as ``(m, chunk, ...)`` whose chunk ``i`` holds rows ``i, i + m, i + 2m, …``
+    (padded with copies of row 0 to ``m·chunk`` rows); returns ``(tree, m)``.
+
+    The rows of a chunk are spread over the whole array, so a row-sharded leaf stays sharded along the
+    chunk axis: each chunk's product is an all-reduce of the devices' rows, where contiguous chunks
+    (:func:`pad_chunks`) put the sharding on the scanned axis and XLA gathered every row onto every
+    device. Row ``r`` of chunk ``i`` is valid while ``r < (n - i)/m`` (:func:`strided_valid`): padding
+    is a suffix of each chunk, as for contiguous chunks. Values ``v (m, chunk)`` per chunk row come back
+    in row order as ``v.T.reshape(-1)[:n]``.
+    """
+    m = -(-n // chunk)
+    pad = m * chunk - n
+
+    def one(a):
+        if pad:
+            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])])
+        return jnp.moveaxis(a.reshape((chunk, m) + a.shape[1:]), 1, 0)
+
+    return jax.tree.map(one, tree), m
+
+
+def strided_valid(n: int, m: int, i):
+    """Valid rows (a prefix) of chunk ``i`` of :func:`strided_chunks`: ``ceil((n - i)/m)``."""
+    return (n - i + m - 1) // m
+
+
 def chunk_rows(model, xc, yc, valid, *, num_nodes, mode) -> Array:
     """The dual rows ``(chunk, k, p+1)`` of one chunk of ``model.n`` examples of a flat model (traced);
     rows from ``valid`` on (padding) are zero. A fixed rule forms them in pieces of :func:`block_size`

@@ -36,7 +36,15 @@ from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
 from nlis_jax._checks import check_bool, check_positive_int, report_nonfinite
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
-from nlis_jax._passes import Chunks, chunk_values, leverage_passes, norm_rows, pad_chunks, reduce_chunk
+from nlis_jax._passes import (
+    Chunks,
+    chunk_values,
+    leverage_passes,
+    norm_rows,
+    reduce_chunk,
+    strided_chunks,
+    strided_valid,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, as_leverage, check_tolerances
 from nlis_jax._types import ApplyFn, Array, PyTree
@@ -44,17 +52,19 @@ from nlis_jax._types import ApplyFn, Array, PyTree
 
 def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> tuple[Chunks, object]:
     """The chunks of device arrays (:mod:`nlis_jax._passes`): ``lax.scan`` / ``lax.map`` over a padded
-    copy, padding rows zero (they add nothing to a Gram matrix or an R factor); and the flat model."""
+    copy in strided chunks (:func:`~nlis_jax._passes.strided_chunks`: row-sharded ``xs`` stays sharded,
+    each chunk's product an all-reduce), padding rows zero (they add nothing to a Gram matrix or an R
+    factor); and the flat model."""
     model = flatten_model(apply_fn, params, xs)
     n = model.n
     chunk = min(chunk_size, n)
-    xs_c, m = pad_chunks(xs, n, chunk)
-    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys, model.theta.dtype), n, chunk)[0]
+    xs_c, m = strided_chunks(xs, n, chunk)
+    ys_c = None if ys is None else strided_chunks(jnp.asarray(ys, model.theta.dtype), n, chunk)[0]
     kw = dict(num_nodes=num_nodes, mode=mode)
     chunk_model = model._replace(n=chunk)
 
     def piece(i):  # (x, y, valid) of chunk i
-        return jax.tree.map(lambda a: a[i], xs_c), None if ys_c is None else ys_c[i], n - i * chunk
+        return jax.tree.map(lambda a: a[i], xs_c), None if ys_c is None else ys_c[i], strided_valid(n, m, i)
 
     def reduce(pass_, init, *args):
         def one(c, i):
@@ -64,7 +74,7 @@ def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> 
 
     def scores(kernel, *args):
         values = lax.map(lambda i: chunk_values(chunk_model, *piece(i), kernel, args, **kw), jnp.arange(m))
-        return values.reshape(-1)[:n]
+        return values.T.reshape(-1)[:n]  # (m, chunk): value c of chunk i is row c·m + i
 
     def transform(G, gram_pass, r_factor, run_pass, rtol, route):  # every pass through one call site
         return routes.transform_from_pass(G, run_pass, rtol, route)

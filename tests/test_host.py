@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import mlp_params
+from helpers import BETA_TARGET, TV_TARGET, mlp_params, tv_beta
 
 import nlis_jax as nj
 from nlis_jax.experiments import nets
@@ -62,11 +62,23 @@ def test_float32_follows_params_and_matches_device_path():
     # This float32 dual matrix is ill-conditioned: the device path would take route "shifted", which
     # host data does not have (it takes "stable"); forced to the same route, the same sums chunk by chunk.
     # The fixed 16-node rule: the device path's program with the adaptive rule compiles for 10-15 s.
-    kw = dict(chunk_size=64, route="stable", num_nodes=16)
-    h = nj.streaming_leverage_scores(MLP, params, xs, ys, **kw)
-    h_dev = nj.streaming_leverage_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), **kw)
-    assert h.dtype == jnp.float32
-    np.testing.assert_allclose(h, h_dev, rtol=1e-5, atol=1e-7)  # same sums, chunk by chunk
+    # One chunk (chunk_size ≥ n): the same rows summed in the same order, so the same values to a few
+    # float32 roundings. Several chunks: the device path's chunks are strided (rows i, i + m, …: a
+    # row-sharded xs stays sharded) where the host's are contiguous, so the sums group rows differently;
+    # both then meet float32's targets against the float64 leverage of the same float32 values.
+    for chunk_size in (N, 64):
+        kw = dict(chunk_size=chunk_size, route="stable", num_nodes=16)
+        h = nj.streaming_leverage_scores(MLP, params, xs, ys, **kw)
+        h_dev = nj.streaming_leverage_scores(MLP, params, jnp.asarray(xs), jnp.asarray(ys), **kw)
+        assert h.dtype == h_dev.dtype == jnp.float32
+        if chunk_size == N:
+            np.testing.assert_allclose(h, h_dev, rtol=1e-5, atol=1e-7)
+            continue
+        wide = jax.tree.map(lambda a: np.asarray(a, np.float64), (params, xs, ys))
+        ref = np.asarray(nj.leverage_scores(nj.dual_matrix(MLP, *wide, num_nodes=16)))
+        for got in (h, h_dev):
+            tv, beta = tv_beta(got, ref)
+            assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
 
 
 def test_bad_host_input_named(tmp_path):

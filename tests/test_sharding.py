@@ -77,6 +77,30 @@ def test_dual_matrix_and_scores_sharded(k_out, mode):
         _assert_row_sharded(hs)
 
 
+@pytest.mark.parametrize("k_out", [1, 2])
+def test_streaming_scores_stay_row_sharded_across_chunks(k_out):
+    """Several chunks (chunk_size < n, the usual case): contiguous chunks put the row sharding on the
+    scanned axis, so XLA gathered every row onto every device and the scores came back replicated. The
+    strided chunks keep each chunk row-sharded: no all-gather in the program, scores row-sharded and
+    equal to the dense ones."""
+    params, xs, ys = _case(k_out)
+    apply_fn = mlp(jnp.tanh)
+    xs_s, ys_s = _rows(xs), _rows(ys)
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=8)
+    kw = dict(chunk_size=16, num_nodes=8)
+    for streamed, dense in (
+        (nj.streaming_leverage_scores, nj.leverage_scores),
+        (nj.streaming_norm_scores, nj.norm_scores),
+    ):
+        hs = streamed(apply_fn, params, xs_s, ys_s, **kw)
+        np.testing.assert_allclose(hs, dense(F), rtol=1e-10, atol=1e-14)
+        _assert_row_sharded(hs)
+    from nlis_jax import _streaming
+
+    text = _streaming._norm_jit.lower(apply_fn, params, xs_s, ys_s, chunk_size=16, num_nodes=8, mode="auto")
+    assert " all-gather(" not in text.compile().as_text()
+
+
 def test_basis_routes_sharded():
     """Gram, two-pass Gram and QR routes all give the unsharded leverage on row-sharded input."""
     rng = np.random.default_rng(0)
