@@ -342,9 +342,12 @@ def build_parser(outliers_module=None) -> argparse.ArgumentParser:
 
 
 def _data_errors() -> tuple[type, ...]:
+    """Errors that the data or the options decide (a message and exit 2, no traceback): a corrupt data
+    file, and a fit that diverged (its message names the step and asks for a lower learning rate)."""
+    from nlis_jax._train import NonFiniteLossError
     from nlis_jax.experiments.datasets import DatasetCorruptError
 
-    return (DatasetCorruptError,)
+    return (DatasetCorruptError, NonFiniteLossError)
 
 
 #: The module of the outlier study, imported on demand.

@@ -184,6 +184,22 @@ def test_outliers_delegates_to_module(monkeypatch, tmp_path):
 # Fifteenth session's review: each failed before
 
 
+def test_a_diverging_fit_is_a_message_and_exit_2(tmp_path, monkeypatch, capsys):
+    """A full-data fit that diverged (too large --lr) ended in a NonFiniteLossError traceback, exit 1."""
+    import nlis_jax as nj
+    from nlis_jax.experiments import runner
+
+    def diverged(*args, **kwargs):
+        raise nj.NonFiniteLossError(
+            "fit stopped: the loss is inf at step 97; lower the learning rate", state=None, step=97
+        )
+
+    monkeypatch.setattr(runner, "fit_full", diverged)
+    assert cli.main(TINY + ["--out", str(tmp_path / "res"), "--no-plots"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "nlis-jax run: error: fit stopped: the loss is inf at step 97" in err and "Traceback" not in err
+
+
 def test_ctrl_c_in_the_wall_time_comparison_keeps_the_grid(tmp_path, monkeypatch, capsys):
     """Ctrl-C after the grid (plots, wall-time comparison) wrote nothing; now the finished cells."""
     from nlis_jax.experiments import runner

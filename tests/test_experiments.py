@@ -405,6 +405,34 @@ def test_plots(tiny, tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_plots_of_diverged_or_underfitted_grids(tiny, tmp_path, monkeypatch):
+    """Every fit diverged (all quantiles None): a log y axis of nothing raised at savefig, after
+    results.json, so the table never printed (exit 1). No median above L(θ*): excess.png was blank with
+    x ticks 1–10. Both figures are now written, with a note, over the sizes' range."""
+    import copy
+
+    from nlis_jax.experiments import plots
+    from nlis_jax.experiments.plots import plot_study
+
+    _, result = tiny
+    summary = copy.deepcopy(result.summary)
+    for m in summary["methods"].values():
+        for r in m["results"]:
+            r["ratio"] = {key: None for key in r["ratio"]}
+    paths = plot_study(summary, tmp_path / "diverged")
+    assert all(p.stat().st_size > 1000 for p in paths)
+    for m in summary["methods"].values():
+        for r in m["results"]:
+            r["ratio"] = {key: 0.9 for key in r["ratio"]}
+    made = []
+    figure = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda *a, **k: made.append(figure(*a, **k)) or made[-1])
+    plot_study(summary, tmp_path / "below")
+    sizes = [r["size"] for m in summary["methods"].values() for r in m["results"]]
+    lo, hi = made[1].axes[0].get_xlim()  # excess.png
+    assert lo <= min(sizes) and hi >= max(sizes) and hi / lo < 10 * max(sizes) / min(sizes)
+
+
 # --------------------------------------------------------------------------------------------------
 # The trainer reaches the constrained optimum on California Housing
 

@@ -55,7 +55,19 @@ def _draw(ax, summary: dict, field: str, transform=lambda v: v, positive: bool =
     _plain_x(ax, [r["size"] for m in summary["methods"].values() for r in m["results"]])
     ax.set_xlabel(f"sample size s (rows of n = {summary['n']:,})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn (every point left out): no empty legend
+        ax.legend(fontsize="small")
+
+
+def _log_y_or_note(ax, note: str) -> bool:
+    """A log y axis when the axes hold a finite positive value (a log scale of nothing fails at
+    ``savefig``); else a linear one with ``note`` written on it. Returns whether the scale is log."""
+    values = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+    if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
+        ax.set_yscale("log")
+        return True
+    ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center")
+    return False
 
 
 def _plain_ticks(ax) -> None:
@@ -77,6 +89,8 @@ def _plain_x(ax, sizes) -> None:
     ax.xaxis.set_minor_formatter(plain if short else NullFormatter())
     if not short:
         ax.set_xticks(sorted(set(sizes)))
+    if len(sizes) > 0:  # the sizes' range even when no point was drawn (matplotlib's default is 1–10)
+        ax.set_xlim(min(sizes) / 1.2, max(sizes) * 1.2)
 
 
 def _title(summary: dict) -> str:
@@ -101,8 +115,8 @@ def plot_study(summary: dict, out_dir: str | Path) -> list[Path]:
     fig = _figure()
     ax = fig.add_subplot()
     _draw(ax, summary, "ratio")
-    ax.set_yscale("log")
-    _plain_ticks(ax)
+    if _log_y_or_note(ax, "every fit diverged: no finite median to draw"):
+        _plain_ticks(ax)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel("L(θ_S) / L(θ*) on the full data")
     ax.set_title(_title(summary), fontsize="medium")
@@ -112,7 +126,7 @@ def plot_study(summary: dict, out_dir: str | Path) -> list[Path]:
     fig = _figure()
     ax = fig.add_subplot()
     _draw(ax, summary, "ratio", transform=lambda v: v - 1.0, positive=True)
-    ax.set_yscale("log")
+    _log_y_or_note(ax, "no finite median above L(θ*) to draw")
     ax.set_ylabel("L(θ_S) / L(θ*) − 1")
     ax.set_title(_title(summary), fontsize="medium")
     paths.append(out / "excess.png")
