@@ -81,7 +81,7 @@ from nlis_jax._factored import (
     project_chunk,
     zero_outputs,
 )
-from nlis_jax._passes import pad_chunks
+from nlis_jax._passes import strided_chunks
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, leverage_scores
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
@@ -158,9 +158,15 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
         block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
         return project(block.reshape(chunk * k, m)).reshape((chunk,) + model.out_shape + (dim,))
 
-    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys).astype(dtype), n, chunk)[0]
-    Y = lax.map(one_chunk, (pad_chunks(xs, n, chunk)[0], ys_c))
-    return Y.reshape((-1,) + Y.shape[2:])[:n]
+    return _map_strided(one_chunk, xs, ys, n, chunk, dtype)
+
+
+def _map_strided(one_chunk, xs, ys, n: int, chunk: int, dtype) -> Array:
+    """``one_chunk((x, y))`` over strided chunks (:func:`~nlis_jax._passes.strided_chunks`: a row-sharded
+    ``xs`` stays sharded, no row gathered onto every device), the rows of ``Y`` back in order."""
+    ys_c = None if ys is None else strided_chunks(jnp.asarray(ys).astype(dtype), n, chunk)[0]
+    Y = lax.map(one_chunk, (strided_chunks(xs, n, chunk)[0], ys_c))  # (m, chunk, ...): row c·m + i
+    return jnp.moveaxis(Y, 0, 1).reshape((-1,) + Y.shape[2:])[:n]
 
 
 def _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk, nodes):
@@ -179,9 +185,7 @@ def _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk, nodes):
         Yc = project_chunk(fac, emb, leaves, xc, offset, t, w, k)
         return Yc.reshape((chunk,) + model.out_shape + (dim,))
 
-    ys_c = None if ys is None else pad_chunks(jnp.asarray(ys).astype(dtype), n, chunk)[0]
-    Y = lax.map(one_chunk, (pad_chunks(xs, n, chunk)[0], ys_c))
-    return Y.reshape((-1,) + Y.shape[2:])[:n]
+    return _map_strided(one_chunk, xs, ys, n, chunk, dtype)
 
 
 def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> None:

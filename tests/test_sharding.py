@@ -101,6 +101,26 @@ def test_streaming_scores_stay_row_sharded_across_chunks(k_out):
     assert " all-gather(" not in text.compile().as_text()
 
 
+@pytest.mark.parametrize("embedding", ["sparse", "khatri_rao"])
+def test_projected_rows_stay_row_sharded_across_chunks(embedding):
+    """``projected_dual_matrix`` over several chunks gathered every row onto every device (2 all-gathers)
+    and returned Y replicated; strided chunks keep Y row-sharded, equal to the one-device Y."""
+    params, xs, ys = _case(1)
+    apply_fn = mlp(jnp.tanh)
+    kw = dict(dim=12, chunk_size=16, embedding=embedding)
+    ref = nj.projected_dual_matrix(jax.random.key(3), apply_fn, params, xs, ys, **kw)
+    Y = nj.projected_dual_matrix(jax.random.key(3), apply_fn, params, _rows(xs), _rows(ys), **kw)
+    np.testing.assert_allclose(Y, ref, rtol=1e-12, atol=1e-14)
+    _assert_row_sharded(Y)
+    from nlis_jax import _projected
+
+    args = (jax.random.key(3), apply_fn, params, _rows(xs), _rows(ys))
+    lowered = _projected._projected_jit.lower(
+        *args, dim=12, chunk_size=16, num_nodes=16, mode="auto", embedding=embedding, sparsity=1
+    )
+    assert " all-gather(" not in lowered.compile().as_text()
+
+
 def test_basis_routes_sharded():
     """Gram, two-pass Gram and QR routes all give the unsharded leverage on row-sharded input."""
     rng = np.random.default_rng(0)
