@@ -655,8 +655,9 @@ def check_leverage_sum(h_sum: float, rank) -> None:
     """``ValueError`` unless the raw leverage of a chunk source sums to its rank, to 1 %.
 
     ``Σh = ‖U‖_F² = tr(UᵀU) = rank`` for an orthonormal basis ``U = A M``; on the routes checked (see
-    :func:`host_streaming_leverage`) ``UᵀU = I`` to ``eps·κ(G_eq) ≤ eps^{3/4}`` (``"gram"``: ``2e-12`` in
-    float64, ``7e-6`` in float32) or to ``O(eps)`` after a CholeskyQR step, and ``h`` is summed in float64,
+    :func:`host_streaming_leverage`) ``UᵀU = I`` to ``eps·κ(G_eq)`` (``"gram"``: at most ``2e-12`` in
+    float64, ``1e-4`` in float32, :func:`nlis_jax._precondition.one_step_ratio_min`) or to ``O(eps)``
+    after a CholeskyQR step, and ``h`` is summed in float64,
     so consistent data stays orders of magnitude inside 1 %. The transform ``M`` comes from the Gram
     matrix of the first passes; rows that changed since make ``Σh`` differ by ``O(1)`` (``xs`` scaled on
     every pass gave ``Σh = 2.33·rank``), far outside it.
