@@ -636,7 +636,9 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     ``"stable"`` below float64 (refined by a CholeskyQR step). Not checked on the float64 ``"stable"``
     route (ill-conditioned or rank-deficient input, whose basis is orthonormal only to ``eps·κ``, up to
     ``0.1`` per column at the rank tolerance) nor for a forced route, and never for data that keeps
-    ``Σh`` (e.g. the same rows in another order).
+    ``Σh`` (e.g. the same rows in another order). On ``"gram2"`` the refinement's Gram pass
+    orthonormalises the rows of its own pass again, so data that changed from the second pass on (``x``,
+    then ``2x`` on every later pass) keeps ``Σh = rank`` and is not caught (found in review, not fixed).
     """
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
