@@ -44,17 +44,16 @@ from nlis_jax._dual import dual_block
 from nlis_jax._types import Array
 
 
+def _padded(a, rows: int):
+    """``a`` with copies of its row 0 appended up to ``rows`` rows."""
+    pad = rows - a.shape[0]
+    return jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])]) if pad else a
+
+
 def pad_chunks(tree, n: int, chunk: int):
     """Reshape every leaf ``(n, ...)`` to ``(m, chunk, ...)``, padding with copies of row 0."""
     m = -(-n // chunk)
-    pad = m * chunk - n
-
-    def one(a):
-        if pad:
-            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])])
-        return a.reshape((m, chunk) + a.shape[1:])
-
-    return jax.tree.map(one, tree), m
+    return jax.tree.map(lambda a: _padded(a, m * chunk).reshape((m, chunk) + a.shape[1:]), tree), m
 
 
 def strided_chunks(tree, n: int, chunk: int):
@@ -69,14 +68,9 @@ def strided_chunks(tree, n: int, chunk: int):
     in row order as ``v.T.reshape(-1)[:n]``.
     """
     m = -(-n // chunk)
-    pad = m * chunk - n
-
-    def one(a):
-        if pad:
-            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])])
-        return jnp.moveaxis(a.reshape((chunk, m) + a.shape[1:]), 1, 0)
-
-    return jax.tree.map(one, tree), m
+    return jax.tree.map(
+        lambda a: jnp.moveaxis(_padded(a, m * chunk).reshape((chunk, m) + a.shape[1:]), 1, 0), tree
+    ), m
 
 
 def strided_valid(n: int, m: int, i):

@@ -199,9 +199,6 @@ def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) ->
     return _pool_probs(jnp.asarray(scores), jnp.asarray(labelled), alpha)
 
 
-_pool_probs_jit = jax.jit(_pool_probs)
-
-
 @functools.partial(jax.jit, static_argnames=("batch", "strategy", "replace"))
 def _query(key, scores, labelled, alpha, *, batch, strategy, replace):
     probs = _pool_probs(scores, labelled, alpha.astype(scores.dtype))
@@ -254,23 +251,23 @@ def query(
         if key is None:
             raise ValueError('strategy="sample" needs a PRNG key (jax.random.key(seed)).')
         check_key("key", key)
-        if pool >= 0 and not replace:
-            # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0
-            probs = np.asarray(
-                _pool_probs_jit(scores, jnp.asarray(labelled), jnp.asarray(alpha, scores.dtype))
-            )
-            positive = int(np.sum(probs >= np.finfo(probs.dtype).tiny))
-            if positive < batch:
-                raise ValueError(
-                    f"only {positive} pool points have a positive probability in {probs.dtype}, fewer than "
-                    f"batch={batch}: sampling without replacement cannot reach the rest (use alpha > 0, or "
-                    "a larger alpha; scores far below the largest round to probability 0)."
-                )
     else:
         key = jax.random.key(0)  # unused by top-k; keeps one compiled signature
     alpha = jnp.asarray(alpha, jnp.asarray(scores).dtype)
     labelled = jnp.asarray(labelled)
-    return _query(key, scores, labelled, alpha, batch=batch, strategy=strategy, replace=replace)
+    chosen = _query(key, scores, labelled, alpha, batch=batch, strategy=strategy, replace=replace)
+    if strategy == "sample" and pool >= 0 and not replace:
+        # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0, and
+        # priority sampling then returns such points with weight 0
+        probs = np.asarray(chosen.probs)
+        positive = int(np.sum(probs >= np.finfo(probs.dtype).tiny))
+        if positive < batch:
+            raise ValueError(
+                f"only {positive} pool points have a positive probability in {probs.dtype}, fewer than "
+                f"batch={batch}: sampling without replacement cannot reach the rest (use alpha > 0, or "
+                "a larger alpha; scores far below the largest round to probability 0)."
+            )
+    return chosen
 
 
 def record(state: ActiveState, chosen: Query) -> ActiveState:
