@@ -145,10 +145,17 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def column_scales(colmax: Array) -> Array:
-    """``(m,)`` powers of two bringing each column maximum ``colmax`` into ``[0.5, 1)`` (1 for zero)."""
+    """``(m,)`` powers of two bringing each column maximum ``colmax`` into ``[0.5, 1)`` (1 for zero).
+
+    Every scale is a normal number: a column maximum from ``2^(maxexp−2)`` on (``8.5e37`` in float32,
+    ``4.5e307`` in float64) is brought into ``[0.5, 4)`` instead, as a smaller scale would be subnormal,
+    which XLA flushes to zero on a CPU (the column would vanish). A subnormal column is raised as far as
+    a finite scale goes.
+    """
     _, e = jnp.frexp(colmax)
-    top = jnp.finfo(colmax.dtype).maxexp - 1  # a subnormal column is raised as far as a finite scale goes
-    return jnp.ldexp(jnp.ones_like(colmax), jnp.minimum(-e.astype(jnp.int32), top))
+    info = jnp.finfo(colmax.dtype)
+    exponent = jnp.clip(-e.astype(jnp.int32), info.minexp, info.maxexp - 1)
+    return jnp.ldexp(jnp.ones_like(colmax), exponent)
 
 
 def prescale_columns(A: Array) -> Array:
@@ -669,6 +676,11 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
     """
     G, cs = scaled_gram(A)  # of A·diag(cs): the transforms below act on A·diag(cs), so scale them by cs
     dec = decide(G, route, rtol)
+    # Columns so large that their scales (powers of two) times the transform entries could fall below the
+    # smallest normal number, which XLA flushes to zero on a CPU: the routes that fold cs into their
+    # transforms would lose those columns (a column near 2^125 in float32 came out zero); route "stable"
+    # scales A itself. Only the rescaled path of scaled_gram (an overflowing Gram matrix) gets here.
+    extreme = jnp.min(cs) < jnp.ldexp(jnp.ones((), cs.dtype), -(jnp.finfo(cs.dtype).maxexp // 2))
 
     def refine(U1, rank):
         return transform_rows(U1, refine_transform(gram(U1)), row_norms), rank
@@ -708,19 +720,20 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
         def taken():
             return upper_rows(Y, pre.second, row_norms), dec.rank, jnp.int32(SHIFTED)
 
-        return lax.cond(ok & pre.ok, taken, lambda: stable(A))
+        return lax.cond(ok & pre.ok & ~extreme, taken, lambda: stable(A))
 
     def fast(branch):
         return lambda A: (*branch(A), dec.route)
 
     def route_taken(A):  # only the branches this dtype and route can take are compiled
         branches = (fast(one_pass), fast(two_pass), stable, shifted)
-        if route is not None:  # forced by name
-            return branches[ROUTES.index(route)](A)
+        if route is not None:  # forced by name ("stable" for extreme columns: see above)
+            forced = branches[ROUTES.index(route)]
+            return forced(A) if route in ("stable", "shifted") else lax.cond(extreme, stable, forced, A)
         if A.dtype == jnp.float64:  # decide() sends nothing to "shifted" in float64
-            return lax.switch(dec.route, branches[:SHIFTED], A)
+            return lax.switch(jnp.where(extreme, STABLE, dec.route), branches[:SHIFTED], A)
         # below float64 decide() sends nothing to "stable" (reached from "shifted" when it fails)
-        index = jnp.where(dec.route == SHIFTED, STABLE, dec.route)
+        index = jnp.where((dec.route == SHIFTED) | extreme, STABLE, dec.route)
         return lax.switch(index, (*branches[:STABLE], shifted), A)
 
     # NaN or Inf in A (or an overflowing Gram matrix): NaN out, rank 0. Masked, not a lax.cond around the

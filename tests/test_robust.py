@@ -186,6 +186,43 @@ def test_column_scale_does_not_change_leverage(dtype, scale):
     np.testing.assert_allclose(got.probs, ref.probs, rtol=RTOL[dtype])
 
 
+TOP_COLUMNS = [
+    (jnp.float32, 100),
+    (jnp.float32, 125),
+    (jnp.float32, 127),
+    (jnp.float64, 1021),
+    (jnp.float64, 1023),
+]
+
+
+def _linear(theta, x):
+    return x @ theta
+
+
+@pytest.mark.parametrize(("dtype", "exponent"), TOP_COLUMNS)
+def test_columns_at_the_top_of_the_range_keep_their_leverage(dtype, exponent):
+    # A column whose maximum is 2^exponent (up to the largest binade). Its power-of-two scale was
+    # subnormal from 2^(maxexp-2) on, which XLA flushes to zero (the column vanished: rank 2, 99% off),
+    # and the fast routes folded the scales into their transforms, whose entries ~1/(colmax·√n)
+    # underflowed from about 2^124 in float32 (9% off at n = 40). Dense (every route, forced or not) and
+    # streamed (a linear model: its dual matrix is [x, −y]) must give the unscaled scores.
+    rng = np.random.default_rng(5)
+    xs, ys = rng.normal(size=(40, 2)).astype(dtype), rng.normal(size=40).astype(dtype)
+    xs[:, 1] /= np.abs(xs[:, 1]).max()
+    ref = nj.leverage_scores(np.column_stack([xs, -ys]).astype(np.float64))
+    big = xs.copy()
+    big[:, 1] *= dtype(2.0**exponent)
+    assert np.all(np.isfinite(big)) and not np.shares_memory(big, xs)
+    F = np.column_stack([big, -ys])
+    got = {f"dense {r}": nj.leverage_scores(F, route=r, return_info=True) for r in (None, *nj.routes.ROUTES)}
+    theta, q = np.zeros(2, dtype), dict(num_nodes=2, return_info=True)  # a fixed rule, exact here
+    got["streaming"] = nj.streaming_leverage_scores(_linear, theta, jnp.asarray(big), ys, **q)
+    got["host"] = nj.streaming_leverage_scores(_linear, theta, big, ys, chunk_size=16, **q)
+    for name, info in got.items():
+        assert int(info.rank) == 3, name
+        np.testing.assert_allclose(info.probs, ref, rtol=RTOL[dtype] * 5, err_msg=name)
+
+
 def _tanh_index(theta, x):
     return jnp.tanh(x @ theta)
 
