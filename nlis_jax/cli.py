@@ -192,7 +192,11 @@ def _add_overwrite(parser) -> None:
 
 def _add_training_options(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("training")
-    g.add_argument("--steps", type=positive_int_arg, help="projected-gradient steps of every sample fit")
+    g.add_argument(
+        "--steps",
+        type=positive_int_arg,
+        help="steps of every sample fit (projected gradient; flights mlp: Adam)",
+    )
     g.add_argument(
         "--full-steps", type=positive_int_arg, help="steps of the full-data fit (default: --steps)"
     )
@@ -239,7 +243,9 @@ def _add_data_options(run: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--classes", type=_classes, help="fashion-mnist/digits: 'all' or a comma list of labels, e.g. 0,6"
     )
-    g.add_argument("--hidden", type=positive_int_arg, help="hidden width of the ReLU network")
+    g.add_argument(
+        "--hidden", type=positive_int_arg, help="hidden width of the network (ReLU; flights mlp: tanh)"
+    )
     g.add_argument(
         "--components",
         type=_int_or_none,

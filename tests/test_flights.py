@@ -356,3 +356,86 @@ def test_ctrl_c_writes_the_finished_steps(tmp_path, monkeypatch, capsys):
     cells = [rec for recs in record["grids"]["converged"].values() for rec in recs]
     assert len(cells) == 2 and all(np.all(np.isfinite(rec["values"])) for rec in cells)
     assert not (tmp_path / "flights.md").exists()
+
+
+def _diverged_summary():
+    """A two-protocol MLP summary with diverged sample fits (median None) and a diverged refit."""
+    from nlis_jax.experiments.report import number, quantiles
+
+    def rec(values):
+        values = np.asarray(values, np.float64)
+        return {"size": 100, "fraction": 0.05, "ratio": quantiles(values), "test_ratio": quantiles(values),
+                "values": [number(v) for v in values], "fit_s": 0.1}  # fmt: skip
+
+    grid = {"uniform": [rec([np.nan, np.inf, 1.2])], "pilot_leverage": [rec([1.1, 0.98, 1.05])]}
+    return {
+        "model": "mlp", "n": 2000, "n_test": 200, "p": 101,
+        "config": {"repeats": 3, "mix": 0.0, "sample_steps": 10, "batch_size": 256},
+        "full": {"loss": 1.0, "time_s": 10.0, "rel_change": 1e-3, "trace": [[0.0, 2.0], [10.0, 1.0]]},
+        "oracle_leverage": {"n_max": 10.0, "top1pct_mass": 0.05},
+        "noise_floor": {"ratio": [None, 0.999], "test_ratio": [None, 1.0], "time_s": [1.0, 1.0]},
+        "costs": {"pilot_fit_s": 1.0, "linear_score_s": 0.1, "oracle_score_s": 1.0, "refine_fit_s": 1.0,
+                  "pilot_ratio": 1.3},
+        "grids": {"pilot": grid, "star": grid},
+        "same_steps_full_data": {"pilot": {"ratio": quantiles([np.nan, np.nan]),
+                                           "test_ratio": quantiles([np.nan, np.nan]), "fit_s": 0.2}},
+    }  # fmt: skip
+
+
+def test_diverged_fits_are_reported_not_a_traceback(tmp_path):
+    """Two of three sample fits diverged: the median is None (a quantile of +inf). The tables formatted
+    it with ``:.4f`` (TypeError after results.json), the wall time multiplied it by the loss, and the
+    plot dropped it from its log axis without a word."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nlis_jax.experiments import flights as fl
+    from nlis_jax.experiments.plots import plot_flights
+
+    summary = _diverged_summary()
+    json.dumps(summary, allow_nan=False)  # JSON proper: no NaN
+    tables = fl.format_flights_tables(summary)
+    assert "inf [" in tables and "(2 diverged)" in tables and "1.0500 [" in tables
+    assert "Noise floor: 2 full-data refits" in tables and "inf, 0.9990" in tables
+    rows = {r["method"]: r for r in fl.wall_time_summary(summary)}
+    assert rows["uniform"]["ratio"] is None and rows["uniform"]["full_s"] is None
+    assert rows["uniform"]["speedup"] is None and rows["pilot_leverage"]["full_s"] is not None
+    assert "| uniform | 100 | inf |" in fl.format_wall_time(summary)
+    path = plot_flights(summary, tmp_path / "flights.png")
+    assert path.stat().st_size > 0
+
+
+@needs_data
+def test_a_diverging_full_or_pilot_fit_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """``--lr 1e30`` diverged the full-data fit; the dual scoring then raised "params contains NaN" (a
+    traceback, exit 1)."""
+    from nlis_jax import cli
+
+    monkeypatch.setenv("NLIS_SMALL", "1")
+    argv = ["run", "--dataset", "flights", "--model", "mlp", "--lr", "1e30", "--protocols", "pilot"]
+    code = cli.main([*argv, "--no-progress", "--no-plots", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the full-data fit diverged" in err and "lower --lr" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_refuses_what_the_study_cannot_use(tmp_path, capsys):
+    """An empty held-out part made every held-out ratio NaN (and the noise floor divide by zero); empty
+    sizes gave empty tables; ``refits=True`` counted as 1. Options read by one protocol only were
+    recorded in results.json as if used."""
+    from nlis_jax import cli
+    from nlis_jax.experiments.flights import FlightsStudyConfig
+
+    for value in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="test_fraction"):
+            FlightsStudyConfig(test_fraction=value)
+    with pytest.raises(ValueError, match="sizes"):
+        FlightsStudyConfig(sizes=())
+    with pytest.raises(ValueError, match="refits"):
+        FlightsStudyConfig(refits=True)
+    base = ["run", "--dataset", "flights", "--model", "mlp", "--out", str(tmp_path / "x")]
+    for option, value, protocol in (("--lm-steps", "5", "gauss_newton"), ("--sample-lr", "0.5", "star")):
+        code = cli.main([*base, option, value, "--protocols", "common,pilot"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{option} applies to --protocols {protocol} only" in err, err
+    assert not (tmp_path / "x").exists()

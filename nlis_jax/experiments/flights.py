@@ -58,7 +58,7 @@ import nlis_jax as nj
 from nlis_jax.experiments import kernels
 from nlis_jax.experiments.checks import positive_int_arg, size_arg
 from nlis_jax.experiments.datasets import load_flights
-from nlis_jax.experiments.report import quantiles
+from nlis_jax.experiments.report import number, quantiles
 from nlis_jax.experiments.runner import StudyInterrupted
 
 __all__ = [
@@ -106,10 +106,10 @@ class FlightsStudyConfig:
         hidden: MLP hidden widths (tanh).
         epochs: epochs of full-data minibatch Adam (θ* and each refit); ``batch_size`` rows per step;
             ``learning_rate`` the initial rate of a cosine decay to 0.
-        sample_steps: minibatch Adam steps of every sample fit (batch ``min(batch_size, s)`` rows drawn
-            with replacement from the weighted sample), with the initial rate ``learning_rate`` (pilot,
-            refinement, ``"common"`` and ``"pilot"`` starts) or ``sample_lr`` (``"star"``: a fine-tune
-            from θ*).
+        sample_steps: minibatch Adam steps of every sample fit (``batch_size`` rows drawn with
+            replacement from the weighted sample, or the whole sample when ``s <= batch_size``), with
+            the initial rate ``learning_rate`` (pilot, refinement, ``"common"`` and ``"pilot"``
+            starts) or ``sample_lr`` (``"star"``: a fine-tune from θ*).
         refits: full-data refits from other initialisations (noise floor of the MLP).
         lm_steps: Levenberg-Marquardt steps of every single-index fit and of the MLP's
             ``"gauss_newton"`` sample fits.
@@ -157,13 +157,17 @@ class FlightsStudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if not isinstance(self.refits, int) or self.refits < 0:
+        if isinstance(self.refits, bool) or not isinstance(self.refits, int) or self.refits < 0:
             raise ValueError(f"refits must be a non-negative int, got {self.refits!r}.")
         for name in ("learning_rate", "sample_lr", "ridge"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {self.mix}.")
+        if not 0.0 < self.test_fraction < 1.0:  # every table has held-out ratios: L(θ_S)/L(θ*) held out
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction!r}.")
+        if not self.sizes:
+            raise ValueError("sizes must name at least one sample size.")
         for s in (*self.sizes, self.pilot_size, self.refine_size):
             if isinstance(s, bool) or not (math.isfinite(s) and s > 0) or (s >= 1 and s != round(s)):
                 raise ValueError(f"sizes must be fractions in (0, 1) or whole row counts, got {s!r}.")
@@ -171,6 +175,18 @@ class FlightsStudyConfig:
 
 class SampleSizeError(ValueError):
     """A sample size (``sizes``, ``pilot_size``, ``refine_size``) of more rows than the training data."""
+
+
+class FitDivergedError(ValueError):
+    """The full-data fit, the pilot or the refinement fit ended with a NaN or Inf loss: the study cannot
+    go on from it (its scores and ratios would be NaN). The sample fits of the grid may diverge: they
+    are counted as such in their cells."""
+
+
+def _check_converged(setup, what: str, loss: float) -> None:
+    if not math.isfinite(loss):
+        hint = "; lower --lr" if setup.mlp else ""  # the single-index fits are Levenberg-Marquardt steps
+        raise FitDivergedError(f"the {what} diverged (loss {loss}){hint}.")
 
 
 def _rows(size: float, n: int) -> int:
@@ -620,10 +636,12 @@ def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, d
     idx, w = _draw(k_draw, probs["uniform"], _rows(cfg.pilot_size, n), 1)
     pilot, costs["pilot_fit_s"], _ = _fit(setup, setup.theta0, idx, w, k_fit, learning_rate=cfg.learning_rate)
     pilot = _index(pilot, 0)
+    _check_converged(setup, "pilot fit", float(_losses(setup, _batch1(pilot))[0]))
     probs["pilot_leverage"], costs["pilot_score_s"] = _dual_leverage(setup, pilot)
     k_draw, k_fit = jax.random.split(k_refine)
     idx, w = _draw(k_draw, probs["pilot_leverage"], _rows(cfg.refine_size, n), 1)
     refined, costs["refine_fit_s"], _ = _fit(setup, pilot, idx, w, k_fit, learning_rate=cfg.learning_rate)
+    _check_converged(setup, "refinement fit", float(_losses(setup, refined)[0]))
     probs["refined_leverage"], costs["refine_score_s"] = _dual_leverage(setup, _index(refined, 0))
     probs["nonlinear_leverage"], costs["oracle_score_s"] = _dual_leverage(setup, full["params"])
     if "residual_leverage" in cfg.methods:
@@ -641,8 +659,8 @@ def _noise_floor(setup: _Setup, full: dict, loss, test_loss, key) -> dict | None
     for k in jax.random.split(key, setup.config.refits):
         k_init, k_fit = jax.random.split(k)
         refit = _full_fit(setup, setup.init(k_init), k_fit)
-        train.append(refit["trace"][-1][1] / loss)
-        test.append(float(_losses(setup, _batch1(refit["params"]), test=True)[0]) / test_loss)
+        train.append(number(refit["trace"][-1][1] / loss))  # None: a diverged refit (JSON has no NaN)
+        test.append(number(float(_losses(setup, _batch1(refit["params"]), test=True)[0]) / test_loss))
         times.append(refit["time_s"])
     return {"ratio": train, "test_ratio": test, "time_s": times}
 
@@ -682,8 +700,8 @@ def _grid(setup: _Setup, samples: dict, start, protocol: str, key, loss, test_lo
                 "fraction": size / setup.n,
                 "ratio": quantiles(ratio),
                 "test_ratio": quantiles(test),
-                "values": ratio.tolist(),
-                "test_values": test.tolist(),
+                "values": [number(v) for v in ratio],  # None: a diverged fit (JSON has no NaN)
+                "test_values": [number(v) for v in test],
                 "fit_s": seconds / cfg.repeats,
                 "max_rel_change": change,
             }
@@ -743,6 +761,7 @@ def _run_steps(setup: _Setup, summary: dict, say, k_full, k_refit, k_pilot, k_re
     say(f"flights {setup.model}: n = {setup.n}, p = {setup.p}; full-data fit")
     full = _full_fit(setup, setup.theta0, k_full)
     loss = full["trace"][-1][1]
+    _check_converged(setup, "full-data fit", loss)
     test_loss = float(_losses(setup, _batch1(full["params"]), test=True)[0])
     summary["full"] = {
         "loss": loss,
@@ -776,8 +795,14 @@ def _run_steps(setup: _Setup, summary: dict, say, k_full, k_refit, k_pilot, k_re
         _grid(setup, samples, start, protocol, k_protocol, loss, test_loss, out=grids[protocol])
 
 
+def _num(value: float | None, spec: str) -> str:
+    """A number of a quantile record; ``None`` is a quantile among diverged fits (counted as +inf)."""
+    return "inf" if value is None else format(value, spec)
+
+
 def _cell(q: dict) -> str:
-    return f"{q['median']:.4f} [{q['q25']:.3f}, {q['q75']:.3f}]"
+    diverged = f" ({q['diverged']} diverged)" if q.get("diverged") else ""
+    return f"{_num(q['median'], '.4f')} [{_num(q['q25'], '.3f')}, {_num(q['q75'], '.3f')}]{diverged}"
 
 
 def format_flights_tables(summary: dict) -> str:
@@ -797,9 +822,9 @@ def format_flights_tables(summary: dict) -> str:
     if floor:
         lines += [
             f"Noise floor: {len(floor['ratio'])} full-data refits from other initialisations give L/L(θ*) = "
-            + ", ".join(f"{r:.4f}" for r in floor["ratio"])
+            + ", ".join(_num(r, ".4f") for r in floor["ratio"])
             + " (held out: "
-            + ", ".join(f"{r:.4f}" for r in floor["test_ratio"])
+            + ", ".join(_num(r, ".4f") for r in floor["test_ratio"])
             + ").",
             "",
         ]
@@ -811,7 +836,8 @@ def format_flights_tables(summary: dict) -> str:
         lines.append("|---:|---:|" + "---|" * len(methods))
         for i, rec in enumerate(grid[methods[0]]):
             cells = [
-                f"{_cell(grid[m][i]['ratio'])} / {grid[m][i]['test_ratio']['median']:.4f}" for m in methods
+                f"{_cell(grid[m][i]['ratio'])} / {_num(grid[m][i]['test_ratio']['median'], '.4f')}"
+                for m in methods
             ]
             lines.append(f"| {rec['size']:,} | {100 * rec['fraction']:.2f}% | " + " | ".join(cells) + " |")
         same = (summary.get("same_steps_full_data") or {}).get(protocol)
@@ -820,7 +846,8 @@ def format_flights_tables(summary: dict) -> str:
             lines += [
                 "",
                 f"Same recipe on the full data ({steps} steps of {batch} fresh rows from the same start): "
-                f"{_cell(same['ratio'])} / {same['test_ratio']['median']:.4f} ({same['fit_s']:.2f} s).",
+                f"{_cell(same['ratio'])} / {_num(same['test_ratio']['median'], '.4f')} "
+                f"({same['fit_s']:.2f} s).",
             ]
         lines.append("")
     fo = summary.get("first_order")
@@ -896,8 +923,8 @@ def wall_time_summary(summary: dict, *, protocol: str | None = None, sweep: int 
             continue
         one_off = _one_off(method, protocol, costs) + (full_fit_s if protocol in _FROM_STAR else 0.0)
         for rec in recs:
-            ratio = rec["ratio"]["median"]
-            full_s = _time_to_loss(trace, ratio * loss)
+            ratio = rec["ratio"]["median"]  # None: half the fits or more diverged (no target loss)
+            full_s = None if ratio is None else _time_to_loss(trace, ratio * loss)
             total = one_off + rec["fit_s"]
             gain = None if full_s is None else full_s - rec["fit_s"]
             rows.append(
@@ -927,7 +954,7 @@ def format_wall_time(summary: dict, *, protocol: str | None = None, sweep: int =
     for r in wall_time_summary(summary, protocol=protocol, sweep=sweep):
         sampled, full = r["sweep_s"]
         lines.append(
-            f"| {r['method']} | {r['size']:,} | {r['ratio']:.4f} | {fmt(r['full_s'])} "
+            f"| {r['method']} | {r['size']:,} | {_num(r['ratio'], '.4f')} | {fmt(r['full_s'])} "
             f"| {fmt(r['one_off_s'])} | {fmt(r['fit_s'], '.2f')} | {fmt(r['speedup'], '.2f')} "
             f"| {fmt(r['break_even'], 'd')} "
             f"| {sampled:.0f} / {fmt(full, '.0f')} |"
@@ -999,6 +1026,11 @@ def flights_config_from_args(args: argparse.Namespace) -> FlightsStudyConfig:
         ignored = [name for name in _MLP_ONLY_OPTIONS if getattr(args, name, None) is not None]
         if ignored:
             raise ValueError(f"--{ignored[0].replace('_', '-')} applies to --model mlp only.")
+    else:  # options read by one protocol only: given without it, they would be recorded but never used
+        for name, protocol in (("lm_steps", "gauss_newton"), ("sample_lr", "star")):
+            if getattr(args, name, None) is not None and protocol not in config.protocols:
+                option = name.replace("_", "-")
+                raise ValueError(f"--{option} applies to --protocols {protocol} only (with --model mlp).")
     return config
 
 
@@ -1039,7 +1071,7 @@ def run_flights(args: argparse.Namespace, argv: list[str]) -> int:
     except (DatasetNotFoundError, ImportError) as exc:
         print(f"nlis-jax run: data set 'flights' not available.\n{exc}", file=sys.stderr)
         return 2
-    except SampleSizeError as exc:  # raised before the full-data fit
+    except (SampleSizeError, FitDivergedError) as exc:  # before the grid: nothing worth writing
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
         return 2
     except StudyInterrupted as stop:

@@ -156,19 +156,28 @@ def plot_flights(summary: dict, path) -> Path:
     fig = _figure(figsize=(5.2 * len(grids), 4.2))
     axes = fig.subplots(1, len(grids), squeeze=False)[0]
     floor = summary.get("noise_floor")
+
+    def excess(value):  # None: a quantile among diverged fits (+inf), not drawn
+        return np.nan if value is None else value - 1
+
     for ax, (protocol, grid) in zip(axes, grids.items(), strict=True):
+        hidden = 0
         for method, recs in grid.items():
             color, marker, line = _STYLES.get(method, (None, "o", "-"))
             sizes = [r["size"] for r in recs]
-            med = [r["ratio"]["median"] - 1 for r in recs]
+            med = np.array([excess(r["ratio"]["median"]) for r in recs])
+            hidden += int(np.sum(~(med > 0)))
             ax.plot(sizes, med, line, color=color, marker=marker, label=method.replace("_", " "))
-            lo, hi = ([r["ratio"][q] - 1 for r in recs] for q in ("q25", "q75"))
+            lo, hi = ([excess(r["ratio"][q]) for r in recs] for q in ("q25", "q75"))
             ax.fill_between(sizes, lo, hi, color=color, alpha=0.15, linewidth=0)
+        if hidden:  # a log axis drops them silently
+            note = f"{hidden} median(s) diverged or at or below L(θ*): not drawn"
+            ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize="small")
         if floor:
-            gap = max([abs(r - 1) for r in floor["ratio"]] + [1e-4])
+            gap = max([abs(r - 1) for r in floor["ratio"] if r is not None] + [1e-4])
             ax.axhspan(1e-4, gap, color="grey", alpha=0.25, label="refit noise floor |L/L* − 1|")
         same = (summary.get("same_steps_full_data") or {}).get(protocol)
-        if same and same["ratio"]["median"] > 1:
+        if same and excess(same["ratio"]["median"]) > 0:  # (NaN > 0 is False: diverged, not drawn)
             ax.axhline(same["ratio"]["median"] - 1, color="k", lw=1.2, label="full data, same recipe")
         ax.axhline(0.05, color="k", lw=0.7, ls=":")
         ax.set_xscale("log")
