@@ -36,26 +36,28 @@ step() {  # step NAME LIMIT COMMAND...: COMMAND under timeout min(LIMIT, time le
 } 2>&1 | tee "$OUT/env.txt"
 
 # The benchmarks' baselines are user-style code at JAX's default precision, which is TF32 for float32 on
-# NVIDIA GPUs: run them at full precision so the correctness checks compare like with like.
-export JAX_DEFAULT_MATMUL_PRECISION=highest
+# NVIDIA GPUs: run them at full precision so the correctness checks compare like with like. Only the
+# benchmarks: the tests run at JAX's default, where a library kernel that lost its own highest-precision
+# wrapper would compute in TF32 and fail the float32 tests (the process-wide setting would hide it).
+BENCH=(env JAX_DEFAULT_MATMUL_PRECISION=highest python3)  # an array: `timeout` runs commands, not functions
 # Issue 10: leverage scores of 200,000 x 65 float64 against 2 x the Gram product on the same GPU
 # (record: floor_xla_s, ratio_xla_floor), the route decision chosen per platform.
-step bench_scores 120 python3 benchmarks/bench_scores.py --quiet --svd-reps 1 --out "$OUT/bench_scores_gpu.json"
+step bench_scores 120 "${BENCH[@]}" benchmarks/bench_scores.py --quiet --svd-reps 1 --out "$OUT/bench_scores_gpu.json"
 # Core numerics on the GPU (x64 via tests/conftest.py), compiled as users compile them (the suite's default
 # is LLVM -O0, see tests/conftest.py). One process (`-o addopts=` drops pyproject's 2 xdist workers: two
 # processes would each preallocate most of the GPU's memory). Warnings are not errors here: the GPU image's
 # packages may warn about things CI never sees.
-step pytest 200 bash -c 'JAX_DISABLE_MOST_OPTIMIZATIONS=0 python3 -m pytest -q -p no:cacheprovider \
+step pytest 200 bash -c 'set -o pipefail; JAX_DISABLE_MOST_OPTIMIZATIONS=0 python3 -m pytest -q -p no:cacheprovider \
   -o filterwarnings= -o addopts= tests/test_adjoint.py tests/test_dual.py tests/test_closed_forms.py \
   tests/test_scores.py tests/test_streaming.py tests/test_projected.py tests/test_sampling.py 2>&1 |
   tail -25 | tee "$0/pytest_gpu.txt"' "$OUT"
 # Issue 8, out of core: float32 files (10^6 rows: 256 MB; 10^7: 2.56 GB, written in chunks to $OUT/stream,
 # then deleted) streamed host -> GPU; the records have rows/s and input bytes/s, to set against the card's
 # memory bandwidth and the host -> device link. Two runs, so that a timeout at 10^7 leaves the 10^6 record.
-step bench_streaming_1e6 120 python3 benchmarks/bench_streaming.py --quiet --n 1000000 --dir "$OUT/stream" \
+step bench_streaming_1e6 120 "${BENCH[@]}" benchmarks/bench_streaming.py --quiet --n 1000000 --dir "$OUT/stream" \
   --out "$OUT/bench_streaming_gpu.json"
-step bench_adjoint 90 python3 benchmarks/bench_adjoint.py --quiet --budget 5 --out "$OUT/bench_adjoint_gpu.json"
-step bench_streaming_1e7 240 python3 benchmarks/bench_streaming.py --quiet --n 10000000 --dir "$OUT/stream" \
+step bench_adjoint 90 "${BENCH[@]}" benchmarks/bench_adjoint.py --quiet --budget 5 --out "$OUT/bench_adjoint_gpu.json"
+step bench_streaming_1e7 240 "${BENCH[@]}" benchmarks/bench_streaming.py --quiet --n 10000000 --dir "$OUT/stream" \
   --out "$OUT/bench_streaming_1e7_gpu.json"
 rm -rf "$OUT/stream"
 python3 - "$OUT" <<'PY'
