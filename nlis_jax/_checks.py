@@ -8,6 +8,7 @@ value checks there (inside ``nlis_jax.traced_checks()``, see :mod:`nlis_jax._tra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -191,7 +192,10 @@ def check_real(name: str, value) -> float:
     )
     if isinstance(value, bool | np.bool_) or not ok or (dtype is not None and not _is_real_dtype(dtype)):
         raise TypeError(f"{name} must be a real number, got {value!r}.")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64 (10**400): infinite, for the caller's range check
+        return math.inf if value > 0 else -math.inf
 
 
 def _is_real_dtype(dtype) -> bool:

@@ -882,6 +882,13 @@ def host_losses(
     total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     total = total.astype(state.get("dtype", total.dtype))
     if int(bad):
+        wide = [a for a in jax.tree.leaves((xs, ys, weights)) if getattr(a, "dtype", None) == np.float64]
+        if wide and not jax.config.jax_enable_x64:  # counted after the cast: 1e300 is Inf in float32
+            raise ValueError(
+                f"xs, ys or weights contain {int(bad)} value(s) that are NaN or Inf once cast to float32 "
+                "(float64 data without jax_enable_x64: finite values beyond 3.4e38 become Inf); clean or "
+                "rescale the input, or enable jax_enable_x64."
+            )
         raise ValueError(f"xs, ys or weights contain {int(bad)} NaN or Inf value(s); clean the input first.")
     if int(negative):
         raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")

@@ -20,6 +20,7 @@ A function traced inside :func:`traced_checks` must be wrapped in ``checkify.che
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 from jax.experimental import checkify
@@ -29,13 +30,36 @@ _STATE = threading.local()
 
 @contextlib.contextmanager
 def traced_checks():
-    """Within this block, nlis_jax's value checks on traced arrays emit ``checkify.check``."""
+    """Within this block, nlis_jax's value checks on traced arrays emit ``checkify.check``.
+
+    The state is read while nlis_jax's own ``jax.jit`` functions trace (a user's model with a traced
+    ``bounded_swish`` parameter, say), and is not part of their cache keys: entering and leaving the
+    block therefore clears those functions' caches (:func:`_clear_library_caches`), so that a program
+    traced with checks is never reused without them (``checkify`` refuses it) nor one traced without
+    them inside the block (the checks would be skipped silently). Turning the checks on or off costs a
+    retrace of the library's programs, not of the user's.
+    """
     previous = getattr(_STATE, "on", False)
+    if not previous:
+        _clear_library_caches()
     _STATE.on = True
     try:
         yield
     finally:
         _STATE.on = previous
+        if not previous:
+            _clear_library_caches()
+
+
+def _clear_library_caches() -> None:
+    """Clear the caches of every module-level ``jax.jit`` function of nlis_jax's loaded modules."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "nlis_jax" or name.startswith("nlis_jax.")):
+            continue
+        for obj in list(vars(module).values()):
+            clear = getattr(obj, "clear_cache", None)
+            if callable(clear) and callable(getattr(obj, "lower", None)):  # a jax.jit function
+                clear()
 
 
 def enabled() -> bool:

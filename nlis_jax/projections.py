@@ -216,7 +216,7 @@ def _as_bound(name: str, bound: Any) -> Any:
     if not leaves:
         raise ValueError(f"box: {name} is empty.")
     if jax.tree.structure(bound).num_nodes == 1 and np.ndim(bound) == 0 and is_concrete(bound):
-        bound = float(bound)
+        bound = check_real(name, bound)  # an int beyond float64 (-10**400) is infinite, as a float would be
         leaves = [bound]
     for leaf in leaves:
         if is_concrete(leaf) and np.any(np.isnan(np.asarray(leaf))):

@@ -440,3 +440,28 @@ def test_linear_scores_refuse_complex_ys_and_leverage_tuples_name_probs():
         nj.mix_with_uniform(info, 0.1)
     idx, _ = nj.sample(jax.random.key(0), info.probs, 4)
     assert idx.shape == (4,)
+
+
+def test_integers_beyond_float64_are_infinite_for_the_range_checks():
+    """``float(10**400)`` raised a bare OverflowError naming no argument."""
+    with pytest.raises(ValueError, match="c2"):
+        nj.bounded_swish(jnp.ones(3), c2=10**400)
+    with pytest.raises(ValueError, match="zeta"):
+        nj.bounded_swish(jnp.ones(3), zeta=10**400)
+    with pytest.raises(ValueError, match="radius must be finite"):
+        nj.l2_ball(10**400)
+    proj = nj.box(-(10**400), 1)  # an infinite lower bound, as -inf itself
+    out = proj({"w": jnp.array([-1e30, 2.0])})
+    np.testing.assert_array_equal(out["w"], [-1e30, 1.0])
+    with pytest.raises(TypeError, match="lower must be a real number"):
+        nj.box("0", 1)
+
+
+def test_float64_host_data_beyond_float32_without_x64_names_the_cast():
+    """Finite 1e300 in float64 host data, computed in float32 (x64 off), was "contains NaN or Inf"."""
+    ys = np.zeros(4)
+    ys[0] = 1e300
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax's truncation and numpy's overflow warnings of the cast
+        with pytest.raises(ValueError, match="once cast to float32 .* enable jax_enable_x64"):
+            nj.weighted_loss(lambda w, x: jnp.dot(x, w), jnp.ones(2, jnp.float32), np.ones((4, 2)), ys)

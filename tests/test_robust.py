@@ -428,6 +428,33 @@ def test_checkify_reports_value_errors_under_jit():
         jax.jit(_draw)(jax.random.key(0), F)
 
 
+def _swish_index(p, x):
+    return nj.bounded_swish(x @ p["w"], zeta=p["zeta"])  # zeta a traced parameter: checked in the trace
+
+
+@pytest.mark.parametrize("plain_first", [True, False])
+def test_traced_checks_never_reuse_a_trace_of_the_other_state(plain_first):
+    """The checks' state was read while the library's own jax.jit functions traced the model, but was
+    not in their cache keys: a plain call first cached a trace without the check (the checked call then
+    skipped it silently), a checked call first cached one with it (a plain call then failed:
+    'checkify.check which was not functionalized')."""
+    xs = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    good = {"w": np.ones(3, np.float32), "zeta": np.float32(1.0)}
+    bad = {"w": np.ones(3, np.float32), "zeta": np.float32(-1.0)}
+
+    def checked(p):
+        with nj.traced_checks():
+            return nj.dual_matrix(_swish_index, p, xs, num_nodes=4)
+
+    run_checked = checkify.checkify(checked, errors=checkify.user_checks)
+    if plain_first:
+        nj.dual_matrix(_swish_index, good, xs, num_nodes=4)
+    assert "finite zeta >= 0" in run_checked(bad)[0].get()
+    assert run_checked(good)[0].get() is None
+    F = nj.dual_matrix(_swish_index, good, xs, num_nodes=4)  # plain again: no check in its program
+    assert F.shape == (8, 5) and np.all(np.isfinite(F))
+
+
 def test_traced_sample_weights_use_the_normalised_vector():
     probs = jnp.array([0.8, 1.2])  # sums to 2: choice draws from [0.4, 0.6]
     idx, w = jax.jit(lambda k, p: nj.sample(k, p, 4))(jax.random.key(0), probs)
