@@ -180,6 +180,10 @@ def leverage_scores(
 
     Returns:
       ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F``; or a :class:`Leverage`.
+
+    Every magnitude of normal numbers is handled (columns are scaled by powers of two), but XLA on a CPU
+    flushes subnormal numbers (below ``finfo(dtype).smallest_normal``: ``1.2e-38`` in float32) to zero:
+    a column made of them counts as a zero column. Rescale such data before scoring.
     """
     routes.check_route(route)
     check_tolerances(rtol, ridge)
