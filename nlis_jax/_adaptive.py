@@ -197,7 +197,12 @@ def panel(g: Callable, params: PyTree, x: PyTree, a, h, directions: Array, *, en
     if endpoints:  # an undefined end sample: the estimate takes its neighbouring node's value instead
         for end, near in ((0, 1), (-1, -2)):
             projected = projected.at[end].set(jnp.where(undefined[end], projected[near], projected[end]))
-    return h * acc, panel_error(coef @ projected, h, exponent), jnp.max(_rms(projected, axis=-1))
+    # the Legendre coefficients of values near the dtype's largest (|∇f| ~ 1e37 in float32) overflow: taken
+    # of the values scaled by a power of two near their largest magnitude (exact), the estimate scaled back
+    _, e = jnp.frexp(_square_scale(projected))
+    scale = jnp.ldexp(jnp.ones((), projected.dtype), jnp.minimum(e, jnp.finfo(projected.dtype).maxexp - 1))
+    error = panel_error(coef @ (projected / scale), h, exponent) * scale
+    return h * acc, error, jnp.max(_rms(projected, axis=-1))
 
 
 class _Dfs(NamedTuple):

@@ -666,3 +666,19 @@ def test_closed_form_adjoints_that_are_not_finite_are_named():
         nj.homogeneous_adjoint(
             lambda p, x: x @ p, jnp.array([1.0, 1.0]), jnp.ones((1, 2)), degree=1.0, g=jnp.log
         )
+
+
+@pytest.mark.parametrize(("dtype", "exponent"), [(np.float32, 120), (np.float32, 125), (np.float64, 1020)])
+def test_adaptive_rule_on_gradients_near_the_largest_float(dtype, exponent):
+    """A linear model whose inputs reach 2^125 (float32): the adjoint is exact, but the error estimate's
+    Legendre coefficients overflowed, so every example ran to the panel budget and warned "worst
+    estimated relative error inf". (From 2^126 on the probes' projections of the gradient themselves
+    overflow: not covered.)"""
+    xs = np.random.default_rng(0).normal(size=(6, 3)).astype(dtype)
+    xs[:, 1] *= dtype(2.0**exponent) / np.abs(xs[:, 1]).max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(_linear, np.zeros(3, dtype), xs, return_info=True)
+    assert np.all(info.error == 0) or np.all(np.isfinite(info.error))
+    assert int(np.max(info.panels)) == 1  # the first panel is exact: no refinement
+    np.testing.assert_allclose(np.asarray(adj).reshape(xs.shape), xs, rtol=8 * np.finfo(dtype).eps)
