@@ -291,10 +291,22 @@ def int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """An argparse parser with the options every benchmark shares."""
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ``>= 1`` (``--reps 0`` is refused, not run as one repeat)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def base_parser(
+    description: str, *, reps: int = 7, reps_help: str = "timed repeats"
+) -> argparse.ArgumentParser:
+    """An argparse parser with the options every benchmark shares (``--reps``: default ``reps``)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--reps", type=int, default=7, help="timed repeats (median reported)")
+    parser.add_argument(
+        "--reps", type=positive_int, default=reps, help=f"{reps_help} (median reported; >= 1; default {reps})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of jax.random.key for the data")
     parser.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<name>.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no JSON echo")

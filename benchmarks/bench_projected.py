@@ -15,8 +15,15 @@ benchmarks/records/bench_projected_sweep_cpu.json and benchmarks/README.md.)
 
 Correctness first (float64, small): the projection with ``dim ≥ p + 1`` against the exact scores (target
 max relative error 1e-8; sparse, Gaussian and Khatri–Rao), the rank of a projection below the rank (must
-equal ``dim``), and the Khatri–Rao projection against ``dual_matrix @ Ω`` with ``Ω`` recovered explicitly
-from public functions (least squares on one data set, checked on another; its weight blocks rank one).
+equal ``dim``), the sparse embedding at ``dim < p + 1`` (colliding buckets; sparsity 1 and 2) against
+``dual_matrix @ Ω`` with ``Ω`` formed from the library's ``sparse_embedding`` (projection and scores), and
+the Khatri–Rao projection against ``dual_matrix @ Ω`` with ``Ω`` recovered explicitly from public
+functions (least squares on one data set, checked on another; its weight blocks rank one). A failed
+check stops the run before anything is timed (``ok: false``, exit status 1).
+
+``--cases`` takes names from ``sparse,gaussian,outer_product,khatri_rao,exact`` (anything else is a usage
+error); ``outer_product`` is the hand-written sketch of the 16-node rule, so with another ``--nodes`` it
+must be left out of ``--cases`` (a usage error otherwise, rather than a record silently without it).
 
     python benchmarks/bench_projected.py                                  # n = 10,000, widths 2,16,256
     python benchmarks/bench_projected.py --n 500 --widths 2,4 --reps 1
@@ -44,6 +51,7 @@ from _common import (
 )
 
 import nlis_jax as nj
+from nlis_jax._projected import sparse_embedding  # the library's own Ω of embedding="sparse"
 from nlis_jax.experiments import nets
 from nlis_jax.experiments.memory import PeakRss
 
@@ -56,6 +64,10 @@ jax.config.update("jax_enable_x64", True)  # the correctness check runs in float
 
 NAME = "bench_projected"
 EXACT_RTOL = 1e-8
+CASES = ("sparse", "gaussian", "outer_product", "khatri_rao", "exact")
+#: (dim, sparsity) of the sparse embedding checked against its explicit Ω below the rank: dim / sparsity
+#: buckets per block < p + 1 = 34 coordinates, so buckets collide (at dim ≥ p + 1 the hashing is injective).
+SPARSE_COLLIDING = ((20, 1), (20, 2))
 MODEL = nets.mlp(jnp.tanh)  # one object: a static argument of the library's jits
 
 
@@ -70,10 +82,20 @@ def parse_args(argv):
     parser.add_argument("--sparsity", default="1", help="sparsities of the sparse embedding to time")
     parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
     parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
-    parser.add_argument(
-        "--cases", default="sparse,gaussian,outer_product,khatri_rao,exact", help="cases to time"
-    )
-    return parser.parse_args(argv)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"cases to time, from {','.join(CASES)}")
+    args = parser.parse_args(argv)
+    wanted = [name for name in args.cases.split(",") if name]
+    unknown = [name for name in wanted if name not in CASES]
+    if unknown or not wanted:
+        bad = f"unknown {','.join(unknown)!r}" if unknown else "no case"
+        parser.error(f"--cases: {bad} in {args.cases!r}; choose from {','.join(CASES)}")
+    if "outer_product" in wanted and args.nodes != 16:  # an error, not a silently shorter record
+        others = ",".join(name for name in wanted if name != "outer_product") or "sparse"
+        parser.error(
+            f"--cases outer_product is the hand-written sketch of the 16-node rule; with --nodes "
+            f"{args.nodes} leave it out (e.g. --cases {others})"
+        )
+    return args
 
 
 @functools.partial(jax.jit, static_argnames=("n", "d", "h", "dtype"))
@@ -93,7 +115,9 @@ def num_params(d: int, h: int) -> int:
 def correctness(key) -> dict:
     """float64, small: ``dim ≥ p + 1`` is exact; below the rank the projection keeps ``dim`` directions."""
     k_data, k_emb = jax.random.split(key)
-    k_sparse, k_gaussian, k_kr, k_rank, k_outer, k_kr_check = jax.random.split(k_emb, 6)
+    # split(k_emb, 8)[:6] = split(k_emb, 6): the first six keys are those of the records before the
+    # colliding sparse checks were added
+    k_sparse, k_gaussian, k_kr, k_rank, k_outer, k_kr_check, *k_colliding = jax.random.split(k_emb, 8)
     params, xs, ys = make_problem(k_data, n=300, d=6, h=4, dtype=jnp.float64)  # p + 1 = 34
     ref = nj.leverage_scores(nj.dual_matrix(MODEL, params, xs, ys))
     checks = {}
@@ -111,7 +135,42 @@ def correctness(key) -> dict:
     held_out, rank_one = khatri_rao_check(k_kr_check, params, xs, ys)
     checks["khatri_rao_vs_explicit_max_rel"] = check(held_out, 1e-12)
     checks["khatri_rao_weight_blocks_rank_one"] = check(rank_one, 1e-10)
+    for k, (dim, sparsity) in zip(k_colliding, SPARSE_COLLIDING, strict=True):
+        checks |= sparse_colliding_check(k, params, xs, ys, dim=dim, sparsity=sparsity)
     return checks
+
+
+def sparse_colliding_check(key, params, xs, ys, *, dim: int, sparsity: int) -> dict:
+    """The sparse embedding where buckets collide (``dim / sparsity < p + 1``) against ``Ω`` formed
+    explicitly from the library's own :func:`~nlis_jax._projected.sparse_embedding` (float64).
+
+    At ``dim ≥ p + 1`` the hashing is injective, a signed permutation, so the full-dim check cannot see
+    a wrong sum of colliding coordinates. Two checks: the projection ``Y`` (``projected_dual_matrix``)
+    against ``F̃ Ω`` (max ``|Y − F̃Ω| / max |F̃Ω|`` ≤ 1e-12: the same float64 dual rows, each entry a sum
+    of ⌈(p+1)/b⌉ signed terms in another order, a few eps), and ``projected_leverage_scores`` against
+    the leverage of ``F̃ Ω`` by numpy's SVD (elementwise relative ≤ ``EXACT_RTOL``: a leverage error of
+    about ``κ(F̃Ω)·eps``, with ``κ(F̃Ω)`` recorded, far below it here). The entries also hold the
+    largest bucket load (≥ 2: buckets collide) and the rank of ``F̃Ω``.
+    """
+    kw = dict(dim=dim, embedding="sparse", sparsity=sparsity)
+    F = np.asarray(nj.dual_matrix(MODEL, params, xs, ys))
+    buckets, signs = sparse_embedding(key, F.shape[1], dim, sparsity, jnp.float64)
+    omega = sum(np.asarray(count_sketch_matrix(buckets[j], signs[j], dim)) for j in range(sparsity))
+    ref_Y = F @ omega
+    Y = np.asarray(nj.projected_dual_matrix(key, MODEL, params, xs, ys, **kw))
+    u, sv, _ = np.linalg.svd(ref_Y, full_matrices=False)
+    rank = int(np.sum(sv > sv[0] * ref_Y.shape[0] * np.finfo(np.float64).eps))
+    lev = np.sum(u[:, :rank] ** 2, axis=1)
+    probs = np.asarray(nj.projected_leverage_scores(key, MODEL, params, xs, ys, **kw))
+    load = int(np.max(np.bincount(np.asarray(buckets).ravel(), minlength=dim)))
+    about = {"max_bucket_load": load, "rank": rank, "condition_number": float(sv[0] / sv[rank - 1])}
+    ref_probs = lev / rank
+    name = f"sparse_s{sparsity}_dim{dim}"
+    return {
+        f"{name}_vs_explicit_max_rel": check(np.max(np.abs(Y - ref_Y)) / np.max(np.abs(ref_Y)), 1e-12),
+        f"{name}_scores_vs_explicit_max_rel": check(np.max(np.abs(probs - ref_probs) / ref_probs), EXACT_RTOL)
+        | about,
+    }
 
 
 def khatri_rao_check(key, params, xs, ys, dim: int = 12) -> tuple[float, float]:
@@ -260,7 +319,7 @@ def one_width(args, key, h: int, sparsities) -> dict:
     k_data, k_emb = jax.random.split(key)
     params, xs, ys = make_problem(k_data, n=args.n, d=args.d, h=h, dtype=jnp.float32)
     point = {"h": h, "p": p, "cases": {}}
-    wanted = args.cases.split(",")
+    wanted = args.cases.split(",")  # names checked by parse_args (outer_product only with 16 nodes)
     cases = [(f"sparse_s{s}", "sparse", s) for s in sparsities] if "sparse" in wanted else []
     if p <= args.gaussian_max_p and "gaussian" in wanted:
         cases.append(("gaussian", "gaussian", 1))
@@ -269,7 +328,7 @@ def one_width(args, key, h: int, sparsities) -> dict:
     for i, (name, embedding, s) in enumerate(cases):  # every embedding its own draw
         fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
         point["cases"][name] = measure(fn, jax.random.fold_in(k_emb, i), params, xs, ys, reps=args.reps)
-    if args.nodes == 16 and "outer_product" in wanted:
+    if "outer_product" in wanted:
         k_outer = jax.random.fold_in(k_emb, len(cases))
         cases.append(("outer_product", None, None))
         fn = functools.partial(outer_product_scores, dim=args.dim)
@@ -313,4 +372,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(0 if main(sys.argv[1:])["ok"] else 1)

@@ -3,10 +3,12 @@
 Main model: the benchmark MLP of bench_adjoint.py (``8-32-32-1`` tanh with biases, ``p = 1377``,
 ``n = 20,000``), where 16 nodes already suffice: the default must stay within 1.25x of the fixed rule.
 Correctness first: the adaptive adjoints agree with the fixed rule (max-norm relative, float64 1e-10,
-float32 1e-5) and satisfy the identity ``<f*, θ> + f(0) = f(θ)``. Timed: ``nj.adjoint(..., num_nodes=16)``
-compiled ahead (``jax.jit``), the adaptive default called eagerly as a user would (its first call holds
-the compilations; median of the steady state), and the adaptive default under a user's ``jax.jit`` (the
-traced, device-compacted scheme).
+float32 1e-5) and satisfy the identity ``<f*, θ> + f(0) = f(θ)``; when they do not, nothing is timed (the
+record has ``ok: false``, the failing checks and ``skipped``), and a hard case, random model or the
+roundoff case whose own check fails is recorded untimed (``median_s: null``). Timed:
+``nj.adjoint(..., num_nodes=16)`` compiled ahead (``jax.jit``), the adaptive default called eagerly as a
+user would (its first call holds the compilations; median of the steady state), and the adaptive default
+under a user's ``jax.jit`` (the traced, device-compacted scheme).
 
 Hard cases (float64, small ``n``), the issue's measurements of the fixed rule: ``sin(<θ, x>)`` with
 ``|<θ, x>|`` up to 60, a tanh MLP with inputs ×25, a 2-layer ReLU MLP with biases, random small models
@@ -42,6 +44,7 @@ from _common import (
     environment,
     interleaved,
     max_rel_error,
+    positive_int,
     report_failures,
     time_eager,
     write_record,
@@ -56,6 +59,7 @@ from nlis_jax.experiments import nets
 
 NAME = "bench_quadrature"
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+HARD_RTOL = 1e-10  # identity error of the default on the hard cases and random models (float64)
 HARD_MODELS = {
     "tanh_x25": nets.mlp(jnp.tanh),
     "relu_biases": nets.mlp(jax.nn.relu),
@@ -76,7 +80,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case (>= 1 rep)")
     parser.add_argument("--hard-n", type=int, default=200, help="examples per hard case")
-    parser.add_argument("--models", type=int, default=8, help="random small models per activation")
+    parser.add_argument(
+        "--models", type=positive_int, default=8, help="random small models per activation (>= 1)"
+    )
     parser.add_argument(
         "--activations", default=",".join(RANDOM_ACTIVATIONS), help="activations of the random small models"
     )
@@ -89,7 +95,16 @@ def parse_args(argv):
     parser.add_argument(
         "--probes", type=int, default=None, help="override the estimate's probes (experiment)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Names are checked here, before anything runs: a typo would otherwise select no model silently.
+    for option, empty_ok in (("activations", False), ("saturating", True)):
+        text = getattr(args, option)
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in RANDOM_ACTIVATIONS]
+        if unknown or not (names or empty_ok):
+            bad = f"unknown {','.join(unknown)!r}" if unknown else "no activation"
+            parser.error(f"--{option}: {bad} in {text!r}; choose from {','.join(RANDOM_ACTIVATIONS)}")
+    return args
 
 
 def eager_timing(call, *, reps: int, budget_s: float) -> dict:
@@ -165,10 +180,7 @@ def hard_cases(args, key) -> list[tuple[str, object, object, object]]:
 
 
 def random_models(args, key):
-    chosen = {name for name in args.activations.split(",") if name}
-    if not chosen or not chosen <= set(RANDOM_ACTIVATIONS):
-        known = ",".join(RANDOM_ACTIVATIONS)
-        raise SystemExit(f"--activations: choose from {known}, got {args.activations!r}")
+    chosen = {name for name in args.activations.split(",") if name}  # names checked by parse_args
     for j, (name, model) in enumerate(RANDOM_ACTIVATIONS.items()):
         if name not in chosen:
             continue
@@ -180,14 +192,15 @@ def random_models(args, key):
             yield f"{name}_{i}", model, params, scale * jax.random.normal(kx, (max(4, args.hard_n // 10), 4))
 
 
-def measure_case(args, model, params, xs, *, smooth: bool = True) -> dict:
+def measure_case(args, model, params, xs, *, smooth: bool = True, limit: float | None = None) -> dict:
+    """One case's identity errors, panels and reliability, then (correctness first) its time: not timed
+    (``median_s`` None) when the default's identity error exceeds ``limit`` (the case's check)."""
     fixed = nj.adjoint(model, params, xs, num_nodes=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", nj.QuadratureWarning)
         adj, info = nj.adjoint(model, params, xs, return_info=True)
-    timing = eager_timing(lambda: nj.adjoint(model, params, xs), reps=args.reps, budget_s=args.budget)
     panels = np.asarray(info.panels)
-    return {
+    out = {
         "fixed16_identity": identity_error(model, params, xs, fixed),
         "adaptive_identity": identity_error(model, params, xs, adj),
         "max_estimated_error": float(np.max(info.error)),
@@ -195,20 +208,27 @@ def measure_case(args, model, params, xs, *, smooth: bool = True) -> dict:
         "panels_max": int(panels.max()),
         "gradients_per_example": 16 + 18 * float(panels.mean() - 1),  # refined panels: 16 nodes + ends
         "warnings": len(caught),
-        "median_s": timing["median_s"],
+        "median_s": None,
         "reliability": estimate_reliability(model, params, xs, adj, info) if smooth else None,
     }
+    if limit is None or out["adaptive_identity"] <= limit:
+        timing = eager_timing(lambda: nj.adjoint(model, params, xs), reps=args.reps, budget_s=args.budget)
+        out["median_s"] = timing["median_s"]
+    return out
 
 
 def run_hard(args, root) -> dict:
     k_hard, k_random, k_saturating = (jax.random.fold_in(root, i) for i in (2, 4, 5))  # see main
     with jax.enable_x64(True):
         out = {
-            name: measure_case(args, m, p, x, smooth=name != "relu_biases")
+            name: measure_case(args, m, p, x, smooth=name != "relu_biases", limit=HARD_RTOL)
             for name, m, p, x in hard_cases(args, k_hard)
         }
-        rand = {name: measure_case(args, m, p, x) for name, m, p, x in random_models(args, k_random)}
-        saturating = {
+        rand = {
+            name: measure_case(args, m, p, x, limit=HARD_RTOL)
+            for name, m, p, x in random_models(args, k_random)
+        }
+        saturating = {  # measured, not checked (no identity limit): always timed
             name: measure_case(args, m, p, x) for name, m, p, x in saturating_cases(args, k_saturating)
         }
     summary = {
@@ -220,8 +240,8 @@ def run_hard(args, root) -> dict:
         "accepted_above_rtol": sum(r["reliability"]["accepted_above_rtol"] for r in rand.values()),
         "worst_over_rtol": max(r["reliability"]["worst_over_rtol"] for r in rand.values()),
     }
-    checks = {f"{k}_identity": check(v["adaptive_identity"], 1e-10) for k, v in out.items()}
-    checks["random_models_identity_worst"] = check(summary["adaptive_worst"], 1e-10)
+    checks = {f"{k}_identity": check(v["adaptive_identity"], HARD_RTOL) for k, v in out.items()}
+    checks["random_models_identity_worst"] = check(summary["adaptive_worst"], HARD_RTOL)
     return {"hard": out, "random_models": summary, "saturating": saturating, "checks": checks}
 
 
@@ -242,9 +262,6 @@ def run_roundoff(args, key) -> dict:
         warnings.simplefilter("always", nj.QuadratureWarning)
         adj, info = nj.adjoint(MLP, params, xs, return_info=True)
     panels = np.asarray(info.panels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", nj.QuadratureWarning)
-        timing = eager_timing(lambda: nj.adjoint(MLP, params, xs), reps=args.reps, budget_s=args.budget)
     out = {
         "n": args.roundoff_n,
         "true_error": true_error(adj),
@@ -253,11 +270,16 @@ def run_roundoff(args, key) -> dict:
         "roundoff_examples": int(np.sum(np.asarray(info.roundoff))),
         "unconverged": int(np.sum(~np.asarray(info.converged))),
         "warnings": [str(w.message) for w in caught],
-        "median_s": timing["median_s"],
+        "median_s": None,
     }
     for nodes in (16, 64):
         out[f"fixed{nodes}_true_error"] = true_error(nj.adjoint(MLP, params, xs, num_nodes=nodes))
     out["checks"] = {"roundoff_true_error_max": check(out["true_error"]["max"], 1e-5)}
+    if all_ok(out["checks"]):  # correctness first: a wrong result is not timed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", nj.QuadratureWarning)
+            timing = eager_timing(lambda: nj.adjoint(MLP, params, xs), reps=args.reps, budget_s=args.budget)
+        out["median_s"] = timing["median_s"]
     return out
 
 
@@ -299,9 +321,11 @@ def main(argv=None) -> dict:
         dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
         record = {"bench": NAME, "params": vars(args), "environment": environment()}
         record["mlp"] = benchmark_mlp(args, dtype, root)
-    if not args.skip_hard:
+    if not record["mlp"]["ok"]:  # correctness first: nothing more is timed after a failed check
+        record["skipped"] = "benchmark MLP check failed: hard, random, saturating and roundoff cases not run"
+    elif not args.skip_hard:
         record |= run_hard(args, root)
-    if args.roundoff_n:
+    if args.roundoff_n and record["mlp"]["ok"]:
         record["roundoff"] = roundoff = run_roundoff(args, jax.random.fold_in(root, 3))
         record["checks"] = {**record.get("checks", {}), **roundoff["checks"]}
     record["checks"] = {**record["mlp"]["checks"], **record.get("checks", {})}

@@ -6,7 +6,8 @@ targets, 2 × 2 pooled 14 × 14 standardised inputs and a ``196–8–1`` tanh M
 default). Squared loss, no constraint, Adam with a cosine schedule. θ* is the full-data fit (in the
 warm protocol followed by one warm full-data fit, see below); the scores
 are taken at θ*: exact leverage of ``F̃(θ*)`` (``dual_matrix`` + ``leverage_scores``), projected
-leverage (``projected_leverage_scores``, default embedding) at each ``--dims``, linear leverage of the
+leverage (``projected_leverage_scores``, ``embedding="sparse"``: the sparse sign embedding of the recorded
+study, not the ``"auto"`` default) at each ``--dims``, linear leverage of the
 inputs (``linear_leverage_scores``), and uniform. For each score and sample size, ``--repeats`` samples
 (with replacement, weights ``1/(s p_i)``) are fitted and ``L(θ_S)/L(θ*)`` is reported on the full data
 (median and quartiles), with the total-variation distance of each score from the exact one.
@@ -228,4 +229,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(0 if main(sys.argv[1:])["ok"] else 1)

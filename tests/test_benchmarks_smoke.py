@@ -7,6 +7,7 @@ The scripts are not a package; they are loaded from ``benchmarks/`` by path, wit
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -17,9 +18,11 @@ import nlis_jax as nj
 TORCH_MISSING = "torch not installed (benchmark-only extra: pip install -e .[bench])"
 
 
-def run_bench(name: str, args: list[str], tmp_path, monkeypatch) -> dict:
+def run_bench(name: str, args: list[str], tmp_path, monkeypatch, *, reps: int = 1) -> dict:
     out = tmp_path / f"{name}.json"
-    record = load_benchmark(name, monkeypatch).main([*args, "--reps", "1", "--quiet", "--out", str(out)])
+    record = load_benchmark(name, monkeypatch).main(
+        [*args, "--reps", str(reps), "--quiet", "--out", str(out)]
+    )
     assert out.exists()
     assert json.loads(out.read_text())["bench"] == name
     failed = {k: v for k, v in record["checks"].items() if not v["ok"]} if "checks" in record else {}
@@ -81,15 +84,62 @@ def test_bench_quadrature(tmp_path, monkeypatch):
     assert set(record["mlp"]["timings"]) == {"fixed16", "adaptive", "fixed16_same_batch", "adaptive_traced"}
     assert set(record["hard"]) == {"sin_index", "tanh_x25", "relu_biases"}
     assert record["random_models"]["count"] == 2
+    # every case passed its check, so every case was timed (a failing one is recorded with median_s None)
+    timed = [*record["hard"].values(), *record["saturating"].values(), record["roundoff"]]
+    assert all(case["median_s"] > 0 for case in timed) and "skipped" not in record
+
+
+def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypatch):
+    """Correctness first: a failed benchmark-MLP check writes a record with ok False and the failing
+    check, and runs none of the timed hard, random, saturating or roundoff cases (stubs: no compiling)."""
+    module = load_benchmark("bench_quadrature", monkeypatch)
+    failing = {"adaptive_vs_fixed16_max_rel": {"value": 1.0, "limit": 1e-10, "ok": False}}
+    monkeypatch.setattr(module, "benchmark_mlp", lambda *a: {"checks": failing, "ok": False})
+
+    def must_not_run(*args):
+        raise AssertionError("timed after a failed check")
+
+    monkeypatch.setattr(module, "run_hard", must_not_run)
+    monkeypatch.setattr(module, "run_roundoff", must_not_run)
+    out = tmp_path / "q.json"
+    record = module.main(["--reps", "1", "--quiet", "--out", str(out)])
+    assert record["ok"] is False and record["checks"] == failing and "skipped" in record
+    assert json.loads(out.read_text())["ok"] is False
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("bench_quadrature", ["--saturating", "tanh,tanhh"], "--saturating: unknown 'tanhh'"),
+        ("bench_quadrature", ["--activations", "sine"], "--activations: unknown 'sine'"),
+        ("bench_quadrature", ["--models", "0"], "--models: must be an integer >= 1, got 0"),
+        ("bench_quadrature", ["--reps", "0"], "--reps: must be an integer >= 1, got 0"),
+        ("bench_streaming", ["--reps", "-1"], "--reps: must be an integer >= 1, got -1"),
+    ],
+)
+def test_bad_options_are_usage_errors(name, argv, message, monkeypatch, capsys):
+    """Rejected when parsed, naming the bad value (not run as zero cases, one repeat or a late crash)."""
+    with pytest.raises(SystemExit) as exc:
+        load_benchmark(name, monkeypatch).parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bench_streaming(tmp_path, monkeypatch):
     args = ["--n", "3000", "--d", "4", "--hidden", "3", "--nodes", "4", "--chunk-size", "512"]
     args += ["--check-rows", "600", "--dir", str(tmp_path / "data")]
-    record = run_bench("bench_streaming", args, tmp_path, monkeypatch)
+    record = run_bench("bench_streaming", args, tmp_path, monkeypatch, reps=2)
     assert {r["model"] for r in record["results"]} == {"single-index", "mlp"}
     for r in record["results"]:
-        assert r["rows_per_s"] > 0 and r["floor"]["floor_s"] > 0 and r["peak_rss_anon_growth_mib"] >= 0
+        name = r["model"]
+        # the timed dtype (float32), chunk size and nodes were checked, on their route, before timing
+        for check in ("host_vs_dense_max_rel", "float32_vs_dense_max_rel", "float32_vs_dense_min_ratio"):
+            entry = record["checks"][f"{name}_n3000_{check}"]
+            assert entry["ok"] and entry["route"] in nj.routes.ROUTES
+        assert r["route"] in nj.routes.ROUTES and r["checked_route"] in nj.routes.ROUTES
+        assert r["rank"] == r["p"] + 1  # full column rank: the dual matrix of random data
+        assert r["reps"] == 2 and len(r["seconds_runs"]) == 2 and r["seconds"] >= r["seconds_min"] > 0
+        assert all(math.isfinite(v) and v > 0 for v in (r["rows_per_s"], r["ratio_to_floor"]))
+        assert r["floor"]["floor_s"] > 0 and r["first_call_small_s"] > 0
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
