@@ -30,6 +30,7 @@ from _common import (
     gram_floor,
     interleaved,
     max_rel_error,
+    positive_int,
     progress,
     report_failures,
     run_and_write,
@@ -57,7 +58,9 @@ def parse_args(argv):
     parser.add_argument("--n", type=int, default=200_000, help="examples")
     parser.add_argument("--d", type=int, default=64, help="features (the dual matrix has d + 1 columns)")
     parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes of the quadrature dual")
-    parser.add_argument("--svd-reps", type=int, default=3, help="timed repeats of the (slow) numpy SVD")
+    parser.add_argument(
+        "--svd-reps", type=positive_int, default=3, help="timed repeats of the (slow) numpy SVD"
+    )
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="of the data")
     return parser.parse_args(argv)
 

@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import base_parser, environment, write_record
+from _common import base_parser, environment, positive_int, write_record
 
 import nlis_jax as nj
 from nlis_jax import experiments as ex
@@ -54,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
     parser.add_argument("--dims", default="64,256,1024", help="embedding widths")
     parser.add_argument("--sizes", default="2754,5508", help="sample sizes")
-    parser.add_argument("--repeats", type=int, default=10, help="samples per score and size")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="samples per score and size")
     parser.add_argument("--protocol", choices=("warm", "cold"), default="warm")
     parser.add_argument("--full-steps", type=int, default=1500, help="Adam steps of the full fit (θ*)")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps of every sample fit")
