@@ -189,7 +189,9 @@ def dual_operator(
     and :math:`F^*(\theta)^\top u = \sum_k w_k\,\mathrm{vjp}(F, t_k\theta)(u)`.
 
     Args:
-      apply_fn, params, xs, ys, num_nodes: as in :func:`dual_matrix`.
+      apply_fn, params, xs, ys: as in :func:`dual_matrix`.
+      num_nodes: Gauss-Legendre nodes of the fixed rule (a Python int; the operator has no adaptive
+        rule: ``dual_matrix``'s default ``None`` is refused).
 
     Returns:
       A :class:`DualOperator`; ``mv``/``rmv`` are jitted once per ``apply_fn`` and shapes (also across

@@ -217,7 +217,15 @@ def leverage_scores(
 
 
 def norm_scores(F: Array) -> Array:
-    r"""Row-norm probabilities :math:`\|F_i\|^2 / \|F\|_F^2`; block Frobenius norms for ``(n, k, m)``."""
+    r"""Row-norm probabilities :math:`\|F_i\|^2 / \|F\|_F^2`; block Frobenius norms for ``(n, k, m)``.
+
+    Args:
+      F: ``(n, m)`` matrix (a dual matrix ``(n, p+1)``), or ``(n, k, m)`` blocks (one per example).
+
+    Returns:
+      ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F`` (half precision computed in
+      float32). An all-zero ``F`` raises ``ValueError``.
+    """
     rows, lead = routes.as_rows(F)
     sq = _row_norms(rows, lead)
     total = jnp.sum(sq)
@@ -266,12 +274,29 @@ def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> 
 
 
 def linear_leverage_scores(xs, ys=None, *, bias: bool = False, rtol: float | None = None) -> Array:
-    """Leverage scores of the data matrix itself, ``[X, 1?, −y?]``: the linear baseline."""
+    """Leverage scores of the data matrix itself, ``[X, 1?, −y?]``: the linear baseline.
+
+    Args:
+      xs: ``(n, d)`` inputs (higher-rank inputs are flattened per example).
+      ys: ``(n,)`` targets; when given, ``−y`` is appended as the last column.
+      bias: append a column of ones.
+      rtol: rank tolerance, as in :func:`leverage_scores`.
+
+    Returns:
+      ``(n,)`` probabilities :math:`h_i/\mathrm{rank}` of ``[X, 1?, −y?]``, dtype of ``xs``.
+    """
     return leverage_scores(linear_design(xs, ys, bias=bias), rtol=rtol)
 
 
 def linear_norm_scores(xs, ys=None, *, bias: bool = False) -> Array:
-    """Row-norm scores of the data matrix ``[X, 1?, −y?]``: the linear baseline."""
+    """Row-norm scores of the data matrix ``[X, 1?, −y?]``: the linear baseline.
+
+    Args:
+      xs, ys, bias: as in :func:`linear_leverage_scores`.
+
+    Returns:
+      ``(n,)`` probabilities :math:`\|[X, 1?, −y?]_i\|^2 / \|[X, 1?, −y?]\|_F^2`.
+    """
     return norm_scores(linear_design(xs, ys, bias=bias))
 
 
@@ -296,6 +321,9 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
     Args:
       probs: ``(n,)`` probabilities.
       alpha: mixing weight in ``[0, 1]``.
+
+    Returns:
+      ``(n,)`` probabilities in the dtype of ``probs``, each at least ``α/n``.
     """
     probs = as_probs_vector(probs)  # a list or tuple of floats, as sample accepts them
     check_probs(probs)
