@@ -274,7 +274,7 @@ def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> 
 
 
 def linear_leverage_scores(xs, ys=None, *, bias: bool = False, rtol: float | None = None) -> Array:
-    """Leverage scores of the data matrix itself, ``[X, 1?, −y?]``: the linear baseline.
+    r"""Leverage scores of the data matrix itself, ``[X, 1?, −y?]``: the linear baseline.
 
     Args:
       xs: ``(n, d)`` inputs (higher-rank inputs are flattened per example).
@@ -289,7 +289,7 @@ def linear_leverage_scores(xs, ys=None, *, bias: bool = False, rtol: float | Non
 
 
 def linear_norm_scores(xs, ys=None, *, bias: bool = False) -> Array:
-    """Row-norm scores of the data matrix ``[X, 1?, −y?]``: the linear baseline.
+    r"""Row-norm scores of the data matrix ``[X, 1?, −y?]``: the linear baseline.
 
     Args:
       xs, ys, bias: as in :func:`linear_leverage_scores`.
