@@ -119,7 +119,9 @@ def float64_gram_transform(A, rtol: float) -> HostTransform | None:
     # T = R⁻¹ scales like 1/‖column‖ and is applied in A's dtype: the squared column norms must lie where
     # an unscaled Gram matrix of that dtype is as good as a prescaled one (cast, they over- or underflow
     # out of that range)
-    if not np.all(zero | np.asarray(norms_in_range(jnp.asarray(sq, A.dtype), A.shape[0]))):
+    with np.errstate(over="ignore"):  # a norm past A's range becomes inf: out of range, as it should
+        narrow = jnp.asarray(sq.astype(A.dtype))
+    if not np.all(zero | np.asarray(norms_in_range(narrow, A.shape[0]))):
         return None
     G[np.diag_indices_from(G)] = np.where(zero, 1.0, sq)
     d32 = np.sqrt(np.diag(G)).astype(np.float32)

@@ -301,12 +301,14 @@ def _basis_blocks(F, rtol, basis) -> tuple[Array, int, int]:
     check_floating("basis", basis)
     check_finite("basis", basis)
     n, k = (shape[0], shape[1]) if len(shape) == 3 else (shape[0], 1)
-    if F is not None and len(shape) == 2 and jnp.ndim(F) == 3:
+    rows_f = None if F is None else (math.prod(jnp.shape(F)[:2]) if jnp.ndim(F) == 3 else jnp.shape(F)[0])
+    if rows_f is not None and math.prod(shape[:-1]) != rows_f:  # a basis of another matrix
+        raise ValueError(
+            f"basis of shape {shape} does not belong to F of shape {jnp.shape(F)}: {math.prod(shape[:-1])} "
+            f"basis rows for {rows_f} rows of F."
+        )
+    if F is not None and len(shape) == 2 and jnp.ndim(F) == 3:  # the basis of a block F: rows n·k
         n, k = jnp.shape(F)[:2]
-        if n * k != shape[0]:
-            raise ValueError(
-                f"basis has {shape[0]} rows but the block F of shape {jnp.shape(F)} has n·k = {n * k}."
-            )
     return basis, n, k
 
 

@@ -88,8 +88,22 @@ def test_block_distortion_refuses_row_indices(bad):
 def test_block_basis_must_match_block_f():
     F, idx, w = _sample_block()
     U, _, _ = nj.orthonormal_basis(F)
-    with pytest.raises(ValueError, match=r"basis has 29 rows but the block F of shape \(10, 3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"basis of shape \(29, 5\) does not belong to F of shape \(10, 3, 5\)"
+    ):
         nj.distortion(F, idx, w, basis=U[:-1])
+
+
+def test_basis_must_match_f():
+    """A basis of another matrix (5 rows for F's 6) was accepted: 0.977, and index 5 of F was refused as
+    "out of range (n = 5)"."""
+    rng = np.random.default_rng(0)
+    F = rng.standard_normal((6, 2))
+    B = np.linalg.qr(rng.standard_normal((5, 2)))[0]
+    with pytest.raises(ValueError, match=r"basis of shape \(5, 2\) does not belong to F of shape \(6, 2\)"):
+        nj.distortion(F, np.array([0, 4]), np.ones(2), basis=B)
+    U, _, _ = nj.orthonormal_basis(F)  # F's own basis: accepted
+    assert np.isfinite(float(nj.distortion(F, np.array([0, 5]), np.ones(2), basis=U)))
 
 
 def test_index_range_is_checked_under_checkify():
