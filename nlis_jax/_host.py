@@ -859,9 +859,11 @@ def host_losses(
     """
     source, chunk = loss_source(apply_fn, params, xs, ys, weights, chunk_size, check_labels)
     step = functools.partial(_loss_step, losses_fn, apply_fn, loss_fn, params)
-    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
-    if not callable(xs):  # the carry starts in the sum's dtype (no retrace after the first chunk)
-        dtypes += [a.dtype for a in jax.tree.leaves((xs, ys, weights)) if hasattr(a, "dtype")]
+    data_dtypes = (
+        [] if callable(xs) else [a.dtype for a in jax.tree.leaves((xs, ys, weights)) if hasattr(a, "dtype")]
+    )
+    # the carry starts in the sum's dtype (no retrace after the first chunk)
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)] + data_dtypes
     low = jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
     state = {"carry": (jnp.zeros((), low), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
 
@@ -882,8 +884,7 @@ def host_losses(
     total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     total = total.astype(state.get("dtype", total.dtype))
     if int(bad):
-        wide = [a for a in jax.tree.leaves((xs, ys, weights)) if getattr(a, "dtype", None) == np.float64]
-        if wide and not jax.config.jax_enable_x64:  # counted after the cast: 1e300 is Inf in float32
+        if np.float64 in data_dtypes and not jax.config.jax_enable_x64:  # counted after the cast to float32
             raise ValueError(
                 f"xs, ys or weights contain {int(bad)} value(s) that are NaN or Inf once cast to float32 "
                 "(float64 data without jax_enable_x64: finite values beyond 3.4e38 become Inf); clean or "

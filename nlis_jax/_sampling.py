@@ -301,7 +301,7 @@ def _basis_blocks(F, rtol, basis) -> tuple[Array, int, int]:
     check_floating("basis", basis)
     check_finite("basis", basis)
     n, k = (shape[0], shape[1]) if len(shape) == 3 else (shape[0], 1)
-    rows_f = None if F is None else (math.prod(jnp.shape(F)[:2]) if jnp.ndim(F) == 3 else jnp.shape(F)[0])
+    rows_f = None if F is None else math.prod(jnp.shape(F)[:-1])  # n, or n·k of a block F
     if rows_f is not None and math.prod(shape[:-1]) != rows_f:  # a basis of another matrix
         raise ValueError(
             f"basis of shape {shape} does not belong to F of shape {jnp.shape(F)}: {math.prod(shape[:-1])} "
