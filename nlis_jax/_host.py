@@ -47,7 +47,7 @@ from nlis_jax._adjoint import (
     nonfinite_adjoint,
 )
 from nlis_jax._checks import check_finite, check_floating
-from nlis_jax._passes import Chunks, chunk_rows, fold_blocks, leverage_passes, norm_rows
+from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import check_rank
 
@@ -543,7 +543,8 @@ def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, 
         return CheckedSource(xs, out_shape=lambda x: eval_example(apply_fn, params, x).shape), chunk_size
     ys = host_vector("ys", ys)
     n = check_host_arrays(apply_fn, params, xs, ys)
-    return array_source((xs, ys), n, min(chunk_size, n)), min(chunk_size, n)
+    chunk = balanced_chunk(n, chunk_size)
+    return array_source((xs, ys), n, chunk), chunk
 
 
 def first_pass(step, source, chunk, init, *, equal_blocks: bool = True):
@@ -802,7 +803,8 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     found = None if check_labels is None else label_range(ys, chunk_size)
     if found is not None:
         check_labels(example_spec(xs), ys.dtype, *found, "")
-    return array_source((xs, ys, weights), n, min(chunk_size, n)), min(chunk_size, n)
+    chunk = balanced_chunk(n, chunk_size)
+    return array_source((xs, ys, weights), n, chunk), chunk
 
 
 def example_spec(x):

@@ -50,6 +50,25 @@ def _padded(a, rows: int):
     return jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])]) if pad else a
 
 
+def balanced_chunk(n: int, chunk_size: int) -> int:
+    """Rows per chunk for ``n`` examples taken at most ``chunk_size`` at a time: ``n`` when it fits, else
+    the fewest chunks, ``m = ceil(n / chunk_size)``, of equal length ``ceil(n / m)`` rounded up to a
+    multiple of ``chunk_size / 8`` (never above ``chunk_size``).
+
+    Chunks of ``min(chunk_size, n)`` rows padded the last one: ``n = chunk_size + 1`` read and formed
+    ``2·chunk_size`` rows. Equal chunks pad at most ``m·chunk_size/8`` rows (a quarter of ``n`` at worst,
+    ``n = chunk_size + 1``; 1/16 of it at ``n`` = 8·chunk_size), and the rounding keeps the chunk
+    lengths of all ``n > chunk_size`` to the multiples of ``chunk_size / 8`` from ``5/8·chunk_size`` and
+    ``chunk_size`` itself: five compiled programs at most, where every length of its own would compile
+    once per ``n``.
+    """
+    if n <= chunk_size:
+        return n
+    m = -(-n // chunk_size)
+    step = max(chunk_size // 8, 1)
+    return min(chunk_size, -(-n // (m * step)) * step)
+
+
 def pad_chunks(tree, n: int, chunk: int):
     """Reshape every leaf ``(n, ...)`` to ``(m, chunk, ...)``, padding with copies of row 0."""
     m = -(-n // chunk)

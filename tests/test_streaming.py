@@ -52,9 +52,12 @@ def test_streaming_matches_materialised(problem, route):
 @pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
 def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
     """A fixed rule in reverse mode forms and uses a chunk's dual rows a block at a time
-    (_passes.fold_blocks). With blocks of at most 64 examples (the floor), chunks of 130 take three blocks
-    of 44 (the last padded by 2), and the 73-example last chunk leaves the third block empty: every route,
-    the norm scores and the NaN count of the inputs must be those of the dense matrix."""
+    (_passes.fold_blocks), with blocks of at most 64 examples (the floor). Device arrays (n = 203,
+    chunk_size = 130) take two balanced chunks of 112 (_passes.balanced_chunk), two blocks of 56 each, the
+    last chunk 91 valid rows. A host chunk source is cut into pieces of exactly 130 (its n is unknown
+    until read): three blocks of 44 (the last padded by 2), and the 73-example last piece leaves the
+    third block empty. Every route, the norm scores and the NaN count of the inputs must be those of the
+    dense matrix."""
     from nlis_jax import _adjoint, _passes
 
     model, params, xs, ys = problem
@@ -71,7 +74,12 @@ def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
     def apply_fn(params, x):  # a new function: no compiled program of another test is reused
         return model(params, x)
 
-    data = (np.asarray(xs), np.asarray(ys)) if host else (xs, ys)
+    x_np, y_np = np.asarray(xs), np.asarray(ys)
+
+    def pieces():  # a chunk source in pieces of uneven sizes: rechunked to 130 and 73
+        return iter([(x_np[:100], y_np[:100]), (x_np[100:], y_np[100:])])
+
+    data = (pieces, None) if host else (xs, ys)
     kw = dict(chunk_size=130, num_nodes=16, mode="reverse", return_info=True)
     F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=16)
     ref, r = _svd_leverage(F)
@@ -79,7 +87,7 @@ def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
         _, h, rank, taken = nj.streaming_leverage_scores(apply_fn, params, *data, route=route, **kw)
         assert int(rank) == r and nj.routes.ROUTES[int(taken)] == route
         np.testing.assert_allclose(h, ref, rtol=1e-10 if route == "gram" else 1e-12)
-    assert 44 in sizes  # the rows were formed in blocks
+    assert (44 if host else 56) in sizes  # the rows were formed in blocks
     norms = nj.streaming_norm_scores(apply_fn, params, *data, chunk_size=130, num_nodes=16, mode="reverse")
     np.testing.assert_allclose(norms, nj.norm_scores(F), rtol=1e-12)
     if host:  # one NaN in the third block of the first chunk is counted once, not once per block
@@ -184,3 +192,28 @@ def test_each_pass_traces_the_dual_rows_once(monkeypatch, problem, dtype, call_s
     kw = dict(chunk_size=64, num_nodes=16, mode="auto", route=None)
     _streaming._streaming_jit.lower(apply_fn, params, xs, ys, jnp.asarray(1e-6, dtype), **kw)
     assert len(traced) == call_sites
+
+
+def test_balanced_chunks_bound_the_padding(problem):
+    """_passes.balanced_chunk: never more chunks than ceil(n / chunk_size), never longer than
+    chunk_size, padding below m·chunk_size/8 rows (it was up to chunk_size − 1: n = chunk_size + 1 formed
+    2·chunk_size rows), and at most five chunk lengths (compiled programs) over every n > chunk_size.
+    Host arrays are read in those chunks."""
+    from nlis_jax._host import leverage_source
+    from nlis_jax._passes import balanced_chunk
+
+    for size in (1, 2, 3, 8, 130, 4097):
+        lengths = set()
+        for n in range(1, 12 * size + 2):
+            chunk = balanced_chunk(n, size)
+            m = -(-n // chunk)
+            assert 1 <= chunk <= size and m == -(-n // size), (n, size, chunk)
+            assert m * chunk - n < m * max(size // 8, 1), (n, size, chunk)
+            if n > size:
+                lengths.add(chunk)
+        assert len(lengths) <= 5, (size, sorted(lengths))
+    assert balanced_chunk(4097, 4096) == 2560  # 5,120 rows formed, not 8,192
+
+    apply_fn, params, xs, ys = problem
+    source, chunk = leverage_source(apply_fn, params, np.asarray(xs), np.asarray(ys), 130)
+    assert chunk == 112 and [len(x) for x, _ in source()] == [112, 91]
