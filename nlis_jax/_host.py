@@ -30,6 +30,7 @@ summed across processes and the scores come back as one global array.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Iterator
 
 import jax
@@ -46,7 +47,7 @@ from nlis_jax._adjoint import (
     flatten_model,
     nonfinite_adjoint,
 )
-from nlis_jax._checks import check_finite, check_floating
+from nlis_jax._checks import check_finite, check_floating, check_not_complex
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import check_rank
@@ -78,13 +79,22 @@ def is_host_data(xs, traced=None) -> bool:
 
 def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check: bool = True) -> int:
     """Shape checks of host arrays (no values read); returns ``n``."""
+    check_native("xs", xs)
+    check_native("ys", ys)
+    check_native("weights", weights)
     first = jax.tree.leaves(xs)[0]
     n = first.shape[0] if first.ndim else 0
     if n == 0:
         raise ValueError(f"xs has no examples (leading axis of size 0), shape {first.shape}.")
     for leaf in jax.tree.leaves(xs):
         if leaf.ndim == 0 or leaf.shape[0] != n:
-            raise ValueError(f"every array of xs must have {n} examples first, got shape {leaf.shape}.")
+            hint = ""
+            if isinstance(xs, list | tuple) and all(isinstance(item, tuple) for item in xs):
+                hint = (
+                    " (xs is a list of pairs: a chunk source is a callable returning them, e.g. "
+                    "lambda: iter(chunks), with ys=None)"
+                )
+            raise ValueError(f"every array of xs must have {n} examples first, got shape {leaf.shape}{hint}.")
     if ys is not None and (np.ndim(ys) == 0 or np.shape(ys)[0] != n):
         raise ValueError(f"ys has shape {np.shape(ys)} but xs has {n} examples; they must agree.")
     if weights is not None and np.shape(weights) != (n,):
@@ -96,11 +106,25 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
                 f"ys has shape {np.shape(ys)} but the model gives outputs of shape {(n,) + out.shape} "
                 "(n examples × outputs); they must agree."
             )
+    check_not_complex("ys", ys)
     _check_in_memory("xs", xs)
     _check_in_memory("ys", ys)
     if ys is not None:  # read slice by slice (a memmap too), only when wider than the params' dtype
         check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)))
     return n
+
+
+def check_native(name: str, tree) -> None:
+    """``TypeError`` for an array in non-native byte order (a ``.npy`` file written on a machine of the
+    other endianness): JAX takes no such dtype, and its own error named neither the array nor the cause."""
+    for leaf in jax.tree.leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if isinstance(dtype, np.dtype) and not dtype.isnative:
+            raise TypeError(
+                f"{name} is stored in non-native byte order ({dtype.str}), which JAX cannot take: convert "
+                "the file once, e.g. np.save(path, a.astype(a.dtype.newbyteorder('='))), or yield chunks "
+                "converted with .astype(a.dtype.newbyteorder('='))."
+            )
 
 
 def _check_in_memory(name: str, tree) -> None:
@@ -152,6 +176,7 @@ class CheckedSource:
         self.spec = None  # (structure of x, per-example (shape, dtype) of x's leaves and of y) of chunk 0
         self.count = None  # examples of the first complete pass
         self.passes = 0
+        self.digests = []  # per piece of the first pass (:func:`rechunk`): a digest of sampled rows
 
     def __call__(self) -> Iterator:
         items = self.source()
@@ -173,6 +198,27 @@ class CheckedSource:
             self.count = count
         elif count != self.count:
             raise ValueError(self._different(f"{count} examples"))
+
+    def check_piece(self, index: int, piece, valid: int) -> None:
+        """Piece ``index`` of :func:`rechunk` against the first pass's: a digest of the bytes of 17 evenly
+        spaced valid rows (first and last included) of every array, O(17·row) per piece. A source that
+        yields its rows in another order on a later pass (shard files listed unsorted, a query without
+        ORDER BY) would put every score on another row without changing the Gram matrix."""
+        rows = np.unique(np.linspace(0, valid - 1, 17).astype(np.int64))
+        digest = hashlib.blake2b(digest_size=16)
+        for leaf in jax.tree.leaves(piece):
+            digest.update(np.ascontiguousarray(leaf[rows]).tobytes())
+        digest = digest.digest()
+        if self.passes == 1:
+            self.digests.append(digest)
+        elif index < len(self.digests) and digest != self.digests[index]:
+            start = index * jax.tree.leaves(piece)[0].shape[0]
+            raise ValueError(
+                f"the chunk source yielded other rows on pass {self.passes} than on the first pass (among "
+                f"examples {start}–{start + valid - 1}): it "
+                "must yield the same examples in the same order each time it is called (each pass calls it "
+                "again; sort a list of shard files, give a database query an ORDER BY)."
+            )
 
     def _different(self, what: str) -> str:
         return (
@@ -198,6 +244,7 @@ class CheckedSource:
                     f"chunk {index} of the chunk source: x_chunk and y_chunk must be numpy arrays (x_chunk "
                     f"may be a pytree of them) with examples first, got {got}."
                 )
+        check_native(f"chunk {index} of the chunk source", leaves)
         shapes = [leaf.shape for leaf in leaves]
         if any(shape[0] != shapes[0][0] for shape in shapes):
             raise ValueError(
@@ -239,7 +286,8 @@ class CheckedSource:
             )
 
     def _check_first(self, index: int, x, y) -> None:
-        """``y_chunk`` of the first chunk: present when needed, and of the model's output shape."""
+        """``y_chunk`` of the first chunk: present when needed, real, and of the model's output shape."""
+        check_not_complex(f"y_chunk of chunk {index} of the chunk source", y)
         if y is None:
             if self.need_y:
                 raise ValueError(
@@ -271,7 +319,16 @@ def rechunk(source: Source, chunk: int) -> Iterator:
     buffers once the next item is asked for, and the pieces are put on the device one piece ahead
     (:func:`staged`), where a CPU ``device_put`` may alias the numpy memory instead of copying it: so
     its whole pieces are copies too (one chunk each). Arrays and memmaps, which nobody refills, are sliced.
+    A user's chunk source must repeat its rows in order on every pass: each piece is checked against the
+    first pass's (:meth:`CheckedSource.check_piece`).
     """
+    for index, (piece, valid) in enumerate(_pieces(source, chunk)):
+        if isinstance(source, CheckedSource):
+            source.check_piece(index, piece, valid)
+        yield piece, valid
+
+
+def _pieces(source: Source, chunk: int) -> Iterator:
     take = np.array if isinstance(source, CheckedSource) else np.ascontiguousarray
     carried, count = None, 0  # rows of the piece being completed, copies
     for item in source():
@@ -630,16 +687,15 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     ``h`` is the raw block leverage (in the compute dtype, :func:`nlis_jax.routes.compute_dtype`): a jax
     array (global under ``jax.distributed``), or ``out`` filled with this process's block when given.
 
-    A chunk source must yield the same data on every pass. Each pass is checked to yield as many
-    examples as the first (:class:`CheckedSource`); other values on a later pass are caught by
+    A chunk source must yield the same data in the same order on every pass. Each pass is checked to
+    yield as many examples as the first, and each piece of ``chunk`` rows to carry the first pass's
+    digest of 17 evenly spaced rows (:meth:`CheckedSource.check_piece`: chunks or rows in another
+    order, changed values in those rows, on every route). Other values elsewhere are caught by
     :func:`check_leverage_sum` (``Σh`` against the rank) where the basis is orthonormal to working
     precision: route chosen automatically (``route=None``) and taken ``"gram"`` or ``"gram2"``, or
-    ``"stable"`` below float64 (refined by a CholeskyQR step). Not checked on the float64 ``"stable"``
-    route (ill-conditioned or rank-deficient input, whose basis is orthonormal only to ``eps·κ``, up to
-    ``0.1`` per column at the rank tolerance) nor for a forced route, and never for data that keeps
-    ``Σh`` (e.g. the same rows in another order). On ``"gram2"`` the refinement's Gram pass
-    orthonormalises the rows of its own pass again, so data that changed from the second pass on (``x``,
-    then ``2x`` on every later pass) keeps ``Σh = rank`` and is not caught (found in review, not fixed).
+    ``"stable"`` below float64 (refined by a CholeskyQR step); not on the float64 ``"stable"`` route
+    (ill-conditioned or rank-deficient input, whose basis is orthonormal only to ``eps·κ``, up to ``0.1``
+    per column at the rank tolerance) nor for a forced route.
     """
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
@@ -776,8 +832,30 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     weighted = losses if wc is None else wc.astype(losses.dtype) * losses
     bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
     neg = 0 if wc is None else jnp.count_nonzero(jnp.where(jnp.arange(wc.shape[0]) < valid, wc, 0) < 0)
-    total, count, negative = carry
-    return losses, (total + jnp.sum(weighted), count + bad, negative + neg)
+    total, count, negative, nonfinite = carry
+    return losses, (
+        total + jnp.sum(weighted),
+        count + bad,
+        negative + neg,
+        nonfinite + losses.size - jnp.count_nonzero(jnp.isfinite(losses)),
+    )
+
+
+def nonfinite_losses(bad: int, n: int, losses=None) -> str:
+    """The message for ``bad`` of ``n`` per-example losses that are NaN or Inf although the inputs are
+    finite (device and host paths of :func:`nlis_jax.weighted_loss` and :func:`nlis_jax.per_example_loss`);
+    with the ``(n,)`` ``losses`` on the host it names the first examples."""
+    if losses is None:
+        which = "; per_example_loss names them"
+    else:
+        first = np.flatnonzero(~np.isfinite(np.asarray(losses)))[:5].tolist()
+        which = f"; the first: {first}"
+    return (
+        f"{bad} of {n} examples give a NaN or Inf loss although xs, ys and params are finite: apply_fn or "
+        "the loss is undefined or overflows there (e.g. the log of a negative number, exp of a large one)"
+        + which
+        + "."
+    )
 
 
 def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels=None) -> tuple[Source, int]:
@@ -864,10 +942,13 @@ def host_losses(
     data_dtypes = (
         [] if callable(xs) else [a.dtype for a in jax.tree.leaves((xs, ys, weights)) if hasattr(a, "dtype")]
     )
-    # the carry starts in the sum's dtype (no retrace after the first chunk)
-    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)] + data_dtypes
+    # the carry starts in the sum's dtype (no retrace after the first chunk); data dtypes canonical first
+    # (float64 data without x64 counts as float32, without jax's truncation warning)
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
+    dtypes += [jax.dtypes.canonicalize_dtype(d) for d in data_dtypes]
     low = jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
-    state = {"carry": (jnp.zeros((), low), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))}
+    zero = jnp.zeros((), jnp.int32)
+    state = {"carry": (jnp.zeros((), low), zero, zero, zero)}
 
     def one(piece, valid):  # the running total in at least float32 (a float16 sum drifts over chunks)
         losses, state["carry"] = step(state["carry"], piece, valid)
@@ -883,7 +964,7 @@ def host_losses(
             rows += valid
         if not int(across_processes(jnp.asarray(rows), lambda a: a.sum(0))):
             raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
-    total, bad, negative = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
+    total, bad, negative, nonfinite = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     total = total.astype(state.get("dtype", total.dtype))
     if int(bad):
         if np.float64 in data_dtypes and not jax.config.jax_enable_x64:  # counted after the cast to float32
@@ -895,6 +976,11 @@ def host_losses(
         raise ValueError(f"xs, ys or weights contain {int(bad)} NaN or Inf value(s); clean the input first.")
     if int(negative):
         raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
+    if int(nonfinite):
+        n = int(
+            across_processes(jnp.asarray(rows if not per_example else values.shape[0]), lambda a: a.sum(0))
+        )
+        raise ValueError(nonfinite_losses(int(nonfinite), n, values if per_example else None))
     if not per_example:
         return total
     if out is not None:

@@ -119,10 +119,11 @@ def streaming_leverage_scores(
         callable returning an iterable of ``(x_chunk, y_chunk)`` pairs (then ``ys=None``); chunks are
         copied one at a time, overlapped with the device's work. Under ``jax.distributed`` each
         process passes its own block and gets a global array. A chunk source is called once per pass
-        and must yield the same chunks each time (it may refill one buffer for every chunk: a chunk's
-        rows are used or copied before the next is asked for): each chunk is checked as it arrives,
-        every pass must yield as many examples as the first, and with the route chosen automatically
-        the raw leverage must sum to the rank (``ValueError`` otherwise;
+        and must yield the same rows in the same order each time (it may refill one buffer for every
+        chunk: a chunk's rows are used or copied before the next is asked for): each chunk is checked as
+        it arrives, every pass must yield as many examples as the first, with a digest of sampled
+        rows of each piece of ``chunk_size`` rows equal to the first pass's, and with the route chosen
+        automatically the raw leverage must sum to the rank (``ValueError`` otherwise;
         :func:`nlis_jax._host.check_leverage_sum`).
       chunk_size: examples per memory chunk (static).
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to

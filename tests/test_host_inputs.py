@@ -87,6 +87,87 @@ def test_weighted_loss_of_an_empty_chunk_source_is_an_error():
     )
 
 
+def _log_model(params, x):  # NaN where x @ w < 0
+    return jnp.log(x @ params["w"])
+
+
+@pytest.mark.parametrize("where", ["device", "host", "source"])
+def test_losses_that_are_not_finite_are_errors(where):
+    """Finite inputs, a model that is NaN on some examples (the log of a negative number): weighted_loss
+    returned NaN and per_example_loss a vector with NaN, without a word (fit raised NonFiniteLossError).
+    Now a ValueError counting the examples (per_example_loss names the first); under a trace the value
+    is returned (nothing to check), and the finite examples alone give the reference sum."""
+    xs = np.array([[1.0], [-1.0], [2.0], [-3.0], [4.0]])
+    ys = np.zeros(5)
+    params = {"w": np.array([1.0])}
+    data = {
+        "device": (jnp.asarray(xs), jnp.asarray(ys)),
+        "host": (xs, ys),
+        "source": (_source([(xs[:2], ys[:2]), (xs[2:], ys[2:])]), None),
+    }[where]
+    with pytest.raises(
+        ValueError, match="2 of 5 examples give a NaN or Inf loss.*per_example_loss names them"
+    ):
+        nj.weighted_loss(_log_model, params, *data)
+    with pytest.raises(ValueError, match=r"2 of 5 examples give a NaN or Inf loss.*the first: \[1, 3\]"):
+        nj.per_example_loss(_log_model, params, *data)
+    keep = xs[:, 0] > 0
+    got = nj.weighted_loss(_log_model, params, xs[keep], ys[keep])
+    np.testing.assert_allclose(float(got), np.sum(np.log(xs[keep, 0]) ** 2), rtol=1e-12)
+    traced = jax.jit(lambda p: nj.weighted_loss(_log_model, p, jnp.asarray(xs), jnp.asarray(ys)))(params)
+    assert np.isnan(float(traced))
+
+
+@pytest.mark.parametrize("where", ["device", "host", "source"])
+def test_complex_ys_are_refused(where):
+    """Complex ys on the host path were cast to the params' real dtype (imaginary part dropped, scores
+    bit-identical to those of the real part; a DeprecationWarning at most); the device losses returned a
+    complex "loss". Now a TypeError on every path, before any work."""
+    params, xs, ys = _setup()
+    yc = ys + 1j
+    calls = []
+    data = {
+        "device": (jnp.asarray(xs), jnp.asarray(yc)),
+        "host": (xs, yc),
+        "source": (_source([(xs, yc)], calls), None),
+    }[where]
+    name = "y_chunk of chunk 0 of the chunk source" if where == "source" else "ys"
+    fns = [nj.weighted_loss, nj.per_example_loss]
+    if where != "device":  # the device scores already refused complex ys (check_floating)
+        fns += [nj.streaming_leverage_scores, nj.streaming_norm_scores]
+    for fn in fns:
+        with pytest.raises(TypeError, match=f"{name} must hold real numbers, got dtype complex128"):
+            fn(apply_fn, params, *data)
+
+
+def test_byte_swapped_host_arrays_are_named():
+    """Big-endian arrays (a .npy written on a big-endian machine) failed inside apply_fn's shape check
+    ("Check that xs has the examples on its leading axis"), or with jax's TypeError printing the whole
+    array for ys; now a TypeError naming the array and the byte order. Native order gives the reference."""
+    params, xs, ys = _setup()
+    swapped = ">f8" if np.little_endian else "<f8"
+    cases = [
+        ("xs", nj.streaming_leverage_scores, (xs.astype(swapped), ys)),
+        ("ys", nj.streaming_norm_scores, (xs, ys.astype(swapped))),
+        ("weights", nj.weighted_loss, (xs, ys, np.ones(N, swapped))),
+        ("chunk 0 of the chunk source", nj.streaming_leverage_scores, (_source([(xs.astype(swapped), ys)]),)),
+    ]
+    for name, fn, args in cases:
+        with pytest.raises(TypeError, match=f"{name} is stored in non-native byte order .{swapped}"):
+            fn(apply_fn, params, *args, **({} if fn is nj.weighted_loss else KW))
+    np.testing.assert_allclose(
+        nj.streaming_leverage_scores(apply_fn, params, xs, ys, **KW), _dense(params, xs, ys)[0]
+    )
+
+
+def test_a_list_of_chunks_is_told_to_be_a_callable():
+    """A list of (x, y) pairs passed as xs was read as a pytree of arrays: "every array of xs must have
+    5 examples first"; the message now says what a chunk source is."""
+    params, xs, ys = _setup()
+    with pytest.raises(ValueError, match=r"xs is a list of pairs: a chunk source is a callable"):
+        nj.streaming_leverage_scores(apply_fn, params, [(xs[:5], ys[:5]), (xs[5:], ys[5:])], **KW)
+
+
 def test_norm_scores_of_any_scale_into_a_float32_out():
     """float64 data into a float32 out: the squared norms are stored scaled by a power of two from the
     first chunk, so their scale does not matter (before: ×1e20 was refused, ×1e-24 gave 50 NaN silently,
@@ -145,12 +226,42 @@ def test_chunk_source_passes_must_agree():
         passes.append(1)
         return iter([(xs * len(passes), ys)])
 
-    with pytest.raises(ValueError, match="returned different data on different passes"):
+    with pytest.raises(ValueError, match="other rows on pass 2 than on the first pass"):
         nj.streaming_leverage_scores(apply_fn, params, rescaled, **KW)
     same = [(xs[:5], ys[:5]), (xs[5:6], ys[5:6]), (xs[6:], ys[6:])]  # consistent: no false alarm
     info = nj.streaming_leverage_scores(apply_fn, params, _source(same), return_info=True, **KW)
     np.testing.assert_allclose(info.probs, _dense(params, xs, ys)[0], rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(float(jnp.sum(info.leverage)), int(info.rank), rtol=1e-10)
+
+
+@pytest.mark.parametrize("route", [None, "gram", "gram2", "stable"])
+def test_chunk_source_rows_in_another_order_on_a_later_pass(route):
+    """The same rows in another order keep the Gram matrix, the counts and ``Σh = rank``: only a digest of
+    each piece's sampled rows (first and last valid included) against the first pass's catches them.
+    Before, the scores came back on the wrong rows with no error (0.96 off on a 5,003-row source)."""
+    params, xs, ys = _setup()
+    calls = []
+
+    def reordered(order):
+        def source():
+            calls.append(1)
+            rows = np.arange(N) if len(calls) == 1 else order
+            return iter([(xs[rows[:5]], ys[rows[:5]]), (xs[rows[5:]], ys[rows[5:]])])
+
+        return source
+
+    kw = dict(KW, route=route)
+    swapped = np.arange(N)
+    swapped[[4, 7]] = swapped[[7, 4]]  # the first and last rows of the second piece (rows 4–7)
+    for order, rows in ((np.arange(N)[::-1], "0–3"), (swapped, "4–7")):
+        calls.clear()
+        with pytest.raises(
+            ValueError, match=f"other rows on pass 2 than on the first pass .among examples {rows}"
+        ):
+            nj.streaming_leverage_scores(apply_fn, params, reordered(order), **kw)
+        calls.clear()  # one pass: the norm scores of the rows as they come are right
+        probs = nj.streaming_norm_scores(apply_fn, params, reordered(order), **KW)
+        np.testing.assert_allclose(probs, _dense(params, xs, ys)[1], rtol=1e-12)
 
 
 def test_consistent_float32_source_passes_the_sum_check():
