@@ -44,6 +44,14 @@ def check_floating(name: str, tree: PyTree) -> None:
             raise TypeError(f"{name} must hold floating-point arrays, got dtype {jnp.result_type(leaf)}.")
 
 
+def check_not_complex(name: str, tree: PyTree) -> None:
+    """``TypeError`` for a complex leaf (by dtype, no value read): the casts to the params' real dtype
+    would drop its imaginary part without a word."""
+    for leaf in jax.tree.leaves(tree):
+        if np.iscomplexobj(leaf):
+            raise TypeError(f"{name} must hold real numbers, got dtype {leaf.dtype}.")
+
+
 @jax.jit
 def _count_nonfinite(x):
     return jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x))

@@ -40,12 +40,13 @@ from nlis_jax._checks import (
     check_key,
     check_leading_axis,
     check_nonnegative,
+    check_not_complex,
     check_positive_int,
     check_same_length,
     is_concrete,
     value_range,
 )
-from nlis_jax._host import host_losses, is_host_data
+from nlis_jax._host import host_losses, is_host_data, nonfinite_losses
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Projection, check_projection, identity
 
@@ -222,6 +223,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     n = check_leading_axis("xs", xs)
     n_y = check_leading_axis("ys", ys)
     check_same_length("xs", n, "ys", n_y)
+    check_not_complex("ys", ys)
     check_finite("params", params)
     check_finite("xs", xs)
     check_finite("ys", ys)
@@ -330,8 +332,10 @@ def weighted_loss(
     Args:
         apply_fn: ``apply_fn(params, x)`` for ONE example: a scalar, or ``(k,)`` logits.
         params: pytree of floating-point arrays.
-        xs: inputs, shape ``(n, ...)``.
-        ys: targets, shape ``(n, ...)``: same per-example shape as the output for ``"squared"``,
+        xs: inputs, shape ``(n, ...)``: device arrays, or host data read ``chunk_size`` examples at a
+            time (numpy arrays, memmaps, or a chunk source: a callable returning an iterable of
+            ``(x_chunk, y_chunk)`` pairs, with ``ys=None`` and ``weights=None``).
+        ys: real targets, shape ``(n, ...)``: same per-example shape as the output for ``"squared"``,
             integer labels ``(n,)`` for ``"cross_entropy"``, labels in ``[0, 1]`` ``(n,)`` for
             ``"logistic"``.
         weights: non-negative ``(n,)`` weights, e.g. ``1/(s p_i)`` from ``sample``; ``None`` means
@@ -344,6 +348,11 @@ def weighted_loss(
 
     Returns:
         Scalar array: :math:`\sum_i w_i \ell_i(\theta)`.
+
+    Raises:
+        ValueError: NaN or Inf in the inputs, or (concrete inputs) losses that are NaN or Inf although
+            the inputs are finite, with the number of such examples; under a trace the value is returned.
+        TypeError: complex ``ys`` or weights.
     """
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
@@ -354,9 +363,13 @@ def weighted_loss(
     _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     weights = None if weights is None else jnp.asarray(weights)
-    return _weighted_sum_jit(
+    total = _weighted_sum_jit(
         _static(apply_fn), _static(loss_fn), params, xs, ys, weights, chunk_size=chunk_size
     )
+    if is_concrete(total) and not bool(jnp.isfinite(total)):  # finite inputs (checked): count the examples
+        losses = _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
+        _check_finite_losses(losses, f"the weighted loss is {float(total)}", name=False)
+    return total
 
 
 def per_example_loss(
@@ -380,6 +393,10 @@ def per_example_loss(
 
     Returns:
         ``(n,)`` array of losses in the dtype of the model's output.
+
+    Raises:
+        ValueError: as :func:`weighted_loss` (non-finite losses of concrete inputs name the first
+            examples).
     """
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
@@ -389,7 +406,18 @@ def per_example_loss(
     _check_data(params, xs, ys, None)
     _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-    return _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
+    losses = _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
+    if is_concrete(losses):
+        _check_finite_losses(losses, "per_example_loss")
+    return losses
+
+
+def _check_finite_losses(losses, what: str, *, name: bool = True) -> None:
+    """``ValueError`` when concrete ``(n,)`` losses of finite inputs (checked before) hold NaN or Inf;
+    ``name``: the message names the first such examples."""
+    bad = int(jnp.size(losses) - jnp.count_nonzero(jnp.isfinite(losses)))
+    if bad:
+        raise ValueError(f"{what}: " + nonfinite_losses(bad, int(jnp.size(losses)), losses if name else None))
 
 
 def _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, *, per_example: bool):
