@@ -38,10 +38,28 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
     Returns:
       ``(apply_fn, params)``: ``params`` is an ``nnx.State`` of the ``nnx.Param`` leaves (a pytree that
       ``ravel_pytree`` and optax accept); other state (e.g. batch statistics) is frozen in ``apply_fn``.
+
+    Raises:
+      ValueError: a submodule in training mode (``Dropout`` with ``deterministic=False``, ``BatchNorm``
+        with ``use_running_average=False``: a new module's default): it would draw random masks or
+        update its statistics on every call, so the model is not a function of ``params``; call
+        ``model.eval()`` first.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"from_nnx expects an nnx.Module, got {type(model).__name__}.")
     batched, squeeze = check_bool("batched", batched), check_bool("squeeze", squeeze)
+    training = [
+        ".".join(map(str, path)) or type(module).__name__
+        for path, module in nnx.iter_modules(model)
+        if getattr(module, "deterministic", None) is False
+        or getattr(module, "use_running_average", None) is False
+    ]
+    if training:
+        raise ValueError(
+            f"from_nnx: {', '.join(training)} in training mode (a Dropout draws random masks, a BatchNorm "
+            "updates its statistics on every call), so the model is not a function of its parameters; "
+            "call model.eval() first."
+        )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def apply_fn(params, x):

@@ -116,6 +116,35 @@ def test_adapters_reject_wrong_types():
         from_linen(LinenMLP(), {"batch_stats": {}})
 
 
+def test_from_nnx_refuses_modules_in_training_mode():
+    """A new nnx module is in training mode: from_nnx accepted it and every score failed with a
+    TraceContextError ("Cannot mutate RngCount from a different trace level") that the library's check
+    blamed on the shapes of xs. Now a ValueError naming the submodules; after model.eval() the adapter
+    gives the hand-written network (dropout off, batch norm of its running statistics)."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(D, H, param_dtype=jnp.float64, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.norm = nnx.BatchNorm(H, param_dtype=jnp.float64, rngs=rngs)
+            self.head = nnx.Linear(H, 1, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.norm(self.drop(jnp.tanh(self.hidden(x)))))
+
+    module = Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="from_nnx: drop, norm in training mode.*call model.eval"):
+        from_nnx(module)
+    module.eval()
+    apply_fn, params = from_nnx(module)
+    xs = np.asarray(normal(8, N, D))
+    scale = 1 / np.sqrt(1 + module.norm.epsilon)  # running mean 0, variance 1
+    hidden = np.tanh(xs @ np.asarray(module.hidden.kernel[...]) + np.asarray(module.hidden.bias[...]))
+    normed = hidden * scale * np.asarray(module.norm.scale[...]) + np.asarray(module.norm.bias[...])
+    ref = normed @ np.asarray(module.head.kernel[...])[:, 0] + np.asarray(module.head.bias[...])[0]
+    np.testing.assert_allclose(outputs(apply_fn, params, xs), ref, rtol=1e-12)
+
+
 def test_import_does_not_import_flax():
     code = (
         "import sys, nlis_jax; print(sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.')))"
