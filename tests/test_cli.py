@@ -45,8 +45,9 @@ def test_run_writes_results_and_plots(tmp_path, capsys):
         assert {"median", "q25", "q75"} <= set(records[0]["ratio"])
         assert records[0]["train_s"] > 0 and "score_s" in records[0]
     assert (out / "ratio.png").stat().st_size > 1000
-    printed = capsys.readouterr().out
-    assert "L(θ_S)/L(θ*)" in printed and "nonlinear_leverage" in printed
+    printed = capsys.readouterr()
+    assert "L(θ_S)/L(θ*)" in printed.out and "nonlinear_leverage" in printed.out
+    assert summary["full"]["rel_change"] < cli.FULL_FIT_RTOL and "warning" not in printed.err
 
 
 def test_run_options_reach_the_config(tmp_path):
@@ -284,3 +285,44 @@ def test_outliers_n_past_the_chosen_classes_is_a_usage_error(tmp_path, capsys):
         pytest.skip("Fashion-MNIST is not in the data folder (CI has it: ../shared/data)")
     assert cli.main(["outliers", "--n", "20000", "--out", str(tmp_path / "o")]) == 2
     assert "n = 20000 is more than the 12000 images" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# User-journey review: each failed before
+
+
+def test_an_unconverged_full_fit_is_a_warning(tmp_path, monkeypatch, capsys):
+    """A full-data fit far from convergence (results.json: full.rel_change 1.7) printed ratios below 1
+    with no word; now a warning on stderr, and the table still (exit 0)."""
+    from nlis_jax.experiments import runner
+
+    fit_full = runner.fit_full
+    monkeypatch.setattr(runner, "fit_full", lambda *a, **k: fit_full(*a, **k)._replace(rel_change=1.7))
+    args = TINY + ["--out", str(tmp_path / "res"), "--no-plots", "--timing-size", "none"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr()
+    assert "L(θ_S)/L(θ*)" in printed.out
+    assert (
+        "nlis-jax run: warning: the full-data fit has not converged (its loss changed by 1.7" in printed.err
+    )
+    assert "raise --full-steps or lower --lr" in printed.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--bogus"], "unrecognized arguments: --bogus"), (["--out", "FILE"], "exists and is not a folder")],
+)
+def test_run_usage_errors_show_the_run_usage(args, message, tmp_path, capsys):
+    """They printed the top-level usage with 'nlis-jax: error:'."""
+    (tmp_path / "file").touch()
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert (
+        err.startswith("usage: nlis-jax run ")
+        and last.startswith("nlis-jax run: error: ")
+        and message in last
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import nlis_jax as nj
 from nlis_jax import cli
@@ -70,11 +71,13 @@ def test_score_bad_params_hidden_and_out_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "w.npz", w=np.ones(4))
     np.savez(tmp_path / "theta5.npz", theta=np.ones(5))
     np.savez(tmp_path / "mlp.npz", w0=np.ones((3, 4)), w1=np.ones((1, 3)), b1=np.ones(1))
+    np.savez(tmp_path / "mlp5.npz", w0=np.ones((3, 5)), b0=np.ones(3), w1=np.ones((1, 3)), b1=np.ones(1))
     cases = [
         (["--params", str(tmp_path / "w.npz")], "needs theta; missing ['theta']"),
-        (["--params", str(tmp_path / "theta5.npz")], "apply_fn(params, x) failed on one example x = xs[0]"),
+        (["--params", str(tmp_path / "theta5.npz")], "theta has shape (5,), but --x has d = 4 columns"),
+        (["--model", "mlp", "--params", str(tmp_path / "mlp5.npz")], "apply_fn(params, x) failed on one"),
         (["--model", "mlp", "--params", str(tmp_path / "mlp.npz")], "missing ['b0']"),
-        (["--params", x], "cannot read --params"),
+        (["--params", x], "is one array, not an .npz archive"),
         (["--out", str(tmp_path / "no" / "such" / "s.npy")], "No such file or directory"),
     ]
     for extra, message in cases:
@@ -177,3 +180,69 @@ def test_score_review_fixes(tmp_path, capsys):
     assert cli.main(["score", "--x", str(tmp_path / "x32.npy"), "--out", out32]) == 0
     # the same --seed, the same model: the float64 file's scores match the float32 file's to float32 rounding
     np.testing.assert_allclose(np.load(out32), np.load(out), rtol=1e-4)
+
+
+def test_score_user_journey_fixes(tmp_path, capsys):
+    """Each was a traceback, a silent wrong answer or a misleading message: an empty --x/--y file (EOFError
+    traceback); --out naming --params (overwrote the parameters, exit 0); a scalar theta (broadcast, exit
+    0), a complex theta (its real part), an extra key 'w...' ('missing w2, b2'); --hidden of a single-index
+    model and --seed/--hidden beside --params (ignored); --out in a missing folder (named a temporary
+    file); a .npy as --params (a context-manager error)."""
+    _files(tmp_path, n=6, d=3)
+    x, out = str(tmp_path / "x.npy"), str(tmp_path / "s.npy")
+    (tmp_path / "empty.npy").touch()
+    np.savez(tmp_path / "p.npz", theta=np.ones(3))
+    np.savez(tmp_path / "scalar.npz", theta=np.array(1.0))
+    np.savez(tmp_path / "complex.npz", theta=np.ones(3) + 1j)
+    mlp = dict(w0=np.ones((2, 3)), b0=np.ones(2), w1=np.ones((1, 2)), b1=np.ones(1))
+    np.savez(tmp_path / "extra.npz", weights_note=np.array(1.0), **mlp)
+    np.savez(tmp_path / "mlp.npz", **mlp)
+    np.save(tmp_path / "p.npy", np.ones(3))
+    p = str(tmp_path / "p.npz")
+    nodir = tmp_path / "nodir"
+    cases = [
+        (
+            ["--x", str(tmp_path / "empty.npy")],
+            f"cannot read the data: --x {tmp_path / 'empty.npy'} is empty",
+        ),
+        (["--x", x, "--y", str(tmp_path / "empty.npy")], "cannot read the data: --y"),
+        (["--x", x, "--params", p, "--out", p], f"--out {p} is the file of --params"),
+        (["--x", x, "--params", str(tmp_path / "scalar.npz")], "theta has shape (), but --x has d = 3"),
+        (["--x", x, "--params", str(tmp_path / "complex.npz")], "theta has dtype complex128"),
+        (
+            ["--x", x, "--model", "mlp", "--params", str(tmp_path / "extra.npz")],
+            "; unexpected ['weights_note'].",
+        ),
+        (["--x", x, "--hidden", "4"], "--hidden does not apply to --model single-index"),
+        (["--x", x, "--seed", "3", "--params", p], "--seed does not apply with --params"),
+        (
+            ["--x", x, "--model", "mlp", "--hidden", "4", "--params", str(tmp_path / "mlp.npz")],
+            "--hidden does not apply with --params",
+        ),
+        (["--x", x, "--out", str(nodir / "s.npy")], f"cannot write --out {nodir / 's.npy'} in {nodir}:"),
+        (["--x", x, "--params", str(tmp_path / "p.npy")], "not an .npz archive: save the parameters with"),
+    ]
+    for args, message in cases:
+        args = ["score", "--out", out, *args]
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("nlis-jax score: error: ") and message in err, (args, err)
+        assert ".nlis-score-" not in err and "missing" not in err, err
+    np.testing.assert_array_equal(np.load(p)["theta"], np.ones(3))  # not overwritten by scores
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_score_usage_errors_name_the_subcommand(tmp_path, capsys):
+    """``--hidden abc`` said 'invalid _positive_int value'; an unknown option printed the top-level usage
+    with 'nlis-jax: error:'."""
+    _files(tmp_path, n=6, d=3)
+    base = ["score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npy")]
+    for extra, message in [
+        (["--model", "mlp", "--hidden", "abc"], "argument --hidden: must be a positive integer, got 'abc'"),
+        (["--bogus"], "nlis-jax score: error: unrecognized arguments: --bogus"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            cli.main(base + extra)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("usage: nlis-jax score ") and "_positive_int" not in err, err

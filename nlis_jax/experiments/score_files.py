@@ -25,51 +25,91 @@ from nlis_jax.experiments.checks import positive_int_arg, seed_arg
 EXIT_USAGE = 2
 MODELS = ("single-index", "mlp")
 METHODS = ("leverage", "norm")
+#: ``--hidden`` and ``--seed`` without the option (``None`` there means "not given").
+HIDDEN = 32
+SEED = 0
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--x", required=True, help="inputs, an (n, d) .npy file (opened as a memmap)")
     parser.add_argument("--y", default=None, help="responses, an (n,) .npy file (optional)")
     parser.add_argument("--model", choices=MODELS, default="single-index")
-    parser.add_argument("--hidden", type=_positive_int, default=32, help="MLP hidden width (default 32)")
+    parser.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=None,
+        help=f"MLP hidden width (default {HIDDEN}; not with --params)",
+    )
     parser.add_argument("--params", default=None, help=".npz of the model's parameters (default: --seed)")
     parser.add_argument("--method", choices=METHODS, default="leverage")
     parser.add_argument(
         "--chunk-size", type=positive_int_arg, default=4096, help="rows per chunk (default 4096)"
     )
-    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the drawn parameters (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=seed_arg,
+        default=None,
+        help=f"seed of the drawn parameters (default {SEED}; not with --params)",
+    )
     parser.add_argument("--out", required=True, help="the (n,) scores, written as a .npy memmap")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
-def _stored_params(path: str | None, model: str) -> dict | None:
+def _stored_params(path: str | None, model: str, d: int) -> dict | None:
     """The arrays of ``--params`` (``None`` without it); ``ValueError`` naming the file and the keys it
-    must hold when it cannot be read or lacks them."""
+    must hold when it cannot be read, lacks them, holds others, holds non-real arrays, or (single-index)
+    a ``theta`` other than a vector of ``d`` numbers."""
     if path is None:
         return None
     need = "theta" if model == "single-index" else "w0, b0, w1, b1, ..."
     try:
-        with np.load(path) as stored:
+        stored = np.load(path)
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+        raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {exc}") from exc
+    if not isinstance(stored, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"--params {path} is one array, not an .npz archive: save the parameters with "
+            f"np.savez(path, ...) under the keys {need}."
+        )
+    try:
+        with stored:
             arrays = dict(stored)
-    except (OSError, ValueError, AttributeError, TypeError) as exc:  # AttributeError: a .npy, not a .npz
+    except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {exc}") from exc
     keys = ["theta"] if model == "single-index" else [f"{k}{i}" for i in range(_layers(arrays)) for k in "wb"]
     missing = [k for k in keys if k not in arrays] if keys else ["w0", "b0"]
-    if missing:
+    unexpected = sorted(set(arrays) - set(keys))
+    if missing or unexpected:
+        problems = [f"missing {missing}"] if missing else []
+        problems += [f"unexpected {unexpected}"] if unexpected else []
         raise ValueError(
-            f"--params {path} holds {sorted(arrays)} but the {model} model needs {need}; missing {missing}."
+            f"--params {path} holds {sorted(arrays)} but the {model} model needs {need}; "
+            f"{', '.join(problems)}."
+        )
+    for key in keys:
+        kind = arrays[key].dtype
+        if not (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)):
+            raise ValueError(f"--params {path}: {key} has dtype {kind}; the parameters must be real numbers.")
+    if model == "single-index" and arrays["theta"].shape != (d,):
+        raise ValueError(
+            f"--params {path}: theta has shape {arrays['theta'].shape}, but --x has d = {d} columns: "
+            f"theta must have shape ({d},)."
         )
     return arrays
 
 
 def _layers(arrays: dict) -> int:
-    return len([k for k in arrays if k.startswith("w")])
+    """The number of layers of an MLP's arrays: the keys ``w0``, ``w1``, ... (``w`` and digits)."""
+    return len([k for k in arrays if k[:1] == "w" and k[1:].isdigit()])
 
 
 def model_and_params(args, d: int, dtype):
@@ -79,20 +119,21 @@ def model_and_params(args, d: int, dtype):
 
     from nlis_jax.experiments import nets
 
-    stored = _stored_params(args.params, args.model)
+    seed = SEED if args.seed is None else args.seed
+    stored = _stored_params(args.params, args.model, d)
     if args.model == "single-index":
         apply_fn = nets.single_index(jnp.tanh)
         if stored is not None:
             return apply_fn, jnp.asarray(stored["theta"], dtype)
         # drawn in float32 whatever the file's dtype: the same --seed, the same model
-        return apply_fn, (
-            jax.random.normal(jax.random.key(args.seed), (d,), jnp.float32) / np.sqrt(d)
-        ).astype(dtype)
+        theta = jax.random.normal(jax.random.key(seed), (d,), jnp.float32) / np.sqrt(d)
+        return apply_fn, theta.astype(dtype)
     apply_fn = nets.mlp(jnp.tanh)
     if stored is not None:
         params = [{"w": stored[f"w{i}"], "b": stored[f"b{i}"]} for i in range(_layers(stored))]
         return apply_fn, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    params = nets.mlp_init(jax.random.key(args.seed), (d, args.hidden, 1), dtype=jnp.float32)
+    hidden = HIDDEN if args.hidden is None else args.hidden
+    params = nets.mlp_init(jax.random.key(seed), (d, hidden, 1), dtype=jnp.float32)
     params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # non-zero biases
     return apply_fn, jax.tree.map(lambda a: a.astype(dtype), params)  # float32 draws: --seed's model
 
@@ -101,6 +142,10 @@ def run_score(args: argparse.Namespace) -> int:
     """Score the files; prints a one-line JSON summary. Exit 2 on a bad file."""
     import nlis_jax as nj
 
+    unused = _unused_option(args)
+    if unused:
+        print(f"nlis-jax score: error: {unused}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         xs = _load_array("--x", args.x)
         ys = None if args.y is None else _load_array("--y", args.y)
@@ -114,7 +159,8 @@ def run_score(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    inputs = [name for name, path in (("--x", args.x), ("--y", args.y)) if _same_file(path, args.out)]
+    given = (("--x", args.x), ("--y", args.y), ("--params", args.params))
+    inputs = [name for name, path in given if _same_file(path, args.out)]
     if inputs:
         print(f"nlis-jax score: error: --out {args.out} is the file of {inputs[0]}.", file=sys.stderr)
         return EXIT_USAGE
@@ -149,10 +195,25 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unused_option(args: argparse.Namespace) -> str | None:
+    """Why an option the user gave does not apply (``None`` when all do): ``--hidden`` of a single-index
+    model, ``--hidden`` and ``--seed`` beside ``--params`` (the file gives the widths and the values)."""
+    if args.hidden is not None and args.model != "mlp":
+        return f"--hidden does not apply to --model {args.model}."
+    for name in ("hidden", "seed"):
+        if getattr(args, name) is not None and args.params is not None:
+            return f"--{name} does not apply with --params (the file holds the parameters)."
+    return None
+
+
 def _load_array(option: str, path: str) -> np.ndarray:
     """The ``.npy`` array at ``path`` as a read-only memmap, in native byte order (``ValueError`` for an
-    ``.npz`` archive or a big-endian file, which the memmap would hand to the device byte-swapped)."""
-    data = np.load(path, mmap_mode="r")
+    empty file, an ``.npz`` archive or a big-endian file, which the memmap would hand to the device
+    byte-swapped)."""
+    try:
+        data = np.load(path, mmap_mode="r")
+    except EOFError:
+        raise ValueError(f"{option} {path} is empty: no .npy array in it.") from None
     if not isinstance(data, np.ndarray):
         data.close()
         raise ValueError(f"{option} {path} is an .npz archive, not one .npy array (save it with np.save).")
@@ -184,7 +245,10 @@ class _written_on_success:
 
     def __enter__(self) -> np.memmap:
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".nlis-score-", suffix=".npy")
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".nlis-score-", suffix=".npy")
+        except OSError as exc:  # its message names the temporary file, not the folder
+            raise OSError(f"cannot write --out {self.path} in {folder}: {exc.strerror or exc}.") from None
         os.close(fd)
         try:
             self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(self.n,))
