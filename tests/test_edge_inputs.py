@@ -229,6 +229,7 @@ def test_trainer_arguments_of_the_wrong_kind():
         ["run", "--dataset", "synthetic", "--tails", "inf"],
         ["run", "--dataset", "digits", "--classes", "3"],
         ["active", "--seed", str(2**32)],
+        ["active", "--radius", "abc"],  # was "invalid _radius_arg value" (eighteenth session)
         ["score", "--x", "x.npy", "--out", "s.npy", "--seed", str(2**64)],
         ["score", "--x", "x.npy", "--out", "s.npy", "--chunk-size", "0"],
     ],
@@ -243,7 +244,8 @@ def test_cli_usage_errors_before_any_work(argv, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     option = next(a for a in argv[::-1] if a.startswith("--"))
-    assert f"argument {option}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "invalid _" not in err  # no private function names
 
 
 def test_sample_size_of_a_tiny_delta_and_single_keys():

@@ -517,7 +517,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _radius_arg(text: str) -> float:
     if text.lower() in ("none", "inf"):
         return math.inf
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # "invalid _radius_arg value" named a private function
     if not value > 0:
         raise argparse.ArgumentTypeError(f"radius must be positive or 'none', got {text!r}")
     return value
