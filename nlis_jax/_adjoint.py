@@ -39,6 +39,7 @@ from nlis_jax._checks import (
     is_concrete,
     report_nonfinite,
 )
+from nlis_jax._fetch import check_auto_axes
 from nlis_jax._precision import highest_precision
 from nlis_jax._traced import check as traced_check
 from nlis_jax._types import ApplyFn, Array, PyTree
@@ -108,6 +109,8 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
     n = num_examples(xs)
+    for leaf in jax.tree.leaves(xs):  # before xs[0]: jax's own error there named no cause
+        check_auto_axes("xs", leaf)
     check_floating("params", params)
     theta = jax.eval_shape(_ravel, params)
     if theta.size == 0:

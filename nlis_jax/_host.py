@@ -128,7 +128,12 @@ def check_native(name: str, tree) -> None:
 
 
 def _check_in_memory(name: str, tree) -> None:
-    """NaN/Inf of arrays already in memory, before any work; memmaps are checked chunk by chunk instead."""
+    """NaN/Inf of arrays already in memory, before any work; memmaps are checked chunk by chunk instead.
+    Under ``jax.distributed`` every block is checked chunk by chunk too (the first pass's counts are
+    summed over processes, so all raise the same error): a process raising here alone left the others
+    waiting in the pass's collectives."""
+    if jax.process_count() > 1:
+        return
     leaves = jax.tree.leaves(tree)
     in_memory = [a for a in leaves if isinstance(a, np.ndarray) and not isinstance(a, np.memmap)]
     if in_memory:
@@ -1005,6 +1010,14 @@ def gather_rows(store, indices):
     Returns:
       The same pytree of ``(s, ...)`` numpy arrays.
     """
+    if isinstance(indices, jax.Array) and not indices.is_fully_addressable:
+        raise ValueError(
+            "indices is a global array of jax.distributed (the rows of every process's block), but store "
+            "holds this process's rows only: keep this process's indices, rows = "
+            "nlis_jax.distributed.process_rows(n), local = idx[(idx >= rows.start) & (idx < rows.stop)] - "
+            "rows.start, with idx = nlis_jax.distributed.gather(indices); or index a global array of the "
+            "data and gather that."
+        )
     idx = np.asarray(indices)
     if idx.size == 0 and not hasattr(indices, "dtype"):  # [] is float64 for numpy
         idx = idx.astype(np.intp)

@@ -67,6 +67,10 @@ def initialize(
         launcher), else auto-detection by JAX (SLURM, cloud TPU, ...).
       num_processes, process_id: default ``$NLIS_NUM_PROCESSES`` and ``$NLIS_PROCESS_ID``.
       cpu_collectives: ``jax_cpu_collectives_implementation`` for CPU devices (``"gloo"`` or ``"mpi"``).
+
+    With more than one process, an uncaught exception ends its process at once (``os._exit(1)`` after
+    the traceback): otherwise the process waited in ``jax.distributed``'s shutdown for the others while
+    they waited in a collective for it, a hang the launcher could not see.
     """
     env = os.environ
     if coordinator_address is None:
@@ -77,6 +81,22 @@ def initialize(
         process_id = int(env[ENV_PROCESS_ID])
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    if jax.process_count() > 1:
+        sys.excepthook = _exit_on_error(sys.excepthook)
+
+
+def _exit_on_error(hook):
+    """``sys.excepthook`` that prints the traceback with ``hook``, then ends the process (``os._exit(1)``)
+    without the shutdown of ``jax.distributed``, which waits for every process: the launcher (or the
+    peers' collectives) then sees this process gone."""
+
+    def excepthook(kind, value, tb):
+        hook(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    return excepthook
 
 
 def data_mesh() -> Mesh:
@@ -117,6 +137,17 @@ def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
     mesh = data_mesh() if mesh is None else mesh
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     local_devices = len(sharding.addressable_devices)
+    if jax.process_count() > 1:  # a collective: every process learns every count, and all raise alike
+        from nlis_jax._host import check_blocks, process_table
+
+        lengths = [np.shape(a)[0] if np.ndim(a) else 0 for a in jax.tree.leaves(local)]
+        counts = process_table([min(lengths, default=0), max(lengths, default=0)])
+        if np.any(counts[:, 0] != counts[:, 1]):
+            raise ValueError(
+                f"shard_rows: the arrays of a process hold different numbers of rows (least and most per "
+                f"process: {counts.tolist()}); every array needs the same rows."
+            )
+        check_blocks(counts[:, 0])
 
     def one(a):
         a = np.asarray(a)

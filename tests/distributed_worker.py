@@ -156,6 +156,7 @@ def _checks(glob, params) -> dict:
     xs_nan = distributed.shard_rows(bad_xs[rows])
     w_neg = distributed.shard_rows(np.where(np.arange(N) == N - 1, -1.0, 1.0)[rows])
     p_bad = distributed.shard_rows(np.full(N, 2.0 / N)[rows])
+    p_uniform = distributed.shard_rows(np.full(N, 1.0 / N)[rows])
     # uneven host blocks (process 0 drops 2 rows): named after the first pass, not a raw sharding error
     uneven = slice(rows.start, rows.stop - 2) if jax.process_index() == 0 else rows
     xs_u, ys_u = _data()["xs"][uneven], _data()["ys"][uneven]
@@ -165,6 +166,13 @@ def _checks(glob, params) -> dict:
         ),
         "uneven_leverage": _expect_error(
             lambda: nj.streaming_leverage_scores(MLP, params, xs_u, ys_u, chunk_size=8, num_nodes=16)
+        ),
+        "uneven_shard_rows": _expect_error(lambda: distributed.shard_rows(xs_u)),
+        "nan_host_block": _expect_error(
+            lambda: nj.streaming_leverage_scores(MLP, params, bad_xs[rows], _data()["ys"][rows], chunk_size=8)
+        ),
+        "gather_rows_global": _expect_error(
+            lambda: nj.gather_rows(_data()["xs"][rows], nj.sample(jax.random.key(1), p_uniform, 3)[0])
         ),
         "nan_xs": _expect_error(lambda: nj.dual_matrix(MLP, params, xs_nan, glob["ys"])),
         "negative_weights": _expect_error(

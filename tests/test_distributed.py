@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -96,9 +97,12 @@ def test_input_checks_fire_on_global_arrays(reports):
         assert checks["nan_xs"].startswith("ValueError: xs contains 1 NaN"), checks
         assert checks["negative_weights"].endswith("non-negative; 1 are negative."), checks
         assert checks["probs_sum"].startswith("ValueError: probs must sum to 1, got sum 2 "), checks
-        for name in ("uneven_norms", "uneven_leverage"):  # per-process counts of N/2 - 2 and N/2 rows
+        for name in ("uneven_norms", "uneven_leverage", "uneven_shard_rows"):  # N/2 - 2 and N/2 rows
             expected = f"got [{N // 2 - 2}, {N // 2}] examples per process"
             assert checks[name].startswith("ValueError: under jax.distributed") and expected in checks[name]
+        # a NaN in the last process's host block: every process raises (the others waited in the pass)
+        assert checks["nan_host_block"].startswith("ValueError: xs or ys contains 1 NaN"), checks
+        assert checks["gather_rows_global"].startswith("ValueError: indices is a global array"), checks
 
 
 def test_launcher_stops_all_when_one_fails(tmp_path):
@@ -113,6 +117,32 @@ def test_launcher_stops_all_when_one_fails(tmp_path):
     start = time.perf_counter()
     assert distributed.main(["--num-processes", "2", str(script)]) == 3
     assert time.perf_counter() - start < 30
+
+
+def test_a_process_that_fails_after_a_collective_ends_the_job(tmp_path):
+    """Process 1 raises after a collective: it waited in jax.distributed's shutdown for process 0, which
+    waited in the next collective for it, and the launcher saw neither exit (a hang until --timeout).
+    initialize() now ends a failing process at once, so the launcher stops the other."""
+    script = tmp_path / "fail_late.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from nlis_jax import distributed\n"
+        "distributed.initialize()\n"
+        "import jax\n"
+        "x = distributed.shard_rows(np.ones((4, 2)))\n"
+        "distributed.gather(x)\n"
+        "if jax.process_index() == 1:\n"
+        "    raise RuntimeError('process 1 fails')\n"
+        "distributed.gather(x)\n"
+    )
+    cmd = [sys.executable, "-m", "nlis_jax.distributed", "--num-processes", "2", "--cpu-devices", "2"]
+    cmd += ["--timeout", "300", str(script)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=330)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 1, f"exit {proc.returncode} after {seconds:.0f} s:\n{proc.stderr[-3000:]}"
+    assert "RuntimeError: process 1 fails" in proc.stderr
+    assert seconds < 200  # jax startup of two processes on a loaded machine; the hang ran to the timeout
 
 
 def test_launcher_timeout(tmp_path):
@@ -148,5 +178,9 @@ def test_explicit_mesh_axes_are_named_in_an_error():
         nj.leverage_scores(x)
     with pytest.raises(ValueError, match="xs is sharded over a mesh with Explicit axes"):
         nj.weighted_loss(lambda p, x: p @ x, np.ones(3), x, np.ones(x.shape[0]))
+    for fn in (nj.adjoint, nj.dual_matrix, nj.streaming_leverage_scores, nj.streaming_norm_scores):
+        # these failed in jax at their xs[0] probe (ShardingTypeError "Use .at[...].get(out_sharding=)")
+        with pytest.raises(ValueError, match="xs is sharded over a mesh with Explicit axes"):
+            fn(lambda p, x: jnp.tanh(p @ x), np.ones(3), x)
     auto = jax.device_put(np.eye(2 * len(devices), 3), NamedSharding(distributed.data_mesh(), P("data")))
     assert nj.leverage_scores(auto).shape == (x.shape[0],)
