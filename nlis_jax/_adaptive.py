@@ -627,8 +627,9 @@ def _warn(missed, n: int, *, rtol, check_tol, max_panels) -> None:
         parts.append(
             f"{noisy} stopped at the rounding noise of their integrand's own values (estimated relative "
             f"error up to {noise_err:.2e}, check residual up to {noise_res:.2e}): this is the accuracy the "
-            f"dtype allows here; compute in a wider dtype (float64, if the model is not already) for more, "
-            f"or pass rtol >= {noise_err:.1e}"
+            f"dtype allows here; compute in a wider dtype (float64, if the model is not already; float64 "
+            f"params with float32 state or constants inside apply_fn, e.g. Flax batch statistics, still "
+            f"compute in float32 there) for more, or pass rtol >= {noise_err:.1e}"
         )
     if short and short_err <= rtol:  # every estimate met rtol: the a-posteriori check failed them
         parts.append(
