@@ -352,10 +352,10 @@ class ActiveConfig:
     weighted: bool = True
 
     def __post_init__(self):
-        check_positive_int("seed_size", self.seed_size)
-        check_positive_int("batch", self.batch)
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds must be a non-negative int, got {self.rounds!r}.")
+        # stored as Python ints (numpy integers accepted alike: rounds refused np.int64 before)
+        object.__setattr__(self, "seed_size", check_positive_int("seed_size", self.seed_size))
+        object.__setattr__(self, "batch", check_positive_int("batch", self.batch))
+        object.__setattr__(self, "rounds", check_positive_int("rounds", self.rounds, allow_zero=True))
         check_choice("strategy", self.strategy, STRATEGIES)
         # stored as Python scalars: a numpy or 0-d array alpha compares and hashes as a float
         object.__setattr__(self, "alpha", _check_alpha(self.alpha))
@@ -481,6 +481,8 @@ def active_learning(
     for name, fn in (("oracle", oracle), ("fit_fn", fit_fn), ("scores_fn", scores_fn)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {fn!r}.")
+    if not hasattr(xs, "shape"):  # a pytree of arrays: the loop indexes xs[rows]
+        raise TypeError(f"xs must be one array of pool points (examples first), got {type(xs).__name__}.")
     n = int(jnp.shape(xs)[0]) if jnp.ndim(xs) else 0
     if n < config.capacity:
         need = config.capacity

@@ -574,6 +574,7 @@ def basis(
     :func:`wide_basis`). Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
     sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`).
     """
+    check_route(route)  # a static name: "tuple.index(x): x not in tuple" deep inside before
     if A.shape[0] < A.shape[1]:
         out, rank, taken = wide_basis(prescale_columns(A), rtol, row_norms)
         # fewer rows than columns is rank-deficient: a forced fast route is refused (rank -1), as streamed

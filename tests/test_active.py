@@ -251,6 +251,10 @@ def test_active_config_errors():
         nj.ActiveConfig(seed_size=2, batch=2, rounds=-1)
     with pytest.raises(TypeError, match="batch"):
         nj.ActiveConfig(seed_size=2, batch=1.5, rounds=1)
+    # numpy integers alike for every count (rounds refused np.int64), stored as Python ints
+    config = nj.ActiveConfig(seed_size=np.int64(2), batch=np.int32(2), rounds=np.int64(2))
+    assert (config.seed_size, config.batch, config.rounds) == (2, 2, 2)
+    assert all(type(v) is int for v in (config.seed_size, config.batch, config.rounds))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +350,16 @@ def test_loop_errors():
             jax.random.key(0), params0, xs, lambda i: ys[i], fit_fn=fit_fn, scores_fn=scores_fn, config=config
         )
     small = nj.ActiveConfig(seed_size=5, batch=5, rounds=1)
+    with pytest.raises(TypeError, match="xs must be one array of pool points .* got dict"):
+        nj.active_learning(  # was "the pool has n=0 points"
+            jax.random.key(0),
+            params0,
+            {"a": xs},
+            lambda i: ys[i],
+            fit_fn=fit_fn,
+            scores_fn=scores_fn,
+            config=small,
+        )
     with pytest.raises(ValueError, match="oracle returned shape"):
         nj.active_learning(
             jax.random.key(0), params0, xs, lambda i: ys[:2], fit_fn=fit_fn, scores_fn=scores_fn, config=small

@@ -119,3 +119,11 @@ def test_forced_fast_route_in_the_streaming_scores_raises():
     for data in (xs, jnp.asarray(xs)):
         with pytest.raises(ValueError, match='route="gram" was forced'):
             nj.streaming_leverage_scores(f, params, data, chunk_size=8, num_nodes=4, route="gram")
+
+
+def test_basis_names_an_unknown_route():
+    """routes.basis used directly with a route name it does not know failed with "tuple.index(x): x not in
+    tuple" deep inside; it is the ValueError of leverage_scores, naming the routes."""
+    A = jnp.asarray(np.random.default_rng(0).standard_normal((20, 3)))
+    with pytest.raises(ValueError, match="route"):
+        nj.routes.basis(A, jnp.asarray(1e-12), route="fast")

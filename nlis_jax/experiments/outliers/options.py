@@ -92,7 +92,7 @@ _OPTIONS = [
         dict(
             type=_optional_int,
             help="score from the projected [F*Ω | c] with this many columns (for large p; "
-            "default none: the dense dual matrix)",
+            "default none: the dense dual matrix; 0, none or full mean dense too)",
         ),
     ),
     (
