@@ -953,22 +953,22 @@ def host_losses(
     dtypes += [jax.dtypes.canonicalize_dtype(d) for d in data_dtypes]
     low = jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
     zero = jnp.zeros((), jnp.int32)
-    state = {"carry": (jnp.zeros((), low), zero, zero, zero)}
+    state = {"carry": (jnp.zeros((), low), zero, zero, zero), "rows": 0}
 
     def one(piece, valid):  # the running total in at least float32 (a float16 sum drifts over chunks)
         losses, state["carry"] = step(state["carry"], piece, valid)
         state["dtype"] = losses.dtype
+        state["rows"] += valid
         return losses
 
     if per_example:  # in the losses' own dtype, as on the device (the model output's, not the params')
         values = per_example_values(one, source, chunk, xs, out, None)
     else:
-        rows = 0
         for piece, valid in staged(source, chunk):
             one(piece, valid)
-            rows += valid
-        if not int(across_processes(jnp.asarray(rows), lambda a: a.sum(0))):
-            raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
+    n = int(across_processes(jnp.asarray(state["rows"]), lambda a: a.sum(0)))  # all processes' examples
+    if not n:
+        raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
     total, bad, negative, nonfinite = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     total = total.astype(state.get("dtype", total.dtype))
     if int(bad):
@@ -982,9 +982,6 @@ def host_losses(
     if int(negative):
         raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
     if int(nonfinite):
-        n = int(
-            across_processes(jnp.asarray(rows if not per_example else values.shape[0]), lambda a: a.sum(0))
-        )
         raise ValueError(nonfinite_losses(int(nonfinite), n, values if per_example else None))
     if not per_example:
         return total
