@@ -316,7 +316,8 @@ def _specs(spec) -> str:
 
 
 def rechunk(source: Source, chunk: int) -> Iterator:
-    """Pieces of ``chunk`` examples (the last padded with copies of its row 0) and their valid count.
+    """Pieces of ``chunk`` examples (the last padded with copies of its row 0) and their valid count; a
+    source of fewer than ``chunk`` examples in all is one piece of that many, unpadded.
 
     Whole pieces inside an item are slices of it (copied only where not contiguous); rows carried over
     to the next item, fewer than ``chunk``, are copied. So an item is never copied whole (a shard of any
@@ -335,7 +336,7 @@ def rechunk(source: Source, chunk: int) -> Iterator:
 
 def _pieces(source: Source, chunk: int) -> Iterator:
     take = np.array if isinstance(source, CheckedSource) else np.ascontiguousarray
-    carried, count = None, 0  # rows of the piece being completed, copies
+    carried, count, whole = None, 0, 0  # rows of the piece being completed, copies; whole pieces so far
     for item in source():
         size, start = jax.tree.leaves(item)[0].shape[0], 0
         if count:
@@ -345,14 +346,14 @@ def _pieces(source: Source, chunk: int) -> Iterator:
             if count < chunk:
                 continue
             yield carried, chunk
-            carried, count = None, 0
+            carried, count, whole = None, 0, whole + 1
         while size - start >= chunk:
             yield jax.tree.map(lambda a, k=start: take(a[k : k + chunk]), item), chunk
-            start += chunk
+            start, whole = start + chunk, whole + 1
         if start < size:
             carried, count = jax.tree.map(lambda a, k=start: np.array(a[k:]), item), size - start
-    if count:
-        yield jax.tree.map(lambda a: _pad(a, chunk), carried), count
+    if count:  # a source of fewer than ``chunk`` rows is one piece of its own length (as an array's)
+        yield jax.tree.map(lambda a: _pad(a, chunk if whole else count), carried), count
 
 
 def _pad(a, size: int):
@@ -648,10 +649,22 @@ def raise_if_bad(stats) -> None:
     """``ValueError`` for the counts ``(n, non-finite input values, examples with non-finite dual rows)``
     of a pass: the inputs first (their NaN makes the rows NaN too), then the rows of finite inputs."""
     n, inputs, rows = map(int, stats)
-    if inputs:
-        raise ValueError(f"xs or ys contains {inputs} NaN or Inf value(s); clean the input first.")
+    if inputs:  # counted on the device: float64 data without x64 are float32 there
+        raise ValueError(nonfinite_inputs("xs or ys contains", inputs, not jax.config.jax_enable_x64))
     if rows:
         raise ValueError("the dual matrix: " + nonfinite_adjoint(f"{rows} of {n}"))
+
+
+def nonfinite_inputs(names: str, bad: int, narrowed: bool) -> str:
+    """The message for ``bad`` NaN or Inf input values counted in the pass; ``narrowed``: counted in
+    float32 where the data may be float64 (no jax_enable_x64), so finite values past 3.4e38 count too."""
+    if narrowed:
+        return (
+            f"{names} {bad} value(s) that are NaN or Inf once cast to float32 (float64 data without "
+            "jax_enable_x64: finite values beyond 3.4e38 become Inf); clean or rescale the input, or enable "
+            "jax_enable_x64."
+        )
+    return f"{names} {bad} NaN or Inf value(s); clean the input first."
 
 
 def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -> tuple[Chunks, dict]:
@@ -971,14 +984,9 @@ def host_losses(
         raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
     total, bad, negative, nonfinite = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
     total = total.astype(state.get("dtype", total.dtype))
-    if int(bad):
-        if np.float64 in data_dtypes and not jax.config.jax_enable_x64:  # counted after the cast to float32
-            raise ValueError(
-                f"xs, ys or weights contain {int(bad)} value(s) that are NaN or Inf once cast to float32 "
-                "(float64 data without jax_enable_x64: finite values beyond 3.4e38 become Inf); clean or "
-                "rescale the input, or enable jax_enable_x64."
-            )
-        raise ValueError(f"xs, ys or weights contain {int(bad)} NaN or Inf value(s); clean the input first.")
+    if int(bad):  # counted after the cast: float64 data without x64 as float32
+        narrowed = (callable(xs) or np.float64 in data_dtypes) and not jax.config.jax_enable_x64
+        raise ValueError(nonfinite_inputs("xs, ys or weights contain", int(bad), narrowed))
     if int(negative):
         raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
     if int(nonfinite):
