@@ -111,11 +111,28 @@ def check_finite(name: str, tree: PyTree) -> None:
         host = host_values(leaf)
         if host is not None:
             bad = count_failing(host, np.isfinite)
+            _check_narrowing(name, host)
         else:
             with jax.ensure_compile_time_eval():
                 bad = int(_count_nonfinite(leaf))
         if bad:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
+
+
+def _check_narrowing(name: str, host: np.ndarray) -> None:
+    """Finite values of a host array that become Inf in jax's cast (float64 without jax_enable_x64: past
+    float32's 3.4e38), named here: later they read as NaN input or a non-finite gradient."""
+    narrow = jax.dtypes.canonicalize_dtype(host.dtype)
+    if narrow == host.dtype or not jnp.issubdtype(narrow, jnp.floating):
+        return
+    top = float(jnp.finfo(narrow).max)
+    over = count_failing(host, lambda a: ~(np.abs(a) > top) | ~np.isfinite(a))
+    if over:
+        raise ValueError(
+            f"{name} holds {over} finite value(s) beyond {narrow.name}'s range that become Inf once cast to "
+            f"{narrow.name} ({host.dtype.name} data without jax_enable_x64: |v| > {top:.3g}); rescale the "
+            "input, or enable jax_enable_x64."
+        )
 
 
 @jax.jit
@@ -314,3 +331,15 @@ def check_traced_probs(probs, name: str) -> None:
     traced.check(bad == 0, f"{name} contains NaN or Inf.")
     traced.check(neg == 0, f"{name} has negative entries.")
     traced.check(jnp.abs(total - 1.0) <= tol, f"{name} must sum to 1 (tolerance {tol:g}).")
+
+
+def check_tolerances(rtol, ridge) -> None:
+    """``rtol`` in ``(0, 1)`` (or ``None``) and ``ridge`` finite and ``≥ 0``: ``ValueError`` otherwise."""
+    if rtol is not None and not is_concrete(rtol):  # a checkify check inside nlis_jax.traced_checks()
+        traced.check(
+            (rtol > 0) & (rtol < 1), "rtol must lie in (0, 1) (relative to the largest singular value)."
+        )
+    elif rtol is not None and not 0.0 < check_real("rtol", rtol) < 1.0:
+        raise ValueError(f"rtol must lie in (0, 1) (relative to the largest singular value), got {rtol}.")
+    if is_concrete(ridge) and not 0.0 <= check_real("ridge", ridge) < float("inf"):
+        raise ValueError(f"ridge must be non-negative and finite, got {ridge}.")

@@ -28,6 +28,7 @@ from nlis_jax._checks import (
     check_positive_int,
     check_probs,
     check_real,
+    check_tolerances,
     is_concrete,
     probs_tolerance,
 )
@@ -87,18 +88,6 @@ def check_forced_route(route: str | None, rank) -> None:
         traced.check(rank >= 0, message)
     elif int(rank) < 0:
         raise ValueError(message)
-
-
-def check_tolerances(rtol, ridge) -> None:
-    """``rtol`` in ``(0, 1)`` (or ``None``) and ``ridge`` finite and ``≥ 0``: ``ValueError`` otherwise."""
-    if rtol is not None and not is_concrete(rtol):  # a checkify check inside nlis_jax.traced_checks()
-        traced.check(
-            (rtol > 0) & (rtol < 1), "rtol must lie in (0, 1) (relative to the largest singular value)."
-        )
-    elif rtol is not None and not 0.0 < check_real("rtol", rtol) < 1.0:
-        raise ValueError(f"rtol must lie in (0, 1) (relative to the largest singular value), got {rtol}.")
-    if is_concrete(ridge) and not 0.0 <= check_real("ridge", ridge) < float("inf"):
-        raise ValueError(f"ridge must be non-negative and finite, got {ridge}.")
 
 
 def input_dtype(F) -> jnp.dtype:

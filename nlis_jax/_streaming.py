@@ -34,7 +34,7 @@ from jax import lax
 
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
-from nlis_jax._checks import check_bool, check_positive_int, report_nonfinite
+from nlis_jax._checks import check_bool, check_positive_int, check_tolerances, report_nonfinite
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import (
     Chunks,
@@ -47,7 +47,7 @@ from nlis_jax._passes import (
     strided_valid,
 )
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import Leverage, as_leverage, check_tolerances
+from nlis_jax._scores import Leverage, as_leverage
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 

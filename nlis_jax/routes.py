@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nlis_jax._checks import check_choice, check_finite, check_floating, is_concrete
+from nlis_jax._checks import check_choice, check_finite, check_floating, check_tolerances, is_concrete
 from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_cpu
 from nlis_jax._precision import highest_precision
 from nlis_jax._precondition import (
@@ -118,14 +118,9 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
         raise ValueError(f"{name} must be non-empty, got shape {F.shape}.")
     check_floating(name, F)
     if not isinstance(given, jax.Array) and np.dtype(getattr(given, "dtype", F.dtype)) != F.dtype:
-        # a host array narrowed by the cast (float64 without jax_enable_x64): finite values beyond the
-        # narrower range became Inf; name that, not "F contains Inf" or "FᵀF overflows"
+        # a host array narrowed by the cast (float64 without jax_enable_x64): check_finite names finite
+        # values beyond the narrower range (Inf after the cast), not "F contains Inf" or "FᵀF overflows"
         check_finite(name, given)
-        check_finite(
-            f"{name} cast to {F.dtype.name} (finite values beyond its range: enable jax_enable_x64 or "
-            "rescale the columns)",
-            F,
-        )
         host = np.asarray(given)
         tiny = float(jnp.finfo(F.dtype).smallest_normal)
         lost = int(np.count_nonzero((host != 0) & (np.abs(host) < tiny)))
@@ -563,8 +558,6 @@ def ridge_transform(G: Array, ridge: Array) -> tuple[Array, Array]:
     return M, jnp.where(big, top / ridge, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("route", "row_norms"))
-@highest_precision
 def basis(
     A: Array, rtol: Array, route: str | None = None, row_norms: bool = False
 ) -> tuple[Array, Array, Array]:
@@ -572,9 +565,18 @@ def basis(
 
     ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
     :func:`wide_basis`). Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
-    sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`).
+    sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`). ``rtol`` must lie in
+    ``(0, 1)`` (a NaN or out-of-range tolerance gave rank 0 or every column silently): ``ValueError``
+    when concrete, a checkify check inside ``nlis_jax.traced_checks()`` when traced.
     """
     check_route(route)  # a static name: "tuple.index(x): x not in tuple" deep inside before
+    check_tolerances(rtol, 0.0)
+    return _basis(A, rtol, route, row_norms)
+
+
+@functools.partial(jax.jit, static_argnames=("route", "row_norms"))
+@highest_precision
+def _basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
     if A.shape[0] < A.shape[1]:
         out, rank, taken = wide_basis(prescale_columns(A), rtol, row_norms)
         # fewer rows than columns is rank-deficient: a forced fast route is refused (rank -1), as streamed
@@ -754,8 +756,10 @@ def row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None
     """``(h, rank, route)``: leverage of the rows of ``A`` summed per example (``lead`` the leading shape).
 
     One compiled program (:func:`basis` and the sum); concrete input that :func:`basis` would start from a
-    sketch runs in stages instead (:func:`staged_sketched_leverage`).
+    sketch runs in stages instead (:func:`staged_sketched_leverage`). ``rtol`` as in :func:`basis`.
     """
+    check_route(route)
+    check_tolerances(rtol, 0.0)
     if is_concrete(A) and takes_sketch(A, route):
         h, rank, taken = staged_sketched_leverage(A, rtol, route)
         return sum_per_example(h, lead), rank, taken

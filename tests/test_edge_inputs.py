@@ -459,6 +459,46 @@ def test_integers_beyond_float64_are_infinite_for_the_range_checks():
         nj.box("0", 1)
 
 
+@pytest.mark.parametrize(
+    "call",
+    ["streaming_device", "streaming_host", "streaming_norm", "projected", "dual_matrix", "fit", "memmap"],
+)
+def test_float64_ys_beyond_float32_without_x64_are_named_by_every_path(call, tmp_path):
+    """A finite 1e39 in float64 ``ys`` becomes Inf in the cast to float32 (x64 off): it was "the adjoint
+    is NaN or Inf" (device streaming, projected), "xs or ys contains NaN or Inf" (host streaming) or "the
+    offset column ... is NaN or Inf" (dual_matrix); the cast is named now, before any work."""
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((40, 3)), rng.standard_normal(40)
+    ys[3] = 1e39
+    np.save(tmp_path / "ys.npy", ys)
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    p = np.ones(3, np.float32)
+    calls = {
+        "streaming_device": lambda: nj.streaming_leverage_scores(f, p, jnp.asarray(xs, jnp.float32), ys),
+        "streaming_host": lambda: nj.streaming_leverage_scores(f, p, xs, ys, chunk_size=16),
+        "streaming_norm": lambda: nj.streaming_norm_scores(f, p, xs, ys, chunk_size=16),
+        "projected": lambda: nj.projected_leverage_scores(jax.random.key(0), f, p, xs, ys, dim=3),
+        "dual_matrix": lambda: nj.dual_matrix(f, p, xs, ys),
+        "fit": lambda: nj.fit(f, p, xs, ys, optimizer=optax.sgd(1e-3), num_steps=2),
+        # a memmap is counted in the pass, after the cast: the message names the cast as the cause
+        "memmap": lambda: nj.streaming_leverage_scores(
+            f, p, xs, np.load(tmp_path / "ys.npy", mmap_mode="r"), chunk_size=16
+        ),
+    }
+    message = (
+        "1 value.s. that are NaN or Inf once cast to float32"
+        if call == "memmap"
+        else ("ys holds 1 finite value.s. beyond float32's range that become Inf once cast to float32")
+    )
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax's truncation warning of the cast
+        with pytest.raises(ValueError, match=message + ".*enable jax_enable_x64"):
+            calls[call]()
+
+
 def test_float64_host_data_beyond_float32_without_x64_names_the_cast():
     """Finite 1e300 in float64 host data, computed in float32 (x64 off), was "contains NaN or Inf"."""
     ys = np.zeros(4)

@@ -127,3 +127,16 @@ def test_basis_names_an_unknown_route():
     A = jnp.asarray(np.random.default_rng(0).standard_normal((20, 3)))
     with pytest.raises(ValueError, match="route"):
         nj.routes.basis(A, jnp.asarray(1e-12), route="fast")
+
+
+@pytest.mark.parametrize("rtol", [float("nan"), 0.0, -1e-6, 1.0, 2.0])
+def test_basis_refuses_a_tolerance_outside_0_1(rtol):
+    """routes.basis used directly took a NaN or out-of-range rtol silently (rank 0 for NaN or 1, every
+    column for 0); leverage_scores checked it, basis and row_leverage did not."""
+    A = jnp.asarray(np.random.default_rng(0).standard_normal((20, 3)))
+    with pytest.raises(ValueError, match="rtol must lie in .0, 1."):
+        nj.routes.basis(A, jnp.asarray(rtol))
+    with pytest.raises(ValueError, match="rtol must lie in .0, 1."):
+        nj.routes.row_leverage(A, jnp.asarray(rtol), (20,))
+    U, rank, _ = nj.routes.basis(A, jnp.asarray(1e-12))  # in range: the basis of the 3 columns
+    assert int(rank) == 3 and np.allclose(np.asarray(U).T @ np.asarray(U), np.eye(3), atol=1e-12)
