@@ -75,19 +75,30 @@ def check_forced_route(route: str | None, rank) -> None:
     """``ValueError`` when ``route`` forced a fast route (``"gram"``, ``"gram2"``) on a matrix that is
     rank-deficient for ``rtol``: those routes count every non-zero column in the rank, and on such input
     their basis spans rounding noise. :func:`nlis_jax.routes.decide` then reports the rank as ``-1``
-    (``σ_min/σ_max`` below ``2·rtol``, the margin the automatic choice keeps). Under tracing, a
+    (``σ_min/σ_max`` below ``2·rtol``, the margin the automatic choice keeps), and as ``-2`` on a matrix
+    more ill-conditioned than the route's limit (:func:`nlis_jax.routes.fast_route_ratio_min`), where its
+    scores would be off by ``~eps·κ``. Under tracing, a
     ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
     if route not in routes.FAST_ROUTES:
         return
-    message = (
+    fix = 'Use route="stable", or route=None (chosen from the conditioning).'
+    deficient = (
         f'route="{route}" was forced on a matrix that is rank-deficient for rtol (σ_min/σ_max below '
-        '2·rtol): that route counts every column in the rank. Use route="stable", or route=None (chosen '
-        "from the conditioning)."
+        "2·rtol), or too ill-conditioned for its Gram matrix to tell: that route counts every column in the "
+        f"rank. {fix}"
+    )
+    ill = (
+        f'route="{route}" was forced on a matrix too ill-conditioned for it (κ of the column-equilibrated '
+        f"Gram matrix beyond the route's limit, routes.fast_route_ratio_min): its scores would be off by "
+        f"about eps·κ and need not sum to 1. {fix}"
     )
     if not is_concrete(rank):
-        traced.check(rank >= 0, message)
-    elif int(rank) < 0:
-        raise ValueError(message)
+        traced.check(rank != routes.FORCED_RANK_DEFICIENT, deficient)
+        traced.check(rank != routes.FORCED_ILL_CONDITIONED, ill)
+    elif int(rank) == routes.FORCED_RANK_DEFICIENT:
+        raise ValueError(deficient)
+    elif int(rank) == routes.FORCED_ILL_CONDITIONED:
+        raise ValueError(ill)
 
 
 def input_dtype(F) -> jnp.dtype:
@@ -121,7 +132,8 @@ def orthonormal_basis(
       rtol: relative tolerance on the singular values of the column-equilibrated ``F`` for the rank
         (default ``10·eps`` of the dtype).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"``; default chooses from ``κ(FᵀF)``
-        and ``rtol`` (a fast route forced on input rank-deficient for ``rtol`` raises ``ValueError``).
+        and ``rtol`` (a fast route forced on input rank-deficient for ``rtol``, or more ill-conditioned
+        than the route's limit, :func:`nlis_jax.routes.fast_route_ratio_min`, raises ``ValueError``).
 
     Returns:
       ``(U, rank, route)``: ``U`` of shape ``(n·k, m)`` whose first ``rank`` columns span ``range(F)``
@@ -164,7 +176,9 @@ def leverage_scores(
         the effective dimension ``Σ h_i`` (computed from the eigenvalues of ``FᵀF``: route ``"gram"``).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
         conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
-        rank: forced on input that is rank-deficient for ``rtol`` they raise ``ValueError``.
+        rank: forced on input that is rank-deficient for ``rtol``, or more ill-conditioned than the
+        route's limit (:func:`nlis_jax.routes.fast_route_ratio_min`; ``"gram"``: ``κ(G_eq)`` 840 in
+        float32, ``eps^{-1/4}`` in float64), they raise ``ValueError``.
       return_info: return a :class:`Leverage` (probabilities, raw leverage, rank, route) instead.
 
     Returns:

@@ -338,9 +338,25 @@ def decide(G: Array, route: str | None = None, rtol: Array | None = None) -> Gra
     else:
         branch = jnp.asarray(ROUTES.index(route), jnp.int32)
     rank = (m - num_zero).astype(jnp.int32)
-    if route in FAST_ROUTES and rtol is not None:  # forced, on input rank-deficient for rtol: -1
-        rank = jnp.where(full_rank_for(ratio, rtol), rank, -1)
+    if route in FAST_ROUTES:  # forced: on input beyond the route's own limit -2, rank-deficient for rtol -1
+        rank = jnp.where(ratio >= fast_route_ratio_min(route, ratio.dtype), rank, FORCED_ILL_CONDITIONED)
+        if rtol is not None:
+            rank = jnp.where(full_rank_for(ratio, rtol), rank, FORCED_RANK_DEFICIENT)
     return GramDecision(branch, inv_t / d[:, None], rank, d)
+
+
+#: The rank :func:`decide` reports for a forced fast route on input rank-deficient for ``rtol``, and on
+#: input more ill-conditioned than that route's limit (:func:`fast_route_ratio_min`).
+FORCED_RANK_DEFICIENT, FORCED_ILL_CONDITIONED = -1, -2
+
+
+def fast_route_ratio_min(route: str, dtype) -> float:
+    """Smallest ``1/κ(G_eq)`` a fast route is accurate for, the bound the automatic choice keeps:
+    ``"gram"`` :func:`one_step_ratio_min`, ``"gram2"`` ``1000·eps``. Forced beyond it, a float32 matrix of
+    ``κ(F)`` = 1e4 gave scores 49% off that did not sum to 1 (or a false "rank-deficient")."""
+    if route == "gram":
+        return one_step_ratio_min(dtype)
+    return 1000 * float(jnp.finfo(dtype).eps)
 
 
 def refine_transform(G2: Array) -> Array:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import matrix_with_condition
 
 import nlis_jax as nj
 
@@ -140,3 +141,26 @@ def test_basis_refuses_a_tolerance_outside_0_1(rtol):
         nj.routes.row_leverage(A, jnp.asarray(rtol), (20,))
     U, rank, _ = nj.routes.basis(A, jnp.asarray(1e-12))  # in range: the basis of the 3 columns
     assert int(rank) == 3 and np.allclose(np.asarray(U).T @ np.asarray(U), np.eye(3), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, kappa", [(np.float32, 1e4), (np.float64, 1e7)])
+def test_forced_fast_route_beyond_its_conditioning_limit_raises(dtype, kappa):
+    """A forced fast route on a full-rank matrix past the route's own limit (routes.fast_route_ratio_min,
+    the bound the automatic choice keeps) gave scores up to 49% off that did not sum to 1 (float32, κ(F)
+    = 1e4; float64, κ = 1e7: 3.5e-3 off, sums 0.99987–1.00037) with no error; now a ValueError (or, where
+    the float32 Gram matrix cannot resolve the smallest eigenvalue, the rank-deficient one). The
+    automatic route stays exact to the dtype's accuracy."""
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        F = matrix_with_condition(rng, 400, 12, kappa)[0].astype(dtype)
+        want = _svd_leverage(F.astype(np.float64), 1e-12)[0] / 12
+        for route in ("gram",) if dtype == np.float32 else ("gram", "gram2"):
+            assert kappa**-2 < nj.routes.fast_route_ratio_min(route, dtype)  # past the limit, 1/κ(G) = κ⁻²
+            with pytest.raises(
+                ValueError, match=f'route="{route}" was forced on a matrix (too ill|that is rank)'
+            ):
+                nj.leverage_scores(jnp.asarray(F), route=route)
+        got = np.asarray(nj.leverage_scores(jnp.asarray(F)), np.float64)
+        # float32: the issue's accuracy bar for ill-conditioned duals (smallest ratio ≥ 0.999); float64:
+        # the reference's own error is ~κ·eps (2e-9), the two differ by up to ~7κ·eps
+        np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 50 * kappa * 2.2e-16)
