@@ -387,7 +387,13 @@ def make_config(args: argparse.Namespace):
             raise ValueError(f"--{dest.replace('_', '-')} does not apply to --dataset {args.dataset}.")
         if field in fields:
             overrides[field] = None if value == NONE else value
-    return dataclasses.replace(base, **overrides)
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as exc:  # the config names its field ("learning_rate must be ..."): name the option
+        dest = next((d for d, (f, _) in _FIELDS.items() if f in overrides and str(exc).startswith(f)), None)
+        if dest is None:
+            raise
+        raise ValueError(f"--{dest.replace('_', '-')}: {exc}") from None
 
 
 def _json_default(obj):
@@ -602,11 +608,17 @@ def _check_sizes(config, n: int) -> None:
     """``ValueError`` (a usage error) when a sample size of ``config`` asks for more than ``n`` rows."""
     from nlis_jax.experiments.configs import resolve_size, resolve_sizes
 
-    resolve_sizes(config.sizes, n)
+    try:
+        resolve_sizes(config.sizes, n)
+    except ValueError as exc:
+        raise ValueError(f"--sizes: {exc}") from None
     for name in ("pilot_size", "timing_size"):
         value = getattr(config, name, None)
-        if value is not None:
-            resolve_size(value, n)
+        try:
+            if value is not None:
+                resolve_size(value, n)
+        except ValueError as exc:
+            raise ValueError(f"--{name.replace('_', '-')}: {exc}") from None
 
 
 def prepare_out(out: str, overwrite: bool) -> Path:

@@ -237,6 +237,11 @@ def test_methods_limit_the_wall_time_comparison(tmp_path, monkeypatch):
         (["--num-nodes", "3"], "--num-nodes does not apply"),  # was accepted and ignored
         (["--pilot-size", "60,500"], "expected one sample size"),  # kept 60 silently
         (["--timing-size", "100,300"], "expected one sample size"),
+        # the three sample-size options and a config field failed with the same unnamed message
+        (["--sizes", "20,9000000"], "--sizes: sample size 9000000 means 9000000 rows, more than n"),
+        (["--pilot-size", "9000000"], "--pilot-size: sample size 9000000"),
+        (["--timing-size", "9000000"], "--timing-size: sample size 9000000"),
+        (["--lr", "-1"], "--lr: learning_rate must be positive"),
     ],
 )
 def test_run_option_errors(args, match, capsys):

@@ -262,6 +262,10 @@ def test_cli_refuses_a_sample_size_beyond_the_data_before_any_work(tmp_path, mon
         code = cli.main(argv)
         err = capsys.readouterr().err
         assert code == 2 and f"{option}: sample size" in err and "more than n = 1800" in err
+    # the MLP's minibatch of more rows than the data: a traceback (out of memory) after loading
+    argv = ["run", "--dataset", "flights", "--model", "mlp", "--batch-size", "99999999", "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    assert "--batch-size: 99999999 rows per step, more than n = 1800" in capsys.readouterr().err
 
 
 def test_convergence_check_compares_with_an_earlier_loss():

@@ -91,6 +91,23 @@ def test_score_bad_params_hidden_and_out_exit_2(tmp_path, capsys):
     assert "--hidden: must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_score_norm_takes_the_adaptive_rule(tmp_path, capsys):
+    """``--method norm`` scored with the library's fixed 16-node default: 1.4% off on a row at <θ, x> = 49
+    (tanh's gradient has its mass near t = 0 there); now the adaptive rule, as ``--method leverage``:
+    the closed-form dual ``(tanh z / z)·x`` of the single-index model to rounding."""
+    xs, _ = _files(tmp_path)
+    theta = np.linspace(-0.5, 0.5, 4)
+    xs[0] *= 49 / (xs[0] @ theta)
+    np.save(tmp_path / "x.npy", xs)
+    np.savez(tmp_path / "p.npz", theta=theta)
+    args = ["score", "--x", str(tmp_path / "x.npy"), "--params", str(tmp_path / "p.npz"), "--method", "norm"]
+    assert cli.main([*args, "--out", str(tmp_path / "s.npy")]) == 0
+    z = xs @ theta
+    F = (np.tanh(z) / z)[:, None] * xs  # f*(θ) = ∫ tanh'(t z) dt · x, and f(0) − y = 0 without --y
+    ref = np.sum(F**2, axis=1) / np.sum(F**2)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), ref, rtol=1e-10)
+
+
 def test_score_float64_file_scores_in_float64(tmp_path):
     """A float64 file is scored in float64 in a fresh process (where jax starts in float32): the scores
     match the float64 library far below float32's rounding, and jax warns of no truncation."""

@@ -205,6 +205,8 @@ def _check_sizes(config, n: int) -> None:
             _rows(size, n)
         except SampleSizeError as exc:
             raise SampleSizeError(f"{option}: {exc}") from None
+    if config.model == "mlp" and config.batch_size > n:  # the full-data epochs would ask for that many rows
+        raise SampleSizeError(f"--batch-size: {config.batch_size} rows per step, more than n = {n}.")
 
 
 # --------------------------------------------------------------------------------------------------
