@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nlis_jax._adjoint import eval_example
 from nlis_jax._checks import (
     check_bool,
     check_choice,
@@ -240,6 +241,17 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     return n
 
 
+def _check_model(apply_fn, params, xs) -> None:
+    """``apply_fn`` on one example's shapes (:func:`nlis_jax._adjoint.eval_example`): a wrong width of
+    ``xs`` or a missing leaf of ``params`` is a ``ValueError`` showing the shapes, as in the host path and
+    :func:`nlis_jax.adjoint` (it was jax's ``TypeError`` from deep inside the loss, or a ``KeyError``)."""
+    eval_example(
+        apply_fn,
+        params,
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs),
+    )
+
+
 def _check_labels(apply_fn, params, xs, ys, loss) -> None:
     """Labels in range for the built-in classification losses (a concrete ``ys``), before any work.
 
@@ -360,6 +372,7 @@ def weighted_loss(
     if is_host_data(xs, (params, ys, weights)):  # numpy, memmap, chunk source: one chunk at a time
         return _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, per_example=False)
     _check_data(params, xs, ys, weights)
+    _check_model(apply_fn, params, xs)
     _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     weights = None if weights is None else jnp.asarray(weights)
@@ -404,6 +417,7 @@ def per_example_loss(
     if is_host_data(xs, (params, ys)):
         return _host_loss(apply_fn, loss, params, xs, ys, None, chunk_size, per_example=True)
     _check_data(params, xs, ys, None)
+    _check_model(apply_fn, params, xs)
     _check_labels(apply_fn, params, xs, ys, loss)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     losses = _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
@@ -675,6 +689,7 @@ def fit(
     params = jax.tree.map(jnp.asarray, params)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     w, total = _weights_and_total(weights, plan.n, dtype)
+    _check_model(apply_fn, params, xs)  # the first call of apply_fn: after the checks of the arguments
     static_projection, dyn_projection = _split_projection(projection)
     state = _start(params, dyn_projection, opt_state, static=static_projection, optimizer=_static(optimizer))
     data = (jnp.asarray(xs), jnp.asarray(ys), w)

@@ -766,3 +766,29 @@ def test_l2_ball_gradient_at_zero_and_empty_leaves():
     out = l2_ball(1.0)({"e": jnp.zeros(0), "w": jnp.array([3.0, 4.0])})
     assert out["e"].shape == (0,)
     np.testing.assert_allclose(out["w"], [0.6, 0.8], rtol=1e-15)
+
+
+def test_apply_fn_failing_on_an_example_is_named_on_device_arrays():
+    """A wrong width of xs or a missing params leaf: fit, and weighted_loss / per_example_loss on jax
+    arrays, raised jax's TypeError from deep inside the loss (or a KeyError); the host path and adjoint
+    gave the ValueError showing the shapes. Now every entry point does."""
+    X, y = jnp.ones((20, 3)), jnp.ones(20)
+    wide = jnp.zeros(4)  # one entry too many for x @ theta
+
+    def index(th, x):
+        return jnp.tanh(x @ th)
+
+    def affine(p, x):
+        return x @ p["w"] + p["b"]
+
+    calls = [
+        lambda: nj.weighted_loss(index, wide, X, y),
+        lambda: nj.per_example_loss(index, wide, X, y),
+        lambda: nj.fit(index, wide, X, y, optimizer=optax.sgd(0.1), num_steps=3),
+        lambda: nj.fit(affine, {"w": jnp.zeros(3)}, X, y, optimizer=optax.sgd(0.1), num_steps=3),
+    ]
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=r"apply_fn\(params, x\) failed on one example x = xs\[0\] \(x shape \(3,\)\)"
+        ):
+            call()
