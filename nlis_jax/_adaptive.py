@@ -497,6 +497,36 @@ def _bucket_size(m: int, limit: int) -> int:
     return min(max(8, _next_pow2(m)), max(m, limit))
 
 
+def _linearizing(leaf) -> bool:
+    """Whether ``leaf`` is (or wraps, through vmap or jvp tracers) a tracer of reverse-mode
+    differentiation: ``jax.grad``, ``jax.vjp``, ``jax.jacrev`` and ``jax.linearize`` trace with
+    ``LinearizeTracer`` (jax 0.10), forward mode (``jax.jvp``, ``jax.jacfwd``) with ``JVPTracer``."""
+    from jax._src.interpreters import ad  # private: where a jax release moves it, the check is skipped
+
+    kind = getattr(ad, "LinearizeTracer", None)
+    for _ in range(16):
+        if kind is not None and isinstance(leaf, kind):
+            return True
+        inner = getattr(leaf, "val", None) if not isinstance(leaf, ad.JVPTracer) else leaf.primal
+        if not isinstance(inner, jax.core.Tracer):
+            return False
+        leaf = inner
+    return False
+
+
+def check_not_reverse_mode(leaves) -> None:
+    """``ValueError`` under reverse-mode differentiation, which cannot go through the refinement's
+    ``lax.while_loop``: jax's own error ("Reverse-mode differentiation does not work for lax.while_loop")
+    came after the trace and did not say that a fixed rule is differentiable both ways."""
+    if any(_linearizing(leaf) for leaf in leaves):
+        raise ValueError(
+            "reverse-mode differentiation (jax.grad, jax.vjp, jax.jacrev) cannot go through the adaptive "
+            "rule, whose refinement is a lax.while_loop: pass num_nodes=q (a fixed Gauss-Legendre rule, "
+            "differentiable both ways, e.g. 16 after checking it against the adaptive default), or "
+            "differentiate in forward mode (jax.jvp, jax.jacfwd), which the adaptive rule supports."
+        )
+
+
 def integrate(
     g: Callable,
     params: PyTree,
@@ -545,6 +575,7 @@ def integrate(
     depth = max_depth(dtype)
     rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
     leaves = jax.tree.leaves((params, data))
+    check_not_reverse_mode(leaves)
     concrete = all(is_concrete(leaf) for leaf in leaves)
     spans_processes = concrete and not all(getattr(leaf, "is_fully_addressable", True) for leaf in leaves)
     if spans_processes or not concrete:

@@ -293,7 +293,9 @@ def adjoint(
         entries (the column order of the result).
       xs: inputs with a leading example axis, shape ``(n, ...)`` (or a pytree of such arrays).
       num_nodes: ``None`` (adaptive) or the number ``q`` of nodes of a fixed Gauss-Legendre rule (exact for
-        integrands of degree ``2q - 1`` in t; no error estimate).
+        integrands of degree ``2q - 1`` in t; no error estimate). The adaptive rule is differentiable in
+        forward mode (``jax.jvp``, ``jax.jacfwd``); reverse mode (``jax.grad``) cannot go through its
+        ``while_loop`` (a ``ValueError`` says so): differentiate a fixed rule.
       mode: ``"forward"`` (one ``jax.jvp`` per tangent direction, vmapped: ~``p`` passes per node),
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
         when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).

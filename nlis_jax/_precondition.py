@@ -145,6 +145,29 @@ def largest_eigenvalue(apply: Callable[[Array], Array], m: int, dtype, iters: in
     return x @ apply(x)
 
 
+@jax.custom_jvp
+def cholesky(G: Array) -> Array:
+    """``jnp.linalg.cholesky``, whose derivative is zero (not NaN) where the factorisation fails.
+
+    The routes factor the Gram matrix before they know the route; on singular input the factor is NaN and
+    unused (route ``"stable"``), but jax's derivative of the failed factor put NaN into every gradient
+    of the leverage scores (``0 · NaN``), even the stable route's. The tangent here is jax's formula
+    ``dL = L·Φ(L⁻¹ dG L⁻ᵀ)`` on the factor replaced by the identity where it failed, then zeroed there."""
+    return jnp.linalg.cholesky(G)
+
+
+@cholesky.defjvp
+def _cholesky_jvp(primals, tangents):
+    (G,), (dG,) = primals, tangents
+    L = jnp.linalg.cholesky(G)
+    ok = jnp.all(jnp.isfinite(L))
+    safe = jnp.where(ok, L, jnp.eye(G.shape[0], dtype=G.dtype))
+    left = jax.scipy.linalg.solve_triangular(safe, dG, lower=True)  # L⁻¹ dG
+    X = jax.scipy.linalg.solve_triangular(safe, left.T, lower=True).T  # L⁻¹ dG L⁻ᵀ (symmetric)
+    phi = jnp.tril(X) - 0.5 * jnp.diag(jnp.diag(X))
+    return L, jnp.where(ok, safe @ phi, 0)
+
+
 def inverse_and_ratio(G: Array, iters: int = 30) -> tuple[Array, Array]:
     """``(L⁻ᵀ, λ_min/λ_max)`` of an SPD ``G = L Lᵀ``; identity and ratio 0 if the Cholesky failed.
 
@@ -153,7 +176,7 @@ def inverse_and_ratio(G: Array, iters: int = 30) -> tuple[Array, Array]:
     """
     m = G.shape[0]
     eye = jnp.eye(m, dtype=G.dtype)
-    L = jnp.linalg.cholesky(G)
+    L = cholesky(G)
     ok = jnp.all(jnp.isfinite(L))
 
     def factored(L):
@@ -193,7 +216,7 @@ def cholesky_decision_solver(Geq: Array) -> tuple[Array, Array]:
     """
     m = Geq.shape[0]
     eye = jnp.eye(m, dtype=Geq.dtype)
-    L = jnp.linalg.cholesky(Geq)
+    L = cholesky(Geq)
     ok = jnp.all(jnp.isfinite(L))
     L = jnp.where(ok, L, eye)
     lam = jnp.linalg.eigvalsh(Geq)

@@ -164,3 +164,31 @@ def test_forced_fast_route_beyond_its_conditioning_limit_raises(dtype, kappa):
         # float32: the issue's accuracy bar for ill-conditioned duals (smallest ratio ≥ 0.999); float64:
         # the reference's own error is ~κ·eps (2e-9), the two differ by up to ~7κ·eps
         np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 50 * kappa * 2.2e-16)
+
+
+def test_reverse_mode_gradient_on_rank_deficient_input_is_finite():
+    """The routes factor the Gram matrix before choosing; on rank-deficient input the factor is NaN and
+    unused (route "stable"), but its derivative put NaN into every entry of jax.grad of the automatic
+    route's scores. Now the stable route's gradient, matching forward mode and a central difference of an
+    SVD reference along a rank-preserving direction; full-rank input (route "gram") as before."""
+    rng = np.random.default_rng(8)
+    R = rng.normal(size=(2, 5))
+    B, E = rng.normal(size=(60, 2)) @ R, rng.normal(size=(60, 2)) @ R  # rank 2, and a direction keeping it
+
+    def svd_score(F):
+        return _svd_leverage(F, 1e-10)[0][0] / 2
+
+    fd = (svd_score(B + 1e-6 * E) - svd_score(B - 1e-6 * E)) / 2e-6
+    for route in (None, "stable"):
+        score = lambda F, route=route: nj.leverage_scores(F, route=route)[0]  # noqa: E731
+        g = jax.grad(score)(jnp.asarray(B))
+        assert np.all(np.isfinite(np.asarray(g))), route
+        forward = jax.jvp(score, (jnp.asarray(B),), (jnp.asarray(E),))[1]
+        np.testing.assert_allclose([float(jnp.sum(g * E)), float(forward)], [fd, fd], rtol=1e-6)
+    full = rng.normal(size=(60, 5))
+    D = rng.normal(size=(60, 5))
+    fd = (
+        (_svd_leverage(full + 1e-6 * D, 1e-10)[0][0] - _svd_leverage(full - 1e-6 * D, 1e-10)[0][0]) / 2e-6 / 5
+    )
+    g = jax.grad(lambda F: nj.leverage_scores(F)[0])(jnp.asarray(full))
+    np.testing.assert_allclose(float(jnp.sum(g * D)), fd, rtol=1e-6)
