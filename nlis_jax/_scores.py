@@ -197,6 +197,11 @@ def leverage_scores(
             "ridge must be a concrete number, not a traced value: it chooses the algorithm (ridge > 0: "
             "ridge leverage, 0: the rank-revealing routes); under jax.jit close over it or make it static."
         )
+    if ridge > 0 and (route is not None or rtol is not None):  # they were ignored silently
+        raise ValueError(
+            "ridge > 0 computes ridge leverage from the eigenvalues of FᵀF (route 'gram', no rank "
+            "tolerance): route and rtol would be ignored; pass them only with ridge=0."
+        )
     rows, lead = routes.as_rows(F, check_values=ridge > 0 or not is_concrete(F))
     if ridge > 0:
         if float(ridge) > float(jnp.finfo(rows.dtype).max):

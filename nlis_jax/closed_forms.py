@@ -112,6 +112,8 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     Returns:
       Array of shape ``(n, d)``: ``diag((ϕ(z) - ϕ(0))/z) · xs``.
     """
+    check_finite("theta", theta)  # before the cast: float64 values past float32's range named as such
+    check_finite("xs", xs)
     theta, xs = jnp.asarray(theta), jnp.asarray(xs)
     if theta.ndim != 1:
         raise ValueError(f"theta must be a vector of shape (d,), got shape {theta.shape}.")

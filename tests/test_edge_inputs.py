@@ -507,3 +507,14 @@ def test_float64_host_data_beyond_float32_without_x64_names_the_cast():
         warnings.simplefilter("ignore")  # jax's truncation and numpy's overflow warnings of the cast
         with pytest.raises(ValueError, match="once cast to float32 .* enable jax_enable_x64"):
             nj.weighted_loss(lambda w, x: jnp.dot(x, w), jnp.ones(2, jnp.float32), np.ones((4, 2)), ys)
+
+
+def test_single_index_adjoint_names_float64_data_beyond_float32_without_x64():
+    """closed_forms.single_index_adjoint cast before its checks: a finite 1e39 read as "xs contains NaN or
+    Inf" without x64, where nj.adjoint names the cast."""
+    xs = np.ones((5, 2))
+    xs[1, 0] = 1e39
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="xs holds 1 finite value.s. beyond float32's range"):
+            nj.closed_forms.single_index_adjoint(jnp.tanh, np.ones(2, np.float32), xs)

@@ -333,3 +333,13 @@ def test_upper_gram_matches_the_product():
         np.testing.assert_allclose(np.asarray(Y), A @ U, rtol=1e-12, atol=1e-12 * np.abs(A @ U).max())
         ref = (A @ U).T @ (A @ U)
         np.testing.assert_allclose(np.asarray(G), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
+def test_ridge_refuses_a_route_or_rtol_it_would_ignore():
+    """leverage_scores(ridge > 0) took route= and rtol= and ignored them (bit-identical scores, route
+    reported "gram"), as adjoint refuses arguments it would ignore."""
+    F = jnp.asarray(np.random.default_rng(0).standard_normal((30, 4)))
+    for extra in (dict(route="stable"), dict(rtol=0.5)):
+        with pytest.raises(ValueError, match="route and rtol would be ignored"):
+            nj.leverage_scores(F, ridge=1e-3, **extra)
+    assert np.isclose(float(nj.leverage_scores(F, ridge=1e-3).sum()), 1.0)
