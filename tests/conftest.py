@@ -44,31 +44,35 @@ def _fresh_jax_caches():
 # Scheduling: pytest-xdist sends whole files (``--dist loadfile``) to the 2 workers in collection order
 # (``--no-loadscope-reorder`` in pyproject; its default orders files by their number of tests). The files
 # that take longest go first, so that the last file to finish is a short one. Worker seconds of each file
-# in a `--durations` run of the whole suite on the 2-core machine at JAX_DISABLE_MOST_OPTIMIZATIONS=1
-# (2026-12-02, ninth session; test_full_optimization.py measured alone). Files not listed follow in
-# alphabetical order. A stale figure only makes the run end less evenly.
+# in a `--durations=0` run of the whole suite on the 2-core machine at JAX_DISABLE_MOST_OPTIMIZATIONS=1
+# (2026-12-03, nineteenth session, under some load: 2,041 worker seconds, 1,034 s wall). Files not listed
+# follow in alphabetical order. A stale figure only makes the run end less evenly.
 FILE_SECONDS = {
-    "test_distributed.py": 111,
-    "test_benchmarks_smoke.py": 108,
-    "test_adaptive.py": 107,
-    "test_notebooks.py": 93,
-    "test_precondition.py": 70,
-    "test_robust.py": 66,
-    "test_projected.py": 61,
-    "test_host.py": 56,
-    "test_scores.py": 52,
-    "test_projected_bench_smoke.py": 49,
-    "test_flights.py": 46,
-    "test_outliers.py": 44,
-    "test_active.py": 43,
-    "test_projected_factored.py": 43,
-    "test_streaming.py": 41,
-    "test_properties.py": 38,
-    "test_experiments.py": 36,
-    "test_sketched.py": 34,
-    "test_full_optimization.py": 30,
-    "test_model_inputs.py": 29,
-    "test_compilation.py": 26,
+    "test_benchmarks_smoke.py": 195,
+    "test_distributed.py": 150,
+    "test_adaptive.py": 148,
+    "test_flights.py": 138,
+    "test_robust.py": 113,
+    "test_host.py": 105,
+    "test_projected.py": 100,
+    "test_projected_bench_smoke.py": 98,
+    "test_scores.py": 89,
+    "test_notebooks.py": 72,
+    "test_precondition.py": 68,
+    "test_active.py": 68,
+    "test_outliers.py": 67,
+    "test_streaming.py": 65,
+    "test_projected_factored.py": 54,
+    "test_properties.py": 46,
+    "test_edge_inputs.py": 42,
+    "test_score_cli.py": 41,
+    "test_experiments.py": 40,
+    "test_model_inputs.py": 37,
+    "test_sharding.py": 36,
+    "test_full_optimization.py": 34,
+    "test_sketched.py": 28,
+    "test_compilation.py": 27,
+    "test_train.py": 26,
 }
 
 
