@@ -103,9 +103,9 @@ def equilibrate(G: Array) -> tuple[Array, Array, Array]:
     then add an isolated eigenvalue 1 whose basis column ``A e_j`` is zero, so they neither count in the
     rank nor push a well-conditioned matrix off the fast route. ``d`` is 1 for zero columns.
     """
-    norms = jnp.sqrt(jnp.diagonal(G))
-    zero = norms == 0
-    d = jnp.where(zero, jnp.ones_like(norms), norms)
+    diag = jnp.diagonal(G)
+    zero = diag == 0
+    d = jnp.sqrt(jnp.where(zero, jnp.ones_like(diag), diag))  # not sqrt(0): its derivative is infinite
     return G / (d[:, None] * d[None, :]) + jnp.diag(zero.astype(G.dtype)), d, jnp.sum(zero)
 
 

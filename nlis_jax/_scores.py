@@ -89,8 +89,8 @@ def check_forced_route(route: str | None, rank) -> None:
     )
     ill = (
         f'route="{route}" was forced on a matrix too ill-conditioned for it (κ of the column-equilibrated '
-        f"Gram matrix beyond the route's limit, routes.fast_route_ratio_min): its scores would be off by "
-        f"about eps·κ and need not sum to 1. {fix}"
+        f"Gram matrix beyond 1/(1000·eps), routes.fast_route_ratio_min): its scores would be off by more "
+        f"than 1e-3 (eps·κ) and need not sum to 1. {fix}"
     )
     if not is_concrete(rank):
         traced.check(rank != routes.FORCED_RANK_DEFICIENT, deficient)
@@ -176,9 +176,9 @@ def leverage_scores(
         the effective dimension ``Σ h_i`` (computed from the eigenvalues of ``FᵀF``: route ``"gram"``).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
         conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
-        rank: forced on input that is rank-deficient for ``rtol``, or more ill-conditioned than the
-        route's limit (:func:`nlis_jax.routes.fast_route_ratio_min`; ``"gram"``: ``κ(G_eq)`` 840 in
-        float32, ``eps^{-1/4}`` in float64), they raise ``ValueError``.
+        rank: forced on input that is rank-deficient for ``rtol``, or more ill-conditioned than they
+        can handle (:func:`nlis_jax.routes.fast_route_ratio_min`: ``κ(G_eq) > 1/(1000·eps)``), they
+        raise ``ValueError``.
       return_info: return a :class:`Leverage` (probabilities, raw leverage, rank, route) instead.
 
     Returns:

@@ -225,7 +225,8 @@ def query(
       key: PRNG key for ``strategy="sample"`` (used once); ignored (may be ``None``) for ``"topk"``.
       scores: ``(n,)`` non-negative scores of every point (only the pool's are used).
       labelled: ``(n,)`` bool mask; labelled points are never chosen.
-      batch: ``b``, points (draws, with replacement) to choose; at most the pool size (static).
+      batch: ``b``, points to choose (distinct by default; draws with ``replace=True``); at most the
+        pool size (static).
       strategy: ``"sample"`` (by the pool probabilities, unbiased weights) or ``"topk"`` (highest scores).
       alpha: uniform mixing weight in ``[0, 1]`` (:func:`pool_probabilities`).
       replace: with ``"sample"``: i.i.d. draws (weights ``1/(b p_i)``) or, by default, ``b`` distinct

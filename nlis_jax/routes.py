@@ -351,11 +351,12 @@ FORCED_RANK_DEFICIENT, FORCED_ILL_CONDITIONED = -1, -2
 
 
 def fast_route_ratio_min(route: str, dtype) -> float:
-    """Smallest ``1/κ(G_eq)`` a fast route is accurate for, the bound the automatic choice keeps:
-    ``"gram"`` :func:`one_step_ratio_min`, ``"gram2"`` ``1000·eps``. Forced beyond it, a float32 matrix of
-    ``κ(F)`` = 1e4 gave scores 49% off that did not sum to 1 (or a false "rank-deficient")."""
-    if route == "gram":
-        return one_step_ratio_min(dtype)
+    """Smallest ``1/κ(G_eq)`` a forced fast route is run on: ``1000·eps``, where one Cholesky factor of
+    the Gram matrix is still orthonormal to ``eps·κ(G_eq) ≤ 1e-3`` (the automatic choice keeps tighter
+    bounds for ``"gram"``: :func:`one_step_ratio_min`) and ``"gram2"`` is taken automatically. Forced
+    beyond it, a float32 matrix of ``κ(F)`` = 1e4 gave scores 49% off that did not sum to 1 (or a false
+    "rank-deficient"); float64 at ``κ(F)`` = 1e7, 3.5e-3 off. ``route`` is ``"gram"`` or ``"gram2"``."""
+    del route  # the same bound: past it the first factor is unusable, and "gram2" refines that factor
     return 1000 * float(jnp.finfo(dtype).eps)
 
 

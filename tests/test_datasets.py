@@ -217,6 +217,9 @@ def test_fashion_mnist_options(isolated):
         D.load_fashion_mnist(folder, classes=(1, 1))
     with pytest.raises(ValueError, match="out of range"):
         D.load_fashion_mnist(folder, classes=(0, 10))
+    with pytest.raises(ValueError, match=r"classes must be integer labels, got \[0.5\]"):
+        D.load_fashion_mnist(folder, classes=(0.5,))  # was read as class 0
+    assert D.load_fashion_mnist(folder, classes=np.array([7, 2]), download_if_missing=False).y.max() == 1
     with pytest.raises(ValueError, match="limit"):
         D.load_fashion_mnist(folder, limit=0)
     with pytest.raises(TypeError, match="floating"):

@@ -145,8 +145,8 @@ def test_basis_refuses_a_tolerance_outside_0_1(rtol):
 
 @pytest.mark.parametrize("dtype, kappa", [(np.float32, 1e4), (np.float64, 1e7)])
 def test_forced_fast_route_beyond_its_conditioning_limit_raises(dtype, kappa):
-    """A forced fast route on a full-rank matrix past the route's own limit (routes.fast_route_ratio_min,
-    the bound the automatic choice keeps) gave scores up to 49% off that did not sum to 1 (float32, κ(F)
+    """A forced fast route on a full-rank matrix past what it can handle (routes.fast_route_ratio_min,
+    κ(G_eq) > 1/(1000·eps)) gave scores up to 49% off that did not sum to 1 (float32, κ(F)
     = 1e4; float64, κ = 1e7: 3.5e-3 off, sums 0.99987–1.00037) with no error; now a ValueError (or, where
     the float32 Gram matrix cannot resolve the smallest eigenvalue, the rank-deficient one). The
     automatic route stays exact to the dtype's accuracy."""
@@ -192,3 +192,12 @@ def test_reverse_mode_gradient_on_rank_deficient_input_is_finite():
     )
     g = jax.grad(lambda F: nj.leverage_scores(F)[0])(jnp.asarray(full))
     np.testing.assert_allclose(float(jnp.sum(g * D)), fd, rtol=1e-6)
+    # an exactly-zero column (a dead unit's gradients) stays out of the rank: the derivative of the
+    # equilibration's sqrt(0) made the whole gradient NaN; now the other columns' gradient, 0 on it
+    Z = full.copy()
+    Z[:, 2] = 0
+    g = np.asarray(jax.grad(lambda F: nj.leverage_scores(F)[0])(jnp.asarray(Z)))
+    kept = np.delete(Z, 2, axis=1)
+    want = np.asarray(jax.grad(lambda F: nj.leverage_scores(F)[0])(jnp.asarray(kept)))
+    np.testing.assert_allclose(np.delete(g, 2, axis=1), want, rtol=1e-10, atol=1e-14)
+    assert np.all(g[:, 2] == 0)

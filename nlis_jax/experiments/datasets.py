@@ -137,6 +137,9 @@ def _select_classes(
     """Return ``(mask or None, new labels, kept classes or None)``; kept classes map to 0, 1, ..."""
     if classes is None:
         return None, labels.astype(np.int32), None
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int | np.integer)]
+    if bad:  # int(0.5) read a class 0.5 as class 0
+        raise ValueError(f"classes must be integer labels, got {bad}.")
     kept = tuple(int(c) for c in classes)
     if len(kept) < 1:
         raise ValueError("classes must name at least one class, e.g. classes=(0, 1).")
