@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -293,10 +294,82 @@ def int_list(text: str) -> list[int]:
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer ``>= 1`` (``--reps 0`` is refused, not run as one repeat)."""
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer ``>= 0`` (0 where the option's help says it skips something)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number ``>= 0`` (seconds of a budget)."""
+    value = _float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number ``> 0`` (a learning rate)."""
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type: ``"1,2,3"`` -> ``[1, 2, 3]``, at least one item, each ``>= 1`` (a width of 0
+    ran a model without that layer and passed every check)."""
+    values = [positive_int(v) for v in text.split(",") if v]
+    if not values:
+        raise argparse.ArgumentTypeError(f"must list at least one integer >= 1, got {text!r}")
+    return values
+
+
+def counts_text(text: str) -> str:
+    """An argparse type for a comma list of counts read later (``"1e6,1e7"``): each item a whole number
+    ``>= 1``; the text is returned unchanged."""
+    items = [v for v in text.split(",") if v]
+    for item in items:
+        value = _float(item)
+        if not (math.isfinite(value) and value >= 1 and value == int(value)):
+            raise argparse.ArgumentTypeError(f"must list whole numbers >= 1, got {item!r}")
+    if not items:
+        raise argparse.ArgumentTypeError(f"must list at least one number, got {text!r}")
+    return text
+
+
+def names_text(allowed) -> Callable[[str], str]:
+    """An argparse type for a comma list of names from ``allowed``, read later; the text unchanged."""
+
+    def check(text: str) -> str:
+        bad = [v for v in text.split(",") if v not in allowed]
+        if bad or not text:
+            raise argparse.ArgumentTypeError(f"unknown {bad or [text]}; choose from {','.join(allowed)}")
+        return text
+
+    return check
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def base_parser(

@@ -33,8 +33,10 @@ from _common import (
     all_ok,
     base_parser,
     check,
-    int_list,
     max_rel_error,
+    nonnegative_float,
+    positive_int,
+    positive_int_list,
     progress,
     report_failures,
     run_and_write,
@@ -64,25 +66,37 @@ def str_list(text: str) -> list[str]:
 
 def parse_args(argv):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20_000, help="examples (main model)")
-    parser.add_argument("--d", type=int, default=8, help="MLP inputs")
-    parser.add_argument("--hidden", type=int_list, default=[32, 32], help="hidden widths, comma separated")
-    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes")
+    parser.add_argument("--n", type=positive_int, default=20_000, help="examples (main model)")
+    parser.add_argument("--d", type=positive_int, default=8, help="MLP inputs")
+    parser.add_argument(
+        "--hidden", type=positive_int_list, default=[32, 32], help="hidden widths, comma separated"
+    )
+    parser.add_argument("--nodes", type=positive_int, default=16, help="Gauss-Legendre nodes")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case (>= 1 rep)")
-    parser.add_argument("--sweep-n", type=int, default=4096, help="examples in the p sweep")
+    parser.add_argument(
+        "--budget", type=nonnegative_float, default=30.0, help="seconds of repeats per case (>= 1 rep)"
+    )
+    parser.add_argument("--sweep-n", type=positive_int, default=4096, help="examples in the p sweep")
     parser.add_argument(
         "--widths",
-        type=int_list,
+        type=positive_int_list,
         default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 150],
         help="one-hidden-layer widths of the sweep (p = (d + 2)·h + 1)",
     )
     parser.add_argument(
-        "--index-dims", type=int_list, default=[2, 4, 8, 12, 16, 24, 32, 64], help="single-index d (p = d)"
+        "--index-dims",
+        type=positive_int_list,
+        default=[2, 4, 8, 12, 16, 24, 32, 64],
+        help="single-index d (p = d)",
     )
-    parser.add_argument("--outputs", type=int, default=10, help="k of the multi-output sweep model tanh(W x)")
     parser.add_argument(
-        "--output-dims", type=int_list, default=[1, 2, 4, 8, 16], help="inputs d of tanh(W x) (p = k·d)"
+        "--outputs", type=positive_int, default=10, help="k of the multi-output sweep model tanh(W x)"
+    )
+    parser.add_argument(
+        "--output-dims",
+        type=positive_int_list,
+        default=[1, 2, 4, 8, 16],
+        help="inputs d of tanh(W x) (p = k·d)",
     )
     parser.add_argument(
         "--modes", type=str_list, default=list(MODES), help="modes for the main model (forward takes minutes)"

@@ -44,7 +44,10 @@ from _common import (
     all_ok,
     base_parser,
     check,
+    counts_text,
     environment,
+    nonnegative_int,
+    positive_int,
     report_failures,
     time_eager,
     write_record,
@@ -73,15 +76,23 @@ MODEL = nets.mlp(jnp.tanh)  # one object: a static argument of the library's jit
 
 def parse_args(argv):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000, help="examples")
-    parser.add_argument("--d", type=int, default=784, help="input features")
-    parser.add_argument("--widths", default="2,16,256", help="hidden widths h (p = (d + 2)·h + 1)")
-    parser.add_argument("--dim", type=int, default=256, help="columns of the embedding")
-    parser.add_argument("--chunk", type=int, default=None, help="chunk_size (default: library's)")
-    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes")
-    parser.add_argument("--sparsity", default="1", help="sparsities of the sparse embedding to time")
-    parser.add_argument("--gaussian-max-p", type=int, default=20_000, help="largest p timed with dense Ω")
-    parser.add_argument("--exact-max-elements", type=int, default=60_000_000, help="largest n·(p+1) exact")
+    parser.add_argument("--n", type=positive_int, default=10_000, help="examples")
+    parser.add_argument("--d", type=positive_int, default=784, help="input features")
+    parser.add_argument(
+        "--widths", type=counts_text, default="2,16,256", help="hidden widths h (p = (d + 2)·h + 1)"
+    )
+    parser.add_argument("--dim", type=positive_int, default=256, help="columns of the embedding")
+    parser.add_argument("--chunk", type=positive_int, default=None, help="chunk_size (default: library's)")
+    parser.add_argument("--nodes", type=positive_int, default=16, help="Gauss-Legendre nodes")
+    parser.add_argument(
+        "--sparsity", type=counts_text, default="1", help="sparsities of the sparse embedding to time"
+    )
+    parser.add_argument(
+        "--gaussian-max-p", type=nonnegative_int, default=20_000, help="largest p timed with dense Ω"
+    )
+    parser.add_argument(
+        "--exact-max-elements", type=nonnegative_int, default=60_000_000, help="largest n·(p+1) exact"
+    )
     parser.add_argument("--cases", default=",".join(CASES), help=f"cases to time, from {','.join(CASES)}")
     args = parser.parse_args(argv)
     wanted = [name for name in args.cases.split(",") if name]

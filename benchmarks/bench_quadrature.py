@@ -44,6 +44,8 @@ from _common import (
     environment,
     interleaved,
     max_rel_error,
+    nonnegative_float,
+    nonnegative_int,
     positive_int,
     report_failures,
     time_eager,
@@ -76,10 +78,12 @@ RANDOM_ACTIVATIONS = {
 
 def parse_args(argv):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20_000, help="examples (benchmark MLP)")
+    parser.add_argument("--n", type=positive_int, default=20_000, help="examples (benchmark MLP)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case (>= 1 rep)")
-    parser.add_argument("--hard-n", type=int, default=200, help="examples per hard case")
+    parser.add_argument(
+        "--budget", type=nonnegative_float, default=30.0, help="seconds of repeats per case (>= 1 rep)"
+    )
+    parser.add_argument("--hard-n", type=positive_int, default=200, help="examples per hard case")
     parser.add_argument(
         "--models", type=positive_int, default=8, help="random small models per activation (>= 1)"
     )
@@ -88,12 +92,14 @@ def parse_args(argv):
     )
     parser.add_argument("--skip-traced", action="store_true", help="do not time the default under jax.jit")
     parser.add_argument("--skip-hard", action="store_true", help="only the benchmark MLP")
-    parser.add_argument("--roundoff-n", type=int, default=200, help="examples of the roundoff case (0: skip)")
+    parser.add_argument(
+        "--roundoff-n", type=nonnegative_int, default=200, help="examples of the roundoff case (0: skip)"
+    )
     parser.add_argument(
         "--saturating", default=",".join(RANDOM_ACTIVATIONS), help="activations of the x5 MLPs ('' for none)"
     )
     parser.add_argument(
-        "--probes", type=int, default=None, help="override the estimate's probes (experiment)"
+        "--probes", type=positive_int, default=None, help="override the estimate's probes (experiment)"
     )
     args = parser.parse_args(argv)
     # Names are checked here, before anything runs: a typo would otherwise select no model silently.

@@ -55,9 +55,13 @@ def MODEL(theta, x):  # one object: a static argument of nj.dual_matrix's jit
 
 def parse_args(argv):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200_000, help="examples")
-    parser.add_argument("--d", type=int, default=64, help="features (the dual matrix has d + 1 columns)")
-    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes of the quadrature dual")
+    parser.add_argument("--n", type=positive_int, default=200_000, help="examples")
+    parser.add_argument(
+        "--d", type=positive_int, default=64, help="features (the dual matrix has d + 1 columns)"
+    )
+    parser.add_argument(
+        "--nodes", type=positive_int, default=16, help="Gauss-Legendre nodes of the quadrature dual"
+    )
     parser.add_argument(
         "--svd-reps", type=positive_int, default=3, help="timed repeats of the (slow) numpy SVD"
     )

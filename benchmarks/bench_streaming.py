@@ -34,13 +34,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import base_parser, check, environment, max_rel_error, report_failures, write_record
+from _common import (
+    base_parser,
+    check,
+    counts_text,
+    environment,
+    max_rel_error,
+    names_text,
+    positive_int,
+    report_failures,
+    write_record,
+)
 
 import nlis_jax as nj
 from nlis_jax.experiments import nets
 from nlis_jax.experiments.memory import PeakRss
 
 NAME = "bench_streaming"
+#: The models timed (``--models``): a tanh single-index model and a one-hidden-layer tanh MLP.
+MODELS = ("single-index", "mlp")
 #: Rows written per piece when generating the files.
 WRITE_ROWS = 1 << 16
 #: Timed Gram products of one block for the floor (the minimum is kept).
@@ -61,13 +73,15 @@ def parse_args(argv):
     parser = base_parser(
         __doc__.splitlines()[0], reps=1, reps_help="full-file runs, each reading the file again"
     )
-    parser.add_argument("--n", default="1000000", help="comma-separated row counts")
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=8, help="MLP hidden width (p = (d + 2)·hidden + 1)")
-    parser.add_argument("--nodes", type=int, default=8, help="quadrature nodes of the adjoint")
-    parser.add_argument("--chunk-size", type=int, default=8192)
-    parser.add_argument("--models", default="single-index,mlp")
-    parser.add_argument("--check-rows", type=int, default=4096)
+    parser.add_argument("--n", type=counts_text, default="1000000", help="comma-separated row counts")
+    parser.add_argument("--d", type=positive_int, default=64)
+    parser.add_argument(
+        "--hidden", type=positive_int, default=8, help="MLP hidden width (p = (d + 2)·hidden + 1)"
+    )
+    parser.add_argument("--nodes", type=positive_int, default=8, help="quadrature nodes of the adjoint")
+    parser.add_argument("--chunk-size", type=positive_int, default=8192)
+    parser.add_argument("--models", type=names_text(MODELS), default=",".join(MODELS))
+    parser.add_argument("--check-rows", type=positive_int, default=4096)
     parser.add_argument("--dir", default=None, help="folder for the data files (default: a temp folder)")
     return parser.parse_args(argv)
 

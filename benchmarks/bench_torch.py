@@ -41,9 +41,10 @@ from _common import (
     base_parser,
     check,
     environment,
-    int_list,
     interleaved,
     max_rel_error,
+    positive_int,
+    positive_int_list,
     progress,
     report_failures,
     time_eager,
@@ -73,11 +74,15 @@ def import_torch():
 
 def parse_args(argv):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20_000, help="examples")
-    parser.add_argument("--d", type=int, default=8, help="inputs")
-    parser.add_argument("--hidden", type=int_list, default=[32, 32], help="hidden widths, comma separated")
-    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Legendre nodes")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--n", type=positive_int, default=20_000, help="examples")
+    parser.add_argument("--d", type=positive_int, default=8, help="inputs")
+    parser.add_argument(
+        "--hidden", type=positive_int_list, default=[32, 32], help="hidden widths, comma separated"
+    )
+    parser.add_argument("--nodes", type=positive_int, default=16, help="Gauss-Legendre nodes")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument(
         "--leverage-only",
         action="store_true",

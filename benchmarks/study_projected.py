@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import base_parser, environment, positive_int, write_record
+from _common import base_parser, counts_text, environment, positive_float, positive_int, write_record
 
 import nlis_jax as nj
 from nlis_jax import experiments as ex
@@ -49,17 +49,23 @@ MODEL = mlp(jnp.tanh)
 def parse_args(argv):
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("california", "fmnist"), default="california")
-    parser.add_argument("--n", type=int, default=None, help="first n rows only (default: all)")
-    parser.add_argument("--hidden", default=None, help="hidden widths (default 32,32 / 8)")
+    parser.add_argument("--n", type=positive_int, default=None, help="first n rows only (default: all)")
+    parser.add_argument("--hidden", type=counts_text, default=None, help="hidden widths (default 32,32 / 8)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
-    parser.add_argument("--dims", default="64,256,1024", help="embedding widths")
-    parser.add_argument("--sizes", default="2754,5508", help="sample sizes")
+    parser.add_argument("--dims", type=counts_text, default="64,256,1024", help="embedding widths")
+    parser.add_argument("--sizes", type=counts_text, default="2754,5508", help="sample sizes")
     parser.add_argument("--repeats", type=positive_int, default=10, help="samples per score and size")
     parser.add_argument("--protocol", choices=("warm", "cold"), default="warm")
-    parser.add_argument("--full-steps", type=int, default=1500, help="Adam steps of the full fit (θ*)")
-    parser.add_argument("--steps", type=int, default=300, help="Adam steps of every sample fit")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of θ* (and cold fits)")
-    parser.add_argument("--warm-lr", type=float, default=1e-3, help="Adam learning rate of warm fits")
+    parser.add_argument(
+        "--full-steps", type=positive_int, default=1500, help="Adam steps of the full fit (θ*)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=300, help="Adam steps of every sample fit")
+    parser.add_argument(
+        "--lr", type=positive_float, default=1e-2, help="Adam learning rate of θ* (and cold fits)"
+    )
+    parser.add_argument(
+        "--warm-lr", type=positive_float, default=1e-3, help="Adam learning rate of warm fits"
+    )
     return parser.parse_args(argv)
 
 

@@ -227,8 +227,9 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
     log_s += math.log(log_term)
     if log_s > math.log(2.0**62):
         raise ValueError(
-            f"epsilon={epsilon:g}, delta={delta:g} ask for about 10^{log_s / math.log(10):.0f} rows "
-            "(more than 2^62); choose a larger epsilon."
+            f"epsilon={epsilon:g}, delta={delta:g}, rank={d:g}, beta={beta:g} ask for about "
+            f"10^{log_s / math.log(10):.0f} rows (more than 2^62; the size grows as rank/beta over "
+            "epsilon²): choose a larger epsilon, or check the rank."
         )
     return int(math.ceil((2.0 / epsilon**2 + 2.0 / (3.0 * epsilon)) * m * log_term))
 

@@ -47,6 +47,7 @@ from optax.projections import (
     projection_vector,
 )
 
+from nlis_jax import _traced as traced
 from nlis_jax._checks import check_floating, check_real, is_concrete
 from nlis_jax._types import PyTree
 
@@ -118,6 +119,8 @@ class L2Ball(Projection):
         widened = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), scaled)
         squared = optax.tree.norm(widened, squared=True)
         radius = jnp.asarray(self.radius, dtype)
+        if not is_concrete(self.radius):  # a traced radius (nj.fit passes it so): checkify, when asked
+            traced.check(radius > 0, "l2_ball: radius must be positive.")
         outside = squared > jnp.square(jnp.ldexp(radius, -e))  # ‖θ‖ > r
         factor = radius / jnp.sqrt(jnp.where(outside, squared, 1))  # r / ‖θ‖ · 2^e (finite gradient at 0)
         out = jax.tree.map(lambda a, b: jnp.where(outside, a * factor, b), scaled, tree)
@@ -141,6 +144,11 @@ class Box(Projection):
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
         lower = _broadcast_bound(self.lower, tree, "lower")
         upper = _broadcast_bound(self.upper, tree, "upper")
+        if not all(is_concrete(b) for b in jax.tree.leaves((self.lower, self.upper))):  # traced bounds
+            ordered = jax.tree.map(lambda a, b: jnp.all(a <= b), lower, upper)
+            traced.check(
+                jnp.all(jnp.stack(jax.tree.leaves(ordered))), "box: lower must be <= upper everywhere."
+            )
         return _cast_like(projection_box(tree, lower, upper), tree)
 
 
@@ -257,6 +265,8 @@ def box(lower: Any, upper: Any) -> Box:
             np.broadcast_shapes(a.shape, b.shape)
             if np.any(a > b):
                 raise ValueError("box: lower must be <= upper everywhere.")
+            if np.any(np.isinf(a) & (a == b)):  # [inf, inf]: no real point, every entry projected to inf
+                raise ValueError("box: lower and upper are the same infinite value: the box holds no number.")
     return Box(lower, upper)
 
 

@@ -115,6 +115,17 @@ def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypat
         ("bench_quadrature", ["--models", "0"], "--models: must be an integer >= 1, got 0"),
         ("bench_quadrature", ["--reps", "0"], "--reps: must be an integer >= 1, got 0"),
         ("bench_streaming", ["--reps", "-1"], "--reps: must be an integer >= 1, got -1"),
+        # sizes were read as given: a crash after the setup, a library error reported as a failed
+        # correctness check (--chunk-size 0), or a run of a model without its layer (--hidden 0, ok: True)
+        ("bench_streaming", ["--chunk-size", "0"], "--chunk-size: must be an integer >= 1, got 0"),
+        ("bench_streaming", ["--models", "mlpp"], "--models: unknown ['mlpp']"),
+        ("bench_streaming", ["--n", "1e6,abc"], "--n: must be a number, got 'abc'"),
+        ("bench_scores", ["--n", "-5"], "--n: must be an integer >= 1, got -5"),
+        ("bench_adjoint", ["--hidden", "32,0"], "--hidden: must be an integer >= 1, got 0"),
+        ("bench_projected", ["--dim", "0"], "--dim: must be an integer >= 1, got 0"),
+        ("bench_projected", ["--sparsity", "0"], "--sparsity: must list whole numbers >= 1, got '0'"),
+        ("bench_quadrature", ["--budget", "nan"], "--budget: must be a finite number >= 0, got nan"),
+        ("study_projected", ["--lr", "-1"], "--lr: must be a finite number > 0, got -1"),
     ],
 )
 def test_bad_options_are_usage_errors(name, argv, message, monkeypatch, capsys):

@@ -348,6 +348,8 @@ def test_sample_size_tiny_epsilon_is_a_clear_error():
     with pytest.raises(ValueError, match="choose a larger epsilon"):
         nj.sample_size(1e-300, 0.1, 3)
     assert nj.sample_size(1e-4, 0.1, 3) > 1e8  # still a (correct) large number
+    with pytest.raises(ValueError, match=r"rank=1e\+30, beta=1 ask .* or check the rank"):
+        nj.sample_size(0.5, 0.1, 10**30)  # the rank's fault: the message blamed epsilon alone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,6 +428,32 @@ def test_checkify_reports_value_errors_under_jit():
     assert "negative" in checked(jax.random.key(0), jnp.array([-0.5, 1.5]))[0].get()
     with pytest.raises(Exception, match="checkify"):  # without checkify.checkify: refused, documented
         jax.jit(_draw)(jax.random.key(0), F)
+
+
+def test_checkify_reports_traced_projection_bounds():
+    """Under a user's jit a negative radius flipped the sign of the parameters and lower > upper returned
+    the upper bound everywhere, with nothing reported even inside traced_checks(); [inf, inf] projected
+    every entry to inf."""
+
+    def ball(r, x):
+        with nj.traced_checks():
+            return nj.l2_ball(r)({"w": x})
+
+    def clip(lo, hi, x):
+        with nj.traced_checks():
+            return nj.box(lo, hi)({"w": x})
+
+    x = jnp.array([3.0, 4.0])
+    checked = jax.jit(checkify.checkify(ball, errors=checkify.user_checks))
+    assert "radius must be positive" in checked(-1.0, x)[0].get()
+    err, out = checked(2.0, x)
+    assert err.get() is None and np.allclose(out["w"], [1.2, 1.6])
+    checked = jax.jit(checkify.checkify(clip, errors=checkify.user_checks))
+    assert "lower must be <= upper" in checked(1.0, -1.0, x)[0].get()
+    assert checked(-1.0, 3.5, x)[0].get() is None
+    for bound in (np.inf, -np.inf):
+        with pytest.raises(ValueError, match="the same infinite value"):
+            nj.box(bound, bound)
 
 
 def _swish_index(p, x):
