@@ -180,6 +180,33 @@ def check_route(reference: dict, args, *, route: str | None) -> dict:
     }
 
 
+def timed_rows_single_index(theta, xs, ys, scores, *, nodes: int, rank: int, rows: int = 64) -> float:
+    """Max-norm relative error of the timed scores (``scores``, the full file's ``out``) on ``rows``
+    random rows against an independent numpy float64 reference of the single-index model ``tanh(<θ, x>)``:
+    dual rows ``[Σ_j w_j tanh'(t_j z_i)·x_i, tanh(0) − y_i]`` (``z_i = <θ, x_i>``, the same ``nodes``-point
+    Gauss-Legendre rule on [0, 1]), their Gram matrix ``G`` summed over the whole file in chunks, and
+    ``τ_r = F_r G⁻¹ F_rᵀ / rank``. The checks before timing use the first rows of the file in a call of
+    their own; this one checks the output of the timed runs themselves (one more read of the file)."""
+    t, w = np.polynomial.legendre.leggauss(nodes)
+    t, w = (t + 1) / 2, w / 2
+    theta = np.asarray(theta, np.float64)
+
+    def dual_rows(x, y):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        grad = (w[None, :] * (1 - np.tanh(np.outer(x @ theta, t)) ** 2)).sum(axis=1)
+        return np.column_stack([grad[:, None] * x, -y])
+
+    n = xs.shape[0]
+    G = np.zeros((xs.shape[1] + 1,) * 2)
+    for start in range(0, n, WRITE_ROWS):
+        F = dual_rows(xs[start : start + WRITE_ROWS], ys[start : start + WRITE_ROWS])
+        G += F.T @ F
+    idx = np.sort(np.random.default_rng(0).choice(n, size=min(rows, n), replace=False))
+    F = dual_rows(xs[idx], ys[idx])
+    tau = np.sum(F * np.linalg.solve(G, F.T).T, axis=1) / rank
+    return max_rel_error(np.asarray(scores[idx], np.float64), tau)
+
+
 def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
     chunk = args.chunk_size
     kw = dict(chunk_size=chunk, num_nodes=args.nodes, return_info=True)
@@ -243,6 +270,13 @@ def run(args) -> dict:
                     forced = check_route(reference, args, route=route)
                     checks |= {f"{name}_n{n}_{key}": entry for key, entry in forced.items()}
                 checks[f"{name}_n{n}_sum_to_one"] = check(abs(result["scores_sum"] - 1.0), 1e-3)
+                if name == "single-index":  # the timed output itself, against numpy (closed-form model)
+                    scores = np.load(folder / "scores.npy", mmap_mode="r")
+                    err = timed_rows_single_index(
+                        params, xs, ys, scores, nodes=args.nodes, rank=result["rank"]
+                    )
+                    checks[f"{name}_n{n}_timed_rows_vs_numpy_max_rel"] = check(err, FLOAT32_RTOL)
+                    del scores
                 results.append({"n": n, "model": name, "write_s": write_s, **result})
             del xs, ys
             shutil.rmtree(folder)

@@ -140,6 +140,8 @@ def test_bench_streaming(tmp_path, monkeypatch):
     args += ["--check-rows", "600", "--dir", str(tmp_path / "data")]
     record = run_bench("bench_streaming", args, tmp_path, monkeypatch, reps=2)
     assert {r["model"] for r in record["results"]} == {"single-index", "mlp"}
+    # the timed output itself, on random rows, against the numpy reference of the single-index model
+    assert record["checks"]["single-index_n3000_timed_rows_vs_numpy_max_rel"]["value"] < 1e-4
     for r in record["results"]:
         name = r["model"]
         # the timed dtype (float32), chunk size and nodes were checked, on their route, before timing
