@@ -383,6 +383,17 @@ def test_study_config_errors():
         study.ActiveStudyConfig(strategies=("random",))
     with pytest.raises(ValueError, match="increasing"):
         study.ActiveStudyConfig(budgets=(40, 20))
+    # a seed of -1 failed later inside numpy; a repeated strategy ran twice under one name
+    with pytest.raises(ValueError, match=r"data_seed must lie in \[0, 2\*\*32\), got -1"):
+        study.ActiveStudyConfig(data_seed=-1)
+    with pytest.raises(ValueError, match="strategies must be distinct"):
+        study.ActiveStudyConfig(strategies=("uniform", "uniform"))
+    # --small fixed the budgets at the default batch's, so any other --batch failed
+    parser = study.add_active_arguments(argparse.ArgumentParser())
+    config = study.config_from_args(parser.parse_args(["--small", "--batch", "7"]))
+    assert config.batch == 7 and config.budgets == (7, 14, 21)
+    config = study.config_from_args(parser.parse_args(["--small", "--batch", "5", "--budgets", "5,15"]))
+    assert config.batch == 5 and config.budgets == (5, 15)
 
 
 def _no_constant(name):

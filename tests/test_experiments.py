@@ -76,6 +76,29 @@ def test_config_validation(kwargs, match):
         ex.SyntheticConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        # an int32 dtype rounded 68% of the inputs to 0 and failed later without naming the field
+        (lambda: ex.SyntheticConfig(dtype="int32"), "dtype must be 'float32' or 'float64', got 'int32'"),
+        (lambda: ex.CaliforniaConfig(dtype="float16"), "dtype must be 'float32' or 'float64'"),
+        (lambda: ex.SyntheticConfig(data_seed=2**32 + 5), r"data_seed must lie in \[0, 2\*\*32\)"),
+        # a reshape error deep in the split; a constant model of the output biases alone; nothing
+        (lambda: ex.DigitsConfig(test_fraction=0.0), r"test_fraction must lie in \(0, 1\), got 0.0"),
+        (lambda: ex.DigitsConfig(test_fraction=1.5), r"test_fraction must lie in \(0, 1\)"),
+        (lambda: ex.DigitsConfig(hidden=0), "hidden must be a positive integer, got 0"),
+        (lambda: ex.FashionMNISTConfig(pool=0), "pool must be a positive integer, got 0"),
+        (lambda: ex.FashionMNISTConfig(n=-5), "n must be a positive integer, got -5"),
+        (lambda: ex.FashionMNISTConfig(components=0), "components must be a positive integer, got 0"),
+    ],
+)
+def test_data_set_config_fields_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+    for config in (ex.DigitsConfig(components=None), ex.FashionMNISTConfig(components=None)):
+        assert config.components is None  # the documented "no projection" still allowed
+
+
 def test_configs_are_hashable():
     assert hash(TINY) == hash(dataclasses.replace(TINY))
     assert {ex.CaliforniaConfig(), ex.CaliforniaConfig()} == {ex.CaliforniaConfig()}

@@ -305,6 +305,8 @@ def test_config_validation():
         O.OutlierConfig(classes=(3,))
     with pytest.raises(ValueError, match="grid_scores"):
         O.OutlierConfig(grid_scores=("nope",))
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*32\), got 4294967301"):
+        O.OutlierConfig(seed=2**32 + 5)  # ran the study of seed 5 under a record of 4294967301
     assert O.OutlierConfig(hidden=8).hidden == (8,)
     hash(O.OutlierConfig())
 

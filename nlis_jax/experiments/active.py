@@ -47,7 +47,7 @@ import optax
 
 import nlis_jax as nj
 from nlis_jax.experiments import datasets
-from nlis_jax.experiments.checks import positive_int, seed_arg
+from nlis_jax.experiments.checks import check_seed, positive_int, seed_arg
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
 
 DATASETS = ("california", "flights", "fashion-mnist")
@@ -103,6 +103,9 @@ class ActiveStudyConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"strategies must be among {list(STRATEGIES)}, got {self.strategies}.")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies must be distinct, got {self.strategies}.")
+        check_seed("data_seed", self.data_seed)
         if self.radius is not None and not self.radius > 0:
             raise ValueError(f"radius must be positive (math.inf: no constraint) or None, got {self.radius}.")
         if not 0.0 <= self.alpha <= 1.0:
@@ -115,10 +118,11 @@ class ActiveStudyConfig:
         return self.budgets[-1] // self.batch - 1
 
 
-def small(config: ActiveStudyConfig) -> ActiveStudyConfig:
-    """A smoke-test variant (``NLIS_SMALL=1`` / ``--small``): 2 repeats, 3 short rounds, a small pool."""
+def small(config: ActiveStudyConfig, batch: int | None = None) -> ActiveStudyConfig:
+    """A smoke-test variant (``NLIS_SMALL=1`` / ``--small``): 2 repeats, 3 short rounds, a small pool;
+    ``batch`` (``--batch``) sets the rounds' size (at most 10), else the config's."""
     n = {"california": 1500, "flights": 1500, "fashion-mnist": 600}[config.dataset]
-    b = min(config.batch, 10)
+    b = min(config.batch if batch is None else batch, 10)
     return dataclasses.replace(
         config,
         batch=b,
@@ -551,7 +555,10 @@ def config_from_args(args: argparse.Namespace) -> ActiveStudyConfig:
     }
     config = ActiveStudyConfig(dataset=args.dataset)
     if args.small or os.environ.get("NLIS_SMALL", "") not in ("", "0"):
-        config = small(config)
+        # the budgets follow --batch (fixed at the default's before, so any other --batch failed)
+        config = small(config, changes.get("batch"))
+        if args.budgets is None:
+            changes.pop("batch", None)  # small() set it (capped at 10) with its budgets
     if args.budgets is not None:
         changes["budgets"] = args.budgets
         if "batch" not in changes:

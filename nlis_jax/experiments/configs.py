@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from nlis_jax.experiments.checks import check_size, check_sizes, positive_int
+from nlis_jax.experiments.checks import check_float_dtype, check_seed, check_size, check_sizes, positive_int
 
 #: Every sampling scheme a study can run, in report order.
 #:
@@ -121,6 +121,10 @@ class CaliforniaConfig(StudyConfig):
     download: bool = True
     dtype: str = "float64"
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_float_dtype("dtype", self.dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig(StudyConfig):
@@ -145,6 +149,11 @@ class SyntheticConfig(StudyConfig):
     c1: float = 1.0
     c2: float = 2.0
     dtype: str = "float64"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_float_dtype("dtype", self.dtype)
+        check_seed("data_seed", self.data_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +196,23 @@ class FashionMNISTConfig(StudyConfig):
     pilot_size: float = 0.05
     timing_size: float | None = 0.1
 
+    def __post_init__(self):
+        super().__post_init__()
+        _check_network_fields(self)
+        positive_int("n", self.n, optional=True)
+        positive_int("n_test", self.n_test, optional=True)
+        positive_int("pool", self.pool)
+
+
+def _check_network_fields(config) -> None:
+    """The fields the classification studies share: a positive ``hidden`` (0 built a constant model
+    of the output biases alone), ``components`` a positive int or ``None`` (or ``"auto"`` where the
+    config allows it), a seed in range."""
+    positive_int("hidden", config.hidden)
+    if config.components is not None and config.components != "auto":
+        positive_int("components", config.components)
+    check_seed("data_seed", config.data_seed)
+
 
 @dataclasses.dataclass(frozen=True)
 class DigitsConfig(StudyConfig):
@@ -211,6 +237,14 @@ class DigitsConfig(StudyConfig):
     radius: float | None = 3.0
     pilot_size: float = 0.1
     timing_size: float | None = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_network_fields(self)
+        if self.components == "auto":
+            raise ValueError("components must be a positive int or None for the digits, got 'auto'.")
+        if isinstance(self.test_fraction, bool) or not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction!r}.")
 
 
 #: The data sets by command-line name.
