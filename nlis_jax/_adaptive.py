@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nlis_jax._checks import is_concrete, report_nonfinite
+from nlis_jax._checks import is_concrete, report_nonfinite, under_trace
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array, PyTree
 
@@ -576,7 +576,8 @@ def integrate(
     rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
     leaves = jax.tree.leaves((params, data))
     check_not_reverse_mode(leaves)
-    concrete = all(is_concrete(leaf) for leaf in leaves)
+    # concrete inputs closed over inside a user's jit still give traced results: the traced scheme
+    concrete = not under_trace() and all(is_concrete(leaf) for leaf in leaves)
     spans_processes = concrete and not all(getattr(leaf, "is_fully_addressable", True) for leaf in leaves)
     if spans_processes or not concrete:
         # On the device: under a user's jit, or for global arrays of several processes, whose values
@@ -584,6 +585,8 @@ def integrate(
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
         kw = dict(chunk=pass_chunk, max_panels=max_panels, depth=depth, bucket=bucket)
         traced = _traced_jit if spans_processes else _traced
+        if not spans_processes:  # numpy leaves closed over in a user's jit: indexed by traced indices
+            params, data = jax.tree.map(jnp.asarray, (params, data))
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         if spans_processes:  # concrete: a replicated count, which every process can read
             _raise_nonfinite(state, nonfinite, jnp)

@@ -25,6 +25,19 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def under_trace() -> bool:
+    """Whether a transformation (a user's ``jax.jit``, ``vmap``, ``grad``) is tracing now: concrete arrays
+    closed over there still give tracers once computed with, so the host-driven paths (the adaptive
+    rule's compaction, the host chunk loop) cannot fetch them. ``jax._src.core.trace_state_clean``
+    (private; 0.4 µs), else a probe array (where a jax release moves it)."""
+    from jax._src import core
+
+    clean = getattr(core, "trace_state_clean", None)
+    if clean is not None:
+        return not clean()
+    return not is_concrete(jnp.zeros((), jnp.int8))
+
+
 def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
     """``ValueError(describe("bad of n"))`` when the count ``bad`` is concrete and positive; under tracing a
     ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""

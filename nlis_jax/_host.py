@@ -47,7 +47,7 @@ from nlis_jax._adjoint import (
     flatten_model,
     nonfinite_adjoint,
 )
-from nlis_jax._checks import check_finite, check_floating, check_not_complex
+from nlis_jax._checks import check_finite, check_floating, check_not_complex, under_trace
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import check_rank
@@ -69,10 +69,15 @@ def is_host_data(xs, traced=None) -> bool:
             "that returns a fresh iterator of (x_chunk, y_chunk) pairs instead (each pass calls it again), "
             "e.g. the generator function itself rather than its call, or lambda: iter(chunks)."
         )
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(traced)):
-        return False
     if callable(xs):
+        if under_trace():
+            raise TypeError(
+                "a chunk source is read on the host, pass by pass, and cannot be used inside jax.jit, vmap "
+                "or grad: call the function outside the transformation, or pass device arrays."
+            )
         return True
+    if under_trace() or any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(traced)):
+        return False  # numpy arrays closed over inside a user's jit: the device path
     leaves = jax.tree.leaves(xs)
     return bool(leaves) and all(isinstance(a, np.ndarray) for a in leaves)
 

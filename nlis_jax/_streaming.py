@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
-from nlis_jax._checks import check_bool, check_positive_int, check_tolerances, report_nonfinite
+from nlis_jax._checks import check_bool, check_positive_int, check_tolerances, is_concrete, report_nonfinite
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import (
     Chunks,
@@ -224,6 +225,9 @@ def streaming_norm_scores(
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     sq, total, bad = _norm_jit(apply_fn, params, xs, ys, **kwargs)
     report_nonfinite(bad, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint(count))
-    if not float(total) > 0:
-        raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
+    zeros = "norm scores: the dual matrix is all zeros, so row norms give no distribution."
+    if not is_concrete(total):  # under a user's jit or vmap (float() raised): checkify, when asked
+        traced.check(total > 0, zeros)
+    elif not float(total) > 0:
+        raise ValueError(zeros)
     return (sq / total).astype(shape.dtype)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nlis_jax._adjoint import eval_example
+from nlis_jax._adjoint import eval_example, num_examples
 from nlis_jax._checks import (
     check_bool,
     check_choice,
@@ -221,7 +221,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     if not jax.tree.leaves(params):
         raise ValueError("params has no array leaves.")
     check_floating("params", params)
-    n = check_leading_axis("xs", xs)
+    n = num_examples(xs, "xs")  # a pytree of arrays sharing the example axis, as the scores take it
     n_y = check_leading_axis("ys", ys)
     check_same_length("xs", n, "ys", n_y)
     check_not_complex("ys", ys)
@@ -374,7 +374,7 @@ def weighted_loss(
     _check_data(params, xs, ys, weights)
     _check_model(apply_fn, params, xs)
     _check_labels(apply_fn, params, xs, ys, loss)
-    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    xs, ys = jax.tree.map(jnp.asarray, xs), jnp.asarray(ys)
     weights = None if weights is None else jnp.asarray(weights)
     total = _weighted_sum_jit(
         _static(apply_fn), _static(loss_fn), params, xs, ys, weights, chunk_size=chunk_size
@@ -419,7 +419,7 @@ def per_example_loss(
     _check_data(params, xs, ys, None)
     _check_model(apply_fn, params, xs)
     _check_labels(apply_fn, params, xs, ys, loss)
-    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    xs, ys = jax.tree.map(jnp.asarray, xs), jnp.asarray(ys)
     losses = _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
     if is_concrete(losses):
         _check_finite_losses(losses, "per_example_loss")
@@ -533,7 +533,7 @@ def _tree_all_finite(tree: PyTree) -> Array:
 
 def _guarded_step(step, data, batch_size, dtype):
     """``run(state, key) -> (state, estimate, ok)``: one step that freezes the state on a failure."""
-    n = data[0].shape[0]
+    n = jax.tree.leaves(data[0])[0].shape[0]
 
     def run(state, key):
         if batch_size is None:
@@ -576,7 +576,7 @@ def _segment(
     """
     apply_fn, optimizer, loss_fn = _unwrap(apply_fn), _unwrap(optimizer), _unwrap(loss_fn)
     projection = dyn_projection if static_projection is None else _unwrap(static_projection)
-    ratio = 1.0 if batch_size is None else data[0].shape[0] / batch_size
+    ratio = 1.0 if batch_size is None else jax.tree.leaves(data[0])[0].shape[0] / batch_size
     dtype = carry[2].dtype
 
     def objective(params, batch):
@@ -692,7 +692,7 @@ def fit(
     _check_model(apply_fn, params, xs)  # the first call of apply_fn: after the checks of the arguments
     static_projection, dyn_projection = _split_projection(projection)
     state = _start(params, dyn_projection, opt_state, static=static_projection, optimizer=_static(optimizer))
-    data = (jnp.asarray(xs), jnp.asarray(ys), w)
+    data = (jax.tree.map(jnp.asarray, xs), jnp.asarray(ys), w)
     segment = functools.partial(
         _segment,
         data=data,

@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import COMPILE_EVENT, count_events
 
@@ -237,3 +238,62 @@ def test_shape_checks_raise_inside_user_jit():
         jax.jit(lambda p, x, y: nj.dual_operator(apply_fn, p, x, y).mv(jnp.ones(3)))(params, xs, ys)
     with pytest.raises(ValueError, match=r"indices and weights must be matching vectors"):
         jax.jit(lambda x: nj.distortion(x, jnp.arange(4), jnp.ones(3)))(xs)
+
+
+def test_inputs_closed_over_inside_user_jit():
+    """Concrete params and data closed over inside a user's jit (jitting over the key alone) crashed the
+    adaptive rule (TracerArrayConversionError: its host-driven compaction fetched values) and the numpy
+    paths of the streaming scores and losses (ConcretizationTypeError); streaming_norm_scores failed under
+    any jit or vmap (a float() of its total). All now take the traced path: the eager values."""
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((24, 3)), rng.standard_normal(24)
+    theta = np.array([0.3, -0.2, 0.5])
+
+    def model(t, x):
+        return jnp.tanh(x @ t)
+
+    calls = {
+        "dual_matrix (adaptive)": lambda: nj.dual_matrix(model, theta, xs, ys),
+        "streaming leverage, numpy": lambda: nj.streaming_leverage_scores(model, theta, xs, ys, num_nodes=8),
+        "streaming norm, numpy": lambda: nj.streaming_norm_scores(model, theta, xs, ys),
+        "weighted_loss, numpy": lambda: nj.weighted_loss(model, theta, xs, ys),
+    }
+    for name, call in calls.items():
+        np.testing.assert_allclose(jax.jit(call)(), call(), rtol=1e-12, atol=1e-15, err_msg=name)
+    X, Y = jnp.asarray(xs), jnp.asarray(ys)
+    norm = jax.jit(lambda t: nj.streaming_norm_scores(model, t, X, Y, chunk_size=8))
+    np.testing.assert_allclose(
+        norm(jnp.asarray(theta)), nj.norm_scores(nj.dual_matrix(model, theta, X, Y, num_nodes=16)), rtol=1e-12
+    )
+    with pytest.raises(TypeError, match="chunk source .* cannot be used inside jax.jit"):
+        jax.jit(lambda: nj.streaming_norm_scores(model, theta, lambda: iter([(xs, ys)])))()
+
+
+def test_pytree_xs_in_the_losses_and_fit():
+    """dict or tuple xs of device arrays: weighted_loss, per_example_loss and fit refused them ("must have at
+    least 1 axis", the container's shape), and a tuple as long as n was stacked and read along the wrong
+    axis (3.04 for 3.79, no error); the numpy path and every score took them. Against numpy."""
+    rng = np.random.default_rng(1)
+    p = {"a": jnp.asarray(rng.normal(size=2)), "b": jnp.asarray(rng.normal(size=3))}
+    xs = {"a": rng.normal(size=(40, 2)), "b": rng.normal(size=(40, 3))}
+    ys = rng.normal(size=40)
+
+    def model(q, x):
+        return jnp.tanh(x["a"] @ q["a"] + x["b"] @ q["b"])
+
+    r = np.tanh(xs["a"] @ np.asarray(p["a"]) + xs["b"] @ np.asarray(p["b"])) - ys
+    device = jax.tree.map(jnp.asarray, xs), jnp.asarray(ys)
+    np.testing.assert_allclose(nj.weighted_loss(model, p, *device), np.sum(r**2), rtol=1e-12)
+    np.testing.assert_allclose(nj.per_example_loss(model, p, *device), r**2, rtol=1e-12)
+    grad = jax.grad(lambda q: nj.weighted_loss(model, q, xs, ys))(p)
+    np.testing.assert_allclose(grad["a"], 2 * xs["a"].T @ (r * (1 - (r + ys) ** 2)), rtol=1e-10)
+    fitted = nj.fit(
+        model, p, *device, optimizer=optax.sgd(1e-3), num_steps=2, batch_size=8, key=jax.random.key(0)
+    )
+    assert np.isfinite(fitted.losses).all()
+    xa, xb, y2 = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)), rng.normal(size=2)
+    th = rng.normal(size=3)
+    want = np.sum((np.tanh(xa @ th + xb @ th) - y2) ** 2)
+    pair = (jnp.asarray(xa), jnp.asarray(xb))  # as many leaves as examples: a pytree, not one array
+    got = nj.weighted_loss(lambda t, x: jnp.tanh(x[0] @ t + x[1] @ t), jnp.asarray(th), pair, jnp.asarray(y2))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
