@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -390,7 +391,8 @@ def make_config(args: argparse.Namespace):
     try:
         return dataclasses.replace(base, **overrides)
     except ValueError as exc:  # the config names its field ("learning_rate must be ..."): name the option
-        dest = next((d for d, (f, _) in _FIELDS.items() if f in overrides and str(exc).startswith(f)), None)
+        named = [d for d, (f, _) in _FIELDS.items() if f in overrides and re.match(rf"{f}\b", str(exc))]
+        dest = named[0] if named else None  # a whole word: "noise must ..." is not field n's
         if dest is None:
             raise
         raise ValueError(f"--{dest.replace('_', '-')}: {exc}") from None
