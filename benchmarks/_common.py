@@ -287,11 +287,6 @@ def run_and_write(name: str, args, run: Callable[[Any], dict], *, x64: bool) -> 
 
 
 # -------------------------------------------------------------------------------------- small helpers
-def int_list(text: str) -> list[int]:
-    """``"1,2,3"`` -> ``[1, 2, 3]`` (an argparse type; empty items skipped)."""
-    return [int(v) for v in text.split(",") if v]
-
-
 def positive_int(text: str) -> int:
     """An argparse type: an integer ``>= 1`` (``--reps 0`` is refused, not run as one repeat)."""
     value = _int(text)

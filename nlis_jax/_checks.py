@@ -123,8 +123,7 @@ def check_finite(name: str, tree: PyTree) -> None:
         # concrete array closed over inside a user's jit is checked eagerly.
         host = host_values(leaf)
         if host is not None:
-            bad = count_failing(host, np.isfinite)
-            _check_narrowing(name, host)
+            bad = _count_host_nonfinite(name, host)
         else:
             with jax.ensure_compile_time_eval():
                 bad = int(_count_nonfinite(leaf))
@@ -132,20 +131,23 @@ def check_finite(name: str, tree: PyTree) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 
-def _check_narrowing(name: str, host: np.ndarray) -> None:
-    """Finite values of a host array that become Inf in jax's cast (float64 without jax_enable_x64: past
-    float32's 3.4e38), named here: later they read as NaN input or a non-finite gradient."""
+def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
+    """NaN/Inf entries of a host array, in one pass. Where jax's cast narrows it (float64 without
+    jax_enable_x64) the same pass counts the finite values past the narrower range too, which become
+    Inf in the cast (later read as NaN input or a non-finite gradient): those are named here."""
     narrow = jax.dtypes.canonicalize_dtype(host.dtype)
     if narrow == host.dtype or not jnp.issubdtype(narrow, jnp.floating):
-        return
+        return count_failing(host, np.isfinite)
     top = float(jnp.finfo(narrow).max)
-    over = count_failing(host, lambda a: ~(np.abs(a) > top) | ~np.isfinite(a))
+    bad = count_failing(host, lambda a: np.abs(a) <= top)  # NaN, Inf and the values the cast makes Inf
+    over = bad and bad - count_failing(host, np.isfinite)  # a second pass on the error path only
     if over:
         raise ValueError(
             f"{name} holds {over} finite value(s) beyond {narrow.name}'s range that become Inf once cast to "
             f"{narrow.name} ({host.dtype.name} data without jax_enable_x64: |v| > {top:.3g}); rescale the "
             "input, or enable jax_enable_x64."
         )
+    return bad
 
 
 @jax.jit
@@ -344,6 +346,16 @@ def check_traced_probs(probs, name: str) -> None:
     traced.check(bad == 0, f"{name} contains NaN or Inf.")
     traced.check(neg == 0, f"{name} has negative entries.")
     traced.check(jnp.abs(total - 1.0) <= tol, f"{name} must sum to 1 (tolerance {tol:g}).")
+
+
+def check_positive(value, message: str) -> None:
+    """``ValueError(message)`` unless a concrete scalar ``value`` is ``> 0`` (NaN fails); traced, a
+    ``checkify`` check (inside ``nlis_jax.traced_checks()``, else nothing): a total or rank that a
+    distribution is divided by."""
+    if not is_concrete(value):
+        traced.check(value > 0, message)
+    elif not float(value) > 0:
+        raise ValueError(message)
 
 
 def check_tolerances(rtol, ridge) -> None:

@@ -47,10 +47,10 @@ from nlis_jax._adjoint import (
     flatten_model,
     nonfinite_adjoint,
 )
-from nlis_jax._checks import check_finite, check_floating, check_not_complex, under_trace
+from nlis_jax._checks import check_finite, check_floating, check_not_complex, check_positive, under_trace
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import check_rank
+from nlis_jax._scores import STREAMED_ZERO_NORMS, check_rank
 
 Source = Callable[[], Iterator]
 
@@ -785,8 +785,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     if out is None:
         check_blocks(per_process[:, 0])
     total = float(across_processes(total, lambda a: a.sum(0)))
-    if not total > 0:
-        raise ValueError("norm scores: the dual matrix is all zeros, so row norms give no distribution.")
+    check_positive(total, STREAMED_ZERO_NORMS)
     scaled = total * (state["scale"] or 1.0)  # the stored values' scale (a power of two: exact)
     if not scaled <= float(jnp.finfo(sq.dtype).max):  # the division would give zeros
         fix = (

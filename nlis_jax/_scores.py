@@ -25,6 +25,7 @@ from nlis_jax._checks import (
     check_finite,
     check_floating,
     check_leading_axis,
+    check_positive,
     check_positive_int,
     check_probs,
     check_real,
@@ -51,6 +52,9 @@ class Leverage(NamedTuple):
     route: Array
 
 
+#: An all-zero dual matrix in the streamed norm scores (device and host data).
+STREAMED_ZERO_NORMS = "norm scores: the dual matrix is all zeros, so row norms give no distribution."
+
 ALL_ZERO_MESSAGE = (
     "the dual matrix is all zeros (rank 0), so leverage gives no distribution. Its adjoint columns are "
     "zero, so the model does not depend on θ along the path tθ (constant model, all-zero parameters of a "
@@ -65,10 +69,7 @@ def check_rank(rank: Array, route: str | None = None) -> None:
     """Raise ``ValueError`` when a concrete rank (or effective dimension) is 0: all-zero input; or when
     ``route`` forced a fast route on rank-deficient input (:func:`check_forced_route`)."""
     check_forced_route(route, rank)
-    if not is_concrete(rank):
-        traced.check(rank > 0, ALL_ZERO_MESSAGE)
-    elif not float(rank) > 0:
-        raise ValueError(ALL_ZERO_MESSAGE)
+    check_positive(rank, ALL_ZERO_MESSAGE)
 
 
 def check_forced_route(route: str | None, rank) -> None:
@@ -241,10 +242,7 @@ def norm_scores(F: Array) -> Array:
         "norm_scores: F is all zeros, so row norms give no distribution (entries below the smallest "
         "normal number of the dtype, subnormal, count as zero on CPUs: rescale such a matrix first)."
     )
-    if not is_concrete(total):  # a checkify check inside nlis_jax.traced_checks(), else nothing
-        traced.check(total > 0, message)
-    elif not float(total) > 0:
-        raise ValueError(message)
+    check_positive(total, message)
     return (sq / total).astype(input_dtype(F))
 
 

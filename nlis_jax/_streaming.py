@@ -32,10 +32,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
-from nlis_jax._checks import check_bool, check_positive_int, check_tolerances, is_concrete, report_nonfinite
+from nlis_jax._checks import (
+    check_bool,
+    check_positive,
+    check_positive_int,
+    check_tolerances,
+    report_nonfinite,
+)
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import (
     Chunks,
@@ -48,7 +53,7 @@ from nlis_jax._passes import (
     strided_valid,
 )
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import Leverage, as_leverage
+from nlis_jax._scores import STREAMED_ZERO_NORMS, Leverage, as_leverage
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -225,9 +230,5 @@ def streaming_norm_scores(
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     sq, total, bad = _norm_jit(apply_fn, params, xs, ys, **kwargs)
     report_nonfinite(bad, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint(count))
-    zeros = "norm scores: the dual matrix is all zeros, so row norms give no distribution."
-    if not is_concrete(total):  # under a user's jit or vmap (float() raised): checkify, when asked
-        traced.check(total > 0, zeros)
-    elif not float(total) > 0:
-        raise ValueError(zeros)
+    check_positive(total, STREAMED_ZERO_NORMS)  # traced under a user's jit or vmap: checkify, when asked
     return (sq / total).astype(shape.dtype)

@@ -610,17 +610,17 @@ def _check_sizes(config, n: int) -> None:
     """``ValueError`` (a usage error) when a sample size of ``config`` asks for more than ``n`` rows."""
     from nlis_jax.experiments.configs import resolve_size, resolve_sizes
 
-    try:
-        resolve_sizes(config.sizes, n)
-    except ValueError as exc:
-        raise ValueError(f"--sizes: {exc}") from None
-    for name in ("pilot_size", "timing_size"):
-        value = getattr(config, name, None)
+    named = [("--sizes", resolve_sizes, config.sizes)]
+    named += [
+        (f"--{f.replace('_', '-')}", resolve_size, getattr(config, f, None))
+        for f in ("pilot_size", "timing_size")
+    ]
+    for option, resolve, value in named:
         try:
             if value is not None:
-                resolve_size(value, n)
-        except ValueError as exc:
-            raise ValueError(f"--{name.replace('_', '-')}: {exc}") from None
+                resolve(value, n)
+        except ValueError as exc:  # the same message for every option: name the one at fault
+            raise ValueError(f"{option}: {exc}") from None
 
 
 def prepare_out(out: str, overwrite: bool) -> Path:

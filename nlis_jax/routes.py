@@ -305,9 +305,9 @@ def choose_route(ratio: Array, rtol: Array | None = None) -> Array:
     ``σ_min/σ_max = √ratio`` is at least ``2·rtol`` (the margin route ``"shifted"`` asks too): a user's
     ``rtol`` above the smallest singular value ratio sends the matrix to route ``"stable"``, whose rank is
     the number of singular values above ``rtol·σ_max``. The default ``rtol`` (``10·eps``) never does: the
-    fast routes need ``ratio ≥ 1000·eps`` anyway."""
-    eps = jnp.finfo(ratio.dtype).eps
-    branch = jnp.where(ratio >= one_step_ratio_min(ratio.dtype), 0, jnp.where(ratio >= 1000 * eps, 1, 2))
+    fast routes need ``ratio ≥ 1000·eps`` anyway (:func:`fast_route_ratio_min`, the bound of ``"gram2"``)."""
+    gram2 = fast_route_ratio_min("gram2", ratio.dtype)
+    branch = jnp.where(ratio >= one_step_ratio_min(ratio.dtype), 0, jnp.where(ratio >= gram2, 1, 2))
     if rtol is not None:
         branch = jnp.where(full_rank_for(ratio, rtol), branch, 2)
     return branch.astype(jnp.int32)

@@ -132,10 +132,4 @@ def check_float_dtype(name: str, value) -> str:
 def seed_arg(text: str) -> int:
     """``argparse`` type of a seed: an integer in ``[0, 2**32)``."""
 
-    def parse(t):
-        value = _integer(t, "an integer seed")
-        if not 0 <= value < SEED_LIMIT:
-            raise ValueError(f"a seed must lie in [0, 2**32), got {value}")
-        return value
-
-    return _as_arg_error(parse, text)
+    return _as_arg_error(lambda t: check_seed("a seed", _integer(t, "an integer seed")), text)
