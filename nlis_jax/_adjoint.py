@@ -139,12 +139,19 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     return shape
 
 
+class ModelModeError(ValueError):
+    """A model that is not a function of its parameters (a Flax module in training mode): raised by an
+    adapter's ``apply_fn`` (:mod:`nlis_jax.models`) and passed through :func:`eval_example` unchanged."""
+
+
 def eval_example(apply_fn: ApplyFn, params: PyTree, x0: PyTree) -> jax.ShapeDtypeStruct:
     """``jax.eval_shape(apply_fn, params, x0)`` for one example ``x0`` (arrays or ``ShapeDtypeStruct``); a
     failure inside ``apply_fn`` (a wrong width of ``xs``, a missing or misshapen leaf of ``params``) becomes
     a ``ValueError`` showing the shapes, chained to it."""
     try:
         return jax.eval_shape(apply_fn, params, x0)
+    except ModelModeError:
+        raise
     except Exception as err:
         cause = (str(err).strip().splitlines() or [""])[0][:300].rstrip(".")
         raise ValueError(

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import flax.errors
 import jax.numpy as jnp
 from flax import linen, nnx
 
+from nlis_jax._adjoint import ModelModeError
 from nlis_jax._checks import check_bool
 from nlis_jax._types import ApplyFn, PyTree
 
@@ -55,7 +57,7 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
         or getattr(module, "use_running_average", None) is False
     ]
     if training:
-        raise ValueError(
+        raise ModelModeError(
             f"from_nnx: {', '.join(training)} in training mode (a Dropout draws random masks, a BatchNorm "
             "updates its statistics on every call), so the model is not a function of its parameters; "
             "call model.eval() first."
@@ -84,6 +86,13 @@ def from_linen(
       variables: the dict from ``module.init``; its ``"params"`` collection becomes ``params``, the other
         collections stay fixed inside ``apply_fn``.
       batched, squeeze: as in :func:`from_nnx`.
+
+    Raises (at the first call of ``apply_fn``, when the module runs):
+      ValueError: a submodule in training mode (``Dropout`` with ``deterministic=False`` asks for a
+        ``"dropout"`` PRNG stream, ``BatchNorm`` with ``use_running_average=False`` updates its
+        statistics): the model is not a function of ``params``; build the module with
+        ``deterministic=True`` / ``use_running_average=True``. A Linen module's submodules exist only
+        while it runs, so this cannot be checked here as :func:`from_nnx` does.
     """
     if not isinstance(module, linen.Module):
         raise TypeError(f"from_linen expects a flax.linen.Module, got {type(module).__name__}.")
@@ -93,7 +102,14 @@ def from_linen(
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def apply_fn(params, x):
-        out = module.apply({**rest, "params": params}, x[None] if batched else x)
+        try:
+            out = module.apply({**rest, "params": params}, x[None] if batched else x)
+        except (flax.errors.InvalidRngError, flax.errors.ModifyScopeVariableError) as err:
+            raise ModelModeError(
+                f"from_linen: the module is in training mode ({err}): a Dropout draws random masks, a "
+                "BatchNorm updates its statistics on every call, so the model is not a function of its "
+                "parameters; build it with deterministic=True / use_running_average=True."
+            ) from err
         return _squeeze_output(out[0] if batched else out, squeeze)
 
     return apply_fn, variables["params"]

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen, nnx
 from helpers import flat_theta, normal, outputs, outputs_at_zero
@@ -143,6 +144,45 @@ def test_from_nnx_refuses_modules_in_training_mode():
     normed = hidden * scale * np.asarray(module.norm.scale[...]) + np.asarray(module.norm.bias[...])
     ref = normed @ np.asarray(module.head.kernel[...])[:, 0] + np.asarray(module.head.bias[...])[0]
     np.testing.assert_allclose(outputs(apply_fn, params, xs), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["dropout", "batch_norm"])
+def test_from_linen_names_training_mode(layer):
+    """A Linen module in training mode failed every score with Flax's own error wrapped in the library's
+    "check that xs has the examples on its leading axis" (a Dropout asks for a "dropout" stream, a
+    BatchNorm updates an immutable collection): now a ValueError naming training mode and the fix, from
+    the scores and from fit; the same module built for evaluation scores as the hand-written network."""
+
+    class Net(linen.Module):
+        training: bool
+
+        @linen.compact
+        def __call__(self, x):
+            h = jnp.tanh(linen.Dense(H, param_dtype=jnp.float64)(x))
+            if layer == "dropout":
+                h = linen.Dropout(0.5, deterministic=not self.training)(h)
+            else:
+                h = linen.BatchNorm(use_running_average=not self.training, param_dtype=jnp.float64)(h)
+            return linen.Dense(1, param_dtype=jnp.float64)(h)
+
+    xs = np.asarray(normal(9, N, D))
+    ys = np.asarray(normal(10, N))
+    variables = Net(training=False).init(jax.random.key(0), xs[0])
+    apply_fn, params = from_linen(Net(training=True), variables)
+    expected = "from_linen: the module is in training mode.*deterministic=True / use_running_average=True"
+    with pytest.raises(ValueError, match=expected):
+        nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=4)
+    with pytest.raises(ValueError, match=expected):
+        nj.fit(apply_fn, params, xs, ys, optimizer=optax.sgd(0.1), num_steps=2)
+    apply_fn, params = from_linen(Net(training=False), variables)
+    kernel0, kernel1 = (np.asarray(variables["params"][k]["kernel"]) for k in ("Dense_0", "Dense_1"))
+    hidden = np.tanh(xs @ kernel0 + np.asarray(variables["params"]["Dense_0"]["bias"]))
+    rtol = 1e-12
+    if layer == "batch_norm":  # running mean 0, variance 1, scale 1, bias 0
+        hidden = hidden / np.sqrt(1 + 1e-5)
+        rtol = 1e-7  # Linen keeps batch statistics in float32: var + eps rounds to float32 (7e-9 here)
+    ref = hidden @ kernel1[:, 0] + np.asarray(variables["params"]["Dense_1"]["bias"])[0]
+    np.testing.assert_allclose(outputs(apply_fn, params, xs), ref, rtol=rtol)
 
 
 def test_import_does_not_import_flax():
