@@ -245,7 +245,12 @@ def shifted_cholesky(Geq: Array) -> tuple[Array, Array]:
     ``s = SHIFT·eps·m``, raised tenfold (at most :data:`SHIFT_TRIES` times, small ``m × m`` work only)
     while the factorisation fails: how much the rounding of the Gram product moved ``G_eq`` depends on
     ``n`` and on the data. ``ok`` is false if every try failed (``L₀`` is then the identity).
+
+    ``L₀`` only preconditions: the basis is orthonormalised after it, and ``range(A D⁻¹L₀⁻ᵀ) = range(A)``
+    for any fixed ``L₀``, so it is held constant under differentiation (``stop_gradient``: exact for the
+    scores' derivative, and jax cannot reverse-differentiate the retry loop).
     """
+    Geq = lax.stop_gradient(Geq)
     m = Geq.shape[0]
     eye = jnp.eye(m, dtype=Geq.dtype)
     shift0 = SHIFT * jnp.finfo(Geq.dtype).eps * m

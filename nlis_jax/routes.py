@@ -384,6 +384,52 @@ def stable_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array]
     return (Vt.T * inv_s[None, :]) / scale[:, None], jnp.sum(keep).astype(jnp.int32)
 
 
+def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Array]:
+    """``(U, M, rank)`` of route ``"stable"`` on an ``(n, m)`` row matrix: ``U = A M`` orthonormal on the
+    singular values above ``rtol · s_max`` of ``A D⁻¹`` (``D = diag(scale)``), zero columns elsewhere.
+
+    In float64 ``U`` is the Householder ``Q`` times the SVD's ``W`` of ``R D⁻¹ = W S Vᵀ`` (orthonormal to
+    ``O(eps)`` whatever ``κ``), ``M = D⁻¹ V S⁻¹``; below float64 ``U = A M`` with ``M`` from the R factor
+    alone and one CholeskyQR step (:func:`refine_transform`).
+    """
+    if A.dtype == jnp.float64:
+        Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
+        W, s, Vt = jnp.linalg.svd(R / scale[None, :])
+        keep = s > rtol * s[0]
+        inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
+        M = (Vt.T * inv_s[None, :]) / scale[:, None]
+        return Q @ (W * keep[None, :]), M, jnp.sum(keep).astype(jnp.int32)
+    M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), scale, rtol)
+    U1 = A @ M
+    second = refine_transform(gram(U1))
+    return U1 @ second, M @ second, rank
+
+
+@jax.custom_jvp
+def stable_leverage(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array]:
+    """``(‖U_i‖², rank)`` of :func:`stable_parts`: route ``"stable"``'s row norms, differentiable.
+
+    The derivative is that of the projector ``P = U Uᵀ`` at fixed rank (rank-preserving changes; the
+    same convention as a truncated SVD): ``dP = (I − P) dA A⁺ + ((I − P) dA A⁺)ᵀ`` with ``A⁺ = M Uᵀ``, so
+    ``dh_i = 2 ⟨[(I − P) dA M]_i, U_i⟩``. Differentiating the QR and SVD themselves gave NaN for input
+    with an exactly-zero column (a dead unit) or repeated singular values. ``scale`` and ``rtol`` choose
+    the rank only: their tangents do not enter.
+    """
+    U, _, rank = stable_parts(A, scale, rtol)
+    return jnp.sum(jnp.square(U), axis=1), rank
+
+
+@stable_leverage.defjvp
+def _stable_leverage_jvp(primals, tangents):
+    A, scale, rtol = primals
+    dA = tangents[0]
+    U, M, rank = stable_parts(A, scale, rtol)
+    B = dA @ M  # (n, m)
+    dh = 2 * jnp.sum(U * (B - U @ (U.T @ B)), axis=1)
+    rank_tangent = np.zeros(rank.shape, jax.dtypes.float0)
+    return (jnp.sum(jnp.square(U), axis=1), rank), (dh, rank_tangent)
+
+
 class Transform(NamedTuple):
     """``U = A first`` (``refine`` false) or ``(A first) second``: an orthonormal basis of ``range(A)``."""
 
@@ -720,17 +766,10 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
 
     def stable(A):
         A = A * cs[None, :]
-        if A.dtype == jnp.float64:
-            Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
-            W, s, _ = jnp.linalg.svd(R / dec.scale[None, :])
-            keep = s > rtol * s[0]
-            return (
-                transform_rows(Q, W * keep[None, :], row_norms),
-                jnp.sum(keep).astype(jnp.int32),
-                jnp.int32(STABLE),
-            )
-        M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), dec.scale, rtol)
-        return *refine(A @ M, rank), jnp.int32(STABLE)
+        if row_norms:
+            return *stable_leverage(A, dec.scale, rtol), jnp.int32(STABLE)
+        U, _, rank = stable_parts(A, dec.scale, rtol)
+        return U, rank, jnp.int32(STABLE)
 
     def shifted(A):  # Y = A D⁻¹L₀⁻ᵀ is formed once: its Gram matrix, then its rows
         first, ok = shifted_first(G)

@@ -166,6 +166,41 @@ def test_forced_fast_route_beyond_its_conditioning_limit_raises(dtype, kappa):
         np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == np.float32 else 50 * kappa * 2.2e-16)
 
 
+def _fixed_rank_leverage(A, rank):
+    """Leverage of the columns-equilibrated rows of ``A`` over its top ``rank`` singular values (numpy)."""
+    norms = np.linalg.norm(A, axis=0)
+    U = np.linalg.svd(A / np.where(norms > 0, norms, 1), full_matrices=False)[0]
+    return np.sum(U[:, :rank] ** 2, axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_stable_route_gradient_with_a_zero_column_and_any_direction(dtype):
+    """Route "stable" differentiated its Householder QR and SVD: an exactly-zero column (a dead unit of a
+    bias-free ReLU net) made jax.grad of the scores NaN and Inf. Now the derivative of the projector at
+    fixed rank, dh_i = 2⟨[(I − P) dA A⁺]_i, U_i⟩ (stable_leverage's custom_jvp), in every direction that
+    leaves the zero column at zero, including ones that raise the rank: against a central difference of
+    the top-r SVD leverage of the equilibrated matrix, for the automatic and the forced route, in reverse
+    and forward mode; float32 against the float64 derivative."""
+    rng = np.random.default_rng(3)
+    B = rng.normal(size=(50, 2)) @ rng.normal(size=(2, 6))  # rank 2
+    B = np.c_[B, np.zeros(50)]  # and a zero column
+    E = rng.normal(size=B.shape)
+    E[:, -1] = 0
+    i = int(np.argmax(_fixed_rank_leverage(B, 2)))
+    fd = (_fixed_rank_leverage(B + 1e-6 * E, 2)[i] - _fixed_rank_leverage(B - 1e-6 * E, 2)[i]) / 2e-6 / 2
+    assert abs(fd) > 1e-3  # a direction that moves the score
+    for route in (None, "stable"):
+        score = lambda F, route=route: nj.leverage_scores(F, route=route)[i]  # noqa: E731
+        g = np.asarray(jax.grad(score)(jnp.asarray(B, dtype)), np.float64)
+        assert np.all(np.isfinite(g)), route
+        assert np.all(g[:, -1] == 0)
+        forward = float(jax.jvp(score, (jnp.asarray(B, dtype),), (jnp.asarray(E, dtype),))[1])
+        # float64: the central difference's own error (step² and eps/step ~1e-10); float32: its rounding
+        # of B (eps·κ of the rank-2 part, a few 1e-6 relative) in a derivative of order 1
+        rtol = 1e-6 if dtype == np.float64 else 1e-3
+        np.testing.assert_allclose([np.sum(g * E), forward], [fd, fd], rtol=rtol)
+
+
 def test_reverse_mode_gradient_on_rank_deficient_input_is_finite():
     """The routes factor the Gram matrix before choosing; on rank-deficient input the factor is NaN and
     unused (route "stable"), but its derivative put NaN into every entry of jax.grad of the automatic
