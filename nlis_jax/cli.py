@@ -47,12 +47,14 @@ examples:
 
 data: California Housing is read from scikit-learn's cache (cal_housing_py3.pkz) in --data-home or
 $SCIKIT_LEARN_DATA; Fashion-MNIST from the four IDX files in --data-home/fashion-mnist,
-$NLIS_FASHION_MNIST, ~/scikit_learn_data/fashion-mnist or /usr/share/datasets/fashion-mnist. A missing
+$NLIS_FASHION_MNIST, $SCIKIT_LEARN_DATA/fashion-mnist, $SCIKIT_LEARN_DATA/../fashion-mnist,
+~/scikit_learn_data/fashion-mnist or /usr/share/datasets/fashion-mnist. A missing
 data set is downloaded once into that cache, as scikit-learn does (--no-download: never; offline, point
 SCIKIT_LEARN_DATA at an existing cache).
 
 environment: NLIS_SMALL=1 shrinks the defaults to a smoke-test size (2 repeats, 2 sizes, 50 steps,
-at most 2,000 rows, no wall-time comparison); explicit options still apply.
+at most 2,000 rows of generated or subsampled data (California keeps its 20,640), no wall-time
+comparison); explicit options still apply.
 """
 
 
