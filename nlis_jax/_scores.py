@@ -144,7 +144,8 @@ def orthonormal_basis(
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
     rows, _ = routes.as_rows(F)
-    rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
+    # the input's own eps (half precision is computed in float32, but its rounding is that of F's dtype)
+    rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol
     U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
     check_rank(rank, route)
     return _nonzero_first(U).astype(input_dtype(F)), rank, taken
@@ -219,7 +220,7 @@ def leverage_scores(
         dtype = input_dtype(F)
         probs, h = probs.astype(dtype), h.astype(dtype)
         return Leverage(probs, h, eff_dim.astype(dtype), jnp.asarray(0, jnp.int32)) if return_info else probs
-    rtol = routes.default_rtol(rows.dtype) if rtol is None else rtol
+    rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol  # F's eps, as orthonormal_basis
     h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
     routes.raise_if_nonfinite("F", F, h)  # before the rank test: NaN input is not an all-zero matrix
     return as_leverage(h, rank, taken, return_info, input_dtype(F), forced=route)

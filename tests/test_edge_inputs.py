@@ -27,6 +27,25 @@ def test_distortion_of_half_precision_input():
         assert abs(float(got) - ref) <= 0.05 * ref
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_rank_uses_the_inputs_eps(dtype):
+    """Half-precision F is computed in float32, and the default rank tolerance was float32's 10·eps: the
+    input's own rounding (σ/σ_max ~1e-4 in float16, ~1e-3 in bfloat16) counted as rank, so an exactly
+    rank-2 matrix had rank 5 and probabilities up to 122% / 188% off (streamed scores of the same model
+    used the input's eps and were right). Now 10·eps of F's dtype, as documented: rank 2, the scores
+    within the input's rounding of the float64 rank-2 leverage, and a basis of two columns."""
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(60, 2)) @ rng.normal(size=(2, 5))
+    want = np.sum(np.linalg.svd(F, full_matrices=False)[0][:, :2] ** 2, axis=1) / 2
+    Fh = jnp.asarray(F, dtype)
+    info = nj.leverage_scores(Fh, return_info=True)
+    assert int(info.rank) == 2 and info.probs.dtype == dtype
+    # the input's rounding moves rank-2 leverage by ~eps·κ: float16 2e-5, bfloat16 2e-4 (of max 0.11)
+    np.testing.assert_allclose(np.asarray(info.probs, np.float64), want, atol=20 * float(jnp.finfo(dtype).eps))
+    U, rank, _ = nj.orthonormal_basis(Fh)
+    assert int(rank) == 2 and np.count_nonzero(np.linalg.norm(np.asarray(U, np.float64), axis=0)) == 2
+
+
 def test_half_precision_weights_of_large_samples():
     """``s·p_i`` overflowed float16 from s = 65,520: every weight was 0. Now ``1/(s·p_i)`` rounded once."""
     idx, w = nj.sample(jax.random.key(0), nj.uniform_scores(4, jnp.float16), 70_000)
