@@ -41,7 +41,8 @@ def test_half_precision_rank_uses_the_inputs_eps(dtype):
     info = nj.leverage_scores(Fh, return_info=True)
     assert int(info.rank) == 2 and info.probs.dtype == dtype
     # the input's rounding moves rank-2 leverage by ~eps·κ: float16 2e-5, bfloat16 2e-4 (of max 0.11)
-    np.testing.assert_allclose(np.asarray(info.probs, np.float64), want, atol=20 * float(jnp.finfo(dtype).eps))
+    atol = 20 * float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(info.probs, np.float64), want, atol=atol)
     U, rank, _ = nj.orthonormal_basis(Fh)
     assert int(rank) == 2 and np.count_nonzero(np.linalg.norm(np.asarray(U, np.float64), axis=0)) == 2
 
