@@ -121,6 +121,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
             f"apply_fn(params, x) must return a scalar or a vector of k outputs for ONE example, "
             f"got shape {out.shape}. (Pass one example x, not a batch: nlis_jax vmaps inside.)"
         )
+    check_has_outputs(out)
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"apply_fn must return floating values, got dtype {out.dtype}.")
     shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype)
@@ -137,6 +138,16 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
         check_finite("ys", ys)
         check_ys_fits(ys, shape.dtype)
     return shape
+
+
+def check_has_outputs(out: jax.ShapeDtypeStruct) -> None:
+    """``ValueError`` for a model with no outputs (``apply_fn`` returning shape ``(0,)``): its dual matrix
+    has no rows, and the quadrature failed on an empty reduction inside."""
+    if 0 in out.shape:
+        raise ValueError(
+            f"apply_fn(params, x) returns no outputs (shape {out.shape} for one example): the model must "
+            "give a scalar or a vector of k ≥ 1 outputs."
+        )
 
 
 class ModelModeError(ValueError):

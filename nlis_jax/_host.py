@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nlis_jax import routes
 from nlis_jax._adjoint import (
+    check_has_outputs,
     check_ys_fits,
     count_bad_examples,
     eval_example,
@@ -105,6 +106,7 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     if weights is not None and np.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
     out = eval_example(apply_fn, params, example_spec(xs))  # shapes only: a memmap is not read
+    check_has_outputs(out)
     if out_check and ys is not None:
         if np.shape(ys) != (n,) + out.shape:
             raise ValueError(

@@ -538,3 +538,27 @@ def test_single_index_adjoint_names_float64_data_beyond_float32_without_x64():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="xs holds 1 finite value.s. beyond float32's range"):
             nj.closed_forms.single_index_adjoint(jnp.tanh, np.ones(2, np.float32), xs)
+
+
+def test_a_model_with_no_outputs_is_named():
+    """``apply_fn`` returning shape ``(0,)``: "zero-size array to reduction operation max which has no
+    identity" from inside the quadrature (adjoint, dual_matrix, streaming and label-free scores), or an
+    empty adjoint with a fixed rule. Now a ValueError naming the output shape, on device and host data."""
+    xs, ys = np.ones((30, 3)), np.ones((30, 0))
+    params = {"w": jnp.ones(3)}
+
+    def apply_fn(p, x):
+        return (x * p["w"])[:0]
+
+    message = r"apply_fn\(params, x\) returns no outputs \(shape \(0,\)"
+    calls = [
+        lambda: nj.adjoint(apply_fn, params, xs),
+        lambda: nj.adjoint(apply_fn, params, xs, num_nodes=8),
+        lambda: nj.dual_matrix(apply_fn, params, xs, ys),
+        lambda: nj.streaming_leverage_scores(apply_fn, params, jnp.asarray(xs), jnp.asarray(ys)),
+        lambda: nj.streaming_leverage_scores(apply_fn, params, xs, ys),  # host data
+        lambda: nj.label_free_leverage_scores(apply_fn, params, xs),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
