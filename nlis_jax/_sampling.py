@@ -221,6 +221,11 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
     d = _check_rank(rank)
     if not 0 < beta <= 1:
         raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+    if d > 2**62:  # a rank is at most the number of rows (d / beta overflowed a float from 2^1024)
+        raise ValueError(
+            f"rank must be at most 2^62 (a dual matrix's rows), got an integer of {len(str(d))} digits; "
+            "check the rank."
+        )
     m = max(d / beta - 1.0, 1.0)
     log_s = math.log(2.0 + 2.0 * epsilon / 3.0) - 2.0 * math.log(epsilon) + math.log(m)
     log_term = math.log(2.0 * d) - math.log(delta)  # log(2d/δ): 2d/δ itself overflows for tiny δ

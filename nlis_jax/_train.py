@@ -767,6 +767,12 @@ def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
     # summed in at least float32: float16 weights of a large sample (1/(s p_i) each) overflow their own sum
     total = float(jnp.sum(w.astype(jnp.promote_types(w.dtype, jnp.float32))))
     if not total > 0:
+        if is_concrete(weights) and np.any(np.asarray(weights) != 0):  # subnormal: flushed on a CPU
+            raise ValueError(
+                f"weights sum to 0 in {w.dtype}: their non-zero values are below its smallest normal number "
+                f"({float(jnp.finfo(w.dtype).smallest_normal):.3g}), which the device treats as zero; "
+                "rescale the weights (the fit does not depend on their overall scale)."
+            )
         raise ValueError("weights must not all be zero.")
     if not math.isfinite(total):
         raise ValueError(f"weights sum to {total} (overflow): scale them down (fit normalises by their sum).")

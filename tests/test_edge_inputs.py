@@ -562,3 +562,16 @@ def test_a_model_with_no_outputs_is_named():
     for call in calls:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_huge_rank_and_subnormal_weights_are_named():
+    """``sample_size(rank=10**400)`` was a bare ``OverflowError: int too large to convert to float``, and
+    ``fit`` with subnormal weights (flushed to zero on a CPU) said they were all zero."""
+    with pytest.raises(ValueError, match="rank must be at most 2\\^62 .* 401 digits"):
+        nj.sample_size(0.5, 0.1, rank=10**400)
+    xs, ys = np.ones((5, 3), np.float32), np.ones(5, np.float32)
+    kwargs = dict(optimizer=optax.sgd(0.1), num_steps=2)
+    with pytest.raises(ValueError, match="weights sum to 0 in float32: .* below its smallest normal"):
+        nj.fit(lambda p, x: x @ p, jnp.ones(3), xs, ys, weights=np.full(5, 1e-40, np.float32), **kwargs)
+    with pytest.raises(ValueError, match="weights must not all be zero"):
+        nj.fit(lambda p, x: x @ p, jnp.ones(3), xs, ys, weights=np.zeros(5, np.float32), **kwargs)
