@@ -186,6 +186,11 @@ def _count_unrepresentable(ys, like):
     return jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
 
 
+@jax.jit
+def _count_flushed(ys, tiny):
+    return jnp.count_nonzero((ys != 0) & (jnp.abs(ys) < tiny))
+
+
 def check_ys_fits(ys, dtype) -> None:
     """``ValueError`` if a concrete ``ys`` (finite, floating) has values beyond the range of ``dtype`` (the
     params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf. Only a ``ys``
@@ -213,6 +218,18 @@ def check_ys_fits(ys, dtype) -> None:
             bad = int(_count_unrepresentable(ys, jnp.zeros((), dtype)))
     if bad:
         raise ValueError(message.format(bad))
+    tiny = float(jnp.finfo(dtype).smallest_normal)  # and below it: flushed to 0 on the device
+    if host is not None:
+        lost = count_failing(host, lambda a: (np.abs(a) >= tiny) | (a == 0))
+    else:
+        with jax.ensure_compile_time_eval():
+            lost = int(_count_flushed(ys, jnp.asarray(tiny, ys.dtype)))
+    if lost:
+        raise ValueError(
+            f"ys has {lost} non-zero value(s) below the smallest normal number of the params' dtype "
+            f"{jnp.dtype(dtype).name} ({tiny:.3g}): cast to it they become 0 in the offset column f(0) − y. "
+            "Rescale ys (and the model's outputs), or pass params in a wider dtype."
+        )
 
 
 def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> FlatModel:

@@ -138,14 +138,27 @@ def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
     narrow = jax.dtypes.canonicalize_dtype(host.dtype)
     if narrow == host.dtype or not jnp.issubdtype(narrow, jnp.floating):
         return count_failing(host, np.isfinite)
-    top = float(jnp.finfo(narrow).max)
-    bad = count_failing(host, lambda a: np.abs(a) <= top)  # NaN, Inf and the values the cast makes Inf
-    over = bad and bad - count_failing(host, np.isfinite)  # a second pass on the error path only
+    top, tiny = float(jnp.finfo(narrow).max), float(jnp.finfo(narrow).smallest_normal)
+
+    def fits(a):  # not NaN or Inf, not made Inf by the cast, not flushed to 0 on the device
+        magnitude = np.abs(a)
+        return (magnitude <= top) & ((magnitude >= tiny) | (a == 0))
+
+    bad = count_failing(host, fits)
+    if not bad:
+        return 0
+    nonfinite = count_failing(host, np.isfinite)  # further passes on the error path only
+    over = count_failing(host, lambda a: ~np.isfinite(a) | (np.abs(a) <= top)) if bad > nonfinite else 0
+    cast = f"once cast to {narrow.name} ({host.dtype.name} data without jax_enable_x64"
     if over:
         raise ValueError(
-            f"{name} holds {over} finite value(s) beyond {narrow.name}'s range that become Inf once cast to "
-            f"{narrow.name} ({host.dtype.name} data without jax_enable_x64: |v| > {top:.3g}); rescale the "
-            "input, or enable jax_enable_x64."
+            f"{name} holds {over} finite value(s) beyond {narrow.name}'s range that become Inf {cast}: "
+            f"|v| > {top:.3g}); rescale the input, or enable jax_enable_x64."
+        )
+    if bad > nonfinite:  # a column of them would drop out of every score silently
+        raise ValueError(
+            f"{name} holds {bad - nonfinite} non-zero value(s) below {narrow.name}'s smallest normal number "
+            f"that become 0 {cast}: 0 < |v| < {tiny:.3g}); rescale the input, or enable jax_enable_x64."
         )
     return bad
 

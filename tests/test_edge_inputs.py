@@ -540,6 +540,43 @@ def test_single_index_adjoint_names_float64_data_beyond_float32_without_x64():
             nj.closed_forms.single_index_adjoint(jnp.tanh, np.ones(2, np.float32), xs)
 
 
+def test_float64_values_flushed_to_zero_by_a_narrowing_cast_are_named():
+    """float64 values below float32's smallest normal number become 0 on the device: without x64, a
+    column of xs scaled by 1e-60 made linear leverage 0.033 off, and dual, streamed and projected leverage
+    0.021 off, with no error (only leverage_scores(F) named the cast); with x64 and float32 params, ys
+    scaled by 1e-60 became an offset column of -0 (streamed leverage 0.037 off). Now named before any
+    work, as values beyond the range are."""
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((40, 3)), rng.standard_normal(40)
+    xs[:, 1] *= 1e-60
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    p = np.ones(3, np.float32)
+    message = "xs holds 40 non-zero value.s. below float32's smallest normal number that become 0 once cast"
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax's truncation warning of the cast
+        for call in (
+            lambda: nj.linear_leverage_scores(xs),
+            lambda: nj.dual_matrix(f, p, xs, ys),
+            lambda: nj.streaming_leverage_scores(f, p, xs, ys, chunk_size=16),
+            lambda: nj.projected_leverage_scores(jax.random.key(0), f, p, xs, ys, dim=3),
+        ):
+            with pytest.raises(ValueError, match=message + ".*enable jax_enable_x64"):
+                call()
+    xs, tiny_ys = rng.standard_normal((40, 3)), ys * 1e-60
+    message = "ys has 40 non-zero value.s. below the smallest normal number of the params' dtype float32"
+    for call in (
+        lambda: nj.dual_matrix(f, p, xs, tiny_ys),
+        lambda: nj.streaming_leverage_scores(f, p, jnp.asarray(xs, jnp.float32), jnp.asarray(tiny_ys)),
+        lambda: nj.streaming_leverage_scores(f, p, xs.astype(np.float32), tiny_ys, chunk_size=16),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    nj.dual_matrix(f, p, xs, ys)  # float64 ys in float32's normal range: accepted
+
+
 def test_a_model_with_no_outputs_is_named():
     """``apply_fn`` returning shape ``(0,)``: "zero-size array to reduction operation max which has no
     identity" from inside the quadrature (adjoint, dual_matrix, streaming and label-free scores), or an

@@ -357,5 +357,5 @@ def test_float64_host_input_below_float32_is_named_without_x64():
     B = np.random.default_rng(0).standard_normal((200, 5))
     B[:, 2] *= 1e-60
     with jax.enable_x64(False):
-        with pytest.raises(ValueError, match="cast to float32: 200 non-zero value.*become 0"):
+        with pytest.raises(ValueError, match="F holds 200 non-zero value.*become 0 once cast to float32"):
             nj.leverage_scores(B)
