@@ -40,21 +40,36 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
 
     Args:
       t: array of any shape.
-      c1, c2: the bounds on ``(ϕ(t)/t)²``; require ``0 < c1 <= c2``.
+      c1, c2: the bounds on ``(ϕ(t)/t)²``; require ``0 < c1 <= c2`` (``ValueError``; traced values, e.g.
+        leaves of ``params``, are checked inside :func:`nlis_jax.traced_checks`).
       zeta: slope of the sigmoid gate.
 
     Returns:
       Array of the shape and dtype of ``t`` (the default float dtype for integer or bool ``t``).
     """
-    # c1, c2: Python, numpy or 0-d array numbers (check_real); a concrete zeta the same, a traced one a
-    # checkify check inside nlis_jax.traced_checks()
-    message = f"bounded_swish needs real numbers, finite 0 < c1 <= c2; got c1={c1!r}, c2={c2!r}."
-    try:
-        c1, c2 = check_real("c1", c1), check_real("c2", c2)
-    except TypeError:
-        raise ValueError(message) from None
-    if not 0 < c1 <= c2 < math.inf:
-        raise ValueError(message)
+    # c1, c2, zeta: Python, numpy or 0-d array numbers (check_real); traced ones (under a user's jit, or
+    # leaves of params) a checkify check inside nlis_jax.traced_checks()
+    traced_bounds = not (is_concrete(c1) and is_concrete(c2))
+    if traced_bounds:
+        c1, c2 = jnp.asarray(c1), jnp.asarray(c2)
+        if (
+            jnp.shape(c1) != ()
+            or jnp.shape(c2) != ()
+            or not all(
+                jnp.issubdtype(c.dtype, jnp.floating) or jnp.issubdtype(c.dtype, jnp.integer)
+                for c in (c1, c2)
+            )
+        ):
+            raise ValueError(f"bounded_swish needs real scalars c1, c2; got {c1} and {c2}.")
+        traced.check((0 < c1) & (c1 <= c2) & jnp.isfinite(c2), "bounded_swish needs finite 0 < c1 <= c2.")
+    else:
+        message = f"bounded_swish needs real numbers, finite 0 < c1 <= c2; got c1={c1!r}, c2={c2!r}."
+        try:
+            c1, c2 = check_real("c1", c1), check_real("c2", c2)
+        except TypeError:
+            raise ValueError(message) from None
+        if not 0 < c1 <= c2 < math.inf:
+            raise ValueError(message)
     if is_concrete(zeta):
         if not 0 <= check_real("zeta", zeta) < math.inf:
             raise ValueError(f"bounded_swish needs a finite zeta >= 0 (the bounds hold then), got {zeta}.")
@@ -63,8 +78,13 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.inexact):  # integer or bool t: the default float, not c1 truncated
         t = t.astype(jnp.result_type(float))
-    # the square roots in float64, then rounded once: c2 = 1e5 overflowed float16 before its root (√c2 = 316)
-    lo, hi = (jnp.asarray(math.sqrt(c), t.dtype) for c in (c1, c2))
+    # the square roots in float64 (traced: at least float32), then rounded once: c2 = 1e5 overflowed float16
+    # before its root (√c2 = 316)
+    if traced_bounds:
+        wide = jnp.promote_types(t.dtype, jnp.float32)
+        lo, hi = (jnp.sqrt(c.astype(wide)).astype(t.dtype) for c in (c1, c2))
+    else:
+        lo, hi = (jnp.asarray(math.sqrt(c), t.dtype) for c in (c1, c2))
     zeta = jnp.asarray(zeta).astype(t.dtype)  # a float64 zeta must not promote float32 t
     return t * (lo + (hi - lo) * jax.nn.sigmoid(zeta * t))
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import nlis_jax as nj
 
@@ -176,3 +177,35 @@ def test_box_bounds_that_do_not_broadcast_are_named():
     out = nj.box({"w": -np.ones(3), "b": -1.0}, 1.0)({"w": np.array([5.0, -5.0, 0.5]), "b": np.asarray(-3.0)})
     np.testing.assert_array_equal(out["w"], [1.0, -1.0, 0.5])
     assert float(out["b"]) == -1.0
+
+
+def test_bounded_swish_with_traced_bounds():
+    """A traced c1/c2 (under a user's jit, or c2 a leaf of params under nj.adjoint) was "bounded_swish
+    needs real numbers, finite 0 < c1 <= c2" although they were, or the library's advice about the layout
+    of xs. Now computed: under jit equal to the eager value; as a parameter, the (adaptive) adjoint
+    satisfies ⟨f*, θ⟩ + f(0) = f(θ) and its c2 entry is ∫_0^1 ∂f/∂c2(tθ) dt of the closed form;
+    out-of-order bounds are a checkify error inside nj.traced_checks()."""
+    t = jnp.linspace(-2.0, 2.0, 9)
+    jitted = jax.jit(lambda c1, c2: nj.bounded_swish(t, c1, c2))(0.5, 3.0)
+    np.testing.assert_allclose(jitted, nj.bounded_swish(t, 0.5, 3.0), rtol=1e-14)
+    xs = np.random.default_rng(0).normal(size=(10, 3))
+    params = {"w": np.full(3, 0.2), "c2": np.asarray(2.0)}
+
+    def model(p, x):
+        return nj.bounded_swish(x @ p["w"], 1.0, p["c2"])
+
+    adj = np.asarray(nj.adjoint(model, params, xs))  # (n, p): ravel_pytree order, c2 then w
+    assert adj.shape == (10, 4)
+    f = np.asarray(jax.vmap(lambda x: model(params, x))(xs))
+    identity = adj[:, 1:] @ params["w"] + adj[:, 0] * 2.0  # f(0) = 0
+    np.testing.assert_allclose(identity, f, rtol=1e-10)
+    # ∂f/∂c2 at tθ = u·σ(u)/(2√(t·c2)), u = t⟨w, x⟩; with t = s² the integrand is smooth: 64 nodes
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    s_, ws = (nodes + 1) / 2, weights / 2
+    u = (s_**2)[None, :] * (xs @ params["w"])[:, None]
+    want = np.sum(ws * 2 * s_ * u / (1 + np.exp(-u)) / (2 * s_ * np.sqrt(2.0)), axis=1)
+    np.testing.assert_allclose(adj[:, 0], want, rtol=1e-10)
+    checked = jax.jit(checkify.checkify(lambda c2: nj.bounded_swish(t, 1.0, c2), errors=checkify.user_checks))
+    with nj.traced_checks():
+        err, _ = checked(0.5)
+    assert "finite 0 < c1 <= c2" in str(err.get())
