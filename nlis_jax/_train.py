@@ -45,6 +45,7 @@ from nlis_jax._checks import (
     check_positive_int,
     check_same_length,
     is_concrete,
+    under_trace,
     value_range,
 )
 from nlis_jax._host import host_losses, is_host_data, nonfinite_losses
@@ -644,7 +645,8 @@ def fit(
     once (a fresh ``lambda`` or ``optax.adam(1e-2)`` per call recompiles). Projections from
     :mod:`nlis_jax.projections` are passed as data, so a new radius or box also reuses the cache.
 
-    ``fit`` itself drives the segments from Python (it is not meant to be called under ``jit``).
+    ``fit`` itself drives the segments from Python: under a jax transformation (``jit``, ``vmap``,
+    ``grad``) it raises ``TypeError``; :func:`make_train_step` is the step to put in a loop of your own.
 
     Args:
         apply_fn: ``apply_fn(params, x)`` for ONE example: a scalar, or ``(k,)`` logits.
@@ -680,6 +682,12 @@ def fit(
             :class:`TrainState` of the last finite iterate (nothing non-finite is kept). Checked
             after each segment; later steps do not run.
     """
+    if under_trace():  # its checks, segments and NaN stops read values on the host
+        raise TypeError(
+            "fit cannot run under a jax transformation (jit, vmap, grad): it drives its compiled training "
+            "segments from Python and reads the loss between them. Call it outside, or build your own "
+            "loop from nlis_jax.make_train_step."
+        )
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)

@@ -792,3 +792,18 @@ def test_apply_fn_failing_on_an_example_is_named_on_device_arrays():
             ValueError, match=r"apply_fn\(params, x\) failed on one example x = xs\[0\] \(x shape \(3,\)\)"
         ):
             call()
+
+
+def test_fit_under_a_transformation_names_the_cause():
+    """fit under a user's jit was a ConcretizationTypeError from float() deep inside (traced weights or
+    params): a TypeError saying fit cannot run there and pointing to make_train_step."""
+    xs, ys = np.ones((6, 2)), np.ones(6)
+
+    def run(params, weights):
+        return nj.fit(
+            lambda p, x: x @ p, params, xs, ys, weights, optimizer=optax.sgd(0.1), num_steps=2
+        ).params
+
+    with pytest.raises(TypeError, match="fit cannot run under a jax transformation.*make_train_step"):
+        jax.jit(run)(jnp.ones(2), jnp.ones(6))
+    np.testing.assert_allclose(run(jnp.ones(2), jnp.ones(6)), run(jnp.ones(2), jnp.ones(6)))
