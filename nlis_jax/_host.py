@@ -576,8 +576,6 @@ _checked_step = functools.partial(_step, _checked)
 _values_step = functools.partial(_step, _values)
 
 
-_decide = jax.jit(highest_precision(routes.decide), static_argnames=("route",))
-_refine = jax.jit(highest_precision(routes.refine_transform))
 _stable = jax.jit(highest_precision(routes.stable_transform))
 
 
@@ -585,13 +583,13 @@ _stable = jax.jit(highest_precision(routes.stable_transform))
 def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) -> routes.Transform:
     """:func:`nlis_jax.routes.transform_from_passes` with the passes run from Python (only those needed;
     ``run_pass`` is for traced code and not used)."""
-    dec = _decide(G, route=route, rtol=rtol)
+    dec = routes.decide(G, route=route, rtol=rtol)
     eye = jnp.eye(G.shape[0], dtype=G.dtype)
     taken = int(dec.route)
     if taken == 0:
         return routes.Transform(dec.transform, eye, jnp.asarray(False), dec.rank, dec.route)
     if taken == 1:
-        second = _refine(gram_pass(dec.transform))
+        second = routes.refine_transform(gram_pass(dec.transform))
         return routes.Transform(dec.transform, second, jnp.asarray(True), dec.rank, dec.route)
     # Route "shifted" (chosen below float64) calls its passes from traced code; from Python the
     # rank-revealing route is taken instead, and reported.
@@ -599,7 +597,7 @@ def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) ->
     stable = jnp.asarray(routes.STABLE, jnp.int32)
     if G.dtype == jnp.float64:
         return routes.Transform(M, eye, jnp.asarray(False), rank, stable)
-    return routes.Transform(M, _refine(gram_pass(M)), jnp.asarray(True), rank, stable)
+    return routes.Transform(M, routes.refine_transform(gram_pass(M)), jnp.asarray(True), rank, stable)
 
 
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:
@@ -757,55 +755,52 @@ def check_leverage_sum(h_sum: float, rank) -> None:
 
 
 def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):
-    """Row-norm probabilities of the dual matrix of host data, one pass (then a division in place)."""
+    """Row-norm probabilities of the dual matrix of host data: one pass storing the norms ``‖F̃_i‖``
+    (:func:`nlis_jax._passes.norm_rows`), then ``(‖F̃_i‖/t)² / Σ_j (‖F̃_j‖/t)²`` in place, ``t`` the largest
+    (two reads of the ``(n,)`` vector): squares of the norms themselves over- or underflowed."""
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
     kw = dict(args=(), kernel=norm_rows, num_nodes=num_nodes, mode=mode)
     step = functools.partial(_values_step, apply_fn, params, **kw)
     state = {"carry": (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32)), "n": 0, "scale": None}
-    # an out narrower than the scores (float32 out, float64 model) stores the squared norms scaled by a
-    # power of two from the first chunk (largest near 1) until the division: stored raw, squared norms of
-    # 1e-43 became denormals (3% off) and of 1e-48 zeros (0/0: NaN)
+    # an out narrower than the scores (float32 out, float64 model) stores the norms scaled by a power of
+    # two from the first chunk (largest near 1): stored raw, norms of 1e-45 were zeros
     narrow = out is not None and np.dtype(out.dtype).itemsize < np.dtype(dtype).itemsize
 
     def one(piece, valid):
-        sq, state["carry"] = step(state["carry"], piece, valid)
+        norms, state["carry"] = step(state["carry"], piece, valid)
         state["n"] += valid
         if narrow:
             if state["scale"] is None and valid:
-                peak = float(np.max(np.asarray(sq)[:valid]))
+                peak = float(np.max(np.asarray(norms)[:valid]))
                 state["scale"] = 2.0 ** -np.frexp(peak)[1] if np.isfinite(peak) and peak > 0 else None
             if state["scale"] is not None:
-                sq = sq * jnp.asarray(state["scale"], sq.dtype)
-        return sq
+                norms = norms * jnp.asarray(state["scale"], norms.dtype)
+        return norms
 
-    sq = per_example_values(one, source, chunk, xs, out, dtype)
-    total, bad = state["carry"]
+    vec = per_example_values(one, source, chunk, xs, out, dtype)
+    _, bad = state["carry"]
     per_process = process_table([state["n"], *map(int, bad)])
     stats = per_process.sum(0)
     raise_if_bad(stats)
     if out is None:
         check_blocks(per_process[:, 0])
-    total = float(across_processes(total, lambda a: a.sum(0)))
-    check_positive(total, STREAMED_ZERO_NORMS)
-    scaled = total * (state["scale"] or 1.0)  # the stored values' scale (a power of two: exact)
-    if not scaled <= float(jnp.finfo(sq.dtype).max):  # the division would give zeros
-        fix = (
-            "pass an out of dtype float64"
-            if out is not None and sq.dtype != np.float64
-            else "rescale the data"
-        )
+    step_rows = max(chunk, 1 << 16)
+    spans = [(a, min(a + step_rows, vec.shape[0])) for a in range(0, vec.shape[0], step_rows)]
+    local_top = max((float(np.max(vec[a:b])) for a, b in spans), default=0.0)
+    top = float(across_processes(jnp.asarray(local_top), lambda a: a.max(0)))
+    if not np.isfinite(top):
+        fix = "pass an out of dtype float64" if narrow else "rescale the data"
         raise ValueError(
-            f"norm scores: the squared norms sum to {total:.4g}, beyond the range of {sq.dtype} (the dtype "
-            f"of {'out' if out is not None else 'the scores'}); {fix}."
+            f"norm scores: row norms of the dual matrix beyond the range of {vec.dtype} (the dtype of "
+            f"{'out' if out is not None else 'the scores'}); {fix}."
         )
-    if narrow and not (np.isfinite(scaled) and scaled >= np.finfo(sq.dtype).tiny):
-        raise ValueError(
-            f"norm scores: the squared norms span more than out's dtype {sq.dtype} holds (their sum is "
-            f"{scaled:.4g} after scaling by the first chunk's largest); pass an out of dtype float64."
-        )
-    divide_in_place(sq, scaled, chunk)
-    return sq if out is not None else global_vector(sq, int(stats[0]))
+    check_positive(top, STREAMED_ZERO_NORMS)
+    local_total = sum(float(np.sum(np.square(vec[a:b] / np.float64(top)))) for a, b in spans)
+    total = float(across_processes(jnp.asarray(local_total), lambda a: a.sum(0)))
+    for a, b in spans:  # slice by slice: a memmap is never read whole into anonymous memory
+        vec[a:b] = (np.square(vec[a:b] / np.float64(top)) / total).astype(vec.dtype)
+    return vec if out is not None else global_vector(vec, int(stats[0]))
 
 
 def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.ndarray:

@@ -313,6 +313,8 @@ def full_rank_for(ratio: Array, rtol) -> Array:
     return ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("route",))  # called alone, it reuses its compiled program
+@highest_precision
 def decide(G: Array, route: str | None = None, rtol: Array | None = None) -> GramDecision:
     """The route (chosen from ``κ(G_eq)`` and ``rtol``, or forced by name) and the Cholesky transform
     ``D⁻¹L⁻ᵀ``.
@@ -354,6 +356,8 @@ def fast_route_ratio_min(route: str, dtype) -> float:
     return 1000 * float(jnp.finfo(dtype).eps)
 
 
+@jax.jit
+@highest_precision
 def refine_transform(G2: Array) -> Array:
     """``M₂`` of one CholeskyQR step: ``U₁ M₂`` is orthonormal to ``O(eps)`` given ``G2 = U₁ᵀU₁``.
 
@@ -453,6 +457,9 @@ def transform_from_passes(
     then gives the basis or the leverage of any rows of ``A``: the route, rank and arithmetic of
     :func:`basis` on ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs
     all of ``A``). See :func:`transform_from_pass`, which asks for every pass through one function.
+    It takes the passes as functions, so call it inside your own ``jax.jit`` (with the passes): called
+    alone, it traces its conditionals anew each time (:func:`decide`, :func:`refine_transform` and
+    :func:`apply_transform` are jitted themselves).
     """
 
     def run_pass(kind, M):
@@ -554,6 +561,8 @@ def _no_start(eye: Array) -> CholeskyStart:
     return CholeskyStart(eye, jnp.ones((), eye.dtype), jnp.asarray(False))
 
 
+@functools.partial(jax.jit, static_argnames=("row_norms",))
+@highest_precision
 def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
     """Rows ``A`` mapped to the basis, ``(A first) second`` (or their squared norms)."""
     U1 = A @ t.first
