@@ -253,8 +253,22 @@ def leverage_rows(rows: Array, transform: routes.Transform, colmax: Array) -> Ar
 
 
 def norm_rows(rows: Array) -> Array:
-    """Squared block norms ``(chunk,)`` of the rows of a chunk."""
-    return jnp.sum(jnp.square(rows), axis=2).sum(axis=1)
+    """Block norms ``‖F̃_i‖`` ``(chunk,)`` of the rows of a chunk, NOT squared: each example's rows are
+    scaled by a power of two near their largest entry first, so the norm is exact wherever the entries
+    are in range (their squares over- or underflowed at 1e±19 in float32: rows of 1e-19 scored 0, rows of
+    1e30 Inf). :func:`squared_ratios` squares them relative to the largest."""
+    top = jnp.max(jnp.abs(rows), axis=(1, 2))
+    e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1].astype(jnp.int32)
+    scaled = jnp.ldexp(rows, -e[:, None, None])
+    return jnp.ldexp(jnp.sqrt(jnp.sum(jnp.square(scaled), axis=(1, 2))), e)
+
+
+def squared_ratios(norms: Array) -> tuple[Array, Array]:
+    """``((‖F̃_i‖/t)², Σ_i (‖F̃_i‖/t)²)`` with ``t`` the largest norm (1 if all are zero): the row-norm
+    probabilities are their ratio, and neither squares past the dtype's range."""
+    top = jnp.max(norms)
+    q = jnp.square(norms / jnp.where(top > 0, top, 1))
+    return q, jnp.sum(q)
 
 
 class Chunks(NamedTuple):

@@ -49,6 +49,7 @@ from nlis_jax._passes import (
     leverage_passes,
     norm_rows,
     reduce_chunk,
+    squared_ratios,
     strided_chunks,
     strided_valid,
 )
@@ -191,8 +192,9 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
 @highest_precision
 def _norm_jit(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
-    sq = _device_chunks(apply_fn, params, xs, ys, **kw)[0].scores(norm_rows)
-    return sq, jnp.sum(sq), jnp.sum(~jnp.isfinite(sq))
+    norms = _device_chunks(apply_fn, params, xs, ys, **kw)[0].scores(norm_rows)
+    bad = jnp.sum(~jnp.isfinite(norms))
+    return *squared_ratios(jnp.where(jnp.isfinite(norms), norms, 0)), bad
 
 
 def streaming_norm_scores(

@@ -169,21 +169,27 @@ def test_a_list_of_chunks_is_told_to_be_a_callable():
 
 
 def test_norm_scores_of_any_scale_into_a_float32_out():
-    """float64 data into a float32 out: the squared norms are stored scaled by a power of two from the
-    first chunk, so their scale does not matter (before: ×1e20 was refused, ×1e-24 gave 50 NaN silently,
-    and squares near 1e-43 became denormals 3% off). Norms that span more than float32's range across
-    chunks are still refused, and so is a sum past it."""
+    """float64 data into a float32 out: the norms are stored scaled by a power of two from the first
+    chunk, so their scale does not matter (before: ×1e20 was refused, ×1e-24 gave 50 NaN silently, and
+    squares near 1e-43 became denormals 3% off). Norms (no longer their squares) that span more than
+    float32's range across chunks are still refused."""
     params, xs, ys = _setup()
     for scale in (1e20, 1e19, 1e-22, 1e-24):  # squares ~1e40, ~1e38 (their sum past float32), ~1e-44, ~1e-48
         f32 = np.zeros(N, np.float32)
         lin = nj.streaming_norm_scores(_linear, params["w"], xs * scale, ys * scale, out=f32, **KW)
         assert lin is f32 and not np.any(np.isnan(f32))
         np.testing.assert_allclose(f32, _linear_norms(xs, ys), rtol=1e-6)
-    spread = ys.copy()
-    spread[:4] *= 1e-30  # the first chunk's squares near 1e-60, later ones near 1: 1e60 apart
-    with pytest.raises(ValueError, match="the scores reach .*, beyond the range of out's dtype float32"):
-        nj.streaming_norm_scores(_linear, params["w"], xs * 1e-30 * (np.arange(N) >= 4)[:, None] + 0 * xs,
-                                 spread, out=np.zeros(N, np.float32), **KW)  # fmt: skip
+    # the first chunk's norms near 1e-30, later ones near 1 (squares 1e60 apart: refused when the
+    # squares were stored); the norms themselves fit float32 after the first chunk's scaling: exact
+    first = (np.arange(N) < 4)[:, None]
+    spread_x, spread_y = np.where(first, xs * 1e-30, xs), np.where(first[:, 0], ys * 1e-30, ys)
+    f32 = np.zeros(N, np.float32)
+    nj.streaming_norm_scores(_linear, params["w"], spread_x, spread_y, out=f32, **KW)
+    np.testing.assert_allclose(f32, _linear_norms(spread_x, spread_y), rtol=1e-6, atol=1e-44)
+    # norms 1e60 apart still span more than float32 holds
+    spread_x, spread_y = np.where(first, xs * 1e-60, xs), np.where(first[:, 0], ys * 1e-60, ys)
+    with pytest.raises(ValueError, match="the scores reach .*, beyond the range of out.s dtype float32"):
+        nj.streaming_norm_scores(_linear, params["w"], spread_x, spread_y, out=np.zeros(N, np.float32), **KW)
     out = np.zeros(N)
     nj.streaming_norm_scores(apply_fn, params, xs, ys * 1e20, out=out, **KW)
     np.testing.assert_allclose(out, _dense(params, xs, ys * 1e20)[1], rtol=1e-10)
