@@ -717,6 +717,8 @@ def fit(
     keys = None if plan.batch_size is None else jax.random.split(key, plan.num_steps)
     state, losses = _run_segments(segment, plan, state, keys, dtype)
     final = _weighted_sum_jit(_static(apply_fn), _static(plan.loss_fn), state.params, data[0], data[1], w)
+    if final.dtype != losses.dtype:  # the model's output dtype (float64 data, float32 params): as losses
+        final = final.astype(losses.dtype)
     if not bool(jnp.isfinite(final)):  # finite parameters whose loss overflows
         raise NonFiniteLossError(
             f"fit stopped: the loss at the final parameters is {float(final)} (they are finite; the last "

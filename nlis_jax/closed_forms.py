@@ -130,7 +130,8 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
       xs: data, shape ``(n, d)``.
 
     Returns:
-      Array of shape ``(n, d)``: ``diag((ϕ(z) - ϕ(0))/z) · xs``.
+      Array of shape ``(n, d)``: ``diag((ϕ(z) - ϕ(0))/z) · xs``, in ``theta``'s dtype (computed in the
+      wider of ``theta``'s and ``xs``'s).
     """
     check_finite("theta", theta)  # before the cast: float64 values past float32's range named as such
     check_finite("xs", xs)
@@ -145,16 +146,16 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     check_floating("xs", xs)
     check_finite("theta", theta)
     check_finite("xs", xs)
-    dtype = jnp.result_type(theta, xs)
-    adj, bad = _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype))
+    dtype = jnp.result_type(theta, xs)  # computed in the wider dtype, returned in theta's (as nj.adjoint)
+    adj, bad = _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype), theta.dtype)
     report_nonfinite(bad, xs.shape[0], nonfinite_adjoint)
     return adj
 
 
-@functools.partial(jax.jit, static_argnames=("phi",))
+@functools.partial(jax.jit, static_argnames=("phi", "out_dtype"))
 @highest_precision
-def _single_index_jit(phi, theta, xs):
-    adj = difference_quotient(phi, xs @ theta)[:, None] * xs
+def _single_index_jit(phi, theta, xs, out_dtype):
+    adj = (difference_quotient(phi, xs @ theta)[:, None] * xs).astype(out_dtype)
     return adj, count_bad_examples(adj)
 
 
@@ -202,7 +203,7 @@ def _homogeneous_jit(h_fn, params, xs, degree, g):
         coef = jnp.full_like(h, 1.0 / degree)
     else:
         coef = difference_quotient(g, h) / degree
-    adj = coef[:, None] * grad_h
+    adj = (coef[:, None] * grad_h).astype(model.theta.dtype)  # the params' dtype, as nj.adjoint
     return adj, count_bad_examples(adj)
 
 

@@ -645,3 +645,24 @@ def test_streaming_norm_scores_at_extreme_scales(dtype, scale, tmp_path):
             continue  # the narrowing out (float32 out of float64 scores) only
         got = np.asarray(call(), np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-5 if name == "out" else rtol, err_msg=name)
+
+
+def test_mixed_dtypes_follow_the_params():
+    """float32 params with float64 data (x64 on): nj.adjoint returns float32 (the params' dtype), but the
+    closed forms returned float64 and fit's final_loss was float64 beside float32 losses. All follow the
+    params now, and agree with the float64 computation to float32's rounding."""
+    rng = np.random.default_rng(0)
+    theta64, xs = rng.normal(size=3) * 0.3, rng.normal(size=(20, 3))
+    theta32 = theta64.astype(np.float32)
+    single = nj.single_index_adjoint(jnp.tanh, theta32, xs)
+    assert single.dtype == jnp.float32
+    np.testing.assert_allclose(
+        single, nj.single_index_adjoint(jnp.tanh, theta32.astype(np.float64), xs), rtol=1e-6
+    )
+    homog = nj.homogeneous_adjoint(lambda t, x: x @ t, theta32, xs, degree=1.0, g=jnp.tanh)
+    assert homog.dtype == jnp.float32
+    np.testing.assert_allclose(homog, single, rtol=1e-5)
+    result = nj.fit(
+        lambda t, x: x @ t, theta32, xs, rng.normal(size=20), optimizer=optax.sgd(1e-2), num_steps=3
+    )
+    assert result.losses.dtype == result.final_loss.dtype == jnp.float32
