@@ -20,13 +20,12 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from nlis_jax.experiments.checks import positive_int_arg, seed_arg, size_arg, sizes_arg
+from nlis_jax.experiments.checks import positive_int_arg, replace_naming_option, seed_arg, size_arg, sizes_arg
 from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, shrink
 
 #: Exit code for a usage error or a missing data set (argparse's convention).
@@ -390,14 +389,8 @@ def make_config(args: argparse.Namespace):
             raise ValueError(f"--{dest.replace('_', '-')} does not apply to --dataset {args.dataset}.")
         if field in fields:
             overrides[field] = None if value == NONE else value
-    try:
-        return dataclasses.replace(base, **overrides)
-    except ValueError as exc:  # the config names its field ("learning_rate must be ..."): name the option
-        named = [d for d, (f, _) in _FIELDS.items() if f in overrides and re.match(rf"{f}\b", str(exc))]
-        dest = named[0] if named else None  # a whole word: "noise must ..." is not field n's
-        if dest is None:
-            raise
-        raise ValueError(f"--{dest.replace('_', '-')}: {exc}") from None
+    # the config names its field ("learning_rate must be ..."): the error names the option
+    return replace_naming_option(base, overrides, {f: d for d, (f, _) in _FIELDS.items()})
 
 
 def _json_default(obj):

@@ -155,6 +155,7 @@ def test_mlp_study_protocols_tiny():
         lm_steps=12,
     )
     out = run_flights_study(cfg, jax.random.key(1))
+    assert "refine_fit_s" not in out["costs"]  # refined_leverage not asked for: no refinement fit
     assert out["p"] == 23 * 4 + 4 + 4 + 1
     assert set(out["grids"]) == {"common", "pilot", "star", "gauss_newton"}
     assert len(out["noise_floor"]["ratio"]) == 1
@@ -182,6 +183,7 @@ def test_cli_runs_the_flights_study(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "flights.png").stat().st_size > 0
     tables = (tmp_path / "flights.md").read_text()
     assert "| 100 |" in tables and "break-even" in tables and tables.strip() in capsys.readouterr().out
+    assert "Wall time (protocol converged):" in tables  # which grid the wall-time table reports
 
 
 def test_cli_rejects_options_of_the_other_studies(tmp_path, capsys):
@@ -323,14 +325,14 @@ def test_every_draw_and_fit_gets_its_own_key(monkeypatch):
         sample_steps=4,
         refits=0,
         protocols=("common", "pilot"),
-        methods=("uniform", "pilot_leverage"),
+        methods=("uniform", "pilot_leverage", "refined_leverage"),
         pilot_size=100,
         refine_size=100,
     )
     fl.run_flights_study(cfg, jax.random.key(3))
-    # pilot and refinement (draw + fit each); 2 sizes x 2 methods drawn once, fitted under each of the
-    # 2 protocols; one full-data same-steps fit per protocol
-    assert len(seen) == 4 + 2 * 2 + 2 * 2 * 2 + 2
+    # pilot and refinement (draw + fit each; the refinement runs for refined_leverage only); 2 sizes x 3
+    # methods drawn once, fitted under each of the 2 protocols; one full-data same-steps fit per protocol
+    assert len(seen) == 4 + 2 * 3 + 2 * 3 * 2 + 2
     keys = [k for _, k in seen]
     assert len(set(keys)) == len(keys), "a key was consumed twice"
 
@@ -443,3 +445,35 @@ def test_config_refuses_what_the_study_cannot_use(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and f"{option} applies to --protocols {protocol} only" in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_names_the_option_of_a_config_error(tmp_path, capsys):
+    """Config errors named the config's field ("learning_rate must be positive"), not the option."""
+    from nlis_jax import cli
+
+    base = ["run", "--dataset", "flights", "--out", str(tmp_path / "x")]
+    for extra, message in (
+        (["--model", "mlp", "--lr", "0"], "--lr: learning_rate must be positive"),
+        (["--mix", "2"], "--mix: mix must lie in [0, 1]"),
+        (["--model", "mlp", "--refits", "-1"], "--refits: refits must be a non-negative int"),
+        (["--methods", "nonlinear_norm"], "--methods: methods must be a non-empty subset"),
+    ):
+        code = cli.main([*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+@needs_data
+def test_mix_one_does_not_describe_uniform_as_the_leverage(tmp_path, monkeypatch, capsys):
+    """--mix 1 printed "oracle leverage n·max τ = 1, top 1% of rows hold 1%" (the uniform mix, undone
+    only for 0 < mix < 1); the leverage cannot be recovered from it, and the header says so."""
+    from nlis_jax import cli
+
+    monkeypatch.setenv("NLIS_SMALL", "1")
+    argv = ["run", "--dataset", "flights", "--no-progress", "--no-plots", "--mix", "1", "--sizes", "100",
+            "--methods", "uniform,nonlinear_leverage", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "oracle leverage not shown (mix = 1" in out and "n·max τ" not in out
+    assert json.loads((tmp_path / "results.json").read_text())["oracle_leverage"] is None

@@ -7,8 +7,10 @@ turn the same checks into ``argparse.ArgumentTypeError``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +20,7 @@ __all__ = [
     "parse_sizes",
     "positive_int",
     "positive_int_arg",
+    "replace_naming_option",
     "seed_arg",
     "sizes_arg",
 ]
@@ -133,3 +136,17 @@ def seed_arg(text: str) -> int:
     """``argparse`` type of a seed: an integer in ``[0, 2**32)``."""
 
     return _as_arg_error(lambda t: check_seed("a seed", _integer(t, "an integer seed")), text)
+
+
+def replace_naming_option(config, changes: Mapping, options: Mapping[str, str]):
+    """``dataclasses.replace(config, **changes)``; a ``ValueError`` of the config naming a changed field
+    (``"learning_rate must be positive"``) is re-raised naming its command-line option instead
+    (``"--lr: learning_rate must be positive"``). ``options`` maps fields to option names (``dest``s);
+    the field must be the message's first whole word (``"noise must ..."`` is not field ``n``'s)."""
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as exc:
+        named = [options[f] for f in changes if f in options and re.match(rf"{f}\b", str(exc))]
+        if not named:
+            raise
+        raise ValueError(f"--{named[0].replace('_', '-')}: {exc}") from None
