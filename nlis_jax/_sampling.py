@@ -221,18 +221,19 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
     d = _check_rank(rank)
     if not 0 < beta <= 1:
         raise ValueError(f"beta must lie in (0, 1], got {beta}.")
-    if d > 2**62:  # a rank is at most the number of rows (d / beta overflowed a float from 2^1024)
-        raise ValueError(
-            f"rank must be at most 2^62 (a dual matrix's rows), got an integer of {len(str(d))} digits; "
-            "check the rank."
-        )
-    m = max(d / beta - 1.0, 1.0)
-    log_s = math.log(2.0 + 2.0 * epsilon / 3.0) - 2.0 * math.log(epsilon) + math.log(m)
-    log_term = math.log(2.0 * d) - math.log(delta)  # log(2d/δ): 2d/δ itself overflows for tiny δ
+    try:
+        m = max(d / beta - 1.0, 1.0)
+        log_m, log_2d = math.log(m), math.log(2.0 * d)
+    except OverflowError:  # a rank past 2^1024 as a float: its logarithm (math.log takes any int)
+        m, log_m = math.inf, math.log(d) - math.log(beta)
+        log_2d = math.log(2) + math.log(d)
+    log_s = math.log(2.0 + 2.0 * epsilon / 3.0) - 2.0 * math.log(epsilon) + log_m
+    log_term = log_2d - math.log(delta)  # log(2d/δ): 2d/δ itself overflows for tiny δ
     log_s += math.log(log_term)
     if log_s > math.log(2.0**62):
+        rank_text = f"{d:g}" if d < 1e300 else f"about 10^{len(str(d)) - 1}"
         raise ValueError(
-            f"epsilon={epsilon:g}, delta={delta:g}, rank={d:g}, beta={beta:g} ask for about "
+            f"epsilon={epsilon:g}, delta={delta:g}, rank={rank_text}, beta={beta:g} ask for about "
             f"10^{log_s / math.log(10):.0f} rows (more than 2^62; the size grows as rank/beta over "
             "epsilon²): choose a larger epsilon, or check the rank."
         )
