@@ -669,6 +669,20 @@ def _outliers(args: argparse.Namespace, outliers) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nlis-jax`` console script; returns the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
+        if argv is None:  # the console: later writes and the final flush go nowhere, not to a traceback
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+#: Exit code when stdout's reader closed the pipe (as Python's own handling of ``EPIPE`` documents).
+EXIT_BROKEN_PIPE = 1
+
+
+def _main(argv: list[str] | None) -> int:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)

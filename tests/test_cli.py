@@ -352,3 +352,29 @@ def test_run_usage_errors_show_the_run_usage(args, message, tmp_path, capsys):
         and last.startswith("nlis-jax run: error: ")
         and message in last
     )
+
+
+def test_a_closed_stdout_is_not_a_traceback(tmp_path):
+    """`nlis-jax ... | head` ended in a BrokenPipeError traceback once head exited (the results were
+    written already): now exit code 1, nothing on stderr, the scores written. stdout here is a pipe whose
+    reader is closed, so the summary line `score` prints fails with EPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)))
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout fails with EPIPE
+    code = "import sys; from nlis_jax.cli import main; sys.exit(main())"
+    argv = ["score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npy")]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "BrokenPipe" not in proc.stderr and np.load(tmp_path / "s.npy").shape == (50,)
