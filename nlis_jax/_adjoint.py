@@ -182,20 +182,19 @@ def _leaf_shapes(name: str, tree: PyTree, limit: int = 12) -> str:
 
 
 @jax.jit
-def _count_unrepresentable(ys, like):
-    return jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
-
-
-@jax.jit
-def _count_flushed(ys, tiny):
-    return jnp.count_nonzero((ys != 0) & (jnp.abs(ys) < tiny))
+def _count_unfit(ys, like, tiny):
+    """``(past the range, flushed to 0)``: entries of ``ys`` that become Inf cast to ``like``'s dtype, and
+    non-zero entries below its smallest normal number ``tiny``, in one program."""
+    past = jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
+    return past, jnp.count_nonzero((ys != 0) & (jnp.abs(ys) < tiny))
 
 
 def check_ys_fits(ys, dtype) -> None:
     """``ValueError`` if a concrete ``ys`` (finite, floating) has values beyond the range of ``dtype`` (the
-    params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf. Only a ``ys``
-    of a wider dtype is read (on the host without compiling, as ``check_finite``); traced, a ``checkify``
-    check inside ``nlis_jax.traced_checks()``."""
+    params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf; or non-zero
+    values below its smallest normal number: they would become 0. Only a ``ys`` of a wider dtype is read
+    (on the host without compiling, as ``check_finite``, one pass unless it fails); traced, a ``checkify``
+    check of the range inside ``nlis_jax.traced_checks()``."""
     ys = ys if hasattr(ys, "dtype") else np.asarray(ys)
     y_dtype = jnp.result_type(ys)
     if not jnp.issubdtype(y_dtype, jnp.floating) or jnp.finfo(y_dtype).max <= jnp.finfo(dtype).max:
@@ -209,21 +208,22 @@ def check_ys_fits(ys, dtype) -> None:
     if not is_concrete(ys):
         traced_check(jnp.all(jnp.isfinite(ys.astype(dtype))), message.format("some"))
         return
+    tiny = float(jnp.finfo(dtype).smallest_normal)  # and below it: flushed to 0 on the device
     host = host_values(ys)
     if host is not None:
-        with np.errstate(over="ignore"):
-            bad = count_failing(host, lambda a: np.isfinite(a.astype(dtype)))
+
+        def in_range(a):
+            with np.errstate(over="ignore"):
+                return np.isfinite(a.astype(dtype))
+
+        failing = count_failing(host, lambda a: in_range(a) & ((np.abs(a) >= tiny) | (a == 0)))
+        bad = count_failing(host, in_range) if failing else 0  # a second pass on the error path only
+        lost = failing - bad
     else:
         with jax.ensure_compile_time_eval():
-            bad = int(_count_unrepresentable(ys, jnp.zeros((), dtype)))
+            bad, lost = (int(c) for c in _count_unfit(ys, jnp.zeros((), dtype), jnp.asarray(tiny, ys.dtype)))
     if bad:
         raise ValueError(message.format(bad))
-    tiny = float(jnp.finfo(dtype).smallest_normal)  # and below it: flushed to 0 on the device
-    if host is not None:
-        lost = count_failing(host, lambda a: (np.abs(a) >= tiny) | (a == 0))
-    else:
-        with jax.ensure_compile_time_eval():
-            lost = int(_count_flushed(ys, jnp.asarray(tiny, ys.dtype)))
     if lost:
         raise ValueError(
             f"ys has {lost} non-zero value(s) below the smallest normal number of the params' dtype "

@@ -576,9 +576,6 @@ _checked_step = functools.partial(_step, _checked)
 _values_step = functools.partial(_step, _values)
 
 
-_stable = jax.jit(highest_precision(routes.stable_transform))
-
-
 # ------------------------------------------------------------------------------------------- leverage
 def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) -> routes.Transform:
     """:func:`nlis_jax.routes.transform_from_passes` with the passes run from Python (only those needed;
@@ -593,7 +590,7 @@ def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) ->
         return routes.Transform(dec.transform, second, jnp.asarray(True), dec.rank, dec.route)
     # Route "shifted" (chosen below float64) calls its passes from traced code; from Python the
     # rank-revealing route is taken instead, and reported.
-    M, rank = _stable(r_factor(), dec.scale, rtol)
+    M, rank = routes.stable_transform(r_factor(), dec.scale, rtol)
     stable = jnp.asarray(routes.STABLE, jnp.int32)
     if G.dtype == jnp.float64:
         return routes.Transform(M, eye, jnp.asarray(False), rank, stable)
@@ -757,7 +754,8 @@ def check_leverage_sum(h_sum: float, rank) -> None:
 def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, out=None):
     """Row-norm probabilities of the dual matrix of host data: one pass storing the norms ``‖F̃_i‖``
     (:func:`nlis_jax._passes.norm_rows`), then ``(‖F̃_i‖/t)² / Σ_j (‖F̃_j‖/t)²`` in place, ``t`` the largest
-    (two reads of the ``(n,)`` vector): squares of the norms themselves over- or underflowed."""
+    (three passes over the ``(n,)`` vector: its largest, the sum, the update): squares of the norms
+    themselves over- or underflowed."""
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
     kw = dict(args=(), kernel=norm_rows, num_nodes=num_nodes, mode=mode)
@@ -785,8 +783,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     raise_if_bad(stats)
     if out is None:
         check_blocks(per_process[:, 0])
-    step_rows = max(chunk, 1 << 16)
-    spans = [(a, min(a + step_rows, vec.shape[0])) for a in range(0, vec.shape[0], step_rows)]
+    spans = vector_spans(vec.shape[0], chunk)
     local_top = max((float(np.max(vec[a:b])) for a, b in spans), default=0.0)
     top = float(across_processes(jnp.asarray(local_top), lambda a: a.max(0)))
     if not np.isfinite(top):
@@ -798,7 +795,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     check_positive(top, STREAMED_ZERO_NORMS)
     local_total = sum(float(np.sum(np.square(vec[a:b] / np.float64(top)))) for a, b in spans)
     total = float(across_processes(jnp.asarray(local_total), lambda a: a.sum(0)))
-    for a, b in spans:  # slice by slice: a memmap is never read whole into anonymous memory
+    for a, b in spans:
         vec[a:b] = (np.square(vec[a:b] / np.float64(top)) / total).astype(vec.dtype)
     return vec if out is not None else global_vector(vec, int(stats[0]))
 
@@ -834,11 +831,17 @@ def _collect_growing(step, source, chunk) -> np.ndarray:
     return np.concatenate([np.asarray(v)[:c] for v, c in parts])
 
 
+def vector_spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` slices of an ``(n,)`` host vector of scores, at least ``2^16`` long: it is read and
+    written slice by slice, so a memmap is never read whole into anonymous memory."""
+    step = max(chunk, 1 << 16)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
 def divide_in_place(vec: np.ndarray, total, chunk: int) -> None:
-    """``vec /= total`` slice by slice (a memmap is never read whole into anonymous memory)."""
-    for start in range(0, vec.shape[0], max(chunk, 1 << 16)):
-        stop = min(start + max(chunk, 1 << 16), vec.shape[0])
-        vec[start:stop] = vec[start:stop] / np.asarray(total, vec.dtype)
+    """``vec /= total`` slice by slice (:func:`vector_spans`)."""
+    for a, b in vector_spans(vec.shape[0], chunk):
+        vec[a:b] = vec[a:b] / np.asarray(total, vec.dtype)
 
 
 # --------------------------------------------------------------------------------------------- losses

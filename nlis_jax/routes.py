@@ -370,16 +370,25 @@ def refine_transform(G2: Array) -> Array:
     return jnp.where(ok, lower_inverse_t(jnp.where(ok, L, eye)) / d[:, None], eye)
 
 
+@jax.jit
+@highest_precision
 def stable_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array]:
     """``(M, rank)`` from an R factor of ``A``: ``A D⁻¹ = Q (R D⁻¹) = Q W S Vᵀ``, ``M = D⁻¹ V S⁻¹``.
 
     ``A M = Q W`` over the singular values above ``rtol · s_max``: orthonormal to ``~eps·κ``; the other
     columns of ``M`` are zero.
     """
-    _, s, Vt = jnp.linalg.svd(R / scale[None, :])
+    _, keep, M = _svd_transform(R, scale, rtol)
+    return M, jnp.sum(keep).astype(jnp.int32)
+
+
+def _svd_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Array]:
+    """``(W, keep, M)`` of :func:`stable_transform`: ``R D⁻¹ = W S Vᵀ``, the kept singular values and
+    ``M = D⁻¹ V S⁻¹`` over them (zero columns elsewhere)."""
+    W, s, Vt = jnp.linalg.svd(R / scale[None, :])
     keep = s > rtol * s[0]
     inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
-    return (Vt.T * inv_s[None, :]) / scale[:, None], jnp.sum(keep).astype(jnp.int32)
+    return W, keep, (Vt.T * inv_s[None, :]) / scale[:, None]
 
 
 def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Array]:
@@ -392,10 +401,7 @@ def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Arr
     """
     if A.dtype == jnp.float64:
         Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
-        W, s, Vt = jnp.linalg.svd(R / scale[None, :])
-        keep = s > rtol * s[0]
-        inv_s = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
-        M = (Vt.T * inv_s[None, :]) / scale[:, None]
+        W, keep, M = _svd_transform(R, scale, rtol)
         return Q @ (W * keep[None, :]), M, jnp.sum(keep).astype(jnp.int32)
     M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), scale, rtol)
     U1 = A @ M
