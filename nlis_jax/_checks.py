@@ -131,6 +131,17 @@ def check_finite(name: str, tree: PyTree) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 
+def check_narrowing(name: str, tree) -> None:
+    """``ValueError`` naming ``name`` if a float64 numpy leaf (a memmap's slice, a chunk) holds values
+    that jax's cast without jax_enable_x64 turns into Inf or 0 (:func:`_count_host_nonfinite`); NaN and
+    Inf themselves are left to the caller's count. One pass over such leaves; none otherwise."""
+    if jax.config.jax_enable_x64:
+        return
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, np.ndarray) and leaf.dtype == np.float64:
+            _count_host_nonfinite(name, leaf)
+
+
 def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
     """NaN/Inf entries of a host array, in one pass. Where jax's cast narrows it (float64 without
     jax_enable_x64) the same pass counts the finite values past the narrower range too, which become

@@ -48,12 +48,20 @@ from nlis_jax._adjoint import (
     flatten_model,
     nonfinite_adjoint,
 )
-from nlis_jax._checks import check_finite, check_floating, check_not_complex, check_positive, under_trace
+from nlis_jax._checks import (
+    check_finite,
+    check_floating,
+    check_narrowing,
+    check_not_complex,
+    check_positive,
+    under_trace,
+)
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import STREAMED_ZERO_NORMS, check_rank
 
 Source = Callable[[], Iterator]
+PIECE_NAMES = ("xs", "ys", "weights")  # the parts of a piece, in order (:func:`array_source`'s trees)
 
 
 def is_host_data(xs, traced=None) -> bool:
@@ -371,10 +379,20 @@ def _pad(a, size: int):
 
 def staged(source: Source, chunk: int) -> Iterator:
     """Device copies of the pieces, the next transfer started before the current piece is handed out."""
-    pieces = rechunk(source, chunk)
+    pieces = enumerate(rechunk(source, chunk))
 
     def put(item):
-        return None if item is None else (jax.device_put(item[0]), item[1])
+        if item is None:
+            return None
+        index, (piece, valid) = item
+        # memmaps and chunks are read here, not before. Not under jax.distributed: one process raising
+        # alone would leave the others waiting in the pass's collectives (values past the range still
+        # become Inf there, counted over all processes; values flushed to 0 go unnamed)
+        for name, part in zip(PIECE_NAMES, piece if jax.process_count() == 1 else (), strict=False):
+            start = index * chunk
+            where = f"{name}, in examples {start}–{start + valid - 1},"
+            check_narrowing(where, jax.tree.map(lambda a, v=valid: a[:v], part))
+        return jax.device_put(piece), valid
 
     nxt = put(next(pieces, None))
     while nxt is not None:

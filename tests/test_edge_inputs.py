@@ -503,13 +503,13 @@ def test_float64_ys_beyond_float32_without_x64_are_named_by_every_path(call, tmp
         "projected": lambda: nj.projected_leverage_scores(jax.random.key(0), f, p, xs, ys, dim=3),
         "dual_matrix": lambda: nj.dual_matrix(f, p, xs, ys),
         "fit": lambda: nj.fit(f, p, xs, ys, optimizer=optax.sgd(1e-3), num_steps=2),
-        # a memmap is counted in the pass, after the cast: the message names the cast as the cause
+        # a memmap is read piece by piece in the pass: the message names the piece's examples
         "memmap": lambda: nj.streaming_leverage_scores(
             f, p, xs, np.load(tmp_path / "ys.npy", mmap_mode="r"), chunk_size=16
         ),
     }
     message = (
-        "1 value.s. that are NaN or Inf once cast to float32"
+        r"ys, in examples 0–\d+, holds 1 finite value.s. beyond float32's range that become Inf once cast"
         if call == "memmap"
         else ("ys holds 1 finite value.s. beyond float32's range that become Inf once cast to float32")
     )
@@ -575,6 +575,44 @@ def test_float64_values_flushed_to_zero_by_a_narrowing_cast_are_named():
         with pytest.raises(ValueError, match=message):
             call()
     nj.dual_matrix(f, p, xs, ys)  # float64 ys in float32's normal range: accepted
+
+
+def test_narrowing_cast_of_memmaps_and_chunk_sources_is_named(tmp_path):
+    """The same float64 values below float32's smallest normal number, from a memmap or a chunk source
+    (read chunk by chunk, never whole): they were counted on the device after the cast, where they are
+    zeros, so streamed, norm and loss passes ran on a column of zeros with no error. Each piece is now
+    checked on the host before its transfer; values beyond float32's range get their own message."""
+    rng = np.random.default_rng(1)
+    xs, ys = rng.standard_normal((40, 3)), rng.standard_normal(40)
+    xs[:, 1] *= 1e-60
+    path = tmp_path / "xs.npy"
+    np.save(path, xs)
+    mapped = np.load(path, mmap_mode="r")
+    huge = xs.copy()
+    huge[3, 1] = 1e300
+    np.save(tmp_path / "huge.npy", huge)
+    mapped_huge = np.load(tmp_path / "huge.npy", mmap_mode="r")
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    p = np.ones(3, np.float32)
+    small = r"xs, in examples 0–\d+, holds \d+ non-zero value.s. below float32's smallest normal number"
+    big = r"xs, in examples 0–\d+, holds 1 finite value.s. beyond float32's range that become Inf once cast"
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax's truncation warning of the cast
+        for data, message in ((mapped, small), (mapped_huge, big)):
+            for call in (
+                lambda d=data: nj.streaming_leverage_scores(f, p, d, ys, chunk_size=16),
+                lambda d=data: nj.streaming_norm_scores(f, p, d, ys, chunk_size=16),
+                lambda d=data: nj.weighted_loss(f, p, d, ys, chunk_size=16),
+                lambda d=data: nj.streaming_leverage_scores(
+                    f, p, lambda: ((d[i : i + 10], ys[i : i + 10]) for i in range(0, 40, 10)), chunk_size=16
+                ),
+            ):
+                with pytest.raises(ValueError, match=message + ".*enable jax_enable_x64"):
+                    call()
+        assert not np.shares_memory(mapped, xs) and mapped[0, 1] == xs[0, 1]  # nothing modified
 
 
 def test_a_model_with_no_outputs_is_named():
