@@ -411,6 +411,28 @@ def test_diverged_fits_are_reported_not_a_traceback(tmp_path):
     assert path.stat().st_size > 0
 
 
+def test_flights_plot_names_the_levels_its_log_axis_drops(tmp_path, monkeypatch):
+    """Protocol ``star``'s full-data fit of the same recipe lands below L(θ*) (0.9994 in docs/flights.md):
+    its line was left off the log axis of excess losses without a word; a diverged one too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nlis_jax.experiments import plots
+    from nlis_jax.experiments.report import quantiles
+
+    made = []
+    figure = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda **kw: made.append(figure(**kw)) or made[-1])
+    summary = _diverged_summary()
+    level = {"ratio": quantiles([0.9994, 0.9994]), "test_ratio": quantiles([1.0, 1.0]), "fit_s": 0.2}
+    summary["same_steps_full_data"]["star"] = level
+    plots.plot_flights(summary, tmp_path / "flights.png")
+    texts = {ax.get_title().split(": ")[-1]: [t.get_text() for t in ax.texts] for ax in made[0].axes}
+    below = "full data, same recipe: at 0.9994 L(θ*), not above L(θ*): not drawn"
+    assert any(below in t for t in texts["star"]), texts
+    assert any("full data, same recipe: diverged: not drawn" in t for t in texts["pilot"]), texts
+
+
 @needs_data
 def test_a_diverging_full_or_pilot_fit_is_a_usage_error(tmp_path, monkeypatch, capsys):
     """``--lr 1e30`` diverged the full-data fit; the dual scoring then raised "params contains NaN" (a

@@ -170,15 +170,19 @@ def plot_flights(summary: dict, path) -> Path:
             ax.plot(sizes, med, line, color=color, marker=marker, label=method.replace("_", " "))
             lo, hi = ([excess(r["ratio"][q]) for r in recs] for q in ("q25", "q75"))
             ax.fill_between(sizes, lo, hi, color=color, alpha=0.15, linewidth=0)
-        if hidden:  # a log axis drops them silently
-            note = f"{hidden} median(s) diverged or at or below L(θ*): not drawn"
-            ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize="small")
+        notes = [f"{hidden} median(s) diverged or at or below L(θ*): not drawn"] if hidden else []
         if floor:
             gap = max([abs(r - 1) for r in floor["ratio"] if r is not None] + [1e-4])
             ax.axhspan(1e-4, gap, color="grey", alpha=0.25, label="refit noise floor |L/L* − 1|")
         same = (summary.get("same_steps_full_data") or {}).get(protocol)
         if same and excess(same["ratio"]["median"]) > 0:  # (NaN > 0 is False: diverged, not drawn)
             ax.axhline(same["ratio"]["median"] - 1, color="k", lw=1.2, label="full data, same recipe")
+        elif same:
+            level = same["ratio"]["median"]
+            where = "diverged" if level is None else f"at {level:.4f} L(θ*), not above L(θ*)"
+            notes.append(f"full data, same recipe: {where}: not drawn")
+        if notes:  # a log axis drops them silently
+            ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize="small")
         ax.axhline(0.05, color="k", lw=0.7, ls=":")
         ax.set_xscale("log")
         _plain_x(ax, [r["size"] for recs in grid.values() for r in recs])
