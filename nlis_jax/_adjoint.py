@@ -486,11 +486,7 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
             report_nonfinite(bad, shape.n, nonfinite_adjoint)
         return adj, info
     k = math.prod(shape.out_shape)
-    if rtol is None:  # the tolerance of the narrowest leaf: its rounding is the integrand's noise
-        rtol = max(
-            default_rtol(shape.dtype), *(default_rtol(jnp.result_type(a)) for a in _float_leaves(params))
-        )
-    rtol = float(rtol)
+    rtol = float(narrowest_rtol(shape.dtype, params) if rtol is None else rtol)
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
     chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size
     check, check_tol = IdentityResidual(apply_fn), identity_tol(rtol, shape.p, shape.dtype)
@@ -499,8 +495,12 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
         return integrate(g, params, xs, nonfinite=nonfinite_adjoint if report else None, **kw)
 
 
-def _float_leaves(params: PyTree) -> list:
-    return [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+def narrowest_rtol(dtype, params: PyTree) -> float:
+    """The default quadrature tolerance of :func:`adjoint`: that of the narrowest floating leaf of
+    ``params`` (or of ``dtype``, the flattened parameters'), whose rounding is the integrand's noise.
+    ``params`` may hold arrays or shape structs (a flat model's ``jax.eval_shape(unravel, θ)``)."""
+    dtypes = [jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(params) if hasattr(leaf, "dtype")]
+    return max(default_rtol(d) for d in [jnp.dtype(dtype), *dtypes] if jnp.issubdtype(d, jnp.floating))
 
 
 @jax.jit
@@ -531,7 +531,8 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     if num_nodes is None:  # adaptive, traced: the flat model with θ as its parameters
         chunk_size = default_chunk_size(model.n, p, k) if chunk_size is None else chunk_size
         shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
-        return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, None, MAX_PANELS)[0]
+        rtol = narrowest_rtol(theta.dtype, jax.eval_shape(model.unravel, theta))  # as for the pytree
+        return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, rtol, MAX_PANELS)[0]
     mode = resolve_mode(mode, p, k)
     wide = routes.compute_dtype(theta.dtype)
     if wide != theta.dtype:  # half precision: evaluate and sum the nodes in float32, round back once

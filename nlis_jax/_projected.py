@@ -199,6 +199,11 @@ def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> N
             "embedding='khatri_rao' needs a fixed num_nodes and reverse mode (per-example vjps), got "
             f"num_nodes={num_nodes}, mode={mode!r}."
         )
+    if embedding in ("gaussian", "khatri_rao") and sparsity != 1:  # it would be ignored (and compiled)
+        raise ValueError(
+            f"sparsity={sparsity} is an option of the sparse embedding; embedding={embedding!r} has none "
+            "(leave sparsity=1, or use embedding='sparse')."
+        )
     if embedding in ("sparse", "auto") and dim % sparsity:
         raise ValueError(f"dim={dim} must be a multiple of sparsity={sparsity} (equal-size hash blocks).")
 
@@ -244,7 +249,8 @@ def projected_dual_matrix(
       embedding: ``"auto"`` (default), ``"khatri_rao"`` (outer-product form of dense-layer gradients),
         ``"sparse"`` (sparse sign / CountSketch, ``O(p·sparsity)`` per row) or ``"gaussian"`` (see the
         module docstring).
-      sparsity: nonzeros per coordinate of the sparse embedding (``dim`` must be a multiple of it).
+      sparsity: nonzeros per coordinate of the sparse embedding (``dim`` must be a multiple of it);
+        ``ValueError`` other than 1 with ``"gaussian"`` or ``"khatri_rao"``.
 
     Returns:
       ``(n, dim)``, or ``(n, k, dim)`` for ``k`` outputs, in the dtype of ``params``.

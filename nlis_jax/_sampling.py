@@ -351,7 +351,8 @@ def distortion(
         it may then be ``None``).
       indices: ``(s,)`` integer example indices in ``[0, n)``; weights: ``(s,)`` their finite,
         non-negative weights (from :func:`sample`).
-      rtol: rank tolerance passed to :func:`orthonormal_basis`.
+      rtol: rank tolerance passed to :func:`orthonormal_basis` (not with ``basis``, whose rank is chosen:
+        pass ``rtol`` to :func:`orthonormal_basis` instead).
       basis: optional precomputed basis from :func:`orthonormal_basis` (reuse across samples): ``(n, m)``,
         or for a block ``F`` its ``(n·k, m)`` rows with ``F`` given too (for its shape) or reshaped to
         ``(n, k, m)``.
@@ -361,8 +362,14 @@ def distortion(
 
     Raises:
       TypeError: non-integer indices, non-real weights, a non-floating basis.
-      ValueError: mismatched shapes, indices outside ``[0, n)``, NaN/Inf or negative weights, a NaN basis.
+      ValueError: mismatched shapes, indices outside ``[0, n)``, NaN/Inf or negative weights, a NaN basis,
+        ``rtol`` with ``basis``.
     """
+    if rtol is not None and basis is not None:  # it would be ignored: the basis fixes the rank
+        raise ValueError(
+            "distortion: rtol is not used with basis (its rank is already chosen); pass rtol to "
+            "orthonormal_basis(F, rtol=...) when computing the basis, or drop basis."
+        )
     indices, weights = _check_sample(indices, weights)
     U, n, k = _basis_blocks(F, rtol, basis)
     _check_index_range(indices, n)

@@ -209,6 +209,15 @@ def _query(key, scores, labelled, alpha, *, batch, strategy, replace):
     return Query(idx.astype(jnp.int32), w.astype(scores.dtype), probs)
 
 
+def _check_replace(strategy: str, replace: bool) -> None:
+    """``ValueError`` for ``replace=True`` with ``"topk"``, which takes distinct points and ignores it."""
+    if replace and strategy == "topk":
+        raise ValueError(
+            'replace=True is an option of strategy="sample" (i.i.d. draws); strategy="topk" takes the '
+            "batch highest-scored distinct points: leave replace=False."
+        )
+
+
 def query(
     key: PRNGKey | None,
     scores: Array,
@@ -230,21 +239,24 @@ def query(
       strategy: ``"sample"`` (by the pool probabilities, unbiased weights) or ``"topk"`` (highest scores).
       alpha: uniform mixing weight in ``[0, 1]`` (:func:`pool_probabilities`).
       replace: with ``"sample"``: i.i.d. draws (weights ``1/(b p_i)``) or, by default, ``b`` distinct
-        points by priority sampling (weights ``max(1, τ/p_i)``).
+        points by priority sampling (weights ``max(1, τ/p_i)``); ``ValueError`` with ``"topk"``.
 
     Returns:
-      :class:`Query` ``(indices (b,), weights (b,), probs (n,))``.
+      :class:`Query` ``(indices (b,), weights (b,), probs (n,))``; with ``"topk"`` the weights are ones and
+      ``probs`` the pool probabilities of ``alpha`` (the choice itself does not depend on ``alpha``).
 
     Raises:
       ValueError: bad shapes, negative or non-finite scores of pool points, ``alpha`` outside ``[0, 1]``,
-        an empty pool, a batch larger than the pool, or (without replacement) fewer pool points of
-        positive probability than ``batch`` (mix with uniform: ``alpha > 0``).
-      TypeError: ``alpha`` not a real number, ``replace`` not a bool, or (``"sample"``) ``key`` not a
-        PRNG key.
+        an empty pool, a batch larger than the pool, (without replacement) fewer pool points of
+        positive probability than ``batch`` (mix with uniform: ``alpha > 0``), ``key=None`` with
+        ``"sample"``, or ``replace=True`` with ``"topk"``.
+      TypeError: ``alpha`` not a real number, ``replace`` not a bool, or (``"sample"``) ``key`` neither
+        ``None`` nor a PRNG key.
     """
     check_choice("strategy", strategy, STRATEGIES)
     batch = check_positive_int("batch", batch)
     replace = check_bool("replace", replace)
+    _check_replace(strategy, replace)
     pool, scores, alpha = _check_pool(scores, labelled, alpha)
     if pool >= 0 and batch > pool:
         raise ValueError(f"batch={batch} exceeds the {pool} unlabelled points in the pool.")
@@ -339,7 +351,8 @@ class ActiveConfig:
       rounds: query rounds after the seed fit (labels at the end: at most ``seed_size + rounds·batch``).
       strategy: ``"sample"`` or ``"topk"`` (:func:`query`).
       alpha: uniform mixing weight of every query (:func:`pool_probabilities`).
-      replace: sample with replacement (weights ``1/(b p_i)``; a repeated draw is labelled once).
+      replace: sample with replacement (weights ``1/(b p_i)``; a repeated draw is labelled once); only
+        with ``strategy="sample"`` (``ValueError`` with ``"topk"``).
       weighted: fit on :func:`estimator_weights` (``True``) or on unit weights. ``"topk"`` always fits
         on unit weights (a deterministic choice has no unbiased weights).
     """
@@ -362,6 +375,7 @@ class ActiveConfig:
         object.__setattr__(self, "alpha", _check_alpha(self.alpha))
         object.__setattr__(self, "replace", check_bool("replace", self.replace))
         object.__setattr__(self, "weighted", check_bool("weighted", self.weighted))
+        _check_replace(self.strategy, self.replace)
 
     @property
     def capacity(self) -> int:

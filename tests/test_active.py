@@ -192,6 +192,7 @@ def test_query_float32_follows_input_dtype():
         (dict(alpha=1.5), "alpha"),
         (dict(strategy="greedy"), "strategy"),
         (dict(key=None), "PRNG key"),
+        (dict(strategy="topk", replace=True), "replace=True is an option of strategy=.sample."),
         (dict(scores="negative"), "non-negative"),
         (dict(scores="nan"), "finite"),
         (dict(mask="int"), "bool mask"),
@@ -251,6 +252,8 @@ def test_active_config_errors():
         nj.ActiveConfig(seed_size=2, batch=2, rounds=-1)
     with pytest.raises(TypeError, match="batch"):
         nj.ActiveConfig(seed_size=2, batch=1.5, rounds=1)
+    with pytest.raises(ValueError, match="replace=True is an option of strategy=.sample."):  # was ignored
+        nj.ActiveConfig(seed_size=2, batch=2, rounds=1, strategy="topk", replace=True)
     # numpy integers alike for every count (rounds refused np.int64), stored as Python ints
     config = nj.ActiveConfig(seed_size=np.int64(2), batch=np.int32(2), rounds=np.int64(2))
     assert (config.seed_size, config.batch, config.rounds) == (2, 2, 2)

@@ -371,3 +371,34 @@ def test_reverse_mode_through_the_adaptive_rule_is_named():
             reverse(theta)
     forward = jax.jacfwd(loss)(theta)
     np.testing.assert_allclose(forward, jax.grad(loss)(theta, 32), rtol=1e-10)
+
+
+def test_mixed_precision_params_take_the_narrowest_tolerance_on_every_path():
+    """Params with a float32 leaf beside a float64 one: the default tolerance is float32's (1e-6, the
+    narrowest leaf's rounding is the integrand's noise), as in ``adjoint``. The streamed, chunked
+    label-free and projected paths flattened the params to float64 first and asked for 1e-12: every
+    example ran to the panel budget with a QuadratureWarning (2048 panels, 4-7 s for 20 examples)."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        xs, ys = jnp.asarray(rng.normal(size=(20, 3))), jnp.asarray(rng.normal(size=20))
+        params = {"a": jnp.asarray(rng.normal(size=3) * 0.5, jnp.float32), "b": jnp.asarray(0.1)}
+
+        def f(p, x):
+            return jnp.tanh(x @ p["a"]) + p["b"]
+
+        _, info = nj.adjoint(f, params, xs, return_info=True)
+        dense = nj.leverage_scores(nj.dual_matrix(f, params, xs, ys))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", adaptive.QuadratureWarning)
+            streamed = nj.streaming_leverage_scores(f, params, xs, ys)
+            host = nj.streaming_leverage_scores(f, params, np.asarray(xs), np.asarray(ys))
+            free = nj.label_free_leverage_scores(f, params, xs, chunk_size=8)
+            key = jax.random.key(0)
+            projected = nj.projected_leverage_scores(
+                key, f, params, xs, ys, dim=6, embedding="gaussian", num_nodes=None
+            )
+        assert int(info.panels.max()) == 1
+        np.testing.assert_allclose(streamed, dense, rtol=1e-6)
+        np.testing.assert_allclose(host, dense, rtol=1e-6)
+        np.testing.assert_allclose(free, nj.label_free_leverage_scores(f, params, xs), rtol=1e-6)
+        np.testing.assert_allclose(projected, dense, rtol=1e-6)  # Ω of full row rank p = 4 <= dim

@@ -207,6 +207,9 @@ def test_different_keys_give_different_projections_below_rank(problem):
         (dict(dim=8, embedding="srht"), ValueError, "embedding"),
         (dict(dim=9, sparsity=2), ValueError, "multiple of sparsity"),
         (dict(dim=8, sparsity=0), ValueError, "sparsity"),
+        # accepted and ignored (and compiled anew for each value) before: no sparsity of those embeddings
+        (dict(dim=9, sparsity=4, embedding="gaussian"), ValueError, "embedding='gaussian' has none"),
+        (dict(dim=8, sparsity=2, embedding="khatri_rao"), ValueError, "embedding='khatri_rao' has none"),
         (dict(dim=8, num_nodes=0), ValueError, "num_nodes"),
         (dict(dim=8, mode="sideways"), ValueError, "mode"),
     ],

@@ -85,6 +85,17 @@ def test_block_distortion_refuses_row_indices(bad):
     assert 0 <= float(nj.distortion(F, np.array([0, N - 1]), np.ones(2)))
 
 
+def test_distortion_refuses_rtol_with_a_basis():
+    """``rtol`` beside ``basis`` was silently ignored (the basis fixes the rank): ε̂ of the full-rank
+    basis came back where the user's tolerance would have dropped a direction."""
+    F, idx, w = _sample_block()
+    U, _, _ = nj.orthonormal_basis(F)
+    with pytest.raises(ValueError, match="rtol is not used with basis"):
+        nj.distortion(F, idx, w, rtol=1e-2, basis=U)
+    with_rtol = nj.orthonormal_basis(F, rtol=1e-2)[0]  # the advice of the message works
+    assert np.isfinite(float(nj.distortion(F, idx, w, basis=with_rtol)))
+
+
 def test_block_basis_must_match_block_f():
     F, idx, w = _sample_block()
     U, _, _ = nj.orthonormal_basis(F)
