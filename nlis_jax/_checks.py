@@ -133,22 +133,58 @@ def check_finite(name: str, tree: PyTree) -> None:
 
 def check_narrowing(name: str, tree) -> None:
     """``ValueError`` naming ``name`` if a float64 numpy leaf (a memmap's slice, a chunk) holds values
-    that jax's cast without jax_enable_x64 turns into Inf or 0 (:func:`_count_host_nonfinite`); NaN and
-    Inf themselves are left to the caller's count. One pass over such leaves; none otherwise."""
-    if jax.config.jax_enable_x64:
-        return
+    that jax's cast without jax_enable_x64 turns into Inf or 0 (:func:`narrowing_counts`); NaN and Inf
+    themselves are left to the caller's count. One pass over such leaves; none otherwise."""
+    message = narrowing_error(name, *narrowing_counts(tree))
+    if message:
+        raise ValueError(message)
+
+
+def narrows(leaf) -> bool:
+    """Whether jax's cast narrows the numpy ``leaf``'s floats (float64 data without jax_enable_x64)."""
+    if not isinstance(leaf, np.ndarray) or not np.issubdtype(leaf.dtype, np.floating):
+        return False
+    return jax.dtypes.canonicalize_dtype(leaf.dtype) != leaf.dtype
+
+
+def narrowing_counts(tree) -> tuple[int, int]:
+    """``(over, under)``: finite values of the numpy leaves of ``tree`` that jax's cast without
+    jax_enable_x64 makes Inf (``|v|`` past float32's largest) or 0 (``0 < |v|`` below float32's smallest
+    normal number, flushed on the device). One pass over each such leaf (more only where one is found);
+    none over other leaves."""
+    over = under = 0
     for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, np.ndarray) and leaf.dtype == np.float64:
-            _count_host_nonfinite(name, leaf)
+        if narrows(leaf):
+            _, leaf_over, leaf_under = _host_counts(leaf)
+            over, under = over + leaf_over, under + leaf_under
+    return over, under
 
 
-def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
-    """NaN/Inf entries of a host array, in one pass. Where jax's cast narrows it (float64 without
-    jax_enable_x64) the same pass counts the finite values past the narrower range too, which become
-    Inf in the cast (later read as NaN input or a non-finite gradient): those are named here."""
+def narrowing_error(name: str, over: int, under: int, narrow=np.float32, wide=np.float64) -> str | None:
+    """The message for ``over``/``under`` values of :func:`narrowing_counts` in ``name``, or ``None``."""
+    info = jnp.finfo(narrow)
+    cast = f"once cast to {info.dtype.name} ({np.dtype(wide).name} data without jax_enable_x64"
+    if over:
+        return (
+            f"{name} holds {over} finite value(s) beyond {info.dtype.name}'s range that become Inf {cast}: "
+            f"|v| > {float(info.max):.3g}); rescale the input, or enable jax_enable_x64."
+        )
+    if under:  # a column of them would drop out of every score silently
+        return (
+            f"{name} holds {under} non-zero value(s) below {info.dtype.name}'s smallest normal number "
+            f"that become 0 {cast}: 0 < |v| < {float(info.smallest_normal):.3g}); rescale the input, or "
+            "enable jax_enable_x64."
+        )
+    return None
+
+
+def _host_counts(host: np.ndarray) -> tuple[int, int, int]:
+    """``(non-finite, over, under)`` entries of a host array under jax's cast of its dtype: NaN/Inf, then
+    (only where the cast narrows it) finite values made Inf, and non-zero values flushed to 0 on the
+    device. One pass when all fit; further passes on the error path only."""
     narrow = jax.dtypes.canonicalize_dtype(host.dtype)
     if narrow == host.dtype or not jnp.issubdtype(narrow, jnp.floating):
-        return count_failing(host, np.isfinite)
+        return count_failing(host, np.isfinite), 0, 0
     top, tiny = float(jnp.finfo(narrow).max), float(jnp.finfo(narrow).smallest_normal)
 
     def fits(a):  # not NaN or Inf, not made Inf by the cast, not flushed to 0 on the device
@@ -157,21 +193,22 @@ def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
 
     bad = count_failing(host, fits)
     if not bad:
-        return 0
-    nonfinite = count_failing(host, np.isfinite)  # further passes on the error path only
+        return 0, 0, 0
+    nonfinite = count_failing(host, np.isfinite)
     over = count_failing(host, lambda a: ~np.isfinite(a) | (np.abs(a) <= top)) if bad > nonfinite else 0
-    cast = f"once cast to {narrow.name} ({host.dtype.name} data without jax_enable_x64"
-    if over:
-        raise ValueError(
-            f"{name} holds {over} finite value(s) beyond {narrow.name}'s range that become Inf {cast}: "
-            f"|v| > {top:.3g}); rescale the input, or enable jax_enable_x64."
-        )
-    if bad > nonfinite:  # a column of them would drop out of every score silently
-        raise ValueError(
-            f"{name} holds {bad - nonfinite} non-zero value(s) below {narrow.name}'s smallest normal number "
-            f"that become 0 {cast}: 0 < |v| < {tiny:.3g}); rescale the input, or enable jax_enable_x64."
-        )
-    return bad
+    return nonfinite, over, bad - nonfinite - over
+
+
+def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
+    """NaN/Inf entries of a host array, in one pass. Where jax's cast narrows it (float64 without
+    jax_enable_x64) the same pass counts the finite values past the narrower range too, which become
+    Inf in the cast (later read as NaN input or a non-finite gradient), and the non-zero values flushed
+    to 0: those are named here (:func:`narrowing_error`)."""
+    nonfinite, over, under = _host_counts(host)
+    message = narrowing_error(name, over, under, jax.dtypes.canonicalize_dtype(host.dtype), host.dtype)
+    if message:
+        raise ValueError(message)
+    return nonfinite
 
 
 @jax.jit

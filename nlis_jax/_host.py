@@ -51,9 +51,11 @@ from nlis_jax._adjoint import (
 from nlis_jax._checks import (
     check_finite,
     check_floating,
-    check_narrowing,
     check_not_complex,
     check_positive,
+    narrowing_counts,
+    narrowing_error,
+    narrows,
     under_trace,
 )
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
@@ -124,6 +126,7 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     check_not_complex("ys", ys)
     _check_in_memory("xs", xs)
     _check_in_memory("ys", ys)
+    _check_in_memory("weights", weights)
     if ys is not None:  # read slice by slice (a memmap too), only when wider than the params' dtype
         check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)))
     return n
@@ -143,7 +146,8 @@ def check_native(name: str, tree) -> None:
 
 
 def _check_in_memory(name: str, tree) -> None:
-    """NaN/Inf of arrays already in memory, before any work; memmaps are checked chunk by chunk instead.
+    """NaN/Inf of arrays already in memory, before any work (values a cast without jax_enable_x64 makes
+    Inf or 0 included); memmaps are checked chunk by chunk instead (:class:`NarrowingCheck`).
     Under ``jax.distributed`` every block is checked chunk by chunk too (the first pass's counts are
     summed over processes, so all raise the same error): a process raising here alone left the others
     waiting in the pass's collectives."""
@@ -155,15 +159,29 @@ def _check_in_memory(name: str, tree) -> None:
         check_finite(name, in_memory)
 
 
-def array_source(tree, n: int, chunk: int) -> Source:
-    """A chunk source reading slices of ``chunk`` rows of every array of ``tree`` (``None`` leaves stay)."""
+class ArraySource:
+    """A chunk source reading slices of ``chunk`` rows of every array of ``tree`` (``None`` leaves stay).
 
-    def chunks():
-        for start in range(0, n, chunk):
-            rows = slice(start, min(start + chunk, n))
-            yield jax.tree.map(lambda a, rows=rows: a[rows], tree)
+    ``narrowing_checked``: whether its values need no more check for jax's cast without jax_enable_x64
+    (:class:`NarrowingCheck`): in one process its arrays in memory were checked before any work
+    (:func:`check_host_arrays`), so only its float64 memmaps are left, checked on the first pass.
+    """
 
-    return chunks
+    def __init__(self, tree, n: int, chunk: int):
+        self.tree, self.n, self.chunk = tree, n, chunk
+        self.narrowing_checked = jax.process_count() == 1 and not any(
+            isinstance(a, np.memmap) and narrows(a) for a in jax.tree.leaves(tree)
+        )
+
+    def __call__(self) -> Iterator:
+        for start in range(0, self.n, self.chunk):
+            rows = slice(start, min(start + self.chunk, self.n))
+            yield jax.tree.map(lambda a, rows=rows: a[rows], self.tree)
+
+
+def array_source(tree, n: int, chunk: int) -> ArraySource:
+    """A chunk source reading slices of ``chunk`` rows of every array of ``tree`` (:class:`ArraySource`)."""
+    return ArraySource(tree, n, chunk)
 
 
 def host_vector(name: str, value):
@@ -378,26 +396,71 @@ def _pad(a, size: int):
 
 
 def staged(source: Source, chunk: int) -> Iterator:
-    """Device copies of the pieces, the next transfer started before the current piece is handed out."""
+    """Device copies of the pieces, the next transfer started before the current piece is handed out;
+    float64 pieces without jax_enable_x64 are checked before their transfer (:class:`NarrowingCheck`)."""
     pieces = enumerate(rechunk(source, chunk))
+    check = NarrowingCheck(source, chunk)
 
     def put(item):
         if item is None:
             return None
         index, (piece, valid) = item
-        # memmaps and chunks are read here, not before. Not under jax.distributed: one process raising
-        # alone would leave the others waiting in the pass's collectives (values past the range still
-        # become Inf there, counted over all processes; values flushed to 0 go unnamed)
-        for name, part in zip(PIECE_NAMES, piece if jax.process_count() == 1 else (), strict=False):
-            start = index * chunk
-            where = f"{name}, in examples {start}–{start + valid - 1},"
-            check_narrowing(where, jax.tree.map(lambda a, v=valid: a[:v], part))
+        check.piece(index, piece, valid)  # memmaps and chunks are read here, not before
         return jax.device_put(piece), valid
 
     nxt = put(next(pieces, None))
     while nxt is not None:
         cur, nxt = nxt, put(next(pieces, None))
         yield cur
+    check.done()
+
+
+class NarrowingCheck:
+    """Values of float64 host pieces that jax's cast without jax_enable_x64 makes Inf or flushes to 0 on
+    the device (:func:`nlis_jax._checks.narrowing_counts`), checked piece by piece in :func:`staged`.
+
+    In one process the first such piece raises, naming its examples. Under ``jax.distributed`` the counts
+    of each part (``xs``, ``ys``, ``weights``) are summed over the pass and exchanged at its end
+    (:func:`process_table`), so every process raises the same error: one raising alone left the others
+    waiting in the pass's collectives (and values flushed to 0 went unnamed). An :class:`ArraySource` is
+    checked on its first complete pass only (see its ``narrowing_checked``); a user's chunk source, whose
+    rows are only sampled from pass to pass (:meth:`CheckedSource.check_piece`), on every pass.
+    """
+
+    def __init__(self, source: Source, chunk: int):
+        self.source, self.chunk = source, chunk
+        self.active = not jax.config.jax_enable_x64 and not getattr(source, "narrowing_checked", False)
+        self.multi = jax.process_count() > 1
+        self.counts = np.zeros((len(PIECE_NAMES), 2), np.int64)  # (over, under) per part, this process
+
+    def piece(self, index: int, piece, valid: int) -> None:
+        if not self.active:
+            return
+        for k, part in enumerate(piece):
+            counts = narrowing_counts(jax.tree.map(lambda a, v=valid: a[:v], part))
+            if self.multi:
+                self.counts[k] += counts
+                continue
+            start = index * self.chunk
+            message = narrowing_error(f"{PIECE_NAMES[k]}, in examples {start}–{start + valid - 1},", *counts)
+            if message:
+                raise ValueError(message)
+
+    def done(self) -> None:
+        """The end of a complete pass: the exchange of the counts (several processes), then the mark."""
+        if not self.active:
+            return
+        if self.multi:
+            table = process_table(np.minimum(self.counts, np.iinfo(np.int32).max).ravel())
+            table = table.reshape(-1, len(PIECE_NAMES), 2)
+            for k, name in enumerate(PIECE_NAMES):
+                over, under = table[:, k].sum(0)
+                if over or under:
+                    which = np.flatnonzero(table[:, k].sum(1)).tolist()
+                    where = f"{name}, in the block(s) of process(es) {which} under jax.distributed,"
+                    raise ValueError(narrowing_error(where, int(over), int(under)))
+        if isinstance(self.source, ArraySource):
+            self.source.narrowing_checked = True
 
 
 def fold(step, carry, source: Source, chunk: int):

@@ -51,6 +51,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from nlis_jax._adjoint import (
@@ -273,6 +274,7 @@ def _params_dtype(params) -> jnp.dtype:
 def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity):
     """:func:`projected_dual_matrix` checked and computed, in float32 for half-precision models."""
     check_key("key", key)
+    _check_not_blocks(xs, ys)
     check_path_args(num_nodes, mode, None)
     _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
@@ -282,6 +284,19 @@ def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, m
     describe = lambda count: "the dual matrix: " + nonfinite_adjoint(count)  # noqa: E731
     report_nonfinite(_count_bad_jit(Y), Y.shape[0], describe)
     return Y
+
+
+def _check_not_blocks(xs, ys) -> None:
+    """``ValueError`` for numpy blocks under ``jax.distributed``: each process would score its own rows as
+    if they were the whole data (probabilities summing to 1 per process), where the streaming scores
+    and :func:`nlis_jax.weighted_loss` join the blocks of all processes."""
+    if jax.process_count() > 1 and any(isinstance(a, np.ndarray) for a in jax.tree.leaves((xs, ys))):
+        raise ValueError(
+            "under jax.distributed, the projected scores take global arrays: numpy blocks would be "
+            "scored per process as separate data sets. Join the blocks of all processes first, "
+            "xs, ys = nlis_jax.distributed.shard_rows((xs_block, ys_block)), or use "
+            "streaming_leverage_scores, which joins numpy blocks itself."
+        )
 
 
 _count_bad_jit = jax.jit(count_bad_examples)

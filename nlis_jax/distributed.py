@@ -31,6 +31,7 @@ detects the cluster. On CPU the cross-process collectives are gloo.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import socket
 import subprocess
@@ -137,17 +138,7 @@ def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
     mesh = data_mesh() if mesh is None else mesh
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     local_devices = len(sharding.addressable_devices)
-    if jax.process_count() > 1:  # a collective: every process learns every count, and all raise alike
-        from nlis_jax._host import check_blocks, process_table
-
-        lengths = [np.shape(a)[0] if np.ndim(a) else 0 for a in jax.tree.leaves(local)]
-        counts = process_table([min(lengths, default=0), max(lengths, default=0)])
-        if np.any(counts[:, 0] != counts[:, 1]):
-            raise ValueError(
-                f"shard_rows: the arrays of a process hold different numbers of rows (least and most per "
-                f"process: {counts.tolist()}); every array needs the same rows."
-            )
-        check_blocks(counts[:, 0])
+    _check_blocks(local)
 
     def one(a):
         a = np.asarray(a)
@@ -160,6 +151,47 @@ def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
         return jax.make_array_from_process_local_data(sharding, a, global_shape)
 
     return jax.tree.map(one, local)
+
+
+def _check_blocks(local: PyTree) -> None:
+    """The checks of :func:`shard_rows` before any global array is made, alike on every process (the
+    numbers are exchanged: a process raising alone left the others waiting in the next collective):
+    the same rows in every array, and with several processes the same count in every process
+    (:func:`nlis_jax._host.check_blocks`) and the same pytree structure, per-example shapes and dtypes
+    (mismatched blocks aborted inside the collectives or gathered garbage); float64 values that the
+    cast without jax_enable_x64 makes Inf or flushes to 0 (:func:`nlis_jax._checks.narrowing_counts`)."""
+    from nlis_jax._checks import narrowing_counts, narrowing_error
+    from nlis_jax._host import check_blocks, process_table
+
+    leaves = jax.tree.leaves(local)
+    lengths = [np.shape(a)[0] if np.ndim(a) else 0 for a in leaves]
+    spec = f"{jax.tree.structure(local)}; " + ", ".join(
+        f"{tuple(np.shape(a)[1:])} {np.result_type(a)}" for a in leaves
+    )
+    spec_id = int.from_bytes(hashlib.blake2b(spec.encode(), digest_size=4).digest(), "little") >> 1
+    over, under = narrowing_counts([np.asarray(a) if isinstance(a, np.ndarray) else a for a in leaves])
+    row = [min(lengths, default=0), max(lengths, default=0), spec_id, *np.minimum([over, under], 2**31 - 1)]
+    table = process_table(row) if jax.process_count() > 1 else np.asarray([row])
+    if np.any(table[:, 0] != table[:, 1]):
+        raise ValueError(
+            f"shard_rows: the arrays of a process hold different numbers of rows (least and most per "
+            f"process: {table[:, :2].tolist()}); every array needs the same rows."
+        )
+    if len(set(table[:, 2].tolist())) > 1:
+        which = np.flatnonzero(table[:, 2] != table[0, 2]).tolist()
+        raise ValueError(
+            f"shard_rows: the blocks of the processes differ in pytree structure, per-example shapes or "
+            f"dtypes (process(es) {which} against process 0); every process must pass the same kind of "
+            f"arrays. This process ({jax.process_index()}) passed: {spec}."
+        )
+    if len(table) > 1:
+        check_blocks(table[:, 0])
+    over, under = table[:, 3:].sum(0)
+    if over or under:
+        which = np.flatnonzero(table[:, 3:].sum(1)).tolist()
+        where = f"the block(s) of process(es) {which}" if len(table) > 1 else "the block"
+        where = f"shard_rows: {where}"
+        raise ValueError(narrowing_error(where, int(over), int(under)))
 
 
 def gather(tree: PyTree) -> PyTree:

@@ -179,7 +179,43 @@ def _checks(glob, params) -> dict:
             lambda: nj.weighted_loss(MLP, params, glob["xs"], glob["ys"], w_neg)
         ),
         "probs_sum": _expect_error(lambda: nj.sample(jax.random.key(0), p_bad, 3)),
+        # blocks of another per-example shape or dtype in process 1: named, not a gloo abort
+        "shape_mismatch": _expect_error(
+            lambda: distributed.shard_rows(np.ones((8, 3 - jax.process_index())))
+        ),
+        "dtype_mismatch": _expect_error(
+            lambda: distributed.shard_rows(np.ones((8, 3), (np.float64, np.float32)[jax.process_index()]))
+        ),
+        "projected_host_blocks": _expect_error(
+            lambda: nj.projected_leverage_scores(
+                jax.random.key(2), MLP, params, _data()["xs"][rows], _data()["ys"][rows], dim=8
+            )
+        ),
+        **_narrowing_checks(rows),
     }
+
+
+def _narrowing_checks(rows) -> dict:
+    """float64 values below float32's smallest normal number (a column in 1e-60 units) or past its range
+    in the last process's block, without x64: every process raises, naming the block (they were 0 or
+    Inf on the device, unnamed)."""
+    tiny, huge = np.array(_data()["xs"]), np.array(_data()["xs"])
+    tiny[N // 2 :, 1] *= 1e-60  # the second process's rows only
+    huge[-1, 0] = 1e300
+    params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), _params(1, (D, 4, 1)))
+    ys = _data()["ys"][rows]
+    jax.config.update("jax_enable_x64", False)
+    try:
+        return {
+            "narrow_host_block": _expect_error(
+                lambda: nj.streaming_leverage_scores(MLP, params32, tiny[rows], ys, chunk_size=8, num_nodes=4)
+            ),
+            "narrow_host_loss": _expect_error(lambda: nj.weighted_loss(MLP, params32, tiny[rows], ys)),
+            "narrow_shard_rows": _expect_error(lambda: distributed.shard_rows((tiny[rows], ys))),
+            "huge_shard_rows": _expect_error(lambda: distributed.shard_rows(huge[rows])),
+        }
+    finally:
+        jax.config.update("jax_enable_x64", True)
 
 
 def main(out_dir: str) -> None:

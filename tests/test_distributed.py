@@ -103,6 +103,22 @@ def test_input_checks_fire_on_global_arrays(reports):
         # a NaN in the last process's host block: every process raises (the others waited in the pass)
         assert checks["nan_host_block"].startswith("ValueError: xs or ys contains 1 NaN"), checks
         assert checks["gather_rows_global"].startswith("ValueError: indices is a global array"), checks
+        for name in ("shape_mismatch", "dtype_mismatch"):
+            assert checks[name].startswith("ValueError: shard_rows: the blocks of the processes differ"), (
+                checks
+            )
+            assert "process(es) [1] against process 0" in checks[name], checks
+        assert checks["projected_host_blocks"].startswith("ValueError: under jax.distributed, the projected")
+        # float64 without x64: values flushed to 0 or made Inf by the cast are named on every process
+        tiny = "holds 16 non-zero value(s) below float32's smallest normal number that become 0 once cast"
+        for name in ("narrow_host_block", "narrow_host_loss"):
+            where = "ValueError: xs, in the block(s) of process(es) [1] under jax.distributed,"
+            assert checks[name].startswith(where) and tiny in checks[name], checks
+        assert checks["narrow_shard_rows"].startswith(
+            "ValueError: shard_rows: the block(s) of process(es) [1]"
+        )
+        assert tiny in checks["narrow_shard_rows"], checks
+        assert "1 finite value(s) beyond float32's range" in checks["huge_shard_rows"], checks
 
 
 def test_launcher_stops_all_when_one_fails(tmp_path):

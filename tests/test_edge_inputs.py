@@ -615,6 +615,65 @@ def test_narrowing_cast_of_memmaps_and_chunk_sources_is_named(tmp_path):
         assert not np.shares_memory(mapped, xs) and mapped[0, 1] == xs[0, 1]  # nothing modified
 
 
+def test_host_data_is_checked_for_the_narrowing_cast_once(tmp_path, monkeypatch):
+    """In-memory float64 arrays are checked for the cast without x64 before any work, memmaps piece by
+    piece: the pieces of arrays in memory were checked a second time on every pass (one more read of the
+    data per pass), and memmaps again on every pass after the first. A user's chunk source, whose rows
+    are only sampled from pass to pass, is still checked on every pass."""
+    from nlis_jax import _host
+
+    rng = np.random.default_rng(2)
+    xs, ys, w = rng.standard_normal((64, 3)), rng.standard_normal(64), rng.uniform(0.5, 1.5, 64)
+    np.save(tmp_path / "xs.npy", xs)
+    mapped = np.load(tmp_path / "xs.npy", mmap_mode="r")
+    calls = []
+    counted = _host.narrowing_counts
+    monkeypatch.setattr(_host, "narrowing_counts", lambda tree: calls.append(1) or counted(tree))
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    p = np.ones(3, np.float32)
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax's truncation warning of the cast
+        nj.streaming_leverage_scores(f, p, xs, ys, chunk_size=16)  # several passes over 4 pieces
+        nj.weighted_loss(f, p, xs, ys, w, chunk_size=16)
+        assert calls == []
+        nj.streaming_leverage_scores(f, p, mapped, ys, chunk_size=16)
+        assert len(calls) == 4 * 2  # the first pass only: 4 pieces, xs and ys
+        calls.clear()
+        source = lambda: ((xs[i : i + 16], ys[i : i + 16]) for i in range(0, 64, 16))  # noqa: E731
+        nj.streaming_leverage_scores(f, p, source, chunk_size=16)
+        assert len(calls) > 4 * 2  # every pass
+        tiny_w = w.copy()
+        tiny_w[5] = 1e-60  # in memory: named before any work, not weighted by 0 silently
+        with pytest.raises(ValueError, match="weights holds 1 non-zero value.s. below float32's smallest"):
+            nj.weighted_loss(f, p, xs, ys, tiny_w, chunk_size=16)
+
+
+def test_shard_rows_names_what_the_cast_and_the_rows_do_not_allow():
+    """One process: float64 values that the cast without x64 flushes to 0 (a column in 1e-60 units: rank
+    145 against 161 and scores up to 68% off, unnamed) or makes Inf ("NaN or Inf" later) are named by
+    shard_rows itself; arrays of different row counts in one call are refused."""
+    from nlis_jax import distributed
+
+    n = 4 * jax.device_count()
+    xs = np.random.default_rng(3).standard_normal((n, 3))
+    xs[:, 1] *= 1e-60
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        message = f"shard_rows: the block holds {n} non-zero value.s. below float32's smallest normal number"
+        with pytest.raises(ValueError, match=message):
+            distributed.shard_rows((xs, np.ones(n)))
+        xs[:, 1] = 1.0
+        xs[2, 0] = 1e300
+        with pytest.raises(ValueError, match="shard_rows: the block holds 1 finite value.s. beyond float32"):
+            distributed.shard_rows(xs)
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        distributed.shard_rows((xs, np.ones(n - 1)))
+    assert xs[2, 0] == 1e300  # nothing modified
+
+
 def test_a_model_with_no_outputs_is_named():
     """``apply_fn`` returning shape ``(0,)``: "zero-size array to reduction operation max which has no
     identity" from inside the quadrature (adjoint, dual_matrix, streaming and label-free scores), or an
