@@ -33,9 +33,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -225,6 +228,90 @@ def _process_env(base: dict, address: str, num_processes: int, rank: int, cpu_de
     return env
 
 
+#: Seconds the processes have to end after SIGTERM before the launcher sends SIGKILL.
+_GRACE_S = 3.0
+
+# On Linux each process starts as this wrapper, which asks the kernel to SIGKILL it when the launcher dies
+# (prctl(PR_SET_PDEATHSIG = 1, SIGKILL): also on SIGKILL of the launcher, which no handler sees), checks that
+# the launcher did not die before that, then execs the command: same pid, so Popen's pid, signals and exit
+# status are the command's. Not a ``preexec_fn`` calling prctl: that runs Python between fork and exec in the
+# child of a process that may have threads (JAX's, a caller's), which the Python docs warn can deadlock. The
+# cost is one interpreter start (-I -S: no site, no PYTHON* variables; the command gets the environment
+# unchanged) per process. The signal comes when the *thread* that started the process ends; launch()
+# returns only after its processes ended, so that thread outlives them.
+_DIE_WITH_LAUNCHER = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as e:
+    print(f"nlis_jax.distributed: cannot run {sys.argv[2]!r}: {e}", file=sys.stderr)
+    sys.exit(127)
+"""
+
+
+def _worker_command(command: Sequence[str]) -> list[str]:
+    if sys.platform.startswith("linux") and sys.executable:
+        return [sys.executable, "-I", "-S", "-c", _DIE_WITH_LAUNCHER, str(os.getpid()), *command]
+    return list(command)
+
+
+def _say(message: str) -> None:
+    print(f"nlis_jax.distributed: {message}", file=sys.stderr, flush=True)
+
+
+def _catch_stop_signals(received: list[int]) -> dict:
+    """Make SIGTERM and SIGHUP append their number to ``received`` instead of ending this process; return
+    the handlers replaced, ``{signum: handler}``. Only in the main thread (``signal.signal`` raises in
+    others), and not for a signal that is ignored (``nohup``) or whose handler was not set from Python
+    (``getsignal`` gives None: it could not be put back)."""
+    previous = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        handler = None if signum is None else signal.getsignal(signum)
+        if handler is None or handler == signal.SIG_IGN:
+            continue
+        try:
+            signal.signal(signum, lambda s, frame: received.append(s))
+        except (ValueError, OSError):  # e.g. not the main interpreter
+            continue
+        previous[signum] = handler
+    return previous
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to the processes still running, up to ``_GRACE_S`` seconds for them to end, then SIGKILL."""
+    try:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + _GRACE_S
+        for p in procs:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:  # also when a KeyboardInterrupt cuts the grace short
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _how(code: int) -> str:
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 def launch(
     command: Sequence[str],
     num_processes: int,
@@ -236,33 +323,65 @@ def launch(
 ) -> int:
     """Run ``command`` as ``num_processes`` processes on this machine joined through 127.0.0.1.
 
-    Returns 0 when all succeed, else the first non-zero exit status (the other processes are then
-    stopped, as they would wait for the failed one); 124 when ``timeout`` seconds pass first.
+    Returns 0 when all succeed, else the status of the first process to fail: its exit status, or
+    ``128 + N`` when signal ``N`` killed it (the shell's convention: 137 for SIGKILL); the other processes
+    are then stopped, as they would wait for the failed one. 124 when ``timeout`` seconds pass first. The
+    reason (``process 1 of 2 exited with status 3``, ``... was killed by signal SIGKILL``, ``timed out
+    after 60 s``) goes to stderr as one line. Stopping is SIGTERM, then SIGKILL after 3 s.
+
+    The processes do not outlive the launcher: on SIGTERM or SIGHUP it stops them, puts back the handler
+    it found (its handlers are set only while ``launch`` runs, and only when called from the main thread;
+    an ignored signal stays ignored), then raises the signal again, so that the default action ends this
+    process by it (the shell sees ``128 + N``, 143 for SIGTERM) and a Python handler gets it; if that
+    handler returns, ``launch`` returns ``128 + N``. A KeyboardInterrupt stops them and propagates. On
+    Linux the kernel also kills them when the launcher dies by SIGKILL (``PR_SET_PDEATHSIG``, set by a
+    small wrapper that then execs ``command``); processes that ``command`` starts in turn are its own.
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be at least 1, got {num_processes}.")
+    if len(command) == 0:
+        raise ValueError("command is empty: give the program and its arguments, e.g. ['python', 'a.py'].")
     address = f"127.0.0.1:{port or _free_port()}"
     base = dict(os.environ if env is None else env)
-    procs = [
-        subprocess.Popen(list(command), env=_process_env(base, address, num_processes, rank, cpu_devices))
-        for rank in range(num_processes)
-    ]
+    if shutil.which(command[0], path=base.get("PATH", os.defpath)) is None:  # before the wrapper hides it
+        raise FileNotFoundError(f"command {command[0]!r} is not found or not executable (PATH of env).")
+    worker = _worker_command(command)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = 0
+    received: list[int] = []
+    previous = _catch_stop_signals(received)
+    procs: list[subprocess.Popen] = []
     try:
-        while status == 0:
+        for rank in range(num_processes):
+            if received:
+                break
+            rank_env = _process_env(base, address, num_processes, rank, cpu_devices)
+            procs.append(subprocess.Popen(worker, env=rank_env))
+        while not received:
             codes = [p.poll() for p in procs]  # poll every process, not only up to the first running one
-            status = next((c for c in codes if c not in (None, 0)), 0)
+            failed = next((rank for rank, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None:
+                status = 128 - codes[failed] if codes[failed] < 0 else codes[failed]
+                _say(f"process {failed} of {num_processes} {_how(codes[failed])}")
+                break
             if None not in codes:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 status = 124
+                _say(f"timed out after {timeout:g} s")
+                break
             time.sleep(0.05)
+        if received:
+            _say(f"received {signal.Signals(received[0]).name}; stopping the {num_processes} processes")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        try:
+            _stop(procs)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    if received:  # also one that came while stopping after a failure
+        signal.raise_signal(received[0])
+        return 128 + received[0]
     return status
 
 
