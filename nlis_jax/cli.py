@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -505,12 +506,67 @@ def enable_compilation_cache(directory: str | os.PathLike) -> bool:
         return False
     if not os.access(path, os.W_OK | os.X_OK):
         return False
+    moved = jax.config.jax_compilation_cache_dir != str(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if importlib.util.find_spec("filelock") is not None:  # jax needs it for the size limit, else no cache
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    if moved:  # a cache jax already opened elsewhere (the caller's own) would keep getting the programs
+        _reopen_persistent_cache()
     return True
+
+
+def _reopen_persistent_cache() -> None:
+    """Make jax open its persistent compilation cache afresh, from the settings of the moment, at its next
+    compilation. jax opens the cache once per process (at the first compilation after a folder is set) and
+    keeps reading and writing that folder, also after ``jax_compilation_cache_dir`` changes or is unset,
+    until ``jax._src.compilation_cache.reset_cache()`` (private: what jax's own tests call between cache
+    folders; skipped when a jax version lacks it)."""
+    try:
+        from jax._src import compilation_cache
+    except ImportError:  # pragma: no cover - jax moved its private module
+        return
+    reset = getattr(compilation_cache, "reset_cache", None)
+    if reset is not None:
+        reset()
+
+
+#: The jax settings that commands change (float64 studies turn on x64; ``run`` the compilation cache):
+#: :func:`main` puts them back when it returns or raises, so that a call in a notebook or a test leaves
+#: the process's later work (its dtypes, what it writes to disk) as it was.
+JAX_SETTINGS = (
+    "jax_enable_x64",
+    "jax_compilation_cache_dir",
+    "jax_enable_compilation_cache",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+    "jax_compilation_cache_max_size",
+)
+
+
+def _global_setting(jax, name: str):
+    """The process-wide value of a jax setting (not that of a ``with jax.enable_x64(...)`` block)."""
+    holder = getattr(jax.config, "_value_holders", {}).get(name)
+    return holder.get_global() if hasattr(holder, "get_global") else getattr(jax.config, name)
+
+
+@contextlib.contextmanager
+def _restoring_jax_settings():
+    """Put back the :data:`JAX_SETTINGS` that the block changed, however it ends; when a cache setting
+    changed, jax also drops the persistent cache it opened (the next compilation opens the restored one,
+    if any). Arrays made under x64 stay valid after x64 goes off."""
+    import jax
+
+    before = {name: _global_setting(jax, name) for name in JAX_SETTINGS}
+    try:
+        yield
+    finally:
+        changed = [name for name in JAX_SETTINGS if _global_setting(jax, name) != before[name]]
+        for name in changed:
+            jax.config.update(name, before[name])
+        if any(name != "jax_enable_x64" for name in changed):
+            _reopen_persistent_cache()
 
 
 def setup_compilation_cache(args: argparse.Namespace) -> None:
@@ -668,7 +724,8 @@ def _outliers(args: argparse.Namespace, outliers) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``nlis-jax`` console script; returns the exit code."""
+    """Entry point of the ``nlis-jax`` console script; returns the exit code. Called in-process (a notebook,
+    a test), it leaves jax's :data:`JAX_SETTINGS` as it found them, whichever way the command ends."""
     try:
         return _main(argv)
     except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
@@ -701,7 +758,8 @@ def _main(argv: list[str] | None) -> int:
         except ValueError as exc:
             command_parser.error(str(exc))
     try:
-        code = _dispatch(parser, args, argv, outliers)
+        with _restoring_jax_settings():  # every command imports jax; parsing and usage errors do not
+            code = _dispatch(parser, args, argv, outliers)
     except KeyboardInterrupt:
         print(f"nlis-jax {args.command}: interrupted.", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -425,6 +425,27 @@ def test_run_active_writes_results(tmp_path):
     assert (tmp_path / "active_california.png").stat().st_size > 0
 
 
+def test_plot_active_closes_its_figure_when_saving_fails(tmp_path):
+    """An out_dir that cannot be made (below a regular file) raises, and leaves no figure in pyplot."""
+    import matplotlib.pyplot as plt
+
+    result = {
+        "budgets": [20, 40],
+        "dataset": "california",
+        "n": 100,
+        "settings": {"radius": None},
+        "strategies": {"uniform": {"median": [2.0, 1.5], "q25": [1.8, 1.4], "q75": [2.2, 1.6]}},
+    }
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    before = plt.get_fignums()
+    with pytest.raises(NotADirectoryError):
+        study.plot_active(result, blocker / "out")
+    assert plt.get_fignums() == before
+    path = study.plot_active(result, tmp_path / "ok")  # the success path closes its figure too
+    assert path.stat().st_size > 0 and plt.get_fignums() == before
+
+
 def test_flights_missing_extra_is_a_clear_error(monkeypatch):
     import importlib.util
 

@@ -378,3 +378,79 @@ def test_a_closed_stdout_is_not_a_traceback(tmp_path):
         os.close(write)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "BrokenPipe" not in proc.stderr and np.load(tmp_path / "s.npy").shape == (50,)
+
+
+#: The jax settings a command may change: float64 studies turn on x64, ``run`` the compilation cache.
+JAX_SETTINGS = (
+    "jax_enable_x64",
+    "jax_compilation_cache_dir",
+    "jax_enable_compilation_cache",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+    "jax_compilation_cache_max_size",
+)
+
+
+def test_main_in_process_restores_jax_settings_and_honours_later_cache_options(tmp_path, capsys, monkeypatch):
+    """``cli.main`` called in a notebook or test left x64 on and its compilation cache configured for the
+    rest of the process: the caller's own programs went into it, and a later ``--no-compilation-cache``
+    (or another ``--compilation-cache DIR``) in the same process still wrote there. Each call compiles
+    new shapes (n = 97 and a d of its own), so that each writes to the cache it was given, if any."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    from jax._src import compilation_cache
+
+    from nlis_jax import experiments
+
+    def files(folder):
+        return sum(len(names) for _, _, names in os.walk(folder))
+
+    def run(name, d, *cache):
+        argv = [
+            "run",
+            "--dataset",
+            "synthetic",
+            "--n",
+            "97",
+            "--d",
+            str(d),
+            "--sizes",
+            "10",
+            "--repeats",
+            "1",
+        ]
+        argv += ["--steps", "5", "--pilot-size", "10", "--timing-size", "none", "--methods", "uniform"]
+        argv += ["--no-plots", "--no-progress", "--out", str(tmp_path / name), *cache]
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+
+    first, other = tmp_path / "cache_a", tmp_path / "cache_b"
+    before = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
+    jax.config.update("jax_enable_x64", False)  # as in a user's session (the suite runs with x64 on)
+    try:
+        expected = dict(before, jax_enable_x64=False)
+        run("a", 3, "--compilation-cache", str(first))  # float64 study, cache on
+        assert {name: getattr(jax.config, name) for name in JAX_SETTINGS} == expected
+        written = files(first)
+        assert written > 0
+        jax.jit(lambda v: jnp.cos(v) * 7 - 2)(jnp.ones(9)).block_until_ready()  # the caller's own program
+        assert jnp.ones(3).dtype == jnp.float32 and files(first) == written
+        run("b", 5, "--no-compilation-cache")
+        assert files(first) == written  # compiled afresh, written nowhere
+        run("c", 6, "--compilation-cache", str(other))
+        assert files(other) > 0 and files(first) == written
+        assert {name: getattr(jax.config, name) for name in JAX_SETTINGS} == expected
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated failure of the study")
+
+        monkeypatch.setattr(experiments, "run_study", broken)
+        with pytest.raises(RuntimeError, match="simulated failure"):  # an error that main does not catch
+            run("d", 6, "--compilation-cache", str(first))
+        assert {name: getattr(jax.config, name) for name in JAX_SETTINGS} == expected
+    finally:  # the rest of the suite runs as before, also when this test fails
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

@@ -154,6 +154,35 @@ def test_study_is_reproducible_and_does_not_recompile(tiny):
     assert not np.array_equal(other.ratios["uniform"], first.ratios["uniform"])
 
 
+@pytest.mark.parametrize(
+    ("where", "error", "raised"),
+    [
+        ("fit_full", RuntimeError, RuntimeError),  # before the grid (e.g. the full-data fit diverged)
+        ("_shared_scores", ValueError, ValueError),  # inside the grid
+        ("_run_grid", KeyboardInterrupt, ex.StudyInterrupted),  # Ctrl-C keeps the finished cells
+    ],
+)
+def test_progress_bar_is_closed_when_the_study_fails(tiny, monkeypatch, where, error, raised):
+    """The tqdm bar of ``progress=True`` is closed however the study ends, not left in ``tqdm._instances``
+    (where it would stay alive through the kept traceback and push later bars one line down)."""
+    from tqdm import tqdm
+
+    from nlis_jax.experiments import runner
+
+    problem, _ = tiny
+    before = set(tqdm._instances)
+
+    def fail(*args, **kwargs):
+        raise error("simulated failure")
+
+    monkeypatch.setattr(runner, where, fail)
+    config = dataclasses.replace(TINY, timing_size=None)
+    with pytest.raises(raised) as info:
+        ex.run_study(jax.random.key(0), config, problem=problem, progress=True)
+    assert info.traceback  # the traceback (and so the bar, had it stayed open) is still alive here
+    assert set(tqdm._instances) == before
+
+
 def test_on_grid_and_the_timed_runs(tiny, monkeypatch):
     """``on_grid`` gets the grid's summary before the wall-time comparison; the work it starts runs
     beside the comparison's warm-up only: every timed run starts after it finished and compiles nothing."""

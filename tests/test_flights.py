@@ -281,6 +281,43 @@ def test_convergence_check_compares_with_an_earlier_loss():
     assert abs(losses[-k - 1] - losses[-1]) / losses[-1] > 0.2
 
 
+def test_compiled_executables_are_bounded_and_reused(monkeypatch):
+    """The study's executables are kept least recently used first, at most ``_MAX_EXECUTABLES``: a sweep
+    over learning rates (new kernels, so new signatures, each run) grew the dict without bound."""
+    import collections
+
+    from nlis_jax.experiments import flights as fl
+
+    class Kernel:  # a jitted function that counts its compilations
+        def __init__(self):
+            self.jitted, self.compiled = jax.jit(lambda x: 2 * x + 1), 0
+
+        def lower(self, *args):
+            self.compiled += 1
+            return self.jitted.lower(*args)
+
+    monkeypatch.setattr(fl, "_EXECUTABLES", collections.OrderedDict())  # the study's own entries stay
+    bound = getattr(fl, "_MAX_EXECUTABLES", 32)  # (the old code had no bound)
+    assert 26 <= bound <= 64  # a run of every protocol and scheme at six sizes compiles 26 signatures
+    kernels = [Kernel() for _ in range(bound + 8)]  # e.g. one kernel per learning rate of a sweep
+    first = np.arange(3.0, dtype=np.float32)
+    out, seconds = fl._run_aot(kernels[0], first)
+    np.testing.assert_array_equal(out, 2 * first + 1)
+    assert seconds >= 0
+    for i, kernel in enumerate(kernels[1:], start=1):
+        fl._run_aot(kernel, np.zeros(i % 3 + 1, np.float32))
+        fl._run_aot(kernels[0], first)  # used all along: never the least recently used
+        assert len(fl._EXECUTABLES) <= bound
+    assert len(fl._EXECUTABLES) == bound
+    assert kernels[0].compiled == 1  # a repeated signature is a hit
+    fl._run_aot(kernels[0], np.arange(4.0, dtype=np.float32))  # a new shape is a new signature
+    assert kernels[0].compiled == 2
+    fl._run_aot(kernels[-1], np.zeros(len(kernels[1:]) % 3 + 1, np.float32))  # the latest: still cached
+    assert kernels[-1].compiled == 1
+    fl._run_aot(kernels[1], np.zeros(2, np.float32))  # the oldest were evicted: compiled again
+    assert kernels[1].compiled == 2 and all(k.compiled == 1 for k in kernels[2:])
+
+
 def test_wall_time_counts_the_full_fit_for_protocols_that_start_from_theta_star():
     """A star-only summary charged 0 s of one-off cost to uniform sampling, whose fits start from θ*."""
     from nlis_jax.experiments import flights as fl

@@ -199,6 +199,29 @@ def test_score_review_fixes(tmp_path, capsys):
     np.testing.assert_allclose(np.load(out32), np.load(out), rtol=1e-4)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX")
+def test_score_file_mode_follows_the_umask_without_reading_it(tmp_path, monkeypatch):
+    """The scores get the mode of a new file (``0o666 & ~umask``) without ``os.umask``: reading the umask
+    that way sets it to another value for a moment, for every thread of the process."""
+    _files(tmp_path)
+    out = tmp_path / "s.npy"
+    set_umask = os.umask
+    previous = set_umask(0o027)
+    try:
+        with monkeypatch.context() as patch:
+
+            def no_umask(mask):
+                raise AssertionError(f"os.umask({mask:#o}) changed the umask of every thread")
+
+            patch.setattr(os, "umask", no_umask)
+            assert cli.main(["score", "--x", str(tmp_path / "x.npy"), "--out", str(out)]) == 0
+    finally:
+        set_umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~0o027 == 0o640
+    assert np.load(out).shape == (200,)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".nlis-score-")]
+
+
 def test_score_user_journey_fixes(tmp_path, capsys):
     """Each was a traceback, a silent wrong answer or a misleading message: an empty --x/--y file (EOFError
     traceback); --out naming --params (overwrote the parameters, exit 0); a scalar theta (broadcast, exit

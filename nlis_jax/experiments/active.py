@@ -482,25 +482,29 @@ def plot_active(result: dict, out_dir: str | os.PathLike) -> Path:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    budgets = np.asarray(result["budgets"])
-    for name, q in result["strategies"].items():
-        to_array = lambda v: np.array([np.nan if x is None else x for x in v])
-        (line,) = ax.plot(budgets, to_array(q["median"]), marker="o", label=name)
-        ax.fill_between(budgets, to_array(q["q25"]), to_array(q["q75"]), color=line.get_color(), alpha=0.2)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("labels")
-    ax.set_ylabel(r"$L(\theta)/L(\theta^*)$ on the full data")
-    radius = result.get("settings", {}).get("radius")
-    constraint = "unconstrained" if radius is None else f"l2 radius {radius}"
-    ax.set_title(f"active learning: {result['dataset']} (n = {result['n']}, {constraint})")
-    ax.legend()
-    path = Path(out_dir) / f"active_{result['dataset']}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:  # the figure is closed also when drawing or saving fails (no figure left in pyplot)
+        budgets = np.asarray(result["budgets"])
+        for name, q in result["strategies"].items():
+            to_array = lambda v: np.array([np.nan if x is None else x for x in v])
+            (line,) = ax.plot(budgets, to_array(q["median"]), marker="o", label=name)
+            ax.fill_between(
+                budgets, to_array(q["q25"]), to_array(q["q75"]), color=line.get_color(), alpha=0.2
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("labels")
+        ax.set_ylabel(r"$L(\theta)/L(\theta^*)$ on the full data")
+        radius = result.get("settings", {}).get("radius")
+        constraint = "unconstrained" if radius is None else f"l2 radius {radius}"
+        ax.set_title(f"active learning: {result['dataset']} (n = {result['n']}, {constraint})")
+        ax.legend()
+        path = Path(out_dir) / f"active_{result['dataset']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -38,12 +38,14 @@ break-even number of training runs when scores are reused (:func:`wall_time_summ
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -444,16 +446,27 @@ def _fit(
     return params, seconds, None
 
 
-_EXECUTABLES: dict[Any, Any] = {}
+#: The executables of :func:`_run_aot` by signature, least recently used first, at most
+#: ``_MAX_EXECUTABLES``: a run of every protocol and scheme at six sizes uses 26, so a run compiles each
+#: once, while a sweep over learning rates (a new kernel, so new signatures, per rate) does not grow it.
+_EXECUTABLES: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_MAX_EXECUTABLES = 32
+_EXECUTABLES_LOCK = threading.Lock()
 
 
 def _run_aot(fn, *args):
     """``fn(*args)`` from an executable compiled once per signature; returns ``(out, run seconds)``."""
     leaves, treedef = jax.tree.flatten(args)
     signature = (fn, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
-    exe = _EXECUTABLES.get(signature)
+    with _EXECUTABLES_LOCK:
+        exe = _EXECUTABLES.get(signature)
     if exe is None:
-        exe = _EXECUTABLES[signature] = fn.lower(*args).compile()
+        exe = fn.lower(*args).compile()
+    with _EXECUTABLES_LOCK:
+        _EXECUTABLES[signature] = exe
+        _EXECUTABLES.move_to_end(signature)
+        while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+            _EXECUTABLES.popitem(last=False)
     t0 = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     return out, time.perf_counter() - t0

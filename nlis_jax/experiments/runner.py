@@ -322,36 +322,38 @@ def run_study(
     method_keys = dict(zip(METHODS, draw_keys, strict=True))
     params0 = problem.init(k_init)
     bar = _progress_bar(len(config.methods) * len(sizes) * config.repeats, problem.name, progress)
-    log = (lambda text: bar.set_postfix_str(text)) if bar is not None else (lambda text: None)
-    log("full-data fit")
-    full = fit_full(problem, params0, num_steps=config.steps_full)
-    bucket = pad_rows(max(*sizes, resolve_size(config.pilot_size, problem.n)))
-    run = _Run(problem, config, sizes, method_keys, params0, full, log, bucket)
-    grid, score_s, timing = _Grid(run), {}, None
-    try:  # from here on, Ctrl-C keeps what is finished (scores, grid cells)
-        probs, shared_s = _shared_scores(run)
-        score_s.update(shared_s)
-        pilot = (None, 0.0)
-        if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
-            pilot = _pilot(k_pilot, run)
-            score_s["pilot_leverage"] = pilot[1]
-        _run_grid(run, (probs, score_s), pilot, bar, grid)
+    try:  # the bar is closed however the study ends (an error of a fit, Ctrl-C, success)
+        log = (lambda text: bar.set_postfix_str(text)) if bar is not None else (lambda text: None)
+        log("full-data fit")
+        full = fit_full(problem, params0, num_steps=config.steps_full)
+        bucket = pad_rows(max(*sizes, resolve_size(config.pilot_size, problem.n)))
+        run = _Run(problem, config, sizes, method_keys, params0, full, log, bucket)
+        grid, score_s, timing = _Grid(run), {}, None
+        try:  # from here on, Ctrl-C keeps what is finished (scores, grid cells)
+            probs, shared_s = _shared_scores(run)
+            score_s.update(shared_s)
+            pilot = (None, 0.0)
+            if any(m in config.methods for m in ("pilot_leverage", "refined_leverage")):
+                pilot = _pilot(k_pilot, run)
+                score_s["pilot_leverage"] = pilot[1]
+            _run_grid(run, (probs, score_s), pilot, bar, grid)
+            if bar is not None:
+                bar.close()
+            background = None
+            if on_grid is not None:
+                background = on_grid(_summary(run, grid, score_s, None, compile0))
+            methods = tuple(m for m in TIMED_METHODS if m in config.methods)  # the schemes asked for
+            if config.timing_size is not None and methods:
+                log("wall-time comparison")
+                size = resolve_size(config.timing_size, problem.n)
+                timing = compare_wall_time(
+                    k_timing, problem, full, params0, size=size, config=config, methods=methods,
+                    wait_for=background,
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            raise StudyInterrupted(dict(_summary(run, grid, score_s, None, compile0), partial=True)) from None
+        summary = _summary(run, grid, score_s, timing, compile0)
+        return StudyResult(summary, grid.ratios, grid.accuracies, sizes, full)
+    finally:
         if bar is not None:
             bar.close()
-        background = None
-        if on_grid is not None:
-            background = on_grid(_summary(run, grid, score_s, None, compile0))
-        methods = tuple(m for m in TIMED_METHODS if m in config.methods)  # the schemes asked for
-        if config.timing_size is not None and methods:
-            log("wall-time comparison")
-            size = resolve_size(config.timing_size, problem.n)
-            timing = compare_wall_time(
-                k_timing, problem, full, params0, size=size, config=config, methods=methods,
-                wait_for=background,
-            )  # fmt: skip
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        raise StudyInterrupted(dict(_summary(run, grid, score_s, None, compile0), partial=True)) from None
-    summary = _summary(run, grid, score_s, timing, compile0)
-    return StudyResult(summary, grid.ratios, grid.accuracies, sizes, full)

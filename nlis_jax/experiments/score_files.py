@@ -11,10 +11,11 @@ drawn from ``--seed`` (a label-free pilot: the scores then describe the data and
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -236,6 +237,23 @@ def _same_file(path: str | None, out: str) -> bool:
         return Path(path).resolve() == Path(out).resolve()
 
 
+def _new_file(folder: str, prefix: str, suffix: str) -> str:
+    """Create a new empty file of a random name in ``folder`` and return its path.
+
+    Unlike :func:`tempfile.mkstemp` (mode ``0600``) the file gets the mode of any new file, ``0o666``
+    less the process's umask, applied by the system (``open(..., "x")``): no need to read the umask,
+    which ``os.umask`` can only do by changing it for every thread of the process for a moment.
+    """
+    for _ in range(100):  # a clash of 64 random bits is unlikely already
+        path = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            open(path, "xb").close()  # O_CREAT | O_EXCL, mode 0o666 & ~umask
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name found", folder)
+
+
 class _written_on_success:
     """A ``.npy`` memmap of ``n`` scores in a temporary file beside ``path``, moved onto ``path`` only when
     the block ends without an error (removed otherwise): a failed run leaves an existing ``path`` as it
@@ -247,10 +265,9 @@ class _written_on_success:
     def __enter__(self) -> np.memmap:
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
-            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".nlis-score-", suffix=".npy")
+            self.tmp = _new_file(folder, prefix=".nlis-score-", suffix=".npy")
         except OSError as exc:  # its message names the temporary file, not the folder
             raise OSError(f"cannot write --out {self.path} in {folder}: {exc.strerror or exc}.") from None
-        os.close(fd)
         try:
             self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(self.n,))
         except BaseException:
@@ -264,9 +281,6 @@ class _written_on_success:
         if kind is not None:
             os.unlink(self.tmp)
             return False
-        umask = os.umask(0)  # mkstemp made the file 0600: give it the mode a new file would have
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
         try:
             os.replace(self.tmp, self.path)
         except BaseException:
