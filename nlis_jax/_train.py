@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nlis_jax import _traced as traced
 from nlis_jax._adjoint import eval_example, num_examples
 from nlis_jax._checks import (
     check_bool,
@@ -95,6 +96,11 @@ class FitResult(NamedTuple):
         opt_state: final optimizer state (pass it back to :func:`fit` to continue training).
         final_loss: :math:`L_w(\theta_T)` on ALL the given data, exact also in minibatch mode.
         normalizer: :math:`\sum_i w_i`; the optimised objective is ``loss / normalizer``.
+
+    ``losses``, ``final_loss`` and ``normalizer`` are in the params' dtype, at least float32: with
+    float16 or bfloat16 params (kept in their dtype) the weights, the products :math:`w_i \ell_i`, their
+    sum and :math:`1/\sum w` are float32, where importance weights (``1/(s p_i)``, beyond 65,504 for a
+    rare row) and their sums do not overflow.
     """
 
     params: PyTree
@@ -121,10 +127,7 @@ def _squared(pred: Array, y: Array) -> Array:
 def _cross_entropy(logits: Array, label: Array) -> Array:
     logits, label = jnp.asarray(logits), jnp.asarray(label)
     if logits.ndim != 1:
-        raise ValueError(
-            f'loss="cross_entropy": apply_fn must return a vector of k logits per example, '
-            f"got shape {logits.shape}."
-        )
+        raise ValueError(_logits_shape_message(logits.shape))
     if label.shape != () or not jnp.issubdtype(label.dtype, jnp.integer):
         raise ValueError(
             f'loss="cross_entropy": each ys[i] must be an integer class label (shape ()), '
@@ -205,15 +208,25 @@ def per_example_losses(
     return jax.lax.map(lambda xy: one(*xy), (xs, ys), batch_size=chunk_size)
 
 
-def weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None) -> Array:
-    """``Σ_i w_i ℓ_i`` (plain sum with ``weights=None``), traceable."""
+def weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None, *, wide=False) -> Array:
+    """``Σ_i w_i ℓ_i`` (plain sum with ``weights=None``), traceable.
+
+    The products ``w_i ℓ_i`` and their sum are formed in at least float32 (``promote_types(dtype of ℓ,
+    float32)``): the per-example losses of a half-precision model stay in its dtype, but weights such as
+    ``1/(s p_i) > 65,504`` and sums of many losses overflow float16. The result is rounded once to the
+    losses' dtype, or kept in that wider dtype with ``wide=True`` (:func:`fit`). For float32 and float64
+    losses nothing changes.
+    """
     losses = per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
+    acc = jnp.promote_types(losses.dtype, jnp.float32)
     if weights is None:
-        return jnp.sum(losses)
-    return jnp.sum(weights.astype(losses.dtype) * losses)
+        total = jnp.sum(losses.astype(acc))
+    else:
+        total = jnp.sum(weights.astype(acc) * losses.astype(acc))
+    return total if wide else total.astype(losses.dtype)
 
 
-_weighted_sum_jit = jax.jit(weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size",))
+_weighted_sum_jit = jax.jit(weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size", "wide"))
 _per_example_jit = jax.jit(per_example_losses, static_argnums=(0, 1), static_argnames=("chunk_size",))
 
 
@@ -254,18 +267,55 @@ def _check_model(apply_fn, params, xs) -> None:
 
 
 def _check_labels(apply_fn, params, xs, ys, loss) -> None:
-    """Labels in range for the built-in classification losses (a concrete ``ys``), before any work.
+    """Labels in range for the built-in classification losses, before any work.
 
     ``"cross_entropy"``: integers in ``[0, k)``, ``k`` the number of logits; ``"logistic"``: labels in
     ``[0, 1]``. Out of range they give NaN or a wrong loss, which ``fit`` would blame on the step size.
+    A concrete ``ys`` is checked here (``ValueError``); a traced one (under a user's ``jax.jit``) by a
+    ``checkify`` check inside ``nlis_jax.traced_checks()``, as NaN in ``xs`` is.
     """
-    if not _has_labels(loss) or not is_concrete(ys) or jnp.size(ys) == 0:
+    if not _has_labels(loss) or jnp.size(ys) == 0:
         return
     if loss == "cross_entropy" and not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
         return  # the loss itself names the wrong dtype
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
+    if not is_concrete(ys):
+        if traced.enabled():
+            _trace_label_range(apply_fn, params, loss, example, ys)
+        return
     low, high = (float(v) for v in value_range(ys))
-    example = jax.tree.map(lambda a: a[0], xs)
     _check_label_range(apply_fn, params, loss, example, jnp.result_type(ys), low, high)
+
+
+def _trace_label_range(apply_fn, params, loss, example, ys) -> None:
+    """The conditions of :func:`_check_label_range` on a traced ``ys``, as ``checkify`` checks."""
+    low, high = jnp.min(ys), jnp.max(ys)
+    if loss == "logistic":
+        traced.check(
+            (low >= 0) & (high <= 1), 'loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1).'
+        )
+        return
+    k = _num_logits(apply_fn, params, example)
+    traced.check(
+        (low >= 0) & (high < k),
+        f'loss="cross_entropy": labels must be integers in [0, {k}) for the {k} logits of apply_fn.',
+    )
+
+
+def _num_logits(apply_fn, params, example) -> int:
+    """``k``, the length of ``apply_fn(params, x)`` for one example (shapes only); ``ValueError`` unless
+    it is a vector (a scalar output gave a message that depended on the labels' values)."""
+    out = jax.eval_shape(apply_fn, params, example)
+    if len(out.shape) != 1:
+        raise ValueError(_logits_shape_message(out.shape))
+    return out.shape[0]
+
+
+def _logits_shape_message(shape) -> str:
+    return (
+        f'loss="cross_entropy" needs apply_fn to return a vector of k logits per example (one per class, '
+        f"k >= 2), got output shape {tuple(shape)}."
+    )
 
 
 def _has_labels(loss) -> bool:
@@ -285,8 +335,7 @@ def _check_label_range(apply_fn, params, loss, example, dtype, low: float, high:
                 f"got values in [{low:g}, {high:g}]{where}."
             )
         return
-    out = jax.eval_shape(apply_fn, params, example)
-    k = out.shape[-1] if out.shape else 1
+    k = _num_logits(apply_fn, params, example)
     if low < 0 or high >= k:
         raise ValueError(
             f'loss="cross_entropy": labels must be integers in [0, {k}) for the {k} logits of apply_fn, '
@@ -294,16 +343,45 @@ def _check_label_range(apply_fn, params, loss, example, dtype, low: float, high:
         )
 
 
+def _needs_extra_args(optimizer, params, state) -> bool:
+    """Whether ``optimizer.update`` works on ``params`` (shapes only) once given the extra keyword arguments
+    of an ``optax.GradientTransformationExtraArgs`` that ``fit`` does not pass: ``value``, ``grad`` and
+    ``value_fn`` (``optax.contrib.reduce_on_plateau`` needs ``value``; ``optax.lbfgs`` all three)."""
+    if not isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        return False
+    zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+
+    def update(grads, opt_state):
+        value_fn = lambda *_, **__: zero
+        return optimizer.update(grads, opt_state, grads, value=zero, grad=grads, value_fn=value_fn)
+
+    try:
+        jax.eval_shape(update, params, state)[1]
+    except Exception:
+        return False
+    return True
+
+
 def _check_optimizer_state(optimizer, params, opt_state) -> None:
     """``optimizer.init``/``update`` work on ``params`` (traced by shape only), and ``opt_state``
     (if given) has the structure, shapes and dtypes of ``optimizer.init(params)``."""
+    expected = None
     try:
         expected = jax.eval_shape(optimizer.init, params)
         jax.eval_shape(optimizer.update, params, expected, params)[1]
     except Exception as err:
+        failed = f"calling its init/update on params failed: {type(err).__name__}: {err}"
+        if expected is not None and _needs_extra_args(optimizer, params, expected):
+            raise TypeError(
+                "optimizer.update needs extra arguments that fit does not pass: fit (and the step of "
+                "nlis_jax.make_train_step) call optimizer.update(grads, opt_state, params) without keyword "
+                "arguments such as value= or value_fn=, which e.g. optax.contrib.reduce_on_plateau and "
+                "optax.lbfgs require. Use an optimizer that needs none, or write the loop yourself: "
+                "optimizer.update(grads, opt_state, params, value=loss, ...), then optax.apply_updates and "
+                f"the projection; {failed}"
+            ) from err
         raise TypeError(
-            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); calling its "
-            f"init/update on params failed: {type(err).__name__}: {err}"
+            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); {failed}"
         ) from err
     if opt_state is None:
         return
@@ -365,6 +443,8 @@ def weighted_loss(
     Raises:
         ValueError: NaN or Inf in the inputs, or (concrete inputs) losses that are NaN or Inf although
             the inputs are finite, with the number of such examples; under a trace the value is returned.
+            Labels out of range for ``"cross_entropy"`` or ``"logistic"``; under a user's ``jax.jit``
+            (traced ``ys``) a ``checkify`` check inside ``nlis_jax.traced_checks()``, as for NaN inputs.
         TypeError: complex ``ys`` or weights.
     """
     loss_fn = _resolve_loss(loss)
@@ -578,10 +658,10 @@ def _segment(
     apply_fn, optimizer, loss_fn = _unwrap(apply_fn), _unwrap(optimizer), _unwrap(loss_fn)
     projection = dyn_projection if static_projection is None else _unwrap(static_projection)
     ratio = 1.0 if batch_size is None else jax.tree.leaves(data[0])[0].shape[0] / batch_size
-    dtype = carry[2].dtype
+    dtype = carry[2].dtype  # the params' dtype, at least float32 (_loss_dtype)
 
     def objective(params, batch):
-        estimate = (weighted_sum(apply_fn, loss_fn, params, *batch) * ratio).astype(dtype)
+        estimate = (weighted_sum(apply_fn, loss_fn, params, *batch, wide=True) * ratio).astype(dtype)
         return estimate * inv_total, estimate
 
     step = make_train_step(objective, optimizer, projection, has_aux=True)
@@ -650,15 +730,18 @@ def fit(
 
     Args:
         apply_fn: ``apply_fn(params, x)`` for ONE example: a scalar, or ``(k,)`` logits.
-        params: initial pytree of floating-point arrays (float32 and float64 both work; the output
-            keeps their dtypes).
+        params: initial pytree of floating-point arrays (float32 and float64 both work, float16 and
+            bfloat16 too, with the weighted sums in float32; the output keeps their dtypes).
         xs: inputs, shape ``(n, ...)``.
         ys: targets, shape ``(n, ...)`` (see :func:`weighted_loss`).
         weights: non-negative ``(n,)`` importance weights, not all zero; ``None`` means ones.
-        optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.sgd(0.1)``).
+        optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.sgd(0.1)``), called as
+            ``optimizer.update(grads, opt_state, params)``: one whose update needs extra arguments
+            (``value=``, ``value_fn=``: ``optax.contrib.reduce_on_plateau``, ``optax.lbfgs``) is refused.
         num_steps: number of steps (positive).
         projection: ``tree -> tree`` onto the constraint set (:func:`nlis_jax.projections.l2_ball`,
-            ``box``, ...); ``None`` means unconstrained.
+            ``box``, ...); ``None`` means unconstrained. It must return the structure, shapes and dtypes
+            of ``params`` (checked once, by shape, before any work).
         loss: ``"squared"``, ``"cross_entropy"``, ``"logistic"`` or ``loss(pred, y) -> scalar``.
         batch_size: ``None`` for full-batch steps, else the minibatch size in ``[1, n]`` (then
             ``key`` is required).
@@ -691,13 +774,16 @@ def fit(
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)
-    _check_labels(apply_fn, params, xs, ys, loss)
     _check_optimizer_state(optimizer, params, opt_state)
     plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)
     params = jax.tree.map(jnp.asarray, params)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
+    # the losses, the normaliser and the objective J in at least float32: with float16 params, weights
+    # such as 200 or 1e5 made the sum of w_i l_i overflow and 1/sum(w) flush to 0 in float16
+    dtype = _loss_dtype(params)
     w, total = _weights_and_total(weights, plan.n, dtype)
+    _check_projection_output(projection, params)
     _check_model(apply_fn, params, xs)  # the first call of apply_fn: after the checks of the arguments
+    _check_labels(apply_fn, params, xs, ys, loss)  # calls apply_fn too (shapes only): after _check_model
     static_projection, dyn_projection = _split_projection(projection)
     state = _start(params, dyn_projection, opt_state, static=static_projection, optimizer=_static(optimizer))
     data = (jax.tree.map(jnp.asarray, xs), jnp.asarray(ys), w)
@@ -716,7 +802,9 @@ def fit(
     )
     keys = None if plan.batch_size is None else jax.random.split(key, plan.num_steps)
     state, losses = _run_segments(segment, plan, state, keys, dtype)
-    final = _weighted_sum_jit(_static(apply_fn), _static(plan.loss_fn), state.params, data[0], data[1], w)
+    final = _weighted_sum_jit(
+        _static(apply_fn), _static(plan.loss_fn), state.params, data[0], data[1], w, wide=True
+    )
     if final.dtype != losses.dtype:  # the model's output dtype (float64 data, float32 params): as losses
         final = final.astype(losses.dtype)
     if not bool(jnp.isfinite(final)):  # finite parameters whose loss overflows
@@ -767,6 +855,35 @@ def _start(params, dyn_projection, opt_state, *, static, optimizer) -> TrainStat
     compiled program (eagerly, a projection and an ``init`` are a dozen small programs)."""
     params = (dyn_projection if static is None else _unwrap(static))(params)
     return TrainState(params, _unwrap(optimizer).init(params) if opt_state is None else opt_state)
+
+
+def _loss_dtype(params: PyTree):
+    """The dtype of the objective, the recorded losses and the normaliser: the params' dtype, at least
+    float32 (half-precision params keep their dtype; only the sums are wider)."""
+    return jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+
+
+def _check_projection_output(projection, params: PyTree) -> None:
+    """``ValueError`` unless ``projection(params)`` (traced by shape only, once) has the pytree structure,
+    shapes and dtypes of ``params``: another structure failed deep inside the step ("JAX does not support
+    string indexing"), another dtype changed the dtypes of the fitted params silently."""
+    if projection is None:
+        return
+    out = jax.eval_shape(lambda tree: projection(tree), params)  # a lambda: jit would hash Box's dicts
+    want, got = jax.tree.structure(params), jax.tree.structure(out)
+    if want != got:
+        raise ValueError(
+            f"projection must return a pytree of the structure of params: params is {want}, "
+            f"projection(params) is {got}."
+        )
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(out), strict=True):
+        if jnp.shape(a) != b.shape or jnp.result_type(a) != b.dtype:
+            where = "params" + jax.tree_util.keystr(path)
+            raise ValueError(
+                f"projection must keep the shapes and dtypes of params: {where} has shape {jnp.shape(a)} "
+                f"and dtype {jnp.result_type(a)}, projection(params) returns shape {b.shape} and dtype "
+                f"{b.dtype} there (cast the result back, e.g. with .astype(leaf.dtype))."
+            )
 
 
 def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
@@ -844,6 +961,16 @@ def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> Non
         flat = np.concatenate([np.asarray(c) for c in chunks])
         last = float(flat[step - 1])
     before = f" (the previous step's loss was {last:.6g})" if last is not None else ""
+    if step == 0 and not np.isfinite(value):  # no update has run: the learning rate is not the cause
+        return NonFiniteLossError(
+            f"fit stopped: the loss is {value} at the initial parameters (step 0, before any update; after "
+            "the projection, if any): the model or the loss is undefined or overflows there, on this data "
+            "(e.g. the log of a negative number, exp overflowing the dtype). The learning rate is not the "
+            "cause; check apply_fn, the loss and the data at "
+            "these parameters (per_example_loss names the examples). The exception's .state holds them.",
+            state=state,
+            step=step,
+        )
     if not np.isfinite(value):
         what = f"the loss is {value} at step {step} (evaluated before that step's update)"
     else:

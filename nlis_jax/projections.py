@@ -101,11 +101,17 @@ class L2Ball(Projection):
     formula of :func:`optax.projections.projection_l2_ball`, with ``‖θ‖`` taken on ``θ / 2^e`` (``2^e``
     near the largest ``|θ_j|``): for finite parameters ``‖θ‖²`` cannot overflow or underflow, and in range
     the result is optax's bit for bit (scaling by a power of two is exact).
+
+    Built directly rather than by :func:`l2_ball`, a concrete ``radius`` is checked when called, as
+    :func:`l2_ball` checks it (``ValueError`` unless a finite positive scalar); a traced one (as
+    :func:`nlis_jax.fit` passes it) by a ``checkify`` check inside ``nlis_jax.traced_checks()``.
     """
 
     radius: Any
 
     def __call__(self, tree: PyTree) -> PyTree:
+        if is_concrete(self.radius):  # built directly (not by l2_ball): the builder's checks, on the host
+            _check_radius(self.radius)
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
         leaves = jax.tree.leaves(tree)
         if not leaves:
@@ -134,13 +140,17 @@ class Box(Projection):
 
     ``lower`` and ``upper`` are each a scalar (the same bound for every entry) or a pytree with the
     structure of the parameters (leaves broadcastable to the parameter leaves). Implemented by
-    :func:`optax.projections.projection_box` (an elementwise clip).
+    :func:`optax.projections.projection_box` (an elementwise clip). Built directly rather than by
+    :func:`box`, concrete bounds are checked when called, as :func:`box` checks them (``ValueError`` for
+    NaN, ``lower > upper`` or ``[inf, inf]``); traced ones by a ``checkify`` check inside
+    ``nlis_jax.traced_checks()``.
     """
 
     lower: Any
     upper: Any
 
     def __call__(self, tree: PyTree) -> PyTree:
+        _check_bounds(self.lower, self.upper)  # built directly (not by box): its checks of concrete bounds
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
         lower = _broadcast_bound(self.lower, tree, "lower")
         upper = _broadcast_bound(self.upper, tree, "upper")
@@ -212,10 +222,16 @@ def l2_ball(radius: float) -> L2Ball:
         >>> [round(float(v), 6) for v in out["w"]]
         [0.6, 0.8]
     """
+    return L2Ball(_check_radius(radius))
+
+
+def _check_radius(radius: Any) -> Any:
+    """A concrete radius as a Python float, ``ValueError`` unless a finite positive scalar; a traced one
+    passes through (checked inside the projection by ``checkify``, in ``nlis_jax.traced_checks()``)."""
     radius = _as_number("radius", radius)
-    if is_concrete(radius) and radius <= 0:
+    if is_concrete(radius) and not radius > 0:
         raise ValueError(f"radius must be positive, got {radius}.")
-    return L2Ball(radius)
+    return radius
 
 
 def _as_bound(name: str, bound: Any) -> Any:
@@ -249,6 +265,13 @@ def box(lower: Any, upper: Any) -> Box:
         >>> [float(v) for v in out["w"]]
         [-1.0, 0.5, 1.0]
     """
+    return Box(*_check_bounds(lower, upper))
+
+
+def _check_bounds(lower: Any, upper: Any) -> tuple[Any, Any]:
+    """The bounds of :func:`box` checked (``ValueError``: empty, NaN, ``lower > upper``, ``[inf, inf]``);
+    concrete scalars as Python floats. Leaves that are traced are left to the ``checkify`` check of
+    :meth:`Box.__call__`."""
     lower, upper = _as_bound("lower", lower), _as_bound("upper", upper)
     lo, hi = jax.tree.leaves(lower), jax.tree.leaves(upper)
     if len(lo) == 1:
@@ -267,7 +290,7 @@ def box(lower: Any, upper: Any) -> Box:
                 raise ValueError("box: lower must be <= upper everywhere.")
             if np.any(np.isinf(a) & (a == b)):  # [inf, inf]: no real point, every entry projected to inf
                 raise ValueError("box: lower and upper are the same infinite value: the box holds no number.")
-    return Box(lower, upper)
+    return lower, upper
 
 
 def check_projection(projection) -> None:

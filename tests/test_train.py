@@ -2,8 +2,8 @@
 
 References are independent of the code under test: numpy/scipy closed forms and solvers (ridge path
 + root finding, ``scipy.optimize.lsq_linear``, SLSQP, ``logsumexp``), exact integer arithmetic, and
-KKT conditions. Sizes are tiny (n = 40, p <= 6); objects that fix the compiled function (model,
-optimizer, loss) are built once at module level so the tests share compiled code.
+KKT conditions. Sizes are tiny (n = 40, p <= 6; one float16 case n = 2000); objects that fix the
+compiled function (model, optimizer, loss) are built once at module level so the tests share compiled code.
 """
 
 import functools
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import checkify
 from scipy import optimize, special
 
 import nlis_jax as nj
@@ -807,3 +808,207 @@ def test_fit_under_a_transformation_names_the_cause():
     with pytest.raises(TypeError, match="fit cannot run under a jax transformation.*make_train_step"):
         jax.jit(run)(jnp.ones(2), jnp.ones(6))
     np.testing.assert_allclose(run(jnp.ones(2), jnp.ones(6)), run(jnp.ones(2), jnp.ones(6)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Review fixes (twenty-second session): each case failed before
+
+
+def _half_problem(n, theta, seed=0):
+    """Noise-free ``y = X θ*`` in float16: every weighting has the minimiser θ*."""
+    X = np.random.default_rng(seed).normal(size=(n, 3))
+    return X.astype(np.float16), (X @ np.asarray(theta)).astype(np.float16)
+
+
+HALF_CASES = {
+    # Σ w_i ℓ_i ≈ 200 · 100 · 5 at θ = 0: overflowed float16 (loss inf at step 0)
+    "200 each": (100, [1.0, -2.0, 0.5], lambda n: np.full(n, 200.0, np.float32)),
+    # the weight itself is inf in float16
+    "one weight 1e5": (100, [1.0, -2.0, 0.5], lambda n: np.r_[1e5, np.ones(n - 1)].astype(np.float32)),
+    # Σw = 1e8 (each weight < 65,504): 1/Σw flushed to 0 in float16, the params never moved, no error
+    "sum 1e8": (2000, [0.003, -0.006, 0.003], lambda n: np.full(n, 5e4, np.float32)),
+}
+
+
+@pytest.mark.parametrize("case", list(HALF_CASES))
+def test_float16_fit_with_large_importance_weights(case):
+    """float16 params: the weights, Σ w_i ℓ_i and 1/Σw were float16, so weights of 200 or 1e5 gave
+    NonFiniteLossError at step 0 ("lower the learning rate") and Σw = 1e8 gave zero gradients, though the
+    normalised objective is in range. Now the sums are float32: the float16 fit follows the float32 one,
+    and with equal weights the float16 fit with unit weights (J does not depend on the weight scale)."""
+    n, theta, weights = HALF_CASES[case]
+    X, y = _half_problem(n, theta)
+    w = weights(n)
+    model = lambda th, x: x @ th
+    kw = dict(optimizer=optax.sgd(0.5), num_steps=40)
+    half = fit(model, jnp.zeros(3, jnp.float16), X, y, w, **kw)
+    single = fit(model, jnp.zeros(3, jnp.float32), X.astype(np.float32), y.astype(np.float32), w, **kw)
+    assert half.params.dtype == jnp.float16
+    assert half.losses.dtype == half.final_loss.dtype == half.normalizer.dtype == jnp.float32
+    np.testing.assert_allclose(float(half.normalizer), float(np.sum(w, dtype=np.float64)), rtol=1e-6)
+    scale = float(np.max(np.abs(theta)))
+    # float16 rounding (eps 1e-3) of the data, the losses and the params: 1% of the parameters' scale
+    np.testing.assert_allclose(np.asarray(half.params, np.float32), single.params, atol=1e-2 * scale)
+    np.testing.assert_allclose(np.asarray(half.losses), single.losses, rtol=2e-2, atol=1e-3 * half.losses[0])
+    assert norm(single.params) > 0.5 * scale  # it moved (one weight of 1e5 is slow away from x_0's line)
+    if np.all(w == w[0]):
+        np.testing.assert_allclose(np.asarray(half.params, np.float32), theta, atol=1e-2 * scale)
+        unit = fit(model, jnp.zeros(3, jnp.float16), X, y, **kw)
+        np.testing.assert_allclose(np.asarray(half.params, np.float32), np.asarray(unit.params, np.float32),
+                                   atol=1e-2 * scale)  # fmt: skip
+
+
+def test_out_of_range_labels_are_checkify_errors_under_jit(class_data):
+    """Under a user's jit the label ranges were not checked at all (ys traced), even inside
+    traced_checks(): a cross_entropy label of -1 or k gave a wrong finite loss or NaN, a logistic label of
+    5 a wrong loss, while NaN in xs was reported. Now each is a checkify error there."""
+    X, labels, _ = class_data
+    d = X.shape[1]
+    params = {"W": jnp.asarray(np.random.default_rng(1).normal(size=(3, d))), "b": jnp.zeros(3)}
+
+    def ce(ys, xs):
+        with nj.traced_checks():
+            return weighted_loss(softmax_model, params, xs, ys, loss="cross_entropy")
+
+    def logistic(ys):
+        with nj.traced_checks():
+            return nj.per_example_loss(logit_model, {"w": jnp.ones(d), "b": jnp.zeros(())}, X, ys,
+                                       loss="logistic")  # fmt: skip
+
+    labels = jnp.asarray(labels, jnp.int32)
+    checked = jax.jit(checkify.checkify(ce, errors=checkify.user_checks))
+    err, value = checked(labels, X)
+    assert err.get() is None
+    np.testing.assert_allclose(value, weighted_loss(softmax_model, params, X, labels, loss="cross_entropy"))
+    for bad in (labels.at[0].set(3), labels.at[5].set(-1)):
+        assert "labels must be integers in [0, 3) for the 3 logits" in checked(bad, X)[0].get()
+    checked = jax.jit(checkify.checkify(logistic, errors=checkify.user_checks))
+    binary = jnp.asarray(np.arange(N) % 2, jnp.float64)
+    assert checked(binary)[0].get() is None
+    assert "labels must lie in [0, 1]" in checked(binary.at[3].set(5.0))[0].get()
+    assert "labels must lie in [0, 1]" in checked(binary.at[3].set(-0.5))[0].get()
+    # outside traced_checks nothing is emitted: a plain jit of the same call runs
+    plain = jax.jit(lambda ys: weighted_loss(softmax_model, params, X, ys, loss="cross_entropy"))
+    assert plain(labels.at[0].set(3)).shape == ()
+
+
+def test_fit_names_a_failing_apply_fn_before_the_label_check():
+    """fit(loss="cross_entropy") called apply_fn on xs[0] for the label check before checking the model:
+    a wrong input width was jax's raw TypeError (weighted_loss named the shapes), and bad arguments
+    (num_steps=0) were reported only after apply_fn had been traced."""
+    X, labels = jnp.ones((20, 5)), jnp.zeros(20, jnp.int32)
+    model = lambda W, x: x @ W  # expects 4 features, X has 5
+    failed = r"apply_fn\(params, x\) failed on one example x = xs\[0\] \(x shape \(5,\)\)"
+    with pytest.raises(ValueError, match=failed):
+        fit(model, jnp.ones((4, 3)), X, labels, optimizer=ADAM, num_steps=2, loss="cross_entropy")
+    calls = []
+    counting = lambda W, x: calls.append(1) or x @ W
+    with pytest.raises(ValueError, match="num_steps"):
+        fit(counting, jnp.ones((5, 3)), X, labels, optimizer=ADAM, num_steps=0, loss="cross_entropy")
+    assert not calls
+
+
+BAD_DIRECT_PROJECTIONS = [
+    (lambda: L2Ball(-1.0), "radius must be positive, got -1.0"),
+    (lambda: L2Ball(0.0), "radius must be positive, got 0.0"),
+    (lambda: L2Ball(float("nan")), "radius must be finite"),
+    (lambda: L2Ball(np.inf), "radius must be finite"),
+    (lambda: L2Ball(jnp.asarray(-2.0)), "radius must be positive"),
+    (lambda: L2Ball(np.ones(2)), "radius must be a scalar"),
+    (lambda: Box(1.0, -1.0), "lower must be <= upper"),
+    (lambda: Box(np.nan, 1.0), "contains NaN"),
+    (lambda: Box(np.inf, np.inf), "the same infinite value"),
+    (lambda: Box({"w": np.zeros(2)}, {"w": np.array([1.0, -1.0])}), "lower must be <= upper"),
+]
+
+
+@pytest.mark.parametrize("make, match", BAD_DIRECT_PROJECTIONS)
+def test_projections_built_directly_are_checked(make, match):
+    """L2Ball and Box are public, but only the builders l2_ball/box checked their numbers: L2Ball(-1)
+    mapped θ to -θ/‖θ‖ and Box(1, -1) clipped everything to -1, also in fit. Now calling them raises the
+    builders' ValueError (fit: before any work)."""
+    tree = {"w": jnp.array([3.0, 4.0])}
+    projection = make()
+    with pytest.raises(ValueError, match=match):
+        projection(tree)
+    calls = []
+    counting = lambda p, x: calls.append(1) or x @ p["w"]
+    X, y = np.ones((4, 2)), np.ones(4)
+    with pytest.raises(ValueError, match=match):
+        fit(counting, tree, X, y, optimizer=ADAM, num_steps=2, projection=projection)
+    assert not calls
+
+
+def test_projections_built_directly_still_work():
+    tree = {"w": jnp.array([3.0, 4.0])}
+    np.testing.assert_allclose(L2Ball(1.0)(tree)["w"], l2_ball(1.0)(tree)["w"], rtol=0)
+    np.testing.assert_allclose(L2Ball(jnp.asarray(2.0))(tree)["w"], [1.2, 1.6], rtol=1e-15)
+    np.testing.assert_array_equal(Box(-1.0, 3.5)(tree)["w"], [3.0, 3.5])
+    np.testing.assert_array_equal(Box(np.inf * -1, np.inf)(tree)["w"], [3.0, 4.0])
+
+
+def test_optimizers_needing_extra_arguments_are_named():
+    """optax.contrib.reduce_on_plateau and optax.lbfgs (GradientTransformationExtraArgs whose update
+    needs value=/value_fn=) were refused with "optimizer must be an optax.GradientTransformation",
+    which they are."""
+    X, y, _ = _linear_problem()[1:] + (None,)
+    for optimizer, missing in (
+        (optax.chain(optax.adam(0.1), optax.contrib.reduce_on_plateau()), "'value'"),
+        (optax.lbfgs(), "'value_fn'"),
+    ):
+        with pytest.raises(TypeError, match="needs extra arguments that fit does not pass") as err:
+            fit(lambda th, x: x @ th, jnp.zeros(2), X, y, optimizer=optimizer, num_steps=2)
+        assert "optimizer.update(grads, opt_state, params)" in str(err.value) and missing in str(err.value)
+        assert "must be an optax.GradientTransformation" not in str(err.value)
+
+
+def test_cross_entropy_with_a_scalar_model_names_the_output_shape(class_data):
+    """A scalar-output model with loss="cross_entropy": "labels must be integers in [0, 1) for the 1
+    logits" or "must return a vector of k logits", depending on the labels' values."""
+    X, labels, _ = class_data
+    scalar = lambda p, x: x @ p["w"]
+    params = {"w": jnp.zeros(X.shape[1])}
+    message = r"needs apply_fn to return a vector of k logits per example .*got output shape \(\)"
+    for ys in (jnp.asarray(labels, jnp.int32), jnp.zeros(N, jnp.int32)):
+        with pytest.raises(ValueError, match=message):
+            weighted_loss(scalar, params, X, ys, loss="cross_entropy")
+        with pytest.raises(ValueError, match=message):
+            fit(scalar, params, X, ys, optimizer=ADAM, num_steps=2, loss="cross_entropy")
+        with pytest.raises(ValueError, match=message):  # host data
+            nj.per_example_loss(scalar, params, np.asarray(X), np.asarray(ys), loss="cross_entropy")
+
+
+def test_loss_non_finite_at_the_initial_parameters_is_not_blamed_on_the_learning_rate():
+    """NaN at the initial parameters (before any update) said "lower the learning rate"."""
+    xs = np.random.default_rng(3).normal(size=(10, 2))
+    log_model = lambda p, x: jnp.log(x @ p)  # negative arguments for some x
+    with pytest.raises(nj.NonFiniteLossError, match="nan at the initial parameters") as err:
+        fit(log_model, jnp.ones(2), xs, np.ones(10), optimizer=optax.sgd(1e-9), num_steps=3)
+    message = str(err.value)
+    assert "learning rate is not the cause" in message and "lower the learning rate" not in message
+    assert err.value.step == 0
+    np.testing.assert_array_equal(err.value.state.params, np.ones(2))
+    # a failure after an update still points to the step size
+    with pytest.raises(nj.NonFiniteLossError, match="step 2.*lower the learning rate"):
+        fit(nan_above_six, {"w": jnp.zeros(1)}, np.ones((4, 1)), np.full(4, 10.0), optimizer=optax.sgd(0.25),
+            num_steps=5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "projection, match",
+    [
+        (lambda t: t["w"], r"params is PyTreeDef\(\{'w': \*\}\), projection\(params\) is PyTreeDef\(\*\)"),
+        (
+            lambda t: {"w": t["w"].astype(jnp.float32)},
+            r"params\['w'\] has shape \(5,\) and dtype float64, projection\(params\) returns shape "
+            r"\(5,\) and dtype float32",
+        ),
+        (lambda t: {"w": t["w"][:3]}, r"returns shape \(3,\)"),
+    ],
+)
+def test_projection_changing_structure_shape_or_dtype_is_refused(ls_data, projection, match):
+    """A projection returning another pytree structure failed deep in the step ("JAX does not support
+    string indexing"); one casting float64 params to float32 silently made FitResult.params float32."""
+    X, y, _ = ls_data
+    with pytest.raises(ValueError, match=match):
+        fit(linear, {"w": jnp.zeros(D)}, X, y, optimizer=ADAM, num_steps=2, projection=projection)
