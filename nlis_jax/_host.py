@@ -944,6 +944,17 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     )
 
 
+def overflowed_sum(dtype) -> str:
+    """The message for a weighted loss ``Σ w_i ℓ_i`` past the range of its ``dtype`` (a float16 model)
+    although every loss is finite: formed in float32, it is Inf once rounded to the model's dtype."""
+    top = float(jnp.finfo(dtype).max)
+    return (
+        f"the weighted loss Σ w_i ℓ_i exceeds the range of the losses' dtype {jnp.dtype(dtype).name} "
+        f"(largest {top:.5g}) although every loss is finite: compute it with float32 params (or rescale the "
+        "weights; fit normalises by Σ w and keeps its sums in float32)."
+    )
+
+
 def nonfinite_losses(bad: int, n: int, losses=None) -> str:
     """The message for ``bad`` of ``n`` per-example losses that are NaN or Inf although the inputs are
     finite (device and host paths of :func:`nlis_jax.weighted_loss` and :func:`nlis_jax.per_example_loss`);
@@ -1076,6 +1087,8 @@ def host_losses(
         raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
     if int(nonfinite):
         raise ValueError(nonfinite_losses(int(nonfinite), n, values if per_example else None))
+    if not per_example and not bool(jnp.isfinite(total)):  # finite losses, a sum past float16's range
+        raise ValueError(overflowed_sum(total.dtype))
     if not per_example:
         return total
     if out is not None:

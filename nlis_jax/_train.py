@@ -49,7 +49,7 @@ from nlis_jax._checks import (
     under_trace,
     value_range,
 )
-from nlis_jax._host import host_losses, is_host_data, nonfinite_losses
+from nlis_jax._host import host_losses, is_host_data, nonfinite_losses, overflowed_sum
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Projection, check_projection, identity
 
@@ -443,6 +443,8 @@ def weighted_loss(
     Raises:
         ValueError: NaN or Inf in the inputs, or (concrete inputs) losses that are NaN or Inf although
             the inputs are finite, with the number of such examples; under a trace the value is returned.
+            A sum past the range of the losses' dtype although every loss is finite (a float16 model;
+            the sum is formed in float32, then rounded to that dtype).
             Labels out of range for ``"cross_entropy"`` or ``"logistic"``; under a user's ``jax.jit``
             (traced ``ys``) a ``checkify`` check inside ``nlis_jax.traced_checks()``, as for NaN inputs.
         TypeError: complex ``ys`` or weights.
@@ -463,6 +465,7 @@ def weighted_loss(
     if is_concrete(total) and not bool(jnp.isfinite(total)):  # finite inputs (checked): count the examples
         losses = _per_example_jit(_static(apply_fn), _static(loss_fn), params, xs, ys, chunk_size=chunk_size)
         _check_finite_losses(losses, f"the weighted loss is {float(total)}", name=False)
+        raise ValueError(overflowed_sum(total.dtype))
     return total
 
 

@@ -1012,3 +1012,21 @@ def test_projection_changing_structure_shape_or_dtype_is_refused(ls_data, projec
     X, y, _ = ls_data
     with pytest.raises(ValueError, match=match):
         fit(linear, {"w": jnp.zeros(D)}, X, y, optimizer=ADAM, num_steps=2, projection=projection)
+
+
+def test_a_float16_weighted_loss_past_its_range_is_named(tmp_path):
+    """Every loss finite, the weighted sum 9e5 past float16's 65,504: weighted_loss returned inf with no
+    error (device and host paths); now a ValueError naming the dtype. In range, the float16 result is the
+    float32 sum rounded once."""
+    f = lambda p, x: x @ p  # noqa: E731
+    p = jnp.ones(3, jnp.float16)
+    xs, ys = np.ones((100, 3), np.float16), np.zeros(100, np.float16)
+    w = np.full(100, 1000.0, np.float16)
+    for data in ("device", "host"):
+        args = (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(w)) if data == "device" else (xs, ys, w)
+        with pytest.raises(ValueError, match="exceeds the range of the losses' dtype float16"):
+            nj.weighted_loss(f, p, *args)
+    small = np.full(100, 50.0, np.float16)  # 9 · 50 · 100 = 45,000: in range
+    for args in ((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(small)), (xs, ys, small)):
+        got = nj.weighted_loss(f, p, *args)
+        assert got.dtype == jnp.float16 and float(got) == float(np.float16(45000.0))  # 44,992
