@@ -29,6 +29,7 @@ from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo, default_rtol, integra
 from nlis_jax._checks import (
     check_choice,
     check_finite,
+    check_fits_in_memory,
     check_floating,
     check_leading_axis,
     check_positive_int,
@@ -362,6 +363,7 @@ def adjoint(
     """
     check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
     shape = check_model(apply_fn, params, xs)
+    check_fits_in_memory("the adjoints F*", (shape.n, *shape.out_shape, shape.p), shape.dtype, DENSE_HINT)
     if num_nodes is None:
         args = (apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
         out = adaptive_adjoint(*args, report=True)
@@ -369,6 +371,14 @@ def adjoint(
     adj, bad = _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
     report_nonfinite(bad, shape.n, nonfinite_adjoint)
     return adj
+
+
+#: What to use when the ``n × (p+1)`` dual matrix does not fit (:func:`check_fits_in_memory`).
+DENSE_HINT = (
+    "score without forming it: nj.projected_leverage_scores(key, apply_fn, params, xs, ys, dim=...) holds "
+    "an n × dim projection (ys=None for label-free scores), nj.streaming_leverage_scores a (p+1) × (p+1) "
+    "Gram matrix, nj.streaming_norm_scores neither."
+)
 
 
 def nonfinite_adjoint(count: str) -> str:

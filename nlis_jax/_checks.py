@@ -429,3 +429,63 @@ def check_tolerances(rtol, ridge) -> None:
         raise ValueError(f"rtol must lie in (0, 1) (relative to the largest singular value), got {rtol}.")
     if is_concrete(ridge) and not 0.0 <= check_real("ridge", ridge) < float("inf"):
         raise ValueError(f"ridge must be non-negative and finite, got {ridge}.")
+
+
+def _read_int(path: str, field: str | None = None) -> int | None:
+    """An integer from a file of ``/proc`` or ``/sys`` (``field``: a ``"Name: value kB"`` line of it)."""
+    try:
+        with open(path) as f:
+            if field is None:
+                return int(f.read().strip())
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):  # absent, unreadable, or "max" (no limit)
+        return None
+    return None
+
+
+def available_memory() -> tuple[int, str] | None:
+    """``(bytes, where)`` this process may still allocate for a new array on its default devices, or
+    ``None`` when unknown. On a CPU the host's ``MemAvailable`` plus free swap (Linux ``/proc/meminfo``),
+    capped by a cgroup v2 limit (a container's ``memory.max`` less ``memory.current``); on a GPU or TPU the
+    devices' ``bytes_limit`` less ``bytes_in_use`` (``memory_stats``), summed over this process's devices."""
+    devices = jax.local_devices()
+    if devices[0].platform == "cpu":
+        free = _read_int("/proc/meminfo", "MemAvailable")
+        if free is None:
+            return None
+        free += _read_int("/proc/meminfo", "SwapFree") or 0
+        limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+        if limit is not None and used is not None:
+            free = min(free, max(limit - used, 0))
+        return free, "in this process's memory"
+    free = 0
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        free += stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return free, f"on this process's {len(devices)} {devices[0].platform.upper()} device(s)"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
+
+
+def check_fits_in_memory(what: str, shape: tuple, dtype, hint: str) -> None:
+    """``MemoryError`` naming ``what`` when an array of ``shape`` and ``dtype`` (its share in this
+    process, under ``jax.distributed``) exceeds :func:`available_memory`: jax's own failure to allocate
+    it was a raw ``RESOURCE_EXHAUSTED`` error, an out-of-memory kill, or a hang (a jitted program whose
+    output cannot be allocated, then a scalar read of its result, never returned). Skipped under a trace
+    (XLA may never form the array there) and when the memory is unknown."""
+    if under_trace():
+        return
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize / jax.process_count()
+    found = available_memory()
+    if found is None or nbytes <= found[0]:
+        return
+    raise MemoryError(
+        f"{what} of shape {tuple(shape)} ({np.dtype(dtype).name}) would take {_gib(nbytes)}, more than the "
+        f"{_gib(found[0])} available {found[1]}; {hint}"
+    )

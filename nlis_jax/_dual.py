@@ -18,6 +18,7 @@ from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo
 from nlis_jax._adjoint import (
+    DENSE_HINT,
     adaptive_adjoint,
     check_model,
     check_path_args,
@@ -28,7 +29,13 @@ from nlis_jax._adjoint import (
     model_outputs,
     nonfinite_adjoint,
 )
-from nlis_jax._checks import check_finite, check_positive_int, is_concrete, report_nonfinite
+from nlis_jax._checks import (
+    check_finite,
+    check_fits_in_memory,
+    check_positive_int,
+    is_concrete,
+    report_nonfinite,
+)
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
@@ -84,6 +91,8 @@ def dual_matrix(
     """
     check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
     shape = check_model(apply_fn, params, xs, ys)
+    F_shape = (shape.n, *shape.out_shape, shape.p + 1)
+    check_fits_in_memory("the dual matrix F̃", F_shape, shape.dtype, DENSE_HINT)
     if num_nodes is None:
         args = (apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
         adj, info = adaptive_adjoint(*args, report=True)

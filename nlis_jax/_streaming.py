@@ -36,6 +36,7 @@ from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
 from nlis_jax._checks import (
     check_bool,
+    check_fits_in_memory,
     check_positive,
     check_positive_int,
     check_tolerances,
@@ -100,6 +101,23 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     return h, transform.rank, transform.route, jnp.sum(~jnp.isfinite(h))
 
 
+def _check_gram_fits(params) -> None:
+    """``MemoryError`` before any work when the ``(p+1) × (p+1)`` Gram matrix of the streamed scores
+    cannot be held (p = 804,865: 5 TB in float64; it was XLA's raw RESOURCE_EXHAUSTED after the
+    compilation)."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves):
+        return  # the checks of the params name it
+    p = sum(int(jnp.size(leaf)) for leaf in leaves)
+    dtype = routes.compute_dtype(jnp.result_type(*leaves))
+    hint = (
+        "for many parameters score a random projection instead: nj.projected_leverage_scores(key, apply_fn, "
+        "params, xs, ys, dim=...) (memory O(chunk·p + n·dim + dim²); ys=None for label-free scores), or "
+        "use nj.streaming_norm_scores (no Gram matrix)."
+    )
+    check_fits_in_memory(f"the Gram matrix of the streamed scores (p = {p:,})", (p + 1, p + 1), dtype, hint)
+
+
 def streaming_leverage_scores(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -152,6 +170,7 @@ def streaming_leverage_scores(
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
     check_bool("return_info", return_info)
+    _check_gram_fits(params)
     if is_host_data(xs, (params, ys)):  # before check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)

@@ -674,6 +674,55 @@ def test_shard_rows_names_what_the_cast_and_the_rows_do_not_allow():
     assert xs[2, 0] == 1e300  # nothing modified
 
 
+def test_results_that_cannot_fit_in_memory_are_named_before_any_work(monkeypatch):
+    """A dual matrix of n·(p+1) = 2e11 entries (745 GiB) or a Gram matrix of p = 200,000 (149 GiB): jax
+    failed with a raw RESOURCE_EXHAUSTED after compiling, or hung (a jitted program whose output cannot
+    be allocated, then a read of its scalar count, never returned). Now a MemoryError naming the array,
+    its size and the route that fits, from shapes alone (nothing of that size is touched)."""
+    from nlis_jax import _checks
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w"]) @ p["v"]
+
+    params = {"w": np.full((1, 100_000), 1e-3, np.float32), "v": np.full(100_000, 1e-3, np.float32)}
+    xs, ys = np.ones((1_000_000, 1), np.float32), np.zeros(1_000_000, np.float32)
+    monkeypatch.setattr(_checks, "available_memory", lambda: (64 * 2**30, "in this process's memory"))
+    dense = r"\(1000000, 200001\) \(float32\) would take 745.1 GiB, more than the 64.0 GiB .*nj.projected_lev"
+    gram = r"Gram matrix of the streamed scores \(p = 200,000\) of shape \(200001, 200001\) .* 149.0 GiB"
+    for call, message in (
+        (lambda: nj.dual_matrix(f, params, xs, ys, num_nodes=4), "the dual matrix F̃ of shape " + dense),
+        (lambda: nj.dual_matrix(f, params, xs, ys), "the dual matrix F̃ of shape " + dense),
+        (lambda: nj.adjoint(f, params, xs), r"the adjoints F\* of shape \(1000000, 200000\)"),
+        (lambda: nj.label_free_leverage_scores(f, params, xs), "the dual matrix F̃ of shape"),
+        (lambda: nj.streaming_leverage_scores(f, params, xs, ys), gram),
+        (lambda: nj.streaming_leverage_scores(f, params, jnp.asarray(xs[:8]), jnp.asarray(ys[:8])), gram),
+        (lambda: nj.label_free_leverage_scores(f, params, xs, chunk_size=1000), gram),
+    ):
+        with pytest.raises(MemoryError, match=message):
+            call()
+    # at the boundary: an array that fits is computed (8 × 200,001 float32 against 6.4 MB available)
+    monkeypatch.setattr(_checks, "available_memory", lambda: (8 * 200_001 * 4, "in this process's memory"))
+    assert nj.dual_matrix(f, params, xs[:8], ys[:8], num_nodes=2).shape == (8, 200_001)
+    monkeypatch.setattr(
+        _checks, "available_memory", lambda: (8 * 200_001 * 4 - 1, "in this process's memory")
+    )
+    with pytest.raises(MemoryError, match="more than the 0.0 GiB available"):
+        nj.dual_matrix(f, params, xs[:8], ys[:8], num_nodes=2)
+
+
+def test_available_memory_is_read_from_the_system():
+    """On Linux the host's available memory (MemAvailable + free swap, within a cgroup limit): positive
+    and at most MemTotal + SwapTotal."""
+    from nlis_jax._checks import _read_int, available_memory
+
+    found = available_memory()
+    if _read_int("/proc/meminfo", "MemTotal") is None:
+        assert found is None  # not Linux: unknown, and the check is skipped
+        return
+    total = _read_int("/proc/meminfo", "MemTotal") + (_read_int("/proc/meminfo", "SwapTotal") or 0)
+    assert 0 < found[0] <= total and found[1] == "in this process's memory"
+
+
 def test_a_model_with_no_outputs_is_named():
     """``apply_fn`` returning shape ``(0,)``: "zero-size array to reduction operation max which has no
     identity" from inside the quadrature (adjoint, dual_matrix, streaming and label-free scores), or an
