@@ -305,5 +305,6 @@ def combined_transform(t: routes.Transform) -> routes.Transform:
     pass's products on the refined routes, as the dense leverage does (:func:`nlis_jax.routes.gram_basis`:
     the rows carry rounding ``~eps·κ(F̃)``, which the input's own rounding already causes in the
     leverage). ``first·second`` costs ``m³``, once."""
-    first = jnp.where(t.refine, t.first @ t.second, t.first)
+    product = jnp.matmul(t.first, t.second, precision=lax.Precision.HIGHEST)  # eager on the host path
+    first = jnp.where(t.refine, product, t.first)
     return t._replace(first=first, refine=jnp.zeros_like(t.refine))

@@ -217,3 +217,22 @@ def test_balanced_chunks_bound_the_padding(problem):
     apply_fn, params, xs, ys = problem
     source, chunk = leverage_source(apply_fn, params, np.asarray(xs), np.asarray(ys), 130)
     assert chunk == 112 and [len(x) for x, _ in source()] == [112, 91]
+
+
+def test_the_folded_scoring_transform_is_a_highest_precision_product():
+    """The host path folds the refinement into the first factor eagerly, outside the jitted passes that
+    trace under ``highest_precision``: at the user's ``jax_default_matmul_precision`` (bfloat16, or TF32
+    by default for float32 on recent GPUs) it rounded the transform (emulated: scores 0.11 off, summing to
+    1.0064). The product is traced at HIGHEST whatever the setting."""
+    from nlis_jax import routes
+    from nlis_jax._passes import combined_transform
+
+    m = jnp.eye(3, dtype=jnp.float32)
+    t = routes.Transform(m, 2 * m, jnp.asarray(True), jnp.asarray(3), jnp.asarray(1))
+    with jax.default_matmul_precision("bfloat16"):
+        jaxpr = jax.make_jaxpr(combined_transform)(t)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(
+        e.params["precision"] in (jax.lax.Precision.HIGHEST, (jax.lax.Precision.HIGHEST,) * 2) for e in dots
+    ), [e.params["precision"] for e in dots]
+    np.testing.assert_array_equal(combined_transform(t).first, 2 * m)
