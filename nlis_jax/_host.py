@@ -59,7 +59,7 @@ from nlis_jax._checks import (
     under_trace,
 )
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
-from nlis_jax._precision import highest_precision
+from nlis_jax._precision import at_least_float32, highest_precision, promoted
 from nlis_jax._scores import STREAMED_ZERO_NORMS, check_rank
 
 Source = Callable[[], Iterator]
@@ -578,7 +578,7 @@ def _rows(apply_fn, params, piece, valid, num_nodes, mode):
     model = flatten_model(apply_fn, params, xc)
     rows = chunk_rows(model, xc, yc, valid, num_nodes=num_nodes, mode=mode)
     rows_bad = count_bad_examples(rows)
-    return rows, jnp.stack([_nonfinite(piece, valid), rows_bad]).astype(jnp.int32)
+    return rows, jnp.stack([_nonfinite(piece, valid).astype(jnp.int32), rows_bad.astype(jnp.int32)])
 
 
 def _reduce(carry, rows, bad, args, kernel):
@@ -612,7 +612,8 @@ def _fused_step(apply_fn, params, carry, piece, valid, args, *, combine, kernel,
     inputs = _nonfinite(piece, valid)
 
     def body(c, rows, j):  # the inputs are counted with the first block
-        bad = jnp.stack([jnp.where(j == 0, inputs, 0), count_bad_examples(rows)]).astype(jnp.int32)
+        first = jnp.where(j == 0, inputs, 0).astype(jnp.int32)
+        bad = jnp.stack([first, count_bad_examples(rows).astype(jnp.int32)])
         out = combine(c, rows, bad, args, kernel)
         return (out[1], out[0]) if combine is _values else (out, None)
 
@@ -932,15 +933,17 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     xc, yc, wc = piece
     losses = losses_fn(apply_fn, loss_fn, params, xc, yc)
     losses = jnp.where(jnp.arange(losses.shape[0]) < valid, losses, 0)
-    weighted = losses if wc is None else wc.astype(losses.dtype) * losses
+    total, count, negative, nonfinite = carry
+    acc = at_least_float32(losses.dtype)  # w·ℓ of a half-precision model in float32, as on the device
+    weighted = losses.astype(acc) if wc is None else wc.astype(acc) * losses.astype(acc)
     bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
     neg = 0 if wc is None else jnp.count_nonzero(jnp.where(jnp.arange(wc.shape[0]) < valid, wc, 0) < 0)
-    total, count, negative, nonfinite = carry
-    return losses, (
-        total + jnp.sum(weighted),
-        count + bad,
-        negative + neg,
-        nonfinite + losses.size - jnp.count_nonzero(jnp.isfinite(losses)),
+    lost = losses.size - jnp.count_nonzero(jnp.isfinite(losses))
+    return losses, (  # the counts in the carry's int32 (int64 counts under x64, strict promotion)
+        total + jnp.sum(weighted).astype(total.dtype),
+        count + jnp.asarray(bad).astype(count.dtype),
+        negative + jnp.asarray(neg).astype(negative.dtype),
+        nonfinite + jnp.asarray(lost).astype(nonfinite.dtype),
     )
 
 
@@ -1060,7 +1063,7 @@ def host_losses(
     # (float64 data without x64 counts as float32, without jax's truncation warning)
     dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
     dtypes += [jax.dtypes.canonicalize_dtype(d) for d in data_dtypes]
-    low = jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+    low = at_least_float32(promoted(*dtypes))
     zero = jnp.zeros((), jnp.int32)
     state = {"carry": (jnp.zeros((), low), zero, zero, zero), "rows": 0}
 

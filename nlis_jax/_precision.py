@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 
 def highest_precision(fn):
@@ -23,3 +24,17 @@ def highest_precision(fn):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def at_least_float32(dtype) -> jnp.dtype:
+    """``jnp.promote_types(dtype, float32)`` under jax's standard promotion rules: half precision widened to
+    float32, float32 and float64 kept. (Under ``jax_numpy_dtype_promotion="strict"``, which some users
+    set, ``promote_types(float64, float32)`` is an error: here it asks only for the wider of the two.)"""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(dtype, jnp.float32)
+
+
+def promoted(*dtypes) -> jnp.dtype:
+    """``jnp.result_type(*dtypes)`` under jax's standard promotion rules (see :func:`at_least_float32`)."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*dtypes)

@@ -36,7 +36,7 @@ from nlis_jax._checks import (
     probs_summary,
     value_range,
 )
-from nlis_jax._precision import highest_precision
+from nlis_jax._precision import at_least_float32, highest_precision
 from nlis_jax._scores import orthonormal_basis
 from nlis_jax._types import Array, PRNGKey
 
@@ -103,7 +103,7 @@ def _sample_with_replacement(key, probs, num_samples):
     n = probs.shape[0]
     # at least float32 (s·p_i overflows float16 from s ≈ 65,520); weights from the normalised vector,
     # as the draws (a traced probs vector is not checked to sum to one)
-    wide = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
+    wide = probs.astype(at_least_float32(probs.dtype))
     if jax.config.jax_enable_x64:
         wide64 = wide.astype(jnp.float64)
         idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=wide64).astype(jnp.int32)
@@ -123,7 +123,7 @@ def _fine_uniform(key: PRNGKey, shape: tuple[int, ...], dtype) -> Array:
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _sample_priority(key, probs, num_samples):
     n = probs.shape[0]
-    wide = jnp.promote_types(probs.dtype, jnp.float32)  # half-precision probabilities computed in float32
+    wide = at_least_float32(probs.dtype)  # half-precision probabilities computed in float32
     p_all = probs.astype(wide)
     tiny = jnp.finfo(wide).tiny
     p_all = jnp.where(p_all >= tiny, p_all, 0)  # denormals count as zero (flushed on most devices)
@@ -260,7 +260,7 @@ def _distortion_from_basis(U, indices, weights, k):
     """``‖U_Sᵀ W U_S − I‖₂`` with ``U`` the basis rows ``(n·k, m)`` (or ``(n, k, m)``) of ``n`` examples of
     ``k`` rows each: a sampled example contributes all its ``k`` rows, each with the example's weight."""
     m, dtype = U.shape[-1], U.dtype
-    U = U.astype(jnp.promote_types(dtype, jnp.float32)).reshape(-1, k, m)  # eigvalsh has no half kernels
+    U = U.astype(at_least_float32(dtype)).reshape(-1, k, m)  # eigvalsh has no half kernels
     Us = U[indices].reshape(-1, m)
     w = jnp.repeat(weights.astype(U.dtype), k)
     M = jnp.einsum("sr,s,sq->rq", Us, w, Us)

@@ -50,6 +50,7 @@ from nlis_jax._checks import (
     value_range,
 )
 from nlis_jax._host import host_losses, is_host_data, nonfinite_losses, overflowed_sum
+from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Projection, check_projection, identity
 
@@ -218,7 +219,7 @@ def weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None, *,
     losses nothing changes.
     """
     losses = per_example_losses(apply_fn, loss_fn, params, xs, ys, chunk_size)
-    acc = jnp.promote_types(losses.dtype, jnp.float32)
+    acc = at_least_float32(losses.dtype)
     if weights is None:
         total = jnp.sum(losses.astype(acc))
     else:
@@ -863,7 +864,7 @@ def _start(params, dyn_projection, opt_state, *, static, optimizer) -> TrainStat
 def _loss_dtype(params: PyTree):
     """The dtype of the objective, the recorded losses and the normaliser: the params' dtype, at least
     float32 (half-precision params keep their dtype; only the sums are wider)."""
-    return jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+    return at_least_float32(promoted(*jax.tree.leaves(params)))
 
 
 def _check_projection_output(projection, params: PyTree) -> None:
@@ -895,7 +896,7 @@ def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
         return jax.device_put(np.ones((n,), dtype)), float(n)
     w = jnp.asarray(weights)
     # summed in at least float32: float16 weights of a large sample (1/(s p_i) each) overflow their own sum
-    total = float(jnp.sum(w.astype(jnp.promote_types(w.dtype, jnp.float32))))
+    total = float(jnp.sum(w.astype(at_least_float32(w.dtype))))
     if not total > 0:
         if is_concrete(weights) and np.any(np.asarray(weights) != 0):  # subnormal: flushed on a CPU
             raise ValueError(

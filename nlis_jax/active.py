@@ -47,6 +47,7 @@ import numpy as np
 
 from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real, is_concrete
 from nlis_jax._dual import dual_matrix
+from nlis_jax._precision import at_least_float32
 from nlis_jax._sampling import sample
 from nlis_jax._scores import leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores
@@ -129,7 +130,7 @@ def init_state(n: int, dtype=None) -> ActiveState:
     dtype = jnp.dtype(dtype or jnp.result_type(float))
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating point dtype (the weights' sums), got {dtype}.")
-    dtype = jnp.promote_types(dtype, jnp.float32)
+    dtype = at_least_float32(dtype)
     zeros = jnp.zeros((n,), dtype)
     return ActiveState(jnp.zeros((n,), bool), zeros, zeros, jnp.zeros((), dtype))
 
@@ -138,12 +139,12 @@ def _pool_probs(scores, labelled, alpha):
     pool = ~labelled
     # at least float32, and scaled by a power of two near the largest score: large finite scores must
     # not overflow the sum (a division by the largest score would take its reciprocal, a denormal)
-    s = jnp.where(pool, scores, 0).astype(jnp.promote_types(scores.dtype, jnp.float32))
+    s = jnp.where(pool, scores, 0).astype(at_least_float32(scores.dtype))
     top = jnp.max(s)
     s = jnp.ldexp(s, -jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1])
     total = jnp.sum(s)
     size = jnp.sum(pool).astype(s.dtype)
-    base = jnp.where(total > 0, s / jnp.where(total > 0, total, 1), pool / size)
+    base = jnp.where(total > 0, s / jnp.where(total > 0, total, 1), pool.astype(s.dtype) / size)
     return jnp.where(pool, (1 - alpha) * base + alpha / size, 0).astype(scores.dtype)
 
 

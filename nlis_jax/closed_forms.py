@@ -27,7 +27,7 @@ from nlis_jax._checks import (
     is_concrete,
     report_nonfinite,
 )
-from nlis_jax._precision import highest_precision
+from nlis_jax._precision import at_least_float32, highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
 from nlis_jax.quadrature import gauss_legendre
 
@@ -81,7 +81,7 @@ def bounded_swish(t, c1: float = 1.0, c2: float = 2.0, zeta: float = 1.0):
     # the square roots in float64 (traced: at least float32), then rounded once: c2 = 1e5 overflowed float16
     # before its root (√c2 = 316)
     if traced_bounds:
-        wide = jnp.promote_types(t.dtype, jnp.float32)
+        wide = at_least_float32(t.dtype)
         lo, hi = (jnp.sqrt(c.astype(wide)).astype(t.dtype) for c in (c1, c2))
     else:
         lo, hi = (jnp.asarray(math.sqrt(c), t.dtype) for c in (c1, c2))

@@ -49,6 +49,7 @@ from optax.projections import (
 
 from nlis_jax import _traced as traced
 from nlis_jax._checks import check_floating, check_real, is_concrete
+from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import PyTree
 
 __all__ = [
@@ -116,13 +117,13 @@ class L2Ball(Projection):
         leaves = jax.tree.leaves(tree)
         if not leaves:
             return tree
-        dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+        dtype = at_least_float32(promoted(*leaves))
         top = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0).astype(dtype) for leaf in leaves]))
         e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1]
         scaled = jax.tree.map(lambda a: jnp.ldexp(jnp.asarray(a), -e), tree)
         # ‖θ‖² / 4^e, half-precision leaves in float32 (their squares summed over more than 65,504
         # entries overflow float16); wider leaves as optax sums them
-        widened = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), scaled)
+        widened = jax.tree.map(lambda a: a.astype(at_least_float32(a.dtype)), scaled)
         squared = optax.tree.norm(widened, squared=True)
         radius = jnp.asarray(self.radius, dtype)
         if not is_concrete(self.radius):  # a traced radius (nj.fit passes it so): checkify, when asked

@@ -50,7 +50,7 @@ from jax import lax
 
 from nlis_jax._checks import check_choice, check_finite, check_floating, check_tolerances, is_concrete
 from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_cpu
-from nlis_jax._precision import highest_precision
+from nlis_jax._precision import at_least_float32, highest_precision
 from nlis_jax._precondition import (
     SKETCH_ROWS,
     CholeskyStart,
@@ -130,7 +130,7 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
 
 def compute_dtype(dtype) -> jnp.dtype:
     """float32 for half precision (float16, bfloat16: no LAPACK kernels, too few digits), else ``dtype``."""
-    return jnp.promote_types(dtype, jnp.float32)
+    return at_least_float32(dtype)
 
 
 def column_scales(colmax: Array) -> Array:
@@ -198,7 +198,7 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
     norms = jnp.linalg.norm(A, axis=0)
     W, s, _ = jnp.linalg.svd(A / jnp.where(norms > 0, norms, 1)[None, :], full_matrices=False)
     keep = s > rtol * s[0]
-    U = jnp.pad(W * keep[None, :], ((0, 0), (0, m - n)))
+    U = jnp.pad(W * keep[None, :].astype(W.dtype), ((0, 0), (0, m - n)))
     out = jnp.sum(jnp.square(U), axis=1) if row_norms else U
     out = jnp.where(jnp.all(jnp.isfinite(norms)), out, jnp.nan)  # NaN/Inf input: NaN out, as gram_basis
     return out, jnp.sum(keep).astype(jnp.int32), jnp.asarray(ROUTES.index("stable"), jnp.int32)
@@ -402,7 +402,7 @@ def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Arr
     if A.dtype == jnp.float64:
         Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
         W, keep, M = _svd_transform(R, scale, rtol)
-        return Q @ (W * keep[None, :]), M, jnp.sum(keep).astype(jnp.int32)
+        return Q @ (W * keep[None, :].astype(W.dtype)), M, jnp.sum(keep).astype(jnp.int32)
     M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), scale, rtol)
     U1 = A @ M
     second = refine_transform(gram(U1))
