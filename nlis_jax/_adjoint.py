@@ -454,7 +454,7 @@ class IdentityResidual:
     def __call__(self, params: PyTree, adj: Array, x: PyTree) -> Array:
         theta, unravel = ravel_pytree(params)
         f_theta = self.apply_fn(params, x)
-        f_zero = self.apply_fn(unravel(jnp.zeros_like(theta)), x)
+        f_zero = self.apply_fn(unravel(origin(theta)), x)
         gap = jnp.abs(adj @ theta + f_zero - f_theta)
         scale = jnp.abs(adj) @ jnp.abs(theta) + jnp.abs(f_zero) + jnp.abs(f_theta)
         return jnp.max(jnp.where(gap == 0, 0, gap / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)))
@@ -528,7 +528,7 @@ def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, chunk_size):
     adjoint there diverges while the rule returns finite numbers)."""
     model = flatten_model(apply_fn, params, xs)
     adj = flat_adjoint(model, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
-    parts = (adj, model_outputs(model, xs, jnp.zeros_like(model.theta)), model_outputs(model, xs))
+    parts = (adj, model_outputs(model, xs, origin(model.theta)), model_outputs(model, xs))
     wide = jnp.result_type(*parts)  # each finite in its own dtype is finite in the widest (exact casts)
     rows = jnp.concatenate([a.reshape(model.n, -1).astype(wide) for a in parts], axis=1)
     return adj, count_bad_examples(rows)
@@ -596,6 +596,19 @@ def _summed_gradient(model: FlatModel, nodes: Array, weights: Array) -> Callable
         return jax.vmap(ravel)(jax.jacrev(h)(zeros))
 
     return one_example
+
+
+def origin(params: PyTree) -> PyTree:
+    """Zeros shaped like ``params`` (the start ``θ = 0`` of the ray), hidden from XLA's constant folding.
+
+    Every ``f(0; x)`` of the library is evaluated at these zeros, not at ``jnp.zeros_like(θ)``: a model
+    whose weights XLA sees as a broadcast constant can come out wrong on a CPU. With jaxlib 0.10.2,
+    ``jit(vmap(f))`` of ``f(w, x) = tanh(avg_pool(relu(x)) · w)`` at ``w = 0`` returned NaN, or values
+    near −4 under ``jax_enable_x64``, instead of 0 (XLA:CPU fuses the pool and the constant matrix
+    product into one YNNPACK kernel); the two-convolution CNNs of flax's examples hit it in
+    ``adjoint``'s check of ``f(0)``, which then reported a NaN adjoint. ``lax.optimization_barrier``
+    makes the zeros a value computed at run time, as any other parameters are."""
+    return lax.optimization_barrier(jax.tree.map(jnp.zeros_like, params))
 
 
 def model_outputs(model: FlatModel, xs, theta: Array | None = None) -> Array:

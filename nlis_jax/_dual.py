@@ -27,6 +27,7 @@ from nlis_jax._adjoint import (
     flatten_model,
     in_float32,
     model_outputs,
+    origin,
     nonfinite_adjoint,
 )
 from nlis_jax._checks import (
@@ -43,7 +44,7 @@ from nlis_jax.quadrature import gauss_legendre
 
 def _offset_column(model, xs, ys) -> Array:
     """``f(0; x_i) − y_i`` (or ``f(0; x_i)`` without a response): shape ``(n,) + out_shape``."""
-    f0 = model_outputs(model, xs, jnp.zeros_like(model.theta))
+    f0 = model_outputs(model, xs, origin(model.theta))
     if ys is None:
         return f0
     return f0 - jnp.asarray(ys).astype(f0.dtype)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlis_jax._adjoint import CHUNK_ELEMENTS
+from nlis_jax._adjoint import CHUNK_ELEMENTS, origin
 from nlis_jax._taps import (
     Program,
     Tap,
@@ -210,5 +210,5 @@ def project_chunk(
 
 def zero_outputs(fac: Factored, leaves, xc: PyTree) -> Array:
     """``f(0; x)`` for a chunk of examples: ``(c,) + out_shape``."""
-    zeros = [jnp.zeros_like(a) for a in leaves]
+    zeros = origin(list(leaves))
     return jax.vmap(lambda *xl: evaluate(fac.program, zeros, xl, (), ())[0])(*jax.tree.leaves(xc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,8 @@ from jax.flatten_util import ravel_pytree
 
 import nlis_jax as nj
 import nlis_jax._adjoint as adjoint_module
+from nlis_jax.models import from_linen
+from nlis_jax.quadrature import gauss_legendre
 
 N, D = 40, 3
 NODES = 32
@@ -259,3 +262,48 @@ def test_gauss_legendre_exact_for_degree_2q_minus_1():
             np.testing.assert_allclose(np.sum(w * t**deg), 1.0 / (deg + 1), rtol=1e-14)
         # degree 2q is NOT integrated exactly (guards the claimed degree)
         assert abs(np.sum(w * t ** (2 * q)) - 1.0 / (2 * q + 1)) > 1e-12
+
+
+def _pooled_dense(w, x):
+    """``tanh(avg_pool(relu(x)) · W)`` summed: XLA:CPU fuses the pool and the product into one kernel."""
+    h = jax.lax.reduce_window(jnp.maximum(x, 0), x.dtype.type(0), jax.lax.add, (2, 2, 1), (2, 2, 1), "VALID")
+    return jnp.sum(jnp.tanh(0.25 * h.reshape(-1) @ w.reshape(-1, 4)))
+
+
+def test_origin_is_not_constant_folded():
+    """``jit(vmap(f))`` at literal zeros (``jnp.zeros_like(w)`` inside the jit) gave NaN or ±4 instead of 0
+    with jaxlib 0.10.2 on a CPU, in every run (XLA fused the pool and the product with a broadcast constant
+    matrix into a YNNPACK kernel); at the zeros of :func:`nlis_jax._adjoint.origin` it is 0, exactly
+    (tanh(0) summed)."""
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((64, 8, 8, 4)), jnp.float32)
+    w = jnp.ones(256, jnp.float32)
+    at_origin = jax.jit(lambda w, xs: jax.vmap(_pooled_dense, (None, 0))(adjoint_module.origin(w), xs))
+    np.testing.assert_array_equal(np.asarray(at_origin(w, xs)), np.zeros(64, np.float32))
+
+
+class _PooledCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.avg_pool(nn.relu(nn.Conv(4, (3, 3))(x[..., None])), (2, 2), (2, 2))
+        return nn.Dense(1)(nn.tanh(nn.Dense(8)(x.reshape(-1))))[0]
+
+
+def test_pooled_cnn_adjoint_and_offset_at_zero():
+    """The same fault through the library, on a flax CNN: ``adjoint``'s check of ``f(0)`` saw NaN and
+    raised "the adjoint is NaN or Inf" on a finite model, and ``dual_matrix``'s offset ``f(0) − y`` was
+    wrong, in most processes (2–3 of 5 runs; the kernel reads memory it should not). At ``θ = 0`` this
+    CNN is exactly 0, so the offset column is ``−y``; the adjoint matches the fixed rule evaluated
+    node by node with θ a run-time value (float32 rounding: 1e-5 relative)."""
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((64, 16, 16)), jnp.float32)
+    ys = jnp.asarray(np.random.default_rng(2).standard_normal(64), jnp.float32)
+    model = _PooledCNN()
+    apply_fn, params = from_linen(model, model.init(jax.random.key(0), xs[0]))
+    flat, unravel = ravel_pytree(params)
+    nodes, weights = gauss_legendre(2, jnp.float32)
+    grad = jax.grad(lambda th, x: apply_fn(unravel(th), x))
+    per_node = jax.jit(jax.vmap(jax.vmap(grad, (None, 0)), (0, None)))(jnp.outer(nodes, flat), xs)
+    ref = np.asarray(jnp.tensordot(weights, per_node, axes=1))
+    adj = nj.adjoint(apply_fn, params, xs, num_nodes=2, mode="reverse")
+    np.testing.assert_allclose(np.asarray(adj), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=2, mode="reverse")
+    np.testing.assert_array_equal(np.asarray(F[:, -1]), -np.asarray(ys))

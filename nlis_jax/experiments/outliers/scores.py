@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nlis_jax as nj
+from nlis_jax._adjoint import origin
 from nlis_jax.experiments.memory import measured
 
 __all__ = [
@@ -76,14 +77,14 @@ def _without_offset(apply_fn):
     """``f(θ; x) − f(0; x)``: the same adjoint as ``apply_fn``, and ``0`` at ``θ = 0``."""
 
     def shifted(params, x):
-        zero = jax.tree.map(jnp.zeros_like, params)
+        zero = origin(params)
         return apply_fn(params, x) - jax.lax.stop_gradient(apply_fn(zero, x))
 
     return shifted
 
 
 def _outputs_at_zero(apply_fn, params, xs):
-    zero = jax.tree.map(jnp.zeros_like, params)
+    zero = origin(params)
     return jax.vmap(apply_fn, in_axes=(None, 0))(zero, xs)
 
 
