@@ -27,8 +27,8 @@ from nlis_jax._adjoint import (
     flatten_model,
     in_float32,
     model_outputs,
-    origin,
     nonfinite_adjoint,
+    origin,
 )
 from nlis_jax._checks import (
     check_finite,

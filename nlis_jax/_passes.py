@@ -123,7 +123,7 @@ def block_size(model, *, num_nodes, mode) -> int:
     if num_nodes is None:
         return model.n
     p, k = model.theta.shape[0], math.prod(model.out_shape)
-    return fixed_rule_chunk_size(model.n, p, k, resolve_mode(mode, p, k))
+    return fixed_rule_chunk_size(model.n, p, k, resolve_mode(mode, p, k), model.convolves)
 
 
 def fold_blocks(model, xc, yc, valid, body: Callable, init, *, num_nodes, mode):

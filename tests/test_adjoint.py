@@ -307,3 +307,28 @@ def test_pooled_cnn_adjoint_and_offset_at_zero():
     np.testing.assert_allclose(np.asarray(adj), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=2, mode="reverse")
     np.testing.assert_array_equal(np.asarray(F[:, -1]), -np.asarray(ys))
+
+
+def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
+    """``flatten_model`` marks a model that runs ``conv_general_dilated`` anywhere (inside ``jit``,
+    ``lax.scan``, ``jax.checkpoint``), and a fixed rule in reverse mode on a CPU then takes one example per
+    chunk (vmapped, a kernel's gradient is a grouped convolution whose cost per example grows with the
+    batch: ``cache_chunk_size``); without a convolution, the cache chunk; on a GPU, the memory chunk."""
+
+    def conv(w, x):
+        return jax.lax.conv(x[None, None], w.reshape(1, 1, 3, 3), (1, 1), "SAME").sum()
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda c, _: (c + conv(w, x), None), 0.0, None, length=2)[0]
+
+    xs = jnp.ones((5, 6, 6), jnp.float32)
+    w = jnp.ones(9, jnp.float32)
+    flat = functools.partial(adjoint_module.flatten_model, xs=xs)
+    assert flat(conv, w).convolves and flat(jax.jit(conv), w).convolves and flat(scanned, w).convolves
+    assert flat(jax.checkpoint(conv), w).convolves
+    assert not flat(lambda w, x: jnp.tanh(x.reshape(-1)[:9] @ w), w).convolves
+    chunk = adjoint_module.fixed_rule_chunk_size
+    assert chunk(20_000, 26_401, 1, "reverse", convolves=True) == 1
+    assert chunk(20_000, 26_401, 1, "reverse") == 64 and chunk(20_000, 26_401, 1, "forward", True) == 317
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert chunk(20_000, 26_401, 1, "reverse", convolves=True) == 317  # 2^23 / p
