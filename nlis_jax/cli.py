@@ -570,12 +570,24 @@ def _restoring_jax_settings():
 
 
 def setup_compilation_cache(args: argparse.Namespace) -> None:
-    """The persistent compilation cache of ``run`` (on by default; ``--no-compilation-cache``: off)."""
-    if args.no_compilation_cache:
-        return
-    where = args.compilation_cache or default_compilation_cache()
-    if where is not None and not enable_compilation_cache(where) and args.compilation_cache:
+    """The persistent compilation cache of ``run`` (on by default; ``--no-compilation-cache`` or
+    ``$NLIS_JAX_COMPILATION_CACHE=off``: off, also a cache the caller configured before an in-process
+    ``main``)."""
+    where = None if args.no_compilation_cache else args.compilation_cache or default_compilation_cache()
+    if where is None:
+        disable_compilation_cache()
+    elif not enable_compilation_cache(where) and args.compilation_cache:
         print(f"nlis-jax run: cannot write --compilation-cache {where}; compiling afresh.", file=sys.stderr)
+
+
+def disable_compilation_cache() -> None:
+    """Compile afresh and write nothing to disk, whatever cache the process had configured (``main``
+    puts the setting back when it returns)."""
+    import jax
+
+    if jax.config.jax_enable_compilation_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+        _reopen_persistent_cache()
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -391,6 +391,42 @@ JAX_SETTINGS = (
 )
 
 
+def test_no_compilation_cache_also_bypasses_the_callers_cache(tmp_path, capsys):
+    """``--no-compilation-cache`` ("compile every program afresh and keep none on disk") kept writing to a
+    persistent cache that the caller had configured before calling ``cli.main`` in-process; the
+    caller's configuration is back afterwards, and its own programs go to its cache again."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    from jax._src import compilation_cache
+
+    def files(folder):
+        return sum(len(names) for _, _, names in os.walk(folder))
+
+    caller = tmp_path / "caller_cache"
+    before = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(caller))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        compilation_cache.reset_cache()
+        configured = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
+        argv = ["run", "--dataset", "synthetic", "--n", "89", "--d", "4", "--sizes", "10", "--repeats", "1"]
+        argv += ["--steps", "5", "--pilot-size", "10", "--timing-size", "none", "--methods", "uniform"]
+        argv += ["--no-plots", "--no-progress", "--out", str(tmp_path / "out"), "--no-compilation-cache"]
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        assert files(caller) == 0  # nothing of the run on disk
+        assert {name: getattr(jax.config, name) for name in JAX_SETTINGS} == configured
+        jax.jit(lambda v: jnp.sin(v) * 5 - 3)(jnp.ones(11)).block_until_ready()  # the caller's own program
+        assert files(caller) > 0
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
 def test_main_in_process_restores_jax_settings_and_honours_later_cache_options(tmp_path, capsys, monkeypatch):
     """``cli.main`` called in a notebook or test left x64 on and its compilation cache configured for the
     rest of the process: the caller's own programs went into it, and a later ``--no-compilation-cache``
