@@ -59,9 +59,11 @@ from nlis_jax._adjoint import (
     check_path_args,
     count_bad_examples,
     default_chunk_size,
+    fixed_rule_chunk_size,
     flatten_model,
     in_float32,
     nonfinite_adjoint,
+    resolve_mode,
 )
 from nlis_jax._checks import (
     check_bool,
@@ -154,9 +156,13 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
         def project(rows):
             return rows @ omega
 
+    inner = chunk  # examples per vectorised adjoint call: the chunk, or for convolutions the adjoint's own
+    if model.convolves and num_nodes is not None:  # (one at a time on a CPU: cache_chunk_size)
+        inner = fixed_rule_chunk_size(chunk, m - 1, k, resolve_mode(mode, m - 1, k), convolves=True)
+
     def one_chunk(chunk_data):
         xc, yc = chunk_data
-        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=chunk)
+        block = dual_block(model, xc, yc, num_nodes=num_nodes, mode=mode, chunk_size=inner)
         return project(block.reshape(chunk * k, m)).reshape((chunk,) + model.out_shape + (dim,))
 
     return _map_strided(one_chunk, xs, ys, n, chunk, dtype)
