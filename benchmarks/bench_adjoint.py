@@ -12,10 +12,17 @@ models ``tanh(<θ, x>)`` with ``d = p``, and ``k = 10``-output models ``tanh(W x
 forward against reverse mode, to locate the crossover in ``p/k`` that
 ``nlis_jax._adjoint.FORWARD_MAX_PARAMS`` (forward when ``p <= FORWARD_MAX_PARAMS · k``) should match.
 
+Then a CNN (flax: ``Conv(8, 3×3)`` relu ``avg_pool(2)`` ``Conv(16, 3×3)`` relu ``avg_pool(2)`` ``Dense(32)``
+tanh ``Dense(1)`` on ``28×28`` images, ``p = 26,401``; ``n = 256``, 8 nodes): ``nj.adjoint(...,
+mode="reverse")`` with its default chunk (one example per chunk on a CPU for a model that convolves:
+``nlis_jax._adjoint.cache_chunk_size``) against the same call with ``chunk_size=64`` (the default before)
+and the loop baseline; ``--cnn-n 0`` skips it.
+
     python benchmarks/bench_adjoint.py                     # float32, the sizes above (forward: minutes)
     python benchmarks/bench_adjoint.py --dtype float64
     python benchmarks/bench_adjoint.py --modes reverse,auto   # main model without the slow forward mode
     python benchmarks/bench_adjoint.py --n 256 --sweep-n 256 --widths 1,4 --index-dims 2 --output-dims 1
+    python benchmarks/bench_adjoint.py --modes reverse --n 2048 --no-sweep   # quick main model, the CNN
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import functools
 import math
 import sys
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +43,7 @@ from _common import (
     check,
     max_rel_error,
     nonnegative_float,
+    nonnegative_int,
     positive_int,
     positive_int_list,
     progress,
@@ -45,8 +54,9 @@ from _common import (
 from jax.flatten_util import ravel_pytree
 
 import nlis_jax as nj
-from nlis_jax._adjoint import FORWARD_MAX_PARAMS
+from nlis_jax._adjoint import FORWARD_MAX_PARAMS, fixed_rule_chunk_size, flatten_model
 from nlis_jax.experiments import nets
+from nlis_jax.models import from_linen
 
 NAME = "bench_adjoint"
 MODES = ("reverse", "forward", "auto")
@@ -54,6 +64,7 @@ SWEEP_MODES = ("forward", "reverse")
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 MLP = nets.mlp(jnp.tanh)  # one object each: a static argument of nj.adjoint's jit
 SINGLE_INDEX = nets.single_index(jnp.tanh)
+OLD_CNN_CHUNK = 64  # the CNN's reverse-mode CPU chunk before 7db7af7: max(64, 2^18 / p), p = 26,401
 
 
 def str_list(text: str) -> list[str]:
@@ -101,8 +112,14 @@ def parse_args(argv):
     parser.add_argument(
         "--modes", type=str_list, default=list(MODES), help="modes for the main model (forward takes minutes)"
     )
-    parser.add_argument("--no-sweep", action="store_true", help="only the main model")
-    return parser.parse_args(argv)
+    parser.add_argument("--no-sweep", action="store_true", help="no p sweep")
+    parser.add_argument("--cnn-n", type=nonnegative_int, default=256, help="CNN examples (0: no CNN case)")
+    parser.add_argument("--cnn-size", type=positive_int, default=28, help="CNN image side (>= 4)")
+    parser.add_argument("--cnn-nodes", type=positive_int, default=8, help="Gauss-Legendre nodes (CNN)")
+    args = parser.parse_args(argv)
+    if args.cnn_size < 4:  # two 2×2 pools
+        parser.error(f"argument --cnn-size: must be an integer >= 4 (two 2x2 pools), got {args.cnn_size}")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ the models
@@ -118,11 +135,11 @@ def mlp_params(key, sizes: tuple[int, ...], dtype):
     ]
 
 
-def adjoint_fn(model, *, mode: str, num_nodes: int):
+def adjoint_fn(model, *, mode: str, num_nodes: int, chunk_size: int | None = None):
     """``(params, xs) -> nj.adjoint(model, params, xs, ...)``: all arrays are arguments."""
 
     def fn(params, xs):
-        return nj.adjoint(model, params, xs, num_nodes=num_nodes, mode=mode)
+        return nj.adjoint(model, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
 
     return fn
 
@@ -304,6 +321,82 @@ def sweep(args, dtype) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------ CNN
+def small_cnn(dtype) -> linen.Module:
+    """One image ``(s, s)`` -> a scalar: ``Conv(8, 3×3)`` relu ``avg_pool(2)`` ``Conv(16, 3×3)`` relu
+    ``avg_pool(2)`` ``Dense(32)`` tanh ``Dense(1)`` (SAME convolutions; ``s = 28``: ``p = 26,401``).
+
+    A ``linen.Sequential``, not a ``linen.Module`` subclass: a subclass is a dataclass, which needs its
+    module in ``sys.modules`` (the smoke tests load this script by path)."""
+    kw = dict(dtype=dtype, param_dtype=dtype)
+
+    def pool(h):
+        return linen.avg_pool(h, (2, 2), (2, 2))
+
+    return linen.Sequential(
+        [
+            lambda x: x[..., None],
+            linen.Conv(8, (3, 3), **kw),
+            linen.relu,
+            pool,
+            linen.Conv(16, (3, 3), **kw),
+            linen.relu,
+            pool,
+            lambda h: h.reshape(-1),
+            linen.Dense(32, **kw),
+            jnp.tanh,
+            linen.Dense(1, **kw),
+            lambda y: y[0],
+        ]
+    )
+
+
+def cnn_case(args, dtype) -> dict:
+    """A model that convolves: ``nj.adjoint(mode="reverse")`` with its default chunk (one example on a
+    CPU) against ``chunk_size=64`` (the default before) and the loop baseline, checked, then timed."""
+    kp, kx = jax.random.split(jax.random.key(args.seed + 2))
+    xs = jax.random.normal(kx, (args.cnn_n, args.cnn_size, args.cnn_size), dtype)
+    module = small_cnn(dtype)
+    model, params = from_linen(module, module.init(kp, xs[0]))
+    p = ravel_pytree(params)[0].shape[0]
+    convolves = flatten_model(model, params, xs).convolves
+    tol, q = TOLERANCE[args.dtype], args.cnn_nodes
+
+    baseline = LoopBaseline(model, params, xs, q)
+    ref = baseline()
+    runs = {
+        "reverse": Compiled(adjoint_fn(model, mode="reverse", num_nodes=q), params, xs),
+        f"reverse_chunk{OLD_CNN_CHUNK}": Compiled(
+            adjoint_fn(model, mode="reverse", num_nodes=q, chunk_size=OLD_CNN_CHUNK), params, xs
+        ),
+    }
+    outs = {name: run() for name, run in progress(runs.items(), desc="check CNN", quiet=args.quiet)}
+    checks = {f"cnn_{name}_vs_loop_max_rel": check(max_rel_error(outs[name], ref), tol) for name in runs}
+    checks["cnn_identity_max_rel"] = check(identity_error(model, params, xs, ref), 10 * tol)
+    record = {
+        "image_side": args.cnn_size,
+        "n": args.cnn_n,
+        "nodes": q,
+        "p": p,
+        "convolves": convolves,
+        "default_chunk_size": fixed_rule_chunk_size(args.cnn_n, p, 1, "reverse", convolves),
+        "checks": checks,
+        "ok": all_ok(checks),
+    }
+    if not record["ok"]:
+        return record
+
+    budget = dict(reps=args.reps, budget_s=args.budget)
+    loop = time_eager(baseline, **budget)._replace(compile_s=baseline.grad.compile_s)
+    timings = {"loop_baseline": loop.as_dict()}
+    for name in progress(runs, desc="time CNN", quiet=args.quiet):
+        timings[name] = runs[name].time(**budget).as_dict()
+    record["timings"] = timings
+    default_s = timings["reverse"]["median_s"]
+    record["time_over_reverse"] = {name: t["median_s"] / default_s for name, t in timings.items()}
+    return record
+
+
 # ----------------------------------------------------------------------------------------------- main
 def run(args) -> dict:
     dtype = jnp.dtype(args.dtype)
@@ -312,6 +405,9 @@ def run(args) -> dict:
     if record["main"]["ok"] and not args.no_sweep:
         record["sweep"] = sweep(args, dtype)
         checks |= record["sweep"]["checks"]
+    if args.cnn_n:
+        record["cnn"] = cnn_case(args, dtype)
+        checks |= record["cnn"]["checks"]
     record["ok"] = all_ok(checks)
     if not record["ok"]:
         report_failures(checks)

@@ -45,13 +45,17 @@ def test_bench_scores(tmp_path, monkeypatch):
 
 def test_bench_adjoint(tmp_path, monkeypatch):
     args = ["--n", "64", "--d", "3", "--hidden", "4,4", "--nodes", "8", "--sweep-n", "32"]
-    args += ["--widths", "2", "--index-dims", "4", "--output-dims", "1"]
+    args += ["--widths", "2", "--index-dims", "4", "--output-dims", "1", "--cnn-n", "4", "--cnn-size", "8"]
     record = run_bench("bench_adjoint", args, tmp_path, monkeypatch)
     main = record["main"]
     assert all(main["checks"][f"{m}_vs_loop_max_rel"]["ok"] for m in ("reverse", "forward", "auto"))
     assert set(main["timings"]) == {"loop_baseline", "reverse", "forward", "auto"}
     assert len(record["sweep"]["points"]) == 3  # one per model family
     assert "recommended_FORWARD_MAX_PARAMS" in record["sweep"]["threshold"]
+    cnn = record["cnn"]  # 8×8 images: 80 + 1168 + 2·2·16·32 + 32 + 33 parameters
+    assert cnn["p"] == 3361 and cnn["convolves"] and cnn["default_chunk_size"] == 1
+    assert all(cnn["checks"][f"cnn_{c}_vs_loop_max_rel"]["ok"] for c in ("reverse", "reverse_chunk64"))
+    assert set(cnn["timings"]) == {"loop_baseline", "reverse", "reverse_chunk64"}
 
 
 def test_bench_torch(tmp_path, monkeypatch):
