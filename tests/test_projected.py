@@ -254,13 +254,12 @@ def _small_conv(w, x):
     return jnp.tanh(jnp.dot(h.reshape(-1), w[9:]))
 
 
-@pytest.mark.parametrize("embedding", ["sparse", "gaussian"])
-def test_convolutional_models_take_one_example_per_adjoint_call(monkeypatch, embedding):
-    """On a CPU the sparse and Gaussian embeddings formed a chunk's dual rows in ONE vmapped adjoint call
-    even for convolutions, whose vmapped kernel gradients are grouped convolutions, slow in batches
-    (a 16×16 two-convolution CNN, p = 9,505, 128 examples: 110 s against 0.89 s one at a time); now
-    the adjoint's own chunk, one example (``cache_chunk_size``). Same values: exact when ``dim`` covers
-    the ``p + 1 = 46`` columns."""
+def test_convolutional_models_take_one_example_per_adjoint_call(monkeypatch):
+    """On a CPU the sparse and Gaussian embeddings (one code path) formed a chunk's dual rows in ONE
+    vmapped adjoint call even for convolutions, whose vmapped kernel gradients are grouped convolutions,
+    slow in batches (a 16×16 two-convolution CNN, p = 9,505, 128 examples: 110 s against 0.89 s one at a
+    time); now the adjoint's own chunk, one example (``cache_chunk_size``). Same values: exact when
+    ``dim`` covers the ``p + 1 = 46`` columns."""
     import nlis_jax._projected as projected
 
     rng = np.random.default_rng(5)
@@ -274,7 +273,7 @@ def test_convolutional_models_take_one_example_per_adjoint_call(monkeypatch, emb
     )
     _projected_jit.clear_cache()  # traced afresh, so the spy sees the call
     got = projected_leverage_scores(
-        jax.random.key(6), _small_conv, w, xs, ys, dim=50, chunk_size=32, embedding=embedding
+        jax.random.key(6), _small_conv, w, xs, ys, dim=50, chunk_size=32, embedding="sparse"
     )
     assert seen == [1]
     ref = nj.leverage_scores(nj.dual_matrix(_small_conv, w, xs, ys, num_nodes=16))
