@@ -222,12 +222,18 @@ def _gram_step(G, rows, M, colmax):
     return G + routes.gram(_flat(rows, colmax) @ M)
 
 
+def stacked_r(A: Array) -> Array:
+    """The R factor ``(m, m)`` of a tall ``(N, m)`` stack of rows (its zero rows last:
+    :func:`nlis_jax.routes.zero_rows_last`)."""
+    return jnp.linalg.qr(A[routes.zero_rows_last(A)], mode="r")
+
+
 def _qr_step(R, rows, colmax):
-    return jnp.linalg.qr(jnp.concatenate([R, _flat(rows, colmax)]), mode="r")
+    return stacked_r(jnp.concatenate([_flat(rows, colmax), R]))
 
 
 def _combine_r(stacked):
-    return jnp.linalg.qr(stacked.reshape(-1, stacked.shape[-1]), mode="r")
+    return stacked_r(stacked.reshape(-1, stacked.shape[-1]))
 
 
 def _any_step(carry, rows, kind, M, colmax):

@@ -391,6 +391,17 @@ def _svd_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array, A
     return W, keep, (Vt.T * inv_s[None, :]) / scale[:, None]
 
 
+def zero_rows_last(A: Array) -> Array:
+    """The row order ``(n,)`` that moves the all-zero rows of ``A`` after the others (stably), for its QR.
+
+    ``AᵀA``, and so the R factor up to the signs of its rows, does not depend on the order of the rows;
+    the CPU's QR does. In float64 (jaxlib 0.10.2, its OpenBLAS on 2 threads; 1 thread was fine) a block of
+    zero rows about as tall as ``A`` is wide followed by a few nonzero rows came back NaN from about
+    ``m = 700`` columns on: the zero R of a streamed TSQR's first chunk above the chunk's rows, rank-
+    deficient R factors stacked, a dual matrix with such a block (reported as "FᵀF overflows")."""
+    return jnp.argsort(~jnp.any(A != 0, axis=1), stable=True)
+
+
 def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Array]:
     """``(U, M, rank)`` of route ``"stable"`` on an ``(n, m)`` row matrix: ``U = A M`` orthonormal on the
     singular values above ``rtol · s_max`` of ``A D⁻¹`` (``D = diag(scale)``), zero columns elsewhere.
@@ -399,11 +410,13 @@ def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Arr
     ``O(eps)`` whatever ``κ``), ``M = D⁻¹ V S⁻¹``; below float64 ``U = A M`` with ``M`` from the R factor
     alone and one CholeskyQR step (:func:`refine_transform`).
     """
+    order = zero_rows_last(A)
     if A.dtype == jnp.float64:
-        Q, R = jnp.linalg.qr(A)  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
+        Q, R = jnp.linalg.qr(A[order])  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
         W, keep, M = _svd_transform(R, scale, rtol)
-        return Q @ (W * keep[None, :].astype(W.dtype)), M, jnp.sum(keep).astype(jnp.int32)
-    M, rank = stable_transform(jnp.linalg.qr(A, mode="r"), scale, rtol)
+        U = Q[jnp.argsort(order)] @ (W * keep[None, :].astype(W.dtype))  # rows back in A's order
+        return U, M, jnp.sum(keep).astype(jnp.int32)
+    M, rank = stable_transform(jnp.linalg.qr(A[order], mode="r"), scale, rtol)
     U1 = A @ M
     second = refine_transform(gram(U1))
     return U1 @ second, M @ second, rank

@@ -236,3 +236,16 @@ def test_reverse_mode_gradient_on_rank_deficient_input_is_finite():
     want = np.asarray(jax.grad(lambda F: nj.leverage_scores(F)[0])(jnp.asarray(kept)))
     np.testing.assert_allclose(np.delete(g, 2, axis=1), want, rtol=1e-10, atol=1e-14)
     assert np.all(g[:, 2] == 0)
+
+
+def test_stable_route_with_a_block_of_zero_rows_between_data_rows():
+    # Rank 6 in 1,100 columns, its 1,100 zero rows between the 12th and 13th data row: the CPU's float64
+    # QR gave NaN for such a block (nlis_jax.routes.zero_rows_last), reported as "FᵀF overflows float64".
+    rng = np.random.default_rng(1)
+    m = 1100
+    data = rng.standard_normal((24, 6)) @ rng.standard_normal((6, m))
+    F = np.vstack([data[:12], np.zeros((m, m)), data[12:]])
+    ref, r = _svd_leverage(F, 1e-10)
+    out = nj.leverage_scores(jnp.asarray(F), return_info=True)
+    assert int(out.rank) == r == 6 and nj.routes.ROUTES[int(out.route)] == "stable"
+    np.testing.assert_allclose(out.leverage, ref, rtol=0, atol=1e-12)  # row by row: Q's rows back in order

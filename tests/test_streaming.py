@@ -142,6 +142,42 @@ def test_streaming_rank_deficient_and_block():
     np.testing.assert_allclose(h, ref_rows.reshape(97, 2).sum(axis=1), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("host", [False, True])
+def test_streaming_wide_dual_in_float64(host):
+    # n < p + 1: the dual is wide and its streamed R factor rank-deficient (route "stable"). The first
+    # chunk's TSQR step stacked its rows below the zero R, which came back NaN from the CPU's QR in
+    # float64 from about p = 700 on: every score NaN, reported as a NaN adjoint (p = 1,105 here).
+    apply_fn = mlp()
+    params = mlp_init(jax.random.key(5), (90, 12, 1), dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(6), (64, 90), jnp.float64)
+    ys = jax.random.normal(jax.random.key(7), (64,), jnp.float64)
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=8)
+    assert F.shape == (64, 1106)
+    ref, r = _svd_leverage(F)
+    data = (np.asarray(xs), np.asarray(ys)) if host else (xs, ys)  # host: numpy, streamed from the host
+    _, h, rank, taken = nj.streaming_leverage_scores(
+        apply_fn, params, *data, chunk_size=16, num_nodes=8, return_info=True
+    )
+    assert int(rank) == r == 64 and nj.routes.ROUTES[int(taken)] == "stable"
+    np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_combined_r_factors_of_wide_blocks():
+    # Under jax.distributed each process's R factor of a wide block is zero below its rank, and the
+    # stacked factors [R₁; R₂] put a zero block as tall as R between nonzero rows, which the CPU's QR in
+    # float64 answered with NaN (as the first streamed chunk above: test_streaming_wide_dual_in_float64).
+    from nlis_jax._passes import TSQR
+
+    rng = np.random.default_rng(0)
+    m = 1500
+    blocks = [rng.standard_normal((16, m)) for _ in range(2)]
+    stacked = jnp.stack([np.vstack([np.linalg.qr(b, mode="r"), np.zeros((m - 16, m))]) for b in blocks])
+    R = TSQR.combine(stacked)
+    A = np.vstack(blocks)
+    assert np.isfinite(R).all()
+    np.testing.assert_allclose(R.T @ R, A.T @ A, rtol=0, atol=1e-12 * np.abs(A.T @ A).max())
+
+
 def test_streaming_bad_input(problem):
     apply_fn, params, xs, ys = problem
     with pytest.raises(ValueError, match="chunk_size"):
