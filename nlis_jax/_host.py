@@ -60,7 +60,7 @@ from nlis_jax._checks import (
 )
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
 from nlis_jax._precision import at_least_float32, highest_precision, promoted
-from nlis_jax._scores import STREAMED_ZERO_NORMS, check_rank
+from nlis_jax._scores import LINEAR_ALGEBRA_FAILED, STREAMED_ZERO_NORMS, check_rank
 
 Source = Callable[[], Iterator]
 PIECE_NAMES = ("xs", "ys", "weights")  # the parts of a piece, in order (:func:`array_source`'s trees)
@@ -805,7 +805,9 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
         output_vector(out, None if callable(xs) else jax.tree.leaves(xs)[0].shape[0], dtype)
     dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
     chunks, counts = host_chunks(apply_fn, params, source, chunk, num_nodes=num_nodes, mode=mode, out=out)
-    h, t = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)
+    h, t, _ = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)  # rows checked: pass 1
+    if not bool(jnp.all(jnp.isfinite(t.first)) & jnp.all(jnp.isfinite(t.second))):  # same in every process
+        raise ValueError(LINEAR_ALGEBRA_FAILED.format(count=f"all {counts['n']}"))
     check_rank(t.rank, route)  # before an out is divided by it
     if callable(xs) and route is None and (int(t.route) != routes.STABLE or bool(t.refine)):
         check_leverage_sum(counts["sum"], t.rank)

@@ -287,7 +287,10 @@ class Chunks(NamedTuple):
 
 
 def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
-    """``(h, transform)``: the raw block leverage of every example and the route's transform."""
+    """``(h, transform, rows_finite)``: the raw block leverage of every example, the route's transform, and
+    whether every dual row was finite (the diagonal of the first pass's Gram matrix, whose columns are
+    prescaled, so it does not overflow): NaN scores from finite rows are a failure of the linear algebra,
+    not of the model."""
     G, colmax = chunks.first(SCALED_GRAM, scaled_gram_start(dim, dtype))
     zeros = jnp.zeros((dim, dim), dtype)
 
@@ -301,7 +304,8 @@ def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
         return chunks.reduce(ANY, zeros, kind, M, colmax)
 
     transform = chunks.transform(G, gram_pass, r_factor, run_pass, rtol, route)
-    return chunks.scores(leverage_rows, combined_transform(transform), colmax), transform
+    h = chunks.scores(leverage_rows, combined_transform(transform), colmax)
+    return h, transform, routes.gram_is_finite(G)
 
 
 def combined_transform(t: routes.Transform) -> routes.Transform:

@@ -55,6 +55,15 @@ class Leverage(NamedTuple):
 #: An all-zero dual matrix in the streamed norm scores (device and host data).
 STREAMED_ZERO_NORMS = "norm scores: the dual matrix is all zeros, so row norms give no distribution."
 
+#: Scores that came out NaN from finite dual rows (streamed leverage, device and host data).
+LINEAR_ALGEBRA_FAILED = (
+    "the streamed leverage scores came out NaN for {count} examples although every row of the dual matrix "
+    "is finite: the linear algebra of the route failed on them (a fault of the numerical library, not of "
+    "the model or the data; jaxlib 0.10.2's float64 CPU QR returned NaN for some rank-deficient input). "
+    "Please report it with the shapes and dtype; forcing another route (route='gram2', 'stable' or "
+    "'shifted') may step around it."
+)
+
 ALL_ZERO_MESSAGE = (
     "the dual matrix is all zeros (rank 0), so leverage gives no distribution. Its adjoint columns are "
     "zero, so the model does not depend on θ along the path tθ (constant model, all-zero parameters of a "

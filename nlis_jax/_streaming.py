@@ -56,7 +56,7 @@ from nlis_jax._passes import (
     strided_valid,
 )
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import STREAMED_ZERO_NORMS, Leverage, as_leverage
+from nlis_jax._scores import LINEAR_ALGEBRA_FAILED, STREAMED_ZERO_NORMS, Leverage, as_leverage
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 
@@ -98,8 +98,10 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     chunks, model = _device_chunks(apply_fn, params, xs, ys, **kw)
     dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
-    h, transform = leverage_passes(chunks, dim, dtype, rtol, route)
-    return h, transform.rank, transform.route, jnp.sum(~jnp.isfinite(h))
+    h, transform, rows_finite = leverage_passes(chunks, dim, dtype, rtol, route)
+    bad = jnp.sum(~jnp.isfinite(h))
+    # a NaN row makes the Gram matrix and so every score NaN; NaN from finite rows is the linear algebra's
+    return h, transform.rank, transform.route, jnp.where(rows_finite, 0, bad), jnp.where(rows_finite, bad, 0)
 
 
 def _check_gram_fits(params) -> None:
@@ -180,7 +182,7 @@ def streaming_leverage_scores(
     shape = check_model(apply_fn, params, xs, ys)
     dtype = shape.dtype
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
-    h, rank, taken, bad = _streaming_jit(
+    h, rank, taken, bad_rows, bad_algebra = _streaming_jit(
         apply_fn,
         params,
         xs,
@@ -192,7 +194,8 @@ def streaming_leverage_scores(
         route=route,
     )
     # one NaN row makes the Gram matrix and so every score NaN: the count is of scores, not of examples
-    report_nonfinite(bad, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
+    report_nonfinite(bad_rows, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
+    report_nonfinite(bad_algebra, shape.n, lambda count: LINEAR_ALGEBRA_FAILED.format(count=count))
     return as_leverage(h, rank, taken, return_info, dtype, forced=route)
 
 

@@ -221,7 +221,10 @@ def raise_if_nonfinite(name: str, F: Array, out: Array) -> None:
         return
     check_finite(name, F)
     raise ValueError(
-        f"{name}ᵀ{name} overflows {jnp.result_type(F).name}: rescale {name} (divide it by its largest entry)."
+        f"{name} is finite but its leverage came out NaN: {name}ᵀ{name} overflows {jnp.result_type(F).name} "
+        f"(rescale {name}: divide it by its largest entry), or the linear algebra of the route failed on it "
+        "(a fault of the numerical library, not of the input: please report it; forcing another route, "
+        "route='gram2', 'stable' or 'shifted', may step around it)."
     )
 
 
