@@ -621,16 +621,18 @@ def _summed_gradient(model: FlatModel, nodes: Array, weights: Array) -> Callable
 
 
 def origin(params: PyTree) -> PyTree:
-    """Zeros shaped like ``params`` (the start ``θ = 0`` of the ray), hidden from XLA's constant folding.
+    """Zeros shaped like ``params`` (the start ``θ = 0`` of the ray), computed from them at run time.
 
     Every ``f(0; x)`` of the library is evaluated at these zeros, not at ``jnp.zeros_like(θ)``: a model
     whose weights XLA sees as a broadcast constant can come out wrong on a CPU. With jaxlib 0.10.2,
-    ``jit(vmap(f))`` of ``f(w, x) = tanh(avg_pool(relu(x)) · w)`` at ``w = 0`` returned NaN, or values
-    near −4 under ``jax_enable_x64``, instead of 0 (XLA:CPU fuses the pool and the constant matrix
-    product into one YNNPACK kernel); the two-convolution CNNs of flax's examples hit it in
-    ``adjoint``'s check of ``f(0)``, which then reported a NaN adjoint. ``lax.optimization_barrier``
-    makes the zeros a value computed at run time, as any other parameters are."""
-    return lax.optimization_barrier(jax.tree.map(jnp.zeros_like, params))
+    ``jit(vmap(f))`` of ``f(w, x) = avg_pool(relu(x)) · w`` or ``max_pool(relu(x)) · w`` at ``w = 0``
+    returned NaN or garbage instead of 0 (XLA:CPU fuses the pool and the constant matrix product into one
+    YNNPACK kernel); flax CNNs hit it in ``adjoint``'s check of ``f(0)`` and in the offsets ``f(0) − y``
+    of the dual rows and of the projected scores, reported as "the adjoint is NaN or Inf for 128 of 128".
+    ``lax.optimization_barrier`` around ``zeros_like`` did not stop it (the barrier is gone after XLA's
+    optimisation: wrong in 6–10 of 10 compilations). ``|θ|·0`` (``0`` where ``θ`` is not finite) is
+    exactly ``+0`` and a value XLA cannot fold (``x·0`` is not ``0`` for floats: NaN and Inf)."""
+    return jax.tree.map(lambda a: jnp.where(jnp.isfinite(a), jnp.abs(a), 0) * 0, params)
 
 
 def model_outputs(model: FlatModel, xs, theta: Array | None = None) -> Array:
