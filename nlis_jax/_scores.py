@@ -156,6 +156,7 @@ def orthonormal_basis(
     # the input's own eps (half precision is computed in float32, but its rounding is that of F's dtype)
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol
     U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
+    routes.raise_if_nonfinite("F", F, U)  # F was checked: NaN here is a failed factorization, not rank 0
     check_rank(rank, route)
     return _nonzero_first(U).astype(input_dtype(F)), rank, taken
 

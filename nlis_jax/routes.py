@@ -196,11 +196,15 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
     """
     n, m = A.shape
     norms = jnp.linalg.norm(A, axis=0)
-    W, s, _ = jnp.linalg.svd(A / jnp.where(norms > 0, norms, 1)[None, :], full_matrices=False)
+    scaled = A / jnp.where(norms > 0, norms, 1)[None, :]
+    # the zero columns last (W does not depend on their order): the float64 CPU SVD came back NaN for a
+    # block of zero columns between nonzero ones (550 × 1,100, 1,084 zero columns: :func:`zero_rows_last`)
+    W, s, _ = jnp.linalg.svd(scaled[:, zero_rows_last(scaled.T)], full_matrices=False)
     keep = s > rtol * s[0]
     U = jnp.pad(W * keep[None, :].astype(W.dtype), ((0, 0), (0, m - n)))
     out = jnp.sum(jnp.square(U), axis=1) if row_norms else U
-    out = jnp.where(jnp.all(jnp.isfinite(norms)), out, jnp.nan)  # NaN/Inf input: NaN out, as gram_basis
+    # NaN/Inf input, or a failed SVD (NaN singular values, rank 0): NaN out, as gram_basis
+    out = jnp.where(jnp.all(jnp.isfinite(norms)) & jnp.all(jnp.isfinite(s)), out, jnp.nan)
     return out, jnp.sum(keep).astype(jnp.int32), jnp.asarray(ROUTES.index("stable"), jnp.int32)
 
 
@@ -221,8 +225,9 @@ def raise_if_nonfinite(name: str, F: Array, out: Array) -> None:
         return
     check_finite(name, F)
     raise ValueError(
-        f"{name} is finite but its leverage came out NaN: {name}ᵀ{name} overflows {jnp.result_type(F).name} "
-        f"(rescale {name}: divide it by its largest entry), or the linear algebra of the route failed on it "
+        f"{name} is finite but its leverage (or basis) came out NaN: {name}ᵀ{name} overflows "
+        f"{jnp.result_type(F).name} (rescale {name}: divide it by its largest entry), or the linear algebra "
+        "of the route failed on it "
         "(a fault of the numerical library, not of the input: please report it; forcing another route, "
         "route='gram2', 'stable' or 'shifted', may step around it)."
     )
@@ -401,7 +406,8 @@ def zero_rows_last(A: Array) -> Array:
     the CPU's QR does. In float64 (jaxlib 0.10.2, its OpenBLAS on 2 threads; 1 thread was fine) a block of
     zero rows about as tall as ``A`` is wide followed by a few nonzero rows came back NaN from about
     ``m = 700`` columns on: the zero R of a streamed TSQR's first chunk above the chunk's rows, rank-
-    deficient R factors stacked, a dual matrix with such a block (reported as "FᵀF overflows")."""
+    deficient R factors stacked, a dual matrix with such a block (reported as "FᵀF overflows"). The SVD
+    of a wide matrix failed alike for a block of zero columns between nonzero ones (:func:`wide_basis`)."""
     return jnp.argsort(~jnp.any(A != 0, axis=1), stable=True)
 
 

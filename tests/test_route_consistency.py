@@ -249,3 +249,36 @@ def test_stable_route_with_a_block_of_zero_rows_between_data_rows():
     out = nj.leverage_scores(jnp.asarray(F), return_info=True)
     assert int(out.rank) == r == 6 and nj.routes.ROUTES[int(out.route)] == "stable"
     np.testing.assert_allclose(out.leverage, ref, rtol=0, atol=1e-12)  # row by row: Q's rows back in order
+
+
+def test_wide_matrix_with_a_block_of_zero_columns_between_data_columns():
+    # 550 × 1,100 (fewer rows than columns: the thin SVD of routes.wide_basis), 8 data columns, 1,084 zero
+    # columns, 8 data columns: the CPU's float64 SVD came back NaN ("FᵀF overflows" from leverage_scores,
+    # "the dual matrix is all zeros (rank 0)" from orthonormal_basis). Sparse columns, as one-hot features
+    # never active in the sample. The fault depends on the values, not on the pattern alone (other seeds
+    # passed): these are the draws of the case found failing, after three sparser ones.
+    rng = np.random.default_rng(1)
+    for nonzeros in (1, 2, 8, 64):
+        C = np.zeros((550, 16))
+        for j in range(16):
+            C[rng.choice(550, nonzeros, replace=False), j] = rng.standard_normal(nonzeros)
+    F = np.hstack([C[:, :8], np.zeros((550, 1084)), C[:, 8:]])
+    ref, r = _svd_leverage(F, 1e-10)
+    out = nj.leverage_scores(jnp.asarray(F), return_info=True)
+    assert int(out.rank) == r == 16
+    np.testing.assert_allclose(out.leverage, ref, rtol=0, atol=1e-12)
+    U, rank, _ = nj.orthonormal_basis(jnp.asarray(F))
+    np.testing.assert_allclose(U[:, :16].T @ U[:, :16], np.eye(16), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.sum(np.square(U), axis=1), ref, rtol=0, atol=1e-12)
+
+
+def test_a_failed_factorization_is_not_called_rank_zero(monkeypatch):
+    """NaN from a route on finite input (a failed SVD gives NaN singular values, none kept: rank 0) was
+    reported by ``orthonormal_basis`` as "the dual matrix is all zeros"."""
+
+    def failed(rows, rtol, route=None):
+        return jnp.full(rows.shape, jnp.nan, rows.dtype), jnp.int32(0), jnp.int32(2)
+
+    monkeypatch.setattr(nj.routes, "basis", failed)
+    with pytest.raises(ValueError, match="F is finite but its leverage \\(or basis\\) came out NaN"):
+        nj.orthonormal_basis(jnp.asarray(RNG.standard_normal((20, 3))))
