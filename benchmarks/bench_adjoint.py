@@ -202,14 +202,20 @@ def main_model(args, dtype) -> dict:
     if not record["ok"]:
         return record
 
+    record["timings"] = timings = _time_with_loop(baseline, runs, modes, args, "time modes")
+    loop_s = timings["loop_baseline"]["median_s"]
+    record["speedup_vs_loop"] = {m: loop_s / timings[m]["median_s"] for m in modes}
+    return record
+
+
+def _time_with_loop(baseline, runs, names, args, desc: str) -> dict:
+    """Steady-state timings of the loop baseline and of ``runs[name]`` for each name (one budget)."""
     budget = dict(reps=args.reps, budget_s=args.budget)
     loop = time_eager(baseline, **budget)._replace(compile_s=baseline.grad.compile_s)
     timings = {"loop_baseline": loop.as_dict()}
-    for m in progress(modes, desc="time modes", quiet=args.quiet):
-        timings[m] = runs[m].time(**budget).as_dict()
-    record["timings"] = timings
-    record["speedup_vs_loop"] = {m: loop.median_s / timings[m]["median_s"] for m in modes}
-    return record
+    for name in progress(names, desc=desc, quiet=args.quiet):
+        timings[name] = runs[name].time(**budget).as_dict()
+    return timings
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -386,12 +392,7 @@ def cnn_case(args, dtype) -> dict:
     if not record["ok"]:
         return record
 
-    budget = dict(reps=args.reps, budget_s=args.budget)
-    loop = time_eager(baseline, **budget)._replace(compile_s=baseline.grad.compile_s)
-    timings = {"loop_baseline": loop.as_dict()}
-    for name in progress(runs, desc="time CNN", quiet=args.quiet):
-        timings[name] = runs[name].time(**budget).as_dict()
-    record["timings"] = timings
+    record["timings"] = timings = _time_with_loop(baseline, runs, list(runs), args, "time CNN")
     default_s = timings["reverse"]["median_s"]
     record["time_over_reverse"] = {name: t["median_s"] / default_s for name, t in timings.items()}
     return record
