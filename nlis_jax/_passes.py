@@ -222,18 +222,12 @@ def _gram_step(G, rows, M, colmax):
     return G + routes.gram(_flat(rows, colmax) @ M)
 
 
-def stacked_r(A: Array) -> Array:
-    """The R factor ``(m, m)`` of a tall ``(N, m)`` stack of rows (its zero rows last:
-    :func:`nlis_jax.routes.zero_rows_last`)."""
-    return jnp.linalg.qr(A[routes.zero_rows_last(A)], mode="r")
-
-
 def _qr_step(R, rows, colmax):
-    return stacked_r(jnp.concatenate([_flat(rows, colmax), R]))
+    return routes.qr_r(jnp.concatenate([_flat(rows, colmax), R]))
 
 
 def _combine_r(stacked):
-    return stacked_r(stacked.reshape(-1, stacked.shape[-1]))
+    return routes.qr_r(stacked.reshape(-1, stacked.shape[-1]))
 
 
 def _any_step(carry, rows, kind, M, colmax):

@@ -15,7 +15,7 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([F̃_c; R]).R`` (zero rows last:
-  :func:`nlis_jax._passes.stacked_r`), then ``R D⁻¹ = W S Vᵀ`` and ``h = ‖F̃_c D⁻¹ V S^{-1}‖²`` over the
+  :func:`nlis_jax.routes.qr_r`), then ``R D⁻¹ = W S Vᵀ`` and ``h = ‖F̃_c D⁻¹ V S^{-1}‖²`` over the
   singular values above ``rtol·s_max`` (below float64 after one more CholeskyQR pass, as the dense
   route): backward stable;
 - ``"shifted"`` (below float64): Gram passes on ``F̃_c D⁻¹ L₀⁻ᵀ`` (shifted Cholesky factor ``L₀``), then

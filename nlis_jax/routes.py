@@ -227,8 +227,8 @@ def raise_if_nonfinite(name: str, F: Array, out: Array) -> None:
     raise ValueError(
         f"{name} is finite but its leverage (or basis) came out NaN: {name}ᵀ{name} overflows "
         f"{jnp.result_type(F).name} (rescale {name}: divide it by its largest entry), or the linear algebra "
-        "of the route failed on it "
-        "(a fault of the numerical library, not of the input: please report it; forcing another route, "
+        "of the route failed on it (a fault of the numerical library, not of the input: please report it; "
+        "forcing another route, "
         "route='gram2', 'stable' or 'shifted', may step around it)."
     )
 
@@ -411,6 +411,12 @@ def zero_rows_last(A: Array) -> Array:
     return jnp.argsort(~jnp.any(A != 0, axis=1), stable=True)
 
 
+def qr_r(A: Array) -> Array:
+    """The R factor ``(m, m)`` of a tall ``(N, m)`` row matrix, its zero rows taken last
+    (:func:`zero_rows_last`)."""
+    return jnp.linalg.qr(A[zero_rows_last(A)], mode="r")
+
+
 def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Array]:
     """``(U, M, rank)`` of route ``"stable"`` on an ``(n, m)`` row matrix: ``U = A M`` orthonormal on the
     singular values above ``rtol · s_max`` of ``A D⁻¹`` (``D = diag(scale)``), zero columns elsewhere.
@@ -419,13 +425,13 @@ def stable_parts(A: Array, scale: Array, rtol: Array) -> tuple[Array, Array, Arr
     ``O(eps)`` whatever ``κ``), ``M = D⁻¹ V S⁻¹``; below float64 ``U = A M`` with ``M`` from the R factor
     alone and one CholeskyQR step (:func:`refine_transform`).
     """
-    order = zero_rows_last(A)
     if A.dtype == jnp.float64:
+        order = zero_rows_last(A)
         Q, R = jnp.linalg.qr(A[order])  # R D⁻¹ is the R factor of A D⁻¹: same Q, same range
         W, keep, M = _svd_transform(R, scale, rtol)
         U = Q[jnp.argsort(order)] @ (W * keep[None, :].astype(W.dtype))  # rows back in A's order
         return U, M, jnp.sum(keep).astype(jnp.int32)
-    M, rank = stable_transform(jnp.linalg.qr(A[order], mode="r"), scale, rtol)
+    M, rank = stable_transform(qr_r(A), scale, rtol)
     U1 = A @ M
     second = refine_transform(gram(U1))
     return U1 @ second, M @ second, rank

@@ -182,9 +182,7 @@ def test_combined_r_factors_of_wide_blocks():
 def test_a_failed_factorization_is_not_blamed_on_the_model(monkeypatch, problem, host):
     # A QR that returns NaN from finite rows (as jaxlib's did: test_streaming_wide_dual_in_float64) was
     # reported as "the adjoint is NaN or Inf" (device arrays) or "the dual matrix is all zeros" (host).
-    import nlis_jax._passes as passes
-
-    monkeypatch.setattr(passes, "stacked_r", lambda A: jnp.full((A.shape[1],) * 2, jnp.nan, A.dtype))
+    monkeypatch.setattr(nj.routes, "qr_r", lambda A: jnp.full((A.shape[1],) * 2, jnp.nan, A.dtype))
     apply_fn, params, xs, ys = problem
     data = (np.asarray(xs), np.asarray(ys)) if host else (xs, ys)
     with pytest.raises(ValueError, match="although every row of the dual matrix is finite"):
