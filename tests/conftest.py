@@ -41,6 +41,44 @@ def _fresh_jax_caches():
     jax.clear_caches()
 
 
+#: Process-wide jax settings that a test must leave as it found them: each worker runs many files in one
+#: process, in an order that depends on timing, so a leaked setting fails some later file on some runs only
+#: (a test that turned the persistent compilation cache off failed test_cli.py's cache tests in one CI run).
+GUARDED_SETTINGS = (
+    "jax_enable_x64",
+    "jax_numpy_rank_promotion",
+    "jax_disable_most_optimizations",
+    "jax_disable_jit",
+    "jax_debug_nans",
+    "jax_debug_infs",
+    "jax_default_matmul_precision",
+    "jax_compilation_cache_dir",
+    "jax_enable_compilation_cache",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+    "jax_compilation_cache_max_size",
+)
+
+
+def _global_setting(name):
+    """The process-wide value of a jax setting (a state's global value, or a flag's value)."""
+    holder = jax.config._value_holders[name]
+    return holder.get_global() if hasattr(holder, "get_global") else holder.value
+
+
+@pytest.fixture(autouse=True)
+def _jax_settings_unchanged(request):
+    """Fail the test that changes one of :data:`GUARDED_SETTINGS` without putting it back (at its
+    teardown, naming the setting), rather than a later test on the same worker."""
+    before = {name: _global_setting(name) for name in GUARDED_SETTINGS}
+    yield
+    after = {name: _global_setting(name) for name in GUARDED_SETTINGS}
+    leaked = {name: (before[name], after[name]) for name in GUARDED_SETTINGS if after[name] != before[name]}
+    for name, (value, _) in leaked.items():  # the rest of the worker's tests run as intended
+        jax.config.update(name, value)
+    assert not leaked, f"{request.node.nodeid} left jax settings changed (before, after): {leaked}"
+
+
 # Scheduling: pytest-xdist sends whole files (``--dist loadfile``) to the 2 workers in collection order
 # (``--no-loadscope-reorder`` in pyproject; its default orders files by their number of tests). The files
 # that take longest go first, so that the last file to finish is a short one. Worker seconds of each file

@@ -280,6 +280,8 @@ def test_cli_compilation_cache_options(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(cli, "enable_compilation_cache", lambda where: calls.append(Path(where)) or True)
+    # off is recorded, not done: the real one turns the process's cache off (conftest checks that none leaks)
+    monkeypatch.setattr(cli, "disable_compilation_cache", lambda: calls.append(None))
     parser = cli.build_parser()
     monkeypatch.setenv(cli.CACHE_ENV, str(tmp_path / "env"))
     for argv, expected in (
@@ -289,11 +291,11 @@ def test_cli_compilation_cache_options(monkeypatch, tmp_path):
     ):
         calls.clear()
         cli.setup_compilation_cache(parser.parse_args(["run", *argv]))
-        assert calls == ([] if expected is None else [expected]), argv
+        assert calls == [expected], argv
     monkeypatch.setenv(cli.CACHE_ENV, "off")
     calls.clear()
     cli.setup_compilation_cache(parser.parse_args(["run"]))
-    assert calls == []
+    assert calls == [None]
 
 
 def test_default_compilation_cache_folder(monkeypatch, tmp_path):
