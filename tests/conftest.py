@@ -67,16 +67,32 @@ def _global_setting(name):
 
 
 @pytest.fixture(autouse=True)
-def _jax_settings_unchanged(request):
-    """Fail the test that changes one of :data:`GUARDED_SETTINGS` without putting it back (at its
-    teardown, naming the setting), rather than a later test on the same worker."""
+def _process_state_unchanged(request):
+    """Fail the test that changes one of :data:`GUARDED_SETTINGS`, an environment variable or the working
+    directory without putting it back (at its teardown, naming what changed), rather than a later test on
+    the same worker."""
     before = {name: _global_setting(name) for name in GUARDED_SETTINGS}
+    environ, cwd = dict(os.environ), os.getcwd()
     yield
     after = {name: _global_setting(name) for name in GUARDED_SETTINGS}
     leaked = {name: (before[name], after[name]) for name in GUARDED_SETTINGS if after[name] != before[name]}
     for name, (value, _) in leaked.items():  # the rest of the worker's tests run as intended
         jax.config.update(name, value)
-    assert not leaked, f"{request.node.nodeid} left jax settings changed (before, after): {leaked}"
+    changed = {
+        name: (environ.get(name), os.environ.get(name))
+        for name in set(environ) | set(os.environ)
+        if environ.get(name) != os.environ.get(name) and not name.startswith("PYTEST_")  # pytest's own
+    }
+    for name, (value, _) in changed.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
+    leaked |= changed
+    if os.getcwd() != cwd:
+        leaked["working directory"] = (cwd, os.getcwd())
+        os.chdir(cwd)
+    assert not leaked, f"{request.node.nodeid} left process state changed (before, after): {leaked}"
 
 
 # Scheduling: pytest-xdist sends whole files (``--dist loadfile``) to the 2 workers in collection order
