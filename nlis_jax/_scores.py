@@ -231,9 +231,26 @@ def leverage_scores(
         probs, h = probs.astype(dtype), h.astype(dtype)
         return Leverage(probs, h, eff_dim.astype(dtype), jnp.asarray(0, jnp.int32)) if return_info else probs
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol  # F's eps, as orthonormal_basis
-    h, rank, taken = routes.row_leverage(rows, jnp.asarray(rtol, rows.dtype), lead, route=route)
-    routes.raise_if_nonfinite("F", F, h)  # before the rank test: NaN input is not an all-zero matrix
-    return as_leverage(h, rank, taken, return_info, input_dtype(F), forced=route)
+    h, rank, taken = routes.row_leverage(rows, rtol, lead, route=route)
+    probs, h_out, status = _finish_leverage(h, rank, input_dtype(F))
+    if is_concrete(status):  # one read back, for the checks of both the values and the rank
+        rank_seen, nan_seen = status.tolist()
+        if nan_seen:  # before the rank test: NaN input is not an all-zero matrix
+            routes.raise_if_nonfinite("F", F, h)
+        check_rank(rank_seen, route)
+    else:
+        check_rank(rank, route)
+    return Leverage(probs, h_out, rank, taken) if return_info else probs
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _finish_leverage(h: Array, rank: Array, dtype) -> tuple[Array, Array, Array]:
+    """The end of :func:`leverage_scores` as one program: the probabilities ``h / rank`` and ``h`` in
+    ``dtype``, and a ``(2,)`` int32 status ``[rank, h is NaN]`` (every route's output is NaN throughout
+    for non-finite input: :func:`nlis_jax.routes.raise_if_nonfinite`), read back in one transfer."""
+    probs = h / rank.astype(h.dtype)
+    status = jnp.stack([rank.astype(jnp.int32), jnp.isnan(h.reshape(-1)[0]).astype(jnp.int32)])
+    return probs.astype(dtype), h.astype(dtype), status
 
 
 def norm_scores(F: Array) -> Array:

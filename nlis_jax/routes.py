@@ -845,14 +845,16 @@ def sum_per_example(h: Array, lead: tuple[int, ...]) -> Array:
     return h.reshape(lead).sum(axis=tuple(range(1, len(lead))))
 
 
-def row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None = None):
+def row_leverage(A: Array, rtol: float | Array, lead: tuple[int, ...], route: str | None = None):
     """``(h, rank, route)``: leverage of the rows of ``A`` summed per example (``lead`` the leading shape).
 
     One compiled program (:func:`basis` and the sum); concrete input that :func:`basis` would start from a
     sketch runs in stages instead (:func:`staged_sketched_leverage`). ``rtol`` as in :func:`basis`.
     """
     check_route(route)
-    check_tolerances(rtol, 0.0)
+    check_tolerances(rtol, 0.0)  # (a Python float is checked without reading a device value back)
+    # a number goes to the programs as a numpy scalar: passed with the call, no conversion dispatched
+    rtol = jnp.asarray(rtol, A.dtype) if isinstance(rtol, jax.Array) else np.asarray(rtol, A.dtype)
     if is_concrete(A) and takes_sketch(A, route):
         h, rank, taken = staged_sketched_leverage(A, rtol, route)
         return sum_per_example(h, lead), rank, taken

@@ -316,3 +316,36 @@ def test_pytree_xs_in_the_losses_and_fit():
     pair = (jnp.asarray(xa), jnp.asarray(xb))  # as many leaves as examples: a pytree, not one array
     got = nj.weighted_loss(lambda t, x: jnp.tanh(x[0] @ t + x[1] @ t), jnp.asarray(th), pair, jnp.asarray(y2))
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_eager_leverage_reads_back_once_and_dispatches_no_single_ops(monkeypatch, dtype):
+    """The eager ``leverage_scores`` on a device array runs its compiled programs and reads one small
+    status array back (rank and the NaN flag together): no operation dispatched on its own and no second
+    read back, each of which waits on the device (a GPU launch or a synchronisation apiece). Before, the
+    rank and the NaN test were two read backs, a third read the tolerance back after moving it to the
+    device, and four single operations (a slice, a squeeze, two conversions) ran eagerly. Counted through
+    jax's private ``Primitive.bind`` and ``ArrayImpl._value`` (behind ``float``, ``bool``, ``tolist``)."""
+    from jax._src import array, core
+
+    F = jnp.asarray(np.random.default_rng(3).standard_normal((256, 8)), dtype)
+    expected = nj.leverage_scores(F, return_info=True)  # compiles
+    binds, reads = [], []
+    bind, value = core.Primitive.bind, array.ArrayImpl._value
+
+    def counting_bind(self, *args, **params):
+        if not any(isinstance(x, core.Tracer) for x in args):
+            binds.append(self.name)
+        return bind(self, *args, **params)
+
+    def counting_value(self):
+        reads.append(self.shape)
+        return value.fget(self)
+
+    monkeypatch.setattr(core.Primitive, "bind", counting_bind)
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(counting_value))  # float(), bool(), tolist()
+    got = nj.leverage_scores(F, return_info=True)
+    monkeypatch.undo()
+    assert binds == [] and reads == [(2,)], (binds, reads)
+    np.testing.assert_array_equal(got.probs, expected.probs)
+    assert int(got.rank) == 8 and got.probs.dtype == dtype
