@@ -60,6 +60,21 @@ GUARDED_SETTINGS = (
 )
 
 
+#: Environment variables (prefixes) that the library, jax or the tests read. Not all: libraries set some of
+#: their own when first imported (scikit-learn's OpenMP runtime sets ``KMP_*``), in whichever test that is.
+GUARDED_ENVIRONMENT = (
+    "NLIS_",
+    "JAX_",
+    "XLA_",
+    "SCIKIT_LEARN_DATA",
+    "MPLBACKEND",
+    "XDG_",
+    "HOME",
+    "PATH",
+    "PYTHON",
+)
+
+
 def _global_setting(name):
     """The process-wide value of a jax setting (a state's global value, or a flag's value)."""
     holder = jax.config._value_holders[name]
@@ -68,9 +83,9 @@ def _global_setting(name):
 
 @pytest.fixture(autouse=True)
 def _process_state_unchanged(request):
-    """Fail the test that changes one of :data:`GUARDED_SETTINGS`, an environment variable or the working
-    directory without putting it back (at its teardown, naming what changed), rather than a later test on
-    the same worker."""
+    """Fail the test that changes one of :data:`GUARDED_SETTINGS`, a :data:`GUARDED_ENVIRONMENT` variable
+    or the working directory without putting it back (at its teardown, naming what changed), rather than
+    a later test on the same worker."""
     before = {name: _global_setting(name) for name in GUARDED_SETTINGS}
     environ, cwd = dict(os.environ), os.getcwd()
     yield
@@ -81,7 +96,7 @@ def _process_state_unchanged(request):
     changed = {
         name: (environ.get(name), os.environ.get(name))
         for name in set(environ) | set(os.environ)
-        if environ.get(name) != os.environ.get(name) and not name.startswith("PYTEST_")  # pytest's own
+        if environ.get(name) != os.environ.get(name) and name.startswith(GUARDED_ENVIRONMENT)
     }
     for name, (value, _) in changed.items():
         if value is None:
