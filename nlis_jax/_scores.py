@@ -155,18 +155,28 @@ def orthonormal_basis(
     rows, _ = routes.as_rows(F)
     # the input's own eps (half precision is computed in float32, but its rounding is that of F's dtype)
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol
-    U, rank, taken = routes.basis(rows, jnp.asarray(rtol, rows.dtype), route=route)
-    routes.raise_if_nonfinite("F", F, U)  # F was checked: NaN here is a failed factorization, not rank 0
-    check_rank(rank, route)
-    return _nonzero_first(U).astype(input_dtype(F)), rank, taken
+    # a number goes to the program as a numpy scalar (a device value would be read back to be checked)
+    tol = jnp.asarray(rtol, rows.dtype) if isinstance(rtol, jax.Array) else np.asarray(rtol, rows.dtype)
+    U, rank, taken = routes.basis(rows, tol, route=route)
+    U_out, status = _finish_basis(U, rank, input_dtype(F))
+    if is_concrete(status):  # one read back, for the checks of both the values and the rank
+        rank_seen, nan_seen = status.tolist()
+        if nan_seen:  # F was checked: NaN here is a failed factorization, not rank 0
+            routes.raise_if_nonfinite("F", F, U)
+        check_rank(rank_seen, route)
+    else:
+        check_rank(rank, route)
+    return U_out, rank, taken
 
 
-@jax.jit
-def _nonzero_first(U: Array) -> Array:
-    """``U``'s columns, the orthonormal ones first (a stable order): the Gram routes leave the zero column
-    of an all-zero input column where that column was, so the first ``rank`` columns missed a direction."""
+@functools.partial(jax.jit, static_argnames="dtype")
+def _finish_basis(U: Array, rank: Array, dtype) -> tuple[Array, Array]:
+    """``U``'s columns in ``dtype``, the orthonormal ones first (a stable order: the Gram routes leave the
+    zero column of an all-zero input column where that column was, so the first ``rank`` columns missed a
+    direction), and a ``(2,)`` int32 status ``[rank, U is NaN]`` to read back in one transfer."""
     zero = jnp.sum(jnp.square(U), axis=0) < 0.25  # an orthonormal column has norm 1, the others 0
-    return U[:, jnp.argsort(zero, stable=True)]
+    status = jnp.stack([rank.astype(jnp.int32), jnp.isnan(U.reshape(-1)[0]).astype(jnp.int32)])
+    return U[:, jnp.argsort(zero, stable=True)].astype(dtype), status
 
 
 def leverage_scores(

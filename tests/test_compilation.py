@@ -319,17 +319,20 @@ def test_pytree_xs_in_the_losses_and_fit():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-def test_eager_leverage_reads_back_once_and_dispatches_no_single_ops(monkeypatch, dtype):
-    """The eager ``leverage_scores`` on a device array runs its compiled programs and reads one small
-    status array back (rank and the NaN flag together): no operation dispatched on its own and no second
-    read back, each of which waits on the device (a GPU launch or a synchronisation apiece). Before, the
-    rank and the NaN test were two read backs, a third read the tolerance back after moving it to the
-    device, and four single operations (a slice, a squeeze, two conversions) ran eagerly. Counted through
-    jax's private ``Primitive.bind`` and ``ArrayImpl._value`` (behind ``float``, ``bool``, ``tolist``)."""
+@pytest.mark.parametrize("function", ["leverage_scores", "orthonormal_basis"])
+def test_eager_call_reads_back_once_and_dispatches_no_single_ops(monkeypatch, function, dtype):
+    """The eager ``leverage_scores`` and ``orthonormal_basis`` on a device array run their compiled
+    programs and read one small status array back (rank and the NaN flag together): no operation
+    dispatched on its own and no second read back, each of which waits on the device (a GPU launch or a
+    synchronisation apiece). Before, the rank and the NaN test were two read backs, a third read the
+    tolerance back after moving it to the device, and four single operations (a slice, a squeeze, a
+    reshape or the division, a conversion) ran eagerly. Counted through jax's private ``Primitive.bind``
+    and ``ArrayImpl._value`` (behind ``float``, ``bool``, ``tolist``)."""
     from jax._src import array, core
 
+    call = getattr(nj, function)
     F = jnp.asarray(np.random.default_rng(3).standard_normal((256, 8)), dtype)
-    expected = nj.leverage_scores(F, return_info=True)  # compiles
+    expected = call(F) if function == "orthonormal_basis" else call(F, return_info=True)  # compiles
     binds, reads = [], []
     bind, value = core.Primitive.bind, array.ArrayImpl._value
 
@@ -344,8 +347,9 @@ def test_eager_leverage_reads_back_once_and_dispatches_no_single_ops(monkeypatch
 
     monkeypatch.setattr(core.Primitive, "bind", counting_bind)
     monkeypatch.setattr(array.ArrayImpl, "_value", property(counting_value))  # float(), bool(), tolist()
-    got = nj.leverage_scores(F, return_info=True)
+    got = call(F) if function == "orthonormal_basis" else call(F, return_info=True)
     monkeypatch.undo()
     assert binds == [] and reads == [(2,)], (binds, reads)
-    np.testing.assert_array_equal(got.probs, expected.probs)
-    assert int(got.rank) == 8 and got.probs.dtype == dtype
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+    assert int(got[1] if function == "orthonormal_basis" else got.rank) == 8 and got[0].dtype == dtype
