@@ -52,10 +52,11 @@ step bench_streaming_1e6 200 "${BENCH[@]}" benchmarks/bench_streaming.py --model
 # Core numerics on the GPU (x64 via tests/conftest.py), compiled as users compile them (the suite's default
 # is LLVM -O0, see tests/conftest.py). One process (`-o addopts=` drops pyproject's 2 xdist workers: two
 # processes would each preallocate most of the GPU's memory). Warnings are not errors here: the GPU image's
-# packages may warn about things CI never sees.
+# packages may warn about things CI never sees. test_projected.py is left out: with it the set did not finish
+# in 170 s on the H200 (2026-12-04); the H100 ran a similar set (then with test_sketch.py) in 118 s.
 step pytest 170 bash -c 'JAX_DISABLE_MOST_OPTIMIZATIONS=0 python3 -m pytest -q -p no:cacheprovider \
   -o filterwarnings= -o addopts= tests/test_adjoint.py tests/test_dual.py tests/test_closed_forms.py \
-  tests/test_scores.py tests/test_streaming.py tests/test_projected.py tests/test_sampling.py \
+  tests/test_scores.py tests/test_streaming.py tests/test_sampling.py \
   >"$0/pytest_gpu.txt" 2>&1; rc=$?; tail -25 "$0/pytest_gpu.txt"; exit $rc' "$OUT"  # the file: also when cut off
 step bench_adjoint 90 "${BENCH[@]}" benchmarks/bench_adjoint.py --quiet --budget 5 --out "$OUT/bench_adjoint_gpu.json"
 step bench_streaming_1e7 240 "${BENCH[@]}" benchmarks/bench_streaming.py --models mlp --n 10000000 --dir "$OUT/stream" \
