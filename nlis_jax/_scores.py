@@ -155,17 +155,9 @@ def orthonormal_basis(
     rows, _ = routes.as_rows(F)
     # the input's own eps (half precision is computed in float32, but its rounding is that of F's dtype)
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol
-    # a number goes to the program as a numpy scalar (a device value would be read back to be checked)
-    tol = jnp.asarray(rtol, rows.dtype) if isinstance(rtol, jax.Array) else np.asarray(rtol, rows.dtype)
-    U, rank, taken = routes.basis(rows, tol, route=route)
+    U, rank, taken = routes.basis(rows, routes.tolerance(rtol, rows.dtype), route=route)
     U_out, status = _finish_basis(U, rank, input_dtype(F))
-    if is_concrete(status):  # one read back, for the checks of both the values and the rank
-        rank_seen, nan_seen = status.tolist()
-        if nan_seen:  # F was checked: NaN here is a failed factorization, not rank 0
-            routes.raise_if_nonfinite("F", F, U)
-        check_rank(rank_seen, route)
-    else:
-        check_rank(rank, route)
+    check_outputs(F, U, rank, status, route)  # F was checked: NaN in U is a failed factorization
     return U_out, rank, taken
 
 
@@ -173,10 +165,9 @@ def orthonormal_basis(
 def _finish_basis(U: Array, rank: Array, dtype) -> tuple[Array, Array]:
     """``U``'s columns in ``dtype``, the orthonormal ones first (a stable order: the Gram routes leave the
     zero column of an all-zero input column where that column was, so the first ``rank`` columns missed a
-    direction), and a ``(2,)`` int32 status ``[rank, U is NaN]`` to read back in one transfer."""
+    direction), and :func:`output_status`."""
     zero = jnp.sum(jnp.square(U), axis=0) < 0.25  # an orthonormal column has norm 1, the others 0
-    status = jnp.stack([rank.astype(jnp.int32), jnp.isnan(U.reshape(-1)[0]).astype(jnp.int32)])
-    return U[:, jnp.argsort(zero, stable=True)].astype(dtype), status
+    return U[:, jnp.argsort(zero, stable=True)].astype(dtype), output_status(U, rank)
 
 
 def leverage_scores(
@@ -243,24 +234,35 @@ def leverage_scores(
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol  # F's eps, as orthonormal_basis
     h, rank, taken = routes.row_leverage(rows, rtol, lead, route=route)
     probs, h_out, status = _finish_leverage(h, rank, input_dtype(F))
-    if is_concrete(status):  # one read back, for the checks of both the values and the rank
-        rank_seen, nan_seen = status.tolist()
-        if nan_seen:  # before the rank test: NaN input is not an all-zero matrix
-            routes.raise_if_nonfinite("F", F, h)
-        check_rank(rank_seen, route)
-    else:
-        check_rank(rank, route)
+    check_outputs(F, h, rank, status, route)
     return Leverage(probs, h_out, rank, taken) if return_info else probs
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def _finish_leverage(h: Array, rank: Array, dtype) -> tuple[Array, Array, Array]:
     """The end of :func:`leverage_scores` as one program: the probabilities ``h / rank`` and ``h`` in
-    ``dtype``, and a ``(2,)`` int32 status ``[rank, h is NaN]`` (every route's output is NaN throughout
-    for non-finite input: :func:`nlis_jax.routes.raise_if_nonfinite`), read back in one transfer."""
+    ``dtype``, and :func:`output_status`."""
     probs = h / rank.astype(h.dtype)
-    status = jnp.stack([rank.astype(jnp.int32), jnp.isnan(h.reshape(-1)[0]).astype(jnp.int32)])
-    return probs.astype(dtype), h.astype(dtype), status
+    return probs.astype(dtype), h.astype(dtype), output_status(h, rank)
+
+
+def output_status(out: Array, rank: Array) -> Array:
+    """``[rank, out is NaN]`` as one ``(2,)`` int32 array, to read back in one transfer (every route's
+    output is NaN throughout for non-finite input: :func:`nlis_jax.routes.raise_if_nonfinite`)."""
+    return jnp.stack([rank.astype(jnp.int32), jnp.isnan(out.reshape(-1)[0]).astype(jnp.int32)])
+
+
+def check_outputs(F: Array, out: Array, rank: Array, status: Array, route: str | None) -> None:
+    """The checks after a route on unchecked ``F``, from one read back of :func:`output_status`: NaN in
+    ``out`` first (NaN input is not an all-zero matrix; for checked ``F``, a failed factorization), then
+    the rank (:func:`check_rank`). Under tracing, the rank's ``checkify`` checks."""
+    if not is_concrete(status):
+        check_rank(rank, route)
+        return
+    rank_seen, nan_seen = status.tolist()
+    if nan_seen:
+        routes.raise_if_nonfinite("F", F, out)
+    check_rank(rank_seen, route)
 
 
 def norm_scores(F: Array) -> Array:

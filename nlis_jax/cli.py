@@ -546,9 +546,13 @@ JAX_SETTINGS = (
 
 
 def _global_setting(jax, name: str):
-    """The process-wide value of a jax setting (not that of a ``with jax.enable_x64(...)`` block)."""
+    """The process-wide value of a jax setting (not that of a ``with jax.enable_x64(...)`` block): a
+    state's global value, a flag's value (some flags, e.g. ``jax_disable_most_optimizations``, are not
+    attributes of ``jax.config``)."""
     holder = getattr(jax.config, "_value_holders", {}).get(name)
-    return holder.get_global() if hasattr(holder, "get_global") else getattr(jax.config, name)
+    if holder is None:
+        return getattr(jax.config, name)
+    return holder.get_global() if hasattr(holder, "get_global") else holder.value
 
 
 @contextlib.contextmanager

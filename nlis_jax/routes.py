@@ -845,6 +845,12 @@ def sum_per_example(h: Array, lead: tuple[int, ...]) -> Array:
     return h.reshape(lead).sum(axis=tuple(range(1, len(lead))))
 
 
+def tolerance(rtol: float | Array, dtype) -> Array:
+    """``rtol`` in ``dtype`` for the compiled routes: a number as a numpy scalar (passed with the call: no
+    conversion dispatched on the device, and nothing to read back when it is checked), an array as is."""
+    return jnp.asarray(rtol, dtype) if isinstance(rtol, jax.Array) else np.asarray(rtol, dtype)
+
+
 def row_leverage(A: Array, rtol: float | Array, lead: tuple[int, ...], route: str | None = None):
     """``(h, rank, route)``: leverage of the rows of ``A`` summed per example (``lead`` the leading shape).
 
@@ -853,8 +859,7 @@ def row_leverage(A: Array, rtol: float | Array, lead: tuple[int, ...], route: st
     """
     check_route(route)
     check_tolerances(rtol, 0.0)  # (a Python float is checked without reading a device value back)
-    # a number goes to the programs as a numpy scalar: passed with the call, no conversion dispatched
-    rtol = jnp.asarray(rtol, A.dtype) if isinstance(rtol, jax.Array) else np.asarray(rtol, A.dtype)
+    rtol = tolerance(rtol, A.dtype)
     if is_concrete(A) and takes_sketch(A, route):
         h, rank, taken = staged_sketched_leverage(A, rtol, route)
         return sum_per_example(h, lead), rank, taken

@@ -32,6 +32,8 @@ jax.config.update("jax_disable_most_optimizations", _LOW_EFFORT)  # also if a pl
 
 import pytest  # noqa: E402
 
+from nlis_jax.cli import _global_setting  # noqa: E402
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_jax_caches():
@@ -75,21 +77,15 @@ GUARDED_ENVIRONMENT = (
 )
 
 
-def _global_setting(name):
-    """The process-wide value of a jax setting (a state's global value, or a flag's value)."""
-    holder = jax.config._value_holders[name]
-    return holder.get_global() if hasattr(holder, "get_global") else holder.value
-
-
 @pytest.fixture(autouse=True)
 def _process_state_unchanged(request):
     """Fail the test that changes one of :data:`GUARDED_SETTINGS`, a :data:`GUARDED_ENVIRONMENT` variable
     or the working directory without putting it back (at its teardown, naming what changed), rather than
     a later test on the same worker."""
-    before = {name: _global_setting(name) for name in GUARDED_SETTINGS}
+    before = {name: _global_setting(jax, name) for name in GUARDED_SETTINGS}
     environ, cwd = dict(os.environ), os.getcwd()
     yield
-    after = {name: _global_setting(name) for name in GUARDED_SETTINGS}
+    after = {name: _global_setting(jax, name) for name in GUARDED_SETTINGS}
     leaked = {name: (before[name], after[name]) for name in GUARDED_SETTINGS if after[name] != before[name]}
     for name, (value, _) in leaked.items():  # the rest of the worker's tests run as intended
         jax.config.update(name, value)
