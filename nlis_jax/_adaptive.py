@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nlis_jax._checks import is_concrete, report_nonfinite, under_trace
+from nlis_jax._checks import fetch, is_concrete, report_nonfinite, under_trace
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array, PyTree
 
@@ -468,8 +468,14 @@ def _time_dtype(params, data):
 
 
 def _output(g, params, data) -> jax.ShapeDtypeStruct:
-    x0 = jax.tree.map(lambda a: a[0], data)
-    return jax.eval_shape(g, params, jnp.zeros((), _time_dtype(params, data)), x0)
+    """``g``'s output for one example, from shapes alone (nothing is dispatched, not even ``data[0]``)."""
+    t = jax.ShapeDtypeStruct((), _time_dtype(params, data))
+    return jax.eval_shape(g, params, t, jax.eval_shape(first_example, data))
+
+
+def first_example(data: PyTree) -> PyTree:
+    """``data[0]``: the first example of every leaf."""
+    return jax.tree.map(lambda a: a[0], data)
 
 
 def _directions(g, params, data) -> Array:
@@ -566,14 +572,16 @@ def integrate(
       ValueError: called eagerly, when an example's integral or check residual is NaN or Inf.
     """
     n = _num_examples(data)
-    dtype = _output(g, params, data).dtype
+    out = _output(g, params, data)
+    dtype = out.dtype
     rtol = default_rtol(dtype) if rtol is None else float(rtol)
     check_tol = rtol if check_tol is None else check_tol
     chunk = n if chunk_size is None else min(int(chunk_size), n)
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
-    pass_chunk = _pass_batch(chunk, math.prod(_output(g, params, data).shape))
+    pass_chunk = _pass_batch(chunk, math.prod(out.shape))
     depth = max_depth(dtype)
-    rtol_arr, check_tol_arr = jnp.asarray(rtol, dtype), jnp.asarray(check_tol, dtype)
+    # numpy scalars: arguments of the programs below, not operations dispatched on their own
+    rtol_arr, check_tol_arr = np.asarray(rtol, dtype), np.asarray(check_tol, dtype)
     leaves = jax.tree.leaves((params, data))
     check_not_reverse_mode(leaves)
     # concrete inputs closed over inside a user's jit still give traced results: the traced scheme
@@ -614,8 +622,9 @@ def integrate(
         args = (first, idx, rtol_arr, check_tol_arr)
         found = _refine_jit(g, check, params, data, *args, max_panels=max_panels, depth=depth)
         state = _scatter_jit(state, idx, found)
-    host = _host(state)
-    _raise_nonfinite(host, nonfinite)  # a refined panel's end can be a singular point (t = 0)
+    if failing.size:  # else the first pass's values stand, already read and checked
+        host = _host(state)
+        _raise_nonfinite(host, nonfinite)  # a refined panel's end can be a singular point (t = 0)
     conv = _converged(host, rtol, check_tol)
     missed = _missed(host.error, host.residual, conv, host.roundoff, _finite(host), np)
     _warn(missed, n, rtol=rtol, check_tol=check_tol, max_panels=max_panels)
@@ -629,8 +638,7 @@ def _warn_global(state: _State, conv: Array, warn: Callable) -> None:
 
 def _host(state: _State) -> _State:
     """The per-example scalars of ``state`` as numpy arrays (``value`` and ``panels`` stay on the device)."""
-    fields = (state.error, state.residual, state.norm, state.roundoff)
-    error, residual, norm, roundoff = map(np.asarray, fields)
+    error, residual, norm, roundoff = fetch(state.error, state.residual, state.norm, state.roundoff)
     return state._replace(error=error, residual=residual, norm=norm, roundoff=roundoff)
 
 

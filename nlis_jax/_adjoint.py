@@ -26,7 +26,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.flatten_util import ravel_pytree
 
 from nlis_jax import routes
-from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo, default_rtol, integrate
+from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo, default_rtol, first_example, integrate
 from nlis_jax._checks import (
     check_choice,
     check_finite,
@@ -83,8 +83,9 @@ def _ravel(tree: PyTree) -> Array:
     return ravel_pytree(tree)[0]
 
 
-def _first_example(xs: PyTree) -> PyTree:
-    return jax.tree.map(lambda a: a[0], xs)
+def example_shapes(xs: PyTree) -> PyTree:
+    """``xs[0]`` as ``ShapeDtypeStruct`` leaves (``jax.eval_shape``: no slice is dispatched)."""
+    return jax.eval_shape(first_example, xs)
 
 
 def num_examples(xs: PyTree, name: str = "xs") -> int:
@@ -118,7 +119,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     theta = jax.eval_shape(_ravel, params)
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
-    out = eval_example(apply_fn, params, _first_example(xs))
+    out = eval_example(apply_fn, params, example_shapes(xs))
     if len(out.shape) > 1:
         raise ValueError(
             f"apply_fn(params, x) must return a scalar or a vector of k outputs for ONE example, "
@@ -238,7 +239,7 @@ def check_ys_fits(ys, dtype) -> None:
 def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> FlatModel:
     """A :class:`FlatModel` over ``ravel_pytree(params)``, built under a trace (validate first)."""
     theta, unravel = ravel_pytree(params)
-    jaxpr, out = jax.make_jaxpr(apply_fn, return_shape=True)(params, _first_example(xs))
+    jaxpr, out = jax.make_jaxpr(apply_fn, return_shape=True)(params, first_example(xs))
 
     def fn(flat, x):
         return apply_fn(unravel(flat), x)

@@ -38,6 +38,15 @@ def under_trace() -> bool:
     return not is_concrete(jnp.zeros((), jnp.int8))
 
 
+def fetch(*values):
+    """Device values as numpy, read back together (``jax.device_get``: the copies start at once and one
+    wait covers them, instead of one synchronisation per value); arrays that span processes (replicated
+    results of global arrays) are returned as they are, for the caller's ``int``/``float``."""
+    if all(getattr(v, "is_fully_addressable", True) for v in values):
+        return jax.device_get(values)
+    return values
+
+
 def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
     """``ValueError(describe("bad of n"))`` when the count ``bad`` is concrete and positive; under tracing a
     ``checkify`` check (inside ``nlis_jax.traced_checks()``)."""
@@ -347,7 +356,7 @@ def probs_summary(probs) -> tuple[int, int, float, float, int] | None:
     if not is_concrete(probs):
         return None
     with jax.ensure_compile_time_eval():
-        bad, neg, low, total, pos = _probs_summary(jnp.asarray(probs))
+        bad, neg, low, total, pos = fetch(*_probs_summary(jnp.asarray(probs)))
     return int(bad), int(neg), float(low), float(total), int(pos)
 
 

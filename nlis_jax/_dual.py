@@ -34,6 +34,7 @@ from nlis_jax._checks import (
     check_finite,
     check_fits_in_memory,
     check_positive_int,
+    fetch,
     is_concrete,
     report_nonfinite,
 )
@@ -101,7 +102,8 @@ def dual_matrix(
         report_nonfinite(bad_offset, shape.n, nonfinite_offset)
         return (dual, info) if return_info else dual
     kw = dict(num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
-    dual, bad_adjoint, bad_offset = _dual_matrix_jit(apply_fn, params, xs, ys, **kw)
+    dual, *bad = _dual_matrix_jit(apply_fn, params, xs, ys, **kw)
+    bad_adjoint, bad_offset = fetch(*bad) if is_concrete(dual) else bad
     report_nonfinite(bad_adjoint, shape.n, nonfinite_adjoint)
     report_nonfinite(bad_offset, shape.n, nonfinite_offset)
     return dual

@@ -318,6 +318,41 @@ def test_pytree_xs_in_the_losses_and_fit():
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+class _Dispatches:
+    """Operations dispatched on their own and read backs of one eager call, counted through jax's private
+    ``Primitive.bind`` (on concrete values; ``stage`` is a host array moved to the device) and
+    ``ArrayImpl._value`` (behind ``float``, ``bool``, ``tolist`` and ``jax.device_get``). The arrays one
+    ``jax.device_get`` reads count as one read back (their copies start together: one wait), listed as the
+    tuple of their shapes; a lone read is listed as its shape."""
+
+    def __init__(self, monkeypatch):
+        from jax._src import array, core
+
+        self.binds, self.reads, self._batch = [], [], None
+        bind, value, device_get = core.Primitive.bind, array.ArrayImpl._value, jax.device_get
+
+        def counting_bind(primitive, *args, **params):
+            if not any(isinstance(x, core.Tracer) for x in args):
+                self.binds.append(primitive.name)
+            return bind(primitive, *args, **params)
+
+        def counting_value(x):
+            (self.reads if self._batch is None else self._batch).append(x.shape)
+            return value.fget(x)
+
+        def counting_device_get(tree):
+            self._batch = []
+            try:
+                return device_get(tree)
+            finally:
+                self.reads.append(tuple(self._batch))
+                self._batch = None
+
+        monkeypatch.setattr(core.Primitive, "bind", counting_bind)
+        monkeypatch.setattr(array.ArrayImpl, "_value", property(counting_value))
+        monkeypatch.setattr(jax, "device_get", counting_device_get)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize("function", ["leverage_scores", "orthonormal_basis"])
 def test_eager_call_reads_back_once_and_dispatches_no_single_ops(monkeypatch, function, dtype):
@@ -326,30 +361,66 @@ def test_eager_call_reads_back_once_and_dispatches_no_single_ops(monkeypatch, fu
     dispatched on its own and no second read back, each of which waits on the device (a GPU launch or a
     synchronisation apiece). Before, the rank and the NaN test were two read backs, a third read the
     tolerance back after moving it to the device, and four single operations (a slice, a squeeze, a
-    reshape or the division, a conversion) ran eagerly. Counted through jax's private ``Primitive.bind``
-    and ``ArrayImpl._value`` (behind ``float``, ``bool``, ``tolist``)."""
-    from jax._src import array, core
-
+    reshape or the division, a conversion) ran eagerly."""
     call = getattr(nj, function)
     F = jnp.asarray(np.random.default_rng(3).standard_normal((256, 8)), dtype)
     expected = call(F) if function == "orthonormal_basis" else call(F, return_info=True)  # compiles
-    binds, reads = [], []
-    bind, value = core.Primitive.bind, array.ArrayImpl._value
-
-    def counting_bind(self, *args, **params):
-        if not any(isinstance(x, core.Tracer) for x in args):
-            binds.append(self.name)
-        return bind(self, *args, **params)
-
-    def counting_value(self):
-        reads.append(self.shape)
-        return value.fget(self)
-
-    monkeypatch.setattr(core.Primitive, "bind", counting_bind)
-    monkeypatch.setattr(array.ArrayImpl, "_value", property(counting_value))  # float(), bool(), tolist()
+    counted = _Dispatches(monkeypatch)
     got = call(F) if function == "orthonormal_basis" else call(F, return_info=True)
     monkeypatch.undo()
-    assert binds == [] and reads == [(2,)], (binds, reads)
+    assert counted.binds == [] and counted.reads == [(2,)], (counted.binds, counted.reads)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
     assert int(got[1] if function == "orthonormal_basis" else got.rank) == 8 and got[0].dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "call", ["adjoint", "adjoint_refined", "dual_matrix", "adjoint_fixed", "dual_matrix_fixed", "sample"]
+)
+def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeypatch, call):
+    """The eager adjoints, dual matrices and ``sample`` on device arrays: no operation dispatched on its own
+    (only ``stage``: host arrays moved to the device, the refined examples' indices and the convergence
+    flags of the info) and one read back per host decision: the adaptive first pass's four per-example
+    summaries together, and again after a refinement only if one ran (a cubic model's gradient is a
+    quadratic in ``t``, which the first pass integrates exactly; the tanh network needs refining), the
+    fixed rule's two NaN counts together, ``sample``'s five checks of the probabilities together. Before:
+    ``xs[0]`` sliced eagerly three times (slice, squeeze) for shapes, the tolerances converted by four
+    single operations, the summaries read one by one (and again when nothing was refined), the counts and
+    checks one read back each."""
+    rng = np.random.default_rng(5)
+    n, d = 64, 3
+    params = {"w": jnp.asarray(rng.standard_normal((d, 4))), "v": jnp.asarray(rng.standard_normal(4))}
+    xs, ys = jnp.asarray(rng.standard_normal((n, d))), jnp.asarray(rng.standard_normal(n))
+    probs, key = jnp.asarray(rng.dirichlet(np.ones(n))), jax.random.key(0)
+
+    def tanh_net(p, x):
+        return jnp.tanh(x @ p["w"]) @ p["v"]
+
+    def cubic(p, x):
+        return jnp.sum((x @ p["w"]) ** 2 * p["v"])
+
+    run = {
+        "adjoint": lambda: nj.adjoint(cubic, params, xs),
+        "adjoint_refined": lambda: nj.adjoint(tanh_net, params, xs, return_info=True),
+        "dual_matrix": lambda: nj.dual_matrix(cubic, params, xs, ys),
+        "adjoint_fixed": lambda: nj.adjoint(tanh_net, params, xs, num_nodes=8),
+        "dual_matrix_fixed": lambda: nj.dual_matrix(tanh_net, params, xs, ys, num_nodes=8),
+        "sample": lambda: nj.sample(key, probs, 16),
+    }[call]
+    summaries = ((n,),) * 4  # error, residual, norm, roundoff
+    want_binds, want_reads = {
+        "adjoint": (["stage"], [summaries]),
+        "adjoint_refined": (["stage", "stage"], [summaries, summaries]),
+        "dual_matrix": (["stage"], [summaries, ()]),
+        "adjoint_fixed": ([], [()]),
+        "dual_matrix_fixed": ([], [((), ())]),
+        "sample": ([], [((),) * 5]),
+    }[call]
+    expected = run()  # compiles
+    counted = _Dispatches(monkeypatch)
+    got = run()
+    monkeypatch.undo()
+    assert (counted.binds, counted.reads) == (want_binds, want_reads)
+    chex.assert_trees_all_equal(got, expected)
+    if call == "adjoint_refined":
+        assert int(jnp.max(got[1].panels)) > 1  # a refinement ran
