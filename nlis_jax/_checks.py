@@ -74,9 +74,14 @@ def check_not_complex(name: str, tree: PyTree) -> None:
             raise TypeError(f"{name} must hold real numbers, got dtype {leaf.dtype}.")
 
 
-@jax.jit
 def _count_nonfinite(x):
     return jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x))
+
+
+@jax.jit
+def _count_nonfinite_each(leaves: list) -> list:
+    """:func:`_count_nonfinite` of each array, in one program."""
+    return [_count_nonfinite(x) for x in leaves]
 
 
 #: Elements per chunk of a value check on the host (bounds its boolean temporary: 4 MiB).
@@ -119,7 +124,15 @@ def count_failing(a: np.ndarray, test) -> int:
 
 
 def check_finite(name: str, tree: PyTree) -> None:
-    """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing)."""
+    """Raise ``ValueError`` naming ``name`` if a concrete leaf holds NaN or Inf (skipped under tracing).
+
+    Values in this process's memory are checked there (numpy, nothing compiled); the other leaves (an
+    accelerator's, or sharded over devices or processes) by one jitted reduction where they live, all
+    of them in one program and one read back (a read back per leaf waited on the device once each).
+    ``ensure_compile_time_eval``: a concrete array closed over inside a user's jit is checked eagerly.
+    The first leaf holding NaN or Inf, in the tree's order, is the one reported.
+    """
+    leaves, elsewhere = [], []
     for leaf in jax.tree.leaves(tree):
         check_auto_axes(name, leaf)
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -127,15 +140,15 @@ def check_finite(name: str, tree: PyTree) -> None:
         if not is_concrete(leaf):
             traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
             continue
-        # values in this process's memory are checked there (numpy, nothing compiled); others by one
-        # jitted reduction (one compile per shape) where the data lives. ensure_compile_time_eval: a
-        # concrete array closed over inside a user's jit is checked eagerly.
         host = host_values(leaf)
-        if host is not None:
-            bad = _count_host_nonfinite(name, host)
-        else:
-            with jax.ensure_compile_time_eval():
-                bad = int(_count_nonfinite(leaf))
+        leaves.append(host)
+        if host is None:
+            elsewhere.append(leaf)
+    if elsewhere:
+        with jax.ensure_compile_time_eval():
+            counts = iter(fetch(*_count_nonfinite_each(elsewhere)))
+    for host in leaves:
+        bad = int(next(counts)) if host is None else _count_host_nonfinite(name, host)
         if bad:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 

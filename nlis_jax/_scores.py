@@ -118,18 +118,30 @@ def input_dtype(F) -> jnp.dtype:
 
 
 def as_leverage(
-    h: Array, rank: Array, route: Array, return_info: bool, dtype=None, forced: str | None = None
+    h: Array,
+    rank: Array,
+    route: Array,
+    return_info: bool,
+    dtype=None,
+    forced: str | None = None,
+    rank_seen: int | None = None,
 ) -> Array | Leverage:
     """Probabilities ``h / rank``, or the whole :class:`Leverage` with ``return_info`` (in ``dtype``).
 
     Raises ``ValueError`` (concrete ``rank`` 0: an all-zero matrix) instead of returning NaN, and for a
-    ``forced`` fast route on rank-deficient input (:func:`check_rank`).
+    ``forced`` fast route on rank-deficient input (:func:`check_rank`); on ``rank_seen`` (the rank already
+    read back with other values) when given, instead of reading ``rank`` back.
     """
-    check_rank(rank, forced)
-    probs = h / rank.astype(h.dtype)
+    check_rank(rank if rank_seen is None else rank_seen, forced)
+    probs = _divide_by_rank(h, rank)
     if dtype is not None:
         h, probs = h.astype(dtype), probs.astype(dtype)
     return Leverage(probs, h, rank, route) if return_info else probs
+
+
+@jax.jit
+def _divide_by_rank(h: Array, rank: Array) -> Array:
+    return h / rank.astype(h.dtype)
 
 
 def orthonormal_basis(
@@ -303,19 +315,27 @@ def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> 
     check_finite("xs", xs)  # before any cast: finite values beyond float32 are reported as such below
     xs = jnp.asarray(xs)
     check_finite("xs cast to a jax array (finite values beyond its dtype's range)", xs)
+    n = xs.shape[0]
+    if ys is not None:
+        if jnp.shape(ys) != (n,):
+            raise ValueError(f"ys must have shape ({n},) to match xs, got {jnp.shape(ys)}.")
+        if jnp.issubdtype(jnp.result_type(ys), jnp.complexfloating):  # the cast would drop the imaginary part
+            raise TypeError(f"ys must be real, got {jnp.result_type(ys)}.")
+        check_finite("ys", ys)
+        ys = jnp.asarray(ys).astype(xs.dtype)
+        check_finite(f"ys cast to xs's dtype {xs.dtype} (finite ys beyond that dtype's range)", ys)
+    return _design(xs, ys, bias=bias)
+
+
+@functools.partial(jax.jit, static_argnames="bias")
+def _design(xs: Array, ys: Array | None, *, bias: bool) -> Array:
+    """``[X, 1?, −y?]`` in one program (``ys`` already in ``xs``'s dtype)."""
     X = xs.reshape(xs.shape[0], -1)
     cols = [X]
     if bias:
         cols.append(jnp.ones((X.shape[0], 1), X.dtype))
     if ys is not None:
-        if jnp.shape(ys) != (X.shape[0],):
-            raise ValueError(f"ys must have shape ({X.shape[0]},) to match xs, got {jnp.shape(ys)}.")
-        if jnp.issubdtype(jnp.result_type(ys), jnp.complexfloating):  # the cast would drop the imaginary part
-            raise TypeError(f"ys must be real, got {jnp.result_type(ys)}.")
-        check_finite("ys", ys)
-        cast = jnp.asarray(ys).astype(X.dtype)
-        check_finite(f"ys cast to xs's dtype {X.dtype} (finite ys beyond that dtype's range)", cast)
-        cols.append(-cast[:, None])
+        cols.append(-ys[:, None])
     return jnp.concatenate(cols, axis=1)
 
 
@@ -387,5 +407,11 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
                 f"alpha/n = {float(alpha)}/{probs.shape[0]} is below the smallest normal number of "
                 f"{probs.dtype}: the mixture cannot keep every point reachable; use float32 or wider."
             )
-    alpha = jnp.asarray(alpha).astype(probs.dtype)  # probs' dtype, not alpha's
+    return _mix(probs, alpha)
+
+
+@jax.jit
+def _mix(probs: Array, alpha) -> Array:
+    """``(1 − α)·p + α/n`` in one program, ``α`` in ``probs``' dtype (not ``alpha``'s)."""
+    alpha = jnp.asarray(alpha).astype(probs.dtype)
     return (1 - alpha) * probs + alpha / probs.shape[0]

@@ -41,6 +41,8 @@ from nlis_jax._checks import (
     check_positive,
     check_positive_int,
     check_tolerances,
+    fetch,
+    is_concrete,
     report_nonfinite,
 )
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
@@ -187,16 +189,19 @@ def streaming_leverage_scores(
         params,
         xs,
         ys,
-        jnp.asarray(rtol, routes.compute_dtype(dtype)),
+        routes.tolerance(rtol, routes.compute_dtype(dtype)),
         chunk_size=chunk_size,
         num_nodes=num_nodes,
         mode=mode,
         route=route,
     )
+    rank_seen = None
+    if is_concrete(rank):  # the three checks from one read back
+        bad_rows, bad_algebra, rank_seen = fetch(bad_rows, bad_algebra, rank)
     # one NaN row makes the Gram matrix and so every score NaN: the count is of scores, not of examples
     report_nonfinite(bad_rows, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
     report_nonfinite(bad_algebra, shape.n, lambda count: LINEAR_ALGEBRA_FAILED.format(count=count))
-    return as_leverage(h, rank, taken, return_info, dtype, forced=route)
+    return as_leverage(h, rank, taken, return_info, dtype, forced=route, rank_seen=rank_seen)
 
 
 def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, route, return_info, out):

@@ -375,7 +375,18 @@ def test_eager_call_reads_back_once_and_dispatches_no_single_ops(monkeypatch, fu
 
 
 @pytest.mark.parametrize(
-    "call", ["adjoint", "adjoint_refined", "dual_matrix", "adjoint_fixed", "dual_matrix_fixed", "sample"]
+    "call",
+    [
+        "adjoint",
+        "adjoint_refined",
+        "dual_matrix",
+        "adjoint_fixed",
+        "dual_matrix_fixed",
+        "sample",
+        "mix_with_uniform",
+        "linear_leverage_scores",
+        "streaming_leverage_scores",
+    ],
 )
 def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeypatch, call):
     """The eager adjoints, dual matrices and ``sample`` on device arrays: no operation dispatched on its own
@@ -383,10 +394,14 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
     flags of the info) and one read back per host decision: the adaptive first pass's four per-example
     summaries together, and again after a refinement only if one ran (a cubic model's gradient is a
     quadratic in ``t``, which the first pass integrates exactly; the tanh network needs refining), the
-    fixed rule's two NaN counts together, ``sample``'s five checks of the probabilities together. Before:
-    ``xs[0]`` sliced eagerly three times (slice, squeeze) for shapes, the tolerances converted by four
-    single operations, the summaries read one by one (and again when nothing was refined), the counts and
-    checks one read back each."""
+    fixed rule's two NaN counts together, ``sample``'s (and ``mix_with_uniform``'s) five checks of the
+    probabilities together. Before: ``xs[0]`` sliced eagerly three times (slice, squeeze) for shapes, the
+    tolerances converted by four single operations (one in ``streaming_leverage_scores``, and a second
+    for ``h / rank``), the summaries read one by one (and again when nothing was refined), the counts and
+    checks one read back each; ``mix_with_uniform`` moved and converted ``alpha`` alone,
+    ``linear_leverage_scores`` built its design matrix by a broadcast and a concatenation of their own.
+    (jax's jitted ``jnp`` functions dispatch from C++ without ``Primitive.bind``: what is counted here are
+    the operations on jax's Python path.)"""
     rng = np.random.default_rng(5)
     n, d = 64, 3
     params = {"w": jnp.asarray(rng.standard_normal((d, 4))), "v": jnp.asarray(rng.standard_normal(4))}
@@ -406,6 +421,11 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
         "adjoint_fixed": lambda: nj.adjoint(tanh_net, params, xs, num_nodes=8),
         "dual_matrix_fixed": lambda: nj.dual_matrix(tanh_net, params, xs, ys, num_nodes=8),
         "sample": lambda: nj.sample(key, probs, 16),
+        "mix_with_uniform": lambda: nj.mix_with_uniform(probs, 0.25),
+        "linear_leverage_scores": lambda: nj.linear_leverage_scores(xs, ys, bias=True),
+        "streaming_leverage_scores": lambda: nj.streaming_leverage_scores(
+            tanh_net, params, xs, ys, chunk_size=16
+        ),
     }[call]
     summaries = ((n,),) * 4  # error, residual, norm, roundoff
     want_binds, want_reads = {
@@ -415,6 +435,10 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
         "adjoint_fixed": ([], [()]),
         "dual_matrix_fixed": ([], [((), ())]),
         "sample": ([], [((),) * 5]),
+        "mix_with_uniform": ([], [((),) * 5]),
+        "linear_leverage_scores": ([], [(2,)]),  # leverage_scores' status (rank, NaN flag)
+        # the NaN counts of rows and of the linear algebra, and the rank, together
+        "streaming_leverage_scores": ([], [((), (), ())]),
     }[call]
     expected = run()  # compiles
     counted = _Dispatches(monkeypatch)
@@ -424,3 +448,31 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
     chex.assert_trees_all_equal(got, expected)
     if call == "adjoint_refined":
         assert int(jnp.max(got[1].panels)) > 1  # a refinement ran
+
+
+def test_finite_check_of_leaves_held_elsewhere_is_one_program_and_one_read_back(monkeypatch):
+    """Leaves whose values are not in this process's memory as one array (here sharded over the test's
+    host devices, as on a GPU or over processes) are checked for NaN/Inf by one program for the whole
+    tree and one read back, not a dispatch and a read back per leaf; the first bad leaf in the tree's
+    order is the one named, with its count, and a leaf held on the host is still checked there."""
+    from nlis_jax.distributed import data_mesh
+
+    spread = jax.sharding.NamedSharding(data_mesh(), jax.sharding.PartitionSpec("data"))
+    rng = np.random.default_rng(7)
+    leaves = [rng.standard_normal(8 * len(jax.devices())) for _ in range(5)]
+    tree = {f"w{i}": jax.device_put(a, spread) for i, a in enumerate(leaves)}
+    nj._checks.check_finite("params", tree)  # compiles
+    counted = _Dispatches(monkeypatch)
+    nj._checks.check_finite("params", tree)
+    monkeypatch.undo()
+    assert (counted.binds, counted.reads) == ([], [((),) * 5])
+    for bad_leaf, count in ((3, 2), (1, 1)):
+        broken = [a.copy() for a in leaves]
+        broken[bad_leaf][:count] = np.nan
+        broken[4][0] = np.inf  # a later bad leaf: not the one reported
+        tree = {f"w{i}": jax.device_put(a, spread) for i, a in enumerate(broken)}
+        with pytest.raises(ValueError, match=f"^params contains {count} NaN or Inf value"):
+            nj._checks.check_finite("params", tree)
+    on_host = dict(tree, w0=jnp.asarray(np.full(3, np.inf)))  # one device: checked with numpy first
+    with pytest.raises(ValueError, match="^params contains 3 NaN or Inf value"):
+        nj._checks.check_finite("params", on_host)
