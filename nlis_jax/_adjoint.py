@@ -79,13 +79,23 @@ class ModelShape(NamedTuple):
     dtype: jnp.dtype  # of the flattened parameters
 
 
-def _ravel(tree: PyTree) -> Array:
-    return ravel_pytree(tree)[0]
-
-
 def example_shapes(xs: PyTree) -> PyTree:
-    """``xs[0]`` as ``ShapeDtypeStruct`` leaves (``jax.eval_shape``: no slice is dispatched)."""
-    return jax.eval_shape(first_example, xs)
+    """``jax.eval_shape(first_example, xs)``: ``xs[0]`` as ``ShapeDtypeStruct`` leaves, from each leaf's
+    type (``jax.typeof``: no slice dispatched, and no trace, which cost ~0.1 ms a call)."""
+
+    def one(leaf):
+        aval = jax.typeof(leaf)
+        return jax.ShapeDtypeStruct(aval.shape[1:], aval.dtype, weak_type=aval.weak_type)
+
+    return jax.tree.map(one, xs)
+
+
+def params_shape(params: PyTree) -> jax.ShapeDtypeStruct:
+    """``jax.eval_shape`` of ``ravel_pytree(params)[0]``: ``(p,)`` and the promoted dtype of the leaves'
+    types, as ``ravel_pytree`` promotes them, without its trace (~0.15 ms a call)."""
+    avals = [jax.typeof(leaf) for leaf in jax.tree.leaves(params)]
+    dtype = jnp.result_type(*(aval.dtype for aval in avals)) if avals else jnp.dtype(jnp.float32)
+    return jax.ShapeDtypeStruct((sum(math.prod(aval.shape) for aval in avals),), dtype)
 
 
 def num_examples(xs: PyTree, name: str = "xs") -> int:
@@ -116,7 +126,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     for leaf in jax.tree.leaves(xs):  # before xs[0]: jax's own error there named no cause
         check_auto_axes("xs", leaf)
     check_floating("params", params)
-    theta = jax.eval_shape(_ravel, params)
+    theta = params_shape(params)
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
     out = eval_example(apply_fn, params, example_shapes(xs))
