@@ -151,8 +151,13 @@ def test_half_precision_models_are_projected_in_float32(half, embedding):
     """A float16/bfloat16 model: Y was formed and rounded in half precision, and the float32 rank
     tolerance of the score routes counted that rounding as rank (88 for 22; probabilities 30–190% off,
     the default embedding included). Now Y is formed in float32 from the exactly widened params and
-    inputs: rank 22 and the leverage of the float32 dual matrix of the same values, to half precision's
-    rounding of the returned probabilities (one half ulp: 2^-11 for float16, 2^-8 for bfloat16)."""
+    inputs: rank 22, and the probabilities are those of the same call on the widened float32 values,
+    rounded once to half precision (bit for bit). Those float32 probabilities are the leverage of the
+    float32 dual matrix to the projected route's float32 error: up to 2.5e-3 relative, measured on an
+    Intel Xeon (2026-12-04) at dim = 22 = p + 1, where the square Gaussian embedding multiplies the
+    condition number (κ(F) = 6e2 for the float16 values, 6e3 for bfloat16); 8e-6–6e-5 at dim = 88. (Until
+    then the test compared the half-precision result with the dense float32 leverage to one half ulp plus
+    1e-5, which held on the AMD machines of earlier sessions and not on that one: 3.5e-4 at dim 22.)"""
     f = mlp(jnp.tanh)
     params = [dict(layer, b=layer["b"] + 0.1) for layer in mlp_init(jax.random.key(0), (3, 4, 1), dtype=half)]
     rng = np.random.default_rng(1)
@@ -161,13 +166,16 @@ def test_half_precision_models_are_projected_in_float32(half, embedding):
     wide = jax.tree.map(lambda a: a.astype(jnp.float32), (params, xs, ys))
     ref = nj.leverage_scores(nj.dual_matrix(f, *wide, num_nodes=16), return_info=True)
     assert int(ref.rank) == 22
-    rtol = 2.0 ** -(jnp.finfo(half).nmant + 1) + 1e-5
     for dim in (22, 88):
         info = projected_leverage_scores(
             jax.random.key(3), f, params, xs, ys, dim=dim, embedding=embedding, return_info=True
         )
         assert int(info.rank) == 22 and info.probs.dtype == half, (dim, int(info.rank))
-        np.testing.assert_allclose(np.float64(info.probs), np.float64(ref.probs), rtol=rtol)
+        wide_probs = projected_leverage_scores(jax.random.key(3), f, *wide, dim=dim, embedding=embedding)
+        np.testing.assert_array_equal(info.probs, wide_probs.astype(half))
+        np.testing.assert_allclose(
+            np.float64(wide_probs), np.float64(ref.probs), rtol=1e-2 if dim == 22 else 1e-3
+        )
     Y = projected_dual_matrix(jax.random.key(3), f, params, xs, ys, dim=22, embedding=embedding)
     assert Y.dtype == half  # the documented dtype: that of params
 
