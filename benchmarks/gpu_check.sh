@@ -59,6 +59,10 @@ step pytest 170 bash -c 'JAX_DISABLE_MOST_OPTIMIZATIONS=0 python3 -m pytest -q -
   tests/test_scores.py tests/test_streaming.py tests/test_sampling.py \
   >"$0/pytest_gpu.txt" 2>&1; rc=$?; tail -25 "$0/pytest_gpu.txt"; exit $rc' "$OUT"  # the file: also when cut off
 step bench_adjoint 90 "${BENCH[@]}" benchmarks/bench_adjoint.py --quiet --budget 5 --out "$OUT/bench_adjoint_gpu.json"
+# Issue 10, the eager public calls: each against jax.jit of the same call at n = 256, where the difference is
+# dispatches and waits (a launch or a synchronisation apiece on a GPU). Its JSON goes to log.txt (the file
+# limit): written under /tmp, echoed without --quiet.
+step bench_eager 60 "${BENCH[@]}" benchmarks/bench_eager.py --reps 51 --out /tmp/bench_eager_gpu.json
 step bench_streaming_1e7 240 "${BENCH[@]}" benchmarks/bench_streaming.py --models mlp --n 10000000 --dir "$OUT/stream" \
   --out "$OUT/bench_streaming_1e7_gpu.json"
 rm -rf "$OUT/stream"

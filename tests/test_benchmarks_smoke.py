@@ -130,6 +130,7 @@ def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypat
         ("bench_projected", ["--sparsity", "0"], "--sparsity: must list whole numbers >= 1, got '0'"),
         ("bench_quadrature", ["--budget", "nan"], "--budget: must be a finite number >= 0, got nan"),
         ("study_projected", ["--lr", "-1"], "--lr: must be a finite number > 0, got -1"),
+        ("bench_eager", ["--functions", "adjoint,leverage"], "--functions: unknown ['leverage']"),
     ],
 )
 def test_bad_options_are_usage_errors(name, argv, message, monkeypatch, capsys):
@@ -157,6 +158,20 @@ def test_bench_streaming(tmp_path, monkeypatch):
         assert r["reps"] == 2 and len(r["seconds_runs"]) == 2 and r["seconds"] >= r["seconds_min"] > 0
         assert all(math.isfinite(v) and v > 0 for v in (r["rows_per_s"], r["ratio_to_floor"]))
         assert r["floor"]["floor_s"] > 0 and r["first_call_small_s"] > 0
+
+
+def test_bench_eager(tmp_path, monkeypatch):
+    record = run_bench("bench_eager", ["--n", "32", "--d", "3", "--hidden", "4"], tmp_path, monkeypatch)
+    module = load_benchmark("bench_eager", monkeypatch)
+    assert set(record["results"]) == set(module.FUNCTIONS)  # every function checked, then timed
+    assert set(record["checks"]) == {f"{name}_eager_vs_jit" for name in module.FUNCTIONS}
+    for entry in record["results"].values():
+        assert entry["eager"]["reps"] == entry["jit"]["reps"] == 1
+        assert entry["ratio"] > 0 and entry["jit_compile_s"] > 0 and entry["eager_first_call_s"] > 0
+    some = ["adjoint", "streaming_leverage_scores", "sample"]
+    args = ["--n", "32", "--d", "3", "--hidden", "4", "--dtype", "float32", "--functions", ",".join(some)]
+    record = run_bench("bench_eager", args, tmp_path, monkeypatch)
+    assert list(record["results"]) == some and record["dual_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
