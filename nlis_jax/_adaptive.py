@@ -470,12 +470,23 @@ def _time_dtype(params, data):
 def _output(g, params, data) -> jax.ShapeDtypeStruct:
     """``g``'s output for one example, from shapes alone (nothing is dispatched, not even ``data[0]``)."""
     t = jax.ShapeDtypeStruct((), _time_dtype(params, data))
-    return jax.eval_shape(g, params, t, jax.eval_shape(first_example, data))
+    return jax.eval_shape(g, params, t, example_shapes(data))
 
 
 def first_example(data: PyTree) -> PyTree:
     """``data[0]``: the first example of every leaf."""
     return jax.tree.map(lambda a: a[0], data)
+
+
+def example_shapes(data: PyTree) -> PyTree:
+    """``jax.eval_shape(first_example, data)``: ``data[0]`` as ``ShapeDtypeStruct`` leaves, from each
+    leaf's type (``jax.typeof``: no slice dispatched, and no trace, which cost ~0.1 ms a call)."""
+
+    def one(leaf):
+        aval = jax.typeof(leaf)
+        return jax.ShapeDtypeStruct(aval.shape[1:], aval.dtype, weak_type=aval.weak_type)
+
+    return jax.tree.map(one, data)
 
 
 def _directions(g, params, data) -> Array:

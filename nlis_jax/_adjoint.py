@@ -26,7 +26,14 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.flatten_util import ravel_pytree
 
 from nlis_jax import routes
-from nlis_jax._adaptive import MAX_PANELS, QuadratureInfo, default_rtol, first_example, integrate
+from nlis_jax._adaptive import (
+    MAX_PANELS,
+    QuadratureInfo,
+    default_rtol,
+    example_shapes,
+    first_example,
+    integrate,
+)
 from nlis_jax._checks import (
     check_choice,
     check_finite,
@@ -77,17 +84,6 @@ class ModelShape(NamedTuple):
     p: int
     out_shape: tuple[int, ...]  # () or (k,)
     dtype: jnp.dtype  # of the flattened parameters
-
-
-def example_shapes(xs: PyTree) -> PyTree:
-    """``jax.eval_shape(first_example, xs)``: ``xs[0]`` as ``ShapeDtypeStruct`` leaves, from each leaf's
-    type (``jax.typeof``: no slice dispatched, and no trace, which cost ~0.1 ms a call)."""
-
-    def one(leaf):
-        aval = jax.typeof(leaf)
-        return jax.ShapeDtypeStruct(aval.shape[1:], aval.dtype, weak_type=aval.weak_type)
-
-    return jax.tree.map(one, xs)
 
 
 def params_shape(params: PyTree) -> jax.ShapeDtypeStruct:

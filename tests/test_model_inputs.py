@@ -354,8 +354,8 @@ def test_chunk_source_of_the_wrong_width_names_the_shapes():
 
 @pytest.mark.parametrize("x64", [True, False])
 def test_shapes_from_leaf_types_equal_jax_eval_shape(x64):
-    """``_adjoint.params_shape`` and ``example_shapes`` read shapes and dtypes from the leaves' types
-    instead of tracing (each ``jax.eval_shape`` cost ~0.1 ms an eager call): they equal
+    """``_adjoint.params_shape`` and ``_adaptive.example_shapes`` read shapes and dtypes from the leaves'
+    types instead of tracing (each ``jax.eval_shape`` cost ~0.1 ms an eager call): they equal
     ``jax.eval_shape`` of ``ravel_pytree(params)[0]`` and of ``xs[0]`` leaf for leaf (dtype promotion of
     mixed leaves, Python floats, half precision, numpy float64 without x64, integer, boolean and key
     leaves, weak types)."""
@@ -382,7 +382,7 @@ def test_shapes_from_leaf_types_equal_jax_eval_shape(x64):
             "weak": jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0]) * 2,
         }
         want = jax.eval_shape(_adaptive.first_example, xs)
-        got = _adjoint.example_shapes(xs)
+        got = _adaptive.example_shapes(xs)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert (g.shape, g.dtype, g.weak_type) == (w.shape, w.dtype, w.weak_type)
