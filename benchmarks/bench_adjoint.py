@@ -14,9 +14,10 @@ forward against reverse mode, to locate the crossover in ``p/k`` that
 
 Then a CNN (flax: ``Conv(8, 3×3)`` relu ``avg_pool(2)`` ``Conv(16, 3×3)`` relu ``avg_pool(2)`` ``Dense(32)``
 tanh ``Dense(1)`` on ``28×28`` images, ``p = 26,401``; ``n = 256``, 8 nodes): ``nj.adjoint(...,
-mode="reverse")`` with its default chunk (one example per chunk on a CPU for a model that convolves:
-``nlis_jax._adjoint.cache_chunk_size``) against the same call with ``chunk_size=64`` (the default before)
-and the loop baseline; ``--cnn-n 0`` skips it.
+mode="reverse")`` with its default chunk (on a CPU, for a model that convolves, the memory chunk with the
+nodes in a ``lax.scan`` around a vmapped per-example gradient: ``nlis_jax._adjoint.nodes_outside``; one
+example per chunk from 7db7af7 to 2026-12-04) against the same call with ``chunk_size=64`` (the default
+before 7db7af7) and the loop baseline; ``--cnn-n 0`` skips it.
 
     python benchmarks/bench_adjoint.py                     # float32, the sizes above (forward: minutes)
     python benchmarks/bench_adjoint.py --dtype float64
@@ -358,8 +359,8 @@ def small_cnn(dtype) -> linen.Module:
 
 
 def cnn_case(args, dtype) -> dict:
-    """A model that convolves: ``nj.adjoint(mode="reverse")`` with its default chunk (one example on a
-    CPU) against ``chunk_size=64`` (the default before) and the loop baseline, checked, then timed."""
+    """A model that convolves: ``nj.adjoint(mode="reverse")`` with its default chunk (the memory chunk,
+    nodes outside, on a CPU) against ``chunk_size=64`` and the loop baseline, checked, then timed."""
     kp, kx = jax.random.split(jax.random.key(args.seed + 2))
     xs = jax.random.normal(kx, (args.cnn_n, args.cnn_size, args.cnn_size), dtype)
     module = small_cnn(dtype)

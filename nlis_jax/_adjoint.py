@@ -284,19 +284,29 @@ def cache_chunk_size(p: int, k: int, mode: str, convolves: bool = False) -> int 
     """Examples per cache-sized chunk of a fixed rule's adjoints (``mode`` resolved), or ``None``.
 
     In reverse mode on a CPU, ``REVERSE_CHUNK_ELEMENTS / (k·p)`` (at least 64), so that a chunk's
-    gradients stay in cache (:data:`REVERSE_CHUNK_ELEMENTS`); one example at a time for a model that
-    ``convolves``: vmapped over examples, the gradient of a convolution's kernel becomes a grouped
-    convolution, which XLA:CPU runs at a cost per example that grows with the batch (a 28×28 CNN of
-    two convolutions, 3×3 kernels, 8 and 16 channels, p = 26,401, 8 nodes: 64 examples in 0.33 s one
-    at a time, 0.79 s in fours, 2.9 s in sixteens, 24 s in one batch; 256 examples 1.07 s against
-    44 s). ``None`` in forward mode, and on a GPU or TPU, where one vectorised call over the memory
-    chunk keeps the device busy and ``n / 64`` sequential steps of a ``lax.map`` would each launch a
-    few small kernels (as :func:`nlis_jax._adaptive._pass_batch`)."""
-    if mode != "reverse" or jax.default_backend() != "cpu":
+    gradients stay in cache (:data:`REVERSE_CHUNK_ELEMENTS`). ``None`` in forward mode, on a GPU or TPU,
+    where one vectorised call over the memory chunk keeps the device busy and ``n / 64`` sequential steps
+    of a ``lax.map`` would each launch a few small kernels (as :func:`nlis_jax._adaptive._pass_batch`),
+    and for a model that ``convolves`` on a CPU, whose adjoints run node by node over the whole memory
+    chunk (:func:`flat_adjoint`: ``lax.map`` steps cost it more than the cache saves)."""
+    if mode != "reverse" or jax.default_backend() != "cpu" or convolves:
         return None
-    if convolves:
-        return 1
     return max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k))
+
+
+def nodes_outside(model: FlatModel, mode: str) -> bool:
+    """Whether a fixed rule's adjoints in reverse mode run the nodes in a ``lax.scan`` around a vmapped
+    per-example gradient at the shared point ``t_q θ`` (True: a model that convolves, on a CPU) instead
+    of one reverse pass over all nodes per example (:func:`_summed_gradient`).
+
+    In :func:`_summed_gradient` each node's kernel ``t_q θ + φ`` is a batched operand, and vmapped over
+    examples a kernel's gradient becomes a grouped convolution that XLA:CPU runs at a cost per example
+    growing with the batch (a 28×28 CNN of two convolutions, p = 26,401, 8 nodes, 256 examples: 44 s in
+    one batch, 1.07–1.16 s one example at a time, the default until 2026-12-04). With the kernel shared
+    by the batch the per-example gradients are cheap: 0.35 s for the 256 examples in one vectorised
+    call per node (the scan unrolled; 0.85 s rolled), 0.57 s in ``lax.map`` chunks of 16–64 (Intel
+    Xeon, 2 cores, float32; benchmarks/README.md (b))."""
+    return mode == "reverse" and model.convolves and jax.default_backend() == "cpu"
 
 
 def fixed_rule_chunk_size(n: int, p: int, k: int, mode: str, convolves: bool = False) -> int:
@@ -581,17 +591,18 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     nodes, weights = gauss_legendre(num_nodes, theta.dtype)
     if chunk_size is None:
         chunk_size = fixed_rule_chunk_size(model.n, p, k, mode, model.convolves)
-    if mode == "reverse":
+    outside = nodes_outside(model, mode)
+    if mode == "reverse" and not outside:
         return chunked_map(_summed_gradient(model, nodes, weights), xs, model.n, chunk_size)
     jac = _point_jacobian(model.fn, mode, p, theta.dtype)
 
-    def one_example(x):
+    def one_example(x):  # vmapped by chunked_map: the batch moves inside the scan, around jac
         def body(acc, tw):
             t, w = tw
             return acc + w * jac(t * theta, x), None
 
         acc0 = jnp.zeros(model.out_shape + (p,), theta.dtype)
-        return lax.scan(body, acc0, (nodes, weights))[0]
+        return lax.scan(body, acc0, (nodes, weights), unroll=outside)[0]
 
     return chunked_map(one_example, xs, model.n, chunk_size)
 

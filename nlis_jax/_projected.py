@@ -157,7 +157,7 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
             return rows @ omega
 
     inner = chunk  # examples per vectorised adjoint call: the chunk, or for convolutions the adjoint's own
-    if model.convolves and num_nodes is not None:  # (one at a time on a CPU: cache_chunk_size)
+    if model.convolves and num_nodes is not None:  # (on a CPU at most the memory chunk: cache_chunk_size)
         inner = fixed_rule_chunk_size(chunk, m - 1, k, resolve_mode(mode, m - 1, k), convolves=True)
 
     def one_chunk(chunk_data):

@@ -325,9 +325,11 @@ def test_pooled_cnn_adjoint_and_offset_at_zero():
 
 def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
     """``flatten_model`` marks a model that runs ``conv_general_dilated`` anywhere (inside ``jit``,
-    ``lax.scan``, ``jax.checkpoint``), and a fixed rule in reverse mode on a CPU then takes one example per
-    chunk (vmapped, a kernel's gradient is a grouped convolution whose cost per example grows with the
-    batch: ``cache_chunk_size``); without a convolution, the cache chunk; on a GPU, the memory chunk."""
+    ``lax.scan``, ``jax.checkpoint``), and a fixed rule in reverse mode on a CPU then runs the nodes
+    outside a vmapped per-example gradient (``nodes_outside``: with one reverse pass over the nodes, a
+    kernel's gradient is a grouped convolution whose cost per example grows with the batch) over the
+    memory chunk; without a convolution, the cache chunk and one reverse pass; on a GPU, the memory chunk
+    and one reverse pass."""
 
     def conv(w, x):
         return jax.lax.conv(x[None, None], w.reshape(1, 1, 3, 3), (1, 1), "SAME").sum()
@@ -342,7 +344,33 @@ def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
     assert flat(jax.checkpoint(conv), w).convolves
     assert not flat(lambda w, x: jnp.tanh(x.reshape(-1)[:9] @ w), w).convolves
     chunk = adjoint_module.fixed_rule_chunk_size
-    assert chunk(20_000, 26_401, 1, "reverse", convolves=True) == 1
-    assert chunk(20_000, 26_401, 1, "reverse") == 64 and chunk(20_000, 26_401, 1, "forward", True) == 317
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert chunk(20_000, 26_401, 1, "reverse", convolves=True) == 317  # 2^23 / p
+    assert chunk(20_000, 26_401, 1, "reverse") == 64 and chunk(20_000, 26_401, 1, "forward", True) == 317
+    outside = adjoint_module.nodes_outside
+    assert outside(flat(conv, w), "reverse") and not outside(flat(conv, w), "forward")
+    assert not outside(flat(lambda w, x: jnp.tanh(x.reshape(-1)[:9] @ w), w), "reverse")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert chunk(20_000, 26_401, 1, "reverse", convolves=True) == 317
+    assert not outside(flat(conv, w), "reverse")
+
+
+@pytest.mark.parametrize("outputs", [0, 2])
+def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs):
+    """On a CPU a fixed rule in reverse mode runs a convolving model's nodes in a scan around a vmapped
+    per-example gradient (``nodes_outside``), over the memory chunk or a given ``chunk_size``: the same
+    adjoints as forward mode (a different product: 1e-12 in float64), scalar and ``k``-output models."""
+
+    def conv(w, x):
+        h = jax.lax.conv(x[None, None], w[:9].reshape(1, 1, 3, 3), (1, 1), "SAME").reshape(-1)
+        out = jnp.tanh(h @ w[9:].reshape(36, -1))  # (max(outputs, 1),)
+        return out if outputs else out[0]
+
+    rng = np.random.default_rng(11)
+    xs = jnp.asarray(rng.standard_normal((20, 6, 6)))
+    w = jnp.asarray(rng.standard_normal(9 + 36 * max(outputs, 1)) / 4)
+    assert adjoint_module.nodes_outside(adjoint_module.flatten_model(conv, w, xs), "reverse")
+    want = nj.adjoint(conv, w, xs, num_nodes=6, mode="forward")
+    assert want.shape == (20, *((outputs,) if outputs else ()), w.shape[0])
+    for chunk_size in (None, 7):
+        got = nj.adjoint(conv, w, xs, num_nodes=6, mode="reverse", chunk_size=chunk_size)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(want))))

@@ -53,7 +53,7 @@ def test_bench_adjoint(tmp_path, monkeypatch):
     assert len(record["sweep"]["points"]) == 3  # one per model family
     assert "recommended_FORWARD_MAX_PARAMS" in record["sweep"]["threshold"]
     cnn = record["cnn"]  # 8×8 images: 80 + 1168 + 2·2·16·32 + 32 + 33 parameters
-    assert cnn["p"] == 3361 and cnn["convolves"] and cnn["default_chunk_size"] == 1
+    assert cnn["p"] == 3361 and cnn["convolves"] and cnn["default_chunk_size"] == 4  # the memory chunk: n
     assert all(cnn["checks"][f"cnn_{c}_vs_loop_max_rel"]["ok"] for c in ("reverse", "reverse_chunk64"))
     assert set(cnn["timings"]) == {"loop_baseline", "reverse", "reverse_chunk64"}
 

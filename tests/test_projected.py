@@ -262,12 +262,14 @@ def _small_conv(w, x):
     return jnp.tanh(jnp.dot(h.reshape(-1), w[9:]))
 
 
-def test_convolutional_models_take_one_example_per_adjoint_call(monkeypatch):
+def test_convolutional_models_take_the_adjoints_own_chunk(monkeypatch):
     """On a CPU the sparse and Gaussian embeddings (one code path) formed a chunk's dual rows in ONE
     vmapped adjoint call even for convolutions, whose vmapped kernel gradients are grouped convolutions,
     slow in batches (a 16×16 two-convolution CNN, p = 9,505, 128 examples: 110 s against 0.89 s one at a
-    time); now the adjoint's own chunk, one example (``cache_chunk_size``). Same values: exact when
-    ``dim`` covers the ``p + 1 = 46`` columns."""
+    time); now the adjoint's own chunk (``cache_chunk_size``: one example until 2026-12-04, since then the
+    memory chunk, here the whole chunk: 70 rows in 3 strided chunks of 24, with the nodes in a scan around
+    a vmapped per-example gradient: ``nodes_outside``). Same values: exact when ``dim`` covers the
+    ``p + 1 = 46`` columns."""
     import nlis_jax._projected as projected
 
     rng = np.random.default_rng(5)
@@ -283,6 +285,6 @@ def test_convolutional_models_take_one_example_per_adjoint_call(monkeypatch):
     got = projected_leverage_scores(
         jax.random.key(6), _small_conv, w, xs, ys, dim=50, chunk_size=32, embedding="sparse"
     )
-    assert seen == [1]
+    assert seen == [24]
     ref = nj.leverage_scores(nj.dual_matrix(_small_conv, w, xs, ys, num_nodes=16))
     np.testing.assert_allclose(got, ref, rtol=1e-8)
