@@ -294,6 +294,11 @@ def cache_chunk_size(p: int, k: int, mode: str, convolves: bool = False) -> int 
     return max(64, REVERSE_CHUNK_ELEMENTS // max(1, p * k))
 
 
+#: Nodes unrolled at most in :func:`flat_adjoint`'s scan when :func:`nodes_outside` (each unrolled node is
+#: a copy of the model's gradient in the compiled program).
+MAX_UNROLL = 16
+
+
 def nodes_outside(model: FlatModel, mode: str) -> bool:
     """Whether a fixed rule's adjoints in reverse mode run the nodes in a ``lax.scan`` around a vmapped
     per-example gradient at the shared point ``t_q θ`` (True: a model that convolves, on a CPU) instead
@@ -304,8 +309,8 @@ def nodes_outside(model: FlatModel, mode: str) -> bool:
     growing with the batch (a 28×28 CNN of two convolutions, p = 26,401, 8 nodes, 256 examples: 44 s in
     one batch, 1.07–1.16 s one example at a time, the default until 2026-12-04). With the kernel shared
     by the batch the per-example gradients are cheap: 0.35 s for the 256 examples in one vectorised
-    call per node (the scan unrolled; 0.85 s rolled), 0.57 s in ``lax.map`` chunks of 16–64 (Intel
-    Xeon, 2 cores, float32; benchmarks/README.md (b))."""
+    call per node (the scan unrolled, up to :data:`MAX_UNROLL` nodes; 0.85 s rolled), 0.57 s in
+    ``lax.map`` chunks of 16–64 (Intel Xeon, 2 cores, float32; benchmarks/README.md (b))."""
     return mode == "reverse" and model.convolves and jax.default_backend() == "cpu"
 
 
@@ -602,7 +607,7 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
             return acc + w * jac(t * theta, x), None
 
         acc0 = jnp.zeros(model.out_shape + (p,), theta.dtype)
-        return lax.scan(body, acc0, (nodes, weights), unroll=outside)[0]
+        return lax.scan(body, acc0, (nodes, weights), unroll=min(num_nodes, MAX_UNROLL) if outside else 1)[0]
 
     return chunked_map(one_example, xs, model.n, chunk_size)
 

@@ -357,8 +357,9 @@ def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
 @pytest.mark.parametrize("outputs", [0, 2])
 def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs):
     """On a CPU a fixed rule in reverse mode runs a convolving model's nodes in a scan around a vmapped
-    per-example gradient (``nodes_outside``), over the memory chunk or a given ``chunk_size``: the same
-    adjoints as forward mode (a different product: 1e-12 in float64), scalar and ``k``-output models."""
+    per-example gradient (``nodes_outside``), over the memory chunk or a given ``chunk_size``, the scan
+    unrolled up to ``MAX_UNROLL`` nodes: the same adjoints as forward mode (a different product: 1e-12 in
+    float64), scalar and ``k``-output models."""
 
     def conv(w, x):
         h = jax.lax.conv(x[None, None], w[:9].reshape(1, 1, 3, 3), (1, 1), "SAME").reshape(-1)
@@ -369,8 +370,8 @@ def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs):
     xs = jnp.asarray(rng.standard_normal((20, 6, 6)))
     w = jnp.asarray(rng.standard_normal(9 + 36 * max(outputs, 1)) / 4)
     assert adjoint_module.nodes_outside(adjoint_module.flatten_model(conv, w, xs), "reverse")
-    want = nj.adjoint(conv, w, xs, num_nodes=6, mode="forward")
-    assert want.shape == (20, *((outputs,) if outputs else ()), w.shape[0])
-    for chunk_size in (None, 7):
-        got = nj.adjoint(conv, w, xs, num_nodes=6, mode="reverse", chunk_size=chunk_size)
+    for num_nodes, chunk_size in ((6, None), (6, 7), (20, None)):  # 20 nodes: unrolled 16 at a time
+        want = nj.adjoint(conv, w, xs, num_nodes=num_nodes, mode="forward")
+        assert want.shape == (20, *((outputs,) if outputs else ()), w.shape[0])
+        got = nj.adjoint(conv, w, xs, num_nodes=num_nodes, mode="reverse", chunk_size=chunk_size)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(want))))
