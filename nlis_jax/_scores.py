@@ -133,15 +133,8 @@ def as_leverage(
     read back with other values) when given, instead of reading ``rank`` back.
     """
     check_rank(rank if rank_seen is None else rank_seen, forced)
-    probs = _divide_by_rank(h, rank)
-    if dtype is not None:
-        h, probs = h.astype(dtype), probs.astype(dtype)
+    probs, h, _ = _finish_leverage(h, rank, h.dtype if dtype is None else jnp.dtype(dtype))
     return Leverage(probs, h, rank, route) if return_info else probs
-
-
-@jax.jit
-def _divide_by_rank(h: Array, rank: Array) -> Array:
-    return h / rank.astype(h.dtype)
 
 
 def orthonormal_basis(
