@@ -6,6 +6,8 @@ import collections
 import contextlib
 import functools
 import importlib.util
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import jax
@@ -60,6 +62,34 @@ def svd_leverage(F, rank=None):
     if rank is None:
         rank = int(np.sum(s > max(F.shape) * np.finfo(np.float64).eps * s[0]))
     return np.sum(U[:, :rank] ** 2, axis=1), rank
+
+
+def exact_leverage(F):
+    """The exact leverage ``h_i = F_i (FᵀF)⁻¹ F_iᵀ`` of a float matrix of full column rank, rounded once.
+
+    In rational arithmetic: the entries scaled by one power of two to Python integers (``h`` does not
+    change under ``F → cF``), the Gram matrix exact, its inverse by Gauss-Jordan in ``Fraction`` over one
+    common denominator ``D``, then ``h_i = F_i (D·G⁻¹) F_iᵀ / D`` in integers. An SVD in float64 is a
+    reference only to ``~eps·κ(F)`` (the backward error of its QR), and a library calling the same LAPACK
+    QR shares its rounding errors: it can agree with it far better than either agrees with this.
+    """
+    F = np.asarray(F, np.float64)
+    n, m = F.shape
+    scale = Fraction(2) ** (53 - int(np.frexp(F)[1].min()))  # every entry times it is an integer
+    ints = [[int(Fraction(v) * scale) for v in row] for row in F.tolist()]
+    G = [[sum(r[i] * r[j] for r in ints) for j in range(m)] for i in range(m)]
+    A = [[Fraction(v) for v in G[i]] + [Fraction(int(i == j)) for j in range(m)] for i in range(m)]
+    for c in range(m):  # Gauss-Jordan with row pivoting on exact values
+        p = next(r for r in range(c, m) if A[r][c] != 0)
+        A[c], A[p] = A[p], A[c]
+        A[c] = [v / A[c][c] for v in A[c]]
+        for r in range(m):
+            if r != c and A[r][c] != 0:
+                A[r] = [a - A[r][c] * b for a, b in zip(A[r], A[c], strict=True)]
+    D = math.lcm(*(v.denominator for row in A for v in row[m:]))
+    inv = [[v.numerator * (D // v.denominator) for v in row[m:]] for row in A]
+    h = [sum(r[a] * sum(inv[a][b] * r[b] for b in range(m)) for a in range(m)) for r in ints]
+    return np.array([float(Fraction(v, D)) for v in h])
 
 
 def matrix_with_condition(rng, n, m, kappa, heavy_rows=True):

@@ -315,8 +315,9 @@ def test_pooled_cnn_adjoint_and_offset_at_zero():
     flat, unravel = ravel_pytree(params)
     nodes, weights = gauss_legendre(2, jnp.float32)
     grad = jax.grad(lambda th, x: apply_fn(unravel(th), x))
-    per_node = jax.jit(jax.vmap(jax.vmap(grad, (None, 0)), (0, None)))(jnp.outer(nodes, flat), xs)
-    ref = np.asarray(jnp.tensordot(weights, per_node, axes=1))
+    with jax.default_matmul_precision("highest"):  # the library's precision (TF32 by default on a GPU)
+        per_node = jax.jit(jax.vmap(jax.vmap(grad, (None, 0)), (0, None)))(jnp.outer(nodes, flat), xs)
+        ref = np.asarray(jnp.tensordot(weights, per_node, axes=1))
     adj = nj.adjoint(apply_fn, params, xs, num_nodes=2, mode="reverse")
     np.testing.assert_allclose(np.asarray(adj), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=2, mode="reverse")
@@ -337,6 +338,7 @@ def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
     def scanned(w, x):
         return jax.lax.scan(lambda c, _: (c + conv(w, x), None), 0.0, None, length=2)[0]
 
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the CPU decisions, also on a GPU (gpu_check.sh)
     xs = jnp.ones((5, 6, 6), jnp.float32)
     w = jnp.ones(9, jnp.float32)
     flat = functools.partial(adjoint_module.flatten_model, xs=xs)
@@ -355,7 +357,7 @@ def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
 
 
 @pytest.mark.parametrize("outputs", [0, 2])
-def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs):
+def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs, monkeypatch):
     """On a CPU a fixed rule in reverse mode runs a convolving model's nodes in a scan around a vmapped
     per-example gradient (``nodes_outside``), over the memory chunk or a given ``chunk_size``, the scan
     unrolled up to ``MAX_UNROLL`` nodes: the same adjoints as forward mode (a different product: 1e-12 in
@@ -369,6 +371,7 @@ def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs):
     rng = np.random.default_rng(11)
     xs = jnp.asarray(rng.standard_normal((20, 6, 6)))
     w = jnp.asarray(rng.standard_normal(9 + 36 * max(outputs, 1)) / 4)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the CPU decisions, also on a GPU (gpu_check.sh)
     assert adjoint_module.nodes_outside(adjoint_module.flatten_model(conv, w, xs), "reverse")
     for num_nodes, chunk_size in ((6, None), (6, 7), (20, None)):  # 20 nodes: unrolled 16 at a time
         want = nj.adjoint(conv, w, xs, num_nodes=num_nodes, mode="forward")
