@@ -18,6 +18,8 @@ into a ``.npy`` memmap via ``out=``) for a single-index model ``tanh(<θ, x>)`` 
   each chunk) plus two Gram passes ``F̃_cᵀF̃_c`` of ``(chunk, p+1)`` float32 blocks with numpy's BLAS
   (the fastest of 9 timings of one block, times the number of chunks: the two passes every route
   needs at least);
+  on an accelerator also ``floor.device``: the read, a copy of each ``(chunk, d)`` input block to the
+  device and the two Gram passes there (``ratio_to_device_floor``);
 - peak growth of anonymous memory (``RssAnon`` of /proc/self/status, sampled every 5 ms in a thread).
 
     python benchmarks/bench_streaming.py --n 1000000 --out benchmarks/records/bench_streaming_cpu.json
@@ -137,7 +139,30 @@ def floor_seconds(xs: np.ndarray, chunk: int, width: int) -> dict:
         times.append(time.perf_counter() - t0)
     gram_block_s = min(times)
     chunks = -(-xs.shape[0] // chunk)
-    return {"read_s": read_s, "gram_block_s": gram_block_s, "floor_s": read_s + 2 * chunks * gram_block_s}
+    floor = {"read_s": read_s, "gram_block_s": gram_block_s, "floor_s": read_s + 2 * chunks * gram_block_s}
+    if jax.default_backend() != "cpu":  # the Gram passes run on the accelerator, after a copy to it
+        floor["device"] = device_floor(xs[:chunk], block, chunks, read_s)
+    return floor
+
+
+def device_floor(first: np.ndarray, block: np.ndarray, chunks: int, read_s: float) -> dict:
+    """On an accelerator: reading the file once, copying each ``(chunk, d)`` input block to the device, and
+    two Gram products of a ``(chunk, width)`` float32 block there (jitted, full float32 precision): the
+    fastest of :data:`GRAM_REPS` timings of each, times the number of chunks."""
+    host = np.ascontiguousarray(first)
+    gram = jax.jit(lambda b: jnp.matmul(b.T, b, precision="highest"))
+    on_device = jax.device_put(block)
+    gram(on_device).block_until_ready()
+    copy, product = [], []
+    for _ in range(GRAM_REPS):
+        t0 = time.perf_counter()
+        jax.device_put(host).block_until_ready()
+        copy.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        gram(on_device).block_until_ready()
+        product.append(time.perf_counter() - t0)
+    copy_s, gram_s = min(copy), min(product)
+    return {"copy_block_s": copy_s, "gram_block_s": gram_s, "floor_s": read_s + chunks * (copy_s + 2 * gram_s)}
 
 
 def correctness(apply_fn, params, xs, ys, rows: int, args) -> tuple[dict, dict]:
@@ -241,6 +266,7 @@ def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
         "peak_rss_anon_growth_mib": max(growth for _, _, growth in runs) / 2**20,
         "floor": floor,
         "ratio_to_floor": seconds / floor["floor_s"],
+        **({"ratio_to_device_floor": seconds / floor["device"]["floor_s"]} if "device" in floor else {}),
         "scores_sum": total,
     }
 
