@@ -162,7 +162,8 @@ def device_floor(first: np.ndarray, block: np.ndarray, chunks: int, read_s: floa
         gram(on_device).block_until_ready()
         product.append(time.perf_counter() - t0)
     copy_s, gram_s = min(copy), min(product)
-    return {"copy_block_s": copy_s, "gram_block_s": gram_s, "floor_s": read_s + chunks * (copy_s + 2 * gram_s)}
+    floor_s = read_s + chunks * (copy_s + 2 * gram_s)
+    return {"copy_block_s": copy_s, "gram_block_s": gram_s, "floor_s": floor_s}
 
 
 def correctness(apply_fn, params, xs, ys, rows: int, args) -> tuple[dict, dict]:

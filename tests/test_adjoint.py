@@ -338,7 +338,7 @@ def test_convolutions_are_found_in_nested_jaxprs(monkeypatch):
     def scanned(w, x):
         return jax.lax.scan(lambda c, _: (c + conv(w, x), None), 0.0, None, length=2)[0]
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the CPU decisions, also on a GPU (gpu_check.sh)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # CPU decisions, also on a GPU
     xs = jnp.ones((5, 6, 6), jnp.float32)
     w = jnp.ones(9, jnp.float32)
     flat = functools.partial(adjoint_module.flatten_model, xs=xs)
@@ -371,7 +371,7 @@ def test_convolving_models_reverse_mode_with_the_nodes_outside(outputs, monkeypa
     rng = np.random.default_rng(11)
     xs = jnp.asarray(rng.standard_normal((20, 6, 6)))
     w = jnp.asarray(rng.standard_normal(9 + 36 * max(outputs, 1)) / 4)
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the CPU decisions, also on a GPU (gpu_check.sh)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # CPU decisions, also on a GPU
     assert adjoint_module.nodes_outside(adjoint_module.flatten_model(conv, w, xs), "reverse")
     for num_nodes, chunk_size in ((6, None), (6, 7), (20, None)):  # 20 nodes: unrolled 16 at a time
         want = nj.adjoint(conv, w, xs, num_nodes=num_nodes, mode="forward")

@@ -62,7 +62,7 @@ def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
 
     model, params, xs, ys = problem
     monkeypatch.setattr(_adjoint, "REVERSE_CHUNK_ELEMENTS", 1)  # blocks of at most 64 examples
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the CPU decisions, also on a GPU (gpu_check.sh)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # CPU decisions, also on a GPU
     sizes = []
 
     def counted(model, xc, *args, **kwargs):
@@ -108,7 +108,7 @@ def test_blocks_only_on_a_cpu(monkeypatch):
     Everywhere a block is at most the memory chunk 2^23 / (k·p), never the whole streaming chunk."""
     from nlis_jax import _adjoint, _passes
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the CPU decisions, also on a GPU (gpu_check.sh)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # CPU decisions, also on a GPU
     model = _adjoint.FlatModel(None, jnp.zeros(1377), None, 8192, ())
     kw = dict(num_nodes=8, mode="reverse")
     memory = _adjoint.default_chunk_size(20_000, 1377, 1)  # 2^23 / 1377 = 6091
