@@ -102,6 +102,45 @@ def test_rows_formed_in_blocks_match_dense(monkeypatch, problem, host):
             nj.streaming_leverage_scores(apply_fn, params, source, **kw)
 
 
+def test_default_chunk_by_platform(monkeypatch):
+    """``chunk_size=None``: 4,096 examples on a CPU; on a GPU or TPU ``clip(2²⁷ // (p + 1), 4096, 65536)``
+    (fewer, larger copies and launches), for host data and device arrays, leverage and norm scores."""
+    from nlis_jax import _streaming
+
+    def params(p):
+        return {"w": jnp.zeros((p - 1,)), "b": jnp.zeros(())}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert _streaming.stream_chunk_size(params(529)) == 4096
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    sizes = {529: 65536, 1377: 65536, 2048: 65504, 26_401: 5083, 40_000: 4096, 10**6: 4096}
+    assert {p: _streaming.stream_chunk_size(params(p)) for p in sizes} == sizes
+    seen = []
+
+    def spy(name):
+        real = getattr(_streaming, name)
+
+        def wrapped(*args, **kwargs):
+            seen.append(kwargs["chunk_size"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_streaming, name, wrapped)
+
+    for name in ("host_streaming_leverage", "host_norm_scores", "_streaming_jit", "_norm_jit"):
+        spy(name)
+    w = {"w": jnp.ones(3) / 3}
+    xs = np.random.default_rng(0).standard_normal((40, 3))
+    ys = np.tanh(xs.sum(1))
+
+    def model(w, x):
+        return jnp.tanh(x @ w["w"])
+
+    for data in ((xs, ys), (jnp.asarray(xs), jnp.asarray(ys))):
+        nj.streaming_leverage_scores(model, w, *data, num_nodes=4)
+        nj.streaming_norm_scores(model, w, *data, num_nodes=4)
+    assert seen == [65536] * 4
+
+
 def test_blocks_only_on_a_cpu(monkeypatch):
     """Cache-sized chunks and blocks of a fixed rule in reverse mode are for CPUs: on a GPU or TPU the
     memory chunk stays one vectorised call (n / 64 sequential lax.map steps would each launch kernels).

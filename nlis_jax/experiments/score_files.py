@@ -44,7 +44,10 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, help=".npz of the model's parameters (default: --seed)")
     parser.add_argument("--method", choices=METHODS, default="leverage")
     parser.add_argument(
-        "--chunk-size", type=positive_int_arg, default=4096, help="rows per chunk (default 4096)"
+        "--chunk-size",
+        type=positive_int_arg,
+        default=None,
+        help="rows per chunk (default 4096 on a CPU, up to 65536 on a GPU or TPU)",
     )
     parser.add_argument(
         "--seed",
