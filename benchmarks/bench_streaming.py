@@ -49,6 +49,7 @@ from _common import (
 )
 
 import nlis_jax as nj
+from nlis_jax._streaming import stream_chunk_size
 from nlis_jax.experiments import nets
 from nlis_jax.experiments.memory import PeakRss
 
@@ -81,7 +82,12 @@ def parse_args(argv):
         "--hidden", type=positive_int, default=8, help="MLP hidden width (p = (d + 2)·hidden + 1)"
     )
     parser.add_argument("--nodes", type=positive_int, default=8, help="quadrature nodes of the adjoint")
-    parser.add_argument("--chunk-size", type=positive_int, default=8192)
+    parser.add_argument(
+        "--chunk-size",
+        type=lambda text: None if text == "default" else positive_int(text),
+        default=8192,
+        help="rows per chunk, or 'default': the library's (nlis_jax._streaming.stream_chunk_size)",
+    )
     parser.add_argument("--models", type=names_text(MODELS), default=",".join(MODELS))
     parser.add_argument("--check-rows", type=positive_int, default=4096)
     parser.add_argument("--dir", default=None, help="folder for the data files (default: a temp folder)")
@@ -234,8 +240,8 @@ def timed_rows_single_index(theta, xs, ys, scores, *, nodes: int, rank: int, row
 
 
 def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
-    chunk = args.chunk_size
-    kw = dict(chunk_size=chunk, num_nodes=args.nodes, return_info=True)
+    chunk = args.chunk_size or stream_chunk_size(params)  # None: the library's default, resolved here
+    kw = dict(chunk_size=args.chunk_size, num_nodes=args.nodes, return_info=True)
     small = np.ascontiguousarray(xs[: 2 * chunk]), np.ascontiguousarray(ys[: 2 * chunk])
     t0 = time.perf_counter()
     nj.streaming_leverage_scores(apply_fn, params, *small, **kw).probs.block_until_ready()
@@ -254,6 +260,7 @@ def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
     total = float(np.sum(out, dtype=np.float64))
     return {
         "p": p,
+        "chunk_size": chunk,
         "route": routes[0],
         "run_routes": routes,
         "rank": int(runs[0][0].rank),
