@@ -7,9 +7,10 @@ matrix is determined by its data only to ~``eps·κ(F)`` (a backward error ``eps
 κ = 1e6. At κ = 1e9 numpy's SVD is itself 7.4e-10 from the exact leverage (``helpers.exact_leverage``,
 rational arithmetic); the CPU's route "stable" agreed with it to 2e-16 only because both start from the
 same LAPACK QR (the same rounding), and the H200's cuSOLVER QR was 7.8e-10 from it (2026-12-04). Matrices
-of full rank are therefore checked against the exact leverage, to ``max(1e-10, 10 × E)`` with ``E`` the
-larger error of numpy's SVD and Householder QR against it on the same machine: as accurate as a float64
-LAPACK factorization, within a factor 10, on any platform. ``E`` at κ = 1e9 varies by machine (the BLAS
+of full rank are therefore checked against the exact leverage: to 1e-10 up to κ = 1e6 (numpy's SVD is
+5e-12 from it there), and at κ = 1e9 to ``max(1e-10, 10 × E)`` with ``E`` the larger error of numpy's SVD
+and Householder QR against it on the same machine: as accurate as a float64 LAPACK factorization, within
+a factor 10, on any platform. ``E`` at κ = 1e9 varies by machine (the BLAS
 below LAPACK): 7.4e-10 on this 2-core Xeon, 1.9e-10 (SVD) on the H200's host, where cuSOLVER's route
 "stable" was 5.9e-10 from exact.
 """
@@ -61,9 +62,9 @@ def test_leverage_matches_svd(name):
     atol = ATOL_H
     if rank == nonzero.sum():  # full rank (the zero column aside): the exact leverage is the reference
         h_svd, h_ref = h_ref, exact_leverage(F[:, nonzero])
-        h_qr = np.sum(np.linalg.qr(F[:, nonzero])[0] ** 2, axis=1)
-        atol = max(ATOL_H, 10 * max(np.max(np.abs(h_svd - h_ref)), np.max(np.abs(h_qr - h_ref))))
-        assert atol == ATOL_H or cond > 1e8  # LAPACK is within 1e-11 of exact up to κ = 1e6
+        if cond > 1e8:  # past where eps·κ stays near 1e-10: 10 × LAPACK's own error on this machine
+            h_qr = np.sum(np.linalg.qr(F[:, nonzero])[0] ** 2, axis=1)
+            atol = max(ATOL_H, 10 * max(np.max(np.abs(h_svd - h_ref)), np.max(np.abs(h_qr - h_ref))))
     _, h, r, _ = nj.leverage_scores(jnp.asarray(F), return_info=True)
     assert int(r) == rank
     assert np.max(np.abs(np.asarray(h) - h_ref)) <= atol, f"{name}: κ = {cond:.1e}"
