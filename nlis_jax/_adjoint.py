@@ -37,6 +37,7 @@ from nlis_jax._adaptive import (
 from nlis_jax._checks import (
     check_choice,
     check_finite,
+    check_finite_each,
     check_fits_in_memory,
     check_floating,
     check_leading_axis,
@@ -113,8 +114,9 @@ def num_examples(xs: PyTree, name: str = "xs") -> int:
 def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None = None) -> ModelShape:
     """Validate ``(apply_fn, params, xs[, ys])`` from shapes (``jax.eval_shape``) and concrete values.
 
-    Nothing is flattened or computed here; the values of concrete inputs are checked for NaN/Inf (one
-    reduction each, on the device). ``ys``, if given, must have shape ``(n,) + out_shape``.
+    Nothing is flattened or computed here; the values of concrete inputs are checked for NaN/Inf (numpy
+    for host values; the others of ``params`` and ``xs`` in one program with one read back, where they
+    live). ``ys``, if given, must have shape ``(n,) + out_shape``.
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
@@ -135,8 +137,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"apply_fn must return floating values, got dtype {out.dtype}.")
     shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype)
-    check_finite("params", params)
-    check_finite("xs", xs)
+    check_finite_each(("params", params), ("xs", xs))
     if ys is not None:
         expected = (n,) + shape.out_shape
         if jnp.shape(ys) != expected:

@@ -132,22 +132,30 @@ def check_finite(name: str, tree: PyTree) -> None:
     ``ensure_compile_time_eval``: a concrete array closed over inside a user's jit is checked eagerly.
     The first leaf holding NaN or Inf, in the tree's order, is the one reported.
     """
+    check_finite_each((name, tree))
+
+
+def check_finite_each(*named: tuple[str, PyTree]) -> None:
+    """:func:`check_finite` of several ``(name, tree)`` pairs, the leaves held elsewhere of all of them in
+    one program and one read back (``params`` and ``xs`` of a model call: one wait on a GPU, not two); the
+    first bad leaf in the pairs' order, then the tree's, is the one reported, with its pair's name."""
     leaves, elsewhere = [], []
-    for leaf in jax.tree.leaves(tree):
-        check_auto_axes(name, leaf)
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            continue
-        if not is_concrete(leaf):
-            traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
-            continue
-        host = host_values(leaf)
-        leaves.append(host)
-        if host is None:
-            elsewhere.append(leaf)
+    for name, tree in named:
+        for leaf in jax.tree.leaves(tree):
+            check_auto_axes(name, leaf)
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                continue
+            if not is_concrete(leaf):
+                traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
+                continue
+            host = host_values(leaf)
+            leaves.append((name, host))
+            if host is None:
+                elsewhere.append(leaf)
     if elsewhere:
         with jax.ensure_compile_time_eval():
             counts = iter(fetch(*_count_nonfinite_each(elsewhere)))
-    for host in leaves:
+    for name, host in leaves:
         bad = int(next(counts)) if host is None else _count_host_nonfinite(name, host)
         if bad:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")

@@ -38,6 +38,7 @@ from nlis_jax._checks import (
     check_bool,
     check_choice,
     check_finite,
+    check_finite_each,
     check_floating,
     check_key,
     check_leading_axis,
@@ -240,9 +241,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     n_y = check_leading_axis("ys", ys)
     check_same_length("xs", n, "ys", n_y)
     check_not_complex("ys", ys)
-    check_finite("params", params)
-    check_finite("xs", xs)
-    check_finite("ys", ys)
+    check_finite_each(("params", params), ("xs", xs), ("ys", ys))  # one read back for the three
     if weights is not None:
         if isinstance(weights, list | tuple):  # as the host path takes them (jnp.result_type cannot)
             weights = np.asarray(weights)

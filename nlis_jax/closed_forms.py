@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from nlis_jax import _traced as traced
 from nlis_jax._adjoint import check_model, count_bad_examples, flatten_model, nonfinite_adjoint
 from nlis_jax._checks import (
-    check_finite,
+    check_finite_each,
     check_floating,
     check_leading_axis,
     check_real,
@@ -133,8 +133,8 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
       Array of shape ``(n, d)``: ``diag((ϕ(z) - ϕ(0))/z) · xs``, in ``theta``'s dtype (computed in the
       wider of ``theta``'s and ``xs``'s).
     """
-    check_finite("theta", theta)  # before the cast: float64 values past float32's range named as such
-    check_finite("xs", xs)
+    # before the cast: float64 values past float32's range named as such
+    check_finite_each(("theta", theta), ("xs", xs))
     theta, xs = jnp.asarray(theta), jnp.asarray(xs)
     if theta.ndim != 1:
         raise ValueError(f"theta must be a vector of shape (d,), got shape {theta.shape}.")
@@ -144,8 +144,7 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     check_same_length("theta (d)", theta.shape[0], "xs columns", xs.shape[1])
     check_floating("theta", theta)
     check_floating("xs", xs)
-    check_finite("theta", theta)
-    check_finite("xs", xs)
+    check_finite_each(("theta", theta), ("xs", xs))
     dtype = jnp.result_type(theta, xs)  # computed in the wider dtype, returned in theta's (as nj.adjoint)
     adj, bad = _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype), theta.dtype)
     report_nonfinite(bad, xs.shape[0], nonfinite_adjoint)

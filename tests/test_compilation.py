@@ -9,6 +9,7 @@ eager single-op dispatch included); traces of ``apply_fn`` with a Python counter
 from __future__ import annotations
 
 import collections
+import functools
 
 import chex
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import COMPILE_EVENT, count_events
+from helpers import COMPILE_EVENT, count_events, mlp, mlp_params
 
 import nlis_jax as nj
 
@@ -448,6 +449,31 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
     chex.assert_trees_all_equal(got, expected)
     if call == "adjoint_refined":
         assert int(jnp.max(got[1].panels)) > 1  # a refinement ran
+
+
+def test_model_inputs_held_elsewhere_are_checked_in_one_read_back(monkeypatch):
+    """An eager model call on ``params`` and ``xs`` held elsewhere (sharded over the test's host devices, as
+    on a GPU) checks both for NaN/Inf in one program and one read back (two before: two waits on a GPU),
+    then reads the adjoint's NaN counts once; a NaN in ``xs`` is still named as ``xs``, after clean
+    ``params``."""
+    from nlis_jax.distributed import data_mesh
+
+    mesh = data_mesh()
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(8)
+    params = jax.device_put(mlp_params(0, [3, 4, 1]), whole)
+    xs_host = rng.standard_normal((4 * len(jax.devices()), 3))
+    xs = jax.device_put(xs_host, rows)
+    call = functools.partial(nj.adjoint, mlp(jnp.tanh), num_nodes=4, mode="reverse")
+    call(params, xs)  # compiles
+    counted = _Dispatches(monkeypatch)
+    call(params, xs)
+    monkeypatch.undo()
+    assert counted.reads[0] == ((),) * 5 and len(counted.reads) == 2, counted.reads
+    xs_host[1, 2] = np.nan
+    with pytest.raises(ValueError, match="^xs contains 1 NaN or Inf value"):
+        call(params, jax.device_put(xs_host, rows))
 
 
 def test_finite_check_of_leaves_held_elsewhere_is_one_program_and_one_read_back(monkeypatch):
