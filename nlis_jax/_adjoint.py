@@ -137,18 +137,30 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"apply_fn must return floating values, got dtype {out.dtype}.")
     shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype)
-    check_finite_each(("params", params), ("xs", xs))
+    expected = (n,) + shape.out_shape
+    ys_ready = ys is not None and _valid_ys(ys, expected)  # its values are then counted with the others
+    check_finite_each(("params", params), ("xs", xs), *([("ys", ys)] if ys_ready else []))
     if ys is not None:
-        expected = (n,) + shape.out_shape
         if jnp.shape(ys) != expected:
             raise ValueError(
                 f"ys has shape {jnp.shape(ys)} but the model gives outputs of shape {expected} "
                 f"(n examples × outputs); they must agree."
             )
         check_floating("ys", ys)
-        check_finite("ys", ys)
+        if not ys_ready:
+            check_finite("ys", ys)
         check_ys_fits(ys, shape.dtype)
     return shape
+
+
+def _valid_ys(ys, expected: tuple) -> bool:
+    """Whether ``ys`` passes :func:`check_model`'s shape and dtype checks (which then raise in their order,
+    after the NaN/Inf checks of ``params`` and ``xs``)."""
+    try:
+        check_floating("ys", ys)
+    except (TypeError, ValueError):
+        return False
+    return jnp.shape(ys) == expected
 
 
 def check_has_outputs(out: jax.ShapeDtypeStruct) -> None:

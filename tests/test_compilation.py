@@ -452,10 +452,10 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
 
 
 def test_model_inputs_held_elsewhere_are_checked_in_one_read_back(monkeypatch):
-    """An eager model call on ``params`` and ``xs`` held elsewhere (sharded over the test's host devices, as
-    on a GPU) checks both for NaN/Inf in one program and one read back (two before: two waits on a GPU),
-    then reads the adjoint's NaN counts once; a NaN in ``xs`` is still named as ``xs``, after clean
-    ``params``."""
+    """An eager model call on ``params``, ``xs`` (and ``ys``) held elsewhere (sharded over the test's host
+    devices, as on a GPU) checks them for NaN/Inf in one program and one read back (one each before: a
+    wait each on a GPU), then reads the NaN counts of its result once; the first bad input is still the
+    one named, and a misshapen ``ys`` still gets its own error."""
     from nlis_jax.distributed import data_mesh
 
     mesh = data_mesh()
@@ -471,9 +471,22 @@ def test_model_inputs_held_elsewhere_are_checked_in_one_read_back(monkeypatch):
     call(params, xs)
     monkeypatch.undo()
     assert counted.reads[0] == ((),) * 5 and len(counted.reads) == 2, counted.reads
+    ys_host = rng.standard_normal(xs_host.shape[0])
+    ys = jax.device_put(ys_host, rows)
+    dual = functools.partial(nj.dual_matrix, mlp(jnp.tanh), num_nodes=4, mode="reverse")
+    dual(params, xs, ys)  # compiles
+    counted = _Dispatches(monkeypatch)
+    dual(params, xs, ys)
+    monkeypatch.undo()
+    assert counted.reads[0] == ((),) * 6 and len(counted.reads) == 2, counted.reads  # with ys's count
+    ys_host[3] = np.inf
+    with pytest.raises(ValueError, match="^ys contains 1 NaN or Inf value"):
+        dual(params, xs, jax.device_put(ys_host, rows))
+    with pytest.raises(ValueError, match="^ys has shape"):  # a wrong ys is named as before
+        dual(params, xs, jax.device_put(ys_host[:-4], jax.sharding.NamedSharding(mesh, rows.spec)))
     xs_host[1, 2] = np.nan
-    with pytest.raises(ValueError, match="^xs contains 1 NaN or Inf value"):
-        call(params, jax.device_put(xs_host, rows))
+    with pytest.raises(ValueError, match="^xs contains 1 NaN or Inf value"):  # before ys's Inf
+        dual(params, jax.device_put(xs_host, rows), jax.device_put(ys_host, rows))
 
 
 def test_finite_check_of_leaves_held_elsewhere_is_one_program_and_one_read_back(monkeypatch):
