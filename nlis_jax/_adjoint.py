@@ -141,9 +141,9 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     ys_ready = ys is not None and _valid_ys(ys, expected)
     check_finite_each(("params", params), ("xs", xs), *([("ys", ys)] if ys_ready else []))
     if ys is not None:
-        if jnp.shape(ys) != expected:
+        if np.shape(ys) != expected:
             raise ValueError(
-                f"ys has shape {jnp.shape(ys)} but the model gives outputs of shape {expected} "
+                f"ys has shape {np.shape(ys)} but the model gives outputs of shape {expected} "
                 f"(n examples × outputs); they must agree."
             )
         check_floating("ys", ys)
@@ -158,7 +158,7 @@ def _valid_ys(ys, expected: tuple) -> bool:
         check_floating("ys", ys)
     except (TypeError, ValueError):
         return False
-    return jnp.shape(ys) == expected
+    return np.shape(ys) == expected  # a Python list too (jnp.shape of one is deprecated)
 
 
 def check_has_outputs(out: jax.ShapeDtypeStruct) -> None:

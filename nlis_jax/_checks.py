@@ -278,7 +278,7 @@ def check_nonnegative(name: str, x) -> None:
 
 def check_leading_axis(name: str, x, *, min_ndim: int = 1) -> int:
     """Return ``x.shape[0]``; raise if ``x`` has fewer than ``min_ndim`` axes or an empty leading axis."""
-    shape = jnp.shape(x)
+    shape = np.shape(x)  # a Python list too (jnp.shape of one is deprecated)
     if len(shape) < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} axis (examples first), got shape {shape}.")
     if shape[0] == 0:
@@ -376,7 +376,9 @@ def probs_summary(probs) -> tuple[int, int, float, float, int] | None:
     """Scalars of :func:`_probs_summary` fetched to the host, or ``None`` under tracing."""
     if not is_concrete(probs):
         return None
-    with jax.ensure_compile_time_eval():
+    # a float64 numpy vector past float32's range becomes Inf in jax's cast without jax_enable_x64 (numpy
+    # would warn): counted as non-finite here, then named by check_probs
+    with jax.ensure_compile_time_eval(), np.errstate(over="ignore"):
         bad, neg, low, total, pos = fetch(*_probs_summary(jnp.asarray(probs)))
     return int(bad), int(neg), float(low), float(total), int(pos)
 
@@ -418,8 +420,9 @@ def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int
         check_traced_probs(probs, name)
         return shape[0]
     bad, neg, low, total, _ = summary
-    if bad:
-        raise ValueError(f"{name} contains NaN or Inf.")
+    if bad:  # float64 numpy values past float32's range read as Inf without jax_enable_x64: say so
+        over = narrowing_counts(probs)[0]
+        raise ValueError(narrowing_error(name, over, 0) if over else f"{name} contains NaN or Inf.")
     if neg:
         raise ValueError(f"{name} has {neg} negative entries (min {low:.3g}).")
     tol = atol if atol is not None else probs_tolerance(jnp.result_type(probs))

@@ -269,10 +269,15 @@ def _distortion_from_basis(U, indices, weights, k):
     return jnp.max(jnp.abs(jnp.linalg.eigvalsh(M - jnp.diag(used)))).astype(dtype)
 
 
-def _check_sample(indices, weights) -> tuple[Array, Array]:
+def _check_sample(indices, weights) -> tuple:
     """``indices`` and ``weights`` as arrays: matching 1-D vectors, integer indices, real weights (shapes
-    and dtypes always); finite, non-negative weights (values, where concrete)."""
-    indices, weights = jnp.asarray(indices), jnp.asarray(weights)
+    and dtypes always); finite, non-negative weights (values, where concrete).
+
+    Host values (numpy, lists) stay numpy: without jax_enable_x64 jax's cast narrows int64 indices to
+    int32 (``2**32 + 5`` would read as 5, past the range check) and float64 weights to float32 (``1e39``
+    would read as Inf); :func:`distortion` moves them after the range check."""
+    indices = indices if isinstance(indices, jax.Array) else np.asarray(indices)
+    weights = weights if isinstance(weights, jax.Array) else np.asarray(weights)
     if indices.ndim != 1 or weights.shape != indices.shape:
         raise ValueError(
             f"indices and weights must be matching vectors of shape (s,), got {indices.shape} and "
@@ -373,4 +378,4 @@ def distortion(
     indices, weights = _check_sample(indices, weights)
     U, n, k = _basis_blocks(F, rtol, basis)
     _check_index_range(indices, n)
-    return _distortion_from_basis(U, indices, weights, k)
+    return _distortion_from_basis(U, jnp.asarray(indices), jnp.asarray(weights), k)

@@ -300,11 +300,18 @@ def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
 
 def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> Array:
     """The linear baseline's data matrix ``[X, 1?, −y?]`` of shape ``(n, d + bias + (ys given))``."""
+    # Python lists as numpy arrays (jnp.shape and jnp.result_type of a list are deprecated or fail)
+    xs, ys = (np.asarray(a) if isinstance(a, list | tuple) else a for a in (xs, ys))
     if jnp.ndim(xs) < 2:
         raise ValueError(f"xs must have shape (n, d, ...), got {jnp.shape(xs)}.")
     check_leading_axis("xs", xs)
     check_floating("xs", xs)
     bias = check_bool("bias", bias)
+    if 0 in jnp.shape(xs)[1:] and not bias and ys is None:  # else the route's error named an internal F
+        raise ValueError(
+            f"xs has no features (shape {np.shape(xs)}) and neither bias=True nor ys adds a column: the "
+            "linear design [X, 1?, −y?] would be empty."
+        )
     check_finite("xs", xs)  # before any cast: finite values beyond float32 are reported as such below
     xs = jnp.asarray(xs)
     check_finite("xs cast to a jax array (finite values beyond its dtype's range)", xs)

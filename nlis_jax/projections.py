@@ -48,7 +48,7 @@ from optax.projections import (
 )
 
 from nlis_jax import _traced as traced
-from nlis_jax._checks import check_floating, check_real, is_concrete
+from nlis_jax._checks import check_finite, check_floating, check_real, is_concrete
 from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import PyTree
 
@@ -114,6 +114,7 @@ class L2Ball(Projection):
         if is_concrete(self.radius):  # built directly (not by l2_ball): the builder's checks, on the host
             _check_radius(self.radius)
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
+        check_finite("the projection's input", tree)  # an Inf became NaN, a NaN kept θ outside
         leaves = jax.tree.leaves(tree)
         if not leaves:
             return tree
@@ -153,6 +154,7 @@ class Box(Projection):
     def __call__(self, tree: PyTree) -> PyTree:
         _check_bounds(self.lower, self.upper)  # built directly (not by box): its checks of concrete bounds
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
+        check_finite("the projection's input", tree)  # a NaN entry would stay NaN, unclipped
         lower = _broadcast_bound(self.lower, tree, "lower")
         upper = _broadcast_bound(self.upper, tree, "upper")
         if not all(is_concrete(b) for b in jax.tree.leaves((self.lower, self.upper))):  # traced bounds
@@ -214,7 +216,8 @@ def l2_ball(radius: float) -> L2Ball:
     Returns:
         A callable ``tree -> tree`` computing
         :math:`\Pi(\theta) = \theta \cdot R / \max(\|\theta\|_2, R)`, where
-        :math:`\|\theta\|_2^2` sums the squares of every leaf.
+        :math:`\|\theta\|_2^2` sums the squares of every leaf. Parameters holding NaN or Inf raise
+        ``ValueError`` (concrete values; traced, a ``checkify`` check inside ``nlis_jax.traced_checks()``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -258,7 +261,8 @@ def box(lower: Any, upper: Any) -> Box:
 
     Returns:
         A callable ``tree -> tree`` computing
-        :math:`\min(\max(\theta, \text{lower}), \text{upper})`.
+        :math:`\min(\max(\theta, \text{lower}), \text{upper})`. Parameters holding NaN or Inf raise
+        ``ValueError``, as for :func:`l2_ball`.
 
     Example:
         >>> import jax.numpy as jnp

@@ -386,3 +386,36 @@ def test_shapes_from_leaf_types_equal_jax_eval_shape(x64):
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert (g.shape, g.dtype, g.weak_type) == (w.shape, w.dtype, w.weak_type)
+
+
+def test_python_list_ys_and_linear_xs_match_arrays():
+    """A Python list ys (dual_matrix, dual_operator, fit) or xs/ys (the linear baselines) reached
+    ``jnp.shape``/``jnp.ndim`` of a list: jax's DeprecationWarning (an error under this suite's filters,
+    and in a later jax). Lists now give the values of the same arrays."""
+    import optax
+
+    def model(params, x):
+        return jnp.tanh(x @ params["w"]) + params["b"]
+
+    params = {"w": jnp.asarray(W), "b": jnp.asarray(0.1)}
+    ys = YS.tolist()
+    dual = nj.dual_matrix(model, params, XS, YS)
+    np.testing.assert_array_equal(nj.dual_matrix(model, params, XS, ys), dual)
+    theta = np.array([0.3, -0.2, 0.5, 1.0])
+    np.testing.assert_array_equal(
+        nj.dual_operator(model, params, XS, ys).mv(theta), nj.dual_operator(model, params, XS, YS).mv(theta)
+    )
+    opt = optax.sgd(0.1)
+    fitted = [nj.fit(model, params, XS, y, optimizer=opt, num_steps=3).params["w"] for y in (ys, YS)]
+    np.testing.assert_array_equal(*fitted)
+    for scores in (nj.linear_leverage_scores, nj.linear_norm_scores):
+        np.testing.assert_array_equal(scores(XS.tolist(), ys), scores(XS, YS))
+    with pytest.raises(ValueError, match=r"ys has shape \(5,\) but the model gives outputs of shape \(6,\)"):
+        nj.dual_matrix(model, params, XS, ys[:5])
+
+
+def test_linear_scores_of_xs_without_features_name_xs():
+    """xs of shape (n, 0) with no bias and no ys: the error named the route's internal "F"."""
+    with pytest.raises(ValueError, match=r"xs has no features \(shape \(6, 0\)\) and neither bias=True"):
+        nj.linear_leverage_scores(np.zeros((6, 0)))
+    np.testing.assert_allclose(nj.linear_leverage_scores(np.zeros((6, 0)), bias=True), np.full(6, 1 / 6))

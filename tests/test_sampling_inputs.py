@@ -370,3 +370,36 @@ def test_float64_host_input_below_float32_is_named_without_x64():
     with jax.enable_x64(False):
         with pytest.raises(ValueError, match="F holds 200 non-zero value.*become 0 once cast to float32"):
             nj.leverage_scores(B)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_distortion_index_range_is_checked_before_the_int32_cast(as_list):
+    """Without x64, jnp.asarray narrowed int64 indices to int32 before the range check: 2**32 + 5 read
+    as row 5 and distortion returned the value of another sample (a list raised jax's OverflowError)."""
+    F = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    far = np.array([0, 2**32 + 5, 7], np.int64)
+    weights = np.full(3, 5.0, np.float32)
+    with jax.enable_x64(False):
+        near = float(nj.distortion(F, np.array([0, 5, 7]), weights))
+        assert np.isfinite(near)
+        with pytest.raises(ValueError, match=r"out of range \[0, 20\): got values from 0 to 4294967301"):
+            nj.distortion(F, far.tolist() if as_list else far, weights)
+
+
+def test_float64_weights_and_probs_beyond_float32_are_named_without_x64():
+    """Without x64 a finite float64 1e39 became Inf in the cast and was reported as "NaN or Inf"
+    (numpy's overflow warning first, an error under this suite's filters); the cast is named now, and a
+    real NaN keeps its message."""
+    F = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    beyond = "holds 1 finite value.s. beyond float32's range that become Inf once cast to float32"
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match="weights " + beyond):
+            nj.distortion(F, np.array([0, 1]), np.array([1.0, 1e39]))
+        for call in (
+            lambda p: nj.sample(jax.random.key(0), p, 2),
+            lambda p: nj.mix_with_uniform(p, 0.5),
+        ):
+            with pytest.raises(ValueError, match="probs " + beyond):
+                call(np.array([1.0, 1e39]))
+            with pytest.raises(ValueError, match="probs contains NaN or Inf"):
+                call(np.array([0.5, np.nan]))

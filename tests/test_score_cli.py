@@ -61,6 +61,12 @@ def test_score_bad_file_exits_2(tmp_path, capsys):
     assert cli.main(["score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npy")]) == 2
     assert "(n, d) float array" in capsys.readouterr().err
     assert cli.main(["score", "--x", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "s.npy")]) == 2
+    # a text file named .npy was reported as "This file contains pickled (object) data" (numpy's guess)
+    np.savetxt(tmp_path / "csv.npy", np.ones((3, 2)), delimiter=",")
+    assert cli.main(["score", "--x", str(tmp_path / "csv.npy"), "--out", str(tmp_path / "s.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "--x " + str(tmp_path / "csv.npy") + " is not a .npy file (no .npy header)" in err
+    assert "pickled" not in err
 
 
 def test_score_bad_params_hidden_and_out_exit_2(tmp_path, capsys):

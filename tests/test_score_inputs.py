@@ -170,6 +170,30 @@ def test_projections_refuse_integer_params_and_non_numbers():
     np.testing.assert_allclose(nj.l2_ball(np.float32(1.0))({"w": np.array([3.0, 4.0])})["w"], [0.6, 0.8])
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("projection", [nj.l2_ball(1.0), nj.box(-1.0, 1.0)], ids=["l2_ball", "box"])
+def test_projections_refuse_non_finite_params(projection, bad):
+    """l2_ball turned an Inf into NaN ([inf, 4] → [nan, 0]) and left a NaN's partner outside the ball
+    ([nan, 4] → [nan, 4]); box passed NaN through: a NaN the caller did not see. Concrete values raise
+    now; traced ones raise inside traced_checks() and pass the values through unchanged outside it."""
+    params = {"w": np.array([bad, 4.0]), "b": np.asarray(0.5)}
+    with pytest.raises(ValueError, match=r"the projection's input contains 1 NaN or Inf value\(s\)"):
+        projection(params)
+    good = {"w": np.array([0.3, 4.0]), "b": np.asarray(0.5)}
+    expected = projection(good)
+
+    def project(tree):
+        with nj.traced_checks():
+            return projection(tree)
+
+    checked = jax.jit(checkify.checkify(project, errors=checkify.user_checks))
+    err, out = checked(good)
+    assert err.get() is None
+    np.testing.assert_allclose(out["w"], expected["w"], rtol=1e-12)
+    assert "the projection's input contains NaN or Inf" in checked(params)[0].get()
+    assert np.isfinite(np.asarray(jax.jit(projection)(good)["w"])).all()
+
+
 def test_box_bounds_that_do_not_broadcast_are_named():
     params = {"w": np.zeros(3), "b": np.zeros(())}
     with pytest.raises(ValueError, match=r"lower\['w'\] has shape \(5,\), which does not broadcast"):

@@ -211,10 +211,18 @@ def _unused_option(args: argparse.Namespace) -> str | None:
     return None
 
 
+#: The first bytes of an ``.npy`` file (``numpy.lib.format``) and of a zip archive (an ``.npz``).
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK"
+
+
 def _load_array(option: str, path: str) -> np.ndarray:
     """The ``.npy`` array at ``path`` as a read-only memmap, in native byte order (``ValueError`` for an
     empty file, an ``.npz`` archive or a big-endian file, which the memmap would hand to the device
     byte-swapped)."""
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head and head != NPY_MAGIC and not head.startswith(ZIP_MAGIC):  # numpy took it for a pickle
+        raise ValueError(f"{option} {path} is not a .npy file (no .npy header): save the array with np.save.")
     try:
         data = np.load(path, mmap_mode="r")
     except EOFError:
