@@ -52,7 +52,7 @@ from nlis_jax._fetch import check_auto_axes
 from nlis_jax._precision import highest_precision
 from nlis_jax._traced import check as traced_check
 from nlis_jax._types import ApplyFn, Array, PyTree
-from nlis_jax.quadrature import gauss_legendre
+from nlis_jax.quadrature import check_num_nodes, gauss_legendre
 
 MODES = ("auto", "forward", "reverse")
 #: ``mode="auto"`` takes forward mode when ``p <= FORWARD_MAX_PARAMS * k`` (forward costs about ``p``
@@ -461,7 +461,7 @@ def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANEL
     """Validate the quadrature/mode/chunk arguments shared by the path-based functions."""
     check_choice("mode", mode, MODES)
     if num_nodes is not None:
-        check_positive_int("num_nodes", num_nodes)
+        check_num_nodes(num_nodes)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     if check_positive_int("max_panels", max_panels) < 3:  # the first bisection always runs: 1 + 2 panels

@@ -33,14 +33,13 @@ from nlis_jax._adjoint import (
 from nlis_jax._checks import (
     check_finite,
     check_fits_in_memory,
-    check_positive_int,
     fetch,
     is_concrete,
     report_nonfinite,
 )
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import ApplyFn, Array, PyTree
-from nlis_jax.quadrature import gauss_legendre
+from nlis_jax.quadrature import check_num_nodes, gauss_legendre
 
 
 def _offset_column(model, xs, ys) -> Array:
@@ -209,7 +208,7 @@ def dual_operator(
       A :class:`DualOperator`; ``mv``/``rmv`` are jitted once per ``apply_fn`` and shapes (also across
       operators), and can be ``jax.vmap``-ed over a batch of vectors.
     """
-    check_positive_int("num_nodes", num_nodes)
+    check_num_nodes(num_nodes)
     shape = check_model(apply_fn, params, xs, ys)
     p, dtype = shape.p, shape.dtype
     theta_tilde, offset, bad_offset = _operator_data(apply_fn, params, xs, ys)

@@ -53,6 +53,7 @@ from nlis_jax._checks import (
     check_floating,
     check_not_complex,
     check_positive,
+    is_concrete,
     narrowing_counts,
     narrowing_error,
     narrows,
@@ -1118,6 +1119,12 @@ def gather_rows(store, indices):
     Returns:
       The same pytree of ``(s, ...)`` numpy arrays.
     """
+    if not is_concrete(indices):  # is_fully_addressable raised jax's ConcretizationTypeError
+        raise TypeError(
+            "gather_rows reads rows of host data (numpy arrays, memmaps) and cannot run under jax.jit, "
+            "vmap or grad: call it outside the transformation with concrete indices, or index a jax array "
+            "of the data there (xs[indices])."
+        )
     if isinstance(indices, jax.Array) and not indices.is_fully_addressable:
         raise ValueError(
             "indices is a global array of jax.distributed (the rows of every process's block), but store "

@@ -258,15 +258,19 @@ def _check_rank(rank) -> int:
 @highest_precision
 def _distortion_from_basis(U, indices, weights, k):
     """``‖U_Sᵀ W U_S − I‖₂`` with ``U`` the basis rows ``(n·k, m)`` (or ``(n, k, m)``) of ``n`` examples of
-    ``k`` rows each: a sampled example contributes all its ``k`` rows, each with the example's weight."""
+    ``k`` rows each: a sampled example contributes all its ``k`` rows, each with the example's weight.
+    Also returns the largest distance of a squared column norm of ``U`` from 1 or 0 (the same pass)."""
     m, dtype = U.shape[-1], U.dtype
     U = U.astype(at_least_float32(dtype)).reshape(-1, k, m)  # eigvalsh has no half kernels
     Us = U[indices].reshape(-1, m)
     w = jnp.repeat(weights.astype(U.dtype), k)
     M = jnp.einsum("sr,s,sq->rq", Us, w, Us)
     # Columns of U beyond the rank are zero: compare with the projector onto the used columns.
-    used = (jnp.sum(jnp.square(U.reshape(-1, m)), axis=0) > 0.5).astype(U.dtype)
-    return jnp.max(jnp.abs(jnp.linalg.eigvalsh(M - jnp.diag(used)))).astype(dtype)
+    norms = jnp.sum(jnp.square(U.reshape(-1, m)), axis=0)
+    used = (norms > 0.5).astype(U.dtype)
+    # how far a squared column norm lies from 1 (or 0): a basis that is not orthonormal (F itself) shows
+    off = jnp.max(jnp.minimum(jnp.abs(norms - 1), norms))
+    return jnp.max(jnp.abs(jnp.linalg.eigvalsh(M - jnp.diag(used)))).astype(dtype), off
 
 
 def _check_sample(indices, weights) -> tuple:
@@ -324,6 +328,12 @@ def _basis_blocks(F, rtol, basis) -> tuple[Array, int, int]:
     return basis, n, k
 
 
+#: How far a squared column norm of a given basis may lie from 1 (or 0) in :func:`distortion`: far above
+#: the rounding of any basis :func:`orthonormal_basis` returns, half precision included (whose own
+#: squared norms are rounded to 3e-3), far below what a matrix that is not a basis shows.
+BASIS_TOLERANCE = 0.1
+
+
 def _check_index_range(indices: Array, n: int) -> None:
     """``ValueError`` unless every (concrete) index lies in ``[0, n)``: the examples of ``F``."""
     if indices.size == 0:
@@ -368,6 +378,7 @@ def distortion(
     Raises:
       TypeError: non-integer indices, non-real weights, a non-floating basis.
       ValueError: mismatched shapes, indices outside ``[0, n)``, NaN/Inf or negative weights, a NaN basis,
+        a basis whose columns do not have norm 1 (or 0 beyond the rank: not from :func:`orthonormal_basis`),
         ``rtol`` with ``basis``.
     """
     if rtol is not None and basis is not None:  # it would be ignored: the basis fixes the rank
@@ -378,4 +389,15 @@ def distortion(
     indices, weights = _check_sample(indices, weights)
     U, n, k = _basis_blocks(F, rtol, basis)
     _check_index_range(indices, n)
-    return _distortion_from_basis(U, jnp.asarray(indices), jnp.asarray(weights), k)
+    value, off = _distortion_from_basis(U, jnp.asarray(indices), jnp.asarray(weights), k)
+    if basis is not None:  # the columns of an orthonormal basis have norm 1, or 0 beyond the rank
+        message = (
+            "basis is not orthonormal: a column's squared norm is {} from 1 (or from 0 beyond the rank); "
+            "pass the basis orthonormal_basis(F) returns (its first output), not F."
+        )
+        if is_concrete(off):
+            if not float(off) <= BASIS_TOLERANCE:
+                raise ValueError(message.format(f"{float(off):.3g} away"))
+        else:
+            traced.check(off <= BASIS_TOLERANCE, message.format(f"more than {BASIS_TOLERANCE}"))
+    return value

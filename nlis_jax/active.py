@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlis_jax import _traced as traced
 from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real, is_concrete
 from nlis_jax._dual import dual_matrix
 from nlis_jax._precision import at_least_float32
@@ -171,7 +172,13 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
             f"labelled must be a bool mask of shape {scores.shape}, got {labelled.dtype}{labelled.shape}."
         )
     alpha = _check_alpha(alpha)
-    if not (is_concrete(scores) and is_concrete(labelled)):
+    if not (is_concrete(scores) and is_concrete(labelled)):  # the same checks by checkify, when asked
+        pool = ~labelled
+        traced.check(jnp.any(pool), "the pool is empty: every point is already labelled.")
+        fit = jnp.where(pool, jnp.isfinite(scores) & (scores >= 0), True)
+        traced.check(
+            jnp.all(fit), "scores must be finite and non-negative on the pool (the unlabelled points)."
+        )
         return -1, scores, alpha
     mask = np.asarray(labelled)
     pool = int(np.sum(~mask))
@@ -261,6 +268,10 @@ def query(
     pool, scores, alpha = _check_pool(scores, labelled, alpha)
     if pool >= 0 and batch > pool:
         raise ValueError(f"batch={batch} exceeds the {pool} unlabelled points in the pool.")
+    if pool < 0:  # traced: checkify, when asked
+        traced.check(
+            jnp.sum(~jnp.asarray(labelled)) >= batch, f"batch={batch} exceeds the unlabelled points."
+        )
     if strategy == "sample":
         if key is None:
             raise ValueError('strategy="sample" needs a PRNG key (jax.random.key(seed)).')
@@ -270,6 +281,13 @@ def query(
     alpha = jnp.asarray(alpha, jnp.asarray(scores).dtype)
     labelled = jnp.asarray(labelled)
     chosen = _query(key, scores, labelled, alpha, batch=batch, strategy=strategy, replace=replace)
+    if strategy == "sample" and pool < 0 and not replace:
+        tiny = jnp.finfo(chosen.probs.dtype).tiny
+        traced.check(
+            jnp.sum(chosen.probs >= tiny) >= batch,
+            f"fewer pool points of positive probability than batch={batch}: sampling without replacement "
+            "cannot reach the rest (use alpha > 0).",
+        )
     if strategy == "sample" and pool >= 0 and not replace:
         # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0, and
         # priority sampling then returns such points with weight 0
@@ -420,6 +438,8 @@ def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarr
     answer = np.asarray(oracle(new.copy()))
     if answer.ndim == 0 or answer.shape[0] != new.shape[0]:
         raise ValueError(f"oracle returned shape {answer.shape} for {new.shape[0]} indices.")
+    if not any(np.issubdtype(answer.dtype, kind) for kind in (np.bool_, np.integer, np.floating)):
+        raise TypeError(f"oracle must return real labels (ints, floats or bools), got dtype {answer.dtype}.")
     if not np.all(np.isfinite(answer)):
         raise ValueError("oracle returned non-finite labels.")
     if labels is None:

@@ -133,6 +133,10 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
       Array of shape ``(n, d)``: ``diag((ϕ(z) - ϕ(0))/z) · xs``, in ``theta``'s dtype (computed in the
       wider of ``theta``'s and ``xs``'s).
     """
+    if not callable(phi):
+        raise TypeError(
+            f"phi must be a callable scalar activation (e.g. jnp.tanh), got {type(phi).__name__}."
+        )
     # before the cast: float64 values past float32's range named as such
     check_finite_each(("theta", theta), ("xs", xs))
     theta, xs = jnp.asarray(theta), jnp.asarray(xs)
@@ -146,9 +150,22 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     check_floating("xs", xs)
     check_finite_each(("theta", theta), ("xs", xs))
     dtype = jnp.result_type(theta, xs)  # computed in the wider dtype, returned in theta's (as nj.adjoint)
+    _check_elementwise("phi", phi, xs.shape[0], dtype)
     adj, bad = _single_index_jit(phi, theta.astype(dtype), xs.astype(dtype), theta.dtype)
     report_nonfinite(bad, xs.shape[0], nonfinite_adjoint)
     return adj
+
+
+def _check_elementwise(name: str, fn: Callable, n: int, dtype) -> None:
+    """``ValueError`` unless ``fn`` maps an ``(n,)`` vector of ``dtype`` to an ``(n,)`` vector (traced
+    by shape only): a scalar map applied elementwise, as the closed forms need."""
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct((n,), dtype))
+    if getattr(out, "shape", None) != (n,):
+        got = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"{name} must be a scalar map applied elementwise (like jnp.tanh): {name} of the ({n},) vector "
+            f"of pre-activations returned {got}, not shape ({n},)."
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("phi", "out_dtype"))
@@ -185,15 +202,20 @@ def homogeneous_adjoint(
     """
     if not 0 < check_real("degree", degree) < math.inf:
         raise ValueError(f"degree must be positive and finite, got {degree}.")
+    if g is not None and not callable(g):
+        raise TypeError(f"g must be a callable scalar output map or None, got {type(g).__name__}.")
     shape = check_model(h_fn, params, xs)
     if shape.out_shape != ():
         raise ValueError(f"h_fn must return a scalar per example, got shape {shape.out_shape}.")
+    if g is not None:
+        _check_elementwise("g", g, shape.n, shape.dtype)
+    # degree traced (a Python float: weakly typed, the params' dtype): a new degree compiles nothing
     adj, bad = _homogeneous_jit(h_fn, params, xs, float(degree), g)
     report_nonfinite(bad, shape.n, nonfinite_adjoint)
     return adj
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 4))
 @highest_precision
 def _homogeneous_jit(h_fn, params, xs, degree, g):
     model = flatten_model(h_fn, params, xs)

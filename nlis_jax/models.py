@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.errors
+import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
@@ -63,6 +64,10 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
             "call model.eval() first."
         )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # nnx.split hands back the module's own Variable objects: a later change of the module's statistics
+    # would reach apply_fn at its next trace and not at cached programs (results stale, no error);
+    # new Variables holding the current (immutable) arrays freeze the state as documented
+    rest = jax.tree.map(jnp.asarray, rest)
 
     def apply_fn(params, x):
         module = nnx.merge(graphdef, params, rest)

@@ -226,6 +226,41 @@ def test_query_batch_must_be_positive_int():
         nj.query(jax.random.key(0), scores, mask, 0)
 
 
+def test_query_checks_traced_pools_inside_traced_checks():
+    """Under jax.jit every pool check was skipped, inside traced_checks() too: a NaN pool score gave
+    uniform probabilities, a batch larger than the pool (or than its points of positive probability)
+    returned labelled points with weight 0, with no error. checkify reports each now; valid pools
+    give the eager values."""
+    from jax.experimental import checkify
+
+    n, key = 6, jax.random.key(0)
+    labelled = jnp.arange(n) < 4  # pool {4, 5}
+
+    def checked(scores, labelled, batch):
+        def query(scores, labelled):
+            with nj.traced_checks():
+                return nj.query(key, scores, labelled, batch)
+
+        return jax.jit(checkify.checkify(query, errors=checkify.user_checks))(scores, labelled)
+
+    err, chosen = checked(jnp.ones(n), labelled, 2)
+    assert err.get() is None
+    eager = nj.query(key, jnp.ones(n), labelled, 2)
+    np.testing.assert_array_equal(chosen.indices, eager.indices)
+    np.testing.assert_array_equal(chosen.probs, eager.probs)
+    cases = [
+        (jnp.ones(n).at[5].set(jnp.nan), labelled, 1, "scores must be finite and non-negative on the pool"),
+        (jnp.ones(n).at[4].set(-1.0), labelled, 1, "scores must be finite and non-negative on the pool"),
+        (jnp.ones(n).at[0].set(jnp.nan), labelled, 1, None),  # a labelled point's score is never used
+        (jnp.ones(n), labelled, 3, "batch=3 exceeds the unlabelled points"),
+        (jnp.zeros(n).at[5].set(1.0), labelled, 2, "fewer pool points of positive probability than batch=2"),
+        (jnp.ones(n), jnp.ones(n, bool), 1, "the pool is empty"),
+    ]
+    for scores, mask, batch, message in cases:
+        err = checked(scores, mask, batch)[0].get()
+        assert err is None if message is None else message in err, (message, err)
+
+
 @pytest.mark.parametrize("strategy", ["sample", "topk"])
 def test_second_query_with_new_values_does_not_recompile(strategy):
     s1, m1 = _pool(11)
@@ -371,6 +406,12 @@ def test_loop_errors():
         nj.active_learning(
             jax.random.key(0), params0, xs, None, fit_fn=fit_fn, scores_fn=scores_fn, config=small
         )
+    # string labels reached np.isfinite: "ufunc 'isfinite' not supported for the input types"
+    for strings in (lambda i: np.array(["a"] * len(i)), lambda i: np.array([None] * len(i))):
+        with pytest.raises(TypeError, match="oracle must return real labels .* got dtype"):
+            nj.active_learning(
+                jax.random.key(0), params0, xs, strings, fit_fn=fit_fn, scores_fn=scores_fn, config=small
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +438,19 @@ def test_study_config_errors():
     assert config.batch == 7 and config.budgets == (7, 14, 21)
     config = study.config_from_args(parser.parse_args(["--small", "--batch", "5", "--budgets", "5,15"]))
     assert config.batch == 5 and config.budgets == (5, 15)
+
+
+@pytest.mark.parametrize("budgets", ["0", "0,0", "20,-40", "20,0"])
+def test_active_cli_names_budgets_that_are_not_positive(budgets, capsys):
+    """--budgets 0 gave "batch must be a positive integer, got 0" (the default batch is the budgets'
+    greatest common divisor), naming an option the user had not passed."""
+    parser = study.add_active_arguments(argparse.ArgumentParser(prog="nlis-jax active"))
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--budgets", budgets])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --budgets: label budgets must be positive integers, got '{budgets}'" in err
+    assert "batch must be" not in err
 
 
 def _no_constant(name):

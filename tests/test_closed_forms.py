@@ -131,6 +131,31 @@ def test_homogeneous_adjoint_identity_g():
     np.testing.assert_allclose(closed, flat_grad / 3, rtol=1e-14, atol=1e-15)
 
 
+def test_closed_forms_name_bad_maps_and_a_new_degree_compiles_nothing():
+    """g = 3 gave "'int' object is not callable"; a vector-valued phi or g a broadcasting error from
+    inside the program; every new degree compiled the program again (degree was static)."""
+    from helpers import COMPILE_EVENT, count_events
+
+    params, xs = _relu_data()
+    with pytest.raises(TypeError, match="g must be a callable scalar output map or None, got int"):
+        nj.homogeneous_adjoint(_relu_net, params, xs, degree=3, g=3)
+    with pytest.raises(ValueError, match=r"g must be a scalar map applied elementwise .* returned \(2, 16\)"):
+        nj.homogeneous_adjoint(_relu_net, params, xs[:16], degree=3, g=lambda z: jnp.stack([z, z]))
+    theta, X = normal(5, 4), normal(6, 10, 4)
+    with pytest.raises(TypeError, match="phi must be a callable scalar activation"):
+        nj.single_index_adjoint("tanh", theta, X)
+    with pytest.raises(
+        ValueError, match=r"phi must be a scalar map applied elementwise .* returned \(\), not"
+    ):
+        nj.single_index_adjoint(jnp.sum, theta, X)
+    first = nj.homogeneous_adjoint(_relu_net, params, xs, degree=3, g=jnp.tanh)
+    with count_events() as counts:
+        other = nj.homogeneous_adjoint(_relu_net, params, xs, degree=1.5, g=jnp.tanh)
+    assert counts[COMPILE_EVENT] == 0
+    # the same path integral with h of degree 1.5 instead of 3: f* = (g(h) − g(0))/(α h) ∇h scales as 1/α
+    np.testing.assert_allclose(other, 2 * first, rtol=1e-14, atol=1e-15)
+
+
 def test_homogeneous_adjoint_tanh_g():
     params, xs = _relu_data()
     closed = nj.homogeneous_adjoint(_relu_net, params, xs, degree=3, g=jnp.tanh)

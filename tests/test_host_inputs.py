@@ -371,6 +371,9 @@ def test_gather_rows_checked():
     got_x, got_y = nj.gather_rows((xs, ys), jnp.asarray(idx))
     np.testing.assert_array_equal(got_x, xs[idx])
     np.testing.assert_array_equal(got_y, ys[idx])
+    # under jax.jit: jax's ConcretizationTypeError from is_fully_addressable, not a word on the cause
+    with pytest.raises(TypeError, match="gather_rows reads rows of host data .* cannot run under jax.jit"):
+        jax.jit(lambda i: nj.gather_rows(xs, i))(jnp.asarray(idx))
 
 
 # ------------------------------------------------------------------------------------- labels of host losses

@@ -201,6 +201,30 @@ def test_basis_checks():
     np.testing.assert_allclose(nj.distortion(None, sub, sw, basis=U), expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, jnp.bfloat16])
+def test_basis_that_is_not_orthonormal_is_named(dtype):
+    """F itself, or a matrix of ones, passed as the basis gave a number (3.9e7 against 0.55) and no
+    error. Its squared column norms (taken in the same pass as before) must lie within 0.1 of 1, or of 0
+    beyond the rank; the library's own bases, half precision included, pass, eagerly and under checkify."""
+    F = _flat()
+    idx, w = np.array([0, 5, 5, 19]), np.array([2.0, 1.5, 1.5, 4.0])
+    U = jnp.asarray(nj.orthonormal_basis(jnp.asarray(F, dtype))[0])
+    assert np.isfinite(float(nj.distortion(None, idx, w, basis=U)))
+    for bad in (F, np.ones_like(F), 1.5 * np.asarray(U, np.float32)):
+        with pytest.raises(
+            ValueError, match=r"basis is not orthonormal: a column's squared norm is [0-9.e+]+ away"
+        ):
+            nj.distortion(None, idx, w, basis=bad)
+
+    def measure(basis):
+        with nj.traced_checks():
+            return nj.distortion(None, idx, w, basis=basis)
+
+    checked = jax.jit(checkify.checkify(measure, errors=checkify.user_checks))
+    assert checked(U)[0].get() is None
+    assert "basis is not orthonormal" in checked(jnp.asarray(F))[0].get()
+
+
 def test_inputs_are_not_modified():
     F, idx, w = _sample_block()
     idx.flags.writeable = False

@@ -150,6 +150,19 @@ def test_bad_path_arguments():
             nj.quadrature.gauss_legendre(nodes)
     with pytest.raises(TypeError, match=r"num_nodes must be a Python int, got 4.5"):
         nj.dual_matrix(apply_fn, params, xs, num_nodes=4.5)
+    # numpy builds the rule from a q × q eigenproblem: 10**6 nodes asked it for 7 TiB (a MemoryError)
+    top = nj.quadrature.MAX_NODES
+    for call in (
+        lambda q: nj.adjoint(apply_fn, params, xs, num_nodes=q),
+        lambda q: nj.dual_operator(apply_fn, params, xs, num_nodes=q),
+        lambda q: nj.streaming_leverage_scores(apply_fn, params, xs, ys, num_nodes=q),
+        nj.quadrature.gauss_legendre,
+    ):
+        for q in (top + 1, 10**6):
+            with pytest.raises(
+                ValueError, match=rf"num_nodes must be at most {top}, got {q}: .*\(num_nodes=None\)"
+            ):
+                call(q)
     with pytest.raises(ValueError, match=r"chunk_size must be a positive integer, got 0"):
         nj.adjoint(apply_fn, params, xs, chunk_size=0)
 

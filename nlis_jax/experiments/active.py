@@ -512,13 +512,17 @@ def plot_active(result: dict, out_dir: str | os.PathLike) -> Path:
 # Command line (registered as ``nlis-jax active`` by the CLI)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _budgets_arg(text: str) -> tuple[int, ...]:
+    """``argparse`` type of ``--budgets``: positive integers (a 0 made the default batch, their greatest
+    common divisor, 0, and the error named ``--batch``, which the user had not passed)."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"label budgets must be positive integers, got {text!r}")
     return values
 
 
@@ -538,7 +542,7 @@ def add_active_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add the options of ``nlis-jax active`` to ``parser`` (a subparser); returns it."""
     parser.add_argument("--dataset", choices=DATASETS, default="california")
     parser.add_argument("--repeats", type=int, default=None, help="runs per strategy (default 5)")
-    parser.add_argument("--budgets", type=_int_list, default=None, help="label budgets, e.g. 20,40,80")
+    parser.add_argument("--budgets", type=_budgets_arg, default=None, help="label budgets, e.g. 20,40,80")
     parser.add_argument("--batch", type=int, default=None, help="labels per round (default 20)")
     parser.add_argument("--radius", type=_radius_arg, default=None, help="l2 radius, or 'none'")
     parser.add_argument("--alpha", type=float, default=None, help="uniform mixing of leverage (0.1)")
