@@ -383,10 +383,10 @@ def adjoint(
       params: any pytree of floating arrays; flattened by ``jax.flatten_util.ravel_pytree`` to ``p``
         entries (the column order of the result).
       xs: inputs with a leading example axis, shape ``(n, ...)`` (or a pytree of such arrays).
-      num_nodes: ``None`` (adaptive) or the number ``q`` of nodes of a fixed Gauss-Legendre rule (exact for
-        integrands of degree ``2q - 1`` in t; no error estimate). The adaptive rule is differentiable in
-        forward mode (``jax.jvp``, ``jax.jacfwd``); reverse mode (``jax.grad``) cannot go through its
-        ``while_loop`` (a ``ValueError`` says so): differentiate a fixed rule.
+      num_nodes: ``None`` (adaptive) or the number ``q ≤ 4096`` of nodes of a fixed Gauss-Legendre rule
+        (exact for integrands of degree ``2q - 1`` in t; no error estimate). The adaptive rule is
+        differentiable in forward mode (``jax.jvp``, ``jax.jacfwd``); reverse mode (``jax.grad``) cannot go
+        through its ``while_loop`` (a ``ValueError`` says so): differentiate a fixed rule.
       mode: ``"forward"`` (one ``jax.jvp`` per tangent direction, vmapped: ~``p`` passes per node),
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
         when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).
@@ -411,7 +411,8 @@ def adjoint(
 
     Raises:
       ValueError: on NaN/Inf in ``params`` or ``xs`` (when concrete), inconsistent leading axes,
-        a model output of rank > 1, an unknown ``mode`` or a non-positive ``num_nodes``/``chunk_size``;
+        a model output of rank > 1, an unknown ``mode``, ``num_nodes`` outside ``[1, 4096]``, a
+        non-positive ``chunk_size``;
         when ``apply_fn`` fails on one example (the message shows the shapes); when the adjoint comes out
         NaN or Inf (a gradient of ``apply_fn`` not finite on the path ``tθ``, e.g. ``sqrt`` or ``log``
         singular at ``θ = 0``, or overflow), eagerly, or as a ``checkify`` check under a user's ``jit``
