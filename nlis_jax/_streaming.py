@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
 from nlis_jax._checks import (
@@ -126,8 +127,13 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
     h, transform, rows_finite = leverage_passes(chunks, dim, dtype, rtol, route)
     bad = jnp.sum(~jnp.isfinite(h))
+    # route "shifted" on a dependent column it could not see: Σh one short of the rank (routes.gram_basis
+    # falls back in the program; here the caller redoes the passes on route "stable")
+    total = jnp.sum(h, dtype=jnp.promote_types(h.dtype, jnp.float32))
+    lost = (transform.route == routes.SHIFTED) & (jnp.abs(total - transform.rank) > routes.LOST_DIRECTION)
     # a NaN row makes the Gram matrix and so every score NaN; NaN from finite rows is the linear algebra's
-    return h, transform.rank, transform.route, jnp.where(rows_finite, 0, bad), jnp.where(rows_finite, bad, 0)
+    finite = (jnp.where(rows_finite, 0, bad), jnp.where(rows_finite, bad, 0))
+    return h, transform.rank, transform.route, *finite, lost
 
 
 def _check_gram_fits(params) -> None:
@@ -210,24 +216,30 @@ def streaming_leverage_scores(
     shape = check_model(apply_fn, params, xs, ys)
     dtype = shape.dtype
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
-    h, rank, taken, bad_rows, bad_algebra = _streaming_jit(
-        apply_fn,
-        params,
-        xs,
-        ys,
-        routes.tolerance(rtol, routes.compute_dtype(dtype)),
-        chunk_size=chunk_size,
-        num_nodes=num_nodes,
-        mode=mode,
-        route=route,
+    tol = routes.tolerance(rtol, routes.compute_dtype(dtype))
+    kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    h, rank, taken, bad_rows, bad_algebra, lost = _streaming_jit(
+        apply_fn, params, xs, ys, tol, route=route, **kw
     )
     rank_seen = None
-    if is_concrete(rank):  # the three checks from one read back
-        bad_rows, bad_algebra, rank_seen = fetch(bad_rows, bad_algebra, rank)
+    if is_concrete(rank):  # the four checks from one read back
+        bad_rows, bad_algebra, rank_seen, lost = fetch(bad_rows, bad_algebra, rank, lost)
     # one NaN row makes the Gram matrix and so every score NaN: the count is of scores, not of examples
     report_nonfinite(bad_rows, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
     report_nonfinite(bad_algebra, shape.n, lambda count: LINEAR_ALGEBRA_FAILED.format(count=count))
+    if rank_seen is None:
+        traced.check(~lost, LOST_DIRECTION_MESSAGE)
+    elif lost:  # route "shifted" missed a dependent column (float32): the rank-revealing route instead
+        h, rank, taken, *_ = _streaming_jit(apply_fn, params, xs, ys, tol, **kw, route="stable")
+        rank_seen = int(rank)
     return as_leverage(h, rank, taken, return_info, dtype, forced=route, rank_seen=rank_seen)
+
+
+#: Under a user's jit (inside ``traced_checks()``): route ``"shifted"`` missed a dependent column.
+LOST_DIRECTION_MESSAGE = (
+    'streaming_leverage_scores: route "shifted" counted a numerically dependent column in the rank (the raw '
+    'leverage sums to one less); eagerly the passes are redone on route "stable": pass route="stable".'
+)
 
 
 def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, route, return_info, out):

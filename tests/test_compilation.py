@@ -438,8 +438,8 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
         "sample": ([], [((),) * 5]),
         "mix_with_uniform": ([], [((),) * 5]),
         "linear_leverage_scores": ([], [(2,)]),  # leverage_scores' status (rank, NaN flag)
-        # the NaN counts of rows and of the linear algebra, and the rank, together
-        "streaming_leverage_scores": ([], [((), (), ())]),
+        # the NaN counts of rows and of the linear algebra, the rank and the lost-direction flag, together
+        "streaming_leverage_scores": ([], [((), (), (), ())]),
     }[call]
     expected = run()  # compiles
     counted = _Dispatches(monkeypatch)
