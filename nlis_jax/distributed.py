@@ -48,6 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nlis_jax._checks import check_positive_int
 from nlis_jax._types import PyTree
 
 ENV_COORDINATOR = "NLIS_COORDINATOR_ADDRESS"
@@ -83,8 +84,20 @@ def initialize(
         num_processes = int(env[ENV_NUM_PROCESSES])
     if process_id is None and ENV_PROCESS_ID in env:
         process_id = int(env[ENV_PROCESS_ID])
+    previous = jax.config.jax_cpu_collectives_implementation
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except Exception as err:  # the setting put back: a failed call leaves the process as it was
+        jax.config.update("jax_cpu_collectives_implementation", previous)
+        if coordinator_address is None and "coordinator" in str(err):  # not "after JAX work" and the like
+            raise ValueError(
+                "nlis_jax.distributed.initialize found no coordinator: pass coordinator_address "
+                f'("host:port" of process 0), set ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES} and '
+                f"${ENV_PROCESS_ID} (the launcher, `python -m nlis_jax.distributed --num-processes N "
+                f"script.py`, sets them), or run under a cluster JAX detects (SLURM, Cloud TPU). jax: {err}"
+            ) from err
+        raise
     if jax.process_count() > 1:
         sys.excepthook = _exit_on_error(sys.excepthook)
 
@@ -114,7 +127,11 @@ def data_mesh() -> Mesh:
 
 
 def process_rows(n: int) -> slice:
-    """This process's block of rows of an ``n``-row data set (``n`` divisible by the number of devices)."""
+    """This process's block of rows of an ``n``-row data set (``n`` divisible by the number of devices).
+
+    ``TypeError`` unless ``n`` is an int (a float gave a slice of floats; ``True`` one row), ``ValueError``
+    unless positive (``-4`` gave ``slice(0, -4)``, every row but the last four)."""
+    n = check_positive_int("n", n)
     devices = jax.device_count()
     if n % devices:
         raise ValueError(

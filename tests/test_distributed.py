@@ -161,6 +161,28 @@ def test_a_process_that_fails_after_a_collective_ends_the_job(tmp_path):
     assert seconds < 200  # jax startup of two processes on a loaded machine; the hang ran to the timeout
 
 
+def test_initialize_without_a_coordinator_names_the_ways_to_give_one():
+    """Outside a launcher or cluster, initialize() surfaced jax's bare "coordinator_address should be
+    defined" and left the CPU collectives switched; a fresh process (no JAX work yet) gets the names now."""
+    code = (
+        "import jax\n"
+        "from nlis_jax import distributed\n"
+        "jax.config.update('jax_cpu_collectives_implementation', 'mpi')\n"
+        "try:\n"
+        "    distributed.initialize()\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "print(jax.config.jax_cpu_collectives_implementation)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NLIS_", "SLURM_", "OMPI_", "PMI_"))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    message, setting = proc.stdout.strip().splitlines()[-2:]
+    assert message.startswith("nlis_jax.distributed.initialize found no coordinator: pass coordinator_")
+    assert "$NLIS_COORDINATOR_ADDRESS" in message and "python -m nlis_jax.distributed" in message
+    assert setting == "mpi"  # put back
+
+
 def test_launcher_timeout(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text("import time\ntime.sleep(60)\n")
@@ -174,6 +196,12 @@ def test_one_process_helpers():
     assert distributed.process_rows(n) == slice(0, n)
     with pytest.raises(ValueError, match="cannot be split evenly"):
         distributed.process_rows(n + 1)
+    # -n gave slice(0, -n) (every row but the last n), a float a slice of floats, True one row
+    with pytest.raises(ValueError, match=f"n must be a positive integer, got {-n}"):
+        distributed.process_rows(-n)
+    for bad in (float(n), True):
+        with pytest.raises(TypeError, match="n must be a Python int"):
+            distributed.process_rows(bad)
     x = np.arange(2.0 * n).reshape(n, 2)
     xs = distributed.shard_rows({"x": x})["x"]
     assert len(xs.sharding.device_set) == devices
