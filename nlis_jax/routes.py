@@ -770,8 +770,8 @@ def sketched_rows(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array,
     return out, done, (m - jnp.sum(zero)).astype(jnp.int32)
 
 
-#: How far ``Σh = ‖U‖_F²`` may lie from the number of columns ``m`` before route ``"shifted"`` is taken
-#: to have lost a direction (:func:`kept_every_direction`).
+#: How far ``Σh = ‖U‖_F²`` may lie from the rank route ``"shifted"`` reports before it is taken to have
+#: lost a direction (:func:`kept_every_direction`; also the streamed scores' check).
 LOST_DIRECTION = 0.5
 
 
