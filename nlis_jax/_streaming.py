@@ -129,8 +129,7 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     bad = jnp.sum(~jnp.isfinite(h))
     # route "shifted" on a dependent column it could not see: Σh one short of the rank (routes.gram_basis
     # falls back in the program; here the caller redoes the passes on route "stable")
-    total = jnp.sum(h, dtype=jnp.promote_types(h.dtype, jnp.float32))
-    lost = (transform.route == routes.SHIFTED) & (jnp.abs(total - transform.rank) > routes.LOST_DIRECTION)
+    lost = (transform.route == routes.SHIFTED) & ~routes.kept_every_direction(h, transform.rank, True)
     # a NaN row makes the Gram matrix and so every score NaN; NaN from finite rows is the linear algebra's
     finite = (jnp.where(rows_finite, 0, bad), jnp.where(rows_finite, bad, 0))
     return h, transform.rank, transform.route, *finite, lost

@@ -786,7 +786,7 @@ def kept_every_direction(out: Array, rank: Array, row_norms: bool) -> Array:
     ``Σh`` within ``m·1e-3`` of ``m`` on this route, far inside the margin; the check costs a sum.
     """
     total = jnp.sum(out if row_norms else jnp.square(out), dtype=jnp.promote_types(out.dtype, jnp.float32))
-    return jnp.abs(total - rank) <= LOST_DIRECTION
+    return jnp.abs(total - rank.astype(total.dtype)) <= LOST_DIRECTION
 
 
 def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
