@@ -832,12 +832,15 @@ def gram_basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tup
         Y = upper_rows(A, cs[:, None] * first)  # the transforms of this route are upper triangular
         pre = shifted_transform(G, gram(Y), first, lambda M: gram(upper_rows(Y, M)), rtol)
 
-        def taken():
-            out = upper_rows(Y, pre.second, row_norms)
-            kept = kept_every_direction(out, dec.rank, row_norms)
-            return lax.cond(kept, lambda: (out, dec.rank, jnp.int32(SHIFTED)), lambda: stable(A))
+        def rows():
+            return upper_rows(Y, pre.second, row_norms)
 
-        return lax.cond(ok & pre.ok & ~extreme, taken, lambda: stable(A))
+        good = ok & pre.ok & ~extreme
+        skipped = jax.eval_shape(rows)
+        out = lax.cond(good, rows, lambda: jnp.zeros(skipped.shape, skipped.dtype))
+        # one rank-revealing branch (traced once) for a failed check and for a lost direction
+        take = good & kept_every_direction(out, dec.rank, row_norms)
+        return lax.cond(take, lambda: (out, dec.rank, jnp.int32(SHIFTED)), lambda: stable(A))
 
     def fast(branch):
         return lambda A: (*branch(A), dec.route)
