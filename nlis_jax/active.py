@@ -281,18 +281,19 @@ def query(
     alpha = jnp.asarray(alpha, jnp.asarray(scores).dtype)
     labelled = jnp.asarray(labelled)
     chosen = _query(key, scores, labelled, alpha, batch=batch, strategy=strategy, replace=replace)
-    if strategy == "sample" and pool < 0 and not replace:
-        tiny = jnp.finfo(chosen.probs.dtype).tiny
-        traced.check(
-            jnp.sum(chosen.probs >= tiny) >= batch,
-            f"fewer pool points of positive probability than batch={batch}: sampling without replacement "
-            "cannot reach the rest (use alpha > 0).",
-        )
-    if strategy == "sample" and pool >= 0 and not replace:
+    if strategy == "sample" and not replace:
         # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0, and
         # priority sampling then returns such points with weight 0
+        tiny = jnp.finfo(chosen.probs.dtype).tiny
+        if pool < 0:  # traced: checkify, when asked
+            traced.check(
+                jnp.sum(chosen.probs >= tiny) >= batch,
+                f"fewer pool points of positive probability than batch={batch}: sampling without "
+                "replacement cannot reach the rest (use alpha > 0).",
+            )
+            return chosen
         probs = np.asarray(chosen.probs)
-        positive = int(np.sum(probs >= np.finfo(probs.dtype).tiny))
+        positive = int(np.sum(probs >= tiny))
         if positive < batch:
             raise ValueError(
                 f"only {positive} pool points have a positive probability in {probs.dtype}, fewer than "
