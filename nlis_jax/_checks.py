@@ -74,6 +74,15 @@ def check_not_complex(name: str, tree: PyTree) -> None:
             raise TypeError(f"{name} must hold real numbers, got dtype {leaf.dtype}.")
 
 
+def check_numeric(name: str, tree: PyTree) -> None:
+    """``TypeError`` for a leaf of strings, bytes, dates, objects or records (by dtype, no value read):
+    JAX's own error printed the array and named neither the argument nor the cause."""
+    for leaf in jax.tree.leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biufc":
+            raise TypeError(f"{name} must hold numbers, got dtype {dtype}.")
+
+
 def _count_nonfinite(x):
     return jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x))
 

@@ -52,6 +52,7 @@ from nlis_jax._checks import (
     check_finite,
     check_floating,
     check_not_complex,
+    check_numeric,
     check_positive,
     is_concrete,
     narrowing_counts,
@@ -99,6 +100,8 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     check_native("xs", xs)
     check_native("ys", ys)
     check_native("weights", weights)
+    for name, tree in (("xs", xs), ("ys", ys), ("weights", weights)):
+        check_numeric(name, tree)
     first = jax.tree.leaves(xs)[0]
     n = first.shape[0] if first.ndim else 0
     if n == 0:
@@ -284,6 +287,7 @@ class CheckedSource:
                     f"may be a pytree of them) with examples first, got {got}."
                 )
         check_native(f"chunk {index} of the chunk source", leaves)
+        check_numeric(f"chunk {index} of the chunk source", leaves)
         shapes = [leaf.shape for leaf in leaves]
         if any(shape[0] != shapes[0][0] for shape in shapes):
             raise ValueError(
@@ -978,6 +982,10 @@ def nonfinite_losses(bad: int, n: int, losses=None) -> str:
     )
 
 
+#: The error of a loss without responses (``ys=None`` is for a chunk source of ``(x, y)`` pairs only).
+LOSSES_NEED_YS = "the losses need ys (or a chunk source of (x, y) pairs)."
+
+
 def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels=None) -> tuple[Source, int]:
     """The ``(x, y, w)`` chunk source of host data for the losses (shape checks first).
 
@@ -994,7 +1002,7 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
         return (lambda: ((x, y, None) for x, y in pairs())), chunk_size
     ys, weights = host_vector("ys", ys), host_vector("weights", weights)
     if ys is None:
-        raise ValueError("the losses need ys (or a chunk source of (x, y) pairs).")
+        raise ValueError(LOSSES_NEED_YS)
     if weights is not None and not (np.issubdtype(weights.dtype, np.floating) or weights.dtype.kind in "iub"):
         raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)

@@ -70,7 +70,8 @@ ALL_ZERO_MESSAGE = (
     "bias-free ReLU network, every unit dead), and its last column f(0) − y is zero, so f(0) already "
     "fits every point exactly. Check the model and params (or score with uniform_scores). Entries below "
     "the smallest normal number of the dtype (subnormal, e.g. 1e-310 in float64) count as zero on CPUs: "
-    "rescale such a matrix first."
+    "rescale such a matrix first. After a QuadratureWarning the adjoints themselves may be wrong: inputs so "
+    "large that ∇f(tθ) is a spike at t = 0 narrower than the rule resolves (standardise the inputs)."
 )
 
 

@@ -50,7 +50,7 @@ from nlis_jax._checks import (
     under_trace,
     value_range,
 )
-from nlis_jax._host import host_losses, is_host_data, nonfinite_losses, overflowed_sum
+from nlis_jax._host import LOSSES_NEED_YS, host_losses, is_host_data, nonfinite_losses, overflowed_sum
 from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Projection, check_projection, identity
@@ -128,7 +128,7 @@ def _squared(pred: Array, y: Array) -> Array:
 
 def _cross_entropy(logits: Array, label: Array) -> Array:
     logits, label = jnp.asarray(logits), jnp.asarray(label)
-    if logits.ndim != 1:
+    if logits.ndim != 1 or logits.shape[0] < 2:
         raise ValueError(_logits_shape_message(logits.shape))
     if label.shape != () or not jnp.issubdtype(label.dtype, jnp.integer):
         raise ValueError(
@@ -237,6 +237,8 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     if not jax.tree.leaves(params):
         raise ValueError("params has no array leaves.")
     check_floating("params", params)
+    if ys is None:
+        raise ValueError(LOSSES_NEED_YS)
     n = num_examples(xs, "xs")  # a pytree of arrays sharing the example axis, as the scores take it
     n_y = check_leading_axis("ys", ys)
     check_same_length("xs", n, "ys", n_y)
@@ -304,9 +306,10 @@ def _trace_label_range(apply_fn, params, loss, example, ys) -> None:
 
 def _num_logits(apply_fn, params, example) -> int:
     """``k``, the length of ``apply_fn(params, x)`` for one example (shapes only); ``ValueError`` unless
-    it is a vector (a scalar output gave a message that depended on the labels' values)."""
+    it is a vector of at least two (a scalar output gave a message that depended on the labels' values;
+    one logit made the loss 0 whatever the parameters)."""
     out = jax.eval_shape(apply_fn, params, example)
-    if len(out.shape) != 1:
+    if len(out.shape) != 1 or out.shape[0] < 2:
         raise ValueError(_logits_shape_message(out.shape))
     return out.shape[0]
 
@@ -314,7 +317,7 @@ def _num_logits(apply_fn, params, example) -> int:
 def _logits_shape_message(shape) -> str:
     return (
         f'loss="cross_entropy" needs apply_fn to return a vector of k logits per example (one per class, '
-        f"k >= 2), got output shape {tuple(shape)}."
+        f"k >= 2: with one logit the loss is 0 whatever the parameters), got output shape {tuple(shape)}."
     )
 
 
@@ -406,7 +409,7 @@ def weighted_loss(
     apply_fn: ApplyFn,
     params: PyTree,
     xs: Array,
-    ys: Array,
+    ys: Array | None = None,
     weights: Array | None = None,
     *,
     loss: str | LossFn = "squared",
@@ -428,7 +431,7 @@ def weighted_loss(
             ``(x_chunk, y_chunk)`` pairs, with ``ys=None`` and ``weights=None``).
         ys: real targets, shape ``(n, ...)``: same per-example shape as the output for ``"squared"``,
             integer labels ``(n,)`` for ``"cross_entropy"``, labels in ``[0, 1]`` ``(n,)`` for
-            ``"logistic"``.
+            ``"logistic"``. ``None`` only with a chunk source (the responses travel in its chunks).
         weights: non-negative ``(n,)`` weights, e.g. ``1/(s p_i)`` from ``sample``; ``None`` means
             ones.
         loss: ``"squared"`` :math:`(f - y)^2` (summed over output entries),
@@ -473,7 +476,7 @@ def per_example_loss(
     apply_fn: ApplyFn,
     params: PyTree,
     xs: Array,
-    ys: Array,
+    ys: Array | None = None,
     *,
     loss: str | LossFn = "squared",
     chunk_size: int | None = None,
@@ -874,6 +877,11 @@ def _check_projection_output(projection, params: PyTree) -> None:
         return
     out = jax.eval_shape(lambda tree: projection(tree), params)  # a lambda: jit would hash Box's dicts
     want, got = jax.tree.structure(params), jax.tree.structure(out)
+    if isinstance(out, Projection):  # a builder (nj.l2_ball) called on the params, not a projection
+        raise TypeError(
+            f"projection(params) is itself a projection ({type(out).__name__}): pass a built one, e.g. "
+            f"projection=nj.l2_ball(1.0), not the builder {getattr(projection, '__name__', projection)}."
+        )
     if want != got:
         raise ValueError(
             f"projection must return a pytree of the structure of params: params is {want}, "
@@ -980,7 +988,8 @@ def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> Non
         what = f"the update at step {step} made the parameters non-finite (loss there {value:.6g})"
     return NonFiniteLossError(
         f"fit stopped: {what}{before}. The exception's .state holds the last finite iterate; "
-        "lower the learning rate, rescale the data, or check apply_fn for overflow.",
+        "lower the learning rate (and check that it is a finite number), rescale the data, or check apply_fn "
+        "for overflow.",
         state=state,
         step=step,
     )

@@ -142,9 +142,12 @@ class Box(Projection):
 
     ``lower`` and ``upper`` are each a scalar (the same bound for every entry) or a pytree with the
     structure of the parameters (leaves broadcastable to the parameter leaves). Implemented by
-    :func:`optax.projections.projection_box` (an elementwise clip). Built directly rather than by
-    :func:`box`, concrete bounds are checked when called, as :func:`box` checks them (``ValueError`` for
-    NaN, ``lower > upper`` or ``[inf, inf]``); traced ones by a ``checkify`` check inside
+    :func:`optax.projections.projection_box` (an elementwise clip), with the bounds rounded inwards to
+    each leaf's dtype (:func:`_inward`), so the result lies in the box: ``upper = 0.1`` clips float32
+    entries to 0.099999994, the largest float32 number ≤ 0.1 (0.1 in float32 is 0.10000000149).
+    Built directly rather than by :func:`box`, concrete bounds are checked when called, as :func:`box`
+    checks them (``ValueError`` for NaN, ``lower > upper``, ``[inf, inf]`` or a box that holds no number
+    of the parameters' dtype); traced ones by a ``checkify`` check inside
     ``nlis_jax.traced_checks()``.
     """
 
@@ -159,10 +162,44 @@ class Box(Projection):
         upper = _broadcast_bound(self.upper, tree, "upper")
         if not all(is_concrete(b) for b in jax.tree.leaves((self.lower, self.upper))):  # traced bounds
             ordered = jax.tree.map(lambda a, b: jnp.all(a <= b), lower, upper)
-            traced.check(
-                jnp.all(jnp.stack(jax.tree.leaves(ordered))), "box: lower must be <= upper everywhere."
+            traced.check(jnp.all(jnp.stack(jax.tree.leaves(ordered))), EMPTY_BOX_MESSAGE)
+        elif not all(
+            np.all(a <= b) for a, b in zip(jax.tree.leaves(lower), jax.tree.leaves(upper), strict=True)
+        ):
+            dtypes = sorted({str(jnp.result_type(x)) for x in jax.tree.leaves(tree)})
+            raise ValueError(
+                f"box: no {'/'.join(dtypes)} number lies between lower and upper somewhere (rounded inwards "
+                "to the parameters' dtype, the bounds cross)."
             )
         return _cast_like(projection_box(tree, lower, upper), tree)
+
+
+#: The box has no point: ``lower > upper`` somewhere, after the bounds are rounded inwards to the
+#: parameters' dtype (:func:`_inward`).
+EMPTY_BOX_MESSAGE = "box: lower must be <= upper everywhere, in the parameters' dtype."
+
+
+def _inward(bound: Any, dtype, name: str):
+    """``bound`` in ``dtype``, rounded towards the inside of the box: a lower bound up, an upper bound down.
+
+    Round to nearest could put the bound outside the box: ``lower = 1e-8`` is 0 in float16, so the
+    clip let 0 through, and ``upper = 1e5`` is Inf there. Rounded inwards, the clip returns the
+    nearest point of the box that ``dtype`` holds; when it holds none, the bounds come out crossed
+    (``7e4 ≤ θ ≤ 8e4`` in float16: ``lower`` Inf, ``upper`` 65504) and :class:`Box` raises. A concrete
+    bound becomes a numpy array (worked out on the host, also under a trace), a traced one a jax array.
+    """
+    lower = name == "lower"
+    if is_concrete(bound):
+        given = np.asarray(bound, np.float64)
+        with np.errstate(over="ignore"):  # a bound past the dtype's range is Inf, then stepped inwards
+            out = given.astype(dtype)
+        rounded = out.astype(np.float64)
+        outward = rounded < given if lower else rounded > given
+        return np.where(outward, np.nextafter(out, np.asarray(np.inf if lower else -np.inf, dtype)), out)
+    out = jnp.asarray(bound, dtype=dtype)
+    wide = jnp.promote_types(jnp.result_type(bound), dtype)
+    outward = out.astype(wide) < bound if lower else out.astype(wide) > bound
+    return jnp.where(outward, jnp.nextafter(out, jnp.asarray(np.inf if lower else -np.inf, dtype)), out)
 
 
 def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
@@ -180,7 +217,7 @@ def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
                     f"box: {name}{jax.tree_util.keystr(path)} has shape {np.shape(b)}, which does not "
                     f"broadcast to the parameter's shape {np.shape(x)}."
                 )
-        return jax.tree.map(lambda b, x: jnp.asarray(b, dtype=jnp.result_type(x)), bound, tree)
+        return jax.tree.map(lambda b, x: _inward(b, jnp.result_type(x), name), bound, tree)
     leaves = jax.tree.leaves(bound)
     if len(leaves) == 1 and jax.tree.structure(bound).num_nodes == 1:
         if np.ndim(bound) != 0:  # an array is neither a scalar nor the parameters' structure
@@ -188,7 +225,7 @@ def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
                 f"box: {name} must be a scalar or a pytree with the structure of the parameters "
                 f"({tree_def}), got an array of shape {np.shape(bound)}."
             )
-        return jax.tree.map(lambda x: jnp.asarray(bound, dtype=jnp.result_type(x)), tree)
+        return jax.tree.map(lambda x: _inward(bound, jnp.result_type(x), name), tree)
     raise ValueError(
         f"box: {name} must be a scalar or a pytree with the structure of the parameters "
         f"({tree_def}), got {jax.tree.structure(bound)}."

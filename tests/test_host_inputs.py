@@ -7,6 +7,8 @@ the fixed 4-node rule throughout (the subject is the input handling, not the qua
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -429,3 +431,48 @@ def test_fit_minibatch_key_checked():
     result = nj.fit(apply_fn, params, xs, ys, key=jax.random.key(0), **kw)
     pred = np.tanh(xs @ np.asarray(result.params["w"]) + np.asarray(result.params["b"]))
     np.testing.assert_allclose(result.final_loss, np.sum((pred - ys) ** 2), rtol=1e-12)
+
+
+def test_host_leverage_names_integer_params():
+    """Integer params on the host path got numpy's "data type ... not inexact" (the default tolerance was
+    taken from their dtype before the params were checked); now the library's message, as elsewhere."""
+    _, xs, ys = _setup()
+    params = {"w": np.ones(D, np.int32), "b": np.asarray(0, np.int32)}
+    for data in ((xs, ys), (lambda: iter([(xs, ys)]), None)):
+        with pytest.raises(TypeError, match="params must hold floating-point arrays, got dtype int32"):
+            nj.streaming_leverage_scores(apply_fn, params, *data, **KW)
+
+
+@pytest.mark.parametrize(
+    "bad", [np.array(["1.5"] * N), np.array([b"ab"] * N), np.array(["2020-01-01"] * N, dtype="datetime64[D]")]
+)
+def test_host_arrays_of_non_numbers_are_named(bad):
+    """Strings, bytes or dates as ys (host data, a chunk source too) got JAX's error, which printed the
+    array and named neither the argument nor the cause."""
+    params, xs, ys = _setup()
+    with pytest.raises(TypeError, match=f"ys must hold numbers, got dtype {re.escape(str(bad.dtype))}"):
+        nj.streaming_leverage_scores(apply_fn, params, xs, bad, **KW)
+    with pytest.raises(TypeError, match="ys must hold numbers"):
+        nj.weighted_loss(apply_fn, params, xs, bad)
+    with pytest.raises(TypeError, match=r"chunk 0 of the chunk source must hold numbers"):
+        nj.streaming_norm_scores(apply_fn, params, lambda: iter([(xs, bad)]), **KW)
+    ref = _dense(params, jnp.asarray(xs), jnp.asarray(ys))[1]  # the numbers themselves are scored
+    np.testing.assert_allclose(nj.streaming_norm_scores(apply_fn, params, xs, ys, **KW), ref, rtol=1e-12)
+
+
+def test_losses_without_ys():
+    """``ys`` may be left out with a chunk source (it was a required argument: passing ``None`` by hand
+    was the only way); without one, every path names the missing responses (device arrays reported
+    "ys must have at least 1 axis ... got shape ()")."""
+    params, xs, ys = _setup()
+    want = np.sum((np.tanh(xs @ params["w"] + params["b"]) - ys) ** 2)
+    source = lambda: iter([(xs[:5], ys[:5]), (xs[5:], ys[5:])])  # noqa: E731
+    np.testing.assert_allclose(nj.weighted_loss(apply_fn, params, source), want, rtol=1e-12)
+    per = nj.per_example_loss(apply_fn, params, source)
+    np.testing.assert_allclose(per, (np.tanh(xs @ params["w"] + params["b"]) - ys) ** 2, rtol=1e-12)
+    for data in (xs, jnp.asarray(xs)):
+        for fn in (nj.weighted_loss, nj.per_example_loss):
+            with pytest.raises(ValueError, match=r"the losses need ys \(or a chunk source"):
+                fn(apply_fn, params, data)
+    with pytest.raises(ValueError, match=r"the losses need ys"):
+        nj.fit(apply_fn, params, jnp.asarray(xs), None, optimizer=optax.sgd(0.1), num_steps=1)

@@ -44,6 +44,13 @@ def linear(params, x):
     return x @ params["w"]
 
 
+def _matmul(params, x):  # params a bare array
+    return x @ params
+
+
+SGD = dict(optimizer=optax.sgd(0.1), num_steps=2)
+
+
 def single_index(params, x):
     return jnp.tanh(x @ params["w"])
 
@@ -135,6 +142,49 @@ def test_projection_builders_reject_bad_input():
         box(float("nan"), 1.0)
     with pytest.raises(ValueError, match="needs params"):
         project_params(l2_ball(1.0)).update({"w": jnp.ones(2)}, optax.EmptyState())
+
+
+def test_box_rounds_its_bounds_inwards_to_the_parameters_dtype():
+    """A box's bounds rounded to nearest could leave the box: ``lower = 1e-8`` is 0 in float16 (0 came
+    back), ``upper = 1e5`` is Inf, and ``7e4 ≤ θ ≤ 8e4`` holds no float16 number (Inf came back, and
+    ``fit`` blamed the model). Now every result lies in the box (compared in float64) or the call
+    raises; bounds a dtype holds exactly clip to themselves, concrete or traced."""
+    x16 = jnp.asarray([-1.5, 0.5, 2.0, 6e4], jnp.float16)
+    for lo, hi in ((1e-8, 1.0), (-1e5, 1e5), (-0.1, 0.1), (0.3, 0.31)):
+        for proj in (box(lo, hi), jax.jit(lambda t, lo=lo, hi=hi: Box(lo, hi)(t))):
+            for x in (x16, x16.astype(jnp.float32), x16.astype(jnp.bfloat16)):
+                out = np.asarray(proj(x)).astype(np.float64)
+                assert np.all((lo <= out) & (out <= hi)) and proj(x).dtype == x.dtype
+                # the nearest point of the box the dtype holds: one step outwards leaves the box
+                step_out = np.nextafter(np.asarray(proj(x)), np.asarray(np.inf, x.dtype)).astype(np.float64)
+                assert np.all(step_out[np.asarray(x).astype(np.float64) > hi] > hi)
+    traced = jax.jit(lambda t, lo, hi: Box(lo, hi)(t))(x16, jnp.float32(1e-8), jnp.float32(1.0))
+    assert float(jnp.min(traced)) >= 1e-8
+    np.testing.assert_array_equal(box(-1.0, 0.5)(x16), [-1.0, 0.5, 0.5, 0.5])  # exact bounds: unchanged
+    with pytest.raises(ValueError, match="no float16 number lies between lower and upper"):
+        box(7e4, 8e4)(x16)
+    np.testing.assert_array_equal(box(7e4, 8e4)(x16.astype(jnp.float32)), [7e4, 7e4, 7e4, 7e4])
+
+
+def test_cross_entropy_refuses_one_logit():
+    """One logit per example made the cross-entropy 0 whatever the parameters (fit ran and changed
+    nothing); it is refused with the message a scalar output gets."""
+    X = np.random.default_rng(0).normal(size=(30, 3))
+    labels = np.zeros(30, int)
+    with pytest.raises(ValueError, match="k >= 2"):
+        nj.fit(_matmul, np.ones((3, 1)), X, labels, **SGD, loss="cross_entropy")
+    with pytest.raises(ValueError, match="k >= 2"):
+        nj.weighted_loss(_matmul, np.ones((3, 1)), X, labels, loss="cross_entropy")
+    two = nj.weighted_loss(_matmul, np.ones((3, 2)), X, labels, loss="cross_entropy")
+    np.testing.assert_allclose(two, 30 * np.log(2.0), rtol=1e-12)  # equal logits: log k each
+
+
+def test_fit_names_a_projection_builder_passed_unbuilt():
+    X, y = np.random.default_rng(0).normal(size=(30, 3)), np.zeros(30)
+    with pytest.raises(TypeError, match=r"pass a built one, e\.g\. projection=nj\.l2_ball\(1\.0\)"):
+        nj.fit(_matmul, np.zeros(3), X, y, **SGD, projection=nj.l2_ball)
+    fitted = nj.fit(_matmul, np.zeros(3), X, y, **SGD, projection=nj.l2_ball(1.0))
+    np.testing.assert_array_equal(fitted.params, np.zeros(3))  # y = 0: the gradient at 0 is 0
 
 
 def test_projections_are_pytrees():

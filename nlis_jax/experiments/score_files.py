@@ -181,9 +181,8 @@ def run_score(args: argparse.Namespace) -> int:
         apply_fn, params = model_and_params(args, xs.shape[1], dtype)
         with _written_on_success(args.out, dtype, xs.shape[0]) as out:
             kwargs = dict(chunk_size=args.chunk_size, out=out)
-            if args.method == "norm":  # the adaptive rule, as the leverage scores (the library's default
-                # here is a fixed rule: 1% off on a row at |<θ, x>| = 49)
-                nj.streaming_norm_scores(apply_fn, params, xs, ys, num_nodes=None, **kwargs)
+            if args.method == "norm":  # the adaptive rule, as the leverage scores
+                nj.streaming_norm_scores(apply_fn, params, xs, ys, **kwargs)
                 rank = None
             else:
                 info = nj.streaming_leverage_scores(apply_fn, params, xs, ys, return_info=True, **kwargs)
