@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from nlis_jax.experiments.checks import positive_int_arg, replace_naming_option, seed_arg, size_arg, sizes_arg
-from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, shrink
+from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, TAILS_MIN, shrink
 
 #: Exit code for a usage error or a missing data set (argparse's convention).
 EXIT_USAGE = 2
@@ -79,8 +79,10 @@ def _float_or_none(text: str):
 
 def _tails(text: str):
     value = _float_or_none(text)
-    if value != NONE and not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"degrees of freedom must be a finite positive number, got {text!r}")
+    if value != NONE and not (math.isfinite(value) and value >= TAILS_MIN):
+        raise argparse.ArgumentTypeError(
+            f"degrees of freedom must be a finite number >= {TAILS_MIN:g}, got {text!r}"
+        )
     return value
 
 
@@ -90,7 +92,11 @@ def _methods(text: str) -> tuple[str, ...]:
 
     known = METHODS + tuple(m for m in FLIGHTS_METHODS if m not in METHODS)
     unknown = [v for v in values if v not in known]
-    if unknown or not values:
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"name at least one method, got {text!r}; choose from {','.join(known)}"
+        )
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(known)}")
     return values
 
@@ -665,7 +671,7 @@ def _warn_unconverged(full: dict) -> None:
     steps = full["num_steps"]
     over = f"the last tenth of its {steps} steps" if steps >= 10 else f"its {steps} steps"
     print(
-        f"nlis-jax run: warning: the full-data fit has not converged (its loss changed by {change:.2g} "
+        f"nlis-jax run: warning: the full-data fit has not converged (its loss moved by up to {change:.2g} "
         f"relative over {over}, more than {FULL_FIT_RTOL:g}): "
         "L(θ*) is not the full-data optimum, so the ratios L(θ_S)/L(θ*) are off (below 1 where a sample "
         "fit beats it); raise --full-steps or lower --lr.",
@@ -807,7 +813,7 @@ def _dispatch(parser, args: argparse.Namespace, argv: list[str], outliers) -> in
     if args.command == "active":
         from nlis_jax.experiments.active import run_active
 
-        return run_active(args)
+        return run_active(args, argv)
     if args.command == "score":
         from nlis_jax.experiments.score_files import run_score
 

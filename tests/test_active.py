@@ -436,6 +436,10 @@ def test_study_config_errors():
     parser = study.add_active_arguments(argparse.ArgumentParser())
     config = study.config_from_args(parser.parse_args(["--small", "--batch", "7"]))
     assert config.batch == 7 and config.budgets == (7, 14, 21)
+    # an explicit --batch above 10 was cut to 10 silently (twenty-ninth session); only the default is
+    config = study.config_from_args(parser.parse_args(["--small", "--batch", "20"]))
+    assert config.batch == 20 and config.budgets == (20, 40, 60)
+    assert study.config_from_args(parser.parse_args(["--small"])).batch == 10
     config = study.config_from_args(parser.parse_args(["--small", "--batch", "5", "--budgets", "5,15"]))
     assert config.batch == 5 and config.budgets == (5, 15)
 
@@ -460,11 +464,13 @@ def _no_constant(name):
 def test_run_active_writes_results(tmp_path):
     parser = study.add_active_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
-        ["--dataset", "california", "--small", "--radius", "none", "--out", str(tmp_path)]
+        ["--dataset", "california", "--small", "--radius", "none", "--seed", "3", "--out", str(tmp_path)]
     )
-    assert study.run_active(args) == 0
+    argv = ["active", "--small", "--seed", "3"]
+    assert study.run_active(args, argv) == 0
     result = json.loads((tmp_path / "results.json").read_text(), parse_constant=_no_constant)
     assert result["dataset"] == "california" and result["n"] == 1500
+    assert result["seed"] == 3 and result["argv"] == argv  # runs that differ in --seed had equal records
     budgets = result["budgets"]
     assert budgets == [10, 20, 30]
     assert set(result["strategies"]) == set(study.STRATEGIES)

@@ -263,6 +263,11 @@ def test_methods_limit_the_wall_time_comparison(tmp_path, monkeypatch):
         (["--pilot-size", "9000000"], "--pilot-size: sample size 9000000"),
         (["--timing-size", "9000000"], "--timing-size: sample size 9000000"),
         (["--lr", "-1"], "--lr: learning_rate must be positive"),
+        # checked when the data were made, without the option's name (twenty-ninth session)
+        (["--noise=-1"], "--noise: noise must be a finite number >= 0"),
+        (["--correlation", "1"], "--correlation: correlation must lie in (-1, 1)"),
+        (["--methods", "residual_leverage"], "--methods: methods has unknown name(s) ['residual_leverage']"),
+        (["--methods", ","], "argument --methods: name at least one method, got ','"),
     ],
 )
 def test_run_option_errors(args, match, capsys):
@@ -329,7 +334,8 @@ def test_an_unconverged_full_fit_is_a_warning(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr()
     assert "L(θ_S)/L(θ*)" in printed.out
     assert (
-        "nlis-jax run: warning: the full-data fit has not converged (its loss changed by 1.7" in printed.err
+        "nlis-jax run: warning: the full-data fit has not converged (its loss moved by up to 1.7"
+        in printed.err
     )
     assert "raise --full-steps or lower --lr" in printed.err
 

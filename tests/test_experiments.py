@@ -65,7 +65,7 @@ def test_resolve_sizes():
     [
         (dict(sizes=()), "non-empty"),
         (dict(sizes=(0.5, 2.5)), "whole number"),
-        (dict(methods=("magic",)), "unknown method"),
+        (dict(methods=("magic",)), "methods has unknown name"),
         (dict(repeats=0), "repeats"),
         (dict(optimizer="sgd"), "optimizer"),
         (dict(mix=1.5), "mix"),
@@ -448,6 +448,34 @@ def test_classification_study():
     json.dumps(s, allow_nan=False)
 
 
+def test_a_diverged_fit_has_no_test_accuracy(monkeypatch):
+    """A diverged sample fit (``--lr 0.3`` without the ball on digits) was given the accuracy of its NaN
+    model, whose argmax is class 0: the class's share (0.087) reported as a fit's accuracy, with
+    ``diverged: 0``. Its accuracy is now NaN, counted as diverged and as the worst value."""
+    from nlis_jax.experiments import runner
+
+    full_losses = runner.full_losses
+
+    def second_repeat_diverges(problem, params):
+        losses, seconds = full_losses(problem, params)
+        losses = np.array(losses, dtype=np.float64)
+        losses[1] = np.nan
+        return losses, seconds
+
+    monkeypatch.setattr(runner, "full_losses", second_repeat_diverges)
+    config = ex.DigitsConfig(
+        classes=(0, 1), components=6, hidden=3, sizes=(30,), repeats=3, num_steps=30,
+        methods=("uniform",), timing_size=None,
+    )  # fmt: skip
+    result = ex.run_study(jax.random.key(0), config)
+    acc = result.accuracies["uniform"][0]
+    assert np.isnan(acc[1]) and np.all(np.isfinite(acc[[0, 2]]))
+    record = result.summary["methods"]["uniform"]["results"][0]
+    assert record["ratio"]["diverged"] == 1 and record["test_accuracy"]["diverged"] == 1
+    assert record["test_accuracy"]["min"] is None and record["test_accuracy"]["max"] == max(acc[[0, 2]])
+    assert record["test_accuracy"]["median"] == min(acc[[0, 2]])  # the diverged fit ranks last
+
+
 def test_plots(tiny, tmp_path):
     from nlis_jax.experiments.plots import plot_study
 
@@ -483,6 +511,23 @@ def test_plots_of_diverged_or_underfitted_grids(tiny, tmp_path, monkeypatch):
     sizes = [r["size"] for m in summary["methods"].values() for r in m["results"]]
     lo, hi = made[1].axes[0].get_xlim()  # excess.png
     assert lo <= min(sizes) and hi >= max(sizes) and hi / lo < 10 * max(sizes) / min(sizes)
+
+
+def test_tail_change_sees_a_full_fit_that_oscillates():
+    """A step size too large (``--lr 3``) made the full-data fit alternate between two losses 4× above the
+    optimum, above its starting loss; the check compared the two ends of the last tenth, in the same
+    phase (1.2e-11), and the CLI printed ratios below 1 as converged. It now takes the largest change."""
+    cycle = np.tile([33365.1, 38274.7], 100)
+    assert ex.study.tail_change(cycle) == pytest.approx(abs(33365.1 - 38274.7) / 38274.7)
+    assert ex.study.tail_change(np.arange(100.0, 0.0, -1.0)) == 9.0  # L_90..L_99 = 10..1 against L_T = 1
+    assert ex.study.tail_change(np.arange(8.0, 0.0, -1.0), last=0.5) == 15.0  # under 10 steps: all of it
+    smooth = 1 + np.exp(-np.arange(200.0))  # settled: the last tenth moves by e^-180
+    assert ex.study.tail_change(smooth) < 1e-70
+    config = ex.CaliforniaConfig(data_home=_california_home(), learning_rate=3.0)
+    problem = ex.make_problem(config)
+    full = ex.fit_full(problem, problem.init(jax.random.key(0)), num_steps=200)
+    assert full.loss > full.losses[0]  # worse than where it started: no optimum
+    assert full.rel_change > 0.1
 
 
 # --------------------------------------------------------------------------------------------------

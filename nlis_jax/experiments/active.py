@@ -36,7 +36,7 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -120,9 +120,9 @@ class ActiveStudyConfig:
 
 def small(config: ActiveStudyConfig, batch: int | None = None) -> ActiveStudyConfig:
     """A smoke-test variant (``NLIS_SMALL=1`` / ``--small``): 2 repeats, 3 short rounds, a small pool;
-    ``batch`` (``--batch``) sets the rounds' size (at most 10), else the config's."""
+    ``batch`` (``--batch``) sets the rounds' size, else the config's (at most 10)."""
     n = {"california": 1500, "flights": 1500, "fashion-mnist": 600}[config.dataset]
-    b = min(config.batch if batch is None else batch, 10)
+    b = min(config.batch, 10) if batch is None else batch  # an explicit --batch as given
     return dataclasses.replace(
         config,
         batch=b,
@@ -574,8 +574,12 @@ def config_from_args(args: argparse.Namespace) -> ActiveStudyConfig:
     return dataclasses.replace(config, **changes)
 
 
-def run_active(args: argparse.Namespace) -> int:
-    """``nlis-jax active``: run the study, write ``OUT/results.json`` and ``OUT/active_<dataset>.png``."""
+def run_active(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """``nlis-jax active``: run the study, write ``OUT/results.json`` and ``OUT/active_<dataset>.png``.
+
+    ``results.json`` records the seed and, when given, the command line ``argv`` (as ``nlis-jax run``
+    does): runs that differ only in ``--seed`` had the same settings.
+    """
     try:
         config = config_from_args(args)
     except ValueError as err:
@@ -584,8 +588,9 @@ def run_active(args: argparse.Namespace) -> int:
     if config.dataset != "fashion-mnist":
         jax.config.update("jax_enable_x64", True)  # the single-index regressions run in float64
     out = Path(args.out)
+    provenance = dict(seed=args.seed, argv=None if argv is None else list(argv))
     try:
-        result = run_active_study(jax.random.key(args.seed), config)
+        result = dict(run_active_study(jax.random.key(args.seed), config), **provenance)
     except datasets.DatasetNotFoundError as err:
         print(f"nlis-jax active: {err}", file=sys.stderr)
         return 2
@@ -594,7 +599,7 @@ def run_active(args: argparse.Namespace) -> int:
         return 2
     except ActiveInterrupted as stop:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(stop.result, indent=2))
+        (out / "results.json").write_text(json.dumps(dict(stop.result, **provenance), indent=2))
         print(
             f"nlis-jax active: interrupted; finished repeats written to {out / 'results.json'}",
             file=sys.stderr,

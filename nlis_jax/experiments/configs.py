@@ -79,7 +79,9 @@ class StudyConfig:
             raise ValueError("methods must name at least one method.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
+            raise ValueError(
+                f"methods has unknown name(s) {unknown} for this data set; choose from {list(METHODS)}."
+            )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct, got {self.methods}.")
         positive_int("num_steps", self.num_steps)
@@ -154,6 +156,19 @@ class SyntheticConfig(StudyConfig):
         super().__post_init__()
         check_float_dtype("dtype", self.dtype)
         check_seed("data_seed", self.data_seed)
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"noise must be a finite number >= 0, got {self.noise}.")
+        if not -1 < self.correlation < 1:
+            raise ValueError(f"correlation must lie in (-1, 1), got {self.correlation}.")
+        if self.tails is not None and not (math.isfinite(self.tails) and self.tails >= TAILS_MIN):
+            raise ValueError(
+                f"tails (degrees of freedom) must be a finite number >= {TAILS_MIN:g}, got {self.tails}: "
+                "with fewer, χ² draws underflow to 0 and rows become infinite (0.01 crashed the study)."
+            )
+
+
+#: Fewest degrees of freedom of the synthetic multivariate t rows (``SyntheticConfig.tails``; 1: Cauchy).
+TAILS_MIN = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

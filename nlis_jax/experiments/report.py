@@ -15,15 +15,16 @@ def number(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def quantiles(values) -> dict:
+def quantiles(values, worst: float = np.inf) -> dict:
     """``{"median", "q25", "q75", "min", "max", "diverged"}`` of a sample.
 
-    A non-finite value (a diverged fit) counts as +inf: quantiles then take sample values (no
-    interpolation), and an infinite quantile is reported as ``None``; ``diverged`` counts them.
+    A non-finite value (a diverged fit) counts as ``worst`` (+inf for a loss ratio, −inf for an
+    accuracy): quantiles then take sample values (no interpolation), and an infinite quantile is
+    reported as ``None``; ``diverged`` counts them.
     """
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
-    v = np.where(finite, v, np.inf)
+    v = np.where(finite, v, worst)
     method = "linear" if finite.all() else "inverted_cdf"
     q25, med, q75 = np.quantile(v, [0.25, 0.5, 0.75], method=method)
     return {

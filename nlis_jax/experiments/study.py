@@ -64,7 +64,7 @@ class FullFit(NamedTuple):
         time_s: wall time of the (compiled) training run.
         compile_s: wall time of the warm-up that compiled it (one scan segment).
         num_steps: steps run.
-        rel_change: ``|L_T − L_{0.9T}| / L_T``, a convergence diagnostic.
+        rel_change: ``max_{t ≥ 0.9T} |L_t − L_T| / L_T`` (:func:`tail_change`), a convergence diagnostic.
     """
 
     params: Any
@@ -74,6 +74,22 @@ class FullFit(NamedTuple):
     compile_s: float
     num_steps: int
     rel_change: float
+
+
+def tail_change(trace, last=None) -> np.ndarray:
+    """``max_{t ≥ 0.9T} |L_t − L_T| / |L_T|`` of ``(..., T)`` training curves (all ``T`` under 10 steps).
+
+    ``last`` is ``L_T`` (default: the curve's last entry). The largest change over the last tenth, not
+    the change between its two ends: a fit that oscillates with period two (a step size too large, the
+    loss alternating between two values far above the optimum) has its two ends in the same phase,
+    and their difference (1e-11) passed it as converged.
+    """
+    trace = np.asarray(trace, dtype=np.float64)
+    T = trace.shape[-1]
+    last = trace[..., -1] if last is None else np.asarray(last, dtype=np.float64)
+    tail = trace[..., int(0.9 * T) if T >= 10 else 0 :]
+    change = np.max(np.abs(tail - last[..., None]), axis=-1)
+    return change / np.maximum(np.abs(last), np.finfo(np.float64).tiny)
 
 
 def batch1(params):
@@ -111,7 +127,6 @@ def fit_full(problem: Problem, params0, *, num_steps: int, num_segments: int = 1
     time_s = time.perf_counter() - t0
     losses = np.asarray(result.losses, dtype=np.float64)
     loss = float(result.final_loss)
-    tail = losses[int(0.9 * num_steps)] if num_steps >= 10 else losses[0]
     return FullFit(
         params=result.params,
         loss=loss,
@@ -119,7 +134,7 @@ def fit_full(problem: Problem, params0, *, num_steps: int, num_segments: int = 1
         time_s=time_s,
         compile_s=compile_s,
         num_steps=num_steps,
-        rel_change=abs(tail - loss) / abs(loss),
+        rel_change=float(tail_change(losses, loss)),
     )
 
 
