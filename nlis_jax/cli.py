@@ -583,11 +583,17 @@ def setup_compilation_cache(args: argparse.Namespace) -> None:
     """The persistent compilation cache of ``run`` (on by default; ``--no-compilation-cache`` or
     ``$NLIS_JAX_COMPILATION_CACHE=off``: off, also a cache the caller configured before an in-process
     ``main``)."""
+    if args.no_compilation_cache and args.compilation_cache:
+        raise ValueError("--compilation-cache and --no-compilation-cache contradict each other: pass one.")
     where = None if args.no_compilation_cache else args.compilation_cache or default_compilation_cache()
     if where is None:
         disable_compilation_cache()
-    elif not enable_compilation_cache(where) and args.compilation_cache:
-        print(f"nlis-jax run: cannot write --compilation-cache {where}; compiling afresh.", file=sys.stderr)
+    elif not enable_compilation_cache(where) and (
+        args.compilation_cache or os.environ.get(CACHE_ENV, "").strip()
+    ):
+        # a folder the user named (the option or the variable) that cannot be written: said, not silent
+        named = f"--compilation-cache {where}" if args.compilation_cache else f"{CACHE_ENV}={where}"
+        print(f"nlis-jax run: cannot write {named}; compiling afresh.", file=sys.stderr)
 
 
 def disable_compilation_cache() -> None:
@@ -605,7 +611,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from nlis_jax.experiments import flights
 
-    setup_compilation_cache(args)
+    try:
+        setup_compilation_cache(args)
+    except ValueError as exc:
+        print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.dataset == "flights":
         return flights.run_flights(args, argv)
     given = [name for name in flights.FLIGHTS_ONLY_OPTIONS if getattr(args, name) is not None]
@@ -654,7 +664,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     _warn_unconverged(summary["full"])
     print(experiments.format_table(summary))
     print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
+    _note_earlier_plots(Path(args.out), written)
     return 0
+
+
+def _note_earlier_plots(out: Path, written) -> None:
+    """A note on stderr naming the figures in ``out`` that this run did not write (``--overwrite`` into an
+    earlier run's folder kept them, e.g. another data set's ``accuracy.png`` beside these results)."""
+    mine = {Path(p).resolve() for p in written}
+    earlier = sorted(p.name for p in out.glob("*.png") if p.resolve() not in mine)
+    if earlier:
+        print(
+            f"nlis-jax run: note: {out} also holds {', '.join(earlier)} from an earlier run.", file=sys.stderr
+        )
 
 
 #: The full-data fit counts as converged when its loss moved by at most this fraction over its last tenth

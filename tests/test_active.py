@@ -457,6 +457,30 @@ def test_active_cli_names_budgets_that_are_not_positive(budgets, capsys):
     assert "batch must be" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch", "0"], "--batch: batch must be a positive integer, got 0."),
+        (["--alpha", "2"], "--alpha: alpha must lie in [0, 1], got 2.0."),
+        (["--strategies", ","], "--strategies: strategies must be among"),  # was "got ('', '')"
+        (["--batch", "7"], "--batch 7: the default budgets (20, 40, 80, 160, 320) are not multiples of it"),
+    ],
+)
+def test_active_cli_errors_name_the_option(argv, message, tmp_path, capsys, monkeypatch):
+    """The active study's option errors named the config field, not the option, had no "error:", and
+    ``--batch 7`` blamed budgets the user had not passed (twenty-ninth session)."""
+    monkeypatch.delenv("NLIS_SMALL", raising=False)  # the full-size budgets (--small sets its own)
+    parser = study.add_active_arguments(argparse.ArgumentParser(prog="nlis-jax active"))
+    args = parser.parse_args([*argv, "--out", str(tmp_path / "o")])
+    assert study.run_active(args) == 2
+    assert f"nlis-jax active: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    if argv[0] == "--batch":  # also with --small, which builds its budgets from --batch
+        args = parser.parse_args([*argv, "--small", "--out", str(tmp_path / "o")])
+        assert argv[1] == "7" or study.run_active(args) == 2
+        assert argv[1] == "7" or "nlis-jax active: error: --batch: batch must be" in capsys.readouterr().err
+
+
 def _no_constant(name):
     raise ValueError(f"results.json holds {name}, which is not JSON")
 

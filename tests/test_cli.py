@@ -173,11 +173,16 @@ def test_outliers_help_lists_the_study_options(capsys):
 @pytest.mark.parametrize(
     ("option", "value", "match"),
     [
-        ("--flip-fraction", "0.7", "flip"),
+        ("--flip-fraction", "0.7", "--flip-fraction: flip_fraction"),
         ("--n", "-5", "n"),
         ("--noise-scale", "-1", "noise"),
-        ("--lr", "-1", "learning_rate"),
-        ("--lr", "inf", "learning_rate"),
+        ("--lr", "-1", "--lr: learning_rate"),
+        ("--lr", "inf", "--lr: learning_rate"),
+        # named fields or Python's "invalid literal for int()" before the twenty-ninth session
+        ("--classes", "a,b", "--classes: not a list of integers: 'a,b'"),
+        ("--hidden", "a", "--hidden: not a list of integers"),
+        ("--batch-size", "100000", "--batch-size: batch_size must be at most n = 12000"),
+        ("--pca", "100000", "--pca: components = 100000 exceeds"),
     ],
 )
 def test_outliers_bad_option_value_is_a_usage_error(option, value, match, tmp_path, capsys):
@@ -185,8 +190,9 @@ def test_outliers_bad_option_value_is_a_usage_error(option, value, match, tmp_pa
     pytest.importorskip("nlis_jax.experiments.outliers")
     assert cli.main(["outliers", option, value, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nlis-jax outliers: error:") and match in err and "Traceback" not in err
-    assert not (tmp_path / "o").exists()
+    # (after the study's progress line when the data decide)
+    assert err.splitlines()[-1].startswith("nlis-jax outliers: error:") and match in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_outliers_delegates_to_module(monkeypatch, tmp_path):
@@ -322,6 +328,18 @@ def test_outliers_n_past_the_chosen_classes_is_a_usage_error(tmp_path, capsys):
 # User-journey review: each failed before
 
 
+def test_overwrite_names_an_earlier_runs_figures(tmp_path, capsys):
+    """``--overwrite`` into a digits run's folder left its ``accuracy.png`` beside a regression's results,
+    without a word; the run now names the figures it did not write."""
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "accuracy.png").write_bytes(b"an earlier run's figure")
+    assert cli.main(TINY + ["--out", str(out), "--overwrite", "--timing-size", "none"]) == 0
+    err = capsys.readouterr().err
+    assert f"nlis-jax run: note: {out} also holds accuracy.png from an earlier run." in err
+    assert (out / "ratio.png").stat().st_size > 1000 and "ratio.png" not in err
+
+
 def test_an_unconverged_full_fit_is_a_warning(tmp_path, monkeypatch, capsys):
     """A full-data fit far from convergence (results.json: full.rel_change 1.7) printed ratios below 1
     with no word; now a warning on stderr, and the table still (exit 0)."""
@@ -395,6 +413,21 @@ JAX_SETTINGS = (
     "jax_persistent_cache_min_entry_size_bytes",
     "jax_compilation_cache_max_size",
 )
+
+
+def test_compilation_cache_settings_that_cannot_hold(tmp_path, monkeypatch, capsys):
+    """Both cache options were accepted together (the cache silently off); ``$NLIS_JAX_COMPILATION_CACHE``
+    naming a file turned the cache off without a word, where ``--compilation-cache`` said so."""
+    argv = TINY + ["--no-plots", "--no-progress", "--timing-size", "none"]
+    both = ["--compilation-cache", str(tmp_path / "c"), "--no-compilation-cache"]
+    assert cli.main(argv + both + ["--out", str(tmp_path / "a")]) == cli.EXIT_USAGE
+    assert "--compilation-cache and --no-compilation-cache contradict" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv(cli.CACHE_ENV, str(a_file))
+    assert cli.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert f"cannot write {cli.CACHE_ENV}={a_file}; compiling afresh" in capsys.readouterr().err
 
 
 def test_no_compilation_cache_also_bypasses_the_callers_cache(tmp_path, capsys):

@@ -47,7 +47,7 @@ import optax
 
 import nlis_jax as nj
 from nlis_jax.experiments import datasets
-from nlis_jax.experiments.checks import check_seed, positive_int, seed_arg
+from nlis_jax.experiments.checks import check_seed, positive_int, replace_naming_option, seed_arg
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
 
 DATASETS = ("california", "flights", "fashion-mnist")
@@ -546,7 +546,9 @@ def add_active_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--batch", type=int, default=None, help="labels per round (default 20)")
     parser.add_argument("--radius", type=_radius_arg, default=None, help="l2 radius, or 'none'")
     parser.add_argument("--alpha", type=float, default=None, help="uniform mixing of leverage (0.1)")
-    parser.add_argument("--strategies", type=lambda t: tuple(t.split(",")), default=None)
+    parser.add_argument(
+        "--strategies", type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()), default=None
+    )
     parser.add_argument("--n", type=int, default=None, help="pool size (subsample)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed")
     parser.add_argument("--out", default="active_out", help="output folder (results.json and a plot)")
@@ -562,6 +564,11 @@ def config_from_args(args: argparse.Namespace) -> ActiveStudyConfig:
         if getattr(args, name) is not None
     }
     config = ActiveStudyConfig(dataset=args.dataset)
+    if "batch" in changes:  # checked first: small() below builds the budgets from it
+        try:
+            positive_int("batch", changes["batch"])
+        except ValueError as exc:
+            raise ValueError(f"--batch: {exc}") from None
     if args.small or os.environ.get("NLIS_SMALL", "") not in ("", "0"):
         # the budgets follow --batch (fixed at the default's before, so any other --batch failed)
         config = small(config, changes.get("batch"))
@@ -571,7 +578,14 @@ def config_from_args(args: argparse.Namespace) -> ActiveStudyConfig:
         changes["budgets"] = args.budgets
         if "batch" not in changes:
             changes["batch"] = math.gcd(*args.budgets)
-    return dataclasses.replace(config, **changes)
+    elif "batch" in changes and any(b % changes["batch"] for b in config.budgets):
+        b = changes["batch"]
+        raise ValueError(
+            f"--batch {b}: the default budgets {config.budgets} are not multiples of it; pass --budgets "
+            f"too (e.g. --budgets {b},{2 * b},{4 * b})."
+        )
+    # a field's error names its option ("--batch: batch must be ...")
+    return replace_naming_option(config, changes, {name: name for name in changes})
 
 
 def run_active(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -583,7 +597,7 @@ def run_active(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
     try:
         config = config_from_args(args)
     except ValueError as err:
-        print(f"nlis-jax active: {err}", file=sys.stderr)
+        print(f"nlis-jax active: error: {err}", file=sys.stderr)
         return 2
     if config.dataset != "fashion-mnist":
         jax.config.update("jax_enable_x64", True)  # the single-index regressions run in float64

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from nlis_jax.experiments.checks import positive_int_arg, seed_arg
+from nlis_jax.experiments.checks import positive_int_arg, replace_naming_option, seed_arg
 from nlis_jax.experiments.outliers.config import CORRUPTIONS, OutlierConfig
 from nlis_jax.experiments.outliers.study import OutlierStudyInterrupted, run_outlier_study
 
@@ -130,6 +130,10 @@ _OPTIONS = [
 ]
 
 
+#: Checks that need the data, by the first word of their message, and the option that set the value.
+DATA_OPTIONS = {"components": "--pca", "batch_size": "--batch-size"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register the outlier study's options on ``parser`` (e.g. the ``outliers`` subparser).
 
@@ -171,12 +175,19 @@ def config_from_args(args: argparse.Namespace) -> OutlierConfig:
         "ridge": float,
         "sweep_ridges": tuple,
     }
+    options = {name: "lr" if name == "learning_rate" else name for name in mapping}  # the flags' names
     for name, convert in mapping.items():
         value = getattr(args, name, None)
         if value is None:
             continue
-        fields[name] = convert(value) if convert is not None else value
-    return OutlierConfig(**fields)
+        try:
+            fields[name] = convert(value) if convert is not None else value
+        except ValueError:  # int("a"): the option named, not Python's "invalid literal for int()"
+            raise ValueError(
+                f"--{options[name].replace('_', '-')}: not a list of integers: {value!r}."
+            ) from None
+    # a field's error names its option ("--flip-fraction: flip_fraction must ...")
+    return replace_naming_option(OutlierConfig(), fields, options)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -240,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_outlier_study(config, out_dir=out, progress=True if progress is None else bool(progress))
     except ValueError as exc:  # options the data decide (classes, --n, --pca, --pool, --batch-size)
-        print(f"nlis-jax outliers: error: {exc}", file=sys.stderr)
+        text = str(exc)
+        option = next((f"{o}: " for word, o in DATA_OPTIONS.items() if text.startswith(word + " ")), "")
+        print(f"nlis-jax outliers: error: {option}{text}", file=sys.stderr)
         return 2
     except OutlierStudyInterrupted as stop:
         where = stop.result.get("files", {}).get("results", "nowhere (no --out)")
