@@ -296,6 +296,10 @@ def test_projected_study_with_corrupted_inputs_and_sweep(tmp_path):
     assert saved["metrics"] == result["metrics"] and saved["corruption"] == "noise"
     with pytest.raises(ValueError, match="needs foreign"):
         O.run_outlier_study(O.OutlierConfig(corruption="foreign"), data=(x, labels), progress=False)
+    a_file = tmp_path / "a_file"  # raised FileExistsError after the whole study (twenty-ninth session)
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        O.run_outlier_study(config, data=(x, labels), out_dir=a_file, progress=False)
 
 
 def test_config_validation():

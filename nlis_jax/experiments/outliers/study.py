@@ -280,6 +280,8 @@ def run_outlier_study(
     Raises:
         nlis_jax.experiments.datasets.DatasetNotFoundError: when ``data`` is ``None`` and Fashion-MNIST is
             not found.
+        ValueError: inconsistent options, or an ``out_dir`` that exists and is not a folder (before any
+            work).
     """
     t_start = time.perf_counter()
     config = OutlierConfig() if config is None else config
@@ -290,6 +292,9 @@ def run_outlier_study(
     if config.corruption == "foreign" and config.classes is None and foreign is None:
         # every class is in the task, so none is left to load foreign images from: say so before loading
         raise ValueError('corruption="foreign" needs a class outside classes; all 10 are in the task.')
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        # checked before the work: it raised FileExistsError after the whole study had run
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder.")
     partial = {"stages_done": [], "config": dataclasses.asdict(config), "timings": {}}
     try:
         result = _stages(config, data, foreign, out_dir, progress, partial)
