@@ -367,6 +367,21 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
+def out_file(text: str) -> str:
+    """``--out``, checked before the benchmark runs (a folder, ``''`` or a path under a file failed only
+    when the record was written, after the whole run): a file name whose nearest existing parent is a
+    folder (missing folders are made when the record is written)."""
+    path = Path(text)
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"name the JSON file to write, got the folder {text!r}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is a file, not a folder: cannot write {text!r}")
+    return text
+
+
 def base_parser(
     description: str, *, reps: int = 7, reps_help: str = "timed repeats"
 ) -> argparse.ArgumentParser:
@@ -376,7 +391,9 @@ def base_parser(
         "--reps", type=positive_int, default=reps, help=f"{reps_help} (median reported; >= 1; default {reps})"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of jax.random.key for the data")
-    parser.add_argument("--out", default=None, help="JSON record (default benchmarks/results/<name>.json)")
+    parser.add_argument(
+        "--out", type=out_file, default=None, help="JSON record (default benchmarks/results/<name>.json)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no JSON echo")
     return parser
 

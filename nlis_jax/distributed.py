@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -75,15 +76,17 @@ def initialize(
 
     With more than one process, an uncaught exception ends its process at once (``os._exit(1)`` after
     the traceback): otherwise the process waited in ``jax.distributed``'s shutdown for the others while
-    they waited in a collective for it, a hang the launcher could not see.
+    they waited in a collective for it, a hang the launcher could not see. ``sys.exit(status)`` is not
+    an exception Python reports, so it still takes that shutdown (until gloo's timeout, about 30 s):
+    raise, or call ``os._exit(status)``, to end one process of several at once.
     """
     env = os.environ
     if coordinator_address is None:
         coordinator_address = env.get(ENV_COORDINATOR)
     if num_processes is None and ENV_NUM_PROCESSES in env:
-        num_processes = int(env[ENV_NUM_PROCESSES])
+        num_processes = _env_int(ENV_NUM_PROCESSES)
     if process_id is None and ENV_PROCESS_ID in env:
-        process_id = int(env[ENV_PROCESS_ID])
+        process_id = _env_int(ENV_PROCESS_ID)
     previous = jax.config.jax_cpu_collectives_implementation
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     try:
@@ -100,6 +103,14 @@ def initialize(
         raise
     if jax.process_count() > 1:
         sys.excepthook = _exit_on_error(sys.excepthook)
+
+
+def _env_int(name: str) -> int:
+    """The integer in the environment variable ``name`` (``ValueError`` naming it otherwise)."""
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {os.environ[name]!r}.") from None
 
 
 def _exit_on_error(hook):
@@ -354,8 +365,19 @@ def launch(
     Linux the kernel also kills them when the launcher dies by SIGKILL (``PR_SET_PDEATHSIG``, set by a
     small wrapper that then execs ``command``); processes that ``command`` starts in turn are its own.
     """
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be at least 1, got {num_processes}.")
+    if isinstance(command, str):  # read letter by letter it ran the command 't' for "true"
+        raise TypeError(
+            f"command must be a list of the program and its arguments, e.g. [{command!r}], got a str."
+        )
+    _check_count("num_processes", num_processes)
+    if cpu_devices is not None:
+        _check_count("cpu_devices", cpu_devices)
+    if port is not None and not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
+        raise ValueError(f"port must be an integer in [1, 65535], got {port!r}.")
+    if timeout is not None and not (
+        isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     if len(command) == 0:
         raise ValueError("command is empty: give the program and its arguments, e.g. ['python', 'a.py'].")
     address = f"127.0.0.1:{port or _free_port()}"
@@ -402,15 +424,55 @@ def launch(
     return status
 
 
+def _check_count(name: str, value) -> None:
+    """``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` unless it is at least 1."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+def _arg(check, convert=int):
+    """An argparse type: ``convert`` the text, then ``check(value)``; either failure is a usage error."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _count_arg(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _port_arg(value: int) -> str | None:
+    return None if 0 < value < 65536 else "a port must lie in [1, 65535]"
+
+
+def _timeout_arg(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "must be a positive number of seconds"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nlis_jax.distributed",
         description="Run a script as several jax.distributed processes on this machine (127.0.0.1).",
     )
-    parser.add_argument("--num-processes", type=int, default=2)
-    parser.add_argument("--cpu-devices", type=int, default=None, help="CPU devices per process")
-    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")
+    parser.add_argument("--num-processes", type=_arg(_count_arg), default=2)
+    parser.add_argument("--cpu-devices", type=_arg(_count_arg), default=None, help="CPU devices per process")
+    parser.add_argument(
+        "--port", type=_arg(_port_arg), default=None, help="coordinator port (default: a free one)"
+    )
+    parser.add_argument(
+        "--timeout", type=_arg(_timeout_arg, float), default=None, help="seconds before all are stopped"
+    )
     parser.add_argument("script", help="Python script each process runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
     ns = parser.parse_args(argv)

@@ -131,6 +131,10 @@ def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypat
         ("bench_quadrature", ["--budget", "nan"], "--budget: must be a finite number >= 0, got nan"),
         ("study_projected", ["--lr", "-1"], "--lr: must be a finite number > 0, got -1"),
         ("bench_eager", ["--functions", "adjoint,leverage"], "--functions: unknown ['leverage']"),
+        # a folder or '' as --out failed when the record was written, after the whole run (29th session)
+        ("bench_scores", ["--out", "."], "--out: name the JSON file to write, got the folder '.'"),
+        ("bench_eager", ["--out", ""], "--out: name the JSON file to write, got the folder ''"),
+        ("bench_scores", ["--out", __file__ + "/x.json"], f"--out: {__file__} is a file, not a folder"),
     ],
 )
 def test_bad_options_are_usage_errors(name, argv, message, monkeypatch, capsys):

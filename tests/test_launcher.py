@@ -220,3 +220,35 @@ def test_a_command_that_cannot_run_is_refused(tmp_path):
         distributed.launch([], 2)
     with pytest.raises(FileNotFoundError, match="'no-such-program-xyz' is not found"):
         distributed.launch(["no-such-program-xyz", "a.py"], 2)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--num-processes", "0", "must be at least 1, got '0'"),  # was a traceback (exit 1)
+        ("--cpu-devices", "0", "must be at least 1, got '0'"),  # each process died of SIGSEGV
+        ("--port", "70000", "a port must lie in [1, 65535], got '70000'"),  # ran on another port
+        ("--timeout", "-1", "must be a positive number of seconds, got '-1'"),  # timed out at once
+        ("--timeout", "nan", "must be a positive number of seconds, got 'nan'"),  # no timeout at all
+    ],
+)
+def test_launcher_options_are_checked_before_any_process(option, value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        distributed.main([option, value, "never_started.py"])
+    assert info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_launch_arguments_are_checked(monkeypatch):
+    with pytest.raises(TypeError, match=r"command must be a list .* e\.g\. \['true'\], got a str"):
+        distributed.launch("true", 1)  # read letter by letter, it looked for a command 't'
+    with pytest.raises(TypeError, match="num_processes must be an integer, got 2.5"):
+        distributed.launch(["true"], 2.5)
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got -1"):
+        distributed.launch(["true"], 1, timeout=-1)
+    with pytest.raises(ValueError, match=r"port must be an integer in \[1, 65535\], got 0"):
+        distributed.launch(["true"], 1, port=0)
+    assert distributed.launch(["true"], 2, timeout=60) == 0
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "abc")  # was int()'s "invalid literal"
+    with pytest.raises(ValueError, match=r"\$NLIS_NUM_PROCESSES must be an integer, got 'abc'"):
+        distributed.initialize("127.0.0.1:1")
