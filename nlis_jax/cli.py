@@ -725,6 +725,8 @@ def prepare_out(out: str, overwrite: bool) -> Path:
     raises ``ValueError``. A folder that already holds files gets a fresh sub-folder ``run-N`` (the
     first free ``N``) unless ``overwrite``, so an earlier run's results are never overwritten silently.
     """
+    if not out.strip():  # Path("") is the working folder: the results went to ./run-N
+        raise ValueError("--out is empty: name the output folder.")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder.")

@@ -173,7 +173,12 @@ def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
 
     def one(a):
         a = np.asarray(a)
-        if a.ndim == 0 or a.shape[0] % local_devices:
+        if a.ndim == 0:  # a Python list of numbers is a pytree of scalars
+            raise ValueError(
+                "each leaf of local must be an array with rows first, got a scalar (a Python list is a "
+                "pytree of its items: pass np.asarray(the_list))."
+            )
+        if a.shape[0] % local_devices:
             raise ValueError(
                 f"each process's rows must split evenly over its {local_devices} devices, got shape "
                 f"{a.shape}."

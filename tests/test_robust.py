@@ -527,6 +527,19 @@ def test_earlier_results_are_never_overwritten(tmp_path):
     assert cli.prepare_out(str(out), True) == out
 
 
+def test_an_empty_out_and_a_list_of_rows_are_named():
+    """``--out ''`` wrote into ``./run-N`` of the working folder; ``shard_rows([1.0, 2.0])`` said "got shape
+    ()" (a list is a pytree of scalars). Twenty-ninth session."""
+    from nlis_jax import distributed
+
+    with pytest.raises(ValueError, match="--out is empty: name the output folder"):
+        cli.prepare_out("", False)
+    with pytest.raises(ValueError, match=r"a Python list is a pytree of its items: pass np\.asarray"):
+        distributed.shard_rows([1.0, 2.0])
+    rows = np.arange(4.0 * jax.local_device_count())  # rows split evenly over the devices
+    np.testing.assert_array_equal(distributed.shard_rows(rows), rows)
+
+
 def test_sizes_above_n_is_a_usage_error(tmp_path, capsys):
     assert cli.main([*TINY, "--sizes", "500", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
