@@ -374,9 +374,9 @@ def launch(
         raise TypeError(
             f"command must be a list of the program and its arguments, e.g. [{command!r}], got a str."
         )
-    _check_count("num_processes", num_processes)
+    check_positive_int("num_processes", num_processes)
     if cpu_devices is not None:
-        _check_count("cpu_devices", cpu_devices)
+        check_positive_int("cpu_devices", cpu_devices)
     if port is not None and not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
         raise ValueError(f"port must be an integer in [1, 65535], got {port!r}.")
     if timeout is not None and not (
@@ -427,14 +427,6 @@ def launch(
         signal.raise_signal(received[0])
         return 128 + received[0]
     return status
-
-
-def _check_count(name: str, value) -> None:
-    """``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` unless it is at least 1."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}.")
 
 
 def _arg(check, convert=int):

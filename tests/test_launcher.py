@@ -242,7 +242,7 @@ def test_launcher_options_are_checked_before_any_process(option, value, message,
 def test_launch_arguments_are_checked(monkeypatch):
     with pytest.raises(TypeError, match=r"command must be a list .* e\.g\. \['true'\], got a str"):
         distributed.launch("true", 1)  # read letter by letter, it looked for a command 't'
-    with pytest.raises(TypeError, match="num_processes must be an integer, got 2.5"):
+    with pytest.raises(TypeError, match="num_processes must be a Python int, got 2.5"):
         distributed.launch(["true"], 2.5)
     with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got -1"):
         distributed.launch(["true"], 1, timeout=-1)
