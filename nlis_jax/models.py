@@ -40,7 +40,8 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
 
     Returns:
       ``(apply_fn, params)``: ``params`` is an ``nnx.State`` of the ``nnx.Param`` leaves (a pytree that
-      ``ravel_pytree`` and optax accept); other state (e.g. batch statistics) is frozen in ``apply_fn``.
+      ``ravel_pytree`` and optax accept), a snapshot of the module's current weights that later changes
+      of the module do not reach; other state (e.g. batch statistics) is frozen in ``apply_fn``.
 
     Raises:
       ValueError: a submodule in training mode (``Dropout`` with ``deterministic=False``, ``BatchNorm``
@@ -65,9 +66,10 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
         )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # nnx.split hands back the module's own Variable objects: a later change of the module's statistics
-    # would reach apply_fn at its next trace and not at cached programs (results stale, no error);
-    # new Variables holding the current (immutable) arrays freeze the state as documented
-    rest = jax.tree.map(jnp.asarray, rest)
+    # would reach apply_fn at its next trace and not at cached programs (results stale, no error), and
+    # a later change of its weights (a training step, nnx.update) would silently change the returned
+    # params; new Variables holding the current (immutable) arrays make both a snapshot
+    params, rest = jax.tree.map(jnp.asarray, (params, rest))
 
     def apply_fn(params, x):
         module = nnx.merge(graphdef, params, rest)
@@ -89,7 +91,8 @@ def from_linen(
     Args:
       module: a ``flax.linen`` module.
       variables: the dict from ``module.init``; its ``"params"`` collection becomes ``params``, the other
-        collections stay fixed inside ``apply_fn``.
+        collections stay fixed inside ``apply_fn`` (copied here: later in-place changes of them do not
+        reach it).
       batched, squeeze: as in :func:`from_nnx`.
 
     Raises (at the first call of ``apply_fn``, when the module runs):
@@ -104,7 +107,9 @@ def from_linen(
     batched, squeeze = check_bool("batched", batched), check_bool("squeeze", squeeze)
     if "params" not in variables:
         raise ValueError(f"variables has no 'params' collection (found {sorted(variables)}).")
-    rest = {k: v for k, v in variables.items() if k != "params"}
+    # a snapshot of the other collections: an in-place change of the caller's nested arrays would reach
+    # apply_fn at its next trace and not at cached programs (results stale, no error)
+    rest = jax.tree.map(jnp.asarray, {k: v for k, v in variables.items() if k != "params"})
 
     def apply_fn(params, x):
         try:
