@@ -179,9 +179,10 @@ class ModelModeError(ValueError):
 def eval_example(apply_fn: ApplyFn, params: PyTree, x0: PyTree) -> jax.ShapeDtypeStruct:
     """``jax.eval_shape(apply_fn, params, x0)`` for one example ``x0`` (arrays or ``ShapeDtypeStruct``); a
     failure inside ``apply_fn`` (a wrong width of ``xs``, a missing or misshapen leaf of ``params``) becomes
-    a ``ValueError`` showing the shapes, chained to it."""
+    a ``ValueError`` showing the shapes, chained to it, and so does an output that is not one array (a
+    tuple or dict of outputs)."""
     try:
-        return jax.eval_shape(apply_fn, params, x0)
+        out = jax.eval_shape(apply_fn, params, x0)
     except ModelModeError:
         raise
     except Exception as err:
@@ -192,6 +193,13 @@ def eval_example(apply_fn: ApplyFn, params: PyTree, x0: PyTree) -> jax.ShapeDtyp
             f"examples on its leading axis in the layout apply_fn expects, and that params has every leaf "
             f"apply_fn reads, with the shape it expects."
         ) from err
+    if not isinstance(out, jax.ShapeDtypeStruct):  # a tuple or dict of outputs
+        raise ValueError(
+            f"apply_fn(params, x) must return one array (a scalar or a vector of k outputs) for one example, "
+            f"got a {type(out).__name__} ({_leaf_shapes('output', out)}); stack the outputs into one "
+            f"vector (jnp.stack or jnp.concatenate)."
+        )
+    return out
 
 
 def _leaf_shapes(name: str, tree: PyTree, limit: int = 12) -> str:
