@@ -128,6 +128,8 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
                 "(n examples × outputs); they must agree."
             )
     check_not_complex("ys", ys)
+    if out_check and ys is not None:  # as the device path (dual_matrix), whose result the scores equal
+        check_floating("ys", ys)
     _check_in_memory("xs", xs)
     _check_in_memory("ys", ys)
     _check_in_memory("weights", weights)
@@ -339,6 +341,7 @@ class CheckedSource:
             return
         if self.out_shape is None:
             return
+        check_floating(f"y_chunk of chunk {index} of the chunk source", y)  # the scores' offset f(0) − y
         out = self.out_shape(example_spec(x))
         c = y.shape[0]
         if y.shape[1:] != tuple(out):

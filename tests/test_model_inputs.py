@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.experimental import checkify
 
@@ -244,6 +245,42 @@ def test_apply_fn_failing_on_one_example(params, xs, shown, cause):
         nj.dual_matrix(linear, params, xs, None, num_nodes=4)
 
 
+@pytest.mark.parametrize(
+    "output", [lambda a, b: (a, b), lambda a, b: {"a": a, "b": b}, lambda a, b: [jnp.stack([a, b])]]
+)
+def test_apply_fn_returning_several_arrays_is_refused_everywhere(output):
+    """A model returning a tuple (or dict) of outputs failed the scores with a bare AttributeError ("'tuple'
+    object has no attribute 'shape'") while fit stacked the tuple and trained on it: every entry point now
+    gives the same ValueError, which names the output's parts and the fix (stack them); the stacked model
+    trains as before."""
+    params = {"w": W, "b": np.asarray(0.5)}
+    ys2 = np.column_stack([YS, -YS])
+
+    def several(params, x):
+        return output(jnp.tanh(x @ params["w"]), params["b"] * x[0])
+
+    calls = [
+        lambda f: nj.adjoint(f, params, XS, num_nodes=4),
+        lambda f: nj.dual_matrix(f, params, XS, ys2, num_nodes=4),
+        lambda f: nj.streaming_leverage_scores(f, params, XS, ys2, num_nodes=4),
+        lambda f: nj.streaming_norm_scores(f, params, np.asarray(XS), ys2, num_nodes=4),  # host path
+        lambda f: nj.label_free_leverage_scores(f, params, XS, num_nodes=4),
+        lambda f: nj.weighted_loss(f, params, XS, ys2),
+        lambda f: nj.fit(f, params, XS, ys2, optimizer=optax.sgd(0.1), num_steps=2),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"must return one array .* stack the outputs into one vector"):
+            call(several)
+
+    def stacked(params, x):
+        return jnp.stack([jnp.tanh(x @ params["w"]), params["b"] * x[0]])
+
+    direct = jax.vmap(stacked, in_axes=(None, 0))(params, XS)
+    np.testing.assert_allclose(
+        nj.weighted_loss(stacked, params, XS, ys2), np.sum((direct - ys2) ** 2), rtol=1e-14
+    )
+
+
 def test_apply_fn_on_good_inputs_is_unchanged():
     adj = nj.adjoint(linear, {"w": W, "b": np.asarray(0.5)}, XS, num_nodes=4)
     np.testing.assert_allclose(adj, np.column_stack([np.ones(N), XS]), rtol=1e-15)  # ravel order: b, w
@@ -338,6 +375,30 @@ def test_host_ys_beyond_the_params_dtype():
     params = {"w": W.astype(np.float32)}
     with pytest.raises(ValueError, match="ys has 2 value.s. beyond the range of the params' dtype float32"):
         nj.streaming_norm_scores(linear_w, params, XS, np.r_[1e300, -1e300, YS[2:]], num_nodes=4)
+
+
+def test_integer_ys_of_the_scores_are_refused_on_every_path():
+    """Integer responses were refused by dual_matrix and the device streaming path ("ys must hold
+    floating-point arrays") but scored on the host path (numpy arrays, a chunk source), whose docstring
+    promises the result of leverage_scores(dual_matrix(...)). Every path now refuses them; the same
+    responses as floats score as the dense route."""
+    params = {"w": W}
+    ys = np.arange(N) % 3
+    device = (jnp.asarray(XS), jnp.asarray(ys))
+
+    def chunks():
+        yield XS[:3], ys[:3]
+        yield XS[3:], ys[3:]
+
+    for scores in (nj.streaming_leverage_scores, nj.streaming_norm_scores):
+        for xs, y in ((XS, ys), device, (chunks, None)):
+            with pytest.raises(TypeError, match="must hold floating-point arrays, got dtype int"):
+                scores(linear_w, params, xs, y, num_nodes=4)
+    with pytest.raises(TypeError, match="ys must hold floating-point arrays"):
+        nj.dual_matrix(linear_w, params, XS, ys, num_nodes=4)
+    dense = nj.leverage_scores(nj.dual_matrix(linear_w, params, XS, ys.astype(float), num_nodes=4))
+    host = nj.streaming_leverage_scores(linear_w, params, XS, ys.astype(float), num_nodes=4)
+    np.testing.assert_allclose(host, dense, rtol=1e-12)
 
 
 def linear_w(params, x):

@@ -39,6 +39,20 @@ def test_score_single_index_matches_library(tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), nj.leverage_scores(F), rtol=1e-9, atol=1e-14)
 
 
+def test_score_integer_responses_are_scored_as_floats(tmp_path, capsys):
+    """The library refuses integer ys on every scoring path (the dual matrix's offset f(0) − y is
+    floating); the CLI reads count-valued --y files as floats of the scoring dtype and gives the scores of
+    the same responses stored as floats."""
+    xs, _ = _files(tmp_path)
+    np.save(tmp_path / "yi.npy", np.arange(200) % 5)
+    np.save(tmp_path / "yf.npy", (np.arange(200) % 5).astype(np.float64))
+    for name in ("yi", "yf"):
+        args = ["score", "--x", str(tmp_path / "x.npy"), "--y", str(tmp_path / f"{name}.npy")]
+        assert cli.main(args + ["--out", str(tmp_path / f"s_{name}.npy")]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(np.load(tmp_path / "s_yi.npy"), np.load(tmp_path / "s_yf.npy"))
+
+
 def test_score_mlp_norm_from_seed(tmp_path, capsys):
     xs, _ = _files(tmp_path)
     args = ["score", "--x", str(tmp_path / "x.npy"), "--model", "mlp", "--hidden", "3", "--method", "norm"]

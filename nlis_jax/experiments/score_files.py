@@ -33,8 +33,17 @@ SEED = 0
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--x", required=True, help="inputs, an (n, d) .npy file (opened as a memmap)")
-    parser.add_argument("--y", default=None, help="responses, an (n,) .npy file (optional)")
-    parser.add_argument("--model", choices=MODELS, default="single-index")
+    parser.add_argument(
+        "--y",
+        default=None,
+        help="responses, an (n,) .npy file (optional; integer responses are scored as floats)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="single-index",
+        help="single-index tanh(<θ, x>) or a tanh MLP with one hidden layer (default single-index)",
+    )
     parser.add_argument(
         "--hidden",
         type=_positive_int,
@@ -42,7 +51,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"MLP hidden width (default {HIDDEN}; not with --params)",
     )
     parser.add_argument("--params", default=None, help=".npz of the model's parameters (default: --seed)")
-    parser.add_argument("--method", choices=METHODS, default="leverage")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="leverage",
+        help="leverage or row-norm scores of the dual matrix (default leverage)",
+    )
     parser.add_argument(
         "--chunk-size",
         type=positive_int_arg,
@@ -176,6 +190,8 @@ def run_score(args: argparse.Namespace) -> int:
 
         jax.config.update("jax_enable_x64", True)
     dtype = np.promote_types(xs.dtype, np.float32)  # half-precision files are scored in float32
+    if ys is not None and np.issubdtype(ys.dtype, np.integer):  # counts, classes: the library takes floats
+        ys = ys.astype(dtype)  # an (n,) vector in memory, as the scores
     start = time.perf_counter()
     try:
         apply_fn, params = model_and_params(args, xs.shape[1], dtype)
