@@ -102,7 +102,13 @@ PEEL_ELEMENTS = 1 << 17
 
 
 class QuadratureWarning(RuntimeWarning):
-    """Adaptive quadrature stopped at its panel budget (or depth) before reaching the tolerance."""
+    """Adaptive quadrature missed its tolerance for some examples; the message counts each cause.
+
+    The causes: the panel budget (``max_panels``) or the bisection depth ran out; the rounding noise of
+    the integrand's own values was reached (the dtype's limit there); the error estimates met ``rtol``
+    but the identity check ``⟨f*, θ⟩ + f(0) = f(θ)`` did not (a kink or step narrower than the panels,
+    or cancellation); or the integral or the check residual is NaN or Inf (also under a user's ``jit``).
+    :class:`QuadratureInfo` gives the per-example figures."""
 
 
 class QuadratureInfo(NamedTuple):

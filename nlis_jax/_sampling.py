@@ -206,7 +206,8 @@ def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -
         of ``leverage_scores(F, return_info=True)``.
       beta: ``β ∈ (0, 1]`` (1 for exact leverage; ``c1/c2`` for linear scores of a bounded-Swish model).
 
-    ``epsilon``, ``delta`` and ``beta`` must be real numbers (``TypeError`` for strings, arrays, bools).
+    ``epsilon``, ``delta`` and ``beta`` must be real numbers, 0-d numpy and jax arrays included
+    (``TypeError`` for strings, bools and arrays that are not 0-d).
 
     Returns:
       The smallest integer ``s`` satisfying the bound.

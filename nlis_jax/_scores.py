@@ -192,7 +192,8 @@ def leverage_scores(
       rtol: rank tolerance relative to the largest singular value of the column-equilibrated ``F``
         (default ``10·eps`` of the dtype).
       ridge: ``λ ≥ 0``; with ``λ > 0`` ridge leverage ``h_i = [F (FᵀF + λI)^{-1} Fᵀ]_ii`` normalised by
-        the effective dimension ``Σ h_i`` (computed from the eigenvalues of ``FᵀF``: route ``"gram"``).
+        the effective dimension ``Σ h_i`` (one Gram pass, then the eigendecomposition of the
+        column-equilibrated ``FᵀF + λI``: :func:`nlis_jax.routes.ridge_transform`).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
         conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
         rank: forced on input that is rank-deficient for ``rtol``, or more ill-conditioned than they
@@ -218,8 +219,9 @@ def leverage_scores(
         )
     if ridge > 0 and (route is not None or rtol is not None):  # they were ignored silently
         raise ValueError(
-            "ridge > 0 computes ridge leverage from the eigenvalues of FᵀF (route 'gram', no rank "
-            "tolerance): route and rtol would be ignored; pass them only with ridge=0."
+            "ridge > 0 computes ridge leverage from the eigendecomposition of the equilibrated FᵀF + λI "
+            "(one Gram pass, no rank tolerance): route and rtol would be ignored; pass them only with "
+            "ridge=0."
         )
     rows, lead = routes.as_rows(F, check_values=ridge > 0 or not is_concrete(F))
     if ridge > 0:
@@ -368,7 +370,8 @@ def linear_norm_scores(xs, ys=None, *, bias: bool = False) -> Array:
 
 
 def uniform_scores(n: int, dtype=None) -> Array:
-    """``(n,)`` vector of ``1/n``."""
+    """``(n,)`` vector of ``1/n``, in ``dtype`` (a floating dtype; default: jax's default float, float32
+    unless ``jax_enable_x64``)."""
     check_positive_int("n", n)
     dtype = dtype or jnp.result_type(float)
     if not jnp.issubdtype(dtype, jnp.floating):

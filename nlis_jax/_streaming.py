@@ -286,6 +286,11 @@ def streaming_norm_scores(
     ``xs`` may be host data (numpy, memmap, chunk source) and ``out`` a memmap for the scores, and
     ``chunk_size`` has its default, as in :func:`streaming_leverage_scores`.
 
+    Args:
+      apply_fn, params, xs, ys, chunk_size, num_nodes, out: as in :func:`streaming_leverage_scores`.
+      mode: the adjoint engine, ``"forward"`` (``jax.jvp``), ``"reverse"`` (``jax.vjp``) or ``"auto"``
+        (chosen from the output count and ``p``), as in :func:`nlis_jax.adjoint`.
+
     Returns:
       ``(n,)`` probabilities summing to 1 in the dtype of ``params`` (``out`` when given).
     """

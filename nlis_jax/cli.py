@@ -52,9 +52,10 @@ $NLIS_FASHION_MNIST, $SCIKIT_LEARN_DATA/fashion-mnist, $SCIKIT_LEARN_DATA/../fas
 data set is downloaded once into that cache, as scikit-learn does (--no-download: never; offline, point
 SCIKIT_LEARN_DATA at an existing cache).
 
-environment: NLIS_SMALL=1 shrinks the defaults to a smoke-test size (2 repeats, 2 sizes, 50 steps,
-at most 2,000 rows of generated or subsampled data (California keeps its 20,640), no wall-time
-comparison); explicit options still apply.
+environment: NLIS_SMALL=1 shrinks the defaults of `nlis-jax run` to a smoke-test size (2 repeats,
+2 sizes, 50 steps, at most 2,000 rows of generated or subsampled data (California keeps its 20,640), no
+wall-time comparison) and those of `nlis-jax active` to its own (see its --help); explicit options still
+apply. `outliers` and `score` do not read it.
 """
 
 

@@ -369,6 +369,16 @@ def launch(
     handler returns, ``launch`` returns ``128 + N``. A KeyboardInterrupt stops them and propagates. On
     Linux the kernel also kills them when the launcher dies by SIGKILL (``PR_SET_PDEATHSIG``, set by a
     small wrapper that then execs ``command``); processes that ``command`` starts in turn are its own.
+
+    Args:
+      command: the program and its arguments, e.g. ``["python", "my_script.py"]``.
+      num_processes: how many processes to start (``NLIS_PROCESS_ID`` 0 to ``num_processes − 1``).
+      cpu_devices: CPU devices per process (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``
+        and ``JAX_NUM_CPU_DEVICES``); ``None`` leaves the environment's setting.
+      port: the coordinator's port on 127.0.0.1 (default: a free one).
+      timeout: seconds before every process is stopped and 124 returned (default: none).
+      env: the processes' environment (default: this process's ``os.environ``), to which the launcher adds
+        ``NLIS_COORDINATOR_ADDRESS``, ``NLIS_NUM_PROCESSES`` and ``NLIS_PROCESS_ID``.
     """
     if isinstance(command, str):  # read letter by letter it ran the command 't' for "true"
         raise TypeError(
@@ -458,11 +468,13 @@ def _timeout_arg(value: float) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nlis_jax.distributed [options] script.py [args]``: :func:`launch` from the command line;
+    returns its status."""
     parser = argparse.ArgumentParser(
         prog="python -m nlis_jax.distributed",
         description="Run a script as several jax.distributed processes on this machine (127.0.0.1).",
     )
-    parser.add_argument("--num-processes", type=_arg(_count_arg), default=2)
+    parser.add_argument("--num-processes", type=_arg(_count_arg), default=2, help="processes (default 2)")
     parser.add_argument("--cpu-devices", type=_arg(_count_arg), default=None, help="CPU devices per process")
     parser.add_argument(
         "--port", type=_arg(_port_arg), default=None, help="coordinator port (default: a free one)"

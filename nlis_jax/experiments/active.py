@@ -540,18 +540,30 @@ def _radius_arg(text: str) -> float:
 
 def add_active_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``nlis-jax active`` to ``parser`` (a subparser); returns it."""
-    parser.add_argument("--dataset", choices=DATASETS, default="california")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="california", help="data set (default california)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="runs per strategy (default 5)")
     parser.add_argument("--budgets", type=_budgets_arg, default=None, help="label budgets, e.g. 20,40,80")
     parser.add_argument("--batch", type=int, default=None, help="labels per round (default 20)")
-    parser.add_argument("--radius", type=_radius_arg, default=None, help="l2 radius, or 'none'")
+    parser.add_argument(
+        "--radius",
+        type=_radius_arg,
+        default=None,
+        help="l2 radius, or 'none' (default: 1.0 for the regressions, 3.0 for fashion-mnist)",
+    )
     parser.add_argument("--alpha", type=float, default=None, help="uniform mixing of leverage (0.1)")
     parser.add_argument(
-        "--strategies", type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()), default=None
+        "--strategies",
+        type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+        default=None,
+        help=f"comma list from {','.join(STRATEGIES)} (default all)",
     )
     parser.add_argument("--n", type=int, default=None, help="pool size (subsample)")
-    parser.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed")
-    parser.add_argument("--out", default="active_out", help="output folder (results.json and a plot)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed (default 0)")
+    parser.add_argument(
+        "--out", default="active_out", help="output folder (results.json and a plot; default active_out)"
+    )
     parser.add_argument("--small", action="store_true", help="smoke-test size (also NLIS_SMALL=1)")
     return parser
 

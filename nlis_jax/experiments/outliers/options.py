@@ -126,7 +126,7 @@ _OPTIONS = [
     (("--dtype",), dict(choices=("float32", "float64"), help="default float32")),
     (("--seed",), dict(type=seed_arg, help="PRNG seed (default 0)")),
     (("--out",), dict(help="output folder for results.json, scores.npz and the PNG grids")),
-    (("--no-progress",), dict(action="store_false", dest="progress", default=None)),
+    (("--no-progress",), dict(action="store_false", dest="progress", default=None, help="no progress bars")),
 ]
 
 
