@@ -64,8 +64,25 @@ def balanced_chunk(n: int, chunk_size: int) -> int:
     """
     if n <= chunk_size:
         return n
+    return _rounded_chunk(n, chunk_size, 1)
+
+
+def device_chunk(n: int, chunk_size: int) -> int:
+    """:func:`balanced_chunk` for device arrays: with ``D > 1`` devices the length is also a multiple of
+    ``D`` (when ``chunk_size ≥ D``), so that a row-sharded ``xs`` stays sharded in its strided chunks
+    (:func:`strided_chunks` reshapes the rows to ``(chunk, m)``: a chunk of 10 rows on 4 devices, or the
+    balanced 14 of ``n = 52`` taken 16 at a time, gathered every row onto every device)."""
+    if n <= chunk_size:
+        return n
+    devices = jax.device_count()
+    return _rounded_chunk(n, chunk_size, devices if chunk_size >= devices else 1)
+
+
+def _rounded_chunk(n: int, chunk_size: int, multiple: int) -> int:
+    """The balanced length of :func:`balanced_chunk`, a multiple of ``multiple`` (``≤ chunk_size``)."""
+    chunk_size = chunk_size // multiple * multiple
     m = -(-n // chunk_size)
-    step = max(chunk_size // 8, 1)
+    step = -(-max(chunk_size // 8, 1) // multiple) * multiple
     return min(chunk_size, -(-n // (m * step)) * step)
 
 

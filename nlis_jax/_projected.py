@@ -84,7 +84,7 @@ from nlis_jax._factored import (
     project_chunk,
     zero_outputs,
 )
-from nlis_jax._passes import balanced_chunk, strided_chunks
+from nlis_jax._passes import device_chunk, strided_chunks
 from nlis_jax._precision import highest_precision
 from nlis_jax._scores import Leverage, leverage_scores
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
@@ -144,7 +144,7 @@ def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes,
             return _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk_size, num_nodes)
     embedding = {"auto": "sparse", "khatri_rao": "gaussian"}.get(embedding, embedding)
     dtype = model.theta.dtype
-    chunk = balanced_chunk(n, chunk_size or default_chunk_size(n, m, k))
+    chunk = device_chunk(n, chunk_size or default_chunk_size(n, m, k))
     if embedding == "sparse":
         buckets, signs = sparse_embedding(key, m, dim, sparsity, dtype)
 
@@ -182,7 +182,7 @@ def _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk, nodes):
     leaves = jax.tree.leaves(params)
     emb = khatri_rao_embedding(key, fac, dim, dtype)
     t, w = gauss_legendre(nodes, dtype)
-    chunk = balanced_chunk(n, chunk or default_chunk(fac, n, k, dim))
+    chunk = device_chunk(n, chunk or default_chunk(fac, n, k, dim))
 
     def one_chunk(chunk_data):
         xc, yc = chunk_data

@@ -98,12 +98,27 @@ def _double_float_draws(key: PRNGKey, probs: Array, num_samples: int) -> Array:
     return jnp.minimum(idx, last).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
-def _sample_with_replacement(key, probs, num_samples):
+def _replicated(probs) -> jax.sharding.NamedSharding | None:
+    """The replicated sharding over the mesh of a sharded concrete ``probs`` (``None`` otherwise).
+
+    The draws search the whole cumulative sum for every sample: on a vector sharded over the devices
+    (the scores of a row-sharded dual matrix) XLA's partitioned search took ~1000× the time of the same
+    draw on one device (``jax.random.choice``, ``n = 2^18``, ``s = 2^14``: 18 s against 0.015 s). One
+    all-gather of the ``(n,)`` vector first costs far less and changes no draw."""
+    sharding = getattr(probs, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.is_fully_replicated:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "replicated"))
+def _sample_with_replacement(key, probs, num_samples, replicated=None):
     n = probs.shape[0]
     # at least float32 (s·p_i overflows float16 from s ≈ 65,520); weights from the normalised vector,
     # as the draws (a traced probs vector is not checked to sum to one)
     wide = probs.astype(at_least_float32(probs.dtype))
+    if replicated is not None:
+        wide = jax.lax.with_sharding_constraint(wide, replicated)
     if jax.config.jax_enable_x64:
         wide64 = wide.astype(jnp.float64)
         idx = jax.random.choice(key, n, shape=(num_samples,), replace=True, p=wide64).astype(jnp.int32)
@@ -175,7 +190,7 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
                 )
         idx, w = _sample_priority(key, probs, s)
     else:
-        idx, w = _sample_with_replacement(key, probs, s)
+        idx, w = _sample_with_replacement(key, probs, s, _replicated(probs))
     if jnp.finfo(probs.dtype).bits < 32 and is_concrete(w) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError(
             f"a weight 1/(s·p_i) overflows {probs.dtype} (beyond {float(jnp.finfo(probs.dtype).max):g}): "

@@ -51,8 +51,8 @@ from nlis_jax._checks import (
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import (
     Chunks,
-    balanced_chunk,
     chunk_values,
+    device_chunk,
     leverage_passes,
     norm_rows,
     reduce_chunk,
@@ -95,7 +95,7 @@ def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> 
     factor); and the flat model."""
     model = flatten_model(apply_fn, params, xs)
     n = model.n
-    chunk = balanced_chunk(n, chunk_size)
+    chunk = device_chunk(n, chunk_size)
     xs_c, m = strided_chunks(xs, n, chunk)
     ys_c = None if ys is None else strided_chunks(jnp.asarray(ys, model.theta.dtype), n, chunk)[0]
     kw = dict(num_nodes=num_nodes, mode=mode)

@@ -77,17 +77,18 @@ def test_dual_matrix_and_scores_sharded(k_out, mode):
         _assert_row_sharded(hs)
 
 
-@pytest.mark.parametrize("k_out", [1, 2])
-def test_streaming_scores_stay_row_sharded_across_chunks(k_out):
+@pytest.mark.parametrize(("k_out", "chunk_size"), [(1, 16), (2, 16), (1, 10), (2, 6)])
+def test_streaming_scores_stay_row_sharded_across_chunks(k_out, chunk_size):
     """Several chunks (chunk_size < n, the usual case): contiguous chunks put the row sharding on the
     scanned axis, so XLA gathered every row onto every device and the scores came back replicated. The
     strided chunks keep each chunk row-sharded: no all-gather in the program, scores row-sharded and
-    equal to the dense ones."""
+    equal to the dense ones. A chunk length that is not a multiple of the 4 devices (10: balanced to 10
+    rows, 6) lost the sharding the same way; device chunks are rounded to a multiple of the devices."""
     params, xs, ys = _case(k_out)
     apply_fn = mlp(jnp.tanh)
     xs_s, ys_s = _rows(xs), _rows(ys)
     F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=8)
-    kw = dict(chunk_size=16, num_nodes=8)
+    kw = dict(chunk_size=chunk_size, num_nodes=8)
     for streamed, dense in (
         (nj.streaming_leverage_scores, nj.leverage_scores),
         (nj.streaming_norm_scores, nj.norm_scores),
@@ -97,17 +98,18 @@ def test_streaming_scores_stay_row_sharded_across_chunks(k_out):
         _assert_row_sharded(hs)
     from nlis_jax import _streaming
 
-    text = _streaming._norm_jit.lower(apply_fn, params, xs_s, ys_s, chunk_size=16, num_nodes=8, mode="auto")
+    text = _streaming._norm_jit.lower(apply_fn, params, xs_s, ys_s, mode="auto", **kw)
     assert " all-gather(" not in text.compile().as_text()
 
 
-@pytest.mark.parametrize("embedding", ["sparse", "khatri_rao"])
-def test_projected_rows_stay_row_sharded_across_chunks(embedding):
+@pytest.mark.parametrize(("embedding", "chunk_size"), [("sparse", 16), ("khatri_rao", 16), ("sparse", 10)])
+def test_projected_rows_stay_row_sharded_across_chunks(embedding, chunk_size):
     """``projected_dual_matrix`` over several chunks gathered every row onto every device (2 all-gathers)
-    and returned Y replicated; strided chunks keep Y row-sharded, equal to the one-device Y."""
+    and returned Y replicated; strided chunks keep Y row-sharded, equal to the one-device Y (also for a
+    chunk_size that is not a multiple of the devices)."""
     params, xs, ys = _case(1)
     apply_fn = mlp(jnp.tanh)
-    kw = dict(dim=12, chunk_size=16, embedding=embedding)
+    kw = dict(dim=12, chunk_size=chunk_size, embedding=embedding)
     ref = nj.projected_dual_matrix(jax.random.key(3), apply_fn, params, xs, ys, **kw)
     Y = nj.projected_dual_matrix(jax.random.key(3), apply_fn, params, _rows(xs), _rows(ys), **kw)
     np.testing.assert_allclose(Y, ref, rtol=1e-12, atol=1e-14)
@@ -116,7 +118,7 @@ def test_projected_rows_stay_row_sharded_across_chunks(embedding):
 
     args = (jax.random.key(3), apply_fn, params, _rows(xs), _rows(ys))
     lowered = _projected._projected_jit.lower(
-        *args, dim=12, chunk_size=16, num_nodes=16, mode="auto", embedding=embedding, sparsity=1
+        *args, dim=12, chunk_size=chunk_size, num_nodes=16, mode="auto", embedding=embedding, sparsity=1
     )
     assert " all-gather(" not in lowered.compile().as_text()
 
@@ -166,3 +168,36 @@ def test_dual_operator_sharded():
     np.testing.assert_allclose(mv, F @ v, rtol=0, atol=1e-12)
     _assert_row_sharded(mv)
     np.testing.assert_allclose(op.rmv(_rows(ys)), F.T @ ys, rtol=0, atol=1e-12)
+
+
+def test_sample_of_row_sharded_probabilities_draws_on_gathered_probabilities():
+    """With x64, sampling from row-sharded probabilities (the scores of a row-sharded dual matrix) ran
+    jax.random.choice's search on the sharded cumulative sum: all-reduces and collective permutes in the
+    search loop, ~1000× the one-device time (n = 2^18, s = 2^14: 18 s against 0.015 s; benchmark figures,
+    not asserted here). The probabilities are gathered once first: the draw program holds one all-gather
+    and no other collective, and the sample is the one-device sample."""
+    from nlis_jax import _sampling
+
+    probs = np.random.default_rng(5).exponential(size=4096)
+    probs /= probs.sum()
+    key = jax.random.key(4)
+    rows = _rows(probs)
+    seen = []
+    draw = _sampling._sample_with_replacement
+
+    def spy(*args):
+        seen.append(args)
+        return draw(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_sampling, "_sample_with_replacement", spy)
+        idx, w = nj.sample(key, rows, 64)
+    ref_idx, ref_w = nj.sample(key, jnp.asarray(probs), 64)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-14)
+    text = draw.lower(*seen[0]).compile().as_text()
+    collectives = {
+        op: text.count(f" {op}(") + text.count(f" {op}-start(")
+        for op in ("all-gather", "all-reduce", "collective-permute")
+    }
+    assert collectives == {"all-gather": 1, "all-reduce": 0, "collective-permute": 0}, collectives
