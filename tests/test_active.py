@@ -495,6 +495,7 @@ def test_run_active_writes_results(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text(), parse_constant=_no_constant)
     assert result["dataset"] == "california" and result["n"] == 1500
     assert result["seed"] == 3 and result["argv"] == argv  # runs that differ in --seed had equal records
+    assert result["environment"]["x64"] is True and result["environment"]["devices"] == jax.device_count()
     budgets = result["budgets"]
     assert budgets == [10, 20, 30]
     assert set(result["strategies"]) == set(study.STRATEGIES)

@@ -6,6 +6,7 @@ import json
 import sys
 import types
 
+import jax
 import pytest
 
 from nlis_jax import cli
@@ -38,6 +39,8 @@ def test_run_writes_results_and_plots(tmp_path, capsys):
     summary = json.loads((out / "results.json").read_text())
     assert summary["dataset"] == "synthetic" and summary["n"] == 200 and summary["p"] == 4
     assert summary["seed"] == 3 and summary["config"]["repeats"] == 2
+    # x64 changes the sampler's draws (JAX_ENABLE_X64=1 gave other samples, the record did not say so)
+    assert summary["x64"] is True and summary["devices"] == jax.device_count() and summary["backend"] == "cpu"
     assert summary["full"]["loss"] > 0 and summary["full"]["time_s"] > 0
     for method in ("uniform", "linear_leverage", "nonlinear_leverage", "nonlinear_norm"):
         records = summary["methods"][method]["results"]

@@ -177,6 +177,7 @@ def test_cli_runs_the_flights_study(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", "--dataset", "flights", "--no-progress", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["n"] == 1800 and record["model"] == "single-index bounded Swish" and record["seed"] == 0
+    assert record["x64"] is True and record["devices"] == jax.device_count()
     assert set(record["grids"]["converged"]) == {
         "uniform", "linear_leverage", "pilot_leverage", "refined_leverage", "nonlinear_leverage"
     }  # fmt: skip

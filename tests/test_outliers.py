@@ -250,6 +250,8 @@ def test_synthetic_study_finds_planted_flips(tmp_path):
     assert result["metrics"]["loss"]["auroc"] > 0.9
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["metrics"] == result["metrics"] and saved["best_nonlinear"] == result["best_nonlinear"]
+    assert saved["environment"]["x64"] == jax.config.jax_enable_x64  # it changes the float32 fit's arithmetic
+    assert saved["environment"]["devices"] == jax.device_count()
     for key in ("grid_response_leverage", "grid_loss"):
         png = Path(result["files"][key])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -49,6 +49,7 @@ import nlis_jax as nj
 from nlis_jax.experiments import datasets
 from nlis_jax.experiments.checks import check_seed, positive_int, replace_naming_option, seed_arg
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
+from nlis_jax.experiments.report import environment
 
 DATASETS = ("california", "flights", "fashion-mnist")
 STRATEGIES = ("uniform", "leverage", "linear_leverage", "egl")
@@ -614,7 +615,7 @@ def run_active(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
     if config.dataset != "fashion-mnist":
         jax.config.update("jax_enable_x64", True)  # the single-index regressions run in float64
     out = Path(args.out)
-    provenance = dict(seed=args.seed, argv=None if argv is None else list(argv))
+    provenance = dict(seed=args.seed, argv=None if argv is None else list(argv), environment=environment())
     try:
         result = dict(run_active_study(jax.random.key(args.seed), config), **provenance)
     except datasets.DatasetNotFoundError as err:

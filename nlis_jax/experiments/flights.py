@@ -61,7 +61,7 @@ import nlis_jax as nj
 from nlis_jax.experiments import kernels
 from nlis_jax.experiments.checks import positive_int_arg, replace_naming_option, size_arg
 from nlis_jax.experiments.datasets import load_flights
-from nlis_jax.experiments.report import number, quantiles
+from nlis_jax.experiments.report import environment, number, quantiles
 from nlis_jax.experiments.runner import StudyInterrupted
 
 __all__ = [
@@ -100,7 +100,11 @@ class FlightsStudyConfig:
         model: ``"single_index"`` or ``"mlp"``.
         sizes: sample sizes, fractions of the training rows (``< 1``) or row counts.
         repeats: independent samples per scheme and size (fitted together under ``vmap``).
-        methods: a subset of :data:`FLIGHTS_METHODS`.
+        methods: a subset of :data:`FLIGHTS_METHODS`. Its order matters: each scheme's samples and
+            sample fits are keyed by its position in this tuple and in the grid (unlike ``run_study``,
+            which keys by name), so a reordered or shortened list draws other samples for the same seed;
+            ``θ*``, the pilot and the scores do not change. The tables of ``docs/flights.md`` name their
+            commands.
         protocols: MLP sample-fit protocols among ``"common"``, ``"pilot"``, ``"star"``,
             ``"gauss_newton"`` (ignored by the
             single-index model, whose fits converge to the sample optimum from any start).
@@ -764,8 +768,7 @@ def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -
         "p": setup.p,
         "features": setup.features,
         "config": dataclasses.asdict(config),
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
+        **environment(),
     }
     try:
         _run_steps(setup, summary, say, k_full, k_refit, k_pilot, k_refine, k_grid)

@@ -6,7 +6,23 @@ import math
 
 import numpy as np
 
-__all__ = ["format_table", "number", "quantiles", "steps_to_converge", "steps_to_loss"]
+__all__ = ["environment", "format_table", "number", "quantiles", "steps_to_converge", "steps_to_loss"]
+
+
+def environment() -> dict:
+    """What a results.json needs to tell runs apart that the same seed and options do not: jax's version,
+    backend and device, the device count (XLA_FLAGS may force several CPU devices: rounding-level
+    differences) and whether x64 was on (it changes the sampler's draws and the float32 studies'
+    arithmetic: ``JAX_ENABLE_X64=1`` gives other samples for the same key)."""
+    import jax
+
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "x64": bool(jax.config.jax_enable_x64),
+    }
 
 
 def number(x) -> float | None:

@@ -19,7 +19,7 @@ from nlis_jax.experiments import kernels
 from nlis_jax.experiments import keys as prng
 from nlis_jax.experiments.configs import METHODS, ORACLE_METHODS, StudyConfig, resolve_size, resolve_sizes
 from nlis_jax.experiments.problems import Problem, make_problem
-from nlis_jax.experiments.report import number, quantiles
+from nlis_jax.experiments.report import environment, number, quantiles
 from nlis_jax.experiments.study import (
     FullFit,
     batch1,
@@ -250,9 +250,7 @@ def _summary(run: _Run, grid: _Grid, score_s: dict, timing, compile0: dict) -> d
         "methods": {m: {"score_s": score_s.get(m), "results": grid.records[m]} for m in methods},
         "timing": timing,
         "compile": {k: stats[k] - compile0[k] for k in ("count", "seconds")},
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
+        **environment(),
     }
 
 

@@ -26,6 +26,7 @@ from nlis_jax.experiments.outliers.data import load_data, plant_outliers
 from nlis_jax.experiments.outliers.grid import save_score_grid
 from nlis_jax.experiments.outliers.metrics import auroc, precision_at_k
 from nlis_jax.experiments.outliers.scores import dual_scores, outlier_scores, projected_dual
+from nlis_jax.experiments.report import environment
 
 __all__ = ["OutlierStudyInterrupted", "run_outlier_study"]
 
@@ -204,11 +205,7 @@ def _result(
         "diagnostics": info,
         "timings": timings,
         "config": dataclasses.asdict(config),
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-        },
+        "environment": environment(),
     }
 
 
