@@ -622,9 +622,12 @@ def integrate(
         else:
             # the library's own traced callers (no ``nonfinite``: the streaming passes) report non-finite
             # rows themselves, from their inputs' checks; a user's jit gets them in the warning
-            missed = functools.partial(_missed, xp=np, count_nonfinite=nonfinite is not None)
-            report = lambda *a: warn(missed(*map(np.asarray, a)), n)  # noqa: E731
-            jax.debug.callback(report, state.error, state.residual, conv, state.roundoff, _finite(state))
+            # reduced on the devices first: the per-example vectors of a row-sharded input went to
+            # device 0 for the callback (an all-gather per chunk of the streaming passes)
+            summary = _missed_summary(
+                state.error, state.residual, conv, state.roundoff, _finite(state), jnp, nonfinite is not None
+            )
+            jax.debug.callback(lambda s: warn(_as_numbers(s), n), summary)
         return state.value, _info(state, conv)
     state = _first_pass_jit(g, check, params, data, chunk=pass_chunk)
     host = _host(state)
@@ -671,10 +674,20 @@ def _missed(
     or residual (``finite`` false: eagerly these raise before; under a user's jit they are reported here;
     the library's streaming passes report non-finite rows from their own input checks) (``xp``: numpy, or
     jax.numpy for arrays that span processes). A finite example that missed never hides behind a NaN."""
+    summary = _missed_summary(error, residual, conv, roundoff, finite, xp, count_nonfinite)
+    return _as_numbers(summary)
+
+
+def _missed_summary(error, residual, conv, roundoff, finite, xp, count_nonfinite: bool = True) -> tuple:
+    """:func:`_missed` as ``xp`` scalars (nine reductions; traced, nothing per example leaves the devices)."""
     missed = ~conv & finite
     groups = (missed & roundoff, missed & ~roundoff, ~conv & ~finite & count_nonfinite)
-    worst = lambda a, g: float(xp.max(xp.where(g, a, 0)))  # noqa: E731
-    return tuple((int(xp.sum(g)), worst(error, g), worst(residual, g)) for g in groups)
+    worst = lambda a, g: xp.max(xp.where(g, a, 0))  # noqa: E731
+    return tuple((xp.sum(g), worst(error, g), worst(residual, g)) for g in groups)
+
+
+def _as_numbers(summary) -> tuple[tuple[int, float, float], ...]:
+    return tuple((int(count), float(err), float(res)) for count, err, res in summary)
 
 
 def _warn(missed, n: int, *, rtol, check_tol, max_panels) -> None:

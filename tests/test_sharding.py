@@ -201,3 +201,26 @@ def test_sample_of_row_sharded_probabilities_draws_on_gathered_probabilities():
         for op in ("all-gather", "all-reduce", "collective-permute")
     }
     assert collectives == {"all-gather": 1, "all-reduce": 0, "collective-permute": 0}, collectives
+
+
+def test_adaptive_streaming_keeps_its_error_vectors_on_their_devices():
+    """The adaptive rule's QuadratureWarning report was a host callback given each chunk's per-example
+    error, residual and convergence vectors: on row-sharded input XLA gathered them onto device 0 ("[SPMD]
+    Involuntary full rematerialization", 12 warnings per call; 4 extra all-gathers). They are reduced
+    to nine scalars on the devices first: no floating or boolean vector is gathered, and the scores are
+    the dense ones."""
+    import re
+
+    from nlis_jax import _streaming
+
+    params, xs, ys = _case(1)
+    apply_fn = mlp(jnp.tanh)
+    xs_s, ys_s = _rows(xs), _rows(ys)
+    kw = dict(chunk_size=16, num_nodes=None, mode="auto")
+    text = _streaming._norm_jit.lower(apply_fn, params, xs_s, ys_s, **kw).compile().as_text()
+    gathered = re.findall(r"= (\w+)\[[\d,]*\]\{[^}]*\} all-gather(?:-start)?\(", text)
+    assert not [t for t in gathered if t.startswith(("f", "pred"))], gathered
+    dense = nj.norm_scores(nj.dual_matrix(apply_fn, params, xs, ys))
+    hs = nj.streaming_norm_scores(apply_fn, params, xs_s, ys_s, chunk_size=16)
+    np.testing.assert_allclose(hs, dense, rtol=1e-12)
+    _assert_row_sharded(hs)
