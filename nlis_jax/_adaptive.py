@@ -627,7 +627,8 @@ def integrate(
             summary = _missed_summary(
                 state.error, state.residual, conv, state.roundoff, _finite(state), jnp, nonfinite is not None
             )
-            jax.debug.callback(lambda s: warn(_as_numbers(s), n), summary)
+            # the callback gets jax arrays: numpy copies, not a read back per scalar
+            jax.debug.callback(lambda s: warn(_as_numbers(jax.tree.map(np.asarray, s)), n), summary)
         return state.value, _info(state, conv)
     state = _first_pass_jit(g, check, params, data, chunk=pass_chunk)
     host = _host(state)
