@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nlis_jax import routes
 from nlis_jax._adjoint import (
     check_has_outputs,
+    check_output_shape,
     check_ys_fits,
     count_bad_examples,
     eval_example,
@@ -120,7 +121,10 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     if weights is not None and np.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
     out = eval_example(apply_fn, params, example_spec(xs))  # shapes only: a memmap is not read
-    check_has_outputs(out)
+    if out_check:  # the scores: a scalar or a vector per example, as on the device
+        check_output_shape(out)
+    else:
+        check_has_outputs(out)
     if out_check and ys is not None:
         if np.shape(ys) != (n,) + out.shape:
             raise ValueError(
@@ -333,16 +337,17 @@ class CheckedSource:
     def _check_first(self, index: int, x, y) -> None:
         """``y_chunk`` of the first chunk: present when needed, real, and of the model's output shape."""
         check_not_complex(f"y_chunk of chunk {index} of the chunk source", y)
+        # the model's output shape is checked with or without responses (a matrix output is refused)
+        out = None if self.out_shape is None else self.out_shape(example_spec(x))
         if y is None:
             if self.need_y:
                 raise ValueError(
                     f"chunk {index} of the chunk source has y_chunk None, but the losses need the targets."
                 )
             return
-        if self.out_shape is None:
+        if out is None:
             return
         check_floating(f"y_chunk of chunk {index} of the chunk source", y)  # the scores' offset f(0) − y
-        out = self.out_shape(example_spec(x))
         c = y.shape[0]
         if y.shape[1:] != tuple(out):
             raise ValueError(
@@ -695,7 +700,8 @@ def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, 
     if callable(xs):
         if ys is not None:
             raise ValueError("with a chunk source, the responses travel in its chunks: pass ys=None.")
-        return CheckedSource(xs, out_shape=lambda x: eval_example(apply_fn, params, x).shape), chunk_size
+        out_shape = lambda x: check_output_shape(eval_example(apply_fn, params, x)).shape  # noqa: E731
+        return CheckedSource(xs, out_shape=out_shape), chunk_size
     ys = host_vector("ys", ys)
     n = check_host_arrays(apply_fn, params, xs, ys)
     chunk = balanced_chunk(n, chunk_size)

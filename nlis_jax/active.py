@@ -284,16 +284,19 @@ def query(
     if strategy == "sample" and not replace:
         # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0, and
         # priority sampling then returns such points with weight 0
-        tiny = jnp.finfo(chosen.probs.dtype).tiny
+        # in the sampler's dtype (at least float32): float16 probabilities below float16's smallest normal
+        # (every point of a 20,000-point pool at alpha = 0.5) are positive there
+        wide = at_least_float32(chosen.probs.dtype)
+        tiny = jnp.finfo(wide).tiny
         if pool < 0:  # traced: checkify, when asked
             traced.check(
-                jnp.sum(chosen.probs >= tiny) >= batch,
+                jnp.sum(chosen.probs.astype(wide) >= tiny) >= batch,
                 f"fewer pool points of positive probability than batch={batch}: sampling without "
                 "replacement cannot reach the rest (use alpha > 0).",
             )
             return chosen
         probs = np.asarray(chosen.probs)
-        positive = int(np.sum(probs >= tiny))
+        positive = int(np.sum(probs.astype(wide) >= tiny))
         if positive < batch:
             raise ValueError(
                 f"only {positive} pool points have a positive probability in {probs.dtype}, fewer than "

@@ -178,6 +178,22 @@ def test_record_refuses_indices_already_labelled_or_out_of_range():
     assert int(jnp.sum(traced.labelled)) == 9  # under jit: no check, the same update
 
 
+def test_query_counts_float16_probabilities_as_the_sampler_does():
+    """float16 scores on a 20,000-point pool at alpha = 0.5: every probability (about 5e-5) lies below
+    float16's smallest normal number but is positive, and the sampler (which widens to float32) reaches
+    it. query refused: "only 0 pool points have a positive probability ... use alpha > 0". It now
+    counts in the sampler's dtype and draws the sample nj.sample draws from the same probabilities."""
+    n = 20000
+    scores, labelled = jnp.ones(n, jnp.float16), jnp.zeros(n, bool)
+    probs = nj.active.pool_probabilities(scores, labelled, alpha=0.5)
+    assert probs.dtype == jnp.float16 and bool(jnp.all(probs > 0))
+    chosen = nj.query(jax.random.key(0), scores, labelled, 10, alpha=0.5)
+    idx, w = nj.sample(jax.random.key(0), probs, 10, replace=False)
+    np.testing.assert_array_equal(chosen.indices, idx)
+    np.testing.assert_array_equal(chosen.weights, w)
+    assert len(set(np.asarray(idx).tolist())) == 10
+
+
 def test_query_float32_follows_input_dtype():
     scores, mask = _pool(8)
     q = nj.query(jax.random.key(0), scores.astype(jnp.float32), mask, 4)

@@ -377,6 +377,33 @@ def test_host_ys_beyond_the_params_dtype():
         nj.streaming_norm_scores(linear_w, params, XS, np.r_[1e300, -1e300, YS[2:]], num_nodes=4)
 
 
+def test_matrix_outputs_are_refused_by_the_host_scores_too():
+    """A model with a (2, 2) output per example was refused by the dense and device paths ("a scalar or
+    a vector of k outputs") but scored on the host paths (numpy xs, chunk sources, label-free scores with
+    chunk_size) as its flattened vector. Every scoring path now refuses it; the losses are unchanged."""
+    params = {"w": W}
+
+    def matrix(params, x):
+        return jnp.outer(jnp.tanh(x * params["w"]), jnp.asarray([1.0, 2.0]))
+
+    def chunks():
+        yield XS[:3], None
+        yield XS[3:], None
+
+    calls = [
+        lambda: nj.streaming_leverage_scores(matrix, params, XS, num_nodes=4),
+        lambda: nj.streaming_norm_scores(matrix, params, XS, num_nodes=4),
+        lambda: nj.streaming_leverage_scores(matrix, params, chunks, num_nodes=4),
+        lambda: nj.label_free_leverage_scores(matrix, params, XS, chunk_size=3, num_nodes=4),
+        lambda: nj.label_free_leverage_scores(matrix, params, jnp.asarray(XS), num_nodes=4),
+    ]
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=r"must return a scalar or a vector of k outputs .* got shape \(2, 2\)"
+        ):
+            call()
+
+
 def test_integer_ys_of_the_scores_are_refused_on_every_path():
     """Integer responses were refused by dual_matrix and the device streaming path ("ys must hold
     floating-point arrays") but scored on the host path (numpy arrays, a chunk source), whose docstring
