@@ -121,17 +121,16 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     if weights is not None and np.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},) (one per example), got {np.shape(weights)}.")
     out = eval_example(apply_fn, params, example_spec(xs))  # shapes only: a memmap is not read
-    if out_check:  # the scores: a scalar or a vector per example, as on the device
-        check_output_shape(out)
-    else:
+    if not out_check:
         check_has_outputs(out)
-    if out_check and ys is not None:
-        if np.shape(ys) != (n,) + out.shape:
+    else:  # the scores: a scalar or a vector per example, as on the device
+        check_output_shape(out)
+        if ys is not None and np.shape(ys) != (n,) + out.shape:
             raise ValueError(
                 f"ys has shape {np.shape(ys)} but the model gives outputs of shape {(n,) + out.shape} "
                 "(n examples × outputs); they must agree."
             )
-    check_not_complex("ys", ys)
+    check_not_complex("ys", ys)  # before the floating check: the more specific message
     if out_check and ys is not None:  # as the device path (dual_matrix), whose result the scores equal
         check_floating("ys", ys)
     _check_in_memory("xs", xs)

@@ -50,10 +50,11 @@ def _padded(a, rows: int):
     return jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])]) if pad else a
 
 
-def balanced_chunk(n: int, chunk_size: int) -> int:
+def balanced_chunk(n: int, chunk_size: int, multiple: int = 1) -> int:
     """Rows per chunk for ``n`` examples taken at most ``chunk_size`` at a time: ``n`` when it fits, else
     the fewest chunks, ``m = ceil(n / chunk_size)``, of equal length ``ceil(n / m)`` rounded up to a
-    multiple of ``chunk_size / 8`` (never above ``chunk_size``).
+    multiple of ``chunk_size / 8`` (never above ``chunk_size``), and with ``multiple`` a multiple of it
+    (:func:`device_chunk`).
 
     Chunks of ``min(chunk_size, n)`` rows padded the last one: ``n = chunk_size + 1`` read and formed
     ``2·chunk_size`` rows. Equal chunks pad at most ``m·chunk_size/8`` rows (a quarter of ``n`` at worst,
@@ -64,7 +65,10 @@ def balanced_chunk(n: int, chunk_size: int) -> int:
     """
     if n <= chunk_size:
         return n
-    return _rounded_chunk(n, chunk_size, 1)
+    chunk_size = chunk_size // multiple * multiple
+    m = -(-n // chunk_size)
+    step = -(-max(chunk_size // 8, 1) // multiple) * multiple
+    return min(chunk_size, -(-n // (m * step)) * step)
 
 
 def device_chunk(n: int, chunk_size: int) -> int:
@@ -72,18 +76,8 @@ def device_chunk(n: int, chunk_size: int) -> int:
     ``D`` (when ``chunk_size ≥ D``), so that a row-sharded ``xs`` stays sharded in its strided chunks
     (:func:`strided_chunks` reshapes the rows to ``(chunk, m)``: a chunk of 10 rows on 4 devices, or the
     balanced 14 of ``n = 52`` taken 16 at a time, gathered every row onto every device)."""
-    if n <= chunk_size:
-        return n
     devices = jax.device_count()
-    return _rounded_chunk(n, chunk_size, devices if chunk_size >= devices else 1)
-
-
-def _rounded_chunk(n: int, chunk_size: int, multiple: int) -> int:
-    """The balanced length of :func:`balanced_chunk`, a multiple of ``multiple`` (``≤ chunk_size``)."""
-    chunk_size = chunk_size // multiple * multiple
-    m = -(-n // chunk_size)
-    step = -(-max(chunk_size // 8, 1) // multiple) * multiple
-    return min(chunk_size, -(-n // (m * step)) * step)
+    return balanced_chunk(n, chunk_size, devices if chunk_size >= devices else 1)
 
 
 def pad_chunks(tree, n: int, chunk: int):
