@@ -135,13 +135,21 @@ def _fine_uniform(key: PRNGKey, shape: tuple[int, ...], dtype) -> Array:
     return (k[0] + (k[1] + 0.5) * 2.0**-32) * 2.0**-32
 
 
+def priority_reachable(probs):
+    """``(p, reach)``: ``probs`` (numpy or jax) in the dtype priority sampling computes in, at least
+    float32 (half-precision probabilities widened), and the rows it can draw, ``p`` at least that dtype's
+    smallest normal number (denormals count as zero: flushed on most devices)."""
+    wide = at_least_float32(probs.dtype)
+    p = probs.astype(wide)
+    return p, p >= jnp.finfo(wide).tiny
+
+
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _sample_priority(key, probs, num_samples):
     n = probs.shape[0]
-    wide = at_least_float32(probs.dtype)  # half-precision probabilities computed in float32
-    p_all = probs.astype(wide)
-    tiny = jnp.finfo(wide).tiny
-    p_all = jnp.where(p_all >= tiny, p_all, 0)  # denormals count as zero (flushed on most devices)
+    p_all, reach = priority_reachable(probs)
+    wide = p_all.dtype
+    p_all = jnp.where(reach, p_all, 0)
     priority = p_all / _fine_uniform(key, (n,), wide)
     k = min(num_samples + 1, n)
     top, idx = jax.lax.top_k(priority, k)

@@ -49,7 +49,7 @@ from nlis_jax import _traced as traced
 from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real, is_concrete
 from nlis_jax._dual import dual_matrix
 from nlis_jax._precision import at_least_float32
-from nlis_jax._sampling import sample
+from nlis_jax._sampling import priority_reachable, sample
 from nlis_jax._scores import leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
@@ -284,19 +284,17 @@ def query(
     if strategy == "sample" and not replace:
         # on the probabilities as computed: a tiny score (or alpha/|U|) can round to probability 0, and
         # priority sampling then returns such points with weight 0
-        # in the sampler's dtype (at least float32): float16 probabilities below float16's smallest normal
-        # (every point of a 20,000-point pool at alpha = 0.5) are positive there
-        wide = at_least_float32(chosen.probs.dtype)
-        tiny = jnp.finfo(wide).tiny
+        # counted as the sampler counts them (float16 probabilities below float16's smallest normal, every
+        # point of a 20,000-point pool at alpha = 0.5, are positive in its float32)
         if pool < 0:  # traced: checkify, when asked
             traced.check(
-                jnp.sum(chosen.probs.astype(wide) >= tiny) >= batch,
+                jnp.sum(priority_reachable(chosen.probs)[1]) >= batch,
                 f"fewer pool points of positive probability than batch={batch}: sampling without "
                 "replacement cannot reach the rest (use alpha > 0).",
             )
             return chosen
         probs = np.asarray(chosen.probs)
-        positive = int(np.sum(probs.astype(wide) >= tiny))
+        positive = int(np.sum(priority_reachable(probs)[1]))
         if positive < batch:
             raise ValueError(
                 f"only {positive} pool points have a positive probability in {probs.dtype}, fewer than "
