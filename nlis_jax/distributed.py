@@ -387,11 +387,10 @@ def launch(
     check_positive_int("num_processes", num_processes)
     if cpu_devices is not None:
         check_positive_int("cpu_devices", cpu_devices)
-    if port is not None and not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
+    # the ranges of the command line's checks (_port_arg, _timeout_arg), on Python values
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or _port_arg(port)):
         raise ValueError(f"port must be an integer in [1, 65535], got {port!r}.")
-    if timeout is not None and not (
-        isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
-    ):
+    if timeout is not None and (not isinstance(timeout, int | float) or _timeout_arg(timeout)):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     if len(command) == 0:
         raise ValueError("command is empty: give the program and its arguments, e.g. ['python', 'a.py'].")
