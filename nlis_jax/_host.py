@@ -797,7 +797,8 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
 
 
 def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, rtol, route, out=None):
-    """Streaming leverage of host data (see the module docstring): ``(h, rank, route)``.
+    """Streaming leverage of host data (see the module docstring): ``(h, rank, route, Σh)``, the sum over
+    every process.
 
     ``h`` is the raw block leverage (in the compute dtype, :func:`nlis_jax.routes.compute_dtype`): a jax
     array (global under ``jax.distributed``), or ``out`` filled with this process's block when given.
@@ -821,13 +822,14 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     h, t, _ = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)  # rows checked: pass 1
     if not bool(jnp.all(jnp.isfinite(t.first)) & jnp.all(jnp.isfinite(t.second))):  # same in every process
         raise ValueError(LINEAR_ALGEBRA_FAILED.format(count=f"all {counts['n']}"))
-    check_rank(t.rank, route)  # before an out is divided by it
+    check_rank(t.rank, route)  # before an out is divided by the sum
+    total = float(across_processes(jnp.asarray(counts["sum"]), lambda a: a.sum(0)))
     if callable(xs) and route is None and (int(t.route) != routes.STABLE or bool(t.refine)):
-        check_leverage_sum(counts["sum"], t.rank)
-    return (h if out is not None else global_vector(h, counts["n"])), t.rank, t.route
+        check_leverage_sum(total, t.rank)
+    return (h if out is not None else global_vector(h, counts["n"])), t.rank, t.route, total
 
 
-def check_leverage_sum(h_sum: float, rank) -> None:
+def check_leverage_sum(total: float, rank) -> None:
     """``ValueError`` unless the raw leverage of a chunk source sums to its rank, to 1 %.
 
     ``Σh = ‖U‖_F² = tr(UᵀU) = rank`` for an orthonormal basis ``U = A M``; on the routes checked (see
@@ -838,7 +840,6 @@ def check_leverage_sum(h_sum: float, rank) -> None:
     matrix of the first passes; rows that changed since make ``Σh`` differ by ``O(1)`` (``xs`` scaled on
     every pass gave ``Σh = 2.33·rank``), far outside it.
     """
-    total = float(across_processes(jnp.asarray(h_sum), lambda a: a.sum(0)))
     r = int(rank)
     if r > 0 and not abs(total - r) <= 0.01 * r:
         raise ValueError(

@@ -40,8 +40,9 @@ class Leverage(NamedTuple):
     """Leverage scores with their by-products (``return_info=True`` of the leverage functions).
 
     Attributes:
-      probs: ``(n,)`` sampling probabilities ``leverage / rank``.
-      leverage: ``(n,)`` raw (block) leverage ``h_i``, summing to ``rank``.
+      probs: ``(n,)`` sampling probabilities ``leverage / Σ leverage`` (``leverage / rank``: the raw
+        leverage sums to the rank to ``eps·κ``, the orthonormality of the basis computed).
+      leverage: ``(n,)`` raw (block) leverage ``h_i``, summing to ``rank`` (to ``eps·κ``).
       rank: int32 scalar rank (with ``ridge > 0``: the float effective dimension ``Σ h_i``).
       route: int32 index into :data:`nlis_jax.routes.ROUTES` of the route taken.
     """
@@ -127,7 +128,8 @@ def as_leverage(
     forced: str | None = None,
     rank_seen: int | None = None,
 ) -> Array | Leverage:
-    """Probabilities ``h / rank``, or the whole :class:`Leverage` with ``return_info`` (in ``dtype``).
+    """Probabilities ``h / Σh`` (:func:`_finish_leverage`), or the whole :class:`Leverage` with
+    ``return_info`` (in ``dtype``).
 
     Raises ``ValueError`` (concrete ``rank`` 0: an all-zero matrix) instead of returning NaN, and for a
     ``forced`` fast route on rank-deficient input (:func:`check_rank`); on ``rank_seen`` (the rank already
@@ -248,9 +250,15 @@ def leverage_scores(
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def _finish_leverage(h: Array, rank: Array, dtype) -> tuple[Array, Array, Array]:
-    """The end of :func:`leverage_scores` as one program: the probabilities ``h / rank`` and ``h`` in
-    ``dtype``, and :func:`output_status`."""
-    probs = h / rank.astype(h.dtype)
+    """The end of :func:`leverage_scores` as one program: the probabilities ``h / Σh`` and ``h`` in
+    ``dtype``, and :func:`output_status`.
+
+    ``Σh = ‖U‖_F² = rank`` for an orthonormal basis ``U``; dividing by the sum rather than the rank keeps
+    the probabilities summing to 1 where ``U`` is orthonormal only to ``eps·κ`` (float64 streaming on
+    route ``"stable"``, forced fast routes), where ``h / rank`` summed to ``1 + 3e-8`` at ``κ ≈ 3e10``
+    and to ``1 + 2.5e-3`` near the rank tolerance (more than :func:`nlis_jax.sample` accepts).
+    """
+    probs = h / jnp.sum(h)
     return probs.astype(dtype), h.astype(dtype), output_status(h, rank)
 
 

@@ -248,10 +248,10 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
     dtype = jnp.result_type(*jax.tree.leaves(params))
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, rtol=rtol, route=route, out=out)
-    h, rank, taken = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs)
+    h, rank, taken, total = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs)
     if out is None:
         return as_leverage(h, rank, taken, return_info, dtype)
-    divide_in_place(out, rank, chunk_size)
+    divide_in_place(out, total, chunk_size)  # Σh, as as_leverage divides by
     return Leverage(out, None, rank, taken) if return_info else out
 
 

@@ -359,3 +359,17 @@ def test_ridge_refuses_a_route_or_rtol_it_would_ignore():
         with pytest.raises(ValueError, match="route and rtol would be ignored"):
             nj.leverage_scores(F, ridge=1e-3, **extra)
     assert np.isclose(float(nj.leverage_scores(F, ridge=1e-3).sum()), 1.0)
+
+
+def test_a_forced_fast_route_still_returns_probabilities():
+    """Forced route "gram" inside its documented limit (errors up to ~1e-3 accepted) gave raw leverage
+    summing to ``rank·(1 + 9e-6)``, and ``h / rank`` was refused by ``nj.sample`` (float64 tolerance 1e-8);
+    ``h / Σh`` sums to 1 to rounding."""
+    rng = np.random.default_rng(1)
+    A = rng.integers(-8, 9, (40, 3)).astype(float)
+    B = rng.integers(-8, 9, 40).astype(float)
+    F = jnp.asarray(np.c_[A, A[:, 0] + 2.0**-20 * B])
+    info = nj.leverage_scores(F, route="gram", return_info=True)
+    assert abs(float(jnp.sum(info.leverage)) - 4) > 1e-6  # the basis is not orthonormal to rounding
+    assert abs(float(jnp.sum(info.probs)) - 1) < 1e-14
+    nj.sample(jax.random.key(0), info.probs, 5)

@@ -345,3 +345,29 @@ def test_streaming_norm_scores_default_rule_matches_the_closed_form(host):
     data = (X, y) if host else (jnp.asarray(X), jnp.asarray(y))
     got = nj.streaming_norm_scores(lambda th, x: jnp.tanh(x @ th), jnp.asarray(theta), *data)
     np.testing.assert_allclose(np.asarray(got), exact, rtol=1e-9)
+
+
+@pytest.mark.parametrize("where", ["device", "host", "out"])
+def test_ill_conditioned_streaming_probabilities_sum_to_one(tmp_path, where):
+    """On float64 route "stable" the streamed basis ``A D⁻¹VS⁻¹`` is orthonormal only to ``eps·κ``: the
+    raw leverage of degree-15 polynomial features (``κ`` of the equilibrated matrix 1.8e13) summed to
+    ``rank·(1 + 9e-7)``, and ``h / rank`` was refused by ``nj.sample`` (float64 tolerance 1e-8). The
+    probabilities are ``h / Σh``: they sum to 1 to rounding and stay within ``eps·κ`` of the dense ones."""
+    t = np.random.default_rng(0).uniform(0, 1, 4000)
+    X, y = np.vander(t, 16, increasing=True), np.sin(6 * t)
+
+    def linear(theta, x):
+        return x @ theta
+
+    xs = jnp.asarray(X) if where == "device" else X
+    out = np.lib.format.open_memmap(tmp_path / "p.npy", "w+", np.float64, (4000,)) if where == "out" else None
+    info = nj.streaming_leverage_scores(linear, jnp.zeros(16), xs, y, return_info=True, out=out)
+    p = np.asarray(info.probs)
+    assert int(info.rank) == 17 and nj.routes.ROUTES[int(info.route)] == "stable"
+    assert abs(p.sum() - 1) < 1e-13
+    dense = np.asarray(nj.linear_leverage_scores(X, y))
+    A = np.c_[X, -y]
+    kappa = np.linalg.cond(A / np.linalg.norm(A, axis=0))  # 1.8e13: eps·κ = 4e-3 (measured 5e-4)
+    assert np.max(np.abs(p - dense)) < np.finfo(np.float64).eps * kappa * dense.max()
+    idx, _ = nj.sample(jax.random.key(0), jnp.asarray(p), 10)
+    assert idx.shape == (10,)
