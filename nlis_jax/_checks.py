@@ -76,11 +76,20 @@ def check_not_complex(name: str, tree: PyTree) -> None:
 
 def check_numeric(name: str, tree: PyTree) -> None:
     """``TypeError`` for a leaf of strings, bytes, dates, objects or records (by dtype, no value read):
-    JAX's own error printed the array and named neither the argument nor the cause."""
+    JAX's own error printed the array and named neither the argument nor the cause. jax's own extra
+    dtypes (``ml_dtypes``: numpy arrays of bfloat16, float8, int4, kind ``"V"``) are numbers."""
     for leaf in jax.tree.leaves(tree):
         dtype = getattr(leaf, "dtype", None)
-        if isinstance(dtype, np.dtype) and dtype.kind not in "biufc":
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biufc" and not _is_jax_number(dtype):
             raise TypeError(f"{name} must hold numbers, got dtype {dtype}.")
+
+
+def _is_jax_number(dtype: np.dtype) -> bool:
+    """A numeric dtype of jax's own beyond numpy's (``jnp.bfloat16`` and the other ``ml_dtypes``)."""
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.number))
+    except TypeError:  # a structured or other dtype jnp cannot classify
+        return False
 
 
 def _count_nonfinite(x):

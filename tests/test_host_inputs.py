@@ -476,3 +476,24 @@ def test_losses_without_ys():
                 fn(apply_fn, params, data)
     with pytest.raises(ValueError, match=r"the losses need ys"):
         nj.fit(apply_fn, params, jnp.asarray(xs), None, optimizer=optax.sgd(0.1), num_steps=1)
+
+
+def test_numpy_bfloat16_host_data_is_scored():
+    """``np.asarray`` of a jax bfloat16 array is a numpy array of ``ml_dtypes.bfloat16`` (dtype kind
+    ``"V"``): the host paths refused it ("xs must hold numbers, got dtype bfloat16") while the device ones
+    scored it. Now both give the same values."""
+
+    def model(theta, x):
+        return jnp.tanh(x @ theta)
+
+    theta = jnp.full(3, 0.2, jnp.bfloat16)
+    xs = jax.random.normal(jax.random.key(0), (64, 3), jnp.bfloat16)
+    ys = jax.random.normal(jax.random.key(1), (64,), jnp.bfloat16)
+    host_x, host_y = np.asarray(xs), np.asarray(ys)
+    assert host_x.dtype.kind == "V"
+    for fn in (nj.streaming_norm_scores, nj.streaming_leverage_scores, nj.per_example_loss, nj.weighted_loss):
+        host, device = fn(model, theta, host_x, host_y), fn(model, theta, xs, ys)
+        assert host.dtype == device.dtype
+        np.testing.assert_array_equal(np.asarray(host, np.float32), np.asarray(device, np.float32))
+    with pytest.raises(TypeError, match="xs must hold numbers, got dtype"):
+        nj.streaming_norm_scores(model, theta, np.zeros((4, 3), [("a", "f4")]))
