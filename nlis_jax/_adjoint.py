@@ -218,19 +218,22 @@ def _leaf_shapes(name: str, tree: PyTree, limit: int = 12) -> str:
 
 
 @jax.jit
-def _count_unfit(ys, like, tiny):
-    """``(past the range, flushed to 0)``: entries of ``ys`` that become Inf cast to ``like``'s dtype, and
-    non-zero entries below its smallest normal number ``tiny``, in one program."""
+def _count_unfit(ys, like, tiny, big):
+    """``(past the range, flushed to 0, at least big)``: entries of ``ys`` that become Inf cast to
+    ``like``'s dtype, non-zero entries below its smallest normal number ``tiny``, and entries of magnitude
+    ``big`` or more, in one program."""
     past = jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
-    return past, jnp.count_nonzero((ys != 0) & (jnp.abs(ys) < tiny))
+    return past, jnp.count_nonzero((ys != 0) & (jnp.abs(ys) < tiny)), jnp.count_nonzero(jnp.abs(ys) >= big)
 
 
 def check_ys_fits(ys, dtype) -> None:
     """``ValueError`` if a concrete ``ys`` (finite, floating) has values beyond the range of ``dtype`` (the
     params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf; or non-zero
-    values below its smallest normal number: they would become 0. Only a ``ys`` of a wider dtype is read
-    (on the host without compiling, as ``check_finite``, one pass unless it fails); traced, a ``checkify``
-    check of the range inside ``nlis_jax.traced_checks()``."""
+    values below its smallest normal number ``tiny`` that would become 0 where that matters: unless some
+    ``|y_j| ≥ tiny/eps``, whose own rounding in the cast (``eps·|y_j|``) is larger than any value lost
+    (float32 ``ys`` of size 1 with a ``3e-5`` among them, cast to float16, are kept). Only a ``ys`` of a
+    wider dtype is read (on the host without compiling, as ``check_finite``, one pass unless it fails);
+    traced, a ``checkify`` check of the range inside ``nlis_jax.traced_checks()``."""
     ys = ys if hasattr(ys, "dtype") else np.asarray(ys)
     y_dtype = jnp.result_type(ys)
     if not jnp.issubdtype(y_dtype, jnp.floating) or jnp.finfo(y_dtype).max <= jnp.finfo(dtype).max:
@@ -245,6 +248,7 @@ def check_ys_fits(ys, dtype) -> None:
         traced_check(jnp.all(jnp.isfinite(ys.astype(dtype))), message.format("some"))
         return
     tiny = float(jnp.finfo(dtype).smallest_normal)  # and below it: flushed to 0 on the device
+    big = tiny / float(jnp.finfo(dtype).eps)  # a value this large rounds by more than any value lost
     host = host_values(ys)
     if host is not None:
 
@@ -253,14 +257,16 @@ def check_ys_fits(ys, dtype) -> None:
                 return np.isfinite(a.astype(dtype))
 
         failing = count_failing(host, lambda a: in_range(a) & ((np.abs(a) >= tiny) | (a == 0)))
-        bad = count_failing(host, in_range) if failing else 0  # a second pass on the error path only
+        bad = count_failing(host, in_range) if failing else 0  # more passes on the error path only
         lost = failing - bad
+        large = count_failing(host, lambda a: np.abs(a) < big) if lost and not bad else 0
     else:
         with jax.ensure_compile_time_eval():
-            bad, lost = (int(c) for c in _count_unfit(ys, jnp.zeros((), dtype), jnp.asarray(tiny, ys.dtype)))
+            counts = _count_unfit(ys, jnp.zeros((), dtype), *(jnp.asarray(v, ys.dtype) for v in (tiny, big)))
+            bad, lost, large = (int(c) for c in counts)
     if bad:
         raise ValueError(message.format(bad))
-    if lost:
+    if lost and not large:
         raise ValueError(
             f"ys has {lost} non-zero value(s) below the smallest normal number of the params' dtype "
             f"{jnp.dtype(dtype).name} ({tiny:.3g}): cast to it they become 0 in the offset column f(0) − y. "

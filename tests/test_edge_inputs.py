@@ -816,3 +816,31 @@ def test_mixed_dtypes_follow_the_params():
         lambda t, x: x @ t, theta32, xs, rng.normal(size=20), optimizer=optax.sgd(1e-2), num_steps=3
     )
     assert result.losses.dtype == result.final_loss.dtype == jnp.float32
+
+
+def test_tiny_ys_beside_large_ones_are_accepted():
+    """float32 ``ys`` of size 1 with one ``3e-5`` among them, for float16 params, were refused ("become 0
+    in the offset column"): about one target in 20,000 of a standard normal falls below float16's smallest
+    normal number 6.1e-5, so realistic float16 fits failed. Losing it changes the column by less than the
+    cast's own rounding of its largest entry (``eps16·2 = 2e-3``): accepted, as if cast first. A ``ys``
+    whose every value is below ``tiny/eps`` (the column itself at the subnormal scale) is still refused."""
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    p = jnp.full(3, 0.2, jnp.float16)
+    xs = jnp.ones((3, 3), jnp.float16)
+    ys = jnp.asarray([1.0, 3e-5, -2.0], jnp.float32)
+    got = nj.dual_matrix(f, p, xs, ys)
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(nj.dual_matrix(f, p, xs, ys.astype(jnp.float16)))
+    )
+    for call in (
+        lambda: nj.streaming_leverage_scores(f, p, np.asarray(xs), np.asarray(ys)),
+        lambda: nj.streaming_norm_scores(f, p, xs, ys),
+    ):
+        assert np.isfinite(np.asarray(call(), np.float32)).all()
+    message = "ys has 1 non-zero value.s. below the smallest normal number of the params' dtype float16"
+    for small in (jnp.asarray([1e-2, 3e-5, -2e-2], jnp.float32), np.asarray([1e-2, 3e-5, -2e-2], np.float32)):
+        with pytest.raises(ValueError, match=message):
+            nj.dual_matrix(f, p, xs, small)
