@@ -402,3 +402,19 @@ def test_mixed_precision_params_take_the_narrowest_tolerance_on_every_path():
         np.testing.assert_allclose(host, dense, rtol=1e-6)
         np.testing.assert_allclose(free, nj.label_free_leverage_scores(f, params, xs), rtol=1e-6)
         np.testing.assert_allclose(projected, dense, rtol=1e-6)  # Ω of full row rank p = 4 <= dim
+
+
+def test_float32_kink_warning_says_max_panels_does_not_help():
+    """A float32 kink inside the path stops at the bisection depth (panels of 2^-19, whose estimate
+    ``h·jump`` cannot reach rtol's share): max_panels=100,000 changed nothing, yet the warning said "raise
+    max_panels". It now says what does help; in float64 the same kink converges without a warning."""
+
+    def model(theta, x):
+        return jax.nn.relu(x @ theta - 1.0)
+
+    theta, xs = jnp.array([2.0, 1.0]), jnp.array([[1.0, 0.5]])
+    with pytest.warns(nj.QuadratureWarning, match="whatever max_panels is.*compute in float64"):
+        nj.adjoint(model, theta.astype(jnp.float32), xs.astype(jnp.float32), max_panels=100_000)
+    value, info = nj.adjoint(model, theta, xs, return_info=True)  # float64: no warning (errors are raised)
+    assert bool(info.converged.all())
+    np.testing.assert_allclose(value, [[0.6, 0.3]], rtol=1e-13)  # ∫_0^1 1{2.5t > 1} dt · x = 0.6·x
