@@ -15,6 +15,15 @@ returned ``rank`` with the rank you expect); for ``dim ≥ (p + 1)·sparsity`` i
 ``Y`` is ``F̃`` with signed, permuted columns and the scores are exact for every key. Below the rank the
 scores are those of a randomly embedded ``F̃`` (an approximation whose quality grows with ``dim``).
 
+In floating point, "almost surely" needs columns of comparable scale: ``Ω`` mixes the columns of ``F̃``
+before any equilibration (the dense routes equilibrate, so their leverage does not change when a column
+is rescaled), and a column far smaller than those it is mixed with is lost to their rounding. Measured:
+a linear model whose columns' squared norms differ by 1e6 lost a direction in float32 (1e16 in float64),
+and a float32 tanh MLP with one input feature scaled by 1e-5 had rank 18 of 21 with ``"khatri_rao"`` or
+``"gaussian"`` at ``dim = 24`` (scores 18% off). The sparse embedding with ``dim ≥ (p + 1)·sparsity``
+mixes no columns and keeps them. Standardise the inputs (and so the parameters' scales), or compare the
+returned rank with :func:`nlis_jax.leverage_scores` on a subset.
+
 Embeddings (``embedding=``):
 
 - ``"auto"`` (default): ``"khatri_rao"`` when the model has tapped weight matrices and that route's
@@ -335,7 +344,9 @@ def projected_leverage_scores(
     ``"sparse"`` and ``dim ≥ (p + 1)·sparsity``; for ``"sparse"`` with ``rank ≤ dim < p + 1`` only with a
     margin (a ReLU MLP of rank 27, p + 1 = 32: 13 of 20 keys kept the rank at ``dim = 27``, 19 of 20 at
     29): check the returned rank; ``"auto"`` is one of ``"khatri_rao"`` and ``"sparse"`` (module
-    docstring). Memory ``O(chunk·p + n·dim + dim²)``.
+    docstring). Columns of ``F̃`` of very different scales (an input feature 1e5 times smaller than the
+    others) lose directions to rounding in the mixing embeddings (module docstring). Memory
+    ``O(chunk·p + n·dim + dim²)``.
 
     Args:
       key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity: as in

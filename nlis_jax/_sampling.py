@@ -175,7 +175,11 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
         such as ``"no"`` would decide by its truthiness).
 
     Returns:
-      ``(indices (s,) int32, weights (s,))``; ``Σ_j weights_j v[indices_j]`` is unbiased for ``Σ_i v_i``.
+      ``(indices (s,) int32, weights (s,))`` (weights in the dtype of ``probs``);
+      ``Σ_j weights_j v[indices_j]`` is unbiased for ``Σ_{i: p_i > 0} v_i`` (rows of probability 0 are never
+      drawn: mix in the uniform distribution, :func:`nlis_jax.mix_with_uniform`, to reach every row).
+      Half-precision weights are rounded once to their dtype, a fixed relative bias up to ``2⁻⁹`` in
+      bfloat16 (``1/(3·0.001)`` becomes 334): pass float32 ``probs`` for estimates finer than that.
     """
     check_key("key", key)
     replace = check_bool("replace", replace)

@@ -186,13 +186,20 @@ def leverage_scores(
     route: str | None = None,
     return_info: bool = False,
 ) -> Array | Leverage:
-    r"""Leverage-score sampling probabilities :math:`\tau_i = h_i / \mathrm{rank}(F)`.
+    r"""Leverage-score sampling probabilities :math:`\tau_i = h_i / \mathrm{rank}(F)` (divided by
+    :math:`\sum_i h_i`, equal to the rank to rounding: they sum to 1).
 
     Args:
       F: the dual matrix ``(n, p+1)``, or a block dual matrix ``(n, k, p+1)`` (block leverage: the sum
         of each example's ``k`` row leverages).
       rtol: rank tolerance relative to the largest singular value of the column-equilibrated ``F``
-        (default ``10·eps`` of the dtype).
+        (default ``10·eps`` of the dtype). In bfloat16 that is 0.078: a direction whose singular value
+        is below 7.8% of the largest is not counted (a tanh model's residual direction at 6.8%: rank 5
+        of 6, probabilities up to 79% off), though bfloat16's rounding moves them by only about
+        ``2⁻⁸·√m``; pass a smaller ``rtol`` (``1e-2``) or compute ``F`` in float32 where that matters
+        (:func:`nlis_jax.projected_leverage_scores` forms its ``Y`` in float32 and uses float32's).
+        On a CPU, values below the dtype's smallest normal number count as 0 (a column of float32
+        ``1e-39`` is not counted): rescale such columns.
       ridge: ``λ ≥ 0``; with ``λ > 0`` ridge leverage ``h_i = [F (FᵀF + λI)^{-1} Fᵀ]_ii`` normalised by
         the effective dimension ``Σ h_i`` (one Gram pass, then the eigendecomposition of the
         column-equilibrated ``FᵀF + λI``: :func:`nlis_jax.routes.ridge_transform`).

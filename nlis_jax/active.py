@@ -95,7 +95,8 @@ class Query(NamedTuple):
     Attributes:
       indices: ``(b,)`` int32 pool indices (distinct unless sampled with replacement).
       weights: ``(b,)`` this round's weights: ``Σ_j weights_j v[indices_j]`` is unbiased for the sum of
-        ``v`` over the pool (``strategy="sample"``); ones for ``"topk"``.
+        ``v`` over the pool points of positive probability (``strategy="sample"``; all of them when
+        ``alpha > 0``); ones for ``"topk"``.
       probs: ``(n,)`` the pool probabilities the batch was drawn from (0 on labelled points).
     """
 
