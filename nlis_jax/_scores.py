@@ -165,7 +165,7 @@ def orthonormal_basis(
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol
     U, rank, taken = routes.basis(rows, routes.tolerance(rtol, rows.dtype), route=route)
     U_out, status = _finish_basis(U, rank, input_dtype(F))
-    check_outputs(F, U, rank, status, route)  # F was checked: NaN in U is a failed factorization
+    check_outputs(F, U, rank, status, route, rows)  # F was checked: NaN in U is a failed factorization
     return U_out, rank, taken
 
 
@@ -251,7 +251,7 @@ def leverage_scores(
     rtol = routes.default_rtol(input_dtype(F)) if rtol is None else rtol  # F's eps, as orthonormal_basis
     h, rank, taken = routes.row_leverage(rows, rtol, lead, route=route)
     probs, h_out, status = _finish_leverage(h, rank, input_dtype(F))
-    check_outputs(F, h, rank, status, route)
+    check_outputs(F, h, rank, status, route, rows)
     return Leverage(probs, h_out, rank, taken) if return_info else probs
 
 
@@ -275,17 +275,50 @@ def output_status(out: Array, rank: Array) -> Array:
     return jnp.stack([rank.astype(jnp.int32), jnp.isnan(out.reshape(-1)[0]).astype(jnp.int32)])
 
 
-def check_outputs(F: Array, out: Array, rank: Array, status: Array, route: str | None) -> None:
+def check_outputs(
+    F: Array, out: Array, rank: Array, status: Array, route: str | None, rows: Array | None = None
+) -> None:
     """The checks after a route on unchecked ``F``, from one read back of :func:`output_status`: NaN in
-    ``out`` first (NaN input is not an all-zero matrix; for checked ``F``, a failed factorization), then
-    the rank (:func:`check_rank`). Under tracing, the rank's ``checkify`` checks."""
+    ``out`` first (NaN input is not an all-zero matrix; for checked ``F``, a failed factorization), then,
+    below full column rank, columns of ``rows`` (``F`` as rows) lost to flushed subnormal numbers
+    (:func:`check_flushed_columns`), then the rank (:func:`check_rank`). Under tracing, the rank's
+    ``checkify`` checks."""
     if not is_concrete(status):
         check_rank(rank, route)
         return
     rank_seen, nan_seen = status.tolist()
     if nan_seen:
         routes.raise_if_nonfinite("F", F, out)
+    if rows is not None and rank_seen < rows.shape[-1]:  # the rank-deficient path only: no cost otherwise
+        check_flushed_columns(rows)
     check_rank(rank_seen, route)
+
+
+def check_flushed_columns(rows: Array) -> None:
+    """``ValueError`` naming the columns of ``rows`` whose non-zero values are all below the dtype's
+    smallest normal number: a CPU (and XLA's GPU kernels) flush them to 0, so such a column was not counted
+    in the rank (a float32 column of ``1e-39``: rank 3 of 4, probabilities 96% off), and an all-subnormal
+    ``F`` was called all zeros."""
+    tiny = jnp.finfo(rows.dtype).smallest_normal
+    lost = np.flatnonzero(np.asarray(_flushed_columns(rows)))
+    if lost.size:
+        shown = ", ".join(str(int(c)) for c in lost[:8]) + (", ..." if lost.size > 8 else "")
+        raise ValueError(
+            f"F has {lost.size} column(s) ({shown}) whose values are all subnormal, below {rows.dtype}'s "
+            f"smallest normal number ({float(tiny):.3g}): the device flushes them to 0, so they would not "
+            "count in the rank. Rescale those columns (leverage does not change when a column is scaled) or "
+            "compute in a wider dtype."
+        )
+
+
+@jax.jit
+def _flushed_columns(rows: Array) -> Array:
+    """``(m,)`` bool: the column has a non-zero value and all of them are subnormal. On the values' bits
+    (integer comparisons, which no device flushes: ``jnp.abs`` of a subnormal is 0 on a CPU)."""
+    bits = jnp.dtype(f"uint{8 * rows.dtype.itemsize}")
+    magnitude = jax.lax.bitcast_convert_type(rows, bits) & jnp.asarray(np.iinfo(bits).max >> 1, bits)
+    tiny = jax.lax.bitcast_convert_type(jnp.asarray(jnp.finfo(rows.dtype).smallest_normal, rows.dtype), bits)
+    return jnp.any(magnitude > 0, axis=0) & ~jnp.any(magnitude >= tiny, axis=0)
 
 
 def norm_scores(F: Array) -> Array:

@@ -373,3 +373,23 @@ def test_a_forced_fast_route_still_returns_probabilities():
     assert abs(float(jnp.sum(info.leverage)) - 4) > 1e-6  # the basis is not orthonormal to rounding
     assert abs(float(jnp.sum(info.probs)) - 1) < 1e-14
     nj.sample(jax.random.key(0), info.probs, 5)
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1e-39), (np.float64, 1e-310)])
+def test_a_column_of_subnormal_numbers_is_named(dtype, scale):
+    """A column whose values are all subnormal is flushed to 0 by the CPU: it was silently left out of the
+    rank (float32 ``1e-39``: rank 3 of 4, probabilities 96% off, though leverage does not change when a
+    column is rescaled), and an all-subnormal F was called all zeros, blaming the model. Named now, found
+    on the values' bits (``jnp.abs`` of a subnormal is itself 0 on a CPU); a full-rank F is not read again."""
+    X = np.random.default_rng(2).standard_normal((200, 4)).astype(dtype)
+    X[:, 2] *= dtype(scale)
+    assert np.all(np.abs(X[:, 2]) < np.finfo(dtype).smallest_normal) and np.all(X[:, 2] != 0)
+    message = r"F has 1 column\(s\) \(2\) whose values are all subnormal, below .* smallest normal number"
+    with pytest.raises(ValueError, match=message):
+        nj.leverage_scores(jnp.asarray(X))
+    with pytest.raises(ValueError, match=message):
+        nj.linear_leverage_scores(X[:, [0, 1, 2]], bias=True)
+    with pytest.raises(ValueError, match=r"F has 4 column\(s\) \(0, 1, 2, 3\)"):
+        nj.leverage_scores(jnp.asarray(X[:, [2, 2, 2, 2]]))
+    X[0, 2] = np.finfo(dtype).smallest_normal  # one normal value: the column counts (its other values flush)
+    assert int(nj.leverage_scores(jnp.asarray(X), return_info=True).rank) == 4
