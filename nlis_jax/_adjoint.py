@@ -462,14 +462,29 @@ DENSE_HINT = (
 
 def nonfinite_adjoint(count: str) -> str:
     """The error for adjoints that came out NaN or Inf in ``count`` (e.g. ``"3 of 12"``) examples."""
+    return f"the adjoint is NaN or Inf for {count} examples: " + _adjoint_causes()
+
+
+def nonfinite_dual_rows(count: str) -> str:
+    """The error for dual rows ``[F*_i | f(0) − y_i]`` that came out NaN or Inf in ``count`` examples, where
+    the pass does not tell the adjoint from the offset (streamed and projected rows)."""
     return (
-        f"the adjoint is NaN or Inf for {count} examples: the gradient of apply_fn is not finite on the path "
-        f"tθ, t in [0, 1] (or apply_fn itself is not finite at 0 or at θ). Likely causes: a function "
-        f"singular at θ = 0, such as sqrt or log of an argument that vanishes there (sqrt(x @ w), "
-        f"log(x @ w)), an argument outside its domain (sqrt or log of a negative number), or overflow in the "
-        f"params' dtype. "
-        f"The model must be finite and differentiable along the whole ray from 0 to θ (e.g. sqrt(z + eps), "
-        f"softplus)."
+        f"the dual matrix [F* | f(0) − y] is NaN or Inf for {count} examples, in the adjoint or in the "
+        f"offset column. The offset f(0) − y: apply_fn is not finite at θ = 0, or f(0) − y is past the range "
+        f"of the params' dtype (rescale ys and the model's outputs, or use a wider dtype). The adjoint: "
+        + _adjoint_causes()
+    )
+
+
+def _adjoint_causes() -> str:
+    return (
+        "the gradient of apply_fn is not finite on the path "
+        "tθ, t in [0, 1] (or apply_fn itself is not finite at 0 or at θ). Likely causes: a function "
+        "singular at θ = 0, such as sqrt or log of an argument that vanishes there (sqrt(x @ w), "
+        "log(x @ w)), an argument outside its domain (sqrt or log of a negative number), or overflow in the "
+        "params' dtype. "
+        "The model must be finite and differentiable along the whole ray from 0 to θ (e.g. sqrt(z + eps), "
+        "softplus)."
     )
 
 

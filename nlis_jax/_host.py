@@ -47,7 +47,7 @@ from nlis_jax._adjoint import (
     count_bad_examples,
     eval_example,
     flatten_model,
-    nonfinite_adjoint,
+    nonfinite_dual_rows,
 )
 from nlis_jax._checks import (
     check_finite,
@@ -749,7 +749,7 @@ def raise_if_bad(stats) -> None:
     if inputs:  # counted on the device: float64 data without x64 are float32 there
         raise ValueError(nonfinite_inputs("xs or ys contains", inputs, not jax.config.jax_enable_x64))
     if rows:
-        raise ValueError("the dual matrix: " + nonfinite_adjoint(f"{rows} of {n}"))
+        raise ValueError(nonfinite_dual_rows(f"{rows} of {n}"))
 
 
 def nonfinite_inputs(names: str, bad: int, narrowed: bool) -> str:

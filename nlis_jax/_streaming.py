@@ -36,7 +36,7 @@ from jax import lax
 
 from nlis_jax import _traced as traced
 from nlis_jax import routes
-from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_adjoint
+from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_dual_rows
 from nlis_jax._checks import (
     check_bool,
     check_fits_in_memory,
@@ -225,7 +225,7 @@ def streaming_leverage_scores(
     if is_concrete(rank):  # the four checks from one read back
         bad_rows, bad_algebra, rank_seen, lost = fetch(bad_rows, bad_algebra, rank, lost)
     # one NaN row makes the Gram matrix and so every score NaN: the count is of scores, not of examples
-    report_nonfinite(bad_rows, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint("some"))
+    report_nonfinite(bad_rows, shape.n, lambda count: nonfinite_dual_rows("some"))
     report_nonfinite(bad_algebra, shape.n, lambda count: LINEAR_ALGEBRA_FAILED.format(count=count))
     if rank_seen is None:
         traced.check(~lost, LOST_DIRECTION_MESSAGE)
@@ -306,6 +306,6 @@ def streaming_norm_scores(
     shape = check_model(apply_fn, params, xs, ys)
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     sq, total, bad = _norm_jit(apply_fn, params, xs, ys, **kwargs)
-    report_nonfinite(bad, shape.n, lambda count: "the dual matrix: " + nonfinite_adjoint(count))
+    report_nonfinite(bad, shape.n, lambda count: nonfinite_dual_rows(count))
     check_positive(total, STREAMED_ZERO_NORMS)  # traced under a user's jit or vmap: checkify, when asked
     return (sq / total).astype(shape.dtype)
