@@ -597,6 +597,7 @@ def integrate(
     bucket_limit = 1 << (chunk.bit_length() - 1)  # largest power of two <= chunk
     pass_chunk = _pass_batch(chunk, math.prod(out.shape))
     depth = max_depth(dtype)
+    narrow = jnp.dtype(dtype) != jnp.float64  # for the warning: kinks stop at the depth limit
     # numpy scalars: arguments of the programs below, not operations dispatched on their own
     rtol_arr, check_tol_arr = np.asarray(rtol, dtype), np.asarray(check_tol, dtype)
     leaves = jax.tree.leaves((params, data))
@@ -616,7 +617,6 @@ def integrate(
         if spans_processes:  # concrete: a replicated count, which every process can read
             _raise_nonfinite(state, nonfinite, jnp)
         conv = _converged(state, rtol_arr, check_tol_arr)
-        narrow = jnp.dtype(dtype) != jnp.float64
         warn = functools.partial(_warn, rtol=rtol, check_tol=check_tol, max_panels=max_panels, narrow=narrow)
         if spans_processes:  # replicated scalar summaries, which every process can read
             _warn_global(state, conv, warn)
@@ -649,7 +649,6 @@ def integrate(
         _raise_nonfinite(host, nonfinite)  # a refined panel's end can be a singular point (t = 0)
     conv = _converged(host, rtol, check_tol)
     missed = _missed(host.error, host.residual, conv, host.roundoff, _finite(host), np)
-    narrow = jnp.dtype(dtype) != jnp.float64
     _warn(missed, n, rtol=rtol, check_tol=check_tol, max_panels=max_panels, narrow=narrow)
     return state.value, _info(state, jnp.asarray(conv))
 

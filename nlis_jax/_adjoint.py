@@ -462,7 +462,7 @@ DENSE_HINT = (
 
 def nonfinite_adjoint(count: str) -> str:
     """The error for adjoints that came out NaN or Inf in ``count`` (e.g. ``"3 of 12"``) examples."""
-    return f"the adjoint is NaN or Inf for {count} examples: " + _adjoint_causes()
+    return f"the adjoint is NaN or Inf for {count} examples: " + ADJOINT_CAUSES
 
 
 def nonfinite_dual_rows(count: str) -> str:
@@ -472,20 +472,20 @@ def nonfinite_dual_rows(count: str) -> str:
         f"the dual matrix [F* | f(0) − y] is NaN or Inf for {count} examples, in the adjoint or in the "
         f"offset column. The offset f(0) − y: apply_fn is not finite at θ = 0, or f(0) − y is past the range "
         f"of the params' dtype (rescale ys and the model's outputs, or use a wider dtype). The adjoint: "
-        + _adjoint_causes()
+        + ADJOINT_CAUSES
     )
 
 
-def _adjoint_causes() -> str:
-    return (
-        "the gradient of apply_fn is not finite on the path "
-        "tθ, t in [0, 1] (or apply_fn itself is not finite at 0 or at θ). Likely causes: a function "
-        "singular at θ = 0, such as sqrt or log of an argument that vanishes there (sqrt(x @ w), "
-        "log(x @ w)), an argument outside its domain (sqrt or log of a negative number), or overflow in the "
-        "params' dtype. "
-        "The model must be finite and differentiable along the whole ray from 0 to θ (e.g. sqrt(z + eps), "
-        "softplus)."
-    )
+#: Why an adjoint is not finite (:func:`nonfinite_adjoint`, :func:`nonfinite_dual_rows`).
+ADJOINT_CAUSES = (
+    "the gradient of apply_fn is not finite on the path "
+    "tθ, t in [0, 1] (or apply_fn itself is not finite at 0 or at θ). Likely causes: a function "
+    "singular at θ = 0, such as sqrt or log of an argument that vanishes there (sqrt(x @ w), "
+    "log(x @ w)), an argument outside its domain (sqrt or log of a negative number), or overflow in the "
+    "params' dtype. "
+    "The model must be finite and differentiable along the whole ray from 0 to θ (e.g. sqrt(z + eps), "
+    "softplus)."
+)
 
 
 def count_bad_examples(a: Array) -> Array:

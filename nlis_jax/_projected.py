@@ -296,8 +296,7 @@ def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, m
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     Y = _projected_jit(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
     # a NaN or Inf dual row gives a NaN row of Y (its example only): one small reduction
-    describe = lambda count: nonfinite_dual_rows(count)  # noqa: E731
-    report_nonfinite(_count_bad_jit(Y), Y.shape[0], describe)
+    report_nonfinite(_count_bad_jit(Y), Y.shape[0], nonfinite_dual_rows)
     return Y
 
 

@@ -306,6 +306,6 @@ def streaming_norm_scores(
     shape = check_model(apply_fn, params, xs, ys)
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     sq, total, bad = _norm_jit(apply_fn, params, xs, ys, **kwargs)
-    report_nonfinite(bad, shape.n, lambda count: nonfinite_dual_rows(count))
+    report_nonfinite(bad, shape.n, nonfinite_dual_rows)
     check_positive(total, STREAMED_ZERO_NORMS)  # traced under a user's jit or vmap: checkify, when asked
     return (sq / total).astype(shape.dtype)
