@@ -23,7 +23,14 @@ from nlis_jax._checks import check_bool
 from nlis_jax._types import ApplyFn, PyTree
 
 
-def _squeeze_output(out, squeeze: bool):
+def _one_output(out, batched: bool, squeeze: bool):
+    """The module's output for one example: the batch axis of size 1 removed from every output (a tuple of
+    outputs stays a tuple, which the library refuses with a message naming it, as for any ``apply_fn``),
+    and a trailing axis of size 1 dropped from a single array with ``squeeze``."""
+    if batched:
+        out = jax.tree.map(lambda o: o[0], out)
+    if not hasattr(out, "shape"):
+        return out
     out = jnp.asarray(out)
     if squeeze and out.ndim >= 1 and out.shape[-1] == 1:
         out = out[..., 0]
@@ -41,11 +48,15 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
     Returns:
       ``(apply_fn, params)``: ``params`` is an ``nnx.State`` of the ``nnx.Param`` leaves (a pytree that
       ``ravel_pytree`` and optax accept), a snapshot of the module's current weights that later changes
-      of the module do not reach; other state (e.g. batch statistics) is frozen in ``apply_fn``.
+      of the module do not reach; other state (e.g. batch statistics) is frozen in ``apply_fn``: a module
+      that writes to its state (a counter, a draw from its ``nnx.Rngs``) starts every call from the state
+      of this call, so ``apply_fn`` is a function of ``(params, x)``. A module returning a tuple of
+      outputs gives the tuple, which the library refuses: return one array (``jnp.concatenate``).
 
     Raises:
-      ValueError: a submodule in training mode (``Dropout`` with ``deterministic=False``, ``BatchNorm``
-        with ``use_running_average=False``: a new module's default): it would draw random masks or
+      ValueError: a submodule in training mode (``Dropout`` with ``deterministic=False``, attention with
+        ``dropout_rate > 0`` and ``deterministic=None``, ``BatchNorm`` with ``use_running_average=False``:
+        a new module's default): it would draw random masks or
         update its statistics on every call, so the model is not a function of ``params``; call
         ``model.eval()`` first.
     """
@@ -56,6 +67,7 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
         ".".join(map(str, path)) or type(module).__name__
         for path, module in nnx.iter_modules(model)
         if getattr(module, "deterministic", None) is False
+        or (getattr(module, "deterministic", False) is None and getattr(module, "dropout_rate", 0) > 0)
         or getattr(module, "use_running_average", None) is False
     ]
     if training:
@@ -72,9 +84,12 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
     params, rest = jax.tree.map(jnp.asarray, (params, rest))
 
     def apply_fn(params, x):
-        module = nnx.merge(graphdef, params, rest)
+        # new Variables on every call: a module that writes to its state (a counter, the count of its own
+        # nnx.Rngs) changes only this call's copy, so apply_fn stays a function of (params, x) and the
+        # write is allowed inside jit and vmap (Flax refuses to mutate a Variable made outside a trace)
+        module = nnx.merge(graphdef, *jax.tree.map(lambda a: a, (params, rest)))
         out = module(x[None] if batched else x)
-        return _squeeze_output(out[0] if batched else out, squeeze)
+        return _one_output(out, batched, squeeze)
 
     return apply_fn, params
 
@@ -120,6 +135,6 @@ def from_linen(
                 "BatchNorm updates its statistics on every call, so the model is not a function of its "
                 "parameters; build it with deterministic=True / use_running_average=True."
             ) from err
-        return _squeeze_output(out[0] if batched else out, squeeze)
+        return _one_output(out, batched, squeeze)
 
     return apply_fn, variables["params"]

@@ -177,6 +177,106 @@ def test_from_nnx_freezes_the_other_state():
     assert not np.isclose(float(changed(params, xs[0])), first)
 
 
+class _TwoHeads(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(D, 1, param_dtype=jnp.float64, rngs=rngs)
+        self.b = nnx.Linear(D, 1, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+        return self.a(x), self.b(x)
+
+
+class _TwoHeadsLinen(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(1, param_dtype=jnp.float64)(x), linen.Dense(1, param_dtype=jnp.float64)(x)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_adapters_refuse_a_tuple_of_outputs(flavour, batched):
+    """With batched=True the adapters removed the batch axis by out[0], which on a module returning a tuple
+    took its FIRST OUTPUT: scores and fits saw one head of two with no error (adjoint (6, 1, 4) instead of
+    (6, 2, 4)); with batched=False the tuple was stacked, while a plain apply_fn returning a tuple is
+    refused. Both now give apply_fn the module's outputs (batch axis removed from each) and the library
+    refuses the tuple with the message it gives any apply_fn."""
+    xs = np.asarray(_xs())
+    if flavour == "nnx":
+        module = _TwoHeads(nnx.Rngs(0))
+        apply_fn, params = from_nnx(module, batched=batched)
+        direct = module(xs[0])
+    else:
+        module = _TwoHeadsLinen()
+        variables = module.init(jax.random.key(0), xs[0])
+        apply_fn, params = from_linen(module, variables, batched=batched)
+        direct = module.apply(variables, xs[0])
+    out = apply_fn(params, xs[0])
+    assert isinstance(out, tuple) and len(out) == 2
+    for got, want in zip(out, direct, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="must return one array.*got a tuple.*output\\[1\\] shape \\(1,\\)"):
+        nj.adjoint(apply_fn, params, xs, num_nodes=4)
+
+
+def test_from_nnx_state_written_by_the_module_stays_frozen():
+    """A module that writes to its own state (a counter; a draw from its nnx.Rngs advances their count)
+    passed from_nnx, then changed apply_fn's result on every eager call with the same (params, x) (0.681,
+    1.022, 1.362), and under jit every score failed with Flax's TraceContextError blamed on the shapes of
+    xs. apply_fn now works on a fresh copy of the state at each call: the same value every time, and the
+    dual matrix of the module with its state as at from_nnx."""
+
+    class Count(nnx.Variable):
+        pass
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.head = nnx.Linear(D, 1, param_dtype=jnp.float64, rngs=rngs)
+            self.calls = Count(jnp.array(1.0))
+            self.rngs = rngs
+
+        def __call__(self, x):
+            self.calls[...] = self.calls[...] + 1.0
+            noise = jax.random.normal(self.rngs.noise(), (1,), jnp.float64)
+            return self.head(x) * self.calls[...] + noise
+
+    module = Net(nnx.Rngs(0, noise=1))
+    noise = jax.random.normal(nnx.Rngs(0, noise=1).noise(), (1,), jnp.float64)[0]
+    apply_fn, params = from_nnx(module)
+    xs, ys = np.asarray(_xs()), np.asarray(normal(14, N))
+    w, b = np.asarray(module.head.kernel[...])[:, 0], np.asarray(module.head.bias[...])[0]
+    ref = (xs @ w + b) * 2.0 + float(noise)
+    assert [float(apply_fn(params, xs[0])) for _ in range(3)] == [float(apply_fn(params, xs[0]))] * 3
+    np.testing.assert_allclose(float(apply_fn(params, xs[0])), ref[0], rtol=1e-14)
+    np.testing.assert_allclose(outputs(apply_fn, params, xs), ref, rtol=1e-13)
+    F = nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=4)  # f(θ) = 2(x·w + b) + noise: linear in θ
+    np.testing.assert_allclose(F[:, :-1], np.c_[2 * np.ones(N), 2 * xs], rtol=1e-13)
+    np.testing.assert_allclose(F[:, -1], float(noise) - ys, rtol=1e-13)
+    assert float(module.calls[...]) == 1.0
+
+
+def test_from_nnx_refuses_attention_with_dropout_left_undecided():
+    """nnx.MultiHeadAttention with dropout_rate > 0 has deterministic=None until model.eval(): from_nnx
+    accepted it and every score failed inside Flax ("No `deterministic` argument was provided") with the
+    library's advice about the shapes of xs. Now refused like a Dropout in training mode."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            kw = dict(param_dtype=jnp.float64, rngs=rngs)
+            self.att = nnx.MultiHeadAttention(1, D, qkv_features=4, dropout_rate=0.5, decode=False, **kw)
+            self.head = nnx.Linear(D, 1, **kw)
+
+        def __call__(self, x):
+            return self.head(self.att(x[None, :]).mean(0))
+
+    module = Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="from_nnx: att in training mode"):
+        from_nnx(module)
+    module.eval()
+    apply_fn, params = from_nnx(module)
+    xs = np.asarray(_xs())
+    np.testing.assert_allclose(outputs(apply_fn, params, xs), [module(x)[0] for x in xs], rtol=1e-12)
+
+
 def test_from_nnx_params_are_a_snapshot():
     """from_nnx handed back the module's own nnx.Param objects: writing a fit back into the module
     (nnx.update) silently turned the returned start point into the fit (L(params0) 28.68 became 1.66), and
