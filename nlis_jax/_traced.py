@@ -62,6 +62,23 @@ def _clear_library_caches() -> None:
                 clear()
 
 
+@contextlib.contextmanager
+def suspended():
+    """The checks off on this thread while an eager entry point that compiles and runs its own programs
+    (:func:`nlis_jax.fit`) works: no user's ``checkify`` wraps those programs, so a traced check there
+    could only fail to trace ("Cannot abstractly evaluate a checkify.check"). Inside
+    :func:`traced_checks` the programs traced meanwhile are dropped on leaving, so that none traced
+    without checks is reused by a ``checkify`` trace."""
+    previous = enabled()
+    _STATE.on = False
+    try:
+        yield
+    finally:
+        _STATE.on = previous
+        if previous:
+            _clear_library_caches()
+
+
 def enabled() -> bool:
     """True inside :func:`traced_checks` (on this thread)."""
     return getattr(_STATE, "on", False)

@@ -53,7 +53,7 @@ from nlis_jax._checks import (
 from nlis_jax._host import LOSSES_NEED_YS, host_losses, is_host_data, nonfinite_losses, overflowed_sum
 from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
-from nlis_jax.projections import Projection, check_projection, identity
+from nlis_jax.projections import Box, Projection, check_projection, identity, inward_bounds
 
 #: A per-example loss ``loss(pred, y) -> scalar`` for ONE example.
 LossFn = Callable[[Array, Array], Array]
@@ -618,8 +618,10 @@ def _tree_all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _guarded_step(step, data, batch_size, dtype):
-    """``run(state, key) -> (state, estimate, ok)``: one step that freezes the state on a failure."""
+def _guarded_step(step, projection, data, batch_size, dtype):
+    """``run(state, key) -> (state, estimate, ok)``: one step of the unprojected ``step``, then
+    ``projection``, that freezes the state on a failure. The update is checked before the projection: a
+    box clips an Inf (a diverging step) to its bound, which would hide the failure."""
     n = jax.tree.leaves(data[0])[0].shape[0]
 
     def run(state, key):
@@ -629,7 +631,9 @@ def _guarded_step(step, data, batch_size, dtype):
             idx = jax.random.choice(key, n, (batch_size,), replace=False)
             batch = jax.tree.map(lambda a: a[idx], data)
         new_state, (_, estimate) = step(state, batch)
-        ok = jnp.isfinite(estimate) & _tree_all_finite(new_state.params)
+        updated = _tree_all_finite(new_state.params)
+        new_state = new_state._replace(params=projection(new_state.params))
+        ok = jnp.isfinite(estimate) & updated & _tree_all_finite(new_state.params)
         # Freeze on failure: nothing non-finite leaves the loop.
         new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
         return new_state, estimate.astype(dtype), ok
@@ -670,8 +674,8 @@ def _segment(
         estimate = (weighted_sum(apply_fn, loss_fn, params, *batch, wide=True) * ratio).astype(dtype)
         return estimate * inv_total, estimate
 
-    step = make_train_step(objective, optimizer, projection, has_aux=True)
-    run = _guarded_step(step, data, batch_size, dtype)
+    step = make_train_step(objective, optimizer, None, has_aux=True)
+    run = _guarded_step(step, projection, data, batch_size, dtype)
 
     def skip(state, key):
         return state, jnp.full((), jnp.nan, dtype), jnp.array(True)
@@ -777,6 +781,18 @@ def fit(
             "segments from Python and reads the loss between them. Call it outside, or build your own "
             "loop from nlis_jax.make_train_step."
         )
+    with traced.suspended():  # no checkify wraps fit's own programs: traced checks there cannot work
+        return _fit(
+            apply_fn, params, xs, ys, weights, optimizer, num_steps, projection, loss, batch_size, key,
+            progress, num_segments, opt_state,
+        )  # fmt: skip
+
+
+def _fit(
+    apply_fn, params, xs, ys, weights, optimizer, num_steps, projection, loss, batch_size, key, progress,
+    num_segments, opt_state,
+) -> FitResult:  # fmt: skip
+    """:func:`fit` after its check that it is not traced."""
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)
@@ -790,7 +806,7 @@ def fit(
     _check_projection_output(projection, params)
     _check_model(apply_fn, params, xs)  # the first call of apply_fn: after the checks of the arguments
     _check_labels(apply_fn, params, xs, ys, loss)  # calls apply_fn too (shapes only): after _check_model
-    static_projection, dyn_projection = _split_projection(projection)
+    static_projection, dyn_projection = _split_projection(_on_host(projection, params))
     state = _start(params, dyn_projection, opt_state, static=static_projection, optimizer=_static(optimizer))
     data = (jax.tree.map(jnp.asarray, xs), jnp.asarray(ys), w)
     segment = functools.partial(
@@ -963,7 +979,21 @@ def _is_data_projection(projection) -> bool:
     if not isinstance(projection, Projection):
         return False
     leaves = jax.tree.leaves(projection)
-    return bool(leaves) and all(isinstance(l, (int, float, np.ndarray, jax.Array)) for l in leaves)
+    data = (int, float, np.ndarray, np.generic, jax.Array)  # np.float32(0.5) is an np.generic
+    return bool(leaves) and all(isinstance(leaf, data) for leaf in leaves)
+
+
+def _on_host(projection, params: PyTree):
+    """A :class:`Box` with concrete bounds as one with the bounds rounded inwards to each leaf's dtype
+    here, on the host (numpy arrays of the bounds' shapes): passed into fit's programs as Python floats,
+    ``0.1`` became float32 ``0.10000000149`` at the boundary without x64, and the rounding inside saw
+    nothing to round (float32 params ended outside the box). Other projections are returned as they are."""
+    if not isinstance(projection, Box) or not all(
+        is_concrete(b) for b in jax.tree.leaves((projection.lower, projection.upper))
+    ):
+        return projection
+    lower, upper = projection.lower, projection.upper
+    return Box(inward_bounds(lower, params, "lower"), inward_bounds(upper, params, "upper"))
 
 
 def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> NonFiniteLossError:

@@ -158,8 +158,8 @@ class Box(Projection):
         _check_bounds(self.lower, self.upper)  # built directly (not by box): its checks of concrete bounds
         check_floating("the parameters of a projection", tree)  # an integer leaf would be truncated
         check_finite("the projection's input", tree)  # a NaN entry would stay NaN, unclipped
-        lower = _broadcast_bound(self.lower, tree, "lower")
-        upper = _broadcast_bound(self.upper, tree, "upper")
+        lower = inward_bounds(self.lower, tree, "lower")
+        upper = inward_bounds(self.upper, tree, "upper")
         if not all(is_concrete(b) for b in jax.tree.leaves((self.lower, self.upper))):  # traced bounds
             ordered = jax.tree.map(lambda a, b: jnp.all(a <= b), lower, upper)
             traced.check(jnp.all(jnp.stack(jax.tree.leaves(ordered))), EMPTY_BOX_MESSAGE)
@@ -202,7 +202,7 @@ def _inward(bound: Any, dtype, name: str):
     return jnp.where(outward, jnp.nextafter(out, jnp.asarray(np.inf if lower else -np.inf, dtype)), out)
 
 
-def _broadcast_bound(bound: PyTree, tree: PyTree, name: str) -> PyTree:
+def inward_bounds(bound: PyTree, tree: PyTree, name: str) -> PyTree:
     """A bound as a pytree with the structure of ``tree``, each leaf in that leaf's dtype."""
     tree_def = jax.tree.structure(tree)
     if jax.tree.structure(bound) == tree_def:

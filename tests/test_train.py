@@ -1080,3 +1080,85 @@ def test_a_float16_weighted_loss_past_its_range_is_named(tmp_path):
     for args in ((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(small)), (xs, ys, small)):
         got = nj.weighted_loss(f, p, *args)
         assert got.dtype == jnp.float16 and float(got) == float(np.float16(45000.0))  # 44,992
+
+
+def test_fit_keeps_float32_params_inside_a_box_without_x64():
+    """Without x64, fit passed the box's Python-float bounds into its programs as float32 (0.1 became
+    0.10000000149 at the boundary) and the inward rounding inside saw nothing to round: the fitted float32
+    params were 0.10000000149, outside [-0.1, 0.1], and not a fixed point of the box the user passed
+    (which gives 0.099999994). Now the bounds are rounded on the host, per leaf dtype."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(N, 3)).astype(np.float32)
+    y = (X @ np.array([1.0, -1.0, 2.0])).astype(np.float32)
+    with jax.enable_x64(False):
+        for proj in (box(-0.1, 0.1), box({"w": np.float64(-0.1)}, {"w": np.full(3, 0.1)})):
+            result = fit(linear, {"w": np.zeros(3, np.float32)}, X, y, projection=proj, **SGD)
+            w = np.asarray(result.params["w"])
+            assert w.dtype == np.float32
+            assert np.all(np.abs(w.astype(np.float64)) <= 0.1), w.tolist()
+            np.testing.assert_array_equal(w, np.asarray(proj(result.params)["w"]))  # a fixed point
+            np.testing.assert_array_equal(np.abs(w), np.float32(0.099999994))
+
+
+def test_fit_box_does_not_hide_a_diverging_update():
+    """The finiteness check ran after the projection, and traced bounds skip the box's own check: an
+    update to ±Inf (learning rate inf, or 1e308 overflowing) was clipped to the box's corner, with finite
+    losses and no error, while the same call with l2_ball or no projection raised. Now the update is
+    checked before the projection."""
+    X, y = np.random.default_rng(8).normal(size=(N, 3)), np.ones(N)
+    for lr in (np.inf, -np.inf, 1e308):
+        for proj in (box(-1.0, 1.0), box({"w": -np.ones(3)}, 1.0), l2_ball(1.0), None):
+            with pytest.raises(
+                nj.NonFiniteLossError, match="update at step 0 made the parameters non-finite"
+            ):
+                fit(
+                    linear,
+                    {"w": np.full(3, 0.5)},
+                    X,
+                    y,
+                    optimizer=optax.sgd(lr),
+                    num_steps=3,
+                    projection=proj,
+                )
+
+
+def test_fit_with_a_projection_runs_inside_traced_checks():
+    """Inside nj.traced_checks(), fit with any l2_ball or box failed on valid input with "Cannot abstractly
+    evaluate a checkify.check which was not functionalized": fit compiles its own programs, which no
+    checkify wraps, and the projection's traced checks were emitted there. fit now gives the same result
+    as outside the block, and a checkify of a user's jitted step still reports a bad radius."""
+    rng = np.random.default_rng(9)
+    X, y = rng.normal(size=(N, 3)), rng.normal(size=N)
+    step = make_train_step(lambda p, b: jnp.sum((b[0] @ p["w"] - b[1]) ** 2), optax.sgd(0.1), None)
+    state = TrainState({"w": jnp.zeros(3)}, optax.sgd(0.1).init({"w": jnp.zeros(3)}))
+
+    def projected_step(state, radius):
+        return L2Ball(radius)(step(state, (X, y))[0].params)
+
+    for proj in (l2_ball(0.2), box(-0.05, 0.05)):
+        outside = fit(linear, {"w": np.zeros(3)}, X, y, projection=proj, **SGD)
+        with nj.traced_checks():
+            inside = fit(linear, {"w": np.zeros(3)}, X, y, projection=proj, **SGD)
+            err, _ = jax.jit(checkify.checkify(projected_step, errors=checkify.user_checks))(state, -1.0)
+            with pytest.raises(Exception, match="radius must be positive"):
+                err.throw()
+        np.testing.assert_array_equal(inside.params["w"], outside.params["w"])
+
+
+def test_fit_reuses_its_programs_for_numpy_scalar_bounds():
+    """A box with np.float32 / np.int64 bounds (numpy scalars, not np.ndarray) was treated as a static
+    projection: fit compiled its start and segment programs again on every call with new bound values,
+    against its docstring ("a new radius or box also reuses the cache")."""
+    from nlis_jax import _train
+
+    rng = np.random.default_rng(10)
+    X, y = rng.normal(size=(N, 3)), rng.normal(size=N)
+    p0 = {"w": np.zeros(3)}
+    fit(linear, p0, X, y, projection=box({"w": np.float32(-0.5)}, {"w": np.float32(0.5)}), **SGD)
+    fit(linear, p0, X, y, projection=L2Ball(np.float32(0.5)), **SGD)
+    sizes = _train._start._cache_size(), _train._segment._cache_size()
+    for s in (0.25, 0.125):
+        fit(linear, p0, X, y, projection=box({"w": np.float32(-s)}, {"w": np.int64(1)}), **SGD)
+        result = fit(linear, p0, X, y, projection=L2Ball(np.float32(s)), **SGD)
+        assert norm(result.params) <= s * (1 + 1e-6)
+    assert (_train._start._cache_size(), _train._segment._cache_size()) == sizes
