@@ -183,7 +183,9 @@ def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
 @highest_precision
 def _dual_rmv(apply_fn, params, xs, offset, nodes, weights, u):
     theta, outputs = _path_outputs(apply_fn, params, xs)
-    w = u.astype(weights.dtype)
+    # the cotangent in the dtype of the model's outputs, which may differ from the params' (float64 xs
+    # with float32 params, or a model casting its output): jax.vjp refuses any other
+    w = u.astype(jax.eval_shape(outputs, theta).dtype)
     cotangents = jax.vmap(lambda t: jax.vjp(outputs, t * theta)[1](w)[0])(nodes)
     return _rounded(jnp.concatenate([weights @ cotangents, jnp.sum(offset * w)[None]]), u)
 
@@ -205,11 +207,18 @@ def dual_operator(
         rule: ``dual_matrix``'s default ``None`` is refused).
 
     Returns:
-      A :class:`DualOperator`; ``mv``/``rmv`` are jitted once per ``apply_fn`` and shapes (also across
-      operators), and can be ``jax.vmap``-ed over a batch of vectors.
+      A :class:`DualOperator` of ``F̃`` at this call (numpy ``params`` and ``xs`` are copied: later
+      in-place changes of them do not reach it); ``mv``/``rmv`` are jitted once per ``apply_fn`` and
+      shapes (also across operators), and can be ``jax.vmap``-ed over a batch of vectors.
     """
     check_num_nodes(num_nodes)
     shape = check_model(apply_fn, params, xs, ys)
+    # a snapshot: mv and rmv pass params and xs to their programs at every call, while [θ; 1] and the
+    # offset are fixed here; numpy arrays changed in place later (an optimiser step, a reused buffer)
+    # gave products of neither state. Copied on the host (a CPU device_put may alias numpy memory)
+    params, xs = jax.tree.map(
+        lambda a: a if isinstance(a, jax.Array) else jnp.asarray(np.array(a)), (params, xs)
+    )
     p, dtype = shape.p, shape.dtype
     theta_tilde, offset, bad_offset = _operator_data(apply_fn, params, xs, ys)
     report_nonfinite(bad_offset, shape.n, nonfinite_offset)

@@ -130,3 +130,52 @@ def test_dual_operator_matches_matrix(case):
         op.rmv(jnp.ones((N + 1,) + F.shape[1:-1]))
     with pytest.raises(ValueError, match=r"rmv expects an array of shape"):
         op.rmv(jnp.ones(F.shape[:-1] + (1,)))
+
+
+@pytest.mark.parametrize("case", ["wider output", "narrower output"])
+def test_dual_operator_rmv_when_the_output_dtype_is_not_the_params(case):
+    """rmv handed jax.vjp a cotangent in the params' dtype, which it refuses when the model's outputs have
+    another ("unexpected JAX type ... got float32[5], but expected float64[5]"): float64 xs with float32
+    params, or a model casting its output to float32, while mv and dual_matrix worked. rmv now gives
+    F̃ᵀu as dual_matrix does, to the rounding of the narrower dtype."""
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(5, 3)), rng.normal(size=5)
+    if case == "wider output":
+        theta = rng.normal(size=3).astype(np.float32)
+
+        def model(th, x):
+            return jnp.tanh(x @ th)
+
+    else:
+        theta = rng.normal(size=3)
+
+        def model(th, x):
+            return jnp.tanh(x @ th).astype(jnp.float32)
+
+    F = np.asarray(nj.dual_matrix(model, theta, xs, ys, num_nodes=16), np.float64)
+    op = nj.dual_operator(model, theta, xs, ys, num_nodes=16)
+    u = rng.normal(size=5)
+    got = op.rmv(u)
+    assert got.dtype == theta.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), F.T @ u, rtol=0, atol=1e-6 * np.abs(F).sum())
+
+
+def test_dual_operator_is_a_snapshot_of_numpy_inputs():
+    """The operator kept the caller's numpy params and xs and passed them to its programs at every call,
+    while [θ; 1] and the offset were fixed when it was built: after an in-place change of θ (an optimiser
+    step, a reused buffer) mv(theta_tilde) was 0.447 from the old residual and 0.499 from the new one.
+    Now the operator is the dual matrix at the call, whatever happens to the arrays afterwards."""
+    rng = np.random.default_rng(1)
+    xs, ys, theta = rng.normal(size=(6, 3)), rng.normal(size=6), rng.normal(size=3)
+
+    def model(th, x):
+        return jnp.tanh(x @ th)
+
+    F = np.asarray(nj.dual_matrix(model, theta, xs, ys, num_nodes=16))
+    op = nj.dual_operator(model, theta, xs, ys, num_nodes=16)
+    v, u = rng.normal(size=4), rng.normal(size=6)
+    theta *= 2.0
+    xs[:] = rng.normal(size=(6, 3))
+    np.testing.assert_allclose(op.mv(op.theta_tilde), F @ np.r_[theta / 2, 1.0], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(op.mv(v), F @ v, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(op.rmv(u), F.T @ u, rtol=0, atol=1e-14)
