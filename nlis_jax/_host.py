@@ -198,6 +198,13 @@ def host_vector(name: str, value):
     array or memmap is kept as is, so a memmap is never read whole)."""
     if value is None or isinstance(value, np.ndarray):
         return value
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:  # jax: "Fetching value ... spans"
+        raise ValueError(
+            f"{name} is a global jax array spread over the {jax.process_count()} processes, while xs holds "
+            f"this process's block of host rows: pass this process's rows of {name} as a numpy array (e.g. "
+            f"distributed.gather({name})[distributed.process_rows(n)]), or pass xs as global arrays "
+            "(distributed.shard_rows)."
+        )
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as err:

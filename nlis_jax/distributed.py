@@ -80,6 +80,11 @@ def initialize(
     an exception Python reports, so it still takes that shutdown (until gloo's timeout, about 30 s):
     raise, or call ``os._exit(status)``, to end one process of several at once.
     """
+    if jax.distributed.is_initialized():  # jax's own error blamed "JAX calls" the user never made
+        raise RuntimeError(
+            "nlis_jax.distributed.initialize: this process has already joined the multi-process runtime "
+            "(jax.distributed is initialized); call initialize() once, at the start."
+        )
     env = os.environ
     if coordinator_address is None:
         coordinator_address = env.get(ENV_COORDINATOR)
@@ -99,6 +104,16 @@ def initialize(
                 f'("host:port" of process 0), set ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES} and '
                 f"${ENV_PROCESS_ID} (the launcher, `python -m nlis_jax.distributed --num-processes N "
                 f"script.py`, sets them), or run under a cluster JAX detects (SLURM, Cloud TPU). jax: {err}"
+            ) from err
+        unset = [
+            f"${var}" for var, value in ((ENV_NUM_PROCESSES, num_processes), (ENV_PROCESS_ID, process_id))
+            if value is None
+        ]  # fmt: skip
+        if coordinator_address is not None and unset and "must be defined" in str(err):
+            raise ValueError(
+                f"nlis_jax.distributed.initialize has a coordinator ({coordinator_address}) but no "
+                f"{' or '.join(unset)}: set {' and '.join(unset)} (or pass num_processes and process_id) in "
+                f"every process; the launcher sets them all. jax: {err}"
             ) from err
         raise
     if jax.process_count() > 1:
@@ -160,13 +175,14 @@ def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
     Args:
       local: a pytree of host arrays (numpy, memmap slices, jax arrays), this process's rows; every
         process passes the same number of rows, a multiple of its number of devices.
-      mesh: default :func:`data_mesh`.
+      mesh: default :func:`data_mesh`; another mesh needs the axis ``"data"`` with its devices in process
+        order along it (``ValueError`` otherwise: the rows would not be the blocks in process order).
 
     Returns:
       The same pytree of global ``jax.Array``s whose leading axis is the concatenation, in process
       order, of every process's rows.
     """
-    mesh = data_mesh() if mesh is None else mesh
+    mesh = data_mesh() if mesh is None else _check_mesh(mesh)
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     local_devices = len(sharding.addressable_devices)
     _check_blocks(local)
@@ -187,6 +203,29 @@ def shard_rows(local: PyTree, mesh: Mesh | None = None) -> PyTree:
         return jax.make_array_from_process_local_data(sharding, a, global_shape)
 
     return jax.tree.map(one, local)
+
+
+def _check_mesh(mesh: Mesh) -> Mesh:
+    """``ValueError`` unless ``mesh`` has the axis ``"data"`` and its devices along that axis are in
+    process order: the rows of the global array follow the devices along the axis, so a mesh in another
+    order put process 1's block before process 0's (against :func:`process_rows` and the streaming
+    scores, whose rows are in process order), with no error."""
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"shard_rows: the mesh has no axis {DATA_AXIS!r} (axes {mesh.axis_names}); build it with "
+            "distributed.data_mesh() or name the axis the examples are sharded over 'data'."
+        )
+    along = np.moveaxis(
+        np.vectorize(lambda d: d.process_index)(mesh.devices), mesh.axis_names.index(DATA_AXIS), 0
+    )
+    along = along.reshape(along.shape[0], -1)
+    if np.any(np.diff(along, axis=0) < 0):
+        raise ValueError(
+            f"shard_rows: the mesh's devices along {DATA_AXIS!r} are not in process order (processes "
+            f"{along[:, 0].tolist()}): the global rows would not be the processes' blocks in order; use "
+            "distributed.data_mesh(), or order the devices by process_index."
+        )
+    return mesh
 
 
 def _check_blocks(local: PyTree) -> None:
@@ -481,9 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=_arg(_timeout_arg, float), default=None, help="seconds before all are stopped"
     )
-    parser.add_argument("script", help="Python script each process runs")
+    parser.add_argument("script", nargs="?", help="Python script each process runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
     ns = parser.parse_args(argv)
+    if ns.script is None:  # a required positional before REMAINDER made argparse call args required too
+        parser.error("the following argument is required: script")
     command = [sys.executable, ns.script, *ns.args]
     return launch(command, ns.num_processes, cpu_devices=ns.cpu_devices, port=ns.port, timeout=ns.timeout)
 

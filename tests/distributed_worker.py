@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 import nlis_jax as nj  # noqa: E402
 from nlis_jax.experiments import nets  # noqa: E402
@@ -141,10 +142,10 @@ def _compare(ref, got) -> dict:
     return {"diff": diff, "scale": scale, "integers_equal": exact}
 
 
-def _expect_error(fn) -> str:
+def _expect_error(fn, *others) -> str:
     try:
         fn()
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, *others) as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
 
@@ -191,6 +192,21 @@ def _checks(glob, params) -> dict:
                 jax.random.key(2), MLP, params, _data()["xs"][rows], _data()["ys"][rows], dim=8
             )
         ),
+        # a global weights vector beside this process's numpy block of xs: jax's "Fetching value for
+        # jax.Array that spans non-addressable devices" before, which named neither argument
+        "global_weights_host_xs": _expect_error(
+            lambda: nj.weighted_loss(MLP, params, _data()["xs"][rows], _data()["ys"][rows], p_uniform)
+        ),
+        # a mesh in reverse process order put process 1's block first, silently
+        "reversed_mesh": _expect_error(
+            lambda: distributed.shard_rows(
+                _data()["xs"][rows], Mesh(np.asarray(distributed.data_mesh().devices)[::-1], ("data",))
+            )
+        ),
+        "mesh_without_data_axis": _expect_error(
+            lambda: distributed.shard_rows(_data()["xs"][rows], Mesh(np.asarray(jax.devices()), ("rows",)))
+        ),
+        "initialize_twice": _expect_error(distributed.initialize, RuntimeError),
         **_narrowing_checks(rows),
     }
 

@@ -109,6 +109,19 @@ def test_input_checks_fire_on_global_arrays(reports):
             )
             assert "process(es) [1] against process 0" in checks[name], checks
         assert checks["projected_host_blocks"].startswith("ValueError: under jax.distributed, the projected")
+        assert checks["global_weights_host_xs"].startswith(
+            "ValueError: weights is a global jax array spread over the 2 processes, while xs holds this "
+        ), checks
+        assert checks["reversed_mesh"].startswith(
+            "ValueError: shard_rows: the mesh's devices along 'data' are not in process order (processes "
+            "[1, 1, 0, 0])"
+        ), checks
+        assert checks["mesh_without_data_axis"].startswith("ValueError: shard_rows: the mesh has no axis"), (
+            checks
+        )
+        assert checks["initialize_twice"].startswith(
+            "RuntimeError: nlis_jax.distributed.initialize: this process has already joined"
+        ), checks
         # float64 without x64: values flushed to 0 or made Inf by the cast are named on every process
         tiny = "holds 16 non-zero value(s) below float32's smallest normal number that become 0 once cast"
         for name in ("narrow_host_block", "narrow_host_loss"):
@@ -181,6 +194,30 @@ def test_initialize_without_a_coordinator_names_the_ways_to_give_one():
     assert message.startswith("nlis_jax.distributed.initialize found no coordinator: pass coordinator_")
     assert "$NLIS_COORDINATOR_ADDRESS" in message and "python -m nlis_jax.distributed" in message
     assert setting == "mpi"  # put back
+
+
+def test_initialize_names_a_missing_process_count_or_id():
+    """With a coordinator but no $NLIS_NUM_PROCESSES (or $NLIS_PROCESS_ID), jax's bare "Number of processes
+    must be defined." named neither variable."""
+    code = (
+        "from nlis_jax import distributed\n"
+        "try:\n"
+        "    distributed.initialize()\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NLIS_", "SLURM_", "OMPI_", "PMI_"))}
+    for unset in ("NLIS_NUM_PROCESSES", "NLIS_PROCESS_ID"):
+        env = dict(base, NLIS_COORDINATOR_ADDRESS="127.0.0.1:1", NLIS_NUM_PROCESSES="2", NLIS_PROCESS_ID="0")
+        del env[unset]
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        message = proc.stdout.strip().splitlines()[-1]
+        assert message.startswith(
+            f"nlis_jax.distributed.initialize has a coordinator (127.0.0.1:1) but no ${unset}: set ${unset}"
+        ), message
 
 
 def test_launcher_timeout(tmp_path):

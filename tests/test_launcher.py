@@ -252,3 +252,18 @@ def test_launch_arguments_are_checked(monkeypatch):
     monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "abc")  # was int()'s "invalid literal"
     with pytest.raises(ValueError, match=r"\$NLIS_NUM_PROCESSES must be an integer, got 'abc'"):
         distributed.initialize("127.0.0.1:1")
+
+
+def test_the_launcher_asks_for_the_script_alone(capsys, monkeypatch):
+    """Without a script the usage error said "required: script, args", though the script's arguments are
+    optional; a script followed by options of its own still reaches it whole."""
+    with pytest.raises(SystemExit) as info:
+        distributed.main(["--num-processes", "2"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith("error: the following argument is required: script")
+    seen = {}
+    monkeypatch.setattr(
+        distributed, "launch", lambda command, n, **kw: seen.update(command=command, n=n) or 0
+    )
+    assert distributed.main(["--num-processes", "3", "job.py", "--num-processes", "7", "-x"]) == 0
+    assert seen == {"command": [sys.executable, "job.py", "--num-processes", "7", "-x"], "n": 3}
