@@ -568,3 +568,28 @@ def test_california_full_fit_matches_slsqp():
     # The constraint is active: the unconstrained optimum lies outside the ball.
     free = optimize.minimize(fun, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B", options={"gtol": 1e-10})
     assert np.linalg.norm(free.x) > 1.1 * radius and free.fun < full.loss
+
+
+@pytest.mark.parametrize("sizes", [[67, 135], [30, 100, 1000, 10000]])
+def test_study_plots_label_each_sample_size(sizes):
+    """On a span of 8× or less (what NLIS_SMALL's two sizes give) the x axis was labelled 60, 70, ..., 100
+    and the point at s = 135 had no label; now each size is a labelled tick, and nothing else is."""
+    import matplotlib.pyplot as plt
+
+    from nlis_jax.experiments import plots
+
+    fig, ax = plt.subplots()
+    try:
+        ax.set_xscale("log")
+        ax.plot(sizes, np.ones(len(sizes)))
+        plots._plain_x(ax, sizes)
+        fig.canvas.draw()
+        lo, hi = ax.get_xlim()
+        shown = [
+            t.get_text()
+            for t in ax.get_xticklabels(which="both")
+            if t.get_text() and lo <= t.get_position()[0] <= hi
+        ]
+    finally:
+        plt.close(fig)
+    assert shown == [f"{s:g}" for s in sizes]

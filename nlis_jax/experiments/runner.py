@@ -299,11 +299,13 @@ def run_study(
 
     Returns:
         :class:`StudyResult`. ``summary`` holds ``dataset``, ``n``, ``p``, ``info``, ``config``, ``full``
-        (θ*'s loss, time, steps, norm, convergence), ``methods`` (per scheme: ``score_s`` and a list of
-        per-size records with ``size``, ``fraction``, ``ratio`` quantiles and ``values``,
-        ``test_accuracy`` (classification), ``score_s`` / ``sample_s`` / ``train_s`` per repeat (the
-        vmapped wall time divided by ``R``) and ``max_rel_change`` (convergence of the sample fits)),
-        ``timing`` (:func:`compare_wall_time`, when ``config.timing_size``) and ``compile``.
+        (θ*'s loss, time, steps, norm, convergence), ``methods`` (per scheme: ``score_s``, the seconds of
+        its scores per repeat, ``None`` for ``refined_leverage``, scored anew at each size from that
+        size's pilot fits, so its cost is in each record; and a list of per-size records with ``size``,
+        ``fraction``, ``ratio`` quantiles and ``values``, ``test_accuracy`` (classification), ``score_s`` /
+        ``sample_s`` / ``train_s`` per repeat (the vmapped wall time divided by ``R``) and
+        ``max_rel_change`` (convergence of the sample fits)), ``timing`` (:func:`compare_wall_time`, when
+        ``config.timing_size``) and ``compile``.
 
     Raises:
         StudyInterrupted: on Ctrl-C after the full-data fit (scores, grid, plots callback, wall-time
