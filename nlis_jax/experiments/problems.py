@@ -324,7 +324,7 @@ def _classification_problem(config, name, x, labels, x_test, labels_test, num_cl
     apply_fn, dual_fn = relu_network(config.num_nodes)
     learning_rate = config.learning_rate
     if learning_rate is None:
-        learning_rate = 0.02 if num_classes == 2 else 0.1
+        learning_rate = 0.01 if num_classes == 2 else 0.1
     sizes = (x.shape[1], config.hidden, k)
 
     def init(key):
