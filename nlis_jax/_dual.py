@@ -215,10 +215,9 @@ def dual_operator(
     shape = check_model(apply_fn, params, xs, ys)
     # a snapshot: mv and rmv pass params and xs to their programs at every call, while [θ; 1] and the
     # offset are fixed here; numpy arrays changed in place later (an optimiser step, a reused buffer)
-    # gave products of neither state. Copied on the host (a CPU device_put may alias numpy memory)
-    params, xs = jax.tree.map(
-        lambda a: a if isinstance(a, jax.Array) else jnp.asarray(np.array(a)), (params, xs)
-    )
+    # gave products of neither state. Numpy arrays are copied (jax arrays are immutable; Python numbers
+    # keep their weak type)
+    params, xs = jax.tree.map(lambda a: np.array(a) if isinstance(a, np.ndarray) else a, (params, xs))
     p, dtype = shape.p, shape.dtype
     theta_tilde, offset, bad_offset = _operator_data(apply_fn, params, xs, ys)
     report_nonfinite(bad_offset, shape.n, nonfinite_offset)
