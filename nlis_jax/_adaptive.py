@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nlis_jax import _traced as traced_checks_state
 from nlis_jax._checks import fetch, is_concrete, report_nonfinite, under_trace
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array, PyTree
@@ -537,6 +538,15 @@ def _linearizing(leaf) -> bool:
     return False
 
 
+#: The error for the adaptive rule under ``checkify`` (inside ``nlis_jax.traced_checks()``).
+CHECKIFY_ADAPTIVE = (
+    "checkify cannot transform the adaptive rule (num_nodes=None, the default of adjoint, dual_matrix, the "
+    "streaming and label-free scores): its refinement is a lax.while_loop vmapped over the examples, which "
+    "checkify refuses. Pass num_nodes=q (a fixed Gauss-Legendre rule, e.g. 16 after checking it against "
+    "the adaptive default) inside nlis_jax.traced_checks()."
+)
+
+
 def check_not_reverse_mode(leaves) -> None:
     """``ValueError`` under reverse-mode differentiation, which cannot go through the refinement's
     ``lax.while_loop``: jax's own error ("Reverse-mode differentiation does not work for lax.while_loop")
@@ -613,6 +623,8 @@ def integrate(
         traced = _traced_jit if spans_processes else _traced
         if not spans_processes:  # numpy leaves closed over in a user's jit: indexed by traced indices
             params, data = jax.tree.map(jnp.asarray, (params, data))
+        if traced_checks_state.enabled():  # checkify's own error suggested moving a vmap the user never wrote
+            raise ValueError(CHECKIFY_ADAPTIVE)
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         if spans_processes:  # concrete: a replicated count, which every process can read
             _raise_nonfinite(state, nonfinite, jnp)

@@ -25,10 +25,12 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.flatten_util import ravel_pytree
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adaptive import (
     MAX_PANELS,
     QuadratureInfo,
+    check_not_reverse_mode,
     default_rtol,
     example_shapes,
     first_example,
@@ -376,6 +378,7 @@ def _point_jacobian(fn, mode: str, p: int, dtype) -> Callable[[Array, PyTree], A
     return jac
 
 
+@traced.entry
 def adjoint(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -494,8 +497,13 @@ def count_bad_examples(a: Array) -> Array:
     return jnp.sum(~jnp.all(finite, axis=1), dtype=jnp.int32)
 
 
-def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANELS, return_info=False) -> None:
-    """Validate the quadrature/mode/chunk arguments shared by the path-based functions."""
+def check_path_args(
+    num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANELS, return_info=False, inputs=None
+) -> None:
+    """Validate the quadrature/mode/chunk arguments shared by the path-based functions; with ``inputs``
+    (the arrays a function runs its own jitted programs on) and the adaptive rule, refuse reverse-mode
+    differentiation here, where its tracers can still be seen (inside those programs they cannot, and
+    jax's error about ``lax.while_loop`` came instead)."""
     check_choice("mode", mode, MODES)
     if num_nodes is not None:
         check_num_nodes(num_nodes)
@@ -518,6 +526,8 @@ def check_path_args(num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANEL
             "rtol and max_panels set the adaptive rule (num_nodes=None); with num_nodes given they would "
             "be ignored."
         )
+    if num_nodes is None and inputs is not None:
+        check_not_reverse_mode(jax.tree.leaves(inputs))
 
 
 @dataclasses.dataclass(frozen=True)

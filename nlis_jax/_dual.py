@@ -58,6 +58,7 @@ def nonfinite_offset(count: str) -> str:
     )
 
 
+@traced.entry
 def dual_matrix(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -190,6 +191,7 @@ def _dual_rmv(apply_fn, params, xs, offset, nodes, weights, u):
     return _rounded(jnp.concatenate([weights @ cotangents, jnp.sum(offset * w)[None]]), u)
 
 
+@traced.entry
 def dual_operator(
     apply_fn: ApplyFn,
     params: PyTree,

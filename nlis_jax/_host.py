@@ -39,6 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adjoint import (
     check_has_outputs,
@@ -1129,6 +1130,7 @@ def host_losses(
 
 
 # ------------------------------------------------------------------------------------------- sampling
+@traced.entry
 def gather_rows(store, indices):
     """Rows ``indices`` of host data (numpy arrays or memmaps, or a pytree of them), as numpy arrays.
 

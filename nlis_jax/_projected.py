@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nlis_jax import _traced as traced
 from nlis_jax._adjoint import (
     check_model,
     check_path_args,
@@ -233,6 +234,7 @@ def _check_ridge(ridge) -> float:
     return ridge
 
 
+@traced.entry
 def projected_dual_matrix(
     key: PRNGKey,
     apply_fn: ApplyFn,
@@ -290,7 +292,7 @@ def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, m
     """:func:`projected_dual_matrix` checked and computed, in float32 for half-precision models."""
     check_key("key", key)
     _check_not_blocks(xs, ys)
-    check_path_args(num_nodes, mode, None)
+    check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
     _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
@@ -317,6 +319,7 @@ _count_bad_jit = jax.jit(count_bad_examples)
 _all_finite_jit = jax.jit(lambda a: jnp.all(jnp.isfinite(a)))
 
 
+@traced.entry
 def projected_leverage_scores(
     key: PRNGKey,
     apply_fn: ApplyFn,

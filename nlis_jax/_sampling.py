@@ -161,6 +161,7 @@ def _sample_priority(key, probs, num_samples):
     return idx, w.astype(probs.dtype)
 
 
+@traced.entry
 def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True) -> tuple[Array, Array]:
     r"""Draw ``num_samples`` row indices by ``probs`` with unbiased importance weights.
 
@@ -200,6 +201,12 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
                     f"num_samples={s} exceeds the {positive} rows with positive probability; "
                     "sampling without replacement cannot reach the rest (mix with uniform first)."
                 )
+        elif not is_concrete(probs):  # traced: a checkify check inside nlis_jax.traced_checks()
+            traced.check(
+                jnp.count_nonzero(probs > 0) >= s,
+                f"num_samples={s} exceeds the number of rows with positive probability; sampling without "
+                "replacement cannot reach the rest (mix with uniform first).",
+            )
         idx, w = _sample_priority(key, probs, s)
     else:
         idx, w = _sample_with_replacement(key, probs, s, _replicated(probs))
@@ -211,6 +218,7 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
     return idx, w
 
 
+@traced.entry
 def sample_size(epsilon: float, delta: float, rank: int, *, beta: float = 1.0) -> int:
     r"""Rows to sample (with replacement) for a ``(1 ± ε)`` subspace embedding w.p. ``≥ 1 − δ``.
 
@@ -273,7 +281,12 @@ def _check_rank(rank) -> int:
     int32 ``Leverage.rank``); ``TypeError`` for floats, bools and other arrays, ``ValueError`` for ``< 1``."""
     dtype = getattr(rank, "dtype", None)
     if dtype is not None and not isinstance(rank, np.generic):
-        if not (jnp.shape(rank) == () and is_concrete(rank) and jnp.issubdtype(dtype, jnp.integer)):
+        if not is_concrete(rank):
+            raise TypeError(
+                "rank must be a concrete integer, not a traced value (a Leverage.rank computed under "
+                "jax.jit): sample_size returns a Python int, so call it outside the jit."
+            )
+        if not (jnp.shape(rank) == () and jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
                 f"rank must be a Python int or a 0-d integer array (such as Leverage.rank), got {rank!r}; "
                 "round an effective dimension up with math.ceil."
@@ -378,6 +391,7 @@ def _check_index_range(indices: Array, n: int) -> None:
         )
 
 
+@traced.entry
 def distortion(
     F: Array, indices: Array, weights: Array, *, rtol: float | None = None, basis: Array | None = None
 ) -> Array:

@@ -140,6 +140,7 @@ def as_leverage(
     return Leverage(probs, h, rank, route) if return_info else probs
 
 
+@traced.entry
 def orthonormal_basis(
     F: Array, *, rtol: float | None = None, route: str | None = None
 ) -> tuple[Array, Array, Array]:
@@ -178,6 +179,7 @@ def _finish_basis(U: Array, rank: Array, dtype) -> tuple[Array, Array]:
     return U[:, jnp.argsort(zero, stable=True)].astype(dtype), output_status(U, rank)
 
 
+@traced.entry
 def leverage_scores(
     F: Array,
     *,
@@ -321,6 +323,7 @@ def _flushed_columns(rows: Array) -> Array:
     return jnp.any(magnitude > 0, axis=0) & ~jnp.any(magnitude >= tiny, axis=0)
 
 
+@traced.entry
 def norm_scores(F: Array) -> Array:
     r"""Row-norm probabilities :math:`\|F_i\|^2 / \|F\|_F^2`; block Frobenius norms for ``(n, k, m)``.
 
@@ -390,6 +393,7 @@ def _design(xs: Array, ys: Array | None, *, bias: bool) -> Array:
     return jnp.concatenate(cols, axis=1)
 
 
+@traced.entry
 def linear_leverage_scores(xs, ys=None, *, bias: bool = False, rtol: float | None = None) -> Array:
     r"""Leverage scores of the data matrix itself, ``[X, 1?, −y?]``: the linear baseline.
 
@@ -405,6 +409,7 @@ def linear_leverage_scores(xs, ys=None, *, bias: bool = False, rtol: float | Non
     return leverage_scores(linear_design(xs, ys, bias=bias), rtol=rtol)
 
 
+@traced.entry
 def linear_norm_scores(xs, ys=None, *, bias: bool = False) -> Array:
     r"""Row-norm scores of the data matrix ``[X, 1?, −y?]``: the linear baseline.
 
@@ -433,6 +438,7 @@ def uniform_scores(n: int, dtype=None) -> Array:
     return jax.device_put(np.full((n,), value, dtype))  # jnp.full would compile a program per n
 
 
+@traced.entry
 def mix_with_uniform(probs: Array, alpha: float) -> Array:
     r"""``(1 − α)·p + α/n``: keeps every point reachable (``p_i ≥ α/n``).
 

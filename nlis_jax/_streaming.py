@@ -153,6 +153,7 @@ def _check_gram_fits(params) -> None:
     check_fits_in_memory(f"the Gram matrix of the streamed scores (p = {p:,})", (p + 1, p + 1), dtype, hint)
 
 
+@traced.entry
 def streaming_leverage_scores(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -201,7 +202,7 @@ def streaming_leverage_scores(
     Returns:
       ``(n,)`` probabilities summing to 1, or a :class:`nlis_jax.Leverage`.
     """
-    check_path_args(num_nodes, mode, None)
+    check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
     chunk_size = stream_chunk_size(params) if chunk_size is None else chunk_size
     check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
@@ -264,6 +265,7 @@ def _norm_jit(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
     return *squared_ratios(jnp.where(jnp.isfinite(norms), norms, 0)), bad
 
 
+@traced.entry
 def streaming_norm_scores(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -294,7 +296,7 @@ def streaming_norm_scores(
     Returns:
       ``(n,)`` probabilities summing to 1 in the dtype of ``params`` (``out`` when given).
     """
-    check_path_args(num_nodes, mode, None)
+    check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
     chunk_size = stream_chunk_size(params) if chunk_size is None else chunk_size
     check_positive_int("chunk_size", chunk_size)
     if is_host_data(xs, (params, ys)):

@@ -20,6 +20,7 @@ A function traced inside :func:`traced_checks` must be wrapped in ``checkify.che
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 
@@ -64,12 +65,15 @@ def _clear_library_caches() -> None:
 
 @contextlib.contextmanager
 def suspended():
-    """The checks off on this thread while an eager entry point that compiles and runs its own programs
-    (:func:`nlis_jax.fit`) works: no user's ``checkify`` wraps those programs, so a traced check there
-    could only fail to trace ("Cannot abstractly evaluate a checkify.check"). Inside
-    :func:`traced_checks` the programs traced meanwhile are dropped on leaving, so that none traced
-    without checks is reused by a ``checkify`` trace."""
+    """The checks off on this thread while a library function called eagerly compiles and runs its own
+    programs: no user's ``checkify`` wraps those, so a traced check there could only fail ("Cannot
+    abstractly evaluate a checkify.check which was not functionalized"); their values are checked on
+    the host instead. Inside :func:`traced_checks` the library's program caches are cleared on entering
+    (a program traced with checks under a ``checkify`` cannot run eagerly) and on leaving (one traced
+    without them must not be reused by a ``checkify`` trace): eager calls inside the block recompile."""
     previous = enabled()
+    if previous:
+        _clear_library_caches()
     _STATE.on = False
     try:
         yield
@@ -77,6 +81,22 @@ def suspended():
         _STATE.on = previous
         if previous:
             _clear_library_caches()
+
+
+def entry(fn):
+    """Decorate a public function: called eagerly (no transformation tracing) inside
+    :func:`traced_checks`, it runs with the checks :func:`suspended`; under a trace, as it is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from nlis_jax._checks import under_trace  # _checks imports this module
+
+        if not enabled() or under_trace():
+            return fn(*args, **kwargs)
+        with suspended():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def enabled() -> bool:

@@ -405,6 +405,7 @@ def _check_optimizer_state(optimizer, params, opt_state) -> None:
             )
 
 
+@traced.entry
 def weighted_loss(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -472,6 +473,7 @@ def weighted_loss(
     return total
 
 
+@traced.entry
 def per_example_loss(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -694,6 +696,7 @@ def _segment(
     return jax.lax.scan(body, carry, (steps, keys))
 
 
+@traced.entry
 def fit(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -781,18 +784,6 @@ def fit(
             "segments from Python and reads the loss between them. Call it outside, or build your own "
             "loop from nlis_jax.make_train_step."
         )
-    with traced.suspended():  # no checkify wraps fit's own programs: traced checks there cannot work
-        return _fit(
-            apply_fn, params, xs, ys, weights, optimizer, num_steps, projection, loss, batch_size, key,
-            progress, num_segments, opt_state,
-        )  # fmt: skip
-
-
-def _fit(
-    apply_fn, params, xs, ys, weights, optimizer, num_steps, projection, loss, batch_size, key, progress,
-    num_segments, opt_state,
-) -> FitResult:  # fmt: skip
-    """:func:`fit` after its check that it is not traced."""
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)

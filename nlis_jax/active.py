@@ -58,6 +58,7 @@ from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 STRATEGIES = ("sample", "topk")
 
 
+@traced.entry
 def label_free_leverage_scores(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -227,6 +228,7 @@ def _check_replace(strategy: str, replace: bool) -> None:
         )
 
 
+@traced.entry
 def query(
     key: PRNGKey | None,
     scores: Array,
@@ -474,6 +476,7 @@ def _fit_round(fit_fn, params, xs, labels, weights, order, capacity):
     return fit_fn(params, xs[rows], jnp.asarray(labels[rows]), w)
 
 
+@traced.entry
 def active_learning(
     key: PRNGKey,
     params: PyTree,

@@ -483,6 +483,98 @@ def test_traced_checks_never_reuse_a_trace_of_the_other_state(plain_first):
     assert F.shape == (8, 5) and np.all(np.isfinite(F))
 
 
+def _tanh_index(t, x):
+    return jnp.tanh(x @ t)
+
+
+def test_eager_calls_inside_traced_checks_give_their_values():
+    """Inside nj.traced_checks(), an eager leverage_scores, sample, projected_leverage_scores or
+    label_free_leverage_scores (valid input, no user trace) failed with "Cannot abstractly evaluate a
+    checkify.check which was not functionalized": the library's own programs emitted the checks, which no
+    checkify wraps. Eager calls now run with the checks on the host, give the values of a call outside the
+    block, and a checkified function in the same block still reports bad input (before and after them)."""
+    rng = np.random.default_rng(1)
+    xs, ys, th = rng.normal(size=(20, 3)), rng.normal(size=20), np.full(3, 0.3)
+    F = nj.dual_matrix(_tanh_index, th, xs, ys, num_nodes=8)
+    key = jax.random.key(4)
+    calls = {
+        "leverage": lambda: nj.leverage_scores(F),
+        "norm": lambda: nj.norm_scores(F),
+        "sample": lambda: nj.sample(key, nj.leverage_scores(F), 5),
+        "distortion": lambda: nj.distortion(F, *nj.sample(key, nj.leverage_scores(F), 10)),
+        "projected": lambda: nj.projected_leverage_scores(key, _tanh_index, th, xs, ys, dim=3),
+        "label_free": lambda: nj.label_free_leverage_scores(_tanh_index, th, xs),
+        "query": lambda: nj.query(key, nj.leverage_scores(F), np.zeros(20, bool), batch=3),
+        "streaming": lambda: nj.streaming_leverage_scores(_tanh_index, th, xs, ys),
+    }
+    outside = {name: call() for name, call in calls.items()}
+
+    def checked(probs):
+        with nj.traced_checks():
+            return nj.sample(key, probs, 3)
+
+    run_checked = jax.jit(checkify.checkify(checked, errors=checkify.user_checks))
+    bad = np.full(20, 2.0 / 20)
+    with nj.traced_checks():
+        assert "probs must sum to 1" in run_checked(bad)[0].get()
+        for name, call in calls.items():
+            for got, want in zip(jax.tree.leaves(call()), jax.tree.leaves(outside[name]), strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=name)
+        assert "probs must sum to 1" in run_checked(bad)[0].get()
+        assert run_checked(np.full(20, 1.0 / 20))[0].get() is None
+
+
+def test_checkify_of_the_adaptive_rule_is_named():
+    """Under checkify inside traced_checks(), the adaptive rule (the default of dual_matrix, the streaming
+    and label-free scores) failed with checkify's "does not support batched while-loops ... move the vmap
+    to the outer level", about a vmap the user never wrote. Now a ValueError saying to pass num_nodes; with
+    it the same function runs and reports bad input."""
+    rng = np.random.default_rng(2)
+    xs, ys, th = rng.normal(size=(12, 3)), rng.normal(size=12), np.full(3, 0.3)
+    for score in (
+        lambda t, **kw: nj.leverage_scores(nj.dual_matrix(_tanh_index, t, xs, ys, **kw)),
+        lambda t, **kw: nj.streaming_leverage_scores(_tanh_index, t, xs, ys, **kw),
+        lambda t, **kw: nj.label_free_leverage_scores(_tanh_index, t, xs, **kw),
+    ):
+
+        def checked(t, score=score, **kw):
+            with nj.traced_checks():
+                return score(t, **kw)
+
+        with pytest.raises(ValueError, match="checkify cannot transform the adaptive rule.*Pass num_nodes=q"):
+            jax.jit(checkify.checkify(checked, errors=checkify.user_checks))(th)
+        fixed = jax.jit(checkify.checkify(lambda t: checked(t, num_nodes=16), errors=checkify.user_checks))
+        err, probs = fixed(th)
+        assert err.get() is None
+        np.testing.assert_allclose(np.sum(probs), 1.0, rtol=1e-12)
+        assert "NaN" in fixed(np.array([np.nan, 0.3, 0.3]))[0].get()
+
+
+def test_reverse_mode_through_the_streamed_and_projected_adaptive_scores_is_named():
+    """jax.grad through streaming_leverage_scores, streaming_norm_scores (device or numpy data) or
+    projected_leverage_scores(num_nodes=None) gave jax's "Reverse-mode differentiation does not work for
+    lax.while_loop", while adjoint and dual_matrix said to pass num_nodes: the check ran inside the
+    library's own programs, where the gradient's tracers cannot be seen. Now the same ValueError; with
+    num_nodes=16 the gradient matches the dense path's."""
+    rng = np.random.default_rng(3)
+    xs, ys, th = rng.normal(size=(16, 3)), rng.normal(size=16), np.full(3, 0.3)
+    key = jax.random.key(5)
+    for score in (
+        lambda t: nj.streaming_leverage_scores(_tanh_index, t, xs, ys)[0],
+        lambda t: nj.streaming_norm_scores(_tanh_index, t, jnp.asarray(xs), ys)[0],
+        lambda t: nj.projected_leverage_scores(key, _tanh_index, t, xs, ys, dim=3, num_nodes=None)[0],
+    ):
+        with pytest.raises(
+            ValueError, match="reverse-mode differentiation .* cannot go through the adaptive"
+        ):
+            jax.grad(score)(th)
+    dense = jax.grad(lambda t: nj.leverage_scores(nj.dual_matrix(_tanh_index, t, xs, ys, num_nodes=16))[0])(
+        th
+    )
+    streamed = jax.grad(lambda t: nj.streaming_leverage_scores(_tanh_index, t, xs, ys, num_nodes=16)[0])(th)
+    np.testing.assert_allclose(streamed, dense, rtol=1e-10, atol=1e-14)
+
+
 def test_traced_sample_weights_use_the_normalised_vector():
     probs = jnp.array([0.8, 1.2])  # sums to 2: choice draws from [0.4, 0.6]
     idx, w = jax.jit(lambda k, p: nj.sample(k, p, 4))(jax.random.key(0), probs)

@@ -427,3 +427,30 @@ def test_float64_weights_and_probs_beyond_float32_are_named_without_x64():
                 call(np.array([1.0, 1e39]))
             with pytest.raises(ValueError, match="probs contains NaN or Inf"):
                 call(np.array([0.5, np.nan]))
+
+
+def test_traced_sample_without_replacement_checks_the_positive_rows():
+    """Eagerly, s above the number of rows with positive probability is refused (replace=False); under
+    jit with traced_checks() and checkify it passed unchecked (indices of zero-probability rows at weight
+    0). Now the same check as a checkify check."""
+    probs = jnp.array([0.5, 0.25, 0.25, 0.0, 0.0])
+
+    def draw(p, s):
+        with nj.traced_checks():
+            return nj.sample(jax.random.key(0), p, s, replace=False)
+
+    for s, fails in ((3, False), (4, True)):
+        err, _ = jax.jit(checkify.checkify(draw, errors=checkify.user_checks), static_argnums=1)(probs, s)
+        message = err.get()
+        assert (message is not None) == fails
+        if fails:
+            assert f"num_samples={s} exceeds the number of rows with positive probability" in message
+
+
+def test_sample_size_names_a_traced_rank():
+    """A Leverage.rank computed under jit was refused as "must be a Python int or a 0-d integer array (such
+    as Leverage.rank), got JitTracer(int32[])", though it was one."""
+    F = np.random.default_rng(0).normal(size=(20, 3))
+    assert nj.sample_size(0.5, 0.1, nj.leverage_scores(F, return_info=True).rank) > 0
+    with pytest.raises(TypeError, match="rank must be a concrete integer, not a traced value"):
+        jax.jit(lambda F: nj.sample_size(0.5, 0.1, nj.leverage_scores(F, return_info=True).rank))(F)
