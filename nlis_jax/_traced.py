@@ -14,7 +14,8 @@ which the user's ``checkify.checkify`` turns into an error value::
     err.throw()  # ValueError-like JaxRuntimeError naming the problem, if any
 
 A function traced inside :func:`traced_checks` must be wrapped in ``checkify.checkify`` (a bare
-``jax.jit`` of it refuses to trace the checks).
+``jax.jit`` of it refuses to trace the checks). A public function called eagerly inside the block
+(decorated with :func:`entry`) checks its values on the host, as outside it.
 """
 
 from __future__ import annotations
