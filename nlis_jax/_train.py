@@ -75,7 +75,8 @@ class NonFiniteLossError(FloatingPointError):
     """:func:`fit` stopped because the loss or the updated parameters became NaN or Inf.
 
     Attributes:
-        state: the :class:`TrainState` of the last finite iterate (the failing update is discarded).
+        state: the :class:`TrainState` of the last iterate with finite parameters (the failing update is
+            discarded); where the loss failed, its loss is the non-finite one reported.
         step: the step at which the loss (evaluated before that step's update) or the update failed.
     """
 
@@ -384,7 +385,11 @@ def _check_optimizer_state(optimizer, params, opt_state) -> None:
                 f"the projection; {failed}"
             ) from err
         raise TypeError(
-            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); {failed}"
+            "optimizer.init/update do not run on params as fit calls them: optimizer.update(grads, "
+            "opt_state, params), grads of the structure of params, no other arguments. Optimizers that need "
+            "more (keyword arguments such as value=, obj_fn= or grad_fn=, also inside optax.MultiSteps; "
+            "gradients of another structure, e.g. optax.lookahead's fast/slow params) do not work with fit: "
+            f"write the loop yourself from nlis_jax.make_train_step's pattern; {failed}"
         ) from err
     if opt_state is None:
         return
@@ -775,7 +780,8 @@ def fit(
         ValueError, TypeError: on bad inputs, before any work.
         NonFiniteLossError: (a ``FloatingPointError``) when the loss (or the updated parameters)
             becomes NaN or Inf; the message names the step, ``.step`` holds it and ``.state`` is the
-            :class:`TrainState` of the last finite iterate (nothing non-finite is kept). Checked
+            :class:`TrainState` of the last iterate with finite parameters (nothing non-finite is kept;
+            where the loss failed, it is the one at those parameters). Checked
             after each segment; later steps do not run.
     """
     if under_trace():  # its checks, segments and NaN stops read values on the host
@@ -1005,12 +1011,16 @@ def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> Non
         )
     if not np.isfinite(value):
         what = f"the loss is {value} at step {step} (evaluated before that step's update)"
+        held = (
+            f"the parameters of step {step}: finite, but their loss is {value}, so a fit resumed from them "
+            "stops at once; start again from earlier parameters"
+        )
     else:
         what = f"the update at step {step} made the parameters non-finite (loss there {value:.6g})"
+        held = f"the parameters of step {step}, before that update"
     return NonFiniteLossError(
-        f"fit stopped: {what}{before}. The exception's .state holds the last finite iterate; "
-        "lower the learning rate (and check that it is a finite number), rescale the data, or check apply_fn "
-        "for overflow.",
+        f"fit stopped: {what}{before}. The exception's .state holds {held}. Lower the learning rate (and "
+        "check that it is a finite number), rescale the data, or check apply_fn for overflow.",
         state=state,
         step=step,
     )

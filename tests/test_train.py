@@ -1162,3 +1162,32 @@ def test_fit_reuses_its_programs_for_numpy_scalar_bounds():
         result = fit(linear, p0, X, y, projection=L2Ball(np.float32(s)), **SGD)
         assert norm(result.params) <= s * (1 + 1e-6)
     assert (_train._start._cache_size(), _train._segment._cache_size()) == sizes
+
+
+def test_optimizers_fit_cannot_drive_are_not_called_non_optax():
+    """optax.MultiSteps around an optimizer needing value= and optax.lookahead (gradients of its fast/slow
+    params, not of params) were refused with "optimizer must be an optax.GradientTransformation (e.g.
+    optax.adam(1e-3))", which they are. The message now says how fit calls update and what does not fit."""
+    X, y = _linear_problem()[1:]
+    for optimizer in (
+        optax.MultiSteps(optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau()), 2),
+        optax.lookahead(optax.sgd(0.1), sync_period=2, slow_step_size=0.5),
+    ):
+        with pytest.raises(TypeError, match=r"do not run on params as fit calls them") as err:
+            fit(lambda th, x: x @ th, jnp.zeros(2), X, y, optimizer=optimizer, num_steps=2)
+        assert "must be an optax.GradientTransformation" not in str(err.value)
+        assert "optax.MultiSteps" in str(err.value) and "optax.lookahead" in str(err.value)
+
+
+def test_non_finite_loss_error_says_what_its_state_holds():
+    """After a loss that overflowed at step t, the message said .state "holds the last finite iterate",
+    but its loss is the non-finite one: a fit resumed from it (even with a lower learning rate) stopped at
+    once, blaming the model. The message now says so."""
+    xs, ys = np.ones((4, 1)), np.ones(4)
+    with pytest.raises(nj.NonFiniteLossError, match=r"loss is inf at step") as info:
+        fit(linear, {"w": jnp.full(1, 2.0)}, xs, ys, optimizer=optax.sgd(1.5), num_steps=2000)
+    step = info.value.step
+    assert f"holds the parameters of step {step}: finite, but their loss is inf" in str(info.value)
+    assert np.all(np.isfinite(info.value.state.params["w"]))
+    with pytest.raises(nj.NonFiniteLossError, match="at the initial parameters"):
+        fit(linear, info.value.state.params, xs, ys, optimizer=optax.sgd(1e-3), num_steps=2)
