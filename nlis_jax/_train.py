@@ -1019,7 +1019,7 @@ def _non_finite_error(step: int, value: float, chunks, state: TrainState) -> Non
         what = f"the update at step {step} made the parameters non-finite (loss there {value:.6g})"
         held = f"the parameters of step {step}, before that update"
     return NonFiniteLossError(
-        f"fit stopped: {what}{before}. The exception's .state holds {held}. Lower the learning rate (and "
+        f"fit stopped: {what}{before}. The exception's .state holds {held}; lower the learning rate (and "
         "check that it is a finite number), rescale the data, or check apply_fn for overflow.",
         state=state,
         step=step,
