@@ -366,6 +366,17 @@ def _needs_extra_args(optimizer, params, state) -> bool:
     return True
 
 
+def _strongly_typed(leaf):
+    """``leaf`` without a weak type: an optimizer state edited with ``jnp.asarray(3e-3)`` or a Python float
+    (``optax.inject_hyperparams``' learning rate) is another input type to fit's programs than the state
+    ``optimizer.init`` makes, so each would compile them again."""
+    if isinstance(leaf, jax.Array):
+        return leaf.astype(leaf.dtype) if leaf.weak_type else leaf
+    if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+        return np.asarray(leaf, jnp.result_type(leaf))
+    return leaf
+
+
 def _check_optimizer_state(optimizer, params, opt_state) -> None:
     """``optimizer.init``/``update`` work on ``params`` (traced by shape only), and ``opt_state``
     (if given) has the structure, shapes and dtypes of ``optimizer.init(params)``."""
@@ -794,6 +805,8 @@ def fit(
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)
     _check_optimizer_state(optimizer, params, opt_state)
+    if opt_state is not None:  # a weak type (jnp.asarray(1e-3), a Python float) compiled segments anew
+        opt_state = jax.tree.map(_strongly_typed, opt_state)
     plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)
     params = jax.tree.map(jnp.asarray, params)
     # the losses, the normaliser and the objective J in at least float32: with float16 params, weights

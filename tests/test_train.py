@@ -1191,3 +1191,21 @@ def test_non_finite_loss_error_says_what_its_state_holds():
     assert np.all(np.isfinite(info.value.state.params["w"]))
     with pytest.raises(nj.NonFiniteLossError, match="at the initial parameters"):
         fit(linear, info.value.state.params, xs, ys, optimizer=optax.sgd(1e-3), num_steps=2)
+
+
+def test_a_weakly_typed_optimizer_state_reuses_fits_programs():
+    """optax.inject_hyperparams keeps the learning rate in opt_state; set between fits to jnp.asarray(4e-3)
+    or a Python float (weak types) it compiled fit's segment again (0.37 s) and the returned state stayed
+    weak, so fresh and resumed runs used two programs. The state is now strongly typed on entry."""
+    from nlis_jax import _train
+
+    model, X, y = _linear_problem()
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    first = fit(model, jnp.zeros(2), X, y, optimizer=opt, num_steps=4)
+    segments = _train._segment._cache_size()  # the start point's small program is compiled per leaf kind
+    for lr in (jnp.asarray(4e-3), 2e-3, np.asarray(1e-3), jnp.asarray(5e-3), 3e-3):
+        state = first.opt_state._replace(hyperparams={**first.opt_state.hyperparams, "learning_rate": lr})
+        result = fit(model, first.params, X, y, optimizer=opt, num_steps=4, opt_state=state)
+        assert not result.opt_state.hyperparams["learning_rate"].weak_type
+        assert float(result.opt_state.hyperparams["learning_rate"]) == float(lr)
+    assert _train._segment._cache_size() == segments
