@@ -396,7 +396,8 @@ def _check_optimizer_state(optimizer, params, opt_state) -> None:
                 f"the projection; {failed}"
             ) from err
         raise TypeError(
-            "optimizer.init/update do not run on params as fit calls them: optimizer.update(grads, "
+            "optimizer is not an optax.GradientTransformation that fit can drive: its init/update do not "
+            "run on params as fit calls them: optimizer.update(grads, "
             "opt_state, params), grads of the structure of params, no other arguments. Optimizers that need "
             "more (keyword arguments such as value=, obj_fn= or grad_fn=, also inside optax.MultiSteps; "
             "gradients of another structure, e.g. optax.lookahead's fast/slow params) do not work with fit: "

@@ -215,6 +215,12 @@ def _query(key, scores, labelled, alpha, *, batch, strategy, replace):
     if strategy == "topk":  # by the scores themselves: rounded or underflowed probabilities tie
         _, idx = jax.lax.top_k(jnp.where(labelled, -jnp.inf, scores), batch)
         return Query(idx.astype(jnp.int32), jnp.ones((batch,), scores.dtype), probs)
+    if not replace:  # traced (checkify, when asked): before the sampler's own check, in the query's words
+        traced.check(
+            jnp.sum(priority_reachable(probs)[1]) >= batch,
+            f"fewer pool points of positive probability than batch={batch}: sampling without "
+            "replacement cannot reach the rest (use alpha > 0).",
+        )
     idx, w = sample(key, probs, batch, replace=replace)
     return Query(idx.astype(jnp.int32), w.astype(scores.dtype), probs)
 
@@ -289,12 +295,7 @@ def query(
         # priority sampling then returns such points with weight 0
         # counted as the sampler counts them (float16 probabilities below float16's smallest normal, every
         # point of a 20,000-point pool at alpha = 0.5, are positive in its float32)
-        if pool < 0:  # traced: checkify, when asked
-            traced.check(
-                jnp.sum(priority_reachable(chosen.probs)[1]) >= batch,
-                f"fewer pool points of positive probability than batch={batch}: sampling without "
-                "replacement cannot reach the rest (use alpha > 0).",
-            )
+        if pool < 0:  # traced: checked inside _query (checkify, when asked)
             return chosen
         probs = np.asarray(chosen.probs)
         positive = int(np.sum(priority_reachable(probs)[1]))
