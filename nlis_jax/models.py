@@ -120,6 +120,11 @@ def from_linen(
     if not isinstance(module, linen.Module):
         raise TypeError(f"from_linen expects a flax.linen.Module, got {type(module).__name__}.")
     batched, squeeze = check_bool("batched", batched), check_bool("squeeze", squeeze)
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "from_linen expects variables, the dict from module.init(key, x), got "
+            f"{type(variables).__name__}."
+        )
     if "params" not in variables:
         raise ValueError(f"variables has no 'params' collection (found {sorted(variables)}).")
     # a snapshot of the other collections: an in-place change of the caller's nested arrays would reach

@@ -117,6 +117,13 @@ def test_adapters_reject_wrong_types():
         from_linen(LinenMLP(), {"batch_stats": {}})
 
 
+def test_from_linen_names_missing_variables():
+    """from_linen(module, None) failed with "argument of type 'NoneType' is not iterable"."""
+    for bad in (None, [("params", {})]):
+        with pytest.raises(TypeError, match="from_linen expects variables, the dict from module.init"):
+            from_linen(LinenMLP(), bad)
+
+
 def test_from_nnx_refuses_modules_in_training_mode():
     """A new nnx module is in training mode: from_nnx accepted it and every score failed with a
     TraceContextError ("Cannot mutate RngCount from a different trace level") that the library's check

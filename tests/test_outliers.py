@@ -378,3 +378,20 @@ def test_flip_and_corrupt_name_a_fraction_out_of_range(fraction):
     with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
         O.corrupt_inputs(jax.random.key(0), np.ones((20, 4), np.float32), "invert", fraction=fraction)
     np.testing.assert_array_equal(labels, before)
+
+
+def test_planted_counts_refuse_what_is_not_a_count():
+    """flip_labels / corrupt_inputs took count=2.5 as 2 and count=3.9 as 3 (int() truncated), count=True as
+    one outlier and fraction=True as every example (10 of 10); the study's config guarded only its own
+    path. Each is now a TypeError naming the argument; valid counts and fractions are unchanged."""
+    key, labels = jax.random.key(0), np.arange(10) % 2
+    inputs = np.random.default_rng(0).random((10, 4))
+    for kwargs in ({"count": 2.5}, {"count": 3.9}, {"count": True}, {"fraction": True}):
+        name = next(iter(kwargs))
+        with pytest.raises(TypeError, match=name):
+            O.flip_labels(key, labels, 2, **kwargs)
+        with pytest.raises(TypeError, match=name):
+            O.corrupt_inputs(key, inputs, "invert", **kwargs)
+    assert O.flip_labels(key, labels, 2, count=np.int64(3))[1].sum() == 3
+    assert O.flip_labels(key, labels, 2, fraction=0.25)[1].sum() == 2  # round(2.5): half to even
+    assert O.corrupt_inputs(key, inputs, "invert", fraction=0.3)[1].sum() == 3

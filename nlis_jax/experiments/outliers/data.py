@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from nlis_jax._checks import check_positive_int, check_real
 from nlis_jax.experiments import datasets
 from nlis_jax.experiments.outliers.config import OutlierConfig
 
@@ -17,12 +18,14 @@ def _outlier_count(n: int, fraction: float | None, count: int | None) -> int:
     if (fraction is None) == (count is None):
         raise ValueError("give exactly one of fraction and count.")
     if count is None:
-        value = float(fraction)
+        value = check_real("fraction", fraction)  # True is not a fraction (it made every example an outlier)
         if not (np.isfinite(value) and 0 < value <= 1):
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
-        count = max(1, int(round(value * n)))
-    elif not 1 <= count <= n:
-        raise ValueError(f"count must lie in [1, n = {n}], got {count}.")
+        count = max(1, int(round(value * n)))  # Python's round: half to even (2.5 -> 2)
+    else:
+        count = check_positive_int("count", count)  # 2.5 was truncated to 2, True taken as 1
+        if count > n:
+            raise ValueError(f"count must lie in [1, n = {n}], got {count}.")
     return int(count)
 
 
