@@ -41,15 +41,23 @@ def traced_checks():
     them inside the block (the checks would be skipped silently). Turning the checks on or off costs a
     retrace of the library's programs, not of the user's.
     """
-    previous = getattr(_STATE, "on", False)
-    if not previous:
+    with _checks_on(True):
+        yield
+
+
+@contextlib.contextmanager
+def _checks_on(on: bool):
+    """The checks' state set to ``on`` on this thread for the block, the library's program caches cleared
+    on entering and on leaving when that changes the state (:func:`traced_checks`, :func:`suspended`)."""
+    previous = enabled()
+    if previous != on:
         _clear_library_caches()
-    _STATE.on = True
+    _STATE.on = on
     try:
         yield
     finally:
         _STATE.on = previous
-        if not previous:
+        if previous != on:
             _clear_library_caches()
 
 
@@ -72,16 +80,8 @@ def suspended():
     the host instead. Inside :func:`traced_checks` the library's program caches are cleared on entering
     (a program traced with checks under a ``checkify`` cannot run eagerly) and on leaving (one traced
     without them must not be reused by a ``checkify`` trace): eager calls inside the block recompile."""
-    previous = enabled()
-    if previous:
-        _clear_library_caches()
-    _STATE.on = False
-    try:
+    with _checks_on(False):
         yield
-    finally:
-        _STATE.on = previous
-        if previous:
-            _clear_library_caches()
 
 
 def entry(fn):
