@@ -620,11 +620,11 @@ def integrate(
         # this process cannot fetch (the host-driven compaction below needs them).
         bucket = min(bucket_limit, max(8, _next_pow2(n) // 16))
         kw = dict(chunk=pass_chunk, max_panels=max_panels, depth=depth, bucket=bucket)
+        if traced_checks_state.enabled():  # checkify's own error suggested moving a vmap the user never wrote
+            raise ValueError(CHECKIFY_ADAPTIVE)
         traced = _traced_jit if spans_processes else _traced
         if not spans_processes:  # numpy leaves closed over in a user's jit: indexed by traced indices
             params, data = jax.tree.map(jnp.asarray, (params, data))
-        if traced_checks_state.enabled():  # checkify's own error suggested moving a vmap the user never wrote
-            raise ValueError(CHECKIFY_ADAPTIVE)
         state = traced(g, check, params, data, rtol_arr, check_tol_arr, **kw)
         if spans_processes:  # concrete: a replicated count, which every process can read
             _raise_nonfinite(state, nonfinite, jnp)
