@@ -597,12 +597,14 @@ def make_train_step(
         ``has_aux``), where ``loss`` is evaluated at the parameters BEFORE the update.
 
     Raises:
-        TypeError: ``loss_fn`` or ``projection`` not callable, or ``optimizer`` without ``init`` and
-            ``update`` (e.g. the string ``"sgd"``), at construction.
+        TypeError: ``loss_fn`` or ``projection`` not callable (or ``projection`` the builder
+            :func:`~nlis_jax.l2_ball` / :func:`~nlis_jax.box` itself), ``optimizer`` without ``init`` and
+            ``update`` (e.g. the string ``"sgd"``), or a flag not a bool, at construction.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a callable loss_fn(params, batch), got {loss_fn!r}.")
     _check_optimizer_and_projection(optimizer, projection)
+    has_aux, value_and_grad = check_bool("has_aux", has_aux), check_bool("value_and_grad", value_and_grad)
     proj = identity if projection is None else projection
 
     grad_fn = loss_fn if value_and_grad else jax.value_and_grad(loss_fn, has_aux=has_aux)

@@ -336,9 +336,16 @@ def _check_bounds(lower: Any, upper: Any) -> tuple[Any, Any]:
 
 
 def check_projection(projection) -> None:
-    """``TypeError`` unless ``projection`` is ``None`` or callable (``tree -> tree``)."""
+    """``TypeError`` unless ``projection`` is ``None`` or callable (``tree -> tree``), and not one of the
+    builders :func:`l2_ball` / :func:`box` themselves: ``l2_ball(params)`` returns a projection, which a
+    step would otherwise take as the new params (silently, for scalar params)."""
     if projection is not None and not callable(projection):
         raise TypeError(f"projection must be a callable tree -> tree or None, got {projection!r}.")
+    if projection is l2_ball or projection is box:
+        raise TypeError(
+            f"projection is the builder {projection.__name__}, not a projection: pass a built one, e.g. "
+            "projection=nj.l2_ball(1.0) or nj.box(lower, upper)."
+        )
 
 
 def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
@@ -350,7 +357,7 @@ def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTran
     would rescale the step and could leave the set again.
 
     Args:
-        projection: callable ``tree -> tree`` (e.g. :func:`l2_ball`), or ``None`` for no constraint.
+        projection: callable ``tree -> tree`` (e.g. ``l2_ball(1.0)``), or ``None`` for no constraint.
 
     Returns:
         A stateless ``GradientTransformation`` whose ``update`` requires ``params``.

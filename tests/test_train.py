@@ -187,6 +187,29 @@ def test_fit_names_a_projection_builder_passed_unbuilt():
     np.testing.assert_array_equal(fitted.params, np.zeros(3))  # y = 0: the gradient at 0 is 0
 
 
+def test_make_train_step_and_project_params_refuse_a_builder_and_non_bool_flags():
+    """make_train_step(loss, opt, nj.l2_ball) was accepted: with scalar params the jitted step returned an
+    L2Ball as the new params (no error), with vector params it failed with "radius must be a scalar"; the
+    builders are now refused at construction, as fit refuses them, and so are has_aux / value_and_grad
+    that are not bools (has_aux="no" counted as True)."""
+    loss_fn = lambda p, b: jnp.sum((b * p - 1.0) ** 2)
+    match = r"projection is the builder (l2_ball|box), not a projection: pass a built one"
+    for builder in (nj.l2_ball, nj.box):
+        with pytest.raises(TypeError, match=match):
+            make_train_step(loss_fn, optax.sgd(0.1), builder)
+        with pytest.raises(TypeError, match=match):
+            project_params(builder)
+    with pytest.raises(TypeError, match=r"has_aux must be True or False, got 'no'"):
+        make_train_step(loss_fn, optax.sgd(0.1), has_aux="no")
+    with pytest.raises(TypeError, match=r"value_and_grad must be True or False, got 1"):
+        make_train_step(loss_fn, optax.sgd(0.1), value_and_grad=1)
+    step = jax.jit(make_train_step(loss_fn, optax.sgd(0.1), nj.l2_ball(0.6)))
+    new, loss = step(TrainState(jnp.asarray(0.5), optax.sgd(0.1).init(jnp.asarray(0.5))), jnp.arange(3.0))
+    # gradient 2·Σ b(bp − 1) = 2·(0 − 0.5 + 0) = −1: 0.5 + 0.1 = 0.6, on the edge of the ball
+    np.testing.assert_allclose(new.params, 0.6, rtol=1e-15)
+    np.testing.assert_allclose(loss, 1.0 + 0.25 + 0.0, rtol=1e-15)
+
+
 def test_projections_are_pytrees():
     leaves, treedef = jax.tree.flatten(l2_ball(2.0))
     assert leaves == [2.0] and jax.tree.unflatten(treedef, [3.0]) == L2Ball(3.0)
