@@ -401,13 +401,13 @@ def probs_summary(probs) -> tuple[int, int, float, float, int] | None:
     return int(bad), int(neg), float(low), float(total), int(pos)
 
 
-def as_probs_vector(probs):
+def as_probs_vector(probs, name: str = "probs"):
     """``probs`` as given, a list or tuple of floats as an array; a :class:`~nlis_jax.Leverage` (any
     NamedTuple) is refused with ``TypeError`` naming its ``.probs`` (it is a tuple of arrays)."""
     if isinstance(probs, tuple) and hasattr(probs, "_fields"):
         raise TypeError(
-            f"probs must be a probability vector, got a {type(probs).__name__}: pass its .probs (e.g. "
-            "leverage_scores(F, return_info=True).probs)."
+            f"{name} must be a vector of one value per point, got a {type(probs).__name__}: pass its .probs "
+            "(e.g. leverage_scores(F, return_info=True).probs)."
         )
     return jnp.asarray(probs) if isinstance(probs, list | tuple) else probs
 

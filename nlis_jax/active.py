@@ -46,7 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nlis_jax import _traced as traced
-from nlis_jax._checks import check_bool, check_choice, check_key, check_positive_int, check_real, is_concrete
+from nlis_jax._checks import (
+    as_probs_vector,
+    check_bool,
+    check_choice,
+    check_key,
+    check_positive_int,
+    check_real,
+    is_concrete,
+)
 from nlis_jax._dual import dual_matrix
 from nlis_jax._precision import at_least_float32
 from nlis_jax._sampling import priority_reachable, sample
@@ -163,7 +171,7 @@ def _check_alpha(alpha) -> float:
 def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
     """Shape and value checks of ``(scores, labelled, alpha)``; returns ``(pool size or -1, scores,
     alpha as a float)``."""
-    scores = jnp.asarray(scores)
+    scores = jnp.asarray(as_probs_vector(scores, "scores"))
     labelled = jnp.asarray(labelled)
     if scores.ndim != 1 or scores.shape[0] == 0:
         raise ValueError(f"scores must be a non-empty (n,) vector, got shape {scores.shape}.")
@@ -460,7 +468,7 @@ def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarr
 
 def _pool_scores(scores_fn, params, xs, n: int) -> Array:
     """``scores_fn(params, xs)``, refused (naming ``scores_fn``) unless one score per point, ``(n,)``."""
-    scores = scores_fn(params, xs)
+    scores = as_probs_vector(scores_fn(params, xs), "scores_fn(params, xs)")
     if jnp.shape(scores) != (n,):
         raise ValueError(
             f"scores_fn must return one score per point of xs: expected shape ({n},), got shape "
@@ -474,7 +482,16 @@ def _fit_round(fit_fn, params, xs, labels, weights, order, capacity):
     rows = np.zeros((capacity,), np.int64)
     rows[: order.size] = order
     w = jnp.where(jnp.arange(capacity) < order.size, jnp.asarray(weights)[rows], 0)
-    return fit_fn(params, xs[rows], jnp.asarray(labels[rows]), w)
+    fitted = fit_fn(params, xs[rows], jnp.asarray(labels[rows]), w)
+    # the leaves' shapes, not the tree structure: a Flax fit may turn a dict into a FrozenDict
+    want, got = (tuple(jnp.shape(leaf) for leaf in jax.tree.leaves(t)) for t in (params, fitted))
+    if want != got:  # e.g. the FitResult itself: it failed one round later, as an apply_fn error
+        hint = ": return its .params" if hasattr(fitted, "params") else ""
+        raise ValueError(
+            f"fit_fn must return the fitted params, with leaves of the shapes of params {want}; got a "
+            f"{type(fitted).__name__} with leaves of shapes {got}{hint}."
+        )
+    return fitted
 
 
 @traced.entry

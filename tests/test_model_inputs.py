@@ -324,6 +324,41 @@ def test_active_learning_key_and_scores_fn():
     np.testing.assert_array_equal(result.labels[result.order], YS[result.order])
 
 
+def test_active_learning_names_a_leverage_or_a_fit_result_where_arrays_belong():
+    """A Leverage (return_info=True) given as scores to query / pool_probabilities, or returned by
+    scores_fn, failed with JAX's "Cannot concatenate arrays with different numbers of dimensions" or numpy's
+    "setting an array element with a sequence"; a fit_fn returning the FitResult (not its .params) failed a
+    round later as an apply_fn error about the layout of xs. Each is now named, as sample names a Leverage."""
+    info = nj.leverage_scores(jnp.asarray(XS), return_info=True)
+    mask = np.zeros(N, bool)
+    with pytest.raises(
+        TypeError, match=r"scores must be a vector of one value per point, got a Leverage: pass"
+    ):
+        nj.query(jax.random.key(0), info, mask, 2)
+    with pytest.raises(TypeError, match=r"scores must be a vector of one value per point, got a Leverage"):
+        nj.active.pool_probabilities(info, mask)
+    match = r"scores_fn\(params, xs\) must be a vector of one value per point, got a Leverage"
+    with pytest.raises(TypeError, match=match):
+        _loop(jax.random.key(0), lambda p, x: nj.leverage_scores(jnp.asarray(x), return_info=True))
+    params = {"w": W, "b": np.asarray(0.5)}
+    config = nj.ActiveConfig(seed_size=2, batch=2, rounds=1)
+
+    def fit_fn(p, x, y, w):  # the whole FitResult, as a user who forgets .params writes it
+        return nj.fit(linear, p, x, y, w, optimizer=optax.sgd(0.01), num_steps=2)
+
+    match = r"fit_fn must return the fitted params, .* got a FitResult .*: return its \.params"
+    with pytest.raises(ValueError, match=match):
+        nj.active_learning(
+            jax.random.key(0),
+            params,
+            XS,
+            lambda i: YS[i],
+            fit_fn=fit_fn,
+            scores_fn=lambda p, x: jnp.ones(N),
+            config=config,
+        )
+
+
 # --- the streaming and projected paths: the dual rows are computed inside the library's own programs ---
 
 SQ = {"w": np.array([1.0, 0.5])}
