@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nlis_jax import _traced as traced
 from nlis_jax._adjoint import check_model, count_bad_examples, flatten_model, nonfinite_adjoint
@@ -23,7 +24,6 @@ from nlis_jax._checks import (
     check_floating,
     check_leading_axis,
     check_real,
-    check_same_length,
     is_concrete,
     report_nonfinite,
 )
@@ -111,8 +111,27 @@ def difference_quotient(g: Callable[[Array], Array], z: Array) -> Array:
     also right for a ``g`` with a kink at 0 (relu, leaky relu, abs), where a Taylor series at 0 is not
     (it gave 0 for ``relu`` at ``z = 1e-5``). ``g'`` comes from ``jax.grad``; the ``where`` calls keep
     gradients of the result finite.
+
+    Args:
+      g: a scalar function, elementwise on arrays (e.g. ``jnp.tanh``), differentiable by ``jax.grad``.
+      z: floating-point array of any shape; finite (checked when concrete).
+
+    Returns:
+      Array of ``z``'s shape and dtype.
+
+    Raises:
+      TypeError: ``g`` not callable, or ``z`` not floating point.
+      ValueError: ``z`` (concrete) holds NaN or Inf.
     """
-    z = jnp.asarray(z)
+    if not callable(g):
+        raise TypeError(f"g must be a callable scalar function (e.g. jnp.tanh), got {type(g).__name__}.")
+    check_finite_each(("z", z))
+    check_floating("z", z)
+    return _difference_quotient(g, jnp.asarray(z))
+
+
+def _difference_quotient(g: Callable[[Array], Array], z: Array) -> Array:
+    """:func:`difference_quotient` without its input checks (the library's own calls)."""
     dtype = z.dtype
     eps = jnp.finfo(dtype).eps
     g0 = g(jnp.zeros((), dtype))
@@ -151,6 +170,14 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
         raise TypeError(
             f"phi must be a callable scalar activation (e.g. jnp.tanh), got {type(phi).__name__}."
         )
+    for name, value in (("theta", theta), ("xs", xs)):  # a pytree: numpy's "entry not a 2- or 3- tuple"
+        if isinstance(value, Mapping) or (
+            isinstance(value, list | tuple) and any(np.ndim(leaf) for leaf in jax.tree.leaves(value))
+        ):
+            raise TypeError(
+                f"{name} must be one array (the single-index model is phi(<theta, x>), one weight per "
+                f"feature), got a {type(value).__name__}; for a pytree of parameters use nj.adjoint."
+            )
     # before the cast: float64 values past float32's range named as such
     check_finite_each(("theta", theta), ("xs", xs))
     theta, xs = jnp.asarray(theta), jnp.asarray(xs)
@@ -159,7 +186,11 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
     if xs.ndim != 2:
         raise ValueError(f"xs must be a matrix of shape (n, d), got shape {xs.shape}.")
     check_leading_axis("xs", xs)
-    check_same_length("theta (d)", theta.shape[0], "xs columns", xs.shape[1])
+    if theta.shape[0] != xs.shape[1]:
+        raise ValueError(
+            f"theta has {theta.shape[0]} weights but xs has {xs.shape[1]} columns (features): they must "
+            "agree."
+        )
     check_floating("theta", theta)
     check_floating("xs", xs)
     check_finite_each(("theta", theta), ("xs", xs))
@@ -185,7 +216,7 @@ def _check_elementwise(name: str, fn: Callable, n: int, dtype) -> None:
 @functools.partial(jax.jit, static_argnames=("phi", "out_dtype"))
 @highest_precision
 def _single_index_jit(phi, theta, xs, out_dtype):
-    adj = (difference_quotient(phi, xs @ theta)[:, None] * xs).astype(out_dtype)
+    adj = (_difference_quotient(phi, xs @ theta)[:, None] * xs).astype(out_dtype)
     return adj, count_bad_examples(adj)
 
 
@@ -237,7 +268,7 @@ def _homogeneous_jit(h_fn, params, xs, degree, g):
     if g is None:
         coef = jnp.full_like(h, 1.0 / degree)
     else:
-        coef = difference_quotient(g, h) / degree
+        coef = _difference_quotient(g, h) / degree
     adj = (coef[:, None] * grad_h).astype(model.theta.dtype)  # the params' dtype, as nj.adjoint
     return adj, count_bad_examples(adj)
 

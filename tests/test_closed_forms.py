@@ -137,6 +137,24 @@ def test_difference_quotient_keeps_the_direct_form_past_a_kink():
     np.testing.assert_allclose(got, (z - 0.3) / z, rtol=1e-13)
 
 
+def test_difference_quotient_names_bad_input():
+    """It had no checks: an integer z failed with numpy's "data type int32 not inexact", a non-callable g
+    with "'int' object is not callable", and a NaN z gave NaN silently."""
+    dq = nj.closed_forms.difference_quotient
+    with pytest.raises(TypeError, match=r"z must hold floating-point arrays, got dtype int"):
+        dq(jnp.tanh, np.array([0, 1]))
+    with pytest.raises(
+        TypeError, match=r"g must be a callable scalar function \(e\.g\. jnp\.tanh\), got int"
+    ):
+        dq(3, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"z contains 1 NaN or Inf"):
+        dq(jnp.tanh, np.array([np.nan, 1.0]))
+    z = np.array([0.0, 0.5, -2.0])
+    want = np.array([1.0, np.tanh(0.5) / 0.5, np.tanh(2.0) / 2.0])  # tanh'(0) = 1; tanh odd
+    np.testing.assert_allclose(dq(jnp.tanh, z), want, rtol=1e-15)
+    np.testing.assert_allclose(jax.jit(functools.partial(dq, jnp.tanh))(z), want, rtol=1e-15)  # traced z
+
+
 def _relu_net(params, x):
     """Bias-free 3-layer ReLU network: positively homogeneous of degree 3 in all its weights."""
     w1, w2, w3 = params

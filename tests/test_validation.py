@@ -73,8 +73,20 @@ def test_shape_mismatches():
         nj.dual_operator(apply_fn, params, xs, ys[:, None])
     with pytest.raises(ValueError, match=r"xs has 12 examples but another leaf of xs has 11"):
         nj.adjoint(lambda p, x: apply_fn(p, x["a"]) * x["b"], params, {"a": xs, "b": ys[:-1]})
-    with pytest.raises(ValueError, match=r"theta \(d\) has 3 examples but xs columns has 4"):
+    # was "theta (d) has 3 examples but xs columns has 4": they are weights and features
+    with pytest.raises(ValueError, match=r"theta has 3 weights but xs has 4 columns \(features\)"):
         nj.single_index_adjoint(jnp.tanh, np.ones(3), np.ones((N, 4)))
+    # a pytree theta failed inside numpy ("entry not a 2- or 3- tuple")
+    for theta in ({"w": np.ones(3)}, [np.ones(3)]):
+        with pytest.raises(
+            TypeError, match=r"theta must be one array .* for a pytree of parameters use nj\.adj"
+        ):
+            nj.single_index_adjoint(jnp.tanh, theta, np.ones((N, 3)))
+    np.testing.assert_allclose(  # a list of numbers is one array
+        nj.single_index_adjoint(jnp.tanh, [0.1, 0.2, 0.3], np.ones((N, 3))),
+        nj.single_index_adjoint(jnp.tanh, np.array([0.1, 0.2, 0.3]), np.ones((N, 3))),
+        rtol=0,
+    )
     with pytest.raises(ValueError, match=r"theta must be a vector of shape \(d,\)"):
         nj.single_index_adjoint(jnp.tanh, np.ones((3, 1)), np.ones((N, 3)))
     with pytest.raises(ValueError, match=r"ys must have shape \(12,\) to match xs"):
