@@ -421,17 +421,17 @@ def _scatter(state: _State, idx, bucket: _State) -> _State:
     return jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), state, bucket)
 
 
-_scatter_jit = jax.jit(_scatter, donate_argnums=0)
+_scatter_jit = traced_checks_state.jit(_scatter, donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("g", "check", "chunk"))
+@functools.partial(traced_checks_state.jit, static_argnames=("g", "check", "chunk"))
 @highest_precision
 def _first_pass_jit(g, check, params, data, *, chunk):
     directions = _directions(g, params, data)
     return _first_pass(g, check, params, data, directions, n=_num_examples(data), chunk=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("g", "check", "max_panels", "depth"))
+@functools.partial(traced_checks_state.jit, static_argnames=("g", "check", "max_panels", "depth"))
 @highest_precision
 def _refine_jit(g, check, params, data, first, idx, rtol, check_tol, *, max_panels, depth):
     directions = _directions(g, params, data)
@@ -458,7 +458,9 @@ def _traced(g, check, params, data, rtol, check_tol, *, chunk, max_panels, depth
 
 
 #: :func:`_traced` compiled on its own, for global arrays that span several processes.
-_traced_jit = jax.jit(_traced, static_argnames=("g", "check", "chunk", "max_panels", "depth", "bucket"))
+_traced_jit = traced_checks_state.jit(
+    _traced, static_argnames=("g", "check", "chunk", "max_panels", "depth", "bucket")
+)
 
 
 def _num_examples(data: PyTree) -> int:

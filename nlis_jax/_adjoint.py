@@ -219,7 +219,7 @@ def _leaf_shapes(name: str, tree: PyTree, limit: int = 12) -> str:
     return ", ".join(parts) + more
 
 
-@jax.jit
+@traced.jit
 def _count_unfit(ys, like, tiny, big):
     """``(past the range, flushed to 0, at least big)``: entries of ``ys`` that become Inf cast to
     ``like``'s dtype, non-zero entries below its smallest normal number ``tiny``, and entries of magnitude
@@ -617,14 +617,14 @@ def narrowest_rtol(dtype, params: PyTree) -> float:
     return max(default_rtol(d) for d in [jnp.dtype(dtype), *dtypes] if jnp.issubdtype(d, jnp.floating))
 
 
-@jax.jit
+@traced.jit
 def _narrow(adj, like):
     """``adj`` cast to ``like``'s dtype, and the number of examples that overflow there."""
     narrow = adj.astype(like.dtype)
     return narrow, count_bad_examples(narrow)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
+@functools.partial(traced.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
 def _adjoint_jit(apply_fn, params, xs, *, num_nodes, mode, chunk_size):
     """Adjoints by a fixed rule, and the number of examples whose adjoint, ``f(0)`` or ``f(θ)`` is NaN or

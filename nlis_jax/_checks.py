@@ -96,7 +96,7 @@ def _count_nonfinite(x):
     return jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x))
 
 
-@jax.jit
+@traced.jit
 def _count_nonfinite_each(leaves: list) -> list:
     """:func:`_count_nonfinite` of each array, in one program."""
     return [_count_nonfinite(x) for x in leaves]
@@ -259,7 +259,7 @@ def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
     return nonfinite
 
 
-@jax.jit
+@traced.jit
 def _min_max(x):
     return jnp.min(x), jnp.max(x)
 
@@ -274,7 +274,7 @@ def value_range(x) -> tuple:
         return tuple(_min_max(jnp.asarray(x)))
 
 
-@jax.jit
+@traced.jit
 def _count_negative(x):
     return jnp.count_nonzero(x < 0)
 
@@ -377,7 +377,7 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {sorted(allowed)}.")
 
 
-@jax.jit
+@traced.jit
 def _probs_summary(p):
     """``(#non-finite, #negative, min, sum in float64 where enabled, #positive)`` in one reduction pass."""
     finite = jnp.isfinite(p)

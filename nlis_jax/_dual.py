@@ -109,7 +109,7 @@ def dual_matrix(
     return dual
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
+@functools.partial(traced.jit, static_argnames=("apply_fn", "num_nodes", "mode", "chunk_size"))
 @highest_precision
 def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, chunk_size):
     """The dual matrix by a fixed rule, and the numbers of examples with a NaN or Inf adjoint and offset."""
@@ -118,7 +118,7 @@ def _dual_matrix_jit(apply_fn, params, xs, ys, *, num_nodes, mode, chunk_size):
     return dual, count_bad_examples(dual[..., :-1]), count_bad_examples(dual[..., -1])
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
+@functools.partial(traced.jit, static_argnames=("apply_fn",))
 def _append_offset_jit(apply_fn, params, xs, ys, adj):
     """``[adj | f(0) − y]``, and the number of examples whose offset is NaN or Inf."""
     offset = _offset_column(flatten_model(apply_fn, params, xs), xs, ys).astype(adj.dtype)
@@ -171,7 +171,7 @@ def _rounded(product, like):
     return out, jnp.all(jnp.isfinite(out))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
+@functools.partial(traced.jit, static_argnames=("apply_fn",))
 @highest_precision
 def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
     theta, outputs = _path_outputs(apply_fn, params, xs)
@@ -180,7 +180,7 @@ def _dual_mv(apply_fn, params, xs, offset, nodes, weights, v):
     return _rounded(jnp.tensordot(weights, tangents, axes=1) + offset * w[p], v)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
+@functools.partial(traced.jit, static_argnames=("apply_fn",))
 @highest_precision
 def _dual_rmv(apply_fn, params, xs, offset, nodes, weights, u):
     theta, outputs = _path_outputs(apply_fn, params, xs)
@@ -268,7 +268,7 @@ def _operand(method: str, kind: str, name: str, a, shape: tuple[int, ...], dtype
     return jnp.asarray(a, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
+@functools.partial(traced.jit, static_argnames=("apply_fn",))
 @highest_precision
 def _operator_data(apply_fn, params, xs, ys):
     """``([θ; 1], f(0) − y)`` of the operator, flattened under the trace, and the number of examples whose

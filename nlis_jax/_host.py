@@ -620,7 +620,7 @@ def _values(carry, rows, bad, args, kernel):
     return values, (total + jnp.sum(values), count + bad.astype(count.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("combine", "kernel", "blocked", *STATIC))
+@functools.partial(traced.jit, static_argnames=("combine", "kernel", "blocked", *STATIC))
 @highest_precision
 def _fused_step(apply_fn, params, carry, piece, valid, args, *, combine, kernel, blocked, num_nodes, mode):
     """A step with a fixed rule: the dual rows and ``combine`` (:func:`_reduce`, :func:`_checked`,
@@ -642,14 +642,14 @@ def _fused_step(apply_fn, params, carry, piece, valid, args, *, combine, kernel,
     return (values, carry) if combine is _values else carry
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(traced.jit, static_argnames=STATIC)
 @highest_precision
 def _rows_step(apply_fn, params, piece, valid, *, num_nodes, mode):
     """:func:`_rows` as a program of its own, shared by every pass (the adaptive rule)."""
     return _rows(apply_fn, params, piece, valid, num_nodes, mode)
 
 
-@functools.partial(jax.jit, static_argnames=("combine", "kernel"))
+@functools.partial(traced.jit, static_argnames=("combine", "kernel"))
 @highest_precision
 def _kernel_step(carry, rows, bad, args, *, combine, kernel):
     """``combine`` of the rows of :func:`_rows_step`: a small program per pass."""
@@ -951,7 +951,7 @@ def divide_in_place(vec: np.ndarray, total, chunk: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- losses
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(traced.jit, static_argnums=(0, 1, 2))
 def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     """Per-example losses of a piece ``(x, y, w)`` (padding rows 0), the weighted sum and bad count."""
     xc, yc, wc = piece

@@ -137,7 +137,8 @@ def gaussian_embedding(key: PRNGKey, m: int, dim: int, dtype) -> Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("apply_fn", "dim", "chunk_size", "num_nodes", "mode", "embedding", "sparsity")
+    traced.jit,
+    static_argnames=("apply_fn", "dim", "chunk_size", "num_nodes", "mode", "embedding", "sparsity"),
 )
 @highest_precision
 def _projected_jit(key, apply_fn, params, xs, ys, *, dim, chunk_size, num_nodes, mode, embedding, sparsity):
@@ -315,8 +316,8 @@ def _check_not_blocks(xs, ys) -> None:
         )
 
 
-_count_bad_jit = jax.jit(count_bad_examples)
-_all_finite_jit = jax.jit(lambda a: jnp.all(jnp.isfinite(a)))
+_count_bad_jit = traced.jit(count_bad_examples)
+_all_finite_jit = traced.jit(lambda a: jnp.all(jnp.isfinite(a)))
 
 
 @traced.entry

@@ -111,7 +111,7 @@ def _replicated(probs) -> jax.sharding.NamedSharding | None:
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "replicated"))
+@functools.partial(traced.jit, static_argnames=("num_samples", "replicated"))
 def _sample_with_replacement(key, probs, num_samples, replicated=None):
     n = probs.shape[0]
     # at least float32 (s·p_i overflows float16 from s ≈ 65,520); weights from the normalised vector,
@@ -144,7 +144,7 @@ def priority_reachable(probs):
     return p, p >= jnp.finfo(wide).tiny
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
+@functools.partial(traced.jit, static_argnames=("num_samples",))
 def _sample_priority(key, probs, num_samples):
     n = probs.shape[0]
     p_all, reach = priority_reachable(probs)
@@ -295,7 +295,7 @@ def _check_rank(rank) -> int:
     return check_positive_int("rank", rank)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
+@functools.partial(traced.jit, static_argnames=("k",))
 @highest_precision
 def _distortion_from_basis(U, indices, weights, k):
     """``‖U_Sᵀ W U_S − I‖₂`` with ``U`` the basis rows ``(n·k, m)`` (or ``(n, k, m)``) of ``n`` examples of

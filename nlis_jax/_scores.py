@@ -170,7 +170,7 @@ def orthonormal_basis(
     return U_out, rank, taken
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
+@functools.partial(traced.jit, static_argnames="dtype")
 def _finish_basis(U: Array, rank: Array, dtype) -> tuple[Array, Array]:
     """``U``'s columns in ``dtype``, the orthonormal ones first (a stable order: the Gram routes leave the
     zero column of an all-zero input column where that column was, so the first ``rank`` columns missed a
@@ -257,7 +257,7 @@ def leverage_scores(
     return Leverage(probs, h_out, rank, taken) if return_info else probs
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
+@functools.partial(traced.jit, static_argnames="dtype")
 def _finish_leverage(h: Array, rank: Array, dtype) -> tuple[Array, Array, Array]:
     """The end of :func:`leverage_scores` as one program: the probabilities ``h / Σh`` and ``h`` in
     ``dtype``, and :func:`output_status`.
@@ -313,7 +313,7 @@ def check_flushed_columns(rows: Array) -> None:
         )
 
 
-@jax.jit
+@traced.jit
 def _flushed_columns(rows: Array) -> Array:
     """``(m,)`` bool: the column has a non-zero value and all of them are subnormal. On the values' bits
     (integer comparisons, which no device flushes: ``jnp.abs`` of a subnormal is 0 on a CPU)."""
@@ -345,7 +345,7 @@ def norm_scores(F: Array) -> Array:
     return (sq / total).astype(input_dtype(F))
 
 
-@functools.partial(jax.jit, static_argnames=("lead",))
+@functools.partial(traced.jit, static_argnames=("lead",))
 def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
     """Squared (block) row norms of ``rows · 2^-e``, ``2^e`` near the max-abs: squares cannot overflow."""
     _, e = jnp.frexp(jnp.max(jnp.abs(rows)))
@@ -381,7 +381,7 @@ def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> 
     return _design(xs, ys, bias=bias)
 
 
-@functools.partial(jax.jit, static_argnames="bias")
+@functools.partial(traced.jit, static_argnames="bias")
 def _design(xs: Array, ys: Array | None, *, bias: bool) -> Array:
     """``[X, 1?, −y?]`` in one program (``ys`` already in ``xs``'s dtype)."""
     X = xs.reshape(xs.shape[0], -1)
@@ -468,7 +468,7 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
     return _mix(probs, alpha)
 
 
-@jax.jit
+@traced.jit
 def _mix(probs: Array, alpha) -> Array:
     """``(1 − α)·p + α/n`` in one program, ``α`` in ``probs``' dtype (not ``alpha``'s)."""
     alpha = jnp.asarray(alpha).astype(probs.dtype)

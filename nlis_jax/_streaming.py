@@ -120,7 +120,7 @@ def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> 
     return Chunks(reduce, reduce, scores, transform), model
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
+@functools.partial(traced.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
 @highest_precision
 def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
@@ -256,7 +256,7 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
     return Leverage(out, None, rank, taken) if return_info else out
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode"))
+@functools.partial(traced.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode"))
 @highest_precision
 def _norm_jit(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode):
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)

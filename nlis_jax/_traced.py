@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import threading
 
+import jax
 from jax.experimental import checkify
 
 _STATE = threading.local()
@@ -34,12 +34,11 @@ _STATE = threading.local()
 def traced_checks():
     """Within this block, nlis_jax's value checks on traced arrays emit ``checkify.check``.
 
-    The state is read while nlis_jax's own ``jax.jit`` functions trace (a user's model with a traced
-    ``bounded_swish`` parameter, say), and is not part of their cache keys: entering and leaving the
-    block therefore clears those functions' caches (:func:`_clear_library_caches`), so that a program
-    traced with checks is never reused without them (``checkify`` refuses it) nor one traced without
-    them inside the block (the checks would be skipped silently). Turning the checks on or off costs a
-    retrace of the library's programs, not of the user's.
+    The state is per thread, and read while nlis_jax's own ``jax.jit`` functions trace (a user's model
+    with a traced ``bounded_swish`` parameter, say). Each of those functions keeps one program cache per
+    state (:func:`jit`), so a program traced with checks is never reused without them (``checkify``
+    refuses it) nor one traced without them inside the block (the checks would be skipped silently), on
+    this thread or another; turning the checks on costs one more trace of the library's programs, once.
     """
     with _checks_on(True):
         yield
@@ -47,29 +46,65 @@ def traced_checks():
 
 @contextlib.contextmanager
 def _checks_on(on: bool):
-    """The checks' state set to ``on`` on this thread for the block, the library's program caches cleared
-    on entering and on leaving when that changes the state (:func:`traced_checks`, :func:`suspended`)."""
+    """The checks' state set to ``on`` on this thread for the block (:func:`traced_checks`,
+    :func:`suspended`), the previous state restored on leaving it."""
     previous = enabled()
-    if previous != on:
-        _clear_library_caches()
     _STATE.on = on
     try:
         yield
     finally:
         _STATE.on = previous
-        if previous != on:
-            _clear_library_caches()
 
 
-def _clear_library_caches() -> None:
-    """Clear the caches of every module-level ``jax.jit`` function of nlis_jax's loaded modules."""
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "nlis_jax" or name.startswith("nlis_jax.")):
-            continue
-        for obj in list(vars(module).values()):
-            clear = getattr(obj, "clear_cache", None)
-            if callable(clear) and callable(getattr(obj, "lower", None)):  # a jax.jit function
-                clear()
+class jit:  # noqa: N801 - used as jax.jit is
+    """``jax.jit(fn, **kwargs)`` with one compiled-program cache per state of the checks.
+
+    The library's module-level jitted functions use it instead of ``jax.jit``: the state of the checks
+    (per thread) is read while they trace and is not part of ``jax.jit``'s cache key, so one shared
+    cache let a call outside :func:`traced_checks` (on any thread) reuse a program traced with checks
+    ("Cannot abstractly evaluate a checkify.check which was not functionalized") or a ``checkify`` trace
+    reuse one traced without them (the checks skipped silently). The attributes of ``jax.jit``'s
+    function (``lower``, ``trace``, ``eval_shape``) are those of the current state's copy;
+    ``clear_cache`` clears both.
+    """
+
+    def __init__(self, fn, **kwargs):
+        self._fn, self._kwargs = fn, kwargs
+        self._jitted = {}
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, fn)
+
+    def _current(self):
+        on = enabled()
+        jitted = self._jitted.get(on)
+        if jitted is None:
+            with self._lock:
+                jitted = self._jitted.get(on)
+                if jitted is None:  # a function object of its own: jax caches traces by function
+                    jitted = self._jitted[on] = jax.jit(_copy_of(self._fn), **self._kwargs)
+        return jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_fn", "_kwargs", "_jitted", "_lock"):
+            raise AttributeError(name)
+        return getattr(self._current(), name)
+
+    def clear_cache(self) -> None:
+        for jitted in list(self._jitted.values()):
+            jitted.clear_cache()
+
+
+def _copy_of(fn):
+    """A new function object calling ``fn`` (with its name, docstring and signature)."""
+
+    @functools.wraps(fn)
+    def copy(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return copy
 
 
 @contextlib.contextmanager
@@ -77,9 +112,7 @@ def suspended():
     """The checks off on this thread while a library function called eagerly compiles and runs its own
     programs: no user's ``checkify`` wraps those, so a traced check there could only fail ("Cannot
     abstractly evaluate a checkify.check which was not functionalized"); their values are checked on
-    the host instead. Inside :func:`traced_checks` the library's program caches are cleared on entering
-    (a program traced with checks under a ``checkify`` cannot run eagerly) and on leaving (one traced
-    without them must not be reused by a ``checkify`` trace): eager calls inside the block recompile."""
+    the host instead, by the programs of the state without checks (:func:`jit`)."""
     with _checks_on(False):
         yield
 

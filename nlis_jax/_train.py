@@ -229,8 +229,8 @@ def weighted_sum(apply_fn, loss_fn, params, xs, ys, weights, chunk_size=None, *,
     return total if wide else total.astype(losses.dtype)
 
 
-_weighted_sum_jit = jax.jit(weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size", "wide"))
-_per_example_jit = jax.jit(per_example_losses, static_argnums=(0, 1), static_argnames=("chunk_size",))
+_weighted_sum_jit = traced.jit(weighted_sum, static_argnums=(0, 1), static_argnames=("chunk_size", "wide"))
+_per_example_jit = traced.jit(per_example_losses, static_argnums=(0, 1), static_argnames=("chunk_size",))
 
 
 def _check_data(params: PyTree, xs, ys, weights) -> int:
@@ -663,7 +663,7 @@ def _guarded_step(step, projection, data, batch_size, dtype):
 
 
 @functools.partial(
-    jax.jit,
+    traced.jit,
     static_argnames=("apply_fn", "optimizer", "static_projection", "loss_fn", "batch_size", "segment_len"),
 )
 def _segment(
@@ -884,7 +884,7 @@ def _plan(loss_fn, n: int, num_steps, batch_size, key, progress, num_segments) -
     )
 
 
-@functools.partial(jax.jit, static_argnames=("static", "optimizer"))
+@functools.partial(traced.jit, static_argnames=("static", "optimizer"))
 def _start(params, dyn_projection, opt_state, *, static, optimizer) -> TrainState:
     """The projected start point and the optimizer state (``optimizer.init`` unless given), in one
     compiled program (eagerly, a projection and an ``init`` are a dozen small programs)."""

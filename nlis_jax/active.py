@@ -217,7 +217,7 @@ def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) ->
     return _pool_probs(jnp.asarray(scores), jnp.asarray(labelled), alpha)
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "strategy", "replace"))
+@functools.partial(traced.jit, static_argnames=("batch", "strategy", "replace"))
 def _query(key, scores, labelled, alpha, *, batch, strategy, replace):
     probs = _pool_probs(scores, labelled, alpha.astype(scores.dtype))
     if strategy == "topk":  # by the scores themselves: rounded or underflowed probabilities tie
@@ -346,7 +346,7 @@ def record(state: ActiveState, chosen: Query) -> ActiveState:
     return _record(state, chosen)
 
 
-@jax.jit
+@traced.jit
 def _record(state: ActiveState, chosen: Query) -> ActiveState:
     b = chosen.indices.shape[0]
     dtype = state.mass.dtype
@@ -358,7 +358,7 @@ def _record(state: ActiveState, chosen: Query) -> ActiveState:
     return ActiveState(labelled, mass, labelled_at, draws)
 
 
-@jax.jit
+@traced.jit
 def estimator_weights(state: ActiveState) -> Array:
     r"""``(n,)`` weights :math:`w_i = (m_i + S - S_{r(i)})/S` on labelled points, 0 elsewhere.
 

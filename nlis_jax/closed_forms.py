@@ -213,7 +213,7 @@ def _check_elementwise(name: str, fn: Callable, n: int, dtype) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("phi", "out_dtype"))
+@functools.partial(traced.jit, static_argnames=("phi", "out_dtype"))
 @highest_precision
 def _single_index_jit(phi, theta, xs, out_dtype):
     adj = (_difference_quotient(phi, xs @ theta)[:, None] * xs).astype(out_dtype)
@@ -260,7 +260,7 @@ def homogeneous_adjoint(
     return adj
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@functools.partial(traced.jit, static_argnums=(0, 4))
 @highest_precision
 def _homogeneous_jit(h_fn, params, xs, degree, g):
     model = flatten_model(h_fn, params, xs)

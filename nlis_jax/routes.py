@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nlis_jax import _traced as traced
 from nlis_jax._checks import check_choice, check_finite, check_floating, check_tolerances, is_concrete
 from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_cpu
 from nlis_jax._precision import at_least_float32, highest_precision
@@ -321,7 +322,7 @@ def full_rank_for(ratio: Array, rtol) -> Array:
     return ratio >= jnp.square(2 * jnp.asarray(rtol, ratio.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("route",))  # called alone, it reuses its compiled program
+@functools.partial(traced.jit, static_argnames=("route",))  # called alone, it reuses its compiled program
 @highest_precision
 def decide(G: Array, route: str | None = None, rtol: Array | None = None) -> GramDecision:
     """The route (chosen from ``κ(G_eq)`` and ``rtol``, or forced by name) and the Cholesky transform
@@ -364,7 +365,7 @@ def fast_route_ratio_min(route: str, dtype) -> float:
     return 1000 * float(jnp.finfo(dtype).eps)
 
 
-@jax.jit
+@traced.jit
 @highest_precision
 def refine_transform(G2: Array) -> Array:
     """``M₂`` of one CholeskyQR step: ``U₁ M₂`` is orthonormal to ``O(eps)`` given ``G2 = U₁ᵀU₁``.
@@ -378,7 +379,7 @@ def refine_transform(G2: Array) -> Array:
     return jnp.where(ok, lower_inverse_t(jnp.where(ok, L, eye)) / d[:, None], eye)
 
 
-@jax.jit
+@traced.jit
 @highest_precision
 def stable_transform(R: Array, scale: Array, rtol: Array) -> tuple[Array, Array]:
     """``(M, rank)`` from an R factor of ``A``: ``A D⁻¹ = Q (R D⁻¹) = Q W S Vᵀ``, ``M = D⁻¹ V S⁻¹``.
@@ -595,7 +596,7 @@ def _no_start(eye: Array) -> CholeskyStart:
     return CholeskyStart(eye, jnp.ones((), eye.dtype), jnp.asarray(False))
 
 
-@functools.partial(jax.jit, static_argnames=("row_norms",))
+@functools.partial(traced.jit, static_argnames=("row_norms",))
 @highest_precision
 def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
     """Rows ``A`` mapped to the basis, ``(A first) second`` (or their squared norms)."""
@@ -674,7 +675,7 @@ def basis(
     return _basis(A, rtol, route, row_norms)
 
 
-@functools.partial(jax.jit, static_argnames=("route", "row_norms"))
+@functools.partial(traced.jit, static_argnames=("route", "row_norms"))
 @highest_precision
 def _basis(A: Array, rtol: Array, route: str | None, row_norms: bool) -> tuple[Array, Array, Array]:
     if A.shape[0] < A.shape[1]:
@@ -890,7 +891,7 @@ def row_leverage(A: Array, rtol: float | Array, lead: tuple[int, ...], route: st
     return _row_leverage(A, rtol, lead, route)
 
 
-@functools.partial(jax.jit, static_argnames=("lead", "route"))
+@functools.partial(traced.jit, static_argnames=("lead", "route"))
 @highest_precision
 def _row_leverage(A: Array, rtol: Array, lead: tuple[int, ...], route: str | None = None):
     h, rank, taken = basis(A, rtol, route=route, row_norms=True)
@@ -937,25 +938,25 @@ def staged_sketched_leverage(A: Array, rtol: Array, route: str | None) -> tuple[
 HOST_FLOAT64_GRAM = True
 
 
-@jax.jit
+@traced.jit
 @highest_precision
 def _ill_conditioned(A: Array) -> Array:
     return columns_show_ill_conditioning(A)
 
 
-@jax.jit
+@traced.jit
 @highest_precision
 def _sketched_rows(A: Array, rtol: Array) -> tuple[Array, Array, Array]:
     return sketched_rows(A, rtol, True)
 
 
-@functools.partial(jax.jit, static_argnames=("route",))
+@functools.partial(traced.jit, static_argnames=("route",))
 @highest_precision
 def _gram_leverage(A: Array, rtol: Array, route: str | None) -> tuple[Array, Array, Array]:
     return gram_basis(A, rtol, route, True)
 
 
-@functools.partial(jax.jit, static_argnames=("lead",))
+@functools.partial(traced.jit, static_argnames=("lead",))
 @highest_precision
 def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
     """``(probs, h, eff_dim, total)``: ridge leverage ``h`` of the rows of ``A`` summed per example, its

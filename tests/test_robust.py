@@ -7,6 +7,7 @@ independent rows is 1 each; leverage is invariant under column scaling) or an ex
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import COMPILE_EVENT, count_events
 from jax.experimental import checkify
 
 import nlis_jax as nj
@@ -483,6 +485,51 @@ def test_traced_checks_never_reuse_a_trace_of_the_other_state(plain_first):
     assert F.shape == (8, 5) and np.all(np.isfinite(F))
 
 
+@pytest.mark.parametrize("plain_first", [True, False])
+def test_traced_checks_on_one_thread_leave_other_threads_alone(plain_first):
+    """The state is per thread but the library's program caches were shared: a plain call on thread B
+    while thread A was inside traced_checks() made A's checkify call skip its check silently (err None
+    for zeta = -1), a checked trace on A made B's plain call fail ('checkify.check which was not
+    functionalized'), and A's eager calls cleared the caches under B, which recompiled every call. Each
+    compiled function now keeps one cache per state."""
+    xs = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    good = {"w": np.ones(3, np.float32), "zeta": np.float32(1.0)}
+    bad = {"w": np.ones(3, np.float32), "zeta": np.float32(-1.0)}
+    plain = lambda: nj.dual_matrix(_swish_index, good, xs, num_nodes=4)
+    checked = checkify.checkify(
+        lambda p: nj.dual_matrix(_swish_index, p, xs, num_nodes=4), errors=checkify.user_checks
+    )
+    a_inside, b_done, out = threading.Event(), threading.Event(), {}
+
+    def thread_a():
+        with nj.traced_checks():
+            if not plain_first:
+                out["good"] = checked(good)[0].get()
+            a_inside.set()
+            b_done.wait(timeout=120)
+            out["bad"] = checked(bad)[0].get()
+            nj.leverage_scores(np.asarray(plain()))  # eager inside the block: host checks, B's programs
+
+    def thread_b():
+        a_inside.wait(timeout=120)
+        try:
+            out["plain"] = plain()
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            out["plain"] = e
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not isinstance(out["plain"], Exception), out["plain"]
+    np.testing.assert_array_equal(out["plain"], plain())
+    assert "finite zeta >= 0" in out["bad"]
+    if not plain_first:
+        assert out["good"] is None
+
+
 def _tanh_index(t, x):
     return jnp.tanh(x @ t)
 
@@ -517,9 +564,11 @@ def test_eager_calls_inside_traced_checks_give_their_values():
     bad = np.full(20, 2.0 / 20)
     with nj.traced_checks():
         assert "probs must sum to 1" in run_checked(bad)[0].get()
-        for name, call in calls.items():
-            for got, want in zip(jax.tree.leaves(call()), jax.tree.leaves(outside[name]), strict=True):
-                np.testing.assert_array_equal(got, want, err_msg=name)
+        with count_events() as counts:  # the programs of the calls outside (the caches were cleared)
+            for name, call in calls.items():
+                for got, want in zip(jax.tree.leaves(call()), jax.tree.leaves(outside[name]), strict=True):
+                    np.testing.assert_array_equal(got, want, err_msg=name)
+        assert counts[COMPILE_EVENT] == 0
         assert "probs must sum to 1" in run_checked(bad)[0].get()
         assert run_checked(np.full(20, 1.0 / 20))[0].get() is None
 
