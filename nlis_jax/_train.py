@@ -85,6 +85,13 @@ class NonFiniteLossError(FloatingPointError):
         self.state = state
         self.step = step
 
+    def __reduce__(self):  # pickle and copy: the default rebuilt it from args alone (no state, step)
+        return _rebuild_nonfinite_loss_error, (self.args[0], self.state, self.step)
+
+
+def _rebuild_nonfinite_loss_error(message: str, state: TrainState, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(message, state=state, step=step)
+
 
 class FitResult(NamedTuple):
     r"""What :func:`fit` returns.

@@ -6,8 +6,10 @@ KKT conditions. Sizes are tiny (n = 40, p <= 6; one float16 case n = 2000); obje
 compiled function (model, optimizer, loss) are built once at module level so the tests share compiled code.
 """
 
+import copy
 import functools
 import math
+import pickle
 
 import chex
 import jax
@@ -662,6 +664,11 @@ def test_nan_loss_raises_naming_the_step():
     assert float(info.value.state.params["w"][0]) == 7.5
     assert isinstance(info.value, FloatingPointError) and isinstance(info.value.state, TrainState)
     assert info.value.step == 2
+    # pickle (a process pool sends it back to the parent) and copies keep the message, state and step:
+    # they raised "__init__() missing 2 required keyword-only arguments" (BrokenProcessPool in a pool)
+    for again in (pickle.loads(pickle.dumps(info.value)), copy.copy(info.value), copy.deepcopy(info.value)):
+        assert type(again) is nj.NonFiniteLossError and str(again) == str(info.value) and again.step == 2
+        assert float(again.state.params["w"][0]) == 7.5
 
 
 def test_overflow_raises():
