@@ -413,12 +413,11 @@ def adjoint(
         through its ``while_loop`` (a ``ValueError`` says so): differentiate a fixed rule.
       mode: ``"forward"`` (one ``jax.jvp`` per tangent direction, vmapped: ~``p`` passes per node),
         ``"reverse"`` (per-example ``jax.vjp``: ~3 passes per output per node) or ``"auto"`` (forward
-        when ``p <= k/4``, see ``FORWARD_MAX_PARAMS``).
+        when ``p <= k/4``).
       chunk_size: examples per memory chunk (bounds memory at ``chunk_size * k * p`` per node);
         default keeps a chunk under ``2**23`` elements (``2**18``, at least 64 examples, for a fixed
-        rule in reverse mode on a CPU, whose nodes share one reverse pass: see ``_summed_gradient``;
-        for a model that convolves the nodes run one after the other over the ``2**23`` chunk instead:
-        see ``nodes_outside``).
+        rule in reverse mode on a CPU, whose nodes share one reverse pass; for a model that convolves
+        the nodes run one after the other over the ``2**23`` chunk instead).
       rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
         float64, ``1e-6`` in float32, that of the narrowest floating leaf of ``params``; float16 and
         bfloat16 models are integrated in float32, to its tolerance, and the adjoints rounded back).

@@ -406,8 +406,9 @@ def distortion(
     Args:
       F: ``(n, m)`` matrix or ``(n, k, m)`` block matrix (only its shape is used when ``basis`` is given;
         it may then be ``None``).
-      indices: ``(s,)`` integer example indices in ``[0, n)``; weights: ``(s,)`` their finite,
-        non-negative weights (from :func:`sample`).
+      indices: ``(s,)`` integer example indices in ``[0, n)`` (from :func:`sample`; an empty sample gives
+        ``ε̂ = 1``).
+      weights: ``(s,)`` their finite, non-negative weights (from :func:`sample`).
       rtol: rank tolerance passed to :func:`orthonormal_basis` (not with ``basis``, whose rank is chosen:
         pass ``rtol`` to :func:`orthonormal_basis` instead).
       basis: optional precomputed basis from :func:`orthonormal_basis` (reuse across samples): ``(n, m)``,

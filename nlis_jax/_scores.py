@@ -423,8 +423,20 @@ def linear_norm_scores(xs, ys=None, *, bias: bool = False) -> Array:
 
 
 def uniform_scores(n: int, dtype=None) -> Array:
-    """``(n,)`` vector of ``1/n``, in ``dtype`` (a floating dtype; default: jax's default float, float32
-    unless ``jax_enable_x64``)."""
+    """Uniform sampling probabilities, :math:`p_i = 1/n`.
+
+    Args:
+      n: number of points, a positive int.
+      dtype: a floating dtype; default jax's default float (float32 unless ``jax_enable_x64``).
+
+    Returns:
+      ``(n,)`` vector of ``1/n`` in ``dtype``.
+
+    Raises:
+      TypeError: ``n`` not an int, ``dtype`` not floating.
+      ValueError: ``n < 1``, or ``n`` copies of ``1/n`` rounded to ``dtype`` do not sum to 1 (half
+        precision at large ``n``).
+    """
     check_positive_int("n", n)
     dtype = dtype or jnp.result_type(float)
     if not jnp.issubdtype(dtype, jnp.floating):

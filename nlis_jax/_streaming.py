@@ -184,10 +184,9 @@ def streaming_leverage_scores(
         chunk: a chunk's rows are used or copied before the next is asked for): each chunk is checked as
         it arrives, every pass must yield as many examples as the first, with a digest of sampled
         rows of each piece of ``chunk_size`` rows equal to the first pass's, and with the route chosen
-        automatically the raw leverage must sum to the rank (``ValueError`` otherwise;
-        :func:`nlis_jax._host.check_leverage_sum`).
-      chunk_size: examples per memory chunk (static); default :func:`stream_chunk_size` (4,096 on a
-        CPU, up to 65,536 on a GPU or TPU, fewer for large ``p``).
+        automatically the raw leverage must sum to the rank (``ValueError`` otherwise).
+      chunk_size: examples per memory chunk (static); default 4,096 on a CPU, up to 65,536 on a GPU or
+        TPU, fewer for large ``p``.
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
         the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the

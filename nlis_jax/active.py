@@ -569,3 +569,19 @@ def active_learning(
         history.append(params)
         counts.append(int(order.size))
     return ActiveResult(params, state, labels, order, weights, tuple(history), tuple(counts))
+
+
+__all__ = [
+    "ActiveConfig",
+    "ActiveResult",
+    "ActiveState",
+    "Query",
+    "STRATEGIES",
+    "active_learning",
+    "estimator_weights",
+    "init_state",
+    "label_free_leverage_scores",
+    "pool_probabilities",
+    "query",
+    "record",
+]

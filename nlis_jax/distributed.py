@@ -155,8 +155,19 @@ def data_mesh() -> Mesh:
 def process_rows(n: int) -> slice:
     """This process's block of rows of an ``n``-row data set (``n`` divisible by the number of devices).
 
-    ``TypeError`` unless ``n`` is an int (a float gave a slice of floats; ``True`` one row), ``ValueError``
-    unless positive (``-4`` gave ``slice(0, -4)``, every row but the last four)."""
+    Args:
+      n: the number of rows of the whole (global) data set, a positive int divisible by
+        ``jax.device_count()``.
+
+    Returns:
+      ``slice(start, start + n // jax.process_count())``, ``start = jax.process_index() · n //
+      jax.process_count()``: the rows this process passes to :func:`shard_rows`.
+
+    Raises:
+      TypeError: ``n`` not an int (a float gave a slice of floats; ``True`` one row).
+      ValueError: ``n`` not positive (``-4`` gave ``slice(0, -4)``, every row but the last four), or not
+        divisible by the number of devices.
+    """
     n = check_positive_int("n", n)
     devices = jax.device_count()
     if n % devices:
@@ -272,7 +283,13 @@ def _check_blocks(local: PyTree) -> None:
 def gather(tree: PyTree) -> PyTree:
     """Every leaf as a numpy array holding its whole global value, on every process (a collective).
 
-    A leaf whose values are all on this process (a local array, a numpy array) is returned as it is.
+    Args:
+      tree: a pytree of arrays; global arrays sharded over processes, or local ones.
+
+    Returns:
+      The pytree with numpy leaves of the global shapes: a leaf spanning processes all-gathered (every
+      process must call this, as for any collective); one whose values are all on this process (a local
+      array, a numpy array) converted as it is.
     """
 
     def one(a):
@@ -531,3 +548,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "DATA_AXIS",
+    "ENV_COORDINATOR",
+    "ENV_NUM_PROCESSES",
+    "ENV_PROCESS_ID",
+    "data_mesh",
+    "gather",
+    "initialize",
+    "launch",
+    "main",
+    "process_rows",
+    "shard_rows",
+]

@@ -143,3 +143,9 @@ def from_linen(
         return _one_output(out, batched, squeeze)
 
     return apply_fn, variables["params"]
+
+
+__all__ = [
+    "from_linen",
+    "from_nnx",
+]

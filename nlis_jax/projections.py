@@ -143,7 +143,7 @@ class Box(Projection):
     ``lower`` and ``upper`` are each a scalar (the same bound for every entry) or a pytree with the
     structure of the parameters (leaves broadcastable to the parameter leaves). Implemented by
     :func:`optax.projections.projection_box` (an elementwise clip), with the bounds rounded inwards to
-    each leaf's dtype (:func:`_inward`), so the result lies in the box: ``upper = 0.1`` clips float32
+    each leaf's dtype, so the result lies in the box: ``upper = 0.1`` clips float32
     entries to 0.099999994, the largest float32 number ≤ 0.1 (0.1 in float32 is 0.10000000149).
     Built directly rather than by :func:`box`, concrete bounds are checked when called, as :func:`box`
     checks them (``ValueError`` for NaN, ``lower > upper``, ``[inf, inf]`` or a box that holds no number

@@ -55,3 +55,9 @@ def gauss_legendre(num_nodes: int, dtype=jnp.float64) -> tuple[jnp.ndarray, jnp.
     t, w = _nodes_and_weights_f64(int(num_nodes))
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 without x64 is float32, without a warning
     return jnp.asarray(t, dtype=dtype), jnp.asarray(w, dtype=dtype)
+
+
+__all__ = [
+    "MAX_NODES",
+    "gauss_legendre",
+]

@@ -974,3 +974,14 @@ def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[A
     rel = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     total = jnp.sum(rel)
     return rel / total, rel * scale, total * scale, total
+
+
+__all__ = [
+    "FAST_ROUTES",
+    "ROUTES",
+    "Transform",
+    "apply_transform",
+    "basis",
+    "row_leverage",
+    "transform_from_passes",
+]
