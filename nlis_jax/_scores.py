@@ -11,6 +11,7 @@ from the conditioning of the column-equilibrated Gram matrix (:mod:`nlis_jax.rou
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -355,6 +356,13 @@ def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
 def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> Array:
     """The linear baseline's data matrix ``[X, 1?, −y?]`` of shape ``(n, d + bias + (ys given))``."""
     # Python lists as numpy arrays (jnp.shape and jnp.result_type of a list are deprecated or fail)
+    if isinstance(xs, Mapping) or (
+        isinstance(xs, list | tuple) and any(np.ndim(leaf) > 1 for leaf in jax.tree.leaves(xs))
+    ):  # a pytree of inputs, as a model takes them: it read as "got ()"
+        raise TypeError(
+            f"xs must be one array of shape (n, d, ...) (the linear baseline's inputs), got a "
+            f"{type(xs).__name__}; concatenate the features of a pytree of inputs into one (n, d) array."
+        )
     xs, ys = (np.asarray(a) if isinstance(a, list | tuple) else a for a in (xs, ys))
     if jnp.ndim(xs) < 2:
         raise ValueError(f"xs must have shape (n, d, ...), got {jnp.shape(xs)}.")

@@ -89,8 +89,11 @@ def identity(tree: PyTree) -> PyTree:
 class Projection:
     """Base class of the projections built by this module (pytree-registered frozen dataclasses)."""
 
-    def __call__(self, tree: PyTree) -> PyTree:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def __call__(self, tree: PyTree) -> PyTree:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define __call__: a Projection subclass maps a tree to its "
+            "projection; build one with nj.l2_ball(radius) or nj.box(lower, upper)."
+        )
 
 
 @jax.tree_util.register_dataclass

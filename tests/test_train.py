@@ -212,6 +212,11 @@ def test_make_train_step_and_project_params_refuse_a_builder_and_non_bool_flags(
     np.testing.assert_allclose(loss, 1.0 + 0.25 + 0.0, rtol=1e-15)
 
 
+def test_the_projection_base_class_says_what_it_lacks():
+    with pytest.raises(NotImplementedError, match=r"Projection does not define __call__: .* nj\.l2_ball"):
+        nj.projections.Projection()(np.ones(2))  # was a NotImplementedError with no message
+
+
 def test_projections_are_pytrees():
     leaves, treedef = jax.tree.flatten(l2_ball(2.0))
     assert leaves == [2.0] and jax.tree.unflatten(treedef, [3.0]) == L2Ball(3.0)

@@ -91,6 +91,14 @@ def test_shape_mismatches():
         nj.single_index_adjoint(jnp.tanh, np.ones((3, 1)), np.ones((N, 3)))
     with pytest.raises(ValueError, match=r"ys must have shape \(12,\) to match xs"):
         nj.linear_leverage_scores(xs, ys[:-1])
+    # a pytree of inputs (as a model takes them) read as "xs must have shape (n, d, ...), got ()"
+    for tree in ({"a": xs, "b": ys}, [xs[:, :2, None], xs[:, 2:, None]]):
+        with pytest.raises(
+            TypeError, match=r"xs must be one array of shape \(n, d, \.\.\.\) .* got a (dict|list)"
+        ):
+            nj.linear_norm_scores(tree)
+    rows = [list(map(float, row)) for row in np.asarray(xs)]  # a list of rows is one array
+    np.testing.assert_allclose(nj.linear_leverage_scores(rows), nj.linear_leverage_scores(xs), rtol=1e-13)
     with pytest.raises(ValueError, match=r"F must be a matrix \(n, m\) or a block matrix"):
         nj.leverage_scores(ys)
     with pytest.raises(ValueError, match=r"xs has no examples"):
