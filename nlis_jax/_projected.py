@@ -357,7 +357,8 @@ def projected_leverage_scores(
       ridge: ``λ ≥ 0``; with ``λ > 0`` the leverage of ``[Y; √λ I]`` restricted to the data rows,
         ``diag(Y (YᵀY + λI)^{-1} Yᵀ)``, normalised by the effective dimension (useful when ``p ≥ n`` or
         the dual matrix is rank-deficient).
-      rtol: rank tolerance of the score routes (default ``10·eps``), on the singular values of ``Y``.
+      rtol: rank tolerance of the score routes (default ``10·eps``), on the singular values of ``Y``
+        (not a quadrature tolerance, as ``rtol`` is in :func:`nlis_jax.dual_matrix`).
       return_info: return a :class:`Leverage` ``(probs, leverage, rank, route)`` instead of ``probs``
         (``route`` indexes :data:`nlis_jax.routes.ROUTES`; ``"gram"`` with ``ridge > 0``).
 

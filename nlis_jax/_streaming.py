@@ -188,7 +188,9 @@ def streaming_leverage_scores(
       chunk_size: examples per memory chunk (static); default 4,096 on a CPU, up to 65,536 on a GPU or
         TPU, fewer for large ``p``.
       rtol: rank tolerance on the singular values of the column-equilibrated dual matrix, relative to
-        the largest (default ``10·eps``, as :func:`nlis_jax.leverage_scores`).
+        the largest (default ``10·eps``), as ``rtol`` of :func:`nlis_jax.leverage_scores`; NOT the
+        quadrature tolerance that ``rtol`` sets in :func:`nlis_jax.dual_matrix`: the adaptive rule runs
+        at its default tolerance here (pass ``num_nodes=q`` for a cheaper fixed rule).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
         conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
         rank: forced on input that is rank-deficient for ``rtol`` they raise ``ValueError``.
