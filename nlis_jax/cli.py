@@ -772,7 +772,9 @@ def _outliers(args: argparse.Namespace, outliers) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nlis-jax`` console script; returns the exit code. Called in-process (a notebook,
-    a test), it leaves jax's :data:`JAX_SETTINGS` as it found them, whichever way the command ends."""
+    a test), it leaves jax's :data:`JAX_SETTINGS` as it found them, whichever way the command ends; while
+    it runs they are process-wide (jax's global config: ``run`` turns on ``jax_enable_x64``), so other
+    threads of the process see them too: run it alone, or in a subprocess."""
     try:
         return _main(argv)
     except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
