@@ -56,7 +56,13 @@ def _draw(ax, summary: dict, field: str, transform=lambda v: v, positive: bool =
     ax.set_xlabel(f"sample size s (rows of n = {summary['n']:,})")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # nothing drawn (every point left out): no empty legend
+        _quartile_key(ax)
         ax.legend(fontsize="small")
+
+
+def _quartile_key(ax) -> None:
+    """A legend entry saying what the shaded bands are."""
+    ax.fill_between([], [], [], color="grey", alpha=0.15, linewidth=0, label="shaded: quartiles over repeats")
 
 
 def _log_y_or_note(ax, note: str) -> bool:
@@ -189,6 +195,7 @@ def plot_flights(summary: dict, path) -> Path:
         ax.set_ylabel("L(θ_S)/L(θ*) − 1 (training data)")
         ax.set_title(f"flights, {summary['model']} (p = {summary['p']}): {protocol}", fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
+        _quartile_key(ax)
         ax.legend(fontsize="small")
     path = Path(path)
     fig.savefig(path, dpi=120)
