@@ -34,7 +34,9 @@ A budget of ``max_panels`` panels per example bounds the work; examples left abo
 of saturated activations: ``1 − tanh²`` has an absolute error of about one ulp), no estimate falls below
 the tolerance and plain bisection would spend the whole budget on noise. As in QUADPACK, a branch whose
 estimate stops falling under bisection (:data:`STALLS` times) while it is within
-:data:`NOISE_ULPS` ulps of the integrand's size is accepted at the rounding level; the example's
+:data:`NOISE_ULPS` ulps of the integrand's size (on the panel, or its mean over the path where that is
+larger: on a saturated panel the noise is ulps of 1, not of the tiny integrand) is accepted at the
+rounding level; the example's
 ``roundoff`` flag is set, and its error counts what the last bisection changed in the integral (the
 noise's effect on the result, not its amplitude). An unresolved oscillation is never taken for noise: its
 estimate is of the integrand's own size.
@@ -83,8 +85,9 @@ CHECK_WIDTH_MIN = 1.0 / 256
 #: parent's estimate (smooth pieces fall by orders of magnitude, a kink's by about half) ...
 STALL_RATIO = 0.5
 #: ... while the panel's estimate per unit width is at most this many ulps of the integrand's size on the
-#: panel (rounding noise, not an unresolved feature: an oscillation the rule cannot resolve has an estimate
-#: of the integrand's own size) ...
+#: panel, or of its mean size over the path if larger (rounding noise, not an unresolved feature: an
+#: oscillation the rule cannot resolve has an estimate of the integrand's own size, and the error counts
+#: what bisecting it changed) ...
 NOISE_ULPS = 1024
 #: ... and a branch that has stalled this many times is accepted as at the rounding level.
 STALLS = 2
@@ -260,6 +263,10 @@ def _refine_one(
     )
     h_min = jnp.asarray(2.0**-depth, dtype)
     noise = NOISE_ULPS * jnp.finfo(dtype).eps
+    # the integrand's mean size over [0, 1] (|I|, projected as sizes are): rounding noise is at least at
+    # that level on every panel, also where the integrand itself is far smaller (1 − tanh² rounds in
+    # absolute terms: its noise on a saturated panel is ulps of 1, not of the tiny value)
+    level = _rms(value0.reshape(-1) @ directions)
 
     def body(s: _Dfs) -> _Dfs:
         top = s.top - 1
@@ -274,7 +281,7 @@ def _refine_one(
         final = (half <= h_min) | (count + 2 * (top + 2) > max_panels) | (top + 2 > capacity)
         within = (errors <= 0.5 * tol * jnp.maximum(half, KINK_SHARE)) & (half <= width_max)
         stalls = s.stalls[top] + (jnp.sum(errors) > STALL_RATIO * s.errors[top]).astype(jnp.int32)
-        rounding = (stalls >= STALLS) & (errors <= half * noise * sizes) & ~within
+        rounding = (stalls >= STALLS) & (errors <= half * noise * jnp.maximum(sizes, level)) & ~within
         ok = within | rounding | final
         acc = s.acc + jnp.tensordot(ok.astype(values.dtype), values, axes=1)
         integrals = values.reshape(2, -1) @ directions
