@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 
@@ -359,6 +360,27 @@ def test_an_unconverged_full_fit_is_a_warning(tmp_path, monkeypatch, capsys):
         in printed.err
     )
     assert "raise --full-steps or lower --lr" in printed.err
+
+
+def test_unconverged_sample_fits_are_a_warning(tmp_path, capsys):
+    """results.json recorded each cell's max_rel_change, but nothing looked at it: sample fits stopped far
+    from their optimum printed ratios that mix optimisation error into the sampling error, with no word.
+    Two steps per sample fit (the full fit keeps its 50): a warning naming the cells, and the table."""
+    args = TINY + ["--out", str(tmp_path / "res"), "--no-plots", "--timing-size", "none"]
+    args += ["--steps", "2", "--full-steps", "50"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr()
+    assert "L(θ_S)/L(θ*)" in printed.out
+    match = re.search(
+        r"warning: the sample fits of (\d+) of (\d+) cells \(scheme, size\) have not converged", printed.err
+    )
+    assert match and 0 < int(match[1]) <= int(match[2]), printed.err
+    assert "raise --steps or lower --lr" in printed.err
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
+    changes = [r["max_rel_change"] for m in summary["methods"].values() for r in m["results"]]
+    assert int(match[1]) == sum(c > 1e-3 for c in changes)  # the cells the record shows unconverged
+    assert cli.main(TINY + ["--out", str(tmp_path / "ok"), "--no-plots", "--timing-size", "none"]) == 0
+    assert "sample fits" not in capsys.readouterr().err  # 50 steps: converged, no warning
 
 
 @pytest.mark.parametrize(

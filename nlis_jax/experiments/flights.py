@@ -190,7 +190,7 @@ class FitDivergedError(ValueError):
     are counted as such in their cells."""
 
 
-def _check_converged(setup, what: str, loss: float) -> None:
+def _check_finite_loss(setup, what: str, loss: float) -> None:
     if not math.isfinite(loss):
         hint = "; lower --lr" if setup.mlp else ""  # the single-index fits are Levenberg-Marquardt steps
         raise FitDivergedError(f"the {what} diverged (loss {loss}){hint}.")
@@ -656,14 +656,14 @@ def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, d
     idx, w = _draw(k_draw, probs["uniform"], _rows(cfg.pilot_size, n), 1)
     pilot, costs["pilot_fit_s"], _ = _fit(setup, setup.theta0, idx, w, k_fit, learning_rate=cfg.learning_rate)
     pilot = _index(pilot, 0)
-    _check_converged(setup, "pilot fit", float(_losses(setup, _batch1(pilot))[0]))
+    _check_finite_loss(setup, "pilot fit", float(_losses(setup, _batch1(pilot))[0]))
     probs["pilot_leverage"], costs["pilot_score_s"] = _dual_leverage(setup, pilot)
     if "refined_leverage" in cfg.methods:  # a fit and a scoring of the dual: only when asked for
         k_draw, k_fit = jax.random.split(k_refine)
         idx, w = _draw(k_draw, probs["pilot_leverage"], _rows(cfg.refine_size, n), 1)
         lr = cfg.learning_rate
         refined, costs["refine_fit_s"], _ = _fit(setup, pilot, idx, w, k_fit, learning_rate=lr)
-        _check_converged(setup, "refinement fit", float(_losses(setup, refined)[0]))
+        _check_finite_loss(setup, "refinement fit", float(_losses(setup, refined)[0]))
         probs["refined_leverage"], costs["refine_score_s"] = _dual_leverage(setup, _index(refined, 0))
     # the oracle leverage, always: the diagnostics, and the steady-state scoring time of the costs
     probs["nonlinear_leverage"], costs["oracle_score_s"] = _dual_leverage(setup, full["params"])
@@ -783,7 +783,7 @@ def _run_steps(setup: _Setup, summary: dict, say, k_full, k_refit, k_pilot, k_re
     say(f"flights {setup.model}: n = {setup.n}, p = {setup.p}; full-data fit")
     full = _full_fit(setup, setup.theta0, k_full)
     loss = full["trace"][-1][1]
-    _check_converged(setup, "full-data fit", loss)
+    _check_finite_loss(setup, "full-data fit", loss)
     test_loss = float(_losses(setup, _batch1(full["params"]), test=True)[0])
     summary["full"] = {
         "loss": loss,
