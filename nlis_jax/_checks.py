@@ -9,7 +9,7 @@ value checks there (inside ``nlis_jax.traced_checks()``, see :mod:`nlis_jax._tra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +302,26 @@ def check_leading_axis(name: str, x, *, min_ndim: int = 1) -> int:
     if shape[0] == 0:
         raise ValueError(f"{name} has no examples (leading axis of size 0), shape {shape}.")
     return shape[0]
+
+
+def check_one_array(name: str, value, shape: str, hint: str = "") -> None:
+    """``TypeError`` naming ``name`` when ``value`` is a pytree rather than one array: a mapping (a dict of
+    parameters or inputs), or a list / tuple numpy cannot stack into one numeric array (ragged, or of
+    pytrees); a list of rows or of per-example arrays of one shape is one array. ``shape`` describes the
+    array expected, ``hint`` (after a semicolon) where a pytree belongs."""
+    if isinstance(value, Mapping):
+        kind = type(value).__name__
+    elif isinstance(value, list | tuple):
+        try:
+            stacked = np.asarray(value)
+        except (ValueError, TypeError):  # ragged rows, a tuple of pytrees
+            stacked = None
+        if stacked is not None and stacked.dtype != object:
+            return
+        kind = f"{type(value).__name__} that is not one array (ragged, or of pytrees)"
+    else:
+        return
+    raise TypeError(f"{name} must be one array {shape}, got a {kind}" + (f"; {hint}." if hint else "."))
 
 
 def check_same_length(name_a: str, n_a: int, name_b: str, n_b: int) -> None:

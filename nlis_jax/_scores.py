@@ -11,7 +11,6 @@ from the conditioning of the column-equilibrated Gram matrix (:mod:`nlis_jax.rou
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -26,6 +25,7 @@ from nlis_jax._checks import (
     check_finite,
     check_floating,
     check_leading_axis,
+    check_one_array,
     check_positive,
     check_positive_int,
     check_probs,
@@ -356,13 +356,8 @@ def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
 def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> Array:
     """The linear baseline's data matrix ``[X, 1?, −y?]`` of shape ``(n, d + bias + (ys given))``."""
     # Python lists as numpy arrays (jnp.shape and jnp.result_type of a list are deprecated or fail)
-    if isinstance(xs, Mapping) or (
-        isinstance(xs, list | tuple) and any(np.ndim(leaf) > 1 for leaf in jax.tree.leaves(xs))
-    ):  # a pytree of inputs, as a model takes them: it read as "got ()"
-        raise TypeError(
-            f"xs must be one array of shape (n, d, ...) (the linear baseline's inputs), got a "
-            f"{type(xs).__name__}; concatenate the features of a pytree of inputs into one (n, d) array."
-        )
+    # a pytree of inputs, as a model takes them: it read as "got ()"
+    check_one_array("xs", xs, "of shape (n, d, ...)", "concatenate a pytree's features into one (n, d) array")
     xs, ys = (np.asarray(a) if isinstance(a, list | tuple) else a for a in (xs, ys))
     if jnp.ndim(xs) < 2:
         raise ValueError(f"xs must have shape (n, d, ...), got {jnp.shape(xs)}.")

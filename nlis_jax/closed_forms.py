@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nlis_jax import _traced as traced
 from nlis_jax._adjoint import check_model, count_bad_examples, flatten_model, nonfinite_adjoint
@@ -23,6 +22,7 @@ from nlis_jax._checks import (
     check_finite_each,
     check_floating,
     check_leading_axis,
+    check_one_array,
     check_real,
     is_concrete,
     report_nonfinite,
@@ -170,14 +170,9 @@ def single_index_adjoint(phi: Callable[[Array], Array], theta: Array, xs: Array)
         raise TypeError(
             f"phi must be a callable scalar activation (e.g. jnp.tanh), got {type(phi).__name__}."
         )
-    for name, value in (("theta", theta), ("xs", xs)):  # a pytree: numpy's "entry not a 2- or 3- tuple"
-        if isinstance(value, Mapping) or (
-            isinstance(value, list | tuple) and any(np.ndim(leaf) for leaf in jax.tree.leaves(value))
-        ):
-            raise TypeError(
-                f"{name} must be one array (the single-index model is phi(<theta, x>), one weight per "
-                f"feature), got a {type(value).__name__}; for a pytree of parameters use nj.adjoint."
-            )
+    # a pytree failed inside numpy ("entry not a 2- or 3- tuple")
+    check_one_array("theta", theta, "of shape (d,)", "for a pytree of parameters use nj.adjoint")
+    check_one_array("xs", xs, "of shape (n, d) (or its rows)", "for a pytree of inputs use nj.adjoint")
     # before the cast: float64 values past float32's range named as such
     check_finite_each(("theta", theta), ("xs", xs))
     theta, xs = jnp.asarray(theta), jnp.asarray(xs)

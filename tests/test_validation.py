@@ -77,16 +77,20 @@ def test_shape_mismatches():
     with pytest.raises(ValueError, match=r"theta has 3 weights but xs has 4 columns \(features\)"):
         nj.single_index_adjoint(jnp.tanh, np.ones(3), np.ones((N, 4)))
     # a pytree theta failed inside numpy ("entry not a 2- or 3- tuple")
-    for theta in ({"w": np.ones(3)}, [np.ones(3)]):
+    for theta in ({"w": np.ones(3)}, [np.ones(3), np.ones(2)]):
         with pytest.raises(
-            TypeError, match=r"theta must be one array .* for a pytree of parameters use nj\.adj"
+            TypeError,
+            match=r"theta must be one array of shape \(d,\), got a (dict|list that is not one array).*; "
+            r"for a pytree of parameters use nj\.adjoint",
         ):
             nj.single_index_adjoint(jnp.tanh, theta, np.ones((N, 3)))
-    np.testing.assert_allclose(  # a list of numbers is one array
-        nj.single_index_adjoint(jnp.tanh, [0.1, 0.2, 0.3], np.ones((N, 3))),
-        nj.single_index_adjoint(jnp.tanh, np.array([0.1, 0.2, 0.3]), np.ones((N, 3))),
-        rtol=0,
-    )
+    with pytest.raises(TypeError, match=r"xs must be one array of shape \(n, d\) .*got a dict"):
+        nj.single_index_adjoint(jnp.tanh, np.ones(3), {"a": np.ones((N, 3))})
+    # one array given as a list: of numbers (theta), of rows or of jax rows (xs), as before the check
+    X, th = np.random.default_rng(3).normal(size=(N, 3)), np.array([0.1, 0.2, 0.3])
+    want = nj.single_index_adjoint(jnp.tanh, th, X)
+    for theta, rows in (([0.1, 0.2, 0.3], X), (th, list(X)), (th, tuple(jnp.asarray(X)))):
+        np.testing.assert_allclose(nj.single_index_adjoint(jnp.tanh, theta, rows), want, rtol=0)
     with pytest.raises(ValueError, match=r"theta must be a vector of shape \(d,\)"):
         nj.single_index_adjoint(jnp.tanh, np.ones((3, 1)), np.ones((N, 3)))
     with pytest.raises(ValueError, match=r"ys must have shape \(12,\) to match xs"):
@@ -94,11 +98,15 @@ def test_shape_mismatches():
     # a pytree of inputs (as a model takes them) read as "xs must have shape (n, d, ...), got ()"
     for tree in ({"a": xs, "b": ys}, [xs[:, :2, None], xs[:, 2:, None]]):
         with pytest.raises(
-            TypeError, match=r"xs must be one array of shape \(n, d, \.\.\.\) .* got a (dict|list)"
+            TypeError, match=r"xs must be one array of shape \(n, d, \.\.\.\), got a (dict|list)"
         ):
             nj.linear_norm_scores(tree)
     rows = [list(map(float, row)) for row in np.asarray(xs)]  # a list of rows is one array
     np.testing.assert_allclose(nj.linear_leverage_scores(rows), nj.linear_leverage_scores(xs), rtol=1e-13)
+    per_example = list(np.asarray(xs).reshape(N, -1, 1))  # a list of (d, 1) inputs: (n, d, 1) flattened
+    np.testing.assert_allclose(
+        nj.linear_leverage_scores(per_example), nj.linear_leverage_scores(xs), rtol=1e-13
+    )
     with pytest.raises(ValueError, match=r"F must be a matrix \(n, m\) or a block matrix"):
         nj.leverage_scores(ys)
     with pytest.raises(ValueError, match=r"xs has no examples"):
