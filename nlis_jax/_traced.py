@@ -96,6 +96,12 @@ class jit:  # noqa: N801 - used as jax.jit is
         for jitted in list(self._jitted.values()):
             jitted.clear_cache()
 
+    def __copy__(self):  # a compiled function is shared, as jax.jit's is (its lock cannot be copied)
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
 
 def _copy_of(fn):
     """A new function object calling ``fn`` (with its name, docstring and signature)."""

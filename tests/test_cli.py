@@ -8,6 +8,7 @@ import sys
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from nlis_jax import cli
@@ -381,6 +382,15 @@ def test_unconverged_sample_fits_are_a_warning(tmp_path, capsys):
     assert int(match[1]) == sum(c > 1e-3 for c in changes)  # the cells the record shows unconverged
     assert cli.main(TINY + ["--out", str(tmp_path / "ok"), "--no-plots", "--timing-size", "none"]) == 0
     assert "sample fits" not in capsys.readouterr().err  # 50 steps: converged, no warning
+
+
+def test_one_diverged_repeat_does_not_hide_a_cells_unconverged_repeats():
+    """A cell's max_rel_change was the max over its repeats: one diverged repeat (NaN change) made it
+    NaN, recorded as None, which the warning skips. Now the largest change of the repeats that did not
+    diverge (the diverged one is counted in the ratios, as +inf)."""
+    from nlis_jax.experiments.runner import _finite_max
+
+    assert _finite_max([np.nan, 0.5, 1e-9]) == 0.5 and _finite_max([np.nan, np.inf]) is None
 
 
 @pytest.mark.parametrize(

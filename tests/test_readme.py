@@ -52,7 +52,7 @@ def test_public_modules_list_their_names_and_document_them(module):
         obj = getattr(mod, name)
         if inspect.ismodule(obj):
             assert obj.__name__.startswith("nlis_jax"), name
-        elif inspect.isfunction(obj) or inspect.isclass(obj):
+        elif inspect.isfunction(obj) or inspect.isclass(obj) or hasattr(obj, "__wrapped__"):  # jitted too
             # projections re-exports optax.projections on purpose (documented there)
             assert obj.__module__.startswith(("nlis_jax", "optax.projections")), name
             assert (obj.__doc__ or "").strip(), f"{module}.{name} has no docstring"

@@ -485,6 +485,18 @@ def test_traced_checks_never_reuse_a_trace_of_the_other_state(plain_first):
     assert F.shape == (8, 5) and np.all(np.isfinite(F))
 
 
+def test_the_library_compiled_functions_copy_as_themselves():
+    """copy.deepcopy of a structure holding one of the library's compiled functions (e.g. a config dict
+    holding nj.active.estimator_weights) raised "cannot pickle '_thread.lock' object" once they kept a
+    lock per function; it returns the function itself, as for any function."""
+    import copy
+
+    fn = nj.active.estimator_weights
+    assert copy.deepcopy({"w": fn})["w"] is fn and copy.copy(fn) is fn
+    state = nj.active.init_state(4, jnp.float64)
+    np.testing.assert_array_equal(copy.deepcopy(fn)(state), fn(state))
+
+
 @pytest.mark.parametrize("plain_first", [True, False])
 def test_traced_checks_on_one_thread_leave_other_threads_alone(plain_first):
     """The state is per thread but the library's program caches were shared: a plain call on thread B

@@ -102,6 +102,13 @@ class _Fit(NamedTuple):
     fit_s: float
 
 
+def _finite_max(values) -> float | None:
+    """The largest finite entry of ``values`` (``None`` if there is none)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return number(np.max(finite)) if finite.size else None
+
+
 class _Grid:
     """Results of the grid: ratio and accuracy arrays and per-size records, per scheme."""
 
@@ -126,7 +133,8 @@ class _Grid:
             "score_s": fit.score_s,
             "sample_s": fit.draw_s / R,
             "train_s": fit.fit_s / R,
-            "max_rel_change": number(np.max(tail_change(fit.trace))),
+            # over the repeats that did not diverge (a NaN change would hide the others' as None)
+            "max_rel_change": _finite_max(tail_change(fit.trace)),
         }
         if self.accuracies is not None:
             acc, _ = test_accuracy(problem, fit.params)
