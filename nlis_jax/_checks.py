@@ -312,11 +312,15 @@ def check_one_array(name: str, value, shape: str, hint: str = "") -> None:
     if isinstance(value, Mapping):
         kind = type(value).__name__
     elif isinstance(value, list | tuple):
-        try:
-            stacked = np.asarray(value)
-        except (ValueError, TypeError):  # ragged rows, a tuple of pytrees
-            stacked = None
-        if stacked is not None and stacked.dtype != object:
+        leaves = jax.tree.leaves(value)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # rows traced by a user's jit
+            one = len(leaves) == len(value) and len({jnp.shape(leaf) for leaf in leaves}) == 1
+        else:
+            try:
+                one = np.asarray(value).dtype != object
+            except (ValueError, TypeError):  # ragged rows, a tuple of pytrees
+                one = False
+        if one:
             return
         kind = f"{type(value).__name__} that is not one array (ragged, or of pytrees)"
     else:

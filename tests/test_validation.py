@@ -91,6 +91,8 @@ def test_shape_mismatches():
     want = nj.single_index_adjoint(jnp.tanh, th, X)
     for theta, rows in (([0.1, 0.2, 0.3], X), (th, list(X)), (th, tuple(jnp.asarray(X)))):
         np.testing.assert_allclose(nj.single_index_adjoint(jnp.tanh, theta, rows), want, rtol=0)
+    traced_rows = jax.jit(lambda a: nj.single_index_adjoint(jnp.tanh, th, list(a)))  # rows as tracers
+    np.testing.assert_allclose(traced_rows(jnp.asarray(X)), want, rtol=1e-15)
     with pytest.raises(ValueError, match=r"theta must be a vector of shape \(d,\)"):
         nj.single_index_adjoint(jnp.tanh, np.ones((3, 1)), np.ones((N, 3)))
     with pytest.raises(ValueError, match=r"ys must have shape \(12,\) to match xs"):
