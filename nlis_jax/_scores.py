@@ -355,9 +355,9 @@ def _row_norms(rows: Array, lead: tuple[int, ...]) -> Array:
 
 def linear_design(xs: Array, ys: Array | None = None, *, bias: bool = False) -> Array:
     """The linear baseline's data matrix ``[X, 1?, −y?]`` of shape ``(n, d + bias + (ys given))``."""
-    # Python lists as numpy arrays (jnp.shape and jnp.result_type of a list are deprecated or fail)
     # a pytree of inputs, as a model takes them: it read as "got ()"
     check_one_array("xs", xs, "of shape (n, d, ...)", "concatenate a pytree's features into one (n, d) array")
+    # Python lists as numpy arrays (jnp.shape and jnp.result_type of a list are deprecated or fail)
     xs, ys = (np.asarray(a) if isinstance(a, list | tuple) else a for a in (xs, ys))
     if jnp.ndim(xs) < 2:
         raise ValueError(f"xs must have shape (n, d, ...), got {jnp.shape(xs)}.")
