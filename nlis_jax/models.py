@@ -23,12 +23,25 @@ from nlis_jax._checks import check_bool
 from nlis_jax._types import ApplyFn, PyTree
 
 
+def _drop_batch_axis(o):
+    """``o[0]`` for an output whose leading axis is the batch axis of size 1 the adapter added; anything else
+    (an output that reduced the batch, or moved it) would lose outputs or fail with an index error."""
+    shape = jnp.shape(o)
+    if not shape or shape[0] != 1:
+        raise ValueError(
+            f"batched=True: the module returned an output of shape {shape}, whose leading axis is not the "
+            "batch axis of size 1 the adapter added (a module that reduces or moves the batch axis cannot be "
+            "adapted this way; use batched=False, or return the batch axis first)"
+        )
+    return o[0]
+
+
 def _one_output(out, batched: bool, squeeze: bool):
     """The module's output for one example: the batch axis of size 1 removed from every output (a tuple of
     outputs stays a tuple, which the library refuses with a message naming it, as for any ``apply_fn``),
     and a trailing axis of size 1 dropped from a single array with ``squeeze``."""
     if batched:
-        out = jax.tree.map(lambda o: o[0], out)
+        out = jax.tree.map(_drop_batch_axis, out)
     if not hasattr(out, "shape"):
         return out
     out = jnp.asarray(out)
@@ -42,7 +55,8 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
 
     Args:
       model: the module; it is split once here and never mutated.
-      batched: add and remove a batch axis of size 1 around each call.
+      batched: add and remove a batch axis of size 1 around each call (every output must keep it as its
+        leading axis; an output that reduces or moves it is refused with its shape).
       squeeze: drop a trailing output axis of size 1, so a ``Linear(..., 1)`` head gives a scalar.
 
     Returns:

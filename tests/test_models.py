@@ -225,6 +225,47 @@ def test_adapters_refuse_a_tuple_of_outputs(flavour, batched):
         nj.adjoint(apply_fn, params, xs, num_nodes=4)
 
 
+class _ReducesBatch(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(D, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x).mean()  # the batch axis is reduced away
+
+
+class _BatchLast(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(D, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x).T  # (2, batch): the batch axis moved last
+
+
+class _BatchLastLinen(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(2)(x).T
+
+
+@pytest.mark.parametrize("case", ["nnx_reduces", "nnx_moves", "linen_moves"])
+def test_batched_adapters_refuse_an_output_without_the_batch_axis_first(case):
+    """batched=True removed the batch axis by o[0] whatever the output's shape: a module reducing the batch
+    axis failed with numpy's "Too many indices", and one returning (outputs, batch) gave its FIRST OUTPUT
+    as the model's value, silently (a (2, 1) output became one scalar). The adapters now name the shape."""
+    xs = np.asarray(_xs())
+    if case == "linen_moves":
+        module = _BatchLastLinen()
+        apply_fn, params = from_linen(module, module.init(jax.random.key(0), xs[:1]), batched=True)
+    else:
+        module = (_ReducesBatch if case == "nnx_reduces" else _BatchLast)(nnx.Rngs(0))
+        apply_fn, params = from_nnx(module, batched=True)
+    shape = "\\(\\)" if case == "nnx_reduces" else "\\(2, 1\\)"
+    with pytest.raises(ValueError, match=f"batched=True: .*output of shape {shape}, whose leading axis"):
+        apply_fn(params, xs[0])
+    with pytest.raises(ValueError, match="leading axis is not the batch axis"):
+        nj.dual_matrix(apply_fn, params, xs, num_nodes=4)
+
+
 def test_from_nnx_state_written_by_the_module_stays_frozen():
     """A module that writes to its own state (a counter; a draw from its nnx.Rngs advances their count)
     passed from_nnx, then changed apply_fn's result on every eager call with the same (params, x) (0.681,
