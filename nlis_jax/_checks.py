@@ -179,15 +179,6 @@ def check_finite_each(*named: tuple[str, PyTree]) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s); clean the input first.")
 
 
-def check_narrowing(name: str, tree) -> None:
-    """``ValueError`` naming ``name`` if a float64 numpy leaf (a memmap's slice, a chunk) holds values
-    that jax's cast without jax_enable_x64 turns into Inf or 0 (:func:`narrowing_counts`); NaN and Inf
-    themselves are left to the caller's count. One pass over such leaves; none otherwise."""
-    message = narrowing_error(name, *narrowing_counts(tree))
-    if message:
-        raise ValueError(message)
-
-
 def narrows(leaf) -> bool:
     """Whether jax's cast narrows the numpy ``leaf``'s floats (float64 data without jax_enable_x64)."""
     if not isinstance(leaf, np.ndarray) or not np.issubdtype(leaf.dtype, np.floating):

@@ -1074,7 +1074,6 @@ def host_losses(
     *,
     chunk_size,
     per_example,
-    out=None,
     check_labels=None,
 ):
     """Full-data loss of host data, chunk by chunk: the weighted sum, or the ``(n,)`` per-example losses.
@@ -1102,7 +1101,7 @@ def host_losses(
         return losses
 
     if per_example:  # in the losses' own dtype, as on the device (the model output's, not the params')
-        values = per_example_values(one, source, chunk, xs, out, None)
+        values = per_example_values(one, source, chunk, xs, None, None)
     else:
         for piece, valid in staged(source, chunk):
             one(piece, valid)
@@ -1122,8 +1121,6 @@ def host_losses(
         raise ValueError(overflowed_sum(total.dtype))
     if not per_example:
         return total
-    if out is not None:
-        return values
     counts = process_table([values.shape[0]])[:, 0]
     check_blocks(counts)
     return global_vector(values, int(counts.sum()))

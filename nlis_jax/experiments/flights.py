@@ -393,7 +393,8 @@ def _mlp_init(key, sizes, dtype):
 
 
 class _Setup:
-    """Data, model and cached compiled pieces of one study (built once by :func:`_setup`)."""
+    """Data, model and cached compiled pieces of one study (built once per run by
+    :func:`run_flights_study`)."""
 
     def __init__(self, config: FlightsStudyConfig, key: jax.Array):
         mlp = config.model == "mlp"
@@ -674,7 +675,7 @@ def _scores(setup: _Setup, full: dict, k_pilot, k_refine) -> tuple[dict, dict, d
     return probs, costs, starts
 
 
-def _noise_floor(setup: _Setup, full: dict, loss, test_loss, key) -> dict | None:
+def _noise_floor(setup: _Setup, loss, test_loss, key) -> dict | None:
     """Full-data refits from other initialisations: ``L(θ_refit)/L(θ*)`` (train and held-out)."""
     if not setup.mlp or setup.config.refits == 0:
         return None
@@ -793,7 +794,7 @@ def _run_steps(setup: _Setup, summary: dict, say, k_full, k_refit, k_pilot, k_re
         "trace": full["trace"],
     }
     say("noise floor (full-data refits)")
-    summary["noise_floor"] = _noise_floor(setup, full, loss, test_loss, k_refit)
+    summary["noise_floor"] = _noise_floor(setup, loss, test_loss, k_refit)
     say("scores")
     probs, summary["costs"], starts = _scores(setup, full, k_pilot, k_refine)
     leverage = np.asarray(probs["nonlinear_leverage"], np.float64)

@@ -33,7 +33,6 @@ __all__ = [
     "draw_kernel",
     "draw_padded_kernel",
     "dual_kernel",
-    "dual_score_kernel",
     "fit_kernel",
     "fit_padded_kernel",
     "known_options",
@@ -203,13 +202,6 @@ def accuracy_kernel(params_batch, xs, labels, *, apply_fn):
         return jnp.mean((guess == labels).astype(xs.dtype))
 
     return lax.map(one, params_batch, batch_size=_map_batch(xs.shape[0]))
-
-
-@functools.partial(jax.jit, static_argnames=("dual_fn", "kind", "mix"))
-def dual_score_kernel(params_batch, xs, ys, *, dual_fn, kind: str, mix: float):
-    """``(R, n)``: leverage (``kind="leverage"``) or norm scores of the dual matrix at each of ``R``
-    parameter sets, mixed with uniform by ``mix``."""
-    return lax.map(lambda params: _scores(kind, dual_fn(params, xs, ys), mix), params_batch)
 
 
 def _matrix_scores(design, *, kind: str, mix: float):

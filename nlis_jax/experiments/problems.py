@@ -1,7 +1,7 @@
 r"""A study's *problem*: data, model, loss, constraint, optimizer and the dual matrix, built from a config.
 
 Every callable in a :class:`Problem` (model, dual, curvature, optimizer) is built ONCE per set of static
-options (``functools.lru_cache``), so the compiled kernels of :mod:`nlis_jax.experiments._study`, which
+options (``functools.lru_cache``), so the compiled kernels of :mod:`nlis_jax.experiments.kernels`, which
 take them as static arguments, are reused across studies, methods, sizes and repeats.
 """
 
