@@ -395,3 +395,29 @@ def test_planted_counts_refuse_what_is_not_a_count():
     assert O.flip_labels(key, labels, 2, count=np.int64(3))[1].sum() == 3
     assert O.flip_labels(key, labels, 2, fraction=0.25)[1].sum() == 2  # round(2.5): half to even
     assert O.corrupt_inputs(key, inputs, "invert", fraction=0.3)[1].sum() == 3
+
+
+def test_flip_labels_and_empty_data_are_named():
+    """num_classes=2.5 drew labels 2 in a binary task, with no error; num_classes="2" gave Python's "'<' not
+    supported"; no examples at all gave jax.random.choice's "a must be greater than 0". Each is named."""
+    key, labels = jax.random.key(0), np.arange(20) % 2
+    with pytest.raises(TypeError, match="num_classes must be a Python int, got 2.5"):
+        O.flip_labels(key, labels, 2.5, count=5)
+    with pytest.raises(TypeError, match="num_classes must be a Python int"):
+        O.flip_labels(key, labels, "2", count=5)
+    assert O.flip_labels(key, labels, np.int64(2), count=5)[1].sum() == 5
+    with pytest.raises(ValueError, match=r"no examples .*\(n = 0\)"):
+        O.flip_labels(key, np.zeros(0, np.int32), 2, fraction=0.1)
+    with pytest.raises(ValueError, match=r"no examples .*\(n = 0\)"):
+        O.corrupt_inputs(key, np.zeros((0, 4), np.float32), "invert", count=1)
+
+
+@pytest.mark.parametrize("ridge", [float("nan"), -1.0, float("inf")])
+def test_outlier_scores_refuse_a_ridge_that_is_not_a_non_negative_number(ridge):
+    """ridge=NaN or -1 returned the exact (unridged) scores with info["ridge"] recorded as given."""
+    apply_fn, params, xs, ts = block_problem()
+    with pytest.raises(ValueError, match="ridge must be non-negative and finite"):
+        O.outlier_scores(apply_fn, params, xs, ts, num_nodes=4, ridge=ridge)
+    dual = jnp.asarray(np.random.default_rng(0).normal(size=(12, 5)))
+    with pytest.raises(ValueError, match="ridge must be non-negative and finite"):
+        O.dual_scores(dual, ridge=ridge)

@@ -15,6 +15,8 @@ __all__ = ["corrupt_inputs", "flip_labels", "load_data", "load_foreign", "plant_
 
 def _outlier_count(n: int, fraction: float | None, count: int | None) -> int:
     """``count``, or ``round(fraction · n)`` (at least 1), checked to lie in ``[1, n]``."""
+    if n == 0:
+        raise ValueError("there are no examples to make outliers of (n = 0).")
     if (fraction is None) == (count is None):
         raise ValueError("give exactly one of fraction and count.")
     if count is None:
@@ -67,6 +69,7 @@ def flip_labels(
     y = np.asarray(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be a 1-D integer array, got shape {y.shape} and dtype {y.dtype}.")
+    num_classes = check_positive_int("num_classes", num_classes)  # 2.5 drew labels 2 for a binary task
     if num_classes < 2 or y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1} with num_classes ≥ 2.")
     idx, flipped, k_cls = _choose(key, y.size, fraction, count)

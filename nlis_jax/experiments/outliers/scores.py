@@ -22,6 +22,7 @@ import numpy as np
 
 import nlis_jax as nj
 from nlis_jax._adjoint import origin
+from nlis_jax._checks import check_tolerances
 from nlis_jax.experiments.memory import measured
 
 __all__ = [
@@ -182,6 +183,7 @@ def dual_scores(dual, *, ridge: float = 0.0, costs: dict | None = None) -> tuple
     ``(n, k, m)``, dense or projected), exact (``ridge = 0``) or with ``λ`` of :func:`ridge_lambda`.
 
     Returns ``(scores, info)``; the cost of each part goes into ``costs`` (:func:`measured`)."""
+    check_tolerances(None, ridge)  # NaN or a negative ridge fell through to the exact scores
     costs = {} if costs is None else costs
     n = dual.shape[0]
     if ridge > 0:
@@ -226,6 +228,7 @@ def outlier_scores(
     """
     if projection_dim is not None and key is None:
         raise ValueError("projection_dim needs key (the PRNG key of the embedding).")
+    check_tolerances(None, ridge)  # before any work
     n = xs.shape[0]
     p = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
     chunk = baseline_chunk(n, p)
