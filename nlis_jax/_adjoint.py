@@ -129,8 +129,6 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
     out = check_output_shape(eval_example(apply_fn, params, example_shapes(xs)))
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"apply_fn must return floating values, got dtype {out.dtype}.")
     shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype)
     expected = (n,) + shape.out_shape
     # a well-formed ys is counted with the others; any other raises its own error just below
@@ -158,15 +156,18 @@ def _valid_ys(ys, expected: tuple) -> bool:
 
 
 def check_output_shape(out: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    """``out`` (one example's output) if it is a scalar or a vector of ``k ≥ 1`` outputs, as the dual
-    matrix needs; ``ValueError`` otherwise (the host scoring paths took a matrix output as its flattened
-    vector where the device paths refused it)."""
+    """``out`` (one example's output) if it is a scalar or a vector of ``k ≥ 1`` real floating outputs, as
+    the dual matrix needs; ``ValueError`` (shape) or ``TypeError`` (dtype) otherwise (the host scoring paths
+    took a matrix output as its flattened vector where the device paths refused it, and a complex output
+    failed inside jax.jacrev)."""
     if len(out.shape) > 1:
         raise ValueError(
             f"apply_fn(params, x) must return a scalar or a vector of k outputs for ONE example, "
             f"got shape {out.shape}. (Pass one example x, not a batch: nlis_jax vmaps inside.)"
         )
     check_has_outputs(out)
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"apply_fn must return floating values, got dtype {out.dtype}.")
     return out
 
 

@@ -497,3 +497,20 @@ def test_numpy_bfloat16_host_data_is_scored():
         np.testing.assert_array_equal(np.asarray(host, np.float32), np.asarray(device, np.float32))
     with pytest.raises(TypeError, match="xs must hold numbers, got dtype"):
         nj.streaming_norm_scores(model, theta, np.zeros((4, 3), [("a", "f4")]))
+
+
+def test_complex_inputs_giving_complex_outputs_are_named_on_every_path():
+    """Complex numpy xs on the host paths failed inside jax.jacrev ("jacrev requires real-valued outputs
+    ... holomorphic=True"), while the device paths named the model's output dtype: named everywhere now."""
+    xs = np.random.default_rng(0).standard_normal((20, 3)).astype(np.complex64)
+    theta = jnp.ones(3, jnp.float32)
+    message = "apply_fn must return floating values, got dtype complex64"
+    for call in (
+        lambda: nj.streaming_leverage_scores(_linear, theta, xs, **KW),
+        lambda: nj.streaming_norm_scores(_linear, theta, xs, **KW),
+        lambda: nj.streaming_leverage_scores(_linear, theta, lambda: iter([(xs, None)]), **KW),
+        lambda: nj.streaming_leverage_scores(_linear, theta, jnp.asarray(xs), **KW),
+        lambda: nj.dual_matrix(_linear, theta, xs),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
