@@ -162,6 +162,9 @@ def check_finite_each(*named: tuple[str, PyTree]) -> None:
         for leaf in jax.tree.leaves(tree):
             check_auto_axes(name, leaf)
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                wrapped = wrapped_integers(leaf)  # host int64 data past int32 (no jax_enable_x64)
+                if wrapped:
+                    raise ValueError(narrowing_error(name, 0, 0, wrapped))
                 continue
             if not is_concrete(leaf):
                 traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
@@ -180,27 +183,55 @@ def check_finite_each(*named: tuple[str, PyTree]) -> None:
 
 
 def narrows(leaf) -> bool:
-    """Whether jax's cast narrows the numpy ``leaf``'s floats (float64 data without jax_enable_x64)."""
-    if not isinstance(leaf, np.ndarray) or not np.issubdtype(leaf.dtype, np.floating):
+    """Whether jax's cast narrows the numpy ``leaf``'s floats or integers (float64, int64 or uint64 data
+    without jax_enable_x64)."""
+    if not isinstance(leaf, np.ndarray) or not (
+        np.issubdtype(leaf.dtype, np.floating) or np.issubdtype(leaf.dtype, np.integer)
+    ):
         return False
     return jax.dtypes.canonicalize_dtype(leaf.dtype) != leaf.dtype
 
 
-def narrowing_counts(tree) -> tuple[int, int]:
-    """``(over, under)``: finite values of the numpy leaves of ``tree`` that jax's cast without
+def wrapped_integers(leaf) -> int:
+    """Entries of a numpy integer ``leaf`` outside the range of the narrower integer type jax's cast
+    without jax_enable_x64 gives it (int64 to int32, uint64 to uint32), which the cast wraps around
+    (``3_000_000_000`` becomes ``-1_294_967_296``); 0 for other leaves (no pass over them)."""
+    if not (isinstance(leaf, np.ndarray | np.generic) and np.issubdtype(leaf.dtype, np.integer)):
+        return 0
+    narrow = jax.dtypes.canonicalize_dtype(leaf.dtype)
+    if narrow == leaf.dtype:
+        return 0
+    low, high = np.iinfo(narrow).min, np.iinfo(narrow).max
+    return count_failing(np.asarray(leaf), lambda a: (a >= low) & (a <= high))
+
+
+def narrowing_counts(tree) -> tuple[int, int, int]:
+    """``(over, under, wrapped)``: finite values of the numpy leaves of ``tree`` that jax's cast without
     jax_enable_x64 makes Inf (``|v|`` past float32's largest) or 0 (``0 < |v|`` below float32's smallest
-    normal number, flushed on the device). One pass over each such leaf (more only where one is found);
-    none over other leaves."""
-    over = under = 0
+    normal number, flushed on the device), and integers it wraps around (:func:`wrapped_integers`). One
+    pass over each such leaf (more only where one is found); none over other leaves."""
+    over = under = wrapped = 0
     for leaf in jax.tree.leaves(tree):
-        if narrows(leaf):
+        if narrows(leaf) and np.issubdtype(leaf.dtype, np.integer):
+            wrapped += wrapped_integers(leaf)
+        elif narrows(leaf):
             _, leaf_over, leaf_under = _host_counts(leaf)
             over, under = over + leaf_over, under + leaf_under
-    return over, under
+    return over, under, wrapped
 
 
-def narrowing_error(name: str, over: int, under: int, narrow=np.float32, wide=np.float64) -> str | None:
-    """The message for ``over``/``under`` values of :func:`narrowing_counts` in ``name``, or ``None``."""
+def narrowing_error(
+    name: str, over: int, under: int, wrapped: int = 0, *, narrow=np.float32, wide=np.float64
+) -> str | None:
+    """The message for ``over``/``under``/``wrapped`` values of :func:`narrowing_counts` in ``name``, or
+    ``None``."""
+    if wrapped:
+        return (
+            f"{name} holds {wrapped} integer value(s) outside the range of 32-bit integers (int32, or uint32 "
+            "for unsigned data), which wrap around once cast to 32 bits (64-bit integer data without "
+            "jax_enable_x64: 3_000_000_000 becomes -1_294_967_296); convert the data to floating point "
+            "first (e.g. a.astype(np.float32)), or enable jax_enable_x64."
+        )
     info = jnp.finfo(narrow)
     cast = f"once cast to {info.dtype.name} ({np.dtype(wide).name} data without jax_enable_x64"
     if over:
@@ -244,7 +275,9 @@ def _count_host_nonfinite(name: str, host: np.ndarray) -> int:
     Inf in the cast (later read as NaN input or a non-finite gradient), and the non-zero values flushed
     to 0: those are named here (:func:`narrowing_error`)."""
     nonfinite, over, under = _host_counts(host)
-    message = narrowing_error(name, over, under, jax.dtypes.canonicalize_dtype(host.dtype), host.dtype)
+    message = narrowing_error(
+        name, over, under, narrow=jax.dtypes.canonicalize_dtype(host.dtype), wide=host.dtype
+    )
     if message:
         raise ValueError(message)
     return nonfinite

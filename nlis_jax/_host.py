@@ -437,7 +437,8 @@ def staged(source: Source, chunk: int) -> Iterator:
 
 class NarrowingCheck:
     """Values of float64 host pieces that jax's cast without jax_enable_x64 makes Inf or flushes to 0 on
-    the device (:func:`nlis_jax._checks.narrowing_counts`), checked piece by piece in :func:`staged`.
+    the device, and 64-bit integers it wraps around (:func:`nlis_jax._checks.narrowing_counts`), checked
+    piece by piece in :func:`staged`.
 
     In one process the first such piece raises, naming its examples. Under ``jax.distributed`` the counts
     of each part (``xs``, ``ys``, ``weights``) are summed over the pass and exchanged at its end
@@ -451,7 +452,7 @@ class NarrowingCheck:
         self.source, self.chunk = source, chunk
         self.active = not jax.config.jax_enable_x64 and not getattr(source, "narrowing_checked", False)
         self.multi = jax.process_count() > 1
-        self.counts = np.zeros((len(PIECE_NAMES), 2), np.int64)  # (over, under) per part, this process
+        self.counts = np.zeros((len(PIECE_NAMES), 3), np.int64)  # (over, under, wrapped) per part, here
 
     def piece(self, index: int, piece, valid: int) -> None:
         if not self.active:
@@ -472,13 +473,13 @@ class NarrowingCheck:
             return
         if self.multi:
             table = process_table(np.minimum(self.counts, np.iinfo(np.int32).max).ravel())
-            table = table.reshape(-1, len(PIECE_NAMES), 2)
+            table = table.reshape(-1, len(PIECE_NAMES), 3)
             for k, name in enumerate(PIECE_NAMES):
-                over, under = table[:, k].sum(0)
-                if over or under:
+                over, under, wrapped = table[:, k].sum(0)
+                if over or under or wrapped:
                     which = np.flatnonzero(table[:, k].sum(1)).tolist()
                     where = f"{name}, in the block(s) of process(es) {which} under jax.distributed,"
-                    raise ValueError(narrowing_error(where, int(over), int(under)))
+                    raise ValueError(narrowing_error(where, int(over), int(under), int(wrapped)))
         if isinstance(self.source, ArraySource):
             self.source.narrowing_checked = True
 
@@ -536,9 +537,11 @@ def across_processes(x, combine):
 
 
 def global_vector(h: np.ndarray, n: int):
-    """An ``(n,)`` vector: this process's block, or with several processes a global array of all blocks."""
+    """An ``(n,)`` vector: this process's block, or with several processes a global array of all blocks.
+
+    One process: ``jax.device_put`` (one copy; ``jnp.asarray`` ran a compiled copy, two vectors more)."""
     if jax.process_count() == 1:
-        return jnp.asarray(h)
+        return jax.device_put(h)
     from nlis_jax.distributed import DATA_AXIS, data_mesh
 
     sharding = NamedSharding(data_mesh(), PartitionSpec(DATA_AXIS))
@@ -726,7 +729,7 @@ def first_pass(step, source, chunk, init, *, equal_blocks: bool = True):
         raise ValueError("the chunk source yielded no examples.")
     if equal_blocks:
         check_blocks(per_process[:, 0])
-    raise_if_bad(stats)
+    raise_if_bad(stats, source)
     return carry, int(stats[0]), n_local
 
 
@@ -750,14 +753,26 @@ def check_blocks(counts) -> None:
         )
 
 
-def raise_if_bad(stats) -> None:
+def raise_if_bad(stats, source: Source) -> None:
     """``ValueError`` for the counts ``(n, non-finite input values, examples with non-finite dual rows)``
-    of a pass: the inputs first (their NaN makes the rows NaN too), then the rows of finite inputs."""
+    of a pass over ``source``: the inputs first (their NaN makes the rows NaN too), then the rows of finite
+    inputs."""
     n, inputs, rows = map(int, stats)
     if inputs:  # counted on the device: float64 data without x64 are float32 there
-        raise ValueError(nonfinite_inputs("xs or ys contains", inputs, not jax.config.jax_enable_x64))
+        raise ValueError(nonfinite_inputs("xs or ys contains", inputs, _may_narrow(source)))
     if rows:
         raise ValueError(nonfinite_dual_rows(f"{rows} of {n}"))
+
+
+def _may_narrow(source: Source) -> bool:
+    """Whether the values of ``source`` may have been float64 cast to float32 on their way to the device:
+    without jax_enable_x64, a user's chunk source (dtypes unknown here) or arrays with a float64 leaf
+    (float32 data with a NaN was told about a cast and x64, which have nothing to do with it)."""
+    if jax.config.jax_enable_x64:
+        return False
+    if not isinstance(source, ArraySource):
+        return True
+    return any(np.issubdtype(a.dtype, np.floating) and narrows(a) for a in jax.tree.leaves(source.tree))
 
 
 def nonfinite_inputs(names: str, bad: int, narrowed: bool) -> str:
@@ -808,8 +823,9 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     """Streaming leverage of host data (see the module docstring): ``(h, rank, route, Σh)``, the sum over
     every process.
 
-    ``h`` is the raw block leverage (in the compute dtype, :func:`nlis_jax.routes.compute_dtype`): a jax
-    array (global under ``jax.distributed``), or ``out`` filled with this process's block when given.
+    ``h`` is the raw block leverage (in the compute dtype, :func:`nlis_jax.routes.compute_dtype`): a global
+    jax array under ``jax.distributed``, ``out`` filled with this process's block when given, else a numpy
+    vector (one process: the caller divides it in place and moves it to the device once).
 
     A chunk source must yield the same data in the same order on every pass. Each pass is checked to
     yield as many examples as the first, and each piece of ``chunk`` rows to carry the first pass's
@@ -834,7 +850,9 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     total = float(across_processes(jnp.asarray(counts["sum"]), lambda a: a.sum(0)))
     if callable(xs) and route is None and (int(t.route) != routes.STABLE or bool(t.refine)):
         check_leverage_sum(total, t.rank)
-    return (h if out is not None else global_vector(h, counts["n"])), t.rank, t.route, total
+    if out is not None or jax.process_count() == 1:  # a host vector, divided in place by the caller
+        return h, t.rank, t.route, total
+    return global_vector(h, counts["n"]), t.rank, t.route, total
 
 
 def check_leverage_sum(total: float, rank) -> None:
@@ -869,6 +887,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     state = {"carry": (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32)), "n": 0, "scale": None}
     # an out narrower than the scores (float32 out, float64 model) stores the norms scaled by a power of
     # two from the first chunk (largest near 1): stored raw, norms of 1e-45 were zeros
+    output_vector(out, None, dtype)  # out checked (all but its length) before its dtype is read
     narrow = out is not None and np.dtype(out.dtype).itemsize < np.dtype(dtype).itemsize
 
     def one(piece, valid):
@@ -886,7 +905,7 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     _, bad = state["carry"]
     per_process = process_table([state["n"], *map(int, bad)])
     stats = per_process.sum(0)
-    raise_if_bad(stats)
+    raise_if_bad(stats, source)
     if out is None:
         check_blocks(per_process[:, 0])
     spans = vector_spans(vec.shape[0], chunk)

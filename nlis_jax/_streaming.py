@@ -32,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from nlis_jax import _traced as traced
@@ -251,10 +252,18 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, rtol=rtol, route=route, out=out)
     h, rank, taken, total = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs)
-    if out is None:
+    if out is not None:
+        divide_in_place(out, total, chunk_size)  # Σh, as as_leverage divides by
+        return Leverage(out, None, rank, taken) if return_info else out
+    if not isinstance(h, np.ndarray):  # a global array (jax.distributed)
         return as_leverage(h, rank, taken, return_info, dtype)
-    divide_in_place(out, total, chunk_size)  # Σh, as as_leverage divides by
-    return Leverage(out, None, rank, taken) if return_info else out
+    # one process: h / Σh on the host and one transfer. as_leverage's program held four or five (n,)
+    # vectors at its end (jnp.asarray's copy, the probabilities, h in the dtype) where two suffice.
+    if return_info:
+        probs = h / np.asarray(total, h.dtype)
+        return Leverage(jax.device_put(probs.astype(dtype)), jax.device_put(h.astype(dtype)), rank, taken)
+    divide_in_place(h, total, chunk_size)
+    return jax.device_put(h.astype(dtype, copy=False))
 
 
 @functools.partial(traced.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode"))

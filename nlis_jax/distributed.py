@@ -245,7 +245,8 @@ def _check_blocks(local: PyTree) -> None:
     the same rows in every array, and with several processes the same count in every process
     (:func:`nlis_jax._host.check_blocks`) and the same pytree structure, per-example shapes and dtypes
     (mismatched blocks aborted inside the collectives or gathered garbage); float64 values that the
-    cast without jax_enable_x64 makes Inf or flushes to 0 (:func:`nlis_jax._checks.narrowing_counts`)."""
+    cast without jax_enable_x64 makes Inf or flushes to 0, and 64-bit integers it wraps around
+    (:func:`nlis_jax._checks.narrowing_counts`)."""
     from nlis_jax._checks import narrowing_counts, narrowing_error
     from nlis_jax._host import check_blocks, process_table
 
@@ -255,8 +256,8 @@ def _check_blocks(local: PyTree) -> None:
         f"{tuple(np.shape(a)[1:])} {np.result_type(a)}" for a in leaves
     )
     spec_id = int.from_bytes(hashlib.blake2b(spec.encode(), digest_size=4).digest(), "little") >> 1
-    over, under = narrowing_counts([np.asarray(a) if isinstance(a, np.ndarray) else a for a in leaves])
-    row = [min(lengths, default=0), max(lengths, default=0), spec_id, *np.minimum([over, under], 2**31 - 1)]
+    counts = narrowing_counts([np.asarray(a) if isinstance(a, np.ndarray) else a for a in leaves])
+    row = [min(lengths, default=0), max(lengths, default=0), spec_id, *np.minimum(counts, 2**31 - 1)]
     table = process_table(row) if jax.process_count() > 1 else np.asarray([row])
     if np.any(table[:, 0] != table[:, 1]):
         raise ValueError(
@@ -272,12 +273,12 @@ def _check_blocks(local: PyTree) -> None:
         )
     if len(table) > 1:
         check_blocks(table[:, 0])
-    over, under = table[:, 3:].sum(0)
-    if over or under:
+    over, under, wrapped = table[:, 3:].sum(0)
+    if over or under or wrapped:
         which = np.flatnonzero(table[:, 3:].sum(1)).tolist()
         where = f"the block(s) of process(es) {which}" if len(table) > 1 else "the block"
         where = f"shard_rows: {where}"
-        raise ValueError(narrowing_error(where, int(over), int(under)))
+        raise ValueError(narrowing_error(where, int(over), int(under), int(wrapped)))
 
 
 def gather(tree: PyTree) -> PyTree:

@@ -616,6 +616,46 @@ def test_narrowing_cast_of_memmaps_and_chunk_sources_is_named(tmp_path):
         assert not np.shares_memory(mapped, xs) and mapped[0, 1] == xs[0, 1]  # nothing modified
 
 
+def test_64_bit_integers_that_the_cast_wraps_around_are_named(tmp_path):
+    """Without x64 jax's cast wraps int64 values past int32 around (3e9 becomes -1.29e9): an int64 column
+    of epoch times or ids gave leverage 48% off the float64 reference, from a memmap, a numpy array, a
+    chunk source or dual_matrix, with no warning; int64 weights of 2**32 read as 0 in distortion. Each is
+    named now (in-memory arrays before any work, memmaps and chunks piece by piece); values in range are
+    scored as before, and x64 takes them all."""
+    xs = np.ones((40, 2), np.int64)
+    xs[:, 0] = np.arange(40) % 7
+    wide = xs.copy()
+    wide[29, 1] = 3_000_000_000
+    np.save(tmp_path / "wide.npy", wide)
+    mapped = np.load(tmp_path / "wide.npy", mmap_mode="r")
+    before = wide.copy()
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    p = np.asarray([0.3, 1e-9], np.float32)
+    message = r"xs(, in examples \d+–\d+,)? holds 1 integer value.s. outside the range of 32-bit integers"
+    with jax.enable_x64(False):
+        reference = nj.streaming_leverage_scores(f, p, xs, chunk_size=16)  # in range: scored
+        np.testing.assert_allclose(reference, nj.leverage_scores(nj.dual_matrix(f, p, xs)), rtol=1e-5)
+        for call in (
+            lambda: nj.streaming_leverage_scores(f, p, wide, chunk_size=16),
+            lambda: nj.streaming_leverage_scores(f, p, mapped, chunk_size=16),
+            lambda: nj.streaming_norm_scores(f, p, mapped, chunk_size=16),
+            lambda: nj.streaming_leverage_scores(
+                f, p, lambda: ((wide[i : i + 10], None) for i in range(0, 40, 10)), chunk_size=16
+            ),
+            lambda: nj.dual_matrix(f, p, wide),
+        ):
+            with pytest.raises(ValueError, match=message + ".*astype.np.float32.*enable jax_enable_x64"):
+                call()
+        with pytest.raises(ValueError, match="weights holds 1 integer value.s. outside the range"):
+            nj.distortion(jnp.eye(4), np.array([0, 1]), np.array([2**32, 1], np.int64))
+    np.testing.assert_array_equal(wide, before)
+    exact = nj.leverage_scores(nj.dual_matrix(f, p.astype(np.float64), wide.astype(np.float64)))
+    np.testing.assert_allclose(nj.streaming_leverage_scores(f, p, mapped, chunk_size=16), exact, rtol=1e-5)
+
+
 def test_host_data_is_checked_for_the_narrowing_cast_once(tmp_path, monkeypatch):
     """In-memory float64 arrays are checked for the cast without x64 before any work, memmaps piece by
     piece: the pieces of arrays in memory were checked a second time on every pass (one more read of the
