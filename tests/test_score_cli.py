@@ -306,3 +306,141 @@ def test_score_usage_errors_name_the_subcommand(tmp_path, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("usage: nlis-jax score ") and "_positive_int" not in err, err
+
+
+def _error(args, capsys) -> str:
+    """The usage error (exit 2, no traceback) of ``nlis-jax score ARGS``."""
+    assert cli.main(["score", *args]) == 2, args
+    err = capsys.readouterr().err
+    assert err.startswith("nlis-jax score: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_score_damaged_files_are_usage_errors(tmp_path, capsys):
+    """A damaged .npy header (tokenize.TokenError), a truncated .npz as --x or --params and a flipped byte
+    in --params' data (zipfile.BadZipFile, bad CRC-32) were tracebacks with exit 1; now usage errors that
+    name the option and the file."""
+    _files(tmp_path, n=6, d=3)
+    x, out = str(tmp_path / "x.npy"), str(tmp_path / "s.npy")
+    raw = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "header.npy").write_bytes(raw[:10] + b"{'descr': garbage}" + raw[28:])
+    np.savez(tmp_path / "p.npz", theta=np.ones(3))
+    z = (tmp_path / "p.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(z[: len(z) // 2])
+    flipped = bytearray(z)
+    flipped[z.find(b"\x93NUMPY") + 140] ^= 0xFF  # in theta's data, after its 128-byte .npy header
+    (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    header, half, crc = (str(tmp_path / name) for name in ("header.npy", "half.npz", "crc.npz"))
+    corrupt = "the file is corrupt or truncated"
+    cases = [
+        (["--x", header], f"--x {header}: {corrupt}"),
+        (["--x", x, "--y", header], f"--y {header}: {corrupt}"),
+        (["--x", half], f"--x {half}: {corrupt} (it starts as a zip archive"),
+        (["--x", x, "--params", half], f"--params {half} as an .npz of arrays (theta): {corrupt}"),
+        (
+            ["--x", x, "--params", crc],
+            f"--params {crc} as an .npz of arrays (theta): {corrupt} (BadZipFile: Bad CRC",
+        ),
+    ]
+    for args, message in cases:
+        err = _error(["--out", out, *args], capsys)
+        assert message in err, (args, err)
+    assert not (tmp_path / "s.npy").exists()
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/meminfo"), reason="the host's free memory is read from /proc/meminfo"
+)
+def test_score_gram_matrix_too_big_names_the_options(tmp_path, capsys):
+    """``--hidden 300000``: the library's MemoryError was a traceback recommending library calls
+    (nj.projected_leverage_scores); now a usage error naming the CLI's options."""
+    _files(tmp_path, n=6, d=3)
+    args = ["--x", str(tmp_path / "x.npy"), "--model", "mlp", "--hidden", "300000"]
+    err = _error([*args, "--out", str(tmp_path / "s.npy")], capsys)
+    assert "the Gram matrix" in err and "a smaller --hidden, or --method norm" in err, err
+    assert "nj." not in err and "projected_leverage_scores" not in err, err
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_score_unreadable_arrays_name_the_option_and_the_file(tmp_path, capsys):
+    """A truncated --y said 'cannot read the data: mmap length is greater than file size', an object-dtype
+    one 'Array can't be memory-mapped: Python objects in dtype.', a missing one numpy's errno text: none
+    named the option, the first two not the file either."""
+    _files(tmp_path, n=300, d=3)
+    x, out = str(tmp_path / "x.npy"), str(tmp_path / "s.npy")
+    raw = (tmp_path / "y.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[: len(raw) // 2])
+    np.save(tmp_path / "obj.npy", np.ones(300, dtype=object))
+    cut, obj, missing = (str(tmp_path / name) for name in ("cut.npy", "obj.npy", "missing.npy"))
+    cases = [
+        (cut, f"--y {cut}: the file is truncated: its header says shape (300,) of float64 (2,400 bytes"),
+        (obj, f"--y {obj}: holds Python objects (dtype object), not numbers"),
+        (missing, f"--y {missing}: No such file or directory"),
+    ]
+    for y, message in cases:
+        err = _error(["--x", x, "--y", y, "--out", out], capsys)
+        assert message in err and "mmap" not in err and "memory-mapped" not in err, err
+
+
+def test_score_bad_out_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    """``--out ''`` and ``--out newdir/`` failed after the whole scoring, naming the hidden temporary file
+    (for '' made in the parent of the working folder); now refused first. A failed move onto --out named
+    the temporary file too."""
+    _files(tmp_path, n=6, d=3)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    def not_scored(*args, **kwargs):
+        raise AssertionError("scored before --out was checked")
+
+    x = str(tmp_path / "x.npy")
+    (work / "file").touch()
+    under_file = str(work / "file" / "s.npy")
+    with monkeypatch.context() as patch:
+        patch.setattr(nj, "streaming_leverage_scores", not_scored)
+        for out, message in [
+            ("", "--out is empty: name the .npy file"),
+            (f"newdir{os.sep}", f"--out newdir{os.sep} ends with a path separator"),
+            (under_file, f"cannot write --out {under_file} in {work / 'file'}: Not a directory"),
+        ]:
+            err = _error(["--x", x, "--out", out], capsys)
+            assert message in err and ".nlis-score-" not in err, (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work", "x.npy", "y.npy"]
+    assert sorted(p.name for p in work.iterdir()) == ["file"]
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", refused)
+        err = _error(["--x", x, "--out", "s.npy"], capsys)
+    assert "cannot write --out s.npy: Permission denied" in err and ".nlis-score-" not in err, err
+    assert sorted(p.name for p in work.iterdir()) == ["file"]
+
+
+def test_score_params_beyond_the_data_dtype(tmp_path, capsys):
+    """theta = 1e39 (float64 --params) with a float32 --x: numpy warned 'overflow encountered in cast',
+    then 'params contains 1 NaN or Inf value(s)' though the file holds none. Now the range is checked
+    before the cast, naming --params, the key and the dtype; the MLP's parameters too."""
+    xs, _ = _files(tmp_path, n=6, d=3)
+    np.save(tmp_path / "x32.npy", xs.astype(np.float32))
+    x32, out = str(tmp_path / "x32.npy"), str(tmp_path / "s.npy")
+    np.savez(tmp_path / "theta.npz", theta=np.array([1e39, 1.0, 0.0]))
+    mlp = dict(w0=np.ones((2, 3)), b0=np.ones(2), w1=np.array([[1.0, -3e40]]), b1=np.ones(1))
+    np.savez(tmp_path / "mlp.npz", **mlp)
+    theta, net = str(tmp_path / "theta.npz"), str(tmp_path / "mlp.npz")
+    for args, message in [
+        (["--params", theta], f"--params {theta}: theta holds 1 value(s) beyond the range of float32"),
+        (
+            ["--model", "mlp", "--params", net],
+            f"--params {net}: w1 holds 1 value(s) beyond the range of float32",
+        ),
+    ]:
+        err = _error(["--x", x32, "--out", out, *args], capsys)
+        assert message in err and "NaN" not in err, err
+    assert "(largest magnitude 3e+40; float32 holds up to 3.403e+38)" in err
+    # a theta within float32's range scores
+    np.savez(tmp_path / "ok.npz", theta=np.array([0.5, -0.25, 0.125]))
+    assert cli.main(["score", "--x", x32, "--params", str(tmp_path / "ok.npz"), "--out", out]) == 0
+    capsys.readouterr()

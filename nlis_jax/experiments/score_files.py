@@ -15,8 +15,13 @@ import errno
 import json
 import os
 import secrets
+import stat
 import sys
 import time
+import tokenize
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,23 @@ METHODS = ("leverage", "norm")
 #: ``--hidden`` and ``--seed`` without the option (``None`` there means "not given").
 HIDDEN = 32
 SEED = 0
+#: How reading a damaged ``.npy`` or ``.npz`` fails inside ``np.load`` and ``NpzFile``: numpy's header
+#: checks (``ValueError``; ``tokenize.TokenError`` and ``SyntaxError`` from its Python-2 header fallback;
+#: ``EOFError``), the memmap (``ValueError``, ``OSError``), ``zipfile`` (``BadZipFile``, a bad CRC-32 among
+#: them; ``NotImplementedError`` for a flipped version, compression or flag field; ``RuntimeError`` for a
+#: flipped "encrypted" flag), ``zlib.error`` in a compressed member, ``UnicodeError`` in a header.
+READ_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    tokenize.TokenError,
+    SyntaxError,
+    UnicodeError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,19 +112,20 @@ def _stored_params(path: str | None, model: str, d: int) -> dict | None:
         return None
     need = "theta" if model == "single-index" else "w0, b0, w1, b1, ..."
     try:
-        stored = np.load(path)
-    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
-        raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {exc}") from exc
+        # np.load(path) leaves its file open when the zip cannot be read (a truncated .npz): our own
+        # handle is closed whatever happens
+        with open(path, "rb") as f:
+            stored = np.load(f)  # EOFError: an empty file; BadZipFile: a truncated one
+            if isinstance(stored, np.lib.npyio.NpzFile):
+                with stored:
+                    arrays = dict(stored)  # reads each member: a bad CRC-32, a damaged member's header
+    except READ_ERRORS as exc:
+        raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {_why(exc)}") from None
     if not isinstance(stored, np.lib.npyio.NpzFile):
         raise ValueError(
             f"--params {path} is one array, not an .npz archive: save the parameters with "
             f"np.savez(path, ...) under the keys {need}."
         )
-    try:
-        with stored:
-            arrays = dict(stored)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {exc}") from exc
     keys = ["theta"] if model == "single-index" else [f"{k}{i}" for i in range(_layers(arrays)) for k in "wb"]
     missing = [k for k in keys if k not in arrays] if keys else ["w0", "b0"]
     unexpected = sorted(set(arrays) - set(keys))
@@ -125,6 +148,35 @@ def _stored_params(path: str | None, model: str, d: int) -> dict | None:
     return arrays
 
 
+def _why(exc: BaseException) -> str:
+    """Why ``np.load`` could not read a file, for a message: a missing file or a folder, Python objects
+    (numpy's refusal names ``allow_pickle=``, an option of the library call), or else a damaged file."""
+    text = str(exc) or "no details"
+    if isinstance(exc, OSError):
+        return exc.strerror or text
+    if "allow_pickle" in text:
+        return "it holds Python objects (dtype object), not numbers: save numeric arrays."
+    return f"the file is corrupt or truncated ({type(exc).__name__}: {text})"
+
+
+def _cast(path: str, key: str, array: np.ndarray, dtype) -> np.ndarray:
+    """``array`` of ``--params path`` in the scoring ``dtype``; ``ValueError`` naming the file, the key
+    and the dtype when finite values overflow it (a float64 ``1e39`` became ``inf`` in float32, then the
+    library reported NaN or Inf values the file does not hold)."""
+    array = np.asarray(array)
+    with np.errstate(over="ignore"):
+        cast = array.astype(dtype)
+    over = np.isinf(cast) & np.isfinite(array)
+    if np.any(over):
+        name, largest = np.dtype(dtype).name, np.max(np.abs(array[over]))
+        raise ValueError(
+            f"--params {path}: {key} holds {int(over.sum())} value(s) beyond the range of {name}, the dtype "
+            f"--x is scored in (largest magnitude {largest:.4g}; {name} holds up to "
+            f"{np.finfo(dtype).max:.4g}): rescale the parameters, or save --x in float64."
+        )
+    return cast
+
+
 def _layers(arrays: dict) -> int:
     """The number of layers of an MLP's arrays: the keys ``w0``, ``w1``, ... (``w`` and digits)."""
     return len([k for k in arrays if k[:1] == "w" and k[1:].isdigit()])
@@ -142,14 +194,17 @@ def model_and_params(args, d: int, dtype):
     if args.model == "single-index":
         apply_fn = nets.single_index(jnp.tanh)
         if stored is not None:
-            return apply_fn, jnp.asarray(stored["theta"], dtype)
+            return apply_fn, jnp.asarray(_cast(args.params, "theta", stored["theta"], dtype))
         # drawn in float32 whatever the file's dtype: the same --seed, the same model
         theta = jax.random.normal(jax.random.key(seed), (d,), jnp.float32) / np.sqrt(d)
         return apply_fn, theta.astype(dtype)
     apply_fn = nets.mlp(jnp.tanh)
     if stored is not None:
-        params = [{"w": stored[f"w{i}"], "b": stored[f"b{i}"]} for i in range(_layers(stored))]
-        return apply_fn, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        params = [
+            {k: jnp.asarray(_cast(args.params, f"{k}{i}", stored[f"{k}{i}"], dtype)) for k in "wb"}
+            for i in range(_layers(stored))
+        ]
+        return apply_fn, params
     hidden = HIDDEN if args.hidden is None else args.hidden
     params = nets.mlp_init(jax.random.key(seed), (d, hidden, 1), dtype=jnp.float32)
     params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # non-zero biases
@@ -160,9 +215,9 @@ def run_score(args: argparse.Namespace) -> int:
     """Score the files; prints a one-line JSON summary. Exit 2 on a bad file."""
     import nlis_jax as nj
 
-    unused = _unused_option(args)
-    if unused:
-        print(f"nlis-jax score: error: {unused}", file=sys.stderr)
+    problem = _unused_option(args) or _bad_out(args.out)
+    if problem:
+        print(f"nlis-jax score: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         xs = _load_array("--x", args.x)
@@ -181,9 +236,6 @@ def run_score(args: argparse.Namespace) -> int:
     inputs = [name for name, path in given if _same_file(path, args.out)]
     if inputs:
         print(f"nlis-jax score: error: --out {args.out} is the file of {inputs[0]}.", file=sys.stderr)
-        return EXIT_USAGE
-    if os.path.isdir(args.out):
-        print(f"nlis-jax score: error: --out {args.out} is a folder; name the .npy file.", file=sys.stderr)
         return EXIT_USAGE
     if xs.dtype == np.float64:  # the file's precision: scores in float64 too
         import jax
@@ -206,6 +258,9 @@ def run_score(args: argparse.Namespace) -> int:
     except (OSError, ValueError, TypeError) as exc:
         print(f"nlis-jax score: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError as exc:  # the library's message names library calls; the CLI's options instead
+        print(f"nlis-jax score: error: {_memory_message(args, exc)}", file=sys.stderr)
+        return EXIT_USAGE
     seconds = time.perf_counter() - start
     summary = {"n": int(xs.shape[0]), "d": int(xs.shape[1]), "model": args.model, "method": args.method}
     summary.update(
@@ -226,6 +281,37 @@ def _unused_option(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _bad_out(out: str) -> str | None:
+    """Why ``--out`` cannot name the scores' file, checked before any work (``None`` when it can): an
+    empty name (the temporary file went to the parent of the working folder), a name ending in a path
+    separator or naming a folder, a folder that does not exist. These failed after the whole scoring,
+    naming the hidden temporary file."""
+    if not out:
+        return "--out is empty: name the .npy file of the scores."
+    if out.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        return f"--out {out} ends with a path separator; name the .npy file (such as {out}scores.npy)."
+    if os.path.isdir(out):
+        return f"--out {out} is a folder; name the .npy file."
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        mode = os.stat(folder).st_mode
+    except OSError as exc:  # a missing folder, one under a file or behind a permission
+        return f"cannot write --out {out} in {folder}: {exc.strerror or exc}."
+    if not stat.S_ISDIR(mode):
+        return f"cannot write --out {out} in {folder}: {os.strerror(errno.ENOTDIR)}."
+    return None
+
+
+def _memory_message(args: argparse.Namespace, exc: MemoryError) -> str:
+    """A ``MemoryError`` of the scoring, told in the CLI's options (the library's names library calls)."""
+    what = str(exc).split(";")[0].strip() or "the scores do not fit in memory"
+    if args.method == "norm":
+        return f"{what}: score fewer rows per chunk (--chunk-size)."
+    if args.model == "mlp" and args.params is None:
+        return f"{what}: use a smaller --hidden, or --method norm (it forms no Gram matrix)."
+    return f"{what}: use --method norm (it forms no Gram matrix), or a model of fewer parameters."
+
+
 #: The first bytes of an ``.npy`` file (``numpy.lib.format``) and of a zip archive (an ``.npz``).
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK"
 
@@ -234,23 +320,66 @@ def _load_array(option: str, path: str) -> np.ndarray:
     """The ``.npy`` array at ``path`` as a read-only memmap, in native byte order (``ValueError`` for an
     empty file, an ``.npz`` archive or a big-endian file, which the memmap would hand to the device
     byte-swapped)."""
-    with open(path, "rb") as f:
-        head = f.read(len(NPY_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as exc:  # its message names the file, not the option
+        raise ValueError(f"{option} {path}: {exc.strerror or exc}.") from None
     if head and head != NPY_MAGIC and not head.startswith(ZIP_MAGIC):  # numpy took it for a pickle
         raise ValueError(f"{option} {path} is not a .npy file (no .npy header): save the array with np.save.")
+    if head.startswith(ZIP_MAGIC):  # not np.load: it leaves the file open when the zip cannot be read
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{option} {path}: the file is corrupt or truncated (it starts as a zip archive, an .npz, "
+                f"but is not one); {option} takes one .npy array (save it with np.save)."
+            )
+        raise ValueError(f"{option} {path} is an .npz archive, not one .npy array (save it with np.save).")
     try:
         data = np.load(path, mmap_mode="r")
     except EOFError:
         raise ValueError(f"{option} {path} is empty: no .npy array in it.") from None
-    if not isinstance(data, np.ndarray):
-        data.close()
-        raise ValueError(f"{option} {path} is an .npz archive, not one .npy array (save it with np.save).")
+    except READ_ERRORS as exc:
+        raise ValueError(f"{option} {path}: {_unreadable(path, exc)}") from None
     if not data.dtype.isnative:
         raise ValueError(
             f"{option} {path} is stored in non-native byte order ({data.dtype.str}): convert it with "
             f"np.save(path, a.astype(a.dtype.newbyteorder('=')))."
         )
     return data
+
+
+def _unreadable(path: str, exc: BaseException) -> str:
+    """Why ``np.load`` could not map the ``.npy`` file at ``path``, from its header when that can be read:
+    Python objects, or fewer bytes than the header's shape and dtype need (a truncated copy)."""
+    header = _npy_header(path)
+    if header is None:  # the header itself is damaged
+        return f"{_why(exc)}."
+    shape, dtype, offset = header
+    if dtype.hasobject:
+        return f"holds Python objects (dtype {dtype}), not numbers: save a numeric array with np.save."
+    need = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size < need:
+        return (
+            f"the file is truncated: its header says shape {shape} of {dtype} ({need - offset:,} bytes of "
+            f"data), but it holds {max(size - offset, 0):,} bytes after the header."
+        )
+    return f"{_why(exc)}."
+
+
+def _npy_header(path: str) -> tuple[tuple, np.dtype, int] | None:
+    """``(shape, dtype, data offset)`` of the ``.npy`` file at ``path``; ``None`` when unreadable."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy's note on Python-2 headers: np.load gave it already
+            reader = readers.get(np.lib.format.read_magic(f))
+            if reader is None:
+                return None
+            shape, _, dtype = reader(f)
+            return shape, dtype, f.tell()
+    except READ_ERRORS:
+        return None
 
 
 def _same_file(path: str | None, out: str) -> bool:
@@ -296,8 +425,10 @@ class _written_on_success:
             raise OSError(f"cannot write --out {self.path} in {folder}: {exc.strerror or exc}.") from None
         try:
             self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=(self.n,))
-        except BaseException:
+        except BaseException as exc:
             os.unlink(self.tmp)
+            if isinstance(exc, OSError):  # a full disk: named as --out, not the temporary file
+                raise OSError(f"cannot write --out {self.path} in {folder}: {exc.strerror or exc}.") from None
             raise
         return self.out
 
@@ -309,7 +440,9 @@ class _written_on_success:
             return False
         try:
             os.replace(self.tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             os.unlink(self.tmp)
+            if isinstance(exc, OSError):  # its message named the hidden temporary file
+                raise OSError(f"cannot write --out {self.path}: {exc.strerror or exc}.") from None
             raise
         return False
