@@ -21,6 +21,16 @@ the Khatri–Rao projection against ``dual_matrix @ Ω`` with ``Ω`` recovered e
 functions (least squares on one data set, checked on another; its weight blocks rank one). A failed
 check stops the run before anything is timed (``ok: false``, exit status 1).
 
+Then, for each width, every timed configuration of the library (each embedding and sparsity with
+``--dim``, ``--chunk`` and ``--nodes``, and the exact baseline; float32, as timed) is checked before it
+is timed against the exact scores in float64 (numpy's SVD of the float64 dual matrix of the same
+numbers; total variation ≤ ``TV_LIMIT``), on a problem where its projection is exact,
+``(p + 1)·max(2, sparsity) ≤ dim``: the timed problem itself when it is such a problem and its exact
+reference fits (the timed function's warm-up output is checked), else a small one of the same model
+family (``small_problem``). A failed check leaves that configuration and everything after it untimed
+(``ok: false``). The outer-product sketch (the hand-written baseline, not exact: its float32 rank is not
+stable) is checked for its formula by the float64 check above only.
+
 ``--cases`` takes names from ``sparse,gaussian,outer_product,khatri_rao,exact`` (anything else is a usage
 error); ``outer_product`` is the hand-written sketch of the 16-node rule, so with another ``--nodes`` it
 must be left out of ``--cases`` (a usage error otherwise, rather than a record silently without it).
@@ -49,7 +59,6 @@ from _common import (
     nonnegative_int,
     positive_int,
     report_failures,
-    time_eager,
     write_record,
 )
 
@@ -71,6 +80,11 @@ CASES = ("sparse", "gaussian", "outer_product", "khatri_rao", "exact")
 #: (dim, sparsity) of the sparse embedding checked against its explicit Ω below the rank: dim / sparsity
 #: buckets per block < p + 1 = 34 coordinates, so buckets collide (at dim ≥ p + 1 the hashing is injective).
 SPARSE_COLLIDING = ((20, 1), (20, 2))
+#: Total variation of a timed float32 configuration's scores from the float64 exact scores where its
+#: projection is exact: float32 rounding only (measured 7e-8 to 3e-5, the Gaussian and Khatri–Rao ones the
+#: largest, at n = 40 to 1024, p + 1 = 10 to 126, κ(F̃) 1e2 to 3e3; the smoke test's limits). A one-row
+#: shift of the scores is a TV of 0.2 to 0.3, a 1% scaling 0.005.
+TV_LIMIT = {"sparse": 1e-4, "gaussian": 1e-3, "khatri_rao": 1e-3, "exact": 1e-4}
 MODEL = nets.mlp(jnp.tanh)  # one object: a static argument of the library's jits
 
 
@@ -222,26 +236,21 @@ def _rss(rss) -> dict:
     return {"rss_before_bytes": rss.before, "rss_peak_bytes": rss.peak}
 
 
-def measure(fn, *args, reps: int) -> dict:
-    """Compile, warm-up and steady state of ``jax.jit(fn)(*args)`` with the peak RssAnon of all of it."""
+def measure(fn, *args, reps: int, check_out=None) -> dict:
+    """Compile, warm-up and steady state of ``jax.jit(fn)(*args)`` with the peak RssAnon of all of it.
+
+    ``check_out(out)``, a check entry of the warm-up output, runs before the timing: when it fails the case
+    is not timed (``timing`` None, the entry under ``check``)."""
     with PeakRss() as rss:
         compiled = Compiled(fn, *args)
         out = compiled()
+        entry = None if check_out is None else check_out(out)
+        if entry is not None and not entry["ok"]:
+            return {"out": out, "check": entry, "timing": None, **_rss(rss)}
         cpu0 = time.process_time()
         timing = compiled.time(reps=reps)
         cpu_s = (time.process_time() - cpu0) / timing.reps
-    return {"out": out, "timing": timing.as_dict(), "cpu_s_per_run": cpu_s, **_rss(rss)}
-
-
-def measure_eager(fn, *args, reps: int) -> dict:
-    """For code that cannot be jitted whole: first call (compiles its pieces), then the median of ``reps``."""
-    with PeakRss() as rss:
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        first_s = time.perf_counter() - t0
-        timing = time_eager(lambda: fn(*args), reps=reps)
-    timing = timing._replace(compile_s=first_s - timing.median_s)  # first call minus a steady one
-    return {"out": out, "timing": timing.as_dict(), **_rss(rss)}
+    return {"out": out, "check": entry, "timing": timing.as_dict(), "cpu_s_per_run": cpu_s, **_rss(rss)}
 
 
 def projected_fn(dim, chunk, nodes, embedding, sparsity):
@@ -325,7 +334,39 @@ def tv(a, b) -> float:
     return 0.5 * float(np.sum(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def one_width(args, key, h: int, sparsities) -> dict:
+def reference_scores(params, xs, ys, nodes: int) -> tuple[np.ndarray, float]:
+    """Exact leverage in float64: numpy's SVD of the float64 dual matrix of the same numbers (``nodes``
+    nodes), with numpy's rank tolerance ``max(n, m)·eps·σ_max``; and the condition number of that matrix."""
+    to64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+    F = np.asarray(nj.dual_matrix(MODEL, jax.tree.map(to64, params), to64(xs), to64(ys), num_nodes=nodes))
+    U, sv, _ = np.linalg.svd(F, full_matrices=False)
+    rank = int(np.sum(sv > max(F.shape) * np.finfo(np.float64).eps * sv[0]))
+    return np.sum(U[:, :rank] ** 2, axis=1) / rank, float(sv[0] / sv[-1])
+
+
+def small_problem(args, key, sparsity: int):
+    """``(params, xs, ys, (n, d, h))`` in float32 with ``(p + 1)·max(2, sparsity) ≤ dim``, so that every
+    timed projection is exact on it, ``n = 4·(p + 1)`` or more (at least two chunks of ``--chunk``);
+    ``None`` when ``--dim`` is too small for the smallest model (``p + 1 = 5``). Standard normal inputs:
+    the uniform ones of :func:`make_problem`, all positive, gave small models dual matrices with ``κ`` up
+    to 1e7 (float32 then loses a direction: TV 0.06), normal ones ``κ ≤ 2e2`` for ``d ≥ 4``."""
+    limit = args.dim // max(2, sparsity)  # the largest p + 1 = (d + 2)·h + 2
+    k_problem, k_x = jax.random.split(key)
+    for h in (2, 1):
+        d = min(args.d, (limit - 2) // h - 2)
+        if d >= (4 if h == 2 else 1):
+            n = max(4 * limit, 2 * (args.chunk or 0))
+            params, _, ys = make_problem(k_problem, n=n, d=d, h=h, dtype=jnp.float32)
+            return params, jax.random.normal(k_x, (n, d), jnp.float32), ys, (n, d, h)
+    return None
+
+
+def tv_check(out, ref, kind: str, about: dict) -> dict:
+    return check(tv(out, ref), TV_LIMIT[kind]) | about
+
+
+def one_width(args, key, h: int, sparsities) -> tuple[dict, dict]:
+    """The timed cases of width ``h``, each checked first (module docstring): ``(point, checks)``."""
     p = num_params(args.d, h)
     k_data, k_emb = jax.random.split(key)
     params, xs, ys = make_problem(k_data, n=args.n, d=args.d, h=h, dtype=jnp.float32)
@@ -336,30 +377,69 @@ def one_width(args, key, h: int, sparsities) -> dict:
         cases.append(("gaussian", "gaussian", 1))
     if "khatri_rao" in wanted:
         cases.append(("khatri_rao", "khatri_rao", 1))
-    for i, (name, embedding, s) in enumerate(cases):  # every embedding its own draw
-        fn = projected_fn(args.dim, args.chunk, args.nodes, embedding, s)
-        point["cases"][name] = measure(fn, jax.random.fold_in(k_emb, i), params, xs, ys, reps=args.reps)
-    if "outer_product" in wanted:
-        k_outer = jax.random.fold_in(k_emb, len(cases))
-        cases.append(("outer_product", None, None))
-        fn = functools.partial(outer_product_scores, dim=args.dim)
-        point["cases"]["outer_product"] = measure(fn, k_outer, params, xs, ys, reps=args.reps)
     # The dense routes take tall matrices only (n ≥ p + 1): wider ones are scored by the projection.
     fits = args.n * (p + 1) <= args.exact_max_elements and p + 1 <= args.n
+    # The library's configurations: (name, kind, function, its leading arguments); every embedding its
+    # own draw, and the exact baseline timed last, after the outer-product sketch.
+    library = [
+        (
+            name,
+            embedding,
+            projected_fn(args.dim, args.chunk, args.nodes, embedding, s),
+            (jax.random.fold_in(k_emb, i),),
+        )
+        for i, (name, embedding, s) in enumerate(cases)
+    ]
     if fits and "exact" in wanted:
-        point["cases"]["exact"] = measure(exact_fn(args.nodes), params, xs, ys, reps=args.reps)
-        ref = point["cases"]["exact"]["out"]
-        for name, _, _ in cases:
-            point["cases"][name]["tv_vs_exact"] = tv(point["cases"][name]["out"], ref)
+        library.append(("exact", "exact", exact_fn(args.nodes), ()))
+    sparsity = max([s for _, embedding, s in cases if embedding == "sparse"], default=1)
+    checks, check_out = {}, {}
+    if library and fits and (p + 1) * max(2, sparsity) <= args.dim:  # the timed problem: its warm-up output
+        ref, kappa = reference_scores(params, xs, ys, args.nodes)
+        about = {"problem": "timed", "condition_number": kappa}
+        for name, kind, _, _ in library:
+            check_out[name] = functools.partial(tv_check, ref=ref, kind=kind, about=about)
+    elif library:  # a small problem of the same family: every configuration checked before any timing
+        small = small_problem(args, jax.random.fold_in(k_data, 1), sparsity)
+        if small is None:
+            error = f"--dim {args.dim} is too small for a problem on which the projections are exact"
+            failed = {"value": float("inf"), "limit": 0.0, "ok": False, "error": error}
+            return point, {f"h{h}_configurations_checked": failed}
+        *problem, shape = small
+        ref, kappa = reference_scores(*problem, args.nodes)
+        about = {"problem": {"n_d_h": list(shape)}, "condition_number": kappa}
+        for name, kind, fn, lead in library:
+            out = jax.jit(fn)(*lead, *problem)
+            checks[f"h{h}_{name}_tv_vs_float64"] = tv_check(out, ref, kind, about)
+        if not all_ok(checks):
+            return point, checks
+
+    def timed(name, fn, *fn_args) -> bool:
+        """Measure one case (checked first when ``check_out`` has it); False after a failed check."""
+        case = measure(fn, *fn_args, reps=args.reps, check_out=check_out.get(name))
+        entry = case.pop("check")
+        if entry is not None:
+            checks[f"h{h}_{name}_tv_vs_float64"] = entry
+        point["cases"][name] = case
+        return case["timing"] is not None
+
+    ok = all(timed(name, fn, *lead, params, xs, ys) for name, _, fn, lead in library if name != "exact")
+    if ok and "outer_product" in wanted:
+        fn = functools.partial(outer_product_scores, dim=args.dim)
+        ok = timed("outer_product", fn, jax.random.fold_in(k_emb, len(cases)), params, xs, ys)
+    if ok and fits and "exact" in wanted and timed("exact", exact_fn(args.nodes), params, xs, ys):
+        for name, case in point["cases"].items():
+            if name != "exact":
+                case["tv_vs_exact"] = tv(case["out"], point["cases"]["exact"]["out"])
     for case in point["cases"].values():
         case.pop("out")
-    if {"khatri_rao", "sparse_s1"} <= set(point["cases"]):  # same process, same moment
+    if {"khatri_rao", "sparse_s1"} <= set(point["cases"]) and all_ok(checks):  # same process, same moment
         kr, sp = point["cases"]["khatri_rao"], point["cases"]["sparse_s1"]
         point["sparse_over_khatri_rao"] = {
             "cpu": sp["cpu_s_per_run"] / kr["cpu_s_per_run"],
             "wall": sp["timing"]["median_s"] / kr["timing"]["median_s"],
         }
-    return point
+    return point, checks
 
 
 def main(argv=None) -> dict:
@@ -376,8 +456,16 @@ def main(argv=None) -> dict:
         write_record(record, args.out, NAME, quiet=args.quiet)
         return record
     keys = [jax.random.fold_in(k_width, i) for i in range(len(widths))]
-    record["points"] = [one_width(args, k, h, sparsities) for k, h in zip(keys, widths, strict=True)]
-    record["ok"] = True
+    record["points"] = []
+    for k, h in zip(keys, widths, strict=True):
+        point, width_checks = one_width(args, k, h, sparsities)
+        record["points"].append(point)
+        checks |= width_checks
+        if not all_ok(checks):  # correctness first: nothing more is timed
+            break
+    record["ok"] = all_ok(checks)
+    if not record["ok"]:
+        report_failures(checks)
     write_record(record, args.out, NAME, quiet=args.quiet)
     return record
 

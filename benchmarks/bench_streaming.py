@@ -11,7 +11,9 @@ into a ``.npy`` memmap via ``out=``) for a single-index model ``tanh(<θ, x>)`` 
   ``--nodes`` (max-norm relative error ≤ 1e-4, smallest ratio ≥ 0.999: see ``FLOAT32_RTOL``); each
   check records its route. A failed check skips that model's timing. When the timed run takes another
   route than the float32 check did, that route is checked too, forced, on the same rows (after the
-  timing: the route is known only then);
+  timing: the route is known only then). The timed output itself (written through ``out=``) is checked
+  after the timing, on random rows, against float64 leverage of the whole file (max-norm relative
+  ≤ 1e-4; the single-index model also against a numpy reference), and its sum against 1;
 - compile time (a first call on a small slice of the same chunk shape) apart from the steady state (the
   median of ``--reps`` full-file runs, default 1; each run reads the whole file through the memmap again);
 - rows per second, and the ratio to a floor: reading the file once (a pass over the memmap copying
@@ -239,6 +241,40 @@ def timed_rows_single_index(theta, xs, ys, scores, *, nodes: int, rank: int, row
     return max_rel_error(np.asarray(scores[idx], np.float64), tau)
 
 
+@jax.jit
+def gram_update(gram, F, skip):
+    """``gram + F[skip:]ᵀ F[skip:]`` (the rows before ``skip`` masked out: one program for every block)."""
+    F = jnp.where((jnp.arange(F.shape[0]) >= skip)[:, None], F, 0)
+    return gram + F.T @ F
+
+
+def timed_rows_dense(reference: dict, xs, ys, scores, *, nodes: int, rank: int, rows: int = 64) -> float:
+    """Max-norm relative error of the timed scores (``scores``, the full file's ``out``) on ``rows`` random
+    rows, the first and the last row, against dense float64 leverage of the whole file, for any model:
+    the float64 dual matrix (``nj.dual_matrix``, ``nodes`` nodes, as :func:`correctness`'s reference) in
+    blocks of the check rows' shape (compiled once: the last block ends at row ``n``, its rows already
+    counted masked out), its Gram matrix ``G`` summed over the file on the device, and
+    ``τ_r = F_r G⁻¹ F_rᵀ / rank`` (only the blocks holding those rows come back to the host)."""
+    n, block = xs.shape[0], reference["x"].shape[0]
+    rng = np.random.default_rng(1)
+    idx = np.union1d(rng.choice(n, size=min(rows, n), replace=False), [0, n - 1])
+    gram, picked = None, []
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), reference["params"])
+        for start in range(0, n, block):
+            lo = min(start, n - block)  # the last block: rows lo..n, of which lo..start already counted
+            x, y = (np.asarray(a[lo : lo + block], np.float64) for a in (xs, ys))
+            F = nj.dual_matrix(reference["apply_fn"], p64, x, y, num_nodes=nodes)
+            gram = gram_update(jnp.zeros((F.shape[1],) * 2, F.dtype) if gram is None else gram, F, start - lo)
+            here = idx[(idx >= start) & (idx < lo + block)]
+            if here.size:
+                picked.append(np.asarray(F)[here - lo])
+        gram = np.asarray(gram)
+    F = np.concatenate(picked)
+    tau = np.sum(F * np.linalg.solve(gram, F.T).T, axis=1) / rank
+    return max_rel_error(np.asarray(scores[idx], np.float64), tau)
+
+
 def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
     chunk = args.chunk_size or stream_chunk_size(params)  # None: the library's default, resolved here
     kw = dict(chunk_size=args.chunk_size, num_nodes=args.nodes, return_info=True)
@@ -304,13 +340,16 @@ def run(args) -> dict:
                     forced = check_route(reference, args, route=route)
                     checks |= {f"{name}_n{n}_{key}": entry for key, entry in forced.items()}
                 checks[f"{name}_n{n}_sum_to_one"] = check(abs(result["scores_sum"] - 1.0), 1e-3)
-                if name == "single-index":  # the timed output itself, against numpy (closed-form model)
-                    scores = np.load(folder / "scores.npy", mmap_mode="r")
-                    err = timed_rows_single_index(
-                        params, xs, ys, scores, nodes=args.nodes, rank=result["rank"]
-                    )
+                # The timed output itself (written through out=, another path than the checks above):
+                # float32 scores against float64 leverage of the whole file, the float32 limit above.
+                scores = np.load(folder / "scores.npy", mmap_mode="r")
+                kw = dict(nodes=args.nodes, rank=result["rank"])
+                err = timed_rows_dense(reference, xs, ys, scores, **kw)
+                checks[f"{name}_n{n}_timed_rows_vs_dense_max_rel"] = check(err, FLOAT32_RTOL)
+                if name == "single-index":  # and against numpy (closed-form model)
+                    err = timed_rows_single_index(params, xs, ys, scores, **kw)
                     checks[f"{name}_n{n}_timed_rows_vs_numpy_max_rel"] = check(err, FLOAT32_RTOL)
-                    del scores
+                del scores
                 results.append({"n": n, "model": name, "write_s": write_s, **result})
             del xs, ys
             shutil.rmtree(folder)

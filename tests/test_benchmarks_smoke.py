@@ -6,12 +6,17 @@ The scripts are not a package; they are loaded from ``benchmarks/`` by path, wit
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import load_benchmark
+from jax.flatten_util import ravel_pytree
 
 import nlis_jax as nj
 
@@ -32,15 +37,53 @@ def run_bench(name: str, args: list[str], tmp_path, monkeypatch, *, reps: int = 
     return record
 
 
+def sabotage(monkeypatch, name: str, wrong) -> None:
+    """``nj.<name>`` returns ``wrong(result, args, kwargs)`` instead of its result (which may be traced)."""
+    original = getattr(nj, name)
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        return wrong(original(*args, **kwargs), args, kwargs)
+
+    monkeypatch.setattr(nj, name, wrapped)
+
+
+def run_sabotaged(name: str, args: list[str], tmp_path, monkeypatch, *, module=None) -> dict:
+    """``main`` at a tiny size with a library function made wrong: the record says ``ok: False``."""
+    out = tmp_path / f"{name}.json"
+    module = module or load_benchmark(name, monkeypatch)
+    record = module.main([*args, "--reps", "1", "--quiet", "--out", str(out)])
+    assert record["ok"] is False and json.loads(out.read_text())["ok"] is False
+    return record
+
+
+def failed(checks: dict) -> set[str]:
+    return {name for name, entry in checks.items() if not entry["ok"]}
+
+
 def test_bench_scores(tmp_path, monkeypatch):
     args = ["--n", "64", "--d", "4", "--svd-reps", "1"]
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")  # read by the record, not by the loaded BLAS
     record = run_bench("bench_scores", args, tmp_path, monkeypatch)
     assert record["checks"]["scores_vs_svd_max_rel"]["ok"]
+    assert record["checks"]["eager_scores_vs_svd_max_rel"]["ok"]  # the eager public call, timed too
     assert record["route"] in nj.routes.ROUTES
     assert record["timings"]["floor_numpy"]["floor_s"] > 0
     blas = record["environment"]["blas"]
     assert "OPENBLAS_CORETYPE" in blas and blas["OPENBLAS_THREAD_TIMEOUT"] == "4"
+
+
+def test_bench_scores_checks_the_eager_call(tmp_path, monkeypatch):
+    """The eager public call is timed (ratio_eager): scores wrong there only (a one-row shift; the jitted
+    call is traced, left right) fail its check, before anything is timed (audit s34: passed unchecked)."""
+    sabotage(
+        monkeypatch,
+        "leverage_scores",
+        lambda o, a, k: o if isinstance(o, jax.core.Tracer) else jnp.roll(o, 1),
+    )
+    args = ["--n", "64", "--d", "4", "--svd-reps", "1"]
+    record = run_sabotaged("bench_scores", args, tmp_path, monkeypatch)
+    assert failed(record["checks"]) == {"eager_scores_vs_svd_max_rel"} and "timings" not in record
 
 
 def test_bench_adjoint(tmp_path, monkeypatch):
@@ -51,11 +94,27 @@ def test_bench_adjoint(tmp_path, monkeypatch):
     assert all(main["checks"][f"{m}_vs_loop_max_rel"]["ok"] for m in ("reverse", "forward", "auto"))
     assert set(main["timings"]) == {"loop_baseline", "reverse", "forward", "auto"}
     assert len(record["sweep"]["points"]) == 3  # one per model family
+    assert record["sweep"]["checks"]["sweep_vs_loop_max_rel"]["ok"]  # each point against the loop baseline
     assert "recommended_FORWARD_MAX_PARAMS" in record["sweep"]["threshold"]
     cnn = record["cnn"]  # 8×8 images: 80 + 1168 + 2·2·16·32 + 32 + 33 parameters
     assert cnn["p"] == 3361 and cnn["convolves"] and cnn["default_chunk_size"] == 4  # the memory chunk: n
     assert all(cnn["checks"][f"cnn_{c}_vs_loop_max_rel"]["ok"] for c in ("reverse", "reverse_chunk64"))
     assert set(cnn["timings"]) == {"loop_baseline", "reverse", "reverse_chunk64"}
+
+
+def test_bench_adjoint_sweep_checks_against_the_loop(tmp_path, monkeypatch):
+    """The p sweep's adjoints wrong in both modes alike (k = 10 outputs, 1% too large) fail the check
+    against the loop baseline and are not timed (audit s34: forward against reverse alone passed them).
+    Only the multi-output point runs (the main model stubbed, checked in test_bench_adjoint)."""
+    module = load_benchmark("bench_adjoint", monkeypatch)
+    monkeypatch.setattr(module, "main_model", lambda args, dtype: {"checks": {}, "ok": True})
+    monkeypatch.setattr(module, "sweep_cases", lambda args: [(f"multi_output_k{args.outputs}", 2)])
+    sabotage(monkeypatch, "adjoint", lambda o, a, k: 1.01 * o if o.ndim == 3 else o)
+    args = ["--nodes", "8", "--sweep-n", "32", "--cnn-n", "0"]
+    record = run_sabotaged("bench_adjoint", args, tmp_path, monkeypatch, module=module)
+    assert failed(record["sweep"]["checks"]) == {"sweep_vs_loop_max_rel"}
+    (point,) = record["sweep"]["points"]
+    assert point["k"] == 10 and point["forward_vs_reverse_max_rel"] < 1e-5 and "forward_s" not in point
 
 
 def test_bench_torch(tmp_path, monkeypatch):
@@ -93,6 +152,39 @@ def test_bench_quadrature(tmp_path, monkeypatch):
     assert all(case["median_s"] > 0 for case in timed) and "skipped" not in record
 
 
+def orthogonal_to_theta(adj, args, kwargs):
+    """``adj`` plus, in every row, 1% of its largest entry along a direction orthogonal to θ: the identity
+    ``<f*, θ> + f(0) = f(θ)`` holds still."""
+    if isinstance(adj, tuple):  # return_info=True: (adjoints, info)
+        return orthogonal_to_theta(adj[0], args, kwargs), adj[1]
+    theta = ravel_pytree(args[1])[0]
+    v = jnp.roll(theta, 1)
+    v = v - (v @ theta) / (theta @ theta) * theta
+    return adj + 0.01 * jnp.max(jnp.abs(adj)) / jnp.max(jnp.abs(v)) * v[None, :]
+
+
+@pytest.mark.parametrize(
+    "wrong, failing",
+    [
+        # the fixed rule batched as the default's first pass (timed: fixed16_same_batch) wrong alone
+        (
+            lambda o, a, k: o if k.get("chunk_size") is None else 1.01 * o,
+            "fixed16_same_batch_vs_loop_max_rel",
+        ),
+        # every adjoint wrong by an error orthogonal to θ: only an independent reference sees it
+        (orthogonal_to_theta, "fixed16_vs_loop_max_rel"),
+    ],
+    ids=["same_batch_only", "orthogonal_to_theta"],
+)
+def test_bench_quadrature_checks_against_the_loop(wrong, failing, tmp_path, monkeypatch):
+    """Wrong adjoints that the identity and the library's own fixed rule pass (audit s34: both timed with
+    ok: true) fail a check against bench_adjoint's loop baseline, before anything is timed."""
+    sabotage(monkeypatch, "adjoint", wrong)
+    args = ["--n", "64", "--budget", "0", "--roundoff-n", "0", "--skip-hard", "--skip-traced"]
+    record = run_sabotaged("bench_quadrature", args, tmp_path, monkeypatch)
+    assert failing in failed(record["checks"]) and "timings" not in record["mlp"]
+
+
 def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypatch):
     """Correctness first: a failed benchmark-MLP check writes a record with ok False and the failing
     check, and runs none of the timed hard, random, saturating or roundoff cases (stubs: no compiling)."""
@@ -126,6 +218,9 @@ def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypat
         ("bench_streaming", ["--n", "1e6,abc"], "--n: must be a number, got 'abc'"),
         ("bench_scores", ["--n", "-5"], "--n: must be an integer >= 1, got -5"),
         ("bench_adjoint", ["--hidden", "32,0"], "--hidden: must be an integer >= 1, got 0"),
+        # no mode: the loop baseline alone was timed, with ok: True (audit s34)
+        ("bench_adjoint", ["--modes", ""], "--modes: must list at least one mode, got ''"),
+        ("bench_adjoint", ["--modes", ","], "--modes: must list at least one mode, got ','"),
         ("bench_projected", ["--dim", "0"], "--dim: must be an integer >= 1, got 0"),
         ("bench_projected", ["--sparsity", "0"], "--sparsity: must list whole numbers >= 1, got '0'"),
         ("bench_quadrature", ["--budget", "nan"], "--budget: must be a finite number >= 0, got nan"),
@@ -151,6 +246,8 @@ def test_bench_streaming(tmp_path, monkeypatch):
     assert {r["model"] for r in record["results"]} == {"single-index", "mlp"}
     # the timed output itself, on random rows, against the numpy reference of the single-index model
     assert record["checks"]["single-index_n3000_timed_rows_vs_numpy_max_rel"]["value"] < 1e-4
+    for name in ("single-index", "mlp"):  # and of every model against dense float64 leverage of the file
+        assert record["checks"][f"{name}_n3000_timed_rows_vs_dense_max_rel"]["value"] < 1e-4
     for r in record["results"]:
         name = r["model"]
         # the timed dtype (float32), chunk size and nodes were checked, on their route, before timing
@@ -162,6 +259,23 @@ def test_bench_streaming(tmp_path, monkeypatch):
         assert r["reps"] == 2 and len(r["seconds_runs"]) == 2 and r["seconds"] >= r["seconds_min"] > 0
         assert all(math.isfinite(v) and v > 0 for v in (r["rows_per_s"], r["ratio_to_floor"]))
         assert r["floor"]["floor_s"] > 0 and r["first_call_small_s"] > 0
+
+
+def test_bench_streaming_checks_the_timed_output(tmp_path, monkeypatch):
+    """The MLP's timed scores, written through out= (another path than the checks before timing), shifted
+    by one row fail the check of the timed output against dense leverage (audit s34: only their sum was
+    checked). 1000 rows: the reference's last block of 600 rows overlaps the first."""
+
+    def shifted(result, args, kwargs):
+        if kwargs.get("out") is not None:
+            kwargs["out"][:] = np.roll(np.asarray(kwargs["out"]), 1)
+        return result
+
+    sabotage(monkeypatch, "streaming_leverage_scores", shifted)
+    args = ["--models", "mlp", "--n", "1000", "--d", "4", "--hidden", "3", "--nodes", "4"]
+    args += ["--chunk-size", "512", "--check-rows", "600", "--dir", str(tmp_path / "data")]
+    record = run_sabotaged("bench_streaming", args, tmp_path, monkeypatch)
+    assert failed(record["checks"]) == {"mlp_n1000_timed_rows_vs_dense_max_rel"}
 
 
 def test_bench_eager(tmp_path, monkeypatch):

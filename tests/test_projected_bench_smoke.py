@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import jax.numpy as jnp
 import pytest
 from helpers import load_benchmark
 
+import nlis_jax as nj
 from nlis_jax.experiments import datasets
 
 
@@ -29,6 +31,9 @@ def test_bench_projected(tmp_path, monkeypatch):
     assert colliding["max_bucket_load"] >= 2 and colliding["rank"] == 20  # buckets collide, rank kept
     (point,) = record["points"]
     assert point["p"] == (6 + 2) * 2 + 1
+    # every timed configuration of the library checked before its timing, here on the timed problem itself
+    for name in ("sparse_s1", "gaussian", "khatri_rao", "exact"):
+        assert record["checks"][f"h2_{name}_tv_vs_float64"]["problem"] == "timed"
     assert set(point["cases"]) == {"sparse_s1", "gaussian", "outer_product", "khatri_rao", "exact"}
     assert point["sparse_over_khatri_rao"]["cpu"] > 0
     for case in point["cases"].values():
@@ -41,6 +46,38 @@ def test_bench_projected(tmp_path, monkeypatch):
         and point["cases"]["khatri_rao"]["tv_vs_exact"] < 1e-3
     )
     assert math.isfinite(point["cases"]["outer_product"]["tv_vs_exact"])  # a TensorSketch: not exact
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        # dim = 2(p + 1): the timed problem's projections are exact, its warm-up output is checked
+        (["--dim", "36"], "timed"),
+        # dim < 2(p + 1): a small problem (n, d, h) of the same family on which they are exact
+        (["--dim", "20"], {"n_d_h": [40, 6, 1]}),
+    ],
+    ids=["timed_problem", "small_problem"],
+)
+def test_bench_projected_checks_what_it_times(argv, problem, tmp_path, monkeypatch):
+    """Scores wrong in float32 only (the timed dtype; a one-row shift) fail the check of the timed
+    configuration and nothing is timed (audit s34: timed, tv_vs_exact 0.29 recorded, ok: true). The
+    float64 checks before (correctness) are stubbed: test_bench_projected runs them."""
+    module = load_benchmark("bench_projected", monkeypatch)
+    monkeypatch.setattr(module, "correctness", lambda key: {})
+    original = nj.projected_leverage_scores
+
+    def shifted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return jnp.roll(out, 1) if out.dtype == jnp.float32 else out
+
+    monkeypatch.setattr(nj, "projected_leverage_scores", shifted)
+    out = tmp_path / "bench_projected.json"
+    args = ["--n", "120", "--d", "6", "--widths", "2", *argv, "--cases", "sparse"]
+    record = module.main([*args, "--reps", "1", "--quiet", "--out", str(out)])
+    assert record["ok"] is False and json.loads(out.read_text())["ok"] is False
+    entry = record["checks"]["h2_sparse_s1_tv_vs_float64"]
+    assert not entry["ok"] and entry["problem"] == problem
+    assert all(case["timing"] is None for case in record["points"][0]["cases"].values())
 
 
 @pytest.mark.parametrize(
