@@ -264,6 +264,8 @@ def _operand(method: str, kind: str, name: str, a, shape: tuple[int, ...], dtype
     real = jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == bool
     if not real:
         raise TypeError(f"{expects} of real numbers, got {name} of dtype {a.dtype}.")
+    if isinstance(a, np.ndarray | np.generic) and not jnp.issubdtype(a.dtype, jnp.floating):
+        a = np.asarray(a, dtype)  # host integers cast on the host: int64 past int32 does not wrap around
     check_finite(f"{method}: {name}", a)
     return jnp.asarray(a, dtype)
 

@@ -261,7 +261,8 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
     # vectors at its end (jnp.asarray's copy, the probabilities, h in the dtype) where two suffice.
     if return_info:
         probs = h / np.asarray(total, h.dtype)
-        return Leverage(jax.device_put(probs.astype(dtype)), jax.device_put(h.astype(dtype)), rank, taken)
+        probs, h = probs.astype(dtype, copy=False), h.astype(dtype, copy=False)
+        return Leverage(jax.device_put(probs), jax.device_put(h), rank, taken)
     divide_in_place(h, total, chunk_size)
     return jax.device_put(h.astype(dtype, copy=False))
 

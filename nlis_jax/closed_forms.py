@@ -125,8 +125,8 @@ def difference_quotient(g: Callable[[Array], Array], z: Array) -> Array:
     """
     if not callable(g):
         raise TypeError(f"g must be a callable scalar function (e.g. jnp.tanh), got {type(g).__name__}.")
+    check_floating("z", z)  # first: an int64 z past int32 is refused as an integer, not as wrapping around
     check_finite_each(("z", z))
-    check_floating("z", z)
     return _difference_quotient(g, jnp.asarray(z))
 
 

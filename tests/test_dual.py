@@ -179,3 +179,26 @@ def test_dual_operator_is_a_snapshot_of_numpy_inputs():
     np.testing.assert_allclose(op.mv(op.theta_tilde), F @ np.r_[theta / 2, 1.0], rtol=0, atol=1e-14)
     np.testing.assert_allclose(op.mv(v), F @ v, rtol=0, atol=1e-14)
     np.testing.assert_allclose(op.rmv(u), F.T @ u, rtol=0, atol=1e-14)
+
+
+def test_dual_operator_and_difference_quotient_take_int64_beyond_int32_as_before():
+    """Integer operands are cast to the operator's float dtype on the host, so int64 entries past int32
+    are products of their values (the session's new check for jax's integer cast refused them at first,
+    as if they would wrap around); an int64 z in difference_quotient is refused as not floating point."""
+    import jax
+
+    rng = np.random.default_rng(2)
+    xs, ys, theta = rng.normal(size=(5, 3)), rng.normal(size=5), rng.normal(size=3)
+
+    def model(th, x):
+        return jnp.tanh(x @ th)
+
+    with jax.enable_x64(False):
+        theta32 = theta.astype(np.float32)
+        op = nj.dual_operator(model, theta32, xs.astype(np.float32), ys.astype(np.float32), num_nodes=8)
+        v = np.array([3_000_000_000, 0, 1, 0], np.int64)
+        np.testing.assert_allclose(op.mv(v), op.mv(v.astype(np.float32)), rtol=1e-6)
+        u = np.array([0, 2**40, 0, 0, 1], np.int64)
+        np.testing.assert_allclose(op.rmv(u), op.rmv(u.astype(np.float32)), rtol=1e-6)
+        with pytest.raises(TypeError, match="z must hold floating"):
+            nj.closed_forms.difference_quotient(jnp.tanh, np.array([3_000_000_000], np.int64))
