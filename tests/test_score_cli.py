@@ -330,7 +330,10 @@ def test_score_damaged_files_are_usage_errors(tmp_path, capsys):
     flipped = bytearray(z)
     flipped[z.find(b"\x93NUMPY") + 140] ^= 0xFF  # in theta's data, after its 128-byte .npy header
     (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    (tmp_path / "p.json").write_text('{"theta": [1, 2, 3]}')
+    (tmp_path / "empty.npz").write_bytes(b"")
     header, half, crc = (str(tmp_path / name) for name in ("header.npy", "half.npz", "crc.npz"))
+    text, empty = str(tmp_path / "p.json"), str(tmp_path / "empty.npz")
     corrupt = "the file is corrupt or truncated"
     cases = [
         (["--x", header], f"--x {header}: {corrupt}"),
@@ -341,6 +344,9 @@ def test_score_damaged_files_are_usage_errors(tmp_path, capsys):
             ["--x", x, "--params", crc],
             f"--params {crc} as an .npz of arrays (theta): {corrupt} (BadZipFile: Bad CRC",
         ),
+        # numpy takes a file without a .npy/.npz header for a pickle: it was said to hold Python objects
+        (["--x", x, "--params", text], f"--params {text} is not an .npz archive (no zip header): save"),
+        (["--x", x, "--params", empty], f"--params {empty} is empty: save the parameters with np.savez"),
     ]
     for args, message in cases:
         err = _error(["--out", out, *args], capsys)

@@ -115,12 +115,20 @@ def _stored_params(path: str | None, model: str, d: int) -> dict | None:
         # np.load(path) leaves its file open when the zip cannot be read (a truncated .npz): our own
         # handle is closed whatever happens
         with open(path, "rb") as f:
-            stored = np.load(f)  # EOFError: an empty file; BadZipFile: a truncated one
+            head = f.read(len(NPY_MAGIC))
+            f.seek(0)
+            # anything else numpy would take for a pickle (and say so, naming allow_pickle)
+            stored = np.load(f) if head == NPY_MAGIC or head.startswith(ZIP_MAGIC) else None
             if isinstance(stored, np.lib.npyio.NpzFile):
                 with stored:
                     arrays = dict(stored)  # reads each member: a bad CRC-32, a damaged member's header
     except READ_ERRORS as exc:
         raise ValueError(f"cannot read --params {path} as an .npz of arrays ({need}): {_why(exc)}") from None
+    if stored is None:
+        what = "is empty" if not head else "is not an .npz archive (no zip header)"
+        raise ValueError(
+            f"--params {path} {what}: save the parameters with np.savez(path, ...) under the keys {need}."
+        )
     if not isinstance(stored, np.lib.npyio.NpzFile):
         raise ValueError(
             f"--params {path} is one array, not an .npz archive: save the parameters with "
