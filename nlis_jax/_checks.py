@@ -212,9 +212,11 @@ def narrowing_counts(tree) -> tuple[int, int, int]:
     pass over each such leaf (more only where one is found); none over other leaves."""
     over = under = wrapped = 0
     for leaf in jax.tree.leaves(tree):
-        if narrows(leaf) and np.issubdtype(leaf.dtype, np.integer):
+        if not narrows(leaf):
+            continue
+        if np.issubdtype(leaf.dtype, np.integer):
             wrapped += wrapped_integers(leaf)
-        elif narrows(leaf):
+        else:
             _, leaf_over, leaf_under = _host_counts(leaf)
             over, under = over + leaf_over, under + leaf_under
     return over, under, wrapped
