@@ -117,8 +117,7 @@ def _stored_params(path: str | None, model: str, d: int) -> dict | None:
         with open(path, "rb") as f:
             head = f.read(len(NPY_MAGIC))
             f.seek(0)
-            # anything else numpy would take for a pickle (and say so, naming allow_pickle)
-            stored = np.load(f) if head == NPY_MAGIC or head.startswith(ZIP_MAGIC) else None
+            stored = np.load(f) if _numpy_header(head) else None
             if isinstance(stored, np.lib.npyio.NpzFile):
                 with stored:
                     arrays = dict(stored)  # reads each member: a bad CRC-32, a damaged member's header
@@ -324,6 +323,12 @@ def _memory_message(args: argparse.Namespace, exc: MemoryError) -> str:
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK"
 
 
+def _numpy_header(head: bytes) -> bool:
+    """Whether a file's first bytes are an ``.npy`` or ``.npz`` header: ``np.load`` takes any other file
+    for a pickle (and refuses it naming ``allow_pickle``, an option of the library call)."""
+    return head == NPY_MAGIC or head.startswith(ZIP_MAGIC)
+
+
 def _load_array(option: str, path: str) -> np.ndarray:
     """The ``.npy`` array at ``path`` as a read-only memmap, in native byte order (``ValueError`` for an
     empty file, an ``.npz`` archive or a big-endian file, which the memmap would hand to the device
@@ -333,7 +338,7 @@ def _load_array(option: str, path: str) -> np.ndarray:
             head = f.read(len(NPY_MAGIC))
     except OSError as exc:  # its message names the file, not the option
         raise ValueError(f"{option} {path}: {exc.strerror or exc}.") from None
-    if head and head != NPY_MAGIC and not head.startswith(ZIP_MAGIC):  # numpy took it for a pickle
+    if head and not _numpy_header(head):
         raise ValueError(f"{option} {path} is not a .npy file (no .npy header): save the array with np.save.")
     if head.startswith(ZIP_MAGIC):  # not np.load: it leaves the file open when the zip cannot be read
         if not zipfile.is_zipfile(path):
