@@ -401,11 +401,11 @@ def one_width(args, key, h: int, sparsities) -> tuple[dict, dict]:
         library.append(("exact", "exact", exact_fn(args.nodes), ()))
     sparsity = max([s for _, embedding, s in cases if embedding == "sparse"], default=1)
     checks, check_out = {}, {}
-    timed = bool(library) and fits and (p + 1) * max(2, sparsity) <= args.dim
-    if timed:  # the timed problem itself, where float32 keeps every direction the float64 reference keeps
+    on_timed_problem = bool(library) and fits and (p + 1) * max(2, sparsity) <= args.dim
+    if on_timed_problem:  # where float32 keeps every direction the float64 reference keeps
         ref, kappa = reference_scores(params, xs, ys, args.nodes)
-        timed = kappa <= TIMED_KAPPA_MAX
-    if timed:  # the timed problem: its warm-up output
+        on_timed_problem = kappa <= TIMED_KAPPA_MAX
+    if on_timed_problem:  # the timed problem: its warm-up output
         about = {"problem": "timed", "condition_number": kappa}
         for name, kind, _, _ in library:
             check_out[name] = functools.partial(tv_check, ref=ref, kind=kind, about=about)
