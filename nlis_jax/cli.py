@@ -655,9 +655,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         )
     except experiments.StudyInterrupted as stop:
         summary = dict(stop.summary, seed=args.seed, argv=list(argv), load_s=load_s)
-        args.no_plots = True
-        written = _write(args, summary)
-        print(f"nlis-jax run: interrupted; finished cells written to {written[0]}", file=sys.stderr)
+        args.no_plots = True  # a grid cut short is not plotted; a finished grid's plots are waited for
+        written = _write(args, summary, plots[0] if plots else None)
+        print(
+            f"nlis-jax run: interrupted; finished cells written to {', '.join(map(str, written))}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     summary = dict(result.summary, seed=args.seed, argv=list(argv), load_s=load_s)
     summary["wall_s"] = time.perf_counter() - t0

@@ -547,6 +547,21 @@ def test_plot_active_closes_its_figure_when_saving_fails(tmp_path):
     assert path.stat().st_size > 0 and plt.get_fignums() == before
 
 
+def test_plot_active_of_fits_that_all_diverged_says_so(tmp_path):
+    """Every median None (each fit diverged): a log y axis of nothing failed at savefig with matplotlib's
+    'Data cannot be log-scaled', after results.json was written (thirty-fifth session)."""
+    none = [None, None]
+    result = {
+        "budgets": [20, 40],
+        "dataset": "california",
+        "n": 100,
+        "settings": {"radius": 1.0},
+        "strategies": {"uniform": {"median": none, "q25": none, "q75": none}},
+    }
+    path = study.plot_active(result, tmp_path)
+    assert path.stat().st_size > 0
+
+
 def test_flights_missing_extra_is_a_clear_error(monkeypatch):
     import importlib.util
 

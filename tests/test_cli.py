@@ -564,3 +564,32 @@ def test_main_in_process_restores_jax_settings_and_honours_later_cache_options(t
         for name, value in before.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Thirty-fifth session
+
+
+def test_ctrl_c_in_the_wall_time_comparison_waits_for_the_plots(tmp_path, monkeypatch, capsys):
+    """The grid's plots, drawn in a thread beside the wall-time comparison, were left half done (on the
+    console, os._exit then killed the thread: results.json alone, or ratio.png without excess.png)."""
+    from nlis_jax.experiments import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "compare_wall_time", interrupted)
+    out = tmp_path / "res"
+    assert cli.main(TINY + ["--out", str(out)]) == cli.EXIT_INTERRUPTED
+    assert (out / "ratio.png").stat().st_size > 0 and (out / "excess.png").stat().st_size > 0
+    assert str(out / "excess.png") in capsys.readouterr().err
+
+
+def test_a_diverged_accuracy_quantile_reads_minus_inf():
+    """A quantile taken by a diverged fit (None) printed as 'inf' in the accuracy table too, above the
+    median it lies below."""
+    from nlis_jax.experiments import report
+
+    q = {"median": 0.5, "q25": None, "q75": 0.55}
+    assert report._cell(q, 26, "-inf").split() == ["0.5000", "[-inf,", "0.550]"]
+    assert report._cell(q, 26).split() == ["0.5000", "[inf,", "0.550]"]

@@ -593,3 +593,97 @@ def test_study_plots_label_each_sample_size(sizes):
     finally:
         plt.close(fig)
     assert shown == [f"{s:g}" for s in sizes]
+
+
+# --------------------------------------------------------------------------------------------------
+# Thirty-fifth session: the wall-time comparison and the tables with diverged fits
+
+
+def test_a_diverged_trace_never_converges():
+    """A NaN final value compared as 'within rtol' of every step: 0 steps to convergence, so a diverged
+    timed fit was charged almost nothing 'to convergence'."""
+    assert ex.steps_to_converge(np.array([5.0, 3.0, np.nan, np.nan])) == 4
+    assert ex.steps_to_converge(np.array([5.0, np.inf])) == 2
+
+
+def _timed_row(total, ratio, full_time):
+    return {
+        "total_s": total,
+        "total_converged_s": total,
+        "ratio": ratio,
+        "diverged": ratio is None,
+        "full_time_to_loss_s": full_time,
+    }
+
+
+def test_wall_time_medians_rank_a_diverged_run_worst_over_the_same_runs():
+    """A diverged run made the median ratio NaN (a bare NaN in results.json) and its full-data time was
+    left out of one median but its own time kept in the other (a speed-up of mixed run sets)."""
+    from nlis_jax.experiments import wall_time
+
+    rows = [_timed_row(1.0, 1.2, 0.5), _timed_row(3.0, None, 0.0), _timed_row(2.0, 1.3, 0.7)]
+    m = wall_time._medians(rows)
+    assert m["ratio"] == 1.3 and m["diverged"] == 1  # ranked +inf: the median is the worse finite run
+    assert m["full_time_to_loss_s"] == 0.5 and m["total_s"] == 2.0 and m["speedup"] == 0.25
+    json.dumps(m, allow_nan=False)  # strict JSON
+    m = wall_time._medians(
+        [_timed_row(1.0, None, 0.0), _timed_row(1.0, None, 0.0), _timed_row(1.0, 1.1, 0.4)]
+    )
+    assert m["ratio"] is None and m["full_time_to_loss_s"] == 0.0 and m["speedup"] == 0.0
+    not_reached = [_timed_row(1.0, 0.9, None), _timed_row(1.0, 0.95, None), _timed_row(2.0, 1.01, 0.3)]
+    m = wall_time._medians(not_reached)  # a loss below every full-data iterate ranks as the longest time
+    assert m["full_time_to_loss_s"] is None and m["speedup"] is None and m["ratio"] == 0.95
+
+
+def test_wall_time_keys_do_not_depend_on_the_other_schemes(monkeypatch):
+    """The keys were split by position among the schemes timed: uniform's samples changed when
+    pilot_leverage was timed too (run_study keys every scheme by its name)."""
+    from types import SimpleNamespace
+
+    from nlis_jax.experiments import wall_time
+
+    def keys_of(methods):
+        seen = {}
+
+        def record(keys, method, *args):
+            seen.setdefault(method, []).append([np.asarray(jax.random.key_data(k)) for k in keys])
+            return _timed_row(1.0, 1.0, 0.1)
+
+        monkeypatch.setattr(wall_time, "_one_run", record)
+        full = ex.FullFit(None, 1.0, np.ones(3), 1.0, 0.0, 3, 0.0)
+        problem, config = SimpleNamespace(n=100), SimpleNamespace(pilot_size=10)
+        wall_time.compare_wall_time(
+            jax.random.key(3), problem, full, None, size=10, config=config, methods=methods, runs=2
+        )
+        return seen
+
+    alone, both = keys_of(("uniform",)), keys_of(("pilot_leverage", "uniform"))
+    np.testing.assert_array_equal(np.asarray(alone["uniform"]), np.asarray(both["uniform"]))
+    assert not np.array_equal(np.asarray(both["uniform"]), np.asarray(both["pilot_leverage"]))
+    with pytest.raises(ValueError, match="'nonlinear_leverage' is not one of"):
+        keys_of(("nonlinear_leverage",))
+
+
+def test_full_fit_step_cost_leaves_out_the_fixed_cost_of_a_call(monkeypatch):
+    """time_s / num_steps charged nlis_jax.fit's fixed cost per call (checks, set-up: 6–8 ms on 2
+    cores) to every step, overstating full-data training time, hence the speed-ups of sampling. A fake
+    clock makes each call cost 8 ms + 1 ms per step: the marginal step cost is 1 ms exactly."""
+    from types import SimpleNamespace
+
+    from nlis_jax.experiments import study
+
+    clock = [0.0]
+    real_fit = nj.fit
+
+    def fit(*args, num_steps, **kwargs):
+        clock[0] += 8e-3 + 1e-3 * num_steps
+        return real_fit(*args, num_steps=num_steps, **kwargs)
+
+    monkeypatch.setattr(study.nj, "fit", fit)
+    monkeypatch.setattr(study, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    problem = ex.make_problem(TINY)
+    full = ex.fit_full(problem, problem.init(jax.random.key(0)), num_steps=40)
+    assert full.time_s == pytest.approx(8e-3 + 40e-3) and full.step_s == pytest.approx(1e-3)
+    assert full.seconds_per_step == full.step_s
+    one = ex.fit_full(problem, problem.init(jax.random.key(0)), num_steps=1)  # one segment: no estimate
+    assert one.step_s is None and one.seconds_per_step == pytest.approx(9e-3)

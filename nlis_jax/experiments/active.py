@@ -482,6 +482,8 @@ def plot_active(result: dict, out_dir: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    from nlis_jax.experiments.plots import _log_y_or_note
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     try:  # the figure is closed also when drawing or saving fails (no figure left in pyplot)
         budgets = np.asarray(result["budgets"])
@@ -492,7 +494,8 @@ def plot_active(result: dict, out_dir: str | os.PathLike) -> Path:
                 budgets, to_array(q["q25"]), to_array(q["q75"]), color=line.get_color(), alpha=0.2
             )
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if not _log_y_or_note(ax, "every fit diverged: no finite median to draw"):
+            ax.set_xlim(budgets.min() / 1.2, budgets.max() * 1.2)  # no data to scale the log x axis by
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("labels")

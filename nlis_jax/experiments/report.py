@@ -60,15 +60,20 @@ def steps_to_loss(losses: np.ndarray, target: float) -> int | None:
 
 
 def steps_to_converge(trace, rtol: float = 1e-6) -> int:
-    """Steps after which a fit's objective stays within ``rtol`` (relative) of its final value."""
+    """Steps after which a fit's objective stays within ``rtol`` (relative) of its final value; all
+    ``len(trace)`` steps when that final value is not finite (a diverged fit never settles)."""
     trace = np.asarray(trace, dtype=np.float64)
     final = trace[-1]
+    if not np.isfinite(final):
+        return int(trace.shape[-1])
     bad = np.nonzero(np.abs(trace - final) > rtol * abs(final))[0]
     return int(bad[-1]) + 1 if bad.size else 0
 
 
-def _cell(q: dict, width: int) -> str:
-    f = lambda v, spec: "inf" if v is None else format(v, spec)
+def _cell(q: dict, width: int, diverged: str = "inf") -> str:
+    """``median [q25, q75]``; a quantile taken by diverged fits (``None``) reads ``diverged``: their
+    worst value, "inf" for a loss ratio, "-inf" for an accuracy."""
+    f = lambda v, spec: diverged if v is None else format(v, spec)
     return f"{f(q['median'], '>10.4f')} [{f(q['q25'], '.3f')}, {f(q['q75'], '.3f')}]".rjust(width)
 
 
@@ -87,9 +92,11 @@ def _timing_lines(timing: dict | None) -> list[str]:
         speed = ""
         if t["speedup"] is not None:
             speed = f", speed-up {t['speedup']:.2f}x ({t['speedup_converged']:.2f}x)"
+        ratio = "inf (diverged)" if t["ratio"] is None else f"{t['ratio']:.4f}"
+        diverged = f" ({t['diverged']} of {runs} runs diverged)" if t.get("diverged") else ""
         lines.append(
             f"  {m:<20} total {t['total_s']:.4f} s ({t['total_converged_s']:.4f} s to convergence), "
-            f"ratio {t['ratio']:.4f}; full data to that loss: {full_t}{speed}"
+            f"ratio {ratio}{diverged}; full data to that loss: {full_t}{speed}"
         )
     return lines
 
@@ -114,16 +121,16 @@ def format_table(summary: dict) -> str:
     width = 26
     header = f"{'s':>7} {'s/n':>7}  " + "".join(f"{m:>{width}}" for m in methods)
 
-    def table(key):  # one row per sample size, one column per method
+    def table(key, diverged):  # one row per sample size, one column per method
         lines.append(header)
         for i, s in enumerate(summary["sizes"]):
-            cells = "".join(_cell(summary["methods"][m]["results"][i][key], width) for m in methods)
+            cells = "".join(_cell(summary["methods"][m]["results"][i][key], width, diverged) for m in methods)
             lines.append(f"{s:>7d} {s / summary['n']:>7.4f}  " + cells)
 
-    table("ratio")
+    table("ratio", "inf")
     if classification:
         lines.append("test accuracy: median [q25, q75]")
-        table("test_accuracy")
+        table("test_accuracy", "-inf")
     lines.append("seconds per repeat at the largest size: scoring (incl. pilot) + training")
     for m in methods:
         r = summary["methods"][m]["results"][-1]

@@ -230,6 +230,7 @@ def _full_summary(run: _Run) -> dict:
     out = {
         "loss": full.loss,
         "time_s": full.time_s,
+        "step_s": full.seconds_per_step,
         "compile_s": full.compile_s,
         "num_steps": full.num_steps,
         "rel_change": full.rel_change,

@@ -3,6 +3,7 @@ r"""End-to-end wall time of practical sampling schemes against full-data trainin
 from __future__ import annotations
 
 import concurrent.futures
+import math
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ from nlis_jax.experiments import kernels
 from nlis_jax.experiments import keys as prng
 from nlis_jax.experiments.configs import StudyConfig, resolve_size
 from nlis_jax.experiments.problems import Problem
-from nlis_jax.experiments.report import steps_to_converge, steps_to_loss
+from nlis_jax.experiments.report import number, quantiles, steps_to_converge, steps_to_loss
 from nlis_jax.experiments.study import (
     FullFit,
     draw,
@@ -70,9 +71,11 @@ def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: 
     probs, score_s, pilot_s, pilot_conv_s = _scheme_probs(k_pilot, method, problem, params0, config, bucket)
     params, trace, sample_s, train_s = _draw_and_fit(k_sample, probs, size, bucket, problem, params0, config)
     loss = float(np.asarray(full_losses(problem, params)[0])[0])
-    steps = full_steps_to_loss(full, loss)
-    train_steps = steps_to_converge(np.asarray(trace)[0])
-    step_s = full.time_s / full.num_steps
+    diverged = not math.isfinite(loss)
+    # a diverged fit's loss counts as +inf: full-data training "reaches" it at once (time 0, speed-up 0)
+    steps = full_steps_to_loss(full, math.inf if diverged else loss)
+    train_steps = steps_to_converge(np.asarray(trace)[0])  # all steps for a diverged fit
+    step_s = full.seconds_per_step
     return {
         "pilot_s": pilot_s,
         "score_s": score_s,
@@ -81,18 +84,26 @@ def _one_run(keys, method: str, problem: Problem, full: FullFit, params0, size: 
         "total_s": pilot_s + score_s + sample_s + train_s,
         "train_steps_to_converge": train_steps,
         "total_converged_s": pilot_conv_s + score_s + sample_s + train_s * train_steps / config.num_steps,
-        "ratio": loss / full.loss,
+        "ratio": number(loss / full.loss),  # None: diverged
+        "diverged": diverged,
         "full_steps_to_loss": steps,
         "full_time_to_loss_s": None if steps is None else steps * step_s,
     }
 
 
+def _median(values) -> float | None:
+    """The median over every run, ``None`` (+inf: a diverged ratio, a loss full-data training never
+    reached) counting as the largest value (:func:`~nlis_jax.experiments.report.quantiles`); ``None``
+    when the median is such a run."""
+    return quantiles([math.inf if v is None else v for v in values])["median"]
+
+
 def _medians(rows: list[dict]) -> dict:
-    """Medians over runs and the speed-ups (full-data time to the loss over the scheme's time)."""
-    to_loss = [r["full_time_to_loss_s"] for r in rows if r["full_time_to_loss_s"] is not None]
-    med_total = float(np.median([r["total_s"] for r in rows]))
-    med_conv = float(np.median([r["total_converged_s"] for r in rows]))
-    med_full = float(np.median(to_loss)) if to_loss else None
+    """Medians over runs and the speed-ups (full-data time to the loss over the scheme's time), every
+    median over the same runs: a diverged run has ratio +inf, full-data time 0 and the time it spent."""
+    med_total = _median([r["total_s"] for r in rows])
+    med_conv = _median([r["total_converged_s"] for r in rows])
+    med_full = _median([r["full_time_to_loss_s"] for r in rows])
     return {
         "runs": rows,
         "total_s": med_total,
@@ -100,7 +111,8 @@ def _medians(rows: list[dict]) -> dict:
         "full_time_to_loss_s": med_full,
         "speedup": None if med_full is None or med_total == 0 else med_full / med_total,
         "speedup_converged": None if med_full is None or med_conv == 0 else med_full / med_conv,
-        "ratio": float(np.median([r["ratio"] for r in rows])),
+        "ratio": _median([r["ratio"] for r in rows]),
+        "diverged": sum(r["diverged"] for r in rows),
     }
 
 
@@ -122,7 +134,9 @@ def compare_wall_time(
     (uniform draw + fit; ``pilot_leverage`` only), the scoring, the draw and the training on ``size``
     rows, each a compiled call timed apart from its compilation. The sample solution's full-data loss
     ``L(θ_S)`` sets the target; full-data training (:func:`fit_full`'s run) reaches it after
-    ``t = full_steps_to_loss(full, L(θ_S))`` steps, which take ``t · full.time_s / full.num_steps``.
+    ``t = full_steps_to_loss(full, L(θ_S))`` steps, which take ``t · full.seconds_per_step`` (the
+    marginal cost of a step, :attr:`FullFit.step_s`). A diverged sample fit (``L(θ_S)`` not finite) has
+    ``ratio`` ``None`` (+inf in the medians), ``diverged`` true, full-data time 0 and its whole time.
 
     Each scheme runs once more before the timed runs, with keys of its own (a warm-up: every program
     the timed runs call is compiled then). ``wait_for``, work started in a thread (the study's plots, see
@@ -136,20 +150,28 @@ def compare_wall_time(
     Returns:
         JSON-ready dict: ``size``, ``full`` (``time_s``, ``num_steps``, ``step_s``) and per scheme the
         ``runs`` list (``pilot_s``, ``score_s``, ``sample_s``, ``train_s``, ``total_s``,
-        ``total_converged_s``, ``ratio``, ``full_steps_to_loss``, ``full_time_to_loss_s``) with medians
-        ``total_s``, ``total_converged_s``, ``full_time_to_loss_s``, ``speedup`` and
-        ``speedup_converged`` (full-data time to the loss over the scheme's time).
+        ``total_converged_s``, ``ratio``, ``diverged``, ``full_steps_to_loss``, ``full_time_to_loss_s``)
+        with medians ``total_s``, ``total_converged_s``, ``full_time_to_loss_s``, ``ratio``, ``speedup``
+        and ``speedup_converged`` (full-data time to the loss over the scheme's time), and the count of
+        ``diverged`` runs. A scheme's keys depend on its name, not on the other schemes timed.
     """
-    step_s = full.time_s / full.num_steps
+    step_s = full.seconds_per_step
     out = {
         "size": int(size),
         "pilot_size": resolve_size(config.pilot_size, problem.n),
         "full": {"time_s": full.time_s, "num_steps": full.num_steps, "step_s": step_s, "loss": full.loss},
         "methods": {},
     }
+    unknown = [m for m in methods if m not in TIMED_METHODS]
+    if unknown:
+        raise ValueError(f"compare_wall_time: {unknown[0]!r} is not one of {TIMED_METHODS}.")
+    method_keys = dict(zip(TIMED_METHODS, prng.split_tuple(key, len(TIMED_METHODS)), strict=True))
     run_keys = {  # per scheme: each timed run's (pilot, sample) keys, then the warm-up's; each of shape (1,)
-        method: [prng.split_tuple(rkey, 2, batched=True) for rkey in prng.split_tuple(mkey, runs + 1)]
-        for method, mkey in zip(methods, prng.split_tuple(key, len(methods)), strict=True)
+        method: [
+            prng.split_tuple(rkey, 2, batched=True)
+            for rkey in prng.split_tuple(method_keys[method], runs + 1)
+        ]
+        for method in methods
     }
     for method in methods:  # warm-up, untimed: compiles every program of the timed runs
         _one_run(run_keys[method][-1], method, problem, full, params0, size, config)
