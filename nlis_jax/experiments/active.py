@@ -75,6 +75,8 @@ class ActiveStudyConfig:
       n: rows of the pool; ``None``: all of California, 20,000 flights, 2,000 Fashion-MNIST images.
       data_seed: seed of the row subsample (flights, Fashion-MNIST).
       num_nodes: quadrature nodes of the network's adjoint.
+      download: fetch California Housing or Fashion-MNIST once when it is not in the data folder
+        (``False``: :class:`~nlis_jax.experiments.datasets.DatasetNotFoundError` instead, no network).
     """
 
     dataset: str = "california"
@@ -89,6 +91,7 @@ class ActiveStudyConfig:
     n: int | None = None
     data_seed: int = 0
     num_nodes: int = 8
+    download: bool = True
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -120,7 +123,8 @@ class ActiveStudyConfig:
 
 
 def small(config: ActiveStudyConfig, batch: int | None = None) -> ActiveStudyConfig:
-    """A smoke-test variant (``NLIS_SMALL=1`` / ``--small``): 2 repeats, 3 short rounds, a small pool;
+    """A smoke-test variant (``NLIS_SMALL=1`` / ``--small``): 2 repeats, a seed batch and 2 short query
+    rounds (3 fits), a small pool;
     ``batch`` (``--batch``) sets the rounds' size, else the config's (at most 10)."""
     n = {"california": 1500, "flights": 1500, "fashion-mnist": 600}[config.dataset]
     b = min(config.batch, 10) if batch is None else batch  # an explicit --batch as given
@@ -218,7 +222,9 @@ def _subsample(n_total: int, n: int | None, default: int, seed: int) -> np.ndarr
 
 def california_problem(config: ActiveStudyConfig) -> ActiveProblem:
     """California Housing, standardised features and response, bias column (``n`` rows if given)."""
-    ds = datasets.load_california(dtype=jax.dtypes.canonicalize_dtype(np.float64))
+    ds = datasets.load_california(
+        dtype=jax.dtypes.canonicalize_dtype(np.float64), download_if_missing=config.download
+    )
     keep = _subsample(ds.n_samples, config.n, ds.n_samples, config.data_seed)
     info = dict(dataset="california", features=list(ds.feature_names))
     return _regression(config, ds.x[keep], ds.y[keep], info)
@@ -269,7 +275,7 @@ def flights_problem(config: ActiveStudyConfig) -> ActiveProblem:
 
 def fashion_mnist_problem(config: ActiveStudyConfig, *, hidden: int = 8, pool: int = 4) -> ActiveProblem:
     """Fashion-MNIST T-shirt/top (0) vs shirt (6): pooled, standardised pixels, MLP ``d-hidden-1``, ±1."""
-    ds = datasets.load_fashion_mnist(split="train", classes=(0, 6))
+    ds = datasets.load_fashion_mnist(split="train", classes=(0, 6), download_if_missing=config.download)
     keep = _subsample(ds.n_samples, config.n, 2000, config.data_seed)
     m = 28 // pool
     x = ds.x[keep].reshape(-1, m, pool, m, pool).mean(axis=(2, 4)).reshape(-1, m * m).astype(np.float64)
