@@ -48,6 +48,7 @@ from nlis_jax._checks import (
     count_failing,
     host_values,
     is_concrete,
+    narrows,
     report_nonfinite,
 )
 from nlis_jax._fetch import check_auto_axes
@@ -224,9 +225,13 @@ def _leaf_shapes(name: str, tree: PyTree, limit: int = 12) -> str:
 def _count_unfit(ys, like, tiny, big):
     """``(past the range, flushed to 0, at least big)``: entries of ``ys`` that become Inf cast to
     ``like``'s dtype, non-zero entries below its smallest normal number ``tiny``, and entries of magnitude
-    ``big`` or more, in one program."""
+    ``big`` or more, in one program. Magnitudes are compared on the values' bits: a CPU flushes a
+    subnormal ``ys`` (of the params' own dtype) to 0 in ``jnp.abs`` and in comparisons."""
     past = jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
-    return past, jnp.count_nonzero((ys != 0) & (jnp.abs(ys) < tiny)), jnp.count_nonzero(jnp.abs(ys) >= big)
+    bits = jnp.dtype(f"uint{8 * ys.dtype.itemsize}")
+    magnitude = lambda a: lax.bitcast_convert_type(a, bits) & jnp.asarray(np.iinfo(bits).max >> 1, bits)
+    m = magnitude(ys)
+    return past, jnp.count_nonzero((m > 0) & (m < magnitude(tiny))), jnp.count_nonzero(m >= magnitude(big))
 
 
 def check_ys_fits(ys, dtype) -> None:
@@ -234,12 +239,23 @@ def check_ys_fits(ys, dtype) -> None:
     params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf; or non-zero
     values below its smallest normal number ``tiny`` that would become 0 where that matters: unless some
     ``|y_j| ≥ tiny/eps``, whose own rounding in the cast (``eps·|y_j|``) is larger than any value lost
-    (float32 ``ys`` of size 1 with a ``3e-5`` among them, cast to float16, are kept). Only a ``ys`` of a
-    wider dtype is read (on the host without compiling, as ``check_finite``, one pass unless it fails);
-    traced, a ``checkify`` check of the range inside ``nlis_jax.traced_checks()``."""
+    (float32 ``ys`` of size 1 with a ``3e-5`` among them, cast to float16, are kept). The same holds for
+    subnormal ``ys`` of the params' own dtype: a CPU flushes them to 0 inside the compiled program (a
+    float32 ``ys`` of ``1e-39`` gave rank 4 of 5, probabilities 43% off); those are read where the values
+    are on the host (a numpy array, an array on one CPU device; not an array held elsewhere, whose checks
+    take one read back per call, nor numpy float64 without x64, which the narrowing check reads). Only a
+    ``ys`` that can hold such values is read (on the host without compiling, as ``check_finite``, one pass
+    unless it fails); traced, a ``checkify`` check of the range inside ``nlis_jax.traced_checks()``."""
     ys = ys if hasattr(ys, "dtype") else np.asarray(ys)
     y_dtype = jnp.result_type(ys)
-    if not jnp.issubdtype(y_dtype, jnp.floating) or jnp.finfo(y_dtype).max <= jnp.finfo(dtype).max:
+    if not jnp.issubdtype(y_dtype, jnp.floating):
+        return
+    wider = jnp.finfo(y_dtype).max > jnp.finfo(dtype).max
+    if not wider and (
+        jnp.finfo(y_dtype).smallest_subnormal >= jnp.finfo(dtype).smallest_normal  # float16 ys, float32 θ
+        or narrows(ys)
+        or host_values(ys) is None
+    ):
         return
     limit = float(jnp.finfo(dtype).max)
     message = (
@@ -248,7 +264,8 @@ def check_ys_fits(ys, dtype) -> None:
         f"model's outputs), or pass params in a wider dtype."
     )
     if not is_concrete(ys):
-        traced_check(jnp.all(jnp.isfinite(ys.astype(dtype))), message.format("some"))
+        if wider:
+            traced_check(jnp.all(jnp.isfinite(ys.astype(dtype))), message.format("some"))
         return
     tiny = float(jnp.finfo(dtype).smallest_normal)  # and below it: flushed to 0 on the device
     big = tiny / float(jnp.finfo(dtype).eps)  # a value this large rounds by more than any value lost
@@ -272,8 +289,9 @@ def check_ys_fits(ys, dtype) -> None:
     if lost and not large:
         raise ValueError(
             f"ys has {lost} non-zero value(s) below the smallest normal number of the params' dtype "
-            f"{jnp.dtype(dtype).name} ({tiny:.3g}): cast to it they become 0 in the offset column f(0) − y. "
-            "Rescale ys (and the model's outputs), or pass params in a wider dtype."
+            f"{jnp.dtype(dtype).name} ({tiny:.3g}): {'cast to it they' if wider else 'subnormal, they'} "
+            "become 0 in the offset column f(0) − y (the device flushes subnormal numbers). Rescale ys (and "
+            "the model's outputs), or pass params in a wider dtype."
         )
 
 

@@ -11,6 +11,7 @@ from the conditioning of the column-equilibrated Gram matrix (:mod:`nlis_jax.rou
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -239,8 +240,9 @@ def leverage_scores(
     if ridge > 0:
         if float(ridge) > float(jnp.finfo(rows.dtype).max):
             raise ValueError(f"ridge = {ridge} overflows F's dtype {rows.dtype}.")
-        lam = jnp.asarray(ridge, rows.dtype)
-        probs, h, eff_dim, total = routes.ridge_row_leverage(rows, lam, lead)
+        mantissa, exponent = math.frexp(float(ridge))  # exact; scaled with F before it is cast
+        lam = (jnp.asarray(mantissa, rows.dtype), jnp.asarray(exponent, jnp.int32))
+        probs, h, eff_dim, total = routes.ridge_row_leverage(rows, *lam, lead)
         if is_concrete(probs) and not (bool(total == 0) or bool(jnp.all(jnp.isfinite(probs)))):
             raise ValueError(
                 f"the ridge leverage of F is not finite in {rows.dtype}: F's Gram matrix plus the ridge "
@@ -334,6 +336,10 @@ def norm_scores(F: Array) -> Array:
     Returns:
       ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F`` (half precision computed in
       float32). An all-zero ``F`` raises ``ValueError``.
+
+    Every magnitude of normal numbers is handled, but XLA on a CPU flushes subnormal numbers (below
+    ``finfo(dtype).smallest_normal``: ``1.2e-38`` in float32) to zero: they count as 0, and a row made of
+    them gets probability 0 (never sampled). Rescale such data before scoring (the scores do not change).
     """
     rows, lead = routes.as_rows(F)
     sq = _row_norms(rows, lead)

@@ -958,10 +958,16 @@ def _gram_leverage(A: Array, rtol: Array, route: str | None) -> tuple[Array, Arr
 
 @functools.partial(traced.jit, static_argnames=("lead",))
 @highest_precision
-def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
+def ridge_row_leverage(
+    A: Array, mantissa: Array, exponent: Array, lead: tuple[int, ...]
+) -> tuple[Array, Array, Array, Array]:
     """``(probs, h, eff_dim, total)``: ridge leverage ``h`` of the rows of ``A`` summed per example, its
     probabilities ``h/Σh``, the effective dimension ``Σ h`` and ``total``, 0 only for an all-zero ``A``
     (NaN or Inf when the Gram matrix plus the ridge is out of the dtype's range).
+
+    The ridge is ``λ = mantissa·2^exponent`` (``math.frexp`` of it on the host; ``mantissa`` in ``A``'s
+    dtype, ``exponent`` int32): it is scaled with ``A`` before it exists as a number of ``A``'s dtype, so
+    a ridge below the dtype's smallest normal number is not flushed to 0 when ``A`` is as small.
 
     The probabilities come from the relatively weighted row norms of :func:`ridge_transform`, not from
     ``h``: with a ridge far above ``‖A‖²`` the leverage is subnormal or 0 while they stay exact.
@@ -969,7 +975,7 @@ def ridge_row_leverage(A: Array, ridge: Array, lead: tuple[int, ...]) -> tuple[A
     # A (AᵀA + λI)⁻¹ Aᵀ = (cA)((cA)ᵀ(cA) + c²λI)⁻¹(cA)ᵀ: one power of two c for the whole matrix
     # (the ridge fixes a scale, so columns cannot be scaled apart) keeps AᵀA from overflowing
     _, e = jnp.frexp(jnp.max(jnp.abs(A)))
-    A, ridge = jnp.ldexp(A, -e), jnp.ldexp(ridge, -2 * e)
+    A, ridge = jnp.ldexp(A, -e), jnp.ldexp(mantissa, exponent - 2 * e)
     M, scale = ridge_transform(gram(A), ridge)
     rel = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     total = jnp.sum(rel)

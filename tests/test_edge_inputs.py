@@ -884,3 +884,30 @@ def test_tiny_ys_beside_large_ones_are_accepted():
     for small in (jnp.asarray([1e-2, 3e-5, -2e-2], jnp.float32), np.asarray([1e-2, 3e-5, -2e-2], np.float32)):
         with pytest.raises(ValueError, match=message):
             nj.dual_matrix(f, p, xs, small)
+
+
+def test_subnormal_ys_of_the_params_dtype_are_named():
+    """float32 ys of 1e-39 (subnormal) with float32 params: the offset column f(0) − y was flushed to 0
+    inside the compiled program, so every dual path gave rank 4 of 5 (probabilities 43% off) with no word,
+    while float64 ys of the same values and leverage_scores of [X, −y] itself were refused (thirty-fifth
+    session)."""
+
+    def f(p, x):
+        return x @ p
+
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((40, 4)).astype(np.float32)
+    ys = (rng.uniform(0.5, 1.0, 40) * 1e-39).astype(np.float32)
+    assert np.all((ys != 0) & (np.abs(ys) < np.finfo(np.float32).smallest_normal))
+    p = np.ones(4, np.float32)
+    message = "ys has 40 non-zero value.s. below the smallest normal number of the params' dtype float32"
+    for call in (
+        lambda: nj.dual_matrix(f, p, xs, ys),
+        lambda: nj.streaming_leverage_scores(f, p, jnp.asarray(xs), jnp.asarray(ys), chunk_size=16),
+        lambda: nj.streaming_leverage_scores(f, p, xs, ys, chunk_size=16),
+        lambda: nj.projected_leverage_scores(jax.random.key(0), f, p, xs, ys, dim=8),
+    ):
+        with pytest.raises(ValueError, match=message + r".*subnormal, they become 0"):
+            call()
+    ys[0] = 1.0  # a normal y beside them: their loss is below its own rounding, accepted as before
+    assert np.isfinite(np.asarray(nj.dual_matrix(f, p, xs, ys))).all()

@@ -876,3 +876,19 @@ def test_adaptive_rule_on_gradients_near_the_largest_float(dtype, exponent):
     assert np.all(info.error == 0) or np.all(np.isfinite(info.error))
     assert int(np.max(info.panels)) == 1  # the first panel is exact: no refinement
     np.testing.assert_allclose(np.asarray(adj).reshape(xs.shape), xs, rtol=8 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize(("dtype", "j"), [(np.float32, -70), (np.float64, -520)])
+def test_a_subnormal_ridge_is_scaled_with_f_not_flushed(dtype, j):
+    """Ridge leverage of (cF, c²λ) equals that of (F, λ). With F's entries normal but c²λ below the
+    dtype's smallest normal number, the ridge was cast first and flushed to 0 on the CPU: plain leverage
+    (effective dimension 5.0 for 4.91) with no word (thirty-fifth session). c = 2^j keeps both exact."""
+    F = _matrix(40, 5, np.float64)
+    ridge = float(np.sum(F * F) / 100)
+    ref = nj.leverage_scores(jnp.asarray(F, dtype), ridge=ridge, return_info=True)
+    small_ridge = float(np.ldexp(ridge, 2 * j))
+    assert 0 < small_ridge < np.finfo(dtype).smallest_normal
+    got = nj.leverage_scores(jnp.asarray(np.ldexp(F, j), dtype), ridge=small_ridge, return_info=True)
+    np.testing.assert_allclose(np.asarray(got.probs), np.asarray(ref.probs), rtol=RTOL[dtype])
+    np.testing.assert_allclose(float(got.rank), float(ref.rank), rtol=RTOL[dtype])
+    assert float(ref.rank) < 4.99  # the ridge matters: plain leverage would give 5
