@@ -481,10 +481,16 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
         traced.check((alpha >= 0) & (alpha <= 1), "alpha must lie in [0, 1].")
     if is_concrete(alpha) and float(alpha) > 0:
         floor = np.asarray(float(alpha) / probs.shape[0], probs.dtype)
-        if not floor >= np.finfo(probs.dtype).smallest_normal:  # the promise p_i ≥ α/n would fail
+        tiny = np.finfo(probs.dtype).smallest_normal
+        if not floor >= tiny:  # the promise p_i ≥ α/n would fail
+            share = float(alpha) / probs.shape[0]
+            wider = [t for t in ("float32", "float64") if tiny > np.finfo(t).smallest_normal <= share]
+            hint = "".join(f", or {t} probabilities" for t in wider[:1])
+            hint += " (with jax_enable_x64)" if wider[:1] == ["float64"] else ""
             raise ValueError(
                 f"alpha/n = {float(alpha)}/{probs.shape[0]} is below the smallest normal number of "
-                f"{probs.dtype}: the mixture cannot keep every point reachable; use float32 or wider."
+                f"{probs.dtype} ({float(tiny):.3g}): the mixture cannot keep every point reachable; use "
+                f"alpha >= {probs.shape[0] * float(tiny):.3g}{hint}."
             )
     return _mix(probs, alpha)
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from optax.projections import (
     projection_box,
     projection_halfspace,
@@ -191,21 +192,39 @@ def _inward(bound: Any, dtype, name: str):
     Round to nearest could put the bound outside the box: ``lower = 1e-8`` is 0 in float16, so the
     clip let 0 through, and ``upper = 1e5`` is Inf there. Rounded inwards, the clip returns the
     nearest point of the box that ``dtype`` holds; when it holds none, the bounds come out crossed
-    (``7e4 ≤ θ ≤ 8e4`` in float16: ``lower`` Inf, ``upper`` 65504) and :class:`Box` raises. A concrete
-    bound becomes a numpy array (worked out on the host, also under a trace), a traced one a jax array.
+    (``7e4 ≤ θ ≤ 8e4`` in float16: ``lower`` Inf, ``upper`` 65504) and :class:`Box` raises. A subnormal
+    bound that would let 0 in (a lower bound in ``(0, tiny)``, an upper one in ``(-tiny, 0)``, ``tiny``
+    the dtype's smallest normal number; float32, bfloat16, float64) becomes ``±tiny``: a CPU's clip flushes
+    it to 0. A concrete bound becomes a numpy array (worked out on the host, also under a trace), a traced
+    one a jax array.
     """
     lower = name == "lower"
+    tiny = jnp.finfo(dtype).smallest_normal
+    # float16 is clipped in float32, where its subnormal numbers are normal: only float32's range flushes
+    flushes = tiny <= jnp.finfo(jnp.float32).smallest_normal
     if is_concrete(bound):
         given = np.asarray(bound, np.float64)
         with np.errstate(over="ignore"):  # a bound past the dtype's range is Inf, then stepped inwards
             out = given.astype(dtype)
         rounded = out.astype(np.float64)
         outward = rounded < given if lower else rounded > given
-        return np.where(outward, np.nextafter(out, np.asarray(np.inf if lower else -np.inf, dtype)), out)
+        out = np.where(outward, np.nextafter(out, np.asarray(np.inf if lower else -np.inf, dtype)), out)
+        # a subnormal bound is 0 to a CPU's clip (it flushes them): a lower bound in (0, tiny) lets 0 in
+        flushed_out = (out > 0) & (out < tiny) if lower else (out < 0) & (out > -tiny)
+        return np.where(flushed_out & flushes, np.asarray(tiny if lower else -tiny, dtype), out)
     out = jnp.asarray(bound, dtype=dtype)
     wide = jnp.promote_types(jnp.result_type(bound), dtype)
     outward = out.astype(wide) < bound if lower else out.astype(wide) > bound
-    return jnp.where(outward, jnp.nextafter(out, jnp.asarray(np.inf if lower else -np.inf, dtype)), out)
+    out = jnp.where(outward, jnp.nextafter(out, jnp.asarray(np.inf if lower else -np.inf, dtype)), out)
+    if not flushes:
+        return out
+    bits = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+    raw = lax.bitcast_convert_type(out, bits)  # on the bits: a CPU compares a subnormal as 0
+    sign = jnp.asarray(1 << (8 * jnp.dtype(dtype).itemsize - 1), bits)
+    magnitude = raw & ~sign
+    subnormal = (magnitude > 0) & (magnitude < lax.bitcast_convert_type(jnp.asarray(tiny, dtype), bits))
+    flushed_out = subnormal & ((raw & sign) == 0 if lower else (raw & sign) != 0)
+    return jnp.where(flushed_out, jnp.asarray(tiny if lower else -tiny, dtype), out)
 
 
 def inward_bounds(bound: PyTree, tree: PyTree, name: str) -> PyTree:
@@ -361,6 +380,11 @@ def project_params(projection: Callable[[PyTree], PyTree]) -> optax.GradientTran
     ``optax.apply_updates(params, updates)`` lands on :math:`\Pi(\theta + u)`:
     ``tx = optax.chain(optax.adam(1e-2), project_params(l2_ball(1.0)))``. Any link placed after it
     would rescale the step and could leave the set again.
+
+    It lands there only to the rounding of ``θ + δ`` in ``θ``'s dtype, about ``eps·|θ|`` per entry: a
+    float32 entry 129 projected onto ``box(0, 0.1)`` lands on 0.100006, outside the box, and from 3e7 on
+    0. Where the iterate must lie in the set exactly, project after the update instead, as
+    :func:`nlis_jax.fit` and :func:`nlis_jax.make_train_step` (``projection=``) do.
 
     Args:
         projection: callable ``tree -> tree`` (e.g. ``l2_ball(1.0)``), or ``None`` for no constraint.

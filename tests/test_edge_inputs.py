@@ -407,6 +407,22 @@ def test_uniform_scores_and_mixing_refuse_what_half_precision_cannot_hold():
     assert float(jnp.min(mixed)) >= 0.01 / 1_000_000 * (1 - 1e-6)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "alpha", "advice"),
+    [
+        (jnp.float32, 1e-45, r"use alpha >= 4.7e-38, or float64 probabilities \(with jax_enable_x64\)\.$"),
+        (jnp.bfloat16, 1e-45, r"use alpha >= 4.7e-38, or float64 probabilities"),  # float32 is no wider
+        (jnp.float16, 1e-9, r"use alpha >= 0.000244, or float32 probabilities\.$"),
+        (jnp.float64, 1e-320, r"use alpha >= 8.9e-308\.$"),
+    ],
+)
+def test_a_tiny_alpha_gets_advice_that_helps(dtype, alpha, advice):
+    """float32 probabilities with alpha = 1e-45 were told to "use float32 or wider" (thirty-fifth
+    session): the advice names the alpha that works and a dtype that holds alpha/n, if any."""
+    with pytest.raises(ValueError, match=advice):
+        nj.mix_with_uniform(jnp.full(4, 0.25, dtype), alpha)
+
+
 def test_sample_refuses_more_draws_than_int32_indices_hold():
     """``num_samples ≥ 2**31`` (``sample_size`` gives 4,218,866,444 for ε = 1e-3) was an OverflowError
     about an internal argument; now a ValueError naming ``num_samples``."""

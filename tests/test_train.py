@@ -168,6 +168,39 @@ def test_box_rounds_its_bounds_inwards_to_the_parameters_dtype():
     np.testing.assert_array_equal(box(7e4, 8e4)(x16.astype(jnp.float32)), [7e4, 7e4, 7e4, 7e4])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "lo", "hi"),
+    [
+        (jnp.float32, 1e-39, 1.0),
+        (jnp.float32, 1e-45, 1.0),
+        (jnp.bfloat16, 1e-39, 1.0),
+        (jnp.float64, 1e-310, 1.0),
+        (jnp.float32, -1.0, -1e-39),
+    ],
+)
+def test_box_with_a_subnormal_bound_stays_in_the_box(dtype, lo, hi):
+    """A bound below the dtype's smallest normal number became 0 in a CPU's clip (it flushes subnormal
+    numbers): box(1e-39, 1) returned 0 for float32 zeros, outside the box, and so did fit with it
+    (thirty-fifth session). The bound now clips to ±tiny, concrete or traced; float16, clipped in
+    float32 where its subnormal numbers are normal, keeps the nearest point."""
+    x = jnp.asarray([0.0, -2.0, 2.0, 0.5], dtype)
+    traced = jax.jit(lambda t, lo, hi: Box(lo, hi)(t))
+    for out in (box(lo, hi)(x), traced(x, jnp.asarray(lo, dtype), jnp.asarray(hi, dtype))):
+        got = np.asarray(out).astype(np.float64)
+        assert np.all((lo <= got) & (got <= hi)) and out.dtype == x.dtype, got
+    tiny = float(jnp.finfo(dtype).smallest_normal)
+    np.testing.assert_array_equal(np.asarray(box(lo, hi)(x)).astype(np.float64)[0], tiny if lo > 0 else -tiny)
+    half = np.asarray(box(1e-6, 1.0)(jnp.zeros(2, jnp.float16))).astype(np.float64)
+    assert np.all((1e-6 <= half) & (half < 1.1e-6))  # float16: 1e-6 is subnormal, and kept
+
+
+def test_fit_stays_in_a_box_with_a_subnormal_lower_bound():
+    X, y = np.ones((4, 2), np.float32), -np.ones(4, np.float32)  # pulls w below the lower bound
+    res = nj.fit(_matmul, jnp.zeros(2, jnp.float32), X, y, optimizer=optax.sgd(0.1), num_steps=5,
+                 projection=box(1e-39, 1.0))  # fmt: skip
+    assert np.all(np.asarray(res.params).astype(np.float64) >= 1e-39)
+
+
 def test_cross_entropy_refuses_one_logit():
     """One logit per example made the cross-entropy 0 whatever the parameters (fit ran and changed
     nothing); it is refused with the message a scalar output gets."""
