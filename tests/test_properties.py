@@ -13,6 +13,13 @@
 - Malformed input is always a clear ``ValueError``/``TypeError`` naming the argument, raised before any
   computation (the model is never called with values).
 - Nothing a user passes is modified.
+- Sampling: indices in range and of positive probability, weights ``1/(s p_i)``, the same key gives the
+  same draw; priority sampling draws distinct rows with weights ``≥ 1`` (exactly 1 when it keeps every row).
+- Leverage equals the SVD's ``‖U_i‖²`` and sums to the rank on low-rank matrices scaled by ``10^e``
+  (``|e| ≤ 100``), and is equivariant under row permutations and invariant under column permutations.
+- The dual matrix of a linear model is ``[X | −y]`` for every quadrature rule; projections land in their
+  set, are idempotent and non-expansive; Gauss–Legendre with ``q`` nodes integrates degree ``2q − 1``
+  exactly; streamed scores equal the in-memory ones for every chunk size.
 
 Pinned (``derandomize=True``) so that CI never flakes; example counts keep the file to a few seconds of
 compilation per test.
@@ -32,6 +39,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import nlis_jax as nj  # noqa: E402
+from nlis_jax.quadrature import gauss_legendre  # noqa: E402
 
 ACTIVATIONS = {
     "tanh": jnp.tanh,
@@ -248,3 +256,150 @@ def test_malformed_input_is_a_clear_error_before_any_work(model, case, entry):
 
             nj.fit(fn, params, xs, ys, optimizer=optax.sgd(0.1), num_steps=1)
     assert not calls
+
+
+# Thirty-fifth session: laws of sampling, leverage, duals, projections, quadrature and streaming
+
+
+@st.composite
+def prob_vectors(draw):
+    """A probability vector with some exact zeros, float32 or float64, n from 1 to 10."""
+    n = draw(st.integers(1, 10))
+    raw = np.asarray(draw(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e3)), min_size=n, max_size=n)))
+    if not raw.any():
+        raw[draw(st.integers(0, n - 1))] = 1.0
+    return (raw / raw.sum()).astype(draw(st.sampled_from((np.float32, np.float64))))
+
+
+@settings(derandomize=True, max_examples=12, deadline=None)
+@given(prob_vectors(), st.integers(1, 30), st.integers(0, 2**31 - 1), st.data())
+def test_sample_laws(p, s, seed, data):
+    # With replacement: indices in range and of positive probability, weights 1/(s·p_i) (the weights are
+    # computed from the normalised vector, so rtol is a few float32 roundings), same key -> same draw.
+    key = jax.random.key(seed)
+    idx, w = (np.asarray(a) for a in nj.sample(key, p, s))
+    assert idx.shape == w.shape == (s,) and idx.dtype == np.int32 and w.dtype == p.dtype
+    assert np.all((idx >= 0) & (idx < p.size)) and np.all(p[idx] > 0)
+    np.testing.assert_allclose(w, 1.0 / (s * p.astype(np.float64)[idx]), rtol=1e-5)
+    again = nj.sample(key, p, s)
+    np.testing.assert_array_equal(np.asarray(again[0]), idx)
+    np.testing.assert_array_equal(np.asarray(again[1]), w)
+    # Without replacement (priority sampling): distinct rows of positive probability, weights >= 1, and
+    # with every positive row kept the threshold is 0, so every weight is exactly 1.
+    pos = int(np.count_nonzero(p))
+    k = data.draw(st.integers(1, pos))
+    idx, w = (np.asarray(a) for a in nj.sample(key, p, k, replace=False))
+    assert len(set(idx.tolist())) == k and np.all(p[idx] > 0) and np.all(w >= 1)
+    if k == pos:
+        np.testing.assert_array_equal(w, np.ones(k, p.dtype))
+
+
+@st.composite
+def low_rank_matrices(draw):
+    """(n, m) float64 with rank <= r, sometimes a zero column, scaled by 10^e."""
+    n, m = draw(st.integers(1, 9)), draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    r = draw(st.integers(1, m))
+    F = rng.normal(size=(n, r)) @ rng.normal(size=(r, m))
+    if draw(st.booleans()):
+        F[:, draw(st.integers(0, m - 1))] = 0.0
+    return F * 10.0 ** draw(st.integers(-100, 100)), rng
+
+
+@settings(derandomize=True, max_examples=12, deadline=None)
+@given(low_rank_matrices())
+def test_leverage_matches_svd_and_is_permutation_equivariant(case):
+    # h_i = ‖U_i‖² of the SVD's leading r left vectors, summing to r; permuting rows permutes the scores
+    # and permuting columns leaves them alone. Random low-rank factors keep κ below ~1e3 on range(F), so
+    # the routes agree with the SVD to ~1e3·eps; 1e-9 leaves a wide margin.
+    F, rng = case
+    if not F.any():
+        return
+    info = nj.leverage_scores(F, return_info=True)
+    U, sv, _ = np.linalg.svd(F, full_matrices=False)
+    r = int(np.sum(sv > sv[0] * 1e-10))
+    assert int(info.rank) == r
+    np.testing.assert_allclose(np.asarray(info.leverage), np.sum(U[:, :r] ** 2, axis=1), atol=1e-9)
+    np.testing.assert_allclose(np.sum(np.asarray(info.leverage)), r, rtol=1e-9)
+    rows, cols = rng.permutation(F.shape[0]), rng.permutation(F.shape[1])
+    permuted = np.asarray(nj.leverage_scores(F[rows][:, cols]))
+    np.testing.assert_allclose(permuted, np.asarray(info.probs)[rows], atol=1e-10)
+
+
+@settings(derandomize=True, max_examples=6, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 3), st.integers(0, 2**16), st.sampled_from((None, 1, 2)))
+def test_dual_matrix_of_a_linear_model_is_its_design_matrix(n, d, seed, num_nodes):
+    # f(θ; x) = <θ, x> has ∇f = x on the whole path, so F* = X exactly for any rule and f(0) − y = −y;
+    # its leverage is the linear baseline's, and F̃·[θ; 1] is the residual.
+    rng = np.random.default_rng(seed)
+    X, theta, y = rng.normal(size=(n, d)), rng.normal(size=d), rng.normal(size=n)
+    F = np.asarray(nj.dual_matrix(lambda t, x: x @ t, theta, X, y, num_nodes=num_nodes))
+    np.testing.assert_allclose(F, np.c_[X, -y], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(F @ np.r_[theta, 1.0], X @ theta - y, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(nj.leverage_scores(F)), np.asarray(nj.linear_leverage_scores(X, y)), atol=1e-12
+    )
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
+
+
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(
+    st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=4),
+    st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=4),
+    st.sampled_from((np.float32, np.float64)),
+    st.floats(1e-2, 1e2),
+    st.floats(-10, 10),  # subnormal bounds included: they clip to ±tiny (a CPU flushes them)
+)
+def test_projections_land_in_the_set_idempotent_and_non_expansive(a, b, dtype, radius, lower):
+    # l2_ball lands on the sphere to a couple of roundings (documented: up to ~1.4e-7 above r in float32);
+    # box rounds its bounds inwards, so its result lies inside exactly and a second call changes nothing.
+    t1 = {"w": jnp.asarray(a, dtype)}
+    t2 = {"w": jnp.asarray((b * len(a))[: len(a)], dtype)}
+    eps = float(np.finfo(dtype).eps)
+    ball, box = nj.l2_ball(radius), nj.box(lower, lower + radius)
+    for proj in (ball, box):
+        out = proj(t1)
+        assert out["w"].dtype == t1["w"].dtype and out["w"].shape == t1["w"].shape
+        np.testing.assert_allclose(_flat(proj(out)), _flat(out), rtol=4 * eps, atol=4 * eps * radius)
+        d0, d1 = np.linalg.norm(_flat(t1) - _flat(t2)), np.linalg.norm(_flat(out) - _flat(proj(t2)))
+        assert d1 <= d0 * (1 + 8 * eps) + 8 * eps * radius
+    assert np.linalg.norm(_flat(ball(t1))) <= radius * (1 + 4 * eps)
+    inside = _flat(box(t1))
+    assert np.all(inside >= lower) and np.all(inside <= lower + radius)
+    np.testing.assert_array_equal(_flat(box(box(t1))), inside)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(st.integers(1, 100), st.data())
+def test_gauss_legendre_is_exact_on_polynomials_of_degree_2q_minus_1(q, data):
+    # ∫_0^1 t^k dt = 1/(k+1) for k ≤ 2q − 1; nodes in (0, 1), positive weights summing to 1. The rule
+    # comes from numpy's eigenproblem in float64: errors ~q·eps, so 1e-13 holds to q = 100.
+    k = data.draw(st.integers(0, 2 * q - 1))
+    t, w = (np.asarray(a) for a in gauss_legendre(q, jnp.float64))
+    assert np.all((t > 0) & (t < 1)) and np.all(w > 0) and abs(w.sum() - 1) < 1e-13
+    assert abs(np.sum(w * t**k) - 1 / (k + 1)) < 1e-13
+
+
+def _tanh_index(theta, x):
+    return jnp.tanh(x @ theta)
+
+
+@settings(derandomize=True, max_examples=6, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from((1, 2, 8)))
+def test_streaming_scores_equal_in_memory_for_every_chunk_size(seed, chunk):
+    # Chunks of 1, 2 (the last one ragged) and more than n give the in-memory scores:
+    # the same rule, the same Gram matrix up to summation order (float64: 1e-9 on leverage).
+    rng = np.random.default_rng(seed)
+    n = 5  # one shape: each chunk size compiles once (n itself varies in test_streaming.py)
+    X, theta, y = rng.normal(size=(n, 2)), rng.normal(size=2), rng.normal(size=n)
+    F = nj.dual_matrix(_tanh_index, theta, X, y, num_nodes=8)
+    ref_lev, ref_norm = np.asarray(nj.leverage_scores(F)), np.asarray(nj.norm_scores(F))
+    xs, ys = jnp.asarray(X), jnp.asarray(y)  # device arrays (host data: the same check with X, y)
+    kw = dict(chunk_size=chunk, num_nodes=8)
+    lev = np.asarray(nj.streaming_leverage_scores(_tanh_index, theta, xs, ys, **kw))
+    np.testing.assert_allclose(lev, ref_lev, atol=1e-9)
+    norm = np.asarray(nj.streaming_norm_scores(_tanh_index, theta, xs, ys, **kw))
+    np.testing.assert_allclose(norm, ref_norm, rtol=1e-12, atol=1e-15)
