@@ -89,7 +89,12 @@ def dual_matrix(
 
     Raises:
       ValueError: as :func:`nlis_jax.adjoint`; also when ``ys`` holds values beyond the range of the params'
-        dtype, or the offset column ``f(0) − y`` comes out NaN or Inf.
+        dtype or (all of them) below its smallest normal number, or the offset column ``f(0) − y`` comes
+        out NaN or Inf.
+
+    Subnormal inputs (below ``finfo(dtype).smallest_normal``) count as 0 inside the compiled program on a
+    CPU (XLA flushes them): a feature of ``xs`` whose values are all subnormal gives a zero column of
+    ``F*`` (one rank fewer). ``ys`` is checked for this; rescale such features before scoring.
     """
     check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
     shape = check_model(apply_fn, params, xs, ys)
