@@ -351,6 +351,20 @@ class _State(NamedTuple):
     roundoff: Array  # (n,) bool, refinement stopped at the integrand's rounding level
 
 
+def _tiny(norm: Array) -> Array:
+    """``0 < ‖I_i‖ < tiny/eps²``: an integral so small that its absolute error estimates and tolerance
+    (``rtol·‖I_i‖``) are subnormal, which the device flushes to 0 (an error read as 0: converged). The
+    first pass leaves such examples unconverged, and the refinement runs on the integrand scaled by
+    :func:`_unit_exponent` (exact: a power of two)."""
+    finfo = jnp.finfo(norm.dtype)
+    return (norm > 0) & (norm < finfo.tiny / finfo.eps**2)
+
+
+def _unit_exponent(norm: Array) -> Array:
+    """``e`` with ``2^-e·‖I_i‖`` in ``[0.5, 1)`` for a :func:`_tiny` integral, else 0 (int32)."""
+    return jnp.where(_tiny(norm), jnp.frexp(norm)[1], 0).astype(jnp.int32)
+
+
 def _first_pass(g, check, params, data, directions, *, n: int, chunk: int) -> _State:
     dtype = directions.dtype
 
@@ -362,7 +376,8 @@ def _first_pass(g, check, params, data, directions, *, n: int, chunk: int) -> _S
     value, err, residual = _map_examples(one, data, n, chunk)
     norm = _norms(value)
     ones = jnp.ones((n,), jnp.int32)
-    return _State(value, _relative(err, norm), residual, ones, norm, jnp.zeros((n,), bool))
+    error = jnp.where(_tiny(norm), jnp.inf, _relative(err, norm))  # its estimate may have flushed to 0
+    return _State(value, error, residual, ones, norm, jnp.zeros((n,), bool))
 
 
 def _converged(state: _State, rtol, check_tol) -> Array:
@@ -401,12 +416,19 @@ def _refine_bucket(
 
     peel = idx.shape[0] * directions.shape[0] >= PEEL_ELEMENTS
 
-    def one(x, tol_i, first_i):
+    def one(x, norm_i, first_i):
         kw = dict(max_panels=max_panels, depth=depth, peel=peel)
         dtype = directions.dtype
+        # a tiny integral is refined at unit scale (exact powers of two), where nothing flushes to 0
+        e = _unit_exponent(norm_i)
+        scaled = lambda p, t, xx: jnp.ldexp(g(p, t, xx), -e)
+        err0, value0 = first_i
+        first_i = (jnp.ldexp(err0, -e), jnp.ldexp(value0, -e))
+        tol_i = rtol * jnp.ldexp(norm_i, -e)
 
         def run(width):
-            s = _refine_one(g, params, x, tol_i, first_i, directions, width, **kw)
+            s = _refine_one(scaled, params, x, tol_i, first_i, directions, width, **kw)
+            s = s._replace(acc=jnp.ldexp(s.acc, e))  # the error stays scaled, relative to the scaled norm
             residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(dtype)
             return s, residual
 
@@ -424,13 +446,14 @@ def _refine_bucket(
 
         blank = jax.tree.map(jnp.zeros_like, jax.eval_shape(run, jnp.ones((), dtype)))
         s, residual, _ = lax.while_loop(needs, again, (*blank, jnp.ones((), dtype)))
+        relative = _relative(s.err, _norms(jnp.ldexp(s.acc, -e)[None])[0])  # at the refinement's scale
         # stopped at the rounding noise only when no limit stopped it too (the limit is then the cause)
-        return s.acc, s.err, residual, s.count, s.roundoff & ~s.forced
+        return s.acc, relative, residual, s.count, s.roundoff & ~s.forced
 
-    firsts = (error[safe] * norm[safe], value[safe])
-    value, err, residual, count, roundoff = jax.vmap(one)(xs, rtol * norm[safe], firsts)
-    new_norm = _norms(value)
-    return _State(value, _relative(err, new_norm), residual, count, new_norm, roundoff)
+    # the first pass's absolute estimate (a tiny integral's: its flushed one; the refinement starts over)
+    err0 = jnp.where(_tiny(norm[safe]), jnp.inf, error[safe] * norm[safe])
+    value, relative, residual, count, roundoff = jax.vmap(one)(xs, norm[safe], (err0, value[safe]))
+    return _State(value, relative, residual, count, _norms(value), roundoff)
 
 
 def _scatter(state: _State, idx, bucket: _State) -> _State:
