@@ -46,6 +46,7 @@ from nlis_jax._checks import (
     check_real,
     check_same_length,
     count_failing,
+    float_bits,
     host_values,
     is_concrete,
     narrows,
@@ -228,10 +229,8 @@ def _count_unfit(ys, like, tiny, big):
     ``big`` or more, in one program. Magnitudes are compared on the values' bits: a CPU flushes a
     subnormal ``ys`` (of the params' own dtype) to 0 in ``jnp.abs`` and in comparisons."""
     past = jnp.size(ys) - jnp.count_nonzero(jnp.isfinite(ys.astype(like.dtype)))
-    bits = jnp.dtype(f"uint{8 * ys.dtype.itemsize}")
-    magnitude = lambda a: lax.bitcast_convert_type(a, bits) & jnp.asarray(np.iinfo(bits).max >> 1, bits)
-    m = magnitude(ys)
-    return past, jnp.count_nonzero((m > 0) & (m < magnitude(tiny))), jnp.count_nonzero(m >= magnitude(big))
+    m, low, high = (float_bits(a)[1] for a in (ys, tiny, big))
+    return past, jnp.count_nonzero((m > 0) & (m < low)), jnp.count_nonzero(m >= high)
 
 
 def check_ys_fits(ys, dtype) -> None:

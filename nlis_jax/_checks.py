@@ -300,9 +300,44 @@ def value_range(x) -> tuple:
         return tuple(_min_max(jnp.asarray(x)))
 
 
-@traced.jit
-def _count_negative(x):
-    return jnp.count_nonzero(x < 0)
+def float_bits(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(negative, magnitude)`` of a float array from its bits (bool, and unsigned integers ordered as
+    the magnitudes): a CPU flushes a subnormal number to 0 in comparisons and ``jnp.abs`` inside a compiled
+    program (``-1e-39 < 0`` is False there), its bits keep it. ``-0.0`` has magnitude 0."""
+    bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+    raw = jax.lax.bitcast_convert_type(a, bits)
+    sign = jnp.asarray(1 << (8 * a.dtype.itemsize - 1), bits)
+    return (raw & sign) != 0, raw & ~sign
+
+
+def count_negative(x: jax.Array) -> jax.Array:
+    """Entries of ``x`` below 0, subnormal ones included (on the bits: :func:`float_bits`), traceable."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.count_nonzero(x < 0)
+    negative, magnitude = float_bits(x)
+    return jnp.count_nonzero(negative & (magnitude > 0))
+
+
+_count_negative = traced.jit(count_negative)
+
+
+def check_weights_not_all_subnormal(name: str, w) -> None:
+    """``ValueError`` if the host-readable weights ``w`` are non-zero but all below their dtype's smallest
+    normal number: a CPU flushes them to 0 (float32 weights of ``1e-39`` gave a weighted loss of 0). Not
+    read for weights held elsewhere, nor for float16 (summed in float32, where they are normal)."""
+    host = None if w is None else host_values(w)
+    if host is None or not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
+        return
+    tiny = float(jnp.finfo(host.dtype).smallest_normal)
+    if tiny > float(jnp.finfo(jnp.float32).smallest_normal) or host.size == 0:
+        return
+    top = float(np.max(np.abs(host.astype(np.float64))))
+    if 0 < top < tiny:
+        raise ValueError(
+            f"{name} sum to 0 in {host.dtype}: their non-zero values are below its smallest normal number "
+            f"({tiny:.3g}), which the device treats as zero; rescale the {name} (a fit does not depend on "
+            "their overall scale, a weighted loss scales with it)."
+        )
 
 
 def check_nonnegative(name: str, x) -> None:

@@ -56,6 +56,8 @@ from nlis_jax._checks import (
     check_not_complex,
     check_numeric,
     check_positive,
+    check_weights_not_all_subnormal,
+    count_negative,
     is_concrete,
     narrowing_counts,
     narrowing_error,
@@ -980,7 +982,7 @@ def _loss_step(losses_fn, apply_fn, loss_fn, params, carry, piece, valid):
     acc = at_least_float32(losses.dtype)  # w·ℓ of a half-precision model in float32, as on the device
     weighted = losses.astype(acc) if wc is None else wc.astype(acc) * losses.astype(acc)
     bad = sum(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)) for a in _masked(piece, valid))
-    neg = 0 if wc is None else jnp.count_nonzero(jnp.where(jnp.arange(wc.shape[0]) < valid, wc, 0) < 0)
+    neg = 0 if wc is None else count_negative(jnp.where(jnp.arange(wc.shape[0]) < valid, wc, 0))
     lost = losses.size - jnp.count_nonzero(jnp.isfinite(losses))
     return losses, (  # the counts in the carry's int32 (int64 counts under x64, strict promotion)
         total + jnp.sum(weighted).astype(total.dtype),
@@ -1042,6 +1044,7 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     if weights is not None and not (np.issubdtype(weights.dtype, np.floating) or weights.dtype.kind in "iub"):
         raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
+    check_weights_not_all_subnormal("weights", weights)
     found = None if check_labels is None else label_range(ys, chunk_size)
     if found is not None:
         check_labels(example_spec(xs), ys.dtype, *found, "")

@@ -32,6 +32,7 @@ from nlis_jax._checks import (
     check_probs,
     check_real,
     check_tolerances,
+    float_bits,
     is_concrete,
     probs_tolerance,
 )
@@ -320,9 +321,8 @@ def check_flushed_columns(rows: Array) -> None:
 def _flushed_columns(rows: Array) -> Array:
     """``(m,)`` bool: the column has a non-zero value and all of them are subnormal. On the values' bits
     (integer comparisons, which no device flushes: ``jnp.abs`` of a subnormal is 0 on a CPU)."""
-    bits = jnp.dtype(f"uint{8 * rows.dtype.itemsize}")
-    magnitude = jax.lax.bitcast_convert_type(rows, bits) & jnp.asarray(np.iinfo(bits).max >> 1, bits)
-    tiny = jax.lax.bitcast_convert_type(jnp.asarray(jnp.finfo(rows.dtype).smallest_normal, rows.dtype), bits)
+    magnitude = float_bits(rows)[1]
+    tiny = float_bits(jnp.asarray(jnp.finfo(rows.dtype).smallest_normal, rows.dtype))[1]
     return jnp.any(magnitude > 0, axis=0) & ~jnp.any(magnitude >= tiny, axis=0)
 
 
@@ -480,17 +480,21 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
     if not is_concrete(alpha):  # a checkify check inside nlis_jax.traced_checks(), else nothing
         traced.check((alpha >= 0) & (alpha <= 1), "alpha must lie in [0, 1].")
     if is_concrete(alpha) and float(alpha) > 0:
-        floor = np.asarray(float(alpha) / probs.shape[0], probs.dtype)
+        n = probs.shape[0]
+        # as the device forms it (α cast to the dtype, then divided): rounded below the smallest normal
+        # number, it is flushed to 0 there
+        with np.errstate(over="ignore"):  # n past float16's range is Inf there too: a floor of 0
+            floor = np.asarray(float(alpha), probs.dtype) / np.asarray(n, probs.dtype)
         tiny = np.finfo(probs.dtype).smallest_normal
         if not floor >= tiny:  # the promise p_i ≥ α/n would fail
-            share = float(alpha) / probs.shape[0]
+            share = float(alpha) / n
             wider = [t for t in ("float32", "float64") if tiny > np.finfo(t).smallest_normal <= share]
             hint = "".join(f", or {t} probabilities" for t in wider[:1])
             hint += " (with jax_enable_x64)" if wider[:1] == ["float64"] else ""
             raise ValueError(
-                f"alpha/n = {float(alpha)}/{probs.shape[0]} is below the smallest normal number of "
-                f"{probs.dtype} ({float(tiny):.3g}): the mixture cannot keep every point reachable; use "
-                f"alpha >= {probs.shape[0] * float(tiny):.3g}{hint}."
+                f"alpha/n = {float(alpha)}/{n} is below the smallest normal number of {probs.dtype} "
+                f"({float(tiny):.3g}): the mixture cannot keep every point reachable; use alpha >= "
+                f"{n * float(tiny) * 1.01:.3g}{hint}."  # rounded up: the advised alpha passes
             )
     return _mix(probs, alpha)
 

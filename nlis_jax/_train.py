@@ -46,6 +46,7 @@ from nlis_jax._checks import (
     check_not_complex,
     check_positive_int,
     check_same_length,
+    check_weights_not_all_subnormal,
     is_concrete,
     under_trace,
     value_range,
@@ -262,6 +263,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
             raise TypeError(f"weights must be real numbers, got dtype {jnp.result_type(weights)}.")
         check_finite("weights", weights)
         check_nonnegative("weights", weights)
+        check_weights_not_all_subnormal("weights", weights)
     return n
 
 

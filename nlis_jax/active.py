@@ -197,6 +197,12 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
     s = np.asarray(scores)[~mask]  # labelled points' scores are never used
     if not np.all(np.isfinite(s)) or np.any(s < 0):
         raise ValueError("scores must be finite and non-negative on the pool (the unlabelled points).")
+    top = float(np.max(s))
+    if 0 < top < jnp.finfo(scores.dtype).smallest_normal <= jnp.finfo(jnp.float32).smallest_normal:
+        # every pool score subnormal: the device flushes them to 0, and the pool turned uniform. Scaled
+        # on the host by a power of two (exact; the probabilities do not change)
+        e = np.frexp(top)[1]
+        scores = jnp.asarray(np.ldexp(np.asarray(scores, np.float64), -e).astype(scores.dtype))
     return pool, scores, alpha
 
 
@@ -213,8 +219,8 @@ def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) ->
     Returns:
       ``(n,)`` probabilities, summing to 1 over the pool, 0 on labelled points.
     """
-    alpha = _check_pool(scores, labelled, alpha)[2]
-    return _pool_probs(jnp.asarray(scores), jnp.asarray(labelled), alpha)
+    _, scores, alpha = _check_pool(scores, labelled, alpha)
+    return _pool_probs(scores, jnp.asarray(labelled), alpha)
 
 
 @functools.partial(traced.jit, static_argnames=("batch", "strategy", "replace"))

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 from optax.projections import (
     projection_box,
     projection_halfspace,
@@ -49,7 +48,7 @@ from optax.projections import (
 )
 
 from nlis_jax import _traced as traced
-from nlis_jax._checks import check_finite, check_floating, check_real, is_concrete
+from nlis_jax._checks import check_finite, check_floating, check_real, float_bits, is_concrete
 from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import PyTree
 
@@ -218,12 +217,9 @@ def _inward(bound: Any, dtype, name: str):
     out = jnp.where(outward, jnp.nextafter(out, jnp.asarray(np.inf if lower else -np.inf, dtype)), out)
     if not flushes:
         return out
-    bits = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
-    raw = lax.bitcast_convert_type(out, bits)  # on the bits: a CPU compares a subnormal as 0
-    sign = jnp.asarray(1 << (8 * jnp.dtype(dtype).itemsize - 1), bits)
-    magnitude = raw & ~sign
-    subnormal = (magnitude > 0) & (magnitude < lax.bitcast_convert_type(jnp.asarray(tiny, dtype), bits))
-    flushed_out = subnormal & ((raw & sign) == 0 if lower else (raw & sign) != 0)
+    negative, magnitude = float_bits(out)  # on the bits: a CPU compares a subnormal as 0
+    subnormal = (magnitude > 0) & (magnitude < float_bits(jnp.asarray(tiny, dtype))[1])
+    flushed_out = subnormal & (~negative if lower else negative)
     return jnp.where(flushed_out, jnp.asarray(tiny if lower else -tiny, dtype), out)
 
 

@@ -607,3 +607,17 @@ def test_labels_widen_when_a_later_answer_does_not_fit():
     assert res.labels.dtype == np.float64
     np.testing.assert_array_equal(res.labels[rounds[0]], np.round(ys[rounds[0]]))
     np.testing.assert_array_equal(res.labels[rounds[1]], ys[rounds[1]])
+
+
+def test_pool_of_subnormal_scores_keeps_their_proportions():
+    """float32 scores all below the smallest normal number were flushed to 0 on the device, so the pool
+    turned uniform and a point of score 0 could be queried (thirty-fifth session); they are scaled on the
+    host by a power of two (exact), and the probabilities follow the scores."""
+    scores = np.asarray([1e-40, 3e-40, 0.0, 4e-40], np.float32)
+    labelled = np.zeros(4, bool)
+    want = scores.astype(np.float64) / scores.astype(np.float64).sum()
+    got = np.asarray(nj.active.pool_probabilities(scores, labelled), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # the subnormal inputs carry about 1e-5 relative
+    q = nj.query(jax.random.key(0), scores, labelled, 3, strategy="sample")
+    assert sorted(np.asarray(q.indices).tolist()) == [0, 1, 3]  # without replacement: the positive ones
+    np.testing.assert_array_equal(scores, np.asarray([1e-40, 3e-40, 0.0, 4e-40], np.float32))  # untouched

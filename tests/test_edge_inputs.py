@@ -410,17 +410,28 @@ def test_uniform_scores_and_mixing_refuse_what_half_precision_cannot_hold():
 @pytest.mark.parametrize(
     ("dtype", "alpha", "advice"),
     [
-        (jnp.float32, 1e-45, r"use alpha >= 4.7e-38, or float64 probabilities \(with jax_enable_x64\)\.$"),
-        (jnp.bfloat16, 1e-45, r"use alpha >= 4.7e-38, or float64 probabilities"),  # float32 is no wider
-        (jnp.float16, 1e-9, r"use alpha >= 0.000244, or float32 probabilities\.$"),
-        (jnp.float64, 1e-320, r"use alpha >= 8.9e-308\.$"),
+        (jnp.float32, 1e-45, r"use alpha >= 4.75e-38, or float64 probabilities \(with jax_enable_x64\)\.$"),
+        (jnp.bfloat16, 1e-45, r"use alpha >= 4.75e-38, or float64 probabilities"),  # float32 is no wider
+        (jnp.float16, 1e-9, r"use alpha >= 0.000247, or float32 probabilities\.$"),
+        (jnp.float64, 1e-320, r"use alpha >= 8.99e-308\.$"),
     ],
 )
 def test_a_tiny_alpha_gets_advice_that_helps(dtype, alpha, advice):
-    """float32 probabilities with alpha = 1e-45 were told to "use float32 or wider" (thirty-fifth
-    session): the advice names the alpha that works and a dtype that holds alpha/n, if any."""
-    with pytest.raises(ValueError, match=advice):
-        nj.mix_with_uniform(jnp.full(4, 0.25, dtype), alpha)
+    """float32 probabilities with alpha = 1e-45 were told to "use float32 or wider", and the alpha first
+    advised (n·tiny to 3 digits, rounded down) was itself refused (thirty-fifth session): the advice names
+    an alpha that passes and a dtype that holds alpha/n, if any."""
+    probs = jnp.full(4, 0.25, dtype)
+    with pytest.raises(ValueError, match=advice) as info:
+        nj.mix_with_uniform(probs, alpha)
+    advised = float(str(info.value).split("use alpha >= ")[1].split(",")[0].rstrip("."))
+    mixed = np.asarray(nj.mix_with_uniform(probs, advised)).astype(np.float64)
+    assert np.all(mixed >= np.finfo(dtype).smallest_normal)
+    # alpha = n·tiny rounded to nearest in float64 can round below it in the dtype: the host check now
+    # divides as the device does (it passed and returned a floor of 0)
+    n, tiny = 3, float(np.finfo(dtype).smallest_normal)
+    edge = float(np.nextafter(np.asarray(n * tiny, dtype), np.asarray(0, dtype)))
+    with pytest.raises(ValueError, match="is below the smallest normal number"):
+        nj.mix_with_uniform(jnp.asarray([1.0, 0.0, 0.0], dtype), edge)
 
 
 def test_sample_refuses_more_draws_than_int32_indices_hold():
@@ -927,3 +938,25 @@ def test_subnormal_ys_of_the_params_dtype_are_named():
             call()
     ys[0] = 1.0  # a normal y beside them: their loss is below its own rounding, accepted as before
     assert np.isfinite(np.asarray(nj.dual_matrix(f, p, xs, ys))).all()
+
+
+def test_subnormal_weights_of_a_weighted_loss_are_named_on_every_path():
+    """float32 weights of 1e-39 gave a weighted loss of 0 on the device and host paths, though fit refused
+    them; a negative subnormal weight passed the host path's count (made on the device, where it is 0)
+    while the device path named it (thirty-fifth session)."""
+
+    def f(p, x):
+        return x @ p
+
+    xs, ys, p = np.ones((6, 3), np.float32), np.zeros(6, np.float32), np.ones(3, np.float32)
+    tiny_w = np.full(6, 1e-39, np.float32)
+    message = "weights sum to 0 in float32: their non-zero values are below its smallest normal number"
+    for data in ((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(tiny_w)), (xs, ys, tiny_w)):
+        with pytest.raises(ValueError, match=message):
+            nj.weighted_loss(f, p, *data)
+    negative = np.ones(6, np.float32)
+    negative[2] = -1e-39
+    for data in ((jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(negative)), (xs, ys, negative)):
+        with pytest.raises(ValueError, match="weights must be non-negative; 1 are negative"):
+            nj.weighted_loss(f, p, *data)
+    np.testing.assert_allclose(float(nj.weighted_loss(f, p, xs, ys, np.full(6, 0.5, np.float32))), 27.0)
