@@ -242,7 +242,9 @@ def check_ys_fits(ys, dtype) -> None:
     subnormal ``ys`` of the params' own dtype: a CPU flushes them to 0 inside the compiled program (a
     float32 ``ys`` of ``1e-39`` gave rank 4 of 5, probabilities 43% off); those are read where the values
     are on the host (a numpy array, an array on one CPU device; not an array held elsewhere, whose checks
-    take one read back per call, nor numpy float64 without x64, which the narrowing check reads). Only a
+    take one read back per call, nor numpy float64 without x64, which the narrowing check reads, nor the
+    chunks of a chunk source). The rule ignores ``f(0)``: where ``|f(0)|`` is far above such ``ys`` they
+    would be lost to its rounding anyway, and they are refused all the same. Only a
     ``ys`` that can hold such values is read (on the host without compiling, as ``check_finite``, one pass
     unless it fails); traced, a ``checkify`` check of the range inside ``nlis_jax.traced_checks()``."""
     ys = ys if hasattr(ys, "dtype") else np.asarray(ys)

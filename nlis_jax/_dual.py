@@ -89,7 +89,8 @@ def dual_matrix(
 
     Raises:
       ValueError: as :func:`nlis_jax.adjoint`; also when ``ys`` holds values beyond the range of the params'
-        dtype or (all of them) below its smallest normal number, or the offset column ``f(0) − y`` comes
+        dtype, or non-zero values below its smallest normal number while none reaches ``tiny/eps`` (they
+        would be lost from the offset column, whatever ``f(0)``), or the offset column ``f(0) − y`` comes
         out NaN or Inf.
 
     Subnormal inputs (below ``finfo(dtype).smallest_normal``) count as 0 inside the compiled program on a

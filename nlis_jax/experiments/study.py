@@ -61,12 +61,12 @@ class FullFit(NamedTuple):
         params: θ*.
         loss: ``L(θ*)`` (sum of squared residuals over the full data).
         losses: ``(num_steps,)`` NumPy array, ``L(θ_t)`` before each update (the training curve).
-        time_s: wall time of the (compiled) training run.
+        time_s: wall time of the (compiled) training run, the median of :data:`TIMINGS` runs.
         compile_s: wall time of the warm-up that compiled it (one scan segment).
         num_steps: steps run.
         rel_change: ``max_{t ≥ 0.9T} |L_t − L_T| / L_T`` (:func:`tail_change`), a convergence diagnostic.
         step_s: wall time of one more step, ``(time_s − t_seg) / (num_steps − seg)`` with ``t_seg`` the
-            median time of a call running one segment of ``seg`` steps: the cost of
+            median time of calls running one segment of ``seg`` steps: the cost of
             :func:`nlis_jax.fit`'s call itself (checks and set-up, 6–8 ms on 2 CPU cores) is not
             charged per step, as the sample fits' compiled kernels do not pay it. ``None`` (a fit of one
             segment) reads as ``time_s / num_steps``.
@@ -119,12 +119,17 @@ def _full_optimizer(problem: Problem, num_steps: int):
     return make_optimizer(problem.optimizer, problem.learning_rate, num_steps)
 
 
+#: Timed runs of the full-data fit (and of one segment) whose median :func:`fit_full` reports.
+TIMINGS = 3
+
+
 def fit_full(problem: Problem, params0, *, num_steps: int, num_segments: int = 10) -> FullFit:
     r"""θ* by :func:`nlis_jax.fit` on the full data (unit weights), with the study's optimizer.
 
     ``"gd"`` takes the step ``learning_rate / L̂(X, 1)``, the same iteration as :func:`fit_samples` with
-    unit weights. A warm-up of one scan segment compiles first, so ``time_s`` is steady-state wall time;
-    that segment-long call, timed three times more, gives the marginal ``step_s``.
+    unit weights. A warm-up of one scan segment compiles first, so ``time_s`` is steady-state wall time
+    (the median of :data:`TIMINGS` runs, which give the same result); that segment-long call, timed as
+    often, gives the marginal ``step_s``.
     """
     optimizer = _full_optimizer(problem, num_steps)
     num_segments = max(1, min(num_segments, num_steps))
@@ -134,17 +139,19 @@ def fit_full(problem: Problem, params0, *, num_steps: int, num_segments: int = 1
     t0 = time.perf_counter()
     jax.block_until_ready(nj.fit(*data, num_steps=segment_len, num_segments=1, **common))
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = jax.block_until_ready(nj.fit(*data, num_steps=num_steps, num_segments=num_segments, **common))
-    time_s = time.perf_counter() - t0
+
+    def timed(steps, segments):  # (result, median seconds of TIMINGS calls): the same result each time
+        seconds = []
+        for _ in range(TIMINGS):
+            t0 = time.perf_counter()
+            result = jax.block_until_ready(nj.fit(*data, num_steps=steps, num_segments=segments, **common))
+            seconds.append(time.perf_counter() - t0)
+        return result, float(np.median(seconds))
+
+    result, time_s = timed(num_steps, num_segments)
     step_s = None
     if num_steps > segment_len:
-        segment_s = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            jax.block_until_ready(nj.fit(*data, num_steps=segment_len, num_segments=1, **common))
-            segment_s.append(time.perf_counter() - t0)
-        step_s = max(time_s - float(np.median(segment_s)), 0.0) / (num_steps - segment_len)
+        step_s = max(time_s - timed(segment_len, 1)[1], 0.0) / (num_steps - segment_len)
     losses = np.asarray(result.losses, dtype=np.float64)
     loss = float(result.final_loss)
     return FullFit(
