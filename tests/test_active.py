@@ -621,3 +621,15 @@ def test_pool_of_subnormal_scores_keeps_their_proportions():
     q = nj.query(jax.random.key(0), scores, labelled, 3, strategy="sample")
     assert sorted(np.asarray(q.indices).tolist()) == [0, 1, 3]  # without replacement: the positive ones
     np.testing.assert_array_equal(scores, np.asarray([1e-40, 3e-40, 0.0, 4e-40], np.float32))  # untouched
+
+
+def test_one_diverged_repeat_moves_the_quartiles_by_one_rank():
+    """One NaN among 15 repeats made every quartile of its budget None ("diverged [diverged, diverged]");
+    it counts as +inf, as in the other studies' tables, and the count is recorded (thirty-fifth session)."""
+    ratios = np.tile(np.linspace(1.0, 1.1, 15)[:, None], (1, 2))
+    ratios[3, 1] = np.nan
+    q = study._quartiles(ratios)
+    assert q["median"][1] is not None and q["median"][1] > q["median"][0] and q["diverged"] == [0, 1]
+    np.testing.assert_allclose(q["median"][0], float(np.median(ratios[:, 0])))  # finite: as before
+    result = {"budgets": [10, 20], "strategies": {"uniform": q}}
+    assert "(1 diverged)" in study.format_active_table(result)

@@ -537,3 +537,38 @@ def test_mix_one_does_not_describe_uniform_as_the_leverage(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "oracle leverage not shown (mix = 1" in out and "n·max τ" not in out
     assert json.loads((tmp_path / "results.json").read_text())["oracle_leverage"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Thirty-fifth session
+
+
+def test_refine_size_without_refined_leverage_is_refused(tmp_path, capsys):
+    """--refine-size without refined_leverage among the methods was recorded and never read."""
+    from nlis_jax import cli
+
+    args = ["run", "--dataset", "flights", "--methods", "uniform,linear_leverage", "--refine-size", "0.3"]
+    code = cli.main([*args, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--refine-size applies to --methods refined_leverage only" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_flights_warns_of_fits_that_have_not_converged(capsys):
+    """A flights run whose fits had not converged (--lm-steps 2: relative changes up to 0.8) printed its
+    table headed 'converged' without a word; the other data sets' runs warn."""
+    from nlis_jax.experiments.flights import warn_unconverged
+
+    record = {"size": 100, "max_rel_change": 0.0}
+    summary = {
+        "full": {"rel_change": 0.0},
+        "grids": {"converged": {"uniform": [record, dict(record, size=200)]}},
+    }
+    warn_unconverged(summary)
+    assert capsys.readouterr().err == ""
+    summary["full"]["rel_change"] = 0.28
+    summary["grids"]["converged"]["uniform"][1]["max_rel_change"] = 0.82
+    warn_unconverged(summary)
+    err = capsys.readouterr().err
+    assert "the full-data fit has not converged (last relative change 0.28" in err
+    assert "the sample fits of 1 of 2 cells" in err and "converged uniform at s = 200" in err

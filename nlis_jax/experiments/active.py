@@ -49,7 +49,7 @@ import nlis_jax as nj
 from nlis_jax.experiments import datasets
 from nlis_jax.experiments.checks import check_seed, positive_int, replace_naming_option, seed_arg
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
-from nlis_jax.experiments.report import environment
+from nlis_jax.experiments.report import environment, quantiles
 
 DATASETS = ("california", "flights", "fashion-mnist")
 STRATEGIES = ("uniform", "leverage", "linear_leverage", "egl")
@@ -263,9 +263,10 @@ def flights_problem(config: ActiveStudyConfig) -> ActiveProblem:
     cols.append(t["month"].to_numpy(np.float64))
     cols += [(t["origin"] == o).to_numpy(np.float64) for o in ("JFK", "LGA")]
     x = np.stack(cols, axis=1)
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    std = x.std(axis=0)
+    x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)  # a constant column (a tiny --n) stays 0
     y = t["arr_delay"].to_numpy(np.float64)
-    y = (y - y.mean()) / y.std()
+    y = (y - y.mean()) / (y.std() or 1.0)
     dtype = jax.dtypes.canonicalize_dtype(np.float64)
     x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1).astype(dtype)
     names = ["dep_delay", "sched_hour", "distance", "month", "origin_JFK", "origin_LGA", "bias"]
@@ -383,10 +384,12 @@ def fit_star(problem: ActiveProblem, config: ActiveStudyConfig, params0) -> tupl
 
 
 def _quartiles(ratios: np.ndarray) -> dict:
-    """``{"median", "q25", "q75"}`` over repeats (axis 0) as JSON lists (non-finite values as None)."""
-    q = np.quantile(ratios, [0.5, 0.25, 0.75], axis=0)
-    as_list = lambda row: [float(v) if np.isfinite(v) else None for v in row]
-    return {"median": as_list(q[0]), "q25": as_list(q[1]), "q75": as_list(q[2])}
+    """``{"median", "q25", "q75", "diverged"}`` over repeats (axis 0) as JSON lists, one entry per budget:
+    a diverged repeat counts as +inf (:func:`~nlis_jax.experiments.report.quantiles`), so one of them
+    moves the quartiles by one rank instead of making them all NaN; a quartile that is such a repeat is
+    ``None``, and ``diverged`` counts them."""
+    cols = [quantiles(ratios[:, j]) for j in range(ratios.shape[1])]  # a few budgets, not examples
+    return {key: [c[key] for c in cols] for key in ("median", "q25", "q75", "diverged")}
 
 
 class ActiveInterrupted(KeyboardInterrupt):
@@ -475,8 +478,10 @@ def format_active_table(result: dict) -> str:
     lines = [head, "|" + "---|" * (len(result["budgets"]) + 1)]
     fmt = lambda v: "diverged" if v is None else f"{v:.4f}"
     for name, q in result["strategies"].items():
+        diverged = q.get("diverged") or [0] * len(q["median"])
         cells = [
-            f"{fmt(m)} [{fmt(a)}, {fmt(b)}]" for m, a, b in zip(q["median"], q["q25"], q["q75"], strict=True)
+            f"{fmt(m)} [{fmt(a)}, {fmt(b)}]" + (f" ({k} diverged)" if k else "")
+            for m, a, b, k in zip(q["median"], q["q25"], q["q75"], diverged, strict=True)
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

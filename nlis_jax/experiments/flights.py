@@ -1071,7 +1071,42 @@ def flights_config_from_args(args: argparse.Namespace) -> FlightsStudyConfig:
             if getattr(args, name, None) is not None and protocol not in config.protocols:
                 option = name.replace("_", "-")
                 raise ValueError(f"--{option} applies to --protocols {protocol} only (with --model mlp).")
+    if getattr(args, "refine_size", None) is not None and "refined_leverage" not in config.methods:
+        raise ValueError("--refine-size applies to --methods refined_leverage only (it is not among them).")
     return config
+
+
+def warn_unconverged(summary: dict) -> None:
+    """Warnings on stderr when the full-data fit or the sample fits of some cells have not converged
+    (their last relative change above the CLI's ``FULL_FIT_RTOL``), as ``nlis-jax run`` gives for the
+    other data sets: their ratios then mix optimisation error into the sampling error."""
+    from nlis_jax.cli import FULL_FIT_RTOL
+
+    change = summary["full"].get("rel_change")
+    if change is not None and change > FULL_FIT_RTOL:
+        print(
+            f"nlis-jax run: warning: the full-data fit has not converged (last relative change {change:.2g}, "
+            f"more than {FULL_FIT_RTOL:g}): L(θ*) is not the full-data optimum, so the ratios are off; raise "
+            "--lm-steps (single_index) or --epochs (mlp).",
+            file=sys.stderr,
+        )
+    cells = [
+        (record["max_rel_change"], protocol, method, record["size"])
+        for protocol, grid in summary["grids"].items()
+        for method, records in grid.items()
+        for record in records
+        if record.get("max_rel_change") is not None and record["max_rel_change"] > FULL_FIT_RTOL
+    ]
+    if cells:
+        worst, protocol, method, size = max(cells)
+        total = sum(len(records) for grid in summary["grids"].values() for records in grid.values())
+        print(
+            f"nlis-jax run: warning: the sample fits of {len(cells)} of {total} cells (protocol, scheme, "
+            f"size) have not converged (the worst, {protocol} {method} at s = {size}, last relative change "
+            f"{worst:.2g}, more than {FULL_FIT_RTOL:g}): their ratios mix optimisation error into the "
+            "sampling error; raise --lm-steps.",
+            file=sys.stderr,
+        )
 
 
 #: Options the single-index flights study never reads (its fits are Levenberg-Marquardt steps).
@@ -1133,6 +1168,7 @@ def run_flights(args: argparse.Namespace, argv: list[str]) -> int:
         from nlis_jax.experiments.plots import plot_flights
 
         written.append(plot_flights(summary, out / "flights.png"))
+    warn_unconverged(summary)
     print(tables)
     print(f"total wall time {summary['wall_s']:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
