@@ -218,8 +218,9 @@ def panel(g: Callable, params: PyTree, x: PyTree, a, h, directions: Array, *, en
             projected = projected.at[end].set(jnp.where(undefined[end], projected[near], projected[end]))
     # the Legendre coefficients of values near the dtype's largest (|∇f| ~ 1e37 in float32) overflow: taken
     # of the values scaled by a power of two near their largest magnitude (exact), the estimate scaled back
+    # (capped at 2^(maxexp−2): XLA may divide by multiplying with 1/scale, which must stay a normal number)
     _, e = jnp.frexp(_square_scale(projected))
-    scale = jnp.ldexp(jnp.ones((), projected.dtype), jnp.minimum(e, jnp.finfo(projected.dtype).maxexp - 1))
+    scale = jnp.ldexp(jnp.ones((), projected.dtype), jnp.minimum(e, jnp.finfo(projected.dtype).maxexp - 2))
     error = panel_error(coef @ (projected / scale), h, exponent) * scale
     return h * acc, error, jnp.max(_rms(projected, axis=-1))
 
@@ -353,10 +354,13 @@ class _State(NamedTuple):
 
 def _tiny(norm: Array) -> Array:
     """``0 < ‖I_i‖ < tiny/eps²``: an integral so small that its absolute error estimates and tolerance
-    (``rtol·‖I_i‖``) are subnormal, which the device flushes to 0 (an error read as 0: converged). The
+    (``rtol·‖I_i‖``) are subnormal, which the device flushes to 0 (an error read as 0: converged); never
+    for float16 (its subnormal numbers are normal in float32, where it is computed). The
     first pass leaves such examples unconverged, and the refinement runs on the integrand scaled by
     :func:`_unit_exponent` (exact: a power of two)."""
     finfo = jnp.finfo(norm.dtype)
+    if finfo.tiny > jnp.finfo(jnp.float32).tiny:  # float16, computed in float32: nothing of it flushes
+        return jnp.zeros(norm.shape, bool)
     return (norm > 0) & (norm < finfo.tiny / finfo.eps**2)
 
 
@@ -419,16 +423,20 @@ def _refine_bucket(
     def one(x, norm_i, first_i):
         kw = dict(max_panels=max_panels, depth=depth, peel=peel)
         dtype = directions.dtype
+        shape = jax.eval_shape(g, params, jnp.zeros((), dtype), x)
         # a tiny integral is refined at unit scale (exact powers of two), where nothing flushes to 0
+        # (2^-e and 2^e are normal numbers: ‖I_i‖ is, so e ≥ minexp)
         e = _unit_exponent(norm_i)
-        scaled = lambda p, t, xx: jnp.ldexp(g(p, t, xx), -e)
+        up, down = (jnp.ldexp(jnp.ones((), dtype), k) for k in (-e, e))
+        scaled = lambda p, t, xx: g(p, t, xx) * up.astype(shape.dtype)
         err0, value0 = first_i
-        first_i = (jnp.ldexp(err0, -e), jnp.ldexp(value0, -e))
-        tol_i = rtol * jnp.ldexp(norm_i, -e)
+        first_i = (err0 * up, value0 * up.astype(value0.dtype))
+        tol_i = rtol * (norm_i * up)
 
         def run(width):
             s = _refine_one(scaled, params, x, tol_i, first_i, directions, width, **kw)
-            s = s._replace(acc=jnp.ldexp(s.acc, e))  # the error stays scaled, relative to the scaled norm
+            s = s._replace(acc=s.acc * down.astype(s.acc.dtype))  # the error stays scaled, relative to
+            # the scaled norm
             residual = jnp.zeros_like(s.err) if check is None else check(params, s.acc, x).astype(dtype)
             return s, residual
 
@@ -446,7 +454,7 @@ def _refine_bucket(
 
         blank = jax.tree.map(jnp.zeros_like, jax.eval_shape(run, jnp.ones((), dtype)))
         s, residual, _ = lax.while_loop(needs, again, (*blank, jnp.ones((), dtype)))
-        relative = _relative(s.err, _norms(jnp.ldexp(s.acc, -e)[None])[0])  # at the refinement's scale
+        relative = _relative(s.err, _norms((s.acc * up.astype(s.acc.dtype))[None])[0])  # at its scale
         # stopped at the rounding noise only when no limit stopped it too (the limit is then the cause)
         return s.acc, relative, residual, s.count, s.roundoff & ~s.forced
 

@@ -489,12 +489,20 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
         if not floor >= tiny:  # the promise p_i ≥ α/n would fail
             share = float(alpha) / n
             wider = [t for t in ("float32", "float64") if tiny > np.finfo(t).smallest_normal <= share]
-            hint = "".join(f", or {t} probabilities" for t in wider[:1])
-            hint += " (with jax_enable_x64)" if wider[:1] == ["float64"] else ""
+            other = "".join(f"{t} probabilities" for t in wider[:1])
+            other += " (with jax_enable_x64)" if wider[:1] == ["float64"] else ""
+            advice = n * float(tiny) * 1.01  # rounded up: the advised alpha passes
+            if advice > 1:  # α = 1, the uniform distribution, is the last resort
+                with np.errstate(over="ignore"):
+                    uniform_ok = np.asarray(1.0, probs.dtype) / np.asarray(n, probs.dtype) >= tiny
+                advice = 1.0 if uniform_ok else None
+            if advice is None:
+                fix = f"no alpha <= 1 can (1/n is below it too){'; use ' + other if other else ''}"
+            else:
+                fix = f"use alpha >= {advice:.3g}{', or ' + other if other else ''}"
             raise ValueError(
                 f"alpha/n = {float(alpha)}/{n} is below the smallest normal number of {probs.dtype} "
-                f"({float(tiny):.3g}): the mixture cannot keep every point reachable; use alpha >= "
-                f"{n * float(tiny) * 1.01:.3g}{hint}."  # rounded up: the advised alpha passes
+                f"({float(tiny):.3g}): the mixture cannot keep every point reachable; {fix}."
             )
     return _mix(probs, alpha)
 

@@ -198,11 +198,14 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
     if not np.all(np.isfinite(s)) or np.any(s < 0):
         raise ValueError("scores must be finite and non-negative on the pool (the unlabelled points).")
     top = float(np.max(s))
-    if 0 < top < jnp.finfo(scores.dtype).smallest_normal <= jnp.finfo(jnp.float32).smallest_normal:
-        # every pool score subnormal: the device flushes them to 0, and the pool turned uniform. Scaled
-        # on the host by a power of two (exact; the probabilities do not change)
+    finfo = jnp.finfo(scores.dtype)
+    if 0 < top < finfo.smallest_normal / finfo.eps and finfo.smallest_normal <= jnp.finfo(jnp.float32).tiny:
+        # pool scores below the smallest normal number that are not below the largest one's rounding: the
+        # device flushes them to 0 (all of them subnormal: the pool turned uniform). Scaled on the host by
+        # a power of two (exact; the probabilities do not change); labelled points' scores set to 0
         e = np.frexp(top)[1]
-        scores = jnp.asarray(np.ldexp(np.asarray(scores, np.float64), -e).astype(scores.dtype))
+        scaled = np.ldexp(np.where(mask, 0.0, np.asarray(scores, np.float64)), -e)
+        scores = jnp.asarray(scaled.astype(scores.dtype))
     return pool, scores, alpha
 
 

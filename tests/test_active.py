@@ -516,7 +516,7 @@ def test_run_active_writes_results(tmp_path):
     assert budgets == [10, 20, 30]
     assert set(result["strategies"]) == set(study.STRATEGIES)
     for q in result["strategies"].values():
-        assert set(q) == {"median", "q25", "q75"}
+        assert set(q) == {"median", "q25", "q75", "diverged"} and q["diverged"] == [0, 0, 0]
         med, lo, hi = (np.asarray(q[k]) for k in ("median", "q25", "q75"))
         assert med.shape == (3,) and np.all(lo <= med) and np.all(med <= hi)
         assert np.all(lo >= 1 - 1e-6)  # θ* minimises the full loss: no fit on fewer labels beats it
@@ -633,3 +633,17 @@ def test_one_diverged_repeat_moves_the_quartiles_by_one_rank():
     np.testing.assert_allclose(q["median"][0], float(np.median(ratios[:, 0])))  # finite: as before
     result = {"budgets": [10, 20], "strategies": {"uniform": q}}
     assert "(1 diverged)" in study.format_active_table(result)
+
+
+def test_pool_scores_below_normal_beside_a_small_normal_one_are_kept():
+    """Only an all-subnormal pool was rescaled: one score of 2e-38 (normal) beside 99 of 1e-39 got
+    probability 1 instead of 0.17; a labelled score of 1e30 overflowed the rescale with a numpy warning."""
+    scores = np.full(100, 1e-39, np.float32)
+    scores[0] = 2e-38
+    labelled = np.zeros(100, bool)
+    want = scores.astype(np.float64) / scores.astype(np.float64).sum()
+    got = np.asarray(nj.active.pool_probabilities(scores, labelled), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    scores[1], labelled[1] = 1e30, True  # a labelled point's score is never used
+    got = np.asarray(nj.active.pool_probabilities(scores, labelled), np.float64)
+    assert got[1] == 0 and abs(got.sum() - 1) < 1e-6

@@ -461,3 +461,22 @@ def test_tiny_normal_adjoints_are_refined_at_unit_scale(j):
     assert rows.max() <= 1e-6, rows.max()  # float32 rounding (0.014 at j = -113 and 0.48 at -118 before)
     np.testing.assert_array_equal(np.asarray(infoc.converged), np.asarray(info1.converged))
     np.testing.assert_array_equal(np.asarray(infoc.panels), np.asarray(info1.panels))
+
+
+def test_a_huge_float32_integrand_keeps_its_error_estimate():
+    """Values near float32's largest (c·tanh(300 t), c = 5e37): the panel's scale was capped at 2^127, and
+    XLA divided by multiplying with 2^-127, a subnormal number flushed to 0, so the estimate was 0 and the
+    first pass accepted a result 1.2e-3 off (thirty-fifth session's review)."""
+
+    def g(p, t, x):
+        return p[0] * jnp.tanh(p[1] * t) * x
+
+    xs = jnp.ones((2, 2), jnp.float32)
+    got = {}
+    for c in (1.0, 5e37):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", nj.QuadratureWarning)
+            value, info = adaptive.integrate(g, jnp.asarray([c, 300.0], jnp.float32), xs)
+        exact = c * (300.0 - np.log(2)) / 300.0
+        got[c] = (abs(float(value[0, 0]) - exact) / exact, int(info.panels[0]))
+    assert got[5e37][0] <= 1e-5 and got[5e37][1] > 1 and got[1.0][1] > 1, got  # refined, as at c = 1

@@ -960,3 +960,15 @@ def test_subnormal_weights_of_a_weighted_loss_are_named_on_every_path():
         with pytest.raises(ValueError, match="weights must be non-negative; 1 are negative"):
             nj.weighted_loss(f, p, *data)
     np.testing.assert_allclose(float(nj.weighted_loss(f, p, xs, ys, np.full(6, 0.5, np.float32))), 27.0)
+
+
+def test_mix_advice_stays_within_zero_and_one():
+    """For float16 at n = 16,380 the advice read "use alpha >= 1.01" though alpha = 1 passes; where even
+    alpha = 1 cannot help (1/n below the smallest normal number) it advised an impossible alpha."""
+    p = jnp.zeros(16_380, jnp.float16).at[0].set(1.0)
+    with pytest.raises(ValueError, match=r"use alpha >= 1, or float32 probabilities\.$"):
+        nj.mix_with_uniform(p, 0.5)
+    assert float(jnp.min(nj.mix_with_uniform(p, 1.0))) >= float(jnp.finfo(jnp.float16).smallest_normal)
+    p = jnp.zeros(20_000, jnp.float16).at[0].set(1.0)
+    with pytest.raises(ValueError, match=r"no alpha <= 1 can \(1/n is below it too\); use float32"):
+        nj.mix_with_uniform(p, 0.5)
