@@ -72,7 +72,7 @@ import numpy as np
 from jax import lax
 
 from nlis_jax import _traced as traced_checks_state
-from nlis_jax._checks import fetch, is_concrete, report_nonfinite, under_trace
+from nlis_jax._checks import fetch, flushes_subnormals, is_concrete, report_nonfinite, under_trace
 from nlis_jax._precision import highest_precision
 from nlis_jax._types import Array, PyTree
 
@@ -359,7 +359,7 @@ def _tiny(norm: Array) -> Array:
     first pass leaves such examples unconverged, and the refinement runs on the integrand scaled by
     :func:`_unit_exponent` (exact: a power of two)."""
     finfo = jnp.finfo(norm.dtype)
-    if finfo.tiny > jnp.finfo(jnp.float32).tiny:  # float16, computed in float32: nothing of it flushes
+    if not flushes_subnormals(norm.dtype):  # float16, computed in float32: nothing of it flushes
         return jnp.zeros(norm.shape, bool)
     return (norm > 0) & (norm < finfo.tiny / finfo.eps**2)
 
@@ -458,8 +458,7 @@ def _refine_bucket(
         # stopped at the rounding noise only when no limit stopped it too (the limit is then the cause)
         return s.acc, relative, residual, s.count, s.roundoff & ~s.forced
 
-    # the first pass's absolute estimate (a tiny integral's: its flushed one; the refinement starts over)
-    err0 = jnp.where(_tiny(norm[safe]), jnp.inf, error[safe] * norm[safe])
+    err0 = error[safe] * norm[safe]  # the first pass's absolute estimate (Inf for a tiny integral)
     value, relative, residual, count, roundoff = jax.vmap(one)(xs, norm[safe], (err0, value[safe]))
     return _State(value, relative, residual, count, _norms(value), roundoff)
 

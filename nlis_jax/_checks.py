@@ -321,23 +321,33 @@ def count_negative(x: jax.Array) -> jax.Array:
 _count_negative = traced.jit(count_negative)
 
 
+def flushes_subnormals(dtype) -> bool:
+    """Whether a CPU flushes the subnormal numbers of ``dtype`` to 0 in compiled code: float32, bfloat16
+    and float64; not float16, computed in float32, where its subnormal numbers are normal."""
+    return jnp.finfo(dtype).smallest_normal <= jnp.finfo(jnp.float32).smallest_normal
+
+
+def subnormal_weights_error(name: str, dtype) -> ValueError:
+    """The error for non-zero ``name`` (weights) all below ``dtype``'s smallest normal number."""
+    return ValueError(
+        f"{name} sum to 0 in {jnp.dtype(dtype).name}: their non-zero values are below its smallest normal "
+        f"number ({float(jnp.finfo(dtype).smallest_normal):.3g}), which the device treats as zero; rescale "
+        f"the {name} (a fit does not depend on their overall scale, a weighted loss scales with it)."
+    )
+
+
 def check_weights_not_all_subnormal(name: str, w) -> None:
     """``ValueError`` if the host-readable weights ``w`` are non-zero but all below their dtype's smallest
     normal number: a CPU flushes them to 0 (float32 weights of ``1e-39`` gave a weighted loss of 0). Not
-    read for weights held elsewhere, nor for float16 (summed in float32, where they are normal)."""
+    read for weights held elsewhere, nor for float16 (:func:`flushes_subnormals`)."""
     host = None if w is None else host_values(w)
-    if host is None or not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
+    if host is None or host.size == 0 or not jnp.issubdtype(host.dtype, jnp.floating):
         return
-    tiny = float(jnp.finfo(host.dtype).smallest_normal)
-    if tiny > float(jnp.finfo(jnp.float32).smallest_normal) or host.size == 0:
+    if not flushes_subnormals(host.dtype):
         return
     top = max(abs(float(host.min())), abs(float(host.max())))  # numpy's reductions copy nothing (a memmap)
-    if 0 < top < tiny:
-        raise ValueError(
-            f"{name} sum to 0 in {host.dtype}: their non-zero values are below its smallest normal number "
-            f"({tiny:.3g}), which the device treats as zero; rescale the {name} (a fit does not depend on "
-            "their overall scale, a weighted loss scales with it)."
-        )
+    if 0 < top < jnp.finfo(host.dtype).smallest_normal:
+        raise subnormal_weights_error(name, host.dtype)
 
 
 def check_nonnegative(name: str, x) -> None:

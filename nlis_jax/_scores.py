@@ -481,21 +481,22 @@ def mix_with_uniform(probs: Array, alpha: float) -> Array:
         traced.check((alpha >= 0) & (alpha <= 1), "alpha must lie in [0, 1].")
     if is_concrete(alpha) and float(alpha) > 0:
         n = probs.shape[0]
-        # as the device forms it (α cast to the dtype, then divided): rounded below the smallest normal
-        # number, it is flushed to 0 there
-        with np.errstate(over="ignore"):  # n past float16's range is Inf there too: a floor of 0
-            floor = np.asarray(float(alpha), probs.dtype) / np.asarray(n, probs.dtype)
+
+        def share(a: float):  # a/n as the device forms it (a cast to the dtype, then divided): below the
+            # smallest normal number it is flushed to 0 there; n past float16's range is Inf there too
+            with np.errstate(over="ignore"):
+                return np.asarray(a, probs.dtype) / np.asarray(n, probs.dtype)
+
         tiny = np.finfo(probs.dtype).smallest_normal
-        if not floor >= tiny:  # the promise p_i ≥ α/n would fail
-            share = float(alpha) / n
-            wider = [t for t in ("float32", "float64") if tiny > np.finfo(t).smallest_normal <= share]
+        if not share(float(alpha)) >= tiny:  # the promise p_i ≥ α/n would fail
+            wider = [
+                t for t in ("float32", "float64") if tiny > np.finfo(t).smallest_normal <= float(alpha) / n
+            ]
             other = "".join(f"{t} probabilities" for t in wider[:1])
             other += " (with jax_enable_x64)" if wider[:1] == ["float64"] else ""
             advice = n * float(tiny) * 1.01  # rounded up: the advised alpha passes
             if advice > 1:  # α = 1, the uniform distribution, is the last resort
-                with np.errstate(over="ignore"):
-                    uniform_ok = np.asarray(1.0, probs.dtype) / np.asarray(n, probs.dtype) >= tiny
-                advice = 1.0 if uniform_ok else None
+                advice = 1.0 if share(1.0) >= tiny else None
             if advice is None:
                 fix = f"no alpha <= 1 can (1/n is below it too){'; use ' + other if other else ''}"
             else:

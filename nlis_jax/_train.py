@@ -48,6 +48,7 @@ from nlis_jax._checks import (
     check_same_length,
     check_weights_not_all_subnormal,
     is_concrete,
+    subnormal_weights_error,
     under_trace,
     value_range,
 )
@@ -944,11 +945,7 @@ def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
     total = float(jnp.sum(w.astype(at_least_float32(w.dtype))))
     if not total > 0:
         if is_concrete(weights) and np.any(np.asarray(weights) != 0):  # subnormal: flushed on a CPU
-            raise ValueError(
-                f"weights sum to 0 in {w.dtype}: their non-zero values are below its smallest normal number "
-                f"({float(jnp.finfo(w.dtype).smallest_normal):.3g}), which the device treats as zero; "
-                "rescale the weights (the fit does not depend on their overall scale)."
-            )
+            raise subnormal_weights_error("weights", w.dtype)  # (held elsewhere: _check_data read host ones)
         raise ValueError("weights must not all be zero.")
     if not math.isfinite(total):
         raise ValueError(f"weights sum to {total} (overflow): scale them down (fit normalises by their sum).")

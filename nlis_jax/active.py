@@ -53,6 +53,7 @@ from nlis_jax._checks import (
     check_key,
     check_positive_int,
     check_real,
+    flushes_subnormals,
     is_concrete,
 )
 from nlis_jax._dual import dual_matrix
@@ -199,7 +200,7 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
         raise ValueError("scores must be finite and non-negative on the pool (the unlabelled points).")
     top = float(np.max(s))
     finfo = jnp.finfo(scores.dtype)
-    if 0 < top < finfo.smallest_normal / finfo.eps and finfo.smallest_normal <= jnp.finfo(jnp.float32).tiny:
+    if 0 < top < finfo.smallest_normal / finfo.eps and flushes_subnormals(scores.dtype):
         # pool scores below the smallest normal number that are not below the largest one's rounding: the
         # device flushes them to 0 (all of them subnormal: the pool turned uniform). Scaled on the host by
         # a power of two (exact; the probabilities do not change); labelled points' scores set to 0

@@ -48,7 +48,14 @@ from optax.projections import (
 )
 
 from nlis_jax import _traced as traced
-from nlis_jax._checks import check_finite, check_floating, check_real, float_bits, is_concrete
+from nlis_jax._checks import (
+    check_finite,
+    check_floating,
+    check_real,
+    float_bits,
+    flushes_subnormals,
+    is_concrete,
+)
 from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import PyTree
 
@@ -199,8 +206,7 @@ def _inward(bound: Any, dtype, name: str):
     """
     lower = name == "lower"
     tiny = jnp.finfo(dtype).smallest_normal
-    # float16 is clipped in float32, where its subnormal numbers are normal: only float32's range flushes
-    flushes = tiny <= jnp.finfo(jnp.float32).smallest_normal
+    flushes = flushes_subnormals(dtype)  # float16 is clipped in float32, where its subnormals are normal
     if is_concrete(bound):
         given = np.asarray(bound, np.float64)
         with np.errstate(over="ignore"):  # a bound past the dtype's range is Inf, then stepped inwards
