@@ -226,10 +226,15 @@ class CheckedSource:
     has shape ``(c,) + out_shape(x)``. Every pass (call) must yield as many examples as the first:
     ``ValueError`` naming both counts otherwise (as soon as a later pass yields more, or at its end).
     ``on_chunk(index, x_chunk, y_chunk)``, if given, checks the values of a chunk (e.g. labels).
+    ``triples=True`` yields ``(x_chunk, y_chunk, None)`` (the losses' items: no weights); it stays a
+    :class:`CheckedSource`, so :func:`rechunk` still copies its pieces (the user may refill the buffers).
     """
 
-    def __init__(self, source: Source, *, out_shape=None, need_y: bool = False, on_chunk=None):
+    def __init__(
+        self, source: Source, *, out_shape=None, need_y: bool = False, on_chunk=None, triples: bool = False
+    ):
         self.source, self.out_shape, self.need_y, self.on_chunk = source, out_shape, need_y, on_chunk
+        self.triples = triples
         self.spec = None  # (structure of x, per-example (shape, dtype) of x's leaves and of y) of chunk 0
         self.count = None  # examples of the first complete pass
         self.passes = 0
@@ -250,7 +255,7 @@ class CheckedSource:
             count += self._check(index, item)
             if self.count is not None and count > self.count:
                 raise ValueError(self._different(f"more than {self.count} examples (at least {count})"))
-            yield item
+            yield (*item, None) if self.triples else item
         if self.count is None:
             self.count = count
         elif count != self.count:
@@ -324,23 +329,28 @@ class CheckedSource:
             self.spec = spec
             return
         structure, x_first, y_first = self.spec
+        later = self.passes > 1  # the first pass's chunk 0 is the reference
+        where = f"chunk {index} of the chunk source" + (f" on pass {self.passes}" if later else "")
+        first = "chunk 0" + (" of the first pass" if later else "")
         if (y_spec is None) != (y_first is None):
-            given, first = ("None", "has responses") if y is None else ("given", "has None")
+            given, has = ("None", "has responses") if y is None else ("given", "has None")
             raise ValueError(
-                f"chunk {index} of the chunk source has y_chunk {given} but chunk 0 {first}: give y_chunk in "
-                "every chunk or in none."
+                f"{where} has y_chunk {given} but {first} {has}: give y_chunk in every chunk or in none."
             )
-        if spec[0] != structure or x_spec != x_first:
+        if spec[0] != structure:
             raise ValueError(
-                f"x_chunk of chunk {index} of the chunk source has examples of shape and dtype "
-                f"{_specs(x_spec)} but chunk 0 has {_specs(x_first)}: every chunk must have the same "
-                "per-example shape and dtype."
+                f"x_chunk of {where} has pytree structure {spec[0]} but {first} has {structure}: every "
+                "chunk must have the same structure."
+            )
+        if x_spec != x_first:
+            raise ValueError(
+                f"x_chunk of {where} has examples of shape and dtype {_specs(x_spec)} but {first} has "
+                f"{_specs(x_first)}: every chunk must have the same per-example shape and dtype."
             )
         if y_spec != y_first:
             raise ValueError(
-                f"y_chunk of chunk {index} of the chunk source has examples of shape and dtype "
-                f"{_specs([y_spec])} but chunk 0 has {_specs([y_first])}: every chunk must have the same "
-                "per-example shape and dtype."
+                f"y_chunk of {where} has examples of shape and dtype {_specs([y_spec])} but {first} has "
+                f"{_specs([y_first])}: every chunk must have the same per-example shape and dtype."
             )
 
     def _check_first(self, index: int, x, y) -> None:
@@ -1036,8 +1046,7 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     if callable(xs):
         if ys is not None or weights is not None:
             raise ValueError("with a chunk source, ys travel in its chunks: pass ys=None and weights=None.")
-        pairs = CheckedSource(xs, need_y=True, on_chunk=_chunk_labels(check_labels))
-        return (lambda: ((x, y, None) for x, y in pairs())), chunk_size
+        return CheckedSource(xs, need_y=True, on_chunk=_chunk_labels(check_labels), triples=True), chunk_size
     ys, weights = host_vector("ys", ys), host_vector("weights", weights)
     if ys is None:
         raise ValueError(LOSSES_NEED_YS)
@@ -1108,15 +1117,20 @@ def host_losses(
     data_dtypes = (
         [] if callable(xs) else [a.dtype for a in jax.tree.leaves((xs, ys, weights)) if hasattr(a, "dtype")]
     )
-    # the carry starts in the sum's dtype (no retrace after the first chunk); data dtypes canonical first
-    # (float64 data without x64 counts as float32, without jax's truncation warning)
-    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
-    dtypes += [jax.dtypes.canonicalize_dtype(d) for d in data_dtypes]
-    low = at_least_float32(promoted(*dtypes))
-    zero = jnp.zeros((), jnp.int32)
-    state = {"carry": (jnp.zeros((), low), zero, zero, zero), "rows": 0}
+    param_dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
+
+    def start(dtypes):  # the carry in the sum's dtype (no retrace after the first chunk); data dtypes
+        # canonical first (float64 data without x64 counts as float32, without jax's truncation warning)
+        low = at_least_float32(promoted(*param_dtypes, *(jax.dtypes.canonicalize_dtype(d) for d in dtypes)))
+        zero = jnp.zeros((), jnp.int32)
+        return jnp.zeros((), low), zero, zero, zero
+
+    # a chunk source's data dtypes are its first chunk's (float64 data and float32 params sum in float64)
+    state = {"carry": None if callable(xs) else start(data_dtypes), "rows": 0}
 
     def one(piece, valid):  # the running total in at least float32 (a float16 sum drifts over chunks)
+        if state["carry"] is None:
+            state["carry"] = start([a.dtype for a in jax.tree.leaves(piece)])
         losses, state["carry"] = step(state["carry"], piece, valid)
         state["dtype"] = losses.dtype
         state["rows"] += valid
@@ -1130,7 +1144,8 @@ def host_losses(
     n = int(across_processes(jnp.asarray(state["rows"]), lambda a: a.sum(0)))  # all processes' examples
     if not n:
         raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
-    total, bad, negative, nonfinite = (across_processes(c, lambda a: a.sum(0)) for c in state["carry"])
+    carry = state["carry"] or start([])  # a process whose source yielded nothing: the params' dtype
+    total, bad, negative, nonfinite = (across_processes(c, lambda a: a.sum(0)) for c in carry)
     total = total.astype(state.get("dtype", total.dtype))
     if int(bad):  # counted after the cast: float64 data without x64 as float32
         narrowed = (callable(xs) or np.float64 in data_dtypes) and not jax.config.jax_enable_x64

@@ -304,6 +304,27 @@ def test_a_chunk_source_shorter_than_a_chunk_is_not_padded(chunk_size, lengths, 
     )
 
 
+def test_a_later_pass_or_another_structure_is_named():
+    """Chunk 0 of pass 2 against chunk 0 of the first pass (was "chunk 0 ... but chunk 0 ..."); another
+    pytree structure of x_chunk by its structure (was two identical lists of shapes)."""
+    params, xs, ys = _setup()
+    for later, what in [((xs.astype(np.float32), ys), "float32"), ((xs, None), "y_chunk None")]:
+        passes = iter([[(xs, ys)], [later]])
+        with pytest.raises(
+            ValueError, match=f"chunk 0 of the chunk source on pass 2 .*{what}.* chunk 0 of the first pass"
+        ):
+            nj.streaming_leverage_scores(apply_fn, params, lambda p=passes: iter(next(p)), **KW)
+
+    def pair_fn(p, x):  # x a pair of arrays, as a tuple or a list
+        return apply_fn(p, x[0]) + 0 * x[1]
+
+    chunks = [((xs[:5], ys[:5]), ys[:5]), ([xs[5:], ys[5:]], ys[5:])]  # same shapes, another structure
+    with pytest.raises(
+        ValueError, match=r"x_chunk of chunk 1 .* pytree structure .*\[\*, \*\].* has .*\(\*, \*\)"
+    ):
+        nj.streaming_norm_scores(pair_fn, params, lambda: iter(chunks), **KW)  # was: two identical lists
+
+
 def test_consistent_float32_source_passes_the_sum_check():
     """float32 (larger orthogonality error than float64): consistent data stays far inside 1 %."""
     params, xs, ys = _setup()
