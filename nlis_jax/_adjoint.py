@@ -233,7 +233,7 @@ def _count_unfit(ys, like, tiny, big):
     return past, jnp.count_nonzero((m > 0) & (m < low)), jnp.count_nonzero(m >= high)
 
 
-def check_ys_fits(ys, dtype) -> None:
+def check_ys_fits(ys, dtype, combine=None) -> None:
     """``ValueError`` if a concrete ``ys`` (finite, floating) has values beyond the range of ``dtype`` (the
     params' dtype, to which the offset column ``f(0) − y`` is cast): they would become Inf; or non-zero
     values below its smallest normal number ``tiny`` that would become 0 where that matters: unless some
@@ -246,7 +246,9 @@ def check_ys_fits(ys, dtype) -> None:
     chunks of a chunk source). The rule ignores ``f(0)``: where ``|f(0)|`` is far above such ``ys`` they
     would be lost to its rounding anyway, and they are refused all the same. Only a
     ``ys`` that can hold such values is read (on the host without compiling, as ``check_finite``, one pass
-    unless it fails); traced, a ``checkify`` check of the range inside ``nlis_jax.traced_checks()``."""
+    unless it fails); traced, a ``checkify`` check of the range inside ``nlis_jax.traced_checks()``.
+    ``combine(counts)``, if given, sums this process's three counts over all processes (host blocks
+    under ``jax.distributed``: all three counted, and every process raises the same error)."""
     ys = ys if hasattr(ys, "dtype") else np.asarray(ys)
     y_dtype = jnp.result_type(ys)
     if not jnp.issubdtype(y_dtype, jnp.floating):
@@ -277,10 +279,13 @@ def check_ys_fits(ys, dtype) -> None:
             with np.errstate(over="ignore"):
                 return np.isfinite(a.astype(dtype))
 
+        every = combine is not None  # all three counts, as every process combines them
         failing = count_failing(host, lambda a: in_range(a) & ((np.abs(a) >= tiny) | (a == 0)))
-        bad = count_failing(host, in_range) if failing else 0  # more passes on the error path only
+        bad = count_failing(host, in_range) if failing or every else 0  # more passes on the error path only
         lost = failing - bad
-        large = count_failing(host, lambda a: np.abs(a) < big) if lost and not bad else 0
+        large = count_failing(host, lambda a: np.abs(a) < big) if (lost and not bad) or every else 0
+        if every:
+            bad, lost, large = (int(c) for c in combine(np.array([bad, lost, large], np.int32)))
     else:
         with jax.ensure_compile_time_eval():
             counts = _count_unfit(ys, jnp.zeros((), dtype), *(jnp.asarray(v, ys.dtype) for v in (tiny, big)))

@@ -336,18 +336,37 @@ def subnormal_weights_error(name: str, dtype) -> ValueError:
     )
 
 
-def check_weights_not_all_subnormal(name: str, w) -> None:
-    """``ValueError`` if the host-readable weights ``w`` are non-zero but all below their dtype's smallest
-    normal number: a CPU flushes them to 0 (float32 weights of ``1e-39`` gave a weighted loss of 0). Not
-    read for weights held elsewhere, nor for float16 (:func:`flushes_subnormals`)."""
-    host = None if w is None else host_values(w)
-    if host is None or host.size == 0 or not jnp.issubdtype(host.dtype, jnp.floating):
+def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
+    """``ValueError`` if the concrete weights ``w`` are non-zero but all below their dtype's smallest
+    normal number: a CPU flushes them to 0 (float32 weights of ``1e-39`` gave a weighted loss of 0). Host
+    values are read without compiling (a memmap without a copy); an array held elsewhere (sharded over
+    devices or processes, on an accelerator) by one reduction on its bits, whose scalar every process
+    reads. ``combine(counts)``, if given, sums this process's ``(any non-zero, any normal)`` over all
+    processes (the host blocks of ``jax.distributed``: every process raises the same error). Not for float16
+    (:func:`flushes_subnormals`), nor traced weights."""
+    if w is None or not is_concrete(w):
         return
-    if not flushes_subnormals(host.dtype):
+    host = host_values(w)
+    dtype = jnp.result_type(w) if host is None else host.dtype
+    if not jnp.issubdtype(dtype, jnp.floating) or not flushes_subnormals(dtype):
         return
-    top = max(abs(float(host.min())), abs(float(host.max())))  # numpy's reductions copy nothing (a memmap)
-    if 0 < top < jnp.finfo(host.dtype).smallest_normal:
-        raise subnormal_weights_error(name, host.dtype)
+    if host is None:
+        subnormal = bool(_all_subnormal(w))
+    else:  # numpy's reductions copy nothing (a memmap)
+        top = max(abs(float(host.min())), abs(float(host.max()))) if host.size else 0.0
+        found = np.array([top > 0, top >= jnp.finfo(dtype).smallest_normal], np.int32)  # non-zero, normal
+        found = found if combine is None else combine(found)
+        subnormal = found[0] > 0 and found[1] == 0
+    if subnormal:
+        raise subnormal_weights_error(name, dtype)
+
+
+@traced.jit
+def _all_subnormal(w: jax.Array) -> jax.Array:
+    """Whether ``w`` has a non-zero entry and all below the smallest normal number (on the bits)."""
+    magnitude = float_bits(w)[1]
+    low = float_bits(jnp.asarray(jnp.finfo(w.dtype).smallest_normal, w.dtype))[1]
+    return jnp.any(magnitude > 0) & jnp.all(magnitude < low)
 
 
 def check_nonnegative(name: str, x) -> None:

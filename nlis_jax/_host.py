@@ -140,8 +140,17 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     _check_in_memory("ys", ys)
     _check_in_memory("weights", weights)
     if ys is not None:  # read slice by slice (a memmap too), only when wider than the params' dtype
-        check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)))
+        check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)), summed_over_processes())
     return n
+
+
+def summed_over_processes():
+    """The ``combine`` of the host checks under ``jax.distributed``: integer counts summed over all
+    processes, so that every process raises the same error (one raising alone left the others waiting in
+    a collective, and a block's subnormal values are not all the data's); ``None`` in one process."""
+    if jax.process_count() == 1:
+        return None
+    return lambda counts: np.asarray(across_processes(jnp.asarray(counts), lambda a: a.sum(0)))
 
 
 def check_native(name: str, tree) -> None:
@@ -1053,8 +1062,8 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     if weights is not None and not (np.issubdtype(weights.dtype, np.floating) or weights.dtype.kind in "iub"):
         raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
-    check_weights_not_all_subnormal("weights", weights)
-    found = None if check_labels is None else label_range(ys, chunk_size)
+    check_weights_not_all_subnormal("weights", weights, summed_over_processes())
+    found = None if check_labels is None else _global_range(label_range(ys, chunk_size))
     if found is not None:
         check_labels(example_spec(xs), ys.dtype, *found, "")
     chunk = balanced_chunk(n, chunk_size)
@@ -1079,6 +1088,16 @@ def label_range(ys, chunk: int) -> tuple[float, float] | None:
             return None
         low, high = min(low, float(part.min())), max(high, float(part.max()))
     return None if low > high else (low, high)
+
+
+def _global_range(found: tuple[float, float] | None) -> tuple[float, float] | None:
+    """This process's :func:`label_range` of a non-empty block as all processes' (``jax.distributed``):
+    ``None`` where any block holds a NaN or Inf (which the pass reports on every process)."""
+    if jax.process_count() == 1:
+        return found
+    mine = np.array([np.nan, np.nan] if found is None else found, np.float64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)  # host values: no flush
+    return None if np.isnan(every).any() else (float(every[:, 0].min()), float(every[:, 1].max()))
 
 
 def _chunk_labels(check_labels):

@@ -48,7 +48,6 @@ from nlis_jax._checks import (
     check_same_length,
     check_weights_not_all_subnormal,
     is_concrete,
-    subnormal_weights_error,
     under_trace,
     value_range,
 )
@@ -944,8 +943,7 @@ def _weights_and_total(weights, n: int, dtype) -> tuple[Array, float]:
     # summed in at least float32: float16 weights of a large sample (1/(s p_i) each) overflow their own sum
     total = float(jnp.sum(w.astype(at_least_float32(w.dtype))))
     if not total > 0:
-        if is_concrete(weights) and np.any(np.asarray(weights) != 0):  # subnormal: flushed on a CPU
-            raise subnormal_weights_error("weights", w.dtype)  # (held elsewhere: _check_data read host ones)
+        check_weights_not_all_subnormal("weights", w)  # non-zero but subnormal: flushed on a CPU
         raise ValueError("weights must not all be zero.")
     if not math.isfinite(total):
         raise ValueError(f"weights sum to {total} (overflow): scale them down (fit normalises by their sum).")

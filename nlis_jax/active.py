@@ -62,6 +62,7 @@ from nlis_jax._sampling import priority_reachable, sample
 from nlis_jax._scores import leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
+from nlis_jax.distributed import gather
 
 #: Ways to choose a batch from the pool.
 STRATEGIES = ("sample", "topk")
@@ -169,9 +170,14 @@ def _check_alpha(alpha) -> float:
     return value
 
 
-def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
+def _check_pool(scores, labelled, alpha) -> tuple[int, Array, Array, float]:
     """Shape and value checks of ``(scores, labelled, alpha)``; returns ``(pool size or -1, scores,
-    alpha as a float)``."""
+    labelled, alpha as a float)``. Global arrays spanning processes are gathered whole on every process
+    (two ``(n,)`` vectors; the choice is then the same local result on each)."""
+    if any(
+        is_concrete(a) and isinstance(a, jax.Array) and not a.is_fully_addressable for a in (scores, labelled)
+    ):
+        scores, labelled = gather((scores, labelled))
     scores = jnp.asarray(as_probs_vector(scores, "scores"))
     labelled = jnp.asarray(labelled)
     if scores.ndim != 1 or scores.shape[0] == 0:
@@ -190,7 +196,7 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
         traced.check(
             jnp.all(fit), "scores must be finite and non-negative on the pool (the unlabelled points)."
         )
-        return -1, scores, alpha
+        return -1, scores, labelled, alpha
     mask = np.asarray(labelled)
     pool = int(np.sum(~mask))
     if pool == 0:
@@ -207,7 +213,7 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, float]:
         e = np.frexp(top)[1]
         scaled = np.ldexp(np.where(mask, 0.0, np.asarray(scores, np.float64)), -e)
         scores = jnp.asarray(scaled.astype(scores.dtype))
-    return pool, scores, alpha
+    return pool, scores, labelled, alpha
 
 
 def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) -> Array:
@@ -223,8 +229,8 @@ def pool_probabilities(scores: Array, labelled: Array, *, alpha: float = 0.0) ->
     Returns:
       ``(n,)`` probabilities, summing to 1 over the pool, 0 on labelled points.
     """
-    _, scores, alpha = _check_pool(scores, labelled, alpha)
-    return _pool_probs(scores, jnp.asarray(labelled), alpha)
+    _, scores, labelled, alpha = _check_pool(scores, labelled, alpha)
+    return _pool_probs(scores, labelled, alpha)
 
 
 @functools.partial(traced.jit, static_argnames=("batch", "strategy", "replace"))
@@ -292,7 +298,7 @@ def query(
     batch = check_positive_int("batch", batch)
     replace = check_bool("replace", replace)
     _check_replace(strategy, replace)
-    pool, scores, alpha = _check_pool(scores, labelled, alpha)
+    pool, scores, labelled, alpha = _check_pool(scores, labelled, alpha)
     if pool >= 0 and batch > pool:
         raise ValueError(f"batch={batch} exceeds the {pool} unlabelled points in the pool.")
     if pool < 0:  # traced: checkify, when asked

@@ -105,7 +105,30 @@ def _cases(params, params2):
         losses = nj.per_example_loss(MLP, params, xs, ys, chunk_size=8)  # a global (N,) vector too
         return norms, nj.weighted_loss(MLP, params, xs, ys, chunk_size=8), losses
 
+    def host_tiny_block(d):
+        """Process 1's block of weights all subnormal (1e-310) and of ys all subnormal beside normal ones
+        in process 0's: the one-process call (the device path on all rows) accepts both (the data has
+        normal values); each process refused its own block alone before."""
+        xs, ys, w = _data()["xs"], _data()["ys"].copy(), np.ones(N)
+        ys[N // 2 :], w[N // 2 :] = 1e-310, 1e-310
+        if d["xs"].is_fully_addressable:
+            xs, ys, w = jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(w)
+        else:
+            rows = distributed.process_rows(N)
+            xs, ys, w = xs[rows], ys[rows], w[rows]
+        loss = nj.weighted_loss(MLP, params, xs, ys, w, chunk_size=8)
+        return loss, nj.streaming_leverage_scores(MLP, params, xs, ys, chunk_size=8, num_nodes=16)
+
+    def queried(d):
+        """Pool choice from global scores: gathered whole on every process (jax's non-addressable fetch
+        error before)."""
+        labelled = np.arange(N) % 4 == 0
+        chosen = nj.query(jax.random.key(5), probs(d), labelled, 3, alpha=0.1)
+        return chosen, nj.active.pool_probabilities(probs(d), labelled, alpha=0.1)
+
     return {
+        "streaming_host_tiny_block": host_tiny_block,
+        "query": queried,
         "streaming_host_norms_and_loss": host_norms_and_loss,
         "streaming_host_blocks": lambda d: host_blocks(d, None),
         "streaming_host_blocks_stable": lambda d: host_blocks(d, "stable"),
@@ -158,6 +181,10 @@ def _checks(glob, params) -> dict:
     w_neg = distributed.shard_rows(np.where(np.arange(N) == N - 1, -1.0, 1.0)[rows])
     p_bad = distributed.shard_rows(np.full(N, 2.0 / N)[rows])
     p_uniform = distributed.shard_rows(np.full(N, 1.0 / N)[rows])
+    w_tiny = distributed.shard_rows(np.full(N, 1e-310)[rows])  # made on the host: a device flushes them
+    p_nan = distributed.shard_rows(np.where(np.arange(N) == N - 1, np.nan, 1.0 / N)[rows])
+    labels = (_data()["ys"] > 0).astype(np.float64)
+    labels[-1] = 3.0
     # uneven host blocks (process 0 drops 2 rows): named after the first pass, not a raw sharding error
     uneven = slice(rows.start, rows.stop - 2) if jax.process_index() == 0 else rows
     xs_u, ys_u = _data()["xs"][uneven], _data()["ys"][uneven]
@@ -207,6 +234,24 @@ def _checks(glob, params) -> dict:
             lambda: distributed.shard_rows(_data()["xs"][rows], Mesh(np.asarray(jax.devices()), ("rows",)))
         ),
         "initialize_twice": _expect_error(distributed.initialize, RuntimeError),
+        # weights summing to 0 on global arrays: named (jax's non-addressable fetch error before), and
+        # subnormal ones refused as on one process (a weighted loss of 0 before)
+        "fit_zero_global_weights": _expect_error(
+            lambda: nj.fit(
+                MLP, params, glob["xs"], glob["ys"], 0 * p_uniform, optimizer=optax.sgd(0.1), num_steps=2
+            ),
+            RuntimeError,
+        ),
+        "subnormal_global_weights": _expect_error(
+            lambda: nj.weighted_loss(MLP, params, glob["xs"], glob["ys"], w_tiny)
+        ),
+        # a logistic label 3 in process 1's block: every process raises (process 0 waited before)
+        "labels_host_block": _expect_error(
+            lambda: nj.weighted_loss(MLP, params, _data()["xs"][rows], labels[rows], loss="logistic")
+        ),
+        "query_nan_global": _expect_error(
+            lambda: nj.query(None, p_nan, np.zeros(N, bool), 2, strategy="topk"), RuntimeError
+        ),
         **_narrowing_checks(rows),
     }
 

@@ -44,6 +44,8 @@ CASES = (
     "weighted_loss",
     "weighted_loss_weights",
     "fit_weighted_minibatch",
+    "streaming_host_tiny_block",
+    "query",
 )
 # float64 throughout: the sharded programs reduce in another order (per-shard partial sums, then an
 # all-reduce over processes), so results agree to rounding, ~1e-14 relative; 1e-10 is the issue's bound.
@@ -122,6 +124,15 @@ def test_input_checks_fire_on_global_arrays(reports):
         assert checks["initialize_twice"].startswith(
             "RuntimeError: nlis_jax.distributed.initialize: this process has already joined"
         ), checks
+        assert checks["fit_zero_global_weights"] == "ValueError: weights must not all be zero.", checks
+        assert checks["subnormal_global_weights"].startswith("ValueError: weights sum to 0 in float64"), (
+            checks
+        )
+        assert checks["labels_host_block"].startswith(
+            'ValueError: loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1), got values '
+            "in [0, 3]"
+        ), checks
+        assert checks["query_nan_global"].startswith("ValueError: scores must be finite"), checks
         # float64 without x64: values flushed to 0 or made Inf by the cast are named on every process
         tiny = "holds 16 non-zero value(s) below float32's smallest normal number that become 0 once cast"
         for name in ("narrow_host_block", "narrow_host_loss"):

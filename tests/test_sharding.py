@@ -224,3 +224,18 @@ def test_adaptive_streaming_keeps_its_error_vectors_on_their_devices():
     hs = nj.streaming_norm_scores(apply_fn, params, xs_s, ys_s, chunk_size=16)
     np.testing.assert_allclose(hs, dense, rtol=1e-12)
     _assert_row_sharded(hs)
+
+
+def test_subnormal_weights_sharded_over_devices_are_refused():
+    """float32 weights all 1e-39, sharded over the devices: the weighted loss was 0 (the device flushed
+    them; only weights on one device were read), while the same weights on one device were refused."""
+    xs = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
+    ys, w = np.ones(N, np.float32), np.full(N, 1e-39, np.float32)
+    params = np.ones(D, np.float32)
+
+    def model(p, x):
+        return jnp.tanh(x @ p)
+
+    for weights in (jnp.asarray(w), _rows(w)):
+        with pytest.raises(ValueError, match="weights sum to 0 in float32"):
+            nj.weighted_loss(model, params, _rows(xs), _rows(ys), weights)
