@@ -375,20 +375,27 @@ def _needs_extra_args(optimizer, params, state) -> bool:
     return True
 
 
-def _strongly_typed(leaf):
-    """``leaf`` without a weak type: an optimizer state edited with ``jnp.asarray(3e-3)`` or a Python float
-    (``optax.inject_hyperparams``' learning rate) is another input type to fit's programs than the state
-    ``optimizer.init`` makes, so each would compile them again."""
+def _is_weak(leaf) -> bool:
+    """A weakly typed leaf: a Python number or a weak ``jax.Array`` (``jnp.asarray(3e-3)``)."""
     if isinstance(leaf, jax.Array):
-        return leaf.astype(leaf.dtype) if leaf.weak_type else leaf
-    if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-        return np.asarray(leaf, jnp.result_type(leaf))
-    return leaf
+        return leaf.weak_type
+    return isinstance(leaf, (int, float)) and not isinstance(leaf, bool)
 
 
-def _check_optimizer_state(optimizer, params, opt_state) -> None:
+def _strongly_typed(leaf, want):
+    """``leaf`` in the dtype of ``want`` (the leaf of ``optimizer.init(params)``) if it is weakly typed:
+    an optimizer state edited with ``jnp.asarray(3e-3)`` or a Python float (``optax.inject_hyperparams``'
+    learning rate) is another input type to fit's programs than the state ``optimizer.init`` makes, so
+    each would compile them again; jax's default float for it was float64 with float32 params."""
+    if not _is_weak(leaf):
+        return leaf
+    return leaf.astype(want.dtype) if isinstance(leaf, jax.Array) else np.asarray(leaf, want.dtype)
+
+
+def _check_optimizer_state(optimizer, params, opt_state):
     """``optimizer.init``/``update`` work on ``params`` (traced by shape only), and ``opt_state``
-    (if given) has the structure, shapes and dtypes of ``optimizer.init(params)``."""
+    (if given) has the structure, shapes and dtypes of ``optimizer.init(params)``; returns ``opt_state``
+    with its weakly typed leaves in those dtypes (:func:`_strongly_typed`)."""
     expected = None
     try:
         expected = jax.eval_shape(optimizer.init, params)
@@ -413,7 +420,7 @@ def _check_optimizer_state(optimizer, params, opt_state) -> None:
             f"write the loop yourself from nlis_jax.make_train_step's pattern; {failed}"
         ) from err
     if opt_state is None:
-        return
+        return None
     got, want = jax.tree.leaves(opt_state), jax.tree.leaves(expected)
     if jax.tree.structure(opt_state) != jax.tree.structure(expected) or any(
         jnp.shape(a) != b.shape for a, b in zip(got, want, strict=True)
@@ -423,12 +430,13 @@ def _check_optimizer_state(optimizer, params, opt_state) -> None:
             "from another optimizer or other params; pass the opt_state of a FitResult of this optimizer."
         )
     for a, b in zip(got, want, strict=True):
-        if jnp.result_type(a) != b.dtype:
+        if jnp.result_type(a) != b.dtype and not _is_weak(a):
             raise ValueError(
                 f"opt_state does not match optimizer.init(params): a leaf of dtype {jnp.result_type(a)} "
                 f"where optimizer.init(params) has {b.dtype} (params of another dtype than the state's "
                 "fit); cast params back, or start without opt_state."
             )
+    return jax.tree.unflatten(jax.tree.structure(opt_state), map(_strongly_typed, got, want))
 
 
 @traced.entry
@@ -816,9 +824,7 @@ def fit(
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
     n = _check_data(params, xs, ys, weights)
-    _check_optimizer_state(optimizer, params, opt_state)
-    if opt_state is not None:  # a weak type (jnp.asarray(1e-3), a Python float) compiled segments anew
-        opt_state = jax.tree.map(_strongly_typed, opt_state)
+    opt_state = _check_optimizer_state(optimizer, params, opt_state)  # weak leaves strongly typed
     plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)
     params = jax.tree.map(jnp.asarray, params)
     # the losses, the normaliser and the objective J in at least float32: with float16 params, weights

@@ -319,8 +319,8 @@ def query(
         # priority sampling then returns such points with weight 0
         # counted as the sampler counts them (float16 probabilities below float16's smallest normal, every
         # point of a 20,000-point pool at alpha = 0.5, are positive in its float32)
-        if pool < 0:  # traced: checked inside _query (checkify, when asked)
-            return chosen
+        if pool < 0 or not is_concrete(chosen.probs):  # traced (a key under jit or vmap too): checked
+            return chosen  # inside _query (checkify, when asked)
         probs = np.asarray(chosen.probs)
         positive = int(np.sum(priority_reachable(probs)[1]))
         if positive < batch:

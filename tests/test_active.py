@@ -647,3 +647,16 @@ def test_pool_scores_below_normal_beside_a_small_normal_one_are_kept():
     scores[1], labelled[1] = 1e30, True  # a labelled point's score is never used
     got = np.asarray(nj.active.pool_probabilities(scores, labelled), np.float64)
     assert got[1] == 0 and abs(got.sum() - 1) < 1e-6
+
+
+def test_query_with_only_the_key_traced():
+    """jit or vmap over keys with concrete scores (a Monte-Carlo check of the estimator): the
+    without-replacement count read the traced probabilities (TracerArrayConversionError)."""
+    scores = jnp.asarray(np.random.default_rng(0).random(10))
+    labelled = jnp.arange(10) < 2
+    keys = jax.random.split(jax.random.key(0), 4)
+    batched = jax.vmap(lambda k: nj.query(k, scores, labelled, 3).indices)(keys)
+    jitted = jax.jit(lambda k: nj.query(k, scores, labelled, 3).indices)(keys[1])
+    for i, key in enumerate(keys):
+        np.testing.assert_array_equal(batched[i], nj.query(key, scores, labelled, 3).indices)
+    np.testing.assert_array_equal(jitted, batched[1])

@@ -1277,3 +1277,20 @@ def test_a_weakly_typed_optimizer_state_reuses_fits_programs():
         assert not result.opt_state.hyperparams["learning_rate"].weak_type
         assert float(result.opt_state.hyperparams["learning_rate"]) == float(lr)
     assert _train._segment._cache_size() == segments
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_a_weakly_typed_learning_rate_takes_the_states_dtype(dtype):
+    """With params narrower than jax's default float (float32 under x64), a Python float or a weak
+    jnp.asarray learning rate was refused: "a leaf of dtype float64 where optimizer.init(params) has
+    float32"; optax itself takes it. It is cast to the state's dtype."""
+    model, X, y = _linear_problem()
+    X, y = X.astype(dtype), y.astype(dtype)
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=1e-2)
+    first = fit(model, jnp.zeros(2, dtype), X, y, optimizer=opt, num_steps=2)
+    for lr in (2e-3, jnp.asarray(2e-3)):
+        state = first.opt_state._replace(hyperparams={**first.opt_state.hyperparams, "learning_rate": lr})
+        result = fit(model, first.params, X, y, optimizer=opt, num_steps=2, opt_state=state)
+        got = result.opt_state.hyperparams["learning_rate"]
+        assert got.dtype == first.opt_state.hyperparams["learning_rate"].dtype and not got.weak_type
+        assert float(got) == pytest.approx(2e-3, rel=1e-3)
