@@ -469,7 +469,7 @@ class Transform(NamedTuple):
     first: Array  # (m, m)
     second: Array  # (m, m): the CholeskyQR refinement (route "gram2", or "stable" below float64)
     refine: Array  # bool: apply ``second``
-    rank: Array  # int32
+    rank: Array  # int32; negative for a forced fast route on input it cannot take (see basis)
     route: Array  # int32 index into ROUTES
 
 
@@ -665,7 +665,11 @@ def basis(
     """``(U, rank, route)`` of an ``(n, m)`` row matrix, or ``(‖U_i‖², rank, route)`` with ``row_norms``.
 
     ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
-    :func:`wide_basis`). Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
+    :func:`wide_basis`). A forced fast route (``"gram"``, ``"gram2"``, ``"shifted"``) on input it cannot
+    take reports ``rank`` :data:`FORCED_RANK_DEFICIENT` (``-1``: rank-deficient for ``rtol``, or fewer
+    rows than columns) or :data:`FORCED_ILL_CONDITIONED` (``-2``: beyond the route's own limit), and then
+    ``U`` is not orthonormal: check ``rank >= 0`` (``nlis_jax.leverage_scores`` raises there).
+    Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
     sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`). ``rtol`` must lie in
     ``(0, 1)`` (a NaN or out-of-range tolerance gave rank 0 or every column silently): ``ValueError``
     when concrete, a checkify check inside ``nlis_jax.traced_checks()`` when traced.
@@ -880,7 +884,8 @@ def row_leverage(A: Array, rtol: float | Array, lead: tuple[int, ...], route: st
     """``(h, rank, route)``: leverage of the rows of ``A`` summed per example (``lead`` the leading shape).
 
     One compiled program (:func:`basis` and the sum); concrete input that :func:`basis` would start from a
-    sketch runs in stages instead (:func:`staged_sketched_leverage`). ``rtol`` as in :func:`basis`.
+    sketch runs in stages instead (:func:`staged_sketched_leverage`). ``rtol`` as in :func:`basis`; so is a
+    negative ``rank`` of a forced fast route (``h`` is then not a leverage: check ``rank >= 0``).
     """
     check_route(route)
     check_tolerances(rtol, 0.0)  # (a Python float is checked without reading a device value back)
