@@ -185,6 +185,30 @@ def test_bench_quadrature_checks_against_the_loop(wrong, failing, tmp_path, monk
     assert failing in failed(record["checks"]) and "timings" not in record["mlp"]
 
 
+def test_bench_quadrature_checks_hard_cases_against_more_nodes(tmp_path, monkeypatch):
+    """The default's adjoints of the hard and random models wrong by an error orthogonal to θ (the
+    identity holds): checked by the identity alone they were timed with ok: true (audit s36); the true
+    error against the 128-node rule is a check now, and the wrong cases are not timed."""
+    module = load_benchmark("bench_quadrature", monkeypatch)
+
+    def wrong(out, args, kwargs):  # the benchmark MLP's own checks pass (the loop baseline)
+        if not kwargs.get("return_info") or args[0] is module.MLP or isinstance(out[0], jax.core.Tracer):
+            return out
+        return orthogonal_to_theta(out, args, kwargs)
+
+    sabotage(monkeypatch, "adjoint", wrong)
+    args = ["--n", "64", "--hard-n", "8", "--models", "1", "--budget", "0", "--roundoff-n", "0"]
+    args += ["--skip-traced", "--saturating", "", "--activations", "sin"]
+    record = run_sabotaged("bench_quadrature", args, tmp_path, monkeypatch, module=module)
+    assert failed(record["checks"]) == {
+        "sin_index_true_error",
+        "tanh_x25_true_error",
+        "random_models_true_error_worst",
+    }
+    assert all(record["hard"][name]["median_s"] is None for name in ("sin_index", "tanh_x25"))
+    assert record["hard"]["relu_biases"]["median_s"] > 0  # not smooth: the identity is its check
+
+
 def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypatch):
     """Correctness first: a failed benchmark-MLP check writes a record with ok False and the failing
     check, and runs none of the timed hard, random, saturating or roundoff cases (stubs: no compiling)."""
