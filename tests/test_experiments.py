@@ -687,3 +687,20 @@ def test_full_fit_step_cost_leaves_out_the_fixed_cost_of_a_call(monkeypatch):
     assert full.seconds_per_step == full.step_s
     one = ex.fit_full(problem, problem.init(jax.random.key(0)), num_steps=1)  # one segment: no estimate
     assert one.step_s is None and one.seconds_per_step == pytest.approx(9e-3)
+
+
+def test_experiment_keys_are_checked():
+    """A float array seeded make_single_index as a key (two different arrays, the same data); draw took a
+    single raw key as two keys; the entry points gave jax's "invalid PRNG key data" for an int."""
+    from nlis_jax.experiments import datasets, nets, study
+
+    with pytest.raises(TypeError, match="seed_or_key must be a PRNG key"):
+        datasets.make_single_index(jnp.array([0.2, 3.7]), n=8, d=2)
+    with pytest.raises(TypeError, match="keys must be a batch of R PRNG keys"):
+        study.draw(jax.random.PRNGKey(0), jnp.full(4, 0.25), 2)
+    with pytest.raises(TypeError, match="keys must be a batch of R PRNG keys"):
+        study.draw(jax.random.key(0), jnp.full(4, 0.25), 2)
+    with pytest.raises(TypeError, match="key must be a PRNG key, e.g. jax.random.key"):
+        nets.mlp_init(3, (2, 3, 1))
+    (idx, w), _ = study.draw(jax.random.split(jax.random.key(0), 3), jnp.full(4, 0.25), 2)
+    assert idx.shape == w.shape == (3, 2)

@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 import nlis_jax as nj
+from nlis_jax._checks import check_key
 from nlis_jax.experiments import datasets
 from nlis_jax.experiments.checks import check_seed, positive_int, replace_naming_option, seed_arg
 from nlis_jax.experiments.nets import mlp, mlp_init, single_index
@@ -436,6 +437,7 @@ def run_active_study(key: jax.Array, config: ActiveStudyConfig) -> dict:
     """
     if not isinstance(config, ActiveStudyConfig):
         raise TypeError(f"config must be an ActiveStudyConfig, got {type(config).__name__}.")
+    check_key("key", key)
     problem = make_active_problem(config)
     n = int(problem.xs.shape[0])
     if n < config.budgets[-1]:

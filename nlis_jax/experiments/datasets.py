@@ -710,6 +710,9 @@ def _generator(seed_or_key) -> np.random.Generator:
     except ImportError:  # pragma: no cover - jax is a dependency
         jax = None
     if jax is not None and isinstance(seed_or_key, jax.Array):
+        from nlis_jax._checks import check_key
+
+        check_key("seed_or_key", seed_or_key)  # a float array or a batch of keys seeded silently
         key = seed_or_key
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)

@@ -58,6 +58,7 @@ import optax
 from jax import lax
 
 import nlis_jax as nj
+from nlis_jax._checks import check_key
 from nlis_jax.experiments import kernels
 from nlis_jax.experiments.checks import positive_int_arg, replace_naming_option, size_arg
 from nlis_jax.experiments.datasets import load_flights
@@ -757,6 +758,7 @@ def run_flights_study(config: FlightsStudyConfig, key: jax.Array, *, log=None) -
         StudyInterrupted: on Ctrl-C after loading, with the summary so far (``"partial": True``): the
             full-data fit, noise floor and scores once done, and every finished grid cell.
     """
+    check_key("key", key)
     say = log or (lambda text: None)
     k_init, k_full, k_refit, k_pilot, k_refine, k_grid = jax.random.split(key, 6)
     setup = _Setup(config, k_init)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nlis_jax import bounded_swish
+from nlis_jax._checks import check_key
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -33,6 +34,7 @@ def mlp_init(key: PRNGKey, sizes: Sequence[int], *, bias: bool = True, dtype=jnp
 
     Returns a list of ``{"w": (d_out, d_in), "b": (d_out,)}`` dicts (no ``"b"`` when ``bias=False``).
     """
+    check_key("key", key)
     keys = jax.random.split(key, len(sizes) - 1)
     layers = []
     for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True):

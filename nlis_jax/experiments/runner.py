@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 import nlis_jax as nj
+from nlis_jax._checks import check_key
 from nlis_jax.experiments import kernels
 from nlis_jax.experiments import keys as prng
 from nlis_jax.experiments.configs import METHODS, ORACLE_METHODS, StudyConfig, resolve_size, resolve_sizes
@@ -320,6 +321,7 @@ def run_study(
         StudyInterrupted: on Ctrl-C after the full-data fit (scores, grid, plots callback, wall-time
             comparison), with the summary of the finished cells.
     """
+    check_key("key", key)
     problem = make_problem(config) if problem is None else problem
     sizes = resolve_sizes(config.sizes, problem.n)
     compile0 = kernels.compile_stats()

@@ -243,6 +243,20 @@ def _prefix_draws() -> bool:
     return bool(jax.config.jax_threefry_partitionable) and impl == "threefry2x32"
 
 
+def _check_keys(keys) -> None:
+    """``TypeError`` unless ``keys`` is a batch of PRNG keys: typed keys of shape ``(R,)`` or raw ``uint32``
+    keys of shape ``(R, words)`` (a single key was vmapped over, or its two words read as two keys)."""
+    dtype = getattr(keys, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if (typed and jnp.ndim(keys) == 1) or (dtype == jnp.uint32 and jnp.ndim(keys) == 2):
+        return
+    shape = getattr(keys, "shape", None)
+    raise TypeError(
+        f"keys must be a batch of R PRNG keys, e.g. jax.random.split(key, R), got {type(keys).__name__} "
+        f"of shape {shape} and dtype {dtype}."
+    )
+
+
 def draw(keys: jax.Array, probs: jax.Array, num_samples: int, *, bucket: int | None = None):
     """``R = len(keys)`` independent samples with replacement: ``((idx (R, s), w (R, s)), seconds)``.
 
@@ -250,6 +264,7 @@ def draw(keys: jax.Array, probs: jax.Array, num_samples: int, *, bucket: int | N
     With ``bucket >= num_samples`` the arrays are ``(R, bucket)``: the same samples, padded with weight 0
     (for :func:`fit_samples` with ``size=num_samples``); one compiled draw serves every size.
     """
+    _check_keys(keys)
     s = int(num_samples)
     if bucket is None:
         return kernels.timed(kernels.draw_kernel, keys, probs, num_samples=s)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 import nlis_jax as nj
+from nlis_jax._checks import check_key
 from nlis_jax.experiments import kernels
 from nlis_jax.experiments import keys as prng
 from nlis_jax.experiments.configs import StudyConfig, resolve_size
@@ -155,6 +156,7 @@ def compare_wall_time(
         and ``speedup_converged`` (full-data time to the loss over the scheme's time), and the count of
         ``diverged`` runs. A scheme's keys depend on its name, not on the other schemes timed.
     """
+    check_key("key", key)
     step_s = full.seconds_per_step
     out = {
         "size": int(size),
