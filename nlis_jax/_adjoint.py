@@ -460,7 +460,8 @@ def adjoint(
     Raises:
       ValueError: on NaN/Inf in ``params`` or ``xs`` (when concrete), inconsistent leading axes,
         a model output of rank > 1, an unknown ``mode``, ``num_nodes`` outside ``[1, 4096]``, a
-        non-positive ``chunk_size``;
+        non-positive ``chunk_size``, ``rtol`` outside ``(0, 1)``, ``rtol``, ``max_panels`` or
+        ``return_info=True`` together with ``num_nodes`` (options of the adaptive rule);
         when ``apply_fn`` fails on one example (the message shows the shapes); when the adjoint comes out
         NaN or Inf (a gradient of ``apply_fn`` not finite on the path ``tθ``, e.g. ``sqrt`` or ``log``
         singular at ``θ = 0``, or overflow), eagerly, or as a ``checkify`` check under a user's ``jit``

@@ -559,7 +559,10 @@ def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int
         raise ValueError(f"{name} has {neg} negative entries (min {low:.3g}).")
     tol = atol if atol is not None else probs_tolerance(jnp.result_type(probs))
     if abs(total - 1.0) > tol:
-        raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}).")
+        hint = ""
+        if abs(total - 1.0) <= 1e-3 and jnp.result_type(probs) == jnp.float64:  # e.g. float32 scores cast
+            hint = f" (a float32 vector cast to float64 keeps float32's rounding: renormalise, {name} / sum)"
+        raise ValueError(f"{name} must sum to 1, got sum {total:.10g} (tolerance {tol:g}){hint}.")
     return shape[0]
 
 

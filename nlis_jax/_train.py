@@ -68,8 +68,8 @@ HOST_CHUNK = 4096
 class TrainState(NamedTuple):
     """State of the projected-gradient loop: parameters and the optimizer state."""
 
-    params: PyTree
-    opt_state: optax.OptState
+    params: PyTree  #: the current iterate (a pytree of the structure of the initial params)
+    opt_state: optax.OptState  #: the optimizer's state (``optimizer.init(params)``, updated each step)
 
 
 class NonFiniteLossError(FloatingPointError):

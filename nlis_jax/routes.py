@@ -491,8 +491,9 @@ def transform_from_passes(
     ``r_factor()`` an R factor of ``A`` (a TSQR pass, route ``"stable"`` only). :func:`apply_transform`
     then gives the basis or the leverage of any rows of ``A``: the route, rank and arithmetic of
     :func:`basis` on ``A`` (whose float64 stable route forms the Householder ``Q`` instead, which needs
-    all of ``A``). See :func:`transform_from_pass`, which asks for every pass through one function.
-    It takes the passes as functions, so call it inside your own ``jax.jit`` (with the passes): called
+    all of ``A``). ``rtol``: the rank tolerance, as in :func:`basis`; ``route`` forces a route, as there.
+    See :func:`transform_from_pass`, which asks for every pass through one function. It takes the passes
+    as functions, so call it inside your own ``jax.jit`` (with the passes): called
     alone, it traces its conditionals anew each time (:func:`decide`, :func:`refine_transform` and
     :func:`apply_transform` are jitted themselves).
     """
@@ -599,7 +600,8 @@ def _no_start(eye: Array) -> CholeskyStart:
 @functools.partial(traced.jit, static_argnames=("row_norms",))
 @highest_precision
 def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:
-    """Rows ``A`` mapped to the basis, ``(A first) second`` (or their squared norms)."""
+    """Rows ``A`` (``(c, m)``) mapped to the basis of the :class:`Transform` ``t``: ``(A first) second``
+    where ``t.refine``, else ``A first``; with ``row_norms`` their squared row norms ``(c,)`` instead."""
     U1 = A @ t.first
     return lax.cond(
         t.refine,

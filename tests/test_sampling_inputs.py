@@ -454,3 +454,15 @@ def test_sample_size_names_a_traced_rank():
     assert nj.sample_size(0.5, 0.1, nj.leverage_scores(F, return_info=True).rank) > 0
     with pytest.raises(TypeError, match="rank must be a concrete integer, not a traced value"):
         jax.jit(lambda F: nj.sample_size(0.5, 0.1, nj.leverage_scores(F, return_info=True).rank))(F)
+
+
+def test_float32_probs_cast_to_float64_are_told_to_renormalise():
+    """float32 scores (sum 1 to float32's rounding) cast to float64 miss float64's tolerance: the error
+    says why and what to do."""
+    p32 = np.random.default_rng(0).random(100_000).astype(np.float32)
+    p32 /= p32.sum(dtype=np.float32)
+    probs = p32.astype(np.float64)
+    assert 1e-8 < abs(probs.sum() - 1) < 1e-3  # the situation itself
+    with pytest.raises(ValueError, match=r"cast to float64 keeps float32's rounding: renormalise"):
+        nj.sample(jax.random.key(0), probs, 5)
+    nj.sample(jax.random.key(0), probs / probs.sum(), 5)  # as advised
