@@ -42,6 +42,7 @@ from nlis_jax._checks import (
     check_fits_in_memory,
     check_floating,
     check_leading_axis,
+    check_native,
     check_positive_int,
     check_real,
     check_same_length,
@@ -123,6 +124,8 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
+    check_native("params", params)
+    check_native("xs", xs)
     n = num_examples(xs)
     for leaf in jax.tree.leaves(xs):  # before xs[0]: jax's own error there named no cause
         check_auto_axes("xs", leaf)

@@ -58,8 +58,23 @@ def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
         raise ValueError(describe(f"{bad} of {n}"))
 
 
+def check_native(name: str, tree) -> None:
+    """``TypeError`` for an array in non-native byte order (a ``.npy`` file written on a machine of the
+    other endianness): JAX takes no such dtype, and its own error named neither the array nor the cause
+    (or printed the whole array). Checked with the floating, finite and probability checks."""
+    for leaf in jax.tree.leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if isinstance(dtype, np.dtype) and not dtype.isnative:
+            raise TypeError(
+                f"{name} is stored in non-native byte order ({dtype.str}), which JAX cannot take: convert "
+                "the file once, e.g. np.save(path, a.astype(a.dtype.newbyteorder('='))), or yield chunks "
+                "converted with .astype(a.dtype.newbyteorder('='))."
+            )
+
+
 def check_floating(name: str, tree: PyTree) -> None:
     """Raise ``TypeError`` unless every leaf of ``tree`` is a floating-point array."""
+    check_native(name, tree)
     for leaf in jax.tree.leaves(tree):
         check_auto_axes(name, leaf)
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
@@ -159,6 +174,7 @@ def check_finite_each(*named: tuple[str, PyTree]) -> None:
     first bad leaf in the pairs' order, then the tree's, is the one reported, with its pair's name."""
     leaves, elsewhere = [], []
     for name, tree in named:
+        check_native(name, tree)
         for leaf in jax.tree.leaves(tree):
             check_auto_axes(name, leaf)
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -541,6 +557,7 @@ def check_probs(probs, *, name: str = "probs", atol: float | None = None) -> int
 
     The value checks are one device reduction (a few scalars come back, never the vector).
     """
+    check_native(name, probs)
     shape = jnp.shape(probs)
     if len(shape) != 1:
         raise ValueError(f"{name} must be a 1-D probability vector, got shape {shape}.")

@@ -53,6 +53,7 @@ from nlis_jax._adjoint import (
 from nlis_jax._checks import (
     check_finite,
     check_floating,
+    check_native,
     check_not_complex,
     check_numeric,
     check_positive,
@@ -151,19 +152,6 @@ def summed_over_processes():
     if jax.process_count() == 1:
         return None
     return lambda counts: np.asarray(across_processes(jnp.asarray(counts), lambda a: a.sum(0)))
-
-
-def check_native(name: str, tree) -> None:
-    """``TypeError`` for an array in non-native byte order (a ``.npy`` file written on a machine of the
-    other endianness): JAX takes no such dtype, and its own error named neither the array nor the cause."""
-    for leaf in jax.tree.leaves(tree):
-        dtype = getattr(leaf, "dtype", None)
-        if isinstance(dtype, np.dtype) and not dtype.isnative:
-            raise TypeError(
-                f"{name} is stored in non-native byte order ({dtype.str}), which JAX cannot take: convert "
-                "the file once, e.g. np.save(path, a.astype(a.dtype.newbyteorder('='))), or yield chunks "
-                "converted with .astype(a.dtype.newbyteorder('='))."
-            )
 
 
 def _check_in_memory(name: str, tree) -> None:

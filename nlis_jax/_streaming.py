@@ -42,6 +42,7 @@ from nlis_jax._checks import (
     check_bool,
     check_fits_in_memory,
     check_floating,
+    check_native,
     check_positive,
     check_positive_int,
     check_tolerances,
@@ -141,6 +142,7 @@ def _check_gram_fits(params) -> None:
     """``MemoryError`` before any work when the ``(p+1) × (p+1)`` Gram matrix of the streamed scores
     cannot be held (p = 804,865: 5 TB in float64; it was XLA's raw RESOURCE_EXHAUSTED after the
     compilation)."""
+    check_native("params", params)
     leaves = jax.tree.leaves(params)
     if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves):
         return  # the checks of the params name it

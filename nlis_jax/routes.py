@@ -49,7 +49,14 @@ import numpy as np
 from jax import lax
 
 from nlis_jax import _traced as traced
-from nlis_jax._checks import check_choice, check_finite, check_floating, check_tolerances, is_concrete
+from nlis_jax._checks import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_native,
+    check_tolerances,
+    is_concrete,
+)
 from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_cpu
 from nlis_jax._precision import at_least_float32, highest_precision
 from nlis_jax._precondition import (
@@ -111,6 +118,7 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
     result instead (:func:`raise_if_nonfinite`), since every route puts NaN in its output for such input.
     """
     given = F
+    check_native(name, F)
     with np.errstate(over="ignore"):  # a narrowing cast's overflow is reported below, by name
         F = jnp.asarray(F)
     if F.ndim not in (2, 3):

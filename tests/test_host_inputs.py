@@ -162,6 +162,31 @@ def test_byte_swapped_host_arrays_are_named():
     )
 
 
+def test_byte_swapped_arrays_are_named_on_the_device_paths_too():
+    """Beyond the host paths, big-endian input failed with jax's TypeError: printing the whole array
+    (fit), "Error interpreting argument to stage" (leverage_scores), or naming no argument (params of
+    the streaming path)."""
+    params, xs, ys = _setup()
+    swapped = ">f8" if np.little_endian else "<f8"
+    F = np.asarray(nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=4))
+    big_params = jax.tree.map(lambda a: np.asarray(a, swapped), params)
+    cases = [
+        (
+            "xs",
+            lambda: nj.fit(apply_fn, params, xs.astype(swapped), ys, optimizer=optax.sgd(0.1), num_steps=1),
+        ),
+        ("xs", lambda: nj.dual_matrix(apply_fn, params, xs.astype(swapped), ys, num_nodes=4)),
+        ("params", lambda: nj.adjoint(apply_fn, big_params, xs)),
+        ("params", lambda: nj.streaming_leverage_scores(apply_fn, big_params, xs, ys, **KW)),
+        ("F", lambda: nj.leverage_scores(F.astype(swapped))),
+        ("F", lambda: nj.norm_scores(F.astype(swapped))),
+        ("probs", lambda: nj.sample(jax.random.key(0), np.full(N, 1 / N, swapped), 3)),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=f"^{name} is stored in non-native byte order .{swapped}"):
+            call()
+
+
 def test_a_list_of_chunks_is_told_to_be_a_callable():
     """A list of (x, y) pairs passed as xs was read as a pytree of arrays: "every array of xs must have
     5 examples first"; the message now says what a chunk source is."""
