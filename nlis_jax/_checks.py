@@ -367,7 +367,8 @@ def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
     if not jnp.issubdtype(dtype, jnp.floating) or not flushes_subnormals(dtype):
         return
     if host is None:
-        subnormal = bool(_all_subnormal(w))
+        with jax.ensure_compile_time_eval():  # a concrete array closed over inside a user's jit too
+            subnormal = bool(_all_subnormal(w))
     else:  # numpy's reductions copy nothing (a memmap)
         top = max(abs(float(host.min())), abs(float(host.max()))) if host.size else 0.0
         found = np.array([top > 0, top >= jnp.finfo(dtype).smallest_normal], np.int32)  # non-zero, normal

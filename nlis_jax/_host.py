@@ -1058,6 +1058,20 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     return array_source((xs, ys, weights), n, chunk), chunk
 
 
+#: The losses' dtypes a process may report, as codes exchanged under ``jax.distributed``.
+LOSS_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def _result_dtype(mine) -> np.dtype:
+    """The weighted loss's dtype: its losses' (``mine``); under ``jax.distributed`` every process's
+    promoted, so that a process whose chunk source yielded nothing (``None``) returns the same dtype."""
+    if jax.process_count() == 1:
+        return np.dtype(mine)
+    code = -1 if mine is None else LOSS_DTYPES.index(np.dtype(mine).name)
+    found = [LOSS_DTYPES[c] for c in process_table([code])[:, 0] if c >= 0]
+    return np.dtype(jnp.result_type(*found))
+
+
 def example_spec(x):
     """One example of a pytree of arrays (examples first), as ``jax.ShapeDtypeStruct`` leaves."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
@@ -1152,8 +1166,12 @@ def host_losses(
     if not n:
         raise ValueError("the chunk source yielded no examples.")  # as per_example_values says
     carry = state["carry"] or start([])  # a process whose source yielded nothing: the params' dtype
-    total, bad, negative, nonfinite = (across_processes(c, lambda a: a.sum(0)) for c in carry)
-    total = total.astype(state.get("dtype", total.dtype))
+    # exchanged in one dtype on every process (a chunk source's first chunk sets each process's own)
+    wide = jax.dtypes.canonicalize_dtype(jnp.float64)
+    total, bad, negative, nonfinite = (
+        across_processes(c, lambda a: a.sum(0)) for c in (carry[0].astype(wide), *carry[1:])
+    )
+    total = total.astype(_result_dtype(state.get("dtype")))
     if int(bad):  # counted after the cast: float64 data without x64 as float32
         narrowed = (callable(xs) or np.float64 in data_dtypes) and not jax.config.jax_enable_x64
         raise ValueError(nonfinite_inputs("xs, ys or weights contain", int(bad), narrowed))

@@ -375,11 +375,15 @@ def _needs_extra_args(optimizer, params, state) -> bool:
     return True
 
 
-def _is_weak(leaf) -> bool:
-    """A weakly typed leaf: a Python number or a weak ``jax.Array`` (``jnp.asarray(3e-3)``)."""
+def _is_weak(leaf, want) -> bool:
+    """A weakly typed leaf (a Python number or a weak ``jax.Array``, ``jnp.asarray(3e-3)``) of the kind of
+    ``want`` (floating or integer: a float where ``optimizer.init`` has a count is refused, not truncated)."""
     if isinstance(leaf, jax.Array):
-        return leaf.weak_type
-    return isinstance(leaf, (int, float)) and not isinstance(leaf, bool)
+        weak = leaf.weak_type
+    else:
+        weak = isinstance(leaf, (int, float)) and not isinstance(leaf, bool)
+    kinds = [jnp.issubdtype(d, jnp.floating) for d in (jnp.result_type(leaf), want.dtype)]
+    return weak and kinds[0] == kinds[1]
 
 
 def _strongly_typed(leaf, want):
@@ -387,7 +391,7 @@ def _strongly_typed(leaf, want):
     an optimizer state edited with ``jnp.asarray(3e-3)`` or a Python float (``optax.inject_hyperparams``'
     learning rate) is another input type to fit's programs than the state ``optimizer.init`` makes, so
     each would compile them again; jax's default float for it was float64 with float32 params."""
-    if not _is_weak(leaf):
+    if not _is_weak(leaf, want):
         return leaf
     return leaf.astype(want.dtype) if isinstance(leaf, jax.Array) else np.asarray(leaf, want.dtype)
 
@@ -430,7 +434,7 @@ def _check_optimizer_state(optimizer, params, opt_state):
             "from another optimizer or other params; pass the opt_state of a FitResult of this optimizer."
         )
     for a, b in zip(got, want, strict=True):
-        if jnp.result_type(a) != b.dtype and not _is_weak(a):
+        if jnp.result_type(a) != b.dtype and not _is_weak(a, b):
             raise ValueError(
                 f"opt_state does not match optimizer.init(params): a leaf of dtype {jnp.result_type(a)} "
                 f"where optimizer.init(params) has {b.dtype} (params of another dtype than the state's "

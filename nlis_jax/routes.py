@@ -676,9 +676,10 @@ def basis(
 
     ``route=None`` chooses from ``κ``; a name forces that route (not with fewer rows than columns,
     :func:`wide_basis`). A forced fast route (``"gram"``, ``"gram2"``, ``"shifted"``) on input it cannot
-    take reports ``rank`` :data:`FORCED_RANK_DEFICIENT` (``-1``: rank-deficient for ``rtol``, or fewer
-    rows than columns) or :data:`FORCED_ILL_CONDITIONED` (``-2``: beyond the route's own limit), and then
-    ``U`` is not orthonormal: check ``rank >= 0`` (``nlis_jax.leverage_scores`` raises there).
+    take reports ``rank`` :data:`FORCED_RANK_DEFICIENT` (``-1``: rank-deficient for ``rtol``, where ``U``
+    is not orthonormal; or fewer rows than columns, where ``U`` is route ``"stable"``'s basis) or
+    :data:`FORCED_ILL_CONDITIONED` (``-2``: beyond the route's own limit, ``U`` not orthonormal): check
+    ``rank >= 0`` (``nlis_jax.leverage_scores`` raises there).
     Below float64 with at least :data:`SKETCH_MIN` columns the choice starts from a
     sketch (:func:`sketched_basis`), else from the Gram matrix (:func:`gram_basis`). ``rtol`` must lie in
     ``(0, 1)`` (a NaN or out-of-range tolerance gave rank 0 or every column silently): ``ValueError``

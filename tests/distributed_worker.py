@@ -126,7 +126,17 @@ def _cases(params, params2):
         chosen = nj.query(jax.random.key(5), probs(d), labelled, 3, alpha=0.1)
         return chosen, nj.active.pool_probabilities(probs(d), labelled, alpha=0.1)
 
+    def source_on_one_process(d):
+        """float32 params, float64 chunks, all on process 0 (process 1's source yields nothing): the
+        sum is exchanged in one dtype (float64 against float32 aborted gloo's all-gather)."""
+        params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+        if d["xs"].is_fully_addressable:
+            return nj.weighted_loss(MLP, params32, d["xs"], d["ys"])
+        chunks = [(_data()["xs"], _data()["ys"])] if jax.process_index() == 0 else []
+        return nj.weighted_loss(MLP, params32, lambda: iter(chunks), None, chunk_size=8)
+
     return {
+        "loss_source_on_one_process": source_on_one_process,
         "streaming_host_tiny_block": host_tiny_block,
         "query": queried,
         "streaming_host_norms_and_loss": host_norms_and_loss,

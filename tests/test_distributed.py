@@ -46,6 +46,7 @@ CASES = (
     "fit_weighted_minibatch",
     "streaming_host_tiny_block",
     "query",
+    "loss_source_on_one_process",
 )
 # float64 throughout: the sharded programs reduce in another order (per-shard partial sums, then an
 # all-reduce over processes), so results agree to rounding, ~1e-14 relative; 1e-10 is the bound.

@@ -702,5 +702,6 @@ def test_experiment_keys_are_checked():
         study.draw(jax.random.key(0), jnp.full(4, 0.25), 2)
     with pytest.raises(TypeError, match="key must be a PRNG key, e.g. jax.random.key"):
         nets.mlp_init(3, (2, 3, 1))
+    assert datasets.make_single_index(jnp.asarray(3), n=8, d=2) is not None  # an int seed as a jax scalar
     (idx, w), _ = study.draw(jax.random.split(jax.random.key(0), 3), jnp.full(4, 0.25), 2)
     assert idx.shape == w.shape == (3, 2)

@@ -239,3 +239,22 @@ def test_subnormal_weights_sharded_over_devices_are_refused():
     for weights in (jnp.asarray(w), _rows(w)):
         with pytest.raises(ValueError, match="weights sum to 0 in float32"):
             nj.weighted_loss(model, params, _rows(xs), _rows(ys), weights)
+
+
+def test_weighted_loss_with_sharded_weights_closed_over_in_a_jit():
+    """The subnormal-weights check of weights held elsewhere (sharded; any device array on a GPU) ran its
+    reduction under the user's trace: TracerBoolConversionError inside jax.jit."""
+    xs = np.random.default_rng(1).standard_normal((N, D))
+    ys, w = np.ones(N), np.linspace(0.5, 1.5, N)
+    gx, gy, gw = _rows(xs), _rows(ys), _rows(w)
+
+    def model(p, x):
+        return jnp.tanh(x @ p)
+
+    def loss(p):
+        return nj.weighted_loss(model, p, gx, gy, gw)
+
+    params = jnp.full(D, 0.3)
+    want = np.sum(w * (np.tanh(xs @ np.full(D, 0.3)) - ys) ** 2)
+    np.testing.assert_allclose(jax.jit(loss)(params), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(params), jax.grad(loss)(params), rtol=1e-12)

@@ -1294,3 +1294,15 @@ def test_a_weakly_typed_learning_rate_takes_the_states_dtype(dtype):
         got = result.opt_state.hyperparams["learning_rate"]
         assert got.dtype == first.opt_state.hyperparams["learning_rate"].dtype and not got.weak_type
         assert float(got) == pytest.approx(2e-3, rel=1e-3)
+
+
+def test_a_float_put_into_an_integer_state_leaf_is_refused():
+    """Only weak leaves of the state's own kind are cast: a Python float where optimizer.init has a
+    count (Adam's) would be truncated silently."""
+    model, X, y = _linear_problem()
+    opt = optax.adam(1e-2)
+    first = fit(model, jnp.zeros(2), X, y, optimizer=opt, num_steps=2)
+    adam = first.opt_state[0]
+    state = (adam._replace(count=2.7), *first.opt_state[1:])
+    with pytest.raises(ValueError, match="a leaf of dtype float.* where optimizer.init.params. has int32"):
+        fit(model, first.params, X, y, optimizer=opt, num_steps=2, opt_state=state)

@@ -710,9 +710,12 @@ def _generator(seed_or_key) -> np.random.Generator:
     except ImportError:  # pragma: no cover - jax is a dependency
         jax = None
     if jax is not None and isinstance(seed_or_key, jax.Array):
+        import jax.numpy as jnp
+
         from nlis_jax._checks import check_key
 
-        check_key("seed_or_key", seed_or_key)  # a float array or a batch of keys seeded silently
+        if not (seed_or_key.ndim == 0 and jnp.issubdtype(seed_or_key.dtype, jnp.integer)):  # an int seed
+            check_key("seed_or_key", seed_or_key)  # a float array or a batch of keys seeded silently
         key = seed_or_key
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
