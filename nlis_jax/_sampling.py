@@ -74,6 +74,21 @@ def _dd_greater(a: tuple[Array, Array], b: tuple[Array, Array]) -> Array:
     return (a[0] > b[0]) | ((a[0] == b[0]) & (a[1] > b[1]))
 
 
+def first_above(above, n: int, num_samples: int) -> Array:
+    """``(num_samples,)`` int32: for each sample the first index ``i < n`` where ``above(i)`` holds (or
+    ``n - 1``), by bisection; ``above(mid)`` maps ``(num_samples,)`` int32 indices to bools and must be
+    monotone in the index (a cumulative sum against a target)."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2  # (lo + hi) wrapped around in int32 from n > 2^30: wrong rows, silently
+        up = above(mid)
+        return jnp.where(up, lo, mid + 1), jnp.where(up, mid, hi)
+
+    start = (jnp.zeros((num_samples,), jnp.int32), jnp.full((num_samples,), n - 1, jnp.int32))
+    return jax.lax.fori_loop(0, max(1, n.bit_length()), halve, start)[0]
+
+
 def _double_float_draws(key: PRNGKey, probs: Array, num_samples: int) -> Array:
     """``num_samples`` indices drawn by ``probs`` (float32, non-negative, positive sum): the first row
     whose double-float cumulative sum exceeds ``u·T``, ``u`` a 48-bit uniform and ``T`` the total."""
@@ -86,14 +101,7 @@ def _double_float_draws(key: PRNGKey, probs: Array, num_samples: int) -> Array:
     delta = (cdf[0][-1] - 1) + cdf[1][-1]  # T − 1, exact to rounding (Sterbenz)
     target = _dd_add((u_hi, u_lo), (u_hi * delta, jnp.zeros_like(u_hi)))  # u·T = u + u·(T − 1)
 
-    def halve(_, bounds):  # the first index whose cumulative sum exceeds the target
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        above = _dd_greater((cdf[0][mid], cdf[1][mid]), target)
-        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
-
-    start = (jnp.zeros((num_samples,), jnp.int32), jnp.full((num_samples,), n - 1, jnp.int32))
-    idx = jax.lax.fori_loop(0, max(1, n.bit_length()), halve, start)[0]
+    idx = first_above(lambda mid: _dd_greater((cdf[0][mid], cdf[1][mid]), target), n, num_samples)
     last = n - 1 - jnp.argmax(p[::-1] > 0)  # a target rounded up to T: the last row of positive probability
     return jnp.minimum(idx, last).astype(jnp.int32)
 
@@ -189,6 +197,11 @@ def sample(key: PRNGKey, probs: Array, num_samples: int, *, replace: bool = True
     s = check_positive_int("num_samples", num_samples)
     if s > INT32_MAX:  # the indices and the draw's counts are int32
         raise ValueError(f"num_samples={s} exceeds {INT32_MAX} (2**31 - 1), the most one call draws.")
+    if n > INT32_MAX:  # an index past it would wrap around
+        raise ValueError(
+            f"probs has n={n} entries, more than the int32 indices reach ({INT32_MAX}): sample within "
+            "blocks of fewer rows."
+        )
     probs = jnp.asarray(probs)
     if not replace:
         if s > n:

@@ -232,3 +232,16 @@ def test_distortion_matches_numpy():
         # the full, unweighted sample has no distortion
         full = nj.distortion(jnp.asarray(F), np.arange(F.shape[0]), np.ones(F.shape[0]))
         assert float(full) < 1e-12
+
+
+def test_the_draws_bisection_past_two_to_the_thirty_rows():
+    """The float32 draws' bisection computed (lo + hi) // 2 in int32, which wraps from n > 2^30: rows
+    near 2^30 and the last came back as one wrong row (886,433,244 for n = 1.5e9). Checked on a
+    closed-form cumulative sum (p_i = 1/n: row i holds (i, i + 1]/n), no 6 GB vector."""
+    from nlis_jax._sampling import first_above
+
+    n = 1_500_000_000
+    rows = jnp.asarray([0, 5, 2**30 - 10, 2**30 + 10, 1_000_000_000, 1_200_000_000, n - 1], jnp.int32)
+    targets = rows.astype(jnp.float64) + 0.5  # inside row i's interval, in units of 1/n
+    got = jax.jit(lambda t: first_above(lambda mid: mid.astype(jnp.float64) + 1 > t, n, t.shape[0]))(targets)
+    np.testing.assert_array_equal(got, rows)
