@@ -359,8 +359,13 @@ def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
     devices or processes, on an accelerator) by one reduction on its bits, whose scalar every process
     reads. ``combine(counts)``, if given, sums this process's ``(any non-zero, any normal)`` over all
     processes (the host blocks of ``jax.distributed``: every process raises the same error). Not for float16
-    (:func:`flushes_subnormals`), nor traced weights."""
-    if w is None or not is_concrete(w):
+    (:func:`flushes_subnormals`); traced weights by a ``checkify`` check inside ``traced_checks()``."""
+    if w is None:
+        return
+    if not is_concrete(w):  # inside traced_checks(): a checkify check (a loss of 0, a step that never moves)
+        dtype = jnp.result_type(w)
+        if traced.enabled() and jnp.issubdtype(dtype, jnp.floating) and flushes_subnormals(dtype):
+            traced.check(~_all_subnormal(w), str(subnormal_weights_error(name, dtype)))
         return
     host = host_values(w)
     dtype = jnp.result_type(w) if host is None else host.dtype

@@ -11,9 +11,19 @@ leverage of ``Y`` equals that of ``F̃``. For a Gaussian ``Ω`` this holds almos
 ``dim ≥ rank(F̃)``, and equally for the Khatri–Rao embedding (its entries are polynomials in independent
 Gaussians; see :mod:`nlis_jax._factored`). The sparse sign embedding is a discrete random matrix, so for
 ``rank(F̃) ≤ dim < p + 1`` rank preservation holds with high probability, not almost surely (compare the
-returned ``rank`` with the rank you expect); for ``dim ≥ (p + 1)·sparsity`` its hashing is injective, so
-``Y`` is ``F̃`` with signed, permuted columns and the scores are exact for every key. Below the rank the
-scores are those of a randomly embedded ``F̃`` (an approximation whose quality grows with ``dim``).
+returned ``rank`` with the rank you expect; with ``sparsity = s > 1`` the rank is lost far more often
+until ``dim`` reaches ``(p + 1)·s``: at ``p + 1 = 27``, ``s = 2``, 19 of 40 keys at ``dim = 28``, 5 of 40 at
+36); for ``dim ≥ (p + 1)·sparsity`` its hashing is injective, so ``Y`` is ``F̃`` with signed, permuted
+columns and the scores are exact for every key. Below the rank the scores are those of a randomly
+embedded ``F̃``: an approximation whose quality grows with ``dim`` but which is biased, not only noisy
+(leverage is not linear in ``ΩΩᵀ``): averaged over keys the scores approach a ridge leverage of ``F̃``
+(``λ`` of the order of the discarded ``Σ_{j>dim} σ_j²/dim``), so rows whose leverage lies in the small
+singular directions are under-weighted (0.13× their exact probability in a coherent linear example at
+``dim = 56``, rank 61, where total variation was only 0.014) and no ``β`` of :func:`nlis_jax.sample_size`
+is guaranteed. With ``ridge > 0`` exactness needs ``ΩΩᵀ = I`` too, not only the rank: the sparse
+embedding at ``dim ≥ (p + 1)·sparsity`` stays exact, the mixing ones (``"gaussian"``, ``"khatri_rao"``,
+and ``"auto"`` when it picks the latter) do not (31–41% off at ``dim = p + 1``, decreasing roughly as
+``1/√dim``). Measured in the thirty-sixth session's audit.
 
 In floating point, "almost surely" needs columns of comparable scale: ``Ω`` mixes the columns of ``F̃``
 before any equilibration (the dense routes equilibrate, so their leverage does not change when a column
@@ -50,7 +60,8 @@ Embeddings (``embedding=``):
 - ``"gaussian"``: dense ``Ω`` with ``N(0, 1/dim)`` entries, ``O(chunk·p·dim)`` work and ``p·dim`` memory:
   the reference embedding (almost-sure exactness for ``dim ≥ rank``), not the fast one.
 
-All satisfy ``E[Ω Ωᵀ] = I``, so the ridge leverage of ``Y`` estimates that of ``F̃``.
+All satisfy ``E[Ω Ωᵀ] = I``, so ``YᵀY``-based quantities are unbiased for ``F̃ᵀF̃``-based ones; the ridge
+leverage of ``Y``, a nonlinear function of ``Y``, estimates that of ``F̃`` with a bias (see above).
 """
 
 from __future__ import annotations
@@ -346,7 +357,9 @@ def projected_leverage_scores(
     surely for ``embedding="gaussian"`` or ``"khatri_rao"`` and ``dim ≥ rank(F̃)``, for every key with
     ``"sparse"`` and ``dim ≥ (p + 1)·sparsity``; for ``"sparse"`` with ``rank ≤ dim < p + 1`` only with a
     margin (a ReLU MLP of rank 27, p + 1 = 32: 13 of 20 keys kept the rank at ``dim = 27``, 19 of 20 at
-    29): check the returned rank; ``"auto"`` is one of ``"khatri_rao"`` and ``"sparse"`` (module
+    29): check the returned rank. With ``ridge > 0`` only the sparse embedding at
+    ``dim ≥ (p + 1)·sparsity`` is exact; below the rank the scores are biased towards the large singular
+    directions (module docstring); ``"auto"`` is one of ``"khatri_rao"`` and ``"sparse"`` (module
     docstring). Columns of ``F̃`` of very different scales (an input feature 1e5 times smaller than the
     others) lose directions to rounding in the mixing embeddings (module docstring). Memory
     ``O(chunk·p + n·dim + dim²)``.

@@ -362,6 +362,10 @@ def _basis_blocks(F, rtol, basis) -> tuple[Array, int, int]:
         U, _, _ = orthonormal_basis(F, rtol=rtol)
         lead = jnp.shape(F)[:-1]
         return U, lead[0], (lead[1] if len(lead) == 2 else 1)
+    if isinstance(basis, tuple):  # orthonormal_basis's (U, rank, route) itself: numpy's ragged error before
+        raise TypeError(
+            f"basis must be the matrix U, not a tuple of {len(basis)}: pass nj.orthonormal_basis(F)[0]."
+        )
     shape = jnp.shape(basis)
     if len(shape) not in (2, 3) or 0 in shape:
         raise ValueError(

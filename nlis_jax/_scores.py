@@ -290,6 +290,8 @@ def check_outputs(
     (:func:`check_flushed_columns`), then the rank (:func:`check_rank`). Under tracing, the rank's
     ``checkify`` checks."""
     if not is_concrete(status):
+        if rows is not None and traced.enabled():  # inside traced_checks(): a checkify check of its own
+            traced.check(~jnp.any(_flushed_columns(rows)), FLUSHED_COLUMNS)
         check_rank(rank, route)
         return
     rank_seen, nan_seen = status.tolist()
@@ -309,12 +311,19 @@ def check_flushed_columns(rows: Array) -> None:
     lost = np.flatnonzero(np.asarray(_flushed_columns(rows)))
     if lost.size:
         shown = ", ".join(str(int(c)) for c in lost[:8]) + (", ..." if lost.size > 8 else "")
+        why = FLUSHED_COLUMNS[FLUSHED_COLUMNS.index("the device") :]
         raise ValueError(
             f"F has {lost.size} column(s) ({shown}) whose values are all subnormal, below {rows.dtype}'s "
-            f"smallest normal number ({float(tiny):.3g}): the device flushes them to 0, so they would not "
-            "count in the rank. Rescale those columns (leverage does not change when a column is scaled) or "
-            "compute in a wider dtype."
+            f"smallest normal number ({float(tiny):.3g}): {why}"
         )
+
+
+#: Why subnormal-only columns are refused, and what to do (the traced check says it without the counts).
+FLUSHED_COLUMNS = (
+    "F has a column whose values are all subnormal, below its dtype's smallest normal number: the device "
+    "flushes them to 0, so they would not count in the rank. Rescale those columns (leverage does not "
+    "change when a column is scaled) or compute in a wider dtype."
+)
 
 
 @traced.jit

@@ -53,6 +53,7 @@ from nlis_jax._checks import (
     check_key,
     check_positive_int,
     check_real,
+    float_bits,
     flushes_subnormals,
     is_concrete,
 )
@@ -196,6 +197,16 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, Array, float]:
         traced.check(
             jnp.all(fit), "scores must be finite and non-negative on the pool (the unlabelled points)."
         )
+        if traced.enabled() and flushes_subnormals(scores.dtype):  # eagerly rescaled on the host instead
+            top = jnp.max(jnp.where(pool, float_bits(scores)[1], 0))
+            finfo = jnp.finfo(scores.dtype)
+            low = float_bits(jnp.asarray(finfo.smallest_normal / finfo.eps, scores.dtype))[1]
+            traced.check(
+                (top == 0) | (top >= low),
+                "the pool's scores are all below the smallest normal number divided by eps (traced, they "
+                "are flushed to 0 on a CPU and the pool turns uniform): rescale the scores (the "
+                "probabilities do not depend on their scale), or call query outside jax.jit.",
+            )
         return -1, scores, labelled, alpha
     mask = np.asarray(labelled)
     pool = int(np.sum(~mask))

@@ -142,6 +142,7 @@ class L2Ball(Projection):
         radius = jnp.asarray(self.radius, dtype)
         if not is_concrete(self.radius):  # a traced radius (nj.fit passes it so): checkify, when asked
             traced.check(radius > 0, "l2_ball: radius must be positive.")
+            traced.check(jnp.isfinite(radius), "l2_ball: radius must be finite.")
         outside = squared > jnp.square(jnp.ldexp(radius, -e))  # ‖θ‖ > r
         factor = radius / jnp.sqrt(jnp.where(outside, squared, 1))  # r / ‖θ‖ · 2^e (finite gradient at 0)
         out = jax.tree.map(lambda a, b: jnp.where(outside, a * factor, b), scaled, tree)
@@ -176,6 +177,12 @@ class Box(Projection):
         if not all(is_concrete(b) for b in jax.tree.leaves((self.lower, self.upper))):  # traced bounds
             ordered = jax.tree.map(lambda a, b: jnp.all(a <= b), lower, upper)
             traced.check(jnp.all(jnp.stack(jax.tree.leaves(ordered))), EMPTY_BOX_MESSAGE)
+            if traced.enabled():  # [inf, inf] or [-inf, -inf]: no real point (every entry became inf)
+                real = jax.tree.map(lambda a, b: jnp.all(~(jnp.isinf(a) & (a == b))), lower, upper)
+                traced.check(
+                    jnp.all(jnp.stack(jax.tree.leaves(real))),
+                    "box: lower and upper are both inf or both -inf somewhere (no real number lies there).",
+                )
         elif not all(
             np.all(a <= b) for a, b in zip(jax.tree.leaves(lower), jax.tree.leaves(upper), strict=True)
         ):

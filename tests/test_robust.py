@@ -456,6 +456,46 @@ def test_checkify_reports_traced_projection_bounds():
     for bound in (np.inf, -np.inf):
         with pytest.raises(ValueError, match="the same infinite value"):
             nj.box(bound, bound)
+        assert "both inf or both -inf" in checked(bound, bound, x)[0].get()  # traced: was no error
+    checked = jax.jit(checkify.checkify(ball, errors=checkify.user_checks))
+    assert "radius must be finite" in checked(np.inf, x)[0].get()  # traced: was the identity
+
+
+def test_checkify_reports_traced_subnormal_values():
+    """Checks the eager calls make on flushed subnormal values, skipped under a user's jit (wrong answers
+    with no error inside traced_checks()): a float32 column of F all below the smallest normal number
+    (rank 3 of 4, probabilities 60% off), weights all subnormal (a loss of 0, steps that never move), pool
+    scores all below tiny/eps (the pool turned uniform)."""
+
+    def checked(fn):
+        def inner(*args):
+            with nj.traced_checks():
+                return fn(*args)
+
+        return jax.jit(checkify.checkify(inner, errors=checkify.user_checks))
+
+    normal = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
+    F = normal.copy()
+    F[:, 3] *= 1e-39
+    err, _ = checked(nj.leverage_scores)(F)
+    assert "whose values are all subnormal" in err.get()
+    assert checked(nj.leverage_scores)(normal)[0].get() is None
+
+    def model(p, x):
+        return x @ p
+
+    xs, ys = F[:, :3], np.ones(30, np.float32)
+    loss = checked(lambda w: nj.weighted_loss(model, jnp.ones(3, jnp.float32), xs, ys, w))
+    assert "weights sum to 0 in float32" in loss(np.full(30, 1e-39, np.float32))[0].get()
+    assert loss(np.full(30, 1e-30, np.float32))[0].get() is None
+
+    scores = np.float32([0, 0, 1, 2, 3, 4, 5, 30]) * np.float32(1e-40)
+    labelled = np.arange(8) < 2
+    probs = checked(lambda s: nj.active.pool_probabilities(s, labelled))
+    assert "all below the smallest normal number divided by eps" in probs(scores)[0].get()
+    err, got = probs(scores * np.float32(1e20))
+    assert err.get() is None
+    np.testing.assert_allclose(got, nj.active.pool_probabilities(scores, labelled), rtol=1e-6)
 
 
 def _swish_index(p, x):

@@ -96,6 +96,14 @@ def test_distortion_refuses_rtol_with_a_basis():
     assert np.isfinite(float(nj.distortion(F, idx, w, basis=with_rtol)))
 
 
+def test_distortion_names_the_basis_tuple():
+    """orthonormal_basis's whole (U, rank, route) passed as basis failed inside numpy ("inhomogeneous
+    shape")."""
+    F, idx, w = _sample_block()
+    with pytest.raises(TypeError, match=r"not a tuple of 3: pass nj.orthonormal_basis\(F\)\[0\]"):
+        nj.distortion(F, idx, w, basis=nj.orthonormal_basis(F))
+
+
 def test_block_basis_must_match_block_f():
     F, idx, w = _sample_block()
     U, _, _ = nj.orthonormal_basis(F)
