@@ -72,7 +72,9 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
         ``dropout_rate > 0`` and ``deterministic=None``, ``BatchNorm`` with ``use_running_average=False``:
         a new module's default): it would draw random masks or
         update its statistics on every call, so the model is not a function of ``params``; call
-        ``model.eval()`` first.
+        ``model.eval()`` first. At the first call of ``apply_fn``: a ``Dropout`` that draws a mask or a
+        ``BatchNorm`` that writes its statistics during the call (the mode passed at call time, e.g.
+        ``__call__(x, train=True)``); adapt a module that calls it in evaluation mode.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"from_nnx expects an nnx.Module, got {type(model).__name__}.")
@@ -102,10 +104,40 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
         # nnx.Rngs) changes only this call's copy, so apply_fn stays a function of (params, x) and the
         # write is allowed inside jit and vmap (Flax refuses to mutate a Variable made outside a trace)
         module = nnx.merge(graphdef, *jax.tree.map(lambda a: a, (params, rest)))
+        watched = _training_state(module)
         out = module(x[None] if batched else x)
+        trained = [name for name, variables, values in watched if _written(variables, values)]
+        if trained:  # the mode passed at call time (train=True): attributes said eval
+            raise ModelModeError(
+                f"from_nnx: {', '.join(trained)} trained during the call (a Dropout drew a random mask, a "
+                "BatchNorm updated its statistics), though the modules' attributes say evaluation mode: "
+                "the mode is passed at call time (e.g. __call__(x, train=True) passing deterministic= or "
+                "use_running_average=). Adapt a module that calls it in evaluation mode, e.g. one whose "
+                "__call__(x) returns model(x, train=False)."
+            )
         return _one_output(out, batched, squeeze)
 
     return apply_fn, params
+
+
+def _training_state(module: nnx.Module) -> list[tuple[str, list, list]]:
+    """``(name, variables, values)`` of what trains in a call: the statistics of every ``BatchNorm`` (its
+    ``nnx.BatchStat``) and the RNG counts of every ``Dropout`` of positive rate, with their values now."""
+    watched = []
+    for path, sub in nnx.iter_modules(module):
+        kind = nnx.BatchStat if isinstance(sub, nnx.BatchNorm) else None
+        if isinstance(sub, nnx.Dropout) and sub.rate > 0:
+            kind = nnx.RngCount
+        if kind is not None:
+            variables = [v for _, v in nnx.to_flat_state(nnx.state(sub, kind))]
+            name = ".".join(map(str, path)) or type(sub).__name__
+            watched.append((name, variables, [v.get_value() for v in variables]))
+    return watched
+
+
+def _written(variables: list, values: list) -> bool:
+    """Whether any of ``variables`` holds another value object than ``values`` (written during a call)."""
+    return any(v.get_value() is not old for v, old in zip(variables, values, strict=True))
 
 
 def from_linen(

@@ -415,3 +415,46 @@ def test_import_does_not_import_flax():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("layer", ["dropout", "batchnorm"])
+# Flax keeps BatchNorm statistics in float32: its update from float64 activations warns before the check
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+def test_from_nnx_refuses_training_mode_passed_at_call_time(layer):
+    """A module ported from Linen passes its mode at call time (``__call__(x, train=True)``): after
+    model.eval() its attributes said evaluation, and the adapter ran it in training mode silently (one
+    dropout mask for every example, 30 zero columns of F*; a BatchNorm over a batch of one gave outputs
+    all 0, rank 1). A call that draws a Dropout mask or writes BatchNorm statistics is refused; the module
+    called in evaluation mode gives the hand-computed values."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(D, 8, param_dtype=jnp.float64, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs)
+            self.head = nnx.Linear(8, 1, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x, train: bool = True):
+            h = jnp.tanh(self.lin(x))
+            if layer == "dropout":
+                h = self.drop(h, deterministic=not train)
+            else:
+                h = self.bn(h, use_running_average=not train)
+            return self.head(h)
+
+    class Evaluated(nnx.Module):
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, x):
+            return self.model(x, train=False)
+
+    module = Net(nnx.Rngs(0))
+    module.eval()
+    apply_fn, params = from_nnx(module, batched=layer == "batchnorm")
+    xs = _xs()
+    with pytest.raises(ValueError, match="trained during the call .* mode is passed at call time"):
+        nj.dual_matrix(apply_fn, params, xs, num_nodes=4)
+    apply_fn, params = from_nnx(Evaluated(module))
+    want = jnp.stack([module(x, train=False)[0] for x in xs])
+    np.testing.assert_allclose(jax.vmap(apply_fn, (None, 0))(params, xs), want, rtol=1e-13)
