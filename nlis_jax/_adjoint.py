@@ -89,6 +89,7 @@ class ModelShape(NamedTuple):
     p: int
     out_shape: tuple[int, ...]  # () or (k,)
     dtype: jnp.dtype  # of the flattened parameters
+    out_dtype: jnp.dtype | None = None  # of the model's output (a narrower compute dtype: its noise)
 
 
 def params_shape(params: PyTree) -> jax.ShapeDtypeStruct:
@@ -134,7 +135,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     if theta.size == 0:
         raise ValueError("params has no entries (p = 0).")
     out = check_output_shape(eval_example(apply_fn, params, example_shapes(xs)))
-    shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype)
+    shape = ModelShape(n, int(theta.size), tuple(out.shape), theta.dtype, jnp.dtype(out.dtype))
     expected = (n,) + shape.out_shape
     # a well-formed ys is counted with the others; any other raises its own error just below
     ys_ready = ys is not None and _valid_ys(ys, expected)
@@ -448,7 +449,9 @@ def adjoint(
         the nodes run one after the other over the ``2**23`` chunk instead).
       rtol: adaptive tolerance on the estimated error relative to ``‖f_i^*‖`` (default ``1e-12`` in
         float64, ``1e-6`` in float32, that of the narrowest floating leaf of ``params``; float16 and
-        bfloat16 models are integrated in float32, to its tolerance, and the adjoints rounded back).
+        bfloat16 models are integrated in float32, to its tolerance, and the adjoints rounded back; a
+        model computing in a narrower dtype than its ``params``, e.g. Flax's ``dtype=bfloat16`` with
+        ``param_dtype=float32``, at least 4 units of its output's rounding).
       max_panels: adaptive budget of panels (16 gradients each) per example, at least 3 (a panel and its
         first bisection); examples still above ``rtol`` then raise a :class:`nlis_jax.QuadratureWarning`
         naming how many and the error reached.
@@ -620,7 +623,7 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
     """
     if routes.compute_dtype(shape.dtype) != shape.dtype:
         params, xs = in_float32(params), in_float32(xs)
-        wide = shape._replace(dtype=routes.compute_dtype(shape.dtype))
+        wide = shape._replace(dtype=routes.compute_dtype(shape.dtype), out_dtype=None)  # float32's rtol
         args = (apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
         adj, info = adaptive_adjoint(*args, report=report)
         adj, bad = _narrow(adj, jnp.zeros((), shape.dtype))
@@ -628,7 +631,7 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
             report_nonfinite(bad, shape.n, nonfinite_adjoint)
         return adj, info
     k = math.prod(shape.out_shape)
-    rtol = float(narrowest_rtol(shape.dtype, params) if rtol is None else rtol)
+    rtol = float(narrowest_rtol(shape.dtype, params, shape.out_dtype) if rtol is None else rtol)
     g = PathGradient(apply_fn, resolve_mode(mode, shape.p, k))
     chunk = default_chunk_size(shape.n, shape.p, k) if chunk_size is None else chunk_size
     check, check_tol = IdentityResidual(apply_fn), identity_tol(rtol, shape.p, shape.dtype)
@@ -637,12 +640,18 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
         return integrate(g, params, xs, nonfinite=nonfinite_adjoint if report else None, **kw)
 
 
-def narrowest_rtol(dtype, params: PyTree) -> float:
+def narrowest_rtol(dtype, params: PyTree, out_dtype=None) -> float:
     """The default quadrature tolerance of :func:`adjoint`: that of the narrowest floating leaf of
-    ``params`` (or of ``dtype``, the flattened parameters'), whose rounding is the integrand's noise.
-    ``params`` may hold arrays or shape structs (a flat model's ``jax.eval_shape(unravel, θ)``)."""
+    ``params`` (or of ``dtype``, the flattened parameters'), or of the model's output dtype ``out_dtype``
+    when narrower (Flax's ``dtype=bfloat16`` with ``param_dtype=float32``: a bfloat16 integrand chased to
+    float32's tolerance took every example to the panel limit, 13 s for 32 images), whose rounding is the
+    integrand's noise. ``params`` may hold arrays or shape structs (a flat model's
+    ``jax.eval_shape(unravel, θ)``)."""
     dtypes = [jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(params) if hasattr(leaf, "dtype")]
-    return max(default_rtol(d) for d in [jnp.dtype(dtype), *dtypes] if jnp.issubdtype(d, jnp.floating))
+    rtol = max(default_rtol(d) for d in [jnp.dtype(dtype), *dtypes] if jnp.issubdtype(d, jnp.floating))
+    if out_dtype is not None and jnp.issubdtype(out_dtype, jnp.floating):  # at least 4 units of its
+        rtol = max(rtol, default_rtol(out_dtype), 4 * float(jnp.finfo(out_dtype).eps))  # rounding
+    return rtol
 
 
 @traced.jit

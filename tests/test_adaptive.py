@@ -480,3 +480,27 @@ def test_a_huge_float32_integrand_keeps_its_error_estimate():
         exact = c * (300.0 - np.log(2)) / 300.0
         got[c] = (abs(float(value[0, 0]) - exact) / exact, int(info.panels[0]))
     assert got[5e37][0] <= 1e-5 and got[5e37][1] > 1 and got[1.0][1] > 1, got  # refined, as at c = 1
+
+
+def test_default_tolerance_follows_a_narrower_output_dtype():
+    """float32 parameters, computed in bfloat16 (Flax's dtype=bfloat16, param_dtype=float32): the default
+    rule chased float32's tolerance on a bfloat16 integrand, every example to the panel limit with a
+    QuadratureWarning (13 s for 32 CNN images). The output's rounding sets the tolerance now."""
+
+    def model(p, x):
+        h = jnp.tanh(x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16))
+        return h @ p["v"].astype(jnp.bfloat16)
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.standard_normal((3, 8)), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal(8), jnp.float32),
+    }
+    xs = jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        adj, info = nj.adjoint(model, params, xs, return_info=True)
+    assert bool(np.all(info.converged)) and int(np.max(info.panels)) <= 4
+    fixed = nj.adjoint(model, params, xs, num_nodes=64)  # the bfloat16 integrand's own accuracy
+    scale = float(np.max(np.abs(fixed)))
+    assert float(np.max(np.abs(np.asarray(adj, np.float64) - np.asarray(fixed, np.float64)))) < 0.05 * scale
