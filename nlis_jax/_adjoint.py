@@ -80,6 +80,7 @@ class FlatModel(NamedTuple):
     n: int
     out_shape: tuple[int, ...]  # () or (k,)
     convolves: bool = False  # fn runs a convolution (:func:`cache_chunk_size`)
+    out_dtype: jnp.dtype | None = None  # of fn's output (:func:`narrowest_rtol`)
 
 
 class ModelShape(NamedTuple):
@@ -314,7 +315,7 @@ def flatten_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree) -> FlatModel:
         return apply_fn(unravel(flat), x)
 
     convolves = runs_primitive(jaxpr, "conv_general_dilated")
-    return FlatModel(fn, theta, unravel, num_examples(xs), tuple(out.shape), convolves)
+    return FlatModel(fn, theta, unravel, num_examples(xs), tuple(out.shape), convolves, jnp.dtype(out.dtype))
 
 
 def runs_primitive(jaxpr, name: str) -> bool:
@@ -623,7 +624,9 @@ def adaptive_adjoint(apply_fn, params, xs, shape, mode, chunk_size, rtol, max_pa
     """
     if routes.compute_dtype(shape.dtype) != shape.dtype:
         params, xs = in_float32(params), in_float32(xs)
-        wide = shape._replace(dtype=routes.compute_dtype(shape.dtype), out_dtype=None)  # float32's rtol
+        # float32's rtol, unless the model still computes in half precision (Flax's dtype=bfloat16)
+        out = eval_example(apply_fn, params, example_shapes(xs))
+        wide = shape._replace(dtype=routes.compute_dtype(shape.dtype), out_dtype=jnp.dtype(out.dtype))
         args = (apply_fn, params, xs, wide, mode, chunk_size, rtol, max_panels)
         adj, info = adaptive_adjoint(*args, report=report)
         adj, bad = _narrow(adj, jnp.zeros((), shape.dtype))
@@ -681,8 +684,9 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
     k = math.prod(model.out_shape)
     if num_nodes is None:  # adaptive, traced: the flat model with θ as its parameters
         chunk_size = default_chunk_size(model.n, p, k) if chunk_size is None else chunk_size
-        shape = ModelShape(model.n, p, model.out_shape, theta.dtype)
-        rtol = narrowest_rtol(theta.dtype, jax.eval_shape(model.unravel, theta))  # as for the pytree
+        shape = ModelShape(model.n, p, model.out_shape, theta.dtype, model.out_dtype)
+        rtol = narrowest_rtol(theta.dtype, jax.eval_shape(model.unravel, theta), model.out_dtype)  # as for
+        # the pytree
         return adaptive_adjoint(model.fn, theta, xs, shape, mode, chunk_size, rtol, MAX_PANELS)[0]
     mode = resolve_mode(mode, p, k)
     wide = routes.compute_dtype(theta.dtype)

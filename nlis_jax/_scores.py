@@ -291,7 +291,8 @@ def check_outputs(
     ``checkify`` checks."""
     if not is_concrete(status):
         if rows is not None and traced.enabled():  # inside traced_checks(): a checkify check of its own
-            traced.check(~jnp.any(_flushed_columns(rows)), FLUSHED_COLUMNS)
+            lost = jnp.any(_flushed_columns(rows)) & (rank < rows.shape[-1])  # as eagerly: rank-deficient
+            traced.check(~lost, FLUSHED_COLUMNS)
         check_rank(rank, route)
         return
     rank_seen, nan_seen = status.tolist()

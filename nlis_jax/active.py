@@ -203,9 +203,10 @@ def _check_pool(scores, labelled, alpha) -> tuple[int, Array, Array, float]:
             low = float_bits(jnp.asarray(finfo.smallest_normal / finfo.eps, scores.dtype))[1]
             traced.check(
                 (top == 0) | (top >= low),
-                "the pool's scores are all below the smallest normal number divided by eps (traced, they "
-                "are flushed to 0 on a CPU and the pool turns uniform): rescale the scores (the "
-                "probabilities do not depend on their scale), or call query outside jax.jit.",
+                "the pool's scores are all below the smallest normal number divided by eps: traced, such "
+                "scores are refused (a CPU flushes subnormal ones to 0, and the pool turned uniform); "
+                "rescale the scores (the probabilities do not depend on their scale), or call query "
+                "outside jax.jit, which rescales them.",
             )
         return -1, scores, labelled, alpha
     mask = np.asarray(labelled)

@@ -74,7 +74,9 @@ def from_nnx(model: nnx.Module, *, batched: bool = False, squeeze: bool = True) 
         update its statistics on every call, so the model is not a function of ``params``; call
         ``model.eval()`` first. At the first call of ``apply_fn``: a ``Dropout`` that draws a mask or a
         ``BatchNorm`` that writes its statistics during the call (the mode passed at call time, e.g.
-        ``__call__(x, train=True)``); adapt a module that calls it in evaluation mode.
+        ``__call__(x, train=True)``); adapt a module that calls it in evaluation mode. Detected by the
+        ``Dropout``'s own RNG stream and the ``BatchNorm``'s statistics: a ``Dropout`` given ``rngs=`` (a
+        stream or a key) at call time is not seen; call such a module in evaluation mode yourself.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"from_nnx expects an nnx.Module, got {type(model).__name__}.")

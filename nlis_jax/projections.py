@@ -142,7 +142,7 @@ class L2Ball(Projection):
         radius = jnp.asarray(self.radius, dtype)
         if not is_concrete(self.radius):  # a traced radius (nj.fit passes it so): checkify, when asked
             traced.check(radius > 0, "l2_ball: radius must be positive.")
-            traced.check(jnp.isfinite(radius), "l2_ball: radius must be finite.")
+            traced.check(jnp.isfinite(jnp.asarray(self.radius)), "l2_ball: radius must be finite.")
         outside = squared > jnp.square(jnp.ldexp(radius, -e))  # ‖θ‖ > r
         factor = radius / jnp.sqrt(jnp.where(outside, squared, 1))  # r / ‖θ‖ · 2^e (finite gradient at 0)
         out = jax.tree.map(lambda a, b: jnp.where(outside, a * factor, b), scaled, tree)

@@ -504,3 +504,17 @@ def test_default_tolerance_follows_a_narrower_output_dtype():
     fixed = nj.adjoint(model, params, xs, num_nodes=64)  # the bfloat16 integrand's own accuracy
     scale = float(np.max(np.abs(fixed)))
     assert float(np.max(np.abs(np.asarray(adj, np.float64) - np.asarray(fixed, np.float64)))) < 0.05 * scale
+    # bfloat16 params too (integrated in float32, but the model casts back to bfloat16 inside), and the
+    # traced path of the streaming and projected scores
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    from nlis_jax._adjoint import flat_adjoint, flatten_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nj.QuadratureWarning)
+        assert bool(np.all(nj.adjoint(model, half, xs, return_info=True)[1].converged))
+        traced = jax.jit(
+            lambda p: flat_adjoint(
+                flatten_model(model, p, xs), xs, num_nodes=None, mode="auto", chunk_size=None
+            )
+        )
+        np.testing.assert_array_equal(traced(params), adj)
