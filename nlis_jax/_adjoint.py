@@ -126,8 +126,7 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
-    check_native("params", params)
-    check_native("xs", xs)
+    check_native("xs", xs)  # params: by check_floating below, before any use
     n = num_examples(xs)
     for leaf in jax.tree.leaves(xs):  # before xs[0]: jax's own error there named no cause
         check_auto_axes("xs", leaf)

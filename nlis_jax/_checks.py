@@ -383,12 +383,16 @@ def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
         raise subnormal_weights_error(name, dtype)
 
 
-@traced.jit
-def _all_subnormal(w: jax.Array) -> jax.Array:
-    """Whether ``w`` has a non-zero entry and all below the smallest normal number (on the bits)."""
-    magnitude = float_bits(w)[1]
-    low = float_bits(jnp.asarray(jnp.finfo(w.dtype).smallest_normal, w.dtype))[1]
-    return jnp.any(magnitude > 0) & jnp.all(magnitude < low)
+def subnormal_only(a: jax.Array, axis: int | None = None) -> jax.Array:
+    """Whether ``a`` (along ``axis``, or all of it) has a non-zero entry and every entry below the dtype's
+    smallest normal number; on the values' bits (integer comparisons, which no device flushes: ``jnp.abs``
+    of a subnormal is 0 on a CPU), traceable."""
+    magnitude = float_bits(a)[1]
+    tiny = float_bits(jnp.asarray(jnp.finfo(a.dtype).smallest_normal, a.dtype))[1]
+    return jnp.any(magnitude > 0, axis=axis) & ~jnp.any(magnitude >= tiny, axis=axis)
+
+
+_all_subnormal = traced.jit(subnormal_only)
 
 
 def check_nonnegative(name: str, x) -> None:

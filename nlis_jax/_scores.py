@@ -32,9 +32,9 @@ from nlis_jax._checks import (
     check_probs,
     check_real,
     check_tolerances,
-    float_bits,
     is_concrete,
     probs_tolerance,
+    subnormal_only,
 )
 from nlis_jax._types import Array
 
@@ -327,13 +327,8 @@ FLUSHED_COLUMNS = (
 )
 
 
-@traced.jit
-def _flushed_columns(rows: Array) -> Array:
-    """``(m,)`` bool: the column has a non-zero value and all of them are subnormal. On the values' bits
-    (integer comparisons, which no device flushes: ``jnp.abs`` of a subnormal is 0 on a CPU)."""
-    magnitude = float_bits(rows)[1]
-    tiny = float_bits(jnp.asarray(jnp.finfo(rows.dtype).smallest_normal, rows.dtype))[1]
-    return jnp.any(magnitude > 0, axis=0) & ~jnp.any(magnitude >= tiny, axis=0)
+#: ``(m,)`` bool: the column of the rows has a non-zero value and all of them are subnormal.
+_flushed_columns = traced.jit(functools.partial(subnormal_only, axis=0))
 
 
 @traced.entry
