@@ -140,7 +140,8 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     _check_in_memory("xs", xs)
     _check_in_memory("ys", ys)
     _check_in_memory("weights", weights)
-    if ys is not None:  # read slice by slice (a memmap too), only when wider than the params' dtype
+    if out_check and ys is not None:  # the offset column f(0) − y of the scores, not the losses: read
+        # slice by slice (a memmap too), only when wider than the params' dtype
         check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)), summed_over_processes())
     return n
 
@@ -193,11 +194,21 @@ def array_source(tree, n: int, chunk: int) -> ArraySource:
     return ArraySource(tree, n, chunk)
 
 
+def not_one_array(name: str, value) -> TypeError:
+    """The error of ``ys`` or ``weights`` given as a dict or another container of arrays."""
+    return TypeError(
+        f"{name} must be one array of shape (n, ...), got a {type(value).__name__}; stack its arrays "
+        "into one."
+    )
+
+
 def host_vector(name: str, value):
     """``ys`` or ``weights`` of host arrays as a numpy array (a list or a jax array is converted; a numpy
     array or memmap is kept as is, so a memmap is never read whole)."""
     if value is None or isinstance(value, np.ndarray):
         return value
+    if isinstance(value, dict):
+        raise not_one_array(name, value)
     if isinstance(value, jax.Array) and not value.is_fully_addressable:  # jax: "Fetching value ... spans"
         raise ValueError(
             f"{name} is a global jax array spread over the {jax.process_count()} processes, while xs holds "
@@ -1034,9 +1045,10 @@ LOSSES_NEED_YS = "the losses need ys (or a chunk source of (x, y) pairs)."
 def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels=None) -> tuple[Source, int]:
     """The ``(x, y, w)`` chunk source of host data for the losses (shape checks first).
 
-    ``check_labels(x_example, y_dtype, low, high, where)``, if given, checks the range ``[low, high]`` of
-    the labels (:func:`label_range`): of all of ``ys`` before any work, or of each chunk of a chunk source
-    as it arrives (``where`` names the chunk). ``x_example`` is one example as ``jax.ShapeDtypeStruct``.
+    ``check_labels(x_example, y_dtype, read_range, where)``, if given, checks the range of the labels,
+    which ``read_range()`` returns where their loss and dtype need it (:func:`label_range`): of all of
+    ``ys`` before any work, or of each chunk of a chunk source as it arrives (``where`` names the chunk).
+    ``x_example`` is one example as ``jax.ShapeDtypeStruct``.
     """
     check_floating("params", params)
     check_finite("params", params)
@@ -1051,9 +1063,8 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
         raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
     check_weights_not_all_subnormal("weights", weights, summed_over_processes())
-    found = None if check_labels is None else _global_range(label_range(ys, chunk_size))
-    if found is not None:
-        check_labels(example_spec(xs), ys.dtype, *found, "")
+    if check_labels is not None:
+        check_labels(example_spec(xs), ys.dtype, lambda: _global_range(label_range(ys, chunk_size)), "")
     chunk = balanced_chunk(n, chunk_size)
     return array_source((xs, ys, weights), n, chunk), chunk
 
@@ -1108,9 +1119,8 @@ def _chunk_labels(check_labels):
         return None
 
     def on_chunk(index, x, y):
-        found = label_range(np.asarray(y), y.shape[0])
-        if found is not None:
-            check_labels(example_spec(x), y.dtype, *found, f" (in chunk {index} of the chunk source)")
+        read = lambda: label_range(np.asarray(y), y.shape[0])  # noqa: E731
+        check_labels(example_spec(x), y.dtype, read, f" (in chunk {index} of the chunk source)")
 
     return on_chunk
 

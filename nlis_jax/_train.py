@@ -51,7 +51,14 @@ from nlis_jax._checks import (
     under_trace,
     value_range,
 )
-from nlis_jax._host import LOSSES_NEED_YS, host_losses, is_host_data, nonfinite_losses, overflowed_sum
+from nlis_jax._host import (
+    LOSSES_NEED_YS,
+    host_losses,
+    is_host_data,
+    nonfinite_losses,
+    not_one_array,
+    overflowed_sum,
+)
 from nlis_jax._precision import at_least_float32, promoted
 from nlis_jax._types import ApplyFn, Array, PRNGKey, PyTree
 from nlis_jax.projections import Box, Projection, check_projection, identity, inward_bounds
@@ -241,6 +248,17 @@ _weighted_sum_jit = traced.jit(weighted_sum, static_argnums=(0, 1), static_argna
 _per_example_jit = traced.jit(per_example_losses, static_argnums=(0, 1), static_argnames=("chunk_size",))
 
 
+def _one_array(ys):
+    """``ys`` of the device path as one array: a list or tuple of numbers as numpy makes it, as the host
+    path and the weights take them (``jnp.result_type`` cannot read a list); ``TypeError`` for a dict or
+    another container of arrays."""
+    if isinstance(ys, list | tuple):
+        return np.asarray(ys)
+    if ys is None or hasattr(ys, "shape") or isinstance(ys, int | float | complex):
+        return ys
+    raise not_one_array("ys", ys)
+
+
 def _check_data(params: PyTree, xs, ys, weights) -> int:
     """Shape and value checks shared by :func:`weighted_loss` and :func:`fit`; returns ``n``."""
     if not jax.tree.leaves(params):
@@ -286,22 +304,26 @@ def _check_labels(apply_fn, params, xs, ys, loss) -> None:
     A concrete ``ys`` is checked here (``ValueError``); a traced one (under a user's ``jax.jit``) by a
     ``checkify`` check inside ``nlis_jax.traced_checks()``, as NaN in ``xs`` is.
     """
-    if not _has_labels(loss) or jnp.size(ys) == 0:
+    if not _checks_values(loss, jnp.result_type(ys)) or jnp.size(ys) == 0:
         return
-    if loss == "cross_entropy" and not jnp.issubdtype(jnp.result_type(ys), jnp.integer):
-        return  # the loss itself names the wrong dtype
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
     if not is_concrete(ys):
         if traced.enabled():
             _trace_label_range(apply_fn, params, loss, example, ys)
         return
-    low, high = (float(v) for v in value_range(ys))
-    _check_label_range(apply_fn, params, loss, example, jnp.result_type(ys), low, high)
+    _check_label_range(apply_fn, params, loss, example, jnp.result_type(ys), lambda: value_range(ys))
 
 
 def _trace_label_range(apply_fn, params, loss, example, ys) -> None:
     """The conditions of :func:`_check_label_range` on a traced ``ys``, as ``checkify`` checks."""
     low, high = jnp.min(ys), jnp.max(ys)
+    if loss == "squared":
+        exact = _exact_limit(apply_fn, params, example, ys.dtype)
+        if exact is not None and exact[0] < jnp.iinfo(ys.dtype).max:
+            bound = jnp.asarray(exact[0], ys.dtype)
+            message = _inexact_message(*exact, f"values beyond {exact[0]:,} in magnitude", "")
+            traced.check((low >= -bound) & (high <= bound), message)
+        return
     if loss == "logistic":
         traced.check(
             (low >= 0) & (high <= 1), 'loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1).'
@@ -331,16 +353,52 @@ def _logits_shape_message(shape) -> str:
     )
 
 
-def _has_labels(loss) -> bool:
-    return isinstance(loss, str) and loss in ("cross_entropy", "logistic")
+def _checks_values(loss, y_dtype) -> bool:
+    """Whether the values of ``ys`` of dtype ``y_dtype`` are read before any work: the labels of the
+    classification losses (integers for ``"cross_entropy"``: other dtypes the loss itself names), and
+    integer responses of ``"squared"``, which ``f − y`` rounds to the model output's dtype."""
+    integer = jnp.issubdtype(y_dtype, jnp.integer)
+    return loss == "logistic" or (loss in ("cross_entropy", "squared") and integer)
 
 
-def _check_label_range(apply_fn, params, loss, example, dtype, low: float, high: float, where="") -> None:
-    """``ValueError`` when labels with values in ``[low, high]`` are out of range for ``loss`` (see
-    :func:`_check_labels`); ``example`` is one example of ``xs`` (its shape gives ``k``), ``where`` is
-    appended to the message. Shared by the device path and host data (all of ``ys``, or one chunk)."""
-    if loss == "cross_entropy" and not jnp.issubdtype(dtype, jnp.integer):
-        return  # the loss itself names the wrong dtype
+def _exact_limit(apply_fn, params, example, y_dtype) -> tuple[int, np.dtype] | None:
+    """``(2^(m+1), dtype)``: the floating dtype ``f − y`` is computed in (``f`` the output for one
+    ``example``, shapes only) and the magnitude up to which it holds every integer exactly (``m`` its
+    mantissa bits); ``None`` when that dtype is not floating."""
+    computed = jnp.result_type(jax.eval_shape(apply_fn, params, example).dtype, y_dtype)
+    if not jnp.issubdtype(computed, jnp.floating):
+        return None
+    return 2 ** (jnp.finfo(computed).nmant + 1), np.dtype(computed)
+
+
+def _inexact_message(limit: int, computed, found: str, where: str) -> str:
+    return (
+        f'loss="squared": integer ys with {found}{where}: f − y computes them in {computed.name} (the '
+        f"model output's dtype), which holds integers exactly only up to {limit:,} in magnitude (a "
+        f"residual of 1 could become 0). Pass ys as floats of a dtype that holds them (float64 with "
+        f"jax_enable_x64), or rescale them."
+    )
+
+
+def _check_label_range(apply_fn, params, loss, example, dtype, read_range, where="") -> None:
+    """``ValueError`` when labels of dtype ``dtype`` with values in ``read_range()`` (``(low, high)``, or
+    ``None`` for values holding NaN or Inf, which the pass over the data reports) are out of range for
+    ``loss`` (see :func:`_check_labels`); ``example`` is one example of ``xs`` (its shape gives ``k``),
+    ``where`` is appended to the message. Shared by the device path and host data (all of ``ys``, or one
+    chunk); ``read_range`` is called only for a loss and dtype whose values are checked
+    (:func:`_checks_values`). ``"squared"``: integer responses within the integers that the dtype of
+    ``f − y`` holds exactly."""
+    if not _checks_values(loss, dtype):
+        return
+    found = read_range()
+    if found is None:
+        return
+    low, high = (float(v) for v in found)
+    if loss == "squared":
+        exact = _exact_limit(apply_fn, params, example, dtype)
+        if exact is not None and max(-low, high) > exact[0]:
+            raise ValueError(_inexact_message(*exact, f"values in [{low:,.0f}, {high:,.0f}]", where))
+        return
     if loss == "logistic":
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(
@@ -487,15 +545,18 @@ def weighted_loss(
             the inputs are finite, with the number of such examples; under a trace the value is returned.
             A sum past the range of the losses' dtype although every loss is finite (a float16 model;
             the sum is formed in float32, then rounded to that dtype).
-            Labels out of range for ``"cross_entropy"`` or ``"logistic"``; under a user's ``jax.jit``
+            Labels out of range for ``"cross_entropy"`` or ``"logistic"``, and integer ``ys`` of
+            ``"squared"`` beyond the integers the model output's dtype holds exactly (``2^24`` in float32,
+            ``2,048`` in float16: ``f − y`` is computed in that dtype); under a user's ``jax.jit``
             (traced ``ys``) a ``checkify`` check inside ``nlis_jax.traced_checks()``, as for NaN inputs.
-        TypeError: complex ``ys`` or weights.
+        TypeError: complex ``ys`` or weights; ``ys`` a dict or another container of arrays.
     """
     loss_fn = _resolve_loss(loss)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
     if is_host_data(xs, (params, ys, weights)):  # numpy, memmap, chunk source: one chunk at a time
         return _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, per_example=False)
+    ys = _one_array(ys)
     _check_data(params, xs, ys, weights)
     _check_model(apply_fn, params, xs)
     _check_labels(apply_fn, params, xs, ys, loss)
@@ -532,7 +593,8 @@ def per_example_loss(
         chunk_size: if given, evaluate ``chunk_size`` examples at a time (``lax.map``) to bound memory.
 
     Returns:
-        ``(n,)`` array of losses in the dtype of the model's output.
+        ``(n,)`` array of losses in the dtype of ``loss(pred, y)``: the model output's, or for
+        ``"squared"`` float ``ys`` of a wider dtype (``f − y`` promotes).
 
     Raises:
         ValueError: as :func:`weighted_loss` (non-finite losses of concrete inputs name the first
@@ -543,6 +605,7 @@ def per_example_loss(
         chunk_size = check_positive_int("chunk_size", chunk_size)
     if is_host_data(xs, (params, ys)):
         return _host_loss(apply_fn, loss, params, xs, ys, None, chunk_size, per_example=True)
+    ys = _one_array(ys)
     _check_data(params, xs, ys, None)
     _check_model(apply_fn, params, xs)
     _check_labels(apply_fn, params, xs, ys, loss)
@@ -568,7 +631,7 @@ def _host_loss(apply_fn, loss, params, xs, ys, weights, chunk_size, *, per_examp
     all of ``ys`` before any work (a memmap slice by slice), or each chunk of a chunk source as it comes.
     """
     chunk = HOST_CHUNK if chunk_size is None else chunk_size
-    labels = functools.partial(_check_label_range, apply_fn, params, loss) if _has_labels(loss) else None
+    labels = functools.partial(_check_label_range, apply_fn, params, loss) if isinstance(loss, str) else None
     return host_losses(
         per_example_losses,
         _static(apply_fn),
@@ -827,6 +890,7 @@ def fit(
         )
     loss_fn = _resolve_loss(loss)
     _check_optimizer_and_projection(optimizer, projection)
+    ys = _one_array(ys)
     n = _check_data(params, xs, ys, weights)
     opt_state = _check_optimizer_state(optimizer, params, opt_state)  # weak leaves strongly typed
     plan = _plan(loss_fn, n, num_steps, batch_size, key, progress, num_segments)

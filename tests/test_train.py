@@ -1010,6 +1010,101 @@ def test_out_of_range_labels_are_checkify_errors_under_jit(class_data):
     assert plain(labels.at[0].set(3)).shape == ()
 
 
+def _offset_model(th, x):
+    return th[0] + x @ th[1:]
+
+
+def test_integer_responses_the_squared_loss_would_round_are_refused():
+    """Integer ys of loss="squared" were rounded to the model output's dtype by f − y, silently: a float32
+    model predicting 2^24 with int64 ys of 2^24 + 1 gave losses of 0 (float64 ys of the same values: 1
+    each), a float16 model with int32 ys of 2049 the same. Now every path (device, numpy, chunk source,
+    fit, per-example) refuses them; integers within the exact range give the float ys' losses."""
+    n = 8
+    xs = np.zeros((n, 2), np.float32)
+    th = np.array([2.0**24, 0.0, 0.0], np.float32)
+    ys = np.full(n, 2**24 + 1, np.int64)
+    assert float(weighted_loss(_offset_model, th, jnp.asarray(xs), ys.astype(np.float64))) == n  # exact
+    dev, sgd0 = jnp.asarray(xs), optax.sgd(0.0)
+    calls = {
+        "device": lambda y: weighted_loss(_offset_model, th, dev, y),
+        "numpy": lambda y: weighted_loss(_offset_model, th, xs, y),
+        "chunks": lambda y: weighted_loss(
+            _offset_model, th, lambda: iter([(xs[:4], y[:4]), (xs[4:], y[4:])])
+        ),
+        "per example": lambda y: nj.per_example_loss(_offset_model, th, dev, jnp.asarray(y)).sum(),
+        "fit": lambda y: fit(_offset_model, th, dev, y, optimizer=sgd0, num_steps=1).final_loss,
+    }
+    exact = r"integer ys with values in \[16,777,217, 16,777,217\].*float32.*exactly only up to 16,777,216"
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=exact):
+            call(ys)
+        # the largest exact integer, and a residual of 1 below it: the float ys' losses
+        assert float(call(ys - 1)) == 0.0, name
+        assert float(call(ys - 2)) == n, name
+    with pytest.raises(ValueError, match=r"chunk 1 of the chunk source"):
+        calls["chunks"](np.r_[ys[:4] - 2, ys[4:]])
+    # float64 params: f − y in float64 holds them
+    assert float(weighted_loss(_offset_model, th.astype(np.float64), jnp.asarray(xs), ys)) == n
+    # a float16 model and int32 counts, without x64's help
+    th16 = np.array([2048.0, 0.0, 0.0], np.float16)
+    with pytest.raises(ValueError, match=r"float16.*exactly only up to 2,048"):
+        weighted_loss(_offset_model, th16, xs.astype(np.float16), np.full(n, 2049, np.int32))
+
+    # under a user's jit: a checkify check inside traced_checks()
+    def traced(y):
+        with nj.traced_checks():
+            return weighted_loss(_offset_model, th, jnp.asarray(xs), y)
+
+    checked = jax.jit(checkify.checkify(traced, errors=checkify.user_checks))
+    assert "exactly only up to 16,777,216" in checked(jnp.asarray(ys))[0].get()
+    err, value = checked(jnp.asarray(ys - 2))
+    assert err.get() is None and float(value) == n
+
+
+def test_numpy_losses_do_not_take_the_offset_columns_range_check():
+    """The numpy path of the losses refused ys beyond the params' dtype ("become Inf in the offset column
+    f(0) − y", a check of the scores) where the device path and a chunk source computed the loss: a
+    float16 model whose output is float32 has responses far beyond 65,504."""
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(16, 3)).astype(np.float32)
+    th = np.ones(3, np.float16)
+    model = lambda t, x: 1000.0 * (x @ t.astype(jnp.float32))  # float32 outputs up to ~7e4
+    ys = (7e4 + 100 * rng.normal(size=16)).astype(np.float32)
+    device = weighted_loss(model, th, jnp.asarray(xs), ys)
+    host = weighted_loss(model, th, xs, ys)
+    reference = np.sum((1000.0 * (xs.astype(np.float64) @ np.ones(3)) - ys) ** 2)
+    np.testing.assert_allclose(float(host), float(device), rtol=1e-6)
+    np.testing.assert_allclose(float(host), reference, rtol=1e-5)  # float32 rounding of 16 terms
+    np.testing.assert_allclose(
+        nj.per_example_loss(model, th, xs, ys), nj.per_example_loss(model, th, jnp.asarray(xs), ys)
+    )
+
+
+def test_listed_labels_and_container_ys_on_device_arrays(class_data):
+    """A Python list of labels gave jax's "Cannot determine dtype of [0, 1, ...]" on device arrays (the
+    numpy path took it); a dict of responses said "ys must have at least 1 axis, got shape ()"."""
+    X, labels, _ = class_data
+    X, d = jnp.asarray(X), X.shape[1]
+    params = {"W": jnp.asarray(np.random.default_rng(1).normal(size=(3, d))), "b": jnp.zeros(3)}
+    listed = [int(v) for v in labels]
+    expected = weighted_loss(softmax_model, params, X, jnp.asarray(labels, jnp.int32), loss="cross_entropy")
+    np.testing.assert_allclose(
+        weighted_loss(softmax_model, params, X, listed, loss="cross_entropy"), expected
+    )
+    np.testing.assert_allclose(
+        nj.per_example_loss(softmax_model, params, X, listed, loss="cross_entropy").sum(), expected
+    )
+    trained = fit(
+        softmax_model, params, X, listed, optimizer=optax.sgd(0.0), num_steps=1, loss="cross_entropy"
+    )
+    np.testing.assert_allclose(trained.final_loss, expected)
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 3\)"):
+        weighted_loss(softmax_model, params, X, [3] + listed[1:], loss="cross_entropy")
+    for data in (X, np.asarray(X)):  # device and numpy paths
+        with pytest.raises(TypeError, match=r"ys must be one array of shape \(n, ...\), got a dict"):
+            weighted_loss(softmax_model, params, data, {"a": labels}, loss=lambda p, y: jnp.sum(p))
+
+
 def test_fit_names_a_failing_apply_fn_before_the_label_check():
     """fit(loss="cross_entropy") called apply_fn on xs[0] for the label check before checking the model:
     a wrong input width was jax's raw TypeError (weighted_loss named the shapes), and bad arguments
