@@ -50,6 +50,7 @@ from nlis_jax._checks import (
     float_bits,
     host_values,
     is_concrete,
+    join_exchange,
     narrows,
     report_nonfinite,
 )
@@ -256,6 +257,7 @@ def check_ys_fits(ys, dtype, combine=None) -> None:
     ys = ys if hasattr(ys, "dtype") else np.asarray(ys)
     y_dtype = jnp.result_type(ys)
     if not jnp.issubdtype(y_dtype, jnp.floating):
+        join_exchange(combine, [0, 0, 0])
         return
     wider = jnp.finfo(y_dtype).max > jnp.finfo(dtype).max
     if not wider and (
@@ -263,6 +265,7 @@ def check_ys_fits(ys, dtype, combine=None) -> None:
         or narrows(ys)
         or host_values(ys) is None
     ):
+        join_exchange(combine, [0, 0, 0])
         return
     limit = float(jnp.finfo(dtype).max)
     message = (

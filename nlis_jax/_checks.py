@@ -352,6 +352,14 @@ def subnormal_weights_error(name: str, dtype) -> ValueError:
     )
 
 
+def join_exchange(combine, counts) -> None:
+    """A host check's ``combine`` (an exchange of counts between processes) with ``counts`` of a process
+    whose own check has nothing to count: every process takes part in each exchange (one that skipped it
+    paired its next collective with the others' exchange, and gloo aborted)."""
+    if combine is not None:
+        combine(np.asarray(counts, np.int32))
+
+
 def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
     """``ValueError`` if the concrete weights ``w`` are non-zero but all below their dtype's smallest
     normal number: a CPU flushes them to 0 (float32 weights of ``1e-39`` gave a weighted loss of 0). Host
@@ -361,6 +369,7 @@ def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
     processes (the host blocks of ``jax.distributed``: every process raises the same error). Not for float16
     (:func:`flushes_subnormals`); traced weights by a ``checkify`` check inside ``traced_checks()``."""
     if w is None:
+        join_exchange(combine, [1, 1])  # ones: non-zero and normal
         return
     if not is_concrete(w):  # inside traced_checks(): a checkify check (a loss of 0, a step that never moves)
         dtype = jnp.result_type(w)
@@ -370,6 +379,7 @@ def check_weights_not_all_subnormal(name: str, w, combine=None) -> None:
     host = host_values(w)
     dtype = jnp.result_type(w) if host is None else host.dtype
     if not jnp.issubdtype(dtype, jnp.floating) or not flushes_subnormals(dtype):
+        join_exchange(combine, [0, 0])
         return
     if host is None:
         with jax.ensure_compile_time_eval():  # a concrete array closed over inside a user's jit too

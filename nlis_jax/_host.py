@@ -906,7 +906,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     step = functools.partial(_values_step, apply_fn, params, **kw)
     state = {"carry": (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32)), "n": 0, "scale": None}
     # an out narrower than the scores (float32 out, float64 model) stores the norms scaled by a power of
-    # two from the first chunk (largest near 1): stored raw, norms of 1e-45 were zeros
+    # two from the first chunk (largest near 1): stored raw, norms of 1e-45 were zeros. Under
+    # jax.distributed each process has its own scale, undone in float64 below
     output_vector(out, None, dtype)  # out checked (all but its length) before its dtype is read
     narrow = out is not None and np.dtype(out.dtype).itemsize < np.dtype(dtype).itemsize
 
@@ -929,7 +930,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     if out is None:
         check_blocks(per_process[:, 0])
     spans = vector_spans(vec.shape[0], chunk)
-    local_top = max((float(np.max(vec[a:b])) for a, b in spans), default=0.0)
+    unit = np.float64(state["scale"] or 1.0)  # this process's own scale (of its first chunk) undone
+    local_top = max((float(np.max(vec[a:b]) / unit) for a, b in spans), default=0.0)
     top = float(across_processes(jnp.asarray(local_top), lambda a: a.max(0)))
     if not np.isfinite(top):
         fix = "pass an out of dtype float64" if narrow else "rescale the data"
@@ -938,10 +940,11 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
             f"{'out' if out is not None else 'the scores'}); {fix}."
         )
     check_positive(top, STREAMED_ZERO_NORMS)
-    local_total = sum(float(np.sum(np.square(vec[a:b] / np.float64(top)))) for a, b in spans)
+    top = unit * np.float64(top)  # in this process's scale
+    local_total = sum(float(np.sum(np.square(vec[a:b] / top))) for a, b in spans)
     total = float(across_processes(jnp.asarray(local_total), lambda a: a.sum(0)))
     for a, b in spans:
-        vec[a:b] = (np.square(vec[a:b] / np.float64(top)) / total).astype(vec.dtype)
+        vec[a:b] = (np.square(vec[a:b] / top) / total).astype(vec.dtype)
     return vec if out is not None else global_vector(vec, int(stats[0]))
 
 
@@ -1064,7 +1067,11 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
     check_weights_not_all_subnormal("weights", weights, summed_over_processes())
     if check_labels is not None:
-        check_labels(example_spec(xs), ys.dtype, lambda: _global_range(label_range(ys, chunk_size)), "")
+        read = lambda: label_range(ys, chunk_size)  # noqa: E731
+        if jax.process_count() > 1:  # the exchange on every process, whatever its ys' dtype asks for
+            found = _global_range(read())
+            read = lambda: found  # noqa: E731
+        check_labels(example_spec(xs), ys.dtype, read, "")
     chunk = balanced_chunk(n, chunk_size)
     return array_source((xs, ys, weights), n, chunk), chunk
 
@@ -1181,7 +1188,8 @@ def host_losses(
     total, bad, negative, nonfinite = (
         across_processes(c, lambda a: a.sum(0)) for c in (carry[0].astype(wide), *carry[1:])
     )
-    total = total.astype(_result_dtype(state.get("dtype")))
+    dtype = _result_dtype(state.get("dtype"))  # all processes' losses in one dtype
+    total = total.astype(dtype)
     if int(bad):  # counted after the cast: float64 data without x64 as float32
         narrowed = (callable(xs) or np.float64 in data_dtypes) and not jax.config.jax_enable_x64
         raise ValueError(nonfinite_inputs("xs, ys or weights contain", int(bad), narrowed))
@@ -1195,7 +1203,7 @@ def host_losses(
         return total
     counts = process_table([values.shape[0]])[:, 0]
     check_blocks(counts)
-    return global_vector(values, int(counts.sum()))
+    return global_vector(values.astype(dtype, copy=False), int(counts.sum()))
 
 
 # ------------------------------------------------------------------------------------------- sampling

@@ -105,6 +105,31 @@ def _cases(params, params2):
         losses = nj.per_example_loss(MLP, params, xs, ys, chunk_size=8)  # a global (N,) vector too
         return norms, nj.weighted_loss(MLP, params, xs, ys, chunk_size=8), losses
 
+    def host_norms_narrow_out(d):
+        """float64 params, a float32 out: each process stores its norms scaled by a power of two from its
+        own first chunk (process 1's responses 10 times larger: another binade), and the blocks were
+        normalised as if they shared one scale (block sums 0.67 / 0.33 for 0.03 / 0.97). Global side:
+        the float64 out's scores and the float32 out's ratio to them, rounded far above float32's
+        rounding; local side (out= is for host data only): the device path's scores and ones."""
+        if d["xs"].is_fully_addressable:
+            ys = d["ys"].at[N // 2 :].multiply(10)
+            return np.ones(N), nj.norm_scores(nj.dual_matrix(MLP, params, d["xs"], ys, num_nodes=16))
+        rows = distributed.process_rows(N)
+        xs, ys = _data()["xs"][rows], _data()["ys"][rows] * np.where(rows.start >= N // 2, 10, 1)
+        kw = dict(chunk_size=8, num_nodes=16)
+        narrow = nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(len(ys), np.float32), **kw)
+        wide = nj.streaming_norm_scores(MLP, params, xs, ys, out=np.empty(len(ys)), **kw)
+        return distributed.shard_rows(np.round(narrow / wide, 5)), distributed.shard_rows(wide)
+
+    def weights_on_one_process(d):
+        """Weights of ones on process 1's block, none on process 0's (ones too): the subnormal-weights
+        check's exchange ran on process 1 only, and gloo aborted."""
+        if d["xs"].is_fully_addressable:
+            return nj.weighted_loss(MLP, params, d["xs"], d["ys"])
+        rows = distributed.process_rows(N)
+        w = None if jax.process_index() == 0 else np.ones(N // 2)
+        return nj.weighted_loss(MLP, params, _data()["xs"][rows], _data()["ys"][rows], w, chunk_size=8)
+
     def host_tiny_block(d):
         """Process 1's block of weights all subnormal (1e-310) and of ys all subnormal beside normal ones
         in process 0's: the one-process call (the device path on all rows) accepts both (the data has
@@ -138,6 +163,8 @@ def _cases(params, params2):
     return {
         "loss_source_on_one_process": source_on_one_process,
         "streaming_host_tiny_block": host_tiny_block,
+        "streaming_host_norms_narrow_out": host_norms_narrow_out,
+        "weights_on_one_process": weights_on_one_process,
         "query": queried,
         "streaming_host_norms_and_loss": host_norms_and_loss,
         "streaming_host_blocks": lambda d: host_blocks(d, None),
@@ -262,8 +289,22 @@ def _checks(glob, params) -> dict:
         "query_nan_global": _expect_error(
             lambda: nj.query(None, p_nan, np.zeros(N, bool), 2, strategy="topk"), RuntimeError
         ),
+        "mixed_loss_dtypes": _mixed_loss_dtypes(params, rows),
         **_narrowing_checks(rows),
     }
+
+
+def _mixed_loss_dtypes(params, rows) -> str:
+    """float32 params, a float32 block on process 0 and a float64 one on process 1: per_example_loss
+    returned a global array of two dtypes, and gloo aborted on its first use. Now all processes' promoted
+    dtype: "float64 float64 (32,)" from the local block, the gathered vector and its shape."""
+    params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    xs, ys = _data()["xs"][rows], _data()["ys"][rows]
+    if jax.process_index() == 0:
+        xs, ys = xs.astype(np.float32), ys.astype(np.float32)
+    losses = nj.per_example_loss(MLP, params32, xs, ys, chunk_size=8)
+    whole = distributed.gather(losses)
+    return f"{losses.dtype} {whole.dtype} {whole.shape}"
 
 
 def _narrowing_checks(rows) -> dict:

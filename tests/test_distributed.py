@@ -47,6 +47,8 @@ CASES = (
     "streaming_host_tiny_block",
     "query",
     "loss_source_on_one_process",
+    "streaming_host_norms_narrow_out",
+    "weights_on_one_process",
 )
 # float64 throughout: the sharded programs reduce in another order (per-shard partial sums, then an
 # all-reduce over processes), so results agree to rounding, ~1e-14 relative; 1e-10 is the issue's bound.
@@ -134,6 +136,7 @@ def test_input_checks_fire_on_global_arrays(reports):
             "in [0, 3]"
         ), checks
         assert checks["query_nan_global"].startswith("ValueError: scores must be finite"), checks
+        assert checks["mixed_loss_dtypes"] == f"float64 float64 ({N},)", checks
         # float64 without x64: values flushed to 0 or made Inf by the cast are named on every process
         tiny = "holds 16 non-zero value(s) below float32's smallest normal number that become 0 once cast"
         for name in ("narrow_host_block", "narrow_host_loss"):
