@@ -281,16 +281,19 @@ def check_ys_fits(ys, dtype, combine=None) -> None:
     big = tiny / float(jnp.finfo(dtype).eps)  # a value this large rounds by more than any value lost
     host = host_values(ys)
     if host is not None:
-
+        # NaN and Inf pass these counts: the pass over the data names them (a memmap's, or under
+        # jax.distributed any block's, are not read before it); they were "beyond the range" here
         def in_range(a):
             with np.errstate(over="ignore"):
-                return np.isfinite(a.astype(dtype))
+                return np.isfinite(a.astype(dtype)) | ~np.isfinite(a)
 
         every = combine is not None  # all three counts, as every process combines them
-        failing = count_failing(host, lambda a: in_range(a) & ((np.abs(a) >= tiny) | (a == 0)))
+        kept = lambda a: in_range(a) & ((np.abs(a) >= tiny) | (a == 0) | ~np.isfinite(a))  # noqa: E731
+        failing = count_failing(host, kept)
         bad = count_failing(host, in_range) if failing or every else 0  # more passes on the error path only
         lost = failing - bad
-        large = count_failing(host, lambda a: np.abs(a) < big) if (lost and not bad) or every else 0
+        small = lambda a: (np.abs(a) < big) | ~np.isfinite(a)  # noqa: E731
+        large = count_failing(host, small) if (lost and not bad) or every else 0
         if every:
             bad, lost, large = (int(c) for c in combine(np.array([bad, lost, large], np.int32)))
     else:

@@ -430,6 +430,12 @@ def _problem(args: argparse.Namespace, config):
         )
     except ValueError as exc:
         print(f"nlis-jax run: error: {exc}", file=sys.stderr)
+    except MemoryError:  # numpy's traceback before
+        print(
+            f"nlis-jax run: error: the {args.dataset} data set does not fit in memory; use a smaller --n "
+            "or --d.",
+            file=sys.stderr,
+        )
     return None
 
 

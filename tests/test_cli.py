@@ -290,6 +290,21 @@ def test_run_option_errors(args, match, capsys):
     assert code == 2 and match in capsys.readouterr().err
 
 
+def test_a_data_set_too_big_for_memory_is_a_usage_error(capsys, monkeypatch, tmp_path):
+    """--dataset synthetic --n 100000000000 printed numpy's MemoryError traceback (exit 1). The allocation
+    is simulated: with memory overcommit a real one may succeed, and filling it would not."""
+    from nlis_jax import experiments
+
+    def too_big(config):
+        raise MemoryError("Unable to allocate 5.82 TiB for an array with shape (100000000000, 8)")
+
+    monkeypatch.setattr(experiments, "make_problem", too_big)
+    code = cli.main(["run", "--dataset", "synthetic", "--n", "100000000000", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the synthetic data set does not fit in memory; use a smaller --n or --d" in err, err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
 def test_out_that_cannot_be_written_is_refused_before_any_work(capsys):
     """/proc accepts no new files, though os.access says yes to root: the study ran, then a traceback."""
     with pytest.raises(SystemExit) as info:

@@ -392,6 +392,29 @@ def test_chunks_checked_as_they_arrive(scores):
     np.testing.assert_allclose(run([head, (xs[5:5], ys[5:5]), tail]), ref, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("scores", ["leverage", "norm"])
+def test_nan_in_a_memmapped_ys_is_named_as_such(tmp_path, bad, scores):
+    """A NaN or Inf in a memmapped ys (``nlis-jax score --y``) was "ys has 1 value(s) beyond the range of
+    the params' dtype float64 ... Rescale ys": the range check counted it before the pass over the data,
+    which names non-finite values (an in-memory ys is checked for them first). Now the pass names it."""
+    params, xs, ys = _setup()
+    ys = ys.copy()
+    ys[5] = bad
+    np.save(tmp_path / "ys.npy", ys)
+    mapped = np.load(tmp_path / "ys.npy", mmap_mode="r")
+    fn = nj.streaming_leverage_scores if scores == "leverage" else nj.streaming_norm_scores
+    with pytest.raises(ValueError, match=r"^xs or ys contains 1 NaN or Inf value\(s\); clean the input"):
+        fn(apply_fn, params, xs, mapped, **KW)
+    with pytest.raises(ValueError, match=r"^ys contains 1 NaN or Inf value\(s\)"):  # in memory, as before
+        fn(apply_fn, params, xs, ys, **KW)
+    ys[5] = 0.5  # the neighbouring valid input: the device path's scores
+    np.save(tmp_path / "ys.npy", ys)
+    mapped = np.load(tmp_path / "ys.npy", mmap_mode="r")
+    ref = _dense(params, xs, ys)[scores == "norm"]
+    np.testing.assert_allclose(fn(apply_fn, params, xs, mapped, **KW), ref, rtol=1e-10, atol=1e-13)
+
+
 # ----------------------------------------------------------------------------------- host ys given as a list
 def test_host_ys_list_converted():
     params, xs, ys = _setup()

@@ -368,6 +368,46 @@ def test_score_gram_matrix_too_big_names_the_options(tmp_path, capsys):
     assert not (tmp_path / "s.npy").exists()
 
 
+def test_score_allocation_refused_by_xla_names_the_options(tmp_path, capsys, monkeypatch):
+    """--method norm with --hidden 1000000 ended in XLA's RESOURCE_EXHAUSTED traceback (exit 1), where
+    the leverage route named the options; the refusal is simulated (a real one needs the memory's
+    size). Other runtime errors still propagate."""
+    _files(tmp_path, n=6, d=3)
+    args = ["--x", str(tmp_path / "x.npy"), "--method", "norm", "--out", str(tmp_path / "s.npy")]
+
+    def refused(*a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 28000000000 bytes.")
+
+    monkeypatch.setattr(nj, "streaming_norm_scores", refused)
+    err = _error(args, capsys)
+    assert "the scores do not fit in memory: score fewer rows per chunk (--chunk-size)." in err, err
+    assert not (tmp_path / "s.npy").exists()
+
+    def failed(*a, **k):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(nj, "streaming_norm_scores", failed)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        cli.main(["score", *args])
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="np.longdouble is float64 on this platform")
+def test_score_extended_precision_files_are_named(tmp_path, capsys):
+    """float128 (np.longdouble) files gave jax's 'dtype float128 is not a valid JAX array type' for --x,
+    and printed the values for --y."""
+    xs, ys = _files(tmp_path, n=6, d=3)
+    np.save(tmp_path / "xl.npy", xs.astype(np.longdouble))
+    np.save(tmp_path / "yl.npy", ys.astype(np.longdouble))
+    x, out = str(tmp_path / "x.npy"), str(tmp_path / "s.npy")
+    for args, option, path in [
+        (["--x", str(tmp_path / "xl.npy")], "--x", tmp_path / "xl.npy"),
+        (["--x", x, "--y", str(tmp_path / "yl.npy")], "--y", tmp_path / "yl.npy"),
+    ]:
+        err = _error([*args, "--out", out], capsys)
+        expected = f"{option} {path} holds {np.dtype(np.longdouble)} (extended precision)"
+        assert expected in err and "save it as float64" in err, err
+
+
 def test_score_unreadable_arrays_name_the_option_and_the_file(tmp_path, capsys):
     """A truncated --y said 'cannot read the data: mmap length is greater than file size', an object-dtype
     one 'Array can't be memory-mapped: Python objects in dtype.', a missing one numpy's errno text: none
@@ -423,6 +463,31 @@ def test_score_bad_out_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
         err = _error(["--x", x, "--out", "s.npy"], capsys)
     assert "cannot write --out s.npy: Permission denied" in err and ".nlis-score-" not in err, err
     assert sorted(p.name for p in work.iterdir()) == ["file"]
+
+
+def test_score_out_a_pipe_is_refused_and_a_link_keeps_pointing(tmp_path, capsys, monkeypatch):
+    """--out of a FIFO (or a device: --out /dev/null as root replaced the system's /dev/null) was replaced
+    by a regular file, and a symbolic link by the scores' file (its target never written). Now a device,
+    pipe or socket is refused before any work, and a link's target receives the scores."""
+    xs, _ = _files(tmp_path, n=6, d=3)
+    x = str(tmp_path / "x.npy")
+    pipe = tmp_path / "pipe.npy"
+    os.mkfifo(pipe)
+    monkeypatch.setattr(nj, "streaming_leverage_scores", lambda *a, **k: pytest.fail("scored first"))
+    err = _error(["--x", x, "--out", str(pipe)], capsys)
+    assert f"--out {pipe} is not a regular file (a device, pipe or socket)" in err, err
+    assert pipe.is_fifo()
+    monkeypatch.undo()
+    (tmp_path / "target").mkdir()
+    target, link = tmp_path / "target" / "real.npy", tmp_path / "link.npy"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    assert cli.main(["score", "--x", x, "--out", str(link)]) == 0
+    capsys.readouterr()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    scores = np.load(target)
+    assert scores.shape == (len(xs),) and abs(scores.sum() - 1) < 1e-12
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == ["real.npy"]  # no temporary file left
 
 
 def test_score_params_beyond_the_data_dtype(tmp_path, capsys):

@@ -220,6 +220,8 @@ def model_and_params(args, d: int, dtype):
 
 def run_score(args: argparse.Namespace) -> int:
     """Score the files; prints a one-line JSON summary. Exit 2 on a bad file."""
+    import jax
+
     import nlis_jax as nj
 
     problem = _unused_option(args) or _bad_out(args.out)
@@ -245,8 +247,6 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"nlis-jax score: error: --out {args.out} is the file of {inputs[0]}.", file=sys.stderr)
         return EXIT_USAGE
     if xs.dtype == np.float64:  # the file's precision: scores in float64 too
-        import jax
-
         jax.config.update("jax_enable_x64", True)
     dtype = np.promote_types(xs.dtype, np.float32)  # half-precision files are scored in float32
     if ys is not None and np.issubdtype(ys.dtype, np.integer):  # counts, classes: the library takes floats
@@ -267,6 +267,11 @@ def run_score(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except MemoryError as exc:  # the library's message names library calls; the CLI's options instead
         print(f"nlis-jax score: error: {_memory_message(args, exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except jax.errors.JaxRuntimeError as exc:  # an allocation XLA refused (a traceback before)
+        if "RESOURCE_EXHAUSTED" not in str(exc):
+            raise
+        print(f"nlis-jax score: error: {_memory_message(args, MemoryError())}", file=sys.stderr)
         return EXIT_USAGE
     seconds = time.perf_counter() - start
     summary = {"n": int(xs.shape[0]), "d": int(xs.shape[1]), "model": args.model, "method": args.method}
@@ -292,14 +297,22 @@ def _bad_out(out: str) -> str | None:
     """Why ``--out`` cannot name the scores' file, checked before any work (``None`` when it can): an
     empty name (the temporary file went to the parent of the working folder), a name ending in a path
     separator or naming a folder, a folder that does not exist. These failed after the whole scoring,
-    naming the hidden temporary file."""
+    naming the hidden temporary file. A device, pipe or socket is refused (the finished file replaced
+    it: ``--out /dev/null`` as root replaced the system's ``/dev/null``); a symbolic link names the file
+    it points to, which is written (the link was replaced by a file)."""
     if not out:
         return "--out is empty: name the .npy file of the scores."
     if out.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
         return f"--out {out} ends with a path separator; name the .npy file (such as {out}scores.npy)."
     if os.path.isdir(out):
         return f"--out {out} is a folder; name the .npy file."
-    folder = os.path.dirname(os.path.abspath(out))
+    target = os.path.realpath(out)  # a symbolic link's file is written, the link kept
+    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        return (
+            f"--out {out} is not a regular file (a device, pipe or socket), which the scores' file would "
+            "replace; name a .npy file."
+        )
+    folder = os.path.dirname(target)
     try:
         mode = os.stat(folder).st_mode
     except OSError as exc:  # a missing folder, one under a file or behind a permission
@@ -357,6 +370,11 @@ def _load_array(option: str, path: str) -> np.ndarray:
         raise ValueError(
             f"{option} {path} is stored in non-native byte order ({data.dtype.str}): convert it with "
             f"np.save(path, a.astype(a.dtype.newbyteorder('=')))."
+        )
+    if data.dtype.kind in "fc" and data.dtype.itemsize > 8 * (1 + (data.dtype.kind == "c")):
+        raise ValueError(  # jax's own error named neither the option nor a fix, or printed the values
+            f"{option} {path} holds {data.dtype} (extended precision), which JAX does not compute in: save "
+            "it as float64 (np.save(path, a.astype(np.float64)))."
         )
     return data
 
@@ -429,9 +447,10 @@ class _written_on_success:
 
     def __init__(self, path: str, dtype, n: int):
         self.path, self.dtype, self.n = path, dtype, n
+        self.target = os.path.realpath(path)  # a symbolic link's file replaced, not the link
 
     def __enter__(self) -> np.memmap:
-        folder = os.path.dirname(os.path.abspath(self.path))
+        folder = os.path.dirname(self.target)
         try:
             self.tmp = _new_file(folder, prefix=".nlis-score-", suffix=".npy")
         except OSError as exc:  # its message names the temporary file, not the folder
@@ -452,7 +471,7 @@ class _written_on_success:
             os.unlink(self.tmp)
             return False
         try:
-            os.replace(self.tmp, self.path)
+            os.replace(self.tmp, self.target)
         except BaseException as exc:
             os.unlink(self.tmp)
             if isinstance(exc, OSError):  # its message named the hidden temporary file
