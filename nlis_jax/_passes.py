@@ -41,6 +41,7 @@ from nlis_jax import routes
 from nlis_jax._adjoint import fixed_rule_chunk_size, resolve_mode
 from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
 from nlis_jax._dual import dual_block
+from nlis_jax._precision import times_power_of_two
 from nlis_jax._types import Array
 
 
@@ -270,7 +271,7 @@ def norm_rows(rows: Array) -> Array:
     1e30 Inf). :func:`squared_ratios` squares them relative to the largest."""
     top = jnp.max(jnp.abs(rows), axis=(1, 2))
     e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1].astype(jnp.int32)
-    scaled = jnp.ldexp(rows, -e[:, None, None])
+    scaled = times_power_of_two(rows, -e[:, None, None])
     return jnp.ldexp(jnp.sqrt(jnp.sum(jnp.square(scaled), axis=(1, 2))), e)
 
 

@@ -58,7 +58,7 @@ from nlis_jax._checks import (
     is_concrete,
 )
 from nlis_jax._dual import dual_matrix
-from nlis_jax._precision import at_least_float32
+from nlis_jax._precision import at_least_float32, times_power_of_two
 from nlis_jax._sampling import priority_reachable, sample
 from nlis_jax._scores import leverage_scores
 from nlis_jax._streaming import streaming_leverage_scores
@@ -155,7 +155,7 @@ def _pool_probs(scores, labelled, alpha):
     # not overflow the sum (a division by the largest score would take its reciprocal, a denormal)
     s = jnp.where(pool, scores, 0).astype(at_least_float32(scores.dtype))
     top = jnp.max(s)
-    s = jnp.ldexp(s, -jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1])
+    s = times_power_of_two(s, -jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1))[1])
     total = jnp.sum(s)
     size = jnp.sum(pool).astype(s.dtype)
     base = jnp.where(total > 0, s / jnp.where(total > 0, total, 1), pool.astype(s.dtype) / size)

@@ -58,7 +58,7 @@ from nlis_jax._checks import (
     is_concrete,
 )
 from nlis_jax._host_gram import float64_gram_transform, host_row_norms, on_host_cpu
-from nlis_jax._precision import at_least_float32, highest_precision
+from nlis_jax._precision import at_least_float32, highest_precision, times_power_of_two
 from nlis_jax._precondition import (
     SKETCH_ROWS,
     CholeskyStart,
@@ -991,7 +991,7 @@ def ridge_row_leverage(
     # A (AᵀA + λI)⁻¹ Aᵀ = (cA)((cA)ᵀ(cA) + c²λI)⁻¹(cA)ᵀ: one power of two c for the whole matrix
     # (the ridge fixes a scale, so columns cannot be scaled apart) keeps AᵀA from overflowing
     _, e = jnp.frexp(jnp.max(jnp.abs(A)))
-    A, ridge = jnp.ldexp(A, -e), jnp.ldexp(mantissa, exponent - 2 * e)
+    A, ridge = times_power_of_two(A, -e), jnp.ldexp(mantissa, exponent - 2 * e)
     M, scale = ridge_transform(gram(A), ridge)
     rel = sum_per_example(transform_rows(A, M, row_norms=True), lead)
     total = jnp.sum(rel)

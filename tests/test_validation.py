@@ -53,6 +53,14 @@ def test_non_finite_matrices_and_probs():
     for fn in (nj.leverage_scores, nj.norm_scores, nj.orthonormal_basis):
         with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
             fn(F)
+    # norm_scores names them from its total (no pass of its own over F): Inf of either sign, blocks,
+    # device arrays and half precision too
+    for bad in (np.inf, -np.inf):
+        G = F.copy()
+        G[3, 2] = bad
+        for given in (G, jnp.asarray(G), G.reshape(N // 2, 2, 4), G.astype(np.float16)):
+            with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
+                nj.norm_scores(given)
     with pytest.raises(ValueError, match=r"theta contains 1 NaN or Inf"):
         nj.single_index_adjoint(jnp.tanh, np.array([1.0, np.inf, 0.0, 1.0]), np.ones((N, 4)))
     with pytest.raises(ValueError, match=r"xs contains 1 NaN or Inf"):
