@@ -65,7 +65,7 @@ def balanced_chunk(n: int, chunk_size: int, multiple: int = 1) -> int:
     once per ``n``.
     """
     if n <= chunk_size:
-        return n
+        return max(n, 1)  # an empty host block of one process under jax.distributed: no chunk read
     chunk_size = chunk_size // multiple * multiple
     m = -(-n // chunk_size)
     step = -(-max(chunk_size // 8, 1) // multiple) * multiple

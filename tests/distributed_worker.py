@@ -130,6 +130,14 @@ def _cases(params, params2):
         w = None if jax.process_index() == 0 else np.ones(N // 2)
         return nj.weighted_loss(MLP, params, _data()["xs"][rows], _data()["ys"][rows], w, chunk_size=8)
 
+    def loss_of_an_empty_block(d):
+        """Process 1's numpy block empty: the full-data loss is process 0's rows' (process 1 raised "xs
+        has no examples" alone, and process 0 waited in the pass)."""
+        if d["xs"].is_fully_addressable:
+            return nj.weighted_loss(MLP, params, d["xs"][: N // 2], d["ys"][: N // 2])
+        rows = distributed.process_rows(N) if jax.process_index() == 0 else slice(0, 0)
+        return nj.weighted_loss(MLP, params, _data()["xs"][rows], _data()["ys"][rows], chunk_size=8)
+
     def host_tiny_block(d):
         """Process 1's block of weights all subnormal (1e-310) and of ys all subnormal beside normal ones
         in process 0's: the one-process call (the device path on all rows) accepts both (the data has
@@ -165,6 +173,7 @@ def _cases(params, params2):
         "streaming_host_tiny_block": host_tiny_block,
         "streaming_host_norms_narrow_out": host_norms_narrow_out,
         "weights_on_one_process": weights_on_one_process,
+        "loss_of_an_empty_block": loss_of_an_empty_block,
         "query": queried,
         "streaming_host_norms_and_loss": host_norms_and_loss,
         "streaming_host_blocks": lambda d: host_blocks(d, None),
@@ -290,8 +299,24 @@ def _checks(glob, params) -> dict:
             lambda: nj.query(None, p_nan, np.zeros(N, bool), 2, strategy="topk"), RuntimeError
         ),
         "mixed_loss_dtypes": _mixed_loss_dtypes(params, rows),
+        # process 1's numpy block empty, its chunk source yielding nothing: named on every process (it
+        # raised alone, and process 0 waited in the pass)
+        "empty_host_block": _expect_error(
+            lambda: nj.streaming_leverage_scores(MLP, params, *_block_or_empty(rows), chunk_size=8)
+        ),
+        "empty_loss_source": _expect_error(
+            lambda: nj.per_example_loss(
+                MLP, params, lambda: iter([_block_or_empty(rows)][: 1 - jax.process_index()])
+            )
+        ),
         **_narrowing_checks(rows),
     }
+
+
+def _block_or_empty(rows):
+    """This process's ``(xs, ys)`` rows on process 0, none on the others."""
+    rows = rows if jax.process_index() == 0 else slice(0, 0)
+    return _data()["xs"][rows], _data()["ys"][rows]
 
 
 def _mixed_loss_dtypes(params, rows) -> str:

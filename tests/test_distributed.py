@@ -49,6 +49,7 @@ CASES = (
     "loss_source_on_one_process",
     "streaming_host_norms_narrow_out",
     "weights_on_one_process",
+    "loss_of_an_empty_block",
 )
 # float64 throughout: the sharded programs reduce in another order (per-shard partial sums, then an
 # all-reduce over processes), so results agree to rounding, ~1e-14 relative; 1e-10 is the issue's bound.
@@ -137,6 +138,11 @@ def test_input_checks_fire_on_global_arrays(reports):
         ), checks
         assert checks["query_nan_global"].startswith("ValueError: scores must be finite"), checks
         assert checks["mixed_loss_dtypes"] == f"float64 float64 ({N},)", checks
+        for name in ("empty_host_block", "empty_loss_source"):
+            assert checks[name].startswith("ValueError: under jax.distributed every process must hold"), (
+                checks
+            )
+            assert f"got [{N // 2}, 0] examples per process" in checks[name], checks
         # float64 without x64: values flushed to 0 or made Inf by the cast are named on every process
         tiny = "holds 16 non-zero value(s) below float32's smallest normal number that become 0 once cast"
         for name in ("narrow_host_block", "narrow_host_loss"):
