@@ -993,7 +993,8 @@ def ridge_row_leverage(
     _, e = jnp.frexp(jnp.max(jnp.abs(A)))
     A, ridge = times_power_of_two(A, -e), jnp.ldexp(mantissa, exponent - 2 * e)
     M, scale = ridge_transform(gram(A), ridge)
-    rel = sum_per_example(transform_rows(A, M, row_norms=True), lead)
+    # materialised: XLA:CPU fused the row sums into each of their three consumers (see _row_norms)
+    rel = jax.lax.optimization_barrier(sum_per_example(transform_rows(A, M, row_norms=True), lead))
     total = jnp.sum(rel)
     return rel / total, rel * scale, total * scale, total
 
