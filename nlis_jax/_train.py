@@ -322,7 +322,8 @@ def _trace_label_range(apply_fn, params, loss, example, ys) -> None:
         if exact is not None and exact[0] < jnp.iinfo(ys.dtype).max:
             bound = jnp.asarray(exact[0], ys.dtype)
             message = _inexact_message(*exact, f"values beyond {exact[0]:,} in magnitude", "")
-            traced.check((low >= -bound) & (high <= bound), message)
+            unsigned = jnp.issubdtype(ys.dtype, jnp.unsignedinteger)  # -bound would wrap around
+            traced.check((high <= bound) if unsigned else (low >= -bound) & (high <= bound), message)
         return
     if loss == "logistic":
         traced.check(

@@ -1059,6 +1059,10 @@ def test_integer_responses_the_squared_loss_would_round_are_refused():
     assert "exactly only up to 16,777,216" in checked(jnp.asarray(ys))[0].get()
     err, value = checked(jnp.asarray(ys - 2))
     assert err.get() is None and float(value) == n
+    # unsigned: no lower bound (its negation wrapped around, refusing every uint32 ys)
+    err, value = checked(jnp.asarray(ys - 2, jnp.uint32))
+    assert err.get() is None and float(value) == n
+    assert "exactly only up to 16,777,216" in checked(jnp.asarray(ys, jnp.uint32))[0].get()
 
 
 def test_numpy_losses_do_not_take_the_offset_columns_range_check():
