@@ -917,7 +917,9 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
         if narrow:
             if state["scale"] is None and valid:
                 peak = float(np.max(np.asarray(norms)[:valid]))
-                state["scale"] = 2.0 ** -np.frexp(peak)[1] if np.isfinite(peak) and peak > 0 else None
+                # 2^-e a normal number (2^-1024 for norms from 2^1023 on was flushed: "all zeros")
+                e = min(int(np.frexp(peak)[1]), -int(np.finfo(norms.dtype).minexp))
+                state["scale"] = 2.0**-e if np.isfinite(peak) and peak > 0 else None
             if state["scale"] is not None:
                 norms = norms * jnp.asarray(state["scale"], norms.dtype)
         return norms
@@ -966,7 +968,8 @@ def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.n
         return target
     made = []
     collect(step, source, chunk, lambda values_dtype: made.append(np.empty((n,), values_dtype)) or made[0])
-    return made[0]
+    # an empty block of one process under jax.distributed: no values, named by the exchange of rows
+    return made[0] if made else np.empty(0, jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def _collect_growing(step, source, chunk) -> np.ndarray:
@@ -1098,8 +1101,9 @@ def example_spec(x):
 
 
 def label_range(ys, chunk: int) -> tuple[float, float] | None:
-    """``(min, max)`` of a host vector, read slice by slice (a memmap is never read whole); ``None`` when
-    it is empty or holds a NaN or Inf (which the pass over the data reports)."""
+    """``(min, max)`` of a host vector, read slice by slice (a memmap is never read whole), as Python
+    numbers (ints for integer ``ys``: ``2^53 + 1`` is not rounded); ``(inf, -inf)`` when it is empty,
+    ``None`` when it holds a NaN or Inf (which the pass over the data reports)."""
     step = max(chunk, 1 << 16)
     low, high = np.inf, -np.inf
     for start in range(0, ys.shape[0], step):
@@ -1108,13 +1112,14 @@ def label_range(ys, chunk: int) -> tuple[float, float] | None:
             continue
         if not np.all(np.isfinite(part)):
             return None
-        low, high = min(low, float(part.min())), max(high, float(part.max()))
-    return None if low > high else (low, high)
+        low, high = min(low, part.min().item()), max(high, part.max().item())
+    return low, high
 
 
 def _global_range(found: tuple[float, float] | None) -> tuple[float, float] | None:
-    """This process's :func:`label_range` of a non-empty block as all processes' (``jax.distributed``):
-    ``None`` where any block holds a NaN or Inf (which the pass reports on every process)."""
+    """This process's :func:`label_range` as all processes' (``jax.distributed``): ``None`` where any block
+    holds a NaN or Inf (which the pass reports on every process); an empty block's ``(inf, -inf)`` adds
+    nothing (it turned the check off on every process)."""
     if jax.process_count() == 1:
         return found
     mine = np.array([np.nan, np.nan] if found is None else found, np.float64)

@@ -35,6 +35,7 @@ from nlis_jax._checks import (
     is_concrete,
     probs_tolerance,
     subnormal_only,
+    under_trace,
 )
 from nlis_jax._precision import times_power_of_two
 from nlis_jax._types import Array
@@ -349,7 +350,8 @@ def norm_scores(F: Array) -> Array:
     """
     # NaN or Inf in a concrete F makes the total NaN (the scaling by its largest entry): named from there,
     # not by a pass of its own over F (40% of the call at 200,000 × 65 in float32)
-    rows, lead = routes.as_rows(F, check_values=not is_concrete(F))
+    # (a concrete F closed over by a user's jit is checked as it is traced, as before)
+    rows, lead = routes.as_rows(F, check_values=not is_concrete(F) or under_trace())
     sq = _row_norms(rows, lead)
     total = jnp.sum(sq)
     if is_concrete(total) and not bool(jnp.isfinite(total)):

@@ -394,11 +394,13 @@ def _check_label_range(apply_fn, params, loss, example, dtype, read_range, where
     found = read_range()
     if found is None:
         return
-    low, high = (float(v) for v in found)
+    low, high = (v.item() if hasattr(v, "item") else v for v in found)  # ints stay exact
+    if low > high:  # no values (an empty block or chunk)
+        return
     if loss == "squared":
         exact = _exact_limit(apply_fn, params, example, dtype)
         if exact is not None and max(-low, high) > exact[0]:
-            raise ValueError(_inexact_message(*exact, f"values in [{low:,.0f}, {high:,.0f}]", where))
+            raise ValueError(_inexact_message(*exact, f"values in [{int(low):,}, {int(high):,}]", where))
         return
     if loss == "logistic":
         if not 0.0 <= low <= high <= 1.0:

@@ -304,6 +304,16 @@ def _checks(glob, params) -> dict:
         "empty_host_block": _expect_error(
             lambda: nj.streaming_leverage_scores(MLP, params, *_block_or_empty(rows), chunk_size=8)
         ),
+        # process 0's logistic label 2 beside process 1's empty block: refused on both (the empty block
+        # turned the label check off on every process); per_example_loss of an empty numpy block named
+        "labels_beside_empty_block": _expect_error(
+            lambda: nj.weighted_loss(
+                MLP, params, *_block_or_empty(rows, np.r_[2.0, labels[1:]]), loss="logistic"
+            )
+        ),
+        "empty_block_per_example": _expect_error(
+            lambda: nj.per_example_loss(MLP, params, *_block_or_empty(rows), chunk_size=8)
+        ),
         "empty_loss_source": _expect_error(
             lambda: nj.per_example_loss(
                 MLP, params, lambda: iter([_block_or_empty(rows)][: 1 - jax.process_index()])
@@ -313,10 +323,10 @@ def _checks(glob, params) -> dict:
     }
 
 
-def _block_or_empty(rows):
-    """This process's ``(xs, ys)`` rows on process 0, none on the others."""
+def _block_or_empty(rows, ys=None):
+    """This process's ``(xs, ys)`` rows on process 0, none on the others (``ys`` the data's by default)."""
     rows = rows if jax.process_index() == 0 else slice(0, 0)
-    return _data()["xs"][rows], _data()["ys"][rows]
+    return _data()["xs"][rows], (_data()["ys"] if ys is None else ys)[rows]
 
 
 def _mixed_loss_dtypes(params, rows) -> str:

@@ -138,7 +138,11 @@ def test_input_checks_fire_on_global_arrays(reports):
         ), checks
         assert checks["query_nan_global"].startswith("ValueError: scores must be finite"), checks
         assert checks["mixed_loss_dtypes"] == f"float64 float64 ({N},)", checks
-        for name in ("empty_host_block", "empty_loss_source"):
+        assert checks["labels_beside_empty_block"].startswith(
+            'ValueError: loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1), got values '
+            "in [0, 2]"
+        ), checks
+        for name in ("empty_host_block", "empty_loss_source", "empty_block_per_example"):
             assert checks[name].startswith("ValueError: under jax.distributed every process must hold"), (
                 checks
             )

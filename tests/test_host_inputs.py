@@ -220,6 +220,13 @@ def test_norm_scores_of_any_scale_into_a_float32_out():
     out = np.zeros(N)
     nj.streaming_norm_scores(apply_fn, params, xs, ys * 1e20, out=out, **KW)
     np.testing.assert_allclose(out, _dense(params, xs, ys * 1e20)[1], rtol=1e-10)
+    # norms from 2^1023 on: the scale 2^-1024 was subnormal, flushed to 0 ("all zeros"); now 2^-1022
+    big_x, big_y = np.array([[1.5e308], [1e308], [0.5e308], [1e307]]), np.zeros(4)
+    f32 = np.zeros(4, np.float32)
+    nj.streaming_norm_scores(_linear, np.ones(1), big_x, big_y, out=f32, chunk_size=4, num_nodes=2)
+    np.testing.assert_allclose(
+        f32, (big_x[:, 0] / 1e307) ** 2 / np.sum((big_x[:, 0] / 1e307) ** 2), rtol=1e-6
+    )
 
 
 def _linear(theta, x):

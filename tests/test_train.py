@@ -1043,8 +1043,15 @@ def test_integer_responses_the_squared_loss_would_round_are_refused():
         assert float(call(ys - 2)) == n, name
     with pytest.raises(ValueError, match=r"chunk 1 of the chunk source"):
         calls["chunks"](np.r_[ys[:4] - 2, ys[4:]])
-    # float64 params: f − y in float64 holds them
-    assert float(weighted_loss(_offset_model, th.astype(np.float64), jnp.asarray(xs), ys)) == n
+    # float64 params: f − y in float64 holds them, up to 2^53 (compared as integers: 2^53 + 1 is not
+    # rounded to the bound on its way)
+    th64 = th.astype(np.float64)
+    assert float(weighted_loss(_offset_model, th64, jnp.asarray(xs), ys)) == n
+    for path in (jnp.asarray(xs), xs):
+        with pytest.raises(
+            ValueError, match=r"values in \[9,007,199,254,740,993, .*up to 9,007,199,254,740,992"
+        ):
+            weighted_loss(_offset_model, th64, path, np.full(n, 2**53 + 1, np.int64))
     # a float16 model and int32 counts, without x64's help
     th16 = np.array([2048.0, 0.0, 0.0], np.float16)
     with pytest.raises(ValueError, match=r"float16.*exactly only up to 2,048"):

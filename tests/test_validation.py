@@ -47,6 +47,11 @@ def test_non_finite_inputs(value, where):
             nj.adjoint(apply_fn, params, xs)
 
 
+def _norm_scores_closed_over(F):
+    """``norm_scores`` of ``F`` held as a constant of a jitted function (not its argument)."""
+    return jax.jit(lambda: nj.norm_scores(F))()
+
+
 def test_non_finite_matrices_and_probs():
     F = np.random.default_rng(1).standard_normal((N, 4))
     F[3, 2] = np.nan
@@ -61,6 +66,9 @@ def test_non_finite_matrices_and_probs():
         for given in (G, jnp.asarray(G), G.reshape(N // 2, 2, 4), G.astype(np.float16)):
             with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
                 nj.norm_scores(given)
+        # a concrete F closed over by a user's jit: checked as it is traced (not NaN scores)
+        with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
+            _norm_scores_closed_over(jnp.asarray(G))
     with pytest.raises(ValueError, match=r"theta contains 1 NaN or Inf"):
         nj.single_index_adjoint(jnp.tanh, np.array([1.0, np.inf, 0.0, 1.0]), np.ones((N, 4)))
     with pytest.raises(ValueError, match=r"xs contains 1 NaN or Inf"):
