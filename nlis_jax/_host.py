@@ -59,6 +59,7 @@ from nlis_jax._checks import (
     check_positive,
     check_weights_not_all_subnormal,
     count_negative,
+    fetch,
     is_concrete,
     narrowing_counts,
     narrowing_error,
@@ -1197,13 +1198,14 @@ def host_losses(
     )
     dtype = _result_dtype(state.get("dtype"))  # all processes' losses in one dtype
     total = total.astype(dtype)
-    if int(bad):  # counted after the cast: float64 data without x64 as float32
+    bad, negative, nonfinite = (int(c) for c in fetch(bad, negative, nonfinite))  # one read back
+    if bad:  # counted after the cast: float64 data without x64 as float32
         narrowed = (callable(xs) or np.float64 in data_dtypes) and not jax.config.jax_enable_x64
-        raise ValueError(nonfinite_inputs("xs, ys or weights contain", int(bad), narrowed))
-    if int(negative):
-        raise ValueError(f"weights must be non-negative; {int(negative)} are negative.")
-    if int(nonfinite):
-        raise ValueError(nonfinite_losses(int(nonfinite), n, values if per_example else None))
+        raise ValueError(nonfinite_inputs("xs, ys or weights contain", bad, narrowed))
+    if negative:
+        raise ValueError(f"weights must be non-negative; {negative} are negative.")
+    if nonfinite:
+        raise ValueError(nonfinite_losses(nonfinite, n, values if per_example else None))
     if not per_example and not bool(jnp.isfinite(total)):  # finite losses, a sum past float16's range
         raise ValueError(overflowed_sum(total.dtype))
     if not per_example:
