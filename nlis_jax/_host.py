@@ -919,7 +919,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
             if state["scale"] is None and valid:
                 peak = float(np.max(np.asarray(norms)[:valid]))
                 # 2^-e a normal number (2^-1024 for norms from 2^1023 on was flushed: "all zeros")
-                e = min(int(np.frexp(peak)[1]), -int(np.finfo(norms.dtype).minexp))
+                info = np.finfo(norms.dtype)
+                e = int(np.clip(np.frexp(peak)[1], 1 - info.maxexp, -info.minexp))
                 state["scale"] = 2.0**-e if np.isfinite(peak) and peak > 0 else None
             if state["scale"] is not None:
                 norms = norms * jnp.asarray(state["scale"], norms.dtype)
@@ -1101,7 +1102,7 @@ def example_spec(x):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
 
 
-def label_range(ys, chunk: int) -> tuple[float, float] | None:
+def label_range(ys, chunk: int) -> tuple[float | int, float | int] | None:
     """``(min, max)`` of a host vector, read slice by slice (a memmap is never read whole), as Python
     numbers (ints for integer ``ys``: ``2^53 + 1`` is not rounded); ``(inf, -inf)`` when it is empty,
     ``None`` when it holds a NaN or Inf (which the pass over the data reports)."""
@@ -1117,13 +1118,20 @@ def label_range(ys, chunk: int) -> tuple[float, float] | None:
     return low, high
 
 
-def _global_range(found: tuple[float, float] | None) -> tuple[float, float] | None:
+def _global_range(found: tuple[float | int, float | int] | None) -> tuple[float, float] | None:
     """This process's :func:`label_range` as all processes' (``jax.distributed``): ``None`` where any block
     holds a NaN or Inf (which the pass reports on every process); an empty block's ``(inf, -inf)`` adds
     nothing (it turned the check off on every process)."""
     if jax.process_count() == 1:
         return found
-    mine = np.array([np.nan, np.nan] if found is None else found, np.float64)
+    if found is None:
+        mine = np.array([np.nan, np.nan])
+    else:  # rounded outward: an integer 2^53 + 1 became 2^53, within the squared loss's exact range
+        low, high = found  # Python floats and ints compare exactly (numpy's float64 would not)
+        down, up = float(low), float(high)
+        down = down if down <= low else float(np.nextafter(down, -np.inf))
+        up = up if up >= high else float(np.nextafter(up, np.inf))
+        mine = np.array([down, up])
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)  # host values: no flush
     return None if np.isnan(every).any() else (float(every[:, 0].min()), float(every[:, 1].max()))
 

@@ -132,8 +132,9 @@ def as_rows(F: Array, name: str = "F", check_values: bool = True) -> tuple[Array
         # and non-zero values below its smallest normal number (0 after the cast: a column of them would
         # drop out of the rank silently)
         check_finite(name, given)
-    elif check_values:  # (a narrowed array was just checked, under the cast's name)
-        check_finite(name, F)
+    elif check_values:  # (a narrowed array was just checked, under the cast's name); a host array's own
+        # values: under a user's jit its jnp.asarray is traced, and NaN scores came back without a word
+        check_finite(name, given if isinstance(given, np.ndarray) else F)
     return F.reshape(-1, F.shape[-1]).astype(compute_dtype(F.dtype)), F.shape[:-1]
 
 

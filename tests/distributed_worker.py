@@ -311,6 +311,16 @@ def _checks(glob, params) -> dict:
                 MLP, params, *_block_or_empty(rows, np.r_[2.0, labels[1:]]), loss="logistic"
             )
         ),
+        # int64 ys of 2^53 + 1 in process 0's block, a float64 model: the ranges exchanged as float64
+        # rounded it to 2^53, within the squared loss's exact range (a loss of 0 on both)
+        "integer_ys_past_2_53": _expect_error(
+            lambda: nj.weighted_loss(
+                lambda p, x: x @ p["w"] + p["b"],
+                {"w": np.zeros(D), "b": np.asarray(2.0**53)},
+                _data()["xs"][rows],
+                np.full(N // 2, 2**53, np.int64) + (jax.process_index() == 0),
+            )
+        ),
         "empty_block_per_example": _expect_error(
             lambda: nj.per_example_loss(MLP, params, *_block_or_empty(rows), chunk_size=8)
         ),

@@ -142,6 +142,11 @@ def test_input_checks_fire_on_global_arrays(reports):
             'ValueError: loss="logistic": labels must lie in [0, 1] (the two classes 0 and 1), got values '
             "in [0, 2]"
         ), checks
+        # (the range exchanged as float64 rounded outward: 2^53 + 1 shows as 2^53 + 2)
+        assert checks["integer_ys_past_2_53"].startswith(
+            'ValueError: loss="squared": integer ys with values in [9,007,199,254,740,992, '
+            "9,007,199,254,740,994]: f − y computes them in float64"
+        ), checks
         for name in ("empty_host_block", "empty_loss_source", "empty_block_per_example"):
             assert checks[name].startswith("ValueError: under jax.distributed every process must hold"), (
                 checks

@@ -67,8 +67,9 @@ def test_non_finite_matrices_and_probs():
             with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
                 nj.norm_scores(given)
         # a concrete F closed over by a user's jit: checked as it is traced (not NaN scores)
-        with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
-            _norm_scores_closed_over(jnp.asarray(G))
+        for held in (jnp.asarray(G), G):  # a numpy F too: its jnp.asarray under the jit is traced
+            with pytest.raises(ValueError, match=r"F contains 1 NaN or Inf"):
+                _norm_scores_closed_over(held)
     with pytest.raises(ValueError, match=r"theta contains 1 NaN or Inf"):
         nj.single_index_adjoint(jnp.tanh, np.array([1.0, np.inf, 0.0, 1.0]), np.ones((N, 4)))
     with pytest.raises(ValueError, match=r"xs contains 1 NaN or Inf"):
