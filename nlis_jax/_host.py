@@ -441,6 +441,7 @@ def staged(source: Source, chunk: int) -> Iterator:
     float64 pieces without jax_enable_x64 are checked before their transfer (:class:`NarrowingCheck`)."""
     pieces = enumerate(rechunk(source, chunk))
     check = NarrowingCheck(source, chunk)
+    failed = []  # under jax.distributed: this process's error while reading, told to the others first
 
     def put(item):
         if item is None:
@@ -449,11 +450,40 @@ def staged(source: Source, chunk: int) -> Iterator:
         check.piece(index, piece, valid)  # memmaps and chunks are read here, not before
         return jax.device_put(piece), valid
 
-    nxt = put(next(pieces, None))
+    def advance():
+        if failed:
+            return None
+        try:
+            return put(next(pieces, None))
+        except Exception as exc:
+            if jax.process_count() == 1:
+                raise
+            failed.append(exc)
+            return None
+
+    nxt = advance()
     while nxt is not None:
-        cur, nxt = nxt, put(next(pieces, None))
+        cur, nxt = nxt, advance()
         yield cur
+    if jax.process_count() > 1:
+        raise_if_any_failed(failed)
     check.done()
+
+
+def raise_if_any_failed(failed: list) -> None:
+    """At the end of a pass under ``jax.distributed``: this process's error while reading its data
+    (``failed``, empty or one exception) raised on it, and a ``ValueError`` naming it on every other
+    process (one exchange of a flag). A chunk source's chunk of another shape, or its labels out of range,
+    raised on its own process while the others waited in the pass's next collective."""
+    table = process_table([int(bool(failed))])[:, 0]
+    if failed:
+        raise failed[0]
+    if table.any():
+        which = np.flatnonzero(table).tolist()
+        raise ValueError(
+            f"under jax.distributed, process(es) {which} failed while reading their data (the error is "
+            "raised there); every process stops at the end of this pass."
+        )
 
 
 class NarrowingCheck:

@@ -321,6 +321,22 @@ def _checks(glob, params) -> dict:
                 np.full(N // 2, 2**53, np.int64) + (jax.process_index() == 0),
             )
         ),
+        # process 1's chunk source yields a chunk of another width, or a logistic label 3: it raises its
+        # own error, process 0 one naming it (process 0 waited in the pass's next collective)
+        "bad_chunk_on_one_process": _expect_error(
+            lambda: nj.streaming_leverage_scores(
+                MLP,
+                params,
+                lambda: iter(_chunks_of(rows, wider=jax.process_index() == 1)),
+                chunk_size=8,
+                num_nodes=16,
+            )
+        ),
+        "labels_in_one_source": _expect_error(
+            lambda: nj.weighted_loss(
+                MLP, params, lambda: iter(_chunks_of(rows, labels=labels)), chunk_size=8, loss="logistic"
+            )
+        ),
         "empty_block_per_example": _expect_error(
             lambda: nj.per_example_loss(MLP, params, *_block_or_empty(rows), chunk_size=8)
         ),
@@ -331,6 +347,14 @@ def _checks(glob, params) -> dict:
         ),
         **_narrowing_checks(rows),
     }
+
+
+def _chunks_of(rows, wider=False, labels=None):
+    """This process's rows as two ``(x, y)`` chunks; ``wider``: the second with one more feature;
+    ``labels``: the responses taken from it."""
+    xs, ys = _data()["xs"][rows], (_data()["ys"] if labels is None else labels)[rows]
+    second = np.hstack([xs[8:], xs[8:, :1]]) if wider else xs[8:]
+    return [(xs[:8], ys[:8]), (second, ys[8:])]
 
 
 def _block_or_empty(rows, ys=None):
