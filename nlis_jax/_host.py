@@ -102,7 +102,8 @@ def is_host_data(xs, traced=None) -> bool:
 
 
 def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check: bool = True) -> int:
-    """Shape checks of host arrays (no values read); returns ``n``."""
+    """Shape checks of host arrays (no values read, no collective: see :func:`on_every_process`); returns
+    ``n``."""
     check_native("xs", xs)
     check_native("ys", ys)
     check_native("weights", weights)
@@ -141,10 +142,23 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     _check_in_memory("xs", xs)
     _check_in_memory("ys", ys)
     _check_in_memory("weights", weights)
-    if out_check and ys is not None:  # the offset column f(0) − y of the scores, not the losses: read
-        # slice by slice (a memmap too), only when wider than the params' dtype
-        check_ys_fits(ys, jnp.result_type(*jax.tree.leaves(params)), summed_over_processes())
     return n
+
+
+def on_every_process(own):
+    """``own()``: the checks of this process's own arguments and data before any collective. Under
+    ``jax.distributed`` an error it raises is told to the other processes (:func:`raise_if_any_failed`),
+    so that every process raises: params that differ (NaN on one), a block of another width or of no
+    rows raised on one process alone, and the others waited in the next collective."""
+    if jax.process_count() == 1:
+        return own()
+    failed, result = [], None
+    try:
+        result = own()
+    except Exception as exc:
+        failed.append(exc)
+    raise_if_any_failed(failed, "while checking their arguments", "before any work")
+    return result
 
 
 def summed_over_processes():
@@ -470,8 +484,10 @@ def staged(source: Source, chunk: int) -> Iterator:
     check.done()
 
 
-def raise_if_any_failed(failed: list) -> None:
-    """At the end of a pass under ``jax.distributed``: this process's error while reading its data
+def raise_if_any_failed(
+    failed: list, doing: str = "while reading their data", when: str = "at the end of this pass"
+) -> None:
+    """Under ``jax.distributed``, at the end of a pass (or of the checks before any): this process's error
     (``failed``, empty or one exception) raised on it, and a ``ValueError`` naming it on every other
     process (one exchange of a flag). A chunk source's chunk of another shape, or its labels out of range,
     raised on its own process while the others waited in the pass's next collective."""
@@ -481,8 +497,8 @@ def raise_if_any_failed(failed: list) -> None:
     if table.any():
         which = np.flatnonzero(table).tolist()
         raise ValueError(
-            f"under jax.distributed, process(es) {which} failed while reading their data (the error is "
-            "raised there); every process stops at the end of this pass."
+            f"under jax.distributed, process(es) {which} failed {doing} (the error is raised there); every "
+            f"process stops {when}."
         )
 
 
@@ -756,17 +772,26 @@ def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) ->
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:
     """The ``(x, y)`` chunk source of host data (shape checks first) and its chunk length; a user's chunk
     source is checked as it is read (:class:`CheckedSource`)."""
-    check_floating("params", params)
-    check_finite("params", params)
-    if callable(xs):
-        if ys is not None:
-            raise ValueError("with a chunk source, the responses travel in its chunks: pass ys=None.")
-        out_shape = lambda x: check_output_shape(eval_example(apply_fn, params, x)).shape  # noqa: E731
-        return CheckedSource(xs, out_shape=out_shape), chunk_size
-    ys = host_vector("ys", ys)
-    n = check_host_arrays(apply_fn, params, xs, ys)
+
+    def own():
+        check_floating("params", params)
+        check_finite("params", params)
+        if callable(xs):
+            if ys is not None:
+                raise ValueError("with a chunk source, the responses travel in its chunks: pass ys=None.")
+            out_shape = lambda x: check_output_shape(eval_example(apply_fn, params, x)).shape  # noqa: E731
+            return CheckedSource(xs, out_shape=out_shape), None, 0
+        host_ys = host_vector("ys", ys)
+        return None, host_ys, check_host_arrays(apply_fn, params, xs, host_ys)
+
+    checked, ys_, n = on_every_process(own)
+    if checked is not None:
+        return checked, chunk_size
+    if ys_ is not None:  # the offset column f(0) − y: read slice by slice (a memmap too), only when wider
+        # than the params' dtype; its counts exchanged under jax.distributed
+        check_ys_fits(ys_, jnp.result_type(*jax.tree.leaves(params)), summed_over_processes())
     chunk = balanced_chunk(n, chunk_size)
-    return array_source((xs, ys), n, chunk), chunk
+    return array_source((xs, ys_), n, chunk), chunk
 
 
 def first_pass(step, source, chunk, init, *, equal_blocks: bool = True):
@@ -1090,18 +1115,34 @@ def loss_source(apply_fn, params, xs, ys, weights, chunk_size: int, check_labels
     ``ys`` before any work, or of each chunk of a chunk source as it arrives (``where`` names the chunk).
     ``x_example`` is one example as ``jax.ShapeDtypeStruct``.
     """
-    check_floating("params", params)
-    check_finite("params", params)
-    if callable(xs):
-        if ys is not None or weights is not None:
-            raise ValueError("with a chunk source, ys travel in its chunks: pass ys=None and weights=None.")
-        return CheckedSource(xs, need_y=True, on_chunk=_chunk_labels(check_labels), triples=True), chunk_size
-    ys, weights = host_vector("ys", ys), host_vector("weights", weights)
-    if ys is None:
-        raise ValueError(LOSSES_NEED_YS)
-    if weights is not None and not (np.issubdtype(weights.dtype, np.floating) or weights.dtype.kind in "iub"):
-        raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}.")
-    n = check_host_arrays(apply_fn, params, xs, ys, weights, out_check=False)
+
+    def own():
+        check_floating("params", params)
+        check_finite("params", params)
+        if callable(xs):
+            if ys is not None or weights is not None:
+                raise ValueError(
+                    "with a chunk source, ys travel in its chunks: pass ys=None and weights=None."
+                )
+            source = CheckedSource(xs, need_y=True, on_chunk=_chunk_labels(check_labels), triples=True)
+            return source, None, None, 0
+        host_ys, host_w = host_vector("ys", ys), host_vector("weights", weights)
+        if host_ys is None:
+            raise ValueError(LOSSES_NEED_YS)
+        if host_w is not None and not (
+            np.issubdtype(host_w.dtype, np.floating) or host_w.dtype.kind in "iub"
+        ):
+            raise TypeError(f"weights must be real numbers, got dtype {host_w.dtype}.")
+        return (
+            None,
+            host_ys,
+            host_w,
+            check_host_arrays(apply_fn, params, xs, host_ys, host_w, out_check=False),
+        )
+
+    checked, ys, weights, n = on_every_process(own)
+    if checked is not None:
+        return checked, chunk_size
     check_weights_not_all_subnormal("weights", weights, summed_over_processes())
     if check_labels is not None:
         read = lambda: label_range(ys, chunk_size)  # noqa: E731

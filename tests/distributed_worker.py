@@ -337,6 +337,17 @@ def _checks(glob, params) -> dict:
                 MLP, params, lambda: iter(_chunks_of(rows, labels=labels)), chunk_size=8, loss="logistic"
             )
         ),
+        # before any pass: NaN params or a block of another width on process 1 only (it raised alone)
+        "params_nan_on_one_process": _expect_error(
+            lambda: nj.weighted_loss(
+                MLP, _nan_on_process_1(params), _data()["xs"][rows], _data()["ys"][rows], chunk_size=8
+            )
+        ),
+        "wider_block_on_one_process": _expect_error(
+            lambda: nj.streaming_norm_scores(
+                MLP, params, _wider_on_process_1(_data()["xs"][rows]), _data()["ys"][rows], chunk_size=8
+            )
+        ),
         "empty_block_per_example": _expect_error(
             lambda: nj.per_example_loss(MLP, params, *_block_or_empty(rows), chunk_size=8)
         ),
@@ -347,6 +358,20 @@ def _checks(glob, params) -> dict:
         ),
         **_narrowing_checks(rows),
     }
+
+
+def _nan_on_process_1(params):
+    """``params`` with a NaN bias on process 1 (params that differ between processes)."""
+    if jax.process_index() != 1:
+        return params
+    broken = jax.tree.map(np.array, params)
+    broken[0]["b"][0] = np.nan
+    return broken
+
+
+def _wider_on_process_1(xs):
+    """``xs`` with one more feature on process 1."""
+    return np.hstack([xs, xs[:, :1]]) if jax.process_index() == 1 else xs
 
 
 def _chunks_of(rows, wider=False, labels=None):

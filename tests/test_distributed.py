@@ -143,6 +143,15 @@ def test_input_checks_fire_on_global_arrays(reports):
             "in [0, 2]"
         ), checks
         others = "ValueError: under jax.distributed, process(es) [1] failed while reading their data"
+        before = "ValueError: under jax.distributed, process(es) [1] failed while checking their arguments"
+        if r["process"] == 1:
+            assert checks["params_nan_on_one_process"].startswith("ValueError: params contains 1 NaN"), checks
+            assert checks["wider_block_on_one_process"].startswith(
+                "ValueError: apply_fn(params, x) failed"
+            ), checks
+        else:
+            assert checks["params_nan_on_one_process"].startswith(before), checks
+            assert checks["wider_block_on_one_process"].startswith(before), checks
         if r["process"] == 1:
             assert checks["bad_chunk_on_one_process"].startswith("ValueError: x_chunk of chunk 1"), checks
             assert checks["labels_in_one_source"].startswith(
