@@ -1025,8 +1025,7 @@ def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.n
         return target
     made = []
     collect(step, source, chunk, lambda values_dtype: made.append(np.empty((n,), values_dtype)) or made[0])
-    # an empty block of one process under jax.distributed: no values, named by the exchange of rows
-    return made[0] if made else np.empty(0, jax.dtypes.canonicalize_dtype(jnp.float64))
+    return made[0] if made else _no_values()
 
 
 def _collect_growing(step, source, chunk) -> np.ndarray:
@@ -1037,8 +1036,14 @@ def _collect_growing(step, source, chunk) -> np.ndarray:
     if not parts:
         if jax.process_count() == 1:  # several: the exchange of rows after the pass names the empty source
             raise ValueError("the chunk source yielded no examples.")
-        return np.empty(0, jax.dtypes.canonicalize_dtype(jnp.float64))
+        return _no_values()
     return np.concatenate([np.asarray(v)[:c] for v, c in parts])
+
+
+def _no_values() -> np.ndarray:
+    """The values of a process whose block or chunk source held no rows (under ``jax.distributed`` only:
+    the exchange of rows after the pass names it on every process)."""
+    return np.empty(0, jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def vector_spans(n: int, chunk: int) -> list[tuple[int, int]]:
