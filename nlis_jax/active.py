@@ -32,12 +32,19 @@ draws so far), the part :math:`(S - S_r)/S` from the later rounds, in which :mat
 term. With :math:`c_r \propto b_r` the rounds' martingale differences are weighted as one sample of size
 :math:`S` would be. :class:`ActiveState` keeps :math:`m_i`, :math:`S_r` and :math:`S`;
 :func:`estimator_weights` returns :math:`w`.
+
+The argument needs every pool point to have a positive probability in every ``"sample"`` round (true
+whenever ``alpha > 0``). With ``alpha = 0`` a point of score 0 (e.g. a zero response-free dual row), or a
+score that rounds to probability 0 beside the largest, can never be drawn: its loss is missing from
+:math:`E_r`, and :math:`\hat L` is biased low by the loss of such points. :func:`active_learning` warns
+when a round has them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -352,7 +359,8 @@ def record(state: ActiveState, chosen: Query) -> ActiveState:
       chosen: a :class:`Query` drawn from the pool of ``state.labelled`` (its indices must be unlabelled).
 
     Returns:
-      The new state; :func:`estimator_weights` of it is unbiased for the full loss (``"sample"`` queries).
+      The new state; :func:`estimator_weights` of it is unbiased for the full loss when every query was
+      ``"sample"`` with every pool point of positive probability (always when ``alpha > 0``).
 
     Raises:
       ValueError: (concrete input) an index out of range or already labelled, e.g. the same query recorded
@@ -391,7 +399,9 @@ def estimator_weights(state: ActiveState) -> Array:
     r"""``(n,)`` weights :math:`w_i = (m_i + S - S_{r(i)})/S` on labelled points, 0 elsewhere.
 
     :math:`\sum_i w_i \ell_i(\theta)` is unbiased for :math:`L(\theta) = \sum_{i=1}^n \ell_i(\theta)` at any
-    fixed :math:`\theta` when every round was a ``"sample"`` query (module docstring).
+    fixed :math:`\theta` when every round was a ``"sample"`` query that gave every pool point a positive
+    probability (always when ``alpha > 0``; a point of probability 0 is never drawn and its loss is
+    missing from the estimate: module docstring).
     """
     s = jnp.maximum(state.draws, 1)
     w = (state.mass + state.draws - state.labelled_at) / s
@@ -411,7 +421,9 @@ class ActiveConfig:
       batch: points queried per round after the seed.
       rounds: query rounds after the seed fit (labels at the end: at most ``seed_size + rounds·batch``).
       strategy: ``"sample"`` or ``"topk"`` (:func:`query`).
-      alpha: uniform mixing weight of every query (:func:`pool_probabilities`).
+      alpha: uniform mixing weight of every query (:func:`pool_probabilities`). With ``alpha = 0`` a
+        pool point of score 0 can never be drawn, and the weights of ``weighted`` miss its loss
+        (:func:`active_learning` warns); ``alpha > 0`` keeps every point reachable.
       replace: sample with replacement (weights ``1/(b p_i)``; a repeated draw is labelled once); only
         with ``strategy="sample"`` (``ValueError`` with ``"topk"``).
       weighted: fit on :func:`estimator_weights` (``True``) or on unit weights. ``"topk"`` always fits
@@ -494,6 +506,22 @@ def _ask(oracle, new: np.ndarray, labels: np.ndarray | None, n: int) -> np.ndarr
     return labels
 
 
+def _warn_unreachable(probs, labelled, r: int) -> None:
+    """Warn when pool points of round ``r`` have probability 0 (as the sampler counts them): the
+    estimator's weights then miss their loss."""
+    pool = ~np.asarray(labelled)
+    zero = int(np.sum(pool & ~np.asarray(priority_reachable(np.asarray(probs))[1])))
+    if zero:
+        warnings.warn(
+            f"round {r}: {zero} of the {int(np.sum(pool))} pool points have probability 0 (a score of 0 "
+            "with alpha=0, or one that rounds to 0 beside the largest) and can never be drawn: the "
+            "estimator weights are unbiased only for the loss of the other points. Use alpha > 0 "
+            "(e.g. ActiveConfig(alpha=0.1)) to keep every point reachable.",
+            UserWarning,
+            stacklevel=4,  # the caller of active_learning (through traced.entry's wrapper)
+        )
+
+
 def _pool_scores(scores_fn, params, xs, n: int) -> Array:
     """``scores_fn(params, xs)``, refused (naming ``scores_fn``) unless one score per point, ``(n,)``."""
     scores = as_probs_vector(scores_fn(params, xs), "scores_fn(params, xs)")
@@ -546,7 +574,7 @@ def active_learning(
         fit_fn = lambda p, x, y, w: nj.fit(apply_fn, p, x, y, w, optimizer=tx, num_steps=300).params
         scores_fn = lambda p, x: nj.label_free_leverage_scores(apply_fn, p, x)
         result = nj.active_learning(key, params0, xs, oracle, fit_fn=fit_fn, scores_fn=scores_fn,
-                                    config=nj.ActiveConfig(seed_size=20, batch=20, rounds=5))
+                                    config=nj.ActiveConfig(seed_size=20, batch=20, rounds=5, alpha=0.1))
 
     Args:
       key: PRNG key (split once per round).
@@ -562,6 +590,11 @@ def active_learning(
 
     Returns:
       :class:`ActiveResult`.
+
+    Warns:
+      UserWarning: (``strategy="sample"``, ``weighted``) a round in which pool points had probability 0
+        (scores of 0 with ``alpha = 0``): they can never be drawn, and the weights are unbiased only for
+        the loss of the other points. Mix with uniform (``alpha > 0``).
     """
     if not isinstance(config, ActiveConfig):
         raise TypeError(f"config must be an ActiveConfig, got {type(config).__name__}.")
@@ -587,6 +620,8 @@ def active_learning(
             scores = _pool_scores(scores_fn, params, xs, n)
             chosen = query(keys[r], scores, state.labelled, config.batch, strategy=config.strategy,
                            alpha=config.alpha, replace=config.replace)  # fmt: skip
+            if config.weighted and config.strategy == "sample":
+                _warn_unreachable(chosen.probs, state.labelled, r)
         new = _new_distinct(chosen.indices, state.labelled)
         labels = _ask(oracle, new, labels, n)
         order = np.concatenate([order, new])

@@ -8,6 +8,7 @@ error is small enough for the bound to catch a bias of a few percent).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -393,6 +394,53 @@ def test_loop_calls_the_oracle_exactly_with_the_queried_indices(strategy, replac
     else:
         np.testing.assert_allclose(res.weights, nj.active.estimator_weights(res.state))
     assert res.num_labels == tuple(np.cumsum([c.size for c in calls]))
+
+
+def test_loop_warns_when_pool_points_can_never_be_drawn():
+    """With alpha = 0 a pool point of score 0 has probability 0: its loss is missing from the weights'
+    estimate (the sum of E[w_i] falls short by the expected weight of such points), and the loop says so
+    once per such round; alpha > 0 and topk (no unbiasedness claimed) stay quiet."""
+    xs, ys, fit_fn, _, params0 = _loop_setup(n=40)
+    dead = np.arange(40) % 4 == 0  # a quarter of the pool scores 0
+    scores_fn = lambda p, x: jnp.where(jnp.asarray(dead), 0.0, 1.0 + jnp.abs(x[:, 0]))
+    oracle = lambda idx: ys[idx]
+    run = lambda **kw: nj.active_learning(
+        jax.random.key(3), params0, xs, oracle, fit_fn=fit_fn, scores_fn=scores_fn,
+        config=nj.ActiveConfig(seed_size=6, batch=5, rounds=2, **kw),
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"round [12]: \d+ of the \d+ pool points have probability 0") as rec:
+        run()
+    said = [str(w.message) for w in rec]
+    assert len(said) == 2 and said[0].startswith("round 1: ") and "of the 34 pool points" in said[0]
+    for kw in ({"alpha": 0.1}, {"strategy": "topk"}, {"weighted": False}):
+        run(**kw)  # warnings are errors in this suite
+
+
+def test_weights_miss_the_loss_of_points_of_probability_zero():
+    """The caveat of estimator_weights' docstring, measured: with alpha = 0 and three pool points of score
+    0, E[w_i] of those points is far below 1 (they are labelled only by the uniform seed); with alpha > 0
+    every E[w_i] is 1 (5 standard errors)."""
+    n, reps = 10, 20_000
+    scores = jnp.asarray([5.0, 1.0, 0.2, 3.0, 0.0, 1.0, 2.0, 0.0, 0.5, 0.0])
+    zero = np.asarray(scores) == 0
+
+    def weights(key, alpha):
+        keys = jax.random.split(key, 3)
+        state = nj.active.init_state(n, jnp.float64)
+        state = nj.active.record(state, nj.query(keys[0], jnp.ones(n), state.labelled, 2))
+        for k in keys[1:]:
+            state = nj.active.record(state, nj.query(k, scores, state.labelled, 2, alpha=alpha))
+        return nj.active.estimator_weights(state)
+
+    for alpha, biased in ((0.0, True), (0.3, False)):
+        draw = jax.jit(jax.vmap(functools.partial(weights, alpha=alpha)))
+        w = np.asarray(draw(jax.random.split(jax.random.key(9), reps)))
+        mean, se = w.mean(axis=0), w.std(axis=0, ddof=1) / math.sqrt(reps)
+        assert np.all(se < 0.02)
+        if biased:  # only the seed round (2 of 10 uniformly) labels them: E[w_i] = 2/10 · 6/6 + ... < 0.6
+            assert np.all(mean[zero] < 0.6) and np.all(np.abs(mean[~zero] - 1) <= 5 * se[~zero])
+        else:
+            assert np.all(np.abs(mean - 1) <= 5 * se)
 
 
 def test_loop_errors():
