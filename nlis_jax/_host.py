@@ -274,11 +274,17 @@ class CheckedSource:
             ) from None
         self.passes += 1
         count = 0
-        for index, item in enumerate(iterator):
-            count += self._check(index, item)
-            if self.count is not None and count > self.count:
-                raise ValueError(self._different(f"more than {self.count} examples (at least {count})"))
-            yield (*item, None) if self.triples else item
+        try:
+            for index, item in enumerate(iterator):
+                count += self._check(index, item)
+                if self.count is not None and count > self.count:
+                    raise ValueError(self._different(f"more than {self.count} examples (at least {count})"))
+                yield (*item, None) if self.triples else item
+        finally:  # a user's generator closed (its finally: files, cursors) when a check here stops the pass,
+            # not when the traceback that still holds this frame goes
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
         if self.count is None:
             self.count = count
         elif count != self.count:
@@ -453,7 +459,8 @@ def _pad(a, size: int):
 def staged(source: Source, chunk: int) -> Iterator:
     """Device copies of the pieces, the next transfer started before the current piece is handed out;
     float64 pieces without jax_enable_x64 are checked before their transfer (:class:`NarrowingCheck`)."""
-    pieces = enumerate(rechunk(source, chunk))
+    chain = rechunk(source, chunk)
+    pieces = enumerate(chain)
     check = NarrowingCheck(source, chunk)
     failed = []  # under jax.distributed: this process's error while reading, told to the others first
 
@@ -475,10 +482,13 @@ def staged(source: Source, chunk: int) -> Iterator:
             failed.append(exc)
             return None
 
-    nxt = advance()
-    while nxt is not None:
-        cur, nxt = nxt, advance()
-        yield cur
+    try:
+        nxt = advance()
+        while nxt is not None:
+            cur, nxt = nxt, advance()
+            yield cur
+    finally:  # the source's generators closed when a check here or the consumer stops the pass
+        chain.close()
     if jax.process_count() > 1:
         raise_if_any_failed(failed)
     check.done()
@@ -562,9 +572,11 @@ def fold(step, carry, source: Source, chunk: int):
     return carry
 
 
-def collect(step, source: Source, chunk: int, out) -> tuple[int, float]:
+def collect(step, source: Source, chunk: int, out, too_many: str | None = None) -> tuple[int, float]:
     """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device);
     ``out`` a host vector, or ``dtype -> vector``, called once with the dtype of the first values.
+    ``too_many``: the ``ValueError`` raised (as :class:`TooManyRows`) when the data hold more rows than
+    ``out`` (default: a later pass that yielded more than the first).
 
     Returns the number of rows written and the sum of their values (in float64, chunk by chunk as they
     are fetched: a memmap ``out`` is not read back)."""
@@ -572,17 +584,22 @@ def collect(step, source: Source, chunk: int, out) -> tuple[int, float]:
     for piece, valid in staged(source, chunk):
         values = step(piece, valid)
         if prev is not None:
-            start, total = _store(out, start, total, *prev)
+            start, total = _store(out, start, total, *prev, too_many)
         elif callable(out):
             out = out(values.dtype)
         prev = (values, valid)
-    return (start, total) if prev is None else _store(out, start, total, *prev)
+    return (start, total) if prev is None else _store(out, start, total, *prev, too_many)
 
 
-def _store(out: np.ndarray, start: int, total: float, values, valid: int) -> tuple[int, float]:
+class TooManyRows(ValueError):
+    """:func:`collect`'s data held more rows than its ``out``."""
+
+
+def _store(out: np.ndarray, start: int, total: float, values, valid: int, too_many=None) -> tuple[int, float]:
     if start + valid > out.shape[0]:  # a chunk source is checked as it is read (CheckedSource)
-        raise ValueError(
-            f"the data yielded more than {out.shape[0]} examples on a later pass: it must repeat its data."
+        raise TooManyRows(
+            too_many
+            or f"the data yielded more than {out.shape[0]} examples on a later pass: it must repeat its data."
         )
     part = np.asarray(values)[:valid]
     if part.size and out.dtype.itemsize < part.dtype.itemsize:  # a float32 out of float64 scores
@@ -1011,13 +1028,10 @@ def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.n
     """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector (of
     ``dtype``; ``None``: of the values' own dtype, allocated when the first chunk's values arrive)."""
     if callable(xs):  # length unknown until the source is exhausted
-        output_vector(out, None, dtype)  # all but its length, before the pass
-        values = _collect_growing(step, source, chunk)
-        if out is None:
-            return values
-        target = output_vector(out, values.shape[0], dtype)
-        target[:] = values
-        return target
+        target = output_vector(out, None, dtype)  # all but its length, before the pass
+        if target is None:
+            return _collect_growing(step, source, chunk)
+        return _collect_counted(step, source, chunk, target)
     n = jax.tree.leaves(xs)[0].shape[0]
     if out is not None or dtype is not None:
         target = output_vector(out, n, dtype)
@@ -1028,16 +1042,43 @@ def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.n
     return made[0] if made else _no_values()
 
 
+def _collect_counted(step, source, chunk: int, out: np.ndarray) -> np.ndarray:
+    """:func:`collect` of a chunk source (length unknown) straight into ``out``, whose length must be the
+    number of rows: more rows stop the pass at once (an endless source too), fewer are named after it.
+    Under ``jax.distributed`` either error is told to the other processes (:func:`raise_if_any_failed`)."""
+    shape = "out must be a writable numpy array (or memmap) of shape"
+    more = f"{shape} (n,), n the chunk source's examples: it yielded more than {out.shape[0]}."
+    failed = []
+    try:
+        rows, _ = collect(step, source, chunk, out, more)
+        if rows != out.shape[0]:
+            failed.append(ValueError(f"{shape} ({rows},), got shape {out.shape}."))
+    except TooManyRows as exc:  # mid-pass: the others end theirs and meet this exchange in staged's
+        failed.append(exc)
+    if jax.process_count() > 1:
+        raise_if_any_failed(failed, "checking the length of out")
+    elif failed:
+        raise failed[0]
+    return out
+
+
 def _collect_growing(step, source, chunk) -> np.ndarray:
-    """:func:`collect` for a chunk source of unknown length: pieces gathered, then concatenated."""
-    parts = []
+    """:func:`collect` for a chunk source of unknown length: each piece's values fetched to the host one
+    chunk behind the device (at most two steps in flight: the source is read as the device goes, not
+    ahead of it), then concatenated."""
+    parts, prev = [], None
     for piece, valid in staged(source, chunk):
-        parts.append((step(piece, valid), valid))
+        values = step(piece, valid)
+        if prev is not None:
+            parts.append(np.asarray(prev[0])[: prev[1]])
+        prev = (values, valid)
+    if prev is not None:
+        parts.append(np.asarray(prev[0])[: prev[1]])
     if not parts:
         if jax.process_count() == 1:  # several: the exchange of rows after the pass names the empty source
             raise ValueError("the chunk source yielded no examples.")
         return _no_values()
-    return np.concatenate([np.asarray(v)[:c] for v, c in parts])
+    return np.concatenate(parts)
 
 
 def _no_values() -> np.ndarray:
@@ -1268,9 +1309,13 @@ def host_losses(
 
     if per_example:  # in the losses' own dtype, as on the device (the model output's, not the params')
         values = per_example_values(one, source, chunk, xs, None, None)
-    else:
-        for piece, valid in staged(source, chunk):
+    else:  # at most two steps in flight, as fold paces them: the source is read as the device goes
+
+        def add(_, piece, valid):
             one(piece, valid)
+            return state["carry"]
+
+        fold(add, None, source, chunk)
     n = int(across_processes(jnp.asarray(state["rows"]), lambda a: a.sum(0)))  # all processes' examples
     if not n:
         raise ValueError("the chunk source yielded no examples.")  # as per_example_values says

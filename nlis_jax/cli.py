@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -33,6 +34,21 @@ from nlis_jax.experiments.configs import CONFIGS, METHODS, OPTIMIZERS, TAILS_MIN
 EXIT_USAGE = 2
 #: Exit code after Ctrl-C (128 + SIGINT, the shell's convention).
 EXIT_INTERRUPTED = 130
+#: Exit code after SIGTERM (128 + SIGTERM: ``kill``, ``timeout``, a job scheduler).
+EXIT_TERMINATED = 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM taken as an interrupt by the console script: the commands' cleanup runs (``score --out``'s
+    temporary file removed, a study's finished cells written) as after Ctrl-C; the exit code is 143."""
+
+    received = False  # set by the handler: a study turns the interrupt into its own, results attached
+
+
+def _on_sigterm(signum, frame):
+    _Terminated.received = True
+    raise _Terminated()
+
 
 _EPILOG = """\
 examples:
@@ -807,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     a test), it leaves jax's :data:`JAX_SETTINGS` as it found them, whichever way the command ends; while
     it runs they are process-wide (jax's global config: ``run`` turns on ``jax_enable_x64``), so other
     threads of the process see them too: run it alone, or in a subprocess."""
+    if argv is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the console, not a caller's
+        signal.signal(signal.SIGTERM, _on_sigterm)  # process (default: killed without any cleanup)
     try:
         return _main(argv)
     except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
@@ -842,17 +860,20 @@ def _main(argv: list[str] | None) -> int:
         with _restoring_jax_settings():  # every command imports jax; parsing and usage errors do not
             code = _dispatch(parser, args, argv, outliers)
     except KeyboardInterrupt:
-        print(f"nlis-jax {args.command}: interrupted.", file=sys.stderr)
+        said = "terminated" if _Terminated.received else "interrupted"
+        print(f"nlis-jax {args.command}: {said}.", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except _data_errors() as exc:
         print(f"nlis-jax {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if code == EXIT_INTERRUPTED and from_console:
+    if code == EXIT_INTERRUPTED and _Terminated.received:
+        code = EXIT_TERMINATED
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) and from_console:
         # results are written: skip the interpreter teardown, which can race XLA's compiler threads
         # still running after a Ctrl-C during compilation
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(code)
     return code
 
 
