@@ -480,7 +480,9 @@ def adjoint(
         inside ``nlis_jax.traced_checks()`` (fixed rule only: ``checkify`` cannot transform the adaptive
         rule's batched ``while_loop``; pass ``num_nodes`` there).
     """
-    check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
+    num_nodes, chunk_size, max_panels = check_path_args(
+        num_nodes, mode, chunk_size, rtol, max_panels, return_info
+    )
     shape = check_model(apply_fn, params, xs)
     check_fits_in_memory("the adjoints F*", (shape.n, *shape.out_shape, shape.p), shape.dtype, DENSE_HINT)
     if num_nodes is None:
@@ -536,17 +538,21 @@ def count_bad_examples(a: Array) -> Array:
 
 def check_path_args(
     num_nodes, mode, chunk_size, rtol=None, max_panels=MAX_PANELS, return_info=False, inputs=None
-) -> None:
+) -> tuple[int | None, int | None, int]:
     """Validate the quadrature/mode/chunk arguments shared by the path-based functions; with ``inputs``
     (the arrays a function runs its own jitted programs on) and the adaptive rule, refuse reverse-mode
     differentiation here, where its tracers can still be seen (inside those programs they cannot, and
-    jax's error about ``lax.while_loop`` came instead)."""
+    jax's error about ``lax.while_loop`` came instead).
+
+    Returns ``(num_nodes, chunk_size, max_panels)`` as Python ints (or ``None``): they are static
+    arguments of jitted programs, where ``8`` and ``np.int64(8)`` are different keys (a second compile)."""
     check_choice("mode", mode, MODES)
     if num_nodes is not None:
-        check_num_nodes(num_nodes)
+        num_nodes = check_num_nodes(num_nodes)
     if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
-    if check_positive_int("max_panels", max_panels) < 3:  # the first bisection always runs: 1 + 2 panels
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+    max_panels = check_positive_int("max_panels", max_panels)
+    if max_panels < 3:  # the first bisection always runs: 1 + 2 panels
         raise ValueError(
             f"max_panels must be at least 3 (one panel and its first bisection), got {max_panels}."
         )
@@ -565,6 +571,7 @@ def check_path_args(
         )
     if num_nodes is None and inputs is not None:
         check_not_reverse_mode(jax.tree.leaves(inputs))
+    return num_nodes, chunk_size, max_panels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,7 +97,9 @@ def dual_matrix(
     CPU (XLA flushes them): a feature of ``xs`` whose values are all subnormal gives a zero column of
     ``F*`` (one rank fewer). ``ys`` is checked for this; rescale such features before scoring.
     """
-    check_path_args(num_nodes, mode, chunk_size, rtol, max_panels, return_info)
+    num_nodes, chunk_size, max_panels = check_path_args(
+        num_nodes, mode, chunk_size, rtol, max_panels, return_info
+    )
     shape = check_model(apply_fn, params, xs, ys)
     F_shape = (shape.n, *shape.out_shape, shape.p + 1)
     check_fits_in_memory("the dual matrix F̃", F_shape, shape.dtype, DENSE_HINT)

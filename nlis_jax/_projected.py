@@ -217,12 +217,14 @@ def _khatri_rao_rows(key, fac, model, params, xs, ys, dim, chunk, nodes):
     return _map_strided(one_chunk, xs, ys, n, chunk, dtype)
 
 
-def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> None:
-    check_positive_int("dim", dim)
+def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> tuple[int, int | None, int]:
+    """The embedding's options checked; ``(dim, chunk_size, sparsity)`` as Python ints (static
+    arguments: a numpy integer would compile a second program)."""
+    dim = check_positive_int("dim", dim)
     if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+        chunk_size = check_positive_int("chunk_size", chunk_size)
     check_choice("embedding", embedding, EMBEDDINGS)
-    check_positive_int("sparsity", sparsity)
+    sparsity = check_positive_int("sparsity", sparsity)
     if embedding == "khatri_rao" and (num_nodes is None or mode == "forward"):
         raise ValueError(
             "embedding='khatri_rao' needs a fixed num_nodes and reverse mode (per-example vjps), got "
@@ -235,6 +237,7 @@ def _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode) -> N
         )
     if embedding in ("sparse", "auto") and dim % sparsity:
         raise ValueError(f"dim={dim} must be a multiple of sparsity={sparsity} (equal-size hash blocks).")
+    return dim, chunk_size, sparsity
 
 
 def _check_ridge(ridge) -> float:
@@ -304,8 +307,8 @@ def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, m
     """:func:`projected_dual_matrix` checked and computed, in float32 for half-precision models."""
     check_key("key", key)
     _check_not_blocks(xs, ys)
-    check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
-    _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
+    num_nodes, *_ = check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
+    dim, chunk_size, sparsity = _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
     check_model(apply_fn, params, xs, ys)
     kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
     Y = _projected_jit(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)

@@ -204,13 +204,14 @@ def streaming_leverage_scores(
         that receives the probabilities (this process's block under ``jax.distributed``) and is
         returned, so the scores need no anonymous memory; with ``return_info`` the
         :class:`nlis_jax.Leverage` then holds ``out`` as ``probs`` and ``None`` as ``leverage``.
+        When the call raises, ``out`` may hold part of the work (raw leverage, unnormalised norms).
 
     Returns:
       ``(n,)`` probabilities summing to 1, or a :class:`nlis_jax.Leverage`.
     """
-    check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
+    num_nodes, *_ = check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
     chunk_size = stream_chunk_size(params) if chunk_size is None else chunk_size
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
     check_bool("return_info", return_info)
@@ -311,9 +312,9 @@ def streaming_norm_scores(
     Returns:
       ``(n,)`` probabilities summing to 1 in the dtype of ``params`` (``out`` when given).
     """
-    check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
+    num_nodes, *_ = check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
     chunk_size = stream_chunk_size(params) if chunk_size is None else chunk_size
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     if is_host_data(xs, (params, ys)):
         kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, out=out)
         probs = host_norm_scores(apply_fn, params, xs, ys, **kwargs)

@@ -93,6 +93,40 @@ def test_dual_operator_no_recompile():
     assert counts[COMPILE_EVENT] == 0 and dict(traces) == before
 
 
+_INT_OPTIONS = {
+    "adjoint num_nodes": lambda f, p, x, y, v: nj.adjoint(f, p, x, num_nodes=v),
+    "adjoint chunk_size": lambda f, p, x, y, v: nj.adjoint(f, p, x, num_nodes=4, chunk_size=v),
+    "dual_matrix num_nodes": lambda f, p, x, y, v: nj.dual_matrix(f, p, x, y, num_nodes=v),
+    "streaming_leverage_scores num_nodes": lambda f, p, x, y, v: nj.streaming_leverage_scores(
+        f, p, x, y, num_nodes=v, chunk_size=12
+    ),
+    "streaming_leverage_scores chunk_size": lambda f, p, x, y, v: nj.streaming_leverage_scores(
+        f, p, x, y, num_nodes=4, chunk_size=v
+    ),
+    "streaming_norm_scores host": lambda f, p, x, y, v: nj.streaming_norm_scores(
+        f, p, np.asarray(x), np.asarray(y), num_nodes=v, chunk_size=v
+    ),
+    "projected_leverage_scores dim": lambda f, p, x, y, v: nj.projected_leverage_scores(
+        jax.random.key(0), f, p, x, y, dim=2 * v, num_nodes=4
+    ),
+    "label_free_leverage_scores num_nodes": lambda f, p, x, y, v: nj.label_free_leverage_scores(
+        f, p, x, num_nodes=v
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(_INT_OPTIONS), ids=list(_INT_OPTIONS))
+def test_numpy_integer_options_reuse_the_compiled_program(call):
+    """Integer options that are static arguments of the library's jits (``num_nodes``, ``chunk_size``,
+    ``dim``) were passed on as given: jax keys ``8`` and ``np.int64(8)`` apart, so a sweep over
+    ``np.arange`` values compiled every program a second time. They are taken as Python ints."""
+    apply_fn, _ = _make_model()
+    params, xs, ys = _data(0)
+    fn = functools.partial(_INT_OPTIONS[call], apply_fn, params, xs, ys)
+    _second_call_is_free(fn, (6,), (np.int64(6),))
+    _second_call_is_free(fn, (np.int32(6),), (6,), expect_first_compile=False)
+
+
 def test_sample_and_distortion_no_recompile():
     rng = np.random.default_rng(0)
     F1, F2 = (jnp.asarray(rng.standard_normal((N, 4))) for _ in range(2))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import COMPILE_EVENT, count_events
 
 import nlis_jax as nj
 from nlis_jax import cli
@@ -514,4 +515,47 @@ def test_score_params_beyond_the_data_dtype(tmp_path, capsys):
     # a theta within float32's range scores
     np.savez(tmp_path / "ok.npz", theta=np.array([0.5, -0.25, 0.125]))
     assert cli.main(["score", "--x", x32, "--params", str(tmp_path / "ok.npz"), "--out", out]) == 0
+    capsys.readouterr()
+
+
+def test_score_terminated_by_sigterm_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (``kill``, ``timeout``, a scheduler) killed ``nlis-jax score`` without cleanup: the hidden
+    temporary ``.npy`` of n zeros stayed beside ``--out`` at every kill. The console script now takes it
+    as Ctrl-C: the file removed, "terminated." said, exit code 143 (128 + SIGTERM). The signal is sent
+    from inside the scoring call, after the temporary file exists."""
+    _files(tmp_path)
+    script = (
+        "import os, signal, sys\n"
+        "import nlis_jax as nj\n"
+        "from nlis_jax import cli\n"
+        "def scores(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    for _ in range(10 ** 8):\n"
+        "        pass\n"
+        "nj.streaming_leverage_scores = scores\n"
+        f"sys.argv = ['nlis-jax', 'score', '--x', {str(tmp_path / 'x.npy')!r}, '--out', "
+        f"{str(tmp_path / 's.npy')!r}]\n"
+        "sys.exit(cli.main())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(nj.__file__).resolve().parents[1]))
+    argv = [sys.executable, "-c", script]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert "nlis-jax score: terminated." in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "y.npy"]
+
+
+@pytest.mark.parametrize("model", ["single-index", "mlp"])
+def test_score_run_again_in_process_compiles_nothing(tmp_path, capsys, model):
+    """``cli.main`` called in a loop (a notebook, a sweep) built a new model function every run: the model
+    is a static argument of the library's programs, so every run compiled them all again and jax's caches
+    kept each copy (+15 MiB and ~5 s a run). The models are built once (``nets`` caches them)."""
+    _files(tmp_path)
+    args = ["score", "--x", str(tmp_path / "x.npy"), "--model", model, "--out", str(tmp_path / "s.npy")]
+    assert cli.main(args) == 0
+    first = np.load(tmp_path / "s.npy")
+    with count_events() as again:
+        assert cli.main(args) == 0
+    assert again[COMPILE_EVENT] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), first)
     capsys.readouterr()
