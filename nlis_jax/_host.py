@@ -280,11 +280,13 @@ class CheckedSource:
                 if self.count is not None and count > self.count:
                     raise ValueError(self._different(f"more than {self.count} examples (at least {count})"))
                 yield (*item, None) if self.triples else item
-        finally:  # a user's generator closed (its finally: files, cursors) when a check here stops the pass,
-            # not when the traceback that still holds this frame goes
+        except BaseException:  # a check here or the consumer stopped the pass: the user's generator closed
+            # now (its finally: files, cursors), not when the traceback that still holds this frame goes;
+            # an iterator the pass exhausted is left as it is
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+            raise
         if self.count is None:
             self.count = count
         elif count != self.count:
