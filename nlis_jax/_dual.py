@@ -24,11 +24,11 @@ from nlis_jax._adjoint import (
     check_path_args,
     count_bad_examples,
     flat_adjoint,
+    flat_origin,
     flatten_model,
     in_float32,
     model_outputs,
     nonfinite_adjoint,
-    origin,
 )
 from nlis_jax._checks import (
     check_finite,
@@ -44,7 +44,7 @@ from nlis_jax.quadrature import check_num_nodes, gauss_legendre
 
 def _offset_column(model, xs, ys) -> Array:
     """``f(0; x_i) − y_i`` (or ``f(0; x_i)`` without a response): shape ``(n,) + out_shape``."""
-    f0 = model_outputs(model, xs, origin(model.theta))
+    f0 = model_outputs(model, xs, flat_origin(model))
     if ys is None:
         return f0
     return f0 - jnp.asarray(ys).astype(f0.dtype)
