@@ -678,19 +678,21 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:,.1f} GiB"
 
 
-def check_fits_in_memory(what: str, shape: tuple, dtype, hint: str) -> None:
+def check_fits_in_memory(what: str, shape: tuple, dtype, hint: str, copies: int = 1, why: str = "") -> None:
     """``MemoryError`` naming ``what`` when an array of ``shape`` and ``dtype`` (its share in this
-    process, under ``jax.distributed``) exceeds :func:`available_memory`: jax's own failure to allocate
-    it was a raw ``RESOURCE_EXHAUSTED`` error, an out-of-memory kill, or a hang (a jitted program whose
-    output cannot be allocated, then a scalar read of its result, never returned). Skipped under a trace
-    (XLA may never form the array there) and when the memory is unknown."""
+    process, under ``jax.distributed``), or ``copies`` such arrays (``why`` says what they are), exceeds
+    :func:`available_memory`: jax's own failure to allocate it was a raw ``RESOURCE_EXHAUSTED`` error, an
+    out-of-memory kill, or a hang (a jitted program whose output cannot be allocated, then a scalar read
+    of its result, never returned). Skipped under a trace (XLA may never form the array there) and when
+    the memory is unknown."""
     if under_trace():
         return
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize / jax.process_count()
+    nbytes = copies * math.prod(shape) * np.dtype(dtype).itemsize / jax.process_count()
     found = available_memory()
     if found is None or nbytes <= found[0]:
         return
+    many = f" with {why} ({copies} arrays of that shape in all)" if copies > 1 else ""
     raise MemoryError(
-        f"{what} of shape {tuple(shape)} ({np.dtype(dtype).name}) would take {_gib(nbytes)}, more than the "
-        f"{_gib(found[0])} available {found[1]}; {hint}"
+        f"{what} of shape {tuple(shape)} ({np.dtype(dtype).name}){many} would take {_gib(nbytes)}, more than "
+        f"the {_gib(found[0])} available {found[1]}; {hint}"
     )

@@ -138,10 +138,20 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     return h, transform.rank, transform.route, *finite, lost
 
 
-def _check_gram_fits(params) -> None:
-    """``MemoryError`` before any work when the ``(p+1) × (p+1)`` Gram matrix of the streamed scores
-    cannot be held (p = 804,865: 5 TB in float64; it was XLA's raw RESOURCE_EXHAUSTED after the
-    compilation)."""
+#: ``(p+1) × (p+1)`` arrays the streamed leverage scores hold at their peak, the Gram matrix and the
+#: workspace of its factorisations: XLA's buffer plan of the device program (``_streaming_jit``,
+#: ``compile().memory_analysis()``) reserves 19–21 of them in float32 and float64, on every route, at
+#: p+1 = 642 to 21,250 (the Gram matrix alone let p+1 = 21,250 in float32 pass against 21.9 GiB free,
+#: then XLA asked for 37.9 GB: RESOURCE_EXHAUSTED); host data (the factorisations run as separate
+#: programs) grew the process's anonymous memory by 9–12 Gram matrices at p+1 = 4,226 and 8,322.
+GRAM_COPIES = {"device": 21, "host": 12}
+
+
+def _check_gram_fits(params, where: str) -> None:
+    """``MemoryError`` before any work when the ``(p+1) × (p+1)`` Gram matrix of the streamed scores and
+    its factorisations' workspace (:data:`GRAM_COPIES`, ``where`` ``"device"`` or ``"host"``) cannot be
+    held (p = 804,865: 5 TB in float64 for the Gram matrix alone; it was XLA's raw RESOURCE_EXHAUSTED
+    after the compilation)."""
     check_native("params", params)
     leaves = jax.tree.leaves(params)
     if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves):
@@ -153,7 +163,9 @@ def _check_gram_fits(params) -> None:
         "params, xs, ys, dim=...) (memory O(chunk·p + n·dim + dim²); ys=None for label-free scores), or "
         "use nj.streaming_norm_scores (no Gram matrix)."
     )
-    check_fits_in_memory(f"the Gram matrix of the streamed scores (p = {p:,})", (p + 1, p + 1), dtype, hint)
+    what = f"the Gram matrix of the streamed scores (p = {p:,})"
+    why = "the workspace of its factorisations"
+    check_fits_in_memory(what, (p + 1, p + 1), dtype, hint, GRAM_COPIES[where], why)
 
 
 @traced.entry
@@ -215,8 +227,9 @@ def streaming_leverage_scores(
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
     check_bool("return_info", return_info)
-    _check_gram_fits(params)
-    if is_host_data(xs, (params, ys)):  # before check_model, which would read a memmap whole
+    host = is_host_data(xs, (params, ys))
+    _check_gram_fits(params, "host" if host else "device")
+    if host:  # before check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)
     if out is not None:

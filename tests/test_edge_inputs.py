@@ -756,15 +756,18 @@ def test_results_that_cannot_fit_in_memory_are_named_before_any_work(monkeypatch
     xs, ys = np.ones((1_000_000, 1), np.float32), np.zeros(1_000_000, np.float32)
     monkeypatch.setattr(_checks, "available_memory", lambda: (64 * 2**30, "in this process's memory"))
     dense = r"\(1000000, 200001\) \(float32\) would take 745.1 GiB, more than the 64.0 GiB .*nj.projected_lev"
-    gram = r"Gram matrix of the streamed scores \(p = 200,000\) of shape \(200001, 200001\) .* 149.0 GiB"
+    gram = r"Gram matrix of the streamed scores \(p = 200,000\) of shape \(200001, 200001\) \(float32\) with "
+    gram += r"the workspace of its factorisations \({} arrays of that shape in all\) would take {} GiB"
+    host_gram, device_gram = gram.format(12, "1,788.2"), gram.format(21, "3,129.3")
+    on_device = (jnp.asarray(xs[:8]), jnp.asarray(ys[:8]))
     for call, message in (
         (lambda: nj.dual_matrix(f, params, xs, ys, num_nodes=4), "the dual matrix F̃ of shape " + dense),
         (lambda: nj.dual_matrix(f, params, xs, ys), "the dual matrix F̃ of shape " + dense),
         (lambda: nj.adjoint(f, params, xs), r"the adjoints F\* of shape \(1000000, 200000\)"),
         (lambda: nj.label_free_leverage_scores(f, params, xs), "the dual matrix F̃ of shape"),
-        (lambda: nj.streaming_leverage_scores(f, params, xs, ys), gram),
-        (lambda: nj.streaming_leverage_scores(f, params, jnp.asarray(xs[:8]), jnp.asarray(ys[:8])), gram),
-        (lambda: nj.label_free_leverage_scores(f, params, xs, chunk_size=1000), gram),
+        (lambda: nj.streaming_leverage_scores(f, params, xs, ys), host_gram),
+        (lambda: nj.streaming_leverage_scores(f, params, *on_device), device_gram),
+        (lambda: nj.label_free_leverage_scores(f, params, xs, chunk_size=1000), host_gram),
     ):
         with pytest.raises(MemoryError, match=message):
             call()
@@ -776,6 +779,28 @@ def test_results_that_cannot_fit_in_memory_are_named_before_any_work(monkeypatch
     )
     with pytest.raises(MemoryError, match="more than the 0.0 GiB available"):
         nj.dual_matrix(f, params, xs[:8], ys[:8], num_nodes=2)
+
+
+@pytest.mark.parametrize("where, copies", [("host", 12), ("device", 21)])
+def test_streamed_gram_budgets_its_factorisations(monkeypatch, where, copies):
+    """The streamed scores' memory check counted the Gram matrix once, but the device program reserves
+    about 21 matrices of its shape (XLA's buffer plan: every route's factorisation) and host data grew
+    memory by 9–12: at p+1 = 21,250 in float32 the check passed against 21.9 GiB and XLA then asked for
+    37.9 GB. Now the budget is that many Gram matrices, and exactly that many fit."""
+    from nlis_jax import _checks
+
+    rng = np.random.default_rng(3)
+    params, xs, ys = rng.standard_normal(40), rng.standard_normal((60, 40)), rng.standard_normal(60)
+    gram = (params.size + 1) ** 2 * params.dtype.itemsize
+    if where == "device":
+        xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    model = lambda theta, x: jnp.tanh(x @ theta)
+    monkeypatch.setattr(_checks, "available_memory", lambda: (copies * gram - 1, "in this process's memory"))
+    with pytest.raises(MemoryError, match=rf"\({copies} arrays of that shape in all\)"):
+        nj.streaming_leverage_scores(model, params, xs, ys, num_nodes=4)
+    monkeypatch.setattr(_checks, "available_memory", lambda: (copies * gram, "in this process's memory"))
+    probs = nj.streaming_leverage_scores(model, params, xs, ys, num_nodes=4)
+    np.testing.assert_allclose(float(np.sum(probs)), 1.0, rtol=1e-12)
 
 
 def test_available_memory_is_read_from_the_system():
