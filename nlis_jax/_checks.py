@@ -678,16 +678,19 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:,.1f} GiB"
 
 
-def check_fits_in_memory(what: str, shape: tuple, dtype, hint: str, copies: int = 1, why: str = "") -> None:
+def check_fits_in_memory(
+    what: str, shape: tuple, dtype, hint: str, copies: int = 1, why: str = "", whole: bool = False
+) -> None:
     """``MemoryError`` naming ``what`` when an array of ``shape`` and ``dtype`` (its share in this
-    process, under ``jax.distributed``), or ``copies`` such arrays (``why`` says what they are), exceeds
+    process under ``jax.distributed``, or all of it with ``whole``: a matrix every process holds), or
+    ``copies`` such arrays (``why`` says what they are), exceeds
     :func:`available_memory`: jax's own failure to allocate it was a raw ``RESOURCE_EXHAUSTED`` error, an
     out-of-memory kill, or a hang (a jitted program whose output cannot be allocated, then a scalar read
     of its result, never returned). Skipped under a trace (XLA may never form the array there) and when
     the memory is unknown."""
     if under_trace():
         return
-    nbytes = copies * math.prod(shape) * np.dtype(dtype).itemsize / jax.process_count()
+    nbytes = copies * math.prod(shape) * np.dtype(dtype).itemsize / (1 if whole else jax.process_count())
     found = available_memory()
     if found is None or nbytes <= found[0]:
         return

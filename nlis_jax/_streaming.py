@@ -165,7 +165,8 @@ def _check_gram_fits(params, where: str) -> None:
     )
     what = f"the Gram matrix of the streamed scores (p = {p:,})"
     why = "the workspace of its factorisations"
-    check_fits_in_memory(what, (p + 1, p + 1), dtype, hint, GRAM_COPIES[where], why)
+    check_fits_in_memory(what, (p + 1, p + 1), dtype, hint, GRAM_COPIES[where], why, whole=True)  # each
+    # process holds the Gram matrix and factorises it
 
 
 @traced.entry
