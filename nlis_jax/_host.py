@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 
 import jax
@@ -283,9 +284,8 @@ class CheckedSource:
         except BaseException:  # a check here or the consumer stopped the pass: the user's generator closed
             # now (its finally: files, cursors), not when the traceback that still holds this frame goes;
             # an iterator the pass exhausted is left as it is
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            if inspect.isgenerator(iterator):  # not a reusable iterator object (a reader, a cursor)
+                iterator.close()
             raise
         if self.count is None:
             self.count = count
@@ -577,7 +577,7 @@ def fold(step, carry, source: Source, chunk: int):
 def collect(step, source: Source, chunk: int, out, too_many: str | None = None) -> tuple[int, float]:
     """``out[rows] = step(piece, valid)[:valid]`` chunk by chunk (fetched one chunk behind the device);
     ``out`` a host vector, or ``dtype -> vector``, called once with the dtype of the first values.
-    ``too_many``: the ``ValueError`` raised (as :class:`TooManyRows`) when the data hold more rows than
+    ``too_many``: the ``ValueError`` raised (as :class:`OutRefused`) when the data hold more rows than
     ``out`` (default: a later pass that yielded more than the first).
 
     Returns the number of rows written and the sum of their values (in float64, chunk by chunk as they
@@ -593,13 +593,14 @@ def collect(step, source: Source, chunk: int, out, too_many: str | None = None) 
     return (start, total) if prev is None else _store(out, start, total, *prev, too_many)
 
 
-class TooManyRows(ValueError):
-    """:func:`collect`'s data held more rows than its ``out``."""
+class OutRefused(ValueError):
+    """:func:`collect`'s ``out`` cannot take a chunk's values: more rows than it holds, or values beyond
+    its dtype's range (raised mid-pass, on one process: see :func:`collect_shared`)."""
 
 
 def _store(out: np.ndarray, start: int, total: float, values, valid: int, too_many=None) -> tuple[int, float]:
     if start + valid > out.shape[0]:  # a chunk source is checked as it is read (CheckedSource)
-        raise TooManyRows(
+        raise OutRefused(
             too_many
             or f"the data yielded more than {out.shape[0]} examples on a later pass: it must repeat its data."
         )
@@ -607,7 +608,7 @@ def _store(out: np.ndarray, start: int, total: float, values, valid: int, too_ma
     if part.size and out.dtype.itemsize < part.dtype.itemsize:  # a float32 out of float64 scores
         peak = float(np.max(np.abs(part)))
         if peak > float(np.finfo(out.dtype).max):
-            raise ValueError(
+            raise OutRefused(
                 f"the scores reach {peak:.4g}, beyond the range of out's dtype {out.dtype}; pass an out of "
                 f"dtype {part.dtype}."
             )
@@ -1037,30 +1038,42 @@ def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.n
     n = jax.tree.leaves(xs)[0].shape[0]
     if out is not None or dtype is not None:
         target = output_vector(out, n, dtype)
-        collect(step, source, chunk, target)
+        collect_shared(step, source, chunk, target)
         return target
     made = []
     collect(step, source, chunk, lambda values_dtype: made.append(np.empty((n,), values_dtype)) or made[0])
     return made[0] if made else _no_values()
 
 
-def _collect_counted(step, source, chunk: int, out: np.ndarray) -> np.ndarray:
-    """:func:`collect` of a chunk source (length unknown) straight into ``out``, whose length must be the
-    number of rows: more rows stop the pass at once (an endless source too), fewer are named after it.
-    Under ``jax.distributed`` either error is told to the other processes (:func:`raise_if_any_failed`)."""
-    shape = "out must be a writable numpy array (or memmap) of shape"
-    more = f"{shape} (n,), n the chunk source's examples: it yielded more than {out.shape[0]}."
+def collect_shared(step, source, chunk: int, out: np.ndarray, too_many: str | None = None, rows=None) -> None:
+    """:func:`collect` into ``out``, its refusals (:class:`OutRefused`: more rows than ``out`` holds, values
+    beyond its dtype) and, with ``rows``, a count other than ``len(out)`` (``rows(count)`` the error)
+    raised on every process under ``jax.distributed`` (:func:`raise_if_any_failed`): one process raising
+    mid-pass alone left the others waiting in the exchange at the end of ``staged``'s pass, which this
+    exchange meets."""
     failed = []
     try:
-        rows, _ = collect(step, source, chunk, out, more)
-        if rows != out.shape[0]:
-            failed.append(ValueError(f"{shape} ({rows},), got shape {out.shape}."))
-    except TooManyRows as exc:  # mid-pass: the others end theirs and meet this exchange in staged's
+        count, _ = collect(step, source, chunk, out, too_many)
+        if rows is not None and count != out.shape[0]:
+            failed.append(rows(count))
+    except OutRefused as exc:
         failed.append(exc)
     if jax.process_count() > 1:
-        raise_if_any_failed(failed, "checking the length of out")
+        raise_if_any_failed(failed, "writing their out")
     elif failed:
         raise failed[0]
+
+
+def _collect_counted(step, source, chunk: int, out: np.ndarray) -> np.ndarray:
+    """:func:`collect` of a chunk source (length unknown) straight into ``out``, whose length must be the
+    number of rows: more rows stop the pass at once (an endless source too), fewer are named after it."""
+    shape = "out must be a writable numpy array (or memmap) of shape"
+    more = f"{shape} (n,), n the chunk source's examples: it yielded more than {out.shape[0]}."
+
+    def fewer(count):
+        return ValueError(f"{shape} ({count},), got shape {out.shape}.")
+
+    collect_shared(step, source, chunk, out, more, fewer)
     return out
 
 

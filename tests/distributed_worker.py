@@ -357,6 +357,31 @@ def _checks(glob, params) -> dict:
             )
         ),
         **_narrowing_checks(rows),
+        **_out_checks(rows),
+    }
+
+
+def _out_checks(rows) -> dict:
+    """Norm scores of a chunk source written into ``out`` (float32, a linear model in float64): on process 1
+    only, an ``out`` one row short, or a chunk whose norms pass float32's range once scaled by the first
+    chunk's (it raised there mid-pass, and process 0 waited in the pass's exchange); the same with its
+    block given as an array."""
+    xs, ys = _data()["xs"][rows].copy(), _data()["ys"][rows]
+    one = jax.process_index() == 1
+    huge = xs.copy()
+    huge[8:] *= 1e45 if one else 1.0
+    linear = lambda theta, x: x @ theta  # noqa: E731
+    theta = np.linspace(-0.5, 0.5, D)
+
+    def scores(x, n, source=True):
+        data = (lambda: iter([(x[:8], ys[:8]), (x[8:], ys[8:])])) if source else x
+        out = np.zeros(n, np.float32)
+        return nj.streaming_norm_scores(linear, theta, data, None if source else ys, out=out, chunk_size=8)
+
+    return {
+        "out_short_on_one_process": _expect_error(lambda: scores(xs, len(ys) - one)),
+        "out_range_on_one_process": _expect_error(lambda: scores(huge, len(ys))),
+        "out_range_block_on_one_process": _expect_error(lambda: scores(huge, len(ys), source=False)),
     }
 
 

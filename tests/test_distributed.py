@@ -180,6 +180,16 @@ def test_input_checks_fire_on_global_arrays(reports):
         )
         assert tiny in checks["narrow_shard_rows"], checks
         assert "1 finite value(s) beyond float32's range" in checks["huge_shard_rows"], checks
+        # an out= that refuses a chunk's values on process 1 only (one row short, or beyond float32):
+        # raised there mid-pass, while process 0 waited in the pass's exchange without end
+        told = "ValueError: under jax.distributed, process(es) [1] failed writing their out"
+        own = {
+            "out_short_on_one_process": "OutRefused: out must be a writable numpy array",
+            "out_range_on_one_process": "OutRefused: the scores reach",
+            "out_range_block_on_one_process": "OutRefused: the scores reach",
+        }
+        for name, message in own.items():
+            assert checks[name].startswith(message if r["process"] == 1 else told), checks
 
 
 def test_launcher_stops_all_when_one_fails(tmp_path):

@@ -675,3 +675,37 @@ def test_chunk_source_closed_when_a_check_stops_the_pass(x64):
     with jax.enable_x64(x64), pytest.raises(ValueError, match="chunk 2|beyond float32's range") as caught:
         nj.streaming_leverage_scores(apply_fn, {k: np.float32(v) for k, v in params.items()}, source, **KW)
     assert caught.value is not None and state["open"] == 0
+
+
+def test_a_reusable_iterator_source_is_not_closed():
+    """Only a generator is closed when a check stops the pass: an iterator object the source returns each
+    time (a reader rewound per pass, with a ``close`` of its own) stays usable for the next call."""
+    params, xs, ys = _setup()
+
+    class Reader:
+        closed, wide = False, True  # its first read has a chunk of another width (a file being written)
+
+        def rewind(self):
+            self.at = 0
+            return self
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.at >= N:
+                raise StopIteration
+            self.at += 4
+            x = xs[self.at - 4 : self.at]
+            return (np.hstack([x, x]) if self.wide and self.at == 8 else x), ys[self.at - 4 : self.at]
+
+        def close(self):
+            self.closed = True
+
+    reader = Reader()
+    with pytest.raises(ValueError, match="x_chunk of chunk 1"):
+        nj.streaming_norm_scores(apply_fn, params, reader.rewind, out=np.zeros(N), **KW)
+    assert not reader.closed
+    reader.wide = False
+    out = nj.streaming_norm_scores(apply_fn, params, reader.rewind, out=np.zeros(N), **KW)
+    np.testing.assert_allclose(out, _dense(params, xs, ys)[1], rtol=1e-10, atol=1e-12)
