@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -823,15 +824,37 @@ def main(argv: list[str] | None = None) -> int:
     a test), it leaves jax's :data:`JAX_SETTINGS` as it found them, whichever way the command ends; while
     it runs they are process-wide (jax's global config: ``run`` turns on ``jax_enable_x64``), so other
     threads of the process see them too: run it alone, or in a subprocess."""
-    if argv is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the console, not a caller's
-        signal.signal(signal.SIGTERM, _on_sigterm)  # process (default: killed without any cleanup)
+    with _sigterm_as_interrupt(argv is None):
+        try:
+            return _main(argv)
+        except _Terminated:  # before a command started (parsing): nothing to clean up
+            return EXIT_TERMINATED
+        except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
+            if argv is None:  # the console: later writes and the final flush go nowhere, not to a traceback
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(console: bool):
+    """While a console run (``argv=None``) lasts, on the main thread, where the default would end the
+    process without any cleanup: SIGTERM raises :class:`_Terminated`. The previous handler comes back
+    afterwards (a script or notebook that calls ``main()`` keeps its own)."""
+    install = (
+        console
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+    _Terminated.received = False
+    if not install:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(argv)
-    except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
-        if argv is None:  # the console: later writes and the final flush go nowhere, not to a traceback
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 #: Exit code when stdout's reader closed the pipe (as Python's own handling of ``EPIPE`` documents).

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -558,4 +560,26 @@ def test_score_run_again_in_process_compiles_nothing(tmp_path, capsys, model):
         assert cli.main(args) == 0
     assert again[COMPILE_EVENT] == 0
     np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), first)
+    capsys.readouterr()
+
+
+def test_console_sigterm_handler_lasts_the_run_only(tmp_path, monkeypatch, capsys):
+    """``main()`` with ``argv=None`` (a script or notebook that sets ``sys.argv``) installed its SIGTERM
+    handler for good: a later SIGTERM raised inside the caller's code, and every later run reported a
+    Ctrl-C as "terminated". From a thread, ``signal.signal`` refused (``ValueError``) and the run failed.
+    Now the default handler is back after the run, and a thread runs without one."""
+    _files(tmp_path)
+    argv = ["nlis-jax", "score", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.npy")]
+    monkeypatch.setattr(sys, "argv", argv)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert cli.main() == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        codes = []
+        thread = threading.Thread(target=lambda: codes.append(cli.main()))
+        thread.start()
+        thread.join()
+        assert codes == [0]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     capsys.readouterr()

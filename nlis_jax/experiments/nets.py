@@ -6,7 +6,6 @@ example.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,13 +20,8 @@ PRNGKey = jax.Array
 PyTree = Any
 
 
-@functools.cache
 def single_index(phi: Callable[[Array], Array] = bounded_swish) -> Callable[[Array, Array], Array]:
-    """``f(θ; x) = ϕ(<θ, x>)`` with ``θ`` of shape ``(d,)`` (a bias is a ones column of ``x``).
-
-    One function per ``phi`` (cached): the model is a static argument of the library's jitted programs,
-    so a new function on every call (``nlis-jax score`` run in a loop) compiled them again each time and
-    kept every copy alive in jax's caches."""
+    """``f(θ; x) = ϕ(<θ, x>)`` with ``θ`` of shape ``(d,)`` (a bias is a ones column of ``x``)."""
 
     def apply_fn(theta, x):
         return phi(jnp.dot(x, theta))
@@ -51,10 +45,8 @@ def mlp_init(key: PRNGKey, sizes: Sequence[int], *, bias: bool = True, dtype=jnp
     return layers
 
 
-@functools.cache
 def mlp(activation: Callable[[Array], Array] = jnp.tanh, *, squeeze: bool = True):
-    """``apply_fn(params, x)`` of an MLP built by :func:`mlp_init`; scalar output when ``d_out == 1``.
-    One function per ``(activation, squeeze)`` (cached, as :func:`single_index`)."""
+    """``apply_fn(params, x)`` of an MLP built by :func:`mlp_init`; scalar output when ``d_out == 1``."""
 
     def apply_fn(params, x):
         h = jnp.ravel(x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import secrets
@@ -189,6 +190,18 @@ def _layers(arrays: dict) -> int:
     return len([k for k in arrays if k[:1] == "w" and k[1:].isdigit()])
 
 
+@functools.cache
+def _model(name: str):
+    """The model ``name`` (``"single-index"`` or ``"mlp"``), built once per process: it is a static argument
+    of the library's programs, so a new function every run (``cli.main`` called in a loop) compiled them
+    all again and jax's caches kept every copy."""
+    import jax.numpy as jnp
+
+    from nlis_jax.experiments import nets
+
+    return nets.single_index(jnp.tanh) if name == "single-index" else nets.mlp(jnp.tanh)
+
+
 def model_and_params(args, d: int, dtype):
     """``(apply_fn, params)`` of the chosen model, from ``--params`` or drawn from ``--seed``."""
     import jax
@@ -199,13 +212,13 @@ def model_and_params(args, d: int, dtype):
     seed = SEED if args.seed is None else args.seed
     stored = _stored_params(args.params, args.model, d)
     if args.model == "single-index":
-        apply_fn = nets.single_index(jnp.tanh)
+        apply_fn = _model(args.model)
         if stored is not None:
             return apply_fn, jnp.asarray(_cast(args.params, "theta", stored["theta"], dtype))
         # drawn in float32 whatever the file's dtype: the same --seed, the same model
         theta = jax.random.normal(jax.random.key(seed), (d,), jnp.float32) / np.sqrt(d)
         return apply_fn, theta.astype(dtype)
-    apply_fn = nets.mlp(jnp.tanh)
+    apply_fn = _model(args.model)
     if stored is not None:
         params = [
             {k: jnp.asarray(_cast(args.params, f"{k}{i}", stored[f"{k}{i}"], dtype)) for k in "wb"}
