@@ -146,11 +146,12 @@ def check_host_arrays(apply_fn, params, xs, ys=None, weights=None, *, out_check:
     return n
 
 
-def on_every_process(own):
+def on_every_process(own, doing: str = "while checking their arguments", when: str = "before any work"):
     """``own()``: the checks of this process's own arguments and data before any collective. Under
     ``jax.distributed`` an error it raises is told to the other processes (:func:`raise_if_any_failed`),
     so that every process raises: params that differ (NaN on one), a block of another width or of no
-    rows raised on one process alone, and the others waited in the next collective."""
+    rows, an ``out`` of another length raised on one process alone, and the others waited in the next
+    collective. Every process must call it at the same point (whatever its arguments)."""
     if jax.process_count() == 1:
         return own()
     failed, result = [], None
@@ -158,7 +159,7 @@ def on_every_process(own):
         result = own()
     except Exception as exc:
         failed.append(exc)
-    raise_if_any_failed(failed, "while checking their arguments", "before any work")
+    raise_if_any_failed(failed, doing, when)
     return result
 
 
@@ -635,6 +636,10 @@ def global_vector(h: np.ndarray, n: int):
     return jax.make_array_from_process_local_data(sharding, h, (n,))
 
 
+#: How :func:`on_every_process` names a process whose ``out`` was refused to the others.
+_OUT_CHECK = ("while checking their out", "before writing the scores")
+
+
 def output_vector(out, n: int | None, dtype) -> np.ndarray:
     """``out`` checked, or a new host vector of ``dtype`` (the scores' dtype, float32 or wider).
 
@@ -906,7 +911,7 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
         return across_processes(fold(step, init, source, chunk), pass_.combine)
 
     def scores(kernel, *args):
-        h = output_vector(out, counts["n_local"], dtype)
+        h = on_every_process(lambda: output_vector(out, counts["n_local"], dtype), *_OUT_CHECK)
         carry = (jnp.zeros((), dtype), jnp.zeros((2,), jnp.int32))
         step = functools.partial(_values_step, apply_fn, params, args=args, kernel=kernel, **kw)
         _, counts["sum"] = collect(lambda piece, valid: step(carry, piece, valid)[0], source, chunk, h)
@@ -935,8 +940,9 @@ def host_streaming_leverage(apply_fn, params, xs, ys, *, chunk_size, num_nodes, 
     """
     source, chunk = leverage_source(apply_fn, params, xs, ys, chunk_size)
     dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
-    if out is not None:  # before the passes (a chunk source's length is known after the first)
-        output_vector(out, None if callable(xs) else jax.tree.leaves(xs)[0].shape[0], dtype)
+    # out checked before the passes (a chunk source's length is known after the first), on every process
+    n = None if callable(xs) else jax.tree.leaves(xs)[0].shape[0]
+    on_every_process(lambda: out is None or output_vector(out, n, dtype), *_OUT_CHECK)
     dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
     chunks, counts = host_chunks(apply_fn, params, source, chunk, num_nodes=num_nodes, mode=mode, out=out)
     h, t, _ = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)  # rows checked: pass 1
@@ -984,7 +990,8 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
     # an out narrower than the scores (float32 out, float64 model) stores the norms scaled by a power of
     # two from the first chunk (largest near 1): stored raw, norms of 1e-45 were zeros. Under
     # jax.distributed each process has its own scale, undone in float64 below
-    output_vector(out, None, dtype)  # out checked (all but its length) before its dtype is read
+    on_every_process(lambda: output_vector(out, None, dtype), *_OUT_CHECK)  # all but its length, before
+    # its dtype is read
     narrow = out is not None and np.dtype(out.dtype).itemsize < np.dtype(dtype).itemsize
 
     def one(piece, valid):
@@ -1030,14 +1037,16 @@ def host_norm_scores(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode, o
 def per_example_values(step, source: Source, chunk: int, xs, out, dtype) -> np.ndarray:
     """The ``(n,)`` values of ``step`` over the pieces, in ``out`` (checked) or a new host vector (of
     ``dtype``; ``None``: of the values' own dtype, allocated when the first chunk's values arrive)."""
-    if callable(xs):  # length unknown until the source is exhausted
-        target = output_vector(out, None, dtype)  # all but its length, before the pass
+    n = None if callable(xs) else jax.tree.leaves(xs)[0].shape[0]  # a chunk source's: after the pass
+    wanted = out is not None or (dtype is not None and n is not None)
+    # checked on every process (an out of another length on one raised there alone), all but a chunk
+    # source's length before the pass
+    target = on_every_process(lambda: output_vector(out, n, dtype) if wanted else None, *_OUT_CHECK)
+    if callable(xs):
         if target is None:
             return _collect_growing(step, source, chunk)
         return _collect_counted(step, source, chunk, target)
-    n = jax.tree.leaves(xs)[0].shape[0]
-    if out is not None or dtype is not None:
-        target = output_vector(out, n, dtype)
+    if target is not None:
         collect_shared(step, source, chunk, target)
         return target
     made = []

@@ -380,6 +380,18 @@ def _out_checks(rows) -> dict:
 
     return {
         "out_short_on_one_process": _expect_error(lambda: scores(xs, len(ys) - one)),
+        # before the pass: a block's out of another length on process 1, for norms and leverage
+        "out_length_block_on_one_process": _expect_error(lambda: scores(xs, len(ys) - one, source=False)),
+        "out_length_leverage_on_one_process": _expect_error(
+            lambda: nj.streaming_leverage_scores(
+                linear, theta, xs, ys, out=np.zeros(len(ys) - one), chunk_size=8, num_nodes=2
+            )
+        ),
+        "out_length_leverage_source_on_one_process": _expect_error(
+            lambda: nj.streaming_leverage_scores(
+                linear, theta, lambda: iter([(xs, ys)]), out=np.zeros(len(ys) - one), chunk_size=8
+            )
+        ),
         "out_range_on_one_process": _expect_error(lambda: scores(huge, len(ys))),
         "out_range_block_on_one_process": _expect_error(lambda: scores(huge, len(ys), source=False)),
     }

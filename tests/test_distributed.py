@@ -190,6 +190,14 @@ def test_input_checks_fire_on_global_arrays(reports):
         }
         for name, message in own.items():
             assert checks[name].startswith(message if r["process"] == 1 else told), checks
+        told = "ValueError: under jax.distributed, process(es) [1] failed while checking their out"
+        for name in (
+            "out_length_block_on_one_process",
+            "out_length_leverage_on_one_process",
+            "out_length_leverage_source_on_one_process",
+        ):
+            own = f"ValueError: out must be a writable numpy array (or memmap) of shape ({N // 2},), got"
+            assert checks[name].startswith(own if r["process"] == 1 else told), checks
 
 
 def test_launcher_stops_all_when_one_fails(tmp_path):
