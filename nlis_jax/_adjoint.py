@@ -592,7 +592,7 @@ class PathGradient:
 
         # t·θ leaf by leaf, raveled again (scaled_theta): the same values, compiled faster
         dtype = theta.dtype
-        scaled = ravel_pytree(jax.tree.map(lambda a: (t * a.astype(dtype)).astype(dtype), params))[0]
+        scaled = ravel_pytree(jax.tree.map(lambda a: (t * jnp.asarray(a, dtype)).astype(dtype), params))[0]
         return _point_jacobian(fn, self.mode, theta.shape[0], theta.dtype)(scaled, x)
 
 

@@ -650,11 +650,12 @@ def _read_int(path: str, field: str | None = None) -> int | None:
     return None
 
 
-def available_memory() -> tuple[int, str] | None:
+def available_memory(each_device: bool = False) -> tuple[int, str] | None:
     """``(bytes, where)`` this process may still allocate for a new array on its default devices, or
     ``None`` when unknown. On a CPU the host's ``MemAvailable`` plus free swap (Linux ``/proc/meminfo``),
     capped by a cgroup v2 limit (a container's ``memory.max`` less ``memory.current``); on a GPU or TPU the
-    devices' ``bytes_limit`` less ``bytes_in_use`` (``memory_stats``), summed over this process's devices."""
+    devices' ``bytes_limit`` less ``bytes_in_use`` (``memory_stats``), summed over this process's devices,
+    or with ``each_device`` the smallest (for an array every device holds whole)."""
     devices = jax.local_devices()
     if devices[0].platform == "cpu":
         free = _read_int("/proc/meminfo", "MemAvailable")
@@ -665,13 +666,16 @@ def available_memory() -> tuple[int, str] | None:
         if limit is not None and used is not None:
             free = min(free, max(limit - used, 0))
         return free, "in this process's memory"
-    free = 0
+    frees = []
     for device in devices:
         stats = device.memory_stats() or {}
         if "bytes_limit" not in stats:
             return None
-        free += stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return free, f"on this process's {len(devices)} {devices[0].platform.upper()} device(s)"
+        frees.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    kind = devices[0].platform.upper()
+    if each_device:
+        return min(frees), f"on each of this process's {len(devices)} {kind} device(s)"
+    return sum(frees), f"on this process's {len(devices)} {kind} device(s)"
 
 
 def _gib(nbytes: float) -> str:
@@ -682,7 +686,8 @@ def check_fits_in_memory(
     what: str, shape: tuple, dtype, hint: str, copies: int = 1, why: str = "", whole: bool = False
 ) -> None:
     """``MemoryError`` naming ``what`` when an array of ``shape`` and ``dtype`` (its share in this
-    process under ``jax.distributed``, or all of it with ``whole``: a matrix every process holds), or
+    process under ``jax.distributed``, or all of it with ``whole``: a matrix every process, and every
+    accelerator, holds whole: checked against the device with the least free memory), or
     ``copies`` such arrays (``why`` says what they are), exceeds
     :func:`available_memory`: jax's own failure to allocate it was a raw ``RESOURCE_EXHAUSTED`` error, an
     out-of-memory kill, or a hang (a jitted program whose output cannot be allocated, then a scalar read
@@ -691,7 +696,7 @@ def check_fits_in_memory(
     if under_trace():
         return
     nbytes = copies * math.prod(shape) * np.dtype(dtype).itemsize / (1 if whole else jax.process_count())
-    found = available_memory()
+    found = available_memory(True) if whole else available_memory()
     if found is None or nbytes <= found[0]:
         return
     many = f" with {why} ({copies} arrays of that shape in all)" if copies > 1 else ""

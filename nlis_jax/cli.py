@@ -824,16 +824,16 @@ def main(argv: list[str] | None = None) -> int:
     a test), it leaves jax's :data:`JAX_SETTINGS` as it found them, whichever way the command ends; while
     it runs they are process-wide (jax's global config: ``run`` turns on ``jax_enable_x64``), so other
     threads of the process see them too: run it alone, or in a subprocess."""
-    with _sigterm_as_interrupt(argv is None):
-        try:
+    try:
+        with _sigterm_as_interrupt(argv is None):
             return _main(argv)
-        except _Terminated:  # before a command started (parsing): nothing to clean up
-            return EXIT_TERMINATED
-        except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
-            if argv is None:  # the console: later writes and the final flush go nowhere, not to a traceback
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-            return EXIT_BROKEN_PIPE
+    except _Terminated:  # outside a command (parsing, or as the handler is set or restored): no cleanup
+        return EXIT_TERMINATED
+    except BrokenPipeError:  # stdout's reader left (``nlis-jax ... | head``): what was written stays
+        if argv is None:  # the console: later writes and the final flush go nowhere, not to a traceback
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 @contextlib.contextmanager

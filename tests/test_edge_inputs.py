@@ -754,7 +754,7 @@ def test_results_that_cannot_fit_in_memory_are_named_before_any_work(monkeypatch
 
     params = {"w": np.full((1, 100_000), 1e-3, np.float32), "v": np.full(100_000, 1e-3, np.float32)}
     xs, ys = np.ones((1_000_000, 1), np.float32), np.zeros(1_000_000, np.float32)
-    monkeypatch.setattr(_checks, "available_memory", lambda: (64 * 2**30, "in this process's memory"))
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (64 * 2**30, "in this process's memory"))
     dense = r"\(1000000, 200001\) \(float32\) would take 745.1 GiB, more than the 64.0 GiB .*nj.projected_lev"
     gram = r"Gram matrix of the streamed scores \(p = 200,000\) of shape \(200001, 200001\) \(float32\) with "
     gram += r"the workspace of its factorisations \({} arrays of that shape in all\) would take {} GiB"
@@ -772,10 +772,10 @@ def test_results_that_cannot_fit_in_memory_are_named_before_any_work(monkeypatch
         with pytest.raises(MemoryError, match=message):
             call()
     # at the boundary: an array that fits is computed (8 × 200,001 float32 against 6.4 MB available)
-    monkeypatch.setattr(_checks, "available_memory", lambda: (8 * 200_001 * 4, "in this process's memory"))
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (8 * 200_001 * 4, "in this process's memory"))
     assert nj.dual_matrix(f, params, xs[:8], ys[:8], num_nodes=2).shape == (8, 200_001)
     monkeypatch.setattr(
-        _checks, "available_memory", lambda: (8 * 200_001 * 4 - 1, "in this process's memory")
+        _checks, "available_memory", lambda *_: (8 * 200_001 * 4 - 1, "in this process's memory")
     )
     with pytest.raises(MemoryError, match="more than the 0.0 GiB available"):
         nj.dual_matrix(f, params, xs[:8], ys[:8], num_nodes=2)
@@ -795,12 +795,36 @@ def test_streamed_gram_budgets_its_factorisations(monkeypatch, where, copies):
     if where == "device":
         xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     model = lambda theta, x: jnp.tanh(x @ theta)
-    monkeypatch.setattr(_checks, "available_memory", lambda: (copies * gram - 1, "in this process's memory"))
+    here = "in this process's memory"
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (copies * gram - 1, here))
     with pytest.raises(MemoryError, match=rf"\({copies} arrays of that shape in all\)"):
         nj.streaming_leverage_scores(model, params, xs, ys, num_nodes=4)
-    monkeypatch.setattr(_checks, "available_memory", lambda: (copies * gram, "in this process's memory"))
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (copies * gram, "in this process's memory"))
     probs = nj.streaming_leverage_scores(model, params, xs, ys, num_nodes=4)
     np.testing.assert_allclose(float(np.sum(probs)), 1.0, rtol=1e-12)
+
+
+def test_available_memory_of_accelerators_sums_devices_or_takes_the_smallest(monkeypatch):
+    """On GPUs or TPUs the free memory of a process's devices is summed for an array spread over them,
+    and for one every device holds whole (the streamed Gram matrix and its workspace) the smallest is
+    what counts: the sum let a Gram matrix 8 times too big for one of 8 GPUs pass the check."""
+    from nlis_jax import _checks
+
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, free):
+            self.free = free
+
+        def memory_stats(self):
+            return {"bytes_limit": self.free + 100, "bytes_in_use": 100}
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(5 * 2**30), Device(3 * 2**30)])
+    assert _checks.available_memory() == (8 * 2**30, "on this process's 2 GPU device(s)")
+    assert _checks.available_memory(True) == (3 * 2**30, "on each of this process's 2 GPU device(s)")
+    with pytest.raises(MemoryError, match="would take 4.0 GiB, more than the 3.0 GiB available on each of"):
+        _checks.check_fits_in_memory("a matrix", (2**15, 2**15), np.float32, "", whole=True)
+    _checks.check_fits_in_memory("a matrix", (2**15, 2**15), np.float32, "")  # spread: 4 of 8 GiB
 
 
 def test_available_memory_is_read_from_the_system():
