@@ -492,8 +492,7 @@ def staged(source: Source, chunk: int) -> Iterator:
             yield cur
     finally:  # the source's generators closed when a check here or the consumer stops the pass
         chain.close()
-    if jax.process_count() > 1:
-        raise_if_any_failed(failed)
+    raise_if_any_failed(failed)  # in one process a reading error was raised where it happened
     check.done()
 
 
@@ -503,7 +502,12 @@ def raise_if_any_failed(
     """Under ``jax.distributed``, at the end of a pass (or of the checks before any): this process's error
     (``failed``, empty or one exception) raised on it, and a ``ValueError`` naming it on every other
     process (one exchange of a flag). A chunk source's chunk of another shape, or its labels out of range,
-    raised on its own process while the others waited in the pass's next collective."""
+    raised on its own process while the others waited in the pass's next collective. In one process the
+    error is raised, with no exchange."""
+    if jax.process_count() == 1:
+        if failed:
+            raise failed[0]
+        return
     table = process_table([int(bool(failed))])[:, 0]
     if failed:
         raise failed[0]
@@ -1067,10 +1071,7 @@ def collect_shared(step, source, chunk: int, out: np.ndarray, too_many: str | No
             failed.append(rows(count))
     except OutRefused as exc:
         failed.append(exc)
-    if jax.process_count() > 1:
-        raise_if_any_failed(failed, "writing their out")
-    elif failed:
-        raise failed[0]
+    raise_if_any_failed(failed, "writing their out")
 
 
 def _collect_counted(step, source, chunk: int, out: np.ndarray) -> np.ndarray:
