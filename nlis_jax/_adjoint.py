@@ -590,9 +590,7 @@ class PathGradient:
         def fn(flat, x):
             return self.apply_fn(unravel(flat), x)
 
-        # t·θ leaf by leaf, raveled again (scaled_theta): the same values, compiled faster
-        dtype = theta.dtype
-        scaled = ravel_pytree(jax.tree.map(lambda a: (t * jnp.asarray(a, dtype)).astype(dtype), params))[0]
+        scaled = scaled_theta(params, t, theta.dtype)
         return _point_jacobian(fn, self.mode, theta.shape[0], theta.dtype)(scaled, x)
 
 
@@ -717,10 +715,12 @@ def flat_adjoint(model: FlatModel, xs, *, num_nodes, mode, chunk_size) -> Array:
         return chunked_map(_summed_gradient(model, nodes, weights), xs, model.n, chunk_size)
     jac = _point_jacobian(model.fn, mode, p, theta.dtype)
 
+    tree = model.unravel(theta)
+
     def one_example(x):  # vmapped by chunked_map: the batch moves inside the scan, around jac
         def body(acc, tw):
             t, w = tw
-            return acc + w * jac(scaled_theta(model, t), x), None
+            return acc + w * jac(scaled_theta(tree, t, theta.dtype), x), None
 
         acc0 = jnp.zeros(model.out_shape + (p,), theta.dtype)
         return lax.scan(body, acc0, (nodes, weights), unroll=min(num_nodes, MAX_UNROLL) if outside else 1)[0]
@@ -774,11 +774,11 @@ def origin(params: PyTree) -> PyTree:
     return jax.tree.map(lambda a: jnp.where(jnp.isfinite(a), jnp.abs(a), 0) * 0, params)
 
 
-def scaled_theta(model: FlatModel, t) -> Array:
-    """``t·θ`` of ``model.theta`` (flat), computed leaf by leaf and raveled again (as :func:`flat_origin`:
-    an operation on the flat vector followed by ``unravel``'s slices is not folded by XLA:CPU)."""
-    theta = model.theta
-    return ravel_pytree(jax.tree.map(lambda a: t * a.astype(theta.dtype), model.unravel(theta)))[0]
+def scaled_theta(params: PyTree, t, dtype) -> Array:
+    """``t·θ`` as the flat vector of ``dtype`` (``θ`` = ``ravel_pytree(params)``), computed leaf by leaf
+    and raveled again (as :func:`flat_origin`: an operation on the flat vector followed by ``unravel``'s
+    slices is not folded by XLA:CPU)."""
+    return ravel_pytree(jax.tree.map(lambda a: (t * jnp.asarray(a, dtype)).astype(dtype), params))[0]
 
 
 def flat_origin(model: FlatModel) -> Array:
