@@ -82,6 +82,14 @@ def sleeper(tmp_path):
     return script, tmp_path / "pids"
 
 
+def _default_stop_signals() -> None:
+    """In the launcher's child before exec: SIGTERM and SIGHUP at their default action. An ignored signal is
+    inherited through exec, and the launcher leaves an ignored signal ignored (by design): under ``nohup
+    pytest`` SIGHUP reached a launcher that ignored it, and the SIGHUP test waited out its 30 s."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _start_launcher(script: Path, pid_dir: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nlis_jax.distributed", "--num-processes", "2", "--timeout", "120"]
     return subprocess.Popen(
@@ -91,6 +99,7 @@ def _start_launcher(script: Path, pid_dir: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_stop_signals,
     )
 
 
