@@ -82,24 +82,27 @@ def sleeper(tmp_path):
     return script, tmp_path / "pids"
 
 
-def _default_stop_signals() -> None:
-    """In the launcher's child before exec: SIGTERM and SIGHUP at their default action. An ignored signal is
-    inherited through exec, and the launcher leaves an ignored signal ignored (by design): under ``nohup
-    pytest`` SIGHUP reached a launcher that ignored it, and the SIGHUP test waited out its 30 s."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
+# Runs the launcher with SIGTERM and SIGHUP at their default action (an exec keeps that). An ignored signal
+# is inherited through exec, and the launcher leaves an ignored signal ignored (by design): under ``nohup
+# pytest`` SIGHUP reached a launcher that ignored it, and the SIGHUP test waited out its 30 s. (Not a
+# ``preexec_fn``: that forks the test process, which JAX warns against once it runs threads.)
+DEFAULT_STOP_SIGNALS = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+    "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
 
 
 def _start_launcher(script: Path, pid_dir: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nlis_jax.distributed", "--num-processes", "2", "--timeout", "120"]
     return subprocess.Popen(
-        [*cmd, str(script), str(pid_dir)],
+        [sys.executable, "-c", DEFAULT_STOP_SIGNALS, *cmd, str(script), str(pid_dir)],
         env=_env(),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_stop_signals,
     )
 
 
