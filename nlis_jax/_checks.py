@@ -58,15 +58,26 @@ def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
         raise ValueError(describe(f"{bad} of {n}"))
 
 
+def named_leaves(name: str, tree: PyTree):
+    """``(label, leaf)`` for each leaf of ``tree``: ``label`` is ``name`` with the leaf's path when ``name``
+    is an argument's (an identifier) and the tree has several leaves, e.g. ``params['layers'][0]['w']``,
+    so an error names the leaf; ``name`` alone for one array, or a description ("chunk 0 of the chunk
+    source", whose tree the library built)."""
+    pairs = jax.tree_util.tree_leaves_with_path(tree)
+    with_path = name.isidentifier() and len(pairs) > 1
+    for path, leaf in pairs:
+        yield (f"{name}{jax.tree_util.keystr(path)}" if with_path else name), leaf
+
+
 def check_native(name: str, tree) -> None:
     """``TypeError`` for an array in non-native byte order (a ``.npy`` file written on a machine of the
     other endianness): JAX takes no such dtype, and its own error named neither the array nor the cause
     (or printed the whole array). Checked with the floating, finite and probability checks."""
-    for leaf in jax.tree.leaves(tree):
+    for label, leaf in named_leaves(name, tree):
         dtype = getattr(leaf, "dtype", None)
         if isinstance(dtype, np.dtype) and not dtype.isnative:
             raise TypeError(
-                f"{name} is stored in non-native byte order ({dtype.str}), which JAX cannot take: convert "
+                f"{label} is stored in non-native byte order ({dtype.str}), which JAX cannot take: convert "
                 "the file once, e.g. np.save(path, a.astype(a.dtype.newbyteorder('='))), or yield chunks "
                 "converted with .astype(a.dtype.newbyteorder('='))."
             )
@@ -75,28 +86,28 @@ def check_native(name: str, tree) -> None:
 def check_floating(name: str, tree: PyTree) -> None:
     """Raise ``TypeError`` unless every leaf of ``tree`` is a floating-point array."""
     check_native(name, tree)
-    for leaf in jax.tree.leaves(tree):
+    for label, leaf in named_leaves(name, tree):
         check_auto_axes(name, leaf)
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(f"{name} must hold floating-point arrays, got dtype {jnp.result_type(leaf)}.")
+            raise TypeError(f"{label} must hold floating-point arrays, got dtype {jnp.result_type(leaf)}.")
 
 
 def check_not_complex(name: str, tree: PyTree) -> None:
     """``TypeError`` for a complex leaf (by dtype, no value read): the casts to the params' real dtype
     would drop its imaginary part without a word."""
-    for leaf in jax.tree.leaves(tree):
+    for label, leaf in named_leaves(name, tree):
         if np.iscomplexobj(leaf):
-            raise TypeError(f"{name} must hold real numbers, got dtype {leaf.dtype}.")
+            raise TypeError(f"{label} must hold real numbers, got dtype {leaf.dtype}.")
 
 
 def check_numeric(name: str, tree: PyTree) -> None:
     """``TypeError`` for a leaf of strings, bytes, dates, objects or records (by dtype, no value read):
     JAX's own error printed the array and named neither the argument nor the cause. jax's own extra
     dtypes (``ml_dtypes``: numpy arrays of bfloat16, float8, int4, kind ``"V"``) are numbers."""
-    for leaf in jax.tree.leaves(tree):
+    for label, leaf in named_leaves(name, tree):
         dtype = getattr(leaf, "dtype", None)
         if isinstance(dtype, np.dtype) and dtype.kind not in "biufc" and not _is_jax_number(dtype):
-            raise TypeError(f"{name} must hold numbers, got dtype {dtype}.")
+            raise TypeError(f"{label} must hold numbers, got dtype {dtype}.")
 
 
 def _is_jax_number(dtype: np.dtype) -> bool:
@@ -171,22 +182,23 @@ def check_finite(name: str, tree: PyTree) -> None:
 def check_finite_each(*named: tuple[str, PyTree]) -> None:
     """:func:`check_finite` of several ``(name, tree)`` pairs, the leaves held elsewhere of all of them in
     one program and one read back (``params`` and ``xs`` of a model call: one wait on a GPU, not two); the
-    first bad leaf in the pairs' order, then the tree's, is the one reported, with its pair's name."""
+    first bad leaf in the pairs' order, then the tree's, is the one reported, with its pair's name and its
+    path in the tree (:func:`named_leaves`)."""
     leaves, elsewhere = [], []
     for name, tree in named:
         check_native(name, tree)
-        for leaf in jax.tree.leaves(tree):
+        for label, leaf in named_leaves(name, tree):
             check_auto_axes(name, leaf)
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
                 wrapped = wrapped_integers(leaf)  # host int64 data past int32 (no jax_enable_x64)
                 if wrapped:
-                    raise ValueError(narrowing_error(name, 0, 0, wrapped))
+                    raise ValueError(narrowing_error(label, 0, 0, wrapped))
                 continue
             if not is_concrete(leaf):
-                traced.check(jnp.all(jnp.isfinite(leaf)), f"{name} contains NaN or Inf value(s).")
+                traced.check(jnp.all(jnp.isfinite(leaf)), f"{label} contains NaN or Inf value(s).")
                 continue
             host = host_values(leaf)
-            leaves.append((name, host))
+            leaves.append((label, host))
             if host is None:
                 elsewhere.append(leaf)
     if elsewhere:

@@ -145,7 +145,8 @@ def test_input_checks_fire_on_global_arrays(reports):
         others = "ValueError: under jax.distributed, process(es) [1] failed while reading their data"
         before = "ValueError: under jax.distributed, process(es) [1] failed while checking their arguments"
         if r["process"] == 1:
-            assert checks["params_nan_on_one_process"].startswith("ValueError: params contains 1 NaN"), checks
+            nan = "ValueError: params[0]['b'] contains 1 NaN"  # the leaf, by its path
+            assert checks["params_nan_on_one_process"].startswith(nan), checks
             assert checks["wider_block_on_one_process"].startswith(
                 "ValueError: apply_fn(params, x) failed"
             ), checks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +39,8 @@ def _with_bad(value, where):
 @pytest.mark.parametrize("where", ["params", "xs", "ys"])
 def test_non_finite_inputs(value, where):
     params, xs, ys = _with_bad(value, where)
-    match = rf"{where} contains 1 NaN or Inf"
+    label = "params['w']" if where == "params" else where  # the leaf of params, by its path
+    match = re.escape(label) + " contains 1 NaN or Inf"
     with pytest.raises(ValueError, match=match):
         nj.dual_matrix(apply_fn, params, xs, ys)
     with pytest.raises(ValueError, match=match):
@@ -140,8 +143,28 @@ def test_apply_fn_returning_a_matrix():
         nj.dual_matrix(lambda p, x: jnp.outer(x, x) * p["b"], params, xs)
     with pytest.raises(TypeError, match=r"apply_fn must be callable"):
         nj.adjoint("not a function", params, xs)
-    with pytest.raises(TypeError, match=r"params must hold floating-point arrays"):
+    with pytest.raises(TypeError, match=r"params\['w'\] must hold floating-point arrays, got dtype int32"):
         nj.adjoint(apply_fn, {"w": np.ones(D, np.int32), "b": np.asarray(0.0)}, xs)
+
+
+def test_a_bad_leaf_of_params_is_named_by_its_path():
+    """An integer or NaN leaf deep in params was reported as "params must hold floating-point arrays":
+    in a model of many layers the user had to search for it. The message names the leaf's path; a single
+    array keeps the argument's name alone."""
+    xs = np.ones((4, 3))
+
+    def model(p, x):
+        return jnp.tanh(x @ p["layers"][0]["w"]) * p["layers"][1]["scale"] + p["bias"]
+
+    good = {"layers": [{"w": np.ones(3)}, {"scale": np.asarray(2.0)}], "bias": np.asarray(0.5)}
+    integer = {**good, "layers": [{"w": np.ones(3)}, {"scale": np.asarray(2, np.int32)}]}
+    with pytest.raises(TypeError, match=r"^params\['layers'\]\[1\]\['scale'\] must hold floating-point"):
+        nj.adjoint(model, integer, xs)
+    nan = {**good, "layers": [{"w": np.array([1.0, np.nan, 1.0])}, {"scale": np.asarray(2.0)}]}
+    with pytest.raises(ValueError, match=r"^params\['layers'\]\[0\]\['w'\] contains 1 NaN or Inf"):
+        nj.dual_matrix(model, nan, xs)
+    with pytest.raises(TypeError, match=r"^params must hold floating-point arrays, got dtype int32"):
+        nj.adjoint(lambda p, x: x @ p, np.ones(3, np.int32), xs)
 
 
 @pytest.mark.parametrize(
