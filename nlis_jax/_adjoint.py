@@ -37,6 +37,7 @@ from nlis_jax._adaptive import (
     integrate,
 )
 from nlis_jax._checks import (
+    check_array_types,
     check_choice,
     check_finite_each,
     check_fits_in_memory,
@@ -127,6 +128,8 @@ def check_model(apply_fn: ApplyFn, params: PyTree, xs: PyTree, ys: Array | None 
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
+    for name, tree in (("xs", xs), ("ys", ys), ("params", params)):  # a pandas DataFrame, printed whole
+        check_array_types(name, tree)
     check_native("xs", xs)  # params: by check_floating below, before any use
     n = num_examples(xs)
     for leaf in jax.tree.leaves(xs):  # before xs[0]: jax's own error there named no cause

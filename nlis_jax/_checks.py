@@ -69,6 +69,31 @@ def named_leaves(name: str, tree: PyTree):
         yield (f"{name}{jax.tree_util.keystr(path)}" if with_path else name), leaf
 
 
+#: What JAX takes as an array: its own arrays (and tracers), numpy arrays and scalars, Python numbers.
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float, complex)
+
+
+def check_array_types(name: str, tree) -> None:
+    """``TypeError`` for a leaf that JAX does not take as an array (a pandas ``DataFrame`` or ``Series``, a
+    string) in an argument that reaches a jitted program as it is (a model's ``params``, ``xs``, ``ys``):
+    jax's own error printed the whole object and named no argument. (``F``, ``probs`` and the host paths'
+    ``ys`` are converted with ``np.asarray`` and take such objects.)"""
+    for label, leaf in named_leaves(name, tree):
+        if isinstance(leaf, _ARRAY_TYPES) or hasattr(leaf, "__jax_array__"):
+            continue
+        hint = f"{label}.to_numpy()" if hasattr(leaf, "to_numpy") else "np.asarray(...)"
+        raise TypeError(
+            f"{label} is a {type_name(leaf)}, which JAX does not take as an array: pass a numpy array, "
+            f"e.g. {hint}."
+        )
+
+
+def type_name(obj) -> str:
+    """``obj``'s type with its package unless built in: ``pandas.DataFrame``, ``str``."""
+    package = type(obj).__module__.split(".")[0]
+    return type(obj).__qualname__ if package == "builtins" else f"{package}.{type(obj).__qualname__}"
+
+
 def check_native(name: str, tree) -> None:
     """``TypeError`` for an array in non-native byte order (a ``.npy`` file written on a machine of the
     other endianness): JAX takes no such dtype, and its own error named neither the array nor the cause

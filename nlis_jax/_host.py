@@ -65,6 +65,7 @@ from nlis_jax._checks import (
     narrowing_counts,
     narrowing_error,
     narrows,
+    type_name,
     under_trace,
 )
 from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
@@ -333,7 +334,12 @@ class CheckedSource:
             raise TypeError(f"x_chunk of chunk {index} of the chunk source holds no arrays.")
         for leaf in leaves:
             if not isinstance(leaf, np.ndarray | jax.Array) or leaf.ndim == 0:
-                got = f"shape {leaf.shape}" if hasattr(leaf, "shape") else type(leaf).__name__
+                if isinstance(leaf, np.ndarray | jax.Array):
+                    got = f"shape {leaf.shape}"
+                elif isinstance(x, list | tuple):
+                    got = f"a Python {type(x).__name__} (read as a pytree of {type_name(leaf)} leaves)"
+                else:
+                    got = f"a {type_name(leaf)}"  # pandas.DataFrame
                 raise TypeError(
                     f"chunk {index} of the chunk source: x_chunk and y_chunk must be numpy arrays (x_chunk "
                     f"may be a pytree of them) with examples first, got {got}."

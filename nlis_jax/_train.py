@@ -35,6 +35,7 @@ import optax
 from nlis_jax import _traced as traced
 from nlis_jax._adjoint import eval_example, num_examples
 from nlis_jax._checks import (
+    check_array_types,
     check_bool,
     check_choice,
     check_finite,
@@ -261,6 +262,8 @@ def _one_array(ys):
 
 def _check_data(params: PyTree, xs, ys, weights) -> int:
     """Shape and value checks shared by :func:`weighted_loss` and :func:`fit`; returns ``n``."""
+    check_array_types("params", params)  # a pandas DataFrame as xs: jax's error printed it whole
+    check_array_types("xs", xs)
     if not jax.tree.leaves(params):
         raise ValueError("params has no array leaves.")
     check_floating("params", params)

@@ -189,6 +189,43 @@ def test_byte_swapped_arrays_are_named_on_the_device_paths_too():
             call()
 
 
+def test_pandas_objects_are_named_where_jax_cannot_take_them():
+    """A pandas DataFrame as xs (or a Series as the device paths' ys, a str leaf in params) failed in
+    jax: "Argument '     0    1 ...' of type <class 'pandas.DataFrame'> is not a valid JAX type", the
+    whole frame printed and no argument named; as a chunk it was "must be numpy arrays ..., got shape (8,
+    3)", a shape that was right. Where the library converts the input itself (F, probs, the host paths'
+    ys) pandas objects still work."""
+    import pandas as pd
+
+    params, xs, ys = _setup()
+    frame, series = pd.DataFrame(xs), pd.Series(ys)
+    named = "is a pandas.{}, which JAX does not take as an array: pass a numpy array, e.g. {}.to_numpy()"
+    cases = [
+        ("xs", "DataFrame", lambda: nj.dual_matrix(apply_fn, params, frame, ys, num_nodes=4)),
+        ("xs", "DataFrame", lambda: nj.streaming_leverage_scores(apply_fn, params, frame, ys, **KW)),
+        ("xs", "DataFrame", lambda: nj.weighted_loss(apply_fn, params, frame, ys)),
+        (
+            "xs",
+            "DataFrame",
+            lambda: nj.fit(apply_fn, params, frame, ys, optimizer=optax.sgd(0.1), num_steps=1),
+        ),
+        ("ys", "Series", lambda: nj.dual_matrix(apply_fn, params, xs, series, num_nodes=4)),
+    ]
+    for name, kind, call in cases:
+        with pytest.raises(TypeError, match="^" + re.escape(f"{name} " + named.format(kind, name))):
+            call()
+    with pytest.raises(TypeError, match=r"^params\['name'\] is a str, which JAX does not take as an array"):
+        nj.adjoint(apply_fn, {**params, "name": "tanh"}, xs)
+    for chunk, got in (((frame, ys), "a pandas.DataFrame"), ((xs.tolist(), ys), "a Python list")):
+        with pytest.raises(TypeError, match=f"must be numpy arrays .* got {got}"):
+            nj.streaming_leverage_scores(apply_fn, params, lambda c=chunk: iter([c]), **KW)
+    # converted by the library: same values as from numpy
+    F = np.asarray(nj.dual_matrix(apply_fn, params, xs, ys, num_nodes=4))
+    np.testing.assert_array_equal(nj.leverage_scores(pd.DataFrame(F)), nj.leverage_scores(F))
+    host = nj.streaming_leverage_scores(apply_fn, params, xs, series, **KW)
+    np.testing.assert_array_equal(host, nj.streaming_leverage_scores(apply_fn, params, xs, ys, **KW))
+
+
 def test_a_list_of_chunks_is_told_to_be_a_callable():
     """A list of (x, y) pairs passed as xs was read as a pytree of arrays: "every array of xs must have
     5 examples first"; the message now says what a chunk source is."""
