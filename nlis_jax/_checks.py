@@ -58,15 +58,35 @@ def report_nonfinite(bad, n: int, describe: Callable[[str], str]) -> None:
         raise ValueError(describe(f"{bad} of {n}"))
 
 
+class LeafName:
+    """The name of leaf ``index`` of ``tree`` in messages: ``name`` and the leaf's path, e.g.
+    ``params['layers'][0]['w']``, found and written out only when a message is (``str``, f-strings): a
+    check of a tree of many leaves that passes builds no path."""
+
+    __slots__ = ("name", "tree", "index")
+
+    def __init__(self, name: str, tree: PyTree, index: int):
+        self.name, self.tree, self.index = name, tree, index
+
+    def __str__(self) -> str:
+        path = jax.tree_util.tree_leaves_with_path(self.tree)[self.index][0]
+        return f"{self.name}{jax.tree_util.keystr(path)}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def named_leaves(name: str, tree: PyTree):
-    """``(label, leaf)`` for each leaf of ``tree``: ``label`` is ``name`` with the leaf's path when ``name``
-    is an argument's (an identifier) and the tree has several leaves, e.g. ``params['layers'][0]['w']``,
-    so an error names the leaf; ``name`` alone for one array, or a description ("chunk 0 of the chunk
+    """``(label, leaf)`` for each leaf of ``tree``: ``label`` is ``name`` with the leaf's path
+    (:class:`LeafName`) when ``name`` is an argument's (an identifier) and the tree has several leaves, so
+    an error names the leaf; ``name`` alone for one array, or a description ("chunk 0 of the chunk
     source", whose tree the library built)."""
-    pairs = jax.tree_util.tree_leaves_with_path(tree)
-    with_path = name.isidentifier() and len(pairs) > 1
-    for path, leaf in pairs:
-        yield (f"{name}{jax.tree_util.keystr(path)}" if with_path else name), leaf
+    leaves = jax.tree.leaves(tree)
+    if len(leaves) < 2 or not name.isidentifier():
+        yield from ((name, leaf) for leaf in leaves)
+        return
+    for index, leaf in enumerate(leaves):
+        yield LeafName(name, tree, index), leaf
 
 
 #: What JAX takes as an array: its own arrays (and tracers), numpy arrays and scalars, Python numbers.
