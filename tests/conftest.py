@@ -31,11 +31,28 @@ _LOW_EFFORT = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].strip().lower() in _T
 #: round float32 otherwise: the float32 sums of one program differed by 1.5e-6 (test_adaptive's
 #: test_tiny_normal_adjoints_are_refined_at_unit_scale). tests/test_full_optimization.py reruns the tests
 #: whose outcome rests on such rounding with XLA's defaults. Subprocesses inherit it through XLA_FLAGS.
+#: XLA aborts the process on a flag it does not know, so a jaxlib without this one (a later release may
+#: drop it) must not get it: a fresh process tries it once (about 2 s), in pytest's main process, whose
+#: environment the worker processes inherit.
 LOW_EFFORT_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
-if _LOW_EFFORT:
+_PROBED = "NLIS_TEST_LOW_EFFORT_XLA_FLAGS"  # "1": the flags were tried (taken or not); set for the workers
+
+
+def _xla_takes(flags) -> bool:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+
+
+if _LOW_EFFORT and _PROBED not in os.environ:
     _flags = os.environ["XLA_FLAGS"].split()
-    _flags += [f for f in LOW_EFFORT_XLA_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _flags}]
-    os.environ["XLA_FLAGS"] = " ".join(_flags)
+    _new = [f for f in LOW_EFFORT_XLA_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _flags}]
+    if _new and _xla_takes(_new):
+        os.environ["XLA_FLAGS"] = " ".join([*_flags, *_new])
+    os.environ[_PROBED] = "1"
 
 import jax  # noqa: E402
 
