@@ -204,12 +204,12 @@ def _counting(apply_fn, calls):
 MALFORMED = st.sampled_from(
     [
         ("nan_xs", ValueError, "xs contains"),
-        ("inf_params", ValueError, "params contains"),
+        ("inf_params", ValueError, r"params\['W'\] contains"),  # the leaf, by its path
         ("ys_shape", ValueError, "ys has shape"),
         ("empty_xs", ValueError, "no examples"),
         ("list_xs", TypeError, "Python list"),
         ("scalar_xs", ValueError, "at least 1 axis"),
-        ("int_params", TypeError, "params must hold floating"),
+        ("int_params", TypeError, r"params\['b'\] must hold floating"),
         ("nan_ys", ValueError, "ys contains"),
     ]
 )
