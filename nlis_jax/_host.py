@@ -332,11 +332,11 @@ class CheckedSource:
         leaves = jax.tree.leaves(x) + ([] if y is None else [y])
         if not jax.tree.leaves(x):
             raise TypeError(f"x_chunk of chunk {index} of the chunk source holds no arrays.")
-        for leaf in leaves:
+        for i, leaf in enumerate(leaves):
             if not isinstance(leaf, np.ndarray | jax.Array) or leaf.ndim == 0:
                 if isinstance(leaf, np.ndarray | jax.Array):
                     got = f"shape {leaf.shape}"
-                elif isinstance(x, list | tuple):
+                elif isinstance(x, list | tuple) and i < len(leaves) - (y is not None):  # a leaf of x
                     got = f"a Python {type(x).__name__} (read as a pytree of {type_name(leaf)} leaves)"
                 else:
                     got = f"a {type_name(leaf)}"  # pandas.DataFrame

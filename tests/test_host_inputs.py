@@ -216,7 +216,12 @@ def test_pandas_objects_are_named_where_jax_cannot_take_them():
             call()
     with pytest.raises(TypeError, match=r"^params\['name'\] is a str, which JAX does not take as an array"):
         nj.adjoint(apply_fn, {**params, "name": "tanh"}, xs)
-    for chunk, got in (((frame, ys), "a pandas.DataFrame"), ((xs.tolist(), ys), "a Python list")):
+    chunks = [
+        ((frame, ys), "a pandas.DataFrame"),
+        ((xs.tolist(), ys), "a Python list"),
+        (((xs, xs), series), r"a pandas.Series\.$"),  # y's type, not "a Python tuple" of x
+    ]
+    for chunk, got in chunks:
         with pytest.raises(TypeError, match=f"must be numpy arrays .* got {got}"):
             nj.streaming_leverage_scores(apply_fn, params, lambda c=chunk: iter([c]), **KW)
     # converted by the library: same values as from numpy
