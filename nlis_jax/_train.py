@@ -264,6 +264,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     """Shape and value checks shared by :func:`weighted_loss` and :func:`fit`; returns ``n``."""
     check_array_types("params", params)  # a pandas DataFrame as xs: jax's error printed it whole
     check_array_types("xs", xs)
+    check_array_types("ys", ys)  # a pandas Series: named, as check_model names it for the scores
     if not jax.tree.leaves(params):
         raise ValueError("params has no array leaves.")
     check_floating("params", params)
@@ -277,6 +278,7 @@ def _check_data(params: PyTree, xs, ys, weights) -> int:
     if weights is not None:
         if isinstance(weights, list | tuple):  # as the host path takes them (jnp.result_type cannot)
             weights = np.asarray(weights)
+        check_array_types("weights", weights)
         if jnp.shape(weights) != (n,):
             shape = jnp.shape(weights)
             raise ValueError(f"weights must have shape ({n},) (one per example), got {shape}.")

@@ -210,6 +210,10 @@ def test_pandas_objects_are_named_where_jax_cannot_take_them():
             lambda: nj.fit(apply_fn, params, frame, ys, optimizer=optax.sgd(0.1), num_steps=1),
         ),
         ("ys", "Series", lambda: nj.dual_matrix(apply_fn, params, xs, series, num_nodes=4)),
+        # fit and the device loss (they printed the whole Series; the host loss converts it, below)
+        ("ys", "Series", lambda: nj.fit(apply_fn, params, xs, series, optimizer=optax.sgd(0.1), num_steps=1)),
+        ("ys", "Series", lambda: nj.weighted_loss(apply_fn, params, jnp.asarray(xs), series)),
+        ("weights", "Series", lambda: nj.weighted_loss(apply_fn, params, jnp.asarray(xs), ys, series**2)),
     ]
     for name, kind, call in cases:
         with pytest.raises(TypeError, match="^" + re.escape(f"{name} " + named.format(kind, name))):
@@ -229,6 +233,8 @@ def test_pandas_objects_are_named_where_jax_cannot_take_them():
     np.testing.assert_array_equal(nj.leverage_scores(pd.DataFrame(F)), nj.leverage_scores(F))
     host = nj.streaming_leverage_scores(apply_fn, params, xs, series, **KW)
     np.testing.assert_array_equal(host, nj.streaming_leverage_scores(apply_fn, params, xs, ys, **KW))
+    host = nj.weighted_loss(apply_fn, params, xs, series, series**2)
+    np.testing.assert_array_equal(host, nj.weighted_loss(apply_fn, params, xs, ys, ys**2))
 
 
 def test_a_list_of_chunks_is_told_to_be_a_callable():
