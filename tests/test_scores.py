@@ -420,3 +420,30 @@ def test_a_column_of_subnormal_numbers_is_named(dtype, scale):
         nj.leverage_scores(jnp.asarray(X[:, [2, 2, 2, 2]]))
     X[0, 2] = np.finfo(dtype).smallest_normal  # one normal value: the column counts (its other values flush)
     assert int(nj.leverage_scores(jnp.asarray(X), return_info=True).rank) == 4
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_wide_leverage_certified_from_the_row_gram_or_factored(dtype):
+    """Fewer rows than columns (``routes.wide_basis``): full row rank certified from the ``n × n`` Gram
+    matrix's eigenvalues gives every row leverage exactly 1 (the QR and SVD would round it); rows that are
+    dependent (three singular values at 1e-20 of the largest), or a user's ``rtol`` above the smallest
+    singular value (where the certificate's ``τ = 5·rtol²`` exceeds 1), take the QR of ``Bᵀ`` and agree
+    with numpy's SVD of the column-equilibrated matrix (its singular values kept above 0.1 of the
+    largest: errors ``eps·10``)."""
+    rng = np.random.default_rng(7)
+    n, m = 30, 400
+    A = rng.standard_normal((n, m)) * np.exp(rng.uniform(-2, 2, m))[None, :]
+    info = nj.leverage_scores(jnp.asarray(A, dtype), return_info=True)
+    assert int(info.rank) == n and nj.routes.ROUTES[int(info.route)] == "stable"
+    np.testing.assert_array_equal(np.asarray(info.leverage), np.ones(n, dtype))  # certified, exactly
+    U, _, Vt = np.linalg.svd(A / np.linalg.norm(A, axis=0), full_matrices=False)
+    dependent = np.concatenate([np.linspace(1, 0.1, n - 3), np.full(3, 1e-20)])
+    for s_new, rtol in [(dependent, None), (np.linspace(1, 0.3, n), 0.5)]:
+        C = (U * s_new) @ Vt
+        u, sc, _ = np.linalg.svd(C / np.linalg.norm(C, axis=0), full_matrices=False)
+        r = int(np.sum(sc > (nj.routes.default_rtol(dtype) if rtol is None else rtol) * sc[0]))
+        assert r < n
+        info = nj.leverage_scores(jnp.asarray(C, dtype), rtol=rtol, return_info=True)
+        assert int(info.rank) == r
+        tol = 1e-10 if dtype == jnp.float64 else 1e-4
+        np.testing.assert_allclose(info.leverage, np.sum(u[:, :r] ** 2, axis=1), rtol=tol, atol=tol)
