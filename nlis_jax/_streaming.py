@@ -22,7 +22,11 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
   the scoring pass; route ``"stable"`` when the matrix is numerically rank-deficient.
 
 The passes are written once (:mod:`nlis_jax._passes`) for device arrays (here) and host data
-(:mod:`nlis_jax._host`).
+(:mod:`nlis_jax._host`). Arrays with fewer dual rows than columns (``n·k < p + 1``; device arrays, or
+host arrays in one process) are not streamed: their dual matrix is smaller than its Gram matrix, and it
+is scored by the ``O(n²p)`` route of wide matrices (:func:`nlis_jax.routes.wide_basis`, as
+:func:`nlis_jax.leverage_scores`) where the Gram matrix cost ``O(np² + p³)``: n = 500, p = 8,321 took
+205 s streamed against 9 s.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from nlis_jax._checks import (
     is_concrete,
     report_nonfinite,
 )
+from nlis_jax._dual import dual_matrix
 from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
 from nlis_jax._passes import (
     Chunks,
@@ -63,7 +68,13 @@ from nlis_jax._passes import (
     strided_valid,
 )
 from nlis_jax._precision import highest_precision
-from nlis_jax._scores import LINEAR_ALGEBRA_FAILED, STREAMED_ZERO_NORMS, Leverage, as_leverage
+from nlis_jax._scores import (
+    LINEAR_ALGEBRA_FAILED,
+    STREAMED_ZERO_NORMS,
+    Leverage,
+    as_leverage,
+    leverage_scores,
+)
 from nlis_jax._types import ApplyFn, Array, PyTree
 
 #: Examples per chunk by default on a CPU, whose memory is also the device's.
@@ -187,7 +198,11 @@ def streaming_leverage_scores(
     r"""Leverage-score probabilities of the dual matrix ``[F*(θ) | f(0) − y]``, streamed in chunks.
 
     Same result as ``leverage_scores(dual_matrix(apply_fn, params, xs, ys))`` (to rounding, and by the
-    same route) with memory ``O(chunk_size·k·p + p²)``; the dual matrix is never materialised.
+    same route) with memory ``O(chunk_size·k·p + p²)``; the dual matrix is never materialised, except
+    for arrays with fewer dual rows than columns (``n·k < p + 1``; device arrays, or host arrays in one
+    process), whose dual matrix is smaller than the Gram matrix: they are scored from it by the wide
+    route of :func:`nlis_jax.leverage_scores` (device arrays: ``leverage_scores(dual_matrix(...))``
+    exactly), and no ``(p+1)²`` Gram matrix is formed.
 
     Args:
       apply_fn, params, xs, ys, num_nodes, mode: as in :func:`nlis_jax.dual_matrix`. ``xs`` may also be
@@ -228,14 +243,16 @@ def streaming_leverage_scores(
     routes.check_route(route)
     check_tolerances(rtol, 0.0)
     check_bool("return_info", return_info)
-    host = is_host_data(xs, (params, ys))
-    _check_gram_fits(params, "host" if host else "device")
-    if host:  # before check_model, which would read a memmap whole
+    if is_host_data(xs, (params, ys)):  # not check_model, which would read a memmap whole
         args = (chunk_size, num_nodes, mode, rtol, route, return_info, out)
         return _host_leverage(apply_fn, params, xs, ys, *args)
     if out is not None:
         raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
     shape = check_model(apply_fn, params, xs, ys)
+    if shape.n * math.prod(shape.out_shape) < shape.p + 1:  # the dual matrix is smaller than its Gram
+        F = dual_matrix(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+        return leverage_scores(F, rtol=rtol, route=route, return_info=return_info)
+    _check_gram_fits(params, "device")
     dtype = shape.dtype
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     tol = routes.tolerance(rtol, routes.compute_dtype(dtype))
@@ -270,7 +287,8 @@ def _host_leverage(apply_fn, params, xs, ys, chunk_size, num_nodes, mode, rtol, 
     dtype = jnp.result_type(*jax.tree.leaves(params))
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode, rtol=rtol, route=route, out=out)
-    h, rank, taken, total = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs)
+    check_gram = functools.partial(_check_gram_fits, params, "host")  # after the shape checks
+    h, rank, taken, total = host_streaming_leverage(apply_fn, params, xs, ys, **kwargs, check_gram=check_gram)
     if out is not None:
         divide_in_place(out, total, chunk_size)  # Σh, as as_leverage divides by
         return Leverage(out, None, rank, taken) if return_info else out

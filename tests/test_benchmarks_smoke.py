@@ -86,6 +86,25 @@ def test_bench_scores_checks_the_eager_call(tmp_path, monkeypatch):
     assert failed(record["checks"]) == {"eager_scores_vs_svd_max_rel"} and "timings" not in record
 
 
+def test_bench_wide(tmp_path, monkeypatch):
+    args = ["--n", "40", "--m", "300", "--rank", "30", "--stream-n", "20", "--stream-d", "4"]
+    record = run_bench("bench_wide", [*args, "--stream-hidden", "8"], tmp_path, monkeypatch)
+    assert record["rank"] == 30 and record["route"] == "stable"
+    assert record["floor_s"] > 0 and record["speedup_vs_thin_svd"] > 0
+    streaming = record["streaming"]
+    assert streaming["p"] == 49 and streaming["checks"]["streaming_vs_svd_max_rel"]["ok"]
+    assert set(streaming["timings"]) == {"streaming_leverage_scores", "streamed_gram_before"}
+
+
+def test_bench_wide_checks_the_scores(tmp_path, monkeypatch):
+    """Scores one row off (jitted and eager) fail the checks before anything is timed."""
+    sabotage(monkeypatch, "leverage_scores", lambda o, a, k: o if k.get("return_info") else jnp.roll(o, 1))
+    args = ["--n", "40", "--m", "300", "--rank", "30"]
+    record = run_sabotaged("bench_wide", args, tmp_path, monkeypatch)
+    wrong = {"scores_vs_svd_max_rel", "eager_scores_vs_svd_max_rel"}  # the jitted and the eager call
+    assert failed(record["checks"]) == wrong and "timings" not in record
+
+
 def test_bench_adjoint(tmp_path, monkeypatch):
     args = ["--n", "64", "--d", "3", "--hidden", "4,4", "--nodes", "8", "--sweep-n", "32"]
     args += ["--widths", "2", "--index-dims", "4", "--output-dims", "1", "--cnn-n", "4", "--cnn-size", "8"]
@@ -241,6 +260,8 @@ def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypat
         ("bench_streaming", ["--models", "mlpp"], "--models: unknown ['mlpp']"),
         ("bench_streaming", ["--n", "1e6,abc"], "--n: must be a number, got 'abc'"),
         ("bench_scores", ["--n", "-5"], "--n: must be an integer >= 1, got -5"),
+        ("bench_wide", ["--n", "500", "--m", "400"], "need --rank <= --n < --m, got 450, 500, 400"),
+        ("bench_wide", ["--stream-n", "9000"], "need --stream-n < p + 1 = 8322 (fewer examples than"),
         ("bench_adjoint", ["--hidden", "32,0"], "--hidden: must be an integer >= 1, got 0"),
         # no mode: the loop baseline alone was timed, with ok: True (audit s34)
         ("bench_adjoint", ["--modes", ""], "--modes: must list at least one mode, got ''"),

@@ -759,7 +759,8 @@ def test_results_that_cannot_fit_in_memory_are_named_before_any_work(monkeypatch
     gram = r"Gram matrix of the streamed scores \(p = 200,000\) of shape \(200001, 200001\) \(float32\) with "
     gram += r"the workspace of its factorisations \({} arrays of that shape in all\) would take {} GiB"
     host_gram, device_gram = gram.format(12, "1,788.2"), gram.format(21, "3,129.3")
-    on_device = (jnp.asarray(xs[:8]), jnp.asarray(ys[:8]))
+    # as many rows as dual columns: fewer are not streamed (their dual matrix is smaller than the Gram's)
+    on_device = (jnp.asarray(xs[:200_001]), jnp.asarray(ys[:200_001]))
     for call, message in (
         (lambda: nj.dual_matrix(f, params, xs, ys, num_nodes=4), "the dual matrix F̃ of shape " + dense),
         (lambda: nj.dual_matrix(f, params, xs, ys), "the dual matrix F̃ of shape " + dense),

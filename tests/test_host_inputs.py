@@ -681,7 +681,8 @@ def test_chunk_source_is_read_as_the_device_goes(fn):
 def test_out_bounds_the_rows_of_a_chunk_source(scores):
     """A chunk source's scores go straight into ``out`` (the norm scores kept all ``n`` of them in memory,
     then copied them), and an ``out`` shorter than the source stops the pass at once: an endless source
-    was read without end. One too long is named after the pass, as for arrays."""
+    was read without end (the leverage's first pass, the Gram matrix, read it all before ``out`` was
+    used, before the fortieth session). One too long is named after the pass, as for arrays."""
     params, xs, ys = _setup()
     fn = nj.streaming_leverage_scores if scores == "leverage" else nj.streaming_norm_scores
     ref = _dense(params, xs, ys)[scores == "norm"]
@@ -690,17 +691,16 @@ def test_out_bounds_the_rows_of_a_chunk_source(scores):
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"of shape \(12,\), got shape \(13,\)"):
         fn(apply_fn, params, _source([(xs, ys)]), out=np.zeros(N + 1), **KW)
-    if scores == "norm":  # leverage reads the whole source in its first pass (the Gram matrix) before out
-        read = []
+    read = []
 
-        def endless():
-            while True:
-                read.append(1)
-                yield xs[:4], ys[:4]
+    def endless():
+        while True:
+            read.append(1)
+            yield xs[:4], ys[:4]
 
-        with pytest.raises(ValueError, match=r"shape \(n,\), n the chunk source's examples: .* more than 12"):
-            fn(apply_fn, params, endless, out=np.zeros(N), **KW)
-        assert len(read) <= 6
+    with pytest.raises(ValueError, match=r"shape \(n,\), n the chunk source's examples: .* more than 12"):
+        fn(apply_fn, params, endless, out=np.zeros(N), **KW)
+    assert len(read) <= 6
 
 
 @pytest.mark.parametrize("x64", [True, False], ids=["shape", "narrowing"])

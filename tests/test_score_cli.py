@@ -361,10 +361,12 @@ def test_score_damaged_files_are_usage_errors(tmp_path, capsys):
     not os.path.exists("/proc/meminfo"), reason="the host's free memory is read from /proc/meminfo"
 )
 def test_score_gram_matrix_too_big_names_the_options(tmp_path, capsys):
-    """``--hidden 300000``: the library's MemoryError was a traceback recommending library calls
-    (nj.projected_leverage_scores); now a usage error naming the CLI's options."""
-    _files(tmp_path, n=6, d=3)
-    args = ["--x", str(tmp_path / "x.npy"), "--model", "mlp", "--hidden", "300000"]
+    """``--hidden 30000`` (p = 150,001: 12 Gram matrices take 2.2 TB): the library's MemoryError was a
+    traceback recommending library calls (nj.projected_leverage_scores); now a usage error naming the
+    CLI's options. With as many rows as dual columns: fewer are scored from their dual matrix, which is
+    then smaller than the Gram matrix."""
+    _files(tmp_path, n=150_002, d=3)
+    args = ["--x", str(tmp_path / "x.npy"), "--model", "mlp", "--hidden", "30000"]
     err = _error([*args, "--out", str(tmp_path / "s.npy")], capsys)
     assert "the Gram matrix" in err and "a smaller --hidden, or --method norm" in err, err
     assert "nj." not in err and "projected_leverage_scores" not in err, err

@@ -187,7 +187,8 @@ def test_streaming_rank_deficient_and_block():
 def test_streaming_wide_dual_in_float64(host):
     # n < p + 1: the dual is wide and its streamed R factor rank-deficient (route "stable"). The first
     # chunk's TSQR step stacked its rows below the zero R, which came back NaN from the CPU's QR in
-    # float64 from about p = 700 on: every score NaN, reported as a NaN adjoint (p = 1,105 here).
+    # float64 from about p = 700 on: every score NaN, reported as a NaN adjoint (p = 1,105 here). Host
+    # data is streamed so; device arrays now take the dense wide route (the test below).
     apply_fn = mlp()
     params = mlp_init(jax.random.key(5), (90, 12, 1), dtype=jnp.float64)
     xs = jax.random.normal(jax.random.key(6), (64, 90), jnp.float64)
@@ -201,6 +202,48 @@ def test_streaming_wide_dual_in_float64(host):
     )
     assert int(rank) == r == 64 and nj.routes.ROUTES[int(taken)] == "stable"
     np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_fewer_dual_rows_than_columns_skip_the_gram_matrix(monkeypatch, host):
+    """Arrays with ``n·k < p + 1`` streamed the ``(p+1)²`` Gram matrix and factorised it (n = 500,
+    p = 8,321: 205 s against 9 s dense; at p = 200,000 the Gram check refused 8 rows whose dual matrix
+    takes 12.8 MB). Now their dual matrix is formed and scored by the wide route: on device arrays the
+    same result as ``leverage_scores(dual_matrix(...))``, on host arrays to rounding (the rows of another
+    program), both checked against numpy's SVD of that matrix."""
+    from nlis_jax import _checks
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w"]) @ p["v"]
+
+    def two(p, x):
+        return jnp.stack([f(p, x), f(p, 2 * x)])
+
+    rng = np.random.default_rng(11)
+    params = {"w": rng.standard_normal((4, 40_000)) / 10, "v": rng.standard_normal(40_000) / 200}
+    xs, ys = jnp.asarray(rng.standard_normal((8, 4))), jnp.asarray(rng.standard_normal(8))
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (2**30, "in this process's memory"))
+    data = (np.asarray(xs), np.asarray(ys)) if host else (xs, ys)
+    info = nj.streaming_leverage_scores(f, params, *data, num_nodes=4, return_info=True)
+    F = nj.dual_matrix(f, params, xs, ys, num_nodes=4)
+    ref = nj.leverage_scores(F, return_info=True)
+    ref_h, r = _svd_leverage(F)
+    assert int(info.rank) == int(ref.rank) == r and nj.routes.ROUTES[int(info.route)] == "stable"
+    if host:
+        np.testing.assert_allclose(info.probs, ref.probs, rtol=1e-10)
+        plain = nj.streaming_leverage_scores(f, params, *data, num_nodes=4)  # divided in place
+        np.testing.assert_allclose(plain, ref.probs, rtol=1e-10)
+        out = np.full(8, np.nan)  # and into an out
+        assert nj.streaming_leverage_scores(f, params, *data, num_nodes=4, out=out) is out
+        np.testing.assert_allclose(out, ref.probs, rtol=1e-10)
+    else:
+        np.testing.assert_array_equal(info.probs, ref.probs)
+    np.testing.assert_allclose(info.leverage, ref_h, rtol=1e-10, atol=1e-13)
+    # two outputs: 8 examples give 16 dual rows (block leverage, the sum over an example's rows)
+    info = nj.streaming_leverage_scores(two, params, data[0], num_nodes=4, return_info=True)
+    ref_h, r = _svd_leverage(nj.dual_matrix(two, params, xs, num_nodes=4))
+    assert int(info.rank) == r
+    np.testing.assert_allclose(info.leverage, ref_h.reshape(8, 2).sum(axis=1), rtol=1e-10, atol=1e-13)
 
 
 def test_combined_r_factors_of_wide_blocks():
