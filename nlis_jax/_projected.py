@@ -384,7 +384,7 @@ def projected_leverage_scores(
     ridge = _check_ridge(ridge)
     check_bool("return_info", return_info)
     Y = _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, mode, embedding, sparsity)
-    # the exact (block) leverage of Y; a wide Y (n·k < dim, e.g. p ≥ n) by the thin SVD of routes.wide_basis
+    # the exact (block) leverage of Y; a wide Y (n·k < dim, e.g. p ≥ n) by routes.wide_basis
     out = leverage_scores(Y, rtol=rtol, ridge=ridge, return_info=return_info)
     dtype = _params_dtype(params)
     if not return_info:

@@ -252,7 +252,7 @@ def test_stable_route_with_a_block_of_zero_rows_between_data_rows():
 
 
 def test_wide_matrix_with_a_block_of_zero_columns_between_data_columns():
-    # 550 × 1,100 (fewer rows than columns: the thin SVD of routes.wide_basis), 8 data columns, 1,084 zero
+    # 550 × 1,100 (fewer rows than columns: routes.wide_basis), 8 data columns, 1,084 zero
     # columns, 8 data columns: the CPU's float64 SVD came back NaN ("FᵀF overflows" from leverage_scores,
     # "the dual matrix is all zeros (rank 0)" from orthonormal_basis). Sparse columns, as one-hot features
     # never active in the sample. The fault depends on the values, not on the pattern alone (other seeds
