@@ -46,11 +46,11 @@ from _common import (
     run_and_write,
     time_eager,
 )
+from bench_scores import SCORE_RTOL_TARGET, scores_rel_error
 
 import nlis_jax as nj
 
 NAME = "bench_wide"
-SCORE_RTOL_TARGET = {"float64": 1e-10, "float32": 1e-4}
 
 
 def parse_args(argv):
@@ -105,10 +105,6 @@ def thin_svd_leverage(A):
     keep = s > nj.routes.default_rtol(A.dtype) * s[0]
     h = jnp.sum(jnp.square(W * keep[None, :]), axis=1)
     return h / jnp.sum(h)
-
-
-def scores_rel_error(tau, tau_ref) -> float:
-    return float(np.max(np.abs(np.asarray(tau, np.float64) - tau_ref) / tau_ref))
 
 
 def run(args) -> dict:
