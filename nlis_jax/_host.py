@@ -54,6 +54,7 @@ from nlis_jax._adjoint import (
 )
 from nlis_jax._checks import (
     check_finite,
+    check_fits_in_memory,
     check_floating,
     check_native,
     check_not_complex,
@@ -966,7 +967,9 @@ def host_streaming_leverage(
     if isinstance(source, CheckedSource) and out is not None:  # the first pass stops at out's length (an
         source.limit = (out.shape[0], more_rows_than_out(out))  # endless source was read without end)
     dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
-    if n is not None and jax.process_count() == 1 and n * _outputs(apply_fn, params, xs) < dim:
+    rows = n * _outputs(apply_fn, params, xs) if n is not None and jax.process_count() == 1 else None
+    if rows is not None and rows < dim:  # fewer dual rows than columns
+        check_wide_fits((rows, dim), dtype, "host")
         kw = dict(num_nodes=num_nodes, mode=mode, rtol=rtol, route=route, out=out)
         return _wide_leverage(apply_fn, params, source, chunk, n, dtype, **kw)
     if check_gram is not None:
@@ -984,6 +987,23 @@ def host_streaming_leverage(
     return global_vector(h, counts["n"]), t.rank, t.route, total
 
 
+#: ``(n·k, p+1)`` arrays the wide route of the streamed scores holds: XLA's buffer plan of
+#: ``routes.row_leverage`` on a wide matrix holds 2.0–2.25 of them besides its argument (500 × 20,000,
+#: 200 × 50,000, 1,000 × 4,000 in float64); host arrays are gathered on the host first.
+WIDE_COPIES = {"device": 3, "host": 4}
+
+
+def check_wide_fits(shape: tuple, dtype, where: str) -> None:
+    """``MemoryError`` before any work when the dual matrix of ``shape`` that the streamed scores form for
+    fewer rows than columns (:data:`WIDE_COPIES`, ``where`` ``"device"`` or ``"host"``) cannot be held."""
+    hint = (
+        "score a random projection instead: nj.projected_leverage_scores(key, apply_fn, params, xs, ys, "
+        "dim=...) (ys=None for label-free scores), or use nj.streaming_norm_scores (no matrix)."
+    )
+    what = "the dual matrix F̃ (fewer rows than columns: formed instead of the larger Gram matrix)"
+    check_fits_in_memory(what, shape, dtype, hint, WIDE_COPIES[where], "the wide route's workspace")
+
+
 def _outputs(apply_fn, params, xs) -> int:
     """``k``, the model's outputs per example (its dual rows per example), from shapes alone."""
     return math.prod(check_output_shape(eval_example(apply_fn, params, example_spec(xs))).shape)
@@ -994,7 +1014,8 @@ def _wide_leverage(apply_fn, params, source, chunk, n, dtype, *, num_nodes, mode
     one process: their dual matrix is smaller than its Gram matrix, so it is gathered in one pass (its
     non-finite inputs and rows counted, named as the first pass names them) and scored by the dense wide
     route (:func:`nlis_jax.routes.wide_basis`, ``O(n²p)``) instead of factorising the ``(p+1)²`` Gram
-    matrix (``O(np² + p³)``: n = 500, p = 8,321 took 205 s on device arrays against 9 s dense)."""
+    matrix (``O(np² + p³)``: n = 500, p = 8,321 took 187–252 s on device arrays against 0.35 s now,
+    ``benchmarks/README.md`` (a), "Wide matrices")."""
     rows, bad = None, np.zeros(2, np.int64)
     start = 0
     for piece, valid in staged(source, chunk):

@@ -221,8 +221,10 @@ def leverage_scores(
       ``(n,)`` probabilities (non-negative, summing to 1), dtype of ``F``; or a :class:`Leverage`.
 
     Fewer rows than columns (``n·k < m``, e.g. a model with more parameters than examples): no ``m × m``
-    Gram matrix; the Householder QR of the column-equilibrated ``Fᵀ`` and the SVD of its ``n·k × n·k``
-    R factor (``O(n²m)``, :func:`nlis_jax.routes.wide_basis`), reported as route ``"stable"``.
+    Gram matrix; full row rank certified from the eigenvalues of the ``n·k × n·k`` Gram matrix of the
+    column-equilibrated rows (every leverage then exactly 1), else the Householder QR of the
+    column-equilibrated ``Fᵀ`` and the SVD of its R factor (``O(n²m)``,
+    :func:`nlis_jax.routes.wide_basis`); reported as route ``"stable"``.
 
     Every magnitude of normal numbers is handled (columns are scaled by powers of two), but XLA on a CPU
     flushes subnormal numbers (below ``finfo(dtype).smallest_normal``: ``1.2e-38`` in float32) to zero:

@@ -26,7 +26,7 @@ The passes are written once (:mod:`nlis_jax._passes`) for device arrays (here) a
 host arrays in one process) are not streamed: their dual matrix is smaller than its Gram matrix, and it
 is scored by the ``O(n²p)`` route of wide matrices (:func:`nlis_jax.routes.wide_basis`, as
 :func:`nlis_jax.leverage_scores`) where the Gram matrix cost ``O(np² + p³)``: n = 500, p = 8,321 took
-205 s streamed against 9 s.
+187–252 s streamed against 0.35 s (``benchmarks/README.md`` (a), "Wide matrices").
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ from nlis_jax._checks import (
     report_nonfinite,
 )
 from nlis_jax._dual import dual_matrix
-from nlis_jax._host import divide_in_place, host_norm_scores, host_streaming_leverage, is_host_data
+from nlis_jax._host import (
+    check_wide_fits,
+    divide_in_place,
+    host_norm_scores,
+    host_streaming_leverage,
+    is_host_data,
+)
 from nlis_jax._passes import (
     Chunks,
     chunk_values,
@@ -250,6 +256,7 @@ def streaming_leverage_scores(
         raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
     shape = check_model(apply_fn, params, xs, ys)
     if shape.n * math.prod(shape.out_shape) < shape.p + 1:  # the dual matrix is smaller than its Gram
+        check_wide_fits((shape.n, *shape.out_shape, shape.p + 1), shape.dtype, "device")
         F = dual_matrix(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
         return leverage_scores(F, rtol=rtol, route=route, return_info=return_info)
     _check_gram_fits(params, "device")

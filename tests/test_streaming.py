@@ -244,6 +244,18 @@ def test_fewer_dual_rows_than_columns_skip_the_gram_matrix(monkeypatch, host):
     ref_h, r = _svd_leverage(nj.dual_matrix(two, params, xs, num_nodes=4))
     assert int(info.rank) == r
     np.testing.assert_allclose(info.leverage, ref_h.reshape(8, 2).sum(axis=1), rtol=1e-10, atol=1e-13)
+    # the dual matrix and the wide route's workspace (3 such arrays on a device, 4 from the host: 38.4 and
+    # 51.2 MB) checked before any work
+    copies = 4 if host else 3
+    budget = copies * 8 * 200_001 * 8
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (budget, "in this process's memory"))
+    nj.streaming_leverage_scores(f, params, *data, num_nodes=4)
+    monkeypatch.setattr(_checks, "available_memory", lambda *_: (budget - 1, "in this process's memory"))
+    message = (
+        rf"the dual matrix F̃ \(fewer rows than columns.*\({copies} arrays .*nj.projected_leverage_scores"
+    )
+    with pytest.raises(MemoryError, match=message):
+        nj.streaming_leverage_scores(f, params, *data, num_nodes=4)
 
 
 def test_combined_r_factors_of_wide_blocks():
