@@ -211,11 +211,26 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
       ``B = Rᵀ Qᵀ``, whose left singular vectors and singular values are those of ``Rᵀ = W S Zᵀ``;
       ``U = W`` over the singular values above ``rtol · s_max``.
 
-    ``U`` is padded with zero columns to ``m`` (rank ``≤ n``). Reported as route ``"stable"``. At 500 ×
-    131,586 in float64 on 2 CPU cores: full row rank (certified) 1.8 s, rank 450 (factored) 3.7 s,
-    against 13.8–14.1 s for the thin SVD of ``B`` itself (which forms ``Vᵀ`` too):
-    ``benchmarks/README.md`` (a), "Wide matrices".
+    ``U`` is padded with zero columns to ``m`` (rank ``≤ n``). Reported as route ``"stable"``. The row
+    norms (``row_norms``) are differentiable (:func:`wide_leverage`). At 500 × 131,586 in float64 on 2
+    CPU cores: full row rank (certified) 1.8 s, rank 450 (factored) 3.7 s, against 13.8–14.1 s for the
+    thin SVD of ``B`` itself (which forms ``Vᵀ`` too): ``benchmarks/README.md`` (a), "Wide matrices".
     """
+    if row_norms:
+        out, rank = wide_leverage(A, rtol)
+    else:
+        _, W, _, keep, finite = _wide_factors(A, rtol)
+        U = W * keep[None, :].astype(W.dtype)
+        # NaN/Inf input, or a failed SVD (NaN singular values, rank 0): NaN out, as gram_basis
+        out = jnp.where(finite, jnp.pad(U, ((0, 0), (0, A.shape[1] - A.shape[0]))), jnp.nan)
+        rank = jnp.sum(keep).astype(jnp.int32)
+    return out, rank, jnp.asarray(ROUTES.index("stable"), jnp.int32)
+
+
+def _wide_factors(A: Array, rtol: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """``(B, W, s, keep, finite)`` of :func:`wide_basis`: ``B = A D⁻¹``, the left singular vectors ``W``
+    (``n × n``; ``I`` when full row rank is certified) and singular values ``s`` (ones then), the kept
+    ones, and whether the input and ``s`` are finite."""
     n, m = A.shape
     norms = jnp.linalg.norm(A, axis=0)
     scaled = A / jnp.where(norms > 0, norms, 1)[None, :]
@@ -233,13 +248,36 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
         return W, s
 
     W, s = lax.cond(certified, identity, factored, scaled)
-    keep = s > rtol * s[0]
+    finite = jnp.all(jnp.isfinite(norms)) & jnp.all(jnp.isfinite(s))
+    return scaled, W, s, s > rtol * s[0], finite
+
+
+@jax.custom_jvp
+def wide_leverage(A: Array, rtol: Array) -> tuple[Array, Array]:
+    """``(‖U_i‖², rank)`` of :func:`wide_basis`, differentiable as :func:`stable_leverage`: the projector's
+    derivative at fixed rank, ``dh_i = 2 ⟨[(I − P) dB M]_i, U_i⟩`` with ``M = Bᵀ U S⁻²`` over the kept
+    singular values (``B M = U``), ``dB = dA D⁻¹`` (the leverage does not depend on the column scales, so
+    ``D`` is held fixed); 0 where full row rank is certified (``P = I``). Differentiating the QR gave NaN
+    for a zero row of ``A`` (a zero on R's diagonal), and the SVD for repeated singular values."""
+    _, W, _, keep, finite = _wide_factors(A, rtol)
     U = W * keep[None, :].astype(W.dtype)
-    # the row norms from the n × n W: the padded (n, m) U was written and read again for them
-    out = jnp.sum(jnp.square(U), axis=1) if row_norms else jnp.pad(U, ((0, 0), (0, m - n)))
-    # NaN/Inf input, or a failed SVD (NaN singular values, rank 0): NaN out, as gram_basis
-    out = jnp.where(jnp.all(jnp.isfinite(norms)) & jnp.all(jnp.isfinite(s)), out, jnp.nan)
-    return out, jnp.sum(keep).astype(jnp.int32), jnp.asarray(ROUTES.index("stable"), jnp.int32)
+    return jnp.where(finite, jnp.sum(jnp.square(U), axis=1), jnp.nan), jnp.sum(keep).astype(jnp.int32)
+
+
+@wide_leverage.defjvp
+def _wide_leverage_jvp(primals, tangents):
+    A, rtol = primals
+    dA = tangents[0]
+    B, W, s, keep, finite = _wide_factors(A, rtol)
+    U = W * keep[None, :].astype(W.dtype)
+    norms = jnp.linalg.norm(A, axis=0)
+    dB = dA / jnp.where(norms > 0, norms, 1)[None, :]
+    inv_s2 = jnp.where(keep, 1 / jnp.square(jnp.where(keep, s, 1)), 0)
+    X = (dB @ B.T) @ (U * inv_s2[None, :])  # dB M
+    dh = 2 * jnp.sum(U * (X - U @ (U.T @ X)), axis=1)
+    h = jnp.where(finite, jnp.sum(jnp.square(U), axis=1), jnp.nan)
+    rank = jnp.sum(keep).astype(jnp.int32)
+    return (h, rank), (dh, np.zeros(rank.shape, jax.dtypes.float0))
 
 
 def gram_is_finite(G: Array) -> Array:

@@ -201,6 +201,30 @@ def test_stable_route_gradient_with_a_zero_column_and_any_direction(dtype):
         np.testing.assert_allclose([np.sum(g * E), forward], [fd, fd], rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_wide_route_gradient_with_a_zero_row_and_any_direction(dtype):
+    """Fewer rows than columns (routes.wide_basis): jax.grad of the scores differentiated the QR of
+    ``(A D⁻¹)ᵀ``, whose R has a zero on its diagonal for a zero row of ``A``: every entry NaN. Now the
+    derivative of the projector at fixed rank (wide_leverage's custom_jvp), against a central difference
+    of the top-r SVD leverage of the equilibrated matrix in any direction (the zero row moved too), in
+    reverse and forward mode; 0 on a matrix of full row rank (certified: every leverage 1)."""
+    rng = np.random.default_rng(5)
+    B = rng.normal(size=(6, 2)) @ rng.normal(size=(2, 15))  # rank 2 of 6 rows
+    B[4] = 0
+    E = rng.normal(size=B.shape)
+    i = 1
+    fd = (_fixed_rank_leverage(B + 1e-6 * E, 2)[i] - _fixed_rank_leverage(B - 1e-6 * E, 2)[i]) / 2e-6 / 2
+    assert abs(fd) > 1e-3  # a direction that moves the score
+    score = lambda F: nj.leverage_scores(F)[i]  # noqa: E731
+    g = np.asarray(jax.grad(score)(jnp.asarray(B, dtype)), np.float64)
+    assert np.all(np.isfinite(g))
+    forward = float(jax.jvp(score, (jnp.asarray(B, dtype),), (jnp.asarray(E, dtype),))[1])
+    rtol = 1e-6 if dtype == np.float64 else 1e-3  # as for route "stable" above
+    np.testing.assert_allclose([np.sum(g * E), forward], [fd, fd], rtol=rtol)
+    full = jnp.asarray(rng.normal(size=(6, 15)), dtype)
+    assert np.all(np.asarray(jax.grad(lambda F: nj.leverage_scores(F)[0])(full)) == 0)
+
+
 def test_reverse_mode_gradient_on_rank_deficient_input_is_finite():
     """The routes factor the Gram matrix before choosing; on rank-deficient input the factor is NaN and
     unused (route "stable"), but its derivative put NaN into every entry of jax.grad of the automatic
