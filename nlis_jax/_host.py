@@ -964,8 +964,10 @@ def host_streaming_leverage(
     # out checked before the passes (a chunk source's length is known after the first), on every process
     n = None if callable(xs) else jax.tree.leaves(xs)[0].shape[0]
     on_every_process(lambda: out is None or output_vector(out, n, dtype), *_OUT_CHECK)
-    if isinstance(source, CheckedSource) and out is not None:  # the first pass stops at out's length (an
-        source.limit = (out.shape[0], more_rows_than_out(out))  # endless source was read without end)
+    if isinstance(source, CheckedSource) and out is not None and jax.process_count() == 1:
+        # the first pass stops at out's length (an endless source was read without end); under
+        # jax.distributed the out of another length is named on every process after the pass, as before
+        source.limit = (out.shape[0], more_rows_than_out(out))
     dim = sum(np.size(a) for a in jax.tree.leaves(params)) + 1
     rows = n * _outputs(apply_fn, params, xs) if n is not None and jax.process_count() == 1 else None
     if rows is not None and rows < dim:  # fewer dual rows than columns
