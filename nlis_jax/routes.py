@@ -218,8 +218,9 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
     """
     if row_norms:
         out, rank = wide_leverage(A, rtol)
-    else:
-        _, W, _, keep, finite = _wide_factors(A, rtol)
+    else:  # the basis itself: uncertified input by the thin SVD of B, whose derivative is finite for a
+        # zero row of A (the QR's is NaN there); the leverage's own derivative is wide_leverage's
+        _, W, _, keep, finite = _wide_factors(A, rtol, thin_svd=True)
         U = W * keep[None, :].astype(W.dtype)
         # NaN/Inf input, or a failed SVD (NaN singular values, rank 0): NaN out, as gram_basis
         out = jnp.where(finite, jnp.pad(U, ((0, 0), (0, A.shape[1] - A.shape[0]))), jnp.nan)
@@ -227,10 +228,11 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
     return out, rank, jnp.asarray(ROUTES.index("stable"), jnp.int32)
 
 
-def _wide_factors(A: Array, rtol: Array) -> tuple[Array, Array, Array, Array, Array]:
+def _wide_factors(A: Array, rtol: Array, thin_svd: bool = False) -> tuple[Array, Array, Array, Array, Array]:
     """``(B, W, s, keep, finite)`` of :func:`wide_basis`: ``B = A D⁻¹``, the left singular vectors ``W``
     (``n × n``; ``I`` when full row rank is certified) and singular values ``s`` (ones then), the kept
-    ones, and whether the input and ``s`` are finite."""
+    ones, and whether the input and ``s`` are finite. ``thin_svd``: uncertified input by the thin SVD
+    of ``B`` (zero columns last) instead of the QR of ``Bᵀ``."""
     n, m = A.shape
     norms = jnp.linalg.norm(A, axis=0)
     scaled = A / jnp.where(norms > 0, norms, 1)[None, :]
@@ -244,7 +246,10 @@ def _wide_factors(A: Array, rtol: Array) -> tuple[Array, Array, Array, Array, Ar
     def factored(scaled):  # qr_r takes the zero rows of scaledᵀ (zero columns of A) last: the float64 CPU
         # SVD came back NaN for a block of zero columns between nonzero ones (550 × 1,100, 1,084 zero
         # columns: zero_rows_last)
-        W, s, _ = jnp.linalg.svd(qr_r(scaled.T).T)
+        if thin_svd:
+            W, s, _ = jnp.linalg.svd(scaled[:, zero_rows_last(scaled.T)], full_matrices=False)
+        else:
+            W, s, _ = jnp.linalg.svd(qr_r(scaled.T).T)
         return W, s
 
     W, s = lax.cond(certified, identity, factored, scaled)

@@ -223,6 +223,9 @@ def test_wide_route_gradient_with_a_zero_row_and_any_direction(dtype):
     np.testing.assert_allclose([np.sum(g * E), forward], [fd, fd], rtol=rtol)
     full = jnp.asarray(rng.normal(size=(6, 15)), dtype)
     assert np.all(np.asarray(jax.grad(lambda F: nj.leverage_scores(F)[0])(full)) == 0)
+    # the basis itself (orthonormal_basis): a finite derivative with the zero row, as before the QR
+    basis = jax.grad(lambda F: jnp.sum(nj.orthonormal_basis(F)[0][:, :2] ** 3))(jnp.asarray(B, dtype))
+    assert np.all(np.isfinite(np.asarray(basis)))
 
 
 def test_reverse_mode_gradient_on_rank_deficient_input_is_finite():
