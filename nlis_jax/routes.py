@@ -212,9 +212,11 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
       ``U = W`` over the singular values above ``rtol · s_max``.
 
     ``U`` is padded with zero columns to ``m`` (rank ``≤ n``). Reported as route ``"stable"``. The row
-    norms (``row_norms``) are differentiable (:func:`wide_leverage`). At 500 × 131,586 in float64 on 2
-    CPU cores: full row rank (certified) 1.8 s, rank 450 (factored) 3.7 s, against 13.8–14.1 s for the
-    thin SVD of ``B`` itself (which forms ``Vᵀ`` too): ``benchmarks/README.md`` (a), "Wide matrices".
+    norms (``row_norms``) are differentiable (:func:`wide_leverage`); the basis itself, uncertified,
+    comes from the thin SVD of ``B`` (``O(n²m)`` too, slower), whose derivative is finite for a zero
+    row. The leverage at 500 × 131,586 in float64 on 2 CPU cores: full row rank (certified) 1.8 s, rank
+    450 (factored) 3.7 s, against 13.8–14.1 s for the thin SVD of ``B`` (which forms ``Vᵀ`` too):
+    ``benchmarks/README.md`` (a), "Wide matrices".
     """
     if row_norms:
         out, rank = wide_leverage(A, rtol)
