@@ -222,22 +222,32 @@ def wide_basis(A: Array, rtol: Array, row_norms: bool) -> tuple[Array, Array, Ar
         out, rank = wide_leverage(A, rtol)
     else:  # the basis itself: uncertified input by the thin SVD of B, whose derivative is finite for a
         # zero row of A (the QR's is NaN there); the leverage's own derivative is wide_leverage's
-        _, W, _, keep, finite = _wide_factors(A, rtol, thin_svd=True)
-        U = W * keep[None, :].astype(W.dtype)
+        f = _wide_factors(A, rtol, thin_svd=True)
         # NaN/Inf input, or a failed SVD (NaN singular values, rank 0): NaN out, as gram_basis
-        out = jnp.where(finite, jnp.pad(U, ((0, 0), (0, A.shape[1] - A.shape[0]))), jnp.nan)
-        rank = jnp.sum(keep).astype(jnp.int32)
+        out = jnp.where(f.finite, jnp.pad(f.U, ((0, 0), (0, A.shape[1] - A.shape[0]))), jnp.nan)
+        rank = f.rank
     return out, rank, jnp.asarray(ROUTES.index("stable"), jnp.int32)
 
 
-def _wide_factors(A: Array, rtol: Array, thin_svd: bool = False) -> tuple[Array, Array, Array, Array, Array]:
-    """``(B, W, s, keep, finite)`` of :func:`wide_basis`: ``B = A D⁻¹``, the left singular vectors ``W``
-    (``n × n``; ``I`` when full row rank is certified) and singular values ``s`` (ones then), the kept
-    ones, and whether the input and ``s`` are finite. ``thin_svd``: uncertified input by the thin SVD
-    of ``B`` (zero columns last) instead of the QR of ``Bᵀ``."""
+class _WideFactors(NamedTuple):
+    """What :func:`_wide_factors` finds for :func:`wide_basis`."""
+
+    B: Array  # (n, m): A D⁻¹, columns of unit norm
+    D: Array  # (m,): the column norms (1 for a zero column)
+    U: Array  # (n, n): the kept left singular vectors (I when full row rank is certified), 0 elsewhere
+    s: Array  # (n,): the singular values (ones when certified)
+    keep: Array  # (n,) bool: the kept singular values
+    rank: Array  # int32: their number
+    finite: Array  # bool: the input and s are finite
+
+
+def _wide_factors(A: Array, rtol: Array, thin_svd: bool = False) -> _WideFactors:
+    """The factors of :func:`wide_basis`. ``thin_svd``: uncertified input by the thin SVD of ``B`` (zero
+    columns last) instead of the QR of ``Bᵀ``."""
     n, m = A.shape
     norms = jnp.linalg.norm(A, axis=0)
-    scaled = A / jnp.where(norms > 0, norms, 1)[None, :]
+    D = jnp.where(norms > 0, norms, 1)
+    scaled = A / D[None, :]
     lam = jnp.linalg.eigvalsh(scaled @ scaled.T)  # ascending
     tau = jnp.maximum(5 * jnp.square(rtol), 10.0 * n * m * float(jnp.finfo(A.dtype).eps)).astype(lam.dtype)
     certified = (lam[-1] > 0) & (lam[0] >= tau * lam[-1])  # False for NaN
@@ -255,8 +265,15 @@ def _wide_factors(A: Array, rtol: Array, thin_svd: bool = False) -> tuple[Array,
         return W, s
 
     W, s = lax.cond(certified, identity, factored, scaled)
+    keep = s > rtol * s[0]
     finite = jnp.all(jnp.isfinite(norms)) & jnp.all(jnp.isfinite(s))
-    return scaled, W, s, s > rtol * s[0], finite
+    U = W * keep[None, :].astype(W.dtype)
+    return _WideFactors(scaled, D, U, s, keep, jnp.sum(keep).astype(jnp.int32), finite)
+
+
+def _wide_row_norms(f: _WideFactors) -> Array:
+    """``‖U_i‖²`` of :func:`_wide_factors`' basis, NaN for NaN/Inf input or a failed SVD."""
+    return jnp.where(f.finite, jnp.sum(jnp.square(f.U), axis=1), jnp.nan)
 
 
 @jax.custom_jvp
@@ -266,25 +283,19 @@ def wide_leverage(A: Array, rtol: Array) -> tuple[Array, Array]:
     singular values (``B M = U``), ``dB = dA D⁻¹`` (the leverage does not depend on the column scales, so
     ``D`` is held fixed); 0 where full row rank is certified (``P = I``). Differentiating the QR gave NaN
     for a zero row of ``A`` (a zero on R's diagonal), and the SVD for repeated singular values."""
-    _, W, _, keep, finite = _wide_factors(A, rtol)
-    U = W * keep[None, :].astype(W.dtype)
-    return jnp.where(finite, jnp.sum(jnp.square(U), axis=1), jnp.nan), jnp.sum(keep).astype(jnp.int32)
+    f = _wide_factors(A, rtol)
+    return _wide_row_norms(f), f.rank
 
 
 @wide_leverage.defjvp
 def _wide_leverage_jvp(primals, tangents):
     A, rtol = primals
     dA = tangents[0]
-    B, W, s, keep, finite = _wide_factors(A, rtol)
-    U = W * keep[None, :].astype(W.dtype)
-    norms = jnp.linalg.norm(A, axis=0)
-    dB = dA / jnp.where(norms > 0, norms, 1)[None, :]
-    inv_s2 = jnp.where(keep, 1 / jnp.square(jnp.where(keep, s, 1)), 0)
-    X = (dB @ B.T) @ (U * inv_s2[None, :])  # dB M
-    dh = 2 * jnp.sum(U * (X - U @ (U.T @ X)), axis=1)
-    h = jnp.where(finite, jnp.sum(jnp.square(U), axis=1), jnp.nan)
-    rank = jnp.sum(keep).astype(jnp.int32)
-    return (h, rank), (dh, np.zeros(rank.shape, jax.dtypes.float0))
+    f = _wide_factors(A, rtol)
+    inv_s2 = jnp.where(f.keep, 1 / jnp.square(jnp.where(f.keep, f.s, 1)), 0)
+    X = ((dA / f.D[None, :]) @ f.B.T) @ (f.U * inv_s2[None, :])  # dB M
+    dh = 2 * jnp.sum(f.U * (X - f.U @ (f.U.T @ X)), axis=1)
+    return (_wide_row_norms(f), f.rank), (dh, np.zeros(f.rank.shape, jax.dtypes.float0))
 
 
 def gram_is_finite(G: Array) -> Array:
