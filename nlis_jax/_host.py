@@ -790,23 +790,14 @@ _values_step = functools.partial(_step, _values)
 
 # ------------------------------------------------------------------------------------------- leverage
 def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) -> routes.Transform:
-    """:func:`nlis_jax.routes.transform_from_passes` with the passes run from Python (only those needed;
-    ``run_pass`` is for traced code and not used)."""
-    dec = routes.decide(G, route=route, rtol=rtol)
-    eye = jnp.eye(G.shape[0], dtype=G.dtype)
-    taken = int(dec.route)
-    if taken == 0:
-        return routes.Transform(dec.transform, eye, jnp.asarray(False), dec.rank, dec.route)
-    if taken == 1:
-        second = routes.refine_transform(gram_pass(dec.transform))
-        return routes.Transform(dec.transform, second, jnp.asarray(True), dec.rank, dec.route)
-    # Route "shifted" (chosen below float64) calls its passes from traced code; from Python the
-    # rank-revealing route is taken instead, and reported.
-    M, rank = routes.stable_transform(r_factor(), dec.scale, rtol)
-    stable = jnp.asarray(routes.STABLE, jnp.int32)
-    if G.dtype == jnp.float64:
-        return routes.Transform(M, eye, jnp.asarray(False), rank, stable)
-    return routes.Transform(M, routes.refine_transform(gram_pass(M)), jnp.asarray(True), rank, stable)
+    """:func:`nlis_jax.routes.transform_stepwise` with the passes run from Python (only those needed;
+    ``run_pass`` is for traced code and not used). Route ``"shifted"`` is taken as ``"stable"``, and
+    reported so: host data does not redo the passes when that route misses a dependent direction."""
+
+    def passes(kind, M):
+        return r_factor() if kind == routes.PASS_TSQR else gram_pass(M)
+
+    return routes.transform_stepwise(G, passes, rtol, route, shifted=False)
 
 
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:

@@ -8,14 +8,16 @@ and differ only in how a pass visits the chunks. A path supplies that as :class:
 - ``first(pass_, init)``: the same, for the first pass (host data also counts the examples and the
   non-finite inputs there, and raises before any score is computed);
 - ``scores(kernel, *args)``: the ``(n,)`` per-example values ``kernel(rows, *args)`` of every chunk;
-- ``transform(G, gram_pass, r_factor, run_pass, rtol, route)``: the route's transform. Device arrays
-  take :func:`nlis_jax.routes.transform_from_pass`, which asks for every pass through ``run_pass`` (one
-  call site in the program, so the dual rows are traced once for all of them); host data a caller of the
-  same :mod:`nlis_jax.routes` steps that runs only the passes the route needs from Python.
+- ``transform(G, gram_pass, r_factor, run_pass, rtol, route)``: the route's transform. A traced call on
+  device arrays takes :func:`nlis_jax.routes.transform_from_pass`, which asks for every pass through
+  ``run_pass`` (one call site in the program, so the dual rows are traced once for all of them); an
+  eager call and host data take :func:`nlis_jax.routes.transform_stepwise`, the same stages run from
+  Python, which runs only the passes the route needs.
 
-The device path (:mod:`nlis_jax._streaming`) is one ``jit`` with ``lax.scan`` and ``lax.map`` over the
-chunks of a padded array; the host path (:mod:`nlis_jax._host`) a Python loop over chunks read from
-numpy, memmaps or a chunk source, each step one jitted call, the next chunk's transfer overlapping it.
+The device path (:mod:`nlis_jax._streaming`) runs ``lax.scan`` and ``lax.map`` over the chunks of a
+padded array, one ``jit`` per pass (eager) or one for all (traced); the host path
+(:mod:`nlis_jax._host`) a Python loop over chunks read from numpy, memmaps or a chunk source, each step
+one jitted call, the next chunk's transfer overlapping it.
 Under ``jax.distributed`` host data combines the per-process carries with ``pass_.combine`` (a sharded
 device array needs nothing: its reductions are all-reduces).
 
@@ -29,6 +31,7 @@ takes the whole chunk, formed block by block.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -37,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nlis_jax import _traced as traced
 from nlis_jax import routes
 from nlis_jax._adjoint import fixed_rule_chunk_size, resolve_mode
 from nlis_jax._colscale import add_scaled_gram, rescale_gram, scale_columns, scaled_gram_start
@@ -297,23 +301,36 @@ def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
     whether every dual row was finite (the diagonal of the first pass's Gram matrix, whose columns are
     prescaled, so it does not overflow): NaN scores from finite rows are a failure of the linear algebra,
     not of the model."""
-    G, colmax = chunks.first(SCALED_GRAM, scaled_gram_start(dim, dtype))
-    zeros = jnp.zeros((dim, dim), dtype)
+    G, colmax = chunks.first(SCALED_GRAM, _scaled_start(dim, dtype))
+
+    def zeros():  # each pass its own (an eager device pass donates its start)
+        return _zeros(dim, dtype)
 
     def gram_pass(M):
-        return chunks.reduce(GRAM, zeros, M, colmax)
+        return chunks.reduce(GRAM, zeros(), M, colmax)
 
     def r_factor():
-        return chunks.reduce(TSQR, zeros, colmax)
+        return chunks.reduce(TSQR, zeros(), colmax)
 
     def run_pass(kind, M):
-        return chunks.reduce(ANY, zeros, kind, M, colmax)
+        return chunks.reduce(ANY, zeros(), kind, M, colmax)
 
     transform = chunks.transform(G, gram_pass, r_factor, run_pass, rtol, route)
     h = chunks.scores(leverage_rows, combined_transform(transform), colmax)
     return h, transform, routes.gram_is_finite(G)
 
 
+# Jitted: eagerly (host data, an eager call on device arrays) each is one program, not operations
+# dispatched on their own (a GPU launch each).
+_scaled_start = traced.jit(scaled_gram_start, static_argnums=(0, 1))
+
+
+@functools.partial(traced.jit, static_argnums=(0, 1))
+def _zeros(dim: int, dtype) -> Array:
+    return jnp.zeros((dim, dim), dtype)
+
+
+@traced.jit
 def combined_transform(t: routes.Transform) -> routes.Transform:
     """``t`` with its refinement folded into the first factor, ``first·second``, for the scoring pass.
 
@@ -321,6 +338,6 @@ def combined_transform(t: routes.Transform) -> routes.Transform:
     pass's products on the refined routes, as the dense leverage does (:func:`nlis_jax.routes.gram_basis`:
     the rows carry rounding ``~eps·κ(F̃)``, which the input's own rounding already causes in the
     leverage). ``first·second`` costs ``m³``, once."""
-    product = jnp.matmul(t.first, t.second, precision=lax.Precision.HIGHEST)  # eager on the host path
+    product = jnp.matmul(t.first, t.second, precision=lax.Precision.HIGHEST)
     first = jnp.where(t.refine, product, t.first)
     return t._replace(first=first, refine=jnp.zeros_like(t.refine))

@@ -7,11 +7,16 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
 - pass 1 accumulates the Gram matrix ``G = Σ_c F̃_cᵀ F̃_c`` of the rows with every column prescaled by a
   power of two, as the dense route does (the column maxima found on the way, :mod:`nlis_jax._colscale`; the
   later passes scale each chunk alike), so a column ``×1e154`` neither overflows nor drops the rank
-  (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce) and
-  :func:`nlis_jax.routes.transform_from_pass` picks the route and asks for the passes it needs, all
-  through one pass loop (so the program traces the dual rows three times: this pass, that loop and the
-  scoring pass; four when a fixed rule takes blocks on a CPU, the loop's Gram and TSQR passes each
-  tracing their own, :func:`nlis_jax._passes.reduce_chunk`);
+  (a ``lax.scan`` over chunks; on a sharded ``xs`` each chunk's product becomes an all-reduce); the
+  route is picked from it and asks for the passes it needs, all through one pass program (so the dual
+  rows are traced three times: this pass, that program and the scoring pass; four when a fixed rule
+  takes blocks on a CPU, the Gram and TSQR passes each tracing their own,
+  :func:`nlis_jax._passes.reduce_chunk`). An eager call runs each pass and each of the route's
+  stages as a program of its own, and only the passes its route needs
+  (:func:`nlis_jax.routes.transform_stepwise`: :func:`_streaming_staged`); a call traced by a user's
+  ``jit`` is one program (:func:`_streaming_jit`, :func:`nlis_jax.routes.transform_from_pass`: a
+  loop whose stages hold every route's state, for which XLA reserved 19–21 ``(p+1)²`` arrays where the
+  eager call peaked at 7–11, ``benchmarks/README.md`` (a), "Streamed workspace");
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([F̃_c; R]).R`` (zero rows last:
@@ -53,6 +58,7 @@ from nlis_jax._checks import (
     fetch,
     is_concrete,
     report_nonfinite,
+    under_trace,
 )
 from nlis_jax._dual import dual_matrix
 from nlis_jax._host import (
@@ -146,29 +152,90 @@ def _streaming_jit(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mod
     chunks, model = _device_chunks(apply_fn, params, xs, ys, **kw)
     dim, dtype = model.theta.shape[0] + 1, routes.compute_dtype(model.theta.dtype)
     h, transform, rows_finite = leverage_passes(chunks, dim, dtype, rtol, route)
+    return h, transform.rank, transform.route, *_outcome(h, transform, rows_finite)
+
+
+def _staged_chunks(apply_fn, params, xs, ys, **kw) -> Chunks:
+    """The chunks of device arrays for an eager call (:func:`_streaming_staged`): each pass one jitted
+    program over the arrays (:func:`_device_reduce`, :func:`_device_scores`), the route's stages run
+    from Python (:func:`nlis_jax.routes.transform_stepwise`) with every later pass through the one
+    program of :data:`~nlis_jax._passes.ANY`."""
+
+    def reduce(pass_, init, *args):
+        return _device_reduce(apply_fn, params, xs, ys, init, args, pass_=pass_, **kw)
+
+    def scores(kernel, *args):
+        return _device_scores(apply_fn, params, xs, ys, args, kernel=kernel, **kw)
+
+    def transform(G, gram_pass, r_factor, run_pass, rtol, route):
+        return routes.transform_stepwise(G, run_pass, rtol, route)
+
+    return Chunks(reduce, reduce, scores, transform)
+
+
+_STATIC = ("apply_fn", "chunk_size", "num_nodes", "mode")
+
+
+@functools.partial(traced.jit, static_argnames=(*_STATIC, "pass_"), donate_argnames=("init",))
+@highest_precision
+def _device_reduce(apply_fn, params, xs, ys, init, args, *, pass_, chunk_size, num_nodes, mode):
+    """One pass ``pass_`` (:mod:`nlis_jax._passes`) over the chunks of device arrays, from ``init``."""
+    chunks, _ = _device_chunks(
+        apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
+    )
+    return chunks.reduce(pass_, init, *args)
+
+
+@functools.partial(traced.jit, static_argnames=(*_STATIC, "kernel"))
+@highest_precision
+def _device_scores(apply_fn, params, xs, ys, args, *, kernel, chunk_size, num_nodes, mode):
+    """The per-example values ``kernel(rows, *args)`` of device arrays, chunk by chunk."""
+    chunks, _ = _device_chunks(
+        apply_fn, params, xs, ys, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode
+    )
+    return chunks.scores(kernel, *args)
+
+
+def _streaming_staged(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
+    """:func:`_streaming_jit`'s outputs from an eager call on concrete arrays, pass by pass."""
+    kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
+    dim = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params)) + 1
+    h, transform, rows_finite = leverage_passes(
+        _staged_chunks(apply_fn, params, xs, ys, **kw), dim, dtype, rtol, route
+    )
+    return h, transform.rank, transform.route, *_outcome(h, transform, rows_finite)
+
+
+@traced.jit
+def _outcome(h, transform, rows_finite):
+    """``(non-finite scores from non-finite rows, from the linear algebra, lost)`` of the leverage ``h``."""
     bad = jnp.sum(~jnp.isfinite(h))
     # route "shifted" on a dependent column it could not see: Σh one short of the rank (routes.gram_basis
     # falls back in the program; here the caller redoes the passes on route "stable")
     lost = (transform.route == routes.SHIFTED) & ~routes.kept_every_direction(h, transform.rank, True)
     # a NaN row makes the Gram matrix and so every score NaN; NaN from finite rows is the linear algebra's
-    finite = (jnp.where(rows_finite, 0, bad), jnp.where(rows_finite, bad, 0))
-    return h, transform.rank, transform.route, *finite, lost
+    return jnp.where(rows_finite, 0, bad), jnp.where(rows_finite, bad, 0), lost
 
 
 #: ``(p+1) × (p+1)`` arrays the streamed leverage scores hold at their peak, the Gram matrix and the
-#: workspace of its factorisations: XLA's buffer plan of the device program (``_streaming_jit``,
-#: ``compile().memory_analysis()``) reserves 19–21 of them in float32 and float64, on every route, at
-#: p+1 = 642 to 21,250 (the Gram matrix alone let p+1 = 21,250 in float32 pass against 21.9 GiB free,
-#: then XLA asked for 37.9 GB: RESOURCE_EXHAUSTED); host data (the factorisations run as separate
-#: programs) grew the process's anonymous memory by 9–12 Gram matrices at p+1 = 4,226 and 8,322.
-GRAM_COPIES = {"device": 21, "host": 12}
+#: workspace of its factorisations, for the memory check of an eager call (under a trace XLA may never
+#: form them, and nothing is checked). ``"device"``: a program per pass and per stage of the route
+#: (``_streaming_staged``) grew the process's anonymous memory by 7.0–11.0 Gram matrices on repeated
+#: calls and by 8.7–17.6 on the first (compilation included: a constant, against Gram matrices of 28–77
+#: MiB) at p+1 = 2,701 and 4,501 (benchmarks/README.md (a), "Streamed workspace"); as one program for
+#: every route (``_streaming_jit``, what a call under a user's ``jit`` runs) XLA reserved 19–21 of them
+#: on every route at p+1 = 642 to 21,250 (a budget of the Gram matrix alone let p+1 = 21,250 in float32
+#: pass against 21.9 GiB free, then XLA asked for 37.9 GB: RESOURCE_EXHAUSTED). ``"host"``: host data
+#: (the same stages) grew it by 9–12 at p+1 = 4,226 and 8,322.
+GRAM_COPIES = {"device": 12, "host": 12}
 
 
 def _check_gram_fits(params, where: str) -> None:
     """``MemoryError`` before any work when the ``(p+1) × (p+1)`` Gram matrix of the streamed scores and
     its factorisations' workspace (:data:`GRAM_COPIES`, ``where`` ``"device"`` or ``"host"``) cannot be
-    held (p = 804,865: 5 TB in float64 for the Gram matrix alone; it was XLA's raw RESOURCE_EXHAUSTED
-    after the compilation)."""
+    held (p = 804,865: 5 TB in float64 for the Gram matrix alone; it was XLA's raw
+    RESOURCE_EXHAUSTED after the compilation)."""
     check_native("params", params)
     leaves = jax.tree.leaves(params)
     if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves):
@@ -264,9 +331,8 @@ def streaming_leverage_scores(
     rtol = routes.default_rtol(dtype) if rtol is None else rtol
     tol = routes.tolerance(rtol, routes.compute_dtype(dtype))
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
-    h, rank, taken, bad_rows, bad_algebra, lost = _streaming_jit(
-        apply_fn, params, xs, ys, tol, route=route, **kw
-    )
+    run = _streaming_jit if under_trace() else _streaming_staged  # one program, or one per pass
+    h, rank, taken, bad_rows, bad_algebra, lost = run(apply_fn, params, xs, ys, tol, route=route, **kw)
     rank_seen = None
     if is_concrete(rank):  # the four checks from one read back
         bad_rows, bad_algebra, rank_seen, lost = fetch(bad_rows, bad_algebra, rank, lost)
@@ -276,7 +342,7 @@ def streaming_leverage_scores(
     if rank_seen is None:
         traced.check(~lost, LOST_DIRECTION_MESSAGE)
     elif lost:  # route "shifted" missed a dependent column (float32): the rank-revealing route instead
-        h, rank, taken, *_ = _streaming_jit(apply_fn, params, xs, ys, tol, **kw, route="stable")
+        h, rank, taken, *_ = run(apply_fn, params, xs, ys, tol, **kw, route="stable")
         rank_seen = int(rank)
     return as_leverage(h, rank, taken, return_info, dtype, forced=route, rank_seen=rank_seen)
 

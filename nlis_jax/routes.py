@@ -686,6 +686,97 @@ def _no_start(eye: Array) -> CholeskyStart:
     return CholeskyStart(eye, jnp.ones((), eye.dtype), jnp.asarray(False))
 
 
+def transform_stepwise(
+    G: Array,
+    run_pass: Callable[[int, Array], Array],
+    rtol: Array,
+    route: str | None = None,
+    shifted: bool = True,
+) -> Transform:
+    """:func:`transform_from_pass` with its stages run from Python on concrete values (an eager call).
+
+    The same route, rank and arithmetic, each stage one small jitted program, and only the passes the
+    route asks for run: ``run_pass(kind, M)`` as there, each call a program of its own. The route is read
+    back once, after the decision (and route ``"shifted"``'s checks after its passes). The fused loop
+    holds every stage's ``(m, m)`` state, and XLA's buffer plan of the streaming program that calls it
+    reserved 19–21 ``(m, m)`` arrays on every route, a forced ``"gram"`` too (benchmarks/README.md (a),
+    "Streamed workspace"); here a stage holds only what it reads. With ``shifted=False`` (host data,
+    which does not redo its passes when that route misses a dependent direction) route ``"shifted"`` is
+    taken as ``"stable"``, and reported so.
+    """
+    dec = decide(G, route, rtol)
+    taken = int(dec.route)
+    if taken == GRAM:
+        return _finished(dec.transform, None, dec.rank, taken)
+    if taken == ROUTES.index("gram2"):
+        return _finished(dec.transform, refine_transform(run_pass(PASS_GRAM, dec.transform)), dec.rank, taken)
+    scale, rank = dec.scale, dec.rank
+    del dec  # its (m, m) Cholesky transform is not used below
+    if taken == SHIFTED and shifted:
+        done = _shifted_stages(G, run_pass, rtol, rank)
+        if done is not None:
+            return done
+    m, dtype = G.shape[0], G.dtype
+    M_st, rank_st = stable_transform(run_pass(PASS_TSQR, _eye(m, dtype)), scale, rtol)
+    if dtype == jnp.float64:
+        return _finished(M_st, None, rank_st, STABLE)
+    return _finished(M_st, refine_transform(run_pass(PASS_GRAM, M_st)), rank_st, STABLE)
+
+
+def _shifted_stages(G: Array, run_pass: Callable, rtol: Array, rank: Array) -> Transform | None:
+    """Route ``"shifted"`` of :func:`transform_stepwise`, or ``None`` where its factor or its rank check
+    fails (route ``"stable"`` then)."""
+    first, ok = _shifted_first(G)
+    if not bool(ok):
+        return None
+    start, M = _cholesky_first(run_pass(PASS_GRAM, first), first)
+    G2 = run_pass(PASS_GRAM, M) if bool(start.needs_pass) else _zeros(*M.shape[1:], M.dtype)
+    del M
+    second, ok = _cholesky_last(G, start, G2, first, rtol)
+    return _finished(first, second, rank, SHIFTED) if bool(ok) else None
+
+
+@functools.partial(traced.jit, static_argnames=("route",))
+def _finished(first: Array, second: Array | None, rank: Array, route: int) -> Transform:
+    """The :class:`Transform` of a route taken by :func:`transform_stepwise` (``second`` ``None``: no
+    refinement), built in one program (no operation dispatched on its own: a GPU launch each)."""
+    refine = second is not None
+    second = second if refine else jnp.eye(first.shape[0], dtype=first.dtype)
+    return Transform(first, second, jnp.asarray(refine), rank, jnp.asarray(route, jnp.int32))
+
+
+@functools.partial(traced.jit, static_argnums=(0, 1))
+def _eye(m: int, dtype) -> Array:
+    return jnp.eye(m, dtype=dtype)
+
+
+@functools.partial(traced.jit, static_argnums=(0, 1))
+def _zeros(m: int, dtype) -> Array:
+    return jnp.zeros((m, m), dtype)
+
+
+_shifted_first = traced.jit(highest_precision(shifted_first))
+
+
+@traced.jit
+@highest_precision
+def _cholesky_first(G_a: Array, first: Array) -> tuple[CholeskyStart, Array]:
+    """Route ``"shifted"``'s first CholeskyQR step on ``A·first`` and the transform of its optional pass."""
+    start = cholesky_start(G_a)
+    return start, first @ start.M1
+
+
+@functools.partial(traced.jit, donate_argnames=("G2",))
+@highest_precision
+def _cholesky_last(
+    G: Array, start: CholeskyStart, G2: Array, first: Array, rtol: Array
+) -> tuple[Array, Array]:
+    """Route ``"shifted"``'s second step and rank check (``ok`` false: route ``"stable"`` instead)."""
+    Geq, d, _ = equilibrate(G)
+    pre = cholesky_finish(start, G2, first, d, lambda x: Geq @ x, rtol)
+    return pre.second, pre.ok
+
+
 @functools.partial(traced.jit, static_argnames=("row_norms",))
 @highest_precision
 def apply_transform(A: Array, t: Transform, row_norms: bool = False) -> Array:

@@ -105,6 +105,31 @@ def test_bench_wide_checks_the_scores(tmp_path, monkeypatch):
     assert failed(record["checks"]) == wrong and "timings" not in record
 
 
+def test_bench_workspace(tmp_path, monkeypatch):
+    """Each variant in a process of its own: scores checked, then timed, and the peaks measured."""
+    args = ["--d", "3", "--hidden", "6", "--chunk", "32", "--nodes", "4"]
+    record = run_bench("bench_workspace", args, tmp_path, monkeypatch)
+    assert record["p_plus_1"] == 32 and set(record["variants"]) == {"staged", "fused"}
+    for variant in record["variants"].values():
+        assert variant["steady_s"] > 0 and variant["first_growth_bytes"] is not None
+
+
+def test_bench_workspace_checks_the_scores(tmp_path, monkeypatch):
+    """Eager scores one row off fail their check, and nothing is timed."""
+    from nlis_jax import _streaming
+
+    real = _streaming._streaming_staged
+
+    def rolled(*args, **kwargs):
+        h, *rest = real(*args, **kwargs)
+        return jnp.roll(h, 1), *rest
+
+    monkeypatch.setattr(_streaming, "_streaming_staged", rolled)
+    args = ["--d", "3", "--hidden", "6", "--chunk", "32", "--nodes", "4", "--in-process"]
+    record = run_sabotaged("bench_workspace", args, tmp_path, monkeypatch)
+    assert failed(record["checks"]) == {"staged_vs_svd_max_rel"} and "variants" not in record
+
+
 def test_bench_adjoint(tmp_path, monkeypatch):
     args = ["--n", "64", "--d", "3", "--hidden", "4,4", "--nodes", "8", "--sweep-n", "32"]
     args += ["--widths", "2", "--index-dims", "4", "--output-dims", "1", "--cnn-n", "4", "--cnn-size", "8"]
@@ -263,6 +288,7 @@ def test_bench_quadrature_times_nothing_after_a_failed_check(tmp_path, monkeypat
         ("bench_wide", ["--n", "500", "--m", "400"], "need --rank <= --n < --m, got 450, 500, 400"),
         ("bench_wide", ["--stream-n", "9000"], "need --stream-n < p + 1 = 8322 (fewer examples than"),
         ("bench_adjoint", ["--hidden", "32,0"], "--hidden: must be an integer >= 1, got 0"),
+        ("bench_workspace", ["--chunk", "0"], "--chunk: must be an integer >= 1, got 0"),
         # no mode: the loop baseline alone was timed, with ok: True (audit s34)
         ("bench_adjoint", ["--modes", ""], "--modes: must list at least one mode, got ''"),
         ("bench_adjoint", ["--modes", ","], "--modes: must list at least one mode, got ','"),

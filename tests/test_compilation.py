@@ -430,11 +430,12 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
     summaries together, and again after a refinement only if one ran (a cubic model's gradient is a
     quadratic in ``t``, which the first pass integrates exactly; the tanh network needs refining), the
     fixed rule's two NaN counts together, ``sample``'s (and ``mix_with_uniform``'s) five checks of the
-    probabilities together. Before: ``xs[0]`` sliced eagerly three times (slice, squeeze) for shapes, the
-    tolerances converted by four single operations (one in ``streaming_leverage_scores``, and a second
-    for ``h / rank``), the summaries read one by one (and again when nothing was refined), the counts and
-    checks one read back each; ``mix_with_uniform`` moved and converted ``alpha`` alone,
-    ``linear_leverage_scores`` built its design matrix by a broadcast and a concatenation of their own.
+    probabilities together, the streamed leverage's route (which passes to run) and then its four checks.
+    Before: ``xs[0]`` sliced eagerly three times (slice, squeeze) for shapes, the tolerances converted by
+    four single operations (one in ``streaming_leverage_scores``, and a second for ``h / rank``), the
+    summaries read one by one (and again when nothing was refined), the counts and checks one read back
+    each; ``mix_with_uniform`` moved and converted ``alpha`` alone, ``linear_leverage_scores`` built its
+    design matrix by a broadcast and a concatenation of their own.
     (jax's jitted ``jnp`` functions dispatch from C++ without ``Primitive.bind``: what is counted here are
     the operations on jax's Python path.)"""
     rng = np.random.default_rng(5)
@@ -472,8 +473,9 @@ def test_eager_model_calls_dispatch_no_single_ops_and_read_back_together(monkeyp
         "sample": ([], [((),) * 5]),
         "mix_with_uniform": ([], [((),) * 5]),
         "linear_leverage_scores": ([], [(2,)]),  # leverage_scores' status (rank, NaN flag)
-        # the NaN counts of rows and of the linear algebra, the rank and the lost-direction flag, together
-        "streaming_leverage_scores": ([], [((), (), (), ())]),
+        # the route after the first pass (which passes follow), then the NaN counts of rows and of the
+        # linear algebra, the rank and the lost-direction flag, together
+        "streaming_leverage_scores": ([], [(), ((), (), (), ())]),
     }[call]
     expected = run()  # compiles
     counted = _Dispatches(monkeypatch)

@@ -126,7 +126,7 @@ def test_default_chunk_by_platform(monkeypatch):
 
         monkeypatch.setattr(_streaming, name, wrapped)
 
-    for name in ("host_streaming_leverage", "host_norm_scores", "_streaming_jit", "_norm_jit"):
+    for name in ("host_streaming_leverage", "host_norm_scores", "_streaming_staged", "_norm_jit"):
         spy(name)
     w = {"w": jnp.ones(3) / 3}
     xs = np.random.default_rng(0).standard_normal((40, 3))
@@ -376,7 +376,15 @@ def test_the_folded_scoring_transform_is_a_highest_precision_product():
     t = routes.Transform(m, 2 * m, jnp.asarray(True), jnp.asarray(3), jnp.asarray(1))
     with jax.default_matmul_precision("bfloat16"):
         jaxpr = jax.make_jaxpr(combined_transform)(t)
-    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    def eqns(jaxpr):  # with those of nested programs (combined_transform is jitted)
+        for e in jaxpr.eqns:
+            yield e
+            inner = e.params.get("jaxpr")
+            if inner is not None:
+                yield from eqns(getattr(inner, "jaxpr", inner))
+
+    dots = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert dots and all(
         e.params["precision"] in (jax.lax.Precision.HIGHEST, (jax.lax.Precision.HIGHEST,) * 2) for e in dots
     ), [e.params["precision"] for e in dots]
@@ -426,3 +434,143 @@ def test_ill_conditioned_streaming_probabilities_sum_to_one(tmp_path, where):
     assert np.max(np.abs(p - dense)) < np.finfo(np.float64).eps * kappa * dense.max()
     idx, _ = nj.sample(jax.random.key(0), jnp.asarray(p), 10)
     assert idx.shape == (10,)
+
+
+def _linear_problem(kappa: float, dtype, dependent: bool = False):
+    """A linear model ``x @ θ`` whose inputs (400 × 8) have singular values from 1 to ``1/kappa``; with
+    ``dependent`` column 1 repeats column 0."""
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((400, 8)))
+    V, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    X = (U * np.geomspace(1, 1 / kappa, 8)) @ V.T
+    if dependent:
+        X[:, 1] = X[:, 0]
+    ys = rng.standard_normal(400)
+
+    def model(theta, x):
+        return x @ theta
+
+    return model, jnp.ones(8, dtype), jnp.asarray(X, dtype), jnp.asarray(ys, dtype)
+
+
+def _passes_run(monkeypatch):
+    """The passes an eager streamed leverage runs, in order: ``"first"``, ``"gram"`` or ``"tsqr"``."""
+    from nlis_jax import _passes, _streaming
+
+    kinds, reduce = [], _streaming._device_reduce
+
+    def spy(apply_fn, params, xs, ys, init, args, *, pass_, **kw):
+        if pass_ is _passes.SCALED_GRAM:
+            kinds.append("first")
+        else:
+            assert pass_ is _passes.ANY  # every later pass through its one program
+            kinds.append("tsqr" if int(args[0]) == nj.routes.PASS_TSQR else "gram")
+        return reduce(apply_fn, params, xs, ys, init, args, pass_=pass_, **kw)
+
+    monkeypatch.setattr(_streaming, "_device_reduce", spy)
+    return kinds
+
+
+@pytest.mark.parametrize(
+    "case, route, passes",
+    [
+        ("mlp64", "gram", ["first"]),
+        ("mlp64", "gram2", ["first", "gram"]),
+        ("mlp64", "stable", ["first", "tsqr"]),
+        ("mlp64", None, None),
+        ("mlp32", "stable", ["first", "tsqr", "gram"]),
+        ("linear32", None, ["first", "gram"]),  # route "shifted", one CholeskyQR step
+        ("dependent32", None, ["first", "gram", "tsqr", "gram"]),  # "shifted"'s rank check fails: "stable"
+    ],
+)
+def test_eager_call_runs_only_its_routes_passes(monkeypatch, problem, case, route, passes):
+    """An eager call on device arrays runs the first pass, decides the route from its Gram matrix, and
+    then runs only the passes that route asks for, each a program of its own
+    (routes.transform_stepwise); the one program of a traced call (_streaming_jit, kept for calls under
+    a user's jit) holds every route's stages, and XLA reserved 19–21 (p+1)² arrays for it on every
+    route. Both must take the same route to the same rank and the same scores: the same operations in
+    separate programs, where XLA may only fuse sums differently (1e-12 in float64, 1e-5 in float32)."""
+    from nlis_jax import _streaming
+
+    if case.startswith("mlp"):
+        dtype = jnp.float64 if case == "mlp64" else jnp.float32
+        apply_fn, params, xs, ys = problem
+        params, xs, ys = jax.tree.map(lambda a: a.astype(dtype), (params, xs, ys))
+        if dtype == jnp.float32:  # a column of the inputs 10^1.75 times larger: route "stable"
+            xs = xs * jnp.asarray([[1, 10**1.75, 10**-1.75]], dtype)
+    else:
+        dtype = jnp.float32
+        apply_fn, params, xs, ys = _linear_problem(1e4, dtype, dependent=case == "dependent32")
+    tol = nj.routes.tolerance(nj.routes.default_rtol(dtype), dtype)
+    kw = dict(chunk_size=64, num_nodes=8, mode="auto", route=route)
+    kinds = _passes_run(monkeypatch)
+    staged = _streaming._streaming_staged(apply_fn, params, xs, ys, tol, **kw)
+    fused = _streaming._streaming_jit(apply_fn, params, xs, ys, tol, **kw)
+    names = {"mlp32": "stable", "linear32": "shifted", "dependent32": "stable"}
+    assert nj.routes.ROUTES[int(staged[2])] == (route or names.get(case, nj.routes.ROUTES[int(fused[2])]))
+    if passes is not None:
+        assert kinds == passes
+    for got, want in zip(staged[1:], fused[1:], strict=True):  # rank, route, NaN counts, lost
+        assert int(got) == int(want)
+    rtol = 1e-12 if dtype == jnp.float64 else 1e-5
+    np.testing.assert_allclose(staged[0], fused[0], rtol=rtol, atol=rtol * float(jnp.max(fused[0])))
+
+
+def test_eager_shifted_route_with_its_second_step(monkeypatch):
+    """Route "shifted" takes a second CholeskyQR step, with one more Gram pass, when the first leaves
+    Y·M1 ill-conditioned (cholesky_start's needs_pass). Forced here on a float32 linear model (κ = 1e4)
+    that needs only one: the scores must still be those of the SVD (float32: 1e-4) and the extra pass
+    run."""
+    from nlis_jax import routes
+
+    first = routes._cholesky_first
+
+    def always_two(G_a, M):
+        start, M1 = first(G_a, M)
+        return start._replace(needs_pass=jnp.asarray(True)), M1
+
+    monkeypatch.setattr(routes, "_cholesky_first", always_two)
+    apply_fn, params, xs, ys = _linear_problem(1e4, jnp.float32)
+    kinds = _passes_run(monkeypatch)
+    lev = nj.streaming_leverage_scores(apply_fn, params, xs, ys, chunk_size=64, num_nodes=4, return_info=True)
+    assert kinds == ["first", "gram", "gram"] and nj.routes.ROUTES[int(lev.route)] == "shifted"
+    F = np.concatenate([np.asarray(xs, np.float64), -np.asarray(ys, np.float64)[:, None]], axis=1)
+    ref, r = _svd_leverage(F)
+    assert int(lev.rank) == r == 9
+    np.testing.assert_allclose(lev.leverage, ref, rtol=1e-4, atol=1e-4 * ref.max())
+
+
+def test_eager_passes_hold_no_route_workspace():
+    """XLA's buffer plan of the eager call's pass programs: the later passes' one program (Gram or TSQR of
+    a chunk: the TSQR step stacks the chunk's rows on R and factors them) reserves at most 3 (p+1)²
+    arrays besides its arguments and outputs, the scoring pass at most 1, where the one program of
+    every route (_streaming_jit) reserves more than 15: the peak of an eager call is that of its
+    largest stage (measured: benchmarks/README.md (a), "Streamed workspace")."""
+    from nlis_jax import _passes, _streaming
+
+    apply_fn = mlp()
+    params = mlp_init(jax.random.key(0), (3, 40, 1), dtype=jnp.float64)  # p + 1 = 202
+    xs = jax.random.normal(jax.random.key(1), (600, 3), jnp.float64)
+    ys = jnp.zeros(600)
+    m = 202
+    gram = m * m * 8
+    kw = dict(chunk_size=32, num_nodes=8, mode="auto")
+    G = jnp.zeros((m, m))
+    colmax = jnp.ones(m)
+
+    def temp(lowered):
+        return lowered.compile().memory_analysis().temp_size_in_bytes / gram
+
+    later = _streaming._device_reduce.lower(
+        apply_fn, params, xs, ys, G, (0, G, colmax), pass_=_passes.ANY, **kw
+    )
+    t = nj.routes.Transform(G, G, jnp.asarray(True), jnp.int32(m), jnp.int32(1))
+    scores = _streaming._device_scores.lower(
+        apply_fn, params, xs, ys, (t, colmax), kernel=_passes.leverage_rows, **kw
+    )
+    fused = _streaming._streaming_jit.lower(apply_fn, params, xs, ys, jnp.asarray(1e-15), route=None, **kw)
+    assert temp(later) <= 3 and temp(scores) <= 1 and temp(fused) > 15, (
+        temp(later),
+        temp(scores),
+        temp(fused),
+    )
