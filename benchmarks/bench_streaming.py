@@ -22,9 +22,14 @@ into a ``.npy`` memmap via ``out=``) for a single-index model ``tanh(<θ, x>)`` 
   needs at least);
   on an accelerator also ``floor.device``: the read, a copy of each ``(chunk, d)`` input block to the
   device and the two Gram passes there (``ratio_to_device_floor``);
-- peak growth of anonymous memory (``RssAnon`` of /proc/self/status, sampled every 5 ms in a thread).
+- peak growth of anonymous memory (``RssAnon`` of /proc/self/status, sampled every 5 ms in a thread);
+- with ``--scale-span S`` the input columns are scaled by ``10^-S`` to ``10^S`` (ill-conditioned float32
+  dual matrices, which take route ``"shifted"``), and the same runs on route ``"stable"`` are timed
+  first, as the baseline: host data took ``"stable"`` for ``"shifted"`` before the forty-first session
+  (``speedup_vs_stable``; that route is checked too).
 
     python benchmarks/bench_streaming.py --n 1000000 --out benchmarks/records/bench_streaming_cpu.json
+    python benchmarks/bench_streaming.py --n 200000 --models mlp --hidden 32 --d 16 --scale-span 2 --reps 3
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from _common import (
     environment,
     max_rel_error,
     names_text,
+    nonnegative_float,
     positive_int,
     report_failures,
     write_record,
@@ -93,19 +99,28 @@ def parse_args(argv):
     parser.add_argument("--models", type=names_text(MODELS), default=",".join(MODELS))
     parser.add_argument("--check-rows", type=positive_int, default=4096)
     parser.add_argument("--dir", default=None, help="folder for the data files (default: a temp folder)")
+    parser.add_argument(
+        "--scale-span",
+        type=nonnegative_float,
+        default=0.0,
+        help="input column j scaled by 10^(span·(2j/(d-1) - 1)): heavy-tailed scales, ill-conditioned "
+        "float32 duals (route 'shifted', then also timed on route 'stable', as host data took it before)",
+    )
     return parser.parse_args(argv)
 
 
-def write_data(folder: Path, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``X.npy``, ``y.npy`` written piece by piece; returned as read-only memmaps."""
+def write_data(folder: Path, n: int, d: int, seed: int, span: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``X.npy``, ``y.npy`` written piece by piece, the columns of ``X`` scaled by ``10^(span·[-1, 1])``;
+    returned as read-only memmaps."""
     rng = np.random.default_rng(seed)
     theta = rng.standard_normal(d).astype(np.float32) / np.sqrt(d)
+    scales = (10.0 ** (span * np.linspace(-1, 1, d))).astype(np.float32)
     xs = np.lib.format.open_memmap(folder / "X.npy", mode="w+", dtype=np.float32, shape=(n, d))
     ys = np.lib.format.open_memmap(folder / "y.npy", mode="w+", dtype=np.float32, shape=(n,))
     for start in range(0, n, WRITE_ROWS):
         stop = min(n, start + WRITE_ROWS)
         x = rng.standard_normal((stop - start, d), dtype=np.float32)
-        xs[start:stop] = x
+        xs[start:stop] = x * scales
         ys[start:stop] = np.tanh(x @ theta) + 0.1 * rng.standard_normal(stop - start, dtype=np.float32)
     xs.flush(), ys.flush()
     del xs, ys
@@ -283,6 +298,17 @@ def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
     nj.streaming_leverage_scores(apply_fn, params, *small, **kw).probs.block_until_ready()
     first_s = time.perf_counter() - t0
     out = np.lib.format.open_memmap(folder / "scores.npy", mode="w+", dtype=np.float32, shape=(xs.shape[0],))
+    baseline = {}
+    if args.scale_span > 0:  # route "stable", which host data took for "shifted" before; timed first (the
+        # scores.npy checked after the timing is the default route's), warmed up on the small slice
+        stable = dict(kw, route="stable")
+        nj.streaming_leverage_scores(apply_fn, params, *small, **stable).probs.block_until_ready()
+        stable_runs = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            nj.streaming_leverage_scores(apply_fn, params, xs, ys, out=out, **stable)
+            stable_runs.append(time.perf_counter() - t0)
+        baseline = {"stable_seconds": float(np.median(stable_runs))}
     runs = []  # (info, seconds, peak growth) of each full-file run: the file is read again each time
     for _ in range(args.reps):
         runs.append(
@@ -312,6 +338,8 @@ def one_case(apply_fn, params, xs, ys, args, folder: Path) -> dict:
         "ratio_to_floor": seconds / floor["floor_s"],
         **({"ratio_to_device_floor": seconds / floor["device"]["floor_s"]} if "device" in floor else {}),
         "scores_sum": total,
+        **baseline,
+        **({"speedup_vs_stable": baseline["stable_seconds"] / seconds} if baseline else {}),
     }
 
 
@@ -325,7 +353,7 @@ def run(args) -> dict:
             folder = root / f"n{n}"
             folder.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            xs, ys = write_data(folder, n, args.d, args.seed)
+            xs, ys = write_data(folder, n, args.d, args.seed, args.scale_span)
             write_s = time.perf_counter() - t0
             for name, (apply_fn, params) in table.items():
                 rows = min(args.check_rows, n)
@@ -335,7 +363,8 @@ def run(args) -> dict:
                     continue  # correctness first: a model that fails is not timed
                 result = one_case(apply_fn, params, xs, ys, args, folder)
                 result["checked_route"] = case_checks["float32_vs_dense_max_rel"]["route"]
-                for route in sorted(set(result["run_routes"]) - {result["checked_route"]}):
+                timed = set(result["run_routes"]) | ({"stable"} if "stable_seconds" in result else set())
+                for route in sorted(timed - {result["checked_route"]}):
                     # the full file took another route than the check rows: check that one, forced
                     forced = check_route(reference, args, route=route)
                     checks |= {f"{name}_n{n}_{key}": entry for key, entry in forced.items()}

@@ -6,9 +6,9 @@ current one (JAX dispatches asynchronously), and at most two chunks are in fligh
 ``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
 the leverage and norm scores are those of device arrays, written once in :mod:`nlis_jax._passes`; here
 they run as a Python loop over chunks of jitted steps, and only the passes the route needs are run
-(:func:`host_transform`: route ``"shifted"``, whose passes are called from traced code, becomes
-``"stable"``). With the adaptive rule a step is two programs: the dual rows of the chunk (compiled once
-per model and chunk shape and shared by every pass) and the pass's small kernel (:func:`_step`).
+(:func:`host_transform`). With the adaptive rule a step is two programs: the dual rows of the chunk
+(compiled once per model and chunk shape and shared by every pass) and the pass's small kernel
+(:func:`_step`).
 
 Input forms (``xs`` of the streaming scores and of the losses):
 
@@ -791,13 +791,12 @@ _values_step = functools.partial(_step, _values)
 # ------------------------------------------------------------------------------------------- leverage
 def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) -> routes.Transform:
     """:func:`nlis_jax.routes.transform_stepwise` with the passes run from Python (only those needed;
-    ``run_pass`` is for traced code and not used). Route ``"shifted"`` is taken as ``"stable"``, and
-    reported so: host data does not redo the passes when that route misses a dependent direction."""
+    ``run_pass`` is for traced code and not used)."""
 
     def passes(kind, M):
         return r_factor() if kind == routes.PASS_TSQR else gram_pass(M)
 
-    return routes.transform_stepwise(G, passes, rtol, route, shifted=False)
+    return routes.transform_stepwise(G, passes, rtol, route)
 
 
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:
@@ -941,10 +940,12 @@ def host_streaming_leverage(
     digest of 17 evenly spaced rows (:meth:`CheckedSource.check_piece`: chunks or rows in another
     order, changed values in those rows, on every route). Other values elsewhere are caught by
     :func:`check_leverage_sum` (``Σh`` against the rank) where the basis is orthonormal to working
-    precision: route chosen automatically (``route=None``) and taken ``"gram"`` or ``"gram2"``, or
-    ``"stable"`` below float64 (refined by a CholeskyQR step); not on the float64 ``"stable"`` route
-    (ill-conditioned or rank-deficient input, whose basis is orthonormal only to ``eps·κ``, up to ``0.1``
-    per column at the rank tolerance) nor for a forced route.
+    precision: route chosen automatically (``route=None``) and taken ``"gram"``, ``"gram2"`` or
+    ``"shifted"``, or ``"stable"`` below float64 (refined by a CholeskyQR step); not on the float64
+    ``"stable"`` route (ill-conditioned or rank-deficient input, whose basis is orthonormal only to
+    ``eps·κ``, up to ``0.1`` per column at the rank tolerance) nor for a forced route. Route
+    ``"shifted"`` that missed a dependent direction (``Σh`` one short of the rank) redoes the passes on
+    route ``"stable"`` first, as on device arrays.
 
     Arrays with fewer dual rows than columns, in one process, are scored from their dual matrix
     (:func:`_wide_leverage`); otherwise ``check_gram()`` (when given) runs before the passes: the
@@ -968,11 +969,19 @@ def host_streaming_leverage(
     if check_gram is not None:
         check_gram()
     chunks, counts = host_chunks(apply_fn, params, source, chunk, num_nodes=num_nodes, mode=mode, out=out)
-    h, t, _ = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), route)  # rows checked: pass 1
-    if not bool(jnp.all(jnp.isfinite(t.first)) & jnp.all(jnp.isfinite(t.second))):  # same in every process
-        raise ValueError(LINEAR_ALGEBRA_FAILED.format(count=f"all {counts['n']}"))
-    check_rank(t.rank, route)  # before an out is divided by the sum
-    total = float(across_processes(jnp.asarray(counts["sum"]), lambda a: a.sum(0)))
+
+    def passes(taken):  # (h, transform, Σh over every process); rows checked in pass 1
+        h, t, _ = leverage_passes(chunks, dim, dtype, jnp.asarray(rtol, dtype), taken)
+        if not bool(jnp.all(jnp.isfinite(t.first)) & jnp.all(jnp.isfinite(t.second))):  # same everywhere
+            raise ValueError(LINEAR_ALGEBRA_FAILED.format(count=f"all {counts['n']}"))
+        check_rank(t.rank, route)  # before an out is divided by the sum
+        return h, t, float(across_processes(jnp.asarray(counts["sum"]), lambda a: a.sum(0)))
+
+    h, t, total = passes(route)
+    if int(t.route) == routes.SHIFTED and not abs(total - int(t.rank)) <= routes.LOST_DIRECTION:
+        # route "shifted" missed a dependent direction (float32: Σh one short of the rank), as on device
+        # arrays: the passes again on the rank-revealing route
+        h, t, total = passes("stable")
     if callable(xs) and route is None and (int(t.route) != routes.STABLE or bool(t.refine)):
         check_leverage_sum(total, t.rank)
     if out is not None or jax.process_count() == 1:  # a host vector, divided in place by the caller

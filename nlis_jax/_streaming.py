@@ -297,9 +297,9 @@ def streaming_leverage_scores(
         at its default tolerance here (pass ``num_nodes=q`` for a cheaper fixed rule).
       route: force ``"gram"``, ``"gram2"``, ``"stable"`` or ``"shifted"`` (default: chosen from the
         conditioning and ``rtol``). The fast routes ``"gram"`` and ``"gram2"`` count every column in the
-        rank: forced on input that is rank-deficient for ``rtol`` they raise ``ValueError``. On host data
-        (numpy, memmaps, chunk sources) a forced ``"shifted"`` runs as ``"stable"``, which
-        ``return_info`` reports.
+        rank: forced on input that is rank-deficient for ``rtol`` they raise ``ValueError``. Route
+        ``"shifted"`` (below float64) gives way to ``"stable"`` where its rank check fails or its scores
+        miss a dependent direction (the passes are then redone), which ``return_info`` reports.
       return_info: return a :class:`nlis_jax.Leverage` (probabilities, raw block leverage, rank, route).
       out: host data only: a writable ``(n,)`` numpy array or memmap (``np.lib.format.open_memmap``)
         that receives the probabilities (this process's block under ``jax.distributed``) and is

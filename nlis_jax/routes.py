@@ -691,7 +691,6 @@ def transform_stepwise(
     run_pass: Callable[[int, Array], Array],
     rtol: Array,
     route: str | None = None,
-    shifted: bool = True,
 ) -> Transform:
     """:func:`transform_from_pass` with its stages run from Python on concrete values (an eager call).
 
@@ -700,9 +699,7 @@ def transform_stepwise(
     back once, after the decision (and route ``"shifted"``'s checks after its passes). The fused loop
     holds every stage's ``(m, m)`` state, and XLA's buffer plan of the streaming program that calls it
     reserved 19–21 ``(m, m)`` arrays on every route, a forced ``"gram"`` too (benchmarks/README.md (a),
-    "Streamed workspace"); here a stage holds only what it reads. With ``shifted=False`` (host data,
-    which does not redo its passes when that route misses a dependent direction) route ``"shifted"`` is
-    taken as ``"stable"``, and reported so.
+    "Streamed workspace"); here a stage holds only what it reads.
     """
     dec = decide(G, route, rtol)
     taken = int(dec.route)
@@ -712,7 +709,7 @@ def transform_stepwise(
         return _finished(dec.transform, refine_transform(run_pass(PASS_GRAM, dec.transform)), dec.rank, taken)
     scale, rank = dec.scale, dec.rank
     del dec  # its (m, m) Cholesky transform is not used below
-    if taken == SHIFTED and shifted:
+    if taken == SHIFTED:
         done = _shifted_stages(G, run_pass, rtol, rank)
         if done is not None:
             return done

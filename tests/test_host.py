@@ -61,13 +61,14 @@ def test_chunk_source_of_uneven_pieces_and_block_outputs():
 def test_float32_follows_params_and_matches_device_path():
     params = mlp_params(2, (D, 4, 1), dtype=np.float32)
     xs, ys = _data(np.float32)
-    # This float32 dual matrix is ill-conditioned: the device path would take route "shifted", which
-    # host data does not have (it takes "stable"); forced to the same route, the same sums chunk by chunk.
-    # The fixed 16-node rule: the device path's program with the adaptive rule compiles for 10-15 s.
-    # One chunk (chunk_size ≥ n): the same rows summed in the same order, so the same values to a few
-    # float32 roundings. Several chunks: the device path's chunks are strided (rows i, i + m, …: a
-    # row-sharded xs stays sharded) where the host's are contiguous, so the sums group rows differently;
-    # both then meet float32's targets against the float64 leverage of the same float32 values.
+    # This float32 dual matrix is ill-conditioned: both paths take route "shifted" (host data took
+    # "stable" for it before: test_float32_host_data_take_route_shifted); forced to the same route
+    # "stable", the same sums chunk by chunk. The fixed 16-node rule: the device path's program with the
+    # adaptive rule compiles for 10-15 s. One chunk (chunk_size ≥ n): the same rows summed in the same
+    # order, so the same values to a few float32 roundings. Several chunks: the device path's chunks are
+    # strided (rows i, i + m, …: a row-sharded xs stays sharded) where the host's are contiguous, so the
+    # sums group rows differently; both then meet float32's targets against the float64 leverage of the
+    # same float32 values.
     for chunk_size in (N, 64):
         kw = dict(chunk_size=chunk_size, route="stable", num_nodes=16)
         h = nj.streaming_leverage_scores(MLP, params, xs, ys, **kw)
@@ -488,3 +489,55 @@ def test_rechunk_never_copies_a_shard_whole(tmp_path):
         tracemalloc.stop()
     assert rows == n + 10
     assert peak < 4 * chunk * 2 * 8, f"peak traced memory {peak / 2**20:.1f} MiB for 64 KiB chunks"
+
+
+def test_float32_host_data_take_route_shifted():
+    """Ill-conditioned float32 host data took route "stable" (a TSQR pass: 2.6× slower on a 16–32–1 MLP,
+    benchmarks/README.md (f)) where device arrays take "shifted" (Gram passes on a preconditioned matrix):
+    the stages now run from Python for both. The route, rank and scores are those of the device path
+    (float32: the host's chunks are contiguous, the device's strided, so sums group rows differently;
+    both against float64 leverage of the same values, at float32's targets). Where "shifted" misses a
+    dependent direction (a duplicated column: Σh one short of the rank), host data redo the passes on
+    route "stable", as device arrays do: in 1 of these 20 cases."""
+    from nlis_jax import _host
+
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((400, 8)))
+    V, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    X = ((U * np.geomspace(1, 1e-4, 8)) @ V.T).astype(np.float32)
+    y = rng.standard_normal(400).astype(np.float32)
+
+    def model(theta, x):
+        return x @ theta
+
+    theta = jnp.ones(8, jnp.float32)
+    kw = dict(chunk_size=128, return_info=True)
+    host = nj.streaming_leverage_scores(model, theta, X, y, **kw)
+    device = nj.streaming_leverage_scores(model, theta, jnp.asarray(X), jnp.asarray(y), **kw)
+    assert nj.routes.ROUTES[int(host.route)] == nj.routes.ROUTES[int(device.route)] == "shifted"
+    assert int(host.rank) == int(device.rank) == 9
+    F = np.concatenate([X.astype(np.float64), -y.astype(np.float64)[:, None]], axis=1)
+    ref = np.asarray(nj.leverage_scores(jnp.asarray(F)))
+    for got in (host.probs, device.probs):
+        tv, beta = tv_beta(got, ref)
+        assert tv <= TV_TARGET and beta >= BETA_TARGET, (tv, beta)
+
+    redone, passes = [], _host.leverage_passes
+
+    def spy(chunks, dim, dtype, rtol, route):
+        redone.append(route == "stable")
+        return passes(chunks, dim, dtype, rtol, route)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_host, "leverage_passes", spy)
+        theta = jnp.ones(5, jnp.float32)
+        for _ in range(20):
+            X = rng.standard_normal((400, 5)).astype(np.float32)
+            a, b, z = rng.choice(5, 3, replace=False)
+            X[:, b], X[:, z] = X[:, a], 0.0
+            y = rng.standard_normal(400).astype(np.float32)
+            dense = nj.leverage_scores(nj.dual_matrix(model, theta, jnp.asarray(X), jnp.asarray(y)))
+            lev = nj.streaming_leverage_scores(model, theta, X, y, **kw)
+            assert int(lev.rank) == 4
+            np.testing.assert_allclose(lev.probs, dense, rtol=1e-3, atol=1e-7)
+    assert sum(redone) >= 1
