@@ -31,7 +31,6 @@ takes the whole chunk, formed block by block.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -304,7 +303,7 @@ def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
     G, colmax = chunks.first(SCALED_GRAM, _scaled_start(dim, dtype))
 
     def zeros():  # each pass its own (an eager device pass donates its start)
-        return _zeros(dim, dtype)
+        return routes.square_zeros(dim, dtype)
 
     def gram_pass(M):
         return chunks.reduce(GRAM, zeros(), M, colmax)
@@ -323,11 +322,6 @@ def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
 # Jitted: eagerly (host data, an eager call on device arrays) each is one program, not operations
 # dispatched on their own (a GPU launch each).
 _scaled_start = traced.jit(scaled_gram_start, static_argnums=(0, 1))
-
-
-@functools.partial(traced.jit, static_argnums=(0, 1))
-def _zeros(dim: int, dtype) -> Array:
-    return jnp.zeros((dim, dim), dtype)
 
 
 @traced.jit

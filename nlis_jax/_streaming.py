@@ -16,7 +16,7 @@ pass (adjoints are cheap next to holding ``n × (p+1)``). The route is the one o
   (:func:`nlis_jax.routes.transform_stepwise`: :func:`_streaming_staged`); a call traced by a user's
   ``jit`` is one program (:func:`_streaming_jit`, :func:`nlis_jax.routes.transform_from_pass`: a
   loop whose stages hold every route's state, for which XLA reserved 19–21 ``(p+1)²`` arrays where the
-  eager call peaked at 7–11, ``benchmarks/README.md`` (a), "Streamed workspace");
+  eager call grew memory by 6–11, ``benchmarks/README.md`` (a), "Streamed workspace");
 - ``"gram"``: the scoring pass, ``h = ‖F̃_c D⁻¹ L⁻ᵀ‖²`` by row;
 - ``"gram2"``: one more Gram pass on ``F̃_c D⁻¹ L⁻ᵀ`` (CholeskyQR2), then the scoring pass;
 - ``"stable"``: a streaming TSQR pass, ``R ← qr([F̃_c; R]).R`` (zero rows last:
@@ -221,9 +221,9 @@ def _outcome(h, transform, rows_finite):
 #: ``(p+1) × (p+1)`` arrays the streamed leverage scores hold at their peak, the Gram matrix and the
 #: workspace of its factorisations, for the memory check of an eager call (under a trace XLA may never
 #: form them, and nothing is checked). ``"device"``: a program per pass and per stage of the route
-#: (``_streaming_staged``) grew the process's anonymous memory by 7.0–11.0 Gram matrices on repeated
-#: calls and by 8.7–17.6 on the first (compilation included: a constant, against Gram matrices of 28–77
-#: MiB) at p+1 = 2,701 and 4,501 (benchmarks/README.md (a), "Streamed workspace"); as one program for
+#: (``_streaming_staged``) grew the process's anonymous memory by 6.2–11.0 Gram matrices on repeated
+#: calls and by 8.6–17.6 on the first (compilation included: a constant, against Gram matrices of 28–77
+#: MiB) at p+1 = 2,701, 3,002 and 4,501 (benchmarks/README.md (a), "Streamed workspace"); as one program for
 #: every route (``_streaming_jit``, what a call under a user's ``jit`` runs) XLA reserved 19–21 of them
 #: on every route at p+1 = 642 to 21,250 (a budget of the Gram matrix alone let p+1 = 21,250 in float32
 #: pass against 21.9 GiB free, then XLA asked for 37.9 GB: RESOURCE_EXHAUSTED). ``"host"``: host data

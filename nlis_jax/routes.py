@@ -727,7 +727,7 @@ def _shifted_stages(G: Array, run_pass: Callable, rtol: Array, rank: Array) -> T
     if not bool(ok):
         return None
     start, M = _cholesky_first(run_pass(PASS_GRAM, first), first)
-    G2 = run_pass(PASS_GRAM, M) if bool(start.needs_pass) else _zeros(*M.shape[1:], M.dtype)
+    G2 = run_pass(PASS_GRAM, M) if bool(start.needs_pass) else square_zeros(M.shape[1], M.dtype)
     del M
     second, ok = _cholesky_last(G, start, G2, first, rtol)
     return _finished(first, second, rank, SHIFTED) if bool(ok) else None
@@ -748,7 +748,8 @@ def _eye(m: int, dtype) -> Array:
 
 
 @functools.partial(traced.jit, static_argnums=(0, 1))
-def _zeros(m: int, dtype) -> Array:
+def square_zeros(m: int, dtype) -> Array:
+    """``(m, m)`` zeros, one program (eagerly not two operations dispatched on their own)."""
     return jnp.zeros((m, m), dtype)
 
 
@@ -1176,4 +1177,5 @@ __all__ = [
     "basis",
     "row_leverage",
     "transform_from_passes",
+    "transform_stepwise",
 ]

@@ -788,7 +788,7 @@ def test_streamed_gram_budgets_its_factorisations(monkeypatch, where, copies):
     about 21 matrices of its shape (XLA's buffer plan: every route's factorisation) and host data grew
     memory by 9–12: at p+1 = 21,250 in float32 the check passed against 21.9 GiB and XLA then asked for
     37.9 GB. Now the budget is that many Gram matrices, and exactly that many fit. An eager call on
-    device arrays now runs a program per pass and per stage of its route, which grew memory by 7–11:
+    device arrays now runs a program per pass and per stage of its route, which grew memory by 6–11:
     its budget is 12, as host data's (the 21 of the one program was budgeted before)."""
     from nlis_jax import _checks
 
