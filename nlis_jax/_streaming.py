@@ -46,7 +46,14 @@ from jax import lax
 
 from nlis_jax import _traced as traced
 from nlis_jax import routes
-from nlis_jax._adjoint import check_model, check_path_args, flatten_model, nonfinite_dual_rows
+from nlis_jax._adjoint import (
+    check_model,
+    check_path_args,
+    flatten_model,
+    model_mode,
+    nonfinite_dual_rows,
+    params_shape,
+)
 from nlis_jax._checks import (
     check_bool,
     check_fits_in_memory,
@@ -199,8 +206,8 @@ def _device_scores(apply_fn, params, xs, ys, args, *, kernel, chunk_size, num_no
 def _streaming_staged(apply_fn, params, xs, ys, rtol, *, chunk_size, num_nodes, mode, route):
     """:func:`_streaming_jit`'s outputs from an eager call on concrete arrays, pass by pass."""
     kw = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
-    dtype = routes.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
-    dim = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params)) + 1
+    flat = params_shape(params)  # the dtype ravel_pytree gives the flat parameters (a weakly typed leaf)
+    dim, dtype = flat.shape[0] + 1, routes.compute_dtype(flat.dtype)
     h, transform, rows_finite = leverage_passes(
         _staged_chunks(apply_fn, params, xs, ys, **kw), dim, dtype, rtol, route
     )
@@ -322,6 +329,7 @@ def streaming_leverage_scores(
     if out is not None:
         raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
     shape = check_model(apply_fn, params, xs, ys)
+    mode = model_mode(mode, shape)
     if shape.n * math.prod(shape.out_shape) < shape.p + 1:  # the dual matrix is smaller than its Gram
         check_wide_fits((shape.n, *shape.out_shape, shape.p + 1), shape.dtype, "device")
         F = dual_matrix(apply_fn, params, xs, ys, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
@@ -427,7 +435,7 @@ def streaming_norm_scores(
     if out is not None:
         raise ValueError("out= is for host data (numpy arrays, memmaps, chunk sources) only.")
     shape = check_model(apply_fn, params, xs, ys)
-    kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    kwargs = dict(chunk_size=chunk_size, num_nodes=num_nodes, mode=model_mode(mode, shape))
     sq, total, bad = _norm_jit(apply_fn, params, xs, ys, **kwargs)
     report_nonfinite(bad, shape.n, nonfinite_dual_rows)
     check_positive(total, STREAMED_ZERO_NORMS)  # traced under a user's jit or vmap: checkify, when asked
