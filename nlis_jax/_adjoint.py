@@ -339,6 +339,13 @@ def runs_primitive(jaxpr, name: str) -> bool:
     return False
 
 
+def model_mode(mode: str, shape: ModelShape) -> str:
+    """``mode`` resolved for a checked model (:func:`resolve_mode` of its ``p`` and output count), so that
+    ``"auto"`` and the mode it stands for share one compiled program: the jitted programs take the mode
+    as a static argument, and ``"auto"`` was compiled apart from ``"forward"`` (or ``"reverse"``)."""
+    return resolve_mode(mode, shape.p, math.prod(shape.out_shape))
+
+
 def resolve_mode(mode: str, p: int, k: int) -> str:
     """``"auto"`` -> ``"forward"`` when ``p <= FORWARD_MAX_PARAMS * k``, else ``"reverse"``."""
     check_choice("mode", mode, MODES)
@@ -492,6 +499,7 @@ def adjoint(
         args = (apply_fn, params, xs, shape, mode, chunk_size, rtol, max_panels)
         out = adaptive_adjoint(*args, report=True)
         return out if return_info else out[0]
+    mode = model_mode(mode, shape)
     adj, bad = _adjoint_jit(apply_fn, params, xs, num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
     report_nonfinite(bad, shape.n, nonfinite_adjoint)
     return adj

@@ -27,6 +27,7 @@ from nlis_jax._adjoint import (
     flat_origin,
     flatten_model,
     in_float32,
+    model_mode,
     model_outputs,
     nonfinite_adjoint,
 )
@@ -109,7 +110,7 @@ def dual_matrix(
         dual, bad_offset = _append_offset_jit(apply_fn, params, xs, ys, adj)
         report_nonfinite(bad_offset, shape.n, nonfinite_offset)
         return (dual, info) if return_info else dual
-    kw = dict(num_nodes=num_nodes, mode=mode, chunk_size=chunk_size)
+    kw = dict(num_nodes=num_nodes, mode=model_mode(mode, shape), chunk_size=chunk_size)
     dual, *bad = _dual_matrix_jit(apply_fn, params, xs, ys, **kw)
     bad_adjoint, bad_offset = fetch(*bad) if is_concrete(dual) else bad
     report_nonfinite(bad_adjoint, shape.n, nonfinite_adjoint)

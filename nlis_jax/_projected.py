@@ -83,6 +83,7 @@ from nlis_jax._adjoint import (
     fixed_rule_chunk_size,
     flatten_model,
     in_float32,
+    model_mode,
     nonfinite_dual_rows,
     resolve_mode,
 )
@@ -309,8 +310,8 @@ def _projected_wide(key, apply_fn, params, xs, ys, dim, chunk_size, num_nodes, m
     _check_not_blocks(xs, ys)
     num_nodes, *_ = check_path_args(num_nodes, mode, None, inputs=(params, xs, ys))
     dim, chunk_size, sparsity = _check_embedding(dim, chunk_size, embedding, sparsity, num_nodes, mode)
-    check_model(apply_fn, params, xs, ys)
-    kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=mode)
+    shape = check_model(apply_fn, params, xs, ys)
+    kw = dict(dim=dim, chunk_size=chunk_size, num_nodes=num_nodes, mode=model_mode(mode, shape))
     Y = _projected_jit(key, apply_fn, params, xs, ys, **kw, embedding=embedding, sparsity=sparsity)
     # a NaN or Inf dual row gives a NaN row of Y (its example only): one small reduction
     report_nonfinite(_count_bad_jit(Y), Y.shape[0], nonfinite_dual_rows)

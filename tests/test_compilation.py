@@ -551,3 +551,40 @@ def test_finite_check_of_leaves_held_elsewhere_is_one_program_and_one_read_back(
     on_host = dict(tree, w0=jnp.asarray(np.full(3, np.inf)))  # one device: checked with numpy first
     with pytest.raises(ValueError, match=r"^params\['w0'\] contains 3 NaN or Inf value"):
         nj._checks.check_finite("params", on_host)
+
+
+def test_auto_mode_shares_the_program_of_the_mode_it_stands_for():
+    """``mode`` is a static argument of the fixed rule's and the streaming programs: ``"auto"`` compiled
+    programs of its own beside those of the mode it resolves to (here ``"reverse"``: p = 17 for one
+    output), so a call with the explicit mode after a default call compiled everything again. The mode
+    is now resolved from the checked shapes before the programs are called."""
+    from nlis_jax import _adjoint, _dual, _projected, _streaming
+
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4))), "v": jnp.asarray(rng.standard_normal(4))}
+    params["b"] = jnp.zeros(1)
+    xs, ys = jnp.asarray(rng.standard_normal((40, 3))), jnp.asarray(rng.standard_normal(40))
+
+    def f(p, x):  # a function of this test: no program of another test is reused
+        return jnp.tanh(x @ p["w"]) @ p["v"] + p["b"][0]
+
+    assert _adjoint.resolve_mode("auto", 17, 1) == "reverse"
+    key = jax.random.key(0)
+    calls = {
+        _adjoint._adjoint_jit: lambda mode: nj.adjoint(f, params, xs, num_nodes=4, mode=mode),
+        _dual._dual_matrix_jit: lambda mode: nj.dual_matrix(f, params, xs, ys, num_nodes=4, mode=mode),
+        _streaming._device_scores: lambda mode: nj.streaming_leverage_scores(
+            f, params, xs, ys, num_nodes=4, chunk_size=16, mode=mode
+        ),
+        _streaming._norm_jit: lambda mode: nj.streaming_norm_scores(
+            f, params, xs, ys, num_nodes=4, chunk_size=16, mode=mode
+        ),
+        _projected._projected_jit: lambda mode: nj.projected_dual_matrix(
+            key, f, params, xs, ys, dim=8, num_nodes=4, mode=mode
+        ),
+    }
+    for program, call in calls.items():
+        auto = call("auto")
+        compiled = program._cache_size()
+        chex.assert_trees_all_equal(call("reverse"), auto)
+        assert program._cache_size() == compiled, program
