@@ -6,9 +6,9 @@ current one (JAX dispatches asynchronously), and at most two chunks are in fligh
 ``O(chunk·k·p + p²)`` plus the ``(n,)`` scores (or none of them, with ``out=`` a memmap). The passes of
 the leverage and norm scores are those of device arrays, written once in :mod:`nlis_jax._passes`; here
 they run as a Python loop over chunks of jitted steps, and only the passes the route needs are run
-(:func:`host_transform`). With the adaptive rule a step is two programs: the dual rows of the chunk
-(compiled once per model and chunk shape and shared by every pass) and the pass's small kernel
-(:func:`_step`).
+(:func:`nlis_jax.routes.transform_stepwise`). With the adaptive rule a step is two programs: the dual
+rows of the chunk (compiled once per model and chunk shape and shared by every pass) and the pass's small
+kernel (:func:`_step`).
 
 Input forms (``xs`` of the streaming scores and of the losses):
 
@@ -70,7 +70,17 @@ from nlis_jax._checks import (
     type_name,
     under_trace,
 )
-from nlis_jax._passes import Chunks, balanced_chunk, chunk_rows, fold_blocks, leverage_passes, norm_rows
+from nlis_jax._passes import (
+    ANY,
+    GRAM,
+    TSQR,
+    Chunks,
+    balanced_chunk,
+    chunk_rows,
+    fold_blocks,
+    leverage_passes,
+    norm_rows,
+)
 from nlis_jax._precision import at_least_float32, highest_precision, promoted
 from nlis_jax._scores import LINEAR_ALGEBRA_FAILED, STREAMED_ZERO_NORMS, check_rank
 
@@ -789,16 +799,6 @@ _values_step = functools.partial(_step, _values)
 
 
 # ------------------------------------------------------------------------------------------- leverage
-def host_transform(G, gram_pass, r_factor, run_pass, rtol, route: str | None) -> routes.Transform:
-    """:func:`nlis_jax.routes.transform_stepwise` with the passes run from Python (only those needed;
-    ``run_pass`` is for traced code and not used)."""
-
-    def passes(kind, M):
-        return r_factor() if kind == routes.PASS_TSQR else gram_pass(M)
-
-    return routes.transform_stepwise(G, passes, rtol, route)
-
-
 def leverage_source(apply_fn, params, xs, ys, chunk_size: int) -> tuple[Source, int]:
     """The ``(x, y)`` chunk source of host data (shape checks first) and its chunk length; a user's chunk
     source is checked as it is read (:class:`CheckedSource`)."""
@@ -911,6 +911,9 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
         return across_processes(carry, pass_.combine)
 
     def reduce(pass_, init, *args):
+        if pass_ is ANY:  # the kind is concrete here: its own pass, combined across processes
+            kind, M, colmax = args
+            pass_, args = (TSQR, (colmax,)) if kind == routes.PASS_TSQR else (GRAM, (M, colmax))
         kernel = dict(kernel=pass_.step, blocked=pass_.blocked)
         step = functools.partial(_reduce_step, apply_fn, params, args=args, **kernel, **kw)
         return across_processes(fold(step, init, source, chunk), pass_.combine)
@@ -922,7 +925,7 @@ def host_chunks(apply_fn, params, source, chunk, *, num_nodes, mode, out=None) -
         _, counts["sum"] = collect(lambda piece, valid: step(carry, piece, valid)[0], source, chunk, h)
         return h
 
-    return Chunks(first, reduce, scores, host_transform), counts
+    return Chunks(first, reduce, scores, routes.transform_stepwise), counts
 
 
 def host_streaming_leverage(

@@ -8,11 +8,13 @@ and differ only in how a pass visits the chunks. A path supplies that as :class:
 - ``first(pass_, init)``: the same, for the first pass (host data also counts the examples and the
   non-finite inputs there, and raises before any score is computed);
 - ``scores(kernel, *args)``: the ``(n,)`` per-example values ``kernel(rows, *args)`` of every chunk;
-- ``transform(G, gram_pass, r_factor, run_pass, rtol, route)``: the route's transform. A traced call on
-  device arrays takes :func:`nlis_jax.routes.transform_from_pass`, which asks for every pass through
-  ``run_pass`` (one call site in the program, so the dual rows are traced once for all of them); an
-  eager call and host data take :func:`nlis_jax.routes.transform_stepwise`, the same stages run from
-  Python, which runs only the passes the route needs.
+- ``transform(G, run_pass, rtol, route)``: the route's transform, every later pass asked of
+  ``run_pass(kind, M)`` (:data:`ANY`). A traced call on device arrays takes
+  :func:`nlis_jax.routes.transform_from_pass` (one call site in the program, so the dual rows are traced
+  once for all of them); an eager call and host data take :func:`nlis_jax.routes.transform_stepwise`,
+  the same stages run from Python, which runs only the passes the route needs (host data resolve
+  :data:`ANY` to :data:`GRAM` or :data:`TSQR` by its concrete kind: their passes are combined across
+  processes).
 
 The device path (:mod:`nlis_jax._streaming`) runs ``lax.scan`` and ``lax.map`` over the chunks of a
 padded array, one ``jit`` per pass (eager) or one for all (traced); the host path
@@ -258,7 +260,7 @@ def _any_step(carry, rows, kind, M, colmax):
 SCALED_GRAM = Pass(_scaled_gram_step, _combine_scaled_grams)
 GRAM = Pass(_gram_step, _sum)
 TSQR = Pass(_qr_step, _combine_r, blocked=False)
-ANY = Pass(_any_step, None, blocked=False)  # traced code only (device arrays): one pass of either kind
+ANY = Pass(_any_step, None, blocked=False)  # device arrays: one program for a pass of either kind
 
 
 def leverage_rows(rows: Array, transform: routes.Transform, colmax: Array) -> Array:
@@ -302,19 +304,10 @@ def leverage_passes(chunks: Chunks, dim: int, dtype, rtol, route: str | None):
     not of the model."""
     G, colmax = chunks.first(SCALED_GRAM, _scaled_start(dim, dtype))
 
-    def zeros():  # each pass its own (an eager device pass donates its start)
-        return routes.square_zeros(dim, dtype)
+    def run_pass(kind, M):  # each pass its own zero start (an eager device pass donates it)
+        return chunks.reduce(ANY, routes.square_zeros(dim, dtype), kind, M, colmax)
 
-    def gram_pass(M):
-        return chunks.reduce(GRAM, zeros(), M, colmax)
-
-    def r_factor():
-        return chunks.reduce(TSQR, zeros(), colmax)
-
-    def run_pass(kind, M):
-        return chunks.reduce(ANY, zeros(), kind, M, colmax)
-
-    transform = chunks.transform(G, gram_pass, r_factor, run_pass, rtol, route)
+    transform = chunks.transform(G, run_pass, rtol, route)
     h = chunks.scores(leverage_rows, combined_transform(transform), colmax)
     return h, transform, routes.gram_is_finite(G)
 

@@ -146,10 +146,8 @@ def _device_chunks(apply_fn, params, xs, ys, *, chunk_size, num_nodes, mode) -> 
         values = lax.map(lambda i: chunk_values(chunk_model, *piece(i), kernel, args, **kw), jnp.arange(m))
         return values.T.reshape(-1)[:n]  # (m, chunk): value c of chunk i is row c·m + i
 
-    def transform(G, gram_pass, r_factor, run_pass, rtol, route):  # every pass through one call site
-        return routes.transform_from_pass(G, run_pass, rtol, route)
-
-    return Chunks(reduce, reduce, scores, transform), model
+    # every pass through one call site
+    return Chunks(reduce, reduce, scores, routes.transform_from_pass), model
 
 
 @functools.partial(traced.jit, static_argnames=("apply_fn", "chunk_size", "num_nodes", "mode", "route"))
@@ -174,10 +172,7 @@ def _staged_chunks(apply_fn, params, xs, ys, **kw) -> Chunks:
     def scores(kernel, *args):
         return _device_scores(apply_fn, params, xs, ys, args, kernel=kernel, **kw)
 
-    def transform(G, gram_pass, r_factor, run_pass, rtol, route):
-        return routes.transform_stepwise(G, run_pass, rtol, route)
-
-    return Chunks(reduce, reduce, scores, transform)
+    return Chunks(reduce, reduce, scores, routes.transform_stepwise)
 
 
 _STATIC = ("apply_fn", "chunk_size", "num_nodes", "mode")
