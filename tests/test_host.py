@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import BETA_TARGET, TV_TARGET, mlp_params, tv_beta
+from helpers import BETA_TARGET, TV_TARGET, matrix_with_condition, mlp_params, tv_beta
 
 import nlis_jax as nj
 from nlis_jax._passes import balanced_chunk
@@ -502,9 +502,7 @@ def test_float32_host_data_take_route_shifted():
     from nlis_jax import _host
 
     rng = np.random.default_rng(0)
-    U, _ = np.linalg.qr(rng.standard_normal((400, 8)))
-    V, _ = np.linalg.qr(rng.standard_normal((8, 8)))
-    X = ((U * np.geomspace(1, 1e-4, 8)) @ V.T).astype(np.float32)
+    X = matrix_with_condition(rng, 400, 8, 1e4, heavy_rows=False)[0].astype(np.float32)
     y = rng.standard_normal(400).astype(np.float32)
 
     def model(theta, x):

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import mlp, mlp_init
+from helpers import matrix_with_condition, mlp, mlp_init
 
 import nlis_jax as nj
 
@@ -440,9 +440,7 @@ def _linear_problem(kappa: float, dtype, dependent: bool = False):
     """A linear model ``x @ θ`` whose inputs (400 × 8) have singular values from 1 to ``1/kappa``; with
     ``dependent`` column 1 repeats column 0."""
     rng = np.random.default_rng(0)
-    U, _ = np.linalg.qr(rng.standard_normal((400, 8)))
-    V, _ = np.linalg.qr(rng.standard_normal((8, 8)))
-    X = (U * np.geomspace(1, 1 / kappa, 8)) @ V.T
+    X, _ = matrix_with_condition(rng, 400, 8, kappa, heavy_rows=False)
     if dependent:
         X[:, 1] = X[:, 0]
     ys = rng.standard_normal(400)
